@@ -1,0 +1,1 @@
+"""Sub-commands of ``dicomnode``, one module per topic, each exposing ``register(app)``."""

@@ -1,0 +1,116 @@
+"""One typed settings object: defaults, then a TOML file (``--config FILE``), then ``DICOMNODE_*``.
+
+Nested keys use ``__`` in the environment, e.g. ``DICOMNODE_PACS__PORT=4242``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "DICOMNODE_CONFIG"
+
+
+class PacsSettings(BaseModel):
+    """Where results go (and where priors are queried)."""
+
+    ae_title: str = "ORTHANC"
+    host: str = "127.0.0.1"
+    port: int = 4242
+
+
+class WorkerSettings(BaseModel):
+    enabled: bool = True  # run the worker inside ``serve``
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    poll_seconds: float = 1.0
+    max_attempts: int = 3  # processing attempts before a job is failed
+
+
+class SendSettings(BaseModel):
+    attempts: int = 5
+    initial_backoff_seconds: float = 20.0  # doubles each retry: 20+40+80+160+320 s ≈ 10 min
+    max_backoff_seconds: float = 320.0
+    timeout_seconds: float = 30.0
+
+
+class SelectionSettings(BaseModel):
+    min_z_extent_mm: float = 250.0
+    min_slices: int = 50
+
+
+class OutputSettings(BaseModel):
+    seg_type: str = "BINARY"  # BINARY (every viewer) | LABELMAP
+    labelmap_compression: str = "RLE"  # RLE | JPEGLS, used for LABELMAP
+    summary: bool = True
+    followup_sr: bool = True
+
+
+class PairingSettings(BaseModel):
+    enabled: bool = True
+    retrieve_priors: bool = True  # C-FIND/C-MOVE a missing baseline from the PACS
+
+
+class Settings(BaseSettings):
+    """Effective configuration of a node."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMNODE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    ae_title: str = "THIGHNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    storage_dir: Path = Path("var")
+    allowed_calling_aets: list[str] = Field(default_factory=list)  # empty = accept all
+    stable_seconds: float = 10.0
+    max_associations: int = 8
+    model_path: Path | None = None  # None = the shipped phantom-trained demo model
+    log_level: str = "INFO"
+    log_json: bool = False
+    pacs: PacsSettings = Field(default_factory=PacsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    send: SendSettings = Field(default_factory=SendSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    pairing: PairingSettings = Field(default_factory=PairingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = os.environ.get(CONFIG_ENV)
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def db_path(self) -> Path:
+        return self.storage_dir / "index.sqlite"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from defaults < TOML file < environment < explicit overrides."""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with path.open("rb") as fh:
+            tomllib.load(fh)  # fail early and clearly on a malformed file
+        os.environ[CONFIG_ENV] = str(path.resolve())
+    return Settings(**overrides)

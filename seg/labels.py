@@ -1,0 +1,66 @@
+"""The paper's 30 classes in one fixed order (label value = row), read from ``structures.csv``.
+
+The CSV is the single table of structures: name, anatomical group, display colour and the coded
+concept (with the source that vouches for the code) used by the DICOM outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+GROUPS = ("anterior", "medial", "posterior", "gluteal", "else")
+
+
+@dataclass(frozen=True)
+class Structure:
+    label: int
+    name: str
+    display_name: str
+    group: str
+    analysed: bool  # one of the 21 muscles the paper analyses
+    rgb: tuple[int, int, int]
+    scheme: str  # coding scheme designator, e.g. "SCT"; empty until coded
+    value: str
+    meaning: str
+    code_source: str
+
+    @property
+    def is_muscle(self) -> bool:
+        return self.name not in ("background", "femur", "iliac_bone")
+
+
+@cache
+def structures() -> tuple[Structure, ...]:
+    text = resources.files("seg").joinpath("structures.csv").read_text()
+    rows = list(csv.DictReader(text.splitlines()))
+    out = tuple(
+        Structure(
+            label=int(r["label"]),
+            name=r["name"],
+            display_name=r["display_name"],
+            group=r["group"],
+            analysed=r["analysed"] == "1",
+            rgb=tuple(int(v) for v in r["rgb"].split()),  # type: ignore[arg-type]
+            scheme=r["scheme"],
+            value=r["value"],
+            meaning=r["meaning"],
+            code_source=r["code_source"],
+        )
+        for r in rows
+    )
+    if [s.label for s in out] != list(range(len(out))) or len(out) != 30:
+        raise RuntimeError("structures.csv must list labels 0..29 in order")
+    return out
+
+
+NUM_CLASSES = 30
+CLASS_NAMES: tuple[str, ...] = tuple(s.name for s in structures())
+ANALYSED_MUSCLES: tuple[str, ...] = tuple(s.name for s in structures() if s.analysed)
+LABEL_OF: dict[str, int] = {s.name: s.label for s in structures()}
+
+
+def by_name(name: str) -> Structure:
+    return structures()[LABEL_OF[name]]

@@ -1,0 +1,64 @@
+"""The one shared image type: voxels plus their place in DICOM patient space (LPS, mm).
+
+Every module that touches geometry goes through :class:`Volume`; nobody re-derives orientation
+from DICOM tags a second time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# NIfTI (and MONAI/ITK world space in nibabel) is RAS; DICOM is LPS. Flipping x and y converts.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3-D image indexed ``array[i, j, k]`` = (column, row, slice).
+
+    ``affine`` maps homogeneous voxel indices (i, j, k, 1) to LPS millimetres. Slices are ordered so
+    that k increases along the slice normal (row direction x column direction), whatever the order
+    the instances arrived or were numbered in.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    # Identifying attributes of the source series (StudyInstanceUID, SeriesInstanceUID,
+    # FrameOfReferenceUID, PatientID, PatientSex, PatientSize, StudyDate, Modality, ...).
+    meta: dict = field(default_factory=dict)
+    # Source DICOM files ordered by k (empty for NIfTI input); the SEG references them.
+    source_files: list[Path] = field(default_factory=list)
+    # SOPInstanceUID per slice k (empty for NIfTI input).
+    source_sop_uids: list[str] = field(default_factory=list)
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def voxel_volume_cm3(self) -> float:
+        """Volume of one voxel in cm³ (|det| of the direction-scaled matrix, mm³ / 1000)."""
+        return abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """Same grid and provenance, other voxels (e.g. a label map on the CT's grid)."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"shape {array.shape} does not match the volume's {self.array.shape}")
+        return Volume(array, self.affine.copy(), dict(self.meta), list(self.source_files),
+                      list(self.source_sop_uids))
+
+    def ras_affine(self) -> np.ndarray:
+        """The affine in NIfTI's RAS convention, for nibabel/MONAI."""
+        return LPS_TO_RAS @ self.affine
+
+    def world_coords(self, index: np.ndarray) -> np.ndarray:
+        """LPS mm of voxel indices given as an (N, 3) array."""
+        idx = np.c_[np.asarray(index, dtype=float), np.ones(len(index))]
+        return (self.affine @ idx.T).T[:, :3]
