@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from dicomnode.commands import node, patients, report, segmentation
+from dicomnode.commands import demo, node, patients, phantom, report, segmentation
 
 app = typer.Typer(
     name="dicomnode",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (node, segmentation, report, patients):
+for module in (node, phantom, segmentation, report, patients, demo):
     module.register(app)
 
 
