@@ -2,14 +2,28 @@
 
 The worker calls :func:`run_pipeline`; everything it needs from ``seg`` and ``reporting`` is called
 from here and nowhere else, so the queue engine can change without touching the science.
+
+Flow: load the series as a :class:`~seg.volume.Volume` → segment with the configured model →
+measure volumes → SEG, measurement SR and readable summary → record the result for pairing →
+a follow-up SR for every comparison the new result creates. Results live in
+``storage_dir/results/<SeriesInstanceUID>/`` so that pairing can reference earlier outputs after a
+restart; file names are the outputs' deterministic SOP Instance UIDs, so a re-run overwrites.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dicomnode.config import Settings
+
+log = logging.getLogger(__name__)
+
+PLAUSIBLE_HEIGHT_M = (1.2, 2.2)
 
 
 class SeriesRejected(Exception):
@@ -31,6 +45,143 @@ class JobOutput:
     message: str = ""
 
 
+_model_lock = threading.Lock()
+_model_cache: dict[tuple[str, str], Any] = {}
+
+
+def load_configured_model(settings: Settings) -> Any:
+    """The configured model package (the shipped demo model when none is set), loaded once per process."""
+    from seg.model import load_model
+
+    key = (str(settings.model_path or ""), settings.worker.device)
+    with _model_lock:
+        if key not in _model_cache:
+            _model_cache[key] = load_model(settings.model_path, device=settings.worker.device)
+        return _model_cache[key]
+
+
+def results_dir(settings: Settings, series_instance_uid: str) -> Path:
+    return Path(settings.storage_dir) / "results" / series_instance_uid
+
+
+def dicom_height(meta: dict) -> tuple[float | None, str | None]:
+    """PatientSize in metres when present and plausible; otherwise no height (never a guess)."""
+    size = meta.get("PatientSize")
+    try:
+        height = float(size) if size not in (None, "") else None
+    except (TypeError, ValueError):
+        height = None
+    if height is None or height <= 0:
+        return None, "missing"
+    if not PLAUSIBLE_HEIGHT_M[0] <= height <= PLAUSIBLE_HEIGHT_M[1]:
+        log.warning("PatientSize %.2f m is implausible; no height index", height)
+        return None, f"implausible PatientSize {height:.2f} m"
+    return height, "PatientSize"
+
+
+def patient_height(settings: Settings, meta: dict) -> tuple[float | None, str | None]:
+    """Height by trust: the clinical registry, then DICOM PatientSize."""
+    try:
+        from dicomnode.registry import height_for
+    except ImportError:
+        return dicom_height(meta)
+    return height_for(settings, meta)
+
+
+def _save(ds: Any, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    tmp = path.with_suffix(".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return path
+
+
 def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
-    """Placeholder until segmentation and reporting land: never reports success."""
-    raise NotImplementedError("processing pipeline not installed yet (placeholder)")
+    """Measure one accepted series and build every DICOM object to send back."""
+    from reporting.followup_sr import build_followup_sr
+    from reporting.seg import build_seg
+    from reporting.sr import build_measurement_sr
+    from reporting.summary import build_summary
+    from seg.infer import segment
+    from seg.io import load_dicom_series, save_nifti
+    from seg.measure import measure_volumes, write_volumes
+
+    try:
+        ct = load_dicom_series(sorted(job.files))
+    except ValueError as exc:  # geometry the loader cannot place in space
+        raise SeriesRejected(str(exc)) from exc
+    if str(ct.meta.get("Modality", "CT")) != "CT":
+        raise SeriesRejected(f"modality {ct.meta.get('Modality')} is not CT")
+
+    model = load_configured_model(settings)
+    model_info = dict(model.info)
+    log.info("job %s: segmenting %s voxels with %s %s", job.job_id, "×".join(map(str, ct.shape)),
+             model_info.get("name"), model_info.get("version"))
+    labels = segment(ct, model)
+
+    height_m, height_source = patient_height(settings, ct.meta)
+    record = measure_volumes(labels, ct, height_m=height_m, height_source=height_source, model=model_info)
+    out_dir = results_dir(settings, job.series_instance_uid)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_volumes(record, out_dir)
+    save_nifti(labels, out_dir / "labels.nii.gz")
+
+    dicom_dir = out_dir / "outputs"
+    seg_ds = build_seg(ct, labels, record, model_info, seg_type=settings.output.seg_type,
+                       compression=settings.output.labelmap_compression)
+    sr_ds = build_measurement_sr(ct, seg_ds, record, model_info)
+    outputs = [_save(seg_ds, dicom_dir), _save(sr_ds, dicom_dir)]
+
+    changes: list[dict] = []
+    if settings.pairing.enabled:
+        changes = _record_for_pairing(settings, ct, out_dir, seg_ds, sr_ds)
+    if settings.output.summary:
+        baseline_change = changes[0] if changes else None
+        outputs.append(_save(build_summary(ct, record, model_info, change=baseline_change), dicom_dir))
+    if settings.output.followup_sr:
+        for change in changes:
+            evidence = _prior_outputs(settings, change)
+            outputs.append(_save(build_followup_sr(ct, change, evidence), dicom_dir))
+            (out_dir / f"change-{change['baseline']['series_instance_uid']}.json").write_text(
+                json.dumps(change, indent=2))
+    message = f"{len(record['structures'])} structures measured; {len(outputs)} objects to send"
+    if changes:
+        message += f"; compared with {len(changes)} earlier stud{'y' if len(changes) == 1 else 'ies'}"
+    return JobOutput(outputs=outputs, volumes_json=out_dir / "volumes.json", message=message)
+
+
+def _record_for_pairing(settings: Settings, ct: Any, out_dir: Path, seg_ds: Any, sr_ds: Any) -> list[dict]:
+    from dicomnode.pairing import ResultRecord, record_result
+
+    meta = ct.meta
+    size = meta.get("PatientSize")
+    result = ResultRecord(
+        patient_id=str(meta.get("PatientID", "")),
+        issuer_of_patient_id=str(meta.get("IssuerOfPatientID", "") or ""),
+        patient_sex=str(meta.get("PatientSex", "") or ""),
+        patient_size_m=float(size) if size not in (None, "") else None,
+        study_instance_uid=str(meta["StudyInstanceUID"]),
+        study_date=str(meta.get("StudyDate", "") or ""),
+        study_time=str(meta.get("StudyTime", "") or ""),
+        series_instance_uid=str(meta["SeriesInstanceUID"]),
+        volumes_json=out_dir / "volumes.json",
+        seg_sop_instance_uid=str(seg_ds.SOPInstanceUID),
+        sr_sop_instance_uid=str(sr_ds.SOPInstanceUID),
+        result_dir=out_dir,
+    )
+    return record_result(settings, result)
+
+
+def _prior_outputs(settings: Settings, change: dict) -> list[Any]:
+    """The baseline's SEG and SR (headers only), the evidence a follow-up SR cites."""
+    import pydicom
+
+    folder = results_dir(settings, change["baseline"]["series_instance_uid"]) / "outputs"
+    wanted = {change["baseline"].get("seg_sop_instance_uid"), change["baseline"].get("sr_sop_instance_uid")}
+    found = []
+    for uid in sorted(u for u in wanted if u):
+        path = folder / f"{uid}.dcm"
+        if path.is_file():
+            found.append(pydicom.dcmread(path, stop_before_pixels=True))
+    return found
