@@ -1,0 +1,592 @@
+"""Pre/post pairing: every finished measurement joins its patient's timeline and is compared.
+
+Why: the product's point is change over time. Results are grouped by PatientID (+ IssuerOfPatientID),
+ordered by StudyDate/StudyTime; with a registry surgery date, studies on or before it are
+pre-operative (the latest one is the baseline: closest to surgery) and later ones post-operative;
+without one, the earliest study is the baseline. Each follow-up is compared with the baseline and with
+the previous study (a trajectory). Every study that yields no comparison gets a stated reason
+(single study, same day as baseline, pre-operative, ...). Re-recording a series replaces its row.
+
+Tables live in the node's SQLite file (``settings.db_path``), created on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dicomnode import registry
+from dicomnode.config import Settings
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pairing_results (
+    series_instance_uid TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    patient_sex TEXT,
+    patient_size_m REAL,
+    study_instance_uid TEXT NOT NULL,
+    study_date TEXT,
+    study_time TEXT,
+    volumes_json TEXT NOT NULL,
+    seg_sop_instance_uid TEXT,
+    sr_sop_instance_uid TEXT,
+    result_dir TEXT,
+    recorded_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pairing_results_patient ON pairing_results (patient_id, issuer_of_patient_id);
+CREATE TABLE IF NOT EXISTS pairing_status (
+    series_instance_uid TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    role TEXT NOT NULL,
+    reasons TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pairing_changes (
+    baseline_series_uid TEXT NOT NULL,
+    followup_series_uid TEXT NOT NULL,
+    comparison TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    change_json TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (baseline_series_uid, followup_series_uid)
+);
+CREATE TABLE IF NOT EXISTS pairing_retrievals (
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    requested_at TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT
+);
+"""
+
+# Roles a study can take in its patient's timeline.
+BASELINE, FOLLOWUP, PREOP, SUPERSEDED = "baseline", "followup", "pre-operative", "superseded"
+
+
+@dataclass
+class ResultRecord:
+    """One finished measurement, as the pipeline hands it over."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_sex: str
+    patient_size_m: float | None
+    study_instance_uid: str
+    study_date: str
+    study_time: str
+    series_instance_uid: str
+    volumes_json: Path
+    seg_sop_instance_uid: str
+    sr_sop_instance_uid: str
+    result_dir: Path
+
+
+def connect(settings: Settings) -> sqlite3.Connection:
+    con = registry.connect(settings)
+    con.executescript(_SCHEMA)
+    return con
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+# ---------------------------------------------------------------- timeline
+
+
+@dataclass
+class Study:
+    """A study as the timeline sees it: the latest recorded series of that study."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    study_date: str
+    study_time: str
+    volumes_json: str
+    seg_sop_instance_uid: str
+    sr_sop_instance_uid: str
+    patient_sex: str | None
+    patient_size_m: float | None
+    recorded_at: str
+
+    @property
+    def order_key(self) -> tuple[str, str, str]:
+        return (
+            self.study_date or "99999999",
+            (self.study_time or "").ljust(6, "0")[:13],
+            self.study_instance_uid,
+        )
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "study_date": self.study_date,
+            "seg_sop_instance_uid": self.seg_sop_instance_uid,
+            "sr_sop_instance_uid": self.sr_sop_instance_uid,
+        }
+
+
+@dataclass
+class Plan:
+    """The outcome of ordering a patient's studies: roles, reasons and the comparisons to make."""
+
+    studies: list[Study]
+    roles: dict[str, str]  # series uid → role
+    reasons: dict[str, list[str]]  # series uid → stated reasons
+    comparisons: list[tuple[Study, Study, str]]  # (earlier, later, "baseline" | "previous")
+    baseline: Study | None
+    baseline_preoperative: bool | None  # None when no surgery date is known
+
+
+def _studies(con: sqlite3.Connection, patient_id: str, issuer: str) -> tuple[list[Study], list[str]]:
+    rows = con.execute(
+        "SELECT * FROM pairing_results WHERE patient_id=? AND issuer_of_patient_id=? ORDER BY recorded_at",
+        (patient_id, issuer),
+    ).fetchall()
+    latest: dict[str, sqlite3.Row] = {}
+    superseded: list[str] = []
+    for row in rows:  # the last recorded series of a study represents it
+        if row["study_instance_uid"] in latest:
+            superseded.append(latest[row["study_instance_uid"]]["series_instance_uid"])
+        latest[row["study_instance_uid"]] = row
+    studies = [
+        Study(
+            r["series_instance_uid"],
+            r["study_instance_uid"],
+            r["study_date"] or "",
+            r["study_time"] or "",
+            r["volumes_json"],
+            r["seg_sop_instance_uid"] or "",
+            r["sr_sop_instance_uid"] or "",
+            r["patient_sex"],
+            r["patient_size_m"],
+            r["recorded_at"],
+        )
+        for r in latest.values()
+    ]
+    return sorted(studies, key=lambda s: s.order_key), superseded
+
+
+def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
+    """Roles, reasons and comparisons for one patient's ordered studies (pure; no database)."""
+    roles: dict[str, str] = {}
+    reasons: dict[str, list[str]] = {s.series_instance_uid: [] for s in studies}
+    comparisons: list[tuple[Study, Study, str]] = []
+    baseline: Study | None = None
+    baseline_pre: bool | None = None
+    later: list[Study] = list(studies)
+    if surgery_date:
+        pre = [s for s in studies if s.study_date and s.study_date <= surgery_date]
+        later = [s for s in studies if s not in pre]
+        if pre:
+            baseline, baseline_pre = pre[-1], True
+            for s in pre[:-1]:
+                roles[s.series_instance_uid] = PREOP
+                reasons[s.series_instance_uid].append(
+                    "earlier pre-operative study; the baseline is the latest study on or before the surgery "
+                    f"date {surgery_date}"
+                )
+            reasons[baseline.series_instance_uid].append(
+                f"baseline: latest pre-operative study (surgery {surgery_date})"
+            )
+        elif later:
+            baseline, baseline_pre = later[0], False
+            later = later[1:]
+            reasons[baseline.series_instance_uid].append(
+                f"no pre-operative study (surgery {surgery_date}): the earliest post-operative study is the "
+                "baseline, so changes are post-operative only"
+            )
+    elif studies:
+        baseline, later = studies[0], studies[1:]
+        reasons[baseline.series_instance_uid].append(
+            "baseline: earliest study (no surgery date in the registry)"
+        )
+    if baseline is None:
+        return Plan(studies, roles, reasons, comparisons, None, baseline_pre)
+    roles[baseline.series_instance_uid] = BASELINE
+    if not later:
+        reasons[baseline.series_instance_uid].append("single study for this patient: nothing to compare with")
+    compared: list[Study] = [baseline]
+    for s in later:
+        uid = s.series_instance_uid
+        roles[uid] = FOLLOWUP
+        if not s.study_date:
+            reasons[uid].append("no StudyDate: cannot be placed in time, not compared")
+            continue
+        if s.study_date == baseline.study_date:
+            reasons[uid].append(f"same day as the baseline ({s.study_date}): no interval, not compared")
+            continue
+        comparisons.append((baseline, s, "baseline"))
+        previous = next((p for p in reversed(compared) if p.study_date != s.study_date), None)
+        same_day_prev = [p for p in compared if p.study_date == s.study_date]
+        if same_day_prev:
+            reasons[uid].append(
+                f"another follow-up on the same day ({s.study_date}): compared with the baseline "
+                "and the last study of an earlier day only"
+            )
+        if previous is not None and previous is not baseline:
+            comparisons.append((previous, s, "previous"))
+        compared.append(s)
+    return Plan(studies, roles, reasons, comparisons, baseline, baseline_pre)
+
+
+# ---------------------------------------------------------------- recording
+
+
+def _load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _change(
+    earlier: Study,
+    later: Study,
+    kind: str,
+    patient_id: str,
+    res: registry.Resolved,
+    baseline_pre: bool | None,
+    reasons: list[str],
+) -> dict:
+    from reporting.change import compute_change
+
+    pre_meta = earlier.meta() | {"patient_id": patient_id, "fractured_side": res.fractured_side}
+    notes = list(reasons) + list(res.notes)
+    post_meta = later.meta() | {
+        "patient_id": patient_id,
+        "fractured_side": res.fractured_side,
+        "height_source": res.height_source,
+        "notes": notes,
+    }
+    change = compute_change(
+        _load(earlier.volumes_json), _load(later.volumes_json), res.height_m, pre_meta, post_meta
+    )
+    change.update(
+        {
+            "comparison": kind,
+            "baseline_preoperative": baseline_pre,
+            "sex": res.sex,
+            "sex_source": res.sex_source,
+            "fracture_type": res.fracture_type,
+            "surgery_date": res.surgery_date,
+            "koval_grade": res.koval_grade,
+        }
+    )
+    return change
+
+
+def record_result(settings: Settings, result: ResultRecord) -> list[dict]:
+    """Store a finished measurement; return the change records it creates as the follow-up.
+
+    Changes for later studies that this result newly serves as baseline/previous for (a prior that
+    arrived late) are stored too; :func:`changes_for_earlier_series` returns them.
+    """
+    pid, issuer = result.patient_id, result.issuer_of_patient_id or ""
+    con = connect(settings)
+    try:
+        with con:
+            con.execute(
+                "INSERT OR REPLACE INTO pairing_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    result.series_instance_uid,
+                    pid,
+                    issuer,
+                    result.patient_sex or None,
+                    result.patient_size_m,
+                    result.study_instance_uid,
+                    result.study_date or "",
+                    result.study_time or "",
+                    str(result.volumes_json),
+                    result.seg_sop_instance_uid,
+                    result.sr_sop_instance_uid,
+                    str(result.result_dir),
+                    _now(),
+                ),
+            )
+        changes, plan = _refresh_patient(settings, con, pid, issuer, result)
+    finally:
+        con.close()
+    mine = [c for c in changes if c["followup"]["series_instance_uid"] == result.series_instance_uid]
+    reasons = plan.reasons.get(result.series_instance_uid, [])
+    log.info(
+        "pairing: series recorded as %s; %d comparison(s)%s",
+        plan.roles.get(result.series_instance_uid, "?"),
+        len(mine),
+        ("; " + "; ".join(reasons)) if reasons else "",
+    )
+    if settings.pairing.retrieve_priors and (not plan.comparisons or plan.baseline_preoperative is False):
+        _maybe_retrieve(settings, pid, issuer, result, plan)
+    return mine
+
+
+def _refresh_patient(
+    settings: Settings, con: sqlite3.Connection, pid: str, issuer: str, result: ResultRecord | None = None
+) -> tuple[list[dict], Plan]:
+    """Recompute roles, reasons and every comparison of one patient (the table mirrors the timeline)."""
+    studies, superseded = _studies(con, pid, issuer)
+    latest_size = next((s.patient_size_m for s in reversed(studies) if s.patient_size_m), None)
+    latest_sex = next((s.patient_sex for s in reversed(studies) if s.patient_sex), None)
+    res = registry.resolve(settings, pid, issuer, latest_sex, latest_size)
+    plan = plan_timeline(studies, res.surgery_date)
+    changes = [
+        _change(a, b, kind, pid, res, plan.baseline_preoperative, plan.reasons[b.series_instance_uid])
+        for a, b, kind in plan.comparisons
+    ]
+    now = _now()
+    with con:
+        con.execute(
+            "DELETE FROM pairing_changes WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer)
+        )
+        for (a, b, kind), change in zip(plan.comparisons, changes, strict=True):
+            con.execute(
+                "INSERT OR REPLACE INTO pairing_changes VALUES (?,?,?,?,?,?,?)",
+                (a.series_instance_uid, b.series_instance_uid, kind, pid, issuer, json.dumps(change), now),
+            )
+        con.execute("DELETE FROM pairing_status WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer))
+        for s in studies:
+            why = plan.reasons[s.series_instance_uid] + res.notes
+            con.execute(
+                "INSERT OR REPLACE INTO pairing_status VALUES (?,?,?,?,?,?)",
+                (
+                    s.series_instance_uid,
+                    pid,
+                    issuer,
+                    plan.roles.get(s.series_instance_uid, "unplaced"),
+                    json.dumps(why),
+                    now,
+                ),
+            )
+        for uid in superseded:
+            con.execute(
+                "INSERT OR REPLACE INTO pairing_status VALUES (?,?,?,?,?,?)",
+                (
+                    uid,
+                    pid,
+                    issuer,
+                    SUPERSEDED,
+                    json.dumps(["a later series of the same study represents it"]),
+                    now,
+                ),
+            )
+    return changes, plan
+
+
+def refresh_patient(settings: Settings, patient_id: str, issuer: str = "") -> list[dict]:
+    """Recompute a patient's comparisons (after a registry import changed the surgery date, say)."""
+    con = connect(settings)
+    try:
+        return _refresh_patient(settings, con, patient_id, issuer)[0]
+    finally:
+        con.close()
+
+
+def refresh_all(settings: Settings) -> int:
+    con = connect(settings)
+    try:
+        keys = con.execute("SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results").fetchall()
+        for k in keys:
+            _refresh_patient(settings, con, k[0], k[1])
+        return len(keys)
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------- queries
+
+
+def changes_for_earlier_series(settings: Settings, series_instance_uid: str) -> list[dict]:
+    """Stored changes in which this series is the earlier study (for SRs when a prior arrives late)."""
+    con = connect(settings)
+    try:
+        rows = con.execute(
+            "SELECT change_json FROM pairing_changes WHERE baseline_series_uid=?", (series_instance_uid,)
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+    finally:
+        con.close()
+
+
+def status_of(settings: Settings, series_instance_uid: str) -> dict[str, Any] | None:
+    """Role and stated reasons of one recorded series."""
+    con = connect(settings)
+    try:
+        row = con.execute(
+            "SELECT role, reasons FROM pairing_status WHERE series_instance_uid=?", (series_instance_uid,)
+        ).fetchone()
+        return {"role": row[0], "reasons": json.loads(row[1])} if row else None
+    finally:
+        con.close()
+
+
+def patients(settings: Settings) -> list[dict[str, Any]]:
+    """One row per measured patient: number of studies and comparisons."""
+    con = connect(settings)
+    try:
+        rows = con.execute(
+            "SELECT r.patient_id, r.issuer_of_patient_id, COUNT(DISTINCT r.study_instance_uid) AS studies,"
+            " (SELECT COUNT(*) FROM pairing_changes c WHERE c.patient_id=r.patient_id"
+            "  AND c.issuer_of_patient_id=r.issuer_of_patient_id) AS comparisons"
+            " FROM pairing_results r GROUP BY r.patient_id, r.issuer_of_patient_id ORDER BY r.patient_id"
+        ).fetchall()
+        return [dict(r) for r in rows]
+    finally:
+        con.close()
+
+
+def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> list[dict[str, Any]]:
+    """The patient's studies in order with role, reasons and the comparisons each follow-up has."""
+    con = connect(settings)
+    try:
+        issuers = (
+            [issuer]
+            if issuer is not None
+            else [
+                r[0]
+                for r in con.execute(
+                    "SELECT DISTINCT issuer_of_patient_id FROM pairing_results WHERE patient_id=?",
+                    (patient_id,),
+                )
+            ]
+        )
+        out: list[dict[str, Any]] = []
+        for iss in issuers:
+            studies, _ = _studies(con, patient_id, iss)
+            for s in studies:
+                st = con.execute(
+                    "SELECT role, reasons FROM pairing_status WHERE series_instance_uid=?",
+                    (s.series_instance_uid,),
+                ).fetchone()
+                ch = con.execute(
+                    "SELECT comparison, change_json FROM pairing_changes WHERE followup_series_uid=?"
+                    " ORDER BY comparison",
+                    (s.series_instance_uid,),
+                ).fetchall()
+                out.append(
+                    {
+                        "issuer_of_patient_id": iss,
+                        **asdict(s),
+                        "role": st[0] if st else None,
+                        "reasons": json.loads(st[1]) if st else [],
+                        "changes": [json.loads(c[1]) for c in ch],
+                    }
+                )
+        return out
+    finally:
+        con.close()
+
+
+def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str, Any]]:
+    """Per patient: the pre vs post change used by the cohort report, or the reason there is none.
+
+    ``followup``: "last" (longest interval, default) or "first" follow-up compared with the baseline.
+    """
+    con = connect(settings)
+    try:
+        keys = con.execute(
+            "SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results"
+            " ORDER BY patient_id, issuer_of_patient_id"
+        ).fetchall()
+        out = []
+        for pid, iss in keys:
+            rows = con.execute(
+                "SELECT c.change_json FROM pairing_changes c JOIN pairing_results r"
+                " ON r.series_instance_uid = c.followup_series_uid"
+                " WHERE c.patient_id=? AND c.issuer_of_patient_id=? AND c.comparison='baseline'"
+                " ORDER BY r.study_date, r.study_time",
+                (pid, iss),
+            ).fetchall()
+            changes = [json.loads(r[0]) for r in rows]
+            studies, _ = _studies(con, pid, iss)
+            entry: dict[str, Any] = {"patient_id": pid, "issuer_of_patient_id": iss, "studies": len(studies)}
+            if changes:
+                change = changes[-1] if followup == "last" else changes[0]
+                entry["change"] = change
+                entry["pre_volumes"] = _load(_series_volumes(con, change["baseline"]["series_instance_uid"]))
+                entry["reason"] = None
+                if change.get("baseline_preoperative") is False:
+                    entry["reason"] = "no pre-operative baseline: not a pre vs post pair"
+            else:
+                st = [
+                    json.loads(r[0])
+                    for r in con.execute(
+                        "SELECT reasons FROM pairing_status WHERE patient_id=? AND issuer_of_patient_id=?",
+                        (pid, iss),
+                    )
+                ]
+                why = sorted({w for ws in st for w in ws if "not compared" in w or "single study" in w})
+                entry["change"] = None
+                entry["reason"] = "; ".join(why) or "no comparison"
+            out.append(entry)
+        return out
+    finally:
+        con.close()
+
+
+def _series_volumes(con: sqlite3.Connection, series_uid: str) -> str:
+    row = con.execute(
+        "SELECT volumes_json FROM pairing_results WHERE series_instance_uid=?", (series_uid,)
+    ).fetchone()
+    return row[0]
+
+
+# ---------------------------------------------------------------- prior retrieval
+
+
+def _maybe_retrieve(settings: Settings, pid: str, issuer: str, result: ResultRecord, plan: Plan) -> None:
+    """Ask the PACS for an earlier study in the background, once per patient and new study."""
+    con = connect(settings)
+    try:
+        with con:
+            seen = con.execute(
+                "SELECT 1 FROM pairing_retrievals WHERE patient_id=? AND issuer_of_patient_id=? AND detail=?",
+                (pid, issuer, result.study_instance_uid),
+            ).fetchone()
+            if seen:
+                return
+            con.execute(
+                "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?)",
+                (pid, issuer, _now(), "requested", result.study_instance_uid),
+            )
+    finally:
+        con.close()
+    known = {s.study_instance_uid for s in plan.studies}
+    res = registry.get_patient(settings, pid, issuer)
+    surgery = res.surgery_date if res else None
+
+    def work() -> None:
+        from dicomnode.retrieve import retrieve_prior
+
+        try:
+            outcome = retrieve_prior(
+                settings,
+                pid,
+                before_date=result.study_date,
+                known_study_uids=known,
+                surgery_date=surgery,
+                issuer=issuer,
+            )
+            status, detail = ("retrieved" if outcome.moved else "none"), outcome.reason
+        except Exception as exc:  # the node keeps running when the PACS is unreachable
+            status, detail = "failed", f"{type(exc).__name__}: {exc}"
+        log.info("prior retrieval: %s (%s)", status, detail)
+        try:
+            c = connect(settings)
+            with c:
+                c.execute(
+                    "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?)", (pid, issuer, _now(), status, detail)
+                )
+            c.close()
+        except sqlite3.Error:
+            log.debug("could not record the retrieval outcome", exc_info=True)
+
+    threading.Thread(target=work, name="prior-retrieval", daemon=True).start()

@@ -1,0 +1,401 @@
+"""Clinical metadata per patient (height, sex, fracture type/side, surgery date, Koval grade).
+
+Why a registry: DICOM rarely carries a trustworthy height and never the fracture type, yet the
+paper's analysis needs both. Sources in order of trust: this registry (imported from a CSV with
+``dicomnode patients import``), then the DICOM header (PatientSize / PatientSex). An implausible
+height (outside 1.2–2.2 m) is stored and flagged but never used; a missing height means no
+height index, never a guess.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from dicomnode.config import Settings
+
+log = logging.getLogger(__name__)
+
+PLAUSIBLE_HEIGHT_M = (1.2, 2.2)
+FRACTURE_TYPES = ("FNF", "ITF", "other")
+SIDES = ("left", "right")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS registry_patients (
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    height_m REAL,
+    height_flag TEXT,
+    sex TEXT,
+    fracture_type TEXT,
+    fractured_side TEXT,
+    surgery_date TEXT,
+    koval_grade INTEGER,
+    source TEXT,
+    imported_at TEXT,
+    PRIMARY KEY (patient_id, issuer_of_patient_id)
+);
+"""
+
+# Header aliases accepted in the CSV (lower-case, spaces/dashes as underscores).
+_ALIASES = {
+    "patient_id": ("patient_id", "patientid", "pid", "id"),
+    "issuer_of_patient_id": ("issuer_of_patient_id", "issuerofpatientid", "issuer"),
+    "height_m": ("height_m", "height"),
+    "height_cm": ("height_cm",),
+    "sex": ("sex", "patient_sex", "gender"),
+    "fracture_type": ("fracture_type", "fracture", "type"),
+    "fractured_side": ("fractured_side", "side", "fracture_side", "operated_side"),
+    "surgery_date": ("surgery_date", "operation_date", "op_date", "surgery"),
+    "koval_grade": ("koval_grade", "koval"),
+}
+
+
+def connect(settings: Settings) -> sqlite3.Connection:
+    """The node's SQLite file (WAL, waits on locks) with the registry table present."""
+    path = Path(settings.db_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30.0)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA busy_timeout=30000")
+    con.executescript(_SCHEMA)
+    return con
+
+
+@dataclass
+class ClinicalInfo:
+    """One registry row (values as imported; flags say what will not be used and why)."""
+
+    patient_id: str
+    issuer_of_patient_id: str = ""
+    height_m: float | None = None
+    height_flag: str | None = None  # e.g. "implausible 2.60 m": stored, never used
+    sex: str | None = None
+    fracture_type: str | None = None
+    fractured_side: str | None = None
+    surgery_date: str | None = None  # YYYYMMDD
+    koval_grade: int | None = None
+    source: str | None = None
+
+
+@dataclass
+class Resolved:
+    """What the analysis uses for one patient, with where each value came from."""
+
+    height_m: float | None
+    height_source: str  # "registry" | "PatientSize" | "missing" | "implausible ..." (reason)
+    sex: str | None
+    sex_source: str
+    fracture_type: str | None
+    fractured_side: str | None
+    surgery_date: str | None
+    koval_grade: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImportResult:
+    imported: int
+    problems: list[str]
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def plausible_height(value: float | None) -> bool:
+    return value is not None and PLAUSIBLE_HEIGHT_M[0] <= value <= PLAUSIBLE_HEIGHT_M[1]
+
+
+def parse_sex(value: Any) -> str | None:
+    text = str(value or "").strip().upper()
+    if text in ("F", "FEMALE", "W", "WOMAN"):
+        return "F"
+    if text in ("M", "MALE", "MAN"):
+        return "M"
+    return None
+
+
+def parse_fracture_type(value: Any) -> str | None:
+    """FNF / ITF / other; empty or unrecognised text → None (unknown)."""
+    text = str(value or "").strip().lower().replace("-", " ").replace("_", " ")
+    if not text:
+        return None
+    if text in ("fnf", "femoral neck", "femoral neck fracture", "neck"):
+        return "FNF"
+    if text in ("itf", "intertrochanteric", "intertrochanteric fracture", "trochanteric", "pertrochanteric"):
+        return "ITF"
+    if text in ("other", "others", "subtrochanteric"):
+        return "other"
+    return None
+
+
+def parse_side(value: Any) -> str | None:
+    text = str(value or "").strip().lower()
+    if text in ("l", "left", "lt"):
+        return "left"
+    if text in ("r", "right", "rt"):
+        return "right"
+    return None
+
+
+def parse_date(value: Any) -> str | None:
+    """YYYYMMDD from YYYYMMDD / YYYY-MM-DD / YYYY.MM.DD; None when empty; ValueError when garbled."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    digits = text.replace("-", "").replace(".", "").replace("/", "")
+    datetime.strptime(digits, "%Y%m%d")  # raises ValueError on a bad date
+    return digits
+
+
+def dicom_date(value: str | None) -> date | None:
+    if not value:
+        return None
+    try:
+        return datetime.strptime(str(value)[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _column(header: list[str], key: str) -> str | None:
+    normal = {h.strip().lower().replace(" ", "_").replace("-", "_"): h for h in header}
+    for alias in _ALIASES[key]:
+        if alias in normal:
+            return normal[alias]
+    return None
+
+
+def parse_row(row: dict[str, str], header: list[str]) -> tuple[ClinicalInfo | None, list[str]]:
+    """One CSV row → ClinicalInfo plus the problems found (a row without PatientID is skipped)."""
+    problems: list[str] = []
+
+    def get(key: str) -> str:
+        col = _column(header, key)
+        return (row.get(col) or "").strip() if col else ""
+
+    pid = get("patient_id")
+    if not pid:
+        return None, ["no patient_id"]
+    info = ClinicalInfo(patient_id=pid, issuer_of_patient_id=get("issuer_of_patient_id"))
+    height_text, height_cm_text = get("height_m"), get("height_cm")
+    try:
+        if height_text:
+            height = float(height_text)
+            info.height_m = height / 100.0 if height > 3.0 else height  # a height in cm in the m column
+        elif height_cm_text:
+            info.height_m = float(height_cm_text) / 100.0
+    except ValueError:
+        problems.append(f"height not a number: {height_text or height_cm_text!r}")
+    if info.height_m is not None and not plausible_height(info.height_m):
+        info.height_flag = f"implausible height {info.height_m:.2f} m (outside 1.2–2.2 m)"
+        problems.append(info.height_flag)
+    if get("sex"):
+        info.sex = parse_sex(get("sex"))
+        if info.sex is None:
+            problems.append(f"sex not F/M: {get('sex')!r}")
+    if get("fracture_type"):
+        info.fracture_type = parse_fracture_type(get("fracture_type"))
+        if info.fracture_type is None:
+            problems.append(f"unknown fracture type {get('fracture_type')!r} (FNF/ITF/other)")
+    if get("fractured_side"):
+        info.fractured_side = parse_side(get("fractured_side"))
+        if info.fractured_side is None:
+            problems.append(f"fractured side not left/right: {get('fractured_side')!r}")
+    try:
+        info.surgery_date = parse_date(get("surgery_date"))
+    except ValueError:
+        problems.append(f"surgery date not a date: {get('surgery_date')!r}")
+    if get("koval_grade"):
+        try:
+            info.koval_grade = int(float(get("koval_grade")))
+            if not 1 <= info.koval_grade <= 7:
+                problems.append(f"Koval grade {info.koval_grade} outside 1–7")
+                info.koval_grade = None
+        except ValueError:
+            problems.append(f"Koval grade not a number: {get('koval_grade')!r}")
+    return info, problems
+
+
+# ---------------------------------------------------------------- storage
+
+
+def upsert(settings: Settings, info: ClinicalInfo) -> None:
+    with connect(settings) as con:
+        _upsert(con, info)
+    con.close()
+
+
+def _upsert(con: sqlite3.Connection, info: ClinicalInfo) -> None:
+    con.execute(
+        "INSERT OR REPLACE INTO registry_patients (patient_id, issuer_of_patient_id, height_m, height_flag,"
+        " sex, fracture_type, fractured_side, surgery_date, koval_grade, source, imported_at)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            info.patient_id,
+            info.issuer_of_patient_id or "",
+            info.height_m,
+            info.height_flag,
+            info.sex,
+            info.fracture_type,
+            info.fractured_side,
+            info.surgery_date,
+            info.koval_grade,
+            info.source,
+            datetime.now(UTC).isoformat(timespec="seconds"),
+        ),
+    )
+
+
+def import_csv(settings: Settings, path: Path) -> ImportResult:
+    """Insert or replace one registry row per CSV row; problems are reported per row, never fatal."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        sample = fh.read(4096)
+        fh.seek(0)
+        try:
+            dialect: Any = csv.Sniffer().sniff(sample, delimiters=",;\t")
+        except csv.Error:
+            dialect = csv.excel
+        reader = csv.DictReader(fh, dialect=dialect)
+        header = list(reader.fieldnames or [])
+        if _column(header, "patient_id") is None:
+            raise ValueError(f"{path.name}: no patient_id column (found {header})")
+        imported, problems = 0, []
+        con = connect(settings)
+        try:
+            with con:
+                for lineno, row in enumerate(reader, start=2):
+                    info, row_problems = parse_row(row, header)
+                    problems += [f"line {lineno}: {p}" for p in row_problems]
+                    if info is None:
+                        continue
+                    info.source = path.name
+                    _upsert(con, info)
+                    imported += 1
+        finally:
+            con.close()
+    log.info("registry: imported %d rows from %s (%d problems)", imported, path.name, len(problems))
+    return ImportResult(imported=imported, problems=problems)
+
+
+def _from_row(row: sqlite3.Row) -> ClinicalInfo:
+    return ClinicalInfo(
+        patient_id=row["patient_id"],
+        issuer_of_patient_id=row["issuer_of_patient_id"] or "",
+        height_m=row["height_m"],
+        height_flag=row["height_flag"],
+        sex=row["sex"],
+        fracture_type=row["fracture_type"],
+        fractured_side=row["fractured_side"],
+        surgery_date=row["surgery_date"],
+        koval_grade=row["koval_grade"],
+        source=row["source"],
+    )
+
+
+def get_patient(settings: Settings, patient_id: str, issuer: str = "") -> ClinicalInfo | None:
+    """The registry row for this patient: exact issuer first, then a row imported without issuer."""
+    con = connect(settings)
+    try:
+        for iss in dict.fromkeys([issuer or "", ""]):
+            row = con.execute(
+                "SELECT * FROM registry_patients WHERE patient_id=? AND issuer_of_patient_id=?",
+                (patient_id, iss),
+            ).fetchone()
+            if row is not None:
+                return _from_row(row)
+        return None
+    finally:
+        con.close()
+
+
+def all_patients(settings: Settings) -> list[ClinicalInfo]:
+    con = connect(settings)
+    try:
+        rows = con.execute(
+            "SELECT * FROM registry_patients ORDER BY patient_id, issuer_of_patient_id"
+        ).fetchall()
+        return [_from_row(r) for r in rows]
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def _dicom_height(size: Any) -> tuple[float | None, str]:
+    try:
+        value = float(size) if size not in (None, "") else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value <= 0:
+        return None, "missing"
+    if not plausible_height(value):
+        return None, f"implausible PatientSize {value:.2f} m"
+    return value, "PatientSize"
+
+
+def resolve(
+    settings: Settings,
+    patient_id: str,
+    issuer: str = "",
+    dicom_sex: Any = None,
+    dicom_size: Any = None,
+    info: ClinicalInfo | None = None,
+) -> Resolved:
+    """Registry first, DICOM header second; every value carries its provenance or the reason it is absent."""
+    if info is None:
+        info = get_patient(settings, patient_id, issuer)
+    notes: list[str] = []
+    height, height_source = None, "missing"
+    if info is not None and info.height_m is not None and info.height_flag is None:
+        height, height_source = info.height_m, "registry"
+    else:
+        if info is not None and info.height_flag:
+            notes.append(f"registry {info.height_flag}: not used")
+        height, height_source = _dicom_height(dicom_size)
+        if height_source.startswith("implausible"):
+            notes.append(f"{height_source}: not used")
+    if height is None:
+        notes.append("no plausible height: height index (cm³/m²) not computed")
+        if info is not None and info.height_flag and height_source == "missing":
+            height_source = "implausible registry height"
+    sex, sex_source = None, "missing"
+    if info is not None and info.sex:
+        sex, sex_source = info.sex, "registry"
+    elif parse_sex(dicom_sex):
+        sex, sex_source = parse_sex(dicom_sex), "PatientSex"
+    fracture_type = info.fracture_type if info is not None else None
+    if fracture_type is None:
+        notes.append("fracture type unknown: not in the FNF/ITF group comparisons")
+    return Resolved(
+        height_m=height,
+        height_source=height_source,
+        sex=sex,
+        sex_source=sex_source,
+        fracture_type=fracture_type,
+        fractured_side=info.fractured_side if info else None,
+        surgery_date=info.surgery_date if info else None,
+        koval_grade=info.koval_grade if info else None,
+        notes=notes,
+    )
+
+
+def height_for(settings: Settings, meta: dict) -> tuple[float | None, str | None]:
+    """(height m, provenance) for a series' header meta — the pipeline's hook; never a guess."""
+    res = resolve(
+        settings,
+        str(meta.get("PatientID", "")),
+        str(meta.get("IssuerOfPatientID", "") or ""),
+        meta.get("PatientSex"),
+        meta.get("PatientSize"),
+    )
+    if res.height_m is None and res.height_source.startswith("implausible"):
+        log.warning("patient height implausible (%s); no height index", res.height_source)
+    return res.height_m, res.height_source

@@ -1,0 +1,251 @@
+"""Prior retrieval: fetch a patient's earlier whole-thigh CT from the PACS when the node has no baseline.
+
+Why: a follow-up is worthless without its baseline, and the baseline was often acquired before the
+node existed. C-FIND (study level, by PatientID) lists the patient's studies; the earlier study is
+chosen (the latest on or before the surgery date when one is known, else the earliest); a series-level
+C-FIND picks its CT series with the most instances (a whole-thigh scan has many slices); C-MOVE sends
+that series to this node's AE, where it is processed like any other arrival. Off with
+``pairing.retrieve_priors = false``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from dicomnode.config import Settings
+
+log = logging.getLogger(__name__)
+
+_PENDING = (0xFF00, 0xFF01)
+_TIMEOUT_S = 30.0
+
+
+@dataclass
+class StudyHit:
+    study_instance_uid: str
+    study_date: str
+    study_time: str = ""
+    modalities: list[str] = field(default_factory=list)
+    description: str = ""
+    issuer: str = ""
+
+
+@dataclass
+class SeriesHit:
+    series_instance_uid: str
+    modality: str
+    instances: int | None
+    description: str = ""
+
+
+@dataclass
+class RetrieveOutcome:
+    moved: bool
+    reason: str
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    completed: int = 0
+    failed: int = 0
+
+
+def _ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = _TIMEOUT_S
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    return ae
+
+
+def _find(settings: Settings, query: Dataset) -> list[Dataset]:
+    ae = _ae(settings)
+    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title)
+    if not assoc.is_established:
+        raise ConnectionError(
+            f"no association with {settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}"
+        )
+    hits: list[Dataset] = []
+    try:
+        for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if not status:
+                raise ConnectionError("C-FIND: connection lost or timed out")
+            if status.Status in _PENDING and ident is not None:
+                hits.append(ident)
+            elif status.Status not in _PENDING and status.Status != 0x0000:
+                raise RuntimeError(f"C-FIND failed with status 0x{status.Status:04X}")
+    finally:
+        assoc.release()
+    return hits
+
+
+def find_studies(settings: Settings, patient_id: str) -> list[StudyHit]:
+    """The patient's studies at the PACS (study-level C-FIND by PatientID)."""
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientID = patient_id
+    q.StudyInstanceUID = ""
+    q.StudyDate = ""
+    q.StudyTime = ""
+    q.ModalitiesInStudy = ""
+    q.StudyDescription = ""
+    q.IssuerOfPatientID = ""
+    out = []
+    for ds in _find(settings, q):
+        mods = ds.get("ModalitiesInStudy", None)
+        if mods is None or mods == "":
+            mods_list: list[str] = []
+        elif isinstance(mods, str):
+            mods_list = [m for m in mods.split("\\") if m]
+        else:
+            mods_list = [str(m) for m in mods]
+        out.append(
+            StudyHit(
+                str(ds.get("StudyInstanceUID", "")),
+                str(ds.get("StudyDate", "") or ""),
+                str(ds.get("StudyTime", "") or ""),
+                mods_list,
+                str(ds.get("StudyDescription", "")),
+                str(ds.get("IssuerOfPatientID", "") or ""),
+            )
+        )
+    return [s for s in out if s.study_instance_uid]
+
+
+def find_series(settings: Settings, study_uid: str) -> list[SeriesHit]:
+    """The study's series (series-level C-FIND)."""
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.StudyInstanceUID = study_uid
+    q.SeriesInstanceUID = ""
+    q.Modality = ""
+    q.SeriesDescription = ""
+    q.NumberOfSeriesRelatedInstances = ""
+    out = []
+    for ds in _find(settings, q):
+        n = ds.get("NumberOfSeriesRelatedInstances", None)
+        try:
+            count = int(n) if n not in (None, "") else None
+        except (TypeError, ValueError):
+            count = None
+        out.append(
+            SeriesHit(
+                str(ds.get("SeriesInstanceUID", "")),
+                str(ds.get("Modality", "") or ""),
+                count,
+                str(ds.get("SeriesDescription", "") or ""),
+            )
+        )
+    return [s for s in out if s.series_instance_uid]
+
+
+def choose_prior(
+    studies: list[StudyHit],
+    before_date: str,
+    known_study_uids: set[str],
+    surgery_date: str | None = None,
+    issuer: str = "",
+) -> StudyHit | None:
+    """The earlier CT study to use as baseline (strictly before ``before_date``; none already held)."""
+    cands = [
+        s
+        for s in studies
+        if s.study_instance_uid not in known_study_uids
+        and s.study_date
+        and before_date
+        and s.study_date < before_date
+        and (not s.modalities or "CT" in s.modalities)
+        and (not issuer or not s.issuer or s.issuer == issuer)
+    ]
+    if not cands:
+        return None
+    cands.sort(key=lambda s: (s.study_date, s.study_time))
+    if surgery_date:
+        pre = [s for s in cands if s.study_date <= surgery_date]
+        if pre:
+            return pre[-1]
+    return cands[0]
+
+
+def choose_series(series: list[SeriesHit], min_slices: int) -> SeriesHit | None:
+    """The CT series with the most instances, if it looks like a volume (≥ min_slices when counted)."""
+    ct = [s for s in series if s.modality in ("CT", "")]
+    if not ct:
+        return None
+    ct.sort(key=lambda s: s.instances or 0, reverse=True)
+    best = ct[0]
+    if best.instances is not None and best.instances < min_slices:
+        return None
+    return best
+
+
+def move_series(
+    settings: Settings, study_uid: str, series_uid: str, destination: str | None = None
+) -> tuple[int, int]:
+    """C-MOVE one series to ``destination`` (default: this node's AE). Returns (completed, failed)."""
+    ae = _ae(settings)
+    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title)
+    if not assoc.is_established:
+        raise ConnectionError(f"no association with {settings.pacs.ae_title}")
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.StudyInstanceUID = study_uid
+    q.SeriesInstanceUID = series_uid
+    completed = failed = 0
+    try:
+        for status, _ in assoc.send_c_move(
+            q, destination or settings.ae_title, StudyRootQueryRetrieveInformationModelMove
+        ):
+            if not status:
+                raise ConnectionError("C-MOVE: connection lost or timed out")
+            completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
+            failed = int(status.get("NumberOfFailedSuboperations", failed) or failed)
+            if status.Status not in _PENDING and status.Status not in (0x0000, 0xB000):
+                raise RuntimeError(f"C-MOVE failed with status 0x{status.Status:04X}")
+    finally:
+        assoc.release()
+    return completed, failed
+
+
+def retrieve_prior(
+    settings: Settings,
+    patient_id: str,
+    before_date: str,
+    known_study_uids: set[str],
+    surgery_date: str | None = None,
+    issuer: str = "",
+) -> RetrieveOutcome:
+    """Find and move the patient's earlier whole-thigh CT to this node; the outcome says why when not."""
+    if not settings.pairing.retrieve_priors:
+        return RetrieveOutcome(False, "prior retrieval is switched off (pairing.retrieve_priors)")
+    study = choose_prior(
+        find_studies(settings, patient_id), before_date, known_study_uids, surgery_date, issuer
+    )
+    if study is None:
+        return RetrieveOutcome(False, "the PACS holds no earlier CT study for this patient")
+    series = choose_series(find_series(settings, study.study_instance_uid), settings.selection.min_slices)
+    if series is None:
+        return RetrieveOutcome(
+            False, "the earlier study has no CT series with enough slices", study.study_instance_uid
+        )
+    completed, failed = move_series(settings, study.study_instance_uid, series.series_instance_uid)
+    log.info(
+        "prior retrieval: moved %d instances (%d failed) of study dated %s",
+        completed,
+        failed,
+        study.study_date,
+    )
+    return RetrieveOutcome(
+        completed > 0,
+        f"moved {completed} instance(s), {failed} failed",
+        study.study_instance_uid,
+        series.series_instance_uid,
+        completed,
+        failed,
+    )

@@ -1,0 +1,202 @@
+"""Prior retrieval against a real Orthanc: C-FIND by PatientID, then C-MOVE of the earlier CT to our SCP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, StoragePresentationContexts, evt
+
+from dicomnode.config import Settings
+from dicomnode.retrieve import (
+    SeriesHit,
+    StudyHit,
+    choose_prior,
+    choose_series,
+    find_studies,
+    retrieve_prior,
+)
+
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ct_series(folder: Path, patient_id: str, study_date: str, n: int, study_uid: str) -> str:
+    """A tiny synthetic CT series (n slices of 16×16) as DICOM files; returns its SeriesInstanceUID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = generate_uid()
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientID, ds.PatientName, ds.PatientSex = patient_id, "Synthetic^Retrieve", "F"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.StudyDate, ds.StudyTime, ds.Modality = study_date, "090000", "CT"
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber, ds.AccessionNumber = "1", 1, k + 1, ""
+        ds.ImagePositionPatient = [0.0, 0.0, float(-5 * k)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [5.0, 5.0], 5.0
+        ds.Rows = ds.Columns = 16
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = (np.full((16, 16), 40 + k, dtype=np.int16)).tobytes()
+        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+    return series_uid
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):
+    if not Path(ORTHANC).exists() or shutil.which("storescu") is None:
+        pytest.skip("Orthanc/dcmtk not installed")
+    dicom_port, http_port, node_port = free_port(), free_port(), free_port()
+    cfg = {
+        "Name": "pairing-test",
+        "StorageDirectory": str(tmp_path / "orthanc-db"),
+        "IndexDirectory": str(tmp_path / "orthanc-db"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+        "DicomModalities": {"node": ["THIGHNODE", "127.0.0.1", node_port]},
+    }
+    cfg_path = tmp_path / "orthanc.json"
+    cfg_path.write_text(json.dumps(cfg))
+    env = dict(os.environ, TCP_NODELAY="1")
+    log = (tmp_path / "orthanc.log").open("w")
+    proc = subprocess.Popen([ORTHANC, str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=1).read()
+                break
+            except OSError as exc:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(
+                        "Orthanc did not start: " + (tmp_path / "orthanc.log").read_text()[-2000:]
+                    ) from exc
+                time.sleep(0.2)
+        yield {"dicom_port": dicom_port, "http_port": http_port, "node_port": node_port, "env": env}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _store(folder: Path, port: int, env: dict) -> None:
+    subprocess.run(
+        [
+            "storescu",
+            "-aec",
+            "ORTHANC",
+            "-aet",
+            "LOADER",
+            "127.0.0.1",
+            str(port),
+            *map(str, sorted(folder.glob("*.dcm"))),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_prior_arrives_at_the_node_by_c_move(orthanc, tmp_path: Path) -> None:
+    pid = "RETRIEVE-001"
+    base_study, follow_study = generate_uid(), generate_uid()
+    base_series = _ct_series(tmp_path / "base", pid, "20230105", 8, base_study)
+    _ct_series(tmp_path / "scout", pid, "20230105", 2, base_study)  # a short series in the same study
+    _ct_series(tmp_path / "follow", pid, "20230610", 8, follow_study)
+    _ct_series(tmp_path / "other", "SOMEONE-ELSE", "20220101", 8, generate_uid())
+    for name in ("base", "scout", "follow", "other"):
+        _store(tmp_path / name, orthanc["dicom_port"], orthanc["env"])
+
+    received: list[Dataset] = []
+    done = threading.Event()
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    node = AE(ae_title="THIGHNODE")
+    node.supported_contexts = StoragePresentationContexts
+    server = node.start_server(
+        ("127.0.0.1", orthanc["node_port"]), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE")
+        settings.pacs.port = orthanc["dicom_port"]
+        settings.selection.min_slices = 5
+        studies = find_studies(settings, pid)
+        assert {s.study_instance_uid for s in studies} == {base_study, follow_study}
+
+        outcome = retrieve_prior(settings, pid, before_date="20230610", known_study_uids={follow_study})
+        done.set()
+        assert outcome.moved, outcome.reason
+        assert outcome.study_instance_uid == base_study
+        assert outcome.series_instance_uid == base_series
+        assert outcome.completed == 8 and outcome.failed == 0
+        assert len(received) == 8
+        assert {ds.SeriesInstanceUID for ds in received} == {base_series}
+        assert {ds.PatientID for ds in received} == {pid}
+
+        # Nothing earlier than the baseline itself: stated reason, nothing moved.
+        again = retrieve_prior(settings, pid, before_date="20230105", known_study_uids={follow_study})
+        assert not again.moved and "no earlier" in again.reason
+
+        settings.pairing.retrieve_priors = False
+        off = retrieve_prior(settings, pid, before_date="20230610", known_study_uids={follow_study})
+        assert not off.moved and "switched off" in off.reason
+        assert len(received) == 8
+    finally:
+        server.shutdown()
+
+
+def test_choose_prior_prefers_latest_preoperative_and_skips_known() -> None:
+    studies = [
+        StudyHit("1", "20230101", modalities=["CT"]),
+        StudyHit("2", "20230110", modalities=["CT"]),
+        StudyHit("3", "20230112", modalities=["MR"]),
+        StudyHit("4", "20230301", modalities=["CT"]),
+        StudyHit("5", "20230601", modalities=["CT"]),
+    ]
+    assert choose_prior(studies, "20230601", {"5"}).study_instance_uid == "1"
+    assert choose_prior(studies, "20230601", {"5"}, surgery_date="20230111").study_instance_uid == "2"
+    assert choose_prior(studies, "20230601", {"1", "2", "4", "5"}) is None
+    assert choose_prior(studies, "20230101", set()) is None  # same day is not a prior
+
+
+def test_choose_series_wants_a_volume() -> None:
+    series = [SeriesHit("a", "CT", 2), SeriesHit("b", "CT", 140), SeriesHit("c", "SR", 1)]
+    assert choose_series(series, 50).series_instance_uid == "b"
+    assert choose_series([SeriesHit("a", "CT", 2)], 50) is None
