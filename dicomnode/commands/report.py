@@ -1,9 +1,106 @@
-"""Sub-commands: report (placeholder until its issue lands)."""
+"""Sub-commands: ``report cohort --out DIR [--filter KEY=VALUE ...]``, ``report patient PATIENT``.
+
+The cohort report reproduces the seed paper's Tables 1–3 and Figures 6–8 (plus the statistics it could
+not run) from everything the node has measured; the patient report shows one patient's changes.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from dicomnode.commands.common import ConfigOption, settings_from
+
+report_app = typer.Typer(help="Cohort and per-patient change reports.", no_args_is_help=True)
+
+
+@report_app.command("cohort")
+def cohort(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for CSV, Excel, PNG and report.html.")],
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            help="KEY=VALUE[,VALUE] on the change record, e.g. fracture_type=FNF, sex=F, "
+            "fractured_side=left, koval_grade=1 (repeatable).",
+        ),
+    ] = None,
+    followup: Annotated[
+        str, typer.Option(help="Which follow-up pairs with the baseline: last | first.")
+    ] = "last",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 2000,
+    config: ConfigOption = None,
+) -> None:
+    """Write the cohort report (paper's Tables 1–3, Figures 6–8, statistics) to --out."""
+    from dicomnode import pairing
+    from reporting.cohort import build_cohort, parse_filters, table2_numbers, write_report
+
+    if followup not in ("last", "first"):
+        raise typer.BadParameter("last or first", param_hint="--followup")
+    try:
+        parsed = parse_filters(filters)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--filter") from exc
+    settings = settings_from(config)
+    report = build_cohort(pairing.cohort_entries(settings, followup=followup), parsed, n_boot=bootstrap)
+    written = write_report(report, out)
+    typer.echo(
+        f"{len(report.patients)} pair(s): " + ", ".join(f"{g} {n}" for g, n in report.group_sizes.items())
+    )
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    for _, row in report.excluded.iterrows():
+        typer.echo(f"not included: {row['patient_id']}: {row['reason']}")
+    typer.echo(table2_numbers(report))
+    typer.echo(f"report: {written['html']}")
+
+
+@report_app.command("patient")
+def patient(
+    patient_id: Annotated[str, typer.Argument(help="PatientID")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write change-*.json and CSV here.")] = None,
+    issuer: Annotated[str | None, typer.Option(help="IssuerOfPatientID (default: any)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Per-muscle change of one patient (each follow-up vs baseline and previous study)."""
+    import pandas as pd
+
+    from dicomnode import pairing
+
+    settings = settings_from(config)
+    rows = pairing.timeline(settings, patient_id, issuer)
+    changes = [c for r in rows for c in r["changes"]]
+    if not rows:
+        typer.echo(f"no measured studies for patient {patient_id}", err=True)
+        raise typer.Exit(1)
+    if not changes:
+        reasons = sorted({w for r in rows for w in r["reasons"]})
+        typer.echo("no comparison: " + ("; ".join(reasons) or "no reason recorded"))
+        raise typer.Exit(0)
+    for c in changes:
+        typer.echo(
+            f"\n{c['comparison']}: {c['baseline']['study_date']} → {c['followup']['study_date']} "
+            f"({c['days_between']} days); height {c['height_m'] or '–'} m ({c['height_source']}); "
+            f"fracture {c.get('fracture_type') or 'unknown'}, side {c['fractured_side'] or 'unknown'}"
+        )
+        for note in c.get("notes", []):
+            typer.echo(f"  · {note}")
+        df = pd.DataFrame([s for s in c["structures"] if s["side"] == "both"])
+        typer.echo(
+            df[["name", "pre_cm3", "post_cm3", "delta_cm3", "loss_pct", "delta_index_cm3_m2"]].to_string(
+                index=False, float_format=lambda v: f"{v:.1f}"
+            )
+        )
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            stem = f"change-{c['comparison']}-{c['followup']['series_instance_uid']}"
+            (out / f"{stem}.json").write_text(json.dumps(c, indent=2))
+            pd.DataFrame(c["structures"]).to_csv(out / f"{stem}.csv", index=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's sub-commands to the main app."""
+    app.add_typer(report_app, name="report")

@@ -1,0 +1,110 @@
+"""Clinical registry: CSV import, trust order registry > DICOM, height provenance and plausibility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from dicomnode import registry
+from dicomnode.cli import app
+from dicomnode.config import Settings
+
+CSV = """patient_id,height_m,sex,fracture_type,fractured_side,surgery_date,koval_grade
+P1,1.62,F,FNF,left,2023-01-06,2
+P2,171,M,intertrochanteric,R,20230107,1
+P3,2.60,F,ITF,left,20230108,3
+P4,,M,,right,,
+P5,1.55,F,subcapital-ish,left,notadate,9
+"""
+
+
+def _import(settings: Settings, tmp_path: Path, text: str = CSV) -> registry.ImportResult:
+    path = tmp_path / "registry.csv"
+    path.write_text(text)
+    return registry.import_csv(settings, path)
+
+
+def test_import_parses_and_flags(settings: Settings, tmp_path: Path) -> None:
+    result = _import(settings, tmp_path)
+    assert result.imported == 5
+    p1 = registry.get_patient(settings, "P1")
+    assert (p1.height_m, p1.sex, p1.fracture_type, p1.fractured_side, p1.surgery_date, p1.koval_grade) == (
+        1.62,
+        "F",
+        "FNF",
+        "left",
+        "20230106",
+        2,
+    )
+    p2 = registry.get_patient(settings, "P2")
+    assert p2.height_m == 1.71 and p2.fracture_type == "ITF" and p2.fractured_side == "right"
+    p3 = registry.get_patient(settings, "P3")
+    assert p3.height_m == 2.60 and p3.height_flag and "implausible" in p3.height_flag
+    p5 = registry.get_patient(settings, "P5")
+    assert p5.fracture_type is None and p5.surgery_date is None and p5.koval_grade is None
+    text = "\n".join(result.problems)
+    assert "line 4: implausible height 2.60 m" in text
+    assert "unknown fracture type 'subcapital-ish'" in text
+    assert "surgery date not a date" in text and "Koval grade 9 outside" in text
+
+
+def test_trust_order_and_height_provenance(settings: Settings, tmp_path: Path) -> None:
+    _import(settings, tmp_path)
+    # Registry beats DICOM for height and sex.
+    r = registry.resolve(settings, "P1", dicom_sex="M", dicom_size=1.80)
+    assert (r.height_m, r.height_source, r.sex, r.sex_source) == (1.62, "registry", "F", "registry")
+    # Implausible registry height is never used; a plausible PatientSize is, and the flag is stated.
+    r = registry.resolve(settings, "P3", dicom_size=1.58)
+    assert (r.height_m, r.height_source) == (1.58, "PatientSize")
+    assert any("implausible" in n for n in r.notes)
+    r = registry.resolve(settings, "P3")
+    assert r.height_m is None and "implausible" in r.height_source
+    assert any("not computed" in n for n in r.notes)
+    # No registry height, no DICOM height: no index, never a guess.
+    r = registry.resolve(settings, "P4", dicom_sex="M")
+    assert r.height_m is None and r.height_source == "missing"
+    assert any("fracture type unknown" in n for n in r.notes)
+    # Not in the registry: DICOM only; an implausible PatientSize is refused.
+    assert registry.resolve(settings, "NOBODY", dicom_size="1.7").height_source == "PatientSize"
+    r = registry.resolve(settings, "NOBODY", dicom_size=17.0, dicom_sex="F")
+    assert r.height_m is None and r.height_source.startswith("implausible PatientSize")
+    assert (r.sex, r.sex_source) == ("F", "PatientSex")
+    # The pipeline's hook.
+    assert registry.height_for(settings, {"PatientID": "P2", "PatientSize": 1.9}) == (1.71, "registry")
+    assert registry.height_for(settings, {"PatientID": "X", "PatientSize": 0.5})[0] is None
+
+
+def test_issuer_scoping(settings: Settings, tmp_path: Path) -> None:
+    _import(settings, tmp_path, "patient_id,issuer_of_patient_id,height_m\nP1,HOSP_A,1.60\nP1,,1.70\n")
+    assert registry.get_patient(settings, "P1", "HOSP_A").height_m == 1.60
+    assert registry.get_patient(settings, "P1", "HOSP_B").height_m == 1.70  # row without issuer
+    assert registry.get_patient(settings, "P1").height_m == 1.70
+
+
+def test_reimport_replaces(settings: Settings, tmp_path: Path) -> None:
+    _import(settings, tmp_path)
+    _import(settings, tmp_path, "patient_id,height_m,fracture_type\nP1,1.64,ITF\n")
+    p1 = registry.get_patient(settings, "P1")
+    assert p1.height_m == 1.64 and p1.fracture_type == "ITF" and p1.sex is None
+    assert len(registry.all_patients(settings)) == 5
+
+
+def test_cli_import_and_list(settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(settings.storage_dir))
+    path = tmp_path / "registry.csv"
+    path.write_text(CSV)
+    runner = CliRunner()
+    res = runner.invoke(app, ["patients", "import", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "imported 5 patient(s)" in res.output
+    res = runner.invoke(app, ["patients", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["patient_id"]: r for r in json.loads(res.output)}
+    assert rows["P1"]["height_source"] == "registry"
+    assert rows["P3"]["height_m"] is None and "implausible" in rows["P3"]["height_flag"]
+    assert rows["P4"]["fracture_type"] is None
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,height\nx,1.7\n")
+    assert runner.invoke(app, ["patients", "import", str(bad)]).exit_code != 0
