@@ -1,0 +1,103 @@
+"""Coded concepts for the DICOM outputs, all read from one place.
+
+Why: every object (SEG, SR, follow-up SR) must name a structure with the same code, and a code is
+either vouched for by a public source (``code_source`` in ``seg/structures.csv``, see
+``docs/codes.md``) or belongs to our private scheme ``99THIGH``, which each object then declares in
+its CodingSchemeIdentificationSequence. Nothing here is invented from memory.
+"""
+
+from __future__ import annotations
+
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+
+from seg.labels import Structure, by_name
+
+PRIVATE_SCHEME = "99THIGH"
+PRIVATE_SCHEME_NAME = "Thigh muscle volumetry node private codes"
+PRIVATE_SCHEME_VERSION = "1"
+
+# Given by the DICOM standard (pydicom's dictionary is generated from PS3.16).
+ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")  # CID 7150
+LEFT = CodedConcept("7771000", "SCT", "Left")  # CID 244 Laterality
+RIGHT = CodedConcept("24028007", "SCT", "Right")  # CID 244 Laterality
+VOLUME = CodedConcept("118565006", "SCT", "Volume")  # CID 7469 etc.
+YES = CodedConcept("373066001", "SCT", "Yes")
+NO = CodedConcept("373067005", "SCT", "No")
+THIGH = CodedConcept("68367000", "SCT", "Thigh")  # CID 4031
+
+
+def _private(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value, PRIVATE_SCHEME, meaning)
+
+
+# Concepts with no standard code (checked against PS3.16 via pydicom.sr codes): private.
+VOLUME_INDEX = _private("VIDX", "Volume normalized to body height squared")
+VOLUME_BASELINE = _private("VPRE", "Volume at baseline")
+VOLUME_FOLLOWUP = _private("VPOST", "Volume at follow-up")
+VOLUME_CHANGE = _private("VDELTA", "Volume change (follow-up minus baseline)")
+VOLUME_LOSS_PCT = _private("VLOSSPCT", "Volume loss percent of baseline")
+VOLUME_INDEX_CHANGE = _private("VIDXDELTA", "Change of volume normalized to body height squared")
+QA_Z_COVERAGE = _private("QAZCOV", "Craniocaudal coverage of the series")
+QA_Z_COVERAGE_OK = _private("QAZOK", "Craniocaudal coverage sufficient")
+QA_METAL = _private("QAMETAL", "Metal artifact present")
+QA_HEIGHT_STATUS = _private("QAHGT", "Body height status")
+QA_HEIGHT_SOURCE = _private("QAHGTSRC", "Body height source")
+HEIGHT_PRESENT = _private("HGTOK", "Body height available and plausible")
+HEIGHT_MISSING = _private("HGTMISS", "Body height missing")
+HEIGHT_IMPLAUSIBLE = _private("HGTIMPL", "Body height implausible")
+HEIGHT_SOURCE_PATIENT_SIZE = _private("SRCPSIZE", "DICOM Patient Size")
+HEIGHT_SOURCE_REGISTRY = _private("SRCREG", "Clinical registry")
+HEIGHT_SOURCE_OTHER = _private("SRCOTHER", "Other height source")
+HEIGHT_SOURCE_NONE = _private("SRCNONE", "No height source")
+QA_FRACTURED_SIDE = _private("QAFXSIDE", "Fractured side")
+PROCEDURE = _private("THIGHVOL", "CT thigh muscle volumetry")
+FOLLOWUP_TITLE = _private("THIGHCHG", "Thigh muscle volume change report")
+TIME_POINT_BASELINE = _private("TPBASE", "Baseline")
+TIME_POINT_FOLLOWUP = _private("TPFU", "Follow-up")
+
+
+def structure_code(structure: Structure | str) -> CodedConcept:
+    """The Segmented Property Type / finding code of one structure (from structures.csv)."""
+    s = by_name(structure) if isinstance(structure, str) else structure
+    if not (s.scheme and s.value and s.meaning):
+        raise ValueError(f"structures.csv has no code for {s.name!r}")
+    return CodedConcept(s.value, s.scheme, s.meaning)
+
+
+def laterality_code(side: str) -> CodedConcept | None:
+    """Left/Right modifier for a side key of volumes.json (``None`` for both sides together)."""
+    return {"left": LEFT, "right": RIGHT}.get(side)
+
+
+def coding_scheme_identification() -> list[Dataset]:
+    """Items for CodingSchemeIdentificationSequence declaring the private scheme (and SCT/UCUM/DCM)."""
+    items = []
+    for designator, uid, name, org, version in (
+        ("DCM", "1.2.840.10008.2.16.4", "DICOM Controlled Terminology", "NEMA", None),
+        ("SCT", "2.16.840.1.113883.6.96", "SNOMED CT", "IHTSDO", None),
+        ("UCUM", "2.16.840.1.113883.6.8", "Unified Code for Units of Measure", "Regenstrief Institute",
+         "1.4"),
+    ):
+        ds = Dataset()
+        ds.CodingSchemeDesignator = designator
+        ds.CodingSchemeUID = uid
+        ds.CodingSchemeName = name
+        ds.CodingSchemeResponsibleOrganization = org
+        if version:
+            ds.CodingSchemeVersion = version
+        items.append(ds)
+    ds = Dataset()
+    ds.CodingSchemeDesignator = PRIVATE_SCHEME
+    ds.CodingSchemeName = PRIVATE_SCHEME_NAME
+    ds.CodingSchemeVersion = PRIVATE_SCHEME_VERSION
+    ds.CodingSchemeResponsibleOrganization = "dicomnode project (see docs/codes.md)"
+    items.append(ds)
+    return items
+
+
+def declare_schemes(ds: Dataset) -> Dataset:
+    """Set CodingSchemeIdentificationSequence on an output so the private codes are resolvable."""
+    ds.CodingSchemeIdentificationSequence = coding_scheme_identification()
+    return ds
+

@@ -1,0 +1,84 @@
+"""Identity of the outputs: deterministic UIDs and the patient/study attributes they inherit.
+
+Why deterministic: a re-run on the same series with the same model must replace the earlier objects
+in the PACS rather than add duplicates, so every UID is a pure function of (source series UID,
+model name, model version, object kind). Why copied identity: every output lives in the source
+study, so the patient and study attributes must equal the CT's byte for byte (dcentvfy checks).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+# Fixed namespace for this project; changing it would change every output UID.
+_NAMESPACE = uuid.UUID("6f1c2a4e-3b5d-5e8f-9a0b-1c2d3e4f5a6b")
+
+# Patient and General Study module attributes (plus Patient Study size/weight/age) copied verbatim.
+PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID under the 2.25 root from a name-based (uuid5) hash of ``parts``."""
+    name = "\x1f".join(str(p) for p in parts)
+    return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
+
+
+def output_uid(source_series_uid: str, model_info: dict, kind: str) -> str:
+    """UID of one output object (``kind`` e.g. "SEG-BINARY/series"), stable across re-runs."""
+    return derived_uid(source_series_uid, str(model_info.get("name", "")), str(model_info.get("version", "")),
+                       kind)
+
+
+def tracking_uid(patient_id: str, structure: str, side: str) -> str:
+    """Tracking UID of one muscle on one side of one patient, the same in every study."""
+    return derived_uid("tracking", patient_id, structure, side)
+
+
+def read_header(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def source_header(source_files: Iterable[Path]) -> Dataset | None:
+    """The first source instance's header (the reference for patient/study identity)."""
+    for f in source_files:
+        return read_header(Path(f))
+    return None
+
+
+def copy_identity(ds: Dataset, src: Dataset | None, meta: dict | None = None) -> Dataset:
+    """Make ``ds``'s patient/study attributes equal to the source CT's (absent there = absent here)."""
+    for kw in PATIENT_STUDY_KEYWORDS:
+        if src is not None:
+            if kw in src:
+                setattr(ds, kw, src[kw].value)
+            elif kw in ds and kw not in ("StudyInstanceUID",):
+                # Type 2 attributes stay present but empty rather than invented.
+                if kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                          "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+                    setattr(ds, kw, "" if kw not in ("PatientName", "ReferringPhysicianName") else None)
+                else:
+                    del ds[kw]
+        elif meta and kw in meta and meta[kw] not in (None, ""):
+            setattr(ds, kw, meta[kw])
+    return ds
