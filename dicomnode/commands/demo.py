@@ -1,9 +1,522 @@
-"""Sub-commands: demo (filled in by its issue)."""
+"""``dicomnode demo``: the main job end to end on embedded defaults, offline, CPU only.
+
+Why a command and not a script: it is what ``make demo`` runs on a fresh machine, and it exercises the
+same pieces a hospital deploys: ``dicomnode serve`` as its own process (SQLite, local storage, the
+shipped demo model), results sent back over DICOM to a PACS. When Debian's Orthanc is installed it
+plays the PACS with the shipped ``deploy/orthanc`` configuration and routing script (the "scanner"
+stores into Orthanc, Orthanc routes to the node); otherwise a local pynetdicom store SCP receives the
+results and the "scanner" sends straight to the node.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY_ORTHANC = REPO / "deploy" / "orthanc"
+SCANNER_AET = "CTSCANNER"
+NODE_AET = "THIGHNODE"
+PACS_AET = "ORTHANC"
+SEG_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+# Post-operative change built into the follow-up phantom: volume factors on the operated side,
+# roughly the pattern the paper reports (gluteal and anterior muscles lose most).
+FOLLOWUP_ATROPHY = {
+    "gluteus_maximus": 0.85, "gluteus_medius": 0.80, "gluteus_minimus": 0.80, "tensor_fasciae_latae": 0.85,
+    "vastus_lateralis": 0.85, "vastus_intermedius": 0.88, "rectus_femoris": 0.90, "iliopsoas": 0.85,
+    "adductor_magnus": 0.92,
+}
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------------------------
+# The PACS: Orthanc (shipped config + routing script) or a local store SCP
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Received:
+    """One object the PACS holds for a study."""
+
+    study_uid: str
+    sop_class: str
+    sop_uid: str
+    where: str  # a file path or an Orthanc URL
+
+
+class LocalPacs:
+    """A pynetdicom storage SCP that writes what the node sends under ``folder`` (no Orthanc needed)."""
+
+    name = "local store SCP"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.aet = PACS_AET
+        self.dicom_port = free_port()
+        self._objects: list[Received] = []
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def start(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        ae = AE(self.aet)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context("1.2.840.10008.1.1")
+        for uid in SEG_CLASSES:  # Label Map SEG may be newer than pynetdicom's list
+            ae.add_supported_context(uid)
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            folder = self.folder / str(ds.StudyInstanceUID)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            with self._lock:
+                self._objects = [o for o in self._objects if o.sop_uid != str(ds.SOPInstanceUID)]
+                self._objects.append(Received(str(ds.StudyInstanceUID), str(ds.SOPClassUID),
+                                              str(ds.SOPInstanceUID), str(path)))
+            return 0x0000
+
+        self._server = ae.start_server(("127.0.0.1", self.dicom_port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def objects(self, study_uid: str) -> list[Received]:
+        with self._lock:
+            return [o for o in self._objects if o.study_uid == study_uid]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+
+class OrthancPacs:
+    """Debian's Orthanc with the shipped configuration and routing script, on free loopback ports."""
+
+    name = "Orthanc"
+
+    def __init__(self, folder: Path, node_port: int, stable_age: int = 2) -> None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("orthanc_render", DEPLOY_ORTHANC / "render.py")
+        assert spec and spec.loader
+        render = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(render)
+        self.folder = folder
+        self.aet = PACS_AET
+        self.dicom_port, self.http_port = free_port(), free_port()
+        cfg = render.render(aet=self.aet, dicom_port=self.dicom_port, http_port=self.http_port,
+                            storage_dir=folder / "db", node_aet=NODE_AET, node_port=node_port,
+                            stable_age=stable_age, lua_scripts=[DEPLOY_ORTHANC / "route.lua"],
+                            remote_access=False, authentication=False)
+        self.config = render.write(cfg, folder / "orthanc.json")
+        self.log = folder / "orthanc.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("Orthanc") is not None and (DEPLOY_ORTHANC / "render.py").is_file()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([shutil.which("Orthanc") or "Orthanc", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "TCP_NODELAY": "1"})
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise DemoError(f"Orthanc exited ({self.proc.returncode}); see {self.log}")
+            try:
+                self._get("/system")
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, 30, "Orthanc to start")
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def _post(self, path: str, body: bytes) -> Any:
+        req = urllib.request.Request(self.url + path, data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def objects(self, study_uid: str) -> list[Received]:
+        hits = [h for h in self._post("/tools/lookup", study_uid.encode()) if h.get("Type") == "Study"]
+        if not hits:
+            return []
+        out = []
+        for inst in self._get(f"/studies/{hits[0]['ID']}/instances"):
+            iid = inst["ID"]
+            with urllib.request.urlopen(f"{self.url}/instances/{iid}/metadata/SopClassUid", timeout=30) as r:
+                sop_class = r.read().decode()
+            if sop_class.startswith("1.2.840.10008.5.1.4.1.1.2"):  # the CT itself
+                continue
+            out.append(Received(study_uid, sop_class, inst["MainDicomTags"].get("SOPInstanceUID", iid),
+                                f"{self.url}/instances/{iid}/file"))
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+# ------------------------------------------------------------------------------------------------
+# The node, the scanner, the phantoms
+# ------------------------------------------------------------------------------------------------
+def write_node_config(path: Path, *, port: int, storage: Path, pacs_port: int) -> Path:
+    """A node configuration for the demo: embedded defaults, quick series completion and retries."""
+    path.write_text(
+        f'ae_title = "{NODE_AET}"\nhost = "127.0.0.1"\nport = {port}\n'
+        f'storage_dir = "{storage.as_posix()}"\nstable_seconds = 2\nlog_level = "INFO"\n\n'
+        f'[pacs]\nae_title = "{PACS_AET}"\nhost = "127.0.0.1"\nport = {pacs_port}\n\n'
+        "[worker]\ndevice = \"cpu\"\n\n"
+        "[send]\nattempts = 5\ninitial_backoff_seconds = 2\nmax_backoff_seconds = 10\n\n"
+        "[pairing]\nretrieve_priors = false\n"
+    )
+    return path
+
+
+def node_command(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(config)]
+
+
+def echo(host: str, port: int, aet: str) -> bool:
+    from pynetdicom import AE
+
+    ae = AE("DEMO")
+    ae.acse_timeout = ae.network_timeout = 3
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+
+
+def send_series(folder: Path, port: int, called_aet: str) -> int:
+    """C-STORE every file of a folder in one association, as the scanner would (pynetdicom SCU)."""
+    import pydicom
+    from pynetdicom import AE
+
+    files = sorted(folder.glob("*.dcm"))
+    ae = AE(SCANNER_AET)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+    if not assoc.is_established:
+        raise DemoError(f"{called_aet} on port {port} refused the association")
+    try:
+        for f in files:
+            status = assoc.send_c_store(pydicom.dcmread(f))
+            if not status or status.Status != 0:
+                raise DemoError(f"C-STORE of {f.name} failed: {status.Status if status else 'no answer'}")
+    finally:
+        assoc.release()
+    return len(files)
+
+
+@dataclass
+class DemoStudy:
+    label: str
+    folder: Path
+    study_uid: str
+    series_uid: str
+    truth: dict
+    n_files: int
+    expected: dict[str, int] = field(default_factory=dict)
+
+
+def make_patient(out: Path, spacing: tuple[float, float, float], seed: int) -> list[DemoStudy]:
+    """A phantom patient: pre-operative CT and a follow-up with atrophy and a nail on the left."""
+    from seg.phantom import PhantomOptions, make_phantom, write_phantom
+
+    common = dict(seed=seed, spacing_mm=spacing, patient_id="DEMO-0001", patient_name="Demo^Patient",
+                  sex="F", height_m=1.62)
+    variants = [
+        ("pre-op", PhantomOptions(**common, study_date="20240105", study_time="101500")),
+        ("follow-up", PhantomOptions(**common, study_date="20240504", study_time="094500", postop=True,
+                                     implant_side="left", atrophy=FOLLOWUP_ATROPHY, fat_infiltration=0.15,
+                                     series_number=2)),
+    ]
+    studies = []
+    for label, opts in variants:
+        ph = make_phantom(opts)
+        folder = write_phantom(ph, out / label)
+        dicom = Path(folder) / "dicom"
+        truth = json.loads((Path(folder) / "truth" / "volumes.json").read_text())
+        studies.append(DemoStudy(label, dicom, str(ph.meta["StudyInstanceUID"]),
+                                 str(ph.meta["SeriesInstanceUID"]), truth, len(list(dicom.glob("*.dcm")))))
+    return studies
+
+
+def node_jobs(config: Path) -> list[dict]:
+    """The node's job table (``dicomnode jobs --json``); empty when it cannot be read yet."""
+    try:
+        run = subprocess.run(node_command(config, "jobs", "--json"), capture_output=True, text=True,
+                             timeout=60)
+        data = json.loads(run.stdout) if run.returncode == 0 and run.stdout.strip() else []
+    except (subprocess.TimeoutExpired, json.JSONDecodeError):
+        return []
+    if isinstance(data, dict):
+        data = data.get("jobs", [])
+    return [j for j in data if isinstance(j, dict)]
+
+
+def _job_problem(jobs: list[dict], series_uid: str) -> str | None:
+    for job in jobs:
+        if series_uid not in json.dumps(job):
+            continue
+        if job.get("state") in ("rejected", "failed"):
+            return f"job {job.get('job_id', job.get('id', '?'))} {job['state']}: {job.get('reason', '')}"
+    return None
+
+
+def results_ready(objects: list[Received], followup: bool, summary: bool = True) -> bool:
+    kinds: dict[str, int] = defaultdict(int)
+    for o in objects:
+        if o.sop_class in SEG_CLASSES:
+            kinds["seg"] += 1
+        elif o.sop_class.startswith(SR_PREFIX):
+            kinds["sr"] += 1
+        elif o.sop_class.startswith(SC_PREFIX):
+            kinds["sc"] += 1
+    return kinds["seg"] >= 1 and kinds["sr"] >= (2 if followup else 1) and (kinds["sc"] >= 1 or not summary)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+def _by_name(record: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in record.get("structures", [])}
+
+
+def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) -> None:
+    from rich.table import Table
+
+    from seg.labels import ANALYSED_MUSCLES
+
+    pre_dir, post_dir = storage / "results" / pre.series_uid, storage / "results" / post.series_uid
+    pre_vol = json.loads((pre_dir / "volumes.json").read_text())
+    post_vol = json.loads((post_dir / "volumes.json").read_text())
+    names = list(ANALYSED_MUSCLES)
+    table = Table(title="Per-muscle volumes, cm³ (measured by the node; truth = phantom)", show_lines=False)
+    for col in ("muscle", "pre L", "pre R", "pre truth", "post L", "post R", "post truth", "err %"):
+        table.add_column(col, justify="left" if col == "muscle" else "right")
+    mp, mq, tp, tq = _by_name(pre_vol), _by_name(post_vol), _by_name(pre.truth), _by_name(post.truth)
+    for name in names:
+        a, b = mp.get(name, {}), mq.get(name, {})
+        ta, tb = tp.get(name, {}), tq.get(name, {})
+        errs = [abs(m["volume_cm3"] - t["volume_cm3"]) / t["volume_cm3"] * 100
+                for m, t in ((a, ta), (b, tb)) if m and t and t.get("volume_cm3")]
+        cells = (a.get("left_cm3"), a.get("right_cm3"), ta.get("volume_cm3"),
+                 b.get("left_cm3"), b.get("right_cm3"), tb.get("volume_cm3"), max(errs) if errs else None)
+        table.add_row(name, *(f"{x:.1f}" if isinstance(x, int | float) else "-" for x in cells))
+    console.print(table)
+
+    changes = sorted(post_dir.glob("change-*.json"))
+    if changes:
+        change = json.loads(changes[0].read_text())
+        ct = Table(title=f"Change after surgery ({change.get('days_between', '?')} days; fractured side: "
+                         f"{change.get('fractured_side') or 'unknown'})")
+        for col in ("muscle", "side", "pre cm³", "post cm³", "Δ cm³", "loss %", "Δ index cm³/m²"):
+            ct.add_column(col, justify="left" if col in ("muscle", "side") else "right")
+        for s in change.get("structures", []):
+            if s.get("name") not in names:
+                continue
+            di = s.get("delta_index_cm3_m2")
+            ct.add_row(s["name"], str(s.get("side", "")), f"{s['pre_cm3']:.1f}", f"{s['post_cm3']:.1f}",
+                       f"{s['delta_cm3']:+.1f}", f"{s['loss_pct']:.1f}", "-" if di is None else f"{di:+.2f}")
+        console.print(ct)
+    else:
+        console.print("[yellow]no change record was produced (pairing did not pair the two studies)[/]")
+
+
+def _describe(objects: list[Received]) -> list[str]:
+    def kind(o: Received) -> str:
+        if o.sop_class in SEG_CLASSES:
+            return "SEG"
+        if o.sop_class.startswith(SR_PREFIX):
+            return "SR"
+        if o.sop_class.startswith(SC_PREFIX):
+            return "summary"
+        return o.sop_class
+
+    return [f"{kind(o):8s} {o.where}" for o in sorted(objects, key=kind)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+def run_demo(out: Path, pacs_kind: str, spacing: tuple[float, float, float], seed: int, timeout: float,
+             console: Any) -> int:
+    started = time.monotonic()
+
+    def step(msg: str) -> None:
+        console.print(f"[dim]{time.monotonic() - started:6.1f} s[/]  {msg}")
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    storage = out / "node"
+    node_port = free_port()
+    use_orthanc = pacs_kind == "orthanc" or (pacs_kind == "auto" and OrthancPacs.available())
+    if pacs_kind == "orthanc" and not OrthancPacs.available():
+        raise DemoError("--pacs orthanc: Orthanc is not installed (apt-get install orthanc)")
+    pacs: LocalPacs | OrthancPacs
+    if use_orthanc:
+        (out / "orthanc").mkdir()
+        pacs = OrthancPacs(out / "orthanc", node_port)
+    else:
+        pacs = LocalPacs(out / "pacs")
+    config = write_node_config(out / "node.toml", port=node_port, storage=storage, pacs_port=pacs.dicom_port)
+    node: subprocess.Popen[bytes] | None = None
+    try:
+        step(f"generating the phantom patient (spacing {spacing[0]:g}×{spacing[1]:g}×{spacing[2]:g} mm)")
+        pre, post = make_patient(out / "phantoms", spacing, seed)
+        step(f"pre-op {pre.n_files} slices, follow-up {post.n_files} slices → {out / 'phantoms'}")
+
+        step(f"starting the PACS: {pacs.name}")
+        pacs.start()
+        step(f"starting the node: {' '.join(node_command(config, 'serve')[2:])} (log: {out / 'node.log'})")
+        with (out / "node.log").open("ab") as log:
+            node = subprocess.Popen(node_command(config, "serve"), stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "TCP_NODELAY": "1"}, start_new_session=True)
+
+        def node_up() -> bool:
+            if node is not None and node.poll() is not None:
+                raise DemoError(f"the node exited ({node.returncode}); see {out / 'node.log'}")
+            return echo("127.0.0.1", node_port, NODE_AET)
+
+        wait_for(node_up, 120, "the node to answer C-ECHO")
+        step(f"node {NODE_AET} is up on port {node_port}")
+
+        target_port, target_aet = ((pacs.dicom_port, pacs.aet) if use_orthanc else (node_port, NODE_AET))
+        route = "Orthanc (it routes stable thigh CT to the node)" if use_orthanc else "the node"
+        for study, followup in ((pre, False), (post, True)):
+            t0 = time.monotonic()
+            n = send_series(study.folder, target_port, target_aet)
+            step(f"{study.label}: {n} instances sent to {route}; waiting for the results")
+            last_jobs = 0.0
+
+            def ready(study: DemoStudy = study, followup: bool = followup) -> bool:
+                nonlocal last_jobs
+                if node is not None and node.poll() is not None:
+                    raise DemoError(f"the node exited ({node.returncode}); see {out / 'node.log'}")
+                if time.monotonic() - last_jobs > 10:
+                    last_jobs = time.monotonic()
+                    problem = _job_problem(node_jobs(config), study.series_uid)
+                    if problem:
+                        raise DemoError(f"{study.label}: {problem}")
+                return results_ready(pacs.objects(study.study_uid), followup)
+
+            wait_for(ready, timeout, f"the {study.label} results in the PACS", interval=1.0)
+            step(f"{study.label}: SEG, SR and summary{' and follow-up SR' if followup else ''} are in the "
+                 f"PACS ({time.monotonic() - t0:.0f} s)")
+
+        console.rule("Results")
+        print_results(console, pre, post, storage)
+        console.rule("Where the outputs are")
+        for study in (pre, post):
+            console.print(f"[bold]{study.label}[/] study {study.study_uid}")
+            for line in _describe(pacs.objects(study.study_uid)):
+                console.print(f"  {line}")
+            console.print(f"  node copy: {storage / 'results' / study.series_uid}")
+        if use_orthanc:
+            console.print(f"Orthanc kept running until now at {pacs.url} (stopped at exit); data in {out}")
+        console.print(f"job table: {' '.join(node_command(config, 'jobs')[2:])}")
+        step("demo finished")
+        return 0
+    finally:
+        if node is not None and node.poll() is None:
+            node.terminate()
+            try:
+                node.wait(30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        pacs.stop()
+
+
+def _spacing(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) <= 0:
+        raise typer.BadParameter("give one or three positive numbers, e.g. 3,3,5")
+    return parts[0], parts[1], parts[2]
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's sub-commands to the main app."""
+
+    @app.command("demo")
+    def demo(
+        out: Annotated[Path, typer.Option(help="Work folder (replaced): phantoms, node storage, PACS copy.")]
+        = Path("demo-output"),
+        pacs: Annotated[str, typer.Option(help="auto (Orthanc when installed) | orthanc | local")] = "auto",
+        spacing: Annotated[str, typer.Option(help="Phantom voxel size col,row,slice in mm (coarse = fast).")]
+        = "3,3,5",
+        seed: Annotated[int, typer.Option(help="Phantom patient seed.")] = 7,
+        timeout: Annotated[float, typer.Option(help="Seconds to wait for each study's results.")] = 900.0,
+    ) -> None:
+        """Run the main job: node + PACS, a phantom patient pre-op and follow-up, volumes and change."""
+        from rich.console import Console
+
+        console = Console()
+        if pacs not in ("auto", "orthanc", "local"):
+            raise typer.BadParameter("auto | orthanc | local", param_hint="--pacs")
+        console.rule(f"dicomnode demo — {dt.datetime.now():%Y-%m-%d %H:%M}")
+        try:
+            code = run_demo(out.resolve(), pacs, _spacing(spacing), seed, timeout, console)
+        except DemoError as exc:
+            console.print(f"[red]demo failed:[/] {exc}")
+            raise typer.Exit(1) from exc
+        raise typer.Exit(code)
