@@ -1,0 +1,192 @@
+"""Per-structure volumes from a label map: cm³, left/right, height-normalised index, and QA figures.
+
+Volumes are voxel counts × the real voxel volume (|det| of the affine), so any spacing, slice
+order and patient position give the same cm³. Left and right are split by the patient's
+mid-sagittal plane, estimated as the midpoint between the two femora (patient's left = +x LPS).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from seg import labels as L
+from seg.volume import Volume
+
+log = logging.getLogger(__name__)
+
+MUSCLE_HU = (-29.0, 150.0)
+METAL_HU = 2500.0
+FEMUR = L.LABEL_OF["femur"]
+
+
+def _world_x_slice(affine: np.ndarray, shape: tuple[int, int], k: int) -> np.ndarray:
+    i = np.arange(shape[0], dtype=np.float64)[:, None]
+    j = np.arange(shape[1], dtype=np.float64)[None, :]
+    return affine[0, 0] * i + affine[0, 1] * j + (affine[0, 2] * k + affine[0, 3])
+
+
+def _world(affine: np.ndarray, idx: tuple[np.ndarray, ...]) -> np.ndarray:
+    ijk = np.stack([np.asarray(v, np.float64) for v in idx], axis=1)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def midline_x(labels: Volume, ct: Volume | None = None) -> tuple[float, str]:
+    """x (LPS mm) of the mid-sagittal plane and how it was found.
+
+    Midpoint between the two femora (1-D two-means on femur x) when both are present; else the
+    centroid of all labelled voxels; else the body's centroid from the CT; else x = 0.
+    """
+    arr = labels.array
+    idx = np.nonzero(arr == FEMUR)
+    if idx[0].size > 50:
+        x = _world(labels.affine, idx)[:, 0]
+        c1, c2 = float(x.min()), float(x.max())
+        for _ in range(30):
+            mid = (c1 + c2) / 2
+            lo, hi = x[x <= mid], x[x > mid]
+            if lo.size == 0 or hi.size == 0:
+                break
+            n1, n2 = float(lo.mean()), float(hi.mean())
+            if abs(n1 - c1) < 1e-6 and abs(n2 - c2) < 1e-6:
+                break
+            c1, c2 = n1, n2
+        if c2 - c1 > 60.0:
+            return (c1 + c2) / 2, "femora"
+    idx = np.nonzero(arr)
+    if idx[0].size:
+        step = max(1, idx[0].size // 200000)
+        x = _world(labels.affine, tuple(v[::step] for v in idx))[:, 0]
+        return float(x.mean()), "labels"
+    if ct is not None:
+        idx = np.nonzero(ct.array > -500)
+        if idx[0].size:
+            step = max(1, idx[0].size // 200000)
+            return float(_world(ct.affine, tuple(v[::step] for v in idx))[:, 0].mean()), "body"
+    return 0.0, "origin"
+
+
+def body_mask(ct: Volume) -> np.ndarray:
+    """The patient: the largest connected component above -500 HU (drops couch and clothing)."""
+    from scipy import ndimage
+
+    m = ct.array > -500
+    lab, n = ndimage.label(m)
+    if n == 0:
+        return m
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    return lab == int(np.argmax(counts))
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-2)
+
+
+def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | None = None,
+                    height_source: str | None = None, model: dict | None = None) -> dict:
+    """The volumes.json record for a label map (optionally with its CT for QA figures).
+
+    Height: the given ``height_m`` (with ``height_source``), else PatientSize from the series
+    metadata; without either, ``index_cm3_m2`` stays null (height is never guessed).
+    """
+    if ct is not None and not _same_grid(labels, ct):
+        raise ValueError(f"label map grid {labels.shape} does not match the CT grid {ct.shape}")
+    arr = labels.array
+    if arr.min() < 0 or arr.max() >= L.NUM_CLASSES:
+        raise ValueError(f"label values must be within 0..{L.NUM_CLASSES - 1}")
+    meta = dict(labels.meta)
+    if ct is not None:
+        meta.update(ct.meta)
+    if height_m is None and meta.get("PatientSize"):
+        h = float(meta["PatientSize"])
+        if 0.5 < h < 2.5:
+            height_m, height_source = h, "PatientSize"
+    if height_m is not None and not 0.5 < float(height_m) < 2.5:
+        raise ValueError(f"height {height_m} m is not plausible")
+    vox = labels.voxel_volume_cm3
+    mid, how = midline_x(labels, ct)
+
+    lab = np.ascontiguousarray(arr).astype(np.intp, copy=False)
+    n = L.NUM_CLASSES
+    total = np.zeros(n, np.int64)
+    left = np.zeros(n, np.int64)
+    for k in range(lab.shape[2]):
+        sl = lab[:, :, k]
+        x = _world_x_slice(labels.affine, sl.shape, k)
+        counts = np.bincount(sl.ravel() * 2 + (x > mid).ravel(), minlength=2 * n).reshape(n, 2)
+        total += counts.sum(axis=1)
+        left += counts[:, 1]
+
+    h2 = float(height_m) ** 2 if height_m is not None else None
+    structures = []
+    for s in L.structures()[1:]:
+        v = float(total[s.label]) * vox
+        lv = float(left[s.label]) * vox
+        structures.append({
+            "label": s.label, "name": s.name, "group": s.group,
+            "voxels": int(total[s.label]),
+            "volume_cm3": round(v, 4),
+            "left_cm3": round(lv, 4),
+            "right_cm3": round(v - lv, 4),
+            "index_cm3_m2": round(v / h2, 4) if h2 else None,
+        })
+
+    nk = labels.shape[2]
+    qa: dict = {
+        "z_coverage_mm": round(nk * float(np.linalg.norm(labels.affine[:3, 2])), 3),
+        "hu_muscle_cm3": None,
+        "metal": None,
+        "segmented_muscle_cm3": round(sum(
+            st["volume_cm3"] for st in structures if L.structures()[st["label"]].is_muscle), 4),
+        "midline_x_mm": round(mid, 3),
+        "midline_method": how,
+    }
+    if ct is not None:
+        hu = ct.array
+        body = body_mask(ct)
+        musc = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1])
+        qa["hu_muscle_cm3"] = round(float(np.count_nonzero(musc)) * ct.voxel_volume_cm3, 4)
+        if qa["hu_muscle_cm3"]:
+            qa["segmented_vs_hu_muscle"] = round(qa["segmented_muscle_cm3"] / qa["hu_muscle_cm3"], 4)
+        midx = np.nonzero(hu > METAL_HU)
+        qa["metal"] = bool(midx[0].size > 0)
+        qa["metal_voxels"] = int(midx[0].size)
+        if midx[0].size:
+            w = _world(ct.affine, midx)
+            nl = int(np.count_nonzero(w[:, 0] > mid))
+            side = "left" if nl == w.shape[0] else "right" if nl == 0 else "both"
+            qa["metal_where"] = {
+                "side": side, "left_voxels": nl, "right_voxels": int(w.shape[0] - nl),
+                "z_range_mm": [round(float(w[:, 2].min()), 2), round(float(w[:, 2].max()), 2)],
+                "centroid_mm": [round(float(c), 2) for c in w.mean(axis=0)],
+            }
+    return {
+        "series_instance_uid": meta.get("SeriesInstanceUID"),
+        "model": dict(model) if model else {"name": "none", "version": "", "demo": False},
+        "height_m": round(float(height_m), 4) if height_m is not None else None,
+        "height_source": height_source if height_m is not None else None,
+        "structures": structures,
+        "qa": qa,
+    }
+
+
+CSV_COLUMNS = ("label", "name", "group", "voxels", "volume_cm3", "left_cm3", "right_cm3", "index_cm3_m2")
+
+
+def write_volumes(record: dict, out_dir: Path | str) -> tuple[Path, Path]:
+    """Write ``volumes.json`` and ``volumes.csv`` (one row per structure) into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jp, cp = out / "volumes.json", out / "volumes.csv"
+    jp.write_text(json.dumps(record, indent=1))
+    with cp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for s in record["structures"]:
+            w.writerow({k: ("" if s.get(k) is None else s.get(k)) for k in CSV_COLUMNS})
+    return jp, cp

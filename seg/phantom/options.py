@@ -1,0 +1,92 @@
+"""What a phantom is asked to be (options) and what it comes back as (Phantom).
+
+Kept apart from the anatomy and the renderer so the CLI, the tests and other packages can build
+options without importing the heavy rendering code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from seg.volume import Volume
+
+PHANTOM_VERSION = "1.0"
+
+
+@dataclass
+class PhantomOptions:
+    """Everything that decides a phantom; the same options always give the same voxels and UIDs."""
+
+    seed: int = 0
+    spacing_mm: tuple[float, float, float] = (1.5, 1.5, 3.0)  # (column, row, slice)
+    # In-plane field of view (x width, y height) in mm; None = fit the body (+ couch) automatically.
+    fov_mm: tuple[float, float] | None = None
+    # Scan range in mm along z relative to the femoral head centre (after height scaling);
+    # None = L4/iliac crest down to below the knee. Small ranges make fast test phantoms.
+    z_range_mm: tuple[float, float] | None = None
+    position: str = "HFS"  # "HFS" | "FFS"
+    slice_order: str = "ascending"  # "ascending": instance 1 at the lowest z (feet); "descending": head first
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str = "20240101"  # YYYYMMDD
+    study_time: str = "120000"
+    sex: str | None = None  # "F" | "M" | None = random by seed
+    height_m: float | None = None  # None = random by seed and sex
+    postop: bool = False
+    atrophy: dict[str, float] = field(default_factory=dict)  # structure name -> volume factor (0.8 = -20 %)
+    fat_infiltration: float = 0.0  # 0..1 fraction of fat mixed into muscle HU (operated side if implant)
+    implant_side: str | None = None  # "left" | "right" | None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    write_height: bool = True  # write PatientSize (height) into the DICOM header
+    noise: bool = True  # add CT noise (tests of pure geometry may switch it off)
+    series_number: int = 1
+    accession_number: str | None = None
+
+    def __post_init__(self) -> None:
+        self.spacing_mm = tuple(float(v) for v in self.spacing_mm)  # type: ignore[assignment]
+        if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
+            raise ValueError("spacing_mm must be three positive numbers (column, row, slice)")
+        if self.position not in ("HFS", "FFS"):
+            raise ValueError("position must be HFS or FFS")
+        if self.slice_order not in ("ascending", "descending"):
+            raise ValueError("slice_order must be ascending or descending")
+        if self.sex not in (None, "F", "M"):
+            raise ValueError("sex must be F, M or None")
+        if self.implant_side not in (None, "left", "right"):
+            raise ValueError("implant_side must be left, right or None")
+        if not 0.0 <= self.fat_infiltration <= 1.0:
+            raise ValueError("fat_infiltration must be within 0..1")
+        for name, f in self.atrophy.items():
+            if not 0.0 <= float(f) <= 1.5:
+                raise ValueError(f"atrophy factor for {name} must be within 0..1.5")
+        if self.fov_mm is not None:
+            self.fov_mm = tuple(float(v) for v in self.fov_mm)  # type: ignore[assignment]
+        if self.z_range_mm is not None:
+            lo, hi = (float(v) for v in self.z_range_mm)
+            if hi <= lo:
+                raise ValueError("z_range_mm must be (low, high) with high > low")
+            self.z_range_mm = (lo, hi)
+
+    def key(self) -> str:
+        """A stable digest of every option; the seed for derived UIDs."""
+        d = asdict(self)
+        d.pop("study_uid")
+        d.pop("series_uid")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Phantom:
+    """A rendered phantom: CT (int16 HU) and labels (uint8) on the same grid, plus its patient."""
+
+    ct: Volume
+    labels: Volume
+    height_m: float
+    sex: str
+    meta: dict
+    options: PhantomOptions
+    # Per structure label: (left voxels, right voxels) as built, for checking the measured split.
+    side_voxels: dict[int, tuple[int, int]] = field(default_factory=dict)

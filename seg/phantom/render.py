@@ -1,0 +1,547 @@
+"""Rasterise the analytic anatomy on a CT grid: label map (ground truth) and HU image.
+
+One patient is drawn from the seed (sex, height, build, per-muscle shape, elastic deformation,
+HU offsets); options that do not change the patient (spacing, position, post-op changes) never
+touch that random stream, so a post-op phantom is the same person as its pre-op one.
+Rendering happens in a canonical frame (i → +x, j → +y, k → +z); feet-first series are the same
+voxels flipped, so every position and slice order measures the same truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from seg import labels as L
+from seg.phantom import anatomy as A
+from seg.phantom.options import Phantom, PhantomOptions
+from seg.phantom.uids import derived_uid
+from seg.volume import Volume
+
+log = logging.getLogger(__name__)
+
+FEMUR = L.LABEL_OF["femur"]
+SIDES = (1, -1)  # +1 = patient's left (+x in LPS), -1 = right
+
+
+@dataclass
+class Patient:
+    """The random draw behind one seed: who the phantom is."""
+
+    sex: str
+    height_m: float
+    age: int
+    s_z: float
+    s_xy: float
+    bulk: float
+    pelvis_w: float
+    fat_mm: float
+    weight_kg: float
+    muscle_hu: float
+    fat_hu: float
+    cortex_hu: float
+    noise_hu: float
+    plane_mm: float
+    grow_mm: float
+    skin_mm: float
+    waves: np.ndarray  # (2, n, 6): per axis (m, y) n waves: amp, kx, ky, kz, phase, unused
+    rng_state: dict
+
+
+@dataclass
+class Item:
+    """A jittered, scaled structure ready to rasterise on one side (or the midline)."""
+
+    name: str
+    label: int
+    kind: str
+    kf: np.ndarray
+    side: int  # +1 left, -1 right, 0 midline
+    index: int = -1  # muscle competition index
+    cortex_mm: float = 0.0
+    marrow_hu: float = 0.0
+
+
+def draw_patient(opts: PhantomOptions) -> tuple[Patient, np.random.Generator]:
+    """Draw the patient; always the same number of draws so options never shift the stream."""
+    rng = np.random.default_rng([opts.seed, 20241124])
+    sex = "F" if rng.random() < 0.5 else "M"
+    h_f, h_m = rng.uniform(1.50, 1.70), rng.uniform(1.62, 1.85)
+    if opts.sex is not None:
+        sex = opts.sex
+    height = round(h_f if sex == "F" else h_m, 2)
+    if opts.height_m is not None:
+        height = float(opts.height_m)
+    s_z = height / 1.70
+    frame = rng.uniform(0.95, 1.05)
+    bulk = rng.uniform(0.98, 1.12) if sex == "M" else rng.uniform(0.86, 1.0)
+    pelvis_w = (1.05 if sex == "F" else 1.0) * rng.uniform(0.97, 1.03)
+    fat = rng.uniform(12, 28) if sex == "F" else rng.uniform(6, 18)
+    age = int(rng.integers(62, 91))
+    bmi = 18.5 + 0.45 * fat + 3.0 * (bulk - 0.9)
+    waves = np.zeros((2, 3, 6))
+    for ax in range(2):
+        for w in range(3):
+            lam = rng.uniform(90, 220)
+            d = rng.normal(size=3)
+            d /= np.linalg.norm(d)
+            waves[ax, w, :5] = (rng.uniform(1.5, 3.5), *(2 * np.pi / lam * d), rng.uniform(0, 2 * np.pi))
+    p = Patient(
+        sex=sex, height_m=height, age=age, s_z=s_z, s_xy=s_z * frame, bulk=bulk, pelvis_w=pelvis_w,
+        fat_mm=fat, weight_kg=round(bmi * height**2, 1), muscle_hu=rng.uniform(42, 55),
+        fat_hu=rng.uniform(-112, -92), cortex_hu=rng.uniform(1150, 1600), noise_hu=rng.uniform(9, 16),
+        plane_mm=rng.uniform(1.0, 1.8), grow_mm=rng.uniform(5.0, 9.0),
+        skin_mm=rng.uniform(1.5, 2.5), waves=waves, rng_state={},
+    )
+    return p, rng
+
+
+def _jitter(kf: np.ndarray, rng: np.random.Generator, amount: float = 1.0) -> np.ndarray:
+    """Per-structure shape variation: shifted ends, offset centre, scaled radii, tilt."""
+    k = kf.copy()
+    z0, z1 = k[0, 0], k[-1, 0]
+    dz_top, dz_bot = rng.normal(0, 5, 2) * amount
+    span = z0 - z1
+    k[:, 0] = z1 + dz_bot + (k[:, 0] - z1) * (span + dz_top - dz_bot) / span
+    k[:, 1] += rng.normal(0, 2.5) * amount
+    k[:, 2] += rng.normal(0, 2.5) * amount
+    k[:, 3] *= 1 + rng.normal(0, 0.08) * amount
+    k[:, 4] *= 1 + rng.normal(0, 0.08) * amount
+    k[:, 5] += rng.normal(0, 4) * amount
+    return k
+
+
+def _scale(kf: np.ndarray, p: Patient, soft: bool) -> np.ndarray:
+    """Patient size: z by height, in-plane by frame; soft tissue also by muscle bulk about the femur."""
+    k = kf.copy()
+    if soft:
+        ref = np.array([A.interp_axis(z) for z in k[:, 0]])
+        k[:, 1] = ref[:, 0] + (k[:, 1] - ref[:, 0]) * p.bulk
+        k[:, 2] = ref[:, 1] + (k[:, 2] - ref[:, 1]) * p.bulk
+        k[:, 3:5] *= p.bulk
+    k[:, 0] *= p.s_z
+    k[:, 1:5] *= p.s_xy
+    return k
+
+
+def build_items(p: Patient, rng: np.random.Generator) -> dict[str, list[Item]]:
+    """All structures for this patient, jittered (same draws every time) and scaled."""
+    out: dict[str, list[Item]] = {"muscle": [], "bone": [], "vessel": []}
+    idx = 0
+    for table, labelled in ((A.MUSCLES, True), (A.DISTRACTOR_MUSCLES, False)):
+        for name, rows in table.items():
+            base = _jitter(A._kf(rows), rng)
+            for side in SIDES:
+                k = base.copy()
+                k[:, 3:5] *= 1 + rng.normal(0, 0.03)  # left/right asymmetry
+                out["muscle"].append(Item(name, L.LABEL_OF[name] if labelled else 0, A.MUSCLE,
+                                          _scale(k, p, True), side, idx))
+                idx += 1
+    for name, lab, rows, cortex, marrow in A.BONES:
+        base = _jitter(A._kf(rows), rng, 0.3)  # bones: small variation, identical on both sides
+        for side in SIDES:
+            out["bone"].append(Item(name, L.LABEL_OF[lab] if lab else 0, A.BONE, _scale(base, p, False), side,
+                                    cortex_mm=cortex, marrow_hu=marrow))
+    for name, rows, cortex, marrow in A.MIDLINE_BONES:
+        out["bone"].append(Item(name, 0, A.BONE, _scale(_jitter(A._kf(rows), rng, 0.3), p, False), 0,
+                                cortex_mm=cortex, marrow_hu=marrow))
+    for name, rows in A.VESSELS.items():
+        base = _jitter(A._kf(rows), rng, 0.5)
+        for side in SIDES:
+            k = _scale(base, p, True)
+            k[:, 3:5] = base[:, 3:5] * p.s_xy
+            out["vessel"].append(Item(name, 0, A.VESSEL, k, side))
+    pel = _scale(A._kf(A.PELVIS_COMPARTMENT), p, True)
+    pel[:, 3] *= p.pelvis_w
+    out["pelvis"] = [Item("pelvis", 0, "envelope", pel, 0)]
+    out["legs"] = [Item("leg", 0, "envelope", _scale(A._kf(A.LEG_COMPARTMENT), p, True), s) for s in SIDES]
+    out["viscera"] = [Item("viscera", 0, "envelope", _scale(A._kf(A.VISCERA), p, False), 0)]
+    out["bladder"] = [Item("bladder", 0, "envelope", _scale(A._kf(A.BLADDER), p, False), 0)]
+    out["rectum"] = [Item("rectum", 0, "envelope", _scale(A._kf(A.RECTUM), p, False), 0)]
+    return out
+
+
+class Grid:
+    """Canonical voxel centres (mm, LPS): x[i], y[j], z[k], all increasing."""
+
+    def __init__(self, opts: PhantomOptions, p: Patient, items: dict[str, list[Item]]):
+        dx, dy, dz = opts.spacing_mm
+        if opts.z_range_mm is not None:
+            z_lo, z_hi = opts.z_range_mm
+        else:
+            z_lo, z_hi = A.Z_BOTTOM * p.s_z, A.Z_TOP * p.s_z
+        nz = int(math.floor((z_hi - z_lo) / dz + 1e-6)) + 1
+        self.z = z_lo + dz * np.arange(nz)
+        # Field of view: the body envelope's extent over the scanned z range, plus a margin.
+        zz = np.linspace(z_lo, z_hi, 60) / p.s_z
+        half_w, front = 0.0, 0.0
+        for it in items["pelvis"] + items["legs"]:
+            for z in zz * p.s_z:
+                q = A.interp_kf(it.kf, z)
+                if q is None:
+                    continue
+                fat = p.fat_mm * float(np.interp(z, A.FAT_PROFILE[::-1, 0], A.FAT_PROFILE[::-1, 1]))
+                half_w = max(half_w, q[0] + max(q[2], q[3]) + fat + 6)
+                front = min(front, q[1] - max(q[2], q[3]) - fat - 6)
+        half_w += 12
+        front -= 12
+        self.y_table = 100 * p.s_xy * p.bulk + 0.8 * p.fat_mm
+        back = self.y_table + 32
+        if opts.fov_mm is not None:
+            fx, fy = opts.fov_mm
+            half_w = fx / 2
+            mid = (front + back) / 2
+            front, back = mid - fy / 2, mid + fy / 2
+        nx = int(math.ceil(2 * half_w / dx))
+        ny = int(math.ceil((back - front) / dy))
+        self.x = (np.arange(nx) - (nx - 1) / 2) * dx
+        self.y = front + dy * np.arange(ny)
+        self.spacing = (dx, dy, dz)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self.x), len(self.y), len(self.z)
+
+
+def _crop(grid: Grid, side: int, p5: np.ndarray, margin: float) -> tuple[slice, slice] | None:
+    m, y, a, b, _ = p5
+    r = max(a, b) + margin
+    if side == 0:
+        lo, hi = -(abs(m) + r), abs(m) + r
+    elif side > 0:
+        lo, hi = max(m - r, 0.0), m + r
+    else:
+        lo, hi = -(m + r), min(-(m - r), -1e-9)
+    i0, i1 = np.searchsorted(grid.x, lo, "left"), np.searchsorted(grid.x, hi, "right")
+    j0, j1 = np.searchsorted(grid.y, y - r, "left"), np.searchsorted(grid.y, y + r, "right")
+    if i1 <= i0 or j1 <= j0:
+        return None
+    return slice(i0, i1), slice(j0, j1)
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _field3(z: float, mm: np.ndarray, yy: np.ndarray, waves: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(mm)
+    for amp, kx, ky, kz, ph, _ in waves:
+        out += amp * np.sin(kx * mm + ky * yy + kz * z + ph)
+    return out
+
+
+def make_phantom(opts: PhantomOptions) -> Phantom:
+    """Render one phantom (CT in HU + labels) from its options; deterministic."""
+    _check_options(opts)
+    p, rng = draw_patient(opts)
+    items = build_items(p, rng)
+    muscle_hu_off = rng.normal(0, 3.0, size=len(items["muscle"]))
+    tex_waves = np.zeros((4, 6))
+    for w in range(4):
+        lam = rng.uniform(25, 60)
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        tex_waves[w, :5] = (1.0, *(2 * np.pi / lam * d), rng.uniform(0, 2 * np.pi))
+    streak_angles = rng.uniform(0, np.pi, 7)
+    streak_amp = rng.uniform(150, 600, 7) * np.where(rng.random(7) < 0.5, -1, 1)
+    noise_seed = int(rng.integers(2**31))
+
+    grid = Grid(opts, p, items)
+    nx, ny, nz = grid.shape
+    log.debug("phantom grid %s spacing %s", grid.shape, grid.spacing)
+    labels = np.zeros((nx, ny, nz), np.uint8)
+    hu = np.full((nx, ny, nz), -1000.0, np.float32)
+    xx, yy = np.meshgrid(grid.x, grid.y, indexing="ij")
+    mm = np.abs(xx)
+    left = xx >= 0
+    taper = _smoothstep((mm - 5.0) / 35.0)
+    muscles = items["muscle"]
+    m_label = np.array([it.label for it in muscles], np.uint8)
+    m_hu = (p.muscle_hu + muscle_hu_off).astype(np.float32)
+    atrophy = _atrophy_table(opts)
+    affected = _affected_side(opts)
+    implant = _implant_items(p) if (opts.postop and opts.implant_side) else []
+    margin = 12.0
+
+    for k, z in enumerate(grid.z):
+        md = mm + taper * _field3(z, mm, yy, p.waves[0])
+        yd = yy + taper * _field3(z, mm, yy, p.waves[1])
+
+        def sd_of(it: Item, z: float = z, md: np.ndarray = md, yd: np.ndarray = yd, extra: float = 0.0):
+            p5 = A.interp_kf(it.kf, z)
+            if p5 is None:
+                return None
+            c = _crop(grid, it.side, p5, margin + extra)
+            if c is None:
+                return None
+            return c, A.ellipse_sd(md[c], yd[c], p5)
+
+        # Envelopes: muscle compartment, body, viscera.
+        fat_z = p.fat_mm * float(np.interp(z, A.FAT_PROFILE[::-1, 0], A.FAT_PROFILE[::-1, 1]))
+        comp = np.full((nx, ny), np.inf)
+        for it in items["pelvis"] + items["legs"]:
+            r = sd_of(it, extra=fat_z + 6.0)
+            if r is not None:
+                c, sd = r
+                comp[c] = np.minimum(comp[c], sd)
+        body_sd = np.maximum(comp - fat_z, yy - grid.y_table)
+        comp = np.maximum(comp, yy - (grid.y_table - 0.4 * fat_z))
+        body = body_sd < 0
+        incomp = comp < 0
+
+        # Bones.
+        bone_sd = np.full((nx, ny), np.inf)
+        bone_lab = np.zeros((nx, ny), np.uint8)
+        bone_cortex = np.zeros((nx, ny), np.float32)
+        bone_marrow = np.zeros((nx, ny), np.float32)
+        head_m, head_y, head_z, head_r = (v * p.s_xy for v in A.FEMORAL_HEAD)
+        head_z = A.FEMORAL_HEAD[2] * p.s_z
+        for it in items["bone"]:
+            r = sd_of(it)
+            if r is None:
+                continue
+            c, sd = r
+            if it.name == "acetabulum":
+                rr = (head_r + 2.5) ** 2 - (z - head_z) ** 2
+                if rr > 0:
+                    rj = math.sqrt(rr)
+                    hs = A.ellipse_sd(md[c], yd[c], np.array([head_m, head_y, rj, rj, 0.0]))
+                    sd = np.maximum(sd, -hs)
+            upd = sd < bone_sd[c]
+            bone_sd[c] = np.where(upd, sd, bone_sd[c])
+            bone_lab[c] = np.where(upd, it.label, bone_lab[c])
+            bone_cortex[c] = np.where(upd, it.cortex_mm, bone_cortex[c])
+            bone_marrow[c] = np.where(upd, it.marrow_hu, bone_marrow[c])
+        rr = head_r**2 - (z - head_z) ** 2
+        if rr > 0:
+            for side in SIDES:
+                p5 = np.array([head_m, head_y, math.sqrt(rr), math.sqrt(rr), 0.0])
+                c = _crop(grid, side, p5, margin)
+                if c is None:
+                    continue
+                sd = A.ellipse_sd(md[c], yd[c], p5)
+                upd = sd < bone_sd[c]
+                bone_sd[c] = np.where(upd, sd, bone_sd[c])
+                bone_lab[c] = np.where(upd, FEMUR, bone_lab[c])
+                bone_cortex[c] = np.where(upd, 1.5, bone_cortex[c])
+                bone_marrow[c] = np.where(upd, 260.0, bone_marrow[c])
+        bone = (bone_sd < 0) & body
+
+        # Muscles: nearest-surface partition with fat planes between neighbours.
+        best = np.full((nx, ny), 1e9)
+        second = np.full((nx, ny), 1e9)
+        bidx = np.full((nx, ny), -1, np.int32)
+        for it in muscles:
+            r = sd_of(it)
+            if r is None:
+                continue
+            c, sd = r
+            b, s2 = best[c], second[c]
+            better = sd < b
+            second[c] = np.where(better, b, np.minimum(s2, sd))
+            best[c] = np.where(better, sd, b)
+            bidx[c] = np.where(better, it.index, bidx[c])
+        # Muscles fill their compartment in the thigh (grow), less so among the pelvic organs.
+        grow = float(np.interp(z / p.s_z, [-60.0, 10.0], [p.grow_mm, 1.5]))
+        muscle = incomp & (best < grow) & ((second - best) >= p.plane_mm) & ~bone
+
+        # Vessels (with a thin fat ring) are carved out of muscle.
+        vsd = np.full((nx, ny), np.inf)
+        for it in items["vessel"]:
+            r = sd_of(it)
+            if r is not None:
+                c, sd = r
+                vsd[c] = np.minimum(vsd[c], sd)
+        vessel = (vsd < 0) & incomp & ~bone
+        muscle &= ~(vsd < 1.5)
+
+        lab = np.where(bone, bone_lab, 0).astype(np.uint8)
+        lab[muscle] = m_label[bidx[muscle]]
+
+        # Atrophy: keep the innermost fraction f of the muscle's pixels on this slice.
+        for (label, side), f in atrophy.items():
+            sel = (lab == label) & (left if side > 0 else ~left)
+            n = int(sel.sum())
+            if n == 0 or f >= 1.0:
+                continue
+            keep = int(round(f * n))
+            vals = best[sel]
+            if keep == 0:
+                thr = -np.inf
+            else:
+                thr = np.partition(vals, keep - 1)[keep - 1]
+            drop = sel & (best > thr)
+            lab[drop] = 0
+            muscle &= ~drop
+        labels[:, :, k] = lab
+
+        # HU.
+        h = np.full((nx, ny), -1000.0, np.float32)
+        couch_top = grid.y_table + 3.0
+        dy_c = yy - couch_top
+        h[(dy_c >= 0) & (dy_c < 3)] = 250.0
+        h[(dy_c >= 3) & (dy_c < 20)] = -880.0
+        h[(dy_c >= 20) & (dy_c < 23)] = 250.0
+        tex = _field3(z, xx, yy, tex_waves)
+        h[body] = p.fat_hu + 4.0 * tex[body]
+        h[body & (body_sd > -p.skin_mm)] = 30.0
+        visc = np.full((nx, ny), np.inf)
+        for it in items["viscera"]:
+            r = sd_of(it)
+            if r is not None:
+                c, sd = r
+                visc[c] = sd
+        vis = incomp & (visc < 0) & ~muscle & ~bone
+        if vis.any():
+            t = tex[vis]
+            h[vis] = np.where(t > 1.2, 35.0, np.where(t < -3.3, -850.0, p.fat_hu + 10))
+        for key, val in (("bladder", 12.0), ("rectum", 30.0)):
+            for it in items[key]:
+                r = sd_of(it)
+                if r is None:
+                    continue
+                c, sd = r
+                org = (sd < 0) & incomp[c] & ~bone[c] & ~muscle[c]
+                sub = h[c]
+                sub[org] = val
+                if key == "rectum":
+                    sub[org & (sd < -0.55 * max(1.0, float(-sd.min())))] = -900.0
+                h[c] = sub
+        h[vessel] = 42.0
+        mh = m_hu[bidx[muscle]] + 2.0 * tex[muscle]
+        if opts.fat_infiltration > 0:
+            lm = left[muscle]
+            aff = lm if affected > 0 else (~lm if affected < 0 else np.ones_like(mh, bool))
+            w = np.clip(opts.fat_infiltration * (1 + 0.5 * tex[muscle] / 2.0), 0, 1)
+            mh = np.where(aff, (1 - w) * mh + w * p.fat_hu, mh)
+        h[muscle] = mh
+        cort = bone & (bone_sd > -bone_cortex)
+        h[bone] = bone_marrow[bone] + 20.0 * tex[bone]
+        h[cort] = p.cortex_hu
+        # Metal implant on the operated side, with streaks.
+        if implant:
+            metal = np.zeros((nx, ny), bool)
+            for it in implant:
+                r = sd_of(it)
+                if r is not None:
+                    c, sd = r
+                    metal[c] |= sd < 0
+            metal &= (lab == FEMUR) & (left if opts.implant_side == "left" else ~left)
+            if metal.any():
+                h[metal] = 3071.0
+                cx, cy = xx[metal].mean(), yy[metal].mean()
+                rad = np.hypot(xx - cx, yy - cy)
+                amp_scale = min(2.0, math.sqrt(metal.sum() * grid.spacing[0] * grid.spacing[1] / 80.0))
+                st = np.zeros((nx, ny), np.float32)
+                for th, amp in zip(streak_angles + 0.03 * math.sin(z / 17.0), streak_amp, strict=True):
+                    perp = np.abs(-math.sin(th) * (xx - cx) + math.cos(th) * (yy - cy))
+                    st += amp * amp_scale * np.exp(-(perp / 2.5) ** 2) * np.exp(-rad / 110.0)
+                h[body & ~metal] += st[body & ~metal]
+        hu[:, :, k] = h
+
+    # Slice-thickness blur and in-plane resolution, then noise.
+    dx, dy, dz = grid.spacing
+    sig = (0.6 / dx, 0.6 / dy, 0.35)
+    hu = ndimage.gaussian_filter(hu, sig, mode="nearest")
+    if opts.noise:
+        nrng = np.random.default_rng(noise_seed)
+        noise = nrng.standard_normal(hu.shape, dtype=np.float32)
+        noise = ndimage.gaussian_filter(noise, (0.7, 0.7, 0.0))
+        noise *= np.float32(p.noise_hu / max(1e-6, float(noise[:, :, 0].std())))
+        hu += noise
+    ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    del hu
+
+    side_voxels = {}
+    lmask = (grid.x >= 0)[:, None, None]
+    for lab_v in range(1, L.NUM_CLASSES):
+        sel = labels == lab_v
+        nl = int(np.count_nonzero(sel & lmask))
+        side_voxels[lab_v] = (nl, int(np.count_nonzero(sel)) - nl)
+
+    affine = np.eye(4)
+    affine[0, 0], affine[1, 1], affine[2, 2] = dx, dy, dz
+    affine[:3, 3] = (grid.x[0], grid.y[0], grid.z[0])
+    if opts.position == "FFS":
+        # Feet-first supine: rows run to the patient's right (-x), slices from head to feet.
+        ct, labels = ct[::-1, :, ::-1].copy(), labels[::-1, :, ::-1].copy()
+        affine[0, 0], affine[2, 2] = -dx, -dz
+        affine[:3, 3] = (grid.x[-1], grid.y[0], grid.z[-1])
+    meta = _meta(opts, p)
+    ph = Phantom(ct=Volume(ct, affine.copy(), dict(meta)), labels=Volume(labels, affine.copy(), dict(meta)),
+                 height_m=p.height_m, sex=p.sex, meta=meta, options=opts, side_voxels=side_voxels)
+    return ph
+
+
+def _check_options(opts: PhantomOptions) -> None:
+    for name, f in opts.atrophy.items():
+        if name not in L.LABEL_OF or not L.by_name(name).is_muscle:
+            raise ValueError(f"atrophy: {name!r} is not a muscle of the class list")
+        if not 0.0 <= float(f) <= 1.0:
+            raise ValueError(f"atrophy factor for {name} must be within 0..1 (volume kept)")
+
+
+def _affected_side(opts: PhantomOptions) -> int:
+    if opts.implant_side == "left":
+        return 1
+    if opts.implant_side == "right":
+        return -1
+    return 0
+
+
+def _atrophy_table(opts: PhantomOptions) -> dict[tuple[int, int], float]:
+    """(label, side) -> volume factor; the operated side only when an implant side is given."""
+    if not opts.atrophy:
+        return {}
+    side = _affected_side(opts)
+    sides = (side,) if side else SIDES
+    return {(L.LABEL_OF[n], s): float(f) for n, f in opts.atrophy.items() for s in sides}
+
+
+def _implant_items(p: Patient) -> list[Item]:
+    """Cephalomedullary nail + lag screw (both sides defined; masked to the operated side later)."""
+    nail = A._kf([(12, 126, 6, 8, 8), (-60, 122, 7, 7, 7), (-90, 119, 6, 5.5, 5.5), (-240, 111, 5, 5.5, 5.5),
+                  (-250, 110, 5, 3, 3)])
+    screw = A._kf([(-2, 92, -8, 7.5, 5), (-45, 140, 4, 7.5, 5)])
+    out = []
+    for kf in (nail, screw):
+        k = kf.copy()
+        k[:, 0] *= p.s_z
+        k[:, 1:5] *= p.s_xy
+        for side in SIDES:
+            out.append(Item("implant", 0, "metal", k, side))
+    return out
+
+
+def _meta(opts: PhantomOptions, p: Patient) -> dict:
+    key = opts.key()
+    pid = opts.patient_id or f"PHANTOM{opts.seed:04d}"
+    study_uid = opts.study_uid or derived_uid("phantom-study", key)
+    series_uid = opts.series_uid or derived_uid("phantom-series", key)
+    year = int(opts.study_date[:4])
+    meta = {
+        "PatientID": pid,
+        "PatientName": opts.patient_name or f"Phantom^Seed{opts.seed}",
+        "PatientSex": p.sex,
+        "PatientBirthDate": f"{year - p.age:04d}0101",
+        "PatientAge": f"{p.age:03d}Y",
+        "PatientWeight": p.weight_kg,
+        "StudyDate": opts.study_date,
+        "StudyTime": opts.study_time,
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": series_uid,
+        "FrameOfReferenceUID": derived_uid("phantom-for", key),
+        "Modality": "CT",
+        "PatientPosition": opts.position,
+        "AccessionNumber": opts.accession_number or f"PH{opts.seed:04d}{opts.study_date}",
+        "StudyID": f"{opts.seed % 100000}",
+        "IssuerOfPatientID": "DICOMNODE-PHANTOM",
+    }
+    if opts.write_height:
+        meta["PatientSize"] = p.height_m
+    return meta

@@ -1,0 +1,178 @@
+"""Write a phantom as a CT Image Storage series plus its ground truth (labels, volumes).
+
+One single-frame CT instance per slice, full CT Image IOD (patient, study, series, frame of
+reference, equipment, image plane, image pixel, CT image, SOP common), so that PACS, dcmtk and
+dciodvfy accept it like a scanner's output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from seg.phantom.options import PHANTOM_VERSION, Phantom
+from seg.phantom.uids import derived_uid
+
+TRANSFER_SYNTAXES: dict[str, UID] = {
+    "explicit": ExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpegls": JPEGLSLossless,
+    "j2k": JPEG2000Lossless,
+}
+
+
+def _ds_str(v: float) -> str:
+    """Decimal string (max 16 chars) without float noise."""
+    s = f"{v:.6f}".rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
+def _instance_order(ph: Phantom) -> list[int]:
+    """Volume slice indices k in instance-number order (ascending = feet first in numbering)."""
+    ct = ph.ct
+    nk = ct.shape[2]
+    zs = [float((ct.affine @ np.array([0, 0, k, 1.0]))[2]) for k in range(nk)]
+    order = sorted(range(nk), key=lambda k: zs[k])
+    if ph.options.slice_order == "descending":
+        order.reverse()
+    return order
+
+
+def build_slice(ph: Phantom, k: int, instance: int) -> Dataset:
+    """The CT instance for slice k of the phantom's volume."""
+    ct, meta, opts = ph.ct, ph.meta, ph.options
+    aff = ct.affine
+    dx, dy, dz = ct.spacing_mm
+    row_dir = aff[:3, 0] / dx
+    col_dir = aff[:3, 1] / dy
+    pos = aff @ np.array([0, 0, k, 1.0])
+    series_uid = meta["SeriesInstanceUID"]
+    z_index = int(round(pos[2] * 1000))
+    sop_uid = derived_uid("phantom-instance", series_uid, str(z_index))
+
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = CTImageStorage
+    fm.MediaStorageSOPInstanceUID = sop_uid
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    fm.ImplementationVersionName = "DICOMNODE_PH1"
+    ds = Dataset()
+    ds.file_meta = fm
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = meta["StudyDate"]
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = meta["StudyTime"]
+    ds.AccessionNumber = meta["AccessionNumber"]
+    ds.Modality = "CT"
+    ds.Manufacturer = "dicomnode synthetic phantom"
+    ds.InstitutionName = "Synthetic"
+    ds.ReferringPhysicianName = ""
+    ds.StationName = "PHANTOM"
+    ds.StudyDescription = "CT hip and thigh (synthetic phantom)"
+    ds.SeriesDescription = f"Phantom seed {opts.seed} {'post-op' if opts.postop else 'pre-op'} {dz:g}mm"
+    ds.ManufacturerModelName = "seg.phantom"
+    ds.SoftwareVersions = PHANTOM_VERSION
+    ds.PatientName = meta["PatientName"]
+    ds.PatientID = meta["PatientID"]
+    ds.IssuerOfPatientID = meta["IssuerOfPatientID"]
+    ds.PatientBirthDate = meta["PatientBirthDate"]
+    ds.PatientSex = meta["PatientSex"]
+    ds.PatientAge = meta["PatientAge"]
+    if "PatientSize" in meta:
+        ds.PatientSize = _ds_str(meta["PatientSize"])
+    ds.PatientWeight = _ds_str(meta["PatientWeight"])
+    ds.BodyPartExamined = "HIP"
+    ds.SliceThickness = _ds_str(dz)
+    ds.KVP = "120"
+    ds.DataCollectionDiameter = "500"
+    ds.ReconstructionDiameter = _ds_str(max(ct.shape[0] * dx, ct.shape[1] * dy))
+    ds.GantryDetectorTilt = "0"
+    ds.TableHeight = "150"
+    ds.RotationDirection = "CW"
+    ds.ExposureTime = "500"
+    ds.XRayTubeCurrent = "200"
+    ds.ConvolutionKernel = "STANDARD"
+    ds.PatientPosition = meta["PatientPosition"]
+    ds.StudyInstanceUID = meta["StudyInstanceUID"]
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = meta["StudyID"]
+    ds.SeriesNumber = opts.series_number
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [_ds_str(v) for v in pos[:3]]
+    ds.ImageOrientationPatient = [_ds_str(v) for v in (*row_dir, *col_dir)]
+    ds.FrameOfReferenceUID = meta["FrameOfReferenceUID"]
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = _ds_str(pos[2])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ct.shape[1]
+    ds.Columns = ct.shape[0]
+    ds.PixelSpacing = [_ds_str(dy), _ds_str(dx)]  # row spacing (between rows), column spacing
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    stored = (ct.array[:, :, k].T.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16)
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    return ds
+
+
+def write_phantom(ph: Phantom, out_dir: Path | str,
+                  transfer_syntax: UID | str = ExplicitVRLittleEndian) -> Path:
+    """Write ``out_dir/dicom/*.dcm`` and ``out_dir/truth/{labels.nii.gz,volumes.json,phantom.json}``."""
+    from seg.io import save_nifti
+    from seg.measure import measure_volumes, write_volumes
+
+    out = Path(out_dir)
+    ts = UID(TRANSFER_SYNTAXES.get(str(transfer_syntax), transfer_syntax))
+    dicom_dir = out / "dicom"
+    truth = out / "truth"
+    dicom_dir.mkdir(parents=True, exist_ok=True)
+    truth.mkdir(parents=True, exist_ok=True)
+    for n, k in enumerate(_instance_order(ph), start=1):
+        ds = build_slice(ph, k, n)
+        if ts != ExplicitVRLittleEndian:
+            arr = ds.PixelData
+            ds.compress(ts, np.frombuffer(arr, np.uint16).reshape(ds.Rows, ds.Columns))
+        ds.save_as(dicom_dir / f"CT{n:04d}.dcm", enforce_file_format=True)
+    save_nifti(ph.labels, truth / "labels.nii.gz")
+    record = measure_volumes(
+        ph.labels, ph.ct,
+        height_m=ph.height_m if ph.options.write_height else None,
+        height_source="PatientSize" if ph.options.write_height else None,
+        model={"name": "phantom-truth", "version": PHANTOM_VERSION, "demo": False},
+    )
+    write_volumes(record, truth)
+    info = {
+        "options": asdict(ph.options),
+        "sex": ph.sex,
+        "height_m": ph.height_m,
+        "series_instance_uid": ph.meta["SeriesInstanceUID"],
+        "study_instance_uid": ph.meta["StudyInstanceUID"],
+        "patient_id": ph.meta["PatientID"],
+        "side_voxels": {str(k): v for k, v in ph.side_voxels.items()},
+        "transfer_syntax": str(ts),
+    }
+    (truth / "phantom.json").write_text(json.dumps(info, indent=1, default=str))
+    return out
