@@ -1,0 +1,191 @@
+"""Cohort report: tables recomputed independently from per-patient numbers, figures, Excel, HTML, filters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from openpyxl import load_workbook
+from scipy.stats import mannwhitneyu, wilcoxon
+
+from reporting.change import compute_change
+from reporting.cohort import GROUPS, build_cohort, parse_filters, write_report
+from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
+
+COMPOSITION = [("FNF", "F", 2), ("FNF", "M", 4), ("ITF", "F", 10), ("ITF", "M", 2)]
+
+
+def _record(series: str, volumes: dict[int, tuple[float, float]]) -> dict:
+    return {
+        "series_instance_uid": series,
+        "structures": [
+            {
+                "label": s.label,
+                "name": s.name,
+                "group": s.group,
+                "volume_cm3": sum(volumes[s.label]),
+                "left_cm3": volumes[s.label][0],
+                "right_cm3": volumes[s.label][1],
+                "index_cm3_m2": None,
+            }
+            for s in structures()[1:]
+        ],
+    }
+
+
+def _cohort(seed: int = 7) -> tuple[list[dict], dict[str, dict]]:
+    """Entries as pairing.cohort_entries returns them, plus the truth per patient."""
+    rng = np.random.default_rng(seed)
+    entries, truth = [], {}
+    n = 0
+    for fracture, sex, count in COMPOSITION:
+        for _ in range(count):
+            n += 1
+            pid = f"C{n:02d}"
+            height = float(rng.normal(1.6, 0.06))
+            pre = {
+                s.label: (float(rng.uniform(20, 400)), float(rng.uniform(20, 400))) for s in structures()[1:]
+            }
+            keep = {s.label: float(rng.uniform(0.5, 1.0)) if s.analysed else 1.0 for s in structures()[1:]}
+            post = {lab: (v[0] * keep[lab], v[1]) for lab, v in pre.items()}  # left side operated
+            meta = {
+                "study_instance_uid": f"{pid}.1",
+                "series_instance_uid": f"{pid}.1.1",
+                "study_date": "20230101",
+            }
+            pmeta = {
+                "study_instance_uid": f"{pid}.2",
+                "series_instance_uid": f"{pid}.2.1",
+                "study_date": "20230501",
+                "patient_id": pid,
+                "fractured_side": "left",
+                "height_source": "registry",
+            }
+            change = compute_change(
+                _record(f"{pid}.1.1", pre), _record(f"{pid}.2.1", post), height, meta, pmeta
+            )
+            change.update(sex=sex, fracture_type=fracture)
+            entries.append({"patient_id": pid, "change": change, "reason": None})
+            truth[pid] = {
+                "sex": sex,
+                "fracture": fracture,
+                "height": height,
+                "pre": pre,
+                "post": post,
+                "group": f"{'Female' if sex == 'F' else 'Male'} {fracture}",
+            }
+    return entries, truth
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    entries, truth = _cohort()
+    return build_cohort(entries, n_boot=300), truth, entries
+
+
+def _total(v: dict[int, tuple[float, float]], names=ANALYSED_MUSCLES) -> float:
+    return sum(sum(v[LABEL_OF[m]]) for m in names)
+
+
+def test_group_sizes_and_small_groups(cohort) -> None:
+    report, _, _ = cohort
+    assert report.group_sizes == {"Female FNF": 2, "Female ITF": 10, "Male FNF": 4, "Male ITF": 2}
+    assert len(report.patients) == 18 and report.excluded.empty
+    small = " ".join(report.notes)
+    assert "Female FNF: n = 2" in small and "Male ITF: n = 2" in small and "Female ITF" not in small
+
+
+def test_tables_match_independent_recomputation(cohort) -> None:
+    report, truth, _ = cohort
+    for g in GROUPS:
+        pids = [p for p, t in truth.items() if t["group"] == g]
+        loss = np.array([_total(truth[p]["pre"]) - _total(truth[p]["post"]) for p in pids])
+        adj = np.array([lo / truth[p]["height"] ** 2 for lo, p in zip(loss, pids, strict=True)])
+        t2 = report.table2
+        assert t2.loc["n", ("Raw (cm³)", g)] == len(pids)
+        assert t2.loc["Mean", ("Raw (cm³)", g)] == pytest.approx(loss.mean())
+        assert t2.loc["Std", ("Raw (cm³)", g)] == pytest.approx(loss.std(ddof=1))
+        assert t2.loc["50%", ("Raw (cm³)", g)] == pytest.approx(np.median(loss))
+        assert t2.loc["Max", ("Adjusted (cm³/m²)", g)] == pytest.approx(adj.max())
+        assert t2.loc["Min", ("Adjusted (cm³/m²)", g)] == pytest.approx(adj.min())
+        # Table 1: mean share of the pre-operative volume of all muscle (labels 1-27).
+        muscles = [s.name for s in structures()[1:] if s.is_muscle]
+        share = np.mean(
+            [
+                sum(truth[p]["pre"][LABEL_OF["gluteus_maximus"]]) / _total(truth[p]["pre"], muscles) * 100
+                for p in pids
+            ]
+        )
+        assert report.table1.loc["Gluteus maximus", g] == pytest.approx(share)
+        # Table 3: mean per-muscle loss, adjusted loss and loss ratio.
+        lab = LABEL_OF["vastus_lateralis"]
+        raw = [sum(truth[p]["pre"][lab]) - sum(truth[p]["post"][lab]) for p in pids]
+        ratio = [r / sum(truth[p]["pre"][lab]) * 100 for r, p in zip(raw, pids, strict=True)]
+        adj_m = [r / truth[p]["height"] ** 2 for r, p in zip(raw, pids, strict=True)]
+        assert report.table3.loc[("Raw loss (cm³)", g), "Vastus lateralis"] == pytest.approx(np.mean(raw))
+        assert report.table3.loc[("Adjusted loss (cm³/m²)", g), "Vastus lateralis"] == pytest.approx(
+            np.mean(adj_m)
+        )
+        assert report.table3.loc[("Loss ratio (%)", g), "Vastus lateralis"] == pytest.approx(np.mean(ratio))
+    # Table 1's sum over the 21 analysed muscles is below 100 % (the "else" muscles make up the rest).
+    assert (report.table1.loc["Sum"] < 100).all() and (report.table1.loc["Sum"] > 50).all()
+
+
+def test_statistics_match_scipy(cohort) -> None:
+    report, truth, _ = cohort
+    lab = LABEL_OF["gluteus_maximus"]
+    fnf = [p for p, t in truth.items() if t["fracture"] == "FNF"]
+    itf = [p for p, t in truth.items() if t["fracture"] == "ITF"]
+    pre = [sum(truth[p]["pre"][lab]) for p in fnf]
+    post = [sum(truth[p]["post"][lab]) for p in fnf]
+    w = report.wilcoxon.set_index(["muscle", "patients"]).loc[("Gluteus maximus", "FNF")]
+    assert w["n"] == 6 and w["p"] == pytest.approx(wilcoxon(pre, post).pvalue)
+    assert w["rank_biserial_r"] == pytest.approx(1.0)  # every patient lost volume
+    assert bool(w["small_group"]) is False
+    ratio = {
+        p: (sum(truth[p]["pre"][lab]) - sum(truth[p]["post"][lab])) / sum(truth[p]["pre"][lab]) * 100
+        for p in truth
+    }
+    mw = mannwhitneyu([ratio[p] for p in fnf], [ratio[p] for p in itf], alternative="two-sided")
+    m = report.mannwhitney.set_index(["muscle", "measure"]).loc[("Gluteus maximus", "loss_pct")]
+    assert m["p"] == pytest.approx(mw.pvalue)
+    assert m["rank_biserial_r"] == pytest.approx(2 * mw.statistic / (6 * 12) - 1)
+    b = report.bootstrap.set_index(["muscle", "subset"]).loc[("Gluteus maximus", "ITF")]
+    assert b["ci95_low"] <= np.mean([ratio[p] for p in itf]) <= b["ci95_high"]
+    assert bool(
+        report.bootstrap.set_index(["muscle", "subset"]).loc[("Gluteus maximus", "Male ITF"), "small_group"]
+    )
+    assert report.wilcoxon["q_bh"].dropna().between(0, 1).all()
+
+
+def test_outputs_written(cohort, tmp_path) -> None:
+    report, _, _ = cohort
+    written = write_report(report, tmp_path / "out")
+    for name in ("figure6_boxplots.png", "figure7_bars.png", "figure8_loss_ratio.png"):
+        data = (tmp_path / "out" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    html = written["html"].read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert "Table 1" in html and "Table 2" in html and "Table 3" in html and "Mann–Whitney" in html
+    wb = load_workbook(written["xlsx"], read_only=True)
+    assert {"table1_composition", "table2_total_loss", "table3_per_muscle", "stats_wilcoxon"} <= set(
+        wb.sheetnames
+    )
+    assert (tmp_path / "out" / "table2_total_loss.csv").read_text().count("\n") >= 8
+
+
+def test_filters_and_exclusions() -> None:
+    entries, _ = _cohort()
+    entries[0]["change"]["fracture_type"] = None
+    entries.append({"patient_id": "LONELY", "change": None, "reason": "single study for this patient"})
+    report = build_cohort(entries, n_boot=50)
+    reasons = dict(zip(report.excluded["patient_id"], report.excluded["reason"], strict=True))
+    assert "not FNF/ITF" in reasons["C01"] and reasons["LONELY"].startswith("single study")
+    assert report.group_sizes["Female FNF"] == 1
+    only_fnf = build_cohort(entries, parse_filters(["fracture_type=FNF"]), n_boot=50)
+    assert len(only_fnf.patients) == 5 and set(only_fnf.patients["fracture_type"]) == {"FNF"}
+    males = build_cohort(entries, parse_filters(["sex=M", "fracture_type=FNF,ITF"]), n_boot=50)
+    assert len(males.patients) == 6
+    with pytest.raises(ValueError):
+        parse_filters(["fracture_type"])
+    empty = build_cohort([], n_boot=10)
+    assert empty.patients.empty and empty.notes
