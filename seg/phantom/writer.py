@@ -97,6 +97,7 @@ def build_slice(ph: Phantom, k: int, instance: int) -> Dataset:
         ds.PatientSize = _ds_str(meta["PatientSize"])
     ds.PatientWeight = _ds_str(meta["PatientWeight"])
     ds.BodyPartExamined = "HIP"
+    ds.ImageLaterality = "B"
     ds.SliceThickness = _ds_str(dz)
     ds.KVP = "120"
     ds.DataCollectionDiameter = "500"
