@@ -1,6 +1,11 @@
-"""Sub-commands that run and operate the node: serve, config show, jobs, echo, retry."""
+"""Sub-commands that run and operate the node: serve, config show, jobs, status, echo, retry."""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,5 +22,189 @@ def config_show(config: ConfigOption = None) -> None:
     Console().print_json(settings.model_dump_json())
 
 
+def serve(
+    config: ConfigOption = None,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(
+            help="Pipeline as module:function (default dicomnode.pipeline:run_pipeline; "
+            "env DICOMNODE_PIPELINE)."
+        ),
+    ] = None,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="Receive and select only; run no jobs.")
+    ] = False,
+) -> None:
+    """Run the node: DICOM listener (C-ECHO, C-STORE), series watcher, worker and sender, until Ctrl-C."""
+    from dicomnode.logs import setup_logging
+    from dicomnode.server import Node
+
+    settings = settings_from(config)
+    setup_logging(settings.log_level, settings.log_json)
+    Node(settings, pipeline=pipeline, worker_enabled=False if no_worker else None).serve_forever()
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def _dur(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return ""
+    s = max(0.0, b - a)
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
+
+
+def job_rows(settings: Any, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Jobs, newest first, with the pseudonymised patient (never the PatientID) and timings."""
+    from dicomnode.db import Database
+
+    db = Database(settings.db_path)
+    try:
+        sql = (
+            "SELECT j.*, s.modality, s.n_instances AS series_instances, p.pseudonym,"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='sent') AS sent,"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id) AS outputs"
+            " FROM jobs j LEFT JOIN series s ON s.series_uid=j.series_uid"
+            " LEFT JOIN studies st ON st.study_uid=s.study_uid LEFT JOIN patients p ON p.id=st.patient_ref"
+        )
+        params: list[Any] = []
+        if state:
+            sql += " WHERE j.state=?"
+            params.append(state)
+        sql += " ORDER BY j.id DESC LIMIT ?"
+        params.append(limit)
+        rows = db.query(sql, params)
+    finally:
+        db.close()
+    out = []
+    for r in rows:
+        out.append(
+            {
+                "job": r["id"],
+                "patient": r["pseudonym"] or "-",
+                "series_instance_uid": r["series_uid"],
+                "modality": r["modality"],
+                "instances": r["n_instances"] or r["series_instances"],
+                "state": r["state"],
+                "attempts": r["attempts"],
+                "reason": r["reason"],
+                "message": r["message"],
+                "outputs": r["outputs"],
+                "sent": r["sent"],
+                "superseded_by": r["superseded_by"],
+                "created_at": r["created_at"],
+                "complete_at": r["complete_at"],
+                "started_at": r["started_at"],
+                "finished_at": r["finished_at"],
+                "updated_at": r["updated_at"],
+            }
+        )
+    return out
+
+
+def jobs(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (newest first).")] = 50,
+) -> None:
+    """List jobs: pseudonymised patient, series, state, timings and the reason for any non-success."""
+    from rich.table import Table
+
+    settings = settings_from(config)
+    rows = job_rows(settings, state, limit)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"jobs ({settings.db_path})")
+    for col in ("job", "patient", "series", "n", "state", "received", "waited", "ran", "sent", "reason"):
+        table.add_column(col, overflow="fold")
+    colours = {"done": "green", "failed": "red", "rejected": "yellow", "superseded": "dim", "running": "cyan"}
+    for r in rows:
+        uid = r["series_instance_uid"]
+        table.add_row(
+            str(r["job"]),
+            r["patient"],
+            "…" + uid[-18:] if len(uid) > 20 else uid,
+            str(r["instances"] or ""),
+            f"[{colours.get(r['state'], 'white')}]{r['state']}[/]",
+            _fmt_time(r["created_at"]),
+            _dur(r["complete_at"], r["started_at"]),
+            _dur(r["started_at"], r["finished_at"] or r["updated_at"]) if r["started_at"] else "",
+            f"{r['sent']}/{r['outputs']}" if r["outputs"] else "",
+            r["reason"] or r["message"] or "",
+        )
+    Console().print(table)
+
+
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Counts of jobs by state, stored series/instances and pending sends."""
+    from dicomnode.db import Database
+
+    settings = settings_from(config)
+    db = Database(settings.db_path)
+    try:
+        states = {
+            r["state"]: r["n"] for r in db.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        }
+        data = {
+            "ae_title": settings.ae_title,
+            "port": settings.port,
+            "storage_dir": str(settings.storage_dir),
+            "series": db.one("SELECT COUNT(*) FROM series")[0],
+            "instances": db.one("SELECT COUNT(*) FROM instances")[0],
+            "jobs": states,
+            "outbox": {
+                r["state"]: r["n"] for r in db.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
+            },
+        }
+    finally:
+        db.close()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{data['ae_title']}[/] port {data['port']}  storage {data['storage_dir']}")
+    console.print(f"series {data['series']}  instances {data['instances']}")
+    console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"))
+    console.print("outbox: " + (", ".join(f"{k} {v}" for k, v in sorted(data["outbox"].items())) or "empty"))
+
+
+def echo(config: ConfigOption = None) -> None:
+    """C-ECHO the configured PACS (exit status 1 when it does not answer)."""
+    from dicomnode.sender import echo as do_echo
+
+    ok, message = do_echo(settings_from(config))
+    typer.echo(message)
+    raise typer.Exit(0 if ok else 1)
+
+
+def retry(
+    job: Annotated[int, typer.Argument(help="Job id (see `dicomnode jobs`).")], config: ConfigOption = None
+) -> None:
+    """Re-send a job's outputs to the PACS, or re-queue a job whose processing failed."""
+    from dicomnode.db import Database
+    from dicomnode.sender import retry as do_retry
+
+    settings = settings_from(config)
+    db = Database(Path(settings.db_path))
+    try:
+        typer.echo(do_retry(db, job))
+    except (LookupError, ValueError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        db.close()
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(config_app, name="config")
+    app.command("serve")(serve)
+    app.command("jobs")(jobs)
+    app.command("status")(status)
+    app.command("echo")(echo)
+    app.command("retry")(retry)

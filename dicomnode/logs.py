@@ -1,0 +1,86 @@
+"""Structured logging for the node: one line per event, ``key=value`` or JSON, never PHI above DEBUG.
+
+Why: an administrator greps or ships these logs; they must say what happened to which series/job
+without exposing PatientName/PatientID. Callers pass identifiers as fields (``event(log, "stored",
+series=uid)``); anything patient-identifying is logged only at DEBUG, and :func:`pseudonym` gives a
+stable short token when a patient must be told apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_FIELDS = "fields"
+
+
+def pseudonym(patient_id: str | None, issuer: str | None = "") -> str:
+    """A stable, non-reversible short token for a patient (for tables and logs)."""
+    if not patient_id:
+        return "-"
+    digest = hashlib.sha256(f"{issuer or ''}|{patient_id}".encode()).hexdigest()
+    return f"P-{digest[:8]}"
+
+
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one structured event; fields become ``key=value`` pairs (or JSON keys)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, name, extra={_FIELDS: fields})
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``2024-01-01T12:00:00Z INFO dicomnode.scp stored series=1.2.3 n=4``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [f"{ts}.{int(record.msecs):03d}Z", record.levelname, record.name, record.getMessage()]
+        for key, value in getattr(record, _FIELDS, {}).items():
+            text = str(value)
+            parts.append(f"{key}={json.dumps(text) if (' ' in text or not text) else text}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        data.update(
+            {
+                k: v if isinstance(v, int | float | bool) or v is None else str(v)
+                for k, v in getattr(record, _FIELDS, {}).items()
+            }
+        )
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
+    """Configure the root logger once (stderr). pynetdicom stays at WARNING unless DEBUG is asked for,
+    because its DEBUG output dumps datasets (PHI) and its INFO lines cost time per instance."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_dicomnode", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._dicomnode = True  # type: ignore[attr-defined]
+    handler.setFormatter(JsonFormatter() if json_lines else KeyValueFormatter())
+    root.addHandler(handler)
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    )

@@ -1,0 +1,254 @@
+"""Send-back: C-STORE SCU of each job's outputs to the PACS, from a durable outbox, with backoff.
+
+Why an outbox table: one row per output file, so a restart, a PACS outage or a ``dicomnode retry``
+resumes exactly the sends still owed. Each row is retried with exponential backoff
+(``send.initial_backoff_seconds`` doubling up to ``send.max_backoff_seconds``, ``send.attempts`` in
+all); then the row and its job become ``failed`` with the reason. Output SOP Instance UIDs are the
+pipeline's deterministic ones, so a re-send overwrites in the PACS instead of adding a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dicomnode.config import Settings
+from dicomnode.db import Database, now
+from dicomnode.logs import event
+
+log = logging.getLogger(__name__)
+
+SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def _ae(settings: Settings) -> Any:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=settings.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.send.timeout_seconds
+    ae.connection_timeout = min(settings.send.timeout_seconds, 10.0)
+    return ae
+
+
+def _peer(settings: Settings) -> str:
+    return f"{settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}"
+
+
+def echo(settings: Settings) -> tuple[bool, str]:
+    """C-ECHO the configured PACS; (ok, message)."""
+    from pynetdicom.sop_class import Verification
+
+    ae = _ae(settings)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title)
+    if not assoc.is_established:
+        return False, f"no association with {_peer(settings)}"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if status and status.Status == 0:
+        return True, f"C-ECHO {_peer(settings)}: success"
+    return False, f"C-ECHO {_peer(settings)}: status {getattr(status, 'Status', 'none')}"
+
+
+def send_files(settings: Settings, paths: list[Path]) -> dict[Path, str | None]:
+    """C-STORE files over one association; maps each path to None (stored) or an error."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    results: dict[Path, str | None] = {}
+    datasets: dict[Path, Any] = {}
+    for path in paths:
+        try:
+            datasets[path] = pydicom.dcmread(path)
+        except (OSError, Exception) as exc:  # missing or unreadable output: that row fails on its own
+            results[path] = f"cannot read output: {type(exc).__name__}: {exc}"
+    if not datasets:
+        return results
+    ae = _ae(settings)
+    contexts: dict[str, set[str]] = defaultdict(set)
+    for ds in datasets.values():
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        contexts[str(ds.SOPClassUID)].add(ts)
+        if not ds.file_meta.TransferSyntaxUID.is_compressed:
+            contexts[str(ds.SOPClassUID)].update({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes))
+    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title)
+    if not assoc.is_established:
+        error = f"no association with {_peer(settings)}"
+        results.update({p: error for p in datasets})
+        return results
+    try:
+        for path, ds in datasets.items():
+            if not assoc.is_established:
+                results[path] = f"association with {_peer(settings)} lost"
+                continue
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:
+                results[path] = f"C-STORE failed: {type(exc).__name__}: {exc}"
+                continue
+            code = getattr(status, "Status", None)
+            if code in SUCCESS_STATUSES:
+                results[path] = None
+            elif code is None:
+                results[path] = f"no C-STORE response from {_peer(settings)}"
+            else:
+                results[path] = f"C-STORE status 0x{int(code):04X} from {_peer(settings)}"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+class Sender:
+    """Drains the outbox: due rows grouped by job, one association per job and pass."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+
+    def backoff(self, attempts: int) -> float:
+        s = self.settings.send
+        return min(s.initial_backoff_seconds * (2 ** max(0, attempts - 1)), s.max_backoff_seconds)
+
+    def run_once(self) -> int:
+        """One pass over due rows; returns how many files were stored in the PACS."""
+        rows = self.db.query(
+            "SELECT o.id, o.job_id, o.path, o.attempts FROM outbox o JOIN jobs j ON j.id = o.job_id"
+            " WHERE o.state='pending' AND j.state='sending'"
+            " AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
+            " ORDER BY o.job_id, o.id",
+            (now(),),
+        )
+        by_job: dict[int, list[Any]] = defaultdict(list)
+        for row in rows:
+            by_job[int(row["job_id"])].append(row)
+        sent = 0
+        for job_id, job_rows in by_job.items():
+            sent += self._send_job(job_id, job_rows)
+        return sent
+
+    def _send_job(self, job_id: int, rows: list[Any]) -> int:
+        results = send_files(self.settings, [Path(r["path"]) for r in rows])
+        t = now()
+        sent = 0
+        last_error = None
+        with self.db.tx() as con:
+            for row in rows:
+                error = results.get(Path(row["path"]), "not sent")
+                attempts = int(row["attempts"]) + 1
+                if error is None:
+                    sent += 1
+                    con.execute(
+                        "UPDATE outbox SET state='sent', attempts=?, sent_at=?, last_error=NULL WHERE id=?",
+                        (attempts, t, row["id"]),
+                    )
+                    continue
+                last_error = error
+                if attempts >= self.settings.send.attempts:
+                    con.execute(
+                        "UPDATE outbox SET state='failed', attempts=?, last_error=? WHERE id=?",
+                        (attempts, error, row["id"]),
+                    )
+                else:
+                    con.execute(
+                        "UPDATE outbox SET attempts=?, last_error=?, next_attempt_at=? WHERE id=?",
+                        (attempts, error, t + self.backoff(attempts), row["id"]),
+                    )
+            counts = {
+                r["state"]: r["n"]
+                for r in con.execute(
+                    "SELECT state, COUNT(*) AS n FROM outbox WHERE job_id=? GROUP BY state", (job_id,)
+                )
+            }
+            if counts.get("pending"):
+                attempts = max(int(r["attempts"]) for r in rows) + 1
+                reason = (
+                    (
+                        f"send attempt {attempts - 1} failed: {last_error}; retrying in "
+                        f"{self.backoff(attempts - 1):g} s"
+                    )
+                    if last_error
+                    else None
+                )
+                con.execute("UPDATE jobs SET reason=?, updated_at=? WHERE id=?", (reason, t, job_id))
+                state = "sending"
+            elif counts.get("failed"):
+                error = con.execute(
+                    "SELECT last_error, attempts FROM outbox WHERE job_id=? AND state='failed'"
+                    " ORDER BY id LIMIT 1",
+                    (job_id,),
+                ).fetchone()
+                reason = (
+                    f"send to {_peer(self.settings)} failed after {error['attempts']} attempts: "
+                    f"{error['last_error']}"
+                )
+                con.execute(
+                    "UPDATE jobs SET state='failed', reason=?, updated_at=?, finished_at=? WHERE id=?",
+                    (reason, t, t, job_id),
+                )
+                state = "failed"
+            else:
+                con.execute(
+                    "UPDATE jobs SET state='done', reason=NULL, updated_at=?, finished_at=? WHERE id=?",
+                    (t, t, job_id),
+                )
+                state = "done"
+        event(
+            log,
+            "send pass",
+            logging.INFO if state != "failed" else logging.ERROR,
+            job=job_id,
+            sent=sent,
+            of=len(rows),
+            state=state,
+            error=last_error or "",
+        )
+        return sent
+
+    def run(self, stop: threading.Event) -> None:
+        interval = max(0.05, min(0.5, self.settings.send.initial_backoff_seconds / 2))
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("sender loop")
+            stop.wait(interval)
+
+
+def retry(db: Database, job_id: int) -> str:
+    """Operator retry: re-send a job's outputs (failed or done), or re-queue a job whose pipeline failed."""
+    t = now()
+    with db.tx() as con:
+        job = con.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        n_out = con.execute("SELECT COUNT(*) FROM outbox WHERE job_id=?", (job_id,)).fetchone()[0]
+        if job["state"] in ("failed", "done", "sending") and n_out:
+            con.execute(
+                "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL"
+                " WHERE job_id=?",
+                (t, job_id),
+            )
+            con.execute(
+                "UPDATE jobs SET state='sending', reason='re-send requested', finished_at=NULL,"
+                " updated_at=? WHERE id=?",
+                (t, job_id),
+            )
+            return f"job {job_id}: {n_out} output(s) queued for sending again"
+        if job["state"] == "failed":
+            con.execute(
+                "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=NULL,"
+                " reason='retry requested', finished_at=NULL, updated_at=? WHERE id=?",
+                (t, job_id),
+            )
+            return f"job {job_id}: re-queued for processing"
+        raise ValueError(
+            f"job {job_id} is {job['state']}: only failed jobs, or jobs with outputs, can be retried"
+        )

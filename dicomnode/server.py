@@ -1,0 +1,97 @@
+"""One running node: recovery, then the SCP plus stability-watcher, worker and sender threads.
+
+Why threads in one process: the embedded default needs no broker; all state lives in SQLite and
+the store, so ``dicomnode jobs``/``retry`` work from another process and a restart resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from dicomnode.config import Settings
+from dicomnode.db import Database
+from dicomnode.logs import event
+from dicomnode.queue import SQLiteJobQueue
+from dicomnode.scp import StorageSCP
+from dicomnode.sender import Sender
+from dicomnode.series import StabilityWatcher
+from dicomnode.store import Store
+from dicomnode.worker import PipelineFn, Worker, pipeline_spec
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """Everything ``dicomnode serve`` runs; ``start()``/``stop()`` for tests and embedding."""
+
+    def __init__(
+        self, settings: Settings, pipeline: PipelineFn | str | None = None, worker_enabled: bool | None = None
+    ) -> None:
+        self.settings = settings
+        self.db = Database(settings.db_path)
+        self.store = Store(settings.storage_dir, self.db)
+        self.queue = SQLiteJobQueue(self.db)
+        self.scp = StorageSCP(settings, self.store)
+        self.watcher = StabilityWatcher(settings, self.db)
+        self.worker = Worker(settings, self.store, self.queue, pipeline)
+        self.sender = Sender(settings, self.db)
+        self.worker_enabled = settings.worker.enabled if worker_enabled is None else worker_enabled
+        self.pipeline_name = pipeline if isinstance(pipeline, str) or pipeline is None else repr(pipeline)
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.store.recover()
+        self.scp.start()
+        loops: list[tuple[str, Any]] = [("watcher", self.watcher.run), ("sender", self.sender.run)]
+        if self.worker_enabled:
+            loops.append(("worker", self.worker.run))
+        for name, target in loops:
+            thread = threading.Thread(
+                target=target, args=(self.stop_event,), name=f"dicomnode-{name}", daemon=True
+            )
+            thread.start()
+            self.threads.append(thread)
+        spec = (
+            pipeline_spec(self.settings, self.pipeline_name)
+            if isinstance(self.pipeline_name, str) or self.pipeline_name is None
+            else self.pipeline_name
+        )
+        event(
+            log,
+            "node started",
+            ae_title=self.settings.ae_title,
+            port=self.settings.port,
+            storage=self.settings.storage_dir,
+            worker="on" if self.worker_enabled else "off",
+            pipeline=spec,
+            pacs=f"{self.settings.pacs.ae_title}@{self.settings.pacs.host}:{self.settings.pacs.port}",
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.scp.stop()
+        for thread in self.threads:
+            thread.join(timeout)
+        self.db.close()
+        event(log, "node stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT/SIGTERM."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            event(log, "signal", signal=signal.Signals(signum).name)
+            done.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        self.start()
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            self.stop()

@@ -1,0 +1,349 @@
+"""The on-disk store and its index: durable instance files, then their SQLite rows.
+
+Layout (a plain folder, mercure-like, readable without the node):
+``storage_dir/incoming/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and a private work folder per job
+``storage_dir/jobs/<job_id>/``. An instance is written to ``.<sop>.tmp``, fsynced, renamed, the folder
+fsynced, and only then indexed; the SCP answers success after that. A crash leaves at most a ``.tmp``
+file, which :meth:`Store.recover` deletes; a file whose row was lost is re-indexed from its header.
+
+Indexing is also where series assembly starts: the first instance of a series opens a job in state
+``receiving``; a *new* instance (new SOP UID or changed size) arriving after the series was closed
+re-opens it with a fresh job that supersedes the unfinished old one; a byte-identical re-send of an
+instance the node already has does not re-open anything, so the same series sent twice gives one job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+
+from dicomnode.db import Database, now
+from dicomnode.logs import event, pseudonym
+
+log = logging.getLogger(__name__)
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+# jobs in these states have not produced results yet: a late instance replaces them outright
+UNFINISHED = ("complete", "queued", "running", "rejected")
+
+
+class StoreError(Exception):
+    """The instance cannot be stored; the message goes into the failure status comment."""
+
+
+@dataclass
+class InstanceInfo:
+    """What the index needs from one instance's header (identifiers only; no pixels)."""
+
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    study_uid: str
+    series_uid: str
+    patient_id: str = ""
+    issuer: str = ""
+    patient_name: str = ""
+    sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession: str = ""
+    modality: str = ""
+    series_description: str = ""
+    calling_aet: str = ""
+
+
+@dataclass
+class Indexed:
+    job_id: int
+    new_instance: bool
+    reopened: bool
+    superseded: int | None = None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value)
+
+
+def info_from_dataset(
+    ds: Dataset, sop_class: str, transfer_syntax: str, calling_aet: str = ""
+) -> InstanceInfo:
+    """Identifiers of one instance; raises :class:`StoreError` when a UID needed for filing is unusable."""
+    info = InstanceInfo(
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        sop_class=sop_class or _text(ds, "SOPClassUID"),
+        transfer_syntax=transfer_syntax,
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        patient_id=_text(ds, "PatientID"),
+        issuer=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        sex=_text(ds, "PatientSex"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession=_text(ds, "AccessionNumber"),
+        modality=_text(ds, "Modality"),
+        series_description=_text(ds, "SeriesDescription"),
+        calling_aet=calling_aet,
+    )
+    for name in ("sop_uid", "study_uid", "series_uid"):
+        value = getattr(info, name)
+        if not value or len(value) > 64 or not UID_RE.match(value):
+            raise StoreError(f"missing or invalid {name.replace('_', ' ').replace('sop', 'SOP')} {value!r}")
+    return info
+
+
+def encode_file_meta(info: InstanceInfo, implementation_uid: str | None = None) -> bytes:
+    """Part 10 file meta group for an instance received over the network."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = info.sop_class
+    meta.MediaStorageSOPInstanceUID = info.sop_uid
+    meta.TransferSyntaxUID = info.transfer_syntax
+    if implementation_uid:
+        meta.ImplementationClassUID = implementation_uid
+    buf = BytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """Durable files under ``storage_dir`` plus their rows in :class:`Database`."""
+
+    def __init__(self, storage_dir: Path, db: Database) -> None:
+        self.root = Path(storage_dir)
+        self.incoming = self.root / "incoming"
+        self.jobs_dir = self.root / "jobs"
+        self.db = db
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    # -- files ---------------------------------------------------------------------------------
+    def instance_path(self, info: InstanceInfo) -> Path:
+        return self.incoming / info.study_uid / info.series_uid / f"{info.sop_uid}.dcm"
+
+    def job_dir(self, job_id: int) -> Path:
+        path = self.jobs_dir / str(job_id)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(folder.parent)
+            _fsync_dir(folder.parent.parent)
+        self._known_dirs.add(folder)
+
+    def write(self, info: InstanceInfo, file_meta: bytes, dataset: bytes | memoryview) -> tuple[Path, int]:
+        """Write preamble + file meta + the dataset bytes as received; fsync; rename; fsync the folder."""
+        final = self.instance_path(info)
+        folder = final.parent
+        self._ensure_dir(folder)
+        tmp = folder / f".{info.sop_uid}.{os.getpid()}.{id(dataset)}.tmp"
+        size = len(PREAMBLE) + len(file_meta) + len(dataset)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:
+                os.writev(fd, [PREAMBLE, file_meta, dataset])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if os.stat(tmp).st_size != size:
+                raise StoreError(f"short write ({os.stat(tmp).st_size} of {size} bytes)")
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return final, size
+
+    # -- index ---------------------------------------------------------------------------------
+    def index(self, info: InstanceInfo, path: Path, size: int, received_at: float | None = None) -> Indexed:
+        """Record one stored instance; open, keep open or re-open its series' job."""
+        t = received_at if received_at is not None else now()
+        with self.db.tx() as con:
+            old = con.execute("SELECT size FROM instances WHERE sop_uid=?", (info.sop_uid,)).fetchone()
+            new_instance = old is None or old["size"] != size
+            con.execute(
+                "INSERT OR REPLACE INTO instances (sop_uid, series_uid, sop_class, transfer_syntax, path,"
+                " size,"
+                " calling_aet, received_at) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    info.sop_uid,
+                    info.series_uid,
+                    info.sop_class,
+                    info.transfer_syntax,
+                    str(path),
+                    size,
+                    info.calling_aet,
+                    t,
+                ),
+            )
+            series = con.execute(
+                "SELECT current_job FROM series WHERE series_uid=?", (info.series_uid,)
+            ).fetchone()
+            if series is None:
+                self._add_study(con, info, t)
+                con.execute(
+                    "INSERT INTO series (series_uid, study_uid, modality, description, n_instances,"
+                    " first_received_at, last_received_at) VALUES (?,?,?,?,0,?,?)",
+                    (info.series_uid, info.study_uid, info.modality, info.series_description, t, t),
+                )
+                job = None
+            else:
+                job = con.execute(
+                    "SELECT id, state FROM jobs WHERE id=?", (series["current_job"],)
+                ).fetchone()
+            reopened = False
+            superseded = None
+            if job is not None and job["state"] == "receiving":
+                job_id = int(job["id"])
+                con.execute("UPDATE jobs SET updated_at=? WHERE id=?", (t, job_id))
+            elif job is None or new_instance:
+                job_id = int(
+                    con.execute(
+                        "INSERT INTO jobs (series_uid, state, created_at, updated_at)"
+                        " VALUES (?, 'receiving', ?, ?)",
+                        (info.series_uid, t, t),
+                    ).lastrowid
+                )
+                con.execute("UPDATE series SET current_job=? WHERE series_uid=?", (job_id, info.series_uid))
+                if job is not None:
+                    reopened = True
+                    superseded = int(job["id"])
+                    if job["state"] in UNFINISHED:
+                        con.execute(
+                            "UPDATE jobs SET state='superseded', superseded_by=?, updated_at=?,"
+                            " finished_at=?,"
+                            " reason=? WHERE id=?",
+                            (
+                                job_id,
+                                t,
+                                t,
+                                f"superseded by job {job_id}: a late instance re-opened the series",
+                                superseded,
+                            ),
+                        )
+                    else:
+                        con.execute("UPDATE jobs SET superseded_by=? WHERE id=?", (job_id, superseded))
+            else:  # identical re-send of a known instance into a closed series: nothing to redo
+                job_id = int(job["id"])
+            if new_instance:
+                con.execute(
+                    "UPDATE series SET n_instances=(SELECT COUNT(*) FROM instances WHERE series_uid=?),"
+                    " last_received_at=? WHERE series_uid=?",
+                    (info.series_uid, t, info.series_uid),
+                )
+            elif job_id and job is not None and job["state"] == "receiving":
+                con.execute("UPDATE series SET last_received_at=? WHERE series_uid=?", (t, info.series_uid))
+        if reopened:
+            event(log, "series re-opened", series=info.series_uid, job=job_id, superseded=superseded)
+        elif job is None:
+            event(
+                log,
+                "series opened",
+                series=info.series_uid,
+                job=job_id,
+                modality=info.modality,
+                patient=pseudonym(info.patient_id, info.issuer),
+            )
+            log.debug("series %s patient %s %s", info.series_uid, info.patient_id, info.patient_name)
+        return Indexed(job_id=job_id, new_instance=new_instance, reopened=reopened, superseded=superseded)
+
+    @staticmethod
+    def _add_study(con: Any, info: InstanceInfo, t: float) -> None:
+        con.execute(
+            "INSERT OR IGNORE INTO patients (patient_id, issuer, pseudonym, patient_name, sex)"
+            " VALUES (?,?,?,?,?)",
+            (
+                info.patient_id,
+                info.issuer,
+                pseudonym(info.patient_id, info.issuer),
+                info.patient_name,
+                info.sex,
+            ),
+        )
+        con.execute(
+            "INSERT OR IGNORE INTO studies (study_uid, patient_ref, study_date, study_time, accession,"
+            " created_at)"
+            " VALUES (?, (SELECT id FROM patients WHERE patient_id=? AND issuer=?), ?, ?, ?, ?)",
+            (
+                info.study_uid,
+                info.patient_id,
+                info.issuer,
+                info.study_date,
+                info.study_time,
+                info.accession,
+                t,
+            ),
+        )
+
+    def add(self, info: InstanceInfo, file_meta: bytes, dataset: bytes | memoryview) -> Indexed:
+        """Store durably, then index: the SCP's whole job for one C-STORE."""
+        path, size = self.write(info, file_meta, dataset)
+        return self.index(info, path, size)
+
+    def series_files(self, series_uid: str) -> list[Path]:
+        rows = self.db.query("SELECT path FROM instances WHERE series_uid=? ORDER BY path", (series_uid,))
+        return [Path(r["path"]) for r in rows]
+
+    # -- crash recovery ------------------------------------------------------------------------
+    def recover(self) -> dict[str, int]:
+        """After a crash: drop partial files, re-index files whose rows were lost, resume interrupted work."""
+        import pydicom
+
+        removed = 0
+        for tmp in self.incoming.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        known = {r["path"] for r in self.db.query("SELECT path FROM instances")}
+        reindexed = 0
+        for path in sorted(self.incoming.glob("*/*/*.dcm")):
+            if str(path) in known:
+                continue
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                info = info_from_dataset(
+                    ds, str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+                )
+                self.index(info, path, path.stat().st_size, received_at=path.stat().st_mtime)
+                reindexed += 1
+            except Exception as exc:  # an unreadable file is reported, not fatal
+                event(log, "unindexable file", logging.WARNING, path=path, error=exc)
+        t = now()
+        with self.db.tx() as con:
+            # a series that was still arriving gets a fresh stability window (the sender may resend)
+            con.execute(
+                "UPDATE series SET last_received_at=? WHERE current_job IN"
+                " (SELECT id FROM jobs WHERE state IN ('receiving', 'complete'))",
+                (t,),
+            )
+            con.execute("UPDATE jobs SET state='receiving', updated_at=? WHERE state='complete'", (t,))
+            requeued = con.execute(
+                "UPDATE jobs SET state='queued', updated_at=?, next_attempt_at=NULL,"
+                " reason='re-queued after restart (was running)' WHERE state='running'",
+                (t,),
+            ).rowcount
+        stats = {"tmp_removed": removed, "reindexed": reindexed, "requeued": requeued}
+        event(log, "store recovered", **stats)
+        return stats

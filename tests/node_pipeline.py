@@ -1,0 +1,69 @@
+"""Tiny stand-in pipelines for node tests (``--pipeline node_pipeline:run``).
+
+Why: the node's tests are about receiving, queueing and sending, not segmentation. ``run`` writes one
+Secondary Capture whose SOP Instance UID derives from the series content (as the real pipeline's
+outputs do), and appends a line to ``<storage_dir>/pipeline-runs.log`` so tests can count runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomnode.pipeline import JobInput, JobOutput, SeriesRejected
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def derived_uid(*parts: str) -> str:
+    digest = hashlib.sha256("|".join(parts).encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def _log_run(settings: object, job: JobInput, what: str) -> None:
+    log = Path(settings.storage_dir) / "pipeline-runs.log"  # type: ignore[attr-defined]
+    with log.open("a") as fh:
+        fh.write(f"{job.job_id} {job.series_instance_uid} {len(job.files)} {what}\n")
+
+
+def run(job: JobInput, settings: object) -> JobOutput:
+    """One deterministic Secondary Capture per series content."""
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in job.files]
+    _log_run(settings, job, "run")
+    src = headers[0]
+    content = ",".join(sorted(str(h.SOPInstanceUID) for h in headers))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = derived_uid("test-sc", content)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SeriesInstanceUID = derived_uid("test-sc-series", str(src.SeriesInstanceUID))
+    for kw in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber"):
+        if kw in src:
+            setattr(ds, kw, src.get(kw))
+    ds.Modality, ds.ConversionType, ds.SeriesNumber, ds.InstanceNumber = "OT", "WSD", 900, 1
+    ds.SeriesDescription = f"node test result for {len(headers)} instances"
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.full((8, 8), len(headers) % 256, dtype=np.uint8).tobytes()
+    path = job.work_dir / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return JobOutput(outputs=[path], message=f"test pipeline: 1 object from {len(headers)} instances")
+
+
+def fail(job: JobInput, settings: object) -> JobOutput:
+    _log_run(settings, job, "fail")
+    raise RuntimeError("test pipeline failure")
+
+
+def reject(job: JobInput, settings: object) -> JobOutput:
+    _log_run(settings, job, "reject")
+    raise SeriesRejected("test pipeline says no")

@@ -1,0 +1,105 @@
+"""Small synthetic CT series for node tests and the receive benchmark (pydicom only, fast).
+
+Why not the phantom: the node's tests exercise networking, storage and selection, which need
+headers and a few pixels, not anatomy. Every UID is derived from ``name`` so a test can re-create
+the exact same series (same SOP UIDs) to test re-sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@dataclass
+class SeriesFiles:
+    study_uid: str
+    series_uid: str
+    files: list[Path] = field(default_factory=list)
+    sop_uids: list[str] = field(default_factory=list)
+
+
+def uid(*parts: object) -> str:
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def write_ct_series(
+    folder: Path,
+    *,
+    name: str = "s1",
+    n: int = 10,
+    slice_mm: float = 3.0,
+    pixel_mm: float = 1.0,
+    size: int = 16,
+    modality: str = "CT",
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    skip: set[int] | None = None,
+    duplicate: set[int] | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    patient_id: str = "NODE-TEST-1",
+    patient_name: str = "Node^Test",
+    z0: float = 0.0,
+    random_pixels: bool = False,
+) -> SeriesFiles:
+    """``n`` single-frame CT slices at ``slice_mm`` (descending z from ``z0``), ``size``×``size`` pixels.
+
+    ``skip`` leaves slice indices out (a gap), ``duplicate`` writes an extra instance at the same position.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    study = uid("study", name)
+    series = uid("series", name)
+    frame = uid("for", name)
+    sop_class = MR_IMAGE if modality == "MR" else CT_IMAGE
+    out = SeriesFiles(study, series)
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    row = np.array(orientation[:3])
+    col = np.array(orientation[3:])
+    normal = np.cross(row, col)
+    plan = [(k, 0) for k in range(n) if k not in (skip or set())]
+    plan += [(k, 1) for k in sorted(duplicate or set())]
+    for k, copy in plan:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.SOPInstanceUID = uid("sop", name, k, copy)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = sop_class
+        ds.PatientName, ds.PatientID, ds.PatientSex, ds.PatientSize = patient_name, patient_id, "F", 1.65
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "1", "ACC1"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, k + 1 + 1000 * copy
+        ds.SeriesDescription = f"synthetic {name}"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        pos = np.array([-size * pixel_mm / 2, -size * pixel_mm / 2, 0.0]) + normal * (z0 - k * slice_mm)
+        ds.ImagePositionPatient = [round(float(v), 4) for v in pos]
+        ds.ImageOrientationPatient = list(orientation)
+        ds.PixelSpacing, ds.SliceThickness = [pixel_mm, pixel_mm], slice_mm
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        if random_pixels:
+            pixels = rng.integers(0, 2000, (size, size), dtype=np.int16)
+        else:
+            pixels = np.full((size, size), 1000 + k, dtype=np.int16)
+        ds.PixelData = pixels.tobytes()
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(transfer_syntax, pixels)
+        path = folder / f"{name}-{k:04d}-{copy}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.files.append(path)
+        out.sop_uids.append(str(ds.SOPInstanceUID))
+    return out
+
+
+def write_big_series(folder: Path, n: int = 300, size: int = 512, name: str = "bench") -> SeriesFiles:
+    """The benchmark series: ``n`` slices of ``size``² int16 noise (uncompressed, ~0.5 MB each)."""
+    return write_ct_series(folder, name=name, n=n, size=size, slice_mm=1.0, pixel_mm=0.8, random_pixels=True)
