@@ -1,0 +1,122 @@
+"""Follow-up report (Comprehensive 3D SR, TID 1500) in the follow-up study, from a change record.
+
+Why a separate SR: the measurement SR of each study stays a pure record of that study; the change
+between two studies is a new statement with its own time-point context, placed in the later study
+and citing the earlier study's SEG/SR as evidence. Its measurement groups reuse the per-muscle
+tracking UIDs of the measurement SRs, so a longitudinal viewer can chain them.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+
+from reporting import codes
+from reporting.sr import CM3, CM3_PER_M2, METER, PERCENT
+from reporting.uids import copy_identity, derived_uid, source_header, tracking_uid
+from seg.labels import by_name
+from seg.volume import Volume
+
+FOLLOWUP_SERIES_NUMBER = 9904
+
+
+def _time_point(change: dict) -> hd.sr.TimePointContext:
+    days = change.get("days_between")
+    base = (change.get("baseline") or {}).get("study_date") or "unknown date"
+    text = f"Follow-up vs baseline {base}" + (f" (+{days} d)" if days is not None else "")
+    return hd.sr.TimePointContext(
+        time_point=text[:64],
+        time_point_order=2,
+        subject_time_point_identifier=str((change.get("followup") or {}).get("study_date") or "") or None,
+    )
+
+
+def _group(patient_id: str, entry: dict, time_point: hd.sr.TimePointContext
+           ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    name, side = str(entry["name"]), str(entry.get("side") or "both")
+    s = by_name(name)
+    code = codes.structure_code(s)
+    items = ((codes.VOLUME_BASELINE, "pre_cm3", CM3), (codes.VOLUME, "post_cm3", CM3),
+             (codes.VOLUME_CHANGE, "delta_cm3", CM3), (codes.VOLUME_LOSS_PCT, "loss_pct", PERCENT),
+             (codes.VOLUME_INDEX_CHANGE, "delta_index_cm3_m2", CM3_PER_M2))
+    measurements = [hd.sr.Measurement(name=concept, value=float(entry[key]), unit=unit)
+                    for concept, key, unit in items if entry.get(key) is not None]
+    if not measurements:
+        return None
+    label = s.display_name if side == "both" else f"{s.display_name} {side}"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
+                                                     identifier=label),
+        time_point_context=time_point,
+        finding_type=code,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
+        measurements=measurements,
+    )
+
+
+def _context_group(change: dict, uid: str, time_point: hd.sr.TimePointContext
+                   ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    evaluations = []
+    if change.get("height_m"):
+        src = str(change.get("height_source") or "")
+        source = (codes.HEIGHT_SOURCE_PATIENT_SIZE if src == "PatientSize" else
+                  codes.HEIGHT_SOURCE_REGISTRY if "registry" in src.lower() else codes.HEIGHT_SOURCE_OTHER)
+        evaluations += [hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_STATUS, codes.HEIGHT_PRESENT),
+                        hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_SOURCE, source)]
+    else:
+        evaluations += [hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_STATUS, codes.HEIGHT_MISSING),
+                        hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_SOURCE, codes.HEIGHT_SOURCE_NONE)]
+    side = codes.laterality_code(str(change.get("fractured_side") or ""))
+    if side is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_FRACTURED_SIDE, side))
+    measurements = None
+    if change.get("height_m"):
+        measurements = [hd.sr.Measurement(name=codes.BODY_HEIGHT, value=float(change["height_m"]),
+                                          unit=METER)]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="Comparison context"),
+        time_point_context=time_point,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def build_followup_sr(ct: Volume, change: dict, evidence: list[Dataset]) -> Dataset:
+    """The change report for the follow-up series ``ct`` (evidence: the baseline's SEG/SR headers)."""
+    src0 = source_header(ct.source_files)
+    patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
+    follow_series = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
+    base_series = str((change.get("baseline") or {}).get("series_instance_uid") or "")
+    time_point = _time_point(change)
+    groups: list = []
+    for entry in change.get("structures", []):
+        g = _group(patient_id, entry, time_point)
+        if g is not None:
+            groups.append(g)
+    context_uid = derived_uid("followup-context", follow_series, base_series)
+    groups.append(_context_group(change, context_uid, time_point))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.CodedConcept("121007", "DCM", "Device"),
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=derived_uid("device", "dicomnode-change"), name="dicomnode change report",
+                    manufacturer_name="dicomnode"))),
+        procedure_reported=codes.PROCEDURE,
+        imaging_measurements=groups,
+        title=codes.FOLLOWUP_TITLE,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(evidence),
+        content=report,
+        series_instance_uid=derived_uid("followup-SR/series", follow_series, base_series),
+        series_number=FOLLOWUP_SERIES_NUMBER,
+        sop_instance_uid=derived_uid("followup-SR/instance", follow_series, base_series),
+        instance_number=1,
+        manufacturer="dicomnode",
+        is_complete=True,
+    )
+    sr.SeriesDescription = "Thigh muscle change since baseline"
+    copy_identity(sr, src0, ct.meta)
+    codes.declare_schemes(sr)
+    return sr

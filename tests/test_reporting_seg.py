@@ -1,0 +1,167 @@
+"""DICOM-SEG: validated by dciodvfy, read back by highdicom and dcmqi voxel for voxel, stable UIDs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pytest
+
+from reporting import codes
+from reporting.seg import build_seg, plan_segments
+from seg.labels import structures
+from seg.measure import measure_volumes
+from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.volume import Volume
+
+VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+MODEL = {"name": "unetr-test", "version": "9.9", "demo": True}
+
+
+def phantom_case(root: Path, seed: int = 3, **kw) -> tuple[Volume, Volume, dict]:
+    """A small phantom written as DICOM and read back: (ct, labels on the ct grid, volumes record)."""
+    from seg.io import load_dicom_series
+
+    opts = PhantomOptions(seed=seed, spacing_mm=(4.0, 4.0, 10.0), z_range_mm=(-60.0, 60.0), **kw)
+    ph = make_phantom(opts)
+    write_phantom(ph, root)
+    ct = load_dicom_series(root / "dicom")
+    from seg.io import load_nifti
+
+    lab = load_nifti(root / "truth" / "labels.nii.gz")
+    assert np.allclose(lab.affine, ct.affine)
+    labels = ct.with_array(np.asarray(lab.array, dtype=np.uint8))
+    return ct, labels, measure_volumes(labels, ct, model=MODEL)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run([str(VENV_BIN / "dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg_phantom")
+    ct, labels, vols = phantom_case(root)
+    return root, ct, labels, vols
+
+
+@pytest.fixture(scope="module", params=[("BINARY", "RLE"), ("LABELMAP", "RLE"), ("LABELMAP", "JPEGLS")],
+                ids=["binary", "labelmap-rle", "labelmap-jpegls"])
+def seg_file(request, case):
+    root, ct, labels, vols = case
+    seg_type, compression = request.param
+    ds = build_seg(ct, labels, vols, MODEL, seg_type=seg_type, compression=compression)
+    path = root / f"seg-{seg_type}-{compression}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def test_dciodvfy_reports_no_error(seg_file):
+    path, _ = seg_file
+    assert dciodvfy_errors(path) == []
+
+
+def test_highdicom_round_trip_equals_label_map(seg_file, case):
+    path, _ = seg_file
+    _, ct, labels, vols = case
+    seg = hd.seg.segread(path)
+    numbers = [int(n) for n in seg.segment_numbers if int(n) > 0]
+    px = seg.get_pixels_by_source_instance(source_sop_instance_uids=ct.source_sop_uids,
+                                           segment_numbers=numbers, combine_segments=True, relabel=False)
+    got = np.transpose(np.asarray(px), (2, 1, 0))  # (frames, rows, cols) -> (i, j, k)
+    lut = np.zeros(max(numbers) + 1, dtype=np.uint8)
+    for item in seg.SegmentSequence:
+        if int(item.SegmentNumber) == 0:
+            continue
+        code = item.SegmentedPropertyTypeCodeSequence[0]
+        match = [s.label for s in structures()
+                 if s.value == code.CodeValue and s.scheme == code.CodingSchemeDesignator]
+        assert len(match) == 1
+        lut[int(item.SegmentNumber)] = match[0]
+    assert np.array_equal(lut[got], labels.array)
+
+
+def test_sides_match_volumes_json(case):
+    _, ct, labels, vols = case
+    segments, seg_map = plan_segments(labels, vols, ct)
+    counts = np.bincount(seg_map.ravel(), minlength=len(segments) + 1)
+    by_label = {e["label"]: e for e in vols["structures"]}
+    vox = labels.voxel_volume_cm3
+    assert {s.side for s in segments} == {"left", "right"}
+    for s in segments:
+        assert round(counts[s.number] * vox, 4) == pytest.approx(by_label[s.label][f"{s.side}_cm3"], abs=1e-3)
+
+
+def test_segment_attributes_and_geometry(seg_file, case):
+    _, ds = seg_file
+    _, ct, labels, _ = case
+    assert ds.StudyInstanceUID == ct.meta["StudyInstanceUID"]
+    assert ds.FrameOfReferenceUID == ct.meta["FrameOfReferenceUID"]
+    assert ds.SeriesInstanceUID != ct.meta["SeriesInstanceUID"]
+    assert ds.PatientID == ct.meta["PatientID"]
+    schemes = {item.CodingSchemeDesignator for item in ds.CodingSchemeIdentificationSequence}
+    assert codes.PRIVATE_SCHEME in schemes
+    for item in ds.SegmentSequence:
+        if int(item.SegmentNumber) == 0:
+            continue
+        assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+        mod = item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+        assert mod.CodeValue == ("7771000" if item.SegmentLabel.endswith("left") else "24028007")
+        assert "DEMO" in item.SegmentAlgorithmName
+        assert len(item.RecommendedDisplayCIELabValue) == 3
+    # every frame references its source slice; empty frames are omitted
+    if ds.SegmentationType == "BINARY":
+        n_expected = sum(int(np.count_nonzero(np.any(labels.array == s.label, axis=(0, 1))))
+                         for s in structures()[1:]) * 2
+        assert ds.NumberOfFrames <= n_expected
+    for fg in ds.PerFrameFunctionalGroupsSequence:
+        ref = fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert ref in ct.source_sop_uids
+
+
+def test_dcmqi_reads_identical_voxel_counts(seg_file, case, tmp_path):
+    path, ds = seg_file
+    if ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80":
+        pytest.skip("dcmqi 1.5.7 (dcmtk dcmseg) refuses JPEG-LS Lossless as 'lossy'; "
+                    "RLE and uncompressed are checked")
+    _, ct, labels, vols = case
+    _, seg_map = plan_segments(labels, vols, ct)
+    expected = np.bincount(seg_map.ravel())
+    cmd = [str(VENV_BIN / "segimage2itkimage"), "--inputDICOM", str(path), "--outputDirectory", str(tmp_path),
+           "--outputType", "nifti"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    got = np.zeros_like(expected)
+    if ds.SegmentationType == "LABELMAP":
+        arr = np.asarray(nib.load(tmp_path / "1.nii.gz").dataobj)
+        got = np.bincount(arr.astype(np.int64).ravel(), minlength=len(expected))[: len(expected)]
+    else:
+        assert len(meta["segmentAttributes"]) == len(expected) - 1
+        for f in tmp_path.glob("*.nii.gz"):
+            n = int(f.name.split(".")[0])
+            got[n] = int(np.count_nonzero(np.asarray(nib.load(f).dataobj)))
+    assert np.array_equal(got[1:], expected[1:])
+
+
+def test_rerun_gives_identical_uids(case):
+    _, ct, labels, vols = case
+    a = build_seg(ct, labels, vols, MODEL)
+    b = build_seg(ct, labels, vols, MODEL)
+    c = build_seg(ct, labels, vols, {**MODEL, "version": "10.0"})
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    assert [i.TrackingUID for i in a.SegmentSequence] == [i.TrackingUID for i in b.SegmentSequence]
+    assert c.SOPInstanceUID != a.SOPInstanceUID
+    assert len(a.SOPInstanceUID) <= 64
+
+
+def test_nifti_input_without_sources_is_refused(case):
+    _, ct, labels, vols = case
+    bare = Volume(ct.array, ct.affine, dict(ct.meta))
+    with pytest.raises(ValueError, match="source"):
+        build_seg(bare, labels, vols, MODEL)
