@@ -54,7 +54,7 @@ FEMORAL_HEAD = (88.0, -10.0, 0.0, 23.0)
 
 # Key z levels (mm, 1.70 m adult): whole phantom from L4 to below the knee.
 Z_TOP = 140.0
-Z_BOTTOM = -445.0
+Z_BOTTOM = -465.0
 
 # name -> keyframes; labelled muscles in the paper's order.
 MUSCLES: dict[str, list[tuple[float, ...]]] = {
@@ -120,12 +120,24 @@ MUSCLES: dict[str, list[tuple[float, ...]]] = {
                    (25, 12, 85, 4, 4)],
 }
 
+# Cross-section scale per muscle, calibrated so the 21 analysed muscles' shares of their total come
+# close to Kim et al. 2024, Table 1 (pre-operative composition), after the partition has filled space.
+RADIUS_SCALE: dict[str, float] = {
+    "vastus_lateralis": 0.68, "vastus_intermedius": 1.55, "vastus_medialis": 1.05, "rectus_femoris": 0.65,
+    "sartorius": 0.6, "gracilis": 0.38, "gluteus_maximus": 1.55, "gluteus_medius": 0.9,
+    "gluteus_minimus": 1.3,
+    "biceps_femoris": 0.7, "semimembranosus": 1.2, "semitendinosus": 1.1, "quadratus_femoris": 2.2,
+    "tensor_fasciae_latae": 0.55, "piriformis": 0.6, "obturator_internus": 0.65, "adductor_brevis": 1.1,
+}
+
 # Unlabelled muscles: they look like muscle on CT but belong to no class (the model must learn that).
 DISTRACTOR_MUSCLES: dict[str, list[tuple[float, ...]]] = {
     "erector_spinae": [(200, 55, 62, 20, 16), (110, 50, 68, 16, 14), (80, 40, 78, 8, 8)],
     "quadratus_lumborum": [(200, 70, 30, 14, 12), (125, 72, 35, 10, 8)],
-    "gastrocnemius_medial": [(-360, 80, 45, 6, 6), (-400, 82, 55, 16, 14), (-520, 80, 58, 22, 18)],
-    "gastrocnemius_lateral": [(-365, 118, 45, 5, 5), (-400, 115, 55, 13, 12), (-520, 112, 55, 18, 15)],
+    "gastrocnemius_medial": [(-345, 80, 45, 6, 6), (-380, 80, 52, 16, 14), (-420, 82, 55, 20, 16),
+                             (-520, 80, 58, 24, 18)],
+    "gastrocnemius_lateral": [(-350, 118, 45, 5, 5), (-385, 116, 50, 12, 11), (-420, 115, 55, 15, 13),
+                              (-520, 112, 55, 18, 15)],
     "soleus_popliteus": [(-420, 100, 35, 10, 6), (-520, 100, 38, 25, 10)],
     "tibialis_anterior": [(-430, 118, -15, 6, 6), (-520, 120, -15, 12, 14)],
 }
@@ -139,14 +151,15 @@ BONES: list[tuple[str, str, list[tuple[float, ...]], float, float]] = [
     ("femur_lesser_trochanter", "femur", [(-55, 110, 12, 5, 5), (-68, 108, 16, 11, 9, 30),
                                           (-80, 112, 14, 5, 5)], 1.5, 220.0),
     ("femur_shaft", "femur", [(-50, 123, 7, 17, 17), (-90, 120, 6, 15, 15), (-200, 112, 5, 14, 14),
-                              (-320, 103, 8, 15, 14), (-360, 100, 12, 24, 20), (-390, 96, 18, 36, 27),
-                              (-405, 95, 18, 38, 26), (-415, 95, 18, 30, 20), (-420, 95, 18, 10, 8)],
-     5.0, -20.0),
+                              (-320, 103, 8, 15, 14), (-345, 101, 10, 12, 11)], 5.0, -20.0),
+    ("femur_condyles", "femur", [(-315, 103, 8, 12, 11), (-340, 101, 10, 19, 16), (-360, 100, 12, 24, 20),
+                                 (-390, 96, 18, 36, 27), (-405, 95, 18, 38, 26), (-415, 95, 18, 30, 20),
+                                 (-420, 95, 18, 10, 8)], 1.5, 180.0),
     ("iliac_wing", "iliac_bone", [(140, 110, 15, 22, 7, -65), (120, 100, 10, 50, 8, -62),
                                   (90, 90, 5, 62, 7, -58), (60, 85, 10, 48, 9, -55),
                                   (35, 85, 15, 35, 16, -50), (20, 82, 12, 30, 25, -40)], 1.5, 300.0),
-    ("acetabulum", "iliac_bone", [(28, 80, -2, 22, 24), (15, 74, -5, 30, 33), (0, 72, -8, 32, 36),
-                                  (-15, 72, -5, 30, 32), (-28, 70, 0, 18, 20)], 2.0, 280.0),
+    ("acetabulum", "iliac_bone", [(28, 80, -2, 20, 22), (15, 72, -5, 26, 29), (0, 70, -8, 27, 31),
+                                  (-15, 70, -5, 25, 28), (-28, 68, 0, 16, 18)], 2.0, 280.0),
     ("pubis", "iliac_bone", [(-5, 55, -45, 20, 10, 25), (-20, 40, -55, 30, 10, 20),
                              (-35, 25, -55, 18, 10, 10), (-45, 18, -50, 8, 8)], 1.5, 260.0),
     ("ischium", "iliac_bone", [(-10, 62, 30, 14, 20), (-35, 62, 32, 16, 22), (-55, 60, 38, 18, 18),
@@ -155,8 +168,8 @@ BONES: list[tuple[str, str, list[tuple[float, ...]], float, float]] = [
     ("tibia", "", [(-422, 96, 15, 8, 6), (-428, 96, 15, 36, 26), (-450, 97, 12, 32, 24),
                    (-520, 97, 10, 22, 20)], 2.0, 150.0),
     ("fibula", "", [(-430, 132, 30, 5, 5), (-440, 133, 30, 8, 8), (-520, 130, 30, 7, 7)], 2.0, 200.0),
-    ("patella", "", [(-350, 100, -50, 6, 4), (-365, 100, -52, 20, 9), (-395, 98, -52, 20, 9),
-                     (-405, 98, -50, 6, 4)], 1.5, 300.0),
+    ("patella", "", [(-350, 100, -44, 6, 4), (-365, 100, -46, 20, 9), (-395, 98, -46, 20, 9),
+                     (-405, 98, -44, 6, 4)], 1.5, 300.0),
 ]
 
 MIDLINE_BONES: list[tuple[str, list[tuple[float, ...]], float, float]] = [

@@ -78,7 +78,7 @@ def draw_patient(opts: PhantomOptions) -> tuple[Patient, np.random.Generator]:
         height = float(opts.height_m)
     s_z = height / 1.70
     frame = rng.uniform(0.95, 1.05)
-    bulk = rng.uniform(0.98, 1.12) if sex == "M" else rng.uniform(0.86, 1.0)
+    bulk = rng.uniform(0.95, 1.08) if sex == "M" else rng.uniform(0.85, 0.98)
     pelvis_w = (1.05 if sex == "F" else 1.0) * rng.uniform(0.97, 1.03)
     fat = rng.uniform(12, 28) if sex == "F" else rng.uniform(6, 18)
     age = int(rng.integers(62, 91))
@@ -135,6 +135,7 @@ def build_items(p: Patient, rng: np.random.Generator) -> dict[str, list[Item]]:
     for table, labelled in ((A.MUSCLES, True), (A.DISTRACTOR_MUSCLES, False)):
         for name, rows in table.items():
             base = _jitter(A._kf(rows), rng)
+            base[:, 3:5] *= A.RADIUS_SCALE.get(name, 1.0)
             for side in SIDES:
                 k = base.copy()
                 k[:, 3:5] *= 1 + rng.normal(0, 0.03)  # left/right asymmetry
@@ -347,8 +348,14 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
             best[c] = np.where(better, sd, b)
             bidx[c] = np.where(better, it.index, bidx[c])
         # Muscles fill their compartment in the thigh (grow), less so among the pelvic organs.
-        grow = float(np.interp(z / p.s_z, [-60.0, 10.0], [p.grow_mm, 1.5]))
-        muscle = incomp & (best < grow) & ((second - best) >= p.plane_mm) & ~bone
+        visc = np.full((nx, ny), np.inf)
+        for it in items["viscera"]:
+            r = sd_of(it)
+            if r is not None:
+                c, sd = r
+                visc[c] = sd
+        grow = np.where(visc < 0, 0.0, p.grow_mm)
+        muscle = incomp & (best < grow) & ((second - best) >= p.plane_mm) & ~bone & (mm >= 4.0)
 
         # Vessels (with a thin fat ring) are carved out of muscle.
         vsd = np.full((nx, ny), np.inf)
@@ -390,12 +397,6 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
         tex = _field3(z, xx, yy, tex_waves)
         h[body] = p.fat_hu + 4.0 * tex[body]
         h[body & (body_sd > -p.skin_mm)] = 30.0
-        visc = np.full((nx, ny), np.inf)
-        for it in items["viscera"]:
-            r = sd_of(it)
-            if r is not None:
-                c, sd = r
-                visc[c] = sd
         vis = incomp & (visc < 0) & ~muscle & ~bone
         if vis.any():
             t = tex[vis]
