@@ -294,7 +294,8 @@ def record_result(settings: Settings, result: ResultRecord) -> list[dict]:
     pid, issuer = result.patient_id, result.issuer_of_patient_id or ""
     con = connect(settings)
     try:
-        with con:
+        with con:  # one write transaction: concurrent workers never interleave a patient's refresh
+            con.execute("BEGIN IMMEDIATE")
             con.execute(
                 "INSERT OR REPLACE INTO pairing_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -313,7 +314,7 @@ def record_result(settings: Settings, result: ResultRecord) -> list[dict]:
                     _now(),
                 ),
             )
-        changes, plan = _refresh_patient(settings, con, pid, issuer, result)
+            changes, plan = _refresh_patient(settings, con, pid, issuer, result)
     finally:
         con.close()
     mine = [c for c in changes if c["followup"]["series_instance_uid"] == result.series_instance_uid]
@@ -336,48 +337,46 @@ def _refresh_patient(
     studies, superseded = _studies(con, pid, issuer)
     latest_size = next((s.patient_size_m for s in reversed(studies) if s.patient_size_m), None)
     latest_sex = next((s.patient_sex for s in reversed(studies) if s.patient_sex), None)
-    res = registry.resolve(settings, pid, issuer, latest_sex, latest_size)
+    res = registry.resolve(settings, pid, issuer, latest_sex, latest_size, con=con)
     plan = plan_timeline(studies, res.surgery_date)
     changes = [
         _change(a, b, kind, pid, res, plan.baseline_preoperative, plan.reasons[b.series_instance_uid])
         for a, b, kind in plan.comparisons
     ]
     now = _now()
-    with con:
+    # Writes join the caller's transaction (record_result / refresh_*).
+    con.execute("DELETE FROM pairing_changes WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer))
+    for (a, b, kind), change in zip(plan.comparisons, changes, strict=True):
         con.execute(
-            "DELETE FROM pairing_changes WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer)
+            "INSERT OR REPLACE INTO pairing_changes VALUES (?,?,?,?,?,?,?)",
+            (a.series_instance_uid, b.series_instance_uid, kind, pid, issuer, json.dumps(change), now),
         )
-        for (a, b, kind), change in zip(plan.comparisons, changes, strict=True):
-            con.execute(
-                "INSERT OR REPLACE INTO pairing_changes VALUES (?,?,?,?,?,?,?)",
-                (a.series_instance_uid, b.series_instance_uid, kind, pid, issuer, json.dumps(change), now),
-            )
-        con.execute("DELETE FROM pairing_status WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer))
-        for s in studies:
-            why = plan.reasons[s.series_instance_uid] + res.notes
-            con.execute(
-                "INSERT OR REPLACE INTO pairing_status VALUES (?,?,?,?,?,?)",
-                (
-                    s.series_instance_uid,
-                    pid,
-                    issuer,
-                    plan.roles.get(s.series_instance_uid, "unplaced"),
-                    json.dumps(why),
-                    now,
-                ),
-            )
-        for uid in superseded:
-            con.execute(
-                "INSERT OR REPLACE INTO pairing_status VALUES (?,?,?,?,?,?)",
-                (
-                    uid,
-                    pid,
-                    issuer,
-                    SUPERSEDED,
-                    json.dumps(["a later series of the same study represents it"]),
-                    now,
-                ),
-            )
+    con.execute("DELETE FROM pairing_status WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer))
+    for s in studies:
+        why = plan.reasons[s.series_instance_uid] + res.notes
+        con.execute(
+            "INSERT OR REPLACE INTO pairing_status VALUES (?,?,?,?,?,?)",
+            (
+                s.series_instance_uid,
+                pid,
+                issuer,
+                plan.roles.get(s.series_instance_uid, "unplaced"),
+                json.dumps(why),
+                now,
+            ),
+        )
+    for uid in superseded:
+        con.execute(
+            "INSERT OR REPLACE INTO pairing_status VALUES (?,?,?,?,?,?)",
+            (
+                uid,
+                pid,
+                issuer,
+                SUPERSEDED,
+                json.dumps(["a later series of the same study represents it"]),
+                now,
+            ),
+        )
     return changes, plan
 
 
@@ -385,7 +384,9 @@ def refresh_patient(settings: Settings, patient_id: str, issuer: str = "") -> li
     """Recompute a patient's comparisons (after a registry import changed the surgery date, say)."""
     con = connect(settings)
     try:
-        return _refresh_patient(settings, con, patient_id, issuer)[0]
+        with con:
+            con.execute("BEGIN IMMEDIATE")
+            return _refresh_patient(settings, con, patient_id, issuer)[0]
     finally:
         con.close()
 
@@ -395,7 +396,9 @@ def refresh_all(settings: Settings) -> int:
     try:
         keys = con.execute("SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results").fetchall()
         for k in keys:
-            _refresh_patient(settings, con, k[0], k[1])
+            with con:
+                con.execute("BEGIN IMMEDIATE")
+                _refresh_patient(settings, con, k[0], k[1])
         return len(keys)
     finally:
         con.close()

@@ -299,9 +299,15 @@ def _from_row(row: sqlite3.Row) -> ClinicalInfo:
     )
 
 
-def get_patient(settings: Settings, patient_id: str, issuer: str = "") -> ClinicalInfo | None:
-    """The registry row for this patient: exact issuer first, then a row imported without issuer."""
-    con = connect(settings)
+def get_patient(
+    settings: Settings, patient_id: str, issuer: str = "", con: sqlite3.Connection | None = None
+) -> ClinicalInfo | None:
+    """The registry row for this patient: exact issuer first, then a row imported without issuer.
+
+    ``con``: an open connection to reuse (e.g. inside the caller's write transaction).
+    """
+    own = con is None
+    con = connect(settings) if con is None else con
     try:
         for iss in dict.fromkeys([issuer or "", ""]):
             row = con.execute(
@@ -312,7 +318,8 @@ def get_patient(settings: Settings, patient_id: str, issuer: str = "") -> Clinic
                 return _from_row(row)
         return None
     finally:
-        con.close()
+        if own:
+            con.close()
 
 
 def all_patients(settings: Settings) -> list[ClinicalInfo]:
@@ -348,10 +355,11 @@ def resolve(
     dicom_sex: Any = None,
     dicom_size: Any = None,
     info: ClinicalInfo | None = None,
+    con: sqlite3.Connection | None = None,
 ) -> Resolved:
     """Registry first, DICOM header second; every value carries its provenance or the reason it is absent."""
     if info is None:
-        info = get_patient(settings, patient_id, issuer)
+        info = get_patient(settings, patient_id, issuer, con=con)
     notes: list[str] = []
     height, height_source = None, "missing"
     if info is not None and info.height_m is not None and info.height_flag is None:
