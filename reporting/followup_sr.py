@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 
 from reporting import codes
 from reporting.sr import CM3, CM3_PER_M2, METER, PERCENT
-from reporting.uids import copy_identity, derived_uid, source_header, tracking_uid
+from reporting.uids import copy_identity, derived_uid, read_header, source_header, tracking_uid
 from seg.labels import by_name
 from seg.volume import Volume
 
@@ -106,8 +106,11 @@ def build_followup_sr(ct: Volume, change: dict, evidence: list[Dataset]) -> Data
         imaging_measurements=groups,
         title=codes.FOLLOWUP_TITLE,
     )
+    # The follow-up CT first: the SR belongs to its study, the CT is the current evidence and the
+    # baseline SEG/SR (another study) become Pertinent Other Evidence.
+    current = [read_header(f) for f in ct.source_files] or ([src0] if src0 is not None else [])
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence),
+        evidence=current + list(evidence),
         content=report,
         series_instance_uid=derived_uid("followup-SR/series", follow_series, base_series),
         series_number=FOLLOWUP_SERIES_NUMBER,

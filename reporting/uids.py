@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from copy import deepcopy
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 
 # Fixed namespace for this project; changing it would change every output UID.
@@ -36,6 +38,10 @@ PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
     "ReferringPhysicianName",
     "StudyDescription",
 )
+
+
+_TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName"}
 
 
 def derived_uid(*parts: str) -> str:
@@ -66,19 +72,25 @@ def source_header(source_files: Iterable[Path]) -> Dataset | None:
     return None
 
 
+def _put(ds: Dataset, kw: str, value) -> None:
+    """Set ``kw`` as a fresh element: highdicom shares DataElement objects with the datasets it copied
+    identity from (e.g. SR evidence), so assigning in place would silently rewrite those too."""
+    if kw in ds:
+        del ds[kw]
+    ds.add_new(keyword_dict[kw], dictionary_VR(keyword_dict[kw]), deepcopy(value))
+
+
 def copy_identity(ds: Dataset, src: Dataset | None, meta: dict | None = None) -> Dataset:
     """Make ``ds``'s patient/study attributes equal to the source CT's (absent there = absent here)."""
     for kw in PATIENT_STUDY_KEYWORDS:
         if src is not None:
             if kw in src:
-                setattr(ds, kw, src[kw].value)
-            elif kw in ds and kw not in ("StudyInstanceUID",):
-                # Type 2 attributes stay present but empty rather than invented.
-                if kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                          "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
-                    setattr(ds, kw, "" if kw not in ("PatientName", "ReferringPhysicianName") else None)
+                _put(ds, kw, src[kw].value)
+            elif kw in ds and kw != "StudyInstanceUID":
+                if kw in _TYPE2:
+                    _put(ds, kw, None)  # Type 2: present but empty, never invented
                 else:
                     del ds[kw]
         elif meta and kw in meta and meta[kw] not in (None, ""):
-            setattr(ds, kw, meta[kw])
+            _put(ds, kw, meta[kw])
     return ds
