@@ -78,11 +78,12 @@ class OrthancServer:
         stable_age: int = 2,
         lua_scripts: Iterable[Path] | None = (ROUTE_LUA,),
         extra: dict[str, Any] | None = None,
+        dicom_port: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.node_aet = node_aet
         self.node_port = node_port if node_port is not None else free_port()
@@ -250,3 +251,15 @@ class OrthancServer:
 
 def is_http_error(exc: BaseException, status: int) -> bool:
     return isinstance(exc, urllib.error.HTTPError) and exc.code == status
+
+
+def slow_stand_in(job: Any, settings: Any) -> Any:
+    """Test pipeline for ``dicomnode serve --pipeline orthanc:slow_stand_in``: NODE's stand-in, 3 s slower.
+
+    Why: the outage test must stop Orthanc while the node is still working on a job; a stand-in
+    that returns at once would race the stop.
+    """
+    import node_pipeline
+
+    time.sleep(float(os.environ.get("SLOW_STAND_IN_SECONDS", "3")))
+    return node_pipeline.run(job, settings)
