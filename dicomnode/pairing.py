@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS pairing_changes (
 CREATE TABLE IF NOT EXISTS pairing_retrievals (
     patient_id TEXT NOT NULL,
     issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    study_instance_uid TEXT NOT NULL,
     requested_at TEXT NOT NULL,
     status TEXT NOT NULL,
     detail TEXT
@@ -325,9 +326,27 @@ def record_result(settings: Settings, result: ResultRecord) -> list[dict]:
         len(mine),
         ("; " + "; ".join(reasons)) if reasons else "",
     )
-    if settings.pairing.retrieve_priors and (not plan.comparisons or plan.baseline_preoperative is False):
-        _maybe_retrieve(settings, pid, issuer, result, plan)
+    if settings.pairing.retrieve_priors:
+        info = registry.get_patient(settings, pid, issuer)
+        surgery = info.surgery_date if info else None
+        if needs_prior(plan, surgery, result):
+            _maybe_retrieve(settings, pid, issuer, result, plan, surgery)
     return mine
+
+
+def needs_prior(plan: Plan, surgery_date: str | None, result: ResultRecord) -> bool:
+    """Whether this new result is a follow-up without a baseline in the node (then the PACS is asked).
+
+    With a surgery date: a post-operative study while no pre-operative one is held. Without one: the
+    patient's only study (it may be a follow-up; a pre-operative CT is better marked by the registry).
+    """
+    if surgery_date:
+        return (
+            bool(result.study_date)
+            and result.study_date > surgery_date
+            and plan.baseline_preoperative is not True
+        )
+    return len(plan.studies) == 1
 
 
 def _refresh_patient(
@@ -545,26 +564,27 @@ def _series_volumes(con: sqlite3.Connection, series_uid: str) -> str:
 # ---------------------------------------------------------------- prior retrieval
 
 
-def _maybe_retrieve(settings: Settings, pid: str, issuer: str, result: ResultRecord, plan: Plan) -> None:
-    """Ask the PACS for an earlier study in the background, once per patient and new study."""
+def _maybe_retrieve(
+    settings: Settings, pid: str, issuer: str, result: ResultRecord, plan: Plan, surgery: str | None
+) -> None:
+    """Ask the PACS for an earlier study in the background, once per patient and follow-up study."""
     con = connect(settings)
     try:
         with con:
             seen = con.execute(
-                "SELECT 1 FROM pairing_retrievals WHERE patient_id=? AND issuer_of_patient_id=? AND detail=?",
+                "SELECT 1 FROM pairing_retrievals WHERE patient_id=? AND issuer_of_patient_id=?"
+                " AND study_instance_uid=?",
                 (pid, issuer, result.study_instance_uid),
             ).fetchone()
             if seen:
                 return
             con.execute(
-                "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?)",
-                (pid, issuer, _now(), "requested", result.study_instance_uid),
+                "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
+                (pid, issuer, result.study_instance_uid, _now(), "requested", None),
             )
     finally:
         con.close()
     known = {s.study_instance_uid for s in plan.studies}
-    res = registry.get_patient(settings, pid, issuer)
-    surgery = res.surgery_date if res else None
 
     def work() -> None:
         from dicomnode.retrieve import retrieve_prior
@@ -586,7 +606,8 @@ def _maybe_retrieve(settings: Settings, pid: str, issuer: str, result: ResultRec
             c = connect(settings)
             with c:
                 c.execute(
-                    "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?)", (pid, issuer, _now(), status, detail)
+                    "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
+                    (pid, issuer, result.study_instance_uid, _now(), status, detail),
                 )
             c.close()
         except sqlite3.Error:

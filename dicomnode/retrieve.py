@@ -2,9 +2,9 @@
 
 Why: a follow-up is worthless without its baseline, and the baseline was often acquired before the
 node existed. C-FIND (study level, by PatientID) lists the patient's studies; the earlier study is
-chosen (the latest on or before the surgery date when one is known, else the earliest); a series-level
-C-FIND picks its CT series with the most instances (a whole-thigh scan has many slices); C-MOVE sends
-that series to this node's AE, where it is processed like any other arrival. Off with
+chosen (the latest on or before the surgery date when one is known, else the most recent earlier
+one); a series-level C-FIND picks its CT series with the most instances (a whole-thigh scan has many
+slices); C-MOVE sends that series to this node's AE, where it is processed like any other arrival. Off with
 ``pairing.retrieve_priors = false``.
 """
 
@@ -152,7 +152,11 @@ def choose_prior(
     surgery_date: str | None = None,
     issuer: str = "",
 ) -> StudyHit | None:
-    """The earlier CT study to use as baseline (strictly before ``before_date``; none already held)."""
+    """The earlier CT study to use as baseline (strictly before ``before_date``; none already held).
+
+    With a surgery date: the latest study on or before it (the pre-operative CT), else none. Without
+    one: the most recent earlier study (the usual "relevant prior"; an old unrelated CT is less likely).
+    """
     cands = [
         s
         for s in studies
@@ -163,14 +167,10 @@ def choose_prior(
         and (not s.modalities or "CT" in s.modalities)
         and (not issuer or not s.issuer or s.issuer == issuer)
     ]
-    if not cands:
-        return None
     cands.sort(key=lambda s: (s.study_date, s.study_time))
     if surgery_date:
-        pre = [s for s in cands if s.study_date <= surgery_date]
-        if pre:
-            return pre[-1]
-    return cands[0]
+        cands = [s for s in cands if s.study_date <= surgery_date]
+    return cands[-1] if cands else None
 
 
 def choose_series(series: list[SeriesHit], min_slices: int) -> SeriesHit | None:

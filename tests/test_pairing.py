@@ -220,7 +220,7 @@ def test_issuer_keeps_patients_apart(settings: Settings) -> None:
     assert len(_record(settings, "P1", "1.2", "20230401", 0.9, issuer="HOSP_A")) == 1
 
 
-def test_prior_retrieval_is_attempted_once_and_can_be_off(settings: Settings) -> None:
+def test_prior_retrieval_is_attempted_once_and_can_be_off(settings: Settings, tmp_path: Path) -> None:
     _record(settings, "P0", "0.1", "20230101")
     assert _retrievals(settings) == []  # switched off: nothing asked
     settings.pairing.retrieve_priors = True
@@ -235,6 +235,17 @@ def test_prior_retrieval_is_attempted_once_and_can_be_off(settings: Settings) ->
     _record(settings, "P1", "1.2", "20230601", 0.9)  # the same follow-up again: not asked twice
     time.sleep(0.3)
     assert len(_retrievals(settings)) == 2
+    # With a surgery date: a lone pre-operative study is a baseline, nothing to ask for; a follow-up is.
+    _registry(settings, tmp_path, "patient_id,surgery_date\nP2,20230110\nP3,20230110\n")
+    _record(settings, "P2", "2.1", "20230105")
+    _record(settings, "P2", "2.2", "20230601", 0.9)
+    time.sleep(0.3)
+    assert len(_retrievals(settings)) == 2
+    _record(settings, "P3", "3.2", "20230601", 0.9)
+    deadline = time.time() + 20
+    while len(_retrievals(settings)) < 4 and time.time() < deadline:
+        time.sleep(0.1)
+    assert [r[0] for r in _retrievals(settings)][2:] == ["requested", "failed"]
 
 
 def _retrievals(settings: Settings) -> list[tuple]:

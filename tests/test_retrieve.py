@@ -182,7 +182,7 @@ def test_prior_arrives_at_the_node_by_c_move(orthanc, tmp_path: Path) -> None:
         server.shutdown()
 
 
-def test_choose_prior_prefers_latest_preoperative_and_skips_known() -> None:
+def test_choose_prior_prefers_preoperative_then_nearest_and_skips_known() -> None:
     studies = [
         StudyHit("1", "20230101", modalities=["CT"]),
         StudyHit("2", "20230110", modalities=["CT"]),
@@ -190,8 +190,10 @@ def test_choose_prior_prefers_latest_preoperative_and_skips_known() -> None:
         StudyHit("4", "20230301", modalities=["CT"]),
         StudyHit("5", "20230601", modalities=["CT"]),
     ]
-    assert choose_prior(studies, "20230601", {"5"}).study_instance_uid == "1"
+    assert choose_prior(studies, "20230601", {"5"}).study_instance_uid == "4"  # the nearest earlier CT
     assert choose_prior(studies, "20230601", {"5"}, surgery_date="20230111").study_instance_uid == "2"
+    assert choose_prior(studies, "20230601", {"2", "5"}, surgery_date="20230111").study_instance_uid == "1"
+    assert choose_prior(studies, "20230601", {"1", "2"}, surgery_date="20230111") is None  # no pre-op CT left
     assert choose_prior(studies, "20230601", {"1", "2", "4", "5"}) is None
     assert choose_prior(studies, "20230101", set()) is None  # same day is not a prior
 
