@@ -296,3 +296,153 @@ def test_same_series_routed_twice_gives_one_set_of_outputs(wired: Wired) -> None
     after = sorted(i["ID"] for i in w.orthanc.instances_of_study(study))
     assert after == before
     assert len(outputs_in(w.orthanc, study)["summary"]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The real pipeline behind Orthanc: a phantom patient, pre-op and follow-up
+# --------------------------------------------------------------------------------------------
+SPACING = (3.0, 3.0, 5.0)  # coarse phantoms keep the suite's CPU time modest
+PATIENT = {"patient_id": "E2E-0001", "patient_name": "E2E^Patient", "sex": "F", "height_m": 1.60}
+ATROPHY = {"gluteus_medius": 0.7, "gluteus_minimus": 0.7, "vastus_lateralis": 0.75}
+DEFAULT_TOLERANCE_PCT = 20.0  # relative volume error allowed when the model states none
+
+
+def missing_science() -> list[str]:
+    """Parts of other issues the real-pipeline test needs; listed in the skip reason when absent."""
+    import importlib
+
+    needed = (("seg.phantom", "make_phantom"), ("seg.io", "load_dicom_series"), ("seg.infer", "segment"),
+              ("seg.model", "load_model"), ("seg.measure", "measure_volumes"), ("reporting.seg", "build_seg"),
+              ("reporting.sr", "build_measurement_sr"), ("reporting.summary", "build_summary"),
+              ("reporting.followup_sr", "build_followup_sr"), ("dicomnode.pairing", "record_result"))
+    missing = []
+    for module, attr in needed:
+        try:
+            if not hasattr(importlib.import_module(module), attr):
+                missing.append(f"{module}.{attr}")
+        except ImportError as exc:
+            missing.append(f"{module} ({type(exc).__name__})")
+    if not missing:
+        try:
+            from seg.model import load_model
+
+            load_model(None, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - any failure means: no usable demo model yet
+            missing.append(f"the shipped demo model ({type(exc).__name__}: {str(exc)[:120]})")
+    return missing
+
+
+def phantom_study(tmp: Path, name: str, **options: Any) -> tuple[str, str, Path, dict]:
+    from seg.phantom import PhantomOptions, make_phantom, write_phantom
+
+    ph = make_phantom(PhantomOptions(spacing_mm=SPACING, **options))
+    folder = Path(write_phantom(ph, tmp / "phantoms" / name))
+    truth = json.loads((folder / "truth" / "volumes.json").read_text())
+    return str(ph.meta["StudyInstanceUID"]), str(ph.meta["SeriesInstanceUID"]), folder / "dicom", truth
+
+
+def sr_volumes(ds: Any) -> dict[str, float]:
+    """{tracking identifier, e.g. "vastus_lateralis left": volume cm³} from a TID 1500 SR."""
+    found: dict[str, float] = {}
+
+    def walk(items: Any) -> None:
+        for item in items:
+            children = item.get("ContentSequence", [])
+            tid, value = None, None
+            for child in children:
+                concept = child.get("ConceptNameCodeSequence")
+                name = concept[0].CodeMeaning if concept else ""
+                if child.ValueType == "TEXT" and name == "Tracking Identifier":
+                    tid = str(child.TextValue)
+                if child.ValueType == "NUM" and value is None and "MeasuredValueSequence" in child:
+                    mv = child.MeasuredValueSequence[0]
+                    if mv.MeasurementUnitsCodeSequence[0].CodeValue == "cm3":
+                        value = float(mv.NumericValue)
+            if tid and value is not None:
+                found[tid] = value
+            walk(children)
+
+    walk(ds.get("ContentSequence", []))
+    return found
+
+
+def tolerance_pct(model: dict) -> float:
+    for key in ("volume_tolerance_pct", "tolerance_pct"):
+        if isinstance(model.get(key), int | float):
+            return float(model[key])
+    return DEFAULT_TOLERANCE_PCT
+
+
+def check_volumes(w: Wired, series_uid: str, truth: dict, kinds: dict[str, list[str]]) -> dict:
+    """The node's volumes.json against the phantom truth (model tolerance) and against the SR in Orthanc."""
+    from seg.labels import ANALYSED_MUSCLES
+
+    measured = json.loads((w.node.storage_dir / "results" / series_uid / "volumes.json").read_text())
+    tol = tolerance_pct(measured.get("model") or {})
+    want = {s["name"]: s for s in truth["structures"]}
+    got = {s["name"]: s for s in measured["structures"]}
+    total_want = sum(want[m]["volume_cm3"] for m in ANALYSED_MUSCLES)
+    total_got = sum(got[m]["volume_cm3"] for m in ANALYSED_MUSCLES)
+    assert abs(total_got - total_want) / total_want * 100 <= tol, (total_got, total_want, tol)
+    big = [m for m in ANALYSED_MUSCLES if want[m]["volume_cm3"] >= 100]  # small ones: too few voxels at 3 mm
+    off = {m: (round(got[m]["volume_cm3"]), round(want[m]["volume_cm3"])) for m in big
+           if abs(got[m]["volume_cm3"] - want[m]["volume_cm3"]) / want[m]["volume_cm3"] * 100 > tol}
+    assert len(off) <= len(big) // 5, f"muscles off by more than {tol} %: {off}"
+
+    in_sr = [v for v in (sr_volumes(w.orthanc.instance_dataset(i)) for i in kinds["sr"]) if v]
+    assert in_sr, "no SR with volume measurements in Orthanc"
+    for m in big:
+        for side in ("left", "right"):
+            assert in_sr[0][f"{m} {side}"] == pytest.approx(got[m][f"{side}_cm3"], abs=0.1), (m, side)
+    return measured
+
+
+def wait_outputs(w: Wired, study_uid: str, series_uid: str, followup: bool,
+                 timeout: float = 900) -> dict[str, list[str]]:
+    def ready() -> dict[str, list[str]] | None:
+        jobs = w.node.jobs(series_uid)
+        if jobs and jobs[-1]["state"] in ("failed", "rejected"):
+            raise AssertionError(f"job {jobs[-1]['state']}: {jobs[-1]['reason']}\n{w.node.log()[-2000:]}")
+        if not jobs or jobs[-1]["state"] != "done":
+            return None
+        kinds = outputs_in(w.orthanc, study_uid)
+        enough = kinds["seg"] and kinds["summary"] and len(kinds["sr"]) >= (2 if followup else 1)
+        return kinds if enough else None
+
+    return wait_for(ready, timeout, interval=1.0, what="SEG, SR and summary in Orthanc")
+
+
+@pytest.mark.slow
+def test_phantom_patient_pre_and_followup_through_orthanc(tmp_path: Path) -> None:
+    missing = missing_science()
+    if missing:
+        pytest.skip("real pipeline not complete yet: " + ", ".join(missing))
+    w = wire(tmp_path, None, worker={"device": "cpu", "poll_seconds": 0.2})
+    pre = phantom_study(tmp_path, "pre", seed=5, study_date="20240110", **PATIENT)
+    post = phantom_study(tmp_path, "post", seed=5, study_date="20240520", postop=True, implant_side="left",
+                         atrophy=ATROPHY, series_number=2, **PATIENT)
+    try:
+        w.orthanc.start()
+        w.node.start(timeout=120)
+        w.orthanc.upload_folder(pre[2])
+        pre_kinds = wait_outputs(w, pre[0], pre[1], followup=False)
+        assert len(pre_kinds["seg"]) == 1 and len(pre_kinds["sr"]) == 1
+        seg = w.orthanc.instance_dataset(pre_kinds["seg"][0])
+        assert seg.StudyInstanceUID == pre[0] and seg.PatientID == PATIENT["patient_id"]
+        check_volumes(w, pre[1], pre[3], pre_kinds)
+
+        w.orthanc.upload_folder(post[2])
+        post_kinds = wait_outputs(w, post[0], post[1], followup=True)
+        assert len(post_kinds["seg"]) == 1 and len(post_kinds["sr"]) == 2
+        check_volumes(w, post[1], post[3], post_kinds)
+        changes = sorted((w.node.storage_dir / "results" / post[1]).glob("change-*.json"))
+        assert changes, "no change record for the follow-up"
+        change = json.loads(changes[0].read_text())
+        assert change["baseline"]["study_instance_uid"] == pre[0]
+        assert change["followup"]["study_instance_uid"] == post[0]
+        loss = {(s["name"], s["side"]): s["loss_pct"] for s in change["structures"]}
+        assert loss[("gluteus_medius", "left")] > loss[("gluteus_medius", "right")] + 10
+        assert outputs_in(w.orthanc, pre[0]) == pre_kinds  # nothing new in the baseline study
+    finally:
+        w.node.stop()
+        w.orthanc.stop()
