@@ -202,3 +202,76 @@ def test_choose_series_wants_a_volume() -> None:
     series = [SeriesHit("a", "CT", 2), SeriesHit("b", "CT", 140), SeriesHit("c", "SR", 1)]
     assert choose_series(series, 50).series_instance_uid == "b"
     assert choose_series([SeriesHit("a", "CT", 2)], 50) is None
+
+
+def test_pairing_asks_for_the_prior_and_pairs_it_when_it_arrives(orthanc, tmp_path: Path) -> None:
+    """record_result of a lone follow-up → C-FIND/C-MOVE by the pairing thread → baseline at the node."""
+    from dicomnode import pairing
+
+    pid = "RETRIEVE-002"
+    base_study, follow_study = generate_uid(), generate_uid()
+    base_series = _ct_series(tmp_path / "base", pid, "20230105", 8, base_study)
+    _store(tmp_path / "base", orthanc["dicom_port"], orthanc["env"])
+    received: list[Dataset] = []
+    arrived = threading.Event()
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.dataset)
+        if len(received) == 8:
+            arrived.set()
+        return 0x0000
+
+    node = AE(ae_title="THIGHNODE")
+    node.supported_contexts = StoragePresentationContexts
+    server = node.start_server(
+        ("127.0.0.1", orthanc["node_port"]), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE")
+        settings.pacs.port = orthanc["dicom_port"]
+        settings.selection.min_slices = 5
+
+        def record(study: str, series: str, date: str, factor: float) -> list[dict]:
+            out = tmp_path / "var" / "results" / series
+            out.mkdir(parents=True, exist_ok=True)
+            structs = [
+                {
+                    "label": 1,
+                    "name": "sartorius",
+                    "group": "anterior",
+                    "volume_cm3": 200.0 * factor,
+                    "left_cm3": 100.0 * factor,
+                    "right_cm3": 100.0 * factor,
+                    "index_cm3_m2": None,
+                }
+            ]
+            (out / "volumes.json").write_text(
+                json.dumps({"series_instance_uid": series, "structures": structs})
+            )
+            return pairing.record_result(
+                settings,
+                pairing.ResultRecord(
+                    patient_id=pid,
+                    issuer_of_patient_id="",
+                    patient_sex="F",
+                    patient_size_m=None,
+                    study_instance_uid=study,
+                    study_date=date,
+                    study_time="090000",
+                    series_instance_uid=series,
+                    volumes_json=out / "volumes.json",
+                    seg_sop_instance_uid=series + ".9",
+                    sr_sop_instance_uid=series + ".8",
+                    result_dir=out,
+                ),
+            )
+
+        assert record(follow_study, generate_uid(), "20230610", 0.8) == []
+        assert arrived.wait(30), f"the baseline did not arrive ({len(received)} instances)"
+        assert {ds.SeriesInstanceUID for ds in received} == {base_series}
+        # The node measures the arrived baseline; pairing then has the comparison for the follow-up.
+        assert record(base_study, base_series, "20230105", 1.0) == []
+        late = pairing.changes_for_earlier_series(settings, base_series)
+        assert len(late) == 1 and late[0]["structures"][0]["loss_pct"] == pytest.approx(20.0)
+    finally:
+        server.shutdown()
