@@ -1,0 +1,196 @@
+"""Ground-truth path: phantom → DICOM → load → measure reproduces truth/volumes.json.
+
+Covers head-first and feet-first supine, reversed slice order, anisotropic voxels, compressed
+transfer syntaxes, and that a structure on the patient's left is reported as left.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from seg.io import SeriesGeometryError, load_dicom_series, load_image, load_nifti
+from seg.measure import measure_volumes
+from seg.phantom import PhantomOptions, make_phantom, write_phantom
+
+# Hip region: pelvis, both femoral heads and most of the 30 classes, in few slices.
+HIP = (-75.0, 45.0)
+
+
+def _roundtrip(tmp: Path, opts: PhantomOptions, ts: str = "explicit"):
+    ph = make_phantom(opts)
+    write_phantom(ph, tmp, ts)
+    ct = load_dicom_series(tmp / "dicom")
+    lab = load_nifti(tmp / "truth" / "labels.nii.gz")
+    truth = json.loads((tmp / "truth" / "volumes.json").read_text())
+    return ph, ct, lab, truth
+
+
+def _assert_matches_truth(rec: dict, truth: dict) -> None:
+    assert [s["name"] for s in rec["structures"]] == [s["name"] for s in truth["structures"]]
+    for got, want in zip(rec["structures"], truth["structures"], strict=True):
+        tol = 1e-3 * max(want["volume_cm3"], 1e-9)
+        for key in ("volume_cm3", "left_cm3", "right_cm3"):
+            assert abs(got[key] - want[key]) <= tol, (got["name"], key, got[key], want[key])
+        if want["index_cm3_m2"] is not None:
+            assert abs(got["index_cm3_m2"] - want["index_cm3_m2"]) <= 1e-3 * max(want["index_cm3_m2"], 1e-9)
+    assert rec["qa"]["z_coverage_mm"] == pytest.approx(truth["qa"]["z_coverage_mm"], abs=1e-3)
+    assert rec["qa"]["hu_muscle_cm3"] == pytest.approx(truth["qa"]["hu_muscle_cm3"], rel=1e-3)
+    assert rec["qa"]["metal"] == truth["qa"]["metal"]
+
+
+CASES = [
+    pytest.param(dict(position="HFS", slice_order="ascending"), "explicit", id="HFS-asc-explicit"),
+    pytest.param(dict(position="FFS", slice_order="ascending"), "explicit", id="FFS-asc-explicit"),
+    pytest.param(dict(position="HFS", slice_order="descending"), "rle", id="HFS-desc-rle"),
+    pytest.param(dict(position="FFS", slice_order="descending"), "jpegls", id="FFS-desc-jpegls"),
+    pytest.param(dict(position="FFS", slice_order="ascending", spacing_mm=(0.8, 0.8, 3.0),
+                      z_range_mm=(-15, 15), fov_mm=(400, 300)), "explicit", id="FFS-aniso-0.8x0.8x3"),
+    pytest.param(dict(position="HFS", slice_order="descending", spacing_mm=(0.8, 0.8, 3.0),
+                      z_range_mm=(-15, 15), fov_mm=(400, 300)), "rle", id="HFS-aniso-rle"),
+]
+
+
+@pytest.mark.parametrize(("kw", "ts"), CASES)
+def test_ground_truth_volumes_reproduced(tmp_path: Path, kw: dict, ts: str) -> None:
+    base = dict(seed=7, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=HIP)
+    base.update(kw)
+    opts = PhantomOptions(**base)
+    ph, ct, lab, truth = _roundtrip(tmp_path, opts, ts)
+    # Pixels survive the encoding unchanged and land on the same grid.
+    assert np.array_equal(ct.array, ph.ct.array)
+    assert np.allclose(ct.affine, ph.ct.affine, atol=1e-4)
+    assert np.allclose(lab.affine, ct.affine, atol=1e-3)
+    assert ct.meta["PatientPosition"] == opts.position
+    assert str(pydicom.dcmread(ct.source_files[0]).file_meta.TransferSyntaxUID) == truth_ts(ts)
+    rec = measure_volumes(lab, ct)
+    assert rec["height_source"] == "PatientSize" and rec["height_m"] == pytest.approx(ph.height_m)
+    assert rec["series_instance_uid"] == ph.meta["SeriesInstanceUID"]
+    _assert_matches_truth(rec, truth)
+    # And the truth split equals the side each voxel was built on.
+    vox = ph.labels.voxel_volume_cm3
+    for s in rec["structures"]:
+        nl, nr = ph.side_voxels[s["label"]]
+        assert s["left_cm3"] == pytest.approx(nl * vox, abs=1e-3)
+        assert s["right_cm3"] == pytest.approx(nr * vox, abs=1e-3)
+
+
+def truth_ts(ts: str) -> str:
+    from seg.phantom import TRANSFER_SYNTAXES
+
+    return str(TRANSFER_SYNTAXES[ts])
+
+
+def test_all_positions_and_orders_measure_the_same_patient(tmp_path: Path) -> None:
+    recs = []
+    for pos in ("HFS", "FFS"):
+        for order in ("ascending", "descending"):
+            opts = PhantomOptions(seed=3, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=HIP, position=pos,
+                                  slice_order=order)
+            _, ct, lab, _ = _roundtrip(tmp_path / f"{pos}-{order}", opts)
+            recs.append(measure_volumes(lab, ct))
+    ref = recs[0]
+    for rec in recs[1:]:
+        for a, b in zip(ref["structures"], rec["structures"], strict=True):
+            keys = ("voxels", "left_cm3", "right_cm3")
+            assert [a[k] for k in keys] == [b[k] for k in keys]
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFS"])
+def test_left_structure_is_reported_left(tmp_path: Path, position: str) -> None:
+    """Atrophy on the patient's left vastus lateralis must show up in left_cm3, whatever the position."""
+    kw = dict(seed=11, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-150, -60), position=position)
+    pre = make_phantom(PhantomOptions(**kw))
+    opts = PhantomOptions(**kw, postop=True, implant_side="left", atrophy={"vastus_lateralis": 0.6})
+    ph, ct, lab, truth = _roundtrip(tmp_path, opts)
+    rec = measure_volumes(lab, ct)
+    vl = next(s for s in rec["structures"] if s["name"] == "vastus_lateralis")
+    pre_rec = measure_volumes(pre.labels, pre.ct)
+    pre_vl = next(s for s in pre_rec["structures"] if s["name"] == "vastus_lateralis")
+    assert vl["left_cm3"] == pytest.approx(0.6 * pre_vl["left_cm3"], rel=0.03)
+    assert vl["right_cm3"] == pytest.approx(pre_vl["right_cm3"], rel=1e-9)
+    # The nail is in the left femur: metal found, on the left, in LPS +x.
+    assert rec["qa"]["metal"] is True
+    assert rec["qa"]["metal_where"]["side"] == "left"
+    assert rec["qa"]["metal_where"]["centroid_mm"][0] > 0
+    # Without the DICOM header's help: the label map alone (NIfTI) gives the same split.
+    lab_only = measure_volumes(lab)
+    vl2 = next(s for s in lab_only["structures"] if s["name"] == "vastus_lateralis")
+    assert (vl2["left_cm3"], vl2["right_cm3"]) == (vl["left_cm3"], vl["right_cm3"])
+
+
+def test_loader_sorts_shuffled_files_and_fills_meta(tmp_path: Path) -> None:
+    opts = PhantomOptions(seed=2, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-20, 20), slice_order="descending")
+    ph = make_phantom(opts)
+    write_phantom(ph, tmp_path)
+    files = sorted((tmp_path / "dicom").glob("*.dcm"))
+    random.Random(0).shuffle(files)
+    vol = load_dicom_series(files)
+    assert np.array_equal(vol.array, ph.ct.array)
+    zs = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+          for f in vol.source_files]
+    assert zs == sorted(zs)  # HFS: k runs along +z
+    assert len(vol.source_sop_uids) == vol.shape[2]
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "PatientID", "PatientSex",
+                "PatientSize", "StudyDate", "Modality", "PatientPosition"):
+        assert key in vol.meta
+    assert load_image(tmp_path / "dicom").shape == vol.shape
+    assert load_image(tmp_path / "truth" / "labels.nii.gz").array.dtype == np.uint8
+
+
+def test_loader_rejects_broken_series(tmp_path: Path) -> None:
+    opts = PhantomOptions(seed=2, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-20, 20))
+    write_phantom(make_phantom(opts), tmp_path / "a")
+    files = sorted((tmp_path / "a" / "dicom").glob("*.dcm"))
+    gap = [f for i, f in enumerate(files) if i != len(files) // 2]
+    with pytest.raises(SeriesGeometryError, match="irregular"):
+        load_dicom_series(gap)
+    dup = tmp_path / "dup.dcm"
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".1"
+    ds.save_as(dup)
+    with pytest.raises(SeriesGeometryError, match="share a position"):
+        load_dicom_series([*files, dup])
+    write_phantom(make_phantom(PhantomOptions(seed=3, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-20, 20))),
+                  tmp_path / "b")
+    with pytest.raises(SeriesGeometryError, match="series"):
+        load_dicom_series([*files, *sorted((tmp_path / "b" / "dicom").glob("*.dcm"))])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SeriesGeometryError):
+        load_dicom_series(empty)
+
+
+def test_volumes_command_reproduces_truth(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "ph"
+    res = runner.invoke(app, ["phantom", "--out", str(out), "--seed", "4", "--spacing", "3",
+                              "--position", "FFS", "--slice-order", "descending", "--z-range", "-60,30",
+                              "--transfer-syntax", "rle"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["volumes", "--ct", str(out / "dicom"), "--labels",
+                              str(out / "truth" / "labels.nii.gz"), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "m" / "volumes.json").read_text())
+    _assert_matches_truth(rec, json.loads((out / "truth" / "volumes.json").read_text()))
+    assert (tmp_path / "m" / "volumes.csv").read_text().startswith("label,name,group,voxels,volume_cm3")
+    # A label map on another grid is refused with a clear message.
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    write_phantom(make_phantom(PhantomOptions(seed=4, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-60, 30))),
+                  tmp_path / "o2")
+    res = runner.invoke(app, ["volumes", "--ct", str(out / "dicom"), "--labels",
+                              str(tmp_path / "o2" / "truth" / "labels.nii.gz"),
+                              "--out", str(tmp_path / "m2")])
+    assert res.exit_code != 0
+    assert "grid" in res.output

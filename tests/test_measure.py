@@ -1,0 +1,124 @@
+"""measure_volumes on hand-made label maps: exact cm³, left/right by the mid-sagittal plane, index,
+QA figures and the written files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seg import labels as L
+from seg.measure import measure_volumes, midline_x, write_volumes
+from seg.volume import Volume
+
+FEMUR = L.LABEL_OF["femur"]
+VL = L.LABEL_OF["vastus_lateralis"]
+SART = L.LABEL_OF["sartorius"]
+
+
+def _scene(spacing=(2.0, 2.0, 5.0), shift_x: float = 0.0, flip: bool = False) -> tuple[Volume, Volume]:
+    """Two femora at x = ±90 mm (+shift), a vastus lateralis box only on the patient's left (+x)."""
+    nx, ny, nz = 150, 60, 10
+    dx, dy, dz = spacing
+    x = (np.arange(nx) - (nx - 1) / 2) * dx + shift_x
+    lab = np.zeros((nx, ny, nz), np.uint8)
+    ct = np.full((nx, ny, nz), -1000, np.int16)
+    ct[20:130, 5:55] = 40  # "body" of muscle HU
+    for cx in (-90 + shift_x, 90 + shift_x):
+        lab[np.abs(x - cx) < 10, 25:35] = FEMUR
+    lab[(x - shift_x > 110) & (x - shift_x < 130), 10:20, 2:8] = VL
+    lab[(x - shift_x < -20) & (x - shift_x > -40), 40:45, :] = SART
+    aff = np.diag([dx, dy, dz, 1.0])
+    aff[:3, 3] = (x[0], -60.0, -100.0)
+    if flip:  # feet-first style: i runs to the patient's right, k from head to feet
+        lab, ct = lab[::-1, :, ::-1].copy(), ct[::-1, :, ::-1].copy()
+        aff[0, 0], aff[2, 2] = -dx, -dz
+        aff[:3, 3] = (x[-1], -60.0, -100.0 + dz * (nz - 1))
+    meta = {"SeriesInstanceUID": "1.2.3", "PatientSize": 1.6}
+    return Volume(lab, aff, dict(meta)), Volume(ct, aff.copy(), dict(meta))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("shift", [0.0, 37.5])
+def test_volumes_left_right_exact(flip: bool, shift: float) -> None:
+    lab, ct = _scene(shift_x=shift, flip=flip)
+    rec = measure_volumes(lab, ct, height_m=1.6, height_source="registry",
+                          model={"name": "m", "version": "1", "demo": True})
+    assert rec["model"] == {"name": "m", "version": "1", "demo": True}
+    assert rec["height_m"] == 1.6 and rec["height_source"] == "registry"
+    assert rec["series_instance_uid"] == "1.2.3"
+    by = {s["name"]: s for s in rec["structures"]}
+    assert len(rec["structures"]) == 29 and "background" not in by
+    vox = 2 * 2 * 5 / 1000.0
+    n_vl = int((lab.array == VL).sum())
+    assert by["vastus_lateralis"]["voxels"] == n_vl
+    assert by["vastus_lateralis"]["volume_cm3"] == pytest.approx(n_vl * vox)
+    assert by["vastus_lateralis"]["left_cm3"] == pytest.approx(n_vl * vox)
+    assert by["vastus_lateralis"]["right_cm3"] == 0
+    assert by["sartorius"]["left_cm3"] == 0 and by["sartorius"]["right_cm3"] > 0
+    assert by["femur"]["left_cm3"] == pytest.approx(by["femur"]["right_cm3"])
+    assert by["vastus_lateralis"]["index_cm3_m2"] == pytest.approx(n_vl * vox / 1.6**2, rel=1e-4)
+    assert by["psoas"]["voxels"] == 0 and by["psoas"]["volume_cm3"] == 0
+    assert rec["qa"]["midline_method"] == "femora"
+    assert rec["qa"]["midline_x_mm"] == pytest.approx(shift, abs=1.0)
+    assert rec["qa"]["z_coverage_mm"] == pytest.approx(50.0)
+    assert rec["qa"]["metal"] is False
+
+
+def test_height_from_header_and_never_guessed() -> None:
+    lab, _ = _scene()
+    rec = measure_volumes(lab)
+    assert rec["height_m"] == 1.6 and rec["height_source"] == "PatientSize"
+    lab.meta.pop("PatientSize")
+    rec = measure_volumes(lab)
+    assert rec["height_m"] is None and rec["height_source"] is None
+    assert all(s["index_cm3_m2"] is None for s in rec["structures"])
+    with pytest.raises(ValueError):
+        measure_volumes(lab, height_m=16.0)
+
+
+def test_qa_hu_muscle_and_metal() -> None:
+    lab, ct = _scene()
+    arr = ct.array.copy()
+    arr[100:103, 30, 5] = 3000  # metal on the patient's left (+x)
+    ct = ct.with_array(arr)
+    rec = measure_volumes(lab, ct)
+    body_muscle = int(((ct.array >= -29) & (ct.array <= 150)).sum())
+    assert rec["qa"]["hu_muscle_cm3"] == pytest.approx(body_muscle * 0.02)
+    assert rec["qa"]["metal"] is True and rec["qa"]["metal_voxels"] == 3
+    assert rec["qa"]["metal_where"]["side"] == "left"
+    assert rec["qa"]["metal_where"]["z_range_mm"] == [-75.0, -75.0]
+
+
+def test_midline_fallbacks() -> None:
+    lab, ct = _scene(shift_x=10.0)
+    arr = lab.array.copy()
+    arr[arr == FEMUR] = 0
+    mid, how = midline_x(lab.with_array(arr), ct)
+    assert how == "labels"
+    mid, how = midline_x(lab.with_array(np.zeros_like(arr)), ct)
+    assert how == "body" and mid == pytest.approx(10.0, abs=2.0)
+
+
+def test_grid_mismatch_and_bad_labels_rejected() -> None:
+    lab, ct = _scene()
+    other = Volume(ct.array, ct.affine + np.diag([0, 0, 0.5, 0]), ct.meta)
+    with pytest.raises(ValueError, match="grid"):
+        measure_volumes(lab, other)
+    bad = lab.array.copy()
+    bad[0, 0, 0] = 30
+    with pytest.raises(ValueError, match="label values"):
+        measure_volumes(lab.with_array(bad))
+
+
+def test_write_volumes_json_and_csv(tmp_path: Path) -> None:
+    lab, ct = _scene()
+    rec = measure_volumes(lab, ct)
+    jp, cp = write_volumes(rec, tmp_path / "out")
+    assert json.loads(jp.read_text()) == rec
+    rows = list(csv.DictReader(cp.open()))
+    assert len(rows) == 29 and rows[0]["name"] == "sartorius"
+    assert float(rows[2]["volume_cm3"]) == rec["structures"][2]["volume_cm3"]
