@@ -270,3 +270,44 @@ class StoreSCP:
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+
+def pynetdicom_send(port: int, items: list[Any], *, aet: str = "PYSCU", called: str = "THIGHNODE",
+                    on_status: Callable[[int, int | None], bool] | None = None) -> list[int | None]:
+    """C-STORE files (sent as they are, no re-encoding) or datasets with a pynetdicom SCU.
+
+    Returns each item's status (None: no response). ``on_status(index, status)`` may return False to stop.
+    """
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    pairs: set[tuple[str, str]] = set()
+    for item in items:
+        if isinstance(item, str | Path):
+            meta = pydicom.dcmread(item, stop_before_pixels=True).file_meta
+            pairs.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        else:
+            pairs.add((str(item.SOPClassUID), str(ExplicitVRLittleEndian)))
+    for sop_class, ts in sorted(pairs):
+        ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {called}@{port} failed")
+    statuses: list[int | None] = []
+    try:
+        for i, item in enumerate(items):
+            if not assoc.is_established:
+                statuses.append(None)
+                continue
+            status = assoc.send_c_store(item)
+            code = int(status.Status) if status and "Status" in status else None
+            statuses.append(code)
+            if on_status is not None and on_status(i, code) is False:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses

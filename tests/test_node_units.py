@@ -1,0 +1,213 @@
+"""Node internals without the network: selection reasons, the store's state machine, queue, worker, logs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import pydicom
+import pytest
+from series_factory import write_ct_series
+
+from dicomnode.config import SelectionSettings, Settings
+from dicomnode.db import Database
+from dicomnode.logs import KeyValueFormatter, pseudonym
+from dicomnode.queue import SQLiteJobQueue
+from dicomnode.sender import retry
+from dicomnode.series import StabilityWatcher, content_hash, select_series
+from dicomnode.store import PREAMBLE, Store, encode_file_meta, info_from_dataset
+from dicomnode.worker import Worker
+
+SEL = SelectionSettings(min_z_extent_mm=30.0, min_slices=5)
+
+
+def reason(folder: Path, **kw: object) -> str:
+    s = write_ct_series(folder, size=8, **kw)  # type: ignore[arg-type]
+    sel = select_series(s.files, SEL)
+    return "accepted" if sel.accepted else sel.reason
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"n": 12, "slice_mm": 3.0}, "accepted"),
+        ({"n": 8, "slice_mm": 2.5}, "z-coverage 20 mm < 30 mm"),
+        ({"n": 4, "slice_mm": 10.0}, "4 slices < 5"),
+        ({"n": 3, "slice_mm": 2.0}, "z-coverage 6 mm < 30 mm; 3 slices < 5"),
+        ({"n": 12, "skip": {5}}, "missing slices: gap of 6 mm after -18 mm (slice spacing 3 mm)"),
+        ({"n": 12, "duplicate": {3}}, "duplicate slice position at -9 mm (2 slices share positions)"),
+        ({"n": 12, "orientation": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)},
+         "not axial: slice normal 90° from the patient z axis (sagittal)"),
+        ({"n": 12, "modality": "MR"}, "modality MR is not CT"),
+    ],
+)
+def test_selection_reasons(tmp_path: Path, kw: dict, expected: str) -> None:
+    name = hashlib.sha1(str(kw).encode()).hexdigest()[:8]
+    assert reason(tmp_path / "s", name=name, **kw) == expected
+
+
+def test_selection_inconsistent_matrix(tmp_path: Path) -> None:
+    a = write_ct_series(tmp_path / "a", name="m", n=6, size=8)
+    b = write_ct_series(tmp_path / "b", name="m", n=12, size=16)
+    files = a.files + b.files[6:]
+    assert select_series(files, SEL).reason == "inconsistent matrix: 8×8, 16×16"
+
+
+def test_content_hash_is_order_free_and_size_sensitive() -> None:
+    items = [("1.2.3", 10), ("1.2.4", 11)]
+    assert content_hash(items) == content_hash(list(reversed(items)))
+    assert content_hash(items) != content_hash([("1.2.3", 10), ("1.2.4", 12)])
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> tuple[Settings, Database, Store]:
+    settings = Settings(storage_dir=tmp_path / "var", stable_seconds=0.0, host="127.0.0.1",
+                        selection=SEL, worker={"max_attempts": 2, "poll_seconds": 0.0})
+    db = Database(settings.db_path)
+    yield settings, db, Store(settings.storage_dir, db)
+    db.close()
+
+
+def receive(store: Store, files: list[Path]) -> list[int]:
+    """What the SCP does per instance: split the Part 10 file, write the dataset bytes, index."""
+    jobs = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        info = info_from_dataset(ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), "TEST")
+        raw = f.read_bytes()
+        body = raw[raw.index(b"DICM") + 4:]
+        meta_len = 12 + int.from_bytes(body[8:12], "little")
+        jobs.append(store.add(info, encode_file_meta(info), body[meta_len:]).job_id)
+    return jobs
+
+
+def states(db: Database) -> list[tuple[int, str]]:
+    return [(r["id"], r["state"]) for r in db.query("SELECT id, state FROM jobs ORDER BY id")]
+
+
+def test_stored_file_is_the_received_bytes(node: tuple, tmp_path: Path) -> None:
+    _, db, store = node
+    s = write_ct_series(tmp_path / "in", name="bytes", n=2, size=8)
+    receive(store, s.files[:1])
+    stored = Path(db.one("SELECT path FROM instances")["path"])
+    assert stored.read_bytes().startswith(PREAMBLE)
+    back = pydicom.dcmread(stored)
+    orig = pydicom.dcmread(s.files[0])
+    assert back.SOPInstanceUID == orig.SOPInstanceUID and back.PixelData == orig.PixelData
+    assert back.file_meta.SourceApplicationEntityTitle == "TEST"
+    assert not list(store.incoming.rglob("*.tmp"))
+
+
+def test_series_state_machine_late_instance_and_resend(node: tuple, tmp_path: Path) -> None:
+    settings, db, store = node
+    watcher = StabilityWatcher(settings, db)
+    s = write_ct_series(tmp_path / "in", name="late", n=12, size=8)
+    assert set(receive(store, s.files[:10])) == {1}
+    assert watcher.check_once() == [1]
+    assert states(db) == [(1, "queued")]
+    receive(store, s.files[:10])  # identical re-send: nothing re-opens
+    assert states(db) == [(1, "queued")]
+    receive(store, s.files[10:])  # late instances: new job supersedes the unfinished one
+    assert states(db) == [(1, "superseded"), (2, "receiving")]
+    assert db.one("SELECT superseded_by FROM jobs WHERE id=1")[0] == 2
+    watcher.check_once()
+    assert states(db) == [(1, "superseded"), (2, "queued")]
+    assert db.one("SELECT n_instances FROM jobs WHERE id=2")[0] == 12
+
+
+def test_short_series_rejected_with_reason(node: tuple, tmp_path: Path) -> None:
+    settings, db, store = node
+    receive(store, write_ct_series(tmp_path / "in", name="short", n=4, size=8).files)
+    StabilityWatcher(settings, db).check_once()
+    row = db.one("SELECT state, reason FROM jobs")
+    assert (row["state"], row["reason"]) == ("rejected", "z-coverage 12 mm < 30 mm; 4 slices < 5")
+
+
+def test_recover_after_crash(node: tuple, tmp_path: Path) -> None:
+    _, db, store = node
+    s = write_ct_series(tmp_path / "in", name="crash", n=6, size=8)
+    receive(store, s.files[:4])
+    # a partial write, and a file whose index row was lost (crash between rename and commit)
+    folder = store.incoming / s.study_uid / s.series_uid
+    (folder / ".partial.123.tmp").write_bytes(b"half")
+    db.con.execute("DELETE FROM instances WHERE path LIKE ?", (f"%{s.sop_uids[3]}%",))
+    stats = store.recover()
+    assert stats == {"tmp_removed": 1, "reindexed": 1, "requeued": 0}
+    assert db.one("SELECT COUNT(*) FROM instances")[0] == 4
+    assert not list(folder.glob("*.tmp")) and len(list(folder.glob("*.dcm"))) == 4
+    assert states(db) == [(1, "receiving")]
+
+
+def test_recover_requeues_running_jobs(node: tuple, tmp_path: Path) -> None:
+    _, db, store = node
+    receive(store, write_ct_series(tmp_path / "in", name="run", n=6, size=8).files)
+    db.con.execute("UPDATE jobs SET state='running'")  # the worker was mid-job when the node died
+    assert store.recover()["requeued"] == 1
+    row = db.one("SELECT state, reason FROM jobs")
+    assert (row["state"], row["reason"]) == ("queued", "re-queued after restart (was running)")
+
+
+def _pipeline_ok(job, settings):  # noqa: ANN001
+    from dicomnode.pipeline import JobOutput
+
+    out = job.work_dir / "result.dcm"
+    out.write_bytes(b"x")
+    return JobOutput(outputs=[out], message="ok")
+
+
+def _pipeline_boom(job, settings):  # noqa: ANN001
+    raise RuntimeError("boom")
+
+
+def _pipeline_no(job, settings):  # noqa: ANN001
+    from dicomnode.pipeline import SeriesRejected
+
+    raise SeriesRejected("not a thigh")
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "final", "why"),
+    [(_pipeline_ok, "sending", None), (_pipeline_boom, "failed", "attempt 2: RuntimeError: boom"),
+     (_pipeline_no, "rejected", "not a thigh")],
+)
+def test_worker_outcomes(node: tuple, tmp_path: Path, pipeline, final: str, why: str | None) -> None:  # noqa: ANN001
+    settings, db, store = node
+    receive(store, write_ct_series(tmp_path / "in", name="w", n=12, size=8).files)
+    StabilityWatcher(settings, db).check_once()
+    worker = Worker(settings, store, SQLiteJobQueue(db), pipeline)
+    while worker.run_once() is not None:
+        pass
+    row = db.one("SELECT state, reason, attempts FROM jobs")
+    assert (row["state"], row["reason"]) == (final, why)
+    if final == "failed":
+        assert row["attempts"] == 2
+        assert retry(db, 1) == "job 1: re-queued for processing"
+        assert db.one("SELECT state FROM jobs")[0] == "queued"
+    if final == "sending":
+        assert db.one("SELECT COUNT(*) FROM outbox WHERE state='pending'")[0] == 1
+    if final == "rejected":
+        with pytest.raises(ValueError, match="rejected"):
+            retry(db, 1)
+
+
+def test_no_phi_in_info_logs(node: tuple, tmp_path: Path) -> None:
+    _, _, store = node
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(KeyValueFormatter())
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        receive(store, write_ct_series(tmp_path / "in", name="phi", n=2, size=8, patient_id="SECRET-ID",
+                                       patient_name="Secret^Name").files)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+    text = stream.getvalue()
+    assert "series opened" in text and pseudonym("SECRET-ID") in text
+    assert "SECRET-ID" not in text and "Secret" not in text
