@@ -1,0 +1,110 @@
+"""Benchmark of the DICOM outputs on a full-size series (not a timed test).
+
+A 600-slice 512x512 phantom with every structure present: build time and file size of the BINARY
+SEG (default), the LABELMAP SEG (RLE and JPEG-LS), the TID 1500 SR and the summary. Targets: default
+output set (BINARY SEG + SR + summary) <= 5 s on 2 cores; LABELMAP <= 10 MB.
+
+    .venv/bin/python benchmarks/outputs.py [--slices 600] [--matrix 512] [--out /tmp/bench-outputs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _entry(build_s: float, save_s: float, path: Path) -> dict:
+    size_mb = round(path.stat().st_size / 1e6, 3)
+    return {"build_s": round(build_s, 2), "save_s": round(save_s, 2), "mb": size_mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=600)
+    ap.add_argument("--matrix", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=None, help="keep the files here (default: temporary)")
+    args = ap.parse_args()
+
+    import numpy as np
+
+    from reporting.seg import build_seg, plan_segments, read_sources
+    from reporting.sr import build_measurement_sr
+    from reporting.summary import build_summary
+    from seg.io import load_dicom_series
+    from seg.measure import measure_volumes
+    from seg.phantom import PhantomOptions, make_phantom, write_phantom
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-outputs-"))
+    out.mkdir(parents=True, exist_ok=True)
+    # 600 slices over the default L4-to-knee range and a 512 matrix over the body + couch.
+    probe = make_phantom(PhantomOptions(seed=11, spacing_mm=(4.0, 4.0, 5.0), noise=False))
+    z_mm = probe.ct.shape[2] * 5.0
+    fov = (probe.ct.shape[0] * 4.0, probe.ct.shape[1] * 4.0)
+    sp = max(fov) / args.matrix
+    opts = PhantomOptions(seed=11, spacing_mm=(sp, sp, z_mm / args.slices), fov_mm=(sp * args.matrix,) * 2,
+                          noise=False)
+    ph, t_ph = _timed(lambda: make_phantom(opts))
+    _, t_wr = _timed(lambda: write_phantom(ph, out / "phantom"))
+    ct, t_load = _timed(lambda: load_dicom_series(out / "phantom" / "dicom"))
+    same_grid = ph.labels.shape == ct.shape and np.allclose(ph.labels.affine, ct.affine)
+    labels = ct.with_array(np.asarray(ph.labels.array, dtype=np.uint8)) if same_grid else None
+    if labels is None:
+        from seg.io import load_nifti
+
+        labels = ct.with_array(np.asarray(load_nifti(out / "phantom" / "truth" / "labels.nii.gz").array,
+                                          dtype=np.uint8))
+    model = {"name": "benchmark", "version": "1", "demo": True}
+    vols, t_meas = _timed(lambda: measure_volumes(labels, ct, model=model))
+    present = sorted({int(v) for v in np.unique(labels.array)} - {0})
+    segments, _ = plan_segments(labels, vols, ct)
+
+    results: dict = {"shape": list(ct.shape), "spacing_mm": [round(v, 3) for v in ct.spacing_mm],
+                     "structures_present": len(present), "segments": len(segments), "cpus": os.cpu_count(),
+                     "phantom_s": round(t_ph, 2), "write_ct_s": round(t_wr, 2), "load_ct_s": round(t_load, 2),
+                     "measure_s": round(t_meas, 2)}
+    sources, t_src = _timed(lambda: read_sources(ct))
+    results["read_source_headers_s"] = round(t_src, 2)
+
+    def save(ds, name):
+        p = out / name
+        ds.save_as(p, enforce_file_format=True)
+        return p
+
+    seg, t = _timed(lambda: build_seg(ct, labels, vols, model, sources=sources))
+    p, t_save = _timed(lambda: save(seg, "seg-binary.dcm"))
+    results["seg_binary"] = {**_entry(t, t_save, p), "frames": int(seg.NumberOfFrames)}
+    default_total = t + t_save
+    for comp in ("RLE", "JPEGLS"):
+        lm, t = _timed(lambda c=comp: build_seg(ct, labels, vols, model, seg_type="LABELMAP", compression=c,
+                                                sources=sources))
+        p, t_save = _timed(lambda d=lm, c=comp: save(d, f"seg-labelmap-{c.lower()}.dcm"))
+        results[f"seg_labelmap_{comp.lower()}"] = {**_entry(t, t_save, p), "frames": int(lm.NumberOfFrames)}
+    sr, t = _timed(lambda: build_measurement_sr(ct, seg, vols, model))
+    p, t_save = _timed(lambda: save(sr, "sr.dcm"))
+    results["sr"] = _entry(t, t_save, p)
+    default_total += t + t_save
+    sc, t = _timed(lambda: build_summary(ct, vols, model))
+    p, t_save = _timed(lambda: save(sc, "summary.dcm"))
+    results["summary"] = _entry(t, t_save, p)
+    default_total += t + t_save + t_src
+    results["default_set_s"] = round(default_total, 2)
+    results["targets"] = {"default_set_le_5s": default_total <= 5.0,
+                          "labelmap_rle_le_10mb": results["seg_labelmap_rle"]["mb"] <= 10.0}
+    print(json.dumps(results, indent=2))
+    if args.out is None:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
