@@ -243,6 +243,18 @@ def echo(host: str, port: int, aet: str) -> bool:
         assoc.release()
 
 
+def nodelay(assoc: Any) -> None:
+    """Switch Nagle off on an established pynetdicom association.
+
+    Why: pynetdicom writes the C-STORE command and its data set as separate PDUs; with Nagle on, the
+    second waits for the peer's delayed ACK (~40 ms against Orthanc/dcmtk): ~17 instances/s instead of
+    hundreds. The same reason Orthanc and dcmtk run with TCP_NODELAY=1.
+    """
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def send_series(folder: Path, port: int, called_aet: str) -> int:
     """C-STORE every file of a folder in one association, as the scanner would (pynetdicom SCU)."""
     import pydicom
@@ -254,6 +266,7 @@ def send_series(folder: Path, port: int, called_aet: str) -> int:
     assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
     if not assoc.is_established:
         raise DemoError(f"{called_aet} on port {port} refused the association")
+    nodelay(assoc)
     try:
         for f in files:
             status = assoc.send_c_store(pydicom.dcmread(f))
@@ -363,21 +376,25 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
     console.print(table)
 
     changes = sorted(post_dir.glob("change-*.json"))
-    if changes:
-        change = json.loads(changes[0].read_text())
-        ct = Table(title=f"Change after surgery ({change.get('days_between', '?')} days; fractured side: "
-                         f"{change.get('fractured_side') or 'unknown'})")
-        for col in ("muscle", "side", "pre cm³", "post cm³", "Δ cm³", "loss %", "Δ index cm³/m²"):
-            ct.add_column(col, justify="left" if col in ("muscle", "side") else "right")
-        for s in change.get("structures", []):
-            if s.get("name") not in names:
-                continue
-            di = s.get("delta_index_cm3_m2")
-            ct.add_row(s["name"], str(s.get("side", "")), f"{s['pre_cm3']:.1f}", f"{s['post_cm3']:.1f}",
-                       f"{s['delta_cm3']:+.1f}", f"{s['loss_pct']:.1f}", "-" if di is None else f"{di:+.2f}")
-        console.print(ct)
-    else:
+    if not changes:
         console.print("[yellow]no change record was produced (pairing did not pair the two studies)[/]")
+        return
+    change = json.loads(changes[0].read_text())
+    side = change.get("fractured_side")
+    ct = Table(title=f"Change after surgery: {change.get('days_between', '?')} days, fractured side "
+                     f"{side or 'unknown'} (loss % = (pre - post) / pre; truth: phantom atrophy)")
+    for col in ("muscle", "L pre", "L post", "L loss %", "R pre", "R post", "R loss %", "truth loss %"):
+        ct.add_column(col, justify="left" if col == "muscle" else "right")
+    by_key = {(s["name"], s["side"]): s for s in change.get("structures", [])}
+    for name in names:
+        left, right = by_key.get((name, "left")), by_key.get((name, "right"))
+        if not left or not right:
+            continue
+        factor = FOLLOWUP_ATROPHY.get(name)
+        truth = f"{(1 - factor) * 100:.0f} ({side or '?'})" if factor else "0"
+        ct.add_row(name, f"{left['pre_cm3']:.1f}", f"{left['post_cm3']:.1f}", f"{left['loss_pct']:.1f}",
+                   f"{right['pre_cm3']:.1f}", f"{right['post_cm3']:.1f}", f"{right['loss_pct']:.1f}", truth)
+    console.print(ct)
 
 
 def _describe(objects: list[Received]) -> list[str]:
