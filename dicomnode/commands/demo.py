@@ -391,7 +391,7 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
         if not left or not right:
             continue
         factor = FOLLOWUP_ATROPHY.get(name)
-        truth = f"{(1 - factor) * 100:.0f} ({side or '?'})" if factor else "0"
+        truth = f"{(1 - factor) * 100:.0f} (left)" if factor else "0"  # the phantom operates on the left
         ct.add_row(name, f"{left['pre_cm3']:.1f}", f"{left['post_cm3']:.1f}", f"{left['loss_pct']:.1f}",
                    f"{right['pre_cm3']:.1f}", f"{right['post_cm3']:.1f}", f"{right['loss_pct']:.1f}", truth)
     console.print(ct)
