@@ -66,33 +66,37 @@ def _timed(fn: Any, phase: str, sink: Path, uid_of: Any) -> Any:
     return wrapper
 
 
-def run_node(config: str, sink: Path) -> None:
+def run_node(config: str, sink: Path, pipeline: str | None = None) -> None:
     """``dicomnode serve`` with wrappers around the pipeline, inference and the DICOM encoders."""
-    import seg.infer
+    import importlib
 
-    import dicomnode.pipeline as pipeline
-    import reporting.seg
-    import reporting.sr
+    import dicomnode.pipeline as pipeline_module
 
     def ct_uid(ct: Any, *_: Any) -> str:
         return str(ct.meta.get("SeriesInstanceUID", ""))
 
-    pipeline.run_pipeline = _timed(pipeline.run_pipeline, "pipeline", sink,
-                                   lambda job, *_: job.series_instance_uid)
-    seg.infer.segment = _timed(seg.infer.segment, "inference", sink, ct_uid)
-    reporting.seg.build_seg = _timed(reporting.seg.build_seg, "encoding", sink, ct_uid)
-    reporting.sr.build_measurement_sr = _timed(reporting.sr.build_measurement_sr, "encoding", sink, ct_uid)
-    optional = (("reporting.summary", "build_summary"), ("reporting.followup_sr", "build_followup_sr"))
-    for module, name in optional:
+    pipeline_module.run_pipeline = _timed(pipeline_module.run_pipeline, "pipeline", sink,
+                                          lambda job, *_: job.series_instance_uid)
+    pipeline_module._save = _timed(pipeline_module._save, "encoding", sink, lambda *_: "")  # output writes
+    wrapped = (("seg.infer", "segment", "inference"), ("reporting.seg", "build_seg", "encoding"),
+               ("reporting.sr", "build_measurement_sr", "encoding"),
+               ("reporting.summary", "build_summary", "encoding"),
+               ("reporting.followup_sr", "build_followup_sr", "encoding"))
+    for module, name, phase in wrapped:
         try:
-            mod = __import__(module, fromlist=[name])
-            setattr(mod, name, _timed(getattr(mod, name), "encoding", sink, ct_uid))
-        except (ImportError, AttributeError):
-            pass
-    pipeline._save = _timed(pipeline._save, "encoding", sink, lambda *_: "")  # file writes of the outputs
+            mod = importlib.import_module(module)
+            setattr(mod, name, _timed(getattr(mod, name), phase, sink, ct_uid))
+        except (ImportError, AttributeError) as exc:
+            print(f"benchmark: cannot time {module}.{name}: {exc}", flush=True)
+    args = ["serve", "--config", config]
+    if pipeline:  # a stand-in (module:function) to check the plumbing without the science
+        mod_name, _, fn = pipeline.partition(":")
+        mod = importlib.import_module(mod_name)
+        setattr(mod, fn, _timed(getattr(mod, fn), "pipeline", sink, lambda job, *_: job.series_instance_uid))
+        args += ["--pipeline", pipeline]
     from dicomnode.cli import app
 
-    app(["serve", "--config", config], standalone_mode=True)
+    app(args, standalone_mode=True)
 
 
 # -------------------------------------------------------------------------------------------
@@ -121,7 +125,8 @@ def _spans(sink: Path, series_uid: str, phase: str) -> list[tuple[float, float]]
     return out
 
 
-def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int) -> dict[str, float]:
+def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int,
+            pipeline: str | None = None) -> dict[str, float]:
     from orthanc import OrthancServer, free_port, wait_for
 
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
@@ -149,8 +154,10 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
     try:
         orthanc.start()
         with (workdir / "node.log").open("ab") as log:
-            node = subprocess.Popen([sys.executable, __file__, "_node", str(config), str(sink)], stdout=log,
-                                    stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
+            cmd = [sys.executable, __file__, "_node", str(config), str(sink)]
+            cmd += [pipeline] if pipeline else []
+            node = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "TCP_NODELAY": "1"})
         wait_for(lambda: _listening(node_port), 120, what="the node")
         t = time.time()
         orthanc.upload_folder(folder)
@@ -224,7 +231,7 @@ def _listening(port: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_node":
-        run_node(argv[1], Path(argv[2]))
+        run_node(argv[1], Path(argv[2]), argv[3] if len(argv) > 3 else None)
         return 0
     ap = argparse.ArgumentParser(description="Orthanc stable series → last output stored in Orthanc.")
     ap.add_argument("--spacing", default="1.5,1.5,1.5", help="phantom voxel size col,row,slice mm")
@@ -232,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--keep", type=Path, help="keep work files here (default: a temporary folder)")
+    ap.add_argument("--pipeline", help="stand-in pipeline module:function (plumbing check; PYTHONPATH)")
     args = ap.parse_args(argv)
     spacing = tuple(float(v) for v in args.spacing.split(","))
     if len(spacing) == 1:
@@ -249,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     base = args.keep or Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     for run in range(args.runs):
         print(f"run {run + 1}/{args.runs}")
-        results.append(one_run(base / f"run{run}", spacing, args.device, args.seed + run))  # type: ignore[arg-type]
+        results.append(one_run(base / f"run{run}", spacing, args.device, args.seed + run,  # type: ignore[arg-type]
+                               args.pipeline))
         r = results[-1]
         if not r["event_from_log"]:
             print("  (no routing log line found; 'receive' counts from the first instance at the node)")
