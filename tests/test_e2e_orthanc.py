@@ -124,15 +124,15 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
         orthanc.start()
         data = tmp_path / "data"
         routed = {
-            "z-extent": write_series(data / "a", n=70, thickness=3.0, seed=1),  # 210 mm, no hint
+            "z-extent": write_series(data / "a", n=21, thickness=10.0, seed=1),  # 210 mm, no hint
             "hint": write_series(data / "c", n=6, description="CT THIGHS BILATERAL", seed=3),
         }
         not_routed = {
-            "chest": write_series(data / "b", n=80, body_part="CHEST", seed=2),
-            "mr": write_series(data / "d", n=70, modality="MR", sop_class=MR_IMAGE, seed=4),
+            "chest": write_series(data / "b", n=30, thickness=10.0, body_part="CHEST", seed=2),
+            "mr": write_series(data / "d", n=25, thickness=10.0, modality="MR", sop_class=MR_IMAGE, seed=4),
             "short": write_series(data / "e", n=6, seed=5),
-            "scout": write_series(data / "f", n=70, description="Topogram 0.6 T20f", seed=6),
-            "from-node": write_series(data / "g", n=70, body_part="LEG", seed=7),
+            "scout": write_series(data / "f", n=25, thickness=10.0, description="Topogram 0.6 T20f", seed=6),
+            "from-node": write_series(data / "g", n=25, thickness=10.0, body_part="LEG", seed=7),
         }
         for name in ("a", "b", "c", "d", "e", "f"):
             orthanc.upload_folder(data / name)
@@ -144,7 +144,7 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
         wait_for(lambda: len(re.findall(r"thigh-routing: series \S+ (?:not )?routed",
                                         orthanc.log_path.read_text())) >= 7, 30, what="7 routing decisions")
         time.sleep(1.5)  # let any (wrong) routing job finish before asserting absence
-        assert scp.received[routed["z-extent"]] == 70
+        assert scp.received[routed["z-extent"]] == 21
         assert scp.received[routed["hint"]] == 6
         for name, uid in not_routed.items():
             assert scp.received.get(uid, 0) == 0, f"{name} series was routed"
@@ -155,24 +155,6 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
     finally:
         orthanc.stop()
         scp.close()
-
-
-def test_orthanc_restart_keeps_instances(tmp_path: Path) -> None:
-    orthanc = OrthancServer(tmp_path / "orthanc", lua_scripts=[])
-    try:
-        orthanc.start()
-        uid = write_series(tmp_path / "s", n=3, seed=11)
-        answers = orthanc.upload_folder(tmp_path / "s")
-        assert {a["Status"] for a in answers} == {"Success"}
-        port = orthanc.dicom_port
-        orthanc.restart()
-        assert orthanc.dicom_port == port
-        sid = orthanc.lookup(uid, "Series")
-        assert sid and len(orthanc.get(f"/series/{sid}")["Instances"]) == 3
-        ds = orthanc.instance_dataset(orthanc.get(f"/series/{sid}")["Instances"][0])
-        assert ds.SeriesInstanceUID == uid
-    finally:
-        orthanc.stop()
 
 
 # --------------------------------------------------------------------------------------------
