@@ -157,6 +157,31 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
         scp.close()
 
 
+def test_deploy_files_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/node.toml and deploy/orthanc/orthanc.json describe the same two AEs and ports."""
+    import tomllib
+
+    from orthanc import DEPLOY, render
+
+    from dicomnode.config import CONFIG_ENV, load_settings
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)  # load_settings sets it; restored after the test
+    cfg = render.render()
+    node_cfg = tomllib.loads((DEPLOY.parent / "node.toml").read_text())
+    settings = load_settings(DEPLOY.parent / "node.toml")
+    target = cfg["DicomModalities"][cfg["ThighRouting"]["NodeModality"]]
+    assert (target["AET"], target["Port"]) == (settings.ae_title, settings.port)
+    assert (node_cfg["ae_title"], node_cfg["port"]) == (settings.ae_title, settings.port)
+    assert settings.ae_title in cfg["ThighRouting"]["NodeAets"]
+    assert (settings.pacs.ae_title, settings.pacs.port) == (cfg["DicomAet"], cfg["DicomPort"])
+    assert cfg["DicomAet"] in settings.allowed_calling_aets
+    assert target["AllowStore"] and target["AllowFind"] and target["AllowMove"]
+    assert cfg["LuaScripts"] == ["/etc/orthanc/thigh/route.lua"] and cfg["OverwriteInstances"] is True
+    assert cfg["ThighRouting"]["MinZExtentMm"] <= settings.selection.min_z_extent_mm
+    rendered = render.render(node_host="dicomnode", dicom_port=104, extra={"Name": "x"})
+    assert rendered["DicomModalities"]["thighnode"]["Host"] == "dicomnode" and rendered["DicomPort"] == 104
+
+
 # --------------------------------------------------------------------------------------------
 # The node behind Orthanc with NODE's stand-in pipeline: wiring, outage, rejection, re-routing
 # --------------------------------------------------------------------------------------------
