@@ -533,7 +533,6 @@ def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str,
             if changes:
                 change = changes[-1] if followup == "last" else changes[0]
                 entry["change"] = change
-                entry["pre_volumes"] = _load(_series_volumes(con, change["baseline"]["series_instance_uid"]))
                 entry["reason"] = None
                 if change.get("baseline_preoperative") is False:
                     entry["reason"] = "no pre-operative baseline: not a pre vs post pair"
@@ -552,13 +551,6 @@ def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str,
         return out
     finally:
         con.close()
-
-
-def _series_volumes(con: sqlite3.Connection, series_uid: str) -> str:
-    row = con.execute(
-        "SELECT volumes_json FROM pairing_results WHERE series_instance_uid=?", (series_uid,)
-    ).fetchone()
-    return row[0]
 
 
 # ---------------------------------------------------------------- prior retrieval
