@@ -68,6 +68,7 @@ class CohortReport:
     group_sizes: dict[str, int]
     notes: list[str] = field(default_factory=list)
     filters: dict[str, list[str]] = field(default_factory=dict)
+    sides: pd.DataFrame = field(default_factory=pd.DataFrame)  # operated vs contralateral side
 
 
 # ---------------------------------------------------------------- assembling the data
@@ -137,9 +138,11 @@ def collect(
             "days_between": change.get("days_between"),
             "koval_grade": change.get("koval_grade"),
         }
+        ovc = {o["name"]: o for o in change.get("operated_vs_contralateral") or []}
         for m in ANALYSED_MUSCLES:
             s = both[m]
             loss = s["pre_cm3"] - s["post_cm3"]
+            side = ovc.get(m, {})
             rows.append(
                 base
                 | {
@@ -150,10 +153,18 @@ def collect(
                     "loss_index_cm3_m2": loss / height**2 if height else np.nan,
                     "loss_pct": loss / s["pre_cm3"] * 100.0 if s["pre_cm3"] else np.nan,
                     "pre_share_pct": s["pre_cm3"] / all_muscle_pre * 100.0 if all_muscle_pre else np.nan,
+                    "operated_loss_pct": _num(side.get("operated_loss_pct")),
+                    "contralateral_loss_pct": _num(side.get("contralateral_loss_pct")),
                 }
             )
         pre = sum(both[m]["pre_cm3"] for m in ANALYSED_MUSCLES)
         post = sum(both[m]["post_cm3"] for m in ANALYSED_MUSCLES)
+        side_loss = {"operated_loss_pct": np.nan, "contralateral_loss_pct": np.nan}
+        if all(m in ovc for m in ANALYSED_MUSCLES):
+            for which in ("operated", "contralateral"):
+                sp = sum(ovc[m][f"{which}_pre_cm3"] or 0.0 for m in ANALYSED_MUSCLES)
+                so = sum(ovc[m][f"{which}_post_cm3"] or 0.0 for m in ANALYSED_MUSCLES)
+                side_loss[f"{which}_loss_pct"] = (sp - so) / sp * 100.0 if sp else np.nan
         totals.append(
             base
             | {
@@ -164,11 +175,17 @@ def collect(
                 "loss_index_cm3_m2": (pre - post) / height**2 if height else np.nan,
                 "loss_pct": (pre - post) / pre * 100.0 if pre else np.nan,
                 "all_muscle_pre_cm3": all_muscle_pre,
+                "fractured_side": change.get("fractured_side"),
             }
+            | side_loss
         )
     long = pd.DataFrame(rows)
     patients = pd.DataFrame(totals)
     return long, patients, pd.DataFrame(excluded, columns=["patient_id", "reason"])
+
+
+def _num(value: Any) -> float:
+    return float(value) if value is not None else np.nan
 
 
 # ---------------------------------------------------------------- tables
@@ -360,6 +377,42 @@ def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFram
     return t
 
 
+def side_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
+    """Operated vs contralateral side per muscle (patients with a known fractured side).
+
+    Wilcoxon signed-rank on the paired loss ratios; rank-biserial r > 0 = the operated side lost more.
+    """
+    from scipy.stats import rankdata, wilcoxon
+
+    rows = []
+    for muscle, df in _per_muscle(long, patients):
+        d = df.dropna(subset=["operated_loss_pct", "contralateral_loss_pct"])
+        op, co = d["operated_loss_pct"].to_numpy(float), d["contralateral_loss_pct"].to_numpy(float)
+        diff = op - co
+        row = {
+            "muscle": muscle,
+            "n": int(diff.size),
+            "operated_loss_pct": op.mean() if diff.size else np.nan,
+            "contralateral_loss_pct": co.mean() if diff.size else np.nan,
+            "difference_pct": diff.mean() if diff.size else np.nan,
+            "W": np.nan,
+            "p": np.nan,
+            "rank_biserial_r": np.nan,
+            "small_group": diff.size < SMALL_N,
+        }
+        nz = diff[diff != 0]
+        if nz.size >= 2:
+            ranks = rankdata(np.abs(nz))
+            res = wilcoxon(op, co)
+            row.update(
+                W=float(res.statistic),
+                p=float(res.pvalue),
+                rank_biserial_r=float((ranks[nz > 0].sum() - ranks[nz < 0].sum()) / ranks.sum()),
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def bootstrap_table(
     long: pd.DataFrame, patients: pd.DataFrame, n_boot: int = 2000, seed: int = 0
 ) -> pd.DataFrame:
@@ -456,6 +509,7 @@ def build_cohort(
         group_sizes=sizes,
         notes=notes,
         filters=filters,
+        sides=side_table(long, patients),
     )
 
 
@@ -469,6 +523,7 @@ def _tables(report: CohortReport) -> dict[str, pd.DataFrame]:
         "stats_wilcoxon": report.wilcoxon,
         "stats_mannwhitney": report.mannwhitney,
         "stats_bootstrap": report.bootstrap,
+        "operated_vs_contralateral": report.sides,
         "patients": report.patients,
         "patient_muscles": report.long,
         "excluded": report.excluded,
@@ -651,6 +706,10 @@ def _html(report: CohortReport, figures: dict[str, bytes], title: str) -> str:
             _html_table(report.mannwhitney, 4),
             "<p>Bootstrap 95 % confidence intervals of the mean loss ratio (%).</p>",
             _html_table(report.bootstrap, 2),
+            "<h2>Operated vs contralateral side</h2><p>Loss ratio (%) of each side, patients with a known "
+            "fractured side; Wilcoxon signed-rank on the paired ratios "
+            "(r &gt; 0: operated side lost more).</p>",
+            _html_table(report.sides, 3),
         ]
     parts += [
         "<h2>Patients not in the tables</h2>",

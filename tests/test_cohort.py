@@ -189,3 +189,25 @@ def test_filters_and_exclusions() -> None:
         parse_filters(["fracture_type"])
     empty = build_cohort([], n_boot=10)
     assert empty.patients.empty and empty.notes
+
+
+def test_operated_vs_contralateral(cohort) -> None:
+    report, truth, _ = cohort
+    lab = LABEL_OF["gluteus_maximus"]
+    op = [(truth[p]["pre"][lab][0] - truth[p]["post"][lab][0]) / truth[p]["pre"][lab][0] * 100 for p in truth]
+    row = report.sides.set_index("muscle").loc["Gluteus maximus"]
+    assert row["n"] == 18 and row["contralateral_loss_pct"] == pytest.approx(0.0)
+    assert row["operated_loss_pct"] == pytest.approx(np.mean(op))
+    assert row["p"] == pytest.approx(wilcoxon(op, [0.0] * 18).pvalue) and row["rank_biserial_r"] == 1.0
+    left = [LABEL_OF[m] for m in ANALYSED_MUSCLES]
+    total = np.mean(
+        [
+            (sum(truth[p]["pre"][lb][0] for lb in left) - sum(truth[p]["post"][lb][0] for lb in left))
+            / sum(truth[p]["pre"][lb][0] for lb in left)
+            * 100
+            for p in truth
+        ]
+    )
+    assert report.sides.set_index("muscle").loc["Total (21 muscles)", "operated_loss_pct"] == pytest.approx(
+        total
+    )
