@@ -392,8 +392,9 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
             continue
         factor = FOLLOWUP_ATROPHY.get(name)
         truth = f"{(1 - factor) * 100:.0f} (left)" if factor else "0"  # the phantom operates on the left
-        ct.add_row(name, f"{left['pre_cm3']:.1f}", f"{left['post_cm3']:.1f}", f"{left['loss_pct']:.1f}",
-                   f"{right['pre_cm3']:.1f}", f"{right['post_cm3']:.1f}", f"{right['loss_pct']:.1f}", truth)
+        cells = [left.get("pre_cm3"), left.get("post_cm3"), left.get("loss_pct"),
+                 right.get("pre_cm3"), right.get("post_cm3"), right.get("loss_pct")]
+        ct.add_row(name, *(f"{x:.1f}" if isinstance(x, int | float) else "-" for x in cells), truth)
     console.print(ct)
 
 
