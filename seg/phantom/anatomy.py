@@ -12,6 +12,7 @@ measures the same patient.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,9 +225,9 @@ def ellipse_sd(m: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
     First-order (value / gradient) near the boundary, capped by the radial distance so the centre
     stays finite; good enough for partitions, fat planes and cortices of a few millimetres.
     """
-    cm, cy, a, b, tilt = p
-    t = np.deg2rad(tilt)
-    c, s = np.cos(t), np.sin(t)
+    cm, cy, a, b, tilt = (float(v) for v in p)  # Python floats keep float32 grids in float32
+    t = math.radians(tilt)
+    c, s = math.cos(t), math.sin(t)
     du = m - cm
     dv = y - cy
     u = du * c + dv * s
@@ -234,9 +235,9 @@ def ellipse_sd(m: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
     ua = u / a
     vb = v / b
     d2 = ua * ua + vb * vb
-    g = 2.0 * np.sqrt((ua / a) ** 2 + (vb / b) ** 2) + 1e-9
+    g = 2.0 * np.sqrt((ua / a) ** 2 + (vb / b) ** 2) + 1e-6
     sd_grad = (d2 - 1.0) / g
-    d = np.sqrt(d2) + 1e-9
+    d = np.sqrt(d2) + 1e-6
     rho = np.sqrt(u * u + v * v)
     sd_rad = (d - 1.0) * rho / d
     sd_rad = np.where(rho < 1e-6, -min(a, b), sd_rad)

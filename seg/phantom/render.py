@@ -185,7 +185,7 @@ class Grid:
                 q = A.interp_kf(it.kf, z)
                 if q is None:
                     continue
-                fat = p.fat_mm * float(np.interp(z, A.FAT_PROFILE[::-1, 0], A.FAT_PROFILE[::-1, 1]))
+                fat = p.fat_mm * float(np.interp(z / p.s_z, A.FAT_PROFILE[::-1, 0], A.FAT_PROFILE[::-1, 1]))
                 half_w = max(half_w, q[0] + max(q[2], q[3]) + fat + 6)
                 front = min(front, q[1] - max(q[2], q[3]) - fat - 6)
         half_w += 12
@@ -208,8 +208,10 @@ class Grid:
         return len(self.x), len(self.y), len(self.z)
 
 
-def _crop(grid: Grid, side: int, p5: np.ndarray, margin: float) -> tuple[slice, slice] | None:
+def _crop(grid: Grid, side: int, p5: np.ndarray, margin: float,
+          dy: float = 0.0) -> tuple[slice, slice] | None:
     m, y, a, b, _ = p5
+    y = y + dy
     r = max(a, b) + margin
     if side == 0:
         lo, hi = -(abs(m) + r), abs(m) + r
@@ -229,10 +231,17 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
-def _field3(z: float, mm: np.ndarray, yy: np.ndarray, waves: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(mm)
-    for amp, kx, ky, kz, ph, _ in waves:
-        out += amp * np.sin(kx * mm + ky * yy + kz * z + ph)
+def _field3(z: float, u: np.ndarray, v: np.ndarray, waves: np.ndarray) -> np.ndarray:
+    """Sum of plane waves A·sin(ku·u + kv·v + kz·z + φ) on the grid u[i] × v[j].
+
+    Separable (sin(a+b) = sin a cos b + cos a sin b), so a slice costs outer products, not sines.
+    """
+    out = np.zeros((u.size, v.size), np.float32)
+    for amp, ku, kv, kz, ph, _ in waves:
+        a = ku * u + kz * z + ph
+        b = kv * v
+        out += np.outer((amp * np.sin(a)).astype(np.float32), np.cos(b).astype(np.float32))
+        out += np.outer((amp * np.cos(a)).astype(np.float32), np.sin(b).astype(np.float32))
     return out
 
 
@@ -257,8 +266,9 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
     log.debug("phantom grid %s spacing %s", grid.shape, grid.spacing)
     labels = np.zeros((nx, ny, nz), np.uint8)
     hu = np.full((nx, ny, nz), -1000.0, np.float32)
-    xx, yy = np.meshgrid(grid.x, grid.y, indexing="ij")
+    xx, yy = (a.astype(np.float32) for a in np.meshgrid(grid.x, grid.y, indexing="ij"))
     mm = np.abs(xx)
+    m1, y1 = np.abs(grid.x), grid.y
     left = xx >= 0
     taper = _smoothstep((mm - 5.0) / 35.0)
     muscles = items["muscle"]
@@ -270,21 +280,23 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
     margin = 12.0
 
     for k, z in enumerate(grid.z):
-        md = mm + taper * _field3(z, mm, yy, p.waves[0])
-        yd = yy + taper * _field3(z, mm, yy, p.waves[1])
+        fat_z = p.fat_mm * float(np.interp(z / p.s_z, A.FAT_PROFILE[::-1, 0], A.FAT_PROFILE[::-1, 1]))
+        drop = _leg_drop(z, p, items, grid, fat_z)
+        md = mm + taper * _field3(z, m1, y1, p.waves[0])
+        yd = yy - np.float32(drop) + taper * _field3(z, m1, y1, p.waves[1])
 
-        def sd_of(it: Item, z: float = z, md: np.ndarray = md, yd: np.ndarray = yd, extra: float = 0.0):
+        def sd_of(it: Item, z: float = z, md: np.ndarray = md, yd: np.ndarray = yd, extra: float = 0.0,
+                  drop: float = drop):
             p5 = A.interp_kf(it.kf, z)
             if p5 is None:
                 return None
-            c = _crop(grid, it.side, p5, margin + extra)
+            c = _crop(grid, it.side, p5, margin + extra, drop)
             if c is None:
                 return None
             return c, A.ellipse_sd(md[c], yd[c], p5)
 
         # Envelopes: muscle compartment, body, viscera.
-        fat_z = p.fat_mm * float(np.interp(z, A.FAT_PROFILE[::-1, 0], A.FAT_PROFILE[::-1, 1]))
-        comp = np.full((nx, ny), np.inf)
+        comp = np.full((nx, ny), np.inf, np.float32)
         for it in items["pelvis"] + items["legs"]:
             r = sd_of(it, extra=fat_z + 6.0)
             if r is not None:
@@ -296,7 +308,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
         incomp = comp < 0
 
         # Bones.
-        bone_sd = np.full((nx, ny), np.inf)
+        bone_sd = np.full((nx, ny), np.inf, np.float32)
         bone_lab = np.zeros((nx, ny), np.uint8)
         bone_cortex = np.zeros((nx, ny), np.float32)
         bone_marrow = np.zeros((nx, ny), np.float32)
@@ -322,7 +334,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
         if rr > 0:
             for side in SIDES:
                 p5 = np.array([head_m, head_y, math.sqrt(rr), math.sqrt(rr), 0.0])
-                c = _crop(grid, side, p5, margin)
+                c = _crop(grid, side, p5, margin, drop)
                 if c is None:
                     continue
                 sd = A.ellipse_sd(md[c], yd[c], p5)
@@ -334,8 +346,8 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
         bone = (bone_sd < 0) & body
 
         # Muscles: nearest-surface partition with fat planes between neighbours.
-        best = np.full((nx, ny), 1e9)
-        second = np.full((nx, ny), 1e9)
+        best = np.full((nx, ny), 1e9, np.float32)
+        second = np.full((nx, ny), 1e9, np.float32)
         bidx = np.full((nx, ny), -1, np.int32)
         for it in muscles:
             r = sd_of(it)
@@ -348,7 +360,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
             best[c] = np.where(better, sd, b)
             bidx[c] = np.where(better, it.index, bidx[c])
         # Muscles fill their compartment in the thigh (grow), less so among the pelvic organs.
-        visc = np.full((nx, ny), np.inf)
+        visc = np.full((nx, ny), np.inf, np.float32)
         for it in items["viscera"]:
             r = sd_of(it)
             if r is not None:
@@ -358,7 +370,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
         muscle = incomp & (best < grow) & ((second - best) >= p.plane_mm) & ~bone & (mm >= 4.0)
 
         # Vessels (with a thin fat ring) are carved out of muscle.
-        vsd = np.full((nx, ny), np.inf)
+        vsd = np.full((nx, ny), np.inf, np.float32)
         for it in items["vessel"]:
             r = sd_of(it)
             if r is not None:
@@ -394,7 +406,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
         h[(dy_c >= 0) & (dy_c < 3)] = 250.0
         h[(dy_c >= 3) & (dy_c < 20)] = -880.0
         h[(dy_c >= 20) & (dy_c < 23)] = 250.0
-        tex = _field3(z, xx, yy, tex_waves)
+        tex = _field3(z, grid.x, grid.y, tex_waves)
         h[body] = p.fat_hu + 4.0 * tex[body]
         h[body & (body_sd > -p.skin_mm)] = 30.0
         vis = incomp & (visc < 0) & ~muscle & ~bone
@@ -477,6 +489,16 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
     ph = Phantom(ct=Volume(ct, affine.copy(), dict(meta)), labels=Volume(labels, affine.copy(), dict(meta)),
                  height_m=p.height_m, sex=p.sex, meta=meta, options=opts, side_voxels=side_voxels)
     return ph
+
+
+def _leg_drop(z: float, p: Patient, items: dict[str, list[Item]], grid: Grid, fat_z: float) -> float:
+    """How far (mm, posterior) the legs sink so that the thighs rest on the table, as in a real scan."""
+    kf = items["legs"][0].kf
+    q = A.interp_kf(kf, float(np.clip(z, kf[-1, 0], kf[0, 0])))
+    assert q is not None
+    posterior = q[1] + q[3] + fat_z
+    ramp = float(_smoothstep(np.array((-z / p.s_z - 40.0) / 80.0)))
+    return max(0.0, grid.y_table + 4.0 - posterior) * ramp
 
 
 def _check_options(opts: PhantomOptions) -> None:
