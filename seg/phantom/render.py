@@ -78,7 +78,7 @@ def draw_patient(opts: PhantomOptions) -> tuple[Patient, np.random.Generator]:
         height = float(opts.height_m)
     s_z = height / 1.70
     frame = rng.uniform(0.95, 1.05)
-    bulk = rng.uniform(0.95, 1.08) if sex == "M" else rng.uniform(0.85, 0.98)
+    bulk = rng.uniform(0.92, 1.04) if sex == "M" else rng.uniform(0.85, 0.98)
     pelvis_w = (1.05 if sex == "F" else 1.0) * rng.uniform(0.97, 1.03)
     fat = rng.uniform(12, 28) if sex == "F" else rng.uniform(6, 18)
     age = int(rng.integers(62, 91))
