@@ -218,7 +218,11 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
         return Plan(studies, roles, reasons, comparisons, None, baseline_pre)
     roles[baseline.series_instance_uid] = BASELINE
     if not later:
-        reasons[baseline.series_instance_uid].append("single study for this patient: nothing to compare with")
+        reasons[baseline.series_instance_uid].append(
+            "single study for this patient: nothing to compare with"
+            if len(studies) == 1
+            else "no later study yet: nothing to compare with"
+        )
     compared: list[Study] = [baseline]
     for s in later:
         uid = s.series_instance_uid
@@ -544,7 +548,7 @@ def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str,
                         (pid, iss),
                     )
                 ]
-                why = sorted({w for ws in st for w in ws if "not compared" in w or "single study" in w})
+                why = sorted({w for ws in st for w in ws if "not compared" in w or "nothing to compare" in w})
                 entry["change"] = None
                 entry["reason"] = "; ".join(why) or "no comparison"
             out.append(entry)

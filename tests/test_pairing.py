@@ -164,6 +164,7 @@ def test_surgery_date_splits_pre_and_post(settings: Settings, tmp_path: Path) ->
     )
     _record(settings, "P1", "1.0", "20221201", 1.1)  # an older pre-operative scan
     _record(settings, "P1", "1.1", "20230109", 1.0)  # the pre-operative CT closest to surgery
+    assert any("no later study yet" in r for r in pairing.status_of(settings, "1.1.1")["reasons"])
     changes = _record(settings, "P1", "1.2", "20230601", 0.8, left_only=True)
     assert [c["comparison"] for c in changes] == ["baseline"]
     c = changes[0]
