@@ -82,7 +82,7 @@ def test_deterministic_and_seed_dependent() -> None:
 
 
 def test_height_and_sex_randomised_in_plausible_ranges() -> None:
-    from seg.phantom.render import draw_patient
+    from seg.phantom.patient import draw_patient
 
     seen = set()
     for seed in range(40):
