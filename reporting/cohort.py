@@ -32,6 +32,7 @@ import pandas as pd
 from seg.labels import ANALYSED_MUSCLES, by_name
 
 GROUPS = ("Female FNF", "Female ITF", "Male FNF", "Male ITF")  # the paper's Table 2/3 column order
+TABLE1_GROUPS = ("Male FNF", "Male ITF", "Female FNF", "Female ITF")  # the paper's Table 1 column order
 FRACTURES = ("FNF", "ITF")
 SEX_NAME = {"F": "Female", "M": "Male"}
 SMALL_N = 6  # below this an exact two-sided Wilcoxon p cannot fall below 0.05
@@ -210,7 +211,7 @@ def _describe(values: pd.Series) -> dict[str, float]:
 def table1(long: pd.DataFrame) -> pd.DataFrame:
     """Pre-operative composition: mean % of total muscle volume per muscle, by group, plus the sum."""
     t = long.pivot_table(index="muscle", columns="group", values="pre_share_pct", aggfunc="mean")
-    t = t.reindex(index=list(ANALYSED_MUSCLES), columns=[g for g in GROUPS if g in t.columns])
+    t = t.reindex(index=list(ANALYSED_MUSCLES), columns=[g for g in TABLE1_GROUPS if g in t.columns])
     t.loc["Sum"] = t.sum()
     t.index = [display(m) if m != "Sum" else m for m in t.index]
     return t
