@@ -365,3 +365,27 @@ def test_synthetic_cohort_pairs_and_changes_equal_truth(settings: Settings, tmp_
     written = write_report(report, tmp_path / "report")
     assert written["html"].stat().st_size > 50_000
     print(f"synthetic cohort: 36 phantoms measured and paired in {elapsed:.1f} s")
+
+
+def test_concurrent_workers_keep_one_consistent_timeline(settings: Settings) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            _record(settings, "P1", f"1.{i}", f"202301{i + 1:02d}", 1.0 - i / 100)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    rows = pairing.timeline(settings, "P1")
+    assert [r["study_date"] for r in rows] == [f"202301{i + 1:02d}" for i in range(8)]
+    assert [len(r["changes"]) for r in rows] == [0, 1] + [2] * 6
+    con = sqlite3.connect(settings.db_path)
+    assert con.execute("SELECT COUNT(*) FROM pairing_changes").fetchone()[0] == 1 + 2 * 6
