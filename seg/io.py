@@ -65,6 +65,9 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
             continue
         if "PixelData" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             continue
+        if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+            log.debug("skipping localizer %s", f)
+            continue
         datasets.append((f, ds))
     if not datasets:
         raise SeriesGeometryError("no DICOM images with position and orientation found")

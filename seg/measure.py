@@ -111,12 +111,11 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     vox = labels.voxel_volume_cm3
     mid, how = midline_x(labels, ct)
 
-    lab = np.ascontiguousarray(arr).astype(np.intp, copy=False)
     n = L.NUM_CLASSES
     total = np.zeros(n, np.int64)
     left = np.zeros(n, np.int64)
-    for k in range(lab.shape[2]):
-        sl = lab[:, :, k]
+    for k in range(arr.shape[2]):
+        sl = arr[:, :, k].astype(np.intp)
         x = _world_x_slice(labels.affine, sl.shape, k)
         counts = np.bincount(sl.ravel() * 2 + (x > mid).ravel(), minlength=2 * n).reshape(n, 2)
         total += counts.sum(axis=1)

@@ -194,3 +194,17 @@ def test_volumes_command_reproduces_truth(tmp_path: Path) -> None:
                               "--out", str(tmp_path / "m2")])
     assert res.exit_code != 0
     assert "grid" in res.output
+
+
+def test_loader_skips_localizer_in_the_series(tmp_path: Path) -> None:
+    opts = PhantomOptions(seed=2, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-20, 20))
+    ph = make_phantom(opts)
+    write_phantom(ph, tmp_path)
+    files = sorted((tmp_path / "dicom").glob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+    ds.save_as(tmp_path / "dicom" / "scout.dcm")
+    vol = load_dicom_series(tmp_path / "dicom")
+    assert vol.shape == ph.ct.shape and np.array_equal(vol.array, ph.ct.array)
