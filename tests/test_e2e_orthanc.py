@@ -349,7 +349,7 @@ def phantom_study(tmp: Path, name: str, **options: Any) -> tuple[str, str, Path,
 
 
 def sr_volumes(ds: Any) -> dict[str, float]:
-    """{tracking identifier, e.g. "vastus_lateralis left": volume cm³} from a TID 1500 SR."""
+    """{tracking identifier, e.g. "Vastus lateralis left": volume cm³} from a TID 1500 SR."""
     found: dict[str, float] = {}
 
     def walk(items: Any) -> None:
@@ -382,7 +382,7 @@ def tolerance_pct(model: dict) -> float:
 
 def check_volumes(w: Wired, series_uid: str, truth: dict, kinds: dict[str, list[str]]) -> dict:
     """The node's volumes.json against the phantom truth (model tolerance) and against the SR in Orthanc."""
-    from seg.labels import ANALYSED_MUSCLES
+    from seg.labels import ANALYSED_MUSCLES, by_name
 
     measured = json.loads((w.node.storage_dir / "results" / series_uid / "volumes.json").read_text())
     tol = tolerance_pct(measured.get("model") or {})
@@ -396,11 +396,14 @@ def check_volumes(w: Wired, series_uid: str, truth: dict, kinds: dict[str, list[
            if abs(got[m]["volume_cm3"] - want[m]["volume_cm3"]) / want[m]["volume_cm3"] * 100 > tol}
     assert len(off) <= len(big) // 5, f"muscles off by more than {tol} %: {off}"
 
-    in_sr = [v for v in (sr_volumes(w.orthanc.instance_dataset(i)) for i in kinds["sr"]) if v]
-    assert in_sr, "no SR with volume measurements in Orthanc"
+    reports = [w.orthanc.instance_dataset(i) for i in kinds["sr"]]
+    in_sr = [sr_volumes(sr) for sr in reports
+             if sr.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurement Report"]
+    assert len(in_sr) == 1 and in_sr[0], "not exactly one TID 1500 measurement report in the study"
     for m in big:
         for side in ("left", "right"):
-            assert in_sr[0][f"{m} {side}"] == pytest.approx(got[m][f"{side}_cm3"], abs=0.1), (m, side)
+            label = f"{by_name(m).display_name} {side}"  # the SR's tracking identifier
+            assert in_sr[0][label] == pytest.approx(got[m][f"{side}_cm3"], abs=0.1), (m, side)
     return measured
 
 
