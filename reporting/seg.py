@@ -53,21 +53,11 @@ def algorithm_identification(model_info: dict) -> hd.AlgorithmIdentificationSequ
     )
 
 
-def left_mask(labels: Volume, ct: Volume | None = None, volumes: dict | None = None) -> np.ndarray:
-    """Boolean mask (broadcastable to ``labels.array``) of voxels on the patient's left (+x in LPS).
+def exact_midline_x(labels: Volume, ct: Volume | None = None) -> float:
+    """x (LPS mm) of the mid-sagittal plane as :func:`seg.measure.midline_x` finds it."""
+    from seg.measure import midline_x
 
-    The plane is :func:`seg.measure.midline_x`, the same split that produced ``left_cm3`` in
-    volumes.json (falling back to the recorded ``qa.midline_x_mm``), so SEG sides match the numbers.
-    """
-    try:
-        from seg.measure import midline_x
-
-        mid = float(midline_x(labels, ct)[0])
-    except ImportError:
-        mid = (volumes or {}).get("qa", {}).get("midline_x_mm")
-        if mid is None:
-            raise
-    return _world_x(labels) > float(mid)
+    return float(midline_x(labels, ct)[0])
 
 
 def _world_x(vol: Volume) -> np.ndarray:
@@ -82,41 +72,66 @@ def _world_x(vol: Volume) -> np.ndarray:
     return x
 
 
+def _side_index(labels: Volume, mid: float) -> np.ndarray:
+    """uint8 array in frame layout (k, j, i), C-contiguous: label * 2 + 1 on the patient's left (+x)."""
+    t = labels.array.transpose(2, 1, 0)
+    if t.dtype != np.uint8:
+        t = t.astype(np.uint8)
+    idx = np.left_shift(t, 1, order="C")
+    left = (_world_x(labels) > mid).transpose(2, 1, 0).astype(np.uint8)
+    np.bitwise_or(idx, left, out=idx)
+    return idx
+
+
+def _matches(counts: np.ndarray, volumes: dict, voxel_cm3: float) -> bool:
+    """Do per-side voxel counts reproduce volumes.json's left_cm3 (rounded to 4 decimals)?"""
+    for e in volumes.get("structures", []):
+        if e.get("left_cm3") is None or 2 * int(e["label"]) + 1 >= len(counts):
+            continue
+        if abs(round(float(counts[2 * int(e["label"]) + 1]) * voxel_cm3, 4) - float(e["left_cm3"])) > 1e-6:
+            return False
+    return True
+
+
 def plan_segments(labels: Volume, volumes: dict,
                   ct: Volume | None = None) -> tuple[list[SegmentInfo], np.ndarray]:
-    """Segment list and the segment-number map (uint8/uint16, array[i, j, k]) for present structures."""
-    by_label = {int(s["label"]): s for s in volumes.get("structures", [])}
-    counts = np.bincount(labels.array.ravel(), minlength=len(structures()))
-    left = None
+    """Segment list and the segment-number map in frame layout (k, j, i) for present structures.
+
+    Sides use the mid-sagittal plane of :mod:`seg.measure` (left = +x in LPS): the plane recorded in
+    ``qa.midline_x_mm`` when its split reproduces volumes.json's ``left_cm3`` exactly, else the plane
+    recomputed by :func:`seg.measure.midline_x`; either way SEG sides equal the reported numbers.
+    """
+    n = len(structures())
+    if int(labels.array.max(initial=0)) >= min(n, 128):
+        raise ValueError(f"label values must be below {n}")
+    recorded = (volumes.get("qa") or {}).get("midline_x_mm")
+    mid = float(recorded) if recorded is not None else exact_midline_x(labels, ct)
+    idx = _side_index(labels, mid)
+    counts = np.bincount(idx.ravel(), minlength=2 * n)
+    if recorded is not None and not _matches(counts, volumes, labels.voxel_volume_cm3):
+        idx = _side_index(labels, exact_midline_x(labels, ct))
+        counts = np.bincount(idx.ravel(), minlength=2 * n)
+    by_label = {int(e["label"]): e for e in volumes.get("structures", [])}
     segments: list[SegmentInfo] = []
-    lut_left = np.zeros(256, dtype=np.uint16)
-    lut_right = np.zeros(256, dtype=np.uint16)
-    for s in structures():
-        if s.label == 0 or s.label >= len(counts) or counts[s.label] == 0:
+    lut = np.zeros(2 * n, dtype=np.uint16)
+    for s in structures()[1:]:
+        n_right, n_left = int(counts[2 * s.label]), int(counts[2 * s.label + 1])
+        if n_left + n_right == 0:
             continue
         entry = by_label.get(s.label, {})
         split = entry.get("left_cm3") is not None or entry.get("right_cm3") is not None or not entry
         if not split:
             segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, "both"))
-            lut_left[s.label] = lut_right[s.label] = segments[-1].number
+            lut[2 * s.label] = lut[2 * s.label + 1] = segments[-1].number
             continue
-        if left is None:
-            left = np.broadcast_to(left_mask(labels, ct, volumes), labels.shape)
-        on = labels.array == s.label
-        n_left = int(np.count_nonzero(on & left))
         if n_left:
             segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, "left"))
-            lut_left[s.label] = segments[-1].number
-        if n_left < int(counts[s.label]):
+            lut[2 * s.label + 1] = segments[-1].number
+        if n_right:
             segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, "right"))
-            lut_right[s.label] = segments[-1].number
+            lut[2 * s.label] = segments[-1].number
     dtype = np.uint8 if len(segments) < 256 else np.uint16
-    arr = labels.array
-    if left is None:
-        seg_map = lut_left.astype(dtype)[arr]
-    else:
-        seg_map = np.where(left, lut_left.astype(dtype)[arr], lut_right.astype(dtype)[arr])
-    return segments, seg_map
+    return segments, lut.astype(dtype)[idx]
 
 
 def segment_label(info: SegmentInfo) -> str:
@@ -166,8 +181,7 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
     segments, seg_map = plan_segments(labels, volumes, ct)
     if not segments:
         raise ValueError("no structure present in the label map: nothing to put in a SEG")
-    # (i, j, k) = (column, row, slice)  ->  (frames, rows, columns)
-    pixel_array = np.ascontiguousarray(np.transpose(seg_map, (2, 1, 0)))
+    pixel_array = seg_map  # already (frames, rows, columns) = (k, j, i)
     if seg_type == "BINARY":
         transfer_syntax = ExplicitVRLittleEndian
     else:
