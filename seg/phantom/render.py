@@ -120,7 +120,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
         d /= np.linalg.norm(d)
         tex_waves[w, :5] = (1.0, *(2 * np.pi / lam * d), rng.uniform(0, 2 * np.pi))
     streak_angles = rng.uniform(0, np.pi, 7)
-    streak_amp = rng.uniform(150, 600, 7) * np.where(rng.random(7) < 0.5, -1, 1)
+    streak_amp = rng.uniform(80, 350, 7) * np.where(rng.random(7) < 0.5, -1, 1)
     noise_seed = int(rng.integers(2**31))
 
     grid = Grid(opts, p, items)
@@ -193,6 +193,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
             bone_cortex[c] = np.where(upd, it.cortex_mm, bone_cortex[c])
             bone_marrow[c] = np.where(upd, it.marrow_hu, bone_marrow[c])
         rr = head_r**2 - (z - head_z) ** 2
+        joint = np.zeros((nx, ny), bool)  # hip joint space (cartilage, fluid) around the femoral heads
         if rr > 0:
             for side in SIDES:
                 p5 = np.array([head_m, head_y, math.sqrt(rr), math.sqrt(rr), 0.0])
@@ -205,6 +206,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
                 bone_lab[c] = np.where(upd, FEMUR, bone_lab[c])
                 bone_cortex[c] = np.where(upd, 1.5, bone_cortex[c])
                 bone_marrow[c] = np.where(upd, 260.0, bone_marrow[c])
+                joint[c] |= (sd >= 0) & (sd < 2.5)
         bone = (bone_sd < 0) & body
 
         # Muscles: nearest-surface partition with fat planes between neighbours.
@@ -288,6 +290,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
                     sub[org & (sd < -0.55 * max(1.0, float(-sd.min())))] = -900.0
                 h[c] = sub
         h[vessel] = 42.0
+        h[joint & incomp & ~bone & ~muscle] = 75.0
         mh = m_hu[bidx[muscle]] + 2.0 * tex[muscle]
         if opts.fat_infiltration > 0:
             lm = left[muscle]
@@ -315,7 +318,7 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
                 st = np.zeros((nx, ny), np.float32)
                 for th, amp in zip(streak_angles + 0.03 * math.sin(z / 17.0), streak_amp, strict=True):
                     perp = np.abs(-math.sin(th) * (xx - cx) + math.cos(th) * (yy - cy))
-                    st += amp * amp_scale * np.exp(-(perp / 2.5) ** 2) * np.exp(-rad / 110.0)
+                    st += amp * amp_scale * np.exp(-(perp / 3.5) ** 2) * np.exp(-rad / 90.0)
                 h[body & ~metal] += st[body & ~metal]
         hu[:, :, k] = h
 
