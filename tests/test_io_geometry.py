@@ -50,6 +50,7 @@ CASES = [
     pytest.param(dict(position="FFS", slice_order="ascending"), "explicit", id="FFS-asc-explicit"),
     pytest.param(dict(position="HFS", slice_order="descending"), "rle", id="HFS-desc-rle"),
     pytest.param(dict(position="FFS", slice_order="descending"), "jpegls", id="FFS-desc-jpegls"),
+    pytest.param(dict(position="HFS", slice_order="ascending"), "j2k", id="HFS-asc-j2k"),
     pytest.param(dict(position="FFS", slice_order="ascending", spacing_mm=(0.8, 0.8, 3.0),
                       z_range_mm=(-15, 15), fov_mm=(400, 300)), "explicit", id="FFS-aniso-0.8x0.8x3"),
     pytest.param(dict(position="HFS", slice_order="descending", spacing_mm=(0.8, 0.8, 3.0),
