@@ -69,9 +69,45 @@ class Indexed:
     superseded: int | None = None
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value)
+LAST_HEADER_TAG = 0x0020000E  # SeriesInstanceUID: every tag the index needs comes before it
+
+
+def read_header(fp: Any, transfer_syntax: str) -> Dataset | None:
+    """Parse a received dataset only up to SeriesInstanceUID (None for deflated/big-endian syntaxes).
+
+    The pixel data and everything after the identifiers are never parsed on the hot path.
+    """
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import UID
+
+    ts = UID(transfer_syntax)
+    if ts.is_deflated or not ts.is_little_endian:
+        return None
+    fp.seek(0)
+    try:
+        return read_dataset(fp, ts.is_implicit_VR, True,
+                            stop_when=lambda tag, vr, length: tag > LAST_HEADER_TAG)
+    finally:
+        fp.seek(0)
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    """An element's text straight from its raw bytes (pydicom's value conversion is the slow part)."""
+    try:
+        elem = ds.get_item(tag)
+    except KeyError:
+        return ""
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        return text.strip("\x00 ").strip()
+    return str(value).strip()
 
 
 def info_from_dataset(
@@ -79,20 +115,20 @@ def info_from_dataset(
 ) -> InstanceInfo:
     """Identifiers of one instance; raises :class:`StoreError` when a UID needed for filing is unusable."""
     info = InstanceInfo(
-        sop_uid=_text(ds, "SOPInstanceUID"),
-        sop_class=sop_class or _text(ds, "SOPClassUID"),
+        sop_uid=_text(ds, 0x00080018),
+        sop_class=sop_class or _text(ds, 0x00080016),
         transfer_syntax=transfer_syntax,
-        study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=_text(ds, "SeriesInstanceUID"),
-        patient_id=_text(ds, "PatientID"),
-        issuer=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
-        sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        accession=_text(ds, "AccessionNumber"),
-        modality=_text(ds, "Modality"),
-        series_description=_text(ds, "SeriesDescription"),
+        study_uid=_text(ds, 0x0020000D),
+        series_uid=_text(ds, 0x0020000E),
+        patient_id=_text(ds, 0x00100020),
+        issuer=_text(ds, 0x00100021),
+        patient_name=_text(ds, 0x00100010),
+        sex=_text(ds, 0x00100040),
+        study_date=_text(ds, 0x00080020),
+        study_time=_text(ds, 0x00080030),
+        accession=_text(ds, 0x00080050),
+        modality=_text(ds, 0x00080060),
+        series_description=_text(ds, 0x0008103E),
         calling_aet=calling_aet,
     )
     for name in ("sop_uid", "study_uid", "series_uid"):
