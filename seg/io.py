@@ -115,17 +115,19 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     slopes = [float(ds.get("RescaleSlope", 1) or 1) for _, ds in datasets]
     inters = [float(ds.get("RescaleIntercept", 0) or 0) for _, ds in datasets]
     exact = all(s == 1.0 for s in slopes) and all(float(i).is_integer() for i in inters)
-    arr = np.empty((shape0[1], shape0[0], n), np.int32 if exact else np.float32)
+    # int16 HU when the rescale is exact and fits (half the memory of float32); float32 otherwise.
+    arr = np.empty((shape0[1], shape0[0], n), np.int16 if exact else np.float32)
     for k, (_, ds) in enumerate(datasets):
         px = ds.pixel_array
-        if exact:
-            arr[:, :, k] = px.T.astype(np.int32) + int(inters[k])
+        if arr.dtype == np.int16:
+            hu = px.astype(np.int32) + int(inters[k])
+            if hu.min() < -32768 or hu.max() > 32767:
+                arr = arr.astype(np.float32)
+                arr[:, :, k] = hu.T
+            else:
+                arr[:, :, k] = hu.T
         else:
             arr[:, :, k] = px.T.astype(np.float32) * slopes[k] + inters[k]
-    if exact and arr.min() >= -32768 and arr.max() <= 32767:
-        arr = arr.astype(np.int16)
-    elif exact:
-        arr = arr.astype(np.float32)
 
     first = datasets[0][1]
     meta = {k: v for k in META_KEYS if (v := _meta_value(first, k)) is not None}

@@ -209,3 +209,16 @@ def test_loader_skips_localizer_in_the_series(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "dicom" / "scout.dcm")
     vol = load_dicom_series(tmp_path / "dicom")
     assert vol.shape == ph.ct.shape and np.array_equal(vol.array, ph.ct.array)
+
+
+def test_loader_applies_non_integer_rescale_as_float(tmp_path: Path) -> None:
+    ph = make_phantom(PhantomOptions(seed=2, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-10, 10)))
+    write_phantom(ph, tmp_path)
+    for f in (tmp_path / "dicom").glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope = "0.5"
+        ds.save_as(f)
+    vol = load_dicom_series(tmp_path / "dicom")
+    assert vol.array.dtype == np.float32
+    expected = (ph.ct.array.astype(np.float32) + 1024) * 0.5 - 1024
+    assert np.allclose(vol.array, expected)
