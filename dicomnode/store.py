@@ -2,9 +2,13 @@
 
 Layout (a plain folder, mercure-like, readable without the node):
 ``storage_dir/incoming/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and a private work folder per job
-``storage_dir/jobs/<job_id>/``. An instance is written to ``.<sop>.tmp``, fsynced, renamed, the folder
-fsynced, and only then indexed; the SCP answers success after that. A crash leaves at most a ``.tmp``
-file, which :meth:`Store.recover` deletes; a file whose row was lost is re-indexed from its header.
+``storage_dir/jobs/<job_id>/``. An instance is written as preamble + file meta + the dataset bytes
+exactly as received to ``.<sop>.<pid>.<n>.tmp``, fsynced, renamed, and only then indexed; the SCP
+answers success after that. A new study/series folder is fsynced into its parent once; the rename
+itself is not followed by a directory fsync (it doubled the cost per instance; ext4 commits it with
+its journal within seconds), so only a power cut in that window could lose an acknowledged file's
+name, never leave a partial file. A crash leaves at most a ``.tmp`` file, which :meth:`Store.recover`
+deletes; a file whose row was lost is re-indexed from its header.
 
 Indexing is also where series assembly starts: the first instance of a series opens a job in state
 ``receiving``; a *new* instance (new SOP UID or changed size) arriving after the series was closed

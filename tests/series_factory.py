@@ -103,3 +103,46 @@ def write_ct_series(
 def write_big_series(folder: Path, n: int = 300, size: int = 512, name: str = "bench") -> SeriesFiles:
     """The benchmark series: ``n`` slices of ``size``² int16 noise (uncompressed, ~0.5 MB each)."""
     return write_ct_series(folder, name=name, n=n, size=size, slice_mm=1.0, pixel_mm=0.8, random_pixels=True)
+
+
+ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def write_enhanced_ct(path: Path, *, name: str = "enh", frames: int = 12, slice_mm: float = 3.0,
+                      size: int = 8) -> SeriesFiles:
+    """One multi-frame Enhanced CT instance: geometry in shared/per-frame functional groups."""
+    from pydicom.sequence import Sequence
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE
+    ds.SOPInstanceUID = uid("sop", name)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ENHANCED_CT_IMAGE
+    ds.PatientName, ds.PatientID = "Node^Enhanced", "NODE-TEST-2"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = uid("study", name), uid("series", name)
+    ds.FrameOfReferenceUID = uid("for", name)
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, 1
+    ds.Rows = ds.Columns = size
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+
+    def item(**kw: object) -> Dataset:
+        d = Dataset()
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([item(PixelSpacing=[1.0, 1.0], SliceThickness=slice_mm)])
+    shared.PlaneOrientationSequence = Sequence([item(ImageOrientationPatient=[1.0, 0, 0, 0, 1.0, 0])])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([
+        item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[0.0, 0.0, -k * slice_mm])]))
+        for k in range(frames)])
+    ds.PixelData = np.zeros((frames, size, size), dtype=np.int16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return SeriesFiles(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), [path], [str(ds.SOPInstanceUID)])

@@ -26,7 +26,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from series_factory import write_ct_series
+from series_factory import write_ct_series, write_enhanced_ct
 
 pytestmark = requires_dcmtk
 
@@ -168,3 +168,11 @@ def test_late_instance_reopens_series_and_supersedes(
     expected = [(first["id"], second["id"]), (second["id"], None)]
     assert [(j["id"], j["superseded_by"]) for j in jobs] == expected
     assert len(set(pacs_sops(pacs)) - before) == 2  # partial content's result, then the full one's
+
+
+def test_enhanced_ct_is_received_and_selected(peers: tuple[NodeProcess, StoreSCP], tmp_path: Path) -> None:
+    node, _ = peers
+    s = write_enhanced_ct(tmp_path / "enh.dcm", name="net-enh", frames=8, size=16)
+    assert pynetdicom_send(node.port, s.files) == [0]
+    job = node.wait_job(s.series_uid, ("done", "failed", "rejected"))
+    assert job["state"] == "done" and job["n_instances"] == 1, job

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from series_factory import write_ct_series
+from series_factory import write_ct_series, write_enhanced_ct
 
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
@@ -211,3 +211,10 @@ def test_no_phi_in_info_logs(node: tuple, tmp_path: Path) -> None:
     text = stream.getvalue()
     assert "series opened" in text and pseudonym("SECRET-ID") in text
     assert "SECRET-ID" not in text and "Secret" not in text
+
+
+def test_selection_reads_enhanced_ct_frames(tmp_path: Path) -> None:
+    ok = select_series(write_enhanced_ct(tmp_path / "a.dcm", name="enh-a", frames=12).files, SEL)
+    assert ok.accepted and ok.n_slices == 12 and ok.z_coverage_mm == 36.0
+    short = select_series(write_enhanced_ct(tmp_path / "b.dcm", name="enh-b", frames=4).files, SEL)
+    assert short.reason == "z-coverage 12 mm < 30 mm; 4 slices < 5"
