@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -126,7 +127,7 @@ def jobs(
         table.add_row(
             str(r["job"]),
             r["patient"],
-            "…" + uid[-18:] if len(uid) > 20 else uid,
+            "…" + uid[-14:] if len(uid) > 16 else uid,
             str(r["instances"] or ""),
             f"[{colours.get(r['state'], 'white')}]{r['state']}[/]",
             _fmt_time(r["created_at"]),
@@ -135,7 +136,7 @@ def jobs(
             f"{r['sent']}/{r['outputs']}" if r["outputs"] else "",
             r["reason"] or r["message"] or "",
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def status(
