@@ -48,8 +48,8 @@ class Grid:
                 if q is None:
                     continue
                 fat = p.fat_mm * float(np.interp(z / p.s_z, A.FAT_PROFILE[::-1, 0], A.FAT_PROFILE[::-1, 1]))
-                half_w = max(half_w, q[0] + max(q[2], q[3]) + fat + 6)
-                front = min(front, q[1] - max(q[2], q[3]) - fat - 6)
+                half_w = max(half_w, q[0] + max(q[2], q[3]) + 1.3 * fat + 6)
+                front = min(front, q[1] - max(q[2], q[3]) - 1.3 * fat - 6)
         half_w += 12
         front -= 12
         self.y_table = 100 * p.s_xy * p.bulk + 0.8 * p.fat_mm
@@ -122,6 +122,12 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
     streak_angles = rng.uniform(0, np.pi, 7)
     streak_amp = rng.uniform(80, 350, 7) * np.where(rng.random(7) < 0.5, -1, 1)
     noise_seed = int(rng.integers(2**31))
+    # Subcutaneous fat varies around the body (drawn last: earlier draws, hence the anatomy, stay put).
+    fat_waves = np.zeros((2, 6))
+    for w in range(2):
+        lam, ang = rng.uniform(120, 300), rng.uniform(0, 2 * np.pi)
+        fat_waves[w, :5] = (0.15, 2 * np.pi / lam * np.cos(ang), 2 * np.pi / lam * np.sin(ang),
+                            rng.uniform(-0.01, 0.01), rng.uniform(0, 2 * np.pi))
 
     grid = Grid(opts, p, items)
     nx, ny, nz = grid.shape
@@ -160,11 +166,12 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
         # Envelopes: muscle compartment, body, viscera.
         comp = np.full((nx, ny), np.inf, np.float32)
         for it in items["pelvis"] + items["legs"]:
-            r = sd_of(it, extra=fat_z + 6.0)
+            r = sd_of(it, extra=1.3 * fat_z + 6.0)
             if r is not None:
                 c, sd = r
                 comp[c] = np.minimum(comp[c], sd)
-        body_sd = np.maximum(comp - fat_z, yy - grid.y_table)
+        fat_map = fat_z * (1.0 + _field3(z, grid.x, grid.y, fat_waves))
+        body_sd = np.maximum(comp - fat_map, yy - grid.y_table)
         comp = np.maximum(comp, yy - (grid.y_table - 0.4 * fat_z))
         body = body_sd < 0
         incomp = comp < 0
