@@ -90,6 +90,7 @@ class LocalPacs:
         self._objects: list[Received] = []
         self._lock = threading.Lock()
         self._server: Any = None
+        self.labels: dict[str, str] = {}  # StudyInstanceUID -> folder name (pre-op, follow-up)
 
     def start(self) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -103,14 +104,16 @@ class LocalPacs:
         def on_store(event: Any) -> int:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            folder = self.folder / str(ds.StudyInstanceUID)
+            study = str(ds.StudyInstanceUID)
+            obj = Received(study, str(ds.SOPClassUID), str(ds.SOPInstanceUID), "")
+            folder = self.folder / self.labels.get(study, study)
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+            path = folder / f"{_kind(obj)}_{obj.sop_uid}.dcm"
             ds.save_as(path, enforce_file_format=True)
+            obj.where = str(path)
             with self._lock:
-                self._objects = [o for o in self._objects if o.sop_uid != str(ds.SOPInstanceUID)]
-                self._objects.append(Received(str(ds.StudyInstanceUID), str(ds.SOPClassUID),
-                                              str(ds.SOPInstanceUID), str(path)))
+                self._objects = [o for o in self._objects if o.sop_uid != obj.sop_uid]
+                self._objects.append(obj)
             return 0x0000
 
         self._server = ae.start_server(("127.0.0.1", self.dicom_port), block=False,
@@ -197,6 +200,14 @@ class OrthancPacs:
                                 f"{self.url}/instances/{iid}/file"))
         return out
 
+    def fetch(self, obj: Received, folder: Path) -> Path:
+        """A local copy of a stored object (Orthanc runs only as long as the demo)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_kind(obj)}_{obj.sop_uid}.dcm"
+        with urllib.request.urlopen(obj.where, timeout=60) as resp:
+            path.write_bytes(resp.read())
+        return path
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -220,6 +231,13 @@ def write_node_config(path: Path, *, port: int, storage: Path, pacs_port: int) -
         "[send]\nattempts = 5\ninitial_backoff_seconds = 2\nmax_backoff_seconds = 10\n\n"
         "[pairing]\nretrieve_priors = false\n"
     )
+    return path
+
+
+def write_registry(path: Path) -> Path:
+    """The demo patient's clinical row: registry height, fracture on the left, surgery two days in."""
+    path.write_text("patient_id,height_m,sex,fracture_type,fractured_side,surgery_date,koval_grade\n"
+                    "DEMO-0001,1.62,F,ITF,left,20240107,2\n")
     return path
 
 
@@ -398,17 +416,14 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
     console.print(ct)
 
 
-def _describe(objects: list[Received]) -> list[str]:
-    def kind(o: Received) -> str:
-        if o.sop_class in SEG_CLASSES:
-            return "SEG"
-        if o.sop_class.startswith(SR_PREFIX):
-            return "SR"
-        if o.sop_class.startswith(SC_PREFIX):
-            return "summary"
-        return o.sop_class
-
-    return [f"{kind(o):8s} {o.where}" for o in sorted(objects, key=kind)]
+def _kind(o: Received) -> str:
+    if o.sop_class in SEG_CLASSES:
+        return "SEG"
+    if o.sop_class.startswith(SR_PREFIX):
+        return "SR"
+    if o.sop_class.startswith(SC_PREFIX):
+        return "summary"
+    return "other"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,7 +455,16 @@ def run_demo(out: Path, pacs_kind: str, spacing: tuple[float, float, float], see
     try:
         step(f"generating the phantom patient (spacing {spacing[0]:g}×{spacing[1]:g}×{spacing[2]:g} mm)")
         pre, post = make_patient(out / "phantoms", spacing, seed)
+        if isinstance(pacs, LocalPacs):
+            pacs.labels = {pre.study_uid: pre.label, post.study_uid: post.label}
         step(f"pre-op {pre.n_files} slices, follow-up {post.n_files} slices → {out / 'phantoms'}")
+
+        registry = write_registry(out / "registry.csv")
+        imported = subprocess.run(node_command(config, "patients", "import", str(registry)),
+                                  capture_output=True, text=True, timeout=120)
+        if imported.returncode != 0:
+            raise DemoError(f"registry import failed: {imported.stderr.strip() or imported.stdout.strip()}")
+        step(f"clinical registry: fracture side, surgery date and height imported from {registry}")
 
         step(f"starting the PACS: {pacs.name}")
         pacs.start()
@@ -485,12 +509,16 @@ def run_demo(out: Path, pacs_kind: str, spacing: tuple[float, float, float], see
         console.rule("Where the outputs are")
         for study in (pre, post):
             console.print(f"[bold]{study.label}[/] study {study.study_uid}")
-            for line in _describe(pacs.objects(study.study_uid)):
-                console.print(f"  {line}")
-            console.print(f"  node copy: {storage / 'results' / study.series_uid}")
+            for obj in sorted(pacs.objects(study.study_uid), key=_kind):
+                where = (pacs.fetch(obj, out / "pacs" / study.label) if isinstance(pacs, OrthancPacs)
+                         else Path(obj.where))
+                console.print(f"  {_kind(obj):8s} {where}")
+            result = storage / "results" / study.series_uid
+            console.print(f"  node     {result}/outputs/ (as sent), volumes.json, volumes.csv, labels.nii.gz")
         if use_orthanc:
-            console.print(f"Orthanc kept running until now at {pacs.url} (stopped at exit); data in {out}")
-        console.print(f"job table: {' '.join(node_command(config, 'jobs')[2:])}")
+            console.print(f"PACS: Orthanc's own copy is in {out / 'orthanc' / 'db'}; to browse it, run "
+                          f"Orthanc {out / 'orthanc' / 'orthanc.json'} and open the HTTP port in that file")
+        console.print(f"job table: dicomnode jobs --config {config}")
         step("demo finished")
         return 0
     finally:
