@@ -29,7 +29,7 @@ def _parse_pair(text: str | None, what: str) -> tuple[float, float] | None:
 
 def _parse_atrophy(items: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for it in items:
+    for it in (part for item in items for part in item.split(",") if part.strip()):
         name, sep, val = it.partition("=")
         if not sep:
             raise typer.BadParameter(f"--atrophy expects NAME=FACTOR, got {it!r}")
@@ -42,6 +42,8 @@ def phantom(
     seed: Annotated[int, typer.Option(help="Patient seed: same seed, same patient.")] = 0,
     spacing: Annotated[str, typer.Option(help="Voxel spacing column,row,slice in mm (or one number).")]
     = "1.5,1.5,3",
+    slice_thickness: Annotated[float | None, typer.Option(help="Slice thickness mm (default: spacing).")]
+    = None,
     position: Annotated[str, typer.Option(help="Patient position: HFS or FFS.")] = "HFS",
     slice_order: Annotated[str, typer.Option(help="Instance numbering: ascending (feet first), descending.")]
     = "ascending",
@@ -57,7 +59,8 @@ def phantom(
     = False,
     postop: Annotated[bool, typer.Option("--postop", help="Post-operative study (implant/atrophy apply).")]
     = False,
-    atrophy: Annotated[list[str] | None, typer.Option(help="NAME=FACTOR volume kept, repeatable.")] = None,
+    atrophy: Annotated[list[str] | None, typer.Option(help="NAME=FACTOR volume kept (repeat or comma-list).")]
+    = None,
     implant: Annotated[str | None, typer.Option(help="Operated side with metal implant: left or right.")]
     = None,
     fat_infiltration: Annotated[float, typer.Option(help="0..1 fat mixed into muscle HU.")] = 0.0,
@@ -78,7 +81,8 @@ def phantom(
                                  param_hint="--transfer-syntax")
     try:
         opts = PhantomOptions(
-            seed=seed, spacing_mm=_parse_triplet(spacing), position=position.upper(), slice_order=slice_order,
+            seed=seed, spacing_mm=_parse_triplet(spacing), slice_thickness_mm=slice_thickness,
+            position=position.upper(), slice_order=slice_order,
             patient_id=patient_id, patient_name=patient_name, study_date=study_date, study_time=study_time,
             sex=sex.upper() if sex else None, height_m=height, postop=postop or bool(implant),
             atrophy=_parse_atrophy(atrophy or []), fat_infiltration=fat_infiltration, implant_side=implant,

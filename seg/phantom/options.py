@@ -26,6 +26,8 @@ class PhantomOptions:
     # Scan range in mm along z relative to the femoral head centre (after height scaling);
     # None = L4/iliac crest down to below the knee. Small ranges make fast test phantoms.
     z_range_mm: tuple[float, float] | None = None
+    # Reconstructed slice thickness (SliceThickness, z blur); None = the slice spacing.
+    slice_thickness_mm: float | None = None
     position: str = "HFS"  # "HFS" | "FFS"
     slice_order: str = "ascending"  # "ascending": instance 1 at the lowest z (feet); "descending": head first
     patient_id: str | None = None
@@ -49,6 +51,8 @@ class PhantomOptions:
         self.spacing_mm = tuple(float(v) for v in self.spacing_mm)  # type: ignore[assignment]
         if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
             raise ValueError("spacing_mm must be three positive numbers (column, row, slice)")
+        if self.slice_thickness_mm is not None and not 0 < float(self.slice_thickness_mm) <= 20:
+            raise ValueError("slice_thickness_mm must be within (0, 20] mm")
         if self.position not in ("HFS", "FFS"):
             raise ValueError("position must be HFS or FFS")
         if self.slice_order not in ("ascending", "descending"):

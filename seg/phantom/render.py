@@ -331,7 +331,8 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
 
     # Slice-thickness blur and in-plane resolution, then noise.
     dx, dy, dz = grid.spacing
-    sig = (0.6 / dx, 0.6 / dy, 0.35)
+    thick = opts.slice_thickness_mm or dz
+    sig = (0.6 / dx, 0.6 / dy, 0.35 * thick / dz)  # a box profile of width `thick` ≈ σ 0.29·thick
     hu = ndimage.gaussian_filter(hu, sig, mode="nearest")
     if opts.noise:
         nrng = np.random.default_rng(noise_seed)

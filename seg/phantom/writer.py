@@ -98,7 +98,7 @@ def build_slice(ph: Phantom, k: int, instance: int) -> Dataset:
     ds.PatientWeight = _ds_str(meta["PatientWeight"])
     ds.BodyPartExamined = "HIP"
     ds.ImageLaterality = "B"
-    ds.SliceThickness = _ds_str(dz)
+    ds.SliceThickness = _ds_str(opts.slice_thickness_mm or dz)
     ds.KVP = "120"
     ds.DataCollectionDiameter = "500"
     ds.ReconstructionDiameter = _ds_str(max(ct.shape[0] * dx, ct.shape[1] * dy))
