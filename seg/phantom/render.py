@@ -72,6 +72,7 @@ class Grid:
 
 def _crop(grid: Grid, side: int, p5: np.ndarray, margin: float,
           dy: float = 0.0) -> tuple[slice, slice] | None:
+    """Index window that can hold the shape on its side of the body (shapes never cross x = 0)."""
     m, y, a, b, _ = p5
     y = y + dy
     r = max(a, b) + margin
@@ -89,6 +90,7 @@ def _crop(grid: Grid, side: int, p5: np.ndarray, margin: float,
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
+    """0 → 1 with zero slope at both ends (tapers, ramps)."""
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3 - 2 * t)
 
