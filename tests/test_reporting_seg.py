@@ -9,6 +9,7 @@ from pathlib import Path
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
 from reporting import codes
@@ -165,3 +166,22 @@ def test_nifti_input_without_sources_is_refused(case):
     bare = Volume(ct.array, ct.affine, dict(ct.meta))
     with pytest.raises(ValueError, match="source"):
         build_seg(bare, labels, vols, MODEL)
+
+
+@pytest.mark.parametrize("fov", [None, (448.0, 288.0)], ids=["unaligned-frames", "byte-aligned-frames"])
+def test_fast_binary_encoder_equals_highdicom(fov, tmp_path, caplog):
+    """The byte-level BINARY encoder must produce exactly highdicom's frames and pixel data."""
+    ct, labels, vols = phantom_case(tmp_path, seed=4, **({"fov_mm": fov} if fov else {}))
+    assert ((ct.shape[0] * ct.shape[1]) % 8 == 0) == (fov is not None)
+    with caplog.at_level("WARNING", logger="reporting.seg"):
+        fast = build_seg(ct, labels, vols, MODEL)
+    assert "not applicable" not in caplog.text
+    build_seg(ct, labels, vols, MODEL, fast=False).save_as(tmp_path / "slow.dcm", enforce_file_format=True)
+    fast.save_as(tmp_path / "fast.dcm", enforce_file_format=True)
+    a, b = (pydicom.dcmread(tmp_path / f"{n}.dcm") for n in ("fast", "slow"))
+    assert a.NumberOfFrames == b.NumberOfFrames
+    assert a.PixelData == b.PixelData
+    for kw in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "SharedFunctionalGroupsSequence",
+               "DimensionIndexSequence", "DimensionOrganizationSequence", "ReferencedSeriesSequence"):
+        assert a[kw] == b[kw], kw
+    assert dciodvfy_errors(tmp_path / "fast.dcm") == []
