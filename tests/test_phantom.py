@@ -170,6 +170,10 @@ def test_written_series_headers_and_truth(tmp_path: Path) -> None:
     assert truth["series_instance_uid"] == ds.SeriesInstanceUID
     info = json.loads((tmp_path / "truth" / "phantom.json").read_text())
     assert info["options"]["seed"] == 8
+    # Rewriting the folder with fewer slices leaves no stale instances behind.
+    small = make_phantom(PhantomOptions(seed=8, spacing_mm=(4.0, 4.0, 5.0), z_range_mm=(-10, 10)))
+    write_phantom(small, tmp_path)
+    assert len(list((tmp_path / "dicom").glob("*.dcm"))) == small.ct.shape[2] < len(files)
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None and not Path(".venv/bin/dciodvfy").exists(),

@@ -151,6 +151,8 @@ def write_phantom(ph: Phantom, out_dir: Path | str,
     truth = out / "truth"
     dicom_dir.mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
+    for old in dicom_dir.glob("CT*.dcm"):  # a rewrite must not leave slices of an earlier phantom
+        old.unlink()
     for n, k in enumerate(_instance_order(ph), start=1):
         ds = build_slice(ph, k, n)
         if ts != ExplicitVRLittleEndian:
