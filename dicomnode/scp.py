@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -118,6 +119,58 @@ def tune_pynetdicom() -> None:
             module.time = _WakingTime(time)  # type: ignore[attr-defined]
 
 
+def _implicit(group_elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", group_elem >> 16, group_elem & 0xFFFF, len(value)) + value
+
+
+def encode_c_store_success(sop_class: str, sop_instance: str, message_id: int) -> bytes:
+    """The command set of a C-STORE-RSP with status Success (implicit VR little endian, PS3.7 9.3.1.2).
+
+    Hand-encoded because pynetdicom builds and encodes it twice through pydicom (~1 ms per instance).
+    ``tests/test_node_units.py`` checks it against pynetdicom's own encoding.
+    """
+    def ui(uid: str) -> bytes:
+        raw = uid.encode("ascii")
+        return raw + b"\x00" if len(raw) % 2 else raw
+
+    body = b"".join((
+        _implicit(0x00000002, ui(sop_class)),
+        _implicit(0x00000100, struct.pack("<H", 0x8001)),
+        _implicit(0x00000120, struct.pack("<H", message_id)),
+        _implicit(0x00000800, struct.pack("<H", 0x0101)),
+        _implicit(0x00000900, struct.pack("<H", 0x0000)),
+        _implicit(0x00001000, ui(sop_instance)),
+    ))
+    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def _fast_store_response(assoc: Any, dimse: Any, dul: Any) -> None:
+    """Send plain successful C-STORE responses without pynetdicom's pydicom round trip."""
+    from pynetdicom.pdu_primitives import P_DATA
+
+    original_send = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        plain = (type(primitive).__name__ == "C_STORE" and primitive.MessageIDBeingRespondedTo is not None
+                 and primitive.Status == 0 and getattr(primitive, "ErrorComment", None) is None
+                 and getattr(primitive, "OffendingElement", None) is None
+                 and primitive.AffectedSOPClassUID and primitive.AffectedSOPInstanceUID
+                 and not assoc.get_handlers(evt.EVT_DIMSE_SENT))
+        if plain:
+            command = encode_c_store_success(str(primitive.AffectedSOPClassUID),
+                                             str(primitive.AffectedSOPInstanceUID),
+                                             int(primitive.MessageIDBeingRespondedTo))
+            limit = dimse.maximum_pdu_size
+            if not limit or len(command) + 6 <= limit:
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+                dul.send_pdu(pdata)
+                return
+        original_send(primitive, context_id)
+
+    dimse.send_msg = send_msg
+
+
 def _attach_waiters(assoc: Any) -> socket.socket | None:
     """Make this association's DUL thread wake on socket data or a queued outgoing PDU (and serve C-STORE
     requests itself), and its reactor wake on a complete DIMSE message. Returns the wake-up socket to
@@ -177,6 +230,7 @@ def _attach_waiters(assoc: Any) -> socket.socket | None:
             if not incoming._qsize():
                 incoming.not_empty.wait(timeout)
 
+    _fast_store_response(assoc, dimse, dul)
     dul._dicomnode_wait = dul_wait
     assoc._dicomnode_wait = reactor_wait
     return wake_w

@@ -218,3 +218,19 @@ def test_selection_reads_enhanced_ct_frames(tmp_path: Path) -> None:
     assert ok.accepted and ok.n_slices == 12 and ok.z_coverage_mm == 36.0
     short = select_series(write_enhanced_ct(tmp_path / "b.dcm", name="enh-b", frames=4).files, SEL)
     assert short.reason == "z-coverage 12 mm < 30 mm; 4 slices < 5"
+
+
+def test_fast_c_store_response_matches_pynetdicom() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from dicomnode.scp import encode_c_store_success
+
+    for sop in ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45"):  # odd and even lengths (padding)
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0x0000
+        rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", sop
+        msg = C_STORE_RSP()
+        msg.primitive_to_message(rsp)
+        assert encode_c_store_success(rsp.AffectedSOPClassUID, sop, 7) == encode(msg.command_set, True, True)
