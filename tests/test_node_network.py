@@ -67,6 +67,20 @@ def test_echo_and_calling_aet_allow_list(peers: tuple[NodeProcess, StoreSCP]) ->
     wait_for(lambda: "association rejected" in node.log(), 5, what="rejection in the node log")
 
 
+def test_echo_command_reaches_the_pacs(peers: tuple[NodeProcess, StoreSCP]) -> None:
+    node, pacs = peers
+    out = node.cli("echo")
+    assert out.returncode == 0 and f"C-ECHO PACS@127.0.0.1:{pacs.port}: success" in out.stdout
+
+
+def test_non_ct_sop_class_is_refused(peers: tuple[NodeProcess, StoreSCP], tmp_path: Path) -> None:
+    node, _ = peers
+    s = write_ct_series(tmp_path / "mr", name="net-mr", n=2, size=16, modality="MR")
+    sent = storescu(node.port, s.files)
+    assert sent.returncode != 0  # no accepted presentation context for MR Image Storage
+    assert not node.jobs(s.series_uid)
+
+
 def test_series_goes_through_states_and_a_resend_gives_one_result(
         peers: tuple[NodeProcess, StoreSCP], tmp_path: Path) -> None:
     node, pacs = peers

@@ -234,3 +234,40 @@ def test_fast_c_store_response_matches_pynetdicom() -> None:
         msg = C_STORE_RSP()
         msg.primitive_to_message(rsp)
         assert encode_c_store_success(rsp.AffectedSOPClassUID, sop, 7) == encode(msg.command_set, True, True)
+
+
+def test_storage_failure_returns_a700_and_leaves_nothing(node: tuple, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from peers import free_port, pynetdicom_send
+
+    from dicomnode.scp import OUT_OF_RESOURCES, StorageSCP
+
+    settings, db, store = node
+    settings = settings.model_copy(update={"port": free_port()})
+    scp = StorageSCP(settings, store)
+    scp.start()
+    try:
+        s = write_ct_series(tmp_path / "in", name="full", n=2, size=8)
+
+        def disk_full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("dicomnode.store.os.fsync", disk_full)
+        assert pynetdicom_send(settings.port, s.files[:1]) == [OUT_OF_RESOURCES]
+        assert not list(store.incoming.rglob("*.tmp")) and not list(store.incoming.rglob("*.dcm"))
+        assert db.one("SELECT COUNT(*) FROM instances")[0] == 0
+        monkeypatch.undo()
+        assert pynetdicom_send(settings.port, s.files[1:]) == [0]  # disk back: the node kept serving
+        assert db.one("SELECT COUNT(*) FROM instances")[0] == 1
+    finally:
+        scp.stop()
+
+
+def test_json_log_lines() -> None:
+    import json
+
+    from dicomnode.logs import JsonFormatter
+
+    record = logging.LogRecord("dicomnode.x", logging.INFO, __file__, 1, "series queued", None, None)
+    record.fields = {"job": 3, "reason": "z-coverage 40 mm < 250 mm"}
+    data = json.loads(JsonFormatter().format(record))
+    assert data["event"] == "series queued" and data["job"] == 3 and data["reason"].startswith("z-coverage")
