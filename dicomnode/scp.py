@@ -90,7 +90,7 @@ class _WakingTime:
 
     def sleep(self, seconds: float) -> None:
         waiter = getattr(threading.current_thread(), "_dicomnode_wait", None)
-        if waiter is None or seconds > 0.001:
+        if waiter is None or seconds != 0.001:  # only pynetdicom's poll ticks
             self._real.sleep(seconds)
             return
         try:

@@ -192,7 +192,7 @@ class Store:
     """Durable files under ``storage_dir`` plus their rows in :class:`Database`."""
 
     def __init__(self, storage_dir: Path, db: Database) -> None:
-        self.root = Path(storage_dir)
+        self.root = Path(storage_dir).resolve()  # absolute paths in the index, whatever the cwd
         self.incoming = self.root / "incoming"
         self.jobs_dir = self.root / "jobs"
         self.db = db
