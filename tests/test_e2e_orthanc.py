@@ -157,6 +157,29 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
         scp.close()
 
 
+def test_routing_jobs_that_failed_are_resubmitted_when_the_node_is_back(tmp_path: Path) -> None:
+    node_port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", node_port=node_port, stable_age=1)
+    scp = None
+    try:
+        orthanc.start()
+        data = tmp_path / "data"
+        first = write_series(data / "first", n=5, description="THIGH", seed=31)
+        orthanc.upload_folder(data / "first")  # the node is down: the routing job fails
+        wait_for(lambda: "to the node failed" in orthanc.log_path.read_text(), 30,
+                 what="a failed routing job")
+        scp = CapturingSCP("THIGHNODE", node_port)
+        second = write_series(data / "second", n=5, description="THIGH", seed=32)
+        orthanc.upload_folder(data / "second")
+        wait_for(lambda: scp.received.get(second) == 5 and scp.received.get(first) == 5, 30,
+                 what="both series at the node")
+        assert "resubmitted" in orthanc.log_path.read_text()
+    finally:
+        orthanc.stop()
+        if scp is not None:
+            scp.close()
+
+
 def test_deploy_files_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """deploy/node.toml and deploy/orthanc/orthanc.json describe the same two AEs and ports."""
     import tomllib

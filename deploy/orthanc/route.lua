@@ -25,7 +25,10 @@
 -- its own copy and sends its results (SEG, SR, summary, follow-up SR) back into the same study.
 -- A series that receives more instances later becomes stable again and is routed again; the node
 -- supersedes the earlier job and, because its output UIDs are deterministic, never duplicates results.
--- A failed routing job (node down) stays visible under Orthanc's /jobs and can be resubmitted there.
+-- A routing job that fails (node down or unreachable) is logged and remembered; it is resubmitted
+-- automatically as soon as another routing job to the node succeeds (the node is back), and can
+-- always be resubmitted by hand: POST /jobs/<id>/resubmit. Orthanc 1.10 has no Lua timer, so the
+-- retry rides on the next successful routing rather than on a clock.
 --
 -- Settings come from the "ThighRouting" section of the Orthanc configuration, so the same script
 -- serves every site; nothing here logs patient names or IDs (Orthanc series IDs are hashes).
@@ -169,4 +172,41 @@ function OnStableSeries(seriesId, tags, metadata)
    local job = ParseJson(answer)
    print('thigh-routing: series ' .. seriesId .. ' routed to ' .. s.node .. ' (' .. reason .. '), job '
          .. tostring(job['ID']))
+end
+
+
+-- ---------------------------------------------------------------------------------------------
+-- Failed routing jobs: remember them, resubmit once the node has accepted something again.
+-- ---------------------------------------------------------------------------------------------
+local failedRouting = {}
+
+local function RoutingJob(jobId)
+   local job = TryGetJson('/jobs/' .. jobId)
+   if job == nil or job['Type'] ~= 'DicomModalityStore' or job['Content'] == nil then return nil end
+   local remote = Upper(job['Content']['RemoteAet'])
+   for _, aet in ipairs(Settings().nodeAets) do
+      if remote == Upper(aet) then return job end
+   end
+   return nil
+end
+
+function OnJobFailure(jobId)
+   local job = RoutingJob(jobId)
+   if job == nil then return end
+   failedRouting[jobId] = true
+   print('thigh-routing: job ' .. jobId .. ' to the node failed (' ..
+         tostring(job['ErrorDetails'] or job['ErrorDescription']) ..
+         '); resubmitted after the next successful routing, or now with POST /jobs/' .. jobId .. '/resubmit')
+end
+
+function OnJobSuccess(jobId)
+   failedRouting[jobId] = nil
+   if RoutingJob(jobId) == nil then return end
+   local pending = {}
+   for id, _ in pairs(failedRouting) do table.insert(pending, id) end
+   for _, id in ipairs(pending) do
+      failedRouting[id] = nil
+      local ok = pcall(RestApiPost, '/jobs/' .. id .. '/resubmit', '', true)
+      print('thigh-routing: the node accepts again; job ' .. id .. (ok and ' resubmitted' or ' could not be resubmitted'))
+   end
 end
