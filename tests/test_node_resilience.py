@@ -58,7 +58,7 @@ def test_kill_9_mid_series_then_resend_completes_once(tmp_path: Path) -> None:
 
 def test_pacs_down_then_up_and_never_up_then_retry(tmp_path: Path) -> None:
     pacs_port = free_port()
-    send = {"attempts": 4, "initial_backoff_seconds": 0.4, "max_backoff_seconds": 1.0}
+    send = {"attempts": 5, "initial_backoff_seconds": 0.4, "max_backoff_seconds": 1.0}
     pacs_cfg = {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}
     node = NodeProcess(tmp_path / "node", pacs=pacs_cfg, send=send).start()
     pacs = StoreSCP(tmp_path / "pacs", port=pacs_port)
@@ -67,7 +67,7 @@ def test_pacs_down_then_up_and_never_up_then_retry(tmp_path: Path) -> None:
         assert storescu(node.port, never.files).returncode == 0
         failed = node.wait_job(never.series_uid, ("failed", "done", "rejected"), timeout=30)
         assert failed["state"] == "failed"
-        assert failed["reason"] == (f"send to PACS@127.0.0.1:{pacs_port} failed after 4 attempts: "
+        assert failed["reason"] == (f"send to PACS@127.0.0.1:{pacs_port} failed after 5 attempts: "
                                     f"no association with PACS@127.0.0.1:{pacs_port}")
 
         later = write_ct_series(tmp_path / "b", name="later", n=8, size=16)
