@@ -9,20 +9,48 @@ stable short token when a patient must be told apart.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 _FIELDS = "fields"
 
 
+_pseudonym_key = b"dicomnode"
+
+
+def load_pseudonym_key(storage_dir: Path) -> None:
+    """Use this node's secret key (``storage_dir/.pseudonym-key``, created on first use) for pseudonyms.
+
+    Why a key: a plain hash of a PatientID can be reversed by hashing every plausible ID; an HMAC with a
+    per-node secret cannot, yet stays stable across restarts of the same node.
+    """
+    global _pseudonym_key
+    path = Path(storage_dir) / ".pseudonym-key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(os.urandom(32))
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)  # first writer wins; others read the winner's key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    _pseudonym_key = path.read_bytes()
+
+
 def pseudonym(patient_id: str | None, issuer: str | None = "") -> str:
-    """A stable, non-reversible short token for a patient (for tables and logs)."""
+    """A stable short token for a patient (for tables and logs): HMAC-SHA256 under the node's key."""
     if not patient_id:
         return "-"
-    digest = hashlib.sha256(f"{issuer or ''}|{patient_id}".encode()).hexdigest()
+    digest = hmac.new(_pseudonym_key, f"{issuer or ''}|{patient_id}".encode(), hashlib.sha256).hexdigest()
     return f"P-{digest[:8]}"
 
 

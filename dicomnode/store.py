@@ -29,7 +29,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicomnode.db import Database, now
-from dicomnode.logs import event, pseudonym
+from dicomnode.logs import event, load_pseudonym_key, pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class Store:
         self.db = db
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        load_pseudonym_key(self.root)
         self._known_dirs: set[Path] = set()
 
     # -- files ---------------------------------------------------------------------------------

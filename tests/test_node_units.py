@@ -271,3 +271,15 @@ def test_json_log_lines() -> None:
     record.fields = {"job": 3, "reason": "z-coverage 40 mm < 250 mm"}
     data = json.loads(JsonFormatter().format(record))
     assert data["event"] == "series queued" and data["job"] == 3 and data["reason"].startswith("z-coverage")
+
+
+def test_pseudonym_is_keyed_per_node_and_stable(tmp_path: Path) -> None:
+    from dicomnode.logs import load_pseudonym_key
+
+    load_pseudonym_key(tmp_path / "a")
+    first = pseudonym("12345")
+    load_pseudonym_key(tmp_path / "b")
+    other = pseudonym("12345")
+    load_pseudonym_key(tmp_path / "a")
+    assert pseudonym("12345") == first != other and first.startswith("P-") and "12345" not in first
+    assert oct((tmp_path / "a" / ".pseudonym-key").stat().st_mode)[-3:] == "600"
