@@ -56,7 +56,7 @@ def _recv_into(self: Any, nr_bytes: int) -> bytearray:
     """Drop-in for ``AssociationSocket.recv``: same contract, but reads straight into one buffer.
 
     pynetdicom reads in 4 KiB ``recv`` calls and extends a bytearray (~130 Python iterations and copies
-    per 512 KiB slice); this is the largest avoidable CPU cost on the receive path.
+    per 512 KiB slice).
     """
     buf = bytearray(nr_bytes)
     view = memoryview(buf)
@@ -110,7 +110,7 @@ def tune_pynetdicom() -> None:
 
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         # its "standard" notification handlers decode and format every PDU and DIMSE message for the
-        # log even when nothing is logged: the largest CPU cost per instance after the fsync
+        # log even when that log is off
         _config.LOG_HANDLER_LEVEL = "none"
     if getattr(AssociationSocket.recv, "__name__", "") != "_recv_into":
         AssociationSocket.recv = _recv_into  # type: ignore[method-assign]
