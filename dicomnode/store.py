@@ -226,7 +226,13 @@ class Store:
         self._ensure_dir(folder)
         tmp = folder / f".{info.sop_uid}.{os.getpid()}.{id(dataset)}.tmp"
         size = len(PREAMBLE) + len(file_meta) + len(dataset)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:  # the folder was removed behind our back: recreate it once
+            self._known_dirs.discard(folder)
+            self._ensure_dir(folder)
+            fd = os.open(tmp, flags, 0o644)
         try:
             try:
                 os.writev(fd, [PREAMBLE, file_meta, dataset])
