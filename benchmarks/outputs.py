@@ -47,13 +47,17 @@ def main() -> None:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-outputs-"))
     out.mkdir(parents=True, exist_ok=True)
-    # 600 slices over the default L4-to-knee range and a 512 matrix over the body + couch.
-    probe = make_phantom(PhantomOptions(seed=11, spacing_mm=(4.0, 4.0, 5.0), noise=False))
-    z_mm = probe.ct.shape[2] * 5.0
-    fov = (probe.ct.shape[0] * 4.0, probe.ct.shape[1] * 4.0)
+    # exactly --slices slices over the default L4-to-knee range, a --matrix square over body + couch
+    probe = make_phantom(PhantomOptions(seed=11, spacing_mm=(8.0, 8.0, 5.0), noise=False))
+    fov = (probe.ct.shape[0] * 8.0, probe.ct.shape[1] * 8.0)
     sp = max(fov) / args.matrix
-    opts = PhantomOptions(seed=11, spacing_mm=(sp, sp, z_mm / args.slices), fov_mm=(sp * args.matrix,) * 2,
-                          noise=False)
+    dz = probe.ct.shape[2] * 5.0 / args.slices
+    for _ in range(20):  # adjust the slice spacing until the range holds exactly --slices slices
+        n = make_phantom(PhantomOptions(seed=11, spacing_mm=(16.0, 16.0, dz), noise=False)).ct.shape[2]
+        if n == args.slices:
+            break
+        dz *= n / args.slices
+    opts = PhantomOptions(seed=11, spacing_mm=(sp, sp, dz), fov_mm=(sp * args.matrix,) * 2, noise=False)
     ph, t_ph = _timed(lambda: make_phantom(opts))
     _, t_wr = _timed(lambda: write_phantom(ph, out / "phantom"))
     ct, t_load = _timed(lambda: load_dicom_series(out / "phantom" / "dicom"))

@@ -9,6 +9,7 @@ is the default because every viewer reads it; LABELMAP (RLE or JPEG-LS) is a few
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -320,29 +321,43 @@ def _fast_binary(build_skeleton, seg_map: np.ndarray, segments: list[SegmentInfo
     ranks = np.zeros(nk, dtype=np.int64)
     deriv, plane = {}, {}
 
+    # private copies of the template elements, mutated and encoded immediately (no copy per slice)
+    deriv_t, plane_t = deepcopy(template[0x00089124]), deepcopy(template[0x00209113])
+    ref_t = deriv_t.value[0].SourceImageSequence[0]
+
     def deriv_bytes(k: int) -> bytes:
         if k not in deriv:
-            e = deepcopy(template[0x00089124])
-            ref = e.value[0].SourceImageSequence[0]
-            ref.ReferencedSOPClassUID = sources[k].SOPClassUID
-            ref.ReferencedSOPInstanceUID = sources[k].SOPInstanceUID
-            deriv[k] = _encode_elem(e)
+            ref_t.ReferencedSOPClassUID = sources[k].SOPClassUID
+            ref_t.ReferencedSOPInstanceUID = sources[k].SOPInstanceUID
+            deriv[k] = _encode_elem(deriv_t)
         return deriv[k]
 
     def plane_bytes(k: int) -> bytes:
         if k not in plane:
-            e = deepcopy(template[0x00209113])
-            e.value[0].ImagePositionPatient = deepcopy(sources[k].ImagePositionPatient)
-            plane[k] = _encode_elem(e)
+            plane_t.value[0].ImagePositionPatient = sources[k].ImagePositionPatient
+            plane[k] = _encode_elem(plane_t)
         return plane[k]
 
-    fc_t, si_t = deepcopy(template[0x00209111]), deepcopy(template[0x0062000A])
+    # FrameContentSequence: encoded once with marker values, then only its 8 value bytes change
+    fc_t = deepcopy(template[0x00209111])
+    fc_t.value[0].DimensionIndexValues = [0x7E57A11E, 0x7E57B22E]
+    fc_bytes = _encode_elem(fc_t)
+    marker = struct.pack("<II", 0x7E57A11E, 0x7E57B22E)
+    if fc_bytes.count(marker) != 1:
+        raise FastPathUnavailable("frame content sequence not patchable")
+    fc_head, fc_tail = fc_bytes.split(marker)
+    seg_ident: dict[int, bytes] = {}
+
+    def si_bytes(n: int) -> bytes:
+        if n not in seg_ident:
+            e = deepcopy(template[0x0062000A])
+            e.value[0].ReferencedSegmentNumber = n
+            seg_ident[n] = _encode_elem(e)
+        return seg_ident[n]
 
     def frame_item(n: int, k: int) -> bytes:
-        fc_t.value[0].DimensionIndexValues = [n, int(ranks[k])]
-        si_t.value[0].ReferencedSegmentNumber = n
-        return (_ITEM + deriv_bytes(k) + _encode_elem(fc_t) + plane_bytes(k) + _encode_elem(si_t)
-                + _ITEM_END)
+        return b"".join((_ITEM, deriv_bytes(k), fc_head, struct.pack("<II", n, int(ranks[k])), fc_tail,
+                         plane_bytes(k), si_bytes(n), _ITEM_END))
 
     # highdicom indexes positions among the slices that carry frames; find its direction from the
     # skeleton (both directions are tried; exactly one must reproduce its frames byte for byte)
