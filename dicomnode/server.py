@@ -44,7 +44,7 @@ class Node:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self.store.recover()
+        self.store.recover(max_attempts=self.settings.worker.max_attempts)
         self.scp.start()
         loops: list[tuple[str, Any]] = [("watcher", self.watcher.run), ("sender", self.sender.run)]
         if self.worker_enabled:

@@ -378,8 +378,12 @@ class Store:
         return [Path(r["path"]) for r in rows]
 
     # -- crash recovery ------------------------------------------------------------------------
-    def recover(self) -> dict[str, int]:
-        """After a crash: drop partial files, re-index files whose rows were lost, resume interrupted work."""
+    def recover(self, max_attempts: int | None = None) -> dict[str, int]:
+        """After a crash: drop partial files, re-index files whose rows were lost, resume interrupted work.
+
+        A job that was running is queued again, unless it has already had ``max_attempts`` attempts (a
+        pipeline that kills the node every time must not crash-loop it forever): then it is ``failed``.
+        """
         import pydicom
 
         removed = 0
@@ -409,11 +413,20 @@ class Store:
                 (t,),
             )
             con.execute("UPDATE jobs SET state='receiving', updated_at=? WHERE state='complete'", (t,))
+            given_up = 0
+            if max_attempts is not None:
+                given_up = con.execute(
+                    "UPDATE jobs SET state='failed', updated_at=?, finished_at=?, reason='the node stopped"
+                    " during each of ' || attempts || ' attempts' WHERE state='running' AND attempts >= ?",
+                    (t, t, max_attempts),
+                ).rowcount
             requeued = con.execute(
                 "UPDATE jobs SET state='queued', updated_at=?, next_attempt_at=NULL,"
                 " reason='re-queued after restart (was running)' WHERE state='running'",
                 (t,),
             ).rowcount
         stats = {"tmp_removed": removed, "reindexed": reindexed, "requeued": requeued}
+        if given_up:
+            stats["failed"] = given_up
         event(log, "store recovered", **stats)
         return stats

@@ -147,6 +147,10 @@ def test_recover_requeues_running_jobs(node: tuple, tmp_path: Path) -> None:
     assert store.recover()["requeued"] == 1
     row = db.one("SELECT state, reason FROM jobs")
     assert (row["state"], row["reason"]) == ("queued", "re-queued after restart (was running)")
+    db.con.execute("UPDATE jobs SET state='running', attempts=2")  # it died again, at the last attempt
+    assert store.recover(max_attempts=2)["failed"] == 1
+    row = db.one("SELECT state, reason FROM jobs")
+    assert (row["state"], row["reason"]) == ("failed", "the node stopped during each of 2 attempts")
 
 
 def _pipeline_ok(job, settings):  # noqa: ANN001
