@@ -185,3 +185,13 @@ def test_fast_binary_encoder_equals_highdicom(fov, tmp_path, caplog):
                "DimensionIndexSequence", "DimensionOrganizationSequence", "ReferencedSeriesSequence"):
         assert a[kw] == b[kw], kw
     assert dciodvfy_errors(tmp_path / "fast.dcm") == []
+
+
+def test_split_without_recorded_midline_recomputes_the_same_plane(case):
+    _, ct, labels, vols = case
+    a_segments, a_map = plan_segments(labels, vols, ct)
+    b_segments, b_map = plan_segments(labels, {**vols, "qa": {}}, ct)
+    moved = {**vols, "qa": {**vols["qa"], "midline_x_mm": vols["qa"]["midline_x_mm"] + 40.0}}
+    c_segments, c_map = plan_segments(labels, moved, ct)  # wrong recorded plane: detected, recomputed
+    assert a_segments == b_segments == c_segments
+    assert np.array_equal(a_map, b_map) and np.array_equal(a_map, c_map)
