@@ -311,3 +311,32 @@ def pynetdicom_send(port: int, items: list[Any], *, aet: str = "PYSCU", called: 
         if assoc.is_established:
             assoc.release()
     return statuses
+
+
+# -- pytest fixtures (import them into a test module: ``from peers import pacs, node_factory``) ----------
+@pytest.fixture
+def pacs(tmp_path: Path) -> Any:
+    """A running dcmtk storescp ("PACS") on a free port, writing to ``tmp_path/pacs``."""
+    if not HAVE_DCMTK:
+        pytest.skip("dcmtk not installed")
+    scp = StoreSCP(tmp_path / "pacs").start()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Any:
+    """``make(**settings)`` starts a node (test pipeline by default) in ``tmp_path/node-N``; all are
+    stopped at the end. Pass ``pacs=StoreSCP`` to point the node's [pacs] at it."""
+    nodes: list[NodeProcess] = []
+
+    def make(pacs: StoreSCP | None = None, **overrides: Any) -> NodeProcess:
+        if pacs is not None:
+            overrides["pacs"] = {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}
+        node = NodeProcess(tmp_path / f"node-{len(nodes)}", **overrides)
+        nodes.append(node)
+        return node.start()
+
+    yield make
+    for node in nodes:
+        node.stop()
