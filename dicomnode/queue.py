@@ -10,6 +10,7 @@ done | failed | rejected, plus ``superseded`` when a late instance replaced an u
 from __future__ import annotations
 
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -75,8 +76,8 @@ class SQLiteJobQueue:
             attempts=int(row["attempts"]) + 1,
         )
 
-    def _still_running(self, con: object, job_id: int) -> bool:
-        row = con.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()  # type: ignore[attr-defined]
+    def _still_running(self, con: sqlite3.Connection, job_id: int) -> bool:
+        row = con.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
         return row is not None and row["state"] == "running"
 
     def finish(self, job_id: int, outputs: list[Path], message: str) -> str:
