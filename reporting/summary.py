@@ -81,7 +81,7 @@ def render_page(volumes: dict, model_info: dict, meta: dict, change: dict | None
     fig = Figure(figsize=(10.24, 13.0 if change else 10.24), dpi=_DPI)
     FigureCanvasAgg(fig)
     fig.patch.set_facecolor("black")
-    top = fig.add_axes((0.03, 0.45 if change else 0.12, 0.94, 0.5 if change else 0.8))
+    top = fig.add_axes((0.03, 0.45 if change else 0.12, 0.94, 0.47 if change else 0.8))
     top.axis("off")
     h = volumes.get("height_m")
     title = "Thigh muscle volumes (CT)"
