@@ -150,7 +150,7 @@ def build_summary(ct: Volume, volumes: dict, model_info: dict, change: dict | No
         raise ValueError("the CT has no source DICOM files: the summary needs the study's identity")
     pixels = render_page(volumes, model_info, ct.meta, change)
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
-    kind = "SC-summary" + ("-change" if change else "")
+    kind = "SC-summary"  # with or without a comparison: a re-run replaces the page, never adds one
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src0,
         pixel_array=pixels,
