@@ -83,6 +83,7 @@ def job_rows(settings: Any, state: str | None = None, limit: int = 50) -> list[d
         out.append(
             {
                 "job": r["id"],
+                "id": r["id"],
                 "patient": r["pseudonym"] or "-",
                 "series_instance_uid": r["series_uid"],
                 "modality": r["modality"],
