@@ -98,9 +98,44 @@ def _matches(counts: np.ndarray, volumes: dict, voxel_cm3: float) -> bool:
     return True
 
 
-def plan_segments(labels: Volume, volumes: dict,
-                  ct: Volume | None = None) -> tuple[list[SegmentInfo], np.ndarray]:
-    """Segment list and the segment-number map in frame layout (k, j, i) for present structures.
+@dataclass
+class SegmentPlan:
+    """Segments and where they are: ``idx`` = label*2 + left in frame layout (k, j, i), ``lut`` maps
+    an idx value to its segment number, ``frame_counts[k, v]`` counts idx value v in frame k."""
+
+    segments: list[SegmentInfo]
+    idx: np.ndarray
+    lut: np.ndarray
+    frame_counts: np.ndarray
+
+    def seg_map(self) -> np.ndarray:
+        dtype = np.uint8 if len(self.segments) < 256 else np.uint16
+        return self.lut.astype(dtype)[self.idx]
+
+    def values(self, number: int) -> list[int]:
+        return [int(v) for v in np.flatnonzero(self.lut == number)]
+
+    def present(self) -> np.ndarray:
+        """Boolean (frames, segments + 1): segment n has voxels in frame k."""
+        out = np.zeros((self.idx.shape[0], len(self.segments) + 1), dtype=bool)
+        for v in np.flatnonzero(self.lut):
+            out[:, int(self.lut[v])] |= self.frame_counts[:, v] > 0
+        return out
+
+    def mask(self, number: int, k: int, out: np.ndarray | None = None) -> np.ndarray:
+        vals = self.values(number)
+        m = np.equal(self.idx[k], vals[0], out=out)
+        for v in vals[1:]:
+            m |= self.idx[k] == v
+        return m
+
+
+def _frame_counts(idx: np.ndarray, nbins: int) -> np.ndarray:
+    return np.stack([np.bincount(idx[k].ravel(), minlength=nbins)[:nbins] for k in range(idx.shape[0])])
+
+
+def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None) -> SegmentPlan:
+    """Which segments exist (present structure x side) and the per-voxel index they are read from.
 
     Sides use the mid-sagittal plane of :mod:`seg.measure` (left = +x in LPS): the plane recorded in
     ``qa.midline_x_mm`` when its split reproduces volumes.json's ``left_cm3`` exactly, else the plane
@@ -112,10 +147,12 @@ def plan_segments(labels: Volume, volumes: dict,
     recorded = (volumes.get("qa") or {}).get("midline_x_mm")
     mid = float(recorded) if recorded is not None else exact_midline_x(labels, ct)
     idx = _side_index(labels, mid)
-    counts = np.bincount(idx.ravel(), minlength=2 * n)
+    frame_counts = _frame_counts(idx, 2 * n)
+    counts = frame_counts.sum(axis=0)
     if recorded is not None and not _matches(counts, volumes, labels.voxel_volume_cm3):
         idx = _side_index(labels, exact_midline_x(labels, ct))
-        counts = np.bincount(idx.ravel(), minlength=2 * n)
+        frame_counts = _frame_counts(idx, 2 * n)
+        counts = frame_counts.sum(axis=0)
     by_label = {int(e["label"]): e for e in volumes.get("structures", [])}
     segments: list[SegmentInfo] = []
     lut = np.zeros(2 * n, dtype=np.uint16)
@@ -135,8 +172,14 @@ def plan_segments(labels: Volume, volumes: dict,
         if n_right:
             segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, "right"))
             lut[2 * s.label] = segments[-1].number
-    dtype = np.uint8 if len(segments) < 256 else np.uint16
-    return segments, lut.astype(dtype)[idx]
+    return SegmentPlan(segments, idx, lut, frame_counts)
+
+
+def plan_segments(labels: Volume, volumes: dict,
+                  ct: Volume | None = None) -> tuple[list[SegmentInfo], np.ndarray]:
+    """Segment list and the segment-number map in frame layout (k, j, i) (see :func:`make_plan`)."""
+    plan = make_plan(labels, volumes, ct)
+    return plan.segments, plan.seg_map()
 
 
 def segment_label(info: SegmentInfo) -> str:
@@ -186,10 +229,10 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
         raise ValueError(f"{len(sources)} source files for {ct.shape[2]} slices")
     src0 = sources[0]
     patient_id = str(src0.get("PatientID", ct.meta.get("PatientID", "")))
-    segments, seg_map = plan_segments(labels, volumes, ct)
+    plan = make_plan(labels, volumes, ct)
+    segments = plan.segments
     if not segments:
         raise ValueError("no structure present in the label map: nothing to put in a SEG")
-    pixel_array = seg_map  # already (frames, rows, columns) = (k, j, i)
     if seg_type == "BINARY":
         transfer_syntax = ExplicitVRLittleEndian
     else:
@@ -225,11 +268,11 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
     seg = None
     if seg_type == "BINARY" and fast:
         try:
-            seg = _fast_binary(construct, pixel_array, segments, descriptions, sources)
+            seg = _fast_binary(construct, plan, descriptions, sources)
         except FastPathUnavailable as exc:
             log.warning("fast BINARY SEG encoder not applicable (%s); using highdicom per frame", exc)
     if seg is None:
-        seg = construct(pixel_array, descriptions)
+        seg = construct(plan.seg_map(), descriptions)  # (frames, rows, columns) = (k, j, i)
     dim_uid = output_uid(series_uid, model_info, kind + "/dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dim_uid
@@ -285,18 +328,16 @@ def _ranks(distances: np.ndarray, included: np.ndarray, direction: int) -> np.nd
     return ranks
 
 
-def _fast_binary(build_skeleton, seg_map: np.ndarray, segments: list[SegmentInfo], descriptions: list,
-                 sources: list[Dataset]) -> Dataset:
+def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources: list[Dataset]) -> Dataset:
     from copy import deepcopy
 
     from pydicom.dataelem import RawDataElement
 
-    nk, rows, cols = seg_map.shape
+    segments = plan.segments
+    nk, rows, cols = plan.idx.shape
     aligned = (rows * cols) % 8 == 0  # else the bit stream runs across frame boundaries
     nseg = len(segments)
-    present = np.zeros((nk, nseg + 1), dtype=bool)
-    for k in range(nk):
-        present[k] = np.bincount(seg_map[k].ravel(), minlength=nseg + 1)[: nseg + 1] > 0
+    present = plan.present()
     if nseg < 2:
         raise FastPathUnavailable("a single segment is described in the shared functional groups")
     ks1 = np.flatnonzero(present[:, 1])
@@ -304,9 +345,9 @@ def _fast_binary(build_skeleton, seg_map: np.ndarray, segments: list[SegmentInfo
     probes = sorted({(1, int(ks1[0])), (1, int(ks1[-1])), (2, int(ks2[0])), (2, int(ks2[-1]))})
     if len({k for _, k in probes}) < 2:
         raise FastPathUnavailable("segments 1 and 2 lie on one slice: slice order not observable")
-    skel_pixels = np.zeros_like(seg_map)
+    skel_pixels = np.zeros((nk, rows, cols), dtype=np.uint8)
     for n, k in probes:
-        skel_pixels[k][seg_map[k] == n] = n
+        skel_pixels[k][plan.mask(n, k)] = n
     skeleton = build_skeleton(skel_pixels, descriptions[:2])
     pffg = skeleton.PerFrameFunctionalGroupsSequence
     if len(pffg) != len(probes):
@@ -385,7 +426,7 @@ def _fast_binary(build_skeleton, seg_map: np.ndarray, segments: list[SegmentInfo
             items.append(frame_item(n, k))
         masks = np.empty((len(ks), rows, cols), dtype=bool)
         for i, k in enumerate(ks):
-            np.equal(seg_map[k], n, out=masks[i])
+            plan.mask(n, k, out=masks[i])
         if aligned:
             pixels.append(np.packbits(masks, bitorder="little").tobytes())
         else:
