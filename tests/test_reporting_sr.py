@@ -151,3 +151,16 @@ def test_followup_rerun_identical_uids(followup, baseline):
     _, ct, change, fsr = followup
     again = build_followup_sr(ct, change, [baseline[4], baseline[5]])
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (fsr.SOPInstanceUID, fsr.SeriesInstanceUID)
+
+
+def test_sr_referencing_labelmap_seg(baseline, tmp_path):
+    """With a LABELMAP SEG the only dciodvfy complaint is its unawareness of the Label Map
+    Segmentation SOP Class (1.2.840.10008.5.1.4.1.1.66.7) when checking Referenced Segment Number."""
+    _, ct, labels, vols, _, _ = baseline
+    lm = build_seg(ct, labels, vols, MODEL, seg_type="LABELMAP")
+    sr = build_measurement_sr(ct, lm, vols, MODEL)
+    sr.save_as(tmp_path / "sr-lm.dcm", enforce_file_format=True)
+    errors = dciodvfy_errors(tmp_path / "sr-lm.dcm")
+    assert all("not segmentation - attribute <ReferencedSegmentNumber>" in e for e in errors), errors
+    meta = tid1500(tmp_path / "sr-lm.dcm", tmp_path / "sr-lm.json")
+    assert len([m for m in meta["Measurements"] if "ReferencedSegment" in m]) == len(lm.SegmentSequence) - 1
