@@ -1,0 +1,243 @@
+"""Accuracy of a model against labelled CT: per-class Dice, HD95 (MONAI), relative volume error.
+
+Metrics are computed on the CT's own grid (what the node measures), per case, then averaged over
+cases. The headline figure is the mean Dice over the paper's 21 analysed muscles.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from seg import labels as L
+from seg.volume import Volume
+
+log = logging.getLogger(__name__)
+
+TARGETS = {
+    "mean_dice_muscles": 0.90,
+    "min_dice_muscle": 0.75,
+    "bone_dice": 0.95,
+    "total_muscle_volume_error_pct": 3.0,
+    "median_abs_muscle_volume_error_pct": 5.0,
+}
+
+
+def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> float | None:
+    """95 % Hausdorff distance in mm (MONAI), on the two masks' common bounding box."""
+    if not pred.any() or not truth.any():
+        return None
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    both = pred | truth
+    idx = np.argwhere(both)
+    lo = np.maximum(idx.min(0) - 2, 0)
+    hi = idx.max(0) + 3
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=False))
+    p = torch.from_numpy(np.ascontiguousarray(pred[sl]))[None, None]
+    t = torch.from_numpy(np.ascontiguousarray(truth[sl]))[None, None]
+    d = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=list(spacing))
+    return float(d.reshape(-1)[0])
+
+
+def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True) -> dict:
+    """Per-class Dice, HD95 (mm) and relative volume error (%) of one prediction."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} are not on one grid")
+    n = L.NUM_CLASSES
+    p = np.asarray(pred.array, dtype=np.int64)
+    t = np.asarray(truth.array, dtype=np.int64)
+    cm = np.bincount((t * n + p).ravel(), minlength=n * n).reshape(n, n)
+    tp = np.diag(cm)
+    npred, ntrue = cm.sum(0), cm.sum(1)
+    vox = truth.voxel_volume_cm3
+    out: dict = {}
+    for lab in range(1, n):
+        name = L.CLASS_NAMES[lab]
+        if ntrue[lab] == 0 and npred[lab] == 0:
+            continue
+        dice = 2.0 * tp[lab] / (npred[lab] + ntrue[lab])
+        rec = {
+            "dice": float(dice),
+            "volume_true_cm3": float(ntrue[lab] * vox),
+            "volume_pred_cm3": float(npred[lab] * vox),
+            "volume_error_pct": (
+                float((npred[lab] - ntrue[lab]) / ntrue[lab] * 100.0) if ntrue[lab] else None
+            ),
+            "hd95_mm": None,
+        }
+        if hd95:
+            rec["hd95_mm"] = _hd95(pred.array == lab, truth.array == lab, truth.spacing_mm)
+        out[name] = rec
+    musc = [m for m in L.ANALYSED_MUSCLES if m in out]
+    tv = sum(out[m]["volume_true_cm3"] for m in musc)
+    pv = sum(out[m]["volume_pred_cm3"] for m in musc)
+    return {
+        "per_class": out,
+        "mean_dice_muscles": float(np.mean([out[m]["dice"] for m in musc])) if musc else None,
+        "total_muscle_volume_true_cm3": tv,
+        "total_muscle_volume_pred_cm3": pv,
+        "total_muscle_volume_error_pct": (pv - tv) / tv * 100.0 if tv else None,
+    }
+
+
+def _mean(vals: list) -> float | None:
+    v = [x for x in vals if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def aggregate(cases: list[dict], model_info: dict) -> dict:
+    """Average per-class figures over cases into the evaluation.json record."""
+    per_class: dict = {}
+    for name in L.CLASS_NAMES[1:]:
+        recs = [c["per_class"][name] for c in cases if name in c["per_class"]]
+        if not recs:
+            continue
+        errs = [r["volume_error_pct"] for r in recs if r["volume_error_pct"] is not None]
+        per_class[name] = {
+            "dice": _mean([r["dice"] for r in recs]),
+            "hd95_mm": _mean([r["hd95_mm"] for r in recs]),
+            "volume_error_pct": _mean(errs),
+            "abs_volume_error_pct": _mean([abs(e) for e in errs]),
+            "group": L.by_name(name).group,
+            "analysed": L.by_name(name).analysed,
+        }
+    musc = [m for m in L.ANALYSED_MUSCLES if m in per_class]
+    dices = [per_class[m]["dice"] for m in musc]
+    abs_err = [
+        per_class[m]["abs_volume_error_pct"] for m in musc if per_class[m]["abs_volume_error_pct"] is not None
+    ]
+    tot = [
+        c["total_muscle_volume_error_pct"] for c in cases if c["total_muscle_volume_error_pct"] is not None
+    ]
+    res = {
+        "model": model_info,
+        "cases": len(cases),
+        "mean_dice_muscles": float(np.mean(dices)) if dices else None,
+        "min_dice_muscle": {"name": musc[int(np.argmin(dices))], "dice": float(min(dices))}
+        if dices
+        else None,
+        "femur_dice": per_class.get("femur", {}).get("dice"),
+        "iliac_bone_dice": per_class.get("iliac_bone", {}).get("dice"),
+        "total_muscle_volume_error_pct": _mean(tot),
+        "total_muscle_abs_volume_error_pct": _mean([abs(v) for v in tot]),
+        "median_abs_muscle_volume_error_pct": float(np.median(abs_err)) if abs_err else None,
+        "per_class": per_class,
+        "per_case": [{k: v for k, v in c.items() if k != "per_class"} for c in cases],
+        "targets": TARGETS,
+    }
+    return res
+
+
+def heldout_plan(n: int, seed_start: int) -> list[dict]:
+    """Held-out phantom options: HFS/FFS, several spacings, post-op with atrophy and implant."""
+    from seg.train import phantom_plan
+
+    return phantom_plan(n, seed_start)
+
+
+def evaluate_model(
+    model,
+    phantoms: int = 0,
+    seed_start: int = 5000,
+    data: Path | None = None,
+    z_range_mm: tuple[float, float] | None = None,
+    hd95: bool = True,
+) -> dict:
+    """Segment each held-out case with ``model`` and compare with its truth."""
+    from seg.infer import segment
+
+    cases = []
+    if data is not None:
+        from seg.io import load_image
+        from seg.train import dataset_cases
+
+        items = [
+            (cid, lambda c=c, lp=lp: (load_image(c), load_image(lp))) for cid, c, lp in dataset_cases(data)
+        ]
+    else:
+        from seg.phantom import PhantomOptions, make_phantom
+
+        def _mk(o: dict):
+            o = dict(o)
+            if z_range_mm is not None:
+                o["z_range_mm"] = z_range_mm
+            ph = make_phantom(PhantomOptions(**o))
+            return ph.ct, ph.labels
+
+        items = [
+            (
+                f"seed{o['seed']}_{o['position']}_{'x'.join(f'{s:g}' for s in o['spacing_mm'])}"
+                + ("_postop" if o.get("postop") else ""),
+                lambda o=o: _mk(o),
+            )
+            for o in heldout_plan(phantoms, seed_start)
+        ]
+    for cid, load in items:
+        ct, truth = load()
+        truth = ct.with_array(np.asarray(truth.array).astype(np.uint8))
+        t = time.perf_counter()
+        pred = segment(ct, model)
+        dt = time.perf_counter() - t
+        rec = evaluate_case(pred, truth, hd95=hd95)
+        rec.update(case=cid, shape=list(ct.shape), spacing_mm=list(ct.spacing_mm), inference_s=round(dt, 2))
+        log.info("%s: mean muscle Dice %.4f (%.1f s)", cid, rec["mean_dice_muscles"] or 0.0, dt)
+        cases.append(rec)
+    return aggregate(cases, model.info)
+
+
+def format_table(res: dict) -> str:
+    """Plain-text table: one row per class, then the summary figures."""
+    lines = [f"{'structure':<24}{'group':<10}{'Dice':>8}{'HD95 mm':>9}{'vol err %':>11}"]
+    for name, r in res["per_class"].items():
+        hd = "-" if r["hd95_mm"] is None else f"{r['hd95_mm']:.1f}"
+        ve = "-" if r["volume_error_pct"] is None else f"{r['volume_error_pct']:+.1f}"
+        lines.append(f"{name:<24}{r['group']:<10}{r['dice']:>8.3f}{hd:>9}{ve:>11}")
+
+    def f(v, fmt=".3f"):
+        return "-" if v is None else format(v, fmt)
+
+    mn = res.get("min_dice_muscle") or {}
+    lines += [
+        f"cases: {res['cases']}",
+        f"mean Dice, 21 muscles: {f(res['mean_dice_muscles'])} (target >= 0.90)",
+        f"lowest muscle Dice: {mn.get('name', '-')} {f(mn.get('dice'))} (target >= 0.75)",
+        f"femur Dice {f(res['femur_dice'])}, iliac bone Dice {f(res['iliac_bone_dice'])} (target >= 0.95)",
+        f"total muscle volume error: {f(res['total_muscle_volume_error_pct'], '+.2f')} % mean, "
+        f"{f(res['total_muscle_abs_volume_error_pct'], '.2f')} % mean abs (target <= 3 %)",
+        f"median abs per-muscle volume error: {f(res['median_abs_muscle_volume_error_pct'], '.2f')} % "
+        "(target <= 5 %)",
+    ]
+    return "\n".join(lines)
+
+
+def write_evaluation(res: dict, out_dir: Path | str) -> tuple[Path, Path]:
+    """evaluation.json (full record) and evaluation.csv (one row per class)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jp, cp = out / "evaluation.json", out / "evaluation.csv"
+    jp.write_text(json.dumps(res, indent=1) + "\n")
+    with open(cp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["name", "group", "analysed", "dice", "hd95_mm", "volume_error_pct", "abs_volume_error_pct"]
+        )
+        for name, r in res["per_class"].items():
+            w.writerow(
+                [
+                    name,
+                    r["group"],
+                    int(r["analysed"]),
+                    r["dice"],
+                    r["hd95_mm"],
+                    r["volume_error_pct"],
+                    r["abs_volume_error_pct"],
+                ]
+            )
+    return jp, cp

@@ -1,0 +1,248 @@
+"""Model packages: a folder with ``model.json`` (what the network is and expects) and safetensors weights.
+
+Loading checks everything a site could get wrong — class list, architecture, tensor shapes and the
+weights' sha256 — and fails with a message that says what to fix, instead of producing a wrong map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from seg import labels as L
+from seg.preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dicomnode-model/1"
+WEIGHTS_FILE = "model.safetensors"
+DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
+DEMO_STATEMENT = "phantom-trained demonstration model, not for clinical measurement"
+
+# The paper's UNETR (Kim et al. 2024): patch 16, hidden 768, 12 heads, MLP 3072, feature size 16.
+PAPER_UNETR = {
+    "in_channels": 1,
+    "out_channels": L.NUM_CLASSES,
+    "img_size": [96, 96, 96],
+    "feature_size": 16,
+    "hidden_size": 768,
+    "mlp_dim": 3072,
+    "num_heads": 12,
+    "proj_type": "conv",
+    "norm_name": "instance",
+    "res_block": True,
+    "dropout_rate": 0.0,
+}
+# The shipped demo: same family, small enough to train and run on two CPU cores.
+DEMO_UNETR = {
+    "in_channels": 1,
+    "out_channels": L.NUM_CLASSES,
+    "img_size": [64, 64, 64],
+    "feature_size": 8,
+    "hidden_size": 192,
+    "mlp_dim": 768,
+    "num_heads": 4,
+    "proj_type": "conv",
+    "norm_name": "instance",
+    "res_block": True,
+    "dropout_rate": 0.0,
+}
+
+
+class ModelPackageError(RuntimeError):
+    """The model package cannot be used (missing, corrupt or not matching this node)."""
+
+
+@dataclass
+class ModelPackage:
+    """A loaded, verified model ready for :func:`seg.infer.segment`."""
+
+    path: Path | None
+    meta: dict
+    network: torch.nn.Module
+    device: torch.device
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    @property
+    def roi_size(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.meta["roi_size"])  # type: ignore[return-value]
+
+    @property
+    def info(self) -> dict:
+        """What outputs record about the model (volumes.json, SEG, SR)."""
+        m = self.meta
+        return {
+            "name": m["name"],
+            "version": m["version"],
+            "demo": bool(m.get("demo", False)),
+            "spacing_mm": list(m["preprocessing"]["spacing_mm"]),
+            "architecture": m["architecture"]["name"],
+            "statement": m.get("statement", ""),
+            "licence": m.get("licence", ""),
+        }
+
+
+def build_network(arch: dict) -> torch.nn.Module:
+    """The network described by model.json's "architecture" (MONAI UNETR)."""
+    name = arch.get("name", "UNETR")
+    if name != "UNETR":
+        raise ModelPackageError(f"unsupported architecture {name!r}; this node runs MONAI UNETR packages")
+    from monai.networks.nets import UNETR
+
+    args = dict(arch["args"])
+    args["img_size"] = tuple(args["img_size"])
+    try:
+        return UNETR(**args)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ModelPackageError(f"architecture arguments rejected by MONAI UNETR: {e}") from e
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_package(
+    out_dir: Path | str,
+    network: torch.nn.Module,
+    *,
+    name: str,
+    version: str,
+    arch_args: dict,
+    preprocess: PreprocessConfig,
+    roi_size: tuple[int, int, int],
+    demo: bool,
+    provenance: dict,
+    licence: str = "Apache-2.0",
+    statement: str | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a package folder: model.safetensors (weights, ``dtype``) and model.json."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in network.state_dict().items()
+    }
+    wpath = out / WEIGHTS_FILE
+    save_file(state, str(wpath), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "name": name,
+        "version": version,
+        "demo": demo,
+        "statement": statement if statement is not None else (DEMO_STATEMENT if demo else ""),
+        "licence": licence,
+        "architecture": {"name": "UNETR", "library": "monai", "args": arch_args},
+        "roi_size": list(roi_size),
+        "preprocessing": preprocess.to_dict(),
+        "classes": list(L.CLASS_NAMES),
+        "weights": {
+            "file": WEIGHTS_FILE,
+            "sha256": sha256_file(wpath),
+            "dtype": str(dtype).split(".")[-1],
+            "tensors": {k: list(v.shape) for k, v in state.items()},
+        },
+        "provenance": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance},
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def read_meta(path: Path) -> dict:
+    mj = path / "model.json"
+    if not path.is_dir():
+        raise ModelPackageError(
+            f"model package {path} is not a folder (expected model.json + {WEIGHTS_FILE})"
+        )
+    if not mj.is_file():
+        raise ModelPackageError(f"model package {path} has no model.json")
+    try:
+        meta = json.loads(mj.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelPackageError(f"{mj} is not valid JSON: {e}") from e
+    for key in ("name", "version", "architecture", "roi_size", "preprocessing", "classes", "weights"):
+        if key not in meta:
+            raise ModelPackageError(f"{mj} lacks the required key {key!r}")
+    return meta
+
+
+def load_model(path: Path | str | None = None, device: str = "auto") -> ModelPackage:
+    """Load and verify a model package (None = the shipped demo model)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path) if path is not None else DEMO_DIR
+    meta = read_meta(p)
+    classes = list(meta["classes"])
+    if classes != list(L.CLASS_NAMES):
+        diff = [
+            f"{i}: package {a!r} vs node {b!r}"
+            for i, (a, b) in enumerate(zip(classes, L.CLASS_NAMES, strict=False))
+            if a != b
+        ]
+        raise ModelPackageError(
+            f"class list of {p} does not match this node's 30 classes (seg/structures.csv): "
+            f"{len(classes)} classes in the package; first differences: {diff[:3]}"
+        )
+    arch = meta["architecture"]
+    if int(arch["args"].get("out_channels", -1)) != len(classes):
+        raise ModelPackageError(
+            f"{p}: out_channels {arch['args'].get('out_channels')} != {len(classes)} classes"
+        )
+    wpath = p / meta["weights"].get("file", WEIGHTS_FILE)
+    if not wpath.is_file():
+        raise ModelPackageError(f"{p}: weights file {wpath.name} is missing")
+    want = meta["weights"].get("sha256")
+    got = sha256_file(wpath)
+    if want != got:
+        raise ModelPackageError(
+            f"{wpath} checksum mismatch (model.json sha256 {want}, file {got}): "
+            "the weights are corrupt or belong to another package"
+        )
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelPackageError(f"{wpath} is not a readable safetensors file: {e}") from e
+    net = build_network(arch)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ModelPackageError(
+            f"{wpath}: weights do not fit the architecture in model.json "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    bad = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if bad:
+        raise ModelPackageError(f"{wpath}: tensor shapes do not fit the architecture: {bad[:3]}")
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    dev = resolve_device(device)
+    net.to(dev).eval()
+    pre = PreprocessConfig.from_dict(meta["preprocessing"])
+    if tuple(int(v) for v in meta["roi_size"]) != tuple(int(v) for v in arch["args"]["img_size"]):
+        raise ModelPackageError(
+            f"{p}: roi_size {meta['roi_size']} != UNETR img_size {arch['args']['img_size']}"
+        )
+    return ModelPackage(path=p, meta=meta, network=net, device=dev, preprocess=pre)

@@ -1,0 +1,213 @@
+"""The paper's preprocessing as MONAI transforms, and its exact inverse back onto the CT grid.
+
+Forward (CT grid → model grid): orientation to RAS, resampling to the model spacing, HU window
+−57..164 scaled to [0, 1], gamma 2, foreground crop. The model grid is described by its own affine
+(RAS mm), so the inverse is a resampling in world space: every CT voxel looks up its position on the
+model grid. Labels go back as class probabilities interpolated linearly and argmaxed on the CT
+grid (nearest-neighbour at a coarse model spacing loses thin structures), in slabs so memory stays
+bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from seg.volume import LPS_TO_RAS, Volume
+
+HU_WINDOW = (-57.0, 164.0)
+GAMMA = 2.0
+
+
+@dataclass
+class PreprocessConfig:
+    """What the model expects; stored in model.json under "preprocessing"."""
+
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    orientation: str = "RAS"
+    hu_window: tuple[float, float] = HU_WINDOW
+    gamma: float = GAMMA
+    crop_margin_vox: int = 4
+    # Foreground = scaled intensity above this (0 after the window = HU above −57: muscle, bone, couch).
+    foreground_threshold: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "spacing_mm": list(self.spacing_mm),
+            "orientation": self.orientation,
+            "hu_window": list(self.hu_window),
+            "gamma": self.gamma,
+            "crop_margin_vox": self.crop_margin_vox,
+            "foreground_threshold": self.foreground_threshold,
+            "foreground_crop": True,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        return cls(
+            spacing_mm=tuple(float(v) for v in d["spacing_mm"]),  # type: ignore[arg-type]
+            orientation=str(d.get("orientation", "RAS")),
+            hu_window=tuple(float(v) for v in d.get("hu_window", HU_WINDOW)),  # type: ignore[arg-type]
+            gamma=float(d.get("gamma", GAMMA)),
+            crop_margin_vox=int(d.get("crop_margin_vox", 4)),
+            foreground_threshold=float(d.get("foreground_threshold", 0.0)),
+        )
+
+
+@dataclass
+class ModelGridImage:
+    """The preprocessed image on the model grid plus what is needed to go back."""
+
+    image: np.ndarray  # float32 (X, Y, Z), values in [0, 1]
+    affine: np.ndarray  # RAS mm of model-grid voxel indices (after the crop)
+    labels: np.ndarray | None = None  # uint8 (X, Y, Z) when labels were given (training)
+    extra: dict = field(default_factory=dict)
+
+
+def _fg(threshold: float):
+    return lambda x: x > threshold
+
+
+def spatial_transforms(cfg: PreprocessConfig, keys: tuple[str, ...] = ("image",)):
+    """MONAI dictionary transforms: orientation, spacing, window, gamma, foreground crop."""
+    from monai.transforms import (
+        AdjustContrastd,
+        Compose,
+        CropForegroundd,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    modes = tuple("bilinear" if k == "image" else "nearest" for k in keys)
+    lo, hi = cfg.hu_window
+    return Compose(
+        [
+            Orientationd(keys=keys, axcodes=cfg.orientation),
+            Spacingd(keys=keys, pixdim=cfg.spacing_mm, mode=modes, padding_mode="border"),
+            ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+            AdjustContrastd(keys="image", gamma=cfg.gamma),
+            CropForegroundd(
+                keys=keys,
+                source_key="image",
+                select_fn=_fg(cfg.foreground_threshold),
+                margin=cfg.crop_margin_vox,
+                allow_smaller=True,
+            ),
+        ]
+    )
+
+
+def to_model_grid(ct: Volume, cfg: PreprocessConfig, labels: Volume | None = None) -> ModelGridImage:
+    """CT (and optionally its labels, same grid) → model grid, the paper's way."""
+    from monai.data import MetaTensor
+
+    ras = ct.ras_affine()
+    data = {
+        "image": MetaTensor(
+            torch.as_tensor(ct.array.astype(np.float32))[None],
+            affine=torch.as_tensor(ras, dtype=torch.float64),
+        )
+    }
+    keys: tuple[str, ...] = ("image",)
+    if labels is not None:
+        if labels.shape != ct.shape or not np.allclose(labels.affine, ct.affine, atol=1e-3):
+            raise ValueError("labels must lie on the CT's grid")
+        data["label"] = MetaTensor(
+            torch.as_tensor(labels.array.astype(np.float32))[None],
+            affine=torch.as_tensor(ras, dtype=torch.float64),
+        )
+        keys = ("image", "label")
+    out = spatial_transforms(cfg, keys)(data)
+    img = out["image"]
+    affine = np.asarray(img.affine, dtype=np.float64)
+    lab = None
+    if labels is not None:
+        lab = np.rint(out["label"].numpy()[0]).astype(np.uint8)
+    return ModelGridImage(image=img.numpy()[0].astype(np.float32), affine=affine, labels=lab)
+
+
+def _grid_coords(
+    ct: Volume, model_affine: np.ndarray, model_shape: tuple[int, int, int], k0: int, k1: int
+) -> torch.Tensor:
+    """grid_sample coordinates (normalised, align_corners=True) of CT slices k0..k1 on the model grid."""
+    m = np.linalg.inv(model_affine) @ (LPS_TO_RAS @ ct.affine)
+    ni, nj = ct.shape[0], ct.shape[1]
+    i, j, k = np.meshgrid(
+        np.arange(ni, dtype=np.float32),
+        np.arange(nj, dtype=np.float32),
+        np.arange(k0, k1, dtype=np.float32),
+        indexing="ij",
+    )
+    pts = np.stack([i, j, k], -1) @ m[:3, :3].T.astype(np.float32) + m[:3, 3].astype(np.float32)
+    # grid_sample on a (N, C, D, H, W) tensor wants (x, y, z) = (W, H, D) order, normalised to [-1, 1].
+    sizes = np.array(model_shape, dtype=np.float32)
+    norm = 2.0 * pts / np.maximum(sizes - 1.0, 1.0) - 1.0
+    return torch.from_numpy(norm[..., ::-1].copy())  # (ni, nj, nk, 3) as (z, y, x) → (W, H, D)
+
+
+def probabilities_to_ct_grid(
+    probs: torch.Tensor, model_affine: np.ndarray, ct: Volume, slab: int = 16
+) -> np.ndarray:
+    """Class probabilities (C, X, Y, Z) on the model grid → uint8 argmax labels on the CT grid.
+
+    Linear interpolation of the probabilities, argmax per CT voxel, one slab of CT slices at a time.
+    CT voxels outside the model grid (cropped-away background) get label 0.
+    """
+    probs = probs.float()
+    c = probs.shape[0]
+    shape = tuple(int(s) for s in probs.shape[1:])
+    vol = probs[None]  # (1, C, X, Y, Z) treated as (N, C, D, H, W) with D=X, H=Y, W=Z
+    out = np.zeros(ct.shape, dtype=np.uint8)
+    for k0 in range(0, ct.shape[2], slab):
+        k1 = min(ct.shape[2], k0 + slab)
+        g = _grid_coords(ct, model_affine, shape, k0, k1)
+        # grid (N, D_out, H_out, W_out, 3) with last dim (x→W, y→H, z→D).
+        samp = torch.nn.functional.grid_sample(
+            vol, g[None], mode="bilinear", padding_mode="zeros", align_corners=True
+        )[0]
+        inside = (g.abs() <= 1.0 + 1e-6).all(-1)
+        lab = samp.argmax(0)
+        lab[~inside] = 0
+        if c:
+            out[:, :, k0:k1] = lab.numpy().astype(np.uint8)
+    return out
+
+
+def labels_to_ct_grid(
+    labels: np.ndarray, model_affine: np.ndarray, ct: Volume, num_classes: int, slab: int = 16
+) -> np.ndarray:
+    """A model-grid label map back onto the CT grid (one-hot, linear, argmax): the round-trip path."""
+    onehot = torch.nn.functional.one_hot(torch.as_tensor(labels.astype(np.int64)), num_classes)
+    return probabilities_to_ct_grid(onehot.permute(3, 0, 1, 2).float(), model_affine, ct, slab)
+
+
+def labels_to_model_probs(
+    labels: Volume, model_affine: np.ndarray, model_shape: tuple[int, int, int], num_classes: int
+) -> np.ndarray:
+    """Partial-volume class fractions (C, X, Y, Z) as uint8 ×255 of a CT-grid label map on the model grid.
+
+    Each class mask is box-averaged over one model voxel's footprint (in CT voxels) and sampled at the
+    model voxel centres: the volume-preserving way down to a coarser grid (nearest-neighbour is not).
+    """
+    from scipy.ndimage import map_coordinates, uniform_filter
+
+    m = np.linalg.inv(LPS_TO_RAS @ labels.affine) @ model_affine  # model voxel -> CT voxel
+    foot = np.abs(m[:3, :3]).sum(1)  # footprint of one model voxel in CT voxels per axis
+    size = [max(1, int(round(f))) for f in foot]
+    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in model_shape], indexing="ij"), 0)
+    pts = np.tensordot(m[:3, :3].astype(np.float32), idx, axes=1) + m[:3, 3, None, None, None].astype(
+        np.float32
+    )
+    out = np.zeros((num_classes, *model_shape), dtype=np.uint8)
+    arr = np.asarray(labels.array)
+    for c in range(num_classes):
+        mask = (arr == c).astype(np.float32)
+        if not mask.any():
+            continue
+        frac = uniform_filter(mask, size=size, mode="nearest")
+        v = map_coordinates(frac, pts, order=1, mode="nearest")
+        out[c] = np.clip(v * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out

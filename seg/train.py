@@ -1,0 +1,456 @@
+"""Train a MONAI UNETR on labelled CT (site data or synthetic phantoms) and export a model package.
+
+Cases are preprocessed once onto the model grid and cached as .npy (image float16, labels uint8), so a
+training step only crops, jitters and runs the network. Checkpoints (model, optimiser, step, best
+validation) are written every few minutes; ``resume=True`` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seg import labels as L
+from seg.model import DEMO_UNETR, build_network, save_package
+from seg.preprocess import PreprocessConfig, to_model_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (recorded in the package provenance)."""
+
+    out: str = "seg/models/site"
+    checkpoint_dir: str = "checkpoints/run"
+    cache_dir: str | None = None  # default: <checkpoint_dir>/cache
+    data: str | None = None  # dataset folder (site CTs); None = phantoms
+    phantoms: int = 0
+    seed_start: int = 1000
+    val_phantoms: int = 1
+    phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
+    arch: dict = field(default_factory=lambda: dict(DEMO_UNETR))
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    batch_size: int = 2
+    steps: int = 1000
+    max_minutes: float | None = None
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 20
+    fg_crop_prob: float = 0.85
+    flip_x: bool = True
+    val_every: int = 100
+    checkpoint_minutes: float = 5.0
+    threads: int = 2
+    name: str = "thigh-unetr-site"
+    version: str = "0.1.0"
+    demo: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+
+# ---------------------------------------------------------------- data
+
+
+def phantom_plan(n: int, seed_start: int) -> list[dict]:
+    """Varied phantom options: HFS/FFS, several spacings, slice orders, post-op with atrophy + implant."""
+    spacings = [(3.0, 3.0, 3.0), (1.5, 1.5, 3.0), (2.0, 2.0, 2.5), (2.5, 2.5, 4.0), (1.0, 1.0, 5.0)]
+    plan = []
+    for i in range(n):
+        seed = seed_start + i
+        rng = np.random.default_rng(seed)
+        d: dict = {
+            "seed": seed,
+            "spacing_mm": spacings[i % len(spacings)],
+            "position": "FFS" if i % 2 else "HFS",
+            "slice_order": "descending" if i % 3 == 1 else "ascending",
+        }
+        if i % 4 == 3:
+            side = "left" if rng.random() < 0.5 else "right"
+            names = list(L.ANALYSED_MUSCLES)
+            pick = rng.choice(len(names), size=6, replace=False)
+            d.update(
+                postop=True,
+                implant_side=side,
+                fat_infiltration=float(rng.uniform(0.0, 0.3)),
+                atrophy={names[j]: float(rng.uniform(0.6, 0.95)) for j in pick},
+            )
+        plan.append(d)
+    return plan
+
+
+def _phantom_case(opts: dict, z_range: tuple[float, float] | None):
+    from seg.phantom import PhantomOptions, make_phantom
+
+    o = dict(opts)
+    if z_range is not None:
+        o["z_range_mm"] = z_range
+    ph = make_phantom(PhantomOptions(**o))
+    return ph.ct, ph.labels
+
+
+def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
+    """(case id, CT path, labels path) for each case folder under ``root``.
+
+    A case folder holds the CT as ``ct.nii.gz`` / ``image.nii.gz`` or a ``dicom/`` folder, and the
+    label map (our 30-class order) as ``labels.nii.gz`` or ``truth/labels.nii.gz``.
+    """
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        ct = next(
+            (c for c in (d / "ct.nii.gz", d / "image.nii.gz", d / "ct.nii", d / "dicom") if c.exists()), None
+        )
+        lab = next(
+            (c for c in (d / "labels.nii.gz", d / "truth" / "labels.nii.gz", d / "labels.nii") if c.exists()),
+            None,
+        )
+        if ct is None or lab is None:
+            log.warning("skipping %s: needs ct.nii.gz or dicom/ and labels.nii.gz", d)
+            continue
+        out.append((d.name, ct, lab))
+    if not out:
+        raise FileNotFoundError(
+            f"no cases under {root} (each case folder: ct.nii.gz or dicom/ + labels.nii.gz)"
+        )
+    return out
+
+
+def cache_case(cache: Path, case_id: str, ct, labels, pre: PreprocessConfig) -> dict:
+    """Preprocess one case onto the model grid and store image/labels as .npy."""
+    img_p, lab_p = cache / f"{case_id}_image.npy", cache / f"{case_id}_labels.npy"
+    if not (img_p.exists() and lab_p.exists()):
+        if labels.array.max() >= L.NUM_CLASSES:
+            raise ValueError(f"case {case_id}: label values above {L.NUM_CLASSES - 1}")
+        mg = to_model_grid(ct, pre, labels)
+        np.save(img_p, mg.image.astype(np.float16))
+        np.save(lab_p, mg.labels)
+    return {"id": case_id, "image": str(img_p), "labels": str(lab_p)}
+
+
+def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], list[dict], dict]:
+    """Cache train and validation cases; returns (train, val, data provenance)."""
+    cache = Path(cfg.cache_dir or Path(cfg.checkpoint_dir) / "cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    cases: list[dict] = []
+    if cfg.data:
+        items = dataset_cases(Path(cfg.data))
+        from seg.io import load_image
+
+        for cid, ctp, labp in items:
+            ct, lab = load_image(ctp), load_image(labp)
+            lab = ct.with_array(np.asarray(lab.array).astype(np.uint8))
+            cases.append(cache_case(cache, cid, ct, lab, pre))
+            log.info("cached %s", cid)
+        nval = max(1, len(cases) // 10) if len(cases) > 1 else 0
+        prov = {"source": "dataset", "data": str(cfg.data), "cases": [c["id"] for c in cases]}
+        return cases[nval:], cases[:nval], prov
+    plan = phantom_plan(cfg.phantoms + cfg.val_phantoms, cfg.seed_start)
+    for opts in plan:
+        cid = f"ph{opts['seed']}_" + hashlib_short(opts, cfg.phantom_z_range_mm)
+        if not (cache / f"{cid}_labels.npy").exists():
+            t = time.time()
+            ct, lab = _phantom_case(opts, cfg.phantom_z_range_mm)
+            cases.append(cache_case(cache, cid, ct, lab, pre))
+            log.info("cached phantom seed %s (%s, %.1f s)", opts["seed"], opts["position"], time.time() - t)
+        else:
+            cases.append(
+                {
+                    "id": cid,
+                    "image": str(cache / f"{cid}_image.npy"),
+                    "labels": str(cache / f"{cid}_labels.npy"),
+                }
+            )
+    ntr = cfg.phantoms
+    prov = {
+        "source": "phantoms",
+        "train_seeds": [p["seed"] for p in plan[:ntr]],
+        "val_seeds": [p["seed"] for p in plan[ntr:]],
+        "phantom_options": plan,
+        "z_range_mm": cfg.phantom_z_range_mm,
+    }
+    try:
+        from seg.phantom import PHANTOM_VERSION
+
+        prov["phantom_version"] = PHANTOM_VERSION
+    except ImportError:  # pragma: no cover
+        pass
+    return cases[:ntr], cases[ntr:], prov
+
+
+def hashlib_short(opts: dict, z_range) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps([opts, z_range], sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+class CropSampler:
+    """Random ROI crops from cached cases: mostly centred on labelled voxels, some anywhere."""
+
+    def __init__(
+        self,
+        cases: list[dict],
+        roi: tuple[int, int, int],
+        fg_prob: float,
+        flip_x: bool,
+        rng: np.random.Generator,
+    ):
+        self.images = [np.load(c["image"]) for c in cases]
+        self.labels = [np.load(c["labels"]) for c in cases]
+        self.fg = [np.argwhere(lab > 0)[::7] for lab in self.labels]
+        self.roi, self.fg_prob, self.flip_x, self.rng = roi, fg_prob, flip_x, rng
+
+    def _pad(self, a: np.ndarray) -> np.ndarray:
+        pad = [(0, max(0, r - s)) for s, r in zip(a.shape, self.roi, strict=False)]
+        return np.pad(a, pad) if any(p[1] for p in pad) else a
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        i = int(self.rng.integers(len(self.images)))
+        img, lab = self._pad(self.images[i]), self._pad(self.labels[i])
+        shape = np.array(img.shape)
+        roi = np.array(self.roi)
+        if self.rng.random() < self.fg_prob and len(self.fg[i]):
+            c = self.fg[i][int(self.rng.integers(len(self.fg[i])))]
+            start = np.clip(c - roi // 2 + self.rng.integers(-roi // 4, roi // 4 + 1), 0, shape - roi)
+        else:
+            start = np.array([int(self.rng.integers(0, s - r + 1)) for s, r in zip(shape, roi, strict=False)])
+        sl = tuple(slice(int(s), int(s) + int(r)) for s, r in zip(start, roi, strict=False))
+        x, y = img[sl].astype(np.float32), lab[sl]
+        if self.flip_x and self.rng.random() < 0.5:  # classes are not lateralised: a mirror is valid anatomy
+            x, y = x[::-1], y[::-1]
+        # Intensity jitter on the windowed image: contrast, brightness, noise.
+        x = x * float(self.rng.uniform(0.9, 1.1)) + float(self.rng.uniform(-0.05, 0.05))
+        x = x + self.rng.normal(0.0, float(self.rng.uniform(0.0, 0.03)), x.shape).astype(np.float32)
+        return np.clip(x, 0.0, 1.0), y.copy()
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.sample() for _ in range(n)), strict=False)
+        return (
+            torch.from_numpy(np.stack(xs)[:, None].copy()),
+            torch.from_numpy(np.stack(ys)[:, None].astype(np.int64)),
+        )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, n: int = L.NUM_CLASSES) -> np.ndarray:
+    """Dice per class (NaN where the class is absent from both)."""
+    idx = truth.astype(np.int64) * n + pred.astype(np.int64)
+    cm = np.bincount(idx.ravel(), minlength=n * n).reshape(n, n)
+    tp = np.diag(cm).astype(float)
+    denom = cm.sum(0) + cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / denom, np.nan)
+
+
+@torch.no_grad()
+def predict_model_grid(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    roi: tuple[int, int, int],
+    device: torch.device,
+    sw_batch: int = 2,
+    overlap: float = 0.25,
+) -> torch.Tensor:
+    """Softmax probabilities (C, X, Y, Z) on the model grid by sliding windows."""
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(image.astype(np.float32))[None, None]
+    out = sliding_window_inference(
+        x, roi, sw_batch, net, overlap=overlap, mode="gaussian", sw_device=device, device=torch.device("cpu")
+    )
+    return torch.softmax(out[0].float(), 0)
+
+
+def validate(net: torch.nn.Module, cases: list[dict], roi, device) -> dict:
+    net.eval()
+    dices = []
+    for c in cases:
+        p = predict_model_grid(net, np.load(c["image"]), roi, device).argmax(0).numpy()
+        dices.append(dice_per_class(p, np.load(c["labels"])))
+    net.train()
+    d = np.nanmean(np.stack(dices), 0) if dices else np.full(L.NUM_CLASSES, np.nan)
+    musc = [L.LABEL_OF[m] for m in L.ANALYSED_MUSCLES]
+    return {
+        "mean_dice_muscles": float(np.nanmean(d[musc])),
+        "per_class": {
+            L.CLASS_NAMES[i]: (None if np.isnan(d[i]) else round(float(d[i]), 4))
+            for i in range(1, L.NUM_CLASSES)
+        },
+    }
+
+
+# ---------------------------------------------------------------- training
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def _save_ckpt(path: Path, net, opt, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), **state}, tmp)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training; export the best checkpoint as a package to ``cfg.out``."""
+    from monai.losses import DiceCELoss
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    ckdir = Path(cfg.checkpoint_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    (ckdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=list))
+    pre = PreprocessConfig(spacing_mm=tuple(cfg.spacing_mm))  # type: ignore[arg-type]
+    roi = tuple(int(v) for v in cfg.arch["img_size"])
+    t_cache = time.time()
+    train_cases, val_cases, data_prov = build_cache(cfg, pre)
+    log.info(
+        "cache ready: %d train, %d val cases (%.0f s)",
+        len(train_cases),
+        len(val_cases),
+        time.time() - t_cache,
+    )
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    net = build_network({"name": "UNETR", "args": cfg.arch}).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
+    state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None}
+    last, best = ckdir / "last.pt", ckdir / "best.pt"
+    if resume and last.exists():
+        ck = torch.load(last, map_location=device, weights_only=False)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        state = {k: ck[k] for k in state}
+        log.info("resumed from %s at step %d", last, state["step"])
+    rng = np.random.default_rng(cfg.seed + state["step"])
+    sampler = CropSampler(train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng)
+    t0 = time.time() - state["elapsed_s"]
+    t_ck = time.time()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", mininterval=5)
+    net.train()
+    run_loss: list[float] = []
+    while state["step"] < cfg.steps:
+        if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
+            log.info("time limit reached at step %d", state["step"])
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, state["step"])
+        x, y = sampler.batch(cfg.batch_size)
+        x, y = x.to(device), y.to(device)
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        state["step"] += 1
+        run_loss.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(run_loss[-20:]):.3f}")
+        state["elapsed_s"] = time.time() - t0
+        done = state["step"] >= cfg.steps or (
+            cfg.max_minutes is not None and state["elapsed_s"] > cfg.max_minutes * 60
+        )
+        if state["step"] % cfg.val_every == 0 or done:
+            entry = {
+                "step": state["step"],
+                "elapsed_s": round(state["elapsed_s"], 1),
+                "loss": round(float(np.mean(run_loss[-cfg.val_every :])), 4),
+            }
+            if val_cases:
+                v = validate(net, val_cases, roi, device)
+                entry["val_mean_dice_muscles"] = round(v["mean_dice_muscles"], 4)
+                state["val"] = v
+                score = v["mean_dice_muscles"]
+            else:
+                score = -float(entry["loss"])
+            state["history"].append(entry)
+            log.info("step %d: %s", state["step"], entry)
+            print(json.dumps(entry), flush=True)
+            if score > state["best"]:
+                state["best"], state["best_step"] = score, state["step"]
+                _save_ckpt(best, net, opt, state)
+            _save_ckpt(last, net, opt, state)
+            t_ck = time.time()
+        elif time.time() - t_ck > cfg.checkpoint_minutes * 60:
+            _save_ckpt(last, net, opt, state)
+            t_ck = time.time()
+    _save_ckpt(last, net, opt, state)
+    if bar is not None:
+        bar.close()
+    return export(cfg, data_prov)
+
+
+def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "best") -> Path:
+    """Write the package from a checkpoint (best by validation, else last)."""
+    ckdir = Path(cfg.checkpoint_dir)
+    path = ckdir / f"{checkpoint}.pt"
+    if not path.exists():
+        path = ckdir / "last.pt"
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    net = build_network({"name": "UNETR", "args": cfg.arch})
+    net.load_state_dict(ck["model"])
+    if data_prov is None:
+        pre = PreprocessConfig(spacing_mm=tuple(cfg.spacing_mm))  # type: ignore[arg-type]
+        data_prov = build_cache(cfg, pre)[2]
+    prov = {
+        "trained_on": data_prov,
+        "steps": ck["step"],
+        "exported_step": ck["step"],
+        "best_step": ck.get("best_step"),
+        "train_wall_s": round(float(ck["elapsed_s"]), 1),
+        "hardware": _hardware(),
+        "validation": ck.get("val"),
+        "history": ck.get("history", [])[-50:],
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "checkpoint_dir", "cache_dir")},
+        "torch": torch.__version__,
+    }
+    try:
+        import monai
+
+        prov["monai"] = monai.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    pre = PreprocessConfig(spacing_mm=tuple(cfg.spacing_mm))  # type: ignore[arg-type]
+    out = save_package(
+        cfg.out,
+        net,
+        name=cfg.name,
+        version=cfg.version,
+        arch_args=dict(cfg.arch),
+        preprocess=pre,
+        roi_size=tuple(cfg.arch["img_size"]),
+        demo=cfg.demo,
+        provenance=prov,
+    )
+    log.info("package written to %s", out)
+    return out
+
+
+def _hardware() -> str:
+    import os
+    import platform
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs visible, "
+        f"{torch.get_num_threads()} torch threads, {dev}"
+    )
