@@ -164,3 +164,15 @@ def test_sr_referencing_labelmap_seg(baseline, tmp_path):
     assert all("not segmentation - attribute <ReferencedSegmentNumber>" in e for e in errors), errors
     meta = tid1500(tmp_path / "sr-lm.dcm", tmp_path / "sr-lm.json")
     assert len([m for m in meta["Measurements"] if "ReferencedSegment" in m]) == len(lm.SegmentSequence) - 1
+
+
+def test_height_status_and_source():
+    from reporting.sr import height_status
+
+    assert height_status({"height_m": None}, {"PatientSize": "3.1"}) == (codes.HEIGHT_IMPLAUSIBLE,
+                                                                         codes.HEIGHT_SOURCE_NONE)
+    assert height_status({"height_m": None}, {}) == (codes.HEIGHT_MISSING, codes.HEIGHT_SOURCE_NONE)
+    assert height_status({"height_m": 1.6, "height_source": "registry"}, {}) == (codes.HEIGHT_PRESENT,
+                                                                                 codes.HEIGHT_SOURCE_REGISTRY)
+    assert height_status({"height_m": 1.6, "height_source": "PatientSize"}, {"PatientSize": 1.6})[1] == \
+        codes.HEIGHT_SOURCE_PATIENT_SIZE
