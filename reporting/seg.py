@@ -27,6 +27,8 @@ from seg.volume import Volume
 log = logging.getLogger(__name__)
 
 SEG_SERIES_NUMBER = 9901
+# processes compressing LABELMAP frames in parallel (0 = in this process)
+LABELMAP_WORKERS = 0
 SIDES = ("left", "right")
 _COMPRESSION = {"RLE": RLELossless, "JPEGLS": JPEGLSLossless, "JPEG-LS": JPEGLSLossless,
                 "JPEGLSLOSSLESS": JPEGLSLossless, "NONE": ExplicitVRLittleEndian}
@@ -263,6 +265,7 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
             content_creator_name="dicomnode^automatic",
             transfer_syntax_uid=transfer_syntax,
             omit_empty_frames=True,
+            workers=LABELMAP_WORKERS if seg_type == "LABELMAP" else 0,
         )
 
     seg = None
