@@ -85,7 +85,7 @@ def spatial_transforms(cfg: PreprocessConfig, keys: tuple[str, ...] = ("image",)
     lo, hi = cfg.hu_window
     return Compose(
         [
-            Orientationd(keys=keys, axcodes=cfg.orientation),
+            Orientationd(keys=keys, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys=keys, pixdim=cfg.spacing_mm, mode=modes, padding_mode="border"),
             ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
             AdjustContrastd(keys="image", gamma=cfg.gamma),

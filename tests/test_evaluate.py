@@ -1,0 +1,72 @@
+"""Evaluation metrics on hand-made predictions with known overlap."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seg import labels as L
+from seg.evaluate import aggregate, evaluate_case, format_table, write_evaluation
+from seg.volume import Volume
+
+SP = (2.0, 2.0, 3.0)
+
+
+def _vol(arr: np.ndarray) -> Volume:
+    return Volume(arr, np.diag([*SP, 1.0]), {})
+
+
+def _pair() -> tuple[Volume, Volume]:
+    truth = np.zeros((40, 40, 20), np.uint8)
+    pred = np.zeros_like(truth)
+    s = L.LABEL_OF["sartorius"]
+    truth[5:15, 5:15, 5:15] = s  # 1000 voxels
+    pred[7:17, 5:15, 5:15] = s  # shifted 2 voxels in x: overlap 800
+    f = L.LABEL_OF["femur"]
+    truth[20:30, 20:30, 2:12] = f  # 1000 voxels
+    pred[20:30, 20:30, 2:7] = f  # 500 voxels, all inside the truth
+    g = L.LABEL_OF["gracilis"]
+    truth[32:36, 32:36, 0:5] = g  # 80 voxels, missed entirely
+    return _vol(pred), _vol(truth)
+
+
+def test_known_overlap_gives_exact_dice_and_volume_error() -> None:
+    pred, truth = _pair()
+    r = evaluate_case(pred, truth)
+    pc = r["per_class"]
+    assert pc["sartorius"]["dice"] == pytest.approx(2 * 800 / 2000, abs=1e-12)
+    assert pc["sartorius"]["volume_error_pct"] == pytest.approx(0.0)
+    assert pc["femur"]["dice"] == pytest.approx(2 * 500 / 1500, abs=1e-12)
+    assert pc["femur"]["volume_error_pct"] == pytest.approx(-50.0)
+    assert pc["gracilis"]["dice"] == 0.0 and pc["gracilis"]["hd95_mm"] is None
+    assert pc["gracilis"]["volume_error_pct"] == pytest.approx(-100.0)
+    # 4 mm shift along x: the 95th-percentile surface distance is the shift
+    assert pc["sartorius"]["hd95_mm"] == pytest.approx(4.0, abs=0.01)
+    assert pc["femur"]["volume_true_cm3"] == pytest.approx(1000 * 0.012)
+    # mean over the analysed muscles present (sartorius, gracilis)
+    assert r["mean_dice_muscles"] == pytest.approx((0.8 + 0.0) / 2)
+    assert r["total_muscle_volume_error_pct"] == pytest.approx((1000 - 1080) / 1080 * 100)
+
+
+def test_aggregate_and_files(tmp_path: Path) -> None:
+    pred, truth = _pair()
+    c1 = evaluate_case(pred, truth)
+    c2 = evaluate_case(truth, truth)
+    res = aggregate([c1, c2], {"name": "m", "version": "1", "demo": True})
+    assert res["cases"] == 2
+    assert res["per_class"]["sartorius"]["dice"] == pytest.approx(0.9)
+    assert res["mean_dice_muscles"] == pytest.approx((0.9 + 0.5) / 2)
+    assert res["min_dice_muscle"] == {"name": "gracilis", "dice": pytest.approx(0.5)}
+    assert res["femur_dice"] == pytest.approx((2 / 3 + 1) / 2)
+    jp, cp = write_evaluation(res, tmp_path)
+    data = json.loads(jp.read_text())
+    for key in ("model", "cases", "mean_dice_muscles", "per_class"):
+        assert key in data
+    assert set(data["per_class"]["femur"]) >= {"dice", "hd95_mm", "volume_error_pct"}
+    rows = list(csv.DictReader(cp.open()))
+    assert {r["name"] for r in rows} == {"sartorius", "femur", "gracilis"}
+    assert "mean Dice, 21 muscles: 0.700" in format_table(res)

@@ -1,0 +1,131 @@
+"""Model packages: round trip, clear failures for corrupt or mismatched packages, paper-size UNETR."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seg import labels as L
+from seg.infer import segment
+from seg.model import PAPER_UNETR, ModelPackageError, build_network, load_model, save_package
+from seg.preprocess import PreprocessConfig
+from seg.volume import Volume
+
+TINY = {"in_channels": 1, "out_channels": 30, "img_size": [32, 32, 32], "feature_size": 4, "hidden_size": 48,
+        "mlp_dim": 96, "num_heads": 4, "proj_type": "conv", "norm_name": "instance", "res_block": True,
+        "dropout_rate": 0.0}
+
+
+def _package(path: Path, arch: dict = TINY, spacing=(3.0, 3.0, 3.0)) -> Path:
+    torch.manual_seed(0)
+    net = build_network({"name": "UNETR", "args": arch})
+    return save_package(path, net, name="unit-test", version="9.9", arch_args=arch,
+                        preprocess=PreprocessConfig(spacing_mm=spacing), roi_size=tuple(arch["img_size"]),
+                        demo=True, provenance={"note": "random weights"})
+
+
+def _ct(shape=(30, 24, 12), spacing=3.0) -> Volume:
+    arr = np.full(shape, -1000, np.int16)
+    arr[5:25, 4:20, 1:11] = 50
+    arr[12:16, 9:13, 1:11] = 1200
+    return Volume(arr, np.diag([spacing, spacing, spacing, 1.0]), {})
+
+
+@pytest.fixture(scope="module")
+def pkg_dir(tmp_path_factory) -> Path:
+    return _package(tmp_path_factory.mktemp("pkg") / "tiny")
+
+
+def test_package_round_trip(pkg_dir: Path) -> None:
+    meta = json.loads((pkg_dir / "model.json").read_text())
+    assert meta["classes"] == list(L.CLASS_NAMES)
+    assert meta["demo"] is True and "not for clinical measurement" in meta["statement"]
+    assert meta["weights"]["dtype"] == "float16" and len(meta["weights"]["sha256"]) == 64
+    pkg = load_model(pkg_dir, device="cpu")
+    assert pkg.info["name"] == "unit-test" and pkg.info["demo"] is True
+    assert pkg.info["spacing_mm"] == [3.0, 3.0, 3.0]
+    ct = _ct()
+    lab = segment(ct, pkg)
+    assert lab.shape == ct.shape and lab.array.dtype == np.uint8 and np.allclose(lab.affine, ct.affine)
+    assert lab.array.max() < L.NUM_CLASSES
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_weights_fail_with_checksum_message(pkg_dir: Path, tmp_path: Path) -> None:
+    p = _copy(pkg_dir, tmp_path / "corrupt")
+    w = p / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ModelPackageError, match="checksum mismatch"):
+        load_model(p)
+
+
+def test_truncated_weights_with_matching_checksum_fail_clearly(pkg_dir: Path, tmp_path: Path) -> None:
+    p = _copy(pkg_dir, tmp_path / "trunc")
+    w = p / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    meta = json.loads((p / "model.json").read_text())
+    from seg.model import sha256_file
+
+    meta["weights"]["sha256"] = sha256_file(w)
+    (p / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelPackageError, match="not a readable safetensors"):
+        load_model(p)
+
+
+def test_class_list_mismatch(pkg_dir: Path, tmp_path: Path) -> None:
+    p = _copy(pkg_dir, tmp_path / "classes")
+    meta = json.loads((p / "model.json").read_text())
+    meta["classes"][3], meta["classes"][4] = meta["classes"][4], meta["classes"][3]
+    (p / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelPackageError, match="class list .* does not match"):
+        load_model(p)
+
+
+def test_architecture_shape_mismatch(pkg_dir: Path, tmp_path: Path) -> None:
+    p = _copy(pkg_dir, tmp_path / "shapes")
+    meta = json.loads((p / "model.json").read_text())
+    meta["architecture"]["args"]["hidden_size"] = 96
+    meta["architecture"]["args"]["mlp_dim"] = 192
+    (p / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelPackageError, match="tensor shapes do not fit"):
+        load_model(p)
+
+
+def test_missing_files(tmp_path: Path, pkg_dir: Path) -> None:
+    with pytest.raises(ModelPackageError, match="not a folder"):
+        load_model(tmp_path / "nowhere")
+    p = _copy(pkg_dir, tmp_path / "nojson")
+    (p / "model.json").unlink()
+    with pytest.raises(ModelPackageError, match="no model.json"):
+        load_model(p)
+    p = _copy(pkg_dir, tmp_path / "noweights")
+    (p / "model.safetensors").unlink()
+    with pytest.raises(ModelPackageError, match="weights file .* is missing"):
+        load_model(p)
+
+
+@pytest.mark.slow
+def test_paper_size_unetr_package_loads_and_runs(tmp_path: Path) -> None:
+    """The paper's UNETR (patch 16, hidden 768, 12 heads, MLP 3072, feature 16) as a site package."""
+    arch = dict(PAPER_UNETR)
+    p = _package(tmp_path / "paper", arch, spacing=(1.5, 1.5, 1.5))
+    pkg = load_model(p, device="cpu")
+    n = sum(t.numel() for t in pkg.network.parameters())
+    assert n > 90e6  # ~92 M parameters
+    args = pkg.meta["architecture"]["args"]
+    assert (args["hidden_size"], args["num_heads"], args["mlp_dim"], args["feature_size"]) == (768, 12, 3072, 16)
+    assert pkg.network.patch_size == (16, 16, 16) and len(pkg.network.vit.blocks) == 12
+    ct = _ct(shape=(40, 36, 20), spacing=1.5)  # one 96^3 window after padding
+    lab = segment(ct, pkg)
+    assert lab.shape == ct.shape and lab.array.dtype == np.uint8

@@ -1,0 +1,84 @@
+"""Paper preprocessing and its inverse: intensities, geometry, and the label round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from seg import labels as L
+from seg.infer import probabilities_to_labels
+from seg.phantom import PhantomOptions, make_phantom
+from seg.preprocess import (
+    PreprocessConfig,
+    labels_to_ct_grid,
+    labels_to_model_probs,
+    to_model_grid,
+)
+from seg.volume import Volume
+
+DEMO = PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0))
+MUSCLES = [L.LABEL_OF[m] for m in L.ANALYSED_MUSCLES]
+
+
+def _ph(spacing, position="HFS", order="ascending", seed=11):
+    return make_phantom(PhantomOptions(seed=seed, spacing_mm=spacing, position=position, slice_order=order,
+                                       z_range_mm=(-50.0, 40.0)))
+
+
+def test_window_and_gamma_values() -> None:
+    """HU -57 -> 0, 164 -> 1, the window midpoint -> 0.5**2 (gamma 2); background cropped away."""
+    arr = np.full((40, 40, 12), -1000, np.int16)
+    arr[10:30, 10:30, 2:10] = 164
+    arr[10:20, 10:30, 2:10] = int(round((-57 + 164) / 2))  # 53.5 -> 54
+    arr[10:12, 10:30, 2:10] = -57 + 1
+    vol = Volume(arr, np.diag([3.0, 3.0, 3.0, 1.0]), {})
+    mg = to_model_grid(vol, DEMO)
+    v = np.unique(np.round(mg.image, 3))
+    assert v.min() == 0.0 and v.max() == 1.0
+    mid = ((54 + 57) / 221.0) ** 2
+    assert np.any(np.isclose(mg.image, mid, atol=1e-4))
+    # foreground crop: 20 x 20 x 8 body plus a 4-voxel margin each side (clipped by the image)
+    assert mg.image.shape == (28, 28, 12)
+
+
+@pytest.mark.parametrize(("position", "order"), [("HFS", "ascending"), ("FFS", "descending")])
+def test_model_grid_is_ras_at_model_spacing(position: str, order: str) -> None:
+    ph = _ph((3.0, 3.0, 3.0), position, order)
+    mg = to_model_grid(ph.ct, DEMO, ph.labels)
+    rot = mg.affine[:3, :3]
+    assert np.allclose(rot, np.diag([3.0, 3.0, 3.0]), atol=1e-4)  # RAS, 3 mm
+    assert 0.0 <= mg.image.min() and mg.image.max() <= 1.0
+    # no labelled voxel is lost by the crop
+    assert np.bincount(mg.labels.ravel(), minlength=30)[1:].sum() == np.count_nonzero(ph.labels.array)
+
+
+@pytest.mark.parametrize(("position", "order"), [("HFS", "ascending"), ("FFS", "descending")])
+def test_round_trip_at_model_spacing_is_exact(position: str, order: str) -> None:
+    """CT already at the demo spacing: label map -> model grid -> CT grid gives back every voxel."""
+    ph = _ph((3.0, 3.0, 3.0), position, order)
+    mg = to_model_grid(ph.ct, DEMO, ph.labels)
+    back = labels_to_ct_grid(mg.labels, mg.affine, ph.ct, L.NUM_CLASSES)
+    assert np.array_equal(back, ph.labels.array)
+    # the inference path (uint8 probabilities, slab-wise linear resampling) agrees too
+    probs = labels_to_model_probs(ph.labels, mg.affine, mg.image.shape, L.NUM_CLASSES)
+    back2 = probabilities_to_labels(probs, mg.affine, ph.ct)
+    assert np.array_equal(back2, ph.labels.array)
+
+
+def test_round_trip_across_spacing_keeps_volumes() -> None:
+    """1.5 x 1.5 x 3 mm CT -> 3 mm model grid (partial volumes) -> CT grid (linear + argmax).
+
+    A 3 mm grid cannot hold every thin structure to 0.5 %: measured worst structure ~10 % on this
+    small phantom, the 21-muscle total ~2.5 % low (background wins thin edges at argmax; docs/models.md).
+    """
+    ph = _ph((1.5, 1.5, 3.0), "FFS")
+    mg = to_model_grid(ph.ct, DEMO)
+    probs = labels_to_model_probs(ph.labels, mg.affine, mg.image.shape, L.NUM_CLASSES)
+    back = probabilities_to_labels(probs, mg.affine, ph.ct)
+    a = np.bincount(ph.labels.array.ravel(), minlength=30).astype(float)
+    b = np.bincount(back.ravel(), minlength=30).astype(float)
+    present = a > 0
+    rel = np.abs(b - a)[present] / a[present]
+    assert rel.max() < 0.15, rel
+    assert abs(b[MUSCLES].sum() - a[MUSCLES].sum()) / a[MUSCLES].sum() < 0.04
+    assert (back == ph.labels.array).mean() > 0.97
