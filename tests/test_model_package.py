@@ -124,7 +124,8 @@ def test_paper_size_unetr_package_loads_and_runs(tmp_path: Path) -> None:
     n = sum(t.numel() for t in pkg.network.parameters())
     assert n > 90e6  # ~92 M parameters
     args = pkg.meta["architecture"]["args"]
-    assert (args["hidden_size"], args["num_heads"], args["mlp_dim"], args["feature_size"]) == (768, 12, 3072, 16)
+    got = (args["hidden_size"], args["num_heads"], args["mlp_dim"], args["feature_size"])
+    assert got == (768, 12, 3072, 16)
     assert pkg.network.patch_size == (16, 16, 16) and len(pkg.network.vit.blocks) == 12
     ct = _ct(shape=(40, 36, 20), spacing=1.5)  # one 96^3 window after padding
     lab = segment(ct, pkg)
