@@ -126,7 +126,7 @@ def _spans(sink: Path, series_uid: str, phase: str) -> list[tuple[float, float]]
 
 
 def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int,
-            pipeline: str | None = None) -> dict[str, float]:
+            pipeline: str | None = None, model: Path | None = None) -> dict[str, float]:
     from orthanc import OrthancServer, free_port, wait_for
 
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
@@ -145,6 +145,7 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
     config = workdir / "node.toml"
     config.write_text(
         f'ae_title = "THIGHNODE"\nhost = "127.0.0.1"\nport = {node_port}\nstorage_dir = "{storage}"\n'
+        + (f'model_path = "{model.resolve()}"\n' if model else "") +
         f'stable_seconds = 1\n\n[pacs]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
         f'port = {orthanc.dicom_port}\n\n'
         f'[worker]\ndevice = "{device}"\n\n[send]\ninitial_backoff_seconds = 1\n\n'
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--keep", type=Path, help="keep work files here (default: a temporary folder)")
     ap.add_argument("--pipeline", help="stand-in pipeline module:function (plumbing check; PYTHONPATH)")
+    ap.add_argument("--model", type=Path, help="model package folder (default: the shipped demo model)")
     args = ap.parse_args(argv)
     spacing = tuple(float(v) for v in args.spacing.split(","))
     if len(spacing) == 1:
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in range(args.runs):
         print(f"run {run + 1}/{args.runs}")
         results.append(one_run(base / f"run{run}", spacing, args.device, args.seed + run,  # type: ignore[arg-type]
-                               args.pipeline))
+                               args.pipeline, args.model))
         r = results[-1]
         if not r["event_from_log"]:
             print("  (no routing log line found; 'receive' counts from the first instance at the node)")
