@@ -221,10 +221,12 @@ class OrthancPacs:
 # ------------------------------------------------------------------------------------------------
 # The node, the scanner, the phantoms
 # ------------------------------------------------------------------------------------------------
-def write_node_config(path: Path, *, port: int, storage: Path, pacs_port: int) -> Path:
+def write_node_config(path: Path, *, port: int, storage: Path, pacs_port: int,
+                      model: Path | None = None) -> Path:
     """A node configuration for the demo: embedded defaults, quick series completion and retries."""
     path.write_text(
         f'ae_title = "{NODE_AET}"\nhost = "127.0.0.1"\nport = {port}\n'
+        + (f'model_path = "{model.resolve().as_posix()}"\n' if model else "") +
         f'storage_dir = "{storage.as_posix()}"\nstable_seconds = 2\nlog_level = "INFO"\n\n'
         f'[pacs]\nae_title = "{PACS_AET}"\nhost = "127.0.0.1"\nport = {pacs_port}\n\n'
         "[worker]\ndevice = \"cpu\"\n\n"
@@ -430,7 +432,7 @@ def _kind(o: Received) -> str:
 # The command
 # ------------------------------------------------------------------------------------------------
 def run_demo(out: Path, pacs_kind: str, spacing: tuple[float, float, float], seed: int, timeout: float,
-             console: Any) -> int:
+             console: Any, model: Path | None = None) -> int:
     started = time.monotonic()
 
     def step(msg: str) -> None:
@@ -450,7 +452,8 @@ def run_demo(out: Path, pacs_kind: str, spacing: tuple[float, float, float], see
         pacs = OrthancPacs(out / "orthanc", node_port)
     else:
         pacs = LocalPacs(out / "pacs")
-    config = write_node_config(out / "node.toml", port=node_port, storage=storage, pacs_port=pacs.dicom_port)
+    config = write_node_config(out / "node.toml", port=node_port, storage=storage, pacs_port=pacs.dicom_port,
+                               model=model)
     node: subprocess.Popen[bytes] | None = None
     try:
         step(f"generating the phantom patient (spacing {spacing[0]:g}×{spacing[1]:g}×{spacing[2]:g} mm)")
@@ -552,6 +555,8 @@ def register(app: typer.Typer) -> None:
         = "3,3,5",
         seed: Annotated[int, typer.Option(help="Phantom patient seed.")] = 7,
         timeout: Annotated[float, typer.Option(help="Seconds to wait for each study's results.")] = 900.0,
+        model: Annotated[Path | None, typer.Option(help="Model package (default: the shipped demo).")]
+        = None,
     ) -> None:
         """Run the main job: node + PACS, a phantom patient pre-op and follow-up, volumes and change."""
         from rich.console import Console
@@ -561,7 +566,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("auto | orthanc | local", param_hint="--pacs")
         console.rule(f"dicomnode demo — {dt.datetime.now():%Y-%m-%d %H:%M}")
         try:
-            code = run_demo(out.resolve(), pacs, _spacing(spacing), seed, timeout, console)
+            code = run_demo(out.resolve(), pacs, _spacing(spacing), seed, timeout, console, model)
         except DemoError as exc:
             console.print(f"[red]demo failed:[/] {exc}")
             raise typer.Exit(1) from exc
