@@ -52,9 +52,12 @@ def predict_probabilities(
     progress: bool = False,
     overlap: float = 0.25,
     sw_batch: int = 2,
-    slab_windows: int = 3,
+    slab_mb: float = 768.0,
 ) -> np.ndarray:
-    """Class probabilities (C, X, Y, Z) as uint8 (×255) on the model grid, slab by slab along Z."""
+    """Class probabilities (C, X, Y, Z) as uint8 (×255) on the model grid, slab by slab along Z.
+
+    ``slab_mb`` bounds the float logits of one slab (the uint8 probabilities of the whole grid come on top).
+    """
     from monai.inferers import sliding_window_inference
 
     precision = precision or default_precision()
@@ -64,8 +67,10 @@ def predict_probabilities(
     c = int(model.meta["architecture"]["args"]["out_channels"])
     probs = np.zeros((c, nx, ny, nz), dtype=np.uint8)
     rz = roi[2]
-    core = max(rz, slab_windows * rz - rz // 2)
     margin = rz // 2
+    # Slab length from a memory budget for its float32 logits; at least one ROI of core plus margins.
+    per_slice = c * max(nx, roi[0]) * max(ny, roi[1]) * 4
+    core = max(rz, int(slab_mb * 2**20 // per_slice) - 2 * margin)
     starts = list(range(0, nz, core))
     bar = None
     if progress:
