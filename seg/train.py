@@ -43,6 +43,10 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 1e-5
     warmup_steps: int = 20
+    # Linear decay to 5 % over the last (1 - decay_start) of the run (by wall time when max_minutes is set).
+    decay_start: float = 0.7
+    # Dice over the whole batch: classes absent from one crop do not push every prediction to zero.
+    dice_batch: bool = True
     fg_crop_prob: float = 0.85
     flip_x: bool = True
     val_every: int = 100
@@ -289,9 +293,12 @@ def validate(net: torch.nn.Module, cases: list[dict], roi, device) -> dict:
 # ---------------------------------------------------------------- training
 
 
-def _lr(cfg: TrainConfig, step: int) -> float:
+def _lr(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = elapsed_s / (cfg.max_minutes * 60) if cfg.max_minutes else step / max(cfg.steps, 1)
+    if frac > cfg.decay_start:
+        return cfg.lr * max(0.05, 1.0 - (frac - cfg.decay_start) / (1.0 - cfg.decay_start))
     return cfg.lr
 
 
@@ -327,7 +334,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     )
     net = build_network({"name": "UNETR", "args": cfg.arch}).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, batch=cfg.dice_batch)
     state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None}
     last, best = ckdir / "last.pt", ckdir / "best.pt"
     if resume and last.exists():
@@ -352,7 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             log.info("time limit reached at step %d", state["step"])
             break
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, state["step"])
+            g["lr"] = _lr(cfg, state["step"], time.time() - t0)
         x, y = sampler.batch(cfg.batch_size)
         x, y = x.to(device), y.to(device)
         loss = loss_fn(net(x), y)

@@ -98,6 +98,8 @@ def train(
     demo: Annotated[
         bool, typer.Option("--demo", help="Mark as a phantom-trained demonstration model.")
     ] = False,
+    dice_batch: Annotated[bool, typer.Option(help="Dice over the whole batch (not per crop).")] = True,
+    decay_start: Annotated[float, typer.Option(help="Fraction of the run after which the LR decays.")] = 0.7,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
     seed: Annotated[int, typer.Option(help="Training RNG seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -144,6 +146,8 @@ def train(
         lr=lr,
         val_every=val_every,
         threads=threads,
+        dice_batch=dice_batch,
+        decay_start=decay_start,
         name=name,
         version=version,
         demo=demo,
