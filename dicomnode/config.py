@@ -94,9 +94,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_file = os.environ.get(CONFIG_ENV)
-        if toml_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
         return tuple(sources)
 
     @property
@@ -105,12 +104,23 @@ class Settings(BaseSettings):
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from defaults < TOML file < environment < explicit overrides."""
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        with path.open("rb") as fh:
-            tomllib.load(fh)  # fail early and clearly on a malformed file
-        os.environ[CONFIG_ENV] = str(path.resolve())
-    return Settings(**overrides)
+    """Settings from defaults < TOML file < environment < explicit overrides.
+
+    The file is ``config_file`` or else ``$DICOMNODE_CONFIG``. It is bound to the returned object
+    only (a throw-away subclass), never to the process environment, so one caller's file cannot leak
+    into another's settings.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    if config_file is None:
+        return Settings(**overrides)
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with path.open("rb") as fh:
+        tomllib.load(fh)  # fail early and clearly on a malformed file
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path.resolve())
+
+    return FileSettings(**overrides)
