@@ -103,11 +103,14 @@ def _matches(counts: np.ndarray, volumes: dict, voxel_cm3: float) -> bool:
 @dataclass
 class SegmentPlan:
     """Segments and where they are: ``idx`` = label*2 + left in frame layout (k, j, i), ``lut`` maps
-    an idx value to its segment number, ``frame_counts[k, v]`` counts idx value v in frame k."""
+    an idx value to its segment number, ``frame_box[k]`` = (row start, stop, column start, stop) of
+    the labelled voxels of frame k, ``frame_counts[k, v]`` counts idx value v inside that box (exact
+    for every label; the background values 0 and 1 are counted inside the box only)."""
 
     segments: list[SegmentInfo]
     idx: np.ndarray
     lut: np.ndarray
+    frame_box: np.ndarray
     frame_counts: np.ndarray
 
     def seg_map(self) -> np.ndarray:
@@ -124,6 +127,11 @@ class SegmentPlan:
             out[:, int(self.lut[v])] |= self.frame_counts[:, v] > 0
         return out
 
+    def box(self, frames: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(row start, stop), (column start, stop) holding every labelled voxel of ``frames``."""
+        b = self.frame_box[frames]
+        return (int(b[:, 0].min()), int(b[:, 1].max())), (int(b[:, 2].min()), int(b[:, 3].max()))
+
     def mask(self, number: int, k: int, out: np.ndarray | None = None) -> np.ndarray:
         vals = self.values(number)
         m = np.equal(self.idx[k], vals[0], out=out)
@@ -132,8 +140,24 @@ class SegmentPlan:
         return m
 
 
-def _frame_counts(idx: np.ndarray, nbins: int) -> np.ndarray:
-    return np.stack([np.bincount(idx[k].ravel(), minlength=nbins)[:nbins] for k in range(idx.shape[0])])
+def _frame_boxes(idx: np.ndarray) -> np.ndarray:
+    """Per frame (row start, stop, column start, stop) of its labelled voxels (idx > 1); 0,0,0,0 if none.
+
+    Why: the body fills a fraction of a 512x512 frame, so counting and masking inside the box is
+    several times cheaper than over whole frames.
+    """
+    labelled = idx > 1
+    rows, cols = labelled.any(axis=2), labelled.any(axis=1)
+    nj, ni = idx.shape[1], idx.shape[2]
+    box = np.stack([rows.argmax(axis=1), nj - rows[:, ::-1].argmax(axis=1),
+                    cols.argmax(axis=1), ni - cols[:, ::-1].argmax(axis=1)], axis=1)
+    box[~rows.any(axis=1)] = 0
+    return box
+
+
+def _frame_counts(idx: np.ndarray, box: np.ndarray, nbins: int) -> np.ndarray:
+    return np.stack([np.bincount(idx[k, j0:j1, i0:i1].ravel(), minlength=nbins)[:nbins]
+                     for k, (j0, j1, i0, i1) in enumerate(box)])
 
 
 def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None) -> SegmentPlan:
@@ -149,11 +173,12 @@ def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None) -> Segmen
     recorded = (volumes.get("qa") or {}).get("midline_x_mm")
     mid = float(recorded) if recorded is not None else exact_midline_x(labels, ct)
     idx = _side_index(labels, mid)
-    frame_counts = _frame_counts(idx, 2 * n)
+    frame_box = _frame_boxes(idx)
+    frame_counts = _frame_counts(idx, frame_box, 2 * n)
     counts = frame_counts.sum(axis=0)
     if recorded is not None and not _matches(counts, volumes, labels.voxel_volume_cm3):
         idx = _side_index(labels, exact_midline_x(labels, ct))
-        frame_counts = _frame_counts(idx, 2 * n)
+        frame_counts = _frame_counts(idx, frame_box, 2 * n)
         counts = frame_counts.sum(axis=0)
     by_label = {int(e["label"]): e for e in volumes.get("structures", [])}
     segments: list[SegmentInfo] = []
@@ -174,7 +199,7 @@ def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None) -> Segmen
         if n_right:
             segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, "right"))
             lut[2 * s.label] = segments[-1].number
-    return SegmentPlan(segments, idx, lut, frame_counts)
+    return SegmentPlan(segments, idx, lut, frame_box, frame_counts)
 
 
 def plan_segments(labels: Volume, volumes: dict,
@@ -315,6 +340,21 @@ def _encode_item(item: Dataset) -> bytes:
     return _ITEM + b"".join(_encode_elem(item[t]) for t in sorted(item.keys())) + _ITEM_END
 
 
+def _marker_uid(length: int, digit: str) -> str:
+    """A syntactically valid UID of exactly ``length`` characters made of one repeated digit."""
+    if length < 3:
+        raise FastPathUnavailable(f"UID of {length} characters")
+    return "1." + digit * (length - 2)
+
+
+def _replace_once(encoded: bytes, marker: str, value: str) -> bytes:
+    """``encoded`` with the one occurrence of ``marker`` replaced by the same-length ``value``."""
+    m = marker.encode("ascii")
+    if encoded.count(m) != 1:
+        raise FastPathUnavailable("marker UID not unique in its encoded template")
+    return encoded.replace(m, value.encode("ascii"))
+
+
 def _slice_distances(sources: list[Dataset]) -> np.ndarray:
     """Distance of each source slice along the plane normal."""
     normal = hd.spatial.get_normal_vector([float(v) for v in sources[0].ImageOrientationPatient])
@@ -338,7 +378,6 @@ def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources:
 
     segments = plan.segments
     nk, rows, cols = plan.idx.shape
-    aligned = (rows * cols) % 8 == 0  # else the bit stream runs across frame boundaries
     nseg = len(segments)
     present = plan.present()
     if nseg < 2:
@@ -369,11 +408,20 @@ def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources:
     deriv_t, plane_t = deepcopy(template[0x00089124]), deepcopy(template[0x00209113])
     ref_t = deriv_t.value[0].SourceImageSequence[0]
 
+    # DerivationImageSequence: pydicom writes defined item lengths, so it is encoded once per pair of
+    # UID lengths with same-length marker UIDs, which are then replaced by each slice's own UIDs
+    deriv_templates: dict[tuple[int, int], bytes] = {}
+
     def deriv_bytes(k: int) -> bytes:
         if k not in deriv:
-            ref_t.ReferencedSOPClassUID = sources[k].SOPClassUID
-            ref_t.ReferencedSOPInstanceUID = sources[k].SOPInstanceUID
-            deriv[k] = _encode_elem(deriv_t)
+            cls, inst = str(sources[k].SOPClassUID), str(sources[k].SOPInstanceUID)
+            key = (len(cls), len(inst))
+            if key not in deriv_templates:
+                ref_t.ReferencedSOPClassUID = _marker_uid(len(cls), "7")
+                ref_t.ReferencedSOPInstanceUID = _marker_uid(len(inst), "8")
+                deriv_templates[key] = _encode_elem(deriv_t)
+            deriv[k] = _replace_once(_replace_once(deriv_templates[key], _marker_uid(len(cls), "7"), cls),
+                                     _marker_uid(len(inst), "8"), inst)
         return deriv[k]
 
     def plane_bytes(k: int) -> bytes:
@@ -419,25 +467,35 @@ def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources:
         raise FastPathUnavailable("re-encoded skeleton frames differ from highdicom's")
     ranks[:] = _ranks(distances, present[:, 1:].any(axis=1), direction)
 
+    # rows start on byte boundaries when cols % 8 == 0: then only each segment's box rows are packed,
+    # straight into one zeroed buffer of all frames; otherwise whole-frame masks form one bit stream
+    row_aligned = cols % 8 == 0
+    n_frames = int(present[:, 1:].sum())
+    packed = np.zeros((n_frames if row_aligned else 0, rows, cols // 8), dtype=np.uint8)
+    masks: list[np.ndarray] = []
     items: list[bytes] = []
-    pixels: list[bytes] = []
-    unaligned: list[np.ndarray] = []
     for info in segments:
         n = info.number
         ks = sorted(np.flatnonzero(present[:, n]).tolist(), key=lambda k: int(ranks[k]))
-        for k in ks:
-            items.append(frame_item(n, k))
-        masks = np.empty((len(ks), rows, cols), dtype=bool)
-        for i, k in enumerate(ks):
-            plan.mask(n, k, out=masks[i])
-        if aligned:
-            pixels.append(np.packbits(masks, bitorder="little").tobytes())
+        first = len(items)
+        items.extend(frame_item(n, k) for k in ks)
+        (j0, j1), (i0, i1) = plan.box(np.asarray(ks, dtype=np.int64))
+        block = plan.idx[:, j0:j1, i0:i1][ks]  # labelled voxels lie inside the box
+        vals = plan.values(n)
+        within = block == vals[0]
+        for v in vals[1:]:
+            within |= block == v
+        if row_aligned:
+            band = np.zeros((len(ks), j1 - j0, cols), dtype=bool)
+            band[:, :, i0:i1] = within
+            packed[first:len(items), j0:j1] = np.packbits(band, axis=-1, bitorder="little")
         else:
-            unaligned.append(masks.reshape(-1))
+            frames = np.zeros((len(ks), rows, cols), dtype=bool)
+            frames[:, j0:j1, i0:i1] = within
+            masks.append(frames.reshape(-1))
     body = b"".join(items)  # pydicom appends the sequence delimiter (undefined length)
-    if not aligned:
-        pixels = [np.packbits(np.concatenate(unaligned), bitorder="little").tobytes()]
-    pixel_data = b"".join(pixels)
+    pixel_data = packed.tobytes() if row_aligned else np.packbits(np.concatenate(masks),
+                                                                   bitorder="little").tobytes()
     if len(pixel_data) % 2:
         pixel_data += b"\x00"
     skeleton.SegmentSequence = [d for d in descriptions]

@@ -168,11 +168,14 @@ def test_nifti_input_without_sources_is_refused(case):
         build_seg(bare, labels, vols, MODEL)
 
 
-@pytest.mark.parametrize("fov", [None, (448.0, 288.0)], ids=["unaligned-frames", "byte-aligned-frames"])
-def test_fast_binary_encoder_equals_highdicom(fov, tmp_path, caplog):
+@pytest.mark.parametrize(("fov", "frame_bytes", "row_bytes"),
+                         [(None, False, False), ((452.0, 288.0), True, False), ((448.0, 288.0), True, True)],
+                         ids=["unaligned-frames", "byte-aligned-frames", "byte-aligned-rows"])
+def test_fast_binary_encoder_equals_highdicom(fov, frame_bytes, row_bytes, tmp_path, caplog):
     """The byte-level BINARY encoder must produce exactly highdicom's frames and pixel data."""
     ct, labels, vols = phantom_case(tmp_path, seed=4, **({"fov_mm": fov} if fov else {}))
-    assert ((ct.shape[0] * ct.shape[1]) % 8 == 0) == (fov is not None)
+    columns = ct.shape[0]  # frames are (rows, columns) = (j, i)
+    assert ((columns * ct.shape[1]) % 8 == 0, columns % 8 == 0) == (frame_bytes, row_bytes)
     with caplog.at_level("WARNING", logger="reporting.seg"):
         fast = build_seg(ct, labels, vols, MODEL)
     assert "not applicable" not in caplog.text
