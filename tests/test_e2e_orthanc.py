@@ -573,3 +573,37 @@ def test_phantom_patient_volumes_match_truth_within_the_model_tolerance(patient_
     loss = {(s["name"], s["side"]): s["loss_pct"] for s in json.loads(changes[0].read_text())["structures"]}
     # the phantom's 30 % atrophy on the operated (left) side shows as a left-right difference
     assert loss[("gluteus_medius", "left")] > loss[("gluteus_medius", "right")] + 10
+
+
+# Structures a package segments reliably on held-out data are checked even when the muscles are not.
+RELIABLE_DICE = 0.85
+
+
+@pytest.mark.slow
+def test_reliably_segmented_structures_match_truth_within_their_held_out_error(
+        patient_run: PatientRun) -> None:
+    """Through Orthanc and the node, every structure with held-out Dice >= 0.85 (the demo model: femur and
+    iliac bone) measures within twice its held-out absolute volume error (at least 10 %) of the truth,
+    so a broken geometry, preprocessing or inverse resampling fails here whatever the model's muscles.
+    The follow-up's femur is left out: its implant is metal that the phantom's truth does not count
+    as femur and a model sees as bone."""
+    per_class = next((f["per_class"] for f in model_facts() if "per_class" in f), None)
+    if per_class is None:
+        pytest.skip("the model package has no held-out evaluation.json with per-class figures")
+    reliable = {name: max(2 * float(c["abs_volume_error_pct"]), 10.0) for name, c in per_class.items()
+                if float(c.get("dice") or 0) >= RELIABLE_DICE and c.get("abs_volume_error_pct") is not None}
+    if not reliable:
+        pytest.skip(f"no structure reaches held-out Dice {RELIABLE_DICE}")
+    r = patient_run
+    problems = []
+    for study, st in (("pre", r.pre), ("post", r.post)):
+        want = {s["name"]: s["volume_cm3"] for s in st[3]["structures"]}
+        got = {s["name"]: s["volume_cm3"] for s in r.measured[study]["structures"]}
+        for name, tol in reliable.items():
+            if study == "post" and name == "femur":
+                continue
+            err = (got.get(name, 0.0) - want[name]) / want[name] * 100
+            if abs(err) > tol:
+                problems.append(f"{study} {name}: {got.get(name, 0.0):.0f} vs {want[name]:.0f} cm³ "
+                                f"({err:+.1f} % > {tol:.0f} %)")
+    assert not problems, problems
