@@ -45,6 +45,14 @@ def default_precision() -> str:
     return os.environ.get("DICOMNODE_CPU_PRECISION", "auto")
 
 
+def _default_sw_batch(device: torch.device, roi: tuple[int, ...]) -> int:
+    """2 on CUDA; on CPU about four 64^3 windows' worth of voxels (the demo model: 4, 7 % faster than 2;
+    a paper-size 96^3 window: 1, as fast as 2 and ~1.5 GB of activations less)."""
+    if device.type == "cuda":
+        return 2
+    return int(max(1, min(4, 4 * 64**3 // int(np.prod(roi)))))
+
+
 def predict_probabilities(
     model: ModelPackage,
     image: np.ndarray,
@@ -57,15 +65,14 @@ def predict_probabilities(
     """Class probabilities (C, X, Y, Z) as uint8 (×255) on the model grid, slab by slab along Z.
 
     ``slab_mb`` bounds the float logits of one slab (the uint8 probabilities of the whole grid come on top).
-    ``sw_batch`` windows run at once: default 2 on CUDA, 1 on CPU (where batching gains nothing and a
-    second paper-size window costs another ~1.5 GB of activations).
+    ``sw_batch`` windows run at once (default: :func:`_default_sw_batch`).
     """
     from monai.inferers import sliding_window_inference
 
     precision = precision or default_precision()
     roi = model.roi_size
     net, dev = model.network, model.device
-    sw_batch = sw_batch or (2 if dev.type == "cuda" else 1)
+    sw_batch = sw_batch or _default_sw_batch(dev, roi)
     nx, ny, nz = image.shape
     c = int(model.meta["architecture"]["args"]["out_channels"])
     probs = np.zeros((c, nx, ny, nz), dtype=np.uint8)
@@ -112,12 +119,79 @@ def probabilities_to_labels(
 ) -> np.ndarray:
     """uint8 probabilities on the model grid → uint8 labels on the CT grid (linear + argmax).
 
-    For each slab of CT slices only the part of the model grid it touches is turned into floats.
+    Grids whose axes are parallel (the usual axial CT: the model grid is the CT grid reoriented and
+    resampled) are interpolated separably, one axis at a time; any other orientation goes through
+    trilinear ``grid_sample``. Both clamp at the model grid's border and give 0 outside it.
     """
-    c, nx, ny, nz = probs.shape
     m = np.linalg.inv(model_affine) @ (LPS_TO_RAS @ ct.affine)
-    ni, nj, nk = ct.shape
-    out = np.zeros(ct.shape, dtype=np.uint8)
+    axes = _axis_map(m)
+    if axes is not None:
+        return _separable_labels(probs, m, axes, ct.shape, slab=max(slab, 16))
+    return _sampled_labels(probs, m, ct.shape, slab)
+
+
+def _axis_map(m: np.ndarray, tol: float = 1e-6) -> list[int] | None:
+    """For each CT axis, the model axis it runs along, when every CT axis is parallel to one; else None."""
+    lin = np.abs(m[:3, :3])
+    axes = [int(np.argmax(lin[:, p])) for p in range(3)]
+    if sorted(axes) != [0, 1, 2]:
+        return None
+    for p, a in enumerate(axes):
+        if np.delete(lin[:, p], a).max() > tol * lin[a, p]:
+            return None
+    return axes
+
+
+def _linear_taps(coord: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Lower/upper model index, upper weight and the inside mask of 1-D model coordinates."""
+    inside = (coord >= -1e-3) & (coord <= size - 1 + 1e-3)
+    c = np.clip(coord, 0.0, size - 1)
+    lo = np.floor(c).astype(np.int64)
+    hi = np.minimum(lo + 1, size - 1)
+    w = (c - lo).astype(np.float32)
+    return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(w), inside
+
+
+def _separable_labels(probs: np.ndarray, m: np.ndarray, axes: list[int], shape: tuple[int, ...],
+                      slab: int) -> np.ndarray:
+    """Linear interpolation along the slab axis, then the row axis, then, one class at a time, the
+    column axis with a running argmax (cache-sized pieces: 4x faster than interpolating all classes
+    and taking the argmax after). Ties go to the lower class, as with ``argmax``."""
+    taps = []
+    for p, a in enumerate(axes):  # CT axis p samples model axis a at m[a, p] * index + m[a, 3]
+        coord = m[a, p] * np.arange(shape[p], dtype=np.float64) + m[a, 3]
+        taps.append(_linear_taps(coord, probs.shape[1 + a]))
+    inside = taps[0][3][:, None, None] & taps[1][3][None, :, None] & taps[2][3][None, None, :]
+    src = torch.from_numpy(probs).permute(0, *(1 + a for a in axes))  # (C, ...) in CT axis order
+    out = np.zeros(shape, dtype=np.uint8)
+    for k0 in range(0, shape[2], slab):
+        k1 = min(shape[2], k0 + slab)
+        if not inside[:, :, k0:k1].any():
+            continue
+        lo, hi, w = taps[2][0][k0:k1], taps[2][1][k0:k1], taps[2][2][k0:k1]
+        x = torch.lerp(src.index_select(3, lo).float(), src.index_select(3, hi).float(), w.view(1, 1, 1, -1))
+        lo, hi, w = taps[1][:3]
+        x = torch.lerp(x.index_select(2, lo), x.index_select(2, hi), w.view(1, 1, -1, 1))
+        lo, hi, w = taps[0][:3]
+        best = arg = None
+        for c in range(x.shape[0]):
+            v = torch.lerp(x[c].index_select(0, lo), x[c].index_select(0, hi), w.view(-1, 1, 1))
+            if best is None:
+                best, arg = v, torch.zeros(v.shape, dtype=torch.uint8)
+            else:
+                arg.masked_fill_(v > best, c)
+                best = torch.maximum(best, v)
+        lab = arg.numpy()
+        lab[~inside[:, :, k0:k1]] = 0
+        out[:, :, k0:k1] = lab
+    return out
+
+
+def _sampled_labels(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], slab: int) -> np.ndarray:
+    """Trilinear ``grid_sample`` of the part of the model grid each slab of CT slices touches."""
+    c, nx, ny, nz = probs.shape
+    ni, nj, nk = shape
+    out = np.zeros(shape, dtype=np.uint8)
     ii, jj = np.meshgrid(np.arange(ni, dtype=np.float32), np.arange(nj, dtype=np.float32), indexing="ij")
     sizes = np.array([nx, ny, nz], dtype=np.float32)
     for k0 in range(0, nk, slab):

@@ -82,3 +82,44 @@ def test_round_trip_across_spacing_keeps_volumes() -> None:
     assert rel.max() < 0.15, rel
     assert abs(b[MUSCLES].sum() - a[MUSCLES].sum()) / a[MUSCLES].sum() < 0.04
     assert (back == ph.labels.array).mean() > 0.97
+
+
+def _near_ties(probs: np.ndarray, m: np.ndarray, where: np.ndarray, a: np.ndarray,
+               b: np.ndarray) -> np.ndarray:
+    """Are the trilinear values (float64 reference) of classes a and b within float32 rounding of
+    each other (probabilities scaled 0..255) at each voxel?"""
+    size = np.array(probs.shape[1:]) - 1
+    out = []
+    for (i, j, k), ca, cb in zip(where, a, b, strict=True):
+        q = np.clip(m[:3, :3] @ np.array([i, j, k], float) + m[:3, 3], 0, size)
+        lo = np.floor(q).astype(int)
+        f = q - lo
+        val = np.zeros(2)
+        for corner in np.ndindex(2, 2, 2):
+            idx = np.minimum(lo + np.array(corner), size)
+            w = np.prod([f[d] if corner[d] else 1 - f[d] for d in range(3)])
+            val += w * probs[[ca, cb], idx[0], idx[1], idx[2]].astype(float)
+        out.append(abs(val[0] - val[1]) < 1e-2)
+    return np.array(out, dtype=bool)
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFS"])
+def test_separable_inverse_equals_trilinear_sampling(position: str) -> None:
+    """Axis-parallel grids take the separable path; it picks grid_sample's label except at near-ties."""
+    from seg.infer import _axis_map, _sampled_labels
+    from seg.volume import LPS_TO_RAS
+
+    ph = _ph((1.1, 1.3, 2.5), position=position, order="descending")
+    mg = to_model_grid(ph.ct, DEMO)
+    rng = np.random.default_rng(0)
+    probs = rng.integers(0, 256, size=(30, *mg.image.shape), dtype=np.uint8)
+    m = np.linalg.inv(mg.affine) @ (LPS_TO_RAS @ ph.ct.affine)
+    assert _axis_map(m) is not None
+    fast = probabilities_to_labels(probs, mg.affine, ph.ct)
+    ref = _sampled_labels(probs, m, ph.ct.shape, 8)
+    differ = np.argwhere(fast != ref)
+    assert len(differ) < 1e-3 * fast.size
+    assert _near_ties(probs, m, differ, fast[fast != ref], ref[fast != ref]).all()
+    oblique = m.copy()
+    oblique[:3, :3] = m[:3, :3] @ np.array([[1, 0.1, 0], [0, 1, 0], [0, 0, 1]])
+    assert _axis_map(oblique) is None  # a sheared grid goes through grid_sample
