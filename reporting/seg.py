@@ -79,12 +79,25 @@ def _world_x(vol: Volume) -> np.ndarray:
     return x
 
 
+def _frame_layout(array: np.ndarray) -> np.ndarray:
+    """A new C-contiguous uint8 copy of an (i, j, k) volume in frame layout (k, j, i).
+
+    Row by row (j): a plain transposed copy of a C-ordered volume (the label maps inference writes)
+    strides across the whole array and is five times slower.
+    """
+    t = array.transpose(2, 1, 0)
+    if t.flags.c_contiguous:
+        return t.astype(np.uint8, copy=True)
+    out = np.empty(t.shape, dtype=np.uint8)
+    for j in range(array.shape[1]):
+        out[:, j, :] = np.ascontiguousarray(array[:, j, :], dtype=np.uint8).T
+    return out
+
+
 def _side_index(labels: Volume, mid: float) -> np.ndarray:
     """uint8 array in frame layout (k, j, i), C-contiguous: label * 2 + 1 on the patient's left (+x)."""
-    t = labels.array.transpose(2, 1, 0)
-    if t.dtype != np.uint8:
-        t = t.astype(np.uint8)
-    idx = np.left_shift(t, 1, order="C")
+    idx = _frame_layout(labels.array)
+    np.left_shift(idx, 1, out=idx)
     left = (_world_x(labels) > mid).transpose(2, 1, 0).astype(np.uint8)
     np.bitwise_or(idx, left, out=idx)
     return idx
@@ -467,7 +480,7 @@ def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources:
         raise FastPathUnavailable("re-encoded skeleton frames differ from highdicom's")
     ranks[:] = _ranks(distances, present[:, 1:].any(axis=1), direction)
 
-    # rows start on byte boundaries when cols % 8 == 0: then only each segment's box rows are packed,
+    # rows start on byte boundaries when cols % 8 == 0: then only each segment's box is packed,
     # straight into one zeroed buffer of all frames; otherwise whole-frame masks form one bit stream
     row_aligned = cols % 8 == 0
     n_frames = int(present[:, 1:].sum())
@@ -480,15 +493,15 @@ def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources:
         first = len(items)
         items.extend(frame_item(n, k) for k in ks)
         (j0, j1), (i0, i1) = plan.box(np.asarray(ks, dtype=np.int64))
+        if row_aligned:  # widen the box to whole bytes: its bits then pack in place
+            i0, i1 = i0 // 8 * 8, min(cols, -(-i1 // 8) * 8)
         block = plan.idx[:, j0:j1, i0:i1][ks]  # labelled voxels lie inside the box
         vals = plan.values(n)
         within = block == vals[0]
         for v in vals[1:]:
             within |= block == v
         if row_aligned:
-            band = np.zeros((len(ks), j1 - j0, cols), dtype=bool)
-            band[:, :, i0:i1] = within
-            packed[first:len(items), j0:j1] = np.packbits(band, axis=-1, bitorder="little")
+            packed[first:len(items), j0:j1, i0 // 8:i1 // 8] = np.packbits(within, axis=-1, bitorder="little")
         else:
             frames = np.zeros((len(ks), rows, cols), dtype=bool)
             frames[:, j0:j1, i0:i1] = within

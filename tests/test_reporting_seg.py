@@ -198,3 +198,13 @@ def test_split_without_recorded_midline_recomputes_the_same_plane(case):
     c_segments, c_map = plan_segments(labels, moved, ct)  # wrong recorded plane: detected, recomputed
     assert a_segments == b_segments == c_segments
     assert np.array_equal(a_map, b_map) and np.array_equal(a_map, c_map)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_frame_layout_of_either_memory_order(order: str) -> None:
+    from reporting.seg import _frame_layout
+
+    a = np.asarray(np.random.default_rng(1).integers(0, 30, (13, 7, 5)), dtype=np.int16, order=order)
+    got = _frame_layout(a)
+    assert got.dtype == np.uint8 and got.flags.c_contiguous and not np.shares_memory(got, a)
+    assert np.array_equal(got, a.transpose(2, 1, 0))
