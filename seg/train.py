@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from seg import labels as L
-from seg.model import DEMO_UNETR, build_network, save_package
+from seg.model import DEMO_UNETR, build_network, load_model, save_package
 from seg.preprocess import PreprocessConfig, to_model_grid
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class TrainConfig:
     demo: bool = False
     seed: int = 0
     device: str = "auto"
+    # warm start from a model package's weights (same architecture and spacing), e.g. the shipped demo
+    init_from: str | None = None
 
 
 # ---------------------------------------------------------------- data
@@ -308,6 +310,20 @@ def _save_ckpt(path: Path, net, opt, state: dict) -> None:
     tmp.replace(path)
 
 
+def _package_weights(cfg: TrainConfig) -> torch.nn.Module:
+    """The network of package ``cfg.init_from``, refused unless its architecture and spacing match."""
+    pkg = load_model(cfg.init_from, device="cpu")
+    args = pkg.meta["architecture"]["args"]
+    differ = sorted(k for k in set(args) | set(cfg.arch) if args.get(k) != cfg.arch.get(k))
+    if differ:
+        raise ValueError(f"--init-from {cfg.init_from}: architecture differs in {', '.join(differ)}")
+    spacing = tuple(float(v) for v in pkg.preprocess.spacing_mm)
+    if spacing != tuple(float(v) for v in cfg.spacing_mm):
+        raise ValueError(f"--init-from {cfg.init_from}: package spacing {spacing} mm, "
+                         f"training spacing {tuple(cfg.spacing_mm)} mm")
+    return pkg.network
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; export the best checkpoint as a package to ``cfg.out``."""
     from monai.losses import DiceCELoss
@@ -343,6 +359,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         opt.load_state_dict(ck["optimizer"])
         state = {k: ck[k] for k in state}
         log.info("resumed from %s at step %d", last, state["step"])
+    elif cfg.init_from:
+        net.load_state_dict(_package_weights(cfg).state_dict())
+        log.info("initialised from the package %s", cfg.init_from)
     rng = np.random.default_rng(cfg.seed + state["step"])
     sampler = CropSampler(train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng)
     t0 = time.time() - state["elapsed_s"]

@@ -42,6 +42,16 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     assert any(not torch.equal(before[k], ck2["model"][k]) for k in before)
     assert len(list((tmp_path / "ck" / "cache").glob("*_image.npy"))) == 3
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["steps"] == 5
+    # warm start: a fresh run (no checkpoints) initialised from the package begins with its weights
+    warm = _cfg(tmp_path / "warm", 0)
+    warm.cache_dir, warm.init_from = str(tmp_path / "ck" / "cache"), str(pkg_dir)
+    start = load_model(train(warm, progress=False), device="cpu").network.state_dict()
+    resumed = load_model(pkg_dir, device="cpu").network.state_dict()  # the resumed run re-exported it
+    assert all(torch.equal(v, start[k]) for k, v in resumed.items())
+    wrong = _cfg(tmp_path / "wrong", 0)
+    wrong.init_from, wrong.arch = str(pkg_dir), {**ARCH, "hidden_size": 96}
+    with pytest.raises(ValueError, match="hidden_size"):
+        train(wrong, progress=False)
 
 
 def test_crop_sampler_shapes_and_padding(tmp_path: Path) -> None:

@@ -79,6 +79,11 @@ def train(
         "checkpoints/run"
     ),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <checkpoints>/last.pt.")] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option("--init-from", help="Start from this package's weights (same architecture and spacing), "
+                     "e.g. seg/models/demo to continue the shipped demo model without its checkpoints."),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this wall time.")] = None,
     batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 2,
@@ -153,6 +158,7 @@ def train(
         demo=demo,
         seed=seed,
         device=device,
+        init_from=str(init_from) if init_from else None,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = run_train(cfg, resume=resume, progress=progress)
