@@ -146,10 +146,14 @@ class SegmentPlan:
         return (int(b[:, 0].min()), int(b[:, 1].max())), (int(b[:, 2].min()), int(b[:, 3].max()))
 
     def mask(self, number: int, k: int, out: np.ndarray | None = None) -> np.ndarray:
+        return self.select(self.idx[k], number, out=out)
+
+    def select(self, block: np.ndarray, number: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Boolean: which voxels of ``block`` (a piece of ``idx``) belong to segment ``number``."""
         vals = self.values(number)
-        m = np.equal(self.idx[k], vals[0], out=out)
+        m = np.equal(block, vals[0], out=out)
         for v in vals[1:]:
-            m |= self.idx[k] == v
+            m |= block == v
         return m
 
 
@@ -428,13 +432,12 @@ def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources:
     def deriv_bytes(k: int) -> bytes:
         if k not in deriv:
             cls, inst = str(sources[k].SOPClassUID), str(sources[k].SOPInstanceUID)
+            cls_marker, inst_marker = _marker_uid(len(cls), "7"), _marker_uid(len(inst), "8")
             key = (len(cls), len(inst))
             if key not in deriv_templates:
-                ref_t.ReferencedSOPClassUID = _marker_uid(len(cls), "7")
-                ref_t.ReferencedSOPInstanceUID = _marker_uid(len(inst), "8")
+                ref_t.ReferencedSOPClassUID, ref_t.ReferencedSOPInstanceUID = cls_marker, inst_marker
                 deriv_templates[key] = _encode_elem(deriv_t)
-            deriv[k] = _replace_once(_replace_once(deriv_templates[key], _marker_uid(len(cls), "7"), cls),
-                                     _marker_uid(len(inst), "8"), inst)
+            deriv[k] = _replace_once(_replace_once(deriv_templates[key], cls_marker, cls), inst_marker, inst)
         return deriv[k]
 
     def plane_bytes(k: int) -> bytes:
@@ -495,11 +498,7 @@ def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources:
         (j0, j1), (i0, i1) = plan.box(np.asarray(ks, dtype=np.int64))
         if row_aligned:  # widen the box to whole bytes: its bits then pack in place
             i0, i1 = i0 // 8 * 8, min(cols, -(-i1 // 8) * 8)
-        block = plan.idx[:, j0:j1, i0:i1][ks]  # labelled voxels lie inside the box
-        vals = plan.values(n)
-        within = block == vals[0]
-        for v in vals[1:]:
-            within |= block == v
+        within = plan.select(plan.idx[:, j0:j1, i0:i1][ks], n)  # labelled voxels lie inside the box
         if row_aligned:
             packed[first:len(items), j0:j1, i0 // 8:i1 // 8] = np.packbits(within, axis=-1, bitorder="little")
         else:

@@ -115,7 +115,7 @@ def predict_probabilities(
 
 
 def probabilities_to_labels(
-    probs: np.ndarray, model_affine: np.ndarray, ct: Volume, slab: int = 8
+    probs: np.ndarray, model_affine: np.ndarray, ct: Volume, slab: int = 16
 ) -> np.ndarray:
     """uint8 probabilities on the model grid → uint8 labels on the CT grid (linear + argmax).
 
@@ -126,7 +126,7 @@ def probabilities_to_labels(
     m = np.linalg.inv(model_affine) @ (LPS_TO_RAS @ ct.affine)
     axes = _axis_map(m)
     if axes is not None:
-        return _separable_labels(probs, m, axes, ct.shape, slab=max(slab, 16))
+        return _separable_labels(probs, m, axes, ct.shape, slab)
     return _sampled_labels(probs, m, ct.shape, slab)
 
 
