@@ -5,12 +5,13 @@ Nested keys use ``__`` in the environment, e.g. ``DICOMNODE_PACS__PORT=4242``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -46,6 +47,7 @@ class SendSettings(BaseModel):
 class SelectionSettings(BaseModel):
     min_z_extent_mm: float = 250.0
     min_slices: int = 50
+    incomplete_hold_seconds: float = 300.0  # a quiet series with a gap waits this long, then "incomplete"
 
 
 class OutputSettings(BaseModel):
@@ -74,6 +76,12 @@ class Settings(BaseSettings):
     allowed_calling_aets: list[str] = Field(default_factory=list)  # empty = accept all
     stable_seconds: float = 10.0
     max_associations: int = 8
+    # each calling AE title listed here is accepted only from these addresses or networks
+    # ("10.0.0.5", "10.0.0.0/24"), like Orthanc's DicomCheckModalityHost; unlisted titles are not pinned
+    calling_aet_hosts: dict[str, list[str]] = Field(default_factory=dict)
+    acse_timeout_seconds: float = Field(10.0, gt=0)  # ARTIM: the whole association request, from connect
+    network_timeout_seconds: float = Field(30.0, gt=0)  # an idle association or a stalled PDU is dropped
+    max_instance_mb: float = Field(1024.0, gt=0)  # larger C-STORE data sets are refused (0xA700)
     model_path: Path | None = None  # None = the shipped phantom-trained demo model
     log_level: str = "INFO"
     log_json: bool = False
@@ -83,6 +91,17 @@ class Settings(BaseSettings):
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     pairing: PairingSettings = Field(default_factory=PairingSettings)
+
+    @field_validator("calling_aet_hosts")
+    @classmethod
+    def _hosts_are_addresses(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Fail at start-up on a host that is not an IP address or network (no DNS at association)."""
+        for aet, hosts in value.items():
+            if not hosts:
+                raise ValueError(f"calling_aet_hosts.{aet}: empty list (omit the title to leave it unpinned)")
+            for host in hosts:
+                ipaddress.ip_network(host, strict=False)
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,18 +61,51 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
         logger.log(level, name, extra={_FIELDS: fields})
 
 
+# characters that would break a log line or be read as one on a terminal or in a log viewer:
+# C0 controls (newline, carriage return, ESC, ...), DEL, C1 controls (NEL, ...), line/paragraph separators
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_IN_QUOTES = re.compile(r'["\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_SHORT_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return _SHORT_ESCAPES.get(char) or f"\\u{ord(char):04x}"
+
+
+def escape_value(text: str) -> str:
+    """One ``key=value`` value: bare when unambiguous, else in double quotes with JSON-style escapes.
+
+    Why: values come from received headers and peers; a newline or quote in one must not start a
+    forged log line or a forged ``key=value`` pair.
+    """
+    if text and not _NEEDS_QUOTES.search(text):
+        return text
+    return '"' + _IN_QUOTES.sub(_escape_char, text) + '"'
+
+
+def escape_text(text: str) -> str:
+    """Free text (an event name, a library's message): control characters escaped, nothing else."""
+    return _CONTROL.sub(_escape_char, text)
+
+
 class KeyValueFormatter(logging.Formatter):
-    """``2024-01-01T12:00:00Z INFO dicomnode.scp stored series=1.2.3 n=4``."""
+    """``2024-01-01T12:00:00Z INFO dicomnode.scp stored series=1.2.3 n=4``.
+
+    Each record is one line; only a traceback adds lines, each indented, so every line that starts in
+    column 0 is a real record.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        parts = [f"{ts}.{int(record.msecs):03d}Z", record.levelname, record.name, record.getMessage()]
+        message = escape_text(record.getMessage())
+        parts = [f"{ts}.{int(record.msecs):03d}Z", record.levelname, record.name, message]
         for key, value in getattr(record, _FIELDS, {}).items():
-            text = str(value)
-            parts.append(f"{key}={json.dumps(text) if (' ' in text or not text) else text}")
+            parts.append(f"{key}={escape_value(str(value))}")
         line = " ".join(parts)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "".join("\n  " + part for part in self.formatException(record.exc_info).splitlines())
         return line
 
 

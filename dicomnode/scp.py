@@ -5,7 +5,17 @@ the node acknowledged must exist on disk and in the index. The handler writes th
 received (no decode/re-encode of pixels; the header is parsed only to file the instance), which also
 keeps every compressed transfer syntax intact. Any failure returns a failure status and leaves no
 partial file; the listener keeps serving. Calling AE titles outside ``allowed_calling_aets`` are
-rejected at association (a PACS answering the node's C-MOVE for priors must be on that list too).
+rejected at association (a PACS answering the node's C-MOVE for priors must be on that list too), and
+so is any called AE title but ``ae_title``, and a calling AE title pinned by ``calling_aet_hosts`` to
+other addresses.
+
+Bounded before anyone is authenticated (the listener faces the network): a PDU may be at most
+ASSOCIATION_PDU_CAP long before association and our maximum PDU length after it, and its buffer grows
+only as bytes arrive; a PDU must arrive whole within ARTIM (``acse_timeout_seconds``, counted from the
+connection) before association and within ``network_timeout_seconds`` after it, or the connection is
+dropped; a C-STORE data set over ``max_instance_mb`` stops being buffered and is refused with 0xA700.
+All of it lives in the "pynetdicom internals" section below, which refuses to run on a pynetdicom
+other than the one it was written for.
 
 Throughput: pynetdicom's per-instance cost is mostly thread hand-offs and poll ticks, not the disk.
 :func:`tune_pynetdicom` and :func:`_attach_waiters` (a) serve C-STORE in the thread that assembled
@@ -13,15 +23,24 @@ the message, (b) replace the 1 ms poll sleeps with waits on the actual socket/qu
 into one buffer, (d) drop pynetdicom's per-PDU log formatting when its logger is off, and the header
 is parsed only up to SeriesInstanceUID. ``benchmarks/receive.py`` measures the effect against
 dcmtk storescp and Orthanc.
+
+Status classes of a refused C-STORE: 0xA700 out of resources (disk, index, over ``max_instance_mb``),
+0xA900 data set does not match the SOP class (another SOP class or Modality, a Type 1 UID missing, a
+SOP Instance UID other than the request's), 0xC000 cannot understand (a byte stream that does not
+parse, e.g. cut short inside the header).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import select
 import socket
 import struct
 import threading
+import time
+from contextlib import suppress
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -37,6 +56,7 @@ from pynetdicom.sop_class import Verification
 from dicomnode.config import Settings
 from dicomnode.logs import event
 from dicomnode.store import Store, StoreError, encode_file_meta, info_from_dataset, read_header
+from dicomnode.validate import validate_instance
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +70,232 @@ OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 MAX_PDU = 1 << 20  # 1 MiB: a 512×512 slice arrives in one P-DATA PDU, the cheapest thing for a Python SCP
+ASSOCIATION_PDU_CAP = 64 * 1024  # A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT: real ones are a few KiB
+COMMAND_SET_CAP = 64 * 1024  # a DIMSE command set is a few hundred bytes
+FIRST_READ = 64 * 1024  # a PDU buffer starts at most this big and doubles only as bytes arrive
+MB = 1_000_000  # max_instance_mb unit
+
+_REJECT_REASONS = {  # (source, diagnostic) of an A-ASSOCIATE-RJ, PS3.8 9.3.4
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
 
 
-def _recv_into(self: Any, nr_bytes: int) -> bytearray:
-    """Drop-in for ``AssociationSocket.recv``: same contract, but reads straight into one buffer.
+# == pynetdicom internals ================================================================================
+# Everything that reaches into pynetdicom's private code is in this section, written against 3.0.x.
+PATCHED_PYNETDICOM = "3.0."
+# A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8
+_ABORT_INVALID_PDU = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
 
-    pynetdicom reads in 4 KiB ``recv`` calls and extends a bytearray (~130 Python iterations and copies
-    per 512 KiB slice).
+
+def _require_patched_version() -> None:
+    """Refuse to run on a pynetdicom other than the one this section was written for.
+
+    Why refuse rather than carry on: without these patches a 10-byte PDU header makes the node allocate
+    4 GiB and half a PDU holds an association slot forever. Before widening the check, re-read what is
+    replaced: ``DULServiceProvider._read_pdu_data``, the ``time`` of ``association``/``dul``,
+    ``DIMSEServiceProvider.receive_primitive``/``send_msg`` and the DUL queues.
     """
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    nr_read = 0
-    sock = self.socket
-    while nr_read < nr_bytes:
-        got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-        if not got:
-            del view
-            return buf[:nr_read]
-        nr_read += got
-    return buf
+    import pynetdicom
+
+    if not pynetdicom.__version__.startswith(PATCHED_PYNETDICOM):
+        raise RuntimeError(f"dicomnode.scp patches pynetdicom {PATCHED_PYNETDICOM}x internals, found "
+                           f"{pynetdicom.__version__}: review dicomnode/scp.py before using it")
+
+
+class _Stalled(TimeoutError):
+    """A PDU did not arrive whole before its deadline (``received``: bytes of it that did)."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"PDU not complete in time ({received} bytes received)")
+        self.received = received
+
+
+def _fill(sock: socket.socket, buf: bytearray, start: int, end: int, deadline: float | None) -> int:
+    """Read ``buf[start:end]`` from ``sock``; returns how far it got (short: the peer closed).
+
+    ``buf`` grows (doubling, from FIRST_READ) only when bytes have arrived to fill it, so a declared
+    length costs nothing until the peer sends it; it is kept per connection (see :func:`_read_pdu_data`)
+    so the steady state allocates nothing. Raises :class:`_Stalled` when ``deadline`` (monotonic) passes.
+    """
+    got = start
+    while got < end:
+        if got == len(buf):
+            buf.extend(bytes(min(max(len(buf), FIRST_READ), end - got)))
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Stalled(got)
+            sock.settimeout(left)
+        try:
+            nr_read = sock.recv_into(memoryview(buf)[got:end])
+        except TimeoutError:
+            raise _Stalled(got) from None
+        if not nr_read:
+            break
+        got += nr_read
+    return got
+
+
+def _awaiting_request(dul: Any) -> bool:
+    """An incoming connection whose A-ASSOCIATE-RQ has not been read yet (Sta1 before Evt5, or Sta2)."""
+    return bool(dul.assoc.is_acceptor) and dul.state_machine.current_state in ("Sta1", "Sta2")
+
+
+def _pdu_deadline(dul: Any) -> float | None:
+    """When the PDU now starting must be complete: at ARTIM expiry while a caller is still to send its
+    association request (so the whole request fits in acse_timeout from connect), else network_timeout."""
+    artim = dul.artim_timer
+    if _awaiting_request(dul) and artim.timeout is not None:
+        return time.monotonic() + max(artim.remaining, 0.0)
+    timeout = dul.network_timeout
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _pdu_cap(dul: Any, pdu_type: int) -> int | None:
+    """The longest PDU of this type we read: our maximum length for P-DATA-TF (None: we offered no
+    limit), ASSOCIATION_PDU_CAP for the rest."""
+    if pdu_type != 0x04:
+        return ASSOCIATION_PDU_CAP
+    assoc = dul.assoc
+    local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    return local.maximum_length or None
+
+
+def _drop_connection(dul: Any, reason: str, *, abort: bool, **fields: Any) -> None:
+    """Close this connection now: Evt17, as if the peer had closed it (optionally after an A-ABORT).
+
+    Before association nothing else would end it: the acceptor's reactor waits up to acse_timeout for an
+    A-ASSOCIATE-RQ that will never come, holding a slot. A None on its queue is what pynetdicom itself
+    reads as that time-out, so the slot is freed at once.
+    """
+    assoc_sock = dul.socket
+    sock = assoc_sock.socket
+    try:
+        address = sock.getpeername()[0]
+    except OSError:
+        address = "-"
+    event(log, "connection dropped", logging.WARNING, reason=reason, address=address, **fields)
+    if abort:
+        with suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(_ABORT_INVALID_PDU)
+    waiting = _awaiting_request(dul)
+    assoc_sock.close()
+    if waiting:
+        dul.to_user_queue.put(None)
+
+
+def _read_pdu_data(self: Any) -> None:
+    """Drop-in for ``DULServiceProvider._read_pdu_data`` (the same FSM events), bounded in size and time.
+
+    Why: pynetdicom allocates whatever length a PDU header declares before a byte of the PDU arrived,
+    and once a PDU has started it blocks in ``recv`` without a time-out, where neither ARTIM nor the
+    idle timer is looked at: a 10-byte header made the node allocate 4 GiB, and half a PDU held an
+    association slot forever. Here a PDU longer than :func:`_pdu_cap` is answered with an A-ABORT, the
+    buffer grows only as bytes arrive, and a PDU not complete by :func:`_pdu_deadline` drops the
+    connection. It also reads straight into one buffer (pynetdicom extends a bytearray 4 KiB at a time).
+    """
+    sock = getattr(self.socket, "socket", None)
+    if sock is None:
+        self.event_queue.put("Evt17")
+        return
+    buf = getattr(self, "_dicomnode_pdu_buffer", None)
+    if buf is None:
+        buf = self._dicomnode_pdu_buffer = bytearray(6)
+    restore = sock.gettimeout()
+    try:
+        deadline = _pdu_deadline(self)
+        if _fill(sock, buf, 0, 6, deadline) < 6:
+            self.event_queue.put("Evt17")  # closed between PDUs
+            return
+        pdu_type, _, length = struct.unpack_from(">BBL", buf)
+        if not 0x01 <= pdu_type <= 0x07:
+            self.event_queue.put("Evt19")  # unrecognised PDU: A-ABORT through the state machine
+            return
+        cap = _pdu_cap(self, pdu_type)
+        if cap is not None and length > cap:
+            _drop_connection(self, "pdu-too-long", abort=True, pdu_type=pdu_type, length=length, limit=cap)
+            return
+        if _fill(sock, buf, 6, 6 + length, deadline) < 6 + length:
+            self.event_queue.put("Evt17")  # closed in the middle of a PDU
+            return
+    except _Stalled as exc:
+        _drop_connection(self, "pdu-stalled", abort=False, received=exc.received)
+        return
+    except OSError:
+        self.event_queue.put("Evt17")
+        return
+    finally:
+        with suppress(OSError):
+            sock.settimeout(restore)
+    with memoryview(buf)[:6 + length] as pdu_bytes:
+        try:
+            pdu, fsm_event = self._decode_pdu(pdu_bytes)  # copies the bytes (pynetdicom's bytes())
+        except Exception as exc:  # undecodable PDU: A-ABORT through the state machine
+            event(log, "pdu undecodable", logging.WARNING, pdu_type=pdu_type, error=type(exc).__name__)
+            self.event_queue.put("Evt19")
+            return
+    self.event_queue.put(fsm_event)
+    self._recv_pdu.put(pdu)
+
+
+def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    """Reject from an EVT_REQUESTED handler the way pynetdicom's own negotiation does: A-ASSOCIATE-RJ,
+    EVT_REJECTED, then end the association (pynetdicom skips negotiation once ``is_rejected``)."""
+    assoc.acse.send_reject(result, source, diagnostic)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def _bound_dimse_messages(assoc: Any, max_data_set: int) -> None:
+    """Stop buffering an incoming DIMSE data set once it passes ``max_data_set`` bytes.
+
+    Why: pynetdicom keeps every fragment of a message in memory until the last one arrives. Past the
+    limit the fragments are passed on empty, so the message still completes and is answered with a
+    failure (``assoc._dicomnode_oversize`` holds its size for :meth:`StorageSCP._on_store`). A command
+    set past COMMAND_SET_CAP is no DIMSE message at all: the association is aborted (Evt19).
+    """
+    dimse = assoc.dimse
+    original = dimse.receive_primitive
+    seen = [0, 0]  # command set bytes, data set bytes of the message being assembled
+
+    def receive_primitive(primitive: Any) -> None:
+        pdvs = primitive.presentation_data_value_list
+        for i, (context_id, data) in enumerate(pdvs):
+            if not data:
+                continue
+            if data[0] & 1:
+                seen[0] += len(data) - 1
+                if seen[0] > COMMAND_SET_CAP:
+                    event(log, "command set too long", logging.WARNING, length=seen[0], limit=COMMAND_SET_CAP)
+                    assoc.dul.event_queue.put("Evt19")
+                    return
+            else:
+                seen[1] += len(data) - 1
+                if seen[1] > max_data_set:
+                    pdvs[i] = [context_id, data[:1]]  # keep only the "last fragment" flag
+                    _forget_data_set(dimse.message)
+                    assoc._dicomnode_oversize = seen[1]
+        original(primitive)
+        if dimse.message is None:  # the message is complete (and was served): count the next one
+            seen[0] = seen[1] = 0
+            assoc._dicomnode_oversize = 0
+
+    dimse.receive_primitive = receive_primitive
+
+
+def _forget_data_set(message: Any) -> None:
+    """Free the part of an oversize data set that pynetdicom buffered before the limit was reached."""
+    data_set = getattr(message, "data_set", None)
+    if isinstance(data_set, BytesIO) and data_set.tell():
+        message.data_set = BytesIO()
 
 
 class _WakingTime:
@@ -100,23 +327,24 @@ class _WakingTime:
 
 
 def tune_pynetdicom() -> None:
-    """Process-wide pynetdicom speed-ups that keep its behaviour (idempotent)."""
-    import time
+    """Process-wide pynetdicom patches (idempotent): bounded PDU reads, event waits, no idle log work."""
+    _require_patched_version()
+    import time as time_module
 
     import pynetdicom.association
     import pynetdicom.dul
     from pynetdicom import _config
-    from pynetdicom.transport import AssociationSocket
+    from pynetdicom.dul import DULServiceProvider
 
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         # its "standard" notification handlers decode and format every PDU and DIMSE message for the
         # log even when that log is off
         _config.LOG_HANDLER_LEVEL = "none"
-    if getattr(AssociationSocket.recv, "__name__", "") != "_recv_into":
-        AssociationSocket.recv = _recv_into  # type: ignore[method-assign]
+    if DULServiceProvider._read_pdu_data is not _read_pdu_data:
+        DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
     for module in (pynetdicom.association, pynetdicom.dul):
         if not isinstance(getattr(module, "time", None), _WakingTime):
-            module.time = _WakingTime(time)  # type: ignore[attr-defined]
+            module.time = _WakingTime(time_module)  # type: ignore[attr-defined]
 
 
 def _implicit(group_elem: int, value: bytes) -> bytes:
@@ -236,6 +464,9 @@ def _attach_waiters(assoc: Any) -> socket.socket | None:
     return wake_w
 
 
+# == end of pynetdicom internals ========================================================================
+
+
 def transfer_syntaxes() -> list[str]:
     """Native syntaxes plus every compressed one a pixel-data decoder is installed for."""
     from pydicom.pixels.decoders.base import get_decoder
@@ -259,6 +490,27 @@ def transfer_syntaxes() -> list[str]:
     return [str(u) for u in found]
 
 
+def _unfiled_status(data: BytesIO, ctx: Any, message: str) -> tuple[int, str]:
+    """Status for a data set whose filing UIDs could not be read: 0xC000 (with the validator's reason)
+    when the byte stream itself is corrupt, e.g. cut short inside the header; else 0xA900, since a
+    well-formed data set without a Type 1 UID does not match its SOP class."""
+    verdict = validate_instance(data.getbuffer(), str(ctx.transfer_syntax), str(ctx.abstract_syntax))
+    if not verdict.ok:
+        return verdict.status, verdict.comment
+    return DATA_SET_DOES_NOT_MATCH, message
+
+
+def _address_in(address: str, networks: list[Any]) -> bool:
+    """Is this peer address (IPv4, IPv6 or IPv4-mapped IPv6) inside one of ``networks``?"""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -277,11 +529,16 @@ class StorageSCP:
         self.failed = 0
         self._count_lock = threading.Lock()
         self._wakers: dict[int, socket.socket] = {}
+        self._pins = {aet.strip(): [ipaddress.ip_network(h, strict=False) for h in hosts]
+                      for aet, hosts in settings.calling_aet_hosts.items()}
         tune_pynetdicom()
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = MAX_PDU
         ae.maximum_associations = settings.max_associations
         ae.require_calling_aet = list(settings.allowed_calling_aets)
+        ae.require_called_aet = True
+        ae.acse_timeout = settings.acse_timeout_seconds  # also the ARTIM timer
+        ae.network_timeout = settings.network_timeout_seconds
         syntaxes = transfer_syntaxes()
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
@@ -292,6 +549,10 @@ class StorageSCP:
     def _on_store(self, evt_: Any) -> int | Dataset:
         calling = str(evt_.assoc.requestor.ae_title).strip()
         ctx = evt_.context
+        oversize = getattr(evt_.assoc, "_dicomnode_oversize", 0)
+        if oversize:  # its bytes were not kept (see _bound_dimse_messages)
+            limit = f"{self.settings.max_instance_mb:g}"
+            return self._fail(OUT_OF_RESOURCES, f"{oversize} bytes > max_instance_mb {limit}", calling)
         try:
             ds = read_header(evt_.request.DataSet, str(ctx.transfer_syntax))
             if ds is None:  # deflated or big endian: let pynetdicom/pydicom decode all of it
@@ -300,15 +561,18 @@ class StorageSCP:
             return self._fail(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}", calling)
         try:
             info = info_from_dataset(ds, str(ctx.abstract_syntax), str(ctx.transfer_syntax), calling)
-            affected = str(evt_.request.AffectedSOPInstanceUID or "")
-            if affected and affected != info.sop_uid:
-                raise StoreError("SOPInstanceUID differs from the C-STORE request")
-        except StoreError as exc:
-            return self._fail(DATA_SET_DOES_NOT_MATCH, str(exc), calling)
+        except StoreError as exc:  # a UID needed for filing is missing or invalid
+            return self._fail(*_unfiled_status(evt_.request.DataSet, ctx, str(exc)), calling)
         except Exception as exc:  # a header pydicom cannot parse
             return self._fail(CANNOT_UNDERSTAND, f"cannot read header: {type(exc).__name__}", calling)
+        affected = str(evt_.request.AffectedSOPInstanceUID or "")
+        if affected and affected != info.sop_uid:
+            return self._fail(DATA_SET_DOES_NOT_MATCH, "SOPInstanceUID differs from the C-STORE request",
+                              calling)
         try:
             self.store.add(info, encode_file_meta(info), evt_.request.DataSet.getbuffer())
+        except StoreError as exc:  # refused by the store: its status (0xC000, 0xA900 or 0xA700) as is
+            return self._fail(exc.status, str(exc), calling)
         except Exception as exc:
             log.exception("store failed")
             return self._fail(OUT_OF_RESOURCES, f"cannot store: {type(exc).__name__}: {exc}", calling)
@@ -333,6 +597,12 @@ class StorageSCP:
         return 0x0000
 
     def _on_conn_open(self, evt_: Any) -> None:
+        """Bound the new connection: a socket time-out for sends (reads get theirs per PDU, see
+        :func:`_read_pdu_data`) and the data set limit; then the throughput waiters."""
+        sock = getattr(evt_.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.settimeout(self.settings.network_timeout_seconds)
+        _bound_dimse_messages(evt_.assoc, int(self.settings.max_instance_mb * MB))
         wake = _attach_waiters(evt_.assoc)
         if wake is not None:
             with self._count_lock:
@@ -353,13 +623,27 @@ class StorageSCP:
             address=evt_.assoc.requestor.address,
         )
 
+    def _on_requested(self, evt_: Any) -> None:
+        """Reject a calling AE title pinned by ``calling_aet_hosts`` when it calls from elsewhere."""
+        assoc = evt_.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        networks = self._pins.get(calling)
+        if networks is not None and not _address_in(assoc.requestor.address, networks):
+            _reject(assoc, 0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+
     def _on_rejected(self, evt_: Any) -> None:
+        assoc = evt_.assoc
+        request = assoc.requestor.primitive
+        answer = assoc.acceptor.primitive
+        source, diagnostic = getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)
         event(
             log,
             "association rejected",
             logging.WARNING,
-            calling_aet=str(evt_.assoc.requestor.ae_title).strip(),
-            address=evt_.assoc.requestor.address,
+            reason=_REJECT_REASONS.get((source, diagnostic), f"source {source} diagnostic {diagnostic}"),
+            calling_aet=str(getattr(request, "calling_ae_title", "")).strip(),
+            called_aet=str(getattr(request, "called_ae_title", "")).strip(),
+            address=assoc.requestor.address,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -369,6 +653,7 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_assoc),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
@@ -382,6 +667,7 @@ class StorageSCP:
             host=self.settings.host,
             port=self.settings.port,
             allowed=",".join(self.settings.allowed_calling_aets) or "any",
+            pinned=",".join(sorted(self._pins)) or "none",
         )
 
     def stop(self) -> None:

@@ -1,11 +1,21 @@
 """Series assembly and selection: when a series is complete, and whether it is usable whole-thigh CT.
 
-Why: the PACS sends a series as a stream of instances with no end marker, so a series is *complete*
-after ``stable_seconds`` without a new instance (Orthanc's StableAge). Then its headers alone
-(``stop_before_pixels``) decide whether the pipeline may run: CT, axial, one consistent grid, no
-missing or duplicate slice positions, enough slices and enough z-coverage. Anything else is
-``rejected`` with the exact reason, so nothing is dropped silently. A content hash over the sorted
-SOP Instance UIDs and file sizes keeps the same content from being processed twice.
+Why: the PACS sends a series as a stream of instances with no end marker, so a series is *quiet*
+after ``stable_seconds`` without a new instance (Orthanc's StableAge). Quiet is not complete: an
+interrupted transfer is quiet too, and measuring it would send results for part of a thigh. So a
+quiet series is first checked for completeness (:func:`check_completeness`: contiguous slice
+positions, no gap over 1.5× the median spacing, and the expected count where the headers give one,
+ImagesInAcquisition, NumberOfSeriesRelatedInstances or the InstanceNumber range). An incomplete
+series is *held* (left receiving) for ``selection.incomplete_hold_seconds`` after its last instance;
+instances that arrive meanwhile complete it and it is checked again; otherwise it is ``rejected``
+with the reason code ``incomplete``.
+
+Then its headers alone (``stop_before_pixels``) decide whether the pipeline may run: CT, axial, one
+consistent grid, no missing or duplicate slice positions, enough slices and enough z-coverage.
+Anything else is ``rejected`` with the exact reason, so nothing is dropped silently. A content hash
+over the sorted SOP Instance UIDs and file sizes keeps the same content from being processed twice;
+when new content of a series whose earlier content has results is queued, the superseded results'
+UIDs are logged for the PACS administrator (the new results get new UIDs, see reporting/uids.py).
 """
 
 from __future__ import annotations
@@ -42,7 +52,13 @@ HEADER_TAGS = [
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
     "SliceThickness",
+    "InstanceNumber",
+    "AcquisitionNumber",
+    "ImagesInAcquisition",
+    "NumberOfSeriesRelatedInstances",
 ]
+INCOMPLETE = "incomplete"  # reason code of a series rejected because instances are missing
+GAP_FACTOR = 1.5  # a step over this × the median slice spacing is a gap
 
 
 @dataclass
@@ -65,6 +81,14 @@ class Selection:
     slice_spacing_mm: float = 0.0
     modality: str = ""
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Whether a quiet series looks whole; ``detail`` says what is missing when it does not."""
+
+    complete: bool
+    detail: str = ""
 
 
 def content_hash(items: Iterable[tuple[str, int]]) -> str:
@@ -128,21 +152,104 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}".rstrip("0").rstrip(".") if abs(x - round(x)) > 0.05 else f"{round(x):d}"
 
 
-def select_series(files: list[Path], selection: SelectionSettings) -> Selection:
-    """Decide from headers alone whether a series is usable whole-thigh CT; say exactly why not."""
+def read_headers(files: list[Path]) -> tuple[list[Any], int]:
+    """The headers selection and completeness need, and how many files could not be read."""
     import pydicom
 
-    if not files:
-        return Selection(False, "no instances")
-    modalities: set[str] = set()
-    slices: list[Slice] = []
+    headers = []
     unreadable = 0
     for path in files:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS))
         except Exception:
             unreadable += 1
-            continue
+    return headers, unreadable
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _position_gap(slices: list[Slice]) -> str:
+    """The first gap over GAP_FACTOR × the median spacing along the slice normal ("" when none).
+
+    Geometry that cannot be compared (missing or mixed orientation) is left to selection to report.
+    """
+    placed = [s for s in slices if s.position is not None and s.orientation is not None]
+    if len(placed) < 3 or len(placed) != len(slices):
+        return ""
+    ori = np.array([s.orientation for s in placed], dtype=float)
+    if np.abs(ori - ori[0]).max() > 1e-3:
+        return ""
+    normal = np.cross(ori[0, :3], ori[0, 3:])
+    if float(np.linalg.norm(normal)) < 1e-6:
+        return ""
+    z = np.sort(np.array([np.dot(s.position, normal) for s in placed], dtype=float))
+    diffs = np.diff(z)
+    diffs_z = z[:-1][diffs >= POSITION_TOL_MM]
+    diffs = diffs[diffs >= POSITION_TOL_MM]  # duplicates are selection's business
+    if len(diffs) < 2:
+        return ""
+    step = float(np.median(diffs))
+    big = diffs > GAP_FACTOR * step
+    if not big.any():
+        return ""
+    i = int(np.argmax(big))
+    return (f"gap of {_fmt(float(diffs[i]))} mm after {_fmt(float(diffs_z[i]))} mm "
+            f"(slice spacing {_fmt(step)} mm)")
+
+
+def _expected_count(headers: list[Any], n_positions: int) -> str:
+    """A shortfall against the count the headers announce ("" when none is announced or it is met)."""
+    if any((_int_or_none(h.get("NumberOfFrames")) or 1) > 1 for h in headers):
+        return ""  # multi-frame: the count checks below are about single-frame instances
+    by_acquisition: dict[str, list[Any]] = {}
+    for h in headers:
+        by_acquisition.setdefault(str(h.get("AcquisitionNumber", "") or ""), []).append(h)
+    for acquisition, group in sorted(by_acquisition.items()):
+        declared = {_int_or_none(h.get("ImagesInAcquisition")) for h in group} - {None}
+        if len(declared) == 1 and len(group) < (wanted := declared.pop()):
+            which = f" {acquisition}" if acquisition else ""
+            return f"{len(group)} of {wanted} images of acquisition{which} received (ImagesInAcquisition)"
+    total = {_int_or_none(h.get("NumberOfSeriesRelatedInstances")) for h in headers} - {None}
+    if len(total) == 1 and len(headers) < (wanted := total.pop()):
+        return f"{len(headers)} of {wanted} instances received (NumberOfSeriesRelatedInstances)"
+    numbers = [_int_or_none(h.get("InstanceNumber")) for h in headers]
+    if n_positions == len(headers) and None not in numbers and len(set(numbers)) == len(numbers) > 1:
+        lo, hi = min(numbers), max(numbers)  # type: ignore[type-var]
+        missing = hi - lo + 1 - len(numbers)
+        if missing > 0:
+            return f"{missing} instance number(s) missing between {lo} and {hi}"
+    return ""
+
+
+def check_completeness(headers: list[Any]) -> Completeness:
+    """Whether a quiet series is whole: contiguous slice positions and the announced count."""
+    slices = [s for h in headers for s in slices_of(h)]
+    gap = _position_gap(slices)
+    if gap:
+        return Completeness(False, gap)
+    positions = {tuple(round(v, 2) for v in s.position) for s in slices if s.position is not None}
+    short = _expected_count(headers, len(positions))
+    return Completeness(not short, short)
+
+
+def select_series(files: list[Path], selection: SelectionSettings) -> Selection:
+    """Decide from headers alone whether a series is usable whole-thigh CT; say exactly why not."""
+    headers, unreadable = read_headers(files)
+    return select_headers(headers, unreadable, selection)
+
+
+def select_headers(headers: list[Any], unreadable: int, selection: SelectionSettings) -> Selection:
+    """:func:`select_series` on headers already read (``unreadable``: files that could not be)."""
+    if not headers and not unreadable:
+        return Selection(False, "no instances")
+    modalities: set[str] = set()
+    slices: list[Slice] = []
+    for ds in headers:
         modalities.add(str(ds.get("Modality", "") or "?"))
         slices.extend(slices_of(ds))
     if unreadable:
@@ -228,11 +335,13 @@ class StabilityWatcher:
         self.interval = max(0.05, min(0.5, settings.stable_seconds / 4))
 
     def due(self, t: float | None = None) -> list[tuple[int, str]]:
-        cutoff = (t if t is not None else now()) - self.settings.stable_seconds
+        """Receiving jobs whose series is quiet (and, if held as incomplete, whose hold has ended)."""
+        t = t if t is not None else now()
         rows = self.db.query(
             "SELECT j.id, j.series_uid FROM jobs j JOIN series s ON s.current_job = j.id"
-            " WHERE j.state='receiving' AND s.last_received_at <= ? ORDER BY j.id",
-            (cutoff,),
+            " WHERE j.state='receiving' AND s.last_received_at <= ?"
+            " AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= ?) ORDER BY j.id",
+            (t - self.settings.stable_seconds, t),
         )
         return [(int(r["id"]), str(r["series_uid"])) for r in rows]
 
@@ -244,7 +353,10 @@ class StabilityWatcher:
         return closed
 
     def close(self, job_id: int, series_uid: str) -> bool:
-        """receiving → complete → queued | rejected (done when this exact content was processed already)."""
+        """receiving → complete → queued | rejected (done when this exact content was processed already).
+
+        An incomplete series goes back to receiving (held) until its hold ends; returns False then.
+        """
         t = now()
         cutoff = t - self.settings.stable_seconds
         with self.db.tx() as con:
@@ -257,16 +369,28 @@ class StabilityWatcher:
             rows = con.execute(
                 "SELECT path, sop_uid, size FROM instances WHERE series_uid=?", (series_uid,)
             ).fetchall()
+            last = con.execute(
+                "SELECT last_received_at FROM series WHERE series_uid=?", (series_uid,)
+            ).fetchone()
         if not changed:
             return False
         files = sorted(Path(r["path"]) for r in rows)
         digest = content_hash((r["sop_uid"], int(r["size"] or 0)) for r in rows)
-        try:
-            sel = select_series(files, self.settings.selection)
+        sel = Selection(False)
+        try:  # file I/O, outside any transaction
+            headers, unreadable = read_headers(files)
+            whole = check_completeness(headers) if not unreadable else Completeness(True)
+            if whole.complete:
+                sel = select_headers(headers, unreadable, self.settings.selection)
         except Exception as exc:  # selection must never kill the watcher
             log.exception("selection failed")
+            whole = Completeness(True)
             sel = Selection(False, f"selection failed: {type(exc).__name__}: {exc}")
+        hold_until = float(last["last_received_at"] or t) + self.settings.selection.incomplete_hold_seconds
+        if not whole.complete and now() < hold_until:
+            return self._hold(job_id, series_uid, whole.detail, hold_until)
         t = now()
+        superseded: list[Any] = []
         with self.db.tx() as con:
             state = con.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             if state is None or state["state"] != "complete":
@@ -276,15 +400,24 @@ class StabilityWatcher:
                 " ('queued','running','sending','done') ORDER BY id LIMIT 1",
                 (series_uid, digest, job_id),
             ).fetchone()
-            if dup is not None:
+            if not whole.complete:
+                new_state, reason = "rejected", f"{INCOMPLETE}: {whole.detail}"
+            elif dup is not None:
                 new_state = "done"
                 reason = f"same content as job {dup['id']}: results not produced again"
             elif sel.accepted:
                 new_state, reason = "queued", None
+                superseded = con.execute(
+                    "SELECT j.id, o.path FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.series_uid=?"
+                    " AND j.id<>? AND j.state IN ('sending','done') AND j.content_hash IS NOT ?"
+                    " ORDER BY j.id, o.path",
+                    (series_uid, job_id, digest),
+                ).fetchall()
             else:
                 new_state, reason = "rejected", sel.reason
             con.execute(
                 "UPDATE jobs SET state=?, reason=?, content_hash=?, n_instances=?, updated_at=?,"
+                " next_attempt_at=NULL,"
                 " finished_at=CASE WHEN ? IN ('rejected','done') THEN ? ELSE NULL END WHERE id=?",
                 (new_state, reason, digest, len(rows), t, new_state, t, job_id),
             )
@@ -299,7 +432,34 @@ class StabilityWatcher:
             z_coverage_mm=round(sel.z_coverage_mm, 1),
             reason=reason or "",
         )
+        if superseded:
+            self._announce_superseded(job_id, series_uid, superseded)
         return True
+
+    def _hold(self, job_id: int, series_uid: str, detail: str, until: float) -> bool:
+        """Back to receiving, to be checked again at ``until`` (or after any new instance settles)."""
+        t = now()
+        with self.db.tx() as con:
+            held = con.execute(
+                "UPDATE jobs SET state='receiving', reason=?, next_attempt_at=?, updated_at=?"
+                " WHERE id=? AND state='complete'",
+                (f"held: {INCOMPLETE}: {detail}", until, t, job_id),
+            ).rowcount
+        if held:
+            event(log, "series held", job=job_id, series=series_uid, reason=f"{INCOMPLETE}: {detail}",
+                  seconds_left=round(until - t, 1))
+        return False
+
+    @staticmethod
+    def _announce_superseded(job_id: int, series_uid: str, rows: list[Any]) -> None:
+        """Tell the PACS administrator which results the new content replaces (UIDs only, no PHI).
+
+        Output files are named by their SOP Instance UID, so the outbox paths give the UIDs to delete.
+        """
+        jobs = sorted({int(r["id"]) for r in rows})
+        uids = [Path(str(r["path"])).stem for r in rows]
+        event(log, "earlier results superseded", job=job_id, series=series_uid,
+              earlier_jobs=",".join(map(str, jobs)), superseded_sop_uids=",".join(uids))
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -76,6 +76,7 @@ class Node:
         self.scp.stop()
         for thread in self.threads:
             thread.join(timeout)
+        self.store.close()
         self.db.close()
         event(log, "node stopped")
 

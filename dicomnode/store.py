@@ -1,19 +1,31 @@
-"""The on-disk store and its index: durable instance files, then their SQLite rows.
+"""The on-disk store and its index: checked, durable instance files, then their SQLite rows.
 
 Layout (a plain folder, mercure-like, readable without the node):
 ``storage_dir/incoming/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and a private work folder per job
-``storage_dir/jobs/<job_id>/``. An instance is written as preamble + file meta + the dataset bytes
-exactly as received to ``.<sop>.<pid>.<n>.tmp``, fsynced, renamed, and only then indexed; the SCP
-answers success after that. A new study/series folder is fsynced into its parent once; the rename
-itself is not followed by a directory fsync (it doubled the cost per instance; ext4 commits it with
-its journal within seconds), so only a power cut in that window could lose an acknowledged file's
-name, never leave a partial file. A crash leaves at most a ``.tmp`` file, which :meth:`Store.recover`
-deletes; a file whose row was lost is re-indexed from its header.
+``storage_dir/jobs/<job_id>/``. An instance is first checked (:mod:`dicomnode.validate`: header,
+pixel-data length or fragments, SOP class against Modality), then written as preamble + file meta +
+the dataset bytes exactly as received to ``.<sop>.<pid>.<n>.tmp``, fsynced, renamed, the folder
+fsynced (so the new name survives a power cut too), and only then indexed; the SCP answers success
+after that. A crash leaves at most a ``.tmp`` file, which :meth:`Store.recover` deletes; a file
+whose row was lost is re-indexed from its header.
+
+Patient data at rest: folders are created 0750 and files 0640 (the index 0600, see
+:mod:`dicomnode.db`), whatever the umask; ``dicomnode serve`` also narrows its umask to 0027 so that
+results and job folders written elsewhere follow.
+
+A SOP Instance UID names one content. An identical re-send (the same dataset bytes) is acknowledged
+without writing anything; a *different* dataset under a UID the node already holds is refused
+(``uid-collision``), so the first copy stays where it is and its row never moves between series.
+
+Each refusal is a :class:`StoreError` carrying the DIMSE ``status`` to answer and a reason ``code``:
+0xC000 for corrupt data or a UID collision, 0xA900 for a SOP class/dataset mismatch, 0xA700
+(transient) when the index stays locked longer than the receive path's short busy timeout or the
+disk fails; the SCP passes the status through.
 
 Indexing is also where series assembly starts: the first instance of a series opens a job in state
-``receiving``; a *new* instance (new SOP UID or changed size) arriving after the series was closed
-re-opens it with a fresh job that supersedes the unfinished old one; a byte-identical re-send of an
-instance the node already has does not re-open anything, so the same series sent twice gives one job.
+``receiving``; a *new* instance arriving after the series was closed re-opens it with a fresh job
+that supersedes the unfinished old one; an identical re-send does not re-open anything, so the same
+series sent twice gives one job.
 """
 
 from __future__ import annotations
@@ -21,15 +33,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomnode.db import Database, now
+from dicomnode.db import Database, DatabaseBusy, now
 from dicomnode.logs import event, load_pseudonym_key, pseudonym
+from dicomnode.validate import CANNOT_UNDERSTAND, validate_instance
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +57,54 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 UNFINISHED = ("complete", "queued", "running", "rejected")
 
 
+OUT_OF_RESOURCES = 0xA700  # transient: the sender should try again later
+FILE_MODE = 0o640  # instance files (PHI): owner and the service group only
+DIR_MODE = 0o750  # state folders
+UMASK = 0o027
+RECEIVE_BUSY_TIMEOUT_S = 2.0  # a C-STORE waits at most this long for the index, then answers 0xA700
+
+
 class StoreError(Exception):
-    """The instance cannot be stored; the message goes into the failure status comment."""
+    """The instance is refused; the message goes into the failure status comment.
+
+    ``status`` is the DIMSE status the SCP answers (0xC000 "cannot understand" unless said otherwise)
+    and ``code`` a machine-readable reason (see docs/conformance.md).
+    """
+
+    def __init__(self, message: str, status: int = CANNOT_UNDERSTAND, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def restrict_umask() -> int:
+    """Narrow the process umask to at least 0027 (no access for others); returns the previous one."""
+    previous = os.umask(UMASK)
+    os.umask(previous | UMASK)
+    return previous
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` 0750, or narrow an existing one of ours that is wider."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & ~DIR_MODE:
+            os.chmod(path, mode & DIR_MODE)
+    except OSError:  # not ours: leave it
+        pass
+
+
+def stored_dataset(path: Path) -> bytes | None:
+    """The dataset bytes of a stored Part 10 file (after preamble and file meta), None if unreadable."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if raw[:132] != PREAMBLE or raw[132:136] != b"\x02\x00\x00\x00":
+        return None
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    return raw[meta_end:]
 
 
 @dataclass
@@ -188,18 +251,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _collision(info: InstanceInfo, stored_series: str) -> StoreError:
+    """Refuse a second, different dataset under a SOP Instance UID the node already holds."""
+    where = "the same series" if stored_series == info.series_uid else "another series"
+    event(log, "instance refused", logging.WARNING, code="uid-collision", sop=info.sop_uid,
+          series=info.series_uid, stored_series=stored_series, calling_aet=info.calling_aet)
+    return StoreError(f"uid-collision: UID stored in {where} with other content", code="uid-collision")
+
+
 class Store:
     """Durable files under ``storage_dir`` plus their rows in :class:`Database`."""
 
-    def __init__(self, storage_dir: Path, db: Database) -> None:
+    def __init__(self, storage_dir: Path, db: Database,
+                 receive_busy_timeout: float = RECEIVE_BUSY_TIMEOUT_S) -> None:
         self.root = Path(storage_dir).resolve()  # absolute paths in the index, whatever the cwd
         self.incoming = self.root / "incoming"
         self.jobs_dir = self.root / "jobs"
         self.db = db
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.incoming, self.jobs_dir):
+            _private_dir(folder)
         load_pseudonym_key(self.root)
         self._known_dirs: set[Path] = set()
+        # The receive path's own connection: a short busy timeout, and no wait behind the watcher,
+        # worker or sender threads, which share ``db`` and its lock.
+        self.rx = Database(db.path, busy_timeout=receive_busy_timeout)
+        self._sop_locks = [threading.Lock() for _ in range(64)]  # one C-STORE per SOP UID at a time
+
+    def close(self) -> None:
+        self.rx.close()
 
     # -- files ---------------------------------------------------------------------------------
     def instance_path(self, info: InstanceInfo) -> Path:
@@ -207,20 +286,23 @@ class Store:
 
     def job_dir(self, job_id: int) -> Path:
         path = self.jobs_dir / str(job_id)
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         return path
 
     def _ensure_dir(self, folder: Path) -> None:
+        """``incoming/<study>/<series>`` created 0750 level by level; new names fsynced into parents."""
         if folder in self._known_dirs:
             return
         if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
+            for level in (self.incoming, folder.parent, folder):
+                level.mkdir(mode=DIR_MODE, exist_ok=True)
             _fsync_dir(folder.parent)
             _fsync_dir(folder.parent.parent)
         self._known_dirs.add(folder)
 
     def write(self, info: InstanceInfo, file_meta: bytes, dataset: bytes | memoryview) -> tuple[Path, int]:
-        """Write preamble + file meta + the dataset bytes as received to a temp file; fsync; rename."""
+        """Write preamble + file meta + the dataset bytes as received to a temp file (0640); fsync;
+        rename; fsync the folder, so that the acknowledged name is as durable as the bytes."""
         final = self.instance_path(info)
         folder = final.parent
         self._ensure_dir(folder)
@@ -228,11 +310,11 @@ class Store:
         size = len(PREAMBLE) + len(file_meta) + len(dataset)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            fd = os.open(tmp, flags, 0o644)
+            fd = os.open(tmp, flags, FILE_MODE)
         except FileNotFoundError:  # the folder was removed behind our back: recreate it once
             self._known_dirs.discard(folder)
             self._ensure_dir(folder)
-            fd = os.open(tmp, flags, 0o644)
+            fd = os.open(tmp, flags, FILE_MODE)
         try:
             try:
                 os.writev(fd, [PREAMBLE, file_meta, dataset])
@@ -240,24 +322,36 @@ class Store:
             finally:
                 os.close(fd)
             if os.stat(tmp).st_size != size:
-                raise StoreError(f"short write ({os.stat(tmp).st_size} of {size} bytes)")
+                raise StoreError(f"short write ({os.stat(tmp).st_size} of {size} bytes)",
+                                 status=OUT_OF_RESOURCES, code="short-write")
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        try:
+            _fsync_dir(folder)
+        except BaseException:  # the name may not be durable: answer failure and keep nothing
+            final.unlink(missing_ok=True)
+            raise
         return final, size
 
     # -- index ---------------------------------------------------------------------------------
-    def index(self, info: InstanceInfo, path: Path, size: int, received_at: float | None = None) -> Indexed:
-        """Record one stored instance; open, keep open or re-open its series' job."""
+    def index(self, info: InstanceInfo, path: Path, size: int, received_at: float | None = None,
+              db: Database | None = None) -> Indexed:
+        """Record one stored instance; open, keep open or re-open its series' job.
+
+        A SOP UID already indexed in another series is a collision (:class:`StoreError`), never a move.
+        """
         t = received_at if received_at is not None else now()
-        with self.db.tx() as con:
-            old = con.execute("SELECT size FROM instances WHERE sop_uid=?", (info.sop_uid,)).fetchone()
-            new_instance = old is None or old["size"] != size
+        with (db or self.db).tx() as con:
+            old = con.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (info.sop_uid,)).fetchone()
+            if old is not None and old["series_uid"] != info.series_uid:
+                raise _collision(info, str(old["series_uid"]))
+            new_instance = old is None
             con.execute(
-                "INSERT OR REPLACE INTO instances (sop_uid, series_uid, sop_class, transfer_syntax, path,"
-                " size,"
-                " calling_aet, received_at) VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO instances (sop_uid, series_uid, sop_class, transfer_syntax, path, size,"
+                " calling_aet, received_at) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (sop_uid) DO UPDATE SET path=excluded.path, size=excluded.size",
                 (
                     info.sop_uid,
                     info.series_uid,
@@ -288,7 +382,11 @@ class Store:
             superseded = None
             if job is not None and job["state"] == "receiving":
                 job_id = int(job["id"])
-                con.execute("UPDATE jobs SET updated_at=? WHERE id=?", (t, job_id))
+                if new_instance:  # new content: a series held as incomplete is checked afresh
+                    con.execute("UPDATE jobs SET updated_at=?, next_attempt_at=NULL, reason=NULL WHERE id=?",
+                                (t, job_id))
+                else:
+                    con.execute("UPDATE jobs SET updated_at=? WHERE id=?", (t, job_id))
             elif job is None or new_instance:
                 job_id = int(
                     con.execute(
@@ -369,9 +467,45 @@ class Store:
         )
 
     def add(self, info: InstanceInfo, file_meta: bytes, dataset: bytes | memoryview) -> Indexed:
-        """Store durably, then index: the SCP's whole job for one C-STORE."""
-        path, size = self.write(info, file_meta, dataset)
-        return self.index(info, path, size)
+        """Check, store durably, then index: the SCP's whole job for one C-STORE.
+
+        Raises :class:`StoreError` (with the status to answer) for anything it refuses.
+        """
+        verdict = validate_instance(dataset, info.transfer_syntax, info.sop_class)
+        if not verdict.ok:
+            raise StoreError(verdict.comment, status=verdict.status, code=verdict.code.value)
+        with self._sop_lock(info.sop_uid):
+            try:
+                same = self._same_copy(info, dataset)
+                if same is not None:  # identical re-send: acknowledged, nothing written
+                    return self.index(info, *same, db=self.rx)
+                path, size = self.write(info, file_meta, dataset)
+                try:
+                    return self.index(info, path, size, db=self.rx)
+                except BaseException:
+                    path.unlink(missing_ok=True)  # refused or busy: keep nothing unacknowledged
+                    raise
+            except (DatabaseBusy, sqlite3.OperationalError) as exc:
+                raise StoreError(f"index-busy: the index is locked, try again ({exc})",
+                                 status=OUT_OF_RESOURCES, code="index-busy") from exc
+
+    @contextmanager
+    def _sop_lock(self, sop_uid: str) -> Iterator[None]:
+        with self._sop_locks[hash(sop_uid) % len(self._sop_locks)]:
+            yield
+
+    def _same_copy(self, info: InstanceInfo, dataset: bytes | memoryview) -> tuple[Path, int] | None:
+        """(path, size) when this exact dataset is stored already; None when the UID is new (or its
+        file went missing in the same series); :class:`StoreError` for a different-content duplicate."""
+        row = self.rx.one("SELECT series_uid, path, size FROM instances WHERE sop_uid=?", (info.sop_uid,))
+        if row is None:
+            return None
+        stored = stored_dataset(Path(row["path"]))
+        if stored is None and row["series_uid"] == info.series_uid:
+            return None  # the old file is gone: write this copy in its place
+        if stored is not None and stored == dataset:
+            return Path(row["path"]), int(row["size"] or 0)
+        raise _collision(info, str(row["series_uid"]))
 
     def series_files(self, series_uid: str) -> list[Path]:
         rows = self.db.query("SELECT path FROM instances WHERE series_uid=? ORDER BY path", (series_uid,))

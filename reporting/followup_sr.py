@@ -13,7 +13,14 @@ from pydicom.dataset import Dataset
 
 from reporting import codes
 from reporting.sr import CM3, CM3_PER_M2, METER, PERCENT
-from reporting.uids import copy_identity, derived_uid, read_header, source_header, tracking_uid
+from reporting.uids import (
+    copy_identity,
+    derived_uid,
+    read_header,
+    source_content,
+    source_header,
+    tracking_uid,
+)
 from seg.labels import by_name
 from seg.volume import Volume
 
@@ -87,6 +94,9 @@ def build_followup_sr(ct: Volume, change: dict, evidence: list[Dataset]) -> Data
     patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
     follow_series = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
     base_series = str((change.get("baseline") or {}).get("series_instance_uid") or "")
+    # new content on either side (a completed series, a re-measured baseline) gives a new report
+    content = (source_content(follow_series, ct.source_sop_uids),
+               *sorted(str(e.SOPInstanceUID) for e in evidence if "SOPInstanceUID" in e))
     time_point = _time_point(change)
     groups: list = []
     for entry in change.get("structures", []):
@@ -112,9 +122,9 @@ def build_followup_sr(ct: Volume, change: dict, evidence: list[Dataset]) -> Data
     sr = hd.sr.Comprehensive3DSR(
         evidence=current + list(evidence),
         content=report,
-        series_instance_uid=derived_uid("followup-SR/series", follow_series, base_series),
+        series_instance_uid=derived_uid("followup-SR/series", *content, base_series),
         series_number=FOLLOWUP_SERIES_NUMBER,
-        sop_instance_uid=derived_uid("followup-SR/instance", follow_series, base_series),
+        sop_instance_uid=derived_uid("followup-SR/instance", *content, base_series),
         instance_number=1,
         manufacturer="dicomnode",
         is_complete=True,

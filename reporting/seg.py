@@ -20,7 +20,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from reporting import codes
-from reporting.uids import copy_identity, output_uid, tracking_uid
+from reporting.uids import copy_identity, output_uid, source_content, tracking_uid
 from seg.labels import structures
 from seg.volume import Volume
 
@@ -284,6 +284,7 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
         if transfer_syntax is None:
             raise ValueError(f"unknown LABELMAP compression {compression!r} (RLE, JPEGLS or NONE)")
     series_uid = ct.meta.get("SeriesInstanceUID") or str(src0.SeriesInstanceUID)
+    content = source_content(series_uid, ct.source_sop_uids or [str(s.SOPInstanceUID) for s in sources])
     kind = f"SEG-{seg_type}"
     demo = bool(model_info.get("demo"))
     descriptions = [_segment_description(s, patient_id, model_info) for s in segments]
@@ -294,9 +295,9 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
             pixel_array=pixels,
             segmentation_type=seg_type,
             segment_descriptions=descs,
-            series_instance_uid=output_uid(series_uid, model_info, kind + "/series"),
+            series_instance_uid=output_uid(content, model_info, kind + "/series"),
             series_number=SEG_SERIES_NUMBER,
-            sop_instance_uid=output_uid(series_uid, model_info, kind + "/instance"),
+            sop_instance_uid=output_uid(content, model_info, kind + "/instance"),
             instance_number=1,
             manufacturer="dicomnode",
             manufacturer_model_name=str(model_info.get("name") or "unknown-model")[:64],
@@ -318,7 +319,7 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
             log.warning("fast BINARY SEG encoder not applicable (%s); using highdicom per frame", exc)
     if seg is None:
         seg = construct(plan.seg_map(), descriptions)  # (frames, rows, columns) = (k, j, i)
-    dim_uid = output_uid(series_uid, model_info, kind + "/dimension-organization")
+    dim_uid = output_uid(content, model_info, kind + "/dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dim_uid
     seg.SeriesDescription = ("Thigh muscles SEG" + (" DEMO" if demo else ""))[:64]

@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes as std
 
 from reporting import codes
 from reporting.seg import algorithm_name
-from reporting.uids import copy_identity, derived_uid, output_uid, source_header, tracking_uid
+from reporting.uids import copy_identity, derived_uid, output_uid, source_content, source_header, tracking_uid
 from seg.labels import by_name
 from seg.volume import Volume
 
@@ -82,7 +82,7 @@ def height_status(volumes: dict, meta: dict) -> tuple[hd.sr.CodedConcept, hd.sr.
 def qa_group(ct: Volume, volumes: dict, model_info: dict) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """Series-level QA: z-coverage (mm), metal yes/no, height status and source, height (m)."""
     qa = volumes.get("qa") or {}
-    series = str(ct.meta.get("SeriesInstanceUID", ""))
+    content = source_content(str(ct.meta.get("SeriesInstanceUID", "")), ct.source_sop_uids)
     measurements = []
     if qa.get("z_coverage_mm") is not None:
         measurements.append(hd.sr.Measurement(name=codes.QA_Z_COVERAGE, value=float(qa["z_coverage_mm"]),
@@ -102,7 +102,7 @@ def qa_group(ct: Volume, volumes: dict, model_info: dict) -> hd.sr.MeasurementsA
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_Z_COVERAGE_OK,
                                                        codes.YES if qa["z_coverage_ok"] else codes.NO))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=output_uid(series, model_info, "SR/qa-group"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=output_uid(content, model_info, "SR/qa-group"),
                                                      identifier="Quality assurance"),
         algorithm_id=algorithm_id(model_info),
         measurements=measurements or None,
@@ -146,6 +146,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: dict, model_info: di
     src0 = source_header(ct.source_files)
     patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
+    content = source_content(series_uid, ct.source_sop_uids)
     by_label = {int(e["label"]): e for e in volumes.get("structures", [])}
     height_m = float(volumes["height_m"]) if volumes.get("height_m") else None
     groups: list = []
@@ -165,9 +166,9 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: dict, model_info: di
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg],
         content=report,
-        series_instance_uid=output_uid(series_uid, model_info, "SR/series"),
+        series_instance_uid=output_uid(content, model_info, "SR/series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=output_uid(series_uid, model_info, "SR/instance"),
+        sop_instance_uid=output_uid(content, model_info, "SR/instance"),
         instance_number=1,
         manufacturer="dicomnode",
         is_complete=True,

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from reporting.seg import algorithm_name
-from reporting.uids import copy_identity, output_uid, source_header
+from reporting.uids import copy_identity, output_uid, source_content, source_header
 from seg.labels import structures
 from seg.volume import Volume
 
@@ -150,6 +150,7 @@ def build_summary(ct: Volume, volumes: dict, model_info: dict, change: dict | No
         raise ValueError("the CT has no source DICOM files: the summary needs the study's identity")
     pixels = render_page(volumes, model_info, ct.meta, change)
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
+    content = source_content(series_uid, ct.source_sop_uids)
     kind = "SC-summary"  # with or without a comparison: a re-run replaces the page, never adds one
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src0,
@@ -157,9 +158,9 @@ def build_summary(ct: Volume, volumes: dict, model_info: dict, change: dict | No
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=output_uid(series_uid, model_info, kind + "/series"),
+        series_instance_uid=output_uid(content, model_info, kind + "/series"),
         series_number=SUMMARY_SERIES_NUMBER,
-        sop_instance_uid=output_uid(series_uid, model_info, kind + "/instance"),
+        sop_instance_uid=output_uid(content, model_info, kind + "/instance"),
         instance_number=1,
         manufacturer="dicomnode",
         patient_orientation=("L", "P"),

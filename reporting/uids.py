@@ -1,13 +1,19 @@
 """Identity of the outputs: deterministic UIDs and the patient/study attributes they inherit.
 
-Why deterministic: a re-run on the same series with the same model must replace the earlier objects
-in the PACS rather than add duplicates, so every UID is a pure function of (source series UID,
-model name, model version, object kind). Why copied identity: every output lives in the source
-study, so the patient and study attributes must equal the CT's byte for byte (dcentvfy checks).
+Why deterministic: a re-run on the same content with the same model must replace the earlier objects
+in the PACS rather than add duplicates, so every UID is a pure function of (source *content*, model
+name, model version, object kind). Why content and not the series UID: a series measured while
+partial and measured again once complete gives different objects, and a SOP Instance UID must never
+name two contents (many PACS keep the first copy of a UID and silently drop the second). The content
+is the set of source SOP Instance UIDs (:func:`source_content`), which the node keeps unique per
+content (a different dataset under a known UID is refused on receipt). Why copied identity: every
+output lives in the source study, so the patient and study attributes must equal the CT's byte for
+byte (dcentvfy checks).
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable
 from copy import deepcopy
@@ -50,10 +56,23 @@ def derived_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
 
 
-def output_uid(source_series_uid: str, model_info: dict, kind: str) -> str:
-    """UID of one output object (``kind`` e.g. "SEG-BINARY/series"), stable across re-runs."""
-    return derived_uid(source_series_uid, str(model_info.get("name", "")), str(model_info.get("version", "")),
-                       kind)
+def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
+    """The key of what was measured: the series and the set of its source SOP Instance UIDs.
+
+    Order and repeats (one UID per frame of a multi-frame instance) do not matter; without source
+    instances (NIfTI input) the series UID alone is the key.
+    """
+    unique = sorted({str(u) for u in sop_uids if u})
+    if not unique:
+        return series_uid
+    digest = hashlib.sha256("\n".join(unique).encode("ascii", "replace")).hexdigest()
+    return f"{series_uid}/content-{digest}"
+
+
+def output_uid(source: str, model_info: dict, kind: str) -> str:
+    """UID of one output object (``kind`` e.g. "SEG-BINARY/series") for a :func:`source_content` key:
+    the same for a re-run on the same content and model, new for new content or a new model version."""
+    return derived_uid(source, str(model_info.get("name", "")), str(model_info.get("version", "")), kind)
 
 
 def tracking_uid(patient_id: str, structure: str, side: str) -> str:

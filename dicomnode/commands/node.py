@@ -39,7 +39,9 @@ def serve(
     """Run the node: DICOM listener (C-ECHO, C-STORE), series watcher, worker and sender, until Ctrl-C."""
     from dicomnode.logs import setup_logging
     from dicomnode.server import Node
+    from dicomnode.store import restrict_umask
 
+    restrict_umask()  # PHI at rest: everything the node writes is closed to other local users
     settings = settings_from(config)
     setup_logging(settings.log_level, settings.log_json)
     Node(settings, pipeline=pipeline, worker_enabled=False if no_worker else None).serve_forever()

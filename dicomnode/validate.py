@@ -1,0 +1,295 @@
+"""Is a received instance whole, and is it what its presentation context says? Checked before success.
+
+Why: a C-STORE success tells the PACS the transfer is done, and many PACS then never send it again.
+So a dataset whose pixel data was cut short, that declares more bytes than arrived (e.g. a length of
+0xFFFFFFF0), whose encapsulated fragments are broken, or that carries an MR image on the CT context
+must be refused *then*, with a status and a reason the sender's operator can read, instead of being
+acknowledged and failing the series later with a decoder message that names no file.
+
+What is checked, on the bytes exactly as received (nothing is decoded or re-encoded):
+
+- every top-level element parses and no value is shorter than its declared length;
+- the dataset's SOP Class UID is the presentation context's, and Modality fits that class;
+- the Image Pixel module (Rows, Columns, BitsAllocated, SamplesPerPixel, NumberOfFrames) is usable;
+- native syntaxes: the pixel data length is Rows × Columns × BitsAllocated/8 × SamplesPerPixel ×
+  NumberOfFrames (plus one pad byte when that is odd);
+- encapsulated syntaxes: a Basic Offset Table item, at least one fragment per frame, every item
+  inside the received bytes, and the sequence delimiter.
+
+The result is a typed :class:`Validation` with a machine-readable :class:`Problem` code, a human
+sentence and the DIMSE status to answer (0xA900 for a SOP class/dataset mismatch, 0xC000 "cannot
+understand" for everything corrupt).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.uid import UID
+
+CANNOT_UNDERSTAND = 0xC000
+DATA_SET_DOES_NOT_MATCH = 0xA900
+
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
+ITEM, SEQUENCE_DELIMITER, UNDEFINED = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
+LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                             b"UT", b"UV"})
+
+# Storage SOP classes whose IOD fixes the Modality (only those the node accepts need to be here).
+MODALITY_OF_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1": "CT",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2": "CT",  # Legacy Converted Enhanced CT Image Storage
+}
+
+
+class Problem(StrEnum):
+    """Machine-readable reason codes (also the first word of the C-STORE error comment)."""
+
+    OK = "ok"
+    UNREADABLE = "unreadable"  # the byte stream is not a parseable dataset
+    SOP_CLASS = "sop-class-mismatch"  # dataset SOP Class UID differs from the presentation context
+    MODALITY = "modality-mismatch"  # Modality does not fit the SOP class (e.g. MR on the CT context)
+    PIXEL_MODULE = "pixel-module"  # Rows/Columns/BitsAllocated/SamplesPerPixel/NumberOfFrames unusable
+    NO_PIXEL_DATA = "no-pixel-data"
+    PIXEL_TRUNCATED = "pixel-truncated"  # pixel data declares more bytes than were received
+    PIXEL_LENGTH = "pixel-length"  # native pixel data length differs from what the header implies
+    ENCAPSULATION = "encapsulation"  # encapsulated fragments malformed
+
+
+MISMATCH = frozenset({Problem.SOP_CLASS, Problem.MODALITY})
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The verdict on one instance: ``code`` for machines, ``text`` for people, ``status`` for DIMSE."""
+
+    code: Problem = Problem.OK
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code is Problem.OK
+
+    @property
+    def status(self) -> int:
+        if self.ok:
+            return 0x0000
+        return DATA_SET_DOES_NOT_MATCH if self.code in MISMATCH else CANNOT_UNDERSTAND
+
+    @property
+    def comment(self) -> str:
+        """``code: text``; the Error Comment on the wire keeps its first 64 characters, the log all."""
+        return f"{self.code.value}: {self.text}" if self.text else self.code.value
+
+
+class _Invalid(Exception):
+    def __init__(self, code: Problem, text: str) -> None:
+        super().__init__(text)
+        self.result = Validation(code, text)
+
+
+def _elements(fp: io.BytesIO, implicit: bool, little: bool,
+              stop_at_pixels: bool) -> tuple[dict[int, Any], int]:
+    """Top-level elements up to the first pixel data element (or the end).
+
+    Returns the elements and the offset where reading stopped (the pixel data element's tag, or the
+    end). pydicom's reader returns short values without complaint, so each length is checked here.
+    """
+    end = len(fp.getbuffer())
+
+    def stop_when(tag: int, vr: Any, length: int) -> bool:
+        return stop_at_pixels and int(tag) in PIXEL_TAGS
+
+    elements: dict[int, Any] = {}
+    gen = data_element_generator(fp, implicit, little, stop_when=stop_when)
+    while True:
+        pos = fp.tell()
+        try:
+            elem = next(gen)
+        except StopIteration:
+            break
+        except Exception as exc:  # a sequence or value pydicom cannot follow
+            raise _Invalid(Problem.UNREADABLE, f"cannot parse the element at byte {pos}: "
+                                               f"{type(exc).__name__}") from exc
+        length = getattr(elem, "length", UNDEFINED)
+        value = getattr(elem, "value", None)
+        if length != UNDEFINED and isinstance(value, bytes) and len(value) != length:
+            tag = int(elem.tag)
+            raise _Invalid(Problem.UNREADABLE, f"({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length}"
+                                               f" bytes, {len(value)} received")
+        elements[int(elem.tag)] = elem
+    if pos != end and not (stop_at_pixels and _tag_at(fp, pos, little) in PIXEL_TAGS):
+        raise _Invalid(Problem.UNREADABLE, f"{end - pos} stray byte(s) at byte {pos}")
+    return elements, pos
+
+
+def _tag_at(fp: io.BytesIO, pos: int, little: bool) -> int | None:
+    raw = fp.getbuffer()[pos:pos + 4].tobytes()
+    if len(raw) < 4:
+        return None
+    group, elem = struct.unpack("<HH" if little else ">HH", raw)
+    return group << 16 | elem
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """A pixel-module integer, or a PIXEL_MODULE problem naming the attribute."""
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:
+        raise _Invalid(Problem.PIXEL_MODULE, f"{keyword} cannot be read") from exc
+    if value is None or value == "":
+        if default is not None:
+            return default
+        raise _Invalid(Problem.PIXEL_MODULE, f"{keyword} missing")
+    try:
+        number = int(value)
+    except (TypeError, ValueError) as exc:
+        raise _Invalid(Problem.PIXEL_MODULE, f"{keyword} {value!r} is not a number") from exc
+    if number <= 0:
+        raise _Invalid(Problem.PIXEL_MODULE, f"{keyword} {number} is not positive")
+    return number
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        return str(ds.get(keyword, "") or "").strip()
+    except Exception as exc:
+        raise _Invalid(Problem.UNREADABLE, f"{keyword} cannot be read") from exc
+
+
+def expected_native_length(rows: int, cols: int, bits: int, samples: int, frames: int) -> int:
+    """Bytes of native pixel data (bit-packed when BitsAllocated is 1), without the pad byte."""
+    total_bits = rows * cols * samples * frames * bits
+    return (total_bits + 7) // 8
+
+
+def _check_identity(ds: Dataset, sop_class: str) -> None:
+    declared = _text(ds, "SOPClassUID")
+    if sop_class and declared != sop_class:
+        name = UID(declared).name if declared else "missing"
+        raise _Invalid(Problem.SOP_CLASS, f"dataset is {name} on the {UID(sop_class).name} context")
+    wanted = MODALITY_OF_CLASS.get(sop_class or declared)
+    modality = _text(ds, "Modality")
+    if wanted and modality != wanted:
+        raise _Invalid(Problem.MODALITY, f"Modality {modality or 'missing'} in a {wanted} SOP class")
+
+
+def _element_header(buf: memoryview, pos: int, implicit: bool, little: bool) -> tuple[int, int, int]:
+    """(tag, declared length, value offset) of the element starting at ``pos``."""
+    e = "<" if little else ">"
+    if len(buf) - pos < 8:
+        raise _Invalid(Problem.PIXEL_TRUNCATED, "pixel data element header cut short")
+    group, elem = struct.unpack_from(e + "HH", buf, pos)
+    if implicit:
+        return group << 16 | elem, struct.unpack_from(e + "L", buf, pos + 4)[0], pos + 8
+    vr = bytes(buf[pos + 4:pos + 6])
+    if vr in LONG_LENGTH_VRS:
+        if len(buf) - pos < 12:
+            raise _Invalid(Problem.PIXEL_TRUNCATED, "pixel data element header cut short")
+        return group << 16 | elem, struct.unpack_from(e + "L", buf, pos + 8)[0], pos + 12
+    return group << 16 | elem, struct.unpack_from(e + "H", buf, pos + 6)[0], pos + 8
+
+
+def _check_native(length: int, start: int, size: int, expected: int) -> int:
+    if length == UNDEFINED:
+        raise _Invalid(Problem.ENCAPSULATION, "encapsulated pixel data in a native transfer syntax")
+    if start + length > size:
+        raise _Invalid(Problem.PIXEL_TRUNCATED,
+                       f"declares {length} bytes, {size - start} received")
+    if length not in (expected, expected + expected % 2):
+        raise _Invalid(Problem.PIXEL_LENGTH, f"{length} bytes where the header implies {expected}")
+    return start + length
+
+
+def _check_fragments(buf: memoryview, length: int, start: int, little: bool, frames: int) -> int:
+    """Walk the items of encapsulated pixel data; returns the offset after the sequence delimiter."""
+    if length != UNDEFINED:
+        raise _Invalid(Problem.ENCAPSULATION, "native pixel data in an encapsulated transfer syntax")
+    e = "<" if little else ">"
+    items: list[int] = []
+    pos, size = start, len(buf)
+    while True:
+        if size - pos < 8:
+            raise _Invalid(Problem.ENCAPSULATION, f"fragments end without a sequence delimiter "
+                                                  f"({len(items)} item(s) read)")
+        group, elem, item_len = struct.unpack_from(e + "HHL", buf, pos)
+        tag = group << 16 | elem
+        pos += 8
+        if tag == SEQUENCE_DELIMITER:
+            break
+        if tag != ITEM:
+            raise _Invalid(Problem.ENCAPSULATION, f"({group:04X},{elem:04X}) where a fragment item belongs")
+        if item_len == UNDEFINED or pos + item_len > size:
+            raise _Invalid(Problem.ENCAPSULATION, f"fragment {len(items)} declares {item_len} bytes, "
+                                                  f"{size - pos} received")
+        items.append(item_len)
+        pos += item_len
+    fragments = items[1:]
+    if not items:
+        raise _Invalid(Problem.ENCAPSULATION, "no Basic Offset Table item")
+    if len(fragments) < frames or not any(fragments):
+        raise _Invalid(Problem.ENCAPSULATION, f"{len(fragments)} fragment(s) for {frames} frame(s)")
+    if items[0] and items[0] != 4 * frames:
+        raise _Invalid(Problem.ENCAPSULATION, f"Basic Offset Table of {items[0] // 4} entries for {frames}"
+                                              " frame(s)")
+    return pos
+
+
+def _inflate(data: bytes | memoryview) -> bytes:
+    try:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        out = inflater.decompress(bytes(data)) + inflater.flush()
+    except zlib.error as exc:
+        raise _Invalid(Problem.UNREADABLE, f"deflated dataset cannot be inflated: {exc}") from exc
+    if not inflater.eof:
+        raise _Invalid(Problem.UNREADABLE, "deflated dataset cut short")
+    return out
+
+
+def _validate(data: bytes | memoryview, transfer_syntax: str, sop_class: str) -> None:
+    ts = UID(transfer_syntax)
+    implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    raw = _inflate(data) if ts.is_deflated else data
+    fp = io.BytesIO(raw)
+    elements, pixel_at = _elements(fp, implicit, little, stop_at_pixels=True)
+    ds = Dataset(elements)
+    _check_identity(ds, sop_class)
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    bits, samples = _int(ds, "BitsAllocated"), _int(ds, "SamplesPerPixel")
+    frames = _int(ds, "NumberOfFrames", default=1)
+    if bits != 1 and bits % 8:
+        raise _Invalid(Problem.PIXEL_MODULE, f"BitsAllocated {bits} is neither 1 nor a multiple of 8")
+    buf = fp.getbuffer()
+    try:
+        if pixel_at >= len(buf):
+            raise _Invalid(Problem.NO_PIXEL_DATA, "no pixel data element")
+        tag, length, start = _element_header(buf, pixel_at, implicit, little)
+        if ts.is_encapsulated and tag == 0x7FE00010:
+            after = _check_fragments(buf, length, start, little, frames)
+        else:
+            expected = expected_native_length(rows, cols, bits, samples, frames)
+            after = _check_native(length, start, len(buf), expected)
+    finally:
+        del buf
+    if after < len(raw):  # elements after the pixel data (e.g. trailing padding) must parse too
+        fp.seek(after)
+        _elements(fp, implicit, little, stop_at_pixels=False)
+
+
+def validate_instance(data: bytes | memoryview, transfer_syntax: str, sop_class: str) -> Validation:
+    """Check one received dataset (the bytes after the file meta); never raises."""
+    try:
+        _validate(data, transfer_syntax, sop_class)
+    except _Invalid as bad:
+        return bad.result
+    except Exception as exc:  # anything else pydicom trips over is still "cannot understand"
+        return Validation(Problem.UNREADABLE, f"{type(exc).__name__}: {exc}"[:200])
+    return Validation()
