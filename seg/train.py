@@ -18,7 +18,7 @@ import torch
 
 from seg import labels as L
 from seg.model import DEMO_UNETR, build_network, load_model, save_package
-from seg.preprocess import PreprocessConfig, to_model_grid
+from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ class TrainConfig:
     # Dice over the whole batch: classes absent from one crop do not push every prediction to zero.
     dice_batch: bool = True
     fg_crop_prob: float = 0.85
+    # "foreground": crops centred on any labelled voxel (large muscles dominate);
+    # "classes": a structure drawn uniformly first, then one of its voxels (as MONAI's
+    # RandCropByLabelClasses with equal ratios), so every structure is seen every few steps.
+    crop: str = "foreground"
+    # "partial_volume": each model voxel's target is the fraction of its footprint each class covers
+    # (the volume-preserving target; a perfect model on nearest-neighbour labels at 4 mm caps near
+    # 0.92 CT-grid Dice and -3 % volume, docs/models.md); "nearest": one label per voxel.
+    targets: str = "partial_volume"
     flip_x: bool = True
     val_every: int = 100
     checkpoint_minutes: float = 5.0
@@ -127,16 +135,34 @@ def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
     return out
 
 
-def cache_case(cache: Path, case_id: str, ct, labels, pre: PreprocessConfig) -> dict:
-    """Preprocess one case onto the model grid and store image/labels as .npy."""
-    img_p, lab_p = cache / f"{case_id}_image.npy", cache / f"{case_id}_labels.npy"
-    if not (img_p.exists() and lab_p.exists()):
+def _case_paths(cache: Path, case_id: str) -> dict:
+    return {
+        "id": case_id,
+        "image": str(cache / f"{case_id}_image.npy"),
+        "labels": str(cache / f"{case_id}_labels.npy"),
+        "fractions": str(cache / f"{case_id}_fractions.npy"),
+    }
+
+
+def _is_cached(paths: dict, fractions: bool) -> bool:
+    keys = ("image", "labels", "fractions") if fractions else ("image", "labels")
+    return all(Path(paths[k]).exists() for k in keys)
+
+
+def cache_case(cache: Path, case_id: str, ct, labels, pre: PreprocessConfig, fractions: bool = True) -> dict:
+    """Preprocess one case onto the model grid; store the image (float16), nearest labels (uint8) and,
+    when asked, the partial-volume class fractions (uint8 x255, class first) as .npy."""
+    paths = _case_paths(cache, case_id)
+    if not _is_cached(paths, fractions):
         if labels.array.max() >= L.NUM_CLASSES:
             raise ValueError(f"case {case_id}: label values above {L.NUM_CLASSES - 1}")
         mg = to_model_grid(ct, pre, labels)
-        np.save(img_p, mg.image.astype(np.float16))
-        np.save(lab_p, mg.labels)
-    return {"id": case_id, "image": str(img_p), "labels": str(lab_p)}
+        if fractions:
+            frac = labels_to_model_probs(labels, mg.affine, mg.image.shape, L.NUM_CLASSES)
+            np.save(paths["fractions"], frac)
+        np.save(paths["image"], mg.image.astype(np.float16))
+        np.save(paths["labels"], mg.labels)
+    return paths
 
 
 def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], list[dict], dict]:
@@ -144,6 +170,7 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     cache = Path(cfg.cache_dir or Path(cfg.checkpoint_dir) / "cache")
     cache.mkdir(parents=True, exist_ok=True)
     cases: list[dict] = []
+    fractions = cfg.targets == "partial_volume"
     if cfg.data:
         items = dataset_cases(Path(cfg.data))
         from seg.io import load_image
@@ -151,7 +178,7 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
         for cid, ctp, labp in items:
             ct, lab = load_image(ctp), load_image(labp)
             lab = ct.with_array(np.asarray(lab.array).astype(np.uint8))
-            cases.append(cache_case(cache, cid, ct, lab, pre))
+            cases.append(cache_case(cache, cid, ct, lab, pre, fractions))
             log.info("cached %s", cid)
         nval = max(1, len(cases) // 10) if len(cases) > 1 else 0
         prov = {"source": "dataset", "data": str(cfg.data), "cases": [c["id"] for c in cases]}
@@ -159,19 +186,13 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     plan = phantom_plan(cfg.phantoms + cfg.val_phantoms, cfg.seed_start)
     for opts in plan:
         cid = f"ph{opts['seed']}_" + hashlib_short(opts, cfg.phantom_z_range_mm)
-        if not (cache / f"{cid}_labels.npy").exists():
+        paths = _case_paths(cache, cid)
+        if not _is_cached(paths, fractions):
             t = time.time()
             ct, lab = _phantom_case(opts, cfg.phantom_z_range_mm)
-            cases.append(cache_case(cache, cid, ct, lab, pre))
+            paths = cache_case(cache, cid, ct, lab, pre, fractions)
             log.info("cached phantom seed %s (%s, %.1f s)", opts["seed"], opts["position"], time.time() - t)
-        else:
-            cases.append(
-                {
-                    "id": cid,
-                    "image": str(cache / f"{cid}_image.npy"),
-                    "labels": str(cache / f"{cid}_labels.npy"),
-                }
-            )
+        cases.append(paths)
     ntr = cfg.phantoms
     prov = {
         "source": "phantoms",
@@ -196,7 +217,11 @@ def hashlib_short(opts: dict, z_range) -> str:
 
 
 class CropSampler:
-    """Random ROI crops from cached cases: mostly centred on labelled voxels, some anywhere."""
+    """Random ROI crops from cached cases: mostly centred on labelled voxels, some anywhere.
+
+    Targets are the nearest labels (int64, B×1×ROI) or, with ``fractions``, the partial-volume class
+    fractions (float32, B×C×ROI).
+    """
 
     def __init__(
         self,
@@ -205,41 +230,86 @@ class CropSampler:
         fg_prob: float,
         flip_x: bool,
         rng: np.random.Generator,
+        by_class: bool = False,
+        fractions: bool = False,
     ):
+        if not cases:
+            raise ValueError("no training cases")
         self.images = [np.load(c["image"]) for c in cases]
         self.labels = [np.load(c["labels"]) for c in cases]
-        self.fg = [np.argwhere(lab > 0)[::7] for lab in self.labels]
+        self.fractions = [np.load(c["fractions"]) for c in cases] if fractions else None
+        # Centre candidates per case and class (every 7th voxel of a class keeps memory small).
+        self.centres: list[dict[int, np.ndarray]] = [_voxels_by_class(lab, by_class) for lab in self.labels]
         self.roi, self.fg_prob, self.flip_x, self.rng = roi, fg_prob, flip_x, rng
 
-    def _pad(self, a: np.ndarray) -> np.ndarray:
-        pad = [(0, max(0, r - s)) for s, r in zip(a.shape, self.roi, strict=False)]
-        return np.pad(a, pad) if any(p[1] for p in pad) else a
+    def _centre(self, i: int) -> np.ndarray | None:
+        groups = self.centres[i]
+        if not groups:
+            return None
+        keys = sorted(groups)
+        vox = groups[keys[int(self.rng.integers(len(keys)))]]
+        return vox[int(self.rng.integers(len(vox)))]
+
+    def _crop(self, a: np.ndarray, start: np.ndarray, fill: float | np.ndarray = 0) -> np.ndarray:
+        """ROI crop of the last three axes at ``start``, padded with ``fill`` past the array's end."""
+        lead = a.shape[:-3]
+        out = np.empty((*lead, *self.roi), dtype=a.dtype)
+        out[...] = np.asarray(fill, dtype=a.dtype).reshape(*lead, 1, 1, 1) if lead else fill
+        src = tuple(
+            slice(int(s), min(int(s) + r, n)) for s, r, n in zip(start, self.roi, a.shape[-3:], strict=True)
+        )
+        dst = tuple(slice(0, sl.stop - sl.start) for sl in src)
+        out[(..., *dst)] = a[(..., *src)]
+        return out
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         i = int(self.rng.integers(len(self.images)))
-        img, lab = self._pad(self.images[i]), self._pad(self.labels[i])
-        shape = np.array(img.shape)
+        shape = np.maximum(np.array(self.images[i].shape), self.roi)
         roi = np.array(self.roi)
-        if self.rng.random() < self.fg_prob and len(self.fg[i]):
-            c = self.fg[i][int(self.rng.integers(len(self.fg[i])))]
+        c = self._centre(i) if self.rng.random() < self.fg_prob else None
+        if c is not None:
             start = np.clip(c - roi // 2 + self.rng.integers(-roi // 4, roi // 4 + 1), 0, shape - roi)
         else:
             start = np.array([int(self.rng.integers(0, s - r + 1)) for s, r in zip(shape, roi, strict=False)])
-        sl = tuple(slice(int(s), int(s) + int(r)) for s, r in zip(start, roi, strict=False))
-        x, y = img[sl].astype(np.float32), lab[sl]
+        x = self._crop(self.images[i], start).astype(np.float32)
+        if self.fractions is not None:
+            bg = np.zeros(L.NUM_CLASSES, np.uint8)
+            bg[0] = 255  # padding is background
+            y = self._crop(self.fractions[i], start, bg).astype(np.float32) / np.float32(255.0)
+        else:
+            y = self._crop(self.labels[i], start)[None]
         if self.flip_x and self.rng.random() < 0.5:  # classes are not lateralised: a mirror is valid anatomy
-            x, y = x[::-1], y[::-1]
+            x, y = x[::-1], y[:, ::-1]
         # Intensity jitter on the windowed image: contrast, brightness, noise.
         x = x * float(self.rng.uniform(0.9, 1.1)) + float(self.rng.uniform(-0.05, 0.05))
         x = x + self.rng.normal(0.0, float(self.rng.uniform(0.0, 0.03)), x.shape).astype(np.float32)
-        return np.clip(x, 0.0, 1.0), y.copy()
+        return np.clip(x, 0.0, 1.0), np.ascontiguousarray(y)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*(self.sample() for _ in range(n)), strict=False)
+        y = np.stack(ys)
         return (
             torch.from_numpy(np.stack(xs)[:, None].copy()),
-            torch.from_numpy(np.stack(ys)[:, None].astype(np.int64)),
+            torch.from_numpy(y if self.fractions is not None else y.astype(np.int64)),
         )
+
+
+def _voxels_by_class(lab: np.ndarray, by_class: bool) -> dict[int, np.ndarray]:
+    """Labelled voxel indices (every 7th), all in one group or one group per class present."""
+    flat = np.flatnonzero(lab)
+    if not by_class:
+        flat = flat[::7]
+        return {0: np.stack(np.unravel_index(flat, lab.shape), 1)} if len(flat) else {}
+    vals = lab.ravel()[flat]
+    order = np.argsort(vals, kind="stable")
+    flat, vals = flat[order], vals[order]
+    cuts = np.flatnonzero(np.diff(vals)) + 1
+    out = {}
+    for part in np.split(np.arange(len(flat)), cuts):
+        if len(part):
+            sel = flat[part][::7]
+            out[int(vals[part[0]])] = np.stack(np.unravel_index(sel, lab.shape), 1)
+    return out
 
 
 # ---------------------------------------------------------------- validation
@@ -350,7 +420,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     )
     net = build_network({"name": "UNETR", "args": cfg.arch}).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, batch=cfg.dice_batch)
+    if cfg.targets not in ("partial_volume", "nearest"):
+        raise ValueError(f"targets must be 'partial_volume' or 'nearest', not {cfg.targets!r}")
+    soft = cfg.targets == "partial_volume"
+    loss_fn = DiceCELoss(to_onehot_y=not soft, softmax=True, include_background=True, batch=cfg.dice_batch)
     state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None}
     last, best = ckdir / "last.pt", ckdir / "best.pt"
     if resume and last.exists():
@@ -363,7 +436,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         net.load_state_dict(_package_weights(cfg).state_dict())
         log.info("initialised from the package %s", cfg.init_from)
     rng = np.random.default_rng(cfg.seed + state["step"])
-    sampler = CropSampler(train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng)
+    if cfg.crop not in ("foreground", "classes"):
+        raise ValueError(f"crop must be 'foreground' or 'classes', not {cfg.crop!r}")
+    sampler = CropSampler(
+        train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng, by_class=cfg.crop == "classes", fractions=soft
+    )
     t0 = time.time() - state["elapsed_s"]
     t_ck = time.time()
     bar = None
@@ -411,6 +488,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             state["history"].append(entry)
             log.info("step %d: %s", state["step"], entry)
             print(json.dumps(entry), flush=True)
+            with open(ckdir / "history.jsonl", "a") as f:  # the learning curve, readable without torch
+                f.write(json.dumps(entry) + "\n")
             if score > state["best"]:
                 state["best"], state["best_step"] = score, state["step"]
                 _save_ckpt(best, net, opt, state)

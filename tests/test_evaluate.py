@@ -70,3 +70,38 @@ def test_aggregate_and_files(tmp_path: Path) -> None:
     rows = list(csv.DictReader(cp.open()))
     assert {r["name"] for r in rows} == {"sartorius", "femur", "gracilis"}
     assert "mean Dice, 21 muscles: 0.700" in format_table(res)
+
+
+def test_dice_by_side_splits_at_the_midline() -> None:
+    from seg.evaluate import dice_by_side
+
+    truth = np.zeros((60, 20, 10), np.uint8)
+    f, s = L.LABEL_OF["femur"], L.LABEL_OF["sartorius"]
+    truth[5:15, 5:15, :] = f  # right femur (low x in LPS = patient's right)
+    truth[45:55, 5:15, :] = f  # left femur
+    truth[2:5, 5:15, :] = s  # right sartorius
+    truth[55:58, 5:15, :] = s  # left sartorius
+    pred = truth.copy()
+    pred[55:58, 5:15, 5:] = 0  # half of the left sartorius missed
+    d = dice_by_side(_vol(pred), _vol(truth))
+    assert d[("sartorius", "right")] == pytest.approx(1.0)
+    assert d[("sartorius", "left")] == pytest.approx(2 * 150 / 450)
+    assert d[("femur", "left")] == d[("femur", "right")] == pytest.approx(1.0)
+    assert ("gracilis", "left") not in d
+
+
+def test_demo_tables_fit_80_columns() -> None:
+    """The demo's per-muscle tables use display names and stay within 80 columns."""
+    from dicomnode.commands.demo import change_table, volume_table
+
+    rec = {"structures": [{"name": m, "left_cm3": 1234.5, "right_cm3": 99.9} for m in L.ANALYSED_MUSCLES]}
+    dice = {(m, side): 0.987 for m in L.ANALYSED_MUSCLES for side in ("left", "right")}
+    text = volume_table("pre-op: volumes", rec, rec, dice)
+    change = {"structures": [{"name": m, "side": side, "loss_pct": -12.3}
+                             for m in L.ANALYSED_MUSCLES for side in ("left", "right")]}
+    text2 = change_table(change, {"gluteus_medius": 0.8}, "left")
+    for t in (text, text2):
+        assert max(len(line) for line in t.splitlines()) <= 80
+    assert "Tensor fasciae latae" in text and "vastus_" not in text
+    assert "mean Dice over the 21 muscles, both sides: 0.987" in text
+    assert "Gluteus medius" in text2 and "20 (L)" in text2

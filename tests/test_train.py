@@ -66,3 +66,46 @@ def test_crop_sampler_shapes_and_padding(tmp_path: Path) -> None:
     assert x.shape == (3, 1, 32, 32, 32) and y.shape == (3, 1, 32, 32, 32)
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert (y == 7).any()  # foreground-centred crops hit the label
+
+
+def test_partial_volume_targets_and_class_balanced_centres(tmp_path: Path) -> None:
+    """Fraction targets: one value per class summing to 1, background past the edge; centres by class
+    reach a structure of a few voxels as often as a large one."""
+    from seg import labels as L
+
+    img = np.random.default_rng(0).random((20, 40, 50)).astype(np.float16)
+    lab = np.zeros((20, 40, 50), np.uint8)
+    lab[2:18, 5:35, 5:45] = 3  # large
+    lab[10:12, 20:22, 20:22] = 9  # 8 voxels
+    frac = np.zeros((L.NUM_CLASSES, 20, 40, 50), np.uint8)
+    frac[lab.astype(np.int64), *np.indices(lab.shape)] = 255
+    for name, a in (("image", img), ("labels", lab), ("fractions", frac)):
+        np.save(tmp_path / f"a_{name}.npy", a)
+    case = {k: str(tmp_path / f"a_{k}.npy") for k in ("image", "labels", "fractions")}
+    s = CropSampler([case], (32, 32, 32), 1.0, False, np.random.default_rng(1), by_class=True, fractions=True)
+    x, y = s.batch(4)
+    assert x.shape == (4, 1, 32, 32, 32) and y.shape == (4, L.NUM_CLASSES, 32, 32, 32)
+    assert y.dtype == torch.float32 and torch.allclose(y.sum(1), torch.ones(4, 32, 32, 32))
+    assert bool((y[:, 0, 20:] == 1).all())  # x beyond 20 voxels is padding: background
+    centres = [tuple(s._centre(0)) for _ in range(400)]
+    small = sum(lab[c] == 9 for c in centres)
+    assert 120 < small < 280  # about half, not 8 in 20 000
+
+
+def test_partial_volume_fractions_keep_every_volume() -> None:
+    """1.5 x 1.5 x 3 mm CT to a 4 mm grid: class fractions sum to each structure's exact volume."""
+    from seg import labels as L
+    from seg.phantom import PhantomOptions, make_phantom
+    from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
+
+    ph = make_phantom(PhantomOptions(seed=4, spacing_mm=(1.5, 1.5, 3.0), position="FFS",
+                                     slice_order="descending", z_range_mm=(-40.0, 20.0)))
+    mg = to_model_grid(ph.ct, PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)), ph.labels)
+    frac = labels_to_model_probs(ph.labels, mg.affine, mg.image.shape, L.NUM_CLASSES)
+    true_cm3 = np.bincount(ph.labels.array.ravel(), minlength=L.NUM_CLASSES) * ph.ct.voxel_volume_cm3
+    grid_cm3 = frac.reshape(L.NUM_CLASSES, -1).sum(1) / 255.0 * 0.064
+    present = true_cm3 > 1.0
+    present[0] = False
+    assert np.allclose(grid_cm3[present], true_cm3[present], rtol=0.002), (grid_cm3, true_cm3)
+    # every model voxel's fractions sum to one (uint8 rounding aside)
+    assert np.abs(frac.sum(0).astype(int) - 255).max() <= 8

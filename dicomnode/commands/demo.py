@@ -372,28 +372,72 @@ def _by_name(record: dict) -> dict[str, dict]:
     return {s["name"]: s for s in record.get("structures", [])}
 
 
+def _cell(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def volume_table(title: str, measured: dict, truth: dict, dice: dict[tuple[str, str], float]) -> str:
+    """One study's 21 muscles, each side: measured cm³, truth cm³ and Dice, then the mean Dice.
+
+    Plain text under 80 columns, muscles by their display names (the class table's).
+    """
+    from seg.labels import ANALYSED_MUSCLES, by_name
+
+    mp, tp = _by_name(measured), _by_name(truth)
+    head = f"{'muscle':<21}{'L cm³':>9}{'truth':>9}{'Dice':>7}  {'R cm³':>9}{'truth':>9}{'Dice':>7}"
+    lines = [title, head, "-" * len(head)]
+    scores = []
+    for name in ANALYSED_MUSCLES:
+        m, t = mp.get(name, {}), tp.get(name, {})
+        row = f"{by_name(name).display_name:<21}"
+        for side in ("left", "right"):
+            d = dice.get((name, side))
+            if d is not None:
+                scores.append(d)
+            row += (f"{_cell(m.get(f'{side}_cm3'), '9.1f'):>9}{_cell(t.get(f'{side}_cm3'), '9.1f'):>9}"
+                    f"{_cell(d, '7.3f'):>7}" + ("  " if side == "left" else ""))
+        lines.append(row)
+    mean = sum(scores) / len(scores) if scores else None
+    lines.append(f"mean Dice over the 21 muscles, both sides: {_cell(mean, '.3f')}")
+    return "\n".join(lines)
+
+
+def change_table(change: dict, atrophy: dict[str, float], operated: str) -> str:
+    """Per-muscle loss (%) on each side against the phantom's true atrophy (on the operated side)."""
+    from seg.labels import ANALYSED_MUSCLES, by_name
+
+    by_key = {(s["name"], s["side"]): s for s in change.get("structures", [])}
+    head = f"{'muscle':<21}{'L loss %':>10}{'R loss %':>10}{'truth loss %':>14}"
+    lines = [head, "-" * len(head)]
+    for name in ANALYSED_MUSCLES:
+        left, right = by_key.get((name, "left")), by_key.get((name, "right"))
+        if not left or not right:
+            continue
+        factor = atrophy.get(name)
+        truth = f"{(1 - factor) * 100:.0f} ({operated[0].upper()})" if factor else "0"
+        lines.append(f"{by_name(name).display_name:<21}{_cell(left.get('loss_pct'), '10.1f'):>10}"
+                     f"{_cell(right.get('loss_pct'), '10.1f'):>10}{truth:>14}")
+    return "\n".join(lines)
+
+
+def _study_dice(study: DemoStudy, result_dir: Path) -> dict[tuple[str, str], float]:
+    from seg.evaluate import dice_by_side
+    from seg.io import load_nifti
+
+    pred, truth = result_dir / "labels.nii.gz", study.folder.parent / "truth" / "labels.nii.gz"
+    if not (pred.exists() and truth.exists()):
+        return {}
+    return dice_by_side(load_nifti(pred), load_nifti(truth))
+
+
 def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) -> None:
-    from rich.table import Table
-
-    from seg.labels import ANALYSED_MUSCLES
-
     pre_dir, post_dir = storage / "results" / pre.series_uid, storage / "results" / post.series_uid
-    pre_vol = json.loads((pre_dir / "volumes.json").read_text())
-    post_vol = json.loads((post_dir / "volumes.json").read_text())
-    names = list(ANALYSED_MUSCLES)
-    table = Table(title="Per-muscle volumes, cm³ (measured by the node; truth = phantom)", show_lines=False)
-    for col in ("muscle", "pre L", "pre R", "pre truth", "post L", "post R", "post truth", "err %"):
-        table.add_column(col, justify="left" if col == "muscle" else "right")
-    mp, mq, tp, tq = _by_name(pre_vol), _by_name(post_vol), _by_name(pre.truth), _by_name(post.truth)
-    for name in names:
-        a, b = mp.get(name, {}), mq.get(name, {})
-        ta, tb = tp.get(name, {}), tq.get(name, {})
-        errs = [abs(m["volume_cm3"] - t["volume_cm3"]) / t["volume_cm3"] * 100
-                for m, t in ((a, ta), (b, tb)) if m and t and t.get("volume_cm3")]
-        cells = (a.get("left_cm3"), a.get("right_cm3"), ta.get("volume_cm3"),
-                 b.get("left_cm3"), b.get("right_cm3"), tb.get("volume_cm3"), max(errs) if errs else None)
-        table.add_row(name, *(f"{x:.1f}" if isinstance(x, int | float) else "-" for x in cells))
-    console.print(table)
+    for study, folder in ((pre, pre_dir), (post, post_dir)):
+        measured = json.loads((folder / "volumes.json").read_text())
+        title = f"{study.label}: per-muscle volumes (node) against the phantom's truth"
+        console.print(volume_table(title, measured, study.truth, _study_dice(study, folder)),
+                      highlight=False, markup=False)
+        console.print()
 
     changes = sorted(post_dir.glob("change-*.json"))
     if not changes:
@@ -401,21 +445,10 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
         return
     change = json.loads(changes[0].read_text())
     side = change.get("fractured_side")
-    ct = Table(title=f"Change after surgery: {change.get('days_between', '?')} days, fractured side "
-                     f"{side or 'unknown'} (loss % = (pre - post) / pre; truth: phantom atrophy)")
-    for col in ("muscle", "L pre", "L post", "L loss %", "R pre", "R post", "R loss %", "truth loss %"):
-        ct.add_column(col, justify="left" if col == "muscle" else "right")
-    by_key = {(s["name"], s["side"]): s for s in change.get("structures", [])}
-    for name in names:
-        left, right = by_key.get((name, "left")), by_key.get((name, "right"))
-        if not left or not right:
-            continue
-        factor = FOLLOWUP_ATROPHY.get(name)
-        truth = f"{(1 - factor) * 100:.0f} (left)" if factor else "0"  # the phantom operates on the left
-        cells = [left.get("pre_cm3"), left.get("post_cm3"), left.get("loss_pct"),
-                 right.get("pre_cm3"), right.get("post_cm3"), right.get("loss_pct")]
-        ct.add_row(name, *(f"{x:.1f}" if isinstance(x, int | float) else "-" for x in cells), truth)
-    console.print(ct)
+    console.print(f"Change after surgery: {change.get('days_between', '?')} days, fractured side "
+                  f"{side or 'unknown'}\n(loss % = (pre - post) / pre; truth: the phantom's atrophy)",
+                  highlight=False, markup=False)
+    console.print(change_table(change, FOLLOWUP_ATROPHY, "left"), highlight=False, markup=False)
 
 
 def _kind(o: Received) -> str:

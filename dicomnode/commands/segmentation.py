@@ -105,6 +105,15 @@ def train(
     ] = False,
     dice_batch: Annotated[bool, typer.Option(help="Dice over the whole batch (not per crop).")] = True,
     decay_start: Annotated[float, typer.Option(help="Fraction of the run after which the LR decays.")] = 0.7,
+    crop: Annotated[
+        str, typer.Option(help="Crop centres: 'foreground' (any labelled voxel) or 'classes' (a structure "
+                          "drawn uniformly, then one of its voxels).")
+    ] = "foreground",
+    targets: Annotated[
+        str, typer.Option(help="Training targets: 'partial_volume' (class fractions of each model voxel) "
+                          "or 'nearest' (one label per voxel).")
+    ] = "partial_volume",
+    warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 20,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
     seed: Annotated[int, typer.Option(help="Training RNG seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -116,6 +125,10 @@ def train(
 
     if data is None and phantoms <= 0:
         raise typer.BadParameter("give --data DIR or --phantoms N")
+    if crop not in ("foreground", "classes"):
+        raise typer.BadParameter("--crop must be 'foreground' or 'classes'")
+    if targets not in ("partial_volume", "nearest"):
+        raise typer.BadParameter("--targets must be 'partial_volume' or 'nearest'")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
     zr = None
@@ -153,6 +166,9 @@ def train(
         threads=threads,
         dice_batch=dice_batch,
         decay_start=decay_start,
+        crop=crop,
+        targets=targets,
+        warmup_steps=warmup_steps,
         name=name,
         version=version,
         demo=demo,
