@@ -1,9 +1,12 @@
 """Per-patient change between two measurements (volumes.json records): the change record.
 
 Why here: the follow-up SR, the summary and the cohort report all read the same numbers, so they
-are computed once. Loss is positive when muscle shrinks: ``loss_pct = (pre − post) / pre × 100``;
-``delta_cm3 = post − pre`` keeps the sign of the change. The height index change needs a height;
-without one it is null, never a guess.
+are computed once. Changes are signed, follow-up minus baseline (negative for a loss):
+``delta_cm3 = post − pre`` and ``change_pct = (post − pre) / pre × 100``, the latter null when the
+baseline is below :attr:`reporting.rules.ReportingRules.pct_baseline_floor_cm3` or the follow-up
+volume is "not found" (so 1 → 6 voxels never reads +500 %). ``loss_pct = (pre − post) / pre × 100``
+(positive for a loss, unfloored) is the paper's loss ratio, kept for the cohort tables. The height
+index change needs a height; without one it is null, never a guess.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from reporting.rules import change_pct
 from seg.labels import ANALYSED_MUSCLES
 
 _REF_KEYS = (
@@ -45,6 +49,7 @@ def _entry(pre: float | None, post: float | None, height_m: float | None) -> dic
         "post_cm3": post,
         "delta_cm3": delta,
         "loss_pct": _loss_pct(pre, post),
+        "change_pct": change_pct(pre, post),
         "delta_index_cm3_m2": (delta / height_m**2) if (delta is not None and height_m) else None,
     }
 

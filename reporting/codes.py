@@ -25,6 +25,11 @@ VOLUME = CodedConcept("118565006", "SCT", "Volume")  # CID 7469 etc.
 YES = CodedConcept("373066001", "SCT", "Yes")
 NO = CodedConcept("373067005", "SCT", "No")
 THIGH = CodedConcept("68367000", "SCT", "Thigh")  # CID 4031
+PRESENCE = CodedConcept("121052", "DCM", "Presence of property")
+ABSENT = CodedConcept("272519000", "SCT", "Absent")  # CID 240 Present-Absent
+POSTOPERATIVE = CodedConcept("262061000", "SCT", "Post-operative")  # CID 6146 Time Point Types
+BASELINE_EVENT = CodedConcept("121079", "DCM", "Baseline")  # CID 280 Longitudinal Temporal Event Type
+DAY = CodedConcept("d", "UCUM", "day")
 
 
 def _private(value: str, meaning: str) -> CodedConcept:
@@ -34,11 +39,11 @@ def _private(value: str, meaning: str) -> CodedConcept:
 # Concepts with no standard code (checked against PS3.16 via pydicom.sr codes): private.
 VOLUME_INDEX = _private("VIDX", "Volume normalized to body height squared")
 VOLUME_BASELINE = _private("VPRE", "Volume at baseline")
-VOLUME_FOLLOWUP = _private("VPOST", "Volume at follow-up")
 VOLUME_CHANGE = _private("VDELTA", "Volume change (follow-up minus baseline)")
-VOLUME_LOSS_PCT = _private("VLOSSPCT", "Volume loss percent of baseline")
+VOLUME_CHANGE_PCT = _private("VCHGPCT", "Volume change percent of baseline (follow-up minus baseline)")
 VOLUME_INDEX_CHANGE = _private("VIDXDELTA", "Change of volume normalized to body height squared")
 QA_Z_COVERAGE = _private("QAZCOV", "Craniocaudal coverage of the series")
+MIN_SEGMENT_VOLUME = _private("QAMINSEG", "Minimum segment volume reported as found")
 QA_Z_COVERAGE_OK = _private("QAZOK", "Craniocaudal coverage sufficient")
 QA_METAL = _private("QAMETAL", "Metal artifact present")
 QA_HEIGHT_STATUS = _private("QAHGT", "Body height status")
@@ -53,9 +58,6 @@ HEIGHT_SOURCE_NONE = _private("SRCNONE", "No height source")
 BODY_HEIGHT = _private("HGT", "Body height")
 QA_FRACTURED_SIDE = _private("QAFXSIDE", "Fractured side")
 PROCEDURE = _private("THIGHVOL", "CT thigh muscle volumetry")
-FOLLOWUP_TITLE = _private("THIGHCHG", "Thigh muscle volume change report")
-TIME_POINT_BASELINE = _private("TPBASE", "Baseline")
-TIME_POINT_FOLLOWUP = _private("TPFU", "Follow-up")
 
 
 def structure_code(structure: Structure | str) -> CodedConcept:
@@ -72,13 +74,14 @@ def laterality_code(side: str) -> CodedConcept | None:
 
 
 def coding_scheme_identification() -> list[Dataset]:
-    """Items for CodingSchemeIdentificationSequence declaring the private scheme (and SCT/UCUM/DCM)."""
+    """Items for CodingSchemeIdentificationSequence declaring the private scheme (and DCM/SCT/UCUM/UMLS)."""
     items = []
     for designator, uid, name, org, version in (
         ("DCM", "1.2.840.10008.2.16.4", "DICOM Controlled Terminology", "NEMA", None),
         ("SCT", "2.16.840.1.113883.6.96", "SNOMED CT", "IHTSDO", None),
         ("UCUM", "2.16.840.1.113883.6.8", "Unified Code for Units of Measure", "Regenstrief Institute",
          "1.4"),
+        ("UMLS", "2.16.840.1.113883.6.86", "Unified Medical Language System", "NLM", None),  # TID 1502
     ):
         ds = Dataset()
         ds.CodingSchemeDesignator = designator

@@ -20,8 +20,9 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from reporting import codes
+from reporting.rules import RULES, ReportingRules, is_found
 from reporting.uids import copy_identity, output_uid, source_content, tracking_uid
-from seg.labels import structures
+from seg.labels import Structure, structures
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -177,12 +178,15 @@ def _frame_counts(idx: np.ndarray, box: np.ndarray, nbins: int) -> np.ndarray:
                      for k, (j0, j1, i0, i1) in enumerate(box)])
 
 
-def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None) -> SegmentPlan:
-    """Which segments exist (present structure x side) and the per-voxel index they are read from.
+def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None,
+              rules: ReportingRules = RULES) -> SegmentPlan:
+    """Which segments exist (found structure x side) and the per-voxel index they are read from.
 
     Sides use the mid-sagittal plane of :mod:`seg.measure` (left = +x in LPS): the plane recorded in
     ``qa.midline_x_mm`` when its split reproduces volumes.json's ``left_cm3`` exactly, else the plane
     recomputed by :func:`seg.measure.midline_x`; either way SEG sides equal the reported numbers.
+    A structure side below ``rules.min_segment_cm3`` is "not found": no segment (its voxels are
+    background in the SEG), and the SR says so.
     """
     n = len(structures())
     if int(labels.array.max(initial=0)) >= min(n, 128):
@@ -200,29 +204,31 @@ def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None) -> Segmen
     by_label = {int(e["label"]): e for e in volumes.get("structures", [])}
     segments: list[SegmentInfo] = []
     lut = np.zeros(2 * n, dtype=np.uint16)
+
+    def add(s: Structure, side: str, *values: int) -> None:
+        segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, side))
+        lut[list(values)] = segments[-1].number
+
+    vox = labels.voxel_volume_cm3
     for s in structures()[1:]:
         n_right, n_left = int(counts[2 * s.label]), int(counts[2 * s.label + 1])
-        if n_left + n_right == 0:
-            continue
         entry = by_label.get(s.label, {})
         split = entry.get("left_cm3") is not None or entry.get("right_cm3") is not None or not entry
         if not split:
-            segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, "both"))
-            lut[2 * s.label] = lut[2 * s.label + 1] = segments[-1].number
+            if is_found((n_left + n_right) * vox, rules):
+                add(s, "both", 2 * s.label, 2 * s.label + 1)
             continue
-        if n_left:
-            segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, "left"))
-            lut[2 * s.label + 1] = segments[-1].number
-        if n_right:
-            segments.append(SegmentInfo(len(segments) + 1, s.label, s.name, "right"))
-            lut[2 * s.label] = segments[-1].number
+        if n_left and is_found(n_left * vox, rules):
+            add(s, "left", 2 * s.label + 1)
+        if n_right and is_found(n_right * vox, rules):
+            add(s, "right", 2 * s.label)
     return SegmentPlan(segments, idx, lut, frame_box, frame_counts)
 
 
-def plan_segments(labels: Volume, volumes: dict,
-                  ct: Volume | None = None) -> tuple[list[SegmentInfo], np.ndarray]:
+def plan_segments(labels: Volume, volumes: dict, ct: Volume | None = None,
+                  rules: ReportingRules = RULES) -> tuple[list[SegmentInfo], np.ndarray]:
     """Segment list and the segment-number map in frame layout (k, j, i) (see :func:`make_plan`)."""
-    plan = make_plan(labels, volumes, ct)
+    plan = make_plan(labels, volumes, ct, rules)
     return plan.segments, plan.seg_map()
 
 
@@ -258,10 +264,12 @@ def read_sources(ct: Volume) -> list[Dataset]:
 
 
 def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_type: str = "BINARY",
-              compression: str = "RLE", sources: list[Dataset] | None = None, fast: bool = True) -> Dataset:
+              compression: str = "RLE", sources: list[Dataset] | None = None, fast: bool = True,
+              rules: ReportingRules = RULES) -> Dataset:
     """The SEG dataset (``compression`` applies to LABELMAP only; BINARY stays uncompressed).
 
     ``fast`` encodes BINARY per-frame items as bytes (see ``_fast_binary``); False = plain highdicom.
+    Structures below ``rules.min_segment_cm3`` per side get no segment (see :func:`make_plan`).
     """
     if labels.shape != ct.shape:
         raise ValueError(f"label map {labels.shape} is not on the CT grid {ct.shape}")
@@ -273,10 +281,11 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
         raise ValueError(f"{len(sources)} source files for {ct.shape[2]} slices")
     src0 = sources[0]
     patient_id = str(src0.get("PatientID", ct.meta.get("PatientID", "")))
-    plan = make_plan(labels, volumes, ct)
+    plan = make_plan(labels, volumes, ct, rules)
     segments = plan.segments
     if not segments:
-        raise ValueError("no structure present in the label map: nothing to put in a SEG")
+        raise ValueError("no structure of at least the minimum segment size in the label map: "
+                         "nothing to put in a SEG")
     if seg_type == "BINARY":
         transfer_syntax = ExplicitVRLittleEndian
     else:

@@ -3,6 +3,10 @@
 Why TID 1500: it is the template viewers and dcmqi understand for "this segment has this volume",
 it points at the SEG segment (so a click shows the region) and carries a tracking identifier that
 is the same for a patient's muscle in every study, which is what longitudinal viewers match on.
+Each group also names the CT images its segment was derived from (TID 1411 "Source image for
+segmentation") next to the source series: viewers such as OHIF look for image references. A
+structure side below the minimum segment size (:mod:`reporting.rules`) has no segment and is
+reported as absent, without a volume. Values are rounded to the precision in ``reporting.rules``.
 QA facts (coverage, metal, height) travel as qualitative evaluations so a reader sees why a number
 may not be trusted, without a free-text parser.
 """
@@ -10,10 +14,15 @@ may not be trusted, without a free-text parser.
 from __future__ import annotations
 
 import highdicom as hd
+import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.pixels import iter_pixels
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes as std
 
 from reporting import codes
+from reporting.rules import RULES, ReportingRules, rounded
 from reporting.seg import algorithm_name
 from reporting.uids import copy_identity, derived_uid, output_uid, source_content, source_header, tracking_uid
 from seg.labels import by_name
@@ -26,6 +35,7 @@ MM = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 METER = hd.sr.CodedConcept("m", "UCUM", "meter")
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 _SIDE_KEY = {"left": "left_cm3", "right": "right_cm3", "both": "volume_cm3"}
+_PER_FRAME = 0x52009230  # PerFrameFunctionalGroupsSequence
 
 
 def observation_context(model_info: dict) -> hd.sr.ObservationContext:
@@ -60,6 +70,69 @@ def segments_of(seg: Dataset) -> list[tuple[int, str, str]]:
     return out
 
 
+def _frame_sources(frame: Dataset) -> list[tuple[str, str]]:
+    """(SOP Class UID, SOP Instance UID) of the source images one SEG frame was derived from."""
+    out = []
+    for derivation in frame.get("DerivationImageSequence", []):
+        for src in derivation.get("SourceImageSequence", []):
+            out.append((str(src.ReferencedSOPClassUID), str(src.ReferencedSOPInstanceUID)))
+    return out
+
+
+def per_frame_groups(seg: Dataset) -> Sequence:
+    """The SEG's per-frame functional groups, parsed without touching the SEG itself.
+
+    Why: the fast BINARY encoder stores them as raw bytes; parsing them in place would make saving
+    the SEG re-encode every frame item, which is what that encoder avoids (minutes on a large CT).
+    """
+    elem = seg.get_item(_PER_FRAME)
+    if not isinstance(elem, RawDataElement):
+        return seg.PerFrameFunctionalGroupsSequence
+    holder = Dataset()
+    holder[_PER_FRAME] = elem
+    return holder.PerFrameFunctionalGroupsSequence
+
+
+def _frame_segments(seg: Dataset, frames: Sequence) -> list[list[int]]:
+    """Segment numbers in each frame: from the frame header (BINARY), else from the pixels."""
+    if all("SegmentIdentificationSequence" in f for f in frames):
+        return [[int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)] for f in frames]
+    # LABELMAP: a frame holds many segments; decoded one frame at a time, nothing cached on ``seg``
+    return [[int(v) for v in np.flatnonzero(np.bincount(px.ravel().astype(np.int64))) if v]
+            for px in iter_pixels(seg)]
+
+
+def segment_source_images(seg: Dataset) -> dict[int, list[hd.sr.SourceImageForSegmentation]]:
+    """Per segment number, the source CT images of the frames that hold it (in frame order).
+
+    Read from the SEG itself, so it holds for a SEG read back from disk as well.
+    """
+    frames = per_frame_groups(seg)
+    refs: dict[int, dict[tuple[str, str], None]] = {}
+    for frame, numbers in zip(frames, _frame_segments(seg, frames), strict=True):
+        for number in numbers:
+            refs.setdefault(number, {}).update(dict.fromkeys(_frame_sources(frame)))
+    return {n: [hd.sr.SourceImageForSegmentation(cls, inst) for cls, inst in uids]
+            for n, uids in refs.items()}
+
+
+def source_evidence(seg: Dataset) -> list[Dataset]:
+    """Minimal headers of the SEG's source CT images, as SR evidence for the image references.
+
+    Built from the SEG's ReferencedSeriesSequence (same study), so no CT file is read again.
+    """
+    out = []
+    for series in seg.get("ReferencedSeriesSequence", []):
+        for ref in series.ReferencedInstanceSequence:
+            ds = Dataset()
+            ds.StudyInstanceUID = seg.StudyInstanceUID
+            ds.SeriesInstanceUID = series.SeriesInstanceUID
+            ds.SOPClassUID = ref.ReferencedSOPClassUID
+            ds.SOPInstanceUID = ref.ReferencedSOPInstanceUID
+            out.append(ds)
+    return out
+
+
 def height_status(volumes: dict, meta: dict) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]:
     """(status, source) of the body height used for the index: present/missing/implausible."""
     if volumes.get("height_m"):
@@ -79,17 +152,21 @@ def height_status(volumes: dict, meta: dict) -> tuple[hd.sr.CodedConcept, hd.sr.
     return (codes.HEIGHT_IMPLAUSIBLE if given else codes.HEIGHT_MISSING), codes.HEIGHT_SOURCE_NONE
 
 
-def qa_group(ct: Volume, volumes: dict, model_info: dict) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """Series-level QA: z-coverage (mm), metal yes/no, height status and source, height (m)."""
+def qa_group(ct: Volume, volumes: dict, model_info: dict,
+             rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Series-level QA: z-coverage (mm), metal yes/no, height status and source, height (m), and the
+    minimum segment size below which a structure was reported absent."""
     qa = volumes.get("qa") or {}
     content = source_content(str(ct.meta.get("SeriesInstanceUID", "")), ct.source_sop_uids)
     measurements = []
     if qa.get("z_coverage_mm") is not None:
-        measurements.append(hd.sr.Measurement(name=codes.QA_Z_COVERAGE, value=float(qa["z_coverage_mm"]),
-                                              unit=MM))
+        measurements.append(hd.sr.Measurement(
+            name=codes.QA_Z_COVERAGE, value=rounded(qa["z_coverage_mm"], rules.length_decimals), unit=MM))
     if volumes.get("height_m"):
-        measurements.append(hd.sr.Measurement(name=codes.BODY_HEIGHT, value=float(volumes["height_m"]),
-                                              unit=METER))
+        measurements.append(hd.sr.Measurement(
+            name=codes.BODY_HEIGHT, value=rounded(volumes["height_m"], rules.height_decimals), unit=METER))
+    measurements.append(hd.sr.Measurement(name=codes.MIN_SEGMENT_VOLUME, unit=CM3,
+                                          value=rounded(rules.min_segment_cm3, rules.volume_decimals)))
     status, source = height_status(volumes, ct.meta)
     evaluations = [
         hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_STATUS, status),
@@ -115,25 +192,45 @@ def side_volume(entry: dict, side: str) -> float | None:
     return None if v is None else float(v)
 
 
+def _label(name: str, side: str) -> str:
+    s = by_name(name)
+    return s.display_name if side == "both" else f"{s.display_name} {side}"
+
+
+def _referenced_segment(seg: Dataset, number: int, series_uid: str,
+                        images: list[hd.sr.SourceImageForSegmentation]) -> hd.sr.ReferencedSegment:
+    """TID 1411 rows: the segment, its source images (when known) and its source series.
+
+    highdicom takes either images or the series; TID 1411 allows both, so the series is appended.
+    """
+    if not images:
+        return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                       segment_number=number,
+                                       source_series=hd.sr.SourceSeriesForSegmentation(series_uid))
+    ref = hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                  segment_number=number, source_images=images)
+    ref.append(hd.sr.SourceSeriesForSegmentation(series_uid))
+    return ref
+
+
 def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, name: str, side: str,
-                 entry: dict, height_m: float | None,
-                 model_info: dict) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
+                 entry: dict, height_m: float | None, model_info: dict,
+                 images: list[hd.sr.SourceImageForSegmentation] | None = None, rules: ReportingRules = RULES,
+                 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1411 group of one segment: volume (and height index), rounded per ``rules``."""
     volume = side_volume(entry, side)
     if volume is None:
         return None
-    s = by_name(name)
-    code = codes.structure_code(s)
-    measurements = [hd.sr.Measurement(name=codes.VOLUME, value=volume, unit=CM3)]
+    code = codes.structure_code(name)
+    measurements = [hd.sr.Measurement(name=codes.VOLUME, value=rounded(volume, rules.volume_decimals),
+                                      unit=CM3)]
     if height_m:
-        measurements.append(hd.sr.Measurement(name=codes.VOLUME_INDEX, value=volume / height_m**2,
-                                              unit=CM3_PER_M2))
-    label = s.display_name if side == "both" else f"{s.display_name} {side}"
+        measurements.append(hd.sr.Measurement(name=codes.VOLUME_INDEX, unit=CM3_PER_M2,
+                                              value=rounded(volume / height_m**2, rules.index_decimals)))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
-                                                     identifier=label),
-        referenced_segment=hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
-            source_series=hd.sr.SourceSeriesForSegmentation(series_uid)),
+                                                     identifier=_label(name, side)),
+        referenced_segment=_referenced_segment(seg, number, series_uid, images or []),
         finding_type=code,
         finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
         algorithm_id=algorithm_id(model_info),
@@ -141,30 +238,64 @@ def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, na
     )
 
 
-def build_measurement_sr(ct: Volume, seg: Dataset, volumes: dict, model_info: dict) -> Dataset:
-    """The TID 1500 SR for one measured series (numbers exactly as in ``volumes``)."""
+def absent_group(patient_id: str, name: str, side: str,
+                 model_info: dict) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group saying a structure side was not found (no segment of the minimum size).
+
+    Same tracking UID as its volume group in other studies, so a longitudinal reader sees "absent"
+    rather than a silent gap.
+    """
+    code = codes.structure_code(name)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
+                                                     identifier=_label(name, side)),
+        finding_type=code,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
+        algorithm_id=algorithm_id(model_info),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
+    )
+
+
+def expected_sides(entry: dict) -> list[str]:
+    """Sides a volumes.json entry reports: left and right when split, else both together."""
+    if entry.get("left_cm3") is not None or entry.get("right_cm3") is not None:
+        return [side for side in ("left", "right") if entry.get(_SIDE_KEY[side]) is not None]
+    return ["both"]
+
+
+def build_measurement_sr(ct: Volume, seg: Dataset, volumes: dict, model_info: dict,
+                         rules: ReportingRules = RULES) -> Dataset:
+    """The TID 1500 SR for one measured series: ``volumes``' numbers rounded per ``rules``, one volume
+    group per SEG segment, one "absent" group per structure side without a segment."""
     src0 = source_header(ct.source_files)
     patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids)
     by_label = {int(e["label"]): e for e in volumes.get("structures", [])}
     height_m = float(volumes["height_m"]) if volumes.get("height_m") else None
+    images = segment_source_images(seg)
     groups: list = []
+    present: set[tuple[str, str]] = set()
     for number, name, side in segments_of(seg):
         entry = by_label.get(by_name(name).label)
         if entry is None:
             continue
-        g = volume_group(patient_id, seg, series_uid, number, name, side, entry, height_m, model_info)
+        g = volume_group(patient_id, seg, series_uid, number, name, side, entry, height_m, model_info,
+                         images.get(number), rules)
         if g is not None:
             groups.append(g)
-    groups.append(qa_group(ct, volumes, model_info))
+            present.add((name, side))
+    for entry in sorted(volumes.get("structures", []), key=lambda e: int(e["label"])):
+        groups.extend(absent_group(patient_id, str(entry["name"]), side, model_info)
+                      for side in expected_sides(entry) if (str(entry["name"]), side) not in present)
+    groups.append(qa_group(ct, volumes, model_info, rules))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(model_info),
         procedure_reported=codes.PROCEDURE,
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg],
+        evidence=[seg, *source_evidence(seg)],
         content=report,
         series_instance_uid=output_uid(content, model_info, "SR/series"),
         series_number=SR_SERIES_NUMBER,

@@ -2,19 +2,20 @@
 
 Why an image: every PACS viewer displays a Secondary Capture, while SR rendering is patchy. The page
 shows the per-muscle table (left, right, total, index), the total, the height used, the QA warnings,
-and, for a follow-up, a bar chart of the change per muscle. Numbers come straight from volumes.json
-(and the change record), never recomputed differently.
+and, for a follow-up, a bar chart of the signed change per muscle (follow-up minus baseline, in % of
+baseline: negative bars are losses, as in the follow-up SR). Numbers come straight from volumes.json
+(and the change record), never recomputed differently; a side below the minimum segment size reads
+"n/f" (not found), as in the SR, and a muscle whose baseline is below the percentage floor has no bar.
 """
 
 from __future__ import annotations
-
-import io
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from reporting.rules import RULES, is_found
 from reporting.seg import algorithm_name
 from reporting.uids import copy_identity, output_uid, source_content, source_header
 from seg.labels import structures
@@ -26,6 +27,11 @@ _DPI = 100
 
 def _fmt(v: float | None, nd: int = 1) -> str:
     return "–" if v is None else f"{v:.{nd}f}"
+
+
+def _fmt_side(v: float | None) -> str:
+    """A side's volume, or "n/f" when it is below the minimum segment size (no SEG segment)."""
+    return "–" if v is None else _fmt(v, RULES.volume_decimals) if is_found(v) else "n/f"
 
 
 def qa_warnings(volumes: dict, meta: dict, model_info: dict) -> list[str]:
@@ -64,8 +70,9 @@ def _table_rows(volumes: dict) -> tuple[list[list[str]], float, float | None]:
         total += float(e["volume_cm3"])
         if e.get("index_cm3_m2") is not None:
             total_idx += float(e["index_cm3_m2"])
-        rows.append([s.display_name, _fmt(e.get("left_cm3")), _fmt(e.get("right_cm3")),
-                     _fmt(e.get("volume_cm3")), _fmt(e.get("index_cm3_m2"))])
+        found = is_found(e.get("volume_cm3"))
+        rows.append([s.display_name, _fmt_side(e.get("left_cm3")), _fmt_side(e.get("right_cm3")),
+                     _fmt_side(e.get("volume_cm3")), _fmt(e.get("index_cm3_m2")) if found else "–"])
     return rows, total, (total_idx if h else None)
 
 
@@ -115,30 +122,43 @@ def render_page(volumes: dict, model_info: dict, meta: dict, change: dict | None
     return np.ascontiguousarray(rgba[:, :, :3])
 
 
-def _change_chart(fig, change: dict) -> None:
-    """Bar chart: loss % per analysed muscle, left and right side by side."""
-    names = [s.name for s in structures() if s.analysed]
-    disp = {s.name: s.display_name for s in structures()}
+def change_bars(change: dict) -> dict[str, dict[str, float]]:
+    """Per analysed muscle and side, the signed change in % of baseline that the chart plots.
+
+    ``change_pct`` of the change record: follow-up minus baseline, null (no bar) below the baseline
+    floor, so a near-empty baseline cannot dominate the chart.
+    """
+    names = {s.name for s in structures() if s.analysed}
     data: dict[str, dict[str, float]] = {}
     for e in change.get("structures", []):
-        if e.get("name") in names and e.get("side") in ("left", "right") and e.get("loss_pct") is not None:
-            data.setdefault(e["name"], {})[e["side"]] = -float(e["loss_pct"])
+        if e.get("name") in names and e.get("side") in ("left", "right") and e.get("change_pct") is not None:
+            data.setdefault(e["name"], {})[e["side"]] = float(e["change_pct"])
+    return data
+
+
+def _change_chart(fig, change: dict) -> None:
+    """Bar chart: signed change % per analysed muscle, left and right side by side."""
+    names = [s.name for s in structures() if s.analysed]
+    disp = {s.name: s.display_name for s in structures()}
+    data = change_bars(change)
     ax = fig.add_axes((0.08, 0.1, 0.88, 0.22))
     ax.set_facecolor("black")
     shown = [n for n in names if n in data]
     x = np.arange(len(shown))
     for off, side, color in ((-0.2, "left", "#4aa3ff"), (0.2, "right", "#ff8c42")):
-        ax.bar(x + off, [data[n].get(side, 0.0) for n in shown], width=0.4, color=color, label=side)
+        ax.bar(x + off, [data[n].get(side, np.nan) for n in shown], width=0.4, color=color, label=side)
     ax.axhline(0, color="white", lw=0.8)
     ax.set_xticks(x, [disp[n] for n in shown], rotation=60, ha="right", fontsize=7, color="white")
     ax.tick_params(colors="white")
-    ax.set_ylabel("change %", color="white")
+    ax.set_ylabel("change since baseline (%)", color="white")
     days = change.get("days_between")
     base = (change.get("baseline") or {}).get("study_date") or "?"
     ax.set_title(f"Change since {base}" + (f" ({days} days)" if days is not None else "")
                  + (f", fractured side: {change['fractured_side']}" if change.get("fractured_side") else ""),
                  color="white", fontsize=10)
     ax.legend(facecolor="black", labelcolor="white", fontsize=8)
+    fig.text(0.08, 0.015, f"Follow-up minus baseline; negative = loss. No bar: baseline below "
+             f"{RULES.pct_baseline_floor_cm3:g} cm³ or follow-up not found.", color="#bbbbbb", fontsize=8)
     for sp in ax.spines.values():
         sp.set_color("#888888")
 
@@ -173,12 +193,3 @@ def build_summary(ct: Volume, volumes: dict, model_info: dict, change: dict | No
         sc.Laterality = None  # Type 2C in General Series for a PATIENT-frame image: present, empty
     copy_identity(sc, src0, ct.meta)
     return sc
-
-
-def to_png(ds: Dataset) -> bytes:
-    """PNG bytes of a summary (for the web UI / debugging)."""
-    import matplotlib.image as mpimg
-
-    buf = io.BytesIO()
-    mpimg.imsave(buf, ds.pixel_array, format="png")
-    return buf.getvalue()

@@ -13,8 +13,9 @@ import pydicom
 import pytest
 
 from reporting import codes
+from reporting.rules import RULES, ReportingRules
 from reporting.seg import build_seg, plan_segments
-from seg.labels import structures
+from seg.labels import by_name, structures
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
 from seg.volume import Volume
@@ -75,6 +76,8 @@ def test_highdicom_round_trip_equals_label_map(seg_file, case):
     px = seg.get_pixels_by_source_instance(source_sop_instance_uids=ct.source_sop_uids,
                                            segment_numbers=numbers, combine_segments=True, relabel=False)
     got = np.transpose(np.asarray(px), (2, 1, 0))  # (frames, rows, cols) -> (i, j, k)
+    _, seg_map = plan_segments(labels, vols, ct)
+    expected = np.where(seg_map.transpose(2, 1, 0) > 0, labels.array, 0)  # specks below the minimum: none
     lut = np.zeros(max(numbers) + 1, dtype=np.uint8)
     for item in seg.SegmentSequence:
         if int(item.SegmentNumber) == 0:
@@ -84,7 +87,7 @@ def test_highdicom_round_trip_equals_label_map(seg_file, case):
                  if s.value == code.CodeValue and s.scheme == code.CodingSchemeDesignator]
         assert len(match) == 1
         lut[int(item.SegmentNumber)] = match[0]
-    assert np.array_equal(lut[got], labels.array)
+    assert np.array_equal(lut[got], expected)
 
 
 def test_sides_match_volumes_json(case):
@@ -208,3 +211,43 @@ def test_frame_layout_of_either_memory_order(order: str) -> None:
     got = _frame_layout(a)
     assert got.dtype == np.uint8 and got.flags.c_contiguous and not np.shares_memory(got, a)
     assert np.array_equal(got, a.transpose(2, 1, 0))
+
+
+def with_speck(labels: Volume, label: int) -> Volume:
+    """The label map with one voxel of ``label`` put on the patient's far left (+x), inside the
+    gluteus maximus: a one-voxel "structure" as a model produces it at the edge of a muscle."""
+    arr = np.array(labels.array, copy=True)
+    ii, jj, kk = np.nonzero(arr == by_name("gluteus_maximus").label)
+    x = labels.affine[0, :3] @ np.stack([ii, jj, kk]) + labels.affine[0, 3]
+    n = int(np.argmax(x))
+    arr[ii[n], jj[n], kk[n]] = label
+    return labels.with_array(arr)
+
+
+def test_one_voxel_structure_gets_no_segment(case):
+    """Below the minimum segment size a structure side is "not found": no segment, its voxel is
+    background in the SEG; with the minimum set to 0 the same voxel is a segment."""
+    _, ct, labels, _ = case
+    speck = by_name("semimembranosus")
+    lab = with_speck(labels, speck.label)
+    vols = measure_volumes(lab, ct, model=MODEL)
+    entry = next(e for e in vols["structures"] if e["label"] == speck.label)
+    assert entry["voxels"] == 1 and 0 < entry["left_cm3"] < RULES.min_segment_cm3
+    ds = build_seg(ct, lab, vols, MODEL)
+    assert not [i for i in ds.SegmentSequence if str(i.TrackingID).startswith(speck.name)]
+    segments, seg_map = plan_segments(lab, vols, ct)
+    assert speck.label not in {s.label for s in segments}
+    assert np.count_nonzero(seg_map) == np.count_nonzero(lab.array) - 1  # only the speck is dropped
+    kept = build_seg(ct, lab, vols, MODEL, rules=ReportingRules(min_segment_cm3=0.0))
+    assert [str(i.TrackingID) for i in kept.SegmentSequence if str(i.TrackingID).startswith(speck.name)] == [
+        f"{speck.name} left"]
+
+
+def test_display_colours_come_from_structures_csv(seg_file):
+    """Each segment's RecommendedDisplayCIELabValue is its structure's colour in structures.csv."""
+    _, ds = seg_file
+    for item in ds.SegmentSequence:
+        if int(item.SegmentNumber) == 0:
+            continue
+        s = by_name(str(item.TrackingID).rsplit(" ", 1)[0])
+        assert list(item.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(*s.rgb).value)

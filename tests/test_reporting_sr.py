@@ -1,24 +1,33 @@
 """TID 1500 measurement SR and follow-up SR: dciodvfy, dsrdump and dcmqi tid1500reader accept them,
-their numbers equal volumes.json / the change record, and their UIDs are stable across re-runs."""
+their numbers equal volumes.json / the change record rounded to the reporting precision, each volume
+group names the CT images its segment lies on, specks below the minimum segment size are reported
+absent, changes are signed, and their UIDs are stable across re-runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
-from test_reporting_seg import MODEL, VENV_BIN, dciodvfy_errors, phantom_case
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from test_reporting_seg import MODEL, VENV_BIN, dciodvfy_errors, phantom_case, with_speck
 
 from reporting import codes
 from reporting.change import compute_change
 from reporting.followup_sr import build_followup_sr
-from reporting.seg import build_seg
+from reporting.rules import RULES
+from reporting.seg import build_seg, plan_segments
 from reporting.sr import build_measurement_sr
 from reporting.uids import derived_uid
 from seg.labels import by_name
+from seg.measure import measure_volumes
 
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PATIENT = {"patient_id": "RPT0001", "patient_name": "Report^Test", "sex": "F", "height_m": 1.62}
 
 
@@ -34,6 +43,31 @@ def dsrdump(path: Path) -> str:
                          env={**os.environ, "TCP_NODELAY": "1"})
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
+
+
+def content_items(ds: Dataset):
+    """Every content item of an SR, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def concept(item: Dataset) -> str:
+    return str(item.ConceptNameCodeSequence[0].CodeValue)
+
+
+def measurement_groups(sr: Dataset) -> list[Dataset]:
+    """The Measurement Group containers (125007, DCM) of a TID 1500 report."""
+    return [i for i in content_items(sr) if i.ValueType == "CONTAINER" and concept(i) == "125007"]
+
+
+def children(group: Dataset, code: str) -> list[Dataset]:
+    return [i for i in group.ContentSequence if concept(i) == code]
+
+
+def numeric_values(sr: Dataset) -> list[str]:
+    """The DS strings of every NUM item, as encoded."""
+    return [str(i.MeasuredValueSequence[0].NumericValue) for i in content_items(sr) if i.ValueType == "NUM"]
 
 
 def _build(root: Path, **opts):
@@ -94,12 +128,78 @@ def test_sr_numbers_equal_volumes_json(baseline, tmp_path):
         assert g["SourceSeriesForImageSegmentation"] == ct.meta["SeriesInstanceUID"]
         assert g["Laterality"]["CodeMeaning"].lower() == side
         items = {i["quantity"]["CodeValue"]: i for i in g["measurementItems"]}
-        assert float(items["118565006"]["value"]) == pytest.approx(expected, rel=1e-12, abs=1e-9)
+        assert items["118565006"]["value"] == f"{expected:.1f}"  # 0.1 cm³
         assert items["118565006"]["units"]["CodeValue"] == "cm3"
-        assert float(items["VIDX"]["value"]) == pytest.approx(expected / h2, rel=1e-9)
+        assert float(items["VIDX"]["value"]) == pytest.approx(round(expected / h2, 2), abs=1e-9)  # 0.01
         assert items["VIDX"]["units"]["CodeValue"] == "cm3/m2"
     qa = [m for m in meta["Measurements"] if m.get("TrackingIdentifier") == "Quality assurance"]
     assert len(qa) == 1
+
+
+def test_volume_groups_name_their_source_images(baseline):
+    """TID 1411: each group has the referenced segment, then one "Source image for segmentation"
+    per CT slice the segment lies on (what OHIF looks for), then the source series."""
+    _, ct, labels, vols, seg, sr = baseline
+    segments, seg_map = plan_segments(labels, vols, ct)
+    groups = [g for g in measurement_groups(sr) if children(g, "121191")]
+    assert len(groups) == len(segments)
+    for g in groups:
+        number = int(children(g, "121191")[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
+        on = np.flatnonzero((seg_map == number).any(axis=(1, 2)))
+        images = children(g, "121233")
+        uids = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images]
+        assert len(uids) == len(set(uids)) and set(uids) == {ct.source_sop_uids[k] for k in on}
+        assert {i.ReferencedSOPSequence[0].ReferencedSOPClassUID for i in images} == {CT_IMAGE_STORAGE}
+        assert children(g, "121232")[0].UID == ct.meta["SeriesInstanceUID"]
+        refs = [concept(i) for i in g.ContentSequence if concept(i) in ("121191", "121233", "121232")]
+        assert refs == ["121191", *["121233"] * len(images), "121232"]
+    evidence = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert set(ct.source_sop_uids) | {seg.SOPInstanceUID} <= evidence
+
+
+def test_reading_the_seg_leaves_its_fast_encoding_alone(baseline):
+    """Building the SR reads the SEG's frames from a copy: the fast encoder's raw per-frame bytes stay
+    raw, so saving the SEG afterwards does not re-encode every frame item."""
+    _, ct, labels, vols, _, _ = baseline
+    seg = build_seg(ct, labels, vols, MODEL)
+    assert isinstance(seg.get_item(0x52009230), RawDataElement)
+    build_measurement_sr(ct, seg, vols, MODEL)
+    assert isinstance(seg.get_item(0x52009230), RawDataElement)
+
+
+def test_encoded_values_have_no_float_noise(baseline, followup):
+    """Every NUM is written at its reporting precision (e.g. 41.4, never 41.4459556191840)."""
+    for sr in (baseline[5], followup[3]):
+        values = numeric_values(sr)
+        assert values
+        bad = [v for v in values if not re.fullmatch(r"-?\d+(\.\d{1,2})?", v)]
+        assert bad == []
+
+
+def test_one_voxel_structure_is_reported_absent(baseline, tmp_path):
+    """A speck below the minimum segment size: no segment, no volume, an "absent" group instead."""
+    _, ct, labels, _, _, _ = baseline
+    speck = by_name("semimembranosus")
+    lab = with_speck(labels, speck.label)
+    vols = measure_volumes(lab, ct, height_m=PATIENT["height_m"], model=MODEL)
+    seg = build_seg(ct, lab, vols, MODEL)
+    sr = build_measurement_sr(ct, seg, vols, MODEL)
+    sr.save_as(tmp_path / "speck.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "speck.dcm") == []
+    label = f"{speck.display_name} left"
+    groups = [g for g in measurement_groups(sr) if children(g, "112039")[0].TextValue == label]
+    assert len(groups) == 1
+    g = groups[0]
+    assert not children(g, "121191") and not [i for i in g.ContentSequence if i.ValueType == "NUM"]
+    presence = children(g, codes.PRESENCE.value)[0].ConceptCodeSequence[0]
+    assert (presence.CodeValue, presence.CodingSchemeDesignator) == (codes.ABSENT.value, "SCT")
+    qa = next(g for g in measurement_groups(sr) if children(g, "112039")[0].TextValue == "Quality assurance")
+    minimum = children(qa, codes.MIN_SEGMENT_VOLUME.value)[0].MeasuredValueSequence[0]
+    assert float(minimum.NumericValue) == RULES.min_segment_cm3
+    meta = tid1500(tmp_path / "speck.dcm", tmp_path / "speck.json")
+    absent = [m for m in meta["Measurements"] if m.get("TrackingIdentifier") == label]
+    assert len(absent) == 1 and not absent[0]["measurementItems"]
 
 
 def test_sr_without_height_has_no_index_and_says_so(tmp_path):
@@ -134,17 +234,84 @@ def test_followup_sr_valid_and_equal_to_change(followup, baseline, tmp_path):
         e = by_key.get(g.get("TrackingIdentifier"))
         if e is None:
             continue
-        items = {i["quantity"]["CodeValue"]: float(i["value"]) for i in g["measurementItems"]}
-        assert items["VPRE"] == pytest.approx(e["pre_cm3"])
-        assert items["118565006"] == pytest.approx(e["post_cm3"])
-        assert items["VDELTA"] == pytest.approx(e["delta_cm3"])
-        if e["loss_pct"] is not None:
-            assert items["VLOSSPCT"] == pytest.approx(e["loss_pct"])
-        assert items["VIDXDELTA"] == pytest.approx(e["delta_index_cm3_m2"])
+        items = {i["quantity"]["CodeValue"]: i for i in g["measurementItems"]}
+        assert items["VPRE"]["value"] == f"{e['pre_cm3']:.1f}"
+        assert items["118565006"]["value"] == f"{e['post_cm3']:.1f}"
+        assert float(items["VDELTA"]["value"]) == pytest.approx(round(e["delta_cm3"], 1), abs=1e-9)
+        assert {items[k]["units"]["CodeValue"] for k in ("VPRE", "118565006", "VDELTA")} == {"cm3"}
+        if e["change_pct"] is None:
+            assert "VCHGPCT" not in items
+        else:
+            assert float(items["VCHGPCT"]["value"]) == pytest.approx(round(e["change_pct"], 1), abs=1e-9)
+            assert items["VCHGPCT"]["units"]["CodeValue"] == "%"
+        index_change = round(e["delta_index_cm3_m2"], 2)
+        assert float(items["VIDXDELTA"]["value"]) == pytest.approx(index_change, abs=1e-9)
+        assert "VLOSSPCT" not in items
         checked += 1
     assert checked >= 20
     gm = by_key["Gluteus medius left"]
-    assert gm["loss_pct"] > 10  # the phantom's atrophy shows up as a loss
+    assert gm["change_pct"] < -10 and gm["delta_cm3"] < 0  # the phantom's atrophy is a negative change
+    assert gm["loss_pct"] == pytest.approx(-gm["change_pct"])  # the paper's loss ratio, opposite sign
+
+
+def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
+    """Root concept (126000, DCM), TID 1500 template, every group with the TID 1502 time point."""
+    _, _, change, fsr = followup
+    root = fsr.ConceptNameCodeSequence[0]
+    assert (root.CodeValue, root.CodingSchemeDesignator) == ("126000", "DCM")
+    assert fsr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    groups = measurement_groups(fsr)
+    assert groups
+    for g in groups:
+        order = children(g, "126073")
+        assert order and float(order[0].MeasuredValueSequence[0].NumericValue) == 2
+        offset = children(g, "128740")[0]  # Longitudinal Temporal Offset from Event
+        assert float(offset.MeasuredValueSequence[0].NumericValue) == change["days_between"]
+        assert offset.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "d"
+        event = children(offset, "128741")[0].ConceptCodeSequence[0]  # Longitudinal Temporal Event Type
+        assert (event.CodeValue, event.CodingSchemeDesignator) == ("121079", "DCM")
+    used = {(i.CodingSchemeDesignator) for item in content_items(fsr)
+            for i in (*item.get("ConceptNameCodeSequence", []), *item.get("ConceptCodeSequence", []))}
+    declared = {i.CodingSchemeDesignator for i in fsr.CodingSchemeIdentificationSequence}
+    assert used <= declared | {"RFC5646"}  # the language modifier: a standard designator (PS3.16 §8)
+
+
+def test_postoperative_time_point_and_percent_floor(followup, tmp_path):
+    """A post-operative follow-up is typed as such; a small baseline gets cm³ but no percentage, a
+    speck (below the minimum segment size) no volume at all; dciodvfy accepts the result."""
+    _, ct, change, _ = followup
+    e = next(x for x in change["structures"] if x["name"] == "gluteus_medius" and x["side"] == "left")
+    small = {**e, "pre_cm3": 3.0, "post_cm3": 4.5, "delta_cm3": 1.5, "loss_pct": -50.0,
+             "change_pct": None, "delta_index_cm3_m2": 1.5 / 1.62**2}
+    speck = {**e, "side": "right", "pre_cm3": 0.16, "post_cm3": 0.96, "delta_cm3": 0.8, "loss_pct": -500.0,
+             "change_pct": None, "delta_index_cm3_m2": 0.8 / 1.62**2}
+    edited = {**change, "baseline_preoperative": True, "structures": [small, speck]}
+    fsr = build_followup_sr(ct, edited, [])
+    fsr.save_as(tmp_path / "postop.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "postop.dcm") == []
+    groups = {children(g, "112039")[0].TextValue: g for g in measurement_groups(fsr)}
+    got = {concept(i): str(i.MeasuredValueSequence[0].NumericValue)
+           for i in groups["Gluteus medius left"].ContentSequence if i.ValueType == "NUM"}
+    assert got["VPRE"] == "3.0" and got["118565006"] == "4.5" and got["VDELTA"] == "1.5"
+    assert "VCHGPCT" not in got
+    assert "Gluteus medius right" not in groups  # neither time point has a structure of the minimum size
+    tp_type = children(groups["Gluteus medius left"], "126072")[0].ConceptCodeSequence[0]
+    assert (tp_type.CodeValue, tp_type.CodingSchemeDesignator) == ("262061000", "SCT")
+
+
+def test_change_record_is_signed_with_a_percent_floor():
+    """change_pct = (post − pre) / pre × 100, negative for a loss; none for a baseline under the floor
+    (1 → 6 voxels is +500 %), while the cm³ change is still stated."""
+    def record(left: float, right: float) -> dict:
+        return {"structures": [{"label": 1, "name": "sartorius", "group": "anterior",
+                                "volume_cm3": left + right, "left_cm3": left, "right_cm3": right}]}
+
+    c = compute_change(record(0.045, 20.0), record(0.27, 17.0), 1.6, {}, {})
+    side = {e["side"]: e for e in c["structures"]}
+    assert side["right"]["change_pct"] == pytest.approx(-15.0)
+    assert side["right"]["loss_pct"] == pytest.approx(15.0)  # the paper's loss ratio keeps its sign
+    assert side["left"]["change_pct"] is None and side["left"]["delta_cm3"] == pytest.approx(0.225)
+    assert RULES.pct_baseline_floor_cm3 > 0.045
 
 
 def test_followup_rerun_identical_uids(followup, baseline):
@@ -155,8 +322,9 @@ def test_followup_rerun_identical_uids(followup, baseline):
 
 def test_sr_referencing_labelmap_seg(baseline, tmp_path):
     """With a LABELMAP SEG the only dciodvfy complaint is its unawareness of the Label Map
-    Segmentation SOP Class (1.2.840.10008.5.1.4.1.1.66.7) when checking Referenced Segment Number."""
-    _, ct, labels, vols, _, _ = baseline
+    Segmentation SOP Class (1.2.840.10008.5.1.4.1.1.66.7) when checking Referenced Segment Number.
+    Its groups name the same source images as with the BINARY SEG (read from its pixels)."""
+    _, ct, labels, vols, _, binary_sr = baseline
     lm = build_seg(ct, labels, vols, MODEL, seg_type="LABELMAP")
     sr = build_measurement_sr(ct, lm, vols, MODEL)
     sr.save_as(tmp_path / "sr-lm.dcm", enforce_file_format=True)
@@ -164,6 +332,13 @@ def test_sr_referencing_labelmap_seg(baseline, tmp_path):
     assert all("not segmentation - attribute <ReferencedSegmentNumber>" in e for e in errors), errors
     meta = tid1500(tmp_path / "sr-lm.dcm", tmp_path / "sr-lm.json")
     assert len([m for m in meta["Measurements"] if "ReferencedSegment" in m]) == len(lm.SegmentSequence) - 1
+
+    def images(report: Dataset) -> dict[str, set[str]]:
+        return {children(g, "112039")[0].TextValue: {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                                                     for i in children(g, "121233")}
+                for g in measurement_groups(report) if children(g, "121191")}
+
+    assert images(sr) == images(binary_sr) and all(images(sr).values())
 
 
 def test_height_status_and_source():

@@ -14,7 +14,7 @@ from reporting.change import compute_change
 from reporting.followup_sr import build_followup_sr
 from reporting.seg import build_seg
 from reporting.sr import build_measurement_sr
-from reporting.summary import build_summary, qa_warnings
+from reporting.summary import _table_rows, build_summary, change_bars, qa_warnings
 from reporting.uids import derived_uid
 
 PATIENT = {"patient_id": "SUM0001", "patient_name": "Summary^Test", "sex": "M", "height_m": 1.75}
@@ -101,3 +101,27 @@ def test_qa_warnings_say_what_is_missing():
     assert any("height missing" in x.lower() for x in w)
     assert any("Metal present (left side)" in x for x in w)
     assert any("implausible" in x for x in qa_warnings(vols, {"PatientSize": 3.1}, {}))
+
+
+def test_change_chart_plots_signed_change_with_floor(studies):
+    """The chart's bars are the signed change (follow-up minus baseline, negative for a loss), as in
+    the follow-up SR; a near-empty baseline gets no bar instead of +500 %."""
+    change = studies["change"]
+    bars = change_bars(change)
+    gm = next(e for e in change["structures"] if e["name"] == "gluteus_maximus" and e["side"] == "right")
+    assert bars["gluteus_maximus"]["right"] == pytest.approx(gm["change_pct"]) and gm["change_pct"] < -10
+    tiny = {"name": "sartorius", "side": "left", "pre_cm3": 0.045, "post_cm3": 0.27, "change_pct": None,
+            "loss_pct": -500.0}
+    small = {**tiny, "side": "right", "pre_cm3": 4.0, "post_cm3": 6.0}
+    assert change_bars({"structures": [tiny, small]}) == {}
+
+
+def test_table_says_not_found_below_minimum_segment_size():
+    vols = {"height_m": 1.6, "structures": [
+        {"label": 1, "name": "sartorius", "volume_cm3": 80.045, "left_cm3": 0.045, "right_cm3": 80.0,
+         "index_cm3_m2": 31.268},
+        {"label": 2, "name": "rectus_femoris", "volume_cm3": 0.0, "left_cm3": 0.0, "right_cm3": 0.0,
+         "index_cm3_m2": 0.0}]}
+    rows, _, _ = _table_rows(vols)
+    assert rows[0][1:] == ["n/f", "80.0", "80.0", "31.3"]
+    assert rows[1][1:] == ["n/f", "n/f", "n/f", "–"]
