@@ -129,6 +129,7 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
             pipeline: str | None = None, model: Path | None = None) -> dict[str, float]:
     from orthanc import OrthancServer, free_port, wait_for
 
+    from dicomnode.sop import is_ct
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
         done_seen = wait_for(done, 3600, interval=0.2, what="the job to be done")
         classes = [orthanc.get_bytes(f"/instances/{i['ID']}/metadata/SopClassUid").decode()
                    for i in orthanc.get(f"/studies/{orthanc.study_id(study_uid)}/instances")]
-        n_out = sum(not c.startswith("1.2.840.10008.5.1.4.1.1.2") for c in classes)
+        n_out = sum(not is_ct(c) for c in classes)
         print(f"  {n_out} outputs stored in Orthanc")
         with sqlite3.connect(f"file:{storage / 'index.sqlite'}?mode=ro", uri=True) as con:
             con.row_factory = sqlite3.Row

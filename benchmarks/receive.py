@@ -30,10 +30,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from dicomnode.external import ORTHANC_FALLBACK, orthanc_binary, require_dcmtk_tool
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+ORTHANC = orthanc_binary() or ORTHANC_FALLBACK
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -83,7 +85,8 @@ class StoreSCPTarget(Target):
     def start(self) -> None:
         out = self.root / "out"
         out.mkdir()
-        self.proc = subprocess.Popen(["storescp", "-od", str(out), "+xa", str(self.port)], env=ENV,
+        storescp = require_dcmtk_tool("storescp")  # dcmtk's, not pynetdicom's script of the same name
+        self.proc = subprocess.Popen([storescp, "-od", str(out), "+xa", str(self.port)], env=ENV,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc)
 
@@ -143,7 +146,8 @@ def send(target: Target, files: list[Path], associations: int) -> float:
     """Seconds to C-STORE all files over ``associations`` concurrent storescu processes."""
     chunks = [files[i::associations] for i in range(associations)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aec", target.aet, "127.0.0.1", str(target.port), *map(str, c)],
+    storescu = require_dcmtk_tool("storescu")  # dcmtk's, not pynetdicom's script of the same name
+    procs = [subprocess.Popen([storescu, "-aec", target.aet, "127.0.0.1", str(target.port), *map(str, c)],
                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
     errors = [p.communicate()[1] for p in procs]
     elapsed = time.perf_counter() - t0

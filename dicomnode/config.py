@@ -1,17 +1,29 @@
 """One typed settings object: defaults, then a TOML file (``--config FILE``), then ``DICOMNODE_*``.
 
 Nested keys use ``__`` in the environment, e.g. ``DICOMNODE_PACS__PORT=4242``.
+
+Strict by design: every section refuses unknown keys and every choice is a closed set, so a typo in
+a hospital's node.toml stops the node at start-up with the key's name instead of being ignored.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,7 +34,34 @@ from pydantic_settings import (
 CONFIG_ENV = "DICOMNODE_CONFIG"
 
 
-class PacsSettings(BaseModel):
+def _upper(value: Any) -> Any:
+    """Choices are case-insensitive (``binary`` = ``BINARY``); anything else is still refused."""
+    return value.upper() if isinstance(value, str) else value
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _device(value: str) -> str:
+    """A torch device the worker can use; checked here so a typo fails at start-up, not at the first job."""
+    if not _DEVICE.fullmatch(value):
+        raise ValueError("must be auto, cpu, cuda or cuda:N (N = GPU index)")
+    return value
+
+
+SegType = Annotated[Literal["BINARY", "LABELMAP"], BeforeValidator(_upper)]
+LabelmapCompression = Annotated[Literal["RLE", "JPEGLS"], BeforeValidator(_upper)]
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
+Device = Annotated[str, AfterValidator(_device)]
+
+
+class Section(BaseModel):
+    """A ``[section]`` of the TOML file: unknown keys are errors (``[send] atempts = 3`` is refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PacsSettings(Section):
     """Where results go (and where priors are queried)."""
 
     ae_title: str = "ORTHANC"
@@ -30,34 +69,34 @@ class PacsSettings(BaseModel):
     port: int = 4242
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(Section):
     enabled: bool = True  # run the worker inside ``serve``
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
     poll_seconds: float = 1.0
     max_attempts: int = 3  # processing attempts before a job is failed
 
 
-class SendSettings(BaseModel):
+class SendSettings(Section):
     attempts: int = 5
     initial_backoff_seconds: float = 20.0  # doubles each retry: 20+40+80+160+320 s ≈ 10 min
     max_backoff_seconds: float = 320.0
     timeout_seconds: float = 30.0
 
 
-class SelectionSettings(BaseModel):
+class SelectionSettings(Section):
     min_z_extent_mm: float = 250.0
     min_slices: int = 50
     incomplete_hold_seconds: float = 300.0  # a quiet series with a gap waits this long, then "incomplete"
 
 
-class OutputSettings(BaseModel):
-    seg_type: str = "BINARY"  # BINARY (every viewer) | LABELMAP
-    labelmap_compression: str = "RLE"  # RLE | JPEGLS, used for LABELMAP
+class OutputSettings(Section):
+    seg_type: SegType = "BINARY"  # BINARY (every viewer) | LABELMAP
+    labelmap_compression: LabelmapCompression = "RLE"  # RLE | JPEGLS, used for LABELMAP
     summary: bool = True
     followup_sr: bool = True
 
 
-class PairingSettings(BaseModel):
+class PairingSettings(Section):
     enabled: bool = True
     retrieve_priors: bool = True  # C-FIND/C-MOVE a missing baseline from the PACS
 
@@ -83,7 +122,7 @@ class Settings(BaseSettings):
     network_timeout_seconds: float = Field(30.0, gt=0)  # an idle association or a stalled PDU is dropped
     max_instance_mb: float = Field(1024.0, gt=0)  # larger C-STORE data sets are refused (0xA700)
     model_path: Path | None = None  # None = the shipped phantom-trained demo model
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     log_json: bool = False
     pacs: PacsSettings = Field(default_factory=PacsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
@@ -122,6 +161,59 @@ class Settings(BaseSettings):
         return self.storage_dir / "index.sqlite"
 
 
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message names each bad key and what it accepts."""
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that holds the key at ``loc`` (``("send", "atempts")`` → SendSettings)."""
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per problem: the dotted key, then what is wrong (for an unknown key, the known ones)."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            model = _section_model(err["loc"])
+            known = ", ".join(model.model_fields) if model is not None else "?"
+            lines.append(f"{key}: unknown key (allowed here: {known})")
+        elif err["type"] == "literal_error":
+            lines.append(f"{key}: must be {err['ctx']['expected']} (got {err['input']!r})")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message} (got {err['input']!r})")
+    return lines
+
+
+def _validated(build: Any, source: str) -> Settings:
+    """``build()``, with pydantic's error turned into a ConfigError that lists every bad key."""
+    try:
+        return build()
+    except ValidationError as exc:
+        problems = "\n  ".join(describe_errors(exc))
+        raise ConfigError(f"invalid configuration ({source}):\n  {problems}") from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML table; FileNotFoundError or a ConfigError that names the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from defaults < TOML file < environment < explicit overrides.
 
@@ -132,14 +224,33 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is None and os.environ.get(CONFIG_ENV):
         config_file = Path(os.environ[CONFIG_ENV])
     if config_file is None:
-        return Settings(**overrides)
+        return _validated(lambda: Settings(**overrides), "defaults and DICOMNODE_* variables")
     path = Path(config_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with path.open("rb") as fh:
-        tomllib.load(fh)  # fail early and clearly on a malformed file
+    _read_toml(path)  # fail early and clearly on a missing or malformed file
 
     class FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=path.resolve())
 
-    return FileSettings(**overrides)
+    return _validated(lambda: FileSettings(**overrides), f"{path} and DICOMNODE_* variables")
+
+
+class _FileOnly(Settings):
+    """Settings from given values alone: no environment, so a check judges the file and nothing else."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def check_file(config_file: Path) -> Settings:
+    """Validate one TOML file on its own (no DICOMNODE_* variables): the settings, or ConfigError."""
+    path = Path(config_file)
+    data = _read_toml(path)
+    return _validated(lambda: _FileOnly(**data), str(path))

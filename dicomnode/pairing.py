@@ -403,17 +403,6 @@ def _refresh_patient(
     return changes, plan
 
 
-def refresh_patient(settings: Settings, patient_id: str, issuer: str = "") -> list[dict]:
-    """Recompute a patient's comparisons (after a registry import changed the surgery date, say)."""
-    con = connect(settings)
-    try:
-        with con:
-            con.execute("BEGIN IMMEDIATE")
-            return _refresh_patient(settings, con, patient_id, issuer)[0]
-    finally:
-        con.close()
-
-
 def refresh_all(settings: Settings) -> int:
     con = connect(settings)
     try:

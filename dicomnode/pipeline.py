@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
+from dicomnode.registry import height_for
 
 log = logging.getLogger(__name__)
-
-PLAUSIBLE_HEIGHT_M = (1.2, 2.2)
 
 
 class SeriesRejected(Exception):
@@ -64,27 +63,8 @@ def results_dir(settings: Settings, series_instance_uid: str) -> Path:
     return Path(settings.storage_dir) / "results" / series_instance_uid
 
 
-def dicom_height(meta: dict) -> tuple[float | None, str | None]:
-    """PatientSize in metres when present and plausible; otherwise no height (never a guess)."""
-    size = meta.get("PatientSize")
-    try:
-        height = float(size) if size not in (None, "") else None
-    except (TypeError, ValueError):
-        height = None
-    if height is None or height <= 0:
-        return None, "missing"
-    if not PLAUSIBLE_HEIGHT_M[0] <= height <= PLAUSIBLE_HEIGHT_M[1]:
-        log.warning("PatientSize %.2f m is implausible; no height index", height)
-        return None, f"implausible PatientSize {height:.2f} m"
-    return height, "PatientSize"
-
-
 def patient_height(settings: Settings, meta: dict) -> tuple[float | None, str | None]:
-    """Height by trust: the clinical registry, then DICOM PatientSize."""
-    try:
-        from dicomnode.registry import height_for
-    except ImportError:
-        return dicom_height(meta)
+    """Height by trust: the clinical registry, then DICOM PatientSize (plausibility: :mod:`seg.height`)."""
     return height_for(settings, meta)
 
 

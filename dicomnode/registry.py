@@ -3,8 +3,8 @@
 Why a registry: DICOM rarely carries a trustworthy height and never the fracture type, yet the
 paper's analysis needs both. Sources in order of trust: this registry (imported from a CSV with
 ``dicomnode patients import``), then the DICOM header (PatientSize / PatientSex). An implausible
-height (outside 1.2–2.2 m) is stored and flagged but never used; a missing height means no
-height index, never a guess.
+height (outside 1.2–2.2 m, the one rule in :mod:`seg.height`) is stored and flagged but never used;
+a missing height means no height index, never a guess.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import csv
 import logging
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
+from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
 
 log = logging.getLogger(__name__)
 
-PLAUSIBLE_HEIGHT_M = (1.2, 2.2)
 FRACTURE_TYPES = ("FNF", "ITF", "other")
 SIDES = ("left", "right")
 
@@ -108,10 +108,6 @@ class ImportResult:
 # ---------------------------------------------------------------- parsing
 
 
-def plausible_height(value: float | None) -> bool:
-    return value is not None and PLAUSIBLE_HEIGHT_M[0] <= value <= PLAUSIBLE_HEIGHT_M[1]
-
-
 def parse_sex(value: Any) -> str | None:
     text = str(value or "").strip().upper()
     if text in ("F", "FEMALE", "W", "WOMAN"):
@@ -154,15 +150,6 @@ def parse_date(value: Any) -> str | None:
     return digits
 
 
-def dicom_date(value: str | None) -> date | None:
-    if not value:
-        return None
-    try:
-        return datetime.strptime(str(value)[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
-
-
 def _column(header: list[str], key: str) -> str | None:
     normal = {h.strip().lower().replace(" ", "_").replace("-", "_"): h for h in header}
     for alias in _ALIASES[key]:
@@ -193,7 +180,7 @@ def parse_row(row: dict[str, str], header: list[str]) -> tuple[ClinicalInfo | No
     except ValueError:
         problems.append(f"height not a number: {height_text or height_cm_text!r}")
     if info.height_m is not None and not plausible_height(info.height_m):
-        info.height_flag = f"implausible height {info.height_m:.2f} m (outside 1.2–2.2 m)"
+        info.height_flag = f"implausible height {info.height_m:.2f} m (outside {PLAUSIBLE_RANGE_TEXT})"
         problems.append(info.height_flag)
     if get("sex"):
         info.sex = parse_sex(get("sex"))
@@ -223,12 +210,6 @@ def parse_row(row: dict[str, str], header: list[str]) -> tuple[ClinicalInfo | No
 
 
 # ---------------------------------------------------------------- storage
-
-
-def upsert(settings: Settings, info: ClinicalInfo) -> None:
-    with connect(settings) as con:
-        _upsert(con, info)
-    con.close()
 
 
 def _upsert(con: sqlite3.Connection, info: ClinicalInfo) -> None:
@@ -336,18 +317,6 @@ def all_patients(settings: Settings) -> list[ClinicalInfo]:
 # ---------------------------------------------------------------- resolution
 
 
-def _dicom_height(size: Any) -> tuple[float | None, str]:
-    try:
-        value = float(size) if size not in (None, "") else None
-    except (TypeError, ValueError):
-        value = None
-    if value is None or value <= 0:
-        return None, "missing"
-    if not plausible_height(value):
-        return None, f"implausible PatientSize {value:.2f} m"
-    return value, "PatientSize"
-
-
 def resolve(
     settings: Settings,
     patient_id: str,
@@ -367,7 +336,7 @@ def resolve(
     else:
         if info is not None and info.height_flag:
             notes.append(f"registry {info.height_flag}: not used")
-        height, height_source = _dicom_height(dicom_size)
+        height, height_source = height_from_patient_size(dicom_size)
         if height_source.startswith("implausible"):
             notes.append(f"{height_source}: not used")
     if height is None:

@@ -55,15 +55,13 @@ from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Settings
 from dicomnode.logs import event
+from dicomnode.sop import CT_CLASSES
 from dicomnode.store import Store, StoreError, encode_file_meta, info_from_dataset, read_header
 from dicomnode.validate import validate_instance
 
 log = logging.getLogger(__name__)
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
-STORAGE_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT)
+STORAGE_CLASSES = CT_CLASSES  # the only classes negotiated: anything else is refused at association
 
 # failure statuses (PS3.4 Annex B / GG)
 OUT_OF_RESOURCES = 0xA700

@@ -56,7 +56,7 @@ class Node:
             thread.start()
             self.threads.append(thread)
         spec = (
-            pipeline_spec(self.settings, self.pipeline_name)
+            pipeline_spec(self.pipeline_name)
             if isinstance(self.pipeline_name, str) or self.pipeline_name is None
             else self.pipeline_name
         )

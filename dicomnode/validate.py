@@ -34,6 +34,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 
+from dicomnode.sop import CT_CLASSES
+
 CANNOT_UNDERSTAND = 0xC000
 DATA_SET_DOES_NOT_MATCH = 0xA900
 
@@ -43,11 +45,7 @@ LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"
                              b"UT", b"UV"})
 
 # Storage SOP classes whose IOD fixes the Modality (only those the node accepts need to be here).
-MODALITY_OF_CLASS = {
-    "1.2.840.10008.5.1.4.1.1.2": "CT",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.1": "CT",  # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.2": "CT",  # Legacy Converted Enhanced CT Image Storage
-}
+MODALITY_OF_CLASS = dict.fromkeys(CT_CLASSES, "CT")
 
 
 class Problem(StrEnum):

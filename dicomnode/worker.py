@@ -3,9 +3,9 @@
 Why one at a time: the segmentation model holds the GPU/CPU; a second job in parallel only slows
 both. The pipeline is pluggable (``module:function``, default ``dicomnode.pipeline:run_pipeline``) so
 the node's own tests can run a tiny deterministic pipeline; choose it with ``dicomnode serve
---pipeline``, the ``DICOMNODE_PIPELINE`` environment variable, or ``worker.pipeline`` in the config
-once that key exists. An exception is a failed attempt (retried with backoff up to
-``worker.max_attempts``); ``SeriesRejected`` is a terminal ``rejected`` with its message.
+--pipeline`` or the ``DICOMNODE_PIPELINE`` environment variable. An exception is a failed attempt
+(retried with backoff up to ``worker.max_attempts``); ``SeriesRejected`` is a terminal ``rejected``
+with its message.
 """
 
 from __future__ import annotations
@@ -31,14 +31,9 @@ PIPELINE_ENV = "DICOMNODE_PIPELINE"
 PipelineFn = Callable[[Any, Settings], Any]
 
 
-def pipeline_spec(settings: Settings, explicit: str | None = None) -> str:
-    """Which pipeline runs: explicit > environment > ``worker.pipeline`` setting > the real one."""
-    return (
-        explicit
-        or os.environ.get(PIPELINE_ENV)
-        or getattr(settings.worker, "pipeline", None)
-        or DEFAULT_PIPELINE
-    )
+def pipeline_spec(explicit: str | None = None) -> str:
+    """Which pipeline runs: explicit > environment > the real one (a test-only seam, so not a config key)."""
+    return explicit or os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE
 
 
 def load_pipeline(spec: str) -> PipelineFn:
@@ -67,7 +62,7 @@ class Worker:
     @property
     def pipeline(self) -> PipelineFn:
         if self._pipeline is None or isinstance(self._pipeline, str):
-            self._pipeline = load_pipeline(pipeline_spec(self.settings, self._pipeline))
+            self._pipeline = load_pipeline(pipeline_spec(self._pipeline))
         return self._pipeline
 
     def retry_after(self, attempts: int) -> float | None:

@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 
 need_apt=()
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
-command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+# dcmdump: a name only dcmtk has (pynetdicom's venv scripts are called storescu, storescp, echoscu …)
+command -v dcmdump >/dev/null 2>&1 || need_apt+=(dcmtk)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing Debian packages: ${need_apt[*]}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from seg import labels as L
+from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     """The volumes.json record for a label map (optionally with its CT for QA figures).
 
     Height: the given ``height_m`` (with ``height_source``), else PatientSize from the series
-    metadata; without either, ``index_cm3_m2`` stays null (height is never guessed).
+    metadata; without either, ``index_cm3_m2`` stays null (height is never guessed). Plausibility is
+    :mod:`seg.height`'s rule: an implausible PatientSize is not used, an implausible given height is an error.
     """
     if ct is not None and not _same_grid(labels, ct):
         raise ValueError(f"label map grid {labels.shape} does not match the CT grid {ct.shape}")
@@ -102,12 +104,11 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     meta = dict(labels.meta)
     if ct is not None:
         meta.update(ct.meta)
-    if height_m is None and meta.get("PatientSize"):
-        h = float(meta["PatientSize"])
-        if 0.5 < h < 2.5:
-            height_m, height_source = h, "PatientSize"
-    if height_m is not None and not 0.5 < float(height_m) < 2.5:
-        raise ValueError(f"height {height_m} m is not plausible")
+    if height_m is None:
+        height_m, source = height_from_patient_size(meta.get("PatientSize"))
+        height_source = source if height_m is not None else None
+    elif not plausible_height(height_m):
+        raise ValueError(f"height {height_m} m is not plausible (outside {PLAUSIBLE_RANGE_TEXT})")
     vox = labels.voxel_volume_cm3
     mid, how = midline_x(labels, ct)
 

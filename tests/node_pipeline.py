@@ -14,10 +14,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 
 from dicomnode.pipeline import JobInput, JobOutput, SeriesRejected
-
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def derived_uid(*parts: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,10 +23,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from dicomnode.external import ORTHANC_FALLBACK, orthanc_binary
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "orthanc"
 ROUTE_LUA = DEPLOY / "route.lua"
-ORTHANC_BIN = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+ORTHANC_BIN = orthanc_binary() or ORTHANC_FALLBACK
 HAVE_ORTHANC = Path(ORTHANC_BIN).is_file() and os.access(ORTHANC_BIN, os.X_OK)
 requires_orthanc = pytest.mark.skipif(not HAVE_ORTHANC, reason=f"Orthanc not installed ({ORTHANC_BIN})")
 

@@ -8,7 +8,6 @@ stalls ~45 ms per instance on delayed ACKs otherwise).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -21,9 +20,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+from dicomnode.external import have_dcmtk, require_dcmtk_tool
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-HAVE_DCMTK = all(shutil.which(t) for t in ("storescu", "echoscu", "storescp"))
+HAVE_DCMTK = have_dcmtk("storescu", "echoscu", "storescp")  # dcmtk's, never pynetdicom's same-named scripts
 requires_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="dcmtk (storescu/echoscu/storescp) not installed")
 
 T = TypeVar("T")
@@ -224,7 +225,8 @@ def storescu(
     timeout: float = 60.0,
 ) -> subprocess.CompletedProcess[str]:
     """dcmtk storescu over one association (``-xs`` proposes the files' own transfer syntaxes too)."""
-    cmd = ["storescu", "-aet", aet, "-aec", called, *extra, "127.0.0.1", str(port), *map(str, files)]
+    cmd = [require_dcmtk_tool("storescu"), "-aet", aet, "-aec", called, *extra, "127.0.0.1", str(port),
+           *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
 
 
@@ -232,7 +234,7 @@ def echoscu(
     port: int, *, aet: str = "ECHOSCU", called: str = "THIGHNODE"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["echoscu", "-aet", aet, "-aec", called, "127.0.0.1", str(port)],
+        [require_dcmtk_tool("echoscu"), "-aet", aet, "-aec", called, "127.0.0.1", str(port)],
         capture_output=True,
         text=True,
         env=dcmtk_env(),
@@ -253,7 +255,8 @@ class StoreSCP:
     def start(self) -> StoreSCP:
         log = (self.folder.parent / f"storescp-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+xa", "+uf", str(self.port)],
+            [require_dcmtk_tool("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "+xa", "+uf",
+             str(self.port)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=dcmtk_env(),

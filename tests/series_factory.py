@@ -12,10 +12,15 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+CT_IMAGE, MR_IMAGE, ENHANCED_CT_IMAGE = CTImageStorage, MRImageStorage, EnhancedCTImageStorage
 
 
 @dataclass
@@ -103,9 +108,6 @@ def write_ct_series(
 def write_big_series(folder: Path, n: int = 300, size: int = 512, name: str = "bench") -> SeriesFiles:
     """The benchmark series: ``n`` slices of ``size``² int16 noise (uncompressed, ~0.5 MB each)."""
     return write_ct_series(folder, name=name, n=n, size=size, slice_mm=1.0, pixel_mm=0.8, random_pixels=True)
-
-
-ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 def write_enhanced_ct(path: Path, *, name: str = "enh", frames: int = 12, slice_mm: float = 3.0,

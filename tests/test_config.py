@@ -1,8 +1,16 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from dicomnode.config import CONFIG_ENV, Settings, load_settings
+import pytest
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.config import CONFIG_ENV, ConfigError, Settings, load_settings
+
+DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "node.toml"
 
 
 def test_file_then_environment_override(tmp_path, monkeypatch):
@@ -47,3 +55,68 @@ def test_config_show_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "config", "show", "--config", str(cfg)],
                          capture_output=True, text=True, check=True).stdout
     assert "SHOWME" in out
+
+
+# -- strict configuration: a typo is an error that names the key ----------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(text)
+    return cfg
+
+
+def test_every_section_refuses_unknown_keys() -> None:
+    sections = [f for f in Settings.model_fields.values()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    assert len(sections) >= 6
+    assert all(f.annotation.model_config.get("extra") == "forbid" for f in sections)
+
+
+def test_unknown_nested_key_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _write(tmp_path, "[send]\natempts = 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert "send.atempts: unknown key" in str(err.value)
+    assert "attempts, initial_backoff_seconds" in str(err.value)  # what the section does take
+    monkeypatch.setenv("DICOMNODE_PACS__HOTS", "10.0.0.9")  # the same typo through the environment
+    with pytest.raises(ConfigError, match=r"pacs\.hots: unknown key"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("section", "key", "value", "allowed"), [
+    ("output", "seg_type", "binry", "'BINARY' or 'LABELMAP'"),
+    ("output", "labelmap_compression", "jpeg", "'RLE' or 'JPEGLS'"),
+    ("worker", "device", "gpu", "auto, cpu, cuda or cuda:N"),
+])
+def test_bad_choice_is_refused_with_the_allowed_values(tmp_path: Path, section: str, key: str, value: str,
+                                                        allowed: str) -> None:
+    cfg = _write(tmp_path, f'[{section}]\n{key} = "{value}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert f"{section}.{key}: must be" in str(err.value) and allowed in str(err.value)
+
+
+def test_choices_accept_every_documented_value(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, 'log_level = "debug"\n[output]\nseg_type = "labelmap"\n'
+                           'labelmap_compression = "JPEGLS"\n[worker]\ndevice = "cuda:1"\n')
+    s = load_settings(cfg)
+    assert (s.log_level, s.output.seg_type, s.output.labelmap_compression) == ("DEBUG", "LABELMAP", "JPEGLS")
+    assert s.worker.device == "cuda:1"
+
+
+def test_config_check_valid_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOMNODE_PORT", "not-a-port")  # the check judges the file alone
+    result = CliRunner().invoke(app, ["config", "check", str(DEPLOY_CONFIG)])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output and "THIGHNODE on 0.0.0.0:11112" in result.output
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[send]\natempts = 3\n", "send.atempts: unknown key"),
+    ('[output]\nseg_type = "binry"\n', "output.seg_type: must be 'BINARY' or 'LABELMAP'"),
+    ("port = [\n", "not valid TOML"),
+])
+def test_config_check_bad_file_exits_2(tmp_path: Path, text: str, expected: str) -> None:
+    result = CliRunner().invoke(app, ["config", "check", str(_write(tmp_path, text))])
+    assert result.exit_code == 2 and expected in result.output

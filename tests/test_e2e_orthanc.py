@@ -20,17 +20,13 @@ from typing import Any
 import pytest
 from orthanc import OrthancServer, free_port, requires_orthanc, wait_for
 from peers import NodeProcess
+from pynetdicom.sop_class import CTImageStorage as CT_IMAGE
+from pynetdicom.sop_class import MRImageStorage as MR_IMAGE
+from pynetdicom.sop_class import Verification
+
+from dicomnode.sop import is_ct, output_kind
 
 pytestmark = [pytest.mark.e2e, requires_orthanc]
-
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-LABELMAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-SC_CLASSES = {SECONDARY_CAPTURE, "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.4"}
-SR_CLASSES = {COMPREHENSIVE_3D_SR, "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +81,7 @@ class CapturingSCP:
         self._lock = threading.Lock()
         ae = AE(ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context("1.2.840.10008.1.1")
+        ae.add_supported_context(Verification)
 
         def on_store(event: Any) -> int:
             with self._lock:
@@ -243,11 +239,9 @@ def outputs_in(orthanc: OrthancServer, study_uid: str) -> dict[str, list[str]]:
     kinds: dict[str, list[str]] = defaultdict(list)
     for inst in orthanc.instances_of_study(study_uid):
         cls = orthanc.get_bytes(f"/instances/{inst['ID']}/metadata/SopClassUid").decode()
-        if cls in (CT_IMAGE, "1.2.840.10008.5.1.4.1.1.2.1"):
+        if is_ct(cls):
             continue
-        kind = ("seg" if cls in (SEG_STORAGE, LABELMAP_SEG_STORAGE) else "sr" if cls in SR_CLASSES
-                else "summary" if cls in SC_CLASSES else "other")
-        kinds[kind].append(inst["ID"])
+        kinds[output_kind(cls).lower()].append(inst["ID"])  # seg, sr, summary or other
     return kinds
 
 
@@ -449,16 +443,23 @@ def sr_matches_volumes(w: Wired, series_uid: str, kinds: dict[str, list[str]]) -
 
     measured = json.loads((w.node.storage_dir / "results" / series_uid / "volumes.json").read_text())
     got = {s["name"]: s for s in measured["structures"]}
+    from reporting.rules import is_found
+    from reporting.sr import SR_SERIES_NUMBER
+
     reports = [w.orthanc.instance_dataset(i) for i in kinds["sr"]]
+    # both SRs are TID 1500 "Imaging Measurement Report"s; the follow-up SR is another series
     in_sr = [sr_volumes(sr) for sr in reports
-             if sr.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurement Report"]
+             if sr.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurement Report"
+             and int(sr.SeriesNumber) == SR_SERIES_NUMBER]
     assert len(in_sr) == 1 and in_sr[0], "not exactly one TID 1500 measurement report in the study"
     for m in ANALYSED_MUSCLES:
         for side in ("left", "right"):
             label = f"{by_name(m).display_name} {side}"  # the SR's tracking identifier
             value = got[m].get(f"{side}_cm3")
-            if value:  # a structure the model did not find has no segment and no group
+            if is_found(value):  # not found (no voxel, or a speck): no segment, an "absent" group
                 assert in_sr[0][label] == pytest.approx(value, abs=0.1), (m, side)
+            else:
+                assert label not in in_sr[0], (m, side)
     return measured
 
 
@@ -542,9 +543,13 @@ def test_phantom_patient_gets_seg_sr_summary_and_followup_sr_in_orthanc(patient_
     assert seg.StudyInstanceUID == r.pre[0] and seg.PatientID == PATIENT["patient_id"]
     sr_matches_volumes(r.w, r.pre[1], pre_kinds)
     sr_matches_volumes(r.w, r.post[1], post_kinds)
-    titles = sorted(r.w.orthanc.instance_dataset(i).ConceptNameCodeSequence[0].CodeMeaning
-                    for i in post_kinds["sr"])
-    assert titles[0] == "Imaging Measurement Report" and titles[1] != titles[0]  # + the follow-up report
+    from reporting.followup_sr import FOLLOWUP_SERIES_NUMBER
+    from reporting.sr import SR_SERIES_NUMBER
+
+    reports = [r.w.orthanc.instance_dataset(i) for i in post_kinds["sr"]]
+    # the measurement report and the follow-up report: both TID 1500, in two series
+    assert {ds.ConceptNameCodeSequence[0].CodeMeaning for ds in reports} == {"Imaging Measurement Report"}
+    assert sorted(int(ds.SeriesNumber) for ds in reports) == [SR_SERIES_NUMBER, FOLLOWUP_SERIES_NUMBER]
     changes = sorted((r.w.node.storage_dir / "results" / r.post[1]).glob("change-*.json"))
     assert changes, "no change record for the follow-up"
     change = json.loads(changes[0].read_text())

@@ -97,11 +97,11 @@ def test_demo_tables_fit_80_columns() -> None:
     rec = {"structures": [{"name": m, "left_cm3": 1234.5, "right_cm3": 99.9} for m in L.ANALYSED_MUSCLES]}
     dice = {(m, side): 0.987 for m in L.ANALYSED_MUSCLES for side in ("left", "right")}
     text = volume_table("pre-op: volumes", rec, rec, dice)
-    change = {"structures": [{"name": m, "side": side, "loss_pct": -12.3}
+    change = {"structures": [{"name": m, "side": side, "change_pct": -12.3}
                              for m in L.ANALYSED_MUSCLES for side in ("left", "right")]}
     text2 = change_table(change, {"gluteus_medius": 0.8}, "left")
     for t in (text, text2):
         assert max(len(line) for line in t.splitlines()) <= 80
     assert "Tensor fasciae latae" in text and "vastus_" not in text
     assert "mean Dice over the 21 muscles, both sides: 0.987" in text
-    assert "Gluteus medius" in text2 and "20 (L)" in text2
+    assert "Gluteus medius" in text2 and "-20 L" in text2 and "-12.3" in text2

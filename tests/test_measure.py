@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dicomnode import registry
+from dicomnode.config import Settings
+from dicomnode.pipeline import patient_height
 from seg import labels as L
+from seg.height import plausible_height
 from seg.measure import measure_volumes, midline_x, write_volumes
 from seg.volume import Volume
 
@@ -122,3 +126,21 @@ def test_write_volumes_json_and_csv(tmp_path: Path) -> None:
     rows = list(csv.DictReader(cp.open()))
     assert len(rows) == 29 and rows[0]["name"] == "sartorius"
     assert float(rows[2]["volume_cm3"]) == rec["structures"][2]["volume_cm3"]
+
+
+@pytest.mark.parametrize(("size", "usable"), [
+    (1.19, False), (1.2, True), (1.75, True), (2.2, True), (2.21, False),
+    (0.6, False), (2.4, False),  # inside the 0.5–2.5 m that measure once accepted on its own
+])
+def test_one_height_rule_for_pipeline_registry_and_measure(settings: Settings, size: float,
+                                                           usable: bool) -> None:
+    assert plausible_height(size) is usable
+    lab, _ = _scene()
+    lab.meta["PatientSize"] = size
+    measured = measure_volumes(lab)["height_m"]
+    via_registry = registry.resolve(settings, "NOBODY", dicom_size=size).height_m
+    via_pipeline = patient_height(settings, {"PatientID": "NOBODY", "PatientSize": size})[0]
+    assert [measured, via_registry, via_pipeline] == ([size] * 3 if usable else [None] * 3)
+    if not usable:
+        with pytest.raises(ValueError, match="not plausible"):
+            measure_volumes(lab, height_m=size)  # a caller's explicit height is held to the same rule

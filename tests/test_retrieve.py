@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -19,6 +18,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicomnode.config import Settings
+from dicomnode.external import ORTHANC_FALLBACK, dcmtk_tool, orthanc_binary, require_dcmtk_tool
 from dicomnode.retrieve import (
     SeriesHit,
     StudyHit,
@@ -28,7 +28,7 @@ from dicomnode.retrieve import (
     retrieve_prior,
 )
 
-ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC = orthanc_binary() or ORTHANC_FALLBACK
 
 
 def free_port() -> int:
@@ -67,7 +67,7 @@ def _ct_series(folder: Path, patient_id: str, study_date: str, n: int, study_uid
 
 @pytest.fixture
 def orthanc(tmp_path: Path):
-    if not Path(ORTHANC).exists() or shutil.which("storescu") is None:
+    if not Path(ORTHANC).exists() or dcmtk_tool("storescu") is None:
         pytest.skip("Orthanc/dcmtk not installed")
     dicom_port, http_port, node_port = free_port(), free_port(), free_port()
     cfg = {
@@ -113,7 +113,7 @@ def orthanc(tmp_path: Path):
 def _store(folder: Path, port: int, env: dict) -> None:
     subprocess.run(
         [
-            "storescu",
+            require_dcmtk_tool("storescu"),
             "-aec",
             "ORTHANC",
             "-aet",

@@ -22,6 +22,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,9 +33,6 @@ DEPLOY_ORTHANC = REPO / "deploy" / "orthanc"
 SCANNER_AET = "CTSCANNER"
 NODE_AET = "THIGHNODE"
 PACS_AET = "ORTHANC"
-SEG_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}
-SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 # Post-operative change built into the follow-up phantom: volume factors on the operated side,
 # roughly the pattern the paper reports (gluteal and anterior muscles lose most).
 FOLLOWUP_ATROPHY = {
@@ -42,6 +40,14 @@ FOLLOWUP_ATROPHY = {
     "vastus_lateralis": 0.85, "vastus_intermedius": 0.88, "rectus_femoris": 0.90, "iliopsoas": 0.85,
     "adductor_magnus": 0.92,
 }
+
+
+class PacsKind(StrEnum):
+    """Which PACS the demo runs: a closed choice, so ``--pacs orthnac`` is refused with the options."""
+
+    AUTO = "auto"  # Orthanc when installed, else the local store SCP
+    ORTHANC = "orthanc"
+    LOCAL = "local"
 
 
 class DemoError(RuntimeError):
@@ -94,10 +100,13 @@ class LocalPacs:
 
     def start(self) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        from dicomnode.sop import SEG_CLASSES
 
         ae = AE(self.aet)
         ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context("1.2.840.10008.1.1")
+        ae.add_supported_context(Verification)
         for uid in SEG_CLASSES:  # Label Map SEG may be newer than pynetdicom's list
             ae.add_supported_context(uid)
 
@@ -153,15 +162,19 @@ class OrthancPacs:
 
     @staticmethod
     def available() -> bool:
-        return shutil.which("Orthanc") is not None and (DEPLOY_ORTHANC / "render.py").is_file()
+        from dicomnode.external import orthanc_binary
+
+        return orthanc_binary() is not None and (DEPLOY_ORTHANC / "render.py").is_file()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> None:
+        from dicomnode.external import orthanc_binary
+
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([shutil.which("Orthanc") or "Orthanc", str(self.config)],
+            self.proc = subprocess.Popen([orthanc_binary() or "Orthanc", str(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "TCP_NODELAY": "1"})
 
@@ -186,6 +199,8 @@ class OrthancPacs:
             return json.loads(resp.read())
 
     def objects(self, study_uid: str) -> list[Received]:
+        from dicomnode.sop import is_ct
+
         hits = [h for h in self._post("/tools/lookup", study_uid.encode()) if h.get("Type") == "Study"]
         if not hits:
             return []
@@ -194,7 +209,7 @@ class OrthancPacs:
             iid = inst["ID"]
             with urllib.request.urlopen(f"{self.url}/instances/{iid}/metadata/SopClassUid", timeout=30) as r:
                 sop_class = r.read().decode()
-            if sop_class.startswith("1.2.840.10008.5.1.4.1.1.2"):  # the CT itself
+            if is_ct(sop_class):  # the CT itself
                 continue
             out.append(Received(study_uid, sop_class, inst["MainDicomTags"].get("SOPInstanceUID", iid),
                                 f"{self.url}/instances/{iid}/file"))
@@ -249,10 +264,11 @@ def node_command(config: Path, *args: str) -> list[str]:
 
 def echo(host: str, port: int, aet: str) -> bool:
     from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
 
     ae = AE("DEMO")
     ae.acse_timeout = ae.network_timeout = 3
-    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=aet)
     if not assoc.is_established:
         return False
@@ -278,11 +294,13 @@ def nodelay(assoc: Any) -> None:
 def send_series(folder: Path, port: int, called_aet: str) -> int:
     """C-STORE every file of a folder in one association, as the scanner would (pynetdicom SCU)."""
     import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
 
     files = sorted(folder.glob("*.dcm"))
     ae = AE(SCANNER_AET)
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
     if not assoc.is_established:
         raise DemoError(f"{called_aet} on port {port} refused the association")
@@ -356,13 +374,9 @@ def _job_problem(jobs: list[dict], series_uid: str) -> str | None:
 def results_ready(objects: list[Received], followup: bool, summary: bool = True) -> bool:
     kinds: dict[str, int] = defaultdict(int)
     for o in objects:
-        if o.sop_class in SEG_CLASSES:
-            kinds["seg"] += 1
-        elif o.sop_class.startswith(SR_PREFIX):
-            kinds["sr"] += 1
-        elif o.sop_class.startswith(SC_PREFIX):
-            kinds["sc"] += 1
-    return kinds["seg"] >= 1 and kinds["sr"] >= (2 if followup else 1) and (kinds["sc"] >= 1 or not summary)
+        kinds[_kind(o)] += 1
+    enough_sr = kinds["SR"] >= (2 if followup else 1)
+    return kinds["SEG"] >= 1 and enough_sr and (kinds["summary"] >= 1 or not summary)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,20 +417,23 @@ def volume_table(title: str, measured: dict, truth: dict, dice: dict[tuple[str, 
 
 
 def change_table(change: dict, atrophy: dict[str, float], operated: str) -> str:
-    """Per-muscle loss (%) on each side against the phantom's true atrophy (on the operated side)."""
+    """Per-muscle signed change (%) on each side against the phantom's true atrophy (operated side).
+
+    Empty where the change record states none (baseline below the reporting floor).
+    """
     from seg.labels import ANALYSED_MUSCLES, by_name
 
     by_key = {(s["name"], s["side"]): s for s in change.get("structures", [])}
-    head = f"{'muscle':<21}{'L loss %':>10}{'R loss %':>10}{'truth loss %':>14}"
+    head = f"{'muscle':<21}{'L change %':>12}{'R change %':>12}{'truth %':>10}"
     lines = [head, "-" * len(head)]
     for name in ANALYSED_MUSCLES:
         left, right = by_key.get((name, "left")), by_key.get((name, "right"))
         if not left or not right:
             continue
         factor = atrophy.get(name)
-        truth = f"{(1 - factor) * 100:.0f} ({operated[0].upper()})" if factor else "0"
-        lines.append(f"{by_name(name).display_name:<21}{_cell(left.get('loss_pct'), '10.1f'):>10}"
-                     f"{_cell(right.get('loss_pct'), '10.1f'):>10}{truth:>14}")
+        truth = f"{-(1 - factor) * 100:+.0f} {operated[0].upper()}" if factor else "0"
+        lines.append(f"{by_name(name).display_name:<21}{_cell(left.get('change_pct'), '+12.1f'):>12}"
+                     f"{_cell(right.get('change_pct'), '+12.1f'):>12}{truth:>10}")
     return "\n".join(lines)
 
 
@@ -446,25 +463,23 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
     change = json.loads(changes[0].read_text())
     side = change.get("fractured_side")
     console.print(f"Change after surgery: {change.get('days_between', '?')} days, fractured side "
-                  f"{side or 'unknown'}\n(loss % = (pre - post) / pre; truth: the phantom's atrophy)",
+                  f"{side or 'unknown'}\n(change % = (post - pre) / pre, negative for a loss; "
+                  "truth: the phantom's atrophy)",
                   highlight=False, markup=False)
     console.print(change_table(change, FOLLOWUP_ATROPHY, "left"), highlight=False, markup=False)
 
 
 def _kind(o: Received) -> str:
-    if o.sop_class in SEG_CLASSES:
-        return "SEG"
-    if o.sop_class.startswith(SR_PREFIX):
-        return "SR"
-    if o.sop_class.startswith(SC_PREFIX):
-        return "summary"
-    return "other"
+    """SEG, SR, summary or other: exact SOP classes (:mod:`dicomnode.sop`), never a UID prefix."""
+    from dicomnode.sop import output_kind
+
+    return output_kind(o.sop_class)
 
 
 # ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------
-def run_demo(out: Path, pacs_kind: str, spacing: tuple[float, float, float], seed: int, timeout: float,
+def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float], seed: int, timeout: float,
              console: Any, model: Path | None = None) -> int:
     started = time.monotonic()
 
@@ -476,8 +491,8 @@ def run_demo(out: Path, pacs_kind: str, spacing: tuple[float, float, float], see
     out.mkdir(parents=True)
     storage = out / "node"
     node_port = free_port()
-    use_orthanc = pacs_kind == "orthanc" or (pacs_kind == "auto" and OrthancPacs.available())
-    if pacs_kind == "orthanc" and not OrthancPacs.available():
+    use_orthanc = pacs_kind == PacsKind.ORTHANC or (pacs_kind == PacsKind.AUTO and OrthancPacs.available())
+    if pacs_kind == PacsKind.ORTHANC and not OrthancPacs.available():
         raise DemoError("--pacs orthanc: Orthanc is not installed (apt-get install orthanc)")
     pacs: LocalPacs | OrthancPacs
     if use_orthanc:
@@ -583,7 +598,8 @@ def register(app: typer.Typer) -> None:
     def demo(
         out: Annotated[Path, typer.Option(help="Work folder (replaced): phantoms, node storage, PACS copy.")]
         = Path("demo-output"),
-        pacs: Annotated[str, typer.Option(help="auto (Orthanc when installed) | orthanc | local")] = "auto",
+        pacs: Annotated[PacsKind, typer.Option(help="auto: Orthanc when installed, else a local store SCP.")]
+        = PacsKind.AUTO,
         spacing: Annotated[str, typer.Option(help="Phantom voxel size col,row,slice in mm (coarse = fast).")]
         = "3,3,5",
         seed: Annotated[int, typer.Option(help="Phantom patient seed.")] = 7,
@@ -595,8 +611,6 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         console = Console()
-        if pacs not in ("auto", "orthanc", "local"):
-            raise typer.BadParameter("auto | orthanc | local", param_hint="--pacs")
         console.rule(f"dicomnode demo — {dt.datetime.now():%Y-%m-%d %H:%M}")
         try:
             code = run_demo(out.resolve(), pacs, _spacing(spacing), seed, timeout, console, model)

@@ -1,4 +1,4 @@
-"""Sub-commands that run and operate the node: serve, config show, jobs, status, echo, retry."""
+"""Sub-commands that run and operate the node: serve, config show/check, jobs, status, echo, retry."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 
 from dicomnode.commands.common import ConfigOption, settings_from
+from dicomnode.config import Settings
 
-config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 
 
 @config_app.command("show")
@@ -21,6 +22,32 @@ def config_show(config: ConfigOption = None) -> None:
     """Print the effective configuration (defaults < file < DICOMNODE_* environment) as TOML-like JSON."""
     settings = settings_from(config)
     Console().print_json(settings.model_dump_json())
+
+
+def config_summary(settings: Settings) -> str:
+    """The few facts an administrator checks after editing node.toml: who listens, where results go."""
+    model = settings.model_path or "shipped phantom-trained demo model"
+    return (f"{settings.ae_title} on {settings.host}:{settings.port}, storage {settings.storage_dir}\n"
+            f"results to {settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}, "
+            f"SEG {settings.output.seg_type}, device {settings.worker.device}, model {model}")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="TOML configuration file to validate.", dir_okay=False)],
+) -> None:
+    """Validate a configuration file on its own (no DICOMNODE_* variables) without starting anything.
+
+    Exit 0 and a short summary when valid; exit 2 with every unknown key and bad value otherwise.
+    """
+    from dicomnode.config import check_file
+
+    try:
+        settings = check_file(file)
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{file}: valid\n{config_summary(settings)}")
 
 
 def serve(

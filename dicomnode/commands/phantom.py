@@ -74,8 +74,11 @@ def phantom(
     """Write a synthetic thigh CT series with its ground truth (labels.nii.gz, volumes.json)."""
     import time
 
+    from seg.height import PLAUSIBLE_RANGE_TEXT, plausible_height
     from seg.phantom import TRANSFER_SYNTAXES, PhantomOptions, make_phantom, write_phantom
 
+    if height is not None and not plausible_height(height):  # its truth volumes.json uses the height
+        raise typer.BadParameter(f"outside the plausible {PLAUSIBLE_RANGE_TEXT}", param_hint="--height")
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise typer.BadParameter(f"choose one of {', '.join(TRANSFER_SYNTAXES)}",
                                  param_hint="--transfer-syntax")

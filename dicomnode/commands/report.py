@@ -7,6 +7,7 @@ not run) from everything the node has measured; the patient report shows one pat
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,13 @@ import typer
 from dicomnode.commands.common import ConfigOption, settings_from
 
 report_app = typer.Typer(help="Cohort and per-patient change reports.", no_args_is_help=True)
+
+
+class Followup(StrEnum):
+    """Which follow-up pairs with the baseline: a closed choice, so a typo is refused with the options."""
+
+    LAST = "last"  # the longest interval
+    FIRST = "first"
 
 
 @report_app.command("cohort")
@@ -29,8 +37,8 @@ def cohort(
         ),
     ] = None,
     followup: Annotated[
-        str, typer.Option(help="Which follow-up pairs with the baseline: last | first.")
-    ] = "last",
+        Followup, typer.Option(help="Which follow-up pairs with the baseline.")
+    ] = Followup.LAST,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 2000,
     config: ConfigOption = None,
 ) -> None:
@@ -38,14 +46,12 @@ def cohort(
     from dicomnode import pairing
     from reporting.cohort import build_cohort, parse_filters, table2_numbers, write_report
 
-    if followup not in ("last", "first"):
-        raise typer.BadParameter("last or first", param_hint="--followup")
     try:
         parsed = parse_filters(filters)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--filter") from exc
     settings = settings_from(config)
-    report = build_cohort(pairing.cohort_entries(settings, followup=followup), parsed, n_boot=bootstrap)
+    report = build_cohort(pairing.cohort_entries(settings, followup=followup.value), parsed, n_boot=bootstrap)
     written = write_report(report, out)
     typer.echo(
         f"{len(report.patients)} pair(s): " + ", ".join(f"{g} {n}" for g, n in report.group_sizes.items())

@@ -52,14 +52,7 @@ def segment(
     dt = time.perf_counter() - t
     out.mkdir(parents=True, exist_ok=True)
     save_nifti(labels, out / "labels.nii.gz")
-    size = ct.meta.get("PatientSize")
-    rec = measure_volumes(
-        labels,
-        ct,
-        height_m=float(size) if size else None,
-        height_source="PatientSize" if size else None,
-        model=pkg.info,
-    )
+    rec = measure_volumes(labels, ct, model=pkg.info)  # height: a plausible PatientSize, else none
     write_volumes(rec, out)
     console.print(f"segmented {ct.shape} in {dt:.1f} s -> {out}")
 

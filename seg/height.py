@@ -1,0 +1,31 @@
+"""The one height-plausibility rule: which heights may divide a volume into an index (cm³/m²).
+
+Why one place: the index divides by height², so a wrong height (a PatientSize in cm, a typo in the
+registry) silently scales every index. The pipeline, the clinical registry and the measurement all
+ask this module, so a height is either used everywhere or nowhere. Heights are never guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PLAUSIBLE_HEIGHT_M = (1.2, 2.2)
+PLAUSIBLE_RANGE_TEXT = f"{PLAUSIBLE_HEIGHT_M[0]}–{PLAUSIBLE_HEIGHT_M[1]} m"
+
+
+def plausible_height(value: float | None) -> bool:
+    """True for an adult height in metres this node may use (inclusive range)."""
+    return value is not None and PLAUSIBLE_HEIGHT_M[0] <= float(value) <= PLAUSIBLE_HEIGHT_M[1]
+
+
+def height_from_patient_size(size: Any) -> tuple[float | None, str]:
+    """DICOM PatientSize (m) → (height or None, provenance: "PatientSize", "missing" or "implausible …")."""
+    try:
+        value = float(size) if size not in (None, "") else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value <= 0:
+        return None, "missing"
+    if not plausible_height(value):
+        return None, f"implausible PatientSize {value:.2f} m"
+    return value, "PatientSize"
