@@ -57,9 +57,15 @@ def load_run(spec: str) -> Run:
 
 
 def value_at(run: Run, minute: float) -> tuple[int, float] | None:
-    """(steps, Dice) of the last validation at or before ``minute``; None when the run had none."""
-    before = [p for p in run.points if p[0] <= minute + 1e-6]
+    """(steps, Dice) of the last validation at or before ``minute`` (the final validation of a run
+    stopped by a time limit lands a few seconds past it); None when the run had none."""
+    before = [p for p in run.points if p[0] <= minute + 0.25]
     return (before[-1][1], before[-1][2]) if before else None
+
+
+def value_at_step(run: Run, step: int) -> float | None:
+    """Dice of the validation at ``step`` exactly; None when the run did not validate there."""
+    return next((p[2] for p in run.points if p[1] == step), None)
 
 
 def table(runs: list[Run], minutes: list[float]) -> str:
@@ -74,6 +80,15 @@ def table(runs: list[Run], minutes: list[float]) -> str:
             cells.append("-" if v is None else f"{v[1]:.3f} ({v[0]})")
         held = "-" if r.heldout is None else f"{r.heldout:.3f}"
         rows.append(f"| {r.label} | " + " | ".join(cells) + f" | {held} |")
+    return "\n".join(rows)
+
+
+def step_table(runs: list[Run], steps: list[int]) -> str:
+    """Markdown table of validation Dice at equal optimiser steps (fair when runs differ in speed)."""
+    rows = ["| recipe | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for r in runs:
+        cells = [("-" if (v := value_at_step(r, s)) is None else f"{v:.3f}") for s in steps]
+        rows.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -102,10 +117,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folder (or log of JSON lines), optionally =label")
     ap.add_argument("--minutes", default="5,10,15,20", help="minute marks for the table")
+    ap.add_argument("--steps", default="", help="step marks for a second table, e.g. 100,200,300")
     ap.add_argument("--plot", type=Path, help="write the curves as a PNG here")
     a = ap.parse_args()
     runs = [load_run(s) for s in a.runs]
     print(table(runs, [float(v) for v in a.minutes.split(",")]))
+    if a.steps:
+        print()
+        print(step_table(runs, [int(v) for v in a.steps.split(",")]))
     if a.plot:
         plot(runs, a.plot)
         print(f"plot: {a.plot}")
