@@ -380,8 +380,9 @@ def _save_ckpt(path: Path, net, opt, state: dict) -> None:
     tmp.replace(path)
 
 
-def _package_weights(cfg: TrainConfig) -> torch.nn.Module:
-    """The network of package ``cfg.init_from``, refused unless its architecture and spacing match."""
+def _package_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]]:
+    """The network of package ``cfg.init_from`` (refused unless its architecture and spacing match)
+    and the training legs that produced it, so a campaign's steps and hours keep adding up."""
     pkg = load_model(cfg.init_from, device="cpu")
     args = pkg.meta["architecture"]["args"]
     differ = sorted(k for k in set(args) | set(cfg.arch) if args.get(k) != cfg.arch.get(k))
@@ -391,7 +392,32 @@ def _package_weights(cfg: TrainConfig) -> torch.nn.Module:
     if spacing != tuple(float(v) for v in cfg.spacing_mm):
         raise ValueError(f"--init-from {cfg.init_from}: package spacing {spacing} mm, "
                          f"training spacing {tuple(cfg.spacing_mm)} mm")
-    return pkg.network
+    return pkg.network, campaign_legs(pkg.meta.get("provenance") or {})
+
+
+def campaign_legs(prov: dict) -> list[dict]:
+    """The training legs recorded in a package's provenance (one leg for a package that lists none)."""
+    legs = (prov.get("campaign") or {}).get("legs")
+    if legs:
+        return list(legs)
+    if prov.get("steps") is None:
+        return []
+    return [{"steps": int(prov["steps"]), "wall_s": float(prov.get("train_wall_s") or 0.0),
+             "hardware": prov.get("hardware"), "init_from": None}]
+
+
+def _trained(ckdir: Path, exported: dict) -> tuple[int, float]:
+    """Steps and wall time this run trained: from last.pt (the exported best.pt may be earlier)."""
+    last = ckdir / "last.pt"
+    ck = torch.load(last, map_location="cpu", weights_only=False) if last.exists() else exported
+    return int(ck["step"]), float(ck["elapsed_s"])
+
+
+def _campaign(prior: list[dict], steps: int, wall_s: float, init_from: str | None) -> dict:
+    legs = [*prior, {"steps": steps, "wall_s": round(wall_s, 1), "hardware": _hardware(),
+                     "init_from": init_from}]
+    return {"legs": legs, "total_steps": sum(int(g["steps"]) for g in legs),
+            "total_wall_s": round(sum(float(g["wall_s"]) for g in legs), 1)}
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -424,16 +450,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         raise ValueError(f"targets must be 'partial_volume' or 'nearest', not {cfg.targets!r}")
     soft = cfg.targets == "partial_volume"
     loss_fn = DiceCELoss(to_onehot_y=not soft, softmax=True, include_background=True, batch=cfg.dice_batch)
-    state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None}
+    state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None,
+             "prior_legs": []}
     last, best = ckdir / "last.pt", ckdir / "best.pt"
     if resume and last.exists():
         ck = torch.load(last, map_location=device, weights_only=False)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        state = {k: ck[k] for k in state}
+        state = {k: ck.get(k, state[k]) for k in state}
         log.info("resumed from %s at step %d", last, state["step"])
     elif cfg.init_from:
-        net.load_state_dict(_package_weights(cfg).state_dict())
+        network, state["prior_legs"] = _package_weights(cfg)
+        net.load_state_dict(network.state_dict())
         log.info("initialised from the package %s", cfg.init_from)
     rng = np.random.default_rng(cfg.seed + state["step"])
     if cfg.crop not in ("foreground", "classes"):
@@ -525,6 +553,8 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
         "hardware": _hardware(),
         "validation": ck.get("val"),
         "history": ck.get("history", [])[-50:],
+        # every leg of the campaign: earlier packages warm-started from (--init-from) and this run
+        "campaign": _campaign(ck.get("prior_legs", []), *_trained(ckdir, ck), cfg.init_from),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "checkpoint_dir", "cache_dir")},
         "torch": torch.__version__,
     }

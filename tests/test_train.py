@@ -45,7 +45,11 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     # warm start: a fresh run (no checkpoints) initialised from the package begins with its weights
     warm = _cfg(tmp_path / "warm", 0)
     warm.cache_dir, warm.init_from = str(tmp_path / "ck" / "cache"), str(pkg_dir)
-    start = load_model(train(warm, progress=False), device="cpu").network.state_dict()
+    warm_pkg = load_model(train(warm, progress=False), device="cpu")
+    start = warm_pkg.network.state_dict()
+    campaign = warm_pkg.meta["provenance"]["campaign"]  # the legs keep adding up across packages
+    assert [g["steps"] for g in campaign["legs"]] == [5, 0] and campaign["total_steps"] == 5
+    assert campaign["legs"][1]["init_from"] == str(pkg_dir)
     resumed = load_model(pkg_dir, device="cpu").network.state_dict()  # the resumed run re-exported it
     assert all(torch.equal(v, start[k]) for k, v in resumed.items())
     wrong = _cfg(tmp_path / "wrong", 0)
