@@ -22,7 +22,9 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -53,6 +55,24 @@ SegType = Annotated[Literal["BINARY", "LABELMAP"], BeforeValidator(_upper)]
 LabelmapCompression = Annotated[Literal["RLE", "JPEGLS"], BeforeValidator(_upper)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
 Device = Annotated[str, AfterValidator(_device)]
+
+
+def _version_text(value: Any) -> Any:
+    """``min_version = 1.2`` (a TOML float) means the same as ``"1.2"``; anything else is still refused."""
+    return f"{value:.1f}" if isinstance(value, float) else value
+
+
+def _existing_file(value: Path) -> Path:
+    """A certificate or key path in use must name a file now, so a typo stops the node at start-up, not
+    at the first association (loading it happens when the node listens or connects: see dicomnode.tls)."""
+    if not value.exists():
+        raise ValueError(f"no such file: {value}")
+    if not value.is_file():
+        raise ValueError(f"not a file: {value}")
+    return value
+
+
+TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_version_text)]
 
 
 class Section(BaseModel):
@@ -101,6 +121,39 @@ class PairingSettings(Section):
     retrieve_priors: bool = True  # C-FIND/C-MOVE a missing baseline from the PACS
 
 
+class TlsSettings(Section):
+    """DICOM TLS (the secure transport connection profile) for the listener and for associations to the PACS.
+
+    One switch for both directions, as in Orthanc: the PACS that routes to a TLS listener is the PACS the
+    node sends to. The node presents ``certificate`` as server and as client, and trusts only peers whose
+    certificates ``ca_certificates`` signs (never the system's web CAs).
+    """
+
+    enabled: bool = False
+    certificate: Path | None = None  # PEM: this node's certificate, then any intermediate CAs
+    private_key: Path | None = None  # PEM, unencrypted, readable by the node's user only
+    ca_certificates: Path | None = None  # PEM bundle of the CAs that sign the peers' certificates
+    require_client_certificate: bool = False  # listener: refuse callers without one (else verified if sent)
+    check_hostname: bool = True  # to the PACS: its certificate must name [pacs] host (DNS name or IP)
+    min_version: TlsVersion = "1.2"  # "1.2" | "1.3"
+
+    @field_validator("certificate", "private_key", "ca_certificates")
+    @classmethod
+    def _exists_when_enabled(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Files are checked when TLS is on (``enabled`` is declared first, so it is known here)."""
+        return _existing_file(value) if value is not None and info.data.get("enabled") else value
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> TlsSettings:
+        """TLS without a certificate, key or CA cannot work: name what is missing, not fail later."""
+        if self.enabled:
+            needed = ("certificate", "private_key", "ca_certificates")
+            missing = [key for key in needed if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"enabled = true needs {', '.join(missing)} (PEM file paths)")
+        return self
+
+
 class Settings(BaseSettings):
     """Effective configuration of a node."""
 
@@ -130,6 +183,9 @@ class Settings(BaseSettings):
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     pairing: PairingSettings = Field(default_factory=PairingSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    # delete received instances this many days after every result of their series was sent; None = keep
+    retention_days: float | None = Field(None, gt=0)
 
     @field_validator("calling_aet_hosts")
     @classmethod

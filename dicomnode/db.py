@@ -8,7 +8,8 @@ backup, another process) makes a C-STORE answer "out of resources" at once inste
 association for 30 s. The file holds PHI in clear, so it is created 0600 (its ``-wal``/``-shm``
 files inherit that mode) inside a 0750 state folder. The instance files are the source of truth:
 they are fsynced before their row is committed, and :func:`dicomnode.store.Store.recover` re-indexes
-any file whose row was lost, so ``synchronous=NORMAL`` is enough here.
+any file whose row was lost, so ``synchronous=NORMAL`` is enough here. The schema is versioned in
+:data:`MIGRATIONS` (``PRAGMA user_version``), the one place any table of this file is defined.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS patients (
     id INTEGER PRIMARY KEY,
     patient_id TEXT NOT NULL,
@@ -96,6 +97,80 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state);
 """
 
+# 3: the clinical registry (dicomnode.registry)
+REGISTRY_V3 = """
+CREATE TABLE IF NOT EXISTS registry_patients (
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    height_m REAL,
+    height_flag TEXT,
+    sex TEXT,
+    fracture_type TEXT,
+    fractured_side TEXT,
+    surgery_date TEXT,
+    koval_grade INTEGER,
+    source TEXT,
+    imported_at TEXT,
+    PRIMARY KEY (patient_id, issuer_of_patient_id)
+);
+"""
+
+# 4: the pairing timeline (dicomnode.pairing): results, roles with reasons, changes, prior retrievals
+PAIRING_V4 = """
+CREATE TABLE IF NOT EXISTS pairing_results (
+    series_instance_uid TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    patient_sex TEXT,
+    patient_size_m REAL,
+    study_instance_uid TEXT NOT NULL,
+    study_date TEXT,
+    study_time TEXT,
+    volumes_json TEXT NOT NULL,
+    seg_sop_instance_uid TEXT,
+    sr_sop_instance_uid TEXT,
+    result_dir TEXT,
+    recorded_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pairing_results_patient ON pairing_results (patient_id, issuer_of_patient_id);
+CREATE TABLE IF NOT EXISTS pairing_status (
+    series_instance_uid TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    role TEXT NOT NULL,
+    reasons TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pairing_changes (
+    baseline_series_uid TEXT NOT NULL,
+    followup_series_uid TEXT NOT NULL,
+    comparison TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    change_json TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (baseline_series_uid, followup_series_uid)
+);
+CREATE TABLE IF NOT EXISTS pairing_retrievals (
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    study_instance_uid TEXT NOT NULL,
+    requested_at TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT
+);
+"""
+
+# The schema's history, one entry per version (PRAGMA user_version); append, never edit. A file from
+# before versioning (user_version 0) replays version 1 harmlessly: it only creates what is missing.
+MIGRATIONS: tuple[str, ...] = (
+    SCHEMA_V1,
+    # 2: a machine-readable code next to each job's human reason (dicomnode.jobs.ReasonCode)
+    "ALTER TABLE jobs ADD COLUMN reason_code TEXT;",
+    REGISTRY_V3,  # files that registry/pairing created before versioning keep their tables (IF NOT EXISTS)
+    PAIRING_V4,
+)
+
 
 def now() -> float:
     return time.time()
@@ -123,6 +198,37 @@ def _private_file(path: Path) -> None:
             pass
 
 
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def migrate(con: sqlite3.Connection) -> int:
+    """Bring the file to the newest schema version in one write transaction; returns that version.
+
+    The common case (already current) takes no write lock, so opening the index from ``dicomnode
+    jobs`` never waits behind a running node. Two processes migrating at once serialise on BEGIN
+    IMMEDIATE, and the second finds the work done.
+    """
+    newest = len(MIGRATIONS)
+    version = int(con.execute("PRAGMA user_version").fetchone()[0])
+    if version == newest:
+        return version
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(con.execute("PRAGMA user_version").fetchone()[0])
+        if version > newest:
+            raise RuntimeError(f"the index has schema version {version}, newer than this node's {newest}")
+        for number in range(version + 1, newest + 1):
+            for statement in _statements(MIGRATIONS[number - 1]):
+                con.execute(statement)
+            con.execute(f"PRAGMA user_version={number}")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+    return newest
+
+
 class Database:
     """One connection shared by a process's threads; ``tx()`` gives a short write transaction.
 
@@ -144,7 +250,7 @@ class Database:
         self.con.execute("PRAGMA synchronous=NORMAL")
         self.con.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         with self.lock:
-            self.con.executescript(SCHEMA)
+            migrate(self.con)
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -178,3 +284,13 @@ class Database:
     def close(self) -> None:
         with self.lock:
             self.con.close()
+
+
+@contextmanager
+def opened(path: Path | str) -> Iterator[Database]:
+    """A :class:`Database` for one short piece of work (a CLI command, one pairing step), then closed."""
+    db = Database(path)
+    try:
+        yield db
+    finally:
+        db.close()

@@ -7,7 +7,8 @@ without one, the earliest study is the baseline. Each follow-up is compared with
 the previous study (a trajectory). Every study that yields no comparison gets a stated reason
 (single study, same day as baseline, pre-operative, ...). Re-recording a series replaces its row.
 
-Tables live in the node's SQLite file (``settings.db_path``), created on first use.
+Tables live in the node's index (``settings.db_path``), opened through :mod:`dicomnode.db`, whose
+versioned migrations define them (with the registry's).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import logging
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,53 +26,9 @@ from typing import Any
 
 from dicomnode import registry
 from dicomnode.config import Settings
+from dicomnode.db import opened
 
 log = logging.getLogger(__name__)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pairing_results (
-    series_instance_uid TEXT PRIMARY KEY,
-    patient_id TEXT NOT NULL,
-    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
-    patient_sex TEXT,
-    patient_size_m REAL,
-    study_instance_uid TEXT NOT NULL,
-    study_date TEXT,
-    study_time TEXT,
-    volumes_json TEXT NOT NULL,
-    seg_sop_instance_uid TEXT,
-    sr_sop_instance_uid TEXT,
-    result_dir TEXT,
-    recorded_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS pairing_results_patient ON pairing_results (patient_id, issuer_of_patient_id);
-CREATE TABLE IF NOT EXISTS pairing_status (
-    series_instance_uid TEXT PRIMARY KEY,
-    patient_id TEXT NOT NULL,
-    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
-    role TEXT NOT NULL,
-    reasons TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pairing_changes (
-    baseline_series_uid TEXT NOT NULL,
-    followup_series_uid TEXT NOT NULL,
-    comparison TEXT NOT NULL,
-    patient_id TEXT NOT NULL,
-    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
-    change_json TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    PRIMARY KEY (baseline_series_uid, followup_series_uid)
-);
-CREATE TABLE IF NOT EXISTS pairing_retrievals (
-    patient_id TEXT NOT NULL,
-    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
-    study_instance_uid TEXT NOT NULL,
-    requested_at TEXT NOT NULL,
-    status TEXT NOT NULL,
-    detail TEXT
-);
-"""
 
 # Roles a study can take in its patient's timeline.
 BASELINE, FOLLOWUP, PREOP, SUPERSEDED = "baseline", "followup", "pre-operative", "superseded"
@@ -93,10 +52,18 @@ class ResultRecord:
     result_dir: Path
 
 
-def connect(settings: Settings) -> sqlite3.Connection:
-    con = registry.connect(settings)
-    con.executescript(_SCHEMA)
-    return con
+@contextmanager
+def reading(settings: Settings) -> Iterator[sqlite3.Connection]:
+    """The node's index for reads (tables from :data:`dicomnode.db.MIGRATIONS`), closed afterwards."""
+    with opened(settings.db_path) as db, db.lock:
+        yield db.con
+
+
+@contextmanager
+def writing(settings: Settings) -> Iterator[sqlite3.Connection]:
+    """One write transaction (BEGIN IMMEDIATE): concurrent workers never interleave a patient's refresh."""
+    with opened(settings.db_path) as db, db.tx() as con:
+        yield con
 
 
 def _now() -> str:
@@ -297,31 +264,26 @@ def record_result(settings: Settings, result: ResultRecord) -> list[dict]:
     arrived late) are stored too; :func:`changes_for_earlier_series` returns them.
     """
     pid, issuer = result.patient_id, result.issuer_of_patient_id or ""
-    con = connect(settings)
-    try:
-        with con:  # one write transaction: concurrent workers never interleave a patient's refresh
-            con.execute("BEGIN IMMEDIATE")
-            con.execute(
-                "INSERT OR REPLACE INTO pairing_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    result.series_instance_uid,
-                    pid,
-                    issuer,
-                    result.patient_sex or None,
-                    result.patient_size_m,
-                    result.study_instance_uid,
-                    result.study_date or "",
-                    result.study_time or "",
-                    str(result.volumes_json),
-                    result.seg_sop_instance_uid,
-                    result.sr_sop_instance_uid,
-                    str(result.result_dir),
-                    _now(),
-                ),
-            )
-            changes, plan = _refresh_patient(settings, con, pid, issuer, result)
-    finally:
-        con.close()
+    with writing(settings) as con:
+        con.execute(
+            "INSERT OR REPLACE INTO pairing_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                result.series_instance_uid,
+                pid,
+                issuer,
+                result.patient_sex or None,
+                result.patient_size_m,
+                result.study_instance_uid,
+                result.study_date or "",
+                result.study_time or "",
+                str(result.volumes_json),
+                result.seg_sop_instance_uid,
+                result.sr_sop_instance_uid,
+                str(result.result_dir),
+                _now(),
+            ),
+        )
+        changes, plan = _refresh_patient(settings, con, pid, issuer, result)
     mine = [c for c in changes if c["followup"]["series_instance_uid"] == result.series_instance_uid]
     reasons = plan.reasons.get(result.series_instance_uid, [])
     log.info(
@@ -404,16 +366,12 @@ def _refresh_patient(
 
 
 def refresh_all(settings: Settings) -> int:
-    con = connect(settings)
-    try:
+    with reading(settings) as con:
         keys = con.execute("SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results").fetchall()
-        for k in keys:
-            with con:
-                con.execute("BEGIN IMMEDIATE")
-                _refresh_patient(settings, con, k[0], k[1])
-        return len(keys)
-    finally:
-        con.close()
+    for k in keys:
+        with writing(settings) as con:
+            _refresh_patient(settings, con, k[0], k[1])
+    return len(keys)
 
 
 # ---------------------------------------------------------------- queries
@@ -421,32 +379,25 @@ def refresh_all(settings: Settings) -> int:
 
 def changes_for_earlier_series(settings: Settings, series_instance_uid: str) -> list[dict]:
     """Stored changes in which this series is the earlier study (for SRs when a prior arrives late)."""
-    con = connect(settings)
-    try:
+    with reading(settings) as con:
         rows = con.execute(
             "SELECT change_json FROM pairing_changes WHERE baseline_series_uid=?", (series_instance_uid,)
         ).fetchall()
         return [json.loads(r[0]) for r in rows]
-    finally:
-        con.close()
 
 
 def status_of(settings: Settings, series_instance_uid: str) -> dict[str, Any] | None:
     """Role and stated reasons of one recorded series."""
-    con = connect(settings)
-    try:
+    with reading(settings) as con:
         row = con.execute(
             "SELECT role, reasons FROM pairing_status WHERE series_instance_uid=?", (series_instance_uid,)
         ).fetchone()
         return {"role": row[0], "reasons": json.loads(row[1])} if row else None
-    finally:
-        con.close()
 
 
 def patients(settings: Settings) -> list[dict[str, Any]]:
     """One row per measured patient: number of studies and comparisons."""
-    con = connect(settings)
-    try:
+    with reading(settings) as con:
         rows = con.execute(
             "SELECT r.patient_id, r.issuer_of_patient_id, COUNT(DISTINCT r.study_instance_uid) AS studies,"
             " (SELECT COUNT(*) FROM pairing_changes c WHERE c.patient_id=r.patient_id"
@@ -454,14 +405,11 @@ def patients(settings: Settings) -> list[dict[str, Any]]:
             " FROM pairing_results r GROUP BY r.patient_id, r.issuer_of_patient_id ORDER BY r.patient_id"
         ).fetchall()
         return [dict(r) for r in rows]
-    finally:
-        con.close()
 
 
 def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> list[dict[str, Any]]:
     """The patient's studies in order with role, reasons and the comparisons each follow-up has."""
-    con = connect(settings)
-    try:
+    with reading(settings) as con:
         issuers = (
             [issuer]
             if issuer is not None
@@ -496,8 +444,6 @@ def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> 
                     }
                 )
         return out
-    finally:
-        con.close()
 
 
 def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str, Any]]:
@@ -505,8 +451,7 @@ def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str,
 
     ``followup``: "last" (longest interval, default) or "first" follow-up compared with the baseline.
     """
-    con = connect(settings)
-    try:
+    with reading(settings) as con:
         keys = con.execute(
             "SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results"
             " ORDER BY patient_id, issuer_of_patient_id"
@@ -542,8 +487,6 @@ def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str,
                 entry["reason"] = "; ".join(why) or "no comparison"
             out.append(entry)
         return out
-    finally:
-        con.close()
 
 
 # ---------------------------------------------------------------- prior retrieval
@@ -553,22 +496,18 @@ def _maybe_retrieve(
     settings: Settings, pid: str, issuer: str, result: ResultRecord, plan: Plan, surgery: str | None
 ) -> None:
     """Ask the PACS for an earlier study in the background, once per patient and follow-up study."""
-    con = connect(settings)
-    try:
-        with con:
-            seen = con.execute(
-                "SELECT 1 FROM pairing_retrievals WHERE patient_id=? AND issuer_of_patient_id=?"
-                " AND study_instance_uid=?",
-                (pid, issuer, result.study_instance_uid),
-            ).fetchone()
-            if seen:
-                return
-            con.execute(
-                "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
-                (pid, issuer, result.study_instance_uid, _now(), "requested", None),
-            )
-    finally:
-        con.close()
+    with writing(settings) as con:
+        seen = con.execute(
+            "SELECT 1 FROM pairing_retrievals WHERE patient_id=? AND issuer_of_patient_id=?"
+            " AND study_instance_uid=?",
+            (pid, issuer, result.study_instance_uid),
+        ).fetchone()
+        if seen:
+            return
+        con.execute(
+            "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
+            (pid, issuer, result.study_instance_uid, _now(), "requested", None),
+        )
     known = {s.study_instance_uid for s in plan.studies}
 
     def work() -> None:
@@ -588,13 +527,11 @@ def _maybe_retrieve(
             status, detail = "failed", f"{type(exc).__name__}: {exc}"
         log.info("prior retrieval: %s (%s)", status, detail)
         try:
-            c = connect(settings)
-            with c:
+            with writing(settings) as c:
                 c.execute(
                     "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
                     (pid, issuer, result.study_instance_uid, _now(), status, detail),
                 )
-            c.close()
         except sqlite3.Error:
             log.debug("could not record the retrieval outcome", exc_info=True)
 

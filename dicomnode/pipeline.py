@@ -4,8 +4,10 @@ The worker calls :func:`run_pipeline`; everything it needs from ``seg`` and ``re
 from here and nowhere else, so the queue engine can change without touching the science.
 
 Flow: load the series as a :class:`~seg.volume.Volume` → segment with the configured model →
-measure volumes → SEG, measurement SR and readable summary → record the result for pairing →
-a follow-up SR for every comparison the new result creates. Results live in
+(:func:`report`) measure volumes → SEG, measurement SR and readable summary → record the result for
+pairing → a follow-up SR for every comparison the new result creates: in this study when it is the
+later one, and in the later study when this one arrived late as its baseline (or previous study),
+so that a change is reported whichever study the PACS sent first. Results live in
 ``storage_dir/results/<SeriesInstanceUID>/`` so that pairing can reference earlier outputs after a
 restart; file names are the outputs' deterministic SOP Instance UIDs, so a re-run overwrites.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +32,18 @@ class SeriesRejected(Exception):
     """The series is not something this node measures; the message says why (shown to users)."""
 
 
+def _no_stored_series(series_instance_uid: str) -> list[Path]:
+    return []
+
+
 @dataclass
 class JobInput:
     job_id: int
     series_instance_uid: str
     files: list[Path]  # every stored instance of the series
     work_dir: Path  # private folder for this job's intermediate and output files
+    # the stored instances of another series (a later study this one turns out to be the baseline of)
+    series_files: Callable[[str], list[Path]] = _no_stored_series
 
 
 @dataclass
@@ -79,13 +88,8 @@ def _save(ds: Any, folder: Path) -> Path:
 
 def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
     """Measure one accepted series and build every DICOM object to send back."""
-    from reporting.followup_sr import build_followup_sr
-    from reporting.seg import build_seg
-    from reporting.sr import build_measurement_sr
-    from reporting.summary import build_summary
     from seg.infer import segment
-    from seg.io import load_dicom_series, save_nifti
-    from seg.measure import measure_volumes, write_volumes
+    from seg.io import load_dicom_series
 
     try:
         ct = load_dicom_series(sorted(job.files))
@@ -99,6 +103,16 @@ def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
     log.info("job %s: segmenting %s voxels with %s %s", job.job_id, "×".join(map(str, ct.shape)),
              model_info.get("name"), model_info.get("version"))
     labels = segment(ct, model)
+    return report(job, settings, ct, labels, model_info)
+
+
+def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: dict) -> JobOutput:
+    """Everything after segmentation: volumes, SEG, SR, summary, pairing and follow-up SRs."""
+    from reporting.seg import build_seg
+    from reporting.sr import build_measurement_sr
+    from reporting.summary import build_summary
+    from seg.io import save_nifti
+    from seg.measure import measure_volumes, write_volumes
 
     height_m, height_source = patient_height(settings, ct.meta)
     record = measure_volumes(labels, ct, height_m=height_m, height_source=height_source, model=model_info)
@@ -119,16 +133,57 @@ def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
     if settings.output.summary:
         baseline_change = changes[0] if changes else None
         outputs.append(_save(build_summary(ct, record, model_info, change=baseline_change), dicom_dir))
+    late: list[Path] = []
     if settings.output.followup_sr:
-        for change in changes:
-            evidence = _prior_outputs(settings, change)
-            outputs.append(_save(build_followup_sr(ct, change, evidence), dicom_dir))
-            (out_dir / f"change-{change['baseline']['series_instance_uid']}.json").write_text(
-                json.dumps(change, indent=2))
+        outputs += [_followup_sr(settings, ct, change) for change in changes]
+        if settings.pairing.enabled:
+            late = later_followups(settings, job)
+            outputs += late
     message = f"{len(record['structures'])} structures measured; {len(outputs)} objects to send"
     if changes:
         message += f"; compared with {len(changes)} earlier stud{'y' if len(changes) == 1 else 'ies'}"
+    if late:
+        message += f"; {len(late)} follow-up report(s) for later studies"
     return JobOutput(outputs=outputs, volumes_json=out_dir / "volumes.json", message=message)
+
+
+def _followup_sr(settings: Settings, later: Any, change: dict) -> Path:
+    """Build and save the follow-up SR of ``change`` in the later study's results (``later``: its CT).
+
+    Its UIDs derive from both studies' content (:mod:`reporting.uids`), so building it again, from
+    either study's job, gives the same object and the PACS keeps one copy.
+    """
+    from reporting.followup_sr import build_followup_sr
+
+    out_dir = results_dir(settings, change["followup"]["series_instance_uid"])
+    path = _save(build_followup_sr(later, change, _prior_outputs(settings, change)), out_dir / "outputs")
+    baseline_uid = change["baseline"]["series_instance_uid"]
+    (out_dir / f"change-{baseline_uid}.json").write_text(json.dumps(change, indent=2))
+    return path
+
+
+def later_followups(settings: Settings, job: JobInput) -> list[Path]:
+    """The follow-up SRs of later studies that this series now serves as the earlier study for.
+
+    Pairing stores these comparisons when a baseline arrives after its follow-up; without this
+    nothing would report them. The later study's CT comes from the store (its own job has finished);
+    when its instances are gone the change stays recorded and the report is skipped, with a warning.
+    """
+    from dicomnode.pairing import changes_for_earlier_series
+    from seg.io import load_dicom_series
+
+    paths = []
+    for change in changes_for_earlier_series(settings, job.series_instance_uid):
+        later_uid = str(change["followup"]["series_instance_uid"])
+        files = job.series_files(later_uid)
+        try:
+            later = load_dicom_series(sorted(files))
+        except ValueError as exc:
+            log.warning("job %s: no follow-up SR for later series %s: %s", job.job_id, later_uid,
+                        exc if files else "its instances are no longer stored")
+            continue
+        paths.append(_followup_sr(settings, later, change))
+    return paths
 
 
 def _record_for_pairing(settings: Settings, ct: Any, out_dir: Path, seg_ds: Any, sr_ds: Any) -> list[dict]:

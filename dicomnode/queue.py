@@ -1,128 +1,160 @@
-"""The job queue: a small interface and its embedded SQLite implementation.
+"""The job queue: the interface the worker and the watcher use, and two engines behind it.
 
-Why an interface: the worker only claims a job, runs it and reports the outcome. Those four calls
-are all a different engine (Celery/Redis, one worker per GPU) would have to provide; the SQLite
-one keeps jobs, their states, attempts, timestamps and reasons in the node's index, where
-``dicomnode jobs`` reads them. States: receiving → complete → queued → running → sending →
-done | failed | rejected, plus ``superseded`` when a late instance replaced an unfinished job.
+Why this seam: a queue engine decides *delivery*: which queued job a worker gets next, and when a
+retried one becomes due. The job's *record* (state, reason, attempts, timestamps) stays with
+:mod:`dicomnode.jobs` in the node's index, whatever the engine, so ``dicomnode jobs`` reads the
+same table either way and every state change is checked by the same transition table.
+
+- :class:`SQLiteJobQueue`: the index's ``queued`` rows are the queue (survives restarts, shared
+  with ``dicomnode retry`` from another process). The default.
+- :class:`MemoryJobQueue`: delivery from process memory, the shape of a broker-backed engine
+  (Celery/Redis). It passes the same queue tests; after a restart :meth:`Node.start
+  <dicomnode.server.Node.start>` puts the index's queued jobs back into it. An operator ``retry``
+  from another process reaches it only at the next start.
+
+Outcomes (finish, reject, fail) are recorded the same way for both, by :class:`RecordedOutcomes`.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from dataclasses import dataclass
+import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Protocol
 
+from dicomnode import jobs
 from dicomnode.db import Database, now
+from dicomnode.jobs import Job, JobState, Reason, ReasonCode
 from dicomnode.logs import event
 
 log = logging.getLogger(__name__)
 
-STATES = ("receiving", "complete", "queued", "running", "sending", "done", "failed", "rejected", "superseded")
-FINAL = ("done", "failed", "rejected", "superseded")
-
-
-@dataclass
-class Job:
-    id: int
-    series_uid: str
-    state: str
-    attempts: int
-    reason: str | None = None
-
 
 class JobQueue(Protocol):
-    """What the worker needs from a queue engine."""
+    """What the worker and the stability watcher need from a queue engine."""
+
+    def put(self, job: Job, not_before: float | None = None) -> None:
+        """A job just moved to queued becomes claimable (at ``not_before``, else now). Idempotent."""
 
     def claim(self) -> Job | None:
         """Take the oldest due queued job and mark it running (attempts + 1); None when idle."""
 
-    def finish(self, job_id: int, outputs: list[Path], message: str) -> str:
-        """Pipeline succeeded: hand outputs to the sender; returns the new state."""
+    def finish(self, job_id: int, outputs: list[Path], message: str) -> JobState:
+        """Pipeline succeeded: hand outputs to the sender; returns the job's state afterwards."""
 
-    def reject(self, job_id: int, reason: str) -> None:
-        """The pipeline refused the series (terminal, with reason)."""
+    def reject(self, job_id: int, reason: str) -> JobState:
+        """The pipeline refused the series (terminal, with reason); returns the state afterwards."""
 
-    def fail(self, job_id: int, reason: str, retry_after: float | None) -> str:
+    def fail(self, job_id: int, reason: str, retry_after: float | None) -> JobState:
         """An attempt failed: re-queue after ``retry_after`` seconds, or fail for good when None."""
 
 
-class SQLiteJobQueue:
-    """:class:`JobQueue` on the node's SQLite index."""
+class RecordedOutcomes(ABC):
+    """finish / reject / fail as the job record keeps them; an engine adds put and claim."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def claim(self) -> Job | None:
-        t = now()
-        with self.db.tx() as con:
-            row = con.execute(
-                "SELECT id, series_uid, attempts FROM jobs WHERE state='queued'"
-                " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT 1",
-                (t,),
-            ).fetchone()
-            if row is None:
-                return None
-            con.execute(
-                "UPDATE jobs SET state='running', attempts=attempts+1, started_at=?, updated_at=? WHERE id=?",
-                (t, t, row["id"]),
-            )
-        return Job(
-            id=int(row["id"]),
-            series_uid=str(row["series_uid"]),
-            state="running",
-            attempts=int(row["attempts"]) + 1,
-        )
+    @abstractmethod
+    def put(self, job: Job, not_before: float | None = None) -> None: ...
 
-    def _still_running(self, con: sqlite3.Connection, job_id: int) -> bool:
-        row = con.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return row is not None and row["state"] == "running"
+    @abstractmethod
+    def claim(self) -> Job | None: ...
 
-    def finish(self, job_id: int, outputs: list[Path], message: str) -> str:
-        t = now()
-        with self.db.tx() as con:
-            if not self._still_running(con, job_id):
-                state = con.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()["state"]
-                event(log, "outputs discarded", logging.WARNING, job=job_id, state=state)
-                return str(state)
-            for path in outputs:
-                con.execute(
-                    "INSERT OR IGNORE INTO outbox (job_id, path, state, next_attempt_at)"
-                    " VALUES (?, ?, 'pending', ?)",
-                    (job_id, str(path), t),
-                )
-            state = "sending" if outputs else "done"
-            con.execute(
-                "UPDATE jobs SET state=?, message=?, reason=NULL, next_attempt_at=NULL, updated_at=?,"
-                " finished_at=CASE WHEN ?='done' THEN ? ELSE NULL END WHERE id=?",
-                (state, message, t, state, t, job_id),
-            )
+    def _state(self, job_id: int) -> JobState:
+        with self.db.lock:
+            state = jobs.state_of(self.db.con, job_id)
+        if state is None:
+            raise LookupError(f"no job {job_id}")
         return state
 
-    def reject(self, job_id: int, reason: str) -> None:
+    def finish(self, job_id: int, outputs: list[Path], message: str) -> JobState:
         t = now()
+        state = JobState.SENDING if outputs else JobState.DONE
         with self.db.tx() as con:
-            if self._still_running(con, job_id):
-                con.execute(
-                    "UPDATE jobs SET state='rejected', reason=?, updated_at=?, finished_at=? WHERE id=?",
-                    (reason, t, t, job_id),
-                )
+            left = jobs.move(con, job_id, state, t, message=message, expect={JobState.RUNNING})
+            if left is not None:
+                for path in outputs:
+                    con.execute(
+                        "INSERT OR IGNORE INTO outbox (job_id, path, state, next_attempt_at)"
+                        " VALUES (?, ?, 'pending', ?)",
+                        (job_id, str(path), t),
+                    )
+        if left is None:
+            state = self._state(job_id)
+            event(log, "outputs discarded", logging.WARNING, job=job_id, state=state)
+        return state
 
-    def fail(self, job_id: int, reason: str, retry_after: float | None) -> str:
-        t = now()
+    def reject(self, job_id: int, reason: str) -> JobState:
         with self.db.tx() as con:
-            if not self._still_running(con, job_id):
-                return "superseded"
+            left = jobs.move(con, job_id, JobState.REJECTED, now(), expect={JobState.RUNNING},
+                             reason=Reason(ReasonCode.PIPELINE_REJECTED, reason))
+        return JobState.REJECTED if left is not None else self._state(job_id)
+
+    def fail(self, job_id: int, reason: str, retry_after: float | None) -> JobState:
+        t = now()
+        why = Reason(ReasonCode.PIPELINE_ERROR, reason)
+        with self.db.tx() as con:
             if retry_after is None:
-                con.execute(
-                    "UPDATE jobs SET state='failed', reason=?, updated_at=?, finished_at=? WHERE id=?",
-                    (reason, t, t, job_id),
-                )
-                return "failed"
-            con.execute(
-                "UPDATE jobs SET state='queued', reason=?, updated_at=?, next_attempt_at=? WHERE id=?",
-                (reason, t, t + retry_after, job_id),
-            )
-            return "queued"
+                left = jobs.move(con, job_id, JobState.FAILED, t, reason=why, expect={JobState.RUNNING})
+            else:
+                left = jobs.move(con, job_id, JobState.QUEUED, t, reason=why, expect={JobState.RUNNING},
+                                 next_attempt_at=t + retry_after)
+            job = jobs.get(con, job_id)
+        if left is None or job is None:
+            return self._state(job_id)
+        if job.state is JobState.QUEUED:
+            self.put(job, t + (retry_after or 0.0))
+        return job.state
+
+    @staticmethod
+    def _start(con: sqlite3.Connection, job_id: int) -> Job | None:
+        """queued → running for a delivered job; None when it is no longer queued (superseded)."""
+        if jobs.move(con, job_id, JobState.RUNNING, now(), expect={JobState.QUEUED}) is None:
+            return None
+        return jobs.get(con, job_id)
+
+
+class SQLiteJobQueue(RecordedOutcomes):
+    """:class:`JobQueue` whose queue is the index itself: the due ``queued`` rows, oldest first."""
+
+    def put(self, job: Job, not_before: float | None = None) -> None:
+        """Nothing to deliver: the queued row (and its ``next_attempt_at``) is the queue entry."""
+
+    def claim(self) -> Job | None:
+        with self.db.tx() as con:
+            row = con.execute(
+                "SELECT id FROM jobs WHERE state=? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+                " ORDER BY id LIMIT 1",
+                (JobState.QUEUED.value, now()),
+            ).fetchone()
+            return self._start(con, int(row[0])) if row is not None else None
+
+
+class MemoryJobQueue(RecordedOutcomes):
+    """:class:`JobQueue` delivering from memory (job id → due time), as a broker would."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self._due: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def put(self, job: Job, not_before: float | None = None) -> None:
+        with self._lock:
+            self._due[job.id] = not_before if not_before is not None else now()
+
+    def claim(self) -> Job | None:
+        while True:
+            t = now()
+            with self._lock:
+                ready = [job_id for job_id, due in self._due.items() if due <= t]
+                if not ready:
+                    return None
+                job_id = min(ready)
+                del self._due[job_id]
+            with self.db.tx() as con:
+                job = self._start(con, job_id)
+            if job is not None:
+                return job  # else: superseded or re-queued elsewhere since delivery; take the next

@@ -18,29 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
+from dicomnode.db import opened
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
 
 log = logging.getLogger(__name__)
 
 FRACTURE_TYPES = ("FNF", "ITF", "other")
 SIDES = ("left", "right")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS registry_patients (
-    patient_id TEXT NOT NULL,
-    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
-    height_m REAL,
-    height_flag TEXT,
-    sex TEXT,
-    fracture_type TEXT,
-    fractured_side TEXT,
-    surgery_date TEXT,
-    koval_grade INTEGER,
-    source TEXT,
-    imported_at TEXT,
-    PRIMARY KEY (patient_id, issuer_of_patient_id)
-);
-"""
 
 # Header aliases accepted in the CSV (lower-case, spaces/dashes as underscores).
 _ALIASES = {
@@ -54,18 +38,6 @@ _ALIASES = {
     "surgery_date": ("surgery_date", "operation_date", "op_date", "surgery"),
     "koval_grade": ("koval_grade", "koval"),
 }
-
-
-def connect(settings: Settings) -> sqlite3.Connection:
-    """The node's SQLite file (WAL, waits on locks) with the registry table present."""
-    path = Path(settings.db_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=30.0)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA busy_timeout=30000")
-    con.executescript(_SCHEMA)
-    return con
 
 
 @dataclass
@@ -248,19 +220,15 @@ def import_csv(settings: Settings, path: Path) -> ImportResult:
         if _column(header, "patient_id") is None:
             raise ValueError(f"{path.name}: no patient_id column (found {header})")
         imported, problems = 0, []
-        con = connect(settings)
-        try:
-            with con:
-                for lineno, row in enumerate(reader, start=2):
-                    info, row_problems = parse_row(row, header)
-                    problems += [f"line {lineno}: {p}" for p in row_problems]
-                    if info is None:
-                        continue
-                    info.source = path.name
-                    _upsert(con, info)
-                    imported += 1
-        finally:
-            con.close()
+        with opened(settings.db_path) as db, db.tx() as con:
+            for lineno, row in enumerate(reader, start=2):
+                info, row_problems = parse_row(row, header)
+                problems += [f"line {lineno}: {p}" for p in row_problems]
+                if info is None:
+                    continue
+                info.source = path.name
+                _upsert(con, info)
+                imported += 1
     log.info("registry: imported %d rows from %s (%d problems)", imported, path.name, len(problems))
     return ImportResult(imported=imported, problems=problems)
 
@@ -287,31 +255,23 @@ def get_patient(
 
     ``con``: an open connection to reuse (e.g. inside the caller's write transaction).
     """
-    own = con is None
-    con = connect(settings) if con is None else con
-    try:
-        for iss in dict.fromkeys([issuer or "", ""]):
-            row = con.execute(
-                "SELECT * FROM registry_patients WHERE patient_id=? AND issuer_of_patient_id=?",
-                (patient_id, iss),
-            ).fetchone()
-            if row is not None:
-                return _from_row(row)
-        return None
-    finally:
-        if own:
-            con.close()
+    if con is None:
+        with opened(settings.db_path) as db, db.lock:
+            return get_patient(settings, patient_id, issuer, db.con)
+    for iss in dict.fromkeys([issuer or "", ""]):
+        row = con.execute(
+            "SELECT * FROM registry_patients WHERE patient_id=? AND issuer_of_patient_id=?",
+            (patient_id, iss),
+        ).fetchone()
+        if row is not None:
+            return _from_row(row)
+    return None
 
 
 def all_patients(settings: Settings) -> list[ClinicalInfo]:
-    con = connect(settings)
-    try:
-        rows = con.execute(
-            "SELECT * FROM registry_patients ORDER BY patient_id, issuer_of_patient_id"
-        ).fetchall()
-        return [_from_row(r) for r in rows]
-    finally:
-        con.close()
+    with opened(settings.db_path) as db:
+        rows = db.query("SELECT * FROM registry_patients ORDER BY patient_id, issuer_of_patient_id")
+    return [_from_row(r) for r in rows]
 
 
 # ---------------------------------------------------------------- resolution

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomnode.config import Settings
+from dicomnode.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class RetrieveOutcome:
 
 def _ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = _TIMEOUT_S
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = _TIMEOUT_S
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     return ae
@@ -66,7 +67,8 @@ def _ae(settings: Settings) -> AE:
 
 def _find(settings: Settings, query: Dataset) -> list[Dataset]:
     ae = _ae(settings)
-    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title)
+    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
+                         tls_args=client_tls_args(settings))
     if not assoc.is_established:
         raise ConnectionError(
             f"no association with {settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}"
@@ -190,7 +192,8 @@ def move_series(
 ) -> tuple[int, int]:
     """C-MOVE one series to ``destination`` (default: this node's AE). Returns (completed, failed)."""
     ae = _ae(settings)
-    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title)
+    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
+                         tls_args=client_tls_args(settings))
     if not assoc.is_established:
         raise ConnectionError(f"no association with {settings.pacs.ae_title}")
     q = Dataset()

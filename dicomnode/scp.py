@@ -36,6 +36,7 @@ import ipaddress
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -57,6 +58,7 @@ from dicomnode.config import Settings
 from dicomnode.logs import event
 from dicomnode.sop import CT_CLASSES
 from dicomnode.store import Store, StoreError, encode_file_meta, info_from_dataset, read_header
+from dicomnode.tls import describe, handshake, server_context
 from dicomnode.validate import validate_instance
 
 log = logging.getLogger(__name__)
@@ -166,7 +168,8 @@ def _pdu_cap(dul: Any, pdu_type: int) -> int | None:
     return local.maximum_length or None
 
 
-def _drop_connection(dul: Any, reason: str, *, abort: bool, **fields: Any) -> None:
+def _drop_connection(dul: Any, reason: str, *, abort: bool, level: int = logging.WARNING,
+                     **fields: Any) -> None:
     """Close this connection now: Evt17, as if the peer had closed it (optionally after an A-ABORT).
 
     Before association nothing else would end it: the acceptor's reactor waits up to acse_timeout for an
@@ -179,7 +182,7 @@ def _drop_connection(dul: Any, reason: str, *, abort: bool, **fields: Any) -> No
         address = sock.getpeername()[0]
     except OSError:
         address = "-"
-    event(log, "connection dropped", logging.WARNING, reason=reason, address=address, **fields)
+    event(log, "connection dropped", level, reason=reason, address=address, **fields)
     if abort:
         with suppress(OSError):
             sock.settimeout(1.0)
@@ -426,6 +429,8 @@ def _attach_waiters(assoc: Any) -> socket.socket | None:
         sock = getattr(getattr(dul, "socket", None), "socket", None)
         if sock is None:
             raise OSError("no socket")
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes select cannot see
+            return
         ready, _, _ = select.select([sock, wake_r], [], [], timeout)
         if wake_r in ready:
             try:
@@ -595,9 +600,11 @@ class StorageSCP:
         return 0x0000
 
     def _on_conn_open(self, evt_: Any) -> None:
-        """Bound the new connection: a socket time-out for sends (reads get theirs per PDU, see
-        :func:`_read_pdu_data`) and the data set limit; then the throughput waiters."""
+        """Bound the new connection: the TLS handshake within ARTIM, a socket time-out for sends (reads get
+        theirs per PDU, see :func:`_read_pdu_data`) and the data set limit; then the throughput waiters."""
         sock = getattr(evt_.assoc.dul.socket, "socket", None)
+        if sock is not None and not self._tls_handshake(evt_.assoc, sock):
+            return
         if sock is not None:
             sock.settimeout(self.settings.network_timeout_seconds)
         _bound_dimse_messages(evt_.assoc, int(self.settings.max_instance_mb * MB))
@@ -605,6 +612,19 @@ class StorageSCP:
         if wake is not None:
             with self._count_lock:
                 self._wakers[id(evt_.assoc)] = wake
+
+    def _tls_handshake(self, assoc: Any, sock: socket.socket) -> bool:
+        """Finish a TLS handshake in this connection's thread (see :class:`dicomnode.tls._DeferredHandshake`);
+        a plain or untrusted caller, or one that stalls past ``acse_timeout_seconds``, is disconnected."""
+        failure = handshake(sock, self.settings.acse_timeout_seconds)
+        if failure is not None:
+            level = logging.DEBUG if failure.peer_closed else logging.WARNING  # a hang-up: a port probe
+            _drop_connection(assoc.dul, "tls-handshake-failed", abort=False, level=level,
+                             error=failure.reason)
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            event(log, "tls established", logging.DEBUG, address=assoc.requestor.address, **describe(sock))
+        return True
 
     def _on_conn_close(self, evt_: Any) -> None:
         with self._count_lock:
@@ -646,6 +666,9 @@ class StorageSCP:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        """Listen (over TLS when ``tls.enabled``); a certificate, key or CA that cannot be loaded stops
+        the node here with :class:`dicomnode.tls.TlsError`."""
+        ssl_context = server_context(self.settings.tls)
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -656,7 +679,8 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         self.server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+            ssl_context=ssl_context,
         )
         event(
             log,
@@ -666,7 +690,16 @@ class StorageSCP:
             port=self.settings.port,
             allowed=",".join(self.settings.allowed_calling_aets) or "any",
             pinned=",".join(sorted(self._pins)) or "none",
+            tls=self._tls_summary(),
         )
+
+    def _tls_summary(self) -> str:
+        """``off``, or what the listener asks of callers (for the start-up log line)."""
+        tls = self.settings.tls
+        if not tls.enabled:
+            return "off"
+        clients = "required" if tls.require_client_certificate else "optional"
+        return f"TLS>={tls.min_version} client-certificate={clients}"
 
     def stop(self) -> None:
         if self.server is not None:

@@ -15,9 +15,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from dicomnode import jobs
 from dicomnode.config import Settings
 from dicomnode.db import Database, now
+from dicomnode.jobs import JobState, Reason, ReasonCode
 from dicomnode.logs import event
+from dicomnode.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,8 @@ def echo(settings: Settings) -> tuple[bool, str]:
 
     ae = _ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title)
+    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
+                         tls_args=client_tls_args(settings))
     if not assoc.is_established:
         return False, f"no association with {_peer(settings)}"
     try:
@@ -78,7 +82,8 @@ def send_files(settings: Settings, paths: list[Path]) -> dict[Path, str | None]:
             contexts[str(ds.SOPClassUID)].update({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
-    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title)
+    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
+                         tls_args=client_tls_args(settings))
     if not assoc.is_established:
         error = f"no association with {_peer(settings)}"
         results.update({p: error for p in datasets})
@@ -121,10 +126,10 @@ class Sender:
         """One pass over due rows; returns how many files were stored in the PACS."""
         rows = self.db.query(
             "SELECT o.id, o.job_id, o.path, o.attempts FROM outbox o JOIN jobs j ON j.id = o.job_id"
-            " WHERE o.state='pending' AND j.state='sending'"
+            " WHERE o.state='pending' AND j.state=?"
             " AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
             " ORDER BY o.job_id, o.id",
-            (now(),),
+            (JobState.SENDING.value, now()),
         )
         by_job: dict[int, list[Any]] = defaultdict(list)
         for row in rows:
@@ -167,43 +172,32 @@ class Sender:
                     "SELECT state, COUNT(*) AS n FROM outbox WHERE job_id=? GROUP BY state", (job_id,)
                 )
             }
+            reason: Reason | None = None
             if counts.get("pending"):
                 attempts = max(int(r["attempts"]) for r in rows) + 1
-                reason = (
-                    (
-                        f"send attempt {attempts - 1} failed: {last_error}; retrying in "
-                        f"{self.backoff(attempts - 1):g} s"
-                    )
-                    if last_error
-                    else None
-                )
-                con.execute("UPDATE jobs SET reason=?, updated_at=? WHERE id=?", (reason, t, job_id))
-                state = "sending"
+                if last_error:
+                    reason = Reason(ReasonCode.SEND_RETRYING,
+                                    f"send attempt {attempts - 1} failed: {last_error}; retrying in "
+                                    f"{self.backoff(attempts - 1):g} s")
+                state = JobState.SENDING
             elif counts.get("failed"):
                 error = con.execute(
                     "SELECT last_error, attempts FROM outbox WHERE job_id=? AND state='failed'"
                     " ORDER BY id LIMIT 1",
                     (job_id,),
                 ).fetchone()
-                reason = (
-                    f"send to {_peer(self.settings)} failed after {error['attempts']} attempts: "
-                    f"{error['last_error']}"
-                )
-                con.execute(
-                    "UPDATE jobs SET state='failed', reason=?, updated_at=?, finished_at=? WHERE id=?",
-                    (reason, t, t, job_id),
-                )
-                state = "failed"
+                reason = Reason(ReasonCode.SEND_FAILED,
+                                f"send to {_peer(self.settings)} failed after {error['attempts']} attempts: "
+                                f"{error['last_error']}")
+                state = JobState.FAILED
             else:
-                con.execute(
-                    "UPDATE jobs SET state='done', reason=NULL, updated_at=?, finished_at=? WHERE id=?",
-                    (t, t, job_id),
-                )
-                state = "done"
+                state = JobState.DONE
+            if jobs.move(con, job_id, state, t, reason=reason, expect={JobState.SENDING}) is None:
+                state = jobs.state_of(con, job_id) or state  # changed meanwhile (an operator retry)
         event(
             log,
             "send pass",
-            logging.INFO if state != "failed" else logging.ERROR,
+            logging.INFO if state is not JobState.FAILED else logging.ERROR,
             job=job_id,
             sent=sent,
             of=len(rows),
@@ -223,32 +217,29 @@ class Sender:
 
 
 def retry(db: Database, job_id: int) -> str:
-    """Operator retry: re-send a job's outputs (failed or done), or re-queue a job whose pipeline failed."""
+    """Operator retry: re-send a job's outputs (failed or done), or re-queue a job whose pipeline failed.
+
+    A re-queued job is claimed by the serving node's SQLite queue (the index is its queue); an
+    in-memory queue picks it up at the node's next start.
+    """
     t = now()
+    resendable = {JobState.FAILED, JobState.DONE, JobState.SENDING}
     with db.tx() as con:
-        job = con.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if job is None:
+        state = jobs.state_of(con, job_id)
+        if state is None:
             raise LookupError(f"no job {job_id}")
         n_out = con.execute("SELECT COUNT(*) FROM outbox WHERE job_id=?", (job_id,)).fetchone()[0]
-        if job["state"] in ("failed", "done", "sending") and n_out:
+        if state in resendable and n_out:
             con.execute(
                 "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL"
                 " WHERE job_id=?",
                 (t, job_id),
             )
-            con.execute(
-                "UPDATE jobs SET state='sending', reason='re-send requested', finished_at=NULL,"
-                " updated_at=? WHERE id=?",
-                (t, job_id),
-            )
+            jobs.move(con, job_id, JobState.SENDING, t,
+                      reason=Reason(ReasonCode.RESEND_REQUESTED, "re-send requested"))
             return f"job {job_id}: {n_out} output(s) queued for sending again"
-        if job["state"] == "failed":
-            con.execute(
-                "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=NULL,"
-                " reason='retry requested', finished_at=NULL, updated_at=? WHERE id=?",
-                (t, job_id),
-            )
+        if state is JobState.FAILED:
+            jobs.move(con, job_id, JobState.QUEUED, t, reset_attempts=True,
+                      reason=Reason(ReasonCode.RETRY_REQUESTED, "retry requested"))
             return f"job {job_id}: re-queued for processing"
-        raise ValueError(
-            f"job {job_id} is {job['state']}: only failed jobs, or jobs with outputs, can be retried"
-        )
+    raise ValueError(f"job {job_id} is {state}: only failed jobs, or jobs with outputs, can be retried")

@@ -31,9 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode import jobs
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database, now
+from dicomnode.jobs import JobState, Reason, ReasonCode
 from dicomnode.logs import event
+from dicomnode.queue import JobQueue, SQLiteJobQueue
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ HEADER_TAGS = [
     "ImagesInAcquisition",
     "NumberOfSeriesRelatedInstances",
 ]
-INCOMPLETE = "incomplete"  # reason code of a series rejected because instances are missing
+INCOMPLETE = ReasonCode.INCOMPLETE.value  # also the first word of that reason's text
 GAP_FACTOR = 1.5  # a step over this × the median slice spacing is a gap
 
 
@@ -329,9 +332,10 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
 class StabilityWatcher:
     """Closes series that have been quiet for ``stable_seconds`` and queues or rejects their job."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, queue: JobQueue | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.queue = queue if queue is not None else SQLiteJobQueue(db)
         self.interval = max(0.05, min(0.5, settings.stable_seconds / 4))
 
     def due(self, t: float | None = None) -> list[tuple[int, str]]:
@@ -339,9 +343,9 @@ class StabilityWatcher:
         t = t if t is not None else now()
         rows = self.db.query(
             "SELECT j.id, j.series_uid FROM jobs j JOIN series s ON s.current_job = j.id"
-            " WHERE j.state='receiving' AND s.last_received_at <= ?"
+            " WHERE j.state=? AND s.last_received_at <= ?"
             " AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= ?) ORDER BY j.id",
-            (t - self.settings.stable_seconds, t),
+            (JobState.RECEIVING.value, t - self.settings.stable_seconds, t),
         )
         return [(int(r["id"]), str(r["series_uid"])) for r in rows]
 
@@ -360,12 +364,12 @@ class StabilityWatcher:
         t = now()
         cutoff = t - self.settings.stable_seconds
         with self.db.tx() as con:
-            changed = con.execute(
-                "UPDATE jobs SET state='complete', complete_at=?, updated_at=?"
-                " WHERE id=? AND state='receiving'"
-                " AND (SELECT last_received_at FROM series WHERE series_uid=? AND current_job=?) <= ?",
-                (t, t, job_id, series_uid, job_id, cutoff),
-            ).rowcount
+            quiet = con.execute(
+                "SELECT 1 FROM series WHERE series_uid=? AND current_job=? AND last_received_at <= ?",
+                (series_uid, job_id, cutoff),
+            ).fetchone()
+            changed = quiet is not None and jobs.move(
+                con, job_id, JobState.COMPLETE, t, expect={JobState.RECEIVING}) is not None
             rows = con.execute(
                 "SELECT path, sop_uid, size FROM instances WHERE series_uid=?", (series_uid,)
             ).fetchall()
@@ -377,6 +381,7 @@ class StabilityWatcher:
         files = sorted(Path(r["path"]) for r in rows)
         digest = content_hash((r["sop_uid"], int(r["size"] or 0)) for r in rows)
         sel = Selection(False)
+        failed_selection = False
         try:  # file I/O, outside any transaction
             headers, unreadable = read_headers(files)
             whole = check_completeness(headers) if not unreadable else Completeness(True)
@@ -386,51 +391,55 @@ class StabilityWatcher:
             log.exception("selection failed")
             whole = Completeness(True)
             sel = Selection(False, f"selection failed: {type(exc).__name__}: {exc}")
+            failed_selection = True
         hold_until = float(last["last_received_at"] or t) + self.settings.selection.incomplete_hold_seconds
         if not whole.complete and now() < hold_until:
             return self._hold(job_id, series_uid, whole.detail, hold_until)
         t = now()
         superseded: list[Any] = []
         with self.db.tx() as con:
-            state = con.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if state is None or state["state"] != "complete":
+            if jobs.state_of(con, job_id) is not JobState.COMPLETE:
                 return False  # re-opened meanwhile; the new job will be closed later
             dup = con.execute(
                 "SELECT id FROM jobs WHERE series_uid=? AND content_hash=? AND id<>? AND state IN"
-                " ('queued','running','sending','done') ORDER BY id LIMIT 1",
-                (series_uid, digest, job_id),
+                " (?, ?, ?, ?) ORDER BY id LIMIT 1",
+                (series_uid, digest, job_id, JobState.QUEUED.value, JobState.RUNNING.value,
+                 JobState.SENDING.value, JobState.DONE.value),
             ).fetchone()
+            why: Reason | None
             if not whole.complete:
-                new_state, reason = "rejected", f"{INCOMPLETE}: {whole.detail}"
+                new_state = JobState.REJECTED
+                why = Reason(ReasonCode.INCOMPLETE, f"{INCOMPLETE}: {whole.detail}")
             elif dup is not None:
-                new_state = "done"
-                reason = f"same content as job {dup['id']}: results not produced again"
+                new_state = JobState.DONE
+                why = Reason(ReasonCode.DUPLICATE_CONTENT,
+                             f"same content as job {dup['id']}: results not produced again")
             elif sel.accepted:
-                new_state, reason = "queued", None
+                new_state, why = JobState.QUEUED, None
                 superseded = con.execute(
                     "SELECT j.id, o.path FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.series_uid=?"
-                    " AND j.id<>? AND j.state IN ('sending','done') AND j.content_hash IS NOT ?"
+                    " AND j.id<>? AND j.state IN (?, ?) AND j.content_hash IS NOT ?"
                     " ORDER BY j.id, o.path",
-                    (series_uid, job_id, digest),
+                    (series_uid, job_id, JobState.SENDING.value, JobState.DONE.value, digest),
                 ).fetchall()
             else:
-                new_state, reason = "rejected", sel.reason
-            con.execute(
-                "UPDATE jobs SET state=?, reason=?, content_hash=?, n_instances=?, updated_at=?,"
-                " next_attempt_at=NULL,"
-                " finished_at=CASE WHEN ? IN ('rejected','done') THEN ? ELSE NULL END WHERE id=?",
-                (new_state, reason, digest, len(rows), t, new_state, t, job_id),
-            )
+                code = ReasonCode.SELECTION_ERROR if failed_selection else ReasonCode.NOT_SELECTED
+                new_state, why = JobState.REJECTED, Reason(code, sel.reason)
+            jobs.move(con, job_id, new_state, t, reason=why, content_hash=digest, n_instances=len(rows))
+            queued = jobs.get(con, job_id) if new_state is JobState.QUEUED else None
+        if queued is not None:
+            self.queue.put(queued)
+        reason = why.text if why else ""
         event(
             log,
             f"series {new_state}",
-            logging.INFO if new_state != "rejected" else logging.WARNING,
+            logging.INFO if new_state is not JobState.REJECTED else logging.WARNING,
             job=job_id,
             series=series_uid,
             instances=len(rows),
             slices=sel.n_slices,
             z_coverage_mm=round(sel.z_coverage_mm, 1),
-            reason=reason or "",
+            reason=reason,
         )
         if superseded:
             self._announce_superseded(job_id, series_uid, superseded)
@@ -440,12 +449,10 @@ class StabilityWatcher:
         """Back to receiving, to be checked again at ``until`` (or after any new instance settles)."""
         t = now()
         with self.db.tx() as con:
-            held = con.execute(
-                "UPDATE jobs SET state='receiving', reason=?, next_attempt_at=?, updated_at=?"
-                " WHERE id=? AND state='complete'",
-                (f"held: {INCOMPLETE}: {detail}", until, t, job_id),
-            ).rowcount
-        if held:
+            held = jobs.move(con, job_id, JobState.RECEIVING, t, expect={JobState.COMPLETE},
+                             next_attempt_at=until,
+                             reason=Reason(ReasonCode.HELD_INCOMPLETE, f"held: {INCOMPLETE}: {detail}"))
+        if held is not None:
             event(log, "series held", job=job_id, series=series_uid, reason=f"{INCOMPLETE}: {detail}",
                   seconds_left=round(until - t, 1))
         return False
@@ -456,10 +463,10 @@ class StabilityWatcher:
 
         Output files are named by their SOP Instance UID, so the outbox paths give the UIDs to delete.
         """
-        jobs = sorted({int(r["id"]) for r in rows})
+        earlier = sorted({int(r["id"]) for r in rows})
         uids = [Path(str(r["path"])).stem for r in rows]
         event(log, "earlier results superseded", job=job_id, series=series_uid,
-              earlier_jobs=",".join(map(str, jobs)), superseded_sop_uids=",".join(uids))
+              earlier_jobs=",".join(map(str, earlier)), superseded_sop_uids=",".join(uids))
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from dicomnode import jobs
 from dicomnode.config import Settings
 from dicomnode.db import Database
 from dicomnode.logs import event
-from dicomnode.queue import SQLiteJobQueue
+from dicomnode.queue import JobQueue, SQLiteJobQueue
+from dicomnode.retention import Retention
 from dicomnode.scp import StorageSCP
 from dicomnode.sender import Sender
 from dicomnode.series import StabilityWatcher
@@ -28,16 +31,21 @@ class Node:
     """Everything ``dicomnode serve`` runs; ``start()``/``stop()`` for tests and embedding."""
 
     def __init__(
-        self, settings: Settings, pipeline: PipelineFn | str | None = None, worker_enabled: bool | None = None
+        self,
+        settings: Settings,
+        pipeline: PipelineFn | str | None = None,
+        worker_enabled: bool | None = None,
+        queue_engine: Callable[[Database], JobQueue] = SQLiteJobQueue,
     ) -> None:
         self.settings = settings
         self.db = Database(settings.db_path)
         self.store = Store(settings.storage_dir, self.db)
-        self.queue = SQLiteJobQueue(self.db)
+        self.queue = queue_engine(self.db)
         self.scp = StorageSCP(settings, self.store)
-        self.watcher = StabilityWatcher(settings, self.db)
+        self.watcher = StabilityWatcher(settings, self.db, self.queue)
         self.worker = Worker(settings, self.store, self.queue, pipeline)
         self.sender = Sender(settings, self.db)
+        self.retention = Retention(settings, self.store)
         self.worker_enabled = settings.worker.enabled if worker_enabled is None else worker_enabled
         self.pipeline_name = pipeline if isinstance(pipeline, str) or pipeline is None else repr(pipeline)
         self.stop_event = threading.Event()
@@ -45,10 +53,14 @@ class Node:
 
     def start(self) -> None:
         self.store.recover(max_attempts=self.settings.worker.max_attempts)
+        for job, due in jobs.queued(self.db):  # an engine that keeps no queue of its own gets them back
+            self.queue.put(job, due)
         self.scp.start()
         loops: list[tuple[str, Any]] = [("watcher", self.watcher.run), ("sender", self.sender.run)]
         if self.worker_enabled:
             loops.append(("worker", self.worker.run))
+        if self.settings.retention_days is not None:
+            loops.append(("retention", self.retention.run))
         for name, target in loops:
             thread = threading.Thread(
                 target=target, args=(self.stop_event,), name=f"dicomnode-{name}", daemon=True
@@ -69,6 +81,7 @@ class Node:
             worker="on" if self.worker_enabled else "off",
             pipeline=spec,
             pacs=f"{self.settings.pacs.ae_title}@{self.settings.pacs.host}:{self.settings.pacs.port}",
+            retention_days=self.settings.retention_days or "off",
         )
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -44,7 +44,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicomnode import jobs
 from dicomnode.db import Database, DatabaseBusy, now
+from dicomnode.jobs import JobState, Reason, ReasonCode
 from dicomnode.logs import event, load_pseudonym_key, pseudonym
 from dicomnode.validate import CANNOT_UNDERSTAND, validate_instance
 
@@ -52,10 +54,6 @@ log = logging.getLogger(__name__)
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PREAMBLE = b"\x00" * 128 + b"DICM"
-
-# jobs in these states have not produced results yet: a late instance replaces them outright
-UNFINISHED = ("complete", "queued", "running", "rejected")
-
 
 OUT_OF_RESOURCES = 0xA700  # transient: the sender should try again later
 FILE_MODE = 0o640  # instance files (PHI): owner and the service group only
@@ -380,40 +378,19 @@ class Store:
                 ).fetchone()
             reopened = False
             superseded = None
-            if job is not None and job["state"] == "receiving":
+            if job is not None and job["state"] == JobState.RECEIVING:
                 job_id = int(job["id"])
                 if new_instance:  # new content: a series held as incomplete is checked afresh
-                    con.execute("UPDATE jobs SET updated_at=?, next_attempt_at=NULL, reason=NULL WHERE id=?",
-                                (t, job_id))
+                    jobs.move(con, job_id, JobState.RECEIVING, t)
                 else:
-                    con.execute("UPDATE jobs SET updated_at=? WHERE id=?", (t, job_id))
+                    jobs.touch(con, job_id, t)
             elif job is None or new_instance:
-                job_id = int(
-                    con.execute(
-                        "INSERT INTO jobs (series_uid, state, created_at, updated_at)"
-                        " VALUES (?, 'receiving', ?, ?)",
-                        (info.series_uid, t, t),
-                    ).lastrowid
-                )
+                job_id = jobs.create(con, info.series_uid, t)
                 con.execute("UPDATE series SET current_job=? WHERE series_uid=?", (job_id, info.series_uid))
                 if job is not None:
                     reopened = True
                     superseded = int(job["id"])
-                    if job["state"] in UNFINISHED:
-                        con.execute(
-                            "UPDATE jobs SET state='superseded', superseded_by=?, updated_at=?,"
-                            " finished_at=?,"
-                            " reason=? WHERE id=?",
-                            (
-                                job_id,
-                                t,
-                                t,
-                                f"superseded by job {job_id}: a late instance re-opened the series",
-                                superseded,
-                            ),
-                        )
-                    else:
-                        con.execute("UPDATE jobs SET superseded_by=? WHERE id=?", (job_id, superseded))
+                    jobs.supersede(con, superseded, job_id, t)
             else:  # identical re-send of a known instance into a closed series: nothing to redo
                 job_id = int(job["id"])
             if new_instance:
@@ -422,7 +399,7 @@ class Store:
                     " last_received_at=? WHERE series_uid=?",
                     (info.series_uid, t, info.series_uid),
                 )
-            elif job_id and job is not None and job["state"] == "receiving":
+            elif job_id and job is not None and job["state"] == JobState.RECEIVING:
                 con.execute("UPDATE series SET last_received_at=? WHERE series_uid=?", (t, info.series_uid))
         if reopened:
             event(log, "series re-opened", series=info.series_uid, job=job_id, superseded=superseded)
@@ -539,26 +516,29 @@ class Store:
             except Exception as exc:  # an unreadable file is reported, not fatal
                 event(log, "unindexable file", logging.WARNING, path=path, error=exc)
         t = now()
+        given_up = requeued = 0
         with self.db.tx() as con:
             # a series that was still arriving gets a fresh stability window (the sender may resend)
             con.execute(
                 "UPDATE series SET last_received_at=? WHERE current_job IN"
-                " (SELECT id FROM jobs WHERE state IN ('receiving', 'complete'))",
-                (t,),
+                " (SELECT id FROM jobs WHERE state IN (?, ?))",
+                (t, JobState.RECEIVING.value, JobState.COMPLETE.value),
             )
-            con.execute("UPDATE jobs SET state='receiving', updated_at=? WHERE state='complete'", (t,))
-            given_up = 0
-            if max_attempts is not None:
-                given_up = con.execute(
-                    "UPDATE jobs SET state='failed', updated_at=?, finished_at=?, reason='the node stopped"
-                    " during each of ' || attempts || ' attempts' WHERE state='running' AND attempts >= ?",
-                    (t, t, max_attempts),
-                ).rowcount
-            requeued = con.execute(
-                "UPDATE jobs SET state='queued', updated_at=?, next_attempt_at=NULL,"
-                " reason='re-queued after restart (was running)' WHERE state='running'",
-                (t,),
-            ).rowcount
+            interrupted = con.execute(
+                "SELECT id, state, attempts FROM jobs WHERE state IN (?, ?) ORDER BY id",
+                (JobState.COMPLETE.value, JobState.RUNNING.value),
+            ).fetchall()
+            for job_id, state, attempts in interrupted:
+                if state == JobState.COMPLETE:  # stopped while being checked: check it again
+                    jobs.move(con, job_id, JobState.RECEIVING, t)
+                elif max_attempts is not None and attempts >= max_attempts:
+                    jobs.move(con, job_id, JobState.FAILED, t, reason=Reason(
+                        ReasonCode.RESTART_GAVE_UP, f"the node stopped during each of {attempts} attempts"))
+                    given_up += 1
+                else:
+                    jobs.move(con, job_id, JobState.QUEUED, t, reason=Reason(
+                        ReasonCode.RESTART_REQUEUED, "re-queued after restart (was running)"))
+                    requeued += 1
         stats = {"tmp_removed": removed, "reindexed": reindexed, "requeued": requeued}
         if given_up:
             stats["failed"] = given_up

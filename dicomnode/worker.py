@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
+from dicomnode.jobs import JobState
 from dicomnode.logs import event
+from dicomnode.pipeline import JobInput, SeriesRejected
 from dicomnode.queue import JobQueue
 from dicomnode.store import Store
 
@@ -41,10 +43,6 @@ def load_pipeline(spec: str) -> PipelineFn:
     if not module_name or not attr:
         raise ValueError(f"pipeline must be 'module:function', got {spec!r}")
     return getattr(importlib.import_module(module_name), attr)
-
-
-def _is_rejection(exc: BaseException) -> bool:
-    return any(cls.__name__ == "SeriesRejected" for cls in type(exc).__mro__)
 
 
 class Worker:
@@ -72,8 +70,6 @@ class Worker:
 
     def run_once(self) -> int | None:
         """Process one due job, if any; returns its id."""
-        from dicomnode.pipeline import JobInput
-
         job = self.queue.claim()
         if job is None:
             return None
@@ -86,17 +82,18 @@ class Worker:
         started = time.monotonic()
         try:
             output = self.pipeline(
-                JobInput(job_id=job.id, series_instance_uid=job.series_uid, files=files, work_dir=work_dir),
+                JobInput(job_id=job.id, series_instance_uid=job.series_uid, files=files, work_dir=work_dir,
+                         series_files=self.store.series_files),
                 self.settings,
             )
         except Exception as exc:
-            if _is_rejection(exc):
+            if isinstance(exc, SeriesRejected):
                 self.queue.reject(job.id, str(exc) or type(exc).__name__)
                 event(log, "job rejected", logging.WARNING, job=job.id, reason=str(exc))
             else:
                 reason = f"attempt {job.attempts}: {type(exc).__name__}: {exc}".strip().rstrip(":")
                 state = self.queue.fail(job.id, reason, self.retry_after(job.attempts))
-                level = logging.ERROR if state == "failed" else logging.WARNING
+                level = logging.ERROR if state is JobState.FAILED else logging.WARNING
                 event(log, f"job {state}", level, job=job.id, reason=reason)
                 if level == logging.ERROR:
                     log.debug("pipeline traceback", exc_info=True)

@@ -3,6 +3,8 @@
 Why: the node's tests are about receiving, queueing and sending, not segmentation. ``run`` writes one
 Secondary Capture whose SOP Instance UID derives from the series content (as the real pipeline's
 outputs do), and appends a line to ``<storage_dir>/pipeline-runs.log`` so tests can count runs.
+``measure`` is the real pipeline from the label map on (volumes, SEG, SR, pairing, follow-up SRs)
+with a fixed label map in place of the model, for tests of the clinical flow without inference.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 
-from dicomnode.pipeline import JobInput, JobOutput, SeriesRejected
+from dicomnode.pipeline import JobInput, JobOutput, SeriesRejected, report
 
 
 def derived_uid(*parts: str) -> str:
@@ -66,3 +68,18 @@ def fail(job: JobInput, settings: object) -> JobOutput:
 def reject(job: JobInput, settings: object) -> JobOutput:
     _log_run(settings, job, "reject")
     raise SeriesRejected("test pipeline says no")
+
+
+THRESHOLD_MODEL = {"name": "node-test-threshold", "version": "1", "demo": True}
+
+
+def measure(job: JobInput, settings: object) -> JobOutput:
+    """:func:`dicomnode.pipeline.report` on a label map without a model: every voxel above -500 HU is
+    vastus lateralis (so a series' volume is its slice count × slice area)."""
+    from seg.io import load_dicom_series
+    from seg.labels import LABEL_OF
+
+    _log_run(settings, job, "measure")
+    ct = load_dicom_series(sorted(job.files))
+    labels = ct.with_array(np.where(ct.array > -500, LABEL_OF["vastus_lateralis"], 0).astype(np.uint8))
+    return report(job, settings, ct, labels, dict(THRESHOLD_MODEL))  # type: ignore[arg-type]

@@ -50,6 +50,7 @@ def write_ct_series(
     transfer_syntax: str = ExplicitVRLittleEndian,
     patient_id: str = "NODE-TEST-1",
     patient_name: str = "Node^Test",
+    study_date: str = "20240101",
     z0: float = 0.0,
     random_pixels: bool = False,
 ) -> SeriesFiles:
@@ -79,7 +80,7 @@ def write_ct_series(
         ds.SOPClassUID = sop_class
         ds.PatientName, ds.PatientID, ds.PatientSex, ds.PatientSize = patient_name, patient_id, "F", 1.65
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "1", "ACC1"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = study_date, "120000", "1", "ACC1"
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, k + 1 + 1000 * copy
         ds.SeriesDescription = f"synthetic {name}"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]

@@ -14,7 +14,7 @@ from series_factory import write_ct_series, write_enhanced_ct
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
 from dicomnode.logs import KeyValueFormatter, pseudonym
-from dicomnode.queue import SQLiteJobQueue
+from dicomnode.queue import MemoryJobQueue, SQLiteJobQueue
 from dicomnode.sender import retry
 from dicomnode.series import StabilityWatcher, content_hash, select_series
 from dicomnode.store import PREAMBLE, Store, encode_file_meta, info_from_dataset
@@ -171,16 +171,19 @@ def _pipeline_no(job, settings):  # noqa: ANN001
     raise SeriesRejected("not a thigh")
 
 
+@pytest.mark.parametrize("engine", [SQLiteJobQueue, MemoryJobQueue], ids=["sqlite", "memory"])
 @pytest.mark.parametrize(
     ("pipeline", "final", "why"),
     [(_pipeline_ok, "sending", None), (_pipeline_boom, "failed", "attempt 2: RuntimeError: boom"),
      (_pipeline_no, "rejected", "not a thigh")],
 )
-def test_worker_outcomes(node: tuple, tmp_path: Path, pipeline, final: str, why: str | None) -> None:  # noqa: ANN001
+def test_worker_outcomes(node: tuple, tmp_path: Path, pipeline, final: str, why: str | None, engine) -> None:  # noqa: ANN001
+    """Watcher → queue → worker → outcome, the same with either queue engine."""
     settings, db, store = node
+    queue = engine(db)
     receive(store, write_ct_series(tmp_path / "in", name="w", n=12, size=8).files)
-    StabilityWatcher(settings, db).check_once()
-    worker = Worker(settings, store, SQLiteJobQueue(db), pipeline)
+    StabilityWatcher(settings, db, queue).check_once()
+    worker = Worker(settings, store, queue, pipeline)
     while worker.run_once() is not None:
         pass
     row = db.one("SELECT state, reason, attempts FROM jobs")

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from dicomnode import registry
 from dicomnode.cli import app
 from dicomnode.config import Settings
+from dicomnode.db import MIGRATIONS, opened
 
 CSV = """patient_id,height_m,sex,fracture_type,fractured_side,surgery_date,koval_grade
 P1,1.62,F,FNF,left,2023-01-06,2
@@ -89,6 +90,17 @@ def test_reimport_replaces(settings: Settings, tmp_path: Path) -> None:
     p1 = registry.get_patient(settings, "P1")
     assert p1.height_m == 1.64 and p1.fracture_type == "ITF" and p1.sex is None
     assert len(registry.all_patients(settings)) == 5
+
+
+def test_registry_lives_in_the_versioned_index(settings: Settings, tmp_path: Path) -> None:
+    """One access path: the registry writes into the node's index, whose schema ``db.MIGRATIONS``
+    defines, and a file the registry creates first is already the node's full index."""
+    _import(settings, tmp_path)
+    with opened(settings.db_path) as db:
+        assert db.one("PRAGMA user_version")[0] == len(MIGRATIONS)
+        tables = {r[0] for r in db.query("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"registry_patients", "pairing_results", "pairing_changes", "jobs", "instances"} <= tables
+    assert registry.get_patient(settings, "P1").height_m == 1.62
 
 
 def test_cli_import_and_list(settings: Settings, tmp_path: Path, monkeypatch) -> None:

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from dicomnode.commands.common import ConfigOption, settings_from
 from dicomnode.config import Settings
+from dicomnode.jobs import JobState
 
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 
@@ -67,11 +68,16 @@ def serve(
     from dicomnode.logs import setup_logging
     from dicomnode.server import Node
     from dicomnode.store import restrict_umask
+    from dicomnode.tls import TlsError
 
     restrict_umask()  # PHI at rest: everything the node writes is closed to other local users
     settings = settings_from(config)
     setup_logging(settings.log_level, settings.log_json)
-    Node(settings, pipeline=pipeline, worker_enabled=False if no_worker else None).serve_forever()
+    try:
+        Node(settings, pipeline=pipeline, worker_enabled=False if no_worker else None).serve_forever()
+    except TlsError as exc:  # a certificate, key or CA that cannot be loaded: one clear line, no traceback
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def _fmt_time(t: float | None) -> str:
@@ -85,59 +91,25 @@ def _dur(a: float | None, b: float | None) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
 
 
-def job_rows(settings: Any, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def job_rows(settings: Any, state: JobState | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """Jobs, newest first, with the pseudonymised patient (never the PatientID) and timings."""
+    from dataclasses import asdict
+
+    from dicomnode import jobs as lifecycle
     from dicomnode.db import Database
 
     db = Database(settings.db_path)
     try:
-        sql = (
-            "SELECT j.*, s.modality, s.n_instances AS series_instances, p.pseudonym,"
-            " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='sent') AS sent,"
-            " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id) AS outputs"
-            " FROM jobs j LEFT JOIN series s ON s.series_uid=j.series_uid"
-            " LEFT JOIN studies st ON st.study_uid=s.study_uid LEFT JOIN patients p ON p.id=st.patient_ref"
-        )
-        params: list[Any] = []
-        if state:
-            sql += " WHERE j.state=?"
-            params.append(state)
-        sql += " ORDER BY j.id DESC LIMIT ?"
-        params.append(limit)
-        rows = db.query(sql, params)
+        views = lifecycle.listing(db, state, limit)
     finally:
         db.close()
-    out = []
-    for r in rows:
-        out.append(
-            {
-                "job": r["id"],
-                "id": r["id"],
-                "patient": r["pseudonym"] or "-",
-                "series_instance_uid": r["series_uid"],
-                "modality": r["modality"],
-                "instances": r["n_instances"] or r["series_instances"],
-                "state": r["state"],
-                "attempts": r["attempts"],
-                "reason": r["reason"],
-                "message": r["message"],
-                "outputs": r["outputs"],
-                "sent": r["sent"],
-                "superseded_by": r["superseded_by"],
-                "created_at": r["created_at"],
-                "complete_at": r["complete_at"],
-                "started_at": r["started_at"],
-                "finished_at": r["finished_at"],
-                "updated_at": r["updated_at"],
-            }
-        )
-    return out
+    return [{"job": v.id, **asdict(v)} for v in views]
 
 
 def jobs(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (newest first).")] = 50,
 ) -> None:
     """List jobs: pseudonymised patient, series, state, timings and the reason for any non-success."""
@@ -174,27 +146,25 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Counts of jobs by state, stored series/instances and pending sends."""
+    from dicomnode import jobs as lifecycle
     from dicomnode.db import Database
 
     settings = settings_from(config)
     db = Database(settings.db_path)
     try:
-        states = {
-            r["state"]: r["n"] for r in db.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-        }
-        data = {
-            "ae_title": settings.ae_title,
-            "port": settings.port,
-            "storage_dir": str(settings.storage_dir),
-            "series": db.one("SELECT COUNT(*) FROM series")[0],
-            "instances": db.one("SELECT COUNT(*) FROM instances")[0],
-            "jobs": states,
-            "outbox": {
-                r["state"]: r["n"] for r in db.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
-            },
-        }
+        counts = lifecycle.overview(db)
     finally:
         db.close()
+    states = counts.jobs
+    data = {
+        "ae_title": settings.ae_title,
+        "port": settings.port,
+        "storage_dir": str(settings.storage_dir),
+        "series": counts.series,
+        "instances": counts.instances,
+        "jobs": states,
+        "outbox": counts.outbox,
+    }
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -208,8 +178,13 @@ def status(
 def echo(config: ConfigOption = None) -> None:
     """C-ECHO the configured PACS (exit status 1 when it does not answer)."""
     from dicomnode.sender import echo as do_echo
+    from dicomnode.tls import TlsError
 
-    ok, message = do_echo(settings_from(config))
+    try:
+        ok, message = do_echo(settings_from(config))
+    except TlsError as exc:  # a certificate, key or CA file that cannot be loaded: say which
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
     typer.echo(message)
     raise typer.Exit(0 if ok else 1)
 

@@ -1,0 +1,223 @@
+"""The job lifecycle (dicomnode.jobs) and the queue contract, run against both queue engines."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dicomnode import jobs
+from dicomnode.cli import app
+from dicomnode.db import MIGRATIONS, SCHEMA_V1, Database
+from dicomnode.jobs import TRANSITIONS, IllegalTransition, Job, JobState, Reason, ReasonCode
+from dicomnode.queue import JobQueue, MemoryJobQueue, SQLiteJobQueue
+from dicomnode.sender import retry
+
+S = JobState
+T0 = 1_000_000.0
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(tmp_path / "index.sqlite")
+    yield database
+    database.close()
+
+
+def job_in(db: Database, state: JobState, series: str = "1.2.3") -> int:
+    """A job placed directly in ``state`` (set-up only: the lifecycle never writes like this)."""
+    with db.tx() as con:
+        job_id = jobs.create(con, series, T0)
+        con.execute("UPDATE jobs SET state=? WHERE id=?", (state.value, job_id))
+    return job_id
+
+
+def row(db: Database, job_id: int) -> sqlite3.Row:
+    found = db.one("SELECT * FROM jobs WHERE id=?", (job_id,))
+    assert found is not None
+    return found
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def test_illegal_transitions_are_refused_and_legal_ones_written(db: Database) -> None:
+    """Every (from, to) pair: outside TRANSITIONS it raises and writes nothing; inside it moves."""
+    for current, to in itertools.product(JobState, JobState):
+        job_id = job_in(db, current)
+        before = dict(row(db, job_id))
+        with db.tx() as con:
+            if to in TRANSITIONS[current]:
+                assert jobs.move(con, job_id, to, T0 + 1) is current
+            else:
+                with pytest.raises(IllegalTransition, match=f"{current} -> {to}"):
+                    jobs.move(con, job_id, to, T0 + 1)
+        after = dict(row(db, job_id))
+        if to in TRANSITIONS[current]:
+            assert after["state"] == to
+        else:
+            assert after == before
+
+
+def test_the_table_has_no_exit_from_superseded_and_no_way_back_to_running(db: Database) -> None:
+    assert TRANSITIONS[S.SUPERSEDED] == frozenset()
+    assert [s for s, targets in TRANSITIONS.items() if S.RUNNING in targets] == [S.QUEUED]
+    assert TRANSITIONS[None] == {S.RECEIVING}
+
+
+def test_move_writes_timestamps_reason_code_and_attempts(db: Database) -> None:
+    job_id = job_in(db, S.QUEUED)
+    with db.tx() as con:
+        jobs.move(con, job_id, S.RUNNING, T0 + 1)
+    r = row(db, job_id)
+    assert (r["state"], r["attempts"], r["started_at"], r["finished_at"]) == ("running", 1, T0 + 1, None)
+    with db.tx() as con:
+        jobs.move(con, job_id, S.FAILED, T0 + 2, reason=Reason(ReasonCode.PIPELINE_ERROR, "attempt 1: boom"))
+    r = row(db, job_id)
+    assert (r["reason"], r["reason_code"], r["finished_at"], r["updated_at"]) == (
+        "attempt 1: boom", "pipeline-error", T0 + 2, T0 + 2)
+    assert retry(db, job_id) == f"job {job_id}: re-queued for processing"  # operator: attempts start over
+    r = row(db, job_id)
+    assert (r["state"], r["attempts"], r["reason_code"], r["finished_at"]) == (
+        "queued", 0, "retry-requested", None)
+
+
+def test_a_lost_race_writes_nothing(db: Database) -> None:
+    """``expect`` names what the caller saw; a job that moved on meanwhile is left alone."""
+    job_id = job_in(db, S.SUPERSEDED)
+    before = dict(row(db, job_id))
+    with db.tx() as con:
+        assert jobs.move(con, job_id, S.DONE, T0 + 1, expect={S.RUNNING}) is None
+    assert dict(row(db, job_id)) == before
+
+
+def test_operator_retry_refuses_what_the_table_refuses(db: Database) -> None:
+    with pytest.raises(ValueError, match="rejected"):
+        retry(db, job_in(db, S.REJECTED))
+    with pytest.raises(LookupError):
+        retry(db, 999)
+
+
+def test_an_unversioned_index_is_migrated(tmp_path: Path) -> None:
+    """A file written before schema versions (user_version 0, no reason_code) opens and gains it."""
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(SCHEMA_V1)
+    con.execute("INSERT INTO jobs (series_uid, state, reason) VALUES ('1.2', 'rejected', 'too short')")
+    con.commit()
+    con.close()
+    db = Database(path)
+    try:
+        assert db.one("PRAGMA user_version")[0] == len(MIGRATIONS)
+        assert dict(db.one("SELECT state, reason, reason_code FROM jobs")) == {
+            "state": "rejected", "reason": "too short", "reason_code": None}
+    finally:
+        db.close()
+    Database(path).close()  # current already: opens without migrating again
+
+
+def test_cli_reads_jobs_through_the_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(tmp_path / "var"))
+    db = Database(tmp_path / "var" / "index.sqlite")
+    try:
+        job_id = job_in(db, S.COMPLETE)
+        with db.tx() as con:
+            jobs.move(con, job_id, S.REJECTED, T0, reason=Reason(ReasonCode.NOT_SELECTED, "4 slices < 50"))
+        job_in(db, S.QUEUED, series="1.2.4")
+    finally:
+        db.close()
+    out = CliRunner().invoke(app, ["jobs", "--json", "--state", "rejected"])
+    assert out.exit_code == 0, out.output
+    (only,) = json.loads(out.output)
+    assert (only["job"], only["state"], only["reason"], only["reason_code"]) == (
+        job_id, "rejected", "4 slices < 50", "not-selected")
+    status = CliRunner().invoke(app, ["status", "--json"])
+    assert json.loads(status.output)["jobs"] == {"queued": 1, "rejected": 1}
+
+
+# ---------------------------------------------------------------- the queue contract, both engines
+
+ENGINES = [SQLiteJobQueue, MemoryJobQueue]
+
+
+@pytest.fixture(params=ENGINES, ids=["sqlite", "memory"])
+def queue(request: pytest.FixtureRequest, db: Database) -> JobQueue:
+    return request.param(db)
+
+
+def enqueue(db: Database, queue: JobQueue, series: str = "1.2.3") -> Job:
+    """What the stability watcher does for an accepted series: receiving → complete → queued, put."""
+    with db.tx() as con:
+        job_id = jobs.create(con, series, T0)
+        jobs.move(con, job_id, S.COMPLETE, T0)
+        jobs.move(con, job_id, S.QUEUED, T0)
+        job = jobs.get(con, job_id)
+    assert job is not None
+    queue.put(job)
+    return job
+
+
+def test_queue_claims_oldest_first_and_counts_attempts(db: Database, queue: JobQueue) -> None:
+    assert queue.claim() is None
+    first, second = enqueue(db, queue, "1.1"), enqueue(db, queue, "1.2")
+    claimed = queue.claim()
+    assert claimed == Job(first.id, "1.1", S.RUNNING, 1)
+    assert queue.claim() == Job(second.id, "1.2", S.RUNNING, 1)
+    assert queue.claim() is None
+
+
+def test_queue_retry_waits_for_its_time(
+    db: Database, queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dicomnode.queue as queue_module
+
+    clock = [T0 + 10]
+    monkeypatch.setattr(queue_module, "now", lambda: clock[0])
+    job = enqueue(db, queue)
+    assert queue.claim() is not None
+    assert queue.fail(job.id, "attempt 1: RuntimeError: boom", retry_after=60.0) is S.QUEUED
+    r = row(db, job.id)
+    assert (r["state"], r["reason_code"], r["next_attempt_at"]) == ("queued", "pipeline-error", T0 + 70)
+    assert queue.claim() is None  # not due yet
+    clock[0] = T0 + 71
+    again = queue.claim()
+    assert again is not None and (again.id, again.attempts) == (job.id, 2)
+    assert queue.fail(job.id, "attempt 2: RuntimeError: boom", retry_after=None) is S.FAILED
+    assert row(db, job.id)["finished_at"] == T0 + 71
+    assert queue.claim() is None
+
+
+def test_queue_outcomes(db: Database, queue: JobQueue, tmp_path: Path) -> None:
+    sent, done, refused = enqueue(db, queue, "1.1"), enqueue(db, queue, "1.2"), enqueue(db, queue, "1.3")
+    for _ in range(3):
+        assert queue.claim() is not None
+    out = tmp_path / "result.dcm"
+    assert queue.finish(sent.id, [out], "1 object") is S.SENDING
+    assert [tuple(r) for r in db.query("SELECT job_id, path, state FROM outbox")] == [
+        (sent.id, str(out), "pending")]
+    assert queue.finish(done.id, [], "nothing to send") is S.DONE
+    assert queue.reject(refused.id, "not a thigh") is S.REJECTED
+    r = row(db, refused.id)
+    assert (r["reason"], r["reason_code"]) == ("not a thigh", "pipeline-rejected")
+    assert row(db, done.id)["message"] == "nothing to send"
+
+
+def test_queue_skips_and_discards_superseded_jobs(db: Database, queue: JobQueue, tmp_path: Path) -> None:
+    """A late instance supersedes a queued job (never claimed) and a running one (outputs dropped)."""
+    waiting, running = enqueue(db, queue, "1.1"), enqueue(db, queue, "1.2")
+    with db.tx() as con:
+        jobs.supersede(con, waiting.id, jobs.create(con, "1.1", T0), T0)
+    claimed = queue.claim()
+    assert claimed is not None and claimed.id == running.id
+    with db.tx() as con:
+        jobs.supersede(con, running.id, jobs.create(con, "1.2", T0), T0)
+    assert queue.finish(running.id, [tmp_path / "late.dcm"], "too late") is S.SUPERSEDED
+    assert queue.fail(running.id, "boom", retry_after=0.0) is S.SUPERSEDED
+    assert db.one("SELECT COUNT(*) FROM outbox")[0] == 0
+    assert row(db, running.id)["reason_code"] == "late-instance"
+    assert queue.claim() is None
