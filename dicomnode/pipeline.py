@@ -106,11 +106,40 @@ def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
     return report(job, settings, ct, labels, model_info)
 
 
-def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: dict) -> JobOutput:
-    """Everything after segmentation: volumes, SEG, SR, summary, pairing and follow-up SRs."""
+@dataclass
+class BuiltOutputs:
+    datasets: list[Any]  # SEG, measurement SR and (when configured) the summary, in sending order
+    changes: list[dict]  # comparisons with earlier studies that pairing found (baseline first)
+
+
+def _no_pairing(seg_ds: Any, sr_ds: Any) -> list[dict]:
+    return []
+
+
+def build_outputs(settings: Settings, ct: Any, labels: Any, record: dict, model_info: dict,
+                  pair: Callable[[Any, Any], list[dict]] = _no_pairing) -> BuiltOutputs:
+    """The SEG, SR and summary of one series, built once here for the node and ``segment --dicom``.
+
+    Why one function: offline outputs must equal what the node sends, UIDs included. ``pair`` records
+    the result for pairing (it needs the SEG and SR UIDs) and returns the changes the summary plots.
+    """
     from reporting.seg import build_seg
     from reporting.sr import build_measurement_sr
     from reporting.summary import build_summary
+
+    seg_ds = build_seg(ct, labels, record, model_info, seg_type=settings.output.seg_type,
+                       compression=settings.output.labelmap_compression)
+    sr_ds = build_measurement_sr(ct, seg_ds, record, model_info)
+    changes = pair(seg_ds, sr_ds)
+    datasets = [seg_ds, sr_ds]
+    if settings.output.summary:
+        baseline_change = changes[0] if changes else None
+        datasets.append(build_summary(ct, record, model_info, change=baseline_change, labels=labels))
+    return BuiltOutputs(datasets=datasets, changes=changes)
+
+
+def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: dict) -> JobOutput:
+    """Everything after segmentation: volumes, SEG, SR, summary, pairing and follow-up SRs."""
     from seg.io import save_nifti
     from seg.measure import measure_volumes, write_volumes
 
@@ -122,17 +151,18 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
     save_nifti(labels, out_dir / "labels.nii.gz")
 
     dicom_dir = out_dir / "outputs"
-    seg_ds = build_seg(ct, labels, record, model_info, seg_type=settings.output.seg_type,
-                       compression=settings.output.labelmap_compression)
-    sr_ds = build_measurement_sr(ct, seg_ds, record, model_info)
-    outputs = [_save(seg_ds, dicom_dir), _save(sr_ds, dicom_dir)]
 
-    changes: list[dict] = []
-    if settings.pairing.enabled:
-        changes = _record_for_pairing(settings, ct, out_dir, seg_ds, sr_ds)
-    if settings.output.summary:
-        baseline_change = changes[0] if changes else None
-        outputs.append(_save(build_summary(ct, record, model_info, change=baseline_change), dicom_dir))
+    saved: list[Path] = []
+
+    def pair(seg_ds: Any, sr_ds: Any) -> list[dict]:
+        saved.extend([_save(seg_ds, dicom_dir), _save(sr_ds, dicom_dir)])  # on disk before pairing cites them
+        if not settings.pairing.enabled:
+            return []
+        return _record_for_pairing(settings, ct, out_dir, seg_ds, sr_ds)
+
+    built = build_outputs(settings, ct, labels, record, model_info, pair=pair)
+    outputs = saved + [_save(ds, dicom_dir) for ds in built.datasets[len(saved):]]
+    changes = built.changes
     late: list[Path] = []
     if settings.output.followup_sr:
         outputs += [_followup_sr(settings, ct, change) for change in changes]

@@ -6,9 +6,17 @@ and, for a follow-up, a bar chart of the signed change per muscle (follow-up min
 baseline: negative bars are losses, as in the follow-up SR). Numbers come straight from volumes.json
 (and the change record), never recomputed differently; a side below the minimum segment size reads
 "n/f" (not found), as in the SR, and a muscle whose baseline is below the percentage floor has no bar.
+
+Key images (when the label map is given, as the node does): below the table, three axial levels
+(hip, mid-thigh, distal thigh, placed along the femur) and a coronal view, the segmentation blended
+over the CT in the SEG's colours (``seg/structures.csv``) with a legend; for a follow-up with the
+baseline's CT and labels, the baseline row above the follow-up row and the operated side marked.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -18,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from reporting.rules import RULES, is_found
 from reporting.seg import algorithm_name
 from reporting.uids import copy_identity, output_uid, source_content, source_header
-from seg.labels import structures
+from seg.labels import by_name, structures
 from seg.volume import Volume
 
 SUMMARY_SERIES_NUMBER = 9903
@@ -163,12 +171,183 @@ def _change_chart(fig, change: dict) -> None:
         sp.set_color("#888888")
 
 
-def build_summary(ct: Volume, volumes: dict, model_info: dict, change: dict | None = None) -> Dataset:
-    """Secondary Capture of the summary page in the source study (new series)."""
+# Key images: where the three axial levels sit between the top (0) and the bottom (1) of the
+# segmented femur (of all labels when the femur is absent): hip, mid-thigh, distal thigh.
+KEY_LEVELS: tuple[tuple[str, float], ...] = (("hip", 0.1), ("mid-thigh", 0.5), ("distal thigh", 0.85))
+OVERLAY_ALPHA = 0.5
+CT_WINDOW = (40.0, 400.0)  # soft-tissue level and width, HU
+_ROW_IN = 2.9  # inches per study row of key images
+_HEAD_IN = 0.45  # title strip
+_LEGEND_IN = 1.3
+_WIDTH_IN = 10.24  # as the table page, so the two stack into one image
+
+
+@dataclass
+class KeyStudy:
+    """One study's CT and label map for the key images, with its row caption."""
+
+    ct: Volume
+    labels: Volume
+    caption: str
+
+
+def slice_z_mm(vol: Volume) -> np.ndarray:
+    """Patient z (mm, LPS: larger is cranial) of each slice k, for axial series."""
+    k = np.arange(vol.shape[2])
+    return vol.affine[2, 2] * k + vol.affine[2, 3]
+
+
+def key_slices(labels: Volume) -> list[tuple[str, int]]:
+    """(level name, slice k) of the hip, mid-thigh and distal thigh levels of this label map.
+
+    Why relative to the femur: the levels then mean the same anatomy in a baseline and a follow-up
+    scanned with different coverage.
+    """
+    arr = labels.array
+    femur = arr == by_name("femur").label
+    mask = femur if femur.any() else arr > 0
+    ks = np.flatnonzero(mask.any(axis=(0, 1)))
+    if ks.size == 0:
+        ks = np.arange(arr.shape[2])
+    z = slice_z_mm(labels)[ks]
+    top, bottom = float(z.max()), float(z.min())
+    out = []
+    for name, frac in KEY_LEVELS:
+        target = top - frac * (top - bottom)
+        out.append((name, int(ks[np.argmin(np.abs(z - target))])))
+    return out
+
+
+def coronal_row(labels: Volume) -> int:
+    """The row j of the coronal view: through the centre of the femora (of all labels without)."""
+    femur = labels.array == by_name("femur").label
+    mask = femur if femur.any() else labels.array > 0
+    js = np.nonzero(mask)[1]
+    return int(round(js.mean())) if js.size else labels.shape[1] // 2
+
+
+def overlay_rgb(ct2d: np.ndarray, lab2d: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """A CT plane in a soft-tissue window with each label blended in its SEG colour (uint8 RGB)."""
+    level, width = CT_WINDOW
+    grey = np.clip((ct2d.astype(np.float32) - (level - width / 2)) / width, 0.0, 1.0) * 255.0
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    lut = np.array([s.rgb for s in structures()], dtype=np.float32)
+    lab = np.asarray(lab2d, dtype=np.intp)
+    on = lab > 0
+    rgb[on] = (1.0 - alpha) * rgb[on] + alpha * lut[lab[on]]
+    return np.round(rgb).astype(np.uint8)
+
+
+def _planes(study: KeyStudy) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
+    """(title, CT plane, label plane, pixel aspect) for the three axial levels and the coronal view,
+    oriented for display: axial as seen from the feet, coronal with the head up."""
+    ct, lab = study.ct.array, study.labels.array
+    sx, sy, sz = study.ct.spacing_mm
+    out = [(name, ct[:, :, k].T, lab[:, :, k].T, sy / sx) for name, k in key_slices(study.labels)]
+    j = coronal_row(study.labels)
+    flip = slice(None, None, -1) if study.ct.affine[2, 2] > 0 else slice(None)
+    out.append(("coronal", ct[:, j, :].T[flip], lab[:, j, :].T[flip], sz / sx))
+    return out
+
+
+def _patient_right_on_image_left(ct: Volume) -> bool:
+    """Whether the patient's right lies on the left of the displayed axial image (radiological)."""
+    return bool(ct.affine[0, 0] > 0)
+
+
+def _mark_side(ax: Any, ct: Volume, side: str) -> None:
+    """Mark the operated side at the top of an axial panel."""
+    image_left = (side == "right") == _patient_right_on_image_left(ct)
+    ax.text(0.02 if image_left else 0.98, 0.97, f"▼ operated ({side})", transform=ax.transAxes,
+            ha="left" if image_left else "right", va="top", color="#ff4040", fontsize=7,
+            weight="bold")
+
+
+def key_images_figure(studies: list[KeyStudy], operated_side: str | None = None) -> Any:
+    """Figure of the key images, one row per study (baseline first), with a colour legend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    height = _HEAD_IN + _ROW_IN * len(studies) + _LEGEND_IN
+    fig = Figure(figsize=(_WIDTH_IN, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    fig.patch.set_facecolor("black")
+    fig.text(0.03, 1 - 0.1 / height, "Key images: segmentation over the CT (W400 L40)", color="white",
+             fontsize=12, weight="bold", va="top")
+    present: set[int] = set()
+    for r, study in enumerate(studies):
+        bottom = (_LEGEND_IN + _ROW_IN * (len(studies) - 1 - r)) / height
+        fig.text(0.01, bottom + _ROW_IN / height / 2, study.caption, color="white", fontsize=9,
+                 rotation=90, va="center")
+        for c, (title, ct2d, lab2d, aspect) in enumerate(_planes(study)):
+            ax = fig.add_axes((0.04 + c * 0.24, bottom + 0.02 / height, 0.23,
+                               (_ROW_IN - 0.3) / height))
+            ax.imshow(overlay_rgb(ct2d, lab2d), aspect=aspect, interpolation="nearest")
+            ax.set_title(title, color="white", fontsize=9)
+            ax.axis("off")
+            present.update(int(v) for v in np.unique(lab2d) if v > 0)
+            if operated_side and c < len(KEY_LEVELS):
+                _mark_side(ax, study.ct, operated_side)
+    handles = [Patch(facecolor=np.array(s.rgb) / 255.0, label=s.display_name)
+               for s in structures() if s.label in present]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False,
+                   labelcolor="white", bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
+def rasterise(fig: Any) -> np.ndarray:
+    """RGB uint8 pixels of a figure drawn with Agg."""
+    fig.canvas.draw()
+    return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[:, :, :3])
+
+
+def key_images_size(n_studies: int) -> tuple[int, int]:
+    """(rows, columns) in pixels of the key-image panel for ``n_studies`` rows of images."""
+    height = _HEAD_IN + _ROW_IN * n_studies + _LEGEND_IN
+    return int(round(height * _DPI)), int(round(_WIDTH_IN * _DPI))
+
+
+def _key_studies(ct: Volume, labels: Volume, change: dict | None,
+                 baseline: tuple[Volume, Volume] | None) -> list[KeyStudy]:
+    """The follow-up shows the baseline row above its own; otherwise one row."""
+    date = str(ct.meta.get("StudyDate") or "")
+    if baseline is None:
+        return [KeyStudy(ct, labels, date or "this study")]
+    b_ct, b_labels = baseline
+    b_date = str(b_ct.meta.get("StudyDate") or "") or ((change or {}).get("baseline") or {}).get(
+        "study_date", "")
+    return [KeyStudy(b_ct, b_labels, f"pre {b_date}".strip()), KeyStudy(ct, labels, f"post {date}".strip())]
+
+
+def summary_pixels(ct: Volume, volumes: dict, model_info: dict, change: dict | None = None,
+                   labels: Volume | None = None, baseline: tuple[Volume, Volume] | None = None
+                   ) -> np.ndarray:
+    """The table page with, when the label map is given, the key images below it."""
+    page = render_page(volumes, model_info, ct.meta, change)
+    if labels is None:
+        return page
+    side = (change or {}).get("fractured_side") if baseline is not None else None
+    keys = rasterise(key_images_figure(_key_studies(ct, labels, change, baseline), side))
+    return np.concatenate([page, keys], axis=0)
+
+
+def build_summary(ct: Volume, volumes: dict, model_info: dict, change: dict | None = None,
+                  labels: Volume | None = None, baseline: tuple[Volume, Volume] | None = None
+                  ) -> Dataset:
+    """Secondary Capture of the summary page in the source study (new series).
+
+    With ``labels`` the page also shows the key images; with ``baseline`` (its CT and label map)
+    those of both studies, pre above post, the operated side marked.
+    """
     src0 = source_header(ct.source_files)
     if src0 is None:
         raise ValueError("the CT has no source DICOM files: the summary needs the study's identity")
-    pixels = render_page(volumes, model_info, ct.meta, change)
+    pixels = summary_pixels(ct, volumes, model_info, change, labels, baseline)
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids)
     kind = "SC-summary"  # with or without a comparison: a re-run replaces the page, never adds one

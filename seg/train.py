@@ -413,8 +413,8 @@ def _trained(ckdir: Path, exported: dict) -> tuple[int, float]:
     return int(ck["step"]), float(ck["elapsed_s"])
 
 
-def _campaign(prior: list[dict], steps: int, wall_s: float, init_from: str | None) -> dict:
-    legs = [*prior, {"steps": steps, "wall_s": round(wall_s, 1), "hardware": _hardware(),
+def _campaign(prior: list[dict], steps: int, wall_s: float, init_from: str | None, threads: int) -> dict:
+    legs = [*prior, {"steps": steps, "wall_s": round(wall_s, 1), "hardware": _hardware(threads),
                      "init_from": init_from}]
     return {"legs": legs, "total_steps": sum(int(g["steps"]) for g in legs),
             "total_wall_s": round(sum(float(g["wall_s"]) for g in legs), 1)}
@@ -550,11 +550,11 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
         "exported_step": ck["step"],
         "best_step": ck.get("best_step"),
         "train_wall_s": round(float(ck["elapsed_s"]), 1),
-        "hardware": _hardware(),
+        "hardware": _hardware(cfg.threads),
         "validation": ck.get("val"),
         "history": ck.get("history", [])[-50:],
         # every leg of the campaign: earlier packages warm-started from (--init-from) and this run
-        "campaign": _campaign(ck.get("prior_legs", []), *_trained(ckdir, ck), cfg.init_from),
+        "campaign": _campaign(ck.get("prior_legs", []), *_trained(ckdir, ck), cfg.init_from, cfg.threads),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "checkpoint_dir", "cache_dir")},
         "torch": torch.__version__,
     }
@@ -580,12 +580,22 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
     return out
 
 
-def _hardware() -> str:
-    import os
+def _cpu_model() -> str:
     import platform
 
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _hardware(threads: int | None = None) -> str:
+    """Where a run trained: CPU model, CPUs visible, the run's torch threads, GPU if any."""
+    import os
+
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs visible, "
-        f"{torch.get_num_threads()} torch threads, {dev}"
-    )
+    return (f"{_cpu_model()}, {os.cpu_count()} logical CPUs visible, "
+            f"{threads or torch.get_num_threads()} torch threads, {dev}")

@@ -1,14 +1,25 @@
-"""Sub-commands: ``segment`` (CT → labels + volumes), ``train`` (UNETR → model package), ``evaluate``."""
+"""Sub-commands: ``segment`` (CT → labels, volumes and optionally the node's DICOM outputs, one
+series or a batch), ``train`` (UNETR → model package), ``evaluate``."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+from dicomnode.commands.common import ConfigOption, settings_from
+from seg.measure import CSV_COLUMNS
+
+if TYPE_CHECKING:
+    from dicomnode.config import Settings
+    from seg.model import ModelPackage
+    from seg.volume import Volume
 
 
 def _triplet(text: str) -> tuple[float, float, float]:
@@ -20,8 +31,121 @@ def _triplet(text: str) -> tuple[float, float, float]:
     return parts[0], parts[1], parts[2]
 
 
+BATCH_CSV = "volumes.csv"
+BATCH_COLUMNS = ("series", *CSV_COLUMNS)
+
+
+@dataclass
+class Case:
+    """One series of a batch: its name (SeriesInstanceUID or NIfTI stem) and its files."""
+
+    name: str
+    files: list[Path]
+
+
+def find_cases(root: Path) -> list[Case]:
+    """The series under ``root``: NIfTI files one each, DICOM files grouped by SeriesInstanceUID.
+
+    Why group by UID rather than by folder: it handles one sub-folder per series and a folder of
+    mixed files alike, and a series split over folders stays one series.
+    """
+    import pydicom
+
+    groups: dict[str, list[Path]] = {}
+    cases = []
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if f.name.endswith((".nii", ".nii.gz")):
+            cases.append(Case(f.name.removesuffix(".gz").removesuffix(".nii"), [f]))
+            continue
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (pydicom.errors.InvalidDicomError, OSError):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if uid:
+            groups.setdefault(uid, []).append(f)
+    return cases + [Case(uid, files) for uid, files in sorted(groups.items())]
+
+
+def _load(case: Case) -> Volume:
+    from seg.io import load_dicom_series, load_image
+
+    if len(case.files) == 1 and case.files[0].name.endswith((".nii", ".nii.gz")):
+        return load_image(case.files[0])
+    return load_dicom_series(sorted(case.files))  # sorted, as the node's pipeline loads a series
+
+
+def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: dict,
+                        model_info: dict, out: Path) -> list[Path]:
+    """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm."""
+    from dicomnode.pipeline import _save, build_outputs
+
+    if not ct.source_files:
+        raise ValueError("--dicom needs a DICOM series (a NIfTI CT has no study to attach to)")
+    return [_save(ds, out) for ds in build_outputs(settings, ct, labels, record, model_info).datasets]
+
+
+def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None,
+             progress: bool) -> dict:
+    """Segment, measure and write one series; DICOM outputs too when ``settings`` is given."""
+    from dicomnode.pipeline import patient_height
+    from seg.infer import segment as run_segment
+    from seg.io import save_nifti
+    from seg.measure import measure_volumes, write_volumes
+
+    labels = run_segment(ct, pkg, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    save_nifti(labels, out / "labels.nii.gz")
+    model_info = dict(pkg.info)
+    if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
+        rec = measure_volumes(labels, ct, model=model_info)
+    else:  # as the node: its clinical registry first, then PatientSize
+        height_m, source = patient_height(settings, ct.meta)
+        rec = measure_volumes(labels, ct, height_m=height_m, height_source=source, model=model_info)
+    write_volumes(rec, out)
+    if settings is not None:
+        write_dicom_outputs(settings, ct, labels, rec, model_info, out / "dicom")
+    return rec
+
+
+def write_batch_csv(rows: list[tuple[str, dict]], path: Path) -> Path:
+    """One CSV of every series: one row per series and structure, with the side volumes."""
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=BATCH_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for name, rec in rows:
+            for s in rec["structures"]:
+                w.writerow({"series": name, **{k: "" if s.get(k) is None else s.get(k)
+                                               for k in CSV_COLUMNS}})
+    return path
+
+
+def _run_batch(root: Path, pkg: ModelPackage, out: Path, settings: Settings | None,
+               progress: bool, console: Console) -> None:
+    """Every series under ``root`` into ``out/<series>/``, then ``out/volumes.csv``."""
+    from rich.progress import track
+
+    cases = find_cases(root)
+    if not cases:
+        raise typer.BadParameter(f"no DICOM series or NIfTI file under {root}", param_hint="INPUT")
+    rows: list[tuple[str, dict]] = []
+    failed = []
+    for case in track(cases, description="series", console=console, disable=not progress):
+        try:
+            rows.append((case.name, run_case(_load(case), pkg, out / case.name, settings, False)))
+        except ValueError as exc:  # geometry the loader cannot place, not a CT...
+            failed.append(case.name)
+            console.print(f"[red]{case.name}: skipped: {exc}[/]")
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_batch_csv(rows, out / BATCH_CSV)
+    console.print(f"{len(rows)} series measured, {len(failed)} skipped -> {path}")
+    if failed:
+        raise typer.Exit(1)
+
+
 def segment(
-    input: Annotated[Path, typer.Argument(help="DICOM series folder or NIfTI CT.")],
+    input: Annotated[Path, typer.Argument(help="DICOM series folder or NIfTI CT (--batch: a folder "
+                                          "of series).")],
     out: Annotated[
         Path, typer.Option("--out", help="Output folder (labels.nii.gz, volumes.json, volumes.csv).")
     ],
@@ -30,31 +154,38 @@ def segment(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    dicom: Annotated[bool, typer.Option(
+        "--dicom", help="Also write the SEG, SR and summary the node would send (same UIDs) to "
+        "<out>/dicom/.")] = False,
+    batch: Annotated[bool, typer.Option(
+        "--batch", help="INPUT holds many series (sub-folders or mixed files, grouped by "
+        "SeriesInstanceUID): one <out>/<series>/ each and one <out>/volumes.csv.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Segment the 30 structures of a thigh CT and measure their volumes."""
     import time
 
-    from seg.infer import segment as run_segment
-    from seg.io import load_image, save_nifti
-    from seg.measure import measure_volumes, write_volumes
     from seg.model import ModelPackageError, load_model
 
     console = Console(stderr=True)
+    settings = settings_from(config) if dicom else None  # [output] decides the objects, as on the node
     try:
-        pkg = load_model(model, device=device)
+        pkg = load_model(model or (settings.model_path if settings else None), device=device)
     except ModelPackageError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from e
     if pkg.info.get("demo"):
         console.print(f"[yellow]model {pkg.info['name']} {pkg.info['version']}: {pkg.info['statement']}[/]")
+    if batch:
+        _run_batch(input, pkg, out, settings, progress, console)
+        return
+    from seg.io import load_image
+
     ct = load_image(input)
+    if settings is not None and not ct.source_files:
+        raise typer.BadParameter("--dicom needs a DICOM series, not a NIfTI CT", param_hint="INPUT")
     t = time.perf_counter()
-    labels = run_segment(ct, pkg, progress=progress)
-    dt = time.perf_counter() - t
-    out.mkdir(parents=True, exist_ok=True)
-    save_nifti(labels, out / "labels.nii.gz")
-    rec = measure_volumes(labels, ct, model=pkg.info)  # height: a plausible PatientSize, else none
-    write_volumes(rec, out)
-    console.print(f"segmented {ct.shape} in {dt:.1f} s -> {out}")
+    run_case(ct, pkg, out, settings, progress)
+    console.print(f"segmented {ct.shape} in {time.perf_counter() - t:.1f} s -> {out}")
 
 
 def train(

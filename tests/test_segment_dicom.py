@@ -1,0 +1,123 @@
+"""``dicomnode segment --dicom`` writes the node's own SEG, SR and summary (same UIDs, valid DICOM);
+``--batch`` measures every series of a folder into one CSV.
+
+The model is replaced by the phantoms' true label maps: these tests are about the outputs, and the
+node's pipeline gets the same stand-in, so any difference comes from the output path alone."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from test_reporting_seg import dciodvfy_errors
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.commands.segmentation import find_cases
+from dicomnode.config import load_settings
+from dicomnode.pipeline import JobInput, run_pipeline
+from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.volume import Volume
+
+SEEDS = (3, 4)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> dict[str, Path]:
+    """Two small phantoms, one folder each: SeriesInstanceUID → phantom folder (dicom/, truth/)."""
+    root = tmp_path_factory.mktemp("segment_dicom")
+    out = {}
+    for seed in SEEDS:
+        ph = make_phantom(PhantomOptions(seed=seed, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-60.0, 30.0)))
+        write_phantom(ph, root / f"case{seed}")
+        out[str(ph.meta["SeriesInstanceUID"])] = root / f"case{seed}"
+    assert len(out) == len(SEEDS)
+    return out
+
+
+@pytest.fixture
+def truth_model(series, monkeypatch):
+    """The model stand-in: each series' true label map."""
+    from seg.io import load_nifti
+
+    def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
+        lab = load_nifti(series[str(ct.meta["SeriesInstanceUID"])] / "truth" / "labels.nii.gz")
+        return ct.with_array(np.asarray(lab.array, dtype=np.uint8))
+
+    monkeypatch.setattr("seg.infer.segment", segment)
+
+
+def _config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'storage_dir = "{tmp_path / "node"}"\n')
+    return cfg
+
+
+def _invoke(*args: str) -> None:
+    r = CliRunner().invoke(app, ["segment", *args])
+    assert r.exit_code == 0, r.output
+
+
+def test_dicom_outputs_are_the_nodes(series, truth_model, tmp_path):
+    """Same SOP Instance UIDs, classes and pixels as the node's pipeline, and dciodvfy finds no error."""
+    uid, case = next(iter(series.items()))
+    cfg = _config(tmp_path)
+    _invoke(str(case / "dicom"), "--out", str(tmp_path / "out"), "--dicom", "--no-progress",
+            "--config", str(cfg))
+    files = sorted((tmp_path / "out" / "dicom").glob("*.dcm"))
+    assert len(files) == 3 and (tmp_path / "out" / "volumes.csv").is_file()
+    job = JobInput(job_id=1, series_instance_uid=uid, files=sorted((case / "dicom").glob("*")),
+                   work_dir=tmp_path / "work")
+    node = run_pipeline(job, load_settings(cfg)).outputs
+    ours = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in files}
+    theirs = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in node}
+    assert sorted(ours) == sorted(theirs)
+    for sop_uid, ds in ours.items():
+        assert ds.SOPClassUID == theirs[sop_uid].SOPClassUID
+        assert ds.SeriesInstanceUID == theirs[sop_uid].SeriesInstanceUID
+        assert ds.get("PixelData") == theirs[sop_uid].get("PixelData")  # SEG frames, summary page
+    assert {str(ds.Modality) for ds in ours.values()} == {"SEG", "SR", "OT"}
+    for f in files:
+        assert dciodvfy_errors(f) == [], f
+
+
+def test_find_cases_groups_by_series_uid(series, tmp_path):
+    """One sub-folder per series and a folder of mixed files give the same series."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, case in enumerate(series.values()):
+        for f in (case / "dicom").glob("*"):
+            shutil.copy(f, mixed / f"{i}-{f.name}")
+    nested = tmp_path / "nested"
+    for i, case in enumerate(series.values()):
+        shutil.copytree(case / "dicom", nested / f"s{i}")
+    for root in (mixed, nested):
+        cases = find_cases(root)
+        assert sorted(c.name for c in cases) == sorted(series)
+        for c in cases:
+            assert len(c.files) == len(list((series[c.name] / "dicom").glob("*")))
+
+
+def test_batch_writes_one_csv_of_all_series(series, truth_model, tmp_path):
+    """One row per series × structure, equal to each series' own volumes.csv, side volumes included."""
+    mixed = tmp_path / "in"
+    mixed.mkdir()
+    for i, case in enumerate(series.values()):
+        for f in (case / "dicom").glob("*"):
+            shutil.copy(f, mixed / f"{i}-{f.name}")
+    out = tmp_path / "out"
+    _invoke(str(mixed), "--out", str(out), "--batch")
+    with (out / "volumes.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"series", "name", "volume_cm3", "left_cm3", "right_cm3"} <= set(rows[0])
+    for uid in series:
+        with (out / uid / "volumes.csv").open() as fh:
+            own = list(csv.DictReader(fh))
+        mine = [{k: v for k, v in r.items() if k != "series"} for r in rows if r["series"] == uid]
+        assert mine == own and len(own) > 20
+    assert len(rows) == sum(1 for r in rows if r["series"] in series)
+    assert not (out / next(iter(series)) / "dicom").exists()  # DICOM outputs only with --dicom
