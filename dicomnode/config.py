@@ -94,6 +94,8 @@ class WorkerSettings(Section):
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
     poll_seconds: float = 1.0
     max_attempts: int = 3  # processing attempts before a job is failed
+    # a job whose pipeline process runs longer is killed and failed ("pipeline-timeout"); not retried
+    timeout_seconds: float = Field(1800.0, gt=0)
 
 
 class SendSettings(Section):

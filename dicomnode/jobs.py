@@ -69,6 +69,8 @@ class ReasonCode(StrEnum):
     LATE_INSTANCE = "late-instance"  # superseded: a late instance re-opened the series
     PIPELINE_REJECTED = "pipeline-rejected"  # the pipeline refused the series
     PIPELINE_ERROR = "pipeline-error"  # an attempt raised (retried, or failed for good)
+    PIPELINE_CRASHED = "pipeline-crashed"  # the pipeline's process died (signal, exit): retried like an error
+    PIPELINE_TIMEOUT = "pipeline-timeout"  # still running at worker.timeout_seconds: killed, failed for good
     RESTART_REQUEUED = "restart-requeued"  # running when the node stopped: queued again
     RESTART_GAVE_UP = "restart-gave-up"  # the node stopped during every attempt
     SEND_RETRYING = "send-retrying"

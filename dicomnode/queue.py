@@ -47,8 +47,10 @@ class JobQueue(Protocol):
     def reject(self, job_id: int, reason: str) -> JobState:
         """The pipeline refused the series (terminal, with reason); returns the state afterwards."""
 
-    def fail(self, job_id: int, reason: str, retry_after: float | None) -> JobState:
-        """An attempt failed: re-queue after ``retry_after`` seconds, or fail for good when None."""
+    def fail(self, job_id: int, reason: str, retry_after: float | None,
+             code: ReasonCode = ReasonCode.PIPELINE_ERROR) -> JobState:
+        """An attempt failed (``code``: how): re-queue after ``retry_after`` seconds, or fail for good
+        when None."""
 
 
 class RecordedOutcomes(ABC):
@@ -93,9 +95,10 @@ class RecordedOutcomes(ABC):
                              reason=Reason(ReasonCode.PIPELINE_REJECTED, reason))
         return JobState.REJECTED if left is not None else self._state(job_id)
 
-    def fail(self, job_id: int, reason: str, retry_after: float | None) -> JobState:
+    def fail(self, job_id: int, reason: str, retry_after: float | None,
+             code: ReasonCode = ReasonCode.PIPELINE_ERROR) -> JobState:
         t = now()
-        why = Reason(ReasonCode.PIPELINE_ERROR, reason)
+        why = Reason(code, reason)
         with self.db.tx() as con:
             if retry_after is None:
                 left = jobs.move(con, job_id, JobState.FAILED, t, reason=why, expect={JobState.RUNNING})

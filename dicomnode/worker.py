@@ -6,6 +6,12 @@ the node's own tests can run a tiny deterministic pipeline; choose it with ``dic
 --pipeline`` or the ``DICOMNODE_PIPELINE`` environment variable. An exception is a failed attempt
 (retried with backoff up to ``worker.max_attempts``); ``SeriesRejected`` is a terminal ``rejected``
 with its message.
+
+Each call runs in a child process (:mod:`dicomnode.isolation`), so a crash or hang of the model
+fails that job and never the listener: a child that dies is a failed attempt
+(``pipeline-crashed``, retried like an exception); one still running after
+``worker.timeout_seconds`` is killed and the job failed for good (``pipeline-timeout``: a hang
+would most likely hang again, and each try holds the only worker that long).
 """
 
 from __future__ import annotations
@@ -16,13 +22,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
-from dicomnode.jobs import JobState
+from dicomnode.isolation import Ending, IndexedSeriesFiles, Outcome, run_isolated
+from dicomnode.jobs import Job, JobState, ReasonCode
 from dicomnode.logs import event
-from dicomnode.pipeline import JobInput, SeriesRejected
+from dicomnode.pipeline import JobInput
 from dicomnode.queue import JobQueue
 from dicomnode.store import Store
 
@@ -46,7 +52,7 @@ def load_pipeline(spec: str) -> PipelineFn:
 
 
 class Worker:
-    """Claims queued jobs and runs the pipeline on them, one at a time."""
+    """Claims queued jobs and runs the pipeline on them, one at a time, each in a child process."""
 
     def __init__(
         self, settings: Settings, store: Store, queue: JobQueue, pipeline: PipelineFn | str | None = None
@@ -54,14 +60,11 @@ class Worker:
         self.settings = settings
         self.store = store
         self.queue = queue
-        self._pipeline = pipeline
+        # a spec is loaded in the child only: the node's process never imports the model's libraries
+        self.pipeline: PipelineFn | str = pipeline_spec(pipeline) if pipeline is None or isinstance(
+            pipeline, str) else pipeline
         self.current: int | None = None
-
-    @property
-    def pipeline(self) -> PipelineFn:
-        if self._pipeline is None or isinstance(self._pipeline, str):
-            self._pipeline = load_pipeline(pipeline_spec(self._pipeline))
-        return self._pipeline
+        self._stop = threading.Event()
 
     def retry_after(self, attempts: int) -> float | None:
         if attempts >= self.settings.worker.max_attempts:
@@ -75,45 +78,48 @@ class Worker:
             return None
         self.current = job.id
         files = self.store.series_files(job.series_uid)
-        work_dir = self.store.job_dir(job.id)
         event(
             log, "job running", job=job.id, series=job.series_uid, instances=len(files), attempt=job.attempts
         )
         started = time.monotonic()
+        job_input = JobInput(job_id=job.id, series_instance_uid=job.series_uid, files=files,
+                             work_dir=self.store.job_dir(job.id),
+                             series_files=IndexedSeriesFiles(self.settings.db_path))
         try:
-            output = self.pipeline(
-                JobInput(job_id=job.id, series_instance_uid=job.series_uid, files=files, work_dir=work_dir,
-                         series_files=self.store.series_files),
-                self.settings,
-            )
-        except Exception as exc:
-            if isinstance(exc, SeriesRejected):
-                self.queue.reject(job.id, str(exc) or type(exc).__name__)
-                event(log, "job rejected", logging.WARNING, job=job.id, reason=str(exc))
-            else:
-                reason = f"attempt {job.attempts}: {type(exc).__name__}: {exc}".strip().rstrip(":")
-                state = self.queue.fail(job.id, reason, self.retry_after(job.attempts))
-                level = logging.ERROR if state is JobState.FAILED else logging.WARNING
-                event(log, f"job {state}", level, job=job.id, reason=reason)
-                if level == logging.ERROR:
-                    log.debug("pipeline traceback", exc_info=True)
-            return job.id
+            outcome = run_isolated(self.pipeline, job_input, self.settings,
+                                   self.settings.worker.timeout_seconds, self._stop)
         finally:
             self.current = None
-        outputs = [Path(p) for p in getattr(output, "outputs", []) or []]
-        message = str(getattr(output, "message", "") or "")
-        state = self.queue.finish(job.id, outputs, message)
-        event(
-            log,
-            "job processed",
-            job=job.id,
-            state=state,
-            outputs=len(outputs),
-            seconds=round(time.monotonic() - started, 2),
-        )
+        self._record(job, outcome, time.monotonic() - started)
         return job.id
 
+    def _record(self, job: Job, outcome: Outcome, seconds: float) -> None:
+        """The outcome into the job's record, through the queue (and so through the transition table)."""
+        if outcome.ending is Ending.OK:
+            state = self.queue.finish(job.id, outcome.outputs, outcome.message)
+            event(log, "job processed", job=job.id, state=state, outputs=len(outcome.outputs),
+                  seconds=round(seconds, 2))
+        elif outcome.ending is Ending.REJECTED:
+            self.queue.reject(job.id, outcome.detail)
+            event(log, "job rejected", logging.WARNING, job=job.id, reason=outcome.detail)
+        elif outcome.ending is Ending.STOPPED:  # left running: the next start's recovery queues it again
+            event(log, "job interrupted", logging.WARNING, job=job.id, reason=outcome.detail)
+        else:
+            code, retry = {
+                Ending.ERROR: (ReasonCode.PIPELINE_ERROR, self.retry_after(job.attempts)),
+                Ending.CRASHED: (ReasonCode.PIPELINE_CRASHED, self.retry_after(job.attempts)),
+                Ending.TIMEOUT: (ReasonCode.PIPELINE_TIMEOUT, None),
+            }[outcome.ending]
+            reason = f"attempt {job.attempts}: {outcome.detail}"
+            state = self.queue.fail(job.id, reason, retry, code)
+            level = logging.ERROR if state is JobState.FAILED else logging.WARNING
+            event(log, f"job {state}", level, job=job.id, reason=reason, reason_code=code,
+                  seconds=round(seconds, 2))
+            if outcome.traceback:
+                log.debug("pipeline traceback (job %s):\n%s", job.id, outcome.traceback)
+
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         while not stop.is_set():
             try:
                 busy = self.run_once() is not None

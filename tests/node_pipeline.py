@@ -5,11 +5,15 @@ Secondary Capture whose SOP Instance UID derives from the series content (as the
 outputs do), and appends a line to ``<storage_dir>/pipeline-runs.log`` so tests can count runs.
 ``measure`` is the real pipeline from the label map on (volumes, SEG, SR, pairing, follow-up SRs)
 with a fixed label map in place of the model, for tests of the clinical flow without inference.
+``faulty`` stands for a model whose native code crashes or hangs on some inputs (isolation tests).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
+import select
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +72,25 @@ def fail(job: JobInput, settings: object) -> JobOutput:
 def reject(job: JobInput, settings: object) -> JobOutput:
     _log_run(settings, job, "reject")
     raise SeriesRejected("test pipeline says no")
+
+
+def faulty(job: JobInput, settings: object) -> JobOutput:
+    """By SeriesDescription: "crash" segfaults in native code, "exit" calls ``os._exit``, "oom" asks for
+    more memory than exists (MemoryError), "hang" blocks forever in a system call; any other series
+    runs :func:`run`. Logs its pid first, so a test can check that a killed node leaves no pipeline
+    process behind."""
+    description = str(pydicom.dcmread(job.files[0], stop_before_pixels=True).get("SeriesDescription", ""))
+    for fault in ("crash", "exit", "oom", "hang"):
+        if fault in description:
+            _log_run(settings, job, f"{fault} pid={os.getpid()}")
+            if fault == "crash":
+                ctypes.string_at(0)  # SIGSEGV: a null read in C, as a broken native library would do
+            if fault == "exit":
+                os._exit(7)
+            if fault == "oom":
+                bytearray(1 << 62)
+            select.select([], [], [])  # hang: blocked in the kernel, deaf to anything Python could do
+    return run(job, settings)
 
 
 THRESHOLD_MODEL = {"name": "node-test-threshold", "version": "1", "demo": True}
