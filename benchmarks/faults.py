@@ -14,8 +14,10 @@ such moments and counts. Three parts, each printing its figures:
   and a C-ECHO must work at the end. (Hypothesis is not a dependency; the mutator is seeded, so a
   run is reproducible with ``--seed``.)
 - **stall**: sockets that send half an association request and go silent are held open (re-opened
-  as the node closes them, more than ``max_associations``) while real C-ECHOs are attempted every
-  0.25 s: echoes served, refused and the longest time without one.
+  as the node closes them; 4 × ``max_associations`` of them, from the callers' own address 127.0.0.1,
+  the worst case for the node's per-address bound on pending connections) while real C-ECHOs are
+  attempted every 0.25 s, each with one association try: echoes served, refused and the longest time
+  without one. CI asserts at least 90 % served.
 
 Short form (CI, ``tests/test_faults.py``): ``--kill-trials 3 --fuzz-inputs 100 --stall-seconds 5``.
 Long form: ``nice -n 19 .venv/bin/python benchmarks/faults.py --kill-trials 50 --fuzz-inputs 1000
@@ -314,7 +316,7 @@ def fuzz(workdir: Path, inputs: int, rng: random.Random) -> FuzzReport:
 
 
 # -- stalled sockets ------------------------------------------------------------------------------------
-def stall(workdir: Path, seconds: float, sockets: int = MAX_ASSOCIATIONS + 4) -> StallReport:
+def stall(workdir: Path, seconds: float, sockets: int = 4 * MAX_ASSOCIATIONS) -> StallReport:
     """Hold ``sockets`` half-sent association requests open for ``seconds`` while echoing every 0.25 s."""
     node = NodeProcess(workdir / "stall-node", **NODE_SETTINGS)
     node.start()

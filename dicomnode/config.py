@@ -169,7 +169,10 @@ class Settings(BaseSettings):
     storage_dir: Path = Path("var")
     allowed_calling_aets: list[str] = Field(default_factory=list)  # empty = accept all
     stable_seconds: float = 10.0
-    max_associations: int = 8
+    max_associations: int = 8  # associations at a time; counted from an accepted A-ASSOCIATE-RQ
+    # connections whose A-ASSOCIATE-RQ has not arrived yet (at most 4 of them per source address): when
+    # full, the oldest is closed, so half-sent requests cannot keep callers out of max_associations
+    max_pending_connections: int = Field(32, ge=1)
     # each calling AE title listed here is accepted only from these addresses or networks
     # ("10.0.0.5", "10.0.0.0/24"), like Orthanc's DicomCheckModalityHost; unlisted titles are not pinned
     calling_aet_hosts: dict[str, list[str]] = Field(default_factory=dict)

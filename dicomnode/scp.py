@@ -14,6 +14,9 @@ ASSOCIATION_PDU_CAP long before association and our maximum PDU length after it,
 only as bytes arrive; a PDU must arrive whole within ARTIM (``acse_timeout_seconds``, counted from the
 connection) before association and within ``network_timeout_seconds`` after it, or the connection is
 dropped; a C-STORE data set over ``max_instance_mb`` stops being buffered and is refused with 0xA700.
+A connection counts against ``max_associations`` only once its A-ASSOCIATE-RQ has arrived and been
+accepted; until then it is pending, at most ``max_pending_connections`` in all and PENDING_PER_ADDRESS
+per source address, the oldest closed past either (see :meth:`StorageSCP._enter_pending`).
 All of it lives in the "pynetdicom internals" section below, which refuses to run on a pynetdicom
 other than the one it was written for.
 
@@ -74,6 +77,7 @@ ASSOCIATION_PDU_CAP = 64 * 1024  # A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT: rea
 COMMAND_SET_CAP = 64 * 1024  # a DIMSE command set is a few hundred bytes
 FIRST_READ = 64 * 1024  # a PDU buffer starts at most this big and doubles only as bytes arrive
 MB = 1_000_000  # max_instance_mb unit
+PENDING_PER_ADDRESS = 4  # connections from one address whose A-ASSOCIATE-RQ has not arrived yet
 
 _REJECT_REASONS = {  # (source, diagnostic) of an A-ASSOCIATE-RJ, PS3.8 9.3.4
     (1, 1): "no reason given",
@@ -180,10 +184,10 @@ def _drop_connection(dul: Any, reason: str, *, abort: bool, level: int = logging
     sock = assoc_sock.socket
     try:
         address = sock.getpeername()[0]
-    except OSError:
+    except (OSError, AttributeError):  # AttributeError: closed meanwhile (an eviction from another thread)
         address = "-"
     event(log, "connection dropped", level, reason=reason, address=address, **fields)
-    if abort:
+    if abort and sock is not None:
         with suppress(OSError):
             sock.settimeout(1.0)
             sock.sendall(_ABORT_INVALID_PDU)
@@ -503,6 +507,11 @@ def _unfiled_status(data: BytesIO, ctx: Any, message: str) -> tuple[int, str]:
     return DATA_SET_DOES_NOT_MATCH, message
 
 
+def _ended(assoc: Any) -> bool:
+    """An association thread that was started and has finished."""
+    return assoc.ident is not None and not assoc.is_alive()
+
+
 def _address_in(address: str, networks: list[Any]) -> bool:
     """Is this peer address (IPv4, IPv6 or IPv4-mapped IPv6) inside one of ``networks``?"""
     try:
@@ -532,12 +541,18 @@ class StorageSCP:
         self.failed = 0
         self._count_lock = threading.Lock()
         self._wakers: dict[int, socket.socket] = {}
+        # connections by id(assoc), oldest first: pending = A-ASSOCIATE-RQ not yet arrived (address kept),
+        # admitted = request accepted against max_associations (see _on_conn_open, _on_requested)
+        self._pending: dict[int, tuple[Any, str]] = {}
+        self._admitted: dict[int, Any] = {}
         self._pins = {aet.strip(): [ipaddress.ip_network(h, strict=False) for h in hosts]
                       for aet, hosts in settings.calling_aet_hosts.items()}
         tune_pynetdicom()
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = MAX_PDU
-        ae.maximum_associations = settings.max_associations
+        # max_associations is enforced in _on_requested, counting only admitted associations; pynetdicom's
+        # own count (every acceptor thread alive, pending and closing ones too) is a loose backstop
+        ae.maximum_associations = 2 * (settings.max_associations + settings.max_pending_connections)
         ae.require_calling_aet = list(settings.allowed_calling_aets)
         ae.require_called_aet = True
         ae.acse_timeout = settings.acse_timeout_seconds  # also the ARTIM timer
@@ -600,8 +615,10 @@ class StorageSCP:
         return 0x0000
 
     def _on_conn_open(self, evt_: Any) -> None:
-        """Bound the new connection: the TLS handshake within ARTIM, a socket time-out for sends (reads get
-        theirs per PDU, see :func:`_read_pdu_data`) and the data set limit; then the throughput waiters."""
+        """Bound the new connection: a place among the pending ones, the TLS handshake within ARTIM, a
+        socket time-out for sends (reads get theirs per PDU, see :func:`_read_pdu_data`) and the data set
+        limit; then the throughput waiters."""
+        self._enter_pending(evt_.assoc, str(evt_.address[0]))
         sock = getattr(evt_.assoc.dul.socket, "socket", None)
         if sock is not None and not self._tls_handshake(evt_.assoc, sock):
             return
@@ -626,8 +643,55 @@ class StorageSCP:
             event(log, "tls established", logging.DEBUG, address=assoc.requestor.address, **describe(sock))
         return True
 
+    def _enter_pending(self, assoc: Any, address: str) -> None:
+        """Count a new connection as pending until its A-ASSOCIATE-RQ arrives; past PENDING_PER_ADDRESS
+        from its address, or max_pending_connections in all, close the oldest pending one.
+
+        Why the oldest, not the newest: a caller sends its whole request within milliseconds of
+        connecting, while a stalled socket stays pending until ARTIM. Refusing the newest would let a few
+        stalled sockets from the caller's own address (or from many addresses) lock it out; closing the
+        oldest bounds what they hold (threads, sockets) and leaves a real request room to arrive.
+        """
+        evicted = []
+        with self._count_lock:
+            self._forget_ended()
+            self._pending[id(assoc)] = (assoc, address)
+            same = [key for key, (_, addr) in self._pending.items() if addr == address]
+            for key in same[:max(len(same) - PENDING_PER_ADDRESS, 0)]:
+                evicted.append(self._pending.pop(key))
+            while len(self._pending) > self.settings.max_pending_connections:
+                evicted.append(self._pending.pop(next(iter(self._pending))))
+            pending = len(self._pending)
+        for old, addr in evicted:
+            old._dicomnode_evicted = True
+            _drop_connection(old.dul, "pending-connections-full", abort=False, level=logging.INFO,
+                             from_address=addr, pending=pending)
+
+    def _forget_ended(self) -> None:
+        """Drop bookkeeping of connections whose thread has ended (not every way out fires
+        EVT_CONN_CLOSE). Called with ``_count_lock`` held."""
+        for key in [key for key, (assoc, _) in self._pending.items() if _ended(assoc)]:
+            del self._pending[key]
+        for key in [key for key, assoc in self._admitted.items() if _ended(assoc)]:
+            del self._admitted[key]
+
+    def _admit(self, assoc: Any) -> bool:
+        """Move an association whose A-ASSOCIATE-RQ arrived from pending to admitted, if fewer than
+        ``max_associations`` are admitted (False: the caller is to be rejected as local limit exceeded)."""
+        with self._count_lock:
+            self._forget_ended()
+            self._pending.pop(id(assoc), None)
+            if getattr(assoc, "_dicomnode_evicted", False):
+                return True  # closed already: it never counts
+            if len(self._admitted) >= self.settings.max_associations:
+                return False
+            self._admitted[id(assoc)] = assoc
+            return True
+
     def _on_conn_close(self, evt_: Any) -> None:
         with self._count_lock:
+            self._pending.pop(id(evt_.assoc), None)
+            self._admitted.pop(id(evt_.assoc), None)
             wake = self._wakers.pop(id(evt_.assoc), None)
         if wake is not None:
             wake.close()
@@ -647,7 +711,12 @@ class StorageSCP:
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         networks = self._pins.get(calling)
         if networks is not None and not _address_in(assoc.requestor.address, networks):
+            with self._count_lock:
+                self._pending.pop(id(assoc), None)
             _reject(assoc, 0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+            return
+        if not self._admit(assoc):
+            _reject(assoc, 0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit
 
     def _on_rejected(self, evt_: Any) -> None:
         assoc = evt_.assoc

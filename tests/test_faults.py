@@ -29,3 +29,13 @@ def test_malformed_inputs_neither_crash_nor_grow_the_node(tmp_path: Path) -> Non
     print(report)
     assert report.crashes == 0 and report.echo_after
     assert report.rss_end_mb - report.rss_start_mb < 100
+
+
+def test_real_echoes_are_served_throughout_a_stalled_socket_attack(tmp_path: Path) -> None:
+    """4 × max_associations half-sent association requests from the callers' own address, re-opened as
+    the node closes them: pending connections take no association slot, so real C-ECHOs get through."""
+    report = faults.stall(tmp_path, seconds=5)
+    print(report)
+    assert report.stalled_sockets > faults.MAX_ASSOCIATIONS
+    assert report.echoes_served >= 0.9 * report.echoes
+    assert report.longest_gap_s < 3.0

@@ -233,6 +233,55 @@ def test_stalled_connections_are_closed_and_real_echoes_get_through(node: NodePr
             assoc.abort()
 
 
+HALF_RQ = struct.pack(">BBL", 0x01, 0, 200) + b"\x00\x01\x00\x00" + b"THIGHNODE".ljust(16)
+
+
+def half_requests(node: NodeProcess, count: int, source: str) -> list[socket.socket]:
+    """``count`` connections from ``source`` that send half an A-ASSOCIATE-RQ and go silent."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", node.port), source_address=(source, 0))
+        sock.sendall(HALF_RQ)
+        socks.append(sock)
+    return socks
+
+
+def test_pending_connections_do_not_take_association_slots(node: NodeProcess) -> None:
+    """Half-sent requests, far more than max_associations, from the caller's own address and from
+    another: a real association made at once (no retry) is accepted, and past 4 pending per address
+    the oldest are closed long before ARTIM."""
+    other = half_requests(node, 3 * MAX_ASSOCIATIONS, "127.0.0.2")
+    own = half_requests(node, 3 * MAX_ASSOCIATIONS, "127.0.0.1")
+    try:
+        started = time.monotonic()
+        assoc = scu().associate("127.0.0.1", node.port, ae_title="THIGHNODE")  # one try, no back-off
+        assert assoc.is_established, "a real caller was kept out by half-sent requests"
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        # PENDING_PER_ADDRESS (4) kept per address at most: the oldest others are closed, well before ARTIM
+        early = sum(closed_by_peer(sock, max(ACSE_TIMEOUT / 2 - (time.monotonic() - started), 0.01))
+                    for sock in other[:-4])
+        assert early == len(other) - 4
+    finally:
+        for sock in [*other, *own]:
+            sock.close()
+
+
+def test_max_associations_still_bounds_real_associations(node: NodeProcess) -> None:
+    """Only admitted associations count, and they still count: one past max_associations is refused
+    as transient "local limit exceeded", and a slot freed is a slot usable."""
+    held = [associate(node) for _ in range(MAX_ASSOCIATIONS)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        extra = scu().associate("127.0.0.1", node.port, ae_title="THIGHNODE")
+        assert extra.is_rejected
+        assert rejection(extra) == (0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert echo_ok(node)
+
+
 # -- 3. called AE title and calling AE title pinned to a host ------------------------------------------
 def rejection(assoc: Association) -> tuple[int, int, int]:
     rj = assoc.acceptor.primitive
