@@ -14,6 +14,9 @@ ASSOCIATION_PDU_CAP long before association and our maximum PDU length after it,
 only as bytes arrive; a PDU must arrive whole within ARTIM (``acse_timeout_seconds``, counted from the
 connection) before association and within ``network_timeout_seconds`` after it, or the connection is
 dropped; a C-STORE data set over ``max_instance_mb`` stops being buffered and is refused with 0xA700.
+Disk back-pressure (:mod:`dicomnode.diskspace`): while the storage volume has less than
+``min_free_disk_mb`` free or more than ``max_disk_used_pct`` used, a new association is rejected as
+transient temporary congestion and a C-STORE is answered 0xA700 without writing anything.
 A connection counts against ``max_associations`` only once its A-ASSOCIATE-RQ has arrived and been
 accepted; until then it is pending, at most ``max_pending_connections`` in all and PENDING_PER_ADDRESS
 per source address, the oldest closed past either (see :meth:`StorageSCP._enter_pending`).
@@ -27,10 +30,10 @@ into one buffer, (d) drop pynetdicom's per-PDU log formatting when its logger is
 is parsed only up to SeriesInstanceUID. ``benchmarks/receive.py`` measures the effect against
 dcmtk storescp and Orthanc.
 
-Status classes of a refused C-STORE: 0xA700 out of resources (disk, index, over ``max_instance_mb``),
-0xA900 data set does not match the SOP class (another SOP class or Modality, a Type 1 UID missing, a
-SOP Instance UID other than the request's), 0xC000 cannot understand (a byte stream that does not
-parse, e.g. cut short inside the header).
+Status classes of a refused C-STORE: 0xA700 out of resources (disk low or failing, index, over
+``max_instance_mb``), 0xA900 data set does not match the SOP class (another SOP class or Modality, a
+Type 1 UID missing, a SOP Instance UID other than the request's), 0xC000 cannot understand (a byte
+stream that does not parse, e.g. cut short inside the header).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Settings
+from dicomnode.diskspace import DiskGuard
 from dicomnode.logs import event
 from dicomnode.sop import CT_CLASSES
 from dicomnode.store import Store, StoreError, encode_file_meta, info_from_dataset, read_header
@@ -545,6 +549,7 @@ class StorageSCP:
         # admitted = request accepted against max_associations (see _on_conn_open, _on_requested)
         self._pending: dict[int, tuple[Any, str]] = {}
         self._admitted: dict[int, Any] = {}
+        self.disk = DiskGuard(store.root, settings.min_free_disk_mb, settings.max_disk_used_pct)
         self._pins = {aet.strip(): [ipaddress.ip_network(h, strict=False) for h in hosts]
                       for aet, hosts in settings.calling_aet_hosts.items()}
         tune_pynetdicom()
@@ -571,6 +576,9 @@ class StorageSCP:
         if oversize:  # its bytes were not kept (see _bound_dimse_messages)
             limit = f"{self.settings.max_instance_mb:g}"
             return self._fail(OUT_OF_RESOURCES, f"{oversize} bytes > max_instance_mb {limit}", calling)
+        disk_low = self.disk.refusal()
+        if disk_low is not None:  # the guard logged entering the low state once; not one line per instance
+            return self._fail(OUT_OF_RESOURCES, disk_low, calling, level=logging.DEBUG)
         try:
             ds = read_header(evt_.request.DataSet, str(ctx.transfer_syntax))
             if ds is None:  # deflated or big endian: let pynetdicom/pydicom decode all of it
@@ -598,13 +606,13 @@ class StorageSCP:
             self.received += 1
         return 0x0000
 
-    def _fail(self, code: int, comment: str, calling: str) -> Dataset:
+    def _fail(self, code: int, comment: str, calling: str, level: int = logging.WARNING) -> Dataset:
         with self._count_lock:
             self.failed += 1
         event(
             log,
             "c-store refused",
-            logging.WARNING,
+            level,
             status=f"0x{code:04X}",
             reason=comment,
             calling_aet=calling,
@@ -706,7 +714,8 @@ class StorageSCP:
         )
 
     def _on_requested(self, evt_: Any) -> None:
-        """Reject a calling AE title pinned by ``calling_aet_hosts`` when it calls from elsewhere."""
+        """Reject a calling AE title pinned by ``calling_aet_hosts`` when it calls from elsewhere, any
+        caller while the disk is low (temporary congestion), and one past ``max_associations``."""
         assoc = evt_.assoc
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         networks = self._pins.get(calling)
@@ -714,6 +723,11 @@ class StorageSCP:
             with self._count_lock:
                 self._pending.pop(id(assoc), None)
             _reject(assoc, 0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+            return
+        if self.disk.refusal() is not None:  # disk back-pressure: the PACS is to try again later
+            with self._count_lock:
+                self._pending.pop(id(assoc), None)
+            _reject(assoc, 0x02, 0x03, 0x01)  # transient, service provider (presentation), congestion
             return
         if not self._admit(assoc):
             _reject(assoc, 0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit
@@ -723,10 +737,13 @@ class StorageSCP:
         request = assoc.requestor.primitive
         answer = assoc.acceptor.primitive
         source, diagnostic = getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)
+        # temporary congestion is the disk guard's, which logged entering the low state once: a PACS
+        # retrying every few seconds would otherwise write a warning each time
+        level = logging.DEBUG if (source, diagnostic) == (0x03, 0x01) else logging.WARNING
         event(
             log,
             "association rejected",
-            logging.WARNING,
+            level,
             reason=_REJECT_REASONS.get((source, diagnostic), f"source {source} diagnostic {diagnostic}"),
             calling_aet=str(getattr(request, "calling_ae_title", "")).strip(),
             called_aet=str(getattr(request, "called_ae_title", "")).strip(),
@@ -761,6 +778,7 @@ class StorageSCP:
             pinned=",".join(sorted(self._pins)) or "none",
             tls=self._tls_summary(),
         )
+        self.disk.refusal()  # a node started on a full volume says so now, not at the first caller
 
     def _tls_summary(self) -> str:
         """``off``, or what the listener asks of callers (for the start-up log line)."""

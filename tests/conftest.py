@@ -18,4 +18,6 @@ def free_port() -> int:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(storage_dir=tmp_path / "var", port=free_port(), stable_seconds=1.0, host="127.0.0.1")
+    return Settings(storage_dir=tmp_path / "var", port=free_port(), stable_seconds=1.0, host="127.0.0.1",
+                    # disk back-pressure off here; tests/test_disk_pressure.py turns it on
+                    min_free_disk_mb=0, max_disk_used_pct=100)

@@ -102,6 +102,10 @@ class NodeProcess:
             "storage_dir": str(self.storage_dir),
             "stable_seconds": 1.0,
             "log_level": "INFO",
+            # disk back-pressure off: a CI machine's disk may be fuller than the product default allows
+            # (tests/test_disk_pressure.py turns it on)
+            "min_free_disk_mb": 0,
+            "max_disk_used_pct": 100,
             "selection": {"min_z_extent_mm": 20.0, "min_slices": 5},
             "worker": {"poll_seconds": 0.2, "max_attempts": 2},
             "send": {

@@ -228,6 +228,7 @@ def _collisions(node: NodeProcess, tmp_path: Path) -> None:
 @pytest.fixture
 def local(tmp_path: Path) -> Iterator[tuple[Settings, Database, Store]]:
     settings = Settings(storage_dir=tmp_path / "var", stable_seconds=0.0, host="127.0.0.1",
+                        min_free_disk_mb=0, max_disk_used_pct=100,
                         selection=SelectionSettings(min_z_extent_mm=20.0, min_slices=5,
                                                     incomplete_hold_seconds=0.5),
                         worker={"max_attempts": 1, "poll_seconds": 0.0})

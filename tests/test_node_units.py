@@ -64,6 +64,7 @@ def test_content_hash_is_order_free_and_size_sensitive() -> None:
 @pytest.fixture
 def node(tmp_path: Path) -> tuple[Settings, Database, Store]:
     settings = Settings(storage_dir=tmp_path / "var", stable_seconds=0.0, host="127.0.0.1",
+                        min_free_disk_mb=0, max_disk_used_pct=100,
                         selection=SEL, worker={"max_attempts": 2, "poll_seconds": 0.0})
     db = Database(settings.db_path)
     yield settings, db, Store(settings.storage_dir, db)

@@ -33,6 +33,7 @@ DAYS = 2.0
 @pytest.fixture
 def local(tmp_path: Path) -> Iterator[tuple[Settings, Database, Store]]:
     settings = Settings(storage_dir=tmp_path / "var", stable_seconds=0.0, host="127.0.0.1",
+                        min_free_disk_mb=0, max_disk_used_pct=100,
                         retention_days=DAYS,
                         selection=SelectionSettings(min_z_extent_mm=20.0, min_slices=5))
     db = Database(settings.db_path)

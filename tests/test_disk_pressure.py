@@ -1,0 +1,244 @@
+"""Disk back-pressure (issue 15): a storage volume below ``min_free_disk_mb`` / above ``max_disk_used_pct``
+refuses new associations (transient, temporary congestion) and C-STOREs (0xA700), and accepts again when
+space returns.
+
+The guard's state changes are tested with an injected ``statvfs`` and clock; the refusals end to end,
+against a ``dicomnode serve`` subprocess whose threshold is above any disk's free space, and against an
+in-process listener whose guard reads a volume that fills up and empties while an association is open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from peers import NodeProcess, free_port, storescu
+from pydantic import ValidationError
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from series_factory import CT_IMAGE, write_ct_series
+
+from dicomnode.config import Settings
+from dicomnode.db import Database
+from dicomnode.diskspace import DiskGuard, read_space
+from dicomnode.external import dcmtk_tool
+from dicomnode.scp import OUT_OF_RESOURCES, StorageSCP
+from dicomnode.store import Store
+
+TRANSIENT_CONGESTION = (0x02, 0x03, 0x01)  # rejected-transient, service provider (presentation), congestion
+HUGE_MB = 1e12  # 10^18 bytes: more than any disk has free
+
+
+def volume(free_mb: float, total_mb: float = 100_000.0, reserved_mb: float = 0.0) -> SimpleNamespace:
+    """A ``statvfs`` result of a volume with 1 MB blocks (``reserved_mb``: free for root only)."""
+    return SimpleNamespace(f_frsize=1_000_000, f_bsize=4096, f_blocks=int(total_mb),
+                           f_bfree=int(free_mb + reserved_mb), f_bavail=int(free_mb))
+
+
+class FakeDisk:
+    """An injectable ``statvfs`` and clock: ``free_mb`` is what the next reading sees; counts readings."""
+
+    def __init__(self, free_mb: float) -> None:
+        self.free_mb = free_mb
+        self.reads = 0
+        self.now = 0.0
+
+    def statvfs(self, path: object) -> SimpleNamespace:
+        self.reads += 1
+        return volume(self.free_mb)
+
+    def clock(self) -> float:
+        return self.now
+
+
+def disk_events(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dicomnode.diskspace"]
+
+
+# -- the guard --------------------------------------------------------------------------------------
+def test_space_is_read_as_df_reads_it() -> None:
+    space = read_space(volume(free_mb=20_000, total_mb=100_000, reserved_mb=5_000))
+    assert space.free_bytes == 20_000 * 1_000_000  # available to the node's user, not root's reserve
+    assert space.used_pct == pytest.approx(100 * 75_000 / 95_000)  # used / (used + available), as df
+    assert read_space(os.statvfs(".")).free_bytes > 0
+
+
+def test_guard_enters_and_leaves_the_low_state_logging_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    disk = FakeDisk(free_mb=50_000)
+    guard = DiskGuard(Path("/var"), min_free_mb=2048, max_used_pct=100, statvfs=disk.statvfs,
+                      clock=disk.clock)
+    caplog.set_level(logging.DEBUG, logger="dicomnode.diskspace")
+    assert guard.refusal() is None and not guard.low
+    disk.free_mb = 1000  # the volume fills up ...
+    assert guard.refusal() is None, "a reading is reused for the interval"
+    disk.now += 1.0
+    reason = guard.refusal()
+    assert reason == "disk low: 1000 MB free < min_free_disk_mb 2048" and guard.low
+    assert len(reason) <= 64  # fits an ErrorComment whole
+    for _ in range(5):  # ... stays full: refused, not logged again
+        disk.now += 1.0
+        assert guard.refusal() == reason
+    disk.free_mb = 3000  # space returns
+    disk.now += 1.0
+    assert guard.refusal() is None and not guard.low
+    disk.now += 1.0
+    assert guard.refusal() is None
+    events = disk_events(caplog)
+    assert [level for level, _ in events] == [logging.WARNING, logging.INFO], events
+    assert "disk space low" in events[0][1] and "recovered" in events[1][1]
+
+
+def test_guard_reads_the_volume_at_most_once_an_interval() -> None:
+    disk = FakeDisk(free_mb=50_000)
+    guard = DiskGuard(Path("/var"), 2048, 90, statvfs=disk.statvfs, clock=disk.clock)
+    for _ in range(1000):  # a burst of C-STOREs within one second
+        assert guard.refusal() is None
+    assert disk.reads == 1
+    disk.now = 0.999
+    guard.refusal()
+    assert disk.reads == 1
+    disk.now = 1.0
+    guard.refusal()
+    assert disk.reads == 2
+
+
+def test_guard_percentage_threshold_and_switching_off() -> None:
+    disk = FakeDisk(free_mb=20_000)  # of 100 000 MB: 80 % used
+    at = {pct: DiskGuard(Path("/var"), 0, pct, statvfs=disk.statvfs, clock=disk.clock) for pct in (75, 90)}
+    assert at[75].refusal() == "disk low: 80.0% used > max_disk_used_pct 75"  # MONAI Informatics Gateway's
+    assert at[90].refusal() is None
+    off = DiskGuard(Path("/var"), 0, 100, statvfs=disk.statvfs, clock=disk.clock)
+    disk.free_mb, before = 0, disk.reads
+    assert off.refusal() is None and disk.reads == before  # switched off: nothing is read
+
+
+def test_unreadable_volume_keeps_the_last_state(caplog: pytest.LogCaptureFixture) -> None:
+    disk = FakeDisk(free_mb=10)
+    guard = DiskGuard(Path("/var"), 2048, 90, statvfs=disk.statvfs, clock=disk.clock)
+    assert guard.refusal() is not None
+
+    def broken(path: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    guard.statvfs = broken
+    caplog.set_level(logging.WARNING, logger="dicomnode.diskspace")
+    for _ in range(3):
+        disk.now += 1.0
+        assert guard.refusal() is not None
+    messages = [m for _, m in disk_events(caplog)]
+    assert messages == ["disk space low, refusing instances", "disk space unreadable"]  # once, not thrice
+
+
+def test_thresholds_in_the_settings() -> None:
+    settings = Settings()
+    assert (settings.min_free_disk_mb, settings.max_disk_used_pct) == (2048.0, 90.0)
+    assert Settings(min_free_disk_mb=0, max_disk_used_pct=100).max_disk_used_pct == 100
+    for bad in ({"min_free_disk_mb": -1}, {"max_disk_used_pct": 0}, {"max_disk_used_pct": 101}):
+        with pytest.raises(ValidationError):
+            Settings(**bad)
+
+
+# -- end to end: a node on a volume below its threshold ----------------------------------------------
+def scu() -> AE:
+    ae = AE(ae_title="PYSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+    return ae
+
+
+def rejection(assoc: Association) -> tuple[int, int, int]:
+    rj = assoc.acceptor.primitive
+    return int(rj.result), int(rj.result_source), int(rj.diagnostic)
+
+
+@pytest.fixture(scope="module")
+def full_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    proc = NodeProcess(tmp_path_factory.mktemp("diskfull") / "node", pipeline=None, min_free_disk_mb=HUGE_MB)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_node_below_its_threshold_rejects_associations_transiently(full_node: NodeProcess) -> None:
+    for _ in range(3):  # a PACS retrying
+        assoc = scu().associate("127.0.0.1", full_node.port, ae_title="THIGHNODE")
+        assert assoc.is_rejected and not assoc.is_established
+        assert rejection(assoc) == TRANSIENT_CONGESTION
+    log = full_node.log()
+    assert log.count("disk space low") == 1, log  # one warning for the state, not one per caller
+    assert "WARNING" in log.split("disk space low")[0].splitlines()[-1]
+    assert "association rejected" not in log  # the rejections themselves are DEBUG
+    assert not list((full_node.storage_dir / "incoming").rglob("*.dcm"))
+
+
+@pytest.mark.skipif(dcmtk_tool("storescu") is None, reason="dcmtk not installed")
+def test_dcmtk_storescu_is_refused_by_a_node_below_its_threshold(
+    full_node: NodeProcess, tmp_path: Path
+) -> None:
+    s = write_ct_series(tmp_path / "in", name="diskfull", n=2, size=8)
+    sent = storescu(full_node.port, s.files)
+    assert sent.returncode != 0
+    said = (sent.stdout + sent.stderr).lower()
+    assert "rejected transient" in said and "temporary congestion" in said, said
+    assert not list((full_node.storage_dir / "incoming").rglob("*.dcm"))
+
+
+# -- end to end: the volume fills up and empties while an association is open ------------------------
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[StorageSCP, Store, FakeDisk]]:
+    settings = Settings(storage_dir=tmp_path / "var", host="127.0.0.1", port=free_port())
+    db = Database(settings.db_path)
+    store = Store(settings.storage_dir, db)
+    scp = StorageSCP(settings, store)
+    disk = FakeDisk(free_mb=50_000)
+    scp.disk.statvfs, scp.disk.clock = disk.statvfs, disk.clock
+    scp.start()
+    try:
+        yield scp, store, disk
+    finally:
+        scp.stop()
+        store.close()
+        db.close()
+
+
+def test_c_store_on_an_open_association_is_refused_while_the_disk_is_low(
+    listener: tuple[StorageSCP, Store, FakeDisk], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    scp, store, disk = listener
+    caplog.set_level(logging.DEBUG)
+    s = write_ct_series(tmp_path / "in", name="filling", n=4, size=8)
+    assoc = scu().associate("127.0.0.1", scp.settings.port, ae_title="THIGHNODE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(s.files[0]).Status == 0x0000
+        disk.free_mb, disk.now = 1000, disk.now + 1.0  # the volume fills up under the open association
+        refused = assoc.send_c_store(s.files[1])
+        assert refused.Status == OUT_OF_RESOURCES
+        assert refused.ErrorComment == "disk low: 1000 MB free < min_free_disk_mb 2048"
+        assert assoc.send_c_store(s.files[2]).Status == OUT_OF_RESOURCES
+        other = scu().associate("127.0.0.1", scp.settings.port, ae_title="THIGHNODE")
+        assert other.is_rejected and rejection(other) == TRANSIENT_CONGESTION
+        assert sorted(p.name for p in store.incoming.rglob("*") if p.is_file()) == [f"{s.sop_uids[0]}.dcm"]
+        assert store.db.one("SELECT COUNT(*) FROM instances")[0] == 1
+        disk.free_mb, disk.now = 50_000, disk.now + 1.0  # space returns
+        assert assoc.send_c_store(s.files[1]).Status == 0x0000
+    finally:
+        assoc.release()
+    again = scu().associate("127.0.0.1", scp.settings.port, ae_title="THIGHNODE")
+    assert again.is_established
+    assert again.send_c_store(s.files[3]).Status == 0x0000
+    again.release()
+    assert store.db.one("SELECT COUNT(*) FROM instances")[0] == 3
+    events = disk_events(caplog)
+    assert [level for level, _ in events] == [logging.WARNING, logging.INFO], events
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("dicomnode")]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # two refused C-STOREs, one rejection
