@@ -1,8 +1,9 @@
-"""Fault harness: kill -9 during a receive, malformed inputs, stalled sockets, against a real node.
+"""Fault harness: kill -9, malformed inputs, stalls, disk low, PACS faults, partial series, UID collisions.
 
 Why: "crash safe" and "hardened" are claims about what happens when things go wrong at moments
-nobody chose; this drives a real ``dicomnode serve`` (worker off: receive and index only) through
-such moments and counts. Three parts, each printing its figures:
+nobody chose; this drives a real ``dicomnode serve`` (kill, fuzz, stall: worker off, receive and
+index only) through such moments and counts. Seven parts, each printing one line of figures
+(pacs: one per mode):
 
 - **kill**: a pynetdicom SCU sends a series; the node is killed with SIGKILL at a random moment of
   the receive, then restarted. Every instance whose C-STORE got status 0x0000 must be on disk,
@@ -19,7 +20,23 @@ such moments and counts. Three parts, each printing its figures:
   attempted every 0.25 s, each with one association try: echoes served, refused and the longest time
   without one. CI asserts at least 90 % served.
 
-Short form (CI, ``tests/test_faults.py``): ``--kill-trials 3 --fuzz-inputs 100 --stall-seconds 5``.
+- **disk**: a node started below its disk threshold (``min_free_disk_mb`` above any disk's free space):
+  every attempted store refused (transient association reject or 0xA700), no file written, the node
+  alive; restarted on the same folder with a normal threshold, the same stores succeed.
+- **pacs**: a node (test pipeline) whose PACS is down (closed port), refusing (A-ASSOCIATE-RJ) and
+  hanging (accepts TCP, never answers): each job ends failed with its reason after the configured send
+  attempts; then a working PACS (dcmtk storescp, a file per receipt) on the same port and
+  ``dicomnode retry JOB``: each result arrives exactly once.
+- **interrupted**: 60 % of a series whose ImagesInAcquisition announces all of it: held, then rejected
+  "incomplete", never measured; the rest arrives: measured once, on every slice, one result sent.
+- **collision**: the scenario of tests/test_hardening_data.py: another patient's series claims one of
+  a series' SOP Instance UIDs, and a changed copy of one comes in the same series: both refused
+  "uid-collision"; the first series re-sent byte for byte: accepted, no new job; the UID's index row
+  stays with the first series over two restarts.
+
+``--parts`` picks parts (comma-separated; default all).
+Short form (CI, ``tests/test_faults.py``): ``--kill-trials 3 --fuzz-inputs 100 --stall-seconds 5
+--disk-stores 3``.
 Long form: ``nice -n 19 .venv/bin/python benchmarks/faults.py --kill-trials 50 --fuzz-inputs 1000
 --stall-seconds 30``. Figures in docs/benchmarks.md.
 """
@@ -40,8 +57,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from peers import NodeProcess, pynetdicom_send  # noqa: E402
-from series_factory import write_ct_series  # noqa: E402
+from peers import NodeProcess, StoreSCP, free_port, pynetdicom_send, wait_for  # noqa: E402
+from series_factory import CT_IMAGE, write_ct_series  # noqa: E402
 
 MAX_ASSOCIATIONS = 4
 NODE_SETTINGS = {
@@ -369,23 +386,278 @@ def stall(workdir: Path, seconds: float, sockets: int = 4 * MAX_ASSOCIATIONS) ->
     return StallReport(seconds, sockets, opened, echoes, served, round(gap, 2))
 
 
+# -- disk below its threshold ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiskReport:
+    stores: int  # association + C-STORE attempts against a node below min_free_disk_mb
+    refused: int  # rejected transiently (congestion) or answered 0xA700
+    files_written: int  # instance files in incoming/ afterwards (must be 0)
+    alive: bool  # the node process still running after the refusals
+    stored_after_restart: int  # instances accepted (0x0000) once restarted with a normal threshold
+
+
+def disk(workdir: Path, stores: int) -> DiskReport:
+    """A node whose ``min_free_disk_mb`` is above any disk's free space; ``stores`` attempted stores."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    s = write_ct_series(workdir / "disk-series", name="disk", n=stores, size=16)
+    low = NodeProcess(workdir / "disk-node", **{**NODE_SETTINGS, "min_free_disk_mb": 1e12})
+    low.start()
+    refused = 0
+    try:
+        for path in s.files:
+            ae = AE(ae_title="DISKSCU")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
+            ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", low.port, ae_title="THIGHNODE")
+            if assoc.is_rejected:
+                rj = assoc.acceptor.primitive
+                refused += (int(rj.result), int(rj.result_source), int(rj.diagnostic)) == (2, 3, 1)
+            elif assoc.is_established:
+                status = assoc.send_c_store(path)
+                refused += bool(status) and int(status.Status) == 0xA700
+                assoc.release()
+        files = len(list((low.storage_dir / "incoming").rglob("*.dcm"))) if (
+            low.storage_dir / "incoming").exists() else 0
+        alive = low.proc is not None and low.proc.poll() is None
+    finally:
+        low.stop()
+    normal = NodeProcess(workdir / "disk-node", **NODE_SETTINGS)  # same folder, normal threshold
+    normal.start()
+    try:
+        stored = sum(st == 0 for st in pynetdicom_send(normal.port, s.files, aet="DISKSCU"))
+    finally:
+        normal.stop()
+    return DiskReport(stores, refused, files, alive, stored)
+
+
+# -- PACS down, refusing, hanging -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PacsReport:
+    mode: str  # down: closed port; refusing: A-ASSOCIATE-RJ; hanging: accepts TCP, never answers
+    attempts: int  # send attempts the job's reason counts
+    connections: int  # TCP connections the fake PACS saw (down: none can be counted)
+    final_state: str
+    seconds: float  # from the job queued to its final state
+    received_after_retry: int  # objects the working PACS (storescp +uf: a file per receipt) holds (1)
+    duplicates: int  # objects received more than once
+    reason: str  # the failed job's reason (spaces as _)
+
+
+class FakePacs:
+    """A TCP listener on ``port``: ``refusing`` answers every A-ASSOCIATE-RQ with a permanent
+    A-ASSOCIATE-RJ (called AE title not recognised); ``hanging`` reads and never answers."""
+
+    def __init__(self, port: int, mode: str) -> None:
+        self.mode, self.connections = mode, 0
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.stop_event = threading.Event()
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            if self.mode == "refusing":
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 1, 1, 7))
+                    time.sleep(0.1)
+                except OSError:
+                    pass
+                conn.close()
+            else:
+                self.held.append(conn)  # never read from, never answered
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.thread.join(2)
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+def pacs_faults(workdir: Path, slices: int = 8) -> list[PacsReport]:
+    """One node (test pipeline, 2 send attempts); its PACS down, then refusing, then hanging: each
+    series' job must end failed with its reason; then a working PACS and ``dicomnode retry``."""
+    import re
+
+    import pydicom
+
+    pacs_port = free_port()
+    send = {"attempts": 2, "initial_backoff_seconds": 0.2, "max_backoff_seconds": 0.4,
+            "timeout_seconds": 1.0}
+    node = NodeProcess(workdir / "pacs-node", stable_seconds=0.5, log_level="WARNING", send=send,
+                       pacs={"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port})
+    node.start()
+    partial: list[tuple[str, int, int, str, float, str]] = []
+    jobs: dict[str, dict] = {}
+    try:
+        for mode in ("down", "refusing", "hanging"):
+            fake = FakePacs(pacs_port, mode) if mode != "down" else None
+            s = write_ct_series(workdir / f"pacs-{mode}", name=f"pacs-{mode}", n=slices, size=16,
+                                patient_id=f"PACS-{mode.upper()}")
+            try:
+                pynetdicom_send(node.port, s.files, aet="PACSSCU")
+                started = time.monotonic()
+                job = node.wait_job(s.series_uid, ("failed", "done", "rejected"), timeout=60)
+                seconds = time.monotonic() - started
+            finally:
+                connections = fake.connections if fake else 0
+                if fake:
+                    fake.close()
+            match = re.search(r"after (\d+) attempts", job["reason"] or "")
+            partial.append((mode, int(match.group(1)) if match else 0, connections, job["state"], seconds,
+                            (job["reason"] or "").replace(" ", "_")))
+            jobs[mode] = job
+        pacs = StoreSCP(workdir / "pacs-working", port=pacs_port).start()
+        try:
+            for job in jobs.values():
+                node.cli("retry", str(job["id"]))
+            for job in jobs.values():
+                node.wait_job(job["series_uid"], ("done", "failed"), timeout=30)
+            time.sleep(1.0)  # a second send, were there one, would arrive now
+            received = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.files()]
+        finally:
+            pacs.stop()
+    finally:
+        node.stop()
+    reports = []
+    for mode, attempts, connections, state, seconds, reason in partial:
+        mine = [str(d.SOPInstanceUID) for d in received if str(d.PatientID) == f"PACS-{mode.upper()}"]
+        reports.append(PacsReport(mode, attempts, connections, state, round(seconds, 1), len(mine),
+                                  len(mine) - len(set(mine)), reason))
+    return reports
+
+
+# -- an interrupted transfer ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InterruptedReport:
+    slices: int
+    sent_first: int  # slices of the first, interrupted part (ImagesInAcquisition announces all)
+    first_state: str  # the first part's job: rejected
+    first_reason: str
+    measured_before_completion: int  # pipeline runs on the series before the rest arrived (must be 0)
+    measured_after_completion: int  # pipeline runs after (1), on every slice
+    results_sent: int  # objects the PACS received for the series (1)
+
+
+def interrupted(workdir: Path, slices: int = 10, fraction: float = 0.6) -> InterruptedReport:
+    """60 % of a series whose ImagesInAcquisition announces all of it, then (after the hold) the rest."""
+    from test_hardening_data import rewrite, send_raw
+
+    pacs = StoreSCP(workdir / "int-pacs").start()
+    node = NodeProcess(workdir / "int-node", stable_seconds=0.5, log_level="WARNING",
+                       selection={"incomplete_hold_seconds": 1.5},
+                       pacs={"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port})
+    node.start()
+    try:
+        s = write_ct_series(workdir / "int-series", name="interrupted", n=slices, size=16)
+        files = [rewrite(f, f, ImagesInAcquisition=slices, AcquisitionNumber=1) for f in s.files]
+        first = int(slices * fraction)
+        send_raw(node.port, files[:first])
+        job = node.wait_job(s.series_uid, ("rejected", "done", "failed"), timeout=30)
+        before = [r for r in node.pipeline_runs() if s.series_uid in r]
+        send_raw(node.port, files[first:])
+        wait_for(lambda: any(j["state"] in ("done", "failed") for j in node.jobs(s.series_uid)), 30,
+                 what="the completed series' job")
+        time.sleep(1.0)  # a second run or send, were there one, would show now
+        after = [r for r in node.pipeline_runs() if s.series_uid in r]
+        whole = [r for r in after if r.split()[2] == str(slices)]
+        sent = len(pacs.files())
+    finally:
+        node.stop()
+        pacs.stop()
+    return InterruptedReport(slices, first, job["state"], (job["reason"] or "").replace(" ", "_"),
+                             len(before), len(whole) if len(whole) == len(after) - len(before) else -1, sent)
+
+
+# -- a SOP Instance UID collision ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class CollisionReport:
+    colliding_sent: int  # same UID, different content: one in another patient's series, one in the same
+    colliding_refused: int  # answered 0xC000 "uid-collision"
+    identical_resent: int  # the first series sent again, byte for byte
+    identical_accepted: int  # answered 0x0000, nothing redone (still one job)
+    jobs_of_first_series: int
+    row_stays_after_restarts: bool  # the UID's index row stays with the first series over 2 restarts
+
+
+def collision(workdir: Path) -> CollisionReport:
+    """The scenario of tests/test_hardening_data.py: another patient's series claims one of a's UIDs."""
+    import numpy as np
+    from test_hardening_data import rewrite, send_raw
+
+    node = NodeProcess(workdir / "col-node", stable_seconds=30.0, log_level="WARNING")  # indexing only
+    node.start()
+    try:
+        a = write_ct_series(workdir / "col-a", name="col-a", n=4, size=16, patient_id="PAT-ALPHA")
+        b = write_ct_series(workdir / "col-b", name="col-b", n=4, size=16, patient_id="PAT-BETA")
+        stolen = a.sop_uids[2]
+        b_files = list(b.files)
+        b_files[2] = rewrite(b.files[2], workdir / "col-b2.dcm", SOPInstanceUID=stolen,
+                             file_meta__MediaStorageSOPInstanceUID=stolen)
+        changed = rewrite(a.files[3], workdir / "col-a3.dcm",
+                          PixelData=np.full((16, 16), 7, dtype=np.int16).tobytes())
+        send_raw(node.port, a.files)
+        got = [send_raw(node.port, b_files)[2], send_raw(node.port, [changed])[0]]
+        refused = sum(st == 0xC000 and c.startswith("uid-collision") for st, c in got)
+        again = send_raw(node.port, a.files)
+
+        def where() -> str:
+            return node.sql("SELECT series_uid FROM instances WHERE sop_uid=?", (stolen,))[0]["series_uid"]
+
+        stays = where() == a.series_uid
+        for _ in range(2):
+            node.stop()
+            node.start()
+            stays = stays and where() == a.series_uid
+        jobs = len(node.jobs(a.series_uid))
+    finally:
+        node.stop()
+    return CollisionReport(2, refused, len(again), sum(st == 0 for st, _ in again), jobs, stays)
+
+
+PARTS = ("kill", "fuzz", "stall", "disk", "pacs", "interrupted", "collision")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kill-trials", type=int, default=3)
     parser.add_argument("--fuzz-inputs", type=int, default=100)
     parser.add_argument("--stall-seconds", type=float, default=5.0)
+    parser.add_argument("--disk-stores", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, of: {','.join(PARTS)} (default: all)")
     args = parser.parse_args(argv)
+    chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if unknown := set(chosen) - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="dicomnode-faults-") as tmp:
         work = Path(tmp)
-        for name, run in (("kill", lambda: kill_trials(work, args.kill_trials, rng)),
-                          ("fuzz", lambda: fuzz(work, args.fuzz_inputs, rng)),
-                          ("stall", lambda: stall(work, args.stall_seconds))):
+        runs = {"kill": lambda: kill_trials(work, args.kill_trials, rng),
+                "fuzz": lambda: fuzz(work, args.fuzz_inputs, rng),
+                "stall": lambda: stall(work, args.stall_seconds),
+                "disk": lambda: disk(work, args.disk_stores),
+                "pacs": lambda: pacs_faults(work),
+                "interrupted": lambda: interrupted(work),
+                "collision": lambda: collision(work)}
+        for name in (p for p in PARTS if p in chosen):
             started = time.monotonic()
-            report = run()
-            figures = " ".join(f"{k}={v}" for k, v in asdict(report).items())
-            print(f"{name}: {figures} seconds={time.monotonic() - started:.1f}", flush=True)
+            result = runs[name]()
+            for report in result if isinstance(result, list) else [result]:
+                figures = " ".join(f"{k}={v}" for k, v in asdict(report).items())
+                print(f"{name}: {figures} seconds={time.monotonic() - started:.1f}", flush=True)
     return 0
 
 
