@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,11 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from seg.labels import ANALYSED_MUSCLES  # noqa: E402
+from seg.labels import ANALYSED_MUSCLES
 
 # The paper's Table 3 loss ratios (%), per group, in ANALYSED_MUSCLES order.
 PAPER_LOSS_RATIO = {

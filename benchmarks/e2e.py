@@ -38,8 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dicomnode.harness.net import free_port, parse_spacing, port_open, wait_for
+from dicomnode.harness.orthanc import OrthancServer
+from dicomnode.harness.tomlfile import write_toml
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 ROUTED = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+) .*thigh-routing: series (\S+) routed to")
 
 
@@ -127,8 +130,6 @@ def _spans(sink: Path, series_uid: str, phase: str) -> list[tuple[float, float]]
 
 def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int,
             pipeline: str | None = None, model: Path | None = None) -> dict[str, float]:
-    from orthanc import OrthancServer, free_port, wait_for
-
     from dicomnode.sop import is_ct
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
 
@@ -144,13 +145,13 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
     orthanc = OrthancServer(workdir / "orthanc", node_port=node_port, stable_age=2)
     storage = workdir / "node"
     config = workdir / "node.toml"
-    config.write_text(
-        f'ae_title = "THIGHNODE"\nhost = "127.0.0.1"\nport = {node_port}\nstorage_dir = "{storage}"\n'
-        + (f'model_path = "{model.resolve()}"\n' if model else "") +
-        f'stable_seconds = 1\n\n[pacs]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-        f'port = {orthanc.dicom_port}\n\n'
-        f'[worker]\ndevice = "{device}"\n\n[send]\ninitial_backoff_seconds = 1\n\n'
-        '[pairing]\nretrieve_priors = false\n')
+    write_toml(config, {
+        "ae_title": "THIGHNODE", "host": "127.0.0.1", "port": node_port, "storage_dir": str(storage),
+        "model_path": str(model.resolve()) if model else None, "stable_seconds": 1,
+        "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+        "worker": {"device": device}, "send": {"initial_backoff_seconds": 1},
+        "pairing": {"retrieve_priors": False},
+    })
     sink = workdir / "timings.jsonl"
     node = None
     try:
@@ -160,7 +161,7 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
             cmd += [pipeline] if pipeline else []
             node = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "TCP_NODELAY": "1"})
-        wait_for(lambda: _listening(node_port), 120, what="the node")
+        wait_for(lambda: port_open(node_port, timeout=1), 120, what="the node")
         t = time.time()
         orthanc.upload_folder(folder)
         print(f"  uploaded {n_files} instances to Orthanc over REST in {time.time() - t:.1f} s")
@@ -220,16 +221,6 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
         orthanc.stop()
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_node":
@@ -244,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline", help="stand-in pipeline module:function (plumbing check; PYTHONPATH)")
     ap.add_argument("--model", type=Path, help="model package folder (default: the shipped demo model)")
     args = ap.parse_args(argv)
-    spacing = tuple(float(v) for v in args.spacing.split(","))
-    if len(spacing) == 1:
-        spacing = spacing * 3
+    try:
+        spacing = parse_spacing(args.spacing)
+    except ValueError as exc:
+        ap.error(str(exc))
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}")
     try:

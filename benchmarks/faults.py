@@ -47,18 +47,25 @@ import argparse
 import random
 import socket
 import struct
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from dicomnode.harness import node as _node
+from dicomnode.harness.dcmtk import StoreSCP
+from dicomnode.harness.net import free_port, wait_for
+from dicomnode.harness.scu import pynetdicom_send
+from dicomnode.harness.series import CT_IMAGE, dataset_bytes, part10, write_ct_series
 
-from peers import NodeProcess, StoreSCP, free_port, pynetdicom_send, wait_for  # noqa: E402
-from series_factory import CT_IMAGE, write_ct_series  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
+
+def NodeProcess(workdir: Path, **overrides: object) -> _node.NodeProcess:  # noqa: N802 - stands for the class
+    """The harness node running the tests' stand-in pipeline (``tests/node_pipeline.py``, via PYTHONPATH)."""
+    return _node.NodeProcess(workdir, pipeline="node_pipeline:run", pythonpath=(REPO / "tests", REPO),
+                             **overrides)  # type: ignore[arg-type]
 
 MAX_ASSOCIATIONS = 4
 NODE_SETTINGS = {
@@ -195,12 +202,6 @@ def kill_trials(workdir: Path, trials: int, rng: random.Random, slices: int = 40
 
 
 # -- malformed inputs -----------------------------------------------------------------------------------
-def dataset_bytes(path: Path) -> bytes:
-    """A Part 10 file's data set, after its file meta group (what goes over the wire)."""
-    raw = path.read_bytes()
-    return raw[132 + 12 + int.from_bytes(raw[140:144], "little"):]
-
-
 def mutate(data: bytes, rng: random.Random) -> bytes:
     """One to four random edits: flip bytes, cut, insert, forge a 16/32-bit length, repeat a chunk."""
     buf = bytearray(data)
@@ -224,22 +225,6 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
             end = min(len(buf), at + rng.randint(1, 256))
             buf[at:at] = buf[at:end] * rng.randint(1, 16)
     return bytes(buf)
-
-
-def part10(path: Path, dataset: bytes, sop_class: str, sop_uid: str) -> Path:
-    """A Part 10 file whose data set is exactly ``dataset``, so pynetdicom sends it unparsed."""
-    import pydicom
-    from pydicom.dataset import Dataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    ds = Dataset()
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
-    path.write_bytes(path.read_bytes() + dataset)
-    return path
 
 
 def associate_rq(called: str = "THIGHNODE", calling: str = "FUZZ") -> bytes:
@@ -310,8 +295,8 @@ def fuzz(workdir: Path, inputs: int, rng: random.Random) -> FuzzReport:
         for i in range(inputs):
             if i % 2 == 0:
                 dicom_inputs += 1
-                path = part10(workdir / "fuzz-input.dcm", mutate(base, rng), sop_class,
-                              f"2.25.{rng.getrandbits(100)}")
+                path = part10(workdir / "fuzz-input.dcm", mutate(base, rng), sop_class=sop_class,
+                              sop_uid=f"2.25.{rng.getrandbits(100)}")
                 status = store_raw(node.port, path)
                 accepted += status == 0
                 refused += status != 0

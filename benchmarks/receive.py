@@ -31,18 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicomnode.external import ORTHANC_FALLBACK, orthanc_binary, require_dcmtk_tool
+from dicomnode.harness.net import free_port
+from dicomnode.harness.series import write_big_series
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 ORTHANC = orthanc_binary() or ORTHANC_FALLBACK
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -166,8 +161,6 @@ def main() -> None:
     ap.add_argument("--targets", default="storescp,orthanc,node")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    from series_factory import write_big_series
-
     names = [n for n in args.targets.split(",") if n]
     if "orthanc" in names and not Path(ORTHANC).is_file():
         print(f"skipping orthanc: {ORTHANC} not found")

@@ -72,6 +72,17 @@ def _existing_file(value: Path) -> Path:
     return value
 
 
+def _switch(value: Any) -> Any:
+    """A strict on/off: a TOML boolean, or ``true``/``false`` (an environment variable is text); 1, "yes"
+    or "on" are refused, so a typo cannot silently flip it."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+Switch = Annotated[bool, BeforeValidator(_switch)]
 TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_version_text)]
 
 
@@ -184,6 +195,9 @@ class Settings(BaseSettings):
     # (temporary congestion) and C-STOREs 0xA700, until space returns; 0 and 100 switch each off
     min_free_disk_mb: float = Field(2048.0, ge=0)
     max_disk_used_pct: float = Field(90.0, gt=0, le=100)
+    # pynetdicom throughput patches (dicomnode/pynetdicom_tuning.py; applied only to the pynetdicom
+    # versions they were checked against); false = plain pynetdicom. The security bounds stay on either way
+    pynetdicom_tuning: Switch = True
     model_path: Path | None = None  # None = the shipped phantom-trained demo model
     log_level: LogLevel = "INFO"
     log_json: bool = False

@@ -23,12 +23,11 @@ per source address, the oldest closed past either (see :meth:`StorageSCP._enter_
 All of it lives in the "pynetdicom internals" section below, which refuses to run on a pynetdicom
 other than the one it was written for.
 
-Throughput: pynetdicom's per-instance cost is mostly thread hand-offs and poll ticks, not the disk.
-:func:`tune_pynetdicom` and :func:`_attach_waiters` (a) serve C-STORE in the thread that assembled
-the message, (b) replace the 1 ms poll sleeps with waits on the actual socket/queue, (c) read PDUs
-into one buffer, (d) drop pynetdicom's per-PDU log formatting when its logger is off, and the header
-is parsed only up to SeriesInstanceUID. ``benchmarks/receive.py`` measures the effect against
-dcmtk storescp and Orthanc.
+Throughput: PDUs are read into one buffer and the header is parsed only up to SeriesInstanceUID;
+the rest (C-STORE served in the DUL thread, event waits instead of pynetdicom's 1 ms poll ticks, a
+hand-encoded C-STORE-RSP, no per-PDU log formatting) is :mod:`dicomnode.pynetdicom_tuning`, switched
+off by ``pynetdicom_tuning = false`` and on an unchecked pynetdicom. ``benchmarks/receive.py``
+measures the effect against dcmtk storescp and Orthanc.
 
 Status classes of a refused C-STORE: 0xA700 out of resources (disk low or failing, index, over
 ``max_instance_mb``), 0xA900 data set does not match the SOP class (another SOP class or Modality, a
@@ -40,7 +39,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import select
 import socket
 import ssl
 import struct
@@ -63,6 +61,7 @@ from pynetdicom.sop_class import Verification
 from dicomnode.config import Settings
 from dicomnode.diskspace import DiskGuard
 from dicomnode.logs import event
+from dicomnode.pynetdicom_tuning import attach_waiters, tune_pynetdicom
 from dicomnode.sop import CT_CLASSES
 from dicomnode.store import Store, StoreError, encode_file_meta, info_from_dataset, read_header
 from dicomnode.tls import describe, handshake, server_context
@@ -96,7 +95,8 @@ _REJECT_REASONS = {  # (source, diagnostic) of an A-ASSOCIATE-RJ, PS3.8 9.3.4
 
 
 # == pynetdicom internals ================================================================================
-# Everything that reaches into pynetdicom's private code is in this section, written against 3.0.x.
+# Everything security needs from pynetdicom's private code is in this section, written against 3.0.x
+# (always on; the throughput patches, which can be switched off, are dicomnode/pynetdicom_tuning.py).
 PATCHED_PYNETDICOM = "3.0."
 # A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8
 _ABORT_INVALID_PDU = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
@@ -105,10 +105,11 @@ _ABORT_INVALID_PDU = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
 def _require_patched_version() -> None:
     """Refuse to run on a pynetdicom other than the one this section was written for.
 
-    Why refuse rather than carry on: without these patches a 10-byte PDU header makes the node allocate
-    4 GiB and half a PDU holds an association slot forever. Before widening the check, re-read what is
-    replaced: ``DULServiceProvider._read_pdu_data``, the ``time`` of ``association``/``dul``,
-    ``DIMSEServiceProvider.receive_primitive``/``send_msg`` and the DUL queues.
+    Why refuse rather than carry on: without these patches a PDU's declared length is never capped (a
+    10-byte header declaring 4 GiB is read for as long as bytes come) and half a PDU holds an association
+    slot forever. Before widening the check, re-read what is
+    replaced or read: ``DULServiceProvider._read_pdu_data`` and the DUL attributes it uses,
+    ``DIMSEServiceProvider.receive_primitive`` (``tests/test_library_guard.py`` lists them all).
     """
     import pynetdicom
 
@@ -204,9 +205,10 @@ def _drop_connection(dul: Any, reason: str, *, abort: bool, level: int = logging
 def _read_pdu_data(self: Any) -> None:
     """Drop-in for ``DULServiceProvider._read_pdu_data`` (the same FSM events), bounded in size and time.
 
-    Why: pynetdicom allocates whatever length a PDU header declares before a byte of the PDU arrived,
-    and once a PDU has started it blocks in ``recv`` without a time-out, where neither ARTIM nor the
-    idle timer is looked at: a 10-byte header made the node allocate 4 GiB, and half a PDU held an
+    Why: pynetdicom never checks a PDU's declared length against a cap (it reads up to whatever the header
+    declares, 4 KiB at a time), and once a PDU has started it blocks in ``recv`` without a time-out, where
+    neither ARTIM nor the idle timer is looked at: a 10-byte header declaring 4 GiB was read for as long
+    as bytes came (the node's earlier reader even allocated it up front), and half a PDU held an
     association slot forever. Here a PDU longer than :func:`_pdu_cap` is answered with an A-ABORT, the
     buffer grows only as bytes arrive, and a PDU not complete by :func:`_pdu_deadline` drops the
     connection. It also reads straight into one buffer (pynetdicom extends a bytearray 4 KiB at a time).
@@ -307,172 +309,13 @@ def _forget_data_set(message: Any) -> None:
         message.data_set = BytesIO()
 
 
-class _WakingTime:
-    """Stands in for ``time`` inside pynetdicom's ``association`` and ``dul`` modules.
-
-    pynetdicom's two per-association threads poll: the DUL thread sleeps ~1 ms between socket checks and
-    the association reactor sleeps 1 ms between DIMSE-queue checks. Each instance therefore waits for
-    several poll ticks (and the polling burns CPU on a busy machine). A thread that carries a
-    ``_dicomnode_wait`` attribute (set in :meth:`StorageSCP._on_conn_open`) waits on the real event
-    instead, for at most the same tick, so it is never slower than pynetdicom's own loop; every other
-    thread and every other sleep behaves exactly as before.
-    """
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def sleep(self, seconds: float) -> None:
-        waiter = getattr(threading.current_thread(), "_dicomnode_wait", None)
-        if waiter is None or seconds != 0.001:  # only pynetdicom's poll ticks
-            self._real.sleep(seconds)
-            return
-        try:
-            waiter(0.001)
-        except (OSError, ValueError):  # socket already closed: fall back to the plain tick
-            self._real.sleep(seconds)
-
-
-def tune_pynetdicom() -> None:
-    """Process-wide pynetdicom patches (idempotent): bounded PDU reads, event waits, no idle log work."""
+def harden_pynetdicom() -> None:
+    """Process-wide security patch (idempotent, always on): bounded PDU reads (:func:`_read_pdu_data`)."""
     _require_patched_version()
-    import time as time_module
-
-    import pynetdicom.association
-    import pynetdicom.dul
-    from pynetdicom import _config
     from pynetdicom.dul import DULServiceProvider
 
-    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-        # its "standard" notification handlers decode and format every PDU and DIMSE message for the
-        # log even when that log is off
-        _config.LOG_HANDLER_LEVEL = "none"
     if DULServiceProvider._read_pdu_data is not _read_pdu_data:
         DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
-    for module in (pynetdicom.association, pynetdicom.dul):
-        if not isinstance(getattr(module, "time", None), _WakingTime):
-            module.time = _WakingTime(time_module)  # type: ignore[attr-defined]
-
-
-def _implicit(group_elem: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", group_elem >> 16, group_elem & 0xFFFF, len(value)) + value
-
-
-def encode_c_store_success(sop_class: str, sop_instance: str, message_id: int) -> bytes:
-    """The command set of a C-STORE-RSP with status Success (implicit VR little endian, PS3.7 9.3.1.2).
-
-    Hand-encoded because pynetdicom builds and encodes it twice through pydicom (~1 ms per instance).
-    ``tests/test_node_units.py`` checks it against pynetdicom's own encoding.
-    """
-    def ui(uid: str) -> bytes:
-        raw = uid.encode("ascii")
-        return raw + b"\x00" if len(raw) % 2 else raw
-
-    body = b"".join((
-        _implicit(0x00000002, ui(sop_class)),
-        _implicit(0x00000100, struct.pack("<H", 0x8001)),
-        _implicit(0x00000120, struct.pack("<H", message_id)),
-        _implicit(0x00000800, struct.pack("<H", 0x0101)),
-        _implicit(0x00000900, struct.pack("<H", 0x0000)),
-        _implicit(0x00001000, ui(sop_instance)),
-    ))
-    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
-
-
-def _fast_store_response(assoc: Any, dimse: Any, dul: Any) -> None:
-    """Send plain successful C-STORE responses without pynetdicom's pydicom round trip."""
-    from pynetdicom.pdu_primitives import P_DATA
-
-    original_send = dimse.send_msg
-
-    def send_msg(primitive: Any, context_id: int) -> None:
-        plain = (type(primitive).__name__ == "C_STORE" and primitive.MessageIDBeingRespondedTo is not None
-                 and primitive.Status == 0 and getattr(primitive, "ErrorComment", None) is None
-                 and getattr(primitive, "OffendingElement", None) is None
-                 and primitive.AffectedSOPClassUID and primitive.AffectedSOPInstanceUID
-                 and not assoc.get_handlers(evt.EVT_DIMSE_SENT))
-        if plain:
-            command = encode_c_store_success(str(primitive.AffectedSOPClassUID),
-                                             str(primitive.AffectedSOPInstanceUID),
-                                             int(primitive.MessageIDBeingRespondedTo))
-            limit = dimse.maximum_pdu_size
-            if not limit or len(command) + 6 <= limit:
-                pdata = P_DATA()
-                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-                dul.send_pdu(pdata)
-                return
-        original_send(primitive, context_id)
-
-    dimse.send_msg = send_msg
-
-
-def _attach_waiters(assoc: Any) -> socket.socket | None:
-    """Make this association's DUL thread wake on socket data or a queued outgoing PDU (and serve C-STORE
-    requests itself), and its reactor wake on a complete DIMSE message. Returns the wake-up socket to
-    close when the connection ends."""
-    dul = getattr(assoc, "dul", None)
-    dimse = getattr(assoc, "dimse", None)
-    if dul is None or dimse is None or not hasattr(dul, "to_provider_queue"):
-        return None
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    outgoing = dul.to_provider_queue
-    original_put = outgoing.put
-
-    def put(item: Any, *args: Any, **kwargs: Any) -> None:
-        original_put(item, *args, **kwargs)
-        try:
-            wake_w.send(b"\0")
-        except OSError:  # buffer full (already awake) or closed
-            pass
-
-    outgoing.put = put
-
-    def dul_wait(timeout: float) -> None:
-        if outgoing.qsize():
-            return
-        sock = getattr(getattr(dul, "socket", None), "socket", None)
-        if sock is None:
-            raise OSError("no socket")
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes select cannot see
-            return
-        ready, _, _ = select.select([sock, wake_r], [], [], timeout)
-        if wake_r in ready:
-            try:
-                while wake_r.recv(4096):
-                    pass
-            except OSError:
-                pass
-
-    incoming = dimse.msg_queue
-    original_incoming_put = incoming.put
-
-    def serve_inline(item: Any, *args: Any, **kwargs: Any) -> None:
-        # A complete C-STORE request is served right here in the DUL thread that assembled it, as
-        # pynetdicom itself does for N-EVENT-REPORT: this saves two thread hand-offs per instance
-        # (DUL → reactor → DUL), each of which can cost a scheduler time slice on a busy machine.
-        # The response is queued to the same DUL thread, which sends it on its next loop.
-        _, primitive = item
-        if (threading.current_thread() is dul and type(primitive).__name__ == "C_STORE"
-                and getattr(primitive, "is_valid_request", False)):
-            assoc._serve_request(primitive, item[0])
-            return
-        original_incoming_put(item, *args, **kwargs)
-
-    incoming.put = serve_inline
-
-    def reactor_wait(timeout: float) -> None:
-        with incoming.not_empty:
-            if not incoming._qsize():
-                incoming.not_empty.wait(timeout)
-
-    _fast_store_response(assoc, dimse, dul)
-    dul._dicomnode_wait = dul_wait
-    assoc._dicomnode_wait = reactor_wait
-    return wake_w
 
 
 # == end of pynetdicom internals ========================================================================
@@ -552,7 +395,8 @@ class StorageSCP:
         self.disk = DiskGuard(store.root, settings.min_free_disk_mb, settings.max_disk_used_pct)
         self._pins = {aet.strip(): [ipaddress.ip_network(h, strict=False) for h in hosts]
                       for aet, hosts in settings.calling_aet_hosts.items()}
-        tune_pynetdicom()
+        harden_pynetdicom()  # always: the listener faces the network
+        self.tuned = settings.pynetdicom_tuning and tune_pynetdicom()
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = MAX_PDU
         # max_associations is enforced in _on_requested, counting only admitted associations; pynetdicom's
@@ -625,7 +469,7 @@ class StorageSCP:
     def _on_conn_open(self, evt_: Any) -> None:
         """Bound the new connection: a place among the pending ones, the TLS handshake within ARTIM, a
         socket time-out for sends (reads get theirs per PDU, see :func:`_read_pdu_data`) and the data set
-        limit; then the throughput waiters."""
+        limit; then the throughput waiters (when :mod:`dicomnode.pynetdicom_tuning` is on)."""
         self._enter_pending(evt_.assoc, str(evt_.address[0]))
         sock = getattr(evt_.assoc.dul.socket, "socket", None)
         if sock is not None and not self._tls_handshake(evt_.assoc, sock):
@@ -633,7 +477,7 @@ class StorageSCP:
         if sock is not None:
             sock.settimeout(self.settings.network_timeout_seconds)
         _bound_dimse_messages(evt_.assoc, int(self.settings.max_instance_mb * MB))
-        wake = _attach_waiters(evt_.assoc)
+        wake = attach_waiters(evt_.assoc) if self.tuned else None
         if wake is not None:
             with self._count_lock:
                 self._wakers[id(evt_.assoc)] = wake

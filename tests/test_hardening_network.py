@@ -33,6 +33,8 @@ from pynetdicom.sop_class import Verification
 from series_factory import CT_IMAGE, MR_IMAGE, write_ct_series
 
 from dicomnode.config import Settings
+from dicomnode.harness.scu import echoed
+from dicomnode.harness.series import dataset_bytes, part10
 from dicomnode.logs import KeyValueFormatter
 from dicomnode.scp import _address_in
 
@@ -112,32 +114,7 @@ def associate(node: NodeProcess, aet: str = "PYSCU", called: str = "THIGHNODE") 
 
 
 def echo_ok(node: NodeProcess) -> bool:
-    assoc = associate(node)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and status.Status == 0
-    finally:
-        assoc.release()
-
-
-def raw_dataset(path: Path) -> bytes:
-    """The bytes of a Part 10 file after its file meta group (what goes over the wire)."""
-    raw = path.read_bytes()
-    return raw[132 + 12 + int.from_bytes(raw[140:144], "little"):]
-
-
-def part10(path: Path, dataset: bytes, *, sop_class: str = CT_IMAGE, sop_uid: str) -> Path:
-    """A Part 10 file whose data set is exactly ``dataset`` (possibly malformed), for byte-exact sending."""
-    ds = Dataset()
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
-    path.write_bytes(path.read_bytes() + dataset)
-    return path
+    return echoed(associate(node))
 
 
 @contextmanager
@@ -320,12 +297,12 @@ def test_calling_aet_hosts_must_be_addresses() -> None:
 # -- 4. each failure class gets its status --------------------------------------------------------------
 def test_store_failure_statuses(node: NodeProcess, tmp_path: Path) -> None:
     s = write_ct_series(tmp_path / "st", name="status", n=5, size=16)
-    good = raw_dataset(s.files[0])
+    good = dataset_bytes(s.files[0])
     truncated = part10(tmp_path / "truncated.dcm", good[:300], sop_uid=s.sop_uids[1])  # cut inside the UIDs
     mr = pydicom.dcmread(s.files[2])
     mr.SOPClassUID, mr.Modality = MR_IMAGE, "MR"
     mr.save_as(tmp_path / "mr.dcm", enforce_file_format=True)
-    mr_on_ct = part10(tmp_path / "mr-on-ct.dcm", raw_dataset(tmp_path / "mr.dcm"), sop_uid=s.sop_uids[2])
+    mr_on_ct = part10(tmp_path / "mr-on-ct.dcm", dataset_bytes(tmp_path / "mr.dcm"), sop_uid=s.sop_uids[2])
     no_study = pydicom.dcmread(s.files[3])
     del no_study.StudyInstanceUID
     unwritable = write_ct_series(tmp_path / "uw", name="status-unwritable", n=1, size=16)

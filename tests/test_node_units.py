@@ -233,7 +233,7 @@ def test_fast_c_store_response_matches_pynetdicom() -> None:
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from dicomnode.scp import encode_c_store_success
+    from dicomnode.pynetdicom_tuning import encode_c_store_success
 
     for sop in ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45"):  # odd and even lengths (padding)
         rsp = C_STORE()

@@ -251,3 +251,32 @@ def test_display_colours_come_from_structures_csv(seg_file):
             continue
         s = by_name(str(item.TrackingID).rsplit(" ", 1)[0])
         assert list(item.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(*s.rgb).value)
+
+
+def test_fast_binary_encoder_is_checked_against_the_installed_highdicom():
+    """Fails loudly on a highdicom the byte splice was not checked against (the node would silently take
+    the slow path): run test_fast_binary_encoder_equals_highdicom with it, then widen the pin."""
+    from reporting.seg import FAST_BINARY_HIGHDICOM, fast_binary_supported
+
+    assert fast_binary_supported(), f"highdicom {hd.__version__} not in {FAST_BINARY_HIGHDICOM}"
+    assert not fast_binary_supported("0.29.0") and not fast_binary_supported("1.0.0")
+
+
+def test_unchecked_highdicom_falls_back_to_plain_highdicom(case, monkeypatch, caplog):
+    """On a highdicom outside FAST_BINARY_HIGHDICOM the splice is never entered and the SEG is plain
+    highdicom's, byte for byte."""
+    import reporting.seg as seg_module
+
+    _, ct, labels, vols = case
+    plain = build_seg(ct, labels, vols, MODEL, fast=False)
+    monkeypatch.setattr(hd, "__version__", "0.99.0")
+
+    def splice(*args, **kwargs):
+        raise AssertionError("fast path used on an unchecked highdicom")
+
+    monkeypatch.setattr(seg_module, "_fast_binary", splice)
+    with caplog.at_level("INFO", logger="reporting.seg"):
+        fallback = build_seg(ct, labels, vols, MODEL)
+    assert "not checked against highdicom 0.99.0" in caplog.text
+    assert fallback.PixelData == plain.PixelData and fallback.NumberOfFrames == plain.NumberOfFrames
+    assert fallback.PerFrameFunctionalGroupsSequence == plain.PerFrameFunctionalGroupsSequence

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicomnode.config import Settings
 from dicomnode.external import ORTHANC_FALLBACK, dcmtk_tool, orthanc_binary, require_dcmtk_tool
+from dicomnode.harness.net import free_port
 from dicomnode.retrieve import (
     SeriesHit,
     StudyHit,
@@ -29,12 +29,6 @@ from dicomnode.retrieve import (
 )
 
 ORTHANC = orthanc_binary() or ORTHANC_FALLBACK
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ct_series(folder: Path, patient_id: str, study_date: str, n: int, study_uid: str) -> str:

@@ -21,3 +21,13 @@ def settings_from(config: Path | None) -> Settings:
         return load_settings(config)
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
+
+
+def spacing_option(text: str) -> tuple[float, float, float]:
+    """A ``--spacing`` value (one or three positive mm) for typer: one parser for every command."""
+    from dicomnode.harness.net import parse_spacing
+
+    try:
+        return parse_spacing(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc

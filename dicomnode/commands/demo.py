@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,8 +27,11 @@ from typing import Annotated, Any
 
 import typer
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY_ORTHANC = REPO / "deploy" / "orthanc"
+from dicomnode.commands.common import spacing_option
+from dicomnode.harness.net import free_port, wait_for
+from dicomnode.harness.scu import echo, send_series
+from dicomnode.harness.tomlfile import write_toml
+
 SCANNER_AET = "CTSCANNER"
 NODE_AET = "THIGHNODE"
 PACS_AET = "ORTHANC"
@@ -52,23 +54,6 @@ class PacsKind(StrEnum):
 
 class DemoError(RuntimeError):
     """A step of the demo failed; the message says which and why."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,81 +123,42 @@ class LocalPacs:
 
 
 class OrthancPacs:
-    """Debian's Orthanc with the shipped configuration and routing script, on free loopback ports."""
+    """Orthanc with the shipped configuration and routing script (the harness's), on free loopback ports."""
 
     name = "Orthanc"
 
     def __init__(self, folder: Path, node_port: int, stable_age: int = 2) -> None:
-        import importlib.util
+        from dicomnode.harness.orthanc import OrthancServer
 
-        spec = importlib.util.spec_from_file_location("orthanc_render", DEPLOY_ORTHANC / "render.py")
-        assert spec and spec.loader
-        render = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(render)
-        self.folder = folder
+        self.server = OrthancServer(folder, aet=PACS_AET, node_aet=NODE_AET, node_port=node_port,
+                                    stable_age=stable_age, extra={"Name": "dicomnode-demo"})
         self.aet = PACS_AET
-        self.dicom_port, self.http_port = free_port(), free_port()
-        cfg = render.render(aet=self.aet, dicom_port=self.dicom_port, http_port=self.http_port,
-                            storage_dir=folder / "db", node_aet=NODE_AET, node_port=node_port,
-                            stable_age=stable_age, lua_scripts=[DEPLOY_ORTHANC / "route.lua"],
-                            remote_access=False, authentication=False)
-        self.config = render.write(cfg, folder / "orthanc.json")
-        self.log = folder / "orthanc.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.dicom_port = self.server.dicom_port
+        self.config = self.server.config_path
 
     @staticmethod
     def available() -> bool:
-        from dicomnode.external import orthanc_binary
+        from dicomnode.harness.orthanc import have_orthanc
 
-        return orthanc_binary() is not None and (DEPLOY_ORTHANC / "render.py").is_file()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return have_orthanc()
 
     def start(self) -> None:
-        from dicomnode.external import orthanc_binary
-
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([orthanc_binary() or "Orthanc", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "TCP_NODELAY": "1"})
-
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise DemoError(f"Orthanc exited ({self.proc.returncode}); see {self.log}")
-            try:
-                self._get("/system")
-                return True
-            except OSError:
-                return False
-
-        wait_for(up, 30, "Orthanc to start")
-
-    def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
-            return json.loads(resp.read())
-
-    def _post(self, path: str, body: bytes) -> Any:
-        req = urllib.request.Request(self.url + path, data=body, method="POST")
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
+        try:
+            self.server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            raise DemoError(f"Orthanc did not start: {exc}; see {self.server.log_path}") from exc
 
     def objects(self, study_uid: str) -> list[Received]:
         from dicomnode.sop import is_ct
 
-        hits = [h for h in self._post("/tools/lookup", study_uid.encode()) if h.get("Type") == "Study"]
-        if not hits:
-            return []
-        out = []
-        for inst in self._get(f"/studies/{hits[0]['ID']}/instances"):
+        server, out = self.server, []
+        for inst in server.instances_of_study(study_uid):
             iid = inst["ID"]
-            with urllib.request.urlopen(f"{self.url}/instances/{iid}/metadata/SopClassUid", timeout=30) as r:
-                sop_class = r.read().decode()
+            sop_class = server.get_bytes(f"/instances/{iid}/metadata/SopClassUid").decode()
             if is_ct(sop_class):  # the CT itself
                 continue
             out.append(Received(study_uid, sop_class, inst["MainDicomTags"].get("SOPInstanceUID", iid),
-                                f"{self.url}/instances/{iid}/file"))
+                                f"{server.url}/instances/{iid}/file"))
         return out
 
     def fetch(self, obj: Received, folder: Path) -> Path:
@@ -224,13 +170,7 @@ class OrthancPacs:
         return path
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc = None
+        self.server.stop()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,16 +179,15 @@ class OrthancPacs:
 def write_node_config(path: Path, *, port: int, storage: Path, pacs_port: int,
                       model: Path | None = None) -> Path:
     """A node configuration for the demo: embedded defaults, quick series completion and retries."""
-    path.write_text(
-        f'ae_title = "{NODE_AET}"\nhost = "127.0.0.1"\nport = {port}\n'
-        + (f'model_path = "{model.resolve().as_posix()}"\n' if model else "") +
-        f'storage_dir = "{storage.as_posix()}"\nstable_seconds = 2\nlog_level = "INFO"\n\n'
-        f'[pacs]\nae_title = "{PACS_AET}"\nhost = "127.0.0.1"\nport = {pacs_port}\n\n'
-        "[worker]\ndevice = \"cpu\"\n\n"
-        "[send]\nattempts = 5\ninitial_backoff_seconds = 2\nmax_backoff_seconds = 10\n\n"
-        "[pairing]\nretrieve_priors = false\n"
-    )
-    return path
+    return write_toml(path, {
+        "ae_title": NODE_AET, "host": "127.0.0.1", "port": port,
+        "model_path": model.resolve().as_posix() if model else None,
+        "storage_dir": storage.as_posix(), "stable_seconds": 2, "log_level": "INFO",
+        "pacs": {"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs_port},
+        "worker": {"device": "cpu"},
+        "send": {"attempts": 5, "initial_backoff_seconds": 2, "max_backoff_seconds": 10},
+        "pairing": {"retrieve_priors": False},
+    })
 
 
 def write_registry(path: Path) -> Path:
@@ -260,59 +199,6 @@ def write_registry(path: Path) -> Path:
 
 def node_command(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(config)]
-
-
-def echo(host: str, port: int, aet: str) -> bool:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE("DEMO")
-    ae.acse_timeout = ae.network_timeout = 3
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=aet)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and status.Status == 0
-    finally:
-        assoc.release()
-
-
-def nodelay(assoc: Any) -> None:
-    """Switch Nagle off on an established pynetdicom association.
-
-    Why: pynetdicom writes the C-STORE command and its data set as separate PDUs; with Nagle on, the
-    second waits for the peer's delayed ACK (~40 ms against Orthanc/dcmtk): ~17 instances/s instead of
-    hundreds. The same reason Orthanc and dcmtk run with TCP_NODELAY=1.
-    """
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def send_series(folder: Path, port: int, called_aet: str) -> int:
-    """C-STORE every file of a folder in one association, as the scanner would (pynetdicom SCU)."""
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
-
-    files = sorted(folder.glob("*.dcm"))
-    ae = AE(SCANNER_AET)
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
-    if not assoc.is_established:
-        raise DemoError(f"{called_aet} on port {port} refused the association")
-    nodelay(assoc)
-    try:
-        for f in files:
-            status = assoc.send_c_store(pydicom.dcmread(f))
-            if not status or status.Status != 0:
-                raise DemoError(f"C-STORE of {f.name} failed: {status.Status if status else 'no answer'}")
-    finally:
-        assoc.release()
-    return len(files)
 
 
 @dataclass
@@ -529,14 +415,17 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
                 raise DemoError(f"the node exited ({node.returncode}); see {out / 'node.log'}")
             return echo("127.0.0.1", node_port, NODE_AET)
 
-        wait_for(node_up, 120, "the node to answer C-ECHO")
+        wait_for(node_up, 120, interval=0.5, what="the node to answer C-ECHO", error=DemoError)
         step(f"node {NODE_AET} is up on port {node_port}")
 
         target_port, target_aet = ((pacs.dicom_port, pacs.aet) if use_orthanc else (node_port, NODE_AET))
         route = "Orthanc (it routes stable thigh CT to the node)" if use_orthanc else "the node"
         for study, followup in ((pre, False), (post, True)):
             t0 = time.monotonic()
-            n = send_series(study.folder, target_port, target_aet)
+            try:
+                n = send_series(study.folder, target_port, target_aet, calling_aet=SCANNER_AET)
+            except ConnectionError as exc:
+                raise DemoError(str(exc)) from exc
             step(f"{study.label}: {n} instances sent to {route}; waiting for the results")
             last_jobs = 0.0
 
@@ -551,7 +440,8 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
                         raise DemoError(f"{study.label}: {problem}")
                 return results_ready(pacs.objects(study.study_uid), followup)
 
-            wait_for(ready, timeout, f"the {study.label} results in the PACS", interval=1.0)
+            wait_for(ready, timeout, interval=1.0, what=f"the {study.label} results in the PACS",
+                     error=DemoError)
             step(f"{study.label}: SEG, SR and summary{' and follow-up SR' if followup else ''} are in the "
                  f"PACS ({time.monotonic() - t0:.0f} s)")
 
@@ -582,15 +472,6 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
         pacs.stop()
 
 
-def _spacing(text: str) -> tuple[float, float, float]:
-    parts = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
-    if len(parts) == 1:
-        parts = parts * 3
-    if len(parts) != 3 or min(parts) <= 0:
-        raise typer.BadParameter("give one or three positive numbers, e.g. 3,3,5")
-    return parts[0], parts[1], parts[2]
-
-
 def register(app: typer.Typer) -> None:
     """Add this module's sub-commands to the main app."""
 
@@ -613,7 +494,7 @@ def register(app: typer.Typer) -> None:
         console = Console()
         console.rule(f"dicomnode demo — {dt.datetime.now():%Y-%m-%d %H:%M}")
         try:
-            code = run_demo(out.resolve(), pacs, _spacing(spacing), seed, timeout, console, model)
+            code = run_demo(out.resolve(), pacs, spacing_option(spacing), seed, timeout, console, model)
         except DemoError as exc:
             console.print(f"[red]demo failed:[/] {exc}")
             raise typer.Exit(1) from exc

@@ -8,14 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-
-def _parse_triplet(text: str) -> tuple[float, float, float]:
-    parts = [float(v) for v in text.replace("x", ",").replace("×", ",").split(",") if v.strip()]
-    if len(parts) == 1:
-        parts = parts * 3
-    if len(parts) != 3:
-        raise typer.BadParameter("give one number or three (column,row,slice), e.g. 1.5,1.5,3")
-    return parts[0], parts[1], parts[2]
+from dicomnode.commands.common import spacing_option
 
 
 def _parse_pair(text: str | None, what: str) -> tuple[float, float] | None:
@@ -84,7 +77,7 @@ def phantom(
                                  param_hint="--transfer-syntax")
     try:
         opts = PhantomOptions(
-            seed=seed, spacing_mm=_parse_triplet(spacing), slice_thickness_mm=slice_thickness,
+            seed=seed, spacing_mm=spacing_option(spacing), slice_thickness_mm=slice_thickness,
             position=position.upper(), slice_order=slice_order,
             patient_id=patient_id, patient_name=patient_name, study_date=study_date, study_time=study_time,
             sex=sex.upper() if sex else None, height_m=height, postop=postop or bool(implant),

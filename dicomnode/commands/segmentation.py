@@ -13,22 +13,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import ConfigOption, settings_from
+from dicomnode.commands.common import ConfigOption, settings_from, spacing_option
 from seg.measure import CSV_COLUMNS
 
 if TYPE_CHECKING:
     from dicomnode.config import Settings
     from seg.model import ModelPackage
     from seg.volume import Volume
-
-
-def _triplet(text: str) -> tuple[float, float, float]:
-    parts = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    if len(parts) == 1:
-        parts = parts * 3
-    if len(parts) != 3:
-        raise typer.BadParameter("give one number or three, e.g. 3 or 3,3,3")
-    return parts[0], parts[1], parts[2]
 
 
 BATCH_CSV = "volumes.csv"
@@ -281,7 +272,7 @@ def train(
         val_phantoms=val_phantoms if data is None else 0,
         phantom_z_range_mm=zr,
         arch=arch,
-        spacing_mm=_triplet(spacing),
+        spacing_mm=spacing_option(spacing),
         batch_size=batch_size,
         steps=steps,
         max_minutes=max_minutes,

@@ -1,0 +1,119 @@
+"""Render the shipped Orthanc configuration for one site, test or container.
+
+Why: ``orthanc.json`` (next to this module; ``deploy/orthanc/`` links to it) is the single source of
+truth (ports, StableAge, routing hints); tests, the demo, the benchmark and the compose file only change
+addresses and folders, so they all exercise the file an administrator deploys. Standard library only:
+``deploy/orthanc/render.py`` runs it in the Orthanc container with the system ``python3``.
+
+    python3 deploy/orthanc/render.py --node-host dicomnode --storage /var/lib/orthanc/db \
+        --lua /etc/orthanc/thigh/route.lua --out /etc/orthanc/thigh/orthanc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BASE_CONFIG = HERE / "orthanc.json"
+ROUTE_LUA = HERE / "route.lua"
+NODE_MODALITY = "thighnode"
+
+
+def render(
+    base: Path = BASE_CONFIG,
+    *,
+    aet: str | None = None,
+    dicom_port: int | None = None,
+    http_port: int | None = None,
+    storage_dir: Path | str | None = None,
+    node_aet: str | None = None,
+    node_host: str | None = None,
+    node_port: int | None = None,
+    stable_age: int | None = None,
+    lua_scripts: list[Path | str] | None = None,
+    remote_access: bool | None = None,
+    authentication: bool | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The base configuration with the given values replaced (None keeps the shipped value)."""
+    cfg: dict[str, Any] = json.loads(Path(base).read_text())
+    if aet is not None:
+        cfg["DicomAet"] = aet
+    if dicom_port is not None:
+        cfg["DicomPort"] = int(dicom_port)
+    if http_port is not None:
+        cfg["HttpPort"] = int(http_port)
+    if storage_dir is not None:
+        cfg["StorageDirectory"] = str(storage_dir)
+        cfg["IndexDirectory"] = str(storage_dir)
+    node = cfg["DicomModalities"][cfg["ThighRouting"]["NodeModality"]]
+    if node_aet is not None:
+        node["AET"] = node_aet
+        cfg["ThighRouting"]["NodeAets"] = [node_aet]
+    if node_host is not None:
+        node["Host"] = node_host
+    if node_port is not None:
+        node["Port"] = int(node_port)
+    if stable_age is not None:
+        cfg["StableAge"] = int(stable_age)
+    if lua_scripts is not None:
+        cfg["LuaScripts"] = [str(p) for p in lua_scripts]
+    if remote_access is not None:
+        cfg["RemoteAccessAllowed"] = bool(remote_access)
+    if authentication is not None:
+        cfg["AuthenticationEnabled"] = bool(authentication)
+    for key, value in (extra or {}).items():
+        cfg[key] = value
+    return cfg
+
+
+def write(cfg: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
+    ap.add_argument("--base", type=Path, default=BASE_CONFIG)
+    ap.add_argument("--out", type=Path, help="write here (default: stdout)")
+    ap.add_argument("--aet")
+    ap.add_argument("--dicom-port", type=int)
+    ap.add_argument("--http-port", type=int)
+    ap.add_argument("--storage", help="StorageDirectory and IndexDirectory")
+    ap.add_argument("--node-aet")
+    ap.add_argument("--node-host")
+    ap.add_argument("--node-port", type=int)
+    ap.add_argument("--stable-age", type=int)
+    ap.add_argument("--lua", action="append", help="Lua script path (repeatable; default: shipped path)")
+    ap.add_argument("--remote-access", choices=["true", "false"])
+    ap.add_argument("--authentication", choices=["true", "false"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="any top-level key, value as JSON (repeatable)")
+    args = ap.parse_args(argv)
+    extra = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        extra[key] = json.loads(value)
+    cfg = render(
+        args.base, aet=args.aet, dicom_port=args.dicom_port, http_port=args.http_port,
+        storage_dir=args.storage, node_aet=args.node_aet, node_host=args.node_host,
+        node_port=args.node_port, stable_age=args.stable_age, lua_scripts=args.lua,
+        remote_access=None if args.remote_access is None else args.remote_access == "true",
+        authentication=None if args.authentication is None else args.authentication == "true",
+        extra=extra,
+    )
+    if args.out:
+        write(cfg, args.out)
+    else:
+        json.dump(cfg, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

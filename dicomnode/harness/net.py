@@ -1,0 +1,63 @@
+"""Ports, waiting and the process environment shared by every harness peer (standard library only)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "condition",
+             error: type[Exception] = TimeoutError) -> T:
+    """Poll until ``predicate()`` is truthy; return its value or raise ``error`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def dcmtk_env() -> dict[str, str]:
+    """This environment with ``TCP_NODELAY=1``.
+
+    Why: Debian's dcmtk and Orthanc stall ~45 ms per instance on delayed ACKs without it.
+    """
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    """A voxel size from ``"3"``, ``"3,3,5"``, ``"3x3x5"`` or ``"3×3×5"`` (mm; column, row, slice).
+
+    Raises ValueError unless it is one or three positive numbers.
+    """
+    try:
+        parts = [float(p) for p in text.replace("×", ",").replace("x", ",").split(",") if p.strip()]
+    except ValueError as exc:
+        raise ValueError(f"not a spacing: {text!r}; give one or three positive numbers, e.g. 3,3,5") from exc
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) <= 0:
+        raise ValueError(f"not a spacing: {text!r}; give one or three positive numbers, e.g. 3,3,5")
+    return parts[0], parts[1], parts[2]

@@ -1,0 +1,188 @@
+"""Guard on the library internals the node patches, and the node with its pynetdicom tuning off.
+
+Why: dicomnode/scp.py (security bounds, always on) and dicomnode/pynetdicom_tuning.py (throughput,
+switchable) replace or wrap private pynetdicom code. A pynetdicom release that renames, re-signs or
+restructures any of it must fail here, loudly and by name, not at a hospital. Each check names what
+relies on it; widen PATCHED_PYNETDICOM / TUNED_PYNETDICOM only after re-reading that code.
+(highdicom's byte splice has its guard in tests/test_reporting_seg.py.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import socket
+import struct
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pynetdicom
+import pynetdicom.association
+import pynetdicom.dul
+import pytest
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.timer import Timer
+from pynetdicom.transport import AssociationSocket
+
+from dicomnode import pynetdicom_tuning as tuning
+from dicomnode import scp
+from dicomnode.config import ConfigError, Settings, load_settings
+
+
+def params(func: object) -> list[str]:
+    return list(inspect.signature(func).parameters)  # type: ignore[arg-type]
+
+
+def source(obj: object) -> str:
+    return inspect.getsource(obj)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def assoc() -> Association:
+    """An acceptor association as pynetdicom builds one before its connection (no thread started)."""
+    return Association(AE(), mode="acceptor")
+
+
+def test_installed_pynetdicom_is_the_one_patched_and_tuned() -> None:
+    assert scp.PATCHED_PYNETDICOM == tuning.TUNED_PYNETDICOM == "3.0."
+    assert pynetdicom.__version__.startswith(scp.PATCHED_PYNETDICOM), pynetdicom.__version__
+    assert tuning.tuning_supported() and not tuning.tuning_supported("3.1.0")
+
+
+def test_security_internals_read_pdu_data(assoc: Association) -> None:
+    """scp._read_pdu_data replaces DULServiceProvider._read_pdu_data (bounded PDU reads)."""
+    dul_source = source(pynetdicom.dul)
+    assert "    def _read_pdu_data(self) -> None:" in dul_source  # the method replaced, as pynetdicom has it
+    assert params(scp._read_pdu_data) == ["self"]
+    assert source(DULServiceProvider._is_transport_event).count("self._read_pdu_data()") == 2  # its callers
+    assert params(DULServiceProvider._decode_pdu) == ["self", "bytestream"]
+    dul = assoc.dul
+    assert isinstance(dul, DULServiceProvider) and dul.assoc is assoc
+    for name in ("event_queue", "_recv_pdu", "to_user_queue", "to_provider_queue"):
+        assert isinstance(getattr(dul, name), queue.Queue), name
+    assert isinstance(dul.artim_timer, Timer)
+    assert isinstance(inspect.getattr_static(Timer, "remaining"), property)
+    assert isinstance(inspect.getattr_static(Timer, "timeout"), property)
+    assert isinstance(inspect.getattr_static(DULServiceProvider, "network_timeout"), property)
+    assert dul.state_machine.current_state == "Sta1"
+    assert params(AssociationSocket.close) == ["self"] and "self.socket" in source(AssociationSocket.__init__)
+    assert assoc.is_acceptor and assoc.acceptor.maximum_length is not None
+    assert hasattr(assoc.requestor, "maximum_length")
+    assert "to_user_queue.get" in source(DULServiceProvider.receive_pdu)  # a None there reads as time-out
+
+
+def test_security_internals_dimse_and_reject(assoc: Association) -> None:
+    """scp._bound_dimse_messages wraps receive_primitive; scp._reject follows pynetdicom's own reject."""
+    assert params(DIMSEServiceProvider.receive_primitive) == ["self", "primitive"]
+    assert assoc.dimse.message is None
+    assert "self.message = None" in source(DIMSEServiceProvider.receive_primitive)  # message complete
+    assert isinstance(DIMSEMessage().data_set, BytesIO)
+    assert params(assoc.acse.send_reject) == ["result", "source", "diagnostic"]
+    assert params(Association.kill) == ["self"]
+    assert params(evt.trigger) == ["assoc", "event", "attrs"]
+    assert evt.EVT_REJECTED and evt.EVT_REQUESTED and evt.EVT_CONN_OPEN
+
+
+def test_tuning_internals_time_and_poll_ticks(assoc: Association) -> None:
+    """_WakingTime stands in for the ``time`` module of association/dul and intercepts 1 ms sleeps."""
+    for module in (pynetdicom.association, pynetdicom.dul):
+        assert module.time is time or isinstance(module.time, tuning._WakingTime), module.__name__
+        assert "\nimport time\n" in source(module), module.__name__
+    assert "time.sleep(0.001)" in source(Association._run_reactor)
+    assert "time.sleep(self._run_loop_delay)" in source(DULServiceProvider.run_reactor)
+    assert assoc.dul._run_loop_delay == tuning.POLL_TICK
+    assert _config.LOG_HANDLER_LEVEL in ("standard", "none")
+
+
+def test_tuning_internals_queues_and_dimse(assoc: Association) -> None:
+    """attach_waiters wraps the DUL's outgoing queue and the DIMSE message queue; _fast_store_response
+    replaces DIMSEServiceProvider.send_msg and sends through DULServiceProvider.send_pdu."""
+    dul, dimse = assoc.dul, assoc.dimse
+    assert isinstance(dul, threading.Thread)  # serve_inline: threading.current_thread() is dul
+    assert isinstance(dul.to_provider_queue, queue.Queue) and "to_provider_queue.put" in source(
+        DULServiceProvider.send_pdu)
+    assert isinstance(dimse.msg_queue, queue.Queue)
+    assert isinstance(dimse.msg_queue.not_empty, threading.Condition) and callable(dimse.msg_queue._qsize)
+    assert "self.msg_queue.put((context_id," in source(DIMSEServiceProvider.receive_primitive)
+    assert params(Association._serve_request) == ["self", "msg", "context_id"]
+    assert params(DIMSEServiceProvider.send_msg) == ["self", "primitive", "context_id"]
+    assert params(DULServiceProvider.send_pdu) == ["self", "primitive"]
+    assert isinstance(inspect.getattr_static(DIMSEServiceProvider, "maximum_pdu_size"), property)
+    assert params(Association.get_handlers) == ["self", "event"] and evt.EVT_DIMSE_SENT
+    assert P_DATA().presentation_data_value_list == []
+    rsp = C_STORE()
+    for name in ("MessageIDBeingRespondedTo", "Status", "ErrorComment", "OffendingElement",
+                 "AffectedSOPClassUID", "AffectedSOPInstanceUID", "is_valid_request"):
+        assert hasattr(rsp, name), name
+
+
+def test_tuning_switch_is_a_strict_boolean(tmp_path: Path) -> None:
+    assert Settings().pynetdicom_tuning is True
+    assert Settings(pynetdicom_tuning="false").pynetdicom_tuning is False  # DICOMNODE_PYNETDICOM_TUNING
+    for bad in ("yes", "1", "on"):
+        path = tmp_path / "node.toml"
+        path.write_text(f'pynetdicom_tuning = "{bad}"\n')
+        with pytest.raises(ConfigError, match="pynetdicom_tuning"):
+            load_settings(path)
+
+
+def test_tuning_skipped_on_an_unchecked_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    monkeypatch.setattr(pynetdicom.dul, "time", time)
+    monkeypatch.setattr(pynetdicom.association, "time", time)
+    assert tuning.tune_pynetdicom() is False
+    assert pynetdicom.dul.time is time and pynetdicom.association.time is time
+
+
+def _raw_abort_on_oversize_pdu(port: int) -> bytes:
+    """Declare a 10 MB A-ASSOCIATE-RQ: the (always on) bound answers with an A-ABORT before reading it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 10_000_000))
+        return sock.recv(64)
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["tuning-off", "tuning-on"])
+def test_node_receives_with_tuning_on_and_off(tuned: bool, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real C-STORE into an in-process SCP: stored and indexed either way; off, nothing of the tuning
+    is installed (plain ``time`` in pynetdicom, no waiters, pynetdicom's own C-STORE-RSP) while the
+    security bound still answers an oversize PDU with an A-ABORT."""
+    from peers import free_port, pynetdicom_send
+    from series_factory import write_ct_series
+
+    from dicomnode.db import Database
+    from dicomnode.store import Store
+
+    monkeypatch.setattr(pynetdicom.dul, "time", time)  # restored afterwards: no other test sees ours
+    monkeypatch.setattr(pynetdicom.association, "time", time)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    encoded: list[str] = []
+    real_encode = tuning.encode_c_store_success
+    monkeypatch.setattr(tuning, "encode_c_store_success",
+                        lambda *a: encoded.append(a[1]) or real_encode(*a))
+    settings = Settings(storage_dir=tmp_path / "var", host="127.0.0.1", port=free_port(),
+                        min_free_disk_mb=0, max_disk_used_pct=100, pynetdicom_tuning=tuned)
+    db = Database(settings.db_path)
+    node = scp.StorageSCP(settings, Store(settings.storage_dir, db))
+    node.start()
+    try:
+        series = write_ct_series(tmp_path / "in", name="guard", n=3, size=8)
+        assert pynetdicom_send(settings.port, series.files) == [0, 0, 0]
+        assert db.one("SELECT COUNT(*) FROM instances")[0] == 3 and node.received == 3
+        assert DULServiceProvider._read_pdu_data is scp._read_pdu_data
+        assert _raw_abort_on_oversize_pdu(settings.port) == struct.pack(">BBLBBBB", 7, 0, 4, 0, 0, 2, 6)
+        assert node.tuned is tuned
+        assert isinstance(pynetdicom.dul.time, tuning._WakingTime) is tuned
+        assert isinstance(pynetdicom.association.time, tuning._WakingTime) is tuned
+        assert encoded == (series.sop_uids if tuned else [])  # hand-encoded responses only when tuned
+    finally:
+        node.stop()
+        db.close()
