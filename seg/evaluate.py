@@ -232,7 +232,8 @@ def evaluate_model(
         from seg.train import dataset_cases
 
         items = [
-            (cid, lambda c=c, lp=lp: (load_image(c), load_image(lp))) for cid, c, lp in dataset_cases(data)
+            (cid, lambda c=c, lp=lp: (load_image(c), load_image(lp)), None)
+            for cid, c, lp in dataset_cases(data)
         ]
     else:
         from seg.phantom import PhantomOptions, make_phantom
@@ -251,8 +252,9 @@ def evaluate_model(
             syntax = COMPRESSED_SYNTAXES[(i // 3) % len(COMPRESSED_SYNTAXES)] if i % 3 == 2 else None
             cid = (f"seed{o['seed']}_{o['position']}_{'x'.join(f'{s:g}' for s in o['spacing_mm'])}"
                    + ("_postop" if o.get("postop") else "") + (f"_{syntax}" if syntax else ""))
-            items.append((cid, lambda o=o, syntax=syntax: _mk(o, syntax)))
-    for cid, load in items:
+            items.append((cid, lambda o=o, syntax=syntax: _mk(o, syntax), o))
+    loss: list[dict] = []
+    for cid, load, opts in items:
         ct, truth = load()
         truth = ct.with_array(np.asarray(truth.array).astype(np.uint8))
         t = time.perf_counter()
@@ -262,18 +264,16 @@ def evaluate_model(
         rec.update(case=cid, shape=list(ct.shape), spacing_mm=list(ct.spacing_mm), inference_s=round(dt, 2))
         log.info("%s: mean muscle Dice %.4f (%.1f s)", cid, rec["mean_dice_muscles"] or 0.0, dt)
         cases.append(rec)
-    loss: list[dict] = []
-    if data is None:
-        for o in heldout_plan(phantoms, seed_start):
-            if o.get("postop") and o.get("atrophy") and o.get("implant_side"):
-                loss += _atrophy_loss(model, o, z_range_mm)
+        if opts is not None and opts.get("postop") and opts.get("atrophy") and opts.get("implant_side"):
+            loss += _atrophy_loss(model, opts, z_range_mm, (_side_volumes(pred), _side_volumes(truth)))
     return aggregate(cases, model.info, loss)
 
 
-def _side_volumes(labels: Volume, ct: Volume) -> dict[tuple[str, str], float]:
+def _side_volumes(labels: Volume) -> dict[tuple[str, str], float]:
+    """Per-side volumes, split at the label map's own mid-sagittal plane as the node splits them."""
     from seg.measure import measure_volumes
 
-    rec = measure_volumes(labels, ct)
+    rec = measure_volumes(labels)
     out = {}
     for st in rec["structures"]:
         out[(st["name"], "left")] = st["left_cm3"]
@@ -281,30 +281,32 @@ def _side_volumes(labels: Volume, ct: Volume) -> dict[tuple[str, str], float]:
     return out
 
 
-def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None) -> list[dict]:
+Sides = dict[tuple[str, str], float]
+
+
+def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None,
+                  post: tuple[Sides, Sides]) -> list[dict]:
     """Pre->post loss (%) of each atrophied muscle on the operated side, measured against truth.
 
+    ``post``: the post-operative case's (measured, true) side volumes, from its held-out evaluation.
     The pre-operative twin is the same phantom patient (same seed, spacing and position) without
-    surgery; both are segmented by the model and measured per side as the node measures them.
+    surgery; it is segmented here and measured per side the same way.
     """
     from seg.infer import segment
     from seg.phantom import PhantomOptions, make_phantom
 
     pre_opts = {k: v for k, v in post_opts.items()
                 if k not in ("postop", "atrophy", "implant_side", "fat_infiltration")}
-    vols = {}
-    for label, o in (("pre", pre_opts), ("post", post_opts)):
-        o = dict(o)
-        if z_range_mm is not None:
-            o["z_range_mm"] = z_range_mm
-        ph = make_phantom(PhantomOptions(**o))
-        truth = ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
-        vols[label] = (_side_volumes(segment(ph.ct, model), ph.ct), _side_volumes(truth, ph.ct))
+    if z_range_mm is not None:
+        pre_opts["z_range_mm"] = z_range_mm
+    ph = make_phantom(PhantomOptions(**pre_opts))
+    truth = ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
+    mp, tp = _side_volumes(segment(ph.ct, model)), _side_volumes(truth)
+    mq, tq = post
     side = post_opts["implant_side"]
     out = []
     for name in post_opts["atrophy"]:
         key = (name, side)
-        (mp, tp), (mq, tq) = vols["pre"], vols["post"]
         if not tp.get(key):
             continue
         true_loss = (tp[key] - tq[key]) / tp[key] * 100.0

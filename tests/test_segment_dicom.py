@@ -85,13 +85,18 @@ def test_dicom_outputs_are_the_nodes(series, truth_model, tmp_path):
         assert dciodvfy_errors(f) == [], f
 
 
-def test_find_cases_groups_by_series_uid(series, tmp_path):
-    """One sub-folder per series and a folder of mixed files give the same series."""
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
+def _mixed_folder(series, folder: Path) -> Path:
+    """Every series' files in one flat folder, as a PACS export might leave them."""
+    folder.mkdir()
     for i, case in enumerate(series.values()):
         for f in (case / "dicom").glob("*"):
-            shutil.copy(f, mixed / f"{i}-{f.name}")
+            shutil.copy(f, folder / f"{i}-{f.name}")
+    return folder
+
+
+def test_find_cases_groups_by_series_uid(series, tmp_path):
+    """One sub-folder per series and a folder of mixed files give the same series."""
+    mixed = _mixed_folder(series, tmp_path / "mixed")
     nested = tmp_path / "nested"
     for i, case in enumerate(series.values()):
         shutil.copytree(case / "dicom", nested / f"s{i}")
@@ -104,11 +109,7 @@ def test_find_cases_groups_by_series_uid(series, tmp_path):
 
 def test_batch_writes_one_csv_of_all_series(series, truth_model, tmp_path):
     """One row per series × structure, equal to each series' own volumes.csv, side volumes included."""
-    mixed = tmp_path / "in"
-    mixed.mkdir()
-    for i, case in enumerate(series.values()):
-        for f in (case / "dicom").glob("*"):
-            shutil.copy(f, mixed / f"{i}-{f.name}")
+    mixed = _mixed_folder(series, tmp_path / "in")
     out = tmp_path / "out"
     _invoke(str(mixed), "--out", str(out), "--batch")
     with (out / "volumes.csv").open() as fh:
