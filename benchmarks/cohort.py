@@ -259,6 +259,7 @@ def measure_and_record(settings, p: PatientSpec, post: bool, spacing_mm: float, 
     from dicomnode.pairing import ResultRecord, record_result
     from seg.measure import measure_volumes, write_volumes
     from seg.phantom import make_phantom
+    from seg.records import ModelInfo
 
     t0 = time.perf_counter()
     ph = make_phantom(phantom_options(p, post, spacing_mm))
@@ -270,7 +271,7 @@ def measure_and_record(settings, p: PatientSpec, post: bool, spacing_mm: float, 
         None,
         height_m=height,
         height_source=source,
-        model={"name": "ground-truth labels", "version": "phantom", "demo": True},
+        model=ModelInfo(name="ground-truth labels", version="phantom", demo=True),
     )
     series = str(meta["SeriesInstanceUID"])
     out_dir = Path(settings.storage_dir) / "results" / series
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dicomnode import pairing
     from dicomnode.config import Settings
-    from reporting.cohort import build_cohort, table2_numbers, write_report
+    from reporting.cohort.report import build_cohort, table2_numbers, write_report
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cohort-bench-") as tmp:
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or (work / "report")
         written = write_report(report, out)
         t_end = time.perf_counter()
-        pairs = sum(1 for e in entries if e["change"] and not e["reason"])
+        pairs = sum(1 for e in entries if e.change is not None and not e.reasons)
         print(
             f"synthetic cohort: {len(run['spec'])} patients, {2 * len(run['spec'])} phantoms at "
             f"{args.spacing:g} mm; pairs found: {pairs}"

@@ -1,22 +1,28 @@
 """End-to-end latency through a real Orthanc: stable-series event → last output stored in Orthanc.
 
-A whole-thigh phantom study (1.5 mm by default) is uploaded to Orthanc over REST; Orthanc's
-``route.lua`` forwards it when stable; ``dicomnode serve`` measures it and sends SEG, SR and summary
-back. The time from Orthanc's stable-series event (its routing log line) to the last output stored
-in Orthanc is split into:
+A whole-thigh phantom study (1.5 mm by default: 400 slices) is uploaded to Orthanc over REST;
+Orthanc's ``route.lua`` forwards it when stable; ``dicomnode serve`` measures it and sends SEG, SR
+and summary back. The time from Orthanc's stable-series event (its routing log line) to the last
+output stored in Orthanc is split along the critical path into:
 
-    receive      routing event → last instance stored at the node (Orthanc C-STORE to the node)
-    stable wait  last instance → series declared complete (the node's stable_seconds)
-    queue wait   complete → job started by the worker
-    load/measure pipeline time that is neither inference nor encoding (read, resample, volumes, pairing)
-    inference    seg.infer.segment
-    encoding     building and writing SEG, SR, summary (and follow-up SR)
-    send         pipeline end → last output seen stored in Orthanc (sender C-STORE + Orthanc write)
+    receive          routing event → last instance stored at the node (Orthanc C-STORE to the node)
+    stable wait      last instance → series declared complete (the node's stable_seconds)
+    selection+pickup complete → job running (header check, queue, worker poll)
+    process start    pipeline process spawned → running (only the part after the job was picked up)
+    warm-up          imports and model load before the first job (likewise: only what the job waited)
+    dicom load, model load, inference, measure, results write, SEG/SR/summary encoding,
+    outputs write, pairing, follow-up reports
+                     the pipeline's own phases (``<job folder>/phases.jsonl``, dicomnode/phases.py)
+    handover         the rest of the isolated call (job and answer through the pipe)
+    outcome recorded the worker writes the outbox rows
+    send             job in sending → last C-STORE success from Orthanc (sender poll + association)
 
-Job timestamps come from the node's SQLite index; inference/encoding from timing wrappers installed
-in the node process (this script re-runs itself as the node with ``_node``). Not a timed test.
+``overhead`` is the total minus inference: the issue #14 target is ≤ 5 s for a 400-slice study.
+``--modes cold,warm`` runs the node as it was before this benchmark's last round of changes (see
+``run_node``) and as it is, side by side, for a before/after in one run. Not a timed test.
 
     .venv/bin/python benchmarks/e2e.py                       # 1.5 mm, CPU, one run
+    .venv/bin/python benchmarks/e2e.py --modes cold,warm     # before/after side by side
     .venv/bin/python benchmarks/e2e.py --spacing 3,3,5 --runs 2 --device cpu
 """
 
@@ -25,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import json
 import os
 import platform
 import re
@@ -33,7 +38,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,62 +45,38 @@ from typing import Any
 from dicomnode.harness.net import free_port, parse_spacing, port_open, wait_for
 from dicomnode.harness.orthanc import OrthancServer
 from dicomnode.harness.tomlfile import write_toml
+from dicomnode.phases import read_spans
 
 REPO = Path(__file__).resolve().parents[1]
 ROUTED = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+) .*thigh-routing: series (\S+) routed to")
 
 
 # -------------------------------------------------------------------------------------------
-# The node process with timing wrappers
+# The node process
 # -------------------------------------------------------------------------------------------
-def _timed(fn: Any, phase: str, sink: Path, uid_of: Any) -> Any:
-    lock = threading.Lock()
+def run_node(config: str, cold: bool, pipeline: str | None = None) -> None:
+    """``dicomnode serve``; with ``cold``, the node's loops as they were before the warm pipeline
+    process: a fresh pipeline process per job (its start, imports and model load then happen after
+    the job was picked up), the worker and the sender on their poll ticks (no wake-ups), and every
+    output decoded and encoded again for sending. (The SEG written in the background while the SR is
+    built happens in the pipeline process, which these patches do not reach: it is in both modes.)"""
+    from dicomnode import isolation, sender, wakeups
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            t1 = time.time()
+    if cold:
+        for wakeup in (wakeups.JOB_QUEUED, wakeups.OUTPUTS_READY):
+            wakeup.set = lambda: None  # type: ignore[method-assign]
+        sender._streamable = lambda *_: False
+        warm_run = isolation.PipelineProcess.run
+
+        def cold_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            self.close()  # the pre-started process too: the job pays for the start
             try:
-                uid = uid_of(*args)
-            except Exception:  # noqa: BLE001 - timing must never break the node
-                uid = ""
-            with lock, sink.open("a") as fh:
-                fh.write(json.dumps({"series": uid, "phase": phase, "start": t0, "end": t1}) + "\n")
+                return warm_run(self, *args, **kwargs)
+            finally:
+                self.close()
 
-    return wrapper
-
-
-def run_node(config: str, sink: Path, pipeline: str | None = None) -> None:
-    """``dicomnode serve`` with wrappers around the pipeline, inference and the DICOM encoders."""
-    import importlib
-
-    import dicomnode.pipeline as pipeline_module
-
-    def ct_uid(ct: Any, *_: Any) -> str:
-        return str(ct.meta.get("SeriesInstanceUID", ""))
-
-    pipeline_module.run_pipeline = _timed(pipeline_module.run_pipeline, "pipeline", sink,
-                                          lambda job, *_: job.series_instance_uid)
-    pipeline_module._save = _timed(pipeline_module._save, "encoding", sink, lambda *_: "")  # output writes
-    wrapped = (("seg.infer", "segment", "inference"), ("reporting.seg", "build_seg", "encoding"),
-               ("reporting.sr", "build_measurement_sr", "encoding"),
-               ("reporting.summary", "build_summary", "encoding"),
-               ("reporting.followup_sr", "build_followup_sr", "encoding"))
-    for module, name, phase in wrapped:
-        try:
-            mod = importlib.import_module(module)
-            setattr(mod, name, _timed(getattr(mod, name), phase, sink, ct_uid))
-        except (ImportError, AttributeError) as exc:
-            print(f"benchmark: cannot time {module}.{name}: {exc}", flush=True)
-    args = ["serve", "--config", config]
-    if pipeline:  # a stand-in (module:function) to check the plumbing without the science
-        mod_name, _, fn = pipeline.partition(":")
-        mod = importlib.import_module(mod_name)
-        setattr(mod, fn, _timed(getattr(mod, fn), "pipeline", sink, lambda job, *_: job.series_instance_uid))
-        args += ["--pipeline", pipeline]
+        isolation.PipelineProcess.run = cold_run  # type: ignore[method-assign]
+    args = ["serve", "--config", config] + (["--pipeline", pipeline] if pipeline else [])
     from dicomnode.cli import app
 
     app(args, standalone_mode=True)
@@ -117,29 +97,60 @@ def routed_at(log: Path, orthanc_series_id: str) -> float | None:
     return None
 
 
-def _spans(sink: Path, series_uid: str, phase: str) -> list[tuple[float, float]]:
-    if not sink.exists():
-        return []
-    out = []
-    for line in sink.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["phase"] == phase and rec["series"] in (series_uid, ""):
-            out.append((rec["start"], rec["end"]))
-    return out
+PIPELINE_PHASES = ("dicom load", "model load", "inference", "measure", "results write", "SEG encoding",
+                   "SR encoding", "summary encoding", "outputs write", "pairing", "baseline load",
+                   "follow-up reports")
+KEYS = ("receive", "stable wait", "selection+pickup", "process start", "warm-up", *PIPELINE_PHASES,
+        "handover", "outcome recorded", "send", "total", "overhead")
 
 
-def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int,
-            pipeline: str | None = None, model: Path | None = None) -> dict[str, float]:
-    from dicomnode.sop import is_ct
+def breakdown(spans: list[Any], job: Any, ser: Any, event: float | None, end: float) -> dict[str, float]:
+    """Critical-path seconds per phase (see the module doc) from the job's phases and index times."""
+    started = float(job["started_at"])
+
+    def total(phase: str, clip: float = 0.0) -> float:
+        return sum(max(0.0, s.end - max(s.start, clip)) for s in spans if s.phase == phase)
+
+    call = next((s for s in spans if s.phase == "isolated call"), None)
+    recorded = next((s for s in spans if s.phase == "outcome recorded"), None)
+    parts: dict[str, float] = {
+        "receive": ser["last_received_at"] - (event or ser["first_received_at"]),
+        "stable wait": job["complete_at"] - ser["last_received_at"],
+        "selection+pickup": started - job["complete_at"],
+        "process start": total("process start", started),
+        "warm-up": total("warm-up", started),
+    }
+    for phase in PIPELINE_PHASES:
+        parts[phase] = total(phase)
+    inner = sum(parts[k] for k in ("process start", "warm-up", *PIPELINE_PHASES))
+    parts["handover"] = (call.seconds if call else 0.0) - inner
+    parts["outcome recorded"] = recorded.seconds if recorded else 0.0
+    parts["send"] = end - (recorded.end if recorded else end)
+    parts["total"] = end - (event or ser["first_received_at"])
+    parts["overhead"] = parts["total"] - parts["inference"]
+    return parts
+
+
+@functools.cache
+def phantom_study(folder: Path, spacing: tuple[float, float, float], seed: int) -> tuple[Path, str, str]:
+    """(DICOM folder, series UID, study UID) of the benchmark's phantom, written once per seed."""
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
 
-    workdir.mkdir(parents=True, exist_ok=True)
     t = time.time()
     ph = make_phantom(PhantomOptions(seed=seed, spacing_mm=spacing, patient_id=f"BENCH{seed}"))
-    folder = Path(write_phantom(ph, workdir / "phantom")) / "dicom"
+    dicom = Path(write_phantom(ph, folder / f"phantom-{seed}")) / "dicom"
+    print(f"  phantom {ph.ct.array.shape} at {spacing} mm ({time.time() - t:.1f} s)")
+    return dicom, str(ph.meta["SeriesInstanceUID"]), str(ph.meta["StudyInstanceUID"])
+
+
+def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int, cold: bool,
+            pipeline: str | None = None, model: Path | None = None,
+            seg_type: str = "FRACTIONAL") -> dict[str, float]:
+    from dicomnode.sop import is_ct
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder, series_uid, study_uid = phantom_study(workdir.parent, spacing, seed)
     n_files = len(list(folder.glob("*.dcm")))
-    print(f"  phantom {ph.ct.array.shape} at {spacing} mm: {n_files} slices ({time.time() - t:.1f} s)")
-    series_uid, study_uid = str(ph.meta["SeriesInstanceUID"]), str(ph.meta["StudyInstanceUID"])
 
     node_port = free_port()
     orthanc = OrthancServer(workdir / "orthanc", node_port=node_port, stable_age=2)
@@ -150,14 +161,13 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
         "model_path": str(model.resolve()) if model else None, "stable_seconds": 1,
         "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
         "worker": {"device": device}, "send": {"initial_backoff_seconds": 1},
-        "pairing": {"retrieve_priors": False},
+        "pairing": {"retrieve_priors": False}, "output": {"seg_type": seg_type},
     })
-    sink = workdir / "timings.jsonl"
     node = None
     try:
         orthanc.start()
         with (workdir / "node.log").open("ab") as log:
-            cmd = [sys.executable, __file__, "_node", str(config), str(sink)]
+            cmd = [sys.executable, __file__, "_node", str(config), "cold" if cold else "warm"]
             cmd += [pipeline] if pipeline else []
             node = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "TCP_NODELAY": "1"})
@@ -192,21 +202,8 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
             sent = con.execute("SELECT max(sent_at) FROM outbox WHERE job_id=?", (job["id"],)).fetchone()[0]
         orthanc_series = orthanc.lookup(series_uid, "Series")
         event = routed_at(orthanc.log_path, orthanc_series or "")
-        pipe = _spans(sink, series_uid, "pipeline")
-        inference = sum(b - a for a, b in _spans(sink, series_uid, "inference"))
-        pipe_start, pipe_end = pipe[-1]
-        encoding = sum(b - a for a, b in _spans(sink, series_uid, "encoding") if pipe_start <= a <= pipe_end)
         end = sent or done_seen  # C-STORE success from Orthanc (SyncStorageArea: on disk)
-        parts = {
-            "receive": ser["last_received_at"] - (event or ser["first_received_at"]),
-            "stable wait": job["complete_at"] - ser["last_received_at"],
-            "queue wait": job["started_at"] - job["complete_at"],
-            "load/measure": (pipe_end - pipe_start) - inference - encoding,
-            "inference": inference,
-            "encoding": encoding,
-            "send": end - pipe_end,
-        }
-        parts["total"] = end - (event or ser["first_received_at"])
+        parts = breakdown(read_spans(storage / "jobs" / str(job["id"])), job, ser, event, end)
         parts["instances"] = float(n_files)
         parts["outputs"] = float(n_out)
         parts["event_from_log"] = float(event is not None)
@@ -224,11 +221,14 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_node":
-        run_node(argv[1], Path(argv[2]), argv[3] if len(argv) > 3 else None)
+        run_node(argv[1], argv[2] == "cold", argv[3] if len(argv) > 3 else None)
         return 0
     ap = argparse.ArgumentParser(description="Orthanc stable series → last output stored in Orthanc.")
     ap.add_argument("--spacing", default="1.5,1.5,1.5", help="phantom voxel size col,row,slice mm")
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=1, help="runs per mode")
+    ap.add_argument("--modes", default="warm",
+                    help="comma-separated: warm (the node as it is), cold (as before, see run_node); "
+                         "each with an optional :SEG_TYPE (default FRACTIONAL), e.g. warm:LABELMAP")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--keep", type=Path, help="keep work files here (default: a temporary folder)")
@@ -248,20 +248,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch {torch.__version__}, GPU: {gpu}, device setting: {args.device}")
     except ImportError:
         pass
-    results = []
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or {m.partition(":")[0] for m in modes} - {"warm", "cold"}:
+        ap.error("--modes takes warm and/or cold, each with an optional :SEG_TYPE")
+    results, names = [], []
     base = args.keep or Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     for run in range(args.runs):
-        print(f"run {run + 1}/{args.runs}")
-        results.append(one_run(base / f"run{run}", spacing, args.device, args.seed + run,  # type: ignore[arg-type]
-                               args.pipeline, args.model))
-        r = results[-1]
-        if not r["event_from_log"]:
-            print("  (no routing log line found; 'receive' counts from the first instance at the node)")
-    keys = ["receive", "stable wait", "queue wait", "load/measure", "inference", "encoding", "send", "total"]
-    print(f"\n{'phase':14s}" + "".join(f"{'run ' + str(i + 1):>10s}" for i in range(len(results))))
-    for k in keys:
-        print(f"{k:14s}" + "".join(f"{r[k]:10.2f}" for r in results) + "  s")
-    print(f"{'instances':14s}" + "".join(f"{int(r['instances']):10d}" for r in results))
+        for mode in modes:
+            kind, _, seg_type = mode.partition(":")
+            names.append(f"{mode} {run + 1}" if args.runs > 1 else mode)
+            print(f"run {names[-1]}")
+            results.append(one_run(base / f"{kind}-{seg_type or 'FRACTIONAL'}-{run}", spacing,  # type: ignore[arg-type]
+                                   args.device, args.seed + run, kind == "cold", args.pipeline, args.model,
+                                   seg_type.upper() or "FRACTIONAL"))
+            if not results[-1]["event_from_log"]:
+                print("  (no routing log line found; 'receive' counts from the first instance at the node)")
+    width = max(10, *(len(n) + 2 for n in names))
+    print(f"\n{'phase (s)':18s}" + "".join(f"{n:>{width}s}" for n in names))
+    for k in KEYS:
+        if k in ("total", "overhead") or any(abs(r[k]) >= 0.005 for r in results):
+            print(f"{k:18s}" + "".join(f"{r[k]:{width}.2f}" for r in results))
+    print(f"{'instances':18s}" + "".join(f"{int(r['instances']):{width}d}" for r in results))
+    print(f"{'outputs':18s}" + "".join(f"{int(r['outputs']):{width}d}" for r in results))
     return 0
 
 

@@ -65,6 +65,7 @@ def main() -> None:
     from seg.io import load_dicom_series
     from seg.measure import measure_volumes
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
+    from seg.records import ModelInfo
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-outputs-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,7 @@ def main() -> None:
 
         labels = ct.with_array(np.asarray(load_nifti(out / "phantom" / "truth" / "labels.nii.gz").array,
                                           dtype=np.uint8))
-    model = {"name": "benchmark", "version": "1", "demo": True}
+    model = ModelInfo(name="benchmark", version="1", demo=True)
     vols, t_meas = _timed(lambda: measure_volumes(labels, ct, model=model))
     present = sorted({int(v) for v in np.unique(labels.array)} - {0})
     segments, _ = plan_segments(labels, vols, ct)

@@ -3,14 +3,20 @@
 Why: the node sits in a PACS routing path and must not be the slow hop. Each run sends the same
 synthetic CT series (default 300 slices of 512×512, uncompressed) over one association with dcmtk
 ``storescu``; runs are interleaved across targets and every target starts fresh for each run (empty
-storage, so Orthanc cannot skip duplicates and nobody overwrites). Then the series is split over
-N concurrent associations. Every dcmtk/Orthanc process runs with ``TCP_NODELAY=1`` (Debian builds
-stall ~45 ms per instance on delayed ACKs otherwise). Targets:
+storage, so Orthanc cannot skip duplicates and nobody overwrites). The series is split over each
+number of concurrent associations in ``--associations`` (default 1, 2 and 4). Every dcmtk/Orthanc
+process runs with ``TCP_NODELAY=1`` (Debian builds stall ~45 ms per instance on delayed ACKs
+otherwise). Targets:
   storescp  dcmtk storescp writing files (no fsync): an upper bound for a C++ SCP;
   orthanc   /usr/sbin/Orthanc, default SyncStorageArea=true, SQLite index, no plugins;
-  node      ``dicomnode serve --no-worker``: temp file + fsync + rename + SQLite row before success.
+  node      ``dicomnode serve --no-worker``: temp file + fsync + rename + SQLite row before success,
+            ``receive_processes = 1`` (one process, pynetdicom threads);
+  node-pN   the same with ``receive_processes = N`` (one per N in ``--processes``; see receive_pool.py).
+At the end it prints each node's ratios to Orthanc and storescp and checks them against issue #14's
+targets (≥ 1.5 × Orthanc with 1 and with 4 associations, ≥ 0.4 × storescp with 1).
 
-Usage: ``.venv/bin/python benchmarks/receive.py [--runs 3] [--slices 300] [--size 512] [--concurrent 4]``
+Usage: ``.venv/bin/python benchmarks/receive.py [--runs 3] [--slices 300] [--size 512]
+[--associations 1,2,4] [--processes 2]``
 """
 
 from __future__ import annotations
@@ -114,15 +120,17 @@ class OrthancTarget(Target):
 class NodeTarget(Target):
     name = "node"
     aet = "THIGHNODE"
+    processes = 1
 
     def start(self) -> None:
         cfg = self.root / "node.toml"
         cfg.write_text(f'ae_title = "{self.aet}"\nhost = "127.0.0.1"\nport = {self.port}\n'
-                       f'storage_dir = "{self.root / "var"}"\nstable_seconds = 600\nlog_level = "WARNING"\n')
+                       f'storage_dir = "{self.root / "var"}"\nstable_seconds = 600\nlog_level = "WARNING"\n'
+                       f'receive_processes = {self.processes}\n')
         env = {k: v for k, v in ENV.items() if not k.startswith("DICOMNODE_")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(cfg),
-                                      "--no-worker"], env=env, cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with (self.root / "node.log").open("wb") as log:  # WARNING and above: read when a send fails
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config",
+                                          str(cfg), "--no-worker"], env=env, cwd=REPO, stdout=log, stderr=log)
         wait_port(self.port, self.proc)
 
     def count(self) -> int:
@@ -133,8 +141,53 @@ class NodeTarget(Target):
             con.close()
 
 
+def node_target(processes: int) -> type[NodeTarget]:
+    """The node with ``receive_processes = processes`` (named node-pN)."""
+    return type(f"NodeP{processes}", (NodeTarget,), {"name": f"node-p{processes}", "processes": processes})
+
+
 TARGETS: dict[str, Callable[[Path], Target]] = {"storescp": StoreSCPTarget, "orthanc": OrthancTarget,
                                                 "node": NodeTarget}
+GOALS = ((1, "orthanc", 1.5), (4, "orthanc", 1.5), (1, "storescp", 0.4))  # issue #14: assocs, peer, ratio
+
+
+def durable_write_floor(root: Path, size_bytes: int, n: int = 100) -> float:
+    """Seconds per instance of the node's own durable write (``Store.write``: temp file, fsync, rename,
+    folder fsync) of an instance this size, on the benchmark's disk: what no SCP keeping the node's
+    guarantee can go below, per association, however fast its protocol code."""
+    from dicomnode.db import Database
+    from dicomnode.store import InstanceInfo, Store, encode_file_meta
+
+    store = Store(root / "floor", Database(root / "floor" / "index.sqlite"))
+    data = os.urandom(size_bytes)
+    try:
+        t = time.perf_counter()
+        for i in range(n):
+            info = InstanceInfo(sop_uid=f"1.2.3.{i}", sop_class="1.2.840.10008.5.1.4.1.1.2",
+                                transfer_syntax="1.2.840.10008.1.2.1", study_uid="1.2.3",
+                                series_uid="1.2.3.4")
+            store.write(info, encode_file_meta(info), data)
+        return (time.perf_counter() - t) / n
+    finally:
+        store.close()
+        shutil.rmtree(root / "floor", ignore_errors=True)
+
+
+def report_ratios(summary: dict[str, float], nodes: list[str], associations: list[int]) -> None:
+    """Each node's median rate over Orthanc's and storescp's in the same run, and the targets."""
+    for node in nodes:
+        for assocs in associations:
+            rate = summary.get(f"{node}/{assocs}")
+            parts = [f"{node}/{other} = {rate / summary[f'{other}/{assocs}']:.2f}"
+                     for other in ("orthanc", "storescp") if rate and f"{other}/{assocs}" in summary]
+            if parts:
+                print(f"ratios, {assocs} association(s): " + ", ".join(parts))
+        for assocs, peer, goal in GOALS:
+            rate, base = summary.get(f"{node}/{assocs}"), summary.get(f"{peer}/{assocs}")
+            if rate and base:
+                ratio = rate / base
+                verdict = "met" if ratio >= goal else f"NOT met (short by {goal - ratio:.2f})"
+                print(f"target {node} ≥ {goal} × {peer} with {assocs}: {ratio:.2f} {verdict}")
 
 
 def send(target: Target, files: list[Path], associations: int) -> float:
@@ -143,12 +196,15 @@ def send(target: Target, files: list[Path], associations: int) -> float:
     t0 = time.perf_counter()
     storescu = require_dcmtk_tool("storescu")  # dcmtk's, not pynetdicom's script of the same name
     procs = [subprocess.Popen([storescu, "-aec", target.aet, "127.0.0.1", str(target.port), *map(str, c)],
-                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
-    errors = [p.communicate()[1] for p in procs]
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in chunks]
+    output = [p.communicate()[0] for p in procs]
     elapsed = time.perf_counter() - t0
-    bad = [e.decode(errors="replace")[-300:] for p, e in zip(procs, errors, strict=True) if p.returncode]
+    bad = [f"exit {p.returncode}: " + out.decode(errors="replace")[-300:]
+           for p, out in zip(procs, output, strict=True) if p.returncode]
     if bad:
-        raise RuntimeError(f"storescu to {target.name} failed: {bad[0]}")
+        log = target.root / "node.log"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"storescu to {target.name} failed: {bad[0]}\n{tail}")
     return elapsed
 
 
@@ -157,15 +213,22 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--concurrent", type=int, default=4)
-    ap.add_argument("--targets", default="storescp,orthanc,node")
+    ap.add_argument("--associations", default="1,2,4", help="comma-separated association counts")
+    ap.add_argument("--processes", default="2", help="receive_processes of the extra node targets node-pN")
+    ap.add_argument("--targets", default="storescp,orthanc,node", help="node-pN added from --processes")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--dir", type=Path, help="where the targets store (default: the system temp folder); "
+                    "/dev/shm makes fsync free and shows what the protocol code alone costs")
     args = ap.parse_args()
     names = [n for n in args.targets.split(",") if n]
+    for n in (int(p) for p in args.processes.split(",") if p):
+        TARGETS[f"node-p{n}"] = node_target(n)
+        names.append(f"node-p{n}")
+    associations = [int(a) for a in args.associations.split(",") if a]
     if "orthanc" in names and not Path(ORTHANC).is_file():
         print(f"skipping orthanc: {ORTHANC} not found")
         names.remove("orthanc")
-    with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=args.dir) as tmp:
         root = Path(tmp)
         t = time.perf_counter()
         files = write_big_series(root / "series", n=args.slices, size=args.size).files
@@ -173,7 +236,7 @@ def main() -> None:
         print(f"series: {len(files)} instances, {mb:.0f} MB, written in {time.perf_counter() - t:.1f} s; "
               f"{args.runs} interleaved runs per target; loadavg {os.getloadavg()[0]:.1f}")
         rates: dict[tuple[str, int], list[float]] = {}
-        for assocs in (1, args.concurrent):
+        for assocs in associations:
             for run in range(args.runs):
                 for name in names:
                     target = TARGETS[name](root)
@@ -187,21 +250,20 @@ def main() -> None:
                         raise RuntimeError(f"{name} holds {held} of {len(files)} instances")
                     rate = len(files) / elapsed
                     rates.setdefault((name, assocs), []).append(rate)
-                    print(f"  run {run + 1} {name:9s} {assocs} assoc: {rate:7.1f} instances/s")
+                    print(f"  run {run + 1} {name:9s} {assocs} assoc: {rate:7.1f} instances/s", flush=True)
         print(f"\n{'target':10s} {'assocs':>6s} {'median/s':>9s}  runs")
         for (name, assocs), values in rates.items():
             print(f"{name:10s} {assocs:6d} {statistics.median(values):9.1f}  "
                   + " ".join(f"{v:.0f}" for v in values))
         summary = {f"{n}/{a}": statistics.median(v) for (n, a), v in rates.items()}
-        for assocs in (1, args.concurrent):
-            node = summary.get(f"node/{assocs}")
-            parts = [f"node/{other} = {node / summary[f'{other}/{assocs}']:.2f}"
-                     for other in ("orthanc", "storescp") if node and f"{other}/{assocs}" in summary]
-            if parts:
-                print(f"ratios, {assocs} association(s): " + ", ".join(parts))
+        floor = durable_write_floor(root, int(mb * 1e6 / len(files)))
+        print(f"durable write alone (Store.write, fsync + folder fsync), one at a time: {floor * 1e3:.2f} ms "
+              f"per instance = at most {1 / floor:.0f} instances/s for one association")
+        report_ratios(summary, [n for n in names if n.startswith("node")], associations)
         if args.json:
             runs = {f"{n}/{a}": v for (n, a), v in rates.items()}
-            args.json.write_text(json.dumps({"median_instances_per_s": summary, "runs": runs}, indent=2))
+            args.json.write_text(json.dumps({"median_instances_per_s": summary, "runs": runs,
+                                             "durable_write_s": floor}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -51,7 +53,7 @@ def _device(value: str) -> str:
     return value
 
 
-SegType = Annotated[Literal["BINARY", "LABELMAP"], BeforeValidator(_upper)]
+SegType = Annotated[Literal["FRACTIONAL", "BINARY", "LABELMAP"], BeforeValidator(_upper)]
 LabelmapCompression = Annotated[Literal["RLE", "JPEGLS"], BeforeValidator(_upper)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
 Device = Annotated[str, AfterValidator(_device)]
@@ -103,6 +105,8 @@ class PacsSettings(Section):
 class WorkerSettings(Section):
     enabled: bool = True  # run the worker inside ``serve``
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
+    # who computes the windows: auto = OpenVINO on CPU when the [openvino] extra is installed (seg/runtime.py)
+    runtime: Literal["auto", "torch", "openvino"] = "auto"
     poll_seconds: float = 1.0
     max_attempts: int = 3  # processing attempts before a job is failed
     # a job whose pipeline process runs longer is killed and failed ("pipeline-timeout"); not retried
@@ -123,7 +127,9 @@ class SelectionSettings(Section):
 
 
 class OutputSettings(Section):
-    seg_type: SegType = "BINARY"  # BINARY (every viewer) | LABELMAP
+    # FRACTIONAL (RLE): what OHIF 3.x shows correctly at any frame size | BINARY | LABELMAP (smallest)
+    # trade-offs: docs/conformance.md, "SEG encoding"
+    seg_type: SegType = "FRACTIONAL"
     labelmap_compression: LabelmapCompression = "RLE"  # RLE | JPEGLS, used for LABELMAP
     summary: bool = True
     followup_sr: bool = True
@@ -167,6 +173,60 @@ class TlsSettings(Section):
         return self
 
 
+def loopback_host(host: str) -> bool:
+    """Only this machine can connect: ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+VIEWER_FIELDS = ("study_uid", "series_uid")
+
+
+def _viewer_template(value: str) -> str:
+    """A link template such as ``http://pacs:8042/ohif/viewer?StudyInstanceUIDs={study_uid}``: checked
+    here so a typo in a placeholder fails at start-up rather than as a broken link on every row."""
+    if not re.match(r"https?://", value):
+        raise ValueError("must start with http:// or https://")
+    names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    unknown = sorted(names - set(VIEWER_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown placeholder {{{unknown[0]}}}: use {{study_uid}} and/or {{series_uid}}")
+    if not names:
+        raise ValueError("needs {study_uid} (or {series_uid}) where the viewer expects the UID")
+    return value
+
+
+class OpsSettings(Section):
+    """The read-only operations page and Prometheus ``/metrics`` (dicomnode/ops_page.py).
+
+    Off by default and on the loopback interface: it shows job states, reasons and disk use (patients
+    only by pseudonym). Listening on any other address needs ``token`` (sent as ``Authorization:
+    Bearer <token>``, or as the password of HTTP Basic), and with a token set every request needs it.
+    """
+
+    enabled: Switch = False
+    host: str = "127.0.0.1"
+    port: int = Field(8089, ge=1, le=65535)
+    # a shared secret of 16 characters or more (checked when the page starts: the receive processes get
+    # these settings with the secret masked); e.g. `openssl rand -hex 24`
+    token: SecretStr | None = None
+    # link from each job to its study, e.g. Orthanc's OHIF plugin
+    # "http://pacs:8042/ohif/viewer?StudyInstanceUIDs={study_uid}"; None = no links
+    viewer_url: Annotated[str, AfterValidator(_viewer_template)] | None = None
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> OpsSettings:
+        """Refuse, rather than warn, a page reachable from the network without a secret."""
+        if self.enabled and self.token is None and not loopback_host(self.host):
+            raise ValueError(f"host = {self.host!r} is reachable from other machines: set ops.token "
+                             "(16 characters or more) or bind 127.0.0.1")
+        return self
+
+
 class Settings(BaseSettings):
     """Effective configuration of a node."""
 
@@ -198,6 +258,9 @@ class Settings(BaseSettings):
     # pynetdicom throughput patches (dicomnode/pynetdicom_tuning.py; applied only to the pynetdicom
     # versions they were checked against); false = plain pynetdicom. The security bounds stay on either way
     pynetdicom_tuning: Switch = True
+    # processes that serve associations (dicomnode/receive_pool.py): 1 = the listener's own threads;
+    # N > 1 = N worker processes fed by one accepting parent, which keeps the node-wide limits
+    receive_processes: int = Field(1, ge=1, le=64)
     model_path: Path | None = None  # None = the shipped phantom-trained demo model
     log_level: LogLevel = "INFO"
     log_json: bool = False
@@ -208,6 +271,7 @@ class Settings(BaseSettings):
     output: OutputSettings = Field(default_factory=OutputSettings)
     pairing: PairingSettings = Field(default_factory=PairingSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
     # delete received instances this many days after every result of their series was sent; None = keep
     retention_days: float | None = Field(None, gt=0)
 
@@ -257,6 +321,18 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+SECRET_KEYS = frozenset({"token"})
+
+
+def _shown(loc: tuple[Any, ...], value: Any) -> str:
+    """A bad input as an error message may repeat it: secrets (``ops.token``) masked."""
+    if loc and str(loc[-1]) in SECRET_KEYS:
+        return "'***'"
+    if isinstance(value, dict):
+        return repr({k: "***" if k in SECRET_KEYS else v for k, v in value.items()})
+    return repr(value)
+
+
 def describe_errors(exc: ValidationError) -> list[str]:
     """One line per problem: the dotted key, then what is wrong (for an unknown key, the known ones)."""
     lines = []
@@ -270,7 +346,7 @@ def describe_errors(exc: ValidationError) -> list[str]:
             lines.append(f"{key}: must be {err['ctx']['expected']} (got {err['input']!r})")
         else:
             message = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {message} (got {err['input']!r})")
+            lines.append(f"{key}: {message} (got {_shown(err['loc'], err['input'])})")
     return lines
 
 

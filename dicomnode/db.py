@@ -161,6 +161,39 @@ CREATE TABLE IF NOT EXISTS pairing_retrievals (
 );
 """
 
+# 5: monotonic activity counters for Prometheus (dicomnode/ops_metrics.py). Kept by triggers, so every
+# writer (receive processes, worker, sender) counts without knowing, a restart keeps the totals, and
+# retention deleting old instance rows does not make "instances received" go down. Seeded from what
+# the index holds when an older file is upgraded.
+COUNTERS_V5 = """
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL DEFAULT 0
+);
+INSERT OR IGNORE INTO counters (name, value) SELECT 'instances_received', COUNT(*) FROM instances;
+INSERT OR IGNORE INTO counters (name, value) SELECT 'bytes_received', COALESCE(SUM(size), 0) FROM instances;
+INSERT OR IGNORE INTO counters (name, value) SELECT 'outputs_sent', COUNT(*) FROM outbox WHERE state = 'sent';
+INSERT OR IGNORE INTO counters (name, value)
+    SELECT 'send_attempts_failed', COALESCE(SUM(attempts - (state = 'sent')), 0) FROM outbox;
+INSERT OR IGNORE INTO counters (name, value) SELECT 'jobs_failed', COUNT(*) FROM jobs WHERE state = 'failed';
+CREATE TRIGGER IF NOT EXISTS count_instance_received AFTER INSERT ON instances BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'instances_received';
+    UPDATE counters SET value = value + COALESCE(NEW.size, 0) WHERE name = 'bytes_received';
+END;
+CREATE TRIGGER IF NOT EXISTS count_output_sent AFTER UPDATE OF state ON outbox
+    WHEN NEW.state = 'sent' AND OLD.state <> 'sent' BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'outputs_sent';
+END;
+CREATE TRIGGER IF NOT EXISTS count_send_attempt_failed AFTER UPDATE OF last_error ON outbox
+    WHEN NEW.last_error IS NOT NULL BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'send_attempts_failed';
+END;
+CREATE TRIGGER IF NOT EXISTS count_job_failed AFTER UPDATE OF state ON jobs
+    WHEN NEW.state = 'failed' AND OLD.state <> 'failed' BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'jobs_failed';
+END;
+"""
+
 # The schema's history, one entry per version (PRAGMA user_version); append, never edit. A file from
 # before versioning (user_version 0) replays version 1 harmlessly: it only creates what is missing.
 MIGRATIONS: tuple[str, ...] = (
@@ -169,6 +202,7 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE jobs ADD COLUMN reason_code TEXT;",
     REGISTRY_V3,  # files that registry/pairing created before versioning keep their tables (IF NOT EXISTS)
     PAIRING_V4,
+    COUNTERS_V5,
 )
 
 
@@ -199,7 +233,17 @@ def _private_file(path: Path) -> None:
 
 
 def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """The script's statements, one each; a trigger body's own ``;`` does not end its CREATE TRIGGER."""
+    statements, pending = [], ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):  # an unfinished statement: let SQLite say what is wrong with it
+        statements.append(pending.strip())
+    return statements
 
 
 def migrate(con: sqlite3.Connection) -> int:

@@ -56,13 +56,15 @@ class DiskGuard:
     """Says whether ``path``'s volume is below the thresholds; thread-safe, cached for ``interval`` s.
 
     ``statvfs`` and ``clock`` are injectable for tests. ``min_free_mb = 0`` and ``max_used_pct = 100``
-    switch the guard off (nothing is then read).
+    switch the guard off (nothing is then read). ``quiet``: changes of state are logged at DEBUG only
+    (a receive worker's guard, :mod:`dicomnode.receive_worker`: its parent's guard says it once).
     """
 
     def __init__(self, path: Path, min_free_mb: float, max_used_pct: float, *,
                  interval: float = CHECK_INTERVAL_S, statvfs: Callable[[Any], Any] = os.statvfs,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, quiet: bool = False) -> None:
         self.path = Path(path)
+        self.quiet = quiet
         self.min_free_mb = min_free_mb
         self.max_used_pct = max_used_pct
         self.interval = interval
@@ -108,13 +110,14 @@ class DiskGuard:
         self._unreadable = False
         reason = self._judge(space)
         if reason is not None and self._reason is None:
-            event(log, "disk space low, refusing instances", logging.WARNING, reason=reason,
-                  free_mb=f"{space.free_mb:.0f}", used_pct=f"{space.used_pct:.1f}",
+            event(log, "disk space low, refusing instances", logging.DEBUG if self.quiet else logging.WARNING,
+                  reason=reason, free_mb=f"{space.free_mb:.0f}", used_pct=f"{space.used_pct:.1f}",
                   min_free_disk_mb=f"{self.min_free_mb:g}", max_disk_used_pct=f"{self.max_used_pct:g}",
                   path=str(self.path))
         elif reason is None and self._reason is not None:
-            event(log, "disk space recovered, accepting instances", logging.INFO,
-                  free_mb=f"{space.free_mb:.0f}", used_pct=f"{space.used_pct:.1f}", path=str(self.path))
+            event(log, "disk space recovered, accepting instances",
+                  logging.DEBUG if self.quiet else logging.INFO, free_mb=f"{space.free_mb:.0f}",
+                  used_pct=f"{space.used_pct:.1f}", path=str(self.path))
         self._reason = reason
         self._checked_at = now
 

@@ -1,4 +1,4 @@
-"""Run one pipeline call in a child process, with a time limit, and say how it ended.
+"""Run pipeline calls in a child process, with a time limit, and say how each ended.
 
 Why a child: the model and its native libraries (torch, BLAS, CUDA, codecs) can segfault, call
 ``os._exit``, exhaust memory or hang in C code where no Python exception or thread can reach them.
@@ -6,12 +6,21 @@ In the node's own process any of these would take the DICOM listener down or wed
 worker for good. In a child, the worst case is one job failed with its reason: a crash is seen as
 the child's exit without an answer, a hang as the deadline passing, after which the child is
 killed. Why ``spawn``: the node's threads hold locks and sockets that ``fork`` would copy in an
-undefined state; a spawned child starts clean and imports only what the pipeline needs. The price
-is an interpreter start and one model load per job (seconds, against minutes of inference).
+undefined state; a spawned child starts clean and imports only what the pipeline needs.
+
+Why a warm child (:class:`PipelineProcess`): an interpreter start, the imports and the model load
+cost seconds per job, more than the rest of a small study's overhead. So the worker keeps one child
+that starts (and calls the pipeline module's optional ``warm_up(settings)``, which loads the model)
+while the node waits for its first series, and that runs the jobs one after the other. The
+isolation stays: a crash, a time-out, a node stop or any exception ends that child, and the next job
+gets a fresh one (an exception may leave native state behind; only a clean result or a rejection
+keeps the child). :func:`run_isolated` is the one-shot form (a fresh child for one call).
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -25,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
+from dicomnode.phases import PhaseLog
 from dicomnode.pipeline import JobInput, SeriesRejected
+
+log = logging.getLogger(__name__)
 
 _CONTEXT = multiprocessing.get_context("spawn")
 _PARENT_CHECK_SECONDS = 1.0
@@ -85,29 +97,68 @@ def _exit_when_orphaned(parent: int) -> None:
             os._exit(3)
 
 
-def _child(pipeline: Any, settings_data: dict[str, Any], job: JobInput, conn: Connection,
-           parent: int) -> None:
-    """Child entry point: load the pipeline, run it once, send back one picklable answer."""
+def _setup_child(settings_data: dict[str, Any], parent: int) -> Settings:
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the node's terminal is the node's to handle
     from dicomnode.logs import load_pseudonym_key, setup_logging
-    from dicomnode.worker import load_pipeline
 
     settings = Settings.model_validate(settings_data)
     setup_logging(settings.log_level, settings.log_json)
     load_pseudonym_key(settings.storage_dir)
+    return settings
+
+
+def _call(pipeline: Any, job: JobInput, settings: Settings) -> Outcome:
+    """One pipeline call as a picklable answer: every failure becomes one, MemoryError included."""
+    from dicomnode.worker import load_pipeline
+
     try:
         fn = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
         output = fn(job, settings)
-        answer = Outcome(Ending.OK, [Path(p) for p in getattr(output, "outputs", []) or []],
-                         str(getattr(output, "message", "") or ""))
+        return Outcome(Ending.OK, [Path(p) for p in getattr(output, "outputs", []) or []],
+                       str(getattr(output, "message", "") or ""))
     except SeriesRejected as exc:
-        answer = Outcome(Ending.REJECTED, detail=str(exc) or type(exc).__name__)
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes an answer, MemoryError included
-        answer = Outcome(Ending.ERROR, detail=f"{type(exc).__name__}: {exc}".strip().rstrip(":"),
-                         traceback=traceback.format_exc())
-    conn.send(answer)
-    conn.close()
+        return Outcome(Ending.REJECTED, detail=str(exc) or type(exc).__name__)
+    except BaseException as exc:  # noqa: BLE001
+        return Outcome(Ending.ERROR, detail=f"{type(exc).__name__}: {exc}".strip().rstrip(":"),
+                       traceback=traceback.format_exc())
+
+
+def _warm_up(pipeline: Any, settings: Settings) -> None:
+    """The pipeline module's ``warm_up(settings)``, if it has one (imports, model load); never fatal."""
+    name = pipeline.partition(":")[0] if isinstance(pipeline, str) else getattr(pipeline, "__module__", "")
+    try:
+        warm = getattr(importlib.import_module(name), "warm_up", None) if name else None
+        if callable(warm):
+            warm(settings)
+    except Exception as exc:  # noqa: BLE001 - the job's own call then fails with the real reason
+        log.warning("pipeline warm-up failed: %s: %s", type(exc).__name__, exc)
+
+
+def _serve(pipeline: Any, settings_data: dict[str, Any], conn: Connection, parent: int,
+           spawned_at: float) -> None:
+    """Warm child entry point: warm up, then answer jobs one at a time until the pipe closes.
+
+    The start and the warm-up are recorded as phases of the first job served (they delay it only
+    when that job was already waiting).
+    """
+    entered = time.time()
+    settings = _setup_child(settings_data, parent)
+    t0 = time.time()
+    _warm_up(pipeline, settings)
+    startup = [("process start", spawned_at, entered), ("warm-up", t0, time.time())]
+    while True:
+        try:
+            job: JobInput = conn.recv()
+        except (EOFError, OSError):
+            return
+        phases = PhaseLog(job.work_dir)
+        for phase, start, end in startup:
+            phases.add(phase, start, end)
+        startup = []
+        with phases.phase("pipeline"):
+            answer = _call(pipeline, job, settings)
+        conn.send(answer)
 
 
 def _death(exitcode: int | None) -> str:
@@ -119,37 +170,72 @@ def _death(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-def run_isolated(pipeline: Any, job: JobInput, settings: Settings, timeout: float,
-                 stop: threading.Event | None = None) -> Outcome:
-    """Run ``pipeline(job, settings)`` in a spawned child; kill it at ``timeout`` s or when ``stop`` is set.
-
-    ``pipeline`` is a ``module:function`` spec or a picklable (module-level) function; ``job`` must be
-    picklable too (its ``series_files`` an :class:`IndexedSeriesFiles`, not a bound method of the store).
-    """
-    receiver, sender = _CONTEXT.Pipe(duplex=False)
-    proc = _CONTEXT.Process(
-        target=_child, args=(pipeline, settings.model_dump(), job, sender, os.getpid()),
-        name=f"dicomnode-job-{job.job_id}", daemon=True,
-    )
-    proc.start()
-    sender.close()  # the child holds the only writer: its death reads as EOF here
+def _await(receiver: Connection, proc: Any, timeout: float, stop: threading.Event | None) -> Outcome:
+    """The child's answer, or how it ended without one (crash, deadline passed, node stopping)."""
     deadline = time.monotonic() + timeout
-    try:
-        while True:
-            if receiver.poll(_POLL_SECONDS):
-                try:
-                    answer: Outcome = receiver.recv()
-                except (EOFError, OSError):
-                    proc.join(5)
-                    return Outcome(Ending.CRASHED, detail=f"pipeline process died ({_death(proc.exitcode)})")
-                proc.join(10)
-                return answer
-            if stop is not None and stop.is_set():
-                return Outcome(Ending.STOPPED, detail="node stopping")
-            if time.monotonic() > deadline:
-                return Outcome(Ending.TIMEOUT, detail=f"pipeline still running after {timeout:g} s: killed")
-    finally:
-        receiver.close()
-        if proc.is_alive():
-            proc.kill()
-            proc.join(10)
+    while True:
+        if receiver.poll(_POLL_SECONDS):
+            try:
+                return receiver.recv()
+            except (EOFError, OSError):
+                proc.join(5)
+                return Outcome(Ending.CRASHED, detail=f"pipeline process died ({_death(proc.exitcode)})")
+        if stop is not None and stop.is_set():
+            return Outcome(Ending.STOPPED, detail="node stopping")
+        if time.monotonic() > deadline:
+            return Outcome(Ending.TIMEOUT, detail=f"pipeline still running after {timeout:g} s: killed")
+
+
+class PipelineProcess:
+    """A warm child that runs the worker's pipeline calls one after the other (see the module doc).
+
+    Used from one thread (the worker's). Every ending but OK and REJECTED discards the child.
+    """
+
+    def __init__(self, pipeline: Any, settings: Settings) -> None:
+        self.pipeline = pipeline
+        self.settings = settings
+        self._proc: Any = None
+        self._conn: Connection | None = None
+
+    def start(self) -> None:
+        """Start the child (and its warm-up) now, unless one is running."""
+        if self._proc is not None and self._proc.is_alive():
+            return
+        self.close()
+        parent_end, child_end = _CONTEXT.Pipe(duplex=True)
+        self._proc = _CONTEXT.Process(
+            target=_serve,
+            args=(self.pipeline, self.settings.model_dump(), child_end, os.getpid(), time.time()),
+            name="dicomnode-pipeline", daemon=True,
+        )
+        self._proc.start()
+        child_end.close()  # the child holds the only other end: its death reads as EOF here
+        self._conn = parent_end
+
+    def run(self, job: JobInput, timeout: float, stop: threading.Event | None = None) -> Outcome:
+        """Run ``pipeline(job, settings)`` in the child; kill it at ``timeout`` s or when ``stop`` is set."""
+        self.start()
+        assert self._conn is not None
+        try:
+            self._conn.send(job)
+        except (BrokenPipeError, OSError):  # died while idle (e.g. the OOM killer): one fresh child
+            self.close()
+            self.start()
+            assert self._conn is not None
+            self._conn.send(job)
+        outcome = _await(self._conn, self._proc, timeout, stop)
+        if outcome.ending not in (Ending.OK, Ending.REJECTED):
+            self.close()
+        return outcome
+
+    def close(self) -> None:
+        """End the child (killed: it may be hung in native code) and forget it."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(10)
+            self._proc = None

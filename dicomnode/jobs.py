@@ -4,7 +4,7 @@ Why one owner: the store, the stability watcher, the queue, the sender and the o
 all change a job's state. When each wrote its own SQL, nothing stopped an impossible move (a
 rejected job re-sent, a finished one running again), and timestamps and attempt counts depended
 on who wrote. Here :func:`move` checks every transition against :data:`TRANSITIONS` and writes the
-timestamps, the reason (human text plus a :class:`ReasonCode` a program can filter on) and the
+timestamps, the reason (human text plus a :class:`~seg.records.ReasonCode` a program can filter on) and the
 attempt count the same way for everyone. Callers pass their open transaction, so a move commits
 together with whatever else that caller changes (an instance row, an outbox row).
 
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 
 from dicomnode.db import Database
+from seg.records import Reason, ReasonCode  # the project's one reason vocabulary (ground floor)
 
 
 class JobState(StrEnum):
@@ -56,33 +57,6 @@ TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     S.REJECTED: frozenset({S.SUPERSEDED}),  # new content may still be measurable
     S.SUPERSEDED: frozenset(),
 }
-
-
-class ReasonCode(StrEnum):
-    """Machine-readable cause next to each human reason, so nothing has to filter by prose."""
-
-    HELD_INCOMPLETE = "held-incomplete"  # quiet but incomplete: held for late instances
-    INCOMPLETE = "incomplete"  # still incomplete when the hold ended
-    NOT_SELECTED = "not-selected"  # headers say it is not usable whole-thigh CT
-    SELECTION_ERROR = "selection-error"  # the selection itself raised
-    DUPLICATE_CONTENT = "duplicate-content"  # this exact content was processed by another job
-    LATE_INSTANCE = "late-instance"  # superseded: a late instance re-opened the series
-    PIPELINE_REJECTED = "pipeline-rejected"  # the pipeline refused the series
-    PIPELINE_ERROR = "pipeline-error"  # an attempt raised (retried, or failed for good)
-    PIPELINE_CRASHED = "pipeline-crashed"  # the pipeline's process died (signal, exit): retried like an error
-    PIPELINE_TIMEOUT = "pipeline-timeout"  # still running at worker.timeout_seconds: killed, failed for good
-    RESTART_REQUEUED = "restart-requeued"  # running when the node stopped: queued again
-    RESTART_GAVE_UP = "restart-gave-up"  # the node stopped during every attempt
-    SEND_RETRYING = "send-retrying"
-    SEND_FAILED = "send-failed"
-    RESEND_REQUESTED = "resend-requested"  # operator: send the outputs again
-    RETRY_REQUESTED = "retry-requested"  # operator: run the pipeline again
-
-
-@dataclass(frozen=True)
-class Reason:
-    code: ReasonCode
-    text: str
 
 
 class IllegalTransition(ValueError):
@@ -232,12 +206,13 @@ class JobView:
     started_at: float | None
     finished_at: float | None
     updated_at: float | None
+    study_instance_uid: str | None = None  # for a link to the study in a viewer (operations page)
 
 
 def listing(db: Database, state: JobState | None = None, limit: int = 50) -> list[JobView]:
     """Jobs, newest first (only those in ``state`` when given)."""
     sql = (
-        "SELECT j.*, s.modality, s.n_instances AS series_instances, p.pseudonym,"
+        "SELECT j.*, s.modality, s.n_instances AS series_instances, s.study_uid, p.pseudonym,"
         " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='sent') AS sent,"
         " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id) AS outputs"
         " FROM jobs j LEFT JOIN series s ON s.series_uid=j.series_uid"
@@ -257,7 +232,7 @@ def listing(db: Database, state: JobState | None = None, limit: int = 50) -> lis
             reason_code=ReasonCode(r["reason_code"]) if r["reason_code"] else None, message=r["message"],
             outputs=int(r["outputs"]), sent=int(r["sent"]), superseded_by=r["superseded_by"],
             created_at=r["created_at"], complete_at=r["complete_at"], started_at=r["started_at"],
-            finished_at=r["finished_at"], updated_at=r["updated_at"],
+            finished_at=r["finished_at"], updated_at=r["updated_at"], study_instance_uid=r["study_uid"],
         )
         for r in db.query(sql, params)
     ]
@@ -280,3 +255,76 @@ def overview(db: Database) -> Overview:
     return Overview(series=int(db.one("SELECT COUNT(*) FROM series")[0]),
                     instances=int(db.one("SELECT COUNT(*) FROM instances")[0]),
                     jobs=counts("jobs"), outbox=counts("outbox"))
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Totals since the index was created, kept by triggers (``dicomnode.db`` version 5): they never go
+    down, whichever process wrote and whatever retention deleted, so Prometheus can take rates of them."""
+
+    instances_received: int
+    bytes_received: int
+    outputs_sent: int
+    send_attempts_failed: int
+    jobs_failed: int
+
+
+def counters(db: Database) -> Counters:
+    values = {str(r[0]): int(r[1]) for r in db.query("SELECT name, value FROM counters")}
+    return Counters(**{f.name: values.get(f.name, 0) for f in fields(Counters)})
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What the node did between ``since`` and ``until`` (the operations page shows the last hour)."""
+
+    since: float
+    until: float
+    instances: int
+    bytes: int
+    jobs_done: int
+    jobs_failed: int
+    outputs_sent: int
+
+
+def throughput(db: Database, since: float, until: float) -> Throughput:
+    received = db.one("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE received_at >= ?"
+                      " AND received_at < ?", (since, until))
+    ended = {str(r[0]): int(r[1]) for r in db.query(
+        "SELECT state, COUNT(*) FROM jobs WHERE finished_at >= ? AND finished_at < ? GROUP BY state",
+        (since, until))}
+    sent = db.one("SELECT COUNT(*) FROM outbox WHERE state='sent' AND sent_at >= ? AND sent_at < ?",
+                  (since, until))
+    return Throughput(since=since, until=until, instances=int(received[0]), bytes=int(received[1]),
+                      jobs_done=ended.get(S.DONE.value, 0), jobs_failed=ended.get(S.FAILED.value, 0),
+                      outputs_sent=int(sent[0]))
+
+
+# reasons an operator should look at even while the job is still retrying
+TROUBLE = frozenset({ReasonCode.PIPELINE_ERROR, ReasonCode.PIPELINE_CRASHED, ReasonCode.PIPELINE_TIMEOUT,
+                     ReasonCode.RESTART_REQUEUED, ReasonCode.RESTART_GAVE_UP, ReasonCode.SEND_RETRYING,
+                     ReasonCode.SEND_FAILED})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A job that failed, was rejected, or is retrying after an error, with its latest reason."""
+
+    job_id: int
+    at: float
+    state: JobState
+    code: ReasonCode | None
+    text: str
+
+
+def problems(db: Database, limit: int = 10) -> list[Problem]:
+    """The latest problems, newest first."""
+    codes = sorted(c.value for c in TROUBLE)
+    rows = db.query(
+        "SELECT id, updated_at, state, reason_code, COALESCE(reason, message, '') AS text FROM jobs"
+        f" WHERE state IN (?, ?) OR reason_code IN ({', '.join('?' * len(codes))})"
+        " ORDER BY updated_at DESC, id DESC LIMIT ?",
+        (S.FAILED.value, S.REJECTED.value, *codes, limit))
+    return [Problem(job_id=int(r["id"]), at=float(r["updated_at"] or 0.0), state=JobState(r["state"]),
+                    code=ReasonCode(r["reason_code"]) if r["reason_code"] else None, text=str(r["text"]))
+            for r in rows]

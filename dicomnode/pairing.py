@@ -13,7 +13,6 @@ versioned migrations define them (with the registry's).
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -27,6 +26,17 @@ from typing import Any
 from dicomnode import registry
 from dicomnode.config import Settings
 from dicomnode.db import opened
+from seg.records import (
+    NOT_COMPARED,
+    ChangeRecord,
+    CohortEntry,
+    Reason,
+    ReasonCode,
+    StudyRef,
+    VolumeRecord,
+    reasons_from_json,
+    reasons_to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +106,14 @@ class Study:
             self.study_instance_uid,
         )
 
-    def meta(self) -> dict[str, Any]:
-        return {
-            "study_instance_uid": self.study_instance_uid,
-            "series_instance_uid": self.series_instance_uid,
-            "study_date": self.study_date,
-            "seg_sop_instance_uid": self.seg_sop_instance_uid,
-            "sr_sop_instance_uid": self.sr_sop_instance_uid,
-        }
+    def ref(self) -> StudyRef:
+        return StudyRef(
+            study_instance_uid=self.study_instance_uid,
+            series_instance_uid=self.series_instance_uid,
+            study_date=self.study_date,
+            seg_sop_instance_uid=self.seg_sop_instance_uid,
+            sr_sop_instance_uid=self.sr_sop_instance_uid,
+        )
 
 
 @dataclass
@@ -112,7 +122,7 @@ class Plan:
 
     studies: list[Study]
     roles: dict[str, str]  # series uid → role
-    reasons: dict[str, list[str]]  # series uid → stated reasons
+    reasons: dict[str, list[Reason]]  # series uid → stated reasons
     comparisons: list[tuple[Study, Study, str]]  # (earlier, later, "baseline" | "previous")
     baseline: Study | None
     baseline_preoperative: bool | None  # None when no surgery date is known
@@ -150,7 +160,8 @@ def _studies(con: sqlite3.Connection, patient_id: str, issuer: str) -> tuple[lis
 def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
     """Roles, reasons and comparisons for one patient's ordered studies (pure; no database)."""
     roles: dict[str, str] = {}
-    reasons: dict[str, list[str]] = {s.series_instance_uid: [] for s in studies}
+    reasons: dict[str, list[Reason]] = {s.series_instance_uid: [] for s in studies}
+    R = Reason
     comparisons: list[tuple[Study, Study, str]] = []
     baseline: Study | None = None
     baseline_pre: bool | None = None
@@ -162,52 +173,58 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
             baseline, baseline_pre = pre[-1], True
             for s in pre[:-1]:
                 roles[s.series_instance_uid] = PREOP
-                reasons[s.series_instance_uid].append(
+                reasons[s.series_instance_uid].append(R(
+                    ReasonCode.EARLIER_PREOPERATIVE,
                     "earlier pre-operative study; the baseline is the latest study on or before the surgery "
                     f"date {surgery_date}"
-                )
-            reasons[baseline.series_instance_uid].append(
-                f"baseline: latest pre-operative study (surgery {surgery_date})"
-            )
+                ))
+            reasons[baseline.series_instance_uid].append(R(
+                ReasonCode.BASELINE_PREOPERATIVE,
+                f"baseline: latest pre-operative study (surgery {surgery_date})",
+            ))
         elif later:
             baseline, baseline_pre = later[0], False
             later = later[1:]
-            reasons[baseline.series_instance_uid].append(
+            reasons[baseline.series_instance_uid].append(R(
+                ReasonCode.BASELINE_POSTOPERATIVE,
                 f"no pre-operative study (surgery {surgery_date}): the earliest post-operative study is the "
                 "baseline, so changes are post-operative only"
-            )
+            ))
     elif studies:
         baseline, later = studies[0], studies[1:]
-        reasons[baseline.series_instance_uid].append(
-            "baseline: earliest study (no surgery date in the registry)"
-        )
+        reasons[baseline.series_instance_uid].append(R(
+            ReasonCode.BASELINE_EARLIEST, "baseline: earliest study (no surgery date in the registry)"
+        ))
     if baseline is None:
         return Plan(studies, roles, reasons, comparisons, None, baseline_pre)
     roles[baseline.series_instance_uid] = BASELINE
     if not later:
         reasons[baseline.series_instance_uid].append(
-            "single study for this patient: nothing to compare with"
+            R(ReasonCode.SINGLE_STUDY, "single study for this patient: nothing to compare with")
             if len(studies) == 1
-            else "no later study yet: nothing to compare with"
+            else R(ReasonCode.NO_LATER_STUDY, "no later study yet: nothing to compare with")
         )
     compared: list[Study] = [baseline]
     for s in later:
         uid = s.series_instance_uid
         roles[uid] = FOLLOWUP
         if not s.study_date:
-            reasons[uid].append("no StudyDate: cannot be placed in time, not compared")
+            reasons[uid].append(R(ReasonCode.NO_STUDY_DATE,
+                                  "no StudyDate: cannot be placed in time, not compared"))
             continue
         if s.study_date == baseline.study_date:
-            reasons[uid].append(f"same day as the baseline ({s.study_date}): no interval, not compared")
+            reasons[uid].append(R(ReasonCode.SAME_DAY_AS_BASELINE,
+                                  f"same day as the baseline ({s.study_date}): no interval, not compared"))
             continue
         comparisons.append((baseline, s, "baseline"))
         previous = next((p for p in reversed(compared) if p.study_date != s.study_date), None)
         same_day_prev = [p for p in compared if p.study_date == s.study_date]
         if same_day_prev:
-            reasons[uid].append(
+            reasons[uid].append(R(
+                ReasonCode.SAME_DAY_FOLLOWUP,
                 f"another follow-up on the same day ({s.study_date}): compared with the baseline "
                 "and the last study of an earlier day only"
-            )
+            ))
         if previous is not None and previous is not baseline:
             comparisons.append((previous, s, "previous"))
         compared.append(s)
@@ -217,10 +234,6 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
 # ---------------------------------------------------------------- recording
 
 
-def _load(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 def _change(
     earlier: Study,
     later: Study,
@@ -228,36 +241,33 @@ def _change(
     patient_id: str,
     res: registry.Resolved,
     baseline_pre: bool | None,
-    reasons: list[str],
-) -> dict:
+    reasons: list[Reason],
+) -> ChangeRecord:
     from reporting.change import compute_change
 
-    pre_meta = earlier.meta() | {"patient_id": patient_id, "fractured_side": res.fractured_side}
-    notes = list(reasons) + list(res.notes)
-    post_meta = later.meta() | {
-        "patient_id": patient_id,
-        "fractured_side": res.fractured_side,
-        "height_source": res.height_source,
-        "notes": notes,
-    }
     change = compute_change(
-        _load(earlier.volumes_json), _load(later.volumes_json), res.height_m, pre_meta, post_meta
+        VolumeRecord.load(earlier.volumes_json),
+        VolumeRecord.load(later.volumes_json),
+        res.height_m,
+        earlier.ref(),
+        later.ref(),
+        patient_id=patient_id,
+        height_source=res.height_source,
+        fractured_side=res.fractured_side,
+        notes=[*reasons, *res.notes],
     )
-    change.update(
-        {
-            "comparison": kind,
-            "baseline_preoperative": baseline_pre,
-            "sex": res.sex,
-            "sex_source": res.sex_source,
-            "fracture_type": res.fracture_type,
-            "surgery_date": res.surgery_date,
-            "koval_grade": res.koval_grade,
-        }
+    return change.with_facts(
+        comparison=kind,
+        baseline_preoperative=baseline_pre,
+        sex=res.sex,
+        sex_source=res.sex_source,
+        fracture_type=res.fracture_type,
+        surgery_date=res.surgery_date,
+        koval_grade=res.koval_grade,
     )
-    return change
 
 
-def record_result(settings: Settings, result: ResultRecord) -> list[dict]:
+def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord]:
     """Store a finished measurement; return the change records it creates as the follow-up.
 
     Changes for later studies that this result newly serves as baseline/previous for (a prior that
@@ -284,13 +294,13 @@ def record_result(settings: Settings, result: ResultRecord) -> list[dict]:
             ),
         )
         changes, plan = _refresh_patient(settings, con, pid, issuer, result)
-    mine = [c for c in changes if c["followup"]["series_instance_uid"] == result.series_instance_uid]
+    mine = [c for c in changes if c.followup.series_instance_uid == result.series_instance_uid]
     reasons = plan.reasons.get(result.series_instance_uid, [])
     log.info(
         "pairing: series recorded as %s; %d comparison(s)%s",
         plan.roles.get(result.series_instance_uid, "?"),
         len(mine),
-        ("; " + "; ".join(reasons)) if reasons else "",
+        ("; " + "; ".join(r.text for r in reasons)) if reasons else "",
     )
     if settings.pairing.retrieve_priors:
         info = registry.get_patient(settings, pid, issuer)
@@ -317,7 +327,7 @@ def needs_prior(plan: Plan, surgery_date: str | None, result: ResultRecord) -> b
 
 def _refresh_patient(
     settings: Settings, con: sqlite3.Connection, pid: str, issuer: str, result: ResultRecord | None = None
-) -> tuple[list[dict], Plan]:
+) -> tuple[list[ChangeRecord], Plan]:
     """Recompute roles, reasons and every comparison of one patient (the table mirrors the timeline)."""
     studies, superseded = _studies(con, pid, issuer)
     latest_size = next((s.patient_size_m for s in reversed(studies) if s.patient_size_m), None)
@@ -334,7 +344,7 @@ def _refresh_patient(
     for (a, b, kind), change in zip(plan.comparisons, changes, strict=True):
         con.execute(
             "INSERT OR REPLACE INTO pairing_changes VALUES (?,?,?,?,?,?,?)",
-            (a.series_instance_uid, b.series_instance_uid, kind, pid, issuer, json.dumps(change), now),
+            (a.series_instance_uid, b.series_instance_uid, kind, pid, issuer, change.to_json(), now),
         )
     con.execute("DELETE FROM pairing_status WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer))
     for s in studies:
@@ -346,7 +356,7 @@ def _refresh_patient(
                 pid,
                 issuer,
                 plan.roles.get(s.series_instance_uid, "unplaced"),
-                json.dumps(why),
+                reasons_to_json(why),
                 now,
             ),
         )
@@ -358,7 +368,8 @@ def _refresh_patient(
                 pid,
                 issuer,
                 SUPERSEDED,
-                json.dumps(["a later series of the same study represents it"]),
+                reasons_to_json([Reason(ReasonCode.SUPERSEDED_SERIES,
+                                        "a later series of the same study represents it")]),
                 now,
             ),
         )
@@ -377,22 +388,30 @@ def refresh_all(settings: Settings) -> int:
 # ---------------------------------------------------------------- queries
 
 
-def changes_for_earlier_series(settings: Settings, series_instance_uid: str) -> list[dict]:
+def changes_for_earlier_series(settings: Settings, series_instance_uid: str) -> list[ChangeRecord]:
     """Stored changes in which this series is the earlier study (for SRs when a prior arrives late)."""
     with reading(settings) as con:
         rows = con.execute(
             "SELECT change_json FROM pairing_changes WHERE baseline_series_uid=?", (series_instance_uid,)
         ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [ChangeRecord.from_json(r[0]) for r in rows]
 
 
-def status_of(settings: Settings, series_instance_uid: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Status:
+    """A recorded series' role in its patient's timeline and the reasons stated for it."""
+
+    role: str
+    reasons: list[Reason]
+
+
+def status_of(settings: Settings, series_instance_uid: str) -> Status | None:
     """Role and stated reasons of one recorded series."""
     with reading(settings) as con:
         row = con.execute(
             "SELECT role, reasons FROM pairing_status WHERE series_instance_uid=?", (series_instance_uid,)
         ).fetchone()
-        return {"role": row[0], "reasons": json.loads(row[1])} if row else None
+        return Status(row[0], reasons_from_json(row[1])) if row else None
 
 
 def patients(settings: Settings) -> list[dict[str, Any]]:
@@ -407,7 +426,28 @@ def patients(settings: Settings) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
-def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class TimelineRow:
+    """One study of a patient's timeline: its role, the reasons stated and the comparisons it has."""
+
+    issuer_of_patient_id: str
+    study: Study
+    role: str | None
+    reasons: list[Reason]
+    changes: list[ChangeRecord]
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as JSON-ready data (``patients timeline --json``)."""
+        return {
+            "issuer_of_patient_id": self.issuer_of_patient_id,
+            **asdict(self.study),
+            "role": self.role,
+            "reasons": [r.to_dict() for r in self.reasons],
+            "changes": [c.model_dump(mode="json") for c in self.changes],
+        }
+
+
+def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> list[TimelineRow]:
     """The patient's studies in order with role, reasons and the comparisons each follow-up has."""
     with reading(settings) as con:
         issuers = (
@@ -421,7 +461,7 @@ def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> 
                 )
             ]
         )
-        out: list[dict[str, Any]] = []
+        out: list[TimelineRow] = []
         for iss in issuers:
             studies, _ = _studies(con, patient_id, iss)
             for s in studies:
@@ -434,22 +474,21 @@ def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> 
                     " ORDER BY comparison",
                     (s.series_instance_uid,),
                 ).fetchall()
-                out.append(
-                    {
-                        "issuer_of_patient_id": iss,
-                        **asdict(s),
-                        "role": st[0] if st else None,
-                        "reasons": json.loads(st[1]) if st else [],
-                        "changes": [json.loads(c[1]) for c in ch],
-                    }
-                )
+                out.append(TimelineRow(
+                    issuer_of_patient_id=iss,
+                    study=s,
+                    role=st[0] if st else None,
+                    reasons=reasons_from_json(st[1]) if st else [],
+                    changes=[ChangeRecord.from_json(c[1]) for c in ch],
+                ))
         return out
 
 
-def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str, Any]]:
-    """Per patient: the pre vs post change used by the cohort report, or the reason there is none.
+def cohort_entries(settings: Settings, followup: str = "last") -> list[CohortEntry]:
+    """Per patient: the pre vs post change used by the cohort report, or the reasons there is none.
 
     ``followup``: "last" (longest interval, default) or "first" follow-up compared with the baseline.
+    Without a comparison, the reasons are the patient's "not compared" ones (by code, :data:`NOT_COMPARED`).
     """
     with reading(settings) as con:
         keys = con.execute(
@@ -465,27 +504,29 @@ def cohort_entries(settings: Settings, followup: str = "last") -> list[dict[str,
                 " ORDER BY r.study_date, r.study_time",
                 (pid, iss),
             ).fetchall()
-            changes = [json.loads(r[0]) for r in rows]
+            changes = [ChangeRecord.from_json(r[0]) for r in rows]
             studies, _ = _studies(con, pid, iss)
-            entry: dict[str, Any] = {"patient_id": pid, "issuer_of_patient_id": iss, "studies": len(studies)}
+            change: ChangeRecord | None = None
+            reasons: list[Reason] = []
             if changes:
                 change = changes[-1] if followup == "last" else changes[0]
-                entry["change"] = change
-                entry["reason"] = None
-                if change.get("baseline_preoperative") is False:
-                    entry["reason"] = "no pre-operative baseline: not a pre vs post pair"
+                if change.baseline_preoperative is False:
+                    reasons.append(Reason(ReasonCode.NO_PREOPERATIVE_BASELINE,
+                                          "no pre-operative baseline: not a pre vs post pair"))
             else:
-                st = [
-                    json.loads(r[0])
+                stated = [
+                    reason
                     for r in con.execute(
                         "SELECT reasons FROM pairing_status WHERE patient_id=? AND issuer_of_patient_id=?",
                         (pid, iss),
                     )
+                    for reason in reasons_from_json(r[0])
+                    if reason.code in NOT_COMPARED
                 ]
-                why = sorted({w for ws in st for w in ws if "not compared" in w or "nothing to compare" in w})
-                entry["change"] = None
-                entry["reason"] = "; ".join(why) or "no comparison"
-            out.append(entry)
+                reasons = sorted(set(stated), key=lambda r: r.text) or [
+                    Reason(ReasonCode.NO_COMPARISON, "no comparison")]
+            out.append(CohortEntry(patient_id=pid, issuer_of_patient_id=iss, studies=len(studies),
+                                   change=change, reasons=tuple(reasons)))
         return out
 
 

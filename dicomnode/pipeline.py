@@ -14,7 +14,6 @@ restart; file names are the outputs' deterministic SOP Instance UIDs, so a re-ru
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -22,8 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dicomnode.config import Settings
+from dicomnode.forkwrite import BackgroundWrite
+from dicomnode.phases import PhaseLog
 from dicomnode.registry import height_for
+from seg.records import ChangeRecord, ModelInfo, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +58,54 @@ class JobOutput:
 
 
 _model_lock = threading.Lock()
-_model_cache: dict[tuple[str, str], Any] = {}
+_model_cache: dict[tuple[Any, ...], Any] = {}
+
+
+def _package_stamp(model_path: Any) -> tuple[tuple[str, int, int], ...]:
+    """Name, mtime and size of the model package's files: a package replaced on disk is loaded again."""
+    if not model_path:
+        return ()
+    folder = Path(model_path)
+    try:
+        files = [folder, *sorted(folder.iterdir())] if folder.is_dir() else [folder]
+        return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    except OSError:
+        return ()
 
 
 def load_configured_model(settings: Settings) -> Any:
-    """The configured model package (the shipped demo model when none is set), loaded once per process."""
-    from seg.model import load_model
+    """The configured model package (the shipped demo model when none is set), loaded once per process.
 
-    key = (str(settings.model_path or ""), settings.worker.device)
+    The worker's pipeline process stays up between jobs, so the cache is keyed by the package's files
+    too: new weights copied over the configured package are used from the next job on.
+    """
+    from seg.model import load_model
+    from seg.runtime import prepare
+
+    key = (str(settings.model_path or ""), settings.worker.device, settings.worker.runtime,
+           _package_stamp(settings.model_path))
     with _model_lock:
         if key not in _model_cache:
-            _model_cache[key] = load_model(settings.model_path, device=settings.worker.device)
+            _model_cache.clear()  # one model resident at a time
+            pkg = load_model(settings.model_path, device=settings.worker.device)
+            _model_cache[key] = prepare(pkg, settings.worker.runtime)
         return _model_cache[key]
+
+
+def warm_up(settings: Settings) -> None:
+    """Before the first job (the worker's pipeline process calls it): imports and the model load.
+
+    Why: they take seconds that a job would otherwise wait for (:mod:`dicomnode.isolation`).
+    """
+    import reporting.followup_sr  # noqa: F401 - imported for their import time
+    import reporting.seg  # noqa: F401
+    import reporting.sr  # noqa: F401
+    import reporting.summary  # noqa: F401
+    import seg.infer  # noqa: F401
+    import seg.io  # noqa: F401
+    import seg.measure  # noqa: F401
+
+    load_configured_model(settings)
 
 
 def results_dir(settings: Settings, series_instance_uid: str) -> Path:
@@ -91,85 +131,129 @@ def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
     from seg.infer import segment
     from seg.io import load_dicom_series
 
+    phases = PhaseLog(job.work_dir)
     try:
-        ct = load_dicom_series(sorted(job.files))
+        with phases.phase("dicom load"):
+            ct = load_dicom_series(sorted(job.files))
     except ValueError as exc:  # geometry the loader cannot place in space
         raise SeriesRejected(str(exc)) from exc
     if str(ct.meta.get("Modality", "CT")) != "CT":
         raise SeriesRejected(f"modality {ct.meta.get('Modality')} is not CT")
 
-    model = load_configured_model(settings)
-    model_info = dict(model.info)
+    with phases.phase("model load"):  # nothing left to do when the process was warmed up
+        model = load_configured_model(settings)
+    model_info = model.info
     log.info("job %s: segmenting %s voxels with %s %s", job.job_id, "×".join(map(str, ct.shape)),
-             model_info.get("name"), model_info.get("version"))
-    labels = segment(ct, model)
+             model_info.name, model_info.version)
+    with phases.phase("inference"):
+        labels = segment(ct, model)
     return report(job, settings, ct, labels, model_info)
 
 
 @dataclass
 class BuiltOutputs:
     datasets: list[Any]  # SEG, measurement SR and (when configured) the summary, in sending order
-    changes: list[dict]  # comparisons with earlier studies that pairing found (baseline first)
+    changes: list[ChangeRecord]  # comparisons with earlier studies that pairing found (baseline first)
 
 
-def _no_pairing(seg_ds: Any, sr_ds: Any) -> list[dict]:
+def _no_pairing(seg_ds: Any, sr_ds: Any) -> list[ChangeRecord]:
     return []
 
 
-def build_outputs(settings: Settings, ct: Any, labels: Any, record: dict, model_info: dict,
-                  pair: Callable[[Any, Any], list[dict]] = _no_pairing) -> BuiltOutputs:
+def _no_baseline(change: ChangeRecord) -> tuple[Any, Any] | None:
+    return None
+
+
+def _ignore(ds: Any) -> None:
+    return None
+
+
+def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord, model_info: ModelInfo,
+                  pair: Callable[[Any, Any], list[ChangeRecord]] = _no_pairing,
+                  baseline: Callable[[ChangeRecord], tuple[Any, Any] | None] = _no_baseline,
+                  phases: PhaseLog | None = None, seg_built: Callable[[Any], None] = _ignore) -> BuiltOutputs:
     """The SEG, SR and summary of one series, built once here for the node and ``segment --dicom``.
 
     Why one function: offline outputs must equal what the node sends, UIDs included. ``pair`` records
-    the result for pairing (it needs the SEG and SR UIDs) and returns the changes the summary plots.
+    the result for pairing (it needs the SEG and SR UIDs) and returns the changes the summary plots;
+    ``baseline`` gives the earlier study's CT and label map of the first change (None when they are
+    no longer stored), so that the summary's key images show pre and post side by side.
+    ``seg_built`` gets the SEG as soon as it exists (the node starts writing it while the SR is built).
     """
     from reporting.seg import build_seg
     from reporting.sr import build_measurement_sr
     from reporting.summary import build_summary
 
-    seg_ds = build_seg(ct, labels, record, model_info, seg_type=settings.output.seg_type,
-                       compression=settings.output.labelmap_compression)
-    sr_ds = build_measurement_sr(ct, seg_ds, record, model_info)
+    phases = phases or PhaseLog(None)
+    with phases.phase("SEG encoding"):
+        seg_ds = build_seg(ct, labels, record, model_info, seg_type=settings.output.seg_type,
+                           compression=settings.output.labelmap_compression)
+    seg_built(seg_ds)
+    with phases.phase("SR encoding"):
+        sr_ds = build_measurement_sr(ct, seg_ds, record, model_info)
     changes = pair(seg_ds, sr_ds)
     datasets = [seg_ds, sr_ds]
     if settings.output.summary:
         baseline_change = changes[0] if changes else None
-        datasets.append(build_summary(ct, record, model_info, change=baseline_change, labels=labels))
+        pre = baseline(baseline_change) if baseline_change is not None else None
+        with phases.phase("summary encoding"):
+            datasets.append(build_summary(ct, record, model_info, change=baseline_change, labels=labels,
+                                          baseline=pre))
     return BuiltOutputs(datasets=datasets, changes=changes)
 
 
-def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: dict) -> JobOutput:
+def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: ModelInfo) -> JobOutput:
     """Everything after segmentation: volumes, SEG, SR, summary, pairing and follow-up SRs."""
     from seg.io import save_nifti
     from seg.measure import measure_volumes, write_volumes
 
-    height_m, height_source = patient_height(settings, ct.meta)
-    record = measure_volumes(labels, ct, height_m=height_m, height_source=height_source, model=model_info)
+    phases = PhaseLog(job.work_dir)
+    with phases.phase("measure"):
+        height_m, height_source = patient_height(settings, ct.meta)
+        record = measure_volumes(labels, ct, height_m=height_m, height_source=height_source,
+                                 model=model_info)
     out_dir = results_dir(settings, job.series_instance_uid)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_volumes(record, out_dir)
-    save_nifti(labels, out_dir / "labels.nii.gz")
+    with phases.phase("results write"):
+        write_volumes(record, out_dir)
+        save_nifti(labels, out_dir / "labels.nii.gz")  # a later study's summary shows it as "pre"
 
     dicom_dir = out_dir / "outputs"
 
     saved: list[Path] = []
+    seg_write: list[BackgroundWrite] = []
 
-    def pair(seg_ds: Any, sr_ds: Any) -> list[dict]:
-        saved.extend([_save(seg_ds, dicom_dir), _save(sr_ds, dicom_dir)])  # on disk before pairing cites them
+    def seg_built(seg_ds: Any) -> None:
+        seg_write.append(BackgroundWrite(_save, seg_ds, dicom_dir))
+
+    def pair(seg_ds: Any, sr_ds: Any) -> list[ChangeRecord]:
+        with phases.phase("outputs write"):
+            sr_path = _save(sr_ds, dicom_dir)
+            # both on disk before pairing cites them
+            saved.extend([seg_write.pop().wait() if seg_write else _save(seg_ds, dicom_dir), sr_path])
         if not settings.pairing.enabled:
             return []
-        return _record_for_pairing(settings, ct, out_dir, seg_ds, sr_ds)
+        with phases.phase("pairing"):
+            return _record_for_pairing(settings, ct, out_dir, seg_ds, sr_ds)
 
-    built = build_outputs(settings, ct, labels, record, model_info, pair=pair)
-    outputs = saved + [_save(ds, dicom_dir) for ds in built.datasets[len(saved):]]
+    def baseline(change: ChangeRecord) -> tuple[Any, Any] | None:
+        with phases.phase("baseline load"):
+            return stored_study(settings, job, str(change.baseline.series_instance_uid))
+
+    built = build_outputs(settings, ct, labels, record, model_info, pair=pair, baseline=baseline,
+                          phases=phases, seg_built=seg_built)
+    with phases.phase("outputs write"):
+        outputs = saved + [_save(ds, dicom_dir) for ds in built.datasets[len(saved):]]
     changes = built.changes
     late: list[Path] = []
-    if settings.output.followup_sr:
-        outputs += [_followup_sr(settings, ct, change) for change in changes]
-        if settings.pairing.enabled:
-            late = later_followups(settings, job)
+    with phases.phase("follow-up reports"):
+        if settings.output.followup_sr:
+            seg_ds = built.datasets[0]  # this study's SEG: the change SR outlines each muscle from it
+            outputs += [_followup_sr(settings, ct, change, seg_ds) for change in changes]
+        if settings.pairing.enabled and (settings.output.followup_sr or settings.output.summary):
+            late = later_followups(settings, job, earlier=(ct, labels))
             outputs += late
-    message = f"{len(record['structures'])} structures measured; {len(outputs)} objects to send"
+    message = f"{len(record.structures)} structures measured; {len(outputs)} objects to send"
     if changes:
         message += f"; compared with {len(changes)} earlier stud{'y' if len(changes) == 1 else 'ies'}"
     if late:
@@ -177,46 +261,112 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
     return JobOutput(outputs=outputs, volumes_json=out_dir / "volumes.json", message=message)
 
 
-def _followup_sr(settings: Settings, later: Any, change: dict) -> Path:
-    """Build and save the follow-up SR of ``change`` in the later study's results (``later``: its CT).
+def _followup_sr(settings: Settings, later: Any, change: ChangeRecord, seg: Any | None) -> Path:
+    """Build and save the follow-up SR of ``change`` in the later study's results (``later``: its CT,
+    ``seg``: its SEG, from which each muscle is outlined on its key slice; None when it is gone).
 
     Its UIDs derive from both studies' content (:mod:`reporting.uids`), so building it again, from
     either study's job, gives the same object and the PACS keeps one copy.
     """
     from reporting.followup_sr import build_followup_sr
 
-    out_dir = results_dir(settings, change["followup"]["series_instance_uid"])
-    path = _save(build_followup_sr(later, change, _prior_outputs(settings, change)), out_dir / "outputs")
-    baseline_uid = change["baseline"]["series_instance_uid"]
-    (out_dir / f"change-{baseline_uid}.json").write_text(json.dumps(change, indent=2))
+    out_dir = results_dir(settings, str(change.followup.series_instance_uid))
+    sr = build_followup_sr(later, change, _prior_outputs(settings, change), seg=seg)
+    path = _save(sr, out_dir / "outputs")
+    change.save(out_dir / f"change-{change.baseline.series_instance_uid}.json", indent=2)
     return path
 
 
-def later_followups(settings: Settings, job: JobInput) -> list[Path]:
-    """The follow-up SRs of later studies that this series now serves as the earlier study for.
+def later_followups(settings: Settings, job: JobInput, earlier: tuple[Any, Any] | None = None) -> list[Path]:
+    """The follow-up SRs (and summaries) of later studies that this series is now the earlier study of.
 
     Pairing stores these comparisons when a baseline arrives after its follow-up; without this
     nothing would report them. The later study's CT comes from the store (its own job has finished);
     when its instances are gone the change stays recorded and the report is skipped, with a warning.
+    With ``earlier`` (this series' CT and label map) the later study's summary is built again with
+    this study as its baseline: pre and post key images and the change chart, under the summary's
+    own UID, so the PACS holds the same page as when the studies arrive in order (it replaces the
+    page sent without a comparison; the deployment sets Orthanc's ``OverwriteInstances``).
     """
     from dicomnode.pairing import changes_for_earlier_series
     from seg.io import load_dicom_series
 
     paths = []
     for change in changes_for_earlier_series(settings, job.series_instance_uid):
-        later_uid = str(change["followup"]["series_instance_uid"])
+        later_uid = str(change.followup.series_instance_uid)
         files = job.series_files(later_uid)
         try:
             later = load_dicom_series(sorted(files))
         except ValueError as exc:
-            log.warning("job %s: no follow-up SR for later series %s: %s", job.job_id, later_uid,
+            log.warning("job %s: no follow-up report for later series %s: %s", job.job_id, later_uid,
                         exc if files else "its instances are no longer stored")
             continue
-        paths.append(_followup_sr(settings, later, change))
+        if settings.output.followup_sr:
+            paths.append(_followup_sr(settings, later, change, _stored_seg(settings, later_uid)))
+        if settings.output.summary and earlier is not None and change.comparison != "previous":
+            summary = _later_summary(settings, later, change, earlier)
+            paths += [summary] if summary is not None else []
     return paths
 
 
-def _record_for_pairing(settings: Settings, ct: Any, out_dir: Path, seg_ds: Any, sr_ds: Any) -> list[dict]:
+def _stored_seg(settings: Settings, series_uid: str) -> Any | None:
+    """The SEG the node built for ``series_uid`` (from its results folder), or None when it is gone."""
+    import pydicom
+
+    for path in sorted((results_dir(settings, series_uid) / "outputs").glob("*.dcm")):
+        head = pydicom.dcmread(path, stop_before_pixels=True)
+        if head.get("Modality") == "SEG":
+            return pydicom.dcmread(path)
+    log.warning("no SEG stored for the later series: its change report shows no outlines")
+    return None
+
+
+def _later_summary(settings: Settings, later: Any, change: ChangeRecord,
+                   earlier: tuple[Any, Any]) -> Path | None:
+    """The later study's summary again, now with ``change`` and the earlier study's key images."""
+    from reporting.summary import build_summary
+    from seg.io import load_nifti
+
+    out_dir = results_dir(settings, str(change.followup.series_instance_uid))
+    try:
+        record = VolumeRecord.load(out_dir / "volumes.json")
+        labels = load_nifti(out_dir / "labels.nii.gz")
+    except (OSError, ValueError) as exc:
+        log.warning("no summary for the later series: its results cannot be read: %s", exc)
+        return None
+    if labels.shape != later.shape:
+        log.warning("no summary for the later series: its label map does not match its stored CT")
+        return None
+    later_labels = later.with_array(np.asarray(labels.array, dtype=np.uint8))
+    sc = build_summary(later, record, record.model, change=change, labels=later_labels, baseline=earlier)
+    return _save(sc, out_dir / "outputs")
+
+
+def stored_study(settings: Settings, job: JobInput, series_uid: str) -> tuple[Any, Any] | None:
+    """An earlier series' CT (its stored instances) and label map (its results), on the CT's grid.
+
+    None, with a warning, when either is gone (retention, or results of another node version):
+    the summary then shows this study's key images alone.
+    """
+    from seg.io import load_dicom_series, load_nifti
+
+    files = job.series_files(series_uid)
+    label_file = results_dir(settings, series_uid) / "labels.nii.gz"
+    try:
+        ct = load_dicom_series(sorted(files))
+        labels = load_nifti(label_file)
+    except (OSError, ValueError) as exc:
+        log.warning("job %s: no baseline key images: %s", job.job_id,
+                    exc if files else "the baseline's instances are no longer stored")
+        return None
+    if labels.shape != ct.shape:
+        log.warning("job %s: no baseline key images: its label map does not match its stored CT", job.job_id)
+        return None
+    return ct, ct.with_array(np.asarray(labels.array, dtype=np.uint8))
+
+
+def _record_for_pairing(settings: Settings, ct: Any, out_dir: Path, seg_ds: Any,
+                        sr_ds: Any) -> list[ChangeRecord]:
     from dicomnode.pairing import ResultRecord, record_result
 
     meta = ct.meta
@@ -238,12 +388,12 @@ def _record_for_pairing(settings: Settings, ct: Any, out_dir: Path, seg_ds: Any,
     return record_result(settings, result)
 
 
-def _prior_outputs(settings: Settings, change: dict) -> list[Any]:
+def _prior_outputs(settings: Settings, change: ChangeRecord) -> list[Any]:
     """The baseline's SEG and SR (headers only), the evidence a follow-up SR cites."""
     import pydicom
 
-    folder = results_dir(settings, change["baseline"]["series_instance_uid"]) / "outputs"
-    wanted = {change["baseline"].get("seg_sop_instance_uid"), change["baseline"].get("sr_sop_instance_uid")}
+    folder = results_dir(settings, str(change.baseline.series_instance_uid)) / "outputs"
+    wanted = {change.baseline.seg_sop_instance_uid, change.baseline.sr_sop_instance_uid}
     found = []
     for uid in sorted(u for u in wanted if u):
         path = folder / f"{uid}.dcm"

@@ -20,6 +20,7 @@ from typing import Any
 from dicomnode.config import Settings
 from dicomnode.db import opened
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
+from seg.records import Reason, ReasonCode
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Resolved:
     fractured_side: str | None
     surgery_date: str | None
     koval_grade: int | None
-    notes: list[str] = field(default_factory=list)
+    notes: list[Reason] = field(default_factory=list)
 
 
 @dataclass
@@ -289,18 +290,18 @@ def resolve(
     """Registry first, DICOM header second; every value carries its provenance or the reason it is absent."""
     if info is None:
         info = get_patient(settings, patient_id, issuer, con=con)
-    notes: list[str] = []
+    notes: list[Reason] = []
     height, height_source = None, "missing"
     if info is not None and info.height_m is not None and info.height_flag is None:
         height, height_source = info.height_m, "registry"
     else:
         if info is not None and info.height_flag:
-            notes.append(f"registry {info.height_flag}: not used")
+            notes.append(Reason(ReasonCode.HEIGHT_NOT_USED, f"registry {info.height_flag}: not used"))
         height, height_source = height_from_patient_size(dicom_size)
         if height_source.startswith("implausible"):
-            notes.append(f"{height_source}: not used")
+            notes.append(Reason(ReasonCode.HEIGHT_NOT_USED, f"{height_source}: not used"))
     if height is None:
-        notes.append("no plausible height: height index (cm³/m²) not computed")
+        notes.append(Reason(ReasonCode.NO_HEIGHT, "no plausible height: height index (cm³/m²) not computed"))
         if info is not None and info.height_flag and height_source == "missing":
             height_source = "implausible registry height"
     sex, sex_source = None, "missing"
@@ -310,7 +311,8 @@ def resolve(
         sex, sex_source = parse_sex(dicom_sex), "PatientSex"
     fracture_type = info.fracture_type if info is not None else None
     if fracture_type is None:
-        notes.append("fracture type unknown: not in the FNF/ITF group comparisons")
+        notes.append(Reason(ReasonCode.FRACTURE_TYPE_UNKNOWN,
+                            "fracture type unknown: not in the FNF/ITF group comparisons"))
     return Resolved(
         height_m=height,
         height_source=height_source,

@@ -540,6 +540,11 @@ class StorageSCP:
             self._admitted[id(assoc)] = assoc
             return True
 
+    def _leave_pending(self, assoc: Any) -> None:
+        """A pending connection refused at its A-ASSOCIATE-RQ: it no longer counts as pending."""
+        with self._count_lock:
+            self._pending.pop(id(assoc), None)
+
     def _on_conn_close(self, evt_: Any) -> None:
         with self._count_lock:
             self._pending.pop(id(evt_.assoc), None)
@@ -564,13 +569,11 @@ class StorageSCP:
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         networks = self._pins.get(calling)
         if networks is not None and not _address_in(assoc.requestor.address, networks):
-            with self._count_lock:
-                self._pending.pop(id(assoc), None)
+            self._leave_pending(assoc)
             _reject(assoc, 0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
             return
         if self.disk.refusal() is not None:  # disk back-pressure: the PACS is to try again later
-            with self._count_lock:
-                self._pending.pop(id(assoc), None)
+            self._leave_pending(assoc)
             _reject(assoc, 0x02, 0x03, 0x01)  # transient, service provider (presentation), congestion
             return
         if not self._admit(assoc):
@@ -595,11 +598,9 @@ class StorageSCP:
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Listen (over TLS when ``tls.enabled``); a certificate, key or CA that cannot be loaded stops
-        the node here with :class:`dicomnode.tls.TlsError`."""
-        ssl_context = server_context(self.settings.tls)
-        handlers = [
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """The pynetdicom event handlers of a listener (also bound by :mod:`dicomnode.receive_worker`)."""
+        return [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -608,8 +609,13 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_assoc),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+
+    def start(self) -> None:
+        """Listen (over TLS when ``tls.enabled``); a certificate, key or CA that cannot be loaded stops
+        the node here with :class:`dicomnode.tls.TlsError`."""
+        ssl_context = server_context(self.settings.tls)
         self.server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+            (self.settings.host, self.settings.port), block=False, evt_handlers=self.handlers(),
             ssl_context=ssl_context,
         )
         event(

@@ -21,6 +21,7 @@ from dicomnode.db import Database, now
 from dicomnode.jobs import JobState, Reason, ReasonCode
 from dicomnode.logs import event
 from dicomnode.tls import client_tls_args
+from dicomnode.wakeups import OUTPUTS_READY
 
 log = logging.getLogger(__name__)
 
@@ -59,42 +60,68 @@ def echo(settings: Settings) -> tuple[bool, str]:
     return False, f"C-ECHO {_peer(settings)}: status {getattr(status, 'Status', 'none')}"
 
 
+def _streamable(assoc: Any, sop_class: str, syntax: str) -> bool:
+    """Whether the peer accepted ``sop_class`` in the file's own transfer syntax (no conversion)."""
+    return any(c.abstract_syntax == sop_class and c.transfer_syntax[0] == syntax
+               for c in assoc.accepted_contexts)
+
+
+def _store(assoc: Any, path: Path, meta: Any) -> Any:
+    """C-STORE one output: streamed from its file when the peer takes the file's transfer syntax.
+
+    Why streamed: decoding a SEG of thousands of frames and encoding it again for the network takes
+    seconds; pynetdicom sends a file's bytes as they are when ``STORE_SEND_CHUNKED_DATASET`` is on
+    (only calls given a path, which in the node only this module makes). Otherwise the file is read
+    and pynetdicom converts it to the accepted transfer syntax, as before.
+    """
+    import pydicom
+    from pynetdicom import _config
+
+    if _streamable(assoc, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)):
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        return assoc.send_c_store(path)
+    return assoc.send_c_store(pydicom.dcmread(path))
+
+
 def send_files(settings: Settings, paths: list[Path]) -> dict[Path, str | None]:
     """C-STORE files over one association; maps each path to None (stored) or an error."""
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     results: dict[Path, str | None] = {}
-    datasets: dict[Path, Any] = {}
+    metas: dict[Path, Any] = {}
     for path in paths:
-        try:
-            datasets[path] = pydicom.dcmread(path)
+        try:  # the file meta is enough to choose a context; the body is streamed
+            metas[path] = read_file_meta_info(path)
+            _ = metas[path].MediaStorageSOPClassUID, metas[path].TransferSyntaxUID
         except (OSError, Exception) as exc:  # missing or unreadable output: that row fails on its own
+            metas.pop(path, None)
             results[path] = f"cannot read output: {type(exc).__name__}: {exc}"
-    if not datasets:
+    if not metas:
         return results
     ae = _ae(settings)
     contexts: dict[str, set[str]] = defaultdict(set)
-    for ds in datasets.values():
-        ts = str(ds.file_meta.TransferSyntaxUID)
-        contexts[str(ds.SOPClassUID)].add(ts)
-        if not ds.file_meta.TransferSyntaxUID.is_compressed:
-            contexts[str(ds.SOPClassUID)].update({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
+    for meta in metas.values():
+        ts = UID(str(meta.TransferSyntaxUID))
+        contexts[str(meta.MediaStorageSOPClassUID)].add(str(ts))
+        if not ts.is_compressed:
+            contexts[str(meta.MediaStorageSOPClassUID)].update(
+                {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
     assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
                          tls_args=client_tls_args(settings))
     if not assoc.is_established:
         error = f"no association with {_peer(settings)}"
-        results.update({p: error for p in datasets})
+        results.update({p: error for p in metas})
         return results
     try:
-        for path, ds in datasets.items():
+        for path, meta in metas.items():
             if not assoc.is_established:
                 results[path] = f"association with {_peer(settings)} lost"
                 continue
             try:
-                status = assoc.send_c_store(ds)
+                status = _store(assoc, path, meta)
             except Exception as exc:
                 results[path] = f"C-STORE failed: {type(exc).__name__}: {exc}"
                 continue
@@ -209,11 +236,12 @@ class Sender:
     def run(self, stop: threading.Event) -> None:
         interval = max(0.05, min(0.5, self.settings.send.initial_backoff_seconds / 2))
         while not stop.is_set():
+            OUTPUTS_READY.clear()
             try:
                 self.run_once()
             except Exception:
                 log.exception("sender loop")
-            stop.wait(interval)
+            OUTPUTS_READY.wait(interval)  # the next poll, or at once when the worker hands outputs on
 
 
 def retry(db: Database, job_id: int) -> str:

@@ -37,6 +37,7 @@ from dicomnode.db import Database, now
 from dicomnode.jobs import JobState, Reason, ReasonCode
 from dicomnode.logs import event
 from dicomnode.queue import JobQueue, SQLiteJobQueue
+from dicomnode.wakeups import JOB_QUEUED
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +430,7 @@ class StabilityWatcher:
             queued = jobs.get(con, job_id) if new_state is JobState.QUEUED else None
         if queued is not None:
             self.queue.put(queued)
+            JOB_QUEUED.set()
         reason = why.text if why else ""
         event(
             log,

@@ -1,7 +1,9 @@
 """One running node: recovery, then the SCP plus stability-watcher, worker and sender threads.
 
 Why threads in one process: the embedded default needs no broker; all state lives in SQLite and
-the store, so ``dicomnode jobs``/``retry`` work from another process and a restart resumes.
+the store, so ``dicomnode jobs``/``retry`` work from another process and a restart resumes. Only the
+listener may use more: with ``receive_processes > 1`` its associations are served by worker processes
+(:mod:`dicomnode.receive_pool`), which write the same store and index.
 """
 
 from __future__ import annotations
@@ -10,19 +12,23 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomnode import jobs
 from dicomnode.config import Settings
 from dicomnode.db import Database
 from dicomnode.logs import event
 from dicomnode.queue import JobQueue, SQLiteJobQueue
+from dicomnode.receive_pool import ReceivePool
 from dicomnode.retention import Retention
 from dicomnode.scp import StorageSCP
 from dicomnode.sender import Sender
 from dicomnode.series import StabilityWatcher
 from dicomnode.store import Store
 from dicomnode.worker import PipelineFn, Worker, pipeline_spec
+
+if TYPE_CHECKING:
+    from dicomnode.ops_page import OpsServer
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +47,27 @@ class Node:
         self.db = Database(settings.db_path)
         self.store = Store(settings.storage_dir, self.db)
         self.queue = queue_engine(self.db)
-        self.scp = StorageSCP(settings, self.store)
+        # receive_processes > 1: associations served in worker processes (dicomnode.receive_pool)
+        self.scp: StorageSCP | ReceivePool = (
+            ReceivePool(settings, self.store) if settings.receive_processes > 1
+            else StorageSCP(settings, self.store))
         self.watcher = StabilityWatcher(settings, self.db, self.queue)
         self.worker = Worker(settings, self.store, self.queue, pipeline)
         self.sender = Sender(settings, self.db)
         self.retention = Retention(settings, self.store)
+        self.ops: OpsServer | None = None
+        if settings.ops.enabled:  # the read-only operations page and /metrics (off by default)
+            from dicomnode.ops_page import OpsServer
+
+            self.ops = OpsServer(settings)
         self.worker_enabled = settings.worker.enabled if worker_enabled is None else worker_enabled
         self.pipeline_name = pipeline if isinstance(pipeline, str) or pipeline is None else repr(pipeline)
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        if self.ops is not None:  # first: a taken port stops ``serve`` before anything else runs
+            self.ops.start()
         self.store.recover(max_attempts=self.settings.worker.max_attempts)
         for job, due in jobs.queued(self.db):  # an engine that keeps no queue of its own gets them back
             self.queue.put(job, due)
@@ -86,6 +102,8 @@ class Node:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
+        if self.ops is not None:
+            self.ops.stop()
         self.scp.stop()
         for thread in self.threads:
             thread.join(timeout)

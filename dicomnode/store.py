@@ -30,12 +30,14 @@ series sent twice gives one job.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
 import sqlite3
 import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +62,7 @@ FILE_MODE = 0o640  # instance files (PHI): owner and the service group only
 DIR_MODE = 0o750  # state folders
 UMASK = 0o027
 RECEIVE_BUSY_TIMEOUT_S = 2.0  # a C-STORE waits at most this long for the index, then answers 0xA700
+SOP_LOCK_FILE = ".sop-locks"  # byte-range locks shared by the receive processes (see Store._sop_lock)
 
 
 class StoreError(Exception):
@@ -257,11 +260,25 @@ def _collision(info: InstanceInfo, stored_series: str) -> StoreError:
     return StoreError(f"uid-collision: UID stored in {where} with other content", code="uid-collision")
 
 
+def _range_lock(fd: int, offset: int, kind: int) -> None:
+    """Take (F_WRLCK, waiting) or release (F_UNLCK) an open-file-description lock on one byte.
+
+    Why OFD locks and not ``fcntl.lockf``: classic POSIX locks belong to the process, so the kernel's
+    deadlock check sees two processes whose threads wait on each other's slots as a cycle and fails one
+    request with EDEADLK, although different threads hold them (seen with 4 associations over 2 workers).
+    An OFD lock belongs to this Store's open file, and threads of one process never share a slot (the
+    thread lock is taken first).
+    """
+    flock = struct.pack("@hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)  # struct flock; l_pid 0 for OFD
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, flock)
+
+
 class Store:
     """Durable files under ``storage_dir`` plus their rows in :class:`Database`."""
 
     def __init__(self, storage_dir: Path, db: Database,
-                 receive_busy_timeout: float = RECEIVE_BUSY_TIMEOUT_S) -> None:
+                 receive_busy_timeout: float = RECEIVE_BUSY_TIMEOUT_S, *,
+                 cross_process: bool = False) -> None:
         self.root = Path(storage_dir).resolve()  # absolute paths in the index, whatever the cwd
         self.incoming = self.root / "incoming"
         self.jobs_dir = self.root / "jobs"
@@ -274,9 +291,16 @@ class Store:
         # worker or sender threads, which share ``db`` and its lock.
         self.rx = Database(db.path, busy_timeout=receive_busy_timeout)
         self._sop_locks = [threading.Lock() for _ in range(64)]  # one C-STORE per SOP UID at a time
+        # several receive processes (dicomnode.receive_pool): the same 64 slots as byte-range locks on
+        # one file, which the kernel releases when a process dies (kill -9 included); see _range_lock
+        self._lock_fd = (os.open(self.root / SOP_LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+                         if cross_process else None)
 
     def close(self) -> None:
         self.rx.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- files ---------------------------------------------------------------------------------
     def instance_path(self, info: InstanceInfo) -> Path:
@@ -468,8 +492,18 @@ class Store:
 
     @contextmanager
     def _sop_lock(self, sop_uid: str) -> Iterator[None]:
-        with self._sop_locks[hash(sop_uid) % len(self._sop_locks)]:
-            yield
+        """One C-STORE per SOP UID at a time: in this process (threads) and, with ``cross_process``, in
+        every receive process (so a different copy under one UID is still seen as a collision)."""
+        slot = zlib.crc32(sop_uid.encode()) % len(self._sop_locks)  # hash() differs between processes
+        with self._sop_locks[slot]:
+            if self._lock_fd is None:
+                yield
+                return
+            _range_lock(self._lock_fd, slot, fcntl.F_WRLCK)
+            try:
+                yield
+            finally:
+                _range_lock(self._lock_fd, slot, fcntl.F_UNLCK)
 
     def _same_copy(self, info: InstanceInfo, dataset: bytes | memoryview) -> tuple[Path, int] | None:
         """(path, size) when this exact dataset is stored already; None when the UID is new (or its

@@ -11,7 +11,8 @@ Each call runs in a child process (:mod:`dicomnode.isolation`), so a crash or ha
 fails that job and never the listener: a child that dies is a failed attempt
 (``pipeline-crashed``, retried like an exception); one still running after
 ``worker.timeout_seconds`` is killed and the job failed for good (``pipeline-timeout``: a hang
-would most likely hang again, and each try holds the only worker that long).
+would most likely hang again, and each try holds the only worker that long). The child is started
+with the worker and kept warm between jobs (model loaded); any failure replaces it with a fresh one.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from collections.abc import Callable
 from typing import Any
 
 from dicomnode.config import Settings
-from dicomnode.isolation import Ending, IndexedSeriesFiles, Outcome, run_isolated
+from dicomnode.isolation import Ending, IndexedSeriesFiles, Outcome, PipelineProcess
 from dicomnode.jobs import Job, JobState, ReasonCode
 from dicomnode.logs import event
+from dicomnode.phases import PhaseLog
 from dicomnode.pipeline import JobInput
 from dicomnode.queue import JobQueue
 from dicomnode.store import Store
+from dicomnode.wakeups import JOB_QUEUED, OUTPUTS_READY
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class Worker:
         # a spec is loaded in the child only: the node's process never imports the model's libraries
         self.pipeline: PipelineFn | str = pipeline_spec(pipeline) if pipeline is None or isinstance(
             pipeline, str) else pipeline
+        self.process = PipelineProcess(self.pipeline, settings)
         self.current: int | None = None
         self._stop = threading.Event()
 
@@ -81,22 +85,26 @@ class Worker:
         event(
             log, "job running", job=job.id, series=job.series_uid, instances=len(files), attempt=job.attempts
         )
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
+        work_dir = self.store.job_dir(job.id)
         job_input = JobInput(job_id=job.id, series_instance_uid=job.series_uid, files=files,
-                             work_dir=self.store.job_dir(job.id),
-                             series_files=IndexedSeriesFiles(self.settings.db_path))
+                             work_dir=work_dir, series_files=IndexedSeriesFiles(self.settings.db_path))
+        phases = PhaseLog(work_dir)
         try:
-            outcome = run_isolated(self.pipeline, job_input, self.settings,
-                                   self.settings.worker.timeout_seconds, self._stop)
+            outcome = self.process.run(job_input, self.settings.worker.timeout_seconds, self._stop)
         finally:
             self.current = None
-        self._record(job, outcome, time.monotonic() - started)
+            phases.add("isolated call", wall, time.time())
+        with phases.phase("outcome recorded"):
+            self._record(job, outcome, time.monotonic() - started)
         return job.id
 
     def _record(self, job: Job, outcome: Outcome, seconds: float) -> None:
         """The outcome into the job's record, through the queue (and so through the transition table)."""
         if outcome.ending is Ending.OK:
             state = self.queue.finish(job.id, outcome.outputs, outcome.message)
+            if state is JobState.SENDING:
+                OUTPUTS_READY.set()
             event(log, "job processed", job=job.id, state=state, outputs=len(outcome.outputs),
                   seconds=round(seconds, 2))
         elif outcome.ending is Ending.REJECTED:
@@ -118,13 +126,22 @@ class Worker:
             if outcome.traceback:
                 log.debug("pipeline traceback (job %s):\n%s", job.id, outcome.traceback)
 
+    def close(self) -> None:
+        """End the pipeline process (the node is stopping)."""
+        self.process.close()
+
     def run(self, stop: threading.Event) -> None:
         self._stop = stop
-        while not stop.is_set():
-            try:
-                busy = self.run_once() is not None
-            except Exception:
-                log.exception("worker loop")
-                busy = False
-            if not busy:
-                stop.wait(min(self.settings.worker.poll_seconds, 0.5))
+        self.process.start()  # warm up (imports, model) while the first series arrives
+        try:
+            while not stop.is_set():
+                JOB_QUEUED.clear()
+                try:
+                    busy = self.run_once() is not None
+                except Exception:
+                    log.exception("worker loop")
+                    busy = False
+                if not busy:  # the next poll, or at once when the watcher queues a job
+                    JOB_QUEUED.wait(min(self.settings.worker.poll_seconds, 0.5))
+        finally:
+            self.close()

@@ -11,20 +11,23 @@ index change needs a height; without one it is null, never a guess.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from reporting.rules import change_pct
 from seg.labels import ANALYSED_MUSCLES
-
-_REF_KEYS = (
-    "study_instance_uid",
-    "series_instance_uid",
-    "study_date",
-    "seg_sop_instance_uid",
-    "sr_sop_instance_uid",
+from seg.records import (
+    HEIGHT_CODES,
+    SIDES,
+    ChangeRecord,
+    Reason,
+    ReasonCode,
+    SideComparison,
+    StructureChange,
+    StudyRef,
+    TotalChange,
+    VolumeRecord,
 )
-_SIDE_KEYS = {"both": "volume_cm3", "left": "left_cm3", "right": "right_cm3"}
 
 
 def _days(pre_date: str | None, post_date: str | None) -> int | None:
@@ -42,7 +45,7 @@ def _loss_pct(pre: float | None, post: float | None) -> float | None:
     return (pre - post) / pre * 100.0
 
 
-def _entry(pre: float | None, post: float | None, height_m: float | None) -> dict[str, Any]:
+def _values(pre: float | None, post: float | None, height_m: float | None) -> dict[str, float | None]:
     delta = None if pre is None or post is None else post - pre
     return {
         "pre_cm3": pre,
@@ -54,99 +57,101 @@ def _entry(pre: float | None, post: float | None, height_m: float | None) -> dic
     }
 
 
-def _ref(meta: dict, record: dict) -> dict[str, Any]:
-    ref = {k: meta.get(k) for k in _REF_KEYS}
-    if not ref["series_instance_uid"]:
-        ref["series_instance_uid"] = record.get("series_instance_uid")
-    return ref
+def _ref(ref: StudyRef, record: VolumeRecord) -> StudyRef:
+    if ref.series_instance_uid:
+        return ref
+    return ref.model_copy(update={"series_instance_uid": record.series_instance_uid})
 
 
-def compute_change(pre: dict, post: dict, height_m: float | None, pre_meta: dict, post_meta: dict) -> dict:
-    """The change record (schema in CONTRACTS.md) from a baseline and a follow-up volumes.json record.
+def compute_change(
+    pre: VolumeRecord,
+    post: VolumeRecord,
+    height_m: float | None,
+    baseline: StudyRef,
+    followup: StudyRef,
+    *,
+    patient_id: str = "",
+    height_source: str | None = None,
+    fractured_side: str | None = None,
+    notes: Sequence[Reason] = (),
+) -> ChangeRecord:
+    """The change record from a baseline and a follow-up volumes.json record.
 
-    ``post_meta`` may also carry ``patient_id``, ``height_source``, ``fractured_side`` and ``notes``
-    (reasons stated by pairing); they are copied into the record.
+    ``baseline``/``followup`` say which studies and outputs they are (a missing series UID is taken
+    from the volumes record); ``notes`` are reasons stated by pairing and the registry, copied in.
     """
-    fractured_side = post_meta.get("fractured_side") or pre_meta.get("fractured_side")
-    notes = list(post_meta.get("notes") or [])
+    notes = list(notes)
     if not height_m:
         height_m = None
-        if not any("height" in n for n in notes):
-            notes.append("no plausible height: index change (cm³/m²) not computed")
-    pre_by_label = {int(s["label"]): s for s in pre.get("structures", [])}
-    structures: list[dict[str, Any]] = []
-    for post_s in sorted(post.get("structures", []), key=lambda s: int(s["label"])):
-        pre_s = pre_by_label.get(int(post_s["label"]))
+        if not any(n.code in HEIGHT_CODES for n in notes):
+            notes.append(Reason(ReasonCode.NO_HEIGHT,
+                                "no plausible height: index change (cm³/m²) not computed"))
+    pre_by_label = pre.by_label()
+    structures: list[StructureChange] = []
+    for post_s in sorted(post.structures, key=lambda s: s.label):
+        pre_s = pre_by_label.get(post_s.label)
         if pre_s is None:
             continue
-        for side, key in _SIDE_KEYS.items():
-            if post_s.get(key) is None and pre_s.get(key) is None:
+        for side in SIDES:
+            before, after = pre_s.side_volume(side), post_s.side_volume(side)
+            if before is None and after is None:
                 continue
-            entry = {
-                "label": int(post_s["label"]),
-                "name": post_s["name"],
-                "group": post_s.get("group"),
-                "side": side,
-            }
-            entry.update(_entry(pre_s.get(key), post_s.get(key), height_m))
-            structures.append(entry)
+            structures.append(StructureChange(label=post_s.label, name=post_s.name, group=post_s.group,
+                                              side=side, **_values(before, after, height_m)))
 
-    both = {s["name"]: s for s in structures if s["side"] == "both"}
-    total_pre = sum(both[n]["pre_cm3"] for n in ANALYSED_MUSCLES if n in both)
-    total_post = sum(both[n]["post_cm3"] for n in ANALYSED_MUSCLES if n in both)
-    total = {"structures": sum(1 for n in ANALYSED_MUSCLES if n in both)}
-    total.update(_entry(total_pre, total_post, height_m))
-
-    record: dict[str, Any] = {
-        "patient_id": post_meta.get("patient_id") or pre_meta.get("patient_id") or "",
-        "height_m": height_m,
-        "height_source": post_meta.get("height_source") or post.get("height_source"),
-        "baseline": _ref(pre_meta, pre),
-        "followup": _ref(post_meta, post),
-        "days_between": _days(pre_meta.get("study_date"), post_meta.get("study_date")),
-        "fractured_side": fractured_side,
-        "structures": structures,
-        "total_analysed_muscles": total,
-        "operated_vs_contralateral": operated_vs_contralateral(structures, fractured_side),
-        "notes": notes,
-    }
-    return record
+    both = {s.name: s for s in structures if s.side == "both"}
+    total_pre = sum(both[n].pre_cm3 for n in ANALYSED_MUSCLES if n in both)
+    total_post = sum(both[n].post_cm3 for n in ANALYSED_MUSCLES if n in both)
+    total = TotalChange(structures=sum(1 for n in ANALYSED_MUSCLES if n in both),
+                        **_values(total_pre, total_post, height_m))
+    return ChangeRecord(
+        patient_id=patient_id,
+        height_m=height_m,
+        height_source=height_source or post.height_source,
+        baseline=_ref(baseline, pre),
+        followup=_ref(followup, post),
+        days_between=_days(baseline.study_date, followup.study_date),
+        fractured_side=fractured_side,
+        structures=tuple(structures),
+        total_analysed_muscles=total,
+        operated_vs_contralateral=tuple(operated_vs_contralateral(structures, fractured_side)),
+        notes=tuple(notes),
+    )
 
 
-def operated_vs_contralateral(structures: list[dict], fractured_side: str | None) -> list[dict[str, Any]]:
+def operated_vs_contralateral(structures: Sequence[StructureChange],
+                              fractured_side: str | None) -> list[SideComparison]:
     """Per muscle: the operated side's change against the other side's (empty when the side is unknown)."""
     if fractured_side not in ("left", "right"):
         return []
     other = "right" if fractured_side == "left" else "left"
-    by_key = {(s["name"], s["side"]): s for s in structures}
+    by_key = {(s.name, s.side): s for s in structures}
     rows = []
     for s in structures:
-        if s["side"] != fractured_side:
+        if s.side != fractured_side:
             continue
-        c = by_key.get((s["name"], other))
+        c = by_key.get((s.name, other))
         if c is None:
             continue
-        op_loss, co_loss = s["loss_pct"], c["loss_pct"]
+        op_loss, co_loss = s.loss_pct, c.loss_pct
         rows.append(
-            {
-                "label": s["label"],
-                "name": s["name"],
-                "group": s["group"],
-                "operated_side": fractured_side,
-                "operated_pre_cm3": s["pre_cm3"],
-                "operated_post_cm3": s["post_cm3"],
-                "operated_loss_pct": op_loss,
-                "contralateral_pre_cm3": c["pre_cm3"],
-                "contralateral_post_cm3": c["post_cm3"],
-                "contralateral_loss_pct": co_loss,
-                "loss_pct_difference": (op_loss - co_loss)
-                if op_loss is not None and co_loss is not None
-                else None,
-                "post_asymmetry_pct": (
-                    _loss_pct(c["post_cm3"], s["post_cm3"])
-                    if c["post_cm3"] and s["post_cm3"] is not None
-                    else None
+            SideComparison(
+                label=s.label,
+                name=s.name,
+                group=s.group,
+                operated_side=fractured_side,
+                operated_pre_cm3=s.pre_cm3,
+                operated_post_cm3=s.post_cm3,
+                operated_loss_pct=op_loss,
+                contralateral_pre_cm3=c.pre_cm3,
+                contralateral_post_cm3=c.post_cm3,
+                contralateral_loss_pct=co_loss,
+                loss_pct_difference=(
+                    (op_loss - co_loss) if op_loss is not None and co_loss is not None else None
                 ),
-            }
+                post_asymmetry_pct=(
+                    _loss_pct(c.post_cm3, s.post_cm3) if c.post_cm3 and s.post_cm3 is not None else None
+                ),
+            )
         )
     return rows

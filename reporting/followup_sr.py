@@ -9,6 +9,12 @@ reuse the per-muscle tracking UIDs of the measurement SRs, so a longitudinal vie
 Changes are signed, follow-up minus baseline (negative for a loss), in cm³ and in % of baseline;
 values are rounded per :mod:`reporting.rules`, a volume below the minimum segment size is not
 stated, and no percentage is stated for a baseline below the floor.
+
+Every group carries spatial coordinates, which OHIF 3.13 needs to open a TID 1500 report
+(docs/upstream.md §6): given the follow-up's own SEG, a structure's group states its maximal
+cross-sectional area at follow-up, inferred from the outline on the CT slice where it is largest;
+otherwise (and for the comparison context) the follow-up's craniocaudal coverage, inferred from
+the scanned extent (as in :mod:`reporting.sr`).
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from reporting import codes
+from reporting.keyslice import Section
 from reporting.rules import RULES, ReportingRules, is_found, rounded
-from reporting.sr import CM3, CM3_PER_M2, METER, PERCENT
+from reporting.sr import CM3, CM3_PER_M2, METER, PERCENT, coverage, key_sections, max_area, segments_of
 from reporting.uids import (
     copy_identity,
     derived_uid,
@@ -28,15 +35,16 @@ from reporting.uids import (
     tracking_uid,
 )
 from seg.labels import by_name
+from seg.records import ChangeRecord, StructureChange
 from seg.volume import Volume
 
 FOLLOWUP_SERIES_NUMBER = 9904
 
 
-def _time_point(change: dict) -> hd.sr.TimePointContext:
+def _time_point(change: ChangeRecord) -> hd.sr.TimePointContext:
     """TID 1502 for the follow-up: order 2 of the pair, its date, days after the baseline study."""
-    days = change.get("days_between")
-    base = (change.get("baseline") or {}).get("study_date") or "unknown date"
+    days = change.days_between
+    base = change.baseline.study_date or "unknown date"
     text = f"Follow-up vs baseline {base}" + (f" ({days:+d} d)" if days is not None else "")
     offset = None
     if days is not None:
@@ -44,37 +52,40 @@ def _time_point(change: dict) -> hd.sr.TimePointContext:
                                                             event_type=codes.BASELINE_EVENT)
     return hd.sr.TimePointContext(
         time_point=text[:64],
-        time_point_type=codes.POSTOPERATIVE if change.get("baseline_preoperative") is True else None,
+        time_point_type=codes.POSTOPERATIVE if change.baseline_preoperative is True else None,
         time_point_order=2,
-        subject_time_point_identifier=str((change.get("followup") or {}).get("study_date") or "") or None,
+        subject_time_point_identifier=change.followup.study_date or None,
         temporal_offset_from_event=offset,
     )
 
 
-def _measurements(entry: dict, rules: ReportingRules) -> list[hd.sr.Measurement]:
+def _measurements(entry: StructureChange, rules: ReportingRules) -> list[hd.sr.Measurement]:
     """Baseline and follow-up volume when found; signed changes only when both are found."""
-    pre, post = entry.get("pre_cm3"), entry.get("post_cm3")
+    pre, post = entry.pre_cm3, entry.post_cm3
     items: list[tuple[hd.sr.CodedConcept, float | None, hd.sr.CodedConcept, int]] = [
         (codes.VOLUME_BASELINE, pre if is_found(pre, rules) else None, CM3, rules.volume_decimals),
         (codes.VOLUME, post if is_found(post, rules) else None, CM3, rules.volume_decimals),
     ]
     if is_found(pre, rules) and is_found(post, rules):
-        items += [(codes.VOLUME_CHANGE, entry.get("delta_cm3"), CM3, rules.volume_decimals),
-                  (codes.VOLUME_CHANGE_PCT, entry.get("change_pct"), PERCENT, rules.percent_decimals),
-                  (codes.VOLUME_INDEX_CHANGE, entry.get("delta_index_cm3_m2"), CM3_PER_M2,
+        items += [(codes.VOLUME_CHANGE, entry.delta_cm3, CM3, rules.volume_decimals),
+                  (codes.VOLUME_CHANGE_PCT, entry.change_pct, PERCENT, rules.percent_decimals),
+                  (codes.VOLUME_INDEX_CHANGE, entry.delta_index_cm3_m2, CM3_PER_M2,
                    rules.index_decimals)]
     return [hd.sr.Measurement(name=concept, value=rounded(value, decimals), unit=unit)
             for concept, value, unit, decimals in items if value is not None]
 
 
-def _group(patient_id: str, entry: dict, time_point: hd.sr.TimePointContext,
-           rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
-    name, side = str(entry["name"]), str(entry.get("side") or "both")
+def _group(patient_id: str, entry: StructureChange, time_point: hd.sr.TimePointContext, ct: Volume,
+           section: Section | None, rules: ReportingRules = RULES,
+           ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """TID 1501 group of one structure side; ``section``: its largest cross-section at follow-up."""
+    name, side = entry.name, entry.side
     s = by_name(name)
     code = codes.structure_code(s)
     measurements = _measurements(entry, rules)
     if not measurements:
         return None
+    measurements.append(max_area(section, rules) if section is not None else coverage(ct, rules=rules))
     label = s.display_name if side == "both" else f"{s.display_name} {side}"
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
@@ -86,11 +97,11 @@ def _group(patient_id: str, entry: dict, time_point: hd.sr.TimePointContext,
     )
 
 
-def _context_group(change: dict, uid: str, time_point: hd.sr.TimePointContext
-                   ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointContext, ct: Volume,
+                   rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     evaluations = []
-    if change.get("height_m"):
-        src = str(change.get("height_source") or "")
+    if change.height_m:
+        src = change.height_source or ""
         source = (codes.HEIGHT_SOURCE_PATIENT_SIZE if src == "PatientSize" else
                   codes.HEIGHT_SOURCE_REGISTRY if "registry" in src.lower() else codes.HEIGHT_SOURCE_OTHER)
         evaluations += [hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_STATUS, codes.HEIGHT_PRESENT),
@@ -98,13 +109,14 @@ def _context_group(change: dict, uid: str, time_point: hd.sr.TimePointContext
     else:
         evaluations += [hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_STATUS, codes.HEIGHT_MISSING),
                         hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_SOURCE, codes.HEIGHT_SOURCE_NONE)]
-    side = codes.laterality_code(str(change.get("fractured_side") or ""))
+    side = codes.laterality_code(change.fractured_side or "")
     if side is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_FRACTURED_SIDE, side))
-    measurements = None
-    if change.get("height_m"):
-        measurements = [hd.sr.Measurement(name=codes.BODY_HEIGHT, unit=METER,
-                                          value=rounded(change["height_m"], RULES.height_decimals))]
+    measurements = []
+    if change.height_m:
+        measurements.append(hd.sr.Measurement(name=codes.BODY_HEIGHT, unit=METER,
+                                              value=rounded(change.height_m, rules.height_decimals)))
+    measurements.append(coverage(ct, rules=rules))  # the follow-up's scanned extent
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="Comparison context"),
         time_point_context=time_point,
@@ -113,24 +125,33 @@ def _context_group(change: dict, uid: str, time_point: hd.sr.TimePointContext
     )
 
 
-def build_followup_sr(ct: Volume, change: dict, evidence: list[Dataset],
-                      rules: ReportingRules = RULES) -> Dataset:
-    """The change report for the follow-up series ``ct`` (evidence: the baseline's SEG/SR headers)."""
+def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
+                      rules: ReportingRules = RULES, *, seg: Dataset | None = None) -> Dataset:
+    """The change report for the follow-up series ``ct`` (evidence: the baseline's SEG/SR headers).
+
+    ``seg``: the follow-up's own SEG (with its pixels), for each structure's largest cross-section;
+    without it each structure group states the scanned extent instead.
+    """
     src0 = source_header(ct.source_files)
     patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
     follow_series = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
-    base_series = str((change.get("baseline") or {}).get("series_instance_uid") or "")
+    base_series = change.baseline.series_instance_uid or ""
     # new content on either side (a completed series, a re-measured baseline) gives a new report
     content = (source_content(follow_series, ct.source_sop_uids),
-               *sorted(str(e.SOPInstanceUID) for e in evidence if "SOPInstanceUID" in e))
+               *sorted(str(e.SOPInstanceUID) for e in evidence if "SOPInstanceUID" in e),
+               *([f"seg:{seg.SOPInstanceUID}"] if seg is not None else []))  # outlines from it: other content
     time_point = _time_point(change)
+    sections: dict[tuple[str, str], Section] = {}
+    if seg is not None:
+        by_number = key_sections(seg)
+        sections = {(name, side): by_number[n] for n, name, side in segments_of(seg) if n in by_number}
     groups: list = []
-    for entry in change.get("structures", []):
-        g = _group(patient_id, entry, time_point, rules)
+    for entry in change.structures:
+        g = _group(patient_id, entry, time_point, ct, sections.get((entry.name, entry.side)), rules)
         if g is not None:
             groups.append(g)
     context_uid = derived_uid("followup-context", follow_series, base_series)
-    groups.append(_context_group(change, context_uid, time_point))
+    groups.append(_context_group(change, context_uid, time_point, ct, rules))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=hd.sr.ObserverContext(

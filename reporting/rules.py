@@ -29,6 +29,7 @@ class ReportingRules:
     percent_decimals: int = 1
     height_decimals: int = 2  # m
     length_decimals: int = 1  # mm
+    area_decimals: int = 1  # cm²: the largest cross-section of a segment
 
 
 RULES = ReportingRules()

@@ -2,8 +2,11 @@
 
 Why this shape: viewers show one segment per structure and side (so a left/right comparison is a
 click), the SR points at those segment numbers, and the segmentation must overlay the CT exactly,
-so the source instances (spatially sorted by :mod:`seg.io`) define the frames. BINARY uncompressed
-is the default because every viewer reads it; LABELMAP (RLE or JPEG-LS) is a few MB instead.
+so the source instances (spatially sorted by :mod:`seg.io`) define the frames. The node sends
+FRACTIONAL (RLE, values 0 or 255) by default: the Segmentation Storage class every PACS takes, whole
+bytes per pixel so a current OHIF shows it correctly whatever the frame size (it garbles BINARY frames
+that start mid-byte), and the right colours (it shifts them by one for a LABELMAP that describes its
+background). BINARY and LABELMAP stay selectable; trade-offs in docs/conformance.md, "SEG encoding".
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
-from reporting import codes
+from reporting import codes, rle_encoder
 from reporting.rules import RULES, ReportingRules, is_found
 from reporting.uids import copy_identity, output_uid, source_content, tracking_uid
 from seg.labels import Structure, structures
+from seg.records import ModelInfo, VolumeRecord
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
+rle_encoder.install()  # FRACTIONAL/LABELMAP RLE frames: byte-identical, ~13x faster encoder
 
 SEG_SERIES_NUMBER = 9901
-# processes compressing LABELMAP frames in parallel (0 = in this process)
+SEG_TYPES = ("BINARY", "FRACTIONAL", "LABELMAP")
+# processes compressing LABELMAP and FRACTIONAL frames in parallel (0 = in this process)
 LABELMAP_WORKERS = 0
 SIDES = ("left", "right")
 _COMPRESSION = {"RLE": RLELossless, "JPEGLS": JPEGLSLossless, "JPEG-LS": JPEGLSLossless,
@@ -45,18 +51,18 @@ class SegmentInfo:
     side: str
 
 
-def algorithm_name(model_info: dict) -> str:
-    name = str(model_info.get("name") or "unknown-model")
-    if model_info.get("demo"):
+def algorithm_name(model_info: ModelInfo) -> str:
+    name = model_info.name or "unknown-model"
+    if model_info.demo:
         name += " DEMO (phantom-trained, not for clinical use)"
     return name[:64]
 
 
-def algorithm_identification(model_info: dict) -> hd.AlgorithmIdentificationSequence:
+def algorithm_identification(model_info: ModelInfo) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=algorithm_name(model_info),
         family=pydicom.sr.codedict.codes.cid7162.ArtificialIntelligence,
-        version=str(model_info.get("version") or "0")[:64],
+        version=(model_info.version or "0")[:64],
         source="dicomnode",
     )
 
@@ -104,12 +110,12 @@ def _side_index(labels: Volume, mid: float) -> np.ndarray:
     return idx
 
 
-def _matches(counts: np.ndarray, volumes: dict, voxel_cm3: float) -> bool:
-    """Do per-side voxel counts reproduce volumes.json's left_cm3 (rounded to 4 decimals)?"""
-    for e in volumes.get("structures", []):
-        if e.get("left_cm3") is None or 2 * int(e["label"]) + 1 >= len(counts):
+def _matches(counts: np.ndarray, volumes: VolumeRecord, voxel_cm3: float) -> bool:
+    """Do per-side voxel counts reproduce volumes.json's left volumes (rounded to 4 decimals)?"""
+    for e in volumes.structures:
+        if e.left_cm3 is None or 2 * e.label + 1 >= len(counts):
             continue
-        if abs(round(float(counts[2 * int(e["label"]) + 1]) * voxel_cm3, 4) - float(e["left_cm3"])) > 1e-6:
+        if abs(round(float(counts[2 * e.label + 1]) * voxel_cm3, 4) - e.left_cm3) > 1e-6:
             return False
     return True
 
@@ -178,12 +184,12 @@ def _frame_counts(idx: np.ndarray, box: np.ndarray, nbins: int) -> np.ndarray:
                      for k, (j0, j1, i0, i1) in enumerate(box)])
 
 
-def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None,
+def make_plan(labels: Volume, volumes: VolumeRecord, ct: Volume | None = None,
               rules: ReportingRules = RULES) -> SegmentPlan:
     """Which segments exist (found structure x side) and the per-voxel index they are read from.
 
     Sides use the mid-sagittal plane of :mod:`seg.measure` (left = +x in LPS): the plane recorded in
-    ``qa.midline_x_mm`` when its split reproduces volumes.json's ``left_cm3`` exactly, else the plane
+    ``qa.midline_x_mm`` when its split reproduces volumes.json's left volumes exactly, else the plane
     recomputed by :func:`seg.measure.midline_x`; either way SEG sides equal the reported numbers.
     A structure side below ``rules.min_segment_cm3`` is "not found": no segment (its voxels are
     background in the SEG), and the SR says so.
@@ -191,7 +197,7 @@ def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None,
     n = len(structures())
     if int(labels.array.max(initial=0)) >= min(n, 128):
         raise ValueError(f"label values must be below {n}")
-    recorded = (volumes.get("qa") or {}).get("midline_x_mm")
+    recorded = volumes.qa.midline_x_mm
     mid = float(recorded) if recorded is not None else exact_midline_x(labels, ct)
     idx = _side_index(labels, mid)
     frame_box = _frame_boxes(idx)
@@ -201,7 +207,7 @@ def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None,
         idx = _side_index(labels, exact_midline_x(labels, ct))
         frame_counts = _frame_counts(idx, frame_box, 2 * n)
         counts = frame_counts.sum(axis=0)
-    by_label = {int(e["label"]): e for e in volumes.get("structures", [])}
+    by_label = volumes.by_label()
     segments: list[SegmentInfo] = []
     lut = np.zeros(2 * n, dtype=np.uint16)
 
@@ -212,8 +218,8 @@ def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None,
     vox = labels.voxel_volume_cm3
     for s in structures()[1:]:
         n_right, n_left = int(counts[2 * s.label]), int(counts[2 * s.label + 1])
-        entry = by_label.get(s.label, {})
-        split = entry.get("left_cm3") is not None or entry.get("right_cm3") is not None or not entry
+        entry = by_label.get(s.label)
+        split = entry is None or entry.split
         if not split:
             if is_found((n_left + n_right) * vox, rules):
                 add(s, "both", 2 * s.label, 2 * s.label + 1)
@@ -225,7 +231,7 @@ def make_plan(labels: Volume, volumes: dict, ct: Volume | None = None,
     return SegmentPlan(segments, idx, lut, frame_box, frame_counts)
 
 
-def plan_segments(labels: Volume, volumes: dict, ct: Volume | None = None,
+def plan_segments(labels: Volume, volumes: VolumeRecord, ct: Volume | None = None,
                   rules: ReportingRules = RULES) -> tuple[list[SegmentInfo], np.ndarray]:
     """Segment list and the segment-number map in frame layout (k, j, i) (see :func:`make_plan`)."""
     plan = make_plan(labels, volumes, ct, rules)
@@ -237,7 +243,8 @@ def segment_label(info: SegmentInfo) -> str:
     return s.display_name if info.side == "both" else f"{s.display_name} {info.side}"
 
 
-def _segment_description(info: SegmentInfo, patient_id: str, model_info: dict) -> hd.seg.SegmentDescription:
+def _segment_description(info: SegmentInfo, patient_id: str,
+                         model_info: ModelInfo) -> hd.seg.SegmentDescription:
     s = structures()[info.label]
     desc = hd.seg.SegmentDescription(
         segment_number=info.number,
@@ -263,10 +270,11 @@ def read_sources(ct: Volume) -> list[Dataset]:
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in ct.source_files]
 
 
-def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_type: str = "BINARY",
-              compression: str = "RLE", sources: list[Dataset] | None = None, fast: bool = True,
-              rules: ReportingRules = RULES) -> Dataset:
-    """The SEG dataset (``compression`` applies to LABELMAP only; BINARY stays uncompressed).
+def build_seg(ct: Volume, labels: Volume, volumes: VolumeRecord, model_info: ModelInfo,
+              seg_type: str = "BINARY", compression: str = "RLE", sources: list[Dataset] | None = None,
+              fast: bool = True, rules: ReportingRules = RULES) -> Dataset:
+    """The SEG dataset (``compression`` applies to LABELMAP only; BINARY stays uncompressed, FRACTIONAL
+    is RLE: the lossless codec every viewer decodes; its pixels are 0 or 255, occupancy 0 or 1).
 
     ``fast`` encodes BINARY per-frame items as bytes (see ``_fast_binary``; only on a highdicom in
     FAST_BINARY_HIGHDICOM); False = plain highdicom.
@@ -275,8 +283,8 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
     if labels.shape != ct.shape:
         raise ValueError(f"label map {labels.shape} is not on the CT grid {ct.shape}")
     seg_type = seg_type.upper()
-    if seg_type not in ("BINARY", "LABELMAP"):
-        raise ValueError(f"seg_type must be BINARY or LABELMAP, not {seg_type!r}")
+    if seg_type not in SEG_TYPES:
+        raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, not {seg_type!r}")
     sources = sources if sources is not None else read_sources(ct)
     if len(sources) != ct.shape[2]:
         raise ValueError(f"{len(sources)} source files for {ct.shape[2]} slices")
@@ -289,6 +297,8 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
                          "nothing to put in a SEG")
     if seg_type == "BINARY":
         transfer_syntax = ExplicitVRLittleEndian
+    elif seg_type == "FRACTIONAL":
+        transfer_syntax = RLELossless
     else:
         transfer_syntax = _COMPRESSION.get(str(compression).upper().replace("_", "-"), None)
         if transfer_syntax is None:
@@ -296,7 +306,7 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
     series_uid = ct.meta.get("SeriesInstanceUID") or str(src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids or [str(s.SOPInstanceUID) for s in sources])
     kind = f"SEG-{seg_type}"
-    demo = bool(model_info.get("demo"))
+    demo = model_info.demo
     descriptions = [_segment_description(s, patient_id, model_info) for s in segments]
 
     def construct(pixels: np.ndarray, descs: list) -> hd.seg.Segmentation:
@@ -310,15 +320,16 @@ def build_seg(ct: Volume, labels: Volume, volumes: dict, model_info: dict, seg_t
             sop_instance_uid=output_uid(content, model_info, kind + "/instance"),
             instance_number=1,
             manufacturer="dicomnode",
-            manufacturer_model_name=str(model_info.get("name") or "unknown-model")[:64],
-            software_versions=str(model_info.get("version") or "0")[:64],
+            manufacturer_model_name=(model_info.name or "unknown-model")[:64],
+            software_versions=(model_info.version or "0")[:64],
             device_serial_number="0",
             content_description=("Thigh muscle segmentation" + (" (DEMO model)" if demo else ""))[:64],
             content_label="THIGH_MUSCLES",
             content_creator_name="dicomnode^automatic",
             transfer_syntax_uid=transfer_syntax,
             omit_empty_frames=True,
-            workers=LABELMAP_WORKERS if seg_type == "LABELMAP" else 0,
+            workers=LABELMAP_WORKERS if seg_type != "BINARY" else 0,
+            **({"fractional_type": "OCCUPANCY"} if seg_type == "FRACTIONAL" else {}),
         )
 
     seg = None

@@ -4,11 +4,18 @@ Why TID 1500: it is the template viewers and dcmqi understand for "this segment 
 it points at the SEG segment (so a click shows the region) and carries a tracking identifier that
 is the same for a patient's muscle in every study, which is what longitudinal viewers match on.
 Each group also names the CT images its segment was derived from (TID 1411 "Source image for
-segmentation") next to the source series: viewers such as OHIF look for image references. A
-structure side below the minimum segment size (:mod:`reporting.rules`) has no segment and is
-reported as absent, without a volume. Values are rounded to the precision in ``reporting.rules``.
-QA facts (coverage, metal, height) travel as qualitative evaluations so a reader sees why a number
-may not be trusted, without a free-text parser.
+segmentation") next to the source series. A structure side below the minimum segment size
+(:mod:`reporting.rules`) has no segment and is reported as absent, without a volume. Values are
+rounded to the precision in ``reporting.rules``. QA facts (coverage, metal, height) travel as
+qualitative evaluations so a reader sees why a number may not be trusted, without a free-text parser.
+
+Every measurement group also carries spatial coordinates, because OHIF 3.13 cannot open a TID 1500
+report with a group that has none (docs/upstream.md §6), and highdicom's TID 1411 builder takes a
+Referenced Segment or an image region, not both, and no coordinates on its measurements. So each
+volume group has a TID 1501 companion with the same tracking identifiers: the segment's maximal
+cross-sectional area, inferred from its outline on the CT slice where it is largest
+(:mod:`reporting.keyslice`). Groups about the scan rather than a segment (QA,
+absent structures) state the craniocaudal coverage, inferred from the scanned extent (SCOORD3D).
 """
 
 from __future__ import annotations
@@ -22,39 +29,41 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes as std
 
 from reporting import codes
+from reporting.keyslice import Section, largest_sections
 from reporting.rules import RULES, ReportingRules, rounded
 from reporting.seg import algorithm_name
 from reporting.uids import copy_identity, derived_uid, output_uid, source_content, source_header, tracking_uid
 from seg.labels import by_name
+from seg.records import ModelInfo, Side, StructureVolume, VolumeRecord
 from seg.volume import Volume
 
 SR_SERIES_NUMBER = 9902
 CM3 = hd.sr.CodedConcept("cm3", "UCUM", "cubic centimeter")
+CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
 CM3_PER_M2 = hd.sr.CodedConcept("cm3/m2", "UCUM", "cubic centimeter per square meter")
 MM = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 METER = hd.sr.CodedConcept("m", "UCUM", "meter")
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
-_SIDE_KEY = {"left": "left_cm3", "right": "right_cm3", "both": "volume_cm3"}
 _PER_FRAME = 0x52009230  # PerFrameFunctionalGroupsSequence
 
 
-def observation_context(model_info: dict) -> hd.sr.ObservationContext:
+def observation_context(model_info: ModelInfo) -> hd.sr.ObservationContext:
     """The algorithm as device observer (name says DEMO when the demo model produced the numbers)."""
     name = algorithm_name(model_info)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid("device", str(model_info.get("name", "")), str(model_info.get("version", ""))),
+        uid=derived_uid("device", model_info.name, model_info.version),
         name=name,
         manufacturer_name="dicomnode",
-        model_name=str(model_info.get("name") or "unknown-model")[:64],
+        model_name=(model_info.name or "unknown-model")[:64],
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=std.DCM.Device,
                                                       observer_identifying_attributes=device))
 
 
-def algorithm_id(model_info: dict) -> hd.sr.AlgorithmIdentification:
+def algorithm_id(model_info: ModelInfo) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=algorithm_name(model_info),
-                                         version=str(model_info.get("version") or "0")[:64])
+                                         version=(model_info.version or "0")[:64])
 
 
 def segments_of(seg: Dataset) -> list[tuple[int, str, str]]:
@@ -105,15 +114,56 @@ def _frame_segments(seg: Dataset, frames: Sequence) -> list[list[int]]:
 def segment_source_images(seg: Dataset) -> dict[int, list[hd.sr.SourceImageForSegmentation]]:
     """Per segment number, the source CT images of the frames that hold it (in frame order).
 
-    Read from the SEG itself, so it holds for a SEG read back from disk as well.
+    Read from the SEG itself, so it holds for a SEG read back from disk as well. One content item per
+    source image, shared by every segment that lists it: the SR writes the same bytes, and building
+    (and highdicom's deep copy of) one item per CT slice instead of one per SEG frame is several
+    times cheaper.
     """
     frames = per_frame_groups(seg)
     refs: dict[int, dict[tuple[str, str], None]] = {}
     for frame, numbers in zip(frames, _frame_segments(seg, frames), strict=True):
         for number in numbers:
             refs.setdefault(number, {}).update(dict.fromkeys(_frame_sources(frame)))
-    return {n: [hd.sr.SourceImageForSegmentation(cls, inst) for cls, inst in uids]
-            for n, uids in refs.items()}
+    items = {uids: hd.sr.SourceImageForSegmentation(*uids)
+             for uids in dict.fromkeys(u for per_segment in refs.values() for u in per_segment)}
+    return {n: [items[u] for u in uids] for n, uids in refs.items()}
+
+
+def key_sections(seg: Dataset) -> dict[int, Section]:
+    """Per segment number, its largest cross-section (CT image, outline, area), read from the SEG."""
+    return largest_sections(seg, per_frame_groups(seg))
+
+
+def max_area(section: Section, rules: ReportingRules = RULES) -> hd.sr.Measurement:
+    """TID 300: Area, derivation Maximum, in cm², INFERRED FROM its outline (SCOORD POLYLINE, closed)
+    SELECTED FROM the CT image of the segment's largest cross-section."""
+    where = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=section.outline,
+        source_image=hd.sr.SourceImageForRegion(section.sop_class_uid, section.sop_instance_uid))
+    return hd.sr.Measurement(name=std.SCT.Area, value=rounded(section.area_cm2, rules.area_decimals),
+                             unit=CM2, derivation=std.SCT.Maximum, referenced_coordinates=[where])
+
+
+def coverage_mm(ct: Volume) -> float:
+    """Craniocaudal coverage as :mod:`seg.measure` states it: slices × slice spacing."""
+    return ct.shape[2] * ct.spacing_mm[2]
+
+
+def coverage(ct: Volume, value_mm: float | None = None,
+             rules: ReportingRules = RULES) -> hd.sr.Measurement:
+    """TID 300: the coverage (mm), INFERRED FROM the scanned extent: a SCOORD3D line through the
+    image centre from the first slice's outer face to the last one's (its length is the coverage).
+    Without a Frame of Reference (not a DICOM series) the value stands alone."""
+    value = coverage_mm(ct) if value_mm is None else value_mm
+    for_uid = ct.meta.get("FrameOfReferenceUID")
+    where = None
+    if for_uid:
+        i, j, n = (ct.shape[0] - 1) / 2, (ct.shape[1] - 1) / 2, ct.shape[2]
+        ends = ct.world_coords(np.array([[i, j, -0.5], [i, j, n - 0.5]]))
+        where = [hd.sr.CoordinatesForMeasurement3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
+                                                   graphic_data=ends, frame_of_reference_uid=str(for_uid))]
+    return hd.sr.Measurement(name=codes.QA_Z_COVERAGE, value=rounded(value, rules.length_decimals), unit=MM,
+                             referenced_coordinates=where)
 
 
 def source_evidence(seg: Dataset) -> list[Dataset]:
@@ -133,10 +183,10 @@ def source_evidence(seg: Dataset) -> list[Dataset]:
     return out
 
 
-def height_status(volumes: dict, meta: dict) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]:
+def height_status(volumes: VolumeRecord, meta: dict) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]:
     """(status, source) of the body height used for the index: present/missing/implausible."""
-    if volumes.get("height_m"):
-        src = str(volumes.get("height_source") or "")
+    if volumes.height_m:
+        src = volumes.height_source or ""
         if src == "PatientSize":
             source = codes.HEIGHT_SOURCE_PATIENT_SIZE
         elif "registry" in src.lower():
@@ -152,19 +202,17 @@ def height_status(volumes: dict, meta: dict) -> tuple[hd.sr.CodedConcept, hd.sr.
     return (codes.HEIGHT_IMPLAUSIBLE if given else codes.HEIGHT_MISSING), codes.HEIGHT_SOURCE_NONE
 
 
-def qa_group(ct: Volume, volumes: dict, model_info: dict,
+def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
              rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """Series-level QA: z-coverage (mm), metal yes/no, height status and source, height (m), and the
-    minimum segment size below which a structure was reported absent."""
-    qa = volumes.get("qa") or {}
+    minimum segment size below which a structure was reported absent. The coverage is stated from the
+    CT when the record lacks it (it is slices × spacing either way)."""
+    qa = volumes.qa
     content = source_content(str(ct.meta.get("SeriesInstanceUID", "")), ct.source_sop_uids)
-    measurements = []
-    if qa.get("z_coverage_mm") is not None:
+    measurements = [coverage(ct, qa.z_coverage_mm, rules)]  # the group's place: the scanned extent
+    if volumes.height_m:
         measurements.append(hd.sr.Measurement(
-            name=codes.QA_Z_COVERAGE, value=rounded(qa["z_coverage_mm"], rules.length_decimals), unit=MM))
-    if volumes.get("height_m"):
-        measurements.append(hd.sr.Measurement(
-            name=codes.BODY_HEIGHT, value=rounded(volumes["height_m"], rules.height_decimals), unit=METER))
+            name=codes.BODY_HEIGHT, value=rounded(volumes.height_m, rules.height_decimals), unit=METER))
     measurements.append(hd.sr.Measurement(name=codes.MIN_SEGMENT_VOLUME, unit=CM3,
                                           value=rounded(rules.min_segment_cm3, rules.volume_decimals)))
     status, source = height_status(volumes, ct.meta)
@@ -172,12 +220,12 @@ def qa_group(ct: Volume, volumes: dict, model_info: dict,
         hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_STATUS, status),
         hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_SOURCE, source),
     ]
-    if qa.get("metal") is not None:
-        metal = codes.YES if qa["metal"] else codes.NO
+    if qa.metal is not None:
+        metal = codes.YES if qa.metal else codes.NO
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_METAL, metal))
-    if qa.get("z_coverage_ok") is not None:
+    if qa.z_coverage_ok is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_Z_COVERAGE_OK,
-                                                       codes.YES if qa["z_coverage_ok"] else codes.NO))
+                                                       codes.YES if qa.z_coverage_ok else codes.NO))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=output_uid(content, model_info, "SR/qa-group"),
                                                      identifier="Quality assurance"),
@@ -185,11 +233,6 @@ def qa_group(ct: Volume, volumes: dict, model_info: dict,
         measurements=measurements or None,
         qualitative_evaluations=evaluations,
     )
-
-
-def side_volume(entry: dict, side: str) -> float | None:
-    v = entry.get(_SIDE_KEY[side])
-    return None if v is None else float(v)
 
 
 def _label(name: str, side: str) -> str:
@@ -213,12 +256,12 @@ def _referenced_segment(seg: Dataset, number: int, series_uid: str,
     return ref
 
 
-def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, name: str, side: str,
-                 entry: dict, height_m: float | None, model_info: dict,
+def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, name: str, side: Side,
+                 entry: StructureVolume, height_m: float | None, model_info: ModelInfo,
                  images: list[hd.sr.SourceImageForSegmentation] | None = None, rules: ReportingRules = RULES,
                  ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     """TID 1411 group of one segment: volume (and height index), rounded per ``rules``."""
-    volume = side_volume(entry, side)
+    volume = entry.side_volume(side)
     if volume is None:
         return None
     code = codes.structure_code(name)
@@ -238,9 +281,25 @@ def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, na
     )
 
 
-def absent_group(patient_id: str, name: str, side: str,
-                 model_info: dict) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group saying a structure side was not found (no segment of the minimum size).
+def section_group(patient_id: str, name: str, side: str, section: Section, model_info: ModelInfo,
+                  rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 companion of a volume group (same tracking identifier and UID, so readers that merge
+    groups by UID, as OHIF does, show one muscle): its maximal cross-sectional area and outline."""
+    code = codes.structure_code(name)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
+                                                     identifier=_label(name, side)),
+        finding_type=code,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
+        algorithm_id=algorithm_id(model_info),
+        measurements=[max_area(section, rules)],
+    )
+
+
+def absent_group(patient_id: str, name: str, side: str, model_info: ModelInfo, ct: Volume,
+                 rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group saying a structure side was not found (no segment of the minimum size) within
+    the scanned extent, whose coverage it states (the group's spatial coordinates).
 
     Same tracking UID as its volume group in other studies, so a longitudinal reader sees "absent"
     rather than a silent gap.
@@ -252,28 +311,24 @@ def absent_group(patient_id: str, name: str, side: str,
         finding_type=code,
         finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
         algorithm_id=algorithm_id(model_info),
+        measurements=[coverage(ct, rules=rules)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
     )
 
 
-def expected_sides(entry: dict) -> list[str]:
-    """Sides a volumes.json entry reports: left and right when split, else both together."""
-    if entry.get("left_cm3") is not None or entry.get("right_cm3") is not None:
-        return [side for side in ("left", "right") if entry.get(_SIDE_KEY[side]) is not None]
-    return ["both"]
-
-
-def build_measurement_sr(ct: Volume, seg: Dataset, volumes: dict, model_info: dict,
+def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_info: ModelInfo,
                          rules: ReportingRules = RULES) -> Dataset:
     """The TID 1500 SR for one measured series: ``volumes``' numbers rounded per ``rules``, one volume
-    group per SEG segment, one "absent" group per structure side without a segment."""
+    group per SEG segment (followed by its cross-section companion), one "absent" group per
+    structure side without a segment, then the QA group."""
     src0 = source_header(ct.source_files)
     patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids)
-    by_label = {int(e["label"]): e for e in volumes.get("structures", [])}
-    height_m = float(volumes["height_m"]) if volumes.get("height_m") else None
+    by_label = volumes.by_label()
+    height_m = volumes.height_m or None
     images = segment_source_images(seg)
+    sections = key_sections(seg)
     groups: list = []
     present: set[tuple[str, str]] = set()
     for number, name, side in segments_of(seg):
@@ -284,10 +339,11 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: dict, model_info: di
                          images.get(number), rules)
         if g is not None:
             groups.append(g)
+            groups.append(section_group(patient_id, name, side, sections[number], model_info, rules))
             present.add((name, side))
-    for entry in sorted(volumes.get("structures", []), key=lambda e: int(e["label"])):
-        groups.extend(absent_group(patient_id, str(entry["name"]), side, model_info)
-                      for side in expected_sides(entry) if (str(entry["name"]), side) not in present)
+    for entry in sorted(volumes.structures, key=lambda e: e.label):
+        groups.extend(absent_group(patient_id, entry.name, side, model_info, ct, rules)
+                      for side in entry.sides() if (entry.name, side) not in present)
     groups.append(qa_group(ct, volumes, model_info, rules))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(model_info),
@@ -306,7 +362,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: dict, model_info: di
         is_final=False,
         is_verified=False,
     )
-    sr.SeriesDescription = ("Thigh muscle volumes SR" + (" DEMO" if model_info.get("demo") else ""))[:64]
+    sr.SeriesDescription = ("Thigh muscle volumes SR" + (" DEMO" if model_info.demo else ""))[:64]
     copy_identity(sr, src0, ct.meta)
     codes.declare_schemes(sr)
     return sr

@@ -27,6 +27,7 @@ from reporting.rules import RULES, is_found
 from reporting.seg import algorithm_name
 from reporting.uids import copy_identity, output_uid, source_content, source_header
 from seg.labels import by_name, structures
+from seg.records import ChangeRecord, ModelInfo, VolumeRecord
 from seg.volume import Volume
 
 SUMMARY_SERIES_NUMBER = 9903
@@ -42,49 +43,50 @@ def _fmt_side(v: float | None) -> str:
     return "–" if v is None else _fmt(v, RULES.volume_decimals) if is_found(v) else "n/f"
 
 
-def qa_warnings(volumes: dict, meta: dict, model_info: dict) -> list[str]:
+def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo) -> list[str]:
     """Plain-language QA warnings shown on the page (empty when nothing is wrong)."""
     out = []
-    qa = volumes.get("qa") or {}
-    if model_info.get("demo"):
+    qa = volumes.qa
+    if model_info.demo:
         out.append("DEMO model trained on synthetic phantoms: not for clinical use")
-    if not volumes.get("height_m"):
+    if not volumes.height_m:
         size = meta.get("PatientSize")
         out.append("Body height implausible: no height index" if size not in (None, "")
                    else "Body height missing: no height index")
-    if qa.get("metal"):
-        where = (qa.get("metal_where") or {}).get("side")
+    if qa.metal:
+        where = qa.metal_where.side if qa.metal_where else None
         out.append("Metal present" + (f" ({where} side)" if where else "")
                    + ": volumes near it are less reliable")
-    if qa.get("z_coverage_ok") is False:
+    if qa.z_coverage_ok is False:
         out.append("Incomplete craniocaudal coverage")
-    ratio = qa.get("segmented_vs_hu_muscle")
+    ratio = qa.segmented_vs_hu_muscle
     if ratio is not None and not 0.5 <= float(ratio) <= 1.5:
         out.append(f"Segmented muscle is {float(ratio):.2f}x the HU-threshold muscle volume: "
                    "check the segmentation")
     return out
 
 
-def _table_rows(volumes: dict) -> tuple[list[list[str]], float, float | None]:
+def _table_rows(volumes: VolumeRecord) -> tuple[list[list[str]], float, float | None]:
     rows = []
     total = 0.0
     total_idx = 0.0
-    h = volumes.get("height_m")
+    h = volumes.height_m
     muscles = {s.label for s in structures() if s.analysed}
-    for e in sorted(volumes.get("structures", []), key=lambda e: int(e["label"])):
-        if int(e["label"]) not in muscles:
+    for e in sorted(volumes.structures, key=lambda e: e.label):
+        if e.label not in muscles:
             continue
-        s = structures()[int(e["label"])]
-        total += float(e["volume_cm3"])
-        if e.get("index_cm3_m2") is not None:
-            total_idx += float(e["index_cm3_m2"])
-        found = is_found(e.get("volume_cm3"))
-        rows.append([s.display_name, _fmt_side(e.get("left_cm3")), _fmt_side(e.get("right_cm3")),
-                     _fmt_side(e.get("volume_cm3")), _fmt(e.get("index_cm3_m2")) if found else "–"])
+        s = structures()[e.label]
+        total += e.volume_cm3
+        if e.index_cm3_m2 is not None:
+            total_idx += e.index_cm3_m2
+        found = is_found(e.volume_cm3)
+        rows.append([s.display_name, _fmt_side(e.left_cm3), _fmt_side(e.right_cm3),
+                     _fmt_side(e.volume_cm3), _fmt(e.index_cm3_m2) if found else "–"])
     return rows, total, (total_idx if h else None)
 
 
-def render_page(volumes: dict, model_info: dict, meta: dict, change: dict | None = None) -> np.ndarray:
+def render_page(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
+                change: ChangeRecord | None = None) -> np.ndarray:
     """RGB uint8 page (rows, columns, 3) rendered with matplotlib's Agg backend."""
     import matplotlib
 
@@ -98,14 +100,14 @@ def render_page(volumes: dict, model_info: dict, meta: dict, change: dict | None
     fig.patch.set_facecolor("black")
     top = fig.add_axes((0.03, 0.45 if change else 0.12, 0.94, 0.47 if change else 0.8))
     top.axis("off")
-    h = volumes.get("height_m")
+    h = volumes.height_m
     title = "Thigh muscle volumes (CT)"
     sub = (f"Total of {len(rows)} analysed muscles: {total:.1f} cm³"
            + (f"   index {total_idx:.1f} cm³/m²" if total_idx is not None else "")
-           + (f"   height {h:.2f} m ({volumes.get('height_source') or '?'})" if h else "   height: none"))
+           + (f"   height {h:.2f} m ({volumes.height_source or '?'})" if h else "   height: none"))
     fig.text(0.03, 0.975, title, color="white", fontsize=16, weight="bold", va="top")
     fig.text(0.03, 0.955, sub, color="white", fontsize=10, va="top")
-    fig.text(0.03, 0.94, f"Algorithm: {algorithm_name(model_info)} {model_info.get('version', '')}",
+    fig.text(0.03, 0.94, f"Algorithm: {algorithm_name(model_info)} {model_info.version}",
              color="#bbbbbb", fontsize=9, va="top")
     table = top.table(cellText=rows or [["(no muscle found)", "", "", "", ""]],
                       colLabels=["Muscle", "Left cm³", "Right cm³", "Total cm³", "cm³/m²"],
@@ -130,7 +132,7 @@ def render_page(volumes: dict, model_info: dict, meta: dict, change: dict | None
     return np.ascontiguousarray(rgba[:, :, :3])
 
 
-def change_bars(change: dict) -> dict[str, dict[str, float]]:
+def change_bars(change: ChangeRecord) -> dict[str, dict[str, float]]:
     """Per analysed muscle and side, the signed change in % of baseline that the chart plots.
 
     ``change_pct`` of the change record: follow-up minus baseline, null (no bar) below the baseline
@@ -138,13 +140,13 @@ def change_bars(change: dict) -> dict[str, dict[str, float]]:
     """
     names = {s.name for s in structures() if s.analysed}
     data: dict[str, dict[str, float]] = {}
-    for e in change.get("structures", []):
-        if e.get("name") in names and e.get("side") in ("left", "right") and e.get("change_pct") is not None:
-            data.setdefault(e["name"], {})[e["side"]] = float(e["change_pct"])
+    for e in change.structures:
+        if e.name in names and e.side in ("left", "right") and e.change_pct is not None:
+            data.setdefault(e.name, {})[e.side] = e.change_pct
     return data
 
 
-def _change_chart(fig, change: dict) -> None:
+def _change_chart(fig, change: ChangeRecord) -> None:
     """Bar chart: signed change % per analysed muscle, left and right side by side."""
     names = [s.name for s in structures() if s.analysed]
     disp = {s.name: s.display_name for s in structures()}
@@ -159,10 +161,10 @@ def _change_chart(fig, change: dict) -> None:
     ax.set_xticks(x, [disp[n] for n in shown], rotation=60, ha="right", fontsize=7, color="white")
     ax.tick_params(colors="white")
     ax.set_ylabel("change since baseline (%)", color="white")
-    days = change.get("days_between")
-    base = (change.get("baseline") or {}).get("study_date") or "?"
+    days = change.days_between
+    base = change.baseline.study_date or "?"
     ax.set_title(f"Change since {base}" + (f" ({days} days)" if days is not None else "")
-                 + (f", fractured side: {change['fractured_side']}" if change.get("fractured_side") else ""),
+                 + (f", fractured side: {change.fractured_side}" if change.fractured_side else ""),
                  color="white", fontsize=10)
     ax.legend(facecolor="black", labelcolor="white", fontsize=8)
     fig.text(0.08, 0.015, f"Follow-up minus baseline; negative = loss. No bar: baseline below "
@@ -312,33 +314,32 @@ def key_images_size(n_studies: int) -> tuple[int, int]:
     return int(round(height * _DPI)), int(round(_WIDTH_IN * _DPI))
 
 
-def _key_studies(ct: Volume, labels: Volume, change: dict | None,
+def _key_studies(ct: Volume, labels: Volume, change: ChangeRecord | None,
                  baseline: tuple[Volume, Volume] | None) -> list[KeyStudy]:
     """The follow-up shows the baseline row above its own; otherwise one row."""
     date = str(ct.meta.get("StudyDate") or "")
     if baseline is None:
         return [KeyStudy(ct, labels, date or "this study")]
     b_ct, b_labels = baseline
-    b_date = str(b_ct.meta.get("StudyDate") or "") or ((change or {}).get("baseline") or {}).get(
-        "study_date", "")
+    b_date = str(b_ct.meta.get("StudyDate") or "") or ((change.baseline.study_date or "") if change else "")
     return [KeyStudy(b_ct, b_labels, f"pre {b_date}".strip()), KeyStudy(ct, labels, f"post {date}".strip())]
 
 
-def summary_pixels(ct: Volume, volumes: dict, model_info: dict, change: dict | None = None,
-                   labels: Volume | None = None, baseline: tuple[Volume, Volume] | None = None
-                   ) -> np.ndarray:
+def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
+                   change: ChangeRecord | None = None, labels: Volume | None = None,
+                   baseline: tuple[Volume, Volume] | None = None) -> np.ndarray:
     """The table page with, when the label map is given, the key images below it."""
     page = render_page(volumes, model_info, ct.meta, change)
     if labels is None:
         return page
-    side = (change or {}).get("fractured_side") if baseline is not None else None
+    side = change.fractured_side if change is not None and baseline is not None else None
     keys = rasterise(key_images_figure(_key_studies(ct, labels, change, baseline), side))
     return np.concatenate([page, keys], axis=0)
 
 
-def build_summary(ct: Volume, volumes: dict, model_info: dict, change: dict | None = None,
-                  labels: Volume | None = None, baseline: tuple[Volume, Volume] | None = None
-                  ) -> Dataset:
+def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
+                  change: ChangeRecord | None = None, labels: Volume | None = None,
+                  baseline: tuple[Volume, Volume] | None = None) -> Dataset:
     """Secondary Capture of the summary page in the source study (new series).
 
     With ``labels`` the page also shows the key images; with ``baseline`` (its CT and label map)
@@ -365,7 +366,7 @@ def build_summary(ct: Volume, volumes: dict, model_info: dict, change: dict | No
         patient_orientation=("L", "P"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
-    sc.SeriesDescription = ("Thigh muscle summary" + (" DEMO" if model_info.get("demo") else ""))[:64]
+    sc.SeriesDescription = ("Thigh muscle summary" + (" DEMO" if model_info.demo else ""))[:64]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     if "Laterality" not in sc:

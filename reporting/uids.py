@@ -23,6 +23,8 @@ import pydicom
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 
+from seg.records import ModelInfo
+
 # Fixed namespace for this project; changing it would change every output UID.
 _NAMESPACE = uuid.UUID("6f1c2a4e-3b5d-5e8f-9a0b-1c2d3e4f5a6b")
 
@@ -69,10 +71,16 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
     return f"{series_uid}/content-{digest}"
 
 
-def output_uid(source: str, model_info: dict, kind: str) -> str:
+# Revision of what the output objects contain for the same source and model. Bump it with every change
+# to an object's content (a new SR item, a new summary layout), so that a UID never names two contents
+# across releases either. 2: SR companion groups with outlines and areas, FRACTIONAL SEG by default.
+OUTPUT_REVISION = 2
+
+
+def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:
     """UID of one output object (``kind`` e.g. "SEG-BINARY/series") for a :func:`source_content` key:
-    the same for a re-run on the same content and model, new for new content or a new model version."""
-    return derived_uid(source, str(model_info.get("name", "")), str(model_info.get("version", "")), kind)
+    the same for a re-run on the same content, model and :data:`OUTPUT_REVISION`; new otherwise."""
+    return derived_uid(source, model_info.name, model_info.version, kind, f"revision-{OUTPUT_REVISION}")
 
 
 def tracking_uid(patient_id: str, structure: str, side: str) -> str:

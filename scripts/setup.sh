@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of everything the node, its demo and its tests need on a fresh machine:
-# Debian peers (Orthanc, dcmtk), a virtual environment with the CPU torch wheel first, then the project.
+# Debian peers (Orthanc and its DICOMweb plugin, dcmtk, Chromium), the OHIF viewer (npm, into .viewer/),
+# a virtual environment with the CPU torch wheel first, then the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -10,6 +11,10 @@ need_apt=()
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 # dcmdump: a name only dcmtk has (pynetdicom's venv scripts are called storescu, storescp, echoscu …)
 command -v dcmdump >/dev/null 2>&1 || need_apt+=(dcmtk)
+# the viewer tests: Orthanc's DICOMweb, a browser to drive (Playwright uses it, downloads none), npm
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing Debian packages: ${need_apt[*]}"
@@ -21,6 +26,24 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
     service orthanc stop >/dev/null 2>&1 || true
   else
     echo "setup: please install Debian packages: ${need_apt[*]} (tests needing them will be skipped)" >&2
+  fi
+fi
+
+# OHIF, pinned (OHIF_VERSION in dicomnode/harness/viewer.py). The package's dist/ is the built app; its
+# npm dependencies are build-time only (one, @ohif/i18n@3.13.2, is not even published), so the
+# registry tarball (integrity-checked by npm) is unpacked rather than `npm install`ed.
+OHIF_VERSION=3.13.2
+ohif=".viewer/ohif-app-$OHIF_VERSION"
+if [ ! -f "$ohif/dist/index.html" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "setup: fetching @ohif/app@$OHIF_VERSION into $ohif"
+    mkdir -p .viewer
+    tmp=$(mktemp -d .viewer/tmp.XXXXXX)
+    (cd "$tmp" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null && mkdir app \
+      && tar xzf ohif-app-"$OHIF_VERSION".tgz -C app --strip-components=1)
+    rm -rf "$ohif" && mv "$tmp/app" "$ohif" && rm -rf "$tmp"
+  else
+    echo "setup: npm not found: OHIF not installed (viewer tests will be skipped)" >&2
   fi
 fi
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from seg import labels as L
+from seg.records import ModelInfo
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,14 @@ def _side_volume_errors(pred: Volume, truth: Volume) -> dict[str, dict[str, floa
     mid-sagittal plane as the node splits a prediction (``seg.measure``)."""
     from seg.measure import measure_volumes
 
-    p = {s["name"]: s for s in measure_volumes(pred)["structures"]}
-    t = {s["name"]: s for s in measure_volumes(truth)["structures"]}
+    p = measure_volumes(pred).by_name()
+    t = measure_volumes(truth).by_name()
     out: dict[str, dict[str, float]] = {}
     for name, ts in t.items():
         for side in ("left", "right"):
-            if ts[f"{side}_cm3"] > 0:
-                out.setdefault(name, {})[side] = (p[name][f"{side}_cm3"] - ts[f"{side}_cm3"]) / ts[
-                    f"{side}_cm3"] * 100.0
+            want = ts.side_volume(side)
+            if want > 0:
+                out.setdefault(name, {})[side] = (p[name].side_volume(side) - want) / want * 100.0
     return out
 
 
@@ -139,7 +140,7 @@ def _mean(vals: list) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def aggregate(cases: list[dict], model_info: dict, atrophy_loss: list[dict] | None = None) -> dict:
+def aggregate(cases: list[dict], model_info: ModelInfo, atrophy_loss: list[dict] | None = None) -> dict:
     """Average per-class figures over cases into the evaluation.json record."""
     per_class: dict = {}
     for name in L.CLASS_NAMES[1:]:
@@ -167,7 +168,7 @@ def aggregate(cases: list[dict], model_info: dict, atrophy_loss: list[dict] | No
         c["total_muscle_volume_error_pct"] for c in cases if c["total_muscle_volume_error_pct"] is not None
     ]
     res = {
-        "model": model_info,
+        "model": model_info.model_dump(mode="json"),
         "cases": len(cases),
         "mean_dice_muscles": float(np.mean(dices)) if dices else None,
         "min_dice_muscle": {"name": musc[int(np.argmin(dices))], "dice": float(min(dices))}
@@ -274,11 +275,7 @@ def _side_volumes(labels: Volume) -> dict[tuple[str, str], float]:
     from seg.measure import measure_volumes
 
     rec = measure_volumes(labels)
-    out = {}
-    for st in rec["structures"]:
-        out[(st["name"], "left")] = st["left_cm3"]
-        out[(st["name"], "right")] = st["right_cm3"]
-    return out
+    return {(st.name, side): st.side_volume(side) for st in rec.structures for side in ("left", "right")}
 
 
 Sides = dict[tuple[str, str], float]

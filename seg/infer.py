@@ -1,10 +1,11 @@
 """Inference: CT Volume → 30-class label Volume on the CT's own grid.
 
-Preprocess onto the model grid, MONAI sliding-window inference slab by slab along the last axis
-(memory stays bounded: one slab of float logits, the whole model grid only as uint8 probabilities),
-then linear resampling of the probabilities back onto the CT grid and argmax there. CUDA with
-autocast when present; on CPU fp32 unless bf16 autocast is asked for (see benchmarks/inference.py for
-the speed and agreement figures that decide it).
+Preprocess onto the model grid, sliding-window inference on MONAI's window grid with every window
+computed once (:mod:`seg.sliding`: windows visited along the last axis, blended into a band of
+ROI-depth float logits, finished slices released; the whole model grid is held only as uint8
+probabilities), then linear resampling of the probabilities back onto the CT grid and argmax there.
+CUDA with autocast when present; on CPU fp32 unless bf16 autocast is asked for (see
+benchmarks/inference.py for the speed and agreement figures that decide it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from seg.model import ModelPackage
 from seg.preprocess import to_model_grid
+from seg.sliding import stream_windows
 from seg.volume import LPS_TO_RAS, Volume
 
 log = logging.getLogger(__name__)
@@ -60,57 +62,33 @@ def predict_probabilities(
     progress: bool = False,
     overlap: float = 0.25,
     sw_batch: int | None = None,
-    slab_mb: float = 768.0,
 ) -> np.ndarray:
-    """Class probabilities (C, X, Y, Z) as uint8 (×255) on the model grid, slab by slab along Z.
+    """Class probabilities (C, X, Y, Z) as uint8 (×255) on the model grid.
 
-    ``slab_mb`` bounds the float logits of one slab (the uint8 probabilities of the whole grid come on top).
-    ``sw_batch`` windows run at once (default: :func:`_default_sw_batch`).
+    Every window of MONAI's grid (gaussian weighting) runs once, ``sw_batch`` at a time (default:
+    :func:`_default_sw_batch`); :func:`seg.sliding.stream_windows` keeps one ROI-deep band of float
+    logits and hands back finished slices, which are softmaxed and stored as uint8 here. The array
+    is a (C, X, Y, Z) view of (C, X, Z, Y) memory, so each finished slice is written as contiguous
+    runs (with Z innermost every slice touched every page); the resampling back is faster on it too.
     """
-    from monai.inferers import sliding_window_inference
-
     precision = precision or default_precision()
-    roi = model.roi_size
     net, dev = model.network, model.device
-    sw_batch = sw_batch or _default_sw_batch(dev, roi)
-    nx, ny, nz = image.shape
+    sw_batch = sw_batch or _default_sw_batch(dev, model.roi_size)
     c = int(model.meta["architecture"]["args"]["out_channels"])
-    probs = np.zeros((c, nx, ny, nz), dtype=np.uint8)
-    rz = roi[2]
-    margin = rz // 2
-    # Slab length from a memory budget for its float32 logits; at least one ROI of core plus margins.
-    per_slice = c * max(nx, roi[0]) * max(ny, roi[1]) * 4
-    core = max(rz, int(slab_mb * 2**20 // per_slice) - 2 * margin)
-    starts = list(range(0, nz, core))
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    nx, ny, nz = image.shape
+    probs = np.zeros((c, nx, nz, ny), dtype=np.uint8).transpose(0, 1, 3, 2)
 
-        bar = tqdm(total=len(starts), desc="segment", unit="slab")
-    for z0 in starts:
-        z1 = min(nz, z0 + core)
-        a, b = max(0, z0 - margin), min(nz, z1 + margin)
-        x = torch.from_numpy(np.ascontiguousarray(image[:, :, a:b], dtype=np.float32))[None, None]
-        with torch.inference_mode(), _autocast(dev, precision):
-            logits = sliding_window_inference(
-                x,
-                roi,
-                sw_batch,
-                net,
-                overlap=overlap,
-                mode="gaussian",
-                sw_device=dev,
-                device=torch.device("cpu"),
-            )
-        for k0 in range(z0, z1, 8):  # a few slices at a time: no second slab-sized float buffer
-            k1 = min(z1, k0 + 8)
-            p = torch.softmax(logits[0, :, :, :, k0 - a : k1 - a].float(), 0)
-            probs[:, :, :, k0:k1] = p.mul_(PROB_SCALE).add_(0.5).to(torch.uint8).numpy()
-        del logits, p
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with _autocast(dev, precision):
+            return net(x)
+
+    def store(z0: int, z1: int, logits: torch.Tensor) -> None:
+        t = logits.transpose(-1, -2)  # the band's own (C, X, k, Y) memory: softmax without a copy
+        p = torch.softmax(t, 0).mul_(PROB_SCALE).add_(0.5).to(torch.uint8)
+        probs[..., z0:z1] = p.cpu().numpy().transpose(0, 1, 3, 2)
+
+    stream_windows(image, model.roi_size, run, store, overlap=overlap, mode="gaussian", sw_batch=sw_batch,
+                   device=dev, progress=progress)
     return probs
 
 

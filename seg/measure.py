@@ -8,7 +8,6 @@ mid-sagittal plane, estimated as the midpoint between the two femora (patient's 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from seg import labels as L
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
+from seg.records import CSV_COLUMNS, MetalLocation, ModelInfo, StructureVolume, VolumeQA, VolumeRecord
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _same_grid(a: Volume, b: Volume) -> bool:
 
 
 def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | None = None,
-                    height_source: str | None = None, model: dict | None = None) -> dict:
+                    height_source: str | None = None, model: ModelInfo | None = None) -> VolumeRecord:
     """The volumes.json record for a label map (optionally with its CT for QA figures).
 
     Height: the given ``height_m`` (with ``height_source``), else PatientSize from the series
@@ -127,66 +127,69 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     for s in L.structures()[1:]:
         v = float(total[s.label]) * vox
         lv = float(left[s.label]) * vox
-        structures.append({
-            "label": s.label, "name": s.name, "group": s.group,
-            "voxels": int(total[s.label]),
-            "volume_cm3": round(v, 4),
-            "left_cm3": round(lv, 4),
-            "right_cm3": round(v - lv, 4),
-            "index_cm3_m2": round(v / h2, 4) if h2 else None,
-        })
+        structures.append(StructureVolume(
+            label=s.label, name=s.name, group=s.group,
+            voxels=int(total[s.label]),
+            volume_cm3=round(v, 4),
+            left_cm3=round(lv, 4),
+            right_cm3=round(v - lv, 4),
+            index_cm3_m2=round(v / h2, 4) if h2 else None,
+        ))
 
     nk = labels.shape[2]
-    qa: dict = {
+    segmented = round(sum(st.volume_cm3 for st in structures if L.structures()[st.label].is_muscle), 4)
+    qa = {
         "z_coverage_mm": round(nk * float(np.linalg.norm(labels.affine[:3, 2])), 3),
-        "hu_muscle_cm3": None,
-        "metal": None,
-        "segmented_muscle_cm3": round(sum(
-            st["volume_cm3"] for st in structures if L.structures()[st["label"]].is_muscle), 4),
+        "segmented_muscle_cm3": segmented,
         "midline_x_mm": round(mid, 3),
         "midline_method": how,
     }
     if ct is not None:
-        hu = ct.array
-        body = body_mask(ct)
-        musc = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1])
-        qa["hu_muscle_cm3"] = round(float(np.count_nonzero(musc)) * ct.voxel_volume_cm3, 4)
-        if qa["hu_muscle_cm3"]:
-            qa["segmented_vs_hu_muscle"] = round(qa["segmented_muscle_cm3"] / qa["hu_muscle_cm3"], 4)
-        midx = np.nonzero(hu > METAL_HU)
-        qa["metal"] = bool(midx[0].size > 0)
-        qa["metal_voxels"] = int(midx[0].size)
-        if midx[0].size:
-            w = _world(ct.affine, midx)
-            nl = int(np.count_nonzero(w[:, 0] > mid))
-            side = "left" if nl == w.shape[0] else "right" if nl == 0 else "both"
-            qa["metal_where"] = {
-                "side": side, "left_voxels": nl, "right_voxels": int(w.shape[0] - nl),
-                "z_range_mm": [round(float(w[:, 2].min()), 2), round(float(w[:, 2].max()), 2)],
-                "centroid_mm": [round(float(c), 2) for c in w.mean(axis=0)],
-            }
-    return {
-        "series_instance_uid": meta.get("SeriesInstanceUID"),
-        "model": dict(model) if model else {"name": "none", "version": "", "demo": False},
-        "height_m": round(float(height_m), 4) if height_m is not None else None,
-        "height_source": height_source if height_m is not None else None,
-        "structures": structures,
-        "qa": qa,
+        qa |= _ct_qa(ct, mid, segmented)
+    return VolumeRecord(
+        series_instance_uid=meta.get("SeriesInstanceUID"),
+        model=model or ModelInfo(),
+        height_m=round(float(height_m), 4) if height_m is not None else None,
+        height_source=height_source if height_m is not None else None,
+        structures=tuple(structures),
+        qa=VolumeQA(**qa),
+    )
+
+
+def _ct_qa(ct: Volume, mid: float, segmented_muscle_cm3: float) -> dict[str, object]:
+    """The QA figures that need the CT: HU-threshold muscle, metal and where it lies."""
+    hu = ct.array
+    body = body_mask(ct)
+    musc = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1])
+    hu_muscle = round(float(np.count_nonzero(musc)) * ct.voxel_volume_cm3, 4)
+    midx = np.nonzero(hu > METAL_HU)
+    out: dict[str, object] = {
+        "hu_muscle_cm3": hu_muscle,
+        "segmented_vs_hu_muscle": round(segmented_muscle_cm3 / hu_muscle, 4) if hu_muscle else None,
+        "metal": bool(midx[0].size > 0),
+        "metal_voxels": int(midx[0].size),
     }
+    if midx[0].size:
+        w = _world(ct.affine, midx)
+        nl = int(np.count_nonzero(w[:, 0] > mid))
+        out["metal_where"] = MetalLocation(
+            side="left" if nl == w.shape[0] else "right" if nl == 0 else "both",
+            left_voxels=nl, right_voxels=int(w.shape[0] - nl),
+            z_range_mm=(round(float(w[:, 2].min()), 2), round(float(w[:, 2].max()), 2)),
+            centroid_mm=tuple(round(float(c), 2) for c in w.mean(axis=0)),
+        )
+    return out
 
 
-CSV_COLUMNS = ("label", "name", "group", "voxels", "volume_cm3", "left_cm3", "right_cm3", "index_cm3_m2")
-
-
-def write_volumes(record: dict, out_dir: Path | str) -> tuple[Path, Path]:
+def write_volumes(record: VolumeRecord, out_dir: Path | str) -> tuple[Path, Path]:
     """Write ``volumes.json`` and ``volumes.csv`` (one row per structure) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jp, cp = out / "volumes.json", out / "volumes.csv"
-    jp.write_text(json.dumps(record, indent=1))
+    record.save(jp)
     with cp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         w.writeheader()
-        for s in record["structures"]:
-            w.writerow({k: ("" if s.get(k) is None else s.get(k)) for k in CSV_COLUMNS})
+        for s in record.structures:
+            w.writerow(s.csv_row())
     return jp, cp

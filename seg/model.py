@@ -17,6 +17,7 @@ import torch
 
 from seg import labels as L
 from seg.preprocess import PreprocessConfig
+from seg.records import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,18 @@ class ModelPackage:
         return tuple(int(v) for v in self.meta["roi_size"])  # type: ignore[return-value]
 
     @property
-    def info(self) -> dict:
+    def info(self) -> ModelInfo:
         """What outputs record about the model (volumes.json, SEG, SR)."""
         m = self.meta
-        return {
-            "name": m["name"],
-            "version": m["version"],
-            "demo": bool(m.get("demo", False)),
-            "spacing_mm": list(m["preprocessing"]["spacing_mm"]),
-            "architecture": m["architecture"]["name"],
-            "statement": m.get("statement", ""),
-            "licence": m.get("licence", ""),
-        }
+        return ModelInfo(
+            name=m["name"],
+            version=m["version"],
+            demo=bool(m.get("demo", False)),
+            spacing_mm=tuple(m["preprocessing"]["spacing_mm"]),
+            architecture=m["architecture"]["name"],
+            statement=m.get("statement", ""),
+            licence=m.get("licence", ""),
+        )
 
 
 def build_network(arch: dict) -> torch.nn.Module:

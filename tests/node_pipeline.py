@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 
 from dicomnode.pipeline import JobInput, JobOutput, SeriesRejected, report
+from seg.records import ModelInfo
 
 
 def derived_uid(*parts: str) -> str:
@@ -93,7 +94,7 @@ def faulty(job: JobInput, settings: object) -> JobOutput:
     return run(job, settings)
 
 
-THRESHOLD_MODEL = {"name": "node-test-threshold", "version": "1", "demo": True}
+THRESHOLD_MODEL = ModelInfo(name="node-test-threshold", version="1", demo=True)
 
 
 def measure(job: JobInput, settings: object) -> JobOutput:
@@ -105,4 +106,4 @@ def measure(job: JobInput, settings: object) -> JobOutput:
     _log_run(settings, job, "measure")
     ct = load_dicom_series(sorted(job.files))
     labels = ct.with_array(np.where(ct.array > -500, LABEL_OF["vastus_lateralis"], 0).astype(np.uint8))
-    return report(job, settings, ct, labels, dict(THRESHOLD_MODEL))  # type: ignore[arg-type]
+    return report(job, settings, ct, labels, THRESHOLD_MODEL)  # type: ignore[arg-type]

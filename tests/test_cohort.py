@@ -8,31 +8,36 @@ from openpyxl import load_workbook
 from scipy.stats import mannwhitneyu, wilcoxon
 
 from reporting.change import compute_change
-from reporting.cohort import GROUPS, build_cohort, parse_filters, write_report
+from reporting.cohort.collect import GROUPS, parse_filters
+from reporting.cohort.report import build_cohort, write_report
 from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
+from seg.records import CohortEntry, Reason, ReasonCode, StructureVolume, StudyRef, VolumeRecord
 
 COMPOSITION = [("FNF", "F", 2), ("FNF", "M", 4), ("ITF", "F", 10), ("ITF", "M", 2)]
 
 
-def _record(series: str, volumes: dict[int, tuple[float, float]]) -> dict:
-    return {
-        "series_instance_uid": series,
-        "structures": [
-            {
-                "label": s.label,
-                "name": s.name,
-                "group": s.group,
-                "volume_cm3": sum(volumes[s.label]),
-                "left_cm3": volumes[s.label][0],
-                "right_cm3": volumes[s.label][1],
-                "index_cm3_m2": None,
-            }
+def _record(series: str, volumes: dict[int, tuple[float, float]]) -> VolumeRecord:
+    return VolumeRecord(
+        series_instance_uid=series,
+        structures=tuple(
+            StructureVolume(
+                label=s.label,
+                name=s.name,
+                group=s.group,
+                volume_cm3=sum(volumes[s.label]),
+                left_cm3=volumes[s.label][0],
+                right_cm3=volumes[s.label][1],
+            )
             for s in structures()[1:]
-        ],
-    }
+        ),
+    )
 
 
-def _cohort(seed: int = 7) -> tuple[list[dict], dict[str, dict]]:
+def _ref(study: str, date: str) -> StudyRef:
+    return StudyRef(study_instance_uid=study, series_instance_uid=f"{study}.1", study_date=date)
+
+
+def _cohort(seed: int = 7) -> tuple[list[CohortEntry], dict[str, dict]]:
     """Entries as pairing.cohort_entries returns them, plus the truth per patient."""
     rng = np.random.default_rng(seed)
     entries, truth = [], {}
@@ -47,24 +52,17 @@ def _cohort(seed: int = 7) -> tuple[list[dict], dict[str, dict]]:
             }
             keep = {s.label: float(rng.uniform(0.5, 1.0)) if s.analysed else 1.0 for s in structures()[1:]}
             post = {lab: (v[0] * keep[lab], v[1]) for lab, v in pre.items()}  # left side operated
-            meta = {
-                "study_instance_uid": f"{pid}.1",
-                "series_instance_uid": f"{pid}.1.1",
-                "study_date": "20230101",
-            }
-            pmeta = {
-                "study_instance_uid": f"{pid}.2",
-                "series_instance_uid": f"{pid}.2.1",
-                "study_date": "20230501",
-                "patient_id": pid,
-                "fractured_side": "left",
-                "height_source": "registry",
-            }
             change = compute_change(
-                _record(f"{pid}.1.1", pre), _record(f"{pid}.2.1", post), height, meta, pmeta
-            )
-            change.update(sex=sex, fracture_type=fracture)
-            entries.append({"patient_id": pid, "change": change, "reason": None})
+                _record(f"{pid}.1.1", pre),
+                _record(f"{pid}.2.1", post),
+                height,
+                _ref(f"{pid}.1", "20230101"),
+                _ref(f"{pid}.2", "20230501"),
+                patient_id=pid,
+                fractured_side="left",
+                height_source="registry",
+            ).with_facts(sex=sex, fracture_type=fracture)
+            entries.append(CohortEntry(patient_id=pid, change=change))
             truth[pid] = {
                 "sex": sex,
                 "fracture": fracture,
@@ -175,8 +173,9 @@ def test_outputs_written(cohort, tmp_path) -> None:
 
 def test_filters_and_exclusions() -> None:
     entries, _ = _cohort()
-    entries[0]["change"]["fracture_type"] = None
-    entries.append({"patient_id": "LONELY", "change": None, "reason": "single study for this patient"})
+    entries[0] = entries[0].model_copy(update={"change": entries[0].change.with_facts(fracture_type=None)})
+    entries.append(CohortEntry(patient_id="LONELY", reasons=(
+        Reason(ReasonCode.SINGLE_STUDY, "single study for this patient"),)))
     report = build_cohort(entries, n_boot=50)
     reasons = dict(zip(report.excluded["patient_id"], report.excluded["reason"], strict=True))
     assert "not FNF/ITF" in reasons["C01"] and reasons["LONELY"].startswith("single study")

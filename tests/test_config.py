@@ -85,7 +85,7 @@ def test_unknown_nested_key_is_refused_by_name(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.parametrize(("section", "key", "value", "allowed"), [
-    ("output", "seg_type", "binry", "'BINARY' or 'LABELMAP'"),
+    ("output", "seg_type", "binry", "'FRACTIONAL', 'BINARY' or 'LABELMAP'"),
     ("output", "labelmap_compression", "jpeg", "'RLE' or 'JPEGLS'"),
     ("worker", "device", "gpu", "auto, cpu, cuda or cuda:N"),
 ])
@@ -114,7 +114,7 @@ def test_config_check_valid_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("[send]\natempts = 3\n", "send.atempts: unknown key"),
-    ('[output]\nseg_type = "binry"\n', "output.seg_type: must be 'BINARY' or 'LABELMAP'"),
+    ('[output]\nseg_type = "binry"\n', "output.seg_type: must be 'FRACTIONAL', 'BINARY' or 'LABELMAP'"),
     ("port = [\n", "not valid TOML"),
 ])
 def test_config_check_bad_file_exits_2(tmp_path: Path, text: str, expected: str) -> None:

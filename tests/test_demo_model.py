@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from seg.evaluate import evaluate_case
 from seg.model import DEMO_DIR, DEMO_STATEMENT, load_model
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.records import VolumeRecord
 
 # Measured on held-out phantoms with `dicomnode evaluate` (docs/models.md); the floor sits well below it
 # so the test fails when the model, the preprocessing or the inverse resampling break.
@@ -38,7 +39,7 @@ def test_demo_package_is_small_and_marked() -> None:
     assert meta["provenance"]["trained_on"]["source"] == "phantoms"
     assert SEED not in meta["provenance"]["trained_on"]["train_seeds"]
     pkg = load_model()  # default = demo
-    assert pkg.info["demo"] is True and "not for clinical measurement" in pkg.info["statement"]
+    assert pkg.info.demo is True and "not for clinical measurement" in pkg.info.statement
 
 
 @pytest.mark.slow
@@ -62,8 +63,8 @@ def test_segment_command_writes_labels_and_volumes(phantom, tmp_path: Path) -> N
     args = ["segment", str(tmp_path / "ph" / "dicom"), "--out", str(out), "--no-progress"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    rec = json.loads((out / "volumes.json").read_text())
-    assert rec["model"]["demo"] is True and rec["model"]["name"] == load_model().info["name"]
+    rec = VolumeRecord.load(out / "volumes.json")
+    assert rec.model.demo is True and rec.model.name == load_model().info.name
     assert (out / "labels.nii.gz").exists() and (out / "volumes.csv").exists()
-    assert rec["height_m"] == pytest.approx(phantom.height_m, abs=0.01)
-    assert sum(s["volume_cm3"] for s in rec["structures"]) > 100.0
+    assert rec.height_m == pytest.approx(phantom.height_m, abs=0.01)
+    assert sum(s.volume_cm3 for s in rec.structures) > 100.0

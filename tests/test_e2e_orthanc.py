@@ -25,6 +25,7 @@ from pynetdicom.sop_class import MRImageStorage as MR_IMAGE
 from pynetdicom.sop_class import Verification
 
 from dicomnode.sop import is_ct, output_kind
+from seg.records import ChangeRecord, VolumeRecord
 
 pytestmark = [pytest.mark.e2e, requires_orthanc]
 
@@ -358,12 +359,12 @@ def missing_science() -> list[str]:
     return missing
 
 
-def phantom_study(tmp: Path, name: str, **options: Any) -> tuple[str, str, Path, dict]:
+def phantom_study(tmp: Path, name: str, **options: Any) -> tuple[str, str, Path, VolumeRecord]:
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
 
     ph = make_phantom(PhantomOptions(spacing_mm=SPACING, **options))
     folder = Path(write_phantom(ph, tmp / "phantoms" / name))
-    truth = json.loads((folder / "truth" / "volumes.json").read_text())
+    truth = VolumeRecord.load(folder / "truth" / "volumes.json")
     return str(ph.meta["StudyInstanceUID"]), str(ph.meta["SeriesInstanceUID"]), folder / "dicom", truth
 
 
@@ -437,12 +438,12 @@ def tolerances_pct(model_path: Path | None = None) -> tuple[float, float]:
             max(2 * median, 10.0) if median is not None else DEFAULT_TOLERANCE_PCT)
 
 
-def sr_matches_volumes(w: Wired, series_uid: str, kinds: dict[str, list[str]]) -> dict:
+def sr_matches_volumes(w: Wired, series_uid: str, kinds: dict[str, list[str]]) -> VolumeRecord:
     """The TID 1500 report stored in Orthanc carries the node's volumes.json numbers, per muscle and side."""
     from seg.labels import ANALYSED_MUSCLES, by_name
 
-    measured = json.loads((w.node.storage_dir / "results" / series_uid / "volumes.json").read_text())
-    got = {s["name"]: s for s in measured["structures"]}
+    measured = VolumeRecord.load(w.node.storage_dir / "results" / series_uid / "volumes.json")
+    got = measured.by_name()
     from reporting.rules import is_found
     from reporting.sr import SR_SERIES_NUMBER
 
@@ -455,7 +456,7 @@ def sr_matches_volumes(w: Wired, series_uid: str, kinds: dict[str, list[str]]) -
     for m in ANALYSED_MUSCLES:
         for side in ("left", "right"):
             label = f"{by_name(m).display_name} {side}"  # the SR's tracking identifier
-            value = got[m].get(f"{side}_cm3")
+            value = got[m].side_volume(side)
             if is_found(value):  # not found (no voxel, or a speck): no segment, an "absent" group
                 assert in_sr[0][label] == pytest.approx(value, abs=0.1), (m, side)
             else:
@@ -463,21 +464,20 @@ def sr_matches_volumes(w: Wired, series_uid: str, kinds: dict[str, list[str]]) -
     return measured
 
 
-def volume_errors(measured: dict, truth: dict, tol_total: float, tol: float) -> list[str]:
+def volume_errors(measured: VolumeRecord, truth: VolumeRecord, tol_total: float, tol: float) -> list[str]:
     """What is outside the model's tolerance: the analysed-muscle total, or > 1/5 of the big muscles."""
     from seg.labels import ANALYSED_MUSCLES
 
-    want = {s["name"]: s for s in truth["structures"]}
-    got = {s["name"]: s for s in measured["structures"]}
+    want, got = truth.by_name(), measured.by_name()
     problems = []
-    total_want = sum(want[m]["volume_cm3"] for m in ANALYSED_MUSCLES)
-    total_got = sum(got[m]["volume_cm3"] for m in ANALYSED_MUSCLES)
+    total_want = sum(want[m].volume_cm3 for m in ANALYSED_MUSCLES)
+    total_got = sum(got[m].volume_cm3 for m in ANALYSED_MUSCLES)
     err = (total_got - total_want) / total_want * 100
     if abs(err) > tol_total:
         problems.append(f"total {total_got:.0f} vs {total_want:.0f} cm³ ({err:+.1f} % > {tol_total:g} %)")
-    big = [m for m in ANALYSED_MUSCLES if want[m]["volume_cm3"] >= 100]  # small ones: few voxels at 3 mm
-    off = {m: f"{got[m]['volume_cm3']:.0f}/{want[m]['volume_cm3']:.0f}" for m in big
-           if abs(got[m]["volume_cm3"] - want[m]["volume_cm3"]) / want[m]["volume_cm3"] * 100 > tol}
+    big = [m for m in ANALYSED_MUSCLES if want[m].volume_cm3 >= 100]  # small ones: few voxels at 3 mm
+    off = {m: f"{got[m].volume_cm3:.0f}/{want[m].volume_cm3:.0f}" for m in big
+           if abs(got[m].volume_cm3 - want[m].volume_cm3) / want[m].volume_cm3 * 100 > tol}
     if len(off) > len(big) // 5:
         problems.append(f"{len(off)} of {len(big)} big muscles off by > {tol:g} % (measured/truth): {off}")
     return problems
@@ -501,10 +501,10 @@ def wait_outputs(w: Wired, study_uid: str, series_uid: str, followup: bool,
 @dataclass
 class PatientRun:
     w: Wired
-    pre: tuple[str, str, Path, dict]
-    post: tuple[str, str, Path, dict]
+    pre: tuple[str, str, Path, VolumeRecord]
+    post: tuple[str, str, Path, VolumeRecord]
     kinds: dict[str, dict[str, list[str]]]
-    measured: dict[str, dict]
+    measured: dict[str, VolumeRecord]
 
 
 @pytest.fixture(scope="module")
@@ -525,7 +525,7 @@ def patient_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PatientRun
         pre_kinds = wait_outputs(w, pre[0], pre[1], followup=False)
         w.orthanc.upload_folder(post[2])
         post_kinds = wait_outputs(w, post[0], post[1], followup=True)
-        measured = {name: json.loads((w.node.storage_dir / "results" / st[1] / "volumes.json").read_text())
+        measured = {name: VolumeRecord.load(w.node.storage_dir / "results" / st[1] / "volumes.json")
                     for name, st in (("pre", pre), ("post", post))}
         yield PatientRun(w, pre, post, {"pre": pre_kinds, "post": post_kinds}, measured)
     finally:
@@ -552,10 +552,16 @@ def test_phantom_patient_gets_seg_sr_summary_and_followup_sr_in_orthanc(patient_
     assert sorted(int(ds.SeriesNumber) for ds in reports) == [SR_SERIES_NUMBER, FOLLOWUP_SERIES_NUMBER]
     changes = sorted((r.w.node.storage_dir / "results" / r.post[1]).glob("change-*.json"))
     assert changes, "no change record for the follow-up"
-    change = json.loads(changes[0].read_text())
-    assert change["baseline"]["study_instance_uid"] == r.pre[0]
-    assert change["followup"]["study_instance_uid"] == r.post[0]
+    change = ChangeRecord.load(changes[0])
+    assert change.baseline.study_instance_uid == r.pre[0]
+    assert change.followup.study_instance_uid == r.post[0]
     assert outputs_in(r.w.orthanc, r.pre[0]) == pre_kinds  # nothing new in the baseline study
+    from reporting.summary import key_images_size
+
+    pre_sc, post_sc = (r.w.orthanc.instance_dataset(k["summary"][0]) for k in (pre_kinds, post_kinds))
+    # the follow-up's page adds a row of key images (the baseline's, from its stored CT and label map)
+    # and the change chart to the baseline's page; without the baseline row it would be shorter
+    assert post_sc.Rows - pre_sc.Rows > key_images_size(2)[0] - key_images_size(1)[0]
 
 
 # A model that cannot segment (its own validation says so) makes volume accuracy meaningless to assert.
@@ -577,15 +583,16 @@ def side_tolerances_pct(model_path: Path | None = None) -> dict[str, float] | No
             for m in ANALYSED_MUSCLES}
 
 
-def sr_side_errors(sr_values: dict[str, float], truth: dict, tolerances: dict[str, float]) -> list[str]:
+def sr_side_errors(sr_values: dict[str, float], truth: VolumeRecord,
+                   tolerances: dict[str, float]) -> list[str]:
     """Every analysed muscle side whose SR volume is outside its tolerance of the phantom's truth."""
     from seg.labels import by_name
 
-    want = {s["name"]: s for s in truth["structures"]}
+    want = truth.by_name()
     problems = []
     for name, tol in tolerances.items():
         for side in ("left", "right"):
-            true_cm3 = float(want[name][f"{side}_cm3"])
+            true_cm3 = float(want[name].side_volume(side))
             got = sr_values.get(f"{by_name(name).display_name} {side}", 0.0)  # absent: not found
             err = (got - true_cm3) / true_cm3 * 100
             if abs(err) > tol:
@@ -624,7 +631,7 @@ def test_phantom_patient_volumes_match_truth_within_the_model_tolerance(patient_
     assert not problems, problems
     r = patient_run
     changes = sorted((r.w.node.storage_dir / "results" / r.post[1]).glob("change-*.json"))
-    loss = {(s["name"], s["side"]): s["loss_pct"] for s in json.loads(changes[0].read_text())["structures"]}
+    loss = {(s.name, s.side): s.loss_pct for s in ChangeRecord.load(changes[0]).structures}
     # the phantom's 30 % atrophy on the operated (left) side shows as a left-right difference
     assert loss[("gluteus_medius", "left")] > loss[("gluteus_medius", "right")] + 10
 
@@ -663,8 +670,8 @@ def test_bones_match_truth_within_their_held_out_error(
     r = patient_run
     problems = []
     for study, st in (("pre", r.pre),):
-        want = {s["name"]: s["volume_cm3"] for s in st[3]["structures"]}
-        got = {s["name"]: s["volume_cm3"] for s in r.measured[study]["structures"]}
+        want = {s.name: s.volume_cm3 for s in st[3].structures}
+        got = {s.name: s.volume_cm3 for s in r.measured[study].structures}
         for name, tol in reliable.items():
             err = (got.get(name, 0.0) - want[name]) / want[name] * 100
             if abs(err) > tol:

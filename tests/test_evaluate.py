@@ -11,6 +11,7 @@ import pytest
 
 from seg import labels as L
 from seg.evaluate import aggregate, evaluate_case, format_table, write_evaluation
+from seg.records import ChangeRecord, ModelInfo, StructureChange, StructureVolume, VolumeRecord
 from seg.volume import Volume
 
 SP = (2.0, 2.0, 3.0)
@@ -56,7 +57,7 @@ def test_aggregate_and_files(tmp_path: Path) -> None:
     pred, truth = _pair()
     c1 = evaluate_case(pred, truth)
     c2 = evaluate_case(truth, truth)
-    res = aggregate([c1, c2], {"name": "m", "version": "1", "demo": True})
+    res = aggregate([c1, c2], ModelInfo(name="m", version="1", demo=True))
     assert res["cases"] == 2
     assert res["per_class"]["sartorius"]["dice"] == pytest.approx(0.9)
     assert res["mean_dice_muscles"] == pytest.approx((0.9 + 0.5) / 2)
@@ -94,11 +95,14 @@ def test_demo_tables_fit_80_columns() -> None:
     """The demo's per-muscle tables use display names and stay within 80 columns."""
     from dicomnode.commands.demo import change_table, volume_table
 
-    rec = {"structures": [{"name": m, "left_cm3": 1234.5, "right_cm3": 99.9} for m in L.ANALYSED_MUSCLES]}
+    rec = VolumeRecord(structures=tuple(
+        StructureVolume(label=L.LABEL_OF[m], name=m, volume_cm3=1334.4, left_cm3=1234.5, right_cm3=99.9)
+        for m in L.ANALYSED_MUSCLES))
     dice = {(m, side): 0.987 for m in L.ANALYSED_MUSCLES for side in ("left", "right")}
     text = volume_table("pre-op: volumes", rec, rec, dice)
-    change = {"structures": [{"name": m, "side": side, "change_pct": -12.3}
-                             for m in L.ANALYSED_MUSCLES for side in ("left", "right")]}
+    change = ChangeRecord(structures=tuple(
+        StructureChange(label=L.LABEL_OF[m], name=m, side=side, change_pct=-12.3)
+        for m in L.ANALYSED_MUSCLES for side in ("left", "right")))
     text2 = change_table(change, {"gluteus_medius": 0.8}, "left")
     for t in (text, text2):
         assert max(len(line) for line in t.splitlines()) <= 80

@@ -319,8 +319,9 @@ def test_output_uids_derive_from_content_and_model(tmp_path: Path) -> None:
     from seg.io import load_dicom_series, load_nifti
     from seg.measure import measure_volumes
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
+    from seg.records import ModelInfo
 
-    model = {"name": "unetr-test", "version": "1.0", "demo": True}
+    model = ModelInfo(name="unetr-test", version="1.0", demo=True)
     write_phantom(make_phantom(PhantomOptions(seed=5, spacing_mm=(6.0, 6.0, 10.0), z_range_mm=(-40.0, 40.0))),
                   tmp_path)
     files = sorted((tmp_path / "dicom").glob("*.dcm"))
@@ -328,7 +329,7 @@ def test_output_uids_derive_from_content_and_model(tmp_path: Path) -> None:
     truth = load_nifti(tmp_path / "truth" / "labels.nii.gz")
     labels = full.with_array(np.asarray(truth.array, dtype=np.uint8))
 
-    def outputs(ct: Any, lab_array: np.ndarray, info: dict) -> list[tuple[str, str]]:
+    def outputs(ct: Any, lab_array: np.ndarray, info: ModelInfo) -> list[tuple[str, str]]:
         lab = ct.with_array(lab_array)
         vols = measure_volumes(lab, ct, model=info)
         seg = build_seg(ct, lab, vols, info)
@@ -341,8 +342,16 @@ def test_output_uids_derive_from_content_and_model(tmp_path: Path) -> None:
     keep = [k for k in range(full.shape[2]) if k != 0]  # the same series, one slice short
     partial = load_dicom_series([full.source_files[k] for k in keep])
     part = outputs(partial, labels.array[:, :, keep], model)
-    newer = outputs(full, labels.array, {**model, "version": "1.1"})
-    for other in (part, newer):
+    newer = outputs(full, labels.array, model.model_copy(update={"version": "1.1"}))
+    import reporting.uids as uids
+
+    revision = uids.OUTPUT_REVISION
+    try:  # a release that changes what the objects contain gives them new UIDs too
+        uids.OUTPUT_REVISION = revision + 1
+        revised = outputs(full, labels.array, model)
+    finally:
+        uids.OUTPUT_REVISION = revision
+    for other in (part, newer, revised):
         flat = {u for pair in other for u in pair}
         assert not flat & {u for pair in whole for u in pair}  # no UID reused for other content
 

@@ -6,7 +6,6 @@ transfer syntaxes, and that a structure on the patient's left is reported as lef
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from seg.io import SeriesGeometryError, load_dicom_series, load_image, load_nifti
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.records import SIDES, VolumeRecord
 
 # Hip region: pelvis, both femoral heads and most of the 30 classes, in few slices.
 HIP = (-75.0, 45.0)
@@ -28,21 +28,22 @@ def _roundtrip(tmp: Path, opts: PhantomOptions, ts: str = "explicit"):
     write_phantom(ph, tmp, ts)
     ct = load_dicom_series(tmp / "dicom")
     lab = load_nifti(tmp / "truth" / "labels.nii.gz")
-    truth = json.loads((tmp / "truth" / "volumes.json").read_text())
+    truth = VolumeRecord.load(tmp / "truth" / "volumes.json")
     return ph, ct, lab, truth
 
 
-def _assert_matches_truth(rec: dict, truth: dict) -> None:
-    assert [s["name"] for s in rec["structures"]] == [s["name"] for s in truth["structures"]]
-    for got, want in zip(rec["structures"], truth["structures"], strict=True):
-        tol = 1e-3 * max(want["volume_cm3"], 1e-9)
-        for key in ("volume_cm3", "left_cm3", "right_cm3"):
-            assert abs(got[key] - want[key]) <= tol, (got["name"], key, got[key], want[key])
-        if want["index_cm3_m2"] is not None:
-            assert abs(got["index_cm3_m2"] - want["index_cm3_m2"]) <= 1e-3 * max(want["index_cm3_m2"], 1e-9)
-    assert rec["qa"]["z_coverage_mm"] == pytest.approx(truth["qa"]["z_coverage_mm"], abs=1e-3)
-    assert rec["qa"]["hu_muscle_cm3"] == pytest.approx(truth["qa"]["hu_muscle_cm3"], rel=1e-3)
-    assert rec["qa"]["metal"] == truth["qa"]["metal"]
+def _assert_matches_truth(rec: VolumeRecord, truth: VolumeRecord) -> None:
+    assert [s.name for s in rec.structures] == [s.name for s in truth.structures]
+    for got, want in zip(rec.structures, truth.structures, strict=True):
+        tol = 1e-3 * max(want.volume_cm3, 1e-9)
+        for side in SIDES:
+            g, w = got.side_volume(side), want.side_volume(side)
+            assert abs(g - w) <= tol, (got.name, side, g, w)
+        if want.index_cm3_m2 is not None:
+            assert abs(got.index_cm3_m2 - want.index_cm3_m2) <= 1e-3 * max(want.index_cm3_m2, 1e-9)
+    assert rec.qa.z_coverage_mm == pytest.approx(truth.qa.z_coverage_mm, abs=1e-3)
+    assert rec.qa.hu_muscle_cm3 == pytest.approx(truth.qa.hu_muscle_cm3, rel=1e-3)
+    assert rec.qa.metal == truth.qa.metal
 
 
 CASES = [
@@ -71,15 +72,15 @@ def test_ground_truth_volumes_reproduced(tmp_path: Path, kw: dict, ts: str) -> N
     assert ct.meta["PatientPosition"] == opts.position
     assert str(pydicom.dcmread(ct.source_files[0]).file_meta.TransferSyntaxUID) == truth_ts(ts)
     rec = measure_volumes(lab, ct)
-    assert rec["height_source"] == "PatientSize" and rec["height_m"] == pytest.approx(ph.height_m)
-    assert rec["series_instance_uid"] == ph.meta["SeriesInstanceUID"]
+    assert rec.height_source == "PatientSize" and rec.height_m == pytest.approx(ph.height_m)
+    assert rec.series_instance_uid == ph.meta["SeriesInstanceUID"]
     _assert_matches_truth(rec, truth)
     # And the truth split equals the side each voxel was built on.
     vox = ph.labels.voxel_volume_cm3
-    for s in rec["structures"]:
-        nl, nr = ph.side_voxels[s["label"]]
-        assert s["left_cm3"] == pytest.approx(nl * vox, abs=1e-3)
-        assert s["right_cm3"] == pytest.approx(nr * vox, abs=1e-3)
+    for s in rec.structures:
+        nl, nr = ph.side_voxels[s.label]
+        assert s.left_cm3 == pytest.approx(nl * vox, abs=1e-3)
+        assert s.right_cm3 == pytest.approx(nr * vox, abs=1e-3)
 
 
 def truth_ts(ts: str) -> str:
@@ -98,32 +99,30 @@ def test_all_positions_and_orders_measure_the_same_patient(tmp_path: Path) -> No
             recs.append(measure_volumes(lab, ct))
     ref = recs[0]
     for rec in recs[1:]:
-        for a, b in zip(ref["structures"], rec["structures"], strict=True):
-            keys = ("voxels", "left_cm3", "right_cm3")
-            assert [a[k] for k in keys] == [b[k] for k in keys]
+        for a, b in zip(ref.structures, rec.structures, strict=True):
+            assert (a.voxels, a.left_cm3, a.right_cm3) == (b.voxels, b.left_cm3, b.right_cm3)
 
 
 @pytest.mark.parametrize("position", ["HFS", "FFS"])
 def test_left_structure_is_reported_left(tmp_path: Path, position: str) -> None:
-    """Atrophy on the patient's left vastus lateralis must show up in left_cm3, whatever the position."""
+    """Atrophy on the patient's left vastus lateralis must show up on the left, whatever the position."""
     kw = dict(seed=11, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-150, -60), position=position)
     pre = make_phantom(PhantomOptions(**kw))
     opts = PhantomOptions(**kw, postop=True, implant_side="left", atrophy={"vastus_lateralis": 0.6})
     ph, ct, lab, truth = _roundtrip(tmp_path, opts)
     rec = measure_volumes(lab, ct)
-    vl = next(s for s in rec["structures"] if s["name"] == "vastus_lateralis")
-    pre_rec = measure_volumes(pre.labels, pre.ct)
-    pre_vl = next(s for s in pre_rec["structures"] if s["name"] == "vastus_lateralis")
-    assert vl["left_cm3"] == pytest.approx(0.6 * pre_vl["left_cm3"], rel=0.03)
-    assert vl["right_cm3"] == pytest.approx(pre_vl["right_cm3"], rel=1e-9)
+    vl = rec.by_name()["vastus_lateralis"]
+    pre_vl = measure_volumes(pre.labels, pre.ct).by_name()["vastus_lateralis"]
+    assert vl.left_cm3 == pytest.approx(0.6 * pre_vl.left_cm3, rel=0.03)
+    assert vl.right_cm3 == pytest.approx(pre_vl.right_cm3, rel=1e-9)
     # The nail is in the left femur: metal found, on the left, in LPS +x.
-    assert rec["qa"]["metal"] is True
-    assert rec["qa"]["metal_where"]["side"] == "left"
-    assert rec["qa"]["metal_where"]["centroid_mm"][0] > 0
+    assert rec.qa.metal is True
+    assert rec.qa.metal_where.side == "left"
+    assert rec.qa.metal_where.centroid_mm[0] > 0
     # Without the DICOM header's help: the label map alone (NIfTI) gives the same split.
     lab_only = measure_volumes(lab)
-    vl2 = next(s for s in lab_only["structures"] if s["name"] == "vastus_lateralis")
-    assert (vl2["left_cm3"], vl2["right_cm3"]) == (vl["left_cm3"], vl["right_cm3"])
+    vl2 = lab_only.by_name()["vastus_lateralis"]
+    assert (vl2.left_cm3, vl2.right_cm3) == (vl.left_cm3, vl.right_cm3)
 
 
 def test_loader_sorts_shuffled_files_and_fills_meta(tmp_path: Path) -> None:
@@ -182,8 +181,8 @@ def test_volumes_command_reproduces_truth(tmp_path: Path) -> None:
     res = runner.invoke(app, ["volumes", "--ct", str(out / "dicom"), "--labels",
                               str(out / "truth" / "labels.nii.gz"), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
-    rec = json.loads((tmp_path / "m" / "volumes.json").read_text())
-    _assert_matches_truth(rec, json.loads((out / "truth" / "volumes.json").read_text()))
+    rec = VolumeRecord.load(tmp_path / "m" / "volumes.json")
+    _assert_matches_truth(rec, VolumeRecord.load(out / "truth" / "volumes.json"))
     assert (tmp_path / "m" / "volumes.csv").read_text().startswith("label,name,group,voxels,volume_cm3")
     # A label map on another grid is refused with a clear message.
     other = tmp_path / "other"

@@ -93,3 +93,43 @@ def test_kill_9_of_the_node_leaves_no_pipeline_process(node_factory, tmp_path: P
     pid = fault_pid(node, "hang")
     node.kill()
     wait_for(lambda: not alive(pid), 10, what="the orphaned pipeline process to exit")
+
+
+def _pid_pipeline(job: Any, settings: Any) -> Any:
+    """Answers with its process id; the series "crash" ends the process (module level: picklable)."""
+    import os
+
+    from dicomnode.pipeline import JobOutput
+
+    if job.series_instance_uid == "crash":
+        os._exit(9)
+    return JobOutput(message=str(os.getpid()))
+
+
+def test_pipeline_process_stays_warm_and_is_replaced_after_a_crash(tmp_path: Path) -> None:
+    """Jobs one after the other share one warm process (warmed up once); a crash costs that job only,
+    and the next job gets a fresh process (warmed up again)."""
+    from dicomnode.config import Settings
+    from dicomnode.isolation import Ending, PipelineProcess
+    from dicomnode.phases import read_spans
+    from dicomnode.pipeline import JobInput
+
+    proc = PipelineProcess(_pid_pipeline, Settings(storage_dir=tmp_path / "var"))
+
+    def job(uid: str) -> JobInput:
+        folder = tmp_path / uid
+        folder.mkdir()
+        return JobInput(job_id=1, series_instance_uid=uid, files=[], work_dir=folder)
+
+    try:
+        first, second = proc.run(job("a"), 60), proc.run(job("b"), 60)
+        assert (first.ending, second.ending) == (Ending.OK, Ending.OK)
+        assert first.message == second.message  # the same process
+        crashed = proc.run(job("crash"), 60)
+        assert (crashed.ending, crashed.detail) == (Ending.CRASHED, "pipeline process died (exit code 9)")
+        third = proc.run(job("c"), 60)
+        assert third.ending is Ending.OK and third.message != first.message  # a fresh process
+    finally:
+        proc.close()
+    warmed = {uid: [s.phase for s in read_spans(tmp_path / uid)].count("warm-up") for uid in "abc"}
+    assert warmed == {"a": 1, "b": 0, "c": 1}

@@ -9,7 +9,6 @@ dcmtk storescp is the PACS and keeps every C-STORE it receives as its own file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from series_factory import write_ct_series
 from dicomnode.config import check_file
 from dicomnode.pipeline import JobInput, later_followups
 from reporting.followup_sr import FOLLOWUP_SERIES_NUMBER
+from seg.records import ChangeRecord
 
 pytestmark = requires_dcmtk
 
@@ -65,9 +65,9 @@ def test_a_late_baseline_sends_the_followup_sr_once(pacs: Any, node_factory: Any
     assert (sr.StudyInstanceUID, sr.PatientID) == (follow.study_uid, "LATE-BASELINE-1")
     results = node.storage_dir / "results" / follow.series_uid
     assert (results / "outputs" / f"{sr.SOPInstanceUID}.dcm").is_file()
-    change = json.loads((results / f"change-{base.series_uid}.json").read_text())
-    vl = next(s for s in change["structures"] if s["name"] == "vastus_lateralis" and s["side"] == "both")
-    assert vl["change_pct"] == pytest.approx(100 * (10 - 12) / 12, abs=0.1)  # 10 of 12 slices remain
+    change = ChangeRecord.load(results / f"change-{base.series_uid}.json")
+    vl = next(s for s in change.structures if s.name == "vastus_lateralis" and s.side == "both")
+    assert vl.change_pct == pytest.approx(100 * (10 - 12) / 12, abs=0.1)  # 10 of 12 slices remain
 
     # Deterministic: building it again from the same two studies gives the same object.
     settings = check_file(node.config)

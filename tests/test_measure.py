@@ -16,6 +16,7 @@ from dicomnode.pipeline import patient_height
 from seg import labels as L
 from seg.height import plausible_height
 from seg.measure import measure_volumes, midline_x, write_volumes
+from seg.records import SCHEMA_VERSION, ModelInfo, VolumeRecord
 from seg.volume import Volume
 
 FEMUR = L.LABEL_OF["femur"]
@@ -50,36 +51,36 @@ def _scene(spacing=(2.0, 2.0, 5.0), shift_x: float = 0.0, flip: bool = False) ->
 def test_volumes_left_right_exact(flip: bool, shift: float) -> None:
     lab, ct = _scene(shift_x=shift, flip=flip)
     rec = measure_volumes(lab, ct, height_m=1.6, height_source="registry",
-                          model={"name": "m", "version": "1", "demo": True})
-    assert rec["model"] == {"name": "m", "version": "1", "demo": True}
-    assert rec["height_m"] == 1.6 and rec["height_source"] == "registry"
-    assert rec["series_instance_uid"] == "1.2.3"
-    by = {s["name"]: s for s in rec["structures"]}
-    assert len(rec["structures"]) == 29 and "background" not in by
+                          model=ModelInfo(name="m", version="1", demo=True))
+    assert rec.model == ModelInfo(name="m", version="1", demo=True)
+    assert rec.height_m == 1.6 and rec.height_source == "registry"
+    assert rec.series_instance_uid == "1.2.3"
+    by = rec.by_name()
+    assert len(rec.structures) == 29 and "background" not in by
     vox = 2 * 2 * 5 / 1000.0
     n_vl = int((lab.array == VL).sum())
-    assert by["vastus_lateralis"]["voxels"] == n_vl
-    assert by["vastus_lateralis"]["volume_cm3"] == pytest.approx(n_vl * vox)
-    assert by["vastus_lateralis"]["left_cm3"] == pytest.approx(n_vl * vox)
-    assert by["vastus_lateralis"]["right_cm3"] == 0
-    assert by["sartorius"]["left_cm3"] == 0 and by["sartorius"]["right_cm3"] > 0
-    assert by["femur"]["left_cm3"] == pytest.approx(by["femur"]["right_cm3"])
-    assert by["vastus_lateralis"]["index_cm3_m2"] == pytest.approx(n_vl * vox / 1.6**2, rel=1e-4)
-    assert by["psoas"]["voxels"] == 0 and by["psoas"]["volume_cm3"] == 0
-    assert rec["qa"]["midline_method"] == "femora"
-    assert rec["qa"]["midline_x_mm"] == pytest.approx(shift, abs=1.0)
-    assert rec["qa"]["z_coverage_mm"] == pytest.approx(50.0)
-    assert rec["qa"]["metal"] is False
+    assert by["vastus_lateralis"].voxels == n_vl
+    assert by["vastus_lateralis"].volume_cm3 == pytest.approx(n_vl * vox)
+    assert by["vastus_lateralis"].left_cm3 == pytest.approx(n_vl * vox)
+    assert by["vastus_lateralis"].right_cm3 == 0
+    assert by["sartorius"].left_cm3 == 0 and by["sartorius"].right_cm3 > 0
+    assert by["femur"].left_cm3 == pytest.approx(by["femur"].right_cm3)
+    assert by["vastus_lateralis"].index_cm3_m2 == pytest.approx(n_vl * vox / 1.6**2, rel=1e-4)
+    assert by["psoas"].voxels == 0 and by["psoas"].volume_cm3 == 0
+    assert rec.qa.midline_method == "femora"
+    assert rec.qa.midline_x_mm == pytest.approx(shift, abs=1.0)
+    assert rec.qa.z_coverage_mm == pytest.approx(50.0)
+    assert rec.qa.metal is False
 
 
 def test_height_from_header_and_never_guessed() -> None:
     lab, _ = _scene()
     rec = measure_volumes(lab)
-    assert rec["height_m"] == 1.6 and rec["height_source"] == "PatientSize"
+    assert rec.height_m == 1.6 and rec.height_source == "PatientSize"
     lab.meta.pop("PatientSize")
     rec = measure_volumes(lab)
-    assert rec["height_m"] is None and rec["height_source"] is None
-    assert all(s["index_cm3_m2"] is None for s in rec["structures"])
+    assert rec.height_m is None and rec.height_source is None
+    assert all(s.index_cm3_m2 is None for s in rec.structures)
     with pytest.raises(ValueError):
         measure_volumes(lab, height_m=16.0)
 
@@ -91,10 +92,10 @@ def test_qa_hu_muscle_and_metal() -> None:
     ct = ct.with_array(arr)
     rec = measure_volumes(lab, ct)
     body_muscle = int(((ct.array >= -29) & (ct.array <= 150)).sum())
-    assert rec["qa"]["hu_muscle_cm3"] == pytest.approx(body_muscle * 0.02)
-    assert rec["qa"]["metal"] is True and rec["qa"]["metal_voxels"] == 3
-    assert rec["qa"]["metal_where"]["side"] == "left"
-    assert rec["qa"]["metal_where"]["z_range_mm"] == [-75.0, -75.0]
+    assert rec.qa.hu_muscle_cm3 == pytest.approx(body_muscle * 0.02)
+    assert rec.qa.metal is True and rec.qa.metal_voxels == 3
+    assert rec.qa.metal_where.side == "left"
+    assert rec.qa.metal_where.z_range_mm == (-75.0, -75.0)
 
 
 def test_midline_fallbacks() -> None:
@@ -122,10 +123,11 @@ def test_write_volumes_json_and_csv(tmp_path: Path) -> None:
     lab, ct = _scene()
     rec = measure_volumes(lab, ct)
     jp, cp = write_volumes(rec, tmp_path / "out")
-    assert json.loads(jp.read_text()) == rec
+    assert VolumeRecord.load(jp) == rec
+    assert json.loads(jp.read_text())["schema_version"] == SCHEMA_VERSION
     rows = list(csv.DictReader(cp.open()))
     assert len(rows) == 29 and rows[0]["name"] == "sartorius"
-    assert float(rows[2]["volume_cm3"]) == rec["structures"][2]["volume_cm3"]
+    assert float(rows[2]["volume_cm3"]) == rec.structures[2].volume_cm3
 
 
 @pytest.mark.parametrize(("size", "usable"), [
@@ -137,7 +139,7 @@ def test_one_height_rule_for_pipeline_registry_and_measure(settings: Settings, s
     assert plausible_height(size) is usable
     lab, _ = _scene()
     lab.meta["PatientSize"] = size
-    measured = measure_volumes(lab)["height_m"]
+    measured = measure_volumes(lab).height_m
     via_registry = registry.resolve(settings, "NOBODY", dicom_size=size).height_m
     via_pipeline = patient_height(settings, {"PatientID": "NOBODY", "PatientSize": size})[0]
     assert [measured, via_registry, via_pipeline] == ([size] * 3 if usable else [None] * 3)

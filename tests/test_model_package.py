@@ -47,8 +47,8 @@ def test_package_round_trip(pkg_dir: Path) -> None:
     assert meta["demo"] is True and "not for clinical measurement" in meta["statement"]
     assert meta["weights"]["dtype"] == "float16" and len(meta["weights"]["sha256"]) == 64
     pkg = load_model(pkg_dir, device="cpu")
-    assert pkg.info["name"] == "unit-test" and pkg.info["demo"] is True
-    assert pkg.info["spacing_mm"] == [3.0, 3.0, 3.0]
+    assert pkg.info.name == "unit-test" and pkg.info.demo is True
+    assert pkg.info.spacing_mm == (3.0, 3.0, 3.0)
     ct = _ct()
     lab = segment(ct, pkg)
     assert lab.shape == ct.shape and lab.array.dtype == np.uint8 and np.allclose(lab.affine, ct.affine)

@@ -291,3 +291,28 @@ def test_pseudonym_is_keyed_per_node_and_stable(tmp_path: Path) -> None:
     load_pseudonym_key(tmp_path / "a")
     assert pseudonym("12345") == first != other and first.startswith("P-") and "12345" not in first
     assert oct((tmp_path / "a" / ".pseudonym-key").stat().st_mode)[-3:] == "600"
+
+
+def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path: Path) -> None:
+    """The SEG written by a forked child is the file the pipeline would write itself; when the child
+    fails, the parent writes it (the job never depends on the child)."""
+    import os
+
+    from dicomnode.forkwrite import BackgroundWrite
+    from dicomnode.pipeline import _save
+
+    ds = pydicom.dcmread(write_ct_series(tmp_path / "in", name="bg", n=1, size=8).files[0])
+    parent = os.getpid()
+    writers: list[str] = []
+
+    def child_fails(d: pydicom.Dataset, folder: Path) -> Path:
+        if os.getpid() != parent:
+            raise OSError("disk full in the child")
+        writers.append("parent")
+        return _save(d, folder)
+
+    path = BackgroundWrite(_save, ds, tmp_path / "a").wait()
+    assert path == tmp_path / "a" / f"{ds.SOPInstanceUID}.dcm"
+    assert path.read_bytes() == _save(ds, tmp_path / "b").read_bytes()
+    fallback = BackgroundWrite(child_fails, ds, tmp_path / "c").wait()
+    assert writers == ["parent"] and fallback.read_bytes() == path.read_bytes()

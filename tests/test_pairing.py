@@ -19,30 +19,26 @@ from dicomnode.cli import app
 from dicomnode.config import Settings
 from dicomnode.pairing import ResultRecord, record_result
 from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
+from seg.records import NOT_COMPARED, ChangeRecord, ReasonCode, StructureChange, StructureVolume, VolumeRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _volumes(path: Path, series: str, factor: float = 1.0, left_only: bool = False) -> Path:
-    """A volumes.json whose structure ``label`` has (10·label, 10·label) cm³ × factor (left, right)."""
+    """A volumes.json whose structure ``label`` has (10·label, 10·label) cm³ × factor (left, right).
+
+    Written in the version-less layout of releases before typed records: pairing must still read it.
+    """
     structs = []
     for s in structures()[1:]:
         left = 10.0 * s.label * factor
         right = 10.0 * s.label * (1.0 if left_only else factor)
-        structs.append(
-            {
-                "label": s.label,
-                "name": s.name,
-                "group": s.group,
-                "voxels": 0,
-                "volume_cm3": left + right,
-                "left_cm3": left,
-                "right_cm3": right,
-                "index_cm3_m2": None,
-            }
-        )
+        structs.append(StructureVolume(label=s.label, name=s.name, group=s.group, voxels=0,
+                                       volume_cm3=left + right, left_cm3=left, right_cm3=right))
+    legacy = VolumeRecord(series_instance_uid=series, structures=tuple(structs)).model_dump(
+        mode="json", exclude={"schema_version", "model", "qa"})
     path.mkdir(parents=True, exist_ok=True)
-    (path / "volumes.json").write_text(json.dumps({"series_instance_uid": series, "structures": structs}))
+    (path / "volumes.json").write_text(json.dumps(legacy))
     return path / "volumes.json"
 
 
@@ -57,7 +53,7 @@ def _record(
     size: float | None = None,
     series: str | None = None,
     left_only: bool = False,
-) -> list[dict]:
+) -> list[ChangeRecord]:
     series = series or f"{study}.1"
     out = Path(settings.storage_dir) / "results" / series
     vj = _volumes(out, series, factor, left_only)
@@ -93,40 +89,42 @@ def _registry(settings: Settings, tmp_path: Path, text: str) -> None:
     registry.import_csv(settings, path)
 
 
-def _both(change: dict, name: str) -> dict:
-    return next(s for s in change["structures"] if s["name"] == name and s["side"] == "both")
+def _both(change: ChangeRecord, name: str) -> StructureChange:
+    return next(s for s in change.structures if s.name == name and s.side == "both")
 
 
 def test_single_study_has_a_stated_reason(settings: Settings) -> None:
     assert _record(settings, "P1", "1.1", "20230101") == []
     st = pairing.status_of(settings, "1.1.1")
-    assert st["role"] == "baseline" and any("single study" in r for r in st["reasons"])
+    assert st.role == "baseline"
+    assert {ReasonCode.BASELINE_EARLIEST, ReasonCode.SINGLE_STUDY} <= {r.code for r in st.reasons}
     entry = pairing.cohort_entries(settings)[0]
-    assert entry["change"] is None and "single study" in entry["reason"]
+    assert entry.change is None and [r.code for r in entry.reasons] == [ReasonCode.SINGLE_STUDY]
+    assert entry.reason_text.startswith("single study")
 
 
 def test_baseline_and_previous_make_a_trajectory(settings: Settings) -> None:
     _record(settings, "P1", "1.1", "20230101", 1.0)
     first = _record(settings, "P1", "1.2", "20230401", 0.9)
-    assert [c["comparison"] for c in first] == ["baseline"]
+    assert [c.comparison for c in first] == ["baseline"]
     c = first[0]
-    assert c["baseline"]["series_instance_uid"] == "1.1.1" and c["followup"]["series_instance_uid"] == "1.2.1"
-    assert c["baseline"]["seg_sop_instance_uid"] == "1.1.1.seg" and c["days_between"] == 90
+    assert c.baseline.series_instance_uid == "1.1.1" and c.followup.series_instance_uid == "1.2.1"
+    assert c.baseline.seg_sop_instance_uid == "1.1.1.seg" and c.days_between == 90
     s = _both(c, "sartorius")
-    assert (s["pre_cm3"], s["post_cm3"]) == (20.0, 18.0)
-    assert s["delta_cm3"] == pytest.approx(-2.0) and s["loss_pct"] == pytest.approx(10.0)
+    assert (s.pre_cm3, s.post_cm3) == (20.0, 18.0)
+    assert s.delta_cm3 == pytest.approx(-2.0) and s.loss_pct == pytest.approx(10.0)
     second = _record(settings, "P1", "1.3", "20230701", 0.8)
-    assert sorted(c["comparison"] for c in second) == ["baseline", "previous"]
-    prev = next(c for c in second if c["comparison"] == "previous")
-    assert prev["baseline"]["series_instance_uid"] == "1.2.1"
-    assert _both(prev, "sartorius")["delta_cm3"] == pytest.approx(-2.0)
-    base = next(c for c in second if c["comparison"] == "baseline")
-    assert _both(base, "sartorius")["loss_pct"] == pytest.approx(20.0)
-    assert [r["role"] for r in pairing.timeline(settings, "P1")] == ["baseline", "followup", "followup"]
+    assert sorted(c.comparison for c in second) == ["baseline", "previous"]
+    prev = next(c for c in second if c.comparison == "previous")
+    assert prev.baseline.series_instance_uid == "1.2.1"
+    assert _both(prev, "sartorius").delta_cm3 == pytest.approx(-2.0)
+    base = next(c for c in second if c.comparison == "baseline")
+    assert _both(base, "sartorius").loss_pct == pytest.approx(20.0)
+    assert [r.role for r in pairing.timeline(settings, "P1")] == ["baseline", "followup", "followup"]
     # The cohort uses the last follow-up by default, the first on request.
-    assert pairing.cohort_entries(settings)[0]["change"]["followup"]["series_instance_uid"] == "1.3.1"
+    assert pairing.cohort_entries(settings)[0].change.followup.series_instance_uid == "1.3.1"
     assert (
-        pairing.cohort_entries(settings, "first")[0]["change"]["followup"]["series_instance_uid"] == "1.2.1"
+        pairing.cohort_entries(settings, "first")[0].change.followup.series_instance_uid == "1.2.1"
     )
 
 
@@ -134,14 +132,14 @@ def test_rerecording_a_series_replaces_it(settings: Settings) -> None:
     _record(settings, "P1", "1.1", "20230101", 1.0)
     _record(settings, "P1", "1.2", "20230401", 0.9)
     again = _record(settings, "P1", "1.2", "20230401", 0.5)
-    assert len(again) == 1 and _both(again[0], "sartorius")["post_cm3"] == 10.0
+    assert len(again) == 1 and _both(again[0], "sartorius").post_cm3 == 10.0
     con = sqlite3.connect(settings.db_path)
     assert con.execute("SELECT COUNT(*) FROM pairing_results").fetchone()[0] == 2
     assert con.execute("SELECT COUNT(*) FROM pairing_changes").fetchone()[0] == 1
     # A second series of the same study represents the study; the first is marked superseded.
     _record(settings, "P1", "1.2", "20230401", 0.7, series="1.2.2")
     assert len(pairing.timeline(settings, "P1")) == 2
-    assert pairing.status_of(settings, "1.2.1")["role"] == "superseded"
+    assert pairing.status_of(settings, "1.2.1").role == "superseded"
     assert con.execute("SELECT COUNT(*) FROM pairing_changes").fetchone()[0] == 1
 
 
@@ -149,11 +147,15 @@ def test_same_day_studies_are_not_compared(settings: Settings) -> None:
     _record(settings, "P1", "1.1", "20230101", 1.0, time_="080000")
     assert _record(settings, "P1", "1.2", "20230101", 0.9, time_="170000") == []
     st = pairing.status_of(settings, "1.2.1")
-    assert st["role"] == "followup" and any("same day as the baseline" in r for r in st["reasons"])
+    assert st.role == "followup" and ReasonCode.SAME_DAY_AS_BASELINE in {r.code for r in st.reasons}
+    # the cohort lists it by code among the "not compared" reasons, the text for people
+    entry = pairing.cohort_entries(settings)[0]
+    assert entry.change is None and {r.code for r in entry.reasons} <= NOT_COMPARED
+    assert "same day as the baseline" in entry.reason_text
     # Recorded in the wrong order, StudyTime still decides which is the baseline.
     assert _record(settings, "P2", "2.2", "20230101", 0.9, time_="170000") == []
     assert _record(settings, "P2", "2.1", "20230101", 1.0, time_="080000") == []
-    assert pairing.status_of(settings, "2.1.1")["role"] == "baseline"
+    assert pairing.status_of(settings, "2.1.1").role == "baseline"
 
 
 def test_surgery_date_splits_pre_and_post(settings: Settings, tmp_path: Path) -> None:
@@ -164,17 +166,17 @@ def test_surgery_date_splits_pre_and_post(settings: Settings, tmp_path: Path) ->
     )
     _record(settings, "P1", "1.0", "20221201", 1.1)  # an older pre-operative scan
     _record(settings, "P1", "1.1", "20230109", 1.0)  # the pre-operative CT closest to surgery
-    assert any("no later study yet" in r for r in pairing.status_of(settings, "1.1.1")["reasons"])
+    assert ReasonCode.NO_LATER_STUDY in {r.code for r in pairing.status_of(settings, "1.1.1").reasons}
     changes = _record(settings, "P1", "1.2", "20230601", 0.8, left_only=True)
-    assert [c["comparison"] for c in changes] == ["baseline"]
+    assert [c.comparison for c in changes] == ["baseline"]
     c = changes[0]
-    assert c["baseline"]["series_instance_uid"] == "1.1.1" and c["baseline_preoperative"] is True
-    assert pairing.status_of(settings, "1.0.1")["role"] == "pre-operative"
-    assert c["fracture_type"] == "ITF" and c["fractured_side"] == "left" and c["height_source"] == "registry"
+    assert c.baseline.series_instance_uid == "1.1.1" and c.baseline_preoperative is True
+    assert pairing.status_of(settings, "1.0.1").role == "pre-operative"
+    assert c.fracture_type == "ITF" and c.fractured_side == "left" and c.height_source == "registry"
     s = _both(c, "gluteus_maximus")
-    assert s["delta_index_cm3_m2"] == pytest.approx(s["delta_cm3"] / 1.60**2)
-    ovc = next(r for r in c["operated_vs_contralateral"] if r["name"] == "gluteus_maximus")
-    assert ovc["operated_loss_pct"] == pytest.approx(20.0) and ovc["contralateral_loss_pct"] == pytest.approx(
+    assert s.delta_index_cm3_m2 == pytest.approx(s.delta_cm3 / 1.60**2)
+    ovc = next(r for r in c.operated_vs_contralateral if r.name == "gluteus_maximus")
+    assert ovc.operated_loss_pct == pytest.approx(20.0) and ovc.contralateral_loss_pct == pytest.approx(
         0.0
     )
 
@@ -182,35 +184,35 @@ def test_surgery_date_splits_pre_and_post(settings: Settings, tmp_path: Path) ->
 def test_late_baseline_creates_the_comparison(settings: Settings, tmp_path: Path) -> None:
     _registry(settings, tmp_path, "patient_id,fracture_type,surgery_date\nP1,FNF,20230110\n")
     assert _record(settings, "P1", "1.2", "20230601", 0.8) == []
-    assert any("no pre-operative study" in r for r in pairing.status_of(settings, "1.2.1")["reasons"])
+    assert ReasonCode.BASELINE_POSTOPERATIVE in {r.code for r in pairing.status_of(settings, "1.2.1").reasons}
     assert _record(settings, "P1", "1.1", "20230108", 1.0) == []  # the prior, retrieved late
     late = pairing.changes_for_earlier_series(settings, "1.1.1")
-    assert len(late) == 1 and late[0]["followup"]["series_instance_uid"] == "1.2.1"
-    assert pairing.cohort_entries(settings)[0]["reason"] is None
+    assert len(late) == 1 and late[0].followup.series_instance_uid == "1.2.1"
+    assert pairing.cohort_entries(settings)[0].reasons == ()
 
 
 def test_missing_height_means_no_index(settings: Settings) -> None:
     _record(settings, "P1", "1.1", "20230101")
     c = _record(settings, "P1", "1.2", "20230401", 0.9)[0]
-    assert c["height_m"] is None and c["height_source"] == "missing"
-    assert all(s["delta_index_cm3_m2"] is None for s in c["structures"])
-    assert any("height" in n and "not computed" in n for n in c["notes"])
+    assert c.height_m is None and c.height_source == "missing"
+    assert all(s.delta_index_cm3_m2 is None for s in c.structures)
+    assert ReasonCode.NO_HEIGHT in {n.code for n in c.notes}
     # A plausible PatientSize is used when the registry has no height; an implausible one is not.
     _record(settings, "P2", "2.1", "20230101", size=1.7)
     c = _record(settings, "P2", "2.2", "20230401", 0.9, size=1.7)[0]
-    assert (c["height_m"], c["height_source"]) == (1.7, "PatientSize")
+    assert (c.height_m, c.height_source) == (1.7, "PatientSize")
     _record(settings, "P3", "3.1", "20230101", size=17.0)
     c = _record(settings, "P3", "3.2", "20230401", 0.9, size=17.0)[0]
-    assert c["height_m"] is None and c["height_source"].startswith("implausible")
+    assert c.height_m is None and c.height_source.startswith("implausible")
 
 
 def test_unknown_fracture_type_is_stated_and_left_out_of_groups(settings: Settings, tmp_path: Path) -> None:
-    from reporting.cohort import build_cohort
+    from reporting.cohort.report import build_cohort
 
     _registry(settings, tmp_path, "patient_id,height_m,sex\nP1,1.6,F\n")
     _record(settings, "P1", "1.1", "20230101")
     c = _record(settings, "P1", "1.2", "20230401", 0.9)[0]
-    assert c["fracture_type"] is None and any("fracture type unknown" in n for n in c["notes"])
+    assert c.fracture_type is None and ReasonCode.FRACTURE_TYPE_UNKNOWN in {n.code for n in c.notes}
     report = build_cohort(pairing.cohort_entries(settings), n_boot=10)
     assert report.patients.empty and "not FNF/ITF" in report.excluded.iloc[0]["reason"]
 
@@ -300,7 +302,7 @@ def _bench():
 def test_synthetic_cohort_pairs_and_changes_equal_truth(settings: Settings, tmp_path: Path) -> None:
     pytest.importorskip("seg.phantom")
     pytest.importorskip("seg.measure")
-    from reporting.cohort import build_cohort, write_report
+    from reporting.cohort.report import build_cohort, write_report
 
     bench = _bench()
     t0 = time.perf_counter()
@@ -313,36 +315,36 @@ def test_synthetic_cohort_pairs_and_changes_equal_truth(settings: Settings, tmp_
         assert r["pre_changes"] == [], pid
         assert len(r["post_changes"]) == 1, pid
         c = r["post_changes"][0]
-        assert c["comparison"] == "baseline" and c["baseline_preoperative"] is True
-        assert (c["sex"], c["fracture_type"], c["fractured_side"]) == (
+        assert c.comparison == "baseline" and c.baseline_preoperative is True
+        assert (c.sex, c.fracture_type, c.fractured_side) == (
             spec.sex,
             spec.fracture_type,
             spec.fractured_side,
         )
-        assert c["height_m"] == pytest.approx(spec.height_m) and c["height_source"] == "registry"
+        assert c.height_m == pytest.approx(spec.height_m) and c.height_source == "registry"
         pre, post = r["pre_labels"].array, r["post_labels"].array
         vox = r["pre_labels"].voxel_volume_cm3
-        ovc = {o["name"]: o for o in c["operated_vs_contralateral"]}
+        ovc = {o.name: o for o in c.operated_vs_contralateral}
         for m in ANALYSED_MUSCLES:
             lab = LABEL_OF[m]
             n_pre, n_post = int(np.count_nonzero(pre == lab)), int(np.count_nonzero(post == lab))
             s = _both(c, m)
             # The reported change is the truth (voxel counts of the ground-truth labels).
-            assert s["pre_cm3"] == pytest.approx(n_pre * vox, abs=1e-3), (pid, m)
-            assert s["delta_cm3"] == pytest.approx((n_post - n_pre) * vox, abs=2e-3), (pid, m)
-            assert s["delta_index_cm3_m2"] == pytest.approx(
+            assert s.pre_cm3 == pytest.approx(n_pre * vox, abs=1e-3), (pid, m)
+            assert s.delta_cm3 == pytest.approx((n_post - n_pre) * vox, abs=2e-3), (pid, m)
+            assert s.delta_index_cm3_m2 == pytest.approx(
                 (n_post - n_pre) * vox / spec.height_m**2, abs=1e-3
             )
             # ... and it is the atrophy that was asked for, on the operated side only.
             o = ovc[m]
-            n_op = o["operated_pre_cm3"] / vox
+            n_op = o.operated_pre_cm3 / vox
             if n_op >= 100:  # voxelisation at 5 mm: a few % for small or thin muscles
-                kept = o["operated_post_cm3"] / o["operated_pre_cm3"]
+                kept = o.operated_post_cm3 / o.operated_pre_cm3
                 assert kept == pytest.approx(spec.atrophy[m], abs=max(0.02, 1.0 / n_op**0.5)), (pid, m)
-            assert abs(o["contralateral_loss_pct"]) < 1.0, (pid, m)
+            assert abs(o.contralateral_loss_pct) < 1.0, (pid, m)
 
     entries = pairing.cohort_entries(settings)
-    assert sum(1 for e in entries if e["change"] and e["reason"] is None) == 18
+    assert sum(1 for e in entries if e.change is not None and not e.reasons) == 18
     report = build_cohort(entries, n_boot=200)
     assert report.group_sizes == {"Female FNF": 2, "Female ITF": 10, "Male FNF": 4, "Male ITF": 2}
     for g in report.group_sizes:
@@ -385,7 +387,7 @@ def test_concurrent_workers_keep_one_consistent_timeline(settings: Settings) -> 
         t.join()
     assert errors == []
     rows = pairing.timeline(settings, "P1")
-    assert [r["study_date"] for r in rows] == [f"202301{i + 1:02d}" for i in range(8)]
-    assert [len(r["changes"]) for r in rows] == [0, 1] + [2] * 6
+    assert [r.study.study_date for r in rows] == [f"202301{i + 1:02d}" for i in range(8)]
+    assert [len(r.changes) for r in rows] == [0, 1] + [2] * 6
     con = sqlite3.connect(settings.db_path)
     assert con.execute("SELECT COUNT(*) FROM pairing_changes").fetchone()[0] == 1 + 2 * 6

@@ -15,6 +15,7 @@ import pytest
 from seg import labels as L
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.records import VolumeRecord
 
 COARSE = (4.0, 4.0, 6.0)
 
@@ -101,8 +102,8 @@ def test_taller_patient_is_longer_and_has_more_muscle() -> None:
     short = make_phantom(PhantomOptions(height_m=1.62, **kw))
     tall = make_phantom(PhantomOptions(height_m=1.85, **kw))
     assert tall.ct.shape[2] > short.ct.shape[2]
-    vs = measure_volumes(short.labels)["qa"]["segmented_muscle_cm3"]
-    vt = measure_volumes(tall.labels)["qa"]["segmented_muscle_cm3"]
+    vs = measure_volumes(short.labels).qa.segmented_muscle_cm3
+    vt = measure_volumes(tall.labels).qa.segmented_muscle_cm3
     assert vt > 1.2 * vs
 
 
@@ -165,9 +166,9 @@ def test_written_series_headers_and_truth(tmp_path: Path) -> None:
     assert "PatientSize" not in ds
     assert ds.InstanceNumber == 1 and float(ds.ImagePositionPatient[2]) == min(
         float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files)
-    truth = json.loads((tmp_path / "truth" / "volumes.json").read_text())
-    assert truth["height_m"] is None and all(s["index_cm3_m2"] is None for s in truth["structures"])
-    assert truth["series_instance_uid"] == ds.SeriesInstanceUID
+    truth = VolumeRecord.load(tmp_path / "truth" / "volumes.json")
+    assert truth.height_m is None and all(s.index_cm3_m2 is None for s in truth.structures)
+    assert truth.series_instance_uid == ds.SeriesInstanceUID
     info = json.loads((tmp_path / "truth" / "phantom.json").read_text())
     assert info["options"]["seed"] == 8
     # Rewriting the folder with fewer slices leaves no stale instances behind.

@@ -11,6 +11,7 @@ from dicomnode import registry
 from dicomnode.cli import app
 from dicomnode.config import Settings
 from dicomnode.db import MIGRATIONS, opened
+from seg.records import ReasonCode
 
 CSV = """patient_id,height_m,sex,fracture_type,fractured_side,surgery_date,koval_grade
 P1,1.62,F,FNF,left,2023-01-06,2
@@ -59,14 +60,15 @@ def test_trust_order_and_height_provenance(settings: Settings, tmp_path: Path) -
     # Implausible registry height is never used; a plausible PatientSize is, and the flag is stated.
     r = registry.resolve(settings, "P3", dicom_size=1.58)
     assert (r.height_m, r.height_source) == (1.58, "PatientSize")
-    assert any("implausible" in n for n in r.notes)
+    assert [n.code for n in r.notes].count(ReasonCode.HEIGHT_NOT_USED) == 1
+    assert any("implausible" in n.text for n in r.notes)
     r = registry.resolve(settings, "P3")
     assert r.height_m is None and "implausible" in r.height_source
-    assert any("not computed" in n for n in r.notes)
+    assert ReasonCode.NO_HEIGHT in {n.code for n in r.notes}
     # No registry height, no DICOM height: no index, never a guess.
     r = registry.resolve(settings, "P4", dicom_sex="M")
     assert r.height_m is None and r.height_source == "missing"
-    assert any("fracture type unknown" in n for n in r.notes)
+    assert ReasonCode.FRACTURE_TYPE_UNKNOWN in {n.code for n in r.notes}
     # Not in the registry: DICOM only; an implausible PatientSize is refused.
     assert registry.resolve(settings, "NOBODY", dicom_size="1.7").height_source == "PatientSize"
     r = registry.resolve(settings, "NOBODY", dicom_size=17.0, dicom_sex="F")

@@ -12,19 +12,20 @@ import numpy as np
 import pydicom
 import pytest
 
-from reporting import codes
+from reporting import codes, rle_encoder
 from reporting.rules import RULES, ReportingRules
 from reporting.seg import build_seg, plan_segments
 from seg.labels import by_name, structures
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.records import ModelInfo, VolumeQA, VolumeRecord
 from seg.volume import Volume
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
-MODEL = {"name": "unetr-test", "version": "9.9", "demo": True}
+MODEL = ModelInfo(name="unetr-test", version="9.9", demo=True)
 
 
-def phantom_case(root: Path, seed: int = 3, **kw) -> tuple[Volume, Volume, dict]:
+def phantom_case(root: Path, seed: int = 3, **kw) -> tuple[Volume, Volume, VolumeRecord]:
     """A small phantom written as DICOM and read back: (ct, labels on the ct grid, volumes record)."""
     from seg.io import load_dicom_series
 
@@ -52,8 +53,9 @@ def case(tmp_path_factory):
     return root, ct, labels, vols
 
 
-@pytest.fixture(scope="module", params=[("BINARY", "RLE"), ("LABELMAP", "RLE"), ("LABELMAP", "JPEGLS")],
-                ids=["binary", "labelmap-rle", "labelmap-jpegls"])
+@pytest.fixture(scope="module", params=[("BINARY", "RLE"), ("FRACTIONAL", "RLE"), ("LABELMAP", "RLE"),
+                                       ("LABELMAP", "JPEGLS")],
+                ids=["binary", "fractional", "labelmap-rle", "labelmap-jpegls"])
 def seg_file(request, case):
     root, ct, labels, vols = case
     seg_type, compression = request.param
@@ -94,11 +96,12 @@ def test_sides_match_volumes_json(case):
     _, ct, labels, vols = case
     segments, seg_map = plan_segments(labels, vols, ct)
     counts = np.bincount(seg_map.ravel(), minlength=len(segments) + 1)
-    by_label = {e["label"]: e for e in vols["structures"]}
+    by_label = vols.by_label()
     vox = labels.voxel_volume_cm3
     assert {s.side for s in segments} == {"left", "right"}
     for s in segments:
-        assert round(counts[s.number] * vox, 4) == pytest.approx(by_label[s.label][f"{s.side}_cm3"], abs=1e-3)
+        expected = by_label[s.label].side_volume(s.side)
+        assert round(counts[s.number] * vox, 4) == pytest.approx(expected, abs=1e-3)
 
 
 def test_segment_attributes_and_geometry(seg_file, case):
@@ -157,7 +160,7 @@ def test_rerun_gives_identical_uids(case):
     _, ct, labels, vols = case
     a = build_seg(ct, labels, vols, MODEL)
     b = build_seg(ct, labels, vols, MODEL)
-    c = build_seg(ct, labels, vols, {**MODEL, "version": "10.0"})
+    c = build_seg(ct, labels, vols, MODEL.model_copy(update={"version": "10.0"}))
     assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
     assert [i.TrackingUID for i in a.SegmentSequence] == [i.TrackingUID for i in b.SegmentSequence]
     assert c.SOPInstanceUID != a.SOPInstanceUID
@@ -196,8 +199,9 @@ def test_fast_binary_encoder_equals_highdicom(fov, frame_bytes, row_bytes, tmp_p
 def test_split_without_recorded_midline_recomputes_the_same_plane(case):
     _, ct, labels, vols = case
     a_segments, a_map = plan_segments(labels, vols, ct)
-    b_segments, b_map = plan_segments(labels, {**vols, "qa": {}}, ct)
-    moved = {**vols, "qa": {**vols["qa"], "midline_x_mm": vols["qa"]["midline_x_mm"] + 40.0}}
+    b_segments, b_map = plan_segments(labels, vols.model_copy(update={"qa": VolumeQA()}), ct)
+    qa = vols.qa.model_copy(update={"midline_x_mm": vols.qa.midline_x_mm + 40.0})
+    moved = vols.model_copy(update={"qa": qa})
     c_segments, c_map = plan_segments(labels, moved, ct)  # wrong recorded plane: detected, recomputed
     assert a_segments == b_segments == c_segments
     assert np.array_equal(a_map, b_map) and np.array_equal(a_map, c_map)
@@ -231,8 +235,8 @@ def test_one_voxel_structure_gets_no_segment(case):
     speck = by_name("semimembranosus")
     lab = with_speck(labels, speck.label)
     vols = measure_volumes(lab, ct, model=MODEL)
-    entry = next(e for e in vols["structures"] if e["label"] == speck.label)
-    assert entry["voxels"] == 1 and 0 < entry["left_cm3"] < RULES.min_segment_cm3
+    entry = vols.by_label()[speck.label]
+    assert entry.voxels == 1 and 0 < entry.left_cm3 < RULES.min_segment_cm3
     ds = build_seg(ct, lab, vols, MODEL)
     assert not [i for i in ds.SegmentSequence if str(i.TrackingID).startswith(speck.name)]
     segments, seg_map = plan_segments(lab, vols, ct)
@@ -280,3 +284,48 @@ def test_unchecked_highdicom_falls_back_to_plain_highdicom(case, monkeypatch, ca
     assert "not checked against highdicom 0.99.0" in caplog.text
     assert fallback.PixelData == plain.PixelData and fallback.NumberOfFrames == plain.NumberOfFrames
     assert fallback.PerFrameFunctionalGroupsSequence == plain.PerFrameFunctionalGroupsSequence
+
+
+def _rle_frames(shape: tuple[int, int], seed: int) -> list[np.ndarray]:
+    """8-bit frames covering the encoder's cases: empty rows, sparse 0/255 blobs, constant nonzero
+    rows, runs longer than 128, literal runs, labelmap-like values."""
+    rng = np.random.default_rng(seed)
+    empty = np.zeros(shape, dtype=np.uint8)
+    blob = empty.copy()
+    blob[shape[0] // 3:shape[0] // 2, 2:shape[1] - 3] = 255
+    constant = np.full(shape, 7, dtype=np.uint8)
+    noisy = rng.integers(0, 256, shape, dtype=np.uint8)
+    sparse = np.where(rng.random(shape) < 0.02, rng.integers(1, 60, shape), 0).astype(np.uint8)
+    return [empty, blob, constant, noisy, sparse]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (16, 315), (40, 300), (5, 513)])
+def test_rle_encoder_writes_pylibjpeg_rle_bytes(shape):
+    from pydicom.pixels.encoders.base import get_encoder
+    from pydicom.uid import RLELossless
+
+    encoder = get_encoder(RLELossless)
+    kw = dict(rows=shape[0], columns=shape[1], samples_per_pixel=1, number_of_frames=1, bits_allocated=8,
+              bits_stored=8, photometric_interpretation="MONOCHROME2", pixel_representation=0)
+    for frame in _rle_frames(shape, seed=sum(shape)):
+        ours = encoder.encode(frame, encoding_plugin=rle_encoder.PLUGIN, **kw)
+        assert ours == encoder.encode(frame, encoding_plugin="pylibjpeg", **kw)
+    wide = np.arange(shape[0] * shape[1], dtype=np.uint16).reshape(shape)  # not 8-bit: handed on
+    kw16 = {**kw, "bits_allocated": 16, "bits_stored": 16}
+    assert (encoder.encode(wide, encoding_plugin=rle_encoder.PLUGIN, **kw16)
+            == encoder.encode(wide, encoding_plugin="pylibjpeg", **kw16))
+
+
+def test_fractional_seg_uses_the_rle_encoder_and_decodes_to_its_frames(case):
+    from pydicom.encaps import generate_frames
+    from rle.utils import encode_pixel_data
+
+    _, ct, labels, vols = case
+    assert rle_encoder.first_plugin() == rle_encoder.PLUGIN  # what highdicom's encoder call gets
+    ds = build_seg(ct, labels, vols, MODEL, seg_type="FRACTIONAL")
+    pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)  # pydicom's decoder
+    assert set(np.unique(pixels)) == {0, 255}
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+    for frame, encoded in zip(pixels, frames, strict=True):
+        assert encoded == encode_pixel_data(frame.tobytes(), rows=ds.Rows, columns=ds.Columns,
+                                             samples_per_pixel=1, bits_allocated=8)

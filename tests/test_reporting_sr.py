@@ -1,7 +1,9 @@
 """TID 1500 measurement SR and follow-up SR: dciodvfy, dsrdump and dcmqi tid1500reader accept them,
 their numbers equal volumes.json / the change record rounded to the reporting precision, each volume
-group names the CT images its segment lies on, specks below the minimum segment size are reported
-absent, changes are signed, and their UIDs are stable across re-runs."""
+group names the CT images its segment lies on, every group carries spatial coordinates (each muscle
+the outline of its largest cross-section, scan-level groups the scanned extent), specks below the
+minimum segment size are reported absent, changes are signed, and their UIDs are stable across
+re-runs."""
 
 from __future__ import annotations
 
@@ -13,19 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.path import Path as Polygon
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from scipy import ndimage
 from test_reporting_seg import MODEL, VENV_BIN, dciodvfy_errors, phantom_case, with_speck
 
 from reporting import codes
 from reporting.change import compute_change
 from reporting.followup_sr import build_followup_sr
+from reporting.keyslice import outline
 from reporting.rules import RULES
 from reporting.seg import build_seg, plan_segments
-from reporting.sr import build_measurement_sr
+from reporting.sr import build_measurement_sr, coverage_mm, key_sections
+from reporting.sr import segments_of as segments_of_seg
 from reporting.uids import derived_uid
 from seg.labels import by_name
 from seg.measure import measure_volumes
+from seg.records import StructureVolume, StudyRef, VolumeRecord
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PATIENT = {"patient_id": "RPT0001", "patient_name": "Report^Test", "sex": "F", "height_m": 1.62}
@@ -94,17 +101,17 @@ def followup(tmp_path_factory, baseline):
                                        study_uid=derived_uid("test", "followup-study"),
                                        series_uid=derived_uid("test", "followup-series"), **PATIENT)
 
-    def meta(c, s, r):
-        return {"study_instance_uid": c.meta["StudyInstanceUID"],
-                "series_instance_uid": c.meta["SeriesInstanceUID"], "study_date": c.meta["StudyDate"],
-                "seg_sop_instance_uid": s.SOPInstanceUID,
-                "sr_sop_instance_uid": r.SOPInstanceUID, "patient_id": c.meta["PatientID"]}
+    def ref(c, s, r):
+        return StudyRef(study_instance_uid=c.meta["StudyInstanceUID"],
+                        series_instance_uid=c.meta["SeriesInstanceUID"], study_date=c.meta["StudyDate"],
+                        seg_sop_instance_uid=s.SOPInstanceUID, sr_sop_instance_uid=r.SOPInstanceUID)
 
-    post_meta = {**meta(ct, seg, sr), "fractured_side": "left", "height_source": "PatientSize"}
-    change = compute_change(b_vols, vols, 1.62, meta(b_ct, b_seg, b_sr), post_meta)
-    fsr = build_followup_sr(ct, change, [b_seg, b_sr])
+    change = compute_change(b_vols, vols, 1.62, ref(b_ct, b_seg, b_sr), ref(ct, seg, sr),
+                            patient_id=ct.meta["PatientID"], fractured_side="left",
+                            height_source="PatientSize")
+    fsr = build_followup_sr(ct, change, [b_seg, b_sr])  # as the node builds it now: without its SEG
     fsr.save_as(root / "followup.dcm", enforce_file_format=True)
-    return root, ct, change, fsr
+    return root, ct, change, fsr, seg
 
 
 def test_measurement_sr_passes_dciodvfy_and_dsrdump(baseline):
@@ -117,14 +124,14 @@ def test_measurement_sr_passes_dciodvfy_and_dsrdump(baseline):
 def test_sr_numbers_equal_volumes_json(baseline, tmp_path):
     root, ct, _, vols, seg, _ = baseline
     meta = tid1500(root / "sr.dcm", tmp_path / "sr.json")
-    by_label = {e["label"]: e for e in vols["structures"]}
+    by_label = vols.by_label()
     tids = {int(i.SegmentNumber): str(i.TrackingID) for i in seg.SegmentSequence}
     groups = [m for m in meta["Measurements"] if "ReferencedSegment" in m]
     assert len(groups) == len(tids)
-    h2 = vols["height_m"] ** 2
+    h2 = vols.height_m ** 2
     for g in groups:
         name, side = tids[int(g["ReferencedSegment"])].rsplit(" ", 1)
-        expected = by_label[by_name(name).label][f"{side}_cm3"]
+        expected = by_label[by_name(name).label].side_volume(side)
         assert g["SourceSeriesForImageSegmentation"] == ct.meta["SeriesInstanceUID"]
         assert g["Laterality"]["CodeMeaning"].lower() == side
         items = {i["quantity"]["CodeValue"]: i for i in g["measurementItems"]}
@@ -156,6 +163,124 @@ def test_volume_groups_name_their_source_images(baseline):
     evidence = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
     assert set(ct.source_sop_uids) | {seg.SOPInstanceUID} <= evidence
+
+
+def located(sr: Dataset) -> dict[str, set[str]]:
+    """Per tracking UID (the groups sharing one are one measurement to OHIF), the value types of the
+    coordinates its NUMs are inferred from."""
+    out: dict[str, set[str]] = {}
+    for g in measurement_groups(sr):
+        kinds = out.setdefault(children(g, "112040")[0].UID, set())
+        for num in (i for i in g.ContentSequence if i.ValueType == "NUM"):
+            kinds |= {c.ValueType for c in num.get("ContentSequence", [])
+                      if c.ValueType in ("SCOORD", "SCOORD3D")}
+    return out
+
+
+def segment_of(sr: Dataset) -> dict[str, int]:
+    """Tracking UID -> referenced segment number, for the volume groups."""
+    return {children(g, "112040")[0].UID: int(children(g, "121191")[0].ReferencedSOPSequence[0]
+                                               .ReferencedSegmentNumber)
+            for g in measurement_groups(sr) if children(g, "121191")}
+
+
+def test_every_group_has_coordinates(baseline, followup):
+    """OHIF 3.13 opens a TID 1500 report only if every measurement (the groups sharing a tracking UID)
+    has coordinates: each muscle the outline of a cross-section, the others the scanned extent."""
+    sr = baseline[5]
+    where = located(sr)
+    muscles = set(segment_of(sr))
+    assert muscles and {u for u, kinds in where.items() if kinds == {"SCOORD"}} == muscles
+    assert all(kinds == {"SCOORD3D"} for u, kinds in where.items() if u not in muscles)
+    assert all(kinds == {"SCOORD3D"} for kinds in located(followup[3]).values())  # built without its SEG
+
+
+def test_cross_section_is_the_largest_and_its_outline_encloses_it(baseline):
+    """Each muscle's companion group states Area (derivation Maximum) on the CT slice where its
+    segment has the most pixels; the closed outline encloses exactly that slice's largest connected
+    region (holes filled) and the area is that region's, in cm² at 0.1."""
+    _, ct, labels, vols, seg, sr = baseline
+    _, seg_map = plan_segments(labels, vols, ct)  # (slice, row, column)
+    k_of = {uid: k for k, uid in enumerate(ct.source_sop_uids)}
+    rows, cols = seg_map.shape[1:]
+    centres = np.stack(np.meshgrid(np.arange(cols) + 0.5, np.arange(rows) + 0.5), axis=-1).reshape(-1, 2)
+    number_of = segment_of(sr)
+    checked = 0
+    for g in measurement_groups(sr):
+        if not children(g, "42798000"):
+            continue
+        [area] = children(g, "42798000")
+        assert not children(g, "121191")  # a companion: TID 1411 allows no coordinates next to the segment
+        number = number_of[children(g, "112040")[0].UID]
+        derivation = children(area, "121401")[0].ConceptCodeSequence[0]
+        assert (derivation.CodeValue, derivation.CodingSchemeDesignator) == ("56851009", "SCT")  # Maximum
+        [scoord] = [c for c in area.ContentSequence if c.ValueType == "SCOORD"]
+        assert (scoord.RelationshipType, scoord.GraphicType) == ("INFERRED FROM", "POLYLINE")
+        k = k_of[scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+        counts = (seg_map == number).sum(axis=(1, 2))
+        assert counts[k] == counts.max() > 0
+        points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+        assert np.array_equal(points[0], points[-1])
+        inside = Polygon(points).contains_points(centres).reshape(rows, cols)
+        parts, _ = ndimage.label(seg_map[k] == number)
+        largest = ndimage.binary_fill_holes(parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:])))
+        assert np.array_equal(inside, largest)
+        value = area.MeasuredValueSequence[0]
+        expected = round(int(largest.sum()) * ct.spacing_mm[0] * ct.spacing_mm[1] / 100, RULES.area_decimals)
+        assert float(value.NumericValue) == pytest.approx(expected, abs=1e-9)
+        assert value.MeasurementUnitsCodeSequence[0].CodeValue == "cm2"
+        checked += 1
+    assert checked == len(number_of)
+
+
+def test_sections_equal_for_every_seg_encoding(baseline):
+    """BINARY frames that start mid-byte (decoded here, pydicom 3.0 cannot), FRACTIONAL and LABELMAP
+    give the same largest cross-sections."""
+    _, ct, labels, vols, seg, _ = baseline
+    assert seg.SegmentationType == "BINARY" and (seg.Rows * seg.Columns) % 8
+    ref = key_sections(seg)
+    assert ref
+    for seg_type in ("FRACTIONAL", "LABELMAP"):
+        other = key_sections(build_seg(ct, labels, vols, MODEL, seg_type=seg_type))
+        assert other.keys() == ref.keys()
+        for number, section in ref.items():
+            assert other[number].sop_instance_uid == section.sop_instance_uid
+            assert other[number].area_cm2 == pytest.approx(section.area_cm2)
+            assert np.array_equal(other[number].outline, section.outline)
+
+
+def test_outline_runs_along_pixel_edges_of_the_largest_region():
+    """Pixel corners, clockwise on screen from the top-left, straight runs reduced to their ends; the
+    hole is filled, a region touching only at a corner and a smaller one are left out."""
+    mask = np.zeros((7, 8), dtype=bool)
+    mask[1:4, 1:4] = True
+    mask[2, 2] = False  # a hole
+    mask[4, 1:3] = True  # an L
+    mask[4, 4] = True  # touches the square only at a corner
+    mask[6, 6:8] = True  # smaller
+    points, pixels = outline(mask)
+    assert points.tolist() == [[1, 1], [4, 1], [4, 4], [3, 4], [3, 5], [1, 5], [1, 1]]
+    assert pixels == 11
+    with pytest.raises(ValueError):
+        outline(np.zeros((3, 3), dtype=bool))
+
+
+def test_scan_level_groups_state_the_scanned_extent(baseline):
+    """The QA coverage (slices × spacing) is inferred from a SCOORD3D line on the CT's frame of
+    reference, through the volume along its slice normal, as long as the coverage."""
+    _, ct, _, vols, _, sr = baseline
+    qa = next(g for g in measurement_groups(sr) if children(g, "112039")[0].TextValue == "Quality assurance")
+    [cov] = children(qa, codes.QA_Z_COVERAGE.value)
+    value = float(cov.MeasuredValueSequence[0].NumericValue)
+    assert value == round(vols.qa.z_coverage_mm, 1) == round(coverage_mm(ct), 1)
+    [line] = cov.ContentSequence
+    assert (line.RelationshipType, line.ValueType) == ("INFERRED FROM", "SCOORD3D")
+    assert line.GraphicType == "POLYLINE"
+    assert line.ReferencedFrameOfReferenceUID == ct.meta["FrameOfReferenceUID"]
+    a, b = np.asarray(line.GraphicData, dtype=float).reshape(2, 3)
+    assert np.linalg.norm(b - a) == pytest.approx(value, abs=0.05)
+    normal = ct.affine[:3, 2] / np.linalg.norm(ct.affine[:3, 2])
+    assert abs(float(np.dot((b - a) / np.linalg.norm(b - a), normal))) == pytest.approx(1.0)
 
 
 def test_reading_the_seg_leaves_its_fast_encoding_alone(baseline):
@@ -191,7 +316,10 @@ def test_one_voxel_structure_is_reported_absent(baseline, tmp_path):
     groups = [g for g in measurement_groups(sr) if children(g, "112039")[0].TextValue == label]
     assert len(groups) == 1
     g = groups[0]
-    assert not children(g, "121191") and not [i for i in g.ContentSequence if i.ValueType == "NUM"]
+    nums = [i for i in g.ContentSequence if i.ValueType == "NUM"]
+    assert not children(g, "121191")
+    assert [concept(i) for i in nums] == [codes.QA_Z_COVERAGE.value]  # no volume, the coverage
+    assert [c.ValueType for c in nums[0].ContentSequence] == ["SCOORD3D"]  # the scanned extent
     presence = children(g, codes.PRESENCE.value)[0].ConceptCodeSequence[0]
     assert (presence.CodeValue, presence.CodingSchemeDesignator) == (codes.ABSENT.value, "SCT")
     qa = next(g for g in measurement_groups(sr) if children(g, "112039")[0].TextValue == "Quality assurance")
@@ -199,12 +327,13 @@ def test_one_voxel_structure_is_reported_absent(baseline, tmp_path):
     assert float(minimum.NumericValue) == RULES.min_segment_cm3
     meta = tid1500(tmp_path / "speck.dcm", tmp_path / "speck.json")
     absent = [m for m in meta["Measurements"] if m.get("TrackingIdentifier") == label]
-    assert len(absent) == 1 and not absent[0]["measurementItems"]
+    assert len(absent) == 1
+    assert [m["quantity"]["CodeValue"] for m in absent[0]["measurementItems"]] == [codes.QA_Z_COVERAGE.value]
 
 
 def test_sr_without_height_has_no_index_and_says_so(tmp_path):
     ct, _, vols, seg, sr = _build(tmp_path, seed=6, write_height=False)
-    assert vols["height_m"] is None
+    assert vols.height_m is None
     text = dsrdump(tmp_path / "sr.dcm")
     assert codes.VOLUME_INDEX.meaning not in text
     assert codes.HEIGHT_MISSING.meaning in text
@@ -219,7 +348,7 @@ def test_sr_rerun_identical_uids(baseline):
 
 
 def test_followup_sr_valid_and_equal_to_change(followup, baseline, tmp_path):
-    root, ct, change, fsr = followup
+    root, ct, change, fsr, _ = followup
     b_seg, b_sr = baseline[4], baseline[5]
     assert dciodvfy_errors(root / "followup.dcm") == []
     assert "Volume change" in dsrdump(root / "followup.dcm")
@@ -228,35 +357,65 @@ def test_followup_sr_valid_and_equal_to_change(followup, baseline, tmp_path):
     refs = {i.ReferencedSOPInstanceUID for s in fsr.PertinentOtherEvidenceSequence
             for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
     assert {b_seg.SOPInstanceUID, b_sr.SOPInstanceUID} <= refs
-    by_key = {f"{by_name(e['name']).display_name} {e['side']}": e for e in change["structures"]}
+    by_key = {f"{by_name(e.name).display_name} {e.side}": e for e in change.structures}
     checked = 0
     for g in meta["Measurements"]:
         e = by_key.get(g.get("TrackingIdentifier"))
         if e is None:
             continue
         items = {i["quantity"]["CodeValue"]: i for i in g["measurementItems"]}
-        assert items["VPRE"]["value"] == f"{e['pre_cm3']:.1f}"
-        assert items["118565006"]["value"] == f"{e['post_cm3']:.1f}"
-        assert float(items["VDELTA"]["value"]) == pytest.approx(round(e["delta_cm3"], 1), abs=1e-9)
+        assert items["VPRE"]["value"] == f"{e.pre_cm3:.1f}"
+        assert items["118565006"]["value"] == f"{e.post_cm3:.1f}"
+        assert float(items["VDELTA"]["value"]) == pytest.approx(round(e.delta_cm3, 1), abs=1e-9)
         assert {items[k]["units"]["CodeValue"] for k in ("VPRE", "118565006", "VDELTA")} == {"cm3"}
-        if e["change_pct"] is None:
+        if e.change_pct is None:
             assert "VCHGPCT" not in items
         else:
-            assert float(items["VCHGPCT"]["value"]) == pytest.approx(round(e["change_pct"], 1), abs=1e-9)
+            assert float(items["VCHGPCT"]["value"]) == pytest.approx(round(e.change_pct, 1), abs=1e-9)
             assert items["VCHGPCT"]["units"]["CodeValue"] == "%"
-        index_change = round(e["delta_index_cm3_m2"], 2)
+        index_change = round(e.delta_index_cm3_m2, 2)
         assert float(items["VIDXDELTA"]["value"]) == pytest.approx(index_change, abs=1e-9)
         assert "VLOSSPCT" not in items
         checked += 1
     assert checked >= 20
     gm = by_key["Gluteus medius left"]
-    assert gm["change_pct"] < -10 and gm["delta_cm3"] < 0  # the phantom's atrophy is a negative change
-    assert gm["loss_pct"] == pytest.approx(-gm["change_pct"])  # the paper's loss ratio, opposite sign
+    assert gm.change_pct < -10 and gm.delta_cm3 < 0  # the phantom's atrophy is a negative change
+    assert gm.loss_pct == pytest.approx(-gm.change_pct)  # the paper's loss ratio, opposite sign
+
+
+def test_followup_sr_with_its_seg_outlines_each_structure(followup, baseline, tmp_path):
+    """Given the follow-up's SEG, each structure side found at follow-up states its largest cross-section
+    there (Area, Maximum, with its outline on the follow-up CT); a side without a segment and the
+    comparison context state the scanned extent. Valid, read by dcmqi, and a new SOP Instance UID."""
+    root, ct, change, fsr, seg = followup
+    with_seg = build_followup_sr(ct, change, [baseline[4], baseline[5]], seg=seg)
+    with_seg.save_as(tmp_path / "f.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "f.dcm") == []
+    tid1500(tmp_path / "f.dcm", tmp_path / "f.json")
+    assert with_seg.SOPInstanceUID != fsr.SOPInstanceUID
+    sections = key_sections(seg)
+    section_of = {f"{by_name(name).display_name} {side}": sections[n]
+                  for n, name, side in segments_of_seg(seg)}
+    outlined = 0
+    for g in measurement_groups(with_seg):
+        label = children(g, "112039")[0].TextValue
+        areas = children(g, "42798000")
+        if label not in section_of:
+            assert not areas and children(g, codes.QA_Z_COVERAGE.value)
+            continue
+        [area] = areas
+        [scoord] = [c for c in area.ContentSequence if c.ValueType == "SCOORD"]
+        assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+            section_of[label].sop_instance_uid
+        assert float(area.MeasuredValueSequence[0].NumericValue) == round(section_of[label].area_cm2, 1)
+        outlined += 1
+    assert outlined >= 20
+    assert all(located(with_seg).values())
 
 
 def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
     """Root concept (126000, DCM), TID 1500 template, every group with the TID 1502 time point."""
-    _, _, change, fsr = followup
+    _, _, change, fsr, _ = followup
     root = fsr.ConceptNameCodeSequence[0]
     assert (root.CodeValue, root.CodingSchemeDesignator) == ("126000", "DCM")
     assert fsr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
@@ -266,7 +425,7 @@ def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
         order = children(g, "126073")
         assert order and float(order[0].MeasuredValueSequence[0].NumericValue) == 2
         offset = children(g, "128740")[0]  # Longitudinal Temporal Offset from Event
-        assert float(offset.MeasuredValueSequence[0].NumericValue) == change["days_between"]
+        assert float(offset.MeasuredValueSequence[0].NumericValue) == change.days_between
         assert offset.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "d"
         event = children(offset, "128741")[0].ConceptCodeSequence[0]  # Longitudinal Temporal Event Type
         assert (event.CodeValue, event.CodingSchemeDesignator) == ("121079", "DCM")
@@ -279,13 +438,13 @@ def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
 def test_postoperative_time_point_and_percent_floor(followup, tmp_path):
     """A post-operative follow-up is typed as such; a small baseline gets cm³ but no percentage, a
     speck (below the minimum segment size) no volume at all; dciodvfy accepts the result."""
-    _, ct, change, _ = followup
-    e = next(x for x in change["structures"] if x["name"] == "gluteus_medius" and x["side"] == "left")
-    small = {**e, "pre_cm3": 3.0, "post_cm3": 4.5, "delta_cm3": 1.5, "loss_pct": -50.0,
-             "change_pct": None, "delta_index_cm3_m2": 1.5 / 1.62**2}
-    speck = {**e, "side": "right", "pre_cm3": 0.16, "post_cm3": 0.96, "delta_cm3": 0.8, "loss_pct": -500.0,
-             "change_pct": None, "delta_index_cm3_m2": 0.8 / 1.62**2}
-    edited = {**change, "baseline_preoperative": True, "structures": [small, speck]}
+    _, ct, change, _, _ = followup
+    e = next(x for x in change.structures if x.name == "gluteus_medius" and x.side == "left")
+    small = e.model_copy(update={"pre_cm3": 3.0, "post_cm3": 4.5, "delta_cm3": 1.5, "loss_pct": -50.0,
+                                 "change_pct": None, "delta_index_cm3_m2": 1.5 / 1.62**2})
+    speck = e.model_copy(update={"side": "right", "pre_cm3": 0.16, "post_cm3": 0.96, "delta_cm3": 0.8,
+                                 "loss_pct": -500.0, "change_pct": None, "delta_index_cm3_m2": 0.8 / 1.62**2})
+    edited = change.with_facts(baseline_preoperative=True, structures=[small, speck])
     fsr = build_followup_sr(ct, edited, [])
     fsr.save_as(tmp_path / "postop.dcm", enforce_file_format=True)
     assert dciodvfy_errors(tmp_path / "postop.dcm") == []
@@ -302,20 +461,21 @@ def test_postoperative_time_point_and_percent_floor(followup, tmp_path):
 def test_change_record_is_signed_with_a_percent_floor():
     """change_pct = (post − pre) / pre × 100, negative for a loss; none for a baseline under the floor
     (1 → 6 voxels is +500 %), while the cm³ change is still stated."""
-    def record(left: float, right: float) -> dict:
-        return {"structures": [{"label": 1, "name": "sartorius", "group": "anterior",
-                                "volume_cm3": left + right, "left_cm3": left, "right_cm3": right}]}
+    def record(left: float, right: float) -> VolumeRecord:
+        return VolumeRecord(structures=(StructureVolume(
+            label=1, name="sartorius", group="anterior", volume_cm3=left + right, left_cm3=left,
+            right_cm3=right),))
 
-    c = compute_change(record(0.045, 20.0), record(0.27, 17.0), 1.6, {}, {})
-    side = {e["side"]: e for e in c["structures"]}
-    assert side["right"]["change_pct"] == pytest.approx(-15.0)
-    assert side["right"]["loss_pct"] == pytest.approx(15.0)  # the paper's loss ratio keeps its sign
-    assert side["left"]["change_pct"] is None and side["left"]["delta_cm3"] == pytest.approx(0.225)
+    c = compute_change(record(0.045, 20.0), record(0.27, 17.0), 1.6, StudyRef(), StudyRef())
+    side = {e.side: e for e in c.structures}
+    assert side["right"].change_pct == pytest.approx(-15.0)
+    assert side["right"].loss_pct == pytest.approx(15.0)  # the paper's loss ratio keeps its sign
+    assert side["left"].change_pct is None and side["left"].delta_cm3 == pytest.approx(0.225)
     assert RULES.pct_baseline_floor_cm3 > 0.045
 
 
 def test_followup_rerun_identical_uids(followup, baseline):
-    _, ct, change, fsr = followup
+    _, ct, change, fsr, _ = followup
     again = build_followup_sr(ct, change, [baseline[4], baseline[5]])
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (fsr.SOPInstanceUID, fsr.SeriesInstanceUID)
 
@@ -344,10 +504,10 @@ def test_sr_referencing_labelmap_seg(baseline, tmp_path):
 def test_height_status_and_source():
     from reporting.sr import height_status
 
-    assert height_status({"height_m": None}, {"PatientSize": "3.1"}) == (codes.HEIGHT_IMPLAUSIBLE,
-                                                                         codes.HEIGHT_SOURCE_NONE)
-    assert height_status({"height_m": None}, {}) == (codes.HEIGHT_MISSING, codes.HEIGHT_SOURCE_NONE)
-    assert height_status({"height_m": 1.6, "height_source": "registry"}, {}) == (codes.HEIGHT_PRESENT,
-                                                                                 codes.HEIGHT_SOURCE_REGISTRY)
-    assert height_status({"height_m": 1.6, "height_source": "PatientSize"}, {"PatientSize": 1.6})[1] == \
-        codes.HEIGHT_SOURCE_PATIENT_SIZE
+    none = VolumeRecord()
+    assert height_status(none, {"PatientSize": "3.1"}) == (codes.HEIGHT_IMPLAUSIBLE, codes.HEIGHT_SOURCE_NONE)
+    assert height_status(none, {}) == (codes.HEIGHT_MISSING, codes.HEIGHT_SOURCE_NONE)
+    registry = VolumeRecord(height_m=1.6, height_source="registry")
+    assert height_status(registry, {}) == (codes.HEIGHT_PRESENT, codes.HEIGHT_SOURCE_REGISTRY)
+    header = VolumeRecord(height_m=1.6, height_source="PatientSize")
+    assert height_status(header, {"PatientSize": 1.6})[1] == codes.HEIGHT_SOURCE_PATIENT_SIZE

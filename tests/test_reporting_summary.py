@@ -16,6 +16,16 @@ from reporting.seg import build_seg
 from reporting.sr import build_measurement_sr
 from reporting.summary import _table_rows, build_summary, change_bars, qa_warnings
 from reporting.uids import derived_uid
+from seg.records import (
+    ChangeRecord,
+    MetalLocation,
+    ModelInfo,
+    StructureChange,
+    StructureVolume,
+    StudyRef,
+    VolumeQA,
+    VolumeRecord,
+)
 
 PATIENT = {"patient_id": "SUM0001", "patient_name": "Summary^Test", "sex": "M", "height_m": 1.75}
 
@@ -49,13 +59,13 @@ def studies(tmp_path_factory):
         atrophy={"gluteus_maximus": 0.85}, study_uid=derived_uid("test", "sum-fu-study"),
         series_uid=derived_uid("test", "sum-fu-series"), **PATIENT)
 
-    def meta(c, s, r):
-        return {"study_instance_uid": c.meta["StudyInstanceUID"], "study_date": c.meta["StudyDate"],
-                "series_instance_uid": c.meta["SeriesInstanceUID"], "seg_sop_instance_uid": s.SOPInstanceUID,
-                "sr_sop_instance_uid": r.SOPInstanceUID, "patient_id": c.meta["PatientID"]}
+    def ref(c, s, r):
+        return StudyRef(study_instance_uid=c.meta["StudyInstanceUID"], study_date=c.meta["StudyDate"],
+                        series_instance_uid=c.meta["SeriesInstanceUID"],
+                        seg_sop_instance_uid=s.SOPInstanceUID, sr_sop_instance_uid=r.SOPInstanceUID)
 
-    change = compute_change(b_vols, f_vols, 1.75, meta(b_ct, b_seg, b_sr),
-                            {**meta(f_ct, f_seg, f_sr), "fractured_side": "right"})
+    change = compute_change(b_vols, f_vols, 1.75, ref(b_ct, b_seg, b_sr), ref(f_ct, f_seg, f_sr),
+                            patient_id=f_ct.meta["PatientID"], fractured_side="right")
     b_sum = build_summary(b_ct, b_vols, MODEL)
     f_sum = build_summary(f_ct, f_vols, MODEL, change=change)
     f_fsr = build_followup_sr(f_ct, change, [b_seg, b_sr])
@@ -95,12 +105,14 @@ def test_summary_in_source_study_with_stable_uids(studies):
 
 
 def test_qa_warnings_say_what_is_missing():
-    vols = {"height_m": None, "structures": [], "qa": {"metal": True, "metal_where": {"side": "left"}}}
-    w = qa_warnings(vols, {}, {"demo": True})
+    where = MetalLocation(side="left", left_voxels=3, right_voxels=0, z_range_mm=(0, 0),
+                          centroid_mm=(9, 0, 0))
+    vols = VolumeRecord(qa=VolumeQA(metal=True, metal_where=where))
+    w = qa_warnings(vols, {}, ModelInfo(demo=True))
     assert any("DEMO" in x for x in w)
     assert any("height missing" in x.lower() for x in w)
     assert any("Metal present (left side)" in x for x in w)
-    assert any("implausible" in x for x in qa_warnings(vols, {"PatientSize": 3.1}, {}))
+    assert any("implausible" in x for x in qa_warnings(vols, {"PatientSize": 3.1}, ModelInfo()))
 
 
 def test_change_chart_plots_signed_change_with_floor(studies):
@@ -108,20 +120,20 @@ def test_change_chart_plots_signed_change_with_floor(studies):
     the follow-up SR; a near-empty baseline gets no bar instead of +500 %."""
     change = studies["change"]
     bars = change_bars(change)
-    gm = next(e for e in change["structures"] if e["name"] == "gluteus_maximus" and e["side"] == "right")
-    assert bars["gluteus_maximus"]["right"] == pytest.approx(gm["change_pct"]) and gm["change_pct"] < -10
-    tiny = {"name": "sartorius", "side": "left", "pre_cm3": 0.045, "post_cm3": 0.27, "change_pct": None,
-            "loss_pct": -500.0}
-    small = {**tiny, "side": "right", "pre_cm3": 4.0, "post_cm3": 6.0}
-    assert change_bars({"structures": [tiny, small]}) == {}
+    gm = next(e for e in change.structures if e.name == "gluteus_maximus" and e.side == "right")
+    assert bars["gluteus_maximus"]["right"] == pytest.approx(gm.change_pct) and gm.change_pct < -10
+    tiny = StructureChange(label=1, name="sartorius", side="left", pre_cm3=0.045, post_cm3=0.27,
+                           change_pct=None, loss_pct=-500.0)
+    small = tiny.model_copy(update={"side": "right", "pre_cm3": 4.0, "post_cm3": 6.0})
+    assert change_bars(ChangeRecord(structures=(tiny, small))) == {}
 
 
 def test_table_says_not_found_below_minimum_segment_size():
-    vols = {"height_m": 1.6, "structures": [
-        {"label": 1, "name": "sartorius", "volume_cm3": 80.045, "left_cm3": 0.045, "right_cm3": 80.0,
-         "index_cm3_m2": 31.268},
-        {"label": 2, "name": "rectus_femoris", "volume_cm3": 0.0, "left_cm3": 0.0, "right_cm3": 0.0,
-         "index_cm3_m2": 0.0}]}
+    vols = VolumeRecord(height_m=1.6, structures=(
+        StructureVolume(label=1, name="sartorius", volume_cm3=80.045, left_cm3=0.045, right_cm3=80.0,
+                        index_cm3_m2=31.268),
+        StructureVolume(label=2, name="rectus_femoris", volume_cm3=0.0, left_cm3=0.0, right_cm3=0.0,
+                        index_cm3_m2=0.0)))
     rows, _, _ = _table_rows(vols)
     assert rows[0][1:] == ["n/f", "80.0", "80.0", "31.3"]
     assert rows[1][1:] == ["n/f", "n/f", "n/f", "–"]

@@ -27,6 +27,7 @@ from dicomnode.retrieve import (
     find_studies,
     retrieve_prior,
 )
+from seg.records import ChangeRecord, StructureVolume, VolumeRecord
 
 ORTHANC = orthanc_binary() or ORTHANC_FALLBACK
 
@@ -225,23 +226,13 @@ def test_pairing_asks_for_the_prior_and_pairs_it_when_it_arrives(orthanc, tmp_pa
         settings.pacs.port = orthanc["dicom_port"]
         settings.selection.min_slices = 5
 
-        def record(study: str, series: str, date: str, factor: float) -> list[dict]:
+        def record(study: str, series: str, date: str, factor: float) -> list[ChangeRecord]:
             out = tmp_path / "var" / "results" / series
             out.mkdir(parents=True, exist_ok=True)
-            structs = [
-                {
-                    "label": 1,
-                    "name": "sartorius",
-                    "group": "anterior",
-                    "volume_cm3": 200.0 * factor,
-                    "left_cm3": 100.0 * factor,
-                    "right_cm3": 100.0 * factor,
-                    "index_cm3_m2": None,
-                }
-            ]
-            (out / "volumes.json").write_text(
-                json.dumps({"series_instance_uid": series, "structures": structs})
-            )
+            sartorius = StructureVolume(label=1, name="sartorius", group="anterior",
+                                        volume_cm3=200.0 * factor, left_cm3=100.0 * factor,
+                                        right_cm3=100.0 * factor)
+            VolumeRecord(series_instance_uid=series, structures=(sartorius,)).save(out / "volumes.json")
             return pairing.record_result(
                 settings,
                 pairing.ResultRecord(
@@ -266,6 +257,6 @@ def test_pairing_asks_for_the_prior_and_pairs_it_when_it_arrives(orthanc, tmp_pa
         # The node measures the arrived baseline; pairing then has the comparison for the follow-up.
         assert record(base_study, base_series, "20230105", 1.0) == []
         late = pairing.changes_for_earlier_series(settings, base_series)
-        assert len(late) == 1 and late[0]["structures"][0]["loss_pct"] == pytest.approx(20.0)
+        assert len(late) == 1 and late[0].structures[0].loss_pct == pytest.approx(20.0)
     finally:
         server.shutdown()

@@ -24,9 +24,10 @@ from reporting.summary import (
 )
 from seg.labels import structures
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.records import ModelInfo
 from seg.volume import Volume
 
-MODEL = {"name": "unetr-test", "version": "9.9", "demo": True}
+MODEL = ModelInfo(name="unetr-test", version="9.9", demo=True)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,117 @@ def test_follow_up_shows_pre_and_post_with_operated_side(study):
     image_left = ct.affine[0, 0] > 0
     assert all((t.get_position()[0] < 0.5) == image_left for t in marks)
     assert all("right" in t.get_text() for t in marks)
+
+
+# -- the node's follow-up summary: pre and post from the stored job folders ---------------------------
+FOLLOW_PATIENT = "KEYIMG-FU-1"
+LOST = ("vastus_lateralis", "left")  # a side the follow-up's label map has lost, so pre and post differ
+
+
+def _write_study(root: Path, study_date: str, name: str) -> tuple[list[Path], Volume, Volume]:
+    from reporting.uids import derived_uid
+    from seg.io import load_dicom_series, load_nifti
+
+    write_phantom(make_phantom(PhantomOptions(
+        seed=3, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-60.0, 30.0), patient_id=FOLLOW_PATIENT,
+        study_date=study_date, study_uid=derived_uid("keyimg", name, "study"),
+        series_uid=derived_uid("keyimg", name, "series"))), root)
+    files = sorted((root / "dicom").glob("*.dcm"))
+    ct = load_dicom_series(files)
+    return files, ct, ct.with_array(np.asarray(load_nifti(root / "truth" / "labels.nii.gz").array,
+                                               dtype=np.uint8))
+
+
+def _lose_side(ct: Volume, labels: Volume) -> Volume:
+    """The label map without one side of one muscle (by the midline of the x axis, patient left = +x)."""
+    from seg.labels import by_name
+
+    arr = labels.array.copy()
+    x_mm = labels.affine[0, 0] * np.arange(arr.shape[0]) + labels.affine[0, 3]
+    left = (x_mm > np.median(x_mm))[:, None, None]
+    arr[(arr == by_name(LOST[0]).label) & left] = 0
+    return ct.with_array(arr)
+
+
+@pytest.mark.parametrize("order", ["in-order", "late-baseline"])
+def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -> None:
+    """The pipeline (``dicomnode.pipeline.report``, as the worker runs it) finds the pair and builds the
+    follow-up's summary with the baseline's CT and label map from the stored job folders: pre row above
+    post row, each the key images of its own study (a muscle side present pre and lost post shows in
+    its colour only in the pre row), the operated side (from the registry) marked on every axial panel.
+    In the late-baseline flow the baseline's job builds that page again for the follow-up study."""
+    import pydicom
+
+    from dicomnode import registry
+    from dicomnode.config import Settings
+    from dicomnode.pipeline import JobInput, report
+    from reporting.summary import SUMMARY_SERIES_NUMBER, _key_studies
+    from seg.labels import by_name
+    from seg.records import ChangeRecord, VolumeRecord
+
+    settings = Settings(storage_dir=tmp_path / "var", pairing={"retrieve_priors": False})
+    csv = tmp_path / "registry.csv"
+    csv.write_text("patient_id,height_m,sex,fracture_type,fractured_side,surgery_date\n"
+                   f"{FOLLOW_PATIENT},1.70,F,ITF,right,20240115\n")
+    registry.import_csv(settings, csv)
+    b_files, b_ct, b_labels = _write_study(tmp_path / "base", "20240101", "base")
+    f_files, f_ct, f_labels = _write_study(tmp_path / "follow", "20240601", "follow")
+    f_labels = _lose_side(f_ct, f_labels)
+    stored = {str(b_ct.meta["SeriesInstanceUID"]): b_files, str(f_ct.meta["SeriesInstanceUID"]): f_files}
+
+    f_study = str(f_ct.meta["StudyInstanceUID"])
+
+    def run(job_id: int, files: list[Path], ct: Volume, labels: Volume) -> list[pydicom.Dataset]:
+        """One job through the pipeline; the follow-up study's summaries among the objects to send."""
+        job = JobInput(job_id=job_id, series_instance_uid=str(ct.meta["SeriesInstanceUID"]), files=files,
+                       work_dir=tmp_path / f"job{job_id}", series_files=lambda uid: stored[uid])
+        job.work_dir.mkdir()
+        sent = [pydicom.dcmread(p) for p in report(job, settings, ct, labels, MODEL).outputs]
+        return [ds for ds in sent
+                if ds.SeriesNumber == SUMMARY_SERIES_NUMBER and ds.StudyInstanceUID == f_study]
+
+    studies = [(b_files, b_ct, b_labels), (f_files, f_ct, f_labels)]
+    first, second = [run(i + 1, *s) for i, s in enumerate(studies if order == "in-order" else studies[::-1])]
+    (sc,) = second  # the follow-up's page with the comparison, once
+    if order == "late-baseline":  # its page alone first; then the same object (UID) with pre and post
+        assert [(ds.SOPInstanceUID, ds.Rows) for ds in first] == [(sc.SOPInstanceUID, first[0].Rows)]
+        assert first[0].Rows < sc.Rows
+
+    results = settings.storage_dir / "results" / str(f_ct.meta["SeriesInstanceUID"])
+    change = ChangeRecord.load(results / f"change-{b_ct.meta['SeriesInstanceUID']}.json")
+    assert change.fractured_side == "right"
+    page = render_page(VolumeRecord.load(results / "volumes.json"), MODEL, f_ct.meta, change)
+    rows, cols = key_images_size(2)
+    px = sc.pixel_array
+    assert px.shape == (page.shape[0] + rows, cols, 3)
+    keys = px[page.shape[0]:]
+
+    # where a voxel of the lost side sits in the mid-thigh panel of each row (the same figure layout)
+    pre, post = _key_studies(f_ct, f_labels, change, baseline=(b_ct, b_labels))
+    assert [pre.caption, post.caption] == ["pre 20240101", "post 20240601"]
+    fig = key_images_figure([pre, post], operated_side="right")
+    k = key_slices(b_labels)[1][1]
+    lost = (b_labels.array[:, :, k].T == by_name(LOST[0]).label) & (f_labels.array[:, :, k].T == 0)
+    r, c, _ = _interior_voxel(np.where(lost, by_name(LOST[0]).label, 0))
+    colour = np.array(structures()[by_name(LOST[0]).label].rgb, dtype=float)
+
+    def pixel(ax_index: int) -> np.ndarray:
+        x, y = fig.axes[ax_index].transData.transform((c, r))
+        return keys[int(round(keys.shape[0] - y)), int(round(x))].astype(float)
+
+    def tint(rgb: np.ndarray) -> float:  # how far a pixel leans to the muscle's colour from grey
+        grey = rgb.mean()
+        return float(np.dot(rgb - grey, colour - colour.mean()))
+
+    assert (rasterise(fig) == keys).all()  # drawn (transData final) and the very page the node built
+    mid_pre, mid_post = pixel(1), pixel(4 + 1)  # row 1: pre (axes 0-3), row 2: post (axes 4-7)
+    want_pre = overlay_rgb(b_ct.array[:, :, k].T, b_labels.array[:, :, k].T)[r, c].astype(float)
+    assert np.abs(mid_pre - want_pre).max() <= 3.0  # the baseline's CT and labels, in the SEG colour
+    assert tint(mid_pre) > 0 and abs(tint(mid_post)) < tint(mid_pre) / 4  # lost: no colour post
+    marks = [t for ax in fig.axes for t in ax.texts if "operated (right)" in t.get_text()]
+    assert len(marks) == 2 * len(KEY_LEVELS)
+    # the marks are drawn in red on the page: the top strip of each axial panel holds red text pixels
+    for ax in (fig.axes[i] for i in (0, 1, 2, 4, 5, 6)):
+        x0, y0, x1, y1 = ax.get_window_extent().extents
+        strip = keys[int(keys.shape[0] - y1): int(keys.shape[0] - y1) + 20, int(x0): int(x1)].astype(int)
+        assert ((strip[..., 0] > 200) & (strip[..., 1] < 120) & (strip[..., 2] < 120)).any()

@@ -30,7 +30,7 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     prov = pkg.meta["provenance"]
     assert prov["steps"] in (2, 3) and prov["trained_on"]["train_seeds"] == [70000, 70001]
     assert prov["trained_on"]["val_seeds"] == [70002] and prov["train_wall_s"] > 0
-    assert pkg.info["demo"] is True
+    assert pkg.info.demo is True
     ck = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
     assert ck["step"] == 3
     before = {k: v.clone() for k, v in ck["model"].items()}

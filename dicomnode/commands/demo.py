@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from dicomnode.commands.common import spacing_option
 from dicomnode.harness.net import free_port, wait_for
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
+from seg.records import ChangeRecord, VolumeRecord
 
 SCANNER_AET = "CTSCANNER"
 NODE_AET = "THIGHNODE"
@@ -207,7 +209,7 @@ class DemoStudy:
     folder: Path
     study_uid: str
     series_uid: str
-    truth: dict
+    truth: VolumeRecord
     n_files: int
     expected: dict[str, int] = field(default_factory=dict)
 
@@ -229,7 +231,7 @@ def make_patient(out: Path, spacing: tuple[float, float, float], seed: int) -> l
         ph = make_phantom(opts)
         folder = write_phantom(ph, out / label)
         dicom = Path(folder) / "dicom"
-        truth = json.loads((Path(folder) / "truth" / "volumes.json").read_text())
+        truth = VolumeRecord.load(Path(folder) / "truth" / "volumes.json")
         studies.append(DemoStudy(label, dicom, str(ph.meta["StudyInstanceUID"]),
                                  str(ph.meta["SeriesInstanceUID"]), truth, len(list(dicom.glob("*.dcm")))))
     return studies
@@ -268,33 +270,32 @@ def results_ready(objects: list[Received], followup: bool, summary: bool = True)
 # ------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------
-def _by_name(record: dict) -> dict[str, dict]:
-    return {s["name"]: s for s in record.get("structures", [])}
-
-
 def _cell(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def volume_table(title: str, measured: dict, truth: dict, dice: dict[tuple[str, str], float]) -> str:
+def volume_table(title: str, measured: VolumeRecord, truth: VolumeRecord,
+                 dice: dict[tuple[str, str], float]) -> str:
     """One study's 21 muscles, each side: measured cm³, truth cm³ and Dice, then the mean Dice.
 
     Plain text under 80 columns, muscles by their display names (the class table's).
     """
     from seg.labels import ANALYSED_MUSCLES, by_name
 
-    mp, tp = _by_name(measured), _by_name(truth)
+    mp, tp = measured.by_name(), truth.by_name()
     head = f"{'muscle':<21}{'L cm³':>9}{'truth':>9}{'Dice':>7}  {'R cm³':>9}{'truth':>9}{'Dice':>7}"
     lines = [title, head, "-" * len(head)]
     scores = []
     for name in ANALYSED_MUSCLES:
-        m, t = mp.get(name, {}), tp.get(name, {})
+        m, t = mp.get(name), tp.get(name)
         row = f"{by_name(name).display_name:<21}"
         for side in ("left", "right"):
             d = dice.get((name, side))
             if d is not None:
                 scores.append(d)
-            row += (f"{_cell(m.get(f'{side}_cm3'), '9.1f'):>9}{_cell(t.get(f'{side}_cm3'), '9.1f'):>9}"
+            mv = m.side_volume(side) if m else None
+            tv = t.side_volume(side) if t else None
+            row += (f"{_cell(mv, '9.1f'):>9}{_cell(tv, '9.1f'):>9}"
                     f"{_cell(d, '7.3f'):>7}" + ("  " if side == "left" else ""))
         lines.append(row)
     mean = sum(scores) / len(scores) if scores else None
@@ -302,14 +303,14 @@ def volume_table(title: str, measured: dict, truth: dict, dice: dict[tuple[str, 
     return "\n".join(lines)
 
 
-def change_table(change: dict, atrophy: dict[str, float], operated: str) -> str:
+def change_table(change: ChangeRecord, atrophy: dict[str, float], operated: str) -> str:
     """Per-muscle signed change (%) on each side against the phantom's true atrophy (operated side).
 
     Empty where the change record states none (baseline below the reporting floor).
     """
     from seg.labels import ANALYSED_MUSCLES, by_name
 
-    by_key = {(s["name"], s["side"]): s for s in change.get("structures", [])}
+    by_key = {(s.name, s.side): s for s in change.structures}
     head = f"{'muscle':<21}{'L change %':>12}{'R change %':>12}{'truth %':>10}"
     lines = [head, "-" * len(head)]
     for name in ANALYSED_MUSCLES:
@@ -318,8 +319,8 @@ def change_table(change: dict, atrophy: dict[str, float], operated: str) -> str:
             continue
         factor = atrophy.get(name)
         truth = f"{-(1 - factor) * 100:+.0f} {operated[0].upper()}" if factor else "0"
-        lines.append(f"{by_name(name).display_name:<21}{_cell(left.get('change_pct'), '+12.1f'):>12}"
-                     f"{_cell(right.get('change_pct'), '+12.1f'):>12}{truth:>10}")
+        lines.append(f"{by_name(name).display_name:<21}{_cell(left.change_pct, '+12.1f'):>12}"
+                     f"{_cell(right.change_pct, '+12.1f'):>12}{truth:>10}")
     return "\n".join(lines)
 
 
@@ -336,7 +337,7 @@ def _study_dice(study: DemoStudy, result_dir: Path) -> dict[tuple[str, str], flo
 def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) -> None:
     pre_dir, post_dir = storage / "results" / pre.series_uid, storage / "results" / post.series_uid
     for study, folder in ((pre, pre_dir), (post, post_dir)):
-        measured = json.loads((folder / "volumes.json").read_text())
+        measured = VolumeRecord.load(folder / "volumes.json")
         title = f"{study.label}: per-muscle volumes (node) against the phantom's truth"
         console.print(volume_table(title, measured, study.truth, _study_dice(study, folder)),
                       highlight=False, markup=False)
@@ -346,9 +347,9 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
     if not changes:
         console.print("[yellow]no change record was produced (pairing did not pair the two studies)[/]")
         return
-    change = json.loads(changes[0].read_text())
-    side = change.get("fractured_side")
-    console.print(f"Change after surgery: {change.get('days_between', '?')} days, fractured side "
+    change = ChangeRecord.load(changes[0])
+    side = change.fractured_side
+    console.print(f"Change after surgery: {change.days_between} days, fractured side "
                   f"{side or 'unknown'}\n(change % = (post - pre) / pre, negative for a loss; "
                   "truth: the phantom's atrophy)",
                   highlight=False, markup=False)
@@ -365,8 +366,50 @@ def _kind(o: Received) -> str:
 # ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------
+def _stop_serving(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], keep_open: bool) -> None:
+    """Print the URL of each study in a browser viewer; with ``keep_open``, serve them until Ctrl-C.
+
+    OHIF (npm ``@ohif/app``, served by the harness in front of Orthanc's DICOMweb) when set up, and
+    always Orthanc's own Explorer. Orthanc and the viewer live only as long as the demo, so without
+    ``keep_open`` the URLs stop working when it ends.
+    """
+    from dicomnode.harness.viewer import ViewerServer, ohif_dist
+
+    server = pacs.server
+    viewer = ViewerServer(server.url).start() if ohif_dist() and server.has_dicomweb else None
+    try:
+        for study in studies:
+            # one unbroken line per URL (soft_wrap): a folded URL cannot be copied or clicked
+            if viewer is not None:
+                console.print(f"  {study.label:9s} OHIF    {viewer.study_url(study.study_uid)}",
+                              highlight=False, soft_wrap=True)
+            console.print(f"  {study.label:9s} Orthanc {server.url}/app/explorer.html#study?uuid="
+                          f"{server.study_id(study.study_uid)}", highlight=False, soft_wrap=True)
+        if viewer is None:
+            console.print("  (OHIF: run bash scripts/setup.sh as root for the viewer and Orthanc's DICOMweb)")
+        if not keep_open:
+            console.print("  these work while the demo runs: `dicomnode demo --view` keeps them open")
+            return
+        console.print("[bold]serving the viewer: press Ctrl-C to stop Orthanc, the viewer and the node[/]")
+        previous = signal.signal(signal.SIGTERM, _stop_serving)  # `kill` stops as cleanly as Ctrl-C
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("stopping")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
+        if viewer is not None:
+            viewer.stop()
+
+
 def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float], seed: int, timeout: float,
-             console: Any, model: Path | None = None) -> int:
+             console: Any, model: Path | None = None, view: bool = False) -> int:
     started = time.monotonic()
 
     def step(msg: str) -> None:
@@ -460,6 +503,9 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
             console.print(f"PACS: Orthanc's own copy is in {out / 'orthanc' / 'db'}; to browse it, run "
                           f"Orthanc {out / 'orthanc' / 'orthanc.json'} and open the HTTP port in that file")
         console.print(f"job table: dicomnode jobs --config {config}")
+        if isinstance(pacs, OrthancPacs):
+            console.rule("Open a study in a viewer")
+            show_in_viewer(console, pacs, [pre, post], keep_open=view)
         step("demo finished")
         return 0
     finally:
@@ -487,6 +533,9 @@ def register(app: typer.Typer) -> None:
         timeout: Annotated[float, typer.Option(help="Seconds to wait for each study's results.")] = 900.0,
         model: Annotated[Path | None, typer.Option(help="Model package (default: the shipped demo).")]
         = None,
+        view: Annotated[bool | None, typer.Option(
+            "--view/--no-view", help="Keep Orthanc and the OHIF viewer open until Ctrl-C "
+            "(default: when run in a terminal).")] = None,
     ) -> None:
         """Run the main job: node + PACS, a phantom patient pre-op and follow-up, volumes and change."""
         from rich.console import Console
@@ -494,7 +543,9 @@ def register(app: typer.Typer) -> None:
         console = Console()
         console.rule(f"dicomnode demo — {dt.datetime.now():%Y-%m-%d %H:%M}")
         try:
-            code = run_demo(out.resolve(), pacs, spacing_option(spacing), seed, timeout, console, model)
+            keep_open = view if view is not None else sys.stdin.isatty() and sys.stdout.isatty()
+            code = run_demo(out.resolve(), pacs, spacing_option(spacing), seed, timeout, console, model,
+                            view=keep_open)
         except DemoError as exc:
             console.print(f"[red]demo failed:[/] {exc}")
             raise typer.Exit(1) from exc

@@ -66,6 +66,7 @@ def serve(
 ) -> None:
     """Run the node: DICOM listener (C-ECHO, C-STORE), series watcher, worker and sender, until Ctrl-C."""
     from dicomnode.logs import setup_logging
+    from dicomnode.ops_page import OpsPageError
     from dicomnode.server import Node
     from dicomnode.store import restrict_umask
     from dicomnode.tls import TlsError
@@ -75,7 +76,8 @@ def serve(
     setup_logging(settings.log_level, settings.log_json)
     try:
         Node(settings, pipeline=pipeline, worker_enabled=False if no_worker else None).serve_forever()
-    except TlsError as exc:  # a certificate, key or CA that cannot be loaded: one clear line, no traceback
+    # a certificate, key or CA that cannot be loaded, the ops page's port taken: one clear line, no traceback
+    except (TlsError, OpsPageError) as exc:
         typer.echo(f"cannot start: {exc}", err=True)
         raise typer.Exit(2) from exc
 

@@ -130,22 +130,22 @@ def timeline(
         typer.echo(f"no measured studies for patient {patient_id}", err=True)
         raise typer.Exit(1)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2, default=str))
+        typer.echo(json.dumps([r.as_json() for r in rows], indent=2, default=str))
         return
     for r in rows:
         typer.echo(
-            f"{r['study_date'] or '????????'} {r['study_time'][:6]:6}  {r['role']:<14} "
-            f"series {r['series_instance_uid']}"
+            f"{r.study.study_date or '????????'} {r.study.study_time[:6]:6}  {r.role:<14} "
+            f"series {r.study.series_instance_uid}"
         )
-        for why in r["reasons"]:
-            typer.echo(f"    · {why}")
-        for c in r["changes"]:
-            t = c["total_analysed_muscles"]
-            idx = f", {t['delta_index_cm3_m2']:+.1f} cm³/m²" if t["delta_index_cm3_m2"] is not None else ""
+        for why in r.reasons:
+            typer.echo(f"    · {why.text}")
+        for c in r.changes:
+            t = c.total_analysed_muscles
+            idx = f", {t.delta_index_cm3_m2:+.1f} cm³/m²" if t.delta_index_cm3_m2 is not None else ""
             typer.echo(
-                f"    vs {c['comparison']} ({c['baseline']['study_date']}, {c['days_between']} days): "
-                f"21 muscles {t['pre_cm3']:.0f} → {t['post_cm3']:.0f} cm³ ({t['delta_cm3']:+.1f} cm³, "
-                f"loss {t['loss_pct']:.1f} %{idx})"
+                f"    vs {c.comparison} ({c.baseline.study_date}, {c.days_between} days): "
+                f"21 muscles {t.pre_cm3:.0f} → {t.post_cm3:.0f} cm³ ({t.delta_cm3:+.1f} cm³, "
+                f"loss {t.loss_pct:.1f} %{idx})"
             )
 
 

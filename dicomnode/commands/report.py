@@ -6,7 +6,6 @@ not run) from everything the node has measured; the patient report shows one pat
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -44,7 +43,8 @@ def cohort(
 ) -> None:
     """Write the cohort report (paper's Tables 1–3, Figures 6–8, statistics) to --out."""
     from dicomnode import pairing
-    from reporting.cohort import build_cohort, parse_filters, table2_numbers, write_report
+    from reporting.cohort.collect import parse_filters
+    from reporting.cohort.report import build_cohort, table2_numbers, write_report
 
     try:
         parsed = parse_filters(filters)
@@ -78,23 +78,24 @@ def patient(
 
     settings = settings_from(config)
     rows = pairing.timeline(settings, patient_id, issuer)
-    changes = [c for r in rows for c in r["changes"]]
+    changes = [c for r in rows for c in r.changes]
     if not rows:
         typer.echo(f"no measured studies for patient {patient_id}", err=True)
         raise typer.Exit(1)
     if not changes:
-        reasons = sorted({w for r in rows for w in r["reasons"]})
+        reasons = sorted({w.text for r in rows for w in r.reasons})
         typer.echo("no comparison: " + ("; ".join(reasons) or "no reason recorded"))
         raise typer.Exit(0)
     for c in changes:
         typer.echo(
-            f"\n{c['comparison']}: {c['baseline']['study_date']} → {c['followup']['study_date']} "
-            f"({c['days_between']} days); height {c['height_m'] or '–'} m ({c['height_source']}); "
-            f"fracture {c.get('fracture_type') or 'unknown'}, side {c['fractured_side'] or 'unknown'}"
+            f"\n{c.comparison}: {c.baseline.study_date} → {c.followup.study_date} "
+            f"({c.days_between} days); height {c.height_m or '–'} m ({c.height_source}); "
+            f"fracture {c.fracture_type or 'unknown'}, side {c.fractured_side or 'unknown'}"
         )
-        for note in c.get("notes", []):
-            typer.echo(f"  · {note}")
-        df = pd.DataFrame([s for s in c["structures"] if s["side"] == "both"])
+        for note in c.notes:
+            typer.echo(f"  · {note.text}")
+        structures = pd.DataFrame([s.model_dump() for s in c.structures])
+        df = structures[structures["side"] == "both"]
         typer.echo(
             df[["name", "pre_cm3", "post_cm3", "delta_cm3", "loss_pct", "delta_index_cm3_m2"]].to_string(
                 index=False, float_format=lambda v: f"{v:.1f}"
@@ -102,9 +103,9 @@ def patient(
         )
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            stem = f"change-{c['comparison']}-{c['followup']['series_instance_uid']}"
-            (out / f"{stem}.json").write_text(json.dumps(c, indent=2))
-            pd.DataFrame(c["structures"]).to_csv(out / f"{stem}.csv", index=False)
+            stem = f"change-{c.comparison}-{c.followup.series_instance_uid}"
+            c.save(out / f"{stem}.json", indent=2)
+            structures.to_csv(out / f"{stem}.csv", index=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from dicomnode.commands.common import ConfigOption, settings_from, spacing_option
-from seg.measure import CSV_COLUMNS
+from seg.records import CSV_COLUMNS, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
     from dicomnode.config import Settings
@@ -66,8 +66,8 @@ def _load(case: Case) -> Volume:
     return load_dicom_series(sorted(case.files))  # sorted, as the node's pipeline loads a series
 
 
-def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: dict,
-                        model_info: dict, out: Path) -> list[Path]:
+def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: VolumeRecord,
+                        model_info: ModelInfo, out: Path) -> list[Path]:
     """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm."""
     from dicomnode.pipeline import _save, build_outputs
 
@@ -77,7 +77,7 @@ def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: 
 
 
 def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None,
-             progress: bool) -> dict:
+             progress: bool) -> VolumeRecord:
     """Segment, measure and write one series; DICOM outputs too when ``settings`` is given."""
     from dicomnode.pipeline import patient_height
     from seg.infer import segment as run_segment
@@ -87,7 +87,7 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
     labels = run_segment(ct, pkg, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     save_nifti(labels, out / "labels.nii.gz")
-    model_info = dict(pkg.info)
+    model_info = pkg.info
     if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
         rec = measure_volumes(labels, ct, model=model_info)
     else:  # as the node: its clinical registry first, then PatientSize
@@ -99,15 +99,14 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
     return rec
 
 
-def write_batch_csv(rows: list[tuple[str, dict]], path: Path) -> Path:
+def write_batch_csv(rows: list[tuple[str, VolumeRecord]], path: Path) -> Path:
     """One CSV of every series: one row per series and structure, with the side volumes."""
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=BATCH_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=BATCH_COLUMNS)
         w.writeheader()
         for name, rec in rows:
-            for s in rec["structures"]:
-                w.writerow({"series": name, **{k: "" if s.get(k) is None else s.get(k)
-                                               for k in CSV_COLUMNS}})
+            for s in rec.structures:
+                w.writerow({"series": name, **s.csv_row()})
     return path
 
 
@@ -119,7 +118,7 @@ def _run_batch(root: Path, pkg: ModelPackage, out: Path, settings: Settings | No
     cases = find_cases(root)
     if not cases:
         raise typer.BadParameter(f"no DICOM series or NIfTI file under {root}", param_hint="INPUT")
-    rows: list[tuple[str, dict]] = []
+    rows: list[tuple[str, VolumeRecord]] = []
     failed = []
     for case in track(cases, description="series", console=console, disable=not progress):
         try:
@@ -157,6 +156,7 @@ def segment(
     import time
 
     from seg.model import ModelPackageError, load_model
+    from seg.runtime import prepare
 
     console = Console(stderr=True)
     settings = settings_from(config) if dicom else None  # [output] decides the objects, as on the node
@@ -164,8 +164,10 @@ def segment(
         pkg = load_model(model or (settings.model_path if settings else None), device=device)
     except ModelPackageError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from e
-    if pkg.info.get("demo"):
-        console.print(f"[yellow]model {pkg.info['name']} {pkg.info['version']}: {pkg.info['statement']}[/]")
+    pkg = prepare(pkg, settings.worker.runtime if settings else None)  # None: DICOMNODE_WORKER__RUNTIME
+    info = pkg.info
+    if info.demo:
+        console.print(f"[yellow]model {info.name} {info.version}: {info.statement}[/]")
     if batch:
         _run_batch(input, pkg, out, settings, progress, console)
         return

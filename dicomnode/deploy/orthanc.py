@@ -21,6 +21,13 @@ HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "orthanc.json"
 ROUTE_LUA = HERE / "route.lua"
 NODE_MODALITY = "thighnode"
+# Debian's orthanc-dicomweb (the viewer reads the PACS over DICOMweb); the first that exists is loaded
+DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",)
+
+
+def dicomweb_plugin() -> str | None:
+    """Path of Orthanc's DICOMweb plugin when installed, else None."""
+    return next((p for p in DICOMWEB_PLUGINS if Path(p).is_file()), None)
 
 
 def render(
@@ -37,9 +44,14 @@ def render(
     lua_scripts: list[Path | str] | None = None,
     remote_access: bool | None = None,
     authentication: bool | None = None,
+    plugins: list[Path | str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The base configuration with the given values replaced (None keeps the shipped value)."""
+    """The base configuration with the given values replaced (None keeps the shipped value).
+
+    ``plugins`` lists shared libraries to load, e.g. ``[dicomweb_plugin()]``; its ``DicomWeb`` section
+    (``/dicom-web/``) is in the base file.
+    """
     cfg: dict[str, Any] = json.loads(Path(base).read_text())
     if aet is not None:
         cfg["DicomAet"] = aet
@@ -66,6 +78,8 @@ def render(
         cfg["RemoteAccessAllowed"] = bool(remote_access)
     if authentication is not None:
         cfg["AuthenticationEnabled"] = bool(authentication)
+    if plugins is not None:
+        cfg["Plugins"] = [str(p) for p in plugins]
     for key, value in (extra or {}).items():
         cfg[key] = value
     return cfg
@@ -75,6 +89,13 @@ def write(cfg: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=2) + "\n")
     return path
+
+
+def _plugins(given: list[str] | None, dicomweb: bool) -> list[str] | None:
+    found = dicomweb_plugin() if dicomweb else None
+    if given is None and found is None:
+        return None
+    return [*(given or []), *([found] if found else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lua", action="append", help="Lua script path (repeatable; default: shipped path)")
     ap.add_argument("--remote-access", choices=["true", "false"])
     ap.add_argument("--authentication", choices=["true", "false"])
+    ap.add_argument("--plugin", action="append", help="Orthanc plugin library to load (repeatable)")
+    ap.add_argument("--dicomweb", action="store_true", help="load the DICOMweb plugin when installed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="any top-level key, value as JSON (repeatable)")
     args = ap.parse_args(argv)
@@ -105,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         node_port=args.node_port, stable_age=args.stable_age, lua_scripts=args.lua,
         remote_access=None if args.remote_access is None else args.remote_access == "true",
         authentication=None if args.authentication is None else args.authentication == "true",
-        extra=extra,
+        plugins=_plugins(args.plugin, args.dicomweb), extra=extra,
     )
     if args.out:
         write(cfg, args.out)

@@ -9,7 +9,8 @@ and send the same way; one copy here, imported as ``dicomnode.harness``, keeps t
 - :mod:`.dcmtk`: dcmtk's ``storescp`` (the stand-in PACS), ``storescu``, ``echoscu``, resolved explicitly.
 - :mod:`.scu`: pynetdicom senders (one association, Nagle off).
 - :mod:`.node`: ``dicomnode serve`` as a subprocess.
-- :mod:`.orthanc`: Orthanc on free loopback ports with the shipped configuration.
+- :mod:`.orthanc`: Orthanc on free loopback ports with the shipped configuration (+ DICOMweb plugin).
+- :mod:`.viewer`: OHIF's built app with ``/dicom-web`` proxied to Orthanc on one origin.
 - :mod:`.series`: small synthetic CT series (pydicom only).
 
 Only :mod:`.net` and :mod:`.tomlfile` are imported here: they need the standard library alone.

@@ -2,7 +2,8 @@
 
 Why: Orthanc is the PACS the node lives next to; tests, the demo and the benchmarks that route through it
 exercise the same ``orthanc.json`` and ``route.lua`` an administrator installs, only with temporary
-folders, free ports and a short StableAge. Every Orthanc gets ``TCP_NODELAY=1`` (Debian's build otherwise
+folders, free ports and a short StableAge, plus Debian's DICOMweb plugin when installed (the viewer
+reads the PACS through it). Every Orthanc gets ``TCP_NODELAY=1`` (Debian's build otherwise
 stalls ~45 ms per C-STORE on delayed ACKs). REST helpers use only the standard library.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.deploy import orthanc as render
-from dicomnode.deploy.orthanc import ROUTE_LUA
+from dicomnode.deploy.orthanc import ROUTE_LUA, dicomweb_plugin
 from dicomnode.external import ORTHANC_FALLBACK, orthanc_binary
 from dicomnode.harness.net import dcmtk_env, free_port, wait_for
 
@@ -50,6 +51,7 @@ class OrthancServer:
         lua_scripts: Iterable[Path] | None = (ROUTE_LUA,),
         extra: dict[str, Any] | None = None,
         dicom_port: int | None = None,
+        dicomweb: bool = True,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -60,12 +62,14 @@ class OrthancServer:
         self.node_port = node_port if node_port is not None else free_port()
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
+        plugin = dicomweb_plugin() if dicomweb else None
+        self.has_dicomweb = plugin is not None
         cfg = render.render(
             aet=aet, dicom_port=self.dicom_port, http_port=self.http_port,
             storage_dir=self.workdir / "db", node_aet=node_aet, node_host=node_host,
             node_port=self.node_port, stable_age=stable_age,
             lua_scripts=[Path(p) for p in (lua_scripts or [])],
-            remote_access=False, authentication=False,
+            remote_access=False, authentication=False, plugins=[plugin] if plugin else [],
             extra={"Name": f"test-{self.dicom_port}", "DicomScuTimeout": 10, **(extra or {})},
         )
         render.write(cfg, self.config_path)

@@ -144,6 +144,7 @@ def write_phantom(ph: Phantom, out_dir: Path | str,
     """Write ``out_dir/dicom/*.dcm`` and ``out_dir/truth/{labels.nii.gz,volumes.json,phantom.json}``."""
     from seg.io import save_nifti
     from seg.measure import measure_volumes, write_volumes
+    from seg.records import ModelInfo
 
     out = Path(out_dir)
     ts = UID(TRANSFER_SYNTAXES.get(str(transfer_syntax), transfer_syntax))
@@ -164,7 +165,7 @@ def write_phantom(ph: Phantom, out_dir: Path | str,
         ph.labels, ph.ct,
         height_m=ph.height_m if ph.options.write_height else None,
         height_source="PatientSize" if ph.options.write_height else None,
-        model={"name": "phantom-truth", "version": PHANTOM_VERSION, "demo": False},
+        model=ModelInfo(name="phantom-truth", version=PHANTOM_VERSION, demo=False),
     )
     write_volumes(record, truth)
     info = {

@@ -1,0 +1,286 @@
+"""The read-only operations page (``/``) and Prometheus metrics (``/metrics``) of ``dicomnode serve``.
+
+Why: an operator should see the node's jobs, their reasons, throughput, disk and recent errors without
+a terminal on the node, and a monitoring system should scrape the same facts. Starlette serves them
+(two GET routes, a Jinja2 template with autoescaping); uvicorn runs that app in one daemon thread of the
+node on a socket bound here first, so a port in use stops ``serve`` at start-up with a clear error.
+
+Safety: off by default and on 127.0.0.1 (``[ops]`` in dicomnode/config.py refuses another address
+without a token). With a token every request must carry it (``Authorization: Bearer``, or the
+password of HTTP Basic so a browser can ask for it); without one, only requests whose Host is this
+machine are answered (no DNS rebinding from a web page). Patients appear only by pseudonym. All reads
+go through :mod:`dicomnode.jobs` on a connection of the page's own, so the page never waits on the
+node's writer lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import os
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from dicomnode import jobs
+from dicomnode.config import Settings, loopback_host
+from dicomnode.db import Database
+from dicomnode.diskspace import DiskSpace, read_space
+from dicomnode.logs import event
+from dicomnode.ops_metrics import node_registry
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+JOBS_SHOWN = 100
+PROBLEMS_SHOWN = 10
+HOUR = 3600.0
+REFRESH_SECONDS = 15
+MIN_TOKEN_CHARS = 16
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+CHALLENGE = 'Basic realm="dicomnode operations", charset="UTF-8"'  # a browser then asks for the token
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+class OpsPageError(RuntimeError):
+    """The page cannot be served (its port is taken, its address does not exist)."""
+
+
+# ---------------------------------------------------------------- what the page shows
+
+
+@dataclass(frozen=True)
+class Disk:
+    space: DiskSpace
+    min_free_mb: float
+    max_used_pct: float
+
+    @property
+    def low(self) -> bool:
+        """Below the thresholds at which the receiver refuses instances (as dicomnode.diskspace judges)."""
+        return self.space.free_mb < self.min_free_mb or self.space.used_pct > self.max_used_pct
+
+
+@dataclass(frozen=True)
+class PageData:
+    ae_title: str
+    dicom_port: int
+    generated_at: float
+    counts: dict[str, int]  # every job state, zeros included
+    last_hour: jobs.Throughput
+    disk: Disk | None
+    jobs: list[jobs.JobView]
+    links: dict[int, str]  # job id → its study in the viewer
+    problems: list[jobs.Problem]
+
+
+def viewer_link(template: str | None, job: jobs.JobView) -> str | None:
+    """The ``[ops] viewer_url`` template filled for one job; None without a template or a known study."""
+    if template is None or job.study_instance_uid is None:
+        return None
+    quote = urllib.parse.quote
+    return template.format(study_uid=quote(job.study_instance_uid, safe=""),
+                           series_uid=quote(job.series_instance_uid, safe=""))
+
+
+def page_data(settings: Settings, db: Database, t: float | None = None) -> PageData:
+    t = time.time() if t is None else t
+    overview = jobs.overview(db)
+    listing = jobs.listing(db, limit=JOBS_SHOWN)
+    try:
+        disk: Disk | None = Disk(read_space(os.statvfs(settings.storage_dir)),
+                                 settings.min_free_disk_mb, settings.max_disk_used_pct)
+    except OSError:
+        disk = None
+    links = {j.id: link for j in listing if (link := viewer_link(settings.ops.viewer_url, j)) is not None}
+    return PageData(
+        ae_title=settings.ae_title, dicom_port=settings.port, generated_at=t,
+        counts={s.value: overview.jobs.get(s.value, 0) for s in jobs.JobState},
+        last_hour=jobs.throughput(db, t - HOUR, t), disk=disk, jobs=listing, links=links,
+        problems=jobs.problems(db, PROBLEMS_SHOWN))
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def _took(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return ""
+    s = max(0.0, b - a)
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _size(n: float) -> str:
+    """Bytes as people read them (decimal units, as the disk settings' MB)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _series(uid: str) -> str:
+    return "…" + uid[-14:] if len(uid) > 16 else uid
+
+
+def templates() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
+    env.filters.update(when=_when, series=_series, size=_size)
+    env.globals.update(took=_took, refresh=REFRESH_SECONDS)
+    return env
+
+
+# ---------------------------------------------------------------- access
+
+
+def token_matches(authorization: str | None, token: str) -> bool:
+    """``Bearer <token>``, or HTTP Basic with the token as password (any user name); constant time."""
+    scheme, _, value = (authorization or "").partition(" ")
+    given = ""
+    if scheme.lower() == "bearer":
+        given = value.strip()
+    elif scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            given = ""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _host_of(header: str | None) -> str:
+    """The host name of a Host header (``[::1]:8089`` → ``::1``)."""
+    try:
+        return (urllib.parse.urlsplit(f"//{header or ''}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+class Gate:
+    """ASGI middleware in front of every route: the token when one is set, else a local Host only."""
+
+    def __init__(self, app: ASGIApp, token: str | None, host: str) -> None:
+        self.app = app
+        self.token = token
+        self.hosts = LOCAL_HOSTS | {host.strip("[]").lower()}
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            refusal: Response | None = None
+            if self.token is not None:
+                if not token_matches(headers.get("authorization"), self.token):
+                    refusal = PlainTextResponse("401: this page needs the node's [ops] token\n", 401,
+                                                headers={"WWW-Authenticate": CHALLENGE})
+            elif _host_of(headers.get("host")) not in self.hosts:
+                refusal = PlainTextResponse("400: unexpected Host\n", 400)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------- the app and its server
+
+
+def create_app(settings: Settings, db: Database) -> Gate:
+    """The page and ``/metrics`` over ``db`` (GET/HEAD only: any other method gets 405)."""
+    env = templates()
+    registry = node_registry(db, settings.storage_dir)
+
+    def page(_request: Request) -> Response:
+        html = env.get_template("ops.html").render(d=page_data(settings, db), states=jobs.JobState)
+        return HTMLResponse(html, headers=SECURITY_HEADERS)
+
+    def metrics(_request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST,
+                        headers={"Cache-Control": "no-store"})
+
+    app = Starlette(routes=[Route("/", page), Route("/metrics", metrics)])
+    token = settings.ops.token.get_secret_value() if settings.ops.token is not None else None
+    return Gate(app, token, settings.ops.host)
+
+
+class OpsServer:
+    """The page in a daemon thread of the node: ``start()`` binds (or raises OpsPageError), ``stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db: Database | None = None
+        self.sock: socket.socket | None = None
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.settings.ops.host
+        port = self.sock.getsockname()[1] if self.sock is not None else self.settings.ops.port
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    def start(self, timeout: float = 10.0) -> None:
+        ops = self.settings.ops
+        if ops.token is None and not loopback_host(ops.host):  # config refuses this; embedding code might not
+            raise OpsPageError(f"[ops] host {ops.host!r} is reachable from other machines: set ops.token")
+        if ops.token is not None and len(ops.token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise OpsPageError(f"ops.token must be {MIN_TOKEN_CHARS} characters or more "
+                               "(a random secret: openssl rand -hex 24)")
+        host = ops.host.strip("[]")
+        try:
+            self.sock = socket.create_server(
+                (host, ops.port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=64)
+        except OSError as exc:
+            raise OpsPageError(f"operations page cannot listen on {ops.host}:{ops.port}: "
+                               f"{exc.strerror or exc}") from exc
+        self.db = Database(self.settings.db_path, busy_timeout=5.0)
+        config = uvicorn.Config(create_app(self.settings, self.db), log_config=None, log_level="warning",
+                                access_log=False, lifespan="off", server_header=False,
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="dicomnode-ops", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise OpsPageError("operations page did not start (see the log)")
+            time.sleep(0.02)
+        event(log, "operations page listening", url=self.url, token="required" if ops.token else "off",
+              viewer_links="on" if ops.viewer_url else "off")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout)
+        if self.sock is not None:
+            self.sock.close()
+        if self.db is not None:
+            self.db.close()
+        self.server = self.thread = self.sock = self.db = None

@@ -1,0 +1,227 @@
+"""The cohort report: every table and statistic for a set of pairs, written as CSV, Excel, PNG and HTML.
+
+Why: the paper's Tables 1–3 and Figures 6–8 (plus the statistics it could not run) for every pre/post
+pair the node measured (``dicomnode report cohort``). Data come from :mod:`.collect`, numbers from
+:mod:`.statistics`, images from :mod:`.figures`; this module assembles and writes them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from reporting.cohort.collect import GROUPS, collect
+from reporting.cohort.figures import figures
+from reporting.cohort.statistics import (
+    SMALL_N,
+    bootstrap_table,
+    loss_ratio_by_fracture,
+    mannwhitney_table,
+    side_table,
+    table1,
+    table2,
+    table2_across_muscles,
+    table3,
+    wilcoxon_table,
+)
+from seg.records import CohortEntry
+
+
+@dataclass
+class CohortReport:
+    """Every table of the report as a DataFrame plus the per-patient data they come from."""
+
+    patients: pd.DataFrame  # one row per included patient (totals)
+    long: pd.DataFrame  # one row per patient × analysed muscle
+    excluded: pd.DataFrame  # patient_id, reason
+    table1: pd.DataFrame
+    table2: pd.DataFrame
+    table2_across_muscles: pd.DataFrame
+    table3: pd.DataFrame
+    loss_ratio_by_fracture: pd.DataFrame  # Figure 8's data
+    wilcoxon: pd.DataFrame
+    mannwhitney: pd.DataFrame
+    bootstrap: pd.DataFrame
+    group_sizes: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    filters: dict[str, list[str]] = field(default_factory=dict)
+    sides: pd.DataFrame = field(default_factory=pd.DataFrame)  # operated vs contralateral side
+
+
+def build_cohort(
+    entries: list[CohortEntry], filters: dict[str, list[str]] | None = None, n_boot: int = 2000, seed: int = 0
+) -> CohortReport:
+    """All tables and statistics for the pairs in ``entries`` (optionally filtered)."""
+    filters = filters or {}
+    long, patients, excluded = collect(entries, filters)
+    notes: list[str] = []
+    if patients.empty:
+        empty = pd.DataFrame()
+        return CohortReport(
+            patients,
+            long,
+            excluded,
+            empty,
+            empty,
+            empty,
+            empty,
+            empty,
+            empty,
+            empty,
+            empty,
+            {g: 0 for g in GROUPS},
+            ["no pre/post pairs with a known sex and FNF/ITF fracture type"],
+            filters,
+        )
+    sizes = {g: int((patients["group"] == g).sum()) for g in GROUPS}
+    for g, n in sizes.items():
+        if 0 < n < SMALL_N:
+            notes.append(f"{g}: n = {n} — small group, statistics are descriptive only")
+    no_height = int(patients["height_m"].isna().sum())
+    if no_height:
+        notes.append(
+            f"{no_height} patient(s) without a plausible height: left out of the adjusted (cm³/m²) figures"
+        )
+    return CohortReport(
+        patients=patients,
+        long=long,
+        excluded=excluded,
+        table1=table1(long),
+        table2=table2(patients),
+        table2_across_muscles=table2_across_muscles(long),
+        table3=table3(long, patients),
+        loss_ratio_by_fracture=loss_ratio_by_fracture(long, patients),
+        wilcoxon=wilcoxon_table(long, patients),
+        mannwhitney=mannwhitney_table(long, patients),
+        bootstrap=bootstrap_table(long, patients, n_boot=n_boot, seed=seed),
+        group_sizes=sizes,
+        notes=notes,
+        filters=filters,
+        sides=side_table(long, patients),
+    )
+
+
+def _tables(report: CohortReport) -> dict[str, pd.DataFrame]:
+    return {
+        "table1_composition": report.table1,
+        "table2_total_loss": report.table2,
+        "table2_across_muscles": report.table2_across_muscles,
+        "table3_per_muscle": report.table3,
+        "figure8_loss_ratio": report.loss_ratio_by_fracture,
+        "stats_wilcoxon": report.wilcoxon,
+        "stats_mannwhitney": report.mannwhitney,
+        "stats_bootstrap": report.bootstrap,
+        "operated_vs_contralateral": report.sides,
+        "patients": report.patients,
+        "patient_muscles": report.long,
+        "excluded": report.excluded,
+    }
+
+
+def _html_table(df: pd.DataFrame, digits: int = 1) -> str:
+    return df.to_html(float_format=lambda v: f"{v:.{digits}f}", na_rep="–", border=0, classes="t")
+
+
+def write_report(
+    report: CohortReport, out_dir: Path, title: str = "Thigh-muscle cohort report"
+) -> dict[str, Path]:
+    """CSV per table, one Excel workbook, PNG figures and one self-contained HTML report."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    tables = _tables(report)
+    for name, df in tables.items():
+        path = out_dir / f"{name}.csv"
+        df.to_csv(path)
+        written[name] = path
+    xlsx = out_dir / "cohort.xlsx"
+    with pd.ExcelWriter(xlsx, engine="openpyxl") as xw:
+        for name, df in tables.items():
+            frame = df
+            if isinstance(
+                df.columns, pd.MultiIndex
+            ):  # openpyxl cannot write MultiIndex columns without index
+                frame = df.copy()
+                frame.columns = [" | ".join(map(str, c)) for c in df.columns]
+            frame.to_excel(xw, sheet_name=name[:31])
+    written["xlsx"] = xlsx
+    images = figures(report) if not report.patients.empty else {}
+    for name, data in images.items():
+        (out_dir / name).write_bytes(data)
+        written[name] = out_dir / name
+    html_path = out_dir / "report.html"
+    html_path.write_text(_html(report, images, title))
+    written["html"] = html_path
+    return written
+
+
+def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
+    def img(name: str, caption: str) -> str:
+        if name not in images:
+            return ""
+        data = base64.b64encode(images[name]).decode()
+        return (
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+
+    sizes = ", ".join(f"{g}: {n}" for g, n in report.group_sizes.items())
+    flt = "; ".join(f"{k} = {', '.join(v)}" for k, v in report.filters.items()) or "none"
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table.t{border-collapse:collapse;"
+        "font-size:12px}table.t td,table.t th{border:1px solid #ccc;padding:2px 5px;text-align:right}"
+        "img{max-width:100%}.note{color:#a40}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Patients with a pre/post pair: {len(report.patients)} ({html.escape(sizes)}). "
+        f"Filters: {html.escape(flt)}. Loss = pre − post (positive = volume lost); adjusted = loss / height² "
+        "(cm³/m²); loss ratio = (pre − post) / pre.</p>",
+    ]
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in report.notes]
+    if not report.patients.empty:
+        parts += [
+            "<h2>Table 1. Pre-operative composition (% of total muscle volume)</h2>",
+            _html_table(report.table1),
+            "<h2>Table 2. Total loss of the 21 analysed muscles per patient</h2>",
+            _html_table(report.table2),
+            "<h3>Table 2 (paper variant): spread of the 21 per-muscle mean losses</h3>",
+            _html_table(report.table2_across_muscles),
+            "<h2>Table 3. Per-muscle mean loss</h2>",
+            _html_table(report.table3.T),
+            "<h2>Figures</h2>",
+            img("figure6_boxplots.png", "Figure 6. Per-muscle loss by fracture type (A FNF, B ITF) and sex"),
+            img("figure7_bars.png", "Figure 7. Mean loss per muscle by subgroup"),
+            img("figure8_loss_ratio.png", "Figure 8. Loss ratio by fracture type, sexes merged"),
+            "<h2>Statistics</h2><p>Wilcoxon signed-rank, pre vs post (rank-biserial r; "
+            "q = Benjamini–Hochberg over the 21 muscles). "
+            f"Groups with n &lt; {SMALL_N} are flagged: their p-values cannot reach 0.05.</p>",
+            _html_table(report.wilcoxon, 4),
+            "<p>Mann–Whitney U, FNF vs ITF (rank-biserial r, positive = FNF lost more).</p>",
+            _html_table(report.mannwhitney, 4),
+            "<p>Bootstrap 95 % confidence intervals of the mean loss ratio (%).</p>",
+            _html_table(report.bootstrap, 2),
+            "<h2>Operated vs contralateral side</h2><p>Loss ratio (%) of each side, patients with a known "
+            "fractured side; Wilcoxon signed-rank on the paired ratios "
+            "(r &gt; 0: operated side lost more).</p>",
+            _html_table(report.sides, 3),
+        ]
+    parts += [
+        "<h2>Patients not in the tables</h2>",
+        _html_table(report.excluded) if not report.excluded.empty else "<p>none</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def table2_numbers(report: CohortReport) -> str:
+    """Table 2 as plain text (for benchmarks and the CLI)."""
+    if report.table2.empty:
+        return "(no pairs)"
+    t = report.table2.copy()
+    t.columns = [f"{a.split(' ')[0]} {b}" for a, b in t.columns]
+    return t.to_string(float_format=lambda v: "–" if math.isnan(v) else f"{v:.1f}")

@@ -1,0 +1,382 @@
+"""The records that cross module boundaries: volumes, changes, model info, reasons.
+
+Why here, on the ground floor: ``seg`` measures, ``reporting`` encodes and compares, ``dicomnode``
+stores and pairs, the CLI prints; each reads what the one below wrote. One typed definition of each
+record means no module spells a JSON key by hand and a typo is an error, not a silent ``None``.
+
+Every record is frozen and refuses unknown keys. The two documents written to disk
+(``volumes.json`` and a change record) carry ``schema_version``; JSON written before these records
+existed has none, is version 1, and is migrated on load (:func:`VolumeRecord.from_json`,
+:func:`ChangeRecord.from_json`), so results stored by an earlier release still load.
+
+Reasons carry a :class:`ReasonCode` next to their human text: programs filter on the code, people
+read the text.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic.dataclasses import dataclass
+
+SCHEMA_VERSION = 2  # 1: the version-less JSON written before these records
+LEGACY_VERSION = 1
+
+Side = Literal["left", "right", "both"]
+SIDES: tuple[Side, ...] = ("both", "left", "right")  # the order change records list them in
+
+
+class ReasonCode(StrEnum):
+    """Machine-readable cause next to each human reason, so nothing has to filter by prose.
+
+    The values are what the index stores (``jobs.reason_code``, pairing reasons): never rename one.
+    """
+
+    # job lifecycle (dicomnode.jobs)
+    HELD_INCOMPLETE = "held-incomplete"  # quiet but incomplete: held for late instances
+    INCOMPLETE = "incomplete"  # still incomplete when the hold ended
+    NOT_SELECTED = "not-selected"  # headers say it is not usable whole-thigh CT
+    SELECTION_ERROR = "selection-error"  # the selection itself raised
+    DUPLICATE_CONTENT = "duplicate-content"  # this exact content was processed by another job
+    LATE_INSTANCE = "late-instance"  # superseded: a late instance re-opened the series
+    PIPELINE_REJECTED = "pipeline-rejected"  # the pipeline refused the series
+    PIPELINE_ERROR = "pipeline-error"  # an attempt raised (retried, or failed for good)
+    PIPELINE_CRASHED = "pipeline-crashed"  # the pipeline's process died (signal, exit): retried like an error
+    PIPELINE_TIMEOUT = "pipeline-timeout"  # still running at worker.timeout_seconds: killed, failed for good
+    RESTART_REQUEUED = "restart-requeued"  # running when the node stopped: queued again
+    RESTART_GAVE_UP = "restart-gave-up"  # the node stopped during every attempt
+    SEND_RETRYING = "send-retrying"
+    SEND_FAILED = "send-failed"
+    RESEND_REQUESTED = "resend-requested"  # operator: send the outputs again
+    RETRY_REQUESTED = "retry-requested"  # operator: run the pipeline again
+
+    # pairing: a study's role in its patient's timeline (dicomnode.pairing)
+    BASELINE_PREOPERATIVE = "baseline-preoperative"  # latest study on or before the surgery date
+    BASELINE_POSTOPERATIVE = "baseline-postoperative"  # no pre-operative study: earliest one instead
+    BASELINE_EARLIEST = "baseline-earliest"  # no surgery date: the earliest study
+    EARLIER_PREOPERATIVE = "earlier-preoperative"  # a pre-operative study before the baseline
+    SAME_DAY_FOLLOWUP = "same-day-followup"  # compared, but not with a same-day previous study
+    SUPERSEDED_SERIES = "superseded-series"  # a later series of the same study represents it
+    # pairing: why a study is not compared (the cohort report lists these)
+    SINGLE_STUDY = "single-study"
+    NO_LATER_STUDY = "no-later-study"
+    NO_STUDY_DATE = "no-study-date"
+    SAME_DAY_AS_BASELINE = "same-day-as-baseline"
+    # cohort: why a patient is not a pre vs post pair
+    NO_PREOPERATIVE_BASELINE = "no-preoperative-baseline"
+    NO_COMPARISON = "no-comparison"
+
+    # clinical facts missing or refused (dicomnode.registry, reporting.change)
+    HEIGHT_NOT_USED = "height-not-used"  # a height was given but is implausible
+    NO_HEIGHT = "no-height"  # no plausible height: no index (cm³/m²)
+    FRACTURE_TYPE_UNKNOWN = "fracture-type-unknown"
+
+    UNCLASSIFIED = "unclassified"  # a legacy note whose cause cannot be told
+
+
+NOT_COMPARED = frozenset({ReasonCode.SINGLE_STUDY, ReasonCode.NO_LATER_STUDY, ReasonCode.NO_STUDY_DATE,
+                          ReasonCode.SAME_DAY_AS_BASELINE})
+HEIGHT_CODES = frozenset({ReasonCode.HEIGHT_NOT_USED, ReasonCode.NO_HEIGHT})
+
+
+class Record(BaseModel):
+    """Frozen, refuses unknown keys: a misspelt key is an error where it is written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class Reason:
+    """A stated reason: ``code`` for programs, ``text`` for people. ``Reason(code, text)``."""
+
+    code: ReasonCode
+    text: str
+
+    @classmethod
+    def load(cls, value: Any) -> Reason:
+        """A reason as stored: ``{"code", "text"}``, or the bare text of version 1 (classified here)."""
+        if isinstance(value, str):
+            return cls(_legacy_code(value), value)
+        return _REASON.validate_python(value)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code.value, "text": self.text}
+
+
+# Version 1 stored reasons as text only. These are the texts it wrote (their stable beginnings and
+# endings); reading them here, once, is the migration, and nothing after it reads prose.
+_LEGACY_TEXTS: tuple[tuple[str, str, ReasonCode], ...] = (
+    ("earlier pre-operative study", "", ReasonCode.EARLIER_PREOPERATIVE),
+    ("baseline: latest pre-operative study", "", ReasonCode.BASELINE_PREOPERATIVE),
+    ("no pre-operative study", "", ReasonCode.BASELINE_POSTOPERATIVE),
+    ("baseline: earliest study", "", ReasonCode.BASELINE_EARLIEST),
+    ("single study for this patient", "", ReasonCode.SINGLE_STUDY),
+    ("no later study yet", "", ReasonCode.NO_LATER_STUDY),
+    ("no StudyDate", "", ReasonCode.NO_STUDY_DATE),
+    ("same day as the baseline", "", ReasonCode.SAME_DAY_AS_BASELINE),
+    ("another follow-up on the same day", "", ReasonCode.SAME_DAY_FOLLOWUP),
+    ("a later series of the same study", "", ReasonCode.SUPERSEDED_SERIES),
+    ("no plausible height", "", ReasonCode.NO_HEIGHT),
+    ("fracture type unknown", "", ReasonCode.FRACTURE_TYPE_UNKNOWN),
+    ("registry implausible", ": not used", ReasonCode.HEIGHT_NOT_USED),
+    ("implausible", ": not used", ReasonCode.HEIGHT_NOT_USED),
+)
+
+
+def _legacy_code(text: str) -> ReasonCode:
+    for start, end, code in _LEGACY_TEXTS:
+        if text.startswith(start) and text.endswith(end):
+            return code
+    return ReasonCode.UNCLASSIFIED
+
+
+_REASON = TypeAdapter(Reason)
+
+
+def reasons_to_json(reasons: list[Reason] | tuple[Reason, ...]) -> str:
+    return json.dumps([r.to_dict() for r in reasons])
+
+
+def reasons_from_json(text: str | None) -> list[Reason]:
+    """Stored reasons (a JSON list of reasons, or of version 1's texts)."""
+    return [Reason.load(v) for v in json.loads(text or "[]")]
+
+
+class ModelInfo(Record):
+    """What outputs record about the model that produced them (volumes.json, SEG, SR, UIDs)."""
+
+    name: str = "none"
+    version: str = ""
+    demo: bool = False
+    spacing_mm: tuple[float, ...] | None = None
+    architecture: str = ""
+    statement: str = ""
+    licence: str = ""
+
+
+class StructureVolume(Record):
+    """One structure of ``volumes.json``: voxels and cm³, per side when split by the midline."""
+
+    label: int
+    name: str
+    group: str | None = None
+    voxels: int | None = None
+    volume_cm3: float
+    left_cm3: float | None = None
+    right_cm3: float | None = None
+    index_cm3_m2: float | None = None
+
+    def side_volume(self, side: Side) -> float | None:
+        """cm³ of one side ("both": the two together)."""
+        return {"both": self.volume_cm3, "left": self.left_cm3, "right": self.right_cm3}[side]
+
+    @property
+    def split(self) -> bool:
+        """Whether left and right are reported separately."""
+        return self.left_cm3 is not None or self.right_cm3 is not None
+
+    def csv_row(self) -> dict[str, object]:
+        """The structure as a ``volumes.csv`` row (empty cells for None)."""
+        return {k: "" if v is None else v for k, v in self.model_dump().items()}
+
+    def sides(self) -> list[Side]:
+        """Sides this entry reports: left and right when split, else both together."""
+        if self.split:
+            return [side for side in ("left", "right") if self.side_volume(side) is not None]
+        return ["both"]
+
+
+CSV_COLUMNS: tuple[str, ...] = tuple(StructureVolume.model_fields)
+
+
+class MetalLocation(Record):
+    side: Side
+    left_voxels: int
+    right_voxels: int
+    z_range_mm: tuple[float, float]
+    centroid_mm: tuple[float, float, float]
+
+
+class VolumeQA(Record):
+    """Series-level QA figures next to the volumes (None: not measured, e.g. without the CT)."""
+
+    z_coverage_mm: float | None = None
+    hu_muscle_cm3: float | None = None
+    metal: bool | None = None
+    segmented_muscle_cm3: float | None = None
+    midline_x_mm: float | None = None
+    midline_method: str | None = None
+    segmented_vs_hu_muscle: float | None = None
+    metal_voxels: int | None = None
+    metal_where: MetalLocation | None = None
+    z_coverage_ok: bool | None = None
+
+
+class _Document(Record):
+    """A record saved as its own JSON file, with a schema version."""
+
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def _migrate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> Self:
+        """Load from parsed or raw JSON of any known version (older ones are migrated)."""
+        if isinstance(data, str):
+            data = json.loads(data)
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: expected a JSON object")
+        version = int(data.get("schema_version", LEGACY_VERSION))
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"{cls.__name__} schema version {version} is newer than this node's "
+                             f"({SCHEMA_VERSION}): upgrade the node to read it")
+        if version < SCHEMA_VERSION:
+            data = cls._migrate(dict(data)) | {"schema_version": SCHEMA_VERSION}
+        return cls.model_validate(data)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Self:
+        return cls.from_json(Path(path).read_text())
+
+    def save(self, path: Path | str, indent: int = 1) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json(indent=indent))
+        return path
+
+
+class VolumeRecord(_Document):
+    """``volumes.json``: every structure's volume in one series, the height used and QA figures."""
+
+    series_instance_uid: str | None = None
+    model: ModelInfo = ModelInfo()
+    height_m: float | None = None
+    height_source: str | None = None
+    structures: tuple[StructureVolume, ...] = ()
+    qa: VolumeQA = VolumeQA()
+
+    def by_label(self) -> dict[int, StructureVolume]:
+        return {s.label: s for s in self.structures}
+
+    def by_name(self) -> dict[str, StructureVolume]:
+        return {s.name: s for s in self.structures}
+
+    @classmethod
+    def _migrate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        # version 1 had the same layout; a record written without a CT or model had partial parts
+        data["model"] = data.get("model") or {}
+        data["qa"] = data.get("qa") or {}
+        return data
+
+
+class StudyRef(Record):
+    """One side of a comparison: the study, series and the outputs a follow-up SR cites."""
+
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    study_date: str | None = None
+    seg_sop_instance_uid: str | None = None
+    sr_sop_instance_uid: str | None = None
+
+
+class StructureChange(Record):
+    """One structure side: follow-up minus baseline (see :mod:`reporting.change` for each figure)."""
+
+    label: int
+    name: str
+    group: str | None = None
+    side: Side
+    pre_cm3: float | None = None
+    post_cm3: float | None = None
+    delta_cm3: float | None = None
+    loss_pct: float | None = None
+    change_pct: float | None = None
+    delta_index_cm3_m2: float | None = None
+
+
+class TotalChange(Record):
+    """The analysed muscles together (both sides)."""
+
+    structures: int
+    pre_cm3: float | None = None
+    post_cm3: float | None = None
+    delta_cm3: float | None = None
+    loss_pct: float | None = None
+    change_pct: float | None = None
+    delta_index_cm3_m2: float | None = None
+
+
+class SideComparison(Record):
+    """One muscle: the operated side's change against the contralateral side's."""
+
+    label: int
+    name: str
+    group: str | None = None
+    operated_side: Side
+    operated_pre_cm3: float | None = None
+    operated_post_cm3: float | None = None
+    operated_loss_pct: float | None = None
+    contralateral_pre_cm3: float | None = None
+    contralateral_post_cm3: float | None = None
+    contralateral_loss_pct: float | None = None
+    loss_pct_difference: float | None = None
+    post_asymmetry_pct: float | None = None
+
+
+class ChangeRecord(_Document):
+    """A patient's change between two measured studies, with the clinical facts pairing adds."""
+
+    patient_id: str = ""
+    height_m: float | None = None
+    height_source: str | None = None
+    baseline: StudyRef = StudyRef()
+    followup: StudyRef = StudyRef()
+    days_between: int | None = None
+    fractured_side: str | None = None
+    structures: tuple[StructureChange, ...] = ()
+    total_analysed_muscles: TotalChange = TotalChange(structures=0)
+    operated_vs_contralateral: tuple[SideComparison, ...] = ()
+    notes: tuple[Reason, ...] = ()
+    # set by pairing (None when computed outside a timeline)
+    comparison: Literal["baseline", "previous"] | None = None
+    baseline_preoperative: bool | None = None
+    sex: str | None = None
+    sex_source: str | None = None
+    fracture_type: str | None = None
+    surgery_date: str | None = None
+    koval_grade: int | None = None
+
+    def with_facts(self, **facts: Any) -> ChangeRecord:
+        """A copy with more facts set (pairing's), validated like any record."""
+        return type(self).model_validate(self.model_dump() | facts)
+
+    def fact(self, key: str) -> Any:
+        """A top-level fact by name (cohort filters name them on the command line); None if unknown."""
+        return getattr(self, key) if key in type(self).model_fields else None
+
+    @classmethod
+    def _migrate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        data["notes"] = [Reason.load(n).to_dict() for n in data.get("notes") or []]
+        return data
+
+
+class CohortEntry(Record):
+    """One patient for the cohort report: the change used, or the reasons there is none."""
+
+    patient_id: str
+    issuer_of_patient_id: str = ""
+    studies: int = 0
+    change: ChangeRecord | None = None
+    reasons: tuple[Reason, ...] = ()  # empty: the change is a pre vs post pair
+
+    @property
+    def reason_text(self) -> str | None:
+        return "; ".join(r.text for r in self.reasons) or None
