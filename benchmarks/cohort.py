@@ -255,8 +255,8 @@ def measure_and_record(settings, p: PatientSpec, post: bool, spacing_mm: float, 
     """Phantom → truth labels → measure → record_result; returns (changes, labels or None, timings)."""
     from pydicom.uid import generate_uid
 
-    from dicomnode import registry
-    from dicomnode.pairing import ResultRecord, record_result
+    from dicomnode.clinical import registry
+    from dicomnode.clinical.pairing import ResultRecord, record_result
     from seg.measure import measure_volumes, write_volumes
     from seg.phantom import make_phantom
     from seg.records import ModelInfo
@@ -310,7 +310,7 @@ def run_cohort(
     keep_labels: bool = False,
 ) -> dict:
     """Import the registry, then measure and record every patient's pre and post phantom."""
-    from dicomnode import registry
+    from dicomnode.clinical import registry
 
     spec = spec if spec is not None else cohort_spec()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing", type=float, default=5.0, help="phantom voxel size in mm (isotropic)")
     args = parser.parse_args(argv)
 
-    from dicomnode import pairing
+    from dicomnode.clinical import pairing
     from dicomnode.config import Settings
     from reporting.cohort.report import build_cohort, table2_numbers, write_report
 

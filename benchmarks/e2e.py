@@ -12,7 +12,7 @@ output stored in Orthanc is split along the critical path into:
     warm-up          imports and model load before the first job (likewise: only what the job waited)
     dicom load, model load, inference, measure, results write, SEG/SR/summary encoding,
     outputs write, pairing, follow-up reports
-                     the pipeline's own phases (``<job folder>/phases.jsonl``, dicomnode/phases.py)
+                     the pipeline's own phases (``<job folder>/phases.jsonl``, dicomnode/processing/phases.py)
     handover         the rest of the isolated call (job and answer through the pipe)
     outcome recorded the worker writes the outbox rows
     send             job in sending → last C-STORE success from Orthanc (sender poll + association)
@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicomnode.harness.net import free_port, parse_spacing, port_open, wait_for
+from dicomnode.harness.net import free_port, parse_spacing, port_open, stop_process, wait_for
 from dicomnode.harness.orthanc import OrthancServer
 from dicomnode.harness.tomlfile import write_toml
-from dicomnode.phases import read_spans
+from dicomnode.processing.phases import read_spans
 
 REPO = Path(__file__).resolve().parents[1]
 ROUTED = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+) .*thigh-routing: series (\S+) routed to")
@@ -60,7 +60,8 @@ def run_node(config: str, cold: bool, pipeline: str | None = None) -> None:
     the job was picked up), the worker and the sender on their poll ticks (no wake-ups), and every
     output decoded and encoded again for sending. (The SEG written in the background while the SR is
     built happens in the pipeline process, which these patches do not reach: it is in both modes.)"""
-    from dicomnode import isolation, sender, wakeups
+    from dicomnode.network import sender
+    from dicomnode.processing import isolation, wakeups
 
     if cold:
         for wakeup in (wakeups.JOB_QUEUED, wakeups.OUTPUTS_READY):
@@ -146,7 +147,7 @@ def phantom_study(folder: Path, spacing: tuple[float, float, float], seed: int) 
 def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int, cold: bool,
             pipeline: str | None = None, model: Path | None = None,
             seg_type: str = "FRACTIONAL") -> dict[str, float]:
-    from dicomnode.sop import is_ct
+    from dicomnode.network.sop import is_ct
 
     workdir.mkdir(parents=True, exist_ok=True)
     folder, series_uid, study_uid = phantom_study(workdir.parent, spacing, seed)
@@ -209,12 +210,7 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
         parts["event_from_log"] = float(event is not None)
         return parts
     finally:
-        if node is not None and node.poll() is None:
-            node.terminate()
-            try:
-                node.wait(30)
-            except subprocess.TimeoutExpired:
-                node.kill()
+        stop_process(node)
         orthanc.stop()
 
 

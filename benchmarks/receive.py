@@ -156,7 +156,7 @@ def durable_write_floor(root: Path, size_bytes: int, n: int = 100) -> float:
     folder fsync) of an instance this size, on the benchmark's disk: what no SCP keeping the node's
     guarantee can go below, per association, however fast its protocol code."""
     from dicomnode.db import Database
-    from dicomnode.store import InstanceInfo, Store, encode_file_meta
+    from dicomnode.storage.store import InstanceInfo, Store, encode_file_meta
 
     store = Store(root / "floor", Database(root / "floor" / "index.sqlite"))
     data = os.urandom(size_bytes)

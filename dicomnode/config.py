@@ -66,7 +66,8 @@ def _version_text(value: Any) -> Any:
 
 def _existing_file(value: Path) -> Path:
     """A certificate or key path in use must name a file now, so a typo stops the node at start-up, not
-    at the first association (loading it happens when the node listens or connects: see dicomnode.tls)."""
+    at the first association (loading it happens when the node listens or connects: see
+    dicomnode.network.tls)."""
     if not value.exists():
         raise ValueError(f"no such file: {value}")
     if not value.is_file():
@@ -201,7 +202,7 @@ def _viewer_template(value: str) -> str:
 
 
 class OpsSettings(Section):
-    """The read-only operations page and Prometheus ``/metrics`` (dicomnode/ops_page.py).
+    """The read-only operations page and Prometheus ``/metrics`` (dicomnode/ops/page.py).
 
     Off by default and on the loopback interface: it shows job states, reasons and disk use (patients
     only by pseudonym). Listening on any other address needs ``token`` (sent as ``Authorization:
@@ -255,10 +256,10 @@ class Settings(BaseSettings):
     # (temporary congestion) and C-STOREs 0xA700, until space returns; 0 and 100 switch each off
     min_free_disk_mb: float = Field(2048.0, ge=0)
     max_disk_used_pct: float = Field(90.0, gt=0, le=100)
-    # pynetdicom throughput patches (dicomnode/pynetdicom_tuning.py; applied only to the pynetdicom
+    # pynetdicom throughput patches (dicomnode/network/pynetdicom_tuning.py; applied only to the pynetdicom
     # versions they were checked against); false = plain pynetdicom. The security bounds stay on either way
     pynetdicom_tuning: Switch = True
-    # processes that serve associations (dicomnode/receive_pool.py): 1 = the listener's own threads;
+    # processes that serve associations (dicomnode/network/receive_pool.py): 1 = the listener's own threads;
     # N > 1 = N worker processes fed by one accepting parent, which keeps the node-wide limits
     receive_processes: int = Field(1, ge=1, le=64)
     model_path: Path | None = None  # None = the shipped phantom-trained demo model

@@ -7,7 +7,7 @@ its own connection with a short busy timeout (``busy_timeout``), so a write lock
 backup, another process) makes a C-STORE answer "out of resources" at once instead of stalling every
 association for 30 s. The file holds PHI in clear, so it is created 0600 (its ``-wal``/``-shm``
 files inherit that mode) inside a 0750 state folder. The instance files are the source of truth:
-they are fsynced before their row is committed, and :func:`dicomnode.store.Store.recover` re-indexes
+they are fsynced before their row is committed, and :func:`dicomnode.storage.store.Store.recover` re-indexes
 any file whose row was lost, so ``synchronous=NORMAL`` is enough here. The schema is versioned in
 :data:`MIGRATIONS` (``PRAGMA user_version``), the one place any table of this file is defined.
 """
@@ -97,7 +97,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state);
 """
 
-# 3: the clinical registry (dicomnode.registry)
+# 3: the clinical registry (dicomnode.clinical.registry)
 REGISTRY_V3 = """
 CREATE TABLE IF NOT EXISTS registry_patients (
     patient_id TEXT NOT NULL,
@@ -115,7 +115,7 @@ CREATE TABLE IF NOT EXISTS registry_patients (
 );
 """
 
-# 4: the pairing timeline (dicomnode.pairing): results, roles with reasons, changes, prior retrievals
+# 4: the pairing timeline (dicomnode.clinical.pairing): results, roles with reasons, changes, prior retrievals
 PAIRING_V4 = """
 CREATE TABLE IF NOT EXISTS pairing_results (
     series_instance_uid TEXT PRIMARY KEY,
@@ -161,7 +161,7 @@ CREATE TABLE IF NOT EXISTS pairing_retrievals (
 );
 """
 
-# 5: monotonic activity counters for Prometheus (dicomnode/ops_metrics.py). Kept by triggers, so every
+# 5: monotonic activity counters for Prometheus (dicomnode/ops/metrics.py). Kept by triggers, so every
 # writer (receive processes, worker, sender) counts without knowing, a restart keeps the totals, and
 # retention deleting old instance rows does not make "instances received" go down. Seeded from what
 # the index holds when an older file is upgraded.
@@ -198,7 +198,7 @@ END;
 # before versioning (user_version 0) replays version 1 harmlessly: it only creates what is missing.
 MIGRATIONS: tuple[str, ...] = (
     SCHEMA_V1,
-    # 2: a machine-readable code next to each job's human reason (dicomnode.jobs.ReasonCode)
+    # 2: a machine-readable code next to each job's human reason (dicomnode.processing.jobs.ReasonCode)
     "ALTER TABLE jobs ADD COLUMN reason_code TEXT;",
     REGISTRY_V3,  # files that registry/pairing created before versioning keep their tables (IF NOT EXISTS)
     PAIRING_V4,

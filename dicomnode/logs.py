@@ -91,7 +91,7 @@ def escape_text(text: str) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``2024-01-01T12:00:00Z INFO dicomnode.scp stored series=1.2.3 n=4``.
+    """``2024-01-01T12:00:00Z INFO dicomnode.network.scp stored series=1.2.3 n=4``.
 
     Each record is one line; only a traceback adds lines, each indented, so every line that starts in
     column 0 is a real record.

@@ -3,7 +3,7 @@
 Why threads in one process: the embedded default needs no broker; all state lives in SQLite and
 the store, so ``dicomnode jobs``/``retry`` work from another process and a restart resumes. Only the
 listener may use more: with ``receive_processes > 1`` its associations are served by worker processes
-(:mod:`dicomnode.receive_pool`), which write the same store and index.
+(:mod:`dicomnode.network.receive_pool`), which write the same store and index.
 """
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dicomnode import jobs
 from dicomnode.config import Settings
 from dicomnode.db import Database
 from dicomnode.logs import event
-from dicomnode.queue import JobQueue, SQLiteJobQueue
-from dicomnode.receive_pool import ReceivePool
-from dicomnode.retention import Retention
-from dicomnode.scp import StorageSCP
-from dicomnode.sender import Sender
-from dicomnode.series import StabilityWatcher
-from dicomnode.store import Store
-from dicomnode.worker import PipelineFn, Worker, pipeline_spec
+from dicomnode.network.receive_pool import ReceivePool
+from dicomnode.network.scp import StorageSCP
+from dicomnode.network.sender import Sender
+from dicomnode.processing import jobs
+from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
+from dicomnode.processing.worker import PipelineFn, Worker, pipeline_spec
+from dicomnode.storage.retention import Retention
+from dicomnode.storage.series import StabilityWatcher
+from dicomnode.storage.store import Store
 
 if TYPE_CHECKING:
-    from dicomnode.ops_page import OpsServer
+    from dicomnode.ops.page import OpsServer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Node:
         self.db = Database(settings.db_path)
         self.store = Store(settings.storage_dir, self.db)
         self.queue = queue_engine(self.db)
-        # receive_processes > 1: associations served in worker processes (dicomnode.receive_pool)
+        # receive_processes > 1: associations served in worker processes (dicomnode.network.receive_pool)
         self.scp: StorageSCP | ReceivePool = (
             ReceivePool(settings, self.store) if settings.receive_processes > 1
             else StorageSCP(settings, self.store))
@@ -57,7 +57,7 @@ class Node:
         self.retention = Retention(settings, self.store)
         self.ops: OpsServer | None = None
         if settings.ops.enabled:  # the read-only operations page and /metrics (off by default)
-            from dicomnode.ops_page import OpsServer
+            from dicomnode.ops.page import OpsServer
 
             self.ops = OpsServer(settings)
         self.worker_enabled = settings.worker.enabled if worker_enabled is None else worker_enabled

@@ -36,7 +36,7 @@ class ReasonCode(StrEnum):
     The values are what the index stores (``jobs.reason_code``, pairing reasons): never rename one.
     """
 
-    # job lifecycle (dicomnode.jobs)
+    # job lifecycle (dicomnode.processing.jobs)
     HELD_INCOMPLETE = "held-incomplete"  # quiet but incomplete: held for late instances
     INCOMPLETE = "incomplete"  # still incomplete when the hold ended
     NOT_SELECTED = "not-selected"  # headers say it is not usable whole-thigh CT
@@ -54,7 +54,7 @@ class ReasonCode(StrEnum):
     RESEND_REQUESTED = "resend-requested"  # operator: send the outputs again
     RETRY_REQUESTED = "retry-requested"  # operator: run the pipeline again
 
-    # pairing: a study's role in its patient's timeline (dicomnode.pairing)
+    # pairing: a study's role in its patient's timeline (dicomnode.clinical.pairing)
     BASELINE_PREOPERATIVE = "baseline-preoperative"  # latest study on or before the surgery date
     BASELINE_POSTOPERATIVE = "baseline-postoperative"  # no pre-operative study: earliest one instead
     BASELINE_EARLIEST = "baseline-earliest"  # no surgery date: the earliest study
@@ -70,7 +70,7 @@ class ReasonCode(StrEnum):
     NO_PREOPERATIVE_BASELINE = "no-preoperative-baseline"
     NO_COMPARISON = "no-comparison"
 
-    # clinical facts missing or refused (dicomnode.registry, reporting.change)
+    # clinical facts missing or refused (dicomnode.clinical.registry, reporting.change)
     HEIGHT_NOT_USED = "height-not-used"  # a height was given but is implausible
     NO_HEIGHT = "no-height"  # no plausible height: no index (cm³/m²)
     FRACTURE_TYPE_UNKNOWN = "fracture-type-unknown"

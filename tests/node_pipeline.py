@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 
-from dicomnode.pipeline import JobInput, JobOutput, SeriesRejected, report
+from dicomnode.processing.pipeline import JobInput, JobOutput, SeriesRejected, report
 from seg.records import ModelInfo
 
 
@@ -98,8 +98,8 @@ THRESHOLD_MODEL = ModelInfo(name="node-test-threshold", version="1", demo=True)
 
 
 def measure(job: JobInput, settings: object) -> JobOutput:
-    """:func:`dicomnode.pipeline.report` on a label map without a model: every voxel above -500 HU is
-    vastus lateralis (so a series' volume is its slice count × slice area)."""
+    """:func:`dicomnode.processing.pipeline.report` on a label map without a model: every voxel
+    above -500 HU is vastus lateralis (so a series' volume is its slice count × slice area)."""
     from seg.io import load_dicom_series
     from seg.labels import LABEL_OF
 

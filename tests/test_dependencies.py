@@ -28,7 +28,7 @@ def test_runtime_dependency_has_an_upper_bound_the_venv_satisfies(req: Requireme
 
 
 def test_pynetdicom_is_pinned_to_the_version_scp_patches() -> None:
-    from dicomnode.scp import PATCHED_PYNETDICOM
+    from dicomnode.network.scp import PATCHED_PYNETDICOM
 
     (pynetdicom,) = [r for r in RUNTIME if r.name == "pynetdicom"]
     for candidate in ("2.1.0", "2.9.9", "3.0.0", "3.0.9", "3.1.0", "4.0.0"):

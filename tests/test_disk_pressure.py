@@ -26,10 +26,10 @@ from series_factory import CT_IMAGE, write_ct_series
 
 from dicomnode.config import Settings
 from dicomnode.db import Database
-from dicomnode.diskspace import DiskGuard, read_space
 from dicomnode.external import dcmtk_tool
-from dicomnode.scp import OUT_OF_RESOURCES, StorageSCP
-from dicomnode.store import Store
+from dicomnode.network.scp import OUT_OF_RESOURCES, StorageSCP
+from dicomnode.storage.diskspace import DiskGuard, read_space
+from dicomnode.storage.store import Store
 
 TRANSIENT_CONGESTION = (0x02, 0x03, 0x01)  # rejected-transient, service provider (presentation), congestion
 HUGE_MB = 1e12  # 10^18 bytes: more than any disk has free
@@ -58,7 +58,7 @@ class FakeDisk:
 
 
 def disk_events(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
-    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dicomnode.diskspace"]
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dicomnode.storage.diskspace"]
 
 
 # -- the guard --------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_guard_enters_and_leaves_the_low_state_logging_once_each(caplog: pytest.
     disk = FakeDisk(free_mb=50_000)
     guard = DiskGuard(Path("/var"), min_free_mb=2048, max_used_pct=100, statvfs=disk.statvfs,
                       clock=disk.clock)
-    caplog.set_level(logging.DEBUG, logger="dicomnode.diskspace")
+    caplog.set_level(logging.DEBUG, logger="dicomnode.storage.diskspace")
     assert guard.refusal() is None and not guard.low
     disk.free_mb = 1000  # the volume fills up ...
     assert guard.refusal() is None, "a reading is reused for the interval"
@@ -127,7 +127,7 @@ def test_unreadable_volume_keeps_the_last_state(caplog: pytest.LogCaptureFixture
         raise OSError(5, "Input/output error")
 
     guard.statvfs = broken
-    caplog.set_level(logging.WARNING, logger="dicomnode.diskspace")
+    caplog.set_level(logging.WARNING, logger="dicomnode.storage.diskspace")
     for _ in range(3):
         disk.now += 1.0
         assert guard.refusal() is not None

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage as CT_IMAGE
 from pynetdicom.sop_class import MRImageStorage as MR_IMAGE
 from pynetdicom.sop_class import Verification
 
-from dicomnode.sop import is_ct, output_kind
+from dicomnode.network.sop import is_ct, output_kind
 from seg.records import ChangeRecord, VolumeRecord
 
 pytestmark = [pytest.mark.e2e, requires_orthanc]
@@ -341,7 +341,7 @@ def missing_science() -> list[str]:
     needed = (("seg.phantom", "make_phantom"), ("seg.io", "load_dicom_series"), ("seg.infer", "segment"),
               ("seg.model", "load_model"), ("seg.measure", "measure_volumes"), ("reporting.seg", "build_seg"),
               ("reporting.sr", "build_measurement_sr"), ("reporting.summary", "build_summary"),
-              ("reporting.followup_sr", "build_followup_sr"), ("dicomnode.pairing", "record_result"))
+              ("reporting.followup_sr", "build_followup_sr"), ("dicomnode.clinical.pairing", "record_result"))
     missing = []
     for module, attr in needed:
         try:
@@ -638,7 +638,7 @@ def test_phantom_patient_volumes_match_truth_within_the_model_tolerance(patient_
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 11: the demo model under-segments post-operative studies "
-                   "(held-out post-operative Dice 0.76-0.81; this follow-up: muscle total -11 %, operated "
+                   "(held-out post-operative Dice 0.79-0.84 with 0.3.0; this follow-up: muscle total -11 %, operated "
                    "side up to -48 %); strict, so it fails here once a better model passes it")
 def test_followup_volumes_match_truth_within_the_model_tolerance(patient_run: PatientRun) -> None:
     """Post-operative study (implant, atrophy): the same check as the pre-operative one."""
@@ -655,14 +655,18 @@ BONES = ("femur", "iliac_bone")
 def test_bones_match_truth_within_their_held_out_error(
         patient_run: PatientRun) -> None:
     """Through Orthanc and the node, femur and iliac bone (when their held-out Dice >= 0.85) measure
-    within twice their held-out absolute volume error (at least 10 %) of the truth,
-    so a broken geometry, preprocessing or inverse resampling fails here whatever the model's muscles.
+    within their held-out error of the truth: twice the mean absolute error, or the worst per-side
+    error if larger (one study's bone is one per-side measurement; the same reference as the muscle
+    check above), at least 10 %; so a broken geometry, preprocessing or inverse resampling fails here
+    whatever the model's muscles.
     The pre-operative study only: the follow-up's implant is metal the phantom's truth does not count
     as bone, and the follow-up's volumes are the strict xfail above (issue 11)."""
     per_class = next((f["per_class"] for f in model_facts() if "per_class" in f), None)
     if per_class is None:
         pytest.skip("the model package has no held-out evaluation.json with per-class figures")
-    reliable = {name: max(2 * float(c["abs_volume_error_pct"]), 10.0) for name, c in per_class.items()
+    reliable = {name: max(2 * float(c["abs_volume_error_pct"]),
+                          float(c.get("max_abs_side_volume_error_pct") or 0.0), 10.0)
+                for name, c in per_class.items()
                 if name in BONES and float(c.get("dice") or 0) >= RELIABLE_DICE
                 and c.get("abs_volume_error_pct") is not None}
     if not reliable:

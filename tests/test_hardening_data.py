@@ -29,10 +29,10 @@ from series_factory import CT_IMAGE, write_ct_series
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
 from dicomnode.logs import KeyValueFormatter
-from dicomnode.queue import SQLiteJobQueue
-from dicomnode.series import StabilityWatcher
-from dicomnode.store import Store, encode_file_meta, info_from_dataset
-from dicomnode.worker import Worker
+from dicomnode.processing.queue import SQLiteJobQueue
+from dicomnode.processing.worker import Worker
+from dicomnode.storage.series import StabilityWatcher
+from dicomnode.storage.store import Store, encode_file_meta, info_from_dataset
 
 HOLD_S = 30.0  # the shared node's incomplete_hold_seconds: long enough to send the rest
 
@@ -411,7 +411,7 @@ def test_files_and_folders_private_under_the_node(peers: tuple[NodeProcess, Stor
 
 def test_store_modes_ignore_umask_and_rename_is_followed_by_folder_fsync(
         local: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicomnode.store as store_module
+    import dicomnode.storage.store as store_module
 
     _, _, store = local
     calls: list[tuple[str, Path]] = []

@@ -36,7 +36,7 @@ from dicomnode.config import Settings
 from dicomnode.harness.scu import echoed
 from dicomnode.harness.series import dataset_bytes, part10
 from dicomnode.logs import KeyValueFormatter
-from dicomnode.scp import _address_in
+from dicomnode.network.scp import _address_in
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
 
@@ -44,7 +44,7 @@ MAX_ASSOCIATIONS = 3
 ACSE_TIMEOUT = 1.0
 NETWORK_TIMEOUT = 2.0
 MAX_INSTANCE_MB = 4.0
-NODE_MAX_PDU = 1 << 20  # dicomnode.scp.MAX_PDU, what the node offers as its maximum receive length
+NODE_MAX_PDU = 1 << 20  # dicomnode.network.scp.MAX_PDU, what the node offers as its maximum receive length
 FORGED = "2026-12-01T00:00:00.000Z\tWARNING\tdicomnode.scp\tforged"  # no space: not quoted before
 
 

@@ -99,7 +99,7 @@ def _pid_pipeline(job: Any, settings: Any) -> Any:
     """Answers with its process id; the series "crash" ends the process (module level: picklable)."""
     import os
 
-    from dicomnode.pipeline import JobOutput
+    from dicomnode.processing.pipeline import JobOutput
 
     if job.series_instance_uid == "crash":
         os._exit(9)
@@ -110,9 +110,9 @@ def test_pipeline_process_stays_warm_and_is_replaced_after_a_crash(tmp_path: Pat
     """Jobs one after the other share one warm process (warmed up once); a crash costs that job only,
     and the next job gets a fresh process (warmed up again)."""
     from dicomnode.config import Settings
-    from dicomnode.isolation import Ending, PipelineProcess
-    from dicomnode.phases import read_spans
-    from dicomnode.pipeline import JobInput
+    from dicomnode.processing.isolation import Ending, PipelineProcess
+    from dicomnode.processing.phases import read_spans
+    from dicomnode.processing.pipeline import JobInput
 
     proc = PipelineProcess(_pid_pipeline, Settings(storage_dir=tmp_path / "var"))
 

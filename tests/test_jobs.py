@@ -1,4 +1,4 @@
-"""The job lifecycle (dicomnode.jobs) and the queue contract, run against both queue engines."""
+"""The job lifecycle (dicomnode.processing.jobs) and the queue contract, run against both queue engines."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dicomnode import jobs
 from dicomnode.cli import app
 from dicomnode.db import MIGRATIONS, SCHEMA_V1, Database
-from dicomnode.jobs import TRANSITIONS, IllegalTransition, Job, JobState, Reason, ReasonCode
-from dicomnode.queue import JobQueue, MemoryJobQueue, SQLiteJobQueue
-from dicomnode.sender import retry
+from dicomnode.network.sender import retry
+from dicomnode.processing import jobs
+from dicomnode.processing.jobs import TRANSITIONS, IllegalTransition, Job, JobState, Reason, ReasonCode
+from dicomnode.processing.queue import JobQueue, MemoryJobQueue, SQLiteJobQueue
 
 S = JobState
 T0 = 1_000_000.0
@@ -174,7 +174,7 @@ def test_queue_claims_oldest_first_and_counts_attempts(db: Database, queue: JobQ
 def test_queue_retry_waits_for_its_time(
     db: Database, queue: JobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dicomnode.queue as queue_module
+    import dicomnode.processing.queue as queue_module
 
     clock = [T0 + 10]
     monkeypatch.setattr(queue_module, "now", lambda: clock[0])

@@ -18,7 +18,7 @@ from peers import node_factory, pacs, requires_dcmtk, storescu  # noqa: F401 - f
 from series_factory import write_ct_series
 
 from dicomnode.config import check_file
-from dicomnode.pipeline import JobInput, later_followups
+from dicomnode.processing.pipeline import JobInput, later_followups
 from reporting.followup_sr import FOLLOWUP_SERIES_NUMBER
 from seg.records import ChangeRecord
 

@@ -1,7 +1,8 @@
 """Guard on the library internals the node patches, and the node with its pynetdicom tuning off.
 
-Why: dicomnode/scp.py (security bounds, always on) and dicomnode/pynetdicom_tuning.py (throughput,
-switchable) replace or wrap private pynetdicom code. A pynetdicom release that renames, re-signs or
+Why: dicomnode/network/scp.py (security bounds, always on) and
+dicomnode/network/pynetdicom_tuning.py (throughput, switchable) replace or wrap private pynetdicom code.
+A pynetdicom release that renames, re-signs or
 restructures any of it must fail here, loudly and by name, not at a hospital. Each check names what
 relies on it; widen PATCHED_PYNETDICOM / TUNED_PYNETDICOM only after re-reading that code.
 (highdicom's byte splice has its guard in tests/test_reporting_seg.py.)
@@ -32,9 +33,9 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.timer import Timer
 from pynetdicom.transport import AssociationSocket
 
-from dicomnode import pynetdicom_tuning as tuning
-from dicomnode import scp
 from dicomnode.config import ConfigError, Settings, load_settings
+from dicomnode.network import pynetdicom_tuning as tuning
+from dicomnode.network import scp
 
 
 def params(func: object) -> list[str]:
@@ -159,7 +160,7 @@ def test_node_receives_with_tuning_on_and_off(tuned: bool, tmp_path: Path,
     from series_factory import write_ct_series
 
     from dicomnode.db import Database
-    from dicomnode.store import Store
+    from dicomnode.storage.store import Store
 
     monkeypatch.setattr(pynetdicom.dul, "time", time)  # restored afterwards: no other test sees ours
     monkeypatch.setattr(pynetdicom.association, "time", time)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicomnode import registry
+from dicomnode.clinical import registry
 from dicomnode.config import Settings
-from dicomnode.pipeline import patient_height
+from dicomnode.processing.pipeline import patient_height
 from seg import labels as L
 from seg.height import plausible_height
 from seg.measure import measure_volumes, midline_x, write_volumes

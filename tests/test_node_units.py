@@ -14,11 +14,11 @@ from series_factory import write_ct_series, write_enhanced_ct
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
 from dicomnode.logs import KeyValueFormatter, pseudonym
-from dicomnode.queue import MemoryJobQueue, SQLiteJobQueue
-from dicomnode.sender import retry
-from dicomnode.series import StabilityWatcher, content_hash, select_series
-from dicomnode.store import PREAMBLE, Store, encode_file_meta, info_from_dataset
-from dicomnode.worker import Worker
+from dicomnode.network.sender import retry
+from dicomnode.processing.queue import MemoryJobQueue, SQLiteJobQueue
+from dicomnode.processing.worker import Worker
+from dicomnode.storage.series import StabilityWatcher, content_hash, select_series
+from dicomnode.storage.store import PREAMBLE, Store, encode_file_meta, info_from_dataset
 
 SEL = SelectionSettings(min_z_extent_mm=30.0, min_slices=5)
 
@@ -155,7 +155,7 @@ def test_recover_requeues_running_jobs(node: tuple, tmp_path: Path) -> None:
 
 
 def _pipeline_ok(job, settings):  # noqa: ANN001
-    from dicomnode.pipeline import JobOutput
+    from dicomnode.processing.pipeline import JobOutput
 
     out = job.work_dir / "result.dcm"
     out.write_bytes(b"x")
@@ -167,7 +167,7 @@ def _pipeline_boom(job, settings):  # noqa: ANN001
 
 
 def _pipeline_no(job, settings):  # noqa: ANN001
-    from dicomnode.pipeline import SeriesRejected
+    from dicomnode.processing.pipeline import SeriesRejected
 
     raise SeriesRejected("not a thigh")
 
@@ -233,7 +233,7 @@ def test_fast_c_store_response_matches_pynetdicom() -> None:
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from dicomnode.pynetdicom_tuning import encode_c_store_success
+    from dicomnode.network.pynetdicom_tuning import encode_c_store_success
 
     for sop in ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45"):  # odd and even lengths (padding)
         rsp = C_STORE()
@@ -247,7 +247,7 @@ def test_fast_c_store_response_matches_pynetdicom() -> None:
 def test_storage_failure_returns_a700_and_leaves_nothing(node: tuple, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     from peers import free_port, pynetdicom_send
 
-    from dicomnode.scp import OUT_OF_RESOURCES, StorageSCP
+    from dicomnode.network.scp import OUT_OF_RESOURCES, StorageSCP
 
     settings, db, store = node
     settings = settings.model_copy(update={"port": free_port()})
@@ -259,7 +259,7 @@ def test_storage_failure_returns_a700_and_leaves_nothing(node: tuple, tmp_path: 
         def disk_full(fd: int) -> None:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr("dicomnode.store.os.fsync", disk_full)
+        monkeypatch.setattr("dicomnode.storage.store.os.fsync", disk_full)
         assert pynetdicom_send(settings.port, s.files[:1]) == [OUT_OF_RESOURCES]
         assert not list(store.incoming.rglob("*.tmp")) and not list(store.incoming.rglob("*.dcm"))
         assert db.one("SELECT COUNT(*) FROM instances")[0] == 0
@@ -298,8 +298,8 @@ def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path
     fails, the parent writes it (the job never depends on the child)."""
     import os
 
-    from dicomnode.forkwrite import BackgroundWrite
-    from dicomnode.pipeline import _save
+    from dicomnode.processing.forkwrite import BackgroundWrite
+    from dicomnode.processing.pipeline import _save
 
     ds = pydicom.dcmread(write_ct_series(tmp_path / "in", name="bg", n=1, size=8).files[0])
     parent = os.getpid()

@@ -1,4 +1,4 @@
-"""The operations page and /metrics of ``dicomnode serve`` (dicomnode/ops_page.py), against a real node.
+"""The operations page and /metrics of ``dicomnode serve`` (dicomnode/ops/page.py), against a real node.
 
 A node with the page on receives a series it processes and one it rejects (dcmtk storescu, dcmtk
 storescp as the PACS); /metrics is read with an HTTP client before and after, and the page is opened in
@@ -24,8 +24,8 @@ from series_factory import write_ct_series
 
 from dicomnode.config import ConfigError, Settings, load_settings
 from dicomnode.db import MIGRATIONS, Database, _statements
-from dicomnode.jobs import counters
-from dicomnode.ops_page import OpsPageError, OpsServer
+from dicomnode.ops.page import OpsPageError, OpsServer
+from dicomnode.processing.jobs import counters
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dicomnode import pairing, registry
 from dicomnode.cli import app
+from dicomnode.clinical import pairing, registry
+from dicomnode.clinical.pairing import ResultRecord, record_result
 from dicomnode.config import Settings
-from dicomnode.pairing import ResultRecord, record_result
 from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
 from seg.records import NOT_COMPARED, ChangeRecord, ReasonCode, StructureChange, StructureVolume, VolumeRecord
 

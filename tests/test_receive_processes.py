@@ -1,4 +1,4 @@
-"""Receive in several processes (``receive_processes = 2``, dicomnode/receive_pool.py), against a real
+"""Receive in several processes (``receive_processes = 2``, dicomnode/network/receive_pool.py), against a real
 ``dicomnode serve`` over 127.0.0.1 with real pynetdicom callers.
 
 What must hold with worker processes as without them: every acknowledged instance on disk and indexed
@@ -57,9 +57,9 @@ from dicomnode.config import Settings
 from dicomnode.db import Database
 from dicomnode.harness.dcmtk import storescu
 from dicomnode.harness.series import dataset_bytes
-from dicomnode.receive_channel import Message, Op
-from dicomnode.receive_pool import ConnectionTable
-from dicomnode.store import Store
+from dicomnode.network.receive_channel import Message, Op
+from dicomnode.network.receive_pool import ConnectionTable
+from dicomnode.storage.store import Store
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -111,7 +111,7 @@ def full_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]
 
 # -- helpers -----------------------------------------------------------------------------------------
 def workers(node: NodeProcess) -> set[int]:
-    """Process ids of the node's receive workers (its children running dicomnode.receive_worker)."""
+    """Process ids of the node's receive workers (its children running dicomnode.network.receive_worker)."""
     assert node.proc is not None
     found = set()
     for entry in Path("/proc").iterdir():
@@ -123,7 +123,7 @@ def workers(node: NodeProcess) -> set[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == node.proc.pid and b"dicomnode.receive_worker" in cmdline:
+        if ppid == node.proc.pid and b"dicomnode.network.receive_worker" in cmdline:
             found.add(int(entry.name))
     return found
 
@@ -391,7 +391,7 @@ HOLDER = """
 import sys, threading, time
 from pathlib import Path
 from dicomnode.db import Database
-from dicomnode.store import Store
+from dicomnode.storage.store import Store
 root, mine, theirs = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 store = Store(root, Database(root / "index.sqlite"), cross_process=True)
 held = store._sop_lock(mine)

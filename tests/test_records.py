@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dicomnode import pairing
+from dicomnode.clinical import pairing
 from dicomnode.config import Settings
 from dicomnode.db import opened
 from seg.records import (
@@ -152,8 +152,8 @@ def test_reasons_carry_codes() -> None:
     with pytest.raises(ValidationError):
         Reason.load({"code": "no-height", "text": "x", "detail": "y"})
     # the job lifecycle uses the same vocabulary: its codes are what the index already stores
-    from dicomnode.jobs import Reason as JobReason
-    from dicomnode.jobs import ReasonCode as JobReasonCode
+    from dicomnode.processing.jobs import Reason as JobReason
+    from dicomnode.processing.jobs import ReasonCode as JobReasonCode
 
     assert JobReason is Reason and JobReasonCode is ReasonCode
     assert ReasonCode("send-failed") is ReasonCode.SEND_FAILED

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from dicomnode import registry
 from dicomnode.cli import app
+from dicomnode.clinical import registry
 from dicomnode.config import Settings
 from dicomnode.db import MIGRATIONS, opened
 from seg.records import ReasonCode

@@ -23,9 +23,9 @@ from series_factory import SeriesFiles, write_ct_series
 
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
-from dicomnode.retention import DAY_SECONDS, Retention
-from dicomnode.series import StabilityWatcher
-from dicomnode.store import Store, encode_file_meta, info_from_dataset
+from dicomnode.storage.retention import DAY_SECONDS, Retention
+from dicomnode.storage.series import StabilityWatcher
+from dicomnode.storage.store import Store, encode_file_meta, info_from_dataset
 
 DAYS = 2.0
 

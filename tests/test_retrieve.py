@@ -19,7 +19,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from dicomnode.config import Settings
 from dicomnode.external import ORTHANC_FALLBACK, dcmtk_tool, orthanc_binary, require_dcmtk_tool
 from dicomnode.harness.net import free_port
-from dicomnode.retrieve import (
+from dicomnode.network.retrieve import (
     SeriesHit,
     StudyHit,
     choose_prior,
@@ -201,7 +201,7 @@ def test_choose_series_wants_a_volume() -> None:
 
 def test_pairing_asks_for_the_prior_and_pairs_it_when_it_arrives(orthanc, tmp_path: Path) -> None:
     """record_result of a lone follow-up → C-FIND/C-MOVE by the pairing thread → baseline at the node."""
-    from dicomnode import pairing
+    from dicomnode.clinical import pairing
 
     pid = "RETRIEVE-002"
     base_study, follow_study = generate_uid(), generate_uid()

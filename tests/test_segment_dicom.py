@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from dicomnode.cli import app
 from dicomnode.commands.segmentation import find_cases
 from dicomnode.config import load_settings
-from dicomnode.pipeline import JobInput, run_pipeline
+from dicomnode.processing.pipeline import JobInput, run_pipeline
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
 from seg.records import CSV_COLUMNS
 from seg.volume import Volume

@@ -18,9 +18,9 @@ from pynetdicom.sop_class import (
 )
 
 from dicomnode.commands.demo import Received, _kind
-from dicomnode.scp import STORAGE_CLASSES
-from dicomnode.sop import is_ct, output_kind
-from dicomnode.validate import MODALITY_OF_CLASS
+from dicomnode.network.scp import STORAGE_CLASSES
+from dicomnode.network.sop import is_ct, output_kind
+from dicomnode.network.validate import MODALITY_OF_CLASS
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX_MATCH = re.compile(r"""startswith\(\s*(["']1\.2\.840\.10008|[A-Z_]*_PREFIX\b)""")

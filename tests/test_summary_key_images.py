@@ -154,16 +154,17 @@ def _lose_side(ct: Volume, labels: Volume) -> Volume:
 
 @pytest.mark.parametrize("order", ["in-order", "late-baseline"])
 def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -> None:
-    """The pipeline (``dicomnode.pipeline.report``, as the worker runs it) finds the pair and builds the
-    follow-up's summary with the baseline's CT and label map from the stored job folders: pre row above
+    """The pipeline (``dicomnode.processing.pipeline.report``, as the worker runs it) finds the pair
+    and builds the follow-up's summary with the baseline's CT and label map from the stored job
+    folders: pre row above
     post row, each the key images of its own study (a muscle side present pre and lost post shows in
     its colour only in the pre row), the operated side (from the registry) marked on every axial panel.
     In the late-baseline flow the baseline's job builds that page again for the follow-up study."""
     import pydicom
 
-    from dicomnode import registry
+    from dicomnode.clinical import registry
     from dicomnode.config import Settings
-    from dicomnode.pipeline import JobInput, report
+    from dicomnode.processing.pipeline import JobInput, report
     from reporting.summary import SUMMARY_SERIES_NUMBER, _key_studies
     from seg.labels import by_name
     from seg.records import ChangeRecord, VolumeRecord

@@ -31,9 +31,9 @@ from series_factory import SeriesFiles, write_ct_series
 
 from dicomnode.config import ConfigError, PacsSettings, Settings, TlsSettings, check_file
 from dicomnode.external import require_dcmtk_tool
-from dicomnode.retrieve import find_studies, move_series
-from dicomnode.sender import echo, send_files
-from dicomnode.tls import TlsError, client_tls_args, server_context
+from dicomnode.network.retrieve import find_studies, move_series
+from dicomnode.network.sender import echo, send_files
+from dicomnode.network.tls import TlsError, client_tls_args, server_context
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl command not installed")
 

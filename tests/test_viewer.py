@@ -28,7 +28,7 @@ from dicomnode.config import Settings
 from dicomnode.deploy.orthanc import dicomweb_plugin
 from dicomnode.harness.orthanc import OrthancServer, have_orthanc
 from dicomnode.harness.viewer import CHROMIUM_ARGS, ViewerServer, chromium_path, ohif_dist
-from dicomnode.pipeline import JobInput, results_dir, run_pipeline
+from dicomnode.processing.pipeline import JobInput, results_dir, run_pipeline
 from reporting.sr import segments_of
 from seg.io import load_dicom_series, load_nifti
 from seg.labels import by_name

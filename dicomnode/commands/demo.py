@@ -29,7 +29,7 @@ from typing import Annotated, Any
 import typer
 
 from dicomnode.commands.common import spacing_option
-from dicomnode.harness.net import free_port, wait_for
+from dicomnode.harness.net import free_port, stop_process, wait_for
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
 from seg.records import ChangeRecord, VolumeRecord
@@ -89,7 +89,7 @@ class LocalPacs:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        from dicomnode.sop import SEG_CLASSES
+        from dicomnode.network.sop import SEG_CLASSES
 
         ae = AE(self.aet)
         ae.supported_contexts = AllStoragePresentationContexts
@@ -151,7 +151,7 @@ class OrthancPacs:
             raise DemoError(f"Orthanc did not start: {exc}; see {self.server.log_path}") from exc
 
     def objects(self, study_uid: str) -> list[Received]:
-        from dicomnode.sop import is_ct
+        from dicomnode.network.sop import is_ct
 
         server, out = self.server, []
         for inst in server.instances_of_study(study_uid):
@@ -357,8 +357,8 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
 
 
 def _kind(o: Received) -> str:
-    """SEG, SR, summary or other: exact SOP classes (:mod:`dicomnode.sop`), never a UID prefix."""
-    from dicomnode.sop import output_kind
+    """SEG, SR, summary or other: exact SOP classes (:mod:`dicomnode.network.sop`), never a UID prefix."""
+    from dicomnode.network.sop import output_kind
 
     return output_kind(o.sop_class)
 
@@ -509,12 +509,7 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
         step("demo finished")
         return 0
     finally:
-        if node is not None and node.poll() is None:
-            node.terminate()
-            try:
-                node.wait(30)
-            except subprocess.TimeoutExpired:
-                node.kill()
+        stop_process(node)
         pacs.stop()
 
 

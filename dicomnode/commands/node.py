@@ -13,7 +13,7 @@ from rich.console import Console
 
 from dicomnode.commands.common import ConfigOption, settings_from
 from dicomnode.config import Settings
-from dicomnode.jobs import JobState
+from dicomnode.processing.jobs import JobState
 
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 
@@ -56,7 +56,7 @@ def serve(
     pipeline: Annotated[
         str | None,
         typer.Option(
-            help="Pipeline as module:function (default dicomnode.pipeline:run_pipeline; "
+            help="Pipeline as module:function (default dicomnode.processing.pipeline:run_pipeline; "
             "env DICOMNODE_PIPELINE)."
         ),
     ] = None,
@@ -66,10 +66,10 @@ def serve(
 ) -> None:
     """Run the node: DICOM listener (C-ECHO, C-STORE), series watcher, worker and sender, until Ctrl-C."""
     from dicomnode.logs import setup_logging
-    from dicomnode.ops_page import OpsPageError
+    from dicomnode.network.tls import TlsError
+    from dicomnode.ops.page import OpsPageError
     from dicomnode.server import Node
-    from dicomnode.store import restrict_umask
-    from dicomnode.tls import TlsError
+    from dicomnode.storage.store import restrict_umask
 
     restrict_umask()  # PHI at rest: everything the node writes is closed to other local users
     settings = settings_from(config)
@@ -97,8 +97,8 @@ def job_rows(settings: Any, state: JobState | None = None, limit: int = 50) -> l
     """Jobs, newest first, with the pseudonymised patient (never the PatientID) and timings."""
     from dataclasses import asdict
 
-    from dicomnode import jobs as lifecycle
     from dicomnode.db import Database
+    from dicomnode.processing import jobs as lifecycle
 
     db = Database(settings.db_path)
     try:
@@ -148,8 +148,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Counts of jobs by state, stored series/instances and pending sends."""
-    from dicomnode import jobs as lifecycle
     from dicomnode.db import Database
+    from dicomnode.processing import jobs as lifecycle
 
     settings = settings_from(config)
     db = Database(settings.db_path)
@@ -179,8 +179,8 @@ def status(
 
 def echo(config: ConfigOption = None) -> None:
     """C-ECHO the configured PACS (exit status 1 when it does not answer)."""
-    from dicomnode.sender import echo as do_echo
-    from dicomnode.tls import TlsError
+    from dicomnode.network.sender import echo as do_echo
+    from dicomnode.network.tls import TlsError
 
     try:
         ok, message = do_echo(settings_from(config))
@@ -196,7 +196,7 @@ def retry(
 ) -> None:
     """Re-send a job's outputs to the PACS, or re-queue a job whose processing failed."""
     from dicomnode.db import Database
-    from dicomnode.sender import retry as do_retry
+    from dicomnode.network.sender import retry as do_retry
 
     settings = settings_from(config)
     db = Database(Path(settings.db_path))

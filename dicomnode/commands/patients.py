@@ -31,7 +31,7 @@ def import_(
     config: ConfigOption = None,
 ) -> None:
     """Import (insert or replace) registry rows; re-pairs measured patients (the surgery date may move)."""
-    from dicomnode import pairing, registry
+    from dicomnode.clinical import pairing, registry
 
     settings = settings_from(config)
     try:
@@ -53,7 +53,7 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Registry rows and measured patients, with height provenance and comparison counts."""
-    from dicomnode import pairing, registry
+    from dicomnode.clinical import pairing, registry
 
     settings = settings_from(config)
     reg = {(p.patient_id, p.issuer_of_patient_id): p for p in registry.all_patients(settings)}
@@ -122,7 +122,7 @@ def timeline(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """The patient's studies in order: role (baseline / follow-up / ...), reasons, and total change."""
-    from dicomnode import pairing
+    from dicomnode.clinical import pairing
 
     settings = settings_from(config)
     rows = pairing.timeline(settings, patient_id, issuer)

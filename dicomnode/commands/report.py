@@ -42,7 +42,7 @@ def cohort(
     config: ConfigOption = None,
 ) -> None:
     """Write the cohort report (paper's Tables 1–3, Figures 6–8, statistics) to --out."""
-    from dicomnode import pairing
+    from dicomnode.clinical import pairing
     from reporting.cohort.collect import parse_filters
     from reporting.cohort.report import build_cohort, table2_numbers, write_report
 
@@ -74,7 +74,7 @@ def patient(
     """Per-muscle change of one patient (each follow-up vs baseline and previous study)."""
     import pandas as pd
 
-    from dicomnode import pairing
+    from dicomnode.clinical import pairing
 
     settings = settings_from(config)
     rows = pairing.timeline(settings, patient_id, issuer)

@@ -69,7 +69,7 @@ def _load(case: Case) -> Volume:
 def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: VolumeRecord,
                         model_info: ModelInfo, out: Path) -> list[Path]:
     """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm."""
-    from dicomnode.pipeline import _save, build_outputs
+    from dicomnode.processing.pipeline import _save, build_outputs
 
     if not ct.source_files:
         raise ValueError("--dicom needs a DICOM series (a NIfTI CT has no study to attach to)")
@@ -79,7 +79,7 @@ def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: 
 def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None,
              progress: bool) -> VolumeRecord:
     """Segment, measure and write one series; DICOM outputs too when ``settings`` is given."""
-    from dicomnode.pipeline import patient_height
+    from dicomnode.processing.pipeline import patient_height
     from seg.infer import segment as run_segment
     from seg.io import save_nifti
     from seg.measure import measure_volumes, write_volumes

@@ -16,7 +16,16 @@ and send the same way; one copy here, imported as ``dicomnode.harness``, keeps t
 Only :mod:`.net` and :mod:`.tomlfile` are imported here: they need the standard library alone.
 """
 
-from dicomnode.harness.net import dcmtk_env, free_port, parse_spacing, port_open, wait_for
+from dicomnode.harness.net import dcmtk_env, free_port, parse_spacing, port_open, stop_process, wait_for
 from dicomnode.harness.tomlfile import toml_text, write_toml
 
-__all__ = ["dcmtk_env", "free_port", "parse_spacing", "port_open", "toml_text", "wait_for", "write_toml"]
+__all__ = [
+    "dcmtk_env",
+    "free_port",
+    "parse_spacing",
+    "port_open",
+    "stop_process",
+    "toml_text",
+    "wait_for",
+    "write_toml",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -61,3 +62,15 @@ def parse_spacing(text: str) -> tuple[float, float, float]:
     if len(parts) != 3 or min(parts) <= 0:
         raise ValueError(f"not a spacing: {text!r}; give one or three positive numbers, e.g. 3,3,5")
     return parts[0], parts[1], parts[2]
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30.0) -> None:
+    """Terminate a child (SIGTERM: a node shuts down cleanly), then kill it if it outlives ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

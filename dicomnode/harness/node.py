@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dicomnode.harness.net import free_port, port_open, wait_for
+from dicomnode.harness.net import free_port, port_open, stop_process, wait_for
 from dicomnode.harness.tomlfile import write_toml
 
 
@@ -112,12 +112,7 @@ class NodeProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, timeout=15)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

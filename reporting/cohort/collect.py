@@ -6,7 +6,7 @@ each exclusion with its reason. Conventions: loss = pre − post (positive = mus
 adjusted loss = loss / height² (cm³/m²); loss ratio = (pre − post) / pre × 100. Volumes are both
 sides together; the operated vs contralateral columns come from the change record's side comparison.
 
-Input: :class:`~seg.records.CohortEntry` records as :func:`dicomnode.pairing.cohort_entries` returns
+Input: :class:`~seg.records.CohortEntry` records as :func:`dicomnode.clinical.pairing.cohort_entries` returns
 them (each with a change record carrying sex and fracture type, or the reasons there is none).
 """
 

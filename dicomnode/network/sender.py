@@ -15,13 +15,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dicomnode import jobs
 from dicomnode.config import Settings
 from dicomnode.db import Database, now
-from dicomnode.jobs import JobState, Reason, ReasonCode
 from dicomnode.logs import event
-from dicomnode.tls import client_tls_args
-from dicomnode.wakeups import OUTPUTS_READY
+from dicomnode.network.tls import client_tls_args
+from dicomnode.processing import jobs
+from dicomnode.processing.jobs import JobState, Reason, ReasonCode
+from dicomnode.processing.wakeups import OUTPUTS_READY
 
 log = logging.getLogger(__name__)
 

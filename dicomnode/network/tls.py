@@ -1,6 +1,6 @@
 """DICOM TLS (PS3.15 Annex B, secure transport connection profiles): the node's SSL contexts.
 
-Why one module: the listener (:mod:`dicomnode.scp`) and every association to the PACS (sender, prior
+Why one module: the listener (:mod:`dicomnode.network.scp`) and every association to the PACS (sender, prior
 retrieval, ``dicomnode echo``) must agree on what "secure" means, and the rules live here only:
 
 - TLS 1.2 or 1.3 (``tls.min_version``); SSL 3, TLS 1.0 and 1.1 never.
@@ -65,7 +65,7 @@ class _DeferredHandshake(ssl.SSLContext):
 
     Why: pynetdicom wraps each accepted socket in its one accept thread, handshake included and without a
     time-out, so a single silent TCP client would stall every later association. The handshake is done
-    instead by :meth:`dicomnode.scp.StorageSCP._on_conn_open`, in the connection's own thread, within
+    instead by :meth:`dicomnode.network.scp.StorageSCP._on_conn_open`, in the connection's own thread, within
     ``acse_timeout_seconds`` (see :func:`handshake`).
     """
 

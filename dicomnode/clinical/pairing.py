@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dicomnode import registry
+from dicomnode.clinical import registry
 from dicomnode.config import Settings
 from dicomnode.db import opened
 from seg.records import (
@@ -552,7 +552,7 @@ def _maybe_retrieve(
     known = {s.study_instance_uid for s in plan.studies}
 
     def work() -> None:
-        from dicomnode.retrieve import retrieve_prior
+        from dicomnode.network.retrieve import retrieve_prior
 
         try:
             outcome = retrieve_prior(

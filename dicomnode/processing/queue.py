@@ -2,7 +2,7 @@
 
 Why this seam: a queue engine decides *delivery*: which queued job a worker gets next, and when a
 retried one becomes due. The job's *record* (state, reason, attempts, timestamps) stays with
-:mod:`dicomnode.jobs` in the node's index, whatever the engine, so ``dicomnode jobs`` reads the
+:mod:`dicomnode.processing.jobs` in the node's index, whatever the engine, so ``dicomnode jobs`` reads the
 same table either way and every state change is checked by the same transition table.
 
 - :class:`SQLiteJobQueue`: the index's ``queued`` rows are the queue (survives restarts, shared
@@ -24,10 +24,10 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Protocol
 
-from dicomnode import jobs
 from dicomnode.db import Database, now
-from dicomnode.jobs import Job, JobState, Reason, ReasonCode
 from dicomnode.logs import event
+from dicomnode.processing import jobs
+from dicomnode.processing.jobs import Job, JobState, Reason, ReasonCode
 
 log = logging.getLogger(__name__)
 

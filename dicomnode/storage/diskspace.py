@@ -57,7 +57,7 @@ class DiskGuard:
 
     ``statvfs`` and ``clock`` are injectable for tests. ``min_free_mb = 0`` and ``max_used_pct = 100``
     switch the guard off (nothing is then read). ``quiet``: changes of state are logged at DEBUG only
-    (a receive worker's guard, :mod:`dicomnode.receive_worker`: its parent's guard says it once).
+    (a receive worker's guard, :mod:`dicomnode.network.receive_worker`: its parent's guard says it once).
     """
 
     def __init__(self, path: Path, min_free_mb: float, max_used_pct: float, *,

@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode import jobs
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database, now
-from dicomnode.jobs import JobState, Reason, ReasonCode
 from dicomnode.logs import event
-from dicomnode.queue import JobQueue, SQLiteJobQueue
-from dicomnode.wakeups import JOB_QUEUED
+from dicomnode.processing import jobs
+from dicomnode.processing.jobs import JobState, Reason, ReasonCode
+from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
+from dicomnode.processing.wakeups import JOB_QUEUED
 
 log = logging.getLogger(__name__)
 

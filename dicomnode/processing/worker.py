@@ -1,13 +1,14 @@
 """The worker: one job at a time, through the pipeline, outcome recorded in the queue.
 
 Why one at a time: the segmentation model holds the GPU/CPU; a second job in parallel only slows
-both. The pipeline is pluggable (``module:function``, default ``dicomnode.pipeline:run_pipeline``) so
+both. The pipeline is pluggable (``module:function``, default
+``dicomnode.processing.pipeline:run_pipeline``) so
 the node's own tests can run a tiny deterministic pipeline; choose it with ``dicomnode serve
 --pipeline`` or the ``DICOMNODE_PIPELINE`` environment variable. An exception is a failed attempt
 (retried with backoff up to ``worker.max_attempts``); ``SeriesRejected`` is a terminal ``rejected``
 with its message.
 
-Each call runs in a child process (:mod:`dicomnode.isolation`), so a crash or hang of the model
+Each call runs in a child process (:mod:`dicomnode.processing.isolation`), so a crash or hang of the model
 fails that job and never the listener: a child that dies is a failed attempt
 (``pipeline-crashed``, retried like an exception); one still running after
 ``worker.timeout_seconds`` is killed and the job failed for good (``pipeline-timeout``: a hang
@@ -26,18 +27,18 @@ from collections.abc import Callable
 from typing import Any
 
 from dicomnode.config import Settings
-from dicomnode.isolation import Ending, IndexedSeriesFiles, Outcome, PipelineProcess
-from dicomnode.jobs import Job, JobState, ReasonCode
 from dicomnode.logs import event
-from dicomnode.phases import PhaseLog
-from dicomnode.pipeline import JobInput
-from dicomnode.queue import JobQueue
-from dicomnode.store import Store
-from dicomnode.wakeups import JOB_QUEUED, OUTPUTS_READY
+from dicomnode.processing.isolation import Ending, IndexedSeriesFiles, Outcome, PipelineProcess
+from dicomnode.processing.jobs import Job, JobState, ReasonCode
+from dicomnode.processing.phases import PhaseLog
+from dicomnode.processing.pipeline import JobInput
+from dicomnode.processing.queue import JobQueue
+from dicomnode.processing.wakeups import JOB_QUEUED, OUTPUTS_READY
+from dicomnode.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "dicomnode.pipeline:run_pipeline"
+DEFAULT_PIPELINE = "dicomnode.processing.pipeline:run_pipeline"
 PIPELINE_ENV = "DICOMNODE_PIPELINE"
 PipelineFn = Callable[[Any, Settings], Any]
 

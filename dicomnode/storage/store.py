@@ -2,7 +2,7 @@
 
 Layout (a plain folder, mercure-like, readable without the node):
 ``storage_dir/incoming/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` and a private work folder per job
-``storage_dir/jobs/<job_id>/``. An instance is first checked (:mod:`dicomnode.validate`: header,
+``storage_dir/jobs/<job_id>/``. An instance is first checked (:mod:`dicomnode.network.validate`: header,
 pixel-data length or fragments, SOP class against Modality), then written as preamble + file meta +
 the dataset bytes exactly as received to ``.<sop>.<pid>.<n>.tmp``, fsynced, renamed, the folder
 fsynced (so the new name survives a power cut too), and only then indexed; the SCP answers success
@@ -46,11 +46,11 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomnode import jobs
 from dicomnode.db import Database, DatabaseBusy, now
-from dicomnode.jobs import JobState, Reason, ReasonCode
 from dicomnode.logs import event, load_pseudonym_key, pseudonym
-from dicomnode.validate import CANNOT_UNDERSTAND, validate_instance
+from dicomnode.network.validate import CANNOT_UNDERSTAND, validate_instance
+from dicomnode.processing import jobs
+from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Store:
         # worker or sender threads, which share ``db`` and its lock.
         self.rx = Database(db.path, busy_timeout=receive_busy_timeout)
         self._sop_locks = [threading.Lock() for _ in range(64)]  # one C-STORE per SOP UID at a time
-        # several receive processes (dicomnode.receive_pool): the same 64 slots as byte-range locks on
+        # several receive processes (dicomnode.network.receive_pool): the same 64 slots as byte-range locks on
         # one file, which the kernel releases when a process dies (kill -9 included); see _range_lock
         self._lock_fd = (os.open(self.root / SOP_LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
                          if cross_process else None)

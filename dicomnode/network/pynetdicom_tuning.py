@@ -7,7 +7,7 @@ disk. These patches (a) serve C-STORE in the DUL thread that assembled the messa
 per-PDU log formatting when its logger is off. They change speed, not behaviour, so the node turns
 them off (plain pynetdicom) with ``pynetdicom_tuning = false`` and on any pynetdicom other than
 TUNED_PYNETDICOM. The security patches (bounded PDU reads, deadlines, data set limit) are not here:
-they are always on, in the "pynetdicom internals" section of :mod:`dicomnode.scp`.
+they are always on, in the "pynetdicom internals" section of :mod:`dicomnode.network.scp`.
 
 ``tests/test_library_guard.py`` fails when a pynetdicom internal used here or there changes;
 ``docs/upstream.md`` proposes the upstream changes that would make this module unnecessary.

@@ -1,4 +1,5 @@
-"""The wire between the accepting parent and its receive worker processes (:mod:`dicomnode.receive_pool`).
+"""The wire between the accepting parent and its receive worker processes
+(:mod:`dicomnode.network.receive_pool`).
 
 Why a Unix SOCK_SEQPACKET pair: each message arrives whole (no framing of our own), an accepted TCP
 connection travels with its message as a file descriptor (SCM_RIGHTS), and the peer's death shows as

@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dicomnode import jobs
 from dicomnode.db import Database
-from dicomnode.diskspace import read_space
+from dicomnode.processing import jobs
+from dicomnode.storage.diskspace import read_space
 
 QUEUE_HELP = "Jobs queued for the worker (due now or at a retry time)."
 OUTBOX_HELP = "Result objects waiting to be sent to the PACS."

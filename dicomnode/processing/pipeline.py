@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.clinical.registry import height_for
 from dicomnode.config import Settings
-from dicomnode.forkwrite import BackgroundWrite
-from dicomnode.phases import PhaseLog
-from dicomnode.registry import height_for
+from dicomnode.processing.forkwrite import BackgroundWrite
+from dicomnode.processing.phases import PhaseLog
 from seg.records import ChangeRecord, ModelInfo, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def load_configured_model(settings: Settings) -> Any:
 def warm_up(settings: Settings) -> None:
     """Before the first job (the worker's pipeline process calls it): imports and the model load.
 
-    Why: they take seconds that a job would otherwise wait for (:mod:`dicomnode.isolation`).
+    Why: they take seconds that a job would otherwise wait for (:mod:`dicomnode.processing.isolation`).
     """
     import reporting.followup_sr  # noqa: F401 - imported for their import time
     import reporting.seg  # noqa: F401
@@ -288,7 +288,7 @@ def later_followups(settings: Settings, job: JobInput, earlier: tuple[Any, Any] 
     own UID, so the PACS holds the same page as when the studies arrive in order (it replaces the
     page sent without a comparison; the deployment sets Orthanc's ``OverwriteInstances``).
     """
-    from dicomnode.pairing import changes_for_earlier_series
+    from dicomnode.clinical.pairing import changes_for_earlier_series
     from seg.io import load_dicom_series
 
     paths = []
@@ -367,7 +367,7 @@ def stored_study(settings: Settings, job: JobInput, series_uid: str) -> tuple[An
 
 def _record_for_pairing(settings: Settings, ct: Any, out_dir: Path, seg_ds: Any,
                         sr_ds: Any) -> list[ChangeRecord]:
-    from dicomnode.pairing import ResultRecord, record_result
+    from dicomnode.clinical.pairing import ResultRecord, record_result
 
     meta = ct.meta
     size = meta.get("PatientSize")

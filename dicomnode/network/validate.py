@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 
-from dicomnode.sop import CT_CLASSES
+from dicomnode.network.sop import CT_CLASSES
 
 CANNOT_UNDERSTAND = 0xC000
 DATA_SET_DOES_NOT_MATCH = 0xA900

@@ -14,7 +14,7 @@ ASSOCIATION_PDU_CAP long before association and our maximum PDU length after it,
 only as bytes arrive; a PDU must arrive whole within ARTIM (``acse_timeout_seconds``, counted from the
 connection) before association and within ``network_timeout_seconds`` after it, or the connection is
 dropped; a C-STORE data set over ``max_instance_mb`` stops being buffered and is refused with 0xA700.
-Disk back-pressure (:mod:`dicomnode.diskspace`): while the storage volume has less than
+Disk back-pressure (:mod:`dicomnode.storage.diskspace`): while the storage volume has less than
 ``min_free_disk_mb`` free or more than ``max_disk_used_pct`` used, a new association is rejected as
 transient temporary congestion and a C-STORE is answered 0xA700 without writing anything.
 A connection counts against ``max_associations`` only once its A-ASSOCIATE-RQ has arrived and been
@@ -25,7 +25,7 @@ other than the one it was written for.
 
 Throughput: PDUs are read into one buffer and the header is parsed only up to SeriesInstanceUID;
 the rest (C-STORE served in the DUL thread, event waits instead of pynetdicom's 1 ms poll ticks, a
-hand-encoded C-STORE-RSP, no per-PDU log formatting) is :mod:`dicomnode.pynetdicom_tuning`, switched
+hand-encoded C-STORE-RSP, no per-PDU log formatting) is :mod:`dicomnode.network.pynetdicom_tuning`, switched
 off by ``pynetdicom_tuning = false`` and on an unchecked pynetdicom. ``benchmarks/receive.py``
 measures the effect against dcmtk storescp and Orthanc.
 
@@ -59,13 +59,13 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Settings
-from dicomnode.diskspace import DiskGuard
 from dicomnode.logs import event
-from dicomnode.pynetdicom_tuning import attach_waiters, tune_pynetdicom
-from dicomnode.sop import CT_CLASSES
-from dicomnode.store import Store, StoreError, encode_file_meta, info_from_dataset, read_header
-from dicomnode.tls import describe, handshake, server_context
-from dicomnode.validate import validate_instance
+from dicomnode.network.pynetdicom_tuning import attach_waiters, tune_pynetdicom
+from dicomnode.network.sop import CT_CLASSES
+from dicomnode.network.tls import describe, handshake, server_context
+from dicomnode.network.validate import validate_instance
+from dicomnode.storage.diskspace import DiskGuard
+from dicomnode.storage.store import Store, StoreError, encode_file_meta, info_from_dataset, read_header
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ _REJECT_REASONS = {  # (source, diagnostic) of an A-ASSOCIATE-RJ, PS3.8 9.3.4
 
 # == pynetdicom internals ================================================================================
 # Everything security needs from pynetdicom's private code is in this section, written against 3.0.x
-# (always on; the throughput patches, which can be switched off, are dicomnode/pynetdicom_tuning.py).
+# (always on; the throughput patches, which can be switched off, are dicomnode/network/pynetdicom_tuning.py).
 PATCHED_PYNETDICOM = "3.0."
 # A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8
 _ABORT_INVALID_PDU = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
@@ -114,8 +114,8 @@ def _require_patched_version() -> None:
     import pynetdicom
 
     if not pynetdicom.__version__.startswith(PATCHED_PYNETDICOM):
-        raise RuntimeError(f"dicomnode.scp patches pynetdicom {PATCHED_PYNETDICOM}x internals, found "
-                           f"{pynetdicom.__version__}: review dicomnode/scp.py before using it")
+        raise RuntimeError(f"dicomnode.network.scp patches pynetdicom {PATCHED_PYNETDICOM}x internals, found "
+                           f"{pynetdicom.__version__}: review dicomnode/network/scp.py before using it")
 
 
 class _Stalled(TimeoutError):
@@ -469,7 +469,7 @@ class StorageSCP:
     def _on_conn_open(self, evt_: Any) -> None:
         """Bound the new connection: a place among the pending ones, the TLS handshake within ARTIM, a
         socket time-out for sends (reads get theirs per PDU, see :func:`_read_pdu_data`) and the data set
-        limit; then the throughput waiters (when :mod:`dicomnode.pynetdicom_tuning` is on)."""
+        limit; then the throughput waiters (when :mod:`dicomnode.network.pynetdicom_tuning` is on)."""
         self._enter_pending(evt_.assoc, str(evt_.address[0]))
         sock = getattr(evt_.assoc.dul.socket, "socket", None)
         if sock is not None and not self._tls_handshake(evt_.assoc, sock):
@@ -483,8 +483,9 @@ class StorageSCP:
                 self._wakers[id(evt_.assoc)] = wake
 
     def _tls_handshake(self, assoc: Any, sock: socket.socket) -> bool:
-        """Finish a TLS handshake in this connection's thread (see :class:`dicomnode.tls._DeferredHandshake`);
-        a plain or untrusted caller, or one that stalls past ``acse_timeout_seconds``, is disconnected."""
+        """Finish a TLS handshake in this connection's thread
+        (see :class:`dicomnode.network.tls._DeferredHandshake`); a plain or untrusted caller, or one that
+        stalls past ``acse_timeout_seconds``, is disconnected."""
         failure = handshake(sock, self.settings.acse_timeout_seconds)
         if failure is not None:
             level = logging.DEBUG if failure.peer_closed else logging.WARNING  # a hang-up: a port probe
@@ -599,7 +600,8 @@ class StorageSCP:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def handlers(self) -> list[tuple[Any, Any]]:
-        """The pynetdicom event handlers of a listener (also bound by :mod:`dicomnode.receive_worker`)."""
+        """The pynetdicom event handlers of a listener
+        (also bound by :mod:`dicomnode.network.receive_worker`)."""
         return [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -612,7 +614,7 @@ class StorageSCP:
 
     def start(self) -> None:
         """Listen (over TLS when ``tls.enabled``); a certificate, key or CA that cannot be loaded stops
-        the node here with :class:`dicomnode.tls.TlsError`."""
+        the node here with :class:`dicomnode.network.tls.TlsError`."""
         ssl_context = server_context(self.settings.tls)
         self.server = self.ae.start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=self.handlers(),

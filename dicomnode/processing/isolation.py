@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
-from dicomnode.phases import PhaseLog
-from dicomnode.pipeline import JobInput, SeriesRejected
+from dicomnode.processing.phases import PhaseLog
+from dicomnode.processing.pipeline import JobInput, SeriesRejected
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Outcome:
 class IndexedSeriesFiles:
     """``JobInput.series_files`` for the child: the stored instances of a series, read from the index.
 
-    The parent's :meth:`Store.series_files <dicomnode.store.Store.series_files>` is bound to an open
+    The parent's :meth:`Store.series_files <dicomnode.storage.store.Store.series_files>` is bound to an open
     connection, which cannot cross a process boundary; the child opens the file read-only instead.
     """
 
@@ -110,7 +110,7 @@ def _setup_child(settings_data: dict[str, Any], parent: int) -> Settings:
 
 def _call(pipeline: Any, job: JobInput, settings: Settings) -> Outcome:
     """One pipeline call as a picklable answer: every failure becomes one, MemoryError included."""
-    from dicomnode.worker import load_pipeline
+    from dicomnode.processing.worker import load_pipeline
 
     try:
         fn = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline

@@ -1,15 +1,15 @@
 """One receive worker process: the node's C-STORE SCP, serving connections its parent accepted.
 
 Why a process: pynetdicom's association threads share one interpreter lock, so several associations
-in one process take turns. Here each worker is a full :class:`~dicomnode.scp.StorageSCP` (allow-list,
+in one process take turns. Here each worker is a full :class:`~dicomnode.network.scp.StorageSCP` (allow-list,
 called AE, host pins, TLS, PDU caps and deadlines, data set limit, disk back-pressure, the store's
 durable write and its own connection to the one SQLite index), except for what must be counted
 node-wide: whether a connection is still pending, and how many associations are admitted. Those
-belong to the parent (:class:`dicomnode.receive_pool.ConnectionTable`), which this worker asks over
-its channel (:mod:`dicomnode.receive_channel`) when an A-ASSOCIATE-RQ arrives, and which tells it to
+belong to the parent (:class:`dicomnode.network.receive_pool.ConnectionTable`), which this worker asks over
+its channel (:mod:`dicomnode.network.receive_channel`) when an A-ASSOCIATE-RQ arrives, and which tells it to
 close a pending connection when the pending pool overflows.
 
-Run as ``python -m dicomnode.receive_worker FD`` by the parent only; it exits when the parent says
+Run as ``python -m dicomnode.network.receive_worker FD`` by the parent only; it exits when the parent says
 stop or disappears (end of file on the channel), so a killed node leaves no worker behind.
 """
 
@@ -27,12 +27,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import Settings
 from dicomnode.db import Database
-from dicomnode.diskspace import DiskGuard
 from dicomnode.logs import event, setup_logging
-from dicomnode.receive_channel import Message, Op, receive, send
-from dicomnode.scp import StorageSCP, _awaiting_request, _drop_connection, _ended
-from dicomnode.store import Store, restrict_umask
-from dicomnode.tls import server_context
+from dicomnode.network.receive_channel import Message, Op, receive, send
+from dicomnode.network.scp import StorageSCP, _awaiting_request, _drop_connection, _ended
+from dicomnode.network.tls import server_context
+from dicomnode.storage.diskspace import DiskGuard
+from dicomnode.storage.store import Store, restrict_umask
 
 log = logging.getLogger(__name__)
 

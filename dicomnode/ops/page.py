@@ -9,7 +9,7 @@ Safety: off by default and on 127.0.0.1 (``[ops]`` in dicomnode/config.py refuse
 without a token). With a token every request must carry it (``Authorization: Bearer``, or the
 password of HTTP Basic so a browser can ask for it); without one, only requests whose Host is this
 machine are answered (no DNS rebinding from a web page). Patients appear only by pseudonym. All reads
-go through :mod:`dicomnode.jobs` on a connection of the page's own, so the page never waits on the
+go through :mod:`dicomnode.processing.jobs` on a connection of the page's own, so the page never waits on the
 node's writer lock.
 """
 
@@ -38,12 +38,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from dicomnode import jobs
 from dicomnode.config import Settings, loopback_host
 from dicomnode.db import Database
-from dicomnode.diskspace import DiskSpace, read_space
 from dicomnode.logs import event
-from dicomnode.ops_metrics import node_registry
+from dicomnode.ops.metrics import node_registry
+from dicomnode.processing import jobs
+from dicomnode.storage.diskspace import DiskSpace, read_space
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class Disk:
 
     @property
     def low(self) -> bool:
-        """Below the thresholds at which the receiver refuses instances (as dicomnode.diskspace judges)."""
+        """Below the thresholds at which the receiver refuses instances
+        (as dicomnode.storage.diskspace judges)."""
         return self.space.free_mb < self.min_free_mb or self.space.used_pct > self.max_used_pct
 
 

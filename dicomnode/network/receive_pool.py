@@ -3,15 +3,15 @@
 Why: pynetdicom's association threads share one interpreter lock, so a node serving four associations
 in one process is hardly faster than with one. With ``receive_processes = N > 1`` the node's process
 keeps the one listening socket and accepts; each connection is handed (its file descriptor, over a
-Unix socket pair, :mod:`dicomnode.receive_channel`) to the worker process serving the fewest
-connections (:mod:`dicomnode.receive_worker`), which runs the same SCP as a single-process node: the
+Unix socket pair, :mod:`dicomnode.network.receive_channel`) to the worker process serving the fewest
+connections (:mod:`dicomnode.network.receive_worker`), which runs the same SCP as a single-process node: the
 allow-list, called-AE and host checks, TLS, PDU caps and deadlines, disk back-pressure, the durable
 write (temp file, fsync, rename, folder fsync) and the index row before success, UID-collision
 handling (a byte-range lock per SOP UID slot, shared by the workers).
 
 What must be counted node-wide stays here, in :class:`ConnectionTable`: the pending pool
 (``max_pending_connections``, PENDING_PER_ADDRESS per source address, the oldest closed first, as
-:meth:`dicomnode.scp.StorageSCP._enter_pending` does in one process) and ``max_associations``
+:meth:`dicomnode.network.scp.StorageSCP._enter_pending` does in one process) and ``max_associations``
 (a worker asks before it accepts an A-ASSOCIATE-RQ).
 
 A worker that dies (kill -9, a crash) loses only the instances it had not acknowledged: its callers'
@@ -36,12 +36,12 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 from dicomnode.config import Settings
-from dicomnode.diskspace import DiskGuard
 from dicomnode.logs import event
-from dicomnode.receive_channel import Message, Op, pair, receive, send
-from dicomnode.scp import PENDING_PER_ADDRESS
-from dicomnode.store import Store
-from dicomnode.tls import server_context
+from dicomnode.network.receive_channel import Message, Op, pair, receive, send
+from dicomnode.network.scp import PENDING_PER_ADDRESS
+from dicomnode.network.tls import server_context
+from dicomnode.storage.diskspace import DiskGuard
+from dicomnode.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class _Worker:
 
 class ReceivePool:
     """The node's listener with ``receive_processes`` worker processes; ``start()``/``stop()`` as
-    :class:`dicomnode.scp.StorageSCP`."""
+    :class:`dicomnode.network.scp.StorageSCP`."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -170,7 +170,7 @@ class ReceivePool:
         parent_end, child_end = pair()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dicomnode.receive_worker", str(child_end.fileno())],
+                [sys.executable, "-m", "dicomnode.network.receive_worker", str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL,
             )
         finally:

@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomnode.config import Settings
-from dicomnode.tls import client_tls_args
+from dicomnode.network.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 

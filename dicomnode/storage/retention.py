@@ -26,7 +26,7 @@ from pathlib import Path
 from dicomnode.config import Settings
 from dicomnode.db import now
 from dicomnode.logs import event
-from dicomnode.store import Store
+from dicomnode.storage.store import Store
 
 log = logging.getLogger(__name__)
 

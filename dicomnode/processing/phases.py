@@ -1,7 +1,8 @@
 """Per-job phase timings: one JSON line per phase in ``<job folder>/phases.jsonl``.
 
 Why a file in the job folder: the pipeline runs in another process than the worker
-(:mod:`dicomnode.isolation`), so a job's time cannot be collected by wrapping functions in the node.
+(:mod:`dicomnode.processing.isolation`), so a job's time cannot be collected by wrapping functions
+in the node.
 Each process appends the phases it ran (name, wall-clock start and end, its pid) to the job's own
 file; an operator, or ``benchmarks/e2e.py``, reads where a job's time went. Appends of one short
 line are atomic on a local file system, so the worker and its pipeline process can share the file.

@@ -1,0 +1,1 @@
+"""The read-only operations page and its Prometheus metrics."""

@@ -1,0 +1,2 @@
+"""Durable storage of received instances: the store and its index, series assembly, disk
+back-pressure, retention."""
