@@ -351,7 +351,11 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     pixels = summary_pixels(ct, volumes, model_info, change, labels, baseline)
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids)
-    kind = "SC-summary"  # with or without a comparison: a re-run replaces the page, never adds one
+    kind = "SC-summary"
+    # One summary series per study; each page content its own instance UID: a page with a comparison
+    # (and the baseline's key images) is new content, never a replacement under the earlier page's UID.
+    compared = "" if change is None else f"/vs-{change.baseline.series_instance_uid}"
+    compared += "/pre-images" if change is not None and baseline is not None else ""
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src0,
         pixel_array=pixels,
@@ -360,7 +364,7 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=output_uid(content, model_info, kind + "/series"),
         series_number=SUMMARY_SERIES_NUMBER,
-        sop_instance_uid=output_uid(content, model_info, kind + "/instance"),
+        sop_instance_uid=output_uid(content, model_info, kind + "/instance" + compared),
         instance_number=1,
         manufacturer="dicomnode",
         patient_orientation=("L", "P"),

@@ -100,8 +100,10 @@ def test_summary_in_source_study_with_stable_uids(studies):
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (ds.SOPInstanceUID, ds.SeriesInstanceUID)
     _, f_ct, f_vols, with_change, _ = studies["f"]
     assert with_change.SOPInstanceUID != ds.SOPInstanceUID  # another series, another page
-    # the follow-up page with or without the comparison is one object: a re-run replaces it
-    assert build_summary(f_ct, f_vols, MODEL).SOPInstanceUID == with_change.SOPInstanceUID
+    # the follow-up page without the comparison is other content: same series, its own instance UID
+    alone = build_summary(f_ct, f_vols, MODEL)
+    assert alone.SeriesInstanceUID == with_change.SeriesInstanceUID
+    assert alone.SOPInstanceUID != with_change.SOPInstanceUID
 
 
 def test_qa_warnings_say_what_is_missing():

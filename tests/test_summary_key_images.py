@@ -193,9 +193,11 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
     studies = [(b_files, b_ct, b_labels), (f_files, f_ct, f_labels)]
     first, second = [run(i + 1, *s) for i, s in enumerate(studies if order == "in-order" else studies[::-1])]
     (sc,) = second  # the follow-up's page with the comparison, once
-    if order == "late-baseline":  # its page alone first; then the same object (UID) with pre and post
-        assert [(ds.SOPInstanceUID, ds.Rows) for ds in first] == [(sc.SOPInstanceUID, first[0].Rows)]
-        assert first[0].Rows < sc.Rows
+    if order == "late-baseline":  # its page alone first; then a new instance of that series, pre and post
+        (alone,) = first
+        assert alone.SeriesInstanceUID == sc.SeriesInstanceUID
+        assert alone.SOPInstanceUID != sc.SOPInstanceUID  # other content: never under the same UID
+        assert alone.Rows < sc.Rows
 
     results = settings.storage_dir / "results" / str(f_ct.meta["SeriesInstanceUID"])
     change = ChangeRecord.load(results / f"change-{b_ct.meta['SeriesInstanceUID']}.json")

@@ -284,9 +284,9 @@ def later_followups(settings: Settings, job: JobInput, earlier: tuple[Any, Any] 
     nothing would report them. The later study's CT comes from the store (its own job has finished);
     when its instances are gone the change stays recorded and the report is skipped, with a warning.
     With ``earlier`` (this series' CT and label map) the later study's summary is built again with
-    this study as its baseline: pre and post key images and the change chart, under the summary's
-    own UID, so the PACS holds the same page as when the studies arrive in order (it replaces the
-    page sent without a comparison; the deployment sets Orthanc's ``OverwriteInstances``).
+    this study as its baseline: pre and post key images and the change chart, a new instance of the
+    later study's summary series with the UID the in-order flow gives that page (the page sent
+    without a comparison stays what it was: no UID ever names two contents).
     """
     from dicomnode.clinical.pairing import changes_for_earlier_series
     from seg.io import load_dicom_series
