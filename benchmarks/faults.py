@@ -54,10 +54,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dicomnode.harness import node as _node
+from dicomnode.harness import scu
 from dicomnode.harness.dcmtk import StoreSCP
 from dicomnode.harness.net import free_port, wait_for
-from dicomnode.harness.scu import pynetdicom_send
-from dicomnode.harness.series import CT_IMAGE, dataset_bytes, part10, write_ct_series
+from dicomnode.harness.series import CT_IMAGE, dataset_bytes, part10, rewrite, write_ct_series
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,22 +120,7 @@ def proc_status(pid: int, key: str) -> float:
 
 def echo(port: int, patience: float = 0.0) -> bool:
     """One C-ECHO; retried for ``patience`` s while the association is refused (slots still ending)."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title="FAULTS")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
-    ae.add_requested_context(Verification)
-    deadline = time.monotonic() + patience
-    while not (assoc := ae.associate("127.0.0.1", port, ae_title="THIGHNODE")).is_established:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and int(status.Status) == 0
-    finally:
-        assoc.release()
+    return scu.echo("127.0.0.1", port, "THIGHNODE", "FAULTS", patience=patience)
 
 
 # -- kill -9 ---------------------------------------------------------------------------------------------
@@ -143,24 +128,14 @@ def send_noting_acks(port: int, files: list[Path], uids: list[str], acked: list[
     """C-STORE ``files`` over one association, appending each UID answered 0x0000 to ``acked``.
 
     Short timeouts: once the node is killed the SCU only notices at its DIMSE timeout."""
-    import pydicom
-    from pynetdicom import AE
+    def note(i: int, status: int | None) -> None:
+        if status == 0:
+            acked.append(uids[i])
 
-    ae = AE(ae_title="KILLSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 1.5
-    meta = pydicom.dcmread(files[0], stop_before_pixels=True).file_meta
-    ae.add_requested_context(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-    assoc = ae.associate("127.0.0.1", port, ae_title="THIGHNODE")
     try:
-        for path, uid in zip(files, uids, strict=True):
-            if not assoc.is_established:
-                return
-            status = assoc.send_c_store(path)
-            if status and "Status" in status and int(status.Status) == 0:
-                acked.append(uid)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+        scu.pynetdicom_send(port, files, aet="KILLSCU", timeout=1.5, on_status=note)
+    except ConnectionError:
+        pass  # killed before the association: nothing acknowledged
 
 
 def kill_trials(workdir: Path, trials: int, rng: random.Random, slices: int = 40) -> KillReport:
@@ -241,7 +216,7 @@ def associate_rq(called: str = "THIGHNODE", calling: str = "FUZZ") -> bytes:
     return struct.pack(">BBL", 0x01, 0, len(body)) + body
 
 
-def send_raw(port: int, data: bytes) -> None:
+def send_bytes(port: int, data: bytes) -> None:
     """Send bytes on a fresh connection, read briefly what the node answers, close."""
     with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
         sock.settimeout(0.2)
@@ -257,23 +232,16 @@ def store_raw(port: int, path: Path, patience: float = 3.0) -> int | None:
 
     A refused association is retried for ``patience`` s: the slots of the inputs just before may still
     be ending (pynetdicom lingers after a release or abort), and that is not what is measured here."""
-    from pynetdicom import _config
-
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
     deadline = time.monotonic() + patience
-    try:
-        while True:
-            try:
-                return pynetdicom_send(port, [path], aet="FUZZ")[0]
-            except ConnectionError:
-                if time.monotonic() > deadline:
-                    return None
-                time.sleep(0.1)
-            except Exception:  # noqa: BLE001 - an aborted association: a refusal, not a crash
+    while True:
+        try:
+            return scu.send_verbatim(port, [path], aet="FUZZ", timeout=10.0)[0][0]
+        except ConnectionError:
+            if time.monotonic() > deadline:
                 return None
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = before
+            time.sleep(0.1)
+        except Exception:  # noqa: BLE001 - an aborted association: a refusal, not a crash
+            return None
 
 
 def fuzz(workdir: Path, inputs: int, rng: random.Random) -> FuzzReport:
@@ -302,7 +270,7 @@ def fuzz(workdir: Path, inputs: int, rng: random.Random) -> FuzzReport:
                 refused += status != 0
             else:
                 noise = rng.random() < 0.1
-                send_raw(node.port, rng.randbytes(rng.randint(1, 64)) if noise else mutate(pdu, rng))
+                send_bytes(node.port, rng.randbytes(rng.randint(1, 64)) if noise else mutate(pdu, rng))
             if node.proc.poll() is not None:
                 crashes += 1
                 node.start()
@@ -411,7 +379,7 @@ def disk(workdir: Path, stores: int) -> DiskReport:
     normal = NodeProcess(workdir / "disk-node", **NODE_SETTINGS)  # same folder, normal threshold
     normal.start()
     try:
-        stored = sum(st == 0 for st in pynetdicom_send(normal.port, s.files, aet="DISKSCU"))
+        stored = sum(st == 0 for st in scu.pynetdicom_send(normal.port, s.files, aet="DISKSCU"))
     finally:
         normal.stop()
     return DiskReport(stores, refused, files, alive, stored)
@@ -491,7 +459,7 @@ def pacs_faults(workdir: Path, slices: int = 8) -> list[PacsReport]:
             s = write_ct_series(workdir / f"pacs-{mode}", name=f"pacs-{mode}", n=slices, size=16,
                                 patient_id=f"PACS-{mode.upper()}")
             try:
-                pynetdicom_send(node.port, s.files, aet="PACSSCU")
+                scu.pynetdicom_send(node.port, s.files, aet="PACSSCU")
                 started = time.monotonic()
                 job = node.wait_job(s.series_uid, ("failed", "done", "rejected"), timeout=60)
                 seconds = time.monotonic() - started
@@ -537,8 +505,6 @@ class InterruptedReport:
 
 def interrupted(workdir: Path, slices: int = 10, fraction: float = 0.6) -> InterruptedReport:
     """60 % of a series whose ImagesInAcquisition announces all of it, then (after the hold) the rest."""
-    from test_hardening_data import rewrite, send_raw
-
     pacs = StoreSCP(workdir / "int-pacs").start()
     node = NodeProcess(workdir / "int-node", stable_seconds=0.5, log_level="WARNING",
                        selection={"incomplete_hold_seconds": 1.5},
@@ -548,10 +514,10 @@ def interrupted(workdir: Path, slices: int = 10, fraction: float = 0.6) -> Inter
         s = write_ct_series(workdir / "int-series", name="interrupted", n=slices, size=16)
         files = [rewrite(f, f, ImagesInAcquisition=slices, AcquisitionNumber=1) for f in s.files]
         first = int(slices * fraction)
-        send_raw(node.port, files[:first])
+        scu.send_verbatim(node.port, files[:first])
         job = node.wait_job(s.series_uid, ("rejected", "done", "failed"), timeout=30)
         before = [r for r in node.pipeline_runs() if s.series_uid in r]
-        send_raw(node.port, files[first:])
+        scu.send_verbatim(node.port, files[first:])
         wait_for(lambda: any(j["state"] in ("done", "failed") for j in node.jobs(s.series_uid)), 30,
                  what="the completed series' job")
         time.sleep(1.0)  # a second run or send, were there one, would show now
@@ -579,8 +545,6 @@ class CollisionReport:
 def collision(workdir: Path) -> CollisionReport:
     """The scenario of tests/test_hardening_data.py: another patient's series claims one of a's UIDs."""
     import numpy as np
-    from test_hardening_data import rewrite, send_raw
-
     node = NodeProcess(workdir / "col-node", stable_seconds=30.0, log_level="WARNING")  # indexing only
     node.start()
     try:
@@ -592,10 +556,10 @@ def collision(workdir: Path) -> CollisionReport:
                              file_meta__MediaStorageSOPInstanceUID=stolen)
         changed = rewrite(a.files[3], workdir / "col-a3.dcm",
                           PixelData=np.full((16, 16), 7, dtype=np.int16).tobytes())
-        send_raw(node.port, a.files)
-        got = [send_raw(node.port, b_files)[2], send_raw(node.port, [changed])[0]]
+        scu.send_verbatim(node.port, a.files)
+        got = [scu.send_verbatim(node.port, b_files)[2], scu.send_verbatim(node.port, [changed])[0]]
         refused = sum(st == 0xC000 and c.startswith("uid-collision") for st, c in got)
-        again = send_raw(node.port, a.files)
+        again = scu.send_verbatim(node.port, a.files)
 
         def where() -> str:
             return node.sql("SELECT series_uid FROM instances WHERE sop_uid=?", (stolen,))[0]["series_uid"]

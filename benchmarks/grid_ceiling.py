@@ -37,13 +37,13 @@ def ceiling(phantoms: int, seed_start: int, spacings: list[float]) -> list[dict]
             for kind, probs in targets.items():
                 back = ph.ct.with_array(probabilities_to_labels(probs, mg.affine, ph.ct))
                 r = evaluate_case(back, truth, hd95=False)
-                dice = [r["per_class"][m]["dice"] for m in L.ANALYSED_MUSCLES]
-                errs = [abs(r["per_class"][m]["volume_error_pct"]) for m in L.ANALYSED_MUSCLES]
+                dice = [r.per_class[m].dice for m in L.ANALYSED_MUSCLES]
+                errs = [abs(r.per_class[m].volume_error_pct or 0.0) for m in L.ANALYSED_MUSCLES]
                 rows.append({
                     "seed": o["seed"], "ct_spacing": o["spacing_mm"], "grid_mm": sp, "targets": kind,
                     "mean_dice": float(np.mean(dice)), "min_dice": float(min(dice)),
-                    "femur_dice": r["per_class"]["femur"]["dice"],
-                    "total_volume_error_pct": r["total_muscle_volume_error_pct"],
+                    "femur_dice": r.per_class["femur"].dice,
+                    "total_volume_error_pct": r.total_muscle_volume_error_pct,
                     "median_abs_volume_error_pct": float(np.median(errs)),
                 })
                 print("seed {seed} CT {ct_spacing} grid {grid_mm:g} mm {targets:<9} "

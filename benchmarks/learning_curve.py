@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seg.records import Evaluation
+
 
 @dataclass
 class Run:
@@ -52,7 +54,7 @@ def load_run(spec: str) -> Run:
         run.points.append((e["elapsed_s"] / 60.0, int(e["step"]), float(e["val_mean_dice_muscles"])))
     ev = (p if p.is_dir() else p.parent) / "heldout" / "evaluation.json"
     if ev.exists():
-        run.heldout = json.loads(ev.read_text()).get("mean_dice_muscles")
+        run.heldout = Evaluation.load(ev).mean_dice_muscles
     return run
 
 

@@ -9,14 +9,16 @@ process runs with ``TCP_NODELAY=1`` (Debian builds stall ~45 ms per instance on 
 otherwise). Targets:
   storescp  dcmtk storescp writing files (no fsync): an upper bound for a C++ SCP;
   orthanc   /usr/sbin/Orthanc, default SyncStorageArea=true, SQLite index, no plugins;
-  node      ``dicomnode serve --no-worker``: temp file + fsync + rename + SQLite row before success,
+  node      ``dicomnode serve --no-worker``: temp file, rename, one syncfs (Linux >= 5.8; else fsync +
+            folder fsync), SQLite row, then success,
             ``receive_processes = 1`` (one process, pynetdicom threads);
   node-pN   the same with ``receive_processes = N`` (one per N in ``--processes``; see receive_pool.py).
 At the end it prints each node's ratios to Orthanc and storescp and checks them against issue #14's
 targets (≥ 1.5 × Orthanc with 1 and with 4 associations, ≥ 0.4 × storescp with 1).
 
 Usage: ``.venv/bin/python benchmarks/receive.py [--runs 3] [--slices 300] [--size 512]
-[--associations 1,2,4] [--processes 2]``
+[--associations 1,2,4] [--processes 2] [--baseline /tmp/old]`` (``--processes ""``: no node-pN;
+``--baseline``: also the node of another checkout, as node-base).
 """
 
 from __future__ import annotations
@@ -121,16 +123,19 @@ class NodeTarget(Target):
     name = "node"
     aet = "THIGHNODE"
     processes = 1
+    source = REPO  # the checkout whose dicomnode runs (another one for node-base)
 
     def start(self) -> None:
         cfg = self.root / "node.toml"
         cfg.write_text(f'ae_title = "{self.aet}"\nhost = "127.0.0.1"\nport = {self.port}\n'
                        f'storage_dir = "{self.root / "var"}"\nstable_seconds = 600\nlog_level = "WARNING"\n'
-                       f'receive_processes = {self.processes}\n')
+                       + (f"receive_processes = {self.processes}\n" if self.processes != 1 else ""))
         env = {k: v for k, v in ENV.items() if not k.startswith("DICOMNODE_")}
+        env["PYTHONPATH"] = str(self.source)
         with (self.root / "node.log").open("wb") as log:  # WARNING and above: read when a send fails
             self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "serve", "--config",
-                                          str(cfg), "--no-worker"], env=env, cwd=REPO, stdout=log, stderr=log)
+                                          str(cfg), "--no-worker"], env=env, cwd=self.source, stdout=log,
+                                         stderr=log)
         wait_port(self.port, self.proc)
 
     def count(self) -> int:
@@ -146,15 +151,22 @@ def node_target(processes: int) -> type[NodeTarget]:
     return type(f"NodeP{processes}", (NodeTarget,), {"name": f"node-p{processes}", "processes": processes})
 
 
+def baseline_target(source: Path) -> type[NodeTarget]:
+    """The node of another checkout (e.g. ``git worktree add /tmp/old <commit>``), named node-base, so
+    that a change is measured against the code before it in the same run."""
+    return type("NodeBase", (NodeTarget,), {"name": "node-base", "source": source.resolve()})
+
+
 TARGETS: dict[str, Callable[[Path], Target]] = {"storescp": StoreSCPTarget, "orthanc": OrthancTarget,
                                                 "node": NodeTarget}
 GOALS = ((1, "orthanc", 1.5), (4, "orthanc", 1.5), (1, "storescp", 0.4))  # issue #14: assocs, peer, ratio
 
 
-def durable_write_floor(root: Path, size_bytes: int, n: int = 100) -> float:
-    """Seconds per instance of the node's own durable write (``Store.write``: temp file, fsync, rename,
-    folder fsync) of an instance this size, on the benchmark's disk: what no SCP keeping the node's
-    guarantee can go below, per association, however fast its protocol code."""
+def durable_write_floor(root: Path, size_bytes: int, n: int = 100) -> tuple[float, str]:
+    """Seconds per instance of the node's own durable write (``Store.write``: temp file, rename, one
+    syncfs, or fsync + folder fsync where syncfs is not used) of an instance this size, on the
+    benchmark's disk, and which of the two it was: what no SCP keeping the node's guarantee can go
+    below, per association, however fast its protocol code."""
     from dicomnode.db import Database
     from dicomnode.storage.store import InstanceInfo, Store, encode_file_meta
 
@@ -167,7 +179,9 @@ def durable_write_floor(root: Path, size_bytes: int, n: int = 100) -> float:
                                 transfer_syntax="1.2.840.10008.1.2.1", study_uid="1.2.3",
                                 series_uid="1.2.3.4")
             store.write(info, encode_file_meta(info), data)
-        return (time.perf_counter() - t) / n
+        mode = ("temp file, rename, one syncfs" if store.one_flush
+                else "temp file, fsync, rename, folder fsync")
+        return (time.perf_counter() - t) / n, mode
     finally:
         store.close()
         shutil.rmtree(root / "floor", ignore_errors=True)
@@ -179,7 +193,8 @@ def report_ratios(summary: dict[str, float], nodes: list[str], associations: lis
         for assocs in associations:
             rate = summary.get(f"{node}/{assocs}")
             parts = [f"{node}/{other} = {rate / summary[f'{other}/{assocs}']:.2f}"
-                     for other in ("orthanc", "storescp") if rate and f"{other}/{assocs}" in summary]
+                     for other in ("orthanc", "storescp", "node-base")
+                     if rate and f"{other}/{assocs}" in summary and other != node]
             if parts:
                 print(f"ratios, {assocs} association(s): " + ", ".join(parts))
         for assocs, peer, goal in GOALS:
@@ -217,6 +232,8 @@ def main() -> None:
     ap.add_argument("--processes", default="2", help="receive_processes of the extra node targets node-pN")
     ap.add_argument("--targets", default="storescp,orthanc,node", help="node-pN added from --processes")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--baseline", type=Path, help="also run the node of this checkout (target node-base), "
+                    "e.g. a git worktree of the commit before a change")
     ap.add_argument("--dir", type=Path, help="where the targets store (default: the system temp folder); "
                     "/dev/shm makes fsync free and shows what the protocol code alone costs")
     args = ap.parse_args()
@@ -224,6 +241,9 @@ def main() -> None:
     for n in (int(p) for p in args.processes.split(",") if p):
         TARGETS[f"node-p{n}"] = node_target(n)
         names.append(f"node-p{n}")
+    if args.baseline is not None:
+        TARGETS["node-base"] = baseline_target(args.baseline)
+        names.append("node-base")
     associations = [int(a) for a in args.associations.split(",") if a]
     if "orthanc" in names and not Path(ORTHANC).is_file():
         print(f"skipping orthanc: {ORTHANC} not found")
@@ -256,8 +276,8 @@ def main() -> None:
             print(f"{name:10s} {assocs:6d} {statistics.median(values):9.1f}  "
                   + " ".join(f"{v:.0f}" for v in values))
         summary = {f"{n}/{a}": statistics.median(v) for (n, a), v in rates.items()}
-        floor = durable_write_floor(root, int(mb * 1e6 / len(files)))
-        print(f"durable write alone (Store.write, fsync + folder fsync), one at a time: {floor * 1e3:.2f} ms "
+        floor, flush = durable_write_floor(root, int(mb * 1e6 / len(files)))
+        print(f"durable write alone (Store.write, {flush}), one at a time: {floor * 1e3:.2f} ms "
               f"per instance = at most {1 / floor:.0f} instances/s for one association")
         report_ratios(summary, [n for n in names if n.startswith("node")], associations)
         if args.json:

@@ -61,7 +61,7 @@ def outline(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return pts[keep], int(region.sum())
 
 
-def _pixel_spacing(seg: Dataset) -> tuple[float, float]:
+def pixel_spacing(seg: Dataset) -> tuple[float, float]:
     shared = seg.get("SharedFunctionalGroupsSequence")
     measures = shared[0].get("PixelMeasuresSequence") if shared else None
     if not measures:
@@ -105,7 +105,7 @@ def largest_sections(seg: Dataset, frames: Sequence[Dataset]) -> dict[int, Secti
             if count and count > best.get(number, (0, 0, None))[0]:
                 mask = px > 0 if "SegmentIdentificationSequence" in frame else px == number
                 best[number] = (count, index, mask)
-    row_mm, col_mm = _pixel_spacing(seg)
+    row_mm, col_mm = pixel_spacing(seg)
     out = {}
     for number, (_, index, mask) in sorted(best.items()):
         source = frames[index].DerivationImageSequence[0].SourceImageSequence[0]

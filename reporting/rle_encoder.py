@@ -50,6 +50,45 @@ def encode_8bit(frame: np.ndarray) -> bytes:
     return _ONE_SEGMENT_HEADER + segment
 
 
+def encode_masks(masks: np.ndarray, origin: tuple[int, int], shape: tuple[int, int],
+                 value: int) -> list[bytes]:
+    """RLE frames of ``shape`` holding ``value`` where ``masks`` (frames, box rows, box columns; bool)
+    is set, the box's top-left corner at ``origin`` (row, column), 0 elsewhere.
+
+    The same bytes as :func:`encode_8bit` on each whole frame. A segment covers a small part of a CT
+    slice and its rows repeat from slice to slice, so each distinct box row is encoded once and the
+    frames are joined from those encodings (the rows outside the box reuse one encoded empty row).
+    """
+    from rle.rle import encode_row
+
+    (top, left), (rows, cols) = origin, shape
+    n, height, width = masks.shape
+    if top < 0 or left < 0 or top + height > rows or left + width > cols:
+        raise ValueError(f"box {masks.shape[1:]} at {origin} outside the frame {shape}")
+    zero_row = bytes(encode_row(bytes(cols)))
+    flat = masks.reshape(n * height, width)
+    nonzero = flat.any(axis=1)
+    filled = flat[nonzero]
+    packed = np.ascontiguousarray(np.packbits(filled, axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    table = np.empty(len(first) + 1, dtype=object)  # 0: the empty row, u + 1: distinct row u
+    table[0] = zero_row
+    line = np.zeros(cols, dtype=np.uint8)
+    window = line[left:left + width]
+    for u, r in enumerate(first):
+        np.multiply(filled[r], value, out=window, casting="unsafe")
+        table[u + 1] = bytes(encode_row(line.tobytes()))
+    code = np.zeros(n * height, dtype=np.intp)
+    code[nonzero] = inverse.ravel() + 1
+    above, below = zero_row * top, zero_row * (rows - top - height)
+    frames = []
+    for parts in table[code].reshape(n, height).tolist():
+        segment = b"".join([above, *parts, below])
+        frames.append(_ONE_SEGMENT_HEADER + (segment + b"\x00" if len(segment) % 2 else segment))
+    return frames
+
+
 def encode_frame(src: bytes, runner: Any) -> bytes:
     """pydicom encoder plugin entry point: ``src`` is one frame's raw bytes."""
     rows, cols = runner.rows, runner.columns

@@ -12,18 +12,17 @@ background). BINARY and LABELMAP stay selectable; trade-offs in docs/conformance
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
-from reporting import codes, rle_encoder
+from reporting import codes, rle_encoder, seg_splice
 from reporting.rules import RULES, ReportingRules, is_found
+from reporting.segframes import SegFrames
 from reporting.uids import copy_identity, output_uid, source_content, tracking_uid
 from seg.labels import Structure, structures
 from seg.records import ModelInfo, VolumeRecord
@@ -270,14 +269,42 @@ def read_sources(ct: Volume) -> list[Dataset]:
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in ct.source_files]
 
 
+@dataclass
+class BuiltSeg:
+    """A SEG and which slices its frames come from (the SR takes it from here; None when unknown:
+    a BINARY or FRACTIONAL SEG that plain highdicom built)."""
+
+    dataset: Dataset
+    frames: SegFrames | None
+
+
+def _labelmap_frames(seg: Dataset, plan: SegmentPlan, sources: list[Dataset]) -> SegFrames:
+    """Which slices each segment's frames come from in a LABELMAP SEG (a frame holds every segment on
+    its slice): the slices in the SEG's frame order, each kept for the segments present on it."""
+    k_of = {str(src.SOPInstanceUID): k for k, src in enumerate(sources)}
+    order = [k_of[str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
+             for f in seg.PerFrameFunctionalGroupsSequence]
+    present = plan.present()
+    return SegFrames(plan, {s.number: [k for k in order if present[k, s.number]] for s in plan.segments},
+                     sources)
+
+
 def build_seg(ct: Volume, labels: Volume, volumes: VolumeRecord, model_info: ModelInfo,
               seg_type: str = "BINARY", compression: str = "RLE", sources: list[Dataset] | None = None,
               fast: bool = True, rules: ReportingRules = RULES) -> Dataset:
+    """The SEG dataset (see :func:`build_seg_frames`)."""
+    return build_seg_frames(ct, labels, volumes, model_info, seg_type, compression, sources, fast,
+                            rules).dataset
+
+
+def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_info: ModelInfo,
+                     seg_type: str = "BINARY", compression: str = "RLE", sources: list[Dataset] | None = None,
+                     fast: bool = True, rules: ReportingRules = RULES) -> BuiltSeg:
     """The SEG dataset (``compression`` applies to LABELMAP only; BINARY stays uncompressed, FRACTIONAL
     is RLE: the lossless codec every viewer decodes; its pixels are 0 or 255, occupancy 0 or 1).
 
-    ``fast`` encodes BINARY per-frame items as bytes (see ``_fast_binary``; only on a highdicom in
-    FAST_BINARY_HIGHDICOM); False = plain highdicom.
+    ``fast`` splices BINARY and FRACTIONAL frames in as bytes (:mod:`reporting.seg_splice`, only on a
+    highdicom it was checked against); False = plain highdicom.
     Structures below ``rules.min_segment_cm3`` per side get no segment (see :func:`make_plan`).
     """
     if labels.shape != ct.shape:
@@ -332,224 +359,25 @@ def build_seg(ct: Volume, labels: Volume, volumes: VolumeRecord, model_info: Mod
             **({"fractional_type": "OCCUPANCY"} if seg_type == "FRACTIONAL" else {}),
         )
 
-    seg = None
-    if seg_type == "BINARY" and fast and not fast_binary_supported():
-        log.info("fast BINARY SEG encoder not checked against highdicom %s; using highdicom per frame",
+    seg, frames = None, None
+    if seg_type in seg_splice.SPLICE_TYPES and fast and not seg_splice.splice_supported():
+        log.info("SEG byte splice not checked against highdicom %s; using highdicom per frame",
                  hd.__version__)
-    elif seg_type == "BINARY" and fast:
+    elif seg_type in seg_splice.SPLICE_TYPES and fast:
         try:
-            seg = _fast_binary(construct, plan, descriptions, sources)
-        except FastPathUnavailable as exc:
-            log.warning("fast BINARY SEG encoder not applicable (%s); using highdicom per frame", exc)
+            seg, slices = seg_splice.splice(construct, plan, descriptions, sources, seg_type)
+            frames = SegFrames(plan, {s.number: ks for s, ks in zip(segments, slices, strict=True)}, sources)
+        except seg_splice.FastPathUnavailable as exc:
+            log.warning("SEG byte splice not applicable (%s); using highdicom per frame", exc)
     if seg is None:
         seg = construct(plan.seg_map(), descriptions)  # (frames, rows, columns) = (k, j, i)
+        if seg_type == "LABELMAP":  # one frame per slice: its few frame headers give the order
+            frames = _labelmap_frames(seg, plan, sources)
     dim_uid = output_uid(content, model_info, kind + "/dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dim_uid
     seg.SeriesDescription = ("Thigh muscles SEG" + (" DEMO" if demo else ""))[:64]
     copy_identity(seg, src0, ct.meta)
     codes.declare_schemes(seg)
-    return seg
+    return BuiltSeg(seg, frames)
 
-
-# --- fast BINARY encoder -------------------------------------------------------------------------
-# highdicom builds one pydicom Dataset per frame and pydicom encodes them one element at a time:
-# ~5 ms per frame, i.e. about a minute for a 600-slice CT with 58 segments (12 000 frames). Here
-# highdicom builds a one-segment skeleton (all shared attributes, one or two real frames) and the
-# per-frame items are encoded once per slice / per segment and concatenated as bytes. The skeleton's
-# own frames are re-encoded the same way and must match byte for byte, else we fall back.
-
-_ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
-_ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
-_PFFG = 0x52009230
-
-
-FAST_BINARY_HIGHDICOM = ("0.28.",)  # highdicom versions whose output the byte splice was checked against
-
-
-def fast_binary_supported(version: str | None = None) -> bool:
-    """Is the fast encoder checked against this highdicom (default: the installed one)? Elsewhere
-    :func:`build_seg` uses plain highdicom: slower, never different. Widen only after
-    ``tests/test_reporting_seg.py::test_fast_binary_encoder_equals_highdicom`` passes on the new one."""
-    return (hd.__version__ if version is None else version).startswith(FAST_BINARY_HIGHDICOM)
-
-
-class FastPathUnavailable(Exception):
-    """The skeleton did not match the fast encoder's assumptions; use plain highdicom."""
-
-
-def _encode_elem(elem) -> bytes:
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element
-
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_data_element(fp, elem)
-    return fp.getvalue()
-
-
-def _encode_item(item: Dataset) -> bytes:
-    return _ITEM + b"".join(_encode_elem(item[t]) for t in sorted(item.keys())) + _ITEM_END
-
-
-def _marker_uid(length: int, digit: str) -> str:
-    """A syntactically valid UID of exactly ``length`` characters made of one repeated digit."""
-    if length < 3:
-        raise FastPathUnavailable(f"UID of {length} characters")
-    return "1." + digit * (length - 2)
-
-
-def _replace_once(encoded: bytes, marker: str, value: str) -> bytes:
-    """``encoded`` with the one occurrence of ``marker`` replaced by the same-length ``value``."""
-    m = marker.encode("ascii")
-    if encoded.count(m) != 1:
-        raise FastPathUnavailable("marker UID not unique in its encoded template")
-    return encoded.replace(m, value.encode("ascii"))
-
-
-def _slice_distances(sources: list[Dataset]) -> np.ndarray:
-    """Distance of each source slice along the plane normal."""
-    normal = hd.spatial.get_normal_vector([float(v) for v in sources[0].ImageOrientationPatient])
-    pos = np.array([[float(v) for v in s.ImagePositionPatient] for s in sources])
-    return pos @ normal
-
-
-def _ranks(distances: np.ndarray, included: np.ndarray, direction: int) -> np.ndarray:
-    """1-based position index of each included slice (0 elsewhere), ascending along ``direction``."""
-    ranks = np.zeros(len(distances), dtype=np.int64)
-    ks = np.flatnonzero(included)
-    order = ks[np.argsort(direction * distances[ks], kind="stable")]
-    ranks[order] = np.arange(1, len(order) + 1)
-    return ranks
-
-
-def _fast_binary(build_skeleton, plan: SegmentPlan, descriptions: list, sources: list[Dataset]) -> Dataset:
-    from copy import deepcopy
-
-    from pydicom.dataelem import RawDataElement
-
-    segments = plan.segments
-    nk, rows, cols = plan.idx.shape
-    nseg = len(segments)
-    present = plan.present()
-    if nseg < 2:
-        raise FastPathUnavailable("a single segment is described in the shared functional groups")
-    ks1 = np.flatnonzero(present[:, 1])
-    ks2 = np.flatnonzero(present[:, 2])
-    probes = sorted({(1, int(ks1[0])), (1, int(ks1[-1])), (2, int(ks2[0])), (2, int(ks2[-1]))})
-    if len({k for _, k in probes}) < 2:
-        raise FastPathUnavailable("segments 1 and 2 lie on one slice: slice order not observable")
-    skel_pixels = np.zeros((nk, rows, cols), dtype=np.uint8)
-    for n, k in probes:
-        skel_pixels[k][plan.mask(n, k)] = n
-    skeleton = build_skeleton(skel_pixels, descriptions[:2])
-    pffg = skeleton.PerFrameFunctionalGroupsSequence
-    if len(pffg) != len(probes):
-        raise FastPathUnavailable("unexpected skeleton frames")
-    pointers = [int(d.DimensionIndexPointer) for d in skeleton.DimensionIndexSequence]
-    if pointers != [0x0062000B, 0x00200032]:
-        raise FastPathUnavailable(f"unexpected dimension index pointers {pointers}")
-    template = pffg[0]
-    if sorted(int(t) for t in template.keys()) != [0x00089124, 0x00209111, 0x00209113, 0x0062000A]:
-        raise FastPathUnavailable(f"unexpected per-frame functional groups {sorted(template.keys())}")
-    distances = _slice_distances(sources)
-    ranks = np.zeros(nk, dtype=np.int64)
-    deriv, plane = {}, {}
-
-    # private copies of the template elements, mutated and encoded immediately (no copy per slice)
-    deriv_t, plane_t = deepcopy(template[0x00089124]), deepcopy(template[0x00209113])
-    ref_t = deriv_t.value[0].SourceImageSequence[0]
-
-    # DerivationImageSequence: pydicom writes defined item lengths, so it is encoded once per pair of
-    # UID lengths with same-length marker UIDs, which are then replaced by each slice's own UIDs
-    deriv_templates: dict[tuple[int, int], bytes] = {}
-
-    def deriv_bytes(k: int) -> bytes:
-        if k not in deriv:
-            cls, inst = str(sources[k].SOPClassUID), str(sources[k].SOPInstanceUID)
-            cls_marker, inst_marker = _marker_uid(len(cls), "7"), _marker_uid(len(inst), "8")
-            key = (len(cls), len(inst))
-            if key not in deriv_templates:
-                ref_t.ReferencedSOPClassUID, ref_t.ReferencedSOPInstanceUID = cls_marker, inst_marker
-                deriv_templates[key] = _encode_elem(deriv_t)
-            deriv[k] = _replace_once(_replace_once(deriv_templates[key], cls_marker, cls), inst_marker, inst)
-        return deriv[k]
-
-    def plane_bytes(k: int) -> bytes:
-        if k not in plane:
-            plane_t.value[0].ImagePositionPatient = sources[k].ImagePositionPatient
-            plane[k] = _encode_elem(plane_t)
-        return plane[k]
-
-    # FrameContentSequence: encoded once with marker values, then only its 8 value bytes change
-    fc_t = deepcopy(template[0x00209111])
-    fc_t.value[0].DimensionIndexValues = [0x7E57A11E, 0x7E57B22E]
-    fc_bytes = _encode_elem(fc_t)
-    marker = struct.pack("<II", 0x7E57A11E, 0x7E57B22E)
-    if fc_bytes.count(marker) != 1:
-        raise FastPathUnavailable("frame content sequence not patchable")
-    fc_head, fc_tail = fc_bytes.split(marker)
-    seg_ident: dict[int, bytes] = {}
-
-    def si_bytes(n: int) -> bytes:
-        if n not in seg_ident:
-            e = deepcopy(template[0x0062000A])
-            e.value[0].ReferencedSegmentNumber = n
-            seg_ident[n] = _encode_elem(e)
-        return seg_ident[n]
-
-    def frame_item(n: int, k: int) -> bytes:
-        return b"".join((_ITEM, deriv_bytes(k), fc_head, struct.pack("<II", n, int(ranks[k])), fc_tail,
-                         plane_bytes(k), si_bytes(n), _ITEM_END))
-
-    # highdicom indexes positions among the slices that carry frames; find its direction from the
-    # skeleton (both directions are tried; exactly one must reproduce its frames byte for byte)
-    probe_slices = np.zeros(nk, dtype=bool)
-    probe_slices[[k for _, k in probes]] = True
-    encoded = [_encode_item(item) for item in pffg]
-    direction = 0
-    for d in (1, -1):
-        ranks[:] = _ranks(distances, probe_slices, d)
-        expected = sorted(probes, key=lambda p: (p[0], ranks[p[1]]))
-        if [frame_item(n, k) for n, k in expected] == encoded:
-            direction = d
-            break
-    if not direction:
-        raise FastPathUnavailable("re-encoded skeleton frames differ from highdicom's")
-    ranks[:] = _ranks(distances, present[:, 1:].any(axis=1), direction)
-
-    # rows start on byte boundaries when cols % 8 == 0: then only each segment's box is packed,
-    # straight into one zeroed buffer of all frames; otherwise whole-frame masks form one bit stream
-    row_aligned = cols % 8 == 0
-    n_frames = int(present[:, 1:].sum())
-    packed = np.zeros((n_frames if row_aligned else 0, rows, cols // 8), dtype=np.uint8)
-    masks: list[np.ndarray] = []
-    items: list[bytes] = []
-    for info in segments:
-        n = info.number
-        ks = sorted(np.flatnonzero(present[:, n]).tolist(), key=lambda k: int(ranks[k]))
-        first = len(items)
-        items.extend(frame_item(n, k) for k in ks)
-        (j0, j1), (i0, i1) = plan.box(np.asarray(ks, dtype=np.int64))
-        if row_aligned:  # widen the box to whole bytes: its bits then pack in place
-            i0, i1 = i0 // 8 * 8, min(cols, -(-i1 // 8) * 8)
-        within = plan.select(plan.idx[:, j0:j1, i0:i1][ks], n)  # labelled voxels lie inside the box
-        if row_aligned:
-            packed[first:len(items), j0:j1, i0 // 8:i1 // 8] = np.packbits(within, axis=-1, bitorder="little")
-        else:
-            frames = np.zeros((len(ks), rows, cols), dtype=bool)
-            frames[:, j0:j1, i0:i1] = within
-            masks.append(frames.reshape(-1))
-    body = b"".join(items)  # pydicom appends the sequence delimiter (undefined length)
-    pixel_data = packed.tobytes() if row_aligned else np.packbits(np.concatenate(masks),
-                                                                   bitorder="little").tobytes()
-    if len(pixel_data) % 2:
-        pixel_data += b"\x00"
-    skeleton.SegmentSequence = [d for d in descriptions]
-    skeleton.NumberOfFrames = len(items)
-    vr = skeleton["PixelData"].VR if "PixelData" in skeleton else "OB"
-    skeleton.add_new(0x7FE00010, vr if vr in ("OB", "OW") else "OB", pixel_data)
-    skeleton[_PFFG] = RawDataElement(Tag(_PFFG), "SQ", 0xFFFFFFFF, body, 0, False, True, True, False)
-    # written verbatim only when pydicom need not re-encode: declare the dataset explicit VR LE
-    skeleton.set_original_encoding(False, True, skeleton._character_set)
-    return skeleton

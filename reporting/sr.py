@@ -20,6 +20,9 @@ absent structures) state the craniocaudal coverage, inferred from the scanned ex
 
 from __future__ import annotations
 
+import logging
+from typing import TypedDict
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataelem import RawDataElement
@@ -28,14 +31,17 @@ from pydicom.pixels import iter_pixels
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes as std
 
-from reporting import codes
-from reporting.keyslice import Section, largest_sections
+from reporting import codes, sr_splice
+from reporting.keyslice import Section, largest_sections, pixel_spacing
 from reporting.rules import RULES, ReportingRules, rounded
 from reporting.seg import algorithm_name
+from reporting.segframes import SegFrames
 from reporting.uids import copy_identity, derived_uid, output_uid, source_content, source_header, tracking_uid
 from seg.labels import by_name
 from seg.records import ModelInfo, Side, StructureVolume, VolumeRecord
 from seg.volume import Volume
+
+log = logging.getLogger(__name__)
 
 SR_SERIES_NUMBER = 9902
 CM3 = hd.sr.CodedConcept("cm3", "UCUM", "cubic centimeter")
@@ -124,9 +130,15 @@ def segment_source_images(seg: Dataset) -> dict[int, list[hd.sr.SourceImageForSe
     for frame, numbers in zip(frames, _frame_segments(seg, frames), strict=True):
         for number in numbers:
             refs.setdefault(number, {}).update(dict.fromkeys(_frame_sources(frame)))
+    return _shared_source_images({n: list(uids) for n, uids in refs.items()})
+
+
+def _shared_source_images(refs: dict[int, list[tuple[str, str]]],
+                          ) -> dict[int, list[hd.sr.SourceImageForSegmentation]]:
+    """One content item per distinct (SOP Class UID, SOP Instance UID), listed per segment number."""
     items = {uids: hd.sr.SourceImageForSegmentation(*uids)
              for uids in dict.fromkeys(u for per_segment in refs.values() for u in per_segment)}
-    return {n: [items[u] for u in uids] for n, uids in refs.items()}
+    return {n: [items[u] for u in dict.fromkeys(uids)] for n, uids in refs.items()}
 
 
 def key_sections(seg: Dataset) -> dict[int, Section]:
@@ -256,6 +268,26 @@ def _referenced_segment(seg: Dataset, number: int, series_uid: str,
     return ref
 
 
+class _GroupHeader(TypedDict):
+    tracking_identifier: hd.sr.TrackingIdentifier
+    finding_type: hd.sr.CodedConcept
+    finding_sites: list[hd.sr.FindingSite]
+    algorithm_id: hd.sr.AlgorithmIdentification
+
+
+def _group_header(patient_id: str, name: str, side: str, model_info: ModelInfo) -> _GroupHeader:
+    """What every group about one structure side starts with: its tracking identifier and UID (the
+    same for the patient's muscle in every study), finding type and site (with laterality), algorithm."""
+    code = codes.structure_code(name)
+    return _GroupHeader(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
+                                                     identifier=_label(name, side)),
+        finding_type=code,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
+        algorithm_id=algorithm_id(model_info),
+    )
+
+
 def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, name: str, side: Side,
                  entry: StructureVolume, height_m: float | None, model_info: ModelInfo,
                  images: list[hd.sr.SourceImageForSegmentation] | None = None, rules: ReportingRules = RULES,
@@ -264,19 +296,14 @@ def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, na
     volume = entry.side_volume(side)
     if volume is None:
         return None
-    code = codes.structure_code(name)
     measurements = [hd.sr.Measurement(name=codes.VOLUME, value=rounded(volume, rules.volume_decimals),
                                       unit=CM3)]
     if height_m:
         measurements.append(hd.sr.Measurement(name=codes.VOLUME_INDEX, unit=CM3_PER_M2,
                                               value=rounded(volume / height_m**2, rules.index_decimals)))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
-                                                     identifier=_label(name, side)),
+        **_group_header(patient_id, name, side, model_info),
         referenced_segment=_referenced_segment(seg, number, series_uid, images or []),
-        finding_type=code,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
-        algorithm_id=algorithm_id(model_info),
         measurements=measurements,
     )
 
@@ -285,13 +312,8 @@ def section_group(patient_id: str, name: str, side: str, section: Section, model
                   rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 companion of a volume group (same tracking identifier and UID, so readers that merge
     groups by UID, as OHIF does, show one muscle): its maximal cross-sectional area and outline."""
-    code = codes.structure_code(name)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
-                                                     identifier=_label(name, side)),
-        finding_type=code,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
-        algorithm_id=algorithm_id(model_info),
+        **_group_header(patient_id, name, side, model_info),
         measurements=[max_area(section, rules)],
     )
 
@@ -304,31 +326,40 @@ def absent_group(patient_id: str, name: str, side: str, model_info: ModelInfo, c
     Same tracking UID as its volume group in other studies, so a longitudinal reader sees "absent"
     rather than a silent gap.
     """
-    code = codes.structure_code(name)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
-                                                     identifier=_label(name, side)),
-        finding_type=code,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
-        algorithm_id=algorithm_id(model_info),
+        **_group_header(patient_id, name, side, model_info),
         measurements=[coverage(ct, rules=rules)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
     )
 
 
 def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_info: ModelInfo,
-                         rules: ReportingRules = RULES) -> Dataset:
+                         rules: ReportingRules = RULES, frames: SegFrames | None = None,
+                         fast: bool = True) -> Dataset:
     """The TID 1500 SR for one measured series: ``volumes``' numbers rounded per ``rules``, one volume
     group per SEG segment (followed by its cross-section companion), one "absent" group per
-    structure side without a segment, then the QA group."""
+    structure side without a segment, then the QA group.
+
+    ``frames`` (from :func:`reporting.seg.build_seg_frames`) says what the SEG's frames hold without
+    reading them back. ``fast`` adds the image references after highdicom's constructor and encodes
+    the content once per distinct item (:mod:`reporting.sr_splice`, only on a highdicom it was checked
+    against; the same bytes); False = plain highdicom.
+    """
     src0 = source_header(ct.source_files)
     patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids)
     by_label = volumes.by_label()
     height_m = volumes.height_m or None
-    images = segment_source_images(seg)
-    sections = key_sections(seg)
+    if frames is not None:
+        images = _shared_source_images(frames.source_uids())
+        sections = frames.largest_sections(pixel_spacing(seg))
+    else:
+        images = segment_source_images(seg)
+        sections = key_sections(seg)
+    if fast and not sr_splice.splice_supported():
+        log.info("SR splice not checked against highdicom %s; plain highdicom", hd.__version__)
+        fast = False
     groups: list = []
     present: set[tuple[str, str]] = set()
     for number, name, side in segments_of(seg):
@@ -336,7 +367,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
         if entry is None:
             continue
         g = volume_group(patient_id, seg, series_uid, number, name, side, entry, height_m, model_info,
-                         images.get(number), rules)
+                         None if fast else images.get(number), rules)
         if g is not None:
             groups.append(g)
             groups.append(section_group(patient_id, name, side, sections[number], model_info, rules))
@@ -350,20 +381,27 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
         procedure_reported=codes.PROCEDURE,
         imaging_measurements=groups,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *source_evidence(seg)],
-        content=report,
-        series_instance_uid=output_uid(content, model_info, "SR/series"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=output_uid(content, model_info, "SR/instance"),
-        instance_number=1,
-        manufacturer="dicomnode",
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-    )
+    evidence = [seg, *source_evidence(seg)]
+
+    def construct(root: Dataset) -> hd.sr.Comprehensive3DSR:
+        return hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=root,
+            series_instance_uid=output_uid(content, model_info, "SR/series"),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=output_uid(content, model_info, "SR/instance"),
+            instance_number=1,
+            manufacturer="dicomnode",
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+        )
+
+    sr = sr_splice.construct(construct, report[0], evidence) if fast else construct(report[0])
     sr.SeriesDescription = ("Thigh muscle volumes SR" + (" DEMO" if model_info.demo else ""))[:64]
     copy_identity(sr, src0, ct.meta)
     codes.declare_schemes(sr)
+    if fast:
+        sr_splice.insert_source_images(sr, images)
+        sr = sr_splice.encode_content(sr)
     return sr
-

@@ -7,7 +7,6 @@ cases. The headline figure is the mean Dice over the paper's 21 analysed muscles
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,19 +14,21 @@ from pathlib import Path
 import numpy as np
 
 from seg import labels as L
-from seg.records import ModelInfo
+from seg.records import (
+    AtrophyLoss,
+    CaseClassScore,
+    CaseEvaluation,
+    ClassEvaluation,
+    Evaluation,
+    EvaluationTargets,
+    ModelInfo,
+    NamedDice,
+)
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
 
-TARGETS = {
-    "mean_dice_muscles": 0.93,
-    "min_dice_muscle": 0.85,
-    "bone_dice": 0.95,
-    "total_muscle_volume_error_pct": 2.0,
-    "median_abs_muscle_volume_error_pct": 3.0,
-    "atrophy_loss_error_pp": 5.0,
-}
+TARGETS = EvaluationTargets()
 
 
 def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> float | None:
@@ -48,7 +49,7 @@ def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, floa
     return float(d.reshape(-1)[0])
 
 
-def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True) -> dict:
+def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True) -> CaseEvaluation:
     """Per-class Dice, HD95 (mm) and relative volume error (%) of one prediction."""
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and truth {truth.shape} are not on one grid")
@@ -59,37 +60,30 @@ def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True) -> dict:
     tp = np.diag(cm)
     npred, ntrue = cm.sum(0), cm.sum(1)
     vox = truth.voxel_volume_cm3
-    out: dict = {}
+    sides = _side_volume_errors(pred, truth)
+    out: dict[str, CaseClassScore] = {}
     for lab in range(1, n):
         name = L.CLASS_NAMES[lab]
         if ntrue[lab] == 0 and npred[lab] == 0:
             continue
-        dice = 2.0 * tp[lab] / (npred[lab] + ntrue[lab])
-        rec = {
-            "dice": float(dice),
-            "volume_true_cm3": float(ntrue[lab] * vox),
-            "volume_pred_cm3": float(npred[lab] * vox),
-            "volume_error_pct": (
-                float((npred[lab] - ntrue[lab]) / ntrue[lab] * 100.0) if ntrue[lab] else None
-            ),
-            "hd95_mm": None,
-        }
-        if hd95:
-            rec["hd95_mm"] = _hd95(pred.array == lab, truth.array == lab, truth.spacing_mm)
-        out[name] = rec
-    for name, err in _side_volume_errors(pred, truth).items():
-        if name in out:
-            out[name]["side_volume_error_pct"] = err
+        out[name] = CaseClassScore(
+            dice=float(2.0 * tp[lab] / (npred[lab] + ntrue[lab])),
+            volume_true_cm3=float(ntrue[lab] * vox),
+            volume_pred_cm3=float(npred[lab] * vox),
+            volume_error_pct=float((npred[lab] - ntrue[lab]) / ntrue[lab] * 100.0) if ntrue[lab] else None,
+            hd95_mm=_hd95(pred.array == lab, truth.array == lab, truth.spacing_mm) if hd95 else None,
+            side_volume_error_pct=sides.get(name, {}),
+        )
     musc = [m for m in L.ANALYSED_MUSCLES if m in out]
-    tv = sum(out[m]["volume_true_cm3"] for m in musc)
-    pv = sum(out[m]["volume_pred_cm3"] for m in musc)
-    return {
-        "per_class": out,
-        "mean_dice_muscles": float(np.mean([out[m]["dice"] for m in musc])) if musc else None,
-        "total_muscle_volume_true_cm3": tv,
-        "total_muscle_volume_pred_cm3": pv,
-        "total_muscle_volume_error_pct": (pv - tv) / tv * 100.0 if tv else None,
-    }
+    tv = sum(out[m].volume_true_cm3 for m in musc)
+    pv = sum(out[m].volume_pred_cm3 for m in musc)
+    return CaseEvaluation(
+        per_class=out,
+        mean_dice_muscles=float(np.mean([out[m].dice for m in musc])) if musc else None,
+        total_muscle_volume_true_cm3=tv,
+        total_muscle_volume_pred_cm3=pv,
+        total_muscle_volume_error_pct=(pv - tv) / tv * 100.0 if tv else None,
+    )
 
 
 def _side_volume_errors(pred: Volume, truth: Volume) -> dict[str, dict[str, float]]:
@@ -140,54 +134,51 @@ def _mean(vals: list) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def aggregate(cases: list[dict], model_info: ModelInfo, atrophy_loss: list[dict] | None = None) -> dict:
+def aggregate(cases: list[CaseEvaluation], model_info: ModelInfo,
+              atrophy_loss: list[AtrophyLoss] | None = None) -> Evaluation:
     """Average per-class figures over cases into the evaluation.json record."""
-    per_class: dict = {}
+    per_class: dict[str, ClassEvaluation] = {}
     for name in L.CLASS_NAMES[1:]:
-        recs = [c["per_class"][name] for c in cases if name in c["per_class"]]
+        recs = [c.per_class[name] for c in cases if name in c.per_class]
         if not recs:
             continue
-        errs = [r["volume_error_pct"] for r in recs if r["volume_error_pct"] is not None]
-        sides = [abs(e) for r in recs for e in (r.get("side_volume_error_pct") or {}).values()]
-        per_class[name] = {
-            "dice": _mean([r["dice"] for r in recs]),
-            # the worst held-out error of one side of one case: what a single measurement may be off by
-            "max_abs_side_volume_error_pct": max(sides) if sides else None,
-            "hd95_mm": _mean([r["hd95_mm"] for r in recs]),
-            "volume_error_pct": _mean(errs),
-            "abs_volume_error_pct": _mean([abs(e) for e in errs]),
-            "group": L.by_name(name).group,
-            "analysed": L.by_name(name).analysed,
-        }
+        errs = [r.volume_error_pct for r in recs if r.volume_error_pct is not None]
+        sides = [abs(e) for r in recs for e in r.side_volume_error_pct.values()]
+        per_class[name] = ClassEvaluation(
+            dice=_mean([r.dice for r in recs]),
+            max_abs_side_volume_error_pct=max(sides) if sides else None,
+            hd95_mm=_mean([r.hd95_mm for r in recs]),
+            volume_error_pct=_mean(errs),
+            abs_volume_error_pct=_mean([abs(e) for e in errs]),
+            group=L.by_name(name).group,
+            analysed=L.by_name(name).analysed,
+        )
     musc = [m for m in L.ANALYSED_MUSCLES if m in per_class]
-    dices = [per_class[m]["dice"] for m in musc]
-    abs_err = [
-        per_class[m]["abs_volume_error_pct"] for m in musc if per_class[m]["abs_volume_error_pct"] is not None
-    ]
-    tot = [
-        c["total_muscle_volume_error_pct"] for c in cases if c["total_muscle_volume_error_pct"] is not None
-    ]
-    res = {
-        "model": model_info.model_dump(mode="json"),
-        "cases": len(cases),
-        "mean_dice_muscles": float(np.mean(dices)) if dices else None,
-        "min_dice_muscle": {"name": musc[int(np.argmin(dices))], "dice": float(min(dices))}
-        if dices
-        else None,
-        "femur_dice": per_class.get("femur", {}).get("dice"),
-        "iliac_bone_dice": per_class.get("iliac_bone", {}).get("dice"),
-        "total_muscle_volume_error_pct": _mean(tot),
-        "total_muscle_abs_volume_error_pct": _mean([abs(v) for v in tot]),
-        "median_abs_muscle_volume_error_pct": float(np.median(abs_err)) if abs_err else None,
-        "per_class": per_class,
-        "per_case": [{k: v for k, v in c.items() if k != "per_class"} for c in cases],
-        "atrophy_loss": atrophy_loss or [],
-        "max_atrophy_loss_error_pp": (
-            max(abs(a["error_pp"]) for a in atrophy_loss) if atrophy_loss else None
-        ),
-        "targets": TARGETS,
-    }
-    return res
+    dices = [per_class[m].dice for m in musc]
+    abs_err = [e for m in musc if (e := per_class[m].abs_volume_error_pct) is not None]
+    tot = [c.total_muscle_volume_error_pct for c in cases if c.total_muscle_volume_error_pct is not None]
+    loss = atrophy_loss or []
+
+    def dice_of(name: str) -> float | None:
+        return per_class[name].dice if name in per_class else None
+
+    return Evaluation(
+        model=model_info,
+        cases=len(cases),
+        mean_dice_muscles=float(np.mean(dices)) if dices else None,
+        min_dice_muscle=(NamedDice(name=musc[int(np.argmin(dices))], dice=float(min(dices)))
+                         if dices else None),
+        femur_dice=dice_of("femur"),
+        iliac_bone_dice=dice_of("iliac_bone"),
+        total_muscle_volume_error_pct=_mean(tot),
+        total_muscle_abs_volume_error_pct=_mean([abs(v) for v in tot]),
+        median_abs_muscle_volume_error_pct=float(np.median(abs_err)) if abs_err else None,
+        per_class=per_class,
+        per_case=tuple(c.summary() for c in cases),
+        atrophy_loss=tuple(loss),
+        max_atrophy_loss_error_pp=max(abs(a.error_pp) for a in loss) if loss else None,
+        targets=TARGETS,
+    )
 
 
 # Every third held-out phantom is written as DICOM in one of these (lossless) syntaxes and read back
@@ -223,7 +214,7 @@ def evaluate_model(
     data: Path | None = None,
     z_range_mm: tuple[float, float] | None = None,
     hd95: bool = True,
-) -> dict:
+) -> Evaluation:
     """Segment each held-out case with ``model`` and compare with its truth."""
     from seg.infer import segment
 
@@ -254,16 +245,17 @@ def evaluate_model(
             cid = (f"seed{o['seed']}_{o['position']}_{'x'.join(f'{s:g}' for s in o['spacing_mm'])}"
                    + ("_postop" if o.get("postop") else "") + (f"_{syntax}" if syntax else ""))
             items.append((cid, lambda o=o, syntax=syntax: _mk(o, syntax), o))
-    loss: list[dict] = []
+    loss: list[AtrophyLoss] = []
     for cid, load, opts in items:
         ct, truth = load()
         truth = ct.with_array(np.asarray(truth.array).astype(np.uint8))
         t = time.perf_counter()
         pred = segment(ct, model)
         dt = time.perf_counter() - t
-        rec = evaluate_case(pred, truth, hd95=hd95)
-        rec.update(case=cid, shape=list(ct.shape), spacing_mm=list(ct.spacing_mm), inference_s=round(dt, 2))
-        log.info("%s: mean muscle Dice %.4f (%.1f s)", cid, rec["mean_dice_muscles"] or 0.0, dt)
+        rec = CaseEvaluation.model_validate(
+            evaluate_case(pred, truth, hd95=hd95).model_dump()
+            | {"case": cid, "shape": ct.shape, "spacing_mm": ct.spacing_mm, "inference_s": round(dt, 2)})
+        log.info("%s: mean muscle Dice %.4f (%.1f s)", cid, rec.mean_dice_muscles or 0.0, dt)
         cases.append(rec)
         if opts is not None and opts.get("postop") and opts.get("atrophy") and opts.get("implant_side"):
             loss += _atrophy_loss(model, opts, z_range_mm, (_side_volumes(pred), _side_volumes(truth)))
@@ -282,7 +274,7 @@ Sides = dict[tuple[str, str], float]
 
 
 def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None,
-                  post: tuple[Sides, Sides]) -> list[dict]:
+                  post: tuple[Sides, Sides]) -> list[AtrophyLoss]:
     """Pre->post loss (%) of each atrophied muscle on the operated side, measured against truth.
 
     ``post``: the post-operative case's (measured, true) side volumes, from its held-out evaluation.
@@ -308,73 +300,64 @@ def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None
             continue
         true_loss = (tp[key] - tq[key]) / tp[key] * 100.0
         meas_loss = (mp[key] - mq[key]) / mp[key] * 100.0 if mp.get(key) else None
-        out.append({
-            "case": f"seed{post_opts['seed']}", "muscle": name, "side": side,
-            "truth_loss_pct": round(true_loss, 2),
-            "measured_loss_pct": None if meas_loss is None else round(meas_loss, 2),
-            "error_pp": 100.0 if meas_loss is None else round(meas_loss - true_loss, 2),
-        })
+        out.append(AtrophyLoss(
+            case=f"seed{post_opts['seed']}", muscle=name, side=side,
+            truth_loss_pct=round(true_loss, 2),
+            measured_loss_pct=None if meas_loss is None else round(meas_loss, 2),
+            error_pp=100.0 if meas_loss is None else round(meas_loss - true_loss, 2),
+        ))
         log.info("seed %s %s %s: loss %.1f %% (truth %.1f %%)", post_opts["seed"], name, side,
                  meas_loss if meas_loss is not None else float("nan"), true_loss)
     return out
 
 
-def format_table(res: dict) -> str:
+def format_table(res: Evaluation) -> str:
     """Plain-text table: one row per class, then the summary figures."""
     lines = [f"{'structure':<24}{'group':<10}{'Dice':>8}{'HD95 mm':>9}{'vol err %':>11}"]
-    for name, r in res["per_class"].items():
-        hd = "-" if r["hd95_mm"] is None else f"{r['hd95_mm']:.1f}"
-        ve = "-" if r["volume_error_pct"] is None else f"{r['volume_error_pct']:+.1f}"
-        lines.append(f"{name:<24}{r['group']:<10}{r['dice']:>8.3f}{hd:>9}{ve:>11}")
+    for name, r in res.per_class.items():
+        hd = "-" if r.hd95_mm is None else f"{r.hd95_mm:.1f}"
+        ve = "-" if r.volume_error_pct is None else f"{r.volume_error_pct:+.1f}"
+        lines.append(f"{name:<24}{r.group or '':<10}{r.dice:>8.3f}{hd:>9}{ve:>11}")
 
-    def f(v, fmt=".3f"):
+    def f(v: float | None, fmt: str = ".3f") -> str:
         return "-" if v is None else format(v, fmt)
 
-    mn = res.get("min_dice_muscle") or {}
+    mn, tg = res.min_dice_muscle, res.targets
     lines += [
-        f"cases: {res['cases']}",
-        f"mean Dice, 21 muscles: {f(res['mean_dice_muscles'])} (target >= {TARGETS['mean_dice_muscles']})",
-        f"lowest muscle Dice: {mn.get('name', '-')} {f(mn.get('dice'))} "
-        f"(target >= {TARGETS['min_dice_muscle']})",
-        f"femur Dice {f(res['femur_dice'])}, iliac bone Dice {f(res['iliac_bone_dice'])} "
-        f"(target >= {TARGETS['bone_dice']})",
-        f"total muscle volume error: {f(res['total_muscle_volume_error_pct'], '+.2f')} % mean, "
-        f"{f(res['total_muscle_abs_volume_error_pct'], '.2f')} % mean abs "
-        f"(target <= {TARGETS['total_muscle_volume_error_pct']:g} %)",
-        f"median abs per-muscle volume error: {f(res['median_abs_muscle_volume_error_pct'], '.2f')} % "
-        f"(target <= {TARGETS['median_abs_muscle_volume_error_pct']:g} %)",
+        f"cases: {res.cases}",
+        f"mean Dice, 21 muscles: {f(res.mean_dice_muscles)} (target >= {tg.mean_dice_muscles})",
+        f"lowest muscle Dice: {mn.name if mn else '-'} {f(mn.dice if mn else None)} "
+        f"(target >= {tg.min_dice_muscle})",
+        f"femur Dice {f(res.femur_dice)}, iliac bone Dice {f(res.iliac_bone_dice)} "
+        f"(target >= {tg.bone_dice})",
+        f"total muscle volume error: {f(res.total_muscle_volume_error_pct, '+.2f')} % mean, "
+        f"{f(res.total_muscle_abs_volume_error_pct, '.2f')} % mean abs "
+        f"(target <= {tg.total_muscle_volume_error_pct:g} %)",
+        f"median abs per-muscle volume error: {f(res.median_abs_muscle_volume_error_pct, '.2f')} % "
+        f"(target <= {tg.median_abs_muscle_volume_error_pct:g} %)",
     ]
-    loss = res.get("atrophy_loss") or []
-    if loss:
+    if res.atrophy_loss:
         lines.append(
-            f"atrophied muscles, pre->post loss: {len(loss)}, max error "
-            f"{f(res['max_atrophy_loss_error_pp'], '.1f')} points (target <= "
-            f"{TARGETS['atrophy_loss_error_pp']:g})"
+            f"atrophied muscles, pre->post loss: {len(res.atrophy_loss)}, max error "
+            f"{f(res.max_atrophy_loss_error_pp, '.1f')} points (target <= "
+            f"{tg.atrophy_loss_error_pp:g})"
         )
     return "\n".join(lines)
 
 
-def write_evaluation(res: dict, out_dir: Path | str) -> tuple[Path, Path]:
-    """evaluation.json (full record) and evaluation.csv (one row per class)."""
+CSV_COLUMNS = ("name", "group", "analysed", "dice", "hd95_mm", "volume_error_pct", "abs_volume_error_pct")
+
+
+def write_evaluation(res: Evaluation, out_dir: Path | str) -> tuple[Path, Path]:
+    """evaluation.json (the full record) and evaluation.csv (one row per class)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jp, cp = out / "evaluation.json", out / "evaluation.csv"
-    jp.write_text(json.dumps(res, indent=1) + "\n")
+    jp = res.save(out / "evaluation.json")
+    cp = out / "evaluation.csv"
     with open(cp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            ["name", "group", "analysed", "dice", "hd95_mm", "volume_error_pct", "abs_volume_error_pct"]
-        )
-        for name, r in res["per_class"].items():
-            w.writerow(
-                [
-                    name,
-                    r["group"],
-                    int(r["analysed"]),
-                    r["dice"],
-                    r["hd95_mm"],
-                    r["volume_error_pct"],
-                    r["abs_volume_error_pct"],
-                ]
-            )
+        w.writerow(CSV_COLUMNS)
+        for name, r in res.per_class.items():
+            w.writerow([name, r.group, int(r.analysed), r.dice, r.hd95_mm, r.volume_error_pct,
+                        r.abs_volume_error_pct])
     return jp, cp

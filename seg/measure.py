@@ -31,6 +31,29 @@ def _world_x_slice(affine: np.ndarray, shape: tuple[int, int], k: int) -> np.nda
     return affine[0, 0] * i + affine[0, 1] * j + (affine[0, 2] * k + affine[0, 3])
 
 
+def _side_counts(arr: np.ndarray, affine: np.ndarray, mid: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels per label (total, and on the patient's left: x > ``mid``), one slab at a time.
+
+    Slabs run along the array's outermost axis in memory (i for the C-ordered maps inference writes,
+    k for NIfTI's Fortran order), so each is contiguous; x is computed in :func:`_world_x_slice`'s
+    order of operations, so every voxel falls on the same side whichever axis is chosen.
+    """
+    axis = int(np.argmax(np.abs(arr.strides)))
+    a = affine[0]
+    rest = [d for d in range(3) if d != axis]
+    plane = dict(zip(rest, np.ix_(*(np.arange(arr.shape[d], dtype=np.float64) for d in rest)), strict=True))
+    total = np.zeros(n, np.int64)
+    left = np.zeros(n, np.int64)
+    for s in range(arr.shape[axis]):
+        c = {**plane, axis: float(s)}  # index grids (i, j, k) of this slab, broadcastable
+        x = a[0] * c[0] + a[1] * c[1] + (a[2] * c[2] + a[3])
+        sl = arr[(slice(None),) * axis + (s,)].astype(np.intp)  # a view (np.take would copy arr)
+        counts = np.bincount((sl * 2 + (x > mid)).ravel(), minlength=2 * n).reshape(n, 2)
+        total += counts.sum(axis=1)
+        left += counts[:, 1]
+    return total, left
+
+
 def _world(affine: np.ndarray, idx: tuple[np.ndarray, ...]) -> np.ndarray:
     ijk = np.stack([np.asarray(v, np.float64) for v in idx], axis=1)
     return ijk @ affine[:3, :3].T + affine[:3, 3]
@@ -77,11 +100,11 @@ def body_mask(ct: Volume) -> np.ndarray:
 
     m = ct.array > -500
     lab, n = ndimage.label(m)
-    if n == 0:
+    if n <= 1:
         return m
-    counts = np.bincount(lab.ravel())
-    counts[0] = 0
-    return lab == int(np.argmax(counts))
+    # each component counted inside its bounding box: cheaper than a bincount over the whole volume
+    counts = [np.count_nonzero(lab[box] == c) for c, box in enumerate(ndimage.find_objects(lab), start=1)]
+    return lab == 1 + int(np.argmax(counts))
 
 
 def _same_grid(a: Volume, b: Volume) -> bool:
@@ -113,14 +136,7 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     mid, how = midline_x(labels, ct)
 
     n = L.NUM_CLASSES
-    total = np.zeros(n, np.int64)
-    left = np.zeros(n, np.int64)
-    for k in range(arr.shape[2]):
-        sl = arr[:, :, k].astype(np.intp)
-        x = _world_x_slice(labels.affine, sl.shape, k)
-        counts = np.bincount(sl.ravel() * 2 + (x > mid).ravel(), minlength=2 * n).reshape(n, 2)
-        total += counts.sum(axis=1)
-        left += counts[:, 1]
+    total, left = _side_counts(arr, labels.affine, mid, n)
 
     h2 = float(height_m) ** 2 if height_m is not None else None
     structures = []

@@ -1,13 +1,14 @@
-"""The records that cross module boundaries: volumes, changes, model info, reasons.
+"""The records that cross module boundaries: volumes, changes, evaluations, model info, reasons.
 
 Why here, on the ground floor: ``seg`` measures, ``reporting`` encodes and compares, ``dicomnode``
 stores and pairs, the CLI prints; each reads what the one below wrote. One typed definition of each
 record means no module spells a JSON key by hand and a typo is an error, not a silent ``None``.
 
-Every record is frozen and refuses unknown keys. The two documents written to disk
-(``volumes.json`` and a change record) carry ``schema_version``; JSON written before these records
-existed has none, is version 1, and is migrated on load (:func:`VolumeRecord.from_json`,
-:func:`ChangeRecord.from_json`), so results stored by an earlier release still load.
+Every record is frozen and refuses unknown keys. The documents written to disk (``volumes.json``,
+a change record, a model's ``evaluation.json``) carry ``schema_version``; JSON written before these
+records existed has none, is version 1, and is migrated on load (:func:`VolumeRecord.from_json`,
+:func:`ChangeRecord.from_json`, :func:`Evaluation.from_json`), so results stored by an earlier
+release, and the shipped model's evaluation, still load.
 
 Reasons carry a :class:`ReasonCode` next to their human text: programs filter on the code, people
 read the text.
@@ -27,6 +28,7 @@ SCHEMA_VERSION = 2  # 1: the version-less JSON written before these records
 LEGACY_VERSION = 1
 
 Side = Literal["left", "right", "both"]
+LeftRight = Literal["left", "right"]
 SIDES: tuple[Side, ...] = ("both", "left", "right")  # the order change records list them in
 
 
@@ -36,11 +38,34 @@ class ReasonCode(StrEnum):
     The values are what the index stores (``jobs.reason_code``, pairing reasons): never rename one.
     """
 
-    # job lifecycle (dicomnode.processing.jobs)
-    HELD_INCOMPLETE = "held-incomplete"  # quiet but incomplete: held for late instances
-    INCOMPLETE = "incomplete"  # still incomplete when the hold ended
-    NOT_SELECTED = "not-selected"  # headers say it is not usable whole-thigh CT
+    # series completeness (dicomnode.storage.series): the cause a quiet series is held for, and
+    # rejected with when the hold ends (the job's state tells the two apart)
+    SLICE_GAP = "slice-gap"  # a step along the slice normal over 1.5x the median spacing
+    ACQUISITION_SHORT = "acquisition-short"  # fewer images than ImagesInAcquisition announces
+    SERIES_SHORT = "series-short"  # fewer instances than NumberOfSeriesRelatedInstances announces
+    INSTANCE_NUMBERS_MISSING = "instance-numbers-missing"  # holes in the InstanceNumber range
+    # series selection: why the headers say it is not usable whole-thigh CT
+    NO_INSTANCES = "no-instances"
+    UNREADABLE_HEADER = "unreadable-header"
+    NOT_CT = "not-ct"
+    MISSING_GEOMETRY = "missing-geometry"  # ImagePositionPatient/ImageOrientationPatient absent
+    INCONSISTENT_MATRIX = "inconsistent-matrix"
+    INCONSISTENT_ORIENTATION = "inconsistent-orientation"
+    INVALID_ORIENTATION = "invalid-orientation"
+    NOT_AXIAL = "not-axial"
+    MISSING_PIXEL_SPACING = "missing-pixel-spacing"
+    INCONSISTENT_PIXEL_SPACING = "inconsistent-pixel-spacing"
+    DUPLICATE_SLICE_POSITION = "duplicate-slice-position"
+    MISSING_SLICES = "missing-slices"  # a gap found by selection (the completeness check missed it)
+    IRREGULAR_SLICE_SPACING = "irregular-slice-spacing"
+    SHORT_Z_COVERAGE = "short-z-coverage"  # also when there are too few slices besides
+    TOO_FEW_SLICES = "too-few-slices"
     SELECTION_ERROR = "selection-error"  # the selection itself raised
+    # written by releases before the causes above had codes (still read; selection no longer writes them)
+    HELD_INCOMPLETE = "held-incomplete"
+    INCOMPLETE = "incomplete"
+    NOT_SELECTED = "not-selected"
+    # job lifecycle (dicomnode.processing.jobs)
     DUPLICATE_CONTENT = "duplicate-content"  # this exact content was processed by another job
     LATE_INSTANCE = "late-instance"  # superseded: a late instance re-opened the series
     PIPELINE_REJECTED = "pipeline-rejected"  # the pipeline refused the series
@@ -81,6 +106,16 @@ class ReasonCode(StrEnum):
 NOT_COMPARED = frozenset({ReasonCode.SINGLE_STUDY, ReasonCode.NO_LATER_STUDY, ReasonCode.NO_STUDY_DATE,
                           ReasonCode.SAME_DAY_AS_BASELINE})
 HEIGHT_CODES = frozenset({ReasonCode.HEIGHT_NOT_USED, ReasonCode.NO_HEIGHT})
+# a series not (yet) whole, whatever the cause; and one whose headers rule it out
+INCOMPLETE_CODES = frozenset({ReasonCode.SLICE_GAP, ReasonCode.ACQUISITION_SHORT, ReasonCode.SERIES_SHORT,
+                              ReasonCode.INSTANCE_NUMBERS_MISSING, ReasonCode.HELD_INCOMPLETE,
+                              ReasonCode.INCOMPLETE})
+NOT_SELECTED_CODES = frozenset({
+    ReasonCode.NO_INSTANCES, ReasonCode.UNREADABLE_HEADER, ReasonCode.NOT_CT, ReasonCode.MISSING_GEOMETRY,
+    ReasonCode.INCONSISTENT_MATRIX, ReasonCode.INCONSISTENT_ORIENTATION, ReasonCode.INVALID_ORIENTATION,
+    ReasonCode.NOT_AXIAL, ReasonCode.MISSING_PIXEL_SPACING, ReasonCode.INCONSISTENT_PIXEL_SPACING,
+    ReasonCode.DUPLICATE_SLICE_POSITION, ReasonCode.MISSING_SLICES, ReasonCode.IRREGULAR_SLICE_SPACING,
+    ReasonCode.SHORT_Z_COVERAGE, ReasonCode.TOO_FEW_SLICES, ReasonCode.NOT_SELECTED})
 
 
 class Record(BaseModel):
@@ -287,31 +322,38 @@ class StudyRef(Record):
     sr_sop_instance_uid: str | None = None
 
 
-class StructureChange(Record):
-    """One structure side: follow-up minus baseline (see :mod:`reporting.change` for each figure)."""
+class ChangeFigures(Record):
+    """Baseline, follow-up and their difference: the figures every change entry reports.
 
+    A base of :class:`StructureChange` and :class:`TotalChange`, listed last in it (pydantic lays
+    out the fields of the bases from right to left), so the JSON keeps the entry's identity first.
+    """
+
+    pre_cm3: float | None = None
+    post_cm3: float | None = None
+    delta_cm3: float | None = None
+    loss_pct: float | None = None
+    change_pct: float | None = None
+    delta_index_cm3_m2: float | None = None
+
+
+class _StructureSide(Record):
     label: int
     name: str
     group: str | None = None
     side: Side
-    pre_cm3: float | None = None
-    post_cm3: float | None = None
-    delta_cm3: float | None = None
-    loss_pct: float | None = None
-    change_pct: float | None = None
-    delta_index_cm3_m2: float | None = None
 
 
-class TotalChange(Record):
-    """The analysed muscles together (both sides)."""
-
+class _AnalysedCount(Record):
     structures: int
-    pre_cm3: float | None = None
-    post_cm3: float | None = None
-    delta_cm3: float | None = None
-    loss_pct: float | None = None
-    change_pct: float | None = None
-    delta_index_cm3_m2: float | None = None
+
+
+class StructureChange(ChangeFigures, _StructureSide):
+    """One structure side: follow-up minus baseline (see :mod:`reporting.change` for each figure)."""
+
+
+class TotalChange(ChangeFigures, _AnalysedCount):
+    """The analysed muscles together (both sides)."""
 
 
 class SideComparison(Record):
@@ -380,3 +422,96 @@ class CohortEntry(Record):
     @property
     def reason_text(self) -> str | None:
         return "; ".join(r.text for r in self.reasons) or None
+
+
+# -- held-out evaluation (seg.evaluate -> evaluation.json) --------------------------------------------
+class EvaluationTargets(Record):
+    """The accuracy a model package is held to (the paper's figures); the defaults are those targets."""
+
+    mean_dice_muscles: float = 0.93
+    min_dice_muscle: float = 0.85
+    bone_dice: float = 0.95
+    total_muscle_volume_error_pct: float = 2.0
+    median_abs_muscle_volume_error_pct: float = 3.0
+    atrophy_loss_error_pp: float = 5.0
+
+
+class CaseClassScore(Record):
+    """One structure in one case: overlap, distance and volume against the truth."""
+
+    dice: float
+    volume_true_cm3: float
+    volume_pred_cm3: float
+    volume_error_pct: float | None = None  # None: absent from the truth
+    hd95_mm: float | None = None  # None: not computed, or absent from one of the two
+    side_volume_error_pct: dict[LeftRight, float] = {}
+
+
+class CaseSummary(Record):
+    """One case's totals, as ``evaluation.json`` lists it under ``per_case``."""
+
+    mean_dice_muscles: float | None = None
+    total_muscle_volume_true_cm3: float
+    total_muscle_volume_pred_cm3: float
+    total_muscle_volume_error_pct: float | None = None
+    case: str = ""
+    shape: tuple[int, ...] | None = None
+    spacing_mm: tuple[float, ...] | None = None
+    inference_s: float | None = None
+
+
+class CaseEvaluation(CaseSummary):
+    """One case in full: its totals and every structure it holds (kept in memory, not written)."""
+
+    per_class: dict[str, CaseClassScore] = {}
+
+    def summary(self) -> CaseSummary:
+        return CaseSummary.model_validate(self.model_dump(exclude={"per_class"}))
+
+
+class ClassEvaluation(Record):
+    """One structure averaged over the held-out cases."""
+
+    dice: float
+    # the worst held-out error of one side of one case: what a single measurement may be off by
+    max_abs_side_volume_error_pct: float | None = None
+    hd95_mm: float | None = None
+    volume_error_pct: float | None = None
+    abs_volume_error_pct: float | None = None
+    group: str | None = None
+    analysed: bool = False
+
+
+class NamedDice(Record):
+    name: str
+    dice: float
+
+
+class AtrophyLoss(Record):
+    """One atrophied muscle of a post-operative case: measured against true pre->post loss."""
+
+    case: str
+    muscle: str
+    side: LeftRight
+    truth_loss_pct: float
+    measured_loss_pct: float | None = None  # None: the muscle was not found before surgery
+    error_pp: float
+
+
+class Evaluation(_Document):
+    """``evaluation.json``: a model's accuracy on held-out cases (``dicomnode evaluate``)."""
+
+    model: ModelInfo = ModelInfo()
+    cases: int = 0
+    mean_dice_muscles: float | None = None
+    min_dice_muscle: NamedDice | None = None
+    femur_dice: float | None = None
+    iliac_bone_dice: float | None = None
+    total_muscle_volume_error_pct: float | None = None
+    total_muscle_abs_volume_error_pct: float | None = None
+    median_abs_muscle_volume_error_pct: float | None = None
+    per_class: dict[str, ClassEvaluation] = {}
+    per_case: tuple[CaseSummary, ...] = ()
+    atrophy_loss: tuple[AtrophyLoss, ...] = ()
+    max_atrophy_loss_error_pp: float | None = None
+    targets: EvaluationTargets = EvaluationTargets()

@@ -65,6 +65,9 @@ class TrainConfig:
     demo: bool = False
     seed: int = 0
     device: str = "auto"
+    # "auto": bf16 autocast where the hardware runs it natively (CUDA with bf16, a CPU with AVX-512 BF16
+    # or AMX: 1.8x faster per step on this project's Xeon VM), else fp32; weights and optimiser stay fp32.
+    precision: str = "auto"
     # warm start from a model package's weights (same architecture and spacing), e.g. the shipped demo
     init_from: str | None = None
 
@@ -420,6 +423,19 @@ def _campaign(prior: list[dict], steps: int, wall_s: float, init_from: str | Non
             "total_wall_s": round(sum(float(g["wall_s"]) for g in legs), 1)}
 
 
+def training_uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the forward pass runs under bf16 autocast (``precision``: auto, fp32 or bf16)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from seg.runtime import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; export the best checkpoint as a package to ``cfg.out``."""
     from monai.losses import DiceCELoss
@@ -449,6 +465,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if cfg.targets not in ("partial_volume", "nearest"):
         raise ValueError(f"targets must be 'partial_volume' or 'nearest', not {cfg.targets!r}")
     soft = cfg.targets == "partial_volume"
+    bf16 = training_uses_bf16(cfg.precision, device)
+    log.info("training precision: %s", "bf16 autocast" if bf16 else "fp32")
     loss_fn = DiceCELoss(to_onehot_y=not soft, softmax=True, include_background=True, batch=cfg.dice_batch)
     state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None,
              "prior_legs": []}
@@ -486,7 +504,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             g["lr"] = _lr(cfg, state["step"], time.time() - t0)
         x, y = sampler.batch(cfg.batch_size)
         x, y = x.to(device), y.to(device)
-        loss = loss_fn(net(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = net(x)
+        loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

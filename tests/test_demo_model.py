@@ -50,8 +50,8 @@ def test_demo_model_segments_fresh_phantom(phantom) -> None:
     pred = segment(phantom.ct, pkg)
     assert pred.shape == phantom.ct.shape and np.allclose(pred.affine, phantom.ct.affine)
     res = evaluate_case(pred, phantom.labels, hd95=False)
-    assert res["mean_dice_muscles"] > DICE_FLOOR, res["mean_dice_muscles"]
-    assert res["per_class"]["femur"]["dice"] > FEMUR_FLOOR
+    assert res.mean_dice_muscles > DICE_FLOOR, res.mean_dice_muscles
+    assert res.per_class["femur"].dice > FEMUR_FLOOR
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,10 +21,11 @@ from orthanc import OrthancServer, free_port, requires_orthanc, wait_for
 from peers import NodeProcess
 from pynetdicom.sop_class import CTImageStorage as CT_IMAGE
 from pynetdicom.sop_class import MRImageStorage as MR_IMAGE
-from pynetdicom.sop_class import Verification
 
+from dicomnode.harness.capture import CapturingSCP
+from dicomnode.harness.scu import send_series
 from dicomnode.network.sop import is_ct, output_kind
-from seg.records import ChangeRecord, VolumeRecord
+from seg.records import ChangeRecord, Evaluation, VolumeRecord
 
 pytestmark = [pytest.mark.e2e, requires_orthanc]
 
@@ -72,50 +72,9 @@ def write_series(folder: Path, *, n: int, thickness: float = 3.0, modality: str 
     return series
 
 
-class CapturingSCP:
-    """A pynetdicom storage SCP that records which SeriesInstanceUIDs it received (the stand-in node)."""
-
-    def __init__(self, ae_title: str, port: int) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-        self.received: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-        ae = AE(ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context(Verification)
-
-        def on_store(event: Any) -> int:
-            with self._lock:
-                self.received[str(event.dataset.SeriesInstanceUID)] += 1
-            return 0x0000
-
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-def store_as(ae_title: str, port: int, called: str, folder: Path) -> None:
-    """C-STORE a folder into Orthanc under a chosen calling AE title (pynetdicom SCU)."""
-    import pydicom
-    from pynetdicom import AE
-
-    ae = AE(ae_title)
-    ae.add_requested_context(CT_IMAGE)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    assert assoc.is_established
-    try:
-        for f in sorted(folder.glob("*.dcm")):
-            status = assoc.send_c_store(pydicom.dcmread(f))
-            assert status and status.Status == 0
-    finally:
-        assoc.release()
-
-
 def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
     node_port = free_port()
-    scp = CapturingSCP("THIGHNODE", node_port)
+    scp = CapturingSCP("THIGHNODE", node_port).start()
     orthanc = OrthancServer(tmp_path / "orthanc", node_port=node_port, stable_age=1)
     try:
         orthanc.start()
@@ -133,25 +92,26 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
         }
         for name in ("a", "b", "c", "d", "e", "f"):
             orthanc.upload_folder(data / name)
-        store_as("THIGHNODE", orthanc.dicom_port, "ORTHANC", data / "g")
+        send_series(data / "g", orthanc.dicom_port, "ORTHANC", calling_aet="THIGHNODE")
 
-        wait_for(lambda: all(scp.received.get(uid) for uid in routed.values()), 60,
+        wait_for(lambda: all(scp.series_counts().get(uid) for uid in routed.values()), 60,
                  what="routed series at the stand-in node")
         # every series has had its stable event once all 7 decisions are in the log
         wait_for(lambda: len(re.findall(r"thigh-routing: series \S+ (?:not )?routed",
                                         orthanc.log_path.read_text())) >= 7, 30, what="7 routing decisions")
         time.sleep(1.5)  # let any (wrong) routing job finish before asserting absence
-        assert scp.received[routed["z-extent"]] == 21
-        assert scp.received[routed["hint"]] == 6
+        received = scp.series_counts()
+        assert received[routed["z-extent"]] == 21
+        assert received[routed["hint"]] == 6
         for name, uid in not_routed.items():
-            assert scp.received.get(uid, 0) == 0, f"{name} series was routed"
+            assert received.get(uid, 0) == 0, f"{name} series was routed"
         log = orthanc.log_path.read_text()
         assert "is not CT" in log and "BodyPartExamined CHEST" in log and "mentions TOPOGRAM" in log
         assert "sent by the node itself" in log and "z-extent 18 mm < 200 mm" in log
         assert "Routing^Test" not in log and "ROUTE1" not in log  # no PHI in the routing log
     finally:
         orthanc.stop()
-        scp.close()
+        scp.stop()
 
 
 def test_routing_jobs_that_failed_are_resubmitted_when_the_node_is_back(tmp_path: Path) -> None:
@@ -165,16 +125,16 @@ def test_routing_jobs_that_failed_are_resubmitted_when_the_node_is_back(tmp_path
         orthanc.upload_folder(data / "first")  # the node is down: the routing job fails
         wait_for(lambda: "to the node failed" in orthanc.log_path.read_text(), 30,
                  what="a failed routing job")
-        scp = CapturingSCP("THIGHNODE", node_port)
+        scp = CapturingSCP("THIGHNODE", node_port).start()
         second = write_series(data / "second", n=5, description="THIGH", seed=32)
         orthanc.upload_folder(data / "second")
-        wait_for(lambda: scp.received.get(second) == 5 and scp.received.get(first) == 5, 30,
+        wait_for(lambda: scp.series_counts().get(second) == 5 and scp.series_counts().get(first) == 5, 30,
                  what="both series at the node")
         assert "resubmitted" in orthanc.log_path.read_text()
     finally:
         orthanc.stop()
         if scp is not None:
-            scp.close()
+            scp.stop()
 
 
 def test_deploy_files_agree() -> None:
@@ -246,19 +206,21 @@ def outputs_in(orthanc: OrthancServer, study_uid: str) -> dict[str, list[str]]:
     return kinds
 
 
-def study_of(folder: Path) -> tuple[str, str]:
+def uploaded(w: Wired, name: str, **series: Any) -> tuple[str, str]:
+    """A series written under ``name`` and uploaded to Orthanc, which routes it by its rules:
+    (SeriesInstanceUID, StudyInstanceUID)."""
     import pydicom
 
+    folder = w.tmp / name
+    series_uid = write_series(folder, **series)
+    w.orthanc.upload_folder(folder)
     ds = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
-    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    return series_uid, str(ds.StudyInstanceUID)
 
 
 def test_results_reach_orthanc_after_an_outage(wired: Wired) -> None:
     w = wired
-    folder = w.tmp / "thigh"
-    series = write_series(folder, n=60, thickness=5.0, description="CT LOWER EXTREMITY", seed=21)
-    study, _ = study_of(folder)
-    w.orthanc.upload_folder(folder)
+    series, study = uploaded(w, "thigh", n=60, thickness=5.0, description="CT LOWER EXTREMITY", seed=21)
     # Orthanc routes it once stable; the node takes it; Orthanc goes down while the node works on it.
     w.node.wait_job(series, ("running",), timeout=120)
     w.orthanc.stop()
@@ -281,10 +243,8 @@ def test_non_thigh_series_routed_by_mistake_is_rejected_visibly(wired: Wired,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     w = wired
     monkeypatch.setenv("COLUMNS", "300")  # rich folds the reason column in a narrow table
-    folder = w.tmp / "short"
-    series = write_series(folder, n=6, thickness=3.0, description="CT THIGH LOCAL", seed=22)
-    study, _ = study_of(folder)
-    w.orthanc.upload_folder(folder)  # the THIGH hint routes it; the node knows better
+    # the THIGH hint routes it; the node knows better
+    series, study = uploaded(w, "short", n=6, thickness=3.0, description="CT THIGH LOCAL", seed=22)
     job = w.node.wait_job(series, ("rejected",), timeout=120)
     assert "z-coverage" in job["reason"] and "< 250 mm" in job["reason"]
     table = w.node.cli("jobs")
@@ -300,10 +260,7 @@ def test_non_thigh_series_routed_by_mistake_is_rejected_visibly(wired: Wired,
 
 def test_same_series_routed_twice_gives_one_set_of_outputs(wired: Wired) -> None:
     w = wired
-    folder = w.tmp / "twice"
-    series = write_series(folder, n=60, thickness=5.0, body_part="LEG", seed=23)
-    study, _ = study_of(folder)
-    w.orthanc.upload_folder(folder)
+    series, study = uploaded(w, "twice", n=60, thickness=5.0, body_part="LEG", seed=23)
     w.node.wait_job(series, ("done",), timeout=120)
     before = sorted(i["ID"] for i in w.orthanc.instances_of_study(study))
     series_id = w.orthanc.lookup(series, "Series")
@@ -410,30 +367,36 @@ def _find(tree: Any, key: str) -> float | None:
     return None
 
 
-def model_facts(model_path: Path | None = None) -> list[dict]:
-    """What a model package says about itself: its held-out evaluation.json first, then model.json."""
+def held_out(model_path: Path | None = None) -> Evaluation | None:
+    """The model package's held-out evaluation (``dicomnode evaluate``'s evaluation.json), if it ships one."""
     from seg.model import DEMO_DIR
 
-    folder = model_path or DEMO_DIR
-    files = [folder / "evaluation.json", folder / "model.json"]
-    return [json.loads(f.read_text()) for f in files if f.is_file()]
+    path = (model_path or DEMO_DIR) / "evaluation.json"
+    return Evaluation.load(path) if path.is_file() else None
+
+
+def model_json(model_path: Path | None = None) -> dict:
+    """The package's model.json: free-form provenance (training validation, a stated tolerance)."""
+    from seg.model import DEMO_DIR
+
+    path = (model_path or DEMO_DIR) / "model.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def tolerances_pct(model_path: Path | None = None) -> tuple[float, float]:
     """(total, per-muscle) relative volume tolerance, from the model package's own held-out evaluation.
 
     "Within the model's tolerance": a package that states its measured volume errors
-    (``volume_tolerance_pct``, or ``total_muscle_abs_volume_error_pct`` and
-    ``median_abs_muscle_volume_error_pct`` from ``dicomnode evaluate``, in its evaluation.json or
-    model.json) is held to twice those (at
+    (``volume_tolerance_pct`` in its model.json, or the total and median per-muscle absolute errors
+    of its evaluation.json from ``dicomnode evaluate``) is held to twice those (at
     least 5 % / 10 %); a package that states nothing is held to 20 %.
     """
-    meta = model_facts(model_path)
-    stated = _find(meta, "volume_tolerance_pct")
+    stated = _find(model_json(model_path), "volume_tolerance_pct")
     if stated is not None:
         return stated, stated
-    total = _find(meta, "total_muscle_abs_volume_error_pct")
-    median = _find(meta, "median_abs_muscle_volume_error_pct")
+    ev = held_out(model_path)
+    total = ev.total_muscle_abs_volume_error_pct if ev else None
+    median = ev.median_abs_muscle_volume_error_pct if ev else None
     return (max(2 * total, 5.0) if total is not None else DEFAULT_TOLERANCE_PCT,
             max(2 * median, 10.0) if median is not None else DEFAULT_TOLERANCE_PCT)
 
@@ -575,12 +538,12 @@ def side_tolerances_pct(model_path: Path | None = None) -> dict[str, float] | No
     """Per analysed muscle, the relative volume error one side may have, from the held-out evaluation."""
     from seg.labels import ANALYSED_MUSCLES
 
-    per_class = next((f["per_class"] for f in model_facts(model_path) if "per_class" in f), None)
-    if per_class is None or any(per_class.get(m, {}).get("max_abs_side_volume_error_pct") is None
-                                for m in ANALYSED_MUSCLES):
+    ev = held_out(model_path)
+    worst = {m: ev.per_class[m].max_abs_side_volume_error_pct if ev and m in ev.per_class else None
+             for m in ANALYSED_MUSCLES}
+    if any(w is None for w in worst.values()):
         return None
-    return {m: max(SIDE_MARGIN * float(per_class[m]["max_abs_side_volume_error_pct"]), SIDE_FLOOR_PCT)
-            for m in ANALYSED_MUSCLES}
+    return {m: max(SIDE_MARGIN * float(w or 0.0), SIDE_FLOOR_PCT) for m, w in worst.items()}
 
 
 def sr_side_errors(sr_values: dict[str, float], truth: VolumeRecord,
@@ -605,7 +568,8 @@ def study_volume_problems(r: PatientRun, name: str) -> list[str]:
     """One study's 21 muscles per side (from the SR in Orthanc) and its muscle total against truth."""
     from reporting.sr import SR_SERIES_NUMBER
 
-    dice = _find(model_facts(), "mean_dice_muscles")
+    ev = held_out()  # its held-out Dice, else its training validation's
+    dice = ev.mean_dice_muscles if ev else _find(model_json(), "mean_dice_muscles")
     if dice is not None and dice < MIN_VALIDATION_DICE:
         pytest.skip(f"the shipped model's own validation mean muscle Dice is {dice:.2f} "
                     f"(< {MIN_VALIDATION_DICE}): volume accuracy is not asserted for it")
@@ -662,14 +626,12 @@ def test_bones_match_truth_within_their_held_out_error(
     whatever the model's muscles.
     The pre-operative study only: the follow-up's implant is metal the phantom's truth does not count
     as bone, and the follow-up's volumes are the strict xfail above (issue 11)."""
-    per_class = next((f["per_class"] for f in model_facts() if "per_class" in f), None)
-    if per_class is None:
+    ev = held_out()
+    if ev is None or not ev.per_class:
         pytest.skip("the model package has no held-out evaluation.json with per-class figures")
-    reliable = {name: max(2 * float(c["abs_volume_error_pct"]),
-                          float(c.get("max_abs_side_volume_error_pct") or 0.0), 10.0)
-                for name, c in per_class.items()
-                if name in BONES and float(c.get("dice") or 0) >= RELIABLE_DICE
-                and c.get("abs_volume_error_pct") is not None}
+    reliable = {name: max(2 * c.abs_volume_error_pct, c.max_abs_side_volume_error_pct or 0.0, 10.0)
+                for name, c in ev.per_class.items()
+                if name in BONES and c.dice >= RELIABLE_DICE and c.abs_volume_error_pct is not None}
     if not reliable:
         pytest.skip(f"no structure reaches held-out Dice {RELIABLE_DICE}")
     r = patient_run

@@ -11,7 +11,15 @@ import pytest
 
 from seg import labels as L
 from seg.evaluate import aggregate, evaluate_case, format_table, write_evaluation
-from seg.records import ChangeRecord, ModelInfo, StructureChange, StructureVolume, VolumeRecord
+from seg.records import (
+    SCHEMA_VERSION,
+    ChangeRecord,
+    Evaluation,
+    ModelInfo,
+    StructureChange,
+    StructureVolume,
+    VolumeRecord,
+)
 from seg.volume import Volume
 
 SP = (2.0, 2.0, 3.0)
@@ -38,19 +46,19 @@ def _pair() -> tuple[Volume, Volume]:
 def test_known_overlap_gives_exact_dice_and_volume_error() -> None:
     pred, truth = _pair()
     r = evaluate_case(pred, truth)
-    pc = r["per_class"]
-    assert pc["sartorius"]["dice"] == pytest.approx(2 * 800 / 2000, abs=1e-12)
-    assert pc["sartorius"]["volume_error_pct"] == pytest.approx(0.0)
-    assert pc["femur"]["dice"] == pytest.approx(2 * 500 / 1500, abs=1e-12)
-    assert pc["femur"]["volume_error_pct"] == pytest.approx(-50.0)
-    assert pc["gracilis"]["dice"] == 0.0 and pc["gracilis"]["hd95_mm"] is None
-    assert pc["gracilis"]["volume_error_pct"] == pytest.approx(-100.0)
+    pc = r.per_class
+    assert pc["sartorius"].dice == pytest.approx(2 * 800 / 2000, abs=1e-12)
+    assert pc["sartorius"].volume_error_pct == pytest.approx(0.0)
+    assert pc["femur"].dice == pytest.approx(2 * 500 / 1500, abs=1e-12)
+    assert pc["femur"].volume_error_pct == pytest.approx(-50.0)
+    assert pc["gracilis"].dice == 0.0 and pc["gracilis"].hd95_mm is None
+    assert pc["gracilis"].volume_error_pct == pytest.approx(-100.0)
     # 4 mm shift along x: the 95th-percentile surface distance is the shift
-    assert pc["sartorius"]["hd95_mm"] == pytest.approx(4.0, abs=0.01)
-    assert pc["femur"]["volume_true_cm3"] == pytest.approx(1000 * 0.012)
+    assert pc["sartorius"].hd95_mm == pytest.approx(4.0, abs=0.01)
+    assert pc["femur"].volume_true_cm3 == pytest.approx(1000 * 0.012)
     # mean over the analysed muscles present (sartorius, gracilis)
-    assert r["mean_dice_muscles"] == pytest.approx((0.8 + 0.0) / 2)
-    assert r["total_muscle_volume_error_pct"] == pytest.approx((1000 - 1080) / 1080 * 100)
+    assert r.mean_dice_muscles == pytest.approx((0.8 + 0.0) / 2)
+    assert r.total_muscle_volume_error_pct == pytest.approx((1000 - 1080) / 1080 * 100)
 
 
 def test_aggregate_and_files(tmp_path: Path) -> None:
@@ -58,19 +66,44 @@ def test_aggregate_and_files(tmp_path: Path) -> None:
     c1 = evaluate_case(pred, truth)
     c2 = evaluate_case(truth, truth)
     res = aggregate([c1, c2], ModelInfo(name="m", version="1", demo=True))
-    assert res["cases"] == 2
-    assert res["per_class"]["sartorius"]["dice"] == pytest.approx(0.9)
-    assert res["mean_dice_muscles"] == pytest.approx((0.9 + 0.5) / 2)
-    assert res["min_dice_muscle"] == {"name": "gracilis", "dice": pytest.approx(0.5)}
-    assert res["femur_dice"] == pytest.approx((2 / 3 + 1) / 2)
+    assert res.cases == 2
+    assert res.per_class["sartorius"].dice == pytest.approx(0.9)
+    assert res.mean_dice_muscles == pytest.approx((0.9 + 0.5) / 2)
+    assert (res.min_dice_muscle.name, res.min_dice_muscle.dice) == ("gracilis", pytest.approx(0.5))
+    assert res.femur_dice == pytest.approx((2 / 3 + 1) / 2)
     jp, cp = write_evaluation(res, tmp_path)
     data = json.loads(jp.read_text())
-    for key in ("model", "cases", "mean_dice_muscles", "per_class"):
-        assert key in data
+    assert data["schema_version"] == SCHEMA_VERSION and data["model"]["name"] == "m"
     assert set(data["per_class"]["femur"]) >= {"dice", "hd95_mm", "volume_error_pct"}
+    assert "per_class" not in data["per_case"][0]  # per case: its totals only
+    assert Evaluation.load(jp) == res
     rows = list(csv.DictReader(cp.open()))
     assert {r["name"] for r in rows} == {"sartorius", "femur", "gracilis"}
     assert "mean Dice, 21 muscles: 0.700" in format_table(res)
+
+
+def test_the_shipped_evaluation_loads_and_saves_the_same_json(tmp_path: Path) -> None:
+    """The version-less evaluation.json of the demo package reads as a record and writes back the same
+    keys and values (plus ``schema_version``)."""
+    from seg.model import DEMO_DIR
+
+    shipped = json.loads((DEMO_DIR / "evaluation.json").read_text())
+    ev = Evaluation.load(DEMO_DIR / "evaluation.json")
+    assert "schema_version" not in shipped
+    assert ev.per_class["femur"].dice == shipped["per_class"]["femur"]["dice"]
+    written = json.loads(ev.save(tmp_path / "evaluation.json").read_text())
+    assert written.pop("schema_version") == SCHEMA_VERSION
+    assert written == shipped
+    assert list(written) == list(shipped)
+
+
+def test_an_evaluation_with_a_misspelt_key_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="mean_dice_muscle"):
+        Evaluation.from_json({"cases": 1, "mean_dice_muscle": 0.9})
+    with pytest.raises(ValidationError, match="dice"):
+        Evaluation.from_json({"per_class": {"femur": {"dic": 0.9}}})
 
 
 def test_dice_by_side_splits_at_the_midline() -> None:

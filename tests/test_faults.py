@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from peers import requires_dcmtk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import faults  # noqa: E402
+from benchmarks import faults
 
 pytestmark = [requires_dcmtk, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")]
 

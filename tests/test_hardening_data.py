@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import pytest
 from peers import REPO, NodeProcess, StoreSCP, requires_dcmtk, wait_for
 from pydicom.uid import RLELossless
@@ -28,73 +27,24 @@ from series_factory import CT_IMAGE, write_ct_series
 
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
+from dicomnode.harness.ingest import store_files
+from dicomnode.harness.scu import send_verbatim
+from dicomnode.harness.series import dataset_bytes, rewrite
 from dicomnode.logs import KeyValueFormatter
 from dicomnode.processing.queue import SQLiteJobQueue
 from dicomnode.processing.worker import Worker
 from dicomnode.storage.series import StabilityWatcher
-from dicomnode.storage.store import Store, encode_file_meta, info_from_dataset
+from dicomnode.storage.store import Store
 
 HOLD_S = 30.0  # the shared node's incomplete_hold_seconds: long enough to send the rest
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def send_raw(port: int, files: list[Path], aet: str = "PYSCU") -> list[tuple[int | None, str]]:
-    """C-STORE each file's bytes exactly as they are (no decode, no re-encode): (status, comment)."""
-    from pynetdicom import AE, _config
-
-    chunked = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        ae = AE(ae_title=aet)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
-        pairs = set()
-        for f in files:
-            meta = pydicom.dcmread(f, stop_before_pixels=True).file_meta
-            pairs.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-        for sop_class, ts in sorted(pairs):
-            ae.add_requested_context(sop_class, ts)
-        assoc = ae.associate("127.0.0.1", port, ae_title="THIGHNODE")
-        assert assoc.is_established
-        out: list[tuple[int | None, str]] = []
-        try:
-            for f in files:
-                status = assoc.send_c_store(f)
-                if status and "Status" in status:
-                    out.append((int(status.Status), str(status.get("ErrorComment", "") or "")))
-                else:
-                    out.append((None, ""))
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        return out
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes after a Part 10 file's meta group (what goes over the wire)."""
-    raw = path.read_bytes()
-    return raw[132 + 12 + int.from_bytes(raw[140:144], "little"):]
-
-
 def pixel_length_at(raw: bytes) -> int:
     """Offset of the 4-byte length of the (explicit VR little endian, OW) Pixel Data element."""
     at = raw.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
     assert at > 0
     return at + 8
-
-
-def rewrite(src: Path, dst: Path, **attrs: Any) -> Path:
-    """A copy of ``src`` with attributes changed (``file_meta__X`` for file meta ones)."""
-    ds = pydicom.dcmread(src)
-    for key, value in attrs.items():
-        if key.startswith("file_meta__"):
-            setattr(ds.file_meta, key.removeprefix("file_meta__"), value)
-        else:
-            setattr(ds, key, value)
-    # enforce_file_format would copy SOPClassUID over a deliberately different MediaStorageSOPClassUID
-    ds.save_as(dst, enforce_file_format=not any(k.startswith("file_meta__") for k in attrs))
-    return dst
 
 
 def capture_info_log() -> tuple[io.StringIO, logging.Handler]:
@@ -156,7 +106,7 @@ def test_corrupt_and_mismatched_instances_refused(peers: tuple[NodeProcess, Stor
     files["good"] = made["good"].files[0]
 
     order = ["short", "huge", "cut", "rle", "mr", "modality", "good"]
-    got = dict(zip(order, send_raw(node.port, [files[k] for k in order]), strict=True))
+    got = dict(zip(order, send_verbatim(node.port, [files[k] for k in order]), strict=True))
     expected = {"short": (0xC000, "pixel-length"), "huge": (0xC000, "pixel-truncated"),
                 "cut": (0xC000, "pixel-truncated"), "rle": (0xC000, "encapsulation"),
                 "mr": (0xA900, "sop-class-mismatch"), "modality": (0xA900, "modality-mismatch"),
@@ -196,14 +146,14 @@ def _collisions(node: NodeProcess, tmp_path: Path) -> None:
     changed = rewrite(a.files[3], tmp_path / "a3.dcm",  # same UID, same series, other pixels
                       PixelData=np.full((16, 16), 7, dtype=np.int16).tobytes())
 
-    assert send_raw(node.port, a.files) == [(0, "")] * 4
-    got_b = send_raw(node.port, b_files)
+    assert send_verbatim(node.port, a.files) == [(0, "")] * 4
+    got_b = send_verbatim(node.port, b_files)
     assert [s for s, _ in got_b] == [0, 0, 0xC000, 0]
     assert got_b[2][1].startswith("uid-collision: ") and "another series" in got_b[2][1]
-    got_changed = send_raw(node.port, [changed])
+    got_changed = send_verbatim(node.port, [changed])
     assert got_changed[0][0] == 0xC000 and got_changed[0][1].startswith("uid-collision: ")
     assert "same series" in got_changed[0][1]
-    assert send_raw(node.port, a.files) == [(0, "")] * 4  # identical re-send: accepted, nothing redone
+    assert send_verbatim(node.port, a.files) == [(0, "")] * 4  # identical re-send: accepted, nothing redone
 
     def where(uid: str) -> tuple[str, str]:
         row = node.sql("SELECT series_uid, path FROM instances WHERE sop_uid=?", (uid,))[0]
@@ -239,14 +189,6 @@ def local(tmp_path: Path) -> Iterator[tuple[Settings, Database, Store]]:
     db.close()
 
 
-def receive(store: Store, files: list[Path]) -> None:
-    """What the SCP does per instance: split the Part 10 file, then the store's check/write/index."""
-    for f in files:
-        ds = pydicom.dcmread(f)
-        info = info_from_dataset(ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), "TEST")
-        store.add(info, encode_file_meta(info), dataset_bytes(f))
-
-
 def job(db: Database) -> tuple[str, str | None]:
     row = db.one("SELECT state, reason FROM jobs ORDER BY id DESC LIMIT 1")
     return row["state"], row["reason"]
@@ -256,11 +198,11 @@ def test_series_with_gap_is_held_then_ready_when_completed(local: tuple, tmp_pat
     settings, db, store = local
     watcher = StabilityWatcher(settings, db)
     s = write_ct_series(tmp_path / "gap", name="gap", n=12, size=8)
-    receive(store, s.files[:5] + s.files[6:])  # slice 5 missing: a 6 mm gap in 3 mm spacing
+    store_files(store, s.files[:5] + s.files[6:])  # slice 5 missing: a 6 mm gap in 3 mm spacing
     assert watcher.check_once() == []
     assert job(db) == ("receiving", "held: incomplete: gap of 6 mm after -18 mm (slice spacing 3 mm)")
     assert watcher.check_once() == []  # still held: not re-read on every tick
-    receive(store, [s.files[5]])  # the missing slice arrives within the hold
+    store_files(store, [s.files[5]])  # the missing slice arrives within the hold
     assert watcher.check_once() == [1]
     assert job(db) == ("queued", None)
 
@@ -269,7 +211,7 @@ def test_series_with_gap_rejected_incomplete_after_hold(local: tuple, tmp_path: 
     settings, db, store = local
     watcher = StabilityWatcher(settings, db)
     s = write_ct_series(tmp_path / "gap", name="gap-never", n=12, size=8)
-    receive(store, s.files[:5] + s.files[6:])
+    store_files(store, s.files[:5] + s.files[6:])
     assert watcher.check_once() == [] and job(db)[0] == "receiving"
     time.sleep(0.6)
     assert watcher.check_once() == [1]
@@ -282,13 +224,13 @@ def test_expected_count_from_images_in_acquisition(local: tuple, tmp_path: Path)
     watcher = StabilityWatcher(settings, db)
     s = write_ct_series(tmp_path / "cut", name="cut-short", n=12, size=8)
     files = [rewrite(f, f, ImagesInAcquisition=12, AcquisitionNumber=1) for f in s.files]
-    receive(store, files[:8])
+    store_files(store, files[:8])
     watcher.check_once()
     time.sleep(0.6)
     watcher.check_once()
     assert job(db) == ("rejected",
                        "incomplete: 8 of 12 images of acquisition 1 received (ImagesInAcquisition)")
-    receive(store, files[8:])  # the rest comes after all: a new job, complete, queued
+    store_files(store, files[8:])  # the rest comes after all: a new job, complete, queued
     watcher.check_once()
     assert job(db) == ("queued", None)
 
@@ -299,13 +241,13 @@ def test_interrupted_transfer_is_held_and_measured_only_when_whole(
     node, _ = peers
     s = write_ct_series(tmp_path / "part", name="interrupted", n=12, size=16)
     files = [rewrite(f, f, ImagesInAcquisition=12) for f in s.files]
-    assert send_raw(node.port, files[:8]) == [(0, "")] * 8
+    assert send_verbatim(node.port, files[:8]) == [(0, "")] * 8
     held = wait_for(lambda: [j for j in node.jobs(s.series_uid) if (j["reason"] or "").startswith("held:")],
                     15, what="the series to be held")
     assert held[0]["state"] == "receiving"
     assert "incomplete: 8 of 12 images" in held[0]["reason"]
     assert not [r for r in node.pipeline_runs() if s.series_uid in r]  # nothing measured
-    assert send_raw(node.port, files[8:]) == [(0, "")] * 4
+    assert send_verbatim(node.port, files[8:]) == [(0, "")] * 4
     done = node.wait_job(s.series_uid, ("done", "failed", "rejected"), timeout=30)
     assert done["state"] == "done" and done["n_instances"] == 12
     assert [r.split()[2] for r in node.pipeline_runs() if s.series_uid in r] == ["12"]  # measured once, whole
@@ -364,7 +306,7 @@ def test_superseded_results_are_logged_without_phi(local: tuple, tmp_path: Path)
     worker = Worker(settings, store, SQLiteJobQueue(db), node_pipeline.run)
     s = write_ct_series(tmp_path / "s", name="supersede", n=12, size=8, patient_id="SECRET-77",
                         patient_name="Secret^Person")
-    receive(store, s.files[:10])  # measured complete as far as anyone could tell (no gap, no count)
+    store_files(store, s.files[:10])  # measured complete as far as anyone could tell (no gap, no count)
     assert watcher.check_once() == [1] and worker.run_once() == 1
     first_uid = Path(db.one("SELECT path FROM outbox WHERE job_id=1")["path"]).stem
     stream, handler = capture_info_log()
@@ -373,7 +315,7 @@ def test_superseded_results_are_logged_without_phi(local: tuple, tmp_path: Path)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
-        receive(store, s.files[10:])  # the rest arrives: new content, new job
+        store_files(store, s.files[10:])  # the rest arrives: new content, new job
         assert watcher.check_once() == [2]
     finally:
         root.removeHandler(handler)
@@ -394,7 +336,7 @@ def test_files_and_folders_private_under_the_node(peers: tuple[NodeProcess, Stor
                                                   tmp_path: Path) -> None:
     node, _ = peers  # started under umask 0022
     s = write_ct_series(tmp_path / "m", name="modes", n=8, size=16)
-    assert send_raw(node.port, s.files) == [(0, "")] * 8
+    assert send_verbatim(node.port, s.files) == [(0, "")] * 8
     assert node.wait_job(s.series_uid, ("done", "failed", "rejected"))["state"] == "done"
     root = node.storage_dir
     series_dir = root / "incoming" / s.study_uid / s.series_uid
@@ -409,13 +351,15 @@ def test_files_and_folders_private_under_the_node(peers: tuple[NodeProcess, Stor
     assert [p for p in everything if _mode(p) & 0o020] == []  # nor writable by the group
 
 
-def test_store_modes_ignore_umask_and_rename_is_followed_by_folder_fsync(
+def test_store_modes_ignore_umask_and_rename_is_followed_by_a_flush(
         local: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rename, then what makes it durable: one syncfs of the file's filesystem (Linux >= 5.8) or
+    its folder's fsync (tests/test_store_durability.py has the order in both modes)."""
     import dicomnode.storage.store as store_module
 
     _, _, store = local
     calls: list[tuple[str, Path]] = []
-    real_replace, real_fsync_dir = os.replace, store_module._fsync_dir
+    real_replace, real_fsync_dir, real_syncfs = os.replace, store_module._fsync_dir, store_module._syncfs
 
     def replace(src: Any, dst: Any) -> None:
         real_replace(src, dst)
@@ -425,18 +369,24 @@ def test_store_modes_ignore_umask_and_rename_is_followed_by_folder_fsync(
         real_fsync_dir(path)
         calls.append(("fsync-dir", Path(path)))
 
+    def syncfs(fd: int) -> None:
+        real_syncfs(fd)
+        calls.append(("syncfs", Path(os.readlink(f"/proc/self/fd/{fd}")).parent))
+
     monkeypatch.setattr(store_module.os, "replace", replace)
     monkeypatch.setattr(store_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(store_module, "_syncfs", syncfs)
     s = write_ct_series(tmp_path / "f", name="fsync", n=3, size=8)
     old = os.umask(0)  # even a careless umask leaves nothing open
     try:
-        receive(store, s.files)
+        store_files(store, s.files)
     finally:
         os.umask(old)
     renames = [i for i, c in enumerate(calls) if c[0] == "rename"]
     assert len(renames) == 3
     for i in renames:
-        assert calls[i + 1] == ("fsync-dir", calls[i][1])  # every rename, then its folder
+        flush = "syncfs" if store.one_flush else "fsync-dir"
+        assert calls[i + 1] == (flush, calls[i][1])  # every rename, then a flush covering it
     folder = store.incoming / s.study_uid / s.series_uid
     assert {_mode(p) for p in folder.glob("*.dcm")} == {0o640}
     assert _mode(folder) == _mode(folder.parent) == 0o750
@@ -459,7 +409,7 @@ def test_locked_index_answers_a700_quickly(peers: tuple[NodeProcess, StoreSCP], 
     holder.execute("BEGIN IMMEDIATE")  # another process (a backup, an operator's tool) holds the write lock
     try:
         t0 = time.monotonic()
-        got = send_raw(node.port, s.files[:1])
+        got = send_verbatim(node.port, s.files[:1])
         elapsed = time.monotonic() - t0
     finally:
         holder.execute("ROLLBACK")
@@ -468,4 +418,4 @@ def test_locked_index_answers_a700_quickly(peers: tuple[NodeProcess, StoreSCP], 
     assert elapsed < 6.0, elapsed
     assert not list(node.storage_dir.rglob(f"{s.sop_uids[0]}.dcm"))  # nothing kept unacknowledged
     assert not list(node.storage_dir.rglob("*.tmp"))
-    assert send_raw(node.port, s.files) == [(0, ""), (0, "")]  # lock gone: the sender's retry succeeds
+    assert send_verbatim(node.port, s.files) == [(0, ""), (0, "")]  # lock gone: the sender's retry succeeds

@@ -22,11 +22,25 @@ def _hits(pattern: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["free_port", "port_open", "wait_for", "write_toml", "parse_spacing",
-                                  "send_series", "nodelay"])
+                                  "send_series", "nodelay", "pynetdicom_send", "send_verbatim", "storescu",
+                                  "echoscu", "rewrite", "dataset_bytes", "store_files"])
 def test_each_helper_is_defined_once(name: str) -> None:
-    """free_port, the waits, the TOML writer, the spacing parser... live in the harness only."""
+    """free_port, the waits, the TOML writer, the spacing parser, the senders... live in the harness only."""
     hits = _hits(rf"^\s*def _?{name}\(")
     assert len(hits) == 1 and hits[0].startswith("dicomnode/harness/"), hits
+
+
+@pytest.mark.parametrize("name", ["OrthancServer", "StoreSCP", "CapturingSCP"])
+def test_each_stand_in_peer_is_defined_once(name: str) -> None:
+    """The PACS and node stand-ins (Orthanc, dcmtk storescp, a capturing pynetdicom SCP): one class each."""
+    hits = _hits(rf"^class {name}\b")
+    assert len(hits) == 1 and hits[0].startswith("dicomnode/harness/"), hits
+
+
+def test_one_pynetdicom_stand_in_server() -> None:
+    """Outside the node itself, only the harness's capturing SCP starts a pynetdicom server."""
+    servers = [h for h in _hits(r"\.start_server\(") if not h.startswith("dicomnode/network/")]
+    assert [h.split(":")[0] for h in servers] == ["dicomnode/harness/capture.py"], servers
 
 
 def test_no_second_spacing_parser() -> None:
@@ -38,8 +52,9 @@ def test_no_second_spacing_parser() -> None:
 def test_benchmarks_import_the_harness_without_sys_path() -> None:
     bench = sorted((REPO / "benchmarks").glob("*.py"))
     assert bench
-    assert [p.name for p in bench if re.search(r"sys\.path\.(insert|append)", p.read_text())] == []
-    assert [p.name for p in bench if re.search(r"^\s*from (peers|orthanc|series_factory) import",
+    code = bench + sorted((REPO / "tests").glob("*.py"))
+    assert [p.name for p in code if re.search(r"sys\.path\.(insert|append)", p.read_text())] == []
+    assert [p.name for p in bench if re.search(r"^\s*from (peers|orthanc|series_factory|test_\w+) import",
                                                  p.read_text(), re.MULTILINE)] == []
 
 

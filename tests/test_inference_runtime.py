@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import inference as bench
 from seg import runtime
 from seg.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import inference as bench  # noqa: E402
 
 
 def test_choose_torch_when_asked_or_not_on_cpu() -> None:

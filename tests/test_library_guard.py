@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import queue
+import re
 import socket
 import struct
 import threading
@@ -125,6 +126,46 @@ def test_tuning_internals_queues_and_dimse(assoc: Association) -> None:
         assert hasattr(rsp, name), name
 
 
+def test_tuning_internals_p_data_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """split_p_data stands in for pynetdicom's P-DATA-TF decoding: the FSM only asks a P-DATA-TF PDU for
+    ``to_primitive()`` (DT-2, AR-6), and the values it gives are pynetdicom's, as views; a malformed
+    item list is left to pynetdicom (which aborts), and so is every PDU while raw PDU events are bound."""
+    import pynetdicom.fsm as fsm
+    from pynetdicom.pdu import P_DATA_TF
+
+    assert pynetdicom.dul._PDU_TYPES[b"\x04"] == (P_DATA_TF, "Evt10")
+    table = fsm.TRANSITION_TABLE
+    assert table[("Evt10", "Sta6")] == "DT-2" and table[("Evt10", "Sta7")] == "AR-6"
+    for action in (fsm.DT_2, fsm.AR_6):
+        body = source(action)
+        assert re.findall(r"(?<!\w)pdu\.\w+", body) == ["pdu.to_primitive"], action.__name__
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.append((1, b"\x03" + b"c" * 10))
+    primitive.presentation_data_value_list.append((3, b"\x02" + bytes(range(256)) * 3))
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    encoded = pdu.encode()
+    logged = Association(AE(), mode="acceptor")  # pynetdicom's PDU log handlers bound ("standard")
+    assert logged.get_handlers(evt.EVT_PDU_RECV) and tuning.split_p_data(logged, memoryview(encoded)) is None
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as tune_pynetdicom sets it, log off
+    assoc = Association(AE(), mode="acceptor")
+    theirs = P_DATA_TF()
+    theirs.decode(encoded)
+    split = tuning.split_p_data(assoc, memoryview(bytearray(encoded)))
+    assert split is not None
+    ours = split.to_primitive()
+    assert isinstance(ours, P_DATA)
+    assert [(c, bytes(v)) for c, v in ours.presentation_data_value_list] == list(
+        theirs.to_primitive().presentation_data_value_list)
+    header = encoded[:6]
+    for bad in (b"\0\0\0\0\1", b"\0\0\0\x09\1abc", b"\0\0\0\x02\1a" + b"\0\0"):
+        assert tuning.split_p_data(assoc, memoryview(header[:2] + struct.pack(">L", len(bad)) + bad)) is None
+        with pytest.raises(Exception):  # noqa: B017 - pynetdicom refuses these too (A-ABORT in the node)
+            P_DATA_TF().decode(header[:2] + struct.pack(">L", len(bad)) + bad)
+    assoc.bind(evt.EVT_DATA_RECV, lambda event: None)
+    assert tuning.split_p_data(assoc, memoryview(encoded)) is None
+
+
 def test_tuning_switch_is_a_strict_boolean(tmp_path: Path) -> None:
     assert Settings().pynetdicom_tuning is True
     assert Settings(pynetdicom_tuning="false").pynetdicom_tuning is False  # DICOMNODE_PYNETDICOM_TUNING
@@ -169,6 +210,9 @@ def test_node_receives_with_tuning_on_and_off(tuned: bool, tmp_path: Path,
     real_encode = tuning.encode_c_store_success
     monkeypatch.setattr(tuning, "encode_c_store_success",
                         lambda *a: encoded.append(a[1]) or real_encode(*a))
+    split: list[int] = []
+    real_split = tuning.split_p_data
+    monkeypatch.setattr(tuning, "split_p_data", lambda *a: split.append(1) or real_split(*a))
     settings = Settings(storage_dir=tmp_path / "var", host="127.0.0.1", port=free_port(),
                         min_free_disk_mb=0, max_disk_used_pct=100, pynetdicom_tuning=tuned)
     db = Database(settings.db_path)
@@ -184,6 +228,7 @@ def test_node_receives_with_tuning_on_and_off(tuned: bool, tmp_path: Path,
         assert isinstance(pynetdicom.dul.time, tuning._WakingTime) is tuned
         assert isinstance(pynetdicom.association.time, tuning._WakingTime) is tuned
         assert encoded == (series.sop_uids if tuned else [])  # hand-encoded responses only when tuned
+        assert (len(split) >= 6) is tuned and (not split) is (not tuned)  # command + data set PDUs
     finally:
         node.stop()
         db.close()

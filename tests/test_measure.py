@@ -73,6 +73,32 @@ def test_volumes_left_right_exact(flip: bool, shift: float) -> None:
     assert rec.qa.metal is False
 
 
+@pytest.mark.parametrize("order", ["C", "F", "J"])
+def test_side_split_is_the_same_for_every_memory_order(order: str) -> None:
+    """Counting runs along the label map's outermost axis in memory; each voxel must still land on the
+    side the slice-by-slice rule puts it on, also for an oblique grid and voxels near the midline."""
+    from seg.measure import _side_counts, _world_x_slice
+
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, L.NUM_CLASSES, (41, 23, 17)).astype(np.uint8)
+    aff = np.eye(4)
+    aff[:3, :3] = [[0.8, 0.1, 0.3], [0.05, 0.9, 0.0], [0.2, 0.0, 2.5]]
+    aff[:3, 3] = (-16.3, 4.0, -20.0)
+    mid = float(aff[0, 0] * 20 + aff[0, 1] * 11 + (aff[0, 2] * 8 + aff[0, 3]))  # exactly on one voxel
+    n = L.NUM_CLASSES
+    total, left = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for k in range(arr.shape[2]):  # the reference: slice by slice along k
+        sl = arr[:, :, k].astype(np.intp)
+        counts = np.bincount((sl * 2 + (_world_x_slice(aff, sl.shape, k) > mid)).ravel(),
+                             minlength=2 * n).reshape(n, 2)
+        total += counts.sum(axis=1)
+        left += counts[:, 1]
+    laid_out = {"C": np.ascontiguousarray(arr), "F": np.asfortranarray(arr),
+                "J": np.ascontiguousarray(arr.transpose(1, 0, 2)).transpose(1, 0, 2)}[order]
+    got_total, got_left = _side_counts(laid_out, aff, mid, n)
+    assert np.array_equal(got_total, total) and np.array_equal(got_left, left)
+
+
 def test_height_from_header_and_never_guessed() -> None:
     lab, _ = _scene()
     rec = measure_volumes(lab)

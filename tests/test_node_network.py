@@ -28,6 +28,8 @@ from pydicom.uid import (
 )
 from series_factory import write_ct_series, write_enhanced_ct
 
+from dicomnode.harness.series import dataset_bytes
+
 pytestmark = requires_dcmtk
 
 ALLOWED = ["STORESCU", "PYSCU", "ECHOSCU"]
@@ -49,13 +51,6 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProces
 
 def pacs_sops(pacs: StoreSCP) -> list[str]:
     return [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in pacs.files()]
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes after the Part 10 file meta group (what went over the wire)."""
-    raw = path.read_bytes()
-    body = raw[132:]
-    return body[12 + int.from_bytes(body[8:12], "little"):]
 
 
 def test_echo_and_calling_aet_allow_list(peers: tuple[NodeProcess, StoreSCP]) -> None:

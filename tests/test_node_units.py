@@ -13,12 +13,13 @@ from series_factory import write_ct_series, write_enhanced_ct
 
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
+from dicomnode.harness.ingest import store_files
 from dicomnode.logs import KeyValueFormatter, pseudonym
 from dicomnode.network.sender import retry
 from dicomnode.processing.queue import MemoryJobQueue, SQLiteJobQueue
 from dicomnode.processing.worker import Worker
 from dicomnode.storage.series import StabilityWatcher, content_hash, select_series
-from dicomnode.storage.store import PREAMBLE, Store, encode_file_meta, info_from_dataset
+from dicomnode.storage.store import PREAMBLE, Store
 
 SEL = SelectionSettings(min_z_extent_mm=30.0, min_slices=5)
 
@@ -71,19 +72,6 @@ def node(tmp_path: Path) -> tuple[Settings, Database, Store]:
     db.close()
 
 
-def receive(store: Store, files: list[Path]) -> list[int]:
-    """What the SCP does per instance: split the Part 10 file, write the dataset bytes, index."""
-    jobs = []
-    for f in files:
-        ds = pydicom.dcmread(f)
-        info = info_from_dataset(ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), "TEST")
-        raw = f.read_bytes()
-        body = raw[raw.index(b"DICM") + 4:]
-        meta_len = 12 + int.from_bytes(body[8:12], "little")
-        jobs.append(store.add(info, encode_file_meta(info), body[meta_len:]).job_id)
-    return jobs
-
-
 def states(db: Database) -> list[tuple[int, str]]:
     return [(r["id"], r["state"]) for r in db.query("SELECT id, state FROM jobs ORDER BY id")]
 
@@ -91,7 +79,7 @@ def states(db: Database) -> list[tuple[int, str]]:
 def test_stored_file_is_the_received_bytes(node: tuple, tmp_path: Path) -> None:
     _, db, store = node
     s = write_ct_series(tmp_path / "in", name="bytes", n=2, size=8)
-    receive(store, s.files[:1])
+    store_files(store, s.files[:1])
     stored = Path(db.one("SELECT path FROM instances")["path"])
     assert stored.read_bytes().startswith(PREAMBLE)
     back = pydicom.dcmread(stored)
@@ -105,12 +93,12 @@ def test_series_state_machine_late_instance_and_resend(node: tuple, tmp_path: Pa
     settings, db, store = node
     watcher = StabilityWatcher(settings, db)
     s = write_ct_series(tmp_path / "in", name="late", n=12, size=8)
-    assert set(receive(store, s.files[:10])) == {1}
+    assert set(store_files(store, s.files[:10])) == {1}
     assert watcher.check_once() == [1]
     assert states(db) == [(1, "queued")]
-    receive(store, s.files[:10])  # identical re-send: nothing re-opens
+    store_files(store, s.files[:10])  # identical re-send: nothing re-opens
     assert states(db) == [(1, "queued")]
-    receive(store, s.files[10:])  # late instances: new job supersedes the unfinished one
+    store_files(store, s.files[10:])  # late instances: new job supersedes the unfinished one
     assert states(db) == [(1, "superseded"), (2, "receiving")]
     assert db.one("SELECT superseded_by FROM jobs WHERE id=1")[0] == 2
     watcher.check_once()
@@ -120,16 +108,30 @@ def test_series_state_machine_late_instance_and_resend(node: tuple, tmp_path: Pa
 
 def test_short_series_rejected_with_reason(node: tuple, tmp_path: Path) -> None:
     settings, db, store = node
-    receive(store, write_ct_series(tmp_path / "in", name="short", n=4, size=8).files)
+    store_files(store, write_ct_series(tmp_path / "in", name="short", n=4, size=8).files)
     StabilityWatcher(settings, db).check_once()
-    row = db.one("SELECT state, reason FROM jobs")
-    assert (row["state"], row["reason"]) == ("rejected", "z-coverage 12 mm < 30 mm; 4 slices < 5")
+    row = db.one("SELECT state, reason, reason_code FROM jobs")
+    assert tuple(row) == ("rejected", "z-coverage 12 mm < 30 mm; 4 slices < 5", "short-z-coverage")
+
+
+def test_a_gap_is_held_then_rejected_with_its_code(node: tuple, tmp_path: Path) -> None:
+    """The hold and the rejection after it carry the cause's code; the state tells them apart."""
+    settings, db, store = node
+    s = write_ct_series(tmp_path / "in", name="gap", n=12, size=8, skip={5})
+    store_files(store, s.files)
+    StabilityWatcher(settings, db).check_once()
+    held = "incomplete: gap of 6 mm after -18 mm (slice spacing 3 mm)"
+    assert tuple(db.one("SELECT state, reason, reason_code FROM jobs")) == (
+        "receiving", f"held: {held}", "slice-gap")
+    ended = settings.model_copy(update={"selection": SEL.model_copy(update={"incomplete_hold_seconds": 0})})
+    assert StabilityWatcher(ended, db).close(1, s.series_uid)  # the hold has ended
+    assert tuple(db.one("SELECT state, reason, reason_code FROM jobs")) == ("rejected", held, "slice-gap")
 
 
 def test_recover_after_crash(node: tuple, tmp_path: Path) -> None:
     _, db, store = node
     s = write_ct_series(tmp_path / "in", name="crash", n=6, size=8)
-    receive(store, s.files[:4])
+    store_files(store, s.files[:4])
     # a partial write, and a file whose index row was lost (crash between rename and commit)
     folder = store.incoming / s.study_uid / s.series_uid
     (folder / ".partial.123.tmp").write_bytes(b"half")
@@ -143,7 +145,7 @@ def test_recover_after_crash(node: tuple, tmp_path: Path) -> None:
 
 def test_recover_requeues_running_jobs(node: tuple, tmp_path: Path) -> None:
     _, db, store = node
-    receive(store, write_ct_series(tmp_path / "in", name="run", n=6, size=8).files)
+    store_files(store, write_ct_series(tmp_path / "in", name="run", n=6, size=8).files)
     db.con.execute("UPDATE jobs SET state='running'")  # the worker was mid-job when the node died
     assert store.recover()["requeued"] == 1
     row = db.one("SELECT state, reason FROM jobs")
@@ -182,7 +184,7 @@ def test_worker_outcomes(node: tuple, tmp_path: Path, pipeline, final: str, why:
     """Watcher → queue → worker → outcome, the same with either queue engine."""
     settings, db, store = node
     queue = engine(db)
-    receive(store, write_ct_series(tmp_path / "in", name="w", n=12, size=8).files)
+    store_files(store, write_ct_series(tmp_path / "in", name="w", n=12, size=8).files)
     StabilityWatcher(settings, db, queue).check_once()
     worker = Worker(settings, store, queue, pipeline)
     while worker.run_once() is not None:
@@ -211,7 +213,7 @@ def test_no_phi_in_info_logs(node: tuple, tmp_path: Path) -> None:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     try:
-        receive(store, write_ct_series(tmp_path / "in", name="phi", n=2, size=8, patient_id="SECRET-ID",
+        store_files(store, write_ct_series(tmp_path / "in", name="phi", n=2, size=8, patient_id="SECRET-ID",
                                        patient_name="Secret^Name").files)
     finally:
         root.removeHandler(handler)

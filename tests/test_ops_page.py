@@ -136,7 +136,7 @@ def test_page_in_chromium_shows_jobs_without_patient_identity(processed: Process
     assert row.locator("a.viewer").get_attribute("href") == VIEWER.format(study_uid=p.study_uid)
     rejected = page.locator(f'#jobs tr[data-job-id="{p.rejected["id"]}"]')
     assert rejected.locator("td.state").inner_text() == "rejected"
-    assert "not-selected" in rejected.locator("td.reason").inner_text()
+    assert "short-z-coverage" in rejected.locator("td.reason").inner_text()
     # the rejection is among the last errors; the counts and the last hour add up
     assert page.locator(f'#problems tr[data-job-id="{p.rejected["id"]}"]').count() == 1
     assert page.locator('#counts [data-state="done"] b').inner_text() == "1"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import sqlite3
 import sys
 import time
@@ -18,6 +17,7 @@ from dicomnode.cli import app
 from dicomnode.clinical import pairing, registry
 from dicomnode.clinical.pairing import ResultRecord, record_result
 from dicomnode.config import Settings
+from dicomnode.harness.net import free_port
 from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
 from seg.records import NOT_COMPARED, ChangeRecord, ReasonCode, StructureChange, StructureVolume, VolumeRecord
 
@@ -227,9 +227,7 @@ def test_prior_retrieval_is_attempted_once_and_can_be_off(settings: Settings, tm
     _record(settings, "P0", "0.1", "20230101")
     assert _retrievals(settings) == []  # switched off: nothing asked
     settings.pairing.retrieve_priors = True
-    with socket.socket() as sock:  # a port nobody listens on: the PACS is down
-        sock.bind(("127.0.0.1", 0))
-        settings.pacs.port = sock.getsockname()[1]
+    settings.pacs.port = free_port()  # a port nobody listens on: the PACS is down
     _record(settings, "P1", "1.2", "20230601", 0.9)
     deadline = time.time() + 20
     while len(_retrievals(settings)) < 2 and time.time() < deadline:

@@ -78,6 +78,17 @@ def test_legacy_change_record_notes_get_codes(tmp_path: Path) -> None:
     assert ChangeRecord.load(again) == change
 
 
+def test_change_entries_keep_their_json_layout() -> None:
+    """Structure and total entries share their figures (one base) yet write the keys of the change
+    records stored before, in the same order: identity first, then the figures."""
+    raw = _legacy_change()
+    written = json.loads(ChangeRecord.from_json(raw).to_json())
+    assert [list(s) for s in written["structures"]] == [list(s) for s in raw["structures"]]
+    assert written["structures"] == raw["structures"]
+    assert list(written["total_analysed_muscles"]) == list(raw["total_analysed_muscles"])
+    assert written["total_analysed_muscles"] == raw["total_analysed_muscles"]
+
+
 def test_every_legacy_reason_is_classified() -> None:
     texts = [t for row in _legacy_tables()["pairing_status"] for t in json.loads(row["reasons"])]
     codes = {Reason.load(t).code for t in texts}

@@ -174,25 +174,34 @@ def test_nifti_input_without_sources_is_refused(case):
         build_seg(bare, labels, vols, MODEL)
 
 
-@pytest.mark.parametrize(("fov", "frame_bytes", "row_bytes"),
-                         [(None, False, False), ((452.0, 288.0), True, False), ((448.0, 288.0), True, True)],
-                         ids=["unaligned-frames", "byte-aligned-frames", "byte-aligned-rows"])
-def test_fast_binary_encoder_equals_highdicom(fov, frame_bytes, row_bytes, tmp_path, caplog):
-    """The byte-level BINARY encoder must produce exactly highdicom's frames and pixel data."""
+def _fixed_time(ds: pydicom.Dataset) -> None:
+    """The build time highdicom stamps (top level and contributing equipment) set to one value."""
+    fixed = {"DA": "20260101", "TM": "000000", "DT": "20260101000000"}
+    for item in (ds, *ds.get("ContributingEquipmentSequence", [])):
+        for elem in item:
+            if elem.VR in fixed:
+                elem.value = fixed[elem.VR]
+
+
+@pytest.mark.parametrize(("seg_type", "fov", "frame_bytes", "row_bytes"),
+                         [("BINARY", None, False, False), ("BINARY", (452.0, 288.0), True, False),
+                          ("BINARY", (448.0, 288.0), True, True), ("FRACTIONAL", None, False, False)],
+                         ids=["binary-unaligned-frames", "binary-byte-aligned-frames",
+                              "binary-byte-aligned-rows", "fractional"])
+def test_fast_encoder_equals_highdicom(seg_type, fov, frame_bytes, row_bytes, tmp_path, caplog):
+    """The byte splice must write exactly highdicom's file: every element, frames and pixel data."""
     ct, labels, vols = phantom_case(tmp_path, seed=4, **({"fov_mm": fov} if fov else {}))
     columns = ct.shape[0]  # frames are (rows, columns) = (j, i)
     assert ((columns * ct.shape[1]) % 8 == 0, columns % 8 == 0) == (frame_bytes, row_bytes)
     with caplog.at_level("WARNING", logger="reporting.seg"):
-        fast = build_seg(ct, labels, vols, MODEL)
+        fast = build_seg(ct, labels, vols, MODEL, seg_type=seg_type)
     assert "not applicable" not in caplog.text
-    build_seg(ct, labels, vols, MODEL, fast=False).save_as(tmp_path / "slow.dcm", enforce_file_format=True)
-    fast.save_as(tmp_path / "fast.dcm", enforce_file_format=True)
-    a, b = (pydicom.dcmread(tmp_path / f"{n}.dcm") for n in ("fast", "slow"))
-    assert a.NumberOfFrames == b.NumberOfFrames
-    assert a.PixelData == b.PixelData
-    for kw in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "SharedFunctionalGroupsSequence",
-               "DimensionIndexSequence", "DimensionOrganizationSequence", "ReferencedSeriesSequence"):
-        assert a[kw] == b[kw], kw
+    assert isinstance(fast.get_item(0x52009230), pydicom.dataelem.RawDataElement)  # the splice ran
+    slow = build_seg(ct, labels, vols, MODEL, seg_type=seg_type, fast=False)
+    for name, ds in (("slow", slow), ("fast", fast)):
+        _fixed_time(ds)
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "slow.dcm").read_bytes()
     assert dciodvfy_errors(tmp_path / "fast.dcm") == []
 
 
@@ -257,30 +266,31 @@ def test_display_colours_come_from_structures_csv(seg_file):
         assert list(item.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(*s.rgb).value)
 
 
-def test_fast_binary_encoder_is_checked_against_the_installed_highdicom():
+def test_fast_encoder_is_checked_against_the_installed_highdicom():
     """Fails loudly on a highdicom the byte splice was not checked against (the node would silently take
-    the slow path): run test_fast_binary_encoder_equals_highdicom with it, then widen the pin."""
-    from reporting.seg import FAST_BINARY_HIGHDICOM, fast_binary_supported
+    the slow path): run test_fast_encoder_equals_highdicom with it, then widen the pin."""
+    from reporting.seg_splice import SPLICE_HIGHDICOM, splice_supported
 
-    assert fast_binary_supported(), f"highdicom {hd.__version__} not in {FAST_BINARY_HIGHDICOM}"
-    assert not fast_binary_supported("0.29.0") and not fast_binary_supported("1.0.0")
+    assert splice_supported(), f"highdicom {hd.__version__} not in {SPLICE_HIGHDICOM}"
+    assert not splice_supported("0.29.0") and not splice_supported("1.0.0")
 
 
-def test_unchecked_highdicom_falls_back_to_plain_highdicom(case, monkeypatch, caplog):
-    """On a highdicom outside FAST_BINARY_HIGHDICOM the splice is never entered and the SEG is plain
+@pytest.mark.parametrize("seg_type", ["BINARY", "FRACTIONAL"])
+def test_unchecked_highdicom_falls_back_to_plain_highdicom(seg_type, case, monkeypatch, caplog):
+    """On a highdicom outside SPLICE_HIGHDICOM the splice is never entered and the SEG is plain
     highdicom's, byte for byte."""
-    import reporting.seg as seg_module
+    from reporting import seg_splice
 
     _, ct, labels, vols = case
-    plain = build_seg(ct, labels, vols, MODEL, fast=False)
+    plain = build_seg(ct, labels, vols, MODEL, seg_type=seg_type, fast=False)
     monkeypatch.setattr(hd, "__version__", "0.99.0")
 
     def splice(*args, **kwargs):
         raise AssertionError("fast path used on an unchecked highdicom")
 
-    monkeypatch.setattr(seg_module, "_fast_binary", splice)
+    monkeypatch.setattr(seg_splice, "splice", splice)
     with caplog.at_level("INFO", logger="reporting.seg"):
-        fallback = build_seg(ct, labels, vols, MODEL)
+        fallback = build_seg(ct, labels, vols, MODEL, seg_type=seg_type)
     assert "not checked against highdicom 0.99.0" in caplog.text
     assert fallback.PixelData == plain.PixelData and fallback.NumberOfFrames == plain.NumberOfFrames
     assert fallback.PerFrameFunctionalGroupsSequence == plain.PerFrameFunctionalGroupsSequence
@@ -329,3 +339,22 @@ def test_fractional_seg_uses_the_rle_encoder_and_decodes_to_its_frames(case):
     for frame, encoded in zip(pixels, frames, strict=True):
         assert encoded == encode_pixel_data(frame.tobytes(), rows=ds.Rows, columns=ds.Columns,
                                              samples_per_pixel=1, bits_allocated=8)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (16, 315), (40, 300), (5, 513)])
+def test_rle_box_encoder_equals_whole_frame_encoder(shape):
+    """encode_masks (box rows only) writes the bytes encode_8bit writes for the whole 0/255 frame."""
+    rng = np.random.default_rng(sum(shape))
+    rows, cols = shape
+    top, left = rows // 3, cols // 4
+    height, width = max(1, rows - top - rows // 5), max(1, cols - left - cols // 6)
+    masks = rng.random((4, height, width)) < 0.3
+    masks[1] = False  # an empty frame
+    masks[2, :, :] = True  # full box: runs over 128 on wide rows
+    frames = rle_encoder.encode_masks(masks, (top, left), shape, 255)
+    for mask, encoded in zip(masks, frames, strict=True):
+        whole = np.zeros(shape, dtype=np.uint8)
+        whole[top:top + height, left:left + width] = mask * np.uint8(255)
+        assert encoded == rle_encoder.encode_8bit(whole)
+    with pytest.raises(ValueError, match="outside"):
+        rle_encoder.encode_masks(masks, (rows, left), shape, 255)

@@ -511,3 +511,107 @@ def test_height_status_and_source():
     assert height_status(registry, {}) == (codes.HEIGHT_PRESENT, codes.HEIGHT_SOURCE_REGISTRY)
     header = VolumeRecord(height_m=1.6, height_source="PatientSize")
     assert height_status(header, {"PatientSize": 1.6})[1] == codes.HEIGHT_SOURCE_PATIENT_SIZE
+
+
+@pytest.mark.parametrize("seg_type", ["FRACTIONAL", "BINARY", "LABELMAP"])
+def test_fast_sr_equals_highdicom(seg_type, baseline, tmp_path):
+    """The SR splice (image rows added after highdicom's constructor, content encoded once per item,
+    frames known from the SEG's build) writes exactly plain highdicom's file."""
+    from test_reporting_seg import _fixed_time
+
+    from reporting.seg import build_seg_frames
+
+    _, ct, labels, vols, _, _ = baseline
+    built = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type)
+    assert built.frames is not None  # the SR need not read the SEG's frames back
+    variants = {"plain": build_measurement_sr(ct, built.dataset, vols, MODEL, fast=False),
+                "fast": build_measurement_sr(ct, built.dataset, vols, MODEL),
+                "fast-frames": build_measurement_sr(ct, built.dataset, vols, MODEL, frames=built.frames)}
+    assert isinstance(variants["fast"].get_item(0x0040A730), RawDataElement)  # the splice ran
+    for name, ds in variants.items():
+        _fixed_time(ds)
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+    plain = (tmp_path / "plain.dcm").read_bytes()
+    assert (tmp_path / "fast.dcm").read_bytes() == plain
+    assert (tmp_path / "fast-frames.dcm").read_bytes() == plain
+
+
+@pytest.mark.parametrize("seg_type", ["FRACTIONAL", "LABELMAP"])
+def test_frames_known_from_the_build_equal_frames_read_from_the_seg(seg_type, baseline, tmp_path):
+    """What the SR takes from a SEG's build equals what it reads from the SEG on disk."""
+    import pydicom
+
+    from reporting.keyslice import pixel_spacing
+    from reporting.seg import build_seg_frames
+    from reporting.sr import segment_source_images
+
+    _, ct, labels, vols, _, _ = baseline
+    built = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type)
+    built.dataset.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    read = {n: [(str(i.ReferencedSOPSequence[0].ReferencedSOPClassUID),
+                 str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)) for i in items]
+            for n, items in segment_source_images(seg).items()}
+    assert built.frames.source_uids() == read
+    known, sections = built.frames.largest_sections(pixel_spacing(seg)), key_sections(seg)
+    assert known.keys() == sections.keys()
+    for n, section in sections.items():
+        assert (known[n].sop_instance_uid, known[n].area_cm2) == (section.sop_instance_uid, section.area_cm2)
+        assert np.array_equal(known[n].outline, section.outline)
+
+
+def test_sr_splice_is_checked_against_the_installed_highdicom():
+    """Fails loudly on a highdicom the SR splice was not checked against (the node would silently build
+    the SR the slow way): run test_fast_sr_equals_highdicom with it, then widen the pin."""
+    import highdicom as hd
+
+    from reporting.sr_splice import SPLICE_HIGHDICOM, splice_supported
+
+    assert splice_supported(), f"highdicom {hd.__version__} not in {SPLICE_HIGHDICOM}"
+    assert not splice_supported("0.29.0")
+
+
+def test_sr_splice_refuses_content_citing_no_evidence():
+    """highdicom refuses an SR whose content cites an instance missing from the evidence; so does the
+    splice, which keeps the content away from highdicom's own check."""
+    from reporting import sr_splice
+
+    cited = Dataset()
+    cited.ValueType = "IMAGE"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = CT_IMAGE_STORAGE, "1.2.3.4"
+    cited.ReferencedSOPSequence = [ref]
+    container = Dataset()
+    container.ValueType = "CONTAINER"
+    container.ContentSequence = [cited]
+    root = Dataset()
+    root.ContentSequence = [container]
+    evidence = Dataset()
+    evidence.SOPInstanceUID = "1.2.3.5"
+
+    def never(_: Dataset) -> Dataset:
+        raise AssertionError("highdicom called with uncited evidence")
+
+    with pytest.raises(ValueError, match="1.2.3.4"):
+        sr_splice.construct(never, root, [evidence])
+    evidence.SOPInstanceUID = "1.2.3.4"
+    built = sr_splice.construct(lambda r: Dataset(), root, [evidence])
+    assert built.ContentSequence[0].ContentSequence[0] is cited and len(root.ContentSequence) == 1
+
+
+def test_unchecked_highdicom_builds_the_sr_with_plain_highdicom(baseline, monkeypatch, caplog):
+    import highdicom as hd
+
+    from reporting import sr_splice
+
+    _, ct, _, vols, seg, _ = baseline
+    monkeypatch.setattr(hd, "__version__", "0.99.0")
+
+    def splice(*args, **kwargs):
+        raise AssertionError("SR splice used on an unchecked highdicom")
+
+    monkeypatch.setattr(sr_splice, "construct", splice)
+    with caplog.at_level("INFO", logger="reporting.sr"):
+        sr = build_measurement_sr(ct, seg, vols, MODEL)
+    assert "not checked against highdicom 0.99.0" in caplog.text
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)

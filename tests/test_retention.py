@@ -16,16 +16,16 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
-import pydicom
 import pytest
 from peers import StoreSCP, node_factory, pacs, requires_dcmtk, storescu, wait_for  # noqa: F401
 from series_factory import SeriesFiles, write_ct_series
 
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
+from dicomnode.harness.ingest import store_files
 from dicomnode.storage.retention import DAY_SECONDS, Retention
 from dicomnode.storage.series import StabilityWatcher
-from dicomnode.storage.store import Store, encode_file_meta, info_from_dataset
+from dicomnode.storage.store import Store
 
 DAYS = 2.0
 
@@ -43,24 +43,11 @@ def local(tmp_path: Path) -> Iterator[tuple[Settings, Database, Store]]:
     db.close()
 
 
-def dataset_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()[132:]
-    return raw[12 + int.from_bytes(raw[8:12], "little"):]
-
-
-def receive(store: Store, files: list[Path]) -> None:
-    """What the SCP does per instance: the store's check, write and index."""
-    for f in files:
-        ds = pydicom.dcmread(f)
-        info = info_from_dataset(ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), "TEST")
-        store.add(info, encode_file_meta(info), dataset_bytes(f))
-
-
 def measured(local: tuple, tmp_path: Path, name: str) -> tuple[SeriesFiles, int]:
     """A series received and closed by the real watcher (queued, content hash set); returns its job."""
     settings, db, store = local
     series = write_ct_series(tmp_path / name, name=name, n=8, size=8)
-    receive(store, series.files)
+    store_files(store, series.files)
     closed = StabilityWatcher(settings, db).check_once()
     assert len(closed) == 1
     return series, closed[0]
@@ -171,7 +158,7 @@ def test_a_resend_after_the_purge_is_stored_again(local: tuple, tmp_path: Path) 
     results_sent(db, job_id, sent_at=time.time() - (DAYS + 1) * DAY_SECONDS)
     Retention(settings, store).purge_once()
 
-    receive(store, series.files)
+    store_files(store, series.files)
 
     assert instance_rows(db, series.series_uid) == 8
     current = db.one("SELECT j.id, j.state FROM series s JOIN jobs j ON j.id = s.current_job"

@@ -2,126 +2,50 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import threading
-import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pydicom.uid import generate_uid
 
 from dicomnode.config import Settings
-from dicomnode.external import ORTHANC_FALLBACK, dcmtk_tool, orthanc_binary, require_dcmtk_tool
-from dicomnode.harness.net import free_port
+from dicomnode.harness.capture import CapturingSCP
+from dicomnode.harness.net import free_port, wait_for
+from dicomnode.harness.orthanc import OrthancServer, have_orthanc
+from dicomnode.harness.series import write_ct_series
 from dicomnode.network.retrieve import (
     SeriesHit,
     StudyHit,
     choose_prior,
     choose_series,
     find_studies,
+    move_series,
     retrieve_prior,
 )
 from seg.records import ChangeRecord, StructureVolume, VolumeRecord
 
-ORTHANC = orthanc_binary() or ORTHANC_FALLBACK
-
 
 def _ct_series(folder: Path, patient_id: str, study_date: str, n: int, study_uid: str) -> str:
-    """A tiny synthetic CT series (n slices of 16×16) as DICOM files; returns its SeriesInstanceUID."""
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = generate_uid()
-    for k in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.PatientID, ds.PatientName, ds.PatientSex = patient_id, "Synthetic^Retrieve", "F"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.StudyDate, ds.StudyTime, ds.Modality = study_date, "090000", "CT"
-        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber, ds.AccessionNumber = "1", 1, k + 1, ""
-        ds.ImagePositionPatient = [0.0, 0.0, float(-5 * k)]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing, ds.SliceThickness = [5.0, 5.0], 5.0
-        ds.Rows = ds.Columns = 16
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = (np.full((16, 16), 40 + k, dtype=np.int16)).tobytes()
-        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
-    return series_uid
+    """A tiny synthetic CT series (n slices of 16×16) in ``study_uid``; returns its SeriesInstanceUID."""
+    return write_ct_series(folder, name=f"{folder.name}-{study_uid[-8:]}", n=n, slice_mm=5.0,
+                           pixel_mm=5.0, patient_id=patient_id, study_date=study_date,
+                           study_uid=study_uid).series_uid
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path):
-    if not Path(ORTHANC).exists() or dcmtk_tool("storescu") is None:
-        pytest.skip("Orthanc/dcmtk not installed")
-    dicom_port, http_port, node_port = free_port(), free_port(), free_port()
-    cfg = {
-        "Name": "pairing-test",
-        "StorageDirectory": str(tmp_path / "orthanc-db"),
-        "IndexDirectory": str(tmp_path / "orthanc-db"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [],
-        "DicomModalities": {"node": ["THIGHNODE", "127.0.0.1", node_port]},
-    }
-    cfg_path = tmp_path / "orthanc.json"
-    cfg_path.write_text(json.dumps(cfg))
-    env = dict(os.environ, TCP_NODELAY="1")
-    log = (tmp_path / "orthanc.log").open("w")
-    proc = subprocess.Popen([ORTHANC, str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=1).read()
-                break
-            except OSError as exc:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(
-                        "Orthanc did not start: " + (tmp_path / "orthanc.log").read_text()[-2000:]
-                    ) from exc
-                time.sleep(0.2)
-        yield {"dicom_port": dicom_port, "http_port": http_port, "node_port": node_port, "env": env}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    """A plain Orthanc (no routing script) that knows this node's AE as a C-MOVE destination."""
+    if not have_orthanc():
+        pytest.skip("Orthanc not installed")
+    with OrthancServer(tmp_path / "orthanc", lua_scripts=None, dicomweb=False) as server:
+        yield server
 
 
-def _store(folder: Path, port: int, env: dict) -> None:
-    subprocess.run(
-        [
-            require_dcmtk_tool("storescu"),
-            "-aec",
-            "ORTHANC",
-            "-aet",
-            "LOADER",
-            "127.0.0.1",
-            str(port),
-            *map(str, sorted(folder.glob("*.dcm"))),
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=60,
-    )
+def _settings(tmp_path: Path, orthanc: OrthancServer) -> Settings:
+    settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE")
+    settings.pacs.port = orthanc.dicom_port
+    settings.selection.min_slices = 5
+    return settings
 
 
 def test_prior_arrives_at_the_node_by_c_move(orthanc, tmp_path: Path) -> None:
@@ -132,31 +56,14 @@ def test_prior_arrives_at_the_node_by_c_move(orthanc, tmp_path: Path) -> None:
     _ct_series(tmp_path / "follow", pid, "20230610", 8, follow_study)
     _ct_series(tmp_path / "other", "SOMEONE-ELSE", "20220101", 8, generate_uid())
     for name in ("base", "scout", "follow", "other"):
-        _store(tmp_path / name, orthanc["dicom_port"], orthanc["env"])
-
-    received: list[Dataset] = []
-    done = threading.Event()
-
-    def on_store(event: evt.Event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        received.append(ds)
-        return 0x0000
-
-    node = AE(ae_title="THIGHNODE")
-    node.supported_contexts = StoragePresentationContexts
-    server = node.start_server(
-        ("127.0.0.1", orthanc["node_port"]), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    try:
-        settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE")
-        settings.pacs.port = orthanc["dicom_port"]
-        settings.selection.min_slices = 5
+        orthanc.upload_folder(tmp_path / name)
+    with CapturingSCP("THIGHNODE", orthanc.node_port) as node:
+        received = node.received
+        settings = _settings(tmp_path, orthanc)
         studies = find_studies(settings, pid)
         assert {s.study_instance_uid for s in studies} == {base_study, follow_study}
 
         outcome = retrieve_prior(settings, pid, before_date="20230610", known_study_uids={follow_study})
-        done.set()
         assert outcome.moved, outcome.reason
         assert outcome.study_instance_uid == base_study
         assert outcome.series_instance_uid == base_series
@@ -173,8 +80,20 @@ def test_prior_arrives_at_the_node_by_c_move(orthanc, tmp_path: Path) -> None:
         off = retrieve_prior(settings, pid, before_date="20230610", known_study_uids={follow_study})
         assert not off.moved and "switched off" in off.reason
         assert len(received) == 8
-    finally:
-        server.shutdown()
+
+
+def test_a_refused_move_and_a_pacs_that_is_down_are_errors(orthanc: OrthancServer, tmp_path: Path) -> None:
+    """C-MOVE to an AE the PACS does not know ends in a failure status: an error naming it, not an empty
+    success; a PACS that does not answer is a ConnectionError."""
+    study = generate_uid()
+    series = _ct_series(tmp_path / "s", "RETRIEVE-003", "20230105", 6, study)
+    orthanc.upload_folder(tmp_path / "s")
+    settings = _settings(tmp_path, orthanc)
+    with pytest.raises(RuntimeError, match=r"C-MOVE failed with status 0x"):
+        move_series(settings, study, series, destination="NOSUCHAE")
+    settings.pacs.port = free_port()  # nobody listens there
+    with pytest.raises(ConnectionError, match="no association"):
+        find_studies(settings, "RETRIEVE-003")
 
 
 def test_choose_prior_prefers_preoperative_then_nearest_and_skips_known() -> None:
@@ -206,25 +125,10 @@ def test_pairing_asks_for_the_prior_and_pairs_it_when_it_arrives(orthanc, tmp_pa
     pid = "RETRIEVE-002"
     base_study, follow_study = generate_uid(), generate_uid()
     base_series = _ct_series(tmp_path / "base", pid, "20230105", 8, base_study)
-    _store(tmp_path / "base", orthanc["dicom_port"], orthanc["env"])
-    received: list[Dataset] = []
-    arrived = threading.Event()
-
-    def on_store(event: evt.Event) -> int:
-        received.append(event.dataset)
-        if len(received) == 8:
-            arrived.set()
-        return 0x0000
-
-    node = AE(ae_title="THIGHNODE")
-    node.supported_contexts = StoragePresentationContexts
-    server = node.start_server(
-        ("127.0.0.1", orthanc["node_port"]), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    try:
-        settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE")
-        settings.pacs.port = orthanc["dicom_port"]
-        settings.selection.min_slices = 5
+    orthanc.upload_folder(tmp_path / "base")
+    with CapturingSCP("THIGHNODE", orthanc.node_port) as node:
+        received = node.received
+        settings = _settings(tmp_path, orthanc)
 
         def record(study: str, series: str, date: str, factor: float) -> list[ChangeRecord]:
             out = tmp_path / "var" / "results" / series
@@ -252,11 +156,9 @@ def test_pairing_asks_for_the_prior_and_pairs_it_when_it_arrives(orthanc, tmp_pa
             )
 
         assert record(follow_study, generate_uid(), "20230610", 0.8) == []
-        assert arrived.wait(30), f"the baseline did not arrive ({len(received)} instances)"
+        wait_for(lambda: len(received) >= 8, 30, what=f"the baseline ({len(received)} instances so far)")
         assert {ds.SeriesInstanceUID for ds in received} == {base_series}
         # The node measures the arrived baseline; pairing then has the comparison for the follow-up.
         assert record(base_study, base_series, "20230105", 1.0) == []
         late = pairing.changes_for_earlier_series(settings, base_series)
         assert len(late) == 1 and late[0].structures[0].loss_pct == pytest.approx(20.0)
-    finally:
-        server.shutdown()

@@ -24,13 +24,12 @@ from typing import Any
 import pydicom
 import pytest
 from orthanc import OrthancServer, requires_orthanc
-from peers import NodeProcess, dcmtk_env, free_port, requires_dcmtk, storescu, wait_for, write_toml
+from peers import NodeProcess, echoscu, free_port, requires_dcmtk, storescu, wait_for, write_toml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from series_factory import SeriesFiles, write_ct_series
 
 from dicomnode.config import ConfigError, PacsSettings, Settings, TlsSettings, check_file
-from dicomnode.external import require_dcmtk_tool
 from dicomnode.network.retrieve import find_studies, move_series
 from dicomnode.network.sender import echo, send_files
 from dicomnode.network.tls import TlsError, client_tls_args, server_context
@@ -97,13 +96,9 @@ def tls_section(pki: Pki, **extra: Any) -> dict[str, Any]:
 
 # -- nodes ---------------------------------------------------------------------------------------------
 def tls_node(root: Path, pki: Pki, *, required: bool) -> Iterator[NodeProcess]:
-    node = NodeProcess(root / "node", acse_timeout_seconds=ACSE_TIMEOUT, worker={"enabled": False},
-                       tls=tls_section(pki, require_client_certificate=required))
-    node.start()
-    try:
+    with NodeProcess(root / "node", acse_timeout_seconds=ACSE_TIMEOUT, worker={"enabled": False},
+                     tls=tls_section(pki, require_client_certificate=required)) as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +123,6 @@ def with_cert(pki: Pki, pair: KeyPair | None = None) -> list[str]:
 def anonymous(pki: Pki) -> list[str]:
     """dcmtk options: TLS without a client certificate."""
     return ["+tla", "+cf", str(pki.ca)]
-
-
-def echoscu(port: int, options: list[str]) -> subprocess.CompletedProcess[str]:
-    cmd = [require_dcmtk_tool("echoscu"), "-aet", "ECHOSCU", "-aec", "THIGHNODE", *options,
-           "127.0.0.1", str(port)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=30)
 
 
 def stored(node: NodeProcess, series: SeriesFiles) -> int:

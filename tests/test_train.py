@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seg.model import load_model
-from seg.train import CropSampler, TrainConfig, train
+from seg.train import CropSampler, TrainConfig, train, training_uses_bf16
 
 ARCH = {"in_channels": 1, "out_channels": 30, "img_size": [32, 32, 32], "feature_size": 4, "hidden_size": 48,
         "mlp_dim": 96, "num_heads": 4, "proj_type": "conv", "norm_name": "instance", "res_block": True,
@@ -34,12 +34,17 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     ck = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
     assert ck["step"] == 3
     before = {k: v.clone() for k, v in ck["model"].items()}
-    # resume: continues at step 3 (cache reused), ends at 5 with changed weights
-    train(_cfg(tmp_path, 5), resume=True, progress=False)
+    # resume: continues at step 3 (cache reused), ends at 5 with changed weights; these two steps run the
+    # forward pass under bf16 autocast (weights and optimiser state stay fp32)
+    resumed_cfg = _cfg(tmp_path, 5)
+    resumed_cfg.precision = "bf16"
+    train(resumed_cfg, resume=True, progress=False)
     ck2 = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
     assert ck2["step"] == 5
     assert [h["step"] for h in ck2["history"]] == [2, 3, 4, 5]
     assert any(not torch.equal(before[k], ck2["model"][k]) for k in before)
+    assert all(v.dtype == before[k].dtype for k, v in ck2["model"].items())
+    assert all(np.isfinite(h["loss"]) for h in ck2["history"])
     assert len(list((tmp_path / "ck" / "cache").glob("*_image.npy"))) == 3
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["steps"] == 5
     # warm start: a fresh run (no checkpoints) initialised from the package begins with its weights
@@ -113,3 +118,14 @@ def test_partial_volume_fractions_keep_every_volume() -> None:
     assert np.allclose(grid_cm3[present], true_cm3[present], rtol=0.002), (grid_cm3, true_cm3)
     # every model voxel's fractions sum to one (uint8 rounding aside)
     assert np.abs(frac.sum(0).astype(int) - 255).max() <= 8
+
+
+def test_training_precision_choice() -> None:
+    cpu = torch.device("cpu")
+    assert training_uses_bf16("fp32", cpu) is False
+    assert training_uses_bf16("bf16", cpu) is True
+    from seg.runtime import cpu_has_bf16
+
+    assert training_uses_bf16("auto", cpu) is cpu_has_bf16()
+    with pytest.raises(ValueError, match="precision must be"):
+        training_uses_bf16("fp16", cpu)

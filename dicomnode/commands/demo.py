@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -77,51 +76,37 @@ class LocalPacs:
     name = "local store SCP"
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.aet = PACS_AET
-        self.dicom_port = free_port()
-        self._objects: list[Received] = []
-        self._lock = threading.Lock()
-        self._server: Any = None
-        self.labels: dict[str, str] = {}  # StudyInstanceUID -> folder name (pre-op, follow-up)
-
-    def start(self) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
-
+        from dicomnode.harness.capture import CapturingSCP
         from dicomnode.network.sop import SEG_CLASSES
 
-        ae = AE(self.aet)
-        ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context(Verification)
-        for uid in SEG_CLASSES:  # Label Map SEG may be newer than pynetdicom's list
-            ae.add_supported_context(uid)
+        self.folder = folder
+        self.aet = PACS_AET
+        self._objects: list[Received] = []
+        self._scp = CapturingSCP(self.aet, on_dataset=self._save, keep=False,
+                                 extra_contexts=tuple(SEG_CLASSES))
+        self.dicom_port = self._scp.port
+        self.labels: dict[str, str] = {}  # StudyInstanceUID -> folder name (pre-op, follow-up)
 
-        def on_store(event: Any) -> int:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            study = str(ds.StudyInstanceUID)
-            obj = Received(study, str(ds.SOPClassUID), str(ds.SOPInstanceUID), "")
-            folder = self.folder / self.labels.get(study, study)
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{_kind(obj)}_{obj.sop_uid}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            obj.where = str(path)
-            with self._lock:
-                self._objects = [o for o in self._objects if o.sop_uid != obj.sop_uid]
-                self._objects.append(obj)
-            return 0x0000
+    def _save(self, ds: Any) -> None:
+        """Write one received object under its study's folder; a re-sent SOP Instance UID replaces it."""
+        study = str(ds.StudyInstanceUID)
+        obj = Received(study, str(ds.SOPClassUID), str(ds.SOPInstanceUID), "")
+        folder = self.folder / self.labels.get(study, study)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_kind(obj)}_{obj.sop_uid}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        obj.where = str(path)
+        self._objects = [o for o in self._objects if o.sop_uid != obj.sop_uid] + [obj]
 
-        self._server = ae.start_server(("127.0.0.1", self.dicom_port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    def start(self) -> None:
+        self._scp.start()
 
     def objects(self, study_uid: str) -> list[Received]:
-        with self._lock:
+        with self._scp.lock:
             return [o for o in self._objects if o.study_uid == study_uid]
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
+        self._scp.stop()
 
 
 class OrthancPacs:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +13,7 @@ from rich.console import Console
 from dicomnode.commands.common import ConfigOption, settings_from
 from dicomnode.config import Settings
 from dicomnode.processing.jobs import JobState
+from dicomnode.timefmt import duration, local_time
 
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 
@@ -82,17 +82,6 @@ def serve(
         raise typer.Exit(2) from exc
 
 
-def _fmt_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
-
-
-def _dur(a: float | None, b: float | None) -> str:
-    if not a or not b:
-        return ""
-    s = max(0.0, b - a)
-    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
-
-
 def job_rows(settings: Any, state: JobState | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """Jobs, newest first, with the pseudonymised patient (never the PatientID) and timings."""
     from dataclasses import asdict
@@ -134,9 +123,9 @@ def jobs(
             "…" + uid[-14:] if len(uid) > 16 else uid,
             str(r["instances"] or ""),
             f"[{colours.get(r['state'], 'white')}]{r['state']}[/]",
-            _fmt_time(r["created_at"]),
-            _dur(r["complete_at"], r["started_at"]),
-            _dur(r["started_at"], r["finished_at"] or r["updated_at"]) if r["started_at"] else "",
+            local_time(r["created_at"]),
+            duration(r["complete_at"], r["started_at"]),
+            duration(r["started_at"], r["finished_at"] or r["updated_at"]) if r["started_at"] else "",
             f"{r['sent']}/{r['outputs']}" if r["outputs"] else "",
             r["reason"] or r["message"] or "",
         )

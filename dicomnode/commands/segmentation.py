@@ -234,6 +234,9 @@ def train(
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
     seed: Annotated[int, typer.Option(help="Training RNG seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast where the CPU or GPU runs bf16 natively), fp32 or bf16.")
+    ] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a MONAI UNETR (paper preprocessing, DiceCE) and write a model package."""
@@ -248,6 +251,8 @@ def train(
         raise typer.BadParameter("--targets must be 'partial_volume' or 'nearest'")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise typer.BadParameter("--precision must be 'auto', 'fp32' or 'bf16'")
     zr = None
     if z_range:
         lo, hi = (float(v) for v in z_range.split(","))
@@ -291,6 +296,7 @@ def train(
         demo=demo,
         seed=seed,
         device=device,
+        precision=precision,
         init_from=str(init_from) if init_from else None,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -326,7 +332,7 @@ def evaluate(
         write_evaluation(result, out)
         Console(stderr=True).print(f"written {out / 'evaluation.json'}")
     else:
-        print(json.dumps({"mean_dice_muscles": result["mean_dice_muscles"]}))
+        print(json.dumps({"mean_dice_muscles": result.mean_dice_muscles}))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,9 @@ and send the same way; one copy here, imported as ``dicomnode.harness``, keeps t
 - :mod:`.net`: free ports, waiting, the ``TCP_NODELAY`` environment, phantom spacing arguments.
 - :mod:`.tomlfile`: a small TOML writer for node configurations (``tomllib`` only reads).
 - :mod:`.dcmtk`: dcmtk's ``storescp`` (the stand-in PACS), ``storescu``, ``echoscu``, resolved explicitly.
-- :mod:`.scu`: pynetdicom senders (one association, Nagle off).
+- :mod:`.scu`: pynetdicom senders (one association, Nagle off; byte-for-byte when asked), C-ECHO.
+- :mod:`.capture`: a pynetdicom storage SCP that keeps what it receives (stand-in node or PACS).
+- :mod:`.ingest`: instances into a store as the SCP files them, without the network.
 - :mod:`.node`: ``dicomnode serve`` as a subprocess.
 - :mod:`.orthanc`: Orthanc on free loopback ports with the shipped configuration (+ DICOMweb plugin).
 - :mod:`.viewer`: OHIF's built app with ``/dicom-web`` proxied to Orthanc on one origin.

@@ -36,10 +36,11 @@ def storescu(
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
 
 
-def echoscu(port: int, *, aet: str = "ECHOSCU",
+def echoscu(port: int, extra: Iterable[str] = (), *, aet: str = "ECHOSCU",
             called: str = "THIGHNODE") -> subprocess.CompletedProcess[str]:
+    """dcmtk echoscu; ``extra``: more options (TLS: ``+tls KEY CERT +cf CA``)."""
     return subprocess.run(
-        [require_dcmtk_tool("echoscu"), "-aet", aet, "-aec", called, "127.0.0.1", str(port)],
+        [require_dcmtk_tool("echoscu"), "-aet", aet, "-aec", called, *extra, "127.0.0.1", str(port)],
         capture_output=True, text=True, env=dcmtk_env(), timeout=30,
     )
 

@@ -114,6 +114,12 @@ class NodeProcess:
     def stop(self) -> None:
         stop_process(self.proc, timeout=15)
 
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,23 @@ def nodelay(assoc: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def echo(host: str, port: int, aet: str, calling: str = "DEMO") -> bool:
-    """One C-ECHO; True when the peer answers Success."""
+def echo(host: str, port: int, aet: str, calling: str = "DEMO", patience: float = 0.0) -> bool:
+    """One C-ECHO; True when the peer answers Success.
+
+    A refused association is tried again for ``patience`` s (a peer's slots may still be ending).
+    """
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     ae = AE(calling)
-    ae.acse_timeout = ae.network_timeout = 3
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
     ae.add_requested_context(Verification)
-    return echoed(ae.associate(host, port, ae_title=aet))
+    deadline = time.monotonic() + patience
+    while not (assoc := ae.associate(host, port, ae_title=aet)).is_established:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return echoed(assoc)
 
 
 def echoed(assoc: Any) -> bool:
@@ -71,18 +80,22 @@ def send_series(folder: Path, port: int, called_aet: str, calling_aet: str = "CT
     return len(files)
 
 
-def pynetdicom_send(port: int, items: list[Any], *, aet: str = "PYSCU", called: str = "THIGHNODE",
-                    on_status: Callable[[int, int | None], bool] | None = None) -> list[int | None]:
-    """C-STORE files (sent as they are, no re-encoding) or datasets with a pynetdicom SCU.
+def store_statuses(port: int, items: list[Any], *, aet: str = "PYSCU", called: str = "THIGHNODE",
+                   timeout: float = 10.0, verbatim: bool = False,
+                   on_status: Callable[[int, int | None], bool | None] | None = None) -> list[Any]:
+    """C-STORE files or datasets with a pynetdicom SCU over one association; each C-STORE-RSP status
+    data set (None: no response, e.g. the association is gone).
 
-    Returns each item's status (None: no response). ``on_status(index, status)`` may return False to stop.
+    ``verbatim``: files go out byte for byte (pynetdicom's chunked sending), never decoded and
+    re-encoded, so a malformed file arrives as it is. ``on_status(index, status)`` may return False
+    to stop. Raises ConnectionError when the association is refused.
     """
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
 
     ae = AE(ae_title=aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     pairs: set[tuple[str, str]] = set()
     for item in items:
         if isinstance(item, str | Path):
@@ -92,21 +105,41 @@ def pynetdicom_send(port: int, items: list[Any], *, aet: str = "PYSCU", called: 
             pairs.add((str(item.SOPClassUID), str(ExplicitVRLittleEndian)))
     for sop_class, ts in sorted(pairs):
         ae.add_requested_context(sop_class, ts)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if not assoc.is_established:
-        raise ConnectionError(f"association with {called}@{port} failed")
-    statuses: list[int | None] = []
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = verbatim
     try:
-        for i, item in enumerate(items):
-            if not assoc.is_established:
-                statuses.append(None)
-                continue
-            status = assoc.send_c_store(item)
-            code = int(status.Status) if status and "Status" in status else None
-            statuses.append(code)
-            if on_status is not None and on_status(i, code) is False:
-                break
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        if not assoc.is_established:
+            raise ConnectionError(f"association with {called}@{port} failed")
+        statuses: list[Any] = []
+        try:
+            for i, item in enumerate(items):
+                if not assoc.is_established:
+                    statuses.append(None)
+                    continue
+                status = assoc.send_c_store(item)
+                statuses.append(status if status and "Status" in status else None)
+                if on_status is not None and on_status(i, _code(statuses[-1])) is False:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
     finally:
-        if assoc.is_established:
-            assoc.release()
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
     return statuses
+
+
+def _code(status: Any) -> int | None:
+    return int(status.Status) if status is not None else None
+
+
+def pynetdicom_send(port: int, items: list[Any], **kw: Any) -> list[int | None]:
+    """:func:`store_statuses`, as each item's status code (None: no response)."""
+    return [_code(s) for s in store_statuses(port, items, **kw)]
+
+
+def send_verbatim(port: int, files: list[Path], aet: str = "PYSCU", timeout: float = 20.0,
+                  ) -> list[tuple[int | None, str]]:
+    """Each file's bytes exactly as they are (no decode, no re-encode): (status, error comment)."""
+    return [(_code(s), str(s.get("ErrorComment", "") or "") if s is not None else "")
+            for s in store_statuses(port, files, aet=aet, timeout=timeout, verbatim=True)]

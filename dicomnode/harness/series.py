@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -53,13 +54,15 @@ def write_ct_series(
     study_date: str = "20240101",
     z0: float = 0.0,
     random_pixels: bool = False,
+    study_uid: str | None = None,
 ) -> SeriesFiles:
     """``n`` single-frame CT slices at ``slice_mm`` (descending z from ``z0``), ``size``×``size`` pixels.
 
     ``skip`` leaves slice indices out (a gap), ``duplicate`` writes an extra instance at the same position.
+    ``study_uid``: put the series in that study (several series of one study), else one of its own.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    study = uid("study", name)
+    study = study_uid or uid("study", name)
     series = uid("series", name)
     frame = uid("for", name)
     sop_class = MR_IMAGE if modality == "MR" else CT_IMAGE
@@ -149,6 +152,21 @@ def write_enhanced_ct(path: Path, *, name: str = "enh", frames: int = 12, slice_
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return SeriesFiles(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), [path], [str(ds.SOPInstanceUID)])
+
+
+def rewrite(src: Path, dst: Path, **attrs: Any) -> Path:
+    """A copy of ``src`` with attributes changed (``file_meta__X`` for file meta ones)."""
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    for key, value in attrs.items():
+        if key.startswith("file_meta__"):
+            setattr(ds.file_meta, key.removeprefix("file_meta__"), value)
+        else:
+            setattr(ds, key, value)
+    # enforce_file_format would copy SOPClassUID over a deliberately different MediaStorageSOPClassUID
+    ds.save_as(dst, enforce_file_format=not any(k.startswith("file_meta__") for k in attrs))
+    return dst
 
 
 def dataset_bytes(path: Path) -> bytes:

@@ -6,7 +6,7 @@ keeps the one listening socket and accepts; each connection is handed (its file 
 Unix socket pair, :mod:`dicomnode.network.receive_channel`) to the worker process serving the fewest
 connections (:mod:`dicomnode.network.receive_worker`), which runs the same SCP as a single-process node: the
 allow-list, called-AE and host checks, TLS, PDU caps and deadlines, disk back-pressure, the durable
-write (temp file, fsync, rename, folder fsync) and the index row before success, UID-collision
+write (:meth:`dicomnode.storage.store.Store.write`) and the index row before success, UID-collision
 handling (a byte-range lock per SOP UID slot, shared by the workers).
 
 What must be counted node-wide stays here, in :class:`ConnectionTable`: the pending pool

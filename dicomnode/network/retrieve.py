@@ -11,10 +11,13 @@ slices); C-MOVE sends that series to this node's AE, where it is processed like 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -65,41 +68,46 @@ def _ae(settings: Settings) -> AE:
     return ae
 
 
-def _find(settings: Settings, query: Dataset) -> list[Dataset]:
-    ae = _ae(settings)
-    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
-                         tls_args=client_tls_args(settings))
+def _responses(settings: Settings, what: str, request: Callable[[Association], Iterator[tuple[Dataset, Any]]],
+               done: tuple[int, ...] = (0x0000,)) -> Iterator[tuple[Dataset, Any]]:
+    """Each (status, identifier) the PACS answers to one C-FIND or C-MOVE ``request``, over its own
+    association; raises on a lost association or a status that is neither pending nor in ``done``."""
+    assoc = _ae(settings).associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
+                                    tls_args=client_tls_args(settings))
     if not assoc.is_established:
         raise ConnectionError(
             f"no association with {settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}"
         )
-    hits: list[Dataset] = []
     try:
-        for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+        for status, ident in request(assoc):
             if not status:
-                raise ConnectionError("C-FIND: connection lost or timed out")
-            if status.Status in _PENDING and ident is not None:
-                hits.append(ident)
-            elif status.Status not in _PENDING and status.Status != 0x0000:
-                raise RuntimeError(f"C-FIND failed with status 0x{status.Status:04X}")
+                raise ConnectionError(f"{what}: connection lost or timed out")
+            if status.Status not in _PENDING and status.Status not in done:
+                raise RuntimeError(f"{what} failed with status 0x{status.Status:04X}")
+            yield status, ident
     finally:
         assoc.release()
-    return hits
+
+
+def _find(settings: Settings, level: str, **keys: str) -> list[Dataset]:
+    """The identifiers a C-FIND at ``level`` answers (``keys``: matching values, "" to ask for one)."""
+    query = Dataset()
+    query.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+
+    def request(assoc: Association) -> Iterator[tuple[Dataset, Any]]:
+        return assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+
+    return [ident for status, ident in _responses(settings, "C-FIND", request)
+            if status.Status in _PENDING and ident is not None]
 
 
 def find_studies(settings: Settings, patient_id: str) -> list[StudyHit]:
     """The patient's studies at the PACS (study-level C-FIND by PatientID)."""
-    q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
-    q.PatientID = patient_id
-    q.StudyInstanceUID = ""
-    q.StudyDate = ""
-    q.StudyTime = ""
-    q.ModalitiesInStudy = ""
-    q.StudyDescription = ""
-    q.IssuerOfPatientID = ""
     out = []
-    for ds in _find(settings, q):
+    for ds in _find(settings, "STUDY", PatientID=patient_id, StudyInstanceUID="", StudyDate="",
+                    StudyTime="", ModalitiesInStudy="", StudyDescription="", IssuerOfPatientID=""):
         mods = ds.get("ModalitiesInStudy", None)
         if mods is None or mods == "":
             mods_list: list[str] = []
@@ -107,43 +115,27 @@ def find_studies(settings: Settings, patient_id: str) -> list[StudyHit]:
             mods_list = [m for m in mods.split("\\") if m]
         else:
             mods_list = [str(m) for m in mods]
-        out.append(
-            StudyHit(
-                str(ds.get("StudyInstanceUID", "")),
-                str(ds.get("StudyDate", "") or ""),
-                str(ds.get("StudyTime", "") or ""),
-                mods_list,
-                str(ds.get("StudyDescription", "")),
-                str(ds.get("IssuerOfPatientID", "") or ""),
-            )
-        )
+        out.append(StudyHit(_text(ds, "StudyInstanceUID"), _text(ds, "StudyDate"), _text(ds, "StudyTime"),
+                            mods_list, _text(ds, "StudyDescription"), _text(ds, "IssuerOfPatientID")))
     return [s for s in out if s.study_instance_uid]
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "")
 
 
 def find_series(settings: Settings, study_uid: str) -> list[SeriesHit]:
     """The study's series (series-level C-FIND)."""
-    q = Dataset()
-    q.QueryRetrieveLevel = "SERIES"
-    q.StudyInstanceUID = study_uid
-    q.SeriesInstanceUID = ""
-    q.Modality = ""
-    q.SeriesDescription = ""
-    q.NumberOfSeriesRelatedInstances = ""
     out = []
-    for ds in _find(settings, q):
+    for ds in _find(settings, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality="",
+                    SeriesDescription="", NumberOfSeriesRelatedInstances=""):
         n = ds.get("NumberOfSeriesRelatedInstances", None)
         try:
             count = int(n) if n not in (None, "") else None
         except (TypeError, ValueError):
             count = None
-        out.append(
-            SeriesHit(
-                str(ds.get("SeriesInstanceUID", "")),
-                str(ds.get("Modality", "") or ""),
-                count,
-                str(ds.get("SeriesDescription", "") or ""),
-            )
-        )
+        out.append(SeriesHit(_text(ds, "SeriesInstanceUID"), _text(ds, "Modality"), count,
+                             _text(ds, "SeriesDescription")))
     return [s for s in out if s.series_instance_uid]
 
 
@@ -191,28 +183,20 @@ def move_series(
     settings: Settings, study_uid: str, series_uid: str, destination: str | None = None
 ) -> tuple[int, int]:
     """C-MOVE one series to ``destination`` (default: this node's AE). Returns (completed, failed)."""
-    ae = _ae(settings)
-    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
-                         tls_args=client_tls_args(settings))
-    if not assoc.is_established:
-        raise ConnectionError(f"no association with {settings.pacs.ae_title}")
     q = Dataset()
     q.QueryRetrieveLevel = "SERIES"
     q.StudyInstanceUID = study_uid
     q.SeriesInstanceUID = series_uid
+
+    def request(assoc: Association) -> Iterator[tuple[Dataset, Any]]:
+        to = destination or settings.ae_title
+        return assoc.send_c_move(q, to, StudyRootQueryRetrieveInformationModelMove)
+
     completed = failed = 0
-    try:
-        for status, _ in assoc.send_c_move(
-            q, destination or settings.ae_title, StudyRootQueryRetrieveInformationModelMove
-        ):
-            if not status:
-                raise ConnectionError("C-MOVE: connection lost or timed out")
-            completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
-            failed = int(status.get("NumberOfFailedSuboperations", failed) or failed)
-            if status.Status not in _PENDING and status.Status not in (0x0000, 0xB000):
-                raise RuntimeError(f"C-MOVE failed with status 0x{status.Status:04X}")
-    finally:
-        assoc.release()
+    # 0xB000: some sub-operations failed; the counts say how many
+    for status, _ in _responses(settings, "C-MOVE", request, done=(0x0000, 0xB000)):
+        completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
+        failed = int(status.get("NumberOfFailedSuboperations", failed) or failed)
     return completed, failed
 
 

@@ -25,9 +25,9 @@ other than the one it was written for.
 
 Throughput: PDUs are read into one buffer and the header is parsed only up to SeriesInstanceUID;
 the rest (C-STORE served in the DUL thread, event waits instead of pynetdicom's 1 ms poll ticks, a
-hand-encoded C-STORE-RSP, no per-PDU log formatting) is :mod:`dicomnode.network.pynetdicom_tuning`, switched
-off by ``pynetdicom_tuning = false`` and on an unchecked pynetdicom. ``benchmarks/receive.py``
-measures the effect against dcmtk storescp and Orthanc.
+hand-encoded C-STORE-RSP, no per-PDU log formatting, P-DATA split with one copy) is
+:mod:`dicomnode.network.pynetdicom_tuning`, switched off by ``pynetdicom_tuning = false`` and on an
+unchecked pynetdicom. ``benchmarks/receive.py`` measures the effect against dcmtk storescp and Orthanc.
 
 Status classes of a refused C-STORE: 0xA700 out of resources (disk low or failing, index, over
 ``max_instance_mb``), 0xA900 data set does not match the SOP class (another SOP class or Modality, a
@@ -63,9 +63,18 @@ from dicomnode.logs import event
 from dicomnode.network.pynetdicom_tuning import attach_waiters, tune_pynetdicom
 from dicomnode.network.sop import CT_CLASSES
 from dicomnode.network.tls import describe, handshake, server_context
-from dicomnode.network.validate import validate_instance
+from dicomnode.network.validate import quick_header, validate_instance
 from dicomnode.storage.diskspace import DiskGuard
-from dicomnode.storage.store import Store, StoreError, encode_file_meta, info_from_dataset, read_header
+from dicomnode.storage.store import (
+    INFO_TAGS,
+    LAST_HEADER_TAG,
+    Store,
+    StoreError,
+    encode_file_meta,
+    info_from_dataset,
+    info_from_values,
+    read_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +255,18 @@ def _read_pdu_data(self: Any) -> None:
     finally:
         with suppress(OSError):
             sock.settimeout(restore)
+    split = getattr(self, "_dicomnode_split_p_data", None) if pdu_type == 0x04 else None
     with memoryview(buf)[:6 + length] as pdu_bytes:
-        try:
-            pdu, fsm_event = self._decode_pdu(pdu_bytes)  # copies the bytes (pynetdicom's bytes())
-        except Exception as exc:  # undecodable PDU: A-ABORT through the state machine
-            event(log, "pdu undecodable", logging.WARNING, pdu_type=pdu_type, error=type(exc).__name__)
-            self.event_queue.put("Evt19")
-            return
+        pdu = split(pdu_bytes) if split is not None else None  # dicomnode.network.pynetdicom_tuning
+        if pdu is not None:
+            fsm_event = "Evt10"
+        else:
+            try:
+                pdu, fsm_event = self._decode_pdu(pdu_bytes)  # copies the bytes (pynetdicom's bytes())
+            except Exception as exc:  # undecodable PDU: A-ABORT through the state machine
+                event(log, "pdu undecodable", logging.WARNING, pdu_type=pdu_type, error=type(exc).__name__)
+                self.event_queue.put("Evt19")
+                return
     self.event_queue.put(fsm_event)
     self._recv_pdu.put(pdu)
 
@@ -423,14 +437,23 @@ class StorageSCP:
         disk_low = self.disk.refusal()
         if disk_low is not None:  # the guard logged entering the low state once; not one line per instance
             return self._fail(OUT_OF_RESOURCES, disk_low, calling, level=logging.DEBUG)
+        data = evt_.request.DataSet.getbuffer()
+        # one walk over the element headers gives identifiers and verdict when the data set is plain
+        values = quick_header(data, str(ctx.transfer_syntax), str(ctx.abstract_syntax), INFO_TAGS,
+                              LAST_HEADER_TAG)
         try:
-            ds = read_header(evt_.request.DataSet, str(ctx.transfer_syntax))
-            if ds is None:  # deflated or big endian: let pynetdicom/pydicom decode all of it
-                ds = evt_.dataset
+            if values is not None:
+                ds = None
+            else:
+                ds = read_header(evt_.request.DataSet, str(ctx.transfer_syntax))
+                if ds is None:  # deflated or big endian: let pynetdicom/pydicom decode all of it
+                    ds = evt_.dataset
         except Exception as exc:  # undecodable byte stream: refuse it, keep serving
             return self._fail(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}", calling)
         try:
-            info = info_from_dataset(ds, str(ctx.abstract_syntax), str(ctx.transfer_syntax), calling)
+            info = (info_from_values(values, str(ctx.abstract_syntax), str(ctx.transfer_syntax), calling)
+                    if values is not None else
+                    info_from_dataset(ds, str(ctx.abstract_syntax), str(ctx.transfer_syntax), calling))
         except StoreError as exc:  # a UID needed for filing is missing or invalid
             return self._fail(*_unfiled_status(evt_.request.DataSet, ctx, str(exc)), calling)
         except Exception as exc:  # a header pydicom cannot parse
@@ -440,7 +463,7 @@ class StorageSCP:
             return self._fail(DATA_SET_DOES_NOT_MATCH, "SOPInstanceUID differs from the C-STORE request",
                               calling)
         try:
-            self.store.add(info, encode_file_meta(info), evt_.request.DataSet.getbuffer())
+            self.store.add(info, encode_file_meta(info), data, checked=values is not None)
         except StoreError as exc:  # refused by the store: its status (0xC000, 0xA900 or 0xA700) as is
             return self._fail(exc.status, str(exc), calling)
         except Exception as exc:

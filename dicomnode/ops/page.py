@@ -44,6 +44,7 @@ from dicomnode.logs import event
 from dicomnode.ops.metrics import node_registry
 from dicomnode.processing import jobs
 from dicomnode.storage.diskspace import DiskSpace, read_space
+from dicomnode.timefmt import duration, local_time
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,6 @@ def page_data(settings: Settings, db: Database, t: float | None = None) -> PageD
         problems=jobs.problems(db, PROBLEMS_SHOWN))
 
 
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
-
-
-def _took(a: float | None, b: float | None) -> str:
-    if not a or not b:
-        return ""
-    s = max(0.0, b - a)
-    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
-
-
 def _size(n: float) -> str:
     """Bytes as people read them (decimal units, as the disk settings' MB)."""
     for unit in ("B", "kB", "MB", "GB"):
@@ -152,8 +142,8 @@ def _series(uid: str) -> str:
 
 def templates() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
-    env.filters.update(when=_when, series=_series, size=_size)
-    env.globals.update(took=_took, refresh=REFRESH_SECONDS)
+    env.filters.update(when=local_time, series=_series, size=_size)
+    env.globals.update(took=duration, refresh=REFRESH_SECONDS)
     return env
 
 

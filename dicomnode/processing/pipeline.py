@@ -180,17 +180,18 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
     no longer stored), so that the summary's key images show pre and post side by side.
     ``seg_built`` gets the SEG as soon as it exists (the node starts writing it while the SR is built).
     """
-    from reporting.seg import build_seg
+    from reporting.seg import build_seg_frames
     from reporting.sr import build_measurement_sr
     from reporting.summary import build_summary
 
     phases = phases or PhaseLog(None)
     with phases.phase("SEG encoding"):
-        seg_ds = build_seg(ct, labels, record, model_info, seg_type=settings.output.seg_type,
-                           compression=settings.output.labelmap_compression)
+        built_seg = build_seg_frames(ct, labels, record, model_info, seg_type=settings.output.seg_type,
+                                     compression=settings.output.labelmap_compression)
+    seg_ds = built_seg.dataset
     seg_built(seg_ds)
-    with phases.phase("SR encoding"):
-        sr_ds = build_measurement_sr(ct, seg_ds, record, model_info)
+    with phases.phase("SR encoding"):  # what the SEG's frames hold, known from its build: no read-back
+        sr_ds = build_measurement_sr(ct, seg_ds, record, model_info, frames=built_seg.frames)
     changes = pair(seg_ds, sr_ds)
     datasets = [seg_ds, sr_ds]
     if settings.output.summary:

@@ -7,12 +7,14 @@ quiet series is first checked for completeness (:func:`check_completeness`: cont
 positions, no gap over 1.5× the median spacing, and the expected count where the headers give one,
 ImagesInAcquisition, NumberOfSeriesRelatedInstances or the InstanceNumber range). An incomplete
 series is *held* (left receiving) for ``selection.incomplete_hold_seconds`` after its last instance;
-instances that arrive meanwhile complete it and it is checked again; otherwise it is ``rejected``
-with the reason code ``incomplete``.
+instances that arrive meanwhile complete it and it is checked again; otherwise it is ``rejected``.
+The hold and the rejection carry the same reason: text beginning "incomplete:", and a code naming the
+cause (``slice-gap``, ``acquisition-short``, ``series-short``, ``instance-numbers-missing``).
 
 Then its headers alone (``stop_before_pixels``) decide whether the pipeline may run: CT, axial, one
 consistent grid, no missing or duplicate slice positions, enough slices and enough z-coverage.
-Anything else is ``rejected`` with the exact reason, so nothing is dropped silently. A content hash
+Anything else is ``rejected`` with the exact reason and a code for each cause (:class:`ReasonCode`,
+``not-ct``, ``not-axial``, ``short-z-coverage`` …), so nothing is dropped silently. A content hash
 over the sorted SOP Instance UIDs and file sizes keeps the same content from being processed twice;
 when new content of a series whose earlier content has results is queued, the superseded results'
 UIDs are logged for the PACS administrator (the new results get new UIDs, see reporting/uids.py).
@@ -61,7 +63,7 @@ HEADER_TAGS = [
     "ImagesInAcquisition",
     "NumberOfSeriesRelatedInstances",
 ]
-INCOMPLETE = ReasonCode.INCOMPLETE.value  # also the first word of that reason's text
+INCOMPLETE = "incomplete"  # the first word of every incompleteness reason's text
 GAP_FACTOR = 1.5  # a step over this × the median slice spacing is a gap
 
 
@@ -78,21 +80,34 @@ class Slice:
 
 @dataclass
 class Selection:
+    """The verdict on a series' headers: ``code`` names the cause of a refusal, ``reason`` says it."""
+
     accepted: bool
     reason: str = ""
+    code: ReasonCode | None = None
     n_slices: int = 0
     z_coverage_mm: float = 0.0
     slice_spacing_mm: float = 0.0
     modality: str = ""
     notes: list[str] = field(default_factory=list)
 
+    def refuse(self, code: ReasonCode, reason: str) -> Selection:
+        self.accepted, self.code, self.reason = False, code, reason
+        return self
+
 
 @dataclass(frozen=True)
 class Completeness:
-    """Whether a quiet series looks whole; ``detail`` says what is missing when it does not."""
+    """Whether a quiet series looks whole; ``detail`` says what is missing, ``code`` why, when not."""
 
     complete: bool
     detail: str = ""
+    code: ReasonCode | None = None
+
+    def reason(self, held: bool) -> Reason:
+        """The reason a job is held (``held``) or rejected for."""
+        text = f"{INCOMPLETE}: {self.detail}"
+        return Reason(self.code or ReasonCode.INCOMPLETE, f"held: {text}" if held else text)
 
 
 def content_hash(items: Iterable[tuple[str, int]]) -> str:
@@ -206,10 +221,10 @@ def _position_gap(slices: list[Slice]) -> str:
             f"(slice spacing {_fmt(step)} mm)")
 
 
-def _expected_count(headers: list[Any], n_positions: int) -> str:
-    """A shortfall against the count the headers announce ("" when none is announced or it is met)."""
+def _expected_count(headers: list[Any], n_positions: int) -> Completeness:
+    """A shortfall against the count the headers announce (complete when none is announced or it is met)."""
     if any((_int_or_none(h.get("NumberOfFrames")) or 1) > 1 for h in headers):
-        return ""  # multi-frame: the count checks below are about single-frame instances
+        return Completeness(True)  # multi-frame: the count checks below are about single-frame instances
     by_acquisition: dict[str, list[Any]] = {}
     for h in headers:
         by_acquisition.setdefault(str(h.get("AcquisitionNumber", "") or ""), []).append(h)
@@ -217,17 +232,20 @@ def _expected_count(headers: list[Any], n_positions: int) -> str:
         declared = {_int_or_none(h.get("ImagesInAcquisition")) for h in group} - {None}
         if len(declared) == 1 and len(group) < (wanted := declared.pop()):
             which = f" {acquisition}" if acquisition else ""
-            return f"{len(group)} of {wanted} images of acquisition{which} received (ImagesInAcquisition)"
+            return Completeness(False, f"{len(group)} of {wanted} images of acquisition{which} received"
+                                " (ImagesInAcquisition)", ReasonCode.ACQUISITION_SHORT)
     total = {_int_or_none(h.get("NumberOfSeriesRelatedInstances")) for h in headers} - {None}
     if len(total) == 1 and len(headers) < (wanted := total.pop()):
-        return f"{len(headers)} of {wanted} instances received (NumberOfSeriesRelatedInstances)"
+        return Completeness(False, f"{len(headers)} of {wanted} instances received"
+                            " (NumberOfSeriesRelatedInstances)", ReasonCode.SERIES_SHORT)
     numbers = [_int_or_none(h.get("InstanceNumber")) for h in headers]
     if n_positions == len(headers) and None not in numbers and len(set(numbers)) == len(numbers) > 1:
         lo, hi = min(numbers), max(numbers)  # type: ignore[type-var]
         missing = hi - lo + 1 - len(numbers)
         if missing > 0:
-            return f"{missing} instance number(s) missing between {lo} and {hi}"
-    return ""
+            return Completeness(False, f"{missing} instance number(s) missing between {lo} and {hi}",
+                                ReasonCode.INSTANCE_NUMBERS_MISSING)
+    return Completeness(True)
 
 
 def check_completeness(headers: list[Any]) -> Completeness:
@@ -235,10 +253,9 @@ def check_completeness(headers: list[Any]) -> Completeness:
     slices = [s for h in headers for s in slices_of(h)]
     gap = _position_gap(slices)
     if gap:
-        return Completeness(False, gap)
+        return Completeness(False, gap, ReasonCode.SLICE_GAP)
     positions = {tuple(round(v, 2) for v in s.position) for s in slices if s.position is not None}
-    short = _expected_count(headers, len(positions))
-    return Completeness(not short, short)
+    return _expected_count(headers, len(positions))
 
 
 def select_series(files: list[Path], selection: SelectionSettings) -> Selection:
@@ -250,82 +267,78 @@ def select_series(files: list[Path], selection: SelectionSettings) -> Selection:
 def select_headers(headers: list[Any], unreadable: int, selection: SelectionSettings) -> Selection:
     """:func:`select_series` on headers already read (``unreadable``: files that could not be)."""
     if not headers and not unreadable:
-        return Selection(False, "no instances")
+        return Selection(False).refuse(ReasonCode.NO_INSTANCES, "no instances")
     modalities: set[str] = set()
     slices: list[Slice] = []
     for ds in headers:
         modalities.add(str(ds.get("Modality", "") or "?"))
         slices.extend(slices_of(ds))
     if unreadable:
-        return Selection(False, f"unreadable header in {unreadable} instance(s)")
+        return Selection(False).refuse(ReasonCode.UNREADABLE_HEADER,
+                                       f"unreadable header in {unreadable} instance(s)")
     modality = ",".join(sorted(modalities))
     if modalities != {"CT"}:
-        return Selection(False, f"modality {modality} is not CT", modality=modality)
+        return Selection(False, modality=modality).refuse(ReasonCode.NOT_CT, f"modality {modality} is not CT")
     sel = Selection(False, modality="CT", n_slices=len(slices))
     missing = sum(1 for s in slices if s.position is None or s.orientation is None)
     if missing:
-        sel.reason = f"missing ImagePositionPatient/ImageOrientationPatient in {missing} slice(s)"
-        return sel
+        return sel.refuse(ReasonCode.MISSING_GEOMETRY,
+                          f"missing ImagePositionPatient/ImageOrientationPatient in {missing} slice(s)")
     matrices = sorted({(s.rows, s.cols) for s in slices})
     if len(matrices) > 1:
-        sel.reason = "inconsistent matrix: " + ", ".join(f"{r}×{c}" for r, c in matrices)
-        return sel
+        return sel.refuse(ReasonCode.INCONSISTENT_MATRIX,
+                          "inconsistent matrix: " + ", ".join(f"{r}×{c}" for r, c in matrices))
     ori = np.array([s.orientation for s in slices], dtype=float)
     if np.abs(ori - ori[0]).max() > 1e-3:
-        sel.reason = "inconsistent image orientation within the series"
-        return sel
+        return sel.refuse(ReasonCode.INCONSISTENT_ORIENTATION,
+                          "inconsistent image orientation within the series")
     row, col = ori[0, :3], ori[0, 3:]
     normal = np.cross(row, col)
     norm = float(np.linalg.norm(normal))
     if norm < 1e-6:
-        sel.reason = "invalid ImageOrientationPatient"
-        return sel
+        return sel.refuse(ReasonCode.INVALID_ORIENTATION, "invalid ImageOrientationPatient")
     normal /= norm
     tilt = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     if tilt > AXIAL_TOLERANCE_DEG:
         plane = "sagittal" if abs(normal[0]) > abs(normal[1]) else "coronal"
-        sel.reason = f"not axial: slice normal {tilt:.0f}° from the patient z axis ({plane})"
-        return sel
+        return sel.refuse(ReasonCode.NOT_AXIAL,
+                          f"not axial: slice normal {tilt:.0f}° from the patient z axis ({plane})")
     spacings = {s.spacing for s in slices}
     if None in spacings:
-        sel.reason = "missing PixelSpacing"
-        return sel
+        return sel.refuse(ReasonCode.MISSING_PIXEL_SPACING, "missing PixelSpacing")
     sp = np.array(sorted(spacings), dtype=float)
     if np.abs(sp - sp[0]).max() > 1e-3:
-        sel.reason = "inconsistent pixel spacing: " + ", ".join(f"{a:g}×{b:g} mm" for a, b in sp)
-        return sel
+        return sel.refuse(ReasonCode.INCONSISTENT_PIXEL_SPACING,
+                          "inconsistent pixel spacing: " + ", ".join(f"{a:g}×{b:g} mm" for a, b in sp))
     z = np.sort(np.array([np.dot(s.position, normal) for s in slices], dtype=float))
     if len(z) > 1:
         diffs = np.diff(z)
         dup = diffs < POSITION_TOL_MM
         if dup.any():
             at = float(z[1:][dup][0])
-            sel.reason = (
-                f"duplicate slice position at {_fmt(at)} mm ({int(dup.sum()) + 1} slices share positions)"
-            )
-            return sel
+            return sel.refuse(ReasonCode.DUPLICATE_SLICE_POSITION,
+                              f"duplicate slice position at {_fmt(at)} mm"
+                              f" ({int(dup.sum()) + 1} slices share positions)")
         step = float(np.median(diffs))
         big = diffs > 1.5 * step
         if big.any():
             i = int(np.argmax(big))
-            sel.reason = (
-                f"missing slices: gap of {_fmt(float(diffs[i]))} mm after {_fmt(float(z[i]))} mm "
-                f"(slice spacing {_fmt(step)} mm)"
-            )
-            return sel
+            return sel.refuse(ReasonCode.MISSING_SLICES, f"missing slices: gap of {_fmt(float(diffs[i]))} mm"
+                              f" after {_fmt(float(z[i]))} mm (slice spacing {_fmt(step)} mm)")
         if np.abs(diffs - step).max() > 0.1 * step + 0.01:
-            sel.reason = f"irregular slice spacing ({_fmt(float(diffs.min()))}–{_fmt(float(diffs.max()))} mm)"
-            return sel
+            return sel.refuse(ReasonCode.IRREGULAR_SLICE_SPACING,
+                              f"irregular slice spacing ({_fmt(float(diffs.min()))}–"
+                              f"{_fmt(float(diffs.max()))} mm)")
         sel.slice_spacing_mm = step
         sel.z_coverage_mm = float(z[-1] - z[0]) + step
-    problems = []
+    problems: list[tuple[ReasonCode, str]] = []  # both are said; the first is the code
     if sel.z_coverage_mm < selection.min_z_extent_mm:
-        problems.append(f"z-coverage {_fmt(sel.z_coverage_mm)} mm < {_fmt(selection.min_z_extent_mm)} mm")
+        problems.append((ReasonCode.SHORT_Z_COVERAGE,
+                         f"z-coverage {_fmt(sel.z_coverage_mm)} mm < {_fmt(selection.min_z_extent_mm)} mm"))
     if len(slices) < selection.min_slices:
-        problems.append(f"{len(slices)} slices < {selection.min_slices}")
+        problems.append((ReasonCode.TOO_FEW_SLICES, f"{len(slices)} slices < {selection.min_slices}"))
     if problems:
-        sel.reason = "; ".join(problems)
-        return sel
+        return sel.refuse(problems[0][0], "; ".join(text for _, text in problems))
     sel.accepted = True
     return sel
 
@@ -382,7 +395,6 @@ class StabilityWatcher:
         files = sorted(Path(r["path"]) for r in rows)
         digest = content_hash((r["sop_uid"], int(r["size"] or 0)) for r in rows)
         sel = Selection(False)
-        failed_selection = False
         try:  # file I/O, outside any transaction
             headers, unreadable = read_headers(files)
             whole = check_completeness(headers) if not unreadable else Completeness(True)
@@ -391,11 +403,11 @@ class StabilityWatcher:
         except Exception as exc:  # selection must never kill the watcher
             log.exception("selection failed")
             whole = Completeness(True)
-            sel = Selection(False, f"selection failed: {type(exc).__name__}: {exc}")
-            failed_selection = True
+            sel = Selection(False).refuse(ReasonCode.SELECTION_ERROR,
+                                          f"selection failed: {type(exc).__name__}: {exc}")
         hold_until = float(last["last_received_at"] or t) + self.settings.selection.incomplete_hold_seconds
         if not whole.complete and now() < hold_until:
-            return self._hold(job_id, series_uid, whole.detail, hold_until)
+            return self._hold(job_id, series_uid, whole, hold_until)
         t = now()
         superseded: list[Any] = []
         with self.db.tx() as con:
@@ -409,8 +421,7 @@ class StabilityWatcher:
             ).fetchone()
             why: Reason | None
             if not whole.complete:
-                new_state = JobState.REJECTED
-                why = Reason(ReasonCode.INCOMPLETE, f"{INCOMPLETE}: {whole.detail}")
+                new_state, why = JobState.REJECTED, whole.reason(held=False)
             elif dup is not None:
                 new_state = JobState.DONE
                 why = Reason(ReasonCode.DUPLICATE_CONTENT,
@@ -424,8 +435,7 @@ class StabilityWatcher:
                     (series_uid, job_id, JobState.SENDING.value, JobState.DONE.value, digest),
                 ).fetchall()
             else:
-                code = ReasonCode.SELECTION_ERROR if failed_selection else ReasonCode.NOT_SELECTED
-                new_state, why = JobState.REJECTED, Reason(code, sel.reason)
+                new_state, why = JobState.REJECTED, Reason(sel.code or ReasonCode.SELECTION_ERROR, sel.reason)
             jobs.move(con, job_id, new_state, t, reason=why, content_hash=digest, n_instances=len(rows))
             queued = jobs.get(con, job_id) if new_state is JobState.QUEUED else None
         if queued is not None:
@@ -447,16 +457,16 @@ class StabilityWatcher:
             self._announce_superseded(job_id, series_uid, superseded)
         return True
 
-    def _hold(self, job_id: int, series_uid: str, detail: str, until: float) -> bool:
+    def _hold(self, job_id: int, series_uid: str, whole: Completeness, until: float) -> bool:
         """Back to receiving, to be checked again at ``until`` (or after any new instance settles)."""
         t = now()
         with self.db.tx() as con:
             held = jobs.move(con, job_id, JobState.RECEIVING, t, expect={JobState.COMPLETE},
-                             next_attempt_at=until,
-                             reason=Reason(ReasonCode.HELD_INCOMPLETE, f"held: {INCOMPLETE}: {detail}"))
+                             next_attempt_at=until, reason=whole.reason(held=True))
         if held is not None:
-            event(log, "series held", job=job_id, series=series_uid, reason=f"{INCOMPLETE}: {detail}",
-                  seconds_left=round(until - t, 1))
+            rejected_for = whole.reason(held=False)
+            event(log, "series held", job=job_id, series=series_uid, reason=rejected_for.text,
+                  reason_code=rejected_for.code, seconds_left=round(until - t, 1))
         return False
 
     @staticmethod

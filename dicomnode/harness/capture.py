@@ -1,0 +1,74 @@
+"""A pynetdicom storage SCP that keeps what it receives: the stand-in node or PACS of tests and the demo.
+
+Why one: the routing tests need a "node" that only counts what Orthanc forwards, the retrieval tests a
+C-MOVE destination, the demo a PACS without Orthanc; each had its own copy of the same server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from dicomnode.harness.net import free_port
+
+
+class CapturingSCP:
+    """Accepts every storage class (and C-ECHO) on 127.0.0.1; ``received`` holds each data set in order.
+
+    ``on_dataset(ds)``, when given, is called with each data set (file meta attached) as it arrives,
+    under the capture's lock; ``keep=False`` then keeps nothing in memory.
+    """
+
+    def __init__(self, ae_title: str, port: int | None = None, *,
+                 on_dataset: Callable[[Any], None] | None = None, keep: bool = True,
+                 extra_contexts: tuple[str, ...] = ()) -> None:
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.received: list[Any] = []
+        self.lock = threading.Lock()
+        self._on_dataset = on_dataset
+        self._keep = keep
+        self._extra = extra_contexts
+        self._server: Any = None
+
+    def start(self) -> CapturingSCP:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        for uid in self._extra:  # classes newer than pynetdicom's list (e.g. Label Map SEG)
+            ae.add_supported_context(uid)
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            with self.lock:
+                if self._keep:
+                    self.received.append(ds)
+                if self._on_dataset is not None:
+                    self._on_dataset(ds)
+            return 0x0000
+
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        return self
+
+    def series_counts(self) -> Counter[str]:
+        """Instances received per SeriesInstanceUID."""
+        with self.lock:
+            return Counter(str(ds.SeriesInstanceUID) for ds in self.received)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> CapturingSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,141 @@
+"""Every cause for holding or refusing a series has its own reason code (headers built in memory).
+
+Why: an operator's filter, the ops page and the metrics count by ``jobs.reason_code``; one coarse code
+for fourteen causes would send everyone back to parsing the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomnode.config import SelectionSettings
+from dicomnode.storage.series import INCOMPLETE, check_completeness, select_headers
+from seg.records import INCOMPLETE_CODES, NOT_SELECTED_CODES, ReasonCode
+
+SEL = SelectionSettings(min_z_extent_mm=30.0, min_slices=5)
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+N = 12  # slices: 36 mm at 3 mm, enough for SEL
+
+
+def ct(n: int = N, step: float = 3.0, **tags: object) -> list[Dataset]:
+    """``n`` axial CT headers ``step`` mm apart, numbered 1..n; ``tags`` set on every one."""
+    out = []
+    for i in range(n):
+        ds = Dataset()
+        ds.Modality, ds.Rows, ds.Columns = "CT", 8, 8
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.ImageOrientationPatient = list(AXIAL)
+        ds.ImagePositionPatient = [0.0, 0.0, i * step]
+        ds.InstanceNumber = i + 1
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        out.append(ds)
+    return out
+
+
+def at(z: list[float]) -> list[Dataset]:
+    """CT headers at the given slice positions."""
+    hs = ct(len(z))
+    for ds, zi in zip(hs, z, strict=True):
+        ds.ImagePositionPatient = [0.0, 0.0, zi]
+    return hs
+
+
+def changed(i: int, **tags: object) -> list[Dataset]:
+    """A good series whose slice ``i`` has other ``tags`` (None: the tag removed)."""
+    hs = ct()
+    for k, v in tags.items():
+        if v is None:
+            delattr(hs[i], k)
+        else:
+            setattr(hs[i], k, v)
+    return hs
+
+
+SELECTION: dict[ReasonCode, tuple[Callable[[], tuple[list[Dataset], int]], str]] = {
+    ReasonCode.NO_INSTANCES: (lambda: ([], 0), "no instances"),
+    ReasonCode.UNREADABLE_HEADER: (lambda: (ct(), 2), "unreadable header in 2 instance(s)"),
+    ReasonCode.NOT_CT: (lambda: (ct(Modality="MR"), 0), "modality MR is not CT"),
+    ReasonCode.MISSING_GEOMETRY: (lambda: (changed(3, ImagePositionPatient=None), 0),
+                                  "missing ImagePositionPatient/ImageOrientationPatient in 1 slice(s)"),
+    ReasonCode.INCONSISTENT_MATRIX: (lambda: (changed(3, Rows=16), 0), "inconsistent matrix: 8×8, 16×8"),
+    ReasonCode.INCONSISTENT_ORIENTATION: (
+        lambda: (changed(3, ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 0.9, 0.1]), 0),
+        "inconsistent image orientation within the series"),
+    ReasonCode.INVALID_ORIENTATION: (lambda: (ct(ImageOrientationPatient=[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]), 0),
+                                     "invalid ImageOrientationPatient"),
+    ReasonCode.NOT_AXIAL: (lambda: (ct(ImageOrientationPatient=[0.0, 1.0, 0.0, 0.0, 0.0, -1.0]), 0),
+                           "not axial: slice normal 90° from the patient z axis (sagittal)"),
+    ReasonCode.MISSING_PIXEL_SPACING: (lambda: (changed(3, PixelSpacing=None), 0), "missing PixelSpacing"),
+    ReasonCode.INCONSISTENT_PIXEL_SPACING: (lambda: (changed(3, PixelSpacing=[0.5, 0.5]), 0),
+                                            "inconsistent pixel spacing: 0.5×0.5 mm, 1×1 mm"),
+    ReasonCode.DUPLICATE_SLICE_POSITION: (lambda: (at([0, 3, 3, 6, 9, 12, 15, 18, 21, 24, 27]), 0),
+                                          "duplicate slice position at 3 mm (2 slices share positions)"),
+    ReasonCode.MISSING_SLICES: (lambda: (at([0, 3, 6, 9, 15, 18, 21, 24, 27, 30]), 0),
+                                "missing slices: gap of 6 mm after 9 mm (slice spacing 3 mm)"),
+    ReasonCode.IRREGULAR_SLICE_SPACING: (lambda: (at([0, 3, 6, 10, 13, 16, 19, 22, 25, 28, 31]), 0),
+                                         "irregular slice spacing (3–4 mm)"),
+    ReasonCode.SHORT_Z_COVERAGE: (lambda: (ct(8, 2.5), 0), "z-coverage 20 mm < 30 mm"),
+    ReasonCode.TOO_FEW_SLICES: (lambda: (ct(4, 10.0), 0), "4 slices < 5"),
+}
+
+
+@pytest.mark.parametrize("code", list(SELECTION), ids=str)
+def test_each_selection_cause_has_its_code(code: ReasonCode) -> None:
+    make, text = SELECTION[code]
+    sel = select_headers(*make(), SEL)
+    assert (sel.accepted, sel.code, sel.reason) == (False, code, text)
+
+
+def test_a_good_series_is_accepted_without_a_code() -> None:
+    sel = select_headers(ct(), 0, SEL)
+    assert (sel.accepted, sel.code, sel.reason) == (True, None, "")
+
+
+def test_short_and_too_few_says_both_and_codes_the_first() -> None:
+    sel = select_headers(ct(3, 2.0), 0, SEL)
+    assert (sel.code, sel.reason) == (ReasonCode.SHORT_Z_COVERAGE, "z-coverage 6 mm < 30 mm; 3 slices < 5")
+
+
+def with_instance_numbers(numbers: list[int]) -> list[Dataset]:
+    hs = ct(len(numbers))
+    for ds, n in zip(hs, numbers, strict=True):
+        ds.InstanceNumber = n
+    return hs
+
+
+COMPLETENESS: dict[ReasonCode, tuple[Callable[[], list[Dataset]], str]] = {
+    ReasonCode.SLICE_GAP: (lambda: at([0, 3, 6, 9, 15, 18, 21]),
+                           "gap of 6 mm after 9 mm (slice spacing 3 mm)"),
+    ReasonCode.ACQUISITION_SHORT: (lambda: ct(AcquisitionNumber=1, ImagesInAcquisition=20),
+                                   "12 of 20 images of acquisition 1 received (ImagesInAcquisition)"),
+    ReasonCode.SERIES_SHORT: (lambda: ct(NumberOfSeriesRelatedInstances=15),
+                              "12 of 15 instances received (NumberOfSeriesRelatedInstances)"),
+    ReasonCode.INSTANCE_NUMBERS_MISSING: (lambda: with_instance_numbers([*range(1, 6), *range(8, 15)]),
+                                          "2 instance number(s) missing between 1 and 14"),
+}
+
+
+@pytest.mark.parametrize("code", list(COMPLETENESS), ids=str)
+def test_each_incompleteness_cause_has_its_code_when_held_and_when_rejected(code: ReasonCode) -> None:
+    make, detail = COMPLETENESS[code]
+    whole = check_completeness(make())
+    assert (whole.complete, whole.code, whole.detail) == (False, code, detail)
+    held, rejected = whole.reason(held=True), whole.reason(held=False)
+    assert (held.code, held.text) == (code, f"held: {INCOMPLETE}: {detail}")
+    assert (rejected.code, rejected.text) == (code, f"{INCOMPLETE}: {detail}")
+
+
+def test_a_whole_series_is_complete_without_a_code() -> None:
+    whole = check_completeness(ct(NumberOfSeriesRelatedInstances=N))
+    assert (whole.complete, whole.code) == (True, None)
+
+
+def test_the_codes_are_distinct_and_grouped() -> None:
+    """One cause, one code; each belongs to the group a filter for "not selected" or "incomplete" uses."""
+    assert len(set(SELECTION) | set(COMPLETENESS)) == len(SELECTION) + len(COMPLETENESS)
+    assert set(SELECTION) <= NOT_SELECTED_CODES and set(COMPLETENESS) <= INCOMPLETE_CODES
+    assert not NOT_SELECTED_CODES & INCOMPLETE_CODES
