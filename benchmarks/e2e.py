@@ -16,6 +16,8 @@ output stored in Orthanc is split along the critical path into:
     handover         the rest of the isolated call (job and answer through the pipe)
     outcome recorded the worker writes the outbox rows
     send             job in sending → last C-STORE success from Orthanc (sender poll + association)
+                     (the SEG and SR are handed to the sender as soon as each is on disk, so part of
+                     their sending overlaps the pipeline: this row is what is left after the job ends)
 
 ``overhead`` is the total minus inference: the issue #14 target is ≤ 5 s for a 400-slice study.
 ``--modes cold,warm`` runs the node as it was before this benchmark's last round of changes (see

@@ -262,6 +262,11 @@ class Settings(BaseSettings):
     # processes that serve associations (dicomnode/network/receive_pool.py): 1 = the listener's own threads;
     # N > 1 = N worker processes fed by one accepting parent, which keeps the node-wide limits
     receive_processes: int = Field(1, ge=1, le=64)
+    # how a received instance is made durable before its success status (dicomnode/storage/store.py):
+    # "syncfs" = rename, then one syncfs (Linux >= 5.8; one disk flush per instance, but it also flushes
+    # other writers' dirty data on that filesystem, so one C-STORE may wait for them); "fsync" = fsync,
+    # rename, fsync the folder (two flushes, only our own data); "auto" = syncfs where the kernel has it
+    receive_flush: Literal["auto", "syncfs", "fsync"] = "auto"
     model_path: Path | None = None  # None = the shipped phantom-trained demo model
     log_level: LogLevel = "INFO"
     log_json: bool = False

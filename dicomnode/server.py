@@ -25,7 +25,7 @@ from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 from dicomnode.processing.worker import PipelineFn, Worker, pipeline_spec
 from dicomnode.storage.retention import Retention
 from dicomnode.storage.series import StabilityWatcher
-from dicomnode.storage.store import Store
+from dicomnode.storage.store import Store, one_flush_setting
 
 if TYPE_CHECKING:
     from dicomnode.ops.page import OpsServer
@@ -45,7 +45,7 @@ class Node:
     ) -> None:
         self.settings = settings
         self.db = Database(settings.db_path)
-        self.store = Store(settings.storage_dir, self.db)
+        self.store = Store(settings.storage_dir, self.db, one_flush=one_flush_setting(settings.receive_flush))
         self.queue = queue_engine(self.db)
         # receive_processes > 1: associations served in worker processes (dicomnode.network.receive_pool)
         self.scp: StorageSCP | ReceivePool = (

@@ -107,3 +107,50 @@ def measure(job: JobInput, settings: object) -> JobOutput:
     ct = load_dicom_series(sorted(job.files))
     labels = ct.with_array(np.where(ct.array > -500, LABEL_OF["vastus_lateralis"], 0).astype(np.uint8))
     return report(job, settings, ct, labels, THRESHOLD_MODEL)  # type: ignore[arg-type]
+
+
+def _sent(settings: object, path: Path, timeout: float = 30.0) -> bool:
+    """Whether the node's sender stored ``path`` in the PACS within ``timeout`` s (read from the index)."""
+    import sqlite3
+    import time
+
+    db = Path(settings.db_path)  # type: ignore[attr-defined]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            row = con.execute("SELECT state FROM outbox WHERE path=?", (str(path),)).fetchone()
+        finally:
+            con.close()
+        if row is not None and row[0] == "sent":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def early(job: JobInput, settings: object) -> JobOutput:
+    """:func:`run`'s object handed on early; a second object is written only once the PACS has the first
+    (so the first was sent while the job still ran), and both are returned, as the real pipeline does."""
+    first = run(job, settings).outputs[0]
+    job.output_ready(first)
+    seen = _sent(settings, first)
+    _log_run(settings, job, f"early sent-while-running={seen}")
+    ds = pydicom.dcmread(first)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = derived_uid("second", ds.SOPInstanceUID)
+    second = job.work_dir / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(second, enforce_file_format=True)
+    return JobOutput(outputs=[first, second], message="test pipeline: 2 objects, the first sent early")
+
+
+def measure_crash_once(job: JobInput, settings: object) -> JobOutput:
+    """:func:`measure`, whose first attempt dies (native crash) once its SEG and SR, handed on early, are
+    in the PACS: the second attempt must keep them (same UIDs, same content) and send them no second time."""
+    output = measure(job, settings)
+    runs = (Path(settings.storage_dir) / "pipeline-runs.log").read_text().splitlines()  # type: ignore[attr-defined]
+    if sum(line.startswith(f"{job.job_id} ") for line in runs) == 1:
+        early = [p for p in output.outputs
+                 if pydicom.dcmread(p, stop_before_pixels=True).Modality in ("SEG", "SR")]
+        sent = len(early) == 2 and all(_sent(settings, p) for p in early)
+        _log_run(settings, job, f"crash after the SEG and SR were sent={sent}")
+        ctypes.string_at(0)
+    return output

@@ -326,6 +326,35 @@ def test_superseded_results_are_logged_without_phi(local: tuple, tmp_path: Path)
     assert "SECRET" not in text and "Secret" not in text
 
 
+def test_a_seg_sent_early_by_a_superseded_job_is_announced(local: tuple, tmp_path: Path) -> None:
+    """A late instance supersedes a running job whose SEG the sender already stored: the PACS
+    administrator hears of that SEG too (the new content gets new UIDs); an unsent one never goes."""
+    settings, db, store = local
+    queue = SQLiteJobQueue(db)
+    watcher = StabilityWatcher(settings, db, queue)
+    s = write_ct_series(tmp_path / "s", name="early-superseded", n=12, size=8)
+    store_files(store, s.files[:10])
+    assert watcher.check_once() == [1] and queue.claim() is not None
+    sent, unsent = tmp_path / "2.25.111.dcm", tmp_path / "2.25.222.dcm"
+    assert queue.early_output(1, sent) and queue.early_output(1, unsent)
+    with db.tx() as con:  # the sender's success for the first (set-up: no PACS here)
+        con.execute("UPDATE outbox SET state='sent', attempts=1 WHERE path=?", (str(sent),))
+    stream, handler = capture_info_log()
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        store_files(store, s.files[10:])  # the rest arrives while job 1 runs: it is superseded
+        assert watcher.check_once() == [2]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+    line = next(x for x in stream.getvalue().splitlines() if "earlier results superseded" in x)
+    assert "earlier_jobs=1" in line and "superseded_sop_uids=2.25.111" in line and "2.25.222" not in line
+    assert db.one("SELECT state FROM jobs WHERE id=1")["state"] == "superseded"
+
+
 # -- 5. data at rest -------------------------------------------------------------------------------
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)

@@ -221,3 +221,111 @@ def test_queue_skips_and_discards_superseded_jobs(db: Database, queue: JobQueue,
     assert db.one("SELECT COUNT(*) FROM outbox")[0] == 0
     assert row(db, running.id)["reason_code"] == "late-instance"
     assert queue.claim() is None
+
+
+def outbox(db: Database) -> list[tuple[str, str, int]]:
+    return [(Path(r["path"]).name, r["state"], r["attempts"]) for r in
+            db.query("SELECT path, state, attempts FROM outbox ORDER BY id")]
+
+
+def sent_by_the_pacs(db: Database, path: Path) -> None:
+    """What the sender writes after the PACS's success for one row (set-up: no PACS in these tests)."""
+    with db.tx() as con:
+        con.execute("UPDATE outbox SET state='sent', attempts=attempts+1 WHERE path=?", (str(path),))
+
+
+def test_early_outputs_are_handed_on_once_across_attempts(db: Database, queue: JobQueue,
+                                                          tmp_path: Path) -> None:
+    """The SEG reported while the job runs goes to the outbox at once; a failed attempt keeps what was
+    sent, the next attempt is told of it and adds no second row; finish adds only what is new."""
+    seg, sr = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    job = enqueue(db, queue)
+    assert queue.early_output(job.id, seg) is False  # queued, not running: nothing is handed on
+    assert queue.claim() is not None
+    assert queue.outputs_in_outbox(job.id) == frozenset()
+    assert queue.early_output(job.id, seg) is True
+    assert outbox(db) == [("seg.dcm", "pending", 0)]
+    sent_by_the_pacs(db, seg)
+    assert queue.fail(job.id, "attempt 1: crashed", retry_after=0.0) is S.QUEUED
+    again = queue.claim()
+    assert again is not None and again.attempts == 2
+    assert queue.outputs_in_outbox(job.id) == frozenset({seg})  # the pipeline keeps that file
+    assert queue.early_output(job.id, seg) is True
+    assert queue.finish(job.id, [seg, sr], "2 objects") is S.SENDING
+    assert outbox(db) == [("seg.dcm", "sent", 1), ("sr.dcm", "pending", 0)]  # the SEG is not sent again
+
+
+def test_finish_settles_a_job_whose_outputs_all_went_early(db: Database, queue: JobQueue,
+                                                           tmp_path: Path) -> None:
+    """No row left to send: done (or failed, when an early send gave up), not stuck in sending."""
+    done, failed = enqueue(db, queue, "1.1"), enqueue(db, queue, "1.2")
+    for _ in range(2):
+        assert queue.claim() is not None
+    for job, name in ((done, "a.dcm"), (failed, "b.dcm")):
+        assert queue.early_output(job.id, tmp_path / name)
+    sent_by_the_pacs(db, tmp_path / "a.dcm")
+    with db.tx() as con:
+        con.execute("UPDATE outbox SET state='failed', attempts=5, last_error='C-STORE status 0xA700'"
+                    " WHERE path LIKE '%b.dcm'")
+    assert queue.finish(done.id, [tmp_path / "a.dcm"], "1 object") is S.DONE
+    assert queue.finish(failed.id, [tmp_path / "b.dcm"], "1 object") is S.FAILED
+    r = row(db, failed.id)
+    assert r["reason_code"] == "send-failed" and "0xA700" in r["reason"]
+
+
+def test_early_outputs_of_a_superseded_or_failed_job_are_not_sent(db: Database, queue: JobQueue,
+                                                                  tmp_path: Path) -> None:
+    """A late instance or a failure for good: unsent early rows wait or go; what was sent stays
+    recorded; a failed send gets its tries again with the next attempt."""
+    superseded, failing = enqueue(db, queue, "1.1"), enqueue(db, queue, "1.2")
+    for _ in range(2):
+        assert queue.claim() is not None
+    with db.tx() as con:
+        jobs.supersede(con, superseded.id, jobs.create(con, "1.1", T0), T0)
+    assert queue.early_output(superseded.id, tmp_path / "late.dcm") is False
+    for name in ("sent.dcm", "unsent.dcm"):
+        assert queue.early_output(failing.id, tmp_path / name)
+    sent_by_the_pacs(db, tmp_path / "sent.dcm")
+    assert queue.fail(failing.id, "attempt 1: timeout", retry_after=None) is S.FAILED
+    assert outbox(db) == [("sent.dcm", "sent", 1)]
+    # the operator's retry runs a job failed in its pipeline again (never a re-send of its early SEG)
+    assert "re-queued for processing" in retry(db, failing.id)
+    assert row(db, failing.id)["state"] == "queued"
+
+
+def test_no_unsent_early_output_outlives_a_superseded_or_given_up_attempt(db: Database, queue: JobQueue,
+                                                                            tmp_path: Path) -> None:
+    """Superseded while running, or failed by the restart give-up: the attempt's sent rows stay recorded,
+    its unsent ones go (the rule lives in jobs.move, so every path that ends a running attempt keeps it)."""
+    late, crashed = enqueue(db, queue, "1.1"), enqueue(db, queue, "1.2")
+    for _ in range(2):
+        assert queue.claim() is not None
+    for job in (late, crashed):
+        for name in ("sent", "unsent"):
+            assert queue.early_output(job.id, tmp_path / f"{job.id}-{name}.dcm")
+        sent_by_the_pacs(db, tmp_path / f"{job.id}-sent.dcm")
+    with db.tx() as con:
+        jobs.supersede(con, late.id, jobs.create(con, "1.1", T0), T0)
+        jobs.move(con, crashed.id, S.FAILED, T0, reason=Reason(ReasonCode.RESTART_GAVE_UP, "stopped 3 times"))
+    assert outbox(db) == [(f"{late.id}-sent.dcm", "sent", 1), (f"{crashed.id}-sent.dcm", "sent", 1)]
+
+
+def test_an_early_send_that_gave_up_is_tried_again_with_the_next_attempt(
+        db: Database, queue: JobQueue, tmp_path: Path) -> None:
+    job = enqueue(db, queue)
+    assert queue.claim() is not None and queue.early_output(job.id, tmp_path / "seg.dcm")
+    with db.tx() as con:  # the sender's last try failed while the pipeline still ran
+        con.execute("UPDATE outbox SET state='failed', attempts=5, last_error='association lost'")
+    assert queue.fail(job.id, "attempt 1: crashed", retry_after=0.0) is S.QUEUED
+    assert queue.claim() is not None
+    assert outbox(db) == [("seg.dcm", "pending", 0)]
+
+
+def test_operator_retry_resends_a_job_whose_send_failed(db: Database, queue: JobQueue,
+                                                        tmp_path: Path) -> None:
+    job = enqueue(db, queue)
+    assert queue.claim() is not None and queue.finish(job.id, [tmp_path / "a.dcm"], "1") is S.SENDING
+    with db.tx() as con:
+        jobs.move(con, job.id, S.FAILED, T0, reason=Reason(ReasonCode.SEND_FAILED, "PACS down"))
+    assert "queued for sending again" in retry(db, job.id)
+    assert row(db, job.id)["state"] == "sending"

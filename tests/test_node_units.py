@@ -318,3 +318,52 @@ def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path
     assert path.read_bytes() == _save(ds, tmp_path / "b").read_bytes()
     fallback = BackgroundWrite(child_fails, ds, tmp_path / "c").wait()
     assert writers == ["parent"] and fallback.read_bytes() == path.read_bytes()
+
+
+def test_background_write_reports_the_file_once_written_by_the_child_or_the_parent(tmp_path: Path) -> None:
+    """``on_written`` hears of the file when it is complete on disk: from the waiting thread after the
+    child's write, or from ``wait`` after the parent's fallback write; once either way."""
+    import os
+
+    from dicomnode.processing.forkwrite import BackgroundWrite
+    from dicomnode.processing.pipeline import _save
+
+    ds = pydicom.dcmread(write_ct_series(tmp_path / "in", name="bg", n=1, size=8).files[0])
+    parent = os.getpid()
+    heard: list[tuple[str, bool]] = []
+
+    def child_fails(d: pydicom.Dataset, folder: Path) -> Path:
+        if os.getpid() != parent:
+            raise OSError("disk full in the child")
+        return _save(d, folder)
+
+    def on_written(path: Path) -> None:
+        heard.append((path.parent.name, path.read_bytes() == _save(ds, tmp_path / "ref").read_bytes()))
+
+    BackgroundWrite(_save, ds, tmp_path / "child", on_written=on_written).wait()
+    BackgroundWrite(child_fails, ds, tmp_path / "parent", on_written=on_written).wait()
+    assert heard == [("child", True), ("parent", True)]
+
+
+def test_a_rebuilt_output_must_equal_the_one_handed_on_but_for_build_times(tmp_path: Path) -> None:
+    """A re-run keeps a SEG an earlier attempt handed to the sender; its rebuild may differ only in the
+    times of building, never in content (a UID must never name two contents)."""
+    from dicomnode.processing.pipeline import OutputChanged, _check_same_content, _save
+
+    ds = pydicom.dcmread(write_ct_series(tmp_path / "in", name="same", n=1, size=8).files[0])
+    ds.ContentDate, ds.ContentTime = "20261202", "090000"
+    equipment = pydicom.Dataset()
+    equipment.ContributionDateTime, equipment.Manufacturer = "20261202090000", "node"
+    ds.ContributingEquipmentSequence = [equipment]
+    handed_on = _save(ds, tmp_path / "outputs")
+    rebuilt = pydicom.dcmread(handed_on)
+    rebuilt.ContentTime, rebuilt.InstanceCreationTime = "091500.123", "091500.123"
+    rebuilt.ContributingEquipmentSequence[0].ContributionDateTime = "20261202091500.123"
+    _check_same_content(rebuilt, handed_on, tmp_path / "scratch")
+    assert not (tmp_path / "scratch").exists()
+    arr = rebuilt.pixel_array.copy()
+    arr[0, 0] += 1
+    rebuilt.PixelData = arr.tobytes()
+    with pytest.raises(OutputChanged, match=str(ds.SOPInstanceUID)):
+        _check_same_content(rebuilt, handed_on, tmp_path / "scratch")
+    assert handed_on.read_bytes() == _save(ds, tmp_path / "again").read_bytes()  # the sent file stays

@@ -222,3 +222,20 @@ def test_a_caller_alone_runs_its_own_fsync_each_time(tmp_path: Path,
     for _ in range(3):
         sync.sync(tmp_path)
     assert calls == [tmp_path] * 3
+
+
+def test_receive_flush_setting_reaches_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``receive_flush`` picks the flush; a typo or syncfs on a kernel without it stops the node at start."""
+    from pydantic import ValidationError
+
+    from dicomnode.config import Settings
+    from dicomnode.server import Node
+
+    for choice, one_flush in (("fsync", False), ("auto", store_module._one_flush_supported())):
+        node = Node(Settings(storage_dir=tmp_path / choice, receive_flush=choice), worker_enabled=False)
+        assert node.store.one_flush is one_flush
+    with pytest.raises(ValidationError, match="receive_flush"):
+        Settings(storage_dir=tmp_path, receive_flush="syncfz")
+    monkeypatch.setattr(store_module, "_one_flush_supported", lambda: False)
+    with pytest.raises(ValueError, match="needs Linux"):
+        Node(Settings(storage_dir=tmp_path / "old-kernel", receive_flush="syncfs"), worker_enabled=False)

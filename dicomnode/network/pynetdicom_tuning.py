@@ -215,6 +215,8 @@ def attach_waiters(assoc: Any) -> socket.socket | None:
 
     def put(item: Any, *args: Any, **kwargs: Any) -> None:
         original_put(item, *args, **kwargs)
+        if threading.current_thread() is dul:  # a C-STORE-RSP of serve_inline: the DUL thread sends it
+            return  # on its next loop without waiting, so waking it would only cost a syscall
         try:
             wake_w.send(b"\0")
         except OSError:  # buffer full (already awake) or closed

@@ -32,7 +32,7 @@ from dicomnode.network.receive_channel import Message, Op, receive, send
 from dicomnode.network.scp import StorageSCP, _awaiting_request, _drop_connection, _ended
 from dicomnode.network.tls import server_context
 from dicomnode.storage.diskspace import DiskGuard
-from dicomnode.storage.store import Store, restrict_umask
+from dicomnode.storage.store import Store, one_flush_setting, restrict_umask
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,8 @@ def main(argv: list[str]) -> None:
     settings = Settings.model_validate(first[0].settings)
     restrict_umask()
     setup_logging(settings.log_level, settings.log_json)
-    store = Store(settings.storage_dir, Database(settings.db_path), cross_process=True)
+    store = Store(settings.storage_dir, Database(settings.db_path), cross_process=True,
+                  one_flush=one_flush_setting(settings.receive_flush))
     scp = WorkerSCP(settings, store, channel)
     scp.start()
     event(log, "receive worker ready", logging.DEBUG, pid=os.getpid())

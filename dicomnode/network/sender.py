@@ -5,6 +5,14 @@ resumes exactly the sends still owed. Each row is retried with exponential backo
 (``send.initial_backoff_seconds`` doubling up to ``send.max_backoff_seconds``, ``send.attempts`` in
 all); then the row and its job become ``failed`` with the reason. Output SOP Instance UIDs are the
 pipeline's deterministic ones, so a re-send overwrites in the PACS instead of adding a copy.
+
+Rows of a job still running are sent too: the pipeline hands its SEG on as soon as the file is
+written (:meth:`~dicomnode.processing.queue.RecordedOutcomes.early_output`), so that Orthanc stores
+it while the SR and summary are built. Such a pass never moves the job (only ``sending`` jobs end
+here; the worker's :meth:`~dicomnode.processing.queue.RecordedOutcomes.finish` settles a job whose
+rows were all sent early). Rows of a job that is not running or sending (superseded, re-queued,
+failed in its pipeline) wait: a re-run keeps what was sent and builds nothing different under its UID
+(:func:`dicomnode.processing.pipeline._check_same_content`).
 """
 
 from __future__ import annotations
@@ -153,10 +161,10 @@ class Sender:
         """One pass over due rows; returns how many files were stored in the PACS."""
         rows = self.db.query(
             "SELECT o.id, o.job_id, o.path, o.attempts FROM outbox o JOIN jobs j ON j.id = o.job_id"
-            " WHERE o.state='pending' AND j.state=?"
+            " WHERE o.state='pending' AND j.state IN (?, ?)"
             " AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
             " ORDER BY o.job_id, o.id",
-            (JobState.SENDING.value, now()),
+            (JobState.SENDING.value, JobState.RUNNING.value, now()),
         )
         by_job: dict[int, list[Any]] = defaultdict(list)
         for row in rows:
@@ -177,6 +185,9 @@ class Sender:
                 attempts = int(row["attempts"]) + 1
                 if error is None:
                     sent += 1
+                    # dropped while it was sent (its job failed meanwhile): recorded as sent all the same
+                    con.execute("INSERT OR IGNORE INTO outbox (id, job_id, path) VALUES (?, ?, ?)",
+                                (row["id"], job_id, row["path"]))
                     con.execute(
                         "UPDATE outbox SET state='sent', attempts=?, sent_at=?, last_error=NULL WHERE id=?",
                         (attempts, t, row["id"]),
@@ -251,13 +262,17 @@ def retry(db: Database, job_id: int) -> str:
     in-memory queue picks it up at the node's next start.
     """
     t = now()
-    resendable = {JobState.FAILED, JobState.DONE, JobState.SENDING}
     with db.tx() as con:
         state = jobs.state_of(con, job_id)
         if state is None:
             raise LookupError(f"no job {job_id}")
-        n_out = con.execute("SELECT COUNT(*) FROM outbox WHERE job_id=?", (job_id,)).fetchone()[0]
-        if state in resendable and n_out:
+        row = con.execute("SELECT (SELECT COUNT(*) FROM outbox WHERE job_id=?), reason_code FROM jobs"
+                          " WHERE id=?", (job_id, job_id)).fetchone()
+        n_out, code = int(row[0]), row[1]
+        # a job failed in its pipeline is run again, even when it had sent its SEG early
+        resend = state in (JobState.DONE, JobState.SENDING) or (
+            state is JobState.FAILED and code == ReasonCode.SEND_FAILED.value)
+        if resend and n_out:
             con.execute(
                 "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL"
                 " WHERE job_id=?",

@@ -14,7 +14,13 @@ that starts (and calls the pipeline module's optional ``warm_up(settings)``, whi
 while the node waits for its first series, and that runs the jobs one after the other. The
 isolation stays: a crash, a time-out, a node stop or any exception ends that child, and the next job
 gets a fresh one (an exception may leave native state behind; only a clean result or a rejection
-keeps the child). :func:`run_isolated` is the one-shot form (a fresh child for one call).
+keeps the child).
+
+Why messages before the answer (:class:`OutputReady`): an output the pipeline has finished (the SEG,
+while the SR and summary are still being built) is handed to the worker at once, which puts it in the
+outbox for the sender (:meth:`RecordedOutcomes.early_output
+<dicomnode.processing.queue.RecordedOutcomes.early_output>`). One lock orders them before the answer,
+and none is sent after it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -64,6 +71,34 @@ class Outcome:
     message: str = ""
     detail: str = ""  # the failure in one line (exception type and text, exit signal, time limit)
     traceback: str = ""  # the child's traceback for ERROR (logged at DEBUG)
+
+
+@dataclass(frozen=True)
+class OutputReady:
+    """From the child during a call: one output of job ``job_id`` is complete on disk at ``path``."""
+
+    job_id: int
+    path: Path
+
+
+class _Channel:
+    """The child's end of the pipe: early outputs of the current job, then its answer, never after."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.job_id: int | None = None
+
+    def ready(self, job_id: int, path: Path) -> None:
+        """Called from any thread of the child (the SEG's write is awaited in a thread)."""
+        with self.lock:
+            if self.job_id == job_id:
+                self.conn.send(OutputReady(job_id, Path(path)))
+
+    def answer(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.job_id = None
+            self.conn.send(outcome)
 
 
 @dataclass(frozen=True)
@@ -147,6 +182,7 @@ def _serve(pipeline: Any, settings_data: dict[str, Any], conn: Connection, paren
     t0 = time.time()
     _warm_up(pipeline, settings)
     startup = [("process start", spawned_at, entered), ("warm-up", t0, time.time())]
+    channel = _Channel(conn)
     while True:
         try:
             job: JobInput = conn.recv()
@@ -156,9 +192,11 @@ def _serve(pipeline: Any, settings_data: dict[str, Any], conn: Connection, paren
         for phase, start, end in startup:
             phases.add(phase, start, end)
         startup = []
+        channel.job_id = job.job_id
+        job = replace(job, output_ready=lambda path, job_id=job.job_id: channel.ready(job_id, path))
         with phases.phase("pipeline"):
             answer = _call(pipeline, job, settings)
-        conn.send(answer)
+        channel.answer(answer)
 
 
 def _death(exitcode: int | None) -> str:
@@ -170,16 +208,32 @@ def _death(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-def _await(receiver: Connection, proc: Any, timeout: float, stop: threading.Event | None) -> Outcome:
-    """The child's answer, or how it ended without one (crash, deadline passed, node stopping)."""
+OnOutput = Callable[[Path], None]
+
+
+def _ignore_output(path: Path) -> None:
+    return None
+
+
+def _await(receiver: Connection, proc: Any, job_id: int, timeout: float, stop: threading.Event | None,
+           on_output: OnOutput) -> Outcome:
+    """The child's answer, or how it ended without one (crash, deadline passed, node stopping);
+    each :class:`OutputReady` of this job before it goes to ``on_output``."""
     deadline = time.monotonic() + timeout
     while True:
         if receiver.poll(_POLL_SECONDS):
             try:
-                return receiver.recv()
+                message = receiver.recv()
             except (EOFError, OSError):
                 proc.join(5)
                 return Outcome(Ending.CRASHED, detail=f"pipeline process died ({_death(proc.exitcode)})")
+            if not isinstance(message, OutputReady):
+                return message
+            if message.job_id == job_id:
+                try:
+                    on_output(message.path)
+                except Exception:  # an early send is only a head start: the answer still lists the output
+                    log.exception("job %s: early output not handed on", job_id)
         if stop is not None and stop.is_set():
             return Outcome(Ending.STOPPED, detail="node stopping")
         if time.monotonic() > deadline:
@@ -213,8 +267,11 @@ class PipelineProcess:
         child_end.close()  # the child holds the only other end: its death reads as EOF here
         self._conn = parent_end
 
-    def run(self, job: JobInput, timeout: float, stop: threading.Event | None = None) -> Outcome:
-        """Run ``pipeline(job, settings)`` in the child; kill it at ``timeout`` s or when ``stop`` is set."""
+    def run(self, job: JobInput, timeout: float, stop: threading.Event | None = None,
+            on_output: OnOutput = _ignore_output) -> Outcome:
+        """Run ``pipeline(job, settings)`` in the child; kill it at ``timeout`` s or when ``stop`` is set.
+
+        ``on_output`` gets each output the pipeline reports complete before it returns."""
         self.start()
         assert self._conn is not None
         try:
@@ -224,7 +281,7 @@ class PipelineProcess:
             self.start()
             assert self._conn is not None
             self._conn.send(job)
-        outcome = _await(self._conn, self._proc, timeout, stop)
+        outcome = _await(self._conn, self._proc, job.job_id, timeout, stop, on_output)
         if outcome.ending not in (Ending.OK, Ending.REJECTED):
             self.close()
         return outcome

@@ -148,6 +148,10 @@ def move(
             sets.append(f"{column}=?")
             values.append(value)
     con.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", (*values, job_id))
+    if current is S.RUNNING and to in (S.FAILED, S.SUPERSEDED):
+        # outputs this attempt handed on early and not yet sent go nowhere: a retry (or the superseding
+        # job) builds them again, and no pending row outlives the job (retention waits for none)
+        con.execute("DELETE FROM outbox WHERE job_id=? AND state<>'sent'", (job_id,))
     return current
 
 

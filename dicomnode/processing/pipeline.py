@@ -40,6 +40,10 @@ def _no_stored_series(series_instance_uid: str) -> list[Path]:
     return []
 
 
+def _no_early_output(path: Path) -> None:
+    return None
+
+
 @dataclass
 class JobInput:
     job_id: int
@@ -48,6 +52,11 @@ class JobInput:
     work_dir: Path  # private folder for this job's intermediate and output files
     # the stored instances of another series (a later study this one turns out to be the baseline of)
     series_files: Callable[[str], list[Path]] = _no_stored_series
+    # outputs an earlier attempt of this job put in the outbox (perhaps sent): never written again
+    outputs_in_outbox: frozenset[Path] = frozenset()
+    # told of each output once it is complete on disk, before the pipeline returns: the node's pipeline
+    # process hands it to the sender at once (:mod:`dicomnode.processing.isolation`)
+    output_ready: Callable[[Path], None] = _no_early_output
 
 
 @dataclass
@@ -124,6 +133,47 @@ def _save(ds: Any, folder: Path) -> Path:
     ds.save_as(tmp, enforce_file_format=True)
     tmp.replace(path)
     return path
+
+
+# set when an object is built, not by its content: left out when a rebuild is compared with a file sent
+BUILD_TIME_KEYWORDS = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+                       "SeriesDate", "SeriesTime", "ContributionDateTime")
+
+
+def _without_build_times(ds: Any) -> Any:
+    """``ds`` with :data:`BUILD_TIME_KEYWORDS` removed at every depth (in place; returned)."""
+    for keyword in BUILD_TIME_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                _without_build_times(item)
+    return ds
+
+
+class OutputChanged(RuntimeError):
+    """A re-run built other content under a UID an earlier attempt already handed to the sender."""
+
+
+def _check_same_content(ds: Any, handed_on: Path, scratch: Path) -> None:
+    """Raise :class:`OutputChanged` unless ``ds`` equals the file at ``handed_on`` but for build times.
+
+    Why: that file may be in the PACS already, and a UID must never name two contents. A re-run of the
+    same series with the same model gives the same objects, so this holds unless inference differs.
+    """
+    import shutil
+
+    import pydicom
+
+    try:
+        fresh = pydicom.dcmread(_save(ds, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    earlier = pydicom.dcmread(handed_on)
+    if _without_build_times(fresh) != _without_build_times(earlier):
+        raise OutputChanged(f"the {ds.get('Modality', 'output')} {ds.SOPInstanceUID} was built again with"
+                            " other content than the one an earlier attempt handed to the sender")
 
 
 def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
@@ -222,16 +272,31 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
     dicom_dir = out_dir / "outputs"
 
     saved: list[Path] = []
-    seg_write: list[BackgroundWrite] = []
+    seg_write: list[BackgroundWrite | Path] = []
+
+    def handed_on_before(ds: Any) -> Path | None:
+        """The file of ``ds`` when an earlier attempt handed it to the sender: it stays as it is, and
+        this build must equal it (:func:`_check_same_content`); None when it is to be written."""
+        path = dicom_dir / f"{ds.SOPInstanceUID}.dcm"
+        if path not in job.outputs_in_outbox or not path.is_file():
+            return None
+        _check_same_content(ds, path, job.work_dir / "rebuilt")
+        return path
 
     def seg_built(seg_ds: Any) -> None:
-        seg_write.append(BackgroundWrite(_save, seg_ds, dicom_dir))
+        """The SEG is written, and handed to the sender, while the SR and summary are built."""
+        kept = handed_on_before(seg_ds)
+        seg_write.append(kept or BackgroundWrite(_save, seg_ds, dicom_dir, on_written=job.output_ready))
 
     def pair(seg_ds: Any, sr_ds: Any) -> list[ChangeRecord]:
         with phases.phase("outputs write"):
-            sr_path = _save(sr_ds, dicom_dir)
+            sr_path = handed_on_before(sr_ds)
+            if sr_path is None:  # handed on too: sent while the summary is built
+                sr_path = _save(sr_ds, dicom_dir)
+                job.output_ready(sr_path)
+            written = seg_write.pop() if seg_write else _save(seg_ds, dicom_dir)
             # both on disk before pairing cites them
-            saved.extend([seg_write.pop().wait() if seg_write else _save(seg_ds, dicom_dir), sr_path])
+            saved.extend([written if isinstance(written, Path) else written.wait(), sr_path])
         if not settings.pairing.enabled:
             return []
         with phases.phase("pairing"):

@@ -44,6 +44,12 @@ class JobQueue(Protocol):
     def finish(self, job_id: int, outputs: list[Path], message: str) -> JobState:
         """Pipeline succeeded: hand outputs to the sender; returns the job's state afterwards."""
 
+    def early_output(self, job_id: int, path: Path) -> bool:
+        """One output of a running job is complete: to the sender now; False when the job is not running."""
+
+    def outputs_in_outbox(self, job_id: int) -> frozenset[Path]:
+        """The outputs of a job already in the outbox (an earlier attempt's early outputs among them)."""
+
     def reject(self, job_id: int, reason: str) -> JobState:
         """The pipeline refused the series (terminal, with reason); returns the state afterwards."""
 
@@ -73,21 +79,46 @@ class RecordedOutcomes(ABC):
         return state
 
     def finish(self, job_id: int, outputs: list[Path], message: str) -> JobState:
+        """Outputs sent early (:meth:`early_output`) keep their row (``INSERT OR IGNORE``: never sent
+        twice); with nothing left to send, the job ends here as the sender would end it."""
         t = now()
-        state = JobState.SENDING if outputs else JobState.DONE
         with self.db.tx() as con:
-            left = jobs.move(con, job_id, state, t, message=message, expect={JobState.RUNNING})
-            if left is not None:
+            left = None
+            if jobs.state_of(con, job_id) is JobState.RUNNING:
                 for path in outputs:
-                    con.execute(
-                        "INSERT OR IGNORE INTO outbox (job_id, path, state, next_attempt_at)"
-                        " VALUES (?, ?, 'pending', ?)",
-                        (job_id, str(path), t),
-                    )
+                    self._insert(con, job_id, path, t)
+                counts = {str(r[0]): int(r[1]) for r in con.execute(
+                    "SELECT state, COUNT(*) FROM outbox WHERE job_id=? GROUP BY state", (job_id,))}
+                failed = con.execute("SELECT last_error FROM outbox WHERE job_id=? AND state='failed'"
+                                     " ORDER BY id LIMIT 1", (job_id,)).fetchone()
+                state = (JobState.SENDING if counts.get("pending") else
+                         JobState.FAILED if failed is not None else JobState.DONE)
+                reason = None if state is not JobState.FAILED else Reason(
+                    ReasonCode.SEND_FAILED, f"an output sent early was not stored: {failed[0]}")
+                left = jobs.move(con, job_id, state, t, message=message, reason=reason,
+                                 expect={JobState.RUNNING})
         if left is None:
             state = self._state(job_id)
             event(log, "outputs discarded", logging.WARNING, job=job_id, state=state)
         return state
+
+    @staticmethod
+    def _insert(con: sqlite3.Connection, job_id: int, path: Path, t: float) -> None:
+        con.execute("INSERT OR IGNORE INTO outbox (job_id, path, state, next_attempt_at)"
+                    " VALUES (?, ?, 'pending', ?)", (job_id, str(path), t))
+
+    def early_output(self, job_id: int, path: Path) -> bool:
+        """Only while the job runs: a superseded or failed attempt hands nothing on. The row is the
+        one :meth:`finish` would write, so the sender treats it alike (:mod:`dicomnode.network.sender`)."""
+        with self.db.tx() as con:
+            if jobs.state_of(con, job_id) is not JobState.RUNNING:
+                return False
+            self._insert(con, job_id, path, now())
+        return True
+
+    def outputs_in_outbox(self, job_id: int) -> frozenset[Path]:
+        rows = self.db.query("SELECT path FROM outbox WHERE job_id=?", (job_id,))
+        return frozenset(Path(r[0]) for r in rows)
 
     def reject(self, job_id: int, reason: str) -> JobState:
         with self.db.tx() as con:
@@ -101,6 +132,7 @@ class RecordedOutcomes(ABC):
         why = Reason(code, reason)
         with self.db.tx() as con:
             if retry_after is None:
+                # (jobs.move drops the attempt's unsent early outputs: a retry builds them again)
                 left = jobs.move(con, job_id, JobState.FAILED, t, reason=why, expect={JobState.RUNNING})
             else:
                 left = jobs.move(con, job_id, JobState.QUEUED, t, reason=why, expect={JobState.RUNNING},
@@ -114,9 +146,13 @@ class RecordedOutcomes(ABC):
 
     @staticmethod
     def _start(con: sqlite3.Connection, job_id: int) -> Job | None:
-        """queued → running for a delivered job; None when it is no longer queued (superseded)."""
+        """queued → running for a delivered job; None when it is no longer queued (superseded).
+
+        An earlier attempt's early outputs whose sending gave up get their tries again with this one."""
         if jobs.move(con, job_id, JobState.RUNNING, now(), expect={JobState.QUEUED}) is None:
             return None
+        con.execute("UPDATE outbox SET state='pending', attempts=0, next_attempt_at=NULL, last_error=NULL"
+                    " WHERE job_id=? AND state='failed'", (job_id,))
         return jobs.get(con, job_id)
 
 

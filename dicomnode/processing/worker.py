@@ -14,6 +14,8 @@ fails that job and never the listener: a child that dies is a failed attempt
 ``worker.timeout_seconds`` is killed and the job failed for good (``pipeline-timeout``: a hang
 would most likely hang again, and each try holds the only worker that long). The child is started
 with the worker and kept warm between jobs (model loaded); any failure replaces it with a fresh one.
+An output the pipeline reports complete before it returns (the SEG) goes to the outbox at once, and
+the sender sends it while the job still runs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
@@ -89,10 +92,16 @@ class Worker:
         started, wall = time.monotonic(), time.time()
         work_dir = self.store.job_dir(job.id)
         job_input = JobInput(job_id=job.id, series_instance_uid=job.series_uid, files=files,
-                             work_dir=work_dir, series_files=IndexedSeriesFiles(self.settings.db_path))
+                             work_dir=work_dir, series_files=IndexedSeriesFiles(self.settings.db_path),
+                             outputs_in_outbox=self.queue.outputs_in_outbox(job.id))
         phases = PhaseLog(work_dir)
+
+        def early(path: Path) -> None:  # the SEG, while the SR and summary are still being built
+            if self.queue.early_output(job.id, path):
+                OUTPUTS_READY.set()
+
         try:
-            outcome = self.process.run(job_input, self.settings.worker.timeout_seconds, self._stop)
+            outcome = self.process.run(job_input, self.settings.worker.timeout_seconds, self._stop, early)
         finally:
             self.current = None
             phases.add("isolated call", wall, time.time())

@@ -428,9 +428,10 @@ class StabilityWatcher:
                              f"same content as job {dup['id']}: results not produced again")
             elif sel.accepted:
                 new_state, why = JobState.QUEUED, None
+                # results of earlier content, and a SEG sent early by a job superseded while it ran
                 superseded = con.execute(
                     "SELECT j.id, o.path FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.series_uid=?"
-                    " AND j.id<>? AND j.state IN (?, ?) AND j.content_hash IS NOT ?"
+                    " AND j.id<>? AND (j.state IN (?, ?) OR o.state='sent') AND j.content_hash IS NOT ?"
                     " ORDER BY j.id, o.path",
                     (series_uid, job_id, JobState.SENDING.value, JobState.DONE.value, digest),
                 ).fetchall()

@@ -286,6 +286,16 @@ if _libc is not None:
     _libc.syncfs.argtypes, _libc.syncfs.restype = [ctypes.c_int], ctypes.c_int
 
 
+def one_flush_setting(receive_flush: str) -> bool | None:
+    """``Store(one_flush=...)`` for the ``receive_flush`` setting (syncfs without kernel support: error)."""
+    if receive_flush == "auto":
+        return None
+    if receive_flush == "syncfs" and not _one_flush_supported():
+        raise ValueError("receive_flush = \"syncfs\" needs Linux >= 5.8 (syncfs reporting writeback errors); "
+                         "use \"fsync\" or \"auto\"")
+    return receive_flush == "syncfs"
+
+
 def _syncfs(fd: int) -> None:
     """syncfs(2) on the filesystem of ``fd``; OSError with its errno on failure."""
     if _libc is None or _libc.syncfs(fd) != 0:
