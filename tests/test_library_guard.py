@@ -145,7 +145,10 @@ def test_tuning_internals_p_data_split(monkeypatch: pytest.MonkeyPatch) -> None:
     pdu = P_DATA_TF()
     pdu.from_primitive(primitive)
     encoded = pdu.encode()
-    logged = Association(AE(), mode="acceptor")  # pynetdicom's PDU log handlers bound ("standard")
+    # pynetdicom's PDU log handlers bound ("standard"; set here: a node started earlier in the same
+    # process turned them off globally)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    logged = Association(AE(), mode="acceptor")
     assert logged.get_handlers(evt.EVT_PDU_RECV) and tuning.split_p_data(logged, memoryview(encoded)) is None
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as tune_pynetdicom sets it, log off
     assoc = Association(AE(), mode="acceptor")

@@ -214,6 +214,7 @@ def test_seg_overlay_matches_label_map(browser, site, patient, tmp_path):
     assert seg.SegmentationType == Settings().output.seg_type  # the node's default encoding
     viewer = Viewer(browser, site, study)
     try:
+        viewer.wait_for_ct()  # the CT first, as in the SR and summary tests: no viewport swap mid-load
         viewer.open_series("SEG", "Thigh muscles SEG")
         viewer.confirm_load()
         deadline = time.monotonic() + 180
