@@ -83,18 +83,22 @@ def test_aggregate_and_files(tmp_path: Path) -> None:
 
 
 def test_the_shipped_evaluation_loads_and_saves_the_same_json(tmp_path: Path) -> None:
-    """The version-less evaluation.json of the demo package reads as a record and writes back the same
-    keys and values (plus ``schema_version``)."""
+    """The demo package's evaluation.json reads as a record and writes back the same keys and values; so
+    does its version-less form (what packages before schema_version shipped), plus ``schema_version``."""
     from seg.model import DEMO_DIR
 
     shipped = json.loads((DEMO_DIR / "evaluation.json").read_text())
-    ev = Evaluation.load(DEMO_DIR / "evaluation.json")
-    assert "schema_version" not in shipped
-    assert ev.per_class["femur"].dice == shipped["per_class"]["femur"]["dice"]
-    written = json.loads(ev.save(tmp_path / "evaluation.json").read_text())
-    assert written.pop("schema_version") == SCHEMA_VERSION
-    assert written == shipped
-    assert list(written) == list(shipped)
+    legacy = {k: v for k, v in shipped.items() if k != "schema_version"}
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    for source, expected in ((DEMO_DIR / "evaluation.json", shipped), (tmp_path / "legacy.json", legacy)):
+        ev = Evaluation.load(source)
+        assert ev.per_class["femur"].dice == shipped["per_class"]["femur"]["dice"]
+        written = json.loads(ev.save(tmp_path / "evaluation.json").read_text())
+        assert written["schema_version"] == SCHEMA_VERSION
+        if "schema_version" not in expected:
+            written.pop("schema_version")
+        assert written == expected
+        assert list(written) == list(expected)
 
 
 def test_an_evaluation_with_a_misspelt_key_is_refused() -> None:
