@@ -8,6 +8,7 @@ and dcmtk storescp as the PACS; in-process tests use the real store, SQLite inde
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -47,12 +48,22 @@ def pixel_length_at(raw: bytes) -> int:
     return at + 8
 
 
-def capture_info_log() -> tuple[io.StringIO, logging.Handler]:
+@contextlib.contextmanager
+def captured_info_log() -> Iterator[io.StringIO]:
+    """The root logger's INFO lines, in the node's key=value format, while the block runs."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(KeyValueFormatter())
     handler.setLevel(logging.INFO)
-    return stream, handler
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
 
 
 @pytest.fixture(scope="module")
@@ -309,17 +320,9 @@ def test_superseded_results_are_logged_without_phi(local: tuple, tmp_path: Path)
     store_files(store, s.files[:10])  # measured complete as far as anyone could tell (no gap, no count)
     assert watcher.check_once() == [1] and worker.run_once() == 1
     first_uid = Path(db.one("SELECT path FROM outbox WHERE job_id=1")["path"]).stem
-    stream, handler = capture_info_log()
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
+    with captured_info_log() as stream:
         store_files(store, s.files[10:])  # the rest arrives: new content, new job
         assert watcher.check_once() == [2]
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
     text = stream.getvalue()
     line = next(x for x in text.splitlines() if "earlier results superseded" in x)
     assert "job=2" in line and "earlier_jobs=1" in line and f"superseded_sop_uids={first_uid}" in line
@@ -339,17 +342,9 @@ def test_a_seg_sent_early_by_a_superseded_job_is_announced(local: tuple, tmp_pat
     assert queue.early_output(1, sent) and queue.early_output(1, unsent)
     with db.tx() as con:  # the sender's success for the first (set-up: no PACS here)
         con.execute("UPDATE outbox SET state='sent', attempts=1 WHERE path=?", (str(sent),))
-    stream, handler = capture_info_log()
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
+    with captured_info_log() as stream:
         store_files(store, s.files[10:])  # the rest arrives while job 1 runs: it is superseded
         assert watcher.check_once() == [2]
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
     line = next(x for x in stream.getvalue().splitlines() if "earlier results superseded" in x)
     assert "earlier_jobs=1" in line and "superseded_sop_uids=2.25.111" in line and "2.25.222" not in line
     assert db.one("SELECT state FROM jobs WHERE id=1")["state"] == "superseded"

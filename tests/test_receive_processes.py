@@ -69,44 +69,32 @@ PROCESSES = 2
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """The hardening tests' node (same limits), with two receive processes."""
-    proc = NodeProcess(
-        tmp_path_factory.mktemp("hardening-p2") / "node",
-        allowed_calling_aets=["PYSCU", "PINNED", "LOCALPIN"],
-        calling_aet_hosts={"PINNED": ["192.0.2.1"], "LOCALPIN": ["127.0.0.0/8"]},
-        max_associations=MAX_ASSOCIATIONS, acse_timeout_seconds=ACSE_TIMEOUT,
-        network_timeout_seconds=NETWORK_TIMEOUT, max_instance_mb=MAX_INSTANCE_MB,
-        receive_processes=PROCESSES,
-    )
-    proc.start()
-    try:
+    with NodeProcess(
+            tmp_path_factory.mktemp("hardening-p2") / "node",
+            allowed_calling_aets=["PYSCU", "PINNED", "LOCALPIN"],
+            calling_aet_hosts={"PINNED": ["192.0.2.1"], "LOCALPIN": ["127.0.0.0/8"]},
+            max_associations=MAX_ASSOCIATIONS, acse_timeout_seconds=ACSE_TIMEOUT,
+            network_timeout_seconds=NETWORK_TIMEOUT, max_instance_mb=MAX_INSTANCE_MB,
+            receive_processes=PROCESSES,
+        ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """A two-process node that receives only (worker off, series never complete during the tests)."""
-    proc = NodeProcess(tmp_path_factory.mktemp("pool") / "node", pipeline=None, stable_seconds=600,
-                       allowed_calling_aets=["SENDER"], receive_processes=PROCESSES,
-                       worker={"enabled": False})
-    proc.start()
-    try:
+    with NodeProcess(tmp_path_factory.mktemp("pool") / "node", pipeline=None, stable_seconds=600,
+                           allowed_calling_aets=["SENDER"], receive_processes=PROCESSES,
+                           worker={"enabled": False}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
 def full_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """The disk back-pressure tests' node (below its threshold from the start), two processes."""
-    proc = NodeProcess(tmp_path_factory.mktemp("diskfull-p2") / "node", pipeline=None,
-                       min_free_disk_mb=HUGE_MB, receive_processes=PROCESSES)
-    proc.start()
-    try:
+    with NodeProcess(tmp_path_factory.mktemp("diskfull-p2") / "node", pipeline=None,
+                           min_free_disk_mb=HUGE_MB, receive_processes=PROCESSES) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 # -- helpers -----------------------------------------------------------------------------------------
