@@ -87,6 +87,33 @@ def test_openvino_agrees_with_fp32_torch_on_phantom_windows(phantom_windows, pre
     assert _argmax_agreement(again.network(phantom_windows[:1]), ref[:1]) >= 0.999
 
 
+def test_window_batch_fills_every_openvino_request(tmp_path) -> None:
+    """A batch with fewer windows than the compiled model's parallel requests leaves a stream idle."""
+    pytest.importorskip("openvino")
+    from seg import infer
+
+    pkg = load_model(None, device="cpu")
+    fast = runtime.prepare(pkg, "openvino", cache_dir=tmp_path, precision="fp32")
+    requests = fast.network.requests
+    assert requests >= 1
+    cpu = torch.device("cpu")
+    assert infer._default_sw_batch(cpu, (96, 96, 96)) == 1  # paper-size windows, PyTorch: one at a time
+    assert infer._default_sw_batch(cpu, (96, 96, 96), requests) == requests
+    assert infer._default_sw_batch(cpu, (48, 48, 48), requests) == max(4, requests)
+    seen: list[int] = []
+    net = fast.network
+    forward = net.forward
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        seen.append(int(x.shape[0]))
+        return forward(x)
+
+    net.forward = counting  # type: ignore[method-assign]
+    image = np.zeros((60, 60, 120), np.float32)
+    infer.predict_probabilities(fast, image, precision="fp32")
+    assert max(seen) == max(4, requests)  # the node's call path passes no batch: the default decides
+
+
 def test_torch_runtime_returns_the_package_unchanged() -> None:
     pkg = load_model(None, device="cpu")
     assert runtime.prepare(pkg, "torch") is pkg
