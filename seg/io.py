@@ -3,11 +3,18 @@
 Geometry is derived here once: slices are sorted along the slice normal (row × column direction)
 whatever their instance numbers or arrival order, so head-first and feet-first series and any
 slice order give a volume whose affine places every voxel where the scanner put it.
+
+A series is read at about three times pydicom's own pace with pydicom's results: plain native
+files have only the elements used here picked out (:mod:`seg.native_dicom`) and their pixels read
+straight from the bytes, the whole volume rescaled at once; every other file, and every case the
+fast path does not reproduce exactly, goes through ``pydicom.dcmread`` and ``pixel_array`` slice
+by slice as before (``tests/test_io_fast_load.py`` holds the two side by side).
 """
 
 from __future__ import annotations
 
 import logging
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +59,134 @@ def _meta_value(ds, key: str):
     return str(v)
 
 
+# What the loader reads of each file (the pixel module as pydicom's decoder reads it): a plain native
+# file is walked without building anything else (seg.native_dicom).
+_HEADER_KEYWORDS = (
+    *META_KEYS, "SOPInstanceUID", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept", "SamplesPerPixel",
+    "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames", "Rows", "Columns",
+    "BitsAllocated", "BitsStored", "PixelRepresentation", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "FloatPixelData", "DoubleFloatPixelData", "PixelData",
+)
+# The largest |slope| or |intercept| the whole-volume path takes: far from float32 overflow.
+_FLOAT_LIMIT = 1e30
+
+
+@cache
+def _header_tags() -> frozenset[int]:
+    from pydicom.datadict import tag_for_keyword
+
+    return frozenset(tag_for_keyword(k) for k in _HEADER_KEYWORDS)
+
+
+def _read(f: Path):
+    """The file's header as a pydicom Dataset: walked directly when plain, else ``pydicom.dcmread``
+    (whose errors the caller handles as before)."""
+    import pydicom
+
+    from seg.native_dicom import read_header
+
+    with open(f, "rb") as fp:
+        head = fp.read(132)
+        # Only a Part 10 file is read whole: anything else in a folder is dcmread's to refuse.
+        ds = read_header(head + fp.read(), _header_tags()) if head[128:132] == b"DICM" else None
+    return ds if ds is not None else pydicom.dcmread(f)
+
+
+def _pydicom_pixels(f: Path, ds) -> np.ndarray:
+    """pydicom's ``pixel_array`` of the file, from the whole file as ``dcmread`` reads it."""
+    import pydicom
+    from pydicom.dataset import FileDataset
+
+    return (ds if isinstance(ds, FileDataset) else pydicom.dcmread(f)).pixel_array
+
+
+def _hu_array(slices: list, shape0: tuple[int, int], slopes: list[float], inters: list[float],
+              exact: bool) -> np.ndarray:
+    """The (column, row, slice) HU array: int16 when the rescale is exact and fits, float32 otherwise."""
+    from seg.native_dicom import native_frame
+
+    frames = []
+    for _, ds in slices:
+        frame = native_frame(ds)
+        if frame is None:
+            break
+        frames.append(frame)
+    if len(frames) == len(slices):
+        arr = _hu_volume(frames, slopes, inters, exact)
+        if arr is not None:
+            return arr
+    return _hu_slices(slices, frames, shape0, slopes, inters, exact)
+
+
+def _hu_volume(frames: list, slopes: list[float], inters: list[float], exact: bool) -> np.ndarray | None:
+    """All slices at once; None where only the slice loop gives the same result.
+
+    Element by element the results of :func:`_hu_slices`: exact integer sums when exact, else
+    float32 products and sums (a Python float meets a float32 array as a float32). Declined: 32-bit
+    pixels, mixed pixel types, an int16 overflow (the loop turns to float32 at that slice), intercepts
+    near int32 overflow (the loop's int32 sums would wrap or raise), slopes or intercepts near float32
+    overflow.
+    """
+    from seg.native_dicom import unused_bits_correction
+
+    dtype = frames[0].stored.dtype
+    if dtype.itemsize > 2 or any(fr.stored.dtype != dtype for fr in frames):
+        return None
+    n = len(frames)
+    rows, cols = frames[0].stored.shape
+    if exact:
+        if any(abs(i) >= 2**30 for i in inters):
+            return None
+        offsets = np.array([int(i) for i in inters], np.int64)
+    else:
+        scale, shift = np.array(slopes), np.array(inters)
+        if not (np.all(np.abs(scale) < _FLOAT_LIMIT) and np.all(np.abs(shift) < _FLOAT_LIMIT)):
+            return None
+    stored = np.empty((n, rows, cols), dtype)
+    for k, fr in enumerate(frames):
+        stored[k] = fr.stored
+        if fr.unused_bits:
+            unused_bits_correction(stored[k], fr.unused_bits)
+    if exact:
+        flat = stored.reshape(n, -1)
+        if (flat.min(axis=1) + offsets).min() < -32768 or (flat.max(axis=1) + offsets).max() > 32767:
+            return None
+        # Every sum fits int16, so int16 arithmetic, which wraps modulo 2**16, gives each sum exactly,
+        # whatever the (unsigned) pixel type or the intercept's own range: no int32 pass is needed.
+        hu = stored.view(np.int16) if dtype.itemsize == 2 else stored.astype(np.int16)
+        np.add(hu, offsets.astype(np.int16)[:, None, None], out=hu)
+    else:
+        hu = np.multiply(stored, scale.astype(np.float32)[:, None, None], dtype=np.float32)
+        np.add(hu, shift.astype(np.float32)[:, None, None], out=hu)
+    arr = np.empty((cols, rows, n), hu.dtype)
+    # (slice, row, column) -> (column, row, slice) one row at a time: a 2-D transpose per row stays
+    # within cache, where one 3-D transposed copy (or the slice-by-slice loop's) is 2-3x slower.
+    for j in range(rows):
+        arr[:, j, :] = hu[:, j, :].T
+    return arr
+
+
+def _hu_slices(slices: list, frames: list, shape0: tuple[int, int], slopes: list[float],
+               inters: list[float], exact: bool) -> np.ndarray:
+    """Slice by slice, in order: the frames already read where given, else pydicom's ``pixel_array``."""
+    n = len(slices)
+    # int16 HU when the rescale is exact and fits (half the memory of float32); float32 otherwise.
+    arr = np.empty((shape0[1], shape0[0], n), np.int16 if exact else np.float32)
+    for k, (f, ds) in enumerate(slices):
+        px = frames[k].pixels() if k < len(frames) else _pydicom_pixels(f, ds)
+        if arr.dtype == np.int16:
+            hu = px.astype(np.int32) + int(inters[k])
+            if hu.min() < -32768 or hu.max() > 32767:
+                arr = arr.astype(np.float32)
+                arr[:, :, k] = hu.T
+            else:
+                arr[:, :, k] = hu.T
+        else:
+            arr[:, :, k] = px.T.astype(np.float32) * slopes[k] + inters[k]
+    return arr
+
+
 def load_dicom_series(paths: Path | list[Path]) -> Volume:
     """Read one DICOM image series into a Volume in HU (int16 when exact, else float32)."""
     import pydicom
@@ -59,7 +194,7 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     datasets = []
     for f in _files(paths):
         try:
-            ds = pydicom.dcmread(f)
+            ds = _read(f)
         except (pydicom.errors.InvalidDicomError, OSError) as exc:
             log.debug("skipping %s: %s", f, exc)
             continue
@@ -82,12 +217,16 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     normal = np.cross(row_dir, col_dir)
     shape0 = (int(datasets[0][1].Rows), int(datasets[0][1].Columns))
     ps0 = [float(v) for v in datasets[0][1].PixelSpacing]
+    iop0 = iop.tolist()
     for _, ds in datasets:
-        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
+        # Equal values are close (np.allclose costs ~20 µs a call); anything else gets the full test.
+        ori = [float(v) for v in ds.ImageOrientationPatient]
+        if ori != iop0 and not np.allclose(ori, iop, atol=1e-4):
             raise SeriesGeometryError("image orientation differs between slices")
         if (int(ds.Rows), int(ds.Columns)) != shape0:
             raise SeriesGeometryError("image size differs between slices")
-        if not np.allclose([float(v) for v in ds.PixelSpacing], ps0, atol=1e-4):
+        spacing = [float(v) for v in ds.PixelSpacing]
+        if spacing != ps0 and not np.allclose(spacing, ps0, atol=1e-4):
             raise SeriesGeometryError("pixel spacing differs between slices")
     pos = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in datasets])
     d = pos @ normal
@@ -115,19 +254,7 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     slopes = [float(ds.get("RescaleSlope", 1) or 1) for _, ds in datasets]
     inters = [float(ds.get("RescaleIntercept", 0) or 0) for _, ds in datasets]
     exact = all(s == 1.0 for s in slopes) and all(float(i).is_integer() for i in inters)
-    # int16 HU when the rescale is exact and fits (half the memory of float32); float32 otherwise.
-    arr = np.empty((shape0[1], shape0[0], n), np.int16 if exact else np.float32)
-    for k, (_, ds) in enumerate(datasets):
-        px = ds.pixel_array
-        if arr.dtype == np.int16:
-            hu = px.astype(np.int32) + int(inters[k])
-            if hu.min() < -32768 or hu.max() > 32767:
-                arr = arr.astype(np.float32)
-                arr[:, :, k] = hu.T
-            else:
-                arr[:, :, k] = hu.T
-        else:
-            arr[:, :, k] = px.T.astype(np.float32) * slopes[k] + inters[k]
+    arr = _hu_array(datasets, shape0, slopes, inters, exact)
 
     first = datasets[0][1]
     meta = {k: v for k in META_KEYS if (v := _meta_value(first, k)) is not None}
