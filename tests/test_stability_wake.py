@@ -40,3 +40,19 @@ def test_next_wait_is_the_time_until_the_first_series_falls_quiet(tmp_path: Path
         assert watcher.next_wait(last + 1.1) == 0.25
     finally:
         db.close()
+
+
+def test_headers_walked_directly_equal_pydicoms(tmp_path: Path) -> None:
+    """Selection reads plain files with the element walker; what it sees must be pydicom's reading."""
+    import pydicom
+
+    from dicomnode.storage.series import HEADER_TAGS, read_headers
+
+    files = write_ct_series(tmp_path / "in", name="h", n=5, size=8).files
+    (tmp_path / "junk.dcm").write_bytes(b"not DICOM")  # pydicom's verdict: unreadable
+    headers, unreadable = read_headers([*files, tmp_path / "junk.dcm"])
+    assert unreadable == 1 and len(headers) == len(files)
+    for ds, path in zip(headers, files, strict=True):
+        ref = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        for kw in HEADER_TAGS:
+            assert (kw in ds) == (kw in ref) and (kw not in ds or ds[kw].value == ref[kw].value), kw
