@@ -119,6 +119,9 @@ class SendSettings(Section):
     initial_backoff_seconds: float = 20.0  # doubles each retry: 20+40+80+160+320 s ≈ 10 min
     max_backoff_seconds: float = 320.0
     timeout_seconds: float = 30.0
+    # associations open to the PACS at once: an output handed on while another is being stored goes out
+    # beside it (the SR need not wait for Orthanc to store a large SEG); 1 = one send after the other
+    max_associations: int = Field(2, ge=1)
 
 
 class SelectionSettings(Section):

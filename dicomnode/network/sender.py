@@ -13,6 +13,14 @@ here; the worker's :meth:`~dicomnode.processing.queue.RecordedOutcomes.finish` s
 rows were all sent early). Rows of a job that is not running or sending (superseded, re-queued,
 failed in its pipeline) wait: a re-run keeps what was sent and builds nothing different under its UID
 (:func:`dicomnode.processing.pipeline._check_same_content`).
+
+Why several associations (``send.max_associations``, 2 by default): Orthanc takes over a second to
+store a FRACTIONAL SEG of thousands of frames; the SR written meanwhile would wait behind it and be
+sent only after the job ended. Each pass runs in its own thread on its own association; the rows it
+sends are in flight (:class:`InFlight`) until its outcome is committed, and no other pass takes them.
+A job's state is counted from its rows in the same transaction, so passes of one job may end in
+either order: the one that leaves no row pending moves it (``done``, or ``failed`` when a row failed
+for good), and a pass that leaves another's row pending keeps it ``sending``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,33 +155,105 @@ def send_files(settings: Settings, paths: list[Path]) -> dict[Path, str | None]:
     return results
 
 
+class InFlight:
+    """The outbox rows being sent now and the passes sending them: the sender's one shared state.
+
+    Why one owner: a pass must never take a row another pass is sending (the node would store it
+    twice), and no more than ``send.max_associations`` passes (one association each) may run at once.
+    ``lock`` is held from reading the due rows to taking them, and a pass lets its rows go only after
+    its outcome is committed, so a row is either seen ``sent`` or seen in flight, never neither.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        self._rows: dict[threading.Thread, frozenset[int]] = {}
+
+    def __contains__(self, row_id: int) -> bool:
+        return any(row_id in ids for ids in self._rows.values())
+
+    def full(self) -> bool:
+        return len(self._rows) >= self.limit
+
+    def take(self, thread: threading.Thread, ids: frozenset[int]) -> None:
+        """Under ``lock``: ``thread`` will send rows ``ids``."""
+        self._rows[thread] = ids
+
+    def release(self, thread: threading.Thread) -> None:
+        with self.lock:
+            self._rows.pop(thread, None)
+
+    def passes(self) -> list[threading.Thread]:
+        with self.lock:
+            return list(self._rows)
+
+
+class SendPass(threading.Thread):
+    """One job's due rows over one association, in a thread of its own; ``sent`` once it has ended."""
+
+    def __init__(self, send: Callable[[int, list[Any]], int], in_flight: InFlight, job_id: int,
+                 rows: list[Any]) -> None:
+        super().__init__(name=f"dicomnode-send-{job_id}", daemon=True)
+        self._send, self._in_flight, self.job_id, self.rows = send, in_flight, job_id, rows
+        self.sent = 0
+
+    def run(self) -> None:
+        try:
+            self.sent = self._send(self.job_id, self.rows)
+        except Exception:
+            log.exception("send pass")
+        finally:
+            self._in_flight.release(self)  # after the outcome is committed (see InFlight)
+            OUTPUTS_READY.set()  # an association is free: rows left waiting for one go now
+
+
 class Sender:
-    """Drains the outbox: due rows grouped by job, one association per job and pass."""
+    """Drains the outbox: due rows grouped by job, one association per job and pass, up to
+    ``send.max_associations`` passes at once (a row handed on while another is being stored goes out
+    at once on another association, instead of waiting behind it)."""
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
         self.db = db
+        self.in_flight = InFlight(settings.send.max_associations)
 
     def backoff(self, attempts: int) -> float:
         s = self.settings.send
         return min(s.initial_backoff_seconds * (2 ** max(0, attempts - 1)), s.max_backoff_seconds)
 
+    def dispatch(self) -> list[SendPass]:
+        """Start a pass for each job with due rows not in flight, while associations are free."""
+        started: list[SendPass] = []
+        with self.in_flight.lock:
+            if self.in_flight.full():
+                return started
+            rows = self.db.query(
+                "SELECT o.id, o.job_id, o.path, o.attempts FROM outbox o JOIN jobs j ON j.id = o.job_id"
+                " WHERE o.state='pending' AND j.state IN (?, ?)"
+                " AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
+                " ORDER BY o.job_id, o.id",
+                (JobState.SENDING.value, JobState.RUNNING.value, now()),
+            )
+            by_job: dict[int, list[Any]] = defaultdict(list)
+            for row in rows:
+                if int(row["id"]) not in self.in_flight:
+                    by_job[int(row["job_id"])].append(row)
+            for job_id, job_rows in by_job.items():
+                if self.in_flight.full():
+                    break  # left due: the next dispatch, woken when a pass ends, takes them
+                send_pass = SendPass(self._send_job, self.in_flight, job_id, job_rows)
+                self.in_flight.take(send_pass, frozenset(int(r["id"]) for r in job_rows))
+                started.append(send_pass)
+        for send_pass in started:
+            send_pass.start()
+        return started
+
     def run_once(self) -> int:
-        """One pass over due rows; returns how many files were stored in the PACS."""
-        rows = self.db.query(
-            "SELECT o.id, o.job_id, o.path, o.attempts FROM outbox o JOIN jobs j ON j.id = o.job_id"
-            " WHERE o.state='pending' AND j.state IN (?, ?)"
-            " AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
-            " ORDER BY o.job_id, o.id",
-            (JobState.SENDING.value, JobState.RUNNING.value, now()),
-        )
-        by_job: dict[int, list[Any]] = defaultdict(list)
-        for row in rows:
-            by_job[int(row["job_id"])].append(row)
-        sent = 0
-        for job_id, job_rows in by_job.items():
-            sent += self._send_job(job_id, job_rows)
-        return sent
+        """One dispatch, waited for; returns how many files were stored in the PACS."""
+        started = self.dispatch()
+        for send_pass in started:
+            send_pass.join()
+        return sum(p.sent for p in started)
 
     def _send_job(self, job_id: int, rows: list[Any]) -> int:
         results = send_files(self.settings, [Path(r["path"]) for r in rows])
@@ -211,12 +292,16 @@ class Sender:
                 )
             }
             reason: Reason | None = None
-            if counts.get("pending"):
-                attempts = max(int(r["attempts"]) for r in rows) + 1
-                if last_error:
+            if counts.get("pending"):  # this pass's rows to retry, or another pass's still in flight
+                owed = con.execute(  # the reason is the job's: a pass of its other rows may have failed
+                    "SELECT attempts, last_error FROM outbox WHERE job_id=? AND state='pending'"
+                    " AND last_error IS NOT NULL ORDER BY attempts DESC, id DESC LIMIT 1",
+                    (job_id,),
+                ).fetchone()
+                if owed is not None:
                     reason = Reason(ReasonCode.SEND_RETRYING,
-                                    f"send attempt {attempts - 1} failed: {last_error}; retrying in "
-                                    f"{self.backoff(attempts - 1):g} s")
+                                    f"send attempt {owed['attempts']} failed: {owed['last_error']}; "
+                                    f"retrying in {self.backoff(int(owed['attempts'])):g} s")
                 state = JobState.SENDING
             elif counts.get("failed"):
                 error = con.execute(
@@ -245,14 +330,21 @@ class Sender:
         return sent
 
     def run(self, stop: threading.Event) -> None:
+        """Dispatch until ``stop``; then wait for the passes still sending (each ends within its
+        association's timeouts), so that none writes to the index after the node closed it."""
         interval = max(0.05, min(0.5, self.settings.send.initial_backoff_seconds / 2))
-        while not stop.is_set():
-            OUTPUTS_READY.clear()
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("sender loop")
-            OUTPUTS_READY.wait(interval)  # the next poll, or at once when the worker hands outputs on
+        try:
+            while not stop.is_set():
+                OUTPUTS_READY.clear()
+                try:
+                    self.dispatch()
+                except Exception:
+                    log.exception("sender loop")
+                # the next poll, or at once when the worker hands outputs on or a pass frees an association
+                OUTPUTS_READY.wait(interval)
+        finally:
+            for send_pass in self.in_flight.passes():
+                send_pass.join()
 
 
 def retry(db: Database, job_id: int) -> str:
