@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +38,13 @@ def _side_counts(arr: np.ndarray, affine: np.ndarray, mid: float, n: int) -> tup
 
     Slabs run along the array's outermost axis in memory (i for the C-ordered maps inference writes,
     k for NIfTI's Fortran order), so each is contiguous; x is computed in :func:`_world_x_slice`'s
-    order of operations, so every voxel falls on the same side whichever axis is chosen.
+    order of operations, so every voxel falls on the same side whichever axis is chosen. When x
+    varies along that axis alone (an axial series' C-ordered map), a whole slab lies on one side.
     """
     axis = int(np.argmax(np.abs(arr.strides)))
     a = affine[0]
+    if all(a[d] == 0 for d in range(3) if d != axis):
+        return _whole_slab_side_counts(arr, axis, a, mid, n)
     rest = [d for d in range(3) if d != axis]
     plane = dict(zip(rest, np.ix_(*(np.arange(arr.shape[d], dtype=np.float64) for d in rest)), strict=True))
     total = np.zeros(n, np.int64)
@@ -52,6 +57,52 @@ def _side_counts(arr: np.ndarray, affine: np.ndarray, mid: float, n: int) -> tup
         total += counts.sum(axis=1)
         left += counts[:, 1]
     return total, left
+
+
+_BLOCK_VOXELS = 1 << 21  # voxels counted at once: a few MB of temporaries, however large the series
+
+
+def _whole_slab_side_counts(arr: np.ndarray, axis: int, a: np.ndarray, mid: float,
+                            n: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_side_counts` where x depends on the slab alone: each slab's x by the same formula (the
+    other axes' terms are 0 × index = 0 there too), and runs of slabs on one side counted together."""
+    slabs = arr.shape[axis]
+    coords = [0.0, 0.0, 0.0]
+    on_left = np.zeros(slabs, dtype=bool)
+    for s in range(slabs):
+        coords[axis] = float(s)
+        on_left[s] = a[0] * coords[0] + a[1] * coords[1] + (a[2] * coords[2] + a[3]) > mid
+    per_block = max(1, _BLOCK_VOXELS // max(1, arr.size // max(1, slabs)))
+    total = np.zeros(n, np.int64)
+    left = np.zeros(n, np.int64)
+    start = 0
+    while start < slabs:
+        stop = start + 1
+        while stop < slabs and stop - start < per_block and on_left[stop] == on_left[start]:
+            stop += 1
+        counts = _value_counts(arr[(slice(None),) * axis + (slice(start, stop),)], n)
+        total += counts
+        if on_left[start]:
+            left += counts
+        start = stop
+    return total, left
+
+
+def _value_counts(block: np.ndarray, n: int) -> np.ndarray:
+    """How many voxels of ``block`` hold each value 0..n-1 (values are known to be below n).
+
+    uint8 voxels are counted in pairs (one uint16 per two voxels, 65,536 bins), then each byte of the
+    pair is summed out: half the elements for bincount, which casts every one to a 64-bit index.
+    """
+    flat = block.reshape(-1)  # a view for a contiguous slab range
+    if flat.dtype != np.uint8 or not flat.flags.c_contiguous or flat.size < 2:
+        return np.bincount(flat.astype(np.intp, copy=False), minlength=n)[:n].astype(np.int64)
+    even = flat.size - flat.size % 2
+    pairs = np.bincount(flat[:even].view(np.uint16), minlength=1 << 16).reshape(256, 256)
+    counts = pairs.sum(axis=0) + pairs.sum(axis=1)  # each byte of a pair, whichever the byte order
+    if flat.size % 2:
+        counts[flat[-1]] += 1
+    return counts[:n].astype(np.int64)
 
 
 def _world(affine: np.ndarray, idx: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -96,15 +147,26 @@ def midline_x(labels: Volume, ct: Volume | None = None) -> tuple[float, str]:
 
 def body_mask(ct: Volume) -> np.ndarray:
     """The patient: the largest connected component above -500 HU (drops couch and clothing)."""
+    m = ct.array > -500
+    found = _largest_component(m)
+    return m if found is None else found[0] == found[1]
+
+
+_FEW_COMPONENTS = 8  # up to this many, each is counted by a comparison over the volume
+
+
+def _largest_component(m: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(component labels, label of the largest) of a mask; None when it has one component or none."""
     from scipy import ndimage
 
-    m = ct.array > -500
     lab, n = ndimage.label(m)
     if n <= 1:
-        return m
-    # each component counted inside its bounding box: cheaper than a bincount over the whole volume
-    counts = [np.count_nonzero(lab[box] == c) for c, box in enumerate(ndimage.find_objects(lab), start=1)]
-    return lab == 1 + int(np.argmax(counts))
+        return None
+    if n <= _FEW_COMPONENTS:  # a few passes over the volume: cheaper than find_objects' pass and boxes
+        counts = [np.count_nonzero(lab == c) for c in range(1, n + 1)]
+    else:  # each component counted inside its bounding box: cheaper than a bincount over the volume
+        counts = [np.count_nonzero(lab[box] == c) for c, box in enumerate(ndimage.find_objects(lab), start=1)]
+    return lab, 1 + int(np.argmax(counts))
 
 
 def _same_grid(a: Volume, b: Volume) -> bool:
@@ -133,10 +195,11 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     elif not plausible_height(height_m):
         raise ValueError(f"height {height_m} m is not plausible (outside {PLAUSIBLE_RANGE_TEXT})")
     vox = labels.voxel_volume_cm3
-    mid, how = midline_x(labels, ct)
-
-    n = L.NUM_CLASSES
-    total, left = _side_counts(arr, labels.affine, mid, n)
+    with ThreadPoolExecutor(max_workers=1) as beside:  # the CT's part on another core (numpy and
+        ct_figures = beside.submit(_ct_figures, ct) if ct is not None else None  # scipy release the GIL)
+        mid, how = midline_x(labels, ct)
+        n = L.NUM_CLASSES
+        total, left = _side_counts(arr, labels.affine, mid, n)
 
     h2 = float(height_m) ** 2 if height_m is not None else None
     structures = []
@@ -160,8 +223,8 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
         "midline_x_mm": round(mid, 3),
         "midline_method": how,
     }
-    if ct is not None:
-        qa |= _ct_qa(ct, mid, segmented)
+    if ct is not None and ct_figures is not None:
+        qa |= _ct_qa(ct, mid, segmented, ct_figures.result())
     return VolumeRecord(
         series_instance_uid=meta.get("SeriesInstanceUID"),
         model=model or ModelInfo(),
@@ -172,21 +235,47 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     )
 
 
-def _ct_qa(ct: Volume, mid: float, segmented_muscle_cm3: float) -> dict[str, object]:
-    """The QA figures that need the CT: HU-threshold muscle, metal and where it lies."""
+@dataclass(frozen=True)
+class _CtFigures:
+    """What the QA needs from the CT alone (no label map, no midline): computed beside the labels' part."""
+
+    hu_muscle_voxels: int
+    metal_world: np.ndarray | None  # LPS mm of each metal voxel; None without metal
+
+
+def _ct_figures(ct: Volume) -> _CtFigures:
+    """Muscle-HU voxels of the body (:func:`body_mask`) and where the metal is.
+
+    Counted slab by slab along the outermost axis, the body's test folded into the HU test, so no
+    volume-sized mask is kept; metal voxels are counted before they are listed (usually there are none).
+    """
     hu = ct.array
-    body = body_mask(ct)
-    musc = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1])
-    hu_muscle = round(float(np.count_nonzero(musc)) * ct.voxel_volume_cm3, 4)
-    midx = np.nonzero(hu > METAL_HU)
+    m = hu > -500
+    found = _largest_component(m)
+    axis = int(np.argmax(np.abs(hu.strides)))
+    step = max(1, _BLOCK_VOXELS // max(1, hu.size // max(1, hu.shape[axis])))
+    muscle = 0
+    for start in range(0, hu.shape[axis], step):
+        sl = (slice(None),) * axis + (slice(start, start + step),)
+        body = m[sl] if found is None else found[0][sl] == found[1]
+        h = hu[sl]
+        muscle += int(np.count_nonzero(body & (h >= MUSCLE_HU[0]) & (h <= MUSCLE_HU[1])))
+    metal = hu > METAL_HU
+    world = _world(ct.affine, np.nonzero(metal)) if np.count_nonzero(metal) else None
+    return _CtFigures(muscle, world)
+
+
+def _ct_qa(ct: Volume, mid: float, segmented_muscle_cm3: float, figures: _CtFigures) -> dict[str, object]:
+    """The QA figures that need the CT: HU-threshold muscle, metal and where it lies."""
+    hu_muscle = round(float(figures.hu_muscle_voxels) * ct.voxel_volume_cm3, 4)
+    w = figures.metal_world
     out: dict[str, object] = {
         "hu_muscle_cm3": hu_muscle,
         "segmented_vs_hu_muscle": round(segmented_muscle_cm3 / hu_muscle, 4) if hu_muscle else None,
-        "metal": bool(midx[0].size > 0),
-        "metal_voxels": int(midx[0].size),
+        "metal": w is not None,
+        "metal_voxels": 0 if w is None else int(w.shape[0]),
     }
-    if midx[0].size:
-        w = _world(ct.affine, midx)
+    if w is not None:
         nl = int(np.count_nonzero(w[:, 0] > mid))
         out["metal_where"] = MetalLocation(
             side="left" if nl == w.shape[0] else "right" if nl == 0 else "both",

@@ -235,3 +235,19 @@ def test_node_receives_with_tuning_on_and_off(tuned: bool, tmp_path: Path,
     finally:
         node.stop()
         db.close()
+
+
+def test_highdicom_tables_the_warm_up_preloads_are_cached_module_functions() -> None:
+    """``dicomnode.processing.pipeline._load_highdicom_tables`` calls private highdicom functions so that
+    the first job's SEG does not parse the standard's tables (≈0.25–0.5 s). If highdicom renames them or
+    stops caching them, the preload silently does nothing: this test says so. Upstream fix: a public
+    ``highdicom.preload()`` (or lazily loaded per-IOD tables)."""
+    from highdicom import _standard_utils as tables
+
+    from dicomnode.processing.pipeline import _load_highdicom_tables
+
+    names = ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map")
+    _load_highdicom_tables()
+    for name in names:
+        func = getattr(tables, name)
+        assert func() is func(), f"highdicom's {name} no longer caches its table"

@@ -313,10 +313,10 @@ def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path
         writers.append("parent")
         return _save(d, folder)
 
-    path = BackgroundWrite(_save, ds, tmp_path / "a").wait()
+    path = BackgroundWrite.dataset(_save, ds, tmp_path / "a").wait()
     assert path == tmp_path / "a" / f"{ds.SOPInstanceUID}.dcm"
     assert path.read_bytes() == _save(ds, tmp_path / "b").read_bytes()
-    fallback = BackgroundWrite(child_fails, ds, tmp_path / "c").wait()
+    fallback = BackgroundWrite.dataset(child_fails, ds, tmp_path / "c").wait()
     assert writers == ["parent"] and fallback.read_bytes() == path.read_bytes()
 
 
@@ -340,8 +340,8 @@ def test_background_write_reports_the_file_once_written_by_the_child_or_the_pare
     def on_written(path: Path) -> None:
         heard.append((path.parent.name, path.read_bytes() == _save(ds, tmp_path / "ref").read_bytes()))
 
-    BackgroundWrite(_save, ds, tmp_path / "child", on_written=on_written).wait()
-    BackgroundWrite(child_fails, ds, tmp_path / "parent", on_written=on_written).wait()
+    BackgroundWrite.dataset(_save, ds, tmp_path / "child", on_written=on_written).wait()
+    BackgroundWrite.dataset(child_fails, ds, tmp_path / "parent", on_written=on_written).wait()
     assert heard == [("child", True), ("parent", True)]
 
 

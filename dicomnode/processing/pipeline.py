@@ -102,11 +102,16 @@ def load_configured_model(settings: Settings) -> Any:
 
 
 def warm_up(settings: Settings) -> None:
-    """Before the first job (the worker's pipeline process calls it): imports and the model load.
+    """Before the first job (the worker's pipeline process calls it): imports, tables and the model load.
 
-    Why: they take seconds that a job would otherwise wait for (:mod:`dicomnode.processing.isolation`).
+    Why: they take seconds that a job would otherwise wait for (:mod:`dicomnode.processing.isolation`);
+    the children a job forks (:mod:`dicomnode.processing.forkwrite`) inherit them too.
     """
-    import reporting.followup_sr  # noqa: F401 - imported for their import time
+    import matplotlib.backends.backend_agg  # noqa: F401 - imported for their import time
+    import matplotlib.figure  # noqa: F401
+    import nibabel  # noqa: F401
+
+    import reporting.followup_sr  # noqa: F401
     import reporting.seg  # noqa: F401
     import reporting.sr  # noqa: F401
     import reporting.summary  # noqa: F401
@@ -114,7 +119,24 @@ def warm_up(settings: Settings) -> None:
     import seg.io  # noqa: F401
     import seg.measure  # noqa: F401
 
+    _load_highdicom_tables()
     load_configured_model(settings)
+
+
+def _load_highdicom_tables() -> None:
+    """highdicom's tables of the standard (IODs, modules, attributes: JSON, about 0.5 s to parse), which
+    it loads at the first object it builds and caches: loaded here, the first job's SEG does not wait
+    for them, nor do the children that build its summary (they inherit them). Private functions
+    (guarded in tests/test_library_guard.py; the upstream fix would be a public preload): on a
+    highdicom without them the first object loads the tables, as before."""
+    try:
+        from highdicom import _standard_utils as tables
+
+        tables.get_sop_class_iod_map()
+        tables.get_iod_module_map()
+        tables.get_module_attribute_map()
+    except (ImportError, AttributeError) as exc:  # pragma: no cover - another highdicom
+        log.debug("highdicom tables not preloaded: %s", exc)
 
 
 def results_dir(settings: Settings, series_instance_uid: str) -> Path:
@@ -127,8 +149,12 @@ def patient_height(settings: Settings, meta: dict) -> tuple[float | None, str | 
 
 
 def _save(ds: Any, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    return _save_as(ds, folder / f"{ds.SOPInstanceUID}.dcm")
+
+
+def _save_as(ds: Any, path: Path) -> Path:
+    """Write ``ds`` at ``path`` whole or not at all (a temporary name, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     ds.save_as(tmp, enforce_file_format=True)
     tmp.replace(path)
@@ -136,8 +162,10 @@ def _save(ds: Any, folder: Path) -> Path:
 
 
 # set when an object is built, not by its content: left out when a rebuild is compared with a file sent
+# (the Secondary Capture's own capture time too: the summary page is handed on before its job ends)
 BUILD_TIME_KEYWORDS = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
-                       "SeriesDate", "SeriesTime", "ContributionDateTime")
+                       "SeriesDate", "SeriesTime", "ContributionDateTime", "DateOfSecondaryCapture",
+                       "TimeOfSecondaryCapture")
 
 
 def _without_build_times(ds: Any) -> Any:
@@ -164,15 +192,19 @@ def _check_same_content(ds: Any, handed_on: Path, scratch: Path) -> None:
     """
     import shutil
 
-    import pydicom
-
     try:
-        fresh = pydicom.dcmread(_save(ds, scratch))
+        _check_same_file(_save(ds, scratch), handed_on)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    earlier = pydicom.dcmread(handed_on)
-    if _without_build_times(fresh) != _without_build_times(earlier):
-        raise OutputChanged(f"the {ds.get('Modality', 'output')} {ds.SOPInstanceUID} was built again with"
+
+
+def _check_same_file(fresh: Path, handed_on: Path) -> None:
+    """:func:`_check_same_content` for an output already written (at ``fresh``)."""
+    import pydicom
+
+    new, earlier = pydicom.dcmread(fresh), pydicom.dcmread(handed_on)
+    if _without_build_times(new) != _without_build_times(earlier):
+        raise OutputChanged(f"the {new.get('Modality', 'output')} {new.SOPInstanceUID} was built again with"
                             " other content than the one an earlier attempt handed to the sender")
 
 
@@ -218,10 +250,25 @@ def _ignore(ds: Any) -> None:
     return None
 
 
+def _not_written(change: ChangeRecord | None) -> Path | None:
+    return None
+
+
+def summary_page(ct: Any, labels: Any, record: VolumeRecord, model_info: ModelInfo,
+                 change: ChangeRecord | None = None, baseline: tuple[Any, Any] | None = None) -> Any:
+    """The summary page of a series (with ``change``, and ``baseline``'s key images, for a follow-up):
+    one call for :func:`build_outputs` and the node's :class:`SummaryDraft`, so the two are one page."""
+    from reporting.summary import build_summary
+
+    return build_summary(ct, record, model_info, change=change, labels=labels, baseline=baseline)
+
+
 def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord, model_info: ModelInfo,
                   pair: Callable[[Any, Any], list[ChangeRecord]] = _no_pairing,
                   baseline: Callable[[ChangeRecord], tuple[Any, Any] | None] = _no_baseline,
-                  phases: PhaseLog | None = None, seg_built: Callable[[Any], None] = _ignore) -> BuiltOutputs:
+                  phases: PhaseLog | None = None, seg_built: Callable[[Any], None] = _ignore,
+                  summary_written: Callable[[ChangeRecord | None], Path | None] = _not_written,
+                  ) -> BuiltOutputs:
     """The SEG, SR and summary of one series, built once here for the node and ``segment --dicom``.
 
     Why one function: offline outputs must equal what the node sends, UIDs included. ``pair`` records
@@ -229,10 +276,12 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
     ``baseline`` gives the earlier study's CT and label map of the first change (None when they are
     no longer stored), so that the summary's key images show pre and post side by side.
     ``seg_built`` gets the SEG as soon as it exists (the node starts writing it while the SR is built).
+    ``summary_written`` is asked first for the summary with the comparison pairing found (None: none):
+    the file when it is written already (the node's :class:`SummaryDraft`; it is then not in
+    ``datasets``), else None and the summary is built here.
     """
     from reporting.seg import build_seg_frames
     from reporting.sr import build_measurement_sr
-    from reporting.summary import build_summary
 
     phases = phases or PhaseLog(None)
     with phases.phase("SEG encoding"):
@@ -246,16 +295,51 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
     datasets = [seg_ds, sr_ds]
     if settings.output.summary:
         baseline_change = changes[0] if changes else None
-        pre = baseline(baseline_change) if baseline_change is not None else None
-        with phases.phase("summary encoding"):
-            datasets.append(build_summary(ct, record, model_info, change=baseline_change, labels=labels,
-                                          baseline=pre))
+        if summary_written(baseline_change) is None:
+            pre = baseline(baseline_change) if baseline_change is not None else None
+            with phases.phase("summary encoding"):
+                datasets.append(summary_page(ct, labels, record, model_info, baseline_change, pre))
     return BuiltOutputs(datasets=datasets, changes=changes)
+
+
+class SummaryDraft:
+    """The summary page without a comparison, built by a forked child while the SEG and SR are built.
+
+    Why a draft: the page shows the comparison pairing finds, and pairing runs once the SEG and SR are
+    on disk (the pairing record cites them), but most studies (every patient's first) have none. So
+    the page without one is built at once on the core that is idle after inference
+    (:mod:`dicomnode.processing.forkwrite`), into a folder beside the outputs; :meth:`take` waits for
+    it when pairing found no comparison, :meth:`drop` discards it otherwise (the page is then built
+    after pairing as before). Either way the page is :func:`summary_page`'s: the same file.
+    """
+
+    def __init__(self, folder: Path, build: Callable[[], Any], phases: PhaseLog) -> None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)  # what a crashed attempt left
+        self.folder = folder
+        path = folder / "summary.dcm"
+
+        def make() -> Path:
+            with phases.phase("summary encoding (background)"):  # in the child, off the critical path
+                return _save_as(build(), path)
+
+        self._write = BackgroundWrite(make, path)
+
+    def take(self) -> Path:
+        """The drafted file, once written (by the child; here when the child failed)."""
+        return self._write.wait()
+
+    def drop(self) -> None:
+        """Stop the child if it still runs and remove the draft (taken or not)."""
+        import shutil
+
+        self._write.cancel()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: ModelInfo) -> JobOutput:
     """Everything after segmentation: volumes, SEG, SR, summary, pairing and follow-up SRs."""
-    from seg.io import save_nifti
     from seg.measure import measure_volumes, write_volumes
 
     phases = PhaseLog(job.work_dir)
@@ -265,10 +349,39 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
                                  model=model_info)
     out_dir = results_dir(settings, job.series_instance_uid)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with phases.phase("results write"):
-        write_volumes(record, out_dir)
-        save_nifti(labels, out_dir / "labels.nii.gz")  # a later study's summary shows it as "pre"
+    draft = SummaryDraft(out_dir / "summary-draft", lambda: summary_page(ct, labels, record, model_info),
+                         phases) if settings.output.summary else None
+    label_file = out_dir / "labels.nii.gz"  # a later study's summary shows it as "pre"
+    labels_saved: BackgroundWrite | None = None
+    try:
+        with phases.phase("results write"):
+            write_volumes(record, out_dir)
+            # compressed by a child while the SEG is built; on disk before pairing records the result
+            labels_saved = BackgroundWrite(lambda: _save_labels(labels, label_file), label_file)
+        return _report_outputs(job, settings, ct, labels, model_info, record, out_dir, phases, draft,
+                               labels_saved.wait)
+    finally:
+        if labels_saved is not None:
+            labels_saved.wait()  # complete either way: a later job may read it
+        if draft is not None:
+            draft.drop()
 
+
+def _save_labels(labels: Any, path: Path) -> Path:
+    """The label map as NIfTI at ``path``, whole or not at all (a temporary name, then a rename)."""
+    from seg.io import save_nifti
+
+    tmp = path.with_name(f".{path.name}")  # the same suffix: nibabel compresses by it
+    save_nifti(labels, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: ModelInfo,
+                    record: VolumeRecord, out_dir: Path, phases: PhaseLog, draft: SummaryDraft | None,
+                    results_saved: Callable[[], Any]) -> JobOutput:
+    """:func:`report` from the measured volumes on: the DICOM outputs, pairing and follow-up SRs
+    (``results_saved`` returns once the results folder is complete: before pairing records it)."""
     dicom_dir = out_dir / "outputs"
 
     saved: list[Path] = []
@@ -286,7 +399,8 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
     def seg_built(seg_ds: Any) -> None:
         """The SEG is written, and handed to the sender, while the SR and summary are built."""
         kept = handed_on_before(seg_ds)
-        seg_write.append(kept or BackgroundWrite(_save, seg_ds, dicom_dir, on_written=job.output_ready))
+        seg_write.append(kept or BackgroundWrite.dataset(_save, seg_ds, dicom_dir,
+                                                         on_written=job.output_ready))
 
     def pair(seg_ds: Any, sr_ds: Any) -> list[ChangeRecord]:
         with phases.phase("outputs write"):
@@ -295,8 +409,9 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
                 sr_path = _save(sr_ds, dicom_dir)
                 job.output_ready(sr_path)
             written = seg_write.pop() if seg_write else _save(seg_ds, dicom_dir)
-            # both on disk before pairing cites them
+            # both on disk before pairing cites them (and the label map a later study shows)
             saved.extend([written if isinstance(written, Path) else written.wait(), sr_path])
+            results_saved()
         if not settings.pairing.enabled:
             return []
         with phases.phase("pairing"):
@@ -306,10 +421,27 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
         with phases.phase("baseline load"):
             return stored_study(settings, job, str(change.baseline.series_instance_uid))
 
+    def summary_written(change: ChangeRecord | None) -> Path | None:
+        """The draft, among the outputs and handed on, when it is the page wanted (no comparison)."""
+        if draft is None or change is not None:
+            return None
+        import pydicom
+
+        with phases.phase("summary encoding"):  # what is left of it: the wait for the child
+            drafted = draft.take()
+            path = dicom_dir / f"{pydicom.dcmread(drafted, stop_before_pixels=True).SOPInstanceUID}.dcm"
+            if path in job.outputs_in_outbox and path.is_file():  # handed on before: kept as it is
+                _check_same_file(drafted, path)
+            else:
+                drafted.replace(path)
+                job.output_ready(path)
+        saved.append(path)
+        return path
+
     built = build_outputs(settings, ct, labels, record, model_info, pair=pair, baseline=baseline,
-                          phases=phases, seg_built=seg_built)
+                          phases=phases, seg_built=seg_built, summary_written=summary_written)
     with phases.phase("outputs write"):
-        outputs = saved + [_save(ds, dicom_dir) for ds in built.datasets[len(saved):]]
+        outputs = saved + [_save(ds, dicom_dir) for ds in built.datasets[2:]]  # a summary built here
     changes = built.changes
     late: list[Path] = []
     with phases.phase("follow-up reports"):
