@@ -1,9 +1,8 @@
 """The sender's concurrent associations (``send.max_associations``) against a PACS slow to store.
 
-Why a PACS of our own here: the point is what the PACS receives while it is still storing an earlier
-output, so it must hold a C-STORE until the test lets it go, without holding the other associations
-(the harness's capturing SCP calls its hook under one lock, storescp cannot be held). It is a real
-pynetdicom storage SCP on 127.0.0.1; the node's side is the real sender, SQLite index and job queue.
+The PACS is the harness's capturing SCP (a real pynetdicom storage SCP on 127.0.0.1) with a request
+hook that holds a C-STORE until the test lets it go, without holding the other associations (storescp
+cannot be held); the node's side is the real sender, SQLite index and job queue.
 Waits are bounds for a failure to show, never timings asserted.
 """
 
@@ -21,6 +20,7 @@ from series_factory import write_ct_series
 
 from dicomnode.config import ConfigError, SendSettings, Settings, load_settings
 from dicomnode.db import Database, now
+from dicomnode.harness.capture import CapturingSCP
 from dicomnode.harness.net import free_port, wait_for
 from dicomnode.network.sender import Sender
 from dicomnode.processing import jobs
@@ -64,8 +64,6 @@ class SlowPACS:
         self.event(what, uid).set()
 
     def start(self) -> SlowPACS:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-
         def on_store(ev: Any) -> int:
             uid = str(ev.request.AffectedSOPInstanceUID)
             self._note("arrived", uid, ev.assoc)
@@ -74,10 +72,7 @@ class SlowPACS:
             self._note("stored", uid, ev.assoc)
             return self.status.get(uid, 0x0000)
 
-        ae = AE(self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self._server = CapturingSCP(self.ae_title, self.port, keep=False, on_request=on_store).start()
         return self
 
     def release(self, uid: str) -> None:
@@ -86,7 +81,7 @@ class SlowPACS:
     def stop(self) -> None:
         for uid in list(self.held):
             self.release(uid)
-        self._server.shutdown()
+        self._server.stop()
 
     def steps(self) -> list[tuple[str, str]]:
         with self._lock:

@@ -18,12 +18,16 @@ class CapturingSCP:
     """Accepts every storage class (and C-ECHO) on 127.0.0.1; ``received`` holds each data set in order.
 
     ``on_dataset(ds)``, when given, is called with each data set (file meta attached) as it arrives,
-    under the capture's lock; ``keep=False`` then keeps nothing in memory.
+    under the capture's lock; ``keep=False`` then keeps nothing in memory. ``on_request(event)``, when
+    given, is called first with pynetdicom's C-STORE event, outside the lock (it may hold one
+    association without holding the others: a PACS slow to store), and returns the status to answer;
+    a data set answered with anything but success is not captured.
     """
 
     def __init__(self, ae_title: str, port: int | None = None, *,
                  on_dataset: Callable[[Any], None] | None = None, keep: bool = True,
-                 extra_contexts: tuple[str, ...] = ()) -> None:
+                 extra_contexts: tuple[str, ...] = (),
+                 on_request: Callable[[Any], int] | None = None) -> None:
         self.ae_title = ae_title
         self.port = port or free_port()
         self.received: list[Any] = []
@@ -31,6 +35,7 @@ class CapturingSCP:
         self._on_dataset = on_dataset
         self._keep = keep
         self._extra = extra_contexts
+        self._on_request = on_request
         self._server: Any = None
 
     def start(self) -> CapturingSCP:
@@ -44,6 +49,8 @@ class CapturingSCP:
             ae.add_supported_context(uid)
 
         def on_store(event: Any) -> int:
+            if self._on_request is not None and (status := self._on_request(event)) != 0x0000:
+                return status
             ds = event.dataset
             ds.file_meta = event.file_meta
             with self.lock:
