@@ -602,7 +602,7 @@ def test_phantom_patient_volumes_match_truth_within_the_model_tolerance(patient_
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 11: the demo model under-segments post-operative studies "
-                   "(held-out post-operative Dice 0.83-0.87 with 0.4.0; this follow-up: muscle total "
+                   "(held-out post-operative Dice 0.84-0.87 with 0.5.0; this follow-up: muscle total "
                    "-11 % with 0.2.0, operated "
                    "side up to -48 %); strict, so it fails here once a better model passes it")
 def test_followup_volumes_match_truth_within_the_model_tolerance(patient_run: PatientRun) -> None:
