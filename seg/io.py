@@ -84,12 +84,9 @@ def _read(f: Path):
     (whose errors the caller handles as before)."""
     import pydicom
 
-    from seg.native_dicom import read_header
+    from seg.native_dicom import read_file_header
 
-    with open(f, "rb") as fp:
-        head = fp.read(132)
-        # Only a Part 10 file is read whole: anything else in a folder is dcmread's to refuse.
-        ds = read_header(head + fp.read(), _header_tags()) if head[128:132] == b"DICM" else None
+    ds = read_file_header(f, _header_tags())  # anything not Part 10 in a folder is dcmread's to refuse
     return ds if ds is not None else pydicom.dcmread(f)
 
 

@@ -17,6 +17,7 @@ shape and unused-bits correction of pydicom's ``pixel_array``, or says ``None`` 
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -131,6 +132,14 @@ def _skip_sequence(data: bytes, pos: int, implicit: bool, depth: int) -> int | N
         if pos is None:
             return None
     return None
+
+
+def read_file_header(path: str | os.PathLike, wanted: Collection[int]) -> Dataset | None:
+    """:func:`read_header` of a file; None (the caller reads it with pydicom) for anything but a plain
+    Part 10 file. Only a file with the Part 10 prefix is read whole."""
+    with open(path, "rb") as fp:
+        head = fp.read(132)
+        return read_header(head + fp.read(), wanted) if head[128:132] == b"DICM" else None
 
 
 def read_header(data: bytes, wanted: Collection[int]) -> Dataset | None:

@@ -180,15 +180,14 @@ def read_headers(files: list[Path]) -> tuple[list[Any], int]:
     import pydicom
     from pydicom.datadict import tag_for_keyword
 
-    from seg.native_dicom import read_header
+    from seg.native_dicom import read_file_header
 
     wanted = frozenset(tag_for_keyword(k) for k in HEADER_TAGS)
     headers = []
     unreadable = 0
     for path in files:
         try:
-            with open(path, "rb") as fp:
-                ds = read_header(fp.read(), wanted)
+            ds = read_file_header(path, wanted)
             if ds is None:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
             headers.append(ds)
