@@ -33,7 +33,8 @@ class TrainConfig:
     data: str | None = None  # dataset folder (site CTs); None = phantoms
     phantoms: int = 0
     seed_start: int = 1000
-    val_phantoms: int = 1
+    val_phantoms: int = 1  # post-operative first (validation_plan)
+    postop_share: float = 0.25  # of the training phantoms (phantom_plan)
     phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
     arch: dict = field(default_factory=lambda: dict(DEMO_UNETR))
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
@@ -75,31 +76,52 @@ class TrainConfig:
 # ---------------------------------------------------------------- data
 
 
-def phantom_plan(n: int, seed_start: int) -> list[dict]:
-    """Varied phantom options: HFS/FFS, several spacings, slice orders, post-op with atrophy + implant."""
+def phantom_options(i: int, seed: int, postop: bool) -> dict:
+    """Options of the i-th phantom of a plan: spacing, position and slice order cycle with i."""
     spacings = [(3.0, 3.0, 3.0), (1.5, 1.5, 3.0), (2.0, 2.0, 2.5), (2.5, 2.5, 4.0), (1.0, 1.0, 5.0)]
-    plan = []
-    for i in range(n):
-        seed = seed_start + i
+    d: dict = {
+        "seed": seed,
+        "spacing_mm": spacings[i % len(spacings)],
+        "position": "FFS" if i % 2 else "HFS",
+        "slice_order": "descending" if i % 3 == 1 else "ascending",
+    }
+    if postop:
         rng = np.random.default_rng(seed)
-        d: dict = {
-            "seed": seed,
-            "spacing_mm": spacings[i % len(spacings)],
-            "position": "FFS" if i % 2 else "HFS",
-            "slice_order": "descending" if i % 3 == 1 else "ascending",
-        }
-        if i % 4 == 3:
-            side = "left" if rng.random() < 0.5 else "right"
-            names = list(L.ANALYSED_MUSCLES)
-            pick = rng.choice(len(names), size=6, replace=False)
-            d.update(
-                postop=True,
-                implant_side=side,
-                fat_infiltration=float(rng.uniform(0.0, 0.3)),
-                atrophy={names[j]: float(rng.uniform(0.6, 0.95)) for j in pick},
-            )
-        plan.append(d)
-    return plan
+        side = "left" if rng.random() < 0.5 else "right"
+        names = list(L.ANALYSED_MUSCLES)
+        pick = rng.choice(len(names), size=6, replace=False)
+        d.update(
+            postop=True,
+            implant_side=side,
+            fat_infiltration=float(rng.uniform(0.0, 0.3)),
+            atrophy={names[j]: float(rng.uniform(0.6, 0.95)) for j in pick},
+        )
+    return d
+
+
+POSTOP_SHARES = (0.25, 0.5, 0.75)
+
+
+def phantom_plan(n: int, seed_start: int, postop_share: float = 0.25) -> list[dict]:
+    """Varied phantom options: HFS/FFS, several spacings, slice orders, post-op with atrophy + implant.
+
+    Post-operative phantoms take the last ``postop_share * 4`` places of every four (the 4th at
+    0.25, the held-out plan), so both positions carry implants and a larger share keeps the
+    post-operative phantoms of a smaller one unchanged (their cached volumes stay valid).
+    """
+    if postop_share not in POSTOP_SHARES:
+        raise ValueError(f"postop_share must be one of {POSTOP_SHARES}, not {postop_share}")
+    per4 = round(postop_share * 4)
+    return [phantom_options(i, seed_start + i, i % 4 >= 4 - per4) for i in range(n)]
+
+
+def validation_plan(n: int, seed_start: int) -> list[dict]:
+    """Validation phantoms, post-operative first and then alternating.
+
+    The post-operative studies (implant, atrophy, fat) are the hardest; a pre-operative-only
+    validation set picks checkpoints that are blind to them.
+    """
+    return [phantom_options(i, seed_start + i, i % 2 == 0) for i in range(n)]
 
 
 def _phantom_case(opts: dict, z_range: tuple[float, float] | None):
@@ -186,7 +208,9 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
         nval = max(1, len(cases) // 10) if len(cases) > 1 else 0
         prov = {"source": "dataset", "data": str(cfg.data), "cases": [c["id"] for c in cases]}
         return cases[nval:], cases[:nval], prov
-    plan = phantom_plan(cfg.phantoms + cfg.val_phantoms, cfg.seed_start)
+    plan = phantom_plan(cfg.phantoms, cfg.seed_start, cfg.postop_share) + validation_plan(
+        cfg.val_phantoms, cfg.seed_start + cfg.phantoms
+    )
     for opts in plan:
         cid = f"ph{opts['seed']}_" + hashlib_short(opts, cfg.phantom_z_range_mm)
         paths = _case_paths(cache, cid)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seg.model import load_model
-from seg.train import CropSampler, TrainConfig, train, training_uses_bf16
+from seg.train import CropSampler, TrainConfig, phantom_plan, train, training_uses_bf16, validation_plan
 
 ARCH = {"in_channels": 1, "out_channels": 30, "img_size": [32, 32, 32], "feature_size": 4, "hidden_size": 48,
         "mlp_dim": 96, "num_heads": 4, "proj_type": "conv", "norm_name": "instance", "res_block": True,
@@ -129,3 +129,20 @@ def test_training_precision_choice() -> None:
     assert training_uses_bf16("auto", cpu) is cpu_has_bf16()
     with pytest.raises(ValueError, match="precision must be"):
         training_uses_bf16("fp16", cpu)
+
+
+def test_phantom_plan_post_operative_share_and_validation_plan() -> None:
+    base = phantom_plan(16, 1000)
+    assert [i for i, p in enumerate(base) if p.get("postop")] == [3, 7, 11, 15]  # the held-out plan
+    half = phantom_plan(16, 1000, postop_share=0.5)
+    post = [i for i, p in enumerate(half) if p.get("postop")]
+    assert post == [2, 3, 6, 7, 10, 11, 14, 15]
+    # implants on both patient positions, and the 0.25 plan's post-op phantoms unchanged (cache ids stay)
+    assert {half[i]["position"] for i in post} == {"HFS", "FFS"}
+    assert all(half[i] == base[i] for i in (3, 7, 11, 15))
+    assert [p["seed"] for p in half] == list(range(1000, 1016))
+    with pytest.raises(ValueError, match="postop_share"):
+        phantom_plan(4, 1000, postop_share=0.3)
+    val = validation_plan(3, 2000)
+    assert [p.get("postop", False) for p in val] == [True, False, True]
+    assert val[0]["atrophy"] and val[0]["implant_side"] in ("left", "right")

@@ -191,7 +191,13 @@ def train(
     ] = None,
     phantoms: Annotated[int, typer.Option("--phantoms", help="Train on N synthetic phantoms.")] = 0,
     seed_start: Annotated[int, typer.Option("--seed-start", help="First phantom seed.")] = 1000,
-    val_phantoms: Annotated[int, typer.Option(help="Extra phantoms (next seeds) for validation.")] = 1,
+    val_phantoms: Annotated[
+        int,
+        typer.Option(help="Extra phantoms (next seeds) for validation, post-operative first."),
+    ] = 1,
+    postop_share: Annotated[
+        float, typer.Option(help="Share of post-operative training phantoms: 0.25, 0.5 or 0.75.")
+    ] = 0.25,
     checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Checkpoint + cache folder.")] = Path(
         "checkpoints/run"
     ),
@@ -249,6 +255,8 @@ def train(
         raise typer.BadParameter("--crop must be 'foreground' or 'classes'")
     if targets not in ("partial_volume", "nearest"):
         raise typer.BadParameter("--targets must be 'partial_volume' or 'nearest'")
+    if postop_share not in (0.25, 0.5, 0.75):
+        raise typer.BadParameter("--postop-share must be 0.25, 0.5 or 0.75")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
     if precision not in ("auto", "fp32", "bf16"):
@@ -277,6 +285,7 @@ def train(
         phantoms=phantoms,
         seed_start=seed_start,
         val_phantoms=val_phantoms if data is None else 0,
+        postop_share=postop_share,
         phantom_z_range_mm=zr,
         arch=arch,
         spacing_mm=spacing_option(spacing),
