@@ -36,10 +36,19 @@ def outline(mask: np.ndarray) -> tuple[np.ndarray, int]:
     corners in (column, row), the image's top-left corner being (0, 0) as in an SR SCOORD. With the
     holes filled (4-connected background) no corner is shared by two stretches of the boundary, so
     every corner has one way on and the walk is a single loop; straight runs keep their end points.
+    Found inside the mask's bounding box (the same components, holes and loop: everything around the
+    box is background), the points then moved to the whole image.
     """
-    labels, n = ndimage.label(mask)
-    if n == 0:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
         raise ValueError("empty mask: no outline")
+    points, pixels = _outline(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    return points + (cols[0], rows[0]), pixels
+
+
+def _outline(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """:func:`outline` of a mask that fills its bounding box."""
+    labels, _ = ndimage.label(mask)
     region = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])))
     p = np.pad(region, 1)
     inside = p[1:-1, 1:-1]

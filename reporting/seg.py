@@ -12,6 +12,7 @@ background). BINARY and LABELMAP stay selectable; trade-offs in docs/conformance
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -20,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
-from reporting import codes, rle_encoder, seg_splice
+from reporting import codes, iod_lookup, rle_encoder, seg_splice
 from reporting.rules import RULES, ReportingRules, is_found
 from reporting.segframes import SegFrames
 from reporting.uids import copy_identity, output_uid, source_content, tracking_uid
@@ -30,6 +31,7 @@ from seg.volume import Volume
 
 log = logging.getLogger(__name__)
 rle_encoder.install()  # FRACTIONAL/LABELMAP RLE frames: byte-identical, ~13x faster encoder
+iod_lookup.install()  # highdicom's per-source-image IOD lookup answered once
 
 SEG_SERIES_NUMBER = 9901
 SEG_TYPES = ("BINARY", "FRACTIONAL", "LABELMAP")
@@ -272,10 +274,24 @@ def read_sources(ct: Volume) -> list[Dataset]:
 @dataclass
 class BuiltSeg:
     """A SEG and which slices its frames come from (the SR takes it from here; None when unknown:
-    a BINARY or FRACTIONAL SEG that plain highdicom built)."""
+    a BINARY or FRACTIONAL SEG that plain highdicom built).
 
-    dataset: Dataset
+    ``header`` may still lack the frames (their per-frame functional groups and pixel data) when the
+    build deferred them (``build_seg_frames(defer_frames=True)``); every other attribute is the whole
+    SEG's, and the measurement SR needs no more. :attr:`dataset` splices the frames in (once).
+    """
+
+    header: Dataset
     frames: SegFrames | None
+    _fill: Callable[[], None] | None = None
+
+    @property
+    def dataset(self) -> Dataset:
+        """The whole SEG (its frames encoded now if they were deferred)."""
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            fill()
+        return self.header
 
 
 def _labelmap_frames(seg: Dataset, plan: SegmentPlan, sources: list[Dataset]) -> SegFrames:
@@ -299,13 +315,15 @@ def build_seg(ct: Volume, labels: Volume, volumes: VolumeRecord, model_info: Mod
 
 def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                      seg_type: str = "BINARY", compression: str = "RLE", sources: list[Dataset] | None = None,
-                     fast: bool = True, rules: ReportingRules = RULES) -> BuiltSeg:
+                     fast: bool = True, rules: ReportingRules = RULES,
+                     defer_frames: bool = False) -> BuiltSeg:
     """The SEG dataset (``compression`` applies to LABELMAP only; BINARY stays uncompressed, FRACTIONAL
     is RLE: the lossless codec every viewer decodes; its pixels are 0 or 255, occupancy 0 or 1).
 
     ``fast`` splices BINARY and FRACTIONAL frames in as bytes (:mod:`reporting.seg_splice`, only on a
     highdicom it was checked against); False = plain highdicom.
     Structures below ``rules.min_segment_cm3`` per side get no segment (see :func:`make_plan`).
+    ``defer_frames`` leaves the spliced frames' encoding to :attr:`BuiltSeg.dataset` (see there).
     """
     if labels.shape != ct.shape:
         raise ValueError(f"label map {labels.shape} is not on the CT grid {ct.shape}")
@@ -359,13 +377,13 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
             **({"fractional_type": "OCCUPANCY"} if seg_type == "FRACTIONAL" else {}),
         )
 
-    seg, frames = None, None
+    seg, frames, fill = None, None, None
     if seg_type in seg_splice.SPLICE_TYPES and fast and not seg_splice.splice_supported():
         log.info("SEG byte splice not checked against highdicom %s; using highdicom per frame",
                  hd.__version__)
     elif seg_type in seg_splice.SPLICE_TYPES and fast:
         try:
-            seg, slices = seg_splice.splice(construct, plan, descriptions, sources, seg_type)
+            seg, slices, fill = seg_splice.splice(construct, plan, descriptions, sources, seg_type)
             frames = SegFrames(plan, {s.number: ks for s, ks in zip(segments, slices, strict=True)}, sources)
         except seg_splice.FastPathUnavailable as exc:
             log.warning("SEG byte splice not applicable (%s); using highdicom per frame", exc)
@@ -379,5 +397,8 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
     seg.SeriesDescription = ("Thigh muscles SEG" + (" DEMO" if demo else ""))[:64]
     copy_identity(seg, src0, ct.meta)
     codes.declare_schemes(seg)
-    return BuiltSeg(seg, frames)
+    built = BuiltSeg(seg, frames, fill)
+    if not defer_frames:
+        _ = built.dataset  # the frames spliced in now
+    return built
 

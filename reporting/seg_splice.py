@@ -170,10 +170,13 @@ def _check_pixels(skeleton: Dataset, probes: list[tuple[int, int]], plan: Segmen
 
 
 def splice(build_skeleton: Callable[[np.ndarray, list], Dataset], plan: SegmentPlan, descriptions: list,
-           sources: list[Dataset], seg_type: str) -> tuple[Dataset, list[list[int]]]:
-    """The whole SEG of ``plan``: highdicom's skeleton with every frame spliced in as bytes, and the
-    slices k of each segment's frames in frame order.
+           sources: list[Dataset], seg_type: str) -> tuple[Dataset, list[list[int]], Callable[[], None]]:
+    """The SEG of ``plan`` as highdicom's skeleton with every header attribute of the whole SEG, the
+    slices k of each segment's frames in frame order, and ``fill``, which splices every frame in as
+    bytes (its per-frame functional groups and pixel data; the skeleton's own are removed until then).
 
+    Why ``fill`` apart: the header and the frame index are all the measurement SR needs of the SEG, so
+    it can be built while the frames are encoded (:mod:`dicomnode.processing.pipeline`).
     ``build_skeleton(pixels, descriptions)`` is the caller's highdicom constructor call (segment
     numbers in frame layout (k, j, i)).
     """
@@ -228,21 +231,26 @@ def splice(build_skeleton: Callable[[np.ndarray, list], Dataset], plan: SegmentP
 
     frame_slices = [sorted(np.flatnonzero(present[:, info.number]).tolist(), key=lambda k: int(ranks[k]))
                     for info in segments]
-    body = b"".join(items.item(info.number, k) for info, ks in zip(segments, frame_slices, strict=True)
-                    for k in ks)
-    n_frames = sum(len(ks) for ks in frame_slices)
-    if seg_type == "BINARY":
-        skeleton.add_new(0x7FE00010, _native_vr(skeleton), _binary_pixels(plan, frame_slices, n_frames))
-    else:
-        skeleton.add_new(0x7FE00010, "OB", encapsulate([  # encapsulated pixel data is OB (PS3.5 A.4)
-            f for info, ks in zip(segments, frame_slices, strict=True)
-            for f in _rle_frames(plan, info.number, ks, fractional_value)]))
+    pixel_vr = _native_vr(skeleton)
+    del skeleton[0x7FE00010], skeleton[_PFFG]  # the skeleton's frames: the whole SEG's come in ``fill``
     skeleton.SegmentSequence = [d for d in descriptions]
-    skeleton.NumberOfFrames = n_frames
-    skeleton[_PFFG] = RawDataElement(Tag(_PFFG), "SQ", len(body), body, 0, False, True, True, False)
+    skeleton.NumberOfFrames = sum(len(ks) for ks in frame_slices)
     # written verbatim only when pydicom need not re-encode: declare the dataset explicit VR LE
     skeleton.set_original_encoding(False, True, skeleton._character_set)
-    return skeleton, frame_slices
+
+    def fill() -> None:
+        body = b"".join(items.item(info.number, k)
+                        for info, ks in zip(segments, frame_slices, strict=True) for k in ks)
+        if seg_type == "BINARY":
+            skeleton.add_new(0x7FE00010, pixel_vr,
+                             _binary_pixels(plan, frame_slices, int(skeleton.NumberOfFrames)))
+        else:
+            skeleton.add_new(0x7FE00010, "OB", encapsulate([  # encapsulated pixel data is OB (PS3.5 A.4)
+                f for info, ks in zip(segments, frame_slices, strict=True)
+                for f in _rle_frames(plan, info.number, ks, fractional_value)]))
+        skeleton[_PFFG] = RawDataElement(Tag(_PFFG), "SQ", len(body), body, 0, False, True, True, False)
+
+    return skeleton, frame_slices, fill
 
 
 def _native_vr(skeleton: Dataset) -> str:

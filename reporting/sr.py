@@ -125,12 +125,22 @@ def segment_source_images(seg: Dataset) -> dict[int, list[hd.sr.SourceImageForSe
     (and highdicom's deep copy of) one item per CT slice instead of one per SEG frame is several
     times cheaper.
     """
+    return _shared_source_images(_segment_source_uids(seg))
+
+
+def _segment_source_uids(seg: Dataset) -> dict[int, list[tuple[str, str]]]:
+    """Per segment number, (SOP Class UID, SOP Instance UID) of the source images of the frames that
+    hold it, each once, in frame order."""
     frames = per_frame_groups(seg)
     refs: dict[int, dict[tuple[str, str], None]] = {}
     for frame, numbers in zip(frames, _frame_segments(seg, frames), strict=True):
         for number in numbers:
             refs.setdefault(number, {}).update(dict.fromkeys(_frame_sources(frame)))
-    return _shared_source_images({n: list(uids) for n, uids in refs.items()})
+    return {n: list(uids) for n, uids in refs.items()}
+
+
+def _distinct(refs: dict[int, list[tuple[str, str]]]) -> dict[int, list[tuple[str, str]]]:
+    return {n: list(dict.fromkeys(uids)) for n, uids in refs.items()}
 
 
 def _shared_source_images(refs: dict[int, list[tuple[str, str]]],
@@ -138,7 +148,7 @@ def _shared_source_images(refs: dict[int, list[tuple[str, str]]],
     """One content item per distinct (SOP Class UID, SOP Instance UID), listed per segment number."""
     items = {uids: hd.sr.SourceImageForSegmentation(*uids)
              for uids in dict.fromkeys(u for per_segment in refs.values() for u in per_segment)}
-    return {n: [items[u] for u in dict.fromkeys(uids)] for n, uids in refs.items()}
+    return {n: [items[u] for u in uids] for n, uids in _distinct(refs).items()}
 
 
 def key_sections(seg: Dataset) -> dict[int, Section]:
@@ -333,6 +343,19 @@ def absent_group(patient_id: str, name: str, side: str, model_info: ModelInfo, c
     )
 
 
+def _content(ct: Volume, src0: Dataset | None) -> str:
+    """What the SR's UIDs derive from: the source series and its instances."""
+    series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)  # type: ignore[union-attr]
+    return source_content(series_uid, ct.source_sop_uids)
+
+
+def measurement_sr_uid(ct: Volume, model_info: ModelInfo) -> str:
+    """The SOP Instance UID :func:`build_measurement_sr` gives the SR of ``ct``, known before it is
+    built (the node names the SR's file before a child builds it)."""
+    src0 = None if ct.meta.get("SeriesInstanceUID") else source_header(ct.source_files)
+    return output_uid(_content(ct, src0), model_info, "SR/instance")
+
+
 def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_info: ModelInfo,
                          rules: ReportingRules = RULES, frames: SegFrames | None = None,
                          fast: bool = True) -> Dataset:
@@ -348,18 +371,19 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     src0 = source_header(ct.source_files)
     patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
-    content = source_content(series_uid, ct.source_sop_uids)
+    content = _content(ct, src0)
     by_label = volumes.by_label()
     height_m = volumes.height_m or None
     if frames is not None:
-        images = _shared_source_images(frames.source_uids())
+        image_uids = _distinct(frames.source_uids())
         sections = frames.largest_sections(pixel_spacing(seg))
     else:
-        images = segment_source_images(seg)
+        image_uids = _segment_source_uids(seg)
         sections = key_sections(seg)
     if fast and not sr_splice.splice_supported():
         log.info("SR splice not checked against highdicom %s; plain highdicom", hd.__version__)
         fast = False
+    images = {} if fast else _shared_source_images(image_uids)  # the splice encodes the rows itself
     groups: list = []
     present: set[tuple[str, str]] = set()
     for number, name, side in segments_of(seg):
@@ -402,6 +426,5 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     copy_identity(sr, src0, ct.meta)
     codes.declare_schemes(sr)
     if fast:
-        sr_splice.insert_source_images(sr, images)
-        sr = sr_splice.encode_content(sr)
+        sr = sr_splice.encode_content(sr, image_uids)
     return sr

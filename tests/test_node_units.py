@@ -296,9 +296,10 @@ def test_pseudonym_is_keyed_per_node_and_stable(tmp_path: Path) -> None:
 
 
 def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path: Path) -> None:
-    """The SEG written by a forked child is the file the pipeline would write itself; when the child
+    """A file written by a forked child is the file the pipeline would write itself; when the child
     fails, the parent writes it (the job never depends on the child)."""
     import os
+    from collections.abc import Callable
 
     from dicomnode.processing.forkwrite import BackgroundWrite
     from dicomnode.processing.pipeline import _save
@@ -307,42 +308,20 @@ def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path
     parent = os.getpid()
     writers: list[str] = []
 
-    def child_fails(d: pydicom.Dataset, folder: Path) -> Path:
+    def child_fails(folder: Path) -> Path:
         if os.getpid() != parent:
             raise OSError("disk full in the child")
         writers.append("parent")
-        return _save(d, folder)
+        return _save(ds, folder)
 
-    path = BackgroundWrite.dataset(_save, ds, tmp_path / "a").wait()
+    def background(make: Callable[[Path], Path], folder: Path) -> Path:
+        return BackgroundWrite(lambda: make(folder), folder / f"{ds.SOPInstanceUID}.dcm").wait()
+
+    path = background(lambda folder: _save(ds, folder), tmp_path / "a")
     assert path == tmp_path / "a" / f"{ds.SOPInstanceUID}.dcm"
     assert path.read_bytes() == _save(ds, tmp_path / "b").read_bytes()
-    fallback = BackgroundWrite.dataset(child_fails, ds, tmp_path / "c").wait()
+    fallback = background(child_fails, tmp_path / "c")
     assert writers == ["parent"] and fallback.read_bytes() == path.read_bytes()
-
-
-def test_background_write_reports_the_file_once_written_by_the_child_or_the_parent(tmp_path: Path) -> None:
-    """``on_written`` hears of the file when it is complete on disk: from the waiting thread after the
-    child's write, or from ``wait`` after the parent's fallback write; once either way."""
-    import os
-
-    from dicomnode.processing.forkwrite import BackgroundWrite
-    from dicomnode.processing.pipeline import _save
-
-    ds = pydicom.dcmread(write_ct_series(tmp_path / "in", name="bg", n=1, size=8).files[0])
-    parent = os.getpid()
-    heard: list[tuple[str, bool]] = []
-
-    def child_fails(d: pydicom.Dataset, folder: Path) -> Path:
-        if os.getpid() != parent:
-            raise OSError("disk full in the child")
-        return _save(d, folder)
-
-    def on_written(path: Path) -> None:
-        heard.append((path.parent.name, path.read_bytes() == _save(ds, tmp_path / "ref").read_bytes()))
-
-    BackgroundWrite.dataset(_save, ds, tmp_path / "child", on_written=on_written).wait()
-    BackgroundWrite.dataset(child_fails, ds, tmp_path / "parent", on_written=on_written).wait()
-    assert heard == [("child", True), ("parent", True)]
 
 
 def test_a_rebuilt_output_must_equal_the_one_handed_on_but_for_build_times(tmp_path: Path) -> None:

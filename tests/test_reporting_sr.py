@@ -615,3 +615,20 @@ def test_unchecked_highdicom_builds_the_sr_with_plain_highdicom(baseline, monkey
         sr = build_measurement_sr(ct, seg, vols, MODEL)
     assert "not checked against highdicom 0.99.0" in caplog.text
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
+
+
+def test_outline_found_in_the_mask_box_is_the_outline_in_the_whole_image():
+    """:func:`reporting.keyslice.outline` works inside the mask's bounding box; the outline, the pixel
+    count and the chosen region equal those found in the whole image (several regions, holes, regions
+    on the image's edges)."""
+    from reporting.keyslice import _outline
+
+    rng = np.random.default_rng(7)
+    for case in range(40):
+        mask = ndimage.binary_opening(rng.random((40, 52)) < 0.55, iterations=1)
+        if case % 3 == 0:
+            mask[:, :3] = mask[:3, :] = False  # away from the top and left edges
+        if not mask.any():
+            continue
+        got, whole = outline(mask), _outline(mask)
+        assert np.array_equal(got[0], whole[0]) and got[1] == whole[1], case

@@ -180,6 +180,7 @@ def _serve(pipeline: Any, settings_data: dict[str, Any], conn: Connection, paren
     entered = time.time()
     settings = _setup_child(settings_data, parent)
     t0 = time.time()
+    import dicomnode.processing.worker  # noqa: F401 - what _call imports: not left to the first job
     _warm_up(pipeline, settings)
     startup = [("process start", spawned_at, entered), ("warm-up", t0, time.time())]
     channel = _Channel(conn)

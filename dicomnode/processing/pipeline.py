@@ -121,6 +121,23 @@ def warm_up(settings: Settings) -> None:
 
     _load_highdicom_tables()
     load_configured_model(settings)
+    _freeze_warm_objects()
+
+
+def _freeze_warm_objects() -> None:
+    """Keep what the warm-up loaded (modules, standard tables, the model) out of the garbage
+    collector's reach for the life of the process.
+
+    Why: a job forks children (:mod:`dicomnode.processing.forkwrite`) that share the process's pages
+    copy-on-write, and a full collection writes to every object it tracks: after a fork, the next one
+    in the parent (or a child) copies nearly the whole heap, page by page (a 400-slice SEG's header,
+    built just after the summary child is forked, took twice as long). These objects live as long as
+    the process anyway; a job's own objects are collected as before.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _load_highdicom_tables() -> None:
@@ -263,34 +280,48 @@ def summary_page(ct: Any, labels: Any, record: VolumeRecord, model_info: ModelIn
     return build_summary(ct, record, model_info, change=change, labels=labels, baseline=baseline)
 
 
+SRBeside = Callable[[Callable[[], Any]], Callable[[], Any]]
+
+
 def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord, model_info: ModelInfo,
                   pair: Callable[[Any, Any], list[ChangeRecord]] = _no_pairing,
                   baseline: Callable[[ChangeRecord], tuple[Any, Any] | None] = _no_baseline,
                   phases: PhaseLog | None = None, seg_built: Callable[[Any], None] = _ignore,
                   summary_written: Callable[[ChangeRecord | None], Path | None] = _not_written,
-                  ) -> BuiltOutputs:
+                  sr_beside: SRBeside | None = None) -> BuiltOutputs:
     """The SEG, SR and summary of one series, built once here for the node and ``segment --dicom``.
 
     Why one function: offline outputs must equal what the node sends, UIDs included. ``pair`` records
     the result for pairing (it needs the SEG and SR UIDs) and returns the changes the summary plots;
     ``baseline`` gives the earlier study's CT and label map of the first change (None when they are
     no longer stored), so that the summary's key images show pre and post side by side.
-    ``seg_built`` gets the SEG as soon as it exists (the node starts writing it while the SR is built).
-    ``summary_written`` is asked first for the summary with the comparison pairing found (None: none):
-    the file when it is written already (the node's :class:`SummaryDraft`; it is then not in
-    ``datasets``), else None and the summary is built here.
+    ``seg_built`` gets the SEG as soon as it exists (the node writes it and hands it on).
+    ``sr_beside`` starts the SR's build (the function it gets) elsewhere and returns a function that
+    waits for the SR: the node builds it in a forked child while the SEG's frames are encoded, from
+    the SEG's header and frame index, all it needs of the SEG (:class:`reporting.seg.BuiltSeg`);
+    without it the SR is built here after the SEG. ``summary_written`` is asked first for the summary
+    with the comparison pairing found (None: none): the file when it is written already (the node's
+    :class:`SummaryDraft`; it is then not in ``datasets``), else None and the summary is built here.
     """
     from reporting.seg import build_seg_frames
     from reporting.sr import build_measurement_sr
 
     phases = phases or PhaseLog(None)
+    sr_done: Callable[[], Any] | None = None
     with phases.phase("SEG encoding"):
         built_seg = build_seg_frames(ct, labels, record, model_info, seg_type=settings.output.seg_type,
-                                     compression=settings.output.labelmap_compression)
-    seg_ds = built_seg.dataset
+                                     compression=settings.output.labelmap_compression,
+                                     defer_frames=sr_beside is not None)
+        if sr_beside is not None:
+            sr_done = sr_beside(lambda: build_measurement_sr(ct, built_seg.header, record, model_info,
+                                                             frames=built_seg.frames))
+        seg_ds = built_seg.dataset  # the frames encoded (while the SR is built beside)
     seg_built(seg_ds)
     with phases.phase("SR encoding"):  # what the SEG's frames hold, known from its build: no read-back
-        sr_ds = build_measurement_sr(ct, seg_ds, record, model_info, frames=built_seg.frames)
+        if sr_done is None:
+            sr_ds = build_measurement_sr(ct, seg_ds, record, model_info, frames=built_seg.frames)
+        else:  # what is left of it: the wait for the build beside
+            sr_ds = sr_done()
     changes = pair(seg_ds, sr_ds)
     datasets = [seg_ds, sr_ds]
     if settings.output.summary:
@@ -385,7 +416,7 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
     dicom_dir = out_dir / "outputs"
 
     saved: list[Path] = []
-    seg_write: list[BackgroundWrite | Path] = []
+    sr_writes: list[BackgroundWrite] = []
 
     def handed_on_before(ds: Any) -> Path | None:
         """The file of ``ds`` when an earlier attempt handed it to the sender: it stays as it is, and
@@ -393,25 +424,55 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
         path = dicom_dir / f"{ds.SOPInstanceUID}.dcm"
         if path not in job.outputs_in_outbox or not path.is_file():
             return None
-        _check_same_content(ds, path, job.work_dir / "rebuilt")
+        _check_same_content(ds, path, job.work_dir / f"rebuilt-{ds.SOPInstanceUID}")
         return path
 
     def seg_built(seg_ds: Any) -> None:
-        """The SEG is written, and handed to the sender, while the SR and summary are built."""
-        kept = handed_on_before(seg_ds)
-        seg_write.append(kept or BackgroundWrite.dataset(_save, seg_ds, dicom_dir,
-                                                         on_written=job.output_ready))
+        """The SEG is written and handed to the sender at once, while the SR child finishes."""
+        with phases.phase("outputs write"):
+            path = handed_on_before(seg_ds)
+            if path is None:
+                path = _save(seg_ds, dicom_dir)
+                job.output_ready(path)
+        saved.append(path)
+
+    def sr_beside(build: Callable[[], Any]) -> Callable[[], Any]:
+        """The SR built and written (or checked against the file handed on before) by a forked child
+        while the SEG's frames are encoded here; the returned wait hands it to the sender, after the
+        SEG (an SR is never sent beside a SEG that failed its check). The child's failure: built here."""
+        from reporting.sr import measurement_sr_uid
+
+        uid = measurement_sr_uid(ct, model_info)
+        path = dicom_dir / f"{uid}.dcm"
+        kept = path in job.outputs_in_outbox and path.is_file()
+
+        def make() -> Path:
+            with phases.phase("SR encoding (background)"):  # in the child, beside the SEG's frames
+                sr = build()
+                if str(sr.SOPInstanceUID) != uid:
+                    raise RuntimeError(f"SR built as {sr.SOPInstanceUID}, named {uid} beforehand")
+                if kept:
+                    _check_same_content(sr, path, job.work_dir / f"rebuilt-{uid}")
+                else:
+                    _save(sr, dicom_dir)
+            return path
+
+        sr_writes.append(BackgroundWrite(make, path))
+
+        def done() -> Any:
+            import pydicom
+
+            written = sr_writes.pop().wait()
+            if not kept:
+                job.output_ready(written)
+            saved.append(written)
+            return pydicom.dcmread(written)  # read lazily: the content stays raw
+
+        return done
 
     def pair(seg_ds: Any, sr_ds: Any) -> list[ChangeRecord]:
         with phases.phase("outputs write"):
-            sr_path = handed_on_before(sr_ds)
-            if sr_path is None:  # handed on too: sent while the summary is built
-                sr_path = _save(sr_ds, dicom_dir)
-                job.output_ready(sr_path)
-            written = seg_write.pop() if seg_write else _save(seg_ds, dicom_dir)
-            # both on disk before pairing cites them (and the label map a later study shows)
-            saved.extend([written if isinstance(written, Path) else written.wait(), sr_path])
-            results_saved()
+            results_saved()  # the SEG and SR on disk before pairing cites them, and the label map
         if not settings.pairing.enabled:
             return []
         with phases.phase("pairing"):
@@ -438,8 +499,13 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
         saved.append(path)
         return path
 
-    built = build_outputs(settings, ct, labels, record, model_info, pair=pair, baseline=baseline,
-                          phases=phases, seg_built=seg_built, summary_written=summary_written)
+    try:
+        built = build_outputs(settings, ct, labels, record, model_info, pair=pair, baseline=baseline,
+                              phases=phases, seg_built=seg_built, summary_written=summary_written,
+                              sr_beside=sr_beside)
+    finally:
+        for write in sr_writes:  # not waited for: the job failed before the SR was wanted
+            write.cancel()
     with phases.phase("outputs write"):
         outputs = saved + [_save(ds, dicom_dir) for ds in built.datasets[2:]]  # a summary built here
     changes = built.changes
