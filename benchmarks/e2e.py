@@ -6,7 +6,8 @@ and summary back. The time from Orthanc's stable-series event (its routing log l
 output stored in Orthanc is split along the critical path into:
 
     receive          routing event → last instance stored at the node (Orthanc C-STORE to the node)
-    stable wait      last instance → series declared complete (the node's stable_seconds)
+    stable wait      last instance → series declared complete (the node's stable_seconds; with
+                     +release, the release of Orthanc's association)
     selection+pickup complete → job running (header check, queue, worker poll)
     process start    pipeline process spawned → running (only the part after the job was picked up)
     warm-up          imports and model load before the first job (likewise: only what the job waited)
@@ -21,10 +22,14 @@ output stored in Orthanc is split along the critical path into:
 
 ``overhead`` is the total minus inference: the issue #14 target is ≤ 5 s for a 400-slice study.
 ``--modes cold,warm`` runs the node as it was before this benchmark's last round of changes (see
-``run_node``) and as it is, side by side, for a before/after in one run. Not a timed test.
+``run_node``) and as it is, side by side, for a before/after in one run. ``+release`` (``warm+release``)
+sets the node's ``series_complete_on_release``: the series is complete when Orthanc releases its
+association, ``stable_seconds`` = 1 staying the fallback; plain ``warm`` keeps the earlier figure.
+Not a timed test.
 
     .venv/bin/python benchmarks/e2e.py                       # 1.5 mm, CPU, one run
     .venv/bin/python benchmarks/e2e.py --modes cold,warm     # before/after side by side
+    .venv/bin/python benchmarks/e2e.py --modes warm,warm+release   # quiet wait vs. release
     .venv/bin/python benchmarks/e2e.py --spacing 3,3,5 --runs 2 --device cpu
 """
 
@@ -148,7 +153,7 @@ def phantom_study(folder: Path, spacing: tuple[float, float, float], seed: int) 
 
 def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int, cold: bool,
             pipeline: str | None = None, model: Path | None = None,
-            seg_type: str = "FRACTIONAL") -> dict[str, float]:
+            seg_type: str = "FRACTIONAL", release: bool = False) -> dict[str, float]:
     from dicomnode.network.sop import is_ct
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +167,7 @@ def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, see
     write_toml(config, {
         "ae_title": "THIGHNODE", "host": "127.0.0.1", "port": node_port, "storage_dir": str(storage),
         "model_path": str(model.resolve()) if model else None, "stable_seconds": 1,
+        "series_complete_on_release": release,
         "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
         "worker": {"device": device}, "send": {"initial_backoff_seconds": 1},
         "pairing": {"retrieve_priors": False}, "output": {"seg_type": seg_type},
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=1, help="runs per mode")
     ap.add_argument("--modes", default="warm",
                     help="comma-separated: warm (the node as it is), cold (as before, see run_node); "
-                         "each with an optional :SEG_TYPE (default FRACTIONAL), e.g. warm:LABELMAP")
+                         "each with an optional +release (series_complete_on_release) and :SEG_TYPE "
+                         "(default FRACTIONAL), e.g. warm+release:LABELMAP")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--keep", type=Path, help="keep work files here (default: a temporary folder)")
@@ -247,18 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or {m.partition(":")[0] for m in modes} - {"warm", "cold"}:
-        ap.error("--modes takes warm and/or cold, each with an optional :SEG_TYPE")
+    if not modes or {m.partition(":")[0] for m in modes} - {"warm", "cold", "warm+release", "cold+release"}:
+        ap.error("--modes takes warm and/or cold, each with an optional +release and :SEG_TYPE")
     results, names = [], []
     base = args.keep or Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     for run in range(args.runs):
         for mode in modes:
-            kind, _, seg_type = mode.partition(":")
+            variant, _, seg_type = mode.partition(":")
+            kind, _, flag = variant.partition("+")
             names.append(f"{mode} {run + 1}" if args.runs > 1 else mode)
             print(f"run {names[-1]}")
-            results.append(one_run(base / f"{kind}-{seg_type or 'FRACTIONAL'}-{run}", spacing,  # type: ignore[arg-type]
-                                   args.device, args.seed + run, kind == "cold", args.pipeline, args.model,
-                                   seg_type.upper() or "FRACTIONAL"))
+            results.append(one_run(base / f"{kind}-{flag or 'quiet'}-{seg_type or 'FRACTIONAL'}-{run}",
+                                   spacing, args.device, args.seed + run, kind == "cold",  # type: ignore[arg-type]
+                                   args.pipeline, args.model, seg_type.upper() or "FRACTIONAL",
+                                   release=flag == "release"))
             if not results[-1]["event_from_log"]:
                 print("  (no routing log line found; 'receive' counts from the first instance at the node)")
     width = max(10, *(len(n) + 2 for n in names))

@@ -244,6 +244,11 @@ class Settings(BaseSettings):
     storage_dir: Path = Path("var")
     allowed_calling_aets: list[str] = Field(default_factory=list)  # empty = accept all
     stable_seconds: float = 10.0
+    # true = a series is complete as soon as the association that delivered it is released normally
+    # (A-RELEASE), unless another open association is still delivering it; an abort or a dropped
+    # connection waits stable_seconds as before, and so does a series whose release is followed by a
+    # new instance. Only with receive_processes = 1 (dicomnode/storage/series.py, StabilityWatcher)
+    series_complete_on_release: bool = False
     max_associations: int = 8  # associations at a time; counted from an accepted A-ASSOCIATE-RQ
     # connections whose A-ASSOCIATE-RQ has not arrived yet (at most 4 of them per source address): when
     # full, the oldest is closed, so half-sent requests cannot keep callers out of max_associations
@@ -283,6 +288,14 @@ class Settings(BaseSettings):
     ops: OpsSettings = Field(default_factory=OpsSettings)
     # delete received instances this many days after every result of their series was sent; None = keep
     retention_days: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _release_needs_one_process(self) -> Settings:
+        """Refuse what is not built: the receive processes do not report releases to the watcher."""
+        if self.series_complete_on_release and self.receive_processes > 1:
+            raise ValueError("series_complete_on_release works only with receive_processes = 1 "
+                             f"(got {self.receive_processes}): set one of them back")
+        return self
 
     @field_validator("calling_aet_hosts")
     @classmethod

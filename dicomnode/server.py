@@ -47,11 +47,13 @@ class Node:
         self.db = Database(settings.db_path)
         self.store = Store(settings.storage_dir, self.db, one_flush=one_flush_setting(settings.receive_flush))
         self.queue = queue_engine(self.db)
-        # receive_processes > 1: associations served in worker processes (dicomnode.network.receive_pool)
+        self.watcher = StabilityWatcher(settings, self.db, self.queue)
+        # receive_processes > 1: associations served in worker processes (dicomnode.network.receive_pool);
+        # series_complete_on_release (one process only, see Settings): releases are told to the watcher
         self.scp: StorageSCP | ReceivePool = (
             ReceivePool(settings, self.store) if settings.receive_processes > 1
-            else StorageSCP(settings, self.store))
-        self.watcher = StabilityWatcher(settings, self.db, self.queue)
+            else StorageSCP(settings, self.store,
+                            on_release=self.watcher.release if settings.series_complete_on_release else None))
         self.worker = Worker(settings, self.store, self.queue, pipeline)
         self.sender = Sender(settings, self.db)
         self.retention = Retention(settings, self.store)
@@ -102,6 +104,7 @@ class Node:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
+        self.watcher.wake()
         if self.ops is not None:
             self.ops.stop()
         self.scp.stop()

@@ -44,6 +44,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from io import BytesIO
 from typing import Any
@@ -394,9 +395,14 @@ def _status(code: int, comment: str) -> Dataset:
 class StorageSCP:
     """pynetdicom AE serving C-ECHO and C-STORE into a :class:`Store`."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store,
+                 on_release: Callable[[Iterable[str]], None] | None = None) -> None:
         self.settings = settings
         self.store = store
+        # series_complete_on_release: told the series an association delivered when it is released
+        # normally and no other open association has delivered them (see _on_released)
+        self.on_release = on_release
+        self._delivered: dict[int, tuple[Any, set[str]]] = {}  # id(assoc) → (assoc, its series UIDs)
         self.server: Any = None
         self.received = 0
         self.failed = 0
@@ -471,6 +477,8 @@ class StorageSCP:
             return self._fail(OUT_OF_RESOURCES, f"cannot store: {type(exc).__name__}: {exc}", calling)
         with self._count_lock:
             self.received += 1
+            if self.on_release is not None:
+                self._delivered.setdefault(id(evt_.assoc), (evt_.assoc, set()))[1].add(info.series_uid)
         return 0x0000
 
     def _fail(self, code: int, comment: str, calling: str, level: int = logging.WARNING) -> Dataset:
@@ -550,6 +558,8 @@ class StorageSCP:
             del self._pending[key]
         for key in [key for key, assoc in self._admitted.items() if _ended(assoc)]:
             del self._admitted[key]
+        for key in [key for key, (assoc, _) in self._delivered.items() if _ended(assoc)]:
+            del self._delivered[key]
 
     def _admit(self, assoc: Any) -> bool:
         """Move an association whose A-ASSOCIATE-RQ arrived from pending to admitted, if fewer than
@@ -576,6 +586,27 @@ class StorageSCP:
             wake = self._wakers.pop(id(evt_.assoc), None)
         if wake is not None:
             wake.close()
+
+    def _on_released(self, evt_: Any) -> None:
+        """A-RELEASE (not an abort): the series this association delivered are complete, except those
+        another open association has delivered instances of too (they close on its release, or when
+        quiet). Fired after the A-RELEASE-RP is sent, so every C-STORE of this association is indexed."""
+        if self.on_release is None:
+            return
+        with self._count_lock:
+            _, mine = self._delivered.pop(id(evt_.assoc), (None, set()))
+            others = set().union(*(uids for assoc, uids in self._delivered.values() if not _ended(assoc)))
+        done = sorted(mine - others)
+        if done:
+            self.on_release(done)
+
+    def _on_aborted(self, evt_: Any) -> None:
+        """An A-ABORT either way or a dropped connection: its series are left to fall quiet.
+
+        (Forgotten here and not at EVT_CONN_CLOSE, which after a release may come before EVT_RELEASED:
+        the peer closes as soon as it has the A-RELEASE-RP.)"""
+        with self._count_lock:
+            self._delivered.pop(id(evt_.assoc), None)
 
     def _on_assoc(self, evt_: Any) -> None:
         event(
@@ -630,6 +661,8 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_assoc),
             (evt.EVT_REJECTED, self._on_rejected),

@@ -355,13 +355,54 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
 
 
 class StabilityWatcher:
-    """Closes series that have been quiet for ``stable_seconds`` and queues or rejects their job."""
+    """Closes series that have been quiet for ``stable_seconds`` and queues or rejects their job.
+
+    With ``series_complete_on_release`` the SCP also reports series whose delivering association was
+    released (:meth:`release`); each is closed at the next check as if its quiet time had passed, unless
+    an instance arrived after the release (then the quiet rule applies as before).
+    """
 
     def __init__(self, settings: Settings, db: Database, queue: JobQueue | None = None) -> None:
         self.settings = settings
         self.db = db
         self.queue = queue if queue is not None else SQLiteJobQueue(db)
         self.interval = max(0.05, min(0.5, settings.stable_seconds / 4))
+        self._released: dict[str, float] = {}  # series UID → when its association was released
+        self._released_lock = threading.Lock()
+        self._wake = threading.Event()  # a release, or the node stopping: check now
+
+    def release(self, series_uids: Iterable[str]) -> None:
+        """The association that delivered these series was released normally: close them now.
+
+        Called from the SCP's association thread; the closing itself stays in the watcher's thread.
+        """
+        t = now()
+        with self._released_lock:
+            for series_uid in series_uids:
+                self._released[series_uid] = t
+        self._wake.set()
+
+    def wake(self) -> None:
+        """End the current wait of :meth:`run` (the node is stopping, or a release arrived)."""
+        self._wake.set()
+
+    def released_due(self) -> list[tuple[int, str, float]]:
+        """(job, series, released at) of reported series still receiving with nothing newer than the
+        release; the reports are consumed (a series with a later instance falls back to the quiet rule)."""
+        with self._released_lock:
+            released, self._released = self._released, {}
+        t = now()
+        out = []
+        for series_uid, released_at in sorted(released.items()):
+            row = self.db.query(
+                "SELECT j.id FROM jobs j JOIN series s ON s.current_job = j.id WHERE s.series_uid=?"
+                " AND j.state=? AND s.last_received_at <= ?"
+                " AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= ?)",
+                (series_uid, JobState.RECEIVING.value, released_at, t),
+            )
+            if row:
+                out.append((int(row[0]["id"]), series_uid, released_at))
+        return out
 
     def due(self, t: float | None = None) -> list[tuple[int, str]]:
         """Receiving jobs whose series is quiet (and, if held as incomplete, whose hold has ended)."""
@@ -394,18 +435,25 @@ class StabilityWatcher:
 
     def check_once(self, t: float | None = None) -> list[int]:
         closed = []
+        for job_id, series_uid, released_at in self.released_due():
+            event(log, "series released", logging.DEBUG, job=job_id, series=series_uid)
+            if self.close(job_id, series_uid, released_at=released_at):
+                closed.append(job_id)
         for job_id, series_uid in self.due(t):
             if self.close(job_id, series_uid):
                 closed.append(job_id)
         return closed
 
-    def close(self, job_id: int, series_uid: str) -> bool:
+    def close(self, job_id: int, series_uid: str, released_at: float | None = None) -> bool:
         """receiving → complete → queued | rejected (done when this exact content was processed already).
 
         An incomplete series goes back to receiving (held) until its hold ends; returns False then.
+        ``released_at``: its association was released then, so it counts as quiet if nothing came since.
         """
         t = now()
         cutoff = t - self.settings.stable_seconds
+        if released_at is not None:
+            cutoff = max(cutoff, released_at)
         with self.db.tx() as con:
             quiet = con.execute(
                 "SELECT 1 FROM series WHERE series_uid=? AND current_job=? AND last_received_at <= ?",
@@ -512,6 +560,7 @@ class StabilityWatcher:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            self._wake.clear()  # before the check: a release reported during it ends the wait below
             try:
                 self.check_once()
             except Exception:
@@ -521,4 +570,4 @@ class StabilityWatcher:
             except Exception:
                 log.exception("stability watcher")
                 wait = self.interval
-            stop.wait(wait)
+            self._wake.wait(wait)  # Node.stop calls wake(); a bare ``stop`` is seen within one interval
