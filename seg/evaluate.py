@@ -144,9 +144,12 @@ def aggregate(cases: list[CaseEvaluation], model_info: ModelInfo,
             continue
         errs = [r.volume_error_pct for r in recs if r.volume_error_pct is not None]
         sides = [abs(e) for r in recs for e in r.side_volume_error_pct.values()]
+        pre = [abs(e) for c in cases if not c.postoperative and name in c.per_class
+               for e in c.per_class[name].side_volume_error_pct.values()]
         per_class[name] = ClassEvaluation(
             dice=_mean([r.dice for r in recs]),
             max_abs_side_volume_error_pct=max(sides) if sides else None,
+            max_abs_side_volume_error_pct_preop=max(pre) if pre else None,
             hd95_mm=_mean([r.hd95_mm for r in recs]),
             volume_error_pct=_mean(errs),
             abs_volume_error_pct=_mean([abs(e) for e in errs]),
@@ -254,7 +257,8 @@ def evaluate_model(
         dt = time.perf_counter() - t
         rec = CaseEvaluation.model_validate(
             evaluate_case(pred, truth, hd95=hd95).model_dump()
-            | {"case": cid, "shape": ct.shape, "spacing_mm": ct.spacing_mm, "inference_s": round(dt, 2)})
+            | {"case": cid, "shape": ct.shape, "spacing_mm": ct.spacing_mm, "inference_s": round(dt, 2),
+               "postoperative": bool(opts is not None and opts.get("postop"))})
         log.info("%s: mean muscle Dice %.4f (%.1f s)", cid, rec.mean_dice_muscles or 0.0, dt)
         cases.append(rec)
         if opts is not None and opts.get("postop") and opts.get("atrophy") and opts.get("implant_side"):

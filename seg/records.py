@@ -458,6 +458,7 @@ class CaseSummary(Record):
     shape: tuple[int, ...] | None = None
     spacing_mm: tuple[float, ...] | None = None
     inference_s: float | None = None
+    postoperative: bool = False  # a held-out phantom with implant (and atrophy, fat infiltration)
 
 
 class CaseEvaluation(CaseSummary):
@@ -475,6 +476,8 @@ class ClassEvaluation(Record):
     dice: float
     # the worst held-out error of one side of one case: what a single measurement may be off by
     max_abs_side_volume_error_pct: float | None = None
+    # the same over the pre-operative cases only: what one side of a study without implant may be off by
+    max_abs_side_volume_error_pct_preop: float | None = None
     hd95_mm: float | None = None
     volume_error_pct: float | None = None
     abs_volume_error_pct: float | None = None

@@ -82,6 +82,18 @@ def test_aggregate_and_files(tmp_path: Path) -> None:
     assert "mean Dice, 21 muscles: 0.700" in format_table(res)
 
 
+def test_pre_operative_worst_side_error_leaves_out_post_operative_cases() -> None:
+    pred, truth = _pair()
+    pre = evaluate_case(truth, truth).model_copy(update={"postoperative": False})
+    post = evaluate_case(pred, truth).model_copy(update={"postoperative": True})
+    res = aggregate([pre, post], ModelInfo(name="m", version="1", demo=True))
+    femur = res.per_class["femur"]
+    assert femur.max_abs_side_volume_error_pct == pytest.approx(50.0)  # the post-op case's half femur
+    assert femur.max_abs_side_volume_error_pct_preop == pytest.approx(0.0)
+    only_post = aggregate([post], ModelInfo(name="m", version="1", demo=True))
+    assert only_post.per_class["femur"].max_abs_side_volume_error_pct_preop is None
+
+
 def test_the_shipped_evaluation_loads_and_saves_the_same_json(tmp_path: Path) -> None:
     """The demo package's evaluation.json reads as a record and writes back the same keys and values; so
     does its version-less form (what packages before schema_version shipped), plus ``schema_version``."""
