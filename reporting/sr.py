@@ -343,17 +343,16 @@ def absent_group(patient_id: str, name: str, side: str, model_info: ModelInfo, c
     )
 
 
-def _content(ct: Volume, src0: Dataset | None) -> str:
-    """What the SR's UIDs derive from: the source series and its instances."""
-    series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)  # type: ignore[union-attr]
-    return source_content(series_uid, ct.source_sop_uids)
+def _series_uid(ct: Volume, src0: Dataset | None) -> str:
+    """The source series' UID (from the volume's metadata, else its first source header)."""
+    return str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)  # type: ignore[union-attr]
 
 
 def measurement_sr_uid(ct: Volume, model_info: ModelInfo) -> str:
     """The SOP Instance UID :func:`build_measurement_sr` gives the SR of ``ct``, known before it is
     built (the node names the SR's file before a child builds it)."""
     src0 = None if ct.meta.get("SeriesInstanceUID") else source_header(ct.source_files)
-    return output_uid(_content(ct, src0), model_info, "SR/instance")
+    return output_uid(source_content(_series_uid(ct, src0), ct.source_sop_uids), model_info, "SR/instance")
 
 
 def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_info: ModelInfo,
@@ -370,8 +369,8 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     """
     src0 = source_header(ct.source_files)
     patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
-    series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
-    content = _content(ct, src0)
+    series_uid = _series_uid(ct, src0)
+    content = source_content(series_uid, ct.source_sop_uids)
     by_label = volumes.by_label()
     height_m = volumes.height_m or None
     if frames is not None:
