@@ -64,6 +64,7 @@ def predict_probabilities(
     progress: bool = False,
     overlap: float = 0.25,
     sw_batch: int | None = None,
+    mirror: bool | None = None,
 ) -> np.ndarray:
     """Class probabilities (C, X, Y, Z) as uint8 (×255) on the model grid.
 
@@ -80,9 +81,17 @@ def predict_probabilities(
     nx, ny, nz = image.shape
     probs = np.zeros((c, nx, nz, ny), dtype=np.uint8).transpose(0, 1, 3, 2)
 
+    if mirror is None:
+        mirror = bool(model.meta.get("inference", {}).get("mirror_x", False))
+
     def run(x: torch.Tensor) -> torch.Tensor:
         with _autocast(dev, precision):
-            return net(x)
+            if not mirror:
+                return net(x)
+            # The left-right mirror of each window too (the classes are not lateralised, and the
+            # model was trained on mirrored crops): the mean of both views' logits.
+            a, b = net(torch.cat([x, x.flip(2)])).chunk(2)
+            return (a + b.flip(2)) * 0.5
 
     def store(z0: int, z1: int, logits: torch.Tensor) -> None:
         t = logits.transpose(-1, -2)  # the band's own (C, X, k, Y) memory: softmax without a copy

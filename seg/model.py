@@ -126,8 +126,13 @@ def save_package(
     licence: str = "Apache-2.0",
     statement: str | None = None,
     dtype: torch.dtype = torch.float16,
+    inference: dict | None = None,
 ) -> Path:
-    """Write a package folder: model.safetensors (weights, ``dtype``) and model.json."""
+    """Write a package folder: model.safetensors (weights, ``dtype``) and model.json.
+
+    ``inference`` holds what the model itself asks of inference, e.g. ``{"mirror_x": True}`` for a
+    model trained on left-right mirrored crops (:func:`seg.infer.predict_probabilities`).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -148,6 +153,7 @@ def save_package(
         "architecture": {"name": "UNETR", "library": "monai", "args": arch_args},
         "roi_size": list(roi_size),
         "preprocessing": preprocess.to_dict(),
+        **({"inference": dict(inference)} if inference else {}),
         "classes": list(L.CLASS_NAMES),
         "weights": {
             "file": WEIGHTS_FILE,

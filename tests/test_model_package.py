@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seg import labels as L
-from seg.infer import segment
+from seg.infer import predict_probabilities, segment
 from seg.model import PAPER_UNETR, ModelPackageError, build_network, load_model, save_package
 from seg.preprocess import PreprocessConfig
 from seg.volume import Volume
@@ -21,12 +21,12 @@ TINY = {"in_channels": 1, "out_channels": 30, "img_size": [32, 32, 32], "feature
         "dropout_rate": 0.0}
 
 
-def _package(path: Path, arch: dict = TINY, spacing=(3.0, 3.0, 3.0)) -> Path:
+def _package(path: Path, arch: dict = TINY, spacing=(3.0, 3.0, 3.0), inference: dict | None = None) -> Path:
     torch.manual_seed(0)
     net = build_network({"name": "UNETR", "args": arch})
     return save_package(path, net, name="unit-test", version="9.9", arch_args=arch,
                         preprocess=PreprocessConfig(spacing_mm=spacing), roi_size=tuple(arch["img_size"]),
-                        demo=True, provenance={"note": "random weights"})
+                        demo=True, provenance={"note": "random weights"}, inference=inference)
 
 
 def _ct(shape=(30, 24, 12), spacing=3.0) -> Volume:
@@ -130,3 +130,18 @@ def test_paper_size_unetr_package_loads_and_runs(tmp_path: Path) -> None:
     ct = _ct(shape=(40, 36, 20), spacing=1.5)  # one 96^3 window after padding
     lab = segment(ct, pkg)
     assert lab.shape == ct.shape and lab.array.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+def test_mirrored_inference_is_left_right_symmetric(tmp_path, mirror) -> None:
+    """A package trained on mirrored crops asks for the mirror of each window too: the probabilities
+    of a mirrored image are then the mirror of the image's (one window across x, so the grid is
+    symmetric). A random network alone is not symmetric, which the unmirrored case shows."""
+    pkg = load_model(_package(tmp_path / "m", inference={"mirror_x": True} if mirror else None))
+    assert pkg.meta.get("inference", {}).get("mirror_x", False) is mirror
+    rng = np.random.default_rng(0)
+    image = rng.random((TINY["img_size"][0], 40, 36), dtype=np.float32)
+    a = predict_probabilities(pkg, image).astype(np.int16)
+    b = predict_probabilities(pkg, np.ascontiguousarray(image[::-1])).astype(np.int16)[:, ::-1]
+    worst = int(np.abs(a - b).max())
+    assert (worst <= 1) is mirror, worst
