@@ -10,22 +10,32 @@ again against a two-process node); the pending pool and ``max_associations`` cou
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pydicom
 import pytest
 from peers import NodeProcess, wait_for
 from pydantic import ValidationError
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 from series_factory import CT_IMAGE, SeriesFiles, write_ct_series
 
@@ -64,6 +74,7 @@ from dicomnode.storage.store import Store
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 PROCESSES = 2
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +129,20 @@ def workers(node: NodeProcess) -> set[int]:
 
 def serving_process(node: NodeProcess, assoc: Association) -> int:
     """The process id holding the node's end of this association's TCP connection."""
-    local_port = assoc.dul.socket.socket.getsockname()[1]
+    pid = holder(node, assoc.dul.socket.socket.getsockname())
+    assert pid is not None, "no worker holds the connection"
+    return pid
+
+
+def holder(node: NodeProcess, client: tuple[str, int]) -> int | None:
+    """The worker holding the node's end of the connection from ``client`` (address, port); None while
+    none does (the parent has not handed it over yet, or it is in flight on the channel)."""
     inode = ""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        here, there = fields[1], fields[2]
-        if int(here.split(":")[1], 16) == node.port and int(there.split(":")[1], 16) == local_port:
+        here, (there_ip, there_port) = fields[1], fields[2].split(":")
+        there = (socket.inet_ntoa(struct.pack("=I", int(there_ip, 16))), int(there_port, 16))
+        if int(here.split(":")[1], 16) == node.port and there == (client[0], client[1]):
             inode = fields[9]
     assert inode, "the node's end of the connection was not found"
     for pid in workers(node):
@@ -133,7 +152,77 @@ def serving_process(node: NodeProcess, assoc: Association) -> int:
                     return pid
             except OSError:
                 continue
-    raise AssertionError("no worker holds the connection")
+    return None
+
+
+def one_in_each_worker(node: NodeProcess, open_one: Callable[[], T], client: Callable[[T], tuple[str, int]],
+                       close: Callable[[T], None]) -> dict[int, T]:
+    """Open connections until each worker holds one; worker pid → its connection.
+
+    Why not assume two in a row land in two workers: the parent hands a connection to the worker it
+    counts as least busy, and connections of an earlier test may still be counted for a moment (their
+    close not yet reported by the worker). So each connection's worker is looked up; the extra ones
+    (kept open meanwhile, they count too and push the next one to the other worker) are closed after.
+    """
+    want = workers(node)
+    chosen: dict[int, T] = {}
+    extra: list[T] = []
+    try:
+        for _ in range(3 * PROCESSES):
+            if set(chosen) == want:
+                break
+            item = open_one()
+            pid = wait_for(lambda item=item: holder(node, client(item)), 10.0,
+                           what="a worker to take the connection")
+            if pid in chosen:
+                extra.append(item)
+            else:
+                chosen[pid] = item
+        assert set(chosen) == want, f"connections reached {sorted(chosen)} of the workers {sorted(want)}"
+    except BaseException:
+        extra += chosen.values()
+        raise
+    finally:
+        for item in extra:
+            close(item)
+    return chosen
+
+
+def pending_connection(node: NodeProcess, sources: Iterator[int]) -> socket.socket:
+    """A connection that sends nothing yet (pending in a worker), each from its own loopback address
+    so that no more than PENDING_PER_ADDRESS of them ever come from one."""
+    return socket.create_connection(("127.0.0.1", node.port), source_address=(f"127.0.0.{next(sources)}", 0))
+
+
+def association_request(calling: str, called: str = "THIGHNODE") -> bytes:
+    """A whole A-ASSOCIATE-RQ PDU (Verification) as a pynetdicom requestor sends it."""
+    ctx = build_context(Verification)
+    ctx.context_id = 1
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title, request.called_ae_title = calling, called
+    request.presentation_context_definition_list = [ctx]
+    max_length, implementation = MaximumLengthNotification(), ImplementationClassUIDNotification()
+    max_length.maximum_length_received = 16382
+    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    request.user_information = [max_length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(request)
+    return bytes(pdu.encode())
+
+
+def rejection_over(sock: socket.socket, request: bytes) -> tuple[int, int, int]:
+    """Send ``request`` on a connection the node holds pending; (result, source, diagnostic) of the
+    A-ASSOCIATE-RJ it answers (an A-ASSOCIATE-AC or a close fails the test)."""
+    sock.settimeout(10.0)
+    sock.sendall(request)
+    answer = b""
+    while len(answer) < 10:
+        chunk = sock.recv(10 - len(answer))
+        assert chunk, f"the node closed the connection after {answer!r}"
+        answer += chunk
+    assert answer[0] == 0x03, f"PDU type 0x{answer[0]:02X} instead of an A-ASSOCIATE-RJ"
+    return answer[7], answer[8], answer[9]
 
 
 def caller(aet: str = "SENDER") -> AE:
@@ -246,18 +335,27 @@ def test_concurrent_associations_are_served_by_both_processes_and_indexed_once(
 
 
 def test_allow_list_is_enforced_in_every_worker(pool: NodeProcess) -> None:
-    held = [open_association(pool) for _ in range(PROCESSES)]  # one in each worker
+    """Each worker refuses an unknown calling AE title and a wrong called AE title, and serves the
+    allowed caller: every connection's worker is looked up, none is assumed (see one_in_each_worker)."""
+    held = one_in_each_worker(pool, lambda: open_association(pool),
+                              lambda assoc: assoc.dul.socket.socket.getsockname(), Association.release)
+    sources = itertools.count(2)  # 127.0.0.2, .3, ...
     try:
-        assert {serving_process(pool, assoc) for assoc in held} == workers(pool)
-        for _ in range(2 * PROCESSES):  # the least busy worker alternates: each one refuses
-            intruder = caller("INTRUDER").associate("127.0.0.1", pool.port, ae_title="THIGHNODE")
-            assert intruder.is_rejected
-            assert rejection(intruder) == (0x01, 0x01, 0x03)  # permanent, calling AE title not recognised
-        wrong_called = caller().associate("127.0.0.1", pool.port, ae_title="NOTTHENODE")
-        assert wrong_called.is_rejected and rejection(wrong_called) == (0x01, 0x01, 0x07)
-        assert all(assoc.send_c_echo().Status == 0 for assoc in held)
+        for calling, called, expected in (
+                ("INTRUDER", "THIGHNODE", (0x01, 0x01, 0x03)),  # permanent, calling AE title not recognised
+                ("SENDER", "NOTTHENODE", (0x01, 0x01, 0x07))):  # permanent, called AE title not recognised
+            pending = one_in_each_worker(pool, lambda: pending_connection(pool, sources),
+                                         lambda sock: sock.getsockname(), lambda sock: sock.close())
+            try:
+                for pid, sock in pending.items():
+                    assert rejection_over(sock, association_request(calling, called)) == expected, (
+                        f"worker {pid} answered {calling} calling {called}")
+            finally:
+                for sock in pending.values():
+                    sock.close()
+        assert all(assoc.send_c_echo().Status == 0 for assoc in held.values())
     finally:
-        for assoc in held:
+        for assoc in held.values():
             assoc.release()
 
 
