@@ -65,9 +65,11 @@ class CapturingSCP:
         return self
 
     def series_counts(self) -> Counter[str]:
-        """Instances received per SeriesInstanceUID."""
+        """Distinct instances received per SeriesInstanceUID (a series routed again, e.g. when it
+        became stable early and again once complete, counts each instance once)."""
         with self.lock:
-            return Counter(str(ds.SeriesInstanceUID) for ds in self.received)
+            unique = {(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)) for ds in self.received}
+        return Counter(series for series, _ in unique)
 
     def stop(self) -> None:
         if self._server is not None:
