@@ -110,7 +110,7 @@ def test_window_batch_fills_every_openvino_request(tmp_path) -> None:
 
     net.forward = counting  # type: ignore[method-assign]
     image = np.zeros((60, 60, 120), np.float32)
-    infer.predict_probabilities(fast, image, precision="fp32")
+    infer.predict_probabilities(fast, image, precision="fp32", mirror=False)  # one window per request
     assert max(seen) == max(4, requests)  # the node's call path passes no batch: the default decides
 
 
