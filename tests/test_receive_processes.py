@@ -51,7 +51,6 @@ from test_hardening_network import (  # noqa: F401
     MAX_ASSOCIATIONS,
     MAX_INSTANCE_MB,
     NETWORK_TIMEOUT,
-    rejection,
     test_called_ae_title_must_be_the_nodes,
     test_calling_ae_title_pinned_to_a_host,
     test_max_associations_still_bounds_real_associations,
