@@ -217,8 +217,10 @@ def evaluate_model(
     data: Path | None = None,
     z_range_mm: tuple[float, float] | None = None,
     hd95: bool = True,
+    hu_refinement: bool = True,
 ) -> Evaluation:
-    """Segment each held-out case with ``model`` and compare with its truth."""
+    """Segment each held-out case with ``model`` and compare with its truth (``hu_refinement=False``:
+    the network's labels alone, see :func:`seg.infer.segment`)."""
     from seg.infer import segment
 
     cases = []
@@ -253,7 +255,7 @@ def evaluate_model(
         ct, truth = load()
         truth = ct.with_array(np.asarray(truth.array).astype(np.uint8))
         t = time.perf_counter()
-        pred = segment(ct, model)
+        pred = segment(ct, model, hu_refinement=hu_refinement)
         dt = time.perf_counter() - t
         rec = CaseEvaluation.model_validate(
             evaluate_case(pred, truth, hd95=hd95).model_dump()
@@ -262,7 +264,8 @@ def evaluate_model(
         log.info("%s: mean muscle Dice %.4f (%.1f s)", cid, rec.mean_dice_muscles or 0.0, dt)
         cases.append(rec)
         if opts is not None and opts.get("postop") and opts.get("atrophy") and opts.get("implant_side"):
-            loss += _atrophy_loss(model, opts, z_range_mm, (_side_volumes(pred), _side_volumes(truth)))
+            loss += _atrophy_loss(model, opts, z_range_mm, (_side_volumes(pred), _side_volumes(truth)),
+                                  hu_refinement)
     return aggregate(cases, model.info, loss)
 
 
@@ -278,7 +281,7 @@ Sides = dict[tuple[str, str], float]
 
 
 def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None,
-                  post: tuple[Sides, Sides]) -> list[AtrophyLoss]:
+                  post: tuple[Sides, Sides], hu_refinement: bool = True) -> list[AtrophyLoss]:
     """Pre->post loss (%) of each atrophied muscle on the operated side, measured against truth.
 
     ``post``: the post-operative case's (measured, true) side volumes, from its held-out evaluation.
@@ -294,7 +297,7 @@ def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None
         pre_opts["z_range_mm"] = z_range_mm
     ph = make_phantom(PhantomOptions(**pre_opts))
     truth = ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
-    mp, tp = _side_volumes(segment(ph.ct, model)), _side_volumes(truth)
+    mp, tp = _side_volumes(segment(ph.ct, model, hu_refinement=hu_refinement)), _side_volumes(truth)
     mq, tq = post
     side = post_opts["implant_side"]
     out = []

@@ -3,9 +3,10 @@
 Preprocess onto the model grid, sliding-window inference on MONAI's window grid with every window
 computed once (:mod:`seg.sliding`: windows visited along the last axis, blended into a band of
 ROI-depth float logits, finished slices released; the whole model grid is held only as uint8
-probabilities), then linear resampling of the probabilities back onto the CT grid and argmax there.
-CUDA with autocast when present; on CPU fp32 unless bf16 autocast is asked for (see
-benchmarks/inference.py for the speed and agreement figures that decide it).
+probabilities), then linear resampling of the probabilities back onto the CT grid and argmax there;
+last, where the package asks for it, the labels' muscle and bone edges are re-decided by the CT
+number (:mod:`seg.hu_refine`). CUDA with autocast when present; on CPU fp32 unless bf16 autocast
+is asked for (see benchmarks/inference.py for the speed and agreement figures that decide it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import numpy as np
 import torch
 
+from seg.hu_refine import HURefinement, refine_labels
 from seg.model import ModelPackage
 from seg.preprocess import to_model_grid
 from seg.sliding import stream_windows
@@ -143,9 +145,8 @@ def _linear_taps(coord: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tens
 
 def _separable_labels(probs: np.ndarray, m: np.ndarray, axes: list[int], shape: tuple[int, ...],
                       slab: int) -> np.ndarray:
-    """Linear interpolation along the slab axis, then the row axis, then, one class at a time, the
-    column axis with a running argmax (cache-sized pieces: 4x faster than interpolating all classes
-    and taking the argmax after). Ties go to the lower class, as with ``argmax``."""
+    """Linear interpolation along the slab axis, then along the row and column axes only where the
+    taps' classes differ (:func:`_bilinear_labels`), in slabs of ``slab`` CT slices."""
     taps = []
     for p, a in enumerate(axes):  # CT axis p samples model axis a at m[a, p] * index + m[a, 3]
         coord = m[a, p] * np.arange(shape[p], dtype=np.float64) + m[a, 3]
@@ -159,21 +160,52 @@ def _separable_labels(probs: np.ndarray, m: np.ndarray, axes: list[int], shape: 
             continue
         lo, hi, w = taps[2][0][k0:k1], taps[2][1][k0:k1], taps[2][2][k0:k1]
         x = torch.lerp(src.index_select(3, lo).float(), src.index_select(3, hi).float(), w.view(1, 1, 1, -1))
-        lo, hi, w = taps[1][:3]
-        x = torch.lerp(x.index_select(2, lo), x.index_select(2, hi), w.view(1, 1, -1, 1))
-        lo, hi, w = taps[0][:3]
-        best = arg = None
-        for c in range(x.shape[0]):
-            v = torch.lerp(x[c].index_select(0, lo), x[c].index_select(0, hi), w.view(-1, 1, 1))
-            if best is None:
-                best, arg = v, torch.zeros(v.shape, dtype=torch.uint8)
-            else:
-                arg.masked_fill_(v > best, c)
-                best = torch.maximum(best, v)
-        lab = arg.numpy()
+        lab = _bilinear_labels(x, taps[0][:3], taps[1][:3]).numpy()
         lab[~inside[:, :, k0:k1]] = 0
         out[:, :, k0:k1] = lab
     return out
+
+
+def _first_max(x: torch.Tensor) -> torch.Tensor:
+    """uint8 argmax over the classes (axis 0) of ``x``, the first maximal class on ties; a running
+    max, since torch's argmax over the outer axis is several times slower."""
+    first = torch.zeros(x.shape[1:], dtype=torch.uint8)
+    best = x[0].clone()
+    for c in range(1, x.shape[0]):
+        first.masked_fill_(x[c] > best, c)
+        torch.maximum(best, x[c], out=best)
+    return first
+
+
+def _bilinear_labels(x: torch.Tensor, taps0: tuple, taps1: tuple) -> torch.Tensor:
+    """argmax over classes of ``x`` (C, m0, m1, s) interpolated linearly along its first two spatial
+    axes onto (n0, n1, s).
+
+    Where the four taps of a voxel share their argmax class, that class is the voxel's argmax (every
+    class's value is the same convex combination of its taps', and no lower class ties at a tap), so
+    only the voxels whose taps disagree, at class boundaries (a few % of them), are interpolated,
+    row axis first and then column axis as the values were before; ties go to the lower class.
+    """
+    (lo0, hi0, w0), (lo1, hi1, w1) = taps0, taps1
+    first = _first_max(x)
+    at_lo, at_hi = first.index_select(0, lo0), first.index_select(0, hi0)
+    lab = at_lo.index_select(1, lo1)
+    unsure = lab != at_lo.index_select(1, hi1)
+    unsure |= lab != at_hi.index_select(1, lo1)
+    unsure |= lab != at_hi.index_select(1, hi1)
+    i, j, k = unsure.nonzero(as_tuple=True)
+    if i.numel():
+        m1, s = x.shape[2], x.shape[3]
+        flat = x.reshape(x.shape[0], -1)  # a view: x is contiguous
+
+        def taps(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            return flat.index_select(1, (rows * m1 + cols) * s + k)
+
+        a, b, p, q, wy = lo0[i], hi0[i], lo1[j], hi1[j], w1[j]
+        row_a = torch.lerp(taps(a, p), taps(a, q), wy)
+        row_b = torch.lerp(taps(b, p), taps(b, q), wy)
+        lab[i, j, k] = _first_max(torch.lerp(row_a, row_b, w0[i]))
+    return lab
 
 
 def _sampled_labels(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], slab: int) -> np.ndarray:
@@ -208,9 +240,23 @@ def _sampled_labels(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], sl
     return out
 
 
-def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: str | None = None) -> Volume:
-    """Label map (uint8, 30 classes) of ``ct`` on its own grid."""
+def hu_refinement_of(model: ModelPackage) -> HURefinement | None:
+    """The package's ``inference.hu_refinement`` rule (None: the package does not ask for it)."""
+    raw = model.meta.get("inference", {}).get("hu_refinement")
+    return None if raw is None else HURefinement.model_validate(raw)
+
+
+def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: str | None = None,
+            hu_refinement: bool = True) -> Volume:
+    """Label map (uint8, 30 classes) of ``ct`` on its own grid.
+
+    ``hu_refinement=False`` gives the network's labels alone, even where the package asks for the
+    refinement (``dicomnode evaluate --network-only`` reports both).
+    """
     mg = to_model_grid(ct, model.preprocess)
     probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
     labels = probabilities_to_labels(probs, mg.affine, ct)
+    rule = hu_refinement_of(model) if hu_refinement else None
+    if rule is not None:
+        labels = refine_labels(ct.array, labels, ct.spacing_mm, rule)
     return ct.with_array(labels)

@@ -131,7 +131,8 @@ def save_package(
     """Write a package folder: model.safetensors (weights, ``dtype``) and model.json.
 
     ``inference`` holds what the model itself asks of inference, e.g. ``{"mirror_x": True}`` for a
-    model trained on left-right mirrored crops (:func:`seg.infer.predict_probabilities`).
+    model trained on left-right mirrored crops (:func:`seg.infer.predict_probabilities`) and
+    ``{"hu_refinement": {...}}`` for the HU refinement of its label edges (:mod:`seg.hu_refine`).
     """
     from safetensors.torch import save_file
 
@@ -188,7 +189,29 @@ def read_meta(path: Path) -> dict:
     for key in ("name", "version", "architecture", "roi_size", "preprocessing", "classes", "weights"):
         if key not in meta:
             raise ModelPackageError(f"{mj} lacks the required key {key!r}")
+    _check_inference(mj, meta.get("inference", {}))
     return meta
+
+
+INFERENCE_KEYS = ("mirror_x", "hu_refinement")
+
+
+def _check_inference(mj: Path, inference: object) -> None:
+    """What a package asks of inference, refused with its file's name when misspelt or malformed."""
+    from pydantic import ValidationError
+
+    from seg.hu_refine import HURefinement
+
+    if not isinstance(inference, dict):
+        raise ModelPackageError(f"{mj}: 'inference' must be an object, not {type(inference).__name__}")
+    unknown = sorted(set(inference) - set(INFERENCE_KEYS))
+    if unknown:
+        raise ModelPackageError(f"{mj}: unknown 'inference' keys {unknown} (known: {list(INFERENCE_KEYS)})")
+    if "hu_refinement" in inference:
+        try:
+            HURefinement.model_validate(inference["hu_refinement"])
+        except ValidationError as e:
+            raise ModelPackageError(f"{mj}: 'inference.hu_refinement' is invalid: {e}") from e
 
 
 def load_model(path: Path | str | None = None, device: str = "auto") -> ModelPackage:

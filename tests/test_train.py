@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from seg.hu_refine import HURefinement
+from seg.infer import hu_refinement_of
 from seg.model import load_model
 from seg.train import CropSampler, TrainConfig, phantom_plan, train, training_uses_bf16, validation_plan
 
@@ -31,6 +33,8 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     assert prov["steps"] in (2, 3) and prov["trained_on"]["train_seeds"] == [70000, 70001]
     assert prov["trained_on"]["val_seeds"] == [70002] and prov["train_wall_s"] > 0
     assert pkg.info.demo is True
+    # the exported package asks for the project's HU refinement of its label edges
+    assert hu_refinement_of(pkg) == HURefinement()
     ck = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
     assert ck["step"] == 3
     before = {k: v.clone() for k, v in ck["model"].items()}

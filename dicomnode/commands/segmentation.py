@@ -323,6 +323,9 @@ def evaluate(
     ] = None,
     z_range: Annotated[str | None, typer.Option(help="Phantom z range mm 'lo,hi' (small phantoms).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    network_only: Annotated[
+        bool, typer.Option("--network-only", help="Skip the package's HU refinement of the label edges.")
+    ] = False,
 ) -> None:
     """Per-class Dice, HD95 and volume error of a model on held-out labelled CTs."""
     from seg.evaluate import evaluate_model, format_table, write_evaluation
@@ -335,7 +338,8 @@ def evaluate(
     except ModelPackageError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from e
     zr = tuple(float(v) for v in z_range.split(",")) if z_range else None
-    result = evaluate_model(pkg, phantoms=phantoms, seed_start=seed_start, data=data, z_range_mm=zr)
+    result = evaluate_model(pkg, phantoms=phantoms, seed_start=seed_start, data=data, z_range_mm=zr,
+                            hu_refinement=not network_only)
     Console().print(format_table(result))
     if out is not None:
         write_evaluation(result, out)

@@ -1,0 +1,176 @@
+"""HU refinement of a label map's edges on the CT grid: the paper's label definition, voxel by voxel.
+
+Kim et al. made their labels by delineating each muscle and then thresholding fat out as background;
+the network predicts on a 4 mm grid, so near every muscle/fat and bone/soft-tissue interface its
+labels are up to a model voxel off. This step re-decides only the voxels within a thin band of each
+predicted interface, by the CT number at full resolution:
+
+- bone (femur, iliac bone): a predicted bone voxel near the bone's edge below ``bone_min_hu`` is not
+  bone (background; the muscle step below may claim it); a voxel next to predicted bone at or above
+  it is that bone;
+- muscle: a predicted muscle voxel near the muscle's edge below ``muscle_hu[0]`` is fat (background);
+  a background voxel near a muscle within ``muscle_hu`` becomes the label of the nearest muscle.
+
+Deep inside a structure nothing changes, so fat infiltration (low HU *within* a muscle) stays muscle,
+as the phantoms and the paper's volumes count it. Slices through a metal implant are refined too:
+on post-operative phantoms (streaks of ±80…700 HU) leaving them as predicted cost 0.02 Dice and
+raised the atrophied muscles' loss error (docs/models.md). The thresholds are the body-composition
+convention for skeletal muscle (−29…150 HU). Which label a voxel belongs to is still the network's
+call; only the muscle/not-muscle and bone/not-bone decision at the edge follows the CT number.
+
+Memory stays bounded: the volume is processed in slabs along its last axis, each with a halo
+wide enough that every slab's result equals the whole-volume result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage
+
+from seg import labels as L
+
+_MUSCLE = np.array([s.is_muscle for s in L.structures()])
+_BONE = np.array([s.name in ("femur", "iliac_bone") for s in L.structures()])
+
+
+class HURefinement(BaseModel):
+    """What a model package asks of the refinement (``model.json`` ``inference.hu_refinement``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    muscle_hu: tuple[float, float] = (-29.0, 150.0)
+    bone_min_hu: float | None = 200.0  # None: bone edges are left as predicted
+    muscle_band_mm: float = Field(3.0, gt=0, le=10)
+    bone_band_mm: float = Field(2.0, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HURefinement:
+        if self.muscle_hu[0] >= self.muscle_hu[1]:
+            raise ValueError(f"muscle_hu must be (low, high) with low < high, not {self.muscle_hu}")
+        return self
+
+
+def _half_widths(spacing_mm: tuple[float, float, float], band_mm: float) -> tuple[int, int, int]:
+    """Per-axis voxels within ``band_mm`` (at least 0): the band is a box in millimetres."""
+    return tuple(max(0, int(round(band_mm / s))) for s in spacing_mm)  # type: ignore[return-value]
+
+
+def _box(half: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(2 * h + 1 for h in half)  # type: ignore[return-value]
+
+
+def _edge(mask: np.ndarray, half: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(inside the band, outside the band): mask voxels within ``half`` of a non-mask voxel, and
+    non-mask voxels within ``half`` of a mask voxel."""
+    size = _box(half)
+    inner = ndimage.minimum_filter(mask, size=size, mode="nearest")
+    near = ndimage.maximum_filter(mask, size=size, mode="nearest")
+    return mask & ~inner, near & ~mask
+
+
+def _nearest_label(source: np.ndarray, todo: np.ndarray, steps: int) -> np.ndarray:
+    """For each ``todo`` voxel, the label of ``source`` (0 = none) reached first by growing one
+    six-connected ring at a time through ``todo`` voxels only (0 where none is reached within
+    ``steps``; the highest label where two arrive together). Works on the ``todo`` voxels' flat
+    indices, so its cost follows the band, not the volume."""
+    grown = np.pad(source, 1).ravel()  # a padded copy: every neighbour index is valid
+    shape = tuple(n + 2 for n in source.shape)
+    where = np.flatnonzero(np.pad(todo, 1))
+    offsets = (shape[1] * shape[2], -shape[1] * shape[2], shape[2], -shape[2], 1, -1)
+    found = np.zeros(where.size, dtype=source.dtype)
+    pending = np.arange(where.size)
+    for _ in range(steps):
+        if pending.size == 0:
+            break
+        at = where[pending]
+        best = grown[at + offsets[0]]
+        for off in offsets[1:]:
+            np.maximum(best, grown[at + off], out=best)
+        hit = best > 0
+        grown[at[hit]] = best[hit]  # the next ring grows from these
+        found[pending[hit]] = best[hit]
+        pending = pending[~hit]
+    out = np.zeros_like(source)
+    out[todo] = found  # flatnonzero's order is the boolean index's order
+    return out
+
+
+def _crop(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The box around ``mask``'s voxels widened by ``margin`` (None: no voxel)."""
+    box = ndimage.find_objects(mask.astype(np.uint8))
+    if not box or box[0] is None:
+        return None
+    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin))
+                 for s, n in zip(box[0], mask.shape, strict=True))
+
+
+def _refine_edge(hu: np.ndarray, out: np.ndarray, is_tissue: np.ndarray, band_mm: float,
+                 spacing: tuple[float, float, float], lo: float, hi: float | None, *,
+                 claim_labelled: bool) -> None:
+    """Re-decide, in place, the voxels of ``out`` within ``band_mm`` of a ``is_tissue`` label's edge:
+    tissue below ``lo`` becomes background; background (with ``claim_labelled``, any other label
+    too) within [lo, hi] takes the nearest tissue label. Works inside the tissue's bounding box
+    widened by the band, where every change lies."""
+    half = _half_widths(spacing, band_mm)
+    box = _crop(is_tissue[out], max(half) + 1)
+    if box is None:
+        return
+    sub, h = out[box], hu[box]
+    tissue = is_tissue[sub]
+    rim_in, rim_out = _edge(tissue, half)
+    sub[rim_in & (h < lo)] = 0
+    claim = rim_out & (h >= lo)
+    if not claim_labelled:
+        claim &= sub == 0
+    if hi is not None:
+        claim &= h <= hi
+    if claim.any():
+        near = _nearest_label(np.where(tissue, sub, 0).astype(np.uint8), claim, max(half) + 1)
+        sub[near > 0] = near[near > 0]
+    out[box] = sub
+
+
+def _refine_block(hu: np.ndarray, lab: np.ndarray, spacing: tuple[float, float, float],
+                  rule: HURefinement) -> np.ndarray:
+    out = lab.copy()
+    if rule.bone_min_hu is not None:
+        _refine_edge(hu, out, _BONE, rule.bone_band_mm, spacing, rule.bone_min_hu, None,
+                     claim_labelled=True)
+    _refine_edge(hu, out, _MUSCLE, rule.muscle_band_mm, spacing, *rule.muscle_hu,
+                 claim_labelled=False)
+    return out
+
+
+def _halo(spacing: tuple[float, float, float], rule: HURefinement) -> int:
+    """Slices on each side of a slab that can change its result: each stage looks ``half`` + the
+    growth steps away, and the muscle stage sees the bone stage's output."""
+    def reach(band: float) -> int:
+        half = _half_widths(spacing, band)
+        return half[2] + max(half) + 1
+    bone = reach(rule.bone_band_mm) if rule.bone_min_hu is not None else 0
+    return bone + reach(rule.muscle_band_mm) + 1
+
+
+def refine_labels(hu: Any, labels: np.ndarray, spacing_mm: tuple[float, float, float],
+                  rule: HURefinement, slab: int = 48) -> np.ndarray:
+    """``labels`` (uint8, CT grid) with their muscle and bone edges re-decided by ``hu``."""
+    hu = np.asarray(hu)
+    if hu.shape != labels.shape:
+        raise ValueError(f"CT {hu.shape} and labels {labels.shape} are not on one grid")
+    spacing = tuple(float(s) for s in spacing_mm)
+    halo = _halo(spacing, rule)  # type: ignore[arg-type]
+    nz = labels.shape[2]
+    out = np.empty_like(labels)
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        a, b = max(0, z0 - halo), min(nz, z1 + halo)
+        block = labels[:, :, a:b]
+        if not (_MUSCLE[block].any() or _BONE[block].any()):
+            out[:, :, z0:z1] = labels[:, :, z0:z1]
+            continue
+        done = _refine_block(hu[:, :, a:b], block, spacing, rule)  # type: ignore[arg-type]
+        out[:, :, z0:z1] = done[:, :, z0 - a:z1 - a]
+    return out

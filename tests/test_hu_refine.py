@@ -1,0 +1,118 @@
+"""HU refinement of label edges (seg/hu_refine.py): edges follow the CT number, interiors do not,
+slabs give the whole-volume result, and a package asks for it in words the node checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from seg import labels as L
+from seg.hu_refine import HURefinement, refine_labels
+from seg.model import ModelPackageError, read_meta
+
+FAT, MUSCLE_HU, CORTEX, MARROW = -100, 50, 1300, 20
+SART = L.by_name("sartorius").label
+GRAC = L.by_name("gracilis").label
+FEMUR = L.by_name("femur").label
+RULE = HURefinement()
+ISO = (1.5, 1.5, 1.5)
+
+
+def _fat(shape=(40, 40, 20)) -> np.ndarray:
+    return np.full(shape, FAT, np.int16)
+
+
+def test_muscle_edges_follow_the_ct_number_both_ways() -> None:
+    """A prediction one voxel too wide on one side and one too narrow on the other comes back
+    exactly to the muscle the CT shows."""
+    hu = _fat()
+    hu[10:30, 10:30, :] = MUSCLE_HU
+    truth = np.where(hu == MUSCLE_HU, SART, 0).astype(np.uint8)
+    pred = np.zeros_like(truth)
+    pred[9:29, 10:30, :] = SART  # one voxel over the fat at x=9, one voxel short at x=29
+    out = refine_labels(hu, pred, ISO, RULE)
+    assert (pred != truth).sum() == 2 * 20 * 20
+    np.testing.assert_array_equal(out, truth)
+
+
+def test_fat_deep_inside_a_muscle_stays_muscle() -> None:
+    """Fat infiltration beyond the band is the network's call: a fatty core of a big muscle is kept,
+    while the same HU at the edge is cut."""
+    hu = _fat()
+    hu[5:35, 5:35, :] = MUSCLE_HU
+    hu[18:22, 18:22, :] = -60  # 13 voxels (19.5 mm) from the edge: far beyond 3 mm
+    pred = np.zeros(hu.shape, np.uint8)
+    pred[4:35, 5:35, :] = SART  # x=4 over the fat at the edge  # over the fat at the edge
+    out = refine_labels(hu, pred, ISO, RULE)
+    assert (out[18:22, 18:22, :] == SART).all()
+    assert (out[4] == 0).all()
+
+
+def test_background_goes_to_the_nearest_muscle() -> None:
+    """Muscle-dense voxels the network left as background between two muscles join the nearer one."""
+    hu = _fat()
+    hu[10:30, 10:30, :] = MUSCLE_HU
+    pred = np.zeros(hu.shape, np.uint8)
+    pred[10:19, 10:30, :] = SART
+    pred[21:30, 10:30, :] = GRAC  # x=19 and x=20 left out
+    out = refine_labels(hu, pred, ISO, RULE)
+    assert (out[19, 10:30] == SART).all() and (out[20, 10:30] == GRAC).all()
+    assert (out[19, :10] == 0).all()  # the fat beside stays background
+
+
+def test_bone_edges_follow_the_cortex_and_marrow_stays_bone() -> None:
+    hu = _fat()
+    hu[5:35, 5:35, :] = MUSCLE_HU
+    hu[14:26, 14:26, :] = CORTEX
+    hu[16:24, 16:24, :] = MARROW  # marrow inside a 2-voxel (3 mm) cortex: below 200 HU, still bone
+    truth = np.where((hu == CORTEX) | (hu == MARROW), FEMUR, SART).astype(np.uint8)
+    truth[hu == FAT] = 0
+    pred = truth.copy()
+    pred[13, 14:26, :] = FEMUR  # one voxel over the muscle
+    pred[25, 14:26, :] = SART  # the cortex on the other side labelled muscle
+    out = refine_labels(hu, pred, ISO, RULE)
+    np.testing.assert_array_equal(out, truth)
+
+
+def test_slabs_give_the_whole_volume_result() -> None:
+    """The halo is wide enough: any slab size gives the whole-volume answer (anisotropic spacing)."""
+    rng = np.random.default_rng(7)
+    hu = rng.normal(0, 80, (32, 30, 41)).astype(np.int16)
+    hu[rng.random(hu.shape) < 0.05] = CORTEX
+    pred = np.zeros(hu.shape, np.uint8)
+    pred[4:20, 3:25, 5:30] = SART
+    pred[20:28, 3:25, 10:38] = GRAC
+    pred[12:22, 12:18, 0:41] = FEMUR
+    for spacing in ((1.0, 1.0, 1.0), (0.8, 0.8, 2.5)):
+        whole = refine_labels(hu, pred, spacing, RULE, slab=10_000)
+        assert (whole != pred).any()
+        for slab in (1, 4, 9):
+            np.testing.assert_array_equal(refine_labels(hu, pred, spacing, RULE, slab=slab), whole)
+
+
+def test_rule_refuses_typos_and_bad_ranges() -> None:
+    with pytest.raises(ValidationError):
+        HURefinement.model_validate({"muscle_hu": [-29, 150], "bone_min": 200})
+    with pytest.raises(ValidationError):
+        HURefinement(muscle_hu=(150.0, -29.0))
+    with pytest.raises(ValidationError):
+        HURefinement(muscle_band_mm=0)
+    assert HURefinement.model_validate(json.loads(RULE.model_dump_json())) == RULE
+
+
+def test_package_inference_requests_are_checked(tmp_path) -> None:
+    """A package's model.json is refused, with its path and the key, for an unknown request or a
+    malformed refinement rule."""
+    base = {"name": "x", "version": "1", "architecture": {}, "roi_size": [], "preprocessing": {},
+            "classes": [], "weights": {}}
+    for inference, words in (({"mirror": True}, "unknown 'inference' keys ['mirror']"),
+                             ({"hu_refinement": {"muscle_hu": [0, -1]}}, "hu_refinement' is invalid")):
+        d = tmp_path / str(len(words))
+        d.mkdir()
+        (d / "model.json").write_text(json.dumps(base | {"inference": inference}))
+        with pytest.raises(ModelPackageError, match="model.json") as err:
+            read_meta(d)
+        assert words in str(err.value)
