@@ -14,9 +14,11 @@ predicted interface, by the CT number at full resolution:
 Deep inside a structure nothing changes, so fat infiltration (low HU *within* a muscle) stays muscle,
 as the phantoms and the paper's volumes count it. Slices through a metal implant are refined too:
 on post-operative phantoms (streaks of ±80…700 HU) leaving them as predicted cost 0.02 Dice and
-raised the atrophied muscles' loss error (docs/models.md). The thresholds are the body-composition
-convention for skeletal muscle (−29…150 HU). Which label a voxel belongs to is still the network's
-call; only the muscle/not-muscle and bone/not-bone decision at the edge follows the CT number.
+raised the atrophied muscles' loss error, and refusing only the muscle's claims of background
+near metal did not hold up on held-out phantoms either (docs/models.md). The thresholds are the
+body-composition convention for skeletal muscle (−29…150 HU). Which label a voxel belongs to is
+still the network's call; only the muscle/not-muscle and bone/not-bone decision at the edge
+follows the CT number.
 
 Memory stays bounded: the volume is processed in slabs along its last axis, each with a halo
 wide enough that every slab's result equals the whole-volume result.
@@ -28,12 +30,20 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy import ndimage
 
 from seg import labels as L
 
-_MUSCLE = np.array([s.is_muscle for s in L.structures()])
-_BONE = np.array([s.name in ("femur", "iliac_bone") for s in L.structures()])
+
+def _label_range(names: list[str]) -> tuple[int, int]:
+    """(first, last) label of ``names``, which the class table keeps as one run of labels."""
+    values = sorted(L.LABEL_OF[n] for n in names)
+    if values != list(range(values[0], values[-1] + 1)):
+        raise RuntimeError(f"labels of {names} are not one run")
+    return values[0], values[-1]
+
+
+_MUSCLE = _label_range([s.name for s in L.structures() if s.is_muscle])
+_BONE = _label_range(["femur", "iliac_bone"])
 
 
 class HURefinement(BaseModel):
@@ -58,17 +68,29 @@ def _half_widths(spacing_mm: tuple[float, float, float], band_mm: float) -> tupl
     return tuple(max(0, int(round(band_mm / s))) for s in spacing_mm)  # type: ignore[return-value]
 
 
-def _box(half: tuple[int, int, int]) -> tuple[int, int, int]:
-    return tuple(2 * h + 1 for h in half)  # type: ignore[return-value]
+def _box_any(mask: np.ndarray, half: tuple[int, ...]) -> np.ndarray:
+    """Whether any voxel of ``mask`` lies within a box of ``half`` voxels per axis: the maximum
+    filter of a boolean array with the box clipped at the border (scipy's ``mode="nearest"``), as
+    2·half in-place ORs of shifted views per axis, several times faster than
+    ``ndimage.maximum_filter`` for the few-voxel bands used here."""
+    out = mask.copy()
+    for axis, h in enumerate(half):
+        if h == 0:
+            continue
+        src = out.copy()
+        n = src.shape[axis]
+        for shift in range(1, min(h, n - 1) + 1):
+            low = tuple(slice(0, n - shift) if a == axis else slice(None) for a in range(mask.ndim))
+            high = tuple(slice(shift, n) if a == axis else slice(None) for a in range(mask.ndim))
+            out[low] |= src[high]
+            out[high] |= src[low]
+    return out
 
 
 def _edge(mask: np.ndarray, half: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(inside the band, outside the band): mask voxels within ``half`` of a non-mask voxel, and
     non-mask voxels within ``half`` of a mask voxel."""
-    size = _box(half)
-    inner = ndimage.minimum_filter(mask, size=size, mode="nearest")
-    near = ndimage.maximum_filter(mask, size=size, mode="nearest")
-    return mask & ~inner, near & ~mask
+    return mask & _box_any(~mask, half), _box_any(mask, half) & ~mask
 
 
 def _nearest_label(source: np.ndarray, todo: np.ndarray, steps: int) -> np.ndarray:
@@ -99,27 +121,37 @@ def _nearest_label(source: np.ndarray, todo: np.ndarray, steps: int) -> np.ndarr
 
 
 def _crop(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
-    """The box around ``mask``'s voxels widened by ``margin`` (None: no voxel)."""
-    box = ndimage.find_objects(mask.astype(np.uint8))
-    if not box or box[0] is None:
-        return None
-    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin))
-                 for s, n in zip(box[0], mask.shape, strict=True))
+    """The box around ``mask``'s voxels widened by ``margin`` (None: no voxel). Found from the mask's
+    projections on each axis, several times faster than ``ndimage.find_objects``."""
+    box = []
+    for axis, n in enumerate(mask.shape):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
+    return tuple(box)
 
 
-def _refine_edge(hu: np.ndarray, out: np.ndarray, is_tissue: np.ndarray, band_mm: float,
+def _member(labels: np.ndarray, classes: tuple[int, int]) -> np.ndarray:
+    """``labels`` within the label range ``classes`` (first, last): two byte operations per voxel,
+    where a lookup table indexed by the labels is several times slower."""
+    first, last = classes
+    return (labels - np.uint8(first)) <= np.uint8(last - first)  # uint8 wraps below ``first``
+
+
+def _refine_edge(hu: np.ndarray, out: np.ndarray, tissue_labels: tuple[int, int], band_mm: float,
                  spacing: tuple[float, float, float], lo: float, hi: float | None, *,
                  claim_labelled: bool) -> None:
-    """Re-decide, in place, the voxels of ``out`` within ``band_mm`` of a ``is_tissue`` label's edge:
+    """Re-decide, in place, the voxels of ``out`` within ``band_mm`` of a ``tissue_labels`` edge:
     tissue below ``lo`` becomes background; background (with ``claim_labelled``, any other label
     too) within [lo, hi] takes the nearest tissue label. Works inside the tissue's bounding box
     widened by the band, where every change lies."""
     half = _half_widths(spacing, band_mm)
-    box = _crop(is_tissue[out], max(half) + 1)
+    box = _crop(_member(out, tissue_labels), max(half) + 1)
     if box is None:
         return
-    sub, h = out[box], hu[box]
-    tissue = is_tissue[sub]
+    sub, h = out[box], hu[box]  # views: changing sub changes out
+    tissue = _member(sub, tissue_labels)
     rim_in, rim_out = _edge(tissue, half)
     sub[rim_in & (h < lo)] = 0
     claim = rim_out & (h >= lo)
@@ -130,7 +162,6 @@ def _refine_edge(hu: np.ndarray, out: np.ndarray, is_tissue: np.ndarray, band_mm
     if claim.any():
         near = _nearest_label(np.where(tissue, sub, 0).astype(np.uint8), claim, max(half) + 1)
         sub[near > 0] = near[near > 0]
-    out[box] = sub
 
 
 def _refine_block(hu: np.ndarray, lab: np.ndarray, spacing: tuple[float, float, float],
@@ -155,7 +186,7 @@ def _halo(spacing: tuple[float, float, float], rule: HURefinement) -> int:
 
 
 def refine_labels(hu: Any, labels: np.ndarray, spacing_mm: tuple[float, float, float],
-                  rule: HURefinement, slab: int = 48) -> np.ndarray:
+                  rule: HURefinement, slab: int = 96) -> np.ndarray:
     """``labels`` (uint8, CT grid) with their muscle and bone edges re-decided by ``hu``."""
     hu = np.asarray(hu)
     if hu.shape != labels.shape:
@@ -168,9 +199,10 @@ def refine_labels(hu: Any, labels: np.ndarray, spacing_mm: tuple[float, float, f
         z1 = min(nz, z0 + slab)
         a, b = max(0, z0 - halo), min(nz, z1 + halo)
         block = labels[:, :, a:b]
-        if not (_MUSCLE[block].any() or _BONE[block].any()):
+        if not block.any():  # every label but background is a muscle or a bone
             out[:, :, z0:z1] = labels[:, :, z0:z1]
             continue
         done = _refine_block(hu[:, :, a:b], block, spacing, rule)  # type: ignore[arg-type]
         out[:, :, z0:z1] = done[:, :, z0 - a:z1 - a]
     return out
+

@@ -73,15 +73,15 @@ def predict_probabilities(
     Every window of MONAI's grid (gaussian weighting) runs once, ``sw_batch`` at a time (default:
     :func:`_default_sw_batch`); :func:`seg.sliding.stream_windows` keeps one ROI-deep band of float
     logits and hands back finished slices, which are softmaxed and stored as uint8 here. The array
-    is a (C, X, Y, Z) view of (C, X, Z, Y) memory, so each finished slice is written as contiguous
-    runs (with Z innermost every slice touched every page); the resampling back is faster on it too.
+    is a (C, X, Y, Z) view of (Z, C, X, Y) memory: each finished slice is one contiguous block (with Z
+    innermost every slice touched every page), and the resampling back reads whole slices.
     """
     precision = precision or default_precision()
     net, dev = model.network, model.device
     sw_batch = sw_batch or _default_sw_batch(dev, model.roi_size, int(getattr(net, "requests", 1)))
     c = int(model.meta["architecture"]["args"]["out_channels"])
     nx, ny, nz = image.shape
-    probs = np.zeros((c, nx, nz, ny), dtype=np.uint8).transpose(0, 1, 3, 2)
+    probs = np.zeros((nz, c, nx, ny), dtype=np.uint8).transpose(1, 2, 3, 0)
 
     if mirror is None:
         mirror = bool(model.meta.get("inference", {}).get("mirror_x", False))
@@ -96,9 +96,8 @@ def predict_probabilities(
             return (a + b.flip(2)) * 0.5
 
     def store(z0: int, z1: int, logits: torch.Tensor) -> None:
-        t = logits.transpose(-1, -2)  # the band's own (C, X, k, Y) memory: softmax without a copy
-        p = torch.softmax(t, 0).mul_(PROB_SCALE).add_(0.5).to(torch.uint8)
-        probs[..., z0:z1] = p.cpu().numpy().transpose(0, 1, 3, 2)
+        p = torch.softmax(logits.permute(3, 0, 1, 2), 1).mul_(PROB_SCALE).add_(0.5).to(torch.uint8)
+        probs[..., z0:z1] = p.cpu().numpy().transpose(1, 2, 3, 0)
 
     stream_windows(image, model.roi_size, run, store, overlap=overlap, mode="gaussian", sw_batch=sw_batch,
                    device=dev, progress=progress)
@@ -152,14 +151,18 @@ def _separable_labels(probs: np.ndarray, m: np.ndarray, axes: list[int], shape: 
         coord = m[a, p] * np.arange(shape[p], dtype=np.float64) + m[a, 3]
         taps.append(_linear_taps(coord, probs.shape[1 + a]))
     inside = taps[0][3][:, None, None] & taps[1][3][None, :, None] & taps[2][3][None, None, :]
-    src = torch.from_numpy(probs).permute(0, *(1 + a for a in axes))  # (C, ...) in CT axis order
+    # (slab axis, C, row axis, column axis), contiguous: a slab's model slices are then whole blocks
+    # (a gather along the last axis of the C-first layout took most of this function's time)
+    src = torch.from_numpy(np.ascontiguousarray(probs.transpose(1 + axes[2], 0, 1 + axes[0], 1 + axes[1])))
     out = np.zeros(shape, dtype=np.uint8)
     for k0 in range(0, shape[2], slab):
         k1 = min(shape[2], k0 + slab)
         if not inside[:, :, k0:k1].any():
             continue
         lo, hi, w = taps[2][0][k0:k1], taps[2][1][k0:k1], taps[2][2][k0:k1]
-        x = torch.lerp(src.index_select(3, lo).float(), src.index_select(3, hi).float(), w.view(1, 1, 1, -1))
+        a, b = src.index_select(0, lo).float(), src.index_select(0, hi).float()
+        x = torch.empty((a.shape[1], a.shape[0], *a.shape[2:]))  # (C, s, m0, m1): classes outermost
+        torch.lerp(a.transpose(0, 1), b.transpose(0, 1), w.view(1, -1, 1, 1), out=x)
         lab = _bilinear_labels(x, taps[0][:3], taps[1][:3]).numpy()
         lab[~inside[:, :, k0:k1]] = 0
         out[:, :, k0:k1] = lab
@@ -178,8 +181,8 @@ def _first_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def _bilinear_labels(x: torch.Tensor, taps0: tuple, taps1: tuple) -> torch.Tensor:
-    """argmax over classes of ``x`` (C, m0, m1, s) interpolated linearly along its first two spatial
-    axes onto (n0, n1, s).
+    """argmax over classes of ``x`` (C, s, m0, m1; contiguous) interpolated linearly along its last
+    two axes onto (n0, n1, s).
 
     Where the four taps of a voxel share their argmax class, that class is the voxel's argmax (every
     class's value is the same convex combination of its taps', and no lower class ties at a tap), so
@@ -187,7 +190,7 @@ def _bilinear_labels(x: torch.Tensor, taps0: tuple, taps1: tuple) -> torch.Tenso
     row axis first and then column axis as the values were before; ties go to the lower class.
     """
     (lo0, hi0, w0), (lo1, hi1, w1) = taps0, taps1
-    first = _first_max(x)
+    first = _first_max(x).permute(1, 2, 0)  # (m0, m1, s)
     at_lo, at_hi = first.index_select(0, lo0), first.index_select(0, hi0)
     lab = at_lo.index_select(1, lo1)
     unsure = lab != at_lo.index_select(1, hi1)
@@ -195,11 +198,11 @@ def _bilinear_labels(x: torch.Tensor, taps0: tuple, taps1: tuple) -> torch.Tenso
     unsure |= lab != at_hi.index_select(1, hi1)
     i, j, k = unsure.nonzero(as_tuple=True)
     if i.numel():
-        m1, s = x.shape[2], x.shape[3]
-        flat = x.reshape(x.shape[0], -1)  # a view: x is contiguous
+        m0, m1 = x.shape[2], x.shape[3]
+        flat = x.view(x.shape[0], -1)  # one row per class
 
-        def taps(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-            return flat.index_select(1, (rows * m1 + cols) * s + k)
+        def taps(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # (C, voxels)
+            return flat.index_select(1, (k * m0 + rows) * m1 + cols)
 
         a, b, p, q, wy = lo0[i], hi0[i], lo1[j], hi1[j], w1[j]
         row_a = torch.lerp(taps(a, p), taps(a, q), wy)

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from scipy import ndimage
 
 from seg import labels as L
-from seg.hu_refine import HURefinement, refine_labels
+from seg.hu_refine import HURefinement, _box_any, _member, refine_labels
 from seg.model import ModelPackageError, read_meta
 
 FAT, MUSCLE_HU, CORTEX, MARROW = -100, 50, 1300, 20
@@ -116,3 +117,26 @@ def test_package_inference_requests_are_checked(tmp_path) -> None:
         with pytest.raises(ModelPackageError, match="model.json") as err:
             read_meta(d)
         assert words in str(err.value)
+
+
+@pytest.mark.parametrize("half", [(0, 0, 0), (1, 1, 0), (2, 2, 2), (0, 3, 5), (6, 6, 2), (9, 1, 1)])
+def test_band_filter_equals_scipys_maximum_filter(half) -> None:
+    """The OR-of-shifts band (faster) is scipy's maximum filter with the box clipped at the border,
+    also where the band is wider than the array."""
+    rng = np.random.default_rng(sum(half))
+    for density in (0.02, 0.3, 0.9):
+        mask = rng.random((11, 8, 7)) < density
+        want = ndimage.maximum_filter(mask, size=tuple(2 * h + 1 for h in half), mode="nearest")
+        assert np.array_equal(_box_any(mask, half), want)
+
+
+def test_label_ranges_equal_the_class_table() -> None:
+    from seg.hu_refine import _BONE, _MUSCLE
+
+    every = np.arange(256, dtype=np.uint8)
+    none = [False] * (256 - L.NUM_CLASSES)
+    muscle = np.array([s.is_muscle for s in L.structures()] + none)
+    bone = np.array([s.name in ("femur", "iliac_bone") for s in L.structures()] + none)
+
+    assert np.array_equal(_member(every, _MUSCLE), muscle)
+    assert np.array_equal(_member(every, _BONE), bone)
