@@ -24,8 +24,8 @@ HAVE_DCMTK = have_dcmtk_peers()  # dcmtk's, never pynetdicom's same-named script
 requires_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="dcmtk (storescu/echoscu/storescp) not installed")
 
 __all__ = ["HAVE_DCMTK", "REPO", "TESTS", "NodeProcess", "StoreSCP", "dcmtk_env", "echoscu", "free_port",
-           "node_factory", "pacs", "port_open", "pynetdicom_send", "requires_dcmtk", "storescu", "wait_for",
-           "write_toml"]
+           "node_factory", "pacs", "port_open", "pynetdicom_send", "rejection", "requires_dcmtk", "storescu",
+           "wait_for", "write_toml"]
 
 
 class NodeProcess(_node.NodeProcess):
@@ -35,6 +35,12 @@ class NodeProcess(_node.NodeProcess):
                  **overrides: Any) -> None:
         overrides.setdefault("pythonpath", (TESTS, REPO))
         super().__init__(workdir, pipeline=pipeline, **overrides)
+
+
+def rejection(assoc: Any) -> tuple[int, int, int]:
+    """(result, source, reason) of the A-ASSOCIATE-RJ a pynetdicom ``Association`` received."""
+    rj = assoc.acceptor.primitive
+    return int(rj.result), int(rj.result_source), int(rj.diagnostic)
 
 
 # -- pytest fixtures (import them into a test module: ``from peers import pacs, node_factory``) ----------

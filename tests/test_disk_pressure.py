@@ -16,11 +16,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from peers import NodeProcess, free_port, storescu
+from peers import NodeProcess, free_port, rejection, storescu
 from pydantic import ValidationError
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from series_factory import CT_IMAGE, write_ct_series
 
@@ -151,11 +150,6 @@ def scu() -> AE:
     ae.add_requested_context(Verification)
     ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
     return ae
-
-
-def rejection(assoc: Association) -> tuple[int, int, int]:
-    rj = assoc.acceptor.primitive
-    return int(rj.result), int(rj.result_source), int(rj.diagnostic)
 
 
 @pytest.fixture(scope="module")

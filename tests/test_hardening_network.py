@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from peers import NodeProcess, wait_for
+from peers import NodeProcess, rejection, wait_for
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -260,11 +260,6 @@ def test_max_associations_still_bounds_real_associations(node: NodeProcess) -> N
 
 
 # -- 3. called AE title and calling AE title pinned to a host ------------------------------------------
-def rejection(assoc: Association) -> tuple[int, int, int]:
-    rj = assoc.acceptor.primitive
-    return int(rj.result), int(rj.result_source), int(rj.diagnostic)
-
-
 def test_called_ae_title_must_be_the_nodes(node: NodeProcess) -> None:
     assoc = associate(node, called="OTHERNODE")
     assert assoc.is_rejected and not assoc.is_established
