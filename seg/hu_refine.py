@@ -26,6 +26,7 @@ wide enough that every slab's result equals the whole-volume result.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,10 @@ class HURefinement(BaseModel):
     bone_min_hu: float | None = 200.0  # None: bone edges are left as predicted
     muscle_band_mm: float = Field(3.0, gt=0, le=10)
     bone_band_mm: float = Field(2.0, gt=0, le=10)
+    # A muscle claims a voxel the network called background only where the network's background
+    # probability there is below this (None: wherever the CT number allows). Keeps vessels and
+    # bowel next to a muscle out of it.
+    claim_max_background: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> HURefinement:
@@ -186,11 +191,19 @@ def _halo(spacing: tuple[float, float, float], rule: HURefinement) -> int:
 
 
 def refine_labels(hu: Any, labels: np.ndarray, spacing_mm: tuple[float, float, float],
-                  rule: HURefinement, slab: int = 96) -> np.ndarray:
-    """``labels`` (uint8, CT grid) with their muscle and bone edges re-decided by ``hu``."""
+                  rule: HURefinement, slab: int = 96, background: np.ndarray | None = None) -> np.ndarray:
+    """``labels`` (uint8, CT grid) with their muscle and bone edges re-decided by ``hu``.
+
+    ``background``: the network's background probability on the CT grid (uint8, ×255), required
+    when the rule sets ``claim_max_background``."""
     hu = np.asarray(hu)
     if hu.shape != labels.shape:
         raise ValueError(f"CT {hu.shape} and labels {labels.shape} are not on one grid")
+    limit = None
+    if rule.claim_max_background is not None:
+        if background is None or background.shape != labels.shape:
+            raise ValueError("claim_max_background needs the background probability on the CT grid")
+        limit = np.uint8(math.ceil(rule.claim_max_background * 255 - 1e-9))
     spacing = tuple(float(s) for s in spacing_mm)
     halo = _halo(spacing, rule)  # type: ignore[arg-type]
     nz = labels.shape[2]
@@ -203,6 +216,9 @@ def refine_labels(hu: Any, labels: np.ndarray, spacing_mm: tuple[float, float, f
             out[:, :, z0:z1] = labels[:, :, z0:z1]
             continue
         done = _refine_block(hu[:, :, a:b], block, spacing, rule)  # type: ignore[arg-type]
-        out[:, :, z0:z1] = done[:, :, z0 - a:z1 - a]
+        mine = done[:, :, z0 - a:z1 - a]
+        if limit is not None:  # voxel by voxel: slabs change nothing
+            mine[(labels[:, :, z0:z1] == 0) & _member(mine, _MUSCLE) & (background[:, :, z0:z1] >= limit)] = 0
+        out[:, :, z0:z1] = mine
     return out
 

@@ -243,6 +243,47 @@ def _sampled_labels(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], sl
     return out
 
 
+def background_probability(probs: np.ndarray, model_affine: np.ndarray, ct: Volume,
+                           slab: int = 32) -> np.ndarray:
+    """The network's background probability (uint8, ×255) on the CT grid, trilinear as the labels'
+    resampling; 255 outside the model grid. What the HU refinement may ask before it lets a muscle
+    claim a voxel the network called background (:attr:`HURefinement.claim_max_background`)."""
+    m = np.linalg.inv(model_affine) @ (LPS_TO_RAS @ ct.affine)
+    axes = _axis_map(m)
+    if axes is None:  # oblique grids: rare; scipy's trilinear sampling, slice by slice
+        from scipy import ndimage
+
+        out = np.empty(ct.shape, dtype=np.uint8)
+        ii, jj = np.meshgrid(np.arange(ct.shape[0]), np.arange(ct.shape[1]), indexing="ij")
+        bg = np.ascontiguousarray(probs[0], dtype=np.float32)
+        size = np.array(probs.shape[1:], dtype=np.float64)[:, None]
+        for k in range(ct.shape[2]):
+            pts = np.stack([ii, jj, np.full_like(ii, k)], 0).reshape(3, -1).astype(np.float64)
+            c = m[:3, :3] @ pts + m[:3, 3:4]
+            inside = ((c >= -1e-3) & (c <= size - 1 + 1e-3)).all(0)  # as _linear_taps
+            v = ndimage.map_coordinates(bg, c, order=1, mode="nearest")
+            v = np.where(inside, np.clip(np.rint(v), 0, 255), 255)
+            out[:, :, k] = v.astype(np.uint8).reshape(ct.shape[:2])
+        return out
+    taps = []
+    for p, a in enumerate(axes):
+        coord = m[a, p] * np.arange(ct.shape[p], dtype=np.float64) + m[a, 3]
+        taps.append(_linear_taps(coord, probs.shape[1 + a]))
+    inside = taps[0][3][:, None, None] & taps[1][3][None, :, None] & taps[2][3][None, None, :]
+    src = torch.from_numpy(np.ascontiguousarray(probs[0].transpose(axes[2], axes[0], axes[1])))
+    (lo0, hi0, w0, _), (lo1, hi1, w1, _) = taps[0], taps[1]
+    out = np.full(ct.shape, 255, dtype=np.uint8)
+    for k0 in range(0, ct.shape[2], slab):
+        k1 = min(ct.shape[2], k0 + slab)
+        lo, hi, w = taps[2][0][k0:k1], taps[2][1][k0:k1], taps[2][2][k0:k1]
+        x = torch.lerp(src.index_select(0, lo).float(), src.index_select(0, hi).float(), w.view(-1, 1, 1))
+        x = torch.lerp(x.index_select(1, lo0), x.index_select(1, hi0), w0.view(1, -1, 1))
+        x = torch.lerp(x.index_select(2, lo1), x.index_select(2, hi1), w1.view(1, 1, -1))
+        v = x.add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        out[:, :, k0:k1] = np.where(inside[:, :, k0:k1], v, 255)
+    return out
+
+
 def hu_refinement_of(model: ModelPackage) -> HURefinement | None:
     """The package's ``inference.hu_refinement`` rule (None: the package does not ask for it)."""
     raw = model.meta.get("inference", {}).get("hu_refinement")
@@ -261,5 +302,6 @@ def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: 
     labels = probabilities_to_labels(probs, mg.affine, ct)
     rule = hu_refinement_of(model) if hu_refinement else None
     if rule is not None:
-        labels = refine_labels(ct.array, labels, ct.spacing_mm, rule)
+        bg = None if rule.claim_max_background is None else background_probability(probs, mg.affine, ct)
+        labels = refine_labels(ct.array, labels, ct.spacing_mm, rule, background=bg)
     return ct.with_array(labels)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from seg import labels as L
+from seg.hu_refine import HURefinement
 from seg.model import DEMO_UNETR, build_network, load_model, save_package
 from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
 
@@ -627,16 +628,19 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
     return out
 
 
+EXPORTED_HU_REFINEMENT = HURefinement(claim_max_background=0.8)
+
+
 def _inference_requests(cfg: TrainConfig) -> dict:
     """What the exported package asks of inference.
 
     Mirrored crops in training: each window averaged with its mirror (+0.003 held-out Dice). The
     targets are the project's labels (fat is background, as in the paper): the label edges are
-    re-decided by the CT number at full resolution (:mod:`seg.hu_refine`, +0.04 on phantoms).
+    re-decided by the CT number at full resolution (:mod:`seg.hu_refine`, +0.04 on phantoms), and a
+    muscle claims a voxel the network called background only where the network's background
+    probability is below 0.8 (vessels and bowel beside a muscle stay out; docs/models.md, 0.8.1).
     """
-    from seg.hu_refine import HURefinement
-
-    out: dict = {"hu_refinement": HURefinement().model_dump(mode="json")}
+    out: dict = {"hu_refinement": EXPORTED_HU_REFINEMENT.model_dump(mode="json")}
     if cfg.flip_x:
         out["mirror_x"] = True
     return out

@@ -78,6 +78,27 @@ def test_bone_edges_follow_the_cortex_and_marrow_stays_bone() -> None:
     np.testing.assert_array_equal(out, truth)
 
 
+def test_claims_need_a_low_background_probability_when_the_rule_asks() -> None:
+    """A vessel-like blob of muscle HU beside a muscle is claimed by the CT number alone; with
+    ``claim_max_background`` only where the network's background probability is below it. Cutting
+    fat off the muscle does not depend on it, and slabs give the whole-volume answer."""
+    hu = _fat()
+    hu[10:30, 10:30, :] = MUSCLE_HU
+    hu[30:32, 14:18, :] = 42  # a vessel touching the muscle's edge at x=30
+    pred = np.zeros(hu.shape, np.uint8)
+    pred[10:30, 10:31, :] = SART  # one column over the fat at y=30
+    bg = np.full(hu.shape, 10, np.uint8)
+    bg[30:32, 14:18, :10] = 250  # the network is sure these are background (first 10 slices)
+    gated = HURefinement(claim_max_background=0.8)
+    assert (refine_labels(hu, pred, ISO, RULE)[30:32, 14:18] == SART).all()
+    out = refine_labels(hu, pred, ISO, gated, background=bg)
+    assert (out[30:32, 14:18, :10] == 0).all() and (out[30:32, 14:18, 10:] == SART).all()
+    assert (out[10:30, 30] == 0).all()
+    np.testing.assert_array_equal(refine_labels(hu, pred, ISO, gated, slab=3, background=bg), out)
+    with pytest.raises(ValueError, match="background probability"):
+        refine_labels(hu, pred, ISO, gated)
+
+
 def test_slabs_give_the_whole_volume_result() -> None:
     """The halo is wide enough: any slab size gives the whole-volume answer (anisotropic spacing)."""
     rng = np.random.default_rng(7)

@@ -130,3 +130,34 @@ def test_separable_inverse_equals_trilinear_sampling(position: str, probabilitie
     oblique = m.copy()
     oblique[:3, :3] = m[:3, :3] @ np.array([[1, 0.1, 0], [0, 1, 0], [0, 0, 1]])
     assert _axis_map(oblique) is None  # a sheared grid goes through grid_sample
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFS"])
+def test_background_probability_is_trilinear_sampling(position: str) -> None:
+    """The background channel on the CT grid (the HU refinement's claim gate) is scipy's trilinear
+    sampling of it, within rounding, on both the separable and the oblique path; 255 outside."""
+    from scipy import ndimage
+
+    import seg.infer as infer
+    from seg.volume import LPS_TO_RAS
+
+    ph = _ph((1.1, 1.3, 2.5), position=position, order="descending")
+    mg = to_model_grid(ph.ct, DEMO)
+    probs = np.random.default_rng(1).integers(0, 256, size=(30, *mg.image.shape), dtype=np.uint8)
+    m = np.linalg.inv(mg.affine) @ (LPS_TO_RAS @ ph.ct.affine)
+    idx = np.indices(ph.ct.shape).reshape(3, -1).astype(np.float64)
+    coords = m[:3, :3] @ idx + m[:3, 3:4]
+    want = ndimage.map_coordinates(probs[0].astype(np.float64), coords, order=1, mode="nearest")
+    size = np.array(probs.shape[1:])[:, None]
+    inside = ((coords >= -1e-3) & (coords <= size - 1 + 1e-3)).all(0)
+    want = np.where(inside, want, 255.0).reshape(ph.ct.shape)
+    assert 0 < inside.mean() < 1
+    fast = infer.background_probability(probs, mg.affine, ph.ct)
+    assert np.abs(fast - want).max() <= 0.51
+    infer_axis_map = infer._axis_map
+    try:
+        infer._axis_map = lambda m, tol=1e-6: None  # the oblique path on the same grid
+        oblique = infer.background_probability(probs, mg.affine, ph.ct)
+    finally:
+        infer._axis_map = infer_axis_map
+    assert np.abs(oblique - want).max() <= 0.51

@@ -12,7 +12,15 @@ import torch
 from seg.hu_refine import HURefinement
 from seg.infer import hu_refinement_of
 from seg.model import load_model
-from seg.train import CropSampler, TrainConfig, phantom_plan, train, training_uses_bf16, validation_plan
+from seg.train import (
+    EXPORTED_HU_REFINEMENT,
+    CropSampler,
+    TrainConfig,
+    phantom_plan,
+    train,
+    training_uses_bf16,
+    validation_plan,
+)
 
 ARCH = {"in_channels": 1, "out_channels": 30, "img_size": [32, 32, 32], "feature_size": 4, "hidden_size": 48,
         "mlp_dim": 96, "num_heads": 4, "proj_type": "conv", "norm_name": "instance", "res_block": True,
@@ -33,8 +41,9 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     assert prov["steps"] in (2, 3) and prov["trained_on"]["train_seeds"] == [70000, 70001]
     assert prov["trained_on"]["val_seeds"] == [70002] and prov["train_wall_s"] > 0
     assert pkg.info.demo is True
-    # the exported package asks for the project's HU refinement of its label edges
-    assert hu_refinement_of(pkg) == HURefinement()
+    # the exported package asks for the project's HU refinement of its label edges, claims gated
+    assert hu_refinement_of(pkg) == EXPORTED_HU_REFINEMENT != HURefinement()
+    assert EXPORTED_HU_REFINEMENT.claim_max_background == 0.8
     ck = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
     assert ck["step"] == 3
     before = {k: v.clone() for k, v in ck["model"].items()}
