@@ -56,11 +56,21 @@ def shipped_legs() -> list[Leg]:
     packages = [m for m in packages if "campaign" in m.get("provenance", {})]
     if not packages:
         return []
+    # A version that only changed what inference asks for (0.8.1: the refinement's claim gate) keeps
+    # its leg's campaign record: one leg, several versions.
+    legs: list[tuple[dict, list[str]]] = []
+    for m in packages:
+        n = len(m["provenance"]["campaign"]["legs"])
+        if legs and n == len(legs[-1][0]["provenance"]["campaign"]["legs"]):
+            legs[-1] = (m, [*legs[-1][1], m.get("version", "")])
+        else:
+            legs.append((m, [m.get("version", "")]))
     legs_steps = [int(leg["steps"]) for leg in packages[-1]["provenance"]["campaign"]["legs"]]
-    if len(legs_steps) != len(packages):
-        raise SystemExit(f"{len(packages)} packages with a campaign record but {len(legs_steps)} legs")
-    return [Leg(_label(i + 1, m["provenance"], m.get("version")), steps, _points(m["provenance"]["history"]))
-            for i, (m, steps) in enumerate(zip(packages, legs_steps, strict=True))]
+    if len(legs_steps) != len(legs):
+        raise SystemExit(f"{len(legs)} legs shipped as packages but {len(legs_steps)} in the campaign record")
+    return [Leg(_label(i + 1, m["provenance"], ", ".join(versions)), steps,
+                _points(m["provenance"]["history"]))
+            for i, ((m, versions), steps) in enumerate(zip(legs, legs_steps, strict=True))]
 
 
 def run_leg(path: Path, label: str) -> Leg:
