@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from seg.evaluate import evaluate_case
     from seg.hu_refine import refine_labels
-    from seg.infer import (
-        background_probability,
-        hu_refinement_of,
-        predict_probabilities,
-        probabilities_to_labels,
-    )
+    from seg.infer import hu_refinement_of, predict_probabilities, resample_prediction
     from seg.model import load_model
     from seg.phantom import PhantomOptions, make_phantom
     from seg.preprocess import to_model_grid
@@ -64,14 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         probs = predict_probabilities(pkg, mg.image, precision="fp32")
         t2 = time.perf_counter()
-        labels = probabilities_to_labels(probs, mg.affine, ct)
+        back = resample_prediction(probs, mg.affine, ct,
+                                   background=rule is not None and rule.claim_max_background is not None)
         t3 = time.perf_counter()
-        bg = None
-        if rule is not None and rule.claim_max_background is not None:
-            bg = background_probability(probs, mg.affine, ct)
-        refined = labels
+        refined = back.labels
         if rule is not None:
-            refined = refine_labels(ct.array, labels, ct.spacing_mm, rule, background=bg)
+            refined = refine_labels(ct.array, back.labels, ct.spacing_mm, rule, background=back.background)
         t4 = time.perf_counter()
         print(f"run {run}: preprocess {t1 - t0:.1f} s, network {t2 - t1:.1f} s, back {t3 - t2:.1f} s, "
               f"refine {t4 - t3:.1f} s, total {t4 - t0:.1f} s")

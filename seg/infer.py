@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -104,20 +105,35 @@ def predict_probabilities(
     return probs
 
 
-def probabilities_to_labels(
-    probs: np.ndarray, model_affine: np.ndarray, ct: Volume, slab: int = 16
-) -> np.ndarray:
-    """uint8 probabilities on the model grid → uint8 labels on the CT grid (linear + argmax).
+@dataclass(frozen=True)
+class CTGridPrediction:
+    """The network's prediction taken back onto the CT grid."""
+
+    labels: np.ndarray  # uint8 class labels
+    background: np.ndarray | None  # uint8 background probability ×255 (255 outside the model grid)
+
+
+def resample_prediction(probs: np.ndarray, model_affine: np.ndarray, ct: Volume, background: bool = False,
+                        slab: int = 16) -> CTGridPrediction:
+    """uint8 probabilities on the model grid → uint8 labels on the CT grid (linear + argmax), and with
+    ``background`` the background channel on the CT grid, interpolated in the same pass (what the HU
+    refinement's claim gate reads, :attr:`HURefinement.claim_max_background`).
 
     Grids whose axes are parallel (the usual axial CT: the model grid is the CT grid reoriented and
     resampled) are interpolated separably, one axis at a time; any other orientation goes through
-    trilinear ``grid_sample``. Both clamp at the model grid's border and give 0 outside it.
+    trilinear ``grid_sample``. Both clamp at the model grid's border and give label 0 outside it.
     """
     m = np.linalg.inv(model_affine) @ (LPS_TO_RAS @ ct.affine)
     axes = _axis_map(m)
     if axes is not None:
-        return _separable_labels(probs, m, axes, ct.shape, slab)
-    return _sampled_labels(probs, m, ct.shape, slab)
+        return _separable(probs, m, axes, ct.shape, slab, background)
+    return _sampled(probs, m, ct.shape, slab, background)
+
+
+def probabilities_to_labels(probs: np.ndarray, model_affine: np.ndarray, ct: Volume,
+                            slab: int = 16) -> np.ndarray:
+    """The labels of :func:`resample_prediction` alone."""
+    return resample_prediction(probs, model_affine, ct, slab=slab).labels
 
 
 def _axis_map(m: np.ndarray, tol: float = 1e-6) -> list[int] | None:
@@ -142,31 +158,40 @@ def _linear_taps(coord: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(w), inside
 
 
-def _separable_labels(probs: np.ndarray, m: np.ndarray, axes: list[int], shape: tuple[int, ...],
-                      slab: int) -> np.ndarray:
+def _separable(probs: np.ndarray, m: np.ndarray, axes: list[int], shape: tuple[int, ...], slab: int,
+               background: bool) -> CTGridPrediction:
     """Linear interpolation along the slab axis, then along the row and column axes only where the
-    taps' classes differ (:func:`_bilinear_labels`), in slabs of ``slab`` CT slices."""
+    taps' classes differ (:func:`_bilinear_labels`), in slabs of ``slab`` CT slices; the background
+    channel, when asked for, bilinear in-plane from the same slab-axis interpolation."""
     taps = []
     for p, a in enumerate(axes):  # CT axis p samples model axis a at m[a, p] * index + m[a, 3]
         coord = m[a, p] * np.arange(shape[p], dtype=np.float64) + m[a, 3]
         taps.append(_linear_taps(coord, probs.shape[1 + a]))
     inside = taps[0][3][:, None, None] & taps[1][3][None, :, None] & taps[2][3][None, None, :]
+    (lo0, hi0, w0, _), (lo1, hi1, w1, _) = taps[0], taps[1]
     # (slab axis, C, row axis, column axis), contiguous: a slab's model slices are then whole blocks
     # (a gather along the last axis of the C-first layout took most of this function's time)
     src = torch.from_numpy(np.ascontiguousarray(probs.transpose(1 + axes[2], 0, 1 + axes[0], 1 + axes[1])))
     out = np.zeros(shape, dtype=np.uint8)
+    bg = np.full(shape, 255, dtype=np.uint8) if background else None
     for k0 in range(0, shape[2], slab):
         k1 = min(shape[2], k0 + slab)
-        if not inside[:, :, k0:k1].any():
+        here = inside[:, :, k0:k1]
+        if not here.any():
             continue
         lo, hi, w = taps[2][0][k0:k1], taps[2][1][k0:k1], taps[2][2][k0:k1]
         a, b = src.index_select(0, lo).float(), src.index_select(0, hi).float()
         x = torch.empty((a.shape[1], a.shape[0], *a.shape[2:]))  # (C, s, m0, m1): classes outermost
         torch.lerp(a.transpose(0, 1), b.transpose(0, 1), w.view(1, -1, 1, 1), out=x)
-        lab = _bilinear_labels(x, taps[0][:3], taps[1][:3]).numpy()
-        lab[~inside[:, :, k0:k1]] = 0
+        if bg is not None:
+            v = torch.lerp(x[0].index_select(1, lo0), x[0].index_select(1, hi0), w0.view(1, -1, 1))
+            v = torch.lerp(v.index_select(2, lo1), v.index_select(2, hi1), w1.view(1, 1, -1))
+            v = v.add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            bg[:, :, k0:k1] = np.where(here, v, 255)
+        lab = _bilinear_labels(x, (lo0, hi0, w0), (lo1, hi1, w1)).numpy()
+        lab[~here] = 0
         out[:, :, k0:k1] = lab
-    return out
+    return CTGridPrediction(out, bg)
 
 
 def _first_max(x: torch.Tensor) -> torch.Tensor:
@@ -211,11 +236,13 @@ def _bilinear_labels(x: torch.Tensor, taps0: tuple, taps1: tuple) -> torch.Tenso
     return lab
 
 
-def _sampled_labels(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], slab: int) -> np.ndarray:
+def _sampled(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], slab: int,
+             background: bool) -> CTGridPrediction:
     """Trilinear ``grid_sample`` of the part of the model grid each slab of CT slices touches."""
     c, nx, ny, nz = probs.shape
     ni, nj, nk = shape
     out = np.zeros(shape, dtype=np.uint8)
+    bg = np.full(shape, 255, dtype=np.uint8) if background else None
     ii, jj = np.meshgrid(np.arange(ni, dtype=np.float32), np.arange(nj, dtype=np.float32), indexing="ij")
     sizes = np.array([nx, ny, nz], dtype=np.float32)
     for k0 in range(0, nk, slab):
@@ -240,48 +267,10 @@ def _sampled_labels(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], sl
         lab = samp.argmax(0).numpy().astype(np.uint8)
         lab[~inside] = 0
         out[:, :, k0:k1] = lab
-    return out
-
-
-def background_probability(probs: np.ndarray, model_affine: np.ndarray, ct: Volume,
-                           slab: int = 32) -> np.ndarray:
-    """The network's background probability (uint8, ×255) on the CT grid, trilinear as the labels'
-    resampling; 255 outside the model grid. What the HU refinement may ask before it lets a muscle
-    claim a voxel the network called background (:attr:`HURefinement.claim_max_background`)."""
-    m = np.linalg.inv(model_affine) @ (LPS_TO_RAS @ ct.affine)
-    axes = _axis_map(m)
-    if axes is None:  # oblique grids: rare; scipy's trilinear sampling, slice by slice
-        from scipy import ndimage
-
-        out = np.empty(ct.shape, dtype=np.uint8)
-        ii, jj = np.meshgrid(np.arange(ct.shape[0]), np.arange(ct.shape[1]), indexing="ij")
-        bg = np.ascontiguousarray(probs[0], dtype=np.float32)
-        size = np.array(probs.shape[1:], dtype=np.float64)[:, None]
-        for k in range(ct.shape[2]):
-            pts = np.stack([ii, jj, np.full_like(ii, k)], 0).reshape(3, -1).astype(np.float64)
-            c = m[:3, :3] @ pts + m[:3, 3:4]
-            inside = ((c >= -1e-3) & (c <= size - 1 + 1e-3)).all(0)  # as _linear_taps
-            v = ndimage.map_coordinates(bg, c, order=1, mode="nearest")
-            v = np.where(inside, np.clip(np.rint(v), 0, 255), 255)
-            out[:, :, k] = v.astype(np.uint8).reshape(ct.shape[:2])
-        return out
-    taps = []
-    for p, a in enumerate(axes):
-        coord = m[a, p] * np.arange(ct.shape[p], dtype=np.float64) + m[a, 3]
-        taps.append(_linear_taps(coord, probs.shape[1 + a]))
-    inside = taps[0][3][:, None, None] & taps[1][3][None, :, None] & taps[2][3][None, None, :]
-    src = torch.from_numpy(np.ascontiguousarray(probs[0].transpose(axes[2], axes[0], axes[1])))
-    (lo0, hi0, w0, _), (lo1, hi1, w1, _) = taps[0], taps[1]
-    out = np.full(ct.shape, 255, dtype=np.uint8)
-    for k0 in range(0, ct.shape[2], slab):
-        k1 = min(ct.shape[2], k0 + slab)
-        lo, hi, w = taps[2][0][k0:k1], taps[2][1][k0:k1], taps[2][2][k0:k1]
-        x = torch.lerp(src.index_select(0, lo).float(), src.index_select(0, hi).float(), w.view(-1, 1, 1))
-        x = torch.lerp(x.index_select(1, lo0), x.index_select(1, hi0), w0.view(1, -1, 1))
-        x = torch.lerp(x.index_select(2, lo1), x.index_select(2, hi1), w1.view(1, 1, -1))
-        v = x.add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        out[:, :, k0:k1] = np.where(inside[:, :, k0:k1], v, 255)
-    return out
+        if bg is not None:
+            v = samp[0].add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
+            bg[:, :, k0:k1] = np.where(inside, v, 255)
+    return CTGridPrediction(out, bg)
 
 
 def hu_refinement_of(model: ModelPackage) -> HURefinement | None:
@@ -299,9 +288,10 @@ def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: 
     """
     mg = to_model_grid(ct, model.preprocess)
     probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
-    labels = probabilities_to_labels(probs, mg.affine, ct)
     rule = hu_refinement_of(model) if hu_refinement else None
+    back = resample_prediction(probs, mg.affine, ct,
+                               background=rule is not None and rule.claim_max_background is not None)
+    labels = back.labels
     if rule is not None:
-        bg = None if rule.claim_max_background is None else background_probability(probs, mg.affine, ct)
-        labels = refine_labels(ct.array, labels, ct.spacing_mm, rule, background=bg)
+        labels = refine_labels(ct.array, labels, ct.spacing_mm, rule, background=back.background)
     return ct.with_array(labels)

@@ -67,13 +67,7 @@ def test_demo_model_refines_its_edges_by_hu(phantom, network_labels) -> None:
     """The demo package asks for the HU refinement, segment() applies it to the network's labels, and
     it is worth something on a fresh phantom (held-out: +0.04 mean muscle Dice, docs/models.md)."""
     from seg.hu_refine import refine_labels
-    from seg.infer import (
-        background_probability,
-        hu_refinement_of,
-        predict_probabilities,
-        probabilities_to_labels,
-        segment,
-    )
+    from seg.infer import hu_refinement_of, predict_probabilities, resample_prediction, segment
     from seg.preprocess import to_model_grid
 
     pkg = load_model(device="cpu")
@@ -83,9 +77,9 @@ def test_demo_model_refines_its_edges_by_hu(phantom, network_labels) -> None:
     if rule.claim_max_background is not None:  # the claim gate reads the network's probabilities
         mg = to_model_grid(phantom.ct, pkg.preprocess)
         probs = predict_probabilities(pkg, mg.image)
-        np.testing.assert_array_equal(probabilities_to_labels(probs, mg.affine, phantom.ct),
-                                      np.asarray(network_labels.array))
-        bg = background_probability(probs, mg.affine, phantom.ct)
+        back = resample_prediction(probs, mg.affine, phantom.ct, background=True)
+        np.testing.assert_array_equal(back.labels, np.asarray(network_labels.array))
+        bg = back.background
     refined = refine_labels(phantom.ct.array, np.asarray(network_labels.array), phantom.ct.spacing_mm, rule,
                             background=bg)
     np.testing.assert_array_equal(np.asarray(segment(phantom.ct, pkg).array), refined)

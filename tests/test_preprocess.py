@@ -111,7 +111,7 @@ def test_separable_inverse_equals_trilinear_sampling(position: str, probabilitie
     Random probabilities disagree between almost all neighbouring taps (every voxel interpolated);
     the phantom's own class fractions agree away from the class boundaries, where the separable
     path takes the taps' common class without interpolating."""
-    from seg.infer import _axis_map, _sampled_labels
+    from seg.infer import _axis_map, _sampled
     from seg.volume import LPS_TO_RAS
 
     ph = _ph((1.1, 1.3, 2.5), position=position, order="descending")
@@ -123,7 +123,7 @@ def test_separable_inverse_equals_trilinear_sampling(position: str, probabilitie
     m = np.linalg.inv(mg.affine) @ (LPS_TO_RAS @ ph.ct.affine)
     assert _axis_map(m) is not None
     fast = probabilities_to_labels(probs, mg.affine, ph.ct)
-    ref = _sampled_labels(probs, m, ph.ct.shape, 8)
+    ref = _sampled(probs, m, ph.ct.shape, 8, background=False).labels
     differ = np.argwhere(fast != ref)
     assert len(differ) < 1e-3 * fast.size
     assert _near_ties(probs, m, differ, fast[fast != ref], ref[fast != ref]).all()
@@ -135,7 +135,8 @@ def test_separable_inverse_equals_trilinear_sampling(position: str, probabilitie
 @pytest.mark.parametrize("position", ["HFS", "FFS"])
 def test_background_probability_is_trilinear_sampling(position: str) -> None:
     """The background channel on the CT grid (the HU refinement's claim gate) is scipy's trilinear
-    sampling of it, within rounding, on both the separable and the oblique path; 255 outside."""
+    sampling of it, within rounding, on both the separable and the oblique path; 255 outside; and
+    asking for it leaves the labels as they are."""
     from scipy import ndimage
 
     import seg.infer as infer
@@ -152,12 +153,15 @@ def test_background_probability_is_trilinear_sampling(position: str) -> None:
     inside = ((coords >= -1e-3) & (coords <= size - 1 + 1e-3)).all(0)
     want = np.where(inside, want, 255.0).reshape(ph.ct.shape)
     assert 0 < inside.mean() < 1
-    fast = infer.background_probability(probs, mg.affine, ph.ct)
-    assert np.abs(fast - want).max() <= 0.51
+    fast = infer.resample_prediction(probs, mg.affine, ph.ct, background=True)
+    assert np.abs(fast.background - want).max() <= 0.51
+    np.testing.assert_array_equal(fast.labels, infer.probabilities_to_labels(probs, mg.affine, ph.ct))
     infer_axis_map = infer._axis_map
     try:
         infer._axis_map = lambda m, tol=1e-6: None  # the oblique path on the same grid
-        oblique = infer.background_probability(probs, mg.affine, ph.ct)
+        oblique = infer.resample_prediction(probs, mg.affine, ph.ct, background=True)
+        oblique_labels = infer.probabilities_to_labels(probs, mg.affine, ph.ct)
     finally:
         infer._axis_map = infer_axis_map
-    assert np.abs(oblique - want).max() <= 0.51
+    assert np.abs(oblique.background - want).max() <= 0.51
+    np.testing.assert_array_equal(oblique.labels, oblique_labels)
