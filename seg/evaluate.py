@@ -264,12 +264,12 @@ def evaluate_model(
         log.info("%s: mean muscle Dice %.4f (%.1f s)", cid, rec.mean_dice_muscles or 0.0, dt)
         cases.append(rec)
         if opts is not None and opts.get("postop") and opts.get("atrophy") and opts.get("implant_side"):
-            loss += _atrophy_loss(model, opts, z_range_mm, (_side_volumes(pred), _side_volumes(truth)),
+            loss += _atrophy_loss(model, opts, z_range_mm, (side_volumes(pred), side_volumes(truth)),
                                   hu_refinement)
     return aggregate(cases, model.info, loss)
 
 
-def _side_volumes(labels: Volume) -> dict[tuple[str, str], float]:
+def side_volumes(labels: Volume) -> dict[tuple[str, str], float]:
     """Per-side volumes, split at the label map's own mid-sagittal plane as the node splits them."""
     from seg.measure import measure_volumes
 
@@ -280,25 +280,21 @@ def _side_volumes(labels: Volume) -> dict[tuple[str, str], float]:
 Sides = dict[tuple[str, str], float]
 
 
-def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None,
-                  post: tuple[Sides, Sides], hu_refinement: bool = True) -> list[AtrophyLoss]:
+def preop_twin_options(post_opts: dict) -> dict:
+    """The pre-operative twin of a post-operative phantom: the same patient (seed, spacing,
+    position, slice order) without surgery, atrophy or fat infiltration."""
+    return {k: v for k, v in post_opts.items()
+            if k not in ("postop", "atrophy", "implant_side", "fat_infiltration")}
+
+
+def atrophy_loss_records(post_opts: dict, pre: tuple[Sides, Sides],
+                         post: tuple[Sides, Sides]) -> list[AtrophyLoss]:
     """Pre->post loss (%) of each atrophied muscle on the operated side, measured against truth.
 
-    ``post``: the post-operative case's (measured, true) side volumes, from its held-out evaluation.
-    The pre-operative twin is the same phantom patient (same seed, spacing and position) without
-    surgery; it is segmented here and measured per side the same way.
+    ``pre`` and ``post``: (measured, true) side volumes of the pre-operative twin and of the
+    post-operative case.
     """
-    from seg.infer import segment
-    from seg.phantom import PhantomOptions, make_phantom
-
-    pre_opts = {k: v for k, v in post_opts.items()
-                if k not in ("postop", "atrophy", "implant_side", "fat_infiltration")}
-    if z_range_mm is not None:
-        pre_opts["z_range_mm"] = z_range_mm
-    ph = make_phantom(PhantomOptions(**pre_opts))
-    truth = ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
-    mp, tp = _side_volumes(segment(ph.ct, model, hu_refinement=hu_refinement)), _side_volumes(truth)
-    mq, tq = post
+    (mp, tp), (mq, tq) = pre, post
     side = post_opts["implant_side"]
     out = []
     for name in post_opts["atrophy"]:
@@ -313,8 +309,25 @@ def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None
             measured_loss_pct=None if meas_loss is None else round(meas_loss, 2),
             error_pp=100.0 if meas_loss is None else round(meas_loss - true_loss, 2),
         ))
-        log.info("seed %s %s %s: loss %.1f %% (truth %.1f %%)", post_opts["seed"], name, side,
-                 meas_loss if meas_loss is not None else float("nan"), true_loss)
+    return out
+
+
+def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None,
+                  post: tuple[Sides, Sides], hu_refinement: bool = True) -> list[AtrophyLoss]:
+    """:func:`atrophy_loss_records` of a post-operative case, its twin segmented here by ``model``."""
+    from seg.infer import segment
+    from seg.phantom import PhantomOptions, make_phantom
+
+    pre_opts = preop_twin_options(post_opts)
+    if z_range_mm is not None:
+        pre_opts["z_range_mm"] = z_range_mm
+    ph = make_phantom(PhantomOptions(**pre_opts))
+    truth = ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
+    pre = (side_volumes(segment(ph.ct, model, hu_refinement=hu_refinement)), side_volumes(truth))
+    out = atrophy_loss_records(post_opts, pre, post)
+    for r in out:
+        log.info("%s %s %s: loss %s %% (truth %.1f %%)", r.case, r.muscle, r.side,
+                 "-" if r.measured_loss_pct is None else f"{r.measured_loss_pct:.1f}", r.truth_loss_pct)
     return out
 
 
