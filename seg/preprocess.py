@@ -1,7 +1,13 @@
 """The paper's preprocessing as MONAI transforms, and its exact inverse back onto the CT grid.
 
 Forward (CT grid → model grid): orientation to RAS, resampling to the model spacing, HU window
-−57..164 scaled to [0, 1], gamma 2, foreground crop. The model grid is described by its own affine
+−57..164 scaled to [0, 1], gamma 2, foreground crop. The resampling samples the CT linearly at each
+model voxel's centre (MONAI's ``Spacing``, as the paper did at 1.5 mm) or, with
+``image_resampling="box"``, averages the CT over each model voxel's footprint: on a grid several
+times coarser than the CT, linear sampling reads one CT voxel in tens and misses fat planes thinner
+than the model spacing wherever no sample falls in them; the footprint average shows them as the
+partial volume a CT acquired at that spacing would, the same average the training targets take of
+the labels (:func:`labels_to_model_probs`). The model grid is described by its own affine
 (RAS mm), so the inverse is a resampling in world space: every CT voxel looks up its position on the
 model grid. Labels go back as class probabilities interpolated linearly and argmaxed on the CT
 grid (nearest-neighbour at a coarse model spacing loses thin structures), in slabs so memory stays
@@ -19,6 +25,9 @@ from seg.volume import LPS_TO_RAS, Volume
 
 HU_WINDOW = (-57.0, 164.0)
 GAMMA = 2.0
+IMAGE_RESAMPLING = ("bilinear", "box")
+_KEYS = {"spacing_mm", "orientation", "hu_window", "gamma", "crop_margin_vox", "foreground_threshold",
+         "foreground_crop", "image_resampling"}
 
 
 @dataclass
@@ -32,6 +41,12 @@ class PreprocessConfig:
     crop_margin_vox: int = 4
     # Foreground = scaled intensity above this (0 after the window = HU above −57: muscle, bone, couch).
     foreground_threshold: float = 0.0
+    image_resampling: str = "bilinear"  # or "box": the CT's mean over each model voxel's footprint
+
+    def __post_init__(self) -> None:
+        if self.image_resampling not in IMAGE_RESAMPLING:
+            raise ValueError(f"image_resampling must be one of {IMAGE_RESAMPLING}, "
+                             f"not {self.image_resampling!r}")
 
     def to_dict(self) -> dict:
         return {
@@ -42,10 +57,14 @@ class PreprocessConfig:
             "crop_margin_vox": self.crop_margin_vox,
             "foreground_threshold": self.foreground_threshold,
             "foreground_crop": True,
+            "image_resampling": self.image_resampling,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessConfig:
+        unknown = sorted(set(d) - _KEYS)
+        if unknown:  # a newer package's step this code would silently skip
+            raise ValueError(f"unknown preprocessing keys {unknown} (known: {sorted(_KEYS)})")
         return cls(
             spacing_mm=tuple(float(v) for v in d["spacing_mm"]),  # type: ignore[arg-type]
             orientation=str(d.get("orientation", "RAS")),
@@ -53,6 +72,7 @@ class PreprocessConfig:
             gamma=float(d.get("gamma", GAMMA)),
             crop_margin_vox=int(d.get("crop_margin_vox", 4)),
             foreground_threshold=float(d.get("foreground_threshold", 0.0)),
+            image_resampling=str(d.get("image_resampling", "bilinear")),
         )
 
 
@@ -123,10 +143,51 @@ def to_model_grid(ct: Volume, cfg: PreprocessConfig, labels: Volume | None = Non
     out = spatial_transforms(cfg, keys)(data)
     img = out["image"]
     affine = np.asarray(img.affine, dtype=np.float64)
+    image = img.numpy()[0].astype(np.float32)
+    if cfg.image_resampling == "box":
+        image = _box_image(ct, affine, image, cfg)
     lab = None
     if labels is not None:
         lab = np.rint(out["label"].numpy()[0]).astype(np.uint8)
-    return ModelGridImage(image=img.numpy()[0].astype(np.float32), affine=affine, labels=lab)
+    return ModelGridImage(image=image, affine=affine, labels=lab)
+
+
+def _box_image(ct: Volume, model_affine: np.ndarray, sampled: np.ndarray,
+               cfg: PreprocessConfig) -> np.ndarray:
+    """The CT's mean over each model voxel's footprint, windowed and gamma-corrected as the sampled
+    image was, on the same (cropped) model grid. Model voxels reaching past the CT average the part
+    inside it (centres past the border take the border's footprint, as ``Spacing`` pads with the
+    border). Grids not parallel to the CT's axes (gantry tilt) keep the linearly sampled image."""
+    from monai.transforms import AdjustContrast, ScaleIntensityRange
+
+    m = np.linalg.inv(LPS_TO_RAS @ ct.affine) @ model_affine  # model voxel -> CT voxel
+    ct_axis = _ct_axis_of_model_axes(m)
+    if ct_axis is None:
+        return sampled
+    shape = tuple(int(n) for n in sampled.shape)
+    centres, widths, span = [], [], []
+    for a, p in enumerate(ct_axis):  # model axis a runs along CT axis p
+        n = ct.shape[p]
+        widths.append(abs(float(m[p, a])))
+        centres.append(np.clip(m[p, a] * np.arange(shape[a], dtype=np.float64) + m[p, 3], 0.0, n - 1.0))
+        lo = max(0, int(np.floor(centres[a].min() - widths[a] / 2 + 0.5)))
+        span.append(slice(lo, min(n, int(np.ceil(centres[a].max() + widths[a] / 2 + 0.5)))))
+    # only the CT the footprints reach, the most-reducing axis first: the later products are smaller
+    hu = np.asarray(ct.array[tuple(span[ct_axis.index(p)] for p in range(3))], dtype=np.float32)
+    for a in sorted(range(3), key=lambda a: widths[a], reverse=True):
+        p = ct_axis[a]
+        hu = _box_mean_along(hu, p, centres[a] - span[a].start, widths[a])
+    cover = []
+    for a, p in enumerate(ct_axis):
+        n, w = ct.shape[p], max(widths[a], 1e-6)
+        inside = np.minimum(centres[a] + w / 2, n - 0.5) - np.maximum(centres[a] - w / 2, -0.5)
+        cover.append(np.clip(inside / w, 1e-6, 1.0).astype(np.float32))
+    hu = np.transpose(hu, ct_axis)  # CT axis order -> model axis order
+    hu /= cover[0][:, None, None] * cover[1][None, :, None] * cover[2][None, None, :]
+    lo, hi = cfg.hu_window
+    x = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(torch.from_numpy(hu))
+    x = AdjustContrast(gamma=cfg.gamma)(x)
+    return np.asarray(x, dtype=np.float32)
 
 
 def _grid_coords(
@@ -230,28 +291,25 @@ def _ct_axis_of_model_axes(m: np.ndarray, tol: float = 1e-6) -> list[int] | None
 
 
 def _box_mean_along(arr: np.ndarray, axis: int, centres: np.ndarray, width: float) -> np.ndarray:
-    """Exact mean of a voxelwise-constant array over [c - w/2, c + w/2] (voxel units) along ``axis``.
+    """Exact mean of a voxelwise-constant 3-D array over [c - w/2, c + w/2] (voxel units) along ``axis``.
 
-    Voxel k covers [k - 0.5, k + 0.5]; the running integral is linear between voxel borders, so
-    interpolating the cumulative sum is exact. Outside the array counts as zero.
+    Voxel k covers [k - 0.5, k + 0.5] and weighs by its overlap with the box; outside the array
+    counts as zero. One matrix product per axis, in torch (numpy's cumulative sum along strided
+    memory, and its batched matmul, were several times slower on a whole CT).
     """
-    n = arr.shape[axis]
-    shape = list(arr.shape)
-    shape[axis] = 1
-    cum = np.concatenate([np.zeros(shape, np.float32), np.cumsum(arr, axis=axis, dtype=np.float32)], axis)
-
-    def integral(x: np.ndarray) -> np.ndarray:
-        x = np.clip(x + 0.5, 0.0, float(n))
-        k = np.minimum(np.floor(x).astype(np.int64), n - 1)
-        f = (x - k).astype(np.float32)
-        view = [1] * arr.ndim
-        view[axis] = len(x)
-        f = f.reshape(view)
-        lo, hi = np.take(cum, k, axis=axis), np.take(cum, k + 1, axis=axis)
-        return lo + f * (hi - lo)
-
     w = max(width, 1e-6)
-    return (integral(centres + w / 2) - integral(centres - w / 2)) / np.float32(w)
+    k = np.arange(arr.shape[axis], dtype=np.float64)
+    c = np.asarray(centres, dtype=np.float64)[:, None]
+    overlap = np.minimum(c + w / 2, k + 0.5) - np.maximum(c - w / 2, k - 0.5)
+    weights = torch.from_numpy((np.clip(overlap, 0.0, None) / w).astype(np.float32))  # (len(centres), n)
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if axis == 0:
+        out = (weights @ x.reshape(x.shape[0], -1)).reshape(len(weights), *x.shape[1:])
+    elif axis == 1:
+        out = torch.matmul(weights, x)  # one product per index of axis 0
+    else:
+        out = x @ weights.T
+    return out.numpy()
 
 
 def _oblique_fraction(mask: np.ndarray, m: np.ndarray, model_shape: tuple[int, int, int]) -> np.ndarray:

@@ -39,6 +39,9 @@ class TrainConfig:
     phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
     arch: dict = field(default_factory=lambda: dict(DEMO_UNETR))
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    # How the CT reaches the model grid (seg.preprocess): "bilinear" samples it at each model voxel's
+    # centre; "box" averages each model voxel's footprint, as the partial-volume targets do.
+    image_resampling: str = "bilinear"
     batch_size: int = 2
     steps: int = 1000
     max_minutes: float | None = None
@@ -191,10 +194,32 @@ def cache_case(cache: Path, case_id: str, ct, labels, pre: PreprocessConfig, fra
     return paths
 
 
+def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
+    """The preprocessing a run trains with and exports into its package."""
+    return PreprocessConfig(spacing_mm=tuple(cfg.spacing_mm),  # type: ignore[arg-type]
+                            image_resampling=cfg.image_resampling)
+
+
+def _claim_cache(cache: Path, pre: PreprocessConfig) -> None:
+    """Refuse a cache folder built with other preprocessing: its file names carry only the case (a
+    folder shared between recipes would feed one recipe's images to the other). A folder from
+    before this record takes the current preprocessing's record."""
+    record = cache / "preprocessing.json"
+    want = pre.to_dict()
+    if record.exists():
+        have = json.loads(record.read_text())
+        if have != want:
+            raise ValueError(f"cache {cache} holds cases preprocessed as {have}, not {want}: "
+                             "give this run its own checkpoint folder (its cache lives there)")
+    else:
+        record.write_text(json.dumps(want, indent=1))
+
+
 def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], list[dict], dict]:
     """Cache train and validation cases; returns (train, val, data provenance)."""
     cache = Path(cfg.cache_dir or Path(cfg.checkpoint_dir) / "cache")
     cache.mkdir(parents=True, exist_ok=True)
+    _claim_cache(cache, pre)
     cases: list[dict] = []
     fractions = cfg.targets == "partial_volume"
     if cfg.data:
@@ -472,7 +497,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     ckdir = Path(cfg.checkpoint_dir)
     ckdir.mkdir(parents=True, exist_ok=True)
     (ckdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=list))
-    pre = PreprocessConfig(spacing_mm=tuple(cfg.spacing_mm))  # type: ignore[arg-type]
+    pre = preprocess_config(cfg)
     roi = tuple(int(v) for v in cfg.arch["img_size"])
     t_cache = time.time()
     train_cases, val_cases, data_prov = build_cache(cfg, pre)
@@ -589,7 +614,7 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
     net = build_network({"name": "UNETR", "args": cfg.arch})
     net.load_state_dict(ck["model"])
     if data_prov is None:
-        pre = PreprocessConfig(spacing_mm=tuple(cfg.spacing_mm))  # type: ignore[arg-type]
+        pre = preprocess_config(cfg)
         data_prov = build_cache(cfg, pre)[2]
     prov = {
         "trained_on": data_prov,
@@ -611,7 +636,7 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
         prov["monai"] = monai.__version__
     except ImportError:  # pragma: no cover
         pass
-    pre = PreprocessConfig(spacing_mm=tuple(cfg.spacing_mm))  # type: ignore[arg-type]
+    pre = preprocess_config(cfg)
     out = save_package(
         cfg.out,
         net,

@@ -70,6 +70,16 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     assert campaign["legs"][1]["init_from"] == str(pkg_dir)
     resumed = load_model(pkg_dir, device="cpu").network.state_dict()  # the resumed run re-exported it
     assert all(torch.equal(v, start[k]) for k, v in resumed.items())
+    # footprint-averaged images: a cache of linearly sampled ones is refused, a fresh one is built, and
+    # the package says how its images were made
+    boxed = _cfg(tmp_path / "box", 0)
+    boxed.cache_dir, boxed.init_from = str(tmp_path / "ck" / "cache"), str(pkg_dir)
+    boxed.image_resampling = "box"
+    with pytest.raises(ValueError, match="preprocessed as"):
+        train(boxed, progress=False)
+    boxed.cache_dir = None
+    box_pkg = load_model(train(boxed, progress=False), device="cpu")
+    assert box_pkg.preprocess.image_resampling == "box" and pkg.preprocess.image_resampling == "bilinear"
     wrong = _cfg(tmp_path / "wrong", 0)
     wrong.init_from, wrong.arch = str(pkg_dir), {**ARCH, "hidden_size": 96}
     with pytest.raises(ValueError, match="hidden_size"):

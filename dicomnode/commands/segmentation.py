@@ -236,6 +236,10 @@ def train(
         str, typer.Option(help="Training targets: 'partial_volume' (class fractions of each model voxel) "
                           "or 'nearest' (one label per voxel).")
     ] = "partial_volume",
+    image_resampling: Annotated[
+        str, typer.Option(help="How the CT reaches the model grid: 'bilinear' (sampled at each model "
+                          "voxel's centre) or 'box' (each model voxel's footprint averaged).")
+    ] = "bilinear",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 20,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
     seed: Annotated[int, typer.Option(help="Training RNG seed.")] = 0,
@@ -255,6 +259,8 @@ def train(
         raise typer.BadParameter("--crop must be 'foreground' or 'classes'")
     if targets not in ("partial_volume", "nearest"):
         raise typer.BadParameter("--targets must be 'partial_volume' or 'nearest'")
+    if image_resampling not in ("bilinear", "box"):
+        raise typer.BadParameter("--image-resampling must be 'bilinear' or 'box'")
     if postop_share not in (0.25, 0.5, 0.75):
         raise typer.BadParameter("--postop-share must be 0.25, 0.5 or 0.75")
     if roi % 16:
@@ -289,6 +295,7 @@ def train(
         phantom_z_range_mm=zr,
         arch=arch,
         spacing_mm=spacing_option(spacing),
+        image_resampling=image_resampling,
         batch_size=batch_size,
         steps=steps,
         max_minutes=max_minutes,
