@@ -221,4 +221,3 @@ def refine_labels(hu: Any, labels: np.ndarray, spacing_mm: tuple[float, float, f
             mine[(labels[:, :, z0:z1] == 0) & _member(mine, _MUSCLE) & (background[:, :, z0:z1] >= limit)] = 0
         out[:, :, z0:z1] = mine
     return out
-
