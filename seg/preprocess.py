@@ -26,8 +26,6 @@ from seg.volume import LPS_TO_RAS, Volume
 HU_WINDOW = (-57.0, 164.0)
 GAMMA = 2.0
 IMAGE_RESAMPLING = ("bilinear", "box")
-_KEYS = {"spacing_mm", "orientation", "hu_window", "gamma", "crop_margin_vox", "foreground_threshold",
-         "foreground_crop", "image_resampling"}
 
 
 @dataclass
@@ -62,9 +60,10 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessConfig:
-        unknown = sorted(set(d) - _KEYS)
+        known = set(cls().to_dict())  # the keys this code writes are the keys it understands
+        unknown = sorted(set(d) - known)
         if unknown:  # a newer package's step this code would silently skip
-            raise ValueError(f"unknown preprocessing keys {unknown} (known: {sorted(_KEYS)})")
+            raise ValueError(f"unknown preprocessing keys {unknown} (known: {sorted(known)})")
         return cls(
             spacing_mm=tuple(float(v) for v in d["spacing_mm"]),  # type: ignore[arg-type]
             orientation=str(d.get("orientation", "RAS")),
