@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from seg.evaluate import evaluate_case
     from seg.hu_refine import refine_labels
-    from seg.infer import hu_refinement_of, predict_probabilities, resample_prediction
+    from seg.infer import predict_probabilities, resample_prediction
     from seg.model import load_model
     from seg.phantom import PhantomOptions, make_phantom
     from seg.preprocess import to_model_grid
 
     torch.set_num_threads(args.threads)
     pkg = load_model(args.model, device="cpu")
-    rule = hu_refinement_of(pkg)
+    rule = pkg.inference.hu_refinement
     ph = make_phantom(PhantomOptions(seed=args.seed, spacing_mm=(args.spacing,) * 3))
     ct = ph.ct
     print(f"{pkg.info.name} {pkg.info.version}; CT {ct.shape} at {args.spacing} mm; "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seg.hu_refine import HURefinement, refine_labels
+from seg.hu_refine import refine_labels
 from seg.model import ModelPackage
 from seg.preprocess import to_model_grid
 from seg.sliding import stream_windows
@@ -85,7 +85,7 @@ def predict_probabilities(
     probs = np.zeros((nz, c, nx, ny), dtype=np.uint8).transpose(1, 2, 3, 0)
 
     if mirror is None:
-        mirror = bool(model.meta.get("inference", {}).get("mirror_x", False))
+        mirror = model.inference.mirror_x
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with _autocast(dev, precision):
@@ -273,12 +273,6 @@ def _sampled(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], slab: int
     return CTGridPrediction(out, bg)
 
 
-def hu_refinement_of(model: ModelPackage) -> HURefinement | None:
-    """The package's ``inference.hu_refinement`` rule (None: the package does not ask for it)."""
-    raw = model.meta.get("inference", {}).get("hu_refinement")
-    return None if raw is None else HURefinement.model_validate(raw)
-
-
 def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: str | None = None,
             hu_refinement: bool = True) -> Volume:
     """Label map (uint8, 30 classes) of ``ct`` on its own grid.
@@ -288,7 +282,7 @@ def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: 
     """
     mg = to_model_grid(ct, model.preprocess)
     probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
-    rule = hu_refinement_of(model) if hu_refinement else None
+    rule = model.inference.hu_refinement if hu_refinement else None
     back = resample_prediction(probs, mg.affine, ct,
                                background=rule is not None and rule.claim_max_background is not None)
     labels = back.labels

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from seg import labels as L
+from seg.hu_refine import HURefinement
 from seg.preprocess import PreprocessConfig
 from seg.records import ModelInfo
 
@@ -60,6 +62,15 @@ class ModelPackageError(RuntimeError):
     """The model package cannot be used (missing, corrupt or not matching this node)."""
 
 
+class InferenceOptions(BaseModel):
+    """What a package asks of inference (model.json "inference"), parsed once when it is read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mirror_x: bool = False  # also run each window mirrored left-right and average the logits
+    hu_refinement: HURefinement | None = None  # None: the network's labels are final
+
+
 @dataclass
 class ModelPackage:
     """A loaded, verified model ready for :func:`seg.infer.segment`."""
@@ -69,6 +80,7 @@ class ModelPackage:
     network: torch.nn.Module
     device: torch.device
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
 
     @property
     def roi_size(self) -> tuple[int, int, int]:
@@ -189,29 +201,29 @@ def read_meta(path: Path) -> dict:
     for key in ("name", "version", "architecture", "roi_size", "preprocessing", "classes", "weights"):
         if key not in meta:
             raise ModelPackageError(f"{mj} lacks the required key {key!r}")
-    _check_inference(mj, meta.get("inference", {}))
+    inference_options(mj, meta.get("inference", {}))
     return meta
 
 
 INFERENCE_KEYS = ("mirror_x", "hu_refinement")
 
 
-def _check_inference(mj: Path, inference: object) -> None:
-    """What a package asks of inference, refused with its file's name when misspelt or malformed."""
-    from pydantic import ValidationError
-
-    from seg.hu_refine import HURefinement
-
+def inference_options(mj: Path, inference: object) -> InferenceOptions:
+    """The package's inference options, refused with its file's name when misspelt or malformed."""
     if not isinstance(inference, dict):
         raise ModelPackageError(f"{mj}: 'inference' must be an object, not {type(inference).__name__}")
     unknown = sorted(set(inference) - set(INFERENCE_KEYS))
     if unknown:
         raise ModelPackageError(f"{mj}: unknown 'inference' keys {unknown} (known: {list(INFERENCE_KEYS)})")
-    if "hu_refinement" in inference:
-        try:
-            HURefinement.model_validate(inference["hu_refinement"])
-        except ValidationError as e:
-            raise ModelPackageError(f"{mj}: 'inference.hu_refinement' is invalid: {e}") from e
+    try:
+        raw = inference.get("hu_refinement")
+        rule = None if raw is None else HURefinement.model_validate(raw)
+    except ValidationError as e:
+        raise ModelPackageError(f"{mj}: 'inference.hu_refinement' is invalid: {e}") from e
+    try:
+        return InferenceOptions(mirror_x=inference.get("mirror_x", False), hu_refinement=rule)
+    except ValidationError as e:
+        raise ModelPackageError(f"{mj}: 'inference.mirror_x' is invalid: {e}") from e
 
 
 def load_model(path: Path | str | None = None, device: str = "auto") -> ModelPackage:
@@ -275,4 +287,5 @@ def load_model(path: Path | str | None = None, device: str = "auto") -> ModelPac
         raise ModelPackageError(
             f"{p}: roi_size {meta['roi_size']} != UNETR img_size {arch['args']['img_size']}"
         )
-    return ModelPackage(path=p, meta=meta, network=net, device=dev, preprocess=pre)
+    return ModelPackage(path=p, meta=meta, network=net, device=dev, preprocess=pre,
+                        inference=inference_options(p / "model.json", meta.get("inference", {})))

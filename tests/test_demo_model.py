@@ -67,11 +67,11 @@ def test_demo_model_refines_its_edges_by_hu(phantom, network_labels) -> None:
     """The demo package asks for the HU refinement, segment() applies it to the network's labels, and
     it is worth something on a fresh phantom (held-out: +0.04 mean muscle Dice, docs/models.md)."""
     from seg.hu_refine import refine_labels
-    from seg.infer import hu_refinement_of, predict_probabilities, resample_prediction, segment
+    from seg.infer import predict_probabilities, resample_prediction, segment
     from seg.preprocess import to_model_grid
 
     pkg = load_model(device="cpu")
-    rule = hu_refinement_of(pkg)
+    rule = pkg.inference.hu_refinement
     assert rule is not None
     bg = None
     if rule.claim_max_background is not None:  # the claim gate reads the network's probabilities

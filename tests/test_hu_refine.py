@@ -126,12 +126,13 @@ def test_rule_refuses_typos_and_bad_ranges() -> None:
 
 
 def test_package_inference_requests_are_checked(tmp_path) -> None:
-    """A package's model.json is refused, with its path and the key, for an unknown request or a
-    malformed refinement rule."""
+    """A package's model.json is refused, with its path and the key, for an unknown request, a
+    malformed refinement rule or a mirror request that is not a yes or no."""
     base = {"name": "x", "version": "1", "architecture": {}, "roi_size": [], "preprocessing": {},
             "classes": [], "weights": {}}
     for inference, words in (({"mirror": True}, "unknown 'inference' keys ['mirror']"),
-                             ({"hu_refinement": {"muscle_hu": [0, -1]}}, "hu_refinement' is invalid")):
+                             ({"hu_refinement": {"muscle_hu": [0, -1]}}, "hu_refinement' is invalid"),
+                             ({"mirror_x": "sideways"}, "mirror_x' is invalid")):
         d = tmp_path / str(len(words))
         d.mkdir()
         (d / "model.json").write_text(json.dumps(base | {"inference": inference}))

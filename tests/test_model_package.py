@@ -138,7 +138,7 @@ def test_mirrored_inference_is_left_right_symmetric(tmp_path, mirror) -> None:
     of a mirrored image are then the mirror of the image's (one window across x, so the grid is
     symmetric). A random network alone is not symmetric, which the unmirrored case shows."""
     pkg = load_model(_package(tmp_path / "m", inference={"mirror_x": True} if mirror else None))
-    assert pkg.meta.get("inference", {}).get("mirror_x", False) is mirror
+    assert pkg.inference.mirror_x is mirror
     rng = np.random.default_rng(0)
     image = rng.random((TINY["img_size"][0], 40, 36), dtype=np.float32)
     a = predict_probabilities(pkg, image).astype(np.int16)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from seg.hu_refine import HURefinement
-from seg.infer import hu_refinement_of
 from seg.model import load_model
 from seg.train import (
     EXPORTED_HU_REFINEMENT,
@@ -42,7 +41,7 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     assert prov["trained_on"]["val_seeds"] == [70002] and prov["train_wall_s"] > 0
     assert pkg.info.demo is True
     # the exported package asks for the project's HU refinement of its label edges, claims gated
-    assert hu_refinement_of(pkg) == EXPORTED_HU_REFINEMENT != HURefinement()
+    assert pkg.inference.hu_refinement == EXPORTED_HU_REFINEMENT != HURefinement()
     assert EXPORTED_HU_REFINEMENT.claim_max_background == 0.8
     ck = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
     assert ck["step"] == 3
