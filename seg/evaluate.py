@@ -251,7 +251,7 @@ def evaluate_model(
                    + ("_postop" if o.get("postop") else "") + (f"_{syntax}" if syntax else ""))
             items.append((cid, lambda o=o, syntax=syntax: _mk(o, syntax), o))
     loss: list[AtrophyLoss] = []
-    for cid, load, opts in items:
+    for n, (cid, load, opts) in enumerate(items, 1):
         ct, truth = load()
         truth = ct.with_array(np.asarray(truth.array).astype(np.uint8))
         t = time.perf_counter()
@@ -261,7 +261,8 @@ def evaluate_model(
             evaluate_case(pred, truth, hd95=hd95).model_dump()
             | {"case": cid, "shape": ct.shape, "spacing_mm": ct.spacing_mm, "inference_s": round(dt, 2),
                "postoperative": bool(opts is not None and opts.get("postop"))})
-        log.info("%s: mean muscle Dice %.4f (%.1f s)", cid, rec.mean_dice_muscles or 0.0, dt)
+        log.info("case %d/%d %s: mean muscle Dice %.4f (%.1f s)", n, len(items), cid,
+                 rec.mean_dice_muscles or 0.0, dt)
         cases.append(rec)
         if opts is not None and opts.get("postop") and opts.get("atrophy") and opts.get("implant_side"):
             loss += _atrophy_loss(model, opts, z_range_mm, (side_volumes(pred), side_volumes(truth)),

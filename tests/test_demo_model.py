@@ -102,3 +102,20 @@ def test_segment_command_writes_labels_and_volumes(phantom, tmp_path: Path) -> N
     assert (out / "labels.nii.gz").exists() and (out / "volumes.csv").exists()
     assert rec.height_m == pytest.approx(phantom.height_m, abs=0.01)
     assert sum(s.volume_cm3 for s in rec.structures) > 100.0
+
+
+def test_evaluate_command_reports_each_case_and_writes_its_files(tmp_path) -> None:
+    """`dicomnode evaluate` runs for many minutes on whole thighs: each case is reported on stderr
+    as it finishes, the table goes to stdout and --out holds evaluation.json and .csv."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ev"
+    r = subprocess.run([sys.executable, "-m", "dicomnode.cli", "evaluate", "--phantoms", "1",
+                        "--seed-start", "777002", "--z-range=-40,20", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "case 1/1 seed777002_HFS_3x3x3: mean muscle Dice" in r.stderr
+    assert r.stdout.split()[:2] == ["structure", "group"]
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["cases"] == 1 and (out / "evaluation.csv").exists()

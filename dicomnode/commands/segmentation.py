@@ -315,9 +315,14 @@ def train(
         precision=precision,
         init_from=str(init_from) if init_from else None,
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _show_progress()
     path = run_train(cfg, resume=resume, progress=progress)
     Console(stderr=True).print(f"model package written to {path}")
+
+
+def _show_progress() -> None:
+    """Long commands (train, evaluate) report each step's progress on stderr as timestamped lines."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def evaluate(
@@ -345,6 +350,7 @@ def evaluate(
     except ModelPackageError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from e
     zr = tuple(float(v) for v in z_range.split(",")) if z_range else None
+    _show_progress()
     result = evaluate_model(pkg, phantoms=phantoms, seed_start=seed_start, data=data, z_range_mm=zr,
                             hu_refinement=not network_only)
     Console().print(format_table(result))
