@@ -36,6 +36,10 @@ class TrainConfig:
     seed_start: int = 1000
     val_phantoms: int = 1  # post-operative first (validation_plan)
     postop_share: float = 0.25  # of the training phantoms (phantom_plan)
+    # How much more often a crop comes from a post-operative training phantom than from another one
+    # (1: every case equally often). Post-operative thighs (implant streaks, atrophy, fat) are where
+    # the network errs most; more of them per step, without new data.
+    postop_weight: float = 1.0
     phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
     arch: dict = field(default_factory=lambda: dict(DEMO_UNETR))
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
@@ -245,7 +249,7 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
             ct, lab = _phantom_case(opts, cfg.phantom_z_range_mm)
             paths = cache_case(cache, cid, ct, lab, pre, fractions)
             log.info("cached phantom seed %s (%s, %.1f s)", opts["seed"], opts["position"], time.time() - t)
-        cases.append(paths)
+        cases.append(paths | {"postop": bool(opts.get("postop"))})
     ntr = cfg.phantoms
     prov = {
         "source": "phantoms",
@@ -285,9 +289,14 @@ class CropSampler:
         rng: np.random.Generator,
         by_class: bool = False,
         fractions: bool = False,
+        postop_weight: float = 1.0,
     ):
         if not cases:
             raise ValueError("no training cases")
+        if postop_weight <= 0:
+            raise ValueError(f"postop_weight must be positive, not {postop_weight}")
+        w = np.array([postop_weight if c.get("postop") else 1.0 for c in cases])
+        self.case_p = None if np.all(w == w[0]) else w / w.sum()  # None: uniform (the old random stream)
         self.images = [np.load(c["image"]) for c in cases]
         self.labels = [np.load(c["labels"]) for c in cases]
         # Fractions are 30x the labels' size (about 31 MB a whole-thigh phantom at 4 mm): mapped, not
@@ -318,7 +327,10 @@ class CropSampler:
         return out
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        i = int(self.rng.integers(len(self.images)))
+        if self.case_p is None:
+            i = int(self.rng.integers(len(self.images)))
+        else:
+            i = int(self.rng.choice(len(self.images), p=self.case_p))
         shape = np.maximum(np.array(self.images[i].shape), self.roi)
         roi = np.array(self.roi)
         c = self._centre(i) if self.rng.random() < self.fg_prob else None
@@ -537,7 +549,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if cfg.crop not in ("foreground", "classes"):
         raise ValueError(f"crop must be 'foreground' or 'classes', not {cfg.crop!r}")
     sampler = CropSampler(
-        train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng, by_class=cfg.crop == "classes", fractions=soft
+        train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng, by_class=cfg.crop == "classes", fractions=soft,
+        postop_weight=cfg.postop_weight,
     )
     t0 = time.time() - state["elapsed_s"]
     t_ck = time.time()

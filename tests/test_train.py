@@ -99,6 +99,26 @@ def test_crop_sampler_shapes_and_padding(tmp_path: Path) -> None:
     assert (y == 7).any()  # foreground-centred crops hit the label
 
 
+def test_post_operative_cases_are_drawn_as_often_as_weighted(tmp_path: Path) -> None:
+    """--postop-weight 3 with two post-operative cases of four: three crops in four from them; the
+    default draws every case equally often (a case's label value tells which one a crop came from)."""
+    cases = []
+    for i in range(4):
+        np.save(tmp_path / f"c{i}_image.npy", np.full((8, 8, 8), 0.5, np.float16))
+        np.save(tmp_path / f"c{i}_labels.npy", np.full((8, 8, 8), 2 if i % 2 else 1, np.uint8))
+        cases.append({"image": str(tmp_path / f"c{i}_image.npy"),
+                      "labels": str(tmp_path / f"c{i}_labels.npy"), "postop": bool(i % 2)})
+
+    def post_share(weight: float) -> float:
+        s = CropSampler(cases, (8, 8, 8), 1.0, False, np.random.default_rng(3), postop_weight=weight)
+        return float(np.mean([s.sample()[1].max() == 2 for _ in range(600)]))
+
+    assert 0.69 < post_share(3.0) < 0.81
+    assert 0.43 < post_share(1.0) < 0.57
+    with pytest.raises(ValueError, match="postop_weight"):
+        CropSampler(cases, (8, 8, 8), 1.0, False, np.random.default_rng(3), postop_weight=0.0)
+
+
 def test_partial_volume_targets_and_class_balanced_centres(tmp_path: Path) -> None:
     """Fraction targets: one value per class summing to 1, background past the edge; centres by class
     reach a structure of a few voxels as often as a large one."""

@@ -198,6 +198,9 @@ def train(
     postop_share: Annotated[
         float, typer.Option(help="Share of post-operative training phantoms: 0.25, 0.5 or 0.75.")
     ] = 0.25,
+    postop_weight: Annotated[
+        float, typer.Option(help="How much more often crops come from post-operative phantoms (1: as often).")
+    ] = 1.0,
     checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Checkpoint + cache folder.")] = Path(
         "checkpoints/run"
     ),
@@ -263,6 +266,8 @@ def train(
         raise typer.BadParameter("--image-resampling must be 'bilinear' or 'box'")
     if postop_share not in (0.25, 0.5, 0.75):
         raise typer.BadParameter("--postop-share must be 0.25, 0.5 or 0.75")
+    if postop_weight <= 0:
+        raise typer.BadParameter("--postop-weight must be positive")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
     if precision not in ("auto", "fp32", "bf16"):
@@ -292,6 +297,7 @@ def train(
         seed_start=seed_start,
         val_phantoms=val_phantoms if data is None else 0,
         postop_share=postop_share,
+        postop_weight=postop_weight,
         phantom_z_range_mm=zr,
         arch=arch,
         spacing_mm=spacing_option(spacing),
