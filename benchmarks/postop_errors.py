@@ -1,0 +1,137 @@
+"""Where a model errs on post-operative thighs: each atrophied muscle's volume error and a picture.
+
+The atrophied muscles of post-operative phantoms (implant with streaks, atrophy, fat infiltration)
+are segmented by the package (network and its HU refinement, as the node measures). Per muscle the
+table gives the truth and measured volume on the operated side; the figure shows, for the worst
+muscles, the axial slice where the prediction strays most: the CT, the truth and the prediction, the
+muscle outlined in red. The default seeds (6000 on, every 4th post-operative) are neither training
+(1000-1385) nor held-out (5000-5023) seeds, so looking at them tunes nothing that is reported.
+
+    .venv/bin/python benchmarks/postop_errors.py --pairs 2 --show 3 --out docs/img/postop_errors.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MuscleError:
+    """One atrophied muscle of one post-operative case, on its operated side."""
+
+    seed: int
+    muscle: str
+    truth_cm3: float
+    measured_cm3: float
+    slice_index: int  # axial slice (CT grid) with the most wrongly labelled voxels of this muscle
+
+    @property
+    def error_pct(self) -> float:
+        return (self.measured_cm3 / self.truth_cm3 - 1.0) * 100.0
+
+
+def _side_mask(ct, truth: np.ndarray, side: str) -> np.ndarray:
+    """Voxels on the patient's ``side`` of the labelled body's mean LPS x (+x is the patient's left)."""
+    a = ct.affine
+    i, j = np.meshgrid(np.arange(truth.shape[0]), np.arange(truth.shape[1]), indexing="ij")
+    x = (a[0, 0] * i + a[0, 1] * j + a[0, 3])[:, :, None] + a[0, 2] * np.arange(truth.shape[2])
+    mid = float(x[truth > 0].mean())
+    return x > mid if side == "left" else x <= mid
+
+
+def _errors(opts: dict, ct, truth: np.ndarray, pred: np.ndarray) -> list[MuscleError]:
+    from seg.evaluate import side_volumes
+    from seg.labels import LABEL_OF
+
+    side = opts["implant_side"]
+    tv, pv = side_volumes(ct.with_array(truth)), side_volumes(ct.with_array(pred))
+    operated = _side_mask(ct, truth, side)
+    out = []
+    for name in opts["atrophy"]:
+        lab = LABEL_OF[name]
+        wrong = (((pred == lab) != (truth == lab)) & operated).sum((0, 1))
+        out.append(MuscleError(int(opts["seed"]), name, tv[(name, side)], pv.get((name, side), 0.0),
+                               int(np.argmax(wrong))))
+    return out
+
+
+def _panel(axes, ct, truth: np.ndarray, pred: np.ndarray, operated: np.ndarray, e: MuscleError) -> None:
+    """CT, truth and prediction around the muscle on its worst slice (the operated leg only)."""
+    from seg.labels import LABEL_OF
+
+    lab, k = LABEL_OF[e.muscle], e.slice_index
+    on = ((truth[:, :, k] == lab) | (pred[:, :, k] == lab)) & operated[:, :, k]
+    ii, jj = np.nonzero(on)
+    pad = max(8, int(round(25.0 / ct.spacing_mm[0])))
+    sl = (slice(max(ii.min() - pad, 0), ii.max() + pad), slice(max(jj.min() - pad, 0), jj.max() + pad))
+    img = np.clip(np.asarray(ct.array[:, :, k], np.float32)[sl].T, -160, 240)
+    titles = (f"seed {e.seed}: CT slice {k}", f"truth {e.truth_cm3:.0f} cm³",
+              f"prediction {e.measured_cm3:.0f} cm³ ({e.error_pct:+.0f} %)")
+    for a, labels, title in zip(axes, (None, truth, pred), titles, strict=True):
+        a.imshow(img, cmap="gray", interpolation="nearest")
+        if labels is not None:
+            m = labels[:, :, k][sl].T
+            a.imshow(np.ma.masked_equal(m % 20, 0), cmap="tab20", alpha=0.35, interpolation="nearest",
+                     vmin=0, vmax=19)
+            a.contour(m == lab, levels=[0.5], colors="red", linewidths=1.2)
+        a.set_title(title, fontsize=9)
+        a.set_xticks([])
+        a.set_yticks([])
+    axes[0].set_ylabel(e.muscle.replace("_", " "), fontsize=10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model package (default: the shipped demo)")
+    ap.add_argument("--seed-start", type=int, default=6000, help="first seed of the plan (post-op every 4th)")
+    ap.add_argument("--pairs", type=int, default=2, help="post-operative cases to segment")
+    ap.add_argument("--show", type=int, default=3, help="worst muscles to picture")
+    ap.add_argument("--network-only", action="store_true", help="leave out the HU refinement")
+    ap.add_argument("--out", default=None, help="PNG to write (none: the table only)")
+    args = ap.parse_args(argv)
+
+    from seg.evaluate import heldout_plan
+    from seg.infer import segment
+    from seg.model import load_model
+    from seg.phantom import PhantomOptions, make_phantom
+
+    model = load_model(args.model, device="cpu")
+    post = [o for o in heldout_plan(4 * args.pairs, args.seed_start) if o.get("postop")]
+    cases, errors = {}, []
+    for opts in post:
+        ph = make_phantom(PhantomOptions(**opts))
+        truth = np.asarray(ph.labels.array).astype(np.uint8)
+        pred = np.asarray(segment(ph.ct, model, hu_refinement=not args.network_only).array)
+        cases[opts["seed"]] = (ph.ct, truth, pred, _side_mask(ph.ct, truth, opts["implant_side"]))
+        errors += _errors(opts, ph.ct, truth, pred)
+    print(f"{model.info.name} {model.info.version}"
+          f"{' (network only)' if args.network_only else ''}: atrophied muscles, operated side")
+    print(f"{'seed':>5} {'muscle':24} {'truth cm³':>10} {'measured':>9} {'error':>7}")
+    for e in errors:
+        print(f"{e.seed:>5} {e.muscle.replace('_', ' '):24} {e.truth_cm3:10.1f} {e.measured_cm3:9.1f} "
+              f"{e.error_pct:+6.1f}%")
+    err = np.abs([e.error_pct for e in errors])
+    print(f"median abs error {np.median(err):.1f} %, worst {err.max():.1f} %, "
+          f"{int((err <= 5).sum())} of {len(err)} within 5 %")
+    if args.out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        worst = sorted(errors, key=lambda e: -abs(e.error_pct))[: args.show]
+        fig, axes = plt.subplots(len(worst), 3, figsize=(10, 3.3 * len(worst)), squeeze=False)
+        for row, e in zip(axes, worst, strict=True):
+            _panel(row, *cases[e.seed], e)
+        fig.suptitle(f"{model.info.name} {model.info.version}: the worst atrophied muscles "
+                     "of post-operative phantoms", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(args.out, dpi=90)
+        print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
