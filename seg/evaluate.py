@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,11 @@ def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, floa
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=False))
     p = torch.from_numpy(np.ascontiguousarray(pred[sl]))[None, None]
     t = torch.from_numpy(np.ascontiguousarray(truth[sl]))[None, None]
-    d = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=list(spacing))
+    with warnings.catch_warnings():
+        # MONAI 1.6 passes its own deprecated get_mask_edges(always_return_as_numpy=...) inside
+        # compute_hausdorff_distance: a FutureWarning per call that says nothing to our users.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        d = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=list(spacing))
     return float(d.reshape(-1)[0])
 
 

@@ -117,5 +117,6 @@ def test_evaluate_command_reports_each_case_and_writes_its_files(tmp_path) -> No
     assert r.returncode == 0, r.stderr[-2000:]
     assert "case 1/1 seed777002_HFS_3x3x3: mean muscle Dice" in r.stderr
     assert r.stdout.split()[:2] == ["structure", "group"]
+    assert "always_return_as_numpy" not in r.stderr  # MONAI's own deprecation noise is kept out
     ev = json.loads((out / "evaluation.json").read_text())
     assert ev["cases"] == 1 and (out / "evaluation.csv").exists()
