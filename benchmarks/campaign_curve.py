@@ -80,7 +80,10 @@ def run_leg(path: Path, label: str) -> Leg:
     return Leg(label, max((int(h["step"]) for h in lines), default=0), points)
 
 
-def plot(legs: list[Leg], out: Path) -> None:
+def plot(legs: list[Leg], out: Path):
+    """Every leg's curve, one after the other on the step axis; returns the figure."""
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +91,7 @@ def plot(legs: list[Leg], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.6, 3.8), dpi=100)
     offset = 0
-    for leg, marker in zip(legs, "osd^vP*X", strict=False):
+    for leg, marker in zip(legs, itertools.cycle("osd^vP*X"), strict=False):
         if leg.points:
             xs, ys = zip(*((offset + s, d) for s, d in leg.points), strict=True)
             ax.plot(xs, ys, marker=marker, ms=3, lw=1.5, label=leg.label)
@@ -101,6 +104,7 @@ def plot(legs: list[Leg], out: Path) -> None:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

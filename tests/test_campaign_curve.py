@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.campaign_curve import plot, run_leg, shipped_legs
+from benchmarks.campaign_curve import Leg, plot, run_leg, shipped_legs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +39,12 @@ def test_a_run_folder_becomes_the_next_leg(tmp_path: Path) -> None:
     assert (leg.steps, leg.points) == (200, [(100, 0.91), (200, 0.92)])
     plot([leg], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_leg_is_drawn_however_many_there_are(tmp_path: Path) -> None:
+    """Eleven legs (more than the eight marker shapes): eleven curves, each after the one before."""
+    legs = [Leg(f"leg {i}", 100, [(50, 0.9), (100, 0.91)]) for i in range(1, 12)]
+    fig = plot(legs, tmp_path / "curve.png")
+    curves = [line for line in fig.axes[0].lines if line.get_label().startswith("leg ")]
+    assert len(curves) == 11
+    assert [float(c.get_xdata()[0]) for c in curves] == [50.0 + 100 * i for i in range(11)]
