@@ -120,3 +120,21 @@ def test_evaluate_command_reports_each_case_and_writes_its_files(tmp_path) -> No
     assert "always_return_as_numpy" not in r.stderr  # MONAI's own deprecation noise is kept out
     ev = json.loads((out / "evaluation.json").read_text())
     assert ev["cases"] == 1 and (out / "evaluation.csv").exists()
+
+
+def test_progress_lines_are_not_buried_by_the_jpeg2000_encoder() -> None:
+    import logging
+
+    from dicomnode.commands.segmentation import _show_progress
+
+    root, lib = logging.getLogger(), logging.getLogger("openjpeg")
+    old = root.level
+    root.setLevel(logging.INFO)  # as on the command line (pytest's root logger says WARNING)
+    try:
+        _show_progress()
+        enc = logging.getLogger("openjpeg.encode")
+        assert not enc.isEnabledFor(logging.INFO) and enc.isEnabledFor(logging.WARNING)
+        assert logging.getLogger("seg.evaluate").isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(old)
+        lib.setLevel(logging.NOTSET)
