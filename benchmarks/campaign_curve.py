@@ -1,8 +1,9 @@
 """The demo model's training campaign as one validation curve, from the packages in git history.
 
 Each shipped demo package records its leg's validation history (``provenance.history``) and the
-newest one lists every leg's steps (``provenance.campaign``), so the curve needs no checkpoint
-folder: it is rebuilt from the committed ``seg/models/demo/model.json`` versions. A leg still in
+newest one lists every leg's steps (``provenance.campaign``; a leg shipped only inside a later
+package keeps its history in that record), so the curve needs no checkpoint folder: it is rebuilt
+from the committed ``seg/models/demo/model.json`` versions. A leg still in
 training (or not shipped) is added from its checkpoint folder's ``history.jsonl`` with ``--run``.
 
     .venv/bin/python benchmarks/campaign_curve.py --out docs/img/campaign_curve.png \\
@@ -35,42 +36,53 @@ def _git(*args: str) -> str:
 
 
 def _points(history: list[dict]) -> list[tuple[int, float]]:
+    """(step, Dice) of a leg's validations; a step-0 entry (the starting weights) is left out."""
     return [(int(h["step"]), float(h["val_mean_dice_muscles"]))
-            for h in history if h.get("val_mean_dice_muscles") is not None]
+            for h in history if h.get("val_mean_dice_muscles") is not None and int(h["step"]) > 0]
 
 
-def _label(n: int, prov: dict, version: str | None) -> str:
+def _label(n: int, prov: dict, version: str | None, name: str | None = None) -> str:
     cfg, data = prov.get("config", {}), prov.get("trained_on", {})
     share = cfg.get("postop_share", 0.25)
     post = "" if share == 0.25 else f", {share:.0%} post-op"
     seeds = "+".join(str(s) for s in data.get("val_seeds", []))
+    batch = "" if cfg.get("batch_size", 4) == 4 else f", batch {cfg['batch_size']}"
     ship = f" (→ {version})" if version else ""
-    return f"leg {n}: {cfg.get('phantoms')} phantoms{post}, val {seeds}{ship}"
+    return f"{name or f'leg {n}'}: {cfg.get('phantoms')} phantoms{post}, val {seeds}{batch}{ship}"
 
 
 def shipped_legs() -> list[Leg]:
-    """Every campaign leg shipped as a demo package, oldest first (packages without a campaign
-    record, from before the campaign's recipe, are left out)."""
+    """Every leg of the shipped package's campaign, from the demo packages in git history."""
     revs = _git("log", "--reverse", "--format=%H", "--", PACKAGE).split()
-    packages = [json.loads(_git("show", f"{rev}:{PACKAGE}")) for rev in revs]
+    return legs_from_packages([json.loads(_git("show", f"{rev}:{PACKAGE}")) for rev in revs])
+
+
+def legs_from_packages(packages: list[dict]) -> list[Leg]:
+    """The newest package's campaign legs, oldest first, each with its validation curve.
+
+    A leg's curve is the ``provenance.history`` of the package that shipped it (the package whose
+    campaign record ends with that leg; of several, as 0.8.0 and 0.8.1, the newest); a leg that was
+    never shipped on its own (an intermediate leg of a package) carries its curve in its record
+    (``history``). Packages from before the campaign's record are left out.
+    """
     packages = [m for m in packages if "campaign" in m.get("provenance", {})]
     if not packages:
         return []
-    # A version that only changed what inference asks for (0.8.1: the refinement's claim gate) keeps
-    # its leg's campaign record: one leg, several versions.
-    legs: list[tuple[dict, list[str]]] = []
+    shipped: dict[int, tuple[dict, list[str]]] = {}
     for m in packages:
         n = len(m["provenance"]["campaign"]["legs"])
-        if legs and n == len(legs[-1][0]["provenance"]["campaign"]["legs"]):
-            legs[-1] = (m, [*legs[-1][1], m.get("version", "")])
+        versions = shipped[n][1] if n in shipped else []
+        shipped[n] = (m, [*versions, m.get("version", "")])
+    legs = []
+    for n, rec in enumerate(packages[-1]["provenance"]["campaign"]["legs"], start=1):
+        if n in shipped:
+            m, versions = shipped[n]
+            legs.append(Leg(_label(n, m["provenance"], ", ".join(versions), rec.get("name")),
+                            int(rec["steps"]), _points(m["provenance"]["history"])))
         else:
-            legs.append((m, [m.get("version", "")]))
-    legs_steps = [int(leg["steps"]) for leg in packages[-1]["provenance"]["campaign"]["legs"]]
-    if len(legs_steps) != len(legs):
-        raise SystemExit(f"{len(legs)} legs shipped as packages but {len(legs_steps)} in the campaign record")
-    return [Leg(_label(i + 1, m["provenance"], ", ".join(versions)), steps,
-                _points(m["provenance"]["history"]))
-            for i, ((m, versions), steps) in enumerate(zip(legs, legs_steps, strict=True))]
+            legs.append(Leg(f"{rec.get('name') or f'leg {n}'} (not shipped alone)", int(rec["steps"]),
+                            _points(rec.get("history", []))))
+    return legs
 
 
 def run_leg(path: Path, label: str) -> Leg:
@@ -97,8 +109,9 @@ def plot(legs: list[Leg], out: Path):
             ax.plot(xs, ys, marker=marker, ms=3, lw=1.5, label=leg.label)
         offset += leg.steps
     ax.axhline(TARGET, ls="--", lw=1, color="grey", label=f"target {TARGET} (held-out)")
-    ax.set(xlabel="optimiser steps (batch 4, 48³ crops)", ylabel="validation mean muscle Dice",
-           ylim=(0, 1), title="Demo model campaign (2 CPU cores)")
+    ax.set(xlabel="optimiser steps (48³ crops, batch 4 unless the leg says otherwise)",
+           ylabel="validation mean muscle Dice", ylim=(0, 1),
+           title="Demo model campaign (2 CPU cores, unless a leg names a GPU)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right")
     fig.tight_layout()

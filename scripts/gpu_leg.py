@@ -13,6 +13,8 @@ Output (``--out``): the best checkpoint by validation Dice as fp32 safetensors c
 package on the CPU machine.
 
     python scripts/gpu_leg.py --out OUT --init seg/models/demo --deadline-s 480
+    python scripts/gpu_leg.py --export-from OUT --init seg/models/demo --out PKG --version V \
+        --leg-name "leg 12 (H200)"
 """
 
 from __future__ import annotations
@@ -147,11 +149,13 @@ def interleave(a: list, b: list) -> list:
     return out
 
 
-def export_leg(src: Path, to: Path, init: str, version: str) -> Path:
+def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = None) -> Path:
     """Write the package of a GPU leg's best checkpoint with ``seg.train.export`` (on any machine).
 
-    The campaign record gains this leg (its steps and training wall time, the GPU it ran on);
-    the phantoms are recorded as their plans and the seeds that arrived in time.
+    The campaign record gains this leg (its steps and training wall time, the GPU it ran on, and
+    its validation curve, which stays in the record when a later leg's package is the one
+    shipped; ``name`` as the campaign's notes call it); the phantoms are recorded as their plans
+    and the seeds that arrived in time.
     """
     import torch
     from safetensors.torch import load_file
@@ -193,7 +197,11 @@ def export_leg(src: Path, to: Path, init: str, version: str) -> Path:
     mj = to / "model.json"
     m = json.loads(mj.read_text())
     prov = m["provenance"]
-    prov["hardware"] = prov["campaign"]["legs"][-1]["hardware"] = meta["hardware"]
+    leg = prov["campaign"]["legs"][-1]
+    prov["hardware"] = leg["hardware"] = meta["hardware"]
+    leg["history"] = meta["history"]
+    if name:
+        leg["name"] = name
     prov["torch"] = meta["torch"]
     prov["monai"] = meta.get("monai", prov.get("monai"))
     prov["script"] = "scripts/gpu_leg.py " + " ".join(
@@ -208,6 +216,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="leg output folder (with --export-from: the package)")
     ap.add_argument("--export-from", help="write the package of this leg folder to --out, no training")
     ap.add_argument("--version", default="0.0.0", help="package version (with --export-from)")
+    ap.add_argument("--leg-name", help="the leg's name in the campaign record (with --export-from)")
     ap.add_argument("--init", default="seg/models/demo", help="model package to start from")
     ap.add_argument("--deadline-s", type=float, default=480, help="whole script, generation included")
     ap.add_argument("--final-reserve-s", type=float, default=25)
@@ -226,7 +235,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.export_from:
-        print(export_leg(Path(a.export_from), Path(a.out), a.init, a.version))
+        print(export_leg(Path(a.export_from), Path(a.out), a.init, a.version, a.leg_name))
         return 0
     t_start = time.time()
     deadline = t_start + a.deadline_s

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.campaign_curve import Leg, plot, run_leg, shipped_legs
+from benchmarks.campaign_curve import Leg, legs_from_packages, plot, run_leg, shipped_legs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +48,31 @@ def test_every_leg_is_drawn_however_many_there_are(tmp_path: Path) -> None:
     curves = [line for line in fig.axes[0].lines if line.get_label().startswith("leg ")]
     assert len(curves) == 11
     assert [float(c.get_xdata()[0]) for c in curves] == [50.0 + 100 * i for i in range(11)]
+
+
+def _package(version: str, legs: list[dict], history: list[dict], batch: int = 4) -> dict:
+    return {"version": version, "provenance": {
+        "campaign": {"legs": legs}, "history": history,
+        "config": {"phantoms": 384, "postop_share": 0.5, "batch_size": batch},
+        "trained_on": {"val_seeds": [1384, 1385]}}}
+
+
+def test_a_package_that_ships_several_legs_keeps_each_curve() -> None:
+    """Two GPU legs shipped as one package: the first has no package of its own, so its curve
+    comes from its campaign record; a version that changed only inference keeps its leg."""
+    h = [{"step": 0, "val_mean_dice_muscles": 0.90}, {"step": 50, "val_mean_dice_muscles": 0.91}]
+    one = {"steps": 100, "wall_s": 60.0}
+    gpu_a = {"steps": 200, "wall_s": 30.0, "name": "leg 12 (H200)",
+             "history": [{"step": 100, "val_mean_dice_muscles": 0.93}]}
+    gpu_b = {"steps": 150, "wall_s": 20.0, "name": "leg 13 (H200)"}
+    packages = [{"version": "0.1.0", "provenance": {}},  # before the campaign record: left out
+                _package("0.2.0", [one], h), _package("0.2.1", [one], h),
+                _package("0.9.0", [one, gpu_a, gpu_b], [{"step": 150, "val_mean_dice_muscles": 0.94}], 16)]
+    legs = legs_from_packages(packages)
+    assert [leg.steps for leg in legs] == [100, 200, 150]
+    assert legs[0].label == "leg 1: 384 phantoms, 50% post-op, val 1384+1385 (→ 0.2.0, 0.2.1)"
+    assert legs[0].points == [(50, 0.91)]  # the starting weights' step-0 check is not a point
+    assert legs[1].label == "leg 12 (H200) (not shipped alone)" and legs[1].points == [(100, 0.93)]
+    assert legs[2].label == "leg 13 (H200): 384 phantoms, 50% post-op, val 1384+1385, batch 16 (→ 0.9.0)"
+    assert legs[2].points == [(150, 0.94)]
+
