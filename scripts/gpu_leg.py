@@ -36,6 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 SPACING = (4.0, 4.0, 4.0)
 CHUNK_BYTES = 14 * 2**20  # the device tool returns files of at most 16 MiB
+# Seeds a leg must never train on: the held-out evaluation (dicomnode evaluate --seed-start 5000)
+# and the non-held-out post-operative analysis (benchmarks/postop_errors.py, 6000 on).
+RESERVED_SEEDS = (range(5000, 5100), range(6000, 6100))
 
 
 def _worker_init() -> None:
@@ -237,6 +240,11 @@ def main() -> int:
     if a.export_from:
         print(export_leg(Path(a.export_from), Path(a.out), a.init, a.version, a.leg_name))
         return 0
+    extra = range(a.extra_start, a.extra_start + a.extra)
+    for r in (*RESERVED_SEEDS, range(1384, 1384 + a.val_phantoms)):
+        if extra.start < r.stop and r.start < extra.stop:
+            ap.error(f"--extra-start {a.extra_start} --extra {a.extra} overlaps seeds "
+                     f"{r.start}-{r.stop - 1}, which training must not see")
     t_start = time.time()
     deadline = t_start + a.deadline_s
     out = Path(a.out)

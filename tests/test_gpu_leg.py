@@ -80,3 +80,14 @@ def test_a_leg_exports_as_a_package(gpu_leg, tmp_path: Path) -> None:
     assert prov["trained_on"]["train_seeds"] == [1000, 2000] and prov["config"]["batch_size"] == 16
     for k, v in base.network.state_dict().items():
         assert torch.equal(pkg.network.state_dict()[k], v), k
+
+
+def test_a_leg_refuses_seeds_kept_out_of_training(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_leg.py"), "--out", str(tmp_path),
+                        "--extra", "1200", "--extra-start", "4300"], capture_output=True, text=True)
+    assert r.returncode == 2 and "overlaps seeds 5000-5099" in r.stderr
+    assert not list(tmp_path.iterdir())
+
