@@ -145,6 +145,12 @@ def save_split(state: dict, out: Path, prefix: str, dtype) -> None:
         tmp.replace(out / f"{prefix}_{j}.safetensors")
 
 
+def mean_loss(losses: list[float]) -> float | None:
+    """Mean of the losses read (every 10th step's; NaN marks the others), None before the first."""
+    read = [v for v in losses if v == v]
+    return round(float(np.mean(read)), 4) if read else None
+
+
 def interleave(a: list, b: list) -> list:
     out = []
     for i in range(max(len(a), len(b))):
@@ -193,7 +199,8 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     )
     data = {"source": "phantoms", "train_seeds": meta["train_seeds"], "val_seeds": meta["val_seeds"],
             "plans": ["phantom_plan(384, 1000, 0.5)",
-                      f"phantom_plan({a['extra']}, {a.get('extra_start', 2000)}, 0.5)",
+                      f"phantom_plan({a['extra']}, {a.get('extra_start', 2000)}, "
+                      f"{a.get('extra_postop_share', 0.5)})",
                       f"validation_plan({a['val_phantoms']}, 1384)"],
             "z_range_mm": None, "phantom_version": PHANTOM_VERSION}
     export(cfg, data)
@@ -231,6 +238,8 @@ def main() -> int:
     ap.add_argument("--val-phantoms", type=int, default=4, help="validation_plan(n, 1384)")
     ap.add_argument("--extra", type=int, default=1216, help="phantom_plan(n, S, 0.5) beside the 384")
     ap.add_argument("--extra-start", type=int, default=2000, help="S: its first seed")
+    ap.add_argument("--extra-postop-share", type=float, default=0.5, choices=(0.25, 0.5, 0.75),
+                    help="post-operative share of the extra phantoms (the 384 keep 0.5)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--min-cases", type=int, default=32)
     ap.add_argument("--val-every-s", type=float, default=40)
@@ -256,7 +265,8 @@ def main() -> int:
     from seg.train import phantom_plan, validation_plan
 
     val_plan = validation_plan(a.val_phantoms, 1384)
-    train_plan = interleave(phantom_plan(384, 1000, 0.5), phantom_plan(a.extra, a.extra_start, 0.5))
+    train_plan = interleave(phantom_plan(384, 1000, 0.5), phantom_plan(a.extra, a.extra_start,
+                                                                          a.extra_postop_share))
     val_seeds = {o["seed"] for o in val_plan}
     pool = mp.get_context("spawn").Pool(a.workers, initializer=_worker_init)
     results = pool.imap_unordered(make_case, val_plan + train_plan, chunksize=1)
@@ -334,9 +344,14 @@ def main() -> int:
         t_end = deadline - a.final_reserve_s
         window = t_end - t_train0
         t_val = t_train0
+        # Where the wall time goes between two validations (seconds): new phantoms moved to the GPU,
+        # crops assembled, the network's step (the GPU catches up at each loss read), validation.
+        spent = dict.fromkeys(("take", "crops", "step", "val"), 0.0)
         while time.time() < t_end:
+            t0 = time.perf_counter()
             if step % 10 == 0:
                 take(block=False)
+            t1 = time.perf_counter()
             frac_t = (time.time() - t_train0) / window
             lr = a.lr * (step + 1) / a.warmup if step < a.warmup else (
                 a.lr * max(0.05, 1 - (frac_t - a.decay_start) / (1 - a.decay_start))
@@ -344,6 +359,7 @@ def main() -> int:
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = cases.batch(a.batch)
+            t2 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = net(x)
             loss = loss_fn(logits.float(), y)
@@ -353,8 +369,14 @@ def main() -> int:
             opt.step()
             step += 1
             losses.append(float(loss.item()) if step % 10 == 0 else float("nan"))
+            t3 = time.perf_counter()
+            spent["take"] += t1 - t0
+            spent["crops"] += t2 - t1
+            spent["step"] += t3 - t2
             if time.time() - t_val > a.val_every_s or time.time() >= t_end:
+                t4 = time.perf_counter()
                 v = validate(net, val_cases, (roi,) * 3, device)
+                spent["val"] += time.perf_counter() - t4
                 t_val = time.time()
                 score = v["mean_dice_muscles"]
                 meta.update(step=step, elapsed_s=round(time.time() - t_train0, 1))
@@ -362,8 +384,10 @@ def main() -> int:
                     meta.update(best=score, best_step=step, val=v)
                     save_split(net.state_dict(), out, "best", torch.float32)
                 log({"step": step, "elapsed_s": round(time.time() - t_train0, 1),
-                     "loss": round(float(np.nanmean(losses[-200:])), 4), "lr": lr,
-                     "val_mean_dice_muscles": round(score, 4), "cases": len(cases)})
+                     "loss": mean_loss(losses[-200:]), "lr": lr,
+                     "val_mean_dice_muscles": round(score, 4), "cases": len(cases),
+                     "spent_s": {k: round(v, 1) for k, v in spent.items()}})
+                spent = dict.fromkeys(spent, 0.0)
     except Exception:
         traceback.print_exc()
         meta["error"] = traceback.format_exc()

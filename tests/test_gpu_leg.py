@@ -91,3 +91,9 @@ def test_a_leg_refuses_seeds_kept_out_of_training(tmp_path: Path) -> None:
     assert r.returncode == 2 and "overlaps seeds 5000-5099" in r.stderr
     assert not list(tmp_path.iterdir())
 
+
+def test_the_logged_loss_is_the_mean_of_those_read(gpu_leg) -> None:
+    nan = float("nan")
+    assert gpu_leg.mean_loss([nan, 0.4, nan, 0.2]) == 0.3
+    assert gpu_leg.mean_loss([nan, nan]) is None  # valid JSON before the first read, not NaN
+
