@@ -62,15 +62,16 @@ def make_case(opts: dict) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
 
 
 class GpuCases:
-    """Training cases resident on the GPU; ``batch`` follows ``seg.train.CropSampler.sample``."""
+    """Training cases resident on the GPU, cropped as ``seg.train.CropPlanner`` draws them (the
+    same crops, mirror and jitter as ``seg.train.CropSampler``; the noise comes from torch)."""
 
     def __init__(self, roi: int, device, fg_prob: float, postop_weight: float, rng: np.random.Generator):
-        self.roi, self.device, self.fg_prob, self.pw, self.rng = roi, device, fg_prob, postop_weight, rng
+        from seg.train import CropPlanner
+
+        self.planner = CropPlanner((roi,) * 3, fg_prob, True, rng, postop_weight)
+        self.roi, self.device = roi, device
         self.images: list = []
         self.fractions: list = []
-        self.centres: list = []
-        self.shapes: list[np.ndarray] = []
-        self.weights: list[float] = []
         self.seeds: list[int] = []
 
     def add(self, opts: dict, image: np.ndarray, labels: np.ndarray, fractions: np.ndarray) -> None:
@@ -87,9 +88,7 @@ class GpuCases:
         fr[:, :x, :y, :z] = torch.from_numpy(fractions).to(self.device)
         self.images.append(img)
         self.fractions.append(fr)
-        self.centres.append(_voxels_by_class(labels, False).get(0))
-        self.shapes.append(shp)
-        self.weights.append(self.pw if opts.get("postop") else 1.0)
+        self.planner.add(image.shape, _voxels_by_class(labels, False), bool(opts.get("postop")))
         self.seeds.append(int(opts["seed"]))
 
     def __len__(self) -> int:
@@ -98,28 +97,15 @@ class GpuCases:
     def batch(self, n: int):
         import torch
 
-        p = np.array(self.weights) / np.sum(self.weights)
-        roi = np.array([self.roi] * 3)
         xs, ys = [], []
         for _ in range(n):
-            i = int(self.rng.choice(len(self.images), p=p))
-            shape = self.shapes[i]
-            c = None
-            if self.rng.random() < self.fg_prob and self.centres[i] is not None:
-                vox = self.centres[i]
-                c = vox[int(self.rng.integers(len(vox)))]
-            if c is not None:
-                start = np.clip(c - roi // 2 + self.rng.integers(-roi // 4, roi // 4 + 1), 0, shape - roi)
-            else:
-                start = np.array([int(self.rng.integers(0, s - r + 1))
-                                  for s, r in zip(shape, roi, strict=True)])
-            sl = tuple(slice(int(s), int(s) + self.roi) for s in start)
-            x = self.images[i][sl].float()
-            y = self.fractions[i][(slice(None), *sl)].float() / 255.0
-            if self.rng.random() < 0.5:  # mirror (flip_x)
+            p = self.planner.draw()
+            sl = tuple(slice(int(s), int(s) + self.roi) for s in p.start)
+            x = self.images[p.case][sl].float()
+            y = self.fractions[p.case][(slice(None), *sl)].float() / 255.0
+            if p.flip:
                 x, y = x.flip(0), y.flip(1)
-            x = x * float(self.rng.uniform(0.9, 1.1)) + float(self.rng.uniform(-0.05, 0.05))
-            x = x + torch.randn_like(x) * float(self.rng.uniform(0.0, 0.03))
+            x = x * p.gain + p.offset + torch.randn_like(x) * p.noise_sd
             xs.append(x.clamp_(0.0, 1.0))
             ys.append(y)
         return torch.stack(xs)[:, None], torch.stack(ys)

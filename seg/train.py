@@ -273,8 +273,74 @@ def hashlib_short(opts: dict, z_range) -> str:
     return hashlib.sha1(json.dumps([opts, z_range], sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """One training crop: which case, where it starts, mirrored or not, and its intensity jitter."""
+
+    case: int
+    start: np.ndarray
+    flip: bool
+    gain: float
+    offset: float
+    noise_sd: float
+
+
+class CropPlanner:
+    """Draws training crops over cases known only by their shape and centre candidates.
+
+    Mostly centred on labelled voxels (``fg_prob``), some anywhere; post-operative cases weighted
+    by ``postop_weight``. The storage cuts the crop: numpy arrays here (:class:`CropSampler`), GPU
+    tensors in ``scripts/gpu_leg.py``, so both train on the same crops.
+    """
+
+    def __init__(self, roi: tuple[int, int, int], fg_prob: float, flip_x: bool, rng: np.random.Generator,
+                 postop_weight: float = 1.0):
+        if postop_weight <= 0:
+            raise ValueError(f"postop_weight must be positive, not {postop_weight}")
+        self.roi, self.fg_prob, self.flip_x, self.rng = np.array(roi), fg_prob, flip_x, rng
+        self.postop_weight = postop_weight
+        self.shapes: list[np.ndarray] = []  # each case's shape, padded up to the ROI
+        self.centres: list[dict[int, np.ndarray]] = []
+        self.weights: list[float] = []
+        self.case_p: np.ndarray | None = None  # None: uniform (the old random stream)
+
+    def add(self, shape: tuple[int, ...], centres: dict[int, np.ndarray], postop: bool) -> None:
+        self.shapes.append(np.maximum(np.array(shape), self.roi))
+        self.centres.append(centres)
+        self.weights.append(self.postop_weight if postop else 1.0)
+        w = np.array(self.weights)
+        self.case_p = None if np.all(w == w[0]) else w / w.sum()
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def _centre(self, i: int) -> np.ndarray | None:
+        groups = self.centres[i]
+        if not groups:
+            return None
+        keys = sorted(groups)
+        vox = groups[keys[int(self.rng.integers(len(keys)))]]
+        return vox[int(self.rng.integers(len(vox)))]
+
+    def draw(self) -> CropPlan:
+        if self.case_p is None:
+            i = int(self.rng.integers(len(self.shapes)))
+        else:
+            i = int(self.rng.choice(len(self.shapes), p=self.case_p))
+        shape, roi = self.shapes[i], self.roi
+        c = self._centre(i) if self.rng.random() < self.fg_prob else None
+        if c is not None:
+            start = np.clip(c - roi // 2 + self.rng.integers(-roi // 4, roi // 4 + 1), 0, shape - roi)
+        else:
+            start = np.array([int(self.rng.integers(0, s - r + 1)) for s, r in zip(shape, roi, strict=False)])
+        flip = bool(self.flip_x and self.rng.random() < 0.5)  # classes are not lateralised
+        # Intensity jitter on the windowed image: contrast, brightness, noise.
+        gain, offset = float(self.rng.uniform(0.9, 1.1)), float(self.rng.uniform(-0.05, 0.05))
+        return CropPlan(i, start, flip, gain, offset, float(self.rng.uniform(0.0, 0.03)))
+
+
 class CropSampler:
-    """Random ROI crops from cached cases: mostly centred on labelled voxels, some anywhere.
+    """Random ROI crops from cached cases, as :class:`CropPlanner` draws them.
 
     Targets are the nearest labels (int64, B×1×ROI) or, with ``fractions``, the partial-volume class
     fractions (float32, B×C×ROI).
@@ -293,26 +359,16 @@ class CropSampler:
     ):
         if not cases:
             raise ValueError("no training cases")
-        if postop_weight <= 0:
-            raise ValueError(f"postop_weight must be positive, not {postop_weight}")
-        w = np.array([postop_weight if c.get("postop") else 1.0 for c in cases])
-        self.case_p = None if np.all(w == w[0]) else w / w.sum()  # None: uniform (the old random stream)
+        self.planner = CropPlanner(roi, fg_prob, flip_x, rng, postop_weight)
         self.images = [np.load(c["image"]) for c in cases]
         self.labels = [np.load(c["labels"]) for c in cases]
         # Fractions are 30x the labels' size (about 31 MB a whole-thigh phantom at 4 mm): mapped, not
         # loaded, so a few hundred cases live in the page cache, which the kernel may reclaim.
         self.fractions = [np.load(c["fractions"], mmap_mode="r") for c in cases] if fractions else None
         # Centre candidates per case and class (every 7th voxel of a class keeps memory small).
-        self.centres: list[dict[int, np.ndarray]] = [_voxels_by_class(lab, by_class) for lab in self.labels]
-        self.roi, self.fg_prob, self.flip_x, self.rng = roi, fg_prob, flip_x, rng
-
-    def _centre(self, i: int) -> np.ndarray | None:
-        groups = self.centres[i]
-        if not groups:
-            return None
-        keys = sorted(groups)
-        vox = groups[keys[int(self.rng.integers(len(keys)))]]
-        return vox[int(self.rng.integers(len(vox)))]
+        for c, img, lab in zip(cases, self.images, self.labels, strict=True):
+            self.planner.add(img.shape, _voxels_by_class(lab, by_class), bool(c.get("postop")))
+        self.roi, self.rng = roi, rng
 
     def _crop(self, a: np.ndarray, start: np.ndarray, fill: float | np.ndarray = 0) -> np.ndarray:
         """ROI crop of the last three axes at ``start``, padded with ``fill`` past the array's end."""
@@ -327,29 +383,18 @@ class CropSampler:
         return out
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.case_p is None:
-            i = int(self.rng.integers(len(self.images)))
-        else:
-            i = int(self.rng.choice(len(self.images), p=self.case_p))
-        shape = np.maximum(np.array(self.images[i].shape), self.roi)
-        roi = np.array(self.roi)
-        c = self._centre(i) if self.rng.random() < self.fg_prob else None
-        if c is not None:
-            start = np.clip(c - roi // 2 + self.rng.integers(-roi // 4, roi // 4 + 1), 0, shape - roi)
-        else:
-            start = np.array([int(self.rng.integers(0, s - r + 1)) for s, r in zip(shape, roi, strict=False)])
-        x = self._crop(self.images[i], start).astype(np.float32)
+        p = self.planner.draw()
+        x = self._crop(self.images[p.case], p.start).astype(np.float32)
         if self.fractions is not None:
             bg = np.zeros(L.NUM_CLASSES, np.uint8)
             bg[0] = 255  # padding is background
-            y = self._crop(self.fractions[i], start, bg).astype(np.float32) / np.float32(255.0)
+            y = self._crop(self.fractions[p.case], p.start, bg).astype(np.float32) / np.float32(255.0)
         else:
-            y = self._crop(self.labels[i], start)[None]
-        if self.flip_x and self.rng.random() < 0.5:  # classes are not lateralised: a mirror is valid anatomy
+            y = self._crop(self.labels[p.case], p.start)[None]
+        if p.flip:
             x, y = x[::-1], y[:, ::-1]
-        # Intensity jitter on the windowed image: contrast, brightness, noise.
-        x = x * float(self.rng.uniform(0.9, 1.1)) + float(self.rng.uniform(-0.05, 0.05))
-        x = x + self.rng.normal(0.0, float(self.rng.uniform(0.0, 0.03)), x.shape).astype(np.float32)
+        x = x * p.gain + p.offset
+        x = x + self.rng.normal(0.0, p.noise_sd, x.shape).astype(np.float32)
         return np.clip(x, 0.0, 1.0), np.ascontiguousarray(y)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

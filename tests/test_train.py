@@ -138,7 +138,7 @@ def test_partial_volume_targets_and_class_balanced_centres(tmp_path: Path) -> No
     assert x.shape == (4, 1, 32, 32, 32) and y.shape == (4, L.NUM_CLASSES, 32, 32, 32)
     assert y.dtype == torch.float32 and torch.allclose(y.sum(1), torch.ones(4, 32, 32, 32))
     assert bool((y[:, 0, 20:] == 1).all())  # x beyond 20 voxels is padding: background
-    centres = [tuple(s._centre(0)) for _ in range(400)]
+    centres = [tuple(s.planner._centre(0)) for _ in range(400)]
     small = sum(lab[c] == 9 for c in centres)
     assert 120 < small < 280  # about half, not 8 in 20 000
 
