@@ -261,7 +261,7 @@ def main() -> int:
     from monai.losses import DiceCELoss
 
     from seg.model import build_network, load_model
-    from seg.train import validate
+    from seg.train import TrainConfig, _lr, train_step, validate
 
     torch.manual_seed(a.seed)
     torch.backends.cudnn.benchmark = True
@@ -328,7 +328,9 @@ def main() -> int:
              "cases": len(cases)})
         t_train0 = time.time()
         t_end = deadline - a.final_reserve_s
-        window = t_end - t_train0
+        # seg.train's schedule (warm-up, then linear decay by wall time) over the training window
+        schedule = TrainConfig(lr=a.lr, warmup_steps=a.warmup, decay_start=a.decay_start,
+                               max_minutes=(t_end - t_train0) / 60)
         t_val = t_train0
         # Where the wall time goes between two validations (seconds): new phantoms moved to the GPU,
         # crops assembled, the network's step (the GPU catches up at each loss read), validation.
@@ -338,21 +340,12 @@ def main() -> int:
             if step % 10 == 0:
                 take(block=False)
             t1 = time.perf_counter()
-            frac_t = (time.time() - t_train0) / window
-            lr = a.lr * (step + 1) / a.warmup if step < a.warmup else (
-                a.lr * max(0.05, 1 - (frac_t - a.decay_start) / (1 - a.decay_start))
-                if frac_t > a.decay_start else a.lr)
+            lr = _lr(schedule, step, time.time() - t_train0)
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = cases.batch(a.batch)
             t2 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+            loss = train_step(net, opt, loss_fn, x, y, bf16)
             step += 1
             losses.append(float(loss.item()) if step % 10 == 0 else float("nan"))
             t3 = time.perf_counter()

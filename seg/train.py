@@ -545,6 +545,20 @@ def training_uses_bf16(precision: str, device: torch.device) -> bool:
     return cpu_has_bf16()
 
 
+def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn, x: torch.Tensor, y: torch.Tensor,
+               bf16: bool) -> torch.Tensor:
+    """One optimiser step (forward under bf16 autocast where asked, loss in fp32, gradients
+    clipped to norm 1); returns the loss, detached, without waiting for it."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = net(x)
+    loss = loss_fn(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; export the best checkpoint as a package to ``cfg.out``."""
     from monai.losses import DiceCELoss
@@ -614,13 +628,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             g["lr"] = _lr(cfg, state["step"], time.time() - t0)
         x, y = sampler.batch(cfg.batch_size)
         x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = net(x)
-        loss = loss_fn(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        loss = train_step(net, opt, loss_fn, x, y, bf16)
         state["step"] += 1
         run_loss.append(loss.item())
         if bar is not None:
