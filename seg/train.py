@@ -40,6 +40,7 @@ class TrainConfig:
     # (1: every case equally often). Post-operative thighs (implant streaks, atrophy, fat) are where
     # the network errs most; more of them per step, without new data.
     postop_weight: float = 1.0
+    cache_workers: int = 1  # processes that render and cache phantoms before the first step
     phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
     arch: dict = field(default_factory=lambda: dict(DEMO_UNETR))
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
@@ -241,15 +242,14 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     plan = phantom_plan(cfg.phantoms, cfg.seed_start, cfg.postop_share) + validation_plan(
         cfg.val_phantoms, cfg.seed_start + cfg.phantoms
     )
-    for opts in plan:
-        cid = f"ph{opts['seed']}_" + hashlib_short(opts, cfg.phantom_z_range_mm)
-        paths = _case_paths(cache, cid)
-        if not _is_cached(paths, fractions):
-            t = time.time()
-            ct, lab = _phantom_case(opts, cfg.phantom_z_range_mm)
-            paths = cache_case(cache, cid, ct, lab, pre, fractions)
-            log.info("cached phantom seed %s (%s, %.1f s)", opts["seed"], opts["position"], time.time() - t)
-        cases.append(paths | {"postop": bool(opts.get("postop"))})
+    ids = [f"ph{opts['seed']}_" + hashlib_short(opts, cfg.phantom_z_range_mm) for opts in plan]
+    jobs = [_PhantomJob(str(cache), cid, opts, cfg.phantom_z_range_mm, pre.to_dict(), fractions)
+            for cid, opts in zip(ids, plan, strict=True)
+            if not _is_cached(_case_paths(cache, cid), fractions)]
+    for job, seconds in _run_phantom_jobs(jobs, cfg.cache_workers):
+        log.info("cached phantom seed %s (%s, %.1f s)", job.opts["seed"], job.opts["position"], seconds)
+    cases = [_case_paths(cache, cid) | {"postop": bool(opts.get("postop"))}
+             for cid, opts in zip(ids, plan, strict=True)]
     ntr = cfg.phantoms
     prov = {
         "source": "phantoms",
@@ -265,6 +265,46 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     except ImportError:  # pragma: no cover
         pass
     return cases[:ntr], cases[ntr:], prov
+
+
+@dataclass(frozen=True)
+class _PhantomJob:
+    """One phantom to render and cache (picklable: it crosses into a worker process)."""
+
+    cache: str
+    case_id: str
+    opts: dict
+    z_range: tuple[float, float] | None
+    preprocessing: dict
+    fractions: bool
+
+
+def _cache_phantom(job: _PhantomJob) -> float:
+    """Render and cache one phantom; returns the seconds it took."""
+    t = time.time()
+    ct, lab = _phantom_case(job.opts, job.z_range)
+    cache_case(Path(job.cache), job.case_id, ct, lab, PreprocessConfig.from_dict(job.preprocessing),
+               job.fractions)
+    return time.time() - t
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_phantom_jobs(jobs: list[_PhantomJob], workers: int):
+    """Yield (job, seconds) as each phantom is cached: in this process, or in ``workers`` processes
+    of one thread each (rendering and resampling a phantom is numpy and scipy, one core apiece)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, _cache_phantom(job)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold torch threads
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_one_thread) as ex:
+        yield from zip(jobs, ex.map(_cache_phantom, jobs), strict=True)
 
 
 def hashlib_short(opts: dict, z_range) -> str:

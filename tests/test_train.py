@@ -15,7 +15,9 @@ from seg.train import (
     EXPORTED_HU_REFINEMENT,
     CropSampler,
     TrainConfig,
+    build_cache,
     phantom_plan,
+    preprocess_config,
     train,
     training_uses_bf16,
     validation_plan,
@@ -188,3 +190,19 @@ def test_phantom_plan_post_operative_share_and_validation_plan() -> None:
     val = validation_plan(3, 2000)
     assert [p.get("postop", False) for p in val] == [True, False, True]
     assert val[0]["atrophy"] and val[0]["implant_side"] in ("left", "right")
+
+
+def test_phantoms_cached_in_parallel_are_the_ones_cached_serially(tmp_path: Path) -> None:
+    """--cache-workers 2: the same files, case for case, as one process writes."""
+    caches = {}
+    for workers in (1, 2):
+        cfg = _cfg(tmp_path / f"w{workers}", 0)
+        cfg.cache_workers = workers
+        train_cases, val_cases, prov = build_cache(cfg, preprocess_config(cfg))
+        assert [len(train_cases), len(val_cases)] == [2, 1] and prov["train_seeds"] == [70000, 70001]
+        caches[workers] = train_cases + val_cases
+    for one, two in zip(caches[1], caches[2], strict=True):
+        assert Path(one["image"]).name == Path(two["image"]).name and one["postop"] == two["postop"]
+        for key in ("image", "labels", "fractions"):
+            assert np.array_equal(np.load(one[key]), np.load(two[key])), key
+

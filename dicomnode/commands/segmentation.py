@@ -245,6 +245,10 @@ def train(
     ] = "bilinear",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 20,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
+    cache_workers: Annotated[
+        int, typer.Option(help="Processes that render and cache the phantoms before the first step "
+                          "(one core each).")
+    ] = 1,
     seed: Annotated[int, typer.Option(help="Training RNG seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[
@@ -272,6 +276,8 @@ def train(
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
     if precision not in ("auto", "fp32", "bf16"):
         raise typer.BadParameter("--precision must be 'auto', 'fp32' or 'bf16'")
+    if cache_workers < 1:
+        raise typer.BadParameter("--cache-workers must be at least 1")
     zr = None
     if z_range:
         lo, hi = (float(v) for v in z_range.split(","))
@@ -298,6 +304,7 @@ def train(
         val_phantoms=val_phantoms if data is None else 0,
         postop_share=postop_share,
         postop_weight=postop_weight,
+        cache_workers=cache_workers,
         phantom_z_range_mm=zr,
         arch=arch,
         spacing_mm=spacing_option(spacing),
