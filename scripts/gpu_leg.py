@@ -41,12 +41,6 @@ CHUNK_BYTES = 14 * 2**20  # the device tool returns files of at most 16 MiB
 RESERVED_SEEDS = (range(5000, 5100), range(6000, 6100))
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def make_case(opts: dict) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """Render one phantom and preprocess it exactly as ``seg.train.cache_case`` does."""
     from seg.train import TrainConfig, _phantom_case, cache_case, preprocess_config
@@ -79,7 +73,8 @@ class GpuCases:
 
         from seg.train import _voxels_by_class
 
-        shp = np.maximum(np.array(image.shape), self.roi)  # padded as CropSampler pads past the end
+        self.planner.add(image.shape, _voxels_by_class(labels, False), bool(opts.get("postop")))
+        shp = self.planner.shapes[-1]  # padded up to the ROI, as CropSampler pads past the end
         x, y, z = image.shape
         img = torch.zeros(tuple(shp), dtype=torch.float16, device=self.device)
         img[:x, :y, :z] = torch.from_numpy(image.astype(np.float16)).to(self.device)
@@ -88,7 +83,6 @@ class GpuCases:
         fr[:, :x, :y, :z] = torch.from_numpy(fractions).to(self.device)
         self.images.append(img)
         self.fractions.append(fr)
-        self.planner.add(image.shape, _voxels_by_class(labels, False), bool(opts.get("postop")))
         self.seeds.append(int(opts["seed"]))
 
     def __len__(self) -> int:
@@ -248,13 +242,13 @@ def main() -> int:
     import multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from seg.train import phantom_plan, validation_plan
+    from seg.train import _one_thread, phantom_plan, validation_plan
 
     val_plan = validation_plan(a.val_phantoms, 1384)
     train_plan = interleave(phantom_plan(384, 1000, 0.5), phantom_plan(a.extra, a.extra_start,
                                                                           a.extra_postop_share))
     val_seeds = {o["seed"] for o in val_plan}
-    pool = mp.get_context("spawn").Pool(a.workers, initializer=_worker_init)
+    pool = mp.get_context("spawn").Pool(a.workers, initializer=_one_thread)
     results = pool.imap_unordered(make_case, val_plan + train_plan, chunksize=1)
 
     import torch
@@ -291,15 +285,14 @@ def main() -> int:
     except ImportError:
         pass
 
-    def take(block: bool) -> int:
-        """Move finished phantoms into the GPU store (or the validation set); returns how many."""
-        got = 0
+    def take(block: bool) -> None:
+        """Move finished phantoms into the GPU store (or the validation set): one, waiting for it,
+        or every one finished by now."""
         while True:
             try:
                 opts, img, lab, frac = results.next(timeout=None if block else 0.001)
             except (mp.TimeoutError, StopIteration):
-                return got
-            got += 1
+                return
             if opts["seed"] in val_seeds:
                 np.save(valdir / f"{opts['seed']}_image.npy", img)
                 np.save(valdir / f"{opts['seed']}_labels.npy", lab)
@@ -308,7 +301,7 @@ def main() -> int:
             else:
                 cases.add(opts, img, lab, frac)
             if block:
-                return got
+                return
 
     def log(entry: dict) -> None:
         meta["history"].append(entry)

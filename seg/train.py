@@ -351,9 +351,6 @@ class CropPlanner:
         w = np.array(self.weights)
         self.case_p = None if np.all(w == w[0]) else w / w.sum()
 
-    def __len__(self) -> int:
-        return len(self.shapes)
-
     def _centre(self, i: int) -> np.ndarray | None:
         groups = self.centres[i]
         if not groups:
