@@ -119,6 +119,16 @@ def _bh(p: pd.Series) -> pd.Series:
     return q.reindex(p.index)
 
 
+def _with_q(t: pd.DataFrame, family: str) -> pd.DataFrame:
+    """``t`` with a ``q_bh`` column: Benjamini–Hochberg over the muscles (the total left out) of
+    each group of ``family``, the tests one reader compares with each other."""
+    t["q_bh"] = np.nan
+    for _, idx in t.groupby(family).groups.items():
+        sub = t.loc[idx]
+        t.loc[idx, "q_bh"] = _bh(sub.loc[sub["muscle"] != TOTAL, "p"])
+    return t
+
+
 def _bootstrap_mean(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
     if values.size < 2:
         return (np.nan, np.nan)
@@ -166,12 +176,7 @@ def wilcoxon_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
                 row.update(W=np.nan, p=np.nan, rank_biserial_r=np.nan)
             row["small_group"] = n < SMALL_N
             rows.append(row)
-    t = pd.DataFrame(rows)
-    t["q_bh"] = np.nan
-    for _, idx in t.groupby("patients").groups.items():
-        sub = t.loc[idx]
-        t.loc[idx, "q_bh"] = _bh(sub.loc[sub["muscle"] != TOTAL, "p"])
-    return t
+    return _with_q(pd.DataFrame(rows), "patients")
 
 
 def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
@@ -205,12 +210,7 @@ def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFram
                 row.update(U_FNF=np.nan, p=np.nan, rank_biserial_r=np.nan)
             row["small_group"] = min(a.size, b.size) < SMALL_N
             rows.append(row)
-    t = pd.DataFrame(rows)
-    t["q_bh"] = np.nan
-    for _, idx in t.groupby("measure").groups.items():
-        sub = t.loc[idx]
-        t.loc[idx, "q_bh"] = _bh(sub.loc[sub["muscle"] != TOTAL, "p"])
-    return t
+    return _with_q(pd.DataFrame(rows), "measure")
 
 
 def side_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
