@@ -32,3 +32,46 @@ def test_operated_side_errors_are_exact_and_one_sided() -> None:
     pred[(pred == vl) & left] = 0  # now the operated side's too
     e = _errors(OPTS, ph.ct, truth, pred)[0]
     assert e.error_pct == -100.0 and e.measured_cm3 == 0.0
+
+
+def test_breakdown_tells_the_emptied_shell_from_a_neighbour_and_background() -> None:
+    from benchmarks.postop_errors import _breakdown
+    from seg.evaluate import preop_twin_options
+
+    ph = make_phantom(PhantomOptions(**OPTS))
+    twin = make_phantom(PhantomOptions(**preop_twin_options(OPTS)))
+    truth = np.asarray(ph.labels.array).astype(np.uint8)
+    twin_truth = np.asarray(twin.labels.array).astype(np.uint8)
+    twin_hu = np.asarray(twin.ct.array, np.float32)
+    left = _side_mask(ph.ct, truth, "left")
+    cm3 = float(np.prod(ph.ct.spacing_mm)) / 1000.0
+    vl = LABEL_OF["vastus_lateralis"]
+
+    def wrong(pred: np.ndarray):
+        return _breakdown(4242, "vastus_lateralis", ph.ct, truth, pred, left, twin_hu, twin_truth)
+
+    exact = wrong(truth)
+    assert (exact.missed_cm3, exact.shell_cm3, exact.neighbour_cm3, exact.background_cm3) == (0, 0, 0, 0)
+
+    shell = (twin_truth == vl) & (truth == 0)
+    assert (shell & left).sum() > 50 and not (shell & ~left).any()  # atrophy on the operated side only
+    pred = truth.copy()
+    pred[shell] = vl  # the pre-operative outline: every emptied voxel claimed back
+    w = wrong(pred)
+    assert w.shell_cm3 == (shell & left).sum() * cm3 and w.neighbour_cm3 == w.background_cm3 == 0
+    assert w.muscle_hu_share < 0.5  # the emptied shell is fat
+
+    other = (truth > 0) & (truth != vl) & left
+    pred = truth.copy()
+    pred[other] = vl  # every other structure on the operated side
+    pred[(truth == vl) & left] = 0  # and the muscle itself lost
+    w = wrong(pred)
+    assert w.neighbour_cm3 == other.sum() * cm3 and w.shell_cm3 == 0
+    assert w.missed_cm3 == ((truth == vl) & left).sum() * cm3
+
+    bg = (truth == 0) & (twin_truth == 0) & left & (np.asarray(ph.ct.array) > -500)  # in the body
+    pred = truth.copy()
+    pred[bg] = vl
+    w = wrong(pred)
+    assert w.background_cm3 == bg.sum() * cm3
+    assert 0 < w.streak_lit_cm3 < w.background_cm3  # the implant's streaks light some of it
