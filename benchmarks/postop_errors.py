@@ -62,15 +62,17 @@ def _breakdown(seed: int, name: str, ct, truth: np.ndarray, pred: np.ndarray, op
 
     lab = LABEL_OF[name]
     cm3 = float(np.prod(ct.spacing_mm)) / 1000.0
-    hu = np.asarray(ct.array, np.float32)
+    hu = np.asarray(ct.array)
     claimed = (pred == lab) & (truth != lab) & operated
     shell = claimed & (truth == 0) & (twin_truth == lab)
     background = claimed & (truth == 0) & (twin_truth != lab)
-    lit = background & (hu - twin_hu > STREAK_HU)
-    in_range = (hu[claimed] >= MUSCLE_HU[0]) & (hu[claimed] <= MUSCLE_HU[1])
+    # CT numbers of the few voxels asked about only, not the whole volume once per muscle
+    lit = int((hu[background] - twin_hu[background] > STREAK_HU).sum())
+    hu_claimed = hu[claimed]
+    in_range = (hu_claimed >= MUSCLE_HU[0]) & (hu_claimed <= MUSCLE_HU[1])
     return WrongVoxels(seed, name, float(((truth == lab) & (pred != lab) & operated).sum() * cm3),
                        float(shell.sum() * cm3), float((claimed & (truth != 0)).sum() * cm3),
-                       float(background.sum() * cm3), float(lit.sum() * cm3),
+                       float(background.sum() * cm3), float(lit * cm3),
                        float(in_range.mean()) if in_range.size else 0.0)
 
 
