@@ -188,6 +188,15 @@ def node_command(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(config)]
 
 
+def shown(path: Path) -> str:
+    """A path as the demo prints it: relative to the working folder when inside it (what the user typed,
+    and short enough for 80 columns), else absolute."""
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 @dataclass
 class DemoStudy:
     label: str
@@ -335,10 +344,33 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
     change = ChangeRecord.load(changes[0])
     side = change.fractured_side
     console.print(f"Change after surgery: {change.days_between} days, fractured side "
-                  f"{side or 'unknown'}\n(change % = (post - pre) / pre, negative for a loss; "
-                  "truth: the phantom's atrophy)",
-                  highlight=False, markup=False)
+                  f"{side or 'unknown'}\nchange % = (post - pre) / pre, negative for a loss; "
+                  "truth % = phantom atrophy", highlight=False, markup=False)
     console.print(change_table(change, FOLLOWUP_ATROPHY, "left"), highlight=False, markup=False)
+
+
+def print_outputs(console: Any, pacs: LocalPacs | OrthancPacs, studies: list[DemoStudy], out: Path,
+                  storage: Path) -> None:
+    """Where each study's results are: the PACS's objects (a local copy of each) and the node's files.
+
+    A folder on a line of its own and file names under it, so that each fits 80 columns and is
+    never folded (``soft_wrap``): a folded path cannot be copied.
+    """
+    def line(text: str) -> None:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    for study in studies:
+        console.print(f"[bold]{study.label}[/] study {study.study_uid}", highlight=False)
+        folder = out / "pacs" / study.label
+        line(f"  from the PACS, in {shown(folder)}/")
+        for obj in sorted(pacs.objects(study.study_uid), key=_kind):
+            where = pacs.fetch(obj, folder) if isinstance(pacs, OrthancPacs) else Path(obj.where)
+            line(f"    {_kind(obj):8s} {where.name}")
+        line("  at the node: outputs/ (as sent), volumes.json, volumes.csv, labels.nii.gz in")
+        line(f"    {shown(storage / 'results' / study.series_uid)}/")
+    if isinstance(pacs, OrthancPacs):
+        line(f"Orthanc's database: {shown(out / 'orthanc' / 'db')}")
+        line(f"  to browse it later: Orthanc {shown(out / 'orthanc' / 'orthanc.json')}")
 
 
 def _kind(o: Received) -> str:
@@ -375,7 +407,7 @@ def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], ke
             console.print(f"  {study.label:9s} Orthanc {server.url}/app/explorer.html#study?uuid="
                           f"{server.study_id(study.study_uid)}", highlight=False, soft_wrap=True)
         if viewer is None:
-            console.print("  (OHIF: run bash scripts/setup.sh as root for the viewer and Orthanc's DICOMweb)")
+            console.print("  (for OHIF, run bash scripts/setup.sh as root: viewer and Orthanc DICOMweb)")
         if not keep_open:
             console.print("  these work while the demo runs: `dicomnode demo --view` keeps them open")
             return
@@ -422,18 +454,18 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
         pre, post = make_patient(out / "phantoms", spacing, seed)
         if isinstance(pacs, LocalPacs):
             pacs.labels = {pre.study_uid: pre.label, post.study_uid: post.label}
-        step(f"pre-op {pre.n_files} slices, follow-up {post.n_files} slices → {out / 'phantoms'}")
+        step(f"pre-op {pre.n_files} slices, follow-up {post.n_files} slices → {shown(out / 'phantoms')}")
 
         registry = write_registry(out / "registry.csv")
         imported = subprocess.run(node_command(config, "patients", "import", str(registry)),
                                   capture_output=True, text=True, timeout=120)
         if imported.returncode != 0:
             raise DemoError(f"registry import failed: {imported.stderr.strip() or imported.stdout.strip()}")
-        step(f"clinical registry: fracture side, surgery date and height imported from {registry}")
+        step(f"imported {shown(registry)} (fracture side, surgery date, height)")
 
         step(f"starting the PACS: {pacs.name}")
         pacs.start()
-        step(f"starting the node: {' '.join(node_command(config, 'serve')[2:])} (log: {out / 'node.log'})")
+        step(f"starting the node: dicomnode serve --config {shown(config)}")
         with (out / "node.log").open("ab") as log:
             node = subprocess.Popen(node_command(config, "serve"), stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "TCP_NODELAY": "1"}, start_new_session=True)
@@ -444,17 +476,17 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
             return echo("127.0.0.1", node_port, NODE_AET)
 
         wait_for(node_up, 120, interval=0.5, what="the node to answer C-ECHO", error=DemoError)
-        step(f"node {NODE_AET} is up on port {node_port}")
+        step(f"node {NODE_AET} is up on port {node_port} (log: {shown(out / 'node.log')})")
 
         target_port, target_aet = ((pacs.dicom_port, pacs.aet) if use_orthanc else (node_port, NODE_AET))
-        route = "Orthanc (it routes stable thigh CT to the node)" if use_orthanc else "the node"
+        route = "Orthanc (routed on to the node)" if use_orthanc else "the node"
         for study, followup in ((pre, False), (post, True)):
             t0 = time.monotonic()
             try:
                 n = send_series(study.folder, target_port, target_aet, calling_aet=SCANNER_AET)
             except ConnectionError as exc:
                 raise DemoError(str(exc)) from exc
-            step(f"{study.label}: {n} instances sent to {route}; waiting for the results")
+            step(f"{study.label}: {n} instances sent to {route}")
             last_jobs = 0.0
 
             def ready(study: DemoStudy = study, followup: bool = followup) -> bool:
@@ -476,18 +508,8 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
         console.rule("Results")
         print_results(console, pre, post, storage)
         console.rule("Where the outputs are")
-        for study in (pre, post):
-            console.print(f"[bold]{study.label}[/] study {study.study_uid}")
-            for obj in sorted(pacs.objects(study.study_uid), key=_kind):
-                where = (pacs.fetch(obj, out / "pacs" / study.label) if isinstance(pacs, OrthancPacs)
-                         else Path(obj.where))
-                console.print(f"  {_kind(obj):8s} {where}")
-            result = storage / "results" / study.series_uid
-            console.print(f"  node     {result}/outputs/ (as sent), volumes.json, volumes.csv, labels.nii.gz")
-        if use_orthanc:
-            console.print(f"PACS: Orthanc's own copy is in {out / 'orthanc' / 'db'}; to browse it, run "
-                          f"Orthanc {out / 'orthanc' / 'orthanc.json'} and open the HTTP port in that file")
-        console.print(f"job table: dicomnode jobs --config {config}")
+        print_outputs(console, pacs, [pre, post], out, storage)
+        console.print(f"job table: dicomnode jobs --config {shown(config)}", highlight=False, soft_wrap=True)
         if isinstance(pacs, OrthancPacs):
             console.rule("Open a study in a viewer")
             show_in_viewer(console, pacs, [pre, post], keep_open=view)
