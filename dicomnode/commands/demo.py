@@ -77,13 +77,15 @@ class LocalPacs:
 
     def __init__(self, folder: Path) -> None:
         from dicomnode.harness.capture import CapturingSCP
+        from dicomnode.network.scp import transfer_syntaxes
         from dicomnode.network.sop import SEG_CLASSES
 
         self.folder = folder
         self.aet = PACS_AET
         self._objects: list[Received] = []
+        # the compressed syntaxes too: the node sends its SEG in RLE (or JPEG-LS), as it is stored
         self._scp = CapturingSCP(self.aet, on_dataset=self._save, keep=False,
-                                 extra_contexts=tuple(SEG_CLASSES))
+                                 extra_contexts=tuple(SEG_CLASSES), transfer_syntaxes=transfer_syntaxes())
         self.dicom_port = self._scp.port
         self.labels: dict[str, str] = {}  # StudyInstanceUID -> folder name (pre-op, follow-up)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dicomnode.harness.net import free_port
@@ -21,13 +21,16 @@ class CapturingSCP:
     under the capture's lock; ``keep=False`` then keeps nothing in memory. ``on_request(event)``, when
     given, is called first with pynetdicom's C-STORE event, outside the lock (it may hold one
     association without holding the others: a PACS slow to store), and returns the status to answer;
-    a data set answered with anything but success is not captured.
+    a data set answered with anything but success is not captured. ``transfer_syntaxes``, when given,
+    replaces pynetdicom's default (uncompressed) syntaxes of every storage class, e.g. to take the
+    node's RLE-compressed SEG as a PACS does.
     """
 
     def __init__(self, ae_title: str, port: int | None = None, *,
                  on_dataset: Callable[[Any], None] | None = None, keep: bool = True,
                  extra_contexts: tuple[str, ...] = (),
-                 on_request: Callable[[Any], int] | None = None) -> None:
+                 on_request: Callable[[Any], int] | None = None,
+                 transfer_syntaxes: Sequence[str] | None = None) -> None:
         self.ae_title = ae_title
         self.port = port or free_port()
         self.received: list[Any] = []
@@ -36,6 +39,7 @@ class CapturingSCP:
         self._keep = keep
         self._extra = extra_contexts
         self._on_request = on_request
+        self._syntaxes = list(transfer_syntaxes) if transfer_syntaxes else None
         self._server: Any = None
 
     def start(self) -> CapturingSCP:
@@ -47,6 +51,10 @@ class CapturingSCP:
         ae.add_supported_context(Verification)
         for uid in self._extra:  # classes newer than pynetdicom's list (e.g. Label Map SEG)
             ae.add_supported_context(uid)
+        if self._syntaxes:
+            for cx in ae.supported_contexts:
+                if cx.abstract_syntax != Verification:
+                    ae.add_supported_context(cx.abstract_syntax, self._syntaxes)
 
         def on_store(event: Any) -> int:
             if self._on_request is not None and (status := self._on_request(event)) != 0x0000:
