@@ -42,20 +42,6 @@ PAPER_UNETR = {
     "res_block": True,
     "dropout_rate": 0.0,
 }
-# The shipped demo: same family, small enough to train and run on two CPU cores.
-DEMO_UNETR = {
-    "in_channels": 1,
-    "out_channels": L.NUM_CLASSES,
-    "img_size": [64, 64, 64],
-    "feature_size": 8,
-    "hidden_size": 192,
-    "mlp_dim": 768,
-    "num_heads": 4,
-    "proj_type": "conv",
-    "norm_name": "instance",
-    "res_block": True,
-    "dropout_rate": 0.0,
-}
 
 
 class ModelPackageError(RuntimeError):

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from seg import labels as L
+from seg import recipe
 from seg.hu_refine import HURefinement
-from seg.model import DEMO_UNETR, build_network, load_model, save_package
+from seg.model import build_network, load_model, save_package
 from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,15 @@ class TrainConfig:
     postop_weight: float = 1.0
     cache_workers: int = 1  # processes that render and cache phantoms before the first step
     phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
-    arch: dict = field(default_factory=lambda: dict(DEMO_UNETR))
-    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    arch: dict = field(default_factory=lambda: dict(recipe.DEMO_UNETR))
+    spacing_mm: tuple[float, float, float] = (recipe.SPACING_MM,) * 3
     # How the CT reaches the model grid (seg.preprocess): "bilinear" samples it at each model voxel's
     # centre; "box" averages each model voxel's footprint, as the partial-volume targets do.
     image_resampling: str = "bilinear"
-    batch_size: int = 2
+    batch_size: int = recipe.BATCH_SIZE
     steps: int = 1000
     max_minutes: float | None = None
-    lr: float = 5e-4
+    lr: float = recipe.LR
     weight_decay: float = 1e-5
     warmup_steps: int = 20
     # Linear decay to 5 % over the last (1 - decay_start) of the run (by wall time when max_minutes is set).

@@ -206,3 +206,50 @@ def test_phantoms_cached_in_parallel_are_the_ones_cached_serially(tmp_path: Path
         for key in ("image", "labels", "fractions"):
             assert np.array_equal(np.load(one[key]), np.load(two[key])), key
 
+
+
+def test_train_defaults_are_the_shipped_demo_recipe() -> None:
+    """`dicomnode train` with no recipe options trains what the shipped package is: its architecture,
+    its grid; the command line's defaults and TrainConfig's are the same numbers (seg/recipe.py)."""
+    import typer
+
+    from dicomnode.cli import app
+    from seg import recipe
+
+    shipped = load_model(None, device="cpu").meta
+    assert shipped["architecture"]["args"] == recipe.DEMO_UNETR == TrainConfig().arch
+    assert shipped["preprocessing"]["spacing_mm"] == [recipe.SPACING_MM] * 3 == list(TrainConfig().spacing_mm)
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["train"].params}
+    cfg = TrainConfig()
+    assert (params["batch_size"], params["lr"]) == (cfg.batch_size, cfg.lr) == (recipe.BATCH_SIZE, recipe.LR)
+    assert float(params["spacing"]) == recipe.SPACING_MM and params["roi"] == recipe.DEMO_UNETR["img_size"][0]
+    assert [params[k] for k in ("feature_size", "hidden_size", "num_heads", "mlp_dim")] == [
+        recipe.DEMO_UNETR[k] for k in ("feature_size", "hidden_size", "num_heads", "mlp_dim")]
+    assert (params["postop_share"], params["postop_weight"], params["warmup_steps"]) == (
+        cfg.postop_share, cfg.postop_weight, cfg.warmup_steps)
+
+
+@pytest.mark.slow
+def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
+    """The command line as docs/models.md gives it: each option reaches the run (the package's recorded
+    configuration), the package loads, and a misspelt choice is refused before any work."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    args = ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", "--seed-start", "70000",
+            "--checkpoints", str(tmp_path / "ck"), "--steps", "2", "--val-every", "2", "--z-range", "-30,30",
+            "--roi", "32", "--feature-size", "4", "--hidden-size", "48", "--mlp-dim", "96",
+            "--batch-size", "1", "--lr", "2.5e-4", "--postop-share", "0.75", "--postop-weight", "2",
+            "--warmup-steps", "1",
+            "--decay-start", "0.4", "--threads", "1", "--version", "0.0.2", "--demo", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    pkg = load_model(tmp_path / "pkg", device="cpu")
+    config = pkg.meta["provenance"]["config"]
+    assert (config["lr"], config["postop_share"], config["postop_weight"], config["batch_size"]) == (
+        2.5e-4, 0.75, 2.0, 1)
+    assert (config["warmup_steps"], config["decay_start"], config["spacing_mm"]) == (1, 0.4, [4.0] * 3)
+    assert pkg.meta["architecture"]["args"]["img_size"] == [32] * 3 and pkg.info.version == "0.0.2"
+    refused = CliRunner().invoke(app, [*args, "--postop-share", "0.3"])
+    assert refused.exit_code == 2 and "0.25, 0.5 or 0.75" in refused.output

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from dicomnode.commands.common import ConfigOption, settings_from, spacing_option
+from seg import recipe
 from seg.records import CSV_COLUMNS, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
@@ -212,14 +213,20 @@ def train(
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this wall time.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 2,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
-    spacing: Annotated[str, typer.Option(help="Model grid spacing mm (one or three numbers).")] = "3",
-    roi: Annotated[int, typer.Option(help="Cubic ROI edge (voxels, multiple of 16).")] = 64,
-    hidden_size: Annotated[int, typer.Option(help="UNETR hidden size (paper: 768).")] = 192,
-    num_heads: Annotated[int, typer.Option(help="Attention heads (paper: 12).")] = 4,
-    mlp_dim: Annotated[int, typer.Option(help="Transformer MLP size (paper: 3072).")] = 768,
-    feature_size: Annotated[int, typer.Option(help="Decoder feature size (paper: 16).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Crops per step.")] = recipe.BATCH_SIZE,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = recipe.LR,
+    spacing: Annotated[str, typer.Option(help="Model grid spacing mm (one or three numbers).")] = (
+        f"{recipe.SPACING_MM:g}"),
+    roi: Annotated[int, typer.Option(help="Cubic ROI edge (voxels, multiple of 16).")] = (
+        recipe.DEMO_UNETR["img_size"][0]),
+    hidden_size: Annotated[int, typer.Option(help="UNETR hidden size (paper: 768).")] = (
+        recipe.DEMO_UNETR["hidden_size"]),
+    num_heads: Annotated[int, typer.Option(help="Attention heads (paper: 12).")] = (
+        recipe.DEMO_UNETR["num_heads"]),
+    mlp_dim: Annotated[int, typer.Option(help="Transformer MLP size (paper: 3072).")] = (
+        recipe.DEMO_UNETR["mlp_dim"]),
+    feature_size: Annotated[int, typer.Option(help="Decoder feature size (paper: 16).")] = (
+        recipe.DEMO_UNETR["feature_size"]),
     val_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 100,
     z_range: Annotated[
         str | None, typer.Option(help="Phantom z range mm 'lo,hi' (small test phantoms).")
@@ -256,7 +263,11 @@ def train(
     ] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train a MONAI UNETR (paper preprocessing, DiceCE) and write a model package."""
+    """Train a MONAI UNETR (paper preprocessing, DiceCE) and write a model package.
+
+    The defaults are the recipe that trained the shipped demo model (seg/recipe.py): give
+    --phantoms N (or --data DIR) and --out DIR.
+    """
     from seg.train import TrainConfig
     from seg.train import train as run_train
 
@@ -282,19 +293,8 @@ def train(
     if z_range:
         lo, hi = (float(v) for v in z_range.split(","))
         zr = (lo, hi)
-    arch = {
-        "in_channels": 1,
-        "out_channels": 30,
-        "img_size": [roi] * 3,
-        "feature_size": feature_size,
-        "hidden_size": hidden_size,
-        "mlp_dim": mlp_dim,
-        "num_heads": num_heads,
-        "proj_type": "conv",
-        "norm_name": "instance",
-        "res_block": True,
-        "dropout_rate": 0.0,
-    }
+    arch = {**recipe.DEMO_UNETR, "img_size": [roi] * 3, "feature_size": feature_size,
+            "hidden_size": hidden_size, "mlp_dim": mlp_dim, "num_heads": num_heads}
     cfg = TrainConfig(
         out=str(out),
         checkpoint_dir=str(checkpoints),
