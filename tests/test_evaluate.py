@@ -150,7 +150,7 @@ def test_demo_tables_fit_80_columns() -> None:
     dice = {(m, side): 0.987 for m in L.ANALYSED_MUSCLES for side in ("left", "right")}
     text = volume_table("pre-op: volumes", rec, rec, dice)
     change = ChangeRecord(structures=tuple(
-        StructureChange(label=L.LABEL_OF[m], name=m, side=side, change_pct=-12.3)
+        StructureChange(label=L.LABEL_OF[m], name=m, side=side, change_pct=-12.3 if side == "left" else -0.04)
         for m in L.ANALYSED_MUSCLES for side in ("left", "right")))
     text2 = change_table(change, {"gluteus_medius": 0.8}, "left")
     for t in (text, text2):
@@ -158,3 +158,4 @@ def test_demo_tables_fit_80_columns() -> None:
     assert "Tensor fasciae latae" in text and "vastus_" not in text
     assert "mean Dice over the 21 muscles, both sides: 0.987" in text
     assert "Gluteus medius" in text2 and "-20 L" in text2 and "-12.3" in text2
+    assert " 0.0" in text2 and "-0.0" not in text2 and "+0.0" not in text2  # no sign on a zero change

@@ -267,7 +267,11 @@ def results_ready(objects: list[Received], followup: bool, summary: bool = True)
 # Output
 # ------------------------------------------------------------------------------------------------
 def _cell(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
+    """A table cell; a value that rounds to zero shows no sign ("0.0", not "-0.0" or "+0.0")."""
+    if v is None:
+        return "-"
+    text = format(v, fmt)
+    return format(0.0, fmt.replace("+", "")) if float(text) == 0 else text
 
 
 def volume_table(title: str, measured: VolumeRecord, truth: VolumeRecord,
