@@ -159,3 +159,49 @@ def test_demo_tables_fit_80_columns() -> None:
     assert "mean Dice over the 21 muscles, both sides: 0.987" in text
     assert "Gluteus medius" in text2 and "-20 L" in text2 and "-12.3" in text2
     assert " 0.0" in text2 and "-0.0" not in text2 and "+0.0" not in text2  # no sign on a zero change
+
+
+def test_atrophy_loss_records_measure_loss_against_truth() -> None:
+    """Loss = (pre - post) / pre on the operated side; error = measured - true loss, in points; a muscle the
+    network lost before surgery counts as a 100-point error, one absent from the truth is left out."""
+    from seg.evaluate import atrophy_loss_records
+
+    opts = {"seed": 7, "implant_side": "left",
+            "atrophy": {"sartorius": 0.8, "gracilis": 0.8, "pectineus": 0.8, "piriformis": 0.8}}
+    true_pre = {("sartorius", "left"): 100.0, ("gracilis", "left"): 50.0, ("pectineus", "left"): 20.0,
+                ("sartorius", "right"): 100.0}
+    true_post = {("sartorius", "left"): 80.0, ("gracilis", "left"): 40.0, ("pectineus", "left"): 16.0,
+                 ("sartorius", "right"): 100.0}
+    meas_pre = {("sartorius", "left"): 110.0, ("gracilis", "left"): 0.0, ("pectineus", "left"): 20.0}
+    meas_post = {("sartorius", "left"): 99.0, ("gracilis", "left"): 30.0, ("pectineus", "left"): 17.0}
+    recs = {r.muscle: r for r in atrophy_loss_records(opts, (meas_pre, true_pre), (meas_post, true_post))}
+    assert sorted(recs) == ["gracilis", "pectineus", "sartorius"]  # piriformis: not in the truth
+    s = recs["sartorius"]
+    assert (s.case, s.side, s.truth_loss_pct, s.measured_loss_pct, s.error_pp) == (
+        "seed7", "left", 20.0, 10.0, -10.0)
+    assert recs["gracilis"].measured_loss_pct is None and recs["gracilis"].error_pp == 100.0
+    assert recs["pectineus"].error_pp == pytest.approx(-5.0)
+
+
+def test_preoperative_twin_is_the_same_patient_before_surgery() -> None:
+    """The twin that the held-out loss is measured against differs from the post-operative phantom only
+    by the surgery: the other side is identical, and each atrophied muscle's true loss is its factor's."""
+    from seg.evaluate import atrophy_loss_records, preop_twin_options, side_volumes
+    from seg.phantom import PhantomOptions, make_phantom
+    from seg.train import phantom_plan
+
+    post = {**next(o for o in phantom_plan(4, 80000) if o.get("postop")), "z_range_mm": (-60.0, 60.0)}
+
+    def truth(opts: dict) -> dict:
+        ph = make_phantom(PhantomOptions(**opts))
+        return side_volumes(ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8)))
+
+    tq, tp = truth(post), truth(preop_twin_options(post))
+    assert "atrophy" not in preop_twin_options(post) and preop_twin_options(post)["seed"] == post["seed"]
+    other = "left" if post["implant_side"] == "right" else "right"
+    assert all(tp[k] == tq[k] for k in tp if k[1] == other)
+    recs = atrophy_loss_records(post, (tp, tp), (tq, tq))
+    assert len(recs) >= 3
+    for r in recs:
+        assert r.error_pp == 0.0
+        assert r.truth_loss_pct == pytest.approx(100 * (1 - post["atrophy"][r.muscle]), abs=3.0), r.muscle
