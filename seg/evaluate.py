@@ -338,12 +338,13 @@ def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None
 
 
 def format_table(res: Evaluation) -> str:
-    """Plain-text table: one row per class, then the summary figures."""
+    """Plain-text table under 80 columns: one row per class (display names, as a reader says them),
+    then the summary figures."""
     lines = [f"{'structure':<24}{'group':<10}{'Dice':>8}{'HD95 mm':>9}{'vol err %':>11}"]
     for name, r in res.per_class.items():
         hd = "-" if r.hd95_mm is None else f"{r.hd95_mm:.1f}"
         ve = "-" if r.volume_error_pct is None else f"{r.volume_error_pct:+.1f}"
-        lines.append(f"{name:<24}{r.group or '':<10}{r.dice:>8.3f}{hd:>9}{ve:>11}")
+        lines.append(f"{_display(name):<24}{r.group or '':<10}{r.dice:>8.3f}{hd:>9}{ve:>11}")
 
     def f(v: float | None, fmt: str = ".3f") -> str:
         return "-" if v is None else format(v, fmt)
@@ -352,7 +353,7 @@ def format_table(res: Evaluation) -> str:
     lines += [
         f"cases: {res.cases}",
         f"mean Dice, 21 muscles: {f(res.mean_dice_muscles)} (target >= {tg.mean_dice_muscles})",
-        f"lowest muscle Dice: {mn.name if mn else '-'} {f(mn.dice if mn else None)} "
+        f"lowest muscle Dice: {_display(mn.name) if mn else '-'} {f(mn.dice if mn else None)} "
         f"(target >= {tg.min_dice_muscle})",
         f"femur Dice {f(res.femur_dice)}, iliac bone Dice {f(res.iliac_bone_dice)} "
         f"(target >= {tg.bone_dice})",
@@ -363,12 +364,22 @@ def format_table(res: Evaluation) -> str:
         f"(target <= {tg.median_abs_muscle_volume_error_pct:g} %)",
     ]
     if res.atrophy_loss:
-        lines.append(
-            f"atrophied muscles, pre->post loss: {len(res.atrophy_loss)}, max error "
-            f"{f(res.max_atrophy_loss_error_pp, '.1f')} points (target <= "
-            f"{tg.atrophy_loss_error_pp:g})"
-        )
+        errors = [abs(a.error_pp) for a in res.atrophy_loss]
+        within = sum(e <= tg.atrophy_loss_error_pp for e in errors)
+        lines += [
+            f"atrophied muscles, pre->post loss: {len(errors)}, error median "
+            f"{f(float(np.median(errors)), '.1f')}, max {f(res.max_atrophy_loss_error_pp, '.1f')} points",
+            f"  within {tg.atrophy_loss_error_pp:g} points: {within} of {len(errors)} (target: all)",
+        ]
     return "\n".join(lines)
+
+
+def _display(name: str) -> str:
+    """A class's display name (seg/structures.csv); the name itself for one the table lacks."""
+    try:
+        return L.by_name(name).display_name
+    except KeyError:
+        return name
 
 
 CSV_COLUMNS = ("name", "group", "analysed", "dice", "hd95_mm", "volume_error_pct", "abs_volume_error_pct")

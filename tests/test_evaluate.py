@@ -205,3 +205,18 @@ def test_preoperative_twin_is_the_same_patient_before_surgery() -> None:
     for r in recs:
         assert r.error_pp == 0.0
         assert r.truth_loss_pct == pytest.approx(100 * (1 - post["atrophy"][r.muscle]), abs=3.0), r.muscle
+
+
+def test_evaluation_table_reads_at_80_columns_with_the_atrophy_summary() -> None:
+    """`dicomnode evaluate`'s table (here the shipped package's own evaluation): display names, every line
+    within 80 columns, and the atrophied muscles' loss error as median, max and how many meet the target."""
+    from seg.model import DEMO_DIR
+
+    res = Evaluation.load(DEMO_DIR / "evaluation.json")
+    text = format_table(res)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "\nTensor fasciae latae " in text and "tensor_fasciae_latae" not in text
+    errors = sorted(abs(a.error_pp) for a in res.atrophy_loss)
+    within = sum(e <= res.targets.atrophy_loss_error_pp for e in errors)
+    assert f"error median {np.median(errors):.1f}, max {max(errors):.1f} points" in text
+    assert f"within {res.targets.atrophy_loss_error_pp:g} points: {within} of {len(errors)}" in text
