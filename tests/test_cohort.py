@@ -210,3 +210,20 @@ def test_operated_vs_contralateral(cohort) -> None:
     assert report.sides.set_index("muscle").loc["Total (21 muscles)", "operated_loss_pct"] == pytest.approx(
         total
     )
+
+
+def test_table2_text_reads_at_80_columns(cohort) -> None:
+    """`dicomnode report cohort` prints Table 2 one group a row, within 80 columns: whole pair counts,
+    and each group's mean raw loss as the per-patient totals give it."""
+    from reporting.cohort.report import table2_numbers
+
+    report, truth, _ = cohort
+    text = table2_numbers(report)
+    assert max(len(line) for line in text.splitlines()) <= 80 and "NaN" not in text
+    rows = [line.split() for line in text.splitlines() if line.split()[0] in ("Female", "Male")]
+    assert len(rows) == 2 * len(GROUPS)
+    raw = {f"{r[0]} {r[1]}": r[2:] for r in rows[: len(GROUPS)]}
+    for group in GROUPS:
+        losses = [_total(t["pre"]) - _total(t["post"]) for t in truth.values() if t["group"] == group]
+        assert int(raw[group][0]) == len(losses)
+        assert float(raw[group][1]) == pytest.approx(np.mean(losses), abs=0.051)

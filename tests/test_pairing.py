@@ -275,6 +275,12 @@ def test_cli_timeline_and_reports(settings: Settings, tmp_path: Path, monkeypatc
     res = runner.invoke(app, ["report", "patient", "P1", "--out", str(tmp_path / "p1")])
     assert res.exit_code == 0, res.output
     assert list((tmp_path / "p1").glob("change-baseline-*.json"))
+    # each structure per side, the fractured side first, display names, within 80 columns
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any("fractured side: left" in line and "other side: right" in line for line in lines)
+    row = next(line for line in lines if line.startswith("Sartorius "))
+    assert row.split()[1:] == ["10.0", "9.0", "10.0", "10.0", "9.0", "10.0"]  # pre, post, loss % per side
     res = runner.invoke(app, ["report", "patient", "P2"])
     assert res.exit_code == 0 and "single study" in res.output
     res = runner.invoke(app, ["report", "cohort", "--out", str(tmp_path / "cohort"), "--bootstrap", "20"])

@@ -31,3 +31,12 @@ def spacing_option(text: str) -> tuple[float, float, float]:
         return parse_spacing(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+def cell(v: float | None, fmt: str) -> str:
+    """A number in a text table: "-" when missing, and a value that rounds to zero without a sign
+    ("0.0", not "-0.0" or "+0.0")."""
+    if v is None:
+        return "-"
+    text = format(v, fmt)
+    return format(0.0, fmt.replace("+", "")) if float(text) == 0 else text

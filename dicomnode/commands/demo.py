@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dicomnode.commands.common import spacing_option
+from dicomnode.commands.common import cell, spacing_option
 from dicomnode.harness.net import free_port, stop_process, wait_for
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
@@ -266,14 +266,6 @@ def results_ready(objects: list[Received], followup: bool, summary: bool = True)
 # ------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------
-def _cell(v: float | None, fmt: str) -> str:
-    """A table cell; a value that rounds to zero shows no sign ("0.0", not "-0.0" or "+0.0")."""
-    if v is None:
-        return "-"
-    text = format(v, fmt)
-    return format(0.0, fmt.replace("+", "")) if float(text) == 0 else text
-
-
 def volume_table(title: str, measured: VolumeRecord, truth: VolumeRecord,
                  dice: dict[tuple[str, str], float]) -> str:
     """One study's 21 muscles, each side: measured cm³, truth cm³ and Dice, then the mean Dice.
@@ -295,11 +287,11 @@ def volume_table(title: str, measured: VolumeRecord, truth: VolumeRecord,
                 scores.append(d)
             mv = m.side_volume(side) if m else None
             tv = t.side_volume(side) if t else None
-            row += (f"{_cell(mv, '9.1f'):>9}{_cell(tv, '9.1f'):>9}"
-                    f"{_cell(d, '7.3f'):>7}" + ("  " if side == "left" else ""))
+            row += (f"{cell(mv, '9.1f'):>9}{cell(tv, '9.1f'):>9}"
+                    f"{cell(d, '7.3f'):>7}" + ("  " if side == "left" else ""))
         lines.append(row)
     mean = sum(scores) / len(scores) if scores else None
-    lines.append(f"mean Dice over the 21 muscles, both sides: {_cell(mean, '.3f')}")
+    lines.append(f"mean Dice over the 21 muscles, both sides: {cell(mean, '.3f')}")
     return "\n".join(lines)
 
 
@@ -319,8 +311,8 @@ def change_table(change: ChangeRecord, atrophy: dict[str, float], operated: str)
             continue
         factor = atrophy.get(name)
         truth = f"{-(1 - factor) * 100:+.0f} {operated[0].upper()}" if factor else "0"
-        lines.append(f"{by_name(name).display_name:<21}{_cell(left.change_pct, '+12.1f'):>12}"
-                     f"{_cell(right.change_pct, '+12.1f'):>12}{truth:>10}")
+        lines.append(f"{by_name(name).display_name:<21}{cell(left.change_pct, '+12.1f'):>12}"
+                     f"{cell(right.change_pct, '+12.1f'):>12}{truth:>10}")
     return "\n".join(lines)
 
 

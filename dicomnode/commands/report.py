@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dicomnode.commands.common import ConfigOption, settings_from
+from dicomnode.commands.common import ConfigOption, cell, settings_from
+
+if TYPE_CHECKING:
+    from seg.records import ChangeRecord
 
 report_app = typer.Typer(help="Cohort and per-patient change reports.", no_args_is_help=True)
 
@@ -88,24 +91,47 @@ def patient(
         raise typer.Exit(0)
     for c in changes:
         typer.echo(
-            f"\n{c.comparison}: {c.baseline.study_date} → {c.followup.study_date} "
-            f"({c.days_between} days); height {c.height_m or '–'} m ({c.height_source}); "
-            f"fracture {c.fracture_type or 'unknown'}, side {c.fractured_side or 'unknown'}"
+            f"\n{c.comparison}: {c.baseline.study_date} → {c.followup.study_date} ({c.days_between} days)\n"
+            f"  height {c.height_m or '–'} m ({c.height_source}); fracture {c.fracture_type or 'unknown'}, "
+            f"side {c.fractured_side or 'unknown'}"
         )
         for note in c.notes:
             typer.echo(f"  · {note.text}")
+        typer.echo(side_table(c))
         structures = pd.DataFrame([s.model_dump() for s in c.structures])
-        df = structures[structures["side"] == "both"]
-        typer.echo(
-            df[["name", "pre_cm3", "post_cm3", "delta_cm3", "loss_pct", "delta_index_cm3_m2"]].to_string(
-                index=False, float_format=lambda v: f"{v:.1f}"
-            )
-        )
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             stem = f"change-{c.comparison}-{c.followup.series_instance_uid}"
             c.save(out / f"{stem}.json", indent=2)
             structures.to_csv(out / f"{stem}.csv", index=False)
+
+
+def side_table(change: ChangeRecord) -> str:
+    """Each structure's volume before and after, and its loss, per side (the fractured side first when
+    known), then the analysed muscles together; display names, within 80 columns."""
+    from seg.labels import by_name
+
+    known = change.fractured_side in ("left", "right")
+    first = change.fractured_side if known else "left"
+    second = "right" if first == "left" else "left"
+    by_key = {(st.name, st.side): st for st in change.structures}
+    names = sorted({st.name for st in change.structures}, key=lambda n: by_name(n).label)
+
+    def cells(name: str, side: str) -> str:
+        st = by_key.get((name, side))
+        values = (None, None, None) if st is None else (st.pre_cm3, st.post_cm3, st.loss_pct)
+        return "".join(f"{cell(v, '.1f'):>9}" for v in values)
+
+    heads = (f"fractured side: {first}", f"other side: {second}") if known else ("left", "right")
+    lines = [f"{'':<21}{heads[0]:>27}  {heads[1]:>27}",
+             f"{'structure':<21}" + f"{'pre cm³':>9}{'post cm³':>9}{'loss %':>9}  " * 2]
+    lines += [f"{by_name(n).display_name:<21}{cells(n, first)}  {cells(n, second)}" for n in names]
+    t = change.total_analysed_muscles
+    if t.pre_cm3 is not None and t.post_cm3 is not None:
+        lines += [f"the {t.structures} analysed muscles, both sides: {t.pre_cm3:.0f} → {t.post_cm3:.0f} cm³",
+                  f"  change {cell(t.delta_cm3, '+.1f')} cm³, loss {cell(t.loss_pct, '.1f')} %, "
+                  f"height²-adjusted {cell(t.delta_index_cm3_m2, '+.1f')} cm³/m²"]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def register(app: typer.Typer) -> None:

@@ -219,9 +219,20 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
 
 
 def table2_numbers(report: CohortReport) -> str:
-    """Table 2 as plain text (for benchmarks and the CLI)."""
+    """Table 2 as plain text for the CLI and the benchmarks, within 80 columns: one row per group
+    (the paper's statistics across), raw loss first, then height²-adjusted; "–" where a group has
+    too few pairs for a figure."""
     if report.table2.empty:
         return "(no pairs)"
-    t = report.table2.copy()
-    t.columns = [f"{a.split(' ')[0]} {b}" for a, b in t.columns]
-    return t.to_string(float_format=lambda v: "–" if math.isnan(v) else f"{v:.1f}")
+    t = report.table2
+    stats = [r for r in t.index if r != "n"]
+    lines = ["Table 2: loss of the 21 analysed muscles, baseline to follow-up",
+             f"{'':<18}{'n':>4}" + "".join(f"{r:>8}" for r in stats)]
+    for kind in dict.fromkeys(k for k, _ in t.columns):
+        lines.append(kind)
+        for group in dict.fromkeys(g for k, g in t.columns if k == kind):
+            col = t[(kind, group)]
+            n = 0 if math.isnan(col["n"]) else int(col["n"])
+            lines.append(f"  {group:<16}{n:>4}" + "".join(
+                f"{'–' if math.isnan(col[r]) else format(col[r], '.1f'):>8}" for r in stats))
+    return "\n".join(lines)
