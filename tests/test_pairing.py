@@ -249,6 +249,29 @@ def test_prior_retrieval_is_attempted_once_and_can_be_off(settings: Settings, tm
     assert [r[0] for r in _retrievals(settings)][2:] == ["requested", "failed"]
 
 
+def test_patients_list_shows_a_registry_row_with_the_studies_it_applies_to(
+        settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    """A registry row imported without an issuer applies to the measured patient whose studies carry
+    one (as pairing uses it): `patients list` shows them as one patient, not two half-rows."""
+    _registry(settings, tmp_path, "patient_id,height_m,fracture_type,fractured_side\nP5,1.70,FNF,right\n"
+                                  "P6,1.55,ITF,left\n")
+    _record(settings, "P5", "5.1", "20230101", issuer="HOSP_A")
+    _record(settings, "P5", "5.2", "20230401", 0.9, issuer="HOSP_A")
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(settings.storage_dir))
+    res = CliRunner().invoke(app, ["patients", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    p5 = [r for r in rows if r["patient_id"] == "P5"]
+    assert len(p5) == 1, p5
+    assert (p5[0]["issuer"], p5[0]["height_source"], p5[0]["fracture_type"]) == ("HOSP_A", "registry", "FNF")
+    assert (p5[0]["studies"], p5[0]["comparisons"]) == (2, 1)
+    p6 = [r for r in rows if r["patient_id"] == "P6"]  # in the registry only: listed, no studies
+    assert len(p6) == 1 and p6[0]["studies"] == 0 and p6[0]["fracture_type"] == "ITF"
+    table = CliRunner().invoke(app, ["patients", "list"], env={"COLUMNS": "80"})
+    assert table.exit_code == 0 and max(len(line) for line in table.output.splitlines()) <= 80
+    assert table.output.count("P5") == 1 and "HOSP_A" in table.output
+
+
 def _retrievals(settings: Settings) -> list[tuple]:
     con = sqlite3.connect(settings.db_path)
     try:

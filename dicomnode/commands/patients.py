@@ -56,11 +56,16 @@ def list_(
     from dicomnode.clinical import pairing, registry
 
     settings = settings_from(config)
-    reg = {(p.patient_id, p.issuer_of_patient_id): p for p in registry.all_patients(settings)}
     measured = {(m["patient_id"], m["issuer_of_patient_id"]): m for m in pairing.patients(settings)}
+    # a measured patient's registry row as pairing finds it (the exact issuer, else a row without one);
+    # a registry row no measured patient uses is listed on its own
+    infos = {key: registry.get_patient(settings, *key) for key in measured}
+    used = {(i.patient_id, i.issuer_of_patient_id) for i in infos.values() if i is not None}
+    infos |= {key: p for p in registry.all_patients(settings)
+              if (key := (p.patient_id, p.issuer_of_patient_id)) not in used | set(measured)}
     rows = []
-    for key in sorted(set(reg) | set(measured)):
-        info, meas = reg.get(key), measured.get(key, {})
+    for key in sorted(infos):
+        info, meas = infos[key], measured.get(key, {})
         res = registry.resolve(settings, key[0], key[1], info=info) if info else None
         rows.append(
             {
@@ -81,30 +86,21 @@ def list_(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(
-        "patient",
-        "height (m)",
-        "height from",
-        "sex",
-        "fracture",
-        "side",
-        "surgery",
-        "Koval",
-        "studies",
-        "comparisons",
-    )
+    # within 80 columns: no vertical rules, one space between columns, the issuer under the identifier
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for head in ("patient", "height", "from", "sex", "type", "side", "surgery", "Koval", "studies", "pairs"):
+        table.add_column(head, overflow="fold")
     for r in rows:
-        height = f"{r['height_m']:.2f}" if r["height_m"] else "–"
-        source = r["height_source"] + (f" [{r['height_flag']}]" if r["height_flag"] else "")
         table.add_row(
-            r["patient_id"] + (f" ({r['issuer']})" if r["issuer"] else ""),
-            height,
-            source,
+            r["patient_id"] + (f"\n({r['issuer']})" if r["issuer"] else ""),
+            f"{r['height_m']:.2f} m" if r["height_m"] else "–",
+            r["height_source"] + (f" [{r['height_flag']}]" if r["height_flag"] else ""),
             r["sex"] or "–",
-            r["fracture_type"] or "unknown",
+            r["fracture_type"] or "–",
             r["fractured_side"] or "–",
             r["surgery_date"] or "–",
             str(r["koval_grade"] or "–"),
