@@ -183,6 +183,13 @@ def test_volumes_command_reproduces_truth(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     rec = VolumeRecord.load(tmp_path / "m" / "volumes.json")
     _assert_matches_truth(rec, VolumeRecord.load(out / "truth" / "volumes.json"))
+    # and prints them: display names, each side and the total, within 80 columns
+    table = [line for line in res.output.splitlines() if not line.startswith("wrote ")]
+    assert max(len(line) for line in table) <= 80
+    assert any(line.startswith("the 21 analysed") for line in table)
+    sart = rec.by_name()["sartorius"]
+    row = next(line for line in table if line.startswith("Sartorius "))
+    assert row.split()[1:4] == [f"{sart.left_cm3:.1f}", f"{sart.right_cm3:.1f}", f"{sart.volume_cm3:.1f}"]
     assert (tmp_path / "m" / "volumes.csv").read_text().startswith("label,name,group,voxels,volume_cm3")
     # A label map on another grid is refused with a clear message.
     other = tmp_path / "other"

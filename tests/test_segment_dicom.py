@@ -21,7 +21,7 @@ from dicomnode.commands.segmentation import find_cases
 from dicomnode.config import load_settings
 from dicomnode.processing.pipeline import JobInput, _without_build_times, run_pipeline
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
-from seg.records import CSV_COLUMNS
+from seg.records import CSV_COLUMNS, VolumeRecord
 from seg.volume import Volume
 
 SEEDS = (3, 4)
@@ -58,19 +58,23 @@ def _config(tmp_path: Path) -> Path:
     return cfg
 
 
-def _invoke(*args: str) -> None:
+def _invoke(*args: str) -> str:
     r = CliRunner().invoke(app, ["segment", *args])
     assert r.exit_code == 0, r.output
+    return r.output
 
 
 def test_dicom_outputs_are_the_nodes(series, truth_model, tmp_path):
     """Same SOP Instance UIDs, classes and pixels as the node's pipeline, and dciodvfy finds no error."""
     uid, case = next(iter(series.items()))
     cfg = _config(tmp_path)
-    _invoke(str(case / "dicom"), "--out", str(tmp_path / "out"), "--dicom", "--no-progress",
-            "--config", str(cfg))
+    printed = _invoke(str(case / "dicom"), "--out", str(tmp_path / "out"), "--dicom", "--no-progress",
+                      "--config", str(cfg))
     files = sorted((tmp_path / "out" / "dicom").glob("*.dcm"))
     assert len(files) == 3 and (tmp_path / "out" / "volumes.csv").is_file()
+    total = VolumeRecord.load(tmp_path / "out" / "volumes.json").by_name()["gluteus_maximus"].volume_cm3
+    rows = [line for line in printed.splitlines() if line.startswith("Gluteus maximus ")]
+    assert len(rows) == 1 and f"{total:.1f}" in rows[0]  # and the volumes are printed
     job = JobInput(job_id=1, series_instance_uid=uid, files=sorted((case / "dicom").glob("*")),
                    work_dir=tmp_path / "work")
     node = run_pipeline(job, load_settings(cfg)).outputs

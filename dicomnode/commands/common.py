@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from dicomnode.config import Settings, load_settings
+from seg.records import VolumeRecord
 
 ConfigOption = Annotated[
     Path | None,
@@ -40,3 +41,30 @@ def cell(v: float | None, fmt: str) -> str:
         return "-"
     text = format(v, fmt)
     return format(0.0, fmt.replace("+", "")) if float(text) == 0 else text
+
+
+def volumes_table(rec: VolumeRecord) -> str:
+    """One series' volumes as a reader wants them on the terminal, within 80 columns: each structure
+    by its display name, left, right and total cm³ and the height-normalised cm³/m², then the 21
+    analysed muscles together and the height used."""
+    from seg.labels import ANALYSED_MUSCLES, by_name
+
+    head = f"{'structure':<24}{'left cm³':>11}{'right cm³':>11}{'total cm³':>11}{'cm³/m²':>10}"
+    lines = [head, "-" * len(head)]
+    for st in sorted(rec.structures, key=lambda s: s.label):
+        lines.append(f"{by_name(st.name).display_name:<24}{cell(st.left_cm3, '.1f'):>11}"
+                     f"{cell(st.right_cm3, '.1f'):>11}{cell(st.volume_cm3, '.1f'):>11}"
+                     f"{cell(st.index_cm3_m2, '.1f'):>10}")
+    analysed = [st for st in rec.structures if st.name in ANALYSED_MUSCLES]
+    if analysed:
+        def total(values: list[float | None]) -> float | None:
+            return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+        lines.append(f"{f'the {len(analysed)} analysed muscles':<24}"
+                     f"{cell(total([s.left_cm3 for s in analysed]), '.1f'):>11}"
+                     f"{cell(total([s.right_cm3 for s in analysed]), '.1f'):>11}"
+                     f"{cell(total([s.volume_cm3 for s in analysed]), '.1f'):>11}"
+                     f"{cell(total([s.index_cm3_m2 for s in analysed]), '.1f'):>10}")
+    lines.append(f"height {rec.height_m:.2f} m ({rec.height_source})" if rec.height_m
+                 else "height unknown: no cm³/m²")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import spacing_option
+from dicomnode.commands.common import spacing_option, volumes_table
 
 
 def _parse_pair(text: str | None, what: str) -> tuple[float, float] | None:
@@ -118,7 +118,8 @@ def volumes(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     jp, cp = write_volumes(rec, out)
-    Console().print(f"wrote {jp} and {cp}")
+    typer.echo(volumes_table(rec))
+    Console(stderr=True).print(f"wrote {jp} and {cp}")
 
 
 def register(app: typer.Typer) -> None:

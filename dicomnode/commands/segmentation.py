@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import ConfigOption, settings_from, spacing_option
+from dicomnode.commands.common import ConfigOption, settings_from, spacing_option, volumes_table
 from seg import recipe
 from seg.records import CSV_COLUMNS, ModelInfo, VolumeRecord
 
@@ -178,8 +178,9 @@ def segment(
     if settings is not None and not ct.source_files:
         raise typer.BadParameter("--dicom needs a DICOM series, not a NIfTI CT", param_hint="INPUT")
     t = time.perf_counter()
-    run_case(ct, pkg, out, settings, progress)
+    rec = run_case(ct, pkg, out, settings, progress)
     console.print(f"segmented {ct.shape} in {time.perf_counter() - t:.1f} s -> {out}")
+    typer.echo(volumes_table(rec))
 
 
 def train(
