@@ -258,7 +258,11 @@ def evaluate_model(
     loss: list[AtrophyLoss] = []
     for n, (cid, load, opts) in enumerate(items, 1):
         ct, truth = load()
-        truth = ct.with_array(np.asarray(truth.array).astype(np.uint8))
+        try:  # a dataset's label map as saved by any tool, on the CT's voxel order
+            truth = truth.aligned_to(ct)
+        except ValueError as exc:
+            raise ValueError(f"case {cid}: {exc}") from exc
+        truth = truth.with_array(np.asarray(truth.array).astype(np.uint8))
         t = time.perf_counter()
         pred = segment(ct, model, hu_refinement=hu_refinement)
         dt = time.perf_counter() - t

@@ -233,8 +233,12 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
         from seg.io import load_image
 
         for cid, ctp, labp in items:
-            ct, lab = load_image(ctp), load_image(labp)
-            lab = ct.with_array(np.asarray(lab.array).astype(np.uint8))
+            ct = load_image(ctp)
+            try:  # the label map as saved by any tool, on the CT's voxel order
+                lab = load_image(labp).aligned_to(ct)
+            except ValueError as exc:
+                raise ValueError(f"case {cid}: {exc}") from exc
+            lab = lab.with_array(np.asarray(lab.array).astype(np.uint8))
             cases.append(cache_case(cache, cid, ct, lab, pre, fractions))
             log.info("cached %s", cid)
         nval = max(1, len(cases) // 10) if len(cases) > 1 else 0

@@ -54,6 +54,35 @@ class Volume:
         return Volume(array, self.affine.copy(), dict(self.meta), list(self.source_files),
                       list(self.source_sop_uids))
 
+    def aligned_to(self, ref: Volume, atol_mm: float = 0.01) -> Volume:
+        """These voxels on ``ref``'s grid, when the two are one grid stored in another axis order or
+        direction (a label map a tool saved with its slices the other way, or in RAS voxel order);
+        ``ref``'s provenance.
+
+        Why only that: a label map on another grid would need resampling, which must never happen
+        to a site's ground truth unseen; such a map is refused with both grids in the message.
+        """
+        idx = np.linalg.solve(self.affine, ref.affine)  # ref's voxel index -> this volume's index
+        rot, shift = idx[:3, :3], idx[:3, 3]
+        axes = [int(a) for a in np.argmax(np.abs(rot), axis=0)]  # this volume's axis along each of ref's
+        signs = [float(np.sign(rot[a, r])) for r, a in enumerate(axes)]
+        start = np.zeros(3)  # where ref's first voxel lies in this volume, along each of its axes
+        for a, sign in zip(axes, signs, strict=True):
+            start[a] = 0.0 if sign > 0 else self.shape[a] - 1
+        tol = atol_mm / max(min(self.spacing_mm), 1e-6)
+        ok = (sorted(axes) == [0, 1, 2] and np.allclose(np.abs(rot), np.eye(3)[axes].T, atol=tol)
+              and all(self.shape[a] == n for a, n in zip(axes, ref.shape, strict=True))
+              and np.allclose(shift, start, atol=tol))
+        if not ok:
+            def grid(v: Volume) -> str:
+                return (f"{v.shape}, {tuple(round(x, 3) for x in v.spacing_mm)} mm, "
+                        f"origin {np.round(v.affine[:3, 3], 2).tolist()}")
+            raise ValueError(f"the label map is not on the CT's grid: {grid(self)} against the CT's "
+                             f"{grid(ref)} (LPS); resample it onto the CT first")
+        array = np.transpose(self.array, axes)
+        array = np.flip(array, axis=tuple(r for r in range(3) if signs[r] < 0))
+        return ref.with_array(np.ascontiguousarray(array))
+
     def ras_affine(self) -> np.ndarray:
         """The affine in NIfTI's RAS convention, for nibabel/MONAI."""
         return LPS_TO_RAS @ self.affine

@@ -14,10 +14,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from seg.io import SeriesGeometryError, load_dicom_series, load_image, load_nifti
+from seg.io import SeriesGeometryError, load_dicom_series, load_image, load_nifti, save_nifti
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
 from seg.records import SIDES, VolumeRecord
+from seg.volume import Volume
 
 # Hip region: pelvis, both femoral heads and most of the 30 classes, in few slices.
 HIP = (-75.0, 45.0)
@@ -201,6 +202,41 @@ def test_volumes_command_reproduces_truth(tmp_path: Path) -> None:
                               "--out", str(tmp_path / "m2")])
     assert res.exit_code != 0
     assert "grid" in res.output
+    # The same label map as another tool may save it (slices the other way, columns and rows swapped):
+    # the same volumes.
+    save_nifti(_reordered(load_nifti(out / "truth" / "labels.nii.gz")), tmp_path / "reordered.nii.gz")
+    res = runner.invoke(app, ["volumes", "--ct", str(out / "dicom"), "--labels",
+                              str(tmp_path / "reordered.nii.gz"), "--out", str(tmp_path / "m3")])
+    assert res.exit_code == 0, res.output
+    assert VolumeRecord.load(tmp_path / "m3" / "volumes.json").structures == rec.structures
+
+
+def _reordered(vol: Volume) -> Volume:
+    """The same grid stored another way: i and j swapped, k reversed (world positions unchanged)."""
+    a = vol.affine
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = a[:3, 1], a[:3, 0], -a[:3, 2]
+    affine[:3, 3] = a[:3, 3] + a[:3, 2] * (vol.shape[2] - 1)
+    return Volume(np.ascontiguousarray(np.transpose(vol.array, (1, 0, 2))[:, :, ::-1]), affine, {})
+
+
+def test_label_map_in_another_voxel_order_is_aligned_and_another_grid_refused() -> None:
+    """`Volume.aligned_to`: a label map's voxels in the CT's order when both are one grid; else an error
+    naming both grids (a shift by one voxel, another spacing), never a silent resampling."""
+    rng = np.random.default_rng(3)
+    ct = Volume(rng.normal(size=(6, 5, 4)), np.array([[0.0, 0.8, 0, -90], [-0.8, 0, 0, 40], [0, 0, 2.5, 7],
+                                                       [0, 0, 0, 1]]), {"SeriesInstanceUID": "1.2"})
+    labels = ct.with_array(rng.integers(0, 30, size=ct.shape).astype(np.uint8))
+    for stored in (labels, _reordered(labels), _reordered(_reordered(labels))):
+        aligned = stored.aligned_to(ct)
+        assert (aligned.array == labels.array).all() and np.allclose(aligned.affine, ct.affine)
+        assert aligned.meta == ct.meta
+    shifted = Volume(labels.array, labels.affine @ np.array([[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0],
+                                                             [0, 0, 0, 1]]), {})
+    finer = Volume(labels.array, labels.affine @ np.diag([0.5, 1, 1, 1]), {})
+    for other in (shifted, finer):
+        with pytest.raises(ValueError, match="not on the CT's grid"):
+            other.aligned_to(ct)
 
 
 def test_loader_skips_localizer_in_the_series(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,33 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
     assert pkg.meta["architecture"]["args"]["img_size"] == [32] * 3 and pkg.info.version == "0.0.2"
     refused = CliRunner().invoke(app, [*args, "--postop-share", "0.3"])
     assert refused.exit_code == 2 and "0.25, 0.5 or 0.75" in refused.output
+
+
+def test_site_dataset_trains_with_label_maps_in_any_voxel_order(tmp_path: Path) -> None:
+    """`dicomnode train --data`: a case folder of DICOM and a label map that another tool saved in
+    another voxel order trains on the same targets as one saved in the CT's order; a label map on
+    another grid stops the run naming its case."""
+    from seg.io import load_nifti, save_nifti
+    from seg.phantom import PhantomOptions, make_phantom, write_phantom
+    from seg.volume import Volume
+
+    data = tmp_path / "data"
+    write_phantom(make_phantom(PhantomOptions(seed=3, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-30, 30))),
+                  data / "a")
+    shutil.copytree(data / "a" / "dicom", data / "b" / "dicom")
+    lab = load_nifti(data / "a" / "truth" / "labels.nii.gz")
+    a = lab.affine
+    flipped = np.eye(4)
+    flipped[:3, :3] = a[:3, :3] @ np.diag([1.0, 1.0, -1.0])  # slices the other way
+    flipped[:3, 3] = a[:3, 3] + a[:3, 2] * (lab.shape[2] - 1)
+    save_nifti(Volume(np.ascontiguousarray(lab.array[:, :, ::-1]), flipped, {}), data / "b" / "labels.nii.gz")
+    cfg = TrainConfig(out=str(tmp_path / "pkg"), checkpoint_dir=str(tmp_path / "ck"), data=str(data),
+                      arch=dict(ARCH), steps=1, val_every=1, batch_size=1, threads=1, name="site",
+                      version="0.0.1")
+    pkg = load_model(train(cfg, progress=False), device="cpu")
+    assert pkg.meta["provenance"]["trained_on"]["cases"] == ["a", "b"]
+    cache = tmp_path / "ck" / "cache"
+    assert np.array_equal(np.load(cache / "a_labels.npy"), np.load(cache / "b_labels.npy"))
+    save_nifti(Volume(lab.array, a @ np.diag([1.0, 1.0, 2.0, 1.0]), {}), data / "b" / "labels.nii.gz")
+    with pytest.raises(ValueError, match="case b: the label map is not on the CT's grid"):
+        train(TrainConfig(**{**cfg.__dict__, "checkpoint_dir": str(tmp_path / "ck2")}), progress=False)

@@ -111,8 +111,8 @@ def volumes(
 
     ct_vol = load_image(ct)
     lab = load_nifti(labels) if labels.name.endswith((".nii", ".nii.gz")) else load_image(labels)
-    lab.meta = dict(ct_vol.meta)
     try:
+        lab = lab.aligned_to(ct_vol)  # saved by any tool: the CT's voxel order and series attributes
         rec = measure_volumes(lab, ct_vol, height_m=height, height_source="command line" if height else None,
                               model={"name": "given labels", "version": "", "demo": False})
     except ValueError as exc:
