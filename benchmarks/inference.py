@@ -173,8 +173,9 @@ def load_case(name: str, spacing: float):
     """(network in eval mode, roi, preprocess) for 'paper' (random weights, seed 0) or 'demo'."""
     import torch
 
-    from seg.model import PAPER_UNETR, build_network, load_model
+    from seg.model import build_network, load_model
     from seg.preprocess import PreprocessConfig
+    from seg.recipe import PAPER_UNETR
 
     if name == "paper":
         torch.manual_seed(0)
@@ -596,7 +597,7 @@ def whole_seconds(name: str, args, sw_batch: int | None = None) -> float:
 
     net, roi, pre = load_case(name, args.spacing)
     if name == "paper":
-        from seg.model import PAPER_UNETR
+        from seg.recipe import PAPER_UNETR
 
         meta = {"roi_size": list(roi), "architecture": {"args": dict(PAPER_UNETR)}}
         pkg = ModelPackage(path=None, meta=meta, network=net, device=torch.device(args.device),

@@ -55,8 +55,9 @@ def slab_windows(shape: tuple[int, int, int], roi: tuple[int, int, int], channel
 
 def paper_package(spacing_mm: float = 1.5):
     """The paper-size UNETR (random weights, seed 0) as an in-memory CPU package, window-counted."""
-    from seg.model import PAPER_UNETR, ModelPackage, build_network
+    from seg.model import ModelPackage, build_network
     from seg.preprocess import PreprocessConfig
+    from seg.recipe import PAPER_UNETR
 
     torch.manual_seed(0)
     arch = {"name": "UNETR", "args": dict(PAPER_UNETR)}

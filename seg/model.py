@@ -28,20 +28,6 @@ WEIGHTS_FILE = "model.safetensors"
 DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
 DEMO_STATEMENT = "phantom-trained demonstration model, not for clinical measurement"
 
-# The paper's UNETR (Kim et al. 2024): patch 16, hidden 768, 12 heads, MLP 3072, feature size 16.
-PAPER_UNETR = {
-    "in_channels": 1,
-    "out_channels": L.NUM_CLASSES,
-    "img_size": [96, 96, 96],
-    "feature_size": 16,
-    "hidden_size": 768,
-    "mlp_dim": 3072,
-    "num_heads": 12,
-    "proj_type": "conv",
-    "norm_name": "instance",
-    "res_block": True,
-    "dropout_rate": 0.0,
-}
 
 
 class ModelPackageError(RuntimeError):

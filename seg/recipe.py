@@ -1,5 +1,5 @@
-"""The recipe that trained the shipped demo model: the defaults of ``dicomnode train`` and of
-:class:`seg.train.TrainConfig`, in one place.
+"""The paper's UNETR and the recipe that trained the shipped demo model (the defaults of
+``dicomnode train`` and of :class:`seg.train.TrainConfig`), in one place.
 
 Why a module of its own: the command line shows these defaults in ``--help`` without importing torch,
 and a site that runs ``dicomnode train --phantoms N --out DIR`` gets the recipe that is known to learn
@@ -10,20 +10,23 @@ from __future__ import annotations
 
 from seg import labels as L
 
-# The shipped demo's UNETR: the paper's family (patch 16), small enough to train and run on two CPU cores.
-DEMO_UNETR = {
+# The paper's UNETR (Kim et al. 2024): patch 16, hidden 768, 12 heads, MLP 3072, feature size 16, 96³.
+PAPER_UNETR = {
     "in_channels": 1,
     "out_channels": L.NUM_CLASSES,
-    "img_size": [48, 48, 48],
+    "img_size": [96, 96, 96],
     "feature_size": 16,
-    "hidden_size": 192,
-    "mlp_dim": 768,
-    "num_heads": 4,
+    "hidden_size": 768,
+    "mlp_dim": 3072,
+    "num_heads": 12,
     "proj_type": "conv",
     "norm_name": "instance",
     "res_block": True,
     "dropout_rate": 0.0,
 }
+# The shipped demo's UNETR: the paper's family (patch 16, feature size 16), a smaller ViT and ROI, small
+# enough to train and run on two CPU cores.
+DEMO_UNETR = {**PAPER_UNETR, "img_size": [48, 48, 48], "hidden_size": 192, "mlp_dim": 768, "num_heads": 4}
 SPACING_MM = 4.0  # the model grid, isotropic
 BATCH_SIZE = 4  # crops per step
 LR = 1e-3  # AdamW peak learning rate from scratch (the campaign's later legs, warm-started, used less)

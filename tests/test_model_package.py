@@ -12,8 +12,9 @@ import torch
 
 from seg import labels as L
 from seg.infer import predict_probabilities, segment
-from seg.model import PAPER_UNETR, ModelPackageError, build_network, load_model, save_package
+from seg.model import ModelPackageError, build_network, load_model, save_package
 from seg.preprocess import PreprocessConfig
+from seg.recipe import PAPER_UNETR
 from seg.volume import Volume
 
 TINY = {"in_channels": 1, "out_channels": 30, "img_size": [32, 32, 32], "feature_size": 4, "hidden_size": 48,
