@@ -92,10 +92,12 @@ def phantom(
     t1 = time.perf_counter()
     write_phantom(ph, out, TRANSFER_SYNTAXES[transfer_syntax])
     t2 = time.perf_counter()
-    Console().print(
-        f"phantom seed {seed}: {ph.sex}, {ph.height_m:.2f} m, grid {ph.ct.shape}, "
-        f"spacing {ph.ct.spacing_mm} mm, "
-        f"{opts.position} → {out} (make {t1 - t0:.1f} s, write {t2 - t1:.1f} s)")
+    grid = "×".join(str(n) for n in ph.ct.shape)
+    spacing = "×".join(f"{v:g}" for v in ph.ct.spacing_mm)
+    Console(highlight=False).print(
+        f"phantom seed {seed}: {ph.sex}, {ph.height_m:.2f} m, {opts.position}, "
+        f"{grid} voxels of {spacing} mm\n"
+        f"  written to {out} (make {t1 - t0:.1f} s, write {t2 - t1:.1f} s)", soft_wrap=True)
 
 
 def volumes(
