@@ -230,13 +230,10 @@ def evaluate_model(
 
     cases = []
     if data is not None:
-        from seg.io import load_image
-        from seg.train import dataset_cases
+        from seg.train import dataset_cases, load_case
 
-        items = [
-            (cid, lambda c=c, lp=lp: (load_image(c), load_image(lp)), None)
-            for cid, c, lp in dataset_cases(data)
-        ]
+        items = [(cid, lambda cid=cid, c=c, lp=lp: load_case(cid, c, lp), None)
+                 for cid, c, lp in dataset_cases(data)]
     else:
         from seg.phantom import PhantomOptions, make_phantom
 
@@ -258,11 +255,7 @@ def evaluate_model(
     loss: list[AtrophyLoss] = []
     for n, (cid, load, opts) in enumerate(items, 1):
         ct, truth = load()
-        try:  # a dataset's label map as saved by any tool, on the CT's voxel order
-            truth = truth.aligned_to(ct)
-        except ValueError as exc:
-            raise ValueError(f"case {cid}: {exc}") from exc
-        truth = truth.with_array(np.asarray(truth.array).astype(np.uint8))
+        truth = ct.with_array(np.asarray(truth.array).astype(np.uint8))
         t = time.perf_counter()
         pred = segment(ct, model, hu_refinement=hu_refinement)
         dt = time.perf_counter() - t

@@ -291,6 +291,8 @@ def load_nifti(path: Path | str) -> Volume:
 def load_image(path: Path | str) -> Volume:
     """A DICOM folder (or file list member) or a .nii/.nii.gz file."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
     if p.is_dir():
         return load_dicom_series(p)
     if p.name.endswith((".nii", ".nii.gz")):

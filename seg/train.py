@@ -21,6 +21,7 @@ from seg import recipe
 from seg.hu_refine import HURefinement
 from seg.model import build_network, load_model, save_package
 from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
+from seg.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,19 @@ def _phantom_case(opts: dict, z_range: tuple[float, float] | None):
     return ph.ct, ph.labels
 
 
+class DatasetError(ValueError):
+    """A site dataset that cannot be used as given (no cases, an unreadable image, a label map off the
+    CT's grid): the message names the case and what to fix, for the command line to show as it is."""
+
+
 def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
     """(case id, CT path, labels path) for each case folder under ``root``.
 
     A case folder holds the CT as ``ct.nii.gz`` / ``image.nii.gz`` or a ``dicom/`` folder, and the
     label map (our 30-class order) as ``labels.nii.gz`` or ``truth/labels.nii.gz``.
     """
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         ct = next(
@@ -164,10 +172,23 @@ def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
             continue
         out.append((d.name, ct, lab))
     if not out:
-        raise FileNotFoundError(
-            f"no cases under {root} (each case folder: ct.nii.gz or dicom/ + labels.nii.gz)"
-        )
+        raise DatasetError(f"no cases under {root} (each case folder: ct.nii.gz or dicom/ + labels.nii.gz)")
     return out
+
+
+def load_case(case_id: str, ct_path: Path, labels_path: Path) -> tuple[Volume, Volume]:
+    """A dataset case's CT and its label map in the CT's voxel order (uint8), as training and
+    evaluation both read it; any failure is a :class:`DatasetError` naming the case."""
+    from nibabel.filebasedimages import ImageFileError
+
+    from seg.io import load_image
+
+    try:
+        ct = load_image(ct_path)
+        labels = load_image(labels_path).aligned_to(ct)  # saved by any tool, on the CT's grid
+    except (OSError, ValueError, ImageFileError) as exc:
+        raise DatasetError(f"case {case_id}: {exc}") from exc
+    return ct, labels.with_array(np.asarray(labels.array).astype(np.uint8))
 
 
 def _case_paths(cache: Path, case_id: str) -> dict:
@@ -229,16 +250,8 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     cases: list[dict] = []
     fractions = cfg.targets == "partial_volume"
     if cfg.data:
-        items = dataset_cases(Path(cfg.data))
-        from seg.io import load_image
-
-        for cid, ctp, labp in items:
-            ct = load_image(ctp)
-            try:  # the label map as saved by any tool, on the CT's voxel order
-                lab = load_image(labp).aligned_to(ct)
-            except ValueError as exc:
-                raise ValueError(f"case {cid}: {exc}") from exc
-            lab = lab.with_array(np.asarray(lab.array).astype(np.uint8))
+        for cid, ctp, labp in dataset_cases(Path(cfg.data)):
+            ct, lab = load_case(cid, ctp, labp)
             cases.append(cache_case(cache, cid, ct, lab, pre, fractions))
             log.info("cached %s", cid)
         nval = max(1, len(cases) // 10) if len(cases) > 1 else 0

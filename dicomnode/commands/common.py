@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -68,3 +70,15 @@ def volumes_table(rec: VolumeRecord) -> str:
     lines.append(f"height {rec.height_m:.2f} m ({rec.height_source})" if rec.height_m
                  else "height unknown: no cm³/m²")
     return "\n".join(lines)
+
+
+@contextmanager
+def bad_input(param_hint: str) -> Iterator[None]:
+    """A file or folder the user named that cannot be read as asked (missing, not a CT series, a label
+    map off the CT's grid) ends the command as a usage error naming the option, not a traceback."""
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        yield
+    except (OSError, ValueError, ImageFileError) as exc:
+        raise typer.BadParameter(str(exc), param_hint=param_hint) from exc

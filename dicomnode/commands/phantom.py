@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import spacing_option, volumes_table
+from dicomnode.commands.common import bad_input, spacing_option, volumes_table
 
 
 def _parse_pair(text: str | None, what: str) -> tuple[float, float] | None:
@@ -111,10 +111,12 @@ def volumes(
     from seg.io import load_image, load_nifti
     from seg.measure import measure_volumes, write_volumes
 
-    ct_vol = load_image(ct)
-    lab = load_nifti(labels) if labels.name.endswith((".nii", ".nii.gz")) else load_image(labels)
-    try:
+    with bad_input("--ct"):
+        ct_vol = load_image(ct)
+    with bad_input("--labels"):
+        lab = load_nifti(labels) if labels.name.endswith((".nii", ".nii.gz")) else load_image(labels)
         lab = lab.aligned_to(ct_vol)  # saved by any tool: the CT's voxel order and series attributes
+    try:
         rec = measure_volumes(lab, ct_vol, height_m=height, height_source="command line" if height else None,
                               model={"name": "given labels", "version": "", "demo": False})
     except ValueError as exc:

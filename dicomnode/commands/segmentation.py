@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import ConfigOption, settings_from, spacing_option, volumes_table
+from dicomnode.commands.common import ConfigOption, bad_input, settings_from, spacing_option, volumes_table
 from seg import recipe
 from seg.records import CSV_COLUMNS, ModelInfo, VolumeRecord
 
@@ -174,7 +174,8 @@ def segment(
         return
     from seg.io import load_image
 
-    ct = load_image(input)
+    with bad_input("INPUT"):
+        ct = load_image(input)
     if settings is not None and not ct.source_files:
         raise typer.BadParameter("--dicom needs a DICOM series, not a NIfTI CT", param_hint="INPUT")
     t = time.perf_counter()
@@ -269,7 +270,7 @@ def train(
     The defaults are the recipe that trained the shipped demo model (seg/recipe.py): give
     --phantoms N (or --data DIR) and --out DIR.
     """
-    from seg.train import TrainConfig
+    from seg.train import DatasetError, TrainConfig
     from seg.train import train as run_train
 
     if data is None and phantoms <= 0:
@@ -330,7 +331,10 @@ def train(
         init_from=str(init_from) if init_from else None,
     )
     _show_progress()
-    path = run_train(cfg, resume=resume, progress=progress)
+    try:
+        path = run_train(cfg, resume=resume, progress=progress)
+    except DatasetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--data") from exc
     Console(stderr=True).print(f"model package written to {path}")
 
 
@@ -361,6 +365,7 @@ def evaluate(
     """Per-class Dice, HD95 and volume error of a model on held-out labelled CTs."""
     from seg.evaluate import evaluate_model, format_table, write_evaluation
     from seg.model import ModelPackageError, load_model
+    from seg.train import DatasetError
 
     if data is None and phantoms <= 0:
         raise typer.BadParameter("give --data DIR or --phantoms N")
@@ -370,8 +375,11 @@ def evaluate(
         raise typer.BadParameter(str(e), param_hint="--model") from e
     zr = tuple(float(v) for v in z_range.split(",")) if z_range else None
     _show_progress()
-    result = evaluate_model(pkg, phantoms=phantoms, seed_start=seed_start, data=data, z_range_mm=zr,
-                            hu_refinement=not network_only)
+    try:
+        result = evaluate_model(pkg, phantoms=phantoms, seed_start=seed_start, data=data, z_range_mm=zr,
+                                hu_refinement=not network_only)
+    except DatasetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--data") from exc
     Console().print(format_table(result))
     if out is not None:
         write_evaluation(result, out)

@@ -1,0 +1,60 @@
+"""A file or folder named on the command line that cannot be used ends the command with a usage error
+that names the option and says why (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from seg.phantom import PhantomOptions, make_phantom, write_phantom
+
+    out = tmp_path_factory.mktemp("ph")
+    write_phantom(make_phantom(PhantomOptions(seed=5, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-20, 20))), out)
+    return out
+
+
+def _off_grid_dataset(phantom: Path, root: Path) -> Path:
+    """One case whose label map lies on a grid of twice the slice spacing."""
+    from seg.io import load_nifti, save_nifti
+    from seg.volume import Volume
+
+    lab = load_nifti(phantom / "truth" / "labels.nii.gz")
+    (root / "case7").mkdir(parents=True)
+    (root / "case7" / "dicom").symlink_to(phantom / "dicom")
+    coarser = Volume(lab.array, lab.affine @ np.diag([1.0, 1.0, 2.0, 1.0]), {})
+    save_nifti(coarser, root / "case7" / "labels.nii.gz")
+    return root
+
+
+@pytest.mark.parametrize("case", ["evaluate-empty", "evaluate-off-grid", "train-missing", "segment-not-ct",
+                                  "volumes-no-labels", "volumes-no-ct"])
+def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, tmp_path: Path) -> None:
+    t = tmp_path
+    (t / "empty").mkdir()
+    (t / "note.dcm").write_text("not a DICOM file")
+    args, option, why = {
+        "evaluate-empty": (["evaluate", "--data", str(t / "empty")], "--data", "no cases under"),
+        "evaluate-off-grid": (["evaluate", "--data", str(_off_grid_dataset(phantom, t / "ds"))],
+                              "--data", "case case7: the label map is not on the CT's grid"),
+        "train-missing": (["train", "--data", str(t / "nowhere"), "--out", str(t / "pkg"),
+                           "--checkpoints", str(t / "ck"), "--no-progress"], "--data", "does not exist"),
+        "segment-not-ct": (["segment", str(t / "note.dcm"), "--out", str(t / "seg"), "--no-progress"],
+                           "INPUT", "no DICOM images"),
+        "volumes-no-labels": (["volumes", "--ct", str(phantom / "dicom"), "--labels", str(t / "x.nii.gz"),
+                               "--out", str(t / "v")], "--labels", "x.nii.gz"),
+        "volumes-no-ct": (["volumes", "--ct", str(t / "nowhere"), "--labels",
+                           str(phantom / "truth" / "labels.nii.gz"), "--out", str(t / "v")],
+                          "--ct", "does not exist"),
+    }[case]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert f"Invalid value for {option}" in res.output and why in res.output, res.output
+    assert "Traceback" not in res.output and not (t / "pkg").exists()
