@@ -35,7 +35,7 @@ def _off_grid_dataset(phantom: Path, root: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["evaluate-empty", "evaluate-off-grid", "train-missing", "segment-not-ct",
-                                  "volumes-no-labels", "volumes-no-ct"])
+                                  "volumes-no-labels", "volumes-no-ct", "demo-no-model"])
 def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, tmp_path: Path) -> None:
     t = tmp_path
     (t / "empty").mkdir()
@@ -53,8 +53,10 @@ def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, 
         "volumes-no-ct": (["volumes", "--ct", str(t / "nowhere"), "--labels",
                            str(phantom / "truth" / "labels.nii.gz"), "--out", str(t / "v")],
                           "--ct", "does not exist"),
+        "demo-no-model": (["demo", "--model", str(t / "nowhere"), "--out", str(t / "demo"), "--no-view"],
+                          "--model", "is not a folder"),
     }[case]
     res = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     assert f"Invalid value for {option}" in res.output and why in res.output, res.output
-    assert "Traceback" not in res.output and not (t / "pkg").exists()
+    assert "Traceback" not in res.output and not (t / "pkg").exists() and not (t / "demo").exists()

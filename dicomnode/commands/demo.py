@@ -540,6 +540,14 @@ def register(app: typer.Typer) -> None:
         """Run the main job: node + PACS, a phantom patient pre-op and follow-up, volumes and change."""
         from rich.console import Console
 
+        from seg.model import ModelPackageError, read_meta
+
+        if model is not None:  # refused now, not by the node after the phantom patient is sent
+            try:
+                read_meta(model)
+            except ModelPackageError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--model") from exc
+
         console = Console()
         console.rule(f"dicomnode demo — {dt.datetime.now():%Y-%m-%d %H:%M}")
         try:
