@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from browser import launched, requires_chromium
 from openpyxl import load_workbook
 from scipy.stats import mannwhitneyu, wilcoxon
 
@@ -227,3 +228,25 @@ def test_table2_text_reads_at_80_columns(cohort) -> None:
         losses = [_total(t["pre"]) - _total(t["post"]) for t in truth.values() if t["group"] == group]
         assert int(raw[group][0]) == len(losses)
         assert float(raw[group][1]) == pytest.approx(np.mean(losses), abs=0.051)
+
+
+@requires_chromium
+def test_report_page_in_chromium_shows_every_table_and_figure(cohort, tmp_path) -> None:
+    """report.html as a reader opens it: every figure decodes, every table is there with numbers, the
+    page raises no error, and its text is the cohort's (a real browser, not a string search)."""
+    report, _, _ = cohort
+    page_path = write_report(report, tmp_path / "out")["html"]
+    with launched() as chromium:
+        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.goto(page_path.as_uri())
+        heads = page.locator("h2").all_inner_texts()
+        assert [h.split(".")[0] for h in heads[:3]] == ["Table 1", "Table 2", "Table 3"]
+        sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
+        assert len(sizes) == 3 and all(done and width > 300 for done, width in sizes), sizes
+        assert page.locator("table").count() >= 3
+        body = page.inner_text("body")
+        assert f"Patients with a pre/post pair: {len(report.patients)}" in body
+        assert not errors, errors

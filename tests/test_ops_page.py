@@ -9,7 +9,6 @@ from other machines needs a token, a set token is required on every request, the
 from __future__ import annotations
 
 import re
-import shutil
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from browser import launched, requires_chromium
 from peers import HAVE_DCMTK, NodeProcess, StoreSCP, free_port, port_open, storescu, write_toml
 from prometheus_client.parser import text_string_to_metric_families
 from series_factory import write_ct_series
@@ -27,14 +27,7 @@ from dicomnode.db import MIGRATIONS, Database, _statements
 from dicomnode.ops.page import OpsPageError, OpsServer
 from dicomnode.processing.jobs import counters
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-try:
-    from playwright.sync_api import Browser, sync_playwright
-except ImportError:  # pragma: no cover - scripts/setup.sh installs it
-    sync_playwright = None  # type: ignore[assignment]
 requires_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="dcmtk (storescu/storescp) not installed")
-requires_chromium = pytest.mark.skipif(CHROMIUM is None or sync_playwright is None,
-                                       reason="Chromium and Playwright for Python not installed")
 
 TOKEN = "ops-test-token-5f0c2a9e41b7"
 VIEWER = "http://viewer.example/viewer?StudyInstanceUIDs={study_uid}"
@@ -112,18 +105,14 @@ def test_metrics_count_what_the_node_did(processed: Processed) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if CHROMIUM is None or sync_playwright is None:
-        pytest.skip("Chromium and Playwright for Python not installed")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+def browser() -> Iterator[Any]:
+    with launched() as chromium:
         yield chromium
-        chromium.close()
 
 
 @requires_dcmtk
 @requires_chromium
-def test_page_in_chromium_shows_jobs_without_patient_identity(processed: Processed, browser: Browser,
+def test_page_in_chromium_shows_jobs_without_patient_identity(processed: Processed, browser: Any,
                                                             tmp_path: Path) -> None:
     p = processed
     page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -198,7 +187,7 @@ def test_token_is_required_on_every_request_when_set(tmp_path: Path) -> None:
 
 
 @requires_chromium
-def test_browser_gets_the_page_with_the_token_as_basic_password(tmp_path: Path, browser: Browser) -> None:
+def test_browser_gets_the_page_with_the_token_as_basic_password(tmp_path: Path, browser: Any) -> None:
     server = OpsServer(page_settings(tmp_path, token=TOKEN))
     server.start()
     try:

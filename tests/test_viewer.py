@@ -23,11 +23,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from browser import launched
 
 from dicomnode.config import Settings
 from dicomnode.deploy.orthanc import dicomweb_plugin
 from dicomnode.harness.orthanc import OrthancServer, have_orthanc
-from dicomnode.harness.viewer import CHROMIUM_ARGS, ViewerServer, chromium_path, ohif_dist
+from dicomnode.harness.viewer import ViewerServer, chromium_path, ohif_dist
 from dicomnode.processing.pipeline import JobInput, results_dir, run_pipeline
 from reporting.sr import segments_of
 from seg.io import load_dicom_series, load_nifti
@@ -134,10 +135,8 @@ def site(patient, tmp_path_factory) -> Iterator[Site]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=chromium_path(), args=list(CHROMIUM_ARGS))
+    with launched() as chromium:
         yield chromium
-        chromium.close()
 
 
 class Viewer:
