@@ -60,9 +60,9 @@ def list_(
     # a measured patient's registry row as pairing finds it (the exact issuer, else a row without one);
     # a registry row no measured patient uses is listed on its own
     infos = {key: registry.get_patient(settings, *key) for key in measured}
-    used = {(i.patient_id, i.issuer_of_patient_id) for i in infos.values() if i is not None}
+    listed = set(measured) | {(i.patient_id, i.issuer_of_patient_id) for i in infos.values() if i is not None}
     infos |= {key: p for p in registry.all_patients(settings)
-              if (key := (p.patient_id, p.issuer_of_patient_id)) not in used | set(measured)}
+              if (key := (p.patient_id, p.issuer_of_patient_id)) not in listed}
     rows = []
     for key in sorted(infos):
         info, meas = infos[key], measured.get(key, {})

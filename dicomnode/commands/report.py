@@ -98,12 +98,11 @@ def patient(
         for note in c.notes:
             typer.echo(f"  · {note.text}")
         typer.echo(side_table(c))
-        structures = pd.DataFrame([s.model_dump() for s in c.structures])
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             stem = f"change-{c.comparison}-{c.followup.series_instance_uid}"
             c.save(out / f"{stem}.json", indent=2)
-            structures.to_csv(out / f"{stem}.csv", index=False)
+            pd.DataFrame([s.model_dump() for s in c.structures]).to_csv(out / f"{stem}.csv", index=False)
 
 
 def side_table(change: ChangeRecord) -> str:

@@ -21,9 +21,9 @@ class CapturingSCP:
     under the capture's lock; ``keep=False`` then keeps nothing in memory. ``on_request(event)``, when
     given, is called first with pynetdicom's C-STORE event, outside the lock (it may hold one
     association without holding the others: a PACS slow to store), and returns the status to answer;
-    a data set answered with anything but success is not captured. ``transfer_syntaxes``, when given,
-    replaces pynetdicom's default (uncompressed) syntaxes of every storage class, e.g. to take the
-    node's RLE-compressed SEG as a PACS does.
+    a data set answered with anything but success is not captured. ``transfer_syntaxes``, when given, are
+    accepted for every storage class besides pynetdicom's default (uncompressed) ones, e.g. to take
+    the node's RLE-compressed SEG as a PACS does.
     """
 
     def __init__(self, ae_title: str, port: int | None = None, *,
