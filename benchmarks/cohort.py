@@ -14,6 +14,7 @@ Prints Table 2 (total loss by sex × fracture type) and the wall time of each st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import tempfile
 import time
@@ -333,16 +334,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: a temporary one)")
     parser.add_argument("--spacing", type=float, default=5.0, help="phantom voxel size in mm (isotropic)")
+    parser.add_argument("--storage", type=Path, default=None,
+                        help="keep the node's storage (index, registry, results) in this new or empty "
+                             "folder, for `DICOMNODE_STORAGE_DIR=FOLDER dicomnode report cohort ...` "
+                             "(default: a temporary one, deleted)")
     args = parser.parse_args(argv)
+    if args.storage is not None and args.storage.exists() and any(args.storage.iterdir()):
+        parser.error(f"--storage {args.storage}: not empty (a second cohort would mix with the first)")
 
     from dicomnode.clinical import pairing
     from dicomnode.config import Settings
     from reporting.cohort.report import build_cohort, table2_numbers, write_report
 
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="cohort-bench-") as tmp:
+    keep = contextlib.nullcontext(str(args.storage)) if args.storage is not None else None
+    with keep or tempfile.TemporaryDirectory(prefix="cohort-bench-") as tmp:
         work = Path(tmp)
-        settings = Settings(storage_dir=work / "var")
+        settings = Settings(storage_dir=work if args.storage is not None else work / "var")
         settings.pairing.retrieve_priors = False
         run = run_cohort(settings, work, spacing_mm=args.spacing)
         t_measured = time.perf_counter()
@@ -359,16 +367,19 @@ def main(argv: list[str] | None = None) -> int:
         print("group sizes: " + ", ".join(f"{g} {n}" for g, n in report.group_sizes.items()))
         for note in report.notes:
             print(f"note: {note}")
-        print("\nTable 2 — total loss of the 21 analysed muscles per patient (pre − post)")
+        print()
         print(table2_numbers(report))
         t = run["timings"]
         print(
             f"\nwall time: total {t_end - t_start:.1f} s = phantoms {t['phantom']:.1f} s + measure "
-            f"{t['measure']:.1f} s + pairing {t['pairing']:.1f} s (+ overhead "
+            f"{t['measure']:.1f} s + pairing {t['pairing']:.1f} s\n  (+ overhead "
             f"{t_measured - t_start - sum(t.values()):.1f} s) + cohort report {t_end - t_measured:.1f} s"
         )
         if args.out:
             print(f"report: {written['html']}")
+        if args.storage is not None:
+            print(f"storage: {args.storage}\n  DICOMNODE_STORAGE_DIR={args.storage} dicomnode report cohort "
+                  "--out DIR")
     return 0
 
 

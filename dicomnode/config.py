@@ -9,6 +9,7 @@ a hospital's node.toml stops the node at start-up with the key's name instead of
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import string
@@ -30,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -86,6 +88,47 @@ def _switch(value: Any) -> Any:
 
 
 Switch = Annotated[bool, BeforeValidator(_switch)]
+
+_AE_CHARACTERS = re.compile(r"[ -\[\]-~]+")  # printable ASCII but the backslash (DICOM's AE VR)
+
+
+def _ae_title(value: str) -> str:
+    """An AE title as DICOM allows it (at most 16 characters, no backslash or control character, not
+    only spaces; the spaces around it do not count), so a typo stops the node at start-up with the
+    key's name instead of a traceback when it listens or calls."""
+    text = value.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if len(text) > 16:
+        raise ValueError(f"at most 16 characters, not {len(text)}")
+    if not _AE_CHARACTERS.fullmatch(text):
+        raise ValueError("printable ASCII characters only, no backslash")
+    return text
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+
+
+def _title_list(value: Any) -> Any:
+    """``ORTHANC,PACS2`` in an environment variable is a list of two titles (JSON lists still work):
+    what an administrator writes in a unit file, instead of a JSON parse error."""
+    if isinstance(value, str):
+        text = value.strip()
+        return json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
+    return value
+
+
+AETitles = Annotated[list[AETitle], NoDecode, BeforeValidator(_title_list)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(ge=0)]
+
+
+def _model_package(value: Path | None) -> Path | None:
+    """A site's model folder must hold a model.json now: a typo would otherwise let the node receive
+    every series and fail each job. The package itself (weights, checksum) is read at warm-up."""
+    if value is not None and not (value / "model.json").is_file():
+        raise ValueError(f"no model package at {value} (a folder with model.json and its weights)")
+    return value
 TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_version_text)]
 
 
@@ -98,9 +141,9 @@ class Section(BaseModel):
 class PacsSettings(Section):
     """Where results go (and where priors are queried)."""
 
-    ae_title: str = "ORTHANC"
+    ae_title: AETitle = "ORTHANC"
     host: str = "127.0.0.1"
-    port: int = 4242
+    port: Port = 4242
 
 
 class WorkerSettings(Section):
@@ -108,26 +151,26 @@ class WorkerSettings(Section):
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
     # who computes the windows: auto = OpenVINO on CPU when the [openvino] extra is installed (seg/runtime.py)
     runtime: Literal["auto", "torch", "openvino"] = "auto"
-    poll_seconds: float = 1.0
-    max_attempts: int = 3  # processing attempts before a job is failed
+    poll_seconds: Seconds = 1.0
+    max_attempts: int = Field(3, ge=1)  # processing attempts before a job is failed
     # a job whose pipeline process runs longer is killed and failed ("pipeline-timeout"); not retried
     timeout_seconds: float = Field(1800.0, gt=0)
 
 
 class SendSettings(Section):
-    attempts: int = 5
-    initial_backoff_seconds: float = 20.0  # doubles each retry: 20+40+80+160+320 s ≈ 10 min
-    max_backoff_seconds: float = 320.0
-    timeout_seconds: float = 30.0
+    attempts: int = Field(5, ge=1)
+    initial_backoff_seconds: Seconds = 20.0  # doubles after each failed attempt: 20+40+80+160 s ≈ 5 min
+    max_backoff_seconds: Seconds = 320.0
+    timeout_seconds: float = Field(30.0, gt=0)
     # associations open to the PACS at once: an output handed on while another is being stored goes out
     # beside it (the SR need not wait for Orthanc to store a large SEG); 1 = one send after the other
     max_associations: int = Field(2, ge=1)
 
 
 class SelectionSettings(Section):
-    min_z_extent_mm: float = 250.0
-    min_slices: int = 50
-    incomplete_hold_seconds: float = 300.0  # a quiet series with a gap waits this long, then "incomplete"
+    min_z_extent_mm: float = Field(250.0, ge=0)
+    min_slices: int = Field(50, ge=1)
+    incomplete_hold_seconds: Seconds = 300.0  # a quiet series with a gap waits this long, then "incomplete"
 
 
 class OutputSettings(Section):
@@ -238,24 +281,24 @@ class Settings(BaseSettings):
         env_prefix="DICOMNODE_", env_nested_delimiter="__", extra="forbid"
     )
 
-    ae_title: str = "THIGHNODE"
+    ae_title: AETitle = "THIGHNODE"
     host: str = "0.0.0.0"
-    port: int = 11112
+    port: Port = 11112
     storage_dir: Path = Path("var")
-    allowed_calling_aets: list[str] = Field(default_factory=list)  # empty = accept all
-    stable_seconds: float = 10.0
+    allowed_calling_aets: AETitles = Field(default_factory=list)  # empty = accept all
+    stable_seconds: Seconds = 10.0
     # true = a series is complete as soon as the association that delivered it is released normally
     # (A-RELEASE), unless another open association is still delivering it; an abort or a dropped
     # connection waits stable_seconds as before, and so does a series whose release is followed by a
     # new instance. Only with receive_processes = 1 (dicomnode/storage/series.py, StabilityWatcher)
     series_complete_on_release: bool = False
-    max_associations: int = 8  # associations at a time; counted from an accepted A-ASSOCIATE-RQ
+    max_associations: int = Field(8, ge=1)  # associations at a time; counted from an accepted A-ASSOCIATE-RQ
     # connections whose A-ASSOCIATE-RQ has not arrived yet (at most 4 of them per source address): when
     # full, the oldest is closed, so half-sent requests cannot keep callers out of max_associations
     max_pending_connections: int = Field(32, ge=1)
     # each calling AE title listed here is accepted only from these addresses or networks
     # ("10.0.0.5", "10.0.0.0/24"), like Orthanc's DicomCheckModalityHost; unlisted titles are not pinned
-    calling_aet_hosts: dict[str, list[str]] = Field(default_factory=dict)
+    calling_aet_hosts: dict[AETitle, list[str]] = Field(default_factory=dict)
     acse_timeout_seconds: float = Field(10.0, gt=0)  # ARTIM: the whole association request, from connect
     network_timeout_seconds: float = Field(30.0, gt=0)  # an idle association or a stalled PDU is dropped
     max_instance_mb: float = Field(1024.0, gt=0)  # larger C-STORE data sets are refused (0xA700)
@@ -275,7 +318,8 @@ class Settings(BaseSettings):
     # other writers' dirty data on that filesystem, so one C-STORE may wait for them); "fsync" = fsync,
     # rename, fsync the folder (two flushes, only our own data); "auto" = syncfs where the kernel has it
     receive_flush: Literal["auto", "syncfs", "fsync"] = "auto"
-    model_path: Path | None = None  # None = the shipped phantom-trained demo model
+    # None = the shipped phantom-trained demo model
+    model_path: Annotated[Path | None, AfterValidator(_model_package)] = None
     log_level: LogLevel = "INFO"
     log_json: bool = False
     pacs: PacsSettings = Field(default_factory=PacsSettings)

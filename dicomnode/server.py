@@ -73,7 +73,12 @@ class Node:
         self.store.recover(max_attempts=self.settings.worker.max_attempts)
         for job, due in jobs.queued(self.db):  # an engine that keeps no queue of its own gets them back
             self.queue.put(job, due)
-        self.scp.start()
+        try:
+            self.scp.start()
+        except Exception:
+            if self.ops is not None:  # nothing else runs yet: the page must not keep the process alive
+                self.ops.stop()
+            raise
         loops: list[tuple[str, Any]] = [("watcher", self.watcher.run), ("sender", self.sender.run)]
         if self.worker_enabled:
             loops.append(("worker", self.worker.run))

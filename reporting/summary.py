@@ -339,11 +339,14 @@ def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
 
 def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                   change: ChangeRecord | None = None, labels: Volume | None = None,
-                  baseline: tuple[Volume, Volume] | None = None) -> Dataset:
+                  baseline: tuple[Volume, Volume] | None = None, replaces_first: bool = False) -> Dataset:
     """Secondary Capture of the summary page in the source study (new series).
 
     With ``labels`` the page also shows the key images; with ``baseline`` (its CT and label map)
-    those of both studies, pre above post, the operated side marked.
+    those of both studies, pre above post, the operated side marked. ``replaces_first``: the page
+    built when a baseline arrived after this study, whose first page (instance 1, no comparison) is
+    already in the PACS: it is instance 2 and says which page it replaces, so a reader of the series
+    knows which one is current.
     """
     src0 = source_header(ct.source_files)
     if src0 is None:
@@ -365,12 +368,15 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
         series_instance_uid=output_uid(content, model_info, kind + "/series"),
         series_number=SUMMARY_SERIES_NUMBER,
         sop_instance_uid=output_uid(content, model_info, kind + "/instance" + compared),
-        instance_number=1,
+        instance_number=2 if replaces_first else 1,
         manufacturer="dicomnode",
         patient_orientation=("L", "P"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     sc.SeriesDescription = ("Thigh muscle summary" + (" DEMO" if model_info.demo else ""))[:64]
+    if replaces_first and change is not None:
+        sc.ImageComments = (f"Replaces instance 1 of this series: now compared with the study of "
+                            f"{change.baseline.study_date or 'an earlier date'}, which arrived later")
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     if "Laterality" not in sc:

@@ -60,3 +60,19 @@ def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, 
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     assert f"Invalid value for {option}" in res.output and why in res.output, res.output
     assert "Traceback" not in res.output and not (t / "pkg").exists() and not (t / "demo").exists()
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["status"], ["retry", "1"], ["patients", "list"],
+                                     ["patients", "timeline", "P1"], ["report", "patient", "P1"],
+                                     ["report", "cohort", "--out", "report"]])
+def test_commands_that_read_the_index_refuse_a_folder_without_one(command: list[str], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forgotten --config: the default storage folder (./var) has no index. Saying so beats an empty
+    new index that shows "no jobs" for a node that has hundreds."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("DICOMNODE_CONFIG", "DICOMNODE_STORAGE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert "no node index at var/index.sqlite" in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "var").exists()

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
 import numpy as np
 import pytest
 from browser import launched, requires_chromium
@@ -10,7 +16,9 @@ from scipy.stats import mannwhitneyu, wilcoxon
 
 from reporting.change import compute_change
 from reporting.cohort.collect import GROUPS, parse_filters
+from reporting.cohort.figures import FIGURE_NAMES, figure6
 from reporting.cohort.report import build_cohort, write_report
+from reporting.cohort.statistics import MIN_CI_N, min_p_mannwhitney
 from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
 from seg.records import CohortEntry, Reason, ReasonCode, StructureVolume, StudyRef, VolumeRecord
 
@@ -62,7 +70,7 @@ def _cohort(seed: int = 7) -> tuple[list[CohortEntry], dict[str, dict]]:
                 patient_id=pid,
                 fractured_side="left",
                 height_source="registry",
-            ).with_facts(sex=sex, fracture_type=fracture)
+            ).with_facts(sex=sex, fracture_type=fracture, koval_grade=n % 7 + 1 if n % 3 else None)
             entries.append(CohortEntry(patient_id=pid, change=change))
             truth[pid] = {
                 "sex": sex,
@@ -250,3 +258,178 @@ def test_report_page_in_chromium_shows_every_table_and_figure(cohort, tmp_path) 
         body = page.inner_text("body")
         assert f"Patients with a pre/post pair: {len(report.patients)}" in body
         assert not errors, errors
+
+
+# ---------------------------------------------------------------- audit: tidy, honest outputs
+
+
+class _Tables(HTMLParser):
+    """Every <table> of a page as rows of cell texts (the header row first), entities decoded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _html_columns(page: str, column: str) -> list[str]:
+    """Every cell under a header named ``column``, across all the page's tables."""
+    parser = _Tables()
+    parser.feed(page)
+    cells = []
+    for table in parser.tables:
+        head = table[0]
+        if column in head:
+            cells += [row[head.index(column)] for row in table[1:] if len(row) == len(head)]
+    return cells
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def _section(page: str, heading: str) -> str:
+    """The page from the paragraph starting ``heading`` to the next table: what a reader sees above it."""
+    start = page.index(heading)
+    return page[start : page.index("<table", start)]
+
+
+def _unreachable_claims(page: str) -> list[str]:
+    """The page's paragraphs that say some p-values cannot reach 0.05."""
+    return [p for p in re.findall(r"<p[^>]*>(.*?)</p>", page, re.S) if "cannot reach 0.05" in p]
+
+
+@pytest.fixture(scope="module")
+def written(cohort, tmp_path_factory) -> dict[str, Path]:
+    """The fixture cohort's report written once, for the tests that only read its files."""
+    report, _, _ = cohort
+    return write_report(report, tmp_path_factory.mktemp("cohort") / "out")
+
+
+def test_bootstrap_has_no_interval_for_tiny_groups(cohort, written) -> None:
+    """With n = 2 a percentile bootstrap is just min..max of the two values: no CI is reported below
+    MIN_CI_N (empty in the CSV), and such rows stay flagged as small."""
+    report, _, _ = cohort
+    b = report.bootstrap
+    tiny = b["n"] < MIN_CI_N
+    assert tiny.any() and (~tiny).any()
+    assert b.loc[tiny, ["ci95_low", "ci95_high"]].isna().all().all()
+    assert b.loc[tiny, "small_group"].all()
+    assert b.loc[~tiny, ["ci95_low", "ci95_high"]].notna().all().all()
+    male_itf = b.set_index(["muscle", "subset"]).loc[("Gluteus maximus", "Male ITF")]
+    assert male_itf["n"] == 2 and math.isnan(male_itf["ci95_low"]) and bool(male_itf["small_group"])
+    rows = _csv_rows(written["stats_bootstrap"])
+    head = rows[0]
+    for row in rows[1:]:
+        if int(row[head.index("n")]) < MIN_CI_N:
+            assert row[head.index("ci95_low")] == row[head.index("ci95_high")] == ""
+
+
+def test_html_prints_tiny_p_values_as_below_floor(cohort, written) -> None:
+    """A p of 7.6e-6 is not "0.0000": the HTML says "<0.0001"; the CSV keeps the full value."""
+    report, _, _ = cohort
+    page = written["html"].read_text()
+    cells = _html_columns(page, "p") + _html_columns(page, "q_bh")
+    assert "<0.0001" in cells and "0.0000" not in cells
+    rows = _csv_rows(written["stats_wilcoxon"])
+    p_csv = min(float(r[rows[0].index("p")]) for r in rows[1:] if r[rows[0].index("p")])
+    assert p_csv == pytest.approx(report.wilcoxon["p"].min(), rel=1e-12) and p_csv < 1e-4
+
+
+def test_small_sample_warnings_only_where_true(tmp_path) -> None:
+    """The signed-rank warning (n < 6: p ≥ 0.0625) belongs to the paired tests only: 2 vs 10 patients
+    can reach p < 0.05 in Mann–Whitney (2/66), 2 vs 3 cannot (2/10), and the page says so."""
+    entries, _ = _cohort()
+    assert min_p_mannwhitney(2, 10) == pytest.approx(2 / 66)
+    exact = mannwhitneyu([1.0, 2.0], np.arange(3.0, 13.0), method="exact").pvalue
+    assert exact == pytest.approx(min_p_mannwhitney(2, 10)) and exact < 0.05
+    women = build_cohort(entries, parse_filters(["sex=F"]), n_boot=50)  # FNF 2 vs ITF 10
+    assert women.mannwhitney["small_group"].all()  # flagged small, yet p < 0.05 is attainable
+    page = write_report(women, tmp_path / "women")["html"].read_text()
+    assert "cannot reach 0.05" in _section(page, "Wilcoxon signed-rank, pre vs post")  # FNF: n = 2
+    claims = _unreachable_claims(page)  # each states its bound, and here only the paired one applies
+    assert claims and all("signed-rank p is 2/2ⁿ" in c for c in claims), claims
+    assert "cannot reach" not in _section(page, "Mann–Whitney U")
+    few = build_cohort(entries, parse_filters(["patient_id=C01,C02,C07,C08,C09"]), n_boot=50)  # 2 vs 3
+    page = write_report(few, tmp_path / "few")["html"].read_text()
+    note = _section(page, "Mann–Whitney U")
+    assert "cannot reach 0.05" in note and "2/C(5, 2) = 0.2" in note and "2/2ⁿ" not in note
+
+
+def test_no_signed_rank_warning_without_small_rows(written) -> None:
+    """The fixture's paired tests all have n ≥ 6 (all 18, FNF 6, ITF 12): no warning is true there."""
+    assert "cannot reach" not in written["html"].read_text()
+
+
+def test_rewrite_removes_own_stale_outputs_only(cohort, tmp_path) -> None:
+    """A report with no pairs written over a full one leaves no old figure beside its new tables, and
+    removes nothing that is not one of the report's own file names."""
+    report, _, entries = cohort
+    out = tmp_path / "out"
+    first = write_report(report, out)
+    assert set(FIGURE_NAMES) <= {p.name for p in first.values()}
+    (out / "figure9_mine.png").write_bytes(b"keep")
+    (out / "notes.txt").write_text("keep")
+    empty = build_cohort(entries, parse_filters(["sex=X"]), n_boot=10)
+    assert empty.patients.empty
+    second = write_report(empty, out)
+    assert not any((out / name).exists() for name in FIGURE_NAMES)
+    names = {p.name for p in out.iterdir()}
+    assert names == {p.name for p in second.values()} | {"figure9_mine.png", "notes.txt"}
+    assert (out / "figure9_mine.png").read_bytes() == b"keep"
+    assert "data:image/png" not in second["html"].read_text()
+
+
+def test_csvs_have_named_columns_and_integer_counts(written) -> None:
+    """No CSV starts with an unnamed row-number column; counts and Koval grades are integers, the
+    grade empty where unknown (not "2.0" / "nan")."""
+    for name, path in written.items():
+        if path.suffix != ".csv":
+            continue
+        rows = _csv_rows(path)
+        assert rows[0] and rows[0][0], name  # first header cell names its column
+        for col in ("n", "n_FNF", "n_ITF", "koval_grade", "days_between"):
+            if col in rows[0]:
+                values = [r[rows[0].index(col)] for r in rows[1:]]
+                assert all(v == "" or v.isdigit() for v in values), (name, col, values[:5])
+    patients = _csv_rows(written["patients"])
+    grades = [r[patients[0].index("koval_grade")] for r in patients[1:]]
+    assert "" in grades and any(g.isdigit() for g in grades)
+    for name in ("table2_total_loss", "table2_across_muscles"):
+        n_row = next(r for r in _csv_rows(written[name]) if r[0] == "n")
+        assert all(v.isdigit() for v in n_row[1:]), (name, n_row)
+
+
+def test_figure6_panels_name_the_sexes(cohort) -> None:
+    """Each Figure 6 panel says which boxes are men's and which women's (and how many), in a legend."""
+    report, _, _ = cohort
+    fig = figure6(report)
+    try:
+        for ax, fracture in zip(fig.axes, ("FNF", "ITF"), strict=True):
+            labels = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert labels == [
+                f"Male {fracture} (n={report.group_sizes[f'Male {fracture}']})",
+                f"Female {fracture} (n={report.group_sizes[f'Female {fracture}']})",
+            ]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

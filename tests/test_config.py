@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,4 +120,55 @@ def test_config_check_valid_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ])
 def test_config_check_bad_file_exits_2(tmp_path: Path, text: str, expected: str) -> None:
     result = CliRunner().invoke(app, ["config", "check", str(_write(tmp_path, text))])
-    assert result.exit_code == 2 and expected in result.output
+    assert result.exit_code == 2 and expected in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("port = 99999\n", "port: Input should be less than or equal to 65535"),
+    ("[pacs]\nport = 0\n", "pacs.port: Input should be greater than or equal to 1"),
+    ('ae_title = "BAD TITLE WITH SPACES"\n', "ae_title: at most 16 characters, not 21"),
+    ('ae_title = "  "\n', "ae_title: must not be empty"),
+    ('[pacs]\nae_title = "PACS\\\\A"\n', "pacs.ae_title: printable ASCII characters only, no backslash"),
+    ('allowed_calling_aets = ["ORTHANC", "A_CALLING_TITLE_OF_29_LETTERS"]\n',
+     "allowed_calling_aets.1: at most 16 characters"),
+    ("stable_seconds = -1\n", "stable_seconds: Input should be greater than or equal to 0"),
+    ("[send]\nattempts = 0\n", "send.attempts: Input should be greater than or equal to 1"),
+    ('model_path = "/nonexistent/model"\n', "model_path: no model package at /nonexistent/model"),
+])
+def test_config_check_refuses_what_serve_could_not_use(tmp_path: Path, text: str, expected: str) -> None:
+    """What the listener, the sender or the worker would only trip over later (a traceback at bind,
+    every job failing on a missing model) is refused by the check, with the key's name."""
+    result = CliRunner().invoke(app, ["config", "check", str(_write(tmp_path, text))])
+    assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+
+
+def test_an_ae_title_keeps_no_padding(tmp_path: Path) -> None:
+    s = load_settings(_write(tmp_path, 'ae_title = " THIGHNODE "\nallowed_calling_aets = ["ORTHANC "]\n'))
+    assert (s.ae_title, s.allowed_calling_aets) == ("THIGHNODE", ["ORTHANC"])
+
+
+def test_a_taken_port_stops_serve_with_one_line(tmp_path: Path) -> None:
+    """An old node still listening: `serve` says so in one line (exit 2), no traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        cfg = _write(tmp_path, f'storage_dir = "{(tmp_path / "var").as_posix()}"\nhost = "127.0.0.1"\n'
+                               f"port = {port}\n")
+        result = subprocess.run([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(cfg)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot start: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_calling_titles_from_the_environment_as_a_comma_list_or_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit file's ``Environment=DICOMNODE_ALLOWED_CALLING_AETS=ORTHANC,PACS2`` is two titles; a title
+    that DICOM would refuse is refused by name, as from the file."""
+    monkeypatch.setenv("DICOMNODE_ALLOWED_CALLING_AETS", "ORTHANC, PACS2")
+    assert load_settings().allowed_calling_aets == ["ORTHANC", "PACS2"]
+    monkeypatch.setenv("DICOMNODE_ALLOWED_CALLING_AETS", '["A", "B"]')
+    assert load_settings().allowed_calling_aets == ["A", "B"]
+    monkeypatch.setenv("DICOMNODE_ALLOWED_CALLING_AETS", "ORTHANC,A_TITLE_FAR_TOO_LONG")
+    with pytest.raises(ConfigError, match="allowed_calling_aets.1: at most 16 characters"):
+        load_settings()

@@ -20,6 +20,7 @@ import pytest
 from orthanc import OrthancServer, free_port, requires_orthanc, wait_for
 from peers import NodeProcess
 from pynetdicom.sop_class import CTImageStorage as CT_IMAGE
+from pynetdicom.sop_class import LegacyConvertedEnhancedCTImageStorage as LEGACY_CT
 from pynetdicom.sop_class import MRImageStorage as MR_IMAGE
 
 from dicomnode.harness.capture import CapturingSCP
@@ -82,6 +83,7 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
         routed = {
             "z-extent": write_series(data / "a", n=21, thickness=10.0, seed=1),  # 210 mm, no hint
             "hint": write_series(data / "c", n=6, description="CT THIGHS BILATERAL", seed=3),
+            "legacy": write_series(data / "h", n=6, description="THIGH", sop_class=LEGACY_CT, seed=8),
         }
         not_routed = {
             "chest": write_series(data / "b", n=30, thickness=10.0, body_part="CHEST", seed=2),
@@ -90,15 +92,15 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
             "scout": write_series(data / "f", n=25, thickness=10.0, description="Topogram 0.6 T20f", seed=6),
             "from-node": write_series(data / "g", n=25, thickness=10.0, body_part="LEG", seed=7),
         }
-        for name in ("a", "b", "c", "d", "e", "f"):
+        for name in ("a", "b", "c", "d", "e", "f", "h"):
             orthanc.upload_folder(data / name)
         send_series(data / "g", orthanc.dicom_port, "ORTHANC", calling_aet="THIGHNODE")
 
-        expected = {routed["z-extent"]: 21, routed["hint"]: 6}
+        expected = {routed["z-extent"]: 21, routed["hint"]: 6, routed["legacy"]: 6}
         wait_for(lambda: all(scp.series_counts().get(uid) == n for uid, n in expected.items()), 60,
                  what="routed series complete at the stand-in node")
         # A series whose upload stalls for longer than the stable age (a loaded machine) is decided
-        # early and again once complete, so wait for a decision on each of the 7 series and for
+        # early and again once complete, so wait for a decision on each of the 8 series and for
         # each expected reason rather than for 7 decision lines.
         reasons = ("is not CT", "BodyPartExamined CHEST", "mentions TOPOGRAM", "sent by the node itself",
                    "z-extent 18 mm < 200 mm")
@@ -106,9 +108,9 @@ def test_route_lua_forwards_only_thigh_like_ct(tmp_path: Path) -> None:
         def all_decided() -> bool:
             log = orthanc.log_path.read_text()
             decided = set(re.findall(r"thigh-routing: series (\S+) (?:not )?routed", log))
-            return len(decided) >= 7 and all(r in log for r in reasons)
+            return len(decided) >= 8 and all(r in log for r in reasons)
 
-        wait_for(all_decided, 60, what="a routing decision with its reason for each of the 7 series")
+        wait_for(all_decided, 60, what="a routing decision with its reason for each of the 8 series")
         time.sleep(1.5)  # let any (wrong) routing job finish before asserting absence
         received = scp.series_counts()
         assert {uid: received.get(uid) for uid in expected} == expected
@@ -166,6 +168,80 @@ def test_deploy_files_agree() -> None:
     assert cfg["ThighRouting"]["MinZExtentMm"] <= settings.selection.min_z_extent_mm
     rendered = render.render(node_host="dicomnode", dicom_port=104, extra={"Name": "x"})
     assert rendered["DicomModalities"]["thighnode"]["Host"] == "dicomnode" and rendered["DicomPort"] == 104
+
+
+def test_render_cli_registers_users_and_refuses_a_malformed_one(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``--user NAME:PASSWORD`` fills RegisteredUsers (authentication stays on); a bad value exits 2."""
+    from orthanc import render
+
+    out = tmp_path / "orthanc.json"
+    assert render.main(["--user", "admin:s3:cret", "--user", "viewer:pw", "--out", str(out)]) == 0
+    cfg = json.loads(out.read_text())
+    assert cfg["AuthenticationEnabled"] is True
+    assert cfg["RegisteredUsers"] == {"admin": "s3:cret", "viewer": "pw"}
+    assert out.stat().st_mode & 0o777 == 0o640  # the passwords are in plain text
+    assert "warning" not in capsys.readouterr().err
+
+    assert render.main(["--out", str(tmp_path / "locked.json")]) == 0  # the shipped file: nobody gets in
+    assert "no RegisteredUsers" in capsys.readouterr().err
+    for bad in ("admin", "admin:", ":hunter2", " admin:hunter2"):
+        with pytest.raises(SystemExit) as exc:
+            render.main(["--user", bad, "--out", str(tmp_path / "bad.json")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "NAME:PASSWORD" in err and "hunter2" not in err
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_rendered_user_opens_the_rest_api_and_dicomweb(tmp_path: Path) -> None:
+    """The documented render (user, DICOMweb) gives an Orthanc that answers that user and 401 to others."""
+    import base64
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from orthanc import ORTHANC_BIN, ROUTE_LUA, render
+
+    from dicomnode.harness.net import dcmtk_env
+
+    http_port, dicom_port = free_port(), free_port()
+    dicomweb = render.dicomweb_plugin() is not None
+    config = tmp_path / "orthanc.json"
+    render.main(["--http-port", str(http_port), "--dicom-port", str(dicom_port),
+                 "--storage", str(tmp_path / "db"), "--lua", str(ROUTE_LUA), "--user", "admin:pw:1",
+                 *(["--dicomweb"] if dicomweb else []), "--out", str(config)])
+
+    def status(path: str, user: str | None) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}")
+        if user:
+            request.add_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def up() -> bool:
+        try:
+            return status("/system", None) == 401
+        except OSError:
+            return False
+
+    with (tmp_path / "orthanc.log").open("wb") as log:
+        proc = subprocess.Popen([ORTHANC_BIN, str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                env=dcmtk_env(), cwd=tmp_path, start_new_session=True)
+    try:
+        wait_for(up, 30, what="Orthanc to start")
+        assert status("/system", "admin:pw:1") == 200
+        assert status("/jobs?expand", "admin:pw:1") == 200
+        assert status("/system", "admin:wrong") == 401
+        if dicomweb:
+            assert status("/dicom-web/studies", "admin:pw:1") == 200
+            assert status("/dicom-web/studies", None) == 401
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 # --------------------------------------------------------------------------------------------

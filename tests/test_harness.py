@@ -81,6 +81,8 @@ def test_demo_node_config_is_toml_that_round_trips(tmp_path: Path) -> None:
     from dicomnode.config import load_settings
 
     storage = tmp_path / 'odd "name" \\ here'
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.json").write_text("{}")  # config asks only that a package is there
     path = write_node_config(tmp_path / "node.toml", port=4100, storage=storage, pacs_port=4200,
                              model=tmp_path / "model")
     data = tomllib.loads(path.read_text())

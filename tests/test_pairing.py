@@ -272,6 +272,28 @@ def test_patients_list_shows_a_registry_row_with_the_studies_it_applies_to(
     assert table.output.count("P5") == 1 and "HOSP_A" in table.output
 
 
+def test_patients_list_shows_the_height_and_sex_pairing_uses(
+        settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    """A registry row without a height, or no row at all: the list shows the DICOM PatientSize the
+    cohort and the change records use, not "missing"; the issuer heads its table instead of being
+    folded into the patient column."""
+    _registry(settings, tmp_path, "patient_id,fracture_type\nP7,FNF\n")
+    _record(settings, "P7", "7.1", "20230101", size=1.71, issuer="DICOMNODE-PHANTOM-ISSUER")
+    _record(settings, "P8", "8.1", "20230101", size=1.58)
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(settings.storage_dir))
+    res = CliRunner().invoke(app, ["patients", "list", "--json"])
+    rows = {r["patient_id"]: r for r in json.loads(res.output)}
+    assert (rows["P7"]["height_m"], rows["P7"]["height_source"], rows["P7"]["fracture_type"]) == (
+        1.71, "PatientSize", "FNF")
+    assert (rows["P8"]["height_m"], rows["P8"]["sex"], rows["P8"]["in_registry"]) == (1.58, "F", False)
+    table = CliRunner().invoke(app, ["patients", "list"], env={"COLUMNS": "80"})
+    lines = table.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "IssuerOfPatientID DICOMNODE-PHANTOM-ISSUER" in lines
+    assert any(line.startswith("P7 ") and "1.71 m" in line and "PatientSize" in line for line in lines)
+    assert any(line.startswith("P8 *") for line in lines) and lines[-1].startswith("* not in the registry")
+
+
 def _retrievals(settings: Settings) -> list[tuple]:
     con = sqlite3.connect(settings.db_path)
     try:
@@ -295,6 +317,10 @@ def test_cli_timeline_and_reports(settings: Settings, tmp_path: Path, monkeypatc
     res = runner.invoke(app, ["patients", "timeline", "P1"])
     assert res.exit_code == 0, res.output
     assert "baseline" in res.output and "vs baseline" in res.output and "loss 10.0 %" in res.output
+    long_uid = "2.25." + "9" * 59  # a series UID of the full 64 characters
+    _record(settings, "P1", "1.3", "20230701", 0.8, series=long_uid)
+    res = runner.invoke(app, ["patients", "timeline", "P1"])
+    assert long_uid in res.output and max(len(line) for line in res.output.splitlines()) <= 80
     res = runner.invoke(app, ["report", "patient", "P1", "--out", str(tmp_path / "p1")])
     assert res.exit_code == 0, res.output
     assert list((tmp_path / "p1").glob("change-baseline-*.json"))
@@ -312,6 +338,16 @@ def test_cli_timeline_and_reports(settings: Settings, tmp_path: Path, monkeypatc
     assert (tmp_path / "cohort" / "report.html").is_file()
     res = runner.invoke(app, ["report", "cohort", "--out", str(tmp_path / "c2"), "--filter", "fracture_type"])
     assert res.exit_code != 0
+    # the registry's words work in a filter, a typo is refused rather than giving an empty report
+    for words in (["sex=Female", "side=L"], ["fracture=intertrochanteric"]):
+        res = runner.invoke(app, ["report", "cohort", "--out", str(tmp_path / "c3"), "--bootstrap", "20",
+                                  *(a for w in words for a in ("--filter", w))])
+        assert res.exit_code == 0 and "Female ITF 1" in res.output, res.output
+    for bad, said in ((["--filter", "fracture_typ=FNF"], "no fact 'fracture_typ'"),
+                      (["--filter", "sex=W0man"], "'W0man' is not a sex value"),
+                      (["--bootstrap", "0"], "Input should be greater than or equal to 10")):
+        res = runner.invoke(app, ["report", "cohort", "--out", str(tmp_path / "c4"), *bad])
+        assert res.exit_code == 2 and said in " ".join(res.output.replace("│", " ").split()), res.output
 
 
 # ---------------------------------------------------------------- the synthetic cohort (phantoms)
@@ -418,3 +454,21 @@ def test_concurrent_workers_keep_one_consistent_timeline(settings: Settings) -> 
     assert [len(r.changes) for r in rows] == [0, 1] + [2] * 6
     con = sqlite3.connect(settings.db_path)
     assert con.execute("SELECT COUNT(*) FROM pairing_changes").fetchone()[0] == 1 + 2 * 6
+
+
+def test_synthetic_cohort_kept_for_the_command_line(tmp_path: Path, monkeypatch) -> None:
+    """`benchmarks/cohort.py --storage DIR` keeps the node's index, registry and results, so a
+    researcher can query the cohort with `dicomnode report cohort` as the docs show; a folder that
+    already holds something is refused rather than mixed."""
+    bench = _bench()
+    storage = tmp_path / "cohort-storage"
+    assert bench.main(["--storage", str(storage), "--spacing", "8"]) == 0
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(storage))
+    res = CliRunner().invoke(app, ["report", "cohort", "--out", str(tmp_path / "report"),
+                                   "--bootstrap", "20"])
+    assert res.exit_code == 0, res.output
+    assert "Female FNF 2, Female ITF 10, Male FNF 4, Male ITF 2" in res.output
+    res = CliRunner().invoke(app, ["patients", "list", "--json"])
+    assert sum(r["comparisons"] for r in json.loads(res.output)) == 18
+    with pytest.raises(SystemExit):
+        bench.main(["--storage", str(storage)])

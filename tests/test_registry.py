@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
@@ -86,12 +88,61 @@ def test_issuer_scoping(settings: Settings, tmp_path: Path) -> None:
     assert registry.get_patient(settings, "P1").height_m == 1.70
 
 
-def test_reimport_replaces(settings: Settings, tmp_path: Path) -> None:
+def test_reimport_updates_what_the_file_gives_and_keeps_the_rest(settings: Settings, tmp_path: Path) -> None:
+    """A file that corrects heights must not erase the sex, fracture and surgery date stored before:
+    an absent column, an empty cell and an unreadable value all keep the stored value."""
     _import(settings, tmp_path)
-    _import(settings, tmp_path, "patient_id,height_m,fracture_type\nP1,1.64,ITF\n")
+    result = _import(settings, tmp_path, "patient_id;height_m;fracture_type;sex\nP1;1,64;ITF;\nP2;1.70;;\n")
+    assert (result.imported, result.updated) == (2, 2)
     p1 = registry.get_patient(settings, "P1")
-    assert p1.height_m == 1.64 and p1.fracture_type == "ITF" and p1.sex is None
+    assert (p1.height_m, p1.fracture_type, p1.sex, p1.surgery_date, p1.koval_grade) == (
+        1.62, "ITF", "F", "20230106", 2)
+    assert "line 2: height not a number: '1,64'" in result.problems
+    p2 = registry.get_patient(settings, "P2")
+    assert (p2.height_m, p2.fracture_type, p2.fractured_side) == (1.70, "ITF", "right")
+    # a plausible height replaces an implausible one and its flag
+    _import(settings, tmp_path, "patient_id,height_cm\nP3,160\n")
+    p3 = registry.get_patient(settings, "P3")
+    assert (p3.height_m, p3.height_flag, p3.fracture_type) == (1.60, None, "ITF")
     assert len(registry.all_patients(settings)) == 5
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("patient_id,height_m,fracture_typ", "unknown column(s) 'fracture_typ'; accepted: patient_id,"),
+        ("patient_id,height,height_m", "columns 'height' and 'height_m' both give height_m"),
+        ("patient_id,height_m,height_cm", "both give the height"),
+        ("height,sex", "no patient_id column"),
+    ],
+)
+def test_a_header_we_cannot_read_refuses_the_whole_file(settings: Settings, tmp_path: Path,
+                                                         header: str, message: str) -> None:
+    _import(settings, tmp_path)
+    before = registry.all_patients(settings)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _import(settings, tmp_path, f"{header}\nP1,1.70,ITF\n")
+    assert registry.all_patients(settings) == before
+
+
+def test_lines_that_do_not_fit_the_header_or_repeat_a_patient_are_skipped(settings: Settings,
+                                                                          tmp_path: Path) -> None:
+    """A decimal comma in a comma-separated file shifts every later field: the line is skipped with
+    its field count, not imported as height 1 m, sex '53'. A patient's second line is skipped too."""
+    _import(settings, tmp_path)
+    result = _import(settings, tmp_path, "patient_id,height_m,sex,fracture_type\n"
+                                         "P1,1,53,F,FNF\nP2,1.72\nP4,1.80,M,ITF\nP4,1.81,M,FNF\n,1.7,F,FNF\n")
+    assert (result.imported, result.skipped) == (1, 4)
+    assert result.problems == [
+        "line 2: 5 fields, the header has 4: line skipped",
+        "line 3: 2 fields, the header has 4: line skipped",
+        "line 5: patient P4 is on line 4 already: line skipped",
+        "line 6: no patient_id: line skipped",
+    ]
+    assert registry.get_patient(settings, "P1").height_m == 1.62
+    assert registry.get_patient(settings, "P2").height_m == 1.71
+    p4 = registry.get_patient(settings, "P4")
+    assert (p4.height_m, p4.fracture_type) == (1.80, "ITF")
 
 
 def test_registry_lives_in_the_versioned_index(settings: Settings, tmp_path: Path) -> None:
@@ -112,7 +163,7 @@ def test_cli_import_and_list(settings: Settings, tmp_path: Path, monkeypatch) ->
     runner = CliRunner()
     res = runner.invoke(app, ["patients", "import", str(path)])
     assert res.exit_code == 0, res.output
-    assert "imported 5 patient(s)" in res.output
+    assert "imported 5 patient(s) (5 new, 0 updated); 0 line(s) skipped" in res.output
     res = runner.invoke(app, ["patients", "list", "--json"])
     assert res.exit_code == 0, res.output
     rows = {r["patient_id"]: r for r in json.loads(res.output)}
@@ -120,5 +171,6 @@ def test_cli_import_and_list(settings: Settings, tmp_path: Path, monkeypatch) ->
     assert rows["P3"]["height_m"] is None and "implausible" in rows["P3"]["height_flag"]
     assert rows["P4"]["fracture_type"] is None
     bad = tmp_path / "bad.csv"
-    bad.write_text("name,height\nx,1.7\n")
-    assert runner.invoke(app, ["patients", "import", str(bad)]).exit_code != 0
+    bad.write_text("patient_id,fracture_typ\nP1,ITF\n")
+    res = runner.invoke(app, ["patients", "import", str(bad)])
+    assert res.exit_code == 2 and "unknown column(s) 'fracture_typ'" in res.output

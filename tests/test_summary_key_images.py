@@ -198,6 +198,12 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
         assert alone.SeriesInstanceUID == sc.SeriesInstanceUID
         assert alone.SOPInstanceUID != sc.SOPInstanceUID  # other content: never under the same UID
         assert alone.Rows < sc.Rows
+        # which page is current: the later one is numbered after the first and says what it replaces
+        assert (alone.InstanceNumber, sc.InstanceNumber) == (1, 2) and "ImageComments" not in alone
+        assert sc.ImageComments.startswith("Replaces instance 1 of this series: now compared with the "
+                                           "study of 20240101")
+    else:
+        assert sc.InstanceNumber == 1 and "ImageComments" not in sc
 
     results = settings.storage_dir / "results" / str(f_ct.meta["SeriesInstanceUID"])
     change = ChangeRecord.load(results / f"change-{b_ct.meta['SeriesInstanceUID']}.json")

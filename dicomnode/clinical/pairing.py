@@ -325,14 +325,26 @@ def needs_prior(plan: Plan, surgery_date: str | None, result: ResultRecord) -> b
     return len(plan.studies) == 1
 
 
+def _resolve(settings: Settings, con: sqlite3.Connection, pid: str, issuer: str,
+             studies: list[Study]) -> registry.Resolved:
+    """The patient's facts as pairing uses them: the registry, else the latest study's header."""
+    latest_size = next((s.patient_size_m for s in reversed(studies) if s.patient_size_m), None)
+    latest_sex = next((s.patient_sex for s in reversed(studies) if s.patient_sex), None)
+    return registry.resolve(settings, pid, issuer, latest_sex, latest_size, con=con)
+
+
+def resolved(settings: Settings, patient_id: str, issuer: str = "") -> registry.Resolved:
+    """What pairing knows of a measured patient (height and sex with their sources, registry facts)."""
+    with reading(settings) as con:
+        return _resolve(settings, con, patient_id, issuer, _studies(con, patient_id, issuer)[0])
+
+
 def _refresh_patient(
     settings: Settings, con: sqlite3.Connection, pid: str, issuer: str, result: ResultRecord | None = None
 ) -> tuple[list[ChangeRecord], Plan]:
     """Recompute roles, reasons and every comparison of one patient (the table mirrors the timeline)."""
     studies, superseded = _studies(con, pid, issuer)
-    latest_size = next((s.patient_size_m for s in reversed(studies) if s.patient_size_m), None)
-    latest_sex = next((s.patient_sex for s in reversed(studies) if s.patient_sex), None)
-    res = registry.resolve(settings, pid, issuer, latest_sex, latest_size, con=con)
+    res = _resolve(settings, con, pid, issuer, studies)
     plan = plan_timeline(studies, res.surgery_date)
     changes = [
         _change(a, b, kind, pid, res, plan.baseline_preoperative, plan.reasons[b.series_instance_uid])

@@ -74,8 +74,12 @@ class Resolved:
 
 @dataclass
 class ImportResult:
+    """What an import did: rows written (of which ``updated`` were stored before), lines skipped."""
+
     imported: int
     problems: list[str]
+    updated: int = 0
+    skipped: int = 0
 
 
 # ---------------------------------------------------------------- parsing
@@ -123,25 +127,62 @@ def parse_date(value: Any) -> str | None:
     return digits
 
 
-def _column(header: list[str], key: str) -> str | None:
-    normal = {h.strip().lower().replace(" ", "_").replace("-", "_"): h for h in header}
-    for alias in _ALIASES[key]:
-        if alias in normal:
-            return normal[alias]
-    return None
+def _normal(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
 
 
-def parse_row(row: dict[str, str], header: list[str]) -> tuple[ClinicalInfo | None, list[str]]:
-    """One CSV row → ClinicalInfo plus the problems found (a row without PatientID is skipped)."""
+def accepted_columns() -> str:
+    """The accepted column names, for error messages and ``--help``."""
+    return ", ".join(names[0] for names in _ALIASES.values())
+
+
+def header_columns(header: list[str]) -> dict[str, str]:
+    """Registry field → the CSV column that holds it. A column we do not know, or two columns for one
+    field, is refused: a misspelt header (``fracture_typ``) would otherwise drop that fact for every
+    patient in the file without a word."""
+    of_alias = {alias: key for key, aliases in _ALIASES.items() for alias in aliases}
+    found: dict[str, str] = {}
+    unknown = []
+    for column in header:
+        if not column.strip():
+            continue  # an unnamed column (a trailing delimiter) holds nothing we could use
+        key = of_alias.get(_normal(column))
+        if key is None:
+            unknown.append(column)
+        elif key in found:
+            raise ValueError(f"columns {found[key]!r} and {column!r} both give {key}")
+        else:
+            found[key] = column
+    if "height_m" in found and "height_cm" in found:
+        raise ValueError(f"columns {found['height_m']!r} and {found['height_cm']!r} both give the height")
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(map(repr, unknown))}; accepted: {accepted_columns()}")
+    if "patient_id" not in found:
+        raise ValueError(f"no patient_id column (found {header})")
+    return found
+
+
+# Fields a row can set; a field the file does not give (no column, an empty or unreadable cell) keeps
+# the value stored for that patient.
+_FIELDS = ("height_m", "sex", "fracture_type", "fractured_side", "surgery_date", "koval_grade")
+
+
+def parse_row(
+    row: dict[str, str], columns: dict[str, str]
+) -> tuple[ClinicalInfo | None, set[str], list[str]]:
+    """One CSV row → (ClinicalInfo, the fields it gives, problems); (None, …) when it has no PatientID.
+
+    ``columns``: :func:`header_columns` of the file's header."""
     problems: list[str] = []
+    given: set[str] = set()
 
     def get(key: str) -> str:
-        col = _column(header, key)
+        col = columns.get(key)
         return (row.get(col) or "").strip() if col else ""
 
     pid = get("patient_id")
     if not pid:
-        return None, ["no patient_id"]
+        return None, given, ["no patient_id: line skipped"]
     info = ClinicalInfo(patient_id=pid, issuer_of_patient_id=get("issuer_of_patient_id"))
     height_text, height_cm_text = get("height_m"), get("height_cm")
     try:
@@ -152,9 +193,11 @@ def parse_row(row: dict[str, str], header: list[str]) -> tuple[ClinicalInfo | No
             info.height_m = float(height_cm_text) / 100.0
     except ValueError:
         problems.append(f"height not a number: {height_text or height_cm_text!r}")
-    if info.height_m is not None and not plausible_height(info.height_m):
-        info.height_flag = f"implausible height {info.height_m:.2f} m (outside {PLAUSIBLE_RANGE_TEXT})"
-        problems.append(info.height_flag)
+    if info.height_m is not None:
+        given.add("height_m")
+        if not plausible_height(info.height_m):
+            info.height_flag = f"implausible height {info.height_m:.2f} m (outside {PLAUSIBLE_RANGE_TEXT})"
+            problems.append(info.height_flag)
     if get("sex"):
         info.sex = parse_sex(get("sex"))
         if info.sex is None:
@@ -179,7 +222,20 @@ def parse_row(row: dict[str, str], header: list[str]) -> tuple[ClinicalInfo | No
                 info.koval_grade = None
         except ValueError:
             problems.append(f"Koval grade not a number: {get('koval_grade')!r}")
-    return info, problems
+    given |= {f for f in _FIELDS if f != "height_m" and getattr(info, f) is not None}
+    return info, given, problems
+
+
+def merged(stored: ClinicalInfo | None, new: ClinicalInfo, given: set[str]) -> ClinicalInfo:
+    """``new``'s given fields over ``stored``'s: what a file does not say is not erased."""
+    if stored is None:
+        return new
+    out = ClinicalInfo(**{**stored.__dict__, "source": new.source})
+    for f in given:
+        setattr(out, f, getattr(new, f))
+    if "height_m" in given:
+        out.height_flag = new.height_flag
+    return out
 
 
 # ---------------------------------------------------------------- storage
@@ -207,7 +263,12 @@ def _upsert(con: sqlite3.Connection, info: ClinicalInfo) -> None:
 
 
 def import_csv(settings: Settings, path: Path) -> ImportResult:
-    """Insert or replace one registry row per CSV row; problems are reported per row, never fatal."""
+    """Insert or update one registry row per CSV row, in one transaction.
+
+    A header we cannot read is refused whole (ValueError: nothing imported). Problems in a row are
+    reported with its line: a line whose field count is not the header's (a decimal comma in a
+    comma-separated file) or that repeats an earlier line's patient is skipped; an unreadable value
+    is not imported. A value the file does not give keeps the one stored before."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8-sig") as fh:
         sample = fh.read(4096)
@@ -218,20 +279,46 @@ def import_csv(settings: Settings, path: Path) -> ImportResult:
             dialect = csv.excel
         reader = csv.DictReader(fh, dialect=dialect)
         header = list(reader.fieldnames or [])
-        if _column(header, "patient_id") is None:
-            raise ValueError(f"{path.name}: no patient_id column (found {header})")
-        imported, problems = 0, []
+        try:
+            columns = header_columns(header)
+        except ValueError as exc:
+            raise ValueError(f"{path.name}: {exc}") from None
+        result = ImportResult(imported=0, problems=[])
+        seen: dict[tuple[str, str], int] = {}
         with opened(settings.db_path) as db, db.tx() as con:
             for lineno, row in enumerate(reader, start=2):
-                info, row_problems = parse_row(row, header)
-                problems += [f"line {lineno}: {p}" for p in row_problems]
-                if info is None:
+                if None in row or None in row.values():
+                    fields = len(header) + len(row.get(None) or []) - sum(v is None for v in row.values())
+                    result.problems.append(f"line {lineno}: {fields} fields, the header has {len(header)}: "
+                                           "line skipped")
+                    result.skipped += 1
                     continue
+                info, given, row_problems = parse_row(row, columns)
+                result.problems += [f"line {lineno}: {p}" for p in row_problems]
+                if info is None:
+                    result.skipped += 1
+                    continue
+                key = (info.patient_id, info.issuer_of_patient_id)
+                if key in seen:
+                    result.problems.append(f"line {lineno}: patient {info.patient_id} is on line {seen[key]} "
+                                           "already: line skipped")
+                    result.skipped += 1
+                    continue
+                seen[key] = lineno
                 info.source = path.name
-                _upsert(con, info)
-                imported += 1
-    log.info("registry: imported %d rows from %s (%d problems)", imported, path.name, len(problems))
-    return ImportResult(imported=imported, problems=problems)
+                stored = _exact_row(con, *key)
+                _upsert(con, merged(stored, info, given))
+                result.imported += 1
+                result.updated += stored is not None
+    log.info("registry: imported %d rows from %s (%d problems)", result.imported, path.name,
+             len(result.problems))
+    return result
+
+
+def _exact_row(con: sqlite3.Connection, patient_id: str, issuer: str) -> ClinicalInfo | None:
+    row = con.execute("SELECT * FROM registry_patients WHERE patient_id=? AND issuer_of_patient_id=?",
+                      (patient_id, issuer)).fetchone()
+    return _from_row(row) if row is not None else None
 
 
 def _from_row(row: sqlite3.Row) -> ClinicalInfo:
@@ -260,12 +347,8 @@ def get_patient(
         with opened(settings.db_path) as db, db.lock:
             return get_patient(settings, patient_id, issuer, db.con)
     for iss in dict.fromkeys([issuer or "", ""]):
-        row = con.execute(
-            "SELECT * FROM registry_patients WHERE patient_id=? AND issuer_of_patient_id=?",
-            (patient_id, iss),
-        ).fetchone()
-        if row is not None:
-            return _from_row(row)
+        if (info := _exact_row(con, patient_id, iss)) is not None:
+            return info
     return None
 
 

@@ -23,7 +23,18 @@ def settings_from(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except (FileNotFoundError, ValueError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+        raise typer.BadParameter(str(exc), param_hint="--config or DICOMNODE_*") from exc
+
+
+def node_settings(config: Path | None) -> Settings:
+    """The settings of a node that has run: commands that read its index refuse a storage folder
+    without one instead of creating it empty, where a forgotten ``--config`` would show "no jobs"."""
+    settings = settings_from(config)
+    if not settings.db_path.is_file():
+        raise typer.BadParameter(
+            f"no node index at {settings.db_path} (storage_dir {settings.storage_dir}): name the "
+            "node's configuration with --config FILE or DICOMNODE_CONFIG", param_hint="--config")
+    return settings
 
 
 def spacing_option(text: str) -> tuple[float, float, float]:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import ConfigOption, settings_from
+from dicomnode.commands.common import ConfigOption, node_settings, settings_from
 from dicomnode.config import Settings
 from dicomnode.processing.jobs import JobState
 from dicomnode.timefmt import duration, local_time
@@ -46,7 +48,11 @@ def config_check(
     try:
         settings = check_file(file)
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
-        typer.echo(str(exc), err=True)
+        for line in str(exc).splitlines():  # each problem within 80 columns, its key first
+            indent = " " * (len(line) - len(line.lstrip()))
+            typer.echo(textwrap.fill(line.lstrip(), 80, initial_indent=indent,
+                                     subsequent_indent=indent + "  ", break_long_words=False,
+                                     break_on_hyphens=False), err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"{file}: valid\n{config_summary(settings)}")
 
@@ -66,6 +72,7 @@ def serve(
 ) -> None:
     """Run the node: DICOM listener (C-ECHO, C-STORE), series watcher, worker and sender, until Ctrl-C."""
     from dicomnode.logs import setup_logging
+    from dicomnode.network.scp import ListenError
     from dicomnode.network.tls import TlsError
     from dicomnode.ops.page import OpsPageError
     from dicomnode.server import Node
@@ -76,8 +83,9 @@ def serve(
     setup_logging(settings.log_level, settings.log_json)
     try:
         Node(settings, pipeline=pipeline, worker_enabled=False if no_worker else None).serve_forever()
-    # a certificate, key or CA that cannot be loaded, the ops page's port taken: one clear line, no traceback
-    except (TlsError, OpsPageError) as exc:
+    # a certificate, key or CA that cannot be loaded, the DICOM port or the ops page's port taken: one
+    # clear line, no traceback
+    except (TlsError, OpsPageError, ListenError) as exc:
         typer.echo(f"cannot start: {exc}", err=True)
         raise typer.Exit(2) from exc
 
@@ -103,33 +111,41 @@ def jobs(
     state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (newest first).")] = 50,
 ) -> None:
-    """List jobs: pseudonymised patient, series, state, timings and the reason for any non-success."""
-    from rich.table import Table
-
-    settings = settings_from(config)
+    """List jobs, newest first: pseudonymised patient, instances, state, when received, how long it
+    waited and ran, outputs sent; below each, the series (last digits of its UID) and the reason.
+    Within the terminal's width on a terminal; piped, each reason stays on one line for grep."""
+    settings = node_settings(config)
     rows = job_rows(settings, state, limit)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"jobs ({settings.db_path})")
-    for col in ("job", "patient", "series", "n", "state", "received", "waited", "ran", "sent", "reason"):
-        table.add_column(col, overflow="fold")
-    colours = {"done": "green", "failed": "red", "rejected": "yellow", "superseded": "dim", "running": "cyan"}
+    width = shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else None
+    typer.echo(f"jobs in {settings.db_path}, newest first" if rows else f"no jobs in {settings.db_path}")
+    for line in job_lines(rows, width):
+        typer.echo(line)
+
+
+_STATE_COLOURS = {"done": "green", "failed": "red", "rejected": "yellow", "superseded": "bright_black",
+                  "running": "cyan"}
+
+
+def job_lines(rows: list[dict[str, Any]], width: int | None) -> list[str]:
+    """Two lines a job (75 columns, then the series and the reason wrapped to ``width``, or unwrapped
+    when None). The state is coloured; typer drops colours when the output is not a terminal."""
+    lines = [f"{'job':>5}  {'patient':<10}  {'n':>4}  {'state':<10}  {'received':<14}  {'waited':>7}  "
+             f"{'ran':>7}  {'sent':>5}"] if rows else []
     for r in rows:
         uid = r["series_instance_uid"]
-        table.add_row(
-            str(r["job"]),
-            r["patient"],
-            "…" + uid[-14:] if len(uid) > 16 else uid,
-            str(r["instances"] or ""),
-            f"[{colours.get(r['state'], 'white')}]{r['state']}[/]",
-            local_time(r["created_at"]),
-            duration(r["complete_at"], r["started_at"]),
-            duration(r["started_at"], r["finished_at"] or r["updated_at"]) if r["started_at"] else "",
-            f"{r['sent']}/{r['outputs']}" if r["outputs"] else "",
-            r["reason"] or r["message"] or "",
-        )
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+        ran = duration(r["started_at"], r["finished_at"] or r["updated_at"]) if r["started_at"] else ""
+        state = typer.style(f"{r['state']:<10}", fg=_STATE_COLOURS.get(r["state"]))
+        sent = f"{r['sent']}/{r['outputs']}" if r["outputs"] else ""
+        waited = duration(r["complete_at"], r["started_at"])
+        lines.append(f"{r['job']:>5}  {r['patient']:<10}  {r['instances'] or '':>4}  {state}  "
+                     f"{local_time(r['created_at'])[5:]:<14}  {waited:>7}  {ran:>7}  {sent:>5}".rstrip())
+        detail = f"{'…' + uid[-14:] if len(uid) > 15 else uid}  {r['reason'] or r['message'] or ''}".rstrip()
+        lines += (textwrap.wrap(detail, width, initial_indent=" " * 7, subsequent_indent=" " * 7)
+                  if width else [" " * 7 + detail])
+    return lines
 
 
 def status(
@@ -140,7 +156,7 @@ def status(
     from dicomnode.db import Database
     from dicomnode.processing import jobs as lifecycle
 
-    settings = settings_from(config)
+    settings = node_settings(config)
     db = Database(settings.db_path)
     try:
         counts = lifecycle.overview(db)
@@ -187,7 +203,7 @@ def retry(
     from dicomnode.db import Database
     from dicomnode.network.sender import retry as do_retry
 
-    settings = settings_from(config)
+    settings = node_settings(config)
     db = Database(Path(settings.db_path))
     try:
         typer.echo(do_retry(db, job))

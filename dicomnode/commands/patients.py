@@ -7,12 +7,13 @@ fill it and show what pairing made of each patient's studies.
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from dicomnode.commands.common import ConfigOption, settings_from
+from dicomnode.commands.common import ConfigOption, node_settings, settings_from
 
 patients_app = typer.Typer(help="Clinical registry and per-patient timelines.", no_args_is_help=True)
 
@@ -22,15 +23,19 @@ def import_(
     csv_file: Annotated[
         Path,
         typer.Argument(
-            help="CSV: patient_id, height_m, sex, fracture_type (FNF/ITF/other), "
-            "fractured_side, surgery_date, koval_grade [, issuer_of_patient_id]",
+            help="CSV (comma, semicolon or tab): patient_id and any of issuer_of_patient_id, "
+            "height_m (or height_cm), sex (F/M), fracture_type (FNF/ITF/other), fractured_side "
+            "(left/right), surgery_date (YYYYMMDD or YYYY-MM-DD), koval_grade (1-7).",
             exists=True,
             dir_okay=False,
         ),
     ],
     config: ConfigOption = None,
 ) -> None:
-    """Import (insert or replace) registry rows; re-pairs measured patients (the surgery date may move)."""
+    """Import registry rows: new patients are added, known ones updated with the values the file
+    gives (an absent column or an empty cell keeps the stored value). An unknown column refuses the
+    whole file; a bad line is skipped with its reason. Re-pairs measured patients (the surgery date
+    may move)."""
     from dicomnode.clinical import pairing, registry
 
     settings = settings_from(config)
@@ -42,8 +47,9 @@ def import_(
         typer.echo(f"warning: {problem}", err=True)
     refreshed = pairing.refresh_all(settings)
     typer.echo(
-        f"imported {result.imported} patient(s); {len(result.problems)} problem(s); "
-        f"re-paired {refreshed} measured patient(s)"
+        f"imported {result.imported} patient(s) ({result.imported - result.updated} new, "
+        f"{result.updated} updated); {result.skipped} line(s) skipped; {len(result.problems)} "
+        f"problem(s); re-paired {refreshed} measured patient(s)"
     )
 
 
@@ -52,10 +58,11 @@ def list_(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Registry rows and measured patients, with height provenance and comparison counts."""
+    """Registry rows and measured patients: the height and sex pairing uses, with the height's source
+    (registry, the DICOM PatientSize, missing), and the counts of studies and comparisons."""
     from dicomnode.clinical import pairing, registry
 
-    settings = settings_from(config)
+    settings = node_settings(config)
     measured = {(m["patient_id"], m["issuer_of_patient_id"]): m for m in pairing.patients(settings)}
     # a measured patient's registry row as pairing finds it (the exact issuer, else a row without one);
     # a registry row no measured patient uses is listed on its own
@@ -66,19 +73,22 @@ def list_(
     rows = []
     for key in sorted(infos):
         info, meas = infos[key], measured.get(key, {})
-        res = registry.resolve(settings, key[0], key[1], info=info) if info else None
+        res = (pairing.resolved(settings, *key) if meas
+               else registry.resolve(settings, key[0], key[1], info=info))
         rows.append(
             {
                 "patient_id": key[0],
                 "issuer": key[1],
-                "height_m": res.height_m if res else None,
-                "height_source": res.height_source if res else "not in registry",
+                "in_registry": info is not None,
+                "height_m": res.height_m,
+                "height_source": res.height_source,
                 "height_flag": info.height_flag if info else None,
-                "sex": info.sex if info else None,
-                "fracture_type": info.fracture_type if info else None,
-                "fractured_side": info.fractured_side if info else None,
-                "surgery_date": info.surgery_date if info else None,
-                "koval_grade": info.koval_grade if info else None,
+                "sex": res.sex,
+                "sex_source": res.sex_source,
+                "fracture_type": res.fracture_type,
+                "fractured_side": res.fractured_side,
+                "surgery_date": res.surgery_date,
+                "koval_grade": res.koval_grade,
                 "studies": meas.get("studies", 0),
                 "comparisons": meas.get("comparisons", 0),
             }
@@ -86,28 +96,40 @@ def list_(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    _print_patients(rows)
+
+
+def _print_patients(rows: list[dict]) -> None:
+    """One table per issuer (its name above it), within 80 columns."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    # within 80 columns: no vertical rules, one space between columns, the issuer under the identifier
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
-    for head in ("patient", "height", "from", "sex", "type", "side", "surgery", "Koval", "studies", "pairs"):
-        table.add_column(head, overflow="fold")
-    for r in rows:
-        table.add_row(
-            r["patient_id"] + (f"\n({r['issuer']})" if r["issuer"] else ""),
-            f"{r['height_m']:.2f} m" if r["height_m"] else "–",
-            r["height_source"] + (f" [{r['height_flag']}]" if r["height_flag"] else ""),
-            r["sex"] or "–",
-            r["fracture_type"] or "–",
-            r["fractured_side"] or "–",
-            r["surgery_date"] or "–",
-            str(r["koval_grade"] or "–"),
-            str(r["studies"]),
-            str(r["comparisons"]),
-        )
-    Console().print(table)
+    console = Console()
+    for issuer in sorted({r["issuer"] for r in rows}):
+        if issuer:
+            console.print(f"IssuerOfPatientID {issuer}", markup=False, highlight=False)
+        # no vertical rules, one space between columns
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+        for head in ("patient", "height", "from", "sex", "type", "side", "surgery", "Koval", "studies",
+                     "pairs"):
+            table.add_column(head, overflow="fold")
+        for r in (r for r in rows if r["issuer"] == issuer):
+            table.add_row(
+                r["patient_id"] + ("" if r["in_registry"] else " *"),
+                f"{r['height_m']:.2f} m" if r["height_m"] else "–",
+                r["height_source"] + (f" [{r['height_flag']}]" if r["height_flag"] else ""),
+                r["sex"] or "–",
+                r["fracture_type"] or "–",
+                r["fractured_side"] or "–",
+                r["surgery_date"] or "–",
+                str(r["koval_grade"] or "–"),
+                str(r["studies"]),
+                str(r["comparisons"]),
+            )
+        console.print(table)
+    if not all(r["in_registry"] for r in rows):
+        console.print("* not in the registry: height and sex from the DICOM header", highlight=False)
 
 
 @patients_app.command("timeline")
@@ -120,7 +142,7 @@ def timeline(
     """The patient's studies in order: role (baseline / follow-up / ...), reasons, and total change."""
     from dicomnode.clinical import pairing
 
-    settings = settings_from(config)
+    settings = node_settings(config)
     rows = pairing.timeline(settings, patient_id, issuer)
     if not rows:
         typer.echo(f"no measured studies for patient {patient_id}", err=True)
@@ -129,19 +151,17 @@ def timeline(
         typer.echo(json.dumps([r.as_json() for r in rows], indent=2, default=str))
         return
     for r in rows:
-        typer.echo(
-            f"{r.study.study_date or '????????'} {r.study.study_time[:6]:6}  {r.role:<14} "
-            f"series {r.study.series_instance_uid}"
-        )
+        typer.echo(f"{r.study.study_date or '????????'} {r.study.study_time[:6]:6}  {r.role}")
+        typer.echo(f"    series {r.study.series_instance_uid}")
         for why in r.reasons:
-            typer.echo(f"    · {why.text}")
+            typer.echo(textwrap.fill(why.text, 80, initial_indent="    · ", subsequent_indent="      "))
         for c in r.changes:
             t = c.total_analysed_muscles
             idx = f", {t.delta_index_cm3_m2:+.1f} cm³/m²" if t.delta_index_cm3_m2 is not None else ""
             typer.echo(
-                f"    vs {c.comparison} ({c.baseline.study_date}, {c.days_between} days): "
-                f"21 muscles {t.pre_cm3:.0f} → {t.post_cm3:.0f} cm³ ({t.delta_cm3:+.1f} cm³, "
-                f"loss {t.loss_pct:.1f} %{idx})"
+                f"    vs {c.comparison} of {c.baseline.study_date} ({c.days_between} days): "
+                f"{t.structures} muscles {t.pre_cm3:.0f} → {t.post_cm3:.0f} cm³\n"
+                f"      {t.delta_cm3:+.1f} cm³, loss {t.loss_pct:.1f} %{idx}"
             )
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dicomnode.commands.common import ConfigOption, cell, settings_from
+from dicomnode.commands.common import ConfigOption, cell, node_settings
 
 if TYPE_CHECKING:
     from seg.records import ChangeRecord
@@ -35,25 +35,30 @@ def cohort(
         typer.Option(
             "--filter",
             help="KEY=VALUE[,VALUE] on the change record, e.g. fracture_type=FNF, sex=F, "
-            "fractured_side=left, koval_grade=1 (repeatable).",
+            "fractured_side=left, koval_grade=1 (repeatable; sex, fracture type and side in the "
+            "registry's words: Female, L, femoral neck ...).",
         ),
     ] = None,
     followup: Annotated[
         Followup, typer.Option(help="Which follow-up pairs with the baseline.")
     ] = Followup.LAST,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 2000,
+    bootstrap: Annotated[
+        int, typer.Option(min=10, help="Bootstrap resamples for the confidence intervals.")
+    ] = 2000,
     config: ConfigOption = None,
 ) -> None:
     """Write the cohort report (paper's Tables 1–3, Figures 6–8, statistics) to --out."""
-    from dicomnode.clinical import pairing
+    from dicomnode.clinical import pairing, registry
     from reporting.cohort.collect import parse_filters
     from reporting.cohort.report import build_cohort, table2_numbers, write_report
 
+    vocabulary = {"sex": registry.parse_sex, "fracture_type": registry.parse_fracture_type,
+                  "fractured_side": registry.parse_side}
     try:
-        parsed = parse_filters(filters)
+        parsed = parse_filters(filters, vocabulary)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--filter") from exc
-    settings = settings_from(config)
+    settings = node_settings(config)
     report = build_cohort(pairing.cohort_entries(settings, followup=followup.value), parsed, n_boot=bootstrap)
     written = write_report(report, out)
     typer.echo(
@@ -79,7 +84,7 @@ def patient(
 
     from dicomnode.clinical import pairing
 
-    settings = settings_from(config)
+    settings = node_settings(config)
     rows = pairing.timeline(settings, patient_id, issuer)
     changes = [c for r in rows for c in r.changes]
     if not rows:

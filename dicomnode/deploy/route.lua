@@ -9,8 +9,9 @@
 --   1. Series Modality must be CT.
 --   2. Series that the node itself sent (first instance's RemoteAET in "NodeAets") are never routed
 --      back: results are SEG/SR/OT anyway, this guards against loops if a site changes that.
---   3. The first instance must be CT Image Storage or Enhanced CT Image Storage (drops dose reports,
---      secondary captures and other CT-labelled objects), and its ImageType must not say LOCALIZER.
+--   3. The first instance must be CT Image Storage, Enhanced CT or Legacy Converted Enhanced CT Image
+--      Storage, the classes the node accepts (drops dose reports, secondary captures and other
+--      CT-labelled objects), and its ImageType must not say LOCALIZER.
 --   4. BodyPartExamined equal to one of "ExcludeBodyParts" (HEAD, CHEST, ...) or a SeriesDescription /
 --      ProtocolName containing one of "ExcludeDescriptions" (SCOUT, TOPOGRAM, DOSE, ...) → not routed.
 --   5. BodyPartExamined / SeriesDescription / ProtocolName containing one of "ThighHints"
@@ -49,6 +50,7 @@ end
 local CT_SOP_CLASSES = {
    ['1.2.840.10008.5.1.4.1.1.2'] = true,    -- CT Image Storage
    ['1.2.840.10008.5.1.4.1.1.2.1'] = true,  -- Enhanced CT Image Storage
+   ['1.2.840.10008.5.1.4.1.1.2.2'] = true,  -- Legacy Converted Enhanced CT Image Storage
 }
 
 local function Upper(value)
@@ -112,7 +114,7 @@ function ThighRoutingDecision(seriesId, tags)
    local first = TryGetJson('/instances/' .. firstId .. '/simplified-tags') or {}
    local sopClass = tostring(first['SOPClassUID'] or '')
    if not CT_SOP_CLASSES[sopClass] then
-      return false, 'SOP class ' .. sopClass .. ' is not CT / Enhanced CT image storage'
+      return false, 'SOP class ' .. sopClass .. ' is not CT / Enhanced CT / Legacy Converted Enhanced CT'
    end
    if string.find(Upper(first['ImageType']), 'LOCALIZER', 1, true) ~= nil then
       return false, 'ImageType says LOCALIZER'

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from dicomnode.config import Settings
 from dicomnode.logs import event
 from dicomnode.network.receive_channel import Message, Op, pair, receive, send
-from dicomnode.network.scp import PENDING_PER_ADDRESS
+from dicomnode.network.scp import PENDING_PER_ADDRESS, ListenError
 from dicomnode.network.tls import server_context
 from dicomnode.storage.diskspace import DiskGuard
 from dicomnode.storage.store import Store
@@ -289,13 +289,19 @@ class ReceivePool:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Bind, start the workers and wait until they serve, then listen: a caller is never accepted
-        before a worker can take it. A TLS file that cannot be loaded stops the node here (TlsError)."""
+        before a worker can take it. A TLS file that cannot be loaded stops the node here (TlsError), a
+        port that cannot be opened too (ListenError)."""
         server_context(self.settings.tls)  # fail now, with the same error as a single-process node
         family, kind, proto, _, address = socket.getaddrinfo(
             self.settings.host, self.settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         listener = socket.socket(family, kind, proto)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pynetdicom's server does
-        listener.bind(address)
+        try:
+            listener.bind(address)
+        except OSError as exc:
+            listener.close()
+            raise ListenError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
+                              f"{exc.strerror or exc}") from exc
         listener.setblocking(False)
         self._listener = listener
         for slot in range(self.size):

@@ -392,6 +392,10 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+class ListenError(RuntimeError):
+    """The DICOM port cannot be opened (another process holds it, the host lacks the address)."""
+
+
 class StorageSCP:
     """pynetdicom AE serving C-ECHO and C-STORE into a :class:`Store`."""
 
@@ -670,12 +674,17 @@ class StorageSCP:
 
     def start(self) -> None:
         """Listen (over TLS when ``tls.enabled``); a certificate, key or CA that cannot be loaded stops
-        the node here with :class:`dicomnode.network.tls.TlsError`."""
+        the node here with :class:`dicomnode.network.tls.TlsError`, a port that cannot be opened with
+        :class:`ListenError`."""
         ssl_context = server_context(self.settings.tls)
-        self.server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=self.handlers(),
-            ssl_context=ssl_context,
-        )
+        try:
+            self.server = self.ae.start_server(
+                (self.settings.host, self.settings.port), block=False, evt_handlers=self.handlers(),
+                ssl_context=ssl_context,
+            )
+        except OSError as exc:  # typically another node (or an old one) still listening there
+            raise ListenError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
+                              f"{exc.strerror or exc}") from exc
         event(
             log,
             "listening",

@@ -517,7 +517,7 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
         if settings.pairing.enabled and (settings.output.followup_sr or settings.output.summary):
             late = later_followups(settings, job, earlier=(ct, labels))
             outputs += late
-    message = f"{len(record.structures)} structures measured; {len(outputs)} objects to send"
+    message = f"{len(record.structures)} structures measured; {len(outputs)} objects built"
     if changes:
         message += f"; compared with {len(changes)} earlier stud{'y' if len(changes) == 1 else 'ies'}"
     if late:
@@ -602,7 +602,9 @@ def _later_summary(settings: Settings, later: Any, change: ChangeRecord,
         log.warning("no summary for the later series: its label map does not match its stored CT")
         return None
     later_labels = later.with_array(np.asarray(labels.array, dtype=np.uint8))
-    sc = build_summary(later, record, record.model, change=change, labels=later_labels, baseline=earlier)
+    sc = build_summary(later, record, record.model, change=change, labels=later_labels, baseline=earlier,
+                       replaces_first=True)
+    log.info("summary: a page with the comparison (instance 2) replaces the later study's first page")
     return _save(sc, out_dir / "outputs")
 
 

@@ -12,6 +12,7 @@ them (each with a change record carrying sex and fracture type, or the reasons t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,14 +43,43 @@ def _matches(entry: CohortEntry, filters: dict[str, list[str]]) -> bool:
     return True
 
 
-def parse_filters(items: list[str] | None) -> dict[str, list[str]]:
-    """``["fracture_type=FNF", "sex=F,M"]`` → {"fracture_type": ["FNF"], "sex": ["F", "M"]}."""
+# What a filter may name: the change record's and the entry's single-valued facts, and the registry's
+# short names for two of them.
+FILTER_KEYS = tuple(dict.fromkeys(
+    name for model in (ChangeRecord, CohortEntry) for name, f in model.model_fields.items()
+    if name != "schema_version"
+    and f.annotation in (str, int, bool, float, str | None, int | None, bool | None, float | None)
+))
+FILTER_ALIASES = {"fracture": "fracture_type", "side": "fractured_side"}
+
+Normalizer = Callable[[str], "str | None"]
+
+
+def parse_filters(items: list[str] | None,
+                  normalize: dict[str, Normalizer] | None = None) -> dict[str, list[str]]:
+    """``["fracture_type=FNF", "sex=F,M"]`` → {"fracture_type": ["FNF"], "sex": ["F", "M"]}.
+
+    A key that names no fact, or a value ``normalize[key]`` cannot read (e.g. the registry's
+    vocabulary: ``sex=Female`` → F, ``sex=X`` refused), is a ValueError: a typo must not give an
+    empty report that looks like a finding."""
     out: dict[str, list[str]] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = FILTER_ALIASES.get(key.strip(), key.strip())
+        if not sep or not key:
             raise ValueError(f"filter {item!r} is not KEY=VALUE")
-        out.setdefault(key.strip(), []).extend(v.strip() for v in value.split(",") if v.strip())
+        if key not in FILTER_KEYS:
+            raise ValueError(f"filter {item!r}: no fact {key!r}; one of {', '.join(FILTER_KEYS)}")
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if not values:
+            raise ValueError(f"filter {item!r} has no value")
+        read = (normalize or {}).get(key)
+        if read is not None:
+            bad = [v for v in values if read(v) is None]
+            if bad:
+                raise ValueError(f"filter {item!r}: {', '.join(map(repr, bad))} is not a {key} value")
+            values = [read(v) for v in values]  # type: ignore[misc]
+        out.setdefault(key, []).extend(values)
     return out
 
 

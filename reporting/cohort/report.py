@@ -16,12 +16,15 @@ from pathlib import Path
 import pandas as pd
 
 from reporting.cohort.collect import GROUPS, collect
-from reporting.cohort.figures import figures
+from reporting.cohort.figures import FIGURE_NAMES, figures
 from reporting.cohort.statistics import (
+    MIN_CI_N,
     SMALL_N,
     bootstrap_table,
     loss_ratio_by_fracture,
     mannwhitney_table,
+    min_p_mannwhitney,
+    min_p_signed_rank,
     side_table,
     table1,
     table2,
@@ -30,6 +33,10 @@ from reporting.cohort.statistics import (
     wilcoxon_table,
 )
 from seg.records import CohortEntry
+
+INTEGER_COLUMNS = ("n", "n_FNF", "n_ITF", "koval_grade", "days_between")  # counts and grades, never x.0
+P_COLUMNS = ("p", "q_bh")  # the HTML prints these "<0.0001" below P_FLOOR; the CSVs keep every digit
+P_FLOOR = 1e-4
 
 
 @dataclass
@@ -123,32 +130,106 @@ def _tables(report: CohortReport) -> dict[str, pd.DataFrame]:
     }
 
 
+def _tidy(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """``df`` as written to CSV/Excel, and whether its index is worth a column.
+
+    Why: a RangeIndex is a row number nobody asked for; counts and grades read as ``2`` not ``2.0``
+    (nullable Int64 where a value can be missing, e.g. the Koval grade); Table 2's ``n`` row likewise.
+    """
+    out = df.copy()
+    for col in INTEGER_COLUMNS:
+        if col in out.columns:
+            out[col] = out[col].astype("Int64")
+    if "n" in out.index and "n" not in out.columns:
+        counts = [pd.NA if pd.isna(v) else int(v) for v in out.loc["n"]]
+        out = out.astype(object)
+        out.loc["n"] = counts
+    return out, not isinstance(df.index, pd.RangeIndex)
+
+
+def _p_format(v: float) -> str:
+    """A p or q for the HTML: 4 decimals, and "<0.0001" rather than a p of "0.0000"."""
+    return f"<{P_FLOOR:.4f}" if v < P_FLOOR else f"{v:.4f}"
+
+
 def _html_table(df: pd.DataFrame, digits: int = 1) -> str:
-    return df.to_html(float_format=lambda v: f"{v:.{digits}f}", na_rep="–", border=0, classes="t")
+    p_cols = {c: _p_format for c in P_COLUMNS if c in df.columns}
+    return df.to_html(
+        float_format=lambda v: f"{v:.{digits}f}",
+        formatters=p_cols or None,
+        na_rep="–",
+        border=0,
+        classes="t",
+        index=not isinstance(df.index, pd.RangeIndex),
+    )
+
+
+def _signed_rank_note(table: pd.DataFrame) -> str:
+    """The paired tests' warning, only when a row is flagged: below :data:`SMALL_N` pairs the exact
+    two-sided signed-rank p is at least 2/2⁵ = 0.0625 (true of this test only, not of Mann–Whitney)."""
+    if table.empty or not table["small_group"].any():
+        return ""
+    floor = min_p_signed_rank(SMALL_N - 1)
+    return (
+        f"<p class='note'>Rows flagged small_group have n &lt; {SMALL_N} pairs: the smallest exact "
+        f"two-sided signed-rank p is 2/2ⁿ ≥ {floor:g}, so their p-values cannot reach 0.05.</p>"
+    )
+
+
+def _mannwhitney_note(table: pd.DataFrame) -> str:
+    """Which FNF vs ITF group sizes cannot reach p < 0.05 (smallest exact two-sided p = 2/C(n1+n2, n1));
+    nothing when every row can."""
+    if table.empty:
+        return ""
+    sizes = sorted({(int(a), int(b)) for a, b in zip(table["n_FNF"], table["n_ITF"], strict=True) if a and b})
+    lines = [
+        f"n_FNF = {a} and n_ITF = {b} (2/C({a + b}, {a}) = {min_p_mannwhitney(a, b):.3g})"
+        for a, b in sizes
+        if min_p_mannwhitney(a, b) >= 0.05
+    ]
+    if not lines:
+        return ""
+    return (
+        "<p class='note'>The smallest exact two-sided Mann–Whitney p is 2/C(n_FNF + n_ITF, n_FNF), so rows "
+        f"with {html.escape('; '.join(lines))} have p-values that cannot reach 0.05.</p>"
+    )
+
+
+def _remove_stale(out_dir: Path, written: dict[str, Path], tables: list[str]) -> None:
+    """Delete this report's own files from an earlier run that this run did not write (e.g. figures
+    when no pairs are left), so the folder never mixes two reports; other files are not touched."""
+    ours = {f"{name}.csv" for name in tables} | set(FIGURE_NAMES) | {"cohort.xlsx", "report.html"}
+    for name in sorted(ours - {p.name for p in written.values()}):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def write_report(
     report: CohortReport, out_dir: Path, title: str = "Thigh-muscle cohort report"
 ) -> dict[str, Path]:
-    """CSV per table, one Excel workbook, PNG figures and one self-contained HTML report."""
+    """CSV per table, one Excel workbook, PNG figures and one self-contained HTML report.
+
+    The report owns its file names in ``out_dir``: those an earlier run wrote and this one does not
+    (figures of a report that now has no pairs) are removed; nothing else in the folder is touched.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     tables = _tables(report)
-    for name, df in tables.items():
+    tidy = {name: _tidy(df) for name, df in tables.items()}
+    for name, (df, index) in tidy.items():
         path = out_dir / f"{name}.csv"
-        df.to_csv(path)
+        df.to_csv(path, index=index)
         written[name] = path
     xlsx = out_dir / "cohort.xlsx"
     with pd.ExcelWriter(xlsx, engine="openpyxl") as xw:
-        for name, df in tables.items():
+        for name, (df, index) in tidy.items():
             frame = df
             if isinstance(
                 df.columns, pd.MultiIndex
             ):  # openpyxl cannot write MultiIndex columns without index
                 frame = df.copy()
                 frame.columns = [" | ".join(map(str, c)) for c in df.columns]
-            frame.to_excel(xw, sheet_name=name[:31])
+            frame.to_excel(xw, sheet_name=name[:31], index=index)
     written["xlsx"] = xlsx
     images = figures(report) if not report.patients.empty else {}
     for name, data in images.items():
@@ -157,6 +238,7 @@ def write_report(
     html_path = out_dir / "report.html"
     html_path.write_text(_html(report, images, title))
     written["html"] = html_path
+    _remove_stale(out_dir, written, list(tables))
     return written
 
 
@@ -199,15 +281,20 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
             img("figure8_loss_ratio.png", "Figure 8. Loss ratio by fracture type, sexes merged"),
             "<h2>Statistics</h2><p>Wilcoxon signed-rank, pre vs post (rank-biserial r; "
             "q = Benjamini–Hochberg over the 21 muscles). "
-            f"Groups with n &lt; {SMALL_N} are flagged: their p-values cannot reach 0.05.</p>",
+            f"Groups with n &lt; {SMALL_N} are flagged small_group.</p>",
+            _signed_rank_note(report.wilcoxon),
             _html_table(report.wilcoxon, 4),
             "<p>Mann–Whitney U, FNF vs ITF (rank-biserial r, positive = FNF lost more).</p>",
+            _mannwhitney_note(report.mannwhitney),
             _html_table(report.mannwhitney, 4),
-            "<p>Bootstrap 95 % confidence intervals of the mean loss ratio (%).</p>",
+            "<p>Bootstrap 95 % confidence intervals (percentile) of the mean loss ratio (%). "
+            f"No interval (–) where a group has n &lt; {MIN_CI_N} (flagged small_group): "
+            "with so few values the bootstrap percentiles are about the range of the data, not a CI.</p>",
             _html_table(report.bootstrap, 2),
             "<h2>Operated vs contralateral side</h2><p>Loss ratio (%) of each side, patients with a known "
             "fractured side; Wilcoxon signed-rank on the paired ratios "
             "(r &gt; 0: operated side lost more).</p>",
+            _signed_rank_note(report.sides),
             _html_table(report.sides, 3),
         ]
     parts += [

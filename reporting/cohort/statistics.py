@@ -13,6 +13,8 @@ too (:func:`table2_across_muscles`). Input: the frames of :func:`reporting.cohor
 
 from __future__ import annotations
 
+from math import comb
+
 import numpy as np
 import pandas as pd
 
@@ -20,6 +22,10 @@ from reporting.cohort.collect import FRACTURES, GROUPS, TABLE1_GROUPS, display
 from seg.labels import ANALYSED_MUSCLES
 
 SMALL_N = 6  # below this an exact two-sided Wilcoxon p cannot fall below 0.05
+# No bootstrap interval below this n: a nominal 95 % percentile bootstrap of a mean covers the true
+# mean ~50 % of the time at n = 2 (it is then just min..max) and ~80 % at n = 4 (normal data), so it
+# is no CI. It is the small-group size, so an empty interval is exactly a row flagged ``small_group``.
+MIN_CI_N = SMALL_N
 DESCRIBE_ROWS = ("n", "Mean", "Std", "Max", "75%", "50%", "25%", "Min")  # the paper's Table 2 row order
 TOTAL = "Total (21 muscles)"
 
@@ -43,12 +49,20 @@ def _describe(values: pd.Series) -> dict[str, float]:
     }
 
 
+def _named_describe(t: pd.DataFrame) -> pd.DataFrame:
+    """Table 2's layout with its axes named, so the CSV's index column has a header."""
+    t = t.reindex(list(DESCRIBE_ROWS))
+    t.index.name = "statistic"
+    t.columns = pd.MultiIndex.from_tuples(t.columns, names=["measure", "group"])
+    return t
+
+
 def table1(long: pd.DataFrame) -> pd.DataFrame:
     """Pre-operative composition: mean % of total muscle volume per muscle, by group, plus the sum."""
     t = long.pivot_table(index="muscle", columns="group", values="pre_share_pct", aggfunc="mean")
     t = t.reindex(index=list(ANALYSED_MUSCLES), columns=[g for g in TABLE1_GROUPS if g in t.columns])
     t.loc["Sum"] = t.sum()
-    t.index = [display(m) if m != "Sum" else m for m in t.index]
+    t.index = pd.Index([display(m) if m != "Sum" else m for m in t.index], name="muscle")
     return t
 
 
@@ -58,9 +72,7 @@ def table2(patients: pd.DataFrame) -> pd.DataFrame:
     for kind, col in (("Raw (cm³)", "loss_cm3"), ("Adjusted (cm³/m²)", "loss_index_cm3_m2")):
         for g in GROUPS:
             cols[(kind, g)] = _describe(patients.loc[patients["group"] == g, col])
-    t = pd.DataFrame(cols).reindex(list(DESCRIBE_ROWS))
-    t.columns = pd.MultiIndex.from_tuples(t.columns)
-    return t
+    return _named_describe(pd.DataFrame(cols))
 
 
 def table2_across_muscles(long: pd.DataFrame) -> pd.DataFrame:
@@ -70,9 +82,7 @@ def table2_across_muscles(long: pd.DataFrame) -> pd.DataFrame:
         means = long.groupby(["group", "muscle"])[col].mean()
         for g in GROUPS:
             cols[(kind, g)] = _describe(means[g] if g in means.index.get_level_values(0) else pd.Series([]))
-    t = pd.DataFrame(cols).reindex(list(DESCRIBE_ROWS))
-    t.columns = pd.MultiIndex.from_tuples(t.columns)
-    return t
+    return _named_describe(pd.DataFrame(cols))
 
 
 def table3(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
@@ -100,7 +110,7 @@ def loss_ratio_by_fracture(long: pd.DataFrame, patients: pd.DataFrame) -> pd.Dat
     """Figure 8's data: mean loss ratio (%) per muscle, sexes merged, FNF vs ITF."""
     t = long.pivot_table(index="muscle", columns="fracture_type", values="loss_pct", aggfunc="mean")
     t = t.reindex(index=list(ANALYSED_MUSCLES), columns=[f for f in FRACTURES if f in t.columns])
-    t.index = [display(m) for m in t.index]
+    t.index = pd.Index([display(m) for m in t.index], name="muscle")
     t.loc[TOTAL] = patients.groupby("fracture_type")["loss_pct"].mean().reindex(t.columns)
     return t
 
@@ -129,8 +139,22 @@ def _with_q(t: pd.DataFrame, family: str) -> pd.DataFrame:
     return t
 
 
+def min_p_signed_rank(n: int) -> float:
+    """Smallest exact two-sided Wilcoxon signed-rank p with ``n`` non-zero differences: 2 / 2ⁿ."""
+    return min(1.0, 2.0 / 2**n)
+
+
+def min_p_mannwhitney(n1: int, n2: int) -> float:
+    """Smallest exact two-sided Mann–Whitney p for groups of ``n1`` and ``n2``: 2 / C(n1 + n2, n1).
+
+    Why: unlike the paired test this can reach 0.05 with a group of 2 (2 vs 10: 2/66 ≈ 0.03).
+    """
+    return min(1.0, 2.0 / comb(n1 + n2, n1))
+
+
 def _bootstrap_mean(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
-    if values.size < 2:
+    """Percentile 95 % interval of the mean; NaN below :data:`MIN_CI_N` values (no CI to speak of)."""
+    if values.size < MIN_CI_N:
         return (np.nan, np.nan)
     idx = rng.integers(0, values.size, size=(n_boot, values.size))
     means = values[idx].mean(axis=1)
@@ -252,7 +276,10 @@ def side_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
 def bootstrap_table(
     long: pd.DataFrame, patients: pd.DataFrame, n_boot: int = 2000, seed: int = 0
 ) -> pd.DataFrame:
-    """Percentile bootstrap 95 % CIs: mean loss ratio per group and fracture type, and FNF − ITF."""
+    """Percentile bootstrap 95 % CIs: mean loss ratio per group and fracture type, and FNF − ITF.
+
+    Bounds are NaN where a group has fewer than :data:`MIN_CI_N` patients (those rows are flagged).
+    """
     rng = np.random.default_rng(seed)
     rows = []
     for muscle, df in _per_muscle(long, patients):
@@ -273,7 +300,7 @@ def bootstrap_table(
             )
         a = df.loc[df["fracture_type"] == "FNF", "loss_pct"].dropna().to_numpy(dtype=float)
         b = df.loc[df["fracture_type"] == "ITF", "loss_pct"].dropna().to_numpy(dtype=float)
-        if a.size >= 2 and b.size >= 2:
+        if min(a.size, b.size) >= MIN_CI_N:
             da = a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(axis=1)
             db = b[rng.integers(0, b.size, size=(n_boot, b.size))].mean(axis=1)
             lo, hi = float(np.percentile(da - db, 2.5)), float(np.percentile(da - db, 97.5))
