@@ -129,3 +129,42 @@ def test_batch_writes_one_csv_of_all_series(series, truth_model, tmp_path):
         assert mine == own and len(own) > 20
     assert len(rows) == sum(1 for r in rows if r["series"] in series)
     assert not (out / next(iter(series)) / "dicom").exists()  # DICOM outputs only with --dicom
+
+
+def test_batch_record_pairs_archived_studies_for_the_reports(tmp_path, monkeypatch):
+    """`segment --batch --record` (archived CTs, no PACS): each series is recorded in the node's index
+    as the node records a job, so `report patient` and `report cohort` pair a patient's pre- and
+    post-operative studies; the results stay in the node's storage."""
+    from seg.io import load_nifti
+
+    root, truth = tmp_path / "archive", {}
+    for when, date, atrophy in (("pre", "20240101", {}), ("post", "20240601", {"sartorius": 0.7})):
+        ph = make_phantom(PhantomOptions(seed=7, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-60.0, 30.0),
+                                         patient_id="ARCH1", study_date=date, postop=bool(atrophy),
+                                         atrophy=atrophy, implant_side="left" if atrophy else None))
+        write_phantom(ph, tmp_path / when)
+        shutil.copytree(tmp_path / when / "dicom", root / when)  # the archive holds the CT only
+        truth[str(ph.meta["SeriesInstanceUID"])] = tmp_path / when / "truth" / "labels.nii.gz"
+
+    def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
+        return ct.with_array(np.asarray(load_nifti(truth[str(ct.meta["SeriesInstanceUID"])]).array, np.uint8))
+
+    monkeypatch.setattr("seg.infer.segment", segment)
+    cfg = _config(tmp_path)
+    (tmp_path / "registry.csv").write_text("patient_id,sex,fracture_type,fractured_side,surgery_date\n"
+                                           "ARCH1,F,FNF,left,20240301\n")
+    runner = CliRunner()
+    assert runner.invoke(app, ["patients", "import", str(tmp_path / "registry.csv"), "--config", str(cfg)]
+                         ).exit_code == 0
+    _invoke(str(root), "--out", str(tmp_path / "out"), "--batch", "--record", "--no-progress",
+            "--config", str(cfg))
+    assert (tmp_path / "out" / "volumes.csv").is_file()
+    for uid in truth:  # the node's layout: results/<series>/ with its outputs
+        assert len(list((tmp_path / "node" / "results" / uid / "outputs").glob("*.dcm"))) == 3
+    res = runner.invoke(app, ["report", "patient", "ARCH1", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if line.startswith("Sartorius "))
+    assert float(row.split()[3]) == pytest.approx(30.0, abs=3.0)  # fractured side: loss % of 0.7 kept
+    res = runner.invoke(app, ["report", "cohort", "--out", str(tmp_path / "cohort"), "--bootstrap", "20",
+                              "--config", str(cfg)])
+    assert res.exit_code == 0 and "Female FNF 1" in res.output, res.output

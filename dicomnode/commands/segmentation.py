@@ -68,23 +68,36 @@ def _load(case: Case) -> Volume:
 
 
 def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: VolumeRecord,
-                        model_info: ModelInfo, out: Path) -> list[Path]:
-    """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm."""
-    from dicomnode.processing.pipeline import _save, build_outputs
+                        model_info: ModelInfo, out: Path, results: Path | None = None) -> list[Path]:
+    """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm.
+
+    ``results``: the series' results folder in the node's storage: the series is recorded for pairing
+    there as the node records it (the summary then plots the change to an earlier study)."""
+    from dicomnode.processing.pipeline import _no_pairing, _record_for_pairing, _save, build_outputs
 
     if not ct.source_files:
         raise ValueError("--dicom needs a DICOM series (a NIfTI CT has no study to attach to)")
-    return [_save(ds, out) for ds in build_outputs(settings, ct, labels, record, model_info).datasets]
+    pair = _no_pairing if results is None else (
+        lambda seg, sr: _record_for_pairing(settings, ct, results, seg, sr))
+    return [_save(ds, out) for ds in build_outputs(settings, ct, labels, record, model_info,
+                                                   pair=pair).datasets]
 
 
 def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None,
-             progress: bool) -> VolumeRecord:
-    """Segment, measure and write one series; DICOM outputs too when ``settings`` is given."""
-    from dicomnode.processing.pipeline import patient_height
+             progress: bool, record: bool = False) -> VolumeRecord:
+    """Segment, measure and write one series; DICOM outputs too when ``settings`` is given.
+
+    ``record``: as the node after a job, the results go to the node's storage (``out`` is ignored)
+    and the series is recorded in its index for pairing and the cohort report."""
+    from dicomnode.processing.pipeline import patient_height, results_dir
     from seg.infer import segment as run_segment
     from seg.io import save_nifti
     from seg.measure import measure_volumes, write_volumes
 
+    if record:
+        if settings is None or not ct.source_files:
+            raise ValueError("--record needs a DICOM series and the node's configuration")
+        out = results_dir(settings, str(ct.meta["SeriesInstanceUID"]))
     labels = run_segment(ct, pkg, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     save_nifti(labels, out / "labels.nii.gz")
@@ -96,7 +109,8 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
         rec = measure_volumes(labels, ct, height_m=height_m, height_source=source, model=model_info)
     write_volumes(rec, out)
     if settings is not None:
-        write_dicom_outputs(settings, ct, labels, rec, model_info, out / "dicom")
+        write_dicom_outputs(settings, ct, labels, rec, model_info, out / ("outputs" if record else "dicom"),
+                            results=out if record else None)
     return rec
 
 
@@ -112,7 +126,7 @@ def write_batch_csv(rows: list[tuple[str, VolumeRecord]], path: Path) -> Path:
 
 
 def _run_batch(root: Path, pkg: ModelPackage, out: Path, settings: Settings | None,
-               progress: bool, console: Console) -> None:
+               progress: bool, console: Console, record: bool) -> None:
     """Every series under ``root`` into ``out/<series>/``, then ``out/volumes.csv``."""
     from rich.progress import track
 
@@ -123,7 +137,7 @@ def _run_batch(root: Path, pkg: ModelPackage, out: Path, settings: Settings | No
     failed = []
     for case in track(cases, description="series", console=console, disable=not progress):
         try:
-            rows.append((case.name, run_case(_load(case), pkg, out / case.name, settings, False)))
+            rows.append((case.name, run_case(_load(case), pkg, out / case.name, settings, False, record)))
         except ValueError as exc:  # geometry the loader cannot place, not a CT...
             failed.append(case.name)
             console.print(f"[red]{case.name}: skipped: {exc}[/]")
@@ -151,6 +165,10 @@ def segment(
     batch: Annotated[bool, typer.Option(
         "--batch", help="INPUT holds many series (sub-folders or mixed files, grouped by "
         "SeriesInstanceUID): one <out>/<series>/ each and one <out>/volumes.csv.")] = False,
+    record: Annotated[bool, typer.Option(
+        "--record", help="Also record each series in the node's index (--config: its storage), as the "
+        "node does after a job, so `patients` and `report` pair and report them (archived studies). "
+        "Implies --dicom; the results are kept in the node's storage, not in --out.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Segment the 30 structures of a thigh CT and measure their volumes."""
@@ -160,7 +178,12 @@ def segment(
     from seg.runtime import prepare
 
     console = Console(stderr=True)
-    settings = settings_from(config) if dicom else None  # [output] decides the objects, as on the node
+    # [output] decides the objects, as on the node
+    settings = settings_from(config) if dicom or record else None
+    if settings is not None and record:
+        if not settings.pairing.enabled:
+            raise typer.BadParameter("pairing.enabled is false in this configuration", param_hint="--record")
+        settings.pairing.retrieve_priors = False  # offline: never ask a PACS for priors
     try:
         pkg = load_model(model or (settings.model_path if settings else None), device=device)
     except ModelPackageError as e:
@@ -170,7 +193,7 @@ def segment(
     if info.demo:
         console.print(f"[yellow]model {info.name} {info.version}: {info.statement}[/]")
     if batch:
-        _run_batch(input, pkg, out, settings, progress, console)
+        _run_batch(input, pkg, out, settings, progress, console, record)
         return
     from seg.io import load_image
 
@@ -179,8 +202,10 @@ def segment(
     if settings is not None and not ct.source_files:
         raise typer.BadParameter("--dicom needs a DICOM series, not a NIfTI CT", param_hint="INPUT")
     t = time.perf_counter()
-    rec = run_case(ct, pkg, out, settings, progress)
-    console.print(f"segmented {ct.shape} in {time.perf_counter() - t:.1f} s -> {out}")
+    with bad_input("INPUT"):
+        rec = run_case(ct, pkg, out, settings, progress, record)
+    where = f"recorded in {settings.storage_dir}" if record and settings else str(out)
+    console.print(f"segmented {ct.shape} in {time.perf_counter() - t:.1f} s -> {where}")
     typer.echo(volumes_table(rec))
 
 
