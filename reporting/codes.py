@@ -21,6 +21,7 @@ PRIVATE_SCHEME_VERSION = "1"
 ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")  # CID 7150
 LEFT = CodedConcept("7771000", "SCT", "Left")  # CID 244 Laterality
 RIGHT = CodedConcept("24028007", "SCT", "Right")  # CID 244 Laterality
+BOTH_SIDES = CodedConcept("51440002", "SCT", "Right and left")  # CID 244 Laterality
 VOLUME = CodedConcept("118565006", "SCT", "Volume")  # CID 7469 etc.
 YES = CodedConcept("373066001", "SCT", "Yes")
 NO = CodedConcept("373067005", "SCT", "No")
@@ -69,8 +70,9 @@ def structure_code(structure: Structure | str) -> CodedConcept:
 
 
 def laterality_code(side: str) -> CodedConcept | None:
-    """Left/Right modifier for a side key of volumes.json (``None`` for both sides together)."""
-    return {"left": LEFT, "right": RIGHT}.get(side)
+    """Laterality modifier for a side key of volumes.json: left, right, or both sides together (a
+    total, which a reader must not take for a value of unknown side); ``None`` for anything else."""
+    return {"left": LEFT, "right": RIGHT, "both": BOTH_SIDES}.get(side)
 
 
 def coding_scheme_identification() -> list[Dataset]:

@@ -25,8 +25,20 @@ from pydicom.dataset import Dataset
 from reporting import codes
 from reporting.keyslice import Section
 from reporting.rules import RULES, ReportingRules, is_found, rounded
-from reporting.sr import CM3, CM3_PER_M2, METER, PERCENT, coverage, key_sections, max_area, segments_of
+from reporting.sr import (
+    CM3,
+    CM3_PER_M2,
+    METER,
+    PERCENT,
+    algorithm_id,
+    coverage,
+    key_sections,
+    max_area,
+    observation_context,
+    segments_of,
+)
 from reporting.uids import (
+    OUTPUT_REVISION,
     copy_identity,
     derived_uid,
     read_header,
@@ -35,7 +47,7 @@ from reporting.uids import (
     tracking_uid,
 )
 from seg.labels import by_name
-from seg.records import ChangeRecord, StructureChange
+from seg.records import ChangeRecord, ModelInfo, StructureChange
 from seg.volume import Volume
 
 FOLLOWUP_SERIES_NUMBER = 9904
@@ -76,7 +88,7 @@ def _measurements(entry: StructureChange, rules: ReportingRules) -> list[hd.sr.M
 
 
 def _group(patient_id: str, entry: StructureChange, time_point: hd.sr.TimePointContext, ct: Volume,
-           section: Section | None, rules: ReportingRules = RULES,
+           section: Section | None, model_info: ModelInfo, rules: ReportingRules = RULES,
            ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     """TID 1501 group of one structure side; ``section``: its largest cross-section at follow-up."""
     name, side = entry.name, entry.side
@@ -86,13 +98,14 @@ def _group(patient_id: str, entry: StructureChange, time_point: hd.sr.TimePointC
     if not measurements:
         return None
     measurements.append(max_area(section, rules) if section is not None else coverage(ct, rules=rules))
-    label = s.display_name if side == "both" else f"{s.display_name} {side}"
+    label = f"{s.display_name} {'both sides' if side == 'both' else side}"
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
                                                      identifier=label),
         time_point_context=time_point,
         finding_type=code,
         finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
+        algorithm_id=algorithm_id(model_info),
         measurements=measurements,
     )
 
@@ -126,9 +139,12 @@ def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointCo
 
 
 def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
-                      rules: ReportingRules = RULES, *, seg: Dataset | None = None) -> Dataset:
+                      rules: ReportingRules = RULES, *, model_info: ModelInfo,
+                      seg: Dataset | None = None) -> Dataset:
     """The change report for the follow-up series ``ct`` (evidence: the baseline's SEG/SR headers).
 
+    ``model_info``: the model that measured the follow-up, named (DEMO for the shipped one) as the
+    observer, in every group and in the series description, as on the measurement SR.
     ``seg``: the follow-up's own SEG (with its pixels), for each structure's largest cross-section;
     without it each structure group states the scanned extent instead.
     """
@@ -139,7 +155,8 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
     # new content on either side (a completed series, a re-measured baseline) gives a new report
     content = (source_content(follow_series, ct.source_sop_uids),
                *sorted(str(e.SOPInstanceUID) for e in evidence if "SOPInstanceUID" in e),
-               *([f"seg:{seg.SOPInstanceUID}"] if seg is not None else []))  # outlines from it: other content
+               *([f"seg:{seg.SOPInstanceUID}"] if seg is not None else []),  # outlines from it: other content
+               model_info.name, model_info.version, f"revision-{OUTPUT_REVISION}")
     time_point = _time_point(change)
     sections: dict[tuple[str, str], Section] = {}
     if seg is not None:
@@ -147,18 +164,14 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
         sections = {(name, side): by_number[n] for n, name, side in segments_of(seg) if n in by_number}
     groups: list = []
     for entry in change.structures:
-        g = _group(patient_id, entry, time_point, ct, sections.get((entry.name, entry.side)), rules)
+        g = _group(patient_id, entry, time_point, ct, sections.get((entry.name, entry.side)), model_info,
+                   rules)
         if g is not None:
             groups.append(g)
     context_uid = derived_uid("followup-context", follow_series, base_series)
     groups.append(_context_group(change, context_uid, time_point, ct, rules))
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_device_context=hd.sr.ObserverContext(
-                observer_type=codes.CodedConcept("121007", "DCM", "Device"),
-                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                    uid=derived_uid("device", "dicomnode-change"), name="dicomnode change report",
-                    manufacturer_name="dicomnode"))),
+        observation_context=observation_context(model_info),
         procedure_reported=codes.PROCEDURE,
         imaging_measurements=groups,  # title: highdicom's default, (126000, DCM) as TID 1500 requires
     )
@@ -175,7 +188,7 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
         manufacturer="dicomnode",
         is_complete=True,
     )
-    sr.SeriesDescription = "Thigh muscle change since baseline"
+    sr.SeriesDescription = ("Thigh muscle change since baseline" + (" DEMO" if model_info.demo else ""))[:64]
     copy_identity(sr, src0, ct.meta)
     codes.declare_schemes(sr)
     return sr

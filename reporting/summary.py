@@ -241,25 +241,20 @@ def overlay_rgb(ct2d: np.ndarray, lab2d: np.ndarray, alpha: float = OVERLAY_ALPH
 
 
 def _planes(study: KeyStudy) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
-    """(title, CT plane, label plane, pixel aspect) for the three axial levels and the coronal view,
-    oriented for display: axial as seen from the feet, coronal with the head up."""
+    """(title, CT plane, label plane, pixel aspect) for the three axial levels and the coronal view
+    of a study in LPS order (:func:`_key_studies`): axial as seen from the feet, coronal from the
+    front with the head up, the patient's right on the image's left in both."""
     ct, lab = study.ct.array, study.labels.array
     sx, sy, sz = study.ct.spacing_mm
     out = [(name, ct[:, :, k].T, lab[:, :, k].T, sy / sx) for name, k in key_slices(study.labels)]
     j = coronal_row(study.labels)
-    flip = slice(None, None, -1) if study.ct.affine[2, 2] > 0 else slice(None)
-    out.append(("coronal", ct[:, j, :].T[flip], lab[:, j, :].T[flip], sz / sx))
+    out.append(("coronal", ct[:, j, :].T[::-1], lab[:, j, :].T[::-1], sz / sx))
     return out
 
 
-def _patient_right_on_image_left(ct: Volume) -> bool:
-    """Whether the patient's right lies on the left of the displayed axial image (radiological)."""
-    return bool(ct.affine[0, 0] > 0)
-
-
-def _mark_side(ax: Any, ct: Volume, side: str) -> None:
-    """Mark the operated side at the top of an axial panel."""
-    image_left = (side == "right") == _patient_right_on_image_left(ct)
+def _mark_side(ax: Any, side: str) -> None:
+    """Mark the operated side at the top of a panel (the patient's right is on the image's left)."""
+    image_left = side == "right"
     ax.text(0.02 if image_left else 0.98, 0.97, f"▼ operated ({side})", transform=ax.transAxes,
             ha="left" if image_left else "right", va="top", color="#ff4040", fontsize=7,
             weight="bold")
@@ -292,8 +287,11 @@ def key_images_figure(studies: list[KeyStudy], operated_side: str | None = None)
             ax.set_title(title, color="white", fontsize=9)
             ax.axis("off")
             present.update(int(v) for v in np.unique(lab2d) if v > 0)
+            for x, letter in ((0.01, "R"), (0.99, "L")):  # the patient's sides, as viewers mark them
+                ax.text(x, 0.5, letter, transform=ax.transAxes, ha="left" if x < 0.5 else "right",
+                        va="center", color="white", fontsize=8, weight="bold")
             if operated_side and c < len(KEY_LEVELS):
-                _mark_side(ax, study.ct, operated_side)
+                _mark_side(ax, operated_side)
     handles = [Patch(facecolor=np.array(s.rgb) / 255.0, label=s.display_name)
                for s in structures() if s.label in present]
     if handles:
@@ -316,13 +314,16 @@ def key_images_size(n_studies: int) -> tuple[int, int]:
 
 def _key_studies(ct: Volume, labels: Volume, change: ChangeRecord | None,
                  baseline: tuple[Volume, Volume] | None) -> list[KeyStudy]:
-    """The follow-up shows the baseline row above its own; otherwise one row."""
+    """The follow-up shows the baseline row above its own; otherwise one row. Each study in LPS order
+    (:meth:`seg.volume.Volume.in_lps_order`), so head- and feet-first scans show alike."""
     date = str(ct.meta.get("StudyDate") or "")
+    ct, labels = ct.in_lps_order(), labels.in_lps_order()
     if baseline is None:
         return [KeyStudy(ct, labels, date or "this study")]
     b_ct, b_labels = baseline
     b_date = str(b_ct.meta.get("StudyDate") or "") or ((change.baseline.study_date or "") if change else "")
-    return [KeyStudy(b_ct, b_labels, f"pre {b_date}".strip()), KeyStudy(ct, labels, f"post {date}".strip())]
+    return [KeyStudy(b_ct.in_lps_order(), b_labels.in_lps_order(), f"pre {b_date}".strip()),
+            KeyStudy(ct, labels, f"post {date}".strip())]
 
 
 def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,

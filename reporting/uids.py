@@ -74,7 +74,9 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # Revision of what the output objects contain for the same source and model. Bump it with every change
 # to an object's content (a new SR item, a new summary layout), so that a UID never names two contents
 # across releases either. 2: SR companion groups with outlines and areas, FRACTIONAL SEG by default.
-OUTPUT_REVISION = 2
+# 3: summary key images in the patient's orientation (feet-first scans were mirrored) with R and L
+# marked; the follow-up SR names its model (DEMO) and its both-sides groups, and carries the revision.
+OUTPUT_REVISION = 3
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:

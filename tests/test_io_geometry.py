@@ -264,3 +264,23 @@ def test_loader_applies_non_integer_rescale_as_float(tmp_path: Path) -> None:
     assert vol.array.dtype == np.float32
     expected = (ph.ct.array.astype(np.float32) + 1024) * 0.5 - 1024
     assert np.allclose(vol.array, expected)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2), (2, 0, 1)])
+@pytest.mark.parametrize("flips", [(), (0,), (0, 2), (0, 1, 2)])
+def test_lps_order_keeps_every_voxel_at_its_place(order: tuple[int, ...], flips: tuple[int, ...]) -> None:
+    """The display order permutes and flips axes only: each voxel keeps its LPS position, and the
+    axes then run along +x, +y, +z whatever order and direction the grid was stored in."""
+    rng = np.random.default_rng(1)
+    base = Volume(rng.integers(0, 100, (5, 6, 7)).astype(np.int16),
+                  np.array([[0.8, 0, 0, -40.0], [0, 0.9, 0, 10.0], [0, 0, 2.5, 300.0], [0, 0, 0, 1]]))
+    stored = np.flip(np.transpose(base.array, order), axis=flips)
+    affine, first = np.eye(4), [0, 0, 0]  # the stored grid's axes, and where its voxel 0 lies in base
+    for new_axis, old_axis in enumerate(order):
+        flipped = new_axis in flips
+        affine[:3, new_axis] = (-1.0 if flipped else 1.0) * base.affine[:3, old_axis]
+        first[old_axis] = base.shape[old_axis] - 1 if flipped else 0
+    affine[:3, 3] = base.world_coords(np.array([first]))[0]
+    vol = Volume(np.ascontiguousarray(stored), affine)
+    out = vol.in_lps_order()
+    assert np.array_equal(out.array, base.array) and np.allclose(out.affine, base.affine)

@@ -26,7 +26,7 @@ from reporting.change import compute_change
 from reporting.followup_sr import build_followup_sr
 from reporting.keyslice import outline
 from reporting.rules import RULES
-from reporting.seg import build_seg, plan_segments
+from reporting.seg import algorithm_name, build_seg, plan_segments
 from reporting.sr import build_measurement_sr, coverage_mm, key_sections
 from reporting.sr import segments_of as segments_of_seg
 from reporting.uids import derived_uid
@@ -109,7 +109,7 @@ def followup(tmp_path_factory, baseline):
     change = compute_change(b_vols, vols, 1.62, ref(b_ct, b_seg, b_sr), ref(ct, seg, sr),
                             patient_id=ct.meta["PatientID"], fractured_side="left",
                             height_source="PatientSize")
-    fsr = build_followup_sr(ct, change, [b_seg, b_sr])  # as the node builds it now: without its SEG
+    fsr = build_followup_sr(ct, change, [b_seg, b_sr], model_info=MODEL)  # without its SEG (it is gone)
     fsr.save_as(root / "followup.dcm", enforce_file_format=True)
     return root, ct, change, fsr, seg
 
@@ -388,7 +388,7 @@ def test_followup_sr_with_its_seg_outlines_each_structure(followup, baseline, tm
     there (Area, Maximum, with its outline on the follow-up CT); a side without a segment and the
     comparison context state the scanned extent. Valid, read by dcmqi, and a new SOP Instance UID."""
     root, ct, change, fsr, seg = followup
-    with_seg = build_followup_sr(ct, change, [baseline[4], baseline[5]], seg=seg)
+    with_seg = build_followup_sr(ct, change, [baseline[4], baseline[5]], model_info=MODEL, seg=seg)
     with_seg.save_as(tmp_path / "f.dcm", enforce_file_format=True)
     assert dciodvfy_errors(tmp_path / "f.dcm") == []
     tid1500(tmp_path / "f.dcm", tmp_path / "f.json")
@@ -435,6 +435,27 @@ def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
     assert used <= declared | {"RFC5646"}  # the language modifier: a standard designator (PS3.16 §8)
 
 
+def test_followup_sr_names_its_model_and_both_sides_groups(followup):
+    """As the measurement SR: the model is the observer and each group's algorithm (DEMO for the
+    shipped one, in the series description too); a group of both sides together says so, in its
+    identifier and as laterality "Right and left", so a total is not read as one side's value."""
+    fsr = followup[3]
+    assert fsr.SeriesDescription.endswith(" DEMO") == MODEL.demo
+    observer = [i for i in content_items(fsr) if concept(i) == "121013"]  # Device Observer Name
+    assert observer and observer[0].TextValue == algorithm_name(MODEL)
+    groups = {str(children(g, "112039")[0].TextValue): g for g in measurement_groups(fsr)}
+    for ident, g in groups.items():
+        if ident == "Comparison context":
+            continue
+        assert [i.TextValue for i in children(g, "111001")] == [algorithm_name(MODEL)]  # Algorithm Name
+        assert [i.TextValue for i in children(g, "111003")] == [MODEL.version]  # Algorithm Version
+        site = children(g, "363698007")[0]  # Finding Site, its laterality modifier below
+        side = children(site, "272741003")[0].ConceptCodeSequence[0]
+        want = {"left": "Left", "right": "Right"}.get(ident.rsplit(" ", 1)[-1], "Right and left")
+        assert side.CodeMeaning == want, ident
+    assert "Sartorius both sides" in groups and "Sartorius left" in groups and "Sartorius" not in groups
+
+
 def test_postoperative_time_point_and_percent_floor(followup, tmp_path):
     """A post-operative follow-up is typed as such; a small baseline gets cm³ but no percentage, a
     speck (below the minimum segment size) no volume at all; dciodvfy accepts the result."""
@@ -445,7 +466,7 @@ def test_postoperative_time_point_and_percent_floor(followup, tmp_path):
     speck = e.model_copy(update={"side": "right", "pre_cm3": 0.16, "post_cm3": 0.96, "delta_cm3": 0.8,
                                  "loss_pct": -500.0, "change_pct": None, "delta_index_cm3_m2": 0.8 / 1.62**2})
     edited = change.with_facts(baseline_preoperative=True, structures=[small, speck])
-    fsr = build_followup_sr(ct, edited, [])
+    fsr = build_followup_sr(ct, edited, [], model_info=MODEL)
     fsr.save_as(tmp_path / "postop.dcm", enforce_file_format=True)
     assert dciodvfy_errors(tmp_path / "postop.dcm") == []
     groups = {children(g, "112039")[0].TextValue: g for g in measurement_groups(fsr)}
@@ -476,7 +497,7 @@ def test_change_record_is_signed_with_a_percent_floor():
 
 def test_followup_rerun_identical_uids(followup, baseline):
     _, ct, change, fsr, _ = followup
-    again = build_followup_sr(ct, change, [baseline[4], baseline[5]])
+    again = build_followup_sr(ct, change, [baseline[4], baseline[5]], model_info=MODEL)
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (fsr.SOPInstanceUID, fsr.SeriesInstanceUID)
 
 

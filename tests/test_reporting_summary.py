@@ -68,7 +68,7 @@ def studies(tmp_path_factory):
                             patient_id=f_ct.meta["PatientID"], fractured_side="right")
     b_sum = build_summary(b_ct, b_vols, MODEL)
     f_sum = build_summary(f_ct, f_vols, MODEL, change=change)
-    f_fsr = build_followup_sr(f_ct, change, [b_seg, b_sr])
+    f_fsr = build_followup_sr(f_ct, change, [b_seg, b_sr], model_info=MODEL)
     for ds, root, name in ((b_sum, b, "summary.dcm"), (f_sum, f, "summary.dcm"), (f_fsr, f, "followup.dcm")):
         ds.save_as(root / name, enforce_file_format=True)
     # the follow-up set includes the baseline CT, SEG and SR the follow-up SR cites (same patient)

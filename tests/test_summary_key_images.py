@@ -243,3 +243,21 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
         x0, y0, x1, y1 = ax.get_window_extent().extents
         strip = keys[int(keys.shape[0] - y1): int(keys.shape[0] - y1) + 20, int(x0): int(x1)].astype(int)
         assert ((strip[..., 0] > 200) & (strip[..., 1] < 120) & (strip[..., 2] < 120)).any()
+
+
+def test_feet_first_key_images_are_those_of_head_first() -> None:
+    """One patient scanned head-first and feet-first: the key images are the same picture (the
+    patient's right on the image's left, R and L marked), not a mirror image that would put a left
+    implant on the reader's right-hand side... of a right hip."""
+    from reporting.summary import _key_studies
+
+    pictures = []
+    for position in ("HFS", "FFS"):
+        ph = make_phantom(PhantomOptions(seed=3, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-60.0, 30.0),
+                                         position=position, noise=False))
+        assert (ph.ct.affine[0, 0] < 0) == (position == "FFS")  # stored the other way round
+        pictures.append(rasterise(key_images_figure(_key_studies(ph.ct, ph.labels, None, None), "left")))
+    assert np.array_equal(pictures[0], pictures[1])
+    texts = [t.get_text() for ax in key_images_figure(
+        _key_studies(ph.ct, ph.labels, None, None)).axes for t in ax.texts]
+    assert texts.count("R") == texts.count("L") == len(KEY_LEVELS) + 1

@@ -513,7 +513,7 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
     with phases.phase("follow-up reports"):
         if settings.output.followup_sr:
             seg_ds = built.datasets[0]  # this study's SEG: the change SR outlines each muscle from it
-            outputs += [_followup_sr(settings, ct, change, seg_ds) for change in changes]
+            outputs += [_followup_sr(settings, ct, change, seg_ds, model_info) for change in changes]
         if settings.pairing.enabled and (settings.output.followup_sr or settings.output.summary):
             late = later_followups(settings, job, earlier=(ct, labels))
             outputs += late
@@ -525,7 +525,8 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
     return JobOutput(outputs=outputs, volumes_json=out_dir / "volumes.json", message=message)
 
 
-def _followup_sr(settings: Settings, later: Any, change: ChangeRecord, seg: Any | None) -> Path:
+def _followup_sr(settings: Settings, later: Any, change: ChangeRecord, seg: Any | None,
+                 model_info: ModelInfo) -> Path:
     """Build and save the follow-up SR of ``change`` in the later study's results (``later``: its CT,
     ``seg``: its SEG, from which each muscle is outlined on its key slice; None when it is gone).
 
@@ -535,7 +536,7 @@ def _followup_sr(settings: Settings, later: Any, change: ChangeRecord, seg: Any 
     from reporting.followup_sr import build_followup_sr
 
     out_dir = results_dir(settings, str(change.followup.series_instance_uid))
-    sr = build_followup_sr(later, change, _prior_outputs(settings, change), seg=seg)
+    sr = build_followup_sr(later, change, _prior_outputs(settings, change), model_info=model_info, seg=seg)
     path = _save(sr, out_dir / "outputs")
     change.save(out_dir / f"change-{change.baseline.series_instance_uid}.json", indent=2)
     return path
@@ -565,12 +566,24 @@ def later_followups(settings: Settings, job: JobInput, earlier: tuple[Any, Any] 
             log.warning("job %s: no follow-up report for later series %s: %s", job.job_id, later_uid,
                         exc if files else "its instances are no longer stored")
             continue
-        if settings.output.followup_sr:
-            paths.append(_followup_sr(settings, later, change, _stored_seg(settings, later_uid)))
+        measured_by = _measured_by(settings, later_uid, job) if settings.output.followup_sr else None
+        if measured_by is not None:
+            paths.append(_followup_sr(settings, later, change, _stored_seg(settings, later_uid), measured_by))
         if settings.output.summary and earlier is not None and change.comparison != "previous":
             summary = _later_summary(settings, later, change, earlier)
             paths += [summary] if summary is not None else []
     return paths
+
+
+def _measured_by(settings: Settings, series_uid: str, job: JobInput) -> ModelInfo | None:
+    """The model that measured a stored series (its volumes.json), which its follow-up SR names;
+    None, with a warning, when its results cannot be read."""
+    try:
+        return VolumeRecord.load(results_dir(settings, series_uid) / "volumes.json").model
+    except (OSError, ValueError) as exc:
+        log.warning("job %s: no follow-up report for a later series: its results cannot be read: %s",
+                    job.job_id, exc)
+        return None
 
 
 def _stored_seg(settings: Settings, series_uid: str) -> Any | None:
