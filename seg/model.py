@@ -6,7 +6,6 @@ weights' sha256 — and fails with a message that says what to fix, instead of p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -14,34 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from seg import labels as L
-from seg.hu_refine import HURefinement
+from seg.package import (  # noqa: F401  (the package format's names, for the importers of seg.model)
+    DEMO_DIR,
+    DEMO_STATEMENT,
+    FORMAT,
+    WEIGHTS_FILE,
+    InferenceOptions,
+    ModelPackageError,
+    inference_options,
+    read_meta,
+    sha256_file,
+    verify_package,
+)
 from seg.preprocess import PreprocessConfig
 from seg.records import ModelInfo
 
 log = logging.getLogger(__name__)
-
-FORMAT = "dicomnode-model/1"
-WEIGHTS_FILE = "model.safetensors"
-DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
-DEMO_STATEMENT = "phantom-trained demonstration model, not for clinical measurement"
-
-
-
-class ModelPackageError(RuntimeError):
-    """The model package cannot be used (missing, corrupt or not matching this node)."""
-
-
-class InferenceOptions(BaseModel):
-    """What a package asks of inference (model.json "inference"), parsed once when it is read."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mirror_x: bool = False  # also run each window mirrored left-right and average the logits
-    hu_refinement: HURefinement | None = None  # None: the network's labels are final
-
 
 @dataclass
 class ModelPackage:
@@ -86,14 +75,6 @@ def build_network(arch: dict) -> torch.nn.Module:
         return UNETR(**args)
     except (TypeError, ValueError, AssertionError) as e:
         raise ModelPackageError(f"architecture arguments rejected by MONAI UNETR: {e}") from e
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_package(
@@ -149,6 +130,8 @@ def save_package(
         "provenance": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance},
     }
     (out / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+    # safetensors writes its file 0600: a node running as another user could not read the package
+    wpath.chmod((out / "model.json").stat().st_mode & 0o777)
     return out
 
 
@@ -158,79 +141,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def read_meta(path: Path) -> dict:
-    mj = path / "model.json"
-    if not path.is_dir():
-        raise ModelPackageError(
-            f"model package {path} is not a folder (expected model.json + {WEIGHTS_FILE})"
-        )
-    if not mj.is_file():
-        raise ModelPackageError(f"model package {path} has no model.json")
-    try:
-        meta = json.loads(mj.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelPackageError(f"{mj} is not valid JSON: {e}") from e
-    for key in ("name", "version", "architecture", "roi_size", "preprocessing", "classes", "weights"):
-        if key not in meta:
-            raise ModelPackageError(f"{mj} lacks the required key {key!r}")
-    inference_options(mj, meta.get("inference", {}))
-    return meta
-
-
-INFERENCE_KEYS = ("mirror_x", "hu_refinement")
-
-
-def inference_options(mj: Path, inference: object) -> InferenceOptions:
-    """The package's inference options, refused with its file's name when misspelt or malformed."""
-    if not isinstance(inference, dict):
-        raise ModelPackageError(f"{mj}: 'inference' must be an object, not {type(inference).__name__}")
-    unknown = sorted(set(inference) - set(INFERENCE_KEYS))
-    if unknown:
-        raise ModelPackageError(f"{mj}: unknown 'inference' keys {unknown} (known: {list(INFERENCE_KEYS)})")
-    try:
-        raw = inference.get("hu_refinement")
-        rule = None if raw is None else HURefinement.model_validate(raw)
-    except ValidationError as e:
-        raise ModelPackageError(f"{mj}: 'inference.hu_refinement' is invalid: {e}") from e
-    try:
-        return InferenceOptions(mirror_x=inference.get("mirror_x", False), hu_refinement=rule)
-    except ValidationError as e:
-        raise ModelPackageError(f"{mj}: 'inference.mirror_x' is invalid: {e}") from e
-
-
 def load_model(path: Path | str | None = None, device: str = "auto") -> ModelPackage:
     """Load and verify a model package (None = the shipped demo model)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(path) if path is not None else DEMO_DIR
-    meta = read_meta(p)
-    classes = list(meta["classes"])
-    if classes != list(L.CLASS_NAMES):
-        diff = [
-            f"{i}: package {a!r} vs node {b!r}"
-            for i, (a, b) in enumerate(zip(classes, L.CLASS_NAMES, strict=False))
-            if a != b
-        ]
-        raise ModelPackageError(
-            f"class list of {p} does not match this node's 30 classes (seg/structures.csv): "
-            f"{len(classes)} classes in the package; first differences: {diff[:3]}"
-        )
-    arch = meta["architecture"]
-    if int(arch["args"].get("out_channels", -1)) != len(classes):
-        raise ModelPackageError(
-            f"{p}: out_channels {arch['args'].get('out_channels')} != {len(classes)} classes"
-        )
+    meta = verify_package(p)
     wpath = p / meta["weights"].get("file", WEIGHTS_FILE)
-    if not wpath.is_file():
-        raise ModelPackageError(f"{p}: weights file {wpath.name} is missing")
-    want = meta["weights"].get("sha256")
-    got = sha256_file(wpath)
-    if want != got:
-        raise ModelPackageError(
-            f"{wpath} checksum mismatch (model.json sha256 {want}, file {got}): "
-            "the weights are corrupt or belong to another package"
-        )
+    arch = meta["architecture"]
     try:
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:

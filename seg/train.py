@@ -158,22 +158,37 @@ def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
     """
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    out = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        ct = next(
-            (c for c in (d / "ct.nii.gz", d / "image.nii.gz", d / "ct.nii", d / "dicom") if c.exists()), None
-        )
-        lab = next(
-            (c for c in (d / "labels.nii.gz", d / "truth" / "labels.nii.gz", d / "labels.nii") if c.exists()),
-            None,
-        )
+    out, incomplete = [], []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        ct = next((c for c in (d / name for name in CT_NAMES) if c.exists()), None)
+        lab = next((c for c in (d / name for name in LABEL_NAMES) if c.exists()), None)
         if ct is None or lab is None:
-            log.warning("skipping %s: needs ct.nii.gz or dicom/ and labels.nii.gz", d)
+            incomplete.append(f"{d.name} (no {'CT' if ct is None else 'label map'})")
             continue
         out.append((d.name, ct, lab))
+    if incomplete:  # a case left out unseen would change what was trained or evaluated on
+        raise DatasetError(f"case folders without a CT or a label map under {root}: "
+                           f"{', '.join(incomplete)}; each holds one of {', '.join(CT_NAMES)} and one of "
+                           f"{', '.join(LABEL_NAMES)}")
     if not out:
         raise DatasetError(f"no cases under {root} (each case folder: ct.nii.gz or dicom/ + labels.nii.gz)")
     return out
+
+
+CT_NAMES = ("ct.nii.gz", "image.nii.gz", "ct.nii", "dicom")
+LABEL_NAMES = ("labels.nii.gz", "truth/labels.nii.gz", "labels.nii")
+
+
+def label_map_uint8(case_id: str, array: np.ndarray) -> np.ndarray:
+    """A label map's values as our class labels (uint8), refused unless every value is a whole number
+    within 0..29: a cast first would wrap 256 to background and cut 3.4 to 3 without a word."""
+    values = np.unique(np.asarray(array))
+    bad = values[(values != np.round(values)) | (values < 0) | (values >= L.NUM_CLASSES)]
+    if bad.size:
+        shown = ", ".join(f"{v:g}" for v in bad[:5].tolist()) + (" ..." if bad.size > 5 else "")
+        raise DatasetError(f"case {case_id}: label values {shown} are not classes 0..{L.NUM_CLASSES - 1} "
+                           "(seg/structures.csv)")
+    return np.asarray(array).astype(np.uint8)
 
 
 def load_case(case_id: str, ct_path: Path, labels_path: Path) -> tuple[Volume, Volume]:
@@ -188,7 +203,7 @@ def load_case(case_id: str, ct_path: Path, labels_path: Path) -> tuple[Volume, V
         labels = load_image(labels_path).aligned_to(ct)  # saved by any tool, on the CT's grid
     except (OSError, ValueError, ImageFileError) as exc:
         raise DatasetError(f"case {case_id}: {exc}") from exc
-    return ct, labels.with_array(np.asarray(labels.array).astype(np.uint8))
+    return ct, labels.with_array(label_map_uint8(case_id, labels.array))
 
 
 def _case_paths(cache: Path, case_id: str) -> dict:
@@ -200,24 +215,38 @@ def _case_paths(cache: Path, case_id: str) -> dict:
     }
 
 
-def _is_cached(paths: dict, fractions: bool) -> bool:
+def _is_cached(paths: dict, fractions: bool, source: str | None = None) -> bool:
+    """Every file there, and, for a site case, made from the files it has now (``source``)."""
     keys = ("image", "labels", "fractions") if fractions else ("image", "labels")
-    return all(Path(paths[k]).exists() for k in keys)
+    if not all(Path(paths[k]).exists() for k in keys):
+        return False
+    record = Path(paths["image"]).with_name(f"{paths['id']}_source.txt")
+    return source is None or (record.is_file() and record.read_text() == source)
 
 
-def cache_case(cache: Path, case_id: str, ct, labels, pre: PreprocessConfig, fractions: bool = True) -> dict:
+def case_source(ct_path: Path, labels_path: Path) -> str:
+    """What a site case's cache entry was made from: each file's path, size and modification time.
+    A corrected label map (or a dataset with the same case names) then gets a new entry."""
+    files = sorted(p for p in ct_path.rglob("*") if p.is_file()) if ct_path.is_dir() else [ct_path]
+    return "\n".join(f"{p.resolve()} {p.stat().st_size} {p.stat().st_mtime_ns}"
+                     for p in [*files, labels_path])
+
+
+def cache_case(cache: Path, case_id: str, ct, labels, pre: PreprocessConfig, fractions: bool = True,
+               source: str | None = None) -> dict:
     """Preprocess one case onto the model grid; store the image (float16), nearest labels (uint8) and,
-    when asked, the partial-volume class fractions (uint8 x255, class first) as .npy."""
+    when asked, the partial-volume class fractions (uint8 x255, class first) as .npy. ``source``
+    (:func:`case_source`) is recorded beside them: an entry made from other files is made again."""
     paths = _case_paths(cache, case_id)
-    if not _is_cached(paths, fractions):
-        if labels.array.max() >= L.NUM_CLASSES:
-            raise ValueError(f"case {case_id}: label values above {L.NUM_CLASSES - 1}")
+    if not _is_cached(paths, fractions, source):
         mg = to_model_grid(ct, pre, labels)
         if fractions:
             frac = labels_to_model_probs(labels, mg.affine, mg.image.shape, L.NUM_CLASSES)
             np.save(paths["fractions"], frac)
         np.save(paths["image"], mg.image.astype(np.float16))
         np.save(paths["labels"], mg.labels)
+        if source is not None:
+            Path(paths["image"]).with_name(f"{case_id}_source.txt").write_text(source)
     return paths
 
 
@@ -250,10 +279,15 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     cases: list[dict] = []
     fractions = cfg.targets == "partial_volume"
     if cfg.data:
-        for cid, ctp, labp in dataset_cases(Path(cfg.data)):
+        found = dataset_cases(Path(cfg.data))
+        for n, (cid, ctp, labp) in enumerate(found, start=1):
+            source = case_source(ctp, labp)
+            if _is_cached(_case_paths(cache, cid), fractions, source):
+                cases.append(_case_paths(cache, cid))
+                continue
             ct, lab = load_case(cid, ctp, labp)
-            cases.append(cache_case(cache, cid, ct, lab, pre, fractions))
-            log.info("cached %s", cid)
+            cases.append(cache_case(cache, cid, ct, lab, pre, fractions, source))
+            log.info("cached %s (%d of %d)", cid, n, len(found))
         nval = max(1, len(cases) // 10) if len(cases) > 1 else 0
         prov = {"source": "dataset", "data": str(cfg.data), "cases": [c["id"] for c in cases]}
         return cases[nval:], cases[:nval], prov
@@ -554,14 +588,16 @@ def _save_ckpt(path: Path, net, opt, state: dict) -> None:
     tmp.replace(path)
 
 
-def _package_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]]:
+def package_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]]:
     """The network of package ``cfg.init_from`` (refused unless its architecture and spacing match)
-    and the training legs that produced it, so a campaign's steps and hours keep adding up."""
+    and the training legs that produced it, so a campaign's steps and hours keep adding up.
+    ValueError (or :class:`seg.model.ModelPackageError`) says what does not fit."""
     pkg = load_model(cfg.init_from, device="cpu")
     args = pkg.meta["architecture"]["args"]
     differ = sorted(k for k in set(args) | set(cfg.arch) if args.get(k) != cfg.arch.get(k))
     if differ:
-        raise ValueError(f"--init-from {cfg.init_from}: architecture differs in {', '.join(differ)}")
+        raise ValueError(f"--init-from {cfg.init_from}: architecture differs: " + ", ".join(
+            f"{k} {args.get(k)} in the package, {cfg.arch.get(k)} here" for k in differ))
     spacing = tuple(float(v) for v in pkg.preprocess.spacing_mm)
     if spacing != tuple(float(v) for v in cfg.spacing_mm):
         raise ValueError(f"--init-from {cfg.init_from}: package spacing {spacing} mm, "
@@ -663,7 +699,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         state = {k: ck.get(k, state[k]) for k in state}
         log.info("resumed from %s at step %d", last, state["step"])
     elif cfg.init_from:
-        network, state["prior_legs"] = _package_weights(cfg)
+        network, state["prior_legs"] = package_weights(cfg)
         net.load_state_dict(network.state_dict())
         log.info("initialised from the package %s", cfg.init_from)
     rng = np.random.default_rng(cfg.seed + state["step"])

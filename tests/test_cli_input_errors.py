@@ -76,3 +76,36 @@ def test_commands_that_read_the_index_refuse_a_folder_without_one(command: list[
     assert result.exit_code == 2, result.output
     assert "no node index at var/index.sqlite" in " ".join(result.output.replace("│", " ").split())
     assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("case", ["out-is-init", "resume-nothing", "new-run-over-old", "resume-other-net",
+                                  "heads", "init-not-a-package", "init-other-net"])
+def test_train_refuses_what_would_lose_work_or_fail_late(case: str, tmp_path: Path) -> None:
+    """Refused before any phantom is rendered or case cached: exporting over the package the run
+    starts from (the node may load it), --resume with nothing to resume (it started afresh) or with
+    another network, a new run over an earlier run's checkpoints, a package that does not fit."""
+    import json
+
+    from seg.model import DEMO_DIR
+
+    ck = tmp_path / "ck"
+    args = ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", "--checkpoints", str(ck)]
+    if case in ("new-run-over-old", "resume-other-net"):
+        ck.mkdir()
+        (ck / "last.pt").write_bytes(b"")
+        (ck / "config.json").write_text(json.dumps({"arch": {"hidden_size": 96}, "spacing_mm": [4.0] * 3,
+                                                    "targets": "partial_volume"}))
+    extra, hint, said = {
+        "out-is-init": (["--init-from", str(tmp_path / "pkg")], "--out", "is the package --init-from"),
+        "resume-nothing": (["--resume"], "--resume", "no checkpoint to resume"),
+        "new-run-over-old": ([], "--checkpoints", "holds a run already"),
+        "resume-other-net": (["--resume"], "--resume", "was started with other arch"),
+        "heads": (["--hidden-size", "100", "--num-heads", "3"], "--num-heads", "not divisible"),
+        "init-not-a-package": (["--init-from", str(tmp_path)], "--init-from", "has no model.json"),
+        "init-other-net": (["--init-from", str(DEMO_DIR), "--hidden-size", "96"], "--init-from",
+                           "hidden_size 192 in the package, 96 here"),
+    }[case]
+    result = CliRunner().invoke(app, [*args, *extra])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and hint in text and said in text, result.output
+    assert not (ck / "cache").exists()  # nothing done

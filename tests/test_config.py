@@ -172,3 +172,25 @@ def test_calling_titles_from_the_environment_as_a_comma_list_or_json(monkeypatch
     monkeypatch.setenv("DICOMNODE_ALLOWED_CALLING_AETS", "ORTHANC,A_TITLE_FAR_TOO_LONG")
     with pytest.raises(ConfigError, match="allowed_calling_aets.1: at most 16 characters"):
         load_settings()
+
+
+def test_a_model_package_that_does_not_verify_stops_check_and_serve(tmp_path: Path) -> None:
+    """Weights that are not the ones model.json names: `config check` says so (exit 2), and `serve`
+    does not start a node whose every job would fail on it."""
+    import shutil
+
+    from seg.model import DEMO_DIR
+
+    site = tmp_path / "site"
+    shutil.copytree(DEMO_DIR, site)
+    with (site / "model.safetensors").open("r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\0\0\0\0")
+    cfg = _write(tmp_path, f'model_path = "{site.as_posix()}"\n'
+                           f'storage_dir = "{(tmp_path / "var").as_posix()}"\nhost = "127.0.0.1"\nport = 1\n')
+    result = CliRunner().invoke(app, ["config", "check", str(cfg)])
+    assert result.exit_code == 2 and "model_path:" in result.output and "checksum mismatch" in result.output
+    served = subprocess.run([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(cfg)],
+                            capture_output=True, text=True, timeout=120)
+    assert served.returncode == 2 and "cannot start: model_path:" in served.stderr
+    assert "checksum mismatch" in served.stderr and "Traceback" not in served.stderr

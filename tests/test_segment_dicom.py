@@ -168,3 +168,21 @@ def test_batch_record_pairs_archived_studies_for_the_reports(tmp_path, monkeypat
     res = runner.invoke(app, ["report", "cohort", "--out", str(tmp_path / "cohort"), "--bootstrap", "20",
                               "--config", str(cfg)])
     assert res.exit_code == 0 and "Female FNF 1" in res.output, res.output
+
+
+def test_segment_uses_the_configured_model(series, truth_model, tmp_path):
+    """Without --model, `segment` measures with the configuration's model_path (file or
+    DICOMNODE_MODEL_PATH), as the node would, with or without --dicom; not the demo model."""
+    import json
+
+    from seg.model import DEMO_DIR
+
+    site = tmp_path / "site-model"
+    shutil.copytree(DEMO_DIR, site)
+    meta = json.loads((site / "model.json").read_text())
+    (site / "model.json").write_text(json.dumps({**meta, "name": "site-test", "demo": False}))
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'storage_dir = "{tmp_path / "node"}"\nmodel_path = "{site}"\n')
+    case = next(iter(series.values()))
+    _invoke(str(case / "dicom"), "--out", str(tmp_path / "a"), "--no-progress", "--config", str(cfg))
+    assert VolumeRecord.load(tmp_path / "a" / "volumes.json").model.name == "site-test"

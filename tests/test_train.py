@@ -284,3 +284,39 @@ def test_site_dataset_trains_with_label_maps_in_any_voxel_order(tmp_path: Path) 
     save_nifti(Volume(lab.array, a @ np.diag([1.0, 1.0, 2.0, 1.0]), {}), data / "b" / "labels.nii.gz")
     with pytest.raises(ValueError, match="case b: the label map is not on the CT's grid"):
         train(TrainConfig(**{**cfg.__dict__, "checkpoint_dir": str(tmp_path / "ck2")}), progress=False)
+
+
+def test_site_labels_are_checked_before_any_cast_and_a_corrected_map_is_cached_again(tmp_path: Path) -> None:
+    """A label value that is no class (256 would wrap to background, 3.4 would become 3) stops the run
+    naming the case and the values; a case folder without its label map stops it too (not skipped);
+    a label map corrected after caching is cached again, not trained on as it was."""
+    from seg.io import load_nifti, save_nifti
+    from seg.phantom import PhantomOptions, make_phantom, write_phantom
+    from seg.train import build_cache, label_map_uint8, preprocess_config
+    from seg.volume import Volume
+
+    with pytest.raises(ValueError, match=r"case c: label values 3.4, 256 are not classes 0..29"):
+        label_map_uint8("c", np.array([0, 1, 3.4, 256]))
+    assert label_map_uint8("c", np.array([0.0, 29.0])).dtype == np.uint8
+    data = tmp_path / "data"
+    write_phantom(make_phantom(PhantomOptions(seed=3, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-30, 30))),
+                  data / "a")
+    lab = load_nifti(data / "a" / "truth" / "labels.nii.gz")
+    cfg = TrainConfig(out=str(tmp_path / "pkg"), checkpoint_dir=str(tmp_path / "ck"), data=str(data),
+                      arch=dict(ARCH), name="site", version="0.0.1")
+    wrong = np.asarray(lab.array, np.int16)
+    wrong[wrong == 3] = 256
+    save_nifti(Volume(wrong, lab.affine, {}), data / "a" / "labels.nii.gz")
+    with pytest.raises(ValueError, match="case a: label values 256 are not classes"):
+        build_cache(cfg, preprocess_config(cfg))
+    cut = np.asarray(lab.array, np.uint8).copy()
+    cut[cut == 3] = 0  # an earlier, wrong annotation without vastus lateralis
+    save_nifti(Volume(cut, lab.affine, {}), data / "a" / "labels.nii.gz")
+    (train_cases, _, _) = build_cache(cfg, preprocess_config(cfg))
+    assert 3 not in np.unique(np.load(train_cases[0]["labels"]))
+    save_nifti(lab, data / "a" / "labels.nii.gz")  # corrected
+    (train_cases, _, _) = build_cache(cfg, preprocess_config(cfg))
+    assert 3 in np.unique(np.load(train_cases[0]["labels"]))
+    (data / "b" / "dicom").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"without a CT or a label map .*: b \(no label map\)"):
+        build_cache(cfg, preprocess_config(cfg))

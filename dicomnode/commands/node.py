@@ -54,7 +54,25 @@ def config_check(
                                      subsequent_indent=indent + "  ", break_long_words=False,
                                      break_on_hyphens=False), err=True)
         raise typer.Exit(2) from exc
+    problem = package_problem(settings)
+    if problem:
+        typer.echo(f"invalid configuration ({file}):\n  model_path: {problem}", err=True)
+        raise typer.Exit(2)
     typer.echo(f"{file}: valid\n{config_summary(settings)}")
+
+
+def package_problem(settings: Settings) -> str | None:
+    """Why the configured model package cannot be used (metadata, classes, the weights' checksum:
+    :func:`seg.package.verify_package`, no torch), or None; the shipped demo model is not checked."""
+    from seg.package import ModelPackageError, verify_package
+
+    if settings.model_path is None:
+        return None
+    try:
+        verify_package(settings.model_path)
+    except ModelPackageError as exc:
+        return str(exc)
+    return None
 
 
 def serve(
@@ -80,6 +98,10 @@ def serve(
 
     restrict_umask()  # PHI at rest: everything the node writes is closed to other local users
     settings = settings_from(config)
+    problem = package_problem(settings)
+    if problem:  # every job would fail on it: say so now, not in each job's reason
+        typer.echo(f"cannot start: model_path: {problem}", err=True)
+        raise typer.Exit(2)
     setup_logging(settings.log_level, settings.log_json)
     try:
         Node(settings, pipeline=pipeline, worker_enabled=False if no_worker else None).serve_forever()

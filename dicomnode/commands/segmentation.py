@@ -20,6 +20,7 @@ from seg.records import CSV_COLUMNS, ModelInfo, VolumeRecord
 if TYPE_CHECKING:
     from dicomnode.config import Settings
     from seg.model import ModelPackage
+    from seg.train import TrainConfig
     from seg.volume import Volume
 
 
@@ -155,7 +156,8 @@ def segment(
         Path, typer.Option("--out", help="Output folder (labels.nii.gz, volumes.json, volumes.csv).")
     ],
     model: Annotated[
-        Path | None, typer.Option("--model", help="Model package folder (default: demo).")
+        Path | None, typer.Option("--model", help="Model package folder (default: the configuration's "
+                                  "model_path, else the shipped demo model).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -178,17 +180,18 @@ def segment(
     from seg.runtime import prepare
 
     console = Console(stderr=True)
+    node = settings_from(config)  # the node's model_path and runtime, as the node would segment
     # [output] decides the objects, as on the node
-    settings = settings_from(config) if dicom or record else None
+    settings = node if dicom or record else None
     if settings is not None and record:
         if not settings.pairing.enabled:
             raise typer.BadParameter("pairing.enabled is false in this configuration", param_hint="--record")
         settings.pairing.retrieve_priors = False  # offline: never ask a PACS for priors
     try:
-        pkg = load_model(model or (settings.model_path if settings else None), device=device)
-    except ModelPackageError as e:
+        pkg = load_model(model or node.model_path, device=device)
+    except (ModelPackageError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--model") from e
-    pkg = prepare(pkg, settings.worker.runtime if settings else None)  # None: DICOMNODE_WORKER__RUNTIME
+    pkg = prepare(pkg, node.worker.runtime)
     info = pkg.info
     if info.demo:
         console.print(f"[yellow]model {info.name} {info.version}: {info.statement}[/]")
@@ -355,12 +358,50 @@ def train(
         precision=precision,
         init_from=str(init_from) if init_from else None,
     )
+    _check_run_folders(cfg, resume)
     _show_progress()
     try:
         path = run_train(cfg, resume=resume, progress=progress)
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--data") from exc
     Console(stderr=True).print(f"model package written to {path}")
+
+
+def _check_run_folders(cfg: TrainConfig, resume: bool) -> None:
+    """What would otherwise fail after the dataset is cached, or silently lose work: a package
+    exported over the one it starts from, a --resume with nothing to resume or another network, a
+    new run over an earlier run's checkpoints, a package to start from that does not fit."""
+    from seg.model import ModelPackageError
+    from seg.train import package_weights
+
+    ckdir = Path(cfg.checkpoint_dir)
+    last = ckdir / "last.pt"
+    if cfg.init_from and Path(cfg.init_from).resolve() == Path(cfg.out).resolve():
+        raise typer.BadParameter(f"{cfg.out} is the package --init-from starts from: export to a new "
+                                 "folder, evaluate it, then point the node at it", param_hint="--out")
+    if resume and not last.is_file():
+        raise typer.BadParameter(f"no checkpoint to resume at {last}: leave out --resume to start a new "
+                                 "run", param_hint="--resume")
+    if not resume and last.is_file():
+        raise typer.BadParameter(f"{ckdir} holds a run already ({last.name}): --resume continues it; a new "
+                                 "run needs its own --checkpoints folder", param_hint="--checkpoints")
+    earlier = ckdir / "config.json"
+    if resume and earlier.is_file():
+        had = json.loads(earlier.read_text())
+        differ = [k for k in ("arch", "spacing_mm", "targets") if had.get(k) != json.loads(
+            json.dumps(getattr(cfg, k), default=list))]
+        if differ:
+            started = ", ".join(f"{k} {had.get(k)}" for k in differ)
+            raise typer.BadParameter(f"the run in {ckdir} was started with other {', '.join(differ)}: "
+                                     f"{started}", param_hint="--resume")
+    if cfg.arch["hidden_size"] % cfg.arch["num_heads"]:
+        raise typer.BadParameter(f"--hidden-size {cfg.arch['hidden_size']} is not divisible by "
+                                 f"--num-heads {cfg.arch['num_heads']}", param_hint="--num-heads")
+    if cfg.init_from and not resume:
+        try:
+            package_weights(cfg)
+        except (ModelPackageError, ValueError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--init-from") from exc
 
 
 def _show_progress() -> None:
