@@ -232,8 +232,10 @@ def evaluate_model(
     if data is not None:
         from seg.train import dataset_cases, load_case
 
-        items = [(cid, lambda cid=cid, c=c, lp=lp: load_case(cid, c, lp), None)
-                 for cid, c, lp in dataset_cases(data)]
+        found = dataset_cases(data)
+        for cid, c, lp in found:  # every case readable and on its CT's grid before the first inference:
+            load_case(cid, c, lp)  # a bad last case would otherwise end the run with nothing written
+        items = [(cid, lambda cid=cid, c=c, lp=lp: load_case(cid, c, lp), None) for cid, c, lp in found]
     else:
         from seg.phantom import PhantomOptions, make_phantom
 

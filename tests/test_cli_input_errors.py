@@ -22,10 +22,14 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _off_grid_dataset(phantom: Path, root: Path) -> Path:
-    """One case whose label map lies on a grid of twice the slice spacing."""
+    """A good case, then one whose label map lies on a grid of twice the slice spacing (found before
+    the good one is segmented: no work is thrown away)."""
     from seg.io import load_nifti, save_nifti
     from seg.volume import Volume
 
+    (root / "case1").mkdir(parents=True)
+    (root / "case1" / "dicom").symlink_to(phantom / "dicom")
+    (root / "case1" / "labels.nii.gz").symlink_to(phantom / "truth" / "labels.nii.gz")
     lab = load_nifti(phantom / "truth" / "labels.nii.gz")
     (root / "case7").mkdir(parents=True)
     (root / "case7" / "dicom").symlink_to(phantom / "dicom")
@@ -36,8 +40,14 @@ def _off_grid_dataset(phantom: Path, root: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["evaluate-empty", "evaluate-off-grid", "train-missing", "segment-not-ct",
                                   "volumes-no-labels", "volumes-no-ct", "demo-no-model"])
-def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, tmp_path: Path) -> None:
+def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     t = tmp_path
+
+    def segment(*_: object, **__: object) -> None:  # evaluate checks every case before segmenting any
+        raise AssertionError("a case was segmented before the dataset was checked")
+
+    monkeypatch.setattr("seg.infer.segment", segment)
     (t / "empty").mkdir()
     (t / "note.dcm").write_text("not a DICOM file")
     args, option, why = {
