@@ -196,9 +196,12 @@ class TlsSettings(Section):
     """
 
     enabled: bool = False
-    certificate: Path | None = None  # PEM: this node's certificate, then any intermediate CAs
-    private_key: Path | None = None  # PEM, unencrypted, readable by the node's user only
-    ca_certificates: Path | None = None  # PEM bundle of the CAs that sign the peers' certificates
+    # PEM files (validate_default: one left out is named with the others, not after they are fixed):
+    # this node's certificate then any intermediate CAs; its key, unencrypted, readable by the node's
+    # user only; the bundle of the CAs that sign the peers' certificates
+    certificate: Path | None = Field(None, validate_default=True)
+    private_key: Path | None = Field(None, validate_default=True)
+    ca_certificates: Path | None = Field(None, validate_default=True)
     require_client_certificate: bool = False  # listener: refuse callers without one (else verified if sent)
     check_hostname: bool = True  # to the PACS: its certificate must name [pacs] host (DNS name or IP)
     min_version: TlsVersion = "1.2"  # "1.2" | "1.3"
@@ -206,18 +209,13 @@ class TlsSettings(Section):
     @field_validator("certificate", "private_key", "ca_certificates")
     @classmethod
     def _exists_when_enabled(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        """Files are checked when TLS is on (``enabled`` is declared first, so it is known here)."""
-        return _existing_file(value) if value is not None and info.data.get("enabled") else value
-
-    @model_validator(mode="after")
-    def _complete_when_enabled(self) -> TlsSettings:
-        """TLS without a certificate, key or CA cannot work: name what is missing, not fail later."""
-        if self.enabled:
-            needed = ("certificate", "private_key", "ca_certificates")
-            missing = [key for key in needed if getattr(self, key) is None]
-            if missing:
-                raise ValueError(f"enabled = true needs {', '.join(missing)} (PEM file paths)")
-        return self
+        """When TLS is on (``enabled`` is declared first, so it is known here) each file must be given
+        and exist: TLS without a certificate, key or CA cannot work, so say so now, each by name."""
+        if not info.data.get("enabled"):
+            return value
+        if value is None:
+            raise ValueError("enabled = true needs it (a PEM file path)")
+        return _existing_file(value)
 
 
 def loopback_host(host: str) -> bool:

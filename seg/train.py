@@ -731,7 +731,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         run_loss.append(loss.item())
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(run_loss[-20:]):.3f}")
+            bar.set_postfix(loss=f"{np.mean(run_loss[-20:]):.3f}", refresh=False)  # mininterval holds
         state["elapsed_s"] = time.time() - t0
         done = state["step"] >= cfg.steps or (
             cfg.max_minutes is not None and state["elapsed_s"] > cfg.max_minutes * 60
@@ -750,8 +750,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             else:
                 score = -float(entry["loss"])
             state["history"].append(entry)
-            log.info("step %d: %s", state["step"], entry)
-            print(json.dumps(entry), flush=True)
+            log.info("step %d (%.1f min): loss %.4f%s", state["step"], entry["elapsed_s"] / 60, entry["loss"],
+                     f", validation Dice {entry['val_mean_dice_muscles']:.4f}" if val_cases else "")
+            print(json.dumps(entry), flush=True)  # the same, for programs (history.jsonl keeps it too)
             with open(ckdir / "history.jsonl", "a") as f:  # the learning curve, readable without torch
                 f.write(json.dumps(entry) + "\n")
             if score > state["best"]:

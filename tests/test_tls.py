@@ -306,9 +306,13 @@ def test_files_are_checked_only_when_tls_is_on(tmp_path: Path) -> None:
 
 
 def test_enabled_without_files_names_what_is_missing(tmp_path: Path, pki: Pki) -> None:
-    config = write_config(tmp_path, {"enabled": True, "certificate": str(pki.node.cert)})
-    with pytest.raises(ConfigError, match="enabled = true needs private_key, ca_certificates"):
+    """Every missing or absent file at once, each by its key (not one per attempt)."""
+    config = write_config(tmp_path, {"enabled": True, "certificate": str(tmp_path / "nope.pem")})
+    with pytest.raises(ConfigError) as err:
         check_file(config)
+    assert "tls.certificate: no such file" in str(err.value)
+    for key in ("private_key", "ca_certificates"):
+        assert f"tls.{key}: enabled = true needs it (a PEM file path)" in str(err.value)
 
 
 def test_tls_section_is_strict(tmp_path: Path, pki: Pki) -> None:
