@@ -433,3 +433,16 @@ def test_figure6_panels_name_the_sexes(cohort) -> None:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_patients_csv_traces_each_pair_and_the_sex_mix_is_noted() -> None:
+    """A researcher can find each pair's studies (dates, series UIDs) in patients.csv, and is told when
+    the FNF vs ITF comparison pools groups whose sexes differ (the paper's: 33 % against 83 % women)."""
+    report = build_cohort(_cohort()[0], n_boot=20)
+    row = report.patients.iloc[0]
+    assert row["baseline_study_date"] < row["followup_study_date"]
+    assert row["baseline_series_uid"] and row["followup_series_uid"] != row["baseline_series_uid"]
+    assert any(n.startswith("FNF vs ITF pools both sexes (FNF 33% women, ITF 83% women)")
+               for n in report.notes), report.notes
+    women = build_cohort(_cohort()[0], parse_filters(["sex=F"]), n_boot=20)
+    assert not any("pools both sexes" in n for n in women.notes)

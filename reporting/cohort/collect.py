@@ -120,6 +120,9 @@ def collect(
         group = f"{SEX_NAME[sex]} {fracture}"
         base = {
             "patient_id": pid,
+            "issuer_of_patient_id": entry.issuer_of_patient_id,
+            "baseline_study_date": change.baseline.study_date,
+            "followup_study_date": change.followup.study_date,
             "sex": sex,
             "fracture_type": fracture,
             "group": group,
@@ -168,6 +171,8 @@ def collect(
                 "loss_pct": (pre - post) / pre * 100.0 if pre else np.nan,
                 "all_muscle_pre_cm3": all_muscle_pre,
                 "fractured_side": change.fractured_side,
+                "baseline_series_uid": change.baseline.series_instance_uid,
+                "followup_series_uid": change.followup.series_instance_uid,
             }
             | side_loss
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reporting.cohort.collect import GROUPS, collect
+from reporting.cohort.collect import FRACTURES, GROUPS, collect
 from reporting.cohort.figures import FIGURE_NAMES, figures
 from reporting.cohort.statistics import (
     MIN_CI_N,
@@ -89,6 +89,11 @@ def build_cohort(
     for g, n in sizes.items():
         if 0 < n < SMALL_N:
             notes.append(f"{g}: n = {n} — small group, statistics are descriptive only")
+    shares = {f: patients.loc[patients["fracture_type"] == f, "sex"].eq("F").mean() for f in FRACTURES}
+    if all(pd.notna(v) for v in shares.values()) and abs(shares["FNF"] - shares["ITF"]) >= 0.25:
+        mix = ", ".join(f"{f} {shares[f]:.0%} women" for f in FRACTURES)
+        notes.append(f"FNF vs ITF pools both sexes ({mix}): a difference between the fracture types "
+                     "may be one between the sexes; compare within a sex with --filter sex=F or sex=M")
     no_height = int(patients["height_m"].isna().sum())
     if no_height:
         notes.append(
