@@ -85,6 +85,25 @@ def _table_rows(volumes: VolumeRecord) -> tuple[list[list[str]], float, float | 
     return rows, total, (total_idx if h else None)
 
 
+def page_table(volumes: VolumeRecord, rows: list[list[str]],
+               change: ChangeRecord | None) -> tuple[list[str], list[list[str]]]:
+    """The table's heads and rows; a follow-up's also give each side's change in % of baseline, the
+    chart's numbers, so a reader need not measure a bar (or tell a 0 % bar from none)."""
+    heads = ["Muscle", "Left cm³", "Right cm³", "Total cm³", "cm³/m²"]
+    if change is None:
+        return heads, rows
+    bars = change_bars(change)
+    names = {structures()[e.label].display_name: e.name for e in volumes.structures}
+    return heads + ["Left Δ %", "Right Δ %"], [
+        r + [_signed(bars.get(names.get(r[0], ""), {}).get(side)) for side in ("left", "right")]
+        for r in rows]
+
+
+def _signed(value: float | None) -> str:
+    """A change in % of baseline as the chart and the SR give it: signed, "–" where there is none."""
+    return "–" if value is None else f"{value:+.1f}"
+
+
 def render_page(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
                 change: ChangeRecord | None = None) -> np.ndarray:
     """RGB uint8 page (rows, columns, 3) rendered with matplotlib's Agg backend."""
@@ -109,9 +128,11 @@ def render_page(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
     fig.text(0.03, 0.955, sub, color="white", fontsize=10, va="top")
     fig.text(0.03, 0.94, f"Algorithm: {algorithm_name(model_info)} {model_info.version}",
              color="#bbbbbb", fontsize=9, va="top")
-    table = top.table(cellText=rows or [["(no muscle found)", "", "", "", ""]],
-                      colLabels=["Muscle", "Left cm³", "Right cm³", "Total cm³", "cm³/m²"],
-                      loc="upper center", cellLoc="right", colLoc="right")
+    heads, rows = page_table(volumes, rows, change)
+    names_width = 0.22  # "Tensor fasciae latae" in the first column, the numbers share the rest
+    table = top.table(cellText=rows or [["(no muscle found)"] + [""] * (len(heads) - 1)],
+                      colLabels=heads, loc="upper center", cellLoc="right", colLoc="right",
+                      colWidths=[names_width] + [(1 - names_width) / (len(heads) - 1)] * (len(heads) - 1))
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1.0, 1.15)

@@ -14,7 +14,7 @@ from reporting.change import compute_change
 from reporting.followup_sr import build_followup_sr
 from reporting.seg import build_seg
 from reporting.sr import build_measurement_sr
-from reporting.summary import _table_rows, build_summary, change_bars, qa_warnings
+from reporting.summary import _table_rows, build_summary, change_bars, page_table, qa_warnings
 from reporting.uids import derived_uid
 from seg.records import (
     ChangeRecord,
@@ -139,3 +139,15 @@ def test_table_says_not_found_below_minimum_segment_size():
     rows, _, _ = _table_rows(vols)
     assert rows[0][1:] == ["n/f", "80.0", "80.0", "31.3"]
     assert rows[1][1:] == ["n/f", "n/f", "n/f", "–"]
+
+
+def test_follow_up_table_gives_each_sides_change_in_numbers(studies):
+    """The follow-up page's table carries the chart's numbers (signed % of baseline per side, "–"
+    where the chart has no bar), so a radiologist reads them without opening the SR."""
+    f_vols, change = studies["f"][2], studies["change"]
+    heads, rows = page_table(f_vols, _table_rows(f_vols)[0], change)
+    assert heads[-2:] == ["Left Δ %", "Right Δ %"]
+    bars = change_bars(change)
+    row = next(r for r in rows if r[0] == "Gluteus maximus")
+    assert row[-2:] == [f"{bars['gluteus_maximus'][side]:+.1f}" for side in ("left", "right")]
+    assert page_table(f_vols, _table_rows(f_vols)[0], None)[0] == heads[:-2]
