@@ -75,7 +75,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # to an object's content (a new SR item, a new summary layout), so that a UID never names two contents
 # across releases either. 2: SR companion groups with outlines and areas, FRACTIONAL SEG by default.
 # 3: summary key images in the patient's orientation (feet-first scans were mirrored) with R and L
-# marked; the follow-up SR names its model (DEMO) and its both-sides groups, and carries the revision.
+# marked, a follow-up's table with each side's change; the follow-up SR names its model (DEMO) and
+# its both-sides groups, and carries the revision.
 OUTPUT_REVISION = 3
 
 
