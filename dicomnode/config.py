@@ -129,6 +129,8 @@ def _model_package(value: Path | None) -> Path | None:
     if value is not None and not (value / "model.json").is_file():
         raise ValueError(f"no model package at {value} (a folder with model.json and its weights)")
     return value
+
+
 TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_version_text)]
 
 

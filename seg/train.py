@@ -19,7 +19,7 @@ import torch
 from seg import labels as L
 from seg import recipe
 from seg.hu_refine import HURefinement
-from seg.model import build_network, load_model, save_package
+from seg.model import ModelPackageError, build_network, load_model, save_package
 from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
 from seg.volume import Volume
 
@@ -588,20 +588,27 @@ def _save_ckpt(path: Path, net, opt, state: dict) -> None:
     tmp.replace(path)
 
 
-def package_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]]:
+class InitFromError(ValueError):
+    """The package a run starts from (``init_from``) does not load or does not fit the run."""
+
+
+def _package_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]]:
     """The network of package ``cfg.init_from`` (refused unless its architecture and spacing match)
     and the training legs that produced it, so a campaign's steps and hours keep adding up.
-    ValueError (or :class:`seg.model.ModelPackageError`) says what does not fit."""
-    pkg = load_model(cfg.init_from, device="cpu")
+    :class:`InitFromError` says what does not fit."""
+    try:
+        pkg = load_model(cfg.init_from, device="cpu")
+    except ModelPackageError as exc:
+        raise InitFromError(str(exc)) from exc
     args = pkg.meta["architecture"]["args"]
     differ = sorted(k for k in set(args) | set(cfg.arch) if args.get(k) != cfg.arch.get(k))
     if differ:
-        raise ValueError(f"--init-from {cfg.init_from}: architecture differs: " + ", ".join(
+        raise InitFromError(f"--init-from {cfg.init_from}: architecture differs: " + ", ".join(
             f"{k} {args.get(k)} in the package, {cfg.arch.get(k)} here" for k in differ))
     spacing = tuple(float(v) for v in pkg.preprocess.spacing_mm)
     if spacing != tuple(float(v) for v in cfg.spacing_mm):
-        raise ValueError(f"--init-from {cfg.init_from}: package spacing {spacing} mm, "
-                         f"training spacing {tuple(cfg.spacing_mm)} mm")
+        raise InitFromError(f"--init-from {cfg.init_from}: package spacing {spacing} mm, "
+                            f"training spacing {tuple(cfg.spacing_mm)} mm")
     return pkg.network, campaign_legs(pkg.meta.get("provenance") or {})
 
 
@@ -664,6 +671,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     ckdir = Path(cfg.checkpoint_dir)
+    last, best = ckdir / "last.pt", ckdir / "best.pt"
+    resuming = resume and last.exists()
+    # the package to start from, before anything is written or cached: one that does not fit stops here
+    start = _package_weights(cfg) if cfg.init_from and not resuming else None
     ckdir.mkdir(parents=True, exist_ok=True)
     (ckdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=list))
     pre = preprocess_config(cfg)
@@ -691,15 +702,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     loss_fn = DiceCELoss(to_onehot_y=not soft, softmax=True, include_background=True, batch=cfg.dice_batch)
     state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None,
              "prior_legs": []}
-    last, best = ckdir / "last.pt", ckdir / "best.pt"
-    if resume and last.exists():
+    if resuming:
         ck = torch.load(last, map_location=device, weights_only=False)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         state = {k: ck.get(k, state[k]) for k in state}
         log.info("resumed from %s at step %d", last, state["step"])
-    elif cfg.init_from:
-        network, state["prior_legs"] = package_weights(cfg)
+    elif start is not None:
+        network, state["prior_legs"] = start
         net.load_state_dict(network.state_dict())
         log.info("initialised from the package %s", cfg.init_from)
     rng = np.random.default_rng(cfg.seed + state["step"])

@@ -88,7 +88,8 @@ class Volume:
         +y, +z): the order in which ``array[:, :, k].T`` is an axial image as radiologists read it
         (seen from the feet, the patient's right on the image's left, anterior up), whether the patient
         lay head- or feet-first. Axes are permuted and flipped, never resampled (an oblique grid goes to
-        its nearest axes). For display: the source files no longer follow k, so they are left out."""
+        its nearest axes), and a view of the same voxels, not a copy (a feet-first CT is large). For
+        display: the source files no longer follow k, so they are left out."""
         axes = [int(np.argmax(np.abs(self.affine[:3, i]))) for i in range(3)]  # world axis of each axis
         if sorted(axes) != [0, 1, 2]:
             raise ValueError("the grid has no axis along one of x, y, z")
@@ -99,7 +100,7 @@ class Volume:
                 array = np.flip(array, axis=w)
                 affine[:3, 3] += affine[:3, w] * (array.shape[w] - 1)
                 affine[:3, w] = -affine[:3, w]
-        return Volume(np.ascontiguousarray(array), affine, dict(self.meta))
+        return Volume(array, affine, dict(self.meta))
 
     def ras_affine(self) -> np.ndarray:
         """The affine in NIfTI's RAS convention, for nibabel/MONAI."""

@@ -298,7 +298,7 @@ def train(
     The defaults are the recipe that trained the shipped demo model (seg/recipe.py): give
     --phantoms N (or --data DIR) and --out DIR.
     """
-    from seg.train import DatasetError, TrainConfig
+    from seg.train import DatasetError, InitFromError, TrainConfig
     from seg.train import train as run_train
 
     if data is None and phantoms <= 0:
@@ -364,16 +364,16 @@ def train(
         path = run_train(cfg, resume=resume, progress=progress)
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--data") from exc
+    except InitFromError as exc:  # found before anything is cached
+        raise typer.BadParameter(str(exc), param_hint="--init-from") from exc
     Console(stderr=True).print(f"model package written to {path}")
 
 
 def _check_run_folders(cfg: TrainConfig, resume: bool) -> None:
     """What would otherwise fail after the dataset is cached, or silently lose work: a package
     exported over the one it starts from, a --resume with nothing to resume or another network, a
-    new run over an earlier run's checkpoints, a package to start from that does not fit."""
-    from seg.model import ModelPackageError
-    from seg.train import package_weights
-
+    new run over an earlier run's checkpoints (a package to start from that does not fit is found by
+    the run itself, before it caches anything)."""
     ckdir = Path(cfg.checkpoint_dir)
     last = ckdir / "last.pt"
     if cfg.init_from and Path(cfg.init_from).resolve() == Path(cfg.out).resolve():
@@ -397,11 +397,6 @@ def _check_run_folders(cfg: TrainConfig, resume: bool) -> None:
     if cfg.arch["hidden_size"] % cfg.arch["num_heads"]:
         raise typer.BadParameter(f"--hidden-size {cfg.arch['hidden_size']} is not divisible by "
                                  f"--num-heads {cfg.arch['num_heads']}", param_hint="--num-heads")
-    if cfg.init_from and not resume:
-        try:
-            package_weights(cfg)
-        except (ModelPackageError, ValueError) as exc:
-            raise typer.BadParameter(str(exc), param_hint="--init-from") from exc
 
 
 def _show_progress() -> None:
