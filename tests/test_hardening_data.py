@@ -8,9 +8,6 @@ and dcmtk storescp as the PACS; in-process tests use the real store, SQLite inde
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import sqlite3
 import stat
@@ -22,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from log_capture import captured_info_log
 from peers import REPO, NodeProcess, StoreSCP, requires_dcmtk, wait_for
 from pydicom.uid import RLELossless
 from series_factory import CT_IMAGE, write_ct_series
@@ -31,7 +29,6 @@ from dicomnode.db import Database
 from dicomnode.harness.ingest import store_files
 from dicomnode.harness.scu import send_verbatim
 from dicomnode.harness.series import dataset_bytes, rewrite
-from dicomnode.logs import KeyValueFormatter
 from dicomnode.processing.queue import SQLiteJobQueue
 from dicomnode.processing.worker import Worker
 from dicomnode.storage.series import StabilityWatcher
@@ -46,24 +43,6 @@ def pixel_length_at(raw: bytes) -> int:
     at = raw.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
     assert at > 0
     return at + 8
-
-
-@contextlib.contextmanager
-def captured_info_log() -> Iterator[io.StringIO]:
-    """The root logger's INFO lines, in the node's key=value format, while the block runs."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(KeyValueFormatter())
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
 
 
 @pytest.fixture(scope="module")

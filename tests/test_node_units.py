@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from pathlib import Path
 
 import pydicom
 import pytest
+from log_capture import captured_info_log
 from series_factory import write_ct_series, write_enhanced_ct
 
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
 from dicomnode.harness.ingest import store_files
-from dicomnode.logs import KeyValueFormatter, pseudonym
+from dicomnode.logs import pseudonym
 from dicomnode.network.sender import retry
 from dicomnode.processing.queue import MemoryJobQueue, SQLiteJobQueue
 from dicomnode.processing.worker import Worker
@@ -204,20 +204,9 @@ def test_worker_outcomes(node: tuple, tmp_path: Path, pipeline, final: str, why:
 
 def test_no_phi_in_info_logs(node: tuple, tmp_path: Path) -> None:
     _, _, store = node
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(KeyValueFormatter())
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
+    with captured_info_log(root_level=logging.DEBUG) as stream:
         store_files(store, write_ct_series(tmp_path / "in", name="phi", n=2, size=8, patient_id="SECRET-ID",
                                        patient_name="Secret^Name").files)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
     text = stream.getvalue()
     assert "series opened" in text and pseudonym("SECRET-ID") in text
     assert "SECRET-ID" not in text and "Secret" not in text
