@@ -112,6 +112,7 @@ def compute_change(
         followup=_ref(followup, post),
         days_between=_days(baseline.study_date, followup.study_date),
         fractured_side=fractured_side,
+        baseline_age_years=pre.age_years,
         structures=tuple(structures),
         total_analysed_muscles=total,
         operated_vs_contralateral=tuple(operated_vs_contralateral(structures, fractured_side)),

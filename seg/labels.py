@@ -60,6 +60,24 @@ NUM_CLASSES = 30
 CLASS_NAMES: tuple[str, ...] = tuple(s.name for s in structures())
 ANALYSED_MUSCLES: tuple[str, ...] = tuple(s.name for s in structures() if s.analysed)
 LABEL_OF: dict[str, int] = {s.name: s.label for s in structures()}
+# The analysed muscles in the paper's Table 1 row order (anterior, medial, gluteal, posterior): the
+# order every table and chart a reader sees follows (summary page, cohort report). Not the label order
+# (which lists the posterior muscles before the gluteal ones); label values never change.
+PAPER_ORDER: tuple[str, ...] = (
+    "sartorius", "rectus_femoris", "vastus_lateralis", "vastus_intermedius", "vastus_medialis",
+    "adductor_longus", "adductor_brevis", "adductor_magnus", "gracilis", "pectineus",
+    "gluteus_maximus", "gluteus_medius", "gluteus_minimus", "tensor_fasciae_latae", "piriformis",
+    "obturator_internus", "obturator_externus", "quadratus_femoris",
+    "semitendinosus", "semimembranosus", "biceps_femoris",
+)
+if sorted(PAPER_ORDER) != sorted(ANALYSED_MUSCLES):  # a renamed or re-flagged label must be seen here
+    raise RuntimeError("PAPER_ORDER must list exactly the analysed muscles of seg/structures.csv")
+
+
+def reading_order(name: str) -> int:
+    """Sort key for any structure in a table a person reads: the analysed muscles in
+    :data:`PAPER_ORDER`, then the other structures by label."""
+    return PAPER_ORDER.index(name) if name in PAPER_ORDER else len(PAPER_ORDER) + LABEL_OF[name]
 
 
 def by_name(name: str) -> Structure:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from seg import labels as L
+from seg.age import age_at_study
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
 from seg.records import CSV_COLUMNS, MetalLocation, ModelInfo, StructureVolume, VolumeQA, VolumeRecord
 from seg.volume import Volume
@@ -180,6 +181,8 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     Height: the given ``height_m`` (with ``height_source``), else PatientSize from the series
     metadata; without either, ``index_cm3_m2`` stays null (height is never guessed). Plausibility is
     :mod:`seg.height`'s rule: an implausible PatientSize is not used, an implausible given height is an error.
+    Age at the study: :func:`seg.age.age_at_study` of the header (PatientAge, else PatientBirthDate and
+    StudyDate); missing when neither gives one.
     """
     if ct is not None and not _same_grid(labels, ct):
         raise ValueError(f"label map grid {labels.shape} does not match the CT grid {ct.shape}")
@@ -225,11 +228,14 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     }
     if ct is not None and ct_figures is not None:
         qa |= _ct_qa(ct, mid, segmented, ct_figures.result())
+    age_years, age_source = age_at_study(meta)
     return VolumeRecord(
         series_instance_uid=meta.get("SeriesInstanceUID"),
         model=model or ModelInfo(),
         height_m=round(float(height_m), 4) if height_m is not None else None,
         height_source=height_source if height_m is not None else None,
+        age_years=age_years,
+        age_source=age_source,
         structures=tuple(structures),
         qa=VolumeQA(**qa),
     )

@@ -297,6 +297,10 @@ class VolumeRecord(_Document):
     height_source: str | None = None
     structures: tuple[StructureVolume, ...] = ()
     qa: VolumeQA = VolumeQA()
+    # the patient's age at this study (seg.age: PatientAge, else PatientBirthDate → StudyDate); optional,
+    # so a volumes.json written before it was recorded still loads (age unknown)
+    age_years: int | None = None
+    age_source: str | None = None
 
     def by_label(self) -> dict[int, StructureVolume]:
         return {s.label: s for s in self.structures}
@@ -395,6 +399,9 @@ class ChangeRecord(_Document):
     fracture_type: str | None = None
     surgery_date: str | None = None
     koval_grade: int | None = None
+    # age at the baseline study, from the baseline's volumes.json (None: not recorded, e.g. a record
+    # stored before ages were; such a change still loads)
+    baseline_age_years: int | None = None
 
     def with_facts(self, **facts: Any) -> ChangeRecord:
         """A copy with more facts set (pairing's), validated like any record."""

@@ -16,10 +16,10 @@ from scipy.stats import mannwhitneyu, wilcoxon
 
 from reporting.change import compute_change
 from reporting.cohort.collect import GROUPS, parse_filters
-from reporting.cohort.figures import FIGURE_NAMES, figure6
+from reporting.cohort.figures import FIGURE_NAMES, FLOW_FIGURE, figure6
 from reporting.cohort.report import build_cohort, write_report
 from reporting.cohort.statistics import MIN_CI_N, min_p_mannwhitney
-from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
+from seg.labels import ANALYSED_MUSCLES, LABEL_OF, by_name, structures
 from seg.records import CohortEntry, Reason, ReasonCode, StructureVolume, StudyRef, VolumeRecord
 
 COMPOSITION = [("FNF", "F", 2), ("FNF", "M", 4), ("ITF", "F", 10), ("ITF", "M", 2)]
@@ -170,13 +170,14 @@ def test_outputs_written(cohort, tmp_path) -> None:
     for name in ("figure6_boxplots.png", "figure7_bars.png", "figure8_loss_ratio.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert (tmp_path / "out" / FLOW_FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = written["html"].read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4  # Figure 1 and Figures 6-8
     assert "Table 1" in html and "Table 2" in html and "Table 3" in html and "Mann–Whitney" in html
+    assert "Figure 1. Participant flow" in html and "Table 0. Baseline characteristics" in html
     wb = load_workbook(written["xlsx"], read_only=True)
-    assert {"table1_composition", "table2_total_loss", "table3_per_muscle", "stats_wilcoxon"} <= set(
-        wb.sheetnames
-    )
+    assert {"flow", "table0_baseline", "table1_composition", "table2_total_loss", "table3_per_muscle",
+            "stats_wilcoxon", "stats_mannwhitney_within_sex"} <= set(wb.sheetnames)
     assert (tmp_path / "out" / "table2_total_loss.csv").read_text().count("\n") >= 8
 
 
@@ -251,9 +252,10 @@ def test_report_page_in_chromium_shows_every_table_and_figure(cohort, tmp_path) 
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
         page.goto(page_path.as_uri())
         heads = page.locator("h2").all_inner_texts()
-        assert [h.split(".")[0] for h in heads[:3]] == ["Table 1", "Table 2", "Table 3"]
+        first = ["Figure 1", "Table 0", "Table 1", "Table 2", "Table 3"]
+        assert [h.split(".")[0] for h in heads[:5]] == first
         sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
-        assert len(sizes) == 3 and all(done and width > 300 for done, width in sizes), sizes
+        assert len(sizes) == 4 and all(done and width > 300 for done, width in sizes), sizes
         assert page.locator("table").count() >= 3
         body = page.inner_text("body")
         assert f"Patients with a pre/post pair: {len(report.patients)}" in body
@@ -375,8 +377,12 @@ def test_small_sample_warnings_only_where_true(tmp_path) -> None:
 
 
 def test_no_signed_rank_warning_without_small_rows(written) -> None:
-    """The fixture's paired tests all have n ≥ 6 (all 18, FNF 6, ITF 12): no warning is true there."""
-    assert "cannot reach" not in written["html"].read_text()
+    """The fixture's paired tests all have n ≥ 6 (all 18, FNF 6, ITF 12): no signed-rank warning is true
+    there. The only true claim is the within-sex Mann–Whitney's for the men (FNF 4 vs ITF 2: 2/15)."""
+    page = written["html"].read_text()
+    assert "cannot reach" not in _section(page, "Wilcoxon signed-rank, pre vs post")
+    claims = _unreachable_claims(page)
+    assert len(claims) == 1 and "n_FNF = 4 and n_ITF = 2 (2/C(6, 4) = 0.133)" in claims[0], claims
 
 
 def test_rewrite_removes_own_stale_outputs_only(cohort, tmp_path) -> None:
@@ -395,7 +401,8 @@ def test_rewrite_removes_own_stale_outputs_only(cohort, tmp_path) -> None:
     names = {p.name for p in out.iterdir()}
     assert names == {p.name for p in second.values()} | {"figure9_mine.png", "notes.txt"}
     assert (out / "figure9_mine.png").read_bytes() == b"keep"
-    assert "data:image/png" not in second["html"].read_text()
+    # only the participant flow, drawn afresh: it shows why no pair is left
+    assert second["html"].read_text().count("data:image/png") == 1 and FLOW_FIGURE in second
 
 
 def test_csvs_have_named_columns_and_integer_counts(written) -> None:
@@ -446,3 +453,215 @@ def test_patients_csv_traces_each_pair_and_the_sex_mix_is_noted() -> None:
                for n in report.notes), report.notes
     women = build_cohort(_cohort()[0], parse_filters(["sex=F"]), n_boot=20)
     assert not any("pools both sexes" in n for n in women.notes)
+
+
+# ---------------------------------------------------------------- Figure 1, Table 0, within-sex tests
+
+# The paper's Table 1 row order (Kim et al. 2024), which every table and figure must follow.
+PAPER_ORDER = [
+    "Sartorius", "Rectus femoris", "Vastus lateralis", "Vastus intermedius", "Vastus medialis",
+    "Adductor longus", "Adductor brevis", "Adductor magnus", "Gracilis", "Pectineus", "Gluteus maximus",
+    "Gluteus medius", "Gluteus minimus", "Tensor fasciae latae", "Piriformis", "Obturator internus",
+    "Obturator externus", "Quadratus femoris", "Semitendinosus", "Semimembranosus", "Biceps femoris",
+]
+
+
+def _flow_entries() -> list[CohortEntry]:
+    """The fixture's 18 patients plus one of each exclusion: unknown fracture type, unknown sex, a muscle
+    not measured, two single studies and a pair without a pre-operative baseline."""
+    entries, _ = _cohort()
+    first, second, third = entries[0].change, entries[1].change, entries[2].change
+    entries[0] = entries[0].model_copy(update={"change": first.with_facts(fracture_type=None)})  # F FNF
+    entries[1] = entries[1].model_copy(update={"change": second.with_facts(sex=None)})  # F FNF
+    gone = third.model_copy(update={"structures": tuple(
+        s for s in third.structures if s.name != "piriformis")})  # M FNF
+    entries[2] = entries[2].model_copy(update={"change": gone})
+    single = (Reason(ReasonCode.SINGLE_STUDY, "single study for this patient: nothing to compare with"),)
+    entries += [CohortEntry(patient_id=f"S{i}", studies=1, reasons=single) for i in range(2)]
+    entries.append(CohortEntry(patient_id="POST", studies=2, change=entries[5].change, reasons=(
+        Reason(ReasonCode.NO_PREOPERATIVE_BASELINE, "no pre-operative baseline: not a pre vs post pair"),)))
+    return entries
+
+
+def _flow_rows(flow) -> dict[tuple[str, str], tuple[int, object]]:
+    return {(r.box, r.label): (r.n, r.remaining) for r in flow.itertuples(index=False)}
+
+
+def test_participant_flow_counts_every_step_and_ends_at_the_tables() -> None:
+    """Figure 1's data: every patient given to the report, each rule's exclusions with their reasons,
+    and the groups; the last box is the tables' n and each group the tables' group size."""
+    entries = _flow_entries()
+    report = build_cohort(entries, n_boot=20)
+    rows = _flow_rows(report.flow)
+    assert rows[("start", "patients measured by the node")] == (21, 21)
+    assert rows[("excluded", "no pre/post pair")] == (3, 18)
+    assert rows[("reason", "single study")][0] == 2 and rows[("reason", "no pre-operative baseline")][0] == 1
+    assert rows[("excluded", "fracture type not FNF/ITF")] == (1, 17)
+    assert rows[("reason", "fracture type unknown")][0] == 1
+    assert rows[("excluded", "sex unknown")] == (1, 16)
+    assert rows[("excluded", "analysed muscles not all measured")] == (1, 15)
+    assert rows[("included", "included in the tables")] == (15, 15) and len(report.patients) == 15
+    assert {g: rows[("group", g)][0] for g in GROUPS} == report.group_sizes == {
+        "Female FNF": 0, "Female ITF": 10, "Male FNF": 3, "Male ITF": 2}
+    assert not any(box == "excluded" and "filter" in label for box, label in rows)  # no filter given
+    # every excluded patient (filters aside) is listed by name in excluded.csv, the flow names none
+    assert len(report.excluded) == 6 and not report.flow["label"].str.contains("C0|S0|POST").any()
+
+
+def test_participant_flow_counts_the_filter_step(tmp_path) -> None:
+    """Patients a --filter leaves out are the flow's first step, named by the filter; the flow's CSV,
+    page section and 80-column text carry the same numbers."""
+    from reporting.cohort.flow import flow_text
+
+    report = build_cohort(_flow_entries(), parse_filters(["sex=F"]), n_boot=20)
+    rows = _flow_rows(report.flow)
+    # 7 men (6 + the pair without a pre-operative baseline), the patient of unknown sex and the two
+    # single studies (no change record, so no sex to match)
+    assert rows[("excluded", "not matching --filter sex=F")] == (10, 11)
+    assert rows[("excluded", "no pre/post pair")] == (0, 11)
+    assert rows[("excluded", "fracture type not FNF/ITF")] == (1, 10)
+    assert rows[("included", "included in the tables")] == (10, 10) and len(report.patients) == 10
+    written = write_report(report, tmp_path / "women")
+    csv_rows = _csv_rows(written["flow"])
+    assert csv_rows[0] == ["step", "box", "label", "n", "remaining"]
+    assert ["1", "excluded", "not matching --filter sex=F", "10", "11"] in csv_rows
+    assert ["6", "group", "Female ITF", "10", ""] in csv_rows
+    page = written["html"].read_text()
+    assert "not matching --filter sex=F" in _html_columns(page, "label")
+    assert page.index("Figure 1. Participant flow") < page.index("not matching --filter sex=F")
+    text = flow_text(report.flow)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    lines = [line.split() for line in text.splitlines()]
+    assert ["-10", "not", "matching", "--filter", "sex=F"] in lines
+    assert text.splitlines()[-3:] == ["    10  included in the tables", "        FNF 0 (women 0, men 0)",
+                                      "        ITF 10 (women 10, men 0)"]
+
+
+def test_flow_figure_draws_each_box_with_its_count() -> None:
+    """Figure 1 is boxes and arrows: the start, one box per exclusion step (with its reasons), the
+    included patients and one box per fracture type with its women and men."""
+    import matplotlib.pyplot as plt
+
+    from reporting.cohort.figures import flow_figure, flow_png
+
+    report = build_cohort(_flow_entries(), n_boot=20)
+    fig = flow_figure(report.flow)
+    try:
+        texts = [t.get_text() for t in fig.axes[0].texts]
+        arrows = [c for c in fig.axes[0].get_children() if type(c).__name__ == "Annotation"]
+        boxes = [c for c in fig.axes[0].patches if type(c).__name__ == "FancyBboxPatch"]
+    finally:
+        plt.close(fig)
+    for line in ("Patients measured by the node", "n = 21", "Excluded: no pre/post pair", "n = 3",
+                 "• single study: 2", "Included in the tables", "n = 15", "women 0, men 3",
+                 "women 10, men 2", "Femoral neck fracture (FNF)"):
+        assert line in texts, (line, texts)
+    assert len(boxes) == 1 + 4 + 1 + 2  # start, four exclusion steps, included, FNF and ITF
+    assert len(arrows) == 4 + 1 + 2  # to each exclusion, to the included box, to each group
+    assert flow_png(report.flow)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _median_iqr(values: list[float], digits: int) -> str:
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return f"{med:.{digits}f} [{q1:.{digits}f}–{q3:.{digits}f}]"
+
+
+def test_baseline_table_describes_each_group() -> None:
+    """Table 0: n, age at the baseline CT (the patients with one), height with its sources, interval,
+    Koval grades, fractured side and the pre-operative volume of the 21 muscles, per group and all."""
+    from reporting.cohort import baseline as b
+
+    entries, truth = _cohort()
+    ages = {}
+    for i, e in enumerate(entries):
+        age = None if i % 4 == 0 else 60 + (i * 7) % 30
+        source = "PatientSize" if i == 3 else e.change.height_source
+        entries[i] = e.model_copy(update={"change": e.change.with_facts(
+            baseline_age_years=age, height_source=source)})
+        ages[e.patient_id] = age
+    report = build_cohort(entries, n_boot=20)
+    t = report.baseline
+    assert list(t.index) == list(b.ROWS) and list(t.columns) == [*GROUPS, "All"]
+    for g in (*GROUPS, "All"):
+        pids = [p for p, tr in truth.items() if g == "All" or tr["group"] == g]
+        known = [ages[p] for p in pids if ages[p] is not None]
+        assert t.loc["n", g] == str(len(pids))
+        assert t.loc[b.AGE, g] == _median_iqr(known, 1)
+        assert t.loc[b.AGE_N, g] == f"{len(known)} of {len(pids)}"
+        assert t.loc[b.HEIGHT, g] == _median_iqr([truth[p]["height"] for p in pids], 2)
+        pre = [_total(truth[p]["pre"]) for p in pids]
+        assert t.loc[b.PRE_VOLUME, g] == _median_iqr(pre, 0)
+        assert t.loc[b.PRE_INDEX, g] == _median_iqr(
+            [v / truth[p]["height"] ** 2 for v, p in zip(pre, pids, strict=True)], 1)
+        assert t.loc[b.DAYS, g] == "120 [120–120]"
+        assert t.loc[b.SIDE, g] == f"{len(pids)} / 0 / 0"  # the fixture's operated side is the left
+    assert t.loc[b.HEIGHT_SOURCE, "All"] == "17 / 1 / 0"
+    assert t.loc[b.HEIGHT_SOURCE, "Female FNF"] == "2 / 0 / 0"
+    # the fixture's Koval grade: n % 7 + 1 for patient n, unknown when n is a multiple of 3
+    grades = [n % 7 + 1 for n in range(1, 19) if n % 3]
+    assert t.loc[b.KOVAL_N, "All"] == f"{len(grades)} of 18"
+    assert t.loc[b.KOVAL_GRADES, "All"] == " / ".join(str(grades.count(k)) for k in range(1, 8))
+    assert t.loc["community ambulatory (Koval 1–3)", "All"] == str(sum(g <= 3 for g in grades))
+    assert t.loc["non-functional ambulatory (Koval 7)", "All"] == str(grades.count(7))
+    assert any("without a recorded age" in n for n in report.notes)
+
+
+def test_baseline_table_written_with_its_rows(cohort, written) -> None:
+    """table0_baseline.csv has a named first column and the group columns; the page shows the table."""
+    rows = _csv_rows(written["table0_baseline"])
+    assert rows[0] == ["characteristic", *GROUPS, "All"]
+    assert rows[1] == ["n", "2", "10", "4", "2", "18"]
+    assert "age at baseline CT, years, median [IQR]" in written["html"].read_text()
+
+
+def test_mannwhitney_within_each_sex_matches_scipy(cohort, written) -> None:
+    """FNF vs ITF within women and within men (the paper's Table 3 reading): U, p and rank-biserial r as
+    scipy gives them on that sex's patients, q over the 21 muscles of each sex and measure, small
+    groups flagged; written to CSV, Excel and the page."""
+    report, truth, _ = cohort
+    t = report.mannwhitney_sex
+    lab = LABEL_OF["gluteus_maximus"]
+    ratio = {p: (sum(tr["pre"][lab]) - sum(tr["post"][lab])) / sum(tr["pre"][lab]) * 100
+             for p, tr in truth.items()}
+    for sex, name, n_fnf, n_itf in (("F", "Female", 2, 10), ("M", "Male", 4, 2)):
+        a = [ratio[p] for p, tr in truth.items() if tr["sex"] == sex and tr["fracture"] == "FNF"]
+        c = [ratio[p] for p, tr in truth.items() if tr["sex"] == sex and tr["fracture"] == "ITF"]
+        mw = mannwhitneyu(a, c, alternative="two-sided")
+        row = t.set_index(["sex", "muscle", "measure"]).loc[(name, "Gluteus maximus", "loss_pct")]
+        assert (row["n_FNF"], row["n_ITF"]) == (n_fnf, n_itf) and bool(row["small_group"])
+        assert row["p"] == pytest.approx(mw.pvalue) and row["U_FNF"] == pytest.approx(mw.statistic)
+        assert row["rank_biserial_r"] == pytest.approx(2 * mw.statistic / (n_fnf * n_itf) - 1)
+        fam = t[(t["sex"] == name) & (t["measure"] == "loss_pct") & (t["muscle"] != "Total (21 muscles)")]
+        p = fam["p"].to_numpy()
+        order = np.argsort(p)
+        q = np.minimum.accumulate((p[order] * len(p) / np.arange(1, len(p) + 1))[::-1])[::-1]
+        assert fam["q_bh"].to_numpy()[order] == pytest.approx(np.minimum(q, 1.0))
+    assert len(t) == 2 * 22 * 3  # two sexes × (21 muscles + total) × three measures
+    head = _csv_rows(written["stats_mannwhitney_within_sex"])[0]
+    assert head[:3] == ["sex", "muscle", "measure"] and "q_bh" in head
+    assert "stats_mannwhitney_within_sex" in load_workbook(written["xlsx"], read_only=True).sheetnames
+    assert "FNF vs ITF within each sex" in written["html"].read_text()
+
+
+def test_every_table_and_figure_lists_the_muscles_in_the_papers_order(cohort) -> None:
+    """Table 1's order (anterior, medial, gluteal, then posterior): not the label order, which puts the
+    posterior muscles before the gluteal ones."""
+    import matplotlib.pyplot as plt
+
+    from reporting.cohort.figures import figures
+
+    report, _, _ = cohort
+    assert list(report.table1.index[:-1]) == PAPER_ORDER
+    assert list(report.table3.columns[:-1]) == PAPER_ORDER
+    assert list(report.loss_ratio_by_fracture.index[:-1]) == PAPER_ORDER
+    tests = (report.wilcoxon, report.mannwhitney, report.mannwhitney_sex, report.bootstrap, report.sides)
+    for table in tests:
+        assert [m for m in dict.fromkeys(table["muscle"]) if m != "Total (21 muscles)"] == PAPER_ORDER
+    assert [by_name(m).display_name for m in dict.fromkeys(report.long["muscle"])] == PAPER_ORDER
+    fig = figure6(report)
+    try:
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.get_xticklabels()] == PAPER_ORDER
+    finally:
+        plt.close(fig)
+    assert set(figures(report)) == set(FIGURE_NAMES)  # 7 and 8 draw from the same order

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import sqlite3
@@ -468,6 +469,12 @@ def test_synthetic_cohort_kept_for_the_command_line(tmp_path: Path, monkeypatch)
                                    "--bootstrap", "20"])
     assert res.exit_code == 0, res.output
     assert "Female FNF 2, Female ITF 10, Male FNF 4, Male ITF 2" in res.output
+    # the participant flow on the terminal, and the phantoms' PatientAge in Table 0 (age at baseline)
+    assert ("    18  included in the tables\n        FNF 6 (women 2, men 4)\n"
+            "        ITF 12 (women 10, men 2)\n") in res.output
+    with (tmp_path / "report" / "table0_baseline.csv").open() as f:
+        table0 = {row[0]: row[1:] for row in csv.reader(f)}
+    assert table0["  patients with a known age"][-1] == "18 of 18"
     res = CliRunner().invoke(app, ["patients", "list", "--json"])
     assert sum(r["comparisons"] for r in json.loads(res.output)) == 18
     with pytest.raises(SystemExit):

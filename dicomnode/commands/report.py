@@ -47,9 +47,10 @@ def cohort(
     ] = 2000,
     config: ConfigOption = None,
 ) -> None:
-    """Write the cohort report (paper's Tables 1–3, Figures 6–8, statistics) to --out."""
+    """Write the cohort report (paper's Figure 1 flow, Tables 0–3, Figures 6–8, statistics) to --out."""
     from dicomnode.clinical import pairing, registry
     from reporting.cohort.collect import parse_filters
+    from reporting.cohort.flow import flow_text
     from reporting.cohort.report import build_cohort, table2_numbers, write_report
 
     vocabulary = {"sex": registry.parse_sex, "fracture_type": registry.parse_fracture_type,
@@ -68,6 +69,7 @@ def cohort(
         typer.echo(f"note: {note}")
     for _, row in report.excluded.iterrows():
         typer.echo(f"not included: {row['patient_id']}: {row['reason']}")
+    typer.echo(flow_text(report.flow))
     typer.echo(table2_numbers(report))
     typer.echo(f"report: {written['html']}")
 
@@ -113,13 +115,13 @@ def patient(
 def side_table(change: ChangeRecord) -> str:
     """Each structure's volume before and after, and its loss, per side (the fractured side first when
     known), then the analysed muscles together; display names, within 80 columns."""
-    from seg.labels import by_name
+    from seg.labels import by_name, reading_order
 
     known = change.fractured_side in ("left", "right")
     first = change.fractured_side if known else "left"
     second = "right" if first == "left" else "left"
     by_key = {(st.name, st.side): st for st in change.structures}
-    names = sorted({st.name for st in change.structures}, key=lambda n: by_name(n).label)
+    names = sorted({st.name for st in change.structures}, key=reading_order)
 
     def cells(name: str, side: str) -> str:
         st = by_key.get((name, side))

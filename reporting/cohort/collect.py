@@ -13,18 +13,47 @@ them (each with a change record carrying sex and fracture type, or the reasons t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from seg.labels import ANALYSED_MUSCLES, by_name
-from seg.records import ChangeRecord, CohortEntry
+from seg.labels import PAPER_ORDER, by_name
+from seg.records import ChangeRecord, CohortEntry, ReasonCode
 
 GROUPS = ("Female FNF", "Female ITF", "Male FNF", "Male ITF")  # the paper's Table 2/3 column order
 TABLE1_GROUPS = ("Male FNF", "Male ITF", "Female FNF", "Female ITF")  # the paper's Table 1 column order
 FRACTURES = ("FNF", "ITF")
 SEX_NAME = {"F": "Female", "M": "Male"}
+MUSCLE_ORDER = PAPER_ORDER  # every table and figure of the report: the paper's Table 1 rows
+
+# Why a patient is not in the tables, in the order the rules are applied (the participant flow's steps).
+STEP_FILTER = "filter"
+STEP_NO_PAIR = "no-pair"
+STEP_FRACTURE = "fracture-type"
+STEP_SEX = "sex-unknown"
+STEP_MUSCLES = "muscles-not-measured"
+STEPS = (STEP_FILTER, STEP_NO_PAIR, STEP_FRACTURE, STEP_SEX, STEP_MUSCLES)
+# pairing's reasons for no pre vs post pair, as the flow's sub-boxes name them (no patient data)
+_NO_PAIR_LABEL = {
+    ReasonCode.SINGLE_STUDY: "single study",
+    ReasonCode.NO_LATER_STUDY: "no later study yet",
+    ReasonCode.NO_STUDY_DATE: "no StudyDate",
+    ReasonCode.SAME_DAY_AS_BASELINE: "follow-up on the baseline's day",
+    ReasonCode.NO_PREOPERATIVE_BASELINE: "no pre-operative baseline",
+    ReasonCode.NO_COMPARISON: "no comparison",
+}
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Why one patient is not in the tables: ``step`` (one of :data:`STEPS`), ``detail`` (the flow's
+    grouped reason, free of patient data) and ``reason`` (the text ``excluded.csv`` lists)."""
+
+    step: str
+    detail: str
+    reason: str
 
 
 def display(name: str) -> str:
@@ -83,39 +112,51 @@ def parse_filters(items: list[str] | None,
     return out
 
 
+def exclusion(entry: CohortEntry, filters: dict[str, list[str]] | None = None) -> Exclusion | None:
+    """The first inclusion rule ``entry`` fails (in :data:`STEPS` order), or None when it is included.
+
+    Why one function: the tables (:func:`collect`) and the participant flow
+    (:mod:`reporting.cohort.flow`) both ask it, so their counts cannot disagree."""
+    if filters and not _matches(entry, filters):
+        return Exclusion(STEP_FILTER, "not matching the filters", "not matching the filters")
+    change = entry.change
+    if change is None or entry.reasons:
+        codes = sorted(dict.fromkeys(r.code for r in entry.reasons))
+        detail = "; ".join(_NO_PAIR_LABEL.get(c, c.value) for c in codes) or "no pre/post pair"
+        return Exclusion(STEP_NO_PAIR, detail, entry.reason_text or "no pre/post pair")
+    fracture = change.fracture_type
+    if fracture not in FRACTURES:
+        detail = f"fracture type {fracture or 'unknown'}"
+        return Exclusion(STEP_FRACTURE, detail, f"{detail}: not FNF/ITF")
+    if change.sex not in SEX_NAME:
+        return Exclusion(STEP_SEX, "sex unknown", "sex unknown: cannot be placed in a sex × fracture group")
+    both = {s.name for s in change.structures if s.side == "both"}
+    missing = [m for m in MUSCLE_ORDER if m not in both]
+    if missing:
+        return Exclusion(STEP_MUSCLES, "analysed muscle(s) not measured",
+                         f"{len(missing)} analysed muscle(s) not measured")
+    return None
+
+
 def collect(
     entries: list[CohortEntry], filters: dict[str, list[str]] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(long per-muscle table, per-patient totals, excluded with reasons) from pairing entries."""
+    """(long per-muscle table, per-patient totals, excluded with reasons) from pairing entries.
+
+    Patients the filters leave out are in neither (the participant flow counts them)."""
     rows, totals, excluded = [], [], []
     for entry in entries:
         pid = entry.patient_id
-        if filters and not _matches(entry, filters):
+        why = exclusion(entry, filters)
+        if why is not None:
+            if why.step != STEP_FILTER:
+                excluded.append({"patient_id": pid, "reason": why.reason})
             continue
         change = entry.change
-        if change is None:
-            excluded.append({"patient_id": pid, "reason": entry.reason_text or "no pre/post pair"})
-            continue
-        if entry.reasons:
-            excluded.append({"patient_id": pid, "reason": entry.reason_text})
-            continue
+        assert change is not None  # exclusion() refused every entry without one
         sex, fracture = change.sex, change.fracture_type
-        if fracture not in FRACTURES:
-            excluded.append(
-                {"patient_id": pid, "reason": f"fracture type {fracture or 'unknown'}: not FNF/ITF"}
-            )
-            continue
-        if sex not in SEX_NAME:
-            excluded.append(
-                {"patient_id": pid, "reason": "sex unknown: cannot be placed in a sex × fracture group"}
-            )
-            continue
-        height = change.height_m
         both = {s.name: s for s in change.structures if s.side == "both"}
-        missing = [m for m in ANALYSED_MUSCLES if m not in both]
-        if missing:
-            excluded.append({"patient_id": pid, "reason": f"{len(missing)} analysed muscle(s) not measured"})
-            continue
+        height = change.height_m
         all_muscle_pre = sum(s.pre_cm3 or 0.0 for n, s in both.items() if by_name(n).is_muscle)
         group = f"{SEX_NAME[sex]} {fracture}"
         base = {
@@ -129,9 +170,10 @@ def collect(
             "height_m": height,
             "days_between": change.days_between,
             "koval_grade": change.koval_grade,
+            "age_years": change.baseline_age_years,
         }
         ovc = {o.name: o for o in change.operated_vs_contralateral}
-        for m in ANALYSED_MUSCLES:
+        for m in MUSCLE_ORDER:
             s = both[m]
             loss = s.pre_cm3 - s.post_cm3
             side = ovc.get(m)
@@ -149,16 +191,16 @@ def collect(
                     "contralateral_loss_pct": _num(side.contralateral_loss_pct if side else None),
                 }
             )
-        pre = sum(both[m].pre_cm3 for m in ANALYSED_MUSCLES)
-        post = sum(both[m].post_cm3 for m in ANALYSED_MUSCLES)
+        pre = sum(both[m].pre_cm3 for m in MUSCLE_ORDER)
+        post = sum(both[m].post_cm3 for m in MUSCLE_ORDER)
         side_loss = {"operated_loss_pct": np.nan, "contralateral_loss_pct": np.nan}
-        if all(m in ovc for m in ANALYSED_MUSCLES):
+        if all(m in ovc for m in MUSCLE_ORDER):
             for which, pre_of, post_of in (
                 ("operated", lambda o: o.operated_pre_cm3, lambda o: o.operated_post_cm3),
                 ("contralateral", lambda o: o.contralateral_pre_cm3, lambda o: o.contralateral_post_cm3),
             ):
-                sp = sum(pre_of(ovc[m]) or 0.0 for m in ANALYSED_MUSCLES)
-                so = sum(post_of(ovc[m]) or 0.0 for m in ANALYSED_MUSCLES)
+                sp = sum(pre_of(ovc[m]) or 0.0 for m in MUSCLE_ORDER)
+                so = sum(post_of(ovc[m]) or 0.0 for m in MUSCLE_ORDER)
                 side_loss[f"{which}_loss_pct"] = (sp - so) / sp * 100.0 if sp else np.nan
         totals.append(
             base

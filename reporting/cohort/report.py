@@ -1,8 +1,9 @@
 """The cohort report: every table and statistic for a set of pairs, written as CSV, Excel, PNG and HTML.
 
-Why: the paper's Tables 1–3 and Figures 6–8 (plus the statistics it could not run) for every pre/post
-pair the node measured (``dicomnode report cohort``). Data come from :mod:`.collect`, numbers from
-:mod:`.statistics`, images from :mod:`.figures`; this module assembles and writes them.
+Why: the paper's Figure 1 (participant flow), Tables 1–3 and Figures 6–8 (plus a baseline table and
+the statistics it could not run) for every pre/post pair the node measured (``dicomnode report
+cohort``). Data come from :mod:`.collect`, the flow from :mod:`.flow`, Table 0 from :mod:`.baseline`,
+numbers from :mod:`.statistics`, images from :mod:`.figures`; this module assembles and writes them.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from reporting.cohort.baseline import baseline_table
 from reporting.cohort.collect import FRACTURES, GROUPS, collect
-from reporting.cohort.figures import FIGURE_NAMES, figures
+from reporting.cohort.figures import FIGURE_NAMES, FLOW_FIGURE, figures, flow_png
+from reporting.cohort.flow import participant_flow
 from reporting.cohort.statistics import (
     MIN_CI_N,
     SMALL_N,
     bootstrap_table,
     loss_ratio_by_fracture,
     mannwhitney_table,
+    mannwhitney_within_sex_table,
     min_p_mannwhitney,
     min_p_signed_rank,
     side_table,
@@ -34,7 +38,8 @@ from reporting.cohort.statistics import (
 )
 from seg.records import CohortEntry
 
-INTEGER_COLUMNS = ("n", "n_FNF", "n_ITF", "koval_grade", "days_between")  # counts and grades, never x.0
+# counts, grades and whole years: never x.0
+INTEGER_COLUMNS = ("n", "n_FNF", "n_ITF", "koval_grade", "days_between", "age_years", "remaining")
 P_COLUMNS = ("p", "q_bh")  # the HTML prints these "<0.0001" below P_FLOOR; the CSVs keep every digit
 P_FLOOR = 1e-4
 
@@ -58,6 +63,9 @@ class CohortReport:
     notes: list[str] = field(default_factory=list)
     filters: dict[str, list[str]] = field(default_factory=dict)
     sides: pd.DataFrame = field(default_factory=pd.DataFrame)  # operated vs contralateral side
+    flow: pd.DataFrame = field(default_factory=pd.DataFrame)  # participant flow (reporting.cohort.flow)
+    baseline: pd.DataFrame = field(default_factory=pd.DataFrame)  # Table 0 (reporting.cohort.baseline)
+    mannwhitney_sex: pd.DataFrame = field(default_factory=pd.DataFrame)  # FNF vs ITF within each sex
 
 
 def build_cohort(
@@ -66,6 +74,7 @@ def build_cohort(
     """All tables and statistics for the pairs in ``entries`` (optionally filtered)."""
     filters = filters or {}
     long, patients, excluded = collect(entries, filters)
+    flow = participant_flow(entries, filters)
     notes: list[str] = []
     if patients.empty:
         empty = pd.DataFrame()
@@ -84,6 +93,7 @@ def build_cohort(
             {g: 0 for g in GROUPS},
             ["no pre/post pairs with a known sex and FNF/ITF fracture type"],
             filters,
+            flow=flow,
         )
     sizes = {g: int((patients["group"] == g).sum()) for g in GROUPS}
     for g, n in sizes.items():
@@ -93,7 +103,11 @@ def build_cohort(
     if all(pd.notna(v) for v in shares.values()) and abs(shares["FNF"] - shares["ITF"]) >= 0.25:
         mix = ", ".join(f"{f} {shares[f]:.0%} women" for f in FRACTURES)
         notes.append(f"FNF vs ITF pools both sexes ({mix}): a difference between the fracture types "
-                     "may be one between the sexes; compare within a sex with --filter sex=F or sex=M")
+                     "may be one between the sexes; see the within-sex comparison "
+                     "(stats_mannwhitney_within_sex)")
+    no_age = int(patients["age_years"].isna().sum())
+    if no_age:
+        notes.append(f"{no_age} patient(s) without a recorded age at the baseline CT: not in Table 0's age")
     no_height = int(patients["height_m"].isna().sum())
     if no_height:
         notes.append(
@@ -115,11 +129,16 @@ def build_cohort(
         notes=notes,
         filters=filters,
         sides=side_table(long, patients),
+        flow=flow,
+        baseline=baseline_table(patients),
+        mannwhitney_sex=mannwhitney_within_sex_table(long, patients),
     )
 
 
 def _tables(report: CohortReport) -> dict[str, pd.DataFrame]:
     return {
+        "flow": report.flow,
+        "table0_baseline": report.baseline,
         "table1_composition": report.table1,
         "table2_total_loss": report.table2,
         "table2_across_muscles": report.table2_across_muscles,
@@ -127,6 +146,7 @@ def _tables(report: CohortReport) -> dict[str, pd.DataFrame]:
         "figure8_loss_ratio": report.loss_ratio_by_fracture,
         "stats_wilcoxon": report.wilcoxon,
         "stats_mannwhitney": report.mannwhitney,
+        "stats_mannwhitney_within_sex": report.mannwhitney_sex,
         "stats_bootstrap": report.bootstrap,
         "operated_vs_contralateral": report.sides,
         "patients": report.patients,
@@ -203,7 +223,7 @@ def _mannwhitney_note(table: pd.DataFrame) -> str:
 def _remove_stale(out_dir: Path, written: dict[str, Path], tables: list[str]) -> None:
     """Delete this report's own files from an earlier run that this run did not write (e.g. figures
     when no pairs are left), so the folder never mixes two reports; other files are not touched."""
-    ours = {f"{name}.csv" for name in tables} | set(FIGURE_NAMES) | {"cohort.xlsx", "report.html"}
+    ours = {f"{name}.csv" for name in tables} | {*FIGURE_NAMES, FLOW_FIGURE, "cohort.xlsx", "report.html"}
     for name in sorted(ours - {p.name for p in written.values()}):
         (out_dir / name).unlink(missing_ok=True)
 
@@ -236,7 +256,8 @@ def write_report(
                 frame.columns = [" | ".join(map(str, c)) for c in df.columns]
             frame.to_excel(xw, sheet_name=name[:31], index=index)
     written["xlsx"] = xlsx
-    images = figures(report) if not report.patients.empty else {}
+    images = {FLOW_FIGURE: flow_png(report.flow)} if not report.flow.empty else {}
+    images |= figures(report) if not report.patients.empty else {}
     for name, data in images.items():
         (out_dir / name).write_bytes(data)
         written[name] = out_dir / name
@@ -270,8 +291,19 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
         "(cm³/m²); loss ratio = (pre − post) / pre.</p>",
     ]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in report.notes]
+    if not report.flow.empty:
+        parts += [
+            "<h2>Figure 1. Participant flow</h2><p>Every patient the node has measured, each step that "
+            "left patients out with its reasons, and the groups of the tables (flow.csv).</p>",
+            img(FLOW_FIGURE, "Figure 1. Participant flow: from every measured patient to the groups"),
+            _html_table(report.flow),
+        ]
     if not report.patients.empty:
         parts += [
+            "<h2>Table 0. Baseline characteristics</h2><p>Median [interquartile range] per group; age at "
+            "the baseline CT from PatientAge, else PatientBirthDate and StudyDate; pre-operative volume of "
+            "the 21 analysed muscles, both legs.</p>",
+            _html_table(report.baseline),
             "<h2>Table 1. Pre-operative composition (% of total muscle volume)</h2>",
             _html_table(report.table1),
             "<h2>Table 2. Total loss of the 21 analysed muscles per patient</h2>",
@@ -292,6 +324,11 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
             "<p>Mann–Whitney U, FNF vs ITF (rank-biserial r, positive = FNF lost more).</p>",
             _mannwhitney_note(report.mannwhitney),
             _html_table(report.mannwhitney, 4),
+            "<p>Mann–Whitney U, FNF vs ITF within each sex (the paper compares the fracture types within "
+            "women and within men; r positive = FNF lost more; q = Benjamini–Hochberg over the 21 muscles "
+            f"of each sex and measure). Rows with a group below n = {SMALL_N} are flagged small_group.</p>",
+            _mannwhitney_note(report.mannwhitney_sex),
+            _html_table(report.mannwhitney_sex, 4),
             "<p>Bootstrap 95 % confidence intervals (percentile) of the mean loss ratio (%). "
             f"No interval (–) where a group has n &lt; {MIN_CI_N} (flagged small_group): "
             "with so few values the bootstrap percentiles are about the range of the data, not a CI.</p>",

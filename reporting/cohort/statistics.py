@@ -18,8 +18,7 @@ from math import comb
 import numpy as np
 import pandas as pd
 
-from reporting.cohort.collect import FRACTURES, GROUPS, TABLE1_GROUPS, display
-from seg.labels import ANALYSED_MUSCLES
+from reporting.cohort.collect import FRACTURES, GROUPS, MUSCLE_ORDER, SEX_NAME, TABLE1_GROUPS, display
 
 SMALL_N = 6  # below this an exact two-sided Wilcoxon p cannot fall below 0.05
 # No bootstrap interval below this n: a nominal 95 % percentile bootstrap of a mean covers the true
@@ -60,7 +59,7 @@ def _named_describe(t: pd.DataFrame) -> pd.DataFrame:
 def table1(long: pd.DataFrame) -> pd.DataFrame:
     """Pre-operative composition: mean % of total muscle volume per muscle, by group, plus the sum."""
     t = long.pivot_table(index="muscle", columns="group", values="pre_share_pct", aggfunc="mean")
-    t = t.reindex(index=list(ANALYSED_MUSCLES), columns=[g for g in TABLE1_GROUPS if g in t.columns])
+    t = t.reindex(index=list(MUSCLE_ORDER), columns=[g for g in TABLE1_GROUPS if g in t.columns])
     t.loc["Sum"] = t.sum()
     t.index = pd.Index([display(m) if m != "Sum" else m for m in t.index], name="muscle")
     return t
@@ -98,7 +97,7 @@ def table3(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
         for g in GROUPS:
             if g not in tot.index:
                 continue
-            row = {display(m): means.get((g, m), np.nan) for m in ANALYSED_MUSCLES}
+            row = {display(m): means.get((g, m), np.nan) for m in MUSCLE_ORDER}
             row[TOTAL] = tot[g]
             rows[(kind, g)] = row
     t = pd.DataFrame(rows).T
@@ -109,7 +108,7 @@ def table3(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
 def loss_ratio_by_fracture(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
     """Figure 8's data: mean loss ratio (%) per muscle, sexes merged, FNF vs ITF."""
     t = long.pivot_table(index="muscle", columns="fracture_type", values="loss_pct", aggfunc="mean")
-    t = t.reindex(index=list(ANALYSED_MUSCLES), columns=[f for f in FRACTURES if f in t.columns])
+    t = t.reindex(index=list(MUSCLE_ORDER), columns=[f for f in FRACTURES if f in t.columns])
     t.index = pd.Index([display(m) for m in t.index], name="muscle")
     t.loc[TOTAL] = patients.groupby("fracture_type")["loss_pct"].mean().reindex(t.columns)
     return t
@@ -129,9 +128,9 @@ def _bh(p: pd.Series) -> pd.Series:
     return q.reindex(p.index)
 
 
-def _with_q(t: pd.DataFrame, family: str) -> pd.DataFrame:
+def _with_q(t: pd.DataFrame, family: str | list[str]) -> pd.DataFrame:
     """``t`` with a ``q_bh`` column: Benjamini–Hochberg over the muscles (the total left out) of
-    each group of ``family``, the tests one reader compares with each other."""
+    each group of ``family`` (a column, or several), the tests one reader compares with each other."""
     t["q_bh"] = np.nan
     for _, idx in t.groupby(family).groups.items():
         sub = t.loc[idx]
@@ -162,7 +161,7 @@ def _bootstrap_mean(values: np.ndarray, rng: np.random.Generator, n_boot: int) -
 
 
 def _per_muscle(long: pd.DataFrame, patients: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    out = [(display(m), long[long["muscle"] == m]) for m in ANALYSED_MUSCLES]
+    out = [(display(m), long[long["muscle"] == m]) for m in MUSCLE_ORDER]
     out.append((TOTAL, patients))
     return out
 
@@ -203,19 +202,16 @@ def wilcoxon_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
     return _with_q(pd.DataFrame(rows), "patients")
 
 
-def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
-    """Mann–Whitney U, FNF vs ITF, per muscle, on the loss ratio (%) and the adjusted loss.
-
-    Effect size: rank-biserial r = 2·U_FNF / (n_FNF·n_ITF) − 1 (positive = FNF lost more).
-    """
+def _mannwhitney_rows(frames: list[tuple[str, pd.DataFrame]]) -> list[dict[str, object]]:
+    """One Mann–Whitney FNF vs ITF row per (muscle, measure) of ``frames`` (see :func:`mannwhitney_table`)."""
     from scipy.stats import mannwhitneyu
 
-    rows = []
-    for muscle, df in _per_muscle(long, patients):
+    rows: list[dict[str, object]] = []
+    for muscle, df in frames:
         for measure in ("loss_pct", "loss_index_cm3_m2", "loss_cm3"):
             a = df.loc[df["fracture_type"] == "FNF", measure].dropna().to_numpy(dtype=float)
             b = df.loc[df["fracture_type"] == "ITF", measure].dropna().to_numpy(dtype=float)
-            row = {
+            row: dict[str, object] = {
                 "muscle": muscle,
                 "measure": measure,
                 "n_FNF": a.size,
@@ -234,7 +230,38 @@ def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFram
                 row.update(U_FNF=np.nan, p=np.nan, rank_biserial_r=np.nan)
             row["small_group"] = min(a.size, b.size) < SMALL_N
             rows.append(row)
-    return _with_q(pd.DataFrame(rows), "measure")
+    return rows
+
+
+def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
+    """Mann–Whitney U, FNF vs ITF, per muscle, on the loss ratio (%) and the adjusted loss (sexes pooled).
+
+    Effect size: rank-biserial r = 2·U_FNF / (n_FNF·n_ITF) − 1 (positive = FNF lost more).
+    """
+    return _with_q(pd.DataFrame(_mannwhitney_rows(_per_muscle(long, patients))), "measure")
+
+
+MANNWHITNEY_SEX_COLUMNS = ("sex", "muscle", "measure", "n_FNF", "n_ITF", "median_FNF", "median_ITF",
+                           "U_FNF", "p", "rank_biserial_r", "small_group", "q_bh")
+
+
+def mannwhitney_within_sex_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
+    """Mann–Whitney U, FNF vs ITF within women and within men (the paper's Table 3 / Figure 7 reading).
+
+    Why: pooled, the fracture types differ in their share of women (the paper's 33 % vs 83 %), so a
+    pooled difference may be one between the sexes. Columns: :data:`MANNWHITNEY_SEX_COLUMNS`; ``sex``
+    is Female/Male, r as in :func:`mannwhitney_table`, q = Benjamini–Hochberg over the 21 muscles of
+    each sex × measure. A sex with no patients has no rows.
+    """
+    rows: list[dict[str, object]] = []
+    for code, name in SEX_NAME.items():
+        sub_long, sub_pat = long[long["sex"] == code], patients[patients["sex"] == code]
+        if sub_pat.empty:
+            continue
+        rows += [{"sex": name} | r for r in _mannwhitney_rows(_per_muscle(sub_long, sub_pat))]
+    if not rows:
+        return pd.DataFrame(columns=list(MANNWHITNEY_SEX_COLUMNS))
+    return _with_q(pd.DataFrame(rows), ["sex", "measure"])[list(MANNWHITNEY_SEX_COLUMNS)]
 
 
 def side_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
