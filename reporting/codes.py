@@ -19,6 +19,7 @@ PRIVATE_SCHEME_VERSION = "1"
 
 # Given by the DICOM standard (pydicom's dictionary is generated from PS3.16).
 ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")  # CID 7150
+LATERALITY = CodedConcept("272741003", "SCT", "Laterality")  # concept modifier, values from CID 244
 LEFT = CodedConcept("7771000", "SCT", "Left")  # CID 244 Laterality
 RIGHT = CodedConcept("24028007", "SCT", "Right")  # CID 244 Laterality
 BOTH_SIDES = CodedConcept("51440002", "SCT", "Right and left")  # CID 244 Laterality

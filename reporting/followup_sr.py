@@ -42,6 +42,7 @@ from reporting.uids import (
     copy_identity,
     derived_uid,
     read_header,
+    registry_facts,
     source_content,
     source_header,
     tracking_uid,
@@ -156,7 +157,8 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
     content = (source_content(follow_series, ct.source_sop_uids),
                *sorted(str(e.SOPInstanceUID) for e in evidence if "SOPInstanceUID" in e),
                *([f"seg:{seg.SOPInstanceUID}"] if seg is not None else []),  # outlines from it: other content
-               model_info.name, model_info.version, f"revision-{OUTPUT_REVISION}")
+               model_info.name, model_info.version, f"revision-{OUTPUT_REVISION}",
+               registry_facts(change.height_m, change.height_source, change.fractured_side))  # shown
     time_point = _time_point(change)
     sections: dict[tuple[str, str], Section] = {}
     if seg is not None:

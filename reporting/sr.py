@@ -6,8 +6,8 @@ is the same for a patient's muscle in every study, which is what longitudinal vi
 Each group also names the CT images its segment was derived from (TID 1411 "Source image for
 segmentation") next to the source series. A structure side below the minimum segment size
 (:mod:`reporting.rules`) has no segment and is reported as absent, without a volume. Values are
-rounded to the precision in ``reporting.rules``. QA facts (coverage, metal, height) travel as
-qualitative evaluations so a reader sees why a number may not be trusted, without a free-text parser.
+rounded to the precision in ``reporting.rules``. QA facts (coverage, metal and its side, height) travel
+as qualitative evaluations so a reader sees why a number may not be trusted, without a free-text parser.
 
 Every measurement group also carries spatial coordinates, because OHIF 3.13 cannot open a TID 1500
 report with a group that has none (docs/upstream.md §6), and highdicom's TID 1411 builder takes a
@@ -36,9 +36,17 @@ from reporting.keyslice import Section, largest_sections, pixel_spacing
 from reporting.rules import RULES, ReportingRules, rounded
 from reporting.seg import algorithm_name
 from reporting.segframes import SegFrames
-from reporting.uids import copy_identity, derived_uid, output_uid, source_content, source_header, tracking_uid
+from reporting.uids import (
+    copy_identity,
+    derived_uid,
+    output_uid,
+    registry_facts,
+    source_content,
+    source_header,
+    tracking_uid,
+)
 from seg.labels import by_name
-from seg.records import ModelInfo, Side, StructureVolume, VolumeRecord
+from seg.records import ModelInfo, Side, StructureVolume, VolumeQA, VolumeRecord
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -224,6 +232,23 @@ def height_status(volumes: VolumeRecord, meta: dict) -> tuple[hd.sr.CodedConcept
     return (codes.HEIGHT_IMPLAUSIBLE if given else codes.HEIGHT_MISSING), codes.HEIGHT_SOURCE_NONE
 
 
+def metal_evaluation(qa: VolumeQA) -> hd.sr.QualitativeEvaluation:
+    """QAMETAL yes/no; when yes and the record locates the metal, the side it lies on as a HAS CONCEPT
+    MOD Laterality (CID 244: left, right, or "Right and left" when on both), as the volume groups'
+    finding sites state theirs.
+
+    Why: a reader must know which thigh's volumes the artefact may spoil. A record that does not locate
+    the metal (``metal_where`` unset) gets no modifier, which says the side is not stated: never a guess.
+    """
+    item = hd.sr.QualitativeEvaluation(codes.QA_METAL, codes.YES if qa.metal else codes.NO)
+    side = codes.laterality_code(qa.metal_where.side) if qa.metal and qa.metal_where else None
+    if side is not None:
+        modifier = hd.sr.CodeContentItem(name=codes.LATERALITY, value=side,
+                                         relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)
+        item[0].ContentSequence = hd.sr.ContentSequence([modifier])  # the template's one CODE item
+    return item
+
+
 def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
              rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """Series-level QA: z-coverage (mm), metal yes/no, height status and source, height (m), and the
@@ -243,8 +268,7 @@ def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
         hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_SOURCE, source),
     ]
     if qa.metal is not None:
-        metal = codes.YES if qa.metal else codes.NO
-        evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_METAL, metal))
+        evaluations.append(metal_evaluation(qa))
     if qa.z_coverage_ok is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_Z_COVERAGE_OK,
                                                        codes.YES if qa.z_coverage_ok else codes.NO))
@@ -348,11 +372,14 @@ def _series_uid(ct: Volume, src0: Dataset | None) -> str:
     return str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)  # type: ignore[union-attr]
 
 
-def measurement_sr_uid(ct: Volume, model_info: ModelInfo) -> str:
+def measurement_sr_uid(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo) -> str:
     """The SOP Instance UID :func:`build_measurement_sr` gives the SR of ``ct``, known before it is
-    built (the node names the SR's file before a child builds it)."""
+    built (the node names the SR's file before a child builds it). The height it reports is part of
+    the key: a re-run after a height was imported is other content, so another instance."""
     src0 = None if ct.meta.get("SeriesInstanceUID") else source_header(ct.source_files)
-    return output_uid(source_content(_series_uid(ct, src0), ct.source_sop_uids), model_info, "SR/instance")
+    content = source_content(_series_uid(ct, src0), ct.source_sop_uids)
+    facts = registry_facts(volumes.height_m, volumes.height_source)
+    return output_uid(content, model_info, "SR/instance" + facts)
 
 
 def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_info: ModelInfo,
@@ -412,7 +439,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
             content=root,
             series_instance_uid=output_uid(content, model_info, "SR/series"),
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=output_uid(content, model_info, "SR/instance"),
+            sop_instance_uid=measurement_sr_uid(ct, volumes, model_info),
             instance_number=1,
             manufacturer="dicomnode",
             is_complete=True,

@@ -25,8 +25,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from reporting.rules import RULES, is_found
 from reporting.seg import algorithm_name
-from reporting.uids import copy_identity, output_uid, source_content, source_header
-from seg.labels import by_name, structures
+from reporting.uids import copy_identity, output_uid, registry_facts, source_content, source_header
+from seg.labels import LABEL_OF, PAPER_ORDER, by_name, structures
 from seg.records import ChangeRecord, ModelInfo, VolumeRecord
 from seg.volume import Volume
 
@@ -55,8 +55,9 @@ def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo) -> lis
                    else "Body height missing: no height index")
     if qa.metal:
         where = qa.metal_where.side if qa.metal_where else None
-        out.append("Metal present" + (f" ({where} side)" if where else "")
-                   + ": volumes near it are less reliable")
+        side = {"left": "left side", "right": "right side", "both": "both sides"}.get(str(where),
+                                                                                   "side not recorded")
+        out.append(f"Metal present ({side}): volumes near it are less reliable")
     if qa.z_coverage_ok is False:
         out.append("Incomplete craniocaudal coverage")
     ratio = qa.segmented_vs_hu_muscle
@@ -71,9 +72,9 @@ def _table_rows(volumes: VolumeRecord) -> tuple[list[list[str]], float, float | 
     total = 0.0
     total_idx = 0.0
     h = volumes.height_m
-    muscles = {s.label for s in structures() if s.analysed}
-    for e in sorted(volumes.structures, key=lambda e: e.label):
-        if e.label not in muscles:
+    row_of = {LABEL_OF[name]: i for i, name in enumerate(PAPER_ORDER)}  # the cohort report's order too
+    for e in sorted(volumes.structures, key=lambda e: row_of.get(e.label, -1)):
+        if e.label not in row_of:
             continue
         s = structures()[e.label]
         total += e.volume_cm3
@@ -89,7 +90,7 @@ def page_table(volumes: VolumeRecord, rows: list[list[str]],
                change: ChangeRecord | None) -> tuple[list[str], list[list[str]]]:
     """The table's heads and rows; a follow-up's also give each side's change in % of baseline, the
     chart's numbers, so a reader need not measure a bar (or tell a 0 % bar from none)."""
-    heads = ["Muscle", "Left cm³", "Right cm³", "Total cm³", "cm³/m²"]
+    heads = ["Muscle", "Left cm³", "Right cm³", "Total cm³", "Index cm³/m²"]
     if change is None:
         return heads, rows
     bars = change_bars(change)
@@ -104,53 +105,132 @@ def _signed(value: float | None) -> str:
     return "–" if value is None else f"{value:+.1f}"
 
 
+def display_date(value: object) -> str:
+    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD, the way a reader parses a date at a glance; anything else
+    as it is ("unknown" when empty), never a guessed date."""
+    text = str(value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text or "unknown"
+
+
+def shown_side(change: ChangeRecord | None, fractured_side: str | None) -> str | None:
+    """The fractured side the page shows: the comparison's (pairing's), else the registry's."""
+    side = (change.fractured_side if change is not None else None) or fractured_side
+    return side if side in ("left", "right") else None
+
+
+def header_lines(volumes: VolumeRecord, model_info: ModelInfo, meta: dict, change: ChangeRecord | None,
+                 fractured_side: str | None, muscles: int, total: float,
+                 total_idx: float | None) -> list[tuple[str, int, str]]:
+    """(text, font size, colour) of the lines under the title: who and when first (the patient ID
+    and dates identify the page on a screen full of series), then the totals and the algorithm."""
+    side = shown_side(change, fractured_side)
+    who = (f"Patient ID: {meta.get('PatientID') or 'unknown'}     "
+           f"Study date: {display_date(meta.get('StudyDate'))}     "
+           f"Fractured side: {side or 'not recorded'}")
+    lines = [(who, 12, "white")]
+    if change is not None:
+        days = change.days_between
+        lines.append((f"Compared with the study of {display_date(change.baseline.study_date)}"
+                      + (f", {days} days earlier" if days is not None else ""), 11, "white"))
+    h = volumes.height_m
+    lines.append((f"{muscles} analysed muscles, both sides: {total:.1f} cm³"
+                  + (f"     index {total_idx:.1f} cm³/m²" if total_idx is not None else "")
+                  + (f"     height {h:.2f} m ({volumes.height_source or '?'})" if h else "     height: none"),
+                  11, "white"))
+    lines.append((f"Algorithm: {algorithm_name(model_info)} {model_info.version}", 10, "#bbbbbb"))
+    return lines
+
+
+# Page layout in pixels at _DPI (1 pt = 100/72 px): every text at least 9 pt, about 12 px high.
+_PAGE_W = 1024
+_MARGIN = 30
+_TITLE_H = 36
+_LINE_H = 22
+_ROW_H = 22
+_NAME_W = 220  # "Tensor fasciae latae" at 10 pt, with padding
+_NUM_W = 120  # "Index cm³/m²" in bold at 10 pt, with padding; seven columns fit 1024 px
+_PAD = 8
+_CHART_H = 470  # the change chart: title, bars, the muscle names below it, the footnote
+
+
+def page_height(n_lines: int, n_warnings: int, n_rows: int, chart: bool) -> int:
+    """Pixels the page needs: no empty band under the table whatever the number of rows."""
+    return (_MARGIN + _TITLE_H + _LINE_H * (n_lines + n_warnings) + 12 + _ROW_H * (n_rows + 1)
+            + (_CHART_H if chart else 0) + _MARGIN)
+
+
+def _draw_table(ax: Any, top: float, heads: list[str], rows: list[list[str]]) -> float:
+    """The table in page pixels from ``top``: names left-aligned, numbers right-aligned on their
+    decimal places, rows shaded alternately so a row reads across; returns the table's bottom."""
+    widths = [_NAME_W] + [_NUM_W] * (len(heads) - 1)
+    lefts = np.cumsum([_MARGIN] + widths[:-1])
+    right = _MARGIN + sum(widths)
+    for r, cells in enumerate([heads, *rows]):
+        y = top + r * _ROW_H
+        if r % 2 == 0 and r:
+            ax.add_patch(_rect(_MARGIN, y, right - _MARGIN, _ROW_H, "#1c1c1c"))
+        for c, text in enumerate(cells):
+            x, ha = (lefts[c] + _PAD, "left") if c == 0 else (lefts[c] + widths[c] - _PAD, "right")
+            ax.text(x, y + _ROW_H / 2, text, ha=ha, va="center", color="white", fontsize=10,
+                    weight="bold" if r == 0 else "normal")
+    bottom = top + _ROW_H * (len(rows) + 1)
+    ax.hlines([top, top + _ROW_H, bottom], _MARGIN, right, color="#888888", lw=1)
+    return bottom
+
+
+def _rect(x: float, y: float, w: float, h: float, colour: str) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), w, h, facecolor=colour, edgecolor="none")
+
+
 def render_page(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
-                change: ChangeRecord | None = None) -> np.ndarray:
-    """RGB uint8 page (rows, columns, 3) rendered with matplotlib's Agg backend."""
+                change: ChangeRecord | None = None, fractured_side: str | None = None) -> np.ndarray:
+    """RGB uint8 page (rows, columns, 3) of :func:`page_figure`, rendered with matplotlib's Agg."""
+    return rasterise(page_figure(volumes, model_info, meta, change, fractured_side))
+
+
+def page_figure(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
+                change: ChangeRecord | None = None, fractured_side: str | None = None) -> Any:
+    """The page: header (patient ID, dates, fractured side, totals), QA warnings, the table, and for
+    a follow-up the change chart, as tall as they need (laid out in pixels, y down).
+
+    ``fractured_side``: the registry's, shown when there is no comparison to take it from."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows, total, total_idx = _table_rows(volumes)
-    fig = Figure(figsize=(10.24, 13.0 if change else 10.24), dpi=_DPI)
+    found, total, total_idx = _table_rows(volumes)
+    heads, rows = page_table(volumes, found, change)
+    rows = rows or [["(no muscle found)"] + [""] * (len(heads) - 1)]
+    lines = header_lines(volumes, model_info, meta, change, fractured_side, len(found), total, total_idx)
+    warnings = qa_warnings(volumes, meta, model_info)
+    height = page_height(len(lines), max(len(warnings), 1), len(rows), change is not None)
+    fig = Figure(figsize=(_PAGE_W / _DPI, height / _DPI), dpi=_DPI)
     FigureCanvasAgg(fig)
     fig.patch.set_facecolor("black")
-    top = fig.add_axes((0.03, 0.45 if change else 0.12, 0.94, 0.47 if change else 0.8))
-    top.axis("off")
-    h = volumes.height_m
-    title = "Thigh muscle volumes (CT)"
-    sub = (f"Total of {len(rows)} analysed muscles: {total:.1f} cm³"
-           + (f"   index {total_idx:.1f} cm³/m²" if total_idx is not None else "")
-           + (f"   height {h:.2f} m ({volumes.height_source or '?'})" if h else "   height: none"))
-    fig.text(0.03, 0.975, title, color="white", fontsize=16, weight="bold", va="top")
-    fig.text(0.03, 0.955, sub, color="white", fontsize=10, va="top")
-    fig.text(0.03, 0.94, f"Algorithm: {algorithm_name(model_info)} {model_info.version}",
-             color="#bbbbbb", fontsize=9, va="top")
-    heads, rows = page_table(volumes, rows, change)
-    names_width = 0.22  # "Tensor fasciae latae" in the first column, the numbers share the rest
-    table = top.table(cellText=rows or [["(no muscle found)"] + [""] * (len(heads) - 1)],
-                      colLabels=heads, loc="upper center", cellLoc="right", colLoc="right",
-                      colWidths=[names_width] + [(1 - names_width) / (len(heads) - 1)] * (len(heads) - 1))
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    table.scale(1.0, 1.15)
-    for cell in table.get_celld().values():
-        cell.set_facecolor("black")
-        cell.set_edgecolor("#555555")
-        cell.get_text().set_color("white")
-    warnings = qa_warnings(volumes, meta, model_info)
-    y = 0.43 if change else 0.1
+    ax = fig.add_axes((0, 0, 1, 1))  # the whole page in pixels, y down
+    ax.set_xlim(0, _PAGE_W)
+    ax.set_ylim(height, 0)
+    ax.axis("off")
+    ax.text(_MARGIN, _MARGIN, "Thigh muscle volumes (CT)", color="white", fontsize=16, weight="bold",
+            va="top")
+    y = _MARGIN + _TITLE_H
+    for text, size, colour in lines:
+        ax.text(_MARGIN, y, text, color=colour, fontsize=size, va="top")
+        y += _LINE_H
     for w in warnings or ["QA: no warnings"]:
-        fig.text(0.03, y, ("⚠ " if warnings else "") + w, color="#ffcc00" if warnings else "#88dd88",
-                 fontsize=10, va="top")
-        y -= 0.018
+        ax.text(_MARGIN, y, ("⚠ " if warnings else "") + w, color="#ffcc00" if warnings else "#88dd88",
+                fontsize=11, va="top")
+        y += _LINE_H
+    bottom = _draw_table(ax, y + 12, heads, rows)
     if change:
-        _change_chart(fig, change)
-    fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())
-    return np.ascontiguousarray(rgba[:, :, :3])
+        _change_chart(fig, change, top_px=bottom, height_px=height)
+    return fig
 
 
 def change_bars(change: ChangeRecord) -> dict[str, dict[str, float]]:
@@ -167,29 +247,34 @@ def change_bars(change: ChangeRecord) -> dict[str, dict[str, float]]:
     return data
 
 
-def _change_chart(fig, change: ChangeRecord) -> None:
-    """Bar chart: signed change % per analysed muscle, left and right side by side."""
-    names = [s.name for s in structures() if s.analysed]
+def _change_chart(fig: Any, change: ChangeRecord, top_px: float, height_px: int) -> None:
+    """Bar chart under the table (``top_px`` down a page ``height_px`` high): signed change % per
+    analysed muscle, left and right side by side."""
+    names = list(PAPER_ORDER)
     disp = {s.name: s.display_name for s in structures()}
     data = change_bars(change)
-    ax = fig.add_axes((0.08, 0.1, 0.88, 0.22))
+    plot_top, plot_h = top_px + 50, 250  # the title above, the muscle names below
+    ax = fig.add_axes((80 / _PAGE_W, 1 - (plot_top + plot_h) / height_px, (_PAGE_W - 110) / _PAGE_W,
+                       plot_h / height_px))
     ax.set_facecolor("black")
     shown = [n for n in names if n in data]
     x = np.arange(len(shown))
     for off, side, color in ((-0.2, "left", "#4aa3ff"), (0.2, "right", "#ff8c42")):
         ax.bar(x + off, [data[n].get(side, np.nan) for n in shown], width=0.4, color=color, label=side)
     ax.axhline(0, color="white", lw=0.8)
-    ax.set_xticks(x, [disp[n] for n in shown], rotation=60, ha="right", fontsize=7, color="white")
-    ax.tick_params(colors="white")
-    ax.set_ylabel("change since baseline (%)", color="white")
+    ax.set_xticks(x, [disp[n] for n in shown], rotation=60, ha="right", fontsize=9, color="white")
+    ax.tick_params(colors="white", labelsize=9)
+    ax.set_ylabel("change since baseline (%)", color="white", fontsize=10)
     days = change.days_between
-    base = change.baseline.study_date or "?"
-    ax.set_title(f"Change since {base}" + (f" ({days} days)" if days is not None else "")
-                 + (f", fractured side: {change.fractured_side}" if change.fractured_side else ""),
-                 color="white", fontsize=10)
-    ax.legend(facecolor="black", labelcolor="white", fontsize=8)
-    fig.text(0.08, 0.015, f"Follow-up minus baseline; negative = loss. No bar: baseline below "
-             f"{RULES.pct_baseline_floor_cm3:g} cm³ or follow-up not found.", color="#bbbbbb", fontsize=8)
+    side = shown_side(change, None)
+    ax.set_title(f"Change since {display_date(change.baseline.study_date)}"
+                 + (f" ({days} days)" if days is not None else "")
+                 + (f", fractured side: {side}" if side else ""), color="white", fontsize=11)
+    ax.legend(facecolor="black", labelcolor="white", fontsize=9)
+    fig.text(80 / _PAGE_W, 1 - (top_px + _CHART_H - 12) / height_px,
+             f"Follow-up minus baseline; negative = loss. No bar: baseline below "
+             f"{RULES.pct_baseline_floor_cm3:g} cm³ or follow-up not found.", color="#bbbbbb", fontsize=9,
+             va="bottom")
     for sp in ax.spines.values():
         sp.set_color("#888888")
 
@@ -273,16 +358,20 @@ def _planes(study: KeyStudy) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
     return out
 
 
-def _mark_side(ax: Any, side: str) -> None:
-    """Mark the operated side at the top of a panel (the patient's right is on the image's left)."""
+def _mark_side(ax: Any, side: str, word: str = "operated") -> None:
+    """Mark the operated (or fractured) side at the top of a panel (the patient's right is on the
+    image's left)."""
     image_left = side == "right"
-    ax.text(0.02 if image_left else 0.98, 0.97, f"▼ operated ({side})", transform=ax.transAxes,
-            ha="left" if image_left else "right", va="top", color="#ff4040", fontsize=7,
+    ax.text(0.02 if image_left else 0.98, 0.97, f"▼ {word} ({side})", transform=ax.transAxes,
+            ha="left" if image_left else "right", va="top", color="#ff4040", fontsize=9,
             weight="bold")
 
 
-def key_images_figure(studies: list[KeyStudy], operated_side: str | None = None) -> Any:
-    """Figure of the key images, one row per study (baseline first), with a colour legend."""
+def key_images_figure(studies: list[KeyStudy], operated_side: str | None = None,
+                      mark: str = "operated") -> Any:
+    """Figure of the key images, one row per study (baseline first), with a colour legend; the
+    ``operated_side`` marked on every axial panel, in words ``mark`` ("fractured" on a page without
+    a comparison, where the study may precede surgery)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -299,24 +388,24 @@ def key_images_figure(studies: list[KeyStudy], operated_side: str | None = None)
     present: set[int] = set()
     for r, study in enumerate(studies):
         bottom = (_LEGEND_IN + _ROW_IN * (len(studies) - 1 - r)) / height
-        fig.text(0.01, bottom + _ROW_IN / height / 2, study.caption, color="white", fontsize=9,
+        fig.text(0.01, bottom + _ROW_IN / height / 2, study.caption, color="white", fontsize=10,
                  rotation=90, va="center")
         for c, (title, ct2d, lab2d, aspect) in enumerate(_planes(study)):
             ax = fig.add_axes((0.04 + c * 0.24, bottom + 0.02 / height, 0.23,
                                (_ROW_IN - 0.3) / height))
             ax.imshow(overlay_rgb(ct2d, lab2d), aspect=aspect, interpolation="nearest")
-            ax.set_title(title, color="white", fontsize=9)
+            ax.set_title(title, color="white", fontsize=10)
             ax.axis("off")
             present.update(int(v) for v in np.unique(lab2d) if v > 0)
             for x, letter in ((0.01, "R"), (0.99, "L")):  # the patient's sides, as viewers mark them
                 ax.text(x, 0.5, letter, transform=ax.transAxes, ha="left" if x < 0.5 else "right",
-                        va="center", color="white", fontsize=8, weight="bold")
+                        va="center", color="white", fontsize=9, weight="bold")
             if operated_side and c < len(KEY_LEVELS):
-                _mark_side(ax, operated_side)
+                _mark_side(ax, operated_side, mark)
     handles = [Patch(facecolor=np.array(s.rgb) / 255.0, label=s.display_name)
                for s in structures() if s.label in present]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False,
+        fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=9, frameon=False,
                    labelcolor="white", bbox_to_anchor=(0.5, 0.0))
     return fig
 
@@ -340,40 +429,47 @@ def _key_studies(ct: Volume, labels: Volume, change: ChangeRecord | None,
     date = str(ct.meta.get("StudyDate") or "")
     ct, labels = ct.in_lps_order(), labels.in_lps_order()
     if baseline is None:
-        return [KeyStudy(ct, labels, date or "this study")]
+        return [KeyStudy(ct, labels, display_date(date) if date else "this study")]
     b_ct, b_labels = baseline
     b_date = str(b_ct.meta.get("StudyDate") or "") or ((change.baseline.study_date or "") if change else "")
-    return [KeyStudy(b_ct.in_lps_order(), b_labels.in_lps_order(), f"pre {b_date}".strip()),
-            KeyStudy(ct, labels, f"post {date}".strip())]
+    return [KeyStudy(b_ct.in_lps_order(), b_labels.in_lps_order(),
+                     f"pre {display_date(b_date) if b_date else ''}".strip()),
+            KeyStudy(ct, labels, f"post {display_date(date) if date else ''}".strip())]
 
 
 def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                    change: ChangeRecord | None = None, labels: Volume | None = None,
-                   baseline: tuple[Volume, Volume] | None = None) -> np.ndarray:
-    """The table page with, when the label map is given, the key images below it."""
-    page = render_page(volumes, model_info, ct.meta, change)
+                   baseline: tuple[Volume, Volume] | None = None,
+                   fractured_side: str | None = None) -> np.ndarray:
+    """The table page with, when the label map is given, the key images below it: pre and post with
+    the operated side marked, or this study alone with the fractured side marked when it is known."""
+    page = render_page(volumes, model_info, ct.meta, change, fractured_side)
     if labels is None:
         return page
-    side = change.fractured_side if change is not None and baseline is not None else None
-    keys = rasterise(key_images_figure(_key_studies(ct, labels, change, baseline), side))
+    side = shown_side(change, fractured_side)
+    mark = "operated" if change is not None and baseline is not None else "fractured"
+    keys = rasterise(key_images_figure(_key_studies(ct, labels, change, baseline), side, mark))
     return np.concatenate([page, keys], axis=0)
 
 
 def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                   change: ChangeRecord | None = None, labels: Volume | None = None,
-                  baseline: tuple[Volume, Volume] | None = None, replaces_first: bool = False) -> Dataset:
+                  baseline: tuple[Volume, Volume] | None = None, replaces_first: bool = False,
+                  fractured_side: str | None = None) -> Dataset:
     """Secondary Capture of the summary page in the source study (new series).
 
     With ``labels`` the page also shows the key images; with ``baseline`` (its CT and label map)
-    those of both studies, pre above post, the operated side marked. ``replaces_first``: the page
-    built when a baseline arrived after this study, whose first page (instance 1, no comparison) is
-    already in the PACS: it is instance 2 and says which page it replaces, so a reader of the series
-    knows which one is current.
+    those of both studies, pre above post, the operated side marked. ``fractured_side`` (the
+    registry's): shown on a page without a comparison, whose change record would carry it; a page
+    that shows a side is other content than one that does not, so it has its own UID.
+    ``replaces_first``: the page built when a baseline arrived after this study, whose first page
+    (instance 1, no comparison) is already in the PACS: it is instance 2 and says which page it
+    replaces, so a reader of the series knows which one is current.
     """
     src0 = source_header(ct.source_files)
     if src0 is None:
         raise ValueError("the CT has no source DICOM files: the summary needs the study's identity")
-    pixels = summary_pixels(ct, volumes, model_info, change, labels, baseline)
+    pixels = summary_pixels(ct, volumes, model_info, change, labels, baseline, fractured_side)
     series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids)
     kind = "SC-summary"
@@ -381,6 +477,7 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     # (and the baseline's key images) is new content, never a replacement under the earlier page's UID.
     compared = "" if change is None else f"/vs-{change.baseline.series_instance_uid}"
     compared += "/pre-images" if change is not None and baseline is not None else ""
+    compared += registry_facts(volumes.height_m, volumes.height_source, shown_side(change, fractured_side))
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src0,
         pixel_array=pixels,
@@ -397,11 +494,25 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     )
     sc.SeriesDescription = ("Thigh muscle summary" + (" DEMO" if model_info.demo else ""))[:64]
     if replaces_first and change is not None:
+        date = change.baseline.study_date
         sc.ImageComments = (f"Replaces instance 1 of this series: now compared with the study of "
-                            f"{change.baseline.study_date or 'an earlier date'}, which arrived later")
+                            f"{display_date(date) if date else 'an earlier date'}, which arrived later")
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
-    if "Laterality" not in sc:
-        sc.Laterality = None  # Type 2C in General Series for a PATIENT-frame image: present, empty
+    set_both_sides(sc)
     copy_identity(sc, src0, ct.meta)
+    return sc
+
+
+def set_both_sides(sc: Dataset) -> Dataset:
+    """Say that the page shows both thighs: Image Laterality (0020,0062) "B" (General Image, Type 3,
+    R/L/U/B), and no series Laterality (0020,0060).
+
+    Why: series Laterality is Type 2C, required for a paired body part only when Image Laterality is
+    absent, and its values are R or L alone; sent empty it means "unknown", which is wrong for a page
+    that covers both sides (dciodvfy warns), and either letter would claim one side.
+    """
+    if "Laterality" in sc:
+        del sc.Laterality
+    sc.ImageLaterality = "B"
     return sc

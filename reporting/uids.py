@@ -76,14 +76,27 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # across releases either. 2: SR companion groups with outlines and areas, FRACTIONAL SEG by default.
 # 3: summary key images in the patient's orientation (feet-first scans were mirrored) with R and L
 # marked, a follow-up's table with each side's change; the follow-up SR names its model (DEMO) and
-# its both-sides groups, and carries the revision.
-OUTPUT_REVISION = 3
+# its both-sides groups, and carries the revision. 4: summary page with the patient ID, dates as
+# YYYY-MM-DD and the fractured side (the registry's on a page without a comparison), a new layout,
+# Image Laterality B instead of an empty Laterality; the measurement SR's metal flag with its side;
+# the height used (SR, page, follow-up SR) and the fractured side (page, follow-up SR) in the keys.
+OUTPUT_REVISION = 4
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:
     """UID of one output object (``kind`` e.g. "SEG-BINARY/series") for a :func:`source_content` key:
     the same for a re-run on the same content, model and :data:`OUTPUT_REVISION`; new otherwise."""
     return derived_uid(source, model_info.name, model_info.version, kind, f"revision-{OUTPUT_REVISION}")
+
+
+def registry_facts(height_m: float | None, height_source: str | None,
+                   fractured_side: str | None = None) -> str:
+    """The part of an output's key that the patient's facts decide, for the objects that show them
+    (measurement SR and summary: the height used and its source; a page or follow-up SR: the
+    fractured side). A height imported after a series was measured changes the index the re-run
+    reports: that content must not take the first report's UID. "" when no fact is shown."""
+    key = f"/height-{height_m:.4f}-{height_source or 'unknown'}" if height_m is not None else ""
+    return key + (f"/fractured-{fractured_side}" if fractured_side else "")
 
 
 def tracking_uid(patient_id: str, structure: str, side: str) -> str:

@@ -246,7 +246,7 @@ def test_interrupted_transfer_is_held_and_measured_only_when_whole(
 # -- 4. output UIDs name the content -------------------------------------------------------------
 def test_output_uids_derive_from_content_and_model(tmp_path: Path) -> None:
     from reporting.seg import build_seg
-    from reporting.sr import build_measurement_sr
+    from reporting.sr import build_measurement_sr, measurement_sr_uid
     from reporting.summary import build_summary
     from seg.io import load_dicom_series, load_nifti
     from seg.measure import measure_volumes
@@ -261,11 +261,14 @@ def test_output_uids_derive_from_content_and_model(tmp_path: Path) -> None:
     truth = load_nifti(tmp_path / "truth" / "labels.nii.gz")
     labels = full.with_array(np.asarray(truth.array, dtype=np.uint8))
 
-    def outputs(ct: Any, lab_array: np.ndarray, info: ModelInfo) -> list[tuple[str, str]]:
+    def outputs(ct: Any, lab_array: np.ndarray, info: ModelInfo,
+                height: tuple[float, str] | None = None) -> list[tuple[str, str]]:
         lab = ct.with_array(lab_array)
-        vols = measure_volumes(lab, ct, model=info)
+        h_m, h_source = height or (None, None)
+        vols = measure_volumes(lab, ct, model=info, height_m=h_m, height_source=h_source)
         seg = build_seg(ct, lab, vols, info)
         sr = build_measurement_sr(ct, seg, vols, info)
+        assert str(sr.SOPInstanceUID) == measurement_sr_uid(ct, vols, info)  # the node names it first
         sc = build_summary(ct, vols, info)
         return [(str(d.SOPInstanceUID), str(d.SeriesInstanceUID)) for d in (seg, sr, sc)]
 
@@ -286,6 +289,15 @@ def test_output_uids_derive_from_content_and_model(tmp_path: Path) -> None:
     for other in (part, newer, revised):
         flat = {u for pair in other for u in pair}
         assert not flat & {u for pair in whole for u in pair}  # no UID reused for other content
+    # a height imported after the first report: the SR and the page show an index now, and the
+    # registry's height later differs again; the SEG (no height in it) keeps its UID
+    first = outputs(full, labels.array, model, (1.70, "registry"))
+    second = outputs(full, labels.array, model, (1.72, "registry"))
+    assert outputs(full, labels.array, model, (1.70, "registry")) == first
+    for a, b in ((whole, first), (first, second)):
+        assert a[0] == b[0]  # the SEG
+        assert a[1][0] != b[1][0] and a[2][0] != b[2][0]  # the SR's and the page's instance UIDs
+        assert a[1][1] == b[1][1] and a[2][1] == b[2][1]  # in the same series as before
 
 
 def test_superseded_results_are_logged_without_phi(local: tuple, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.path import Path as Polygon
+from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from scipy import ndimage
@@ -520,6 +521,43 @@ def test_sr_referencing_labelmap_seg(baseline, tmp_path):
                 for g in measurement_groups(report) if children(g, "121191")}
 
     assert images(sr) == images(binary_sr) and all(images(sr).values())
+
+
+def _metal(sr: Dataset) -> Dataset:
+    qa = next(g for g in measurement_groups(sr) if children(g, "112039")[0].TextValue == "Quality assurance")
+    [metal] = children(qa, codes.QA_METAL.value)
+    return metal
+
+
+def test_metal_flag_says_which_side(baseline, followup, tmp_path):
+    """The QA metal flag carries the side the metal lies on (the record's ``metal_where``) as a HAS
+    CONCEPT MOD Laterality, the codes the volume groups' finding sites use; no metal, no side."""
+    f_root = followup[0]  # implant on the left
+    metal = _metal(dcmread(f_root / "sr.dcm"))
+    assert metal.ConceptCodeSequence[0].CodeValue == codes.YES.value
+    [side] = metal.ContentSequence
+    assert (side.RelationshipType, side.ValueType, concept(side)) == ("HAS CONCEPT MOD", "CODE", "272741003")
+    assert (side.ConceptCodeSequence[0].CodeValue, side.ConceptCodeSequence[0].CodingSchemeDesignator) == (
+        codes.LEFT.value, "SCT")
+    assert dciodvfy_errors(f_root / "sr.dcm") == []
+    assert "Laterality" in dsrdump(f_root / "sr.dcm")
+    tid1500(f_root / "sr.dcm", tmp_path / "f.json")  # dcmqi reads it still
+    no_metal = _metal(baseline[5])
+    assert no_metal.ConceptCodeSequence[0].CodeValue == codes.NO.value and "ContentSequence" not in no_metal
+
+
+def test_metal_side_is_never_guessed():
+    """Metal on both sides: "Right and left"; a record that does not locate it: no side at all."""
+    from reporting.sr import metal_evaluation
+    from seg.records import MetalLocation, VolumeQA
+
+    where = MetalLocation(side="both", left_voxels=3, right_voxels=4, z_range_mm=(0, 1),
+                          centroid_mm=(0, 0, 0))
+    [item] = metal_evaluation(VolumeQA(metal=True, metal_where=where))
+    assert item.ContentSequence[0].ConceptCodeSequence[0].CodeValue == codes.BOTH_SIDES.value
+    [unlocated] = metal_evaluation(VolumeQA(metal=True))
+    assert unlocated.ConceptCodeSequence[0].CodeValue == codes.YES.value
+    assert "ContentSequence" not in unlocated
 
 
 def test_height_status_and_source():

@@ -14,7 +14,19 @@ from reporting.change import compute_change
 from reporting.followup_sr import build_followup_sr
 from reporting.seg import build_seg
 from reporting.sr import build_measurement_sr
-from reporting.summary import _table_rows, build_summary, change_bars, page_table, qa_warnings
+from reporting.summary import (
+    _MARGIN,
+    _PAD,
+    _table_rows,
+    build_summary,
+    change_bars,
+    display_date,
+    header_lines,
+    page_figure,
+    page_table,
+    qa_warnings,
+    render_page,
+)
 from reporting.uids import derived_uid
 from seg.records import (
     ChangeRecord,
@@ -77,10 +89,16 @@ def studies(tmp_path_factory):
             "f": (f, f_ct, f_vols, f_sum, f_all), "change": change}
 
 
+def dciodvfy_warnings(path: Path) -> list[str]:
+    out = subprocess.run([str(VENV_BIN / "dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Warning")]
+
+
 @pytest.mark.parametrize("which", ["b", "f"])
 def test_summary_passes_dciodvfy(studies, which):
     root, _, _, ds, _ = studies[which]
     assert dciodvfy_errors(root / "summary.dcm") == []
+    assert dciodvfy_warnings(root / "summary.dcm") == []  # an empty Laterality drew one
     px = ds.pixel_array
     assert px.ndim == 3 and px.shape[2] == 3 and px.dtype == np.uint8
     assert px.std() > 5  # something was drawn
@@ -106,6 +124,69 @@ def test_summary_in_source_study_with_stable_uids(studies):
     assert alone.SOPInstanceUID != with_change.SOPInstanceUID
 
 
+def test_summary_says_it_shows_both_sides(studies):
+    """The page covers both thighs: Image Laterality B; no series Laterality, which could only say R or
+    L (or, empty, "unknown") and is not required once Image Laterality is present."""
+    for which in ("b", "f"):
+        ds = studies[which][3]
+        assert ds.ImageLaterality == "B"
+        assert "Laterality" not in ds
+
+
+def test_pre_operative_page_shows_the_registrys_fractured_side(studies):
+    """A page without a comparison shows the fractured side it is given (the registry's), and says
+    when there is none; a page with a side is other content, under its own UID."""
+    _, ct, vols, without, _ = studies["b"]
+    lines = header_lines(vols, MODEL, ct.meta, None, "left", 21, 1.0, None)
+    assert "Fractured side: left" in lines[0][0]
+    unknown = header_lines(vols, MODEL, ct.meta, None, None, 21, 1.0, None)
+    assert "Fractured side: not recorded" in unknown[0][0]
+    with_side = build_summary(ct, vols, MODEL, fractured_side="left")
+    assert with_side.SeriesInstanceUID == without.SeriesInstanceUID
+    assert with_side.SOPInstanceUID != without.SOPInstanceUID
+    assert not np.array_equal(with_side.pixel_array, without.pixel_array)
+    change = studies["change"]  # a comparison's side wins: pairing took it from the same registry
+    assert "Fractured side: right" in header_lines(vols, MODEL, ct.meta, change, "left", 21, 1.0, None)[0][0]
+
+
+def test_header_has_patient_id_and_readable_dates(studies):
+    _, ct, vols, _, _ = studies["f"]
+    change = studies["change"]
+    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.meta, change, None, 21, 1.0, None)]
+    assert lines[0].startswith(f"Patient ID: {PATIENT['patient_id']}     Study date: 2024-04-10")
+    assert lines[1].startswith(f"Compared with the study of 2024-01-10, {change.days_between} days earlier")
+    assert [display_date(v) for v in ("20240110", "", None, "2024")] == ["2024-01-10", "unknown", "unknown",
+                                                                           "2024"]
+
+
+def _texts(fig) -> dict[str, list]:
+    fig.canvas.draw()
+    out: dict[str, list] = {}
+    for t in fig.axes[0].texts:
+        out.setdefault(t.get_text(), []).append(t)
+    return out
+
+
+def test_table_reads_left_to_right_without_an_empty_band(studies):
+    """Muscle names left-aligned on one edge, numbers right-aligned in their column, and the page ends
+    under the table (no empty band: every horizontal gap narrower than a few lines)."""
+    _, ct, vols, _, _ = studies["b"]
+    fig = page_figure(vols, MODEL, ct.meta)
+    texts = _texts(fig)
+    rows, _, _ = _table_rows(vols)
+    names = [texts[r[0]][0] for r in rows]
+    assert {t.get_horizontalalignment() for t in names} == {"left"}
+    lefts = {round(t.get_window_extent().x0) for t in names}
+    assert max(lefts) - min(lefts) <= 1 and abs(min(lefts) - (_MARGIN + _PAD)) <= 2
+    numbers = [t for t in fig.axes[0].texts if t.get_horizontalalignment() == "right"]
+    assert len(numbers) == 4 * (len(rows) + 1)  # every number and its column's head
+    assert len({round(t.get_window_extent().x1) for t in numbers}) == 4  # one right edge per column
+    page = render_page(vols, MODEL, ct.meta)
+    inked = np.flatnonzero(page.max(axis=(1, 2)) > 60)
+    assert np.diff(inked).max() < 40  # no empty band anywhere
+    assert page.shape[0] - inked[-1] < 2 * _MARGIN  # the page ends under the table
+
+
 def test_qa_warnings_say_what_is_missing():
     where = MetalLocation(side="left", left_voxels=3, right_voxels=0, z_range_mm=(0, 0),
                           centroid_mm=(9, 0, 0))
@@ -114,6 +195,8 @@ def test_qa_warnings_say_what_is_missing():
     assert any("DEMO" in x for x in w)
     assert any("height missing" in x.lower() for x in w)
     assert any("Metal present (left side)" in x for x in w)
+    unlocated = VolumeRecord(qa=VolumeQA(metal=True))  # a record that does not say where: not guessed
+    assert any("Metal present (side not recorded)" in x for x in qa_warnings(unlocated, {}, ModelInfo()))
     assert any("implausible" in x for x in qa_warnings(vols, {"PatientSize": 3.1}, ModelInfo()))
 
 
@@ -151,3 +234,14 @@ def test_follow_up_table_gives_each_sides_change_in_numbers(studies):
     row = next(r for r in rows if r[0] == "Gluteus maximus")
     assert row[-2:] == [f"{bars['gluteus_maximus'][side]:+.1f}" for side in ("left", "right")]
     assert page_table(f_vols, _table_rows(f_vols)[0], None)[0] == heads[:-2]
+
+
+def test_table_lists_the_muscles_in_the_papers_order(studies):
+    """Anterior, medial, gluteal, posterior, as the paper's tables and the cohort report: the label
+    order would put the hamstrings between pectineus and gluteus maximus."""
+    from seg.labels import PAPER_ORDER, by_name
+
+    rows, _, _ = _table_rows(studies["b"][2])
+    shown = [r[0] for r in rows]
+    assert shown == [by_name(n).display_name for n in PAPER_ORDER if by_name(n).display_name in shown]
+    assert shown.index("Gluteus maximus") < shown.index("Semitendinosus") < shown.index("Biceps femoris")

@@ -47,7 +47,7 @@ def test_the_sr_from_the_seg_header_is_the_sr_from_the_whole_seg(seg_type: str, 
     assert _bytes(beside, tmp_path / "beside.dcm") == _bytes(after, tmp_path / "after.dcm")
     seg_bytes = _bytes(whole.dataset, tmp_path / "seg.dcm")
     assert _bytes(deferred.dataset, tmp_path / "seg-deferred.dcm") == seg_bytes
-    assert str(beside.SOPInstanceUID) == measurement_sr_uid(ct, MODEL)
+    assert str(beside.SOPInstanceUID) == measurement_sr_uid(ct, vols, MODEL)
 
 
 def _job(ct: Any, work: Path, handed_on: frozenset[Path], heard: list[Path]) -> JobInput:

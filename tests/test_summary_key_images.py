@@ -181,17 +181,31 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
 
     f_study = str(f_ct.meta["StudyInstanceUID"])
 
+    summaries: dict[str, list[pydicom.Dataset]] = {}  # per study, the summaries sent into it
+
     def run(job_id: int, files: list[Path], ct: Volume, labels: Volume) -> list[pydicom.Dataset]:
         """One job through the pipeline; the follow-up study's summaries among the objects to send."""
         job = JobInput(job_id=job_id, series_instance_uid=str(ct.meta["SeriesInstanceUID"]), files=files,
                        work_dir=tmp_path / f"job{job_id}", series_files=lambda uid: stored[uid])
         job.work_dir.mkdir()
         sent = [pydicom.dcmread(p) for p in report(job, settings, ct, labels, MODEL).outputs]
+        for ds in sent:
+            if ds.SeriesNumber == SUMMARY_SERIES_NUMBER:
+                summaries.setdefault(str(ds.StudyInstanceUID), []).append(ds)
         return [ds for ds in sent
                 if ds.SeriesNumber == SUMMARY_SERIES_NUMBER and ds.StudyInstanceUID == f_study]
 
     studies = [(b_files, b_ct, b_labels), (f_files, f_ct, f_labels)]
     first, second = [run(i + 1, *s) for i, s in enumerate(studies if order == "in-order" else studies[::-1])]
+    if order == "in-order":  # the baseline's own page, without a comparison: the registry's fractured side
+        from reporting.summary import build_summary
+
+        (b_page,) = summaries[str(b_ct.meta["StudyInstanceUID"])]
+        b_vols = VolumeRecord.load(settings.storage_dir / "results" / str(b_ct.meta["SeriesInstanceUID"])
+                                   / "volumes.json")
+        with_side = build_summary(b_ct, b_vols, MODEL, fractured_side="right")
+        assert b_page.SOPInstanceUID == with_side.SOPInstanceUID
+        assert b_page.SOPInstanceUID != build_summary(b_ct, b_vols, MODEL).SOPInstanceUID
     (sc,) = second  # the follow-up's page with the comparison, once
     if order == "late-baseline":  # its page alone first; then a new instance of that series, pre and post
         (alone,) = first
@@ -201,7 +215,7 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
         # which page is current: the later one is numbered after the first and says what it replaces
         assert (alone.InstanceNumber, sc.InstanceNumber) == (1, 2) and "ImageComments" not in alone
         assert sc.ImageComments.startswith("Replaces instance 1 of this series: now compared with the "
-                                           "study of 20240101")
+                                           "study of 2024-01-01")
     else:
         assert sc.InstanceNumber == 1 and "ImageComments" not in sc
 
@@ -216,7 +230,7 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
 
     # where a voxel of the lost side sits in the mid-thigh panel of each row (the same figure layout)
     pre, post = _key_studies(f_ct, f_labels, change, baseline=(b_ct, b_labels))
-    assert [pre.caption, post.caption] == ["pre 20240101", "post 20240601"]
+    assert [pre.caption, post.caption] == ["pre 2024-01-01", "post 2024-06-01"]  # as a reader reads dates
     fig = key_images_figure([pre, post], operated_side="right")
     k = key_slices(b_labels)[1][1]
     lost = (b_labels.array[:, :, k].T == by_name(LOST[0]).label) & (f_labels.array[:, :, k].T == 0)
@@ -261,3 +275,14 @@ def test_feet_first_key_images_are_those_of_head_first() -> None:
     texts = [t.get_text() for ax in key_images_figure(
         _key_studies(ph.ct, ph.labels, None, None)).axes for t in ax.texts]
     assert texts.count("R") == texts.count("L") == len(KEY_LEVELS) + 1
+
+
+def test_page_without_comparison_marks_the_fractured_side(study):
+    """One study, the fractured side known (the registry's): every axial panel marks it as fractured,
+    not operated (the study may precede surgery)."""
+    from reporting.summary import _key_studies
+
+    ct, labels = study
+    fig = key_images_figure(_key_studies(ct, labels, None, None), "left", mark="fractured")
+    marks = [t.get_text() for ax in fig.axes for t in ax.texts if "▼" in t.get_text()]
+    assert marks == ["▼ fractured (left)"] * len(KEY_LEVELS)

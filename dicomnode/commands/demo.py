@@ -272,13 +272,13 @@ def volume_table(title: str, measured: VolumeRecord, truth: VolumeRecord,
 
     Plain text under 80 columns, muscles by their display names (the class table's).
     """
-    from seg.labels import ANALYSED_MUSCLES, by_name
+    from seg.labels import PAPER_ORDER, by_name
 
     mp, tp = measured.by_name(), truth.by_name()
     head = f"{'muscle':<21}{'L cm³':>9}{'truth':>9}{'Dice':>7}  {'R cm³':>9}{'truth':>9}{'Dice':>7}"
     lines = [title, head, "-" * len(head)]
     scores = []
-    for name in ANALYSED_MUSCLES:
+    for name in PAPER_ORDER:
         m, t = mp.get(name), tp.get(name)
         row = f"{by_name(name).display_name:<21}"
         for side in ("left", "right"):
@@ -300,12 +300,12 @@ def change_table(change: ChangeRecord, atrophy: dict[str, float], operated: str)
 
     Empty where the change record states none (baseline below the reporting floor).
     """
-    from seg.labels import ANALYSED_MUSCLES, by_name
+    from seg.labels import PAPER_ORDER, by_name
 
     by_key = {(s.name, s.side): s for s in change.structures}
     head = f"{'muscle':<21}{'L change %':>12}{'R change %':>12}{'truth %':>10}"
     lines = [head, "-" * len(head)]
-    for name in ANALYSED_MUSCLES:
+    for name in PAPER_ORDER:
         left, right = by_key.get((name, "left")), by_key.get((name, "right"))
         if not left or not right:
             continue

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.clinical.registry import height_for
+from dicomnode.clinical.registry import get_patient, height_for
 from dicomnode.config import Settings
 from dicomnode.processing.forkwrite import BackgroundWrite
 from dicomnode.processing.phases import PhaseLog
@@ -165,6 +165,15 @@ def patient_height(settings: Settings, meta: dict) -> tuple[float | None, str | 
     return height_for(settings, meta)
 
 
+def registry_fractured_side(settings: Settings, meta: dict) -> str | None:
+    """The fractured side the clinical registry records for the series' patient (None: not recorded).
+
+    Why: a study without a comparison has no change record to carry it, and the reader of a
+    pre-operative page wants to know which hip broke."""
+    info = get_patient(settings, str(meta.get("PatientID", "")), str(meta.get("IssuerOfPatientID", "") or ""))
+    return info.fractured_side if info is not None else None
+
+
 def _save(ds: Any, folder: Path) -> Path:
     return _save_as(ds, folder / f"{ds.SOPInstanceUID}.dcm")
 
@@ -272,12 +281,15 @@ def _not_written(change: ChangeRecord | None) -> Path | None:
 
 
 def summary_page(ct: Any, labels: Any, record: VolumeRecord, model_info: ModelInfo,
-                 change: ChangeRecord | None = None, baseline: tuple[Any, Any] | None = None) -> Any:
-    """The summary page of a series (with ``change``, and ``baseline``'s key images, for a follow-up):
-    one call for :func:`build_outputs` and the node's :class:`SummaryDraft`, so the two are one page."""
+                 change: ChangeRecord | None = None, baseline: tuple[Any, Any] | None = None,
+                 fractured_side: str | None = None) -> Any:
+    """The summary page of a series (with ``change``, and ``baseline``'s key images, for a follow-up;
+    ``fractured_side``: the registry's, :func:`registry_fractured_side`): one call for
+    :func:`build_outputs` and the node's :class:`SummaryDraft`, so the two are one page."""
     from reporting.summary import build_summary
 
-    return build_summary(ct, record, model_info, change=change, labels=labels, baseline=baseline)
+    return build_summary(ct, record, model_info, change=change, labels=labels, baseline=baseline,
+                         fractured_side=fractured_side)
 
 
 SRBeside = Callable[[Callable[[], Any]], Callable[[], Any]]
@@ -328,8 +340,9 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
         baseline_change = changes[0] if changes else None
         if summary_written(baseline_change) is None:
             pre = baseline(baseline_change) if baseline_change is not None else None
+            side = registry_fractured_side(settings, ct.meta)
             with phases.phase("summary encoding"):
-                datasets.append(summary_page(ct, labels, record, model_info, baseline_change, pre))
+                datasets.append(summary_page(ct, labels, record, model_info, baseline_change, pre, side))
     return BuiltOutputs(datasets=datasets, changes=changes)
 
 
@@ -380,7 +393,9 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
                                  model=model_info)
     out_dir = results_dir(settings, job.series_instance_uid)
     out_dir.mkdir(parents=True, exist_ok=True)
-    draft = SummaryDraft(out_dir / "summary-draft", lambda: summary_page(ct, labels, record, model_info),
+    side = registry_fractured_side(settings, ct.meta) if settings.output.summary else None
+    draft = SummaryDraft(out_dir / "summary-draft",
+                         lambda: summary_page(ct, labels, record, model_info, fractured_side=side),
                          phases) if settings.output.summary else None
     label_file = out_dir / "labels.nii.gz"  # a later study's summary shows it as "pre"
     labels_saved: BackgroundWrite | None = None
@@ -442,7 +457,7 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
         SEG (an SR is never sent beside a SEG that failed its check). The child's failure: built here."""
         from reporting.sr import measurement_sr_uid
 
-        uid = measurement_sr_uid(ct, model_info)
+        uid = measurement_sr_uid(ct, record, model_info)
         path = dicom_dir / f"{uid}.dcm"
         kept = path in job.outputs_in_outbox and path.is_file()
 
