@@ -2,6 +2,10 @@
 
 Nested keys use ``__`` in the environment, e.g. ``DICOMNODE_PACS__PORT=4242``.
 
+A relative path in the file (``storage_dir``, ``model_path``, the ``[tls]`` files) is relative to the
+file's folder, so a node started by systemd or cron from any folder finds what the file names; one in
+the environment stays relative to the working directory, as every shell tool's does.
+
 Strict by design: every section refuses unknown keys and every choice is a closed set, so a typo in
 a hospital's node.toml stops the node at start-up with the key's name instead of being ignored.
 """
@@ -15,7 +19,7 @@ import re
 import string
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -31,18 +35,20 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 CONFIG_ENV = "DICOMNODE_CONFIG"
 
 
-def _upper(value: Any) -> Any:
-    """Choices are case-insensitive (``binary`` = ``BINARY``); anything else is still refused."""
-    return value.upper() if isinstance(value, str) else value
+def _case_insensitive(choices: Any) -> BeforeValidator:
+    """Choices are case-insensitive (``binary`` = ``BINARY``); anything else is passed on unchanged, so
+    the refusal repeats what the administrator wrote (``got 'binry'``, not ``'BINRY'``)."""
+    allowed = set(get_args(choices))
+    return BeforeValidator(lambda v: v.upper() if isinstance(v, str) and v.upper() in allowed else v)
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -55,15 +61,19 @@ def _device(value: str) -> str:
     return value
 
 
-SegType = Annotated[Literal["FRACTIONAL", "BINARY", "LABELMAP"], BeforeValidator(_upper)]
-LabelmapCompression = Annotated[Literal["RLE", "JPEGLS"], BeforeValidator(_upper)]
-LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
+_SEG_TYPES = Literal["FRACTIONAL", "BINARY", "LABELMAP"]
+_COMPRESSIONS = Literal["RLE", "JPEGLS"]
+_LOG_LEVELS = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+SegType = Annotated[_SEG_TYPES, _case_insensitive(_SEG_TYPES)]
+LabelmapCompression = Annotated[_COMPRESSIONS, _case_insensitive(_COMPRESSIONS)]
+LogLevel = Annotated[_LOG_LEVELS, _case_insensitive(_LOG_LEVELS)]
 Device = Annotated[str, AfterValidator(_device)]
 
 
 def _version_text(value: Any) -> Any:
-    """``min_version = 1.2`` (a TOML float) means the same as ``"1.2"``; anything else is still refused."""
-    return f"{value:.1f}" if isinstance(value, float) else value
+    """``min_version = 1.2`` (a TOML float) means the same as ``"1.2"``; anything else (``1.25``) is
+    passed on as written, to be refused with what the administrator wrote."""
+    return str(value) if isinstance(value, float) and str(value) in ("1.2", "1.3") else value
 
 
 def _existing_file(value: Path) -> Path:
@@ -333,6 +343,10 @@ class Settings(BaseSettings):
     # delete received instances this many days after every result of their series was sent; None = keep
     retention_days: float | None = Field(None, gt=0)
 
+    # where values come from, beside explicit ones: set on the throw-away subclass of :func:`_bound`
+    file_values: ClassVar[dict[str, Any] | None] = None  # a TOML file's, its relative paths anchored
+    read_environment: ClassVar[bool] = True  # DICOMNODE_* variables (above the file)
+
     @model_validator(mode="after")
     def _release_needs_one_process(self) -> Settings:
         """Refuse what is not built: the receive processes do not report releases to the watcher."""
@@ -361,9 +375,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if settings_cls.model_config.get("toml_file"):
-            sources.append(TomlConfigSettingsSource(settings_cls))
+        """Explicit values, then the environment (unless a check reads the file alone), then the file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings]
+        if cls.read_environment:
+            sources.append(env_settings)
+        if cls.file_values is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=cls.file_values))
         return tuple(sources)
 
     @property
@@ -375,16 +392,39 @@ class ConfigError(ValueError):
     """A configuration that does not validate; the message names each bad key and what it accepts."""
 
 
+def _section_of(model: type[BaseModel], key: Any) -> type[BaseModel] | None:
+    """The section model behind ``key`` of ``model`` (``"send"`` → SendSettings), or None."""
+    field = model.model_fields.get(str(key))
+    annotation = field.annotation if field is not None else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The model that holds the key at ``loc`` (``("send", "atempts")`` → SendSettings)."""
-    model: type[BaseModel] = Settings
+    model: type[BaseModel] | None = Settings
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
+        model = _section_of(model, part) if model is not None else None
     return model
+
+
+def _is_path(annotation: Any) -> bool:
+    """A setting that holds a path (``Path``, ``Path | None``, an annotated Path)."""
+    return annotation is Path or any(_is_path(arg) for arg in get_args(annotation))
+
+
+def _anchored(values: dict[str, Any], folder: Path, model: type[BaseModel] = Settings) -> dict[str, Any]:
+    """A file's values with each relative path setting made relative to ``folder`` (the file's), not
+    to the working directory, which is another one under systemd or cron. Unknown keys are left for
+    validation to refuse."""
+    out = dict(values)
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        section = _section_of(model, key)
+        if section is not None and isinstance(value, dict):
+            out[key] = _anchored(value, folder, section)
+        elif field is not None and isinstance(value, str) and value and _is_path(field.annotation):
+            out[key] = str(folder / value)  # an absolute value stays as it is
+    return out
 
 
 SECRET_KEYS = frozenset({"token"})
@@ -436,43 +476,39 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
+def _file_values(path: Path) -> dict[str, Any]:
+    """The file's values, its relative paths anchored at its folder (as named: a link to the file
+    is not followed, so paths stay beside the node.toml the administrator edits)."""
+    return _anchored(_read_toml(path), path.absolute().parent)
+
+
+def _bound(file_values: dict[str, Any] | None, environment: bool) -> type[Settings]:
+    """A throw-away subclass of Settings bound to one file's values (and, or not, the environment),
+    so one caller's file never leaks into another's settings or the process environment."""
+
+    class FileSettings(Settings):
+        pass
+
+    FileSettings.file_values, FileSettings.read_environment = file_values, environment
+    return FileSettings
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from defaults < TOML file < environment < explicit overrides.
 
-    The file is ``config_file`` or else ``$DICOMNODE_CONFIG``. It is bound to the returned object
-    only (a throw-away subclass), never to the process environment, so one caller's file cannot leak
-    into another's settings.
+    The file is ``config_file`` or else ``$DICOMNODE_CONFIG``.
     """
     if config_file is None and os.environ.get(CONFIG_ENV):
         config_file = Path(os.environ[CONFIG_ENV])
     if config_file is None:
         return _validated(lambda: Settings(**overrides), "defaults and DICOMNODE_* variables")
     path = Path(config_file)
-    _read_toml(path)  # fail early and clearly on a missing or malformed file
-
-    class FileSettings(Settings):
-        model_config = SettingsConfigDict(toml_file=path.resolve())
-
-    return _validated(lambda: FileSettings(**overrides), f"{path} and DICOMNODE_* variables")
-
-
-class _FileOnly(Settings):
-    """Settings from given values alone: no environment, so a check judges the file and nothing else."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
+    values = _file_values(path)  # fails early and clearly on a missing or malformed file
+    return _validated(lambda: _bound(values, True)(**overrides), f"{path} and DICOMNODE_* variables")
 
 
 def check_file(config_file: Path) -> Settings:
     """Validate one TOML file on its own (no DICOMNODE_* variables): the settings, or ConfigError."""
     path = Path(config_file)
-    data = _read_toml(path)
-    return _validated(lambda: _FileOnly(**data), str(path))
+    values = _file_values(path)
+    return _validated(lambda: _bound(values, False)(), str(path))

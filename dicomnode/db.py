@@ -194,6 +194,15 @@ CREATE TRIGGER IF NOT EXISTS count_job_failed AFTER UPDATE OF state ON jobs
 END;
 """
 
+# 6: when a job's last attempt left "running", so `dicomnode jobs` shows the pipeline's run time and not
+# the time to a later (re-)send, which finished_at and updated_at move. Known for older rows only where
+# the run ended the job (a pipeline rejection or failure); other older rows show no run time.
+RUN_END_V6 = """
+ALTER TABLE jobs ADD COLUMN run_ended_at REAL;
+UPDATE jobs SET run_ended_at = finished_at WHERE started_at IS NOT NULL AND state IN ('rejected', 'failed')
+    AND reason_code IN ('pipeline-rejected', 'pipeline-error', 'pipeline-crashed', 'pipeline-timeout');
+"""
+
 # The schema's history, one entry per version (PRAGMA user_version); append, never edit. A file from
 # before versioning (user_version 0) replays version 1 harmlessly: it only creates what is missing.
 MIGRATIONS: tuple[str, ...] = (
@@ -203,6 +212,7 @@ MIGRATIONS: tuple[str, ...] = (
     REGISTRY_V3,  # files that registry/pairing created before versioning keep their tables (IF NOT EXISTS)
     PAIRING_V4,
     COUNTERS_V5,
+    RUN_END_V6,
 )
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
-from dicomnode.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from dicomnode.config import CONFIG_ENV, ConfigError, Settings, check_file, load_settings
 
 DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "node.toml"
 
@@ -116,6 +116,10 @@ def test_config_check_valid_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(("text", "expected"), [
     ("[send]\natempts = 3\n", "send.atempts: unknown key"),
     ('[output]\nseg_type = "binry"\n', "output.seg_type: must be 'FRACTIONAL', 'BINARY' or 'LABELMAP'"),
+    ('[output]\nseg_type = "binry"\n', "(got 'binry')"),  # as written, not upper-cased
+    ('log_level = "verbose"\n', "log_level: must be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL' "
+                                "(got 'verbose')"),
+    ("[tls]\nmin_version = 1.25\n", "tls.min_version: must be '1.2' or '1.3' (got 1.25)"),
     ("port = [\n", "not valid TOML"),
 ])
 def test_config_check_bad_file_exits_2(tmp_path: Path, text: str, expected: str) -> None:
@@ -194,3 +198,73 @@ def test_a_model_package_that_does_not_verify_stops_check_and_serve(tmp_path: Pa
                             capture_output=True, text=True, timeout=120)
     assert served.returncode == 2 and "cannot start: model_path:" in served.stderr
     assert "checksum mismatch" in served.stderr and "Traceback" not in served.stderr
+
+
+def test_relative_paths_in_a_file_are_relative_to_its_folder(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dicomnode serve --config /etc/dicomnode/node.toml` from systemd's or cron's working directory
+    finds the storage, the model package and the TLS files beside the file; a path in the environment
+    stays relative to the working directory."""
+    import shutil
+
+    from seg.model import DEMO_DIR
+
+    etc = tmp_path / "etc"
+    shutil.copytree(DEMO_DIR, etc / "models" / "site")
+    (etc / "tls").mkdir()
+    for name in ("node.pem", "node.key", "ca.pem"):
+        (etc / "tls" / name).write_text("PEM")
+    cfg = _write(etc, 'storage_dir = "var"\nmodel_path = "models/site"\n[tls]\nenabled = true\n'
+                      'certificate = "tls/node.pem"\nprivate_key = "./tls/node.key"\n'
+                      f'ca_certificates = "{(etc / "tls" / "ca.pem").as_posix()}"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("DICOMNODE_STORAGE_DIR", raising=False)
+    for s in (load_settings(Path("..") / "etc" / "node.toml"), check_file(cfg)):
+        found = [s.storage_dir, s.model_path, s.tls.certificate, s.tls.private_key, s.tls.ca_certificates]
+        names = ("var", "models/site", "tls/node.pem", "tls/node.key", "tls/ca.pem")
+        assert [p.resolve() for p in found if p is not None] == [(etc / n).resolve() for n in names]
+    result = CliRunner().invoke(app, ["config", "check", str(cfg)])
+    assert result.exit_code == 0 and "valid" in result.output, result.output
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", "state")
+    assert load_settings(cfg).storage_dir == Path("state")
+    monkeypatch.setenv("DICOMNODE_MODEL_PATH", "nowhere")  # the environment: the working directory's
+    with pytest.raises(ConfigError, match="model_path: no model package at nowhere"):
+        load_settings(cfg)
+
+
+def test_every_path_setting_is_anchored() -> None:
+    """A path setting added later is anchored too: every Path-typed key is found by its type."""
+    from dicomnode.config import _anchored
+
+    values = {"storage_dir": "var", "model_path": "/abs/model", "ae_title": "var", "unknown": "x",
+              "tls": {"certificate": "c.pem", "min_version": "1.2"}, "pacs": {"host": "h"}}
+    assert _anchored(values, Path("/etc/node")) == {
+        "storage_dir": "/etc/node/var", "model_path": "/abs/model", "ae_title": "var", "unknown": "x",
+        "tls": {"certificate": "/etc/node/c.pem", "min_version": "1.2"}, "pacs": {"host": "h"}}
+
+
+def test_a_package_with_absurd_weights_stops_check_and_serve(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weights file over the size limit (here lowered below the demo's) is refused in one line by
+    `config check` and by `serve` before it starts, the file never hashed."""
+    import shutil
+
+    import seg.package as package
+    from seg.model import DEMO_DIR
+
+    shutil.copytree(DEMO_DIR, tmp_path / "site")
+    cfg = _write(tmp_path, f'model_path = "site"\nstorage_dir = "{(tmp_path / "var").as_posix()}"\n')
+    monkeypatch.setattr(package, "MAX_WEIGHTS_BYTES", 1024)
+    monkeypatch.setattr(package, "sha256_file", lambda _: pytest.fail("an absurd file was hashed"))
+    checked = CliRunner().invoke(app, ["config", "check", str(cfg)])
+    umask = os.umask(0o022)  # serve restricts the process's umask before it checks the package
+    try:
+        served = CliRunner().invoke(app, ["serve", "--config", str(cfg)])
+    finally:
+        os.umask(umask)
+    for result, prefix in ((checked, "model_path:"), (served, "cannot start: model_path:")):
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and prefix in text and "a model package may hold" in text, result.output
+    assert not (tmp_path / "var").exists()

@@ -121,6 +121,60 @@ def test_an_unversioned_index_is_migrated(tmp_path: Path) -> None:
     Database(path).close()  # current already: opens without migrating again
 
 
+def test_an_index_from_before_run_ends_is_migrated(tmp_path: Path) -> None:
+    """Version 5 (no run_ended_at): the column is added; a run that ended the job (a pipeline failure)
+    gets its end from finished_at, a job whose results were sent has none (its finished_at may be a
+    re-send), and the job table shows no run time for it rather than a wrong one."""
+    path = tmp_path / "v5.sqlite"
+    con = sqlite3.connect(path)
+    for script in MIGRATIONS[:5]:
+        con.executescript(script)
+    con.execute("PRAGMA user_version=5")
+    con.executemany("INSERT INTO jobs (series_uid, state, reason_code, started_at, finished_at) VALUES "
+                    "(?, ?, ?, ?, ?)", [("1.1", "failed", "pipeline-timeout", T0, T0 + 1800),
+                                        ("1.2", "done", None, T0, T0 + 7200)])
+    con.commit()
+    con.close()
+    db = Database(path)
+    try:
+        assert db.one("PRAGMA user_version")[0] == len(MIGRATIONS)
+        assert [r[0] for r in db.query("SELECT run_ended_at FROM jobs ORDER BY id")] == [T0 + 1800, None]
+        views = {v.series_instance_uid: v for v in jobs.listing(db)}
+    finally:
+        db.close()
+    assert views["1.1"].run_end == T0 + 1800 and views["1.2"].run_end is None
+
+
+def test_the_ran_column_is_the_run_not_a_later_re_send(db: Database, queue: JobQueue,
+                                                        tmp_path: Path) -> None:
+    """`dicomnode jobs` "ran": from the start of the last attempt to when it left running. Sending the
+    results, and an operator's re-send two hours later, do not count."""
+    from dataclasses import asdict
+
+    from dicomnode.commands.node import job_lines
+
+    job = enqueue(db, queue)
+    with db.tx() as con:
+        jobs.move(con, job.id, S.RUNNING, T0 + 10)
+        jobs.move(con, job.id, S.SENDING, T0 + 40)
+        jobs.move(con, job.id, S.DONE, T0 + 45)
+        jobs.move(con, job.id, S.SENDING, T0 + 7200)  # dicomnode retry JOB
+        jobs.move(con, job.id, S.DONE, T0 + 7210)
+    (view,) = jobs.listing(db)
+    assert (view.started_at, view.run_ended_at, view.finished_at) == (T0 + 10, T0 + 40, T0 + 7210)
+    header, line, _ = job_lines([{"job": view.id, **asdict(view)}], None)
+    assert header.split()[-2:] == ["ran", "sent"] and "30.0 s" in line and "min" not in line, line
+    with db.tx() as con:  # failed, then re-run by the operator: the new attempt's run only
+        jobs.move(con, job.id, S.SENDING, T0 + 8000)
+        jobs.move(con, job.id, S.FAILED, T0 + 8001)
+        jobs.move(con, job.id, S.QUEUED, T0 + 9000, reset_attempts=True)
+        jobs.move(con, job.id, S.RUNNING, T0 + 9001)
+    assert row(db, job.id)["run_ended_at"] is None  # running: the table counts to now
+    with db.tx() as con:
+        jobs.move(con, job.id, S.REJECTED, T0 + 9003)
+    assert row(db, job.id)["run_ended_at"] == T0 + 9003
+
+
 def test_cli_reads_jobs_through_the_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(tmp_path / "var"))
     db = Database(tmp_path / "var" / "index.sqlite")

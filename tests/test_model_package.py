@@ -103,6 +103,46 @@ def test_architecture_shape_mismatch(pkg_dir: Path, tmp_path: Path) -> None:
         load_model(p)
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    ({"in_channels": 2}, "in_channels 2, but vit.patch_embedding.patch_embeddings.weight has 1"),
+    ({"feature_size": 8}, "feature_size 8, but out.conv.conv.weight has 4"),
+    ({"img_size": [64, 64, 64]}, "img_size [64, 64, 64]: patches 64, but "
+                                 "vit.patch_embedding.position_embeddings has 8"),
+])
+def test_model_json_that_does_not_fit_its_weights_is_refused_without_torch(
+        pkg_dir: Path, tmp_path: Path, args: dict, said: str) -> None:
+    """An edited model.json (its checksum still matches the weights) is refused by the torch-free
+    check that `config check` and `serve` run, from the safetensors header alone."""
+    from seg.package import verify_package
+
+    p = _copy(pkg_dir, tmp_path / "edited")
+    meta = json.loads((p / "model.json").read_text())
+    meta["architecture"]["args"].update(args)
+    (p / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelPackageError, match="tensor shapes do not fit model.json") as err:
+        verify_package(p)
+    assert said in str(err.value)
+
+
+def test_absurd_or_padded_weights_are_refused_before_hashing(pkg_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weights file over the size limit is refused at once (never hashed); bytes after the last
+    tensor (a file appended to, or another file's tail) make it unreadable, as safetensors says."""
+    import seg.package as package
+
+    p = _copy(pkg_dir, tmp_path / "big")
+    size = (p / "model.safetensors").stat().st_size
+    monkeypatch.setattr(package, "MAX_WEIGHTS_BYTES", size - 1)
+    monkeypatch.setattr(package, "sha256_file", lambda _: pytest.fail("an absurd file was hashed"))
+    with pytest.raises(ModelPackageError, match=r"over the 0 GiB a model package may hold"):
+        package.verify_package(p)
+    monkeypatch.undo()
+    with (p / "model.safetensors").open("ab") as fh:
+        fh.write(b"\0" * 16)
+    with pytest.raises(ModelPackageError, match=f"tensors end at byte {size}, the file at {size + 16}"):
+        package.verify_package(p)
+
+
 def test_missing_files(tmp_path: Path, pkg_dir: Path) -> None:
     with pytest.raises(ModelPackageError, match="not a folder"):
         load_model(tmp_path / "nowhere")

@@ -320,3 +320,51 @@ def test_site_labels_are_checked_before_any_cast_and_a_corrected_map_is_cached_a
     (data / "b" / "dicom").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"without a CT or a label map .*: b \(no label map\)"):
         build_cache(cfg, preprocess_config(cfg))
+
+
+def test_train_check_reads_every_case_and_trains_nothing(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dicomnode train --data DIR --check`: every case read as training reads it, every bad one named
+    (not only the first), voxels per class and missing classes within 80 columns; nothing written."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+    from seg.io import load_nifti, save_nifti
+    from seg.phantom import PhantomOptions, make_phantom, write_phantom
+    from seg.volume import Volume
+
+    data = tmp_path / "data"
+    write_phantom(make_phantom(PhantomOptions(seed=5, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-20, 20))),
+                  data / "a")
+    lab = load_nifti(data / "a" / "truth" / "labels.nii.gz")
+    for name in ("b_no_vastus", "c_wrong_value", "d_off_grid"):
+        (data / name).mkdir()
+        (data / name / "dicom").symlink_to(data / "a" / "dicom")
+    cut = np.asarray(lab.array, np.int16).copy()
+    cut[cut == 3] = 0
+    save_nifti(Volume(cut, lab.affine, {}), data / "b_no_vastus" / "labels.nii.gz")
+    cut[cut == 2] = 256
+    save_nifti(Volume(cut, lab.affine, {}), data / "c_wrong_value" / "labels.nii.gz")
+    save_nifti(Volume(lab.array, lab.affine @ np.diag([1.0, 1.0, 2.0, 1.0]), {}),
+               data / "d_off_grid" / "labels.nii.gz")
+    monkeypatch.chdir(tmp_path)  # the default --checkpoints folder would be here
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--check", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    text = " ".join(result.output.split())
+    assert "c_wrong_value label values 256 are not classes 0..29" in text
+    assert "d_off_grid the label map is not on the CT's grid" in text
+    assert "4 cases checked, 2 would stop training: c_wrong_value, d_off_grid" in text
+    (row_a,) = [line for line in lines if line.startswith("a ")]
+    (row_b,) = [line for line in lines if line.startswith("b_no_vastus")]
+    assert int(row_b.split()[-1]) == int(row_a.split()[-1]) + 1  # vastus lateralis, besides the others
+    (vastus,) = [line for line in lines if line.split()[:1] == ["3"]]
+    assert vastus.split()[-1] == "1/2"  # of the two readable cases
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no checkpoints, no package
+    for bad in ("c_wrong_value", "d_off_grid"):
+        shutil.rmtree(data / bad)
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--check", "--no-progress"])
+    assert result.exit_code == 0 and "2 cases checked: every case reads" in result.output, result.output
+    refused = CliRunner().invoke(app, ["train", "--phantoms", "2", "--check"])
+    assert refused.exit_code == 2 and "give --data DIR" in refused.output

@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from rich.console import Console
 
 from dicomnode.commands.common import ConfigOption, node_settings, settings_from
 from dicomnode.config import Settings
-from dicomnode.processing.jobs import JobState
+from dicomnode.processing.jobs import JobState, run_end
 from dicomnode.timefmt import duration, local_time
 
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
@@ -48,17 +49,21 @@ def config_check(
     try:
         settings = check_file(file)
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
-        for line in str(exc).splitlines():  # each problem within 80 columns, its key first
-            indent = " " * (len(line) - len(line.lstrip()))
-            typer.echo(textwrap.fill(line.lstrip(), 80, initial_indent=indent,
-                                     subsequent_indent=indent + "  ", break_long_words=False,
-                                     break_on_hyphens=False), err=True)
+        echo_problems(str(exc))
         raise typer.Exit(2) from exc
     problem = package_problem(settings)
     if problem:
-        typer.echo(f"invalid configuration ({file}):\n  model_path: {problem}", err=True)
+        echo_problems(f"invalid configuration ({file}):\n  model_path: {problem}")
         raise typer.Exit(2)
     typer.echo(f"{file}: valid\n{config_summary(settings)}")
+
+
+def echo_problems(text: str) -> None:
+    """Each problem on stderr within 80 columns, its key first and its continuation indented."""
+    for line in text.splitlines():
+        indent = " " * (len(line) - len(line.lstrip()))
+        typer.echo(textwrap.fill(line.lstrip(), 80, initial_indent=indent, subsequent_indent=indent + "  ",
+                                 break_long_words=False, break_on_hyphens=False), err=True)
 
 
 def package_problem(settings: Settings) -> str | None:
@@ -100,7 +105,7 @@ def serve(
     settings = settings_from(config)
     problem = package_problem(settings)
     if problem:  # every job would fail on it: say so now, not in each job's reason
-        typer.echo(f"cannot start: model_path: {problem}", err=True)
+        echo_problems(f"cannot start: model_path: {problem}")
         raise typer.Exit(2)
     setup_logging(settings.log_level, settings.log_json)
     try:
@@ -154,11 +159,12 @@ _STATE_COLOURS = {"done": "green", "failed": "red", "rejected": "yellow", "super
 def job_lines(rows: list[dict[str, Any]], width: int | None) -> list[str]:
     """Two lines a job (75 columns, then the series and the reason wrapped to ``width``, or unwrapped
     when None). The state is coloured; typer drops colours when the output is not a terminal."""
+    now = time.time()
     lines = [f"{'job':>5}  {'patient':<10}  {'n':>4}  {'state':<10}  {'received':<14}  {'waited':>7}  "
              f"{'ran':>7}  {'sent':>5}"] if rows else []
     for r in rows:
         uid = r["series_instance_uid"]
-        ran = duration(r["started_at"], r["finished_at"] or r["updated_at"]) if r["started_at"] else ""
+        ran = duration(r["started_at"], run_end(r["state"], r["run_ended_at"], now))
         state = typer.style(f"{r['state']:<10}", fg=_STATE_COLOURS.get(r["state"]))
         sent = f"{r['sent']}/{r['outputs']}" if r["outputs"] else ""
         waited = duration(r["complete_at"], r["started_at"])

@@ -213,7 +213,8 @@ def segment(
 
 
 def train(
-    out: Annotated[Path, typer.Option("--out", help="Model package folder to write.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Model package folder to write (not with "
+                                             "--check).")] = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -292,11 +293,16 @@ def train(
         str, typer.Option(help="auto (bf16 autocast where the CPU or GPU runs bf16 natively), fp32 or bf16.")
     ] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    check: Annotated[
+        bool, typer.Option("--check", help="Dry run: read every case of --data as training does (files, "
+                           "label values, grid), print voxels per class and missing classes; train "
+                           "nothing, write nothing (exit 2 if a case would stop training).")
+    ] = False,
 ) -> None:
     """Train a MONAI UNETR (paper preprocessing, DiceCE) and write a model package.
 
     The defaults are the recipe that trained the shipped demo model (seg/recipe.py): give
-    --phantoms N (or --data DIR) and --out DIR.
+    --phantoms N (or --data DIR) and --out DIR. Check a site dataset first with --data DIR --check.
     """
     from seg.train import DatasetError, InitFromError, TrainConfig
     from seg.train import train as run_train
@@ -319,6 +325,11 @@ def train(
         raise typer.BadParameter("--precision must be 'auto', 'fp32' or 'bf16'")
     if cache_workers < 1:
         raise typer.BadParameter("--cache-workers must be at least 1")
+    if check:
+        _check_dataset(data, progress)
+        return
+    if out is None:
+        raise typer.BadParameter("give the model package folder to write", param_hint="--out")
     zr = None
     if z_range:
         lo, hi = (float(v) for v in z_range.split(","))
@@ -367,6 +378,28 @@ def train(
     except InitFromError as exc:  # found before anything is cached
         raise typer.BadParameter(str(exc), param_hint="--init-from") from exc
     Console(stderr=True).print(f"model package written to {path}")
+
+
+def _check_dataset(data: Path | None, progress: bool) -> None:
+    """``train --check``: every case read by training's own functions (:mod:`seg.datacheck`), the
+    report on stdout, each case's progress on stderr; exit 2 when a case would stop the run."""
+    from seg.datacheck import check_case, report
+    from seg.train import DatasetError, dataset_cases
+
+    if data is None:
+        raise typer.BadParameter("--check checks a site dataset: give --data DIR", param_hint="--check")
+    try:
+        found = dataset_cases(data)
+    except DatasetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--data") from exc
+    checks = []
+    for n, (case_id, ct_path, labels_path) in enumerate(found, start=1):
+        if progress:
+            typer.echo(f"checking case {n}/{len(found)}: {case_id}", err=True)
+        checks.append(check_case(case_id, ct_path, labels_path))
+    typer.echo(report(checks))
+    if any(c.problem for c in checks):
+        raise typer.Exit(2)
 
 
 def _check_run_folders(cfg: TrainConfig, resume: bool) -> None:

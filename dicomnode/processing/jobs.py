@@ -15,6 +15,7 @@ holds no SQL.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -120,8 +121,9 @@ def move(
 
     Written for every move: ``updated_at``; the reason and its code (cleared when none is given);
     ``next_attempt_at`` (cleared unless given); ``complete_at`` on complete; ``started_at`` and one
-    more attempt on running; ``finished_at`` on a final state (cleared otherwise). The other facts
-    are written only when given.
+    more attempt on running; ``run_ended_at`` when leaving running (cleared on entering it: a send
+    or re-send later never moves it); ``finished_at`` on a final state (cleared otherwise). The other
+    facts are written only when given.
     """
     current = state_of(con, job_id)
     if current is None:
@@ -138,7 +140,10 @@ def move(
         sets.append("complete_at=?")
         values.append(t)
     if to is S.RUNNING:
-        sets += ["started_at=?", "attempts=attempts+1"]
+        sets += ["started_at=?", "attempts=attempts+1", "run_ended_at=NULL"]
+        values.append(t)
+    if current is S.RUNNING:
+        sets.append("run_ended_at=?")
         values.append(t)
     if reset_attempts:
         sets.append("attempts=0")
@@ -211,6 +216,18 @@ class JobView:
     finished_at: float | None
     updated_at: float | None
     study_instance_uid: str | None = None  # for a link to the study in a viewer (operations page)
+    run_ended_at: float | None = None  # the last attempt left running (None: running, or not recorded)
+
+    @property
+    def run_end(self) -> float | None:
+        """Where the "ran" column ends: :func:`run_end`, now."""
+        return run_end(self.state, self.run_ended_at, time.time())
+
+
+def run_end(state: JobState | str, run_ended_at: float | None, now: float) -> float | None:
+    """The end of the last attempt's run: ``now`` while it runs, else when it left running. Never the
+    send that followed, nor an operator's re-send hours later (they move ``finished_at``)."""
+    return now if state == S.RUNNING else run_ended_at
 
 
 def listing(db: Database, state: JobState | None = None, limit: int = 50) -> list[JobView]:
@@ -237,6 +254,7 @@ def listing(db: Database, state: JobState | None = None, limit: int = 50) -> lis
             outputs=int(r["outputs"]), sent=int(r["sent"]), superseded_by=r["superseded_by"],
             created_at=r["created_at"], complete_at=r["complete_at"], started_at=r["started_at"],
             finished_at=r["finished_at"], updated_at=r["updated_at"], study_instance_uid=r["study_uid"],
+            run_ended_at=r["run_ended_at"],
         )
         for r in db.query(sql, params)
     ]
