@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,12 @@ def load_pseudonym_key(storage_dir: Path) -> None:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(os.urandom(32))
-        os.chmod(tmp, 0o600)
+        tmp.unlink(missing_ok=True)  # a stale one would keep its mode
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from its first byte on
+        try:
+            os.write(fd, os.urandom(32))
+        finally:
+            os.close(fd)
         try:
             os.link(tmp, path)  # first writer wins; others read the winner's key
         except FileExistsError:
@@ -132,7 +137,8 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     """Configure the root logger once (stderr). pynetdicom stays at WARNING unless DEBUG is asked for,
-    because its DEBUG output dumps datasets (PHI) and its INFO lines cost time per instance."""
+    because its DEBUG output dumps datasets (PHI) and its INFO lines cost time per instance; pydicom's
+    value warnings are DEBUG only (:func:`_quiet_pydicom`)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_dicomnode", False):
@@ -146,3 +152,23 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     logging.getLogger("pynetdicom").setLevel(
         logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
     )
+    _quiet_pydicom(root.level > logging.DEBUG)
+
+
+PYDICOM_MODULES = r"pydicom(\.|$)"
+
+
+def _quiet_pydicom(quiet: bool) -> None:
+    """Keep pydicom's warnings out of the log unless DEBUG is asked for.
+
+    Why: they quote the value they complain about ("Invalid value for VR UI: '…'"), both to the
+    ``pydicom`` logger and through :mod:`warnings` to stderr, and in a mis-framed data set (a length
+    field that is off) that value holds the elements after it: the patient's name, ID and dates.
+    """
+    logging.getLogger("pydicom").setLevel(logging.ERROR if quiet else logging.NOTSET)
+    if quiet:
+        warnings.filterwarnings("ignore", category=UserWarning, module=PYDICOM_MODULES)
+    else:
+        ours = [f for f in warnings.filters if getattr(f[3], "pattern", "") == PYDICOM_MODULES]
+        for entry in ours:
+            warnings.filters.remove(entry)

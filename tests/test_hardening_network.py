@@ -36,6 +36,7 @@ from dicomnode.config import Settings
 from dicomnode.harness.scu import echoed
 from dicomnode.harness.series import dataset_bytes, part10
 from dicomnode.logs import KeyValueFormatter
+from dicomnode.network import retrieve
 from dicomnode.network.scp import _address_in
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
@@ -336,6 +337,46 @@ def test_newline_in_a_header_value_does_not_forge_a_log_line(node: NodeProcess, 
     assert not [line for line in lines if line.startswith(FORGED)]
     if status.Status == 0:  # filed: the series-opened event carries the value, escaped on one line
         assert [line for line in lines if f'modality="CT\\n{FORGED}=1"' in line]
+
+
+def test_a_mis_framed_element_puts_no_patient_data_in_the_log(node: NodeProcess, tmp_path: Path) -> None:
+    """A SOP Class UID whose length field swallows the elements after it, up to the PatientID: before,
+    the refusal's reason and pydicom's value warnings (logger and stderr) quoted them at WARNING."""
+    name, patient_id = "Hidden^Harriet", "PHI-ID-90210"
+    s = write_ct_series(tmp_path / "phi", name="log-phi", n=1, size=16, patient_id=patient_id,
+                        patient_name=name)
+    data = bytearray(dataset_bytes(s.files[0]))  # explicit VR little endian
+    at, pid = data.find(b"\x08\x00\x16\x00UI"), data.find(b"\x10\x00\x20\x00LO")
+    assert 0 < at < pid
+    end = pid + 8 + struct.unpack_from("<H", data, pid + 6)[0]
+    struct.pack_into("<H", data, at + 6, end - at - 8)  # (0008,0016) now ends where PatientID ends
+    framed = part10(tmp_path / "mis-framed.dcm", bytes(data), sop_uid=s.sop_uids[0])
+    assoc = associate(node)
+    try:
+        with bytes_as_they_are():
+            status = store(assoc, framed)
+    finally:
+        assoc.release()
+    assert status.Status == 0xA900 and "characters>" in status.ErrorComment
+    log = node.log()
+    assert "c-store refused status=0xA900" in log
+    assert name not in log and patient_id not in log
+
+
+def test_prior_retrieval_logs_the_study_by_uid_not_by_its_date(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A study date is the patient's (PHI): at INFO the moved prior is named by its UID only."""
+    study = retrieve.StudyHit("1.2.3.4", "19610312", modalities=["CT"])
+    monkeypatch.setattr(retrieve, "find_studies", lambda *_: [study])
+    monkeypatch.setattr(retrieve, "find_series", lambda *_: [retrieve.SeriesHit("1.2.3.4.5", "CT", 50)])
+    monkeypatch.setattr(retrieve, "move_series", lambda *_: (50, 0))
+    settings = Settings(storage_dir=Path("var"), pairing={"retrieve_priors": True})
+    with caplog.at_level(logging.INFO, logger="dicomnode.network.retrieve"):
+        outcome = retrieve.retrieve_prior(settings, "PID", "20240101", set())
+    assert outcome.moved and outcome.study_instance_uid == "1.2.3.4"
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert shown and "1.2.3.4" in shown[0]
+    assert not [m for m in shown if "19610312" in m]
 
 
 def test_key_value_formatter_escapes_values_message_and_exceptions() -> None:

@@ -9,6 +9,7 @@ from other machines needs a token, a set token is required on every request, the
 from __future__ import annotations
 
 import re
+import socket
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from series_factory import write_ct_series
 
 from dicomnode.config import ConfigError, Settings, load_settings
 from dicomnode.db import MIGRATIONS, Database, _statements
+from dicomnode.ops import page
 from dicomnode.ops.page import OpsPageError, OpsServer
 from dicomnode.processing.jobs import counters
 
@@ -216,6 +218,41 @@ def test_without_a_token_only_local_host_names_are_answered(tmp_path: Path) -> N
         with pytest.raises(OpsPageError, match="cannot listen on 127.0.0.1"):
             taken.start()
     finally:
+        server.stop()
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """True once the page has closed this connection (EOF or reset) within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(4096) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_and_half_sent_connections_cannot_take_the_nodes_file_descriptors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the fix uvicorn held every connection whose request headers never ended, with no limit:
+    300 of them used up a node's 256 file descriptors and its DICOM listener stopped accepting."""
+    monkeypatch.setattr(page, "CONNECTION_SECONDS", 2.0)
+    server = OpsServer(page_settings(tmp_path, token=TOKEN))  # as on a network address: token set
+    server.start()
+    attackers: list[socket.socket] = []
+    try:
+        port = int(server.url.rsplit(":", 1)[1].strip("/"))
+        for _ in range(page.MAX_CONNECTIONS + 8):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the headers never end
+            attackers.append(sock)
+        ok = httpx.get(server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+        assert ok.status_code == 200  # a real request is answered throughout
+        assert all(closed_by_server(sock, 2.0) for sock in attackers[:8]), "the oldest were kept"
+        assert all(closed_by_server(sock, 4.0) for sock in attackers[8:]), "kept past CONNECTION_SECONDS"
+    finally:
+        for sock in attackers:
+            sock.close()
         server.stop()
 
 

@@ -52,7 +52,7 @@ def full_verdict(data: bytes, ts: str, sop_class: str) -> Validation:
     except _Invalid as bad:
         return bad.result
     except Exception as exc:
-        return Validation(Problem.UNREADABLE, f"{type(exc).__name__}: {exc}"[:200])
+        return Validation(Problem.UNREADABLE, f"check failed: {type(exc).__name__}")
     return Validation()
 
 

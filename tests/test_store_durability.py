@@ -21,6 +21,7 @@ import pytest
 from series_factory import write_ct_series
 
 import dicomnode.storage.store as store_module
+from dicomnode import logs
 from dicomnode.db import Database
 from dicomnode.harness.ingest import store_files
 from dicomnode.harness.series import dataset_bytes
@@ -239,3 +240,17 @@ def test_receive_flush_setting_reaches_the_store(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(store_module, "_one_flush_supported", lambda: False)
     with pytest.raises(ValueError, match="needs Linux"):
         Node(Settings(storage_dir=tmp_path / "old-kernel", receive_flush="syncfs"), worker_enabled=False)
+
+
+def test_pseudonym_key_is_never_readable_by_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key that links pseudonyms back to patient IDs is 0600 from its first byte on: it used to be
+    written with the process umask's mode (0644 under 022) and narrowed by a chmod only afterwards."""
+    monkeypatch.setattr(logs, "_pseudonym_key", logs._pseudonym_key)  # restored after the test
+    monkeypatch.setattr(os, "chmod", lambda *_args, **_kwargs: None)  # nothing narrows it afterwards
+    umask = os.umask(0o022)
+    try:
+        logs.load_pseudonym_key(tmp_path)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / ".pseudonym-key").stat().st_mode & 0o777 == 0o600
+    assert len((tmp_path / ".pseudonym-key").read_bytes()) == 32

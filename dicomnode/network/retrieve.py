@@ -222,12 +222,10 @@ def retrieve_prior(
             False, "the earlier study has no CT series with enough slices", study.study_instance_uid
         )
     completed, failed = move_series(settings, study.study_instance_uid, series.series_instance_uid)
-    log.info(
-        "prior retrieval: moved %d instances (%d failed) of study dated %s",
-        completed,
-        failed,
-        study.study_date,
-    )
+    # the study by its UID: its date is the patient's (PHI), for DEBUG only
+    log.info("prior retrieval: moved %d instances (%d failed) of study %s", completed, failed,
+             study.study_instance_uid)
+    log.debug("prior retrieval: study %s dated %s", study.study_instance_uid, study.study_date)
     return RetrieveOutcome(
         completed > 0,
         f"moved {completed} instance(s), {failed} failed",

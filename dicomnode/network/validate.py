@@ -24,6 +24,7 @@ understand" for everything corrupt).
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from collections.abc import Collection
@@ -65,6 +66,19 @@ class Problem(StrEnum):
 
 
 MISMATCH = frozenset({Problem.SOP_CLASS, Problem.MODALITY})
+
+UID_SHAPE = re.compile(r"[0-9.]{0,64}")  # what a UI value may hold (PS3.5 9.1)
+CODE_SHAPE = re.compile(r"[A-Z0-9 _]{0,16}")  # a CS value (PS3.5 6.2)
+NUMBER_SHAPE = re.compile(r"[-+0-9. ]{0,16}")  # an IS or DS value, right or wrong
+
+
+def shown(value: str, shape: re.Pattern[str]) -> str:
+    """``value`` quoted for a reason when it has the ``shape`` its element allows, else its length only.
+
+    Why: a reason goes into the log at WARNING, and a mis-framed element (a length field that is off)
+    holds the bytes of the elements after it: the patient's name and ID among them.
+    """
+    return repr(value) if shape.fullmatch(value) else f"<{len(value)} characters>"
 
 
 @dataclass(frozen=True)
@@ -152,7 +166,8 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError) as exc:
-        raise _Invalid(Problem.PIXEL_MODULE, f"{keyword} {value!r} is not a number") from exc
+        raise _Invalid(Problem.PIXEL_MODULE,
+                       f"{keyword} {shown(str(value), NUMBER_SHAPE)} is not a number") from exc
     if number <= 0:
         raise _Invalid(Problem.PIXEL_MODULE, f"{keyword} {number} is not positive")
     return number
@@ -174,12 +189,20 @@ def expected_native_length(rows: int, cols: int, bits: int, samples: int, frames
 def _check_identity(ds: Dataset, sop_class: str) -> None:
     declared = _text(ds, "SOPClassUID")
     if sop_class and declared != sop_class:
-        name = UID(declared).name if declared else "missing"
-        raise _Invalid(Problem.SOP_CLASS, f"dataset is {name} on the {UID(sop_class).name} context")
+        raise _Invalid(Problem.SOP_CLASS,
+                       f"dataset is {_uid_name(declared)} on the {UID(sop_class).name} context")
     wanted = MODALITY_OF_CLASS.get(sop_class or declared)
     modality = _text(ds, "Modality")
     if wanted and modality != wanted:
-        raise _Invalid(Problem.MODALITY, f"Modality {modality or 'missing'} in a {wanted} SOP class")
+        named = modality if CODE_SHAPE.fullmatch(modality) else shown(modality, CODE_SHAPE)
+        raise _Invalid(Problem.MODALITY, f"Modality {named or 'missing'} in a {wanted} SOP class")
+
+
+def _uid_name(uid: str) -> str:
+    """A SOP class UID as a reason names it: its name, the UID itself, or (not a UID) its length."""
+    if not uid:
+        return "missing"
+    return UID(uid).name if UID_SHAPE.fullmatch(uid) else shown(uid, UID_SHAPE)
 
 
 def _element_header(buf: memoryview, pos: int, implicit: bool, little: bool) -> tuple[int, int, int]:
@@ -422,6 +445,6 @@ def validate_instance(data: bytes | memoryview, transfer_syntax: str, sop_class:
             _full_check(data, transfer_syntax, sop_class)
     except _Invalid as bad:
         return bad.result
-    except Exception as exc:  # anything else pydicom trips over is still "cannot understand"
-        return Validation(Problem.UNREADABLE, f"{type(exc).__name__}: {exc}"[:200])
+    except Exception as exc:  # anything else pydicom trips over is still "cannot understand"; by its type
+        return Validation(Problem.UNREADABLE, f"check failed: {type(exc).__name__}")  # (text quotes data)
     return Validation()

@@ -8,15 +8,20 @@ node on a socket bound here first, so a port in use stops ``serve`` at start-up 
 Safety: off by default and on 127.0.0.1 (``[ops]`` in dicomnode/config.py refuses another address
 without a token). With a token every request must carry it (``Authorization: Bearer``, or the
 password of HTTP Basic so a browser can ask for it); without one, only requests whose Host is this
-machine are answered (no DNS rebinding from a web page). Patients appear only by pseudonym. All reads
+machine are answered (no DNS rebinding from a web page). Before any token is read the port holds at
+most MAX_CONNECTIONS connections (the oldest closed past it) for at most CONNECTION_SECONDS each
+(:class:`BoundedConnection`), so idle or half-sent requests cannot take the node's file descriptors,
+which its DICOM listener and store share. Patients appear only by pseudonym. All reads
 go through :mod:`dicomnode.processing.jobs` on a connection of the page's own, so the page never waits on the
 node's writer lock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import logging
 import os
@@ -37,6 +42,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from dicomnode.config import Settings, loopback_host
 from dicomnode.db import Database
@@ -54,6 +60,8 @@ PROBLEMS_SHOWN = 10
 HOUR = 3600.0
 REFRESH_SECONDS = 15
 MIN_TOKEN_CHARS = 16
+MAX_CONNECTIONS = 32  # open connections to the page at once; past it the oldest is closed
+CONNECTION_SECONDS = 15.0  # a connection is closed this long after it opened, whatever it is doing
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
                                "form-action 'none'; frame-ancestors 'none'",
@@ -197,6 +205,66 @@ class Gate:
         await self.app(scope, receive, send)
 
 
+# ---------------------------------------------------------------- connections
+
+
+class BoundedConnection(asyncio.Protocol):
+    """One connection to the page: uvicorn's HTTP protocol inside, bounded in number and lifetime.
+
+    Why: uvicorn keeps a connection open for as long as its request headers have not all arrived, with
+    no limit on how many, and the token is checked only once they have. Idle sockets from anyone who
+    can reach the port used up the node's file descriptors within seconds (the DICOM listener then
+    failed to accept). Here each connection is aborted CONNECTION_SECONDS after it opened (a request
+    takes milliseconds; a browser reconnects), and past MAX_CONNECTIONS the oldest is aborted, as the
+    DICOM listener does with pending connections: a real request is answered before it is the oldest.
+    Only the asyncio protocol interface is used, so any uvicorn HTTP protocol fits inside.
+    """
+
+    def __init__(self, inner: type[asyncio.Protocol], open_now: dict[BoundedConnection, None],
+                 **uvicorn_args: Any) -> None:
+        self.inner = inner(**uvicorn_args)
+        self.open_now = open_now  # every open connection of this server, oldest first
+        self.transport: asyncio.Transport | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.open_now[self] = None
+        self.expiry = asyncio.get_running_loop().call_later(CONNECTION_SECONDS, self.abort)
+        self.inner.connection_made(transport)
+        while len(self.open_now) > MAX_CONNECTIONS:
+            next(iter(self.open_now)).abort()
+
+    def abort(self) -> None:
+        """Drop the connection now (no flush: a peer that does not read must not keep it)."""
+        self.open_now.pop(self, None)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open_now.pop(self, None)
+        if self.expiry is not None:
+            self.expiry.cancel()
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[attr-defined,no-any-return]
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def bounded_http() -> Callable[..., BoundedConnection]:
+    """The ``http`` protocol factory of one server (its own set of open connections)."""
+    return functools.partial(BoundedConnection, AutoHTTPProtocol, {})
+
+
 # ---------------------------------------------------------------- the app and its server
 
 
@@ -244,14 +312,16 @@ class OpsServer:
         host = ops.host.strip("[]")
         try:
             self.sock = socket.create_server(
-                (host, ops.port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=64)
+                (host, ops.port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                backlog=MAX_CONNECTIONS)
         except OSError as exc:
             raise OpsPageError(f"operations page cannot listen on {ops.host}:{ops.port}: "
                                f"{exc.strerror or exc}") from exc
         self.db = Database(self.settings.db_path, busy_timeout=5.0)
-        config = uvicorn.Config(create_app(self.settings, self.db), log_config=None, log_level="warning",
-                                access_log=False, lifespan="off", server_header=False,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(create_app(self.settings, self.db), http=bounded_http(),  # type: ignore[arg-type]
+                                log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                server_header=False, timeout_graceful_shutdown=2,
+                                backlog=MAX_CONNECTIONS)  # also how many asyncio accepts at one go
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="dicomnode-ops", daemon=True)

@@ -51,7 +51,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.db import Database, DatabaseBusy, now
 from dicomnode.logs import event, load_pseudonym_key, pseudonym
-from dicomnode.network.validate import CANNOT_UNDERSTAND, validate_instance
+from dicomnode.network.validate import CANNOT_UNDERSTAND, UID_SHAPE, shown, validate_instance
 from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 
@@ -226,7 +226,8 @@ def _info(text: Callable[[int], str], sop_class: str, transfer_syntax: str, call
     for name in ("sop_uid", "study_uid", "series_uid"):
         value = getattr(info, name)
         if not value or len(value) > 64 or not UID_RE.match(value):
-            raise StoreError(f"missing or invalid {name.replace('_', ' ').replace('sop', 'SOP')} {value!r}")
+            label = name.replace("_", " ").replace("sop", "SOP")
+            raise StoreError(f"missing or invalid {label} {shown(value, UID_SHAPE)}")  # no patient data
     return info
 
 
