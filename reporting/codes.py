@@ -41,8 +41,10 @@ def _private(value: str, meaning: str) -> CodedConcept:
 # Concepts with no standard code (checked against PS3.16 via pydicom.sr codes): private.
 VOLUME_INDEX = _private("VIDX", "Volume normalized to body height squared")
 VOLUME_BASELINE = _private("VPRE", "Volume at baseline")
-VOLUME_CHANGE = _private("VDELTA", "Volume change (follow-up minus baseline)")
-VOLUME_CHANGE_PCT = _private("VCHGPCT", "Volume change percent of baseline (follow-up minus baseline)")
+# Meanings are what viewers print beside an outline (OHIF: "meaning: value unit", cut at the viewport's
+# edge), so they stay short; the sign (follow-up minus baseline, negative for a loss) is in docs/codes.md.
+VOLUME_CHANGE = _private("VDELTA", "Volume change from baseline")
+VOLUME_CHANGE_PCT = _private("VCHGPCT", "Percent volume change from baseline")
 VOLUME_INDEX_CHANGE = _private("VIDXDELTA", "Change of volume normalized to body height squared")
 QA_Z_COVERAGE = _private("QAZCOV", "Craniocaudal coverage of the series")
 MIN_SEGMENT_VOLUME = _private("QAMINSEG", "Minimum segment volume reported as found")

@@ -14,7 +14,8 @@ Every group carries spatial coordinates, which OHIF 3.13 needs to open a TID 150
 (docs/upstream.md §6): given the follow-up's own SEG, a structure's group states its maximal
 cross-sectional area at follow-up, inferred from the outline on the CT slice where it is largest;
 otherwise (and for the comparison context) the follow-up's craniocaudal coverage, inferred from
-the scanned extent (as in :mod:`reporting.sr`).
+the scanned extent (as in :mod:`reporting.sr`). Every group names itself for viewers
+(:func:`reporting.sr.name_for_viewers`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydicom.dataset import Dataset
 from reporting import codes
 from reporting.keyslice import Section
 from reporting.rules import RULES, ReportingRules, is_found, rounded
+from reporting.seg import series_description
 from reporting.sr import (
     CM3,
     CM3_PER_M2,
@@ -34,6 +36,7 @@ from reporting.sr import (
     coverage,
     key_sections,
     max_area,
+    name_for_viewers,
     observation_context,
     segments_of,
 )
@@ -55,7 +58,13 @@ FOLLOWUP_SERIES_NUMBER = 9904
 
 
 def _time_point(change: ChangeRecord) -> hd.sr.TimePointContext:
-    """TID 1502 for the follow-up: order 2 of the pair, its date, days after the baseline study."""
+    """TID 1502 for the follow-up: its date and the days after the baseline study (the offset from the
+    Baseline event, which says the order too).
+
+    No Time Point Order (optional in TID 1502): it is a NUM among the group's measurements, so OHIF
+    drew "Time Point Order: 2.00 1" as the first line of every muscle's label (which shows five lines,
+    so the % change fell off) and dcmqi's tid1500reader listed it as a measurement.
+    """
     days = change.days_between
     base = change.baseline.study_date or "unknown date"
     text = f"Follow-up vs baseline {base}" + (f" ({days:+d} d)" if days is not None else "")
@@ -66,7 +75,6 @@ def _time_point(change: ChangeRecord) -> hd.sr.TimePointContext:
     return hd.sr.TimePointContext(
         time_point=text[:64],
         time_point_type=codes.POSTOPERATIVE if change.baseline_preoperative is True else None,
-        time_point_order=2,
         subject_time_point_identifier=change.followup.study_date or None,
         temporal_offset_from_event=offset,
     )
@@ -100,7 +108,7 @@ def _group(patient_id: str, entry: StructureChange, time_point: hd.sr.TimePointC
         return None
     measurements.append(max_area(section, rules) if section is not None else coverage(ct, rules=rules))
     label = f"{s.display_name} {'both sides' if side == 'both' else side}"
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
                                                      identifier=label),
         time_point_context=time_point,
@@ -108,7 +116,7 @@ def _group(patient_id: str, entry: StructureChange, time_point: hd.sr.TimePointC
         finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
         algorithm_id=algorithm_id(model_info),
         measurements=measurements,
-    )
+    ), label)
 
 
 def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointContext, ct: Volume,
@@ -131,12 +139,12 @@ def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointCo
         measurements.append(hd.sr.Measurement(name=codes.BODY_HEIGHT, unit=METER,
                                               value=rounded(change.height_m, rules.height_decimals)))
     measurements.append(coverage(ct, rules=rules))  # the follow-up's scanned extent
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="Comparison context"),
         time_point_context=time_point,
         measurements=measurements,
         qualitative_evaluations=evaluations,
-    )
+    ), "Comparison context")
 
 
 def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
@@ -190,7 +198,7 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
         manufacturer="dicomnode",
         is_complete=True,
     )
-    sr.SeriesDescription = ("Thigh muscle change since baseline" + (" DEMO" if model_info.demo else ""))[:64]
+    sr.SeriesDescription = series_description("Thigh muscle change since baseline", model_info)
     copy_identity(sr, src0, ct.meta)
     codes.declare_schemes(sr)
     return sr

@@ -59,6 +59,15 @@ def algorithm_name(model_info: ModelInfo) -> str:
     return name[:64]
 
 
+def series_description(text: str, model_info: ModelInfo) -> str:
+    """SeriesDescription of an output, "DEMO " first when the demo model made it.
+
+    Why first: viewers' series lists cut a description after about 20 characters (OHIF 3.13 showed
+    "Thigh muscles SEG DE..." and "Thigh muscle volumes ..."), so a trailing DEMO was not seen.
+    """
+    return (("DEMO " if model_info.demo else "") + text)[:64]
+
+
 def algorithm_identification(model_info: ModelInfo) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=algorithm_name(model_info),
@@ -394,7 +403,7 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
     dim_uid = output_uid(content, model_info, kind + "/dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dim_uid
-    seg.SeriesDescription = ("Thigh muscles SEG" + (" DEMO" if demo else ""))[:64]
+    seg.SeriesDescription = series_description("Thigh muscles SEG", model_info)
     copy_identity(seg, src0, ct.meta)
     codes.declare_schemes(seg)
     built = BuiltSeg(seg, frames, fill)

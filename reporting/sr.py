@@ -16,6 +16,11 @@ volume group has a TID 1501 companion with the same tracking identifiers: the se
 cross-sectional area, inferred from its outline on the CT slice where it is largest
 (:mod:`reporting.keyslice`). Groups about the scan rather than a segment (QA,
 absent structures) state the craniocaudal coverage, inferred from the scanned extent (SCOORD3D).
+
+Every group a viewer draws (those with coordinates) also names itself in a (121106, DCM, "Comment")
+TEXT row (TID 1501 is extensible): OHIF labels a drawn measurement with its NUMs and that comment
+only, never with the tracking identifier or finding site, so without it a reader sees
+"Volume: 24.5 cm3" beside an outline and must guess the muscle and side (:func:`name_for_viewers`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pydicom.sr.codedict import codes as std
 from reporting import codes, sr_splice
 from reporting.keyslice import Section, largest_sections, pixel_spacing
 from reporting.rules import RULES, ReportingRules, rounded
-from reporting.seg import algorithm_name
+from reporting.seg import algorithm_name, series_description
 from reporting.segframes import SegFrames
 from reporting.uids import (
     copy_identity,
@@ -249,6 +254,18 @@ def metal_evaluation(qa: VolumeQA) -> hd.sr.QualitativeEvaluation:
     return item
 
 
+def name_for_viewers(group: hd.sr.Template, text: str) -> hd.sr.Template:
+    """``group`` with a CONTAINS TEXT (121106, DCM, "Comment") row saying what it is about.
+
+    Why: OHIF (3.13) draws a group's outline or line labelled with its Comment rows and NUMs alone; the
+    tracking identifier, finding site and qualitative evaluations (such as "Absent") are not shown, so
+    the muscle, its side and an absence would be invisible to a reader. dcmqi and highdicom ignore it.
+    """
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=std.DCM.Comment, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
 def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
              rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """Series-level QA: z-coverage (mm), metal yes/no, height status and source, height (m), and the
@@ -272,13 +289,13 @@ def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     if qa.z_coverage_ok is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_Z_COVERAGE_OK,
                                                        codes.YES if qa.z_coverage_ok else codes.NO))
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=output_uid(content, model_info, "SR/qa-group"),
                                                      identifier="Quality assurance"),
         algorithm_id=algorithm_id(model_info),
         measurements=measurements or None,
         qualitative_evaluations=evaluations,
-    )
+    ), "Quality assurance")
 
 
 def _label(name: str, side: str) -> str:
@@ -345,11 +362,12 @@ def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, na
 def section_group(patient_id: str, name: str, side: str, section: Section, model_info: ModelInfo,
                   rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 companion of a volume group (same tracking identifier and UID, so readers that merge
-    groups by UID, as OHIF does, show one muscle): its maximal cross-sectional area and outline."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    groups by UID, as OHIF does, show one muscle): its maximal cross-sectional area and outline,
+    named for viewers (the volume group has no coordinates, so viewers draw this one)."""
+    return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         **_group_header(patient_id, name, side, model_info),
         measurements=[max_area(section, rules)],
-    )
+    ), _label(name, side))
 
 
 def absent_group(patient_id: str, name: str, side: str, model_info: ModelInfo, ct: Volume,
@@ -358,13 +376,14 @@ def absent_group(patient_id: str, name: str, side: str, model_info: ModelInfo, c
     the scanned extent, whose coverage it states (the group's spatial coordinates).
 
     Same tracking UID as its volume group in other studies, so a longitudinal reader sees "absent"
-    rather than a silent gap.
+    rather than a silent gap; named for viewers with "not found", since they do not show the
+    qualitative evaluation.
     """
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         **_group_header(patient_id, name, side, model_info),
         measurements=[coverage(ct, rules=rules)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
-    )
+    ), f"{_label(name, side)} not found")
 
 
 def _series_uid(ct: Volume, src0: Dataset | None) -> str:
@@ -448,7 +467,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
         )
 
     sr = sr_splice.construct(construct, report[0], evidence) if fast else construct(report[0])
-    sr.SeriesDescription = ("Thigh muscle volumes SR" + (" DEMO" if model_info.demo else ""))[:64]
+    sr.SeriesDescription = series_description("Thigh muscle volumes SR", model_info)
     copy_identity(sr, src0, ct.meta)
     codes.declare_schemes(sr)
     if fast:

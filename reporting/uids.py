@@ -80,7 +80,10 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # YYYY-MM-DD and the fractured side (the registry's on a page without a comparison), a new layout,
 # Image Laterality B instead of an empty Laterality; the measurement SR's metal flag with its side;
 # the height used (SR, page, follow-up SR) and the fractured side (page, follow-up SR) in the keys.
-OUTPUT_REVISION = 4
+# 5: every SR group a viewer draws names itself in a Comment row (OHIF showed outlines with numbers
+# but no muscle, side or "not found"); the follow-up SR has no Time Point Order (read as a measurement)
+# and shorter meanings for VDELTA and VCHGPCT; SEG and SR series descriptions begin with "DEMO ".
+OUTPUT_REVISION = 5
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:

@@ -121,6 +121,8 @@ def test_segment_attributes_and_geometry(seg_file, case):
         assert mod.CodeValue == ("7771000" if item.SegmentLabel.endswith("left") else "24028007")
         assert "DEMO" in item.SegmentAlgorithmName
         assert len(item.RecommendedDisplayCIELabValue) == 3
+    # a viewer's series list shows about 20 characters: DEMO must come first to be seen
+    assert ds.SeriesDescription.startswith("DEMO ") and "DEMO" in ds.ContentDescription
     # every frame references its source slice; empty frames are omitted
     if ds.SegmentationType == "BINARY":
         n_expected = sum(int(np.count_nonzero(np.any(labels.array == s.label, axis=(0, 1))))

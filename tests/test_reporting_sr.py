@@ -415,7 +415,8 @@ def test_followup_sr_with_its_seg_outlines_each_structure(followup, baseline, tm
 
 
 def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
-    """Root concept (126000, DCM), TID 1500 template, every group with the TID 1502 time point."""
+    """Root concept (126000, DCM), TID 1500 template, every group with the TID 1502 time point: the
+    offset from the baseline, but no Time Point Order, which OHIF and dcmqi read as a measurement."""
     _, _, change, fsr, _ = followup
     root = fsr.ConceptNameCodeSequence[0]
     assert (root.CodeValue, root.CodingSchemeDesignator) == ("126000", "DCM")
@@ -423,8 +424,8 @@ def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
     groups = measurement_groups(fsr)
     assert groups
     for g in groups:
-        order = children(g, "126073")
-        assert order and float(order[0].MeasuredValueSequence[0].NumericValue) == 2
+        assert children(g, "126073") == []  # Time Point Order
+        assert children(g, "C2348792")  # Time Point (text)
         offset = children(g, "128740")[0]  # Longitudinal Temporal Offset from Event
         assert float(offset.MeasuredValueSequence[0].NumericValue) == change.days_between
         assert offset.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "d"
@@ -436,12 +437,63 @@ def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
     assert used <= declared | {"RFC5646"}  # the language modifier: a standard designator (PS3.16 §8)
 
 
+def viewer_labels(sr: Dataset) -> dict[str, list[str]]:
+    """What OHIF 3.13 writes beside each drawn measurement (its SR viewport): per tracking UID (the
+    groups sharing one are merged), the Comment rows' text first, then "meaning: value unit" of each NUM
+    directly in a group that has no children or coordinates among them (extensions/cornerstone-dicom-sr,
+    _processNonGeometricallyDefinedMeasurement), of which the text box shows the first five."""
+    comments: dict[str, list[str]] = {}
+    nums: dict[str, list[str]] = {}
+
+    def drawn(num: Dataset) -> bool:
+        kids = num.get("ContentSequence", [])
+        return not kids or any(c.ValueType in ("SCOORD", "SCOORD3D") for c in kids)
+
+    for g in measurement_groups(sr):
+        uid = children(g, "112040")[0].UID
+        comments.setdefault(uid, []).extend(str(i.TextValue) for i in children(g, "121106"))
+        nums.setdefault(uid, []).extend(
+            f"{i.ConceptNameCodeSequence[0].CodeMeaning}: {i.MeasuredValueSequence[0].NumericValue} "
+            f"{i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue}"
+            for i in g.ContentSequence if i.ValueType == "NUM" and drawn(i))
+    return {uid: comments[uid] + nums[uid] for uid in comments}
+
+
+def test_drawn_measurements_name_their_muscle_and_side(baseline, followup, tmp_path):
+    """A reader looking at an outline in OHIF sees which muscle and side it is, that a structure was not
+    found, and (follow-up) the change in cm³ and % within the five lines it shows; each group names
+    itself once, in a Comment row, which dciodvfy and dcmqi accept (dcmqi lists no extra measurement)."""
+    sr, fsr = baseline[5], followup[3]
+    for report in (sr, fsr):
+        identifiers = {children(g, "112040")[0].UID: str(children(g, "112039")[0].TextValue)
+                       for g in measurement_groups(report)}
+        for uid, lines in viewer_labels(report).items():
+            name = identifiers[uid]
+            assert lines[0] in (name, f"{name} not found"), lines
+            assert not any(line.startswith(name) for line in lines[1:]), lines  # named once
+            assert not any(line.startswith("Time Point Order") for line in lines), lines
+    absent = [lines for lines in viewer_labels(sr).values() if lines[0].endswith(" not found")]
+    presence = [g for g in measurement_groups(sr) if children(g, codes.PRESENCE.value)]
+    assert len(absent) == len(presence)
+    changed = [lines[:5] for lines in viewer_labels(fsr).values()
+               if any(line.startswith(codes.VOLUME_CHANGE_PCT.meaning) for line in lines)]
+    assert changed and all(any(line.startswith(codes.VOLUME_CHANGE_PCT.meaning) for line in shown)
+                           and any(line.startswith(codes.VOLUME_CHANGE.meaning + ":") for line in shown)
+                           for shown in changed)
+    fsr.save_as(tmp_path / "f.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "f.dcm") == []
+    read = tid1500(tmp_path / "f.dcm", tmp_path / "f.json")
+    quantities = {m["quantity"]["CodeMeaning"] for g in read["Measurements"] for m in g["measurementItems"]}
+    assert "Time Point Order" not in quantities
+    assert all(g["TrackingIdentifier"] for g in read["Measurements"])
+
+
 def test_followup_sr_names_its_model_and_both_sides_groups(followup):
     """As the measurement SR: the model is the observer and each group's algorithm (DEMO for the
     shipped one, in the series description too); a group of both sides together says so, in its
     identifier and as laterality "Right and left", so a total is not read as one side's value."""
     fsr = followup[3]
-    assert fsr.SeriesDescription.endswith(" DEMO") == MODEL.demo
+    assert fsr.SeriesDescription.startswith("DEMO ") == MODEL.demo  # first: series lists cut the end
     observer = [i for i in content_items(fsr) if concept(i) == "121013"]  # Device Observer Name
     assert observer and observer[0].TextValue == algorithm_name(MODEL)
     groups = {str(children(g, "112039")[0].TextValue): g for g in measurement_groups(fsr)}

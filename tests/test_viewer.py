@@ -83,9 +83,9 @@ class Study:
     results: Path
 
     def output(self, description: str) -> Path:
-        """The output whose SeriesDescription starts with ``description``."""
-        found = [p for p in self.outputs if str(pydicom.dcmread(
-            p, stop_before_pixels=True).SeriesDescription).startswith(description)]
+        """The output whose SeriesDescription holds ``description`` (after "DEMO " for the demo model)."""
+        found = [p for p in self.outputs if description in str(pydicom.dcmread(
+            p, stop_before_pixels=True).SeriesDescription)]
         assert len(found) == 1, (description, self.outputs)
         return found[0]
 
@@ -340,6 +340,9 @@ def test_sr_opens_without_error(browser, site, patient, tmp_path, description, n
     for uid, want in expected.items():
         got = shown[uid]
         assert {label.split(": ")[0] for label in got["labels"]} >= {n for n, _, _ in want["nums"]}
+        # the first line beside the outline names the muscle and side (our Comment row), or says why not
+        assert got["labels"][0] in (f"{got['name']}: ", f"{got['name']} not found: "), got["labels"]
+        assert not any(label.startswith("Time Point Order") for label in got["labels"]), got["labels"]
         if want["image"] is None:
             assert got["type"] == "SCOORD3D POLYLINE", got
             continue
