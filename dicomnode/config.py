@@ -42,6 +42,7 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "DICOMNODE_CONFIG"
+MIN_TOKEN_CHARS = 16  # the operations page's shared secret
 
 
 def _case_insensitive(choices: Any) -> BeforeValidator:
@@ -268,12 +269,19 @@ class OpsSettings(Section):
     enabled: Switch = False
     host: str = "127.0.0.1"
     port: int = Field(8089, ge=1, le=65535)
-    # a shared secret of 16 characters or more (checked when the page starts: the receive processes get
-    # these settings with the secret masked); e.g. `openssl rand -hex 24`
+    # a shared secret of MIN_TOKEN_CHARS characters or more; e.g. `openssl rand -hex 24`
     token: SecretStr | None = None
     # link from each job to its study, e.g. Orthanc's OHIF plugin
     # "http://pacs:8042/ohif/viewer?StudyInstanceUIDs={study_uid}"; None = no links
     viewer_url: Annotated[str, AfterValidator(_viewer_template)] | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        """A short secret is guessed; refused here, so `config check` says what `serve` would."""
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"must be {MIN_TOKEN_CHARS} characters or more (e.g. `openssl rand -hex 24`)")
+        return token
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> OpsSettings:

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from reporting.rules import RULES, is_found
-from reporting.seg import algorithm_name
+from reporting.seg import algorithm_name, series_description
 from reporting.uids import copy_identity, output_uid, registry_facts, source_content, source_header
 from seg.labels import LABEL_OF, PAPER_ORDER, by_name, structures
 from seg.records import ChangeRecord, ModelInfo, VolumeRecord
@@ -102,7 +102,9 @@ def page_table(volumes: VolumeRecord, rows: list[list[str]],
 
 def _signed(value: float | None) -> str:
     """A change in % of baseline as the chart and the SR give it: signed, "–" where there is none."""
-    return "–" if value is None else f"{value:+.1f}"
+    if value is None:
+        return "–"
+    return f"{value if round(value, 1) else 0.0:+.1f}"  # -0.04 is "+0.0", never "-0.0"
 
 
 def display_date(value: object) -> str:
@@ -492,7 +494,7 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
         patient_orientation=("L", "P"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
-    sc.SeriesDescription = ("Thigh muscle summary" + (" DEMO" if model_info.demo else ""))[:64]
+    sc.SeriesDescription = series_description("Thigh muscle summary", model_info)
     if replaces_first and change is not None:
         date = change.baseline.study_date
         sc.ImageComments = (f"Replaces instance 1 of this series: now compared with the study of "

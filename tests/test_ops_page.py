@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,15 +159,23 @@ def test_page_reachable_from_other_machines_needs_a_token(tmp_path: Path) -> Non
     assert refused.returncode == 2
     said = " ".join(re.sub("[│╭╮╰╯─]", " ", refused.stderr).split())  # typer's error box, unwrapped
     assert "ops: host = '0.0.0.0' is reachable from other machines: set ops.token" in said
-    assert node.cli("config", "check", str(node.config)).returncode == 2  # found without starting too
+    checked = config_check(node.config)  # found without starting too
+    assert checked.returncode == 2 and "reachable from other machines" in checked.stderr, checked.stderr
     # with a token it validates (not bound here: tests listen on 127.0.0.1 only)
     assert load_settings(write_toml(tmp_path / "ok.toml", {"ops": {"enabled": True, "host": "0.0.0.0",
                                                                     "token": TOKEN}})).ops.token is not None
-    # a short token is refused when the page starts, and never echoed
+    # a short token is refused by `config check` as by `serve` (the same validation), and never echoed
     short = NodeProcess(tmp_path / "short", ops={"enabled": True, "token": "abc123", "port": free_port()})
-    started = short.cli("serve")
-    assert started.returncode == 2 and "ops.token must be 16 characters or more" in started.stderr
-    assert "abc123" not in started.stderr + started.stdout
+    for run in (short.cli("serve"), config_check(short.config)):
+        said = " ".join(re.sub("[│╭╮╰╯─]", " ", run.stderr).split())
+        assert run.returncode == 2 and "ops.token: must be 16 characters or more" in said, said
+        assert "abc123" not in run.stderr + run.stdout
+
+
+def config_check(path: Path) -> subprocess.CompletedProcess[str]:
+    """`dicomnode config check FILE` (it takes the file as its argument, not --config)."""
+    return subprocess.run([sys.executable, "-m", "dicomnode.cli", "config", "check", str(path)],
+                          capture_output=True, text=True, timeout=60)
 
 
 def page_settings(tmp_path: Path, **ops: Any) -> Settings:

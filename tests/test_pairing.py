@@ -469,6 +469,9 @@ def test_synthetic_cohort_kept_for_the_command_line(tmp_path: Path, monkeypatch)
                                    "--bootstrap", "20"])
     assert res.exit_code == 0, res.output
     assert "Female FNF 2, Female ITF 10, Male FNF 4, Male ITF 2" in res.output
+    # the notes (here: FNF 33 % women, ITF 83 %) wrapped within 80 columns like the rest
+    assert "note: FNF vs ITF pools both sexes" in res.output
+    assert max(len(line) for line in res.output.splitlines() if str(tmp_path) not in line) <= 80
     # the participant flow on the terminal, and the phantoms' PatientAge in Table 0 (age at baseline)
     assert ("    18  included in the tables\n        FNF 6 (women 2, men 4)\n"
             "        ITF 12 (women 10, men 2)\n") in res.output

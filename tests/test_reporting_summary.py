@@ -17,6 +17,7 @@ from reporting.sr import build_measurement_sr
 from reporting.summary import (
     _MARGIN,
     _PAD,
+    _signed,
     _table_rows,
     build_summary,
     change_bars,
@@ -245,3 +246,9 @@ def test_table_lists_the_muscles_in_the_papers_order(studies):
     shown = [r[0] for r in rows]
     assert shown == [by_name(n).display_name for n in PAPER_ORDER if by_name(n).display_name in shown]
     assert shown.index("Gluteus maximus") < shown.index("Semitendinosus") < shown.index("Biceps femoris")
+
+
+def test_change_numbers_never_read_minus_zero():
+    """A change that rounds to zero is "+0.0" as on the other rows; "-0.0" reads as a loss."""
+    assert [_signed(v) for v in (-0.04, 0.0, 0.04, -0.26, 1.0, None)] == [
+        "+0.0", "+0.0", "+0.0", "-0.3", "+1.0", "–"]

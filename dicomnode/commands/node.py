@@ -31,9 +31,11 @@ def config_show(config: ConfigOption = None) -> None:
 def config_summary(settings: Settings) -> str:
     """The few facts an administrator checks after editing node.toml: who listens, where results go."""
     model = settings.model_path or "shipped phantom-trained demo model"
-    return (f"{settings.ae_title} on {settings.host}:{settings.port}, storage {settings.storage_dir}\n"
-            f"results to {settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}, "
-            f"SEG {settings.output.seg_type}, device {settings.worker.device}, model {model}")
+    return (f"listens  {settings.ae_title} on {settings.host}:{settings.port}\n"
+            f"storage  {settings.storage_dir}\n"
+            f"results  to {settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}, "
+            f"SEG {settings.output.seg_type}, device {settings.worker.device}\n"
+            f"model    {model}")
 
 
 @config_app.command("check")
@@ -138,9 +140,11 @@ def jobs(
     state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (newest first).")] = 50,
 ) -> None:
-    """List jobs, newest first: pseudonymised patient, instances, state, when received, how long it
-    waited and ran, outputs sent; below each, the series (last digits of its UID) and the reason.
-    Within the terminal's width on a terminal; piped, each reason stays on one line for grep."""
+    """List jobs, newest first, with their state, timing and sends.
+
+    Each job: pseudonymised patient, instances, state, when received, how long it waited and ran,
+    outputs sent; below it, the series (last digits of its UID) and the reason. Within the terminal's
+    width on a terminal; piped, each reason stays on one line for grep."""
     settings = node_settings(config)
     rows = job_rows(settings, state, limit)
     if as_json:

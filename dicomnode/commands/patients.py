@@ -32,10 +32,11 @@ def import_(
     ],
     config: ConfigOption = None,
 ) -> None:
-    """Import registry rows: new patients are added, known ones updated with the values the file
-    gives (an absent column or an empty cell keeps the stored value). An unknown column refuses the
-    whole file; a bad line is skipped with its reason. Re-pairs measured patients (the surgery date
-    may move)."""
+    """Import registry rows from a CSV file and re-pair the measured patients.
+
+    New patients are added, known ones updated with the values the file gives (an absent column or
+    an empty cell keeps the stored value). An unknown column refuses the whole file; a bad line is
+    skipped with its reason. Measured patients are paired again (the surgery date may move)."""
     from dicomnode.clinical import pairing, registry
 
     settings = settings_from(config)
@@ -48,8 +49,8 @@ def import_(
     refreshed = pairing.refresh_all(settings)
     typer.echo(
         f"imported {result.imported} patient(s) ({result.imported - result.updated} new, "
-        f"{result.updated} updated); {result.skipped} line(s) skipped; {len(result.problems)} "
-        f"problem(s); re-paired {refreshed} measured patient(s)"
+        f"{result.updated} updated); {result.skipped} line(s) skipped\n"
+        f"{len(result.problems)} problem(s); re-paired {refreshed} measured patient(s)"
     )
 
 
@@ -58,8 +59,10 @@ def list_(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Registry rows and measured patients: the height and sex pairing uses, with the height's source
-    (registry, the DICOM PatientSize, missing), and the counts of studies and comparisons."""
+    """List registry rows and measured patients with the facts pairing uses.
+
+    The height and sex pairing uses, with the height's source (registry, the DICOM PatientSize,
+    missing), and the counts of studies and comparisons."""
     from dicomnode.clinical import pairing, registry
 
     settings = node_settings(config)

@@ -6,6 +6,7 @@ not run) from everything the node has measured; the patient report shows one pat
 
 from __future__ import annotations
 
+import textwrap
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -65,8 +66,9 @@ def cohort(
     typer.echo(
         f"{len(report.patients)} pair(s): " + ", ".join(f"{g} {n}" for g, n in report.group_sizes.items())
     )
-    for note in report.notes:
-        typer.echo(f"note: {note}")
+    for note in report.notes:  # within 80 columns, continuation lines indented under the text
+        typer.echo(textwrap.fill(note, 80, initial_indent="note: ", subsequent_indent="      ",
+                                 break_on_hyphens=False))
     for _, row in report.excluded.iterrows():
         typer.echo(f"not included: {row['patient_id']}: {row['reason']}")
     typer.echo(flow_text(report.flow))
@@ -103,7 +105,8 @@ def patient(
             f"side {c.fractured_side or 'unknown'}"
         )
         for note in c.notes:
-            typer.echo(f"  · {note.text}")
+            typer.echo(textwrap.fill(note.text, 80, initial_indent="  · ", subsequent_indent="    ",
+                                     break_on_hyphens=False))
         typer.echo(side_table(c))
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,8 @@ class ReceivePool:
         finally:
             child_end.close()
         worker = _Worker(slot, proc, parent_end)
-        worker.tell(Message(Op.SETTINGS, settings=self.settings.model_dump(mode="json")))
+        # without [ops]: a worker serves no page, and its secret would arrive masked (and so refused)
+        worker.tell(Message(Op.SETTINGS, settings=self.settings.model_dump(mode="json", exclude={"ops"})))
         with self._changed:
             self.workers[slot] = worker
         thread = threading.Thread(target=self._listen_to, args=(worker,), name=f"dicomnode-receive-{slot}",

@@ -44,7 +44,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from dicomnode.config import Settings, loopback_host
+from dicomnode.config import MIN_TOKEN_CHARS, Settings, loopback_host
 from dicomnode.db import Database
 from dicomnode.logs import event
 from dicomnode.ops.metrics import node_registry
@@ -59,7 +59,6 @@ JOBS_SHOWN = 100
 PROBLEMS_SHOWN = 10
 HOUR = 3600.0
 REFRESH_SECONDS = 15
-MIN_TOKEN_CHARS = 16
 MAX_CONNECTIONS = 32  # open connections to the page at once; past it the oldest is closed
 CONNECTION_SECONDS = 15.0  # a connection is closed this long after it opened, whatever it is doing
 SECURITY_HEADERS = {
