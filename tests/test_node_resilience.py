@@ -81,6 +81,7 @@ def test_pacs_down_then_up_and_never_up_then_retry(tmp_path: Path) -> None:
 
         retried = node.cli("retry", str(failed["id"]))
         assert retried.returncode == 0 and "queued for sending again" in retried.stdout, retried.stderr
+        assert "(if none runs: at its next start)" in retried.stdout  # the CLI sends nothing itself
         assert node.wait_job(never.series_uid, ("done", "failed"), timeout=30)["state"] == "done"
         assert len(pacs.files()) == 2
         assert node.cli("retry", "999").returncode == 1

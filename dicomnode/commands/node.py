@@ -239,6 +239,7 @@ def retry(
     db = Database(Path(settings.db_path))
     try:
         typer.echo(do_retry(db, job))
+        typer.echo("done by the running `dicomnode serve` (if none runs: at its next start)")
     except (LookupError, ValueError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
