@@ -119,3 +119,30 @@ def test_train_refuses_what_would_lose_work_or_fail_late(case: str, tmp_path: Pa
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and hint in text and said in text, result.output
     assert not (ck / "cache").exists()  # nothing done
+
+
+@pytest.mark.parametrize("case", ["segment", "segment-batch", "segment-batch-empty", "evaluate-both",
+                                  "evaluate-missing"])
+def test_input_is_checked_before_the_model_loads(case: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in a path, or options that contradict each other, are told at once: loading the model
+    first cost 7-12 s and printed its banner before the error."""
+    def load_model(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr("seg.model.load_model", load_model)
+    (tmp_path / "empty").mkdir()
+    missing, out = str(tmp_path / "nowhere"), str(tmp_path / "out")
+    args, option, why = {
+        "segment": (["segment", missing, "--out", out], "INPUT", "does not exist"),
+        "segment-batch": (["segment", missing, "--out", out, "--batch"], "INPUT", "does not exist"),
+        "segment-batch-empty": (["segment", str(tmp_path / "empty"), "--out", out, "--batch"], "INPUT",
+                                "no DICOM series or NIfTI file under"),
+        "evaluate-both": (["evaluate", "--data", str(tmp_path / "empty"), "--phantoms", "2"], "--phantoms",
+                          "not both"),
+        "evaluate-missing": (["evaluate", "--data", missing], "--data", "does not exist"),
+    }[case]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert f"Invalid value for {option}" in res.output and why in res.output, res.output
+    assert not (tmp_path / "out").exists()

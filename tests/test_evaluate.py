@@ -220,3 +220,22 @@ def test_evaluation_table_reads_at_80_columns_with_the_atrophy_summary() -> None
     within = sum(e <= res.targets.atrophy_loss_error_pp for e in errors)
     assert f"error median {np.median(errors):.1f}, max {max(errors):.1f} points" in text
     assert f"within {res.targets.atrophy_loss_error_pp:g} points: {within} of {len(errors)}" in text
+
+
+def test_evaluate_without_out_ends_with_a_readable_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --out the last line says the figure in words and how to keep the rest: it was a raw
+    JSON line, {"mean_dice_muscles": ...}."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    pred, truth = _pair()
+    res = aggregate([evaluate_case(pred, truth), evaluate_case(truth, truth)],
+                    ModelInfo(name="m", version="1", demo=True))
+    monkeypatch.setattr("seg.model.load_model", lambda *_, **__: object())
+    monkeypatch.setattr("seg.evaluate.evaluate_model", lambda *_, **__: res)
+    r = CliRunner().invoke(app, ["evaluate", "--phantoms", "2"])
+    assert r.exit_code == 0, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last == "mean muscle Dice 0.7000 (2 cases); --out DIR saves evaluation.json and .csv"
+    assert "{" not in r.output

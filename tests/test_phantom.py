@@ -153,6 +153,19 @@ def test_options_are_validated() -> None:
         make_phantom(PhantomOptions(atrophy={"not_a_muscle": 0.5}))
 
 
+def test_the_cli_names_its_option_for_a_bad_implant_side(tmp_path: Path) -> None:
+    """`phantom --implant middle` says --implant, not the options' field name (implant_side), and
+    writes nothing."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    r = CliRunner().invoke(app, ["phantom", "--implant", "middle", "--out", str(tmp_path / "ph")],
+                           env={"COLUMNS": "400"})
+    assert r.exit_code == 2 and "--implant must be left or right" in r.output, r.output
+    assert "implant_side" not in r.output and not (tmp_path / "ph").exists()
+
+
 def test_written_series_headers_and_truth(tmp_path: Path) -> None:
     opts = PhantomOptions(seed=8, spacing_mm=(4.0, 4.0, 5.0), z_range_mm=(-30, 30), position="FFS",
                           patient_id="PX-1", study_date="20230615", write_height=False)

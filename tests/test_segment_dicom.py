@@ -186,3 +186,108 @@ def test_segment_uses_the_configured_model(series, truth_model, tmp_path):
     case = next(iter(series.values()))
     _invoke(str(case / "dicom"), "--out", str(tmp_path / "a"), "--no-progress", "--config", str(cfg))
     assert VolumeRecord.load(tmp_path / "a" / "volumes.json").model.name == "site-test"
+
+
+def test_find_cases_skips_the_phantom_layouts_truth(series):
+    """`dicomnode phantom`'s folder (dicom/ + truth/labels.nii.gz) is one series: its label map is not
+    segmented as a CT."""
+    root = next(iter(series.values())).parent
+    assert sorted(c.name for c in find_cases(root)) == sorted(series)
+
+
+def _nifti_dataset(series, root: Path) -> Path:
+    """The training layout: case001/ct.nii.gz + labels.nii.gz, case002/ct.nii.gz + truth/labels.nii.gz."""
+    from seg.io import load_image, save_nifti
+
+    case = next(iter(series.values()))  # one CT twice: the stand-in model returns its truth for both
+    for n in (1, 2):
+        (root / f"case00{n}" / "truth").mkdir(parents=True)
+        save_nifti(load_image(case / "dicom"), root / f"case00{n}" / "ct.nii.gz")
+        where = "labels.nii.gz" if n == 1 else "truth/labels.nii.gz"
+        shutil.copy(case / "truth" / "labels.nii.gz", root / f"case00{n}" / where)
+    return root
+
+
+def test_batch_keeps_niftis_of_one_name_apart(series, tmp_path, monkeypatch):
+    """case001/ct.nii.gz and case002/ct.nii.gz are two cases in two folders (the second overwrote the
+    first in out/ct/), and neither label map is measured as a case."""
+    from seg.io import load_nifti
+
+    root = _nifti_dataset(series, tmp_path / "dataset")
+    truth = load_nifti(root / "case001" / "labels.nii.gz").array
+
+    def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
+        return ct.with_array(np.asarray(truth, np.uint8))
+
+    monkeypatch.setattr("seg.infer.segment", segment)
+    out = tmp_path / "out"
+    printed = _invoke(str(root), "--out", str(out), "--batch", "--no-progress")
+    assert "2 series measured, 0 skipped" in printed
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["case001_ct", "case002_ct"]
+    with (out / "volumes.csv").open() as fh:
+        assert {r["series"] for r in csv.DictReader(fh)} == {"case001_ct", "case002_ct"}
+
+
+def test_batch_refuses_two_cases_for_one_folder(tmp_path, monkeypatch):
+    """a_ct.nii.gz and a/ct.nii.gz would share out/a_ct/: refused before the model loads, nothing
+    written."""
+    def load_model(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded before the cases were checked")
+
+    monkeypatch.setattr("seg.model.load_model", load_model)
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "a_ct.nii.gz").write_bytes(b"")
+    (tmp_path / "in" / "a" / "ct.nii.gz").write_bytes(b"")
+    r = CliRunner().invoke(app, ["segment", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--batch"],
+                           env={"COLUMNS": "400"})
+    assert r.exit_code == 2, r.output
+    assert "a/ct.nii.gz and a_ct.nii.gz would both be written to <out>/a_ct" in " ".join(r.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_models_banner_fits_80_columns(series, monkeypatch):
+    """Two lines within 80 columns and no trailing space (it was one line of 94, folded by the
+    terminal mid-sentence)."""
+    from types import SimpleNamespace
+
+    from seg.model import DEMO_STATEMENT
+    from seg.records import ModelInfo
+
+    info = ModelInfo(name="thigh-unetr-demo", version="0.9.0", demo=True, statement=DEMO_STATEMENT)
+    monkeypatch.setattr("seg.model.load_model", lambda *_, **__: SimpleNamespace(info=info))
+    monkeypatch.setattr("seg.runtime.prepare", lambda pkg, _: pkg)
+
+    def run_case(*_: object, **__: object) -> None:
+        raise ValueError("stop after the banner")
+
+    monkeypatch.setattr("dicomnode.commands.segmentation.run_case", run_case)
+    case = next(iter(series.values()))
+    r = CliRunner().invoke(app, ["segment", str(case / "dicom"), "--out", "unused", "--no-progress"])
+    assert r.exit_code == 2 and "stop after the banner" in r.output
+    banner = r.output[:r.output.index("Usage")].splitlines()
+    assert " ".join(banner) == f"model thigh-unetr-demo 0.9.0: {DEMO_STATEMENT}"
+    assert all(len(line) <= 80 and line == line.rstrip() for line in banner), banner
+
+
+@pytest.mark.parametrize("command", ["segment", "train", "evaluate"])
+def test_help_reads_as_flowing_text_at_80_columns(command):
+    """No line of a command's description ends short mid-paragraph: typer kept the docstring's source
+    line breaks ("(seg/recipe.py): give" / "--phantoms N"). And segment counts 29 structures."""
+    r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    about = [line.rstrip() for line in lines[lines.index(next(x for x in lines if "Usage:" in x)) + 1:]]
+    about = about[:next(i for i, line in enumerate(about) if line.lstrip().startswith("╭"))]
+    for line, after in zip(about, about[1:], strict=False):
+        assert not (line and after) or len(line) > 60, (line, after)
+    if command == "segment":
+        assert "29 structures" in r.output and "30 structures" not in r.output
+
+
+def test_every_label_map_name_training_reads_is_skipped():
+    """The names `train`/`evaluate` read as label maps (seg.train.LABEL_NAMES) are never batch cases."""
+    from dicomnode.commands.segmentation import _is_label_map
+    from seg.train import CT_NAMES, LABEL_NAMES
+
+    assert all(_is_label_map(Path("case001") / name) for name in LABEL_NAMES)
+    assert not any(_is_label_map(Path("case001") / name) for name in CT_NAMES)

@@ -72,6 +72,8 @@ def phantom(
 
     if height is not None and not plausible_height(height):  # its truth volumes.json uses the height
         raise typer.BadParameter(f"outside the plausible {PLAUSIBLE_RANGE_TEXT}", param_hint="--height")
+    if implant not in (None, "left", "right"):  # said here by its option, not the field it fills
+        raise typer.BadParameter("--implant must be left or right")
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise typer.BadParameter(f"choose one of {', '.join(TRANSFER_SYNTAXES)}",
                                  param_hint="--transfer-syntax")

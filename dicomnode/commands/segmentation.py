@@ -4,8 +4,11 @@ series or a batch), ``train`` (UNETR → model package), ``evaluate``."""
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,7 +18,7 @@ from rich.console import Console
 
 from dicomnode.commands.common import ConfigOption, bad_input, settings_from, spacing_option, volumes_table
 from seg import recipe
-from seg.records import CSV_COLUMNS, ModelInfo, VolumeRecord
+from seg.records import CSV_COLUMNS, Evaluation, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
     from dicomnode.config import Settings
@@ -28,27 +31,66 @@ BATCH_CSV = "volumes.csv"
 BATCH_COLUMNS = ("series", *CSV_COLUMNS)
 
 
+# A dataset's label maps (seg.train.LABEL_NAMES) and the folders that hold truth, not CTs:
+# `dicomnode phantom` writes truth/labels.nii.gz beside dicom/.
+LABEL_FILES = ("labels.nii.gz", "labels.nii")
+LABEL_FOLDERS = ("truth", "labels")
+
+
 @dataclass
 class Case:
-    """One series of a batch: its name (SeriesInstanceUID or NIfTI stem) and its files."""
+    """One series of a batch: its name (the output folder: SeriesInstanceUID, or a NIfTI file's path
+    under the input folder) and its files."""
 
     name: str
     files: list[Path]
 
 
+def _is_label_map(rel: Path) -> bool:
+    """A label map is a NIfTI too: segmented as a CT it would be measured as a case of its own."""
+    return rel.name.lower() in LABEL_FILES or any(p.lower() in LABEL_FOLDERS for p in rel.parts[:-1])
+
+
+def _folder_name(text: str) -> str:
+    """One safe folder name: a path's separators and odd characters become "_"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
+
+
+def _nifti_name(rel: Path) -> str:
+    """The NIfTI's path under the input folder without its suffix (case001/ct.nii.gz: case001_ct), so
+    the training layout's case001/ct.nii.gz and case002/ct.nii.gz are two cases, not one."""
+    return _folder_name(rel.as_posix().removesuffix(".gz").removesuffix(".nii"))
+
+
+def _refuse_shared_folders(cases: list[Case], root: Path) -> None:
+    """Two cases written to one output folder: the second would overwrite the first unseen. Compared
+    without case, as macOS and Windows file systems compare names."""
+    seen: dict[str, Case] = {}
+    for case in cases:
+        other = seen.setdefault(case.name.lower(), case)
+        if other is not case:
+            a, b = (c.files[0].relative_to(root).as_posix() for c in (other, case))
+            raise ValueError(f"{a} and {b} would both be written to <out>/{case.name}: rename one")
+
+
 def find_cases(root: Path) -> list[Case]:
-    """The series under ``root``: NIfTI files one each, DICOM files grouped by SeriesInstanceUID.
+    """The series under ``root``: NIfTI files one each, DICOM files grouped by SeriesInstanceUID;
+    label maps (``labels.nii.gz``, anything under ``truth/`` or ``labels/``) are not cases.
 
     Why group by UID rather than by folder: it handles one sub-folder per series and a folder of
-    mixed files alike, and a series split over folders stays one series.
+    mixed files alike, and a series split over folders stays one series. A ValueError when two cases
+    would share an output folder.
     """
     import pydicom
 
     groups: dict[str, list[Path]] = {}
     cases = []
     for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = f.relative_to(root)
+        if _is_label_map(rel):
+            continue
         if f.name.endswith((".nii", ".nii.gz")):
-            cases.append(Case(f.name.removesuffix(".gz").removesuffix(".nii"), [f]))
+            cases.append(Case(_nifti_name(rel), [f]))
             continue
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
@@ -57,7 +99,9 @@ def find_cases(root: Path) -> list[Case]:
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if uid:
             groups.setdefault(uid, []).append(f)
-    return cases + [Case(uid, files) for uid, files in sorted(groups.items())]
+    cases += [Case(_folder_name(uid), files) for uid, files in sorted(groups.items())]
+    _refuse_shared_folders(cases, root)
+    return cases
 
 
 def _load(case: Case) -> Volume:
@@ -126,14 +170,26 @@ def write_batch_csv(rows: list[tuple[str, VolumeRecord]], path: Path) -> Path:
     return path
 
 
-def _run_batch(root: Path, pkg: ModelPackage, out: Path, settings: Settings | None,
-               progress: bool, console: Console, record: bool) -> None:
-    """Every series under ``root`` into ``out/<series>/``, then ``out/volumes.csv``."""
-    from rich.progress import track
-
-    cases = find_cases(root)
+def _batch_cases(root: Path) -> list[Case]:
+    """``--batch``'s cases, found before the model loads: a mistyped or empty folder, or two cases
+    for one output folder, is told at once and nothing is written."""
+    if not root.exists():
+        raise typer.BadParameter(f"{root} does not exist", param_hint="INPUT")
+    if not root.is_dir():
+        raise typer.BadParameter(f"{root} is not a folder (--batch reads a folder of series)",
+                                 param_hint="INPUT")
+    with bad_input("INPUT"):
+        cases = find_cases(root)
     if not cases:
         raise typer.BadParameter(f"no DICOM series or NIfTI file under {root}", param_hint="INPUT")
+    return cases
+
+
+def _run_batch(cases: list[Case], pkg: ModelPackage, out: Path, settings: Settings | None,
+               progress: bool, console: Console, record: bool) -> None:
+    """Every series into ``out/<series>/``, then ``out/volumes.csv``."""
+    from rich.progress import track
+
     rows: list[tuple[str, VolumeRecord]] = []
     failed = []
     for case in track(cases, description="series", console=console, disable=not progress):
@@ -147,6 +203,38 @@ def _run_batch(root: Path, pkg: ModelPackage, out: Path, settings: Settings | No
     console.print(f"{len(rows)} series measured, {len(failed)} skipped -> {path}")
     if failed:
         raise typer.Exit(1)
+
+
+def _load_input(path: Path, dicom: bool) -> Volume:
+    """The one series to segment, read before the model loads: a typo costs no model load."""
+    from seg.io import load_image
+
+    with bad_input("INPUT"):
+        ct = load_image(path)
+    if dicom and not ct.source_files:
+        raise typer.BadParameter("--dicom needs a DICOM series, not a NIfTI CT", param_hint="INPUT")
+    return ct
+
+
+def _load_package(path: Path | None, device: str, node: Settings, console: Console) -> ModelPackage:
+    """The model, prepared for the node's runtime; a demo model says so first."""
+    from seg.model import ModelPackageError, load_model
+    from seg.runtime import prepare
+
+    try:
+        pkg = load_model(path, device=device)
+    except (ModelPackageError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from e
+    pkg = prepare(pkg, node.worker.runtime)
+    if pkg.info.demo:
+        console.print(model_banner(pkg.info), style="yellow", markup=False, highlight=False, soft_wrap=True)
+    return pkg
+
+
+def model_banner(info: ModelInfo, width: int = 80) -> str:
+    """The model's statement (a demo model's warning), wrapped here: a terminal folding it at 80
+    columns left a trailing space mid-sentence."""
+    return "\n".join(textwrap.wrap(f"model {info.name} {info.version}: {info.statement}", width))
 
 
 def segment(
@@ -173,11 +261,8 @@ def segment(
         "Implies --dicom; the results are kept in the node's storage, not in --out.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Segment the 30 structures of a thigh CT and measure their volumes."""
+    """Segment the 29 structures of a thigh CT and measure their volumes."""
     import time
-
-    from seg.model import ModelPackageError, load_model
-    from seg.runtime import prepare
 
     console = Console(stderr=True)
     node = settings_from(config)  # the node's model_path and runtime, as the node would segment
@@ -187,23 +272,13 @@ def segment(
         if not settings.pairing.enabled:
             raise typer.BadParameter("pairing.enabled is false in this configuration", param_hint="--record")
         settings.pairing.retrieve_priors = False  # offline: never ask a PACS for priors
-    try:
-        pkg = load_model(model or node.model_path, device=device)
-    except (ModelPackageError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="--model") from e
-    pkg = prepare(pkg, node.worker.runtime)
-    info = pkg.info
-    if info.demo:
-        console.print(f"[yellow]model {info.name} {info.version}: {info.statement}[/]")
     if batch:
-        _run_batch(input, pkg, out, settings, progress, console, record)
+        cases = _batch_cases(input)
+        _run_batch(cases, _load_package(model or node.model_path, device, node, console), out, settings,
+                   progress, console, record)
         return
-    from seg.io import load_image
-
-    with bad_input("INPUT"):
-        ct = load_image(input)
-    if settings is not None and not ct.source_files:
-        raise typer.BadParameter("--dicom needs a DICOM series, not a NIfTI CT", param_hint="INPUT")
+    ct = _load_input(input, settings is not None)
+    pkg = _load_package(model or node.model_path, device, node, console)
     t = time.perf_counter()
     with bad_input("INPUT"):
         rec = run_case(ct, pkg, out, settings, progress, record)
@@ -461,8 +536,7 @@ def evaluate(
     from seg.model import ModelPackageError, load_model
     from seg.train import DatasetError
 
-    if data is None and phantoms <= 0:
-        raise typer.BadParameter("give --data DIR or --phantoms N")
+    _check_evaluation_source(data, phantoms)
     try:
         pkg = load_model(model, device=device)
     except ModelPackageError as e:
@@ -479,11 +553,33 @@ def evaluate(
         write_evaluation(result, out)
         Console(stderr=True).print(f"written {out / 'evaluation.json'}")
     else:
-        print(json.dumps({"mean_dice_muscles": result.mean_dice_muscles}))
+        Console(stderr=True, highlight=False).print(_unsaved_summary(result), soft_wrap=True)
+
+
+def _check_evaluation_source(data: Path | None, phantoms: int) -> None:
+    """One source of held-out cases, checked before the model loads: with both, --phantoms was
+    silently ignored and the figures were not of what was asked."""
+    if data is None and phantoms <= 0:
+        raise typer.BadParameter("give --data DIR or --phantoms N")
+    if data is not None and phantoms > 0:
+        raise typer.BadParameter("give --data DIR or --phantoms N, not both", param_hint="--phantoms")
+    if data is not None and not data.is_dir():
+        raise typer.BadParameter(f"dataset folder {data} does not exist", param_hint="--data")
+
+
+def _unsaved_summary(result: Evaluation) -> str:
+    """The last line without --out: the headline figure in words, and how to keep the rest."""
+    dice = "-" if result.mean_dice_muscles is None else f"{result.mean_dice_muscles:.4f}"
+    return f"mean muscle Dice {dice} ({result.cases} cases); --out DIR saves evaluation.json and .csv"
+
+
+def flowing(doc: str | None) -> str:
+    """A docstring as help text, each paragraph one line: typer keeps the source's line breaks in the
+    paragraphs after the first, which broke ``--help`` mid-sentence; rich fills each line instead."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc or "").split("\n\n"))
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's sub-commands to the main app."""
-    app.command("segment")(segment)
-    app.command("train")(train)
-    app.command("evaluate")(evaluate)
+    for name, command in (("segment", segment), ("train", train), ("evaluate", evaluate)):
+        app.command(name, help=flowing(command.__doc__))(command)
