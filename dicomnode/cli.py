@@ -6,6 +6,8 @@ imports heavy libraries (torch, highdicom) inside the command bodies so ``--help
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from dicomnode.commands import demo, node, patients, phantom, report, segmentation
@@ -18,8 +20,26 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+
+
+def flowing(doc: str | None) -> str:
+    """A docstring as help text, each paragraph one line: typer keeps the source's line breaks in the
+    paragraphs after the first, which broke ``--help`` mid-sentence; rich fills each line instead."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc or "").split("\n\n"))
+
+
+def flow_help(group: typer.Typer) -> None:
+    """Every command's help (sub-groups' too) as :func:`flowing` text, one rule for the whole CLI."""
+    for info in group.registered_commands:
+        info.help = flowing(info.help or (info.callback.__doc__ if info.callback else None))
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            flow_help(sub.typer_instance)
+
+
 for module in (node, phantom, segmentation, report, patients, demo):
     module.register(app)
+flow_help(app)
 
 
 if __name__ == "__main__":

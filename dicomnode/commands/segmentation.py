@@ -4,7 +4,6 @@ series or a batch), ``train`` (UNETR → model package), ``evaluate``."""
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import re
@@ -573,13 +572,7 @@ def _unsaved_summary(result: Evaluation) -> str:
     return f"mean muscle Dice {dice} ({result.cases} cases); --out DIR saves evaluation.json and .csv"
 
 
-def flowing(doc: str | None) -> str:
-    """A docstring as help text, each paragraph one line: typer keeps the source's line breaks in the
-    paragraphs after the first, which broke ``--help`` mid-sentence; rich fills each line instead."""
-    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc or "").split("\n\n"))
-
-
 def register(app: typer.Typer) -> None:
     """Add this module's sub-commands to the main app."""
     for name, command in (("segment", segment), ("train", train), ("evaluate", evaluate)):
-        app.command(name, help=flowing(command.__doc__))(command)
+        app.command(name)(command)
