@@ -1,13 +1,18 @@
-"""``dicomnode demo`` as ``make demo`` runs it: the node as its own process, the shipped model, and
-Orthanc as the PACS (or, where Orthanc is not installed, the local store SCP the demo falls back to).
+"""``dicomnode demo`` as ``make demo`` runs it: ``.venv/bin/dicomnode demo`` in the working folder (the
+default ``demo-output``, an 80-column terminal, the venv not on PATH), the node as its own process, the
+shipped model, and Orthanc as the PACS (or, where Orthanc is not installed, the local store SCP the demo
+falls back to).
 
-The test of the main job's own command: it must finish, every line it prints (URLs and rules aside)
-must fit 80 columns without being folded, every file it points to must exist, and the volumes it
-shows must come from a model that segments.
+The test of the main job's own command: it must finish, every line it prints (URLs aside) must fit 80
+columns without being folded, every file and command it points to must work as printed, and the volumes
+it shows must come from a model that segments, with the error against the phantom's truth stated. The
+fast tests below hold the pieces that the one run cannot vary (an --out outside the working folder,
+the console script on PATH or not).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -16,8 +21,14 @@ from pathlib import Path
 
 import pytest
 from orthanc import requires_orthanc
+from rich.console import Console
 
-pytestmark = pytest.mark.e2e
+from dicomnode.commands import demo
+from dicomnode.commands.common import model_lines
+from seg.model import DEMO_STATEMENT
+from seg.records import ChangeRecord, ModelInfo, StructureChange, StructureVolume, TotalChange, VolumeRecord
+
+MODEL_LINE = re.compile(r"^model (\S+) (\S+):\n  " + re.escape(DEMO_STATEMENT) + "$", re.M)
 
 
 def _listed_files(text: str) -> dict[str, list[tuple[str, Path]]]:
@@ -38,21 +49,59 @@ def _listed_files(text: str) -> dict[str, list[tuple[str, Path]]]:
     return out
 
 
+def _as_make_demo(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """``make demo``'s command and environment in ``tmp_path``: ``.venv/bin/dicomnode`` by a relative
+    path (``.venv`` a link to this interpreter's environment), whose ``bin`` is not on PATH."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "dicomnode").is_file():
+        pytest.skip(f"no dicomnode console script in {bin_dir} (pip install -e . puts it there)")
+    (tmp_path / ".venv").symlink_to(bin_dir.parent, target_is_directory=True)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep)
+            if p and Path(p).resolve() != bin_dir.resolve()]
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb", "PATH": os.pathsep.join(path)}
+    return [".venv/bin/dicomnode"], env
+
+
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("pacs", [pytest.param("orthanc", marks=requires_orthanc), "local"])
 def test_demo_runs_and_prints_80_columns(tmp_path: Path, pacs: str) -> None:
-    env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}  # wide: a line over 80 is ours, not folded
-    run = subprocess.run([sys.executable, "-m", "dicomnode.cli", "demo", "--no-view", "--out", "demo",
-                          "--pacs", pacs, "--timeout", "600"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=840)
+    command, env = _as_make_demo(tmp_path)
+    run = subprocess.run([*command, "demo", "--no-view", "--pacs", pacs, "--timeout", "600"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=840)
     text = run.stdout
     assert run.returncode == 0, f"demo failed ({run.returncode}):\n{text[-3000:]}\n{run.stderr[-3000:]}"
     assert "demo finished" in text
 
-    # a rule spans the terminal, and a URL cannot be shortened
-    too_wide = [ln for ln in text.splitlines()
-                if len(ln) > 80 and "http://" not in ln and not ln.startswith("─")]
+    # 80 columns as a default terminal shows them: a line rich had to fold ends in a space, and a URL
+    # (on a line of its own, unfolded) cannot be shortened
+    lines = text.splitlines()
+    too_wide = [ln for ln in lines if len(ln) > 80 and "http://" not in ln]
     assert not too_wide, "lines over 80 columns:\n" + "\n".join(too_wide)
+    folded = [ln for ln in lines if ln != ln.rstrip()]
+    assert not folded, "lines folded or with trailing spaces:\n" + "\n".join(map(repr, folded))
+
+    # later commands as they run here: the console script by its path, each whole on one line
+    config = "--config demo-output/node.toml"
+    assert re.search(rf"^ +\.venv/bin/dicomnode serve {config}$", text, re.M), text
+    assert re.search(rf"^  \.venv/bin/dicomnode jobs {config}$", text, re.M), text
+    if pacs == "orthanc":
+        assert re.search(r"^    \.venv/bin/dicomnode demo --view$", text, re.M), text
+    assert not re.search(r"(?<![/\w])dicomnode (serve|jobs|demo) -", text), text
+    assert re.search(r"^ +demo-output/registry\.csv$|imported .* demo-output/registry\.csv$", text, re.M)
+
+    # the model by name and version, phantom-trained, in the console and not only on the image
+    assert (m := MODEL_LINE.search(text)) and m.groups() == ("thigh-unetr-demo", "0.9.0"), text[:3000]
+    # the interval is the CTs' (the pre-op CT is two days before surgery)
+    assert "Change between the CTs: 120 days apart" in text and "after surgery:" not in text
+    assert "surgery on 2024-01-07, 118 days before the follow-up CT" in text
+    # the change's error against the truth, stated and not left to the reader
+    ok = re.search(r"^left \(operated\): (\d+) of (\d+) muscles within 5 pp of the truth", text, re.M)
+    assert ok and int(ok.group(2)) == 21 and int(ok.group(1)) <= 21, text
+    assert re.search(r"^  worst: .+ [-+]?\d+\.\d % vs [-+]?\d+\.\d % true, \d+\.\d pp off$", text, re.M)
+    assert re.search(r"^total, 21 analysed muscles, both sides: -\d+\.\d % measured, -\d+\.\d % true$",
+                     text, re.M), text
+    assert demo.implant_caveat("left") in lines
 
     dice = [float(x) for x in re.findall(r"mean Dice over the 21 muscles, both sides: ([0-9.]+)", text)]
     assert len(dice) == 2 and min(dice) >= 0.90, dice
@@ -66,3 +115,93 @@ def test_demo_runs_and_prints_80_columns(tmp_path: Path, pacs: str) -> None:
         for kind, path in listed[study]:
             full = tmp_path / path
             assert (full / "volumes.json").is_file() if kind == "node" else full.is_file(), full
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces one run cannot vary (fast, no node)
+# ------------------------------------------------------------------------------------------------
+def _console(width: int = 80) -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, width=width, force_terminal=False, color_system=None), buf
+
+
+def test_a_long_path_is_printed_whole_on_its_own_line() -> None:
+    """An --out outside the working folder: the command is not folded mid-path, the step fits 80."""
+    console, buf = _console()
+    command = "/very/long/" + "x" * 90 + "/.venv/bin/dicomnode serve --config /elsewhere/demo/node.toml"
+    demo.print_step(console, 3.9, "starting the node as its own process:", command)
+    demo.print_step(console, 4.0, "node up, its log:", "demo/node.log")
+    lines = buf.getvalue().splitlines()
+    assert lines == ["   3.9 s  starting the node as its own process:", " " * 10 + command,
+                     "   4.0 s  node up, its log: demo/node.log"]
+
+
+def test_the_cli_command_is_the_one_that_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make demo`` does not put .venv/bin on PATH: a printed bare ``dicomnode`` would not be found."""
+    script = tmp_path / ".venv" / "bin" / "dicomnode"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "argv", [".venv/bin/dicomnode", "demo"])
+    assert demo.cli_command() == ".venv/bin/dicomnode"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # outside the working folder: the absolute path
+    monkeypatch.setattr(sys, "argv", [str(script), "demo"])
+    assert demo.cli_command() == str(script)
+    monkeypatch.setenv("PATH", str(script.parent))  # found on PATH as itself: the bare name
+    assert demo.cli_command() == "dicomnode"
+    monkeypatch.setattr(sys, "argv", [str(Path(demo.__file__).parent.parent / "cli.py"), "demo"])
+    assert demo.cli_command().endswith(" -m dicomnode.cli")
+
+
+def test_the_model_line_names_the_model_and_says_demo() -> None:
+    info = ModelInfo(name="thigh-unetr-demo", version="0.9.0", demo=True, statement=DEMO_STATEMENT)
+    lines = model_lines(info)
+    assert MODEL_LINE.search("\n".join(lines)) and all(len(ln) <= 80 for ln in lines), lines
+    assert model_lines(info.model_copy(update={"statement": ""})) == lines  # an older package
+    assert model_lines(ModelInfo(name="site", version="2.1")) == ["model site 2.1"]
+    validated = ModelInfo(name="s", version="1", statement="validated")
+    assert model_lines(validated) == ["model s 1: validated"]
+
+
+def _volumes(left: dict[str, float], right: dict[str, float]) -> VolumeRecord:
+    return VolumeRecord(structures=tuple(
+        StructureVolume(label=i + 1, name=n, volume_cm3=left[n] + right[n], left_cm3=left[n],
+                        right_cm3=right[n])
+        for i, n in enumerate(left)))
+
+
+def _change(pct: dict[tuple[str, str], float | None], total_pct: float) -> ChangeRecord:
+    return ChangeRecord(
+        structures=tuple(StructureChange(label=1, name=n, side=s, change_pct=v) for (n, s), v in pct.items()),
+        total_analysed_muscles=TotalChange(structures=2, change_pct=total_pct), fractured_side="left",
+        days_between=120, surgery_date="20240107", followup={"study_date": "20240504"})
+
+
+def test_the_change_summary_states_the_error_against_the_truth() -> None:
+    """Within 5 pp on the operated side, the worst muscle with both figures, the totals: not hidden."""
+    pre = _volumes({"tensor_fasciae_latae": 50.0, "sartorius": 100.0},
+                   {"tensor_fasciae_latae": 50.0, "sartorius": 100.0})
+    post = _volumes({"tensor_fasciae_latae": 42.5, "sartorius": 100.0},
+                    {"tensor_fasciae_latae": 50.0, "sartorius": 100.0})
+    change = _change({("tensor_fasciae_latae", "left"): 26.9, ("sartorius", "left"): -3.0,
+                      ("tensor_fasciae_latae", "right"): 0.0, ("sartorius", "right"): None}, total_pct=4.1)
+    lines = demo.change_summary(change, pre, post)
+    assert lines == [
+        "left (operated): 1 of 2 muscles within 5 pp of the truth (the target)",
+        "  worst: Tensor fasciae latae +26.9 % vs -15.0 % true, 41.9 pp off",
+        "right (not operated): 1 of 1 muscles within 5 pp of the truth (the target)",
+        "  worst: Tensor fasciae latae 0.0 % vs 0.0 % true, 0.0 pp off",
+        "total, 2 analysed muscles, both sides: +4.1 % measured, -2.5 % true",
+    ]
+    assert all(len(ln) <= 80 for ln in [*lines, demo.implant_caveat("right")])
+
+
+def test_the_interval_is_between_the_cts_and_from_surgery() -> None:
+    change = _change({}, total_pct=0.0)
+    assert demo.interval_lines(change) == ["Change between the CTs: 120 days apart, fractured side left",
+                                           "surgery on 2024-01-07, 118 days before the follow-up CT"]
+    assert demo.interval_lines(change.model_copy(update={"surgery_date": None})) == [
+        "Change between the CTs: 120 days apart, fractured side left"]

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from dicomnode.config import Settings, load_settings
-from seg.records import VolumeRecord
+from seg.records import ModelInfo, VolumeRecord
 
 ConfigOption = Annotated[
     Path | None,
@@ -93,3 +93,17 @@ def bad_input(param_hint: str) -> Iterator[None]:
         yield
     except (OSError, ValueError, ImageFileError) as exc:
         raise typer.BadParameter(str(exc), param_hint=param_hint) from exc
+
+
+def model_lines(info: ModelInfo, width: int = 80) -> list[str]:
+    """The model that measured, for the terminal: ``model NAME VERSION: STATEMENT`` (a demo model's
+    "phantom-trained demonstration model, not for clinical measurement"), the statement on a line of
+    its own when the two do not fit ``width`` (a terminal folding it left a trailing space)."""
+    from seg.package import DEMO_STATEMENT
+
+    head = f"model {info.name} {info.version}"
+    statement = info.statement or (DEMO_STATEMENT if info.demo else "")
+    if not statement:
+        return [head]
+    one = f"{head}: {statement}"
+    return [one] if len(one) <= width else [f"{head}:", f"  {statement}"]

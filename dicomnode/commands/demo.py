@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,13 +27,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
-from dicomnode.commands.common import cell, spacing_option
+from dicomnode.commands.common import cell, model_lines, spacing_option
 from dicomnode.harness.net import free_port, stop_process, wait_for
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
-from seg.records import ChangeRecord, VolumeRecord
+from seg.records import ChangeRecord, EvaluationTargets, LeftRight, VolumeRecord
 
+WIDTH = 80  # every line the demo prints fits a default terminal; a path or URL that cannot is unfolded
 SCANNER_AET = "CTSCANNER"
 NODE_AET = "THIGHNODE"
 PACS_AET = "ORTHANC"
@@ -43,6 +46,7 @@ FOLLOWUP_ATROPHY = {
     "vastus_lateralis": 0.85, "vastus_intermedius": 0.88, "rectus_femoris": 0.90, "iliopsoas": 0.85,
     "adductor_magnus": 0.92,
 }
+OPERATED: LeftRight = "left"  # the follow-up phantom's implant and atrophy side, the fractured side
 
 
 class PacsKind(StrEnum):
@@ -182,7 +186,7 @@ def write_node_config(path: Path, *, port: int, storage: Path, pacs_port: int,
 def write_registry(path: Path) -> Path:
     """The demo patient's clinical row: registry height, fracture on the left, surgery two days in."""
     path.write_text("patient_id,height_m,sex,fracture_type,fractured_side,surgery_date,koval_grade\n"
-                    "DEMO-0001,1.62,F,ITF,left,20240107,2\n")
+                    f"DEMO-0001,1.62,F,ITF,{OPERATED},20240107,2\n")
     return path
 
 
@@ -199,6 +203,33 @@ def shown(path: Path) -> str:
         return path.as_posix()
 
 
+def cli_command() -> str:
+    """``dicomnode`` as the user can run it again: ``make demo`` runs ``.venv/bin/dicomnode`` without
+    putting it on PATH, so a bare ``dicomnode`` in a printed command would not be found.
+
+    The running console script (relative to the working folder when inside it), its bare name only
+    when PATH finds that same file; under ``python -m`` the interpreter and the module.
+    """
+    script = Path(sys.argv[0])
+    if script.suffix == ".py" or not script.name.startswith("dicomnode"):
+        return f"{_runnable(Path(sys.executable))} -m dicomnode.cli"
+    found = shutil.which(script.name)
+    if found and Path(found).resolve() == script.resolve():
+        return script.name
+    return _runnable(script.absolute())
+
+
+def _runnable(path: Path) -> str:
+    """``shown`` as a shell word: quoted, and with ``./`` where the shell would look the name up on PATH."""
+    text = shown(path)
+    return shlex.quote(text if "/" in text else f"./{text}")
+
+
+def fits(*parts: str) -> bool:
+    """Whether the parts, joined by spaces, fit one line."""
+    return len(" ".join(parts)) <= WIDTH
+
+
 @dataclass
 class DemoStudy:
     label: str
@@ -208,6 +239,7 @@ class DemoStudy:
     truth: VolumeRecord
     n_files: int
     expected: dict[str, int] = field(default_factory=dict)
+    implant: bool = False  # the phantom has one: the change's caveat holds whatever the node detected
 
 
 def make_patient(out: Path, spacing: tuple[float, float, float], seed: int) -> list[DemoStudy]:
@@ -219,7 +251,7 @@ def make_patient(out: Path, spacing: tuple[float, float, float], seed: int) -> l
     variants = [
         ("pre-op", PhantomOptions(**common, study_date="20240105", study_time="101500")),
         ("follow-up", PhantomOptions(**common, study_date="20240504", study_time="094500", postop=True,
-                                     implant_side="left", atrophy=FOLLOWUP_ATROPHY, fat_infiltration=0.15,
+                                     implant_side=OPERATED, atrophy=FOLLOWUP_ATROPHY, fat_infiltration=0.15,
                                      series_number=2)),
     ]
     studies = []
@@ -229,7 +261,8 @@ def make_patient(out: Path, spacing: tuple[float, float, float], seed: int) -> l
         dicom = Path(folder) / "dicom"
         truth = VolumeRecord.load(Path(folder) / "truth" / "volumes.json")
         studies.append(DemoStudy(label, dicom, str(ph.meta["StudyInstanceUID"]),
-                                 str(ph.meta["SeriesInstanceUID"]), truth, len(list(dicom.glob("*.dcm")))))
+                                 str(ph.meta["SeriesInstanceUID"]), truth, len(list(dicom.glob("*.dcm"))),
+                                 implant=bool(opts.postop and opts.implant_side)))
     return studies
 
 
@@ -316,6 +349,85 @@ def change_table(change: ChangeRecord, atrophy: dict[str, float], operated: str)
     return "\n".join(lines)
 
 
+def side_errors(change: ChangeRecord, pre_truth: VolumeRecord, post_truth: VolumeRecord,
+                side: LeftRight) -> list[tuple[str, float, float]]:
+    """``(display name, measured %, true %)`` for each muscle side the change states a figure for.
+
+    True: the phantoms' own label volumes, so a muscle the atrophy did not touch is true 0 %.
+    """
+    from seg.labels import PAPER_ORDER, by_name
+
+    measured = {s.name: s.change_pct for s in change.structures if s.side == side}
+    pre, post = pre_truth.by_name(), post_truth.by_name()
+    out = []
+    for name in PAPER_ORDER:
+        before = pre[name].side_volume(side) if name in pre else None
+        after = post[name].side_volume(side) if name in post else None
+        if measured.get(name) is None or not before or after is None:
+            continue
+        out.append((by_name(name).display_name, measured[name], (after - before) / before * 100))
+    return out
+
+
+def error_lines(label: str, errors: list[tuple[str, float, float]], tolerance: float) -> list[str]:
+    """One side's agreement with the truth: how many within ``tolerance`` points, and the worst."""
+    if not errors:
+        return [f"{label}: no muscle with a change figure"]
+    within = sum(abs(m - t) <= tolerance for _, m, t in errors)
+    name, m, t = max(errors, key=lambda e: abs(e[1] - e[2]))
+    return [f"{label}: {within} of {len(errors)} muscles within {tolerance:g} pp of the truth (the target)",
+            f"  worst: {name} {cell(m, '+.1f')} % vs {cell(t, '+.1f')} % true, {abs(m - t):.1f} pp off"]
+
+
+def total_line(change: ChangeRecord, pre_truth: VolumeRecord, post_truth: VolumeRecord) -> str:
+    """The analysed muscles together (both sides), as the node measured and as the phantoms hold them."""
+    from seg.labels import ANALYSED_MUSCLES
+
+    def total(rec: VolumeRecord) -> float:
+        return sum(s.volume_cm3 for s in rec.structures if s.name in ANALYSED_MUSCLES)
+
+    t, before = change.total_analysed_muscles, total(pre_truth)
+    true = (total(post_truth) - before) / before * 100 if before else None
+    return (f"total, {t.structures} analysed muscles, both sides: {cell(t.change_pct, '+.1f')} % measured, "
+            f"{cell(true, '+.1f')} % true")
+
+
+def change_summary(change: ChangeRecord, pre_truth: VolumeRecord, post_truth: VolumeRecord) -> list[str]:
+    """Under the change table: how far the measured change is from the truth, in figures, so that a
+    muscle 40 points off is not left for the reader to spot."""
+    tolerance = EvaluationTargets().atrophy_loss_error_pp  # the project's target for the loss
+    other: LeftRight = "right" if OPERATED == "left" else "left"
+    lines = error_lines(f"{OPERATED} (operated)", side_errors(change, pre_truth, post_truth, OPERATED),
+                        tolerance)
+    lines += error_lines(f"{other} (not operated)", side_errors(change, pre_truth, post_truth, other),
+                         tolerance)
+    return [*lines, total_line(change, pre_truth, post_truth)]
+
+
+def implant_caveat(side: str) -> str:
+    """Why a muscle beside the nail can be far off: metal streaks (docs/models.md has the figures)."""
+    return f"metal ({side}): volumes next to the implant are less reliable; see docs/models.md"
+
+
+def interval_lines(change: ChangeRecord) -> list[str]:
+    """The change's interval: the days between the two CTs, which is not the time since surgery (the
+    pre-op CT is before it); that one from the registry's surgery date when pairing recorded it."""
+    lines = [f"Change between the CTs: {cell(change.days_between, 'd')} days apart, fractured side "
+             f"{change.fractured_side or 'unknown'}"]
+    surgery, followup = _date(change.surgery_date), _date(change.followup.study_date)
+    if surgery is not None and followup is not None:
+        lines.append(f"surgery on {surgery:%Y-%m-%d}, {(followup - surgery).days} days before the "
+                     "follow-up CT")
+    return lines
+
+
+def _date(text: str | None) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(text or "", "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
 def _study_dice(study: DemoStudy, result_dir: Path) -> dict[tuple[str, str], float]:
     from seg.evaluate import dice_by_side
     from seg.io import load_nifti
@@ -328,10 +440,15 @@ def _study_dice(study: DemoStudy, result_dir: Path) -> dict[tuple[str, str], flo
 
 def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) -> None:
     pre_dir, post_dir = storage / "results" / pre.series_uid, storage / "results" / post.series_uid
+    measured = {}
     for study, folder in ((pre, pre_dir), (post, post_dir)):
-        measured = VolumeRecord.load(folder / "volumes.json")
+        measured[study.label] = VolumeRecord.load(folder / "volumes.json")
+        if study is pre:
+            for line in model_lines(measured[study.label].model):
+                console.print(line, style="yellow", highlight=False, markup=False)
+            console.print()
         title = f"{study.label}: per-muscle volumes (node) against the phantom's truth"
-        console.print(volume_table(title, measured, study.truth, _study_dice(study, folder)),
+        console.print(volume_table(title, measured[study.label], study.truth, _study_dice(study, folder)),
                       highlight=False, markup=False)
         console.print()
 
@@ -340,11 +457,15 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
         console.print("[yellow]no change record was produced (pairing did not pair the two studies)[/]")
         return
     change = ChangeRecord.load(changes[0])
-    side = change.fractured_side
-    console.print(f"Change after surgery: {change.days_between} days, fractured side "
-                  f"{side or 'unknown'}\nchange % = (post - pre) / pre, negative for a loss; "
-                  "truth % = phantom atrophy", highlight=False, markup=False)
-    console.print(change_table(change, FOLLOWUP_ATROPHY, "left"), highlight=False, markup=False)
+    lines = [*interval_lines(change),
+             "change % = (post - pre) / pre, negative for a loss; truth % = phantom atrophy"]
+    console.print("\n".join(lines), highlight=False, markup=False)
+    console.print(change_table(change, FOLLOWUP_ATROPHY, OPERATED), highlight=False, markup=False)
+    console.print("\n".join(change_summary(change, pre.truth, post.truth)), highlight=False, markup=False)
+    qa = measured[post.label].qa
+    if qa.metal or post.implant:
+        console.print(implant_caveat(qa.metal_where.side if qa.metal_where else OPERATED), style="yellow",
+                      highlight=False, markup=False)
 
 
 def print_outputs(console: Any, pacs: LocalPacs | OrthancPacs, studies: list[DemoStudy], out: Path,
@@ -371,6 +492,16 @@ def print_outputs(console: Any, pacs: LocalPacs | OrthancPacs, studies: list[Dem
         line(f"  to browse it later: Orthanc {shown(out / 'orthanc' / 'orthanc.json')}")
 
 
+def print_step(console: Any, seconds: float, msg: str, detail: str = "") -> None:
+    """A step after the time it took place; ``detail`` (a path, a command) after ``msg`` when both fit
+    80 columns, else alone on the next line and never folded: a folded path cannot be copied."""
+    head = f"{seconds:6.1f} s  "
+    both = fits(head + msg, detail) if detail else True
+    console.print(Text.assemble((head, "dim"), f"{msg} {detail}" if detail and both else msg), soft_wrap=True)
+    if not both:
+        console.print(" " * len(head) + detail, highlight=False, markup=False, soft_wrap=True)
+
+
 def _kind(o: Received) -> str:
     """SEG, SR, summary or other: exact SOP classes (:mod:`dicomnode.network.sop`), never a UID prefix."""
     from dicomnode.network.sop import output_kind
@@ -385,7 +516,8 @@ def _stop_serving(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], keep_open: bool) -> None:
+def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], keep_open: bool,
+                   cli: str = "dicomnode") -> None:
     """Print the URL of each study in a browser viewer; with ``keep_open``, serve them until Ctrl-C.
 
     OHIF (npm ``@ohif/app``, served by the harness in front of Orthanc's DICOMweb) when set up, and
@@ -407,7 +539,8 @@ def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], ke
         if viewer is None:
             console.print("  (for OHIF, run bash scripts/setup.sh as root: viewer and Orthanc DICOMweb)")
         if not keep_open:
-            console.print("  these work while the demo runs: `dicomnode demo --view` keeps them open")
+            console.print("  these work while the demo runs; to keep them open until Ctrl-C, run")
+            console.print(f"    {cli} demo --view", highlight=False, markup=False, soft_wrap=True)
             return
         console.print("[bold]serving the viewer: press Ctrl-C to stop Orthanc, the viewer and the node[/]")
         previous = signal.signal(signal.SIGTERM, _stop_serving)  # `kill` stops as cleanly as Ctrl-C
@@ -427,8 +560,8 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
              console: Any, model: Path | None = None, view: bool = False) -> int:
     started = time.monotonic()
 
-    def step(msg: str) -> None:
-        console.print(f"[dim]{time.monotonic() - started:6.1f} s[/]  {msg}")
+    def step(msg: str, detail: str = "") -> None:
+        print_step(console, time.monotonic() - started, msg, detail)
 
     if out.exists():
         shutil.rmtree(out)
@@ -447,23 +580,24 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
     config = write_node_config(out / "node.toml", port=node_port, storage=storage, pacs_port=pacs.dicom_port,
                                model=model)
     node: subprocess.Popen[bytes] | None = None
+    cli = cli_command()
     try:
         step(f"generating the phantom patient (spacing {spacing[0]:g}×{spacing[1]:g}×{spacing[2]:g} mm)")
         pre, post = make_patient(out / "phantoms", spacing, seed)
         if isinstance(pacs, LocalPacs):
             pacs.labels = {pre.study_uid: pre.label, post.study_uid: post.label}
-        step(f"pre-op {pre.n_files} slices, follow-up {post.n_files} slices → {shown(out / 'phantoms')}")
+        step(f"pre-op {pre.n_files} slices, follow-up {post.n_files} slices →", shown(out / "phantoms"))
 
         registry = write_registry(out / "registry.csv")
         imported = subprocess.run(node_command(config, "patients", "import", str(registry)),
                                   capture_output=True, text=True, timeout=120)
         if imported.returncode != 0:
             raise DemoError(f"registry import failed: {imported.stderr.strip() or imported.stdout.strip()}")
-        step(f"imported {shown(registry)} (fracture side, surgery date, height)")
+        step("imported fracture side, surgery date, height from", shown(registry))
 
         step(f"starting the PACS: {pacs.name}")
         pacs.start()
-        step(f"starting the node: dicomnode serve --config {shown(config)}")
+        step("starting the node as its own process:", f"{cli} serve --config {_runnable(config)}")
         with (out / "node.log").open("ab") as log:
             node = subprocess.Popen(node_command(config, "serve"), stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "TCP_NODELAY": "1"}, start_new_session=True)
@@ -474,7 +608,7 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
             return echo("127.0.0.1", node_port, NODE_AET)
 
         wait_for(node_up, 120, interval=0.5, what="the node to answer C-ECHO", error=DemoError)
-        step(f"node {NODE_AET} is up on port {node_port} (log: {shown(out / 'node.log')})")
+        step(f"node {NODE_AET} is up on port {node_port}, its log:", shown(out / "node.log"))
 
         target_port, target_aet = ((pacs.dicom_port, pacs.aet) if use_orthanc else (node_port, NODE_AET))
         route = "Orthanc (routed on to the node)" if use_orthanc else "the node"
@@ -500,17 +634,19 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
 
             wait_for(ready, timeout, interval=1.0, what=f"the {study.label} results in the PACS",
                      error=DemoError)
-            step(f"{study.label}: SEG, SR and summary{' and follow-up SR' if followup else ''} are in the "
-                 f"PACS ({time.monotonic() - t0:.0f} s)")
+            step(f"{study.label}: SEG, SR{', summary and follow-up SR' if followup else ' and summary'} "
+                 f"are in the PACS ({time.monotonic() - t0:.0f} s)")
 
         console.rule("Results")
         print_results(console, pre, post, storage)
         console.rule("Where the outputs are")
         print_outputs(console, pacs, [pre, post], out, storage)
-        console.print(f"job table: dicomnode jobs --config {shown(config)}", highlight=False, soft_wrap=True)
+        console.print("the node's job table, any time later:")
+        console.print(f"  {cli} jobs --config {_runnable(config)}", highlight=False, markup=False,
+                      soft_wrap=True)
         if isinstance(pacs, OrthancPacs):
             console.rule("Open a study in a viewer")
-            show_in_viewer(console, pacs, [pre, post], keep_open=view)
+            show_in_viewer(console, pacs, [pre, post], keep_open=view, cli=cli)
         step("demo finished")
         return 0
     finally:

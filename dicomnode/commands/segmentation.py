@@ -7,7 +7,6 @@ import csv
 import json
 import logging
 import re
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,7 +14,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import ConfigOption, bad_input, settings_from, spacing_option, volumes_table
+from dicomnode.commands.common import (
+    ConfigOption,
+    bad_input,
+    model_lines,
+    settings_from,
+    spacing_option,
+    volumes_table,
+)
 from seg import recipe
 from seg.records import CSV_COLUMNS, Evaluation, ModelInfo, VolumeRecord
 
@@ -226,14 +232,9 @@ def _load_package(path: Path | None, device: str, node: Settings, console: Conso
         raise typer.BadParameter(str(e), param_hint="--model") from e
     pkg = prepare(pkg, node.worker.runtime)
     if pkg.info.demo:
-        console.print(model_banner(pkg.info), style="yellow", markup=False, highlight=False, soft_wrap=True)
+        console.print("\n".join(model_lines(pkg.info)), style="yellow", markup=False, highlight=False,
+                      soft_wrap=True)
     return pkg
-
-
-def model_banner(info: ModelInfo, width: int = 80) -> str:
-    """The model's statement (a demo model's warning), wrapped here: a terminal folding it at 80
-    columns left a trailing space mid-sentence."""
-    return "\n".join(textwrap.wrap(f"model {info.name} {info.version}: {info.statement}", width))
 
 
 def segment(
