@@ -3,8 +3,9 @@
 Nested keys use ``__`` in the environment, e.g. ``DICOMNODE_PACS__PORT=4242``.
 
 A relative path in the file (``storage_dir``, ``model_path``, the ``[tls]`` files) is relative to the
-file's folder, so a node started by systemd or cron from any folder finds what the file names; one in
-the environment stays relative to the working directory, as every shell tool's does.
+file's folder, so a node started by systemd or cron from any folder finds what the file names (and
+``~/...`` is the home folder of the user the node runs as); one in the environment stays relative to
+the working directory, as every shell tool's does.
 
 Strict by design: every section refuses unknown keys and every choice is a closed set, so a typo in
 a hospital's node.toml stops the node at start-up with the key's name instead of being ignored.
@@ -431,7 +432,8 @@ def _anchored(values: dict[str, Any], folder: Path, model: type[BaseModel] = Set
         if section is not None and isinstance(value, dict):
             out[key] = _anchored(value, folder, section)
         elif field is not None and isinstance(value, str) and value and _is_path(field.annotation):
-            out[key] = str(folder / value)  # an absolute value stays as it is
+            # an absolute value stays as it is; "~/..." is the service user's home, as in a shell
+            out[key] = str(folder / Path(value).expanduser())
     return out
 
 

@@ -43,6 +43,7 @@ from reporting.sr import (
 from reporting.uids import (
     OUTPUT_REVISION,
     copy_identity,
+    date_series,
     derived_uid,
     read_header,
     registry_facts,
@@ -200,5 +201,6 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
     )
     sr.SeriesDescription = series_description("Thigh muscle change since baseline", model_info)
     copy_identity(sr, src0, ct.meta)
+    date_series(sr)
     codes.declare_schemes(sr)
     return sr

@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 from reporting import codes, iod_lookup, rle_encoder, seg_splice
 from reporting.rules import RULES, ReportingRules, is_found
 from reporting.segframes import SegFrames
-from reporting.uids import copy_identity, output_uid, source_content, tracking_uid
+from reporting.uids import copy_identity, date_series, output_uid, source_content, tracking_uid
 from seg.labels import Structure, structures
 from seg.records import ModelInfo, VolumeRecord
 from seg.volume import Volume
@@ -405,6 +405,7 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
         item.DimensionOrganizationUID = dim_uid
     seg.SeriesDescription = series_description("Thigh muscles SEG", model_info)
     copy_identity(seg, src0, ct.meta)
+    date_series(seg)
     codes.declare_schemes(seg)
     built = BuiltSeg(seg, frames, fill)
     if not defer_frames:

@@ -43,6 +43,7 @@ from reporting.seg import algorithm_name, series_description
 from reporting.segframes import SegFrames
 from reporting.uids import (
     copy_identity,
+    date_series,
     derived_uid,
     output_uid,
     registry_facts,
@@ -469,6 +470,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     sr = sr_splice.construct(construct, report[0], evidence) if fast else construct(report[0])
     sr.SeriesDescription = series_description("Thigh muscle volumes SR", model_info)
     copy_identity(sr, src0, ct.meta)
+    date_series(sr)
     codes.declare_schemes(sr)
     if fast:
         sr = sr_splice.encode_content(sr, image_uids)

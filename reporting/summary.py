@@ -25,7 +25,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from reporting.rules import RULES, is_found
 from reporting.seg import algorithm_name, series_description
-from reporting.uids import copy_identity, output_uid, registry_facts, source_content, source_header
+from reporting.uids import (
+    copy_identity,
+    date_series,
+    output_uid,
+    registry_facts,
+    source_content,
+    source_header,
+)
 from seg.labels import LABEL_OF, PAPER_ORDER, by_name, structures
 from seg.records import ChangeRecord, ModelInfo, VolumeRecord
 from seg.volume import Volume
@@ -503,6 +510,7 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     sc.BurnedInAnnotation = "YES"
     set_both_sides(sc)
     copy_identity(sc, src0, ct.meta)
+    date_series(sc)
     return sc
 
 

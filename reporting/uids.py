@@ -126,6 +126,21 @@ def _put(ds: Dataset, kw: str, value) -> None:
     ds.add_new(keyword_dict[kw], dictionary_VR(keyword_dict[kw]), deepcopy(value))
 
 
+def date_series(ds: Dataset) -> Dataset:
+    """Series Date/Time (General Series, Type 3) = when this object was built (its Content Date/Time).
+
+    Why: without them Orthanc Explorer lists the node's series under "?" and viewers show no date
+    beside them. They are build times (left out when a rebuild is compared with a file sent).
+    """
+    date = ds.get("ContentDate") or ds.get("InstanceCreationDate")
+    time = ds.get("ContentTime") or ds.get("InstanceCreationTime")
+    if date:
+        _put(ds, "SeriesDate", date)
+        if time:
+            _put(ds, "SeriesTime", time)
+    return ds
+
+
 def copy_identity(ds: Dataset, src: Dataset | None, meta: dict | None = None) -> Dataset:
     """Make ``ds``'s patient/study attributes equal to the source CT's (absent there = absent here)."""
     for kw in PATIENT_STUDY_KEYWORDS:

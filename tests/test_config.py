@@ -227,6 +227,10 @@ def test_relative_paths_in_a_file_are_relative_to_its_folder(tmp_path: Path,
         assert [p.resolve() for p in found if p is not None] == [(etc / n).resolve() for n in names]
     result = CliRunner().invoke(app, ["config", "check", str(cfg)])
     assert result.exit_code == 0 and "valid" in result.output, result.output
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~" in a file: the home folder, not a "~" folder
+    (tmp_path / "home-cfg").mkdir()
+    home = _write(tmp_path / "home-cfg", 'storage_dir = "~/dicomnode"\n')
+    assert load_settings(home).storage_dir == tmp_path / "home" / "dicomnode"
     monkeypatch.setenv("DICOMNODE_STORAGE_DIR", "state")
     assert load_settings(cfg).storage_dir == Path("state")
     monkeypatch.setenv("DICOMNODE_MODEL_PATH", "nowhere")  # the environment: the working directory's

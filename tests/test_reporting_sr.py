@@ -421,6 +421,7 @@ def test_followup_sr_is_a_tid1500_report_with_time_point(followup):
     root = fsr.ConceptNameCodeSequence[0]
     assert (root.CodeValue, root.CodingSchemeDesignator) == ("126000", "DCM")
     assert fsr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert (fsr.SeriesDate, fsr.SeriesTime) == (fsr.ContentDate, fsr.ContentTime)  # a dated series
     groups = measurement_groups(fsr)
     assert groups
     for g in groups:

@@ -81,6 +81,8 @@ def test_dicom_outputs_are_the_nodes(series, truth_model, tmp_path):
     ours = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in files}
     theirs = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in node}
     assert sorted(ours) == sorted(theirs)
+    for ds in ours.values():  # dated series: Orthanc Explorer listed them under "?"
+        assert (ds.SeriesDate, ds.SeriesTime) == (ds.ContentDate, ds.ContentTime), ds.Modality
     for sop_uid, ds in ours.items():
         assert ds.SOPClassUID == theirs[sop_uid].SOPClassUID
         assert ds.SeriesInstanceUID == theirs[sop_uid].SeriesInstanceUID
