@@ -83,7 +83,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # 5: every SR group a viewer draws names itself in a Comment row (OHIF showed outlines with numbers
 # but no muscle, side or "not found"); the follow-up SR has no Time Point Order (read as a measurement)
 # and shorter meanings for VDELTA and VCHGPCT; SEG and SR series descriptions begin with "DEMO ".
-OUTPUT_REVISION = 5
+# 6: the follow-up SR's volume change is the difference of the two volumes as written.
+OUTPUT_REVISION = 6
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:

@@ -367,7 +367,10 @@ def test_followup_sr_valid_and_equal_to_change(followup, baseline, tmp_path):
         items = {i["quantity"]["CodeValue"]: i for i in g["measurementItems"]}
         assert items["VPRE"]["value"] == f"{e.pre_cm3:.1f}"
         assert items["118565006"]["value"] == f"{e.post_cm3:.1f}"
-        assert float(items["VDELTA"]["value"]) == pytest.approx(round(e.delta_cm3, 1), abs=1e-9)
+        # the change as a reader computes it from the two values shown (22 of 69 groups were 0.1 off)
+        shown = float(items["118565006"]["value"]) - float(items["VPRE"]["value"])
+        assert float(items["VDELTA"]["value"]) == pytest.approx(shown, abs=1e-9)
+        assert abs(float(items["VDELTA"]["value"]) - e.delta_cm3) <= 0.1 + 1e-9
         assert {items[k]["units"]["CodeValue"] for k in ("VPRE", "118565006", "VDELTA")} == {"cm3"}
         if e.change_pct is None:
             assert "VCHGPCT" not in items
@@ -531,6 +534,23 @@ def test_postoperative_time_point_and_percent_floor(followup, tmp_path):
     assert "Gluteus medius right" not in groups  # neither time point has a structure of the minimum size
     tp_type = children(groups["Gluteus medius left"], "126072")[0].ConceptCodeSequence[0]
     assert (tp_type.CodeValue, tp_type.CodingSchemeDesignator) == ("262061000", "SCT")
+
+
+def test_followup_change_is_the_difference_of_the_volumes_as_written():
+    """100.04 → 90.06 cm³ is written 100.0 and 90.1, so the change is written −9.9, not the −10.0
+    that rounding −9.98 on its own gives: the reader's subtraction and the SR agree."""
+    from reporting.followup_sr import _measurements
+
+    def record(side_cm3: float) -> VolumeRecord:
+        return VolumeRecord(structures=(StructureVolume(
+            label=1, name="sartorius", group="anterior", volume_cm3=2 * side_cm3, left_cm3=side_cm3,
+            right_cm3=side_cm3),))
+
+    c = compute_change(record(100.04), record(90.06), 1.6, StudyRef(), StudyRef())
+    entry = next(e for e in c.structures if e.side == "left")
+    assert round(entry.delta_cm3, 1) == -10.0
+    values = {m.name.value: m.value for m in _measurements(entry, RULES)}
+    assert (values["VPRE"], values[codes.VOLUME.value], values["VDELTA"]) == (100.0, 90.1, -9.9)
 
 
 def test_change_record_is_signed_with_a_percent_floor():
