@@ -23,6 +23,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 
+from reporting.charset import with_declarable_charset
 from seg.records import ModelInfo
 
 # Fixed namespace for this project; changing it would change every output UID.
@@ -109,7 +110,8 @@ def tracking_uid(patient_id: str, structure: str, side: str) -> str:
 
 
 def read_header(path: Path) -> Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    """A source instance's header, in a character set the outputs can declare (reporting.charset)."""
+    return with_declarable_charset(pydicom.dcmread(path, stop_before_pixels=True))
 
 
 def source_header(source_files: Iterable[Path]) -> Dataset | None:

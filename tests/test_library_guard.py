@@ -251,3 +251,19 @@ def test_highdicom_tables_the_warm_up_preloads_are_cached_module_functions() -> 
     for name in names:
         func = getattr(tables, name)
         assert func() is func(), f"highdicom's {name} no longer caches its table"
+
+
+def test_highdicom_still_refuses_the_character_sets_the_node_rewrites() -> None:
+    """reporting/charset.py rewrites what highdicom 0.28 refuses (docs/upstream.md §10); when this
+    fails, highdicom takes them: narrow the rewrite (Korean could then keep its bytes)."""
+    import highdicom as hd
+
+    from reporting.charset import declarable
+
+    for values in (["", "ISO 2022 IR 87"], ["ISO 2022 IR 6", "ISO 2022 IR 149"], ["ISO 2022 IR 100"]):
+        assert not declarable(values)
+        with pytest.raises(ValueError):
+            hd.valuerep._check_specific_character_set(values if len(values) > 1 else values[0])
+    for values in (["ISO 2022 IR 6", "ISO 2022 IR 87"], ["ISO_IR 192"], ["ISO_IR 100"]):
+        assert declarable(values)
+        hd.valuerep._check_specific_character_set(values if len(values) > 1 else values[0])

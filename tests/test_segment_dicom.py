@@ -296,3 +296,34 @@ def test_every_label_map_name_training_reads_is_skipped():
 
     assert all(_is_label_map(Path("case001") / name) for name in LABEL_NAMES)
     assert not any(_is_label_map(Path("case001") / name) for name in CT_NAMES)
+
+
+@pytest.mark.parametrize(("charset", "name", "written_as", "same_bytes"), [
+    # the usual Japanese and Korean forms (value 1 empty: the default repertoire, PS3.3 C.12.1.1.2)
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+     True),
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "ISO_IR 192", False),
+    ("ISO 2022 IR 100", "Müller^Jörg", "ISO_IR 100", True),  # one code-extension term alone
+])
+def test_outputs_keep_the_patients_name_in_any_character_set(series, truth_model, tmp_path, charset, name,
+                                                              written_as, same_bytes):
+    """A study whose Specific Character Set highdicom refuses as written (an empty first value, the
+    Korean term, a lone code-extension term) failed every output ("'' is not a valid
+    SpecificCharacterSetValues"): the outputs now carry the same name under a declaration it takes."""
+    case = tmp_path / "case"
+    shutil.copytree(next(iter(series.values())) / "dicom", case)
+    for f in case.glob("*"):
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+        ds.save_as(f)
+    source = pydicom.dcmread(f).PatientName.original_string
+    _invoke(str(case), "--out", str(tmp_path / "out"), "--dicom", "--no-progress", "--config",
+            str(_config(tmp_path)))
+    files = sorted((tmp_path / "out" / "dicom").glob("*.dcm"))
+    assert len(files) == 3
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert ds.SpecificCharacterSet == written_as and str(ds.PatientName) == name, ds.Modality
+        assert (ds.PatientName.original_string == source) == same_bytes
+        assert dciodvfy_errors(f) == [], f
