@@ -205,3 +205,18 @@ def test_the_interval_is_between_the_cts_and_from_surgery() -> None:
                                            "surgery on 2024-01-07, 118 days before the follow-up CT"]
     assert demo.interval_lines(change.model_copy(update={"surgery_date": None})) == [
         "Change between the CTs: 120 days apart, fractured side left"]
+
+
+def test_the_view_command_runs_the_same_demo_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `demo --out 'run 2' --seed 3`, the printed way to keep the viewer open repeats those
+    options (a bare `demo --view` replaced demo-output with another patient's demo)."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    seen: dict = {}
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: seen.update(k) or 0)
+    given = ["--out", "run 2", "--seed", "3", "--no-view"]
+    for args, again in ((given, "demo --out 'run 2' --seed 3 --view"), ([], "demo --view")):
+        assert CliRunner().invoke(app, ["demo", *args]).exit_code == 0
+        assert demo.again_with_view("dicomnode", list(seen["options"])) == f"dicomnode {again}"

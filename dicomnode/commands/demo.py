@@ -516,8 +516,17 @@ def _stop_serving(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def again_with_view(cli: str, options: list[str]) -> str:
+    """The command that runs this demo again, as it was asked for, and keeps the viewer open.
+
+    Why the options: a bare ``demo --view`` after ``demo --out run2 --seed 3`` replaced the default
+    folder with another patient's demo instead of showing the one just run.
+    """
+    return " ".join([cli, "demo", *map(shlex.quote, options), "--view"])
+
+
 def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], keep_open: bool,
-                   cli: str = "dicomnode") -> None:
+                   again: str = "dicomnode demo --view") -> None:
     """Print the URL of each study in a browser viewer; with ``keep_open``, serve them until Ctrl-C.
 
     OHIF (npm ``@ohif/app``, served by the harness in front of Orthanc's DICOMweb) when set up, and
@@ -540,7 +549,7 @@ def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], ke
             console.print("  (for OHIF, run bash scripts/setup.sh as root: viewer and Orthanc DICOMweb)")
         if not keep_open:
             console.print("  these work while the demo runs; to keep them open until Ctrl-C, run")
-            console.print(f"    {cli} demo --view", highlight=False, markup=False, soft_wrap=True)
+            console.print(f"    {again}", highlight=False, markup=False, soft_wrap=True)
             return
         console.print("[bold]serving the viewer: press Ctrl-C to stop Orthanc, the viewer and the node[/]")
         previous = signal.signal(signal.SIGTERM, _stop_serving)  # `kill` stops as cleanly as Ctrl-C
@@ -557,7 +566,9 @@ def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], ke
 
 
 def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float], seed: int, timeout: float,
-             console: Any, model: Path | None = None, view: bool = False) -> int:
+             console: Any, model: Path | None = None, view: bool = False,
+             options: tuple[str, ...] = ()) -> int:
+    """The demo; ``options``: the command-line options it was run with (other than the view's)."""
     started = time.monotonic()
 
     def step(msg: str, detail: str = "") -> None:
@@ -646,7 +657,8 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
                       soft_wrap=True)
         if isinstance(pacs, OrthancPacs):
             console.rule("Open a study in a viewer")
-            show_in_viewer(console, pacs, [pre, post], keep_open=view, cli=cli)
+            again = again_with_view(cli, list(options))
+            show_in_viewer(console, pacs, [pre, post], keep_open=view, again=again)
         step("demo finished")
         return 0
     finally:
@@ -659,6 +671,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo(
+        ctx: typer.Context,
         out: Annotated[Path, typer.Option(help="Work folder (replaced): phantoms, node storage, PACS copy.")]
         = Path("demo-output"),
         pacs: Annotated[PacsKind, typer.Option(help="auto: Orthanc when installed, else a local store SCP.")]
@@ -688,8 +701,12 @@ def register(app: typer.Typer) -> None:
         console.rule(f"dicomnode demo — {dt.datetime.now():%Y-%m-%d %H:%M}")
         try:
             keep_open = view if view is not None else sys.stdin.isatty() and sys.stdout.isatty()
+            # as typed (typer 0.29 has its own click, so the source is compared by name)
+            options = tuple(x for name, value in ctx.params.items() if name != "view"
+                            and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+                            for x in (f"--{name}", str(getattr(value, "value", value))))
             code = run_demo(out.resolve(), pacs, spacing_option(spacing), seed, timeout, console, model,
-                            view=keep_open)
+                            view=keep_open, options=options)
         except DemoError as exc:
             console.print(f"[red]demo failed:[/] {exc}")
             raise typer.Exit(1) from exc
