@@ -184,6 +184,12 @@ def _hu_slices(slices: list, frames: list, shape0: tuple[int, int], slopes: list
     return arr
 
 
+def is_localizer(ds) -> bool:
+    """A scout (ImageType ... LOCALIZER): some scanners put it in the CT series; it is no slice of it.
+    The loader and the node's series selection leave it out by this one rule."""
+    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+
+
 def load_dicom_series(paths: Path | list[Path]) -> Volume:
     """Read one DICOM image series into a Volume in HU (int16 when exact, else float32)."""
     import pydicom
@@ -197,7 +203,7 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
             continue
         if "PixelData" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             continue
-        if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+        if is_localizer(ds):
             log.debug("skipping localizer %s", f)
             continue
         datasets.append((f, ds))

@@ -139,3 +139,25 @@ def test_the_codes_are_distinct_and_grouped() -> None:
     assert len(set(SELECTION) | set(COMPLETENESS)) == len(SELECTION) + len(COMPLETENESS)
     assert set(SELECTION) <= NOT_SELECTED_CODES and set(COMPLETENESS) <= INCOMPLETE_CODES
     assert not NOT_SELECTED_CODES & INCOMPLETE_CODES
+
+
+def test_a_localizer_in_the_series_is_left_out_as_the_loader_leaves_it_out() -> None:
+    """A coronal 512×512 scout with the CT's series UID was refused as "inconsistent matrix" by the
+    node while `dicomnode segment` (the loader) skipped it and measured; it still counts towards the
+    announced number of instances."""
+    scout = Dataset()
+    scout.Modality, scout.Rows, scout.Columns = "CT", 512, 512
+    scout.PixelSpacing = [1.0, 1.0]
+    scout.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    scout.ImagePositionPatient = [0.0, 0.0, 500.0]
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.InstanceNumber = N + 1
+    series = [*ct(NumberOfSeriesRelatedInstances=N + 1), scout]
+    scout.NumberOfSeriesRelatedInstances = N + 1
+    sel = select_headers(series, 0, SEL)
+    assert (sel.accepted, sel.code, sel.n_slices) == (True, None, N)
+    whole = check_completeness(series)
+    assert (whole.complete, whole.code) == (True, None)
+    only = select_headers([scout], 0, SEL)
+    assert (only.accepted, only.code, only.reason) == (False, ReasonCode.NO_INSTANCES,
+                                                       "no image slices: only localizer images")

@@ -40,6 +40,7 @@ from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 from dicomnode.processing.wakeups import JOB_QUEUED
+from seg.io import is_localizer
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +261,15 @@ def _expected_count(headers: list[Any], n_positions: int) -> Completeness:
 
 
 def check_completeness(headers: list[Any]) -> Completeness:
-    """Whether a quiet series is whole: contiguous slice positions and the announced count."""
-    slices = [s for h in headers for s in slices_of(h)]
+    """Whether a quiet series is whole: contiguous slice positions and the announced count (which
+    counts a localizer in the series too, while its plane is no slice of the stack)."""
+    images = [h for h in headers if not is_localizer(h)]
+    slices = [s for h in images for s in slices_of(h)]
     gap = _position_gap(slices)
     if gap:
         return Completeness(False, gap, ReasonCode.SLICE_GAP)
     positions = {tuple(round(v, 2) for v in s.position) for s in slices if s.position is not None}
-    return _expected_count(headers, len(positions))
+    return _expected_count(headers, len(positions) + len(headers) - len(images))
 
 
 def select_series(files: list[Path], selection: SelectionSettings) -> Selection:
@@ -283,7 +286,8 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
     slices: list[Slice] = []
     for ds in headers:
         modalities.add(str(ds.get("Modality", "") or "?"))
-        slices.extend(slices_of(ds))
+        if not is_localizer(ds):  # a scout in the series: the loader leaves it out too
+            slices.extend(slices_of(ds))
     if unreadable:
         return Selection(False).refuse(ReasonCode.UNREADABLE_HEADER,
                                        f"unreadable header in {unreadable} instance(s)")
@@ -291,6 +295,8 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
     if modalities != {"CT"}:
         return Selection(False, modality=modality).refuse(ReasonCode.NOT_CT, f"modality {modality} is not CT")
     sel = Selection(False, modality="CT", n_slices=len(slices))
+    if not slices:
+        return sel.refuse(ReasonCode.NO_INSTANCES, "no image slices: only localizer images")
     missing = sum(1 for s in slices if s.position is None or s.orientation is None)
     if missing:
         return sel.refuse(ReasonCode.MISSING_GEOMETRY,
