@@ -24,7 +24,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 from reporting import codes, iod_lookup, rle_encoder, seg_splice
 from reporting.rules import RULES, ReportingRules, is_found
 from reporting.segframes import SegFrames
-from reporting.uids import copy_identity, date_series, output_uid, read_header, source_content, tracking_uid
+from reporting.source_header import read_source_header
+from reporting.uids import copy_identity, date_series, output_uid, source_content, tracking_uid
 from seg.labels import Structure, structures
 from seg.records import ModelInfo, VolumeRecord
 from seg.volume import Volume
@@ -277,7 +278,7 @@ def read_sources(ct: Volume) -> list[Dataset]:
     """Source CT headers in k order (spatially sorted by the loader)."""
     if not ct.source_files:
         raise ValueError("the CT has no source DICOM files (NIfTI input): a SEG needs source images")
-    return [read_header(f) for f in ct.source_files]
+    return [read_source_header(f, ct.spacing_mm[2]) for f in ct.source_files]
 
 
 @dataclass

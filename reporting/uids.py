@@ -19,11 +19,10 @@ from collections.abc import Iterable
 from copy import deepcopy
 from pathlib import Path
 
-import pydicom
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 
-from reporting.charset import with_declarable_charset
+from reporting.source_header import TYPE2_IDENTITY, read_source_header
 from seg.records import ModelInfo
 
 # Fixed namespace for this project; changing it would change every output UID.
@@ -49,8 +48,6 @@ PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
 )
 
 
-_TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-          "AccessionNumber", "ReferringPhysicianName"}
 
 
 def derived_uid(*parts: str) -> str:
@@ -109,15 +106,10 @@ def tracking_uid(patient_id: str, structure: str, side: str) -> str:
     return derived_uid("tracking", patient_id, structure, side)
 
 
-def read_header(path: Path) -> Dataset:
-    """A source instance's header, in a character set the outputs can declare (reporting.charset)."""
-    return with_declarable_charset(pydicom.dcmread(path, stop_before_pixels=True))
-
-
 def source_header(source_files: Iterable[Path]) -> Dataset | None:
     """The first source instance's header (the reference for patient/study identity)."""
     for f in source_files:
-        return read_header(Path(f))
+        return read_source_header(Path(f))
     return None
 
 
@@ -151,7 +143,7 @@ def copy_identity(ds: Dataset, src: Dataset | None, meta: dict | None = None) ->
             if kw in src:
                 _put(ds, kw, src[kw].value)
             elif kw in ds and kw != "StudyInstanceUID":
-                if kw in _TYPE2:
+                if kw in TYPE2_IDENTITY:
                     _put(ds, kw, None)  # Type 2: present but empty, never invented
                 else:
                     del ds[kw]

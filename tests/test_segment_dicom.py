@@ -327,3 +327,50 @@ def test_outputs_keep_the_patients_name_in_any_character_set(series, truth_model
         assert ds.SpecificCharacterSet == written_as and str(ds.PatientName) == name, ds.Modality
         assert (ds.PatientName.original_string == source) == same_bytes
         assert dciodvfy_errors(f) == [], f
+
+
+@pytest.mark.parametrize(("removed", "set_to", "empty"), [
+    # what anonymisers and older modalities leave out (Type 2) and a CT without SliceThickness
+    (("PatientSex", "PatientName", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "SliceThickness"),
+     {}, ("PatientSex", "PatientName", "StudyDate", "StudyTime", "AccessionNumber", "StudyID")),
+    # values that are not valid DICOM: emptied, not copied, as highdicom cannot take them
+    ((), {"PatientBirthDate": "00000000", "StudyTime": "12:00:00", "PatientSex": "X"},
+     ("PatientBirthDate", "StudyTime", "PatientSex")),
+])
+def test_outputs_are_built_from_a_loose_header(series, truth_model, tmp_path, removed, set_to, empty):
+    """Each of these raised in highdicom after the whole inference (AttributeError, "year 0 is out of
+    range"), so no SEG, SR or summary, and the node ran the model again on every retry."""
+    case = tmp_path / "case"
+    shutil.copytree(next(iter(series.values())) / "dicom", case)
+    for f in case.glob("*"):
+        ds = pydicom.dcmread(f)
+        for keyword in removed:
+            delattr(ds, keyword)
+        for keyword, value in set_to.items():
+            setattr(ds, keyword, value)
+        ds.save_as(f)
+    _invoke(str(case), "--out", str(tmp_path / "out"), "--dicom", "--no-progress", "--config",
+            str(_config(tmp_path)))
+    files = sorted((tmp_path / "out" / "dicom").glob("*.dcm"))
+    assert len(files) == 3
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert all(keyword in ds and ds[keyword].value in (None, "") for keyword in empty), ds.Modality
+        if ds.Modality == "SEG":  # the slice spacing the loader measured, when the CT has no thickness
+            measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            assert float(measures.SliceThickness) == pytest.approx(3.0)
+        assert dciodvfy_errors(f) == [], f
+
+
+def test_an_invalid_identity_value_is_named_in_the_log_but_not_shown(caplog):
+    from pydicom.dataset import Dataset
+
+    from reporting.source_header import buildable
+
+    ds = Dataset()
+    ds.PatientBirthDate, ds.PatientName = "1940", "Doe^Jane"
+    with caplog.at_level("WARNING", logger="reporting.source_header"):
+        buildable(ds)
+    assert ds.PatientBirthDate in (None, "") and ds.PatientName == "Doe^Jane" and ds.PatientSex in (None, "")
+    ours = " ".join(r.getMessage() for r in caplog.records if r.name == "reporting.source_header")
+    assert "PatientBirthDate" in ours and "1940" not in ours
