@@ -90,12 +90,50 @@ def _read(f: Path):
     return ds if ds is not None else pydicom.dcmread(f)
 
 
+def _raw_dataset(f: Path):
+    """A file without preamble or file meta (a bare data set, as older archives keep them) when it holds
+    an image, else None; its transfer syntax is the encoding pydicom found."""
+    import pydicom
+
+    try:
+        with open(f, "rb") as fp:
+            if fp.read(2) not in (b"\x08\x00", b"\x02\x00"):  # a data set starts at group 0008 (or 0002)
+                return None
+        ds = pydicom.dcmread(f, force=True)
+    except Exception:  # noqa: BLE001 - anything unreadable as DICOM is not an image of the series
+        return None
+    return _with_transfer_syntax(ds) if "PixelData" in ds else None
+
+
+def _with_transfer_syntax(ds):
+    """``ds`` with a Transfer Syntax UID in its file meta: the uncompressed one its encoding was read in
+    when the file has none (pixel_array needs it)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
 def _pydicom_pixels(f: Path, ds) -> np.ndarray:
-    """pydicom's ``pixel_array`` of the file, from the whole file as ``dcmread`` reads it."""
+    """pydicom's ``pixel_array`` of the file, from the whole file as ``dcmread`` reads it; a pixel
+    encoding no installed decoder reads is the series' problem (SeriesGeometryError), not a crash."""
     import pydicom
     from pydicom.dataset import FileDataset
 
-    return (ds if isinstance(ds, FileDataset) else pydicom.dcmread(f)).pixel_array
+    full = _with_transfer_syntax(ds if isinstance(ds, FileDataset) else pydicom.dcmread(f, force=True))
+    try:
+        return full.pixel_array
+    except (RuntimeError, NotImplementedError) as exc:
+        syntax = full.file_meta.get("TransferSyntaxUID")
+        name = getattr(syntax, "name", syntax)
+        raise SeriesGeometryError(f"cannot decode the pixel data of {f.name} ({name}): {exc}") from exc
 
 
 def _hu_array(slices: list, shape0: tuple[int, int], slopes: list[float], inters: list[float],
@@ -184,6 +222,19 @@ def _hu_slices(slices: list, frames: list, shape0: tuple[int, int], slopes: list
     return arr
 
 
+# One geometry rule for the node's series selection (dicomnode.storage.series) and this loader: a
+# series the node accepts must load here (it did not: positions written to 0.01 mm were refused).
+GEOMETRY_TOL = 1e-3  # direction cosines, and pixel spacing in mm, that count as equal
+DUPLICATE_TOL_MM = 0.01  # slices closer than this along the normal share a position
+GAP_FACTOR = 1.5  # a step over this × the median slice spacing is a gap (missing slices)
+
+
+def spacing_irregular(gaps: np.ndarray, step: float) -> bool:
+    """Slice gaps off their median ``step`` by more than 10 % + 0.01 mm. Positions rounded to what
+    the header carries (0.625 mm slices written to 0.01 mm: gaps 0.62-0.63 mm) are a regular stack."""
+    return bool(np.abs(gaps - step).max() > 0.1 * step + 0.01)
+
+
 def is_localizer(ds) -> bool:
     """A scout (ImageType ... LOCALIZER): some scanners put it in the CT series; it is no slice of it.
     The loader and the node's series selection leave it out by this one rule."""
@@ -195,28 +246,48 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     import pydicom
 
     datasets = []
+    multi_frame, no_geometry = [], []  # multi-frame images, images without a position: their series UIDs
     for f in _files(paths):
         try:
             ds = _read(f)
         except (pydicom.errors.InvalidDicomError, OSError) as exc:
-            log.debug("skipping %s: %s", f, exc)
+            ds = _raw_dataset(f)  # no preamble or file meta, as older archives keep them
+            if ds is None:
+                log.debug("skipping %s: %s", f, exc)
+                continue
+        if "PixelData" not in ds or is_localizer(ds):
+            log.debug("skipping %s: no image, or a localizer", f)
             continue
-        if "PixelData" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            multi_frame.append(str(ds.get("SeriesInstanceUID", "")))
             continue
-        if is_localizer(ds):
-            log.debug("skipping localizer %s", f)
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            no_geometry.append(str(ds.get("SeriesInstanceUID", "")))
             continue
         datasets.append((f, ds))
+    def multi_frame_error(n: int) -> SeriesGeometryError:
+        return SeriesGeometryError(f"multi-frame images (Enhanced CT) are not measured: {n} instance(s);"
+                                   " export the series as single-frame CT images")
+
+    if not datasets and multi_frame:
+        raise multi_frame_error(len(multi_frame))
     if not datasets:
         raise SeriesGeometryError("no DICOM images with position and orientation found")
     series = {str(ds.SeriesInstanceUID) for _, ds in datasets}
     if len(series) > 1:
         raise SeriesGeometryError(f"files belong to {len(series)} series; give one series")
-    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in datasets):
-        raise SeriesGeometryError("multi-frame images are not supported; expected one slice per instance")
+    if multi := sum(uid in series for uid in multi_frame):  # (another series' multi-frame: not ours)
+        raise multi_frame_error(multi)
+    if missing := sum(uid in series for uid in no_geometry):  # (another series' screenshot: not ours)
+        raise SeriesGeometryError("missing ImagePositionPatient/ImageOrientationPatient in"
+                                  f" {missing} slice(s)")
 
     iop = np.array([float(v) for v in datasets[0][1].ImageOrientationPatient])
     row_dir, col_dir = iop[:3], iop[3:]
+    lengths = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
+    if min(lengths) < 1e-6 or np.linalg.norm(np.cross(row_dir, col_dir)) < 1e-6 * lengths[0] * lengths[1]:
+        raise SeriesGeometryError("invalid ImageOrientationPatient")
+    row_dir, col_dir = row_dir / lengths[0], col_dir / lengths[1]  # unit vectors, as the header means them
     normal = np.cross(row_dir, col_dir)
     shape0 = (int(datasets[0][1].Rows), int(datasets[0][1].Columns))
     ps0 = [float(v) for v in datasets[0][1].PixelSpacing]
@@ -224,13 +295,15 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     for _, ds in datasets:
         # Equal values are close (np.allclose costs ~20 µs a call); anything else gets the full test.
         ori = [float(v) for v in ds.ImageOrientationPatient]
-        if ori != iop0 and not np.allclose(ori, iop, atol=1e-4):
+        if ori != iop0 and not np.allclose(ori, iop, atol=GEOMETRY_TOL):
             raise SeriesGeometryError("image orientation differs between slices")
         if (int(ds.Rows), int(ds.Columns)) != shape0:
             raise SeriesGeometryError("image size differs between slices")
         spacing = [float(v) for v in ds.PixelSpacing]
-        if spacing != ps0 and not np.allclose(spacing, ps0, atol=1e-4):
+        if spacing != ps0 and not np.allclose(spacing, ps0, atol=GEOMETRY_TOL):
             raise SeriesGeometryError("pixel spacing differs between slices")
+    if min(ps0) <= 0:
+        raise SeriesGeometryError(f"invalid PixelSpacing {ps0[0]:g}×{ps0[1]:g} mm")
     pos = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in datasets])
     d = pos @ normal
     order = np.argsort(d, kind="stable")
@@ -239,10 +312,14 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     n = len(datasets)
     if n > 1:
         gaps = np.diff(d)
-        if np.any(gaps < 1e-3):
+        if np.any(gaps < DUPLICATE_TOL_MM):
             raise SeriesGeometryError("two slices share a position (duplicates or several acquisitions)")
         med = float(np.median(gaps))
-        if np.max(np.abs(gaps - med)) > max(0.01 * med, 1e-3):
+        if (big := gaps > GAP_FACTOR * med).any():
+            i = int(np.argmax(big))
+            raise SeriesGeometryError(f"missing slices: gap of {gaps[i]:.3g} mm after {d[i]:.1f} mm"
+                                      f" (slice spacing {med:.3g} mm)")
+        if spacing_irregular(gaps, med):
             raise SeriesGeometryError(f"irregular slice spacing (gaps {gaps.min():.3f}..{gaps.max():.3f} mm)")
         step = (pos[-1] - pos[0]) / (n - 1)
     else:

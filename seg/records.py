@@ -54,6 +54,8 @@ class ReasonCode(StrEnum):
     INVALID_ORIENTATION = "invalid-orientation"
     NOT_AXIAL = "not-axial"
     MISSING_PIXEL_SPACING = "missing-pixel-spacing"
+    INVALID_PIXEL_SPACING = "invalid-pixel-spacing"  # zero or negative
+    MULTI_FRAME = "multi-frame"  # Enhanced CT: the loader reads one slice per instance
     INCONSISTENT_PIXEL_SPACING = "inconsistent-pixel-spacing"
     DUPLICATE_SLICE_POSITION = "duplicate-slice-position"
     MISSING_SLICES = "missing-slices"  # a gap found by selection (the completeness check missed it)
@@ -113,7 +115,8 @@ INCOMPLETE_CODES = frozenset({ReasonCode.SLICE_GAP, ReasonCode.ACQUISITION_SHORT
 NOT_SELECTED_CODES = frozenset({
     ReasonCode.NO_INSTANCES, ReasonCode.UNREADABLE_HEADER, ReasonCode.NOT_CT, ReasonCode.MISSING_GEOMETRY,
     ReasonCode.INCONSISTENT_MATRIX, ReasonCode.INCONSISTENT_ORIENTATION, ReasonCode.INVALID_ORIENTATION,
-    ReasonCode.NOT_AXIAL, ReasonCode.MISSING_PIXEL_SPACING, ReasonCode.INCONSISTENT_PIXEL_SPACING,
+    ReasonCode.NOT_AXIAL, ReasonCode.MISSING_PIXEL_SPACING, ReasonCode.INVALID_PIXEL_SPACING,
+    ReasonCode.MULTI_FRAME, ReasonCode.INCONSISTENT_PIXEL_SPACING,
     ReasonCode.DUPLICATE_SLICE_POSITION, ReasonCode.MISSING_SLICES, ReasonCode.IRREGULAR_SLICE_SPACING,
     ReasonCode.SHORT_Z_COVERAGE, ReasonCode.TOO_FEW_SLICES, ReasonCode.NOT_SELECTED})
 

@@ -150,7 +150,7 @@ def test_loader_rejects_broken_series(tmp_path: Path) -> None:
     write_phantom(make_phantom(opts), tmp_path / "a")
     files = sorted((tmp_path / "a" / "dicom").glob("*.dcm"))
     gap = [f for i, f in enumerate(files) if i != len(files) // 2]
-    with pytest.raises(SeriesGeometryError, match="irregular"):
+    with pytest.raises(SeriesGeometryError, match=r"missing slices: gap of 8 mm .* \(slice spacing 4 mm\)"):
         load_dicom_series(gap)
     dup = tmp_path / "dup.dcm"
     ds = pydicom.dcmread(files[0])
@@ -284,3 +284,79 @@ def test_lps_order_keeps_every_voxel_at_its_place(order: tuple[int, ...], flips:
     vol = Volume(np.ascontiguousarray(stored), affine)
     out = vol.in_lps_order()
     assert np.array_equal(out.array, base.array) and np.allclose(out.affine, base.affine)
+
+
+def _series(tmp_path: Path, spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> tuple[Path, list[Path]]:
+    ph = make_phantom(PhantomOptions(seed=2, spacing_mm=spacing, z_range_mm=(-20, 20)))
+    write_phantom(ph, tmp_path)
+    return tmp_path / "dicom", sorted((tmp_path / "dicom").glob("*.dcm"))
+
+
+def _rewrite(files: list[Path], **tags: object) -> None:
+    for f in files:
+        ds = pydicom.dcmread(f)
+        for k, v in tags.items():
+            delattr(ds, k) if v is None else setattr(ds, k, v)
+        ds.save_as(f)
+
+
+def test_loader_takes_every_series_the_node_selection_takes(tmp_path: Path) -> None:
+    """One geometry rule: 1.25 mm slices with positions written to 0.1 mm (gaps 1.2-1.3 mm) were
+    accepted by the node's selection and then refused by the loader ("irregular slice spacing")."""
+    from dicomnode.config import SelectionSettings
+    from dicomnode.storage.series import select_series
+
+    folder, files = _series(tmp_path, (4.0, 4.0, 1.25))
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [round(float(v), 1) for v in ds.ImagePositionPatient]
+        ds.save_as(f)
+    assert select_series(files, SelectionSettings(min_z_extent_mm=30.0, min_slices=5)).accepted
+    vol = load_dicom_series(folder)
+    assert vol.shape[2] == len(files) and abs(vol.spacing_mm[2] - 1.25) < 0.01
+
+
+def test_loader_reads_bare_data_sets_and_files_without_a_transfer_syntax(tmp_path: Path) -> None:
+    """Files without preamble and file meta (older archives) were skipped without a word, and the
+    volume measured short; a file with no Transfer Syntax UID in its meta crashed the decoder."""
+    from pydicom.dataset import FileMetaDataset
+
+    folder, files = _series(tmp_path)
+    whole = load_dicom_series(folder)
+    for f in files[:2]:  # the first slices: bare data sets
+        ds = pydicom.dcmread(f)
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(f, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    ds = pydicom.dcmread(files[-1])
+    ds.file_meta = FileMetaDataset()  # Part 10 header without its transfer syntax
+    ds.save_as(files[-1], enforce_file_format=False, implicit_vr=False, little_endian=True)
+    vol = load_dicom_series(folder)
+    assert vol.shape == whole.shape and np.array_equal(vol.array, whole.array)
+
+
+def test_loader_uses_unit_direction_cosines(tmp_path: Path) -> None:
+    """A column cosine written 0\\0.97\\0 scaled every voxel volume by 0.97 (-3 %)."""
+    folder, files = _series(tmp_path)
+    whole = load_dicom_series(folder)
+    _rewrite(files, ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 0.97, 0.0])
+    assert load_dicom_series(folder).voxel_volume_cm3 == pytest.approx(whole.voxel_volume_cm3)
+
+
+@pytest.mark.parametrize(("tags", "message"), [
+    ({"NumberOfFrames": 2}, "multi-frame images \\(Enhanced CT\\) are not measured"),
+    ({"PixelSpacing": [0.0, 0.0]}, "invalid PixelSpacing 0×0 mm"),
+])
+def test_loader_names_what_it_cannot_measure(tmp_path: Path, tags: dict, message: str) -> None:
+    folder, files = _series(tmp_path)
+    _rewrite(files, **tags)
+    with pytest.raises(SeriesGeometryError, match=message):
+        load_dicom_series(folder)
+
+
+def test_loader_refuses_slices_without_a_position(tmp_path: Path) -> None:
+    """They were left out without a word (the node refuses the series for them)."""
+    folder, files = _series(tmp_path)
+    _rewrite(files[:2], ImagePositionPatient=None)
+    with pytest.raises(SeriesGeometryError, match="missing ImagePosition.* in 2 slice"):
+        load_dicom_series(folder)

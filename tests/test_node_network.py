@@ -179,9 +179,14 @@ def test_late_instance_reopens_series_and_supersedes(
     assert len(set(pacs_sops(pacs)) - before) == 2  # partial content's result, then the full one's
 
 
-def test_enhanced_ct_is_received_and_selected(peers: tuple[NodeProcess, StoreSCP], tmp_path: Path) -> None:
+def test_enhanced_ct_is_received_and_refused_with_its_reason(peers: tuple[NodeProcess, StoreSCP],
+                                                              tmp_path: Path) -> None:
+    """Stored (nothing a PACS sends is lost), then refused at selection by its cause: the loader reads
+    one slice per instance, and the worker used to reject it as "no DICOM images with position"."""
     node, _ = peers
     s = write_enhanced_ct(tmp_path / "enh.dcm", name="net-enh", frames=8, size=16)
     assert pynetdicom_send(node.port, s.files) == [0]
     job = node.wait_job(s.series_uid, ("done", "failed", "rejected"))
-    assert job["state"] == "done" and job["n_instances"] == 1, job
+    assert (job["state"], job["n_instances"]) == ("rejected", 1), job
+    assert job["reason"] == "multi-frame images (Enhanced CT) are not measured: 1 instance(s)", job
+    assert not [r for r in node.pipeline_runs() if s.series_uid in r]

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.config import SelectionSettings
-from dicomnode.storage.series import INCOMPLETE, check_completeness, select_headers
+from dicomnode.storage.series import INCOMPLETE, check_completeness, read_headers, select_headers
 from seg.records import INCOMPLETE_CODES, NOT_SELECTED_CODES, ReasonCode
 
 SEL = SelectionSettings(min_z_extent_mm=30.0, min_slices=5)
@@ -70,6 +71,10 @@ SELECTION: dict[ReasonCode, tuple[Callable[[], tuple[list[Dataset], int]], str]]
     ReasonCode.NOT_AXIAL: (lambda: (ct(ImageOrientationPatient=[0.0, 1.0, 0.0, 0.0, 0.0, -1.0]), 0),
                            "not axial: slice normal 90° from the patient z axis (sagittal)"),
     ReasonCode.MISSING_PIXEL_SPACING: (lambda: (changed(3, PixelSpacing=None), 0), "missing PixelSpacing"),
+    ReasonCode.INVALID_PIXEL_SPACING: (lambda: (ct(PixelSpacing=[0.0, 0.0]), 0),
+                                       "invalid PixelSpacing: 0×0 mm"),
+    ReasonCode.MULTI_FRAME: (lambda: (ct(NumberOfFrames=2), 0),
+                             "multi-frame images (Enhanced CT) are not measured: 12 instance(s)"),
     ReasonCode.INCONSISTENT_PIXEL_SPACING: (lambda: (changed(3, PixelSpacing=[0.5, 0.5]), 0),
                                             "inconsistent pixel spacing: 0.5×0.5 mm, 1×1 mm"),
     ReasonCode.DUPLICATE_SLICE_POSITION: (lambda: (at([0, 3, 3, 6, 9, 12, 15, 18, 21, 24, 27]), 0),
@@ -141,7 +146,7 @@ def test_the_codes_are_distinct_and_grouped() -> None:
     assert not NOT_SELECTED_CODES & INCOMPLETE_CODES
 
 
-def test_a_localizer_in_the_series_is_left_out_as_the_loader_leaves_it_out() -> None:
+def test_a_localizer_in_the_series_is_left_out_as_the_loader_leaves_it_out(tmp_path) -> None:
     """A coronal 512×512 scout with the CT's series UID was refused as "inconsistent matrix" by the
     node while `dicomnode segment` (the loader) skipped it and measured; it still counts towards the
     announced number of instances."""
@@ -154,9 +159,20 @@ def test_a_localizer_in_the_series_is_left_out_as_the_loader_leaves_it_out() -> 
     scout.InstanceNumber = N + 1
     series = [*ct(NumberOfSeriesRelatedInstances=N + 1), scout]
     scout.NumberOfSeriesRelatedInstances = N + 1
-    sel = select_headers(series, 0, SEL)
+    # through files, as the node reads them (its header reader first missed ImageType)
+    files = []
+    for i, ds in enumerate(series):
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        files.append(tmp_path / f"{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    headers, unreadable = read_headers(files)
+    sel = select_headers(headers, unreadable, SEL)
     assert (sel.accepted, sel.code, sel.n_slices) == (True, None, N)
-    whole = check_completeness(series)
+    whole = check_completeness(headers)
     assert (whole.complete, whole.code) == (True, None)
     only = select_headers([scout], 0, SEL)
     assert (only.accepted, only.code, only.reason) == (False, ReasonCode.NO_INSTANCES,

@@ -52,3 +52,17 @@ def test_no_uid_is_matched_by_prefix_anywhere() -> None:
                  for path in sorted((REPO / folder).rglob("*.py")) if path != Path(__file__).resolve()
                  for n, line in enumerate(path.read_text().splitlines(), 1) if PREFIX_MATCH.search(line)]
     assert offenders == []
+
+
+def test_jpeg_extended_is_offered_only_with_a_decoder_for_12_bit_ct(monkeypatch) -> None:
+    """Pillow alone decodes JPEG Extended at 8 bits: 12-bit CT in it was stored, then failed in every
+    attempt; the PACS must be made to send another syntax instead."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    from dicomnode.network import scp
+
+    extended = "1.2.840.10008.1.2.4.51"
+    plugins = set(get_decoder(extended).available_plugins)
+    assert (extended in scp.transfer_syntaxes()) == bool(plugins - {"pillow"})
+    monkeypatch.setattr(scp, "EIGHT_BIT_ONLY", {})
+    assert (extended in scp.transfer_syntaxes()) == bool(plugins)

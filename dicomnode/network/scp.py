@@ -336,8 +336,14 @@ def harden_pynetdicom() -> None:
 # == end of pynetdicom internals ========================================================================
 
 
+# Decoders that read a syntax only at 8 bits per sample, where CT is 12 or 16: Pillow alone offered
+# JPEG Extended, whose 12-bit CT was stored and then failed every attempt ("Pillow does not support
+# 'JPEG Extended' for samples with 12-bit precision"); not offered, the PACS sends another syntax.
+EIGHT_BIT_ONLY = {"1.2.840.10008.1.2.4.51": frozenset({"pillow"})}
+
+
 def transfer_syntaxes() -> list[str]:
-    """Native syntaxes plus every compressed one a pixel-data decoder is installed for."""
+    """Native syntaxes plus every compressed one a pixel-data decoder that reads CT is installed for."""
     from pydicom.pixels.decoders.base import get_decoder
     from pydicom.uid import AllTransferSyntaxes
 
@@ -352,7 +358,7 @@ def transfer_syntaxes() -> list[str]:
         if uid in found or not uid.is_compressed:
             continue
         try:
-            if get_decoder(uid).is_available:
+            if set(get_decoder(uid).available_plugins) - EIGHT_BIT_ONLY.get(str(uid), frozenset()):
                 found.append(uid)
         except (NotImplementedError, ValueError):
             continue

@@ -40,16 +40,17 @@ from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 from dicomnode.processing.wakeups import JOB_QUEUED
-from seg.io import is_localizer
+from seg.io import DUPLICATE_TOL_MM, GAP_FACTOR, GEOMETRY_TOL, is_localizer, spacing_irregular
 
 log = logging.getLogger(__name__)
 
 AXIAL_TOLERANCE_DEG = 15.0
-POSITION_TOL_MM = 0.01
+POSITION_TOL_MM = DUPLICATE_TOL_MM
 HEADER_TAGS = [
     "SOPClassUID",
     "SOPInstanceUID",
     "Modality",
+    "ImageType",  # a localizer in the series is left out (seg.io.is_localizer)
     "Rows",
     "Columns",
     "PixelSpacing",
@@ -65,7 +66,6 @@ HEADER_TAGS = [
     "NumberOfSeriesRelatedInstances",
 ]
 INCOMPLETE = "incomplete"  # the first word of every incompleteness reason's text
-GAP_FACTOR = 1.5  # a step over this × the median slice spacing is a gap
 
 
 @dataclass
@@ -213,7 +213,7 @@ def _position_gap(slices: list[Slice]) -> str:
     if len(placed) < 3 or len(placed) != len(slices):
         return ""
     ori = np.array([s.orientation for s in placed], dtype=float)
-    if np.abs(ori - ori[0]).max() > 1e-3:
+    if np.abs(ori - ori[0]).max() > GEOMETRY_TOL:
         return ""
     normal = np.cross(ori[0, :3], ori[0, 3:])
     if float(np.linalg.norm(normal)) < 1e-6:
@@ -297,6 +297,10 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
     sel = Selection(False, modality="CT", n_slices=len(slices))
     if not slices:
         return sel.refuse(ReasonCode.NO_INSTANCES, "no image slices: only localizer images")
+    if multi := sum((_int_or_none(h.get("NumberOfFrames")) or 1) > 1 for h in headers):
+        # the loader reads one slice per instance: refused here with the cause, not by the worker later
+        return sel.refuse(ReasonCode.MULTI_FRAME, f"multi-frame images (Enhanced CT) are not measured:"
+                          f" {multi} instance(s)")
     missing = sum(1 for s in slices if s.position is None or s.orientation is None)
     if missing:
         return sel.refuse(ReasonCode.MISSING_GEOMETRY,
@@ -306,7 +310,7 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
         return sel.refuse(ReasonCode.INCONSISTENT_MATRIX,
                           "inconsistent matrix: " + ", ".join(f"{r}×{c}" for r, c in matrices))
     ori = np.array([s.orientation for s in slices], dtype=float)
-    if np.abs(ori - ori[0]).max() > 1e-3:
+    if np.abs(ori - ori[0]).max() > GEOMETRY_TOL:
         return sel.refuse(ReasonCode.INCONSISTENT_ORIENTATION,
                           "inconsistent image orientation within the series")
     row, col = ori[0, :3], ori[0, 3:]
@@ -324,7 +328,10 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
     if None in spacings:
         return sel.refuse(ReasonCode.MISSING_PIXEL_SPACING, "missing PixelSpacing")
     sp = np.array(sorted(spacings), dtype=float)
-    if np.abs(sp - sp[0]).max() > 1e-3:
+    if sp.min() <= 0:
+        return sel.refuse(ReasonCode.INVALID_PIXEL_SPACING,
+                          "invalid PixelSpacing: " + ", ".join(f"{a:g}×{b:g} mm" for a, b in sp))
+    if np.abs(sp - sp[0]).max() > GEOMETRY_TOL:
         return sel.refuse(ReasonCode.INCONSISTENT_PIXEL_SPACING,
                           "inconsistent pixel spacing: " + ", ".join(f"{a:g}×{b:g} mm" for a, b in sp))
     z = np.sort(np.array([np.dot(s.position, normal) for s in slices], dtype=float))
@@ -337,12 +344,12 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
                               f"duplicate slice position at {_fmt(at)} mm"
                               f" ({int(dup.sum()) + 1} slices share positions)")
         step = float(np.median(diffs))
-        big = diffs > 1.5 * step
+        big = diffs > GAP_FACTOR * step
         if big.any():
             i = int(np.argmax(big))
             return sel.refuse(ReasonCode.MISSING_SLICES, f"missing slices: gap of {_fmt(float(diffs[i]))} mm"
                               f" after {_fmt(float(z[i]))} mm (slice spacing {_fmt(step)} mm)")
-        if np.abs(diffs - step).max() > 0.1 * step + 0.01:
+        if spacing_irregular(diffs, step):
             return sel.refuse(ReasonCode.IRREGULAR_SLICE_SPACING,
                               f"irregular slice spacing ({_fmt(float(diffs.min()))}–"
                               f"{_fmt(float(diffs.max()))} mm)")
