@@ -179,7 +179,8 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     """The volumes.json record for a label map (optionally with its CT for QA figures).
 
     Height: the given ``height_m`` (with ``height_source``), else PatientSize from the series
-    metadata; without either, ``index_cm3_m2`` stays null (height is never guessed). Plausibility is
+    metadata; without either, ``index_cm3_m2`` stays null (height is never guessed) and
+    ``height_source`` says why ("missing", "implausible PatientSize 170.00 m"). Plausibility is
     :mod:`seg.height`'s rule: an implausible PatientSize is not used, an implausible given height is an error.
     Age at the study: :func:`seg.age.age_at_study` of the header (PatientAge, else PatientBirthDate and
     StudyDate); missing when neither gives one.
@@ -192,9 +193,8 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     meta = dict(labels.meta)
     if ct is not None:
         meta.update(ct.meta)
-    if height_m is None:
-        height_m, source = height_from_patient_size(meta.get("PatientSize"))
-        height_source = source if height_m is not None else None
+    if height_m is None:  # the provenance kept without a height too: "missing" or "implausible …"
+        height_m, height_source = height_from_patient_size(meta.get("PatientSize"))
     elif not plausible_height(height_m):
         raise ValueError(f"height {height_m} m is not plausible (outside {PLAUSIBLE_RANGE_TEXT})")
     vox = labels.voxel_volume_cm3
@@ -233,7 +233,7 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
         series_instance_uid=meta.get("SeriesInstanceUID"),
         model=model or ModelInfo(),
         height_m=round(float(height_m), 4) if height_m is not None else None,
-        height_source=height_source if height_m is not None else None,
+        height_source=height_source,
         age_years=age_years,
         age_source=age_source,
         structures=tuple(structures),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dicomnode.clinical import registry
+from dicomnode.commands.common import volumes_table
 from dicomnode.config import Settings
 from dicomnode.processing.pipeline import patient_height
 from seg import labels as L
@@ -105,8 +106,12 @@ def test_height_from_header_and_never_guessed() -> None:
     assert rec.height_m == 1.6 and rec.height_source == "PatientSize"
     lab.meta.pop("PatientSize")
     rec = measure_volumes(lab)
-    assert rec.height_m is None and rec.height_source is None
+    assert rec.height_m is None and rec.height_source == "missing"
     assert all(s.index_cm3_m2 is None for s in rec.structures)
+    lab.meta["PatientSize"] = 170  # centimetres: not used, and the record says why
+    rec = measure_volumes(lab)
+    assert rec.height_m is None and rec.height_source == "implausible PatientSize 170.00 m"
+    assert "height not used, implausible PatientSize 170.00 m: no cm³/m²" in volumes_table(rec)
     with pytest.raises(ValueError):
         measure_volumes(lab, height_m=16.0)
 

@@ -78,8 +78,12 @@ def volumes_table(rec: VolumeRecord) -> str:
                      f"{cell(total([s.right_cm3 for s in analysed]), '.1f'):>11}"
                      f"{cell(total([s.volume_cm3 for s in analysed]), '.1f'):>11}"
                      f"{cell(total([s.index_cm3_m2 for s in analysed]), '.1f'):>10}")
-    lines.append(f"height {rec.height_m:.2f} m ({rec.height_source})" if rec.height_m
-                 else "height unknown: no cm³/m²")
+    if rec.height_m:
+        lines.append(f"height {rec.height_m:.2f} m ({rec.height_source})")
+    elif (rec.height_source or "").startswith("implausible"):  # e.g. a PatientSize written in cm
+        lines.append(f"height not used, {rec.height_source}: no cm³/m²")
+    else:
+        lines.append("height unknown: no cm³/m²")
     return "\n".join(lines)
 
 
