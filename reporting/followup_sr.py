@@ -28,7 +28,7 @@ from reporting import codes
 from reporting.keyslice import Section
 from reporting.rules import RULES, ReportingRules, is_found, rounded
 from reporting.seg import series_description
-from reporting.source_header import read_source_header
+from reporting.source_header import read_source_headers
 from reporting.sr import (
     CM3,
     CM3_PER_M2,
@@ -193,7 +193,7 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
     )
     # The follow-up CT first: the SR belongs to its study, the CT is the current evidence and the
     # baseline SEG/SR (another study) become Pertinent Other Evidence.
-    current = [read_source_header(f) for f in ct.source_files] or ([src0] if src0 is not None else [])
+    current = read_source_headers(ct.source_files) or ([src0] if src0 is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=current + list(evidence),
         content=report,

@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 from reporting import codes, iod_lookup, rle_encoder, seg_splice
 from reporting.rules import RULES, ReportingRules, is_found
 from reporting.segframes import SegFrames
-from reporting.source_header import read_source_header
+from reporting.source_header import read_source_headers
 from reporting.uids import copy_identity, date_series, output_uid, source_content, tracking_uid
 from seg.labels import Structure, structures
 from seg.records import ModelInfo, VolumeRecord
@@ -278,7 +278,7 @@ def read_sources(ct: Volume) -> list[Dataset]:
     """Source CT headers in k order (spatially sorted by the loader)."""
     if not ct.source_files:
         raise ValueError("the CT has no source DICOM files (NIfTI input): a SEG needs source images")
-    return [read_source_header(f, ct.spacing_mm[2]) for f in ct.source_files]
+    return read_source_headers(ct.source_files, ct.spacing_mm[2])
 
 
 @dataclass

@@ -35,19 +35,25 @@ _PARSERS = {"DA": DA, "TM": TM, "DT": DT}
 _SEXES = frozenset({"M", "F", "O"})
 
 
-def read_source_header(path: Path, slice_spacing_mm: float | None = None) -> Dataset:
+def read_source_header(path: Path, slice_spacing_mm: float | None = None, quiet: bool = False) -> Dataset:
     """The header of one source CT file (no pixels), made buildable (:func:`buildable`)."""
-    return buildable(pydicom.dcmread(path, stop_before_pixels=True), slice_spacing_mm)
+    return buildable(pydicom.dcmread(path, stop_before_pixels=True), slice_spacing_mm, quiet)
 
 
-def buildable(ds: Dataset, slice_spacing_mm: float | None = None) -> Dataset:
-    """``ds`` (in place) with the repairs of the module's note."""
+def read_source_headers(paths: list[Path], slice_spacing_mm: float | None = None) -> list[Dataset]:
+    """Every source file's header, the repairs said once for the series (not once per slice)."""
+    return [read_source_header(p, slice_spacing_mm, quiet=i > 0) for i, p in enumerate(paths)]
+
+
+def buildable(ds: Dataset, slice_spacing_mm: float | None = None, quiet: bool = False) -> Dataset:
+    """``ds`` (in place) with the repairs of the module's note (``quiet``: without the warnings)."""
     with_declarable_charset(ds)
     for keyword in TYPE2_IDENTITY:
         if keyword not in ds:
             setattr(ds, keyword, None)
         elif not _valid(ds, keyword):
-            log.warning("the CT's %s is not a valid DICOM value: the outputs carry it empty", keyword)
+            if not quiet:
+                log.warning("the CT's %s is not a valid DICOM value: the outputs carry it empty", keyword)
             setattr(ds, keyword, None)
     if slice_spacing_mm is not None and not ds.get("SliceThickness"):
         ds.SliceThickness = round(float(slice_spacing_mm), 6)

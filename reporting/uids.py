@@ -109,7 +109,7 @@ def tracking_uid(patient_id: str, structure: str, side: str) -> str:
 def source_header(source_files: Iterable[Path]) -> Dataset | None:
     """The first source instance's header (the reference for patient/study identity)."""
     for f in source_files:
-        return read_source_header(Path(f))
+        return read_source_header(Path(f), quiet=True)  # the SEG's read of the series says its repairs
     return None
 
 

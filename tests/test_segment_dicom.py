@@ -374,3 +374,20 @@ def test_an_invalid_identity_value_is_named_in_the_log_but_not_shown(caplog):
     assert ds.PatientBirthDate in (None, "") and ds.PatientName == "Doe^Jane" and ds.PatientSex in (None, "")
     ours = " ".join(r.getMessage() for r in caplog.records if r.name == "reporting.source_header")
     assert "PatientBirthDate" in ours and "1940" not in ours
+
+
+def test_a_repair_is_said_once_for_the_series(series, tmp_path, caplog):
+    """Once per series, not once per slice (208 warnings for one 206-slice series)."""
+    from reporting.source_header import read_source_headers
+
+    files = sorted((next(iter(series.values())) / "dicom").glob("*"))
+    copies = []
+    for i, f in enumerate(files[:3]):
+        ds = pydicom.dcmread(f)
+        ds.PatientBirthDate = "00000000"
+        copies.append(tmp_path / f"{i}.dcm")
+        ds.save_as(copies[-1])
+    with caplog.at_level("WARNING", logger="reporting.source_header"):
+        headers = read_source_headers(copies)
+    assert all(h.PatientBirthDate in (None, "") for h in headers)
+    assert len([r for r in caplog.records if r.name == "reporting.source_header"]) == 1

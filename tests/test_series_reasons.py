@@ -156,7 +156,7 @@ def test_a_localizer_in_the_series_is_left_out_as_the_loader_leaves_it_out(tmp_p
     scout.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
     scout.ImagePositionPatient = [0.0, 0.0, 500.0]
     scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-    scout.InstanceNumber = N + 1
+    scout.InstanceNumber = 999  # numbered apart from the slices: no "instance numbers missing"
     series = [*ct(NumberOfSeriesRelatedInstances=N + 1), scout]
     scout.NumberOfSeriesRelatedInstances = N + 1
     # through files, as the node reads them (its header reader first missed ImageType)

@@ -250,8 +250,9 @@ def _expected_count(headers: list[Any], n_positions: int) -> Completeness:
     if len(total) == 1 and len(headers) < (wanted := total.pop()):
         return Completeness(False, f"{len(headers)} of {wanted} instances received"
                             " (NumberOfSeriesRelatedInstances)", ReasonCode.SERIES_SHORT)
-    numbers = [_int_or_none(h.get("InstanceNumber")) for h in headers]
-    if n_positions == len(headers) and None not in numbers and len(set(numbers)) == len(numbers) > 1:
+    images = [h for h in headers if not is_localizer(h)]  # a scout's number may lie anywhere (999)
+    numbers = [_int_or_none(h.get("InstanceNumber")) for h in images]
+    if n_positions == len(images) and None not in numbers and len(set(numbers)) == len(numbers) > 1:
         lo, hi = min(numbers), max(numbers)  # type: ignore[type-var]
         missing = hi - lo + 1 - len(numbers)
         if missing > 0:
@@ -269,7 +270,7 @@ def check_completeness(headers: list[Any]) -> Completeness:
     if gap:
         return Completeness(False, gap, ReasonCode.SLICE_GAP)
     positions = {tuple(round(v, 2) for v in s.position) for s in slices if s.position is not None}
-    return _expected_count(headers, len(positions) + len(headers) - len(images))
+    return _expected_count(headers, len(positions))
 
 
 def select_series(files: list[Path], selection: SelectionSettings) -> Selection:
