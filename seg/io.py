@@ -241,6 +241,11 @@ def is_localizer(ds) -> bool:
     return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
 
 
+def _multi_frame_error(n: int) -> SeriesGeometryError:
+    return SeriesGeometryError(f"multi-frame images (Enhanced CT) are not measured: {n} instance(s);"
+                               " export the series as single-frame CT images")
+
+
 def load_dicom_series(paths: Path | list[Path]) -> Volume:
     """Read one DICOM image series into a Volume in HU (int16 when exact, else float32)."""
     import pydicom
@@ -265,19 +270,15 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
             no_geometry.append(str(ds.get("SeriesInstanceUID", "")))
             continue
         datasets.append((f, ds))
-    def multi_frame_error(n: int) -> SeriesGeometryError:
-        return SeriesGeometryError(f"multi-frame images (Enhanced CT) are not measured: {n} instance(s);"
-                                   " export the series as single-frame CT images")
-
     if not datasets and multi_frame:
-        raise multi_frame_error(len(multi_frame))
+        raise _multi_frame_error(len(multi_frame))
     if not datasets:
         raise SeriesGeometryError("no DICOM images with position and orientation found")
     series = {str(ds.SeriesInstanceUID) for _, ds in datasets}
     if len(series) > 1:
         raise SeriesGeometryError(f"files belong to {len(series)} series; give one series")
     if multi := sum(uid in series for uid in multi_frame):  # (another series' multi-frame: not ours)
-        raise multi_frame_error(multi)
+        raise _multi_frame_error(multi)
     if missing := sum(uid in series for uid in no_geometry):  # (another series' screenshot: not ours)
         raise SeriesGeometryError("missing ImagePositionPatient/ImageOrientationPatient in"
                                   f" {missing} slice(s)")
