@@ -334,7 +334,8 @@ def test_outputs_keep_the_patients_name_in_any_character_set(series, truth_model
     (("PatientSex", "PatientName", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "SliceThickness"),
      {}, ("PatientSex", "PatientName", "StudyDate", "StudyTime", "AccessionNumber", "StudyID")),
     # values that are not valid DICOM: emptied, not copied, as highdicom cannot take them
-    ((), {"PatientBirthDate": "00000000", "StudyTime": "12:00:00", "PatientSex": "X"},
+    # and a PatientAge without its unit (Type 3: left out; copied, it failed dciodvfy in every output)
+    ((), {"PatientBirthDate": "00000000", "StudyTime": "12:00:00", "PatientSex": "X", "PatientAge": "65"},
      ("PatientBirthDate", "StudyTime", "PatientSex")),
 ])
 def test_outputs_are_built_from_a_loose_header(series, truth_model, tmp_path, removed, set_to, empty):
@@ -356,6 +357,7 @@ def test_outputs_are_built_from_a_loose_header(series, truth_model, tmp_path, re
     for f in files:
         ds = pydicom.dcmread(f)
         assert all(keyword in ds and ds[keyword].value in (None, "") for keyword in empty), ds.Modality
+        assert ("PatientAge" in ds) == ("PatientAge" not in set_to)
         if ds.Modality == "SEG":  # the slice spacing the loader measured, when the CT has no thickness
             measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
             assert float(measures.SliceThickness) == pytest.approx(3.0)
@@ -381,6 +383,9 @@ def test_a_repair_is_said_once_for_the_series(series, tmp_path, caplog):
     from reporting.source_header import read_source_headers
 
     files = sorted((next(iter(series.values())) / "dicom").glob("*"))
+    with caplog.at_level("WARNING", logger="reporting.source_header"):  # a good header: left as it is
+        clean = read_source_headers(files[:1])[0]
+    assert not caplog.records and clean == pydicom.dcmread(files[0], stop_before_pixels=True)
     copies = []
     for i, f in enumerate(files[:3]):
         ds = pydicom.dcmread(f)
