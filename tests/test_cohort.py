@@ -259,6 +259,7 @@ def test_report_page_in_chromium_shows_every_table_and_figure(cohort, tmp_path) 
         assert page.locator("table").count() >= 3
         body = page.inner_text("body")
         assert f"Patients with a pre/post pair: {len(report.patients)}" in body
+        assert "<NA>" not in body  # the flow's empty "remaining" cells read "–"
         assert not errors, errors
 
 

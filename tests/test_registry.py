@@ -162,8 +162,10 @@ def test_cli_import_and_list(settings: Settings, tmp_path: Path, monkeypatch) ->
     path.write_text(CSV)
     runner = CliRunner()
     res = runner.invoke(app, ["patients", "import", str(path)])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # the file has problem lines: imported, and a script notices
     assert "imported 5 patient(s) (5 new, 0 updated); 0 line(s) skipped" in res.output
+    res = runner.invoke(app, ["patients", "list"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "[implausible height" in res.output, res.output  # not eaten as markup
     res = runner.invoke(app, ["patients", "list", "--json"])
     assert res.exit_code == 0, res.output
     rows = {r["patient_id"]: r for r in json.loads(res.output)}
@@ -174,3 +176,21 @@ def test_cli_import_and_list(settings: Settings, tmp_path: Path, monkeypatch) ->
     bad.write_text("patient_id,fracture_typ\nP1,ITF\n")
     res = runner.invoke(app, ["patients", "import", str(bad)])
     assert res.exit_code == 2 and "unknown column(s) 'fracture_typ'" in res.output
+
+
+def test_a_refused_value_keeps_the_stored_one_and_is_not_an_update(settings: Settings,
+                                                                   tmp_path: Path) -> None:
+    """A metre value in height_cm (1.75 -> 0.0175 m) replaced a good stored height, and a line whose
+    only value was refused counted as "updated"."""
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    good.write_text("patient_id,height_m,surgery_date\nP1,1.75,20240115\n")
+    registry.import_csv(settings, good)
+    bad.write_text("patient_id,height_cm\nP1,1.75\n")
+    result = registry.import_csv(settings, bad)
+    assert registry.get_patient(settings, "P1").height_m == 1.75
+    assert "line 2: the stored height 1.75 m is kept" in result.problems
+    assert (result.imported, result.updated, result.skipped) == (0, 0, 1)
+    bad.write_text("patient_id,surgery_date\nP1,05.01.2024\n")
+    result = registry.import_csv(settings, bad)
+    assert (result.imported, result.updated, result.skipped) == (0, 0, 1)
+    assert registry.get_patient(settings, "P1").surgery_date == "20240115"

@@ -307,6 +307,16 @@ def import_csv(settings: Settings, path: Path) -> ImportResult:
                 seen[key] = lineno
                 info.source = path.name
                 stored = _exact_row(con, *key)
+                if ("height_m" in given and info.height_flag and stored is not None and stored.height_m
+                        and not stored.height_flag):  # a metre value in height_cm: 1.75 -> 0.0175 m
+                    given.discard("height_m")
+                    result.problems.append(f"line {lineno}: the stored height {stored.height_m:.2f} m"
+                                           " is kept")
+                if stored is not None and not given:  # every value refused: nothing to update
+                    result.problems.append(f"line {lineno}: no usable value for patient {info.patient_id}:"
+                                           " line skipped")
+                    result.skipped += 1
+                    continue
                 _upsert(con, merged(stored, info, given))
                 result.imported += 1
                 result.updated += stored is not None

@@ -52,6 +52,8 @@ def import_(
         f"{result.updated} updated); {result.skipped} line(s) skipped\n"
         f"{len(result.problems)} problem(s); re-paired {refreshed} measured patient(s)"
     )
+    if result.problems:  # the good lines are in; a script still learns that some were not
+        raise typer.Exit(1)
 
 
 @patients_app.command("list")
@@ -107,6 +109,7 @@ def _print_patients(rows: list[dict]) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     for issuer in sorted({r["issuer"] for r in rows}):
@@ -118,10 +121,10 @@ def _print_patients(rows: list[dict]) -> None:
                      "pairs"):
             table.add_column(head, overflow="fold")
         for r in (r for r in rows if r["issuer"] == issuer):
-            table.add_row(
-                r["patient_id"] + ("" if r["in_registry"] else " *"),
+            table.add_row(  # Text: "[...]" in a flag or an ID is shown, not read as Rich markup
+                Text(r["patient_id"] + ("" if r["in_registry"] else " *")),
                 f"{r['height_m']:.2f} m" if r["height_m"] else "–",
-                r["height_source"] + (f" [{r['height_flag']}]" if r["height_flag"] else ""),
+                Text(r["height_source"] + (f" [{r['height_flag']}]" if r["height_flag"] else "")),
                 r["sex"] or "–",
                 r["fracture_type"] or "–",
                 r["fractured_side"] or "–",

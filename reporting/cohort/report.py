@@ -179,6 +179,8 @@ def _p_format(v: float) -> str:
 
 def _html_table(df: pd.DataFrame, digits: int = 1) -> str:
     p_cols = {c: _p_format for c in P_COLUMNS if c in df.columns}
+    # na_rep misses pandas' own NA in nullable integer columns (the flow's "remaining" showed <NA>)
+    df = df.apply(lambda c: c.astype(object).where(c.notna(), None) if c.dtype.name == "Int64" else c)
     return df.to_html(
         float_format=lambda v: f"{v:.{digits}f}",
         formatters=p_cols or None,
