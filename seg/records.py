@@ -101,6 +101,7 @@ class ReasonCode(StrEnum):
     HEIGHT_NOT_USED = "height-not-used"  # a height was given but is implausible
     NO_HEIGHT = "no-height"  # no plausible height: no index (cm³/m²)
     FRACTURE_TYPE_UNKNOWN = "fracture-type-unknown"
+    SEX_CONFLICT = "sex-conflict"  # the registry's sex is not the CT's PatientSex (the registry's is used)
 
     UNCLASSIFIED = "unclassified"  # a legacy note whose cause cannot be told
 

@@ -194,3 +194,16 @@ def test_a_refused_value_keeps_the_stored_one_and_is_not_an_update(settings: Set
     result = registry.import_csv(settings, bad)
     assert (result.imported, result.updated, result.skipped) == (0, 0, 1)
     assert registry.get_patient(settings, "P1").surgery_date == "20240115"
+
+
+def test_a_registry_sex_other_than_the_cts_is_noted(settings: Settings, tmp_path: Path) -> None:
+    """The registry's sex is used (the documented trust order) but no longer silently: a conflict
+    moves a patient between the paper's sex groups and usually means a wrong row or ID."""
+    path = tmp_path / "sex.csv"
+    path.write_text("patient_id,sex\nP1,F\n")
+    registry.import_csv(settings, path)
+    res = registry.resolve(settings, "P1", dicom_sex="M")
+    assert res.sex == "F" and [n.code for n in res.notes if n.code == ReasonCode.SEX_CONFLICT]
+    assert "registry sex F differs from the CT's PatientSex M" in " ".join(n.text for n in res.notes)
+    assert not [n for n in registry.resolve(settings, "P1", dicom_sex="F").notes
+                if n.code == ReasonCode.SEX_CONFLICT]

@@ -400,6 +400,9 @@ def resolve(
     sex, sex_source = None, "missing"
     if info is not None and info.sex:
         sex, sex_source = info.sex, "registry"
+        if parse_sex(dicom_sex) not in (None, info.sex):  # a wrong row or a wrong ID, most likely
+            notes.append(Reason(ReasonCode.SEX_CONFLICT, f"registry sex {info.sex} differs from the CT's"
+                                f" PatientSex {parse_sex(dicom_sex)}: the registry's is used; check the row"))
     elif parse_sex(dicom_sex):
         sex, sex_source = parse_sex(dicom_sex), "PatientSex"
     fracture_type = info.fracture_type if info is not None else None
