@@ -666,3 +666,16 @@ def test_every_table_and_figure_lists_the_muscles_in_the_papers_order(cohort) ->
     finally:
         plt.close(fig)
     assert set(figures(report)) == set(FIGURE_NAMES)  # 7 and 8 draw from the same order
+
+
+def test_one_patient_id_at_two_hospitals_is_two_rows_of_excluded() -> None:
+    """excluded.csv and the console read "33333, single study" twice with nothing to tell the two
+    patients apart: the issuer is a column now."""
+    from reporting.cohort.collect import collect
+
+    single = (Reason(ReasonCode.SINGLE_STUDY, "single study for this patient: nothing to compare with"),)
+    entries = [CohortEntry(patient_id="33333", issuer_of_patient_id=h, studies=1, reasons=single)
+               for h in ("HOSP_A", "HOSP_B")]
+    excluded = collect(entries)[2]
+    assert list(excluded.columns) == ["patient_id", "issuer_of_patient_id", "reason"]
+    assert sorted(excluded["issuer_of_patient_id"]) == ["HOSP_A", "HOSP_B"]

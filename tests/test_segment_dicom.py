@@ -298,6 +298,22 @@ def test_every_label_map_name_training_reads_is_skipped():
     assert not any(_is_label_map(Path("case001") / name) for name in CT_NAMES)
 
 
+def _outputs_of_edited(series, tmp_path: Path, edit) -> tuple[list[Path], pydicom.Dataset]:
+    """The SEG, SR and summary `segment --dicom` writes for a copy of a series whose every header
+    ``edit`` changed, and one edited source header."""
+    case = tmp_path / "case"
+    shutil.copytree(next(iter(series.values())) / "dicom", case)
+    for f in case.glob("*"):
+        ds = pydicom.dcmread(f)
+        edit(ds)
+        ds.save_as(f)
+    _invoke(str(case), "--out", str(tmp_path / "out"), "--dicom", "--no-progress", "--config",
+            str(_config(tmp_path)))
+    files = sorted((tmp_path / "out" / "dicom").glob("*.dcm"))
+    assert len(files) == 3
+    return files, pydicom.dcmread(f)
+
+
 @pytest.mark.parametrize(("charset", "name", "written_as", "same_bytes"), [
     # the usual Japanese and Korean forms (value 1 empty: the default repertoire, PS3.3 C.12.1.1.2)
     (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", ["ISO 2022 IR 6", "ISO 2022 IR 87"],
@@ -310,22 +326,15 @@ def test_outputs_keep_the_patients_name_in_any_character_set(series, truth_model
     """A study whose Specific Character Set highdicom refuses as written (an empty first value, the
     Korean term, a lone code-extension term) failed every output ("'' is not a valid
     SpecificCharacterSetValues"): the outputs now carry the same name under a declaration it takes."""
-    case = tmp_path / "case"
-    shutil.copytree(next(iter(series.values())) / "dicom", case)
-    for f in case.glob("*"):
-        ds = pydicom.dcmread(f)
+    def edit(ds: pydicom.Dataset) -> None:
         ds.SpecificCharacterSet = charset
         ds.PatientName = name
-        ds.save_as(f)
-    source = pydicom.dcmread(f).PatientName.original_string
-    _invoke(str(case), "--out", str(tmp_path / "out"), "--dicom", "--no-progress", "--config",
-            str(_config(tmp_path)))
-    files = sorted((tmp_path / "out" / "dicom").glob("*.dcm"))
-    assert len(files) == 3
+
+    files, source = _outputs_of_edited(series, tmp_path, edit)
     for f in files:
         ds = pydicom.dcmread(f)
         assert ds.SpecificCharacterSet == written_as and str(ds.PatientName) == name, ds.Modality
-        assert (ds.PatientName.original_string == source) == same_bytes
+        assert (ds.PatientName.original_string == source.PatientName.original_string) == same_bytes
         assert dciodvfy_errors(f) == [], f
 
 
@@ -341,19 +350,13 @@ def test_outputs_keep_the_patients_name_in_any_character_set(series, truth_model
 def test_outputs_are_built_from_a_loose_header(series, truth_model, tmp_path, removed, set_to, empty):
     """Each of these raised in highdicom after the whole inference (AttributeError, "year 0 is out of
     range"), so no SEG, SR or summary, and the node ran the model again on every retry."""
-    case = tmp_path / "case"
-    shutil.copytree(next(iter(series.values())) / "dicom", case)
-    for f in case.glob("*"):
-        ds = pydicom.dcmread(f)
+    def edit(ds: pydicom.Dataset) -> None:
         for keyword in removed:
             delattr(ds, keyword)
         for keyword, value in set_to.items():
             setattr(ds, keyword, value)
-        ds.save_as(f)
-    _invoke(str(case), "--out", str(tmp_path / "out"), "--dicom", "--no-progress", "--config",
-            str(_config(tmp_path)))
-    files = sorted((tmp_path / "out" / "dicom").glob("*.dcm"))
-    assert len(files) == 3
+
+    files, _ = _outputs_of_edited(series, tmp_path, edit)
     for f in files:
         ds = pydicom.dcmread(f)
         assert all(keyword in ds and ds[keyword].value in (None, "") for keyword in empty), ds.Modality

@@ -70,7 +70,8 @@ def cohort(
         typer.echo(textwrap.fill(note, 80, initial_indent="note: ", subsequent_indent="      ",
                                  break_on_hyphens=False))
     for _, row in report.excluded.iterrows():
-        typer.echo(f"not included: {row['patient_id']}: {row['reason']}")
+        issuer = f" ({row['issuer_of_patient_id']})" if row["issuer_of_patient_id"] else ""
+        typer.echo(f"not included: {row['patient_id']}{issuer}: {row['reason']}")
     typer.echo(flow_text(report.flow))
     typer.echo(table2_numbers(report))
     typer.echo(f"report: {written['html']}")

@@ -150,7 +150,9 @@ def collect(
         why = exclusion(entry, filters)
         if why is not None:
             if why.step != STEP_FILTER:
-                excluded.append({"patient_id": pid, "reason": why.reason})
+                # the issuer too: one PatientID at two hospitals is two patients, two rows alike without it
+                excluded.append({"patient_id": pid, "issuer_of_patient_id": entry.issuer_of_patient_id,
+                                 "reason": why.reason})
             continue
         change = entry.change
         assert change is not None  # exclusion() refused every entry without one
@@ -220,7 +222,7 @@ def collect(
         )
     long = pd.DataFrame(rows)
     patients = pd.DataFrame(totals)
-    return long, patients, pd.DataFrame(excluded, columns=["patient_id", "reason"])
+    return long, patients, pd.DataFrame(excluded, columns=["patient_id", "issuer_of_patient_id", "reason"])
 
 
 def _num(value: Any) -> float:

@@ -50,7 +50,7 @@ class CohortReport:
 
     patients: pd.DataFrame  # one row per included patient (totals)
     long: pd.DataFrame  # one row per patient × analysed muscle
-    excluded: pd.DataFrame  # patient_id, reason
+    excluded: pd.DataFrame  # patient_id, issuer_of_patient_id, reason
     table1: pd.DataFrame
     table2: pd.DataFrame
     table2_across_muscles: pd.DataFrame
