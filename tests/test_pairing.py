@@ -192,6 +192,18 @@ def test_late_baseline_creates_the_comparison(settings: Settings, tmp_path: Path
     assert pairing.cohort_entries(settings)[0].reasons == ()
 
 
+def test_an_undated_study_is_named_where_it_may_be_the_baseline(settings: Settings, tmp_path: Path) -> None:
+    """A pre-op without StudyDate: the post-op became the baseline "with no pre-operative study" while
+    the undated study may be that very one; the baseline's reason now says so."""
+    _registry(settings, tmp_path, "patient_id,fracture_type,surgery_date\nP1,FNF,20230110\n")
+    _record(settings, "P1", "1.1", "", 1.0)
+    _record(settings, "P1", "1.2", "20230601", 0.8)
+    why = pairing.status_of(settings, "1.2.1").reasons
+    assert ReasonCode.BASELINE_POSTOPERATIVE in {r.code for r in why}
+    assert "1 study without StudyDate could not be placed and may be the pre-operative one" in \
+        " ".join(r.text for r in why)
+
+
 def test_missing_height_means_no_index(settings: Settings) -> None:
     _record(settings, "P1", "1.1", "20230101")
     c = _record(settings, "P1", "1.2", "20230401", 0.9)[0]

@@ -166,6 +166,12 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
     baseline: Study | None = None
     baseline_pre: bool | None = None
     later: list[Study] = list(studies)
+    undated = sum(not s.study_date for s in studies)  # sorted last, never placed or compared
+
+    def unplaced(could_be: str) -> str:
+        return (f"; {undated} study without StudyDate could not be placed and may be {could_be}"
+                if undated else "")
+
     if surgery_date:
         pre = [s for s in studies if s.study_date and s.study_date <= surgery_date]
         later = [s for s in studies if s not in pre]
@@ -188,12 +194,13 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
             reasons[baseline.series_instance_uid].append(R(
                 ReasonCode.BASELINE_POSTOPERATIVE,
                 f"no pre-operative study (surgery {surgery_date}): the earliest post-operative study is the "
-                "baseline, so changes are post-operative only"
+                "baseline, so changes are post-operative only" + unplaced("the pre-operative one")
             ))
     elif studies:
         baseline, later = studies[0], studies[1:]
         reasons[baseline.series_instance_uid].append(R(
-            ReasonCode.BASELINE_EARLIEST, "baseline: earliest study (no surgery date in the registry)"
+            ReasonCode.BASELINE_EARLIEST,
+            "baseline: earliest study (no surgery date in the registry)" + unplaced("earlier"),
         ))
     if baseline is None:
         return Plan(studies, roles, reasons, comparisons, None, baseline_pre)
