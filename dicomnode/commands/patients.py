@@ -156,7 +156,13 @@ def timeline(
     if as_json:
         typer.echo(json.dumps([r.as_json() for r in rows], indent=2, default=str))
         return
+    issuers, shown = {r.issuer_of_patient_id for r in rows}, None
     for r in rows:
+        if len(issuers) > 1 and r.issuer_of_patient_id != shown:
+            # one PatientID under several issuers: several patients, each paired on its own
+            shown = r.issuer_of_patient_id
+            typer.echo(f"IssuerOfPatientID {shown or '(none)'}: a patient of its own"
+                       f" ({len(issuers)} issuers use this PatientID)")
         typer.echo(f"{r.study.study_date or '????????'} {r.study.study_time[:6]:6}  {r.role}")
         typer.echo(f"    series {r.study.series_instance_uid}")
         for why in r.reasons:
