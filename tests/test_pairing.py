@@ -334,11 +334,6 @@ def test_cli_timeline_and_reports(settings: Settings, tmp_path: Path, monkeypatc
     _record(settings, "P1", "1.3", "20230701", 0.8, series=long_uid)
     res = runner.invoke(app, ["patients", "timeline", "P1"])
     assert long_uid in res.output and max(len(line) for line in res.output.splitlines()) <= 80
-    # one PatientID at two hospitals: two patients, and the timeline says which study is whose
-    _record(settings, "P2", "2.2", "20230301", issuer="HOSP_B")
-    res = runner.invoke(app, ["patients", "timeline", "P2"])
-    assert res.output.count("a patient of its own (2 issuers use this PatientID)") == 2, res.output
-    assert "IssuerOfPatientID HOSP_B" in res.output and "IssuerOfPatientID (none)" in res.output
     res = runner.invoke(app, ["report", "patient", "P1", "--out", str(tmp_path / "p1")])
     assert res.exit_code == 0, res.output
     assert list((tmp_path / "p1").glob("change-baseline-*.json"))
@@ -366,6 +361,14 @@ def test_cli_timeline_and_reports(settings: Settings, tmp_path: Path, monkeypatc
                       (["--bootstrap", "0"], "Input should be greater than or equal to 10")):
         res = runner.invoke(app, ["report", "cohort", "--out", str(tmp_path / "c4"), *bad])
         assert res.exit_code == 2 and said in " ".join(res.output.replace("│", " ").split()), res.output
+    # one PatientID at two hospitals: two patients, and the timeline says which study is whose
+    _record(settings, "P2", "2.2", "20230301", issuer="HOSP_B")
+    res = runner.invoke(app, ["patients", "timeline", "P2"])
+    assert res.output.count("a patient of its own (2 issuers use this PatientID)") == 2, res.output
+    assert "IssuerOfPatientID HOSP_B" in res.output and "IssuerOfPatientID (none)" in res.output
+    res = runner.invoke(app, ["report", "patient", "P2"])
+    assert res.exit_code == 2 and "used by 2 issuers ('' (none)," in res.output, res.output
+    assert runner.invoke(app, ["report", "patient", "P2", "--issuer", "HOSP_B"]).exit_code == 0
 
 
 # ---------------------------------------------------------------- the synthetic cohort (phantoms)

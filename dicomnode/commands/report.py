@@ -95,6 +95,11 @@ def patient(
     if not rows:
         typer.echo(f"no measured studies for patient {patient_id}", err=True)
         raise typer.Exit(1)
+    issuers = sorted({r.issuer_of_patient_id for r in rows})
+    if len(issuers) > 1:  # their reasons and changes were merged into one report
+        named = ", ".join(repr(i) if i else "'' (none)" for i in issuers)
+        raise typer.BadParameter(f"PatientID {patient_id} is used by {len(issuers)} issuers ({named}), each a"
+                                 " patient of its own: choose one", param_hint="--issuer")
     if not changes:
         reasons = sorted({w.text for r in rows for w in r.reasons})
         typer.echo("no comparison: " + ("; ".join(reasons) or "no reason recorded"))
