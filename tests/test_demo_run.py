@@ -86,7 +86,9 @@ def test_demo_runs_and_prints_80_columns(tmp_path: Path, pacs: str) -> None:
     assert re.search(rf"^ +\.venv/bin/dicomnode serve {config}$", text, re.M), text
     assert re.search(rf"^  \.venv/bin/dicomnode jobs {config}$", text, re.M), text
     if pacs == "orthanc":
-        assert re.search(r"^    \.venv/bin/dicomnode demo --view$", text, re.M), text
+        # the same demo again (its options as given), now keeping the viewer open
+        again = r"^    \.venv/bin/dicomnode demo --pacs orthanc --timeout 600 --view$"
+        assert re.search(again, text, re.M), text
     assert not re.search(r"(?<![/\w])dicomnode (serve|jobs|demo) -", text), text
     assert re.search(r"^ +demo-output/registry\.csv$|imported .* demo-output/registry\.csv$", text, re.M)
 
@@ -216,7 +218,7 @@ def test_the_view_command_runs_the_same_demo_again(monkeypatch: pytest.MonkeyPat
 
     seen: dict = {}
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: seen.update(k) or 0)
-    given = ["--out", "run 2", "--seed", "3", "--no-view"]
-    for args, again in ((given, "demo --out 'run 2' --seed 3 --view"), ([], "demo --view")):
+    given = ["--out", "run 2", "--seed", "3", "--timeout", "600", "--no-view"]
+    for args, again in ((given, "demo --out 'run 2' --seed 3 --timeout 600 --view"), ([], "demo --view")):
         assert CliRunner().invoke(app, ["demo", *args]).exit_code == 0
         assert demo.again_with_view("dicomnode", list(seen["options"])) == f"dicomnode {again}"

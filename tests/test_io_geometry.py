@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicomnode.harness.series import rewrite
 from seg.io import SeriesGeometryError, load_dicom_series, load_image, load_nifti, save_nifti
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
@@ -292,14 +293,6 @@ def _series(tmp_path: Path, spacing: tuple[float, float, float] = (4.0, 4.0, 4.0
     return tmp_path / "dicom", sorted((tmp_path / "dicom").glob("*.dcm"))
 
 
-def _rewrite(files: list[Path], **tags: object) -> None:
-    for f in files:
-        ds = pydicom.dcmread(f)
-        for k, v in tags.items():
-            delattr(ds, k) if v is None else setattr(ds, k, v)
-        ds.save_as(f)
-
-
 def test_loader_takes_every_series_the_node_selection_takes(tmp_path: Path) -> None:
     """One geometry rule: 1.25 mm slices with positions written to 0.1 mm (gaps 1.2-1.3 mm) were
     accepted by the node's selection and then refused by the loader ("irregular slice spacing")."""
@@ -339,7 +332,8 @@ def test_loader_uses_unit_direction_cosines(tmp_path: Path) -> None:
     """A column cosine written 0\\0.97\\0 scaled every voxel volume by 0.97 (-3 %)."""
     folder, files = _series(tmp_path)
     whole = load_dicom_series(folder)
-    _rewrite(files, ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 0.97, 0.0])
+    for f in files:
+        rewrite(f, f, ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 0.97, 0.0])
     assert load_dicom_series(folder).voxel_volume_cm3 == pytest.approx(whole.voxel_volume_cm3)
 
 
@@ -349,7 +343,8 @@ def test_loader_uses_unit_direction_cosines(tmp_path: Path) -> None:
 ])
 def test_loader_names_what_it_cannot_measure(tmp_path: Path, tags: dict, message: str) -> None:
     folder, files = _series(tmp_path)
-    _rewrite(files, **tags)
+    for f in files:
+        rewrite(f, f, **tags)
     with pytest.raises(SeriesGeometryError, match=message):
         load_dicom_series(folder)
 
@@ -357,6 +352,9 @@ def test_loader_names_what_it_cannot_measure(tmp_path: Path, tags: dict, message
 def test_loader_refuses_slices_without_a_position(tmp_path: Path) -> None:
     """They were left out without a word (the node refuses the series for them)."""
     folder, files = _series(tmp_path)
-    _rewrite(files[:2], ImagePositionPatient=None)
+    for f in files[:2]:
+        ds = pydicom.dcmread(f)
+        del ds.ImagePositionPatient
+        ds.save_as(f)
     with pytest.raises(SeriesGeometryError, match="missing ImagePosition.* in 2 slice"):
         load_dicom_series(folder)

@@ -20,6 +20,7 @@ from dicomnode.processing.queue import MemoryJobQueue, SQLiteJobQueue
 from dicomnode.processing.worker import Worker
 from dicomnode.storage.series import StabilityWatcher, content_hash, select_series
 from dicomnode.storage.store import PREAMBLE, Store
+from seg.records import ReasonCode
 
 SEL = SelectionSettings(min_z_extent_mm=30.0, min_slices=5)
 
@@ -212,11 +213,12 @@ def test_no_phi_in_info_logs(node: tuple, tmp_path: Path) -> None:
     assert "SECRET-ID" not in text and "Secret" not in text
 
 
-def test_selection_reads_enhanced_ct_frames(tmp_path: Path) -> None:
-    ok = select_series(write_enhanced_ct(tmp_path / "a.dcm", name="enh-a", frames=12).files, SEL)
-    assert ok.accepted and ok.n_slices == 12 and ok.z_coverage_mm == 36.0
-    short = select_series(write_enhanced_ct(tmp_path / "b.dcm", name="enh-b", frames=4).files, SEL)
-    assert short.reason == "z-coverage 12 mm < 30 mm; 4 slices < 5"
+def test_selection_reads_enhanced_ct_frames_and_refuses_them_by_their_cause(tmp_path: Path) -> None:
+    """Every frame is read (12 slices), and the series is refused as multi-frame: the loader measures
+    single-frame CT only (the worker used to reject it as "no DICOM images with position")."""
+    sel = select_series(write_enhanced_ct(tmp_path / "a.dcm", name="enh-a", frames=12).files, SEL)
+    assert (sel.accepted, sel.code, sel.n_slices) == (False, ReasonCode.MULTI_FRAME, 12)
+    assert sel.reason == "multi-frame images (Enhanced CT) are not measured: 1 instance(s)"
 
 
 def test_fast_c_store_response_matches_pynetdicom() -> None:

@@ -516,6 +516,11 @@ def _stop_serving(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _as_typed(value: object) -> str:
+    """An option's value as a user would type it again: 600, not 600.0."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def again_with_view(cli: str, options: list[str]) -> str:
     """The command that runs this demo again, as it was asked for, and keeps the viewer open.
 
@@ -704,7 +709,7 @@ def register(app: typer.Typer) -> None:
             # as typed (typer 0.29 has its own click, so the source is compared by name)
             options = tuple(x for name, value in ctx.params.items() if name != "view"
                             and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
-                            for x in (f"--{name}", str(getattr(value, "value", value))))
+                            for x in (f"--{name}", _as_typed(getattr(value, "value", value))))
             code = run_demo(out.resolve(), pacs, spacing_option(spacing), seed, timeout, console, model,
                             view=keep_open, options=options)
         except DemoError as exc:
