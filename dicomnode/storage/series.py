@@ -45,7 +45,6 @@ from seg.io import DUPLICATE_TOL_MM, GAP_FACTOR, GEOMETRY_TOL, is_localizer, spa
 log = logging.getLogger(__name__)
 
 AXIAL_TOLERANCE_DEG = 15.0
-POSITION_TOL_MM = DUPLICATE_TOL_MM
 HEADER_TAGS = [
     "SOPClassUID",
     "SOPInstanceUID",
@@ -220,8 +219,8 @@ def _position_gap(slices: list[Slice]) -> str:
         return ""
     z = np.sort(np.array([np.dot(s.position, normal) for s in placed], dtype=float))
     diffs = np.diff(z)
-    diffs_z = z[:-1][diffs >= POSITION_TOL_MM]
-    diffs = diffs[diffs >= POSITION_TOL_MM]  # duplicates are selection's business
+    diffs_z = z[:-1][diffs >= DUPLICATE_TOL_MM]
+    diffs = diffs[diffs >= DUPLICATE_TOL_MM]  # duplicates are selection's business
     if len(diffs) < 2:
         return ""
     step = float(np.median(diffs))
@@ -338,7 +337,7 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
     z = np.sort(np.array([np.dot(s.position, normal) for s in slices], dtype=float))
     if len(z) > 1:
         diffs = np.diff(z)
-        dup = diffs < POSITION_TOL_MM
+        dup = diffs < DUPLICATE_TOL_MM
         if dup.any():
             at = float(z[1:][dup][0])
             return sel.refuse(ReasonCode.DUPLICATE_SLICE_POSITION,
