@@ -241,6 +241,15 @@ def is_localizer(ds) -> bool:
     return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
 
 
+def is_multi_frame(ds) -> bool:
+    """An instance of several frames (Enhanced CT): the loader reads one slice per instance, and the
+    node's selection refuses such a series by this one rule."""
+    try:
+        return int(ds.get("NumberOfFrames") or 1) > 1
+    except (TypeError, ValueError):
+        return False
+
+
 def _multi_frame_error(n: int) -> SeriesGeometryError:
     return SeriesGeometryError(f"multi-frame images (Enhanced CT) are not measured: {n} instance(s);"
                                " export the series as single-frame CT images")
@@ -263,7 +272,7 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
         if "PixelData" not in ds or is_localizer(ds):
             log.debug("skipping %s: no image, or a localizer", f)
             continue
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        if is_multi_frame(ds):
             multi_frame.append(str(ds.get("SeriesInstanceUID", "")))
             continue
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:

@@ -40,7 +40,7 @@ from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 from dicomnode.processing.wakeups import JOB_QUEUED
-from seg.io import DUPLICATE_TOL_MM, GAP_FACTOR, GEOMETRY_TOL, is_localizer, spacing_irregular
+from seg.io import DUPLICATE_TOL_MM, GAP_FACTOR, GEOMETRY_TOL, is_localizer, is_multi_frame, spacing_irregular
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def _position_gap(slices: list[Slice]) -> str:
 
 def _expected_count(headers: list[Any], n_positions: int) -> Completeness:
     """A shortfall against the count the headers announce (complete when none is announced or it is met)."""
-    if any((_int_or_none(h.get("NumberOfFrames")) or 1) > 1 for h in headers):
+    if any(is_multi_frame(h) for h in headers):
         return Completeness(True)  # multi-frame: the count checks below are about single-frame instances
     by_acquisition: dict[str, list[Any]] = {}
     for h in headers:
@@ -297,7 +297,7 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
     sel = Selection(False, modality="CT", n_slices=len(slices))
     if not slices:
         return sel.refuse(ReasonCode.NO_INSTANCES, "no image slices: only localizer images")
-    if multi := sum((_int_or_none(h.get("NumberOfFrames")) or 1) > 1 for h in headers):
+    if multi := sum(is_multi_frame(h) for h in headers):
         # the loader reads one slice per instance: refused here with the cause, not by the worker later
         return sel.refuse(ReasonCode.MULTI_FRAME, f"multi-frame images (Enhanced CT) are not measured:"
                           f" {multi} instance(s)")
