@@ -202,6 +202,20 @@ def test_an_undated_study_is_named_where_it_may_be_the_baseline(settings: Settin
     assert ReasonCode.BASELINE_POSTOPERATIVE in {r.code for r in why}
     assert "1 study without StudyDate could not be placed and may be the pre-operative one" in \
         " ".join(r.text for r in why)
+    # the timeline calls it what it is: not a follow-up (it was labelled "followup")
+    undated = pairing.status_of(settings, "1.1.1")
+    assert undated.role == "unplaced" and ReasonCode.NO_STUDY_DATE in {r.code for r in undated.reasons}
+    assert [r.role for r in pairing.timeline(settings, "P1")] == ["baseline", "unplaced"]
+
+
+def test_an_undated_study_is_never_the_baseline(settings: Settings) -> None:
+    """Without a surgery date the earliest dated study is the baseline; a lone undated study was
+    labelled the baseline (of nothing it could be placed against)."""
+    _record(settings, "P1", "1.1", "", 1.0)
+    assert pairing.status_of(settings, "1.1.1").role == "unplaced"
+    assert _record(settings, "P1", "1.2", "20230601", 0.8) == []
+    assert [r.role for r in pairing.timeline(settings, "P1")] == ["baseline", "unplaced"]
+    assert [c.comparison for c in _record(settings, "P1", "1.3", "20230901", 0.7)] == ["baseline"]
 
 
 def test_missing_height_means_no_index(settings: Settings) -> None:

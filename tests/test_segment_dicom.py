@@ -404,3 +404,28 @@ def test_a_repair_is_said_once_for_the_series(series, tmp_path, caplog):
         headers = read_source_headers(copies)
     assert all(h.PatientBirthDate in (None, "") for h in headers)
     assert len([r for r in caplog.records if r.name == "reporting.source_header"]) == 1
+
+
+def test_an_output_that_cannot_be_written_is_no_usage_error(series, truth_model, tmp_path, monkeypatch):
+    """The CT was read and segmented: a results folder that cannot be made, or outputs the header
+    cannot make, end with exit 1 and say so, not typer's "Invalid value for INPUT" (which sent the
+    user to check a CT that was fine)."""
+    case = next(iter(series.values()))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    r = CliRunner().invoke(app, ["segment", str(case / "dicom"), "--out", str(blocked / "out"),
+                                 "--no-progress"], env={"COLUMNS": "400"})
+    assert r.exit_code == 1, r.output
+    assert "cannot write the results to" in r.output and "Invalid value" not in r.output
+
+    def build_outputs(*_: object, **__: object) -> None:
+        raise ValueError("a header the SR cannot carry")
+
+    monkeypatch.setattr("dicomnode.processing.pipeline.build_outputs", build_outputs)
+    r = CliRunner().invoke(app, ["segment", str(case / "dicom"), "--out", str(tmp_path / "out"), "--dicom",
+                                 "--no-progress", "--config", str(_config(tmp_path))],
+                           env={"COLUMNS": "400"})
+    assert r.exit_code == 1, r.output
+    assert "not the SEG, SR and summary: ValueError: a header the SR cannot carry" in r.output
+    assert "Invalid value" not in r.output
+    assert (tmp_path / "out" / "volumes.json").is_file()  # what could be written is kept

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # Roles a study can take in its patient's timeline.
 BASELINE, FOLLOWUP, PREOP, SUPERSEDED = "baseline", "followup", "pre-operative", "superseded"
+UNPLACED = "unplaced"  # no StudyDate: neither before nor after anything, never compared
 
 
 @dataclass
@@ -188,24 +189,29 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
                 ReasonCode.BASELINE_PREOPERATIVE,
                 f"baseline: latest pre-operative study (surgery {surgery_date})",
             ))
-        elif later:
-            baseline, baseline_pre = later[0], False
+        elif any(s.study_date for s in later):
+            baseline, baseline_pre = later[0], False  # dated studies sort first
             later = later[1:]
             reasons[baseline.series_instance_uid].append(R(
                 ReasonCode.BASELINE_POSTOPERATIVE,
                 f"no pre-operative study (surgery {surgery_date}): the earliest post-operative study is the "
                 "baseline, so changes are post-operative only" + unplaced("the pre-operative one")
             ))
-    elif studies:
+    elif any(s.study_date for s in studies):
         baseline, later = studies[0], studies[1:]
         reasons[baseline.series_instance_uid].append(R(
             ReasonCode.BASELINE_EARLIEST,
             "baseline: earliest study (no surgery date in the registry)" + unplaced("earlier"),
         ))
+    for s in studies:
+        if not s.study_date:
+            roles[s.series_instance_uid] = UNPLACED
+            reasons[s.series_instance_uid].append(R(
+                ReasonCode.NO_STUDY_DATE, "no StudyDate: cannot be placed in time, not compared"))
     if baseline is None:
         return Plan(studies, roles, reasons, comparisons, None, baseline_pre)
     roles[baseline.series_instance_uid] = BASELINE
-    if not later:
+    if not any(s.study_date for s in later):
         reasons[baseline.series_instance_uid].append(
             R(ReasonCode.SINGLE_STUDY, "single study for this patient: nothing to compare with")
             if len(studies) == 1
@@ -214,11 +220,9 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
     compared: list[Study] = [baseline]
     for s in later:
         uid = s.series_instance_uid
-        roles[uid] = FOLLOWUP
         if not s.study_date:
-            reasons[uid].append(R(ReasonCode.NO_STUDY_DATE,
-                                  "no StudyDate: cannot be placed in time, not compared"))
             continue
+        roles[uid] = FOLLOWUP
         if s.study_date == baseline.study_date:
             reasons[uid].append(R(ReasonCode.SAME_DAY_AS_BASELINE,
                                   f"same day as the baseline ({s.study_date}): no interval, not compared"))
@@ -374,7 +378,7 @@ def _refresh_patient(
                 s.series_instance_uid,
                 pid,
                 issuer,
-                plan.roles.get(s.series_instance_uid, "unplaced"),
+                plan.roles[s.series_instance_uid],
                 reasons_to_json(why),
                 now,
             ),

@@ -42,6 +42,11 @@ LABEL_FILES = ("labels.nii.gz", "labels.nii")
 LABEL_FOLDERS = ("truth", "labels")
 
 
+class CaseOutputError(Exception):
+    """A series was segmented but its results could not be written (an output folder not writable,
+    a SEG or SR the source header cannot make): the input was fine, so this is no usage error."""
+
+
 @dataclass
 class Case:
     """One series of a batch: its name (the output folder: SeriesInstanceUID, or a NIfTI file's path
@@ -149,18 +154,26 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
             raise ValueError("--record needs a DICOM series and the node's configuration")
         out = results_dir(settings, str(ct.meta["SeriesInstanceUID"]))
     labels = run_segment(ct, pkg, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    save_nifti(labels, out / "labels.nii.gz")
     model_info = pkg.info
     if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
         rec = measure_volumes(labels, ct, model=model_info)
     else:  # as the node: its clinical registry first, then PatientSize
         height_m, source = patient_height(settings, ct.meta)
         rec = measure_volumes(labels, ct, height_m=height_m, height_source=source, model=model_info)
-    write_volumes(rec, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_nifti(labels, out / "labels.nii.gz")
+        write_volumes(rec, out)
+    except OSError as exc:
+        raise CaseOutputError(f"cannot write the results to {out}: {exc}") from exc
     if settings is not None:
-        write_dicom_outputs(settings, ct, labels, rec, model_info, out / ("outputs" if record else "dicom"),
-                            results=out if record else None)
+        dicom_out = out / ("outputs" if record else "dicom")
+        try:
+            write_dicom_outputs(settings, ct, labels, rec, model_info, dicom_out,
+                                results=out if record else None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise CaseOutputError(f"volumes written to {out}, but not the SEG, SR and summary: "
+                                  f"{type(exc).__name__}: {exc}") from exc
     return rec
 
 
@@ -202,7 +215,10 @@ def _run_batch(cases: list[Case], pkg: ModelPackage, out: Path, settings: Settin
             rows.append((case.name, run_case(_load(case), pkg, out / case.name, settings, False, record)))
         except ValueError as exc:  # geometry the loader cannot place, not a CT...
             failed.append(case.name)
-            console.print(f"[red]{case.name}: skipped: {exc}[/]")
+            console.print(f"{case.name}: skipped: {exc}", style="red", markup=False)
+        except CaseOutputError as exc:
+            failed.append(case.name)
+            console.print(f"{case.name}: {exc}", style="red", markup=False)
     out.mkdir(parents=True, exist_ok=True)
     path = write_batch_csv(rows, out / BATCH_CSV)
     console.print(f"{len(rows)} series measured, {len(failed)} skipped -> {path}")
@@ -280,8 +296,12 @@ def segment(
     ct = _load_input(input, settings is not None)
     pkg = _load_package(model or node.model_path, device, node, console)
     t = time.perf_counter()
-    with bad_input("INPUT"):
-        rec = run_case(ct, pkg, out, settings, progress, record)
+    try:
+        with bad_input("INPUT"):
+            rec = run_case(ct, pkg, out, settings, progress, record)
+    except CaseOutputError as exc:
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
     where = f"recorded in {settings.storage_dir}" if record and settings else str(out)
     console.print(f"segmented {ct.shape} in {time.perf_counter() - t:.1f} s -> {where}")
     typer.echo(volumes_table(rec))
