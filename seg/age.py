@@ -13,6 +13,8 @@ import re
 from datetime import date
 from typing import Any
 
+from seg.dates import da_date
+
 MAX_AGE_YEARS = 130
 _PATIENT_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
@@ -35,14 +37,9 @@ def age_from_patient_age(value: Any) -> int | None:
 
 
 def _dicom_date(value: Any) -> date | None:
-    """A DA value (``YYYYMMDD``; ``YYYY-MM-DD`` tolerated) as a date, else None."""
-    text = str(value or "").strip().replace("-", "").replace(".", "")
-    if len(text) != 8 or not text.isdigit():
-        return None
-    try:
-        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
-    except ValueError:
-        return None
+    """A date in one of :func:`seg.dates.da_date`'s forms as a date, else None."""
+    text = da_date(value)
+    return None if text is None else date(int(text[:4]), int(text[4:6]), int(text[6:]))
 
 
 def age_from_birth_date(birth_date: Any, study_date: Any) -> int | None:

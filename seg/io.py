@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seg.dates import da_date
 from seg.volume import LPS_TO_RAS, Volume
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,12 @@ def _meta_value(ds, key: str):
             return None
         return f if f > 0 else None
     if key == "SeriesNumber":
-        return int(v)
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            return None
+    if key in ("StudyDate", "PatientBirthDate"):  # pairing orders and subtracts these: one form
+        return da_date(v)
     return str(v)
 
 

@@ -516,3 +516,14 @@ def test_synthetic_cohort_kept_for_the_command_line(tmp_path: Path, monkeypatch)
     assert sum(r["comparisons"] for r in json.loads(res.output)) == 18
     with pytest.raises(SystemExit):
         bench.main(["--storage", str(storage)])
+
+
+def test_a_legacy_study_date_is_ordered_by_its_day(settings: Settings, tmp_path: Path) -> None:
+    """Recorded as the loader reads it ("2024.03.01" → "20240301"), a follow-up is after the surgery
+    of 10 February; as text it sorted before "20240210" and became the pre-operative baseline."""
+    from seg.dates import da_date
+
+    _registry(settings, tmp_path, "patient_id,fracture_type,surgery_date\nP1,FNF,2024-02-10\n")
+    _record(settings, "P1", "1.1", da_date("2024.02.01"), 1.0)
+    changes = _record(settings, "P1", "1.2", da_date("2024.03.01"), 0.8)
+    assert [c.comparison for c in changes] == ["baseline"] and changes[0].baseline_preoperative is True

@@ -19,6 +19,7 @@ from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.db import opened
+from seg.dates import da_date
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
 from seg.records import Reason, ReasonCode
 
@@ -118,12 +119,14 @@ def parse_side(value: Any) -> str | None:
 
 
 def parse_date(value: Any) -> str | None:
-    """YYYYMMDD from YYYYMMDD / YYYY-MM-DD / YYYY.MM.DD; None when empty; ValueError when garbled."""
+    """YYYYMMDD from YYYYMMDD / YYYY-MM-DD / YYYY.MM.DD / YYYY/MM/DD (:func:`seg.dates.da_date`); None
+    when empty; ValueError when garbled ("2024-1-5" was read as the 6-character "202415")."""
     text = str(value or "").strip()
     if not text:
         return None
-    digits = text.replace("-", "").replace(".", "").replace("/", "")
-    datetime.strptime(digits, "%Y%m%d")  # raises ValueError on a bad date
+    digits = da_date(text)
+    if digits is None:
+        raise ValueError(f"not a date (YYYYMMDD or YYYY-MM-DD): {text!r}")
     return digits
 
 

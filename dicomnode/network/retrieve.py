@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
 
 from dicomnode.config import Settings
 from dicomnode.network.tls import client_tls_args
+from seg.dates import da_date
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ def find_studies(settings: Settings, patient_id: str) -> list[StudyHit]:
             mods_list = [m for m in mods.split("\\") if m]
         else:
             mods_list = [str(m) for m in mods]
-        out.append(StudyHit(_text(ds, "StudyInstanceUID"), _text(ds, "StudyDate"), _text(ds, "StudyTime"),
+        study_date = da_date(_text(ds, "StudyDate")) or ""  # compared with our dates as text
+        out.append(StudyHit(_text(ds, "StudyInstanceUID"), study_date, _text(ds, "StudyTime"),
                             mods_list, _text(ds, "StudyDescription"), _text(ds, "IssuerOfPatientID")))
     return [s for s in out if s.study_instance_uid]
 
