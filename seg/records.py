@@ -88,6 +88,7 @@ class ReasonCode(StrEnum):
     EARLIER_PREOPERATIVE = "earlier-preoperative"  # a pre-operative study before the baseline
     SAME_DAY_FOLLOWUP = "same-day-followup"  # compared, but not with a same-day previous study
     SUPERSEDED_SERIES = "superseded-series"  # a later series of the same study represents it
+    SAME_DATE_AND_TIME = "same-date-and-time"  # another study of the patient at the very same moment
     # pairing: why a study is not compared (the cohort report lists these)
     SINGLE_STUDY = "single-study"
     NO_LATER_STUDY = "no-later-study"

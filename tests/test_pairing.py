@@ -527,3 +527,16 @@ def test_a_legacy_study_date_is_ordered_by_its_day(settings: Settings, tmp_path:
     _record(settings, "P1", "1.1", da_date("2024.02.01"), 1.0)
     changes = _record(settings, "P1", "1.2", da_date("2024.03.01"), 0.8)
     assert [c.comparison for c in changes] == ["baseline"] and changes[0].baseline_preoperative is True
+
+
+def test_one_scan_sent_twice_under_new_uids_is_named(settings: Settings, tmp_path: Path) -> None:
+    """Two pre-operative studies at the very same second: one became the baseline and the other an
+    "earlier pre-operative study" by StudyInstanceUID order, and nothing said why."""
+    _registry(settings, tmp_path, "patient_id,fracture_type,surgery_date\nP1,FNF,20230110\n")
+    _record(settings, "P1", "1.1", "20230109", 1.0, time_="101500")
+    _record(settings, "P1", "2.7", "20230109", 1.0, time_="101500.250")
+    _record(settings, "P1", "1.3", "20230109", 1.0, time_="141500")  # same day, another scan
+    for uid in ("1.1.1", "2.7.1"):
+        why = [r for r in pairing.status_of(settings, uid).reasons if r.code is ReasonCode.SAME_DATE_AND_TIME]
+        assert len(why) == 1 and "2 studies share StudyDate 20230109 and StudyTime 101500" in why[0].text
+    assert ReasonCode.SAME_DATE_AND_TIME not in {r.code for r in pairing.status_of(settings, "1.3.1").reasons}

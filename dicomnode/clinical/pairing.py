@@ -158,6 +158,24 @@ def _studies(con: sqlite3.Connection, patient_id: str, issuer: str) -> tuple[lis
     return sorted(studies, key=lambda s: s.order_key), superseded
 
 
+def _name_twins(studies: list[Study], reasons: dict[str, list[Reason]]) -> None:
+    """Studies with one StudyDate and StudyTime (to the second): one scan sent twice under new UIDs,
+    most likely (a re-import, a re-anonymisation). Both are kept and ordered by StudyInstanceUID, which
+    means nothing clinically: the reader is told, to remove the copy the PACS should not hold."""
+    moments: dict[tuple[str, str], list[Study]] = {}
+    for s in studies:
+        if s.study_date and len(s.study_time) >= 6:
+            moments.setdefault((s.study_date, s.study_time[:6]), []).append(s)
+    for (day, time), twins in moments.items():
+        if len(twins) < 2:
+            continue
+        for s in twins:
+            reasons[s.series_instance_uid].append(Reason(
+                ReasonCode.SAME_DATE_AND_TIME,
+                f"{len(twins)} studies share StudyDate {day} and StudyTime {time}: probably one scan "
+                "sent under new UIDs; they are ordered by StudyInstanceUID, not by time"))
+
+
 def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
     """Roles, reasons and comparisons for one patient's ordered studies (pure; no database)."""
     roles: dict[str, str] = {}
@@ -168,6 +186,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
     baseline_pre: bool | None = None
     later: list[Study] = list(studies)
     undated = sum(not s.study_date for s in studies)  # sorted last, never placed or compared
+    _name_twins(studies, reasons)
 
     def unplaced(could_be: str) -> str:
         return (f"; {undated} study without StudyDate could not be placed and may be {could_be}"
