@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import sqlite3
 import sys
 import time
@@ -540,3 +541,17 @@ def test_one_scan_sent_twice_under_new_uids_is_named(settings: Settings, tmp_pat
         why = [r for r in pairing.status_of(settings, uid).reasons if r.code is ReasonCode.SAME_DATE_AND_TIME]
         assert len(why) == 1 and "2 studies share StudyDate 20230109 and StudyTime 101500" in why[0].text
     assert ReasonCode.SAME_DATE_AND_TIME not in {r.code for r in pairing.status_of(settings, "1.3.1").reasons}
+
+
+def test_pairing_logs_no_dates_at_info(settings: Settings, tmp_path: Path) -> None:
+    """A study or surgery date is the patient's (PHI): the reasons' texts name them ("surgery
+    20230110", "same day as the baseline (20230109)"), so INFO carries the reasons' codes only."""
+    from log_capture import captured_info_log
+
+    _registry(settings, tmp_path, "patient_id,fracture_type,surgery_date\nP1,FNF,20230110\n")
+    with captured_info_log(logging.DEBUG) as stream:
+        _record(settings, "P1", "1.1", "20230109", 1.0)
+        _record(settings, "P1", "1.2", "20230109", 1.0, time_="150000")
+    log = stream.getvalue()
+    assert "recorded as baseline" in log and ReasonCode.BASELINE_PREOPERATIVE.value in log
+    assert "20230109" not in log and "20230110" not in log

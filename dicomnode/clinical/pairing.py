@@ -326,12 +326,14 @@ def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord
         changes, plan = _refresh_patient(settings, con, pid, issuer, result)
     mine = [c for c in changes if c.followup.series_instance_uid == result.series_instance_uid]
     reasons = plan.reasons.get(result.series_instance_uid, [])
+    # the reasons' texts name study and surgery dates (the patient's): at INFO only their codes
     log.info(
         "pairing: series recorded as %s; %d comparison(s)%s",
         plan.roles.get(result.series_instance_uid, "?"),
         len(mine),
-        ("; " + "; ".join(r.text for r in reasons)) if reasons else "",
+        ("; " + ", ".join(r.code.value for r in reasons)) if reasons else "",
     )
+    log.debug("pairing: %s", "; ".join(r.text for r in reasons))
     if settings.pairing.retrieve_priors:
         info = registry.get_patient(settings, pid, issuer)
         surgery = info.surgery_date if info else None
