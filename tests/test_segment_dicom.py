@@ -163,8 +163,14 @@ def test_batch_record_pairs_archived_studies_for_the_reports(tmp_path, monkeypat
     _invoke(str(root), "--out", str(tmp_path / "out"), "--batch", "--record", "--no-progress",
             "--config", str(cfg))
     assert (tmp_path / "out" / "volumes.csv").is_file()
-    for uid in truth:  # the node's layout: results/<series>/ with its outputs
-        assert len(list((tmp_path / "node" / "results" / uid / "outputs").glob("*.dcm"))) == 3
+    outputs = {when: sorted((tmp_path / "node" / "results" / uid / "outputs").glob("*.dcm"))
+               for when, uid in zip(("pre", "post"), truth, strict=True)}
+    # the node's layout: results/<series>/ with its outputs; the follow-up's change SR too, whatever
+    # the order of the series' UIDs (the archive is recorded in study order, as a node receives it)
+    assert [len(outputs["pre"]), len(outputs["post"])] == [3, 4]
+    followup = [ds for f in outputs["post"] if (ds := pydicom.dcmread(f)).Modality == "SR"
+                and "change" in str(ds.get("SeriesDescription", "")).lower()]
+    assert len(followup) == 1, [pydicom.dcmread(f).SeriesDescription for f in outputs["post"]]
     res = runner.invoke(app, ["report", "patient", "ARCH1", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     row = next(line for line in res.output.splitlines() if line.startswith("Sartorius "))

@@ -114,6 +114,25 @@ def find_cases(root: Path) -> list[Case]:
     return cases
 
 
+def _in_study_order(cases: list[Case]) -> list[Case]:
+    """Cases by StudyDate and StudyTime (undated last): recorded in this order, each follow-up finds
+    its baseline recorded already and gets its follow-up SR and comparison page, as on a node that
+    received the studies as they were made."""
+    import pydicom
+
+    from seg.dates import da_date
+
+    def when(case: Case) -> tuple[str, str]:
+        try:
+            ds = pydicom.dcmread(case.files[0], stop_before_pixels=True,
+                                 specific_tags=["StudyDate", "StudyTime"])
+        except (pydicom.errors.InvalidDicomError, OSError):
+            return ("99999999", "")
+        return (da_date(ds.get("StudyDate")) or "99999999", str(ds.get("StudyTime", "") or ""))
+
+    return sorted(cases, key=when)
+
+
 def _load(case: Case) -> Volume:
     from seg.io import load_dicom_series, load_image
 
@@ -127,15 +146,26 @@ def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: 
     """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm.
 
     ``results``: the series' results folder in the node's storage: the series is recorded for pairing
-    there as the node records it (the summary then plots the change to an earlier study)."""
-    from dicomnode.processing.pipeline import _no_pairing, _record_for_pairing, _save, build_outputs
+    there as the node records it; the summary then plots the change to an earlier study, and each
+    change gets its follow-up SR, as from the node's job."""
+    from dicomnode.processing.pipeline import (
+        _followup_sr,
+        _no_pairing,
+        _record_for_pairing,
+        _save,
+        build_outputs,
+    )
 
     if not ct.source_files:
         raise ValueError("--dicom needs a DICOM series (a NIfTI CT has no study to attach to)")
     pair = _no_pairing if results is None else (
         lambda seg, sr: _record_for_pairing(settings, ct, results, seg, sr))
-    return [_save(ds, out) for ds in build_outputs(settings, ct, labels, record, model_info,
-                                                   pair=pair).datasets]
+    built = build_outputs(settings, ct, labels, record, model_info, pair=pair)
+    paths = [_save(ds, out) for ds in built.datasets]
+    if settings.output.followup_sr:
+        seg_ds = built.datasets[0]  # the change SR outlines each muscle from this study's SEG
+        paths += [_followup_sr(settings, ct, change, seg_ds, model_info) for change in built.changes]
+    return paths
 
 
 def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None,
@@ -210,7 +240,8 @@ def _run_batch(cases: list[Case], pkg: ModelPackage, out: Path, settings: Settin
 
     rows: list[tuple[str, VolumeRecord]] = []
     failed = []
-    for case in track(cases, description="series", console=console, disable=not progress):
+    for case in track(_in_study_order(cases) if record else cases, description="series", console=console,
+                      disable=not progress):
         try:
             rows.append((case.name, run_case(_load(case), pkg, out / case.name, settings, False, record)))
         except ValueError as exc:  # geometry the loader cannot place, not a CT...
@@ -273,8 +304,9 @@ def segment(
         "SeriesInstanceUID): one <out>/<series>/ each and one <out>/volumes.csv.")] = False,
     record: Annotated[bool, typer.Option(
         "--record", help="Also record each series in the node's index (--config: its storage), as the "
-        "node does after a job, so `patients` and `report` pair and report them (archived studies). "
-        "Implies --dicom; the results are kept in the node's storage, not in --out.")] = False,
+        "node does after a job, so `patients` and `report` pair and report them (archived studies), "
+        "with a change SR for each follow-up whose baseline is recorded (--batch records in study "
+        "order). Implies --dicom; the results are kept in the node's storage, not in --out.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Segment the 29 structures of a thigh CT and measure their volumes."""
