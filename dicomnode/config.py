@@ -320,7 +320,8 @@ class Settings(BaseSettings):
     calling_aet_hosts: dict[AETitle, list[str]] = Field(default_factory=dict)
     acse_timeout_seconds: float = Field(10.0, gt=0)  # ARTIM: the whole association request, from connect
     network_timeout_seconds: float = Field(30.0, gt=0)  # an idle association or a stalled PDU is dropped
-    max_instance_mb: float = Field(1024.0, gt=0)  # larger C-STORE data sets are refused (0xA700)
+    # larger C-STORE data sets are refused (0xA700); × max_associations bounds what callers buffer
+    max_instance_mb: float = Field(256.0, gt=0)
     # disk back-pressure: below min_free_disk_mb free (MB available to the node's user) or above
     # max_disk_used_pct used on the storage_dir volume, new associations get a transient reject
     # (temporary congestion) and C-STOREs 0xA700, until space returns; 0 and 100 switch each off
