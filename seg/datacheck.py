@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from seg import labels as L
+from seg.terminal import COLUMNS
 from seg.train import DatasetError, load_case
-
-WIDTH = 80
 
 
 @dataclass(frozen=True)
@@ -57,14 +56,14 @@ def case_lines(checks: list[CaseCheck]) -> list[str]:
     lines = [f"{'case':<20}  {'CT voxels':<15}  {'spacing mm':<16}  {'labelled':>12}  {'missing':>7}"]
     for c in checks:
         if c.problem is not None or c.shape is None or c.spacing_mm is None:
-            lines += textwrap.wrap(f"{_name(c.case):<20}  {c.problem}", WIDTH, subsequent_indent=" " * 22)
+            lines += textwrap.wrap(f"{_name(c.case):<20}  {c.problem}", COLUMNS, subsequent_indent=" " * 22)
             continue
         shape = "x".join(str(n) for n in c.shape)
         spacing = "x".join(f"{s:.2f}" for s in c.spacing_mm)
         lines.append(f"{_name(c.case):<20}  {shape:<15}  {spacing:<16}  {sum(c.voxels[1:]):>12,}  "
                      f"{len(c.missing):>7}")
         if c.missing:
-            lines += textwrap.wrap("missing: " + ", ".join(map(str, c.missing)), WIDTH,
+            lines += textwrap.wrap("missing: " + ", ".join(map(str, c.missing)), COLUMNS,
                                    initial_indent=" " * 22, subsequent_indent=" " * 31)
     return lines
 
@@ -90,7 +89,7 @@ def verdict(checks: list[CaseCheck]) -> str:
             else f"{len(checks)} cases checked: every case reads as training reads it")
     if never:
         text += f". Labelled in no case (a model cannot learn them): {', '.join(never)}"
-    return "\n".join(textwrap.wrap(text + ". Nothing was written.", WIDTH))
+    return "\n".join(textwrap.wrap(text + ". Nothing was written.", COLUMNS))
 
 
 def report(checks: list[CaseCheck]) -> str:

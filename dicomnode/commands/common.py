@@ -11,6 +11,7 @@ import typer
 
 from dicomnode.config import Settings, load_settings
 from seg.records import ModelInfo, VolumeRecord
+from seg.terminal import COLUMNS
 
 ConfigOption = Annotated[
     Path | None,
@@ -99,7 +100,7 @@ def bad_input(param_hint: str) -> Iterator[None]:
         raise typer.BadParameter(str(exc), param_hint=param_hint) from exc
 
 
-def model_lines(info: ModelInfo, width: int = 80) -> list[str]:
+def model_lines(info: ModelInfo, width: int = COLUMNS) -> list[str]:
     """The model that measured, for the terminal: ``model NAME VERSION: STATEMENT`` (a demo model's
     "phantom-trained demonstration model, not for clinical measurement"), the statement on a line of
     its own when the two do not fit ``width`` (a terminal folding it left a trailing space)."""

@@ -34,8 +34,8 @@ from dicomnode.harness.net import free_port, stop_process, wait_for
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
 from seg.records import ChangeRecord, EvaluationTargets, LeftRight, VolumeRecord
+from seg.terminal import COLUMNS
 
-WIDTH = 80  # every line the demo prints fits a default terminal; a path or URL that cannot is unfolded
 SCANNER_AET = "CTSCANNER"
 NODE_AET = "THIGHNODE"
 PACS_AET = "ORTHANC"
@@ -226,8 +226,9 @@ def _runnable(path: Path) -> str:
 
 
 def fits(*parts: str) -> bool:
-    """Whether the parts, joined by spaces, fit one line."""
-    return len(" ".join(parts)) <= WIDTH
+    """Whether the parts, joined by spaces, fit one line (every line the demo prints fits; a path or
+    URL that cannot goes on a line of its own, unfolded)."""
+    return len(" ".join(parts)) <= COLUMNS
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dicomnode.commands.common import ConfigOption, node_settings, settings_from
 from dicomnode.config import Settings
 from dicomnode.processing.jobs import JobState, run_end
 from dicomnode.timefmt import duration, local_time
+from seg.terminal import COLUMNS
 
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 
@@ -64,8 +65,9 @@ def echo_problems(text: str) -> None:
     """Each problem on stderr within 80 columns, its key first and its continuation indented."""
     for line in text.splitlines():
         indent = " " * (len(line) - len(line.lstrip()))
-        typer.echo(textwrap.fill(line.lstrip(), 80, initial_indent=indent, subsequent_indent=indent + "  ",
-                                 break_long_words=False, break_on_hyphens=False), err=True)
+        typer.echo(textwrap.fill(line.lstrip(), COLUMNS, initial_indent=indent,
+                                 subsequent_indent=indent + "  ", break_long_words=False,
+                                 break_on_hyphens=False), err=True)
 
 
 def package_problem(settings: Settings) -> str | None:

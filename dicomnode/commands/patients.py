@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from dicomnode.commands.common import ConfigOption, node_settings, settings_from
+from seg.terminal import COLUMNS
 
 patients_app = typer.Typer(help="Clinical registry and per-patient timelines.", no_args_is_help=True)
 
@@ -166,7 +167,7 @@ def timeline(
         typer.echo(f"{r.study.study_date or '????????'} {r.study.study_time[:6]:6}  {r.role}")
         typer.echo(f"    series {r.study.series_instance_uid}")
         for why in r.reasons:
-            typer.echo(textwrap.fill(why.text, 80, initial_indent="    · ", subsequent_indent="      "))
+            typer.echo(textwrap.fill(why.text, COLUMNS, initial_indent="    · ", subsequent_indent="      "))
         for c in r.changes:
             t = c.total_analysed_muscles
             idx = f", {t.delta_index_cm3_m2:+.1f} cm³/m²" if t.delta_index_cm3_m2 is not None else ""

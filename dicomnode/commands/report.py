@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from dicomnode.commands.common import ConfigOption, cell, node_settings
+from seg.terminal import COLUMNS
 
 if TYPE_CHECKING:
     from seg.records import ChangeRecord
@@ -67,7 +68,7 @@ def cohort(
         f"{len(report.patients)} pair(s): " + ", ".join(f"{g} {n}" for g, n in report.group_sizes.items())
     )
     for note in report.notes:  # within 80 columns, continuation lines indented under the text
-        typer.echo(textwrap.fill(note, 80, initial_indent="note: ", subsequent_indent="      ",
+        typer.echo(textwrap.fill(note, COLUMNS, initial_indent="note: ", subsequent_indent="      ",
                                  break_on_hyphens=False))
     for _, row in report.excluded.iterrows():
         issuer = f" ({row['issuer_of_patient_id']})" if row["issuer_of_patient_id"] else ""
@@ -111,7 +112,7 @@ def patient(
             f"side {c.fractured_side or 'unknown'}"
         )
         for note in c.notes:
-            typer.echo(textwrap.fill(note.text, 80, initial_indent="  · ", subsequent_indent="    ",
+            typer.echo(textwrap.fill(note.text, COLUMNS, initial_indent="  · ", subsequent_indent="    ",
                                      break_on_hyphens=False))
         typer.echo(side_table(c))
         if out is not None:

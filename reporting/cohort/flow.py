@@ -34,6 +34,7 @@ from reporting.cohort.collect import (
     exclusion,
 )
 from seg.records import CohortEntry
+from seg.terminal import COLUMNS
 
 FLOW_COLUMNS = ("step", "box", "label", "n", "remaining")
 START_LABEL = "patients measured by the node"
@@ -44,7 +45,6 @@ STEP_LABEL = {
     STEP_SEX: "sex unknown",
     STEP_MUSCLES: "analysed muscles not all measured",
 }
-TEXT_WIDTH = 80
 ONE_CAUSE = frozenset({STEP_FILTER, STEP_SEX, STEP_MUSCLES})  # steps whose label is their only reason
 
 
@@ -112,7 +112,7 @@ def _clip(text: str, width: int) -> str:
 
 
 def flow_text(flow: pd.DataFrame) -> str:
-    """The flow as plain text for the terminal, within :data:`TEXT_WIDTH` columns."""
+    """The flow as plain text for the terminal, within :data:`COLUMNS` columns."""
     lines = ["Participant flow"]
     for row in flow.itertuples(index=False):
         if row.box == "start":
@@ -127,5 +127,5 @@ def flow_text(flow: pd.DataFrame) -> str:
             continue
         else:
             continue
-        lines.append(_clip(line, TEXT_WIDTH))
+        lines.append(_clip(line, COLUMNS))
     return "\n".join(lines)
