@@ -228,6 +228,15 @@ class DatabaseBusy(sqlite3.OperationalError):
     """The write lock was not obtained within the connection's busy timeout (transient)."""
 
 
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether SQLite refused for a lock another connection holds (transient: try again), by its
+    result code; a full disk, an I/O error or a damaged file are not (their texts say "database")."""
+    if isinstance(exc, DatabaseBusy):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _private_file(path: Path) -> None:
     """Create ``path`` 0600 if missing; tighten an older, wider file (and its WAL/SHM) to 0600."""
     try:
@@ -315,7 +324,7 @@ class Database:
             try:
                 self.con.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
+                if is_busy(exc):
                     raise DatabaseBusy(str(exc)) from exc
                 raise
             try:

@@ -337,3 +337,34 @@ def test_a_rebuilt_output_must_equal_the_one_handed_on_but_for_build_times(tmp_p
     with pytest.raises(OutputChanged, match=str(ds.SOPInstanceUID)):
         _check_same_content(rebuilt, handed_on, tmp_path / "scratch")
     assert handed_on.read_bytes() == _save(ds, tmp_path / "again").read_bytes()  # the sent file stays
+
+
+def test_an_index_that_cannot_be_written_is_not_called_locked(node: tuple, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SQLite error on receive was answered "index-busy: the index is locked, try again": a full
+    disk or a damaged index too, which no retry mends. Busy or not is SQLite's result code."""
+    import sqlite3
+
+    from dicomnode.db import is_busy
+    from dicomnode.storage.store import StoreError
+
+    _, db, store = node
+    holder = sqlite3.connect(db.path, timeout=0, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    other = sqlite3.connect(db.path, timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError) as locked:
+        other.execute("BEGIN IMMEDIATE")
+    holder.execute("ROLLBACK")
+    assert is_busy(locked.value)
+    full = sqlite3.OperationalError("database or disk is full")  # its text names the database too
+    assert not is_busy(full)
+
+    def index(*_: object, **__: object) -> None:
+        raise full
+
+    monkeypatch.setattr(store, "index", index)
+    s = write_ct_series(tmp_path / "in", name="full", n=1, size=8)
+    with pytest.raises(StoreError, match="^index-error: the node's index cannot be written "
+                                         r"\(database or disk is full\)"):
+        store_files(store, s.files)
+    assert not list(store.incoming.rglob("*.dcm"))  # nothing kept unacknowledged

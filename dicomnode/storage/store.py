@@ -49,7 +49,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomnode.db import Database, DatabaseBusy, now
+from dicomnode.db import Database, is_busy, now
 from dicomnode.logs import event, load_pseudonym_key, pseudonym
 from dicomnode.network.validate import CANNOT_UNDERSTAND, UID_SHAPE, shown, validate_instance
 from dicomnode.processing import jobs
@@ -615,9 +615,13 @@ class Store:
                 except BaseException:
                     path.unlink(missing_ok=True)  # refused or busy: keep nothing unacknowledged
                     raise
-            except (DatabaseBusy, sqlite3.OperationalError) as exc:
-                raise StoreError(f"index-busy: the index is locked, try again ({exc})",
-                                 status=OUT_OF_RESOURCES, code="index-busy") from exc
+            except sqlite3.OperationalError as exc:  # DatabaseBusy among them
+                if is_busy(exc):
+                    raise StoreError(f"index-busy: the index is locked, try again ({exc})",
+                                     status=OUT_OF_RESOURCES, code="index-busy") from exc
+                # a full disk, an I/O error, a damaged index: SQLite's text names no data
+                raise StoreError(f"index-error: the node's index cannot be written ({exc})",
+                                 status=OUT_OF_RESOURCES, code="index-error") from exc
 
     @contextmanager
     def _sop_lock(self, sop_uid: str) -> Iterator[None]:
