@@ -368,3 +368,22 @@ def test_an_index_that_cannot_be_written_is_not_called_locked(node: tuple, tmp_p
                                          r"\(database or disk is full\)"):
         store_files(store, s.files)
     assert not list(store.incoming.rglob("*.dcm"))  # nothing kept unacknowledged
+
+
+def test_a_damaged_file_is_unreadable_and_a_defect_is_not_hidden(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``read_headers`` counted any exception as "unreadable header", so a defect in the header reader
+    would have rejected every series with nothing in the log to point at it."""
+    from dicomnode.storage.series import read_headers
+
+    s = write_ct_series(tmp_path / "in", name="hdr", n=3, size=8)
+    s.files[1].write_bytes(s.files[1].read_bytes()[:60])  # cut short on disk
+    headers, unreadable = read_headers([*s.files, tmp_path / "missing.dcm"])
+    assert (len(headers), unreadable) == (2, 2)
+
+    def broken(*_: object) -> None:
+        raise AttributeError("a defect in the reader")
+
+    monkeypatch.setattr("seg.native_dicom.read_file_header", broken)
+    with pytest.raises(AttributeError, match="a defect"):
+        read_headers(s.files)

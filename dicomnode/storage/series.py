@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -191,9 +192,11 @@ def read_headers(files: list[Path]) -> tuple[list[Any], int]:
             if ds is None:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
             headers.append(ds)
-        except Exception:
+        except (OSError, EOFError, ValueError, KeyError, IndexError, struct.error,
+                pydicom.errors.InvalidDicomError):  # what a damaged or vanished file raises
+            log.debug("header unreadable: %s", path, exc_info=True)
             unreadable += 1
-    return headers, unreadable
+    return headers, unreadable  # anything else is a defect: the watcher logs it with its traceback
 
 
 def _int_or_none(value: Any) -> int | None:
