@@ -39,7 +39,9 @@ def _off_grid_dataset(phantom: Path, root: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["evaluate-empty", "evaluate-off-grid", "train-missing", "segment-not-ct",
-                                  "volumes-no-labels", "volumes-no-ct", "demo-no-model"])
+                                  "volumes-no-labels", "volumes-no-ct", "demo-no-model", "train-both",
+                                  "evaluate-z-range", "train-z-range", "phantom-z-range",
+                                  "phantom-atrophy", "phantom-fov", "segment-record-nifti"])
 def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     t = tmp_path
@@ -65,6 +67,21 @@ def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, 
                           "--ct", "does not exist"),
         "demo-no-model": (["demo", "--model", str(t / "nowhere"), "--out", str(t / "demo"), "--no-view"],
                           "--model", "is not a folder"),
+        # --phantoms was ignored beside --data (evaluate refused it, train did not)
+        "train-both": (["train", "--data", str(t / "empty"), "--phantoms", "2", "--out", str(t / "pkg")],
+                       "--phantoms", "not both"),
+        # a traceback in train and evaluate; "30,-60" made an empty phantom
+        "evaluate-z-range": (["evaluate", "--phantoms", "1", "--z-range", "1,2,3"], "--z-range", "lo < hi"),
+        "train-z-range": (["train", "--phantoms", "1", "--z-range", "a,b", "--out", str(t / "pkg")],
+                          "--z-range", "'a,b'"),
+        "phantom-z-range": (["phantom", "--out", str(t / "pkg"), "--z-range", "30,-60"], "--z-range",
+                            "lo < hi"),
+        "phantom-atrophy": (["phantom", "--out", str(t / "pkg"), "--atrophy", "sartorius=x"], "--atrophy",
+                            "NAME=FACTOR"),
+        "phantom-fov": (["phantom", "--out", str(t / "pkg"), "--fov", "400xwide"], "--fov", "400xwide"),
+        "segment-record-nifti": (["segment", str(phantom / "truth" / "labels.nii.gz"), "--out",
+                                  str(t / "seg"), "--record", "--no-progress"], "INPUT",
+                                 "--record need a DICOM series"),
     }[case]
     res = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)

@@ -196,7 +196,7 @@ def test_a_model_package_that_does_not_verify_stops_check_and_serve(tmp_path: Pa
     assert result.exit_code == 2 and "model_path:" in result.output and "checksum mismatch" in result.output
     served = subprocess.run([sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(cfg)],
                             capture_output=True, text=True, timeout=120)
-    assert served.returncode == 2 and "cannot start: model_path:" in served.stderr
+    assert served.returncode == 2 and "cannot start: model_path:" in " ".join(served.stderr.split())
     assert "checksum mismatch" in served.stderr and "Traceback" not in served.stderr
 
 
@@ -271,4 +271,32 @@ def test_a_package_with_absurd_weights_stops_check_and_serve(tmp_path: Path,
     for result, prefix in ((checked, "model_path:"), (served, "cannot start: model_path:")):
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and prefix in text and "a model package may hold" in text, result.output
+    assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize(("worker", "command", "why"), [
+    ('device = "cuda"', "serve", "worker.device: 'cuda', but PyTorch sees 0 CUDA GPU(s) here"),
+    ('device = "cuda:0"\nruntime = "openvino"', "config check",
+     "worker.runtime: 'openvino' runs on the CPU only, not on worker.device 'cuda:0'"),
+    ('runtime = "openvino"', "config check", "worker.runtime: 'openvino' is not installed here"),
+])
+def test_a_worker_that_cannot_run_is_refused_before_the_first_job(worker: str, command: str, why: str,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime or device this machine cannot run passed `config check` and `serve`; then every job
+    failed after its retries, each with the same reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    monkeypatch.setattr("seg.runtime.openvino_installed", lambda: False)
+    cfg = _write(tmp_path, f'storage_dir = "{(tmp_path / "var").as_posix()}"\nhost = "127.0.0.1"\n'
+                           f'port = 1\n[worker]\n{worker}\n')
+    args = ["config", "check", str(cfg)] if command == "config check" else ["serve", "--config", str(cfg)]
+    umask = os.umask(0o022)  # serve restricts the process's umask
+    try:
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    finally:
+        os.umask(umask)
+    assert result.exit_code == 2 and why in " ".join(result.output.split()), result.output
     assert not (tmp_path / "var").exists()

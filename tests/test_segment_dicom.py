@@ -267,14 +267,16 @@ def test_the_demo_models_banner_fits_80_columns(series, monkeypatch):
     monkeypatch.setattr("seg.model.load_model", lambda *_, **__: SimpleNamespace(info=info))
     monkeypatch.setattr("seg.runtime.prepare", lambda pkg, _: pkg)
 
+    from dicomnode.commands.segmentation import CaseOutputError
+
     def run_case(*_: object, **__: object) -> None:
-        raise ValueError("stop after the banner")
+        raise CaseOutputError("stop after the banner")
 
     monkeypatch.setattr("dicomnode.commands.segmentation.run_case", run_case)
     case = next(iter(series.values()))
     r = CliRunner().invoke(app, ["segment", str(case / "dicom"), "--out", "unused", "--no-progress"])
-    assert r.exit_code == 2 and "stop after the banner" in r.output
-    banner = r.output[:r.output.index("Usage")].splitlines()
+    assert r.exit_code == 1 and "error: stop after the banner" in r.output
+    banner = r.output[:r.output.index("error:")].splitlines()
     assert " ".join(" ".join(banner).split()) == f"model thigh-unetr-demo 0.9.0: {DEMO_STATEMENT}"
     assert all(len(line) <= 80 and line == line.rstrip() for line in banner), banner
 

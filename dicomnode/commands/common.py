@@ -48,6 +48,32 @@ def spacing_option(text: str) -> tuple[float, float, float]:
         raise typer.BadParameter(str(exc)) from exc
 
 
+def z_range_option(text: str | None, option: str = "--z-range") -> tuple[float, float] | None:
+    """A ``lo,hi`` range in mm (``phantom``, ``train``, ``evaluate``): one parser, so "1,2,3" or
+    "a,b" is a usage error naming the option everywhere (it was a traceback in two of three)."""
+    if not text:
+        return None
+    try:
+        parts = [float(v) for v in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 2 or not parts[0] < parts[1]:
+        raise typer.BadParameter(f"give two numbers lo,hi in mm with lo < hi, e.g. -60,30 (got {text!r})",
+                                 param_hint=option)
+    return parts[0], parts[1]
+
+
+def case_source(data: Path | None, phantoms: int) -> None:
+    """One source of cases for ``train`` and ``evaluate``, checked before anything loads: with both,
+    --phantoms was silently ignored and the figures were not of what was asked."""
+    if data is None and phantoms <= 0:
+        raise typer.BadParameter("give --data DIR or --phantoms N")
+    if data is not None and phantoms > 0:
+        raise typer.BadParameter("give --data DIR or --phantoms N, not both", param_hint="--phantoms")
+    if data is not None and not data.is_dir():
+        raise typer.BadParameter(f"dataset folder {data} does not exist", param_hint="--data")
+
+
 def cell(v: float | None, fmt: str) -> str:
     """A number in a text table: "-" when missing, and a value that rounds to zero without a sign
     ("0.0", not "-0.0" or "+0.0")."""

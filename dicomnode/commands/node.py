@@ -54,9 +54,9 @@ def config_check(
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
         echo_problems(str(exc))
         raise typer.Exit(2) from exc
-    problem = package_problem(settings)
-    if problem:
-        echo_problems(f"invalid configuration ({file}):\n  model_path: {problem}")
+    problems = worker_problems(settings)
+    if problems:
+        echo_problems(f"invalid configuration ({file}):\n" + "\n".join(f"  {p}" for p in problems))
         raise typer.Exit(2)
     typer.echo(f"{file}: valid\n{config_summary(settings)}")
 
@@ -70,18 +70,39 @@ def echo_problems(text: str) -> None:
                                  break_on_hyphens=False), err=True)
 
 
-def package_problem(settings: Settings) -> str | None:
-    """Why the configured model package cannot be used (metadata, classes, the weights' checksum:
-    :func:`seg.package.verify_package`, no torch), or None; the shipped demo model is not checked."""
+def worker_problems(settings: Settings, *, gpu: bool = False) -> list[str]:
+    """Why the worker could run no job with these settings, as ``key: problem`` lines: the model
+    package (metadata, classes, the weights' checksum: :func:`seg.package.verify_package`; the shipped
+    demo model is not checked), an OpenVINO runtime that is not installed or asked for a GPU, and with
+    ``gpu`` (``serve``, which loads PyTorch anyway) a CUDA device PyTorch does not see. Each passed
+    ``config check`` and ``serve``, then failed every job after its retries."""
     from seg.package import ModelPackageError, verify_package
 
-    if settings.model_path is None:
-        return None
-    try:
-        verify_package(settings.model_path)
-    except ModelPackageError as exc:
-        return str(exc)
-    return None
+    problems = []
+    if settings.model_path is not None:
+        try:
+            verify_package(settings.model_path)
+        except ModelPackageError as exc:
+            problems.append(f"model_path: {exc}")
+    device, runtime = settings.worker.device, settings.worker.runtime
+    if runtime == "openvino":
+        from seg.runtime import openvino_installed
+
+        if device.startswith("cuda"):
+            problems.append(f"worker.runtime: 'openvino' runs on the CPU only, not on worker.device "
+                            f"{device!r}")
+        elif not openvino_installed():
+            problems.append("worker.runtime: 'openvino' is not installed here: pip install "
+                            "'dicomnode[openvino]', or runtime = \"auto\"")
+    if gpu and device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            seen = torch.cuda.device_count()
+            problems.append(f"worker.device: {device!r}, but PyTorch sees {seen} CUDA GPU(s) here"
+                            + ("" if torch.cuda.is_available() else " (a CPU build, or no driver)"))
+    return problems
 
 
 def serve(
@@ -107,9 +128,9 @@ def serve(
 
     restrict_umask()  # PHI at rest: everything the node writes is closed to other local users
     settings = settings_from(config)
-    problem = package_problem(settings)
-    if problem:  # every job would fail on it: say so now, not in each job's reason
-        echo_problems(f"cannot start: model_path: {problem}")
+    problems = worker_problems(settings, gpu=not no_worker)
+    if problems:  # every job would fail on it: say so now, not in each job's reason
+        echo_problems("cannot start:\n" + "\n".join(f"  {p}" for p in problems))
         raise typer.Exit(2)
     setup_logging(settings.log_level, settings.log_json)
     try:

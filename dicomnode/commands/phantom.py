@@ -8,15 +8,20 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import bad_input, spacing_option, volumes_table
+from dicomnode.commands.common import bad_input, spacing_option, volumes_table, z_range_option
 
 
-def _parse_pair(text: str | None, what: str) -> tuple[float, float] | None:
+def _fov_option(text: str | None) -> tuple[float, float] | None:
+    """``--fov`` as two positive mm, "400,300" or "400x300"."""
     if not text:
         return None
-    parts = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    if len(parts) != 2:
-        raise typer.BadParameter(f"{what}: give two numbers, e.g. -60,30")
+    try:
+        parts = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        parts = []
+    if len(parts) != 2 or min(parts) <= 0:
+        raise typer.BadParameter(f"give two positive numbers in mm, e.g. 400x300 (got {text!r})",
+                                 param_hint="--fov")
     return parts[0], parts[1]
 
 
@@ -25,8 +30,11 @@ def _parse_atrophy(items: list[str]) -> dict[str, float]:
     for it in (part for item in items for part in item.split(",") if part.strip()):
         name, sep, val = it.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--atrophy expects NAME=FACTOR, got {it!r}")
-        out[name.strip()] = float(val)
+            raise typer.BadParameter(f"expects NAME=FACTOR, got {it!r}", param_hint="--atrophy")
+        try:
+            out[name.strip()] = float(val)
+        except ValueError:
+            raise typer.BadParameter(f"expects NAME=FACTOR, got {it!r}", param_hint="--atrophy") from None
     return out
 
 
@@ -84,8 +92,8 @@ def phantom(
             patient_id=patient_id, patient_name=patient_name, study_date=study_date, study_time=study_time,
             sex=sex.upper() if sex else None, height_m=height, postop=postop or bool(implant),
             atrophy=_parse_atrophy(atrophy or []), fat_infiltration=fat_infiltration, implant_side=implant,
-            study_uid=study_uid, write_height=not no_height, z_range_mm=_parse_pair(z_range, "--z-range"),
-            fov_mm=_parse_pair(fov, "--fov"), noise=not no_noise, series_number=series_number,
+            study_uid=study_uid, write_height=not no_height, z_range_mm=z_range_option(z_range),
+            fov_mm=_fov_option(fov), noise=not no_noise, series_number=series_number,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

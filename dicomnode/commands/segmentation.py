@@ -17,10 +17,12 @@ from rich.console import Console
 from dicomnode.commands.common import (
     ConfigOption,
     bad_input,
+    case_source,
     model_lines,
     settings_from,
     spacing_option,
     volumes_table,
+    z_range_option,
 )
 from seg import recipe
 from seg.records import CSV_COLUMNS, Evaluation, ModelInfo, VolumeRecord
@@ -264,7 +266,8 @@ def _load_input(path: Path, dicom: bool) -> Volume:
     with bad_input("INPUT"):
         ct = load_image(path)
     if dicom and not ct.source_files:
-        raise typer.BadParameter("--dicom needs a DICOM series, not a NIfTI CT", param_hint="INPUT")
+        raise typer.BadParameter("--dicom and --record need a DICOM series, not a NIfTI CT",
+                                 param_hint="INPUT")
     return ct
 
 
@@ -328,9 +331,8 @@ def segment(
     ct = _load_input(input, settings is not None)
     pkg = _load_package(model or node.model_path, device, node, console)
     t = time.perf_counter()
-    try:
-        with bad_input("INPUT"):
-            rec = run_case(ct, pkg, out, settings, progress, record)
+    try:  # the input was read above: what fails now is no usage error
+        rec = run_case(ct, pkg, out, settings, progress, record)
     except CaseOutputError as exc:
         console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc
@@ -434,8 +436,8 @@ def train(
     from seg.train import DatasetError, InitFromError, TrainConfig
     from seg.train import train as run_train
 
-    if data is None and phantoms <= 0:
-        raise typer.BadParameter("give --data DIR or --phantoms N")
+    case_source(data, phantoms)
+    zr = z_range_option(z_range)
     if crop not in ("foreground", "classes"):
         raise typer.BadParameter("--crop must be 'foreground' or 'classes'")
     if targets not in ("partial_volume", "nearest"):
@@ -457,10 +459,6 @@ def train(
         return
     if out is None:
         raise typer.BadParameter("give the model package folder to write", param_hint="--out")
-    zr = None
-    if z_range:
-        lo, hi = (float(v) for v in z_range.split(","))
-        zr = (lo, hi)
     arch = {**recipe.DEMO_UNETR, "img_size": [roi] * 3, "feature_size": feature_size,
             "hidden_size": hidden_size, "mlp_dim": mlp_dim, "num_heads": num_heads}
     cfg = TrainConfig(
@@ -588,12 +586,12 @@ def evaluate(
     from seg.model import ModelPackageError, load_model
     from seg.train import DatasetError
 
-    _check_evaluation_source(data, phantoms)
+    case_source(data, phantoms)
+    zr = z_range_option(z_range)
     try:
         pkg = load_model(model, device=device)
     except ModelPackageError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from e
-    zr = tuple(float(v) for v in z_range.split(",")) if z_range else None
     _show_progress()
     try:
         result = evaluate_model(pkg, phantoms=phantoms, seed_start=seed_start, data=data, z_range_mm=zr,
@@ -606,17 +604,6 @@ def evaluate(
         Console(stderr=True).print(f"written {out / 'evaluation.json'}")
     else:
         Console(stderr=True, highlight=False).print(_unsaved_summary(result), soft_wrap=True)
-
-
-def _check_evaluation_source(data: Path | None, phantoms: int) -> None:
-    """One source of held-out cases, checked before the model loads: with both, --phantoms was
-    silently ignored and the figures were not of what was asked."""
-    if data is None and phantoms <= 0:
-        raise typer.BadParameter("give --data DIR or --phantoms N")
-    if data is not None and phantoms > 0:
-        raise typer.BadParameter("give --data DIR or --phantoms N, not both", param_hint="--phantoms")
-    if data is not None and not data.is_dir():
-        raise typer.BadParameter(f"dataset folder {data} does not exist", param_hint="--data")
 
 
 def _unsaved_summary(result: Evaluation) -> str:
