@@ -51,6 +51,7 @@ from reporting.uids import (
     source_header,
     tracking_uid,
 )
+from seg.height import height_state
 from seg.labels import by_name
 from seg.records import ModelInfo, Side, StructureVolume, VolumeQA, VolumeRecord
 from seg.volume import Volume
@@ -230,12 +231,9 @@ def height_status(volumes: VolumeRecord, meta: dict) -> tuple[hd.sr.CodedConcept
         else:
             source = codes.HEIGHT_SOURCE_OTHER
         return codes.HEIGHT_PRESENT, source
-    size = meta.get("PatientSize")
-    try:
-        given = size not in (None, "") and float(size) > 0
-    except (TypeError, ValueError):
-        given = False
-    return (codes.HEIGHT_IMPLAUSIBLE if given else codes.HEIGHT_MISSING), codes.HEIGHT_SOURCE_NONE
+    state = height_state(volumes.height_m, volumes.height_source, meta.get("PatientSize"))
+    status = codes.HEIGHT_IMPLAUSIBLE if state == "implausible" else codes.HEIGHT_MISSING
+    return status, codes.HEIGHT_SOURCE_NONE
 
 
 def metal_evaluation(qa: VolumeQA) -> hd.sr.QualitativeEvaluation:

@@ -33,6 +33,7 @@ from reporting.uids import (
     source_content,
     source_header,
 )
+from seg.height import height_state
 from seg.labels import LABEL_OF, PAPER_ORDER, by_name, structures
 from seg.records import ChangeRecord, ModelInfo, VolumeRecord
 from seg.volume import Volume
@@ -56,10 +57,9 @@ def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo) -> lis
     qa = volumes.qa
     if model_info.demo:
         out.append("DEMO model trained on synthetic phantoms: not for clinical use")
-    if not volumes.height_m:
-        size = meta.get("PatientSize")
-        out.append("Body height implausible: no height index" if size not in (None, "")
-                   else "Body height missing: no height index")
+    state = height_state(volumes.height_m, volumes.height_source, meta.get("PatientSize"))
+    if state != "present":
+        out.append(f"Body height {state}: no height index")
     if qa.metal:
         where = qa.metal_where.side if qa.metal_where else None
         side = {"left": "left side", "right": "right side", "both": "both sides"}.get(str(where),

@@ -82,7 +82,9 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # but no muscle, side or "not found"); the follow-up SR has no Time Point Order (read as a measurement)
 # and shorter meanings for VDELTA and VCHGPCT; SEG and SR series descriptions begin with "DEMO ".
 # 6: the follow-up SR's volume change is the difference of the two volumes as written.
-OUTPUT_REVISION = 6
+# 7: the SR's height status and the page's height warning follow the record's height source (an
+# implausible registry height was coded "missing").
+OUTPUT_REVISION = 7
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:

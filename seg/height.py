@@ -7,7 +7,7 @@ ask this module, so a height is either used everywhere or nowhere. Heights are n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 PLAUSIBLE_HEIGHT_M = (1.2, 2.2)
 PLAUSIBLE_RANGE_TEXT = f"{PLAUSIBLE_HEIGHT_M[0]}–{PLAUSIBLE_HEIGHT_M[1]} m"
@@ -29,3 +29,18 @@ def height_from_patient_size(size: Any) -> tuple[float | None, str]:
     if not plausible_height(value):
         return None, f"implausible PatientSize {value:.2f} m"
     return value, "PatientSize"
+
+
+HeightState = Literal["present", "missing", "implausible"]
+
+
+def height_state(height_m: float | None, height_source: str | None, patient_size: Any = None) -> HeightState:
+    """Whether a record has a height for its index, and if not why: what its own ``height_source``
+    says (the registry or PatientSize decided it once, :func:`dicomnode.clinical.registry.resolve`),
+    so the SR, the page and volumes.json agree; the SR and page judged PatientSize again and called an
+    implausible registry height "missing". A record stored without a source (an older volumes.json)
+    is judged by ``patient_size``."""
+    if height_m:
+        return "present"
+    source = height_source if height_source is not None else height_from_patient_size(patient_size)[1]
+    return "implausible" if source.startswith("implausible") else "missing"

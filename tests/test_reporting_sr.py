@@ -764,3 +764,20 @@ def test_outline_found_in_the_mask_box_is_the_outline_in_the_whole_image():
             continue
         got, whole = outline(mask), _outline(mask)
         assert np.array_equal(got[0], whole[0]) and got[1] == whole[1], case
+
+
+def test_the_sr_and_the_page_say_what_volumes_json_says_of_the_height():
+    """An implausible registry height and no PatientSize: volumes.json said "implausible registry
+    height", the SR coded "missing" and the page printed "Body height missing" (each judged
+    PatientSize again). A record stored before it had a source is judged by PatientSize."""
+    from reporting.sr import height_status
+    from reporting.summary import qa_warnings
+    from seg.records import ModelInfo
+
+    flagged = VolumeRecord(height_source="implausible registry height")
+    assert height_status(flagged, {})[0] == codes.HEIGHT_IMPLAUSIBLE
+    assert "Body height implausible: no height index" in qa_warnings(flagged, {}, ModelInfo())
+    bad_text = VolumeRecord(height_source="missing")  # a PatientSize "abc": no height, not implausible
+    assert height_status(bad_text, {"PatientSize": "abc"})[0] == codes.HEIGHT_MISSING
+    page = qa_warnings(bad_text, {"PatientSize": "abc"}, ModelInfo())
+    assert "Body height missing: no height index" in page
