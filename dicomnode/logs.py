@@ -74,6 +74,21 @@ _IN_QUOTES = re.compile(r'["\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
 _SHORT_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+OUR_PACKAGES = frozenset({"dicomnode", "seg", "reporting"})
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as a log line above DEBUG may show it: type and text where this project wrote the
+    text (its own exception classes) or the system did (an OSError: its words and a path under the
+    storage folder, named by UIDs), the type alone otherwise, with the text at DEBUG. Why: pydicom,
+    highdicom and pydantic quote the value they refuse, and in a header that is a name, an ID or a
+    date."""
+    name = type(exc).__name__
+    if type(exc).__module__.partition(".")[0] in OUR_PACKAGES or isinstance(exc, OSError):
+        return f"{name}: {exc}".strip().rstrip(":")
+    return f"{name} (its text is logged at DEBUG)"
+
+
 def _escape_char(match: re.Match[str]) -> str:
     char = match.group()
     return _SHORT_ESCAPES.get(char) or f"\\u{ord(char):04x}"

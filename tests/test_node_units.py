@@ -387,3 +387,38 @@ def test_a_damaged_file_is_unreadable_and_a_defect_is_not_hidden(tmp_path: Path,
     monkeypatch.setattr("seg.native_dicom.read_file_header", broken)
     with pytest.raises(AttributeError, match="a defect"):
         read_headers(s.files)
+
+
+def test_a_foreign_exceptions_text_stays_out_of_logs_above_debug() -> None:
+    """pydicom, highdicom and pydantic quote the value they refuse (a name, an ID, a date): above DEBUG
+    the log names the exception's type; our own exceptions and the system's keep their text."""
+    from dicomnode.logs import error_text
+    from seg.io import SeriesGeometryError
+
+    class Foreign(ValueError):
+        __module__ = "pydicom.valuerep"
+
+    assert error_text(Foreign("Invalid value for VR PN: 'Hidden^Harriet'")) == (
+        "Foreign (its text is logged at DEBUG)")
+    assert error_text(ValueError("'Hidden^Harriet' is not a valid date")).startswith("ValueError (")
+    assert error_text(SeriesGeometryError("missing slices")) == "SeriesGeometryError: missing slices"
+    assert error_text(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"
+
+
+def _pipeline_quotes(job, settings):  # noqa: ANN001
+    raise ValueError("Invalid value for VR PN: 'Hidden^Harriet'")  # as pydicom words it
+
+
+def test_a_failed_jobs_log_names_the_error_and_the_index_keeps_its_text(node: tuple, tmp_path: Path) -> None:
+    """The job's reason is kept whole for `dicomnode jobs`; the WARNING/ERROR line carried it too."""
+    settings, db, store = node
+    queue = SQLiteJobQueue(db)
+    store_files(store, write_ct_series(tmp_path / "in", name="q", n=12, size=8).files)
+    StabilityWatcher(settings, db, queue).check_once()
+    worker = Worker(settings, store, queue, _pipeline_quotes)
+    with captured_info_log() as stream:
+        while worker.run_once() is not None:
+            pass
+    assert "Hidden" in db.one("SELECT reason FROM jobs")[0]
+    log = stream.getvalue()
+    assert "job failed" in log and "ValueError (its text is logged at DEBUG)" in log and "Hidden" not in log

@@ -60,7 +60,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Settings
-from dicomnode.logs import event
+from dicomnode.logs import error_text, event
 from dicomnode.network.pynetdicom_tuning import attach_waiters, tune_pynetdicom
 from dicomnode.network.sop import CT_CLASSES
 from dicomnode.network.tls import describe, handshake, server_context
@@ -483,8 +483,8 @@ class StorageSCP:
         except StoreError as exc:  # refused by the store: its status (0xC000, 0xA900 or 0xA700) as is
             return self._fail(exc.status, str(exc), calling)
         except Exception as exc:
-            log.exception("store failed")
-            return self._fail(OUT_OF_RESOURCES, f"cannot store: {type(exc).__name__}: {exc}", calling)
+            log.debug("store failed", exc_info=True)  # the traceback quotes values: DEBUG only
+            return self._fail(OUT_OF_RESOURCES, f"cannot store: {error_text(exc)}", calling)
         with self._count_lock:
             self.received += 1
             if self.on_release is not None:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
+from dicomnode.logs import error_text
 from dicomnode.processing.phases import PhaseLog
 from dicomnode.processing.pipeline import JobInput, SeriesRejected
 
@@ -70,6 +71,7 @@ class Outcome:
     outputs: list[Path] = field(default_factory=list)
     message: str = ""
     detail: str = ""  # the failure in one line (exception type and text, exit signal, time limit)
+    logged: str = ""  # the detail as the log shows it above DEBUG (dicomnode.logs.error_text); "": detail
     traceback: str = ""  # the child's traceback for ERROR (logged at DEBUG)
 
 
@@ -156,7 +158,7 @@ def _call(pipeline: Any, job: JobInput, settings: Settings) -> Outcome:
         return Outcome(Ending.REJECTED, detail=str(exc) or type(exc).__name__)
     except BaseException as exc:  # noqa: BLE001
         return Outcome(Ending.ERROR, detail=f"{type(exc).__name__}: {exc}".strip().rstrip(":"),
-                       traceback=traceback.format_exc())
+                       logged=error_text(exc), traceback=traceback.format_exc())
 
 
 def _warm_up(pipeline: Any, settings: Settings) -> None:

@@ -128,11 +128,11 @@ class Worker:
                 Ending.CRASHED: (ReasonCode.PIPELINE_CRASHED, self.retry_after(job.attempts)),
                 Ending.TIMEOUT: (ReasonCode.PIPELINE_TIMEOUT, None),
             }[outcome.ending]
-            reason = f"attempt {job.attempts}: {outcome.detail}"
+            reason = f"attempt {job.attempts}: {outcome.detail}"  # kept whole in the index (`jobs`)
             state = self.queue.fail(job.id, reason, retry, code)
             level = logging.ERROR if state is JobState.FAILED else logging.WARNING
-            event(log, f"job {state}", level, job=job.id, reason=reason, reason_code=code,
-                  seconds=round(seconds, 2))
+            event(log, f"job {state}", level, job=job.id, reason=f"attempt {job.attempts}: "
+                  f"{outcome.logged or outcome.detail}", reason_code=code, seconds=round(seconds, 2))
             if outcome.traceback:
                 log.debug("pipeline traceback (job %s):\n%s", job.id, outcome.traceback)
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database, now
-from dicomnode.logs import event
+from dicomnode.logs import error_text, event
 from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
@@ -494,10 +494,10 @@ class StabilityWatcher:
             if whole.complete:
                 sel = select_headers(headers, unreadable, self.settings.selection)
         except Exception as exc:  # selection must never kill the watcher
-            log.exception("selection failed")
+            log.error("selection failed: %s", error_text(exc))
+            log.debug("selection failed", exc_info=True)  # the traceback quotes values: DEBUG only
             whole = Completeness(True)
-            sel = Selection(False).refuse(ReasonCode.SELECTION_ERROR,
-                                          f"selection failed: {type(exc).__name__}: {exc}")
+            sel = Selection(False).refuse(ReasonCode.SELECTION_ERROR, f"selection failed: {error_text(exc)}")
         hold_until = float(last["last_received_at"] or t) + self.settings.selection.incomplete_hold_seconds
         if not whole.complete and now() < hold_until:
             return self._hold(job_id, series_uid, whole, hold_until)

@@ -50,7 +50,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicomnode.db import Database, is_busy, now
-from dicomnode.logs import event, load_pseudonym_key, pseudonym
+from dicomnode.logs import error_text, event, load_pseudonym_key, pseudonym
 from dicomnode.network.validate import CANNOT_UNDERSTAND, UID_SHAPE, shown, validate_instance
 from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
@@ -689,7 +689,8 @@ class Store:
                 self.index(info, path, path.stat().st_size, received_at=path.stat().st_mtime)
                 reindexed += 1
             except Exception as exc:  # an unreadable file is reported, not fatal
-                event(log, "unindexable file", logging.WARNING, path=path, error=exc)
+                event(log, "unindexable file", logging.WARNING, path=path, error=error_text(exc))
+                log.debug("unindexable file %s", path, exc_info=True)
         t = now()
         given_up = requeued = 0
         with self.db.tx() as con:
