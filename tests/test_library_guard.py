@@ -267,3 +267,28 @@ def test_highdicom_still_refuses_the_character_sets_the_node_rewrites() -> None:
     for values in (["ISO 2022 IR 6", "ISO 2022 IR 87"], ["ISO_IR 192"], ["ISO_IR 100"]):
         assert declarable(values)
         hd.valuerep._check_specific_character_set(values if len(values) > 1 else values[0])
+
+
+def test_pydicom_encoder_plugin_order_is_ours_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """reporting/rle_encoder.py reorders pydicom's private ``Encoder._available`` (docs/upstream.md
+    §11): the dict must still exist, decide which plugin an unnamed encode uses, and take ours first."""
+    import numpy as np
+    from pydicom.pixels.encoders.base import get_encoder
+    from pydicom.uid import RLELossless
+
+    from reporting import rle_encoder
+
+    encoder = get_encoder(RLELossless)
+    assert isinstance(encoder._available, dict)
+    assert rle_encoder.install() and next(iter(encoder._available)) == rle_encoder.PLUGIN
+    calls = []
+
+    def counted(src: bytes, runner: object) -> bytes:
+        calls.append(len(src))
+        return rle_encoder.encode_frame(src, runner)
+
+    monkeypatch.setitem(encoder._available, rle_encoder.PLUGIN, counted)  # same place, restored after
+    encoder.encode(np.zeros((4, 6), dtype=np.uint8), rows=4, columns=6, samples_per_pixel=1,
+                   bits_allocated=8, bits_stored=8, pixel_representation=0, number_of_frames=1,
+                   photometric_interpretation="MONOCHROME2")
+    assert calls == [24], "pydicom no longer tries its plugins in _available's order"
