@@ -266,7 +266,8 @@ def measure_and_record(settings, p: PatientSpec, post: bool, spacing_mm: float, 
     ph = make_phantom(phantom_options(p, post, spacing_mm))
     t1 = time.perf_counter()
     meta = ph.labels.meta or ph.meta
-    height, source = registry.height_for(settings, meta)
+    facts = registry.facts_for(settings, meta)
+    height, source = facts.height_m, facts.height_source
     record = measure_volumes(
         ph.labels,
         None,

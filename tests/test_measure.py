@@ -13,7 +13,6 @@ import pytest
 from dicomnode.clinical import registry
 from dicomnode.commands.common import volumes_table
 from dicomnode.config import Settings
-from dicomnode.processing.pipeline import patient_height
 from seg import labels as L
 from seg.height import plausible_height
 from seg.measure import measure_volumes, midline_x, write_volumes
@@ -172,7 +171,7 @@ def test_one_height_rule_for_pipeline_registry_and_measure(settings: Settings, s
     lab.meta["PatientSize"] = size
     measured = measure_volumes(lab).height_m
     via_registry = registry.resolve(settings, "NOBODY", dicom_size=size).height_m
-    via_pipeline = patient_height(settings, {"PatientID": "NOBODY", "PatientSize": size})[0]
+    via_pipeline = registry.facts_for(settings, {"PatientID": "NOBODY", "PatientSize": size}).height_m
     assert [measured, via_registry, via_pipeline] == ([size] * 3 if usable else [None] * 3)
     if not usable:
         with pytest.raises(ValueError, match="not plausible"):

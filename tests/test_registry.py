@@ -77,8 +77,9 @@ def test_trust_order_and_height_provenance(settings: Settings, tmp_path: Path) -
     assert r.height_m is None and r.height_source.startswith("implausible PatientSize")
     assert (r.sex, r.sex_source) == ("F", "PatientSex")
     # The pipeline's hook.
-    assert registry.height_for(settings, {"PatientID": "P2", "PatientSize": 1.9}) == (1.71, "registry")
-    assert registry.height_for(settings, {"PatientID": "X", "PatientSize": 0.5})[0] is None
+    facts = registry.facts_for(settings, {"PatientID": "P2", "PatientSize": 1.9})
+    assert (facts.height_m, facts.height_source) == (1.71, "registry")
+    assert registry.facts_for(settings, {"PatientID": "X", "PatientSize": 0.5}).height_m is None
 
 
 def test_issuer_scoping(settings: Settings, tmp_path: Path) -> None:

@@ -425,8 +425,10 @@ def resolve(
     )
 
 
-def height_for(settings: Settings, meta: dict) -> tuple[float | None, str | None]:
-    """(height m, provenance) for a series' header meta — the pipeline's hook; never a guess."""
+def facts_for(settings: Settings, meta: dict) -> Resolved:
+    """What the registry and the header say of a series' patient (height with its provenance, never a
+    guess; sex; fracture side and type), read once per job: the height, the page's fractured side and
+    every output then come from one reading, not from two that an import may fall between."""
     res = resolve(
         settings,
         str(meta.get("PatientID", "")),
@@ -436,4 +438,4 @@ def height_for(settings: Settings, meta: dict) -> tuple[float | None, str | None
     )
     if res.height_m is None and res.height_source.startswith("implausible"):
         log.warning("patient height implausible (%s); no height index", res.height_source)
-    return res.height_m, res.height_source
+    return res

@@ -144,7 +144,8 @@ def _load(case: Case) -> Volume:
 
 
 def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: VolumeRecord,
-                        model_info: ModelInfo, out: Path, results: Path | None = None) -> list[Path]:
+                        model_info: ModelInfo, out: Path, results: Path | None = None,
+                        fractured_side: str | None = None) -> list[Path]:
     """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm.
 
     ``results``: the series' results folder in the node's storage: the series is recorded for pairing
@@ -162,7 +163,7 @@ def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: 
         raise ValueError("--dicom needs a DICOM series (a NIfTI CT has no study to attach to)")
     pair = _no_pairing if results is None else (
         lambda seg, sr: _record_for_pairing(settings, ct, results, seg, sr))
-    built = build_outputs(settings, ct, labels, record, model_info, pair=pair)
+    built = build_outputs(settings, ct, labels, record, model_info, pair=pair, fractured_side=fractured_side)
     paths = [_save(ds, out) for ds in built.datasets]
     if settings.output.followup_sr:
         seg_ds = built.datasets[0]  # the change SR outlines each muscle from this study's SEG
@@ -176,7 +177,8 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
 
     ``record``: as the node after a job, the results go to the node's storage (``out`` is ignored)
     and the series is recorded in its index for pairing and the cohort report."""
-    from dicomnode.processing.pipeline import patient_height, results_dir
+    from dicomnode.clinical.registry import facts_for
+    from dicomnode.processing.pipeline import results_dir
     from seg.infer import segment as run_segment
     from seg.io import save_nifti
     from seg.measure import measure_volumes, write_volumes
@@ -187,11 +189,14 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
         out = results_dir(settings, str(ct.meta["SeriesInstanceUID"]))
     labels = run_segment(ct, pkg, progress=progress)
     model_info = pkg.info
+    side = None
     if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
         rec = measure_volumes(labels, ct, model=model_info)
     else:  # as the node: its clinical registry first, then PatientSize
-        height_m, source = patient_height(settings, ct.meta)
-        rec = measure_volumes(labels, ct, height_m=height_m, height_source=source, model=model_info)
+        facts = facts_for(settings, ct.meta)
+        side = facts.fractured_side
+        rec = measure_volumes(labels, ct, height_m=facts.height_m, height_source=facts.height_source,
+                              model=model_info)
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_nifti(labels, out / "labels.nii.gz")
@@ -202,7 +207,7 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
         dicom_out = out / ("outputs" if record else "dicom")
         try:
             write_dicom_outputs(settings, ct, labels, rec, model_info, dicom_out,
-                                results=out if record else None)
+                                results=out if record else None, fractured_side=side)
         except (OSError, ValueError, TypeError) as exc:
             raise CaseOutputError(f"volumes written to {out}, but not the SEG, SR and summary: "
                                   f"{type(exc).__name__}: {exc}") from exc

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.clinical.registry import get_patient, height_for
+from dicomnode.clinical.registry import facts_for
 from dicomnode.config import Settings
 from dicomnode.processing.forkwrite import BackgroundWrite
 from dicomnode.processing.phases import PhaseLog
@@ -160,20 +160,6 @@ def results_dir(settings: Settings, series_instance_uid: str) -> Path:
     return Path(settings.storage_dir) / "results" / series_instance_uid
 
 
-def patient_height(settings: Settings, meta: dict) -> tuple[float | None, str | None]:
-    """Height by trust: the clinical registry, then DICOM PatientSize (plausibility: :mod:`seg.height`)."""
-    return height_for(settings, meta)
-
-
-def registry_fractured_side(settings: Settings, meta: dict) -> str | None:
-    """The fractured side the clinical registry records for the series' patient (None: not recorded).
-
-    Why: a study without a comparison has no change record to carry it, and the reader of a
-    pre-operative page wants to know which hip broke."""
-    info = get_patient(settings, str(meta.get("PatientID", "")), str(meta.get("IssuerOfPatientID", "") or ""))
-    return info.fractured_side if info is not None else None
-
-
 def _save(ds: Any, folder: Path) -> Path:
     return _save_as(ds, folder / f"{ds.SOPInstanceUID}.dcm")
 
@@ -284,7 +270,8 @@ def summary_page(ct: Any, labels: Any, record: VolumeRecord, model_info: ModelIn
                  change: ChangeRecord | None = None, baseline: tuple[Any, Any] | None = None,
                  fractured_side: str | None = None) -> Any:
     """The summary page of a series (with ``change``, and ``baseline``'s key images, for a follow-up;
-    ``fractured_side``: the registry's, :func:`registry_fractured_side`): one call for
+    ``fractured_side``: the registry's, :func:`~dicomnode.clinical.registry.facts_for`; a page
+    without a comparison says which hip broke too): one call for
     :func:`build_outputs` and the node's :class:`SummaryDraft`, so the two are one page."""
     from reporting.summary import build_summary
 
@@ -300,7 +287,7 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
                   baseline: Callable[[ChangeRecord], tuple[Any, Any] | None] = _no_baseline,
                   phases: PhaseLog | None = None, seg_built: Callable[[Any], None] = _ignore,
                   summary_written: Callable[[ChangeRecord | None], Path | None] = _not_written,
-                  sr_beside: SRBeside | None = None) -> BuiltOutputs:
+                  sr_beside: SRBeside | None = None, fractured_side: str | None = None) -> BuiltOutputs:
     """The SEG, SR and summary of one series, built once here for the node and ``segment --dicom``.
 
     Why one function: offline outputs must equal what the node sends, UIDs included. ``pair`` records
@@ -311,7 +298,8 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
     ``sr_beside`` starts the SR's build (the function it gets) elsewhere and returns a function that
     waits for the SR: the node builds it in a forked child while the SEG's frames are encoded, from
     the SEG's header and frame index, all it needs of the SEG (:class:`reporting.seg.BuiltSeg`);
-    without it the SR is built here after the SEG. ``summary_written`` is asked first for the summary
+    without it the SR is built here after the SEG. ``fractured_side``: the registry's, for the page.
+    ``summary_written`` is asked first for the summary
     with the comparison pairing found (None: none): the file when it is written already (the node's
     :class:`SummaryDraft`; it is then not in ``datasets``), else None and the summary is built here.
     """
@@ -340,9 +328,9 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
         baseline_change = changes[0] if changes else None
         if summary_written(baseline_change) is None:
             pre = baseline(baseline_change) if baseline_change is not None else None
-            side = registry_fractured_side(settings, ct.meta)
             with phases.phase("summary encoding"):
-                datasets.append(summary_page(ct, labels, record, model_info, baseline_change, pre, side))
+                datasets.append(summary_page(ct, labels, record, model_info, baseline_change, pre,
+                                             fractured_side))
     return BuiltOutputs(datasets=datasets, changes=changes)
 
 
@@ -388,12 +376,12 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
 
     phases = PhaseLog(job.work_dir)
     with phases.phase("measure"):
-        height_m, height_source = patient_height(settings, ct.meta)
-        record = measure_volumes(labels, ct, height_m=height_m, height_source=height_source,
+        facts = facts_for(settings, ct.meta)
+        record = measure_volumes(labels, ct, height_m=facts.height_m, height_source=facts.height_source,
                                  model=model_info)
     out_dir = results_dir(settings, job.series_instance_uid)
     out_dir.mkdir(parents=True, exist_ok=True)
-    side = registry_fractured_side(settings, ct.meta) if settings.output.summary else None
+    side = facts.fractured_side
     draft = SummaryDraft(out_dir / "summary-draft",
                          lambda: summary_page(ct, labels, record, model_info, fractured_side=side),
                          phases) if settings.output.summary else None
@@ -405,7 +393,7 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
             # compressed by a child while the SEG is built; on disk before pairing records the result
             labels_saved = BackgroundWrite(lambda: _save_labels(labels, label_file), label_file)
         return _report_outputs(job, settings, ct, labels, model_info, record, out_dir, phases, draft,
-                               labels_saved.wait)
+                               labels_saved.wait, side)
     finally:
         if labels_saved is not None:
             labels_saved.wait()  # complete either way: a later job may read it
@@ -425,7 +413,7 @@ def _save_labels(labels: Any, path: Path) -> Path:
 
 def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: ModelInfo,
                     record: VolumeRecord, out_dir: Path, phases: PhaseLog, draft: SummaryDraft | None,
-                    results_saved: Callable[[], Any]) -> JobOutput:
+                    results_saved: Callable[[], Any], fractured_side: str | None) -> JobOutput:
     """:func:`report` from the measured volumes on: the DICOM outputs, pairing and follow-up SRs
     (``results_saved`` returns once the results folder is complete: before pairing records it)."""
     dicom_dir = out_dir / "outputs"
@@ -517,7 +505,7 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
     try:
         built = build_outputs(settings, ct, labels, record, model_info, pair=pair, baseline=baseline,
                               phases=phases, seg_built=seg_built, summary_written=summary_written,
-                              sr_beside=sr_beside)
+                              sr_beside=sr_beside, fractured_side=fractured_side)
     finally:
         for write in sr_writes:  # not waited for: the job failed before the SR was wanted
             write.cancel()
