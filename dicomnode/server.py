@@ -23,6 +23,7 @@ from dicomnode.network.sender import Sender
 from dicomnode.processing import jobs
 from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 from dicomnode.processing.worker import PipelineFn, Worker, pipeline_spec
+from dicomnode.storage.node_lock import NodeLock
 from dicomnode.storage.retention import Retention
 from dicomnode.storage.series import StabilityWatcher
 from dicomnode.storage.store import Store, one_flush_setting
@@ -44,6 +45,7 @@ class Node:
         queue_engine: Callable[[Database], JobQueue] = SQLiteJobQueue,
     ) -> None:
         self.settings = settings
+        self.lock = NodeLock(settings.storage_dir)
         self.db = Database(settings.db_path)
         self.store = Store(settings.storage_dir, self.db, one_flush=one_flush_setting(settings.receive_flush))
         self.queue = queue_engine(self.db)
@@ -68,8 +70,13 @@ class Node:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        if self.ops is not None:  # first: a taken port stops ``serve`` before anything else runs
-            self.ops.start()
+        self.lock.acquire()  # before recovery: another node's running jobs are not ours to re-queue
+        try:
+            if self.ops is not None:  # a taken port stops ``serve`` before anything else runs
+                self.ops.start()
+        except Exception:
+            self.lock.release()
+            raise
         self.store.recover(max_attempts=self.settings.worker.max_attempts)
         for job, due in jobs.queued(self.db):  # an engine that keeps no queue of its own gets them back
             self.queue.put(job, due)
@@ -78,6 +85,7 @@ class Node:
         except Exception:
             if self.ops is not None:  # nothing else runs yet: the page must not keep the process alive
                 self.ops.stop()
+            self.lock.release()
             raise
         loops: list[tuple[str, Any]] = [("watcher", self.watcher.run), ("sender", self.sender.run)]
         if self.worker_enabled:
@@ -117,6 +125,7 @@ class Node:
             thread.join(timeout)
         self.store.close()
         self.db.close()
+        self.lock.release()
         event(log, "node stopped")
 
     def serve_forever(self) -> None:

@@ -422,3 +422,31 @@ def test_a_failed_jobs_log_names_the_error_and_the_index_keeps_its_text(node: tu
     assert "Hidden" in db.one("SELECT reason FROM jobs")[0]
     log = stream.getvalue()
     assert "job failed" in log and "ValueError (its text is logged at DEBUG)" in log and "Hidden" not in log
+
+
+def test_a_second_node_on_one_storage_folder_recovers_nothing(tmp_path: Path) -> None:
+    """A second `serve` on a running node's storage_dir re-queued its running job, discarded its outputs
+    and removed its half-received files, then stopped at the DICOM port already taken. It now stops at
+    the storage folder's lock, first; the lock goes with the node that held it."""
+    from dicomnode.harness.net import free_port
+    from dicomnode.server import Node
+    from dicomnode.storage.node_lock import NodeLockError
+
+    settings = Settings(storage_dir=tmp_path / "var", host="127.0.0.1", port=free_port(),
+                        min_free_disk_mb=0, max_disk_used_pct=100)
+    first = Node(settings, worker_enabled=False)
+    first.start()
+    try:
+        store_files(first.store, write_ct_series(tmp_path / "in", name="two", n=6, size=8).files)
+        first.db.con.execute("UPDATE jobs SET state='running'")  # the first node's worker is on it
+        partial = next(first.store.incoming.rglob("*.dcm")).with_name(".arriving.tmp")
+        partial.write_bytes(b"half")  # a C-STORE the first node is receiving
+        second = Node(settings.model_copy(update={"port": free_port()}), worker_enabled=False)
+        with pytest.raises(NodeLockError, match=r"another node \(pid \d+\) is running on storage_dir"):
+            second.start()
+        assert first.db.one("SELECT state FROM jobs")[0] == "running" and partial.exists()
+    finally:
+        first.stop()
+    again = Node(settings, worker_enabled=False)
+    again.start()  # the stopped node's lock is gone
+    again.stop()

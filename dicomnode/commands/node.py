@@ -124,6 +124,7 @@ def serve(
     from dicomnode.network.tls import TlsError
     from dicomnode.ops.page import OpsPageError
     from dicomnode.server import Node
+    from dicomnode.storage.node_lock import NodeLockError
     from dicomnode.storage.store import restrict_umask
 
     restrict_umask()  # PHI at rest: everything the node writes is closed to other local users
@@ -135,9 +136,9 @@ def serve(
     setup_logging(settings.log_level, settings.log_json)
     try:
         Node(settings, pipeline=pipeline, worker_enabled=False if no_worker else None).serve_forever()
-    # a certificate, key or CA that cannot be loaded, the DICOM port or the ops page's port taken: one
-    # clear line, no traceback
-    except (TlsError, OpsPageError, ListenError) as exc:
+    # a certificate, key or CA that cannot be loaded, the DICOM port or the ops page's port taken, the
+    # storage folder held by another node: one clear line, no traceback
+    except (TlsError, OpsPageError, ListenError, NodeLockError) as exc:
         typer.echo(f"cannot start: {exc}", err=True)
         raise typer.Exit(2) from exc
 
