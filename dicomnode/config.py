@@ -19,6 +19,7 @@ import os
 import re
 import string
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -504,11 +505,49 @@ def _bound(file_values: dict[str, Any] | None, environment: bool) -> type[Settin
     return FileSettings
 
 
+# DICOMNODE_* variables that are not settings: the file to read, and knobs of one module each
+# (the pipeline to run, the CPU precision of inference, the OHIF build the viewer tests serve).
+OTHER_VARIABLES = frozenset({CONFIG_ENV, "DICOMNODE_PIPELINE", "DICOMNODE_CPU_PRECISION",
+                             "DICOMNODE_OHIF_DIST"})
+
+
+def environment_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per ``DICOMNODE_*`` variable that names no setting, the variable named as set.
+
+    Why: pydantic-settings reads only the names it knows, so ``DICOMNODE_PROT=104`` or
+    ``DICOMNODE_PACS_HOST=pacs`` (one underscore) left the node on its old port or PACS without a
+    word, and a section's unknown key was reported as ``pacs.hots``, which no file holds."""
+    environ = os.environ if environ is None else environ
+    prefix = Settings.model_config["env_prefix"]
+    problems = []
+    for name in sorted(environ):
+        if not name.upper().startswith(prefix) or name.upper() in OTHER_VARIABLES:
+            continue
+        key, _, rest = name[len(prefix):].lower().partition("__")
+        section = _section_of(Settings, key)
+        known_key = not rest or section is not None and rest in section.model_fields
+        if key in Settings.model_fields and known_key:
+            continue
+        if key in Settings.model_fields and section is not None:
+            problems.append(f"{name}: {key} has no key {rest!r} (allowed: {', '.join(section.model_fields)})")
+            continue
+        head, _, tail = key.partition("_")  # a section and its key joined by one "_"
+        hint = ""
+        if tail and _section_of(Settings, head) is not None:
+            hint = f"; did you mean {prefix}{head.upper()}__{tail.upper()}?"
+        problems.append(f"{name}: no such setting{hint} (settings: {', '.join(Settings.model_fields)}; "
+                        f"a section's key as {prefix}SECTION__KEY)")
+    return problems
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from defaults < TOML file < environment < explicit overrides.
 
-    The file is ``config_file`` or else ``$DICOMNODE_CONFIG``.
+    The file is ``config_file`` or else ``$DICOMNODE_CONFIG``. A ``DICOMNODE_*`` variable that names
+    no setting is refused (:func:`environment_problems`).
     """
+    if problems := environment_problems():
+        raise ConfigError("invalid configuration (DICOMNODE_* variables):\n  " + "\n  ".join(problems))
     if config_file is None and os.environ.get(CONFIG_ENV):
         config_file = Path(os.environ[CONFIG_ENV])
     if config_file is None:

@@ -81,8 +81,27 @@ def test_unknown_nested_key_is_refused_by_name(tmp_path: Path, monkeypatch: pyte
     assert "send.atempts: unknown key" in str(err.value)
     assert "attempts, initial_backoff_seconds" in str(err.value)  # what the section does take
     monkeypatch.setenv("DICOMNODE_PACS__HOTS", "10.0.0.9")  # the same typo through the environment
-    with pytest.raises(ConfigError, match=r"pacs\.hots: unknown key"):
+    with pytest.raises(ConfigError, match=r"DICOMNODE_PACS__HOTS: pacs has no key 'hots' \(allowed: "):
         load_settings()
+
+
+@pytest.mark.parametrize(("variable", "why"), [
+    ("DICOMNODE_PROT", "DICOMNODE_PROT: no such setting (settings: ae_title"),
+    ("DICOMNODE_PACS_HOST", "DICOMNODE_PACS_HOST: no such setting; did you mean DICOMNODE_PACS__HOST?"),
+    ("DICOMNODE_LOGLEVEL", "DICOMNODE_LOGLEVEL: no such setting"),
+])
+def test_a_variable_that_names_no_setting_is_refused(variable: str, why: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings reads only the names it knows: `DICOMNODE_PROT=12150` or one "_" too few left
+    the node on its old port or PACS without a word, though the README promises a typo stops it."""
+    monkeypatch.setenv(variable, "12150")
+    monkeypatch.setenv("DICOMNODE_CPU_PRECISION", "fp32")  # a knob of one module, not a setting: kept
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, 'ae_title = "X"\n'))
+    assert why in str(err.value)
+    shown = CliRunner().invoke(app, ["config", "show"], env={"COLUMNS": "80"})
+    assert shown.exit_code == 2 and why.split(" (")[0] in " ".join(shown.output.split())
+    assert "Usage:" not in shown.output  # the problems as `config check` prints them, not a usage box
 
 
 @pytest.mark.parametrize(("section", "key", "value", "allowed"), [

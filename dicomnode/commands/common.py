@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +21,24 @@ ConfigOption = Annotated[
 ]
 
 
+def echo_problems(text: str) -> None:
+    """Each problem on stderr within 80 columns, its key first and its continuation indented."""
+    for line in text.splitlines():
+        indent = " " * (len(line) - len(line.lstrip()))
+        typer.echo(textwrap.fill(line.lstrip(), COLUMNS, initial_indent=indent,
+                                 subsequent_indent=indent + "  ", break_long_words=False,
+                                 break_on_hyphens=False), err=True)
+
+
 def settings_from(config: Path | None) -> Settings:
+    """The settings every command reads; a bad file, key, value or ``DICOMNODE_*`` variable ends it
+    with exit 2 and each problem on a line of its own, as ``config check`` prints them (it was a
+    usage box that folded the lines mid-phrase)."""
     try:
         return load_settings(config)
     except (FileNotFoundError, ValueError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--config or DICOMNODE_*") from exc
+        echo_problems(str(exc))
+        raise typer.Exit(2) from exc
 
 
 def node_settings(config: Path | None) -> Settings:

@@ -13,11 +13,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from dicomnode.commands.common import ConfigOption, node_settings, settings_from
+from dicomnode.commands.common import ConfigOption, echo_problems, node_settings, settings_from
 from dicomnode.config import Settings
 from dicomnode.processing.jobs import JobState, run_end
 from dicomnode.timefmt import duration, local_time
-from seg.terminal import COLUMNS
 
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 
@@ -59,15 +58,6 @@ def config_check(
         echo_problems(f"invalid configuration ({file}):\n" + "\n".join(f"  {p}" for p in problems))
         raise typer.Exit(2)
     typer.echo(f"{file}: valid\n{config_summary(settings)}")
-
-
-def echo_problems(text: str) -> None:
-    """Each problem on stderr within 80 columns, its key first and its continuation indented."""
-    for line in text.splitlines():
-        indent = " " * (len(line) - len(line.lstrip()))
-        typer.echo(textwrap.fill(line.lstrip(), COLUMNS, initial_indent=indent,
-                                 subsequent_indent=indent + "  ", break_long_words=False,
-                                 break_on_hyphens=False), err=True)
 
 
 def worker_problems(settings: Settings, *, gpu: bool = False) -> list[str]:
