@@ -21,9 +21,13 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-    # The Debian package starts a system Orthanc on 4242/8042; tests run their own instances.
-    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
-    service orthanc stop >/dev/null 2>&1 || true
+    # The Debian package starts a system Orthanc on 4242/8042; tests run their own instances. Only an
+    # Orthanc this run installed is stopped: a site's own Orthanc (pacs-admin §2 installs it first, and
+    # chromium or npm may still be missing then) is left running and enabled.
+    if [[ " ${need_apt[*]} " == *" orthanc "* ]]; then
+      if command -v systemctl >/dev/null 2>&1; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
+      service orthanc stop >/dev/null 2>&1 || true
+    fi
   else
     echo "setup: please install Debian packages: ${need_apt[*]} (tests needing them will be skipped)" >&2
   fi
