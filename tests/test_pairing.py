@@ -320,6 +320,13 @@ def test_patients_list_shows_the_height_and_sex_pairing_uses(
     assert "IssuerOfPatientID DICOMNODE-PHANTOM-ISSUER" in lines
     assert any(line.startswith("P7 ") and "1.71 m" in line and "PatientSize" in line for line in lines)
     assert any(line.startswith("P8 *") for line in lines) and lines[-1].startswith("* not in the registry")
+    # a long ID is never cut across lines, even piped (`patients list | grep` found "PHANTOM00" / "01")
+    _registry(settings, tmp_path, "patient_id,height_m,sex,fracture_type,fractured_side,surgery_date\n"
+                                  "PHANTOM0000000001,1.70,M,FNF,left,20240105\n")
+    _record(settings, "PHANTOM0000000001", "9.1", "20240101", size=1.7)
+    lines = CliRunner().invoke(app, ["patients", "list"], env={"COLUMNS": "80"}).output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any(line.startswith("PHANTOM0000000001 ") and "registry" in line for line in lines), lines
 
 
 def _retrievals(settings: Settings) -> list[tuple]:

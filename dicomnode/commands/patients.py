@@ -118,10 +118,15 @@ def _print_patients(rows: list[dict]) -> None:
             console.print(f"IssuerOfPatientID {issuer}", markup=False, highlight=False)
         # no vertical rules, one space between columns
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
-        for head in ("patient", "height", "from", "sex", "type", "side", "surgery", "Koval", "studies",
-                     "pairs"):
+        mine = [r for r in rows if r["issuer"] == issuer]
+        longest = max(len(r["patient_id"]) + 2 for r in mine)
+        # a patient ID is never cut across lines (`patients list | grep ID` found nothing); the others fold
+        table.add_column("patient", no_wrap=True, min_width=longest)
+        table.add_column("height", overflow="fold")
+        table.add_column("from", overflow="fold", min_width=len("PatientSize"))  # a flag may fold
+        for head in ("sex", "type", "side", "surgery", "Koval", "studies", "pairs"):
             table.add_column(head, overflow="fold")
-        for r in (r for r in rows if r["issuer"] == issuer):
+        for r in mine:
             table.add_row(  # Text: "[...]" in a flag or an ID is shown, not read as Rich markup
                 Text(r["patient_id"] + ("" if r["in_registry"] else " *")),
                 f"{r['height_m']:.2f} m" if r["height_m"] else "–",
