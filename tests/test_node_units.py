@@ -450,3 +450,22 @@ def test_a_second_node_on_one_storage_folder_recovers_nothing(tmp_path: Path) ->
     again = Node(settings, worker_enabled=False)
     again.start()  # the stopped node's lock is gone
     again.stop()
+
+
+def test_pynetdicom_info_lines_are_labelled_debug(capsys: pytest.CaptureFixture[str]) -> None:
+    """With log_level DEBUG, pynetdicom dumped a C-FIND's PatientID on lines labelled INFO: a shipper
+    keeping INFO and above kept it."""
+    from dicomnode.logs import setup_logging
+
+    root, pynetdicom_log = logging.getLogger(), logging.getLogger("pynetdicom")
+    kept = (root.level, list(root.handlers), pynetdicom_log.level)
+    try:
+        setup_logging("DEBUG")
+        logging.getLogger("pynetdicom.association").info("(0010,0020) LO [MRN-778899]  # 1 PatientID")
+        logging.getLogger("dicomnode.test").info("node started")
+    finally:  # the handler writes to this test's captured stderr: gone with it
+        root.handlers[:] = kept[1]
+        root.setLevel(kept[0])
+        pynetdicom_log.setLevel(kept[2])
+    err = capsys.readouterr().err
+    assert " DEBUG pynetdicom.association (0010,0020)" in err and " INFO dicomnode.test node started" in err

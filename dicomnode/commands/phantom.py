@@ -48,7 +48,8 @@ def phantom(
     position: Annotated[str, typer.Option(help="Patient position: HFS or FFS.")] = "HFS",
     slice_order: Annotated[str, typer.Option(help="Instance numbering: ascending (feet first), descending.")]
     = "ascending",
-    patient_id: Annotated[str | None, typer.Option(help="PatientID (default PHANTOM and the seed in four digits: PHANTOM0007).")] = None,
+    patient_id: Annotated[str | None, typer.Option(
+        help="PatientID (default PHANTOM and the seed in four digits: PHANTOM0007).")] = None,
     patient_name: Annotated[str | None, typer.Option(help="PatientName (default Phantom^Seed<seed>).")]
     = None,
     study_date: Annotated[str, typer.Option(help="StudyDate YYYYMMDD.")] = "20240101",
