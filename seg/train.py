@@ -150,8 +150,9 @@ class DatasetError(ValueError):
     CT's grid): the message names the case and what to fix, for the command line to show as it is."""
 
 
-def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
-    """(case id, CT path, labels path) for each case folder under ``root``.
+def scan_dataset(root: Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
+    """The case folders under ``root``: (case id, CT path, labels path) for each complete one, and
+    (case id, what it lacks: "CT" or "label map") for each other.
 
     A case folder holds the CT as ``ct.nii.gz`` / ``image.nii.gz`` or a ``dicom/`` folder, and the
     label map (our 30-class order) as ``labels.nii.gz`` or ``truth/labels.nii.gz``.
@@ -163,13 +164,21 @@ def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
         ct = next((c for c in (d / name for name in CT_NAMES) if c.exists()), None)
         lab = next((c for c in (d / name for name in LABEL_NAMES) if c.exists()), None)
         if ct is None or lab is None:
-            incomplete.append(f"{d.name} (no {'CT' if ct is None else 'label map'})")
+            incomplete.append((d.name, "CT" if ct is None else "label map"))
             continue
         out.append((d.name, ct, lab))
-    if incomplete:  # a case left out unseen would change what was trained or evaluated on
+    return out, incomplete
+
+
+def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
+    """(case id, CT path, labels path) for each case folder under ``root`` (:func:`scan_dataset`); a
+    folder without a CT or a label map stops here, for a case left out unseen would change what was
+    trained or evaluated on."""
+    out, incomplete = scan_dataset(root)
+    if incomplete:
         raise DatasetError(f"case folders without a CT or a label map under {root}: "
-                           f"{', '.join(incomplete)}; each holds one of {', '.join(CT_NAMES)} and one of "
-                           f"{', '.join(LABEL_NAMES)}")
+                           f"{', '.join(f'{name} (no {what})' for name, what in incomplete)}; "
+                           f"each holds one of {', '.join(CT_NAMES)} and one of {', '.join(LABEL_NAMES)}")
     if not out:
         raise DatasetError(f"no cases under {root} (each case folder: ct.nii.gz or dicom/ + labels.nii.gz)")
     return out

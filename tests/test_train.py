@@ -347,6 +347,8 @@ def test_train_check_reads_every_case_and_trains_nothing(tmp_path: Path,
     save_nifti(Volume(cut, lab.affine, {}), data / "c_wrong_value" / "labels.nii.gz")
     save_nifti(Volume(lab.array, lab.affine @ np.diag([1.0, 1.0, 2.0, 1.0]), {}),
                data / "d_off_grid" / "labels.nii.gz")
+    (data / "e_no_ct").mkdir()  # a label map without its CT: one bad case, not the end of the check
+    save_nifti(lab, data / "e_no_ct" / "labels.nii.gz")
     monkeypatch.chdir(tmp_path)  # the default --checkpoints folder would be here
     result = CliRunner().invoke(app, ["train", "--data", str(data), "--check", "--no-progress"])
     assert result.exit_code == 2, result.output
@@ -355,14 +357,15 @@ def test_train_check_reads_every_case_and_trains_nothing(tmp_path: Path,
     text = " ".join(result.output.split())
     assert "c_wrong_value label values 256 are not classes 0..29" in text
     assert "d_off_grid the label map is not on the CT's grid" in text
-    assert "4 cases checked, 2 would stop training: c_wrong_value, d_off_grid" in text
+    assert "e_no_ct no CT (one of ct.nii.gz, image.nii.gz, ct.nii, dicom)" in text
+    assert "5 cases checked, 3 would stop training: c_wrong_value, d_off_grid, e_no_ct" in text
     (row_a,) = [line for line in lines if line.startswith("a ")]
     (row_b,) = [line for line in lines if line.startswith("b_no_vastus")]
     assert int(row_b.split()[-1]) == int(row_a.split()[-1]) + 1  # vastus lateralis, besides the others
     (vastus,) = [line for line in lines if line.split()[:1] == ["3"]]
     assert vastus.split()[-1] == "1/2"  # of the two readable cases
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no checkpoints, no package
-    for bad in ("c_wrong_value", "d_off_grid"):
+    for bad in ("c_wrong_value", "d_off_grid", "e_no_ct"):
         shutil.rmtree(data / bad)
     result = CliRunner().invoke(app, ["train", "--data", str(data), "--check", "--no-progress"])
     assert result.exit_code == 0 and "2 cases checked: every case reads" in result.output, result.output

@@ -513,21 +513,25 @@ def train(
 def _check_dataset(data: Path | None, progress: bool) -> None:
     """``train --check``: every case read by training's own functions (:mod:`seg.datacheck`), the
     report on stdout, each case's progress on stderr; exit 2 when a case would stop the run."""
-    from seg.datacheck import check_case, report
-    from seg.train import DatasetError, dataset_cases
+    from seg.datacheck import CaseCheck, check_case, report
+    from seg.train import CT_NAMES, LABEL_NAMES, DatasetError, scan_dataset
 
     if data is None:
         raise typer.BadParameter("--check checks a site dataset: give --data DIR", param_hint="--check")
     try:
-        found = dataset_cases(data)
+        found, incomplete = scan_dataset(data)
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--data") from exc
-    checks = []
+    if not found and not incomplete:
+        raise typer.BadParameter(f"no case folders under {data}", param_hint="--data")
+    names = {"CT": ", ".join(CT_NAMES), "label map": ", ".join(LABEL_NAMES)}
+    # a folder without a CT or a label map is one bad case among the others, not the end of the check
+    checks = [CaseCheck(name, problem=f"no {what} (one of {names[what]})") for name, what in incomplete]
     for n, (case_id, ct_path, labels_path) in enumerate(found, start=1):
         if progress:
             typer.echo(f"checking case {n}/{len(found)}: {case_id}", err=True)
         checks.append(check_case(case_id, ct_path, labels_path))
-    typer.echo(report(checks))
+    typer.echo(report(sorted(checks, key=lambda c: c.case)))
     if any(c.problem for c in checks):
         raise typer.Exit(2)
 
