@@ -136,6 +136,17 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(ge=0)]
 
 
+def _absolute(value: Path | None) -> Path | None:
+    """A path as the node will use it: ``~`` is the node user's home, a relative path is relative to
+    the working directory (a file's paths are anchored at its folder before this, :func:`_anchored`).
+    Why: from a ``DICOMNODE_*`` variable "~/state" made a folder named "~", and `config show` printed
+    "var" for the default, which is another folder under systemd than in an admin's shell."""
+    return None if value is None else Path.cwd() / value.expanduser()
+
+
+NodePath = Annotated[Path, AfterValidator(_absolute)]
+
+
 def _model_package(value: Path | None) -> Path | None:
     """A site's model folder must hold a model.json now: a typo would otherwise let the node receive
     every series and fail each job. The package itself (weights, checksum) is read at warm-up."""
@@ -214,9 +225,9 @@ class TlsSettings(Section):
     # PEM files (validate_default: one left out is named with the others, not after they are fixed):
     # this node's certificate then any intermediate CAs; its key, unencrypted, readable by the node's
     # user only; the bundle of the CAs that sign the peers' certificates
-    certificate: Path | None = Field(None, validate_default=True)
-    private_key: Path | None = Field(None, validate_default=True)
-    ca_certificates: Path | None = Field(None, validate_default=True)
+    certificate: NodePath | None = Field(None, validate_default=True)
+    private_key: NodePath | None = Field(None, validate_default=True)
+    ca_certificates: NodePath | None = Field(None, validate_default=True)
     require_client_certificate: bool = False  # listener: refuse callers without one (else verified if sent)
     check_hostname: bool = True  # to the PACS: its certificate must name [pacs] host (DNS name or IP)
     min_version: TlsVersion = "1.2"  # "1.2" | "1.3"
@@ -304,7 +315,7 @@ class Settings(BaseSettings):
     ae_title: AETitle = "THIGHNODE"
     host: str = "0.0.0.0"
     port: Port = 11112
-    storage_dir: Path = Path("var")
+    storage_dir: NodePath = Field(Path("var"), validate_default=True)
     allowed_calling_aets: AETitles = Field(default_factory=list)  # empty = accept all
     stable_seconds: Seconds = 10.0
     # true = a series is complete as soon as the association that delivered it is released normally
@@ -340,7 +351,7 @@ class Settings(BaseSettings):
     # rename, fsync the folder (two flushes, only our own data); "auto" = syncfs where the kernel has it
     receive_flush: Literal["auto", "syncfs", "fsync"] = "auto"
     # None = the shipped phantom-trained demo model
-    model_path: Annotated[Path | None, AfterValidator(_model_package)] = None
+    model_path: Annotated[NodePath | None, AfterValidator(_model_package)] = None
     log_level: LogLevel = "INFO"
     log_json: bool = False
     pacs: PacsSettings = Field(default_factory=PacsSettings)

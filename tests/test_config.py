@@ -250,10 +250,16 @@ def test_relative_paths_in_a_file_are_relative_to_its_folder(tmp_path: Path,
     (tmp_path / "home-cfg").mkdir()
     home = _write(tmp_path / "home-cfg", 'storage_dir = "~/dicomnode"\n')
     assert load_settings(home).storage_dir == tmp_path / "home" / "dicomnode"
+    # the environment: the working directory's, and "~" the home folder (it made a folder named "~"),
+    # each shown as the node uses it (`config show` printed "state")
     monkeypatch.setenv("DICOMNODE_STORAGE_DIR", "state")
-    assert load_settings(cfg).storage_dir == Path("state")
-    monkeypatch.setenv("DICOMNODE_MODEL_PATH", "nowhere")  # the environment: the working directory's
-    with pytest.raises(ConfigError, match="model_path: no model package at nowhere"):
+    assert load_settings(cfg).storage_dir == elsewhere / "state"
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", "~/state")
+    assert load_settings(cfg).storage_dir == tmp_path / "home" / "state"
+    monkeypatch.delenv("DICOMNODE_STORAGE_DIR")
+    assert Settings().storage_dir == elsewhere / "var"  # the default too
+    monkeypatch.setenv("DICOMNODE_MODEL_PATH", "nowhere")
+    with pytest.raises(ConfigError, match=f"model_path: no model package at {elsewhere / 'nowhere'}"):
         load_settings(cfg)
 
 

@@ -46,9 +46,9 @@ def node_settings(config: Path | None) -> Settings:
     without one instead of creating it empty, where a forgotten ``--config`` would show "no jobs"."""
     settings = settings_from(config)
     if not settings.db_path.is_file():
-        raise typer.BadParameter(
-            f"no node index at {settings.db_path} (storage_dir {settings.storage_dir}): name the "
-            "node's configuration with --config FILE or DICOMNODE_CONFIG", param_hint="--config")
+        echo_problems(f"no node index at {settings.db_path} (storage_dir {settings.storage_dir}): name "
+                      "the node's configuration with --config FILE or DICOMNODE_CONFIG")
+        raise typer.Exit(2)
     return settings
 
 
