@@ -173,7 +173,7 @@ class PacsSettings(Section):
 
 
 class WorkerSettings(Section):
-    enabled: bool = True  # run the worker inside ``serve``
+    enabled: Switch = True  # run the worker inside ``serve``
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
     # who computes the windows: auto = OpenVINO on CPU when the [openvino] extra is installed (seg/runtime.py)
     runtime: Literal["auto", "torch", "openvino"] = "auto"
@@ -204,13 +204,13 @@ class OutputSettings(Section):
     # trade-offs: docs/conformance.md, "SEG encoding"
     seg_type: SegType = "FRACTIONAL"
     labelmap_compression: LabelmapCompression = "RLE"  # RLE | JPEGLS, used for LABELMAP
-    summary: bool = True
-    followup_sr: bool = True
+    summary: Switch = True
+    followup_sr: Switch = True
 
 
 class PairingSettings(Section):
-    enabled: bool = True
-    retrieve_priors: bool = True  # C-FIND/C-MOVE a missing baseline from the PACS
+    enabled: Switch = True
+    retrieve_priors: Switch = True  # C-FIND/C-MOVE a missing baseline from the PACS
 
 
 class TlsSettings(Section):
@@ -221,15 +221,15 @@ class TlsSettings(Section):
     certificates ``ca_certificates`` signs (never the system's web CAs).
     """
 
-    enabled: bool = False
+    enabled: Switch = False
     # PEM files (validate_default: one left out is named with the others, not after they are fixed):
     # this node's certificate then any intermediate CAs; its key, unencrypted, readable by the node's
     # user only; the bundle of the CAs that sign the peers' certificates
     certificate: NodePath | None = Field(None, validate_default=True)
     private_key: NodePath | None = Field(None, validate_default=True)
     ca_certificates: NodePath | None = Field(None, validate_default=True)
-    require_client_certificate: bool = False  # listener: refuse callers without one (else verified if sent)
-    check_hostname: bool = True  # to the PACS: its certificate must name [pacs] host (DNS name or IP)
+    require_client_certificate: Switch = False  # listener: refuse callers without one (else verified if sent)
+    check_hostname: Switch = True  # to the PACS: its certificate must name [pacs] host (DNS name or IP)
     min_version: TlsVersion = "1.2"  # "1.2" | "1.3"
 
     @field_validator("certificate", "private_key", "ca_certificates")
@@ -322,7 +322,7 @@ class Settings(BaseSettings):
     # (A-RELEASE), unless another open association is still delivering it; an abort or a dropped
     # connection waits stable_seconds as before, and so does a series whose release is followed by a
     # new instance. Only with receive_processes = 1 (dicomnode/storage/series.py, StabilityWatcher)
-    series_complete_on_release: bool = False
+    series_complete_on_release: Switch = False
     max_associations: int = Field(8, ge=1)  # associations at a time; counted from an accepted A-ASSOCIATE-RQ
     # connections whose A-ASSOCIATE-RQ has not arrived yet (at most 4 of them per source address): when
     # full, the oldest is closed, so half-sent requests cannot keep callers out of max_associations
@@ -353,7 +353,7 @@ class Settings(BaseSettings):
     # None = the shipped phantom-trained demo model
     model_path: Annotated[NodePath | None, AfterValidator(_model_package)] = None
     log_level: LogLevel = "INFO"
-    log_json: bool = False
+    log_json: Switch = False
     pacs: PacsSettings = Field(default_factory=PacsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     send: SendSettings = Field(default_factory=SendSettings)

@@ -325,3 +325,12 @@ def test_a_worker_that_cannot_run_is_refused_before_the_first_job(worker: str, c
         os.umask(umask)
     assert result.exit_code == 2 and why in " ".join(result.output.split()), result.output
     assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("line", ['log_json = "yes"', "series_complete_on_release = 1",
+                                  '[tls]\nenabled = "off"', '[output]\nsummary = "no"'])
+def test_every_switch_is_true_or_false(line: str, tmp_path: Path) -> None:
+    """`ops.enabled = "yes"` was refused while `log_json = "yes"`, `... = 1` or `enabled = "off"` in
+    [tls] passed as pydantic read them: one rule for every on/off setting."""
+    with pytest.raises(ConfigError, match="must be true or false"):
+        check_file(_write(tmp_path, line + "\n"))
