@@ -21,6 +21,21 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    """``--version``: the release the conformance statement describes (docs/conformance.md)."""
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"dicomnode {version('dicomnode')}")
+        raise typer.Exit
+
+
+@app.callback()
+def main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                           help="Print the release and exit.")) -> None:
+    """PACS-integrated DICOM node for thigh-muscle volumetry after hip fracture."""
+
+
 
 def flowing(doc: str | None) -> str:
     """A docstring as help text, each paragraph one line: typer keeps the source's line breaks in the

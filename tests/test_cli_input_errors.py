@@ -163,3 +163,11 @@ def test_input_is_checked_before_the_model_loads(case: str, tmp_path: Path,
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     assert f"Invalid value for {option}" in res.output and why in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_version_names_the_release() -> None:
+    """The conformance statement names a release; an admin could only read it in pyproject.toml."""
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"dicomnode {version('dicomnode')}\n"
