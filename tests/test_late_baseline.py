@@ -58,7 +58,7 @@ def test_a_late_baseline_sends_the_followup_sr_once(pacs: Any, node_factory: Any
     assert storescu(node.port, base.files).returncode == 0
     job = node.wait_job(base.series_uid, FINISHED, timeout=60)
     assert job["state"] == "done", (job, node.log()[-3000:])
-    assert "1 follow-up report(s) for later studies" in job["message"]
+    assert "1 object(s) for later studies (change SRs, summary pages)" in job["message"]
     assert [j["state"] for j in node.jobs()] == ["done", "done"]  # nothing more is owed to the PACS
 
     (sr,) = followup_srs(pacs)  # sent exactly once

@@ -342,7 +342,8 @@ def segment(
         console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc
     where = f"recorded in {settings.storage_dir}" if record and settings else str(out)
-    console.print(f"segmented {ct.shape} in {time.perf_counter() - t:.1f} s -> {where}")
+    shape = " × ".join(str(n) for n in ct.shape)
+    console.print(f"segmented {shape} voxels in {time.perf_counter() - t:.1f} s -> {where}")
     typer.echo(volumes_table(rec))
 
 

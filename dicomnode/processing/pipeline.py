@@ -524,7 +524,7 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
     if changes:
         message += f"; compared with {len(changes)} earlier stud{'y' if len(changes) == 1 else 'ies'}"
     if late:
-        message += f"; {len(late)} follow-up report(s) for later studies"
+        message += f"; {len(late)} object(s) for later studies (change SRs, summary pages)"
     return JobOutput(outputs=outputs, volumes_json=out_dir / "volumes.json", message=message)
 
 

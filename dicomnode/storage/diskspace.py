@@ -112,7 +112,7 @@ class DiskGuard:
         if reason is not None and self._reason is None:
             event(log, "disk space low, refusing instances", logging.DEBUG if self.quiet else logging.WARNING,
                   reason=reason, free_mb=f"{space.free_mb:.0f}", used_pct=f"{space.used_pct:.1f}",
-                  min_free_disk_mb=f"{self.min_free_mb:g}", max_disk_used_pct=f"{self.max_used_pct:g}",
+                  min_free_disk_mb=f"{self.min_free_mb:.0f}", max_disk_used_pct=f"{self.max_used_pct:g}",
                   path=str(self.path))
         elif reason is None and self._reason is not None:
             event(log, "disk space recovered, accepting instances",
@@ -123,7 +123,7 @@ class DiskGuard:
 
     def _judge(self, space: DiskSpace) -> str | None:
         if space.free_mb < self.min_free_mb:
-            return f"disk low: {space.free_mb:.0f} MB free < min_free_disk_mb {self.min_free_mb:g}"
+            return f"disk low: {space.free_mb:.0f} MB free < min_free_disk_mb {self.min_free_mb:.0f}"
         if space.used_pct > self.max_used_pct:
             return f"disk low: {space.used_pct:.1f}% used > max_disk_used_pct {self.max_used_pct:g}"
         return None
