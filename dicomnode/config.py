@@ -132,6 +132,23 @@ def _title_list(value: Any) -> Any:
 
 
 AETitles = Annotated[list[AETitle], NoDecode, BeforeValidator(_title_list)]
+
+
+def _host_map(value: Any) -> Any:
+    """``ORTHANC=10.0.0.5;PACS2=10.0.0.6,10.0.0.7`` in an environment variable is ``calling_aet_hosts``
+    (a JSON object still works): pydantic-settings wanted JSON and said only "error parsing value"."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        pins: dict[str, list[str]] = {}
+        for item in filter(None, (part.strip() for part in text.split(";"))):
+            title, sep, hosts = item.partition("=")
+            if not sep:
+                raise ValueError("give AE=host[,host];AE2=host (or a JSON object)")
+            pins[title.strip()] = [h.strip() for h in hosts.split(",") if h.strip()]
+        return pins
+    return value
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(ge=0)]
 
@@ -329,7 +346,8 @@ class Settings(BaseSettings):
     max_pending_connections: int = Field(32, ge=1)
     # each calling AE title listed here is accepted only from these addresses or networks
     # ("10.0.0.5", "10.0.0.0/24"), like Orthanc's DicomCheckModalityHost; unlisted titles are not pinned
-    calling_aet_hosts: dict[AETitle, list[str]] = Field(default_factory=dict)
+    calling_aet_hosts: Annotated[dict[AETitle, list[str]], NoDecode, BeforeValidator(_host_map)] = Field(
+        default_factory=dict)
     acse_timeout_seconds: float = Field(10.0, gt=0)  # ARTIM: the whole association request, from connect
     network_timeout_seconds: float = Field(30.0, gt=0)  # an idle association or a stalled PDU is dropped
     # larger C-STORE data sets are refused (0xA700); × max_associations bounds what callers buffer

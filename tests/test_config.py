@@ -334,3 +334,14 @@ def test_every_switch_is_true_or_false(line: str, tmp_path: Path) -> None:
     [tls] passed as pydantic read them: one rule for every on/off setting."""
     with pytest.raises(ConfigError, match="must be true or false"):
         check_file(_write(tmp_path, line + "\n"))
+
+
+def test_calling_aet_hosts_from_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variable wanted JSON and said only "error parsing value for field"."""
+    monkeypatch.setenv("DICOMNODE_CALLING_AET_HOSTS", "ORTHANC=10.0.0.5;PACS2=10.0.0.6, 10.0.0.7")
+    assert load_settings().calling_aet_hosts == {"ORTHANC": ["10.0.0.5"], "PACS2": ["10.0.0.6", "10.0.0.7"]}
+    monkeypatch.setenv("DICOMNODE_CALLING_AET_HOSTS", '{"ORTHANC": ["10.0.0.5"]}')
+    assert load_settings().calling_aet_hosts == {"ORTHANC": ["10.0.0.5"]}
+    monkeypatch.setenv("DICOMNODE_CALLING_AET_HOSTS", "ORTHANC")
+    with pytest.raises(ConfigError, match=r"calling_aet_hosts: give AE=host\[,host\];AE2=host"):
+        load_settings()
