@@ -26,6 +26,7 @@ from typing import Any
 from dicomnode.clinical import registry
 from dicomnode.config import Settings
 from dicomnode.db import opened
+from dicomnode.logs import error_text
 from seg.records import (
     NOT_COMPARED,
     ChangeRecord,
@@ -609,8 +610,11 @@ def _maybe_retrieve(
             )
             status, detail = ("retrieved" if outcome.moved else "none"), outcome.reason
         except Exception as exc:  # the node keeps running when the PACS is unreachable
-            status, detail = "failed", f"{type(exc).__name__}: {exc}"
-        log.info("prior retrieval: %s (%s)", status, detail)
+            status, detail = "failed", f"{type(exc).__name__}: {exc}"  # whole, in the index
+            log.warning("prior retrieval failed: %s", error_text(exc))
+            log.debug("prior retrieval failed", exc_info=True)
+        else:
+            log.info("prior retrieval: %s (%s)", status, detail)
         try:
             with writing(settings) as c:
                 c.execute(
