@@ -222,3 +222,12 @@ def test_the_view_command_runs_the_same_demo_again(monkeypatch: pytest.MonkeyPat
     for args, again in ((given, "demo --out 'run 2' --seed 3 --timeout 600 --view"), ([], "demo --view")):
         assert CliRunner().invoke(app, ["demo", *args]).exit_code == 0
         assert demo.again_with_view("dicomnode", list(seen["options"])) == f"dicomnode {again}"
+
+
+def test_the_demo_names_the_job_that_ended_without_results() -> None:
+    """It looked for a "job_id" key `jobs --json` does not have (so it said "job ?") and matched the
+    series anywhere in the row's text."""
+    rows = [{"id": 3, "series_instance_uid": "1.2.3.45", "state": "done", "reason": None},
+            {"id": 4, "series_instance_uid": "1.2.3.4", "state": "rejected", "reason": "z-coverage"}]
+    assert demo._job_problem(rows, "1.2.3.4") == "job 4 rejected: z-coverage"
+    assert demo._job_problem(rows, "1.2.3.45") is None

@@ -281,11 +281,10 @@ def node_jobs(config: Path) -> list[dict]:
 
 
 def _job_problem(jobs: list[dict], series_uid: str) -> str | None:
+    """Why the series' job ended without results (a row of ``jobs --json``), or None."""
     for job in jobs:
-        if series_uid not in json.dumps(job):
-            continue
-        if job.get("state") in ("rejected", "failed"):
-            return f"job {job.get('job_id', job.get('id', '?'))} {job['state']}: {job.get('reason', '')}"
+        if job.get("series_instance_uid") == series_uid and job.get("state") in ("rejected", "failed"):
+            return f"job {job.get('id', '?')} {job['state']}: {job.get('reason', '')}"
     return None
 
 
