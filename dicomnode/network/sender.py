@@ -58,6 +58,20 @@ def _peer(settings: Settings) -> str:
     return f"{settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}"
 
 
+def _why_not(assoc: Any, settings: Settings) -> str:
+    """Why an association was not established, in the admin's terms (the node's log has pynetdicom's)."""
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive  # the A-ASSOCIATE-RJ
+        reason = getattr(rsp, "reason_str", None) or "no reason given"
+        why = (f"rejected by the PACS ({reason}): does it know the node as {settings.ae_title}, and is "
+               f"{settings.pacs.ae_title} its own AE title?")
+    else:  # refused, dropped or never answered: pynetdicom tells these apart only in its log
+        why = "no connection, or dropped (host or port wrong, the PACS down, or a firewall)"
+    if settings.tls.enabled:
+        why += "; TLS is on ([tls] enabled): the PACS must speak DICOM TLS on this port"
+    return why
+
+
 def echo(settings: Settings) -> tuple[bool, str]:
     """C-ECHO the configured PACS; (ok, message)."""
     from pynetdicom.sop_class import Verification
@@ -67,7 +81,7 @@ def echo(settings: Settings) -> tuple[bool, str]:
     assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
                          tls_args=client_tls_args(settings))
     if not assoc.is_established:
-        return False, f"no association with {_peer(settings)}"
+        return False, f"no association with {_peer(settings)}: {_why_not(assoc, settings)}"
     try:
         status = assoc.send_c_echo()
     finally:
