@@ -536,10 +536,14 @@ def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], ke
 
     OHIF (npm ``@ohif/app``, served by the harness in front of Orthanc's DICOMweb) when set up, and
     always Orthanc's own Explorer. Orthanc and the viewer live only as long as the demo, so without
-    ``keep_open`` the URLs stop working when it ends.
+    ``keep_open`` no URL is printed (it would be dead when read), only the command that keeps them.
     """
     from dicomnode.harness.viewer import ViewerServer, ohif_dist
 
+    if not keep_open:  # Orthanc and the viewer end with the demo: URLs printed now would be dead
+        console.print("  to look at both studies in OHIF and Orthanc Explorer (open until Ctrl-C), run")
+        console.print(f"    {again}", highlight=False, markup=False, soft_wrap=True)
+        return
     server = pacs.server
     viewer = ViewerServer(server.url).start() if ohif_dist() and server.has_dicomweb else None
     try:
@@ -552,10 +556,6 @@ def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], ke
                           f"{server.study_id(study.study_uid)}", highlight=False, soft_wrap=True)
         if viewer is None:
             console.print("  (for OHIF, run bash scripts/setup.sh as root: viewer and Orthanc DICOMweb)")
-        if not keep_open:
-            console.print("  these work while the demo runs; to keep them open until Ctrl-C, run")
-            console.print(f"    {again}", highlight=False, markup=False, soft_wrap=True)
-            return
         console.print("[bold]serving the viewer: press Ctrl-C to stop Orthanc, the viewer and the node[/]")
         previous = signal.signal(signal.SIGTERM, _stop_serving)  # `kill` stops as cleanly as Ctrl-C
         try:
