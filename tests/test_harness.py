@@ -110,3 +110,18 @@ def test_parse_spacing(text: str, expected: tuple[float, float, float]) -> None:
 def test_parse_spacing_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_spacing(text)
+
+
+def test_render_set_refuses_what_is_not_json_and_warns_of_an_unknown_key(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`render.py --set StableAge=abc` ended in a JSONDecodeError traceback; a misspelt key was written
+    for Orthanc to ignore without a word."""
+    from dicomnode.deploy import orthanc as render
+
+    with pytest.raises(SystemExit) as stop:
+        render.main(["--set", "StableAge=abc"])
+    assert stop.value.code == 2 and "--set StableAge: 'abc' is not JSON" in capsys.readouterr().err
+    assert render.main(["--set", "StabelAge=10", "--set", "StableAge=10"]) == 0
+    printed = capsys.readouterr()
+    assert "warning: --set StabelAge: not a key of" in printed.err and "StableAge: not" not in printed.err
+    assert '"StableAge": 10' in printed.out

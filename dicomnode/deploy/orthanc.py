@@ -159,9 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--dicomweb: no DICOMweb plugin at {', '.join(DICOMWEB_PLUGINS)} "
                  "(apt-get install orthanc-dicomweb, or name it with --plugin PATH)")
     extra = {}
+    base_keys = set(json.loads(Path(args.base).read_text()))
     for item in args.set:
-        key, _, value = item.partition("=")
-        extra[key] = json.loads(value)
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--set {item!r}: give KEY=JSON, e.g. StableAge=10 or Name='\"Thigh PACS\"'")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            ap.error(f"--set {key}: {value!r} is not JSON (a text value needs quotes: {key}='\"{value}\"')")
+        if key not in base_keys:  # Orthanc ignores a key it does not know, without a word
+            print(f"warning: --set {key}: not a key of {args.base}; check its spelling against Orthanc's "
+                  "configuration reference", file=sys.stderr)
     cfg = render(
         args.base, aet=args.aet, dicom_port=args.dicom_port, http_port=args.http_port,
         storage_dir=args.storage, node_aet=args.node_aet, node_host=args.node_host,
