@@ -168,6 +168,10 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     logging.getLogger("pynetdicom").setLevel(
         logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
     )
+    # highdicom narrates each object it builds at INFO ("copy attributes of module ...": 8 lines an
+    # object, most of an INFO log): its warnings and errors only, unless DEBUG is asked for
+    quiet = logging.WARNING if root.level > logging.DEBUG else logging.NOTSET
+    logging.getLogger("highdicom").setLevel(quiet)
     _quiet_pydicom(root.level > logging.DEBUG)
 
 

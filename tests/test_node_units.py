@@ -469,3 +469,25 @@ def test_pynetdicom_info_lines_are_labelled_debug(capsys: pytest.CaptureFixture[
         pynetdicom_log.setLevel(kept[2])
     err = capsys.readouterr().err
     assert " DEBUG pynetdicom.association (0010,0020)" in err and " INFO dicomnode.test node started" in err
+
+
+def test_highdicom_narration_stays_out_of_the_info_log(capsys: pytest.CaptureFixture[str]) -> None:
+    """highdicom wrote 8 INFO lines per object it built ("copy attributes of module ..."), most of
+    the node's INFO log in journald: at INFO only its warnings remain, at DEBUG everything."""
+    from dicomnode.logs import setup_logging
+
+    root, hd_log, pynetdicom_log = (logging.getLogger(n) for n in ("", "highdicom", "pynetdicom"))
+    kept = (root.level, list(root.handlers), hd_log.level, pynetdicom_log.level)
+    try:
+        setup_logging("INFO")
+        logging.getLogger("highdicom.base").info('copy attributes of module "Patient"')
+        logging.getLogger("highdicom.base").warning("a real warning")
+        setup_logging("DEBUG")
+        logging.getLogger("highdicom.base").info("shown at DEBUG")
+    finally:
+        root.handlers[:] = kept[1]
+        root.setLevel(kept[0])
+        hd_log.setLevel(kept[2])
+        pynetdicom_log.setLevel(kept[3])
+    err = capsys.readouterr().err
+    assert "copy attributes" not in err and "a real warning" in err and "shown at DEBUG" in err
