@@ -478,6 +478,10 @@ def test_synthetic_cohort_pairs_and_changes_equal_truth(settings: Settings, tmp_
 def test_concurrent_workers_keep_one_consistent_timeline(settings: Settings) -> None:
     import threading
 
+    from dicomnode.db import opened
+
+    with opened(settings.db_path):  # the index exists before any worker runs, as the node makes it
+        pass  # (8 threads creating it at once could meet SQLite's lock on the switch to WAL)
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
