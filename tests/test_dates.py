@@ -33,6 +33,7 @@ def test_the_registry_refuses_a_date_it_would_have_kept_short() -> None:
         parse_date("2024-1-5")
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA:UserWarning")  # the values it is about
 @pytest.mark.parametrize(("study_date", "expected"), [("2024.03.01", "20240301"), ("00000000", None)])
 def test_the_loader_reads_a_study_date_as_pairing_compares_it(tmp_path: Path, study_date: str,
                                                                expected: str | None) -> None:
