@@ -359,17 +359,20 @@ def needs_prior(plan: Plan, surgery_date: str | None, result: ResultRecord) -> b
 
 
 def _resolve(settings: Settings, con: sqlite3.Connection, pid: str, issuer: str,
-             studies: list[Study]) -> registry.Resolved:
-    """The patient's facts as pairing uses them: the registry, else the latest study's header."""
+             studies: list[Study], info: registry.ClinicalInfo | None = None) -> registry.Resolved:
+    """The patient's facts as pairing uses them: the registry (``info`` when read already), else the
+    latest study's header."""
     latest_size = next((s.patient_size_m for s in reversed(studies) if s.patient_size_m), None)
     latest_sex = next((s.patient_sex for s in reversed(studies) if s.patient_sex), None)
-    return registry.resolve(settings, pid, issuer, latest_sex, latest_size, con=con)
+    return registry.resolve(settings, pid, issuer, latest_sex, latest_size, info=info, con=con)
 
 
-def resolved(settings: Settings, patient_id: str, issuer: str = "") -> registry.Resolved:
-    """What pairing knows of a measured patient (height and sex with their sources, registry facts)."""
+def resolved(settings: Settings, patient_id: str, issuer: str = "",
+             info: registry.ClinicalInfo | None = None) -> registry.Resolved:
+    """What pairing knows of a measured patient (height and sex with their sources, registry facts);
+    ``info``: the patient's registry row when the caller has read it (it is not read again)."""
     with reading(settings) as con:
-        return _resolve(settings, con, patient_id, issuer, _studies(con, patient_id, issuer)[0])
+        return _resolve(settings, con, patient_id, issuer, _studies(con, patient_id, issuer)[0], info)
 
 
 def _refresh_patient(

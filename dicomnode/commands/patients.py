@@ -79,7 +79,7 @@ def list_(
     rows = []
     for key in sorted(infos):
         info, meas = infos[key], measured.get(key, {})
-        res = (pairing.resolved(settings, *key) if meas
+        res = (pairing.resolved(settings, *key, info=info) if meas
                else registry.resolve(settings, key[0], key[1], info=info))
         rows.append(
             {
