@@ -26,8 +26,9 @@ _FIELDS = "fields"
 _pseudonym_key = b"dicomnode"
 
 
-def load_pseudonym_key(storage_dir: Path) -> None:
-    """Use this node's secret key (``storage_dir/.pseudonym-key``, created on first use) for pseudonyms.
+def load_pseudonym_key(storage_dir: Path) -> bytes:
+    """Use this node's secret key (``storage_dir/.pseudonym-key``, created on first use) for pseudonyms;
+    returned for the other keyed derivation, the outputs' tracking UIDs (:mod:`reporting.uids`).
 
     Why a key: a plain hash of a PatientID can be reversed by hashing every plausible ID; an HMAC with a
     per-node secret cannot, yet stays stable across restarts of the same node.
@@ -50,6 +51,7 @@ def load_pseudonym_key(storage_dir: Path) -> None:
         finally:
             tmp.unlink(missing_ok=True)
     _pseudonym_key = path.read_bytes()
+    return _pseudonym_key
 
 
 def pseudonym(patient_id: str | None, issuer: str | None = "") -> str:

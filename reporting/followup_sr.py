@@ -50,6 +50,7 @@ from reporting.uids import (
     registry_facts,
     source_content,
     source_header,
+    tracking_subject,
     tracking_uid,
 )
 from seg.labels import by_name
@@ -102,7 +103,7 @@ def _measurements(entry: StructureChange, rules: ReportingRules) -> list[hd.sr.M
             for concept, value, unit, decimals in items if value is not None]
 
 
-def _group(patient_id: str, entry: StructureChange, time_point: hd.sr.TimePointContext, ct: Volume,
+def _group(subject: str, entry: StructureChange, time_point: hd.sr.TimePointContext, ct: Volume,
            section: Section | None, model_info: ModelInfo, rules: ReportingRules = RULES,
            ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     """TID 1501 group of one structure side; ``section``: its largest cross-section at follow-up."""
@@ -115,7 +116,7 @@ def _group(patient_id: str, entry: StructureChange, time_point: hd.sr.TimePointC
     measurements.append(max_area(section, rules) if section is not None else coverage(ct, rules=rules))
     label = f"{s.display_name} {'both sides' if side == 'both' else side}"
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, name, side),
                                                      identifier=label),
         time_point_context=time_point,
         finding_type=code,
@@ -164,7 +165,7 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
     without it each structure group states the scanned extent instead.
     """
     src0 = source_header(ct.source_files)
-    patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
+    subject = tracking_subject(src0, ct.meta)
     follow_series = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
     base_series = change.baseline.series_instance_uid or ""
     # new content on either side (a completed series, a re-measured baseline) gives a new report
@@ -180,7 +181,7 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
         sections = {(name, side): by_number[n] for n, name, side in segments_of(seg) if n in by_number}
     groups: list = []
     for entry in change.structures:
-        g = _group(patient_id, entry, time_point, ct, sections.get((entry.name, entry.side)), model_info,
+        g = _group(subject, entry, time_point, ct, sections.get((entry.name, entry.side)), model_info,
                    rules)
         if g is not None:
             groups.append(g)

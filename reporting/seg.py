@@ -25,7 +25,14 @@ from reporting import codes, iod_lookup, rle_encoder, seg_splice
 from reporting.rules import RULES, ReportingRules, is_found
 from reporting.segframes import SegFrames
 from reporting.source_header import read_source_headers
-from reporting.uids import copy_identity, date_series, output_uid, source_content, tracking_uid
+from reporting.uids import (
+    copy_identity,
+    date_series,
+    output_uid,
+    source_content,
+    tracking_subject,
+    tracking_uid,
+)
 from seg.labels import Structure, structures
 from seg.records import ModelInfo, VolumeRecord
 from seg.volume import Volume
@@ -254,7 +261,7 @@ def segment_label(info: SegmentInfo) -> str:
     return s.display_name if info.side == "both" else f"{s.display_name} {info.side}"
 
 
-def _segment_description(info: SegmentInfo, patient_id: str,
+def _segment_description(info: SegmentInfo, subject: str,
                          model_info: ModelInfo) -> hd.seg.SegmentDescription:
     s = structures()[info.label]
     desc = hd.seg.SegmentDescription(
@@ -264,7 +271,7 @@ def _segment_description(info: SegmentInfo, patient_id: str,
         segmented_property_type=codes.structure_code(s),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(model_info),
-        tracking_uid=tracking_uid(patient_id, s.name, info.side),
+        tracking_uid=tracking_uid(subject, s.name, info.side),
         tracking_id=f"{s.name} {info.side}",
         display_color=hd.color.CIELabColor.from_rgb(*s.rgb),
     )
@@ -344,7 +351,7 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
     if len(sources) != ct.shape[2]:
         raise ValueError(f"{len(sources)} source files for {ct.shape[2]} slices")
     src0 = sources[0]
-    patient_id = str(src0.get("PatientID", ct.meta.get("PatientID", "")))
+    subject = tracking_subject(src0, ct.meta)
     plan = make_plan(labels, volumes, ct, rules)
     segments = plan.segments
     if not segments:
@@ -362,7 +369,7 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
     content = source_content(series_uid, ct.source_sop_uids or [str(s.SOPInstanceUID) for s in sources])
     kind = f"SEG-{seg_type}"
     demo = model_info.demo
-    descriptions = [_segment_description(s, patient_id, model_info) for s in segments]
+    descriptions = [_segment_description(s, subject, model_info) for s in segments]
 
     def construct(pixels: np.ndarray, descs: list) -> hd.seg.Segmentation:
         return hd.seg.Segmentation(

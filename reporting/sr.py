@@ -49,6 +49,7 @@ from reporting.uids import (
     registry_facts,
     source_content,
     source_header,
+    tracking_subject,
     tracking_uid,
 )
 from seg.height import height_state
@@ -325,12 +326,12 @@ class _GroupHeader(TypedDict):
     algorithm_id: hd.sr.AlgorithmIdentification
 
 
-def _group_header(patient_id: str, name: str, side: str, model_info: ModelInfo) -> _GroupHeader:
+def _group_header(subject: str, name: str, side: str, model_info: ModelInfo) -> _GroupHeader:
     """What every group about one structure side starts with: its tracking identifier and UID (the
     same for the patient's muscle in every study), finding type and site (with laterality), algorithm."""
     code = codes.structure_code(name)
     return _GroupHeader(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(patient_id, name, side),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, name, side),
                                                      identifier=_label(name, side)),
         finding_type=code,
         finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
@@ -338,7 +339,7 @@ def _group_header(patient_id: str, name: str, side: str, model_info: ModelInfo) 
     )
 
 
-def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, name: str, side: Side,
+def volume_group(subject: str, seg: Dataset, series_uid: str, number: int, name: str, side: Side,
                  entry: StructureVolume, height_m: float | None, model_info: ModelInfo,
                  images: list[hd.sr.SourceImageForSegmentation] | None = None, rules: ReportingRules = RULES,
                  ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
@@ -352,24 +353,24 @@ def volume_group(patient_id: str, seg: Dataset, series_uid: str, number: int, na
         measurements.append(hd.sr.Measurement(name=codes.VOLUME_INDEX, unit=CM3_PER_M2,
                                               value=rounded(volume / height_m**2, rules.index_decimals)))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        **_group_header(patient_id, name, side, model_info),
+        **_group_header(subject, name, side, model_info),
         referenced_segment=_referenced_segment(seg, number, series_uid, images or []),
         measurements=measurements,
     )
 
 
-def section_group(patient_id: str, name: str, side: str, section: Section, model_info: ModelInfo,
+def section_group(subject: str, name: str, side: str, section: Section, model_info: ModelInfo,
                   rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 companion of a volume group (same tracking identifier and UID, so readers that merge
     groups by UID, as OHIF does, show one muscle): its maximal cross-sectional area and outline,
     named for viewers (the volume group has no coordinates, so viewers draw this one)."""
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        **_group_header(patient_id, name, side, model_info),
+        **_group_header(subject, name, side, model_info),
         measurements=[max_area(section, rules)],
     ), _label(name, side))
 
 
-def absent_group(patient_id: str, name: str, side: str, model_info: ModelInfo, ct: Volume,
+def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: Volume,
                  rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group saying a structure side was not found (no segment of the minimum size) within
     the scanned extent, whose coverage it states (the group's spatial coordinates).
@@ -379,7 +380,7 @@ def absent_group(patient_id: str, name: str, side: str, model_info: ModelInfo, c
     qualitative evaluation.
     """
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        **_group_header(patient_id, name, side, model_info),
+        **_group_header(subject, name, side, model_info),
         measurements=[coverage(ct, rules=rules)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
     ), f"{_label(name, side)} not found")
@@ -413,7 +414,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     against; the same bytes); False = plain highdicom.
     """
     src0 = source_header(ct.source_files)
-    patient_id = str(src0.get("PatientID", "")) if src0 is not None else str(ct.meta.get("PatientID", ""))
+    subject = tracking_subject(src0, ct.meta)
     series_uid = _series_uid(ct, src0)
     content = source_content(series_uid, ct.source_sop_uids)
     by_label = volumes.by_label()
@@ -434,14 +435,14 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
         entry = by_label.get(by_name(name).label)
         if entry is None:
             continue
-        g = volume_group(patient_id, seg, series_uid, number, name, side, entry, height_m, model_info,
+        g = volume_group(subject, seg, series_uid, number, name, side, entry, height_m, model_info,
                          None if fast else images.get(number), rules)
         if g is not None:
             groups.append(g)
-            groups.append(section_group(patient_id, name, side, sections[number], model_info, rules))
+            groups.append(section_group(subject, name, side, sections[number], model_info, rules))
             present.add((name, side))
     for entry in sorted(volumes.structures, key=lambda e: e.label):
-        groups.extend(absent_group(patient_id, entry.name, side, model_info, ct, rules)
+        groups.extend(absent_group(subject, entry.name, side, model_info, ct, rules)
                       for side in entry.sides() if (entry.name, side) not in present)
     groups.append(qa_group(ct, volumes, model_info, rules))
     report = hd.sr.MeasurementReport(

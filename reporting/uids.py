@@ -14,6 +14,7 @@ byte (dcentvfy checks).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import uuid
 from collections.abc import Iterable
 from copy import deepcopy
@@ -83,7 +84,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # and shorter meanings for VDELTA and VCHGPCT; SEG and SR series descriptions begin with "DEMO ".
 # 6: the follow-up SR's volume change is the difference of the two volumes as written.
 # 7: the SR's height status and the page's height warning follow the record's height source (an
-# implausible registry height was coded "missing").
+# implausible registry height was coded "missing"); tracking UIDs are keyed by the node's secret
+# (tracking_subject), not a plain hash of the PatientID.
 OUTPUT_REVISION = 7
 
 
@@ -103,9 +105,38 @@ def registry_facts(height_m: float | None, height_source: str | None,
     return key + (f"/fractured-{fractured_side}" if fractured_side else "")
 
 
-def tracking_uid(patient_id: str, structure: str, side: str) -> str:
-    """Tracking UID of one muscle on one side of one patient, the same in every study."""
-    return derived_uid("tracking", patient_id, structure, side)
+_tracking_key: bytes | None = None  # the node's secret: set by the node's output build
+
+
+def use_tracking_key(key: bytes) -> None:
+    """Derive tracking UIDs under this secret from now on (the node's ``.pseudonym-key``, which also
+    keys the pseudonyms of its logs): the node's output build sets it before it builds anything."""
+    global _tracking_key
+    _tracking_key = key
+
+
+def tracking_subject(src0: Dataset | None, meta: dict) -> str:
+    """Whom a series' tracking UIDs follow: its patient (PatientID under IssuerOfPatientID) as an HMAC
+    under the node's secret, the same in each of the patient's studies on this node.
+
+    Why not the PatientID itself: the tracking UID is a hash of it, and hashing every plausible ID (an
+    MRN range) finds the one that gives a UID, so a research export that keeps UIDs would still name
+    each patient. Without a secret (a library caller outside a node) the ID, as before."""
+    def value(keyword: str) -> str:
+        given = src0.get(keyword) if src0 is not None else None
+        return str(given or meta.get(keyword) or "")
+
+    patient_id = value("PatientID")
+    if _tracking_key is None:
+        return patient_id
+    token = f"{value('IssuerOfPatientID')}|{patient_id}".encode()
+    return "hmac-" + hmac.new(_tracking_key, token, hashlib.sha256).hexdigest()
+
+
+def tracking_uid(subject: str, structure: str, side: str) -> str:
+    """Tracking UID of one muscle on one side of one patient (:func:`tracking_subject`), the same in
+    every study."""
+    return derived_uid("tracking", subject, structure, side)
 
 
 def source_header(source_files: Iterable[Path]) -> Dataset | None:

@@ -437,3 +437,29 @@ def test_an_output_that_cannot_be_written_is_no_usage_error(series, truth_model,
     assert "not the SEG, SR and summary: ValueError: a header the SR cannot carry" in r.output
     assert "Invalid value" not in r.output
     assert (tmp_path / "out" / "volumes.json").is_file()  # what could be written is kept
+
+
+def test_tracking_uids_do_not_reveal_the_patient_id(series, truth_model, tmp_path):
+    """A tracking UID was a plain uuid5 of the PatientID: hashing every plausible MRN finds the patient
+    of any export that keeps UIDs. It is keyed by the node's secret now: the same in the SEG and SR,
+    different from the plain hash, and different on a node with another secret."""
+    from reporting.uids import derived_uid
+    from seg.labels import ANALYSED_MUSCLES
+
+    case = next(iter(series.values()))
+    found = []
+    for node in ("a", "b"):
+        cfg = tmp_path / f"{node}.toml"
+        cfg.write_text(f'storage_dir = "{tmp_path / node}"\n')
+        out = tmp_path / f"out-{node}"
+        _invoke(str(case / "dicom"), "--out", str(out), "--dicom", "--no-progress", "--config", str(cfg))
+        by_kind = {str(ds.Modality): ds for f in (out / "dicom").glob("*.dcm") if (ds := pydicom.dcmread(f))}
+        seg_uids = {str(s.TrackingUID) for s in by_kind["SEG"].SegmentSequence}
+        sr_uids = {str(e.value) for e in by_kind["SR"].iterall() if e.keyword == "UID"}
+        assert seg_uids and seg_uids <= sr_uids  # one subject for the SEG and the SR
+        found.append(seg_uids)
+        patient_id = str(by_kind["SEG"].PatientID)
+        plain = {derived_uid("tracking", patient_id, name, side) for name in ANALYSED_MUSCLES
+                 for side in ("left", "right", "both")}
+        assert not seg_uids & plain
+    assert not found[0] & found[1]  # another node's secret: other tracking UIDs

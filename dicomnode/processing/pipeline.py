@@ -303,9 +303,12 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
     with the comparison pairing found (None: none): the file when it is written already (the node's
     :class:`SummaryDraft`; it is then not in ``datasets``), else None and the summary is built here.
     """
+    from dicomnode.logs import load_pseudonym_key
     from reporting.seg import build_seg_frames
     from reporting.sr import build_measurement_sr
+    from reporting.uids import use_tracking_key
 
+    use_tracking_key(load_pseudonym_key(settings.storage_dir))  # the node's own, as offline
     phases = phases or PhaseLog(None)
     sr_done: Callable[[], Any] | None = None
     with phases.phase("SEG encoding"):
