@@ -546,9 +546,15 @@ def environment_problems(environ: Mapping[str, str] | None = None) -> list[str]:
     Why: pydantic-settings reads only the names it knows, so ``DICOMNODE_PROT=104`` or
     ``DICOMNODE_PACS_HOST=pacs`` (one underscore) left the node on its old port or PACS without a
     word, and a section's unknown key was reported as ``pacs.hots``, which no file holds."""
+    from seg.recipe import cpu_precision
+
     environ = os.environ if environ is None else environ
     prefix = Settings.model_config["env_prefix"]
     problems = []
+    try:
+        cpu_precision(environ)
+    except ValueError as exc:
+        problems.append(str(exc))
     for name in sorted(environ):
         if not name.upper().startswith(prefix) or name.upper() in OTHER_VARIABLES:
             continue

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from seg.hu_refine import refine_labels
 from seg.model import ModelPackage
 from seg.preprocess import to_model_grid
+from seg.recipe import cpu_precision
 from seg.sliding import stream_windows
 from seg.volume import LPS_TO_RAS, Volume
 
@@ -47,7 +47,7 @@ def _autocast(device: torch.device, precision: str):
 
 def default_precision() -> str:
     """auto: reduced precision on CUDA, fp32 on CPU (override with DICOMNODE_CPU_PRECISION=bf16)."""
-    return os.environ.get("DICOMNODE_CPU_PRECISION", "auto")
+    return cpu_precision()
 
 
 def _default_sw_batch(device: torch.device, roi: tuple[int, ...], requests: int = 1) -> int:

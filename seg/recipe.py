@@ -8,6 +8,9 @@ and a site that runs ``dicomnode train --phantoms N --out DIR`` gets the recipe 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 from seg import labels as L
 
 # The paper's UNETR (Kim et al. 2024): patch 16, hidden 768, 12 heads, MLP 3072, feature size 16, 96³.
@@ -30,3 +33,17 @@ DEMO_UNETR = {**PAPER_UNETR, "img_size": [48, 48, 48], "hidden_size": 192, "mlp_
 SPACING_MM = 4.0  # the model grid, isotropic
 BATCH_SIZE = 4  # crops per step
 LR = 1e-3  # AdamW peak learning rate from scratch (the campaign's later legs, warm-started, used less)
+
+
+# Inference and training precision choices; on the CPU the environment picks one for inference.
+PRECISIONS = ("auto", "fp32", "bf16")
+CPU_PRECISION_ENV = "DICOMNODE_CPU_PRECISION"
+
+
+def cpu_precision(environ: Mapping[str, str] | None = None) -> str:
+    """``DICOMNODE_CPU_PRECISION`` ("auto" when unset), or ValueError: a typo ("bf61") silently meant
+    fp32 to PyTorch and was refused only by the OpenVINO runtime, in each job."""
+    value = (os.environ if environ is None else environ).get(CPU_PRECISION_ENV, "auto")
+    if value not in PRECISIONS:
+        raise ValueError(f"{CPU_PRECISION_ENV} {value!r} is not one of {', '.join(PRECISIONS)}")
+    return value

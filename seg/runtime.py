@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from seg.model import ModelPackage
+from seg.recipe import PRECISIONS, cpu_precision
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,9 @@ def choose(requested: str | None, device: torch.device, precision: str | None = 
         if requested == "openvino":
             raise ValueError("runtime 'openvino' needs the optional extra: pip install 'dicomnode[openvino]'")
         return RuntimeChoice("torch", "seg.infer", "OpenVINO not installed")
-    p = precision or os.environ.get("DICOMNODE_CPU_PRECISION", "auto")
-    if p not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"DICOMNODE_CPU_PRECISION {p!r} is not one of auto, fp32, bf16")
+    p = precision or cpu_precision()
+    if p not in PRECISIONS:
+        raise ValueError(f"precision {p!r} is not one of {', '.join(PRECISIONS)} (DICOMNODE_CPU_PRECISION)")
     bf16 = p == "bf16" or (p == "auto" and cpu_has_bf16())
     why = "asked for" if requested == "openvino" else "auto: installed, CPU"
     return RuntimeChoice("openvino", "bf16" if bf16 else "fp32", why)

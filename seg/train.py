@@ -648,8 +648,8 @@ def _campaign(prior: list[dict], steps: int, wall_s: float, init_from: str | Non
 
 def training_uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether the forward pass runs under bf16 autocast (``precision``: auto, fp32 or bf16)."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
+    if precision not in recipe.PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(recipe.PRECISIONS)}, not {precision!r}")
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":

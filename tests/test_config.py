@@ -345,3 +345,17 @@ def test_calling_aet_hosts_from_a_variable(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("DICOMNODE_CALLING_AET_HOSTS", "ORTHANC")
     with pytest.raises(ConfigError, match=r"calling_aet_hosts: give AE=host\[,host\];AE2=host"):
         load_settings()
+
+
+def test_a_cpu_precision_typo_is_refused_before_any_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`DICOMNODE_CPU_PRECISION=bf61` meant fp32 to PyTorch without a word (OpenVINO refused it in each
+    job): the node's settings refuse it, and so does inference."""
+    from seg.infer import default_precision
+
+    monkeypatch.setenv("DICOMNODE_CPU_PRECISION", "bf61")
+    with pytest.raises(ConfigError, match="DICOMNODE_CPU_PRECISION 'bf61' is not one of auto, fp32, bf16"):
+        load_settings()
+    with pytest.raises(ValueError, match="bf61"):
+        default_precision()
+    monkeypatch.setenv("DICOMNODE_CPU_PRECISION", "bf16")
+    assert load_settings() is not None and default_precision() == "bf16"

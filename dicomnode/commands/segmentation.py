@@ -456,8 +456,8 @@ def train(
         raise typer.BadParameter("--postop-weight must be positive")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise typer.BadParameter("--precision must be 'auto', 'fp32' or 'bf16'")
+    if precision not in recipe.PRECISIONS:
+        raise typer.BadParameter(f"--precision must be one of {', '.join(recipe.PRECISIONS)}")
     if cache_workers < 1:
         raise typer.BadParameter("--cache-workers must be at least 1")
     if check:
