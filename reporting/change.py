@@ -12,6 +12,7 @@ index change needs a height; without one it is null, never a guess.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from reporting.rules import change_pct
@@ -26,6 +27,7 @@ from seg.records import (
     StructureChange,
     StudyRef,
     TotalChange,
+    VolumeQA,
     VolumeRecord,
 )
 
@@ -63,6 +65,60 @@ def _ref(ref: StudyRef, record: VolumeRecord) -> StudyRef:
     return ref.model_copy(update={"series_instance_uid": record.series_instance_uid})
 
 
+COVERAGE_TOLERANCE_MM = 20.0  # two CTs' extents from the femoral head that differ by more: noted
+
+
+@dataclass(frozen=True)
+class CoverageDifference:
+    """One end (knee or pelvis) where two CTs reach different distances from the femoral head."""
+
+    end: str  # "knee" | "pelvis"
+    baseline_mm: float
+    followup_mm: float
+
+    @property
+    def where(self) -> str:
+        return "below" if self.end == "knee" else "above"
+
+    @property
+    def short(self) -> str:
+        """The difference in a few words, short enough for a line of the summary page."""
+        more = "less" if self.followup_mm < self.baseline_mm else "more"
+        return (f"Follow-up covers {abs(self.followup_mm - self.baseline_mm):.0f} mm {more} {self.where} "
+                f"the femoral head: changes at the {self.end} end not comparable")
+
+
+def coverage_differences(pre: VolumeQA, post: VolumeQA) -> list[CoverageDifference]:
+    """Where the follow-up covers another length of thigh than the baseline, measured from the top of
+    the femoral heads: the muscles that reach that end change with the coverage, not only with
+    atrophy (a follow-up 100 mm shorter at the knee read as -14 % biceps femoris on both sides)."""
+    out = []
+    ends = (("knee", "coverage_below_femoral_head_mm"), ("pelvis", "coverage_above_femoral_head_mm"))
+    for end, key in ends:
+        before, after = getattr(pre, key), getattr(post, key)
+        if before is not None and after is not None and abs(after - before) > COVERAGE_TOLERANCE_MM:
+            out.append(CoverageDifference(end, before, after))
+    return out
+
+
+def coverage_notes(pre: VolumeQA, post: VolumeQA) -> list[Reason]:
+    """:func:`coverage_differences` as the change record's notes."""
+    return [Reason(ReasonCode.COVERAGE_DIFFERS, f"{d.short} ({d.followup_mm:.0f} vs {d.baseline_mm:.0f} mm)")
+            for d in coverage_differences(pre, post)]
+
+
+def laterality_conflict(qa: VolumeQA, fractured_side: str | None) -> Reason | None:
+    """Metal on one side only, and the registry's fractured side the other: a wrong row or a wrong
+    side, which marks the other thigh as the operated one (the page drew "fractured" over the thigh
+    without the nail)."""
+    metal = qa.metal_where.side if qa.metal and qa.metal_where is not None else None
+    if metal not in ("left", "right") or fractured_side not in ("left", "right") or metal == fractured_side:
+        return None
+    return Reason(ReasonCode.LATERALITY_CONFLICT,
+                  f"Metal on the {metal} side, but the registry's fractured side is {fractured_side}: "
+                  "check the registry")
+
+
 def compute_change(
     pre: VolumeRecord,
     post: VolumeRecord,
@@ -80,7 +136,9 @@ def compute_change(
     ``baseline``/``followup`` say which studies and outputs they are (a missing series UID is taken
     from the volumes record); ``notes`` are reasons stated by pairing and the registry, copied in.
     """
-    notes = list(notes)
+    notes = list(notes) + coverage_notes(pre.qa, post.qa)
+    if (conflict := laterality_conflict(post.qa, fractured_side)) is not None:
+        notes.append(conflict)
     if not height_m:
         height_m = None
         if not any(n.code in HEIGHT_CODES for n in notes):

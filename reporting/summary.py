@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from reporting.change import laterality_conflict
 from reporting.rules import RULES, is_found
 from reporting.seg import algorithm_name, series_description
 from reporting.uids import (
@@ -35,7 +36,7 @@ from reporting.uids import (
 )
 from seg.height import height_state
 from seg.labels import LABEL_OF, PAPER_ORDER, by_name, structures
-from seg.records import ChangeRecord, ModelInfo, VolumeRecord
+from seg.records import ChangeRecord, ModelInfo, ReasonCode, VolumeRecord
 from seg.volume import Volume
 
 SUMMARY_SERIES_NUMBER = 9903
@@ -51,8 +52,11 @@ def _fmt_side(v: float | None) -> str:
     return "–" if v is None else _fmt(v, RULES.volume_decimals) if is_found(v) else "n/f"
 
 
-def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo) -> list[str]:
-    """Plain-language QA warnings shown on the page (empty when nothing is wrong)."""
+def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo, change: ChangeRecord | None = None,
+                fractured_side: str | None = None) -> list[str]:
+    """Plain-language QA warnings shown on the page (empty when nothing is wrong); with a comparison,
+    the notes that make it less comparable (the two CTs' coverage), and on any page metal on the side
+    the registry does not call operated."""
     out = []
     qa = volumes.qa
     if model_info.demo:
@@ -67,6 +71,10 @@ def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo) -> lis
         out.append(f"Metal present ({side}): volumes near it are less reliable")
     if qa.z_coverage_ok is False:
         out.append("Incomplete craniocaudal coverage")
+    if change is not None:
+        out += [n.text for n in change.notes if n.code is ReasonCode.COVERAGE_DIFFERS]
+    if (conflict := laterality_conflict(qa, shown_side(change, fractured_side))) is not None:
+        out.append(conflict.text)
     ratio = qa.segmented_vs_hu_muscle
     if ratio is not None and not 0.5 <= float(ratio) <= 1.5:
         out.append(f"Segmented muscle is {float(ratio):.2f}x the HU-threshold muscle volume: "
@@ -217,7 +225,7 @@ def page_figure(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
     heads, rows = page_table(volumes, found, change)
     rows = rows or [["(no muscle found)"] + [""] * (len(heads) - 1)]
     lines = header_lines(volumes, model_info, meta, change, fractured_side, len(found), total, total_idx)
-    warnings = qa_warnings(volumes, meta, model_info)
+    warnings = qa_warnings(volumes, meta, model_info, change, fractured_side)
     height = page_height(len(lines), max(len(warnings), 1), len(rows), change is not None)
     fig = Figure(figsize=(_PAGE_W / _DPI, height / _DPI), dpi=_DPI)
     FigureCanvasAgg(fig)

@@ -221,6 +221,7 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     nk = labels.shape[2]
     segmented = round(sum(st.volume_cm3 for st in structures if L.structures()[st.label].is_muscle), 4)
     qa = {
+        **coverage_from_femoral_head(arr, labels.affine),
         "z_coverage_mm": round(nk * float(np.linalg.norm(labels.affine[:3, 2])), 3),
         "segmented_muscle_cm3": segmented,
         "midline_x_mm": round(mid, 3),
@@ -239,6 +240,25 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
         structures=tuple(structures),
         qa=VolumeQA(**qa),
     )
+
+
+def coverage_from_femoral_head(arr: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """The scanned extent below and above the top of the femoral heads (mm along the patient's
+    craniocaudal axis, slice edges included), or nothing when no slice holds femur.
+
+    Why the femur: the scanner's z of one patient differs from scan to scan, the top of the femoral
+    head does not; two CTs that reach different distances below it measure different lengths of the
+    long thigh muscles, which a comparison would report as atrophy."""
+    femur_slices = np.flatnonzero((arr == L.LABEL_OF["femur"]).any(axis=(0, 1)))
+    if femur_slices.size == 0:
+        return {}
+    step = affine[:3, 2]
+    z_of = lambda k: float(affine[2, 3] + k * step[2])  # noqa: E731 - LPS z: +z is superior
+    half = abs(float(step[2])) / 2
+    head_top = max(z_of(k) for k in (femur_slices[0], femur_slices[-1]))
+    ends = (z_of(0), z_of(arr.shape[2] - 1))
+    return {"coverage_below_femoral_head_mm": round(head_top - min(ends) + half, 1),
+            "coverage_above_femoral_head_mm": round(max(ends) + half - head_top, 1)}
 
 
 @dataclass(frozen=True)

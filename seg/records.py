@@ -103,6 +103,9 @@ class ReasonCode(StrEnum):
     NO_HEIGHT = "no-height"  # no plausible height: no index (cm³/m²)
     FRACTURE_TYPE_UNKNOWN = "fracture-type-unknown"
     SEX_CONFLICT = "sex-conflict"  # the registry's sex is not the CT's PatientSex (the registry's is used)
+    # the two CTs of a comparison (reporting.change)
+    COVERAGE_DIFFERS = "coverage-differs"  # one covers more thigh (from the femoral head) than the other
+    LATERALITY_CONFLICT = "laterality-conflict"  # metal on the side the registry does not say is operated
 
     UNCLASSIFIED = "unclassified"  # a legacy note whose cause cannot be told
 
@@ -254,6 +257,10 @@ class VolumeQA(Record):
     metal_voxels: int | None = None
     metal_where: MetalLocation | None = None
     z_coverage_ok: bool | None = None
+    # the scanned extent from the top of the femoral heads, down (to the knee) and up (to the pelvis):
+    # what two CTs of one patient can be compared by (scanner z differs between scans); None: no femur
+    coverage_below_femoral_head_mm: float | None = None
+    coverage_above_femoral_head_mm: float | None = None
 
 
 class _Document(Record):

@@ -679,3 +679,16 @@ def test_one_patient_id_at_two_hospitals_is_two_rows_of_excluded() -> None:
     excluded = collect(entries)[2]
     assert list(excluded.columns) == ["patient_id", "issuer_of_patient_id", "reason"]
     assert sorted(excluded["issuer_of_patient_id"]) == ["HOSP_A", "HOSP_B"]
+
+
+def test_a_less_comparable_pair_stays_in_the_tables_and_is_named() -> None:
+    """A pair whose CTs cover other lengths of thigh entered the tables unseen: it stays (the reader
+    decides) and the report and patients.csv name it."""
+    entries, _ = _cohort()
+    note = Reason(ReasonCode.COVERAGE_DIFFERS, "Follow-up covers 96 mm less below the femoral head")
+    change = entries[2].change
+    entries[2] = entries[2].model_copy(update={"change": change.model_copy(update={"notes": (note,)})})
+    report = build_cohort(entries, n_boot=50)
+    flagged = report.patients.set_index("patient_id")["comparability"]
+    assert flagged["C03"] == "coverage-differs" and (flagged.drop("C03") == "").all()
+    assert any(n.startswith("1 patient(s) with 'coverage-differs'") for n in report.notes)

@@ -112,6 +112,10 @@ def parse_filters(items: list[str] | None,
     return out
 
 
+# notes of a comparison that the tables keep but the reader should know of (reporting.change)
+COMPARABILITY_CODES = frozenset({ReasonCode.COVERAGE_DIFFERS, ReasonCode.LATERALITY_CONFLICT})
+
+
 def exclusion(entry: CohortEntry, filters: dict[str, list[str]] | None = None) -> Exclusion | None:
     """The first inclusion rule ``entry`` fails (in :data:`STEPS` order), or None when it is included.
 
@@ -173,6 +177,9 @@ def collect(
             "days_between": change.days_between,
             "koval_grade": change.koval_grade,
             "age_years": change.baseline_age_years,
+            # what makes this pair less comparable (the CTs' coverage, the operated side): kept, named
+            "comparability": ",".join(sorted({n.code.value for n in change.notes
+                                              if n.code in COMPARABILITY_CODES})),
         }
         ovc = {o.name: o for o in change.operated_vs_contralateral}
         for m in MUSCLE_ORDER:

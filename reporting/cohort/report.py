@@ -105,6 +105,11 @@ def build_cohort(
         notes.append(f"FNF vs ITF pools both sexes ({mix}): a difference between the fracture types "
                      "may be one between the sexes; see the within-sex comparison "
                      "(stats_mannwhitney_within_sex)")
+    flagged = patients["comparability"].fillna("")
+    for code in sorted({c for text in flagged for c in text.split(",") if c}):
+        n = int(flagged.str.contains(code, regex=False).sum())
+        notes.append(f"{n} patient(s) with '{code}' (see patients.csv, column comparability): their "
+                     "pairs are in the tables; check them before drawing conclusions")
     no_age = int(patients["age_years"].isna().sum())
     if no_age:
         notes.append(f"{no_age} patient(s) without a recorded age at the baseline CT: not in Table 0's age")
