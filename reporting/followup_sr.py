@@ -53,7 +53,7 @@ from reporting.uids import (
     tracking_subject,
     tracking_uid,
 )
-from seg.labels import by_name
+from seg.labels import ANALYSED_MUSCLES, by_name
 from seg.records import ChangeRecord, ModelInfo, StructureChange
 from seg.volume import Volume
 
@@ -180,7 +180,9 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
         by_number = key_sections(seg)
         sections = {(name, side): by_number[n] for n, name, side in segments_of(seg) if n in by_number}
     groups: list = []
-    for entry in change.structures:
+    # the paper's 21 analysed muscles: the others (iliopsoas ... multifidus) reach the scan's edge, so
+    # their change measures the coverage, and a bone's the implant (a nail is labelled femur)
+    for entry in (e for e in change.structures if e.name in ANALYSED_MUSCLES):
         g = _group(subject, entry, time_point, ct, sections.get((entry.name, entry.side)), model_info,
                    rules)
         if g is not None:

@@ -31,7 +31,7 @@ from reporting.seg import algorithm_name, build_seg, plan_segments
 from reporting.sr import build_measurement_sr, coverage_mm, key_sections
 from reporting.sr import segments_of as segments_of_seg
 from reporting.uids import derived_uid
-from seg.labels import by_name
+from seg.labels import ANALYSED_MUSCLES, by_name
 from seg.measure import measure_volumes
 from seg.records import StructureVolume, StudyRef, VolumeRecord
 
@@ -382,6 +382,10 @@ def test_followup_sr_valid_and_equal_to_change(followup, baseline, tmp_path):
         assert "VLOSSPCT" not in items
         checked += 1
     assert checked >= 20
+    # the paper's 21 muscles only: "Femur right +11.6 %" measured the nail, an "Else" muscle the coverage
+    shown = {by_key[t].name for g in meta["Measurements"] if (t := g.get("TrackingIdentifier")) in by_key}
+    assert shown <= set(ANALYSED_MUSCLES) and len(shown) >= 15
+    assert {"femur", "iliac_bone"} <= {e.name for e in change.structures}  # in the record, not the SR
     gm = by_key["Gluteus medius left"]
     assert gm.change_pct < -10 and gm.delta_cm3 < 0  # the phantom's atrophy is a negative change
     assert gm.loss_pct == pytest.approx(-gm.change_pct)  # the paper's loss ratio, opposite sign
