@@ -110,7 +110,8 @@ def page_table(volumes: VolumeRecord, rows: list[list[str]],
         return heads, rows
     bars = change_bars(change)
     names = {structures()[e.label].display_name: e.name for e in volumes.structures}
-    return heads + ["Left Δ %", "Right Δ %"], [
+    operated = shown_side(change, None)  # the operated side's column marked as on the key images
+    return heads + [f"{side.title()} Δ %{' ▼' if side == operated else ''}" for side in ("left", "right")], [
         r + [_signed(bars.get(names.get(r[0], ""), {}).get(side)) for side in ("left", "right")]
         for r in rows]
 
@@ -151,6 +152,12 @@ def header_lines(volumes: VolumeRecord, model_info: ModelInfo, meta: dict, chang
         days = change.days_between
         lines.append((f"Compared with the study of {display_date(change.baseline.study_date)}"
                       + (f", {days} days earlier" if days is not None else ""), 11, "white"))
+        t = change.total_analysed_muscles
+        if t.pre_cm3 is not None and t.delta_cm3 is not None:
+            pct = f", {t.change_pct:+.1f} %" if t.change_pct is not None else ""
+            lines.append((f"Change of the {t.structures} analysed muscles since: {t.delta_cm3:+.1f} cm³{pct} "
+                          f"of {t.pre_cm3:.1f} cm³ (Δ = follow-up − baseline: negative is a loss)",
+                          11, "white"))
     h = volumes.height_m
     lines.append((f"{muscles} analysed muscles, both sides: {total:.1f} cm³"
                   + (f"     index {total_idx:.1f} cm³/m²" if total_idx is not None else "")

@@ -86,7 +86,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # 7: the SR's height status and the page's height warning follow the record's height source (an
 # implausible registry height was coded "missing"); tracking UIDs are keyed by the node's secret
 # (tracking_subject), not a plain hash of the PatientID; the page warns of metal on the side the
-# registry does not call fractured, and of a follow-up covering another length of thigh.
+# registry does not call fractured, and of a follow-up covering another length of thigh; a follow-up
+# page gives the total change and marks the operated side's column; the change SR the 21 muscles only.
 OUTPUT_REVISION = 7
 
 

@@ -230,7 +230,9 @@ def test_follow_up_table_gives_each_sides_change_in_numbers(studies):
     where the chart has no bar), so a radiologist reads them without opening the SR."""
     f_vols, change = studies["f"][2], studies["change"]
     heads, rows = page_table(f_vols, _table_rows(f_vols)[0], change)
-    assert heads[-2:] == ["Left Δ %", "Right Δ %"]
+    operated = {"left": ["Left Δ % ▼", "Right Δ %"], "right": ["Left Δ %", "Right Δ % ▼"]}
+    assert heads[-2:] == operated.get(change.fractured_side, ["Left Δ %", "Right Δ %"])
+    assert change.fractured_side in operated  # the operated side's column is marked, as on the images
     bars = change_bars(change)
     row = next(r for r in rows if r[0] == "Gluteus maximus")
     assert row[-2:] == [f"{bars['gluteus_maximus'][side]:+.1f}" for side in ("left", "right")]
