@@ -491,3 +491,19 @@ def test_highdicom_narration_stays_out_of_the_info_log(capsys: pytest.CaptureFix
         pynetdicom_log.setLevel(kept[3])
     err = capsys.readouterr().err
     assert "copy attributes" not in err and "a real warning" in err and "shown at DEBUG" in err
+
+
+def test_a_header_value_the_loader_cannot_read_is_rejected_without_quoting_it(tmp_path: Path) -> None:
+    """A RescaleIntercept "Smith" was rejected as "could not convert string to float: 'Smith'": the
+    library's text, which quotes the value, went to the job's reason and the WARNING line."""
+    from dicomnode.processing.pipeline import JobInput, SeriesRejected, run_pipeline
+
+    s = write_ct_series(tmp_path / "in", name="smith", n=6, size=8)
+    for f in s.files:
+        ds = pydicom.dcmread(f)
+        ds.add_new(0x00281052, "LO", "Smith")  # as `dcmodify -m "(0028,1052)=Smith"` leaves it
+        ds.save_as(f)
+    job = JobInput(job_id=1, series_instance_uid=s.series_uid, files=s.files, work_dir=tmp_path / "work")
+    with pytest.raises(SeriesRejected) as rejected:
+        run_pipeline(job, Settings(storage_dir=tmp_path / "var"))
+    assert str(rejected.value) == "a header value cannot be read: ValueError (its text is logged at DEBUG)"

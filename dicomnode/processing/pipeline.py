@@ -222,15 +222,19 @@ def _check_same_file(fresh: Path, handed_on: Path) -> None:
 
 def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
     """Measure one accepted series and build every DICOM object to send back."""
+    from dicomnode.logs import error_text
     from seg.infer import segment
-    from seg.io import load_dicom_series
+    from seg.io import SeriesGeometryError, load_dicom_series
 
     phases = PhaseLog(job.work_dir)
     try:
         with phases.phase("dicom load"):
             ct = load_dicom_series(sorted(job.files))
-    except ValueError as exc:  # geometry the loader cannot place in space
+    except SeriesGeometryError as exc:  # geometry the loader cannot place in space: our words
         raise SeriesRejected(str(exc)) from exc
+    except ValueError as exc:  # a header value a library cannot read: its text may quote the value
+        log.debug("job %s: the series cannot be read", job.job_id, exc_info=True)
+        raise SeriesRejected(f"a header value cannot be read: {error_text(exc)}") from exc
     if str(ct.meta.get("Modality", "CT")) != "CT":
         raise SeriesRejected(f"modality {ct.meta.get('Modality')} is not CT")
 
