@@ -7,6 +7,7 @@ fill it and show what pairing made of each patient's studies.
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 from typing import Annotated
@@ -106,26 +107,32 @@ def list_(
 
 
 def _print_patients(rows: list[dict]) -> None:
-    """One table per issuer (its name above it), within 80 columns."""
+    """One table per issuer (its name above it), within 80 columns while patient IDs are up to 11
+    characters; with longer ones wider when piped (an ID, a date or a count is never cut, so grep finds
+    it) and, on a narrower terminal, without the last columns."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console()
+    longest_id = max((len(r["patient_id"]) + (0 if r["in_registry"] else 2) for r in rows), default=0)
+    natural = longest_id + 69  # the other columns at their widths, and the spaces between
+    console = Console(width=max(COLUMNS, natural)) if not sys.stdout.isatty() else Console()
     for issuer in sorted({r["issuer"] for r in rows}):
         if issuer:
             console.print(f"IssuerOfPatientID {issuer}", markup=False, highlight=False)
         # no vertical rules, one space between columns
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
         mine = [r for r in rows if r["issuer"] == issuer]
-        longest = max(len(r["patient_id"]) + 2 for r in mine)
+        longest = max(len(r["patient_id"]) + (0 if r["in_registry"] else 2) for r in mine)  # " *"
         # a patient ID is never cut across lines (`patients list | grep ID` found nothing); the others fold
         table.add_column("patient", no_wrap=True, min_width=longest)
-        table.add_column("height", overflow="fold")
-        table.add_column("from", overflow="fold", min_width=len("PatientSize"))  # a flag may fold
-        for head in ("sex", "type", "side", "surgery", "Koval", "studies", "pairs"):
-            table.add_column(head, overflow="fold")
+        # values that grep finds whole (a date, a count) keep their width; only a flag folds
+        table.add_column("height", no_wrap=True, min_width=len("1.70 m"))
+        table.add_column("from", overflow="fold", min_width=len("PatientSize"))
+        for head, width in (("sex", 3), ("type", 5), ("side", 5), ("surgery", 8), ("Koval", 5),
+                            ("CTs", 3), ("pairs", 5)):
+            table.add_column(head, no_wrap=True, min_width=width)
         for r in mine:
             table.add_row(  # Text: "[...]" in a flag or an ID is shown, not read as Rich markup
                 Text(r["patient_id"] + ("" if r["in_registry"] else " *")),
