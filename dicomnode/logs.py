@@ -163,7 +163,7 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler._dicomnode = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter() if json_lines else KeyValueFormatter())
-    handler.addFilter(pynetdicom_info_as_debug)
+    handler.addFilter(library_info_as_debug)
     root.addHandler(handler)
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
@@ -177,13 +177,14 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     _quiet_pydicom(root.level > logging.DEBUG)
 
 
-def pynetdicom_info_as_debug(record: logging.LogRecord) -> bool:
-    """pynetdicom's INFO lines labelled DEBUG (they reach the log only when DEBUG is asked for).
+def library_info_as_debug(record: logging.LogRecord) -> bool:
+    """pynetdicom's and highdicom's INFO lines labelled DEBUG (they reach the log only when DEBUG is
+    asked for).
 
     Why: at DEBUG pynetdicom logs each request's identifier element by element at INFO (a C-FIND's
     ``(0010,0020) LO [MRN-778899]``), so a log shipper that keeps INFO and above kept PHI that the
-    node's own lines keep at DEBUG."""
-    if record.levelno == logging.INFO and record.name.partition(".")[0] == "pynetdicom":
+    node's own lines keep at DEBUG; highdicom narrates every object it builds."""
+    if record.levelno == logging.INFO and record.name.partition(".")[0] in ("pynetdicom", "highdicom"):
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
     return True
 

@@ -171,3 +171,11 @@ def test_version_names_the_release() -> None:
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"dicomnode {version('dicomnode')}\n"
+
+
+def test_an_unknown_atrophied_muscle_is_a_usage_error(tmp_path: Path) -> None:
+    """`phantom --atrophy x=0.8` passed the options' checks and ended in a traceback in the renderer."""
+    result = CliRunner().invoke(app, ["phantom", "--out", str(tmp_path / "ph"), "--atrophy", "x=0.8"],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "'x' is not a muscle of the class list" in result.output
+    assert not (tmp_path / "ph").exists()

@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from seg import labels as L
 from seg.volume import Volume
 
 PHANTOM_VERSION = "1.0"
@@ -63,9 +64,11 @@ class PhantomOptions:
             raise ValueError("implant_side must be left, right or None")
         if not 0.0 <= self.fat_infiltration <= 1.0:
             raise ValueError("fat_infiltration must be within 0..1")
-        for name, f in self.atrophy.items():
-            if not 0.0 <= float(f) <= 1.5:
-                raise ValueError(f"atrophy factor for {name} must be within 0..1.5")
+        for name, f in self.atrophy.items():  # checked here, where the command line's errors are caught
+            if name not in L.LABEL_OF or not L.by_name(name).is_muscle:
+                raise ValueError(f"atrophy: {name!r} is not a muscle of the class list")
+            if not 0.0 <= float(f) <= 1.0:
+                raise ValueError(f"atrophy factor for {name} must be within 0..1 (volume kept)")
         if self.fov_mm is not None:
             self.fov_mm = tuple(float(v) for v in self.fov_mm)  # type: ignore[assignment]
         if self.z_range_mm is not None:

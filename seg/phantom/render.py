@@ -111,7 +111,6 @@ def _field3(z: float, u: np.ndarray, v: np.ndarray, waves: np.ndarray) -> np.nda
 
 def make_phantom(opts: PhantomOptions) -> Phantom:
     """Render one phantom (CT in HU + labels) from its options; deterministic."""
-    _check_options(opts)
     p, rng = draw_patient(opts)
     items = build_items(p, rng)
     muscle_hu_off = rng.normal(0, 3.0, size=len(items["muscle"]))
@@ -374,14 +373,6 @@ def _leg_drop(z: float, p: Patient, items: dict[str, list[Item]], grid: Grid, fa
     posterior = q[1] + q[3] + fat_z
     ramp = float(_smoothstep(np.array((-z / p.s_z - 40.0) / 80.0)))
     return max(0.0, grid.y_table + 4.0 - posterior) * ramp
-
-
-def _check_options(opts: PhantomOptions) -> None:
-    for name, f in opts.atrophy.items():
-        if name not in L.LABEL_OF or not L.by_name(name).is_muscle:
-            raise ValueError(f"atrophy: {name!r} is not a muscle of the class list")
-        if not 0.0 <= float(f) <= 1.0:
-            raise ValueError(f"atrophy factor for {name} must be within 0..1 (volume kept)")
 
 
 def _affected_side(opts: PhantomOptions) -> int:
