@@ -149,6 +149,8 @@ def _host_map(value: Any) -> Any:
             pins[title.strip()] = [h.strip() for h in hosts.split(",") if h.strip()]
         return pins
     return value
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(ge=0)]
 
