@@ -252,11 +252,10 @@ def coverage_from_femoral_head(arr: np.ndarray, affine: np.ndarray) -> dict[str,
     femur_slices = np.flatnonzero((arr == L.LABEL_OF["femur"]).any(axis=(0, 1)))
     if femur_slices.size == 0:
         return {}
-    step = affine[:3, 2]
-    z_of = lambda k: float(affine[2, 3] + k * step[2])  # noqa: E731 - LPS z: +z is superior
-    half = abs(float(step[2])) / 2
-    head_top = max(z_of(k) for k in (femur_slices[0], femur_slices[-1]))
-    ends = (z_of(0), z_of(arr.shape[2] - 1))
+    first, last = (float(affine[2, 3] + k * affine[2, 2]) for k in (0, arr.shape[2] - 1))  # LPS: +z up
+    head_top = max(float(affine[2, 3] + k * affine[2, 2]) for k in (femur_slices[0], femur_slices[-1]))
+    half = abs(float(affine[2, 2])) / 2
+    ends = (first, last)
     return {"coverage_below_femoral_head_mm": round(head_top - min(ends) + half, 1),
             "coverage_above_femoral_head_mm": round(max(ends) + half - head_top, 1)}
 
