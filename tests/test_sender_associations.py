@@ -318,25 +318,18 @@ def test_max_associations_below_one_or_misspelled_is_refused(tmp_path: Path) -> 
 def test_echo_says_why_there_is_no_association(tmp_path) -> None:  # noqa: ANN001
     """`dicomnode echo` said only "no association with ORTHANC@host:port": a rejection (the AE titles),
     no connection, and TLS on against a plain port looked alike."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
     from dicomnode.config import Settings
-    from dicomnode.harness.net import free_port
+    from dicomnode.harness.capture import CapturingSCP
     from dicomnode.network.sender import echo
 
-    port = free_port()
-    pacs = AE(ae_title="REALPACS")
-    pacs.require_called_aet = True
-    pacs.add_supported_context(Verification)
-    server = pacs.start_server(("127.0.0.1", port), block=False)
+    pacs = CapturingSCP("REALPACS", require_called_aet=True).start()
     try:
         ok, why = echo(Settings(storage_dir=tmp_path, pacs={"ae_title": "WRONG", "host": "127.0.0.1",
-                                                            "port": port}))
+                                                            "port": pacs.port}))
         assert not ok and "rejected by the PACS (Called AE title not recognised)" in why
         assert echo(Settings(storage_dir=tmp_path, pacs={"ae_title": "REALPACS", "host": "127.0.0.1",
-                                                         "port": port}))[0]
+                                                         "port": pacs.port}))[0]
     finally:
-        server.shutdown()
-    ok, why = echo(Settings(storage_dir=tmp_path, pacs={"host": "127.0.0.1", "port": port}))
+        pacs.stop()
+    ok, why = echo(Settings(storage_dir=tmp_path, pacs={"host": "127.0.0.1", "port": pacs.port}))
     assert not ok and "no connection, or dropped" in why

@@ -7,6 +7,7 @@ after the SEG, never beside a SEG whose re-run check failed."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,8 @@ def test_a_failed_sr_child_leaves_the_sr_to_the_parent(case: Any, tmp_path: Path
     monkeypatch.setattr(reporting.sr, "build_measurement_sr", child_fails)
     settings = Settings(storage_dir=tmp_path / "var2", pairing={"retrieve_priors": False},
                         output={"summary": False})
+    settings.storage_dir.mkdir()  # the same node secret, so the same tracking UIDs (reporting.uids)
+    shutil.copy(tmp_path / "var" / ".pseudonym-key", settings.storage_dir / ".pseudonym-key")
     outputs, heard = _attempt(ct, labels, settings, tmp_path / "job")
     assert builders == ["parent"] and [_modality(p) for p in heard] == ["SEG", "SR"]
     assert {p.name: _without_build_times(pydicom.dcmread(p)) for p in outputs} == expected

@@ -7,7 +7,6 @@ fill it and show what pairing made of each patient's studies.
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 from typing import Annotated
@@ -117,7 +116,8 @@ def _print_patients(rows: list[dict]) -> None:
 
     longest_id = max((len(r["patient_id"]) + (0 if r["in_registry"] else 2) for r in rows), default=0)
     natural = longest_id + 69  # the other columns at their widths, and the spaces between
-    console = Console(width=max(COLUMNS, natural)) if not sys.stdout.isatty() else Console()
+    console = Console()  # piped: as wide as the IDs need, or as COLUMNS says if that is wider
+    console = console if console.is_terminal else Console(width=max(console.width, natural))
     for issuer in sorted({r["issuer"] for r in rows}):
         if issuer:
             console.print(f"IssuerOfPatientID {issuer}", markup=False, highlight=False)

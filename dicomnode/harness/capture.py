@@ -23,15 +23,17 @@ class CapturingSCP:
     association without holding the others: a PACS slow to store), and returns the status to answer;
     a data set answered with anything but success is not captured. ``transfer_syntaxes``, when given, are
     accepted for every storage class besides pynetdicom's default (uncompressed) ones, e.g. to take
-    the node's RLE-compressed SEG as a PACS does.
+    the node's RLE-compressed SEG as a PACS does. ``require_called_aet``: associations that call
+    another AE title are rejected, as a PACS that checks its own title does.
     """
 
     def __init__(self, ae_title: str, port: int | None = None, *,
                  on_dataset: Callable[[Any], None] | None = None, keep: bool = True,
                  extra_contexts: tuple[str, ...] = (),
                  on_request: Callable[[Any], int] | None = None,
-                 transfer_syntaxes: Sequence[str] | None = None) -> None:
+                 transfer_syntaxes: Sequence[str] | None = None, require_called_aet: bool = False) -> None:
         self.ae_title = ae_title
+        self._require_called_aet = require_called_aet
         self.port = port or free_port()
         self.received: list[Any] = []
         self.lock = threading.Lock()
@@ -47,6 +49,7 @@ class CapturingSCP:
         from pynetdicom.sop_class import Verification
 
         ae = AE(self.ae_title)
+        ae.require_called_aet = self._require_called_aet
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
         for uid in self._extra:  # classes newer than pynetdicom's list (e.g. Label Map SEG)
