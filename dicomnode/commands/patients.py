@@ -106,21 +106,17 @@ def list_(
 
 
 def _print_patients(rows: list[dict]) -> None:
-    """One table per issuer (its name above it), within 80 columns while patient IDs are up to 11
-    characters; with longer ones wider when piped (an ID, a date or a count is never cut, so grep finds
-    it) and, on a narrower terminal, without the last columns."""
+    """One table per issuer (its name above it): on a terminal within its width (80 columns hold IDs
+    of up to 11 characters; a height flag folds); piped, one line per patient however wide, so grep
+    finds an ID, a date or a flag whole (an ID and a surgery date were cut across lines)."""
     from rich import box
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
     from rich.text import Text
 
-    longest_id = max((len(r["patient_id"]) + (0 if r["in_registry"] else 2) for r in rows), default=0)
-    natural = longest_id + 69  # the other columns at their widths, and the spaces between
-    console = Console()  # piped: as wide as the IDs need, or as COLUMNS says if that is wider
-    console = console if console.is_terminal else Console(width=max(console.width, natural))
+    tables = []
     for issuer in sorted({r["issuer"] for r in rows}):
-        if issuer:
-            console.print(f"IssuerOfPatientID {issuer}", markup=False, highlight=False)
         # no vertical rules, one space between columns
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
         mine = [r for r in rows if r["issuer"] == issuer]
@@ -146,6 +142,15 @@ def _print_patients(rows: list[dict]) -> None:
                 str(r["studies"]),
                 str(r["comparisons"]),
             )
+        tables.append((issuer, table))
+    console = Console()  # piped: as wide as the tables need at least, or as COLUMNS says if wider
+    if not console.is_terminal:
+        wide = console.options.update_width(10_000)  # what a table takes unfolded, not capped at 80
+        needed = max(Measurement.get(console, wide, table).maximum for _, table in tables)
+        console = Console(width=max(console.width, needed))
+    for issuer, table in tables:
+        if issuer:
+            console.print(f"IssuerOfPatientID {issuer}", markup=False, highlight=False)
         console.print(table)
     if not all(r["in_registry"] for r in rows):
         console.print("* not in the registry: height and sex from the DICOM header", highlight=False)
