@@ -325,7 +325,7 @@ def test_patients_list_shows_the_height_and_sex_pairing_uses(
                                   "PHANTOM0000000001,1.70,M,FNF,left,20240105\n")
     _record(settings, "PHANTOM0000000001", "9.1", "20240101", size=1.7)
     lines = CliRunner().invoke(app, ["patients", "list"], env={"COLUMNS": "80"}).output.splitlines()
-    assert 80 < max(len(line) for line in lines) <= len("PHANTOM0000000001") + 69  # piped: as wide as needed
+    assert max(len(line) for line in lines) > 80  # piped: one line per patient, as wide as needed
     # the ID and the surgery date whole (the date was cut "2024010" / "5"), and no column dropped
     assert any(line.startswith("PHANTOM0000000001 ") and "registry" in line and "20240105" in line
                for line in lines), lines
