@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from reporting.rules import change_pct
+from seg.dates import as_date
 from seg.labels import ANALYSED_MUSCLES
 from seg.records import (
     HEIGHT_CODES,
@@ -33,12 +33,8 @@ from seg.records import (
 
 
 def _days(pre_date: str | None, post_date: str | None) -> int | None:
-    try:
-        a = datetime.strptime(str(pre_date)[:8], "%Y%m%d")
-        b = datetime.strptime(str(post_date)[:8], "%Y%m%d")
-    except (TypeError, ValueError):
-        return None
-    return (b - a).days
+    a, b = as_date(pre_date), as_date(post_date)
+    return None if a is None or b is None else (b - a).days
 
 
 def _loss_pct(pre: float | None, post: float | None) -> float | None:

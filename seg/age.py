@@ -10,10 +10,9 @@ Ages are whole years (completed years, as PatientAge's ``Y`` unit states them).
 from __future__ import annotations
 
 import re
-from datetime import date
 from typing import Any
 
-from seg.dates import da_date
+from seg.dates import as_date
 
 MAX_AGE_YEARS = 130
 _PATIENT_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
@@ -36,16 +35,10 @@ def age_from_patient_age(value: Any) -> int | None:
     return _plausible(years)
 
 
-def _dicom_date(value: Any) -> date | None:
-    """A date in one of :func:`seg.dates.da_date`'s forms as a date, else None."""
-    text = da_date(value)
-    return None if text is None else date(int(text[:4]), int(text[4:6]), int(text[6:]))
-
-
 def age_from_birth_date(birth_date: Any, study_date: Any) -> int | None:
     """Completed years from PatientBirthDate to StudyDate; None if either is missing or unreadable,
     or the birth date is after the study."""
-    born, on = _dicom_date(birth_date), _dicom_date(study_date)
+    born, on = as_date(birth_date), as_date(study_date)
     if born is None or on is None or born > on:
         return None
     years = on.year - born.year - ((on.month, on.day) < (born.month, born.day))

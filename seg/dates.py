@@ -23,3 +23,9 @@ def da_date(value: object) -> str | None:
     except ValueError:
         return None
     return f"{y}{mo}{d}"
+
+
+def as_date(value: object) -> date | None:
+    """:func:`da_date` as a :class:`datetime.date` (an age, the days between two studies), else None."""
+    text = da_date(value)
+    return None if text is None else date(int(text[:4]), int(text[4:6]), int(text[6:]))

@@ -33,6 +33,7 @@ from dicomnode.commands.common import cell, model_lines, spacing_option
 from dicomnode.harness.net import free_port, stop_process, wait_for
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
+from seg.dates import as_date
 from seg.records import ChangeRecord, EvaluationTargets, LeftRight, VolumeRecord
 from seg.terminal import COLUMNS
 
@@ -414,18 +415,11 @@ def interval_lines(change: ChangeRecord) -> list[str]:
     pre-op CT is before it); that one from the registry's surgery date when pairing recorded it."""
     lines = [f"Change between the CTs: {cell(change.days_between, 'd')} days apart, fractured side "
              f"{change.fractured_side or 'unknown'}"]
-    surgery, followup = _date(change.surgery_date), _date(change.followup.study_date)
+    surgery, followup = as_date(change.surgery_date), as_date(change.followup.study_date)
     if surgery is not None and followup is not None:
         lines.append(f"surgery on {surgery:%Y-%m-%d}, {(followup - surgery).days} days before the "
                      "follow-up CT")
     return lines
-
-
-def _date(text: str | None) -> dt.date | None:
-    try:
-        return dt.datetime.strptime(text or "", "%Y%m%d").date()
-    except ValueError:
-        return None
 
 
 def _study_dice(study: DemoStudy, result_dir: Path) -> dict[tuple[str, str], float]:
