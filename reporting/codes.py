@@ -59,7 +59,7 @@ HEIGHT_SOURCE_PATIENT_SIZE = _private("SRCPSIZE", "DICOM Patient Size")
 HEIGHT_SOURCE_REGISTRY = _private("SRCREG", "Clinical registry")
 HEIGHT_SOURCE_OTHER = _private("SRCOTHER", "Other height source")
 HEIGHT_SOURCE_NONE = _private("SRCNONE", "No height source")
-BODY_HEIGHT = _private("HGT", "Body height")
+BODY_HEIGHT = CodedConcept("8302-2", "LN", "Body height")  # LOINC, as HL7 FHIR vital signs code it
 QA_FRACTURED_SIDE = _private("QAFXSIDE", "Fractured side")
 PROCEDURE = _private("THIGHVOL", "CT thigh muscle volumetry")
 
@@ -79,7 +79,7 @@ def laterality_code(side: str) -> CodedConcept | None:
 
 
 def coding_scheme_identification() -> list[Dataset]:
-    """Items for CodingSchemeIdentificationSequence declaring the private scheme (and DCM/SCT/UCUM/UMLS)."""
+    """Items for CodingSchemeIdentificationSequence: the private scheme and the standard ones used."""
     items = []
     for designator, uid, name, org, version in (
         ("DCM", "1.2.840.10008.2.16.4", "DICOM Controlled Terminology", "NEMA", None),
@@ -87,6 +87,8 @@ def coding_scheme_identification() -> list[Dataset]:
         ("UCUM", "2.16.840.1.113883.6.8", "Unified Code for Units of Measure", "Regenstrief Institute",
          "1.4"),
         ("UMLS", "2.16.840.1.113883.6.86", "Unified Medical Language System", "NLM", None),  # TID 1502
+        ("LN", "2.16.840.1.113883.6.1", "Logical Observation Identifiers Names and Codes",
+         "Regenstrief Institute", None),  # body height
     ):
         ds = Dataset()
         ds.CodingSchemeDesignator = designator

@@ -50,6 +50,7 @@ from reporting.uids import (
     registry_facts,
     source_content,
     source_header,
+    tracking_label,
     tracking_subject,
     tracking_uid,
 )
@@ -83,7 +84,8 @@ def _time_point(change: ChangeRecord) -> hd.sr.TimePointContext:
     )
 
 
-def _measurements(entry: StructureChange, rules: ReportingRules) -> list[hd.sr.Measurement]:
+def _measurements(entry: StructureChange, height_m: float | None, rules: ReportingRules,
+                  ) -> list[hd.sr.Measurement]:
     """Baseline and follow-up volume when found; signed changes only when both are found."""
     pre, post = entry.pre_cm3, entry.post_cm3
     items: list[tuple[hd.sr.CodedConcept, float | None, hd.sr.CodedConcept, int]] = [
@@ -95,35 +97,35 @@ def _measurements(entry: StructureChange, rules: ReportingRules) -> list[hd.sr.M
         # (each rounded on its own, 22 of 69 groups of a follow-up differed by 0.1 cm³)
         d = rules.volume_decimals
         shown_delta = rounded(post, d) - rounded(pre, d)
+        # the index change from that same difference: never "0.0 cm³" beside "-0.01 cm³/m²"
+        shown_index = shown_delta / height_m**2 if height_m and entry.delta_index_cm3_m2 is not None else None
         items += [(codes.VOLUME_CHANGE, shown_delta, CM3, d),
                   (codes.VOLUME_CHANGE_PCT, entry.change_pct, PERCENT, rules.percent_decimals),
-                  (codes.VOLUME_INDEX_CHANGE, entry.delta_index_cm3_m2, CM3_PER_M2,
-                   rules.index_decimals)]
+                  (codes.VOLUME_INDEX_CHANGE, shown_index, CM3_PER_M2, rules.index_decimals)]
     return [hd.sr.Measurement(name=concept, value=rounded(value, decimals), unit=unit)
             for concept, value, unit, decimals in items if value is not None]
 
 
-def _group(subject: str, entry: StructureChange, time_point: hd.sr.TimePointContext, ct: Volume,
-           section: Section | None, model_info: ModelInfo, rules: ReportingRules = RULES,
+def _group(subject: str, entry: StructureChange, height_m: float | None, time_point: hd.sr.TimePointContext,
+           ct: Volume, section: Section | None, model_info: ModelInfo, rules: ReportingRules = RULES,
            ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     """TID 1501 group of one structure side; ``section``: its largest cross-section at follow-up."""
     name, side = entry.name, entry.side
     s = by_name(name)
     code = codes.structure_code(s)
-    measurements = _measurements(entry, rules)
+    measurements = _measurements(entry, height_m, rules)
     if not measurements:
         return None
     measurements.append(max_area(section, rules) if section is not None else coverage(ct, rules=rules))
-    label = f"{s.display_name} {'both sides' if side == 'both' else side}"
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, name, side),
-                                                     identifier=label),
+                                                     identifier=tracking_label(name, side)),
         time_point_context=time_point,
         finding_type=code,
         finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
         algorithm_id=algorithm_id(model_info),
         measurements=measurements,
-    ), label)
+    ), tracking_label(name, side))
 
 
 def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointContext, ct: Volume,
@@ -183,8 +185,8 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
     # the paper's 21 analysed muscles: the others (iliopsoas ... multifidus) reach the scan's edge, so
     # their change measures the coverage, and a bone's the implant (a nail is labelled femur)
     for entry in (e for e in change.structures if e.name in ANALYSED_MUSCLES):
-        g = _group(subject, entry, time_point, ct, sections.get((entry.name, entry.side)), model_info,
-                   rules)
+        g = _group(subject, entry, change.height_m, time_point, ct, sections.get((entry.name, entry.side)),
+                   model_info, rules)
         if g is not None:
             groups.append(g)
     context_uid = derived_uid("followup-context", follow_series, base_series)

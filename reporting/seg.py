@@ -30,6 +30,7 @@ from reporting.uids import (
     date_series,
     output_uid,
     source_content,
+    tracking_label,
     tracking_subject,
     tracking_uid,
 )
@@ -272,7 +273,7 @@ def _segment_description(info: SegmentInfo, subject: str,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(model_info),
         tracking_uid=tracking_uid(subject, s.name, info.side),
-        tracking_id=f"{s.name} {info.side}",
+        tracking_id=tracking_label(s.name, info.side),
         display_color=hd.color.CIELabColor.from_rgb(*s.rgb),
     )
     lat = codes.laterality_code(info.side)

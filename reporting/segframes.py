@@ -1,11 +1,10 @@
 """Which CT slices each segment's SEG frames come from, known when the SEG is built.
 
-Why: the measurement SR names every source image of every segment (TID 1411) and outlines each
-segment's largest cross-section (:mod:`reporting.keyslice`). Read back from the SEG that means
-parsing thousands of per-frame items and decoding every frame (seconds for a 400-slice CT); the
-spliced SEG (:mod:`reporting.seg_splice`) already knows both, from the label map it was built from.
-:func:`reporting.sr.segment_source_images` and :func:`reporting.sr.key_sections` read the same facts
-from any SEG; tests/test_reporting_sr.py checks that the two agree.
+Why: the measurement SR outlines each segment's largest cross-section (:mod:`reporting.keyslice`).
+Read back from the SEG that means parsing thousands of per-frame items and decoding every frame
+(seconds for a 400-slice CT); the spliced SEG (:mod:`reporting.seg_splice`) already knows it, from
+the label map it was built from. :func:`reporting.sr.key_sections` reads the same from any SEG;
+tests/test_reporting_sr.py checks that the two agree.
 """
 
 from __future__ import annotations
@@ -29,11 +28,6 @@ class SegFrames:
     plan: SegmentPlan
     slices: dict[int, list[int]]
     sources: list[Dataset]  # source CT headers in k order
-
-    def source_uids(self) -> dict[int, list[tuple[str, str]]]:
-        """Per segment number, (SOP Class UID, SOP Instance UID) of its frames' source images."""
-        uids = [(str(s.SOPClassUID), str(s.SOPInstanceUID)) for s in self.sources]
-        return {n: [uids[k] for k in ks] for n, ks in self.slices.items()}
 
     def largest_sections(self, pixel_spacing: tuple[float, float]) -> dict[int, Section]:
         """Per segment number, its frame with the most pixels (the first in frame order on a tie),

@@ -3,11 +3,13 @@
 Why TID 1500: it is the template viewers and dcmqi understand for "this segment has this volume",
 it points at the SEG segment (so a click shows the region) and carries a tracking identifier that
 is the same for a patient's muscle in every study, which is what longitudinal viewers match on.
-Each group also names the CT images its segment was derived from (TID 1411 "Source image for
-segmentation") next to the source series. A structure side below the minimum segment size
-(:mod:`reporting.rules`) has no segment and is reported as absent, without a volume. Values are
-rounded to the precision in ``reporting.rules``. QA facts (coverage, metal and its side, height) travel
-as qualitative evaluations so a reader sees why a number may not be trusted, without a free-text parser.
+Each group names the CT series its segment was derived from (TID 1411 "Source series for
+segmentation"), not each CT image: the SEG's frames already name their images, and one row per
+segment and slice made the report a megabyte of references that SR viewers list in full. A
+structure side below the minimum segment size (:mod:`reporting.rules`) has no segment and is
+reported as absent, without a volume. Values are rounded to the precision in ``reporting.rules``.
+QA facts (coverage, metal and its side, height) travel as qualitative evaluations so a reader sees
+why a number may not be trusted, without a free-text parser.
 
 Every measurement group also carries spatial coordinates, because OHIF 3.13 cannot open a TID 1500
 report with a group that has none (docs/upstream.md §6), and highdicom's TID 1411 builder takes a
@@ -32,7 +34,6 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels import iter_pixels
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes as std
 
@@ -46,9 +47,11 @@ from reporting.uids import (
     date_series,
     derived_uid,
     output_uid,
+    parse_tracking_label,
     registry_facts,
     source_content,
     source_header,
+    tracking_label,
     tracking_subject,
     tracking_uid,
 )
@@ -92,21 +95,9 @@ def segments_of(seg: Dataset) -> list[tuple[int, str, str]]:
     """(segment number, structure name, side) for each segment of a SEG built by reporting.seg."""
     out = []
     for item in seg.SegmentSequence:
-        number = int(item.SegmentNumber)
-        tid = str(item.get("TrackingID", ""))
-        if number == 0 or " " not in tid:
-            continue  # LABELMAP background
-        name, side = tid.rsplit(" ", 1)
-        out.append((number, name, side))
-    return out
-
-
-def _frame_sources(frame: Dataset) -> list[tuple[str, str]]:
-    """(SOP Class UID, SOP Instance UID) of the source images one SEG frame was derived from."""
-    out = []
-    for derivation in frame.get("DerivationImageSequence", []):
-        for src in derivation.get("SourceImageSequence", []):
-            out.append((str(src.ReferencedSOPClassUID), str(src.ReferencedSOPInstanceUID)))
+        found = parse_tracking_label(str(item.get("TrackingID", "")))
+        if found is not None:  # not a LABELMAP's background
+            out.append((int(item.SegmentNumber), *found))
     return out
 
 
@@ -122,49 +113,6 @@ def per_frame_groups(seg: Dataset) -> Sequence:
     holder = Dataset()
     holder[_PER_FRAME] = elem
     return holder.PerFrameFunctionalGroupsSequence
-
-
-def _frame_segments(seg: Dataset, frames: Sequence) -> list[list[int]]:
-    """Segment numbers in each frame: from the frame header (BINARY), else from the pixels."""
-    if all("SegmentIdentificationSequence" in f for f in frames):
-        return [[int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)] for f in frames]
-    # LABELMAP: a frame holds many segments; decoded one frame at a time, nothing cached on ``seg``
-    return [[int(v) for v in np.flatnonzero(np.bincount(px.ravel().astype(np.int64))) if v]
-            for px in iter_pixels(seg)]
-
-
-def segment_source_images(seg: Dataset) -> dict[int, list[hd.sr.SourceImageForSegmentation]]:
-    """Per segment number, the source CT images of the frames that hold it (in frame order).
-
-    Read from the SEG itself, so it holds for a SEG read back from disk as well. One content item per
-    source image, shared by every segment that lists it: the SR writes the same bytes, and building
-    (and highdicom's deep copy of) one item per CT slice instead of one per SEG frame is several
-    times cheaper.
-    """
-    return _shared_source_images(_segment_source_uids(seg))
-
-
-def _segment_source_uids(seg: Dataset) -> dict[int, list[tuple[str, str]]]:
-    """Per segment number, (SOP Class UID, SOP Instance UID) of the source images of the frames that
-    hold it, each once, in frame order."""
-    frames = per_frame_groups(seg)
-    refs: dict[int, dict[tuple[str, str], None]] = {}
-    for frame, numbers in zip(frames, _frame_segments(seg, frames), strict=True):
-        for number in numbers:
-            refs.setdefault(number, {}).update(dict.fromkeys(_frame_sources(frame)))
-    return {n: list(uids) for n, uids in refs.items()}
-
-
-def _distinct(refs: dict[int, list[tuple[str, str]]]) -> dict[int, list[tuple[str, str]]]:
-    return {n: list(dict.fromkeys(uids)) for n, uids in refs.items()}
-
-
-def _shared_source_images(refs: dict[int, list[tuple[str, str]]],
-                          ) -> dict[int, list[hd.sr.SourceImageForSegmentation]]:
-    """One content item per distinct (SOP Class UID, SOP Instance UID), listed per segment number."""
-    items = {uids: hd.sr.SourceImageForSegmentation(*uids)
-             for uids in dict.fromkeys(u for per_segment in refs.values() for u in per_segment)}
-    return {n: [items[u] for u in uids] for n, uids in _distinct(refs).items()}
 
 
 def key_sections(seg: Dataset) -> dict[int, Section]:
@@ -298,25 +246,11 @@ def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     ), "Quality assurance")
 
 
-def _label(name: str, side: str) -> str:
-    s = by_name(name)
-    return s.display_name if side == "both" else f"{s.display_name} {side}"
-
-
-def _referenced_segment(seg: Dataset, number: int, series_uid: str,
-                        images: list[hd.sr.SourceImageForSegmentation]) -> hd.sr.ReferencedSegment:
-    """TID 1411 rows: the segment, its source images (when known) and its source series.
-
-    highdicom takes either images or the series; TID 1411 allows both, so the series is appended.
-    """
-    if not images:
-        return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-                                       segment_number=number,
-                                       source_series=hd.sr.SourceSeriesForSegmentation(series_uid))
-    ref = hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-                                  segment_number=number, source_images=images)
-    ref.append(hd.sr.SourceSeriesForSegmentation(series_uid))
-    return ref
+def _referenced_segment(seg: Dataset, number: int, series_uid: str) -> hd.sr.ReferencedSegment:
+    """TID 1411 rows: the segment and its source series."""
+    return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                   segment_number=number,
+                                   source_series=hd.sr.SourceSeriesForSegmentation(series_uid))
 
 
 class _GroupHeader(TypedDict):
@@ -332,7 +266,7 @@ def _group_header(subject: str, name: str, side: str, model_info: ModelInfo) -> 
     code = codes.structure_code(name)
     return _GroupHeader(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, name, side),
-                                                     identifier=_label(name, side)),
+                                                     identifier=tracking_label(name, side)),
         finding_type=code,
         finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
         algorithm_id=algorithm_id(model_info),
@@ -341,7 +275,7 @@ def _group_header(subject: str, name: str, side: str, model_info: ModelInfo) -> 
 
 def volume_group(subject: str, seg: Dataset, series_uid: str, number: int, name: str, side: Side,
                  entry: StructureVolume, height_m: float | None, model_info: ModelInfo,
-                 images: list[hd.sr.SourceImageForSegmentation] | None = None, rules: ReportingRules = RULES,
+                 rules: ReportingRules = RULES,
                  ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     """TID 1411 group of one segment: volume (and height index), rounded per ``rules``."""
     volume = entry.side_volume(side)
@@ -354,7 +288,7 @@ def volume_group(subject: str, seg: Dataset, series_uid: str, number: int, name:
                                               value=rounded(volume / height_m**2, rules.index_decimals)))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         **_group_header(subject, name, side, model_info),
-        referenced_segment=_referenced_segment(seg, number, series_uid, images or []),
+        referenced_segment=_referenced_segment(seg, number, series_uid),
         measurements=measurements,
     )
 
@@ -367,7 +301,7 @@ def section_group(subject: str, name: str, side: str, section: Section, model_in
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         **_group_header(subject, name, side, model_info),
         measurements=[max_area(section, rules)],
-    ), _label(name, side))
+    ), tracking_label(name, side))
 
 
 def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: Volume,
@@ -383,7 +317,7 @@ def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: 
         **_group_header(subject, name, side, model_info),
         measurements=[coverage(ct, rules=rules)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
-    ), f"{_label(name, side)} not found")
+    ), f"{tracking_label(name, side)} not found")
 
 
 def _series_uid(ct: Volume, src0: Dataset | None) -> str:
@@ -409,9 +343,9 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     structure side without a segment, then the QA group.
 
     ``frames`` (from :func:`reporting.seg.build_seg_frames`) says what the SEG's frames hold without
-    reading them back. ``fast`` adds the image references after highdicom's constructor and encodes
-    the content once per distinct item (:mod:`reporting.sr_splice`, only on a highdicom it was checked
-    against; the same bytes); False = plain highdicom.
+    reading them back. ``fast`` keeps the content out of highdicom's constructor and encodes it once
+    per distinct item (:mod:`reporting.sr_splice`, only on a highdicom it was checked against; the
+    same bytes); False = plain highdicom.
     """
     src0 = source_header(ct.source_files)
     subject = tracking_subject(src0, ct.meta)
@@ -419,24 +353,17 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     content = source_content(series_uid, ct.source_sop_uids)
     by_label = volumes.by_label()
     height_m = volumes.height_m or None
-    if frames is not None:
-        image_uids = _distinct(frames.source_uids())
-        sections = frames.largest_sections(pixel_spacing(seg))
-    else:
-        image_uids = _segment_source_uids(seg)
-        sections = key_sections(seg)
+    sections = frames.largest_sections(pixel_spacing(seg)) if frames is not None else key_sections(seg)
     if fast and not sr_splice.splice_supported():
         log.info("SR splice not checked against highdicom %s; plain highdicom", hd.__version__)
         fast = False
-    images = {} if fast else _shared_source_images(image_uids)  # the splice encodes the rows itself
     groups: list = []
     present: set[tuple[str, str]] = set()
     for number, name, side in segments_of(seg):
         entry = by_label.get(by_name(name).label)
         if entry is None:
             continue
-        g = volume_group(subject, seg, series_uid, number, name, side, entry, height_m, model_info,
-                         None if fast else images.get(number), rules)
+        g = volume_group(subject, seg, series_uid, number, name, side, entry, height_m, model_info, rules)
         if g is not None:
             groups.append(g)
             groups.append(section_group(subject, name, side, sections[number], model_info, rules))
@@ -471,6 +398,4 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     copy_identity(sr, src0, ct.meta)
     date_series(sr)
     codes.declare_schemes(sr)
-    if fast:
-        sr = sr_splice.encode_content(sr, image_uids)
-    return sr
+    return sr_splice.encode_content(sr) if fast else sr

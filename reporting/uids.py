@@ -24,6 +24,7 @@ from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 
 from reporting.source_header import TYPE2_IDENTITY, read_source_header
+from seg.labels import by_name, structures
 from seg.records import ModelInfo
 
 # Fixed namespace for this project; changing it would change every output UID.
@@ -88,7 +89,10 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # (tracking_subject), not a plain hash of the PatientID; the page warns of metal on the side the
 # registry does not call fractured, and of a follow-up covering another length of thigh; a follow-up
 # page gives the total change and marks the operated side's column; the change SR the 21 muscles only.
-OUTPUT_REVISION = 7
+# 8: the measurement SR names each segment's source series, not each CT image; one Tracking Identifier
+# text per structure side in the SEG and both SRs; body height coded LN 8302-2; the change SR's index
+# change follows the volume change as written.
+OUTPUT_REVISION = 8
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:
@@ -139,6 +143,24 @@ def tracking_uid(subject: str, structure: str, side: str) -> str:
     """Tracking UID of one muscle on one side of one patient (:func:`tracking_subject`), the same in
     every study."""
     return derived_uid("tracking", subject, structure, side)
+
+
+def tracking_label(structure: str, side: str) -> str:
+    """Tracking Identifier of one structure side ("Sartorius left", "Multifidus both sides"): the same
+    text beside the same tracking UID in the SEG and in every SR, so a reader never sees one muscle
+    under two names."""
+    name = by_name(structure).display_name
+    return f"{name} both sides" if side == "both" else f"{name} {side}"
+
+
+def parse_tracking_label(text: str) -> tuple[str, str] | None:
+    """(structure, side) of a :func:`tracking_label`; None for any other text (a LABELMAP's
+    background)."""
+    return _TRACKING_LABELS.get(text)
+
+
+_TRACKING_LABELS = {tracking_label(s.name, side): (s.name, side)
+                    for s in structures()[1:] for side in ("left", "right", "both")}
 
 
 def source_header(source_files: Iterable[Path]) -> Dataset | None:

@@ -15,6 +15,7 @@ import pytest
 from reporting import codes, rle_encoder
 from reporting.rules import RULES, ReportingRules
 from reporting.seg import build_seg, plan_segments
+from reporting.uids import parse_tracking_label
 from seg.labels import by_name, structures
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
@@ -249,13 +250,13 @@ def test_one_voxel_structure_gets_no_segment(case):
     entry = vols.by_label()[speck.label]
     assert entry.voxels == 1 and 0 < entry.left_cm3 < RULES.min_segment_cm3
     ds = build_seg(ct, lab, vols, MODEL)
-    assert not [i for i in ds.SegmentSequence if str(i.TrackingID).startswith(speck.name)]
+    assert not [i for i in ds.SegmentSequence if str(i.TrackingID).startswith(speck.display_name)]
     segments, seg_map = plan_segments(lab, vols, ct)
     assert speck.label not in {s.label for s in segments}
     assert np.count_nonzero(seg_map) == np.count_nonzero(lab.array) - 1  # only the speck is dropped
     kept = build_seg(ct, lab, vols, MODEL, rules=ReportingRules(min_segment_cm3=0.0))
-    assert [str(i.TrackingID) for i in kept.SegmentSequence if str(i.TrackingID).startswith(speck.name)] == [
-        f"{speck.name} left"]
+    assert [str(i.TrackingID) for i in kept.SegmentSequence
+            if str(i.TrackingID).startswith(speck.display_name)] == [f"{speck.display_name} left"]
 
 
 def test_display_colours_come_from_structures_csv(seg_file):
@@ -264,7 +265,7 @@ def test_display_colours_come_from_structures_csv(seg_file):
     for item in ds.SegmentSequence:
         if int(item.SegmentNumber) == 0:
             continue
-        s = by_name(str(item.TrackingID).rsplit(" ", 1)[0])
+        s = by_name(parse_tracking_label(str(item.TrackingID))[0])
         assert list(item.RecommendedDisplayCIELabValue) == list(hd.color.CIELabColor.from_rgb(*s.rgb).value)
 
 

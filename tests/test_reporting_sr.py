@@ -30,7 +30,7 @@ from reporting.rules import RULES
 from reporting.seg import algorithm_name, build_seg, plan_segments
 from reporting.sr import build_measurement_sr, coverage_mm, key_sections
 from reporting.sr import segments_of as segments_of_seg
-from reporting.uids import derived_uid
+from reporting.uids import derived_uid, parse_tracking_label
 from seg.labels import ANALYSED_MUSCLES, by_name
 from seg.measure import measure_volumes
 from seg.records import StructureVolume, StudyRef, VolumeRecord
@@ -131,7 +131,7 @@ def test_sr_numbers_equal_volumes_json(baseline, tmp_path):
     assert len(groups) == len(tids)
     h2 = vols.height_m ** 2
     for g in groups:
-        name, side = tids[int(g["ReferencedSegment"])].rsplit(" ", 1)
+        name, side = parse_tracking_label(tids[int(g["ReferencedSegment"])])
         expected = by_label[by_name(name).label].side_volume(side)
         assert g["SourceSeriesForImageSegmentation"] == ct.meta["SeriesInstanceUID"]
         assert g["Laterality"]["CodeMeaning"].lower() == side
@@ -144,23 +144,18 @@ def test_sr_numbers_equal_volumes_json(baseline, tmp_path):
     assert len(qa) == 1
 
 
-def test_volume_groups_name_their_source_images(baseline):
-    """TID 1411: each group has the referenced segment, then one "Source image for segmentation"
-    per CT slice the segment lies on (what OHIF looks for), then the source series."""
+def test_volume_groups_name_their_segment_and_source_series(baseline):
+    """TID 1411: each group has the referenced segment, then the source series, and no row per CT
+    slice (the SEG's frames name those; 1.2 MB of references in a 400-slice study's SR); the CT
+    images stay evidence."""
     _, ct, labels, vols, seg, sr = baseline
-    segments, seg_map = plan_segments(labels, vols, ct)
+    segments, _ = plan_segments(labels, vols, ct)
     groups = [g for g in measurement_groups(sr) if children(g, "121191")]
     assert len(groups) == len(segments)
     for g in groups:
-        number = int(children(g, "121191")[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
-        on = np.flatnonzero((seg_map == number).any(axis=(1, 2)))
-        images = children(g, "121233")
-        uids = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images]
-        assert len(uids) == len(set(uids)) and set(uids) == {ct.source_sop_uids[k] for k in on}
-        assert {i.ReferencedSOPSequence[0].ReferencedSOPClassUID for i in images} == {CT_IMAGE_STORAGE}
         assert children(g, "121232")[0].UID == ct.meta["SeriesInstanceUID"]
         refs = [concept(i) for i in g.ContentSequence if concept(i) in ("121191", "121233", "121232")]
-        assert refs == ["121191", *["121233"] * len(images), "121232"]
+        assert refs == ["121191", "121232"]
     evidence = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
     assert set(ct.source_sop_uids) | {seg.SOPInstanceUID} <= evidence
@@ -377,7 +372,8 @@ def test_followup_sr_valid_and_equal_to_change(followup, baseline, tmp_path):
         else:
             assert float(items["VCHGPCT"]["value"]) == pytest.approx(round(e.change_pct, 1), abs=1e-9)
             assert items["VCHGPCT"]["units"]["CodeValue"] == "%"
-        index_change = round(e.delta_index_cm3_m2, 2)
+        # the index change of that same difference: no "0.0 cm³" beside "-0.01 cm³/m²"
+        index_change = round(float(items["VDELTA"]["value"]) / change.height_m ** 2, 2)
         assert float(items["VIDXDELTA"]["value"]) == pytest.approx(index_change, abs=1e-9)
         assert "VLOSSPCT" not in items
         checked += 1
@@ -553,8 +549,10 @@ def test_followup_change_is_the_difference_of_the_volumes_as_written():
     c = compute_change(record(100.04), record(90.06), 1.6, StudyRef(), StudyRef())
     entry = next(e for e in c.structures if e.side == "left")
     assert round(entry.delta_cm3, 1) == -10.0
-    values = {m.name.value: m.value for m in _measurements(entry, RULES)}
+    values = {m.name.value: m.value for m in _measurements(entry, 1.6, RULES)}
     assert (values["VPRE"], values[codes.VOLUME.value], values["VDELTA"]) == (100.0, 90.1, -9.9)
+    assert values["VIDXDELTA"] == -3.87  # -9.9 / 1.6², not -9.98 / 1.6² = -3.90
+
 
 
 def test_change_record_is_signed_with_a_percent_floor():
@@ -582,7 +580,7 @@ def test_followup_rerun_identical_uids(followup, baseline):
 def test_sr_referencing_labelmap_seg(baseline, tmp_path):
     """With a LABELMAP SEG the only dciodvfy complaint is its unawareness of the Label Map
     Segmentation SOP Class (1.2.840.10008.5.1.4.1.1.66.7) when checking Referenced Segment Number.
-    Its groups name the same source images as with the BINARY SEG (read from its pixels)."""
+    Its groups outline the same largest cross-sections as with the BINARY SEG (read from its pixels)."""
     _, ct, labels, vols, _, binary_sr = baseline
     lm = build_seg(ct, labels, vols, MODEL, seg_type="LABELMAP")
     sr = build_measurement_sr(ct, lm, vols, MODEL)
@@ -592,12 +590,18 @@ def test_sr_referencing_labelmap_seg(baseline, tmp_path):
     meta = tid1500(tmp_path / "sr-lm.dcm", tmp_path / "sr-lm.json")
     assert len([m for m in meta["Measurements"] if "ReferencedSegment" in m]) == len(lm.SegmentSequence) - 1
 
-    def images(report: Dataset) -> dict[str, set[str]]:
-        return {children(g, "112039")[0].TextValue: {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                                                     for i in children(g, "121233")}
-                for g in measurement_groups(report) if children(g, "121191")}
+    def outlined(report: Dataset) -> dict[str, set[str]]:
+        """Tracking UID -> the CT images its outlines are drawn on."""
+        out: dict[str, set[str]] = {}
+        for g in measurement_groups(report):
+            images = out.setdefault(children(g, "112040")[0].UID, set())
+            for num in (i for i in g.ContentSequence if i.ValueType == "NUM"):
+                for scoord in (c for c in num.get("ContentSequence", []) if c.ValueType == "SCOORD"):
+                    images |= {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                               for i in scoord.ContentSequence}
+        return out
 
-    assert images(sr) == images(binary_sr) and all(images(sr).values())
+    assert outlined(sr) == outlined(binary_sr) and any(outlined(sr).values())
 
 
 def _metal(sr: Dataset) -> Dataset:
@@ -679,16 +683,10 @@ def test_frames_known_from_the_build_equal_frames_read_from_the_seg(seg_type, ba
 
     from reporting.keyslice import pixel_spacing
     from reporting.seg import build_seg_frames
-    from reporting.sr import segment_source_images
-
     _, ct, labels, vols, _, _ = baseline
     built = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type)
     built.dataset.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
     seg = pydicom.dcmread(tmp_path / "seg.dcm")
-    read = {n: [(str(i.ReferencedSOPSequence[0].ReferencedSOPClassUID),
-                 str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)) for i in items]
-            for n, items in segment_source_images(seg).items()}
-    assert built.frames.source_uids() == read
     known, sections = built.frames.largest_sections(pixel_spacing(seg)), key_sections(seg)
     assert known.keys() == sections.keys()
     for n, section in sections.items():
