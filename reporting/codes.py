@@ -61,6 +61,12 @@ HEIGHT_SOURCE_OTHER = _private("SRCOTHER", "Other height source")
 HEIGHT_SOURCE_NONE = _private("SRCNONE", "No height source")
 BODY_HEIGHT = CodedConcept("8302-2", "LN", "Body height")  # LOINC, as HL7 FHIR vital signs code it
 QA_FRACTURED_SIDE = _private("QAFXSIDE", "Fractured side")
+ANALYSED_MUSCLES = _private("THIGH21", "Analysed thigh muscles (21)")  # the paper's total, a finding
+FRACTURE_TYPE = _private("FXTYPE", "Hip fracture type")
+FRACTURE_TYPES = {"FNF": _private("FNF", "Femoral neck fracture"),
+                  "ITF": _private("ITF", "Intertrochanteric fracture"),
+                  "other": _private("FXOTHER", "Other hip fracture")}
+DAYS_SINCE_SURGERY = _private("DAYSPOSTOP", "Days since surgery")
 PROCEDURE = _private("THIGHVOL", "CT thigh muscle volumetry")
 
 

@@ -44,6 +44,7 @@ from reporting.sr import (
 )
 from reporting.uids import (
     OUTPUT_REVISION,
+    TOTAL,
     copy_identity,
     date_series,
     derived_uid,
@@ -54,8 +55,9 @@ from reporting.uids import (
     tracking_subject,
     tracking_uid,
 )
+from seg.dates import as_date
 from seg.labels import ANALYSED_MUSCLES, by_name
-from seg.records import ChangeRecord, ModelInfo, StructureChange
+from seg.records import ChangeFigures, ChangeRecord, ModelInfo, StructureChange
 from seg.volume import Volume
 
 FOLLOWUP_SERIES_NUMBER = 9904
@@ -84,7 +86,7 @@ def _time_point(change: ChangeRecord) -> hd.sr.TimePointContext:
     )
 
 
-def _measurements(entry: StructureChange, height_m: float | None, rules: ReportingRules,
+def _measurements(entry: ChangeFigures, height_m: float | None, rules: ReportingRules,
                   ) -> list[hd.sr.Measurement]:
     """Baseline and follow-up volume when found; signed changes only when both are found."""
     pre, post = entry.pre_cm3, entry.post_cm3
@@ -128,6 +130,37 @@ def _group(subject: str, entry: StructureChange, height_m: float | None, time_po
     ), tracking_label(name, side))
 
 
+def _total_group(subject: str, change: ChangeRecord, time_point: hd.sr.TimePointContext, ct: Volume,
+                 model_info: ModelInfo, rules: ReportingRules = RULES,
+                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """TID 1501 group of the 21 analysed muscles together (both sides): the change the paper's Table 2
+    reports by fracture type; located by the follow-up's scanned extent."""
+    measurements = _measurements(change.total_analysed_muscles, change.height_m, rules)
+    if not measurements:
+        return None
+    measurements.append(coverage(ct, rules=rules))
+    label = tracking_label(TOTAL, "both")
+    return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, TOTAL, "both"),
+                                                     identifier=label),
+        time_point_context=time_point,
+        finding_type=codes.ANALYSED_MUSCLES,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.ANALYSED_MUSCLES,
+                                         laterality=codes.BOTH_SIDES)],
+        algorithm_id=algorithm_id(model_info),
+        measurements=measurements,
+    ), label)
+
+
+def days_since_surgery(change: ChangeRecord) -> int | None:
+    """Days from the registry's surgery date to the follow-up CT; None when either is unknown or the
+    CT is dated before the surgery (then it is no post-operative study)."""
+    surgery, followup = as_date(change.surgery_date), as_date(change.followup.study_date)
+    if surgery is None or followup is None or followup < surgery:
+        return None
+    return (followup - surgery).days
+
+
 def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointContext, ct: Volume,
                    rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     evaluations = []
@@ -143,10 +176,16 @@ def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointCo
     side = codes.laterality_code(change.fractured_side or "")
     if side is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_FRACTURED_SIDE, side))
+    fracture = codes.FRACTURE_TYPES.get(change.fracture_type or "")
+    if fracture is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.FRACTURE_TYPE, fracture))
     measurements = []
     if change.height_m:
         measurements.append(hd.sr.Measurement(name=codes.BODY_HEIGHT, unit=METER,
                                               value=rounded(change.height_m, rules.height_decimals)))
+    if (days := days_since_surgery(change)) is not None:
+        measurements.append(hd.sr.Measurement(name=codes.DAYS_SINCE_SURGERY, unit=codes.DAY,
+                                              value=float(days)))
     measurements.append(coverage(ct, rules=rules))  # the follow-up's scanned extent
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="Comparison context"),
@@ -175,7 +214,8 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
                *sorted(str(e.SOPInstanceUID) for e in evidence if "SOPInstanceUID" in e),
                *([f"seg:{seg.SOPInstanceUID}"] if seg is not None else []),  # outlines from it: other content
                model_info.name, model_info.version, f"revision-{OUTPUT_REVISION}",
-               registry_facts(change.height_m, change.height_source, change.fractured_side))  # shown
+               registry_facts(change.height_m, change.height_source, change.fractured_side),  # shown
+               f"fracture-{change.fracture_type}/surgery-{change.surgery_date}")
     time_point = _time_point(change)
     sections: dict[tuple[str, str], Section] = {}
     if seg is not None:
@@ -189,6 +229,9 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
                    model_info, rules)
         if g is not None:
             groups.append(g)
+    total = _total_group(subject, change, time_point, ct, model_info, rules)
+    if total is not None:
+        groups.append(total)
     context_uid = derived_uid("followup-context", follow_series, base_series)
     groups.append(_context_group(change, context_uid, time_point, ct, rules))
     report = hd.sr.MeasurementReport(

@@ -43,6 +43,7 @@ from reporting.rules import RULES, ReportingRules, rounded
 from reporting.seg import algorithm_name, series_description
 from reporting.segframes import SegFrames
 from reporting.uids import (
+    TOTAL,
     copy_identity,
     date_series,
     derived_uid,
@@ -320,6 +321,30 @@ def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: 
     ), f"{tracking_label(name, side)} not found")
 
 
+def total_group(subject: str, side: Side, volume_cm3: float, height_m: float | None, ct: Volume,
+                model_info: ModelInfo, rules: ReportingRules = RULES,
+                ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of the paper's 21 analysed muscles together on one side (or both): the total
+    its Table 2 compares by fracture type, with its height index; located by the scanned extent,
+    which the total depends on."""
+    label = tracking_label(TOTAL, side)
+    measurements = [hd.sr.Measurement(name=codes.VOLUME, value=rounded(volume_cm3, rules.volume_decimals),
+                                      unit=CM3)]
+    if height_m:
+        measurements.append(hd.sr.Measurement(name=codes.VOLUME_INDEX, unit=CM3_PER_M2,
+                                              value=rounded(volume_cm3 / height_m**2, rules.index_decimals)))
+    measurements.append(coverage(ct, rules=rules))
+    return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, TOTAL, side),
+                                                     identifier=label),
+        finding_type=codes.ANALYSED_MUSCLES,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.ANALYSED_MUSCLES,
+                                         laterality=codes.laterality_code(side))],
+        algorithm_id=algorithm_id(model_info),
+        measurements=measurements,
+    ), label)
+
+
 def _series_uid(ct: Volume, src0: Dataset | None) -> str:
     """The source series' UID (from the volume's metadata, else its first source header)."""
     return str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)  # type: ignore[union-attr]
@@ -371,6 +396,8 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     for entry in sorted(volumes.structures, key=lambda e: e.label):
         groups.extend(absent_group(subject, entry.name, side, model_info, ct, rules)
                       for side in entry.sides() if (entry.name, side) not in present)
+    groups.extend(total_group(subject, side, volumes.analysed_total(side), height_m, ct, model_info, rules)
+                  for side in ("left", "right", "both"))
     groups.append(qa_group(ct, volumes, model_info, rules))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(model_info),

@@ -91,7 +91,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # page gives the total change and marks the operated side's column; the change SR the 21 muscles only.
 # 8: the measurement SR names each segment's source series, not each CT image; one Tracking Identifier
 # text per structure side in the SEG and both SRs; body height coded LN 8302-2; the change SR's index
-# change follows the volume change as written.
+# change follows the volume change as written; both SRs state the 21 analysed muscles' total, the change
+# SR the fracture type and the days since surgery.
 OUTPUT_REVISION = 8
 
 
@@ -145,11 +146,14 @@ def tracking_uid(subject: str, structure: str, side: str) -> str:
     return derived_uid("tracking", subject, structure, side)
 
 
+TOTAL = "analysed_muscles"  # the tracking key of the 21 analysed muscles together, beside the structures'
+
+
 def tracking_label(structure: str, side: str) -> str:
-    """Tracking Identifier of one structure side ("Sartorius left", "Multifidus both sides"): the same
-    text beside the same tracking UID in the SEG and in every SR, so a reader never sees one muscle
-    under two names."""
-    name = by_name(structure).display_name
+    """Tracking Identifier of one structure side ("Sartorius left", "Multifidus both sides") or of the
+    analysed muscles' total (:data:`TOTAL`): the same text beside the same tracking UID in the SEG and
+    in every SR, so a reader never sees one muscle under two names."""
+    name = "21 analysed thigh muscles" if structure == TOTAL else by_name(structure).display_name
     return f"{name} both sides" if side == "both" else f"{name} {side}"
 
 

@@ -320,6 +320,14 @@ class VolumeRecord(_Document):
     def by_name(self) -> dict[str, StructureVolume]:
         return {s.name: s for s in self.structures}
 
+    def analysed_total(self, side: Side) -> float:
+        """cm³ of the paper's 21 analysed muscles together on one side ("both": the two sides), the
+        total the page, both SRs and the change record report."""
+        from seg.labels import ANALYSED_MUSCLES
+
+        found = self.by_name()
+        return sum(found[n].side_volume(side) or 0.0 for n in ANALYSED_MUSCLES if n in found)
+
     @classmethod
     def _migrate(cls, data: dict[str, Any]) -> dict[str, Any]:
         # version 1 had the same layout; a record written without a CT or model had partial parts

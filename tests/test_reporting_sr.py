@@ -783,3 +783,55 @@ def test_the_sr_and_the_page_say_what_volumes_json_says_of_the_height():
     assert height_status(bad_text, {"PatientSize": "abc"})[0] == codes.HEIGHT_MISSING
     page = qa_warnings(bad_text, {"PatientSize": "abc"}, ModelInfo())
     assert "Body height missing: no height index" in page
+
+
+def _group_named(sr: Dataset, identifier: str) -> Dataset:
+    [group] = [g for g in measurement_groups(sr) if str(children(g, "112039")[0].TextValue) == identifier]
+    return group
+
+
+def _num(group: Dataset, code: str) -> float:
+    return float(children(group, code)[0].MeasuredValueSequence[0].NumericValue)
+
+
+def test_measurement_sr_states_the_analysed_muscles_total_per_side(baseline):
+    """The paper's Table 2 total (21 muscles) is in the SR, per side and both, with its height index,
+    equal to the sum of the 21 muscles as the SR writes them (within their rounding)."""
+    _, _, _, vols, _, sr = baseline
+    by_name_ = vols.by_name()
+    for side in ("left", "right", "both"):
+        label = f"21 analysed thigh muscles {'both sides' if side == 'both' else side}"
+        g = _group_named(sr, label)
+        expected = sum(by_name_[n].side_volume(side) or 0.0 for n in ANALYSED_MUSCLES if n in by_name_)
+        assert expected > 100
+        assert _num(g, "118565006") == pytest.approx(round(expected, 1), abs=1e-9)
+        assert _num(g, "VIDX") == pytest.approx(round(expected / vols.height_m ** 2, 2), abs=1e-9)
+        assert children(g, "QAZCOV")  # located by the scanned extent, so OHIF can open the report
+    both = _num(_group_named(sr, "21 analysed thigh muscles both sides"), "118565006")
+    sides = sum(_num(_group_named(sr, f"21 analysed thigh muscles {s}"), "118565006")
+                for s in ("left", "right"))
+    assert both == pytest.approx(sides, abs=0.11)
+
+
+def test_change_sr_states_the_total_change_fracture_type_and_days_since_surgery(followup, baseline, tmp_path):
+    """The change of the 21 muscles together, the fracture type and the days since surgery (the
+    paper's strata) are in the change SR; another fracture type or surgery date is other content."""
+    root, ct, change, fsr, _ = followup
+    total = _group_named(fsr, "21 analysed thigh muscles both sides")
+    t = change.total_analysed_muscles
+    assert _num(total, "VPRE") == pytest.approx(round(t.pre_cm3, 1), abs=1e-9)
+    assert _num(total, "118565006") == pytest.approx(round(t.post_cm3, 1), abs=1e-9)
+    assert _num(total, "VCHGPCT") == pytest.approx(round(t.change_pct, 1), abs=1e-9)
+    context = _group_named(fsr, "Comparison context")
+    assert not children(context, "DAYSPOSTOP") and not children(context, "FXTYPE")  # not in the registry
+    known = change.with_facts(fracture_type="ITF", surgery_date="20240110")
+    evidence = [baseline[4], baseline[5]]
+    again = build_followup_sr(ct, known, evidence, model_info=MODEL)
+    context = _group_named(again, "Comparison context")
+    assert _num(context, "DAYSPOSTOP") == 116  # 2024-01-10 to 2024-05-05 (a leap year)
+    assert children(context, "FXTYPE")[0].ConceptCodeSequence[0].CodeValue == "ITF"
+    assert again.SOPInstanceUID != fsr.SOPInstanceUID
+    other = build_followup_sr(ct, known.with_facts(fracture_type="FNF"), evidence, model_info=MODEL)
+    assert other.SOPInstanceUID != again.SOPInstanceUID
+    again.save_as(tmp_path / "again.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "again.dcm") == []
