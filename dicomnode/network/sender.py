@@ -36,8 +36,9 @@ from dicomnode.config import Settings
 from dicomnode.db import Database, now
 from dicomnode.logs import event
 from dicomnode.network.tls import client_tls_args
-from dicomnode.processing import jobs
+from dicomnode.processing import jobs, outbox
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
+from dicomnode.processing.outbox import OutboxState
 from dicomnode.processing.wakeups import OUTPUTS_READY
 
 log = logging.getLogger(__name__)
@@ -243,10 +244,10 @@ class Sender:
                 return started
             rows = self.db.query(
                 "SELECT o.id, o.job_id, o.path, o.attempts FROM outbox o JOIN jobs j ON j.id = o.job_id"
-                " WHERE o.state='pending' AND j.state IN (?, ?)"
+                " WHERE o.state=? AND j.state IN (?, ?)"
                 " AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= ?)"
                 " ORDER BY o.job_id, o.id",
-                (JobState.SENDING.value, JobState.RUNNING.value, now()),
+                (OutboxState.PENDING.value, JobState.SENDING.value, JobState.RUNNING.value, now()),
             )
             by_job: dict[int, list[Any]] = defaultdict(list)
             for row in rows:
@@ -280,48 +281,31 @@ class Sender:
                 attempts = int(row["attempts"]) + 1
                 if error is None:
                     sent += 1
-                    # dropped while it was sent (its job failed meanwhile): recorded as sent all the same
-                    con.execute("INSERT OR IGNORE INTO outbox (id, job_id, path) VALUES (?, ?, ?)",
-                                (row["id"], job_id, row["path"]))
-                    con.execute(
-                        "UPDATE outbox SET state='sent', attempts=?, sent_at=?, last_error=NULL WHERE id=?",
-                        (attempts, t, row["id"]),
-                    )
+                    outbox.mark_sent(con, int(row["id"]), job_id, str(row["path"]), attempts, t)
                     continue
                 last_error = error
                 if attempts >= self.settings.send.attempts:
-                    con.execute(
-                        "UPDATE outbox SET state='failed', attempts=?, last_error=? WHERE id=?",
-                        (attempts, error, row["id"]),
-                    )
+                    outbox.mark_failed(con, int(row["id"]), attempts, error)
                 else:
-                    con.execute(
-                        "UPDATE outbox SET attempts=?, last_error=?, next_attempt_at=? WHERE id=?",
-                        (attempts, error, t + self.backoff(attempts), row["id"]),
-                    )
-            counts = {
-                r["state"]: r["n"]
-                for r in con.execute(
-                    "SELECT state, COUNT(*) AS n FROM outbox WHERE job_id=? GROUP BY state", (job_id,)
-                )
-            }
+                    outbox.retry_later(con, int(row["id"]), attempts, error, t + self.backoff(attempts))
+            counts = outbox.counts(con, job_id)
             reason: Reason | None = None
-            if counts.get("pending"):  # this pass's rows to retry, or another pass's still in flight
+            if counts.get(OutboxState.PENDING):  # this pass's rows to retry, or another pass's in flight
                 owed = con.execute(  # the reason is the job's: a pass of its other rows may have failed
-                    "SELECT attempts, last_error FROM outbox WHERE job_id=? AND state='pending'"
+                    "SELECT attempts, last_error FROM outbox WHERE job_id=? AND state=?"
                     " AND last_error IS NOT NULL ORDER BY attempts DESC, id DESC LIMIT 1",
-                    (job_id,),
+                    (job_id, OutboxState.PENDING.value),
                 ).fetchone()
                 if owed is not None:
                     reason = Reason(ReasonCode.SEND_RETRYING,
                                     f"send attempt {owed['attempts']} failed: {owed['last_error']}; "
                                     f"retrying in {self.backoff(int(owed['attempts'])):g} s")
                 state = JobState.SENDING
-            elif counts.get("failed"):
+            elif counts.get(OutboxState.FAILED):
                 error = con.execute(
-                    "SELECT last_error, attempts FROM outbox WHERE job_id=? AND state='failed'"
+                    "SELECT last_error, attempts FROM outbox WHERE job_id=? AND state=?"
                     " ORDER BY id LIMIT 1",
-                    (job_id,),
+                    (job_id, OutboxState.FAILED.value),
                 ).fetchone()
                 reason = Reason(ReasonCode.SEND_FAILED,
                                 f"send to {_peer(self.settings)} failed after {error['attempts']} attempts: "
@@ -379,11 +363,7 @@ def retry(db: Database, job_id: int) -> str:
         resend = state in (JobState.DONE, JobState.SENDING) or (
             state is JobState.FAILED and code == ReasonCode.SEND_FAILED.value)
         if resend and n_out:
-            con.execute(
-                "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL"
-                " WHERE job_id=?",
-                (t, job_id),
-            )
+            outbox.resend(con, job_id, t)
             jobs.move(con, job_id, JobState.SENDING, t,
                       reason=Reason(ReasonCode.RESEND_REQUESTED, "re-send requested"))
             return f"job {job_id}: {n_out} output(s) queued for sending again"

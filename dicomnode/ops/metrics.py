@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from dicomnode.db import Database
 from dicomnode.processing import jobs
+from dicomnode.processing.outbox import OutboxState
 from dicomnode.storage.diskspace import read_space
 
 QUEUE_HELP = "Jobs queued for the worker (due now or at a retry time)."
@@ -38,7 +39,8 @@ class NodeCollector(Collector):
         for state in jobs.JobState:
             by_state.add_metric([state.value], overview.jobs.get(state.value, 0))
         yield by_state
-        queued, pending = overview.jobs.get(jobs.JobState.QUEUED.value, 0), overview.outbox.get("pending", 0)
+        queued = overview.jobs.get(jobs.JobState.QUEUED.value, 0)
+        pending = overview.outbox.get(OutboxState.PENDING, 0)
         yield GaugeMetricFamily("dicomnode_queue_depth", QUEUE_HELP, value=queued)
         yield GaugeMetricFamily("dicomnode_outbox_pending", OUTBOX_HELP, value=pending)
         for name, help_text, value in (

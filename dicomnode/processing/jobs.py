@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 
 from dicomnode.db import Database
+from dicomnode.processing import outbox
+from dicomnode.processing.outbox import OutboxState
 from seg.records import Reason, ReasonCode  # the project's one reason vocabulary (ground floor)
 
 
@@ -154,9 +156,9 @@ def move(
             values.append(value)
     con.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", (*values, job_id))
     if current is S.RUNNING and to in (S.FAILED, S.SUPERSEDED):
-        # outputs this attempt handed on early and not yet sent go nowhere: a retry (or the superseding
-        # job) builds them again, and no pending row outlives the job (retention waits for none)
-        con.execute("DELETE FROM outbox WHERE job_id=? AND state<>'sent'", (job_id,))
+        # outputs this attempt handed on early and not yet sent: a retry (or the superseding job)
+        # builds them again
+        outbox.drop_unsent(con, job_id)
     return current
 
 
@@ -234,12 +236,12 @@ def listing(db: Database, state: JobState | None = None, limit: int = 50) -> lis
     """Jobs, newest first (only those in ``state`` when given)."""
     sql = (
         "SELECT j.*, s.modality, s.n_instances AS series_instances, s.study_uid, p.pseudonym,"
-        " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='sent') AS sent,"
+        " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state=?) AS sent,"
         " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id) AS outputs"
         " FROM jobs j LEFT JOIN series s ON s.series_uid=j.series_uid"
         " LEFT JOIN studies st ON st.study_uid=s.study_uid LEFT JOIN patients p ON p.id=st.patient_ref"
     )
-    params: list[object] = []
+    params: list[object] = [OutboxState.SENT.value]
     if state is not None:
         sql += " WHERE j.state=?"
         params.append(JobState(state).value)
@@ -267,7 +269,7 @@ class Overview:
     series: int
     instances: int
     jobs: dict[str, int]  # state → count
-    outbox: dict[str, int]  # outbox row state → count
+    outbox: dict[OutboxState, int]  # outbox row state → count
 
 
 def overview(db: Database) -> Overview:
@@ -276,7 +278,7 @@ def overview(db: Database) -> Overview:
 
     return Overview(series=int(db.one("SELECT COUNT(*) FROM series")[0]),
                     instances=int(db.one("SELECT COUNT(*) FROM instances")[0]),
-                    jobs=counts("jobs"), outbox=counts("outbox"))
+                    jobs=counts("jobs"), outbox={OutboxState(k): n for k, n in counts("outbox").items()})
 
 
 @dataclass(frozen=True)
@@ -315,8 +317,8 @@ def throughput(db: Database, since: float, until: float) -> Throughput:
     ended = {str(r[0]): int(r[1]) for r in db.query(
         "SELECT state, COUNT(*) FROM jobs WHERE finished_at >= ? AND finished_at < ? GROUP BY state",
         (since, until))}
-    sent = db.one("SELECT COUNT(*) FROM outbox WHERE state='sent' AND sent_at >= ? AND sent_at < ?",
-                  (since, until))
+    sent = db.one("SELECT COUNT(*) FROM outbox WHERE state=? AND sent_at >= ? AND sent_at < ?",
+                  (OutboxState.SENT.value, since, until))
     return Throughput(since=since, until=until, instances=int(received[0]), bytes=int(received[1]),
                       jobs_done=ended.get(S.DONE.value, 0), jobs_failed=ended.get(S.FAILED.value, 0),
                       outputs_sent=int(sent[0]))

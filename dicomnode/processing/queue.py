@@ -26,8 +26,9 @@ from typing import Protocol
 
 from dicomnode.db import Database, now
 from dicomnode.logs import event
-from dicomnode.processing import jobs
+from dicomnode.processing import jobs, outbox
 from dicomnode.processing.jobs import Job, JobState, Reason, ReasonCode
+from dicomnode.processing.outbox import OutboxState
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,10 @@ class RecordedOutcomes(ABC):
             left = None
             if jobs.state_of(con, job_id) is JobState.RUNNING:
                 for path in outputs:
-                    self._insert(con, job_id, path, t)
-                counts = {str(r[0]): int(r[1]) for r in con.execute(
-                    "SELECT state, COUNT(*) FROM outbox WHERE job_id=? GROUP BY state", (job_id,))}
-                failed = con.execute("SELECT last_error FROM outbox WHERE job_id=? AND state='failed'"
-                                     " ORDER BY id LIMIT 1", (job_id,)).fetchone()
-                state = (JobState.SENDING if counts.get("pending") else
+                    outbox.add(con, job_id, path, t)
+                failed = con.execute("SELECT last_error FROM outbox WHERE job_id=? AND state=?"
+                                     " ORDER BY id LIMIT 1", (job_id, OutboxState.FAILED.value)).fetchone()
+                state = (JobState.SENDING if outbox.counts(con, job_id).get(OutboxState.PENDING) else
                          JobState.FAILED if failed is not None else JobState.DONE)
                 reason = None if state is not JobState.FAILED else Reason(
                     ReasonCode.SEND_FAILED, f"an output sent early was not stored: {failed[0]}")
@@ -102,18 +101,13 @@ class RecordedOutcomes(ABC):
             event(log, "outputs discarded", logging.WARNING, job=job_id, state=state)
         return state
 
-    @staticmethod
-    def _insert(con: sqlite3.Connection, job_id: int, path: Path, t: float) -> None:
-        con.execute("INSERT OR IGNORE INTO outbox (job_id, path, state, next_attempt_at)"
-                    " VALUES (?, ?, 'pending', ?)", (job_id, str(path), t))
-
     def early_output(self, job_id: int, path: Path) -> bool:
         """Only while the job runs: a superseded or failed attempt hands nothing on. The row is the
         one :meth:`finish` would write, so the sender treats it alike (:mod:`dicomnode.network.sender`)."""
         with self.db.tx() as con:
             if jobs.state_of(con, job_id) is not JobState.RUNNING:
                 return False
-            self._insert(con, job_id, path, now())
+            outbox.add(con, job_id, path, now())
         return True
 
     def outputs_in_outbox(self, job_id: int) -> frozenset[Path]:
@@ -151,8 +145,7 @@ class RecordedOutcomes(ABC):
         An earlier attempt's early outputs whose sending gave up get their tries again with this one."""
         if jobs.move(con, job_id, JobState.RUNNING, now(), expect={JobState.QUEUED}) is None:
             return None
-        con.execute("UPDATE outbox SET state='pending', attempts=0, next_attempt_at=NULL, last_error=NULL"
-                    " WHERE job_id=? AND state='failed'", (job_id,))
+        outbox.reset_failed(con, job_id)
         return jobs.get(con, job_id)
 
 

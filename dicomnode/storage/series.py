@@ -39,6 +39,7 @@ from dicomnode.db import Database, now
 from dicomnode.logs import error_text, event
 from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
+from dicomnode.processing.outbox import OutboxState
 from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 from dicomnode.processing.wakeups import JOB_QUEUED
 from seg.io import DUPLICATE_TOL_MM, GAP_FACTOR, GEOMETRY_TOL, is_localizer, is_multi_frame, spacing_irregular
@@ -524,9 +525,10 @@ class StabilityWatcher:
                 # results of earlier content, and a SEG sent early by a job superseded while it ran
                 superseded = con.execute(
                     "SELECT j.id, o.path FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.series_uid=?"
-                    " AND j.id<>? AND (j.state IN (?, ?) OR o.state='sent') AND j.content_hash IS NOT ?"
+                    " AND j.id<>? AND (j.state IN (?, ?) OR o.state=?) AND j.content_hash IS NOT ?"
                     " ORDER BY j.id, o.path",
-                    (series_uid, job_id, JobState.SENDING.value, JobState.DONE.value, digest),
+                    (series_uid, job_id, JobState.SENDING.value, JobState.DONE.value, OutboxState.SENT.value,
+                     digest),
                 ).fetchall()
             else:
                 new_state, why = JobState.REJECTED, Reason(sel.code or ReasonCode.SELECTION_ERROR, sel.reason)
