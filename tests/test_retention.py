@@ -23,6 +23,7 @@ from series_factory import SeriesFiles, write_ct_series
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database
 from dicomnode.harness.ingest import store_files
+from dicomnode.processing.jobs import ACTIVE, JobState
 from dicomnode.storage.retention import DAY_SECONDS, Retention
 from dicomnode.storage.series import StabilityWatcher
 from dicomnode.storage.store import Store
@@ -120,6 +121,21 @@ def test_series_without_all_results_sent_is_kept(local: tuple, tmp_path: Path, o
     assert Retention(settings, store).purge_once(t=time.time() + 1000 * DAY_SECONDS) == []
     assert instance_rows(db, series.series_uid) == 8
     assert len(list(folder_of(store, series).iterdir())) == 8
+
+
+@pytest.mark.parametrize("other", list(JobState))
+def test_a_series_with_a_job_still_active_is_kept(local: tuple, tmp_path: Path, other: JobState) -> None:
+    """Any job of the series that has not ended (receiving, ..., sending) holds it; an ended one does not."""
+    settings, db, store = local
+    series, job_id = measured(local, tmp_path, f"other-{other}")
+    results_sent(db, job_id, sent_at=time.time() - 100 * DAY_SECONDS)
+    with db.tx() as con:
+        con.execute("INSERT INTO jobs (series_uid, state) VALUES (?, ?)", (series.series_uid, other.value))
+
+    purged = Retention(settings, store).purge_once()
+    assert [p.instances for p in purged] == ([] if other in ACTIVE else [8])
+    assert ACTIVE == {JobState.RECEIVING, JobState.COMPLETE, JobState.QUEUED, JobState.RUNNING,
+                      JobState.SENDING}
 
 
 def test_retention_off_by_default_deletes_nothing(local: tuple, tmp_path: Path) -> None:

@@ -41,6 +41,8 @@ class JobState(StrEnum):
 
 
 FINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.REJECTED, JobState.SUPERSEDED})
+# jobs that have not ended yet (receiving, complete, queued, running, sending): retention keeps their series
+ACTIVE = frozenset(JobState) - FINAL
 # jobs that have not produced results: a late instance replaces them outright
 UNFINISHED = frozenset({JobState.COMPLETE, JobState.QUEUED, JobState.RUNNING, JobState.REJECTED})
 

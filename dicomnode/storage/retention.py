@@ -26,6 +26,8 @@ from pathlib import Path
 from dicomnode.config import Settings
 from dicomnode.db import now
 from dicomnode.logs import event
+from dicomnode.processing import jobs
+from dicomnode.processing.outbox import OutboxState
 from dicomnode.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,18 +35,20 @@ log = logging.getLogger(__name__)
 DAY_SECONDS = 86400.0
 INTERVAL_SECONDS = 3600.0  # how often ``serve`` looks for due series
 
-# series whose results were all sent before the cutoff (?) and that hold no unfinished job
-_DUE = """
+_ACTIVE = sorted(state.value for state in jobs.ACTIVE)
+# series whose current job is done, that hold no job still active, and whose results were all sent before
+# the cutoff (the last parameter)
+_DUE = f"""
 SELECT s.series_uid, s.current_job, MAX(o.sent_at) AS sent_at
 FROM series s
-JOIN jobs cur ON cur.id = s.current_job AND cur.state = 'done' AND cur.content_hash IS NOT NULL
+JOIN jobs cur ON cur.id = s.current_job AND cur.state = ? AND cur.content_hash IS NOT NULL
 JOIN jobs j ON j.series_uid = s.series_uid AND j.content_hash = cur.content_hash
 JOIN outbox o ON o.job_id = j.id
 WHERE EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = s.series_uid)
   AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.series_uid = s.series_uid
-                  AND b.state IN ('receiving', 'complete', 'queued', 'running', 'sending'))
+                  AND b.state IN ({", ".join("?" * len(_ACTIVE))}))
 GROUP BY s.series_uid, s.current_job
-HAVING SUM(o.state <> 'sent') = 0 AND MAX(o.sent_at) <= ?
+HAVING SUM(o.state <> ?) = 0 AND MAX(o.sent_at) <= ?
 ORDER BY sent_at
 """
 
@@ -82,7 +86,7 @@ class Retention:
         if days is None:
             return []
         cutoff = (now() if t is None else t) - days * DAY_SECONDS
-        rows = self.db.query(_DUE, (cutoff,))
+        rows = self.db.query(_DUE, (jobs.JobState.DONE.value, *_ACTIVE, OutboxState.SENT.value, cutoff))
         return [DueSeries(str(r["series_uid"]), int(r["current_job"]), float(r["sent_at"])) for r in rows]
 
     def purge_once(self, t: float | None = None) -> list[Purged]:
