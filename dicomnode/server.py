@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dicomnode.config import Settings
@@ -20,8 +19,7 @@ from dicomnode.logs import event
 from dicomnode.network.receive_pool import ReceivePool
 from dicomnode.network.scp import StorageSCP
 from dicomnode.network.sender import Sender
-from dicomnode.processing import jobs
-from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
+from dicomnode.processing.queue import SQLiteJobQueue
 from dicomnode.processing.worker import PipelineFn, Worker, pipeline_spec
 from dicomnode.storage.node_lock import NodeLock
 from dicomnode.storage.retention import Retention
@@ -42,14 +40,13 @@ class Node:
         settings: Settings,
         pipeline: PipelineFn | str | None = None,
         worker_enabled: bool | None = None,
-        queue_engine: Callable[[Database], JobQueue] = SQLiteJobQueue,
     ) -> None:
         self.settings = settings
         self.lock = NodeLock(settings.storage_dir)
         self.db = Database(settings.db_path)
         self.store = Store(settings.storage_dir, self.db, one_flush=one_flush_setting(settings.receive_flush))
-        self.queue = queue_engine(self.db)
-        self.watcher = StabilityWatcher(settings, self.db, self.queue)
+        self.queue = SQLiteJobQueue(self.db)
+        self.watcher = StabilityWatcher(settings, self.db)
         # receive_processes > 1: associations served in worker processes (dicomnode.network.receive_pool);
         # series_complete_on_release (one process only, see Settings): releases are told to the watcher
         self.scp: StorageSCP | ReceivePool = (
@@ -78,8 +75,6 @@ class Node:
             self.lock.release()
             raise
         self.store.recover(max_attempts=self.settings.worker.max_attempts)
-        for job, due in jobs.queued(self.db):  # an engine that keeps no queue of its own gets them back
-            self.queue.put(job, due)
         try:
             self.scp.start()
         except Exception:

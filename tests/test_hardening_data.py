@@ -325,7 +325,7 @@ def test_a_seg_sent_early_by_a_superseded_job_is_announced(local: tuple, tmp_pat
     administrator hears of that SEG too (the new content gets new UIDs); an unsent one never goes."""
     settings, db, store = local
     queue = SQLiteJobQueue(db)
-    watcher = StabilityWatcher(settings, db, queue)
+    watcher = StabilityWatcher(settings, db)
     s = write_ct_series(tmp_path / "s", name="early-superseded", n=12, size=8)
     store_files(store, s.files[:10])
     assert watcher.check_once() == [1] and queue.claim() is not None

@@ -1,4 +1,4 @@
-"""The job lifecycle (dicomnode.processing.jobs) and the queue contract, run against both queue engines."""
+"""The job lifecycle (dicomnode.processing.jobs) and the queue contract (dicomnode.processing.queue)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dicomnode.db import MIGRATIONS, SCHEMA_V1, Database
 from dicomnode.network.sender import retry
 from dicomnode.processing import jobs
 from dicomnode.processing.jobs import TRANSITIONS, IllegalTransition, Job, JobState, Reason, ReasonCode
-from dicomnode.processing.queue import JobQueue, MemoryJobQueue, SQLiteJobQueue
+from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 
 S = JobState
 T0 = 1_000_000.0
@@ -196,23 +196,19 @@ def test_cli_reads_jobs_through_the_lifecycle(tmp_path: Path, monkeypatch: pytes
 
 # ---------------------------------------------------------------- the queue contract, both engines
 
-ENGINES = [SQLiteJobQueue, MemoryJobQueue]
-
-
-@pytest.fixture(params=ENGINES, ids=["sqlite", "memory"])
-def queue(request: pytest.FixtureRequest, db: Database) -> JobQueue:
-    return request.param(db)
+@pytest.fixture
+def queue(db: Database) -> JobQueue:
+    return SQLiteJobQueue(db)
 
 
 def enqueue(db: Database, queue: JobQueue, series: str = "1.2.3") -> Job:
-    """What the stability watcher does for an accepted series: receiving → complete → queued, put."""
+    """What the stability watcher does for an accepted series: receiving → complete → queued."""
     with db.tx() as con:
         job_id = jobs.create(con, series, T0)
         jobs.move(con, job_id, S.COMPLETE, T0)
         jobs.move(con, job_id, S.QUEUED, T0)
         job = jobs.get(con, job_id)
     assert job is not None
-    queue.put(job)
     return job
 
 

@@ -16,7 +16,7 @@ from dicomnode.db import Database
 from dicomnode.harness.ingest import store_files
 from dicomnode.logs import pseudonym
 from dicomnode.network.sender import retry
-from dicomnode.processing.queue import MemoryJobQueue, SQLiteJobQueue
+from dicomnode.processing.queue import SQLiteJobQueue
 from dicomnode.processing.worker import Worker
 from dicomnode.storage.series import StabilityWatcher, content_hash, select_series
 from dicomnode.storage.store import PREAMBLE, Store
@@ -175,18 +175,17 @@ def _pipeline_no(job, settings):  # noqa: ANN001
     raise SeriesRejected("not a thigh")
 
 
-@pytest.mark.parametrize("engine", [SQLiteJobQueue, MemoryJobQueue], ids=["sqlite", "memory"])
 @pytest.mark.parametrize(
     ("pipeline", "final", "why"),
     [(_pipeline_ok, "sending", None), (_pipeline_boom, "failed", "attempt 2: RuntimeError: boom"),
      (_pipeline_no, "rejected", "not a thigh")],
 )
-def test_worker_outcomes(node: tuple, tmp_path: Path, pipeline, final: str, why: str | None, engine) -> None:  # noqa: ANN001
-    """Watcher → queue → worker → outcome, the same with either queue engine."""
+def test_worker_outcomes(node: tuple, tmp_path: Path, pipeline, final: str, why: str | None) -> None:  # noqa: ANN001
+    """Watcher → queue → worker → outcome."""
     settings, db, store = node
-    queue = engine(db)
+    queue = SQLiteJobQueue(db)
     store_files(store, write_ct_series(tmp_path / "in", name="w", n=12, size=8).files)
-    StabilityWatcher(settings, db, queue).check_once()
+    StabilityWatcher(settings, db).check_once()
     worker = Worker(settings, store, queue, pipeline)
     while worker.run_once() is not None:
         pass
@@ -414,7 +413,7 @@ def test_a_failed_jobs_log_names_the_error_and_the_index_keeps_its_text(node: tu
     settings, db, store = node
     queue = SQLiteJobQueue(db)
     store_files(store, write_ct_series(tmp_path / "in", name="q", n=12, size=8).files)
-    StabilityWatcher(settings, db, queue).check_once()
+    StabilityWatcher(settings, db).check_once()
     worker = Worker(settings, store, queue, _pipeline_quotes)
     with captured_info_log() as stream:
         while worker.run_once() is not None:

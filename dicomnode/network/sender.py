@@ -7,9 +7,9 @@ all); then the row and its job become ``failed`` with the reason. Output SOP Ins
 pipeline's deterministic ones, so a re-send overwrites in the PACS instead of adding a copy.
 
 Rows of a job still running are sent too: the pipeline hands its SEG on as soon as the file is
-written (:meth:`~dicomnode.processing.queue.RecordedOutcomes.early_output`), so that Orthanc stores
+written (:meth:`~dicomnode.processing.queue.SQLiteJobQueue.early_output`), so that Orthanc stores
 it while the SR and summary are built. Such a pass never moves the job (only ``sending`` jobs end
-here; the worker's :meth:`~dicomnode.processing.queue.RecordedOutcomes.finish` settles a job whose
+here; the worker's :meth:`~dicomnode.processing.queue.SQLiteJobQueue.finish` settles a job whose
 rows were all sent early). Rows of a job that is not running or sending (superseded, re-queued,
 failed in its pipeline) wait: a re-run keeps what was sent and builds nothing different under its UID
 (:func:`dicomnode.processing.pipeline._check_same_content`).
@@ -348,8 +348,7 @@ class Sender:
 def retry(db: Database, job_id: int) -> str:
     """Operator retry: re-send a job's outputs (failed or done), or re-queue a job whose pipeline failed.
 
-    A re-queued job is claimed by the serving node's SQLite queue (the index is its queue); an
-    in-memory queue picks it up at the node's next start.
+    A re-queued job is claimed by the serving node's queue (the index is its queue), or at its next start.
     """
     t = now()
     with db.tx() as con:

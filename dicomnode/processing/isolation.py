@@ -18,8 +18,8 @@ keeps the child).
 
 Why messages before the answer (:class:`OutputReady`): an output the pipeline has finished (the SEG,
 while the SR and summary are still being built) is handed to the worker at once, which puts it in the
-outbox for the sender (:meth:`RecordedOutcomes.early_output
-<dicomnode.processing.queue.RecordedOutcomes.early_output>`). One lock orders them before the answer,
+outbox for the sender (:meth:`SQLiteJobQueue.early_output
+<dicomnode.processing.queue.SQLiteJobQueue.early_output>`). One lock orders them before the answer,
 and none is sent after it.
 """
 

@@ -187,13 +187,6 @@ def get(con: sqlite3.Connection, job_id: int) -> Job | None:
     return Job(int(row[0]), str(row[1]), JobState(row[2]), int(row[3]))
 
 
-def queued(db: Database) -> list[tuple[Job, float | None]]:
-    """Every queued job with the time it becomes due (None: now), oldest first."""
-    rows = db.query("SELECT id, series_uid, state, attempts, next_attempt_at FROM jobs WHERE state=?"
-                    " ORDER BY id", (S.QUEUED.value,))
-    return [(Job(int(r[0]), str(r[1]), JobState(r[2]), int(r[3])), r[4]) for r in rows]
-
-
 # ---------------------------------------------------------------- operator views
 
 

@@ -1,26 +1,16 @@
-"""The job queue: the interface the worker and the watcher use, and two engines behind it.
+"""The job queue: what the worker needs (:class:`JobQueue`), and the engine behind it.
 
-Why this seam: a queue engine decides *delivery*: which queued job a worker gets next, and when a
-retried one becomes due. The job's *record* (state, reason, attempts, timestamps) stays with
-:mod:`dicomnode.processing.jobs` in the node's index, whatever the engine, so ``dicomnode jobs`` reads the
-same table either way and every state change is checked by the same transition table.
-
-- :class:`SQLiteJobQueue`: the index's ``queued`` rows are the queue (survives restarts, shared
-  with ``dicomnode retry`` from another process). The default.
-- :class:`MemoryJobQueue`: delivery from process memory, the shape of a broker-backed engine
-  (Celery/Redis). It passes the same queue tests; after a restart :meth:`Node.start
-  <dicomnode.server.Node.start>` puts the index's queued jobs back into it. An operator ``retry``
-  from another process reaches it only at the next start.
-
-Outcomes (finish, reject, fail) are recorded the same way for both, by :class:`RecordedOutcomes`.
+:class:`SQLiteJobQueue` delivers from the index itself: its due ``queued`` rows are the queue, so it
+survives restarts and a ``dicomnode retry`` from another process reaches the serving node at once.
+The job's record (state, reason, attempts, timestamps) is written through
+:mod:`dicomnode.processing.jobs`, so every state change is checked by the one transition table, and
+outputs go to the sender through :mod:`dicomnode.processing.outbox`.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Protocol
 
@@ -34,10 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class JobQueue(Protocol):
-    """What the worker and the stability watcher need from a queue engine."""
-
-    def put(self, job: Job, not_before: float | None = None) -> None:
-        """A job just moved to queued becomes claimable (at ``not_before``, else now). Idempotent."""
+    """What the worker needs from the queue: the next due job, and a record of how its attempt ended."""
 
     def claim(self) -> Job | None:
         """Take the oldest due queued job and mark it running (attempts + 1); None when idle."""
@@ -60,17 +47,20 @@ class JobQueue(Protocol):
         when None."""
 
 
-class RecordedOutcomes(ABC):
-    """finish / reject / fail as the job record keeps them; an engine adds put and claim."""
+class SQLiteJobQueue:
+    """:class:`JobQueue` whose queue is the index itself: the due ``queued`` rows, oldest first."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    @abstractmethod
-    def put(self, job: Job, not_before: float | None = None) -> None: ...
-
-    @abstractmethod
-    def claim(self) -> Job | None: ...
+    def claim(self) -> Job | None:
+        with self.db.tx() as con:
+            row = con.execute(
+                "SELECT id FROM jobs WHERE state=? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+                " ORDER BY id LIMIT 1",
+                (JobState.QUEUED.value, now()),
+            ).fetchone()
+            return self._start(con, int(row[0])) if row is not None else None
 
     def _state(self, job_id: int) -> JobState:
         with self.db.lock:
@@ -123,24 +113,16 @@ class RecordedOutcomes(ABC):
     def fail(self, job_id: int, reason: str, retry_after: float | None,
              code: ReasonCode = ReasonCode.PIPELINE_ERROR) -> JobState:
         t = now()
-        why = Reason(code, reason)
+        # to failed, jobs.move drops the attempt's unsent early outputs: a retry builds them again
+        to = JobState.FAILED if retry_after is None else JobState.QUEUED
         with self.db.tx() as con:
-            if retry_after is None:
-                # (jobs.move drops the attempt's unsent early outputs: a retry builds them again)
-                left = jobs.move(con, job_id, JobState.FAILED, t, reason=why, expect={JobState.RUNNING})
-            else:
-                left = jobs.move(con, job_id, JobState.QUEUED, t, reason=why, expect={JobState.RUNNING},
-                                 next_attempt_at=t + retry_after)
-            job = jobs.get(con, job_id)
-        if left is None or job is None:
-            return self._state(job_id)
-        if job.state is JobState.QUEUED:
-            self.put(job, t + (retry_after or 0.0))
-        return job.state
+            left = jobs.move(con, job_id, to, t, reason=Reason(code, reason), expect={JobState.RUNNING},
+                             next_attempt_at=None if retry_after is None else t + retry_after)
+        return to if left is not None else self._state(job_id)
 
     @staticmethod
     def _start(con: sqlite3.Connection, job_id: int) -> Job | None:
-        """queued → running for a delivered job; None when it is no longer queued (superseded).
+        """queued → running for the claimed job; None when it is no longer queued (superseded).
 
         An earlier attempt's early outputs whose sending gave up get their tries again with this one."""
         if jobs.move(con, job_id, JobState.RUNNING, now(), expect={JobState.QUEUED}) is None:
@@ -148,45 +130,3 @@ class RecordedOutcomes(ABC):
         outbox.reset_failed(con, job_id)
         return jobs.get(con, job_id)
 
-
-class SQLiteJobQueue(RecordedOutcomes):
-    """:class:`JobQueue` whose queue is the index itself: the due ``queued`` rows, oldest first."""
-
-    def put(self, job: Job, not_before: float | None = None) -> None:
-        """Nothing to deliver: the queued row (and its ``next_attempt_at``) is the queue entry."""
-
-    def claim(self) -> Job | None:
-        with self.db.tx() as con:
-            row = con.execute(
-                "SELECT id FROM jobs WHERE state=? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
-                " ORDER BY id LIMIT 1",
-                (JobState.QUEUED.value, now()),
-            ).fetchone()
-            return self._start(con, int(row[0])) if row is not None else None
-
-
-class MemoryJobQueue(RecordedOutcomes):
-    """:class:`JobQueue` delivering from memory (job id → due time), as a broker would."""
-
-    def __init__(self, db: Database) -> None:
-        super().__init__(db)
-        self._due: dict[int, float] = {}
-        self._lock = threading.Lock()
-
-    def put(self, job: Job, not_before: float | None = None) -> None:
-        with self._lock:
-            self._due[job.id] = not_before if not_before is not None else now()
-
-    def claim(self) -> Job | None:
-        while True:
-            t = now()
-            with self._lock:
-                ready = [job_id for job_id, due in self._due.items() if due <= t]
-                if not ready:
-                    return None
-                job_id = min(ready)
-                del self._due[job_id]
-            with self.db.tx() as con:
-                job = self._start(con, job_id)
-            if job is not None:
-                return job  # else: superseded or re-queued elsewhere since delivery; take the next

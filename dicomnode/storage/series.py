@@ -40,7 +40,6 @@ from dicomnode.logs import error_text, event
 from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 from dicomnode.processing.outbox import OutboxState
-from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 from dicomnode.processing.wakeups import JOB_QUEUED
 from seg.io import DUPLICATE_TOL_MM, GAP_FACTOR, GEOMETRY_TOL, is_localizer, is_multi_frame, spacing_irregular
 
@@ -379,10 +378,9 @@ class StabilityWatcher:
     an instance arrived after the release (then the quiet rule applies as before).
     """
 
-    def __init__(self, settings: Settings, db: Database, queue: JobQueue | None = None) -> None:
+    def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
         self.db = db
-        self.queue = queue if queue is not None else SQLiteJobQueue(db)
         self.interval = max(0.05, min(0.5, settings.stable_seconds / 4))
         self._released: dict[str, float] = {}  # series UID → when its association was released
         self._released_lock = threading.Lock()
@@ -533,9 +531,7 @@ class StabilityWatcher:
             else:
                 new_state, why = JobState.REJECTED, Reason(sel.code or ReasonCode.SELECTION_ERROR, sel.reason)
             jobs.move(con, job_id, new_state, t, reason=why, content_hash=digest, n_instances=len(rows))
-            queued = jobs.get(con, job_id) if new_state is JobState.QUEUED else None
-        if queued is not None:
-            self.queue.put(queued)
+        if new_state is JobState.QUEUED:  # the queued row is the queue entry: wake the worker
             JOB_QUEUED.set()
         reason = why.text if why else ""
         event(
