@@ -149,8 +149,6 @@ def test_the_ran_column_is_the_run_not_a_later_re_send(db: Database, queue: JobQ
                                                         tmp_path: Path) -> None:
     """`dicomnode jobs` "ran": from the start of the last attempt to when it left running. Sending the
     results, and an operator's re-send two hours later, do not count."""
-    from dataclasses import asdict
-
     from dicomnode.commands.node import job_lines
 
     job = enqueue(db, queue)
@@ -162,7 +160,7 @@ def test_the_ran_column_is_the_run_not_a_later_re_send(db: Database, queue: JobQ
         jobs.move(con, job.id, S.DONE, T0 + 7210)
     (view,) = jobs.listing(db)
     assert (view.started_at, view.run_ended_at, view.finished_at) == (T0 + 10, T0 + 40, T0 + 7210)
-    header, line, _ = job_lines([{"job": view.id, **asdict(view)}], None)
+    header, line, _ = job_lines([view], None)
     assert header.split()[-2:] == ["ran", "sent"] and "30.0 s" in line and "min" not in line, line
     with db.tx() as con:  # failed, then re-run by the operator: the new attempt's run only
         jobs.move(con, job.id, S.SENDING, T0 + 8000)

@@ -6,7 +6,7 @@ import json
 import shutil
 import sys
 import textwrap
-import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +15,7 @@ from rich.console import Console
 
 from dicomnode.commands.common import ConfigOption, echo_problems, node_settings, settings_from
 from dicomnode.config import Settings
-from dicomnode.processing.jobs import JobState, run_end
+from dicomnode.processing.jobs import JobState, JobView
 from dicomnode.timefmt import duration, local_time
 
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
@@ -133,21 +133,6 @@ def serve(
         raise typer.Exit(2) from exc
 
 
-def job_rows(settings: Any, state: JobState | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Jobs, newest first, with the pseudonymised patient (never the PatientID) and timings."""
-    from dataclasses import asdict
-
-    from dicomnode.db import Database
-    from dicomnode.processing import jobs as lifecycle
-
-    db = Database(settings.db_path)
-    try:
-        views = lifecycle.listing(db, state, limit)
-    finally:
-        db.close()
-    return [{"job": v.id, **asdict(v)} for v in views]
-
-
 def jobs(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -159,36 +144,45 @@ def jobs(
     Each job: pseudonymised patient, instances, state, when received, how long it waited and ran,
     outputs sent; below it, the series (last digits of its UID) and the reason. Within the terminal's
     width on a terminal; piped, each reason stays on one line for grep."""
+    from dicomnode.db import opened
+    from dicomnode.processing import jobs as lifecycle
+
     settings = node_settings(config)
-    rows = job_rows(settings, state, limit)
+    with opened(settings.db_path) as db:
+        views = lifecycle.listing(db, state, limit)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([job_json(v) for v in views], indent=2))
         return
     width = shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else None
-    typer.echo(f"jobs in {settings.db_path}, newest first" if rows else f"no jobs in {settings.db_path}")
-    for line in job_lines(rows, width):
+    typer.echo(f"jobs in {settings.db_path}, newest first" if views else f"no jobs in {settings.db_path}")
+    for line in job_lines(views, width):
         typer.echo(line)
 
 
-_STATE_COLOURS = {"done": "green", "failed": "red", "rejected": "yellow", "superseded": "bright_black",
-                  "running": "cyan"}
+def job_json(view: JobView) -> dict[str, Any]:
+    """One job of ``jobs --json``: every field of the view, after ``job`` (its id again, kept for
+    the scripts that read it)."""
+    return {"job": view.id, **asdict(view)}
 
 
-def job_lines(rows: list[dict[str, Any]], width: int | None) -> list[str]:
+_STATE_COLOURS = {JobState.DONE: "green", JobState.FAILED: "red", JobState.REJECTED: "yellow",
+                  JobState.SUPERSEDED: "bright_black", JobState.RUNNING: "cyan"}
+
+
+def job_lines(views: list[JobView], width: int | None) -> list[str]:
     """Two lines a job (75 columns, then the series and the reason wrapped to ``width``, or unwrapped
     when None). The state is coloured; typer drops colours when the output is not a terminal."""
-    now = time.time()
     lines = [f"{'job':>5}  {'patient':<10}  {'n':>4}  {'state':<10}  {'received':<14}  {'waited':>7}  "
-             f"{'ran':>7}  {'sent':>5}"] if rows else []
-    for r in rows:
-        uid = r["series_instance_uid"]
-        ran = duration(r["started_at"], run_end(r["state"], r["run_ended_at"], now))
-        state = typer.style(f"{r['state']:<10}", fg=_STATE_COLOURS.get(r["state"]))
-        sent = f"{r['sent']}/{r['outputs']}" if r["outputs"] else ""
-        waited = duration(r["complete_at"], r["started_at"])
-        lines.append(f"{r['job']:>5}  {r['patient']:<10}  {r['instances'] or '':>4}  {state}  "
-                     f"{local_time(r['created_at'])[5:]:<14}  {waited:>7}  {ran:>7}  {sent:>5}".rstrip())
-        detail = f"{'…' + uid[-14:] if len(uid) > 15 else uid}  {r['reason'] or r['message'] or ''}".rstrip()
+             f"{'ran':>7}  {'sent':>5}"] if views else []
+    for v in views:
+        uid = v.series_instance_uid
+        ran = duration(v.started_at, v.run_end)
+        state = typer.style(f"{v.state:<10}", fg=_STATE_COLOURS.get(v.state))
+        sent = f"{v.sent}/{v.outputs}" if v.outputs else ""
+        waited = duration(v.complete_at, v.started_at)
+        lines.append(f"{v.id:>5}  {v.patient:<10}  {v.instances or '':>4}  {state}  "
+                     f"{local_time(v.created_at)[5:]:<14}  {waited:>7}  {ran:>7}  {sent:>5}".rstrip())
+        detail = f"{'…' + uid[-14:] if len(uid) > 15 else uid}  {v.reason or v.message or ''}".rstrip()
         lines += (textwrap.wrap(detail, width, initial_indent=" " * 7, subsequent_indent=" " * 7)
                   if width else [" " * 7 + detail])
     return lines
@@ -199,15 +193,12 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Counts of jobs by state, stored series/instances and pending sends."""
-    from dicomnode.db import Database
+    from dicomnode.db import opened
     from dicomnode.processing import jobs as lifecycle
 
     settings = node_settings(config)
-    db = Database(settings.db_path)
-    try:
+    with opened(settings.db_path) as db:
         counts = lifecycle.overview(db)
-    finally:
-        db.close()
     states = counts.jobs
     data = {
         "ae_title": settings.ae_title,
@@ -246,19 +237,17 @@ def retry(
     job: Annotated[int, typer.Argument(help="Job id (see `dicomnode jobs`).")], config: ConfigOption = None
 ) -> None:
     """Re-send a job's outputs to the PACS, or re-queue a job whose processing failed."""
-    from dicomnode.db import Database
+    from dicomnode.db import opened
     from dicomnode.network.sender import retry as do_retry
 
     settings = node_settings(config)
-    db = Database(Path(settings.db_path))
-    try:
-        typer.echo(do_retry(db, job))
-        typer.echo("done by the running `dicomnode serve` (if none runs: at its next start)")
-    except (LookupError, ValueError) as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from exc
-    finally:
-        db.close()
+    with opened(settings.db_path) as db:
+        try:
+            typer.echo(do_retry(db, job))
+        except (LookupError, ValueError) as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(1) from exc
+    typer.echo("done by the running `dicomnode serve` (if none runs: at its next start)")
 
 
 def register(app: typer.Typer) -> None:

@@ -217,14 +217,9 @@ class JobView:
 
     @property
     def run_end(self) -> float | None:
-        """Where the "ran" column ends: :func:`run_end`, now."""
-        return run_end(self.state, self.run_ended_at, time.time())
-
-
-def run_end(state: JobState | str, run_ended_at: float | None, now: float) -> float | None:
-    """The end of the last attempt's run: ``now`` while it runs, else when it left running. Never the
-    send that followed, nor an operator's re-send hours later (they move ``finished_at``)."""
-    return now if state == S.RUNNING else run_ended_at
+        """Where the "ran" column ends: now while the last attempt runs, else when it left running.
+        Never the send that followed, nor an operator's re-send hours later (they move ``finished_at``)."""
+        return time.time() if self.state == S.RUNNING else self.run_ended_at
 
 
 def listing(db: Database, state: JobState | None = None, limit: int = 50) -> list[JobView]:
