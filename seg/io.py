@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from seg.dates import da_date
+from seg.geometry import Stack, check_stack, missing_geometry, single_plane
 from seg.volume import LPS_TO_RAS, Volume
 
 log = logging.getLogger(__name__)
@@ -228,19 +229,6 @@ def _hu_slices(slices: list, frames: list, shape0: tuple[int, int], slopes: list
     return arr
 
 
-# One geometry rule for the node's series selection (dicomnode.storage.series) and this loader: a
-# series the node accepts must load here (it did not: positions written to 0.01 mm were refused).
-GEOMETRY_TOL = 1e-3  # direction cosines, and pixel spacing in mm, that count as equal
-DUPLICATE_TOL_MM = 0.01  # slices closer than this along the normal share a position
-GAP_FACTOR = 1.5  # a step over this × the median slice spacing is a gap (missing slices)
-
-
-def spacing_irregular(gaps: np.ndarray, step: float) -> bool:
-    """Slice gaps off their median ``step`` by more than 10 % + 0.01 mm. Positions rounded to what
-    the header carries (0.625 mm slices written to 0.01 mm: gaps 0.62-0.63 mm) are a regular stack."""
-    return bool(np.abs(gaps - step).max() > 0.1 * step + 0.01)
-
-
 def is_localizer(ds) -> bool:
     """A scout (ImageType ... LOCALIZER): some scanners put it in the CT series; it is no slice of it.
     The loader and the node's series selection leave it out by this one rule."""
@@ -256,9 +244,10 @@ def is_multi_frame(ds) -> bool:
         return False
 
 
-def _multi_frame_error(n: int) -> SeriesGeometryError:
-    return SeriesGeometryError(f"multi-frame images (Enhanced CT) are not measured: {n} instance(s);"
-                               " export the series as single-frame CT images")
+def multi_frame_text(n: int) -> str:
+    """Why ``n`` multi-frame instances are refused, in the loader's and the node's selection's words."""
+    return (f"multi-frame images (Enhanced CT) are not measured: {n} instance(s);"
+            " export the series as single-frame CT images")
 
 
 def load_dicom_series(paths: Path | list[Path]) -> Volume:
@@ -286,60 +275,32 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
             continue
         datasets.append((f, ds))
     if not datasets and multi_frame:
-        raise _multi_frame_error(len(multi_frame))
+        raise SeriesGeometryError(multi_frame_text(len(multi_frame)))
     if not datasets:
         raise SeriesGeometryError("no DICOM images with position and orientation found")
     series = {str(ds.SeriesInstanceUID) for _, ds in datasets}
     if len(series) > 1:
         raise SeriesGeometryError(f"files belong to {len(series)} series; give one series")
     if multi := sum(uid in series for uid in multi_frame):  # (another series' multi-frame: not ours)
-        raise _multi_frame_error(multi)
+        raise SeriesGeometryError(multi_frame_text(multi))
     if missing := sum(uid in series for uid in no_geometry):  # (another series' screenshot: not ours)
-        raise SeriesGeometryError("missing ImagePositionPatient/ImageOrientationPatient in"
-                                  f" {missing} slice(s)")
+        raise SeriesGeometryError(missing_geometry(missing).text)
 
-    iop = np.array([float(v) for v in datasets[0][1].ImageOrientationPatient])
-    row_dir, col_dir = iop[:3], iop[3:]
-    lengths = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
-    if min(lengths) < 1e-6 or np.linalg.norm(np.cross(row_dir, col_dir)) < 1e-6 * lengths[0] * lengths[1]:
-        raise SeriesGeometryError("invalid ImageOrientationPatient")
-    row_dir, col_dir = row_dir / lengths[0], col_dir / lengths[1]  # unit vectors, as the header means them
-    normal = np.cross(row_dir, col_dir)
-    shape0 = (int(datasets[0][1].Rows), int(datasets[0][1].Columns))
-    ps0 = [float(v) for v in datasets[0][1].PixelSpacing]
-    iop0 = iop.tolist()
-    for _, ds in datasets:
-        # Equal values are close (np.allclose costs ~20 µs a call); anything else gets the full test.
-        ori = [float(v) for v in ds.ImageOrientationPatient]
-        if ori != iop0 and not np.allclose(ori, iop, atol=GEOMETRY_TOL):
-            raise SeriesGeometryError("image orientation differs between slices")
-        if (int(ds.Rows), int(ds.Columns)) != shape0:
-            raise SeriesGeometryError("image size differs between slices")
-        spacing = [float(v) for v in ds.PixelSpacing]
-        if spacing != ps0 and not np.allclose(spacing, ps0, atol=GEOMETRY_TOL):
-            raise SeriesGeometryError("pixel spacing differs between slices")
-    if min(ps0) <= 0:
-        raise SeriesGeometryError(f"invalid PixelSpacing {ps0[0]:g}×{ps0[1]:g} mm")
-    pos = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in datasets])
-    d = pos @ normal
-    order = np.argsort(d, kind="stable")
-    datasets = [datasets[i] for i in order]
-    pos, d = pos[order], d[order]
+    # one geometry rule with the node's series selection (seg.geometry): a series it accepts loads here
+    planes = [single_plane(ds) for _, ds in datasets]
+    stack = check_stack(planes)
+    if not isinstance(stack, Stack):
+        raise SeriesGeometryError(stack.text)
+    row_dir, col_dir = stack.row_dir, stack.col_dir
+    ps0 = planes[0].spacing
+    datasets = [datasets[i] for i in stack.order]
+    shape0 = (planes[0].rows, planes[0].cols)
+    pos = np.array([planes[i].position for i in stack.order])
     n = len(datasets)
     if n > 1:
-        gaps = np.diff(d)
-        if np.any(gaps < DUPLICATE_TOL_MM):
-            raise SeriesGeometryError("two slices share a position (duplicates or several acquisitions)")
-        med = float(np.median(gaps))
-        if (big := gaps > GAP_FACTOR * med).any():
-            i = int(np.argmax(big))
-            raise SeriesGeometryError(f"missing slices: gap of {gaps[i]:.3g} mm after {d[i]:.1f} mm"
-                                      f" (slice spacing {med:.3g} mm)")
-        if spacing_irregular(gaps, med):
-            raise SeriesGeometryError(f"irregular slice spacing (gaps {gaps.min():.3f}..{gaps.max():.3f} mm)")
         step = (pos[-1] - pos[0]) / (n - 1)
     else:
-        step = normal * float(datasets[0][1].get("SliceThickness", 1.0) or 1.0)
+        step = stack.normal * float(datasets[0][1].get("SliceThickness", 1.0) or 1.0)
 
     affine = np.eye(4)
     affine[:3, 0] = row_dir * ps0[1]  # i runs along a row: column spacing

@@ -58,7 +58,9 @@ class ReasonCode(StrEnum):
     MULTI_FRAME = "multi-frame"  # Enhanced CT: the loader reads one slice per instance
     INCONSISTENT_PIXEL_SPACING = "inconsistent-pixel-spacing"
     DUPLICATE_SLICE_POSITION = "duplicate-slice-position"
-    MISSING_SLICES = "missing-slices"  # a gap found by selection (the completeness check missed it)
+    # no longer written: selection names a gap SLICE_GAP, and the completeness check, which runs first
+    # with the same rule (seg.geometry), always finds it; kept because older indexes may hold the value
+    MISSING_SLICES = "missing-slices"
     IRREGULAR_SLICE_SPACING = "irregular-slice-spacing"
     SHORT_Z_COVERAGE = "short-z-coverage"  # also when there are too few slices besides
     TOO_FEW_SLICES = "too-few-slices"

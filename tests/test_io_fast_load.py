@@ -270,9 +270,9 @@ def _set(kw: str, value, at: int = 2):
 @pytest.mark.parametrize(("change", "message"), [
     (_set("SeriesInstanceUID", "1.2.3.999"), "files belong to 2 series"),
     (_set("NumberOfFrames", 2), "multi-frame images \\(Enhanced CT\\) are not measured"),
-    (_set("ImageOrientationPatient", ["1", "0", "0", "0", "0.99", "0.1"]), "image orientation differs"),
-    (_set("PixelSpacing", ["0.75", "0.9"]), "pixel spacing differs"),
-    (_set("ImagePositionPatient", ["-10", "-20.5", "-2.5"]), "two slices share a position"),
+    (_set("ImageOrientationPatient", ["1", "0", "0", "0", "0.99", "0.1"]), "inconsistent image orientation"),
+    (_set("PixelSpacing", ["0.75", "0.9"]), "inconsistent pixel spacing"),
+    (_set("ImagePositionPatient", ["-10", "-20.5", "-2.5"]), "duplicate slice position"),
     (_set("ImagePositionPatient", ["-10", "-20.5", "-6"]), "irregular slice spacing"),
 ])
 def test_geometry_errors(tmp_path: Path, change, message: str) -> None:
@@ -287,7 +287,7 @@ def test_size_differs_and_no_images(tmp_path: Path) -> None:
     ds.SeriesInstanceUID = pydicom.dcmread(files[0]).SeriesInstanceUID
     ds.ImagePositionPatient = ["-10", "-20.5", "-7.5"]
     ds.save_as(other, enforce_file_format=True)
-    with pytest.raises(SeriesGeometryError, match="image size differs"):
+    with pytest.raises(SeriesGeometryError, match="inconsistent matrix"):
         load_dicom_series([*files, other])
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("not DICOM")

@@ -157,7 +157,7 @@ def test_loader_rejects_broken_series(tmp_path: Path) -> None:
     ds = pydicom.dcmread(files[0])
     ds.SOPInstanceUID = ds.SOPInstanceUID + ".1"
     ds.save_as(dup)
-    with pytest.raises(SeriesGeometryError, match="share a position"):
+    with pytest.raises(SeriesGeometryError, match="duplicate slice position"):
         load_dicom_series([*files, dup])
     write_phantom(make_phantom(PhantomOptions(seed=3, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-20, 20))),
                   tmp_path / "b")
@@ -339,7 +339,7 @@ def test_loader_uses_unit_direction_cosines(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("tags", "message"), [
     ({"NumberOfFrames": 2}, "multi-frame images \\(Enhanced CT\\) are not measured"),
-    ({"PixelSpacing": [0.0, 0.0]}, "invalid PixelSpacing 0×0 mm"),
+    ({"PixelSpacing": [0.0, 0.0]}, "invalid PixelSpacing: 0×0 mm"),
 ])
 def test_loader_names_what_it_cannot_measure(tmp_path: Path, tags: dict, message: str) -> None:
     folder, files = _series(tmp_path)

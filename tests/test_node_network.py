@@ -188,5 +188,6 @@ def test_enhanced_ct_is_received_and_refused_with_its_reason(peers: tuple[NodePr
     assert pynetdicom_send(node.port, s.files) == [0]
     job = node.wait_job(s.series_uid, ("done", "failed", "rejected"))
     assert (job["state"], job["n_instances"]) == ("rejected", 1), job
-    assert job["reason"] == "multi-frame images (Enhanced CT) are not measured: 1 instance(s)", job
+    assert job["reason"] == ("multi-frame images (Enhanced CT) are not measured: 1 instance(s);"
+                             " export the series as single-frame CT images"), job
     assert not [r for r in node.pipeline_runs() if s.series_uid in r]

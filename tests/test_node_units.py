@@ -217,7 +217,8 @@ def test_selection_reads_enhanced_ct_frames_and_refuses_them_by_their_cause(tmp_
     single-frame CT only (the worker used to reject it as "no DICOM images with position")."""
     sel = select_series(write_enhanced_ct(tmp_path / "a.dcm", name="enh-a", frames=12).files, SEL)
     assert (sel.accepted, sel.code, sel.n_slices) == (False, ReasonCode.MULTI_FRAME, 12)
-    assert sel.reason == "multi-frame images (Enhanced CT) are not measured: 1 instance(s)"
+    assert sel.reason == ("multi-frame images (Enhanced CT) are not measured: 1 instance(s);"
+                          " export the series as single-frame CT images")
 
 
 def test_fast_c_store_response_matches_pynetdicom() -> None:

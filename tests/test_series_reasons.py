@@ -74,13 +74,12 @@ SELECTION: dict[ReasonCode, tuple[Callable[[], tuple[list[Dataset], int]], str]]
     ReasonCode.INVALID_PIXEL_SPACING: (lambda: (ct(PixelSpacing=[0.0, 0.0]), 0),
                                        "invalid PixelSpacing: 0×0 mm"),
     ReasonCode.MULTI_FRAME: (lambda: (ct(NumberOfFrames=2), 0),
-                             "multi-frame images (Enhanced CT) are not measured: 12 instance(s)"),
+                             "multi-frame images (Enhanced CT) are not measured: 12 instance(s);"
+                             " export the series as single-frame CT images"),
     ReasonCode.INCONSISTENT_PIXEL_SPACING: (lambda: (changed(3, PixelSpacing=[0.5, 0.5]), 0),
                                             "inconsistent pixel spacing: 0.5×0.5 mm, 1×1 mm"),
     ReasonCode.DUPLICATE_SLICE_POSITION: (lambda: (at([0, 3, 3, 6, 9, 12, 15, 18, 21, 24, 27]), 0),
                                           "duplicate slice position at 3 mm (2 slices share positions)"),
-    ReasonCode.MISSING_SLICES: (lambda: (at([0, 3, 6, 9, 15, 18, 21, 24, 27, 30]), 0),
-                                "missing slices: gap of 6 mm after 9 mm (slice spacing 3 mm)"),
     ReasonCode.IRREGULAR_SLICE_SPACING: (lambda: (at([0, 3, 6, 10, 13, 16, 19, 22, 25, 28, 31]), 0),
                                          "irregular slice spacing (3–4 mm)"),
     ReasonCode.SHORT_Z_COVERAGE: (lambda: (ct(8, 2.5), 0), "z-coverage 20 mm < 30 mm"),
@@ -137,6 +136,32 @@ def test_each_incompleteness_cause_has_its_code_when_held_and_when_rejected(code
 def test_a_whole_series_is_complete_without_a_code() -> None:
     whole = check_completeness(ct(NumberOfSeriesRelatedInstances=N))
     assert (whole.complete, whole.code) == (True, None)
+
+
+GAPPED = {  # positions (mm) with a gap, alone or beside another problem
+    "one gap": [0, 3, 6, 9, 15, 18, 21, 24, 27, 30],
+    "gap and a duplicate": [0, 3, 3, 6, 9, 15, 18, 21, 24, 27, 30],
+    "two gaps": [0, 3, 9, 12, 15, 21, 24, 27, 30, 33],
+    "gap at the end": [0, 3, 6, 9, 12, 15, 18, 21, 24, 33],
+    "gap and irregular": [0, 3, 6, 10, 16, 19, 22, 25, 28, 31],
+}
+
+
+@pytest.mark.parametrize("z", list(GAPPED.values()), ids=list(GAPPED))
+def test_every_gap_selection_sees_is_found_first_by_the_completeness_check(z: list[float]) -> None:
+    """Selection named a gap ``missing-slices`` while the watcher, which checks completeness first, had
+    held and rejected every such series as ``slice-gap``: one rule (seg.geometry) and one code now."""
+    whole = check_completeness(at(z))
+    assert (whole.complete, whole.code) == (False, ReasonCode.SLICE_GAP)
+    sel = select_headers(at(z), 0, SEL)
+    assert sel.code in (ReasonCode.SLICE_GAP, ReasonCode.DUPLICATE_SLICE_POSITION)
+    assert sel.code is not ReasonCode.MISSING_SLICES
+
+
+def test_selection_on_its_own_names_a_gap_as_the_completeness_check_does() -> None:
+    sel = select_headers(at([0, 3, 6, 9, 15, 18, 21, 24, 27, 30]), 0, SEL)
+    assert (sel.accepted, sel.code, sel.reason) == (
+        False, ReasonCode.SLICE_GAP, "missing slices: gap of 6 mm after 9 mm (slice spacing 3 mm)")
 
 
 def test_the_codes_are_distinct_and_grouped() -> None:

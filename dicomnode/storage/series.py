@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from dicomnode.config import SelectionSettings, Settings
 from dicomnode.db import Database, now
@@ -41,7 +38,8 @@ from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 from dicomnode.processing.outbox import OutboxState
 from dicomnode.processing.wakeups import JOB_QUEUED
-from seg.io import DUPLICATE_TOL_MM, GAP_FACTOR, GEOMETRY_TOL, is_localizer, is_multi_frame, spacing_irregular
+from seg.geometry import Plane, Stack, check_stack, first_gap, floats, mm, single_plane, sorted_positions
+from seg.io import is_localizer, is_multi_frame, multi_frame_text
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +64,6 @@ HEADER_TAGS = [
     "NumberOfSeriesRelatedInstances",
 ]
 INCOMPLETE = "incomplete"  # the first word of every incompleteness reason's text
-
-
-@dataclass
-class Slice:
-    """Geometry of one image plane (one single-frame instance, or one frame of an enhanced one)."""
-
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, ...] | None
-    spacing: tuple[float, float] | None
-    rows: int
-    cols: int
 
 
 @dataclass
@@ -119,20 +106,12 @@ def content_hash(items: Iterable[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n else None
-
-
 def _item(seq_owner: Any, keyword: str) -> Any:
     seq = seq_owner.get(keyword) if seq_owner is not None else None
     return seq[0] if seq else None
 
 
-def slices_of(ds: Any) -> list[Slice]:
+def slices_of(ds: Any) -> list[Plane]:
     """The image planes of one header: one for classic CT, one per frame for Enhanced CT."""
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -148,28 +127,16 @@ def slices_of(ds: Any) -> list[Slice]:
             ori = pick("PlaneOrientationSequence")
             pix = pick("PixelMeasuresSequence")
             out.append(
-                Slice(
-                    position=_floats(pos.get("ImagePositionPatient"), 3) if pos else None,
-                    orientation=_floats(ori.get("ImageOrientationPatient"), 6) if ori else None,
-                    spacing=_floats(pix.get("PixelSpacing"), 2) if pix else None,
+                Plane(
+                    position=floats(pos.get("ImagePositionPatient"), 3) if pos else None,
+                    orientation=floats(ori.get("ImageOrientationPatient"), 6) if ori else None,
+                    spacing=floats(pix.get("PixelSpacing"), 2) if pix else None,
                     rows=rows,
                     cols=cols,
                 )
             )
         return out
-    return [
-        Slice(
-            position=_floats(ds.get("ImagePositionPatient"), 3),
-            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-            spacing=_floats(ds.get("PixelSpacing"), 2),
-            rows=rows,
-            cols=cols,
-        )
-    ]
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.1f}".rstrip("0").rstrip(".") if abs(x - round(x)) > 0.05 else f"{round(x):d}"
+    return [single_plane(ds)]
 
 
 def read_headers(files: list[Path]) -> tuple[list[Any], int]:
@@ -206,35 +173,6 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _position_gap(slices: list[Slice]) -> str:
-    """The first gap over GAP_FACTOR × the median spacing along the slice normal ("" when none).
-
-    Geometry that cannot be compared (missing or mixed orientation) is left to selection to report.
-    """
-    placed = [s for s in slices if s.position is not None and s.orientation is not None]
-    if len(placed) < 3 or len(placed) != len(slices):
-        return ""
-    ori = np.array([s.orientation for s in placed], dtype=float)
-    if np.abs(ori - ori[0]).max() > GEOMETRY_TOL:
-        return ""
-    normal = np.cross(ori[0, :3], ori[0, 3:])
-    if float(np.linalg.norm(normal)) < 1e-6:
-        return ""
-    z = np.sort(np.array([np.dot(s.position, normal) for s in placed], dtype=float))
-    diffs = np.diff(z)
-    diffs_z = z[:-1][diffs >= DUPLICATE_TOL_MM]
-    diffs = diffs[diffs >= DUPLICATE_TOL_MM]  # duplicates are selection's business
-    if len(diffs) < 2:
-        return ""
-    step = float(np.median(diffs))
-    big = diffs > GAP_FACTOR * step
-    if not big.any():
-        return ""
-    i = int(np.argmax(big))
-    return (f"gap of {_fmt(float(diffs[i]))} mm after {_fmt(float(diffs_z[i]))} mm "
-            f"(slice spacing {_fmt(step)} mm)")
-
-
 def _expected_count(headers: list[Any], n_positions: int) -> Completeness:
     """A shortfall against the count the headers announce (complete when none is announced or it is met)."""
     if any(is_multi_frame(h) for h in headers):
@@ -268,9 +206,9 @@ def check_completeness(headers: list[Any]) -> Completeness:
     counts a localizer in the series too, while its plane is no slice of the stack)."""
     images = [h for h in headers if not is_localizer(h)]
     slices = [s for h in images for s in slices_of(h)]
-    gap = _position_gap(slices)
-    if gap:
-        return Completeness(False, gap, ReasonCode.SLICE_GAP)
+    z = sorted_positions(slices)  # None: geometry that cannot be compared, selection's to report
+    if z is not None and (gap := first_gap(z)):  # the rule selection and the loader apply too
+        return Completeness(False, gap.text, ReasonCode.SLICE_GAP)
     positions = {tuple(round(v, 2) for v in s.position) for s in slices if s.position is not None}
     return _expected_count(headers, len(positions))
 
@@ -286,7 +224,7 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
     if not headers and not unreadable:
         return Selection(False).refuse(ReasonCode.NO_INSTANCES, "no instances")
     modalities: set[str] = set()
-    slices: list[Slice] = []
+    slices: list[Plane] = []
     for ds in headers:
         modalities.add(str(ds.get("Modality", "") or "?"))
         if not is_localizer(ds):  # a scout in the series: the loader leaves it out too
@@ -302,66 +240,18 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
         return sel.refuse(ReasonCode.NO_INSTANCES, "no image slices: only localizer images")
     if multi := sum(is_multi_frame(h) for h in headers):
         # the loader reads one slice per instance: refused here with the cause, not by the worker later
-        return sel.refuse(ReasonCode.MULTI_FRAME, f"multi-frame images (Enhanced CT) are not measured:"
-                          f" {multi} instance(s)")
-    missing = sum(1 for s in slices if s.position is None or s.orientation is None)
-    if missing:
-        return sel.refuse(ReasonCode.MISSING_GEOMETRY,
-                          f"missing ImagePositionPatient/ImageOrientationPatient in {missing} slice(s)")
-    matrices = sorted({(s.rows, s.cols) for s in slices})
-    if len(matrices) > 1:
-        return sel.refuse(ReasonCode.INCONSISTENT_MATRIX,
-                          "inconsistent matrix: " + ", ".join(f"{r}×{c}" for r, c in matrices))
-    ori = np.array([s.orientation for s in slices], dtype=float)
-    if np.abs(ori - ori[0]).max() > GEOMETRY_TOL:
-        return sel.refuse(ReasonCode.INCONSISTENT_ORIENTATION,
-                          "inconsistent image orientation within the series")
-    row, col = ori[0, :3], ori[0, 3:]
-    normal = np.cross(row, col)
-    norm = float(np.linalg.norm(normal))
-    if norm < 1e-6:
-        return sel.refuse(ReasonCode.INVALID_ORIENTATION, "invalid ImageOrientationPatient")
-    normal /= norm
-    tilt = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
-    if tilt > AXIAL_TOLERANCE_DEG:
-        plane = "sagittal" if abs(normal[0]) > abs(normal[1]) else "coronal"
-        return sel.refuse(ReasonCode.NOT_AXIAL,
-                          f"not axial: slice normal {tilt:.0f}° from the patient z axis ({plane})")
-    spacings = {s.spacing for s in slices}
-    if None in spacings:
-        return sel.refuse(ReasonCode.MISSING_PIXEL_SPACING, "missing PixelSpacing")
-    sp = np.array(sorted(spacings), dtype=float)
-    if sp.min() <= 0:
-        return sel.refuse(ReasonCode.INVALID_PIXEL_SPACING,
-                          "invalid PixelSpacing: " + ", ".join(f"{a:g}×{b:g} mm" for a, b in sp))
-    if np.abs(sp - sp[0]).max() > GEOMETRY_TOL:
-        return sel.refuse(ReasonCode.INCONSISTENT_PIXEL_SPACING,
-                          "inconsistent pixel spacing: " + ", ".join(f"{a:g}×{b:g} mm" for a, b in sp))
-    z = np.sort(np.array([np.dot(s.position, normal) for s in slices], dtype=float))
-    if len(z) > 1:
-        diffs = np.diff(z)
-        dup = diffs < DUPLICATE_TOL_MM
-        if dup.any():
-            at = float(z[1:][dup][0])
-            return sel.refuse(ReasonCode.DUPLICATE_SLICE_POSITION,
-                              f"duplicate slice position at {_fmt(at)} mm"
-                              f" ({int(dup.sum()) + 1} slices share positions)")
-        step = float(np.median(diffs))
-        big = diffs > GAP_FACTOR * step
-        if big.any():
-            i = int(np.argmax(big))
-            return sel.refuse(ReasonCode.MISSING_SLICES, f"missing slices: gap of {_fmt(float(diffs[i]))} mm"
-                              f" after {_fmt(float(z[i]))} mm (slice spacing {_fmt(step)} mm)")
-        if spacing_irregular(diffs, step):
-            return sel.refuse(ReasonCode.IRREGULAR_SLICE_SPACING,
-                              f"irregular slice spacing ({_fmt(float(diffs.min()))}–"
-                              f"{_fmt(float(diffs.max()))} mm)")
-        sel.slice_spacing_mm = step
-        sel.z_coverage_mm = float(z[-1] - z[0]) + step
+        return sel.refuse(ReasonCode.MULTI_FRAME, multi_frame_text(multi))
+    stack = check_stack(slices, max_tilt_deg=AXIAL_TOLERANCE_DEG)
+    if not isinstance(stack, Stack):
+        # a gap is SLICE_GAP, as check_completeness names it: the watcher finds it there first
+        return sel.refuse(stack.code, stack.text)
+    if len(stack.z) > 1:
+        sel.slice_spacing_mm = stack.step
+        sel.z_coverage_mm = float(stack.z[-1] - stack.z[0]) + stack.step
     problems: list[tuple[ReasonCode, str]] = []  # both are said; the first is the code
     if sel.z_coverage_mm < selection.min_z_extent_mm:
         problems.append((ReasonCode.SHORT_Z_COVERAGE,
-                         f"z-coverage {_fmt(sel.z_coverage_mm)} mm < {_fmt(selection.min_z_extent_mm)} mm"))
+                         f"z-coverage {mm(sel.z_coverage_mm)} mm < {mm(selection.min_z_extent_mm)} mm"))
     if len(slices) < selection.min_slices:
         problems.append((ReasonCode.TOO_FEW_SLICES, f"{len(slices)} slices < {selection.min_slices}"))
     if problems:
