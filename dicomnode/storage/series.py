@@ -173,8 +173,11 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _expected_count(headers: list[Any], n_positions: int) -> Completeness:
-    """A shortfall against the count the headers announce (complete when none is announced or it is met)."""
+def _expected_count(headers: list[Any], images: list[Any], n_positions: int) -> Completeness:
+    """A shortfall against the count the headers announce (complete when none is announced or it is met).
+
+    ``headers`` are every instance, a localizer included (the announced counts count it); ``images``
+    the slices without it (a scout's InstanceNumber may lie anywhere, e.g. 999)."""
     if any(is_multi_frame(h) for h in headers):
         return Completeness(True)  # multi-frame: the count checks below are about single-frame instances
     by_acquisition: dict[str, list[Any]] = {}
@@ -190,7 +193,6 @@ def _expected_count(headers: list[Any], n_positions: int) -> Completeness:
     if len(total) == 1 and len(headers) < (wanted := total.pop()):
         return Completeness(False, f"{len(headers)} of {wanted} instances received"
                             " (NumberOfSeriesRelatedInstances)", ReasonCode.SERIES_SHORT)
-    images = [h for h in headers if not is_localizer(h)]  # a scout's number may lie anywhere (999)
     numbers = [_int_or_none(h.get("InstanceNumber")) for h in images]
     if n_positions == len(images) and None not in numbers and len(set(numbers)) == len(numbers) > 1:
         lo, hi = min(numbers), max(numbers)  # type: ignore[type-var]
@@ -210,7 +212,7 @@ def check_completeness(headers: list[Any]) -> Completeness:
     if z is not None and (gap := first_gap(z)):  # the rule selection and the loader apply too
         return Completeness(False, gap.text, ReasonCode.SLICE_GAP)
     positions = {tuple(round(v, 2) for v in s.position) for s in slices if s.position is not None}
-    return _expected_count(headers, len(positions))
+    return _expected_count(headers, images, len(positions))
 
 
 def select_series(files: list[Path], selection: SelectionSettings) -> Selection:
