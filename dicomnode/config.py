@@ -45,6 +45,7 @@ from pydantic_settings import (
 
 CONFIG_ENV = "DICOMNODE_CONFIG"
 MIN_TOKEN_CHARS = 16  # the operations page's shared secret
+MB = 1_000_000  # bytes in the MB of every *_mb setting (max_instance_mb, min_free_disk_mb): decimal, as df -H
 
 
 def _case_insensitive(choices: Any) -> BeforeValidator:

@@ -26,7 +26,8 @@ from series_factory import CT_IMAGE, write_ct_series
 from dicomnode.config import Settings
 from dicomnode.db import Database
 from dicomnode.external import dcmtk_tool
-from dicomnode.network.scp import OUT_OF_RESOURCES, StorageSCP
+from dicomnode.network.scp import StorageSCP
+from dicomnode.network.status import OUT_OF_RESOURCES
 from dicomnode.storage.diskspace import DiskGuard, read_space
 from dicomnode.storage.store import Store
 

@@ -240,7 +240,8 @@ def test_fast_c_store_response_matches_pynetdicom() -> None:
 def test_storage_failure_returns_a700_and_leaves_nothing(node: tuple, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     from peers import free_port, pynetdicom_send
 
-    from dicomnode.network.scp import OUT_OF_RESOURCES, StorageSCP
+    from dicomnode.network.scp import StorageSCP
+    from dicomnode.network.status import OUT_OF_RESOURCES
 
     settings, db, store = node
     settings = settings.model_copy(update={"port": free_port()})

@@ -59,10 +59,11 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from dicomnode.config import Settings
+from dicomnode.config import MB, Settings
 from dicomnode.logs import error_text, event
 from dicomnode.network.pynetdicom_tuning import attach_waiters, tune_pynetdicom
 from dicomnode.network.sop import CT_CLASSES
+from dicomnode.network.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH, OUT_OF_RESOURCES, SUCCESS
 from dicomnode.network.tls import describe, handshake, server_context
 from dicomnode.network.validate import quick_header, validate_instance
 from dicomnode.storage.diskspace import DiskGuard
@@ -81,15 +82,10 @@ log = logging.getLogger(__name__)
 
 STORAGE_CLASSES = CT_CLASSES  # the only classes negotiated: anything else is refused at association
 
-# failure statuses (PS3.4 Annex B / GG)
-OUT_OF_RESOURCES = 0xA700
-DATA_SET_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 MAX_PDU = 1 << 20  # 1 MiB: a 512×512 slice arrives in one P-DATA PDU, the cheapest thing for a Python SCP
 ASSOCIATION_PDU_CAP = 64 * 1024  # A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT: real ones are a few KiB
 COMMAND_SET_CAP = 64 * 1024  # a DIMSE command set is a few hundred bytes
 FIRST_READ = 64 * 1024  # a PDU buffer starts at most this big and doubles only as bytes arrive
-MB = 1_000_000  # max_instance_mb unit
 PENDING_PER_ADDRESS = 4  # connections from one address whose A-ASSOCIATE-RQ has not arrived yet
 
 _REJECT_REASONS = {  # (source, diagnostic) of an A-ASSOCIATE-RJ, PS3.8 9.3.4
@@ -489,7 +485,7 @@ class StorageSCP:
             self.received += 1
             if self.on_release is not None:
                 self._delivered.setdefault(id(evt_.assoc), (evt_.assoc, set()))[1].add(info.series_uid)
-        return 0x0000
+        return SUCCESS
 
     def _fail(self, code: int, comment: str, calling: str, level: int = logging.WARNING) -> Dataset:
         with self._count_lock:
@@ -505,7 +501,7 @@ class StorageSCP:
         return _status(code, comment)
 
     def _on_echo(self, evt_: Any) -> int:
-        return 0x0000
+        return SUCCESS
 
     def _on_conn_open(self, evt_: Any) -> None:
         """Bound the new connection: a place among the pending ones, the TLS handshake within ARTIM, a

@@ -38,9 +38,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import VR
 
 from dicomnode.network.sop import CT_CLASSES
-
-CANNOT_UNDERSTAND = 0xC000
-DATA_SET_DOES_NOT_MATCH = 0xA900
+from dicomnode.network.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH, SUCCESS
 
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
 ITEM, SEQUENCE_DELIMITER, UNDEFINED = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
@@ -67,7 +65,9 @@ class Problem(StrEnum):
 
 MISMATCH = frozenset({Problem.SOP_CLASS, Problem.MODALITY})
 
-UID_SHAPE = re.compile(r"[0-9.]{0,64}")  # what a UI value may hold (PS3.5 9.1)
+# the characters a UI value may hold (PS3.5 9.1), valid UID or not: such a value is safe to quote in a
+# reason (store.FILING_UID is the strict rule for the UIDs the store files under)
+UID_SHAPE = re.compile(r"[0-9.]{0,64}")
 CODE_SHAPE = re.compile(r"[A-Z0-9 _]{0,16}")  # a CS value (PS3.5 6.2)
 NUMBER_SHAPE = re.compile(r"[-+0-9. ]{0,16}")  # an IS or DS value, right or wrong
 
@@ -95,7 +95,7 @@ class Validation:
     @property
     def status(self) -> int:
         if self.ok:
-            return 0x0000
+            return SUCCESS
         return DATA_SET_DOES_NOT_MATCH if self.code in MISMATCH else CANNOT_UNDERSTAND
 
     @property

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomnode.config import MB
 from dicomnode.logs import event
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 1.0
-MB = 1_000_000  # min_free_disk_mb unit (as max_instance_mb)
 
 
 @dataclass(frozen=True)

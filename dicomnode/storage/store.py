@@ -51,16 +51,19 @@ from pydicom.dataset import Dataset
 
 from dicomnode.db import Database, is_busy, now
 from dicomnode.logs import error_text, event, load_pseudonym_key, pseudonym
-from dicomnode.network.validate import CANNOT_UNDERSTAND, UID_SHAPE, shown, validate_instance
+from dicomnode.network.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from dicomnode.network.validate import UID_SHAPE, shown, validate_instance
 from dicomnode.processing import jobs
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 
 log = logging.getLogger(__name__)
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# A UID the store files an instance under (its folder and file names are built from it): digits in
+# dot-separated components (PS3.5 9.1), at most 64 characters (checked beside it). validate.UID_SHAPE
+# is the loose one: which values a refusal may quote.
+FILING_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
-OUT_OF_RESOURCES = 0xA700  # transient: the sender should try again later
 FILE_MODE = 0o640  # instance files (PHI): owner and the service group only
 DIR_MODE = 0o750  # state folders
 UMASK = 0o027
@@ -225,7 +228,7 @@ def _info(text: Callable[[int], str], sop_class: str, transfer_syntax: str, call
     )
     for name in ("sop_uid", "study_uid", "series_uid"):
         value = getattr(info, name)
-        if not value or len(value) > 64 or not UID_RE.match(value):
+        if not value or len(value) > 64 or not FILING_UID.match(value):
             label = name.replace("_", " ").replace("sop", "SOP")
             raise StoreError(f"missing or invalid {label} {shown(value, UID_SHAPE)}")  # no patient data
     return info
