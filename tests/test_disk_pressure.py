@@ -28,7 +28,7 @@ from dicomnode.db import Database
 from dicomnode.external import dcmtk_tool
 from dicomnode.network.scp import StorageSCP
 from dicomnode.network.status import OUT_OF_RESOURCES
-from dicomnode.storage.diskspace import DiskGuard, read_space
+from dicomnode.storage.diskspace import DiskGuard, DiskSpace, judge, read_space
 from dicomnode.storage.store import Store
 
 TRANSIENT_CONGESTION = (0x02, 0x03, 0x01)  # rejected-transient, service provider (presentation), congestion
@@ -92,6 +92,22 @@ def test_guard_enters_and_leaves_the_low_state_logging_once_each(caplog: pytest.
     events = disk_events(caplog)
     assert [level for level, _ in events] == [logging.WARNING, logging.INFO], events
     assert "disk space low" in events[0][1] and "recovered" in events[1][1]
+
+
+@pytest.mark.parametrize(("free_mb", "used_pct", "reason"), [
+    (3000, 50.0, None),
+    (1000, 50.0, "disk low: 1000 MB free < min_free_disk_mb 2048"),
+    (3000, 95.5, "disk low: 95.5% used > max_disk_used_pct 90"),
+    (2048, 90.0, None),  # at the thresholds: not yet low
+])
+def test_the_operations_page_shows_low_exactly_when_the_guard_refuses(free_mb: int, used_pct: float,
+                                                                      reason: str | None) -> None:
+    """One rule (diskspace.judge): the page had its own comparison beside the guard's."""
+    from dicomnode.ops.page import Disk
+
+    space = DiskSpace(free_bytes=free_mb * 1_000_000, used_pct=used_pct)
+    assert judge(space, 2048, 90) == reason
+    assert Disk(space, 2048, 90).low is (reason is not None)
 
 
 def test_guard_reads_the_volume_at_most_once_an_interval() -> None:

@@ -49,8 +49,8 @@ from dicomnode.db import Database
 from dicomnode.logs import event
 from dicomnode.ops.metrics import node_registry
 from dicomnode.processing import jobs
-from dicomnode.storage.diskspace import DiskSpace, read_space
-from dicomnode.timefmt import duration, local_time
+from dicomnode.storage.diskspace import DiskSpace, judge, read_space
+from dicomnode.timefmt import duration, local_time, short_uid
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,8 @@ class Disk:
 
     @property
     def low(self) -> bool:
-        """Below the thresholds at which the receiver refuses instances
-        (as dicomnode.storage.diskspace judges)."""
-        return self.space.free_mb < self.min_free_mb or self.space.used_pct > self.max_used_pct
+        """Below the thresholds at which the receiver refuses instances (its own rule)."""
+        return judge(self.space, self.min_free_mb, self.max_used_pct) is not None
 
 
 @dataclass(frozen=True)
@@ -143,13 +142,9 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _series(uid: str) -> str:
-    return "…" + uid[-14:] if len(uid) > 16 else uid
-
-
 def templates() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
-    env.filters.update(when=local_time, series=_series, size=_size)
+    env.filters.update(when=local_time, series=short_uid, size=_size)
     env.globals.update(took=duration, refresh=REFRESH_SECONDS)
     return env
 

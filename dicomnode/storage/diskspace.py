@@ -52,6 +52,16 @@ def read_space(result: Any) -> DiskSpace:
     return DiskSpace(free_bytes=free, used_pct=100.0 * used / total if total else 0.0)
 
 
+def judge(space: DiskSpace, min_free_mb: float, max_used_pct: float) -> str | None:
+    """Why the volume is low (the refusal's comment), or None: one rule for the receiver's guard and
+    the operations page, which shows whether the receiver refuses."""
+    if space.free_mb < min_free_mb:
+        return f"disk low: {space.free_mb:.0f} MB free < min_free_disk_mb {min_free_mb:.0f}"
+    if space.used_pct > max_used_pct:
+        return f"disk low: {space.used_pct:.1f}% used > max_disk_used_pct {max_used_pct:g}"
+    return None
+
+
 class DiskGuard:
     """Says whether ``path``'s volume is below the thresholds; thread-safe, cached for ``interval`` s.
 
@@ -108,7 +118,7 @@ class DiskGuard:
             self._checked_at = now
             return
         self._unreadable = False
-        reason = self._judge(space)
+        reason = judge(space, self.min_free_mb, self.max_used_pct)
         if reason is not None and self._reason is None:
             event(log, "disk space low, refusing instances", logging.DEBUG if self.quiet else logging.WARNING,
                   reason=reason, free_mb=f"{space.free_mb:.0f}", used_pct=f"{space.used_pct:.1f}",
@@ -120,10 +130,3 @@ class DiskGuard:
                   used_pct=f"{space.used_pct:.1f}", path=str(self.path))
         self._reason = reason
         self._checked_at = now
-
-    def _judge(self, space: DiskSpace) -> str | None:
-        if space.free_mb < self.min_free_mb:
-            return f"disk low: {space.free_mb:.0f} MB free < min_free_disk_mb {self.min_free_mb:.0f}"
-        if space.used_pct > self.max_used_pct:
-            return f"disk low: {space.used_pct:.1f}% used > max_disk_used_pct {self.max_used_pct:g}"
-        return None
