@@ -1,4 +1,5 @@
-"""Job times as people read them: one format for the CLI's job table and the operations page."""
+"""Job times and series UIDs as people read them: one format for the CLI's job table and the
+operations page."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ def duration(a: float | None, b: float | None) -> str:
         return ""
     s = max(0.0, b - a)
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+SHORT_UID_CHARS = 15  # a shortened UID: an ellipsis and its last 14 characters (they tell series apart)
+
+
+def short_uid(uid: str) -> str:
+    """``…`` and the UID's tail when it is longer than :data:`SHORT_UID_CHARS`, else the UID."""
+    return "…" + uid[1 - SHORT_UID_CHARS:] if len(uid) > SHORT_UID_CHARS else uid

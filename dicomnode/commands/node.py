@@ -16,7 +16,7 @@ from rich.console import Console
 from dicomnode.commands.common import ConfigOption, echo_problems, node_settings, settings_from
 from dicomnode.config import Settings
 from dicomnode.processing.jobs import JobState, JobView
-from dicomnode.timefmt import duration, local_time
+from dicomnode.timefmt import duration, local_time, short_uid
 
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 
@@ -182,7 +182,7 @@ def job_lines(views: list[JobView], width: int | None) -> list[str]:
         waited = duration(v.complete_at, v.started_at)
         lines.append(f"{v.id:>5}  {v.patient:<10}  {v.instances or '':>4}  {state}  "
                      f"{local_time(v.created_at)[5:]:<14}  {waited:>7}  {ran:>7}  {sent:>5}".rstrip())
-        detail = f"{'…' + uid[-14:] if len(uid) > 15 else uid}  {v.reason or v.message or ''}".rstrip()
+        detail = f"{short_uid(uid)}  {v.reason or v.message or ''}".rstrip()
         lines += (textwrap.wrap(detail, width, initial_indent=" " * 7, subsequent_indent=" " * 7)
                   if width else [" " * 7 + detail])
     return lines
