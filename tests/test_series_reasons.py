@@ -202,3 +202,22 @@ def test_a_localizer_in_the_series_is_left_out_as_the_loader_leaves_it_out(tmp_p
     only = select_headers([scout], 0, SEL)
     assert (only.accepted, only.code, only.reason) == (False, ReasonCode.NO_INSTANCES,
                                                        "no image slices: only localizer images")
+
+
+def test_verdict_of_a_closed_series():
+    """Incomplete beats duplicate beats selection: a series still missing slices is rejected even if
+    its content matches an earlier job's; the same content is done without a second run; else the
+    selection decides, with its own reason code."""
+    from dicomnode.processing.jobs import JobState
+    from dicomnode.storage.series import Completeness, Selection, verdict
+
+    gap = Completeness(False, "gap of 9.0 mm at z=10.0", ReasonCode.SLICE_GAP)
+    taken, refused = Selection(True), Selection(False).refuse(ReasonCode.TOO_FEW_SLICES, "12 slices")
+    state, why = verdict(gap, taken, duplicate_of=3)
+    assert (state, why.code) == (JobState.REJECTED, ReasonCode.SLICE_GAP)
+    assert why.text == f"{INCOMPLETE}: gap of 9.0 mm at z=10.0"
+    state, why = verdict(Completeness(True), refused, duplicate_of=3)
+    assert (state, why.code) == (JobState.DONE, ReasonCode.DUPLICATE_CONTENT) and "job 3" in why.text
+    assert verdict(Completeness(True), taken, None) == (JobState.QUEUED, None)
+    state, why = verdict(Completeness(True), refused, None)
+    assert (state, why.code, why.text) == (JobState.REJECTED, ReasonCode.TOO_FEW_SLICES, "12 slices")

@@ -262,6 +262,34 @@ def select_headers(headers: list[Any], unreadable: int, selection: SelectionSett
     return sel
 
 
+def _judge_files(files: list[Path], rules: SelectionSettings) -> tuple[Completeness, Selection]:
+    """Is the series whole, and is it one the model can measure? Read from its files (I/O, outside
+    any transaction); a defect of the selection itself rejects the series, never stops the watcher."""
+    try:
+        headers, unreadable = read_headers(files)
+        whole = check_completeness(headers) if not unreadable else Completeness(True)
+        return whole, (select_headers(headers, unreadable, rules) if whole.complete else Selection(False))
+    except Exception as exc:  # selection must never kill the watcher
+        log.error("selection failed: %s", error_text(exc))
+        log.debug("selection failed", exc_info=True)  # the traceback quotes values: DEBUG only
+        return Completeness(True), Selection(False).refuse(ReasonCode.SELECTION_ERROR,
+                                                           f"selection failed: {error_text(exc)}")
+
+
+def verdict(whole: Completeness, sel: Selection, duplicate_of: int | None) -> tuple[JobState, Reason | None]:
+    """Where a complete job goes once its hold is over: rejected when still incomplete, done when a
+    job with the same content was processed (``duplicate_of``), queued when selected, else rejected
+    with the selection's reason."""
+    if not whole.complete:
+        return JobState.REJECTED, whole.reason(held=False)
+    if duplicate_of is not None:
+        return JobState.DONE, Reason(ReasonCode.DUPLICATE_CONTENT,
+                                     f"same content as job {duplicate_of}: results not produced again")
+    if sel.accepted:
+        return JobState.QUEUED, None
+    return JobState.REJECTED, Reason(sel.code or ReasonCode.SELECTION_ERROR, sel.reason)
+
+
 class StabilityWatcher:
     """Closes series that have been quiet for ``stable_seconds`` and queues or rejects their job.
 
@@ -357,6 +385,59 @@ class StabilityWatcher:
         An incomplete series goes back to receiving (held) until its hold ends; returns False then.
         ``released_at``: its association was released then, so it counts as quiet if nothing came since.
         """
+        quiet = self._mark_complete(job_id, series_uid, released_at)
+        if quiet is None:
+            return False
+        rows, last_received_at = quiet
+        files = sorted(Path(r["path"]) for r in rows)
+        digest = content_hash((r["sop_uid"], int(r["size"] or 0)) for r in rows)
+        whole, sel = _judge_files(files, self.settings.selection)
+        hold_until = (last_received_at or now()) + self.settings.selection.incomplete_hold_seconds
+        if not whole.complete and now() < hold_until:
+            return self._hold(job_id, series_uid, whole, hold_until)
+        t = now()
+        superseded: list[Any] = []
+        with self.db.tx() as con:
+            if jobs.state_of(con, job_id) is not JobState.COMPLETE:
+                return False  # re-opened meanwhile; the new job will be closed later
+            dup = con.execute(
+                "SELECT id FROM jobs WHERE series_uid=? AND content_hash=? AND id<>? AND state IN"
+                " (?, ?, ?, ?) ORDER BY id LIMIT 1",
+                (series_uid, digest, job_id, JobState.QUEUED.value, JobState.RUNNING.value,
+                 JobState.SENDING.value, JobState.DONE.value),
+            ).fetchone()
+            new_state, why = verdict(whole, sel, None if dup is None else int(dup["id"]))
+            if new_state is JobState.QUEUED:
+                # results of earlier content, and a SEG sent early by a job superseded while it ran
+                superseded = con.execute(
+                    "SELECT j.id, o.path FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.series_uid=?"
+                    " AND j.id<>? AND (j.state IN (?, ?) OR o.state=?) AND j.content_hash IS NOT ?"
+                    " ORDER BY j.id, o.path",
+                    (series_uid, job_id, JobState.SENDING.value, JobState.DONE.value, OutboxState.SENT.value,
+                     digest),
+                ).fetchall()
+            jobs.move(con, job_id, new_state, t, reason=why, content_hash=digest, n_instances=len(rows))
+        if new_state is JobState.QUEUED:  # the queued row is the queue entry: wake the worker
+            JOB_QUEUED.set()
+        event(
+            log,
+            f"series {new_state}",
+            logging.INFO if new_state is not JobState.REJECTED else logging.WARNING,
+            job=job_id,
+            series=series_uid,
+            instances=len(rows),
+            slices=sel.n_slices,
+            z_coverage_mm=round(sel.z_coverage_mm, 1),
+            reason=why.text if why else "",
+        )
+        if superseded:
+            self._announce_superseded(job_id, series_uid, superseded)
+        return True
+
+    def _mark_complete(self, job_id: int, series_uid: str, released_at: float | None,
+                       ) -> tuple[list[Any], float | None] | None:
+        """receiving → complete when nothing came for the stable time (or since ``released_at``): the
+        series' instance rows and when its last one came; None when not quiet or no longer receiving."""
         t = now()
         cutoff = t - self.settings.stable_seconds
         if released_at is not None:
@@ -375,71 +456,8 @@ class StabilityWatcher:
                 "SELECT last_received_at FROM series WHERE series_uid=?", (series_uid,)
             ).fetchone()
         if not changed:
-            return False
-        files = sorted(Path(r["path"]) for r in rows)
-        digest = content_hash((r["sop_uid"], int(r["size"] or 0)) for r in rows)
-        sel = Selection(False)
-        try:  # file I/O, outside any transaction
-            headers, unreadable = read_headers(files)
-            whole = check_completeness(headers) if not unreadable else Completeness(True)
-            if whole.complete:
-                sel = select_headers(headers, unreadable, self.settings.selection)
-        except Exception as exc:  # selection must never kill the watcher
-            log.error("selection failed: %s", error_text(exc))
-            log.debug("selection failed", exc_info=True)  # the traceback quotes values: DEBUG only
-            whole = Completeness(True)
-            sel = Selection(False).refuse(ReasonCode.SELECTION_ERROR, f"selection failed: {error_text(exc)}")
-        hold_until = float(last["last_received_at"] or t) + self.settings.selection.incomplete_hold_seconds
-        if not whole.complete and now() < hold_until:
-            return self._hold(job_id, series_uid, whole, hold_until)
-        t = now()
-        superseded: list[Any] = []
-        with self.db.tx() as con:
-            if jobs.state_of(con, job_id) is not JobState.COMPLETE:
-                return False  # re-opened meanwhile; the new job will be closed later
-            dup = con.execute(
-                "SELECT id FROM jobs WHERE series_uid=? AND content_hash=? AND id<>? AND state IN"
-                " (?, ?, ?, ?) ORDER BY id LIMIT 1",
-                (series_uid, digest, job_id, JobState.QUEUED.value, JobState.RUNNING.value,
-                 JobState.SENDING.value, JobState.DONE.value),
-            ).fetchone()
-            why: Reason | None
-            if not whole.complete:
-                new_state, why = JobState.REJECTED, whole.reason(held=False)
-            elif dup is not None:
-                new_state = JobState.DONE
-                why = Reason(ReasonCode.DUPLICATE_CONTENT,
-                             f"same content as job {dup['id']}: results not produced again")
-            elif sel.accepted:
-                new_state, why = JobState.QUEUED, None
-                # results of earlier content, and a SEG sent early by a job superseded while it ran
-                superseded = con.execute(
-                    "SELECT j.id, o.path FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.series_uid=?"
-                    " AND j.id<>? AND (j.state IN (?, ?) OR o.state=?) AND j.content_hash IS NOT ?"
-                    " ORDER BY j.id, o.path",
-                    (series_uid, job_id, JobState.SENDING.value, JobState.DONE.value, OutboxState.SENT.value,
-                     digest),
-                ).fetchall()
-            else:
-                new_state, why = JobState.REJECTED, Reason(sel.code or ReasonCode.SELECTION_ERROR, sel.reason)
-            jobs.move(con, job_id, new_state, t, reason=why, content_hash=digest, n_instances=len(rows))
-        if new_state is JobState.QUEUED:  # the queued row is the queue entry: wake the worker
-            JOB_QUEUED.set()
-        reason = why.text if why else ""
-        event(
-            log,
-            f"series {new_state}",
-            logging.INFO if new_state is not JobState.REJECTED else logging.WARNING,
-            job=job_id,
-            series=series_uid,
-            instances=len(rows),
-            slices=sel.n_slices,
-            z_coverage_mm=round(sel.z_coverage_mm, 1),
-            reason=reason,
-        )
-        if superseded:
-            self._announce_superseded(job_id, series_uid, superseded)
-        return True
+            return None
+        return rows, (float(last["last_received_at"]) if last and last["last_received_at"] else None)
 
     def _hold(self, job_id: int, series_uid: str, whole: Completeness, until: float) -> bool:
         """Back to receiving, to be checked again at ``until`` (or after any new instance settles)."""
