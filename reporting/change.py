@@ -21,6 +21,7 @@ from seg.records import (
     HEIGHT_CODES,
     SIDES,
     ChangeRecord,
+    LeftRight,
     Reason,
     ReasonCode,
     SideComparison,
@@ -29,6 +30,7 @@ from seg.records import (
     TotalChange,
     VolumeQA,
     VolumeRecord,
+    other_side,
 )
 
 
@@ -103,12 +105,12 @@ def coverage_notes(pre: VolumeQA, post: VolumeQA) -> list[Reason]:
             for d in coverage_differences(pre, post)]
 
 
-def laterality_conflict(qa: VolumeQA, fractured_side: str | None) -> Reason | None:
+def laterality_conflict(qa: VolumeQA, fractured_side: LeftRight | None) -> Reason | None:
     """Metal on one side only, and the registry's fractured side the other: a wrong row or a wrong
     side, which marks the other thigh as the operated one (the page drew "fractured" over the thigh
     without the nail)."""
     metal = qa.metal_where.side if qa.metal and qa.metal_where is not None else None
-    if metal not in ("left", "right") or fractured_side not in ("left", "right") or metal == fractured_side:
+    if metal not in ("left", "right") or fractured_side is None or metal == fractured_side:
         return None
     return Reason(ReasonCode.LATERALITY_CONFLICT,
                   f"Metal on the {metal} side, but the registry's fractured side is {fractured_side}: "
@@ -124,7 +126,7 @@ def compute_change(
     *,
     patient_id: str = "",
     height_source: str | None = None,
-    fractured_side: str | None = None,
+    fractured_side: LeftRight | None = None,
     notes: Sequence[Reason] = (),
 ) -> ChangeRecord:
     """The change record from a baseline and a follow-up volumes.json record.
@@ -175,11 +177,11 @@ def compute_change(
 
 
 def operated_vs_contralateral(structures: Sequence[StructureChange],
-                              fractured_side: str | None) -> list[SideComparison]:
+                              fractured_side: LeftRight | None) -> list[SideComparison]:
     """Per muscle: the operated side's change against the other side's (empty when the side is unknown)."""
-    if fractured_side not in ("left", "right"):
+    if fractured_side is None:
         return []
-    other = "right" if fractured_side == "left" else "left"
+    other = other_side(fractured_side)
     by_key = {(s.name, s.side): s for s in structures}
     rows = []
     for s in structures:

@@ -36,7 +36,7 @@ from reporting.uids import (
 )
 from seg.height import height_state
 from seg.labels import LABEL_OF, PAPER_ORDER, by_name, structures
-from seg.records import ChangeRecord, ModelInfo, ReasonCode, VolumeRecord
+from seg.records import ChangeRecord, LeftRight, ModelInfo, ReasonCode, VolumeRecord
 from seg.volume import Volume
 
 SUMMARY_SERIES_NUMBER = 9903
@@ -53,7 +53,7 @@ def _fmt_side(v: float | None) -> str:
 
 
 def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo, change: ChangeRecord | None = None,
-                fractured_side: str | None = None) -> list[str]:
+                fractured_side: LeftRight | None = None) -> list[str]:
     """Plain-language QA warnings shown on the page (empty when nothing is wrong); with a comparison,
     the notes that make it less comparable (the two CTs' coverage), and on any page metal on the side
     the registry does not call operated."""
@@ -132,14 +132,13 @@ def display_date(value: object) -> str:
     return text or "unknown"
 
 
-def shown_side(change: ChangeRecord | None, fractured_side: str | None) -> str | None:
+def shown_side(change: ChangeRecord | None, fractured_side: LeftRight | None) -> LeftRight | None:
     """The fractured side the page shows: the comparison's (pairing's), else the registry's."""
-    side = (change.fractured_side if change is not None else None) or fractured_side
-    return side if side in ("left", "right") else None
+    return (change.fractured_side if change is not None else None) or fractured_side
 
 
 def header_lines(volumes: VolumeRecord, model_info: ModelInfo, meta: dict, change: ChangeRecord | None,
-                 fractured_side: str | None, muscles: int, total: float,
+                 fractured_side: LeftRight | None, muscles: int, total: float,
                  total_idx: float | None) -> list[tuple[str, int, str]]:
     """(text, font size, colour) of the lines under the title: who and when first (the patient ID
     and dates identify the page on a screen full of series), then the totals and the algorithm."""
@@ -211,13 +210,13 @@ def _rect(x: float, y: float, w: float, h: float, colour: str) -> Any:
 
 
 def render_page(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
-                change: ChangeRecord | None = None, fractured_side: str | None = None) -> np.ndarray:
+                change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> np.ndarray:
     """RGB uint8 page (rows, columns, 3) of :func:`page_figure`, rendered with matplotlib's Agg."""
     return rasterise(page_figure(volumes, model_info, meta, change, fractured_side))
 
 
 def page_figure(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
-                change: ChangeRecord | None = None, fractured_side: str | None = None) -> Any:
+                change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> Any:
     """The page: header (patient ID, dates, fractured side, totals), QA warnings, the table, and for
     a follow-up the change chart, as tall as they need (laid out in pixels, y down).
 
@@ -382,7 +381,7 @@ def _planes(study: KeyStudy) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
     return out
 
 
-def _mark_side(ax: Any, side: str, word: str = "operated") -> None:
+def _mark_side(ax: Any, side: LeftRight, word: str = "operated") -> None:
     """Mark the operated (or fractured) side at the top of a panel (the patient's right is on the
     image's left)."""
     image_left = side == "right"
@@ -391,7 +390,7 @@ def _mark_side(ax: Any, side: str, word: str = "operated") -> None:
             weight="bold")
 
 
-def key_images_figure(studies: list[KeyStudy], operated_side: str | None = None,
+def key_images_figure(studies: list[KeyStudy], operated_side: LeftRight | None = None,
                       mark: str = "operated") -> Any:
     """Figure of the key images, one row per study (baseline first), with a colour legend; the
     ``operated_side`` marked on every axial panel, in words ``mark`` ("fractured" on a page without
@@ -464,7 +463,7 @@ def _key_studies(ct: Volume, labels: Volume, change: ChangeRecord | None,
 def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                    change: ChangeRecord | None = None, labels: Volume | None = None,
                    baseline: tuple[Volume, Volume] | None = None,
-                   fractured_side: str | None = None) -> np.ndarray:
+                   fractured_side: LeftRight | None = None) -> np.ndarray:
     """The table page with, when the label map is given, the key images below it: pre and post with
     the operated side marked, or this study alone with the fractured side marked when it is known."""
     page = render_page(volumes, model_info, ct.meta, change, fractured_side)
@@ -479,7 +478,7 @@ def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
 def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                   change: ChangeRecord | None = None, labels: Volume | None = None,
                   baseline: tuple[Volume, Volume] | None = None, replaces_first: bool = False,
-                  fractured_side: str | None = None) -> Dataset:
+                  fractured_side: LeftRight | None = None) -> Dataset:
     """Secondary Capture of the summary page in the source study (new series).
 
     With ``labels`` the page also shows the key images; with ``baseline`` (its CT and label map)

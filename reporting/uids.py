@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from reporting.source_header import TYPE2_IDENTITY, read_source_header
 from seg.labels import by_name, structures
-from seg.records import ModelInfo
+from seg.records import LeftRight, ModelInfo
 
 # Fixed namespace for this project; changing it would change every output UID.
 _NAMESPACE = uuid.UUID("6f1c2a4e-3b5d-5e8f-9a0b-1c2d3e4f5a6b")
@@ -103,7 +103,7 @@ def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:
 
 
 def registry_facts(height_m: float | None, height_source: str | None,
-                   fractured_side: str | None = None) -> str:
+                   fractured_side: LeftRight | None = None) -> str:
     """The part of an output's key that the patient's facts decide, for the objects that show them
     (measurement SR and summary: the height used and its source; a page or follow-up SR: the
     fractured side). A height imported after a series was measured changes the index the re-run

@@ -29,7 +29,15 @@ LEGACY_VERSION = 1
 
 Side = Literal["left", "right", "both"]
 LeftRight = Literal["left", "right"]
+Sex = Literal["F", "M"]  # as the registry parses it (female, male); anything else is unknown (None)
+FractureType = Literal["FNF", "ITF", "other"]  # femoral neck, intertrochanteric, any other (registry)
+Comparison = Literal["baseline", "previous"]  # what a follow-up is compared with in its timeline
 SIDES: tuple[Side, ...] = ("both", "left", "right")  # the order change records list them in
+
+
+def other_side(side: LeftRight) -> LeftRight:
+    """The contralateral side: the one a fractured side's change is held against."""
+    return "right" if side == "left" else "left"
 
 
 class ReasonCode(StrEnum):
@@ -408,17 +416,17 @@ class ChangeRecord(_Document):
     baseline: StudyRef = StudyRef()
     followup: StudyRef = StudyRef()
     days_between: int | None = None
-    fractured_side: str | None = None
+    fractured_side: LeftRight | None = None
     structures: tuple[StructureChange, ...] = ()
     total_analysed_muscles: TotalChange = TotalChange(structures=0)
     operated_vs_contralateral: tuple[SideComparison, ...] = ()
     notes: tuple[Reason, ...] = ()
     # set by pairing (None when computed outside a timeline)
-    comparison: Literal["baseline", "previous"] | None = None
+    comparison: Comparison | None = None
     baseline_preoperative: bool | None = None
-    sex: str | None = None
+    sex: Sex | None = None
     sex_source: str | None = None
-    fracture_type: str | None = None
+    fracture_type: FractureType | None = None
     surgery_date: str | None = None
     koval_grade: int | None = None
     # age at the baseline study, from the baseline's volumes.json (None: not recorded, e.g. a record

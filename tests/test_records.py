@@ -21,6 +21,7 @@ from seg.records import (
     ReasonCode,
     StructureVolume,
     VolumeRecord,
+    other_side,
     reasons_from_json,
     reasons_to_json,
 )
@@ -137,6 +138,20 @@ def test_unknown_keys_and_newer_versions_are_refused() -> None:
         VolumeRecord.from_json(good | {"schema_version": SCHEMA_VERSION + 1})
     with pytest.raises(ValidationError):
         ModelInfo.model_validate({"name": "m", "versoin": "1"})
+
+
+def test_clinical_facts_take_the_registrys_words_only() -> None:
+    """A change record's side, sex and fracture type are the values the registry parser gives (the
+    types say so, and no reader re-checks them): anything else is refused, not stored."""
+    change = ChangeRecord.from_json(_legacy_change())
+    assert change.with_facts(sex="M", fracture_type="other", fractured_side="right").fractured_side == "right"
+    for fact, word in (("fractured_side", "L"), ("sex", "O"), ("fracture_type", "unknown")):
+        with pytest.raises(ValidationError, match=fact):
+            change.with_facts(**{fact: word})
+
+
+def test_other_side() -> None:
+    assert (other_side("left"), other_side("right")) == ("right", "left")
 
 
 def test_records_are_frozen() -> None:

@@ -21,12 +21,9 @@ from dicomnode.config import Settings
 from dicomnode.db import opened
 from seg.dates import da_date
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
-from seg.records import Reason, ReasonCode
+from seg.records import FractureType, LeftRight, Reason, ReasonCode, Sex
 
 log = logging.getLogger(__name__)
-
-FRACTURE_TYPES = ("FNF", "ITF", "other")
-SIDES = ("left", "right")
 
 # Header aliases accepted in the CSV (lower-case, spaces/dashes as underscores).
 _ALIASES = {
@@ -50,9 +47,9 @@ class ClinicalInfo:
     issuer_of_patient_id: str = ""
     height_m: float | None = None
     height_flag: str | None = None  # e.g. "implausible 2.60 m": stored, never used
-    sex: str | None = None
-    fracture_type: str | None = None
-    fractured_side: str | None = None
+    sex: Sex | None = None
+    fracture_type: FractureType | None = None
+    fractured_side: LeftRight | None = None
     surgery_date: str | None = None  # YYYYMMDD
     koval_grade: int | None = None
     source: str | None = None
@@ -64,10 +61,10 @@ class Resolved:
 
     height_m: float | None
     height_source: str  # "registry" | "PatientSize" | "missing" | "implausible ..." (reason)
-    sex: str | None
+    sex: Sex | None
     sex_source: str
-    fracture_type: str | None
-    fractured_side: str | None
+    fracture_type: FractureType | None
+    fractured_side: LeftRight | None
     surgery_date: str | None
     koval_grade: int | None
     notes: list[Reason] = field(default_factory=list)
@@ -86,7 +83,7 @@ class ImportResult:
 # ---------------------------------------------------------------- parsing
 
 
-def parse_sex(value: Any) -> str | None:
+def parse_sex(value: Any) -> Sex | None:
     text = str(value or "").strip().upper()
     if text in ("F", "FEMALE", "W", "WOMAN"):
         return "F"
@@ -95,7 +92,7 @@ def parse_sex(value: Any) -> str | None:
     return None
 
 
-def parse_fracture_type(value: Any) -> str | None:
+def parse_fracture_type(value: Any) -> FractureType | None:
     """FNF / ITF / other; empty or unrecognised text → None (unknown)."""
     text = str(value or "").strip().lower().replace("-", " ").replace("_", " ")
     if not text:
@@ -109,7 +106,7 @@ def parse_fracture_type(value: Any) -> str | None:
     return None
 
 
-def parse_side(value: Any) -> str | None:
+def parse_side(value: Any) -> LeftRight | None:
     text = str(value or "").strip().lower()
     if text in ("l", "left", "lt"):
         return "left"
@@ -400,7 +397,8 @@ def resolve(
         notes.append(Reason(ReasonCode.NO_HEIGHT, "no plausible height: height index (cm³/m²) not computed"))
         if info is not None and info.height_flag and height_source == "missing":
             height_source = "implausible registry height"
-    sex, sex_source = None, "missing"
+    sex: Sex | None = None
+    sex_source = "missing"
     if info is not None and info.sex:
         sex, sex_source = info.sex, "registry"
         if parse_sex(dicom_sex) not in (None, info.sex):  # a wrong row or a wrong ID, most likely

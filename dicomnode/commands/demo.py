@@ -34,7 +34,7 @@ from dicomnode.harness.net import free_port, stop_process, wait_for
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
 from seg.dates import as_date
-from seg.records import ChangeRecord, EvaluationTargets, LeftRight, VolumeRecord
+from seg.records import ChangeRecord, EvaluationTargets, LeftRight, VolumeRecord, other_side
 from seg.terminal import COLUMNS
 
 SCANNER_AET = "CTSCANNER"
@@ -397,7 +397,7 @@ def change_summary(change: ChangeRecord, pre_truth: VolumeRecord, post_truth: Vo
     """Under the change table: how far the measured change is from the truth, in figures, so that a
     muscle 40 points off is not left for the reader to spot."""
     tolerance = EvaluationTargets().atrophy_loss_error_pp  # the project's target for the loss
-    other: LeftRight = "right" if OPERATED == "left" else "left"
+    other = other_side(OPERATED)
     lines = error_lines(f"{OPERATED} (operated)", side_errors(change, pre_truth, post_truth, OPERATED),
                         tolerance)
     lines += error_lines(f"{other} (not operated)", side_errors(change, pre_truth, post_truth, other),

@@ -126,10 +126,11 @@ def side_table(change: ChangeRecord) -> str:
     """Each structure's volume before and after, and its loss, per side (the fractured side first when
     known), then the analysed muscles together; display names, within 80 columns."""
     from seg.labels import by_name, reading_order
+    from seg.records import other_side
 
-    known = change.fractured_side in ("left", "right")
-    first = change.fractured_side if known else "left"
-    second = "right" if first == "left" else "left"
+    known = change.fractured_side is not None
+    first = change.fractured_side or "left"
+    second = other_side(first)
     by_key = {(st.name, st.side): st for st in change.structures}
     names = sorted({st.name for st in change.structures}, key=reading_order)
 

@@ -25,7 +25,7 @@ from dicomnode.commands.common import (
     z_range_option,
 )
 from seg import recipe
-from seg.records import CSV_COLUMNS, Evaluation, ModelInfo, VolumeRecord
+from seg.records import CSV_COLUMNS, Evaluation, LeftRight, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
     from dicomnode.config import Settings
@@ -145,7 +145,7 @@ def _load(case: Case) -> Volume:
 
 def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: VolumeRecord,
                         model_info: ModelInfo, out: Path, results: Path | None = None,
-                        fractured_side: str | None = None) -> list[Path]:
+                        fractured_side: LeftRight | None = None) -> list[Path]:
     """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm.
 
     ``results``: the series' results folder in the node's storage: the series is recorded for pairing
@@ -189,7 +189,7 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
         out = results_dir(settings, str(ct.meta["SeriesInstanceUID"]))
     labels = run_segment(ct, pkg, progress=progress)
     model_info = pkg.info
-    side = None
+    side: LeftRight | None = None
     if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
         rec = measure_volumes(labels, ct, model=model_info)
     else:  # as the node: its clinical registry first, then PatientSize

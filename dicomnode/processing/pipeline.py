@@ -27,7 +27,7 @@ from dicomnode.clinical.registry import facts_for
 from dicomnode.config import Settings
 from dicomnode.processing.forkwrite import BackgroundWrite
 from dicomnode.processing.phases import PhaseLog
-from seg.records import ChangeRecord, ModelInfo, VolumeRecord
+from seg.records import ChangeRecord, LeftRight, ModelInfo, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _not_written(change: ChangeRecord | None) -> Path | None:
 
 def summary_page(ct: Any, labels: Any, record: VolumeRecord, model_info: ModelInfo,
                  change: ChangeRecord | None = None, baseline: tuple[Any, Any] | None = None,
-                 fractured_side: str | None = None) -> Any:
+                 fractured_side: LeftRight | None = None) -> Any:
     """The summary page of a series (with ``change``, and ``baseline``'s key images, for a follow-up;
     ``fractured_side``: the registry's, :func:`~dicomnode.clinical.registry.facts_for`; a page
     without a comparison says which hip broke too): one call for
@@ -291,7 +291,7 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
                   baseline: Callable[[ChangeRecord], tuple[Any, Any] | None] = _no_baseline,
                   phases: PhaseLog | None = None, seg_built: Callable[[Any], None] = _ignore,
                   summary_written: Callable[[ChangeRecord | None], Path | None] = _not_written,
-                  sr_beside: SRBeside | None = None, fractured_side: str | None = None) -> BuiltOutputs:
+                  sr_beside: SRBeside | None = None, fractured_side: LeftRight | None = None) -> BuiltOutputs:
     """The SEG, SR and summary of one series, built once here for the node and ``segment --dicom``.
 
     Why one function: offline outputs must equal what the node sends, UIDs included. ``pair`` records
@@ -420,7 +420,7 @@ def _save_labels(labels: Any, path: Path) -> Path:
 
 def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: ModelInfo,
                     record: VolumeRecord, out_dir: Path, phases: PhaseLog, draft: SummaryDraft | None,
-                    results_saved: Callable[[], Any], fractured_side: str | None) -> JobOutput:
+                    results_saved: Callable[[], Any], fractured_side: LeftRight | None) -> JobOutput:
     """:func:`report` from the measured volumes on: the DICOM outputs, pairing and follow-up SRs
     (``results_saved`` returns once the results folder is complete: before pairing records it)."""
     dicom_dir = out_dir / "outputs"

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from seg.labels import PAPER_ORDER, by_name
-from seg.records import ChangeRecord, CohortEntry, ReasonCode
+from seg.records import ChangeRecord, CohortEntry, FractureType, LeftRight, ReasonCode, Sex
 
 GROUPS = ("Female FNF", "Female ITF", "Male FNF", "Male ITF")  # the paper's Table 2/3 column order
 TABLE1_GROUPS = ("Male FNF", "Male ITF", "Female FNF", "Female ITF")  # the paper's Table 1 column order
@@ -72,12 +72,13 @@ def _matches(entry: CohortEntry, filters: dict[str, list[str]]) -> bool:
     return True
 
 
-# What a filter may name: the change record's and the entry's single-valued facts, and the registry's
-# short names for two of them.
+# What a filter may name: the change record's and the entry's single-valued facts (the registry's
+# clinical facts among them), and the registry's short names for two of them.
+_FILTER_TYPES = (str, int, bool, float, str | None, int | None, bool | None, float | None,
+                 Sex | None, FractureType | None, LeftRight | None)
 FILTER_KEYS = tuple(dict.fromkeys(
     name for model in (ChangeRecord, CohortEntry) for name, f in model.model_fields.items()
-    if name != "schema_version"
-    and f.annotation in (str, int, bool, float, str | None, int | None, bool | None, float | None)
+    if name != "schema_version" and f.annotation in _FILTER_TYPES
 ))
 FILTER_ALIASES = {"fracture": "fracture_type", "side": "fractured_side"}
 
