@@ -447,6 +447,13 @@ class ChangeRecord(_Document):
         return data
 
 
+class Followup(StrEnum):
+    """Which follow-up's change a cohort entry carries: a closed choice (the CLI refuses a typo)."""
+
+    LAST = "last"  # the longest interval
+    FIRST = "first"
+
+
 class CohortEntry(Record):
     """One patient for the cohort report: the change used, or the reasons there is none."""
 

@@ -105,6 +105,14 @@ def test_single_study_has_a_stated_reason(settings: Settings) -> None:
     assert entry.reason_text.startswith("single study")
 
 
+def test_roles_and_retrieval_statuses_keep_their_stored_words() -> None:
+    """The index stores a role and a retrieval status as these words: an index written by an earlier
+    release reads back only while they stay the same."""
+    roles = ["baseline", "followup", "pre-operative", "superseded", "unplaced"]
+    assert [r.value for r in pairing.Role] == roles
+    assert [s.value for s in pairing.RetrievalStatus] == ["requested", "retrieved", "none", "failed"]
+
+
 def test_baseline_and_previous_make_a_trajectory(settings: Settings) -> None:
     _record(settings, "P1", "1.1", "20230101", 1.0)
     first = _record(settings, "P1", "1.2", "20230401", 0.9)

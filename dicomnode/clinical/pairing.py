@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from seg.records import (
     NOT_COMPARED,
     ChangeRecord,
     CohortEntry,
+    Comparison,
+    Followup,
     Reason,
     ReasonCode,
     StudyRef,
@@ -41,9 +44,23 @@ from seg.records import (
 
 log = logging.getLogger(__name__)
 
-# Roles a study can take in its patient's timeline.
-BASELINE, FOLLOWUP, PREOP, SUPERSEDED = "baseline", "followup", "pre-operative", "superseded"
-UNPLACED = "unplaced"  # no StudyDate: neither before nor after anything, never compared
+class Role(StrEnum):
+    """The role a recorded series takes in its patient's timeline (stored as its value)."""
+
+    BASELINE = "baseline"
+    FOLLOWUP = "followup"
+    PREOPERATIVE = "pre-operative"  # an earlier pre-operative study than the baseline
+    SUPERSEDED = "superseded"  # a later series of the same study represents it
+    UNPLACED = "unplaced"  # no StudyDate: neither before nor after anything, never compared
+
+
+class RetrievalStatus(StrEnum):
+    """A prior retrieval's rows in the index: asked for, then what the PACS gave (stored as its value)."""
+
+    REQUESTED = "requested"
+    RETRIEVED = "retrieved"  # an earlier study was moved to the node
+    NONE = "none"  # the PACS holds no usable earlier study
+    FAILED = "failed"  # the PACS could not be asked (unreachable, refused)
 
 
 @dataclass
@@ -123,9 +140,9 @@ class Plan:
     """The outcome of ordering a patient's studies: roles, reasons and the comparisons to make."""
 
     studies: list[Study]
-    roles: dict[str, str]  # series uid → role
+    roles: dict[str, Role]  # series uid → role
     reasons: dict[str, list[Reason]]  # series uid → stated reasons
-    comparisons: list[tuple[Study, Study, str]]  # (earlier, later, "baseline" | "previous")
+    comparisons: list[tuple[Study, Study, Comparison]]  # (earlier, later, what the earlier one is)
     baseline: Study | None
     baseline_preoperative: bool | None  # None when no surgery date is known
 
@@ -179,10 +196,10 @@ def _name_twins(studies: list[Study], reasons: dict[str, list[Reason]]) -> None:
 
 def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
     """Roles, reasons and comparisons for one patient's ordered studies (pure; no database)."""
-    roles: dict[str, str] = {}
+    roles: dict[str, Role] = {}
     reasons: dict[str, list[Reason]] = {s.series_instance_uid: [] for s in studies}
     R = Reason
-    comparisons: list[tuple[Study, Study, str]] = []
+    comparisons: list[tuple[Study, Study, Comparison]] = []
     baseline: Study | None = None
     baseline_pre: bool | None = None
     later: list[Study] = list(studies)
@@ -199,7 +216,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
         if pre:
             baseline, baseline_pre = pre[-1], True
             for s in pre[:-1]:
-                roles[s.series_instance_uid] = PREOP
+                roles[s.series_instance_uid] = Role.PREOPERATIVE
                 reasons[s.series_instance_uid].append(R(
                     ReasonCode.EARLIER_PREOPERATIVE,
                     "earlier pre-operative study; the baseline is the latest study on or before the surgery "
@@ -225,12 +242,12 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
         ))
     for s in studies:
         if not s.study_date:
-            roles[s.series_instance_uid] = UNPLACED
+            roles[s.series_instance_uid] = Role.UNPLACED
             reasons[s.series_instance_uid].append(R(
                 ReasonCode.NO_STUDY_DATE, "no StudyDate: cannot be placed in time, not compared"))
     if baseline is None:
         return Plan(studies, roles, reasons, comparisons, None, baseline_pre)
-    roles[baseline.series_instance_uid] = BASELINE
+    roles[baseline.series_instance_uid] = Role.BASELINE
     if not any(s.study_date for s in later):
         reasons[baseline.series_instance_uid].append(
             R(ReasonCode.SINGLE_STUDY, "single study for this patient: nothing to compare with")
@@ -242,7 +259,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
         uid = s.series_instance_uid
         if not s.study_date:
             continue
-        roles[uid] = FOLLOWUP
+        roles[uid] = Role.FOLLOWUP
         if s.study_date == baseline.study_date:
             reasons[uid].append(R(ReasonCode.SAME_DAY_AS_BASELINE,
                                   f"same day as the baseline ({s.study_date}): no interval, not compared"))
@@ -268,7 +285,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
 def _change(
     earlier: Study,
     later: Study,
-    kind: str,
+    kind: Comparison,
     patient_id: str,
     res: registry.Resolved,
     baseline_pre: bool | None,
@@ -415,7 +432,7 @@ def _refresh_patient(
                 uid,
                 pid,
                 issuer,
-                SUPERSEDED,
+                Role.SUPERSEDED,
                 reasons_to_json([Reason(ReasonCode.SUPERSEDED_SERIES,
                                         "a later series of the same study represents it")]),
                 now,
@@ -449,7 +466,7 @@ def changes_for_earlier_series(settings: Settings, series_instance_uid: str) -> 
 class Status:
     """A recorded series' role in its patient's timeline and the reasons stated for it."""
 
-    role: str
+    role: Role
     reasons: list[Reason]
 
 
@@ -459,7 +476,7 @@ def status_of(settings: Settings, series_instance_uid: str) -> Status | None:
         row = con.execute(
             "SELECT role, reasons FROM pairing_status WHERE series_instance_uid=?", (series_instance_uid,)
         ).fetchone()
-        return Status(row[0], reasons_from_json(row[1])) if row else None
+        return Status(Role(row[0]), reasons_from_json(row[1])) if row else None
 
 
 def patients(settings: Settings) -> list[dict[str, Any]]:
@@ -480,7 +497,7 @@ class TimelineRow:
 
     issuer_of_patient_id: str
     study: Study
-    role: str | None
+    role: Role | None
     reasons: list[Reason]
     changes: list[ChangeRecord]
 
@@ -525,17 +542,17 @@ def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> 
                 out.append(TimelineRow(
                     issuer_of_patient_id=iss,
                     study=s,
-                    role=st[0] if st else None,
+                    role=Role(st[0]) if st else None,
                     reasons=reasons_from_json(st[1]) if st else [],
                     changes=[ChangeRecord.from_json(c[1]) for c in ch],
                 ))
         return out
 
 
-def cohort_entries(settings: Settings, followup: str = "last") -> list[CohortEntry]:
+def cohort_entries(settings: Settings, followup: Followup = Followup.LAST) -> list[CohortEntry]:
     """Per patient: the pre vs post change used by the cohort report, or the reasons there is none.
 
-    ``followup``: "last" (longest interval, default) or "first" follow-up compared with the baseline.
+    ``followup``: the last (longest interval, default) or the first follow-up compared with the baseline.
     Without a comparison, the reasons are the patient's "not compared" ones (by code, :data:`NOT_COMPARED`).
     """
     with reading(settings) as con:
@@ -557,7 +574,7 @@ def cohort_entries(settings: Settings, followup: str = "last") -> list[CohortEnt
             change: ChangeRecord | None = None
             reasons: list[Reason] = []
             if changes:
-                change = changes[-1] if followup == "last" else changes[0]
+                change = changes[-1] if followup == Followup.LAST else changes[0]
                 if change.baseline_preoperative is False:
                     reasons.append(Reason(ReasonCode.NO_PREOPERATIVE_BASELINE,
                                           "no pre-operative baseline: not a pre vs post pair"))
@@ -595,7 +612,7 @@ def _maybe_retrieve(
             return
         con.execute(
             "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
-            (pid, issuer, result.study_instance_uid, _now(), "requested", None),
+            (pid, issuer, result.study_instance_uid, _now(), RetrievalStatus.REQUESTED, None),
         )
     known = {s.study_instance_uid for s in plan.studies}
 
@@ -611,9 +628,10 @@ def _maybe_retrieve(
                 surgery_date=surgery,
                 issuer=issuer,
             )
-            status, detail = ("retrieved" if outcome.moved else "none"), outcome.reason
+            status = RetrievalStatus.RETRIEVED if outcome.moved else RetrievalStatus.NONE
+            detail = outcome.reason
         except Exception as exc:  # the node keeps running when the PACS is unreachable
-            status, detail = "failed", f"{type(exc).__name__}: {exc}"  # whole, in the index
+            status, detail = RetrievalStatus.FAILED, f"{type(exc).__name__}: {exc}"  # whole, in the index
             log.warning("prior retrieval failed: %s", error_text(exc))
             log.debug("prior retrieval failed", exc_info=True)
         else:

@@ -7,26 +7,16 @@ not run) from everything the node has measured; the patient report shows one pat
 from __future__ import annotations
 
 import textwrap
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from dicomnode.commands.common import ConfigOption, cell, node_settings
+from seg.records import ChangeRecord, Followup
 from seg.terminal import COLUMNS
 
-if TYPE_CHECKING:
-    from seg.records import ChangeRecord
-
 report_app = typer.Typer(help="Cohort and per-patient change reports.", no_args_is_help=True)
-
-
-class Followup(StrEnum):
-    """Which follow-up pairs with the baseline: a closed choice, so a typo is refused with the options."""
-
-    LAST = "last"  # the longest interval
-    FIRST = "first"
 
 
 @report_app.command("cohort")
@@ -62,7 +52,7 @@ def cohort(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--filter") from exc
     settings = node_settings(config)
-    report = build_cohort(pairing.cohort_entries(settings, followup=followup.value), parsed, n_boot=bootstrap)
+    report = build_cohort(pairing.cohort_entries(settings, followup=followup), parsed, n_boot=bootstrap)
     written = write_report(report, out)
     typer.echo(
         f"{len(report.patients)} pair(s): " + ", ".join(f"{g} {n}" for g, n in report.group_sizes.items())
