@@ -34,8 +34,11 @@ from seg.records import (
     CohortEntry,
     Comparison,
     Followup,
+    FractureType,
+    LeftRight,
     Reason,
     ReasonCode,
+    Sex,
     StudyRef,
     VolumeRecord,
     reasons_from_json,
@@ -479,16 +482,73 @@ def status_of(settings: Settings, series_instance_uid: str) -> Status | None:
         return Status(Role(row[0]), reasons_from_json(row[1])) if row else None
 
 
-def patients(settings: Settings) -> list[dict[str, Any]]:
-    """One row per measured patient: number of studies and comparisons."""
+@dataclass(frozen=True)
+class PatientRow:
+    """One patient as ``patients list`` shows it: the facts pairing uses, with the height's and the
+    sex's sources, and the counts of studies and comparisons (0 for a registry row no measured
+    patient uses). The field order is the order of ``patients list --json``."""
+
+    patient_id: str
+    issuer: str
+    in_registry: bool
+    height_m: float | None
+    height_source: str
+    height_flag: str | None  # the registry's reason not to use its height
+    sex: Sex | None
+    sex_source: str
+    fracture_type: FractureType | None
+    fractured_side: LeftRight | None
+    surgery_date: str | None
+    koval_grade: int | None
+    studies: int
+    comparisons: int
+
+
+def _counts(settings: Settings) -> dict[tuple[str, str], tuple[int, int]]:
+    """(PatientID, issuer) of each measured patient → its numbers of studies and comparisons."""
     with reading(settings) as con:
         rows = con.execute(
             "SELECT r.patient_id, r.issuer_of_patient_id, COUNT(DISTINCT r.study_instance_uid) AS studies,"
             " (SELECT COUNT(*) FROM pairing_changes c WHERE c.patient_id=r.patient_id"
             "  AND c.issuer_of_patient_id=r.issuer_of_patient_id) AS comparisons"
-            " FROM pairing_results r GROUP BY r.patient_id, r.issuer_of_patient_id ORDER BY r.patient_id"
+            " FROM pairing_results r GROUP BY r.patient_id, r.issuer_of_patient_id"
         ).fetchall()
-        return [dict(r) for r in rows]
+    return {(r["patient_id"], r["issuer_of_patient_id"]): (r["studies"], r["comparisons"]) for r in rows}
+
+
+def patients(settings: Settings) -> list[PatientRow]:
+    """Every measured patient and every registry row, one row per patient, ordered by (PatientID, issuer).
+
+    A measured patient's registry row is the one pairing finds (the exact issuer, else a row imported
+    without one), so the two are one row; a registry row no measured patient uses is listed on its own."""
+    measured = _counts(settings)
+    infos = {key: registry.get_patient(settings, *key) for key in measured}
+    listed = set(measured) | {(i.patient_id, i.issuer_of_patient_id) for i in infos.values() if i is not None}
+    infos |= {key: p for p in registry.all_patients(settings)
+              if (key := (p.patient_id, p.issuer_of_patient_id)) not in listed}
+    rows = []
+    for key in sorted(infos):
+        info = infos[key]
+        res = (resolved(settings, *key, info=info) if key in measured
+               else registry.resolve(settings, key[0], key[1], info=info))
+        studies, comparisons = measured.get(key, (0, 0))
+        rows.append(PatientRow(
+            patient_id=key[0],
+            issuer=key[1],
+            in_registry=info is not None,
+            height_m=res.height_m,
+            height_source=res.height_source,
+            height_flag=info.height_flag if info else None,
+            sex=res.sex,
+            sex_source=res.sex_source,
+            fracture_type=res.fracture_type,
+            fractured_side=res.fractured_side,
+            surgery_date=res.surgery_date,
+            koval_grade=res.koval_grade,
+            studies=studies,
+            comparisons=comparisons,
+        ))
+    return rows
 
 
 @dataclass(frozen=True)

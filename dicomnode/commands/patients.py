@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dicomnode.commands.common import ConfigOption, node_settings, settings_from
 from seg.terminal import COLUMNS
+
+if TYPE_CHECKING:
+    from dicomnode.clinical.pairing import PatientRow
 
 patients_app = typer.Typer(help="Clinical registry and per-patient timelines.", no_args_is_help=True)
 
@@ -66,46 +70,16 @@ def list_(
 
     The height and sex pairing uses, with the height's source (registry, the DICOM PatientSize,
     missing), and the counts of studies and comparisons."""
-    from dicomnode.clinical import pairing, registry
+    from dicomnode.clinical import pairing
 
-    settings = node_settings(config)
-    measured = {(m["patient_id"], m["issuer_of_patient_id"]): m for m in pairing.patients(settings)}
-    # a measured patient's registry row as pairing finds it (the exact issuer, else a row without one);
-    # a registry row no measured patient uses is listed on its own
-    infos = {key: registry.get_patient(settings, *key) for key in measured}
-    listed = set(measured) | {(i.patient_id, i.issuer_of_patient_id) for i in infos.values() if i is not None}
-    infos |= {key: p for p in registry.all_patients(settings)
-              if (key := (p.patient_id, p.issuer_of_patient_id)) not in listed}
-    rows = []
-    for key in sorted(infos):
-        info, meas = infos[key], measured.get(key, {})
-        res = (pairing.resolved(settings, *key, info=info) if meas
-               else registry.resolve(settings, key[0], key[1], info=info))
-        rows.append(
-            {
-                "patient_id": key[0],
-                "issuer": key[1],
-                "in_registry": info is not None,
-                "height_m": res.height_m,
-                "height_source": res.height_source,
-                "height_flag": info.height_flag if info else None,
-                "sex": res.sex,
-                "sex_source": res.sex_source,
-                "fracture_type": res.fracture_type,
-                "fractured_side": res.fractured_side,
-                "surgery_date": res.surgery_date,
-                "koval_grade": res.koval_grade,
-                "studies": meas.get("studies", 0),
-                "comparisons": meas.get("comparisons", 0),
-            }
-        )
+    rows = pairing.patients(node_settings(config))
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
     _print_patients(rows)
 
 
-def _print_patients(rows: list[dict]) -> None:
+def _print_patients(rows: list[PatientRow]) -> None:
     """One table per issuer (its name above it): on a terminal within its width (80 columns hold IDs
     of up to 11 characters; a height flag folds); piped, one line per patient however wide, so grep
     finds an ID, a date or a flag whole (an ID and a surgery date were cut across lines)."""
@@ -116,11 +90,11 @@ def _print_patients(rows: list[dict]) -> None:
     from rich.text import Text
 
     tables = []
-    for issuer in sorted({r["issuer"] for r in rows}):
+    for issuer in sorted({r.issuer for r in rows}):
         # no vertical rules, one space between columns
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
-        mine = [r for r in rows if r["issuer"] == issuer]
-        longest = max(len(r["patient_id"]) + (0 if r["in_registry"] else 2) for r in mine)  # " *"
+        mine = [r for r in rows if r.issuer == issuer]
+        longest = max(len(r.patient_id) + (0 if r.in_registry else 2) for r in mine)  # " *"
         # a patient ID is never cut across lines (`patients list | grep ID` found nothing); the others fold
         table.add_column("patient", no_wrap=True, min_width=longest)
         # values that grep finds whole (a date, a count) keep their width; only a flag folds
@@ -131,16 +105,16 @@ def _print_patients(rows: list[dict]) -> None:
             table.add_column(head, no_wrap=True, min_width=width)
         for r in mine:
             table.add_row(  # Text: "[...]" in a flag or an ID is shown, not read as Rich markup
-                Text(r["patient_id"] + ("" if r["in_registry"] else " *")),
-                f"{r['height_m']:.2f} m" if r["height_m"] else "–",
-                Text(r["height_source"] + (f" [{r['height_flag']}]" if r["height_flag"] else "")),
-                r["sex"] or "–",
-                r["fracture_type"] or "–",
-                r["fractured_side"] or "–",
-                r["surgery_date"] or "–",
-                str(r["koval_grade"] or "–"),
-                str(r["studies"]),
-                str(r["comparisons"]),
+                Text(r.patient_id + ("" if r.in_registry else " *")),
+                f"{r.height_m:.2f} m" if r.height_m else "–",
+                Text(r.height_source + (f" [{r.height_flag}]" if r.height_flag else "")),
+                r.sex or "–",
+                r.fracture_type or "–",
+                r.fractured_side or "–",
+                r.surgery_date or "–",
+                str(r.koval_grade or "–"),
+                str(r.studies),
+                str(r.comparisons),
             )
         tables.append((issuer, table))
     console = Console()  # piped: as wide as the tables need at least, or as COLUMNS says if wider
@@ -152,7 +126,7 @@ def _print_patients(rows: list[dict]) -> None:
         if issuer:
             console.print(f"IssuerOfPatientID {issuer}", markup=False, highlight=False)
         console.print(table)
-    if not all(r["in_registry"] for r in rows):
+    if not all(r.in_registry for r in rows):
         console.print("* not in the registry: height and sex from the DICOM header", highlight=False)
 
 
