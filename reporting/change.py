@@ -39,6 +39,13 @@ def _days(pre_date: str | None, post_date: str | None) -> int | None:
     return None if a is None or b is None else (b - a).days
 
 
+def days_since_surgery(change: ChangeRecord) -> int | None:
+    """Days from the registry's surgery date to the follow-up CT; None when either is unknown or the
+    CT is dated before the surgery (then it is no post-operative study)."""
+    days = _days(change.surgery_date, change.followup.study_date)
+    return None if days is None or days < 0 else days
+
+
 def _loss_pct(pre: float | None, post: float | None) -> float | None:
     if pre is None or post is None or pre <= 0:
         return None

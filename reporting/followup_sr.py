@@ -25,6 +25,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from reporting import codes
+from reporting.change import days_since_surgery
 from reporting.keyslice import Section
 from reporting.rules import RULES, ReportingRules, is_found, rounded
 from reporting.seg import series_description
@@ -55,7 +56,6 @@ from reporting.uids import (
     tracking_subject,
     tracking_uid,
 )
-from seg.dates import as_date
 from seg.labels import ANALYSED_MUSCLES, by_name
 from seg.records import ChangeFigures, ChangeRecord, ModelInfo, StructureChange
 from seg.volume import Volume
@@ -150,15 +150,6 @@ def _total_group(subject: str, change: ChangeRecord, time_point: hd.sr.TimePoint
         algorithm_id=algorithm_id(model_info),
         measurements=measurements,
     ), label)
-
-
-def days_since_surgery(change: ChangeRecord) -> int | None:
-    """Days from the registry's surgery date to the follow-up CT; None when either is unknown or the
-    CT is dated before the surgery (then it is no post-operative study)."""
-    surgery, followup = as_date(change.surgery_date), as_date(change.followup.study_date)
-    if surgery is None or followup is None or followup < surgery:
-        return None
-    return (followup - surgery).days
 
 
 def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointContext, ct: Volume,

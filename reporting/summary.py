@@ -22,8 +22,9 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import PersonName
 
-from reporting.change import laterality_conflict
+from reporting.change import days_since_surgery, laterality_conflict
 from reporting.rules import RULES, is_found
 from reporting.seg import algorithm_name, series_description
 from reporting.uids import (
@@ -137,16 +138,33 @@ def shown_side(change: ChangeRecord | None, fractured_side: LeftRight | None) ->
     return (change.fractured_side if change is not None else None) or fractured_side
 
 
+def _who(meta: dict, age_years: int | None) -> str:
+    """Whom the page is about, as a reader checks a printed or misfiled page against the patient: ID,
+    name, sex and age, accession number (each only when the CT's header has it)."""
+    parts = [f"Patient ID: {meta.get('PatientID') or 'unknown'}"]
+    if name := str(meta.get("PatientName") or "").strip():
+        parts.append(f"Name: {PersonName(name).family_comma_given()[:40]}")
+    if sex := str(meta.get("PatientSex") or "").strip():
+        parts.append(f"Sex: {sex}")
+    if age_years is not None:
+        parts.append(f"Age: {age_years} y")
+    if accession := str(meta.get("AccessionNumber") or "").strip():
+        parts.append(f"Accession: {accession}")
+    return "     ".join(parts)
+
+
 def header_lines(volumes: VolumeRecord, model_info: ModelInfo, meta: dict, change: ChangeRecord | None,
                  fractured_side: LeftRight | None, muscles: int, total: float,
                  total_idx: float | None) -> list[tuple[str, int, str]]:
     """(text, font size, colour) of the lines under the title: who and when first (the patient ID
     and dates identify the page on a screen full of series), then the totals and the algorithm."""
     side = shown_side(change, fractured_side)
-    who = (f"Patient ID: {meta.get('PatientID') or 'unknown'}     "
-           f"Study date: {display_date(meta.get('StudyDate'))}     "
-           f"Fractured side: {side or 'not recorded'}")
-    lines = [(who, 12, "white")]
+    when = [f"Study date: {display_date(meta.get('StudyDate'))}",
+            f"Fractured side: {side or 'not recorded'}"
+            + (f" ({change.fracture_type})" if change is not None and change.fracture_type else "")]
+    if change is not None and (days := days_since_surgery(change)) is not None:
+        when.append(f"post-op day {days} (surgery {display_date(change.surgery_date)})")
+    lines = [(_who(meta, volumes.age_years), 12, "white"), ("     ".join(when), 12, "white")]
     if change is not None:
         days = change.days_between
         lines.append((f"Compared with the study of {display_date(change.baseline.study_date)}"
@@ -501,6 +519,8 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     compared = "" if change is None else f"/vs-{change.baseline.series_instance_uid}"
     compared += "/pre-images" if change is not None and baseline is not None else ""
     compared += registry_facts(volumes.height_m, volumes.height_source, shown_side(change, fractured_side))
+    if change is not None:  # shown in the header
+        compared += f"/fracture-{change.fracture_type}/surgery-{change.surgery_date}"
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src0,
         pixel_array=pixels,
@@ -515,6 +535,9 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
         patient_orientation=("L", "P"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    # a page of text, table, chart and images in two planes: no one orientation holds for all of it
+    # (L\P fits the axial panels only, and a viewer draws edge markers from it): empty, Type 2C
+    sc.PatientOrientation = None
     sc.SeriesDescription = series_description("Thigh muscle summary", model_info)
     if replaces_first and change is not None:
         date = change.baseline.study_date

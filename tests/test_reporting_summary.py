@@ -139,23 +139,29 @@ def test_pre_operative_page_shows_the_registrys_fractured_side(studies):
     when there is none; a page with a side is other content, under its own UID."""
     _, ct, vols, without, _ = studies["b"]
     lines = header_lines(vols, MODEL, ct.meta, None, "left", 21, 1.0, None)
-    assert "Fractured side: left" in lines[0][0]
+    assert "Fractured side: left" in lines[1][0]
     unknown = header_lines(vols, MODEL, ct.meta, None, None, 21, 1.0, None)
-    assert "Fractured side: not recorded" in unknown[0][0]
+    assert "Fractured side: not recorded" in unknown[1][0]
     with_side = build_summary(ct, vols, MODEL, fractured_side="left")
     assert with_side.SeriesInstanceUID == without.SeriesInstanceUID
     assert with_side.SOPInstanceUID != without.SOPInstanceUID
     assert not np.array_equal(with_side.pixel_array, without.pixel_array)
     change = studies["change"]  # a comparison's side wins: pairing took it from the same registry
-    assert "Fractured side: right" in header_lines(vols, MODEL, ct.meta, change, "left", 21, 1.0, None)[0][0]
+    assert "Fractured side: right" in header_lines(vols, MODEL, ct.meta, change, "left", 21, 1.0, None)[1][0]
 
 
 def test_header_has_patient_id_and_readable_dates(studies):
     _, ct, vols, _, _ = studies["f"]
     change = studies["change"]
     lines = [text for text, _, _ in header_lines(vols, MODEL, ct.meta, change, None, 21, 1.0, None)]
-    assert lines[0].startswith(f"Patient ID: {PATIENT['patient_id']}     Study date: 2024-04-10")
-    assert lines[1].startswith(f"Compared with the study of 2024-01-10, {change.days_between} days earlier")
+    assert lines[0] == (f"Patient ID: {PATIENT['patient_id']}     Name: Summary, Test     Sex: M     "
+                        f"Age: {vols.age_years} y     Accession: {ct.meta['AccessionNumber']}")
+    assert lines[1] == "Study date: 2024-04-10     Fractured side: right"
+    assert lines[2].startswith(f"Compared with the study of 2024-01-10, {change.days_between} days earlier")
+    facts = change.with_facts(fracture_type="ITF", surgery_date="20240112")
+    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.meta, facts, None, 21, 1.0, None)]
+    assert lines[1] == ("Study date: 2024-04-10     Fractured side: right (ITF)     "
+                        "post-op day 89 (surgery 2024-01-12)")
     assert [display_date(v) for v in ("20240110", "", None, "2024")] == ["2024-01-10", "unknown", "unknown",
                                                                            "2024"]
 
@@ -254,3 +260,10 @@ def test_change_numbers_never_read_minus_zero():
     """A change that rounds to zero is "+0.0" as on the other rows; "-0.0" reads as a loss."""
     assert [_signed(v) for v in (-0.04, 0.0, 0.04, -0.26, 1.0, None)] == [
         "+0.0", "+0.0", "+0.0", "-0.3", "+1.0", "–"]
+
+
+def test_page_states_no_single_patient_orientation(studies):
+    """The page mixes text, a chart, axial and coronal images: PatientOrientation is empty (Type 2C),
+    not L\\P, which a viewer would draw as edge markers over the whole page."""
+    page = studies["b"][3]
+    assert "PatientOrientation" in page and not page.PatientOrientation
