@@ -25,7 +25,8 @@ def _backs(ph, sp: float) -> dict[str, np.ndarray]:
     from seg import labels as L
     from seg.hu_refine import refine_labels
     from seg.infer import probabilities_to_labels, resample_prediction
-    from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
+    from seg.preprocess import labels_to_model_probs, to_model_grid
+    from seg.preprocess_config import PreprocessConfig
     from seg.train import EXPORTED_HU_REFINEMENT
 
     mg = to_model_grid(ph.ct, PreprocessConfig(spacing_mm=(sp, sp, sp)), ph.labels)

@@ -173,13 +173,13 @@ def load_case(name: str, spacing: float):
     """(network in eval mode, roi, preprocess) for 'paper' (random weights, seed 0) or 'demo'."""
     import torch
 
-    from seg.model import build_network, load_model
-    from seg.preprocess import PreprocessConfig
+    from seg.model import Architecture, build_network, load_model
+    from seg.preprocess_config import PreprocessConfig
     from seg.recipe import PAPER_UNETR
 
     if name == "paper":
         torch.manual_seed(0)
-        net = build_network({"name": "UNETR", "args": dict(PAPER_UNETR)}).eval()
+        net = build_network(Architecture(args=dict(PAPER_UNETR))).eval()
         return net, tuple(PAPER_UNETR["img_size"]), PreprocessConfig(spacing_mm=(spacing,) * 3)
     pkg = load_model(None if name == "demo" else name, device="cpu")
     return pkg.network.eval(), pkg.roi_size, pkg.preprocess
@@ -590,7 +590,7 @@ def whole_seconds(name: str, args, sw_batch: int | None = None) -> float:
     import torch
 
     from seg.infer import predict_probabilities
-    from seg.model import ModelPackage, load_model
+    from seg.model import in_memory_package, load_model
     from seg.phantom import PhantomOptions, make_phantom
     from seg.preprocess import to_model_grid
     from seg.runtime import prepare
@@ -599,9 +599,7 @@ def whole_seconds(name: str, args, sw_batch: int | None = None) -> float:
     if name == "paper":
         from seg.recipe import PAPER_UNETR
 
-        meta = {"roi_size": list(roi), "architecture": {"args": dict(PAPER_UNETR)}}
-        pkg = ModelPackage(path=None, meta=meta, network=net, device=torch.device(args.device),
-                           preprocess=pre)
+        pkg = in_memory_package(net, dict(PAPER_UNETR), pre, torch.device(args.device))
         pkg.network.to(pkg.device)
     else:
         pkg = load_model(None if name == "demo" else name, device=args.device)

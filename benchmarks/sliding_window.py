@@ -55,15 +55,14 @@ def slab_windows(shape: tuple[int, int, int], roi: tuple[int, int, int], channel
 
 def paper_package(spacing_mm: float = 1.5):
     """The paper-size UNETR (random weights, seed 0) as an in-memory CPU package, window-counted."""
-    from seg.model import ModelPackage, build_network
-    from seg.preprocess import PreprocessConfig
+    from seg.model import Architecture, build_network, in_memory_package
+    from seg.preprocess_config import PreprocessConfig
     from seg.recipe import PAPER_UNETR
 
     torch.manual_seed(0)
-    arch = {"name": "UNETR", "args": dict(PAPER_UNETR)}
-    meta = {"roi_size": list(PAPER_UNETR["img_size"]), "architecture": arch}
-    return ModelPackage(path=None, meta=meta, network=WindowCounter(build_network(arch).eval()),
-                        device=torch.device("cpu"), preprocess=PreprocessConfig(spacing_mm=(spacing_mm,) * 3))
+    net = WindowCounter(build_network(Architecture(args=dict(PAPER_UNETR))).eval())
+    return in_memory_package(net, dict(PAPER_UNETR), PreprocessConfig(spacing_mm=(spacing_mm,) * 3),
+                             torch.device("cpu"))
 
 
 def _rss_mb() -> float:
@@ -104,7 +103,7 @@ def series(slices: int, plane: tuple[int, int]) -> dict:
     pkg = paper_package()
     shape = (*plane, slices)
     img = np.random.default_rng(0).random(shape, dtype=np.float32)  # values change neither memory nor windows
-    roi, c = pkg.roi_size, int(pkg.meta["architecture"]["args"]["out_channels"])
+    roi, c = pkg.roi_size, int(pkg.meta.architecture.args["out_channels"])
     rss0 = _rss_mb()
     t = time.perf_counter()
     probs = predict_probabilities(pkg, img, precision="fp32")

@@ -150,6 +150,7 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     from safetensors.torch import load_file
 
     from seg.model import load_model
+    from seg.package import read_meta, write_meta
     from seg.phantom import PHANTOM_VERSION
     from seg.train import TrainConfig, campaign_legs, export
 
@@ -162,7 +163,7 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     elapsed = {h["step"]: h["elapsed_s"] for h in meta["history"]}
     common = {"optimizer": {}, "best": meta["best"], "best_step": meta["best_step"],
               "history": meta["history"], "val": meta["val"],
-              "prior_legs": campaign_legs(base.meta.get("provenance") or {})}
+              "prior_legs": campaign_legs(base.meta.provenance)}
     ck = Path(tempfile.mkdtemp(prefix="gpuleg"))
     torch.save({"model": {k: v.float() for k, v in state.items()}, "step": meta["best_step"],
                 "elapsed_s": elapsed[meta["best_step"]], **common}, ck / "best.pt")
@@ -171,10 +172,10 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     cfg = TrainConfig(
         out=str(to), checkpoint_dir=str(ck), phantoms=len(meta["train_seeds"]), seed_start=1000,
         val_phantoms=a["val_phantoms"], postop_share=0.5, postop_weight=a["postop_weight"],
-        arch=dict(base.meta["architecture"]["args"]), spacing_mm=SPACING, batch_size=a["batch"],
+        arch=dict(base.meta.architecture.args), spacing_mm=SPACING, batch_size=a["batch"],
         steps=meta["step"], max_minutes=round(meta["train_wall_s"] / 60, 2), lr=a["lr"],
         warmup_steps=a["warmup"], decay_start=a["decay_start"], val_every=0, threads=a["workers"],
-        name=base.meta["name"], version=version, demo=bool(base.meta.get("demo")), seed=a["seed"],
+        name=base.meta.name, version=version, demo=base.meta.demo, seed=a["seed"],
         device="cuda", init_from=init,
     )
     data = {"source": "phantoms", "train_seeds": meta["train_seeds"], "val_seeds": meta["val_seeds"],
@@ -184,9 +185,8 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
                       f"validation_plan({a['val_phantoms']}, 1384)"],
             "z_range_mm": None, "phantom_version": PHANTOM_VERSION}
     export(cfg, data)
-    mj = to / "model.json"
-    m = json.loads(mj.read_text())
-    prov = m["provenance"]
+    m = read_meta(to)
+    prov = dict(m.provenance)
     leg = prov["campaign"]["legs"][-1]
     prov["hardware"] = leg["hardware"] = meta["hardware"]
     leg["history"] = meta["history"]
@@ -196,7 +196,7 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     prov["monai"] = meta.get("monai", prov.get("monai"))
     prov["script"] = "scripts/gpu_leg.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in a.items() if k not in ("out", "export_from"))
-    mj.write_text(json.dumps(m, indent=1) + "\n")
+    write_meta(to, m.model_copy(update={"provenance": prov}))
     shutil.rmtree(ck, ignore_errors=True)
     return to
 
@@ -262,9 +262,8 @@ def main() -> int:
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     pkg = load_model(a.init, device="cpu")
-    arch = pkg.meta["architecture"]["args"]
-    roi = int(arch["img_size"][0])
-    net = build_network({"name": "UNETR", "args": arch})
+    roi = pkg.roi_size[0]
+    net = build_network(pkg.meta.architecture)
     net.load_state_dict(pkg.network.state_dict())
     net = net.to(device).train()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -80,7 +80,7 @@ def predict_probabilities(
     precision = precision or default_precision()
     net, dev = model.network, model.device
     sw_batch = sw_batch or _default_sw_batch(dev, model.roi_size, int(getattr(net, "requests", 1)))
-    c = int(model.meta["architecture"]["args"]["out_channels"])
+    c = int(model.meta.architecture.args["out_channels"])
     nx, ny, nz = image.shape
     probs = np.zeros((nz, c, nx, ny), dtype=np.uint8).transpose(1, 2, 3, 0)
 

@@ -6,10 +6,9 @@ weights' sha256 — and fails with a message that says what to fix, instead of p
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,14 +19,17 @@ from seg.package import (  # noqa: F401  (the package format's names, for the im
     DEMO_STATEMENT,
     FORMAT,
     WEIGHTS_FILE,
+    Architecture,
     InferenceOptions,
     ModelPackageError,
-    inference_options,
+    PackageMeta,
+    Weights,
     read_meta,
     sha256_file,
     verify_package,
+    write_meta,
 )
-from seg.preprocess import PreprocessConfig
+from seg.preprocess_config import PreprocessConfig
 from seg.records import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -37,39 +39,45 @@ class ModelPackage:
     """A loaded, verified model ready for :func:`seg.infer.segment`."""
 
     path: Path | None
-    meta: dict
+    meta: PackageMeta
     network: torch.nn.Module
     device: torch.device
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    inference: InferenceOptions = field(default_factory=InferenceOptions)
 
     @property
     def roi_size(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.meta["roi_size"])  # type: ignore[return-value]
+        return self.meta.roi_size
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.meta.preprocessing
+
+    @property
+    def inference(self) -> InferenceOptions:
+        return self.meta.inference_options
 
     @property
     def info(self) -> ModelInfo:
         """What outputs record about the model (volumes.json, SEG, SR)."""
         m = self.meta
         return ModelInfo(
-            name=m["name"],
-            version=m["version"],
-            demo=bool(m.get("demo", False)),
-            spacing_mm=tuple(m["preprocessing"]["spacing_mm"]),
-            architecture=m["architecture"]["name"],
-            statement=m.get("statement", ""),
-            licence=m.get("licence", ""),
+            name=m.name,
+            version=m.version,
+            demo=m.demo,
+            spacing_mm=m.preprocessing.spacing_mm,
+            architecture=m.architecture.name,
+            statement=m.statement,
+            licence=m.licence,
         )
 
 
-def build_network(arch: dict) -> torch.nn.Module:
+def build_network(arch: Architecture) -> torch.nn.Module:
     """The network described by model.json's "architecture" (MONAI UNETR)."""
-    name = arch.get("name", "UNETR")
-    if name != "UNETR":
-        raise ModelPackageError(f"unsupported architecture {name!r}; this node runs MONAI UNETR packages")
+    if arch.name != "UNETR":
+        raise ModelPackageError(
+            f"unsupported architecture {arch.name!r}; this node runs MONAI UNETR packages")
     from monai.networks.nets import UNETR
 
-    args = dict(arch["args"])
+    args = dict(arch.args)
     args["img_size"] = tuple(args["img_size"])
     try:
         return UNETR(**args)
@@ -91,13 +99,13 @@ def save_package(
     licence: str = "Apache-2.0",
     statement: str | None = None,
     dtype: torch.dtype = torch.float16,
-    inference: dict | None = None,
+    inference: InferenceOptions | None = None,
 ) -> Path:
     """Write a package folder: model.safetensors (weights, ``dtype``) and model.json.
 
-    ``inference`` holds what the model itself asks of inference, e.g. ``{"mirror_x": True}`` for a
-    model trained on left-right mirrored crops (:func:`seg.infer.predict_probabilities`) and
-    ``{"hu_refinement": {...}}`` for the HU refinement of its label edges (:mod:`seg.hu_refine`).
+    ``inference`` holds what the model itself asks of inference, e.g. ``mirror_x`` for a model
+    trained on left-right mirrored crops (:func:`seg.infer.predict_probabilities`) and
+    ``hu_refinement`` for the HU refinement of its label edges (:mod:`seg.hu_refine`).
     """
     from safetensors.torch import save_file
 
@@ -109,30 +117,38 @@ def save_package(
     }
     wpath = out / WEIGHTS_FILE
     save_file(state, str(wpath), metadata={"format": FORMAT})
-    meta = {
-        "format": FORMAT,
-        "name": name,
-        "version": version,
-        "demo": demo,
-        "statement": statement if statement is not None else (DEMO_STATEMENT if demo else ""),
-        "licence": licence,
-        "architecture": {"name": "UNETR", "library": "monai", "args": arch_args},
-        "roi_size": list(roi_size),
-        "preprocessing": preprocess.to_dict(),
-        **({"inference": dict(inference)} if inference else {}),
-        "classes": list(L.CLASS_NAMES),
-        "weights": {
-            "file": WEIGHTS_FILE,
-            "sha256": sha256_file(wpath),
-            "dtype": str(dtype).split(".")[-1],
-            "tensors": {k: list(v.shape) for k, v in state.items()},
-        },
-        "provenance": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance},
-    }
-    (out / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+    meta = PackageMeta(
+        name=name,
+        version=version,
+        demo=demo,
+        statement=statement if statement is not None else (DEMO_STATEMENT if demo else ""),
+        licence=licence,
+        architecture=Architecture(args=arch_args),
+        roi_size=roi_size,
+        preprocessing=preprocess,
+        inference=inference,
+        classes=list(L.CLASS_NAMES),
+        weights=Weights(
+            sha256=sha256_file(wpath),
+            dtype=str(dtype).split(".")[-1],
+            tensors={k: list(v.shape) for k, v in state.items()},
+        ),
+        provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance},
+    )
+    write_meta(out, meta)
     # safetensors writes its file 0600: a node running as another user could not read the package
     wpath.chmod((out / "model.json").stat().st_mode & 0o777)
     return out
+
+
+def in_memory_package(network: torch.nn.Module, arch_args: dict, preprocess: PreprocessConfig,
+                      device: torch.device) -> ModelPackage:
+    """A network with no package folder (the benchmarks' random paper-size UNETR), described as
+    :func:`save_package` would describe it, less a checksum (so no runtime caches it by one)."""
+    meta = PackageMeta(name="in-memory", version="0", architecture=Architecture(args=arch_args),
+                       roi_size=tuple(arch_args["img_size"]), preprocessing=preprocess,
+                       classes=list(L.CLASS_NAMES), weights=Weights(sha256="", dtype="float32", tensors={}))
+    return ModelPackage(path=None, meta=meta, network=network, device=device)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -148,8 +164,8 @@ def load_model(path: Path | str | None = None, device: str = "auto") -> ModelPac
 
     p = Path(path) if path is not None else DEMO_DIR
     meta = verify_package(p)
-    wpath = p / meta["weights"].get("file", WEIGHTS_FILE)
-    arch = meta["architecture"]
+    wpath = p / meta.weights.file
+    arch = meta.architecture
     try:
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
@@ -173,10 +189,7 @@ def load_model(path: Path | str | None = None, device: str = "auto") -> ModelPac
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     dev = resolve_device(device)
     net.to(dev).eval()
-    pre = PreprocessConfig.from_dict(meta["preprocessing"])
-    if tuple(int(v) for v in meta["roi_size"]) != tuple(int(v) for v in arch["args"]["img_size"]):
+    if meta.roi_size != tuple(int(v) for v in arch.args["img_size"]):
         raise ModelPackageError(
-            f"{p}: roi_size {meta['roi_size']} != UNETR img_size {arch['args']['img_size']}"
-        )
-    return ModelPackage(path=p, meta=meta, network=net, device=dev, preprocess=pre,
-                        inference=inference_options(p / "model.json", meta.get("inference", {})))
+            f"{p}: roi_size {list(meta.roi_size)} != UNETR img_size {arch.args['img_size']}")
+    return ModelPackage(path=p, meta=meta, network=net, device=dev)

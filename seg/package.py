@@ -12,11 +12,13 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from seg import labels as L
 from seg.hu_refine import HURefinement
+from seg.preprocess_config import PreprocessConfig
 
 FORMAT = "dicomnode-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -34,12 +36,67 @@ class ModelPackageError(RuntimeError):
 
 
 class InferenceOptions(BaseModel):
-    """What a package asks of inference (model.json "inference"), parsed once when it is read."""
+    """What a package asks of inference (model.json "inference"). A request left at its default is
+    not written, so model.json names only what the package asks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mirror_x: bool = False  # also run each window mirrored left-right and average the logits
-    hu_refinement: HURefinement | None = None  # None: the network's labels are final
+    # None: the network's labels are final
+    hu_refinement: HURefinement | None = Field(None, exclude_if=lambda v: v is None)
+    # also run each window mirrored left-right and average the logits
+    mirror_x: bool = Field(False, exclude_if=lambda v: not v)
+
+
+class Architecture(BaseModel):
+    """The network (model.json "architecture"): MONAI's UNETR and its keyword arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "UNETR"  # another name is refused where the network is built or checked, by name
+    library: str = "monai"
+    # UNETR's keyword arguments as given: MONAI checks them when the network is built, and
+    # :func:`check_shapes` against the weights without torch
+    args: dict[str, Any]
+
+
+class Weights(BaseModel):
+    """The weights file (model.json "weights"): its name, checksum, and what it holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = WEIGHTS_FILE
+    sha256: str
+    dtype: str  # of the floating-point tensors, e.g. "float16"
+    tensors: dict[str, list[int]]  # name -> shape
+
+
+class PackageMeta(BaseModel):
+    """model.json: what the network is and expects, read once and checked when a package is read.
+
+    Fields are in the order model.json has them (:func:`write_meta` keeps it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = FORMAT
+    name: str
+    version: str
+    demo: bool = False
+    statement: str = ""
+    licence: str = ""
+    architecture: Architecture
+    roi_size: tuple[int, int, int]
+    preprocessing: PreprocessConfig
+    inference: InferenceOptions | None = Field(None, exclude_if=lambda v: v is None)
+    classes: list[str]
+    weights: Weights
+    # How the package was made, free-form: training writes its run, data, validation and campaign
+    # legs (seg.train.export, scripts/gpu_leg.py); a site may add its own (volume_tolerance_pct).
+    # Nothing decides inference from it.
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def inference_options(self) -> InferenceOptions:
+        return self.inference or InferenceOptions()
 
 
 def sha256_file(path: Path) -> str:
@@ -50,7 +107,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> PackageMeta:
+    """``path``'s model.json as read; refused with the file's name and every key that is missing,
+    unknown or malformed."""
     mj = path / "model.json"
     if not path.is_dir():
         raise ModelPackageError(
@@ -59,46 +118,59 @@ def read_meta(path: Path) -> dict:
     if not mj.is_file():
         raise ModelPackageError(f"model package {path} has no model.json")
     try:
-        meta = json.loads(mj.read_text())
+        raw = json.loads(mj.read_text())
     except json.JSONDecodeError as e:
         raise ModelPackageError(f"{mj} is not valid JSON: {e}") from e
-    for key in ("name", "version", "architecture", "roi_size", "preprocessing", "classes", "weights"):
-        if key not in meta:
-            raise ModelPackageError(f"{mj} lacks the required key {key!r}")
-    inference_options(mj, meta.get("inference", {}))
-    return meta
-
-
-INFERENCE_KEYS = ("mirror_x", "hu_refinement")
-
-
-def inference_options(mj: Path, inference: object) -> InferenceOptions:
-    """The package's inference options, refused with its file's name when misspelt or malformed."""
-    if not isinstance(inference, dict):
-        raise ModelPackageError(f"{mj}: 'inference' must be an object, not {type(inference).__name__}")
-    unknown = sorted(set(inference) - set(INFERENCE_KEYS))
-    if unknown:
-        raise ModelPackageError(f"{mj}: unknown 'inference' keys {unknown} (known: {list(INFERENCE_KEYS)})")
     try:
-        raw = inference.get("hu_refinement")
-        rule = None if raw is None else HURefinement.model_validate(raw)
+        return PackageMeta.model_validate(raw)
     except ValidationError as e:
-        raise ModelPackageError(f"{mj}: 'inference.hu_refinement' is invalid: {e}") from e
-    try:
-        return InferenceOptions(mirror_x=inference.get("mirror_x", False), hu_refinement=rule)
-    except ValidationError as e:
-        raise ModelPackageError(f"{mj}: 'inference.mirror_x' is invalid: {e}") from e
+        raise ModelPackageError(f"{mj}: {'; '.join(meta_problems(e))}") from e
 
 
-def verify_package(path: Path) -> dict:
+def meta_problems(err: ValidationError) -> list[str]:
+    """What is wrong with a model.json, one phrase per key: missing, unknown (with the keys known
+    there) or invalid (named down to its part, e.g. 'inference.hu_refinement')."""
+    out: list[str] = []
+    unknown: dict[tuple[str, ...], list[str]] = {}
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        keys = tuple(p for p in e["loc"] if isinstance(p, str))  # without list positions
+        if e["type"] == "extra_forbidden":
+            unknown.setdefault(loc[:-1], []).append(loc[-1])
+        elif e["type"] == "missing" and keys == e["loc"]:
+            out.append(f"the required key '{'.'.join(loc)}' is missing")
+        else:  # a list too short is missing an item: the list is what is invalid
+            out.append(f"'{'.'.join(keys[:2])}' is invalid: {e['msg']}")
+    for where, keys in unknown.items():
+        part = f" '{'.'.join(where)}'" if where else ""
+        out.append(f"unknown{part} keys {sorted(keys)} (known: {_known_keys(where)})")
+    return list(dict.fromkeys(out))
+
+
+def _known_keys(where: tuple[str, ...]) -> list[str]:
+    """The keys model.json may have at ``where`` (a path of record fields from the top)."""
+    record: Any = PackageMeta
+    for name in where:
+        record = record.model_fields[name].annotation
+        record = next((a for a in getattr(record, "__args__", ()) if isinstance(a, type)
+                       and issubclass(a, BaseModel)), record)
+    return list(record.model_fields)
+
+
+def write_meta(path: Path, meta: PackageMeta) -> None:
+    """Write ``path``/model.json: the one writer, so every package's model.json reads the same way."""
+    (path / "model.json").write_text(json.dumps(meta.model_dump(mode="json"), indent=1) + "\n")
+
+
+def verify_package(path: Path) -> PackageMeta:
     """``path``'s model.json, once the package is known to fit this node: its format, the 30 classes
     in our order, as many output channels, and weights whose sha256 is the one model.json states.
     What the network's tensors are is left to :func:`seg.model.load_model`."""
     p = Path(path)
     meta = read_meta(p)
-    if meta.get("format", FORMAT) != FORMAT:
-        raise ModelPackageError(f"{p}: package format {meta.get('format')!r}, this node reads {FORMAT!r}")
-    classes = list(meta["classes"])
+    if meta.format != FORMAT:
+        raise ModelPackageError(f"{p}: package format {meta.format!r}, this node reads {FORMAT!r}")
+    classes = meta.classes
     if classes != list(L.CLASS_NAMES):
         diff = [f"{i}: package {a!r} vs node {b!r}"
                 for i, (a, b) in enumerate(zip(classes, L.CLASS_NAMES, strict=False)) if a != b]
@@ -106,16 +178,16 @@ def verify_package(path: Path) -> dict:
             f"class list of {p} does not match this node's {len(L.CLASS_NAMES)} classes "
             f"(seg/structures.csv): {len(classes)} classes in the package; first differences: "
             f"{diff[:3] or 'none, but the counts differ'}")
-    arch = meta["architecture"]
-    if int(arch["args"].get("out_channels", -1)) != len(classes):
-        raise ModelPackageError(f"{p}: out_channels {arch['args'].get('out_channels')} != "
+    arch = meta.architecture
+    if int(arch.args.get("out_channels", -1)) != len(classes):
+        raise ModelPackageError(f"{p}: out_channels {arch.args.get('out_channels')} != "
                                 f"{len(classes)} classes")
-    wpath = p / meta["weights"].get("file", WEIGHTS_FILE)
+    wpath = p / meta.weights.file
     if not wpath.is_file():
         raise ModelPackageError(f"{p}: weights file {wpath.name} is missing")
     check_weights_size(wpath)  # before hashing: an absurd file is refused at once
     check_shapes(p, arch, weights_header(wpath))
-    want, got = meta["weights"].get("sha256"), sha256_file(wpath)
+    want, got = meta.weights.sha256, sha256_file(wpath)
     if want != got:
         raise ModelPackageError(f"{wpath} checksum mismatch (model.json sha256 {want}, file {got}): "
                                 "the weights are corrupt or belong to another package")
@@ -172,14 +244,14 @@ def declared_shapes(args: dict) -> dict[tuple[str, int], tuple[str, int]]:
     return {k: (name, int(v)) for k, (name, v) in shapes.items() if isinstance(v, int)}
 
 
-def check_shapes(p: Path, arch: dict, tensors: dict[str, dict]) -> None:
+def check_shapes(p: Path, arch: Architecture, tensors: dict[str, dict]) -> None:
     """Refuse a model.json whose UNETR arguments do not fit its weights' input and output layers (an
     edited model.json, or the weights of another run): found here without torch, not by the worker.
     Tensors that are absent (another patch embedding) are left to :func:`seg.model.load_model`."""
-    if arch.get("name") != "UNETR":
+    if arch.name != "UNETR":
         return
     bad = []
-    for (tensor, dim), (name, size) in declared_shapes(arch.get("args", {})).items():
+    for (tensor, dim), (name, size) in declared_shapes(arch.args).items():
         shape = tensors.get(tensor, {}).get("shape", [])
         if dim < len(shape) and shape[dim] != size:
             bad.append(f"{name} {size}, but {tensor} has {shape[dim]}")

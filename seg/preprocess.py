@@ -21,58 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from seg.preprocess_config import PreprocessConfig
 from seg.volume import LPS_TO_RAS, Volume
-
-HU_WINDOW = (-57.0, 164.0)
-GAMMA = 2.0
-IMAGE_RESAMPLING = ("bilinear", "box")
-
-
-@dataclass
-class PreprocessConfig:
-    """What the model expects; stored in model.json under "preprocessing"."""
-
-    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    orientation: str = "RAS"
-    hu_window: tuple[float, float] = HU_WINDOW
-    gamma: float = GAMMA
-    crop_margin_vox: int = 4
-    # Foreground = scaled intensity above this (0 after the window = HU above −57: muscle, bone, couch).
-    foreground_threshold: float = 0.0
-    image_resampling: str = "bilinear"  # or "box": the CT's mean over each model voxel's footprint
-
-    def __post_init__(self) -> None:
-        if self.image_resampling not in IMAGE_RESAMPLING:
-            raise ValueError(f"image_resampling must be one of {IMAGE_RESAMPLING}, "
-                             f"not {self.image_resampling!r}")
-
-    def to_dict(self) -> dict:
-        return {
-            "spacing_mm": list(self.spacing_mm),
-            "orientation": self.orientation,
-            "hu_window": list(self.hu_window),
-            "gamma": self.gamma,
-            "crop_margin_vox": self.crop_margin_vox,
-            "foreground_threshold": self.foreground_threshold,
-            "foreground_crop": True,
-            "image_resampling": self.image_resampling,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PreprocessConfig:
-        known = set(cls().to_dict())  # the keys this code writes are the keys it understands
-        unknown = sorted(set(d) - known)
-        if unknown:  # a newer package's step this code would silently skip
-            raise ValueError(f"unknown preprocessing keys {unknown} (known: {sorted(known)})")
-        return cls(
-            spacing_mm=tuple(float(v) for v in d["spacing_mm"]),  # type: ignore[arg-type]
-            orientation=str(d.get("orientation", "RAS")),
-            hu_window=tuple(float(v) for v in d.get("hu_window", HU_WINDOW)),  # type: ignore[arg-type]
-            gamma=float(d.get("gamma", GAMMA)),
-            crop_margin_vox=int(d.get("crop_margin_vox", 4)),
-            foreground_threshold=float(d.get("foreground_threshold", 0.0)),
-            image_resampling=str(d.get("image_resampling", "bilinear")),
-        )
 
 
 @dataclass

@@ -130,7 +130,7 @@ def _converted(pkg: ModelPackage, cache_dir: Path | None) -> Path | object:
     no usable cache (no sha256 to key it, or a folder we cannot write)."""
     import openvino as ov
 
-    sha = str(pkg.meta.get("weights", {}).get("sha256", ""))
+    sha = pkg.meta.weights.sha256
     if cache_dir is None or not sha:
         return _convert(pkg)
     key = f"{sha[:24]}-{'x'.join(map(str, pkg.roi_size))}-ov{ov.get_version().split('-')[0]}"

@@ -19,8 +19,16 @@ import torch
 from seg import labels as L
 from seg import recipe
 from seg.hu_refine import HURefinement
-from seg.model import ModelPackageError, build_network, load_model, save_package
-from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
+from seg.model import (
+    Architecture,
+    InferenceOptions,
+    ModelPackageError,
+    build_network,
+    load_model,
+    save_package,
+)
+from seg.preprocess import labels_to_model_probs, to_model_grid
+from seg.preprocess_config import PreprocessConfig
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -261,8 +269,7 @@ def cache_case(cache: Path, case_id: str, ct, labels, pre: PreprocessConfig, fra
 
 def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
     """The preprocessing a run trains with and exports into its package."""
-    return PreprocessConfig(spacing_mm=tuple(cfg.spacing_mm),  # type: ignore[arg-type]
-                            image_resampling=cfg.image_resampling)
+    return PreprocessConfig(spacing_mm=cfg.spacing_mm, image_resampling=cfg.image_resampling)
 
 
 def _claim_cache(cache: Path, pre: PreprocessConfig) -> None:
@@ -270,7 +277,7 @@ def _claim_cache(cache: Path, pre: PreprocessConfig) -> None:
     folder shared between recipes would feed one recipe's images to the other). A folder from
     before this record takes the current preprocessing's record."""
     record = cache / "preprocessing.json"
-    want = pre.to_dict()
+    want = pre.model_dump(mode="json")
     if record.exists():
         have = json.loads(record.read_text())
         if have != want:
@@ -304,7 +311,7 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
         cfg.val_phantoms, cfg.seed_start + cfg.phantoms
     )
     ids = [f"ph{opts['seed']}_" + hashlib_short(opts, cfg.phantom_z_range_mm) for opts in plan]
-    jobs = [_PhantomJob(str(cache), cid, opts, cfg.phantom_z_range_mm, pre.to_dict(), fractions)
+    jobs = [_PhantomJob(str(cache), cid, opts, cfg.phantom_z_range_mm, pre, fractions)
             for cid, opts in zip(ids, plan, strict=True)
             if not _is_cached(_case_paths(cache, cid), fractions)]
     for job, seconds in _run_phantom_jobs(jobs, cfg.cache_workers):
@@ -336,7 +343,7 @@ class _PhantomJob:
     case_id: str
     opts: dict
     z_range: tuple[float, float] | None
-    preprocessing: dict
+    preprocessing: PreprocessConfig
     fractions: bool
 
 
@@ -344,8 +351,7 @@ def _cache_phantom(job: _PhantomJob) -> float:
     """Render and cache one phantom; returns the seconds it took."""
     t = time.time()
     ct, lab = _phantom_case(job.opts, job.z_range)
-    cache_case(Path(job.cache), job.case_id, ct, lab, PreprocessConfig.from_dict(job.preprocessing),
-               job.fractions)
+    cache_case(Path(job.cache), job.case_id, ct, lab, job.preprocessing, job.fractions)
     return time.time() - t
 
 
@@ -609,7 +615,7 @@ def _package_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]]:
         pkg = load_model(cfg.init_from, device="cpu")
     except ModelPackageError as exc:
         raise InitFromError(str(exc)) from exc
-    args = pkg.meta["architecture"]["args"]
+    args = pkg.meta.architecture.args
     differ = sorted(k for k in set(args) | set(cfg.arch) if args.get(k) != cfg.arch.get(k))
     if differ:
         raise InitFromError(f"--init-from {cfg.init_from}: architecture differs: " + ", ".join(
@@ -618,7 +624,7 @@ def _package_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]]:
     if spacing != tuple(float(v) for v in cfg.spacing_mm):
         raise InitFromError(f"--init-from {cfg.init_from}: package spacing {spacing} mm, "
                             f"training spacing {tuple(cfg.spacing_mm)} mm")
-    return pkg.network, campaign_legs(pkg.meta.get("provenance") or {})
+    return pkg.network, campaign_legs(pkg.meta.provenance)
 
 
 def campaign_legs(prov: dict) -> list[dict]:
@@ -701,7 +707,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
-    net = build_network({"name": "UNETR", "args": cfg.arch}).to(device)
+    net = build_network(Architecture(args=cfg.arch)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.targets not in ("partial_volume", "nearest"):
         raise ValueError(f"targets must be 'partial_volume' or 'nearest', not {cfg.targets!r}")
@@ -795,7 +801,7 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
     if not path.exists():
         path = ckdir / "last.pt"
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    net = build_network({"name": "UNETR", "args": cfg.arch})
+    net = build_network(Architecture(args=cfg.arch))
     net.load_state_dict(ck["model"])
     if data_prov is None:
         pre = preprocess_config(cfg)
@@ -840,7 +846,7 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
 EXPORTED_HU_REFINEMENT = HURefinement(claim_max_background=0.8)
 
 
-def _inference_requests(cfg: TrainConfig) -> dict:
+def _inference_requests(cfg: TrainConfig) -> InferenceOptions:
     """What the exported package asks of inference.
 
     Mirrored crops in training: each window averaged with its mirror (+0.003 held-out Dice). The
@@ -849,10 +855,7 @@ def _inference_requests(cfg: TrainConfig) -> dict:
     muscle claims a voxel the network called background only where the network's background
     probability is below 0.8 (vessels and bowel beside a muscle stay out; docs/models.md, 0.8.1).
     """
-    out: dict = {"hu_refinement": EXPORTED_HU_REFINEMENT.model_dump(mode="json")}
-    if cfg.flip_x:
-        out["mirror_x"] = True
-    return out
+    return InferenceOptions(hu_refinement=EXPORTED_HU_REFINEMENT, mirror_x=cfg.flip_x)
 
 
 def _cpu_model() -> str:

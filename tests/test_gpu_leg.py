@@ -70,9 +70,9 @@ def test_a_leg_exports_as_a_package(gpu_leg, tmp_path: Path) -> None:
     (leg / "meta.json").write_text(json.dumps(meta))
     out = gpu_leg.export_leg(leg, tmp_path / "pkg", str(DEMO_DIR), "9.9.9", "leg 99 (H200)")
     pkg = load_model(out, device="cpu")
-    prov = pkg.meta["provenance"]
-    prior = len(base.meta["provenance"]["campaign"]["legs"])
-    assert pkg.meta["version"] == "9.9.9" and prov["exported_step"] == 100
+    prov = pkg.meta.provenance
+    prior = len(base.meta.provenance["campaign"]["legs"])
+    assert pkg.meta.version == "9.9.9" and prov["exported_step"] == 100
     assert len(prov["campaign"]["legs"]) == prior + 1
     assert prov["campaign"]["legs"][-1] == {"steps": 120, "wall_s": 30.0, "hardware": "NVIDIA H200, test",
                                            "init_from": str(DEMO_DIR), "name": "leg 99 (H200)",

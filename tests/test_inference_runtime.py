@@ -80,7 +80,7 @@ def test_openvino_agrees_with_fp32_torch_on_phantom_windows(phantom_windows, pre
     assert _argmax_agreement(out, ref) >= 0.999
     # the converted model is cached by the weights' sha256 and reused by the next load
     (xml,) = tmp_path.glob("*/model.xml")
-    assert xml.parent.name.startswith(pkg.meta["weights"]["sha256"][:24])
+    assert xml.parent.name.startswith(pkg.meta.weights.sha256[:24])
     before = xml.stat().st_mtime_ns
     again = runtime.prepare(load_model(None, device="cpu"), "openvino", tmp_path, precision=precision)
     assert xml.stat().st_mtime_ns == before

@@ -12,8 +12,15 @@ import torch
 
 from seg import labels as L
 from seg.infer import predict_probabilities, segment
-from seg.model import ModelPackageError, build_network, load_model, save_package
-from seg.preprocess import PreprocessConfig
+from seg.model import (
+    Architecture,
+    InferenceOptions,
+    ModelPackageError,
+    build_network,
+    load_model,
+    save_package,
+)
+from seg.preprocess_config import PreprocessConfig
 from seg.recipe import PAPER_UNETR
 from seg.volume import Volume
 
@@ -22,9 +29,10 @@ TINY = {"in_channels": 1, "out_channels": 30, "img_size": [32, 32, 32], "feature
         "dropout_rate": 0.0}
 
 
-def _package(path: Path, arch: dict = TINY, spacing=(3.0, 3.0, 3.0), inference: dict | None = None) -> Path:
+def _package(path: Path, arch: dict = TINY, spacing=(3.0, 3.0, 3.0),
+             inference: InferenceOptions | None = None) -> Path:
     torch.manual_seed(0)
-    net = build_network({"name": "UNETR", "args": arch})
+    net = build_network(Architecture(args=arch))
     return save_package(path, net, name="unit-test", version="9.9", arch_args=arch,
                         preprocess=PreprocessConfig(spacing_mm=spacing), roi_size=tuple(arch["img_size"]),
                         demo=True, provenance={"note": "random weights"}, inference=inference)
@@ -164,7 +172,7 @@ def test_paper_size_unetr_package_loads_and_runs(tmp_path: Path) -> None:
     pkg = load_model(p, device="cpu")
     n = sum(t.numel() for t in pkg.network.parameters())
     assert n > 90e6  # ~92 M parameters
-    args = pkg.meta["architecture"]["args"]
+    args = pkg.meta.architecture.args
     got = (args["hidden_size"], args["num_heads"], args["mlp_dim"], args["feature_size"])
     assert got == (768, 12, 3072, 16)
     assert pkg.network.patch_size == (16, 16, 16) and len(pkg.network.vit.blocks) == 12
@@ -178,7 +186,7 @@ def test_mirrored_inference_is_left_right_symmetric(tmp_path, mirror) -> None:
     """A package trained on mirrored crops asks for the mirror of each window too: the probabilities
     of a mirrored image are then the mirror of the image's (one window across x, so the grid is
     symmetric). A random network alone is not symmetric, which the unmirrored case shows."""
-    pkg = load_model(_package(tmp_path / "m", inference={"mirror_x": True} if mirror else None))
+    pkg = load_model(_package(tmp_path / "m", inference=InferenceOptions(mirror_x=True) if mirror else None))
     assert pkg.inference.mirror_x is mirror
     rng = np.random.default_rng(0)
     image = rng.random((TINY["img_size"][0], 40, 36), dtype=np.float32)
@@ -186,3 +194,27 @@ def test_mirrored_inference_is_left_right_symmetric(tmp_path, mirror) -> None:
     b = predict_probabilities(pkg, np.ascontiguousarray(image[::-1])).astype(np.int16)[:, ::-1]
     worst = int(np.abs(a - b).max())
     assert (worst <= 1) is mirror, worst
+
+
+def test_model_json_names_every_missing_or_unknown_key(pkg_dir: Path, tmp_path: Path) -> None:
+    """model.json is one record (seg.package.PackageMeta): a key it does not know, at the top or
+    inside a part, and a key it needs are refused together, each by name, with the file's path."""
+    p = _copy(pkg_dir, tmp_path / "keys")
+    meta = json.loads((p / "model.json").read_text())
+    del meta["version"]
+    meta["weights"]["compression"] = "zstd"
+    (p / "model.json").write_text(json.dumps(meta | {"notes": "x"}))
+    with pytest.raises(ModelPackageError, match="model.json") as err:
+        load_model(p)
+    said = str(err.value)
+    assert "the required key 'version' is missing" in said
+    assert "unknown 'weights' keys ['compression'] (known: ['file', 'sha256', 'dtype', 'tensors'])" in said
+    assert "unknown keys ['notes']" in said
+
+
+def test_shipped_model_json_reads_and_writes_back_unchanged(tmp_path: Path) -> None:
+    """The record holds all of model.json: the shipped package written back is the same file."""
+    from seg.package import DEMO_DIR, read_meta, write_meta
+
+    write_meta(tmp_path, read_meta(DEMO_DIR))
+    assert (tmp_path / "model.json").read_bytes() == (DEMO_DIR / "model.json").read_bytes()

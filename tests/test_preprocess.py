@@ -9,11 +9,11 @@ from seg import labels as L
 from seg.infer import probabilities_to_labels
 from seg.phantom import PhantomOptions, make_phantom
 from seg.preprocess import (
-    PreprocessConfig,
     labels_to_ct_grid,
     labels_to_model_probs,
     to_model_grid,
 )
+from seg.preprocess_config import PreprocessConfig
 from seg.volume import Volume
 
 DEMO = PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0))
@@ -220,11 +220,24 @@ def test_box_resampling_averages_noise_down() -> None:
 
 
 def test_preprocessing_with_an_unknown_key_or_resampling_is_refused() -> None:
-    d = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), image_resampling="box").to_dict()
-    assert PreprocessConfig.from_dict(d).image_resampling == "box"
-    with pytest.raises(ValueError, match="unknown preprocessing keys"):
-        PreprocessConfig.from_dict(d | {"image_resampling_": "box"})
+    d = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), image_resampling="box").model_dump(mode="json")
+    assert PreprocessConfig.model_validate(d).image_resampling == "box"
+    with pytest.raises(ValueError, match="image_resampling_\n  Extra inputs are not permitted"):
+        PreprocessConfig.model_validate(d | {"image_resampling_": "box"})
     with pytest.raises(ValueError, match="image_resampling"):
-        PreprocessConfig.from_dict(d | {"image_resampling": "lanczos"})
+        PreprocessConfig.model_validate(d | {"image_resampling": "lanczos"})
     del d["image_resampling"]  # the packages made before the option: linear sampling
-    assert PreprocessConfig.from_dict(d).image_resampling == "bilinear"
+    assert PreprocessConfig.model_validate(d).image_resampling == "bilinear"
+
+
+def test_foreground_crop_is_read_and_dropped_but_still_written() -> None:
+    """model.json's "foreground_crop" asks for nothing (the crop always runs): any value is accepted
+    and dropped on reading; the record is written as before (key order included), so re-exported
+    packages and cache records stay the same."""
+    d = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)).model_dump(mode="json")
+    assert list(d) == ["spacing_mm", "orientation", "hu_window", "gamma", "crop_margin_vox",
+                       "foreground_threshold", "foreground_crop", "image_resampling"]
+    assert d["foreground_crop"] is True
+    for value in (True, False):
+        cfg = PreprocessConfig.model_validate(d | {"foreground_crop": value})
+        assert "foreground_crop" not in type(cfg).model_fields and cfg.model_dump(mode="json") == d

@@ -39,7 +39,7 @@ def _cfg(tmp: Path, steps: int) -> TrainConfig:
 def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     pkg_dir = train(_cfg(tmp_path, 3), progress=False)
     pkg = load_model(pkg_dir, device="cpu")
-    prov = pkg.meta["provenance"]
+    prov = pkg.meta.provenance
     assert prov["steps"] in (2, 3) and prov["trained_on"]["train_seeds"] == [70000, 70001]
     assert prov["trained_on"]["val_seeds"] == [70002] and prov["train_wall_s"] > 0
     assert pkg.info.demo is True
@@ -67,7 +67,7 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     warm.cache_dir, warm.init_from = str(tmp_path / "ck" / "cache"), str(pkg_dir)
     warm_pkg = load_model(train(warm, progress=False), device="cpu")
     start = warm_pkg.network.state_dict()
-    campaign = warm_pkg.meta["provenance"]["campaign"]  # the legs keep adding up across packages
+    campaign = warm_pkg.meta.provenance["campaign"]  # the legs keep adding up across packages
     assert [g["steps"] for g in campaign["legs"]] == [5, 0] and campaign["total_steps"] == 5
     assert campaign["legs"][1]["init_from"] == str(pkg_dir)
     resumed = load_model(pkg_dir, device="cpu").network.state_dict()  # the resumed run re-exported it
@@ -150,7 +150,8 @@ def test_partial_volume_fractions_keep_every_volume() -> None:
     """1.5 x 1.5 x 3 mm CT to a 4 mm grid: class fractions sum to each structure's exact volume."""
     from seg import labels as L
     from seg.phantom import PhantomOptions, make_phantom
-    from seg.preprocess import PreprocessConfig, labels_to_model_probs, to_model_grid
+    from seg.preprocess import labels_to_model_probs, to_model_grid
+    from seg.preprocess_config import PreprocessConfig
 
     ph = make_phantom(PhantomOptions(seed=4, spacing_mm=(1.5, 1.5, 3.0), position="FFS",
                                      slice_order="descending", z_range_mm=(-40.0, 20.0)))
@@ -218,8 +219,8 @@ def test_train_defaults_are_the_shipped_demo_recipe() -> None:
     from seg import recipe
 
     shipped = load_model(None, device="cpu").meta
-    assert shipped["architecture"]["args"] == recipe.DEMO_UNETR == TrainConfig().arch
-    assert shipped["preprocessing"]["spacing_mm"] == [recipe.SPACING_MM] * 3 == list(TrainConfig().spacing_mm)
+    assert shipped.architecture.args == recipe.DEMO_UNETR == TrainConfig().arch
+    assert shipped.preprocessing.spacing_mm == (recipe.SPACING_MM,) * 3 == tuple(TrainConfig().spacing_mm)
     params = {p.name: p.default for p in typer.main.get_command(app).commands["train"].params}
     cfg = TrainConfig()
     assert (params["batch_size"], params["lr"]) == (cfg.batch_size, cfg.lr) == (recipe.BATCH_SIZE, recipe.LR)
@@ -247,11 +248,11 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     pkg = load_model(tmp_path / "pkg", device="cpu")
-    config = pkg.meta["provenance"]["config"]
+    config = pkg.meta.provenance["config"]
     assert (config["lr"], config["postop_share"], config["postop_weight"], config["batch_size"]) == (
         2.5e-4, 0.75, 2.0, 1)
     assert (config["warmup_steps"], config["decay_start"], config["spacing_mm"]) == (1, 0.4, [4.0] * 3)
-    assert pkg.meta["architecture"]["args"]["img_size"] == [32] * 3 and pkg.info.version == "0.0.2"
+    assert pkg.meta.architecture.args["img_size"] == [32] * 3 and pkg.info.version == "0.0.2"
     refused = CliRunner().invoke(app, [*args, "--postop-share", "0.3"])
     assert refused.exit_code == 2 and "0.25, 0.5 or 0.75" in refused.output
 
@@ -278,7 +279,7 @@ def test_site_dataset_trains_with_label_maps_in_any_voxel_order(tmp_path: Path) 
                       arch=dict(ARCH), steps=1, val_every=1, batch_size=1, threads=1, name="site",
                       version="0.0.1")
     pkg = load_model(train(cfg, progress=False), device="cpu")
-    assert pkg.meta["provenance"]["trained_on"]["cases"] == ["a", "b"]
+    assert pkg.meta.provenance["trained_on"]["cases"] == ["a", "b"]
     cache = tmp_path / "ck" / "cache"
     assert np.array_equal(np.load(cache / "a_labels.npy"), np.load(cache / "b_labels.npy"))
     save_nifti(Volume(lab.array, a @ np.diag([1.0, 1.0, 2.0, 1.0]), {}), data / "b" / "labels.nii.gz")
