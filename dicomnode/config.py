@@ -43,6 +43,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from reporting.seg_types import SegTypeName
+from seg.recipe import Runtime
+
 CONFIG_ENV = "DICOMNODE_CONFIG"
 MIN_TOKEN_CHARS = 16  # the operations page's shared secret
 MB = 1_000_000  # bytes in the MB of every *_mb setting (max_instance_mb, min_free_disk_mb): decimal, as df -H
@@ -65,10 +68,9 @@ def _device(value: str) -> str:
     return value
 
 
-_SEG_TYPES = Literal["FRACTIONAL", "BINARY", "LABELMAP"]
 _COMPRESSIONS = Literal["RLE", "JPEGLS"]
 _LOG_LEVELS = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-SegType = Annotated[_SEG_TYPES, _case_insensitive(_SEG_TYPES)]
+SegType = Annotated[SegTypeName, _case_insensitive(SegTypeName)]
 LabelmapCompression = Annotated[_COMPRESSIONS, _case_insensitive(_COMPRESSIONS)]
 LogLevel = Annotated[_LOG_LEVELS, _case_insensitive(_LOG_LEVELS)]
 Device = Annotated[str, AfterValidator(_device)]
@@ -196,7 +198,7 @@ class WorkerSettings(Section):
     enabled: Switch = True  # run the worker inside ``serve``
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
     # who computes the windows: auto = OpenVINO on CPU when the [openvino] extra is installed (seg/runtime.py)
-    runtime: Literal["auto", "torch", "openvino"] = "auto"
+    runtime: Runtime = "auto"
     poll_seconds: Seconds = 1.0
     max_attempts: int = Field(3, ge=1)  # processing attempts before a job is failed
     # a job whose pipeline process runs longer is killed and failed ("pipeline-timeout"); not retried

@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from reporting import codes, iod_lookup, rle_encoder, seg_splice
 from reporting.rules import RULES, ReportingRules, is_found
+from reporting.seg_types import SEG_TYPES
 from reporting.segframes import SegFrames
 from reporting.source_header import read_source_headers
 from reporting.uids import (
@@ -43,7 +44,6 @@ rle_encoder.install()  # FRACTIONAL/LABELMAP RLE frames: byte-identical, ~13x fa
 iod_lookup.install()  # highdicom's per-source-image IOD lookup answered once
 
 SEG_SERIES_NUMBER = 9901
-SEG_TYPES = ("BINARY", "FRACTIONAL", "LABELMAP")
 # processes compressing LABELMAP and FRACTIONAL frames in parallel (0 = in this process)
 LABELMAP_WORKERS = 0
 SIDES = ("left", "right")

@@ -254,13 +254,12 @@ def main() -> int:
     import torch
     from monai.losses import DiceCELoss
 
-    from seg.model import build_network, load_model
+    from seg.model import build_network, load_model, resolve_device
     from seg.train import TrainConfig, _lr, train_step, validate
 
     torch.manual_seed(a.seed)
     torch.backends.cudnn.benchmark = True
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
+    device = resolve_device(a.device)
     pkg = load_model(a.init, device="cpu")
     roi = pkg.roi_size[0]
     net = build_network(pkg.meta.architecture)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal, get_args
 
 from seg import labels as L
 
@@ -33,10 +34,21 @@ DEMO_UNETR = {**PAPER_UNETR, "img_size": [48, 48, 48], "hidden_size": 192, "mlp_
 SPACING_MM = 4.0  # the model grid, isotropic
 BATCH_SIZE = 4  # crops per step
 LR = 1e-3  # AdamW peak learning rate from scratch (the campaign's later legs, warm-started, used less)
+# Training choices (seg.train.TrainConfig, ``dicomnode train``): crop centres, targets, device.
+Crop = Literal["foreground", "classes"]
+Targets = Literal["partial_volume", "nearest"]
+TrainDevice = Literal["auto", "cpu", "cuda"]
+# Shares of post-operative training phantoms a plan can have (seg.train.phantom_plan: a post-operative
+# place in every four, or two, or three)
+POSTOP_SHARES = (0.25, 0.5, 0.75)
 
 
 # Inference and training precision choices; on the CPU the environment picks one for inference.
-PRECISIONS = ("auto", "fp32", "bf16")
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+# Who computes the windows (seg.runtime): auto = OpenVINO on the CPU when installed, else PyTorch.
+Runtime = Literal["auto", "torch", "openvino"]
+RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
 CPU_PRECISION_ENV = "DICOMNODE_CPU_PRECISION"
 
 

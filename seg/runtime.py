@@ -31,11 +31,10 @@ import numpy as np
 import torch
 
 from seg.model import ModelPackage
-from seg.recipe import PRECISIONS, cpu_precision
+from seg.recipe import PRECISIONS, RUNTIMES, cpu_precision
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

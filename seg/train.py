@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import torch
 
 from seg import labels as L
@@ -25,18 +26,21 @@ from seg.model import (
     ModelPackageError,
     build_network,
     load_model,
+    resolve_device,
     save_package,
 )
 from seg.preprocess import labels_to_model_probs, to_model_grid
-from seg.preprocess_config import PreprocessConfig
+from seg.preprocess_config import ImageResampling, PreprocessConfig
+from seg.recipe import POSTOP_SHARES, Crop, Precision, Targets, TrainDevice
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(validate_assignment=True))
 class TrainConfig:
-    """Everything that decides a training run (recorded in the package provenance)."""
+    """Everything that decides a training run (recorded in the package provenance); the closed
+    choices are Literals, checked when the run is configured, not when it reaches them."""
 
     out: str = "seg/models/site"
     checkpoint_dir: str = "checkpoints/run"
@@ -56,7 +60,7 @@ class TrainConfig:
     spacing_mm: tuple[float, float, float] = (recipe.SPACING_MM,) * 3
     # How the CT reaches the model grid (seg.preprocess): "bilinear" samples it at each model voxel's
     # centre; "box" averages each model voxel's footprint, as the partial-volume targets do.
-    image_resampling: str = "bilinear"
+    image_resampling: ImageResampling = "bilinear"
     batch_size: int = recipe.BATCH_SIZE
     steps: int = 1000
     max_minutes: float | None = None
@@ -71,11 +75,11 @@ class TrainConfig:
     # "foreground": crops centred on any labelled voxel (large muscles dominate);
     # "classes": a structure drawn uniformly first, then one of its voxels (as MONAI's
     # RandCropByLabelClasses with equal ratios), so every structure is seen every few steps.
-    crop: str = "foreground"
+    crop: Crop = "foreground"
     # "partial_volume": each model voxel's target is the fraction of its footprint each class covers
     # (the volume-preserving target; a perfect model on nearest-neighbour labels at 4 mm caps near
     # 0.92 CT-grid Dice and -3 % volume, docs/models.md); "nearest": one label per voxel.
-    targets: str = "partial_volume"
+    targets: Targets = "partial_volume"
     flip_x: bool = True
     val_every: int = 100
     checkpoint_minutes: float = 5.0
@@ -84,10 +88,10 @@ class TrainConfig:
     version: str = "0.1.0"
     demo: bool = False
     seed: int = 0
-    device: str = "auto"
+    device: TrainDevice = "auto"
     # "auto": bf16 autocast where the hardware runs it natively (CUDA with bf16, a CPU with AVX-512 BF16
     # or AMX: 1.8x faster per step on this project's Xeon VM), else fp32; weights and optimiser stay fp32.
-    precision: str = "auto"
+    precision: Precision = "auto"
     # warm start from a model package's weights (same architecture and spacing), e.g. the shipped demo
     init_from: str | None = None
 
@@ -116,9 +120,6 @@ def phantom_options(i: int, seed: int, postop: bool) -> dict:
             atrophy={names[j]: float(rng.uniform(0.6, 0.95)) for j in pick},
         )
     return d
-
-
-POSTOP_SHARES = (0.25, 0.5, 0.75)
 
 
 def phantom_plan(n: int, seed_start: int, postop_share: float = 0.25) -> list[dict]:
@@ -702,15 +703,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         len(val_cases),
         time.time() - t_cache,
     )
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = resolve_device(cfg.device)
     net = build_network(Architecture(args=cfg.arch)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.targets not in ("partial_volume", "nearest"):
-        raise ValueError(f"targets must be 'partial_volume' or 'nearest', not {cfg.targets!r}")
     soft = cfg.targets == "partial_volume"
     bf16 = training_uses_bf16(cfg.precision, device)
     log.info("training precision: %s", "bf16 autocast" if bf16 else "fp32")
@@ -728,8 +723,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         net.load_state_dict(network.state_dict())
         log.info("initialised from the package %s", cfg.init_from)
     rng = np.random.default_rng(cfg.seed + state["step"])
-    if cfg.crop not in ("foreground", "classes"):
-        raise ValueError(f"crop must be 'foreground' or 'classes', not {cfg.crop!r}")
     sampler = CropSampler(
         train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng, by_class=cfg.crop == "classes", fractions=soft,
         postop_weight=cfg.postop_weight,

@@ -177,6 +177,27 @@ def test_training_precision_choice() -> None:
         training_uses_bf16("fp16", cpu)
 
 
+def test_closed_training_choices_are_checked_when_configured() -> None:
+    """crop, targets, image_resampling, device and precision are Literals of TrainConfig: a misspelt
+    one is refused when the run is configured (or changed), not when training reaches it; the
+    command line offers the same choices and refuses others as a usage error."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    for field, value in (("crop", "class"), ("targets", "soft"), ("image_resampling", "lanczos"),
+                         ("device", "gpu"), ("precision", "fp16")):
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(**{field: value})
+        cfg = TrainConfig()
+        with pytest.raises(ValueError, match=field):
+            setattr(cfg, field, value)
+    result = CliRunner().invoke(app, ["train", "--phantoms", "1", "--out", "x", "--crop", "class"])
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2
+    assert "'--crop': Value error, 'class' is not one of 'foreground', 'classes'" in said
+
+
 def test_phantom_plan_post_operative_share_and_validation_plan() -> None:
     base = phantom_plan(16, 1000)
     assert [i for i, p in enumerate(base) if p.get("postop")] == [3, 7, 11, 15]  # the held-out plan

@@ -25,6 +25,7 @@ from dicomnode.commands.common import (
     z_range_option,
 )
 from seg import recipe
+from seg.preprocess_config import ImageResampling
 from seg.records import CSV_COLUMNS, Evaluation, LeftRight, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
@@ -347,6 +348,9 @@ def segment(
     typer.echo(volumes_table(rec))
 
 
+_POSTOP_SHARES = ", ".join(f"{v:g}" for v in recipe.POSTOP_SHARES[:-1]) + f" or {recipe.POSTOP_SHARES[-1]:g}"
+
+
 def train(
     out: Annotated[Path | None, typer.Option("--out", help="Model package folder to write (not with "
                                              "--check).")] = None,
@@ -363,7 +367,7 @@ def train(
         typer.Option(help="Extra phantoms (next seeds) for validation, post-operative first."),
     ] = 1,
     postop_share: Annotated[
-        float, typer.Option(help="Share of post-operative training phantoms: 0.25, 0.5 or 0.75.")
+        float, typer.Option(help=f"Share of post-operative training phantoms: {_POSTOP_SHARES}.")
     ] = 0.25,
     postop_weight: Annotated[
         float, typer.Option(help="How much more often crops come from post-operative phantoms (1: as often).")
@@ -405,16 +409,17 @@ def train(
     dice_batch: Annotated[bool, typer.Option(help="Dice over the whole batch (not per crop).")] = True,
     decay_start: Annotated[float, typer.Option(help="Fraction of the run after which the LR decays.")] = 0.7,
     crop: Annotated[
-        str, typer.Option(help="Crop centres: 'foreground' (any labelled voxel) or 'classes' (a structure "
-                          "drawn uniformly, then one of its voxels).")
+        recipe.Crop, typer.Option(help="Crop centres: 'foreground' (any labelled voxel) or 'classes' (a "
+                                  "structure drawn uniformly, then one of its voxels).")
     ] = "foreground",
     targets: Annotated[
-        str, typer.Option(help="Training targets: 'partial_volume' (class fractions of each model voxel) "
-                          "or 'nearest' (one label per voxel).")
+        recipe.Targets, typer.Option(help="Training targets: 'partial_volume' (class fractions of each model "
+                                     "voxel) or 'nearest' (one label per voxel).")
     ] = "partial_volume",
     image_resampling: Annotated[
-        str, typer.Option(help="How the CT reaches the model grid: 'bilinear' (sampled at each model "
-                          "voxel's centre) or 'box' (each model voxel's footprint averaged).")
+        ImageResampling, typer.Option(help="How the CT reaches the model grid: 'bilinear' (sampled at "
+                                      "each model voxel's centre) or 'box' (each model voxel's footprint "
+                                      "averaged).")
     ] = "bilinear",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 20,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
@@ -423,9 +428,10 @@ def train(
                           "(one core each).")
     ] = 1,
     seed: Annotated[int, typer.Option(help="Training RNG seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[recipe.TrainDevice, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[
-        str, typer.Option(help="auto (bf16 autocast where the CPU or GPU runs bf16 natively), fp32 or bf16.")
+        recipe.Precision, typer.Option(help="auto (bf16 autocast where the CPU or GPU runs bf16 natively), "
+                                       "fp32 or bf16.")
     ] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     check: Annotated[
@@ -444,20 +450,12 @@ def train(
 
     case_source(data, phantoms)
     zr = z_range_option(z_range)
-    if crop not in ("foreground", "classes"):
-        raise typer.BadParameter("--crop must be 'foreground' or 'classes'")
-    if targets not in ("partial_volume", "nearest"):
-        raise typer.BadParameter("--targets must be 'partial_volume' or 'nearest'")
-    if image_resampling not in ("bilinear", "box"):
-        raise typer.BadParameter("--image-resampling must be 'bilinear' or 'box'")
-    if postop_share not in (0.25, 0.5, 0.75):
-        raise typer.BadParameter("--postop-share must be 0.25, 0.5 or 0.75")
+    if postop_share not in recipe.POSTOP_SHARES:
+        raise typer.BadParameter(f"--postop-share must be {_POSTOP_SHARES}")
     if postop_weight <= 0:
         raise typer.BadParameter("--postop-weight must be positive")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
-    if precision not in recipe.PRECISIONS:
-        raise typer.BadParameter(f"--precision must be one of {', '.join(recipe.PRECISIONS)}")
     if cache_workers < 1:
         raise typer.BadParameter("--cache-workers must be at least 1")
     if check:
