@@ -46,11 +46,11 @@ def _backs(ph, sp: float) -> dict[str, np.ndarray]:
 def ceiling(phantoms: int, seed_start: int, spacings: list[float]) -> list[dict]:
     from seg import labels as L
     from seg.evaluate import evaluate_case, heldout_plan
-    from seg.phantom import PhantomOptions, make_phantom
+    from seg.phantom import make_phantom
 
     rows = []
     for o in heldout_plan(phantoms, seed_start):
-        ph = make_phantom(PhantomOptions(**o))
+        ph = make_phantom(o)
         truth = ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
         for sp in spacings:
             for kind, labels in _backs(ph, sp).items():
@@ -59,7 +59,7 @@ def ceiling(phantoms: int, seed_start: int, spacings: list[float]) -> list[dict]
                 dice = [r.per_class[m].dice for m in L.ANALYSED_MUSCLES]
                 errs = [abs(r.per_class[m].volume_error_pct or 0.0) for m in L.ANALYSED_MUSCLES]
                 rows.append({
-                    "seed": o["seed"], "ct_spacing": o["spacing_mm"], "grid_mm": sp, "targets": kind,
+                    "seed": o.seed, "ct_spacing": o.spacing_mm, "grid_mm": sp, "targets": kind,
                     "mean_dice": float(np.mean(dice)), "min_dice": float(min(dice)),
                     "femur_dice": r.per_class["femur"].dice,
                     "total_volume_error_pct": r.total_muscle_volume_error_pct,
@@ -76,15 +76,15 @@ def atrophy_ceiling(phantoms: int, seed_start: int, spacings: list[float]) -> li
     """The atrophied muscles' pre->post loss error of a perfect model: each post-operative
     phantom of the held-out plan and its pre-operative twin through the same grid round trip."""
     from seg.evaluate import atrophy_loss_records, heldout_plan, preop_twin_options, side_volumes
-    from seg.phantom import PhantomOptions, make_phantom
+    from seg.phantom import make_phantom
 
     rows = []
     for o in heldout_plan(phantoms, seed_start):
-        if not (o.get("postop") and o.get("atrophy") and o.get("implant_side")):
+        if not (o.postop and o.atrophy and o.implant_side):
             continue
         sides = {}
         for when, opts in (("post", o), ("pre", preop_twin_options(o))):
-            ph = make_phantom(PhantomOptions(**opts))
+            ph = make_phantom(opts)
             truth = side_volumes(ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8)))
             for sp in spacings:
                 for kind, labels in _backs(ph, sp).items():

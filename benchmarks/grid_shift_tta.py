@@ -25,11 +25,15 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from seg.volume import LPS_TO_RAS
+
+if TYPE_CHECKING:
+    from seg.phantom import PhantomOptions
 
 VARIANTS = {"A": ("A",), "B": ("B",), "AB": ("A", "B"), "C": ("C",), "CD": ("C", "D")}
 
@@ -98,13 +102,14 @@ def averaged_labels(passes: list[tuple[np.ndarray, np.ndarray]], ct, slab: int =
     return labels, background
 
 
-def measure_case(model, ph, opts: dict) -> dict:
+def measure_case(model, ph, opts: PhantomOptions) -> dict:
     """Every variant's figures for one phantom CT."""
     from seg import labels as L
     from seg.evaluate import evaluate_case, side_volumes
     from seg.hu_refine import refine_labels
     from seg.infer import predict_probabilities
     from seg.preprocess import to_model_grid
+    from seg.train import plan_record
 
     ct, truth = ph.ct, ph.labels
     mg = to_model_grid(ct, model.preprocess)
@@ -117,7 +122,7 @@ def measure_case(model, ph, opts: dict) -> dict:
         "D": (np.ascontiguousarray(flipped[:, ::-1]), affine_s),
     }
     rule = model.inference.hu_refinement
-    out: dict = {"seed": opts["seed"], "postop": bool(opts.get("postop")), "opts": opts, "variants": {},
+    out: dict = {"seed": opts.seed, "postop": opts.postop, "opts": plan_record(opts), "variants": {},
                  "truth_sides": [[n, s, v] for (n, s), v in side_volumes(truth).items()]}
     for name, keys in VARIANTS.items():
         labels, background = averaged_labels([passes[k] for k in keys], ct)
@@ -135,6 +140,7 @@ def measure_case(model, ph, opts: dict) -> dict:
 
 def report(rows: list[dict]) -> None:
     from seg.evaluate import atrophy_loss_records
+    from seg.phantom import PhantomOptions
 
     pre = {r["seed"]: r for r in rows if not r["postop"]}
     pairs = [(pre[r["seed"]], r) for r in rows if r["postop"] and r["seed"] in pre]
@@ -152,7 +158,8 @@ def report(rows: list[dict]) -> None:
                     vol += [abs(e or 0.0) for e in v["volume_error_pct"]]
                     sides.append(({(n, s): x for n, s, x in v["sides"]},
                                   {(n, s): x for n, s, x in r["truth_sides"]}))
-                loss += [abs(q.error_pp) for q in atrophy_loss_records(b["opts"], sides[0], sides[1])]
+                post_opts = PhantomOptions(**b["opts"])
+                loss += [abs(q.error_pp) for q in atrophy_loss_records(post_opts, sides[0], sides[1])]
             e = np.asarray(loss)
             print(f"{name:8} {tag:8} {np.mean(dice):7.4f} {np.median(vol):8.2f}% {np.median(e):10.1f}pp "
                   f"{e.max():6.1f} {int((e <= 5).sum()):>4}/{len(e)}")
@@ -161,7 +168,7 @@ def report(rows: list[dict]) -> None:
 def main() -> None:
     from seg.evaluate import heldout_plan, preop_twin_options
     from seg.model import load_model
-    from seg.phantom import PhantomOptions, make_phantom
+    from seg.phantom import make_phantom
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=12)
@@ -175,17 +182,17 @@ def main() -> None:
         torch.set_num_threads(2)
         model = load_model(a.model)
         done = {(r["seed"], r["postop"]) for r in rows}
-        posts = [o for o in heldout_plan(4 * a.pairs + a.seed_start % 4, a.seed_start) if o.get("postop")]
+        posts = [o for o in heldout_plan(4 * a.pairs + a.seed_start % 4, a.seed_start) if o.postop]
         for o in posts[: a.pairs]:
             for opts in (preop_twin_options(o), o):
-                if (opts["seed"], bool(opts.get("postop"))) in done:
+                if (opts.seed, opts.postop) in done:
                     continue
                 t0 = time.monotonic()
-                row = measure_case(model, make_phantom(PhantomOptions(**opts)), opts)
+                row = measure_case(model, make_phantom(opts), opts)
                 rows.append(row)
                 with a.out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                print(f"seed {opts['seed']} {'post' if row['postop'] else 'pre '} "
+                print(f"seed {opts.seed} {'post' if row['postop'] else 'pre '} "
                       f"{time.monotonic() - t0:.0f} s", flush=True)
     report(rows)
 

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from seg.phantom import PhantomOptions
 
 
 @dataclass(frozen=True)
@@ -85,18 +89,18 @@ def _side_mask(ct, truth: np.ndarray, side: str) -> np.ndarray:
     return x > mid if side == "left" else x <= mid
 
 
-def _errors(opts: dict, ct, truth: np.ndarray, pred: np.ndarray) -> list[MuscleError]:
+def _errors(opts: PhantomOptions, ct, truth: np.ndarray, pred: np.ndarray) -> list[MuscleError]:
     from seg.evaluate import side_volumes
     from seg.labels import LABEL_OF
 
-    side = opts["implant_side"]
+    side = opts.implant_side
     tv, pv = side_volumes(ct.with_array(truth)), side_volumes(ct.with_array(pred))
     operated = _side_mask(ct, truth, side)
     out = []
-    for name in opts["atrophy"]:
+    for name in opts.atrophy:
         lab = LABEL_OF[name]
         wrong = (((pred == lab) != (truth == lab)) & operated).sum((0, 1))
-        out.append(MuscleError(int(opts["seed"]), name, tv[(name, side)], pv.get((name, side), 0.0),
+        out.append(MuscleError(opts.seed, name, tv[(name, side)], pv.get((name, side), 0.0),
                                int(np.argmax(wrong))))
     return out
 
@@ -158,23 +162,23 @@ def main(argv: list[str] | None = None) -> None:
     from seg.evaluate import heldout_plan, preop_twin_options
     from seg.infer import segment
     from seg.model import load_model
-    from seg.phantom import PhantomOptions, make_phantom
+    from seg.phantom import make_phantom
 
     model = load_model(args.model, device="cpu")
-    post = [o for o in heldout_plan(4 * args.pairs, args.seed_start) if o.get("postop")]
+    post = [o for o in heldout_plan(4 * args.pairs, args.seed_start) if o.postop]
     cases, errors, wrong = {}, [], []
     for opts in post:
-        ph = make_phantom(PhantomOptions(**opts))
+        ph = make_phantom(opts)
         truth = np.asarray(ph.labels.array).astype(np.uint8)
         pred = np.asarray(segment(ph.ct, model, hu_refinement=not args.network_only).array)
-        cases[opts["seed"]] = (ph.ct, truth, pred, _side_mask(ph.ct, truth, opts["implant_side"]))
+        cases[opts.seed] = (ph.ct, truth, pred, _side_mask(ph.ct, truth, opts.implant_side))
         errors += _errors(opts, ph.ct, truth, pred)
         if args.breakdown:
-            twin = make_phantom(PhantomOptions(**preop_twin_options(opts)))
+            twin = make_phantom(preop_twin_options(opts))
             twin_hu = np.asarray(twin.ct.array, np.float32)
             twin_truth = np.asarray(twin.labels.array).astype(np.uint8)
-            wrong += [_breakdown(opts["seed"], name, ph.ct, truth, pred, cases[opts["seed"]][3], twin_hu,
-                                 twin_truth) for name in opts["atrophy"]]
+            wrong += [_breakdown(opts.seed, name, ph.ct, truth, pred, cases[opts.seed][3], twin_hu,
+                                 twin_truth) for name in opts.atrophy]
     print(f"{model.info.name} {model.info.version}"
           f"{' (network only)' if args.network_only else ''}: atrophied muscles, operated side")
     print(f"{'seed':>5} {'muscle':24} {'truth cm³':>10} {'measured':>9} {'error':>7}")

@@ -28,8 +28,12 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from seg.phantom import PhantomOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,15 +45,15 @@ CHUNK_BYTES = 14 * 2**20  # the device tool returns files of at most 16 MiB
 RESERVED_SEEDS = (range(5000, 5100), range(6000, 6100))
 
 
-def make_case(opts: dict) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+def make_case(opts: PhantomOptions) -> tuple[PhantomOptions, np.ndarray, np.ndarray, np.ndarray]:
     """Render one phantom and preprocess it exactly as ``seg.train.cache_case`` does."""
-    from seg.train import TrainConfig, _phantom_case, cache_case, preprocess_config
+    from seg.train import TrainConfig, cache_case, plan_phantom, preprocess_config
 
     pre = preprocess_config(TrainConfig(spacing_mm=SPACING))
-    ct, lab = _phantom_case(opts, None)
+    ph = plan_phantom(opts, None)
     d = Path(tempfile.mkdtemp(prefix="case"))
     try:
-        p = cache_case(d, "c", ct, lab, pre, True)
+        p = cache_case(d, "c", ph.ct, ph.labels, pre, True)
         return opts, np.load(p["image"]), np.load(p["labels"]), np.load(p["fractions"])
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -68,12 +72,12 @@ class GpuCases:
         self.fractions: list = []
         self.seeds: list[int] = []
 
-    def add(self, opts: dict, image: np.ndarray, labels: np.ndarray, fractions: np.ndarray) -> None:
+    def add(self, opts: PhantomOptions, image: np.ndarray, labels: np.ndarray, fractions: np.ndarray) -> None:
         import torch
 
-        from seg.train import _voxels_by_class
+        from seg.train import voxels_by_class
 
-        self.planner.add(image.shape, _voxels_by_class(labels, False), bool(opts.get("postop")))
+        self.planner.add(image.shape, voxels_by_class(labels, False), opts.postop)
         shp = self.planner.shapes[-1]  # padded up to the ROI, as CropSampler pads past the end
         x, y, z = image.shape
         img = torch.zeros(tuple(shp), dtype=torch.float16, device=self.device)
@@ -83,7 +87,7 @@ class GpuCases:
         fr[:, :x, :y, :z] = torch.from_numpy(fractions).to(self.device)
         self.images.append(img)
         self.fractions.append(fr)
-        self.seeds.append(int(opts["seed"]))
+        self.seeds.append(opts.seed)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -242,20 +246,20 @@ def main() -> int:
     import multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from seg.train import _one_thread, phantom_plan, validation_plan
+    from seg.train import one_thread, phantom_plan, validation_plan
 
     val_plan = validation_plan(a.val_phantoms, 1384)
     train_plan = interleave(phantom_plan(384, 1000, 0.5), phantom_plan(a.extra, a.extra_start,
                                                                           a.extra_postop_share))
-    val_seeds = {o["seed"] for o in val_plan}
-    pool = mp.get_context("spawn").Pool(a.workers, initializer=_one_thread)
+    val_seeds = {o.seed for o in val_plan}
+    pool = mp.get_context("spawn").Pool(a.workers, initializer=one_thread)
     results = pool.imap_unordered(make_case, val_plan + train_plan, chunksize=1)
 
     import torch
     from monai.losses import DiceCELoss
 
     from seg.model import build_network, load_model, resolve_device
-    from seg.train import TrainConfig, _lr, train_step, validate
+    from seg.train import TrainConfig, learning_rate, train_step, validate
 
     torch.manual_seed(a.seed)
     torch.backends.cudnn.benchmark = True
@@ -291,11 +295,11 @@ def main() -> int:
                 opts, img, lab, frac = results.next(timeout=None if block else 0.001)
             except (mp.TimeoutError, StopIteration):
                 return
-            if opts["seed"] in val_seeds:
-                np.save(valdir / f"{opts['seed']}_image.npy", img)
-                np.save(valdir / f"{opts['seed']}_labels.npy", lab)
-                val_cases.append({"id": str(opts["seed"]), "image": str(valdir / f"{opts['seed']}_image.npy"),
-                                  "labels": str(valdir / f"{opts['seed']}_labels.npy")})
+            if opts.seed in val_seeds:
+                np.save(valdir / f"{opts.seed}_image.npy", img)
+                np.save(valdir / f"{opts.seed}_labels.npy", lab)
+                val_cases.append({"id": str(opts.seed), "image": str(valdir / f"{opts.seed}_image.npy"),
+                                  "labels": str(valdir / f"{opts.seed}_labels.npy")})
             else:
                 cases.add(opts, img, lab, frac)
             if block:
@@ -331,7 +335,7 @@ def main() -> int:
             if step % 10 == 0:
                 take(block=False)
             t1 = time.perf_counter()
-            lr = _lr(schedule, step, time.time() - t_train0)
+            lr = learning_rate(schedule, step, time.time() - t_train0)
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = cases.batch(a.batch)

@@ -10,7 +10,9 @@ import csv
 import logging
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,9 +29,13 @@ from seg.records import (
 )
 from seg.volume import Volume
 
+if TYPE_CHECKING:
+    from seg.phantom import PhantomOptions
+
 log = logging.getLogger(__name__)
 
 TARGETS = EvaluationTargets()
+Sides = dict[tuple[str, str], float]  # (structure, "left"|"right") -> cm³
 
 
 def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> float | None:
@@ -208,7 +214,7 @@ def _through_dicom(ph, syntax: str) -> Volume:
     return ct
 
 
-def heldout_plan(n: int, seed_start: int) -> list[dict]:
+def heldout_plan(n: int, seed_start: int) -> list[PhantomOptions]:
     """Held-out phantom options: HFS/FFS, several spacings, post-op with atrophy and implant."""
     from seg.train import phantom_plan
 
@@ -237,13 +243,10 @@ def evaluate_model(
             load_case(cid, c, lp)  # a bad last case would otherwise end the run with nothing written
         items = [(cid, lambda cid=cid, c=c, lp=lp: load_case(cid, c, lp), None) for cid, c, lp in found]
     else:
-        from seg.phantom import PhantomOptions, make_phantom
+        from seg.train import plan_phantom
 
-        def _mk(o: dict, syntax: str | None):
-            o = dict(o)
-            if z_range_mm is not None:
-                o["z_range_mm"] = z_range_mm
-            ph = make_phantom(PhantomOptions(**o))
+        def _mk(o: PhantomOptions, syntax: str | None):
+            ph = plan_phantom(o, z_range_mm)
             if syntax is None:
                 return ph.ct, ph.labels
             return _through_dicom(ph, syntax), ph.labels
@@ -251,8 +254,8 @@ def evaluate_model(
         items = []
         for i, o in enumerate(heldout_plan(phantoms, seed_start)):
             syntax = COMPRESSED_SYNTAXES[(i // 3) % len(COMPRESSED_SYNTAXES)] if i % 3 == 2 else None
-            cid = (f"seed{o['seed']}_{o['position']}_{'x'.join(f'{s:g}' for s in o['spacing_mm'])}"
-                   + ("_postop" if o.get("postop") else "") + (f"_{syntax}" if syntax else ""))
+            cid = (f"seed{o.seed}_{o.position}_{'x'.join(f'{s:g}' for s in o.spacing_mm)}"
+                   + ("_postop" if o.postop else "") + (f"_{syntax}" if syntax else ""))
             items.append((cid, lambda o=o, syntax=syntax: _mk(o, syntax), o))
     loss: list[AtrophyLoss] = []
     for n, (cid, load, opts) in enumerate(items, 1):
@@ -264,11 +267,11 @@ def evaluate_model(
         rec = CaseEvaluation.model_validate(
             evaluate_case(pred, truth, hd95=hd95).model_dump()
             | {"case": cid, "shape": ct.shape, "spacing_mm": ct.spacing_mm, "inference_s": round(dt, 2),
-               "postoperative": bool(opts is not None and opts.get("postop"))})
+               "postoperative": opts is not None and opts.postop})
         log.info("case %d/%d %s: mean muscle Dice %.4f (%.1f s)", n, len(items), cid,
                  rec.mean_dice_muscles or 0.0, dt)
         cases.append(rec)
-        if opts is not None and opts.get("postop") and opts.get("atrophy") and opts.get("implant_side"):
+        if opts is not None and opts.postop and opts.atrophy and opts.implant_side:
             loss += _atrophy_loss(model, opts, z_range_mm, (side_volumes(pred), side_volumes(truth)),
                                   hu_refinement)
     return aggregate(cases, model.info, loss)
@@ -282,17 +285,13 @@ def side_volumes(labels: Volume) -> dict[tuple[str, str], float]:
     return {(st.name, side): st.side_volume(side) for st in rec.structures for side in ("left", "right")}
 
 
-Sides = dict[tuple[str, str], float]
-
-
-def preop_twin_options(post_opts: dict) -> dict:
+def preop_twin_options(post_opts: PhantomOptions) -> PhantomOptions:
     """The pre-operative twin of a post-operative phantom: the same patient (seed, spacing,
     position, slice order) without surgery, atrophy or fat infiltration."""
-    return {k: v for k, v in post_opts.items()
-            if k not in ("postop", "atrophy", "implant_side", "fat_infiltration")}
+    return replace(post_opts, postop=False, atrophy={}, implant_side=None, fat_infiltration=0.0)
 
 
-def atrophy_loss_records(post_opts: dict, pre: tuple[Sides, Sides],
+def atrophy_loss_records(post_opts: PhantomOptions, pre: tuple[Sides, Sides],
                          post: tuple[Sides, Sides]) -> list[AtrophyLoss]:
     """Pre->post loss (%) of each atrophied muscle on the operated side, measured against truth.
 
@@ -300,16 +299,16 @@ def atrophy_loss_records(post_opts: dict, pre: tuple[Sides, Sides],
     post-operative case.
     """
     (mp, tp), (mq, tq) = pre, post
-    side = post_opts["implant_side"]
+    side = post_opts.implant_side
     out = []
-    for name in post_opts["atrophy"]:
+    for name in post_opts.atrophy:
         key = (name, side)
         if not tp.get(key):
             continue
         true_loss = (tp[key] - tq[key]) / tp[key] * 100.0
         meas_loss = (mp[key] - mq[key]) / mp[key] * 100.0 if mp.get(key) else None
         out.append(AtrophyLoss(
-            case=f"seed{post_opts['seed']}", muscle=name, side=side,
+            case=f"seed{post_opts.seed}", muscle=name, side=side,
             truth_loss_pct=round(true_loss, 2),
             measured_loss_pct=None if meas_loss is None else round(meas_loss, 2),
             error_pp=100.0 if meas_loss is None else round(meas_loss - true_loss, 2),
@@ -317,16 +316,13 @@ def atrophy_loss_records(post_opts: dict, pre: tuple[Sides, Sides],
     return out
 
 
-def _atrophy_loss(model, post_opts: dict, z_range_mm: tuple[float, float] | None,
+def _atrophy_loss(model, post_opts: PhantomOptions, z_range_mm: tuple[float, float] | None,
                   post: tuple[Sides, Sides], hu_refinement: bool = True) -> list[AtrophyLoss]:
     """:func:`atrophy_loss_records` of a post-operative case, its twin segmented here by ``model``."""
     from seg.infer import segment
-    from seg.phantom import PhantomOptions, make_phantom
+    from seg.train import plan_phantom
 
-    pre_opts = preop_twin_options(post_opts)
-    if z_range_mm is not None:
-        pre_opts["z_range_mm"] = z_range_mm
-    ph = make_phantom(PhantomOptions(**pre_opts))
+    ph = plan_phantom(preop_twin_options(post_opts), z_range_mm)
     truth = ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
     pre = (side_volumes(segment(ph.ct, model, hu_refinement=hu_refinement)), side_volumes(truth))
     out = atrophy_loss_records(post_opts, pre, post)

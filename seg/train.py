@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydantic
@@ -29,10 +30,14 @@ from seg.model import (
     resolve_device,
     save_package,
 )
+from seg.phantom.options import PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
 from seg.preprocess_config import ImageResampling, PreprocessConfig
 from seg.recipe import POSTOP_SHARES, Crop, Precision, Targets, TrainDevice
 from seg.volume import Volume
+
+if TYPE_CHECKING:
+    from seg.phantom import Phantom
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +104,42 @@ class TrainConfig:
 # ---------------------------------------------------------------- data
 
 
-def phantom_options(i: int, seed: int, postop: bool) -> dict:
+def phantom_options(i: int, seed: int, postop: bool) -> PhantomOptions:
     """Options of the i-th phantom of a plan: spacing, position and slice order cycle with i."""
     spacings = [(3.0, 3.0, 3.0), (1.5, 1.5, 3.0), (2.0, 2.0, 2.5), (2.5, 2.5, 4.0), (1.0, 1.0, 5.0)]
-    d: dict = {
+    common = {
         "seed": seed,
         "spacing_mm": spacings[i % len(spacings)],
         "position": "FFS" if i % 2 else "HFS",
         "slice_order": "descending" if i % 3 == 1 else "ascending",
     }
-    if postop:
-        rng = np.random.default_rng(seed)
-        side = "left" if rng.random() < 0.5 else "right"
-        names = list(L.ANALYSED_MUSCLES)
-        pick = rng.choice(len(names), size=6, replace=False)
-        d.update(
-            postop=True,
-            implant_side=side,
-            fat_infiltration=float(rng.uniform(0.0, 0.3)),
-            atrophy={names[j]: float(rng.uniform(0.6, 0.95)) for j in pick},
-        )
+    if not postop:
+        return PhantomOptions(**common)
+    rng = np.random.default_rng(seed)
+    side = "left" if rng.random() < 0.5 else "right"
+    names = list(L.ANALYSED_MUSCLES)
+    pick = rng.choice(len(names), size=6, replace=False)
+    return PhantomOptions(
+        **common,
+        postop=True,
+        implant_side=side,
+        fat_infiltration=float(rng.uniform(0.0, 0.3)),
+        atrophy={names[j]: float(rng.uniform(0.6, 0.95)) for j in pick},
+    )
+
+
+def plan_record(opts: PhantomOptions) -> dict:
+    """A plan's phantom as the package provenance and the cache ids record it: the options a plan
+    sets (:func:`phantom_options`), nothing else, so both read as they always have."""
+    d: dict = {"seed": opts.seed, "spacing_mm": opts.spacing_mm, "position": opts.position,
+               "slice_order": opts.slice_order}
+    if opts.postop:
+        d |= {"postop": True, "implant_side": opts.implant_side, "fat_infiltration": opts.fat_infiltration,
+              "atrophy": opts.atrophy}
     return d
 
 
-def phantom_plan(n: int, seed_start: int, postop_share: float = 0.25) -> list[dict]:
+def phantom_plan(n: int, seed_start: int, postop_share: float = 0.25) -> list[PhantomOptions]:
     """Varied phantom options: HFS/FFS, several spacings, slice orders, post-op with atrophy + implant.
 
     Post-operative phantoms take the last ``postop_share * 4`` places of every four (the 4th at
@@ -135,7 +152,7 @@ def phantom_plan(n: int, seed_start: int, postop_share: float = 0.25) -> list[di
     return [phantom_options(i, seed_start + i, i % 4 >= 4 - per4) for i in range(n)]
 
 
-def validation_plan(n: int, seed_start: int) -> list[dict]:
+def validation_plan(n: int, seed_start: int) -> list[PhantomOptions]:
     """Validation phantoms, post-operative first and then alternating.
 
     The post-operative studies (implant, atrophy, fat) are the hardest; a pre-operative-only
@@ -144,14 +161,12 @@ def validation_plan(n: int, seed_start: int) -> list[dict]:
     return [phantom_options(i, seed_start + i, i % 2 == 0) for i in range(n)]
 
 
-def _phantom_case(opts: dict, z_range: tuple[float, float] | None):
-    from seg.phantom import PhantomOptions, make_phantom
+def plan_phantom(opts: PhantomOptions, z_range_mm: tuple[float, float] | None) -> Phantom:
+    """The phantom of a plan's options, cut to ``z_range_mm`` when given (small test phantoms): how
+    training, evaluation and the GPU legs render them."""
+    from seg.phantom import make_phantom
 
-    o = dict(opts)
-    if z_range is not None:
-        o["z_range_mm"] = z_range
-    ph = make_phantom(PhantomOptions(**o))
-    return ph.ct, ph.labels
+    return make_phantom(opts if z_range_mm is None else replace(opts, z_range_mm=z_range_mm))
 
 
 class DatasetError(ValueError):
@@ -311,20 +326,20 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     plan = phantom_plan(cfg.phantoms, cfg.seed_start, cfg.postop_share) + validation_plan(
         cfg.val_phantoms, cfg.seed_start + cfg.phantoms
     )
-    ids = [f"ph{opts['seed']}_" + hashlib_short(opts, cfg.phantom_z_range_mm) for opts in plan]
+    ids = [f"ph{opts.seed}_" + hashlib_short(plan_record(opts), cfg.phantom_z_range_mm) for opts in plan]
     jobs = [_PhantomJob(str(cache), cid, opts, cfg.phantom_z_range_mm, pre, fractions)
             for cid, opts in zip(ids, plan, strict=True)
             if not _is_cached(_case_paths(cache, cid), fractions)]
     for job, seconds in _run_phantom_jobs(jobs, cfg.cache_workers):
-        log.info("cached phantom seed %s (%s, %.1f s)", job.opts["seed"], job.opts["position"], seconds)
-    cases = [_case_paths(cache, cid) | {"postop": bool(opts.get("postop"))}
+        log.info("cached phantom seed %s (%s, %.1f s)", job.opts.seed, job.opts.position, seconds)
+    cases = [_case_paths(cache, cid) | {"postop": opts.postop}
              for cid, opts in zip(ids, plan, strict=True)]
     ntr = cfg.phantoms
     prov = {
         "source": "phantoms",
-        "train_seeds": [p["seed"] for p in plan[:ntr]],
-        "val_seeds": [p["seed"] for p in plan[ntr:]],
-        "phantom_options": plan,
+        "train_seeds": [p.seed for p in plan[:ntr]],
+        "val_seeds": [p.seed for p in plan[ntr:]],
+        "phantom_options": [plan_record(p) for p in plan],
         "z_range_mm": cfg.phantom_z_range_mm,
     }
     try:
@@ -342,7 +357,7 @@ class _PhantomJob:
 
     cache: str
     case_id: str
-    opts: dict
+    opts: PhantomOptions
     z_range: tuple[float, float] | None
     preprocessing: PreprocessConfig
     fractions: bool
@@ -351,12 +366,14 @@ class _PhantomJob:
 def _cache_phantom(job: _PhantomJob) -> float:
     """Render and cache one phantom; returns the seconds it took."""
     t = time.time()
-    ct, lab = _phantom_case(job.opts, job.z_range)
+    ph = plan_phantom(job.opts, job.z_range)
+    ct, lab = ph.ct, ph.labels
     cache_case(Path(job.cache), job.case_id, ct, lab, job.preprocessing, job.fractions)
     return time.time() - t
 
 
-def _one_thread() -> None:
+def one_thread() -> None:
+    """Process initialiser: one torch thread (phantom workers, one core apiece)."""
     torch.set_num_threads(1)
 
 
@@ -371,7 +388,7 @@ def _run_phantom_jobs(jobs: list[_PhantomJob], workers: int):
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context("spawn")  # no fork of a process that may hold torch threads
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_one_thread) as ex:
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=one_thread) as ex:
         yield from zip(jobs, ex.map(_cache_phantom, jobs), strict=True)
 
 
@@ -472,7 +489,7 @@ class CropSampler:
         self.fractions = [np.load(c["fractions"], mmap_mode="r") for c in cases] if fractions else None
         # Centre candidates per case and class (every 7th voxel of a class keeps memory small).
         for c, img, lab in zip(cases, self.images, self.labels, strict=True):
-            self.planner.add(img.shape, _voxels_by_class(lab, by_class), bool(c.get("postop")))
+            self.planner.add(img.shape, voxels_by_class(lab, by_class), bool(c.get("postop")))
         self.roi, self.rng = roi, rng
 
     def _crop(self, a: np.ndarray, start: np.ndarray, fill: float | np.ndarray = 0) -> np.ndarray:
@@ -511,7 +528,7 @@ class CropSampler:
         )
 
 
-def _voxels_by_class(lab: np.ndarray, by_class: bool) -> dict[int, np.ndarray]:
+def voxels_by_class(lab: np.ndarray, by_class: bool) -> dict[int, np.ndarray]:
     """Labelled voxel indices (every 7th), all in one group or one group per class present."""
     flat = np.flatnonzero(lab)
     if not by_class:
@@ -589,7 +606,8 @@ def validate(net: torch.nn.Module, cases: list[dict], roi, device) -> dict:
 # ---------------------------------------------------------------- training
 
 
-def _lr(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """The schedule: linear warm-up, then linear decay to 5 % after ``decay_start`` of the run."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     frac = elapsed_s / (cfg.max_minutes * 60) if cfg.max_minutes else step / max(cfg.steps, 1)
@@ -741,7 +759,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             log.info("time limit reached at step %d", state["step"])
             break
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, state["step"], time.time() - t0)
+            g["lr"] = learning_rate(cfg, state["step"], time.time() - t0)
         x, y = sampler.batch(cfg.batch_size)
         x, y = x.to(device), y.to(device)
         loss = train_step(net, opt, loss_fn, x, y, bf16)

@@ -165,9 +165,10 @@ def test_atrophy_loss_records_measure_loss_against_truth() -> None:
     """Loss = (pre - post) / pre on the operated side; error = measured - true loss, in points; a muscle the
     network lost before surgery counts as a 100-point error, one absent from the truth is left out."""
     from seg.evaluate import atrophy_loss_records
+    from seg.phantom import PhantomOptions
 
-    opts = {"seed": 7, "implant_side": "left",
-            "atrophy": {"sartorius": 0.8, "gracilis": 0.8, "pectineus": 0.8, "piriformis": 0.8}}
+    opts = PhantomOptions(seed=7, postop=True, implant_side="left",
+                          atrophy={"sartorius": 0.8, "gracilis": 0.8, "pectineus": 0.8, "piriformis": 0.8})
     true_pre = {("sartorius", "left"): 100.0, ("gracilis", "left"): 50.0, ("pectineus", "left"): 20.0,
                 ("sartorius", "right"): 100.0}
     true_post = {("sartorius", "left"): 80.0, ("gracilis", "left"): 40.0, ("pectineus", "left"): 16.0,
@@ -186,25 +187,29 @@ def test_atrophy_loss_records_measure_loss_against_truth() -> None:
 def test_preoperative_twin_is_the_same_patient_before_surgery() -> None:
     """The twin that the held-out loss is measured against differs from the post-operative phantom only
     by the surgery: the other side is identical, and each atrophied muscle's true loss is its factor's."""
+    from dataclasses import replace
+
     from seg.evaluate import atrophy_loss_records, preop_twin_options, side_volumes
     from seg.phantom import PhantomOptions, make_phantom
     from seg.train import phantom_plan
 
-    post = {**next(o for o in phantom_plan(4, 80000) if o.get("postop")), "z_range_mm": (-60.0, 60.0)}
+    post = replace(next(o for o in phantom_plan(4, 80000) if o.postop), z_range_mm=(-60.0, 60.0))
 
-    def truth(opts: dict) -> dict:
-        ph = make_phantom(PhantomOptions(**opts))
+    def truth(opts: PhantomOptions) -> dict:
+        ph = make_phantom(opts)
         return side_volumes(ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8)))
 
     tq, tp = truth(post), truth(preop_twin_options(post))
-    assert "atrophy" not in preop_twin_options(post) and preop_twin_options(post)["seed"] == post["seed"]
-    other = "left" if post["implant_side"] == "right" else "right"
+    twin = preop_twin_options(post)
+    assert twin == replace(post, postop=False, atrophy={}, implant_side=None, fat_infiltration=0.0)
+    assert twin.seed == post.seed and not twin.postop and post.atrophy  # the plan's own options untouched
+    other = "left" if post.implant_side == "right" else "right"
     assert all(tp[k] == tq[k] for k in tp if k[1] == other)
     recs = atrophy_loss_records(post, (tp, tp), (tq, tq))
     assert len(recs) >= 3
     for r in recs:
         assert r.error_pp == 0.0
-        assert r.truth_loss_pct == pytest.approx(100 * (1 - post["atrophy"][r.muscle]), abs=3.0), r.muscle
+        assert r.truth_loss_pct == pytest.approx(100 * (1 - post.atrophy[r.muscle]), abs=3.0), r.muscle
 
 
 def test_evaluation_table_reads_at_80_columns_with_the_atrophy_summary() -> None:

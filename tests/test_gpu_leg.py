@@ -12,6 +12,7 @@ import torch
 
 from seg import labels as L
 from seg.model import DEMO_DIR, load_model
+from seg.phantom import PhantomOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def _case(shape: tuple[int, int, int], value: float) -> tuple[np.ndarray, np.nda
 
 def test_crops_are_padded_partial_volume_targets(gpu_leg) -> None:
     cases = gpu_leg.GpuCases(24, torch.device("cpu"), 1.0, 1.0, np.random.default_rng(0))
-    cases.add({"seed": 1}, *_case((20, 30, 40), 0.5))  # x shorter than the ROI: padded
+    cases.add(PhantomOptions(seed=1), *_case((20, 30, 40), 0.5))  # x shorter than the ROI: padded
     x, y = cases.batch(6)
     assert x.shape == (6, 1, 24, 24, 24) and y.shape == (6, L.NUM_CLASSES, 24, 24, 24)
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
@@ -48,8 +49,8 @@ def test_crops_are_padded_partial_volume_targets(gpu_leg) -> None:
 
 def test_postop_cases_are_drawn_by_their_weight(gpu_leg) -> None:
     cases = gpu_leg.GpuCases(16, torch.device("cpu"), 0.85, 3.0, np.random.default_rng(1))
-    cases.add({"seed": 1}, *_case((24, 24, 24), 0.2))
-    cases.add({"seed": 2, "postop": True}, *_case((24, 24, 24), 0.8))
+    cases.add(PhantomOptions(seed=1), *_case((24, 24, 24), 0.2))
+    cases.add(PhantomOptions(seed=2, postop=True), *_case((24, 24, 24), 0.8))
     x, _ = cases.batch(300)
     share = float((x.mean((1, 2, 3, 4)) > 0.5).float().mean())
     assert 0.68 < share < 0.82  # 3 / (3 + 1)
@@ -111,7 +112,7 @@ def test_gpu_crops_are_the_cpu_samplers_crops(gpu_leg, tmp_path: Path) -> None:
     for seed in range(4):
         cpu = CropSampler([case], (24, 24, 24), 0.85, True, np.random.default_rng(seed), fractions=True)
         gpu = gpu_leg.GpuCases(24, torch.device("cpu"), 0.85, 1.0, np.random.default_rng(seed))
-        gpu.add({"seed": 1}, image, labels, fractions)
+        gpu.add(PhantomOptions(seed=1), image, labels, fractions)
         (xc, yc), (xg, yg) = cpu.batch(1), gpu.batch(1)
         assert torch.equal(yc, yg)
         assert float((xc - xg).abs().mean()) < 0.05

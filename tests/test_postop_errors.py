@@ -8,12 +8,13 @@ from benchmarks.postop_errors import _errors, _side_mask
 from seg.labels import LABEL_OF
 from seg.phantom import PhantomOptions, make_phantom
 
-OPTS = dict(seed=4242, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-150.0, -90.0), postop=True,
-            implant_side="left", fat_infiltration=0.1, atrophy={"vastus_lateralis": 0.7, "sartorius": 0.8})
+OPTS = PhantomOptions(seed=4242, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-150.0, -90.0), postop=True,
+                      implant_side="left", fat_infiltration=0.1,
+                      atrophy={"vastus_lateralis": 0.7, "sartorius": 0.8})
 
 
 def test_operated_side_errors_are_exact_and_one_sided() -> None:
-    ph = make_phantom(PhantomOptions(**OPTS))
+    ph = make_phantom(OPTS)
     truth = np.asarray(ph.labels.array).astype(np.uint8)
     left = _side_mask(ph.ct, truth, "left")
     # the patient's left is +x in LPS: the left mask holds the voxels of larger x, and half the body
@@ -38,8 +39,8 @@ def test_breakdown_tells_the_emptied_shell_from_a_neighbour_and_background() -> 
     from benchmarks.postop_errors import _breakdown
     from seg.evaluate import preop_twin_options
 
-    ph = make_phantom(PhantomOptions(**OPTS))
-    twin = make_phantom(PhantomOptions(**preop_twin_options(OPTS)))
+    ph = make_phantom(OPTS)
+    twin = make_phantom(preop_twin_options(OPTS))
     truth = np.asarray(ph.labels.array).astype(np.uint8)
     twin_truth = np.asarray(twin.labels.array).astype(np.uint8)
     twin_hu = np.asarray(twin.ct.array, np.float32)

@@ -200,19 +200,19 @@ def test_closed_training_choices_are_checked_when_configured() -> None:
 
 def test_phantom_plan_post_operative_share_and_validation_plan() -> None:
     base = phantom_plan(16, 1000)
-    assert [i for i, p in enumerate(base) if p.get("postop")] == [3, 7, 11, 15]  # the held-out plan
+    assert [i for i, p in enumerate(base) if p.postop] == [3, 7, 11, 15]  # the held-out plan
     half = phantom_plan(16, 1000, postop_share=0.5)
-    post = [i for i, p in enumerate(half) if p.get("postop")]
+    post = [i for i, p in enumerate(half) if p.postop]
     assert post == [2, 3, 6, 7, 10, 11, 14, 15]
     # implants on both patient positions, and the 0.25 plan's post-op phantoms unchanged (cache ids stay)
-    assert {half[i]["position"] for i in post} == {"HFS", "FFS"}
+    assert {half[i].position for i in post} == {"HFS", "FFS"}
     assert all(half[i] == base[i] for i in (3, 7, 11, 15))
-    assert [p["seed"] for p in half] == list(range(1000, 1016))
+    assert [p.seed for p in half] == list(range(1000, 1016))
     with pytest.raises(ValueError, match="postop_share"):
         phantom_plan(4, 1000, postop_share=0.3)
     val = validation_plan(3, 2000)
-    assert [p.get("postop", False) for p in val] == [True, False, True]
-    assert val[0]["atrophy"] and val[0]["implant_side"] in ("left", "right")
+    assert [p.postop for p in val] == [True, False, True]
+    assert val[0].atrophy and val[0].implant_side in ("left", "right")
 
 
 def test_phantoms_cached_in_parallel_are_the_ones_cached_serially(tmp_path: Path) -> None:

@@ -9,11 +9,26 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
 
 from seg import labels as L
+from seg.records import LeftRight
 from seg.volume import Volume
 
 PHANTOM_VERSION = "1.0"
+Position = Literal["HFS", "FFS"]
+# "ascending": instance 1 at the lowest z (feet); "descending": head first
+SliceOrder = Literal["ascending", "descending"]
+PhantomSex = Literal["F", "M"]
+
+
+def _one_of(name: str, value: object, choices: Any, optional: bool = False) -> None:
+    """Refuse ``value`` unless it is one of the Literal ``choices`` (or None when ``optional``): a
+    dataclass does not check its annotations, and a value outside them would render silently."""
+    allowed = [*get_args(choices), *([None] if optional else [])]
+    if value not in allowed:
+        words = [str(a) for a in allowed]
+        raise ValueError(f"{name} must be {', '.join(words[:-1])} or {words[-1]}")
 
 
 @dataclass
@@ -29,18 +44,18 @@ class PhantomOptions:
     z_range_mm: tuple[float, float] | None = None
     # Reconstructed slice thickness (SliceThickness, z blur); None = the slice spacing.
     slice_thickness_mm: float | None = None
-    position: str = "HFS"  # "HFS" | "FFS"
-    slice_order: str = "ascending"  # "ascending": instance 1 at the lowest z (feet); "descending": head first
+    position: Position = "HFS"
+    slice_order: SliceOrder = "ascending"
     patient_id: str | None = None
     patient_name: str | None = None
     study_date: str = "20240101"  # YYYYMMDD
     study_time: str = "120000"
-    sex: str | None = None  # "F" | "M" | None = random by seed
+    sex: PhantomSex | None = None  # None = random by seed
     height_m: float | None = None  # None = random by seed and sex
     postop: bool = False
     atrophy: dict[str, float] = field(default_factory=dict)  # structure name -> volume factor (0.8 = -20 %)
     fat_infiltration: float = 0.0  # 0..1 fraction of fat mixed into muscle HU (operated side if implant)
-    implant_side: str | None = None  # "left" | "right" | None
+    implant_side: LeftRight | None = None
     study_uid: str | None = None
     series_uid: str | None = None
     write_height: bool = True  # write PatientSize (height) into the DICOM header
@@ -54,14 +69,10 @@ class PhantomOptions:
             raise ValueError("spacing_mm must be three positive numbers (column, row, slice)")
         if self.slice_thickness_mm is not None and not 0 < float(self.slice_thickness_mm) <= 20:
             raise ValueError("slice_thickness_mm must be within (0, 20] mm")
-        if self.position not in ("HFS", "FFS"):
-            raise ValueError("position must be HFS or FFS")
-        if self.slice_order not in ("ascending", "descending"):
-            raise ValueError("slice_order must be ascending or descending")
-        if self.sex not in (None, "F", "M"):
-            raise ValueError("sex must be F, M or None")
-        if self.implant_side not in (None, "left", "right"):
-            raise ValueError("implant_side must be left, right or None")
+        _one_of("position", self.position, Position)
+        _one_of("slice_order", self.slice_order, SliceOrder)
+        _one_of("sex", self.sex, PhantomSex, optional=True)
+        _one_of("implant_side", self.implant_side, LeftRight, optional=True)
         if not 0.0 <= self.fat_infiltration <= 1.0:
             raise ValueError("fat_infiltration must be within 0..1")
         for name, f in self.atrophy.items():  # checked here, where the command line's errors are caught
