@@ -60,8 +60,10 @@ def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, floa
     return float(d.reshape(-1)[0])
 
 
-def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True) -> CaseEvaluation:
-    """Per-class Dice, HD95 (mm) and relative volume error (%) of one prediction."""
+def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True,
+                  sides: tuple[Sides, Sides] | None = None) -> CaseEvaluation:
+    """Per-class Dice, HD95 (mm) and relative volume error (%) of one prediction. ``sides``: the
+    (prediction's, truth's) :func:`side_volumes` when the caller has them already."""
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and truth {truth.shape} are not on one grid")
     n = L.NUM_CLASSES
@@ -71,7 +73,8 @@ def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True) -> CaseEvaluat
     tp = np.diag(cm)
     npred, ntrue = cm.sum(0), cm.sum(1)
     vox = truth.voxel_volume_cm3
-    sides = _side_volume_errors(pred, truth)
+    pred_sides, true_sides = sides or (side_volumes(pred), side_volumes(truth))
+    by_side = _side_volume_errors(pred_sides, true_sides)
     out: dict[str, CaseClassScore] = {}
     for lab in range(1, n):
         name = L.CLASS_NAMES[lab]
@@ -83,7 +86,7 @@ def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True) -> CaseEvaluat
             volume_pred_cm3=float(npred[lab] * vox),
             volume_error_pct=float((npred[lab] - ntrue[lab]) / ntrue[lab] * 100.0) if ntrue[lab] else None,
             hd95_mm=_hd95(pred.array == lab, truth.array == lab, truth.spacing_mm) if hd95 else None,
-            side_volume_error_pct=sides.get(name, {}),
+            side_volume_error_pct=by_side.get(name, {}),
         )
     musc = [m for m in L.ANALYSED_MUSCLES if m in out]
     tv = sum(out[m].volume_true_cm3 for m in musc)
@@ -97,19 +100,13 @@ def evaluate_case(pred: Volume, truth: Volume, hd95: bool = True) -> CaseEvaluat
     )
 
 
-def _side_volume_errors(pred: Volume, truth: Volume) -> dict[str, dict[str, float]]:
+def _side_volume_errors(pred: Sides, truth: Sides) -> dict[str, dict[str, float]]:
     """Relative volume error (%) of each structure per side, each label map split at its own
-    mid-sagittal plane as the node splits a prediction (``seg.measure``)."""
-    from seg.measure import measure_volumes
-
-    p = measure_volumes(pred).by_name()
-    t = measure_volumes(truth).by_name()
+    mid-sagittal plane as the node splits a prediction (:func:`side_volumes`)."""
     out: dict[str, dict[str, float]] = {}
-    for name, ts in t.items():
-        for side in ("left", "right"):
-            want = ts.side_volume(side)
-            if want > 0:
-                out.setdefault(name, {})[side] = (p[name].side_volume(side) - want) / want * 100.0
+    for (name, side), want in truth.items():
+        if want > 0:
+            out.setdefault(name, {})[side] = (pred[(name, side)] - want) / want * 100.0
     return out
 
 
@@ -264,16 +261,16 @@ def evaluate_model(
         t = time.perf_counter()
         pred = segment(ct, model, hu_refinement=hu_refinement)
         dt = time.perf_counter() - t
+        sides = (side_volumes(pred), side_volumes(truth))  # measured once: the errors and the atrophy loss
         rec = CaseEvaluation.model_validate(
-            evaluate_case(pred, truth, hd95=hd95).model_dump()
+            evaluate_case(pred, truth, hd95=hd95, sides=sides).model_dump()
             | {"case": cid, "shape": ct.shape, "spacing_mm": ct.spacing_mm, "inference_s": round(dt, 2),
                "postoperative": opts is not None and opts.postop})
         log.info("case %d/%d %s: mean muscle Dice %.4f (%.1f s)", n, len(items), cid,
                  rec.mean_dice_muscles or 0.0, dt)
         cases.append(rec)
         if opts is not None and opts.postop and opts.atrophy and opts.implant_side:
-            loss += _atrophy_loss(model, opts, z_range_mm, (side_volumes(pred), side_volumes(truth)),
-                                  hu_refinement)
+            loss += _atrophy_loss(model, opts, z_range_mm, sides, hu_refinement)
     return aggregate(cases, model.info, loss)
 
 
