@@ -44,7 +44,7 @@ from pydantic_settings import (
 )
 
 from reporting.seg_types import SegTypeName
-from seg.recipe import Runtime
+from seg.recipe import Device, Runtime
 
 CONFIG_ENV = "DICOMNODE_CONFIG"
 MIN_TOKEN_CHARS = 16  # the operations page's shared secret
@@ -58,22 +58,11 @@ def _case_insensitive(choices: Any) -> BeforeValidator:
     return BeforeValidator(lambda v: v.upper() if isinstance(v, str) and v.upper() in allowed else v)
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def _device(value: str) -> str:
-    """A torch device the worker can use; checked here so a typo fails at start-up, not at the first job."""
-    if not _DEVICE.fullmatch(value):
-        raise ValueError("must be auto, cpu, cuda or cuda:N (N = GPU index)")
-    return value
-
-
 _COMPRESSIONS = Literal["RLE", "JPEGLS"]
 _LOG_LEVELS = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 SegType = Annotated[SegTypeName, _case_insensitive(SegTypeName)]
 LabelmapCompression = Annotated[_COMPRESSIONS, _case_insensitive(_COMPRESSIONS)]
 LogLevel = Annotated[_LOG_LEVELS, _case_insensitive(_LOG_LEVELS)]
-Device = Annotated[str, AfterValidator(_device)]
 
 
 def _version_text(value: Any) -> Any:

@@ -9,8 +9,11 @@ and a site that runs ``dicomnode train --phantoms N --out DIR`` gets the recipe 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
+
+from pydantic import AfterValidator
 
 from seg import labels as L
 
@@ -34,13 +37,26 @@ DEMO_UNETR = {**PAPER_UNETR, "img_size": [48, 48, 48], "hidden_size": 192, "mlp_
 SPACING_MM = 4.0  # the model grid, isotropic
 BATCH_SIZE = 4  # crops per step
 LR = 1e-3  # AdamW peak learning rate from scratch (the campaign's later legs, warm-started, used less)
-# Training choices (seg.train.TrainConfig, ``dicomnode train``): crop centres, targets, device.
+# Training choices (seg.train.TrainConfig, ``dicomnode train``): crop centres, targets.
 Crop = Literal["foreground", "classes"]
 Targets = Literal["partial_volume", "nearest"]
-TrainDevice = Literal["auto", "cpu", "cuda"]
 # Shares of post-operative training phantoms a plan can have (seg.train.phantom_plan: a post-operative
 # place in every four, or two, or three)
 POSTOP_SHARES = (0.25, 0.5, 0.75)
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(value: str) -> str:
+    """A torch device to train or run on (auto, cpu, cuda, cuda:N): checked where it is given, so a
+    typo fails at start-up, not at the first job or step."""
+    if not _DEVICE.fullmatch(value):
+        raise ValueError("must be auto, cpu, cuda or cuda:N (N = GPU index)")
+    return value
+
+
+Device = Annotated[str, AfterValidator(check_device)]
 
 
 # Inference and training precision choices; on the CPU the environment picks one for inference.

@@ -33,7 +33,7 @@ from seg.model import (
 from seg.phantom.options import PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
 from seg.preprocess_config import ImageResampling, PreprocessConfig
-from seg.recipe import POSTOP_SHARES, Crop, Precision, Targets, TrainDevice
+from seg.recipe import POSTOP_SHARES, Crop, Device, Precision, Targets
 from seg.volume import Volume
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class TrainConfig:
     version: str = "0.1.0"
     demo: bool = False
     seed: int = 0
-    device: TrainDevice = "auto"
+    device: Device = "auto"
     # "auto": bf16 autocast where the hardware runs it natively (CUDA with bf16, a CPU with AVX-512 BF16
     # or AMX: 1.8x faster per step on this project's Xeon VM), else fp32; weights and optimiser stay fp32.
     precision: Precision = "auto"

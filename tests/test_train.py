@@ -196,6 +196,9 @@ def test_closed_training_choices_are_checked_when_configured() -> None:
     said = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2
     assert "'--crop': Value error, 'class' is not one of 'foreground', 'classes'" in said
+    assert TrainConfig(device="cuda:1").device == "cuda:1"  # a GPU by index, as the node's worker.device
+    result = CliRunner().invoke(app, ["train", "--phantoms", "1", "--out", "x", "--device", "gpu"])
+    assert result.exit_code == 2 and "must be auto, cpu, cuda or cuda:N" in result.output
 
 
 def test_phantom_plan_post_operative_share_and_validation_plan() -> None:

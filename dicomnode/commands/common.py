@@ -62,6 +62,16 @@ def spacing_option(text: str) -> tuple[float, float, float]:
         raise typer.BadParameter(str(exc)) from exc
 
 
+def device_option(text: str) -> str:
+    """A ``--device`` value (auto, cpu, cuda, cuda:N): one check for every command."""
+    from seg.recipe import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 def z_range_option(text: str | None, option: str = "--z-range") -> tuple[float, float] | None:
     """A ``lo,hi`` range in mm (``phantom``, ``train``, ``evaluate``): one parser, so "1,2,3" or
     "a,b" is a usage error naming the option everywhere (it was a traceback in two of three)."""

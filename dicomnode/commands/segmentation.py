@@ -18,6 +18,7 @@ from dicomnode.commands.common import (
     ConfigOption,
     bad_input,
     case_source,
+    device_option,
     model_lines,
     settings_from,
     spacing_option,
@@ -303,7 +304,7 @@ def segment(
         Path | None, typer.Option("--model", help="Model package folder (default: the configuration's "
                                   "model_path, else the shipped demo model).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", parser=device_option)] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     dicom: Annotated[bool, typer.Option(
         "--dicom", help="Also write the SEG, SR and summary the node would send (same UIDs) to "
@@ -428,7 +429,7 @@ def train(
                           "(one core each).")
     ] = 1,
     seed: Annotated[int, typer.Option(help="Training RNG seed.")] = 0,
-    device: Annotated[recipe.TrainDevice, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", parser=device_option)] = "auto",
     precision: Annotated[
         recipe.Precision, typer.Option(help="auto (bf16 autocast where the CPU or GPU runs bf16 natively), "
                                        "fp32 or bf16.")
@@ -584,7 +585,7 @@ def evaluate(
         Path | None, typer.Option("--out", help="Write evaluation.json and evaluation.csv here.")
     ] = None,
     z_range: Annotated[str | None, typer.Option(help="Phantom z range mm 'lo,hi' (small phantoms).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", parser=device_option)] = "auto",
     network_only: Annotated[
         bool, typer.Option("--network-only", help="Skip the package's HU refinement of the label edges.")
     ] = False,
