@@ -418,67 +418,102 @@ def _save_labels(labels: Any, path: Path) -> Path:
     return path
 
 
+class _OutputHandOff:
+    """Where a job's DICOM outputs go as they are built: written into ``outputs/`` and handed to the
+    sender one by one (the SEG at once, the SR from its child after the SEG, the drafted page), or,
+    when an earlier attempt of the job handed an object on already, checked to equal that file.
+
+    Why a class: the builders call back into it at different moments (:func:`build_outputs`), and
+    each call adds to the same list of files handed on and the same pending background writes.
+    """
+
+    def __init__(self, job: JobInput, dicom_dir: Path, phases: PhaseLog) -> None:
+        self.job, self.dicom_dir, self.phases = job, dicom_dir, phases
+        self.saved: list[Path] = []
+        self.sr_writes: list[BackgroundWrite] = []
+
+    def handed_on_before(self, ds: Any) -> Path | None:
+        """The file of ``ds`` when an earlier attempt handed it to the sender: it stays as it is, and
+        this build must equal it (:func:`_check_same_content`); None when it is to be written."""
+        path = self.dicom_dir / f"{ds.SOPInstanceUID}.dcm"
+        if path not in self.job.outputs_in_outbox or not path.is_file():
+            return None
+        _check_same_content(ds, path, self.job.work_dir / f"rebuilt-{ds.SOPInstanceUID}")
+        return path
+
+    def seg_built(self, seg_ds: Any) -> None:
+        """The SEG is written and handed to the sender at once, while the SR child finishes."""
+        with self.phases.phase("outputs write"):
+            path = self.handed_on_before(seg_ds)
+            if path is None:
+                path = _save(seg_ds, self.dicom_dir)
+                self.job.output_ready(path)
+        self.saved.append(path)
+
+    def sr_beside(self, uid: str, build: Callable[[], Any]) -> Callable[[], Any]:
+        """The SR (SOP Instance UID ``uid``, known beforehand) built and written, or checked against
+        the file handed on before, by a forked child while the SEG's frames are encoded here; the
+        returned wait hands it to the sender, after the SEG (an SR is never sent beside a SEG that
+        failed its check). The child's failure: built here."""
+        path = self.dicom_dir / f"{uid}.dcm"
+        kept = path in self.job.outputs_in_outbox and path.is_file()
+
+        def make() -> Path:
+            with self.phases.phase("SR encoding (background)"):  # in the child, beside the SEG's frames
+                sr = build()
+                if str(sr.SOPInstanceUID) != uid:
+                    raise RuntimeError(f"SR built as {sr.SOPInstanceUID}, named {uid} beforehand")
+                if kept:
+                    _check_same_content(sr, path, self.job.work_dir / f"rebuilt-{uid}")
+                else:
+                    _save(sr, self.dicom_dir)
+            return path
+
+        self.sr_writes.append(BackgroundWrite(make, path))
+
+        def done() -> Any:
+            import pydicom
+
+            written = self.sr_writes.pop().wait()
+            if not kept:
+                self.job.output_ready(written)
+            self.saved.append(written)
+            return pydicom.dcmread(written)  # read lazily: the content stays raw
+
+        return done
+
+    def summary_written(self, draft: SummaryDraft | None, change: ChangeRecord | None) -> Path | None:
+        """The draft, among the outputs and handed on, when it is the page wanted (no comparison)."""
+        if draft is None or change is not None:
+            return None
+        import pydicom
+
+        with self.phases.phase("summary encoding"):  # what is left of it: the wait for the child
+            drafted = draft.take()
+            path = self.dicom_dir / f"{pydicom.dcmread(drafted, stop_before_pixels=True).SOPInstanceUID}.dcm"
+            if path in self.job.outputs_in_outbox and path.is_file():  # handed on before: kept as it is
+                _check_same_file(drafted, path)
+            else:
+                drafted.replace(path)
+                self.job.output_ready(path)
+        self.saved.append(path)
+        return path
+
+    def cancel_pending(self) -> None:
+        """Background writes not waited for: the job failed before the SR was wanted."""
+        for write in self.sr_writes:
+            write.cancel()
+
+
 def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: ModelInfo,
                     record: VolumeRecord, out_dir: Path, phases: PhaseLog, draft: SummaryDraft | None,
                     results_saved: Callable[[], Any], fractured_side: LeftRight | None) -> JobOutput:
     """:func:`report` from the measured volumes on: the DICOM outputs, pairing and follow-up SRs
     (``results_saved`` returns once the results folder is complete: before pairing records it)."""
+    from reporting.sr import measurement_sr_uid
+
     dicom_dir = out_dir / "outputs"
-
-    saved: list[Path] = []
-    sr_writes: list[BackgroundWrite] = []
-
-    def handed_on_before(ds: Any) -> Path | None:
-        """The file of ``ds`` when an earlier attempt handed it to the sender: it stays as it is, and
-        this build must equal it (:func:`_check_same_content`); None when it is to be written."""
-        path = dicom_dir / f"{ds.SOPInstanceUID}.dcm"
-        if path not in job.outputs_in_outbox or not path.is_file():
-            return None
-        _check_same_content(ds, path, job.work_dir / f"rebuilt-{ds.SOPInstanceUID}")
-        return path
-
-    def seg_built(seg_ds: Any) -> None:
-        """The SEG is written and handed to the sender at once, while the SR child finishes."""
-        with phases.phase("outputs write"):
-            path = handed_on_before(seg_ds)
-            if path is None:
-                path = _save(seg_ds, dicom_dir)
-                job.output_ready(path)
-        saved.append(path)
-
-    def sr_beside(build: Callable[[], Any]) -> Callable[[], Any]:
-        """The SR built and written (or checked against the file handed on before) by a forked child
-        while the SEG's frames are encoded here; the returned wait hands it to the sender, after the
-        SEG (an SR is never sent beside a SEG that failed its check). The child's failure: built here."""
-        from reporting.sr import measurement_sr_uid
-
-        uid = measurement_sr_uid(ct, record, model_info)
-        path = dicom_dir / f"{uid}.dcm"
-        kept = path in job.outputs_in_outbox and path.is_file()
-
-        def make() -> Path:
-            with phases.phase("SR encoding (background)"):  # in the child, beside the SEG's frames
-                sr = build()
-                if str(sr.SOPInstanceUID) != uid:
-                    raise RuntimeError(f"SR built as {sr.SOPInstanceUID}, named {uid} beforehand")
-                if kept:
-                    _check_same_content(sr, path, job.work_dir / f"rebuilt-{uid}")
-                else:
-                    _save(sr, dicom_dir)
-            return path
-
-        sr_writes.append(BackgroundWrite(make, path))
-
-        def done() -> Any:
-            import pydicom
-
-            written = sr_writes.pop().wait()
-            if not kept:
-                job.output_ready(written)
-            saved.append(written)
-            return pydicom.dcmread(written)  # read lazily: the content stays raw
-
-        return done
+    hand_off = _OutputHandOff(job, dicom_dir, phases)
 
     def pair(seg_ds: Any, sr_ds: Any) -> list[ChangeRecord]:
         with phases.phase("outputs write"):
@@ -492,47 +527,53 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
         with phases.phase("baseline load"):
             return stored_study(settings, job, str(change.baseline.series_instance_uid))
 
-    def summary_written(change: ChangeRecord | None) -> Path | None:
-        """The draft, among the outputs and handed on, when it is the page wanted (no comparison)."""
-        if draft is None or change is not None:
-            return None
-        import pydicom
-
-        with phases.phase("summary encoding"):  # what is left of it: the wait for the child
-            drafted = draft.take()
-            path = dicom_dir / f"{pydicom.dcmread(drafted, stop_before_pixels=True).SOPInstanceUID}.dcm"
-            if path in job.outputs_in_outbox and path.is_file():  # handed on before: kept as it is
-                _check_same_file(drafted, path)
-            else:
-                drafted.replace(path)
-                job.output_ready(path)
-        saved.append(path)
-        return path
-
     try:
-        built = build_outputs(settings, ct, labels, record, model_info, pair=pair, baseline=baseline,
-                              phases=phases, seg_built=seg_built, summary_written=summary_written,
-                              sr_beside=sr_beside, fractured_side=fractured_side)
+        built = build_outputs(
+            settings, ct, labels, record, model_info, pair=pair, baseline=baseline, phases=phases,
+            seg_built=hand_off.seg_built,
+            summary_written=lambda change: hand_off.summary_written(draft, change),
+            sr_beside=lambda build: hand_off.sr_beside(measurement_sr_uid(ct, record, model_info), build),
+            fractured_side=fractured_side)
     finally:
-        for write in sr_writes:  # not waited for: the job failed before the SR was wanted
-            write.cancel()
+        hand_off.cancel_pending()
     with phases.phase("outputs write"):
-        outputs = saved + [_save(ds, dicom_dir) for ds in built.datasets[2:]]  # a summary built here
-    changes = built.changes
-    late: list[Path] = []
+        outputs = hand_off.saved + [_save(ds, dicom_dir) for ds in built.datasets[2:]]  # a summary built here
     with phases.phase("follow-up reports"):
-        if settings.output.followup_sr:
-            seg_ds = built.datasets[0]  # this study's SEG: the change SR outlines each muscle from it
-            outputs += [_followup_sr(settings, ct, change, seg_ds, model_info) for change in changes]
-        if settings.pairing.enabled and (settings.output.followup_sr or settings.output.summary):
-            late = later_followups(settings, job, earlier=(ct, labels))
-            outputs += late
+        late = _followup_reports(settings, job, ct, labels, built, model_info)
+    outputs += late.change_srs + late.later_studies
+    return JobOutput(outputs=outputs, volumes_json=out_dir / "volumes.json",
+                     message=_job_message(record, outputs, built.changes, late.later_studies))
+
+
+@dataclass(frozen=True)
+class _FollowupReports:
+    change_srs: list[Path]  # this study's change SRs, one per comparison
+    later_studies: list[Path]  # change SRs and pages of later studies that compare with this one
+
+
+def _followup_reports(settings: Settings, job: JobInput, ct: Any, labels: Any, built: Any,
+                      model_info: ModelInfo) -> _FollowupReports:
+    """The change SRs of this study's comparisons, and the reports of later studies measured before
+    this one arrived (they compare with it now)."""
+    change_srs: list[Path] = []
+    if settings.output.followup_sr:
+        seg_ds = built.datasets[0]  # this study's SEG: the change SR outlines each muscle from it
+        change_srs = [_followup_sr(settings, ct, change, seg_ds, model_info) for change in built.changes]
+    later: list[Path] = []
+    if settings.pairing.enabled and (settings.output.followup_sr or settings.output.summary):
+        later = later_followups(settings, job, earlier=(ct, labels))
+    return _FollowupReports(change_srs, later)
+
+
+def _job_message(record: VolumeRecord, outputs: list[Path], changes: list[ChangeRecord],
+                 late: list[Path]) -> str:
+    """The job's one-line result, as ``dicomnode jobs`` shows it."""
     message = f"{len(record.structures)} structures measured; {len(outputs)} objects built"
     if changes:
         message += f"; compared with {len(changes)} earlier stud{'y' if len(changes) == 1 else 'ies'}"
     if late:
         message += f"; {len(late)} object(s) for later studies (change SRs, summary pages)"
-    return JobOutput(outputs=outputs, volumes_json=out_dir / "volumes.json", message=message)
+    return message
 
 
 def _followup_sr(settings: Settings, later: Any, change: ChangeRecord, seg: Any | None,
