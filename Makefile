@@ -3,10 +3,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TCP_NODELAY := 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup node demo test lint clean
 
 setup:
 	bash scripts/setup.sh
+
+# A production host: the node alone (its virtual environment with OpenVINO; no Debian packages,
+# viewer or test tools). `make demo` and `make test` need `make setup`.
+node:
+	bash scripts/setup.sh --node
+
+# a production host: the node alone (no Debian packages, viewer or test tools)
+node:
+	bash scripts/setup.sh --node
 
 demo: setup
 	$(VENV)/bin/dicomnode demo
