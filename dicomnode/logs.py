@@ -177,15 +177,26 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     _quiet_pydicom(root.level > logging.DEBUG)
 
 
+# pynetdicom's two ERROR lines for a connection that failed (a PACS down, a TLS certificate refused):
+# the node retries a send, and fails the job with an ERROR line of its own once it gives up
+_CONNECT_FAILED = ("Association request failed: unable to connect to remote", "TCP Initialisation Error")
+
+
 def library_info_as_debug(record: logging.LogRecord) -> bool:
     """pynetdicom's and highdicom's INFO lines labelled DEBUG (they reach the log only when DEBUG is
-    asked for).
+    asked for), and pynetdicom's connection failures labelled WARNING.
 
     Why: at DEBUG pynetdicom logs each request's identifier element by element at INFO (a C-FIND's
     ``(0010,0020) LO [MRN-778899]``), so a log shipper that keeps INFO and above kept PHI that the
-    node's own lines keep at DEBUG; highdicom narrates every object it builds."""
-    if record.levelno == logging.INFO and record.name.partition(".")[0] in ("pynetdicom", "highdicom"):
+    node's own lines keep at DEBUG; highdicom narrates every object it builds. A send to a PACS that is
+    down gave two pynetdicom ERROR lines per attempt for what the node retries: their text (the
+    socket's or TLS's error) stays, as a warning."""
+    library = record.name.partition(".")[0]
+    if record.levelno == logging.INFO and library in ("pynetdicom", "highdicom"):
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    elif (record.levelno == logging.ERROR and library == "pynetdicom"
+          and str(record.msg).startswith(_CONNECT_FAILED)):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
     return True
 
 

@@ -509,3 +509,27 @@ def test_a_header_value_the_loader_cannot_read_is_rejected_without_quoting_it(tm
     with pytest.raises(SeriesRejected) as rejected:
         run_pipeline(job, Settings(storage_dir=tmp_path / "var"))
     assert str(rejected.value) == "a header value cannot be read: ValueError (its text is logged at DEBUG)"
+
+
+def test_pynetdicom_connection_failures_are_warnings(capsys: pytest.CaptureFixture[str]) -> None:
+    """A send to a PACS that is down gave two pynetdicom ERROR lines per attempt for what the node
+    retries: labelled WARNING, their text kept (a TLS error names its cause there); other pynetdicom
+    errors stay errors."""
+    from dicomnode.logs import setup_logging
+
+    root, pynetdicom_log = logging.getLogger(), logging.getLogger("pynetdicom")
+    kept = (root.level, list(root.handlers), pynetdicom_log.level)
+    try:
+        setup_logging("INFO")
+        transport = logging.getLogger("pynetdicom.transport")
+        transport.error("Association request failed: unable to connect to remote")
+        transport.error("TCP Initialisation Error: [SSL: CERTIFICATE_VERIFY_FAILED]")
+        logging.getLogger("pynetdicom.assoc").error("Received an invalid C-STORE response")
+    finally:
+        root.handlers[:] = kept[1]
+        root.setLevel(kept[0])
+        pynetdicom_log.setLevel(kept[2])
+    err = capsys.readouterr().err
+    assert " WARNING pynetdicom.transport Association request failed" in err
+    assert " WARNING pynetdicom.transport TCP Initialisation Error: [SSL: CERTIFICATE_VERIFY_FAILED]" in err
+    assert " ERROR pynetdicom.assoc Received an invalid C-STORE response" in err

@@ -144,7 +144,7 @@ def send_files(settings: Settings, paths: list[Path]) -> dict[Path, str | None]:
     assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
                          tls_args=client_tls_args(settings))
     if not assoc.is_established:
-        error = f"no association with {_peer(settings)}"
+        error = f"no association with {_peer(settings)}: {_why_not(assoc, settings)}"
         results.update({p: error for p in metas})
         return results
     try:
