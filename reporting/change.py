@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from reporting.rules import change_pct
 from seg.dates import as_date
@@ -24,7 +25,9 @@ from seg.records import (
     LeftRight,
     Reason,
     ReasonCode,
+    Side,
     SideComparison,
+    SideTotalChange,
     StructureChange,
     StudyRef,
     TotalChange,
@@ -62,6 +65,15 @@ def _values(pre: float | None, post: float | None, height_m: float | None) -> di
         "change_pct": change_pct(pre, post),
         "delta_index_cm3_m2": (delta / height_m**2) if (delta is not None and height_m) else None,
     }
+
+
+def _total(structures: list[StructureChange], side: Side, height_m: float | None) -> dict[str, Any]:
+    """The 21 analysed muscles together on ``side`` ("both": both sides): the change of their sum."""
+    found = {s.name: s for s in structures if s.side == side}
+    names = [n for n in ANALYSED_MUSCLES if n in found]
+    pre = sum(found[n].pre_cm3 or 0.0 for n in names)
+    post = sum(found[n].post_cm3 or 0.0 for n in names)
+    return {"structures": len(names), **_values(pre, post, height_m)}
 
 
 def _ref(ref: StudyRef, record: VolumeRecord) -> StudyRef:
@@ -162,11 +174,8 @@ def compute_change(
             structures.append(StructureChange(label=post_s.label, name=post_s.name, group=post_s.group,
                                               side=side, **_values(before, after, height_m)))
 
-    both = {s.name: s for s in structures if s.side == "both"}
-    total_pre = sum(both[n].pre_cm3 for n in ANALYSED_MUSCLES if n in both)
-    total_post = sum(both[n].post_cm3 for n in ANALYSED_MUSCLES if n in both)
-    total = TotalChange(structures=sum(1 for n in ANALYSED_MUSCLES if n in both),
-                        **_values(total_pre, total_post, height_m))
+    total = TotalChange(**_total(structures, "both", height_m))
+    by_side = [SideTotalChange(side=side, **_total(structures, side, height_m)) for side in ("left", "right")]
     return ChangeRecord(
         patient_id=patient_id,
         height_m=height_m,
@@ -178,6 +187,7 @@ def compute_change(
         baseline_age_years=pre.age_years,
         structures=tuple(structures),
         total_analysed_muscles=total,
+        total_analysed_muscles_by_side=tuple(by_side),
         operated_vs_contralateral=tuple(operated_vs_contralateral(structures, fractured_side)),
         notes=tuple(notes),
     )

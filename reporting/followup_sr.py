@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from reporting import codes
 from reporting.change import days_since_surgery
 from reporting.keyslice import Section
-from reporting.rules import RULES, ReportingRules, is_found, rounded
+from reporting.rules import RULES, ReportingRules, rounded, shown_change
 from reporting.seg import series_description
 from reporting.source_header import read_source_headers
 from reporting.sr import (
@@ -56,8 +56,9 @@ from reporting.uids import (
     tracking_subject,
     tracking_uid,
 )
+from seg.dates import display_date
 from seg.labels import ANALYSED_MUSCLES, by_name
-from seg.records import ChangeFigures, ChangeRecord, ModelInfo, StructureChange
+from seg.records import ChangeFigures, ChangeRecord, ModelInfo, SideTotalChange, StructureChange, TotalChange
 from seg.volume import Volume
 
 FOLLOWUP_SERIES_NUMBER = 9904
@@ -72,7 +73,7 @@ def _time_point(change: ChangeRecord) -> hd.sr.TimePointContext:
     so the % change fell off) and dcmqi's tid1500reader listed it as a measurement.
     """
     days = change.days_between
-    base = change.baseline.study_date or "unknown date"
+    base = display_date(change.baseline.study_date) if change.baseline.study_date else "unknown date"
     text = f"Follow-up vs baseline {base}" + (f" ({days:+d} d)" if days is not None else "")
     offset = None
     if days is not None:
@@ -88,24 +89,15 @@ def _time_point(change: ChangeRecord) -> hd.sr.TimePointContext:
 
 def _measurements(entry: ChangeFigures, height_m: float | None, rules: ReportingRules,
                   ) -> list[hd.sr.Measurement]:
-    """Baseline and follow-up volume when found; signed changes only when both are found."""
-    pre, post = entry.pre_cm3, entry.post_cm3
-    items: list[tuple[hd.sr.CodedConcept, float | None, hd.sr.CodedConcept, int]] = [
-        (codes.VOLUME_BASELINE, pre if is_found(pre, rules) else None, CM3, rules.volume_decimals),
-        (codes.VOLUME, post if is_found(post, rules) else None, CM3, rules.volume_decimals),
-    ]
-    if is_found(pre, rules) and is_found(post, rules):
-        # the difference of the two volumes as written, so that a reader's subtraction agrees with it
-        # (each rounded on its own, 22 of 69 groups of a follow-up differed by 0.1 cm³)
-        d = rules.volume_decimals
-        shown_delta = rounded(post, d) - rounded(pre, d)
-        # the index change from that same difference: never "0.0 cm³" beside "-0.01 cm³/m²"
-        shown_index = shown_delta / height_m**2 if height_m and entry.delta_index_cm3_m2 is not None else None
-        items += [(codes.VOLUME_CHANGE, shown_delta, CM3, d),
-                  (codes.VOLUME_CHANGE_PCT, entry.change_pct, PERCENT, rules.percent_decimals),
-                  (codes.VOLUME_INDEX_CHANGE, shown_index, CM3_PER_M2, rules.index_decimals)]
-    return [hd.sr.Measurement(name=concept, value=rounded(value, decimals), unit=unit)
-            for concept, value, unit, decimals in items if value is not None]
+    """Baseline and follow-up volume when found; signed changes only when both are found, each from
+    the two volumes as written (:func:`reporting.rules.shown_change`: the page shows the same)."""
+    shown = shown_change(entry.pre_cm3, entry.post_cm3, height_m, rules)
+    items = [(codes.VOLUME_BASELINE, shown.pre_cm3, CM3), (codes.VOLUME, shown.post_cm3, CM3),
+             (codes.VOLUME_CHANGE, shown.delta_cm3, CM3),
+             (codes.VOLUME_CHANGE_PCT, shown.change_pct, PERCENT),
+             (codes.VOLUME_INDEX_CHANGE, shown.delta_index_cm3_m2, CM3_PER_M2)]
+    return [hd.sr.Measurement(name=concept, value=value, unit=unit)
+            for concept, value, unit in items if value is not None]
 
 
 def _group(subject: str, entry: StructureChange, height_m: float | None, time_point: hd.sr.TimePointContext,
@@ -130,23 +122,26 @@ def _group(subject: str, entry: StructureChange, height_m: float | None, time_po
     ), tracking_label(name, side))
 
 
-def _total_group(subject: str, change: ChangeRecord, time_point: hd.sr.TimePointContext, ct: Volume,
-                 model_info: ModelInfo, rules: ReportingRules = RULES,
+def _total_group(subject: str, total: TotalChange | SideTotalChange, height_m: float | None,
+                 time_point: hd.sr.TimePointContext, ct: Volume, model_info: ModelInfo,
+                 rules: ReportingRules = RULES,
                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
-    """TID 1501 group of the 21 analysed muscles together (both sides): the change the paper's Table 2
-    reports by fracture type; located by the follow-up's scanned extent."""
-    measurements = _measurements(change.total_analysed_muscles, change.height_m, rules)
+    """TID 1501 group of the 21 analysed muscles together on one side or both: the change the paper's
+    Table 2 reports by fracture type (the operated side's own, which the both-sides total halves);
+    located by the follow-up's scanned extent. Its tracking UID is the measurement SRs' total's."""
+    measurements = _measurements(total, height_m, rules)
     if not measurements:
         return None
     measurements.append(coverage(ct, rules=rules))
-    label = tracking_label(TOTAL, "both")
+    side = total.side if isinstance(total, SideTotalChange) else "both"
+    label = tracking_label(TOTAL, side)
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, TOTAL, "both"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, TOTAL, side),
                                                      identifier=label),
         time_point_context=time_point,
         finding_type=codes.ANALYSED_MUSCLES,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.ANALYSED_MUSCLES,
-                                         laterality=codes.BOTH_SIDES)],
+                                         laterality=codes.laterality_code(side))],
         algorithm_id=algorithm_id(model_info),
         measurements=measurements,
     ), label)
@@ -220,9 +215,10 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
                    model_info, rules)
         if g is not None:
             groups.append(g)
-    total = _total_group(subject, change, time_point, ct, model_info, rules)
-    if total is not None:
-        groups.append(total)
+    for total in (*change.total_analysed_muscles_by_side, change.total_analysed_muscles):
+        g = _total_group(subject, total, change.height_m, time_point, ct, model_info, rules)
+        if g is not None:
+            groups.append(g)
     context_uid = derived_uid("followup-context", follow_series, base_series)
     groups.append(_context_group(change, context_uid, time_point, ct, rules))
     report = hd.sr.MeasurementReport(

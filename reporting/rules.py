@@ -26,6 +26,7 @@ class ReportingRules:
     pct_baseline_floor_cm3: float = 5.0
     volume_decimals: int = 1  # cm³: segmentation error is far above 0.1 cm³
     index_decimals: int = 2  # cm³/m²
+    index_change_decimals: int = 1  # cm³/m²: a change of 0.1 cm³ (as written) moves the index ~0.04
     percent_decimals: int = 1
     height_decimals: int = 2  # m
     length_decimals: int = 1  # mm
@@ -55,3 +56,31 @@ def change_pct(pre: float | None, post: float | None, rules: ReportingRules = RU
     if float(pre) < rules.pct_baseline_floor_cm3:
         return None
     return (float(post) - float(pre)) / float(pre) * 100.0
+
+
+@dataclass(frozen=True)
+class ShownChange:
+    """A change as the outputs show it (change SR, summary page): every figure from the two volumes
+    as written, so that a reader's own subtraction, percentage and index of the numbers shown agree
+    with the ones stated ("0.0 cm³" never sits beside "-0.2 %"). The change record keeps the exact
+    figures."""
+
+    pre_cm3: float | None  # None: not found
+    post_cm3: float | None
+    delta_cm3: float | None  # None unless both are found
+    change_pct: float | None  # None also below the baseline floor
+    delta_index_cm3_m2: float | None  # None also without a height
+
+
+def shown_change(pre: float | None, post: float | None, height_m: float | None,
+                 rules: ReportingRules = RULES) -> ShownChange:
+    """:class:`ShownChange` of a baseline and a follow-up volume (cm³), rounded per ``rules``."""
+    d = rules.volume_decimals
+    pre_s = rounded(pre, d) if pre is not None and is_found(pre, rules) else None
+    post_s = rounded(post, d) if post is not None and is_found(post, rules) else None
+    if pre_s is None or post_s is None:
+        return ShownChange(pre_s, post_s, None, None, None)
+    delta = rounded(post_s - pre_s, d)
+    pct = change_pct(pre_s, post_s, rules)
+    return ShownChange(pre_s, post_s, delta, None if pct is None else rounded(pct, rules.percent_decimals),
+                       rounded(delta / height_m**2, rules.index_change_decimals) if height_m else None)

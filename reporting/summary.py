@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 
 from reporting.change import days_since_surgery, laterality_conflict
-from reporting.rules import RULES, is_found
+from reporting.rules import RULES, is_found, shown_change
 from reporting.seg import algorithm_name, series_description
 from reporting.uids import (
     copy_identity,
@@ -35,6 +35,7 @@ from reporting.uids import (
     source_content,
     source_header,
 )
+from seg.dates import display_date
 from seg.height import height_state
 from seg.labels import LABEL_OF, PAPER_ORDER, by_name, structures
 from seg.records import ChangeRecord, LeftRight, ModelInfo, ReasonCode, VolumeRecord
@@ -124,15 +125,6 @@ def _signed(value: float | None) -> str:
     return f"{value if round(value, 1) else 0.0:+.1f}"  # -0.04 is "+0.0", never "-0.0"
 
 
-def display_date(value: object) -> str:
-    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD, the way a reader parses a date at a glance; anything else
-    as it is ("unknown" when empty), never a guessed date."""
-    text = str(value or "").strip()
-    if len(text) == 8 and text.isdigit():
-        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
-    return text or "unknown"
-
-
 def shown_side(change: ChangeRecord | None, fractured_side: LeftRight | None) -> LeftRight | None:
     """The fractured side the page shows: the comparison's (pairing's), else the registry's."""
     return (change.fractured_side if change is not None else None) or fractured_side
@@ -153,6 +145,31 @@ def _who(meta: dict, age_years: int | None) -> str:
     return "     ".join(parts)
 
 
+def total_change_lines(change: ChangeRecord) -> list[str]:
+    """The 21 analysed muscles' change since the baseline, both sides and then each side, the
+    operated one marked as in the table (its loss is what the both-sides total halves); figures from
+    the volumes as written, as the change SR states them."""
+    t = change.total_analysed_muscles
+    both = shown_change(t.pre_cm3, t.post_cm3, None)
+    if both.delta_cm3 is None:
+        return []
+    lines = [f"Change of the {t.structures} analysed muscles since then: {both.delta_cm3:+.1f} cm³"
+             + (f", {_signed(both.change_pct)} %" if both.change_pct is not None else "")
+             + f" of {both.pre_cm3:.1f} cm³ (Δ = follow-up − baseline: negative is a loss)"]
+    operated = shown_side(change, None)
+    sides = []
+    for side_total in change.total_analysed_muscles_by_side:
+        s = shown_change(side_total.pre_cm3, side_total.post_cm3, None)
+        if s.delta_cm3 is None:
+            continue
+        mark = " ▼ operated" if side_total.side == operated else ""
+        sides.append(f"{side_total.side}{mark}: {s.pre_cm3:.1f} → {s.post_cm3:.1f} cm³"
+                     + (f", {_signed(s.change_pct)} %" if s.change_pct is not None else ""))
+    if sides:
+        lines.append("     ".join(sides))
+    return lines
+
+
 def header_lines(volumes: VolumeRecord, model_info: ModelInfo, meta: dict, change: ChangeRecord | None,
                  fractured_side: LeftRight | None, muscles: int, total: float,
                  total_idx: float | None) -> list[tuple[str, int, str]]:
@@ -169,12 +186,7 @@ def header_lines(volumes: VolumeRecord, model_info: ModelInfo, meta: dict, chang
         days = change.days_between
         lines.append((f"Compared with the study of {display_date(change.baseline.study_date)}"
                       + (f", {days} days earlier" if days is not None else ""), 11, "white"))
-        t = change.total_analysed_muscles
-        if t.pre_cm3 is not None and t.delta_cm3 is not None:
-            pct = f", {t.change_pct:+.1f} %" if t.change_pct is not None else ""
-            lines.append((f"Change of the {t.structures} analysed muscles since: {t.delta_cm3:+.1f} cm³{pct} "
-                          f"of {t.pre_cm3:.1f} cm³ (Δ = follow-up − baseline: negative is a loss)",
-                          11, "white"))
+        lines += [(text, 11, "white") for text in total_change_lines(change)]
     h = volumes.height_m
     lines.append((f"{muscles} analysed muscles, both sides: {total:.1f} cm³"
                   + (f"     index {total_idx:.1f} cm³/m²" if total_idx is not None else "")
@@ -277,14 +289,15 @@ def page_figure(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
 def change_bars(change: ChangeRecord) -> dict[str, dict[str, float]]:
     """Per analysed muscle and side, the signed change in % of baseline that the chart plots.
 
-    ``change_pct`` of the change record: follow-up minus baseline, null (no bar) below the baseline
-    floor, so a near-empty baseline cannot dominate the chart.
+    Follow-up minus baseline of the volumes as written (:func:`reporting.rules.shown_change`, as in the
+    change SR), null (no bar) below the baseline floor, so a near-empty baseline cannot dominate.
     """
     names = {s.name for s in structures() if s.analysed}
     data: dict[str, dict[str, float]] = {}
     for e in change.structures:
-        if e.name in names and e.side in ("left", "right") and e.change_pct is not None:
-            data.setdefault(e.name, {})[e.side] = e.change_pct
+        pct = shown_change(e.pre_cm3, e.post_cm3, None).change_pct  # as the change SR states it
+        if e.name in names and e.side in ("left", "right") and pct is not None:
+            data.setdefault(e.name, {})[e.side] = pct
     return data
 
 

@@ -29,3 +29,12 @@ def as_date(value: object) -> date | None:
     """:func:`da_date` as a :class:`datetime.date` (an age, the days between two studies), else None."""
     text = da_date(value)
     return None if text is None else date(int(text[:4]), int(text[4:6]), int(text[6:]))
+
+
+def display_date(value: object) -> str:
+    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD, the way a reader parses a date at a glance; anything else
+    as it is ("unknown" when empty), never a guessed date."""
+    text = str(value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text or "unknown"

@@ -390,6 +390,15 @@ class TotalChange(ChangeFigures, _AnalysedCount):
     """The analysed muscles together (both sides)."""
 
 
+class _OneSide(Record):
+    side: LeftRight
+
+
+class SideTotalChange(ChangeFigures, _OneSide, _AnalysedCount):
+    """The analysed muscles together on one side: the operated side's loss, which the both-sides
+    total halves."""
+
+
 class SideComparison(Record):
     """One muscle: the operated side's change against the contralateral side's."""
 
@@ -419,6 +428,7 @@ class ChangeRecord(_Document):
     fractured_side: LeftRight | None = None
     structures: tuple[StructureChange, ...] = ()
     total_analysed_muscles: TotalChange = TotalChange(structures=0)
+    total_analysed_muscles_by_side: tuple[SideTotalChange, ...] = ()  # left, right
     operated_vs_contralateral: tuple[SideComparison, ...] = ()
     notes: tuple[Reason, ...] = ()
     # set by pairing (None when computed outside a timeline)

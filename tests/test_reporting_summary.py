@@ -21,14 +21,15 @@ from reporting.summary import (
     _table_rows,
     build_summary,
     change_bars,
-    display_date,
     header_lines,
     page_figure,
     page_table,
     qa_warnings,
     render_page,
+    total_change_lines,
 )
 from reporting.uids import derived_uid
+from seg.dates import display_date
 from seg.records import (
     ChangeRecord,
     MetalLocation,
@@ -213,7 +214,10 @@ def test_change_chart_plots_signed_change_with_floor(studies):
     change = studies["change"]
     bars = change_bars(change)
     gm = next(e for e in change.structures if e.name == "gluteus_maximus" and e.side == "right")
-    assert bars["gluteus_maximus"]["right"] == pytest.approx(gm.change_pct) and gm.change_pct < -10
+    # of the volumes as written, as the change SR states it (and to its 0.1 %)
+    shown = round((round(gm.post_cm3, 1) - round(gm.pre_cm3, 1)) / round(gm.pre_cm3, 1) * 100, 1)
+    assert bars["gluteus_maximus"]["right"] == shown and gm.change_pct < -10
+    assert abs(shown - gm.change_pct) < 0.1
     tiny = StructureChange(label=1, name="sartorius", side="left", pre_cm3=0.045, post_cm3=0.27,
                            change_pct=None, loss_pct=-500.0)
     small = tiny.model_copy(update={"side": "right", "pre_cm3": 4.0, "post_cm3": 6.0})
@@ -267,3 +271,19 @@ def test_page_states_no_single_patient_orientation(studies):
     not L\\P, which a viewer would draw as edge markers over the whole page."""
     page = studies["b"][3]
     assert "PatientOrientation" in page and not page.PatientOrientation
+
+
+def test_header_gives_each_sides_total_change_the_operated_one_marked(studies):
+    """The both-sides total halves the operated side's loss: the header gives each side's total of
+    the 21 muscles too, the operated one marked, each figure from the volumes as written."""
+    change = studies["change"]
+    lines = total_change_lines(change)
+    t = change.total_analysed_muscles
+    assert lines[0].startswith(f"Change of the 21 analysed muscles since then: "
+                               f"{round(t.post_cm3, 1) - round(t.pre_cm3, 1):+.1f} cm³")
+    by_side = {s.side: s for s in change.total_analysed_muscles_by_side}
+    assert set(by_side) == {"left", "right"}
+    assert by_side["left"].pre_cm3 + by_side["right"].pre_cm3 == pytest.approx(t.pre_cm3)
+    right = by_side["right"]
+    assert f"right ▼ operated: {right.pre_cm3:.1f} → {right.post_cm3:.1f} cm³" in lines[1]
+    assert f"left: {by_side['left'].pre_cm3:.1f} →" in lines[1]
