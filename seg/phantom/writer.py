@@ -52,41 +52,41 @@ def _instance_order(ph: Phantom) -> list[int]:
 
 
 def build_slice(ph: Phantom, k: int, instance: int) -> Dataset:
-    """The CT instance for slice k of the phantom's volume."""
-    ct, meta, opts = ph.ct, ph.meta, ph.options
-    aff = ct.affine
-    dx, dy, dz = ct.spacing_mm
-    row_dir = aff[:3, 0] / dx
-    col_dir = aff[:3, 1] / dy
-    pos = aff @ np.array([0, 0, k, 1.0])
-    series_uid = meta["SeriesInstanceUID"]
-    z_index = int(round(pos[2] * 1000))
-    sop_uid = derived_uid("phantom-instance", series_uid, str(z_index))
+    """The CT instance for slice k of the phantom's volume: the CT Image IOD, module by module."""
+    pos = ph.ct.affine @ np.array([0, 0, k, 1.0])
+    sop_uid = derived_uid("phantom-instance", ph.meta["SeriesInstanceUID"], str(int(round(pos[2] * 1000))))
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_uid)
+    _sop_common(ds, sop_uid)
+    _patient(ds, ph.meta)
+    _study(ds, ph.meta)
+    _series_and_equipment(ds, ph, instance)
+    _ct_acquisition(ds, ph)
+    _image_plane(ds, ph, pos)
+    _image_pixel(ds, ph, k)
+    return ds
 
+
+def _file_meta(sop_uid: str) -> FileMetaDataset:
+    """Part 10 header; written uncompressed (write_phantom compresses afterwards if asked)."""
     fm = FileMetaDataset()
     fm.MediaStorageSOPClassUID = CTImageStorage
     fm.MediaStorageSOPInstanceUID = sop_uid
     fm.TransferSyntaxUID = ExplicitVRLittleEndian
     fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     fm.ImplementationVersionName = "DICOMNODE_PH1"
-    ds = Dataset()
-    ds.file_meta = fm
+    return fm
+
+
+def _sop_common(ds: Dataset, sop_uid: str) -> None:
+    """SOP Common: class, instance (derived from the slice position, so rewrites keep it) and charset."""
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = meta["StudyDate"]
-    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = meta["StudyTime"]
-    ds.AccessionNumber = meta["AccessionNumber"]
-    ds.Modality = "CT"
-    ds.Manufacturer = "dicomnode synthetic phantom"
-    ds.InstitutionName = "Synthetic"
-    ds.ReferringPhysicianName = ""
-    ds.StationName = "PHANTOM"
-    ds.StudyDescription = "CT hip and thigh (synthetic phantom)"
-    ds.SeriesDescription = f"Phantom seed {opts.seed} {'post-op' if opts.postop else 'pre-op'} {dz:g}mm"
-    ds.ManufacturerModelName = "seg.phantom"
-    ds.SoftwareVersions = PHANTOM_VERSION
+
+
+def _patient(ds: Dataset, meta: dict) -> None:
+    """Patient module (and the study's patient data: age, size, weight)."""
     ds.PatientName = meta["PatientName"]
     ds.PatientID = meta["PatientID"]
     ds.IssuerOfPatientID = meta["IssuerOfPatientID"]
@@ -96,9 +96,43 @@ def build_slice(ph: Phantom, k: int, instance: int) -> Dataset:
     if "PatientSize" in meta:
         ds.PatientSize = _ds_str(meta["PatientSize"])
     ds.PatientWeight = _ds_str(meta["PatientWeight"])
+
+
+def _study(ds: Dataset, meta: dict) -> None:
+    """General Study, with one date and time for the study, series, acquisition and content."""
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = meta["StudyDate"]
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = meta["StudyTime"]
+    ds.AccessionNumber = meta["AccessionNumber"]
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT hip and thigh (synthetic phantom)"
+    ds.StudyInstanceUID = meta["StudyInstanceUID"]
+    ds.StudyID = meta["StudyID"]
+
+
+def _series_and_equipment(ds: Dataset, ph: Phantom, instance: int) -> None:
+    """General Series, General Equipment and General Image (numbers, descriptions, who made it)."""
+    opts, dz = ph.options, ph.ct.spacing_mm[2]
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = ph.meta["SeriesInstanceUID"]
+    ds.SeriesNumber = opts.series_number
+    ds.SeriesDescription = f"Phantom seed {opts.seed} {'post-op' if opts.postop else 'pre-op'} {dz:g}mm"
     ds.BodyPartExamined = "HIP"
+    ds.PatientPosition = ph.meta["PatientPosition"]
+    ds.Manufacturer = "dicomnode synthetic phantom"
+    ds.InstitutionName = "Synthetic"
+    ds.StationName = "PHANTOM"
+    ds.ManufacturerModelName = "seg.phantom"
+    ds.SoftwareVersions = PHANTOM_VERSION
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = instance
     ds.ImageLaterality = "B"
-    ds.SliceThickness = _ds_str(opts.slice_thickness_mm or dz)
+
+
+def _ct_acquisition(ds: Dataset, ph: Phantom) -> None:
+    """CT Image acquisition parameters: plausible fixed scanner settings, the reconstruction size."""
+    ct = ph.ct
+    dx, dy, _ = ct.spacing_mm
     ds.KVP = "120"
     ds.DataCollectionDiameter = "500"
     ds.ReconstructionDiameter = _ds_str(max(ct.shape[0] * dx, ct.shape[1] * dy))
@@ -108,23 +142,30 @@ def build_slice(ph: Phantom, k: int, instance: int) -> Dataset:
     ds.ExposureTime = "500"
     ds.XRayTubeCurrent = "200"
     ds.ConvolutionKernel = "STANDARD"
-    ds.PatientPosition = meta["PatientPosition"]
-    ds.StudyInstanceUID = meta["StudyInstanceUID"]
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = meta["StudyID"]
-    ds.SeriesNumber = opts.series_number
-    ds.AcquisitionNumber = 1
-    ds.InstanceNumber = instance
+
+
+def _image_plane(ds: Dataset, ph: Phantom, pos: np.ndarray) -> None:
+    """Frame of Reference and Image Plane: where slice k lies, from the volume's affine."""
+    aff = ph.ct.affine
+    dx, dy, dz = ph.ct.spacing_mm
+    row_dir = aff[:3, 0] / dx
+    col_dir = aff[:3, 1] / dy
+    ds.FrameOfReferenceUID = ph.meta["FrameOfReferenceUID"]
+    ds.PositionReferenceIndicator = ""
     ds.ImagePositionPatient = [_ds_str(v) for v in pos[:3]]
     ds.ImageOrientationPatient = [_ds_str(v) for v in (*row_dir, *col_dir)]
-    ds.FrameOfReferenceUID = meta["FrameOfReferenceUID"]
-    ds.PositionReferenceIndicator = ""
     ds.SliceLocation = _ds_str(pos[2])
+    ds.SliceThickness = _ds_str(ph.options.slice_thickness_mm or dz)
+    ds.PixelSpacing = [_ds_str(dy), _ds_str(dx)]  # row spacing (between rows), column spacing
+
+
+def _image_pixel(ds: Dataset, ph: Phantom, k: int) -> None:
+    """Image Pixel and CT Image: 12-bit unsigned stored values, HU = stored - 1024, a soft-tissue window."""
+    ct = ph.ct
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = ct.shape[1]
     ds.Columns = ct.shape[0]
-    ds.PixelSpacing = [_ds_str(dy), _ds_str(dx)]  # row spacing (between rows), column spacing
     ds.BitsAllocated = 16
     ds.BitsStored = 12
     ds.HighBit = 11
@@ -136,7 +177,6 @@ def build_slice(ph: Phantom, k: int, instance: int) -> Dataset:
     ds.RescaleType = "HU"
     stored = (ct.array[:, :, k].T.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16)
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
-    return ds
 
 
 def write_phantom(ph: Phantom, out_dir: Path | str,
