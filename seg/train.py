@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -698,14 +699,93 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn, x: tor
     return loss.detach()
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) training; export the best checkpoint as a package to ``cfg.out``."""
+@dataclass(frozen=True)
+class _Run:
+    """The live objects of one training run: where it runs, the network, its optimiser and loss."""
+
+    device: torch.device
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    bf16: bool  # forward pass under bf16 autocast
+
+
+def _setup(cfg: TrainConfig) -> _Run:
+    """Device, network (drawn from the torch seed), AdamW and the Dice + cross-entropy loss."""
     from monai.losses import DiceCELoss
 
+    device = resolve_device(cfg.device)
+    net = build_network(Architecture(args=cfg.arch)).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bf16 = training_uses_bf16(cfg.precision, device)
+    log.info("training precision: %s", "bf16 autocast" if bf16 else "fp32")
+    loss_fn = DiceCELoss(to_onehot_y=cfg.targets != "partial_volume", softmax=True, include_background=True,
+                         batch=cfg.dice_batch)
+    return _Run(device=device, net=net, opt=opt, loss_fn=loss_fn, bf16=bf16)
+
+
+def _resume_or_init(run: _Run, last: Path | None, start: tuple[torch.nn.Module, list[dict]] | None,
+                    init_from: str | None) -> dict:
+    """The checkpointed run state: read from ``last`` (resuming), else fresh, with the weights and
+    training legs of the package ``start`` when warm-starting."""
+    state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None,
+             "prior_legs": []}
+    if last is not None:
+        ck = torch.load(last, map_location=run.device, weights_only=False)
+        run.net.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optimizer"])
+        state = {k: ck.get(k, state[k]) for k in state}
+        log.info("resumed from %s at step %d", last, state["step"])
+    elif start is not None:
+        network, state["prior_legs"] = start
+        run.net.load_state_dict(network.state_dict())
+        log.info("initialised from the package %s", init_from)
+    return state
+
+
+def _step(cfg: TrainConfig, run: _Run, sampler: CropSampler, step: int, elapsed_s: float) -> float:
+    """Set the scheduled learning rate, draw a batch and take one optimiser step; returns the loss."""
+    for g in run.opt.param_groups:
+        g["lr"] = learning_rate(cfg, step, elapsed_s)
+    x, y = sampler.batch(cfg.batch_size)
+    x, y = x.to(run.device), y.to(run.device)
+    return train_step(run.net, run.opt, run.loss_fn, x, y, run.bf16).item()
+
+
+def _validate_and_checkpoint(run: _Run, state: dict, run_loss: list[float], val_cases: list[dict], roi,
+                             ckdir: Path, val_every: int) -> None:
+    """Record a history entry (mean loss, validation Dice where there are validation cases), keep the
+    best checkpoint by that score and write the last one."""
+    entry = {
+        "step": state["step"],
+        "elapsed_s": round(state["elapsed_s"], 1),
+        "loss": round(float(np.mean(run_loss[-val_every:])), 4),
+    }
+    if val_cases:
+        v = validate(run.net, val_cases, roi, run.device)
+        entry["val_mean_dice_muscles"] = round(v["mean_dice_muscles"], 4)
+        state["val"] = v
+        score = v["mean_dice_muscles"]
+    else:
+        score = -float(entry["loss"])
+    state["history"].append(entry)
+    log.info("step %d (%.1f min): loss %.4f%s", state["step"], entry["elapsed_s"] / 60, entry["loss"],
+             f", validation Dice {entry['val_mean_dice_muscles']:.4f}" if val_cases else "")
+    print(json.dumps(entry), flush=True)  # the same, for programs (history.jsonl keeps it too)
+    with open(ckdir / "history.jsonl", "a") as f:  # the learning curve, readable without torch
+        f.write(json.dumps(entry) + "\n")
+    if score > state["best"]:
+        state["best"], state["best_step"] = score, state["step"]
+        _save_ckpt(ckdir / "best.pt", run.net, run.opt, state)
+    _save_ckpt(ckdir / "last.pt", run.net, run.opt, state)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training; export the best checkpoint as a package to ``cfg.out``."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     ckdir = Path(cfg.checkpoint_dir)
-    last, best = ckdir / "last.pt", ckdir / "best.pt"
+    last = ckdir / "last.pt"
     resuming = resume and last.exists()
     # the package to start from, before anything is written or cached: one that does not fit stops here
     start = _package_weights(cfg) if cfg.init_from and not resuming else None
@@ -721,29 +801,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         len(val_cases),
         time.time() - t_cache,
     )
-    device = resolve_device(cfg.device)
-    net = build_network(Architecture(args=cfg.arch)).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    soft = cfg.targets == "partial_volume"
-    bf16 = training_uses_bf16(cfg.precision, device)
-    log.info("training precision: %s", "bf16 autocast" if bf16 else "fp32")
-    loss_fn = DiceCELoss(to_onehot_y=not soft, softmax=True, include_background=True, batch=cfg.dice_batch)
-    state = {"step": 0, "elapsed_s": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": None,
-             "prior_legs": []}
-    if resuming:
-        ck = torch.load(last, map_location=device, weights_only=False)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        state = {k: ck.get(k, state[k]) for k in state}
-        log.info("resumed from %s at step %d", last, state["step"])
-    elif start is not None:
-        network, state["prior_legs"] = start
-        net.load_state_dict(network.state_dict())
-        log.info("initialised from the package %s", cfg.init_from)
+    run = _setup(cfg)
+    state = _resume_or_init(run, last if resuming else None, start, cfg.init_from)
     rng = np.random.default_rng(cfg.seed + state["step"])
     sampler = CropSampler(
-        train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng, by_class=cfg.crop == "classes", fractions=soft,
-        postop_weight=cfg.postop_weight,
+        train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng, by_class=cfg.crop == "classes",
+        fractions=cfg.targets == "partial_volume", postop_weight=cfg.postop_weight,
     )
     t0 = time.time() - state["elapsed_s"]
     t_ck = time.time()
@@ -752,19 +815,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", mininterval=5)
-    net.train()
+    run.net.train()
     run_loss: list[float] = []
     while state["step"] < cfg.steps:
         if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
             log.info("time limit reached at step %d", state["step"])
             break
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(cfg, state["step"], time.time() - t0)
-        x, y = sampler.batch(cfg.batch_size)
-        x, y = x.to(device), y.to(device)
-        loss = train_step(net, opt, loss_fn, x, y, bf16)
+        run_loss.append(_step(cfg, run, sampler, state["step"], time.time() - t0))
         state["step"] += 1
-        run_loss.append(loss.item())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(run_loss[-20:]):.3f}", refresh=False)  # mininterval holds
@@ -773,33 +831,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             cfg.max_minutes is not None and state["elapsed_s"] > cfg.max_minutes * 60
         )
         if state["step"] % cfg.val_every == 0 or done:
-            entry = {
-                "step": state["step"],
-                "elapsed_s": round(state["elapsed_s"], 1),
-                "loss": round(float(np.mean(run_loss[-cfg.val_every :])), 4),
-            }
-            if val_cases:
-                v = validate(net, val_cases, roi, device)
-                entry["val_mean_dice_muscles"] = round(v["mean_dice_muscles"], 4)
-                state["val"] = v
-                score = v["mean_dice_muscles"]
-            else:
-                score = -float(entry["loss"])
-            state["history"].append(entry)
-            log.info("step %d (%.1f min): loss %.4f%s", state["step"], entry["elapsed_s"] / 60, entry["loss"],
-                     f", validation Dice {entry['val_mean_dice_muscles']:.4f}" if val_cases else "")
-            print(json.dumps(entry), flush=True)  # the same, for programs (history.jsonl keeps it too)
-            with open(ckdir / "history.jsonl", "a") as f:  # the learning curve, readable without torch
-                f.write(json.dumps(entry) + "\n")
-            if score > state["best"]:
-                state["best"], state["best_step"] = score, state["step"]
-                _save_ckpt(best, net, opt, state)
-            _save_ckpt(last, net, opt, state)
+            _validate_and_checkpoint(run, state, run_loss, val_cases, roi, ckdir, cfg.val_every)
             t_ck = time.time()
         elif time.time() - t_ck > cfg.checkpoint_minutes * 60:
-            _save_ckpt(last, net, opt, state)
+            _save_ckpt(last, run.net, run.opt, state)
             t_ck = time.time()
-    _save_ckpt(last, net, opt, state)
+    _save_ckpt(last, run.net, run.opt, state)
     if bar is not None:
         bar.close()
     return export(cfg, data_prov)
