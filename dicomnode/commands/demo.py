@@ -564,104 +564,149 @@ def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], ke
             viewer.stop()
 
 
+@dataclass
+class _DemoRun:
+    """One demo's folder, node configuration and port, PACS and node process (the one owner of each,
+    so that the steps below share them and the ``finally`` of :func:`run_demo` stops them)."""
+
+    out: Path
+    console: Any
+    started: float  # time.monotonic() at the start: steps are printed against it
+    node_port: int
+    config: Path
+    pacs: LocalPacs | OrthancPacs
+    cli: str
+    node: subprocess.Popen[bytes] | None = None
+
+    def step(self, msg: str, detail: str = "") -> None:
+        print_step(self.console, time.monotonic() - self.started, msg, detail)
+
+    def check_node(self) -> None:
+        """Stop waiting as soon as the node process has exited."""
+        if self.node is not None and self.node.poll() is not None:
+            raise DemoError(f"the node exited ({self.node.returncode}); see {self.out / 'node.log'}")
+
+
+def _make_pacs(kind: PacsKind, out: Path, node_port: int) -> LocalPacs | OrthancPacs:
+    """Orthanc when asked for or (auto) installed, else the local store SCP; not started yet."""
+    use_orthanc = kind == PacsKind.ORTHANC or (kind == PacsKind.AUTO and OrthancPacs.available())
+    if kind == PacsKind.ORTHANC and not OrthancPacs.available():
+        raise DemoError("--pacs orthanc: Orthanc is not installed (apt-get install orthanc)")
+    if use_orthanc:
+        (out / "orthanc").mkdir()
+        return OrthancPacs(out / "orthanc", node_port)
+    return LocalPacs(out / "pacs")
+
+
+def _make_studies(run: _DemoRun, spacing: tuple[float, float, float],
+                  seed: int) -> tuple[DemoStudy, DemoStudy]:
+    """The phantom patient's two studies, written under ``phantoms/``; the local PACS files by label."""
+    run.step(f"generating the phantom patient (spacing {spacing[0]:g}×{spacing[1]:g}×{spacing[2]:g} mm)")
+    pre, post = make_patient(run.out / "phantoms", spacing, seed)
+    if isinstance(run.pacs, LocalPacs):
+        run.pacs.labels = {pre.study_uid: pre.label, post.study_uid: post.label}
+    run.step(f"pre-op {pre.n_files} slices, follow-up {post.n_files} slices →", shown(run.out / "phantoms"))
+    return pre, post
+
+
+def _import_registry(run: _DemoRun) -> None:
+    """The demo patient's clinical row, imported by the node's own ``patients import``."""
+    registry = write_registry(run.out / "registry.csv")
+    imported = subprocess.run(node_command(run.config, "patients", "import", str(registry)),
+                              capture_output=True, text=True, timeout=120)
+    if imported.returncode != 0:
+        raise DemoError(f"registry import failed: {imported.stderr.strip() or imported.stdout.strip()}")
+    run.step("imported fracture side, surgery date, height from", shown(registry))
+
+
+def _start_node(run: _DemoRun) -> None:
+    """``dicomnode serve`` as its own process (owned by ``run``), then wait until it answers C-ECHO."""
+    run.step("starting the node as its own process:", f"{run.cli} serve --config {_runnable(run.config)}")
+    with (run.out / "node.log").open("ab") as log:
+        run.node = subprocess.Popen(node_command(run.config, "serve"), stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "TCP_NODELAY": "1"}, start_new_session=True)
+
+    def node_up() -> bool:
+        run.check_node()
+        return echo("127.0.0.1", run.node_port, NODE_AET)
+
+    wait_for(node_up, 120, interval=0.5, what="the node to answer C-ECHO", error=DemoError)
+    run.step(f"node {NODE_AET} is up on port {run.node_port}, its log:", shown(run.out / "node.log"))
+
+
+def _send_and_wait(run: _DemoRun, study: DemoStudy, followup: bool, timeout: float) -> None:
+    """Send a study as the scanner would (to Orthanc, which routes it on, or straight to the node) and
+    wait until its results are in the PACS; a job that ended without them stops the wait."""
+    if isinstance(run.pacs, OrthancPacs):
+        target_port, target_aet, route = run.pacs.dicom_port, run.pacs.aet, "Orthanc (routed on to the node)"
+    else:
+        target_port, target_aet, route = run.node_port, NODE_AET, "the node"
+    t0 = time.monotonic()
+    try:
+        n = send_series(study.folder, target_port, target_aet, calling_aet=SCANNER_AET)
+    except ConnectionError as exc:
+        raise DemoError(str(exc)) from exc
+    run.step(f"{study.label}: {n} instances sent to {route}")
+    last_jobs = 0.0
+
+    def ready() -> bool:
+        nonlocal last_jobs
+        run.check_node()
+        if time.monotonic() - last_jobs > 10:
+            last_jobs = time.monotonic()
+            problem = _job_problem(node_jobs(run.config), study.series_uid)
+            if problem:
+                raise DemoError(f"{study.label}: {problem}")
+        return results_ready(run.pacs.objects(study.study_uid), followup)
+
+    wait_for(ready, timeout, interval=1.0, what=f"the {study.label} results in the PACS", error=DemoError)
+    run.step(f"{study.label}: SEG, SR{', summary and follow-up SR' if followup else ' and summary'} "
+             f"are in the PACS ({time.monotonic() - t0:.0f} s)")
+
+
+def _print_all(run: _DemoRun, pre: DemoStudy, post: DemoStudy, view: bool, options: tuple[str, ...]) -> None:
+    """Results against the truth, where the outputs are, the job table command, (Orthanc) the viewer."""
+    console = run.console
+    console.rule("Results")
+    print_results(console, pre, post, run.out / "node")
+    console.rule("Where the outputs are")
+    print_outputs(console, run.pacs, [pre, post], run.out, run.out / "node")
+    console.print("the node's job table, any time later:")
+    console.print(f"  {run.cli} jobs --config {_runnable(run.config)}", highlight=False, markup=False,
+                  soft_wrap=True)
+    if isinstance(run.pacs, OrthancPacs):
+        console.rule("Open a study in a viewer")
+        again = again_with_view(run.cli, list(options))
+        show_in_viewer(console, run.pacs, [pre, post], keep_open=view, again=again)
+
+
 def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float], seed: int, timeout: float,
              console: Any, model: Path | None = None, view: bool = False,
              options: tuple[str, ...] = ()) -> int:
     """The demo; ``options``: the command-line options it was run with (other than the view's)."""
     started = time.monotonic()
-
-    def step(msg: str, detail: str = "") -> None:
-        print_step(console, time.monotonic() - started, msg, detail)
-
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    storage = out / "node"
     node_port = free_port()
-    use_orthanc = pacs_kind == PacsKind.ORTHANC or (pacs_kind == PacsKind.AUTO and OrthancPacs.available())
-    if pacs_kind == PacsKind.ORTHANC and not OrthancPacs.available():
-        raise DemoError("--pacs orthanc: Orthanc is not installed (apt-get install orthanc)")
-    pacs: LocalPacs | OrthancPacs
-    if use_orthanc:
-        (out / "orthanc").mkdir()
-        pacs = OrthancPacs(out / "orthanc", node_port)
-    else:
-        pacs = LocalPacs(out / "pacs")
-    config = write_node_config(out / "node.toml", port=node_port, storage=storage, pacs_port=pacs.dicom_port,
-                               model=model)
-    node: subprocess.Popen[bytes] | None = None
-    cli = cli_command()
+    pacs = _make_pacs(pacs_kind, out, node_port)
+    config = write_node_config(out / "node.toml", port=node_port, storage=out / "node",
+                               pacs_port=pacs.dicom_port, model=model)
+    run = _DemoRun(out=out, console=console, started=started, node_port=node_port, config=config, pacs=pacs,
+                   cli=cli_command())
     try:
-        step(f"generating the phantom patient (spacing {spacing[0]:g}×{spacing[1]:g}×{spacing[2]:g} mm)")
-        pre, post = make_patient(out / "phantoms", spacing, seed)
-        if isinstance(pacs, LocalPacs):
-            pacs.labels = {pre.study_uid: pre.label, post.study_uid: post.label}
-        step(f"pre-op {pre.n_files} slices, follow-up {post.n_files} slices →", shown(out / "phantoms"))
-
-        registry = write_registry(out / "registry.csv")
-        imported = subprocess.run(node_command(config, "patients", "import", str(registry)),
-                                  capture_output=True, text=True, timeout=120)
-        if imported.returncode != 0:
-            raise DemoError(f"registry import failed: {imported.stderr.strip() or imported.stdout.strip()}")
-        step("imported fracture side, surgery date, height from", shown(registry))
-
-        step(f"starting the PACS: {pacs.name}")
+        pre, post = _make_studies(run, spacing, seed)
+        _import_registry(run)
+        run.step(f"starting the PACS: {pacs.name}")
         pacs.start()
-        step("starting the node as its own process:", f"{cli} serve --config {_runnable(config)}")
-        with (out / "node.log").open("ab") as log:
-            node = subprocess.Popen(node_command(config, "serve"), stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "TCP_NODELAY": "1"}, start_new_session=True)
-
-        def node_up() -> bool:
-            if node is not None and node.poll() is not None:
-                raise DemoError(f"the node exited ({node.returncode}); see {out / 'node.log'}")
-            return echo("127.0.0.1", node_port, NODE_AET)
-
-        wait_for(node_up, 120, interval=0.5, what="the node to answer C-ECHO", error=DemoError)
-        step(f"node {NODE_AET} is up on port {node_port}, its log:", shown(out / "node.log"))
-
-        target_port, target_aet = ((pacs.dicom_port, pacs.aet) if use_orthanc else (node_port, NODE_AET))
-        route = "Orthanc (routed on to the node)" if use_orthanc else "the node"
+        _start_node(run)
         for study, followup in ((pre, False), (post, True)):
-            t0 = time.monotonic()
-            try:
-                n = send_series(study.folder, target_port, target_aet, calling_aet=SCANNER_AET)
-            except ConnectionError as exc:
-                raise DemoError(str(exc)) from exc
-            step(f"{study.label}: {n} instances sent to {route}")
-            last_jobs = 0.0
-
-            def ready(study: DemoStudy = study, followup: bool = followup) -> bool:
-                nonlocal last_jobs
-                if node is not None and node.poll() is not None:
-                    raise DemoError(f"the node exited ({node.returncode}); see {out / 'node.log'}")
-                if time.monotonic() - last_jobs > 10:
-                    last_jobs = time.monotonic()
-                    problem = _job_problem(node_jobs(config), study.series_uid)
-                    if problem:
-                        raise DemoError(f"{study.label}: {problem}")
-                return results_ready(pacs.objects(study.study_uid), followup)
-
-            wait_for(ready, timeout, interval=1.0, what=f"the {study.label} results in the PACS",
-                     error=DemoError)
-            step(f"{study.label}: SEG, SR{', summary and follow-up SR' if followup else ' and summary'} "
-                 f"are in the PACS ({time.monotonic() - t0:.0f} s)")
-
-        console.rule("Results")
-        print_results(console, pre, post, storage)
-        console.rule("Where the outputs are")
-        print_outputs(console, pacs, [pre, post], out, storage)
-        console.print("the node's job table, any time later:")
-        console.print(f"  {cli} jobs --config {_runnable(config)}", highlight=False, markup=False,
-                      soft_wrap=True)
-        if isinstance(pacs, OrthancPacs):
-            console.rule("Open a study in a viewer")
-            again = again_with_view(cli, list(options))
-            show_in_viewer(console, pacs, [pre, post], keep_open=view, again=again)
-        step("demo finished")
+            _send_and_wait(run, study, followup, timeout)
+        _print_all(run, pre, post, view, options)
+        run.step("demo finished")
         return 0
     finally:
-        stop_process(node)
+        stop_process(run.node)
         pacs.stop()
 
 
