@@ -19,7 +19,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from reporting import codes, iod_lookup, rle_encoder, seg_splice
 from reporting.rules import RULES, ReportingRules, is_found
@@ -354,23 +354,52 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
     src0 = sources[0]
     subject = tracking_subject(src0, ct.meta)
     plan = make_plan(labels, volumes, ct, rules)
-    segments = plan.segments
-    if not segments:
+    if not plan.segments:
         raise ValueError("no structure of at least the minimum segment size in the label map: "
                          "nothing to put in a SEG")
-    if seg_type == "BINARY":
-        transfer_syntax = ExplicitVRLittleEndian
-    elif seg_type == "FRACTIONAL":
-        transfer_syntax = RLELossless
-    else:
-        transfer_syntax = _COMPRESSION.get(str(compression).upper().replace("_", "-"), None)
-        if transfer_syntax is None:
-            raise ValueError(f"unknown LABELMAP compression {compression!r} (RLE, JPEGLS or NONE)")
+    transfer_syntax = _transfer_syntax(seg_type, compression)
     series_uid = ct.meta.get("SeriesInstanceUID") or str(src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids or [str(s.SOPInstanceUID) for s in sources])
-    kind = f"SEG-{seg_type}"
-    demo = model_info.demo
-    descriptions = [_segment_description(s, subject, model_info) for s in segments]
+    uid = _OutputUids(content, model_info, f"SEG-{seg_type}")
+    construct = _seg_factory(sources, seg_type, transfer_syntax, uid, model_info)
+    descriptions = [_segment_description(s, subject, model_info) for s in plan.segments]
+    seg, frames, fill = _splice_or_plain(construct, plan, descriptions, sources, seg_type, fast)
+    _finish(seg, uid, model_info, src0, ct.meta)
+    built = BuiltSeg(seg, frames, fill)
+    if not defer_frames:
+        _ = built.dataset  # the frames spliced in now
+    return built
+
+
+def _transfer_syntax(seg_type: str, compression: str) -> UID:
+    """BINARY uncompressed, FRACTIONAL RLE, LABELMAP as ``compression`` asks (RLE, JPEGLS or NONE)."""
+    if seg_type == "BINARY":
+        return ExplicitVRLittleEndian
+    if seg_type == "FRACTIONAL":
+        return RLELossless
+    transfer_syntax = _COMPRESSION.get(str(compression).upper().replace("_", "-"), None)
+    if transfer_syntax is None:
+        raise ValueError(f"unknown LABELMAP compression {compression!r} (RLE, JPEGLS or NONE)")
+    return transfer_syntax
+
+
+@dataclass(frozen=True)
+class _OutputUids:
+    """The SEG's UIDs, derived from its source content, model and kind: a rerun gives the same ones."""
+
+    content: str
+    model_info: ModelInfo
+    kind: str  # SEG-<type>
+
+    def __call__(self, what: str) -> str:
+        return output_uid(self.content, self.model_info, f"{self.kind}/{what}")
+
+
+def _seg_factory(sources: list[Dataset], seg_type: str, transfer_syntax: UID, uid: _OutputUids,
+                 model_info: ModelInfo) -> Callable[[np.ndarray, list], hd.seg.Segmentation]:
+    """highdicom's Segmentation for given pixels and segment descriptions, every other argument fixed
+    (the byte splice calls it on a small stand-in, the plain path on the whole map)."""
+    description = ("Thigh muscle segmentation" + (" (DEMO model)" if model_info.demo else ""))[:64]
 
     def construct(pixels: np.ndarray, descs: list) -> hd.seg.Segmentation:
         return hd.seg.Segmentation(
@@ -378,15 +407,15 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
             pixel_array=pixels,
             segmentation_type=seg_type,
             segment_descriptions=descs,
-            series_instance_uid=output_uid(content, model_info, kind + "/series"),
+            series_instance_uid=uid("series"),
             series_number=SEG_SERIES_NUMBER,
-            sop_instance_uid=output_uid(content, model_info, kind + "/instance"),
+            sop_instance_uid=uid("instance"),
             instance_number=1,
             manufacturer="dicomnode",
             manufacturer_model_name=(model_info.name or "unknown-model")[:64],
             software_versions=(model_info.version or "0")[:64],
             device_serial_number="0",
-            content_description=("Thigh muscle segmentation" + (" (DEMO model)" if demo else ""))[:64],
+            content_description=description,
             content_label="THIGH_MUSCLES",
             content_creator_name="dicomnode^automatic",
             transfer_syntax_uid=transfer_syntax,
@@ -395,29 +424,38 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
             **({"fractional_type": "OCCUPANCY"} if seg_type == "FRACTIONAL" else {}),
         )
 
-    seg, frames, fill = None, None, None
+    return construct
+
+
+def _splice_or_plain(construct: Callable[[np.ndarray, list], hd.seg.Segmentation], plan: SegmentPlan,
+                     descriptions: list, sources: list[Dataset], seg_type: str,
+                     fast: bool) -> tuple[Dataset, SegFrames | None, Callable[[], None] | None]:
+    """The SEG with its frames spliced in as bytes where that is checked and applies, else built by
+    plain highdicom; with the slices of each segment's frames (None where plain highdicom does not
+    say) and the deferred frame encoding (None when there is none)."""
     if seg_type in seg_splice.SPLICE_TYPES and fast and not seg_splice.splice_supported():
         log.info("SEG byte splice not checked against highdicom %s; using highdicom per frame",
                  hd.__version__)
     elif seg_type in seg_splice.SPLICE_TYPES and fast:
         try:
             seg, slices, fill = seg_splice.splice(construct, plan, descriptions, sources, seg_type)
-            frames = SegFrames(plan, {s.number: ks for s, ks in zip(segments, slices, strict=True)}, sources)
+            return seg, SegFrames(plan, {s.number: ks for s, ks in zip(plan.segments, slices, strict=True)},
+                                  sources), fill
         except seg_splice.FastPathUnavailable as exc:
             log.warning("SEG byte splice not applicable (%s); using highdicom per frame", exc)
-    if seg is None:
-        seg = construct(plan.seg_map(), descriptions)  # (frames, rows, columns) = (k, j, i)
-        if seg_type == "LABELMAP":  # one frame per slice: its few frame headers give the order
-            frames = _labelmap_frames(seg, plan, sources)
-    dim_uid = output_uid(content, model_info, kind + "/dimension-organization")
+    seg = construct(plan.seg_map(), descriptions)  # (frames, rows, columns) = (k, j, i)
+    # LABELMAP: one frame per slice, its few frame headers give the order
+    frames = _labelmap_frames(seg, plan, sources) if seg_type == "LABELMAP" else None
+    return seg, frames, None
+
+
+def _finish(seg: Dataset, uid: _OutputUids, model_info: ModelInfo, src0: Dataset, ct_meta: dict) -> None:
+    """What highdicom does not set: our dimension organisation UID, the series description, the
+    patient and study identity of the source, the series date, the coding schemes used."""
+    dim_uid = uid("dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dim_uid
     seg.SeriesDescription = series_description("Thigh muscles SEG", model_info)
-    copy_identity(seg, src0, ct.meta)
+    copy_identity(seg, src0, ct_meta)
     date_series(seg)
     codes.declare_schemes(seg)
-    built = BuiltSeg(seg, frames, fill)
-    if not defer_frames:
-        _ = built.dataset  # the frames spliced in now
-    return built
-
