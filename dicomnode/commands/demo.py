@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -121,11 +121,11 @@ class OrthancPacs:
 
     name = "Orthanc"
 
-    def __init__(self, folder: Path, node_port: int, stable_age: int = 2) -> None:
+    def __init__(self, folder: Path, node_port: int) -> None:
         from dicomnode.harness.orthanc import OrthancServer
 
         self.server = OrthancServer(folder, aet=PACS_AET, node_aet=NODE_AET, node_port=node_port,
-                                    stable_age=stable_age, extra={"Name": "dicomnode-demo"})
+                                    extra={"Name": "dicomnode-demo"})
         self.aet = PACS_AET
         self.dicom_port = self.server.dicom_port
         self.config = self.server.config_path
@@ -240,7 +240,6 @@ class DemoStudy:
     series_uid: str
     truth: VolumeRecord
     n_files: int
-    expected: dict[str, int] = field(default_factory=dict)
     implant: bool = False  # the phantom has one: the change's caveat holds whatever the node detected
 
 
@@ -289,12 +288,12 @@ def _job_problem(jobs: list[dict], series_uid: str) -> str | None:
     return None
 
 
-def results_ready(objects: list[Received], followup: bool, summary: bool = True) -> bool:
+def results_ready(objects: list[Received], followup: bool) -> bool:
     kinds: dict[str, int] = defaultdict(int)
     for o in objects:
         kinds[_kind(o)] += 1
     enough_sr = kinds["SR"] >= (2 if followup else 1)
-    return kinds["SEG"] >= 1 and enough_sr and (kinds["summary"] >= 1 or not summary)
+    return kinds["SEG"] >= 1 and enough_sr and kinds["summary"] >= 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,7 +732,7 @@ def register(app: typer.Typer) -> None:
         """Run the main job: node + PACS, a phantom patient pre-op and follow-up, volumes and change."""
         from rich.console import Console
 
-        from seg.model import ModelPackageError, read_meta
+        from seg.package import ModelPackageError, read_meta
 
         if model is not None:  # refused now, not by the node after the phantom patient is sent
             try:
