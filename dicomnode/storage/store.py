@@ -18,7 +18,7 @@ A SOP Instance UID names one content. An identical re-send (the same dataset byt
 without writing anything; a *different* dataset under a UID the node already holds is refused
 (``uid-collision``), so the first copy stays where it is and its row never moves between series.
 
-Each refusal is a :class:`StoreError` carrying the DIMSE ``status`` to answer and a reason ``code``:
+Each refusal is a :class:`StoreError` carrying the DIMSE ``status`` to answer:
 0xC000 for corrupt data or a UID collision, 0xA900 for a SOP class/dataset mismatch, 0xA700
 (transient) when the index stays locked longer than the receive path's short busy timeout or the
 disk fails; the SCP passes the status through.
@@ -74,14 +74,12 @@ SOP_LOCK_FILE = ".sop-locks"  # byte-range locks shared by the receive processes
 class StoreError(Exception):
     """The instance is refused; the message goes into the failure status comment.
 
-    ``status`` is the DIMSE status the SCP answers (0xC000 "cannot understand" unless said otherwise)
-    and ``code`` a machine-readable reason (see docs/conformance.md).
+    ``status`` is the DIMSE status the SCP answers (0xC000 "cannot understand" unless said otherwise).
     """
 
-    def __init__(self, message: str, status: int = CANNOT_UNDERSTAND, code: str = "invalid") -> None:
+    def __init__(self, message: str, status: int = CANNOT_UNDERSTAND) -> None:
         super().__init__(message)
         self.status = status
-        self.code = code
 
 
 def restrict_umask() -> int:
@@ -361,7 +359,7 @@ def _collision(info: InstanceInfo, stored_series: str) -> StoreError:
     where = "the same series" if stored_series == info.series_uid else "another series"
     event(log, "instance refused", logging.WARNING, code="uid-collision", sop=info.sop_uid,
           series=info.series_uid, stored_series=stored_series, calling_aet=info.calling_aet)
-    return StoreError(f"uid-collision: UID stored in {where} with other content", code="uid-collision")
+    return StoreError(f"uid-collision: UID stored in {where} with other content")
 
 
 def _range_lock(fd: int, offset: int, kind: int) -> None:
@@ -458,8 +456,7 @@ class Store:
             try:
                 written = os.writev(fd, [PREAMBLE, file_meta, dataset])
                 if written != size:
-                    raise StoreError(f"short write ({written} of {size} bytes)",
-                                     status=OUT_OF_RESOURCES, code="short-write")
+                    raise StoreError(f"short write ({written} of {size} bytes)", status=OUT_OF_RESOURCES)
                 if self.one_flush:
                     os.replace(tmp, final)
                     renamed = True
@@ -606,7 +603,7 @@ class Store:
         """
         verdict = None if checked else validate_instance(dataset, info.transfer_syntax, info.sop_class)
         if verdict is not None and not verdict.ok:
-            raise StoreError(verdict.comment, status=verdict.status, code=verdict.code.value)
+            raise StoreError(verdict.comment, status=verdict.status)
         with self._sop_lock(info.sop_uid):
             try:
                 same = self._same_copy(info, dataset)
@@ -621,10 +618,10 @@ class Store:
             except sqlite3.OperationalError as exc:  # DatabaseBusy among them
                 if is_busy(exc):
                     raise StoreError(f"index-busy: the index is locked, try again ({exc})",
-                                     status=OUT_OF_RESOURCES, code="index-busy") from exc
+                                     status=OUT_OF_RESOURCES) from exc
                 # a full disk, an I/O error, a damaged index: SQLite's text names no data
                 raise StoreError(f"index-error: the node's index cannot be written ({exc})",
-                                 status=OUT_OF_RESOURCES, code="index-error") from exc
+                                 status=OUT_OF_RESOURCES) from exc
 
     @contextmanager
     def _sop_lock(self, sop_uid: str) -> Iterator[None]:
