@@ -26,7 +26,6 @@ BOTH_SIDES = CodedConcept("51440002", "SCT", "Right and left")  # CID 244 Latera
 VOLUME = CodedConcept("118565006", "SCT", "Volume")  # CID 7469 etc.
 YES = CodedConcept("373066001", "SCT", "Yes")
 NO = CodedConcept("373067005", "SCT", "No")
-THIGH = CodedConcept("68367000", "SCT", "Thigh")  # CID 4031
 PRESENCE = CodedConcept("121052", "DCM", "Presence of property")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")  # CID 240 Present-Absent
 POSTOPERATIVE = CodedConcept("262061000", "SCT", "Post-operative")  # CID 6146 Time Point Types

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-GROUPS = ("anterior", "medial", "posterior", "gluteal", "else")
-
 
 @dataclass(frozen=True)
 class Structure:

@@ -26,7 +26,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "orthanc.json"
 ROUTE_LUA = HERE / "route.lua"
-NODE_MODALITY = "thighnode"
 # Debian's orthanc-dicomweb (the viewer reads the PACS over DICOMweb); the first that exists is loaded
 DICOMWEB_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",)
 

@@ -21,7 +21,6 @@ import numpy as np
 MUSCLE = "muscle"  # competes with other muscles (nearest-surface partition, fat planes between)
 BONE = "bone"  # wins over soft tissue; cortex + marrow
 VESSEL = "vessel"  # blood, carved out of everything soft, ringed by fat
-MIDLINE = "midline"  # drawn once, centred on x = 0
 
 
 @dataclass
