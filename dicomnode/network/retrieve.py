@@ -39,7 +39,6 @@ class StudyHit:
     study_date: str
     study_time: str = ""
     modalities: list[str] = field(default_factory=list)
-    description: str = ""
     issuer: str = ""
 
 
@@ -48,7 +47,6 @@ class SeriesHit:
     series_instance_uid: str
     modality: str
     instances: int | None
-    description: str = ""
 
 
 @dataclass
@@ -108,7 +106,7 @@ def find_studies(settings: Settings, patient_id: str) -> list[StudyHit]:
     """The patient's studies at the PACS (study-level C-FIND by PatientID)."""
     out = []
     for ds in _find(settings, "STUDY", PatientID=patient_id, StudyInstanceUID="", StudyDate="",
-                    StudyTime="", ModalitiesInStudy="", StudyDescription="", IssuerOfPatientID=""):
+                    StudyTime="", ModalitiesInStudy="", IssuerOfPatientID=""):
         mods = ds.get("ModalitiesInStudy", None)
         if mods is None or mods == "":
             mods_list: list[str] = []
@@ -118,7 +116,7 @@ def find_studies(settings: Settings, patient_id: str) -> list[StudyHit]:
             mods_list = [str(m) for m in mods]
         study_date = da_date(_text(ds, "StudyDate")) or ""  # compared with our dates as text
         out.append(StudyHit(_text(ds, "StudyInstanceUID"), study_date, _text(ds, "StudyTime"),
-                            mods_list, _text(ds, "StudyDescription"), _text(ds, "IssuerOfPatientID")))
+                            mods_list, _text(ds, "IssuerOfPatientID")))
     return [s for s in out if s.study_instance_uid]
 
 
@@ -130,14 +128,13 @@ def find_series(settings: Settings, study_uid: str) -> list[SeriesHit]:
     """The study's series (series-level C-FIND)."""
     out = []
     for ds in _find(settings, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality="",
-                    SeriesDescription="", NumberOfSeriesRelatedInstances=""):
+                    NumberOfSeriesRelatedInstances=""):
         n = ds.get("NumberOfSeriesRelatedInstances", None)
         try:
             count = int(n) if n not in (None, "") else None
         except (TypeError, ValueError):
             count = None
-        out.append(SeriesHit(_text(ds, "SeriesInstanceUID"), _text(ds, "Modality"), count,
-                             _text(ds, "SeriesDescription")))
+        out.append(SeriesHit(_text(ds, "SeriesInstanceUID"), _text(ds, "Modality"), count))
     return [s for s in out if s.series_instance_uid]
 
 
