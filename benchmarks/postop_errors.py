@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from seg.hu_refine import MUSCLE_HU
+
 if TYPE_CHECKING:
     from seg.phantom import PhantomOptions
 
@@ -57,7 +59,6 @@ class WrongVoxels:
 
 
 STREAK_HU = 60.0
-MUSCLE_HU = (-29.0, 150.0)
 
 
 def _breakdown(seed: int, name: str, ct, truth: np.ndarray, pred: np.ndarray, operated: np.ndarray,

@@ -43,6 +43,7 @@ def _label_range(names: list[str]) -> tuple[int, int]:
     return values[0], values[-1]
 
 
+MUSCLE_HU: tuple[float, float] = (-29.0, 150.0)  # skeletal muscle, the body-composition convention
 _MUSCLE = _label_range([s.name for s in L.structures() if s.is_muscle])
 _BONE = _label_range(["femur", "iliac_bone"])
 
@@ -52,7 +53,7 @@ class HURefinement(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    muscle_hu: tuple[float, float] = (-29.0, 150.0)
+    muscle_hu: tuple[float, float] = MUSCLE_HU
     bone_min_hu: float | None = 200.0  # None: bone edges are left as predicted
     muscle_band_mm: float = Field(3.0, gt=0, le=10)
     bone_band_mm: float = Field(2.0, gt=0, le=10)

@@ -18,12 +18,13 @@ import numpy as np
 from seg import labels as L
 from seg.age import age_at_study
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
+from seg.hu_refine import MUSCLE_HU
 from seg.records import CSV_COLUMNS, MetalLocation, ModelInfo, StructureVolume, VolumeQA, VolumeRecord
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
 
-MUSCLE_HU = (-29.0, 150.0)
+BODY_HU = -500  # a voxel above this CT number is body (or couch, clothing), not air
 METAL_HU = 2500.0
 FEMUR = L.LABEL_OF["femur"]
 
@@ -139,18 +140,11 @@ def midline_x(labels: Volume, ct: Volume | None = None) -> tuple[float, str]:
         x = _world(labels.affine, tuple(v[::step] for v in idx))[:, 0]
         return float(x.mean()), "labels"
     if ct is not None:
-        idx = np.nonzero(ct.array > -500)
+        idx = np.nonzero(ct.array > BODY_HU)
         if idx[0].size:
             step = max(1, idx[0].size // 200000)
             return float(_world(ct.affine, tuple(v[::step] for v in idx))[:, 0].mean()), "body"
     return 0.0, "origin"
-
-
-def body_mask(ct: Volume) -> np.ndarray:
-    """The patient: the largest connected component above -500 HU (drops couch and clothing)."""
-    m = ct.array > -500
-    found = _largest_component(m)
-    return m if found is None else found[0] == found[1]
 
 
 _FEW_COMPONENTS = 8  # up to this many, each is counted by a comparison over the volume
@@ -269,13 +263,14 @@ class _CtFigures:
 
 
 def _ct_figures(ct: Volume) -> _CtFigures:
-    """Muscle-HU voxels of the body (:func:`body_mask`) and where the metal is.
+    """Muscle-HU voxels of the body (the largest connected component above :data:`BODY_HU`, which
+    drops couch and clothing) and where the metal is.
 
     Counted slab by slab along the outermost axis, the body's test folded into the HU test, so no
     volume-sized mask is kept; metal voxels are counted before they are listed (usually there are none).
     """
     hu = ct.array
-    m = hu > -500
+    m = hu > BODY_HU
     found = _largest_component(m)
     axis = int(np.argmax(np.abs(hu.strides)))
     step = max(1, _BLOCK_VOXELS // max(1, hu.size // max(1, hu.shape[axis])))
