@@ -36,6 +36,7 @@ from reporting.uids import (
     tracking_uid,
 )
 from seg.labels import Structure, structures
+from seg.measure import midline_x
 from seg.records import ModelInfo, VolumeRecord
 from seg.volume import Volume
 
@@ -44,11 +45,8 @@ rle_encoder.install()  # FRACTIONAL/LABELMAP RLE frames: byte-identical, ~13x fa
 iod_lookup.install()  # highdicom's per-source-image IOD lookup answered once
 
 SEG_SERIES_NUMBER = 9901
-# processes compressing LABELMAP and FRACTIONAL frames in parallel (0 = in this process)
-LABELMAP_WORKERS = 0
 SIDES = ("left", "right")
-_COMPRESSION = {"RLE": RLELossless, "JPEGLS": JPEGLSLossless, "JPEG-LS": JPEGLSLossless,
-                "JPEGLSLOSSLESS": JPEGLSLossless, "NONE": ExplicitVRLittleEndian}
+_COMPRESSION = {"RLE": RLELossless, "JPEGLS": JPEGLSLossless}  # LABELMAP: the config's choices
 
 
 @dataclass(frozen=True)
@@ -84,13 +82,6 @@ def algorithm_identification(model_info: ModelInfo) -> hd.AlgorithmIdentificatio
         version=(model_info.version or "0")[:64],
         source="dicomnode",
     )
-
-
-def exact_midline_x(labels: Volume, ct: Volume | None = None) -> float:
-    """x (LPS mm) of the mid-sagittal plane as :func:`seg.measure.midline_x` finds it."""
-    from seg.measure import midline_x
-
-    return float(midline_x(labels, ct)[0])
 
 
 def _world_x(vol: Volume) -> np.ndarray:
@@ -217,13 +208,13 @@ def make_plan(labels: Volume, volumes: VolumeRecord, ct: Volume | None = None,
     if int(labels.array.max(initial=0)) >= min(n, 128):
         raise ValueError(f"label values must be below {n}")
     recorded = volumes.qa.midline_x_mm
-    mid = float(recorded) if recorded is not None else exact_midline_x(labels, ct)
+    mid = float(recorded) if recorded is not None else midline_x(labels, ct)[0]
     idx = _side_index(labels, mid)
     frame_box = _frame_boxes(idx)
     frame_counts = _frame_counts(idx, frame_box, 2 * n)
     counts = frame_counts.sum(axis=0)
     if recorded is not None and not _matches(counts, volumes, labels.voxel_volume_cm3):
-        idx = _side_index(labels, exact_midline_x(labels, ct))
+        idx = _side_index(labels, midline_x(labels, ct)[0])
         frame_counts = _frame_counts(idx, frame_box, 2 * n)
         counts = frame_counts.sum(axis=0)
     by_label = volumes.by_label()
@@ -372,14 +363,14 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
 
 
 def _transfer_syntax(seg_type: str, compression: str) -> UID:
-    """BINARY uncompressed, FRACTIONAL RLE, LABELMAP as ``compression`` asks (RLE, JPEGLS or NONE)."""
+    """BINARY uncompressed, FRACTIONAL RLE, LABELMAP as ``compression`` asks (RLE or JPEGLS)."""
     if seg_type == "BINARY":
         return ExplicitVRLittleEndian
     if seg_type == "FRACTIONAL":
         return RLELossless
-    transfer_syntax = _COMPRESSION.get(str(compression).upper().replace("_", "-"), None)
+    transfer_syntax = _COMPRESSION.get(str(compression).upper(), None)
     if transfer_syntax is None:
-        raise ValueError(f"unknown LABELMAP compression {compression!r} (RLE, JPEGLS or NONE)")
+        raise ValueError(f"unknown LABELMAP compression {compression!r} (RLE or JPEGLS)")
     return transfer_syntax
 
 
@@ -420,7 +411,7 @@ def _seg_factory(sources: list[Dataset], seg_type: str, transfer_syntax: UID, ui
             content_creator_name="dicomnode^automatic",
             transfer_syntax_uid=transfer_syntax,
             omit_empty_frames=True,
-            workers=LABELMAP_WORKERS if seg_type != "BINARY" else 0,
+            workers=0,  # no worker processes: frames are encoded in this one
             **({"fractional_type": "OCCUPANCY"} if seg_type == "FRACTIONAL" else {}),
         )
 
