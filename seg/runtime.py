@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from seg.model import ModelPackage
-from seg.recipe import PRECISIONS, RUNTIMES, cpu_precision
+from seg.recipe import PRECISIONS, RUNTIMES, Runtime, cpu_precision
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,9 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def choose(requested: str | None, device: torch.device, precision: str | None = None) -> RuntimeChoice:
-    """The runtime for ``requested`` (one of :data:`RUNTIMES`; None = ``DICOMNODE_WORKER__RUNTIME`` or
-    auto) on ``device``."""
-    requested = requested or os.environ.get("DICOMNODE_WORKER__RUNTIME", "auto").lower()
+def choose(requested: Runtime, device: torch.device, precision: str | None = None) -> RuntimeChoice:
+    """The runtime for ``requested`` (one of :data:`RUNTIMES`: the ``worker.runtime`` setting) on
+    ``device``."""
     if requested not in RUNTIMES:
         raise ValueError(f"runtime {requested!r} is not one of {', '.join(RUNTIMES)}")
     if requested == "torch":
@@ -172,7 +171,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "dicomnode" / "openvino"
 
 
-def prepare(pkg: ModelPackage, requested: str | None = None, cache_dir: Path | None = None,
+def prepare(pkg: ModelPackage, requested: Runtime, cache_dir: Path | None = None,
             precision: str | None = None) -> ModelPackage:
     """``pkg`` ready for inference on the chosen runtime (the same package when that is PyTorch)."""
     choice = choose(requested, pkg.device, precision)
