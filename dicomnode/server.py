@@ -93,11 +93,6 @@ class Node:
             )
             thread.start()
             self.threads.append(thread)
-        spec = (
-            pipeline_spec(self.pipeline_name)
-            if isinstance(self.pipeline_name, str) or self.pipeline_name is None
-            else self.pipeline_name
-        )
         event(
             log,
             "node started",
@@ -105,7 +100,7 @@ class Node:
             port=self.settings.port,
             storage=self.settings.storage_dir,
             worker="on" if self.worker_enabled else "off",
-            pipeline=spec,
+            pipeline=pipeline_spec(self.pipeline_name),
             pacs=f"{self.settings.pacs.ae_title}@{self.settings.pacs.host}:{self.settings.pacs.port}",
             retention_days=self.settings.retention_days or "off",
         )
