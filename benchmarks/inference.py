@@ -173,7 +173,8 @@ def load_case(name: str, spacing: float):
     """(network in eval mode, roi, preprocess) for 'paper' (random weights, seed 0) or 'demo'."""
     import torch
 
-    from seg.model import Architecture, build_network, load_model
+    from seg.model import build_network, load_model
+    from seg.package import Architecture
     from seg.preprocess_config import PreprocessConfig
     from seg.recipe import PAPER_UNETR
 

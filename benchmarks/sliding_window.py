@@ -55,7 +55,8 @@ def slab_windows(shape: tuple[int, int, int], roi: tuple[int, int, int], channel
 
 def paper_package(spacing_mm: float = 1.5):
     """The paper-size UNETR (random weights, seed 0) as an in-memory CPU package, window-counted."""
-    from seg.model import Architecture, build_network, in_memory_package
+    from seg.model import build_network, in_memory_package
+    from seg.package import Architecture
     from seg.preprocess_config import PreprocessConfig
     from seg.recipe import PAPER_UNETR
 

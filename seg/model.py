@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from seg import labels as L
-from seg.package import (  # noqa: F401  (the package format's names, for the importers of seg.model)
+from seg.package import (
     DEMO_DIR,
     DEMO_STATEMENT,
     FORMAT,
@@ -24,7 +24,6 @@ from seg.package import (  # noqa: F401  (the package format's names, for the im
     ModelPackageError,
     PackageMeta,
     Weights,
-    read_meta,
     sha256_file,
     verify_package,
     write_meta,

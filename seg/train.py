@@ -23,14 +23,12 @@ from seg import labels as L
 from seg import recipe
 from seg.hu_refine import HURefinement
 from seg.model import (
-    Architecture,
-    InferenceOptions,
-    ModelPackageError,
     build_network,
     load_model,
     resolve_device,
     save_package,
 )
+from seg.package import Architecture, InferenceOptions, ModelPackageError
 from seg.phantom.options import PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
 from seg.preprocess_config import ImageResampling, PreprocessConfig

@@ -113,7 +113,7 @@ def test_train_refuses_what_would_lose_work_or_fail_late(case: str, tmp_path: Pa
     another network, a new run over an earlier run's checkpoints, a package that does not fit."""
     import json
 
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     ck = tmp_path / "ck"
     args = ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", "--checkpoints", str(ck)]

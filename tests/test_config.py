@@ -202,7 +202,7 @@ def test_a_model_package_that_does_not_verify_stops_check_and_serve(tmp_path: Pa
     does not start a node whose every job would fail on it."""
     import shutil
 
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     site = tmp_path / "site"
     shutil.copytree(DEMO_DIR, site)
@@ -226,7 +226,7 @@ def test_relative_paths_in_a_file_are_relative_to_its_folder(tmp_path: Path,
     stays relative to the working directory."""
     import shutil
 
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     etc = tmp_path / "etc"
     shutil.copytree(DEMO_DIR, etc / "models" / "site")
@@ -281,7 +281,7 @@ def test_a_package_with_absurd_weights_stops_check_and_serve(tmp_path: Path,
     import shutil
 
     import seg.package as package
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     shutil.copytree(DEMO_DIR, tmp_path / "site")
     cfg = _write(tmp_path, f'model_path = "site"\nstorage_dir = "{(tmp_path / "var").as_posix()}"\n')

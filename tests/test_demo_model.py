@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from seg.evaluate import evaluate_case
-from seg.model import DEMO_DIR, DEMO_STATEMENT, load_model
+from seg.model import load_model
+from seg.package import DEMO_DIR, DEMO_STATEMENT
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
 from seg.records import VolumeRecord
 

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from dicomnode.commands import demo
 from dicomnode.commands.common import model_lines
-from seg.model import DEMO_STATEMENT
+from seg.package import DEMO_STATEMENT
 from seg.records import ChangeRecord, ModelInfo, StructureChange, StructureVolume, TotalChange, VolumeRecord
 
 MODEL_LINE = re.compile(r"^model (\S+) (\S+):\n  " + re.escape(DEMO_STATEMENT) + "$", re.M)

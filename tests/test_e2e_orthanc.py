@@ -452,7 +452,7 @@ def _find(tree: Any, key: str) -> float | None:
 
 def held_out(model_path: Path | None = None) -> Evaluation | None:
     """The model package's held-out evaluation (``dicomnode evaluate``'s evaluation.json), if it ships one."""
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     path = (model_path or DEMO_DIR) / "evaluation.json"
     return Evaluation.load(path) if path.is_file() else None
@@ -460,7 +460,7 @@ def held_out(model_path: Path | None = None) -> Evaluation | None:
 
 def model_json(model_path: Path | None = None) -> dict:
     """The package's model.json: free-form provenance (training validation, a stated tolerance)."""
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     path = (model_path or DEMO_DIR) / "model.json"
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -97,7 +97,7 @@ def test_pre_operative_worst_side_error_leaves_out_post_operative_cases() -> Non
 def test_the_shipped_evaluation_loads_and_saves_the_same_json(tmp_path: Path) -> None:
     """The demo package's evaluation.json reads as a record and writes back the same keys and values; so
     does its version-less form (what packages before schema_version shipped), plus ``schema_version``."""
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     shipped = json.loads((DEMO_DIR / "evaluation.json").read_text())
     legacy = {k: v for k, v in shipped.items() if k != "schema_version"}
@@ -215,7 +215,7 @@ def test_preoperative_twin_is_the_same_patient_before_surgery() -> None:
 def test_evaluation_table_reads_at_80_columns_with_the_atrophy_summary() -> None:
     """`dicomnode evaluate`'s table (here the shipped package's own evaluation): display names, every line
     within 80 columns, and the atrophied muscles' loss error as median, max and how many meet the target."""
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     res = Evaluation.load(DEMO_DIR / "evaluation.json")
     text = format_table(res)

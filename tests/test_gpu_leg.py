@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from seg import labels as L
-from seg.model import DEMO_DIR, load_model
+from seg.model import load_model
+from seg.package import DEMO_DIR
 from seg.phantom import PhantomOptions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from seg import labels as L
 from seg.hu_refine import HURefinement, _box_any, _member, refine_labels
-from seg.model import ModelPackageError, read_meta
+from seg.package import ModelPackageError, read_meta
 
 FAT, MUSCLE_HU, CORTEX, MARROW = -100, 50, 1300, 20
 SART = L.by_name("sartorius").label

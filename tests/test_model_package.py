@@ -12,14 +12,8 @@ import torch
 
 from seg import labels as L
 from seg.infer import predict_probabilities, segment
-from seg.model import (
-    Architecture,
-    InferenceOptions,
-    ModelPackageError,
-    build_network,
-    load_model,
-    save_package,
-)
+from seg.model import build_network, load_model, save_package
+from seg.package import Architecture, InferenceOptions, ModelPackageError
 from seg.preprocess_config import PreprocessConfig
 from seg.recipe import PAPER_UNETR
 from seg.volume import Volume
@@ -84,7 +78,7 @@ def test_truncated_weights_with_matching_checksum_fail_clearly(pkg_dir: Path, tm
     w = p / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
     meta = json.loads((p / "model.json").read_text())
-    from seg.model import sha256_file
+    from seg.package import sha256_file
 
     meta["weights"]["sha256"] = sha256_file(w)
     (p / "model.json").write_text(json.dumps(meta))

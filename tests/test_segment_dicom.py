@@ -185,7 +185,7 @@ def test_segment_uses_the_configured_model(series, truth_model, tmp_path):
     DICOMNODE_MODEL_PATH), as the node would, with or without --dicom; not the demo model."""
     import json
 
-    from seg.model import DEMO_DIR
+    from seg.package import DEMO_DIR
 
     site = tmp_path / "site-model"
     shutil.copytree(DEMO_DIR, site)
@@ -260,7 +260,7 @@ def test_the_demo_models_banner_fits_80_columns(series, monkeypatch):
     terminal mid-sentence)."""
     from types import SimpleNamespace
 
-    from seg.model import DEMO_STATEMENT
+    from seg.package import DEMO_STATEMENT
     from seg.records import ModelInfo
 
     info = ModelInfo(name="thigh-unetr-demo", version="0.9.0", demo=True, statement=DEMO_STATEMENT)

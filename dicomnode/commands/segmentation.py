@@ -280,7 +280,8 @@ def _load_input(path: Path, dicom: bool) -> Volume:
 
 def _load_package(path: Path | None, device: str, node: Settings, console: Console) -> ModelPackage:
     """The model, prepared for the node's runtime; a demo model says so first."""
-    from seg.model import ModelPackageError, load_model
+    from seg.model import load_model
+    from seg.package import ModelPackageError
     from seg.runtime import prepare
 
     try:
@@ -592,7 +593,8 @@ def evaluate(
 ) -> None:
     """Per-class Dice, HD95 and volume error of a model on held-out labelled CTs."""
     from seg.evaluate import evaluate_model, format_table, write_evaluation
-    from seg.model import ModelPackageError, load_model
+    from seg.model import load_model
+    from seg.package import ModelPackageError
     from seg.train import DatasetError
 
     case_source(data, phantoms)
