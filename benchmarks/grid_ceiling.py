@@ -45,11 +45,12 @@ def _backs(ph, sp: float) -> dict[str, np.ndarray]:
 
 def ceiling(phantoms: int, seed_start: int, spacings: list[float]) -> list[dict]:
     from seg import labels as L
-    from seg.evaluate import evaluate_case, heldout_plan
+    from seg.evaluate import evaluate_case
     from seg.phantom import make_phantom
+    from seg.train import phantom_plan
 
     rows = []
-    for o in heldout_plan(phantoms, seed_start):
+    for o in phantom_plan(phantoms, seed_start):
         ph = make_phantom(o)
         truth = ph.ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
         for sp in spacings:
@@ -75,11 +76,12 @@ def ceiling(phantoms: int, seed_start: int, spacings: list[float]) -> list[dict]
 def atrophy_ceiling(phantoms: int, seed_start: int, spacings: list[float]) -> list[dict]:
     """The atrophied muscles' pre->post loss error of a perfect model: each post-operative
     phantom of the held-out plan and its pre-operative twin through the same grid round trip."""
-    from seg.evaluate import atrophy_loss_records, heldout_plan, preop_twin_options, side_volumes
+    from seg.evaluate import atrophy_loss_records, preop_twin_options, side_volumes
     from seg.phantom import make_phantom
+    from seg.train import phantom_plan
 
     rows = []
-    for o in heldout_plan(phantoms, seed_start):
+    for o in phantom_plan(phantoms, seed_start):
         if not (o.postop and o.atrophy and o.implant_side):
             continue
         sides = {}

@@ -166,9 +166,10 @@ def report(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from seg.evaluate import heldout_plan, preop_twin_options
+    from seg.evaluate import preop_twin_options
     from seg.model import load_model
     from seg.phantom import make_phantom
+    from seg.train import phantom_plan
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=12)
@@ -182,7 +183,7 @@ def main() -> None:
         torch.set_num_threads(2)
         model = load_model(a.model)
         done = {(r["seed"], r["postop"]) for r in rows}
-        posts = [o for o in heldout_plan(4 * a.pairs + a.seed_start % 4, a.seed_start) if o.postop]
+        posts = [o for o in phantom_plan(4 * a.pairs + a.seed_start % 4, a.seed_start) if o.postop]
         for o in posts[: a.pairs]:
             for opts in (preop_twin_options(o), o):
                 if (opts.seed, opts.postop) in done:

@@ -160,13 +160,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="what the wrongly claimed voxels are (renders each case's pre-operative twin)")
     args = ap.parse_args(argv)
 
-    from seg.evaluate import heldout_plan, preop_twin_options
+    from seg.evaluate import preop_twin_options
     from seg.infer import segment
     from seg.model import load_model
     from seg.phantom import make_phantom
+    from seg.train import phantom_plan
 
     model = load_model(args.model, device="cpu")
-    post = [o for o in heldout_plan(4 * args.pairs, args.seed_start) if o.postop]
+    post = [o for o in phantom_plan(4 * args.pairs, args.seed_start) if o.postop]
     cases, errors, wrong = {}, [], []
     for opts in post:
         ph = make_phantom(opts)

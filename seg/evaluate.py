@@ -211,13 +211,6 @@ def _through_dicom(ph, syntax: str) -> Volume:
     return ct
 
 
-def heldout_plan(n: int, seed_start: int) -> list[PhantomOptions]:
-    """Held-out phantom options: HFS/FFS, several spacings, post-op with atrophy and implant."""
-    from seg.train import phantom_plan
-
-    return phantom_plan(n, seed_start)
-
-
 def evaluate_model(
     model,
     phantoms: int = 0,
@@ -240,7 +233,7 @@ def evaluate_model(
             load_case(cid, c, lp)  # a bad last case would otherwise end the run with nothing written
         items = [(cid, lambda cid=cid, c=c, lp=lp: load_case(cid, c, lp), None) for cid, c, lp in found]
     else:
-        from seg.train import plan_phantom
+        from seg.train import phantom_plan, plan_phantom
 
         def _mk(o: PhantomOptions, syntax: str | None):
             ph = plan_phantom(o, z_range_mm)
@@ -249,7 +242,7 @@ def evaluate_model(
             return _through_dicom(ph, syntax), ph.labels
 
         items = []
-        for i, o in enumerate(heldout_plan(phantoms, seed_start)):
+        for i, o in enumerate(phantom_plan(phantoms, seed_start)):  # held out: seeds apart from training's
             syntax = COMPRESSED_SYNTAXES[(i // 3) % len(COMPRESSED_SYNTAXES)] if i % 3 == 2 else None
             cid = (f"seed{o.seed}_{o.position}_{'x'.join(f'{s:g}' for s in o.spacing_mm)}"
                    + ("_postop" if o.postop else "") + (f"_{syntax}" if syntax else ""))
@@ -344,7 +337,8 @@ def format_table(res: Evaluation) -> str:
     mn, tg = res.min_dice_muscle, res.targets
     lines += [
         f"cases: {res.cases}",
-        f"mean Dice, 21 muscles: {f(res.mean_dice_muscles)} (target >= {tg.mean_dice_muscles})",
+        f"mean Dice, {len(L.ANALYSED_MUSCLES)} muscles: {f(res.mean_dice_muscles)} "
+        f"(target >= {tg.mean_dice_muscles})",
         f"lowest muscle Dice: {_display(mn.name) if mn else '-'} {f(mn.dice if mn else None)} "
         f"(target >= {tg.min_dice_muscle})",
         f"femur Dice {f(res.femur_dice)}, iliac bone Dice {f(res.iliac_bone_dice)} "

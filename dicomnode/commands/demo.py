@@ -305,7 +305,7 @@ def volume_table(title: str, measured: VolumeRecord, truth: VolumeRecord,
 
     Plain text under 80 columns, muscles by their display names (the class table's).
     """
-    from seg.labels import PAPER_ORDER, by_name
+    from seg.labels import ANALYSED_MUSCLES, PAPER_ORDER, by_name
 
     mp, tp = measured.by_name(), truth.by_name()
     head = f"{'muscle':<21}{'L cm³':>9}{'truth':>9}{'Dice':>7}  {'R cm³':>9}{'truth':>9}{'Dice':>7}"
@@ -324,7 +324,7 @@ def volume_table(title: str, measured: VolumeRecord, truth: VolumeRecord,
                     f"{cell(d, '7.3f'):>7}" + ("  " if side == "left" else ""))
         lines.append(row)
     mean = sum(scores) / len(scores) if scores else None
-    lines.append(f"mean Dice over the 21 muscles, both sides: {cell(mean, '.3f')}")
+    lines.append(f"mean Dice over the {len(ANALYSED_MUSCLES)} muscles, both sides: {cell(mean, '.3f')}")
     return "\n".join(lines)
 
 
