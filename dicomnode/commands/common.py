@@ -30,6 +30,12 @@ def echo_problems(text: str) -> None:
                                  break_on_hyphens=False), err=True)
 
 
+def wrapped(text: str, first: str, rest: str) -> str:
+    """``text`` within the line width, after ``first`` and with continuation lines after ``rest``;
+    hyphenated words stay whole."""
+    return textwrap.fill(text, COLUMNS, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+
+
 def settings_from(config: Path | None) -> Settings:
     """The settings every command reads; a bad file, key, value or ``DICOMNODE_*`` variable ends it
     with exit 2 and each problem on a line of its own, as ``config check`` prints them (it was a

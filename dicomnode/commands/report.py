@@ -6,15 +6,13 @@ not run) from everything the node has measured; the patient report shows one pat
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from dicomnode.commands.common import ConfigOption, cell, node_settings
+from dicomnode.commands.common import ConfigOption, cell, node_settings, wrapped
 from seg.records import ChangeRecord, Followup
-from seg.terminal import COLUMNS
 
 report_app = typer.Typer(help="Cohort and per-patient change reports.", no_args_is_help=True)
 
@@ -58,8 +56,7 @@ def cohort(
         f"{len(report.patients)} pair(s): " + ", ".join(f"{g} {n}" for g, n in report.group_sizes.items())
     )
     for note in report.notes:  # within 80 columns, continuation lines indented under the text
-        typer.echo(textwrap.fill(note, COLUMNS, initial_indent="note: ", subsequent_indent="      ",
-                                 break_on_hyphens=False))
+        typer.echo(wrapped(note, "note: ", " " * 6))
     for _, row in report.excluded.iterrows():
         issuer = f" ({row['issuer_of_patient_id']})" if row["issuer_of_patient_id"] else ""
         typer.echo(f"not included: {row['patient_id']}{issuer}: {row['reason']}")
@@ -102,8 +99,7 @@ def patient(
             f"side {c.fractured_side or 'unknown'}"
         )
         for note in c.notes:
-            typer.echo(textwrap.fill(note.text, COLUMNS, initial_indent="  · ", subsequent_indent="    ",
-                                     break_on_hyphens=False))
+            typer.echo(wrapped(note.text, "  · ", " " * 4))
         typer.echo(side_table(c))
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
