@@ -314,14 +314,6 @@ def _labelmap_frames(seg: Dataset, plan: SegmentPlan, sources: list[Dataset]) ->
                      sources)
 
 
-def build_seg(ct: Volume, labels: Volume, volumes: VolumeRecord, model_info: ModelInfo,
-              seg_type: str = "BINARY", compression: str = "RLE", sources: list[Dataset] | None = None,
-              fast: bool = True, rules: ReportingRules = RULES) -> Dataset:
-    """The SEG dataset (see :func:`build_seg_frames`)."""
-    return build_seg_frames(ct, labels, volumes, model_info, seg_type, compression, sources, fast,
-                            rules).dataset
-
-
 def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                      seg_type: str = "BINARY", compression: str = "RLE", sources: list[Dataset] | None = None,
                      fast: bool = True, rules: ReportingRules = RULES,

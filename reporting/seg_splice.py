@@ -39,7 +39,7 @@ SPLICE_HIGHDICOM = ("0.28.",)  # highdicom versions whose output the byte splice
 
 def splice_supported(version: str | None = None) -> bool:
     """Is the splice checked against this highdicom (default: the installed one)? Elsewhere
-    :func:`reporting.seg.build_seg` uses plain highdicom: slower, never different. Widen only after
+    :func:`reporting.seg.build_seg_frames` uses plain highdicom: slower, never different. Widen only after
     ``tests/test_reporting_seg.py::test_fast_encoder_equals_highdicom`` passes on the new one."""
     return (hd.__version__ if version is None else version).startswith(SPLICE_HIGHDICOM)
 

@@ -379,8 +379,9 @@ def missing_science() -> list[str]:
     import importlib
 
     needed = (("seg.phantom", "make_phantom"), ("seg.io", "load_dicom_series"), ("seg.infer", "segment"),
-              ("seg.model", "load_model"), ("seg.measure", "measure_volumes"), ("reporting.seg", "build_seg"),
-              ("reporting.sr", "build_measurement_sr"), ("reporting.summary", "build_summary"),
+              ("seg.model", "load_model"), ("seg.measure", "measure_volumes"),
+              ("reporting.seg", "build_seg_frames"), ("reporting.sr", "build_measurement_sr"),
+              ("reporting.summary", "build_summary"),
               ("reporting.followup_sr", "build_followup_sr"), ("dicomnode.clinical.pairing", "record_result"))
     missing = []
     for module, attr in needed:

@@ -245,7 +245,7 @@ def test_interrupted_transfer_is_held_and_measured_only_when_whole(
 
 # -- 4. output UIDs name the content -------------------------------------------------------------
 def test_output_uids_derive_from_content_and_model(tmp_path: Path) -> None:
-    from reporting.seg import build_seg
+    from reporting.seg import build_seg_frames
     from reporting.sr import build_measurement_sr, measurement_sr_uid
     from reporting.summary import build_summary
     from seg.io import load_dicom_series, load_nifti
@@ -266,7 +266,7 @@ def test_output_uids_derive_from_content_and_model(tmp_path: Path) -> None:
         lab = ct.with_array(lab_array)
         h_m, h_source = height or (None, None)
         vols = measure_volumes(lab, ct, model=info, height_m=h_m, height_source=h_source)
-        seg = build_seg(ct, lab, vols, info)
+        seg = build_seg_frames(ct, lab, vols, info).dataset
         sr = build_measurement_sr(ct, seg, vols, info)
         assert str(sr.SOPInstanceUID) == measurement_sr_uid(ct, vols, info)  # the node names it first
         sc = build_summary(ct, vols, info)

@@ -14,7 +14,7 @@ import pytest
 
 from reporting import codes, rle_encoder
 from reporting.rules import RULES, ReportingRules
-from reporting.seg import build_seg, plan_segments
+from reporting.seg import build_seg_frames, plan_segments
 from reporting.uids import parse_tracking_label
 from seg.labels import by_name, structures
 from seg.measure import measure_volumes
@@ -60,7 +60,7 @@ def case(tmp_path_factory):
 def seg_file(request, case):
     root, ct, labels, vols = case
     seg_type, compression = request.param
-    ds = build_seg(ct, labels, vols, MODEL, seg_type=seg_type, compression=compression)
+    ds = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type, compression=compression).dataset
     path = root / f"seg-{seg_type}-{compression}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path, ds
@@ -161,9 +161,9 @@ def test_dcmqi_reads_identical_voxel_counts(seg_file, case, tmp_path):
 
 def test_rerun_gives_identical_uids(case):
     _, ct, labels, vols = case
-    a = build_seg(ct, labels, vols, MODEL)
-    b = build_seg(ct, labels, vols, MODEL)
-    c = build_seg(ct, labels, vols, MODEL.model_copy(update={"version": "10.0"}))
+    a = build_seg_frames(ct, labels, vols, MODEL).dataset
+    b = build_seg_frames(ct, labels, vols, MODEL).dataset
+    c = build_seg_frames(ct, labels, vols, MODEL.model_copy(update={"version": "10.0"})).dataset
     assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
     assert [i.TrackingUID for i in a.SegmentSequence] == [i.TrackingUID for i in b.SegmentSequence]
     assert c.SOPInstanceUID != a.SOPInstanceUID
@@ -174,7 +174,7 @@ def test_nifti_input_without_sources_is_refused(case):
     _, ct, labels, vols = case
     bare = Volume(ct.array, ct.affine, dict(ct.meta))
     with pytest.raises(ValueError, match="source"):
-        build_seg(bare, labels, vols, MODEL)
+        build_seg_frames(bare, labels, vols, MODEL)
 
 
 def _fixed_time(ds: pydicom.Dataset) -> None:
@@ -197,10 +197,10 @@ def test_fast_encoder_equals_highdicom(seg_type, fov, frame_bytes, row_bytes, tm
     columns = ct.shape[0]  # frames are (rows, columns) = (j, i)
     assert ((columns * ct.shape[1]) % 8 == 0, columns % 8 == 0) == (frame_bytes, row_bytes)
     with caplog.at_level("WARNING", logger="reporting.seg"):
-        fast = build_seg(ct, labels, vols, MODEL, seg_type=seg_type)
+        fast = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type).dataset
     assert "not applicable" not in caplog.text
     assert isinstance(fast.get_item(0x52009230), pydicom.dataelem.RawDataElement)  # the splice ran
-    slow = build_seg(ct, labels, vols, MODEL, seg_type=seg_type, fast=False)
+    slow = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type, fast=False).dataset
     for name, ds in (("slow", slow), ("fast", fast)):
         _fixed_time(ds)
         ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
@@ -249,12 +249,12 @@ def test_one_voxel_structure_gets_no_segment(case):
     vols = measure_volumes(lab, ct, model=MODEL)
     entry = vols.by_label()[speck.label]
     assert entry.voxels == 1 and 0 < entry.left_cm3 < RULES.min_segment_cm3
-    ds = build_seg(ct, lab, vols, MODEL)
+    ds = build_seg_frames(ct, lab, vols, MODEL).dataset
     assert not [i for i in ds.SegmentSequence if str(i.TrackingID).startswith(speck.display_name)]
     segments, seg_map = plan_segments(lab, vols, ct)
     assert speck.label not in {s.label for s in segments}
     assert np.count_nonzero(seg_map) == np.count_nonzero(lab.array) - 1  # only the speck is dropped
-    kept = build_seg(ct, lab, vols, MODEL, rules=ReportingRules(min_segment_cm3=0.0))
+    kept = build_seg_frames(ct, lab, vols, MODEL, rules=ReportingRules(min_segment_cm3=0.0)).dataset
     assert [str(i.TrackingID) for i in kept.SegmentSequence
             if str(i.TrackingID).startswith(speck.display_name)] == [f"{speck.display_name} left"]
 
@@ -285,7 +285,7 @@ def test_unchecked_highdicom_falls_back_to_plain_highdicom(seg_type, case, monke
     from reporting import seg_splice
 
     _, ct, labels, vols = case
-    plain = build_seg(ct, labels, vols, MODEL, seg_type=seg_type, fast=False)
+    plain = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type, fast=False).dataset
     monkeypatch.setattr(hd, "__version__", "0.99.0")
 
     def splice(*args, **kwargs):
@@ -293,7 +293,7 @@ def test_unchecked_highdicom_falls_back_to_plain_highdicom(seg_type, case, monke
 
     monkeypatch.setattr(seg_splice, "splice", splice)
     with caplog.at_level("INFO", logger="reporting.seg"):
-        fallback = build_seg(ct, labels, vols, MODEL, seg_type=seg_type)
+        fallback = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type).dataset
     assert "not checked against highdicom 0.99.0" in caplog.text
     assert fallback.PixelData == plain.PixelData and fallback.NumberOfFrames == plain.NumberOfFrames
     assert fallback.PerFrameFunctionalGroupsSequence == plain.PerFrameFunctionalGroupsSequence
@@ -335,7 +335,7 @@ def test_fractional_seg_uses_the_rle_encoder_and_decodes_to_its_frames(case):
 
     _, ct, labels, vols = case
     assert rle_encoder.first_plugin() == rle_encoder.PLUGIN  # what highdicom's encoder call gets
-    ds = build_seg(ct, labels, vols, MODEL, seg_type="FRACTIONAL")
+    ds = build_seg_frames(ct, labels, vols, MODEL, seg_type="FRACTIONAL").dataset
     pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)  # pydicom's decoder
     assert set(np.unique(pixels)) == {0, 255}
     frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))

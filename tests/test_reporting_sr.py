@@ -27,7 +27,7 @@ from reporting.change import compute_change
 from reporting.followup_sr import build_followup_sr
 from reporting.keyslice import outline
 from reporting.rules import RULES
-from reporting.seg import algorithm_name, build_seg, plan_segments
+from reporting.seg import algorithm_name, build_seg_frames, plan_segments
 from reporting.sr import build_measurement_sr, coverage_mm, key_sections
 from reporting.sr import segments_of as segments_of_seg
 from reporting.uids import derived_uid, parse_tracking_label
@@ -80,7 +80,7 @@ def numeric_values(sr: Dataset) -> list[str]:
 
 def _build(root: Path, **opts):
     ct, labels, vols = phantom_case(root, **opts)
-    seg = build_seg(ct, labels, vols, MODEL)
+    seg = build_seg_frames(ct, labels, vols, MODEL).dataset
     sr = build_measurement_sr(ct, seg, vols, MODEL)
     for ds, name in ((seg, "seg.dcm"), (sr, "sr.dcm")):
         ds.save_as(root / name, enforce_file_format=True)
@@ -237,7 +237,7 @@ def test_sections_equal_for_every_seg_encoding(baseline):
     ref = key_sections(seg)
     assert ref
     for seg_type in ("FRACTIONAL", "LABELMAP"):
-        other = key_sections(build_seg(ct, labels, vols, MODEL, seg_type=seg_type))
+        other = key_sections(build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type).dataset)
         assert other.keys() == ref.keys()
         for number, section in ref.items():
             assert other[number].sop_instance_uid == section.sop_instance_uid
@@ -283,7 +283,7 @@ def test_reading_the_seg_leaves_its_fast_encoding_alone(baseline):
     """Building the SR reads the SEG's frames from a copy: the fast encoder's raw per-frame bytes stay
     raw, so saving the SEG afterwards does not re-encode every frame item."""
     _, ct, labels, vols, _, _ = baseline
-    seg = build_seg(ct, labels, vols, MODEL)
+    seg = build_seg_frames(ct, labels, vols, MODEL).dataset
     assert isinstance(seg.get_item(0x52009230), RawDataElement)
     build_measurement_sr(ct, seg, vols, MODEL)
     assert isinstance(seg.get_item(0x52009230), RawDataElement)
@@ -304,7 +304,7 @@ def test_one_voxel_structure_is_reported_absent(baseline, tmp_path):
     speck = by_name("semimembranosus")
     lab = with_speck(labels, speck.label)
     vols = measure_volumes(lab, ct, height_m=PATIENT["height_m"], model=MODEL)
-    seg = build_seg(ct, lab, vols, MODEL)
+    seg = build_seg_frames(ct, lab, vols, MODEL).dataset
     sr = build_measurement_sr(ct, seg, vols, MODEL)
     sr.save_as(tmp_path / "speck.dcm", enforce_file_format=True)
     assert dciodvfy_errors(tmp_path / "speck.dcm") == []
@@ -586,7 +586,7 @@ def test_sr_referencing_labelmap_seg(baseline, tmp_path):
     Segmentation SOP Class (1.2.840.10008.5.1.4.1.1.66.7) when checking Referenced Segment Number.
     Its groups outline the same largest cross-sections as with the BINARY SEG (read from its pixels)."""
     _, ct, labels, vols, _, binary_sr = baseline
-    lm = build_seg(ct, labels, vols, MODEL, seg_type="LABELMAP")
+    lm = build_seg_frames(ct, labels, vols, MODEL, seg_type="LABELMAP").dataset
     sr = build_measurement_sr(ct, lm, vols, MODEL)
     sr.save_as(tmp_path / "sr-lm.dcm", enforce_file_format=True)
     errors = dciodvfy_errors(tmp_path / "sr-lm.dcm")

@@ -12,7 +12,7 @@ from test_reporting_seg import MODEL, VENV_BIN, dciodvfy_errors, phantom_case
 
 from reporting.change import compute_change
 from reporting.followup_sr import build_followup_sr
-from reporting.seg import build_seg
+from reporting.seg import build_seg_frames
 from reporting.sr import build_measurement_sr
 from reporting.summary import (
     _MARGIN,
@@ -53,8 +53,8 @@ def dcentvfy_problems(paths: list[Path]) -> list[str]:
 
 def _outputs(root: Path, **opts):
     ct, labels, vols = phantom_case(root, **opts)
-    seg = build_seg(ct, labels, vols, MODEL)
-    lab = build_seg(ct, labels, vols, MODEL, seg_type="LABELMAP")
+    seg = build_seg_frames(ct, labels, vols, MODEL).dataset
+    lab = build_seg_frames(ct, labels, vols, MODEL, seg_type="LABELMAP").dataset
     sr = build_measurement_sr(ct, seg, vols, MODEL)
     paths = []
     for ds, name in ((seg, "seg.dcm"), (lab, "labelmap.dcm"), (sr, "sr.dcm")):
