@@ -37,7 +37,7 @@ from reporting.uids import (
 )
 from seg.dates import display_date
 from seg.height import height_state
-from seg.labels import LABEL_OF, PAPER_ORDER, by_name, structures
+from seg.labels import PAPER_ORDER, by_name, reading_order, structures
 from seg.records import ChangeRecord, LeftRight, ModelInfo, ReasonCode, VolumeRecord
 from seg.volume import Volume
 
@@ -89,10 +89,8 @@ def _table_rows(volumes: VolumeRecord) -> tuple[list[list[str]], float, float | 
     total = 0.0
     total_idx = 0.0
     h = volumes.height_m
-    row_of = {LABEL_OF[name]: i for i, name in enumerate(PAPER_ORDER)}  # the cohort report's order too
-    for e in sorted(volumes.structures, key=lambda e: row_of.get(e.label, -1)):
-        if e.label not in row_of:
-            continue
+    analysed = [e for e in volumes.structures if e.name in PAPER_ORDER]
+    for e in sorted(analysed, key=lambda e: reading_order(e.name)):  # the cohort report's order too
         s = structures()[e.label]
         total += e.volume_cm3
         if e.index_cm3_m2 is not None:
