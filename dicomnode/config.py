@@ -292,7 +292,7 @@ class OpsSettings(Section):
 
     enabled: Switch = False
     host: str = "127.0.0.1"
-    port: int = Field(8089, ge=1, le=65535)
+    port: Port = 8089
     # a shared secret of MIN_TOKEN_CHARS characters or more; e.g. `openssl rand -hex 24`
     token: SecretStr | None = None
     # link from each job to its study, e.g. Orthanc's OHIF plugin

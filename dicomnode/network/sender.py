@@ -126,7 +126,7 @@ def send_files(settings: Settings, paths: list[Path]) -> dict[Path, str | None]:
         try:  # the file meta is enough to choose a context; the body is streamed
             metas[path] = read_file_meta_info(path)
             _ = metas[path].MediaStorageSOPClassUID, metas[path].TransferSyntaxUID
-        except (OSError, Exception) as exc:  # missing or unreadable output: that row fails on its own
+        except Exception as exc:  # missing, unreadable or not DICOM (of several kinds): that row fails alone
             metas.pop(path, None)
             results[path] = f"cannot read output: {type(exc).__name__}: {exc}"
     if not metas:
