@@ -49,7 +49,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicomnode.harness.net import free_port, parse_spacing, port_open, stop_process, wait_for
+from dicomnode.commands.common import parse_spacing
+from dicomnode.harness.net import free_port, port_open, stop_process, wait_for
 from dicomnode.harness.orthanc import OrthancServer
 from dicomnode.harness.tomlfile import write_toml
 from dicomnode.processing.phases import read_spans

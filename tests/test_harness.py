@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.harness import parse_spacing, toml_text, write_toml
+from dicomnode.commands.common import parse_spacing
+from dicomnode.harness import toml_text, write_toml
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for folder in ("dicomnode", "tests", "benchmarks") for p in (REPO / folder).rglob("*.py"))
@@ -21,11 +22,11 @@ def _hits(pattern: str) -> list[str]:
             for p in SOURCES for text in [p.read_text()] for m in rx.finditer(text)]
 
 
-@pytest.mark.parametrize("name", ["free_port", "port_open", "wait_for", "write_toml", "parse_spacing",
+@pytest.mark.parametrize("name", ["free_port", "port_open", "wait_for", "write_toml",
                                   "send_series", "nodelay", "pynetdicom_send", "send_verbatim", "storescu",
                                   "echoscu", "rewrite", "dataset_bytes", "store_files"])
 def test_each_helper_is_defined_once(name: str) -> None:
-    """free_port, the waits, the TOML writer, the spacing parser, the senders... live in the harness only."""
+    """free_port, the waits, the TOML writer, the senders... live in the harness only."""
     hits = _hits(rf"^\s*def _?{name}\(")
     assert len(hits) == 1 and hits[0].startswith("dicomnode/harness/"), hits
 
@@ -46,7 +47,7 @@ def test_one_pynetdicom_stand_in_server() -> None:
 def test_no_second_spacing_parser() -> None:
     """No other ``"3,3,5"`` parser: its mark is widening one number to three (``parts = parts * 3``)."""
     hits = _hits(r"^\s*(\w+) = \1 \* 3\s*$")
-    assert len(hits) == 1 and hits[0].startswith("dicomnode/harness/net.py"), hits
+    assert len(hits) == 1 and hits[0].startswith("dicomnode/commands/common.py"), hits
 
 
 def test_benchmarks_import_the_harness_without_sys_path() -> None:

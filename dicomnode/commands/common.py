@@ -58,10 +58,24 @@ def node_settings(config: Path | None) -> Settings:
     return settings
 
 
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    """A voxel size from ``"3"``, ``"3,3,5"``, ``"3x3x5"`` or ``"3×3×5"`` (mm; column, row, slice).
+
+    Raises ValueError unless it is one or three positive numbers.
+    """
+    try:
+        parts = [float(p) for p in text.replace("×", ",").replace("x", ",").split(",") if p.strip()]
+    except ValueError as exc:
+        raise ValueError(f"not a spacing: {text!r}; give one or three positive numbers, e.g. 3,3,5") from exc
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) <= 0:
+        raise ValueError(f"not a spacing: {text!r}; give one or three positive numbers, e.g. 3,3,5")
+    return parts[0], parts[1], parts[2]
+
+
 def spacing_option(text: str) -> tuple[float, float, float]:
     """A ``--spacing`` value (one or three positive mm) for typer: one parser for every command."""
-    from dicomnode.harness.net import parse_spacing
-
     try:
         return parse_spacing(text)
     except ValueError as exc:

@@ -4,7 +4,7 @@ Why in the package: ``dicomnode demo``, ``tests/`` and ``benchmarks/`` start the
 storescp as a PACS, Debian's Orthanc with the shipped configuration, ``dicomnode serve`` as a process)
 and send the same way; one copy here, imported as ``dicomnode.harness``, keeps them from drifting.
 
-- :mod:`.net`: free ports, waiting, the ``TCP_NODELAY`` environment, phantom spacing arguments.
+- :mod:`.net`: free ports, waiting, the ``TCP_NODELAY`` environment.
 - :mod:`.tomlfile`: a small TOML writer for node configurations (``tomllib`` only reads).
 - :mod:`.dcmtk`: dcmtk's ``storescp`` (the stand-in PACS), ``storescu``, ``echoscu``, resolved explicitly.
 - :mod:`.scu`: pynetdicom senders (one association, Nagle off; byte-for-byte when asked), C-ECHO.
@@ -18,13 +18,12 @@ and send the same way; one copy here, imported as ``dicomnode.harness``, keeps t
 Only :mod:`.net` and :mod:`.tomlfile` are imported here: they need the standard library alone.
 """
 
-from dicomnode.harness.net import dcmtk_env, free_port, parse_spacing, port_open, stop_process, wait_for
+from dicomnode.harness.net import dcmtk_env, free_port, port_open, stop_process, wait_for
 from dicomnode.harness.tomlfile import toml_text, write_toml
 
 __all__ = [
     "dcmtk_env",
     "free_port",
-    "parse_spacing",
     "port_open",
     "stop_process",
     "toml_text",

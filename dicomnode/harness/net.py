@@ -48,22 +48,6 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def parse_spacing(text: str) -> tuple[float, float, float]:
-    """A voxel size from ``"3"``, ``"3,3,5"``, ``"3x3x5"`` or ``"3×3×5"`` (mm; column, row, slice).
-
-    Raises ValueError unless it is one or three positive numbers.
-    """
-    try:
-        parts = [float(p) for p in text.replace("×", ",").replace("x", ",").split(",") if p.strip()]
-    except ValueError as exc:
-        raise ValueError(f"not a spacing: {text!r}; give one or three positive numbers, e.g. 3,3,5") from exc
-    if len(parts) == 1:
-        parts = parts * 3
-    if len(parts) != 3 or min(parts) <= 0:
-        raise ValueError(f"not a spacing: {text!r}; give one or three positive numbers, e.g. 3,3,5")
-    return parts[0], parts[1], parts[2]
-
-
 def stop_process(proc: subprocess.Popen | None, timeout: float = 30.0) -> None:
     """Terminate a child (SIGTERM: a node shuts down cleanly), then kill it if it outlives ``timeout``."""
     if proc is None or proc.poll() is not None:
