@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.tag import Tag
@@ -48,7 +48,7 @@ class FastPathUnavailable(Exception):
     """The skeleton did not match the splice's assumptions; use plain highdicom."""
 
 
-def _encode_elem(elem) -> bytes:
+def _encode_elem(elem: DataElement) -> bytes:
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_data_element
 

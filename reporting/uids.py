@@ -176,7 +176,7 @@ def source_header(source_files: Iterable[Path]) -> Dataset | None:
     return None
 
 
-def _put(ds: Dataset, kw: str, value) -> None:
+def _put(ds: Dataset, kw: str, value: object) -> None:
     """Set ``kw`` as a fresh element: highdicom shares DataElement objects with the datasets it copied
     identity from (e.g. SR evidence), so assigning in place would silently rewrite those too."""
     if kw in ds:

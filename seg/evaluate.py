@@ -30,7 +30,8 @@ from seg.records import (
 from seg.volume import Volume
 
 if TYPE_CHECKING:
-    from seg.phantom import PhantomOptions
+    from seg.model import ModelPackage
+    from seg.phantom import Phantom, PhantomOptions
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def aggregate(cases: list[CaseEvaluation], model_info: ModelInfo,
 COMPRESSED_SYNTAXES = ("rle", "jpegls", "j2k")
 
 
-def _through_dicom(ph, syntax: str) -> Volume:
+def _through_dicom(ph: Phantom, syntax: str) -> Volume:
     import tempfile
 
     from seg.io import load_dicom_series
@@ -212,7 +213,7 @@ def _through_dicom(ph, syntax: str) -> Volume:
 
 
 def evaluate_model(
-    model,
+    model: ModelPackage,
     phantoms: int = 0,
     seed_start: int = 5000,
     data: Path | None = None,

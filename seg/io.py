@@ -16,12 +16,16 @@ from __future__ import annotations
 import logging
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from seg.dates import da_date
 from seg.geometry import Stack, check_stack, missing_geometry, single_plane
 from seg.volume import LPS_TO_RAS, Volume
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +233,13 @@ def _hu_slices(slices: list, frames: list, shape0: tuple[int, int], slopes: list
     return arr
 
 
-def is_localizer(ds) -> bool:
+def is_localizer(ds: Dataset) -> bool:
     """A scout (ImageType ... LOCALIZER): some scanners put it in the CT series; it is no slice of it.
     The loader and the node's series selection leave it out by this one rule."""
     return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
 
 
-def is_multi_frame(ds) -> bool:
+def is_multi_frame(ds: Dataset) -> bool:
     """An instance of several frames (Enhanced CT): the loader reads one slice per instance, and the
     node's selection refuses such a series by this one rule."""
     try:

@@ -17,12 +17,16 @@ bounded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from seg.preprocess_config import PreprocessConfig
 from seg.volume import LPS_TO_RAS, Volume
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 
 @dataclass
@@ -39,7 +43,7 @@ def _fg(threshold: float):
     return lambda x: x > threshold
 
 
-def spatial_transforms(cfg: PreprocessConfig, keys: tuple[str, ...] = ("image",)):
+def spatial_transforms(cfg: PreprocessConfig, keys: tuple[str, ...] = ("image",)) -> Compose:
     """MONAI dictionary transforms: orientation, spacing, window, gamma, foreground crop."""
     from monai.transforms import (
         AdjustContrastd,

@@ -26,12 +26,16 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from seg.model import ModelPackage
 from seg.recipe import PRECISIONS, RUNTIMES, Runtime, cpu_precision
+
+if TYPE_CHECKING:
+    import openvino as ov  # the optional [openvino] extra
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ class OpenVINONetwork(torch.nn.Module):
     float32 logits (B, C, X, Y, Z) out. The model is compiled for one window; the windows of a batch
     go to parallel infer requests (OpenVINO's throughput streams)."""
 
-    def __init__(self, compiled, requests: int):
+    def __init__(self, compiled: ov.CompiledModel, requests: int) -> None:
         super().__init__()
         import openvino as ov
 

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> loss
+
 
 @pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(validate_assignment=True))
 class TrainConfig:
@@ -264,8 +266,8 @@ def case_source(ct_path: Path, labels_path: Path) -> str:
                      for p in [*files, labels_path])
 
 
-def cache_case(cache: Path, case_id: str, ct, labels, pre: PreprocessConfig, fractions: bool = True,
-               source: str | None = None) -> dict:
+def cache_case(cache: Path, case_id: str, ct: Volume, labels: Volume, pre: PreprocessConfig,
+               fractions: bool = True, source: str | None = None) -> dict:
     """Preprocess one case onto the model grid; store the image (float16), nearest labels (uint8) and,
     when asked, the partial-volume class fractions (uint8 x255, class first) as .npy. ``source``
     (:func:`case_source`) is recorded beside them: an entry made from other files is made again."""
@@ -584,7 +586,8 @@ def _mean_present(a: np.ndarray) -> np.ndarray:
     return np.where(n > 0, np.nansum(a, 0) / np.maximum(n, 1), np.nan)
 
 
-def validate(net: torch.nn.Module, cases: list[dict], roi, device) -> dict:
+def validate(net: torch.nn.Module, cases: list[dict], roi: tuple[int, int, int],
+             device: torch.device) -> dict:
     net.eval()
     dices = []
     for c in cases:
@@ -615,7 +618,7 @@ def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
     return cfg.lr
 
 
-def _save_ckpt(path: Path, net, opt, state: dict) -> None:
+def _save_ckpt(path: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), **state}, tmp)
     tmp.replace(path)
@@ -683,8 +686,8 @@ def training_uses_bf16(precision: str, device: torch.device) -> bool:
     return cpu_has_bf16()
 
 
-def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn, x: torch.Tensor, y: torch.Tensor,
-               bf16: bool) -> torch.Tensor:
+def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, x: torch.Tensor,
+               y: torch.Tensor, bf16: bool) -> torch.Tensor:
     """One optimiser step (forward under bf16 autocast where asked, loss in fp32, gradients
     clipped to norm 1); returns the loss, detached, without waiting for it."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
