@@ -2,8 +2,8 @@
 
 Why exact sets: UIDs are opaque strings, not paths. CT Image Storage (``…5.1.4.1.1.2``) is a text
 prefix of NM Image Storage (``…5.1.4.1.1.20``), and Secondary Capture (``…1.1.7``) of the VL classes
-(``…1.1.77.…``), so a ``startswith`` test silently treats one modality as another. Every check in the
-node, its demo, tests and benchmarks is membership in one of these sets.
+(``…1.1.77.…``), so a ``startswith`` test silently treats one modality as another. Every SOP Class UID
+check in the node, its demo, tests and benchmarks is membership in one of these sets.
 """
 
 from __future__ import annotations
