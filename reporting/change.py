@@ -188,6 +188,8 @@ def compute_change(
         structures=tuple(structures),
         total_analysed_muscles=total,
         total_analysed_muscles_by_side=tuple(by_side),
+        baseline_qa=pre.qa,
+        followup_qa=post.qa,
         operated_vs_contralateral=tuple(operated_vs_contralateral(structures, fractured_side)),
         notes=tuple(notes),
     )

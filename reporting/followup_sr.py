@@ -34,11 +34,13 @@ from reporting.sr import (
     CM3,
     CM3_PER_M2,
     METER,
+    MM,
     PERCENT,
     algorithm_id,
     coverage,
     key_sections,
     max_area,
+    metal_evaluation,
     name_for_viewers,
     observation_context,
     segments_of,
@@ -165,6 +167,8 @@ def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointCo
     fracture = codes.FRACTURE_TYPES.get(change.fracture_type or "")
     if fracture is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.FRACTURE_TYPE, fracture))
+    if change.followup_qa is not None and change.followup_qa.metal is not None:
+        evaluations.append(metal_evaluation(change.followup_qa))  # which side's changes it may spoil
     measurements = []
     if change.height_m:
         measurements.append(hd.sr.Measurement(name=codes.BODY_HEIGHT, unit=METER,
@@ -173,6 +177,11 @@ def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointCo
         measurements.append(hd.sr.Measurement(name=codes.DAYS_SINCE_SURGERY, unit=codes.DAY,
                                               value=float(days)))
     measurements.append(coverage(ct, rules=rules))  # the follow-up's scanned extent
+    if change.baseline_qa is not None and change.baseline_qa.z_coverage_mm is not None:
+        # beside the follow-up's: a shorter follow-up reads as loss at the end it misses
+        measurements.append(hd.sr.Measurement(name=codes.QA_Z_COVERAGE_BASELINE, unit=MM,
+                                              value=rounded(change.baseline_qa.z_coverage_mm,
+                                                            rules.length_decimals)))
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="Comparison context"),
         time_point_context=time_point,

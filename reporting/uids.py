@@ -94,7 +94,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # change follows the volume change as written; both SRs state the 21 analysed muscles' total, the change
 # SR the fracture type and the days since surgery; the page's header names the patient (name, sex,
 # age, accession), the fracture type and the post-operative day, and its PatientOrientation is empty;
-# the change SR and the page give each side's total, and every change figure of the volumes as written.
+# the change SR and the page give each side's total, and every change figure of the volumes as written;
+# the change SR states the follow-up's metal and the baseline's coverage.
 OUTPUT_REVISION = 8
 
 

@@ -429,6 +429,9 @@ class ChangeRecord(_Document):
     structures: tuple[StructureChange, ...] = ()
     total_analysed_muscles: TotalChange = TotalChange(structures=0)
     total_analysed_muscles_by_side: tuple[SideTotalChange, ...] = ()  # left, right
+    # both studies' QA (coverage, metal and its side): what the change report states beside its figures
+    baseline_qa: VolumeQA | None = None
+    followup_qa: VolumeQA | None = None
     operated_vs_contralateral: tuple[SideComparison, ...] = ()
     notes: tuple[Reason, ...] = ()
     # set by pairing (None when computed outside a timeline)

@@ -831,6 +831,12 @@ def test_change_sr_states_the_total_change_fracture_type_and_days_since_surgery(
     assert _num(total, "VCHGPCT") == pytest.approx(round(t.change_pct, 1), abs=1e-9)
     context = _group_named(fsr, "Comparison context")
     assert not children(context, "DAYSPOSTOP") and not children(context, "FXTYPE")  # not in the registry
+    # the follow-up's metal with its side, and the baseline's coverage beside the follow-up's
+    metal = children(context, "QAMETAL")[0]
+    assert metal.ConceptCodeSequence[0].CodeValue == "373066001"  # Yes
+    assert children(metal, "272741003")[0].ConceptCodeSequence[0].CodeMeaning == "Left"
+    assert _num(context, "QAZCOVPRE") == round(change.baseline_qa.z_coverage_mm, 1)
+    assert _num(context, "QAZCOV") == round(change.followup_qa.z_coverage_mm, 1)
     known = change.with_facts(fracture_type="ITF", surgery_date="20240110")
     evidence = [baseline[4], baseline[5]]
     again = build_followup_sr(ct, known, evidence, model_info=MODEL)
