@@ -95,7 +95,7 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # SR the fracture type and the days since surgery; the page's header names the patient (name, sex,
 # age, accession), the fracture type and the post-operative day, and its PatientOrientation is empty;
 # the change SR and the page give each side's total, and every change figure of the volumes as written;
-# the change SR states the follow-up's metal and the baseline's coverage.
+# the change SR states the follow-up's metal and the baseline's coverage; the page is RLE Lossless.
 OUTPUT_REVISION = 8
 
 

@@ -287,3 +287,14 @@ def test_header_gives_each_sides_total_change_the_operated_one_marked(studies):
     right = by_side["right"]
     assert f"right ▼ operated: {right.pre_cm3:.1f} → {right.post_cm3:.1f} cm³" in lines[1]
     assert f"left: {by_side['left'].pre_cm3:.1f} →" in lines[1]
+
+
+def test_page_is_rle_lossless(studies):
+    """The page is mostly black: RLE Lossless keeps its pixels and a fraction of its size (3.6 MB
+    uncompressed for a pre-operative page)."""
+    from pydicom.uid import RLELossless
+
+    _, _, _, page, _ = studies["b"]
+    assert page.file_meta.TransferSyntaxUID == RLELossless
+    raw = page.Rows * page.Columns * page.SamplesPerPixel
+    assert len(page.PixelData) < raw / 3
