@@ -265,8 +265,8 @@ def measure_and_record(settings, p: PatientSpec, post: bool, spacing_mm: float, 
     t0 = time.perf_counter()
     ph = make_phantom(phantom_options(p, post, spacing_mm))
     t1 = time.perf_counter()
-    meta = ph.labels.meta or ph.meta
-    facts = registry.facts_for(settings, meta)
+    header = ph.header
+    facts = registry.facts_for(settings, header)
     height, source = facts.height_m, facts.height_source
     record = measure_volumes(
         ph.labels,
@@ -275,20 +275,20 @@ def measure_and_record(settings, p: PatientSpec, post: bool, spacing_mm: float, 
         height_source=source,
         model=ModelInfo(name="ground-truth labels", version="phantom", demo=True),
     )
-    series = str(meta["SeriesInstanceUID"])
+    series = str(header.series_instance_uid)
     out_dir = Path(settings.storage_dir) / "results" / series
     write_volumes(record, out_dir)
     t2 = time.perf_counter()
     changes = record_result(
         settings,
         ResultRecord(
-            patient_id=str(meta["PatientID"]),
-            issuer_of_patient_id=str(meta.get("IssuerOfPatientID", "") or ""),
-            patient_sex=str(meta.get("PatientSex", "")),
-            patient_size_m=meta.get("PatientSize"),
-            study_instance_uid=str(meta["StudyInstanceUID"]),
-            study_date=str(meta["StudyDate"]),
-            study_time=str(meta.get("StudyTime", "")),
+            patient_id=str(header.patient_id),
+            issuer_of_patient_id=header.issuer_of_patient_id or "",
+            patient_sex=header.sex or "",
+            patient_size_m=header.size_m,
+            study_instance_uid=str(header.study_instance_uid),
+            study_date=str(header.study_date),
+            study_time=header.study_time or "",
             series_instance_uid=series,
             volumes_json=out_dir / "volumes.json",
             seg_sop_instance_uid=generate_uid(entropy_srcs=[series, "seg"]),

@@ -149,7 +149,7 @@ def phantom_study(folder: Path, spacing: tuple[float, float, float], seed: int) 
     ph = make_phantom(PhantomOptions(seed=seed, spacing_mm=spacing, patient_id=f"BENCH{seed}"))
     dicom = Path(write_phantom(ph, folder / f"phantom-{seed}")) / "dicom"
     print(f"  phantom {ph.ct.array.shape} at {spacing} mm ({time.time() - t:.1f} s)")
-    return dicom, str(ph.meta["SeriesInstanceUID"]), str(ph.meta["StudyInstanceUID"])
+    return dicom, str(ph.header.series_instance_uid), str(ph.header.study_instance_uid)
 
 
 def one_run(workdir: Path, spacing: tuple[float, float, float], device: str, seed: int, cold: bool,

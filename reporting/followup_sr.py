@@ -201,8 +201,8 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
     without it each structure group states the scanned extent instead.
     """
     src0 = source_header(ct.source_files)
-    subject = tracking_subject(src0, ct.meta)
-    follow_series = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
+    subject = tracking_subject(src0, ct.header)
+    follow_series = str(ct.header.series_instance_uid or src0.SeriesInstanceUID)
     base_series = change.baseline.series_instance_uid or ""
     # new content on either side (a completed series, a re-measured baseline) gives a new report
     content = (source_content(follow_series, ct.source_sop_uids),
@@ -249,7 +249,7 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
         is_complete=True,
     )
     sr.SeriesDescription = series_description("Thigh muscle change since baseline", model_info)
-    copy_identity(sr, src0, ct.meta)
+    copy_identity(sr, src0, ct.header)
     date_series(sr)
     codes.declare_schemes(sr)
     return sr

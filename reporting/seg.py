@@ -35,6 +35,7 @@ from reporting.uids import (
     tracking_subject,
     tracking_uid,
 )
+from seg.header import SeriesHeader
 from seg.labels import Structure, structures
 from seg.measure import midline_x
 from seg.records import ModelInfo, VolumeRecord
@@ -335,19 +336,19 @@ def build_seg_frames(ct: Volume, labels: Volume, volumes: VolumeRecord, model_in
     if len(sources) != ct.shape[2]:
         raise ValueError(f"{len(sources)} source files for {ct.shape[2]} slices")
     src0 = sources[0]
-    subject = tracking_subject(src0, ct.meta)
+    subject = tracking_subject(src0, ct.header)
     plan = make_plan(labels, volumes, ct, rules)
     if not plan.segments:
         raise ValueError("no structure of at least the minimum segment size in the label map: "
                          "nothing to put in a SEG")
     transfer_syntax = _transfer_syntax(seg_type, compression)
-    series_uid = ct.meta.get("SeriesInstanceUID") or str(src0.SeriesInstanceUID)
+    series_uid = ct.header.series_instance_uid or str(src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids or [str(s.SOPInstanceUID) for s in sources])
     uid = _OutputUids(content, model_info, f"SEG-{seg_type}")
     construct = _seg_factory(sources, seg_type, transfer_syntax, uid, model_info)
     descriptions = [_segment_description(s, subject, model_info) for s in plan.segments]
     seg, frames, fill = _splice_or_plain(construct, plan, descriptions, sources, seg_type, fast)
-    _finish(seg, uid, model_info, src0, ct.meta)
+    _finish(seg, uid, model_info, src0, ct.header)
     built = BuiltSeg(seg, frames, fill)
     if not defer_frames:
         _ = built.dataset  # the frames spliced in now
@@ -432,13 +433,14 @@ def _splice_or_plain(construct: Callable[[np.ndarray, list], hd.seg.Segmentation
     return seg, frames, None
 
 
-def _finish(seg: Dataset, uid: _OutputUids, model_info: ModelInfo, src0: Dataset, ct_meta: dict) -> None:
+def _finish(seg: Dataset, uid: _OutputUids, model_info: ModelInfo, src0: Dataset,
+            ct_header: SeriesHeader) -> None:
     """What highdicom does not set: our dimension organisation UID, the series description, the
     patient and study identity of the source, the series date, the coding schemes used."""
     dim_uid = uid("dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dim_uid
     seg.SeriesDescription = series_description("Thigh muscles SEG", model_info)
-    copy_identity(seg, src0, ct_meta)
+    copy_identity(seg, src0, ct_header)
     date_series(seg)
     codes.declare_schemes(seg)

@@ -56,6 +56,7 @@ from reporting.uids import (
     tracking_subject,
     tracking_uid,
 )
+from seg.header import SeriesHeader
 from seg.height import height_state
 from seg.labels import by_name
 from seg.records import ModelInfo, Side, StructureVolume, VolumeQA, VolumeRecord
@@ -142,7 +143,7 @@ def coverage(ct: Volume, value_mm: float | None = None,
     image centre from the first slice's outer face to the last one's (its length is the coverage).
     Without a Frame of Reference (not a DICOM series) the value stands alone."""
     value = coverage_mm(ct) if value_mm is None else value_mm
-    for_uid = ct.meta.get("FrameOfReferenceUID")
+    for_uid = ct.header.frame_of_reference_uid
     where = None
     if for_uid:
         i, j, n = (ct.shape[0] - 1) / 2, (ct.shape[1] - 1) / 2, ct.shape[2]
@@ -170,7 +171,8 @@ def source_evidence(seg: Dataset) -> list[Dataset]:
     return out
 
 
-def height_status(volumes: VolumeRecord, meta: dict) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]:
+def height_status(volumes: VolumeRecord,
+                  header: SeriesHeader) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]:
     """(status, source) of the body height used for the index: present/missing/implausible."""
     if volumes.height_m:
         src = volumes.height_source or ""
@@ -181,7 +183,7 @@ def height_status(volumes: VolumeRecord, meta: dict) -> tuple[hd.sr.CodedConcept
         else:
             source = codes.HEIGHT_SOURCE_OTHER
         return codes.HEIGHT_PRESENT, source
-    state = height_state(volumes.height_m, volumes.height_source, meta.get("PatientSize"))
+    state = height_state(volumes.height_m, volumes.height_source, header.size_m)
     status = codes.HEIGHT_IMPLAUSIBLE if state == "implausible" else codes.HEIGHT_MISSING
     return status, codes.HEIGHT_SOURCE_NONE
 
@@ -221,14 +223,14 @@ def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     minimum segment size below which a structure was reported absent. The coverage is stated from the
     CT when the record lacks it (it is slices × spacing either way)."""
     qa = volumes.qa
-    content = source_content(str(ct.meta.get("SeriesInstanceUID", "")), ct.source_sop_uids)
+    content = source_content(ct.header.series_instance_uid or "", ct.source_sop_uids)
     measurements = [coverage(ct, qa.z_coverage_mm, rules)]  # the group's place: the scanned extent
     if volumes.height_m:
         measurements.append(hd.sr.Measurement(
             name=codes.BODY_HEIGHT, value=rounded(volumes.height_m, rules.height_decimals), unit=METER))
     measurements.append(hd.sr.Measurement(name=codes.MIN_SEGMENT_VOLUME, unit=CM3,
                                           value=rounded(rules.min_segment_cm3, rules.volume_decimals)))
-    status, source = height_status(volumes, ct.meta)
+    status, source = height_status(volumes, ct.header)
     evaluations = [
         hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_STATUS, status),
         hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_SOURCE, source),
@@ -347,14 +349,14 @@ def total_group(subject: str, side: Side, volume_cm3: float, height_m: float | N
 
 def _series_uid(ct: Volume, src0: Dataset | None) -> str:
     """The source series' UID (from the volume's metadata, else its first source header)."""
-    return str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)  # type: ignore[union-attr]
+    return str(ct.header.series_instance_uid or src0.SeriesInstanceUID)  # type: ignore[union-attr]
 
 
 def measurement_sr_uid(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo) -> str:
     """The SOP Instance UID :func:`build_measurement_sr` gives the SR of ``ct``, known before it is
     built (the node names the SR's file before a child builds it). The height it reports is part of
     the key: a re-run after a height was imported is other content, so another instance."""
-    src0 = None if ct.meta.get("SeriesInstanceUID") else source_header(ct.source_files)
+    src0 = None if ct.header.series_instance_uid else source_header(ct.source_files)
     content = source_content(_series_uid(ct, src0), ct.source_sop_uids)
     facts = registry_facts(volumes.height_m, volumes.height_source)
     return output_uid(content, model_info, "SR/instance" + facts)
@@ -373,7 +375,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     same bytes); False = plain highdicom.
     """
     src0 = source_header(ct.source_files)
-    subject = tracking_subject(src0, ct.meta)
+    subject = tracking_subject(src0, ct.header)
     series_uid = _series_uid(ct, src0)
     content = source_content(series_uid, ct.source_sop_uids)
     by_label = volumes.by_label()
@@ -422,7 +424,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
 
     sr = sr_splice.construct(construct, report[0], evidence) if fast else construct(report[0])
     sr.SeriesDescription = series_description("Thigh muscle volumes SR", model_info)
-    copy_identity(sr, src0, ct.meta)
+    copy_identity(sr, src0, ct.header)
     date_series(sr)
     codes.declare_schemes(sr)
     return sr_splice.encode_content(sr) if fast else sr

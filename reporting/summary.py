@@ -36,6 +36,7 @@ from reporting.uids import (
     source_header,
 )
 from seg.dates import display_date
+from seg.header import SeriesHeader
 from seg.height import height_state
 from seg.labels import PAPER_ORDER, by_name, reading_order, structures
 from seg.records import ChangeRecord, LeftRight, ModelInfo, ReasonCode, VolumeRecord
@@ -54,8 +55,8 @@ def _fmt_side(v: float | None) -> str:
     return "–" if v is None else _fmt(v, RULES.volume_decimals) if is_found(v) else "n/f"
 
 
-def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo, change: ChangeRecord | None = None,
-                fractured_side: LeftRight | None = None) -> list[str]:
+def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelInfo,
+                change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> list[str]:
     """Plain-language QA warnings shown on the page (empty when nothing is wrong); with a comparison,
     the notes that make it less comparable (the two CTs' coverage), and on any page metal on the side
     the registry does not call operated."""
@@ -63,7 +64,7 @@ def qa_warnings(volumes: VolumeRecord, meta: dict, model_info: ModelInfo, change
     qa = volumes.qa
     if model_info.demo:
         out.append("DEMO model trained on synthetic phantoms: not for clinical use")
-    state = height_state(volumes.height_m, volumes.height_source, meta.get("PatientSize"))
+    state = height_state(volumes.height_m, volumes.height_source, header.size_m)
     if state != "present":
         out.append(f"Body height {state}: no height index")
     if qa.metal:
@@ -128,17 +129,17 @@ def shown_side(change: ChangeRecord | None, fractured_side: LeftRight | None) ->
     return (change.fractured_side if change is not None else None) or fractured_side
 
 
-def _who(meta: dict, age_years: int | None) -> str:
+def _who(header: SeriesHeader, age_years: int | None) -> str:
     """Whom the page is about, as a reader checks a printed or misfiled page against the patient: ID,
     name, sex and age, accession number (each only when the CT's header has it)."""
-    parts = [f"Patient ID: {meta.get('PatientID') or 'unknown'}"]
-    if name := str(meta.get("PatientName") or "").strip():
+    parts = [f"Patient ID: {header.patient_id or 'unknown'}"]
+    if name := (header.patient_name or "").strip():
         parts.append(f"Name: {PersonName(name).family_comma_given()[:40]}")
-    if sex := str(meta.get("PatientSex") or "").strip():
+    if sex := (header.sex or "").strip():
         parts.append(f"Sex: {sex}")
     if age_years is not None:
         parts.append(f"Age: {age_years} y")
-    if accession := str(meta.get("AccessionNumber") or "").strip():
+    if accession := (header.accession_number or "").strip():
         parts.append(f"Accession: {accession}")
     return "     ".join(parts)
 
@@ -168,18 +169,18 @@ def total_change_lines(change: ChangeRecord) -> list[str]:
     return lines
 
 
-def header_lines(volumes: VolumeRecord, model_info: ModelInfo, meta: dict, change: ChangeRecord | None,
-                 fractured_side: LeftRight | None, muscles: int, total: float,
+def header_lines(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHeader,
+                 change: ChangeRecord | None, fractured_side: LeftRight | None, muscles: int, total: float,
                  total_idx: float | None) -> list[tuple[str, int, str]]:
     """(text, font size, colour) of the lines under the title: who and when first (the patient ID
     and dates identify the page on a screen full of series), then the totals and the algorithm."""
     side = shown_side(change, fractured_side)
-    when = [f"Study date: {display_date(meta.get('StudyDate'))}",
+    when = [f"Study date: {display_date(header.study_date)}",
             f"Fractured side: {side or 'not recorded'}"
             + (f" ({change.fracture_type})" if change is not None and change.fracture_type else "")]
     if change is not None and (days := days_since_surgery(change)) is not None:
         when.append(f"post-op day {days} (surgery {display_date(change.surgery_date)})")
-    lines = [(_who(meta, volumes.age_years), 12, "white"), ("     ".join(when), 12, "white")]
+    lines = [(_who(header, volumes.age_years), 12, "white"), ("     ".join(when), 12, "white")]
     if change is not None:
         days = change.days_between
         lines.append((f"Compared with the study of {display_date(change.baseline.study_date)}"
@@ -237,13 +238,13 @@ def _rect(x: float, y: float, w: float, h: float, colour: str) -> Any:
     return Rectangle((x, y), w, h, facecolor=colour, edgecolor="none")
 
 
-def render_page(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
+def render_page(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHeader,
                 change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> np.ndarray:
     """RGB uint8 page (rows, columns, 3) of :func:`page_figure`, rendered with matplotlib's Agg."""
-    return rasterise(page_figure(volumes, model_info, meta, change, fractured_side))
+    return rasterise(page_figure(volumes, model_info, header, change, fractured_side))
 
 
-def page_figure(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
+def page_figure(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHeader,
                 change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> Any:
     """The page: header (patient ID, dates, fractured side, totals), QA warnings, the table, and for
     a follow-up the change chart, as tall as they need (laid out in pixels, y down).
@@ -258,8 +259,8 @@ def page_figure(volumes: VolumeRecord, model_info: ModelInfo, meta: dict,
     found, total, total_idx = _table_rows(volumes)
     heads, rows = page_table(volumes, found, change)
     rows = rows or [["(no muscle found)"] + [""] * (len(heads) - 1)]
-    lines = header_lines(volumes, model_info, meta, change, fractured_side, len(found), total, total_idx)
-    warnings = qa_warnings(volumes, meta, model_info, change, fractured_side)
+    lines = header_lines(volumes, model_info, header, change, fractured_side, len(found), total, total_idx)
+    warnings = qa_warnings(volumes, header, model_info, change, fractured_side)
     height = page_height(len(lines), max(len(warnings), 1), len(rows), change is not None)
     fig = Figure(figsize=(_PAGE_W / _DPI, height / _DPI), dpi=_DPI)
     FigureCanvasAgg(fig)
@@ -478,12 +479,12 @@ def _key_studies(ct: Volume, labels: Volume, change: ChangeRecord | None,
                  baseline: tuple[Volume, Volume] | None) -> list[KeyStudy]:
     """The follow-up shows the baseline row above its own; otherwise one row. Each study in LPS order
     (:meth:`seg.volume.Volume.in_lps_order`), so head- and feet-first scans show alike."""
-    date = str(ct.meta.get("StudyDate") or "")
+    date = ct.header.study_date or ""
     ct, labels = ct.in_lps_order(), labels.in_lps_order()
     if baseline is None:
         return [KeyStudy(ct, labels, display_date(date) if date else "this study")]
     b_ct, b_labels = baseline
-    b_date = str(b_ct.meta.get("StudyDate") or "") or ((change.baseline.study_date or "") if change else "")
+    b_date = b_ct.header.study_date or ((change.baseline.study_date or "") if change else "")
     return [KeyStudy(b_ct.in_lps_order(), b_labels.in_lps_order(),
                      f"pre {display_date(b_date) if b_date else ''}".strip()),
             KeyStudy(ct, labels, f"post {display_date(date) if date else ''}".strip())]
@@ -495,7 +496,7 @@ def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                    fractured_side: LeftRight | None = None) -> np.ndarray:
     """The table page with, when the label map is given, the key images below it: pre and post with
     the operated side marked, or this study alone with the fractured side marked when it is known."""
-    page = render_page(volumes, model_info, ct.meta, change, fractured_side)
+    page = render_page(volumes, model_info, ct.header, change, fractured_side)
     if labels is None:
         return page
     side = shown_side(change, fractured_side)
@@ -522,7 +523,7 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     if src0 is None:
         raise ValueError("the CT has no source DICOM files: the summary needs the study's identity")
     pixels = summary_pixels(ct, volumes, model_info, change, labels, baseline, fractured_side)
-    series_uid = str(ct.meta.get("SeriesInstanceUID") or src0.SeriesInstanceUID)
+    series_uid = str(ct.header.series_instance_uid or src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids)
     kind = "SC-summary"
     # One summary series per study; each page content its own instance UID: a page with a comparison
@@ -559,7 +560,7 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     set_both_sides(sc)
-    copy_identity(sc, src0, ct.meta)
+    copy_identity(sc, src0, ct.header)
     date_series(sc)
     return sc
 

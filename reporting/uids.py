@@ -24,6 +24,7 @@ from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 
 from reporting.source_header import TYPE2_IDENTITY, read_source_header
+from seg.header import SeriesHeader
 from seg.labels import by_name, structures
 from seg.records import LeftRight, ModelInfo
 
@@ -125,21 +126,21 @@ def use_tracking_key(key: bytes) -> None:
     _tracking_key = key
 
 
-def tracking_subject(src0: Dataset | None, meta: dict) -> str:
+def tracking_subject(src0: Dataset | None, header: SeriesHeader) -> str:
     """Whom a series' tracking UIDs follow: its patient (PatientID under IssuerOfPatientID) as an HMAC
     under the node's secret, the same in each of the patient's studies on this node.
 
     Why not the PatientID itself: the tracking UID is a hash of it, and hashing every plausible ID (an
     MRN range) finds the one that gives a UID, so a research export that keeps UIDs would still name
     each patient. Without a secret (a library caller outside a node) the ID, as before."""
-    def value(keyword: str) -> str:
+    def value(keyword: str, read: str | None) -> str:
         given = src0.get(keyword) if src0 is not None else None
-        return str(given or meta.get(keyword) or "")
+        return str(given or read or "")
 
-    patient_id = value("PatientID")
+    patient_id = value("PatientID", header.patient_id)
     if _tracking_key is None:
         return patient_id
-    token = f"{value('IssuerOfPatientID')}|{patient_id}".encode()
+    token = f"{value('IssuerOfPatientID', header.issuer_of_patient_id)}|{patient_id}".encode()
     return "hmac-" + hmac.new(_tracking_key, token, hashlib.sha256).hexdigest()
 
 
@@ -200,7 +201,7 @@ def date_series(ds: Dataset) -> Dataset:
     return ds
 
 
-def copy_identity(ds: Dataset, src: Dataset | None, meta: dict | None = None) -> Dataset:
+def copy_identity(ds: Dataset, src: Dataset | None, header: SeriesHeader | None = None) -> Dataset:
     """Make ``ds``'s patient/study attributes equal to the source CT's (absent there = absent here)."""
     for kw in PATIENT_STUDY_KEYWORDS:
         if src is not None:
@@ -211,6 +212,6 @@ def copy_identity(ds: Dataset, src: Dataset | None, meta: dict | None = None) ->
                     _put(ds, kw, None)  # Type 2: present but empty, never invented
                 else:
                     del ds[kw]
-        elif meta and kw in meta and meta[kw] not in (None, ""):
-            _put(ds, kw, meta[kw])
+        elif header is not None and (value := header.value(kw)) not in (None, ""):
+            _put(ds, kw, value)
     return ds

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from seg.dates import as_date
+from seg.header import SeriesHeader
 
 MAX_AGE_YEARS = 130
 _PATIENT_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
@@ -45,13 +46,13 @@ def age_from_birth_date(birth_date: Any, study_date: Any) -> int | None:
     return _plausible(years)
 
 
-def age_at_study(meta: dict[str, Any]) -> tuple[int | None, str | None]:
+def age_at_study(header: SeriesHeader) -> tuple[int | None, str | None]:
     """(age in completed years, where it came from: ``"PatientAge"`` | ``"PatientBirthDate"``) from a
     series' header values; (None, None) when neither gives a plausible age."""
-    years = age_from_patient_age(meta.get("PatientAge"))
+    years = age_from_patient_age(header.patient_age)
     if years is not None:
         return years, "PatientAge"
-    years = age_from_birth_date(meta.get("PatientBirthDate"), meta.get("StudyDate"))
+    years = age_from_birth_date(header.birth_date, header.study_date)
     if years is not None:
         return years, "PatientBirthDate"
     return None, None

@@ -22,19 +22,13 @@ import numpy as np
 
 from seg.dates import da_date
 from seg.geometry import Stack, check_stack, missing_geometry, single_plane
+from seg.header import FIELD_OF_KEYWORD, HeaderValue, SeriesHeader
 from seg.volume import LPS_TO_RAS, Volume
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
-
-META_KEYS = (
-    "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "PatientID", "PatientName", "PatientSex",
-    "PatientSize", "PatientBirthDate", "StudyDate", "StudyTime", "Modality", "PatientPosition",
-    "AccessionNumber", "StudyID", "IssuerOfPatientID", "PatientWeight", "PatientAge", "SeriesNumber",
-    "SeriesDescription",
-)
 
 
 class SeriesGeometryError(ValueError):
@@ -50,7 +44,8 @@ def _files(paths: Path | str | list[Path] | list[str]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def _meta_value(ds, key: str):
+def _header_value(ds, key: str) -> HeaderValue | None:
+    """``ds``'s value of one :class:`SeriesHeader` keyword: None when absent, empty or unreadable."""
     v = ds.get(key)
     if v is None or v == "":
         return None
@@ -70,10 +65,15 @@ def _meta_value(ds, key: str):
     return str(v)
 
 
+def _series_header(ds) -> SeriesHeader:
+    """The series' header as its first instance (``ds``) gives it."""
+    return SeriesHeader(**{name: _header_value(ds, kw) for kw, name in FIELD_OF_KEYWORD.items()})
+
+
 # What the loader reads of each file (the pixel module as pydicom's decoder reads it): a plain native
 # file is walked without building anything else (seg.native_dicom).
 _HEADER_KEYWORDS = (
-    *META_KEYS, "SOPInstanceUID", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
+    *FIELD_OF_KEYWORD, "SOPInstanceUID", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
     "PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept", "SamplesPerPixel",
     "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames", "Rows", "Columns",
     "BitsAllocated", "BitsStored", "PixelRepresentation", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
@@ -317,9 +317,8 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     exact = all(s == 1.0 for s in slopes) and all(float(i).is_integer() for i in inters)
     arr = _hu_array(datasets, shape0, slopes, inters, exact)
 
-    first = datasets[0][1]
-    meta = {k: v for k in META_KEYS if (v := _meta_value(first, k)) is not None}
-    return Volume(arr, affine, meta, [f for f, _ in datasets], [str(ds.SOPInstanceUID) for _, ds in datasets])
+    return Volume(arr, affine, _series_header(datasets[0][1]), [f for f, _ in datasets],
+                  [str(ds.SOPInstanceUID) for _, ds in datasets])
 
 
 def save_nifti(vol: Volume, path: Path | str) -> Path:
@@ -349,7 +348,7 @@ def load_nifti(path: Path | str) -> Volume:
     if arr.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D image, got shape {arr.shape}")
     affine = LPS_TO_RAS @ img.affine
-    return Volume(np.asarray(arr), affine, {})
+    return Volume(np.asarray(arr), affine)
 
 
 def load_image(path: Path | str) -> Volume:

@@ -184,11 +184,9 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     arr = labels.array
     if arr.min() < 0 or arr.max() >= L.NUM_CLASSES:
         raise ValueError(f"label values must be within 0..{L.NUM_CLASSES - 1}")
-    meta = dict(labels.meta)
-    if ct is not None:
-        meta.update(ct.meta)
+    header = labels.header if ct is None else ct.header.filled_from(labels.header)
     if height_m is None:  # the provenance kept without a height too: "missing" or "implausible …"
-        height_m, height_source = height_from_patient_size(meta.get("PatientSize"))
+        height_m, height_source = height_from_patient_size(header.size_m)
     elif not plausible_height(height_m):
         raise ValueError(f"height {height_m} m is not plausible (outside {PLAUSIBLE_RANGE_TEXT})")
     vox = labels.voxel_volume_cm3
@@ -223,9 +221,9 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
     }
     if ct is not None and ct_figures is not None:
         qa |= _ct_qa(ct, mid, segmented, ct_figures.result())
-    age_years, age_source = age_at_study(meta)
+    age_years, age_source = age_at_study(header)
     return VolumeRecord(
-        series_instance_uid=meta.get("SeriesInstanceUID"),
+        series_instance_uid=header.series_instance_uid,
         model=model or ModelInfo(),
         height_m=round(float(height_m), 4) if height_m is not None else None,
         height_source=height_source,

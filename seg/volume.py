@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from seg.header import SeriesHeader
+
 # NIfTI (and MONAI/ITK world space in nibabel) is RAS; DICOM is LPS. Flipping x and y converts.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -26,9 +28,8 @@ class Volume:
 
     array: np.ndarray
     affine: np.ndarray
-    # Identifying attributes of the source series (StudyInstanceUID, SeriesInstanceUID,
-    # FrameOfReferenceUID, PatientID, PatientSex, PatientSize, StudyDate, Modality, ...).
-    meta: dict = field(default_factory=dict)
+    # Identifying attributes of the source series (UIDs, patient, study); empty for NIfTI input.
+    header: SeriesHeader = field(default_factory=SeriesHeader)
     # Source DICOM files ordered by k (empty for NIfTI input); the SEG references them.
     source_files: list[Path] = field(default_factory=list)
     # SOPInstanceUID per slice k (empty for NIfTI input).
@@ -51,7 +52,7 @@ class Volume:
         """Same grid and provenance, other voxels (e.g. a label map on the CT's grid)."""
         if array.shape != self.array.shape:
             raise ValueError(f"shape {array.shape} does not match the volume's {self.array.shape}")
-        return Volume(array, self.affine.copy(), dict(self.meta), list(self.source_files),
+        return Volume(array, self.affine.copy(), self.header, list(self.source_files),
                       list(self.source_sop_uids))
 
     def aligned_to(self, ref: Volume, atol_mm: float = 0.01) -> Volume:
@@ -100,7 +101,7 @@ class Volume:
                 array = np.flip(array, axis=w)
                 affine[:3, 3] += affine[:3, w] * (array.shape[w] - 1)
                 affine[:3, w] = -affine[:3, w]
-        return Volume(array, affine, dict(self.meta))
+        return Volume(array, affine, self.header)
 
     def ras_affine(self) -> np.ndarray:
         """The affine in NIfTI's RAS convention, for nibabel/MONAI."""

@@ -4,6 +4,7 @@ record to the cohort's Table 0, and absent (None) from records stored before it 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from reporting.change import compute_change
 from seg import labels as L
 from seg.age import age_at_study, age_from_birth_date, age_from_patient_age
+from seg.header import SeriesHeader
 from seg.measure import measure_volumes
 from seg.records import SCHEMA_VERSION, ChangeRecord, StudyRef, VolumeRecord
 from seg.volume import Volume
@@ -37,30 +39,30 @@ def test_birth_date_counts_completed_years_to_the_study() -> None:
 
 
 def test_patient_age_first_then_birth_date_else_missing() -> None:
-    both = {"PatientAge": "079Y", "PatientBirthDate": "19400101", "StudyDate": "20230601"}
+    both = SeriesHeader(patient_age="079Y", birth_date="19400101", study_date="20230601")
     assert age_at_study(both) == (79, "PatientAge")
-    assert age_at_study(both | {"PatientAge": "garbled"}) == (83, "PatientBirthDate")
-    assert age_at_study({"StudyDate": "20230601"}) == (None, None)
+    assert age_at_study(replace(both, patient_age="garbled")) == (83, "PatientBirthDate")
+    assert age_at_study(SeriesHeader(study_date="20230601")) == (None, None)
 
 
-def _labels(meta: dict) -> Volume:
+def _labels(header: SeriesHeader) -> Volume:
     lab = np.zeros((20, 10, 4), np.uint8)
     lab[2:8, 2:8] = L.LABEL_OF["vastus_lateralis"]
     lab[12:18, 2:8] = L.LABEL_OF["vastus_lateralis"]
     aff = np.diag([2.0, 2.0, 5.0, 1.0])
     aff[:3, 3] = (-19.0, 0.0, 0.0)
-    return Volume(lab, aff, {"SeriesInstanceUID": "1.2.3"} | meta)
+    return Volume(lab, aff, replace(header, series_instance_uid="1.2.3"))
 
 
 def test_volumes_json_records_the_age_and_the_change_its_baseline_age() -> None:
-    pre = measure_volumes(_labels({"PatientAge": "080Y", "StudyDate": "20230101"}))
-    post = measure_volumes(_labels({"PatientBirthDate": "19421201", "StudyDate": "20230601"}))
+    pre = measure_volumes(_labels(SeriesHeader(patient_age="080Y", study_date="20230101")))
+    post = measure_volumes(_labels(SeriesHeader(birth_date="19421201", study_date="20230601")))
     assert (pre.age_years, pre.age_source) == (80, "PatientAge")
     assert (post.age_years, post.age_source) == (80, "PatientBirthDate")
     assert VolumeRecord.from_json(pre.to_json()) == pre
     change = compute_change(pre, post, 1.6, StudyRef(study_date="20230101"), StudyRef(study_date="20230601"))
     assert change.baseline_age_years == 80
-    unknown = measure_volumes(_labels({}))
+    unknown = measure_volumes(_labels(SeriesHeader()))
     assert unknown.age_years is None and unknown.age_source is None
     later = compute_change(unknown, post, 1.6, StudyRef(study_date="20230101"),
                            StudyRef(study_date="20230601"))

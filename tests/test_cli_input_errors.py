@@ -33,7 +33,7 @@ def _off_grid_dataset(phantom: Path, root: Path) -> Path:
     lab = load_nifti(phantom / "truth" / "labels.nii.gz")
     (root / "case7").mkdir(parents=True)
     (root / "case7" / "dicom").symlink_to(phantom / "dicom")
-    coarser = Volume(lab.array, lab.affine @ np.diag([1.0, 1.0, 2.0, 1.0]), {})
+    coarser = Volume(lab.array, lab.affine @ np.diag([1.0, 1.0, 2.0, 1.0]))
     save_nifti(coarser, root / "case7" / "labels.nii.gz")
     return root
 

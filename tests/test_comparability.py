@@ -8,6 +8,7 @@ import pytest
 
 from reporting.change import compute_change, laterality_conflict
 from reporting.summary import qa_warnings
+from seg.header import SeriesHeader
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom
 from seg.records import MetalLocation, ModelInfo, ReasonCode, StudyRef, VolumeQA
@@ -37,7 +38,7 @@ def test_a_shorter_follow_up_is_named_on_the_change_and_the_page(records) -> Non
     (note,) = [n for n in change.notes if n.code is ReasonCode.COVERAGE_DIFFERS]
     assert note.text.startswith("Follow-up covers 9") and "less below the femoral head" in note.text
     assert "changes at the knee end not comparable" in note.text
-    page = qa_warnings(post, {}, ModelInfo(), change)
+    page = qa_warnings(post, SeriesHeader(), ModelInfo(), change)
     assert note.text in page and all(len(w) <= 110 for w in page)  # a line of the page each
     same = compute_change(pre, pre, 1.6, StudyRef(study_date="20240101"), StudyRef(study_date="20240501"))
     assert not [n for n in same.notes if n.code is ReasonCode.COVERAGE_DIFFERS]
@@ -54,5 +55,5 @@ def test_metal_on_the_side_the_registry_does_not_call_operated_is_named() -> Non
     assert laterality_conflict(both, "left") is None  # metal on both sides: no side to contradict
     from seg.records import VolumeRecord
 
-    page = qa_warnings(VolumeRecord(qa=qa), {}, ModelInfo(), fractured_side="left")
+    page = qa_warnings(VolumeRecord(qa=qa), SeriesHeader(), ModelInfo(), fractured_side="left")
     assert "Metal on the right side, but the registry's fractured side is left: check the registry" in page

@@ -47,4 +47,4 @@ def test_the_loader_reads_a_study_date_as_pairing_compares_it(tmp_path: Path, st
         ds["StudyDate"].value = study_date  # as the archive holds it, not as pydicom would write it
         ds.save_as(f)
     random.Random(0).shuffle(files)
-    assert load_dicom_series(files).meta.get("StudyDate") == expected
+    assert load_dicom_series(files).header.study_date == expected

@@ -406,7 +406,7 @@ def phantom_study(tmp: Path, name: str, **options: Any) -> tuple[str, str, Path,
     ph = make_phantom(PhantomOptions(spacing_mm=SPACING, **options))
     folder = Path(write_phantom(ph, tmp / "phantoms" / name))
     truth = VolumeRecord.load(folder / "truth" / "volumes.json")
-    return str(ph.meta["StudyInstanceUID"]), str(ph.meta["SeriesInstanceUID"]), folder / "dicom", truth
+    return str(ph.header.study_instance_uid), str(ph.header.series_instance_uid), folder / "dicom", truth
 
 
 def sr_volumes(ds: Any) -> dict[str, float]:

@@ -26,7 +26,7 @@ SP = (2.0, 2.0, 3.0)
 
 
 def _vol(arr: np.ndarray) -> Volume:
-    return Volume(arr, np.diag([*SP, 1.0]), {})
+    return Volume(arr, np.diag([*SP, 1.0]))
 
 
 def _pair() -> tuple[Volume, Volume]:

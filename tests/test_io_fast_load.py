@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from seg.io import META_KEYS, SeriesGeometryError, _meta_value, load_dicom_series
+from seg.io import SeriesGeometryError, _series_header, load_dicom_series
 from seg.native_dicom import native_frame, read_header
 
 ROWS, COLS = 7, 5  # odd: an 8-bit slice has an odd length and a pad byte
@@ -231,8 +231,8 @@ def test_positions_order_affine_and_meta(tmp_path: Path, position: str) -> None:
     assert np.allclose(np.diag(vol.affine)[:3], [0.8, 0.75, 2.5])
     z0 = -10.0 if position == "HFS" else 0.0
     assert np.allclose(vol.affine[:3, 3], [-10, -20.5, z0])
-    assert vol.meta["PatientPosition"] == position
-    assert vol.meta["SeriesNumber"] == 3 and vol.meta["PatientName"] == "Fast^Load"
+    assert vol.header.patient_position == position
+    assert vol.header.series_number == 3 and vol.header.patient_name == "Fast^Load"
 
 
 def test_big_endian_and_excess_padding_go_through_pydicom(tmp_path: Path) -> None:
@@ -327,8 +327,8 @@ def test_header_walk_equals_pydicom(tmp_path: Path, ts: str) -> None:
     px = native_pixels(fast)
     assert px is not None and px.dtype == ref.pixel_array.dtype and np.array_equal(px, ref.pixel_array)
     vol = load_dicom_series([f])
-    assert vol.meta == {k: v for k in META_KEYS if (v := _meta_value(ref, k)) is not None}
-    assert vol.meta["PatientName"] == "Müller^Jörg" and vol.meta["PatientSize"] == 1.72
+    assert vol.header == _series_header(ref)
+    assert vol.header.patient_name == "Müller^Jörg" and vol.header.size_m == 1.72
 
 
 def _nested_sequences(ds: Dataset, undefined_items: bool) -> None:

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from dicomnode.harness.series import rewrite
+from seg.header import SeriesHeader
 from seg.io import SeriesGeometryError, load_dicom_series, load_image, load_nifti, save_nifti
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
@@ -71,11 +72,11 @@ def test_ground_truth_volumes_reproduced(tmp_path: Path, kw: dict, ts: str) -> N
     assert np.array_equal(ct.array, ph.ct.array)
     assert np.allclose(ct.affine, ph.ct.affine, atol=1e-4)
     assert np.allclose(lab.affine, ct.affine, atol=1e-3)
-    assert ct.meta["PatientPosition"] == opts.position
+    assert ct.header.patient_position == opts.position
     assert str(pydicom.dcmread(ct.source_files[0]).file_meta.TransferSyntaxUID) == truth_ts(ts)
     rec = measure_volumes(lab, ct)
     assert rec.height_source == "PatientSize" and rec.height_m == pytest.approx(ph.height_m)
-    assert rec.series_instance_uid == ph.meta["SeriesInstanceUID"]
+    assert rec.series_instance_uid == ph.header.series_instance_uid
     _assert_matches_truth(rec, truth)
     # And the truth split equals the side each voxel was built on.
     vox = ph.labels.voxel_volume_cm3
@@ -141,7 +142,7 @@ def test_loader_sorts_shuffled_files_and_fills_meta(tmp_path: Path) -> None:
     assert len(vol.source_sop_uids) == vol.shape[2]
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "PatientID", "PatientSex",
                 "PatientSize", "StudyDate", "Modality", "PatientPosition"):
-        assert key in vol.meta
+        assert vol.header.value(key) is not None
     assert load_image(tmp_path / "dicom").shape == vol.shape
     assert load_image(tmp_path / "truth" / "labels.nii.gz").array.dtype == np.uint8
 
@@ -218,7 +219,7 @@ def _reordered(vol: Volume) -> Volume:
     affine = np.eye(4)
     affine[:3, 0], affine[:3, 1], affine[:3, 2] = a[:3, 1], a[:3, 0], -a[:3, 2]
     affine[:3, 3] = a[:3, 3] + a[:3, 2] * (vol.shape[2] - 1)
-    return Volume(np.ascontiguousarray(np.transpose(vol.array, (1, 0, 2))[:, :, ::-1]), affine, {})
+    return Volume(np.ascontiguousarray(np.transpose(vol.array, (1, 0, 2))[:, :, ::-1]), affine)
 
 
 def test_label_map_in_another_voxel_order_is_aligned_and_another_grid_refused() -> None:
@@ -226,15 +227,16 @@ def test_label_map_in_another_voxel_order_is_aligned_and_another_grid_refused() 
     naming both grids (a shift by one voxel, another spacing), never a silent resampling."""
     rng = np.random.default_rng(3)
     ct = Volume(rng.normal(size=(6, 5, 4)), np.array([[0.0, 0.8, 0, -90], [-0.8, 0, 0, 40], [0, 0, 2.5, 7],
-                                                       [0, 0, 0, 1]]), {"SeriesInstanceUID": "1.2"})
+                                                       [0, 0, 0, 1]]),
+                SeriesHeader(series_instance_uid="1.2"))
     labels = ct.with_array(rng.integers(0, 30, size=ct.shape).astype(np.uint8))
     for stored in (labels, _reordered(labels), _reordered(_reordered(labels))):
         aligned = stored.aligned_to(ct)
         assert (aligned.array == labels.array).all() and np.allclose(aligned.affine, ct.affine)
-        assert aligned.meta == ct.meta
+        assert aligned.header == ct.header
     shifted = Volume(labels.array, labels.affine @ np.array([[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0],
-                                                             [0, 0, 0, 1]]), {})
-    finer = Volume(labels.array, labels.affine @ np.diag([0.5, 1, 1, 1]), {})
+                                                             [0, 0, 0, 1]]))
+    finer = Volume(labels.array, labels.affine @ np.diag([0.5, 1, 1, 1]))
     for other in (shifted, finer):
         with pytest.raises(ValueError, match="not on the CT's grid"):
             other.aligned_to(ct)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from dicomnode.clinical import registry
 from dicomnode.commands.common import volumes_table
 from dicomnode.config import Settings
 from seg import labels as L
+from seg.header import SeriesHeader
 from seg.height import plausible_height
 from seg.measure import measure_volumes, midline_x, write_volumes
 from seg.records import SCHEMA_VERSION, ModelInfo, VolumeRecord
@@ -42,8 +44,8 @@ def _scene(spacing=(2.0, 2.0, 5.0), shift_x: float = 0.0, flip: bool = False) ->
         lab, ct = lab[::-1, :, ::-1].copy(), ct[::-1, :, ::-1].copy()
         aff[0, 0], aff[2, 2] = -dx, -dz
         aff[:3, 3] = (x[-1], -60.0, -100.0 + dz * (nz - 1))
-    meta = {"SeriesInstanceUID": "1.2.3", "PatientSize": 1.6}
-    return Volume(lab, aff, dict(meta)), Volume(ct, aff.copy(), dict(meta))
+    header = SeriesHeader(series_instance_uid="1.2.3", size_m=1.6)
+    return Volume(lab, aff, header), Volume(ct, aff.copy(), header)
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -103,11 +105,11 @@ def test_height_from_header_and_never_guessed() -> None:
     lab, _ = _scene()
     rec = measure_volumes(lab)
     assert rec.height_m == 1.6 and rec.height_source == "PatientSize"
-    lab.meta.pop("PatientSize")
+    lab.header = replace(lab.header, size_m=None)
     rec = measure_volumes(lab)
     assert rec.height_m is None and rec.height_source == "missing"
     assert all(s.index_cm3_m2 is None for s in rec.structures)
-    lab.meta["PatientSize"] = 170  # centimetres: not used, and the record says why
+    lab.header = replace(lab.header, size_m=170)  # centimetres: not used, and the record says why
     rec = measure_volumes(lab)
     assert rec.height_m is None and rec.height_source == "implausible PatientSize 170.00 m"
     assert "height not used, implausible PatientSize 170.00 m: no cm³/m²" in volumes_table(rec)
@@ -140,7 +142,7 @@ def test_midline_fallbacks() -> None:
 
 def test_grid_mismatch_and_bad_labels_rejected() -> None:
     lab, ct = _scene()
-    other = Volume(ct.array, ct.affine + np.diag([0, 0, 0.5, 0]), ct.meta)
+    other = Volume(ct.array, ct.affine + np.diag([0, 0, 0.5, 0]), ct.header)
     with pytest.raises(ValueError, match="grid"):
         measure_volumes(lab, other)
     bad = lab.array.copy()
@@ -168,10 +170,10 @@ def test_one_height_rule_for_pipeline_registry_and_measure(settings: Settings, s
                                                            usable: bool) -> None:
     assert plausible_height(size) is usable
     lab, _ = _scene()
-    lab.meta["PatientSize"] = size
+    lab.header = replace(lab.header, size_m=size)
     measured = measure_volumes(lab).height_m
     via_registry = registry.resolve(settings, "NOBODY", dicom_size=size).height_m
-    via_pipeline = registry.facts_for(settings, {"PatientID": "NOBODY", "PatientSize": size}).height_m
+    via_pipeline = registry.facts_for(settings, SeriesHeader(patient_id="NOBODY", size_m=size)).height_m
     assert [measured, via_registry, via_pipeline] == ([size] * 3 if usable else [None] * 3)
     if not usable:
         with pytest.raises(ValueError, match="not plausible"):

@@ -115,12 +115,12 @@ def test_ct_figures_equal_the_whole_volume_masks(blobs: int, order: str) -> None
     hu[20:23, 10:12, 5:7] = 3000  # metal
     hu = np.asarray(hu, order=order)
     aff = _affine("axial", shape)
-    figures = _ct_figures(Volume(hu, aff, {}))
+    figures = _ct_figures(Volume(hu, aff))
     body = _reference_body(hu)
     assert figures.hu_muscle_voxels == int(np.count_nonzero(body & (hu >= -29) & (hu <= 150)))
     assert figures.metal_world is not None
     assert np.array_equal(figures.metal_world, _world(aff, np.nonzero(hu > 2500)))
-    assert _ct_figures(Volume(np.minimum(hu, 100), aff, {})).metal_world is None
+    assert _ct_figures(Volume(np.minimum(hu, 100), aff)).metal_world is None
 
 
 def test_measure_volumes_on_a_random_map_with_its_ct() -> None:
@@ -130,7 +130,7 @@ def test_measure_volumes_on_a_random_map_with_its_ct() -> None:
     arr = _random_labels(rng, shape, np.uint8)
     hu = rng.integers(-1000, 400, size=shape).astype(np.int16)
     aff = _affine("axial", shape)
-    rec = measure_volumes(Volume(arr, aff, {}), Volume(hu, aff.copy(), {}))
+    rec = measure_volumes(Volume(arr, aff), Volume(hu, aff.copy()))
     total, _ = _reference_side_counts(arr, aff, 0.0)
     assert [s.voxels for s in rec.structures] == total[1:].tolist()
     body = _reference_body(hu)

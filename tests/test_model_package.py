@@ -36,7 +36,7 @@ def _ct(shape=(30, 24, 12), spacing=3.0) -> Volume:
     arr = np.full(shape, -1000, np.int16)
     arr[5:25, 4:20, 1:11] = 50
     arr[12:16, 9:13, 1:11] = 1200
-    return Volume(arr, np.diag([spacing, spacing, spacing, 1.0]), {})
+    return Volume(arr, np.diag([spacing, spacing, spacing, 1.0]))
 
 
 @pytest.fixture(scope="module")

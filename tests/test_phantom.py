@@ -76,9 +76,9 @@ def test_deterministic_and_seed_dependent() -> None:
     kw = dict(spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-40, 20))
     a, b = make_phantom(PhantomOptions(seed=5, **kw)), make_phantom(PhantomOptions(seed=5, **kw))
     assert np.array_equal(a.ct.array, b.ct.array) and np.array_equal(a.labels.array, b.labels.array)
-    assert a.meta == b.meta
+    assert a.header == b.header
     c = make_phantom(PhantomOptions(seed=6, **kw))
-    assert c.meta["SeriesInstanceUID"] != a.meta["SeriesInstanceUID"]
+    assert c.header.series_instance_uid != a.header.series_instance_uid
     assert c.ct.shape != a.ct.shape or not np.array_equal(c.labels.array, a.labels.array)
 
 

@@ -31,7 +31,7 @@ def test_window_and_gamma_values() -> None:
     arr[10:30, 10:30, 2:10] = 164
     arr[10:20, 10:30, 2:10] = int(round((-57 + 164) / 2))  # 53.5 -> 54
     arr[10:12, 10:30, 2:10] = -57 + 1
-    vol = Volume(arr, np.diag([3.0, 3.0, 3.0, 1.0]), {})
+    vol = Volume(arr, np.diag([3.0, 3.0, 3.0, 1.0]))
     mg = to_model_grid(vol, DEMO)
     v = np.unique(np.round(mg.image, 3))
     assert v.min() == 0.0 and v.max() == 1.0
@@ -212,7 +212,7 @@ def test_box_resampling_averages_noise_down() -> None:
     arr = np.full((120, 120, 60), -1000, np.int16)
     arr[10:110, 10:110, 5:55] = np.rint(40 + 15 * rng.standard_normal((100, 100, 50))).astype(np.int16)
     arr[10:12, 10:110, 5:55] = 1000  # bone at one edge, so the window's top is reached in both images
-    vol = Volume(arr, np.diag([1.0, 1.0, 2.0, 1.0]), {})
+    vol = Volume(arr, np.diag([1.0, 1.0, 2.0, 1.0]))
     lin = to_model_grid(vol, PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)))
     box = to_model_grid(vol, PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), image_resampling="box"))
     inner = (slice(8, -8), slice(8, -8), slice(6, -6))

@@ -13,6 +13,7 @@ from dicomnode.cli import app
 from dicomnode.clinical import registry
 from dicomnode.config import Settings
 from dicomnode.db import MIGRATIONS, opened
+from seg.header import SeriesHeader
 from seg.records import ReasonCode
 
 CSV = """patient_id,height_m,sex,fracture_type,fractured_side,surgery_date,koval_grade
@@ -77,9 +78,9 @@ def test_trust_order_and_height_provenance(settings: Settings, tmp_path: Path) -
     assert r.height_m is None and r.height_source.startswith("implausible PatientSize")
     assert (r.sex, r.sex_source) == ("F", "PatientSex")
     # The pipeline's hook.
-    facts = registry.facts_for(settings, {"PatientID": "P2", "PatientSize": 1.9})
+    facts = registry.facts_for(settings, SeriesHeader(patient_id="P2", size_m=1.9))
     assert (facts.height_m, facts.height_source) == (1.71, "registry")
-    assert registry.facts_for(settings, {"PatientID": "X", "PatientSize": 0.5}).height_m is None
+    assert registry.facts_for(settings, SeriesHeader(patient_id="X", size_m=0.5)).height_m is None
 
 
 def test_issuer_scoping(settings: Settings, tmp_path: Path) -> None:

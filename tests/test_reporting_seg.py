@@ -108,10 +108,10 @@ def test_sides_match_volumes_json(case):
 def test_segment_attributes_and_geometry(seg_file, case):
     _, ds = seg_file
     _, ct, labels, _ = case
-    assert ds.StudyInstanceUID == ct.meta["StudyInstanceUID"]
-    assert ds.FrameOfReferenceUID == ct.meta["FrameOfReferenceUID"]
-    assert ds.SeriesInstanceUID != ct.meta["SeriesInstanceUID"]
-    assert ds.PatientID == ct.meta["PatientID"]
+    assert ds.StudyInstanceUID == ct.header.study_instance_uid
+    assert ds.FrameOfReferenceUID == ct.header.frame_of_reference_uid
+    assert ds.SeriesInstanceUID != ct.header.series_instance_uid
+    assert ds.PatientID == ct.header.patient_id
     schemes = {item.CodingSchemeDesignator for item in ds.CodingSchemeIdentificationSequence}
     assert codes.PRIVATE_SCHEME in schemes
     for item in ds.SegmentSequence:
@@ -172,7 +172,7 @@ def test_rerun_gives_identical_uids(case):
 
 def test_nifti_input_without_sources_is_refused(case):
     _, ct, labels, vols = case
-    bare = Volume(ct.array, ct.affine, dict(ct.meta))
+    bare = Volume(ct.array, ct.affine, ct.header)
     with pytest.raises(ValueError, match="source"):
         build_seg_frames(bare, labels, vols, MODEL)
 

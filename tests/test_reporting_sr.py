@@ -31,6 +31,7 @@ from reporting.seg import algorithm_name, build_seg_frames, plan_segments
 from reporting.sr import build_measurement_sr, coverage_mm, key_sections
 from reporting.sr import segments_of as segments_of_seg
 from reporting.uids import derived_uid, parse_tracking_label
+from seg.header import SeriesHeader
 from seg.labels import ANALYSED_MUSCLES, by_name
 from seg.measure import measure_volumes
 from seg.records import StructureVolume, StudyRef, VolumeRecord
@@ -103,12 +104,12 @@ def followup(tmp_path_factory, baseline):
                                        series_uid=derived_uid("test", "followup-series"), **PATIENT)
 
     def ref(c, s, r):
-        return StudyRef(study_instance_uid=c.meta["StudyInstanceUID"],
-                        series_instance_uid=c.meta["SeriesInstanceUID"], study_date=c.meta["StudyDate"],
+        return StudyRef(study_instance_uid=c.header.study_instance_uid,
+                        series_instance_uid=c.header.series_instance_uid, study_date=c.header.study_date,
                         seg_sop_instance_uid=s.SOPInstanceUID, sr_sop_instance_uid=r.SOPInstanceUID)
 
     change = compute_change(b_vols, vols, 1.62, ref(b_ct, b_seg, b_sr), ref(ct, seg, sr),
-                            patient_id=ct.meta["PatientID"], fractured_side="left",
+                            patient_id=ct.header.patient_id, fractured_side="left",
                             height_source="PatientSize")
     fsr = build_followup_sr(ct, change, [b_seg, b_sr], model_info=MODEL)  # without its SEG (it is gone)
     fsr.save_as(root / "followup.dcm", enforce_file_format=True)
@@ -133,7 +134,7 @@ def test_sr_numbers_equal_volumes_json(baseline, tmp_path):
     for g in groups:
         name, side = parse_tracking_label(tids[int(g["ReferencedSegment"])])
         expected = by_label[by_name(name).label].side_volume(side)
-        assert g["SourceSeriesForImageSegmentation"] == ct.meta["SeriesInstanceUID"]
+        assert g["SourceSeriesForImageSegmentation"] == ct.header.series_instance_uid
         assert g["Laterality"]["CodeMeaning"].lower() == side
         items = {i["quantity"]["CodeValue"]: i for i in g["measurementItems"]}
         assert items["118565006"]["value"] == f"{expected:.1f}"  # 0.1 cm³
@@ -153,7 +154,7 @@ def test_volume_groups_name_their_segment_and_source_series(baseline):
     groups = [g for g in measurement_groups(sr) if children(g, "121191")]
     assert len(groups) == len(segments)
     for g in groups:
-        assert children(g, "121232")[0].UID == ct.meta["SeriesInstanceUID"]
+        assert children(g, "121232")[0].UID == ct.header.series_instance_uid
         refs = [concept(i) for i in g.ContentSequence if concept(i) in ("121191", "121233", "121232")]
         assert refs == ["121191", "121232"]
     evidence = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
@@ -272,7 +273,7 @@ def test_scan_level_groups_state_the_scanned_extent(baseline):
     [line] = cov.ContentSequence
     assert (line.RelationshipType, line.ValueType) == ("INFERRED FROM", "SCOORD3D")
     assert line.GraphicType == "POLYLINE"
-    assert line.ReferencedFrameOfReferenceUID == ct.meta["FrameOfReferenceUID"]
+    assert line.ReferencedFrameOfReferenceUID == ct.header.frame_of_reference_uid
     a, b = np.asarray(line.GraphicData, dtype=float).reshape(2, 3)
     assert np.linalg.norm(b - a) == pytest.approx(value, abs=0.05)
     normal = ct.affine[:3, 2] / np.linalg.norm(ct.affine[:3, 2])
@@ -340,7 +341,7 @@ def test_sr_rerun_identical_uids(baseline):
     _, ct, _, vols, seg, sr = baseline
     again = build_measurement_sr(ct, seg, vols, MODEL)
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (sr.SOPInstanceUID, sr.SeriesInstanceUID)
-    assert again.StudyInstanceUID == ct.meta["StudyInstanceUID"]
+    assert again.StudyInstanceUID == ct.header.study_instance_uid
 
 
 def test_followup_sr_valid_and_equal_to_change(followup, baseline, tmp_path):
@@ -349,7 +350,7 @@ def test_followup_sr_valid_and_equal_to_change(followup, baseline, tmp_path):
     assert dciodvfy_errors(root / "followup.dcm") == []
     assert "Volume change" in dsrdump(root / "followup.dcm")
     meta = tid1500(root / "followup.dcm", tmp_path / "f.json")
-    assert fsr.StudyInstanceUID == ct.meta["StudyInstanceUID"] != b_seg.StudyInstanceUID
+    assert fsr.StudyInstanceUID == ct.header.study_instance_uid != b_seg.StudyInstanceUID
     refs = {i.ReferencedSOPInstanceUID for s in fsr.PertinentOtherEvidenceSequence
             for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
     assert {b_seg.SOPInstanceUID, b_sr.SOPInstanceUID} <= refs
@@ -649,12 +650,13 @@ def test_height_status_and_source():
     from reporting.sr import height_status
 
     none = VolumeRecord()
-    assert height_status(none, {"PatientSize": "3.1"}) == (codes.HEIGHT_IMPLAUSIBLE, codes.HEIGHT_SOURCE_NONE)
-    assert height_status(none, {}) == (codes.HEIGHT_MISSING, codes.HEIGHT_SOURCE_NONE)
+    implausible = (codes.HEIGHT_IMPLAUSIBLE, codes.HEIGHT_SOURCE_NONE)
+    assert height_status(none, SeriesHeader(size_m=3.1)) == implausible
+    assert height_status(none, SeriesHeader()) == (codes.HEIGHT_MISSING, codes.HEIGHT_SOURCE_NONE)
     registry = VolumeRecord(height_m=1.6, height_source="registry")
-    assert height_status(registry, {}) == (codes.HEIGHT_PRESENT, codes.HEIGHT_SOURCE_REGISTRY)
+    assert height_status(registry, SeriesHeader()) == (codes.HEIGHT_PRESENT, codes.HEIGHT_SOURCE_REGISTRY)
     header = VolumeRecord(height_m=1.6, height_source="PatientSize")
-    assert height_status(header, {"PatientSize": 1.6})[1] == codes.HEIGHT_SOURCE_PATIENT_SIZE
+    assert height_status(header, SeriesHeader(size_m=1.6))[1] == codes.HEIGHT_SOURCE_PATIENT_SIZE
 
 
 @pytest.mark.parametrize("seg_type", ["FRACTIONAL", "BINARY", "LABELMAP"])
@@ -781,11 +783,11 @@ def test_the_sr_and_the_page_say_what_volumes_json_says_of_the_height():
     from seg.records import ModelInfo
 
     flagged = VolumeRecord(height_source="implausible registry height")
-    assert height_status(flagged, {})[0] == codes.HEIGHT_IMPLAUSIBLE
-    assert "Body height implausible: no height index" in qa_warnings(flagged, {}, ModelInfo())
+    assert height_status(flagged, SeriesHeader())[0] == codes.HEIGHT_IMPLAUSIBLE
+    assert "Body height implausible: no height index" in qa_warnings(flagged, SeriesHeader(), ModelInfo())
     bad_text = VolumeRecord(height_source="missing")  # a PatientSize "abc": no height, not implausible
-    assert height_status(bad_text, {"PatientSize": "abc"})[0] == codes.HEIGHT_MISSING
-    page = qa_warnings(bad_text, {"PatientSize": "abc"}, ModelInfo())
+    assert height_status(bad_text, SeriesHeader())[0] == codes.HEIGHT_MISSING  # the loader keeps no "abc"
+    page = qa_warnings(bad_text, SeriesHeader(), ModelInfo())
     assert "Body height missing: no height index" in page
 
 

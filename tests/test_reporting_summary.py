@@ -30,6 +30,7 @@ from reporting.summary import (
 )
 from reporting.uids import derived_uid
 from seg.dates import display_date
+from seg.header import SeriesHeader
 from seg.records import (
     ChangeRecord,
     MetalLocation,
@@ -74,12 +75,12 @@ def studies(tmp_path_factory):
         series_uid=derived_uid("test", "sum-fu-series"), **PATIENT)
 
     def ref(c, s, r):
-        return StudyRef(study_instance_uid=c.meta["StudyInstanceUID"], study_date=c.meta["StudyDate"],
-                        series_instance_uid=c.meta["SeriesInstanceUID"],
+        return StudyRef(study_instance_uid=c.header.study_instance_uid, study_date=c.header.study_date,
+                        series_instance_uid=c.header.series_instance_uid,
                         seg_sop_instance_uid=s.SOPInstanceUID, sr_sop_instance_uid=r.SOPInstanceUID)
 
     change = compute_change(b_vols, f_vols, 1.75, ref(b_ct, b_seg, b_sr), ref(f_ct, f_seg, f_sr),
-                            patient_id=f_ct.meta["PatientID"], fractured_side="right")
+                            patient_id=f_ct.header.patient_id, fractured_side="right")
     b_sum = build_summary(b_ct, b_vols, MODEL)
     f_sum = build_summary(f_ct, f_vols, MODEL, change=change)
     f_fsr = build_followup_sr(f_ct, change, [b_seg, b_sr], model_info=MODEL)
@@ -115,8 +116,8 @@ def test_dcentvfy_no_patient_study_inconsistency(studies, which):
 def test_summary_in_source_study_with_stable_uids(studies):
     _, ct, vols, ds, _ = studies["b"]
     again = build_summary(ct, vols, MODEL)
-    assert ds.StudyInstanceUID == ct.meta["StudyInstanceUID"]
-    assert ds.PatientID == ct.meta["PatientID"]
+    assert ds.StudyInstanceUID == ct.header.study_instance_uid
+    assert ds.PatientID == ct.header.patient_id
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (ds.SOPInstanceUID, ds.SeriesInstanceUID)
     _, f_ct, f_vols, with_change, _ = studies["f"]
     assert with_change.SOPInstanceUID != ds.SOPInstanceUID  # another series, another page
@@ -139,28 +140,29 @@ def test_pre_operative_page_shows_the_registrys_fractured_side(studies):
     """A page without a comparison shows the fractured side it is given (the registry's), and says
     when there is none; a page with a side is other content, under its own UID."""
     _, ct, vols, without, _ = studies["b"]
-    lines = header_lines(vols, MODEL, ct.meta, None, "left", 21, 1.0, None)
+    lines = header_lines(vols, MODEL, ct.header, None, "left", 21, 1.0, None)
     assert "Fractured side: left" in lines[1][0]
-    unknown = header_lines(vols, MODEL, ct.meta, None, None, 21, 1.0, None)
+    unknown = header_lines(vols, MODEL, ct.header, None, None, 21, 1.0, None)
     assert "Fractured side: not recorded" in unknown[1][0]
     with_side = build_summary(ct, vols, MODEL, fractured_side="left")
     assert with_side.SeriesInstanceUID == without.SeriesInstanceUID
     assert with_side.SOPInstanceUID != without.SOPInstanceUID
     assert not np.array_equal(with_side.pixel_array, without.pixel_array)
     change = studies["change"]  # a comparison's side wins: pairing took it from the same registry
-    assert "Fractured side: right" in header_lines(vols, MODEL, ct.meta, change, "left", 21, 1.0, None)[1][0]
+    compared = header_lines(vols, MODEL, ct.header, change, "left", 21, 1.0, None)
+    assert "Fractured side: right" in compared[1][0]
 
 
 def test_header_has_patient_id_and_readable_dates(studies):
     _, ct, vols, _, _ = studies["f"]
     change = studies["change"]
-    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.meta, change, None, 21, 1.0, None)]
+    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.header, change, None, 21, 1.0, None)]
     assert lines[0] == (f"Patient ID: {PATIENT['patient_id']}     Name: Summary, Test     Sex: M     "
-                        f"Age: {vols.age_years} y     Accession: {ct.meta['AccessionNumber']}")
+                        f"Age: {vols.age_years} y     Accession: {ct.header.accession_number}")
     assert lines[1] == "Study date: 2024-04-10     Fractured side: right"
     assert lines[2].startswith(f"Compared with the study of 2024-01-10, {change.days_between} days earlier")
     facts = change.with_facts(fracture_type="ITF", surgery_date="20240112")
-    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.meta, facts, None, 21, 1.0, None)]
+    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.header, facts, None, 21, 1.0, None)]
     assert lines[1] == ("Study date: 2024-04-10     Fractured side: right (ITF)     "
                         "post-op day 89 (surgery 2024-01-12)")
     assert [display_date(v) for v in ("20240110", "", None, "2024")] == ["2024-01-10", "unknown", "unknown",
@@ -179,7 +181,7 @@ def test_table_reads_left_to_right_without_an_empty_band(studies):
     """Muscle names left-aligned on one edge, numbers right-aligned in their column, and the page ends
     under the table (no empty band: every horizontal gap narrower than a few lines)."""
     _, ct, vols, _, _ = studies["b"]
-    fig = page_figure(vols, MODEL, ct.meta)
+    fig = page_figure(vols, MODEL, ct.header)
     texts = _texts(fig)
     rows, _, _ = _table_rows(vols)
     names = [texts[r[0]][0] for r in rows]
@@ -189,7 +191,7 @@ def test_table_reads_left_to_right_without_an_empty_band(studies):
     numbers = [t for t in fig.axes[0].texts if t.get_horizontalalignment() == "right"]
     assert len(numbers) == 4 * (len(rows) + 1)  # every number and its column's head
     assert len({round(t.get_window_extent().x1) for t in numbers}) == 4  # one right edge per column
-    page = render_page(vols, MODEL, ct.meta)
+    page = render_page(vols, MODEL, ct.header)
     inked = np.flatnonzero(page.max(axis=(1, 2)) > 60)
     assert np.diff(inked).max() < 40  # no empty band anywhere
     assert page.shape[0] - inked[-1] < 2 * _MARGIN  # the page ends under the table
@@ -199,13 +201,14 @@ def test_qa_warnings_say_what_is_missing():
     where = MetalLocation(side="left", left_voxels=3, right_voxels=0, z_range_mm=(0, 0),
                           centroid_mm=(9, 0, 0))
     vols = VolumeRecord(qa=VolumeQA(metal=True, metal_where=where))
-    w = qa_warnings(vols, {}, ModelInfo(demo=True))
+    w = qa_warnings(vols, SeriesHeader(), ModelInfo(demo=True))
     assert any("DEMO" in x for x in w)
     assert any("height missing" in x.lower() for x in w)
     assert any("Metal present (left side)" in x for x in w)
     unlocated = VolumeRecord(qa=VolumeQA(metal=True))  # a record that does not say where: not guessed
-    assert any("Metal present (side not recorded)" in x for x in qa_warnings(unlocated, {}, ModelInfo()))
-    assert any("implausible" in x for x in qa_warnings(vols, {"PatientSize": 3.1}, ModelInfo()))
+    unlocated_warnings = qa_warnings(unlocated, SeriesHeader(), ModelInfo())
+    assert any("Metal present (side not recorded)" in x for x in unlocated_warnings)
+    assert any("implausible" in x for x in qa_warnings(vols, SeriesHeader(size_m=3.1), ModelInfo()))
 
 
 def test_change_chart_plots_signed_change_with_floor(studies):

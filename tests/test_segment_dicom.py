@@ -37,7 +37,7 @@ def series(tmp_path_factory) -> dict[str, Path]:
     for seed in SEEDS:
         ph = make_phantom(PhantomOptions(seed=seed, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-60.0, 30.0)))
         write_phantom(ph, root / f"case{seed}")
-        out[str(ph.meta["SeriesInstanceUID"])] = root / f"case{seed}"
+        out[str(ph.header.series_instance_uid)] = root / f"case{seed}"
     assert len(out) == len(SEEDS)
     return out
 
@@ -48,7 +48,7 @@ def truth_model(series, monkeypatch):
     from seg.io import load_nifti
 
     def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
-        lab = load_nifti(series[str(ct.meta["SeriesInstanceUID"])] / "truth" / "labels.nii.gz")
+        lab = load_nifti(series[str(ct.header.series_instance_uid)] / "truth" / "labels.nii.gz")
         return ct.with_array(np.asarray(lab.array, dtype=np.uint8))
 
     monkeypatch.setattr("seg.infer.segment", segment)
@@ -148,10 +148,11 @@ def test_batch_record_pairs_archived_studies_for_the_reports(tmp_path, monkeypat
                                          atrophy=atrophy, implant_side="left" if atrophy else None))
         write_phantom(ph, tmp_path / when)
         shutil.copytree(tmp_path / when / "dicom", root / when)  # the archive holds the CT only
-        truth[str(ph.meta["SeriesInstanceUID"])] = tmp_path / when / "truth" / "labels.nii.gz"
+        truth[str(ph.header.series_instance_uid)] = tmp_path / when / "truth" / "labels.nii.gz"
 
     def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
-        return ct.with_array(np.asarray(load_nifti(truth[str(ct.meta["SeriesInstanceUID"])]).array, np.uint8))
+        truth_labels = load_nifti(truth[str(ct.header.series_instance_uid)])
+        return ct.with_array(np.asarray(truth_labels.array, np.uint8))
 
     monkeypatch.setattr("seg.infer.segment", segment)
     cfg = _config(tmp_path)

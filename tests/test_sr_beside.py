@@ -53,7 +53,7 @@ def test_the_sr_from_the_seg_header_is_the_sr_from_the_whole_seg(seg_type: str, 
 
 def _job(ct: Any, work: Path, handed_on: frozenset[Path], heard: list[Path]) -> JobInput:
     work.mkdir()
-    return JobInput(job_id=1, series_instance_uid=str(ct.meta["SeriesInstanceUID"]),
+    return JobInput(job_id=1, series_instance_uid=str(ct.header.series_instance_uid),
                     files=list(ct.source_files), work_dir=work, outputs_in_outbox=handed_on,
                     output_ready=heard.append)
 

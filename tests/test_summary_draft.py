@@ -86,7 +86,7 @@ def test_the_node_hands_the_drafted_page_on_and_a_rerun_keeps_it(case: Any, tmp_
     handed on with other content."""
     ct, labels, _ = case
     settings = Settings(storage_dir=tmp_path / "var", pairing={"retrieve_priors": False})
-    uid = str(ct.meta["SeriesInstanceUID"])
+    uid = str(ct.header.series_instance_uid)
 
     def attempt(n: int, handed_on: frozenset[Path] = frozenset()) -> tuple[list[Path], list[Path]]:
         heard: list[Path] = []

@@ -97,7 +97,7 @@ def test_summary_page_has_key_images_below_the_table(study):
     from seg.measure import measure_volumes
 
     vols = measure_volumes(labels, ct, model=MODEL)
-    page = render_page(vols, MODEL, ct.meta)
+    page = render_page(vols, MODEL, ct.header)
     px = summary_pixels(ct, vols, MODEL, labels=labels)
     rows, cols = key_images_size(1)
     assert px.shape == (page.shape[0] + rows, cols, 3) and cols == page.shape[1]
@@ -177,15 +177,15 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
     b_files, b_ct, b_labels = _write_study(tmp_path / "base", "20240101", "base")
     f_files, f_ct, f_labels = _write_study(tmp_path / "follow", "20240601", "follow")
     f_labels = _lose_side(f_ct, f_labels)
-    stored = {str(b_ct.meta["SeriesInstanceUID"]): b_files, str(f_ct.meta["SeriesInstanceUID"]): f_files}
+    stored = {str(b_ct.header.series_instance_uid): b_files, str(f_ct.header.series_instance_uid): f_files}
 
-    f_study = str(f_ct.meta["StudyInstanceUID"])
+    f_study = str(f_ct.header.study_instance_uid)
 
     summaries: dict[str, list[pydicom.Dataset]] = {}  # per study, the summaries sent into it
 
     def run(job_id: int, files: list[Path], ct: Volume, labels: Volume) -> list[pydicom.Dataset]:
         """One job through the pipeline; the follow-up study's summaries among the objects to send."""
-        job = JobInput(job_id=job_id, series_instance_uid=str(ct.meta["SeriesInstanceUID"]), files=files,
+        job = JobInput(job_id=job_id, series_instance_uid=str(ct.header.series_instance_uid), files=files,
                        work_dir=tmp_path / f"job{job_id}", series_files=lambda uid: stored[uid])
         job.work_dir.mkdir()
         sent = [pydicom.dcmread(p) for p in report(job, settings, ct, labels, MODEL).outputs]
@@ -200,8 +200,8 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
     if order == "in-order":  # the baseline's own page, without a comparison: the registry's fractured side
         from reporting.summary import build_summary
 
-        (b_page,) = summaries[str(b_ct.meta["StudyInstanceUID"])]
-        b_vols = VolumeRecord.load(settings.storage_dir / "results" / str(b_ct.meta["SeriesInstanceUID"])
+        (b_page,) = summaries[str(b_ct.header.study_instance_uid)]
+        b_vols = VolumeRecord.load(settings.storage_dir / "results" / str(b_ct.header.series_instance_uid)
                                    / "volumes.json")
         with_side = build_summary(b_ct, b_vols, MODEL, fractured_side="right")
         assert b_page.SOPInstanceUID == with_side.SOPInstanceUID
@@ -219,10 +219,10 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
     else:
         assert sc.InstanceNumber == 1 and "ImageComments" not in sc
 
-    results = settings.storage_dir / "results" / str(f_ct.meta["SeriesInstanceUID"])
-    change = ChangeRecord.load(results / f"change-{b_ct.meta['SeriesInstanceUID']}.json")
+    results = settings.storage_dir / "results" / str(f_ct.header.series_instance_uid)
+    change = ChangeRecord.load(results / f"change-{b_ct.header.series_instance_uid}.json")
     assert change.fractured_side == "right"
-    page = render_page(VolumeRecord.load(results / "volumes.json"), MODEL, f_ct.meta, change)
+    page = render_page(VolumeRecord.load(results / "volumes.json"), MODEL, f_ct.header, change)
     rows, cols = key_images_size(2)
     px = sc.pixel_array
     assert px.shape == (page.shape[0] + rows, cols, 3)

@@ -298,7 +298,7 @@ def test_site_dataset_trains_with_label_maps_in_any_voxel_order(tmp_path: Path) 
     flipped = np.eye(4)
     flipped[:3, :3] = a[:3, :3] @ np.diag([1.0, 1.0, -1.0])  # slices the other way
     flipped[:3, 3] = a[:3, 3] + a[:3, 2] * (lab.shape[2] - 1)
-    save_nifti(Volume(np.ascontiguousarray(lab.array[:, :, ::-1]), flipped, {}), data / "b" / "labels.nii.gz")
+    save_nifti(Volume(np.ascontiguousarray(lab.array[:, :, ::-1]), flipped), data / "b" / "labels.nii.gz")
     cfg = TrainConfig(out=str(tmp_path / "pkg"), checkpoint_dir=str(tmp_path / "ck"), data=str(data),
                       arch=dict(ARCH), steps=1, val_every=1, batch_size=1, threads=1, name="site",
                       version="0.0.1")
@@ -306,7 +306,7 @@ def test_site_dataset_trains_with_label_maps_in_any_voxel_order(tmp_path: Path) 
     assert pkg.meta.provenance["trained_on"]["cases"] == ["a", "b"]
     cache = tmp_path / "ck" / "cache"
     assert np.array_equal(np.load(cache / "a_labels.npy"), np.load(cache / "b_labels.npy"))
-    save_nifti(Volume(lab.array, a @ np.diag([1.0, 1.0, 2.0, 1.0]), {}), data / "b" / "labels.nii.gz")
+    save_nifti(Volume(lab.array, a @ np.diag([1.0, 1.0, 2.0, 1.0])), data / "b" / "labels.nii.gz")
     with pytest.raises(ValueError, match="case b: the label map is not on the CT's grid"):
         train(TrainConfig(**{**cfg.__dict__, "checkpoint_dir": str(tmp_path / "ck2")}), progress=False)
 
@@ -331,12 +331,12 @@ def test_site_labels_are_checked_before_any_cast_and_a_corrected_map_is_cached_a
                       arch=dict(ARCH), name="site", version="0.0.1")
     wrong = np.asarray(lab.array, np.int16)
     wrong[wrong == 3] = 256
-    save_nifti(Volume(wrong, lab.affine, {}), data / "a" / "labels.nii.gz")
+    save_nifti(Volume(wrong, lab.affine), data / "a" / "labels.nii.gz")
     with pytest.raises(ValueError, match="case a: label values 256 are not classes"):
         build_cache(cfg, preprocess_config(cfg))
     cut = np.asarray(lab.array, np.uint8).copy()
     cut[cut == 3] = 0  # an earlier, wrong annotation without vastus lateralis
-    save_nifti(Volume(cut, lab.affine, {}), data / "a" / "labels.nii.gz")
+    save_nifti(Volume(cut, lab.affine), data / "a" / "labels.nii.gz")
     (train_cases, _, _) = build_cache(cfg, preprocess_config(cfg))
     assert 3 not in np.unique(np.load(train_cases[0]["labels"]))
     save_nifti(lab, data / "a" / "labels.nii.gz")  # corrected
@@ -367,10 +367,10 @@ def test_train_check_reads_every_case_and_trains_nothing(tmp_path: Path,
         (data / name / "dicom").symlink_to(data / "a" / "dicom")
     cut = np.asarray(lab.array, np.int16).copy()
     cut[cut == 3] = 0
-    save_nifti(Volume(cut, lab.affine, {}), data / "b_no_vastus" / "labels.nii.gz")
+    save_nifti(Volume(cut, lab.affine), data / "b_no_vastus" / "labels.nii.gz")
     cut[cut == 2] = 256
-    save_nifti(Volume(cut, lab.affine, {}), data / "c_wrong_value" / "labels.nii.gz")
-    save_nifti(Volume(lab.array, lab.affine @ np.diag([1.0, 1.0, 2.0, 1.0]), {}),
+    save_nifti(Volume(cut, lab.affine), data / "c_wrong_value" / "labels.nii.gz")
+    save_nifti(Volume(lab.array, lab.affine @ np.diag([1.0, 1.0, 2.0, 1.0])),
                data / "d_off_grid" / "labels.nii.gz")
     (data / "e_no_ct").mkdir()  # a label map without its CT: one bad case, not the end of the check
     save_nifti(lab, data / "e_no_ct" / "labels.nii.gz")

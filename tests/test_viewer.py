@@ -104,10 +104,10 @@ def patient(tmp_path_factory) -> dict[str, Study]:
     for job_id, (label, opts) in enumerate(variants.items(), start=1):
         ph = make_phantom(opts)
         files = sorted((Path(write_phantom(ph, root / label)) / "dicom").glob("*"))
-        series = str(ph.meta["SeriesInstanceUID"])
+        series = str(ph.header.series_instance_uid)
         out = run_pipeline(JobInput(job_id=job_id, series_instance_uid=series, files=files,
                                     work_dir=root / f"work-{job_id}"), settings)
-        studies[label] = Study(label, str(ph.meta["StudyInstanceUID"]), files, out.outputs,
+        studies[label] = Study(label, str(ph.header.study_instance_uid), files, out.outputs,
                                results_dir(settings, series))
     assert len(studies["follow-up"].outputs) == 4  # SEG, SR, summary, follow-up SR
     return studies

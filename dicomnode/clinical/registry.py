@@ -20,6 +20,7 @@ from typing import Any
 from dicomnode.config import Settings
 from dicomnode.db import opened
 from seg.dates import da_date
+from seg.header import SeriesHeader
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
 from seg.records import FractureType, LeftRight, Reason, ReasonCode, Sex
 
@@ -423,16 +424,16 @@ def resolve(
     )
 
 
-def facts_for(settings: Settings, meta: dict) -> Resolved:
+def facts_for(settings: Settings, header: SeriesHeader) -> Resolved:
     """What the registry and the header say of a series' patient (height with its provenance, never a
     guess; sex; fracture side and type), read once per job: the height, the page's fractured side and
     every output then come from one reading, not from two that an import may fall between."""
     res = resolve(
         settings,
-        str(meta.get("PatientID", "")),
-        str(meta.get("IssuerOfPatientID", "") or ""),
-        meta.get("PatientSex"),
-        meta.get("PatientSize"),
+        header.patient_id or "",
+        header.issuer_of_patient_id or "",
+        header.sex,
+        header.size_m,
     )
     if res.height_m is None and res.height_source.startswith("implausible"):
         log.warning("patient height implausible (%s); no height index", res.height_source)

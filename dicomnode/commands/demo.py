@@ -261,8 +261,8 @@ def make_patient(out: Path, spacing: tuple[float, float, float], seed: int) -> l
         folder = write_phantom(ph, out / label)
         dicom = Path(folder) / "dicom"
         truth = VolumeRecord.load(Path(folder) / "truth" / "volumes.json")
-        studies.append(DemoStudy(label, dicom, str(ph.meta["StudyInstanceUID"]),
-                                 str(ph.meta["SeriesInstanceUID"]), truth, len(list(dicom.glob("*.dcm"))),
+        studies.append(DemoStudy(label, dicom, str(ph.header.study_instance_uid),
+                                 str(ph.header.series_instance_uid), truth, len(list(dicom.glob("*.dcm"))),
                                  implant=bool(opts.postop and opts.implant_side)))
     return studies
 

@@ -186,16 +186,17 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
     from seg.measure import measure_volumes, write_volumes
 
     if record:
-        if settings is None or not ct.source_files:
+        series_uid = ct.header.series_instance_uid
+        if settings is None or not ct.source_files or series_uid is None:
             raise ValueError("--record needs a DICOM series and the node's configuration")
-        out = results_dir(settings, str(ct.meta["SeriesInstanceUID"]))
+        out = results_dir(settings, series_uid)
     labels = run_segment(ct, pkg, progress=progress)
     model_info = pkg.info
     side: LeftRight | None = None
     if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
         rec = measure_volumes(labels, ct, model=model_info)
     else:  # as the node: its clinical registry first, then PatientSize
-        facts = facts_for(settings, ct.meta)
+        facts = facts_for(settings, ct.header)
         side = facts.fractured_side
         rec = measure_volumes(labels, ct, height_m=facts.height_m, height_source=facts.height_source,
                               model=model_info)

@@ -235,8 +235,8 @@ def run_pipeline(job: JobInput, settings: Settings) -> JobOutput:
     except ValueError as exc:  # a header value a library cannot read: its text may quote the value
         log.debug("job %s: the series cannot be read", job.job_id, exc_info=True)
         raise SeriesRejected(f"a header value cannot be read: {error_text(exc)}") from exc
-    if str(ct.meta.get("Modality", "CT")) != "CT":
-        raise SeriesRejected(f"modality {ct.meta.get('Modality')} is not CT")
+    if (ct.header.modality or "CT") != "CT":
+        raise SeriesRejected(f"modality {ct.header.modality} is not CT")
 
     with phases.phase("model load"):  # nothing left to do when the process was warmed up
         model = load_configured_model(settings)
@@ -383,7 +383,7 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
 
     phases = PhaseLog(job.work_dir)
     with phases.phase("measure"):
-        facts = facts_for(settings, ct.meta)
+        facts = facts_for(settings, ct.header)
         record = measure_volumes(labels, ct, height_m=facts.height_m, height_source=facts.height_source,
                                  model=model_info)
     out_dir = results_dir(settings, job.series_instance_uid)
@@ -699,17 +699,18 @@ def _record_for_pairing(settings: Settings, ct: Any, out_dir: Path, seg_ds: Any,
                         sr_ds: Any) -> list[ChangeRecord]:
     from dicomnode.clinical.pairing import ResultRecord, record_result
 
-    meta = ct.meta
-    size = meta.get("PatientSize")
+    header = ct.header
+    if header.study_instance_uid is None or header.series_instance_uid is None:
+        raise ValueError("the series header has no Study or Series Instance UID")  # the store refuses such
     result = ResultRecord(
-        patient_id=str(meta.get("PatientID", "")),
-        issuer_of_patient_id=str(meta.get("IssuerOfPatientID", "") or ""),
-        patient_sex=str(meta.get("PatientSex", "") or ""),
-        patient_size_m=float(size) if size not in (None, "") else None,
-        study_instance_uid=str(meta["StudyInstanceUID"]),
-        study_date=str(meta.get("StudyDate", "") or ""),
-        study_time=str(meta.get("StudyTime", "") or ""),
-        series_instance_uid=str(meta["SeriesInstanceUID"]),
+        patient_id=header.patient_id or "",
+        issuer_of_patient_id=header.issuer_of_patient_id or "",
+        patient_sex=header.sex or "",
+        patient_size_m=header.size_m,
+        study_instance_uid=header.study_instance_uid,
+        study_date=header.study_date or "",
+        study_time=header.study_time or "",
+        series_instance_uid=header.series_instance_uid,
         volumes_json=out_dir / "volumes.json",
         seg_sop_instance_uid=str(seg_ds.SOPInstanceUID),
         sr_sop_instance_uid=str(sr_ds.SOPInstanceUID),

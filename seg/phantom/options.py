@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 from seg import labels as L
+from seg.header import SeriesHeader
 from seg.records import LeftRight
 from seg.volume import Volume
 
@@ -104,7 +105,7 @@ class Phantom:
     labels: Volume
     height_m: float
     sex: str
-    meta: dict
+    header: SeriesHeader
     options: PhantomOptions
     # Per structure label: (left voxels, right voxels) as built, for checking the measured split.
     side_voxels: dict[int, tuple[int, int]] = field(default_factory=dict)

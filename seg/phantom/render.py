@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from seg import labels as L
+from seg.header import SeriesHeader
 from seg.phantom import anatomy as A
 from seg.phantom.options import Phantom, PhantomOptions, Position
 from seg.phantom.patient import SIDES, Item, Patient, build_items, draw_patient, implant_items
@@ -230,9 +231,9 @@ def make_phantom(opts: PhantomOptions) -> Phantom:
     del hu
     side_voxels = _side_voxels(labels, grid)
     ct, labels, affine = _orient(ct, labels, grid, opts.position)
-    meta = _meta(opts, p)
-    return Phantom(ct=Volume(ct, affine.copy(), dict(meta)), labels=Volume(labels, affine.copy(), dict(meta)),
-                   height_m=p.height_m, sex=p.sex, meta=meta, options=opts, side_voxels=side_voxels)
+    header = _header(opts, p)
+    return Phantom(ct=Volume(ct, affine.copy(), header), labels=Volume(labels, affine.copy(), header),
+                   height_m=p.height_m, sex=p.sex, header=header, options=opts, side_voxels=side_voxels)
 
 
 def _rasterise(sc: _Scene) -> tuple[np.ndarray, np.ndarray]:
@@ -526,30 +527,26 @@ def _atrophy_table(opts: PhantomOptions) -> dict[tuple[int, int], float]:
     return {(L.LABEL_OF[n], s): float(f) for n, f in opts.atrophy.items() for s in sides}
 
 
-def _meta(opts: PhantomOptions, p: Patient) -> dict:
+def _header(opts: PhantomOptions, p: Patient) -> SeriesHeader:
+    """What the phantom's DICOM files will say of the patient, study and series."""
     key = opts.key()
-    pid = opts.patient_id or f"PHANTOM{opts.seed:04d}"
-    study_uid = opts.study_uid or derived_uid("phantom-study", key)
-    series_uid = opts.series_uid or derived_uid("phantom-series", key)
     year = int(opts.study_date[:4])
-    meta = {
-        "PatientID": pid,
-        "PatientName": opts.patient_name or f"Phantom^Seed{opts.seed}",
-        "PatientSex": p.sex,
-        "PatientBirthDate": f"{year - p.age:04d}0101",
-        "PatientAge": f"{p.age:03d}Y",
-        "PatientWeight": p.weight_kg,
-        "StudyDate": opts.study_date,
-        "StudyTime": opts.study_time,
-        "StudyInstanceUID": study_uid,
-        "SeriesInstanceUID": series_uid,
-        "FrameOfReferenceUID": derived_uid("phantom-for", key),
-        "Modality": "CT",
-        "PatientPosition": opts.position,
-        "AccessionNumber": opts.accession_number or f"PH{opts.seed:04d}{opts.study_date}",
-        "StudyID": f"{opts.seed % 100000}",
-        "IssuerOfPatientID": "DICOMNODE-PHANTOM",
-    }
-    if opts.write_height:
-        meta["PatientSize"] = p.height_m
-    return meta
+    return SeriesHeader(
+        patient_id=opts.patient_id or f"PHANTOM{opts.seed:04d}",
+        patient_name=opts.patient_name or f"Phantom^Seed{opts.seed}",
+        sex=p.sex,
+        birth_date=f"{year - p.age:04d}0101",
+        patient_age=f"{p.age:03d}Y",
+        weight_kg=p.weight_kg,
+        study_date=opts.study_date,
+        study_time=opts.study_time,
+        study_instance_uid=opts.study_uid or derived_uid("phantom-study", key),
+        series_instance_uid=opts.series_uid or derived_uid("phantom-series", key),
+        frame_of_reference_uid=derived_uid("phantom-for", key),
+        modality="CT",
+        patient_position=opts.position,
+        accession_number=opts.accession_number or f"PH{opts.seed:04d}{opts.study_date}",
+        study_id=f"{opts.seed % 100000}",
+        issuer_of_patient_id="DICOMNODE-PHANTOM",
+        size_m=p.height_m if opts.write_height else None,
+    )

@@ -23,6 +23,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from seg.header import SeriesHeader
 from seg.phantom.options import PHANTOM_VERSION, Phantom
 from seg.phantom.uids import derived_uid
 
@@ -54,12 +55,12 @@ def _instance_order(ph: Phantom) -> list[int]:
 def build_slice(ph: Phantom, k: int, instance: int) -> Dataset:
     """The CT instance for slice k of the phantom's volume: the CT Image IOD, module by module."""
     pos = ph.ct.affine @ np.array([0, 0, k, 1.0])
-    sop_uid = derived_uid("phantom-instance", ph.meta["SeriesInstanceUID"], str(int(round(pos[2] * 1000))))
+    sop_uid = derived_uid("phantom-instance", ph.header.series_instance_uid, str(int(round(pos[2] * 1000))))
     ds = Dataset()
     ds.file_meta = _file_meta(sop_uid)
     _sop_common(ds, sop_uid)
-    _patient(ds, ph.meta)
-    _study(ds, ph.meta)
+    _patient(ds, ph.header)
+    _study(ds, ph.header)
     _series_and_equipment(ds, ph, instance)
     _ct_acquisition(ds, ph)
     _image_plane(ds, ph, pos)
@@ -85,39 +86,39 @@ def _sop_common(ds: Dataset, sop_uid: str) -> None:
     ds.SOPInstanceUID = sop_uid
 
 
-def _patient(ds: Dataset, meta: dict) -> None:
+def _patient(ds: Dataset, header: SeriesHeader) -> None:
     """Patient module (and the study's patient data: age, size, weight)."""
-    ds.PatientName = meta["PatientName"]
-    ds.PatientID = meta["PatientID"]
-    ds.IssuerOfPatientID = meta["IssuerOfPatientID"]
-    ds.PatientBirthDate = meta["PatientBirthDate"]
-    ds.PatientSex = meta["PatientSex"]
-    ds.PatientAge = meta["PatientAge"]
-    if "PatientSize" in meta:
-        ds.PatientSize = _ds_str(meta["PatientSize"])
-    ds.PatientWeight = _ds_str(meta["PatientWeight"])
+    ds.PatientName = header.patient_name
+    ds.PatientID = header.patient_id
+    ds.IssuerOfPatientID = header.issuer_of_patient_id
+    ds.PatientBirthDate = header.birth_date
+    ds.PatientSex = header.sex
+    ds.PatientAge = header.patient_age
+    if header.size_m is not None:
+        ds.PatientSize = _ds_str(header.size_m)
+    ds.PatientWeight = _ds_str(header.weight_kg)
 
 
-def _study(ds: Dataset, meta: dict) -> None:
+def _study(ds: Dataset, header: SeriesHeader) -> None:
     """General Study, with one date and time for the study, series, acquisition and content."""
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = meta["StudyDate"]
-    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = meta["StudyTime"]
-    ds.AccessionNumber = meta["AccessionNumber"]
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = header.study_date
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = header.study_time
+    ds.AccessionNumber = header.accession_number
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT hip and thigh (synthetic phantom)"
-    ds.StudyInstanceUID = meta["StudyInstanceUID"]
-    ds.StudyID = meta["StudyID"]
+    ds.StudyInstanceUID = header.study_instance_uid
+    ds.StudyID = header.study_id
 
 
 def _series_and_equipment(ds: Dataset, ph: Phantom, instance: int) -> None:
     """General Series, General Equipment and General Image (numbers, descriptions, who made it)."""
     opts, dz = ph.options, ph.ct.spacing_mm[2]
     ds.Modality = "CT"
-    ds.SeriesInstanceUID = ph.meta["SeriesInstanceUID"]
+    ds.SeriesInstanceUID = ph.header.series_instance_uid
     ds.SeriesNumber = opts.series_number
     ds.SeriesDescription = f"Phantom seed {opts.seed} {'post-op' if opts.postop else 'pre-op'} {dz:g}mm"
     ds.BodyPartExamined = "HIP"
-    ds.PatientPosition = ph.meta["PatientPosition"]
+    ds.PatientPosition = ph.header.patient_position
     ds.Manufacturer = "dicomnode synthetic phantom"
     ds.InstitutionName = "Synthetic"
     ds.StationName = "PHANTOM"
@@ -150,7 +151,7 @@ def _image_plane(ds: Dataset, ph: Phantom, pos: np.ndarray) -> None:
     dx, dy, dz = ph.ct.spacing_mm
     row_dir = aff[:3, 0] / dx
     col_dir = aff[:3, 1] / dy
-    ds.FrameOfReferenceUID = ph.meta["FrameOfReferenceUID"]
+    ds.FrameOfReferenceUID = ph.header.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.ImagePositionPatient = [_ds_str(v) for v in pos[:3]]
     ds.ImageOrientationPatient = [_ds_str(v) for v in (*row_dir, *col_dir)]
@@ -212,9 +213,9 @@ def write_phantom(ph: Phantom, out_dir: Path | str,
         "options": asdict(ph.options),
         "sex": ph.sex,
         "height_m": ph.height_m,
-        "series_instance_uid": ph.meta["SeriesInstanceUID"],
-        "study_instance_uid": ph.meta["StudyInstanceUID"],
-        "patient_id": ph.meta["PatientID"],
+        "series_instance_uid": ph.header.series_instance_uid,
+        "study_instance_uid": ph.header.study_instance_uid,
+        "patient_id": ph.header.patient_id,
         "side_voxels": {str(k): v for k, v in ph.side_voxels.items()},
         "transfer_syntax": str(ts),
     }
