@@ -36,8 +36,8 @@ from reporting.sr import (
     METER,
     MM,
     PERCENT,
-    algorithm_id,
     coverage,
+    group_header,
     key_sections,
     max_area,
     metal_evaluation,
@@ -56,10 +56,9 @@ from reporting.uids import (
     source_header,
     tracking_label,
     tracking_subject,
-    tracking_uid,
 )
 from seg.dates import display_date
-from seg.labels import ANALYSED_MUSCLES, by_name
+from seg.labels import ANALYSED_MUSCLES
 from seg.records import ChangeFigures, ChangeRecord, ModelInfo, SideTotalChange, StructureChange, TotalChange
 from seg.volume import Volume
 
@@ -106,22 +105,15 @@ def _group(subject: str, entry: StructureChange, height_m: float | None, time_po
            ct: Volume, section: Section | None, model_info: ModelInfo, rules: ReportingRules = RULES,
            ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     """TID 1501 group of one structure side; ``section``: its largest cross-section at follow-up."""
-    name, side = entry.name, entry.side
-    s = by_name(name)
-    code = codes.structure_code(s)
     measurements = _measurements(entry, height_m, rules)
     if not measurements:
         return None
     measurements.append(max_area(section, rules) if section is not None else coverage(ct, rules=rules))
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, name, side),
-                                                     identifier=tracking_label(name, side)),
+        **group_header(subject, entry.name, entry.side, model_info),
         time_point_context=time_point,
-        finding_type=code,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=code, laterality=codes.laterality_code(side))],
-        algorithm_id=algorithm_id(model_info),
         measurements=measurements,
-    ), tracking_label(name, side))
+    ), tracking_label(entry.name, entry.side))
 
 
 def _total_group(subject: str, total: TotalChange | SideTotalChange, height_m: float | None,
@@ -136,17 +128,11 @@ def _total_group(subject: str, total: TotalChange | SideTotalChange, height_m: f
         return None
     measurements.append(coverage(ct, rules=rules))
     side = total.side if isinstance(total, SideTotalChange) else "both"
-    label = tracking_label(TOTAL, side)
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, TOTAL, side),
-                                                     identifier=label),
+        **group_header(subject, TOTAL, side, model_info),
         time_point_context=time_point,
-        finding_type=codes.ANALYSED_MUSCLES,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.ANALYSED_MUSCLES,
-                                         laterality=codes.laterality_code(side))],
-        algorithm_id=algorithm_id(model_info),
         measurements=measurements,
-    ), label)
+    ), tracking_label(TOTAL, side))
 
 
 def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointContext, ct: Volume,

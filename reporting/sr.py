@@ -263,10 +263,11 @@ class _GroupHeader(TypedDict):
     algorithm_id: hd.sr.AlgorithmIdentification
 
 
-def _group_header(subject: str, name: str, side: str, model_info: ModelInfo) -> _GroupHeader:
-    """What every group about one structure side starts with: its tracking identifier and UID (the
-    same for the patient's muscle in every study), finding type and site (with laterality), algorithm."""
-    code = codes.structure_code(name)
+def group_header(subject: str, name: str, side: str, model_info: ModelInfo) -> _GroupHeader:
+    """What every group about one structure side, or the 21 analysed muscles' total (``name`` =
+    :data:`reporting.uids.TOTAL`), starts with, in both SRs: its tracking identifier and UID (the same
+    for the patient's muscle in every study), finding type and site (with laterality), algorithm."""
+    code = codes.ANALYSED_MUSCLES if name == TOTAL else codes.structure_code(name)
     return _GroupHeader(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, name, side),
                                                      identifier=tracking_label(name, side)),
@@ -290,7 +291,7 @@ def volume_group(subject: str, seg: Dataset, series_uid: str, number: int, name:
         measurements.append(hd.sr.Measurement(name=codes.VOLUME_INDEX, unit=CM3_PER_M2,
                                               value=rounded(volume / height_m**2, rules.index_decimals)))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        **_group_header(subject, name, side, model_info),
+        **group_header(subject, name, side, model_info),
         referenced_segment=_referenced_segment(seg, number, series_uid),
         measurements=measurements,
     )
@@ -302,7 +303,7 @@ def section_group(subject: str, name: str, side: str, section: Section, model_in
     groups by UID, as OHIF does, show one muscle): its maximal cross-sectional area and outline,
     named for viewers (the volume group has no coordinates, so viewers draw this one)."""
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        **_group_header(subject, name, side, model_info),
+        **group_header(subject, name, side, model_info),
         measurements=[max_area(section, rules)],
     ), tracking_label(name, side))
 
@@ -317,7 +318,7 @@ def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: 
     qualitative evaluation.
     """
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        **_group_header(subject, name, side, model_info),
+        **group_header(subject, name, side, model_info),
         measurements=[coverage(ct, rules=rules)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
     ), f"{tracking_label(name, side)} not found")
@@ -329,7 +330,6 @@ def total_group(subject: str, side: Side, volume_cm3: float, height_m: float | N
     """TID 1501 group of the paper's 21 analysed muscles together on one side (or both): the total
     its Table 2 compares by fracture type, with its height index; located by the scanned extent,
     which the total depends on."""
-    label = tracking_label(TOTAL, side)
     measurements = [hd.sr.Measurement(name=codes.VOLUME, value=rounded(volume_cm3, rules.volume_decimals),
                                       unit=CM3)]
     if height_m:
@@ -337,14 +337,9 @@ def total_group(subject: str, side: Side, volume_cm3: float, height_m: float | N
                                               value=rounded(volume_cm3 / height_m**2, rules.index_decimals)))
     measurements.append(coverage(ct, rules=rules))
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject, TOTAL, side),
-                                                     identifier=label),
-        finding_type=codes.ANALYSED_MUSCLES,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.ANALYSED_MUSCLES,
-                                         laterality=codes.laterality_code(side))],
-        algorithm_id=algorithm_id(model_info),
+        **group_header(subject, TOTAL, side, model_info),
         measurements=measurements,
-    ), label)
+    ), tracking_label(TOTAL, side))
 
 
 def _series_uid(ct: Volume, src0: Dataset | None) -> str:
