@@ -203,3 +203,22 @@ def test_dciodvfy_accepts_instances(tmp_path: Path, ts: str) -> None:
     out = res.stdout + res.stderr
     assert "CTImage" in out
     assert "Error" not in out, out
+
+
+@pytest.mark.parametrize("ts", ["rle", "jpegls", "j2k"])
+def test_compressed_series_keep_the_phantoms_uids(tmp_path: Path, ts: str) -> None:
+    """The same options give the same UIDs in every transfer syntax: the compressed slices are the
+    uncompressed ones' instances (lossless), not new random UIDs on every write."""
+    ph = make_phantom(PhantomOptions(seed=2, spacing_mm=(6.0, 6.0, 10.0), z_range_mm=(-20, 20)))
+
+    def uids(folder: Path) -> list[str]:
+        return [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                for f in sorted((folder / "dicom").glob("*.dcm"))]
+
+    write_phantom(ph, tmp_path / "plain")
+    write_phantom(ph, tmp_path / "a", ts)
+    write_phantom(ph, tmp_path / "b", ts)
+    assert uids(tmp_path / "a") == uids(tmp_path / "b") == uids(tmp_path / "plain")
+    first = pydicom.dcmread(sorted((tmp_path / "a" / "dicom").glob("*.dcm"))[0])
+    assert first.file_meta.MediaStorageSOPInstanceUID == first.SOPInstanceUID
+

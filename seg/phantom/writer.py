@@ -199,7 +199,10 @@ def write_phantom(ph: Phantom, out_dir: Path | str,
         ds = build_slice(ph, k, n)
         if ts != ExplicitVRLittleEndian:
             arr = ds.PixelData
-            ds.compress(ts, np.frombuffer(arr, np.uint16).reshape(ds.Rows, ds.Columns))
+            # lossless: the instance keeps its UID (pydicom gives a new random one by default, so every
+            # write of a compressed phantom named its slices anew, against the options' promise)
+            ds.compress(ts, np.frombuffer(arr, np.uint16).reshape(ds.Rows, ds.Columns),
+                        generate_instance_uid=False)
         ds.save_as(dicom_dir / f"CT{n:04d}.dcm", enforce_file_format=True)
     save_nifti(ph.labels, truth / "labels.nii.gz")
     record = measure_volumes(
