@@ -1,12 +1,14 @@
-"""Shared fixtures: free ports, a settings object on a temporary storage folder."""
+"""Shared fixtures: free ports, a settings object on a temporary storage folder, an empty index."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dicomnode.config import Settings
+from dicomnode.db import Database
 from dicomnode.harness.net import free_port
 
 
@@ -15,3 +17,11 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(storage_dir=tmp_path / "var", port=free_port(), stable_seconds=1.0, host="127.0.0.1",
                     # disk back-pressure off here; tests/test_disk_pressure.py turns it on
                     min_free_disk_mb=0, max_disk_used_pct=100)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    """An empty index (schema made, no rows) of this test's own."""
+    database = Database(tmp_path / "index.sqlite")
+    yield database
+    database.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,6 @@ from dicomnode.processing.queue import JobQueue, SQLiteJobQueue
 
 S = JobState
 T0 = 1_000_000.0
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(tmp_path / "index.sqlite")
-    yield database
-    database.close()
 
 
 def job_in(db: Database, state: JobState, series: str = "1.2.3") -> int:

@@ -4,10 +4,7 @@ writer of outbox rows."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 import dicomnode
 from dicomnode.db import Database
@@ -15,13 +12,6 @@ from dicomnode.processing import jobs, outbox
 from dicomnode.processing.outbox import OutboxState
 
 T0 = 1_000_000.0
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(tmp_path / "index.sqlite")
-    yield database
-    database.close()
 
 
 def states(db: Database) -> dict[str, tuple[str, int, str | None]]:
