@@ -13,10 +13,6 @@ setup:
 node:
 	bash scripts/setup.sh --node
 
-# a production host: the node alone (no Debian packages, viewer or test tools)
-node:
-	bash scripts/setup.sh --node
-
 demo: setup
 	$(VENV)/bin/dicomnode demo
 

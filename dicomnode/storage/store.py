@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 # A UID the store files an instance under (its folder and file names are built from it): digits in
 # dot-separated components (PS3.5 9.1), at most 64 characters (checked beside it). validate.UID_SHAPE
 # is the loose one: which values a refusal may quote.
-FILING_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+FILING_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
 FILE_MODE = 0o640  # instance files (PHI): owner and the service group only
@@ -226,7 +226,7 @@ def _info(text: Callable[[int], str], sop_class: str, transfer_syntax: str, call
     )
     for name in ("sop_uid", "study_uid", "series_uid"):
         value = getattr(info, name)
-        if not value or len(value) > 64 or not FILING_UID.match(value):
+        if not value or len(value) > 64 or not FILING_UID.fullmatch(value):
             label = name.replace("_", " ").replace("sop", "SOP")
             raise StoreError(f"missing or invalid {label} {shown(value, UID_SHAPE)}")  # no patient data
     return info
