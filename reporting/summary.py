@@ -22,9 +22,9 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
-from pydicom.valuerep import PersonName
 
 from reporting.change import days_since_surgery, laterality_conflict
+from reporting.page_name import page_name
 from reporting.rules import RULES, is_found, shown_change
 from reporting.seg import algorithm_name, series_description
 from reporting.uids import (
@@ -133,8 +133,8 @@ def _who(header: SeriesHeader, age_years: int | None) -> str:
     """Whom the page is about, as a reader checks a printed or misfiled page against the patient: ID,
     name, sex and age, accession number (each only when the CT's header has it)."""
     parts = [f"Patient ID: {header.patient_id or 'unknown'}"]
-    if name := (header.patient_name or "").strip():
-        parts.append(f"Name: {PersonName(name).family_comma_given()[:40]}")
+    if (name := page_name(header.patient_name)) is not None:
+        parts.append(f"Name: {name.text}")
     if sex := (header.sex or "").strip():
         parts.append(f"Sex: {sex}")
     if age_years is not None:
@@ -272,8 +272,10 @@ def page_figure(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHead
     ax.text(_MARGIN, _MARGIN, "Thigh muscle volumes (CT)", color="white", fontsize=16, weight="bold",
             va="top")
     y = _MARGIN + _TITLE_H
+    name = page_name(header.patient_name)  # a name in a script the page's font lacks: a font that has it
+    family = name.families() if name is not None else None
     for text, size, colour in lines:
-        ax.text(_MARGIN, y, text, color=colour, fontsize=size, va="top")
+        ax.text(_MARGIN, y, text, color=colour, fontsize=size, va="top", fontfamily=family)
         y += _LINE_H
     for w in warnings or ["QA: no warnings"]:
         ax.text(_MARGIN, y, ("⚠ " if warnings else "") + w, color="#ffcc00" if warnings else "#88dd88",
