@@ -275,11 +275,12 @@ def page_figure(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHead
     name = page_name(header.patient_name)  # a name in a script the page's font lacks: a font that has it
     family = name.families() if name is not None else None
     for text, size, colour in lines:
-        ax.text(_MARGIN, y, text, color=colour, fontsize=size, va="top", fontfamily=family)
+        # header values are text: a "$" pair in a name or accession is no matplotlib formula
+        ax.text(_MARGIN, y, text, color=colour, fontsize=size, va="top", fontfamily=family, parse_math=False)
         y += _LINE_H
     for w in warnings or ["QA: no warnings"]:
         ax.text(_MARGIN, y, ("⚠ " if warnings else "") + w, color="#ffcc00" if warnings else "#88dd88",
-                fontsize=11, va="top")
+                fontsize=11, va="top", parse_math=False)
         y += _LINE_H
     bottom = _draw_table(ax, y + 12, heads, rows)
     if change:
@@ -444,7 +445,7 @@ def key_images_figure(studies: list[KeyStudy], operated_side: LeftRight | None =
     for r, study in enumerate(studies):
         bottom = (_LEGEND_IN + _ROW_IN * (len(studies) - 1 - r)) / height
         fig.text(0.01, bottom + _ROW_IN / height / 2, study.caption, color="white", fontsize=10,
-                 rotation=90, va="center")
+                 rotation=90, va="center", parse_math=False)
         for c, (title, ct2d, lab2d, aspect) in enumerate(_planes(study)):
             ax = fig.add_axes((0.04 + c * 0.24, bottom + 0.02 / height, 0.23,
                                (_ROW_IN - 0.3) / height))

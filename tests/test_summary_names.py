@@ -120,3 +120,13 @@ def test_a_font_matplotlib_has_draws_what_the_pages_font_lacks(phantom, tmp_path
 def test_no_name_shows_no_name_field():
     assert page_name(None) is None and page_name("") is None and page_name("==") is None
     assert page_name("Hong").text == "Hong" and page_name("^Gildong").text == "Gildong"
+
+
+def test_dollar_signs_in_a_name_are_drawn_as_written(phantom, tmp_path):
+    """A header value with two "$" is text, not a matplotlib formula: "${$" would stop the page's
+    build with a mathtext parse error, and "$x_2$" would be drawn as a formula."""
+    ct, vols = _named_series(phantom, tmp_path, "ISO_IR 192", "Smith${$^Jo$x_2$")
+    fig = page_figure(vols, MODEL, ct.header)
+    who = next(t for t in fig.axes[0].texts if t.get_text().startswith("Patient ID: "))
+    assert "Name: Smith${$, Jo$x_2$" in who.get_text()
+    rasterise(fig)  # raised ValueError (mathtext) before the header lines were drawn as plain text
