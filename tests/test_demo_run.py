@@ -25,6 +25,7 @@ from rich.console import Console
 
 from dicomnode.commands import demo
 from dicomnode.commands.common import model_lines
+from dicomnode.harness.net import free_port
 from seg.package import DEMO_STATEMENT
 from seg.records import ChangeRecord, ModelInfo, StructureChange, StructureVolume, TotalChange, VolumeRecord
 
@@ -218,8 +219,10 @@ def test_the_view_command_runs_the_same_demo_again(monkeypatch: pytest.MonkeyPat
 
     seen: dict = {}
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: seen.update(k) or 0)
-    given = ["--out", "run 2", "--seed", "3", "--timeout", "600", "--no-view"]
-    for args, again in ((given, "demo --out 'run 2' --seed 3 --timeout 600 --view"), ([], "demo --view")):
+    port = free_port()  # a chosen port is repeated as typed (--node-port, not --node_port)
+    given = ["--out", "run 2", "--seed", "3", "--timeout", "600", "--node-port", str(port), "--no-view"]
+    for args, again in ((given, f"demo --out 'run 2' --seed 3 --timeout 600 --node-port {port} --view"),
+                        ([], "demo --view")):
         assert CliRunner().invoke(app, ["demo", *args]).exit_code == 0
         assert demo.again_with_view("dicomnode", list(seen["options"])) == f"dicomnode {again}"
 

@@ -29,8 +29,9 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from dicomnode.commands.common import cell, model_lines, spacing_option
-from dicomnode.harness.net import free_port, stop_process, wait_for
+from dicomnode.commands.common import cell, echo_problems, model_lines, spacing_option
+from dicomnode.commands.demo_ports import DemoPorts, PortError, claim_ports
+from dicomnode.harness.net import stop_process, wait_for
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
 from seg.dates import as_date
@@ -80,7 +81,7 @@ class LocalPacs:
 
     name = "local store SCP"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, port: int) -> None:
         from dicomnode.harness.capture import CapturingSCP
         from dicomnode.network.scp import transfer_syntaxes
         from dicomnode.network.sop import SEG_CLASSES
@@ -89,7 +90,7 @@ class LocalPacs:
         self.aet = PACS_AET
         self._objects: list[Received] = []
         # the compressed syntaxes too: the node sends its SEG in RLE (or JPEG-LS), as it is stored
-        self._scp = CapturingSCP(self.aet, on_dataset=self._save, keep=False,
+        self._scp = CapturingSCP(self.aet, port, on_dataset=self._save, keep=False,
                                  extra_contexts=tuple(SEG_CLASSES), transfer_syntaxes=transfer_syntaxes())
         self.dicom_port = self._scp.port
         self.labels: dict[str, str] = {}  # StudyInstanceUID -> folder name (pre-op, follow-up)
@@ -117,14 +118,16 @@ class LocalPacs:
 
 
 class OrthancPacs:
-    """Orthanc with the shipped configuration and routing script (the harness's), on free loopback ports."""
+    """Orthanc with the shipped configuration and routing script (the harness's), on the demo's loopback
+    ports."""
 
     name = "Orthanc"
 
-    def __init__(self, folder: Path, node_port: int) -> None:
+    def __init__(self, folder: Path, ports: DemoPorts) -> None:
         from dicomnode.harness.orthanc import OrthancServer
 
-        self.server = OrthancServer(folder, aet=PACS_AET, node_aet=NODE_AET, node_port=node_port,
+        self.server = OrthancServer(folder, aet=PACS_AET, node_aet=NODE_AET, node_port=ports.node,
+                                    dicom_port=ports.pacs, http_port=ports.orthanc_http,
                                     extra={"Name": "dicomnode-demo"})
         self.aet = PACS_AET
         self.dicom_port = self.server.dicom_port
@@ -514,6 +517,11 @@ def _as_typed(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _flag(name: str) -> str:
+    """A parameter's option as typed: ``node_port`` is ``--node-port``."""
+    return "--" + name.replace("_", "-")
+
+
 def again_with_view(cli: str, options: list[str]) -> str:
     """The command that runs this demo again, as it was asked for, and keeps the viewer open.
 
@@ -524,12 +532,13 @@ def again_with_view(cli: str, options: list[str]) -> str:
 
 
 def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], keep_open: bool,
-                   again: str = "dicomnode demo --view") -> None:
+                   again: str = "dicomnode demo --view", port: int | None = None) -> None:
     """Print the URL of each study in a browser viewer; with ``keep_open``, serve them until Ctrl-C.
 
     OHIF (npm ``@ohif/app``, served by the harness in front of Orthanc's DICOMweb) when set up, and
-    always Orthanc's own Explorer. Orthanc and the viewer live only as long as the demo, so without
-    ``keep_open`` no URL is printed (it would be dead when read), only the command that keeps them.
+    always Orthanc's own Explorer (the viewer on ``port``, else a free one). Orthanc and the viewer
+    live only as long as the demo, so without ``keep_open`` no URL is printed (it would be dead when
+    read), only the command that keeps them.
     """
     from dicomnode.harness.viewer import ViewerServer, ohif_dist
 
@@ -538,7 +547,7 @@ def show_in_viewer(console: Any, pacs: OrthancPacs, studies: list[DemoStudy], ke
         console.print(f"    {again}", highlight=False, markup=False, soft_wrap=True)
         return
     server = pacs.server
-    viewer = ViewerServer(server.url).start() if ohif_dist() and server.has_dicomweb else None
+    viewer = ViewerServer(server.url, port=port).start() if ohif_dist() and server.has_dicomweb else None
     try:
         for study in studies:
             # one unbroken line per URL (soft_wrap): a folded URL cannot be copied or clicked
@@ -571,7 +580,7 @@ class _DemoRun:
     out: Path
     console: Any
     started: float  # time.monotonic() at the start: steps are printed against it
-    node_port: int
+    ports: DemoPorts
     config: Path
     pacs: LocalPacs | OrthancPacs
     cli: str
@@ -586,15 +595,19 @@ class _DemoRun:
             raise DemoError(f"the node exited ({self.node.returncode}); see {self.out / 'node.log'}")
 
 
-def _make_pacs(kind: PacsKind, out: Path, node_port: int) -> LocalPacs | OrthancPacs:
-    """Orthanc when asked for or (auto) installed, else the local store SCP; not started yet."""
-    use_orthanc = kind == PacsKind.ORTHANC or (kind == PacsKind.AUTO and OrthancPacs.available())
+def uses_orthanc(kind: PacsKind) -> bool:
+    """Whether the PACS is Orthanc: asked for, or (auto) installed; else the local store SCP."""
     if kind == PacsKind.ORTHANC and not OrthancPacs.available():
         raise DemoError("--pacs orthanc: Orthanc is not installed (apt-get install orthanc)")
-    if use_orthanc:
+    return kind == PacsKind.ORTHANC or (kind == PacsKind.AUTO and OrthancPacs.available())
+
+
+def _make_pacs(kind: PacsKind, out: Path, ports: DemoPorts) -> LocalPacs | OrthancPacs:
+    """Orthanc when asked for or (auto) installed, else the local store SCP; not started yet."""
+    if uses_orthanc(kind):
         (out / "orthanc").mkdir()
-        return OrthancPacs(out / "orthanc", node_port)
-    return LocalPacs(out / "pacs")
+        return OrthancPacs(out / "orthanc", ports)
+    return LocalPacs(out / "pacs", ports.pacs)
 
 
 def _make_studies(run: _DemoRun, spacing: tuple[float, float, float],
@@ -627,10 +640,10 @@ def _start_node(run: _DemoRun) -> None:
 
     def node_up() -> bool:
         run.check_node()
-        return echo("127.0.0.1", run.node_port, NODE_AET)
+        return echo("127.0.0.1", run.ports.node, NODE_AET)
 
     wait_for(node_up, 120, interval=0.5, what="the node to answer C-ECHO", error=DemoError)
-    run.step(f"node {NODE_AET} is up on port {run.node_port}, its log:", shown(run.out / "node.log"))
+    run.step(f"node {NODE_AET} is up on port {run.ports.node}, its log:", shown(run.out / "node.log"))
 
 
 def _send_and_wait(run: _DemoRun, study: DemoStudy, followup: bool, timeout: float) -> None:
@@ -639,7 +652,7 @@ def _send_and_wait(run: _DemoRun, study: DemoStudy, followup: bool, timeout: flo
     if isinstance(run.pacs, OrthancPacs):
         target_port, target_aet, route = run.pacs.dicom_port, run.pacs.aet, "Orthanc (routed on to the node)"
     else:
-        target_port, target_aet, route = run.node_port, NODE_AET, "the node"
+        target_port, target_aet, route = run.ports.node, NODE_AET, "the node"
     t0 = time.monotonic()
     try:
         n = send_series(study.folder, target_port, target_aet, calling_aet=SCANNER_AET)
@@ -676,22 +689,23 @@ def _print_all(run: _DemoRun, pre: DemoStudy, post: DemoStudy, view: bool, optio
     if isinstance(run.pacs, OrthancPacs):
         console.rule("Open a study in a viewer")
         again = again_with_view(run.cli, list(options))
-        show_in_viewer(console, run.pacs, [pre, post], keep_open=view, again=again)
+        show_in_viewer(console, run.pacs, [pre, post], keep_open=view, again=again, port=run.ports.viewer)
 
 
 def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float], seed: int, timeout: float,
              console: Any, model: Path | None = None, view: bool = False,
-             options: tuple[str, ...] = ()) -> int:
-    """The demo; ``options``: the command-line options it was run with (other than the view's)."""
+             options: tuple[str, ...] = (), ports: DemoPorts | None = None) -> int:
+    """The demo; ``options``: the command-line options it was run with (other than the view's);
+    ``ports``: its listeners' (default: free ones)."""
     started = time.monotonic()
+    ports = ports or claim_ports()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    node_port = free_port()
-    pacs = _make_pacs(pacs_kind, out, node_port)
-    config = write_node_config(out / "node.toml", port=node_port, storage=out / "node",
+    pacs = _make_pacs(pacs_kind, out, ports)
+    config = write_node_config(out / "node.toml", port=ports.node, storage=out / "node",
                                pacs_port=pacs.dicom_port, model=model)
-    run = _DemoRun(out=out, console=console, started=started, node_port=node_port, config=config, pacs=pacs,
+    run = _DemoRun(out=out, console=console, started=started, ports=ports, config=config, pacs=pacs,
                    cli=cli_command())
     try:
         pre, post = _make_studies(run, spacing, seed)
@@ -707,6 +721,21 @@ def run_demo(out: Path, pacs_kind: PacsKind, spacing: tuple[float, float, float]
     finally:
         stop_process(run.node)
         pacs.stop()
+
+
+def _chosen_ports(kind: PacsKind, node: int | None, pacs: int | None, orthanc_http: int | None,
+                  viewer: int | None) -> DemoPorts:
+    """The ports the options chose, checked before anything is replaced or started; a taken one (or an
+    Orthanc port without Orthanc) ends the command with exit 2 and the option that moves it."""
+    try:
+        if not uses_orthanc(kind) and (orthanc_http or viewer):
+            option = "--orthanc-http-port" if orthanc_http else "--viewer-port"
+            raise PortError(f"{option}: the PACS is the local store SCP, which has no web port "
+                            "(Orthanc is not installed, or --pacs local)")
+        return claim_ports(node=node, pacs=pacs, orthanc_http=orthanc_http, viewer=viewer)
+    except (PortError, DemoError) as exc:
+        echo_problems(str(exc))
+        raise typer.Exit(2) from exc
 
 
 def register(app: typer.Typer) -> None:
@@ -728,6 +757,15 @@ def register(app: typer.Typer) -> None:
         view: Annotated[bool | None, typer.Option(
             "--view/--no-view", help="Keep Orthanc and the OHIF viewer open until Ctrl-C "
             "(default: when run in a terminal).")] = None,
+        node_port: Annotated[int | None, typer.Option(
+            min=1, max=65535, help="The node's DICOM port (default: a free one).")] = None,
+        pacs_port: Annotated[int | None, typer.Option(
+            min=1, max=65535, help="The PACS's DICOM port: Orthanc's or the local store SCP's "
+            "(default: a free one).")] = None,
+        orthanc_http_port: Annotated[int | None, typer.Option(
+            min=1, max=65535, help="Orthanc's HTTP port, REST and Explorer (default: a free one).")] = None,
+        viewer_port: Annotated[int | None, typer.Option(
+            min=1, max=65535, help="The OHIF viewer's HTTP port with --view (default: a free one).")] = None,
     ) -> None:
         """Run the main job: node + PACS, a phantom patient pre-op and follow-up, volumes and change."""
         from rich.console import Console
@@ -740,6 +778,7 @@ def register(app: typer.Typer) -> None:
             except ModelPackageError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--model") from exc
 
+        ports = _chosen_ports(pacs, node_port, pacs_port, orthanc_http_port, viewer_port)
         console = Console()
         console.rule(f"dicomnode demo — {dt.datetime.now():%Y-%m-%d %H:%M}")
         try:
@@ -747,9 +786,9 @@ def register(app: typer.Typer) -> None:
             # as typed (typer 0.29 has its own click, so the source is compared by name)
             options = tuple(x for name, value in ctx.params.items() if name != "view"
                             and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
-                            for x in (f"--{name}", _as_typed(getattr(value, "value", value))))
+                            for x in (_flag(name), _as_typed(getattr(value, "value", value))))
             code = run_demo(out.resolve(), pacs, spacing_option(spacing), seed, timeout, console, model,
-                            view=keep_open, options=options)
+                            view=keep_open, options=options, ports=ports)
         except DemoError as exc:
             console.print(f"[red]demo failed:[/] {exc}")
             raise typer.Exit(1) from exc

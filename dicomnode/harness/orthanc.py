@@ -51,13 +51,14 @@ class OrthancServer:
         lua_scripts: Iterable[Path] | None = (ROUTE_LUA,),
         extra: dict[str, Any] | None = None,
         dicom_port: int | None = None,
+        http_port: int | None = None,
         dicomweb: bool = True,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
-        self.http_port = free_port()
+        self.http_port = http_port or free_port()
         self.node_aet = node_aet
         self.node_port = node_port if node_port is not None else free_port()
         self.config_path = self.workdir / "orthanc.json"
