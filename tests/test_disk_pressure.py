@@ -9,6 +9,7 @@ in-process listener whose guard reads a volume that fills up and empties while a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ from dicomnode.db import Database
 from dicomnode.external import dcmtk_tool
 from dicomnode.network.scp import StorageSCP
 from dicomnode.network.status import OUT_OF_RESOURCES
-from dicomnode.storage.diskspace import DiskGuard, DiskSpace, judge, read_space
+from dicomnode.sizefmt import mb_text, percent_text, size_text
+from dicomnode.storage.diskspace import DiskGuard, DiskSpace, describe, judge, read_space
 from dicomnode.storage.store import Store
 
 TRANSIENT_CONGESTION = (0x02, 0x03, 0x01)  # rejected-transient, service provider (presentation), congestion
@@ -79,7 +81,7 @@ def test_guard_enters_and_leaves_the_low_state_logging_once_each(caplog: pytest.
     assert guard.refusal() is None, "a reading is reused for the interval"
     disk.now += 1.0
     reason = guard.refusal()
-    assert reason == "disk low: 1000 MB free < min_free_disk_mb 2048" and guard.low
+    assert reason == "disk low: 1.00 GB free < min_free_disk_mb (2.05 GB)" and guard.low
     assert len(reason) <= 64  # fits an ErrorComment whole
     for _ in range(5):  # ... stays full: refused, not logged again
         disk.now += 1.0
@@ -96,8 +98,8 @@ def test_guard_enters_and_leaves_the_low_state_logging_once_each(caplog: pytest.
 
 @pytest.mark.parametrize(("free_mb", "used_pct", "reason"), [
     (3000, 50.0, None),
-    (1000, 50.0, "disk low: 1000 MB free < min_free_disk_mb 2048"),
-    (3000, 95.5, "disk low: 95.5% used > max_disk_used_pct 90"),
+    (1000, 50.0, "disk low: 1.00 GB free < min_free_disk_mb (2.05 GB)"),
+    (3000, 95.5, "disk low: 95.5 % used > max_disk_used_pct (90.0 %)"),
     (2048, 90.0, None),  # at the thresholds: not yet low
 ])
 def test_the_operations_page_shows_low_exactly_when_the_guard_refuses(free_mb: int, used_pct: float,
@@ -108,6 +110,55 @@ def test_the_operations_page_shows_low_exactly_when_the_guard_refuses(free_mb: i
     space = DiskSpace(free_bytes=free_mb * 1_000_000, used_pct=used_pct)
     assert judge(space, 2048, 90) == reason
     assert Disk(space, 2048, 90).low is (reason is not None)
+
+
+@pytest.mark.parametrize(("n_bytes", "text"), [
+    (0, "0 B"), (999, "999 B"), (1000, "1.00 kB"), (45_610_000, "45.6 MB"), (2_048_000_000, "2.05 GB"),
+    (2_000_000_000, "2.00 GB"), (9_999_000_000, "10.0 GB"), (512_300_000_000, "512 GB"),
+    (999_700_000_000, "1.00 TB"),
+])
+def test_sizes_read_in_three_digits_and_decimal_units(n_bytes: int, text: str) -> None:
+    """A threshold of 2048 MB and 2000 MB free read apart (the page's one decimal made both "2.0 GB")."""
+    assert size_text(n_bytes) == text
+
+
+def test_one_format_for_the_disk_in_the_refusal_the_status_line_and_the_page(db: Database,
+                                                                             tmp_path: Path) -> None:
+    """The same reading and thresholds read alike wherever they are printed: the refusal read
+    "1000 MB free < min_free_disk_mb 2048" and "95.5% used", the page "1.0 GB" and "min 2048 MB"."""
+    from dicomnode.ops.page import page_data, templates
+    from dicomnode.processing.jobs import JobState
+
+    space = DiskSpace(free_bytes=1_234_000_000, used_pct=95.5)
+    free, least, used, most = size_text(1_234_000_000), mb_text(2048), percent_text(95.5), percent_text(90)
+    assert (free, least, used, most) == ("1.23 GB", "2.05 GB", "95.5 %", "90.0 %")
+    assert judge(space, 2048, 100) == f"disk low: {free} free < min_free_disk_mb ({least})"
+    assert judge(space, 0, 90) == f"disk low: {used} used > max_disk_used_pct ({most})"
+    assert describe(space, 2048, 90) == (f"{free} free (min {least}), {used} used (max {most}): "
+                                         "refusing: disk low")
+
+    data = page_data(Settings(storage_dir=tmp_path, min_free_disk_mb=2048, max_disk_used_pct=90), db)
+    html = templates().get_template("ops.html").render(d=data, states=JobState)
+    assert data.disk is not None
+    shown = data.disk.space
+    for text in (size_text(shown.free_bytes), f"min {least}", percent_text(shown.used_pct), f"max {most}"):
+        assert text in html
+
+
+def test_status_prints_the_disk_as_the_refusal_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("DICOMNODE_MIN_FREE_DISK_MB", str(HUGE_MB))
+    Database(tmp_path / "var" / "index.sqlite").close()
+    text = CliRunner().invoke(app, ["status"]).output
+    line = next(ln for ln in text.splitlines() if ln.startswith("disk: "))
+    assert f"(min {mb_text(HUGE_MB)})" in line and line.endswith(": refusing: disk low"), text
+    assert len(line) <= 80
+    status = CliRunner().invoke(app, ["status", "--json"])
+    assert json.loads(status.output)["disk"]["low"] is True
 
 
 def test_guard_reads_the_volume_at_most_once_an_interval() -> None:
@@ -127,7 +178,8 @@ def test_guard_reads_the_volume_at_most_once_an_interval() -> None:
 def test_guard_percentage_threshold_and_switching_off() -> None:
     disk = FakeDisk(free_mb=20_000)  # of 100 000 MB: 80 % used
     at = {pct: DiskGuard(Path("/var"), 0, pct, statvfs=disk.statvfs, clock=disk.clock) for pct in (75, 90)}
-    assert at[75].refusal() == "disk low: 80.0% used > max_disk_used_pct 75"  # MONAI Informatics Gateway's
+    # MONAI Informatics Gateway's threshold
+    assert at[75].refusal() == "disk low: 80.0 % used > max_disk_used_pct (75.0 %)"
     assert at[90].refusal() is None
     off = DiskGuard(Path("/var"), 0, 100, statvfs=disk.statvfs, clock=disk.clock)
     disk.free_mb, before = 0, disk.reads
@@ -234,7 +286,7 @@ def test_c_store_on_an_open_association_is_refused_while_the_disk_is_low(
         disk.free_mb, disk.now = 1000, disk.now + 1.0  # the volume fills up under the open association
         refused = assoc.send_c_store(s.files[1])
         assert refused.Status == OUT_OF_RESOURCES
-        assert refused.ErrorComment == "disk low: 1000 MB free < min_free_disk_mb 2048"
+        assert refused.ErrorComment == "disk low: 1.00 GB free < min_free_disk_mb (2.05 GB)"
         assert assoc.send_c_store(s.files[2]).Status == OUT_OF_RESOURCES
         other = scu().associate("127.0.0.1", scp.settings.port, ae_title="THIGHNODE")
         assert other.is_rejected and rejection(other) == TRANSIENT_CONGESTION

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -192,14 +193,17 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Counts of jobs by state, stored series/instances and pending sends."""
+    """Counts of jobs by state, stored series/instances, pending sends and the storage volume's space."""
     from dicomnode.db import opened
     from dicomnode.processing import jobs as lifecycle
+    from dicomnode.storage.diskspace import describe, judge, read_space
 
     settings = node_settings(config)
     with opened(settings.db_path) as db:
         counts = lifecycle.overview(db)
     states = counts.jobs
+    space = read_space(os.statvfs(settings.storage_dir))
+    limits = settings.min_free_disk_mb, settings.max_disk_used_pct
     data = {
         "ae_title": settings.ae_title,
         "port": settings.port,
@@ -208,6 +212,8 @@ def status(
         "instances": counts.instances,
         "jobs": states,
         "outbox": counts.outbox,
+        "disk": {"free_bytes": space.free_bytes, "used_pct": round(space.used_pct, 1),
+                 "low": judge(space, *limits) is not None},
     }
     if as_json:
         typer.echo(json.dumps(data, indent=2))
@@ -215,6 +221,7 @@ def status(
     console = Console()
     console.print(f"[bold]{data['ae_title']}[/] port {data['port']}  storage {data['storage_dir']}")
     console.print(f"series {data['series']}  instances {data['instances']}")
+    console.print(f"disk: {describe(space, *limits)}", highlight=False)
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"))
     console.print("outbox: " + (", ".join(f"{k} {v}" for k, v in sorted(data["outbox"].items())) or "empty"))
 

@@ -49,6 +49,7 @@ from dicomnode.db import Database
 from dicomnode.logs import event
 from dicomnode.ops.metrics import node_registry
 from dicomnode.processing import jobs
+from dicomnode.sizefmt import mb_text, percent_text, size_text
 from dicomnode.storage.diskspace import DiskSpace, judge, read_space
 from dicomnode.timefmt import duration, local_time, short_uid
 
@@ -133,18 +134,9 @@ def page_data(settings: Settings, db: Database, t: float | None = None) -> PageD
         problems=jobs.problems(db, PROBLEMS_SHOWN))
 
 
-def _size(n: float) -> str:
-    """Bytes as people read them (decimal units, as the disk settings' MB)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def templates() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
-    env.filters.update(when=local_time, series=short_uid, size=_size)
+    env.filters.update(when=local_time, series=short_uid, size=size_text, mb=mb_text, pct=percent_text)
     env.globals.update(took=duration, refresh=REFRESH_SECONDS)
     return env
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from dicomnode.config import MB
 from dicomnode.logs import event
+from dicomnode.sizefmt import mb_text, percent_text, size_text
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,19 @@ def judge(space: DiskSpace, min_free_mb: float, max_used_pct: float) -> str | No
     """Why the volume is low (the refusal's comment), or None: one rule for the receiver's guard and
     the operations page, which shows whether the receiver refuses."""
     if space.free_mb < min_free_mb:
-        return f"disk low: {space.free_mb:.0f} MB free < min_free_disk_mb {min_free_mb:.0f}"
+        return f"disk low: {size_text(space.free_bytes)} free < min_free_disk_mb ({mb_text(min_free_mb)})"
     if space.used_pct > max_used_pct:
-        return f"disk low: {space.used_pct:.1f}% used > max_disk_used_pct {max_used_pct:g}"
+        used, most = percent_text(space.used_pct), percent_text(max_used_pct)
+        return f"disk low: {used} used > max_disk_used_pct ({most})"
     return None
+
+
+def describe(space: DiskSpace, min_free_mb: float, max_used_pct: float) -> str:
+    """One line for ``dicomnode status``: the reading against both thresholds, and the receiver's state
+    (the figures in :mod:`dicomnode.sizefmt`'s format, as the refusal and the operations page)."""
+    state = "refusing: disk low" if judge(space, min_free_mb, max_used_pct) else "accepting"
+    return (f"{size_text(space.free_bytes)} free (min {mb_text(min_free_mb)}), "
+            f"{percent_text(space.used_pct)} used (max {percent_text(max_used_pct)}): {state}")
 
 
 class DiskGuard:
