@@ -50,14 +50,6 @@ def claim_ports(node: int | None = None, pacs: int | None = None, orthanc_http: 
             raise PortError(f"port {port} is {problem}: choose another with {OPTIONS[name]}")
     taken = set(seen)
     for name in chosen.keys() - given.keys():
-        given[name] = _free_port(avoid=taken)
+        given[name] = free_port(avoid=taken)
         taken.add(given[name])
     return DemoPorts(**given)
-
-
-def _free_port(avoid: set[int]) -> int:
-    """A free port that is none of ``avoid`` (the chosen ones are free too until their servers
-    start, so the OS could hand one out again)."""
-    while (port := free_port()) in avoid:
-        pass
-    return port
