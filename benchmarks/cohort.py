@@ -270,7 +270,7 @@ def measure_and_record(settings, p: PatientSpec, post: bool, spacing_mm: float, 
     height, source = facts.height_m, facts.height_source
     record = measure_volumes(
         ph.labels,
-        None,
+        ph.ct,  # its QA's metal places a CT dated on the surgery day (9 of the 18 pre-operative)
         height_m=height,
         height_source=source,
         model=ModelInfo(name="ground-truth labels", version="phantom", demo=True),

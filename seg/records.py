@@ -92,18 +92,22 @@ class ReasonCode(StrEnum):
     RETRY_REQUESTED = "retry-requested"  # operator: run the pipeline again
 
     # pairing: a study's role in its patient's timeline (dicomnode.clinical.pairing)
-    BASELINE_PREOPERATIVE = "baseline-preoperative"  # latest study on or before the surgery date
+    BASELINE_PREOPERATIVE = "baseline-preoperative"  # latest pre-operative study (surgery-day rule)
     BASELINE_POSTOPERATIVE = "baseline-postoperative"  # no pre-operative study: earliest one instead
     BASELINE_EARLIEST = "baseline-earliest"  # no surgery date: the earliest study
     EARLIER_PREOPERATIVE = "earlier-preoperative"  # a pre-operative study before the baseline
     SAME_DAY_FOLLOWUP = "same-day-followup"  # compared, but not with a same-day previous study
     SUPERSEDED_SERIES = "superseded-series"  # a later series of the same study represents it
     SAME_DATE_AND_TIME = "same-date-and-time"  # another study of the patient at the very same moment
+    # a study dated on the surgery day, placed by the metal its QA found (dicomnode.clinical.surgery_day)
+    SURGERY_DAY_PREOPERATIVE = "surgery-day-preoperative"  # no metal on the fractured side
+    SURGERY_DAY_POSTOPERATIVE = "surgery-day-postoperative"  # an implant: the post-operative check CT
     # pairing: why a study is not compared (the cohort report lists these)
     SINGLE_STUDY = "single-study"
     NO_LATER_STUDY = "no-later-study"
     NO_STUDY_DATE = "no-study-date"
     SAME_DAY_AS_BASELINE = "same-day-as-baseline"
+    SURGERY_DAY_QA_UNKNOWN = "surgery-day-qa-unknown"  # on the surgery day, no metal QA: not placed
     # cohort: why a patient is not a pre vs post pair
     NO_PREOPERATIVE_BASELINE = "no-preoperative-baseline"
     NO_COMPARISON = "no-comparison"
@@ -121,7 +125,7 @@ class ReasonCode(StrEnum):
 
 
 NOT_COMPARED = frozenset({ReasonCode.SINGLE_STUDY, ReasonCode.NO_LATER_STUDY, ReasonCode.NO_STUDY_DATE,
-                          ReasonCode.SAME_DAY_AS_BASELINE})
+                          ReasonCode.SAME_DAY_AS_BASELINE, ReasonCode.SURGERY_DAY_QA_UNKNOWN})
 HEIGHT_CODES = frozenset({ReasonCode.HEIGHT_NOT_USED, ReasonCode.NO_HEIGHT})
 # a series not (yet) whole, whatever the cause; and one whose headers rule it out
 INCOMPLETE_CODES = frozenset({ReasonCode.SLICE_GAP, ReasonCode.ACQUISITION_SHORT, ReasonCode.SERIES_SHORT,

@@ -21,15 +21,27 @@ from dicomnode.clinical.pairing import ResultRecord, record_result
 from dicomnode.config import Settings
 from dicomnode.harness.net import free_port
 from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
-from seg.records import NOT_COMPARED, ChangeRecord, ReasonCode, StructureChange, StructureVolume, VolumeRecord
+from seg.records import (
+    NOT_COMPARED,
+    ChangeRecord,
+    MetalLocation,
+    ReasonCode,
+    Side,
+    StructureChange,
+    StructureVolume,
+    VolumeQA,
+    VolumeRecord,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _volumes(path: Path, series: str, factor: float = 1.0, left_only: bool = False) -> Path:
+def _volumes(path: Path, series: str, factor: float = 1.0, left_only: bool = False,
+             qa: VolumeQA | None = None) -> Path:
     """A volumes.json whose structure ``label`` has (10·label, 10·label) cm³ × factor (left, right).
 
-    Written in the version-less layout of releases before typed records: pairing must still read it.
+    Without ``qa``, written in the version-less layout of releases before typed records (pairing
+    must still read it; it has no QA); with it, as the node writes it now.
     """
     structs = []
     for s in structures()[1:]:
@@ -37,9 +49,11 @@ def _volumes(path: Path, series: str, factor: float = 1.0, left_only: bool = Fal
         right = 10.0 * s.label * (1.0 if left_only else factor)
         structs.append(StructureVolume(label=s.label, name=s.name, group=s.group, voxels=0,
                                        volume_cm3=left + right, left_cm3=left, right_cm3=right))
-    legacy = VolumeRecord(series_instance_uid=series, structures=tuple(structs)).model_dump(
-        mode="json", exclude={"schema_version", "model", "qa"})
+    record = VolumeRecord(series_instance_uid=series, structures=tuple(structs), qa=qa or VolumeQA())
     path.mkdir(parents=True, exist_ok=True)
+    if qa is not None:
+        return record.save(path / "volumes.json")
+    legacy = record.model_dump(mode="json", exclude={"schema_version", "model", "qa"})
     (path / "volumes.json").write_text(json.dumps(legacy))
     return path / "volumes.json"
 
@@ -55,10 +69,11 @@ def _record(
     size: float | None = None,
     series: str | None = None,
     left_only: bool = False,
+    qa: VolumeQA | None = None,
 ) -> list[ChangeRecord]:
     series = series or f"{study}.1"
     out = Path(settings.storage_dir) / "results" / series
-    vj = _volumes(out, series, factor, left_only)
+    vj = _volumes(out, series, factor, left_only, qa)
     return record_result(
         settings,
         ResultRecord(
@@ -189,6 +204,138 @@ def test_surgery_date_splits_pre_and_post(settings: Settings, tmp_path: Path) ->
     assert ovc.operated_loss_pct == pytest.approx(20.0) and ovc.contralateral_loss_pct == pytest.approx(
         0.0
     )
+
+
+SURGERY_DAY_REGISTRY = ("patient_id,height_m,sex,fracture_type,fractured_side,surgery_date\n"
+                        "P1,1.60,F,ITF,left,20230110\n")
+
+
+def _metal(side: Side | None) -> VolumeQA:
+    """The QA of a CT with metal on ``side`` (None: none), as the measurement locates it."""
+    if side is None:
+        return VolumeQA(metal=False, metal_voxels=0)
+    voxels = {"left": (500, 0), "right": (0, 500), "both": (500, 500)}[side]
+    return VolumeQA(metal=True, metal_voxels=sum(voxels), metal_where=MetalLocation(
+        side=side, left_voxels=voxels[0], right_voxels=voxels[1], z_range_mm=(-90.0, -10.0),
+        centroid_mm=(80.0, 0.0, -50.0)))
+
+
+def test_a_surgery_day_ct_with_the_implant_is_a_followup(settings: Settings, tmp_path: Path) -> None:
+    """The post-operative check CT of the afternoon of the operation: every CT dated on the surgery
+    day was pre-operative, so it became the baseline and the follow-up was compared with a thigh
+    already operated on. Its implant on the fractured side makes it a follow-up of the earlier CT."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY)
+    _record(settings, "P1", "1.1", "20230105", 1.0, qa=_metal(None))
+    changes = _record(settings, "P1", "1.2", "20230110", 0.95, time_="160000", qa=_metal("left"))
+    assert [(c.comparison, c.baseline.series_instance_uid) for c in changes] == [("baseline", "1.1.1")]
+    assert changes[0].baseline_preoperative is True
+    why = {r.code: r.text for r in pairing.status_of(settings, "1.2.1").reasons}
+    assert why[ReasonCode.SURGERY_DAY_POSTOPERATIVE] == (
+        "same day as surgery (20230110) with an implant on the left: post-operative")
+    assert pairing.status_of(settings, "1.1.1").role == "baseline"
+    # the later follow-up: against the pre-operative baseline, and the check CT as its previous
+    later = _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
+    assert sorted((c.comparison, c.baseline.series_instance_uid) for c in later) == [
+        ("baseline", "1.1.1"), ("previous", "1.2.1")]
+    # metal on both sides includes the fractured one
+    _record(settings, "P1", "1.2", "20230110", 0.95, time_="160000", qa=_metal("both"))
+    assert pairing.status_of(settings, "1.2.1").role == "followup"
+
+
+def test_a_surgery_day_ct_without_the_implant_is_the_baseline(settings: Settings, tmp_path: Path) -> None:
+    """The admission CT of the morning of the operation: no metal, or an old implant on the other
+    side only, is pre-operative and, closest to surgery, the baseline."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY)
+    _record(settings, "P1", "1.1", "20230105", 1.0, qa=_metal(None))
+    _record(settings, "P1", "1.2", "20230110", 1.0, time_="070000", qa=_metal(None))
+    st = pairing.status_of(settings, "1.2.1")
+    assert st.role == "baseline" and pairing.status_of(settings, "1.1.1").role == "pre-operative"
+    assert {r.code: r.text for r in st.reasons}[ReasonCode.SURGERY_DAY_PREOPERATIVE] == (
+        "same day as surgery (20230110), no implant: pre-operative")
+    changes = _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
+    assert [(c.comparison, c.baseline.series_instance_uid) for c in changes] == [("baseline", "1.2.1")]
+    # an old hip implant on the right (the unfractured side) does not make it post-operative
+    _record(settings, "P1", "1.2", "20230110", 1.0, time_="070000", qa=_metal("right"))
+    st = pairing.status_of(settings, "1.2.1")
+    assert st.role == "baseline" and "metal on the unfractured right: pre-operative" in {
+        r.text for r in st.reasons if r.code is ReasonCode.SURGERY_DAY_PREOPERATIVE}.pop()
+
+
+def test_a_surgery_day_ct_without_qa_is_not_placed(settings: Settings, tmp_path: Path,
+                                                   monkeypatch) -> None:
+    """A surgery-day CT whose result has no metal QA (measured without its CT) is neither the
+    baseline nor a follow-up: the timeline says why, no change is made with it, and it is placed
+    when a result with QA replaces it."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY)
+    _record(settings, "P1", "1.1", "20230105", 1.0, qa=_metal(None))
+    assert _record(settings, "P1", "1.2", "20230110", 0.95, time_="160000") == []  # no QA
+    st = pairing.status_of(settings, "1.2.1")
+    assert st.role == "unplaced" and [r.code for r in st.reasons] == [ReasonCode.SURGERY_DAY_QA_UNKNOWN]
+    assert pairing.changes_for_earlier_series(settings, "1.1.1") == []
+    assert ReasonCode.SURGERY_DAY_QA_UNKNOWN in NOT_COMPARED
+    entry = pairing.cohort_entries(settings)[0]
+    assert entry.change is None and "metal QA unknown: not placed" in entry.reason_text
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(settings.storage_dir))
+    out = CliRunner().invoke(app, ["patients", "timeline", "P1"], env={"COLUMNS": "80"}).output
+    assert "unplaced" in out and max(len(line) for line in out.splitlines()) <= 80, out
+    # a later follow-up is compared with the pre-operative baseline, never with the unplaced CT
+    later = _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
+    assert [(c.comparison, c.baseline.series_instance_uid) for c in later] == [("baseline", "1.1.1")]
+    # measured again with its CT: placed (an implant) and compared
+    again = _record(settings, "P1", "1.2", "20230110", 0.95, time_="160000", qa=_metal("left"))
+    assert [(c.comparison, c.baseline.series_instance_uid) for c in again] == [("baseline", "1.1.1")]
+    assert pairing.status_of(settings, "1.2.1").role == "followup"
+
+
+def test_an_unplaced_surgery_day_ct_is_named_where_it_may_be_the_baseline(
+        settings: Settings, tmp_path: Path) -> None:
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY)
+    _record(settings, "P1", "1.1", "20230110", 1.0)  # no QA
+    _record(settings, "P1", "1.2", "20230601", 0.8, qa=_metal("left"))
+    why = pairing.status_of(settings, "1.2.1").reasons
+    assert ReasonCode.BASELINE_POSTOPERATIVE in {r.code for r in why}
+    assert "1 study on the surgery day without metal QA may be the pre-operative one" in \
+        " ".join(r.text for r in why)
+
+
+def test_a_surgery_day_ct_with_the_implant_asks_for_the_prior(settings: Settings, tmp_path: Path) -> None:
+    """A post-operative check CT without a pre-operative study in the node asks the PACS for one,
+    as a later follow-up does (it asked only for studies after the surgery date)."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY + "P2,1.60,F,ITF,left,20230110\n")
+    settings.pairing.retrieve_priors = True
+    settings.pacs.port = free_port()  # nobody listens: the request is recorded, then fails
+    _record(settings, "P1", "1.2", "20230110", 1.0, time_="160000", qa=_metal("left"))
+    deadline = time.time() + 20
+    while len(_retrievals(settings)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert [r[0] for r in _retrievals(settings)] == ["requested", "failed"]
+    _record(settings, "P2", "2.1", "20230110", 1.0, time_="070000", qa=_metal(None))  # a baseline
+    time.sleep(0.3)
+    assert len(_retrievals(settings)) == 2
+
+
+def test_the_surgery_day_rule_and_its_texts() -> None:
+    """Every branch of the rule, its texts within 80 columns (the widest date, side and wording)."""
+    from dicomnode.clinical.surgery_day import Placement, place
+
+    day = "20230110"
+    cases = [
+        (None, "left", Placement.UNKNOWN),  # volumes.json not readable
+        (VolumeQA(), "left", Placement.UNKNOWN),  # measured without its CT
+        (_metal(None), "left", Placement.PREOPERATIVE),
+        (_metal("right"), "left", Placement.PREOPERATIVE),  # an old implant on the other side
+        (_metal("left"), "left", Placement.POSTOPERATIVE),
+        (_metal("both"), "right", Placement.POSTOPERATIVE),
+        (_metal("right"), None, Placement.POSTOPERATIVE),  # no fractured side: metal counts
+        (VolumeQA(metal=True, metal_voxels=9), "left", Placement.POSTOPERATIVE),  # side not located
+    ]
+    for qa, fractured, expected in cases:
+        got = place(qa, day, fractured)
+        assert got.placement is expected, (qa, fractured)
+        assert got.reason.text.startswith(f"same day as surgery ({day})") and len(got.reason.text) <= 80
+        assert got.reason.text.endswith({Placement.UNKNOWN: "not compared",
+                                         Placement.PREOPERATIVE: ": pre-operative",
+                                         Placement.POSTOPERATIVE: ": post-operative"}[expected])
 
 
 def test_late_baseline_creates_the_comparison(settings: Settings, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Pre/post pairing: every finished measurement joins its patient's timeline and is compared.
 
 Why: the product's point is change over time. Results are grouped by PatientID (+ IssuerOfPatientID),
-ordered by StudyDate/StudyTime; with a registry surgery date, studies on or before it are
-pre-operative (the latest one is the baseline: closest to surgery) and later ones post-operative;
-without one, the earliest study is the baseline. Each follow-up is compared with the baseline and with
+ordered by StudyDate/StudyTime; with a registry surgery date, studies before it are pre-operative
+(the latest one is the baseline: closest to surgery) and later ones post-operative, and a study on
+the surgery day is placed by the metal its QA found (:mod:`dicomnode.clinical.surgery_day`); without
+one, the earliest study is the baseline. Each follow-up is compared with the baseline and with
 the previous study (a trajectory). Every study that yields no comparison gets a stated reason
 (single study, same day as baseline, pre-operative, ...). Re-recording a series replaces its row.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -24,7 +25,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dicomnode.clinical import registry
+from dicomnode.clinical import registry, surgery_day
+from dicomnode.clinical.surgery_day import Placement
 from dicomnode.config import Settings
 from dicomnode.db import opened
 from dicomnode.logs import error_text
@@ -40,6 +42,7 @@ from seg.records import (
     ReasonCode,
     Sex,
     StudyRef,
+    VolumeQA,
     VolumeRecord,
     reasons_from_json,
     reasons_to_json,
@@ -54,7 +57,7 @@ class Role(StrEnum):
     FOLLOWUP = "followup"
     PREOPERATIVE = "pre-operative"  # an earlier pre-operative study than the baseline
     SUPERSEDED = "superseded"  # a later series of the same study represents it
-    UNPLACED = "unplaced"  # no StudyDate: neither before nor after anything, never compared
+    UNPLACED = "unplaced"  # no StudyDate, or on the surgery day without metal QA: never compared
 
 
 class RetrievalStatus(StrEnum):
@@ -148,6 +151,7 @@ class Plan:
     comparisons: list[tuple[Study, Study, Comparison]]  # (earlier, later, what the earlier one is)
     baseline: Study | None
     baseline_preoperative: bool | None  # None when no surgery date is known
+    surgery_day: dict[str, Placement]  # series uid → placement, for the studies on the surgery day
 
 
 def _studies(con: sqlite3.Connection, patient_id: str, issuer: str) -> tuple[list[Study], list[str]]:
@@ -197,8 +201,13 @@ def _name_twins(studies: list[Study], reasons: dict[str, list[Reason]]) -> None:
                 "sent under new UIDs; they are ordered by StudyInstanceUID, not by time"))
 
 
-def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
-    """Roles, reasons and comparisons for one patient's ordered studies (pure; no database)."""
+def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side: LeftRight | None = None,
+                  qa: Mapping[str, VolumeQA | None] | None = None) -> Plan:
+    """Roles, reasons and comparisons for one patient's ordered studies (pure; no database).
+
+    ``qa``: series uid → the QA of its volumes.json, for the studies dated on the surgery day (the
+    metal in it places them); one not given is a study whose QA is not known.
+    """
     roles: dict[str, Role] = {}
     reasons: dict[str, list[Reason]] = {s.series_instance_uid: [] for s in studies}
     R = Reason
@@ -213,17 +222,25 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
         return (f"; {undated} study without StudyDate could not be placed and may be {could_be}"
                 if undated else "")
 
+    placed: dict[str, Placement] = {}  # the studies on the surgery day
+    undecided: list[Study] = []  # ... that cannot be placed: no metal QA
     if surgery_date:
-        pre = [s for s in studies if s.study_date and s.study_date <= surgery_date]
-        later = [s for s in studies if s not in pre]
+        on_the_day = {s.series_instance_uid: surgery_day.place((qa or {}).get(s.series_instance_uid),
+                                                              surgery_date, fractured_side)
+                      for s in studies if s.study_date == surgery_date}
+        placed = {uid: day.placement for uid, day in on_the_day.items()}
+        undecided = [s for s in studies if placed.get(s.series_instance_uid) is Placement.UNKNOWN]
+        pre = [s for s in studies if s.study_date and (
+            s.study_date < surgery_date or placed.get(s.series_instance_uid) is Placement.PREOPERATIVE)]
+        later = [s for s in studies if s not in pre and s not in undecided]
         if pre:
             baseline, baseline_pre = pre[-1], True
             for s in pre[:-1]:
                 roles[s.series_instance_uid] = Role.PREOPERATIVE
                 reasons[s.series_instance_uid].append(R(
                     ReasonCode.EARLIER_PREOPERATIVE,
-                    "earlier pre-operative study; the baseline is the latest study on or before the surgery "
-                    f"date {surgery_date}"
+                    "earlier pre-operative study; the baseline is the latest pre-operative one (surgery "
+                    f"{surgery_date})"
                 ))
             reasons[baseline.series_instance_uid].append(R(
                 ReasonCode.BASELINE_PREOPERATIVE,
@@ -236,7 +253,11 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
                 ReasonCode.BASELINE_POSTOPERATIVE,
                 f"no pre-operative study (surgery {surgery_date}): the earliest post-operative study is the "
                 "baseline, so changes are post-operative only" + unplaced("the pre-operative one")
+                + (f"; {len(undecided)} study on the surgery day without metal QA may be the "
+                   "pre-operative one" if undecided else "")
             ))
+        for uid, day in on_the_day.items():
+            reasons[uid].append(day.reason)
     elif any(s.study_date for s in studies):
         baseline, later = studies[0], studies[1:]
         reasons[baseline.series_instance_uid].append(R(
@@ -248,8 +269,10 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
             roles[s.series_instance_uid] = Role.UNPLACED
             reasons[s.series_instance_uid].append(R(
                 ReasonCode.NO_STUDY_DATE, "no StudyDate: cannot be placed in time, not compared"))
+        elif s in undecided:
+            roles[s.series_instance_uid] = Role.UNPLACED  # its reason says why: no metal QA
     if baseline is None:
-        return Plan(studies, roles, reasons, comparisons, None, baseline_pre)
+        return Plan(studies, roles, reasons, comparisons, None, baseline_pre, placed)
     roles[baseline.series_instance_uid] = Role.BASELINE
     if not any(s.study_date for s in later):
         reasons[baseline.series_instance_uid].append(
@@ -279,7 +302,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None) -> Plan:
         if previous is not None and previous is not baseline:
             comparisons.append((previous, s, "previous"))
         compared.append(s)
-    return Plan(studies, roles, reasons, comparisons, baseline, baseline_pre)
+    return Plan(studies, roles, reasons, comparisons, baseline, baseline_pre, placed)
 
 
 # ---------------------------------------------------------------- recording
@@ -366,15 +389,15 @@ def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord
 def needs_prior(plan: Plan, surgery_date: str | None, result: ResultRecord) -> bool:
     """Whether this new result is a follow-up without a baseline in the node (then the PACS is asked).
 
-    With a surgery date: a post-operative study while no pre-operative one is held. Without one: the
-    patient's only study (it may be a follow-up; a pre-operative CT is better marked by the registry).
+    With a surgery date: a post-operative study (after the surgery day, or on it with an implant)
+    while no pre-operative one is held. Without one: the patient's only study (it may be a
+    follow-up; a pre-operative CT is better marked by the registry).
     """
     if surgery_date:
-        return (
-            bool(result.study_date)
-            and result.study_date > surgery_date
-            and plan.baseline_preoperative is not True
-        )
+        postoperative = bool(result.study_date) and (
+            result.study_date > surgery_date
+            or plan.surgery_day.get(result.series_instance_uid) is Placement.POSTOPERATIVE)
+        return postoperative and plan.baseline_preoperative is not True
     return len(plan.studies) == 1
 
 
@@ -395,13 +418,27 @@ def resolved(settings: Settings, patient_id: str, issuer: str = "",
         return _resolve(settings, con, patient_id, issuer, _studies(con, patient_id, issuer)[0], info)
 
 
+def _surgery_day_qa(studies: list[Study], surgery_date: str | None) -> dict[str, VolumeQA | None]:
+    """The QA of each study dated on the surgery day (None: its volumes.json cannot be read), read
+    again at every refresh, so a result measured again with its CT is placed anew."""
+    out: dict[str, VolumeQA | None] = {}
+    for s in studies:
+        if surgery_date and s.study_date == surgery_date:
+            try:
+                out[s.series_instance_uid] = VolumeRecord.load(s.volumes_json).qa
+            except (OSError, ValueError):
+                out[s.series_instance_uid] = None
+    return out
+
+
 def _refresh_patient(
     settings: Settings, con: sqlite3.Connection, pid: str, issuer: str, result: ResultRecord | None = None
 ) -> tuple[list[ChangeRecord], Plan]:
     """Recompute roles, reasons and every comparison of one patient (the table mirrors the timeline)."""
     studies, superseded = _studies(con, pid, issuer)
     res = _resolve(settings, con, pid, issuer, studies)
-    plan = plan_timeline(studies, res.surgery_date)
+    qa = _surgery_day_qa(studies, res.surgery_date)
+    plan = plan_timeline(studies, res.surgery_date, res.fractured_side, qa)
     changes = [
         _change(a, b, kind, pid, res, plan.baseline_preoperative, plan.reasons[b.series_instance_uid])
         for a, b, kind in plan.comparisons

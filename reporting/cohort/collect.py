@@ -41,6 +41,7 @@ _NO_PAIR_LABEL = {
     ReasonCode.NO_LATER_STUDY: "no later study yet",
     ReasonCode.NO_STUDY_DATE: "no StudyDate",
     ReasonCode.SAME_DAY_AS_BASELINE: "follow-up on the baseline's day",
+    ReasonCode.SURGERY_DAY_QA_UNKNOWN: "surgery-day CT without metal QA",
     ReasonCode.NO_PREOPERATIVE_BASELINE: "no pre-operative baseline",
     ReasonCode.NO_COMPARISON: "no comparison",
 }
