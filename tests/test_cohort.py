@@ -357,6 +357,20 @@ def test_html_prints_tiny_p_values_as_below_floor(cohort, written) -> None:
     assert p_csv == pytest.approx(report.wilcoxon["p"].min(), rel=1e-12) and p_csv < 1e-4
 
 
+def test_html_counts_are_integers_and_missing_cells_read_dash(written) -> None:
+    """The page a researcher copies from: Table 2's n reads "2", not "2.0", and an empty cell (the
+    flow's "remaining" of each group) reads "–", never "None", "<NA>" or "nan"."""
+    parser = _Tables()
+    parser.feed(written["html"].read_text())
+    cells = [c for table in parser.tables for row in table for c in row]
+    assert not {"None", "<NA>", "nan", "NaN"} & set(cells)
+    n_rows = [row[1:] for table in parser.tables for row in table if row and row[0] == "n"]
+    assert n_rows and all(v.isdigit() for row in n_rows for v in row), n_rows
+    flow = next(t for t in parser.tables if t[0] == ["step", "box", "label", "n", "remaining"])
+    groups = [r for r in flow[1:] if r[1] == "group"]
+    assert groups and all(r[-1] == "–" for r in groups), groups
+
+
 def test_small_sample_warnings_only_where_true(tmp_path) -> None:
     """The signed-rank warning (n < 6: p ≥ 0.0625) belongs to the paired tests only: 2 vs 10 patients
     can reach p < 0.05 in Mann–Whitney (2/66), 2 vs 3 cannot (2/10), and the page says so."""

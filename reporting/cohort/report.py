@@ -183,9 +183,12 @@ def _p_format(v: float) -> str:
 
 
 def _html_table(df: pd.DataFrame, digits: int = 1) -> str:
+    """``df`` as the page shows it: counts as the CSVs write them (Table 2's n reads 2, not 2.0), p and
+    q as :func:`_p_format`, every missing value "–"."""
     p_cols = {c: _p_format for c in P_COLUMNS if c in df.columns}
-    # na_rep misses pandas' own NA in nullable integer columns (the flow's "remaining" showed <NA>)
-    df = df.apply(lambda c: c.astype(object).where(c.notna(), None) if c.dtype.name == "Int64" else c)
+    df, _ = _tidy(df)
+    # na_rep reaches neither pandas' NA in nullable integer columns (<NA>) nor a None (printed "None")
+    df = df.apply(lambda c: c.astype(object).where(c.notna(), "–") if c.dtype.name == "Int64" else c)
     return df.to_html(
         float_format=lambda v: f"{v:.{digits}f}",
         formatters=p_cols or None,
