@@ -222,6 +222,29 @@ def test_operated_vs_contralateral(cohort) -> None:
     )
 
 
+def test_operated_vs_contralateral_has_q_values_over_the_21_muscles() -> None:
+    """The side comparison is 21 tests like the others: its q is Benjamini–Hochberg over the muscles
+    (scipy's), the total's row has none, and no q is below its p."""
+    from scipy.stats import false_discovery_control
+
+    rng = np.random.default_rng(3)
+    entries = []
+    for n in range(12):  # the contralateral side changes too, by a different amount per muscle
+        pre = {s.label: (float(rng.uniform(50, 400)), float(rng.uniform(50, 400))) for s in structures()[1:]}
+        post = {lab: (v[0] * rng.uniform(0.6, 1.0), v[1] * rng.uniform(0.85, 1.1)) for lab, v in pre.items()}
+        change = compute_change(_record(f"S{n}.1.1", pre), _record(f"S{n}.2.1", post), 1.6,
+                                _ref(f"S{n}.1", "20230101"), _ref(f"S{n}.2", "20230501"),
+                                patient_id=f"S{n}", fractured_side="left", height_source="registry"
+                                ).with_facts(sex="F", fracture_type="ITF")
+        entries.append(CohortEntry(patient_id=f"S{n}", change=change))
+    sides = build_cohort(entries, n_boot=20).sides.set_index("muscle")
+    muscles = sides.drop(index="Total (21 muscles)")
+    assert len(muscles) == 21 and muscles["p"].nunique() > 5
+    assert muscles["q_bh"].to_numpy() == pytest.approx(false_discovery_control(muscles["p"].to_numpy()))
+    assert (muscles["q_bh"] >= muscles["p"]).all()
+    assert math.isnan(sides.loc["Total (21 muscles)", "q_bh"])
+
+
 def test_table2_text_reads_at_80_columns(cohort) -> None:
     """`dicomnode report cohort` prints Table 2 one group a row, within 80 columns: whole pair counts,
     and each group's mean raw loss as the per-patient totals give it."""

@@ -345,7 +345,7 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
             _html_table(report.bootstrap, 2),
             "<h2>Operated vs contralateral side</h2><p>Loss ratio (%) of each side, patients with a known "
             "fractured side; Wilcoxon signed-rank on the paired ratios "
-            "(r &gt; 0: operated side lost more).</p>",
+            "(r &gt; 0: operated side lost more; q = Benjamini–Hochberg over the 21 muscles).</p>",
             _signed_rank_note(report.sides),
             _html_table(report.sides, 3),
         ]
