@@ -625,6 +625,8 @@ def test_baseline_table_describes_each_group() -> None:
         known = [ages[p] for p in pids if ages[p] is not None]
         assert t.loc["n", g] == str(len(pids))
         assert t.loc[b.AGE, g] == _median_iqr(known, 1)
+        mean_sd = f"{np.mean(known):.1f}" + (f" ± {np.std(known, ddof=1):.1f}" if len(known) > 1 else "")
+        assert t.loc[b.AGE_MEAN, g] == (mean_sd if known else "–")
         assert t.loc[b.AGE_N, g] == f"{len(known)} of {len(pids)}"
         assert t.loc[b.HEIGHT, g] == _median_iqr([truth[p]["height"] for p in pids], 2)
         pre = [_total(truth[p]["pre"]) for p in pids]

@@ -28,6 +28,7 @@ KOVAL_CLASSES = (  # Koval's grades as the paper groups them
     ("non-functional ambulatory (Koval 7)", range(7, 8)),
 )
 AGE = "age at baseline CT, years, median [IQR]"
+AGE_MEAN = "age at baseline CT, years, mean ± SD"  # the paper's statistic (77.3 ± 9.73)
 AGE_N = "  patients with a known age"
 HEIGHT = "height, m, median [IQR]"
 HEIGHT_SOURCE = "  height from registry / PatientSize / none"
@@ -37,7 +38,7 @@ KOVAL_GRADES = "  Koval grade 1/2/3/4/5/6/7"
 SIDE = "fractured side left / right / unknown"
 PRE_VOLUME = "pre-operative volume, 21 muscles, cm³, median [IQR]"
 PRE_INDEX = "pre-operative volume / height², cm³/m², median [IQR]"
-ROWS = ("n", AGE, AGE_N, HEIGHT, HEIGHT_SOURCE, DAYS, KOVAL_N, *(name for name, _ in KOVAL_CLASSES),
+ROWS = ("n", AGE, AGE_MEAN, AGE_N, HEIGHT, HEIGHT_SOURCE, DAYS, KOVAL_N, *(name for name, _ in KOVAL_CLASSES),
         KOVAL_GRADES, SIDE, PRE_VOLUME, PRE_INDEX)
 
 
@@ -48,6 +49,17 @@ def median_iqr(values: pd.Series, digits: int) -> str:
         return "–"
     q1, med, q3 = np.percentile(v, [25, 50, 75])
     return f"{med:.{digits}f} [{q1:.{digits}f}–{q3:.{digits}f}]"
+
+
+def mean_sd(values: pd.Series, digits: int) -> str:
+    """``mean ± SD`` (sample SD, ddof 1) of the values present; the mean alone for one value, "–"
+    for none. Why beside the median: the paper reports its ages so, and a manuscript compares."""
+    v = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
+    if v.size == 0:
+        return "–"
+    if v.size == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
 def _counts(values: pd.Series, keys: tuple[object, ...], rest: bool = False) -> str:
@@ -70,6 +82,7 @@ def _column(p: pd.DataFrame) -> dict[str, str]:
     cells: dict[str, Callable[[], str]] = {
         "n": lambda: str(len(p)),
         AGE: lambda: median_iqr(p["age_years"], 1),
+        AGE_MEAN: lambda: mean_sd(p["age_years"], 1),
         AGE_N: lambda: f"{int(p['age_years'].notna().sum())} of {len(p)}",
         HEIGHT: lambda: median_iqr(p["height_m"], 2),
         HEIGHT_SOURCE: lambda: " / ".join(str(c) for c in (

@@ -310,9 +310,9 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
         ]
     if not report.patients.empty:
         parts += [
-            "<h2>Table 0. Baseline characteristics</h2><p>Median [interquartile range] per group; age at "
-            "the baseline CT from PatientAge, else PatientBirthDate and StudyDate; pre-operative volume of "
-            "the 21 analysed muscles, both legs.</p>",
+            "<h2>Table 0. Baseline characteristics</h2><p>Median [interquartile range] per group (age "
+            "also mean ± SD); age at the baseline CT from PatientAge, else PatientBirthDate and "
+            "StudyDate; pre-operative volume of the 21 analysed muscles, both legs.</p>",
             _html_table(report.baseline),
             "<h2>Table 1. Pre-operative composition (% of total muscle volume)</h2>",
             _html_table(report.table1),
