@@ -463,6 +463,16 @@ def test_csvs_have_named_columns_and_integer_counts(written) -> None:
         assert all(v.isdigit() for v in n_row[1:]), (name, n_row)
 
 
+def test_docs_name_every_column_of_the_per_patient_files(written) -> None:
+    """docs/cohort.md names each column a researcher loads from patients.csv and patient_muscles.csv."""
+    doc = (Path(__file__).parents[1] / "docs" / "cohort.md").read_text()
+    start = doc.index("**The per-patient files' columns**")
+    named = set(re.findall(r"`([a-z_0-9]+)`", doc[start : doc.index("###", start)]))
+    for name in ("patients", "patient_muscles"):
+        columns = _csv_rows(written[name])[0]
+        assert not [c for c in columns if c not in named], name
+
+
 def test_figure6_panels_name_the_sexes(cohort) -> None:
     """Each Figure 6 panel says which boxes are men's and which women's (and how many), in a legend."""
     report, _, _ = cohort

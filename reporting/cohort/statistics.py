@@ -234,7 +234,7 @@ def _mannwhitney_rows(frames: list[tuple[str, pd.DataFrame]]) -> list[dict[str, 
 
 
 def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
-    """Mann–Whitney U, FNF vs ITF, per muscle, on the loss ratio (%) and the adjusted loss (sexes pooled).
+    """Mann–Whitney U, FNF vs ITF, per muscle, on the loss ratio (%), adjusted and raw loss (sexes pooled).
 
     Effect size: rank-biserial r = 2·U_FNF / (n_FNF·n_ITF) − 1 (positive = FNF lost more).
     """
