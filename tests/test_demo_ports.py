@@ -34,9 +34,9 @@ def busy_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def _demo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _demo(cwd: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
     """``dicomnode demo`` in ``cwd`` on a coarse phantom, in an 80-column terminal."""
-    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb", **env_extra}
     return subprocess.run([sys.executable, "-m", "dicomnode.cli", "demo", "--no-view", "--spacing", "6,6,10",
                            *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -103,3 +103,13 @@ def test_the_demo_listens_on_the_chosen_ports_orthanc(tmp_path: Path) -> None:
     orthanc = json.loads((tmp_path / "demo-output" / "orthanc" / "orthanc.json").read_text())
     assert (orthanc["DicomPort"], orthanc["HttpPort"]) == (pacs, http)
     assert orthanc["DicomModalities"]["thighnode"]["Port"] == node
+
+
+def test_the_demos_node_keeps_its_own_settings_whatever_the_shell_exports(tmp_path: Path) -> None:
+    """An administrator's ``DICOMNODE_PORT`` (it overrides a node's config file) must not move the
+    demo's node off the port the demo wrote and waits on."""
+    node, elsewhere = free_port(), free_port()
+    run = _demo(tmp_path, "--pacs", "local", "--node-port", str(node), "--timeout", "1",
+                DICOMNODE_PORT=str(elsewhere), DICOMNODE_AE_TITLE="ELSEWHERE")
+    assert f"node THIGHNODE is up on port {node}," in run.stdout, run.stdout + run.stderr
+    assert port_problem(elsewhere) is None

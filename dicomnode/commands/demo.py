@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shlex
 import shutil
 import signal
@@ -32,6 +31,7 @@ from rich.text import Text
 from dicomnode.commands.common import cell, echo_problems, model_lines, spacing_option
 from dicomnode.commands.demo_ports import DemoPorts, PortError, claim_ports
 from dicomnode.harness.net import stop_process, wait_for
+from dicomnode.harness.node import own_config_env
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
 from seg.dates import as_date
@@ -274,7 +274,7 @@ def node_jobs(config: Path) -> list[dict]:
     """The node's job table (``dicomnode jobs --json``); empty when it cannot be read yet."""
     try:
         run = subprocess.run(node_command(config, "jobs", "--json"), capture_output=True, text=True,
-                             timeout=60)
+                             timeout=60, env=own_config_env())
         data = json.loads(run.stdout) if run.returncode == 0 and run.stdout.strip() else []
     except (subprocess.TimeoutExpired, json.JSONDecodeError):
         return []
@@ -625,7 +625,7 @@ def _import_registry(run: _DemoRun) -> None:
     """The demo patient's clinical row, imported by the node's own ``patients import``."""
     registry = write_registry(run.out / "registry.csv")
     imported = subprocess.run(node_command(run.config, "patients", "import", str(registry)),
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env=own_config_env())
     if imported.returncode != 0:
         raise DemoError(f"registry import failed: {imported.stderr.strip() or imported.stdout.strip()}")
     run.step("imported fracture side, surgery date, height from", shown(registry))
@@ -636,7 +636,7 @@ def _start_node(run: _DemoRun) -> None:
     run.step("starting the node as its own process:", f"{run.cli} serve --config {_runnable(run.config)}")
     with (run.out / "node.log").open("ab") as log:
         run.node = subprocess.Popen(node_command(run.config, "serve"), stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "TCP_NODELAY": "1"}, start_new_session=True)
+                                    env=own_config_env(TCP_NODELAY="1"), start_new_session=True)
 
     def node_up() -> bool:
         run.check_node()

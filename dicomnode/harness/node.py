@@ -19,6 +19,12 @@ from dicomnode.harness.net import free_port, port_open, stop_process, wait_for
 from dicomnode.harness.tomlfile import write_toml
 
 
+def own_config_env(**extra: str) -> dict[str, str]:
+    """This process's environment without ``DICOMNODE_*``: a node started here with its own config
+    file (a test's, the demo's) must run on that file, not on settings the caller's shell exports,
+    which override the file (an administrator's ``DICOMNODE_PORT`` would move the demo's node)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}, **extra}
+
 class NodeProcess:
     """``dicomnode serve`` on a free port with its own storage folder and config file.
 
@@ -77,7 +83,7 @@ class NodeProcess:
         return self.storage_dir / "index.sqlite"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+        env = own_config_env()
         if self.pythonpath:  # where a test pipeline (``--pipeline module:function``) is found
             env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")])
         return env
