@@ -29,6 +29,7 @@ NO = CodedConcept("373067005", "SCT", "No")
 PRESENCE = CodedConcept("121052", "DCM", "Presence of property")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")  # CID 240 Present-Absent
 POSTOPERATIVE = CodedConcept("262061000", "SCT", "Post-operative")  # CID 6146 Time Point Types
+PREOPERATIVE = CodedConcept("262068006", "SCT", "Pre-operative")  # CID 6146 Time Point Types
 BASELINE_EVENT = CodedConcept("121079", "DCM", "Baseline")  # CID 280 Longitudinal Temporal Event Type
 DAY = CodedConcept("d", "UCUM", "day")
 

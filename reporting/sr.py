@@ -9,7 +9,10 @@ segment and slice made the report a megabyte of references that SR viewers list 
 structure side below the minimum segment size (:mod:`reporting.rules`) has no segment and is
 reported as absent, without a volume. Values are rounded to the precision in ``reporting.rules``.
 QA facts (coverage, metal and its side, height) travel as qualitative evaluations so a reader sees
-why a number may not be trusted, without a free-text parser.
+why a number may not be trusted, without a free-text parser; beside them, the registry's fractured
+side and fracture type when it has them. When the registry's surgery date and the study date place the
+study before or after surgery, every group carries that as its TID 1502 time point context
+(pre-operative, or post-operative with the days since surgery), as the change SR's groups carry theirs.
 
 Every measurement group also carries spatial coordinates, because OHIF 3.13 cannot open a TID 1500
 report with a group that has none (docs/upstream.md §6), and highdicom's TID 1411 builder takes a
@@ -56,10 +59,19 @@ from reporting.uids import (
     tracking_subject,
     tracking_uid,
 )
+from seg.dates import display_date
 from seg.header import SeriesHeader
 from seg.height import height_state
 from seg.labels import by_name
-from seg.records import ModelInfo, Side, StructureVolume, VolumeQA, VolumeRecord
+from seg.records import (
+    ClinicalTimePoint,
+    ModelInfo,
+    Side,
+    StructureVolume,
+    TimePoint,
+    VolumeQA,
+    VolumeRecord,
+)
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -86,6 +98,41 @@ def observation_context(model_info: ModelInfo) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=std.DCM.Device,
                                                       observer_identifying_attributes=device))
+
+
+def time_point_context(facts: ClinicalTimePoint) -> hd.sr.TimePointContext | None:
+    """TID 1502 of a measured study the registry places before or after surgery: Time Point in words
+    ("Pre-operative (surgery 2024-01-10)", "Post-operative day 116 (surgery ...)"), Time Point Type
+    from CID 6146 and the study date as Subject Time Point Identifier (as the change SR gives its
+    follow-up's). None when it cannot be placed: no time point is guessed.
+
+    No Time Point Order (the order among the patient's studies is pairing's, decided later) and no
+    offset NUM: CID 280 has no surgery event, and OHIF prints a bare NUM as a measurement.
+    """
+    kind = facts.time_point
+    if kind is None:
+        return None
+    surgery = f"(surgery {display_date(facts.surgery_date)})"
+    text = (f"Pre-operative {surgery}" if kind is TimePoint.PREOPERATIVE
+            else f"Post-operative day {facts.days_since_surgery} {surgery}")
+    return hd.sr.TimePointContext(
+        time_point=text,
+        time_point_type=codes.PREOPERATIVE if kind is TimePoint.PREOPERATIVE else codes.POSTOPERATIVE,
+        subject_time_point_identifier=facts.study_date,
+    )
+
+
+def fracture_evaluations(facts: ClinicalTimePoint) -> list[hd.sr.QualitativeEvaluation]:
+    """The registry's fractured side (QAFXSIDE) and fracture type (FXTYPE), those it has, coded as the
+    change SR codes them."""
+    out = []
+    side = codes.laterality_code(facts.fractured_side or "")
+    if side is not None:
+        out.append(hd.sr.QualitativeEvaluation(codes.QA_FRACTURED_SIDE, side))
+    fracture = codes.FRACTURE_TYPES.get(facts.fracture_type or "")
+    if fracture is not None:
+        out.append(hd.sr.QualitativeEvaluation(codes.FRACTURE_TYPE, fracture))
+    return out
 
 
 def algorithm_id(model_info: ModelInfo) -> hd.sr.AlgorithmIdentification:
@@ -217,11 +264,14 @@ def name_for_viewers(group: hd.sr.Template, text: str) -> hd.sr.Template:
     return group
 
 
-def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
-             rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo, rules: ReportingRules = RULES,
+             facts: ClinicalTimePoint = ClinicalTimePoint(),
+             time_point: hd.sr.TimePointContext | None = None,
+             ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """Series-level QA: z-coverage (mm), metal yes/no, height status and source, height (m), and the
-    minimum segment size below which a structure was reported absent. The coverage is stated from the
-    CT when the record lacks it (it is slices × spacing either way)."""
+    minimum segment size below which a structure was reported absent; the registry's fractured side
+    and fracture type when known. The coverage is stated from the CT when the record lacks it (it is
+    slices × spacing either way)."""
     qa = volumes.qa
     content = source_content(ct.header.series_instance_uid or "", ct.source_sop_uids)
     measurements = [coverage(ct, qa.z_coverage_mm, rules)]  # the group's place: the scanned extent
@@ -240,9 +290,11 @@ def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     if qa.z_coverage_ok is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_Z_COVERAGE_OK,
                                                        codes.YES if qa.z_coverage_ok else codes.NO))
+    evaluations += fracture_evaluations(facts)
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=output_uid(content, model_info, "SR/qa-group"),
                                                      identifier="Quality assurance"),
+        time_point_context=time_point,
         algorithm_id=algorithm_id(model_info),
         measurements=measurements or None,
         qualitative_evaluations=evaluations,
@@ -279,7 +331,7 @@ def group_header(subject: str, name: str, side: str, model_info: ModelInfo) -> _
 
 def volume_group(subject: str, seg: Dataset, series_uid: str, number: int, name: str, side: Side,
                  entry: StructureVolume, height_m: float | None, model_info: ModelInfo,
-                 rules: ReportingRules = RULES,
+                 rules: ReportingRules = RULES, time_point: hd.sr.TimePointContext | None = None,
                  ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     """TID 1411 group of one segment: volume (and height index), rounded per ``rules``."""
     volume = entry.side_volume(side)
@@ -292,24 +344,28 @@ def volume_group(subject: str, seg: Dataset, series_uid: str, number: int, name:
                                               value=rounded(volume / height_m**2, rules.index_decimals)))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         **group_header(subject, name, side, model_info),
+        time_point_context=time_point,
         referenced_segment=_referenced_segment(seg, number, series_uid),
         measurements=measurements,
     )
 
 
 def section_group(subject: str, name: str, side: str, section: Section, model_info: ModelInfo,
-                  rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+                  rules: ReportingRules = RULES, time_point: hd.sr.TimePointContext | None = None,
+                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 companion of a volume group (same tracking identifier and UID, so readers that merge
     groups by UID, as OHIF does, show one muscle): its maximal cross-sectional area and outline,
     named for viewers (the volume group has no coordinates, so viewers draw this one)."""
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         **group_header(subject, name, side, model_info),
+        time_point_context=time_point,
         measurements=[max_area(section, rules)],
     ), tracking_label(name, side))
 
 
 def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: Volume,
-                 rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+                 rules: ReportingRules = RULES, time_point: hd.sr.TimePointContext | None = None,
+                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group saying a structure side was not found (no segment of the minimum size) within
     the scanned extent, whose coverage it states (the group's spatial coordinates).
 
@@ -319,6 +375,7 @@ def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: 
     """
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         **group_header(subject, name, side, model_info),
+        time_point_context=time_point,
         measurements=[coverage(ct, rules=rules)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
     ), f"{tracking_label(name, side)} not found")
@@ -326,6 +383,7 @@ def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: 
 
 def total_group(subject: str, side: Side, volume_cm3: float, height_m: float | None, ct: Volume,
                 model_info: ModelInfo, rules: ReportingRules = RULES,
+                time_point: hd.sr.TimePointContext | None = None,
                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of the paper's 21 analysed muscles together on one side (or both): the total
     its Table 2 compares by fracture type, with its height index; located by the scanned extent,
@@ -338,6 +396,7 @@ def total_group(subject: str, side: Side, volume_cm3: float, height_m: float | N
     measurements.append(coverage(ct, rules=rules))
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         **group_header(subject, TOTAL, side, model_info),
+        time_point_context=time_point,
         measurements=measurements,
     ), tracking_label(TOTAL, side))
 
@@ -347,19 +406,21 @@ def _series_uid(ct: Volume, src0: Dataset | None) -> str:
     return str(ct.header.series_instance_uid or src0.SeriesInstanceUID)  # type: ignore[union-attr]
 
 
-def measurement_sr_uid(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo) -> str:
+def measurement_sr_uid(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
+                       facts: ClinicalTimePoint = ClinicalTimePoint()) -> str:
     """The SOP Instance UID :func:`build_measurement_sr` gives the SR of ``ct``, known before it is
-    built (the node names the SR's file before a child builds it). The height it reports is part of
-    the key: a re-run after a height was imported is other content, so another instance."""
+    built (the node names the SR's file before a child builds it). The height and the registry's
+    facts it reports are part of the key: a re-run after a registry import that gave or changed them
+    is other content, so another instance."""
     src0 = None if ct.header.series_instance_uid else source_header(ct.source_files)
     content = source_content(_series_uid(ct, src0), ct.source_sop_uids)
-    facts = registry_facts(volumes.height_m, volumes.height_source)
-    return output_uid(content, model_info, "SR/instance" + facts)
+    shown = registry_facts(volumes.height_m, volumes.height_source) + facts.key()
+    return output_uid(content, model_info, "SR/instance" + shown)
 
 
 def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_info: ModelInfo,
                          rules: ReportingRules = RULES, frames: SegFrames | None = None,
-                         fast: bool = True) -> Dataset:
+                         fast: bool = True, facts: ClinicalTimePoint = ClinicalTimePoint()) -> Dataset:
     """The TID 1500 SR for one measured series: ``volumes``' numbers rounded per ``rules``, one volume
     group per SEG segment (followed by its cross-section companion), one "absent" group per
     structure side without a segment, then the QA group.
@@ -367,7 +428,8 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     ``frames`` (from :func:`reporting.seg.build_seg_frames`) says what the SEG's frames hold without
     reading them back. ``fast`` keeps the content out of highdicom's constructor and encodes it once
     per distinct item (:mod:`reporting.sr_splice`, only on a highdicom it was checked against; the
-    same bytes); False = plain highdicom.
+    same bytes); False = plain highdicom. ``facts``: the registry's, read once by the job
+    (:meth:`dicomnode.clinical.registry.Resolved.time_point`); none known = none stated.
     """
     src0 = source_header(ct.source_files)
     subject = tracking_subject(src0, ct.header)
@@ -379,23 +441,26 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
     if fast and not sr_splice.splice_supported():
         log.info("SR splice not checked against highdicom %s; plain highdicom", hd.__version__)
         fast = False
+    when = time_point_context(facts)
     groups: list = []
     present: set[tuple[str, str]] = set()
     for number, name, side in segments_of(seg):
         entry = by_label.get(by_name(name).label)
         if entry is None:
             continue
-        g = volume_group(subject, seg, series_uid, number, name, side, entry, height_m, model_info, rules)
+        g = volume_group(subject, seg, series_uid, number, name, side, entry, height_m, model_info, rules,
+                         when)
         if g is not None:
             groups.append(g)
-            groups.append(section_group(subject, name, side, sections[number], model_info, rules))
+            groups.append(section_group(subject, name, side, sections[number], model_info, rules, when))
             present.add((name, side))
     for entry in sorted(volumes.structures, key=lambda e: e.label):
-        groups.extend(absent_group(subject, entry.name, side, model_info, ct, rules)
+        groups.extend(absent_group(subject, entry.name, side, model_info, ct, rules, when)
                       for side in entry.sides() if (entry.name, side) not in present)
-    groups.extend(total_group(subject, side, volumes.analysed_total(side), height_m, ct, model_info, rules)
+    groups.extend(total_group(subject, side, volumes.analysed_total(side), height_m, ct, model_info, rules,
+                              when)
                   for side in ("left", "right", "both"))
-    groups.append(qa_group(ct, volumes, model_info, rules))
+    groups.append(qa_group(ct, volumes, model_info, rules, facts, when))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(model_info),
         procedure_reported=codes.PROCEDURE,
@@ -409,7 +474,7 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
             content=root,
             series_instance_uid=output_uid(content, model_info, "SR/series"),
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=measurement_sr_uid(ct, volumes, model_info),
+            sop_instance_uid=measurement_sr_uid(ct, volumes, model_info, facts),
             instance_number=1,
             manufacturer="dicomnode",
             is_complete=True,

@@ -23,7 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
-from reporting.change import days_since_surgery, laterality_conflict
+from reporting.change import laterality_conflict
 from reporting.page_name import page_name
 from reporting.rules import RULES, is_found, shown_change
 from reporting.seg import algorithm_name, series_description
@@ -39,7 +39,15 @@ from seg.dates import display_date
 from seg.header import SeriesHeader
 from seg.height import height_state
 from seg.labels import PAPER_ORDER, by_name, reading_order, structures
-from seg.records import ChangeRecord, LeftRight, ModelInfo, ReasonCode, VolumeRecord
+from seg.records import (
+    ChangeRecord,
+    ClinicalTimePoint,
+    LeftRight,
+    ModelInfo,
+    ReasonCode,
+    TimePoint,
+    VolumeRecord,
+)
 from seg.volume import Volume
 
 SUMMARY_SERIES_NUMBER = 9903
@@ -129,6 +137,32 @@ def shown_side(change: ChangeRecord | None, fractured_side: LeftRight | None) ->
     return (change.fractured_side if change is not None else None) or fractured_side
 
 
+def shown_facts(change: ChangeRecord | None, facts: ClinicalTimePoint) -> ClinicalTimePoint:
+    """The clinical facts the page's header shows: on a follow-up the comparison's (pairing read them
+    from the same registry; the side falls back to the job's), else the job's own reading."""
+    if change is None:
+        return facts
+    # with a surgery date, pairing compares only post-operative studies with the baseline, one on the
+    # surgery day included (its implant placed it there)
+    return ClinicalTimePoint(fractured_side=shown_side(change, facts.fractured_side),
+                             fracture_type=change.fracture_type, surgery_date=change.surgery_date,
+                             study_date=change.followup.study_date, surgery_day=TimePoint.POSTOPERATIVE)
+
+
+def time_point_text(facts: ClinicalTimePoint) -> str | None:
+    """The study's place relative to surgery as the header says it: "pre-operative (surgery …)",
+    "post-op day N (surgery …)", or only the surgery date when the study cannot be placed; None
+    without a surgery date."""
+    if not facts.surgery_date:
+        return None
+    surgery = f"surgery {display_date(facts.surgery_date)}"
+    if facts.time_point is TimePoint.PREOPERATIVE:
+        return f"pre-operative ({surgery})"
+    if facts.time_point is TimePoint.POSTOPERATIVE:
+        return f"post-op day {facts.days_since_surgery} ({surgery})"
+    return surgery
+
+
 def _who(header: SeriesHeader, age_years: int | None) -> str:
     """Whom the page is about, as a reader checks a printed or misfiled page against the patient: ID,
     name, sex and age, accession number (each only when the CT's header has it)."""
@@ -170,16 +204,16 @@ def total_change_lines(change: ChangeRecord) -> list[str]:
 
 
 def header_lines(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHeader,
-                 change: ChangeRecord | None, fractured_side: LeftRight | None, muscles: int, total: float,
+                 change: ChangeRecord | None, facts: ClinicalTimePoint, muscles: int, total: float,
                  total_idx: float | None) -> list[tuple[str, int, str]]:
     """(text, font size, colour) of the lines under the title: who and when first (the patient ID
     and dates identify the page on a screen full of series), then the totals and the algorithm."""
-    side = shown_side(change, fractured_side)
+    shown = shown_facts(change, facts)
     when = [f"Study date: {display_date(header.study_date)}",
-            f"Fractured side: {side or 'not recorded'}"
-            + (f" ({change.fracture_type})" if change is not None and change.fracture_type else "")]
-    if change is not None and (days := days_since_surgery(change)) is not None:
-        when.append(f"post-op day {days} (surgery {display_date(change.surgery_date)})")
+            f"Fractured side: {shown.fractured_side or 'not recorded'}"
+            + (f" ({shown.fracture_type})" if shown.fracture_type else "")]
+    if (placed := time_point_text(shown)) is not None:
+        when.append(placed)
     lines = [(_who(header, volumes.age_years), 12, "white"), ("     ".join(when), 12, "white")]
     if change is not None:
         days = change.days_between
@@ -239,17 +273,20 @@ def _rect(x: float, y: float, w: float, h: float, colour: str) -> Any:
 
 
 def render_page(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHeader,
-                change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> np.ndarray:
+                change: ChangeRecord | None = None,
+                facts: ClinicalTimePoint = ClinicalTimePoint()) -> np.ndarray:
     """RGB uint8 page (rows, columns, 3) of :func:`page_figure`, rendered with matplotlib's Agg."""
-    return rasterise(page_figure(volumes, model_info, header, change, fractured_side))
+    return rasterise(page_figure(volumes, model_info, header, change, facts))
 
 
 def page_figure(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHeader,
-                change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> Any:
-    """The page: header (patient ID, dates, fractured side, totals), QA warnings, the table, and for
-    a follow-up the change chart, as tall as they need (laid out in pixels, y down).
+                change: ChangeRecord | None = None,
+                facts: ClinicalTimePoint = ClinicalTimePoint()) -> Any:
+    """The page: header (patient ID, dates, fractured side and type, time point, totals), QA
+    warnings, the table, and for a follow-up the change chart, as tall as they need (laid out in
+    pixels, y down).
 
-    ``fractured_side``: the registry's, shown when there is no comparison to take it from."""
+    ``facts``: the registry's, shown when there is no comparison to take them from."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -259,8 +296,8 @@ def page_figure(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHead
     found, total, total_idx = _table_rows(volumes)
     heads, rows = page_table(volumes, found, change)
     rows = rows or [["(no muscle found)"] + [""] * (len(heads) - 1)]
-    lines = header_lines(volumes, model_info, header, change, fractured_side, len(found), total, total_idx)
-    warnings = qa_warnings(volumes, header, model_info, change, fractured_side)
+    lines = header_lines(volumes, model_info, header, change, facts, len(found), total, total_idx)
+    warnings = qa_warnings(volumes, header, model_info, change, facts.fractured_side)
     height = page_height(len(lines), max(len(warnings), 1), len(rows), change is not None)
     fig = Figure(figsize=(_PAGE_W / _DPI, height / _DPI), dpi=_DPI)
     FigureCanvasAgg(fig)
@@ -496,13 +533,13 @@ def _key_studies(ct: Volume, labels: Volume, change: ChangeRecord | None,
 def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                    change: ChangeRecord | None = None, labels: Volume | None = None,
                    baseline: tuple[Volume, Volume] | None = None,
-                   fractured_side: LeftRight | None = None) -> np.ndarray:
+                   facts: ClinicalTimePoint = ClinicalTimePoint()) -> np.ndarray:
     """The table page with, when the label map is given, the key images below it: pre and post with
     the operated side marked, or this study alone with the fractured side marked when it is known."""
-    page = render_page(volumes, model_info, ct.header, change, fractured_side)
+    page = render_page(volumes, model_info, ct.header, change, facts)
     if labels is None:
         return page
-    side = shown_side(change, fractured_side)
+    side = shown_side(change, facts.fractured_side)
     mark = "operated" if change is not None and baseline is not None else "fractured"
     keys = rasterise(key_images_figure(_key_studies(ct, labels, change, baseline), side, mark))
     return np.concatenate([page, keys], axis=0)
@@ -511,13 +548,14 @@ def summary_pixels(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
 def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
                   change: ChangeRecord | None = None, labels: Volume | None = None,
                   baseline: tuple[Volume, Volume] | None = None, replaces_first: bool = False,
-                  fractured_side: LeftRight | None = None) -> Dataset:
+                  facts: ClinicalTimePoint = ClinicalTimePoint()) -> Dataset:
     """Secondary Capture of the summary page in the source study (new series).
 
     With ``labels`` the page also shows the key images; with ``baseline`` (its CT and label map)
-    those of both studies, pre above post, the operated side marked. ``fractured_side`` (the
-    registry's): shown on a page without a comparison, whose change record would carry it; a page
-    that shows a side is other content than one that does not, so it has its own UID.
+    those of both studies, pre above post, the operated side marked. ``facts`` (the registry's,
+    :meth:`dicomnode.clinical.registry.Resolved.time_point`): shown on a page without a comparison,
+    whose change record would carry them; a page that shows other facts (a side, a fracture type, a
+    surgery date) is other content than one that does not, so it has its own UID.
     ``replaces_first``: the page built when a baseline arrived after this study, whose first page
     (instance 1, no comparison) is already in the PACS: it is instance 2 and says which page it
     replaces, so a reader of the series knows which one is current.
@@ -525,7 +563,7 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     src0 = source_header(ct.source_files)
     if src0 is None:
         raise ValueError("the CT has no source DICOM files: the summary needs the study's identity")
-    pixels = summary_pixels(ct, volumes, model_info, change, labels, baseline, fractured_side)
+    pixels = summary_pixels(ct, volumes, model_info, change, labels, baseline, facts)
     series_uid = str(ct.header.series_instance_uid or src0.SeriesInstanceUID)
     content = source_content(series_uid, ct.source_sop_uids)
     kind = "SC-summary"
@@ -533,9 +571,7 @@ def build_summary(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo,
     # (and the baseline's key images) is new content, never a replacement under the earlier page's UID.
     compared = "" if change is None else f"/vs-{change.baseline.series_instance_uid}"
     compared += "/pre-images" if change is not None and baseline is not None else ""
-    compared += registry_facts(volumes.height_m, volumes.height_source, shown_side(change, fractured_side))
-    if change is not None:  # shown in the header
-        compared += f"/fracture-{change.fracture_type}/surgery-{change.surgery_date}"
+    compared += registry_facts(volumes.height_m, volumes.height_source) + shown_facts(change, facts).key()
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src0,
         pixel_array=pixels,

@@ -97,7 +97,11 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # age, accession), the fracture type and the post-operative day, and its PatientOrientation is empty;
 # the change SR and the page give each side's total, and every change figure of the volumes as written;
 # the change SR states the follow-up's metal and the baseline's coverage; the page is RLE Lossless.
-OUTPUT_REVISION = 8
+# 9: the measurement SR's groups carry a TID 1502 time point context when the registry's surgery date
+# places the study (pre-operative, or post-operative with the days since surgery) and its QA group the
+# registry's fractured side and fracture type; a page without a comparison shows the fracture type and
+# the surgery date with the time point; the SR's and page's keys hold every registry fact they show.
+OUTPUT_REVISION = 9
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:
@@ -109,9 +113,11 @@ def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:
 def registry_facts(height_m: float | None, height_source: str | None,
                    fractured_side: LeftRight | None = None) -> str:
     """The part of an output's key that the patient's facts decide, for the objects that show them
-    (measurement SR and summary: the height used and its source; a page or follow-up SR: the
-    fractured side). A height imported after a series was measured changes the index the re-run
-    reports: that content must not take the first report's UID. "" when no fact is shown."""
+    (measurement SR and summary: the height used and its source; the follow-up SR: the fractured
+    side; the SR's and page's fracture facts and time point:
+    :meth:`seg.records.ClinicalTimePoint.key`). A height imported after a series was measured changes
+    the index the re-run reports: that content must not take the first report's UID. "" when no fact
+    is shown."""
     key = f"/height-{height_m:.4f}-{height_source or 'unknown'}" if height_m is not None else ""
     return key + (f"/fractured-{fractured_side}" if fractured_side else "")
 

@@ -24,6 +24,8 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic.dataclasses import dataclass
 
+from seg.dates import as_date, da_date
+
 SCHEMA_VERSION = 2  # 1: the version-less JSON written before these records
 LEGACY_VERSION = 1
 
@@ -358,6 +360,57 @@ class StudyRef(Record):
     study_date: str | None = None
     seg_sop_instance_uid: str | None = None
     sr_sop_instance_uid: str | None = None
+
+
+class TimePoint(StrEnum):
+    """Where a study lies relative to the registry's surgery date (PS3.16 CID 6146 has a code for each)."""
+
+    PREOPERATIVE = "pre-operative"
+    POSTOPERATIVE = "post-operative"
+
+
+class ClinicalTimePoint(Record):
+    """What a summary page or a measurement SR states about its study's clinical time point: the
+    registry's fracture facts and, where the registry's surgery date and the study date are both
+    known, whether the study is pre- or post-operative and how many days after surgery.
+
+    Why one record: the job reads the registry once (:func:`dicomnode.clinical.registry.facts_for`)
+    and hands this to every output, so the page and the SR cannot show two readings; and what they
+    show is part of their UIDs (:meth:`key`). A fact the registry lacks is None and is not shown.
+    """
+
+    fractured_side: LeftRight | None = None
+    fracture_type: FractureType | None = None
+    surgery_date: str | None = None  # YYYYMMDD, the registry's
+    study_date: str | None = None  # the CT's StudyDate
+    # a study dated on the surgery day: the side of the operation its metal QA places it on, as pairing
+    # does (dicomnode.clinical.surgery_day); None there: not placed, so no time point is stated
+    surgery_day: TimePoint | None = None
+
+    @property
+    def time_point(self) -> TimePoint | None:
+        """Pre- or post-operative, as pairing places the study: by date, and on the surgery day by its
+        implant; None without a readable surgery date and study date, or when the day cannot tell."""
+        study, surgery = da_date(self.study_date), da_date(self.surgery_date)
+        if study is None or surgery is None:
+            return None
+        if study == surgery:
+            return self.surgery_day
+        return TimePoint.PREOPERATIVE if study < surgery else TimePoint.POSTOPERATIVE
+
+    @property
+    def days_since_surgery(self) -> int | None:
+        """Days from surgery to a post-operative study; None otherwise."""
+        if self.time_point is not TimePoint.POSTOPERATIVE:
+            return None
+        return (as_date(self.study_date) - as_date(self.surgery_date)).days  # type: ignore[operator]
+
+    def key(self) -> str:
+        """The part of an output's UID key these facts decide ("" when none is known): an output that
+        shows other facts is other content, so it must not take an earlier output's UID."""
+        return "".join(f"/{name}-{value}" for name, value in (
+            ("fractured", self.fractured_side), ("fracture", self.fracture_type),
+            ("surgery", self.surgery_date), ("surgery-day", self.surgery_day)) if value)
 
 
 class ChangeFigures(Record):

@@ -29,6 +29,7 @@ from seg.records import (
     Side,
     StructureChange,
     StructureVolume,
+    TimePoint,
     VolumeQA,
     VolumeRecord,
 )
@@ -336,6 +337,23 @@ def test_the_surgery_day_rule_and_its_texts() -> None:
         assert got.reason.text.endswith({Placement.UNKNOWN: "not compared",
                                          Placement.PREOPERATIVE: ": pre-operative",
                                          Placement.POSTOPERATIVE: ": post-operative"}[expected])
+
+
+def test_the_outputs_state_the_time_point_pairing_places_a_surgery_day_ct_at() -> None:
+    """The page and measurement SR of a surgery-day CT say what pairing decided: post-operative day 0
+    with the implant, pre-operative without, nothing when its QA cannot tell (and the placement is
+    part of the outputs' UID key)."""
+    facts = registry.Resolved(height_m=1.6, height_source="registry", sex="F", sex_source="registry",
+                              fracture_type="ITF", fractured_side="left", surgery_date="20230110",
+                              koval_grade=None)
+    post = facts.time_point("20230110", _metal("left"))
+    assert (post.time_point, post.days_since_surgery) == (TimePoint.POSTOPERATIVE, 0)
+    assert facts.time_point("20230110", _metal(None)).time_point is TimePoint.PREOPERATIVE
+    assert facts.time_point("20230110", _metal("right")).time_point is TimePoint.PREOPERATIVE
+    assert facts.time_point("20230110", None).time_point is None
+    assert facts.time_point("20230109", _metal("left")).time_point is TimePoint.PREOPERATIVE  # by date
+    assert facts.time_point("20230111", None).time_point is TimePoint.POSTOPERATIVE
+    assert post.key() != facts.time_point("20230110", _metal(None)).key()
 
 
 def test_late_baseline_creates_the_comparison(settings: Settings, tmp_path: Path) -> None:

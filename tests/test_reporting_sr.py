@@ -28,16 +28,20 @@ from reporting.followup_sr import build_followup_sr
 from reporting.keyslice import outline
 from reporting.rules import RULES
 from reporting.seg import algorithm_name, build_seg_frames, plan_segments
-from reporting.sr import build_measurement_sr, coverage_mm, key_sections
+from reporting.sr import build_measurement_sr, coverage_mm, key_sections, measurement_sr_uid
 from reporting.sr import segments_of as segments_of_seg
 from reporting.uids import derived_uid, parse_tracking_label
 from seg.header import SeriesHeader
 from seg.labels import ANALYSED_MUSCLES, by_name
 from seg.measure import measure_volumes
-from seg.records import StructureVolume, StudyRef, VolumeRecord
+from seg.records import ClinicalTimePoint, StructureVolume, StudyRef, VolumeRecord
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PATIENT = {"patient_id": "RPT0001", "patient_name": "Report^Test", "sex": "F", "height_m": 1.62}
+# the registry's facts: a left femoral neck fracture operated on 2024-01-10, between the two CTs
+PRE_OP = ClinicalTimePoint(fractured_side="left", fracture_type="FNF", surgery_date="20240110",
+                           study_date="20240105")
+POST_OP = PRE_OP.model_copy(update={"study_date": "20240505"})
 
 
 def tid1500(path: Path, out: Path) -> dict:
@@ -79,10 +83,10 @@ def numeric_values(sr: Dataset) -> list[str]:
     return [str(i.MeasuredValueSequence[0].NumericValue) for i in content_items(sr) if i.ValueType == "NUM"]
 
 
-def _build(root: Path, **opts):
+def _build(root: Path, facts: ClinicalTimePoint = ClinicalTimePoint(), **opts):
     ct, labels, vols = phantom_case(root, **opts)
     seg = build_seg_frames(ct, labels, vols, MODEL).dataset
-    sr = build_measurement_sr(ct, seg, vols, MODEL)
+    sr = build_measurement_sr(ct, seg, vols, MODEL, facts=facts)
     for ds, name in ((seg, "seg.dcm"), (sr, "sr.dcm")):
         ds.save_as(root / name, enforce_file_format=True)
     return ct, labels, vols, seg, sr
@@ -91,14 +95,15 @@ def _build(root: Path, **opts):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     root = tmp_path_factory.mktemp("sr_base")
-    return root, *_build(root, seed=5, study_date="20240105", **PATIENT)
+    return root, *_build(root, PRE_OP, seed=5, study_date="20240105", **PATIENT)
 
 
 @pytest.fixture(scope="module")
 def followup(tmp_path_factory, baseline):
     root = tmp_path_factory.mktemp("sr_follow")
     b_root, b_ct, _, b_vols, b_seg, b_sr = baseline
-    ct, labels, vols, seg, sr = _build(root, seed=5, study_date="20240505", postop=True, implant_side="left",
+    ct, labels, vols, seg, sr = _build(root, POST_OP, seed=5, study_date="20240505", postop=True,
+                                       implant_side="left",
                                        atrophy={"gluteus_medius": 0.8, "vastus_lateralis": 0.85},
                                        study_uid=derived_uid("test", "followup-study"),
                                        series_uid=derived_uid("test", "followup-series"), **PATIENT)
@@ -339,7 +344,7 @@ def test_sr_without_height_has_no_index_and_says_so(tmp_path):
 
 def test_sr_rerun_identical_uids(baseline):
     _, ct, _, vols, seg, sr = baseline
-    again = build_measurement_sr(ct, seg, vols, MODEL)
+    again = build_measurement_sr(ct, seg, vols, MODEL, facts=PRE_OP)
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (sr.SOPInstanceUID, sr.SeriesInstanceUID)
     assert again.StudyInstanceUID == ct.header.study_instance_uid
 
@@ -670,9 +675,10 @@ def test_fast_sr_equals_highdicom(seg_type, baseline, tmp_path):
     _, ct, labels, vols, _, _ = baseline
     built = build_seg_frames(ct, labels, vols, MODEL, seg_type=seg_type)
     assert built.frames is not None  # the SR need not read the SEG's frames back
-    variants = {"plain": build_measurement_sr(ct, built.dataset, vols, MODEL, fast=False),
-                "fast": build_measurement_sr(ct, built.dataset, vols, MODEL),
-                "fast-frames": build_measurement_sr(ct, built.dataset, vols, MODEL, frames=built.frames)}
+    variants = {"plain": build_measurement_sr(ct, built.dataset, vols, MODEL, fast=False, facts=PRE_OP),
+                "fast": build_measurement_sr(ct, built.dataset, vols, MODEL, facts=PRE_OP),
+                "fast-frames": build_measurement_sr(ct, built.dataset, vols, MODEL, frames=built.frames,
+                                                    facts=PRE_OP)}
     assert isinstance(variants["fast"].get_item(0x0040A730), RawDataElement)  # the splice ran
     for name, ds in variants.items():
         _fixed_time(ds)
@@ -850,3 +856,57 @@ def test_change_sr_states_the_total_change_fracture_type_and_days_since_surgery(
     assert other.SOPInstanceUID != again.SOPInstanceUID
     again.save_as(tmp_path / "again.dcm", enforce_file_format=True)
     assert dciodvfy_errors(tmp_path / "again.dcm") == []
+
+
+def _time_points(sr: Dataset) -> set[tuple[str, str, str]]:
+    """(Time Point, Time Point Type code, Subject Time Point Identifier) of every group's TID 1502."""
+    out = set()
+    for g in measurement_groups(sr):
+        [text], [kind], [ident] = children(g, "C2348792"), children(g, "126072"), children(g, "126070")
+        out.add((str(text.TextValue), str(kind.ConceptCodeSequence[0].CodeValue), str(ident.TextValue)))
+    return out
+
+
+def test_measurement_sr_states_the_registrys_time_point_and_fracture(baseline, followup, tmp_path):
+    """A study the registry's surgery date places: every group's TID 1502 says pre-operative, or
+    post-operative with the days since surgery (CID 6146 codes), with the study date as the subject's
+    time point identifier and no Time Point Order; the QA group gives the fractured side and the
+    fracture type. dciodvfy and dcmqi read both SRs; dcmqi lists no extra measurement."""
+    pre, post_root = baseline[5], followup[0]
+    post = dcmread(post_root / "sr.dcm")
+    assert _time_points(pre) == {("Pre-operative (surgery 2024-01-10)", "262068006", "20240105")}
+    assert _time_points(post) == {("Post-operative day 116 (surgery 2024-01-10)", "262061000", "20240505")}
+    for sr, name in ((pre, "pre"), (post, "post")):
+        assert not [i for i in content_items(sr) if concept(i) == "126073"]  # no Time Point Order
+        qa = _group_named(sr, "Quality assurance")
+        side = children(qa, codes.QA_FRACTURED_SIDE.value)[0].ConceptCodeSequence[0]
+        assert (side.CodeValue, side.CodeMeaning) == (codes.LEFT.value, "Left")
+        assert children(qa, codes.FRACTURE_TYPE.value)[0].ConceptCodeSequence[0].CodeValue == "FNF"
+        sr.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        assert dciodvfy_errors(tmp_path / f"{name}.dcm") == []
+        read = tid1500(tmp_path / f"{name}.dcm", tmp_path / f"{name}.json")
+        quantities = {m["quantity"]["CodeValue"] for g in read["Measurements"] for m in g["measurementItems"]}
+        assert not quantities & {"126073", "C2348792", "126070"}
+        assert len(read["Measurements"]) == len(measurement_groups(sr))
+
+
+def test_measurement_sr_without_registry_facts_states_none(baseline):
+    """No registry row: no time point, no fractured side or type (nothing guessed); a surgery date
+    without a study date places nothing either. Each fact shown is part of the SR's UID, so a registry
+    row that arrives, or changes, after an SR was sent gives the re-run's SR another UID."""
+    _, ct, _, vols, seg, with_facts = baseline
+    bare = build_measurement_sr(ct, seg, vols, MODEL)
+    assert not [i for i in content_items(bare)
+                if concept(i) in ("C2348792", "126072", "126070", "QAFXSIDE", "FXTYPE")]
+    undated = PRE_OP.model_copy(update={"study_date": None})
+    assert undated.time_point is None
+    sr = build_measurement_sr(ct, seg, vols, MODEL, facts=undated)
+    assert not [i for i in content_items(sr) if concept(i) == "C2348792"]
+    assert children(_group_named(sr, "Quality assurance"), "FXTYPE")
+    variants = [ClinicalTimePoint(), PRE_OP.model_copy(update={"fracture_type": None}), PRE_OP,
+                PRE_OP.model_copy(update={"fracture_type": "ITF"}),
+                PRE_OP.model_copy(update={"surgery_date": "20240101"})]  # now a post-operative CT
+    uids = [measurement_sr_uid(ct, vols, MODEL, f) for f in variants]
+    assert len(set(uids)) == len(variants)
+    assert uids[0] == bare.SOPInstanceUID and uids[2] == with_facts.SOPInstanceUID
+    assert bare.SeriesInstanceUID == with_facts.SeriesInstanceUID  # the same series, another instance

@@ -33,11 +33,13 @@ from seg.dates import display_date
 from seg.header import SeriesHeader
 from seg.records import (
     ChangeRecord,
+    ClinicalTimePoint,
     MetalLocation,
     ModelInfo,
     StructureChange,
     StructureVolume,
     StudyRef,
+    TimePoint,
     VolumeQA,
     VolumeRecord,
 )
@@ -140,29 +142,66 @@ def test_pre_operative_page_shows_the_registrys_fractured_side(studies):
     """A page without a comparison shows the fractured side it is given (the registry's), and says
     when there is none; a page with a side is other content, under its own UID."""
     _, ct, vols, without, _ = studies["b"]
-    lines = header_lines(vols, MODEL, ct.header, None, "left", 21, 1.0, None)
+    left = ClinicalTimePoint(fractured_side="left")
+    lines = header_lines(vols, MODEL, ct.header, None, left, 21, 1.0, None)
     assert "Fractured side: left" in lines[1][0]
-    unknown = header_lines(vols, MODEL, ct.header, None, None, 21, 1.0, None)
+    unknown = header_lines(vols, MODEL, ct.header, None, ClinicalTimePoint(), 21, 1.0, None)
     assert "Fractured side: not recorded" in unknown[1][0]
-    with_side = build_summary(ct, vols, MODEL, fractured_side="left")
+    with_side = build_summary(ct, vols, MODEL, facts=left)
     assert with_side.SeriesInstanceUID == without.SeriesInstanceUID
     assert with_side.SOPInstanceUID != without.SOPInstanceUID
     assert not np.array_equal(with_side.pixel_array, without.pixel_array)
     change = studies["change"]  # a comparison's side wins: pairing took it from the same registry
-    compared = header_lines(vols, MODEL, ct.header, change, "left", 21, 1.0, None)
+    compared = header_lines(vols, MODEL, ct.header, change, left, 21, 1.0, None)
     assert "Fractured side: right" in compared[1][0]
+
+
+def test_page_without_comparison_shows_the_registrys_fracture_and_time_point(studies):
+    """The pre-operative page's header gives the fracture type and the surgery date as the follow-up
+    page's does, and says the study is pre-operative; a post-operative study without a comparison
+    gives its post-operative day; a surgery date that cannot place the study (no study date) is shown
+    alone; facts the registry lacks are not shown. Each fact shown is in the page's UID."""
+    _, ct, vols, without, _ = studies["b"]  # the baseline CT of 2024-01-10
+
+    def when(facts: ClinicalTimePoint) -> str:
+        return header_lines(vols, MODEL, ct.header, None, facts, 21, 1.0, None)[1][0]
+
+    pre = ClinicalTimePoint(fractured_side="right", fracture_type="FNF", surgery_date="20240112",
+                            study_date="20240110")
+    assert when(pre) == ("Study date: 2024-01-10     Fractured side: right (FNF)     "
+                         "pre-operative (surgery 2024-01-12)")
+    post = pre.model_copy(update={"surgery_date": "20240102"})
+    assert when(post).endswith("Fractured side: right (FNF)     post-op day 8 (surgery 2024-01-02)")
+    # on the surgery day, where pairing's metal rule placed it (dicomnode.clinical.surgery_day)
+    same_day = pre.model_copy(update={"surgery_date": "20240110"})
+    assert when(same_day).endswith("Fractured side: right (FNF)     surgery 2024-01-10")  # not placed
+    for placed, text in ((TimePoint.PREOPERATIVE, "pre-operative"),
+                         (TimePoint.POSTOPERATIVE, "post-op day 0")):
+        assert when(same_day.model_copy(update={"surgery_day": placed})).endswith(
+            f"{text} (surgery 2024-01-10)")
+    undated = pre.model_copy(update={"study_date": None})
+    assert when(undated).endswith("Fractured side: right (FNF)     surgery 2024-01-12")
+    assert when(ClinicalTimePoint()) == "Study date: 2024-01-10     Fractured side: not recorded"
+    pages = [build_summary(ct, vols, MODEL, facts=f)
+             for f in (pre, pre.model_copy(update={"fracture_type": None}), post)]
+    uids = {p.SOPInstanceUID for p in pages} | {without.SOPInstanceUID}
+    assert len(uids) == 4  # the page without facts and three pages with other facts: four UIDs
+    assert {p.SeriesInstanceUID for p in pages} == {without.SeriesInstanceUID}
+    assert not np.array_equal(pages[0].pixel_array, pages[1].pixel_array)
 
 
 def test_header_has_patient_id_and_readable_dates(studies):
     _, ct, vols, _, _ = studies["f"]
     change = studies["change"]
-    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.header, change, None, 21, 1.0, None)]
+    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.header, change, ClinicalTimePoint(), 21,
+                                                 1.0, None)]
     assert lines[0] == (f"Patient ID: {PATIENT['patient_id']}     Name: Summary, Test     Sex: M     "
                         f"Age: {vols.age_years} y     Accession: {ct.header.accession_number}")
     assert lines[1] == "Study date: 2024-04-10     Fractured side: right"
     assert lines[2].startswith(f"Compared with the study of 2024-01-10, {change.days_between} days earlier")
     facts = change.with_facts(fracture_type="ITF", surgery_date="20240112")
-    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.header, facts, None, 21, 1.0, None)]
+    lines = [text for text, _, _ in header_lines(vols, MODEL, ct.header, facts, ClinicalTimePoint(), 21,
+                                                 1.0, None)]
     assert lines[1] == ("Study date: 2024-04-10     Fractured side: right (ITF)     "
                         "post-op day 89 (surgery 2024-01-12)")
     assert [display_date(v) for v in ("20240110", "", None, "2024")] == ["2024-01-10", "unknown", "unknown",

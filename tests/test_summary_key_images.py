@@ -165,9 +165,10 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
     from dicomnode.clinical import registry
     from dicomnode.config import Settings
     from dicomnode.processing.pipeline import JobInput, report
+    from reporting.sr import SR_SERIES_NUMBER
     from reporting.summary import SUMMARY_SERIES_NUMBER, _key_studies
     from seg.labels import by_name
-    from seg.records import ChangeRecord, VolumeRecord
+    from seg.records import ChangeRecord, ClinicalTimePoint, VolumeRecord
 
     settings = Settings(storage_dir=tmp_path / "var", pairing={"retrieve_priors": False})
     csv = tmp_path / "registry.csv"
@@ -182,6 +183,7 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
     f_study = str(f_ct.header.study_instance_uid)
 
     summaries: dict[str, list[pydicom.Dataset]] = {}  # per study, the summaries sent into it
+    measurement_srs: dict[str, pydicom.Dataset] = {}  # per study, its measurement SR
 
     def run(job_id: int, files: list[Path], ct: Volume, labels: Volume) -> list[pydicom.Dataset]:
         """One job through the pipeline; the follow-up study's summaries among the objects to send."""
@@ -192,20 +194,31 @@ def test_node_follow_up_summary_shows_pre_and_post(tmp_path: Path, order: str) -
         for ds in sent:
             if ds.SeriesNumber == SUMMARY_SERIES_NUMBER:
                 summaries.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+            if ds.SeriesNumber == SR_SERIES_NUMBER:
+                measurement_srs[str(ds.StudyInstanceUID)] = ds
         return [ds for ds in sent
                 if ds.SeriesNumber == SUMMARY_SERIES_NUMBER and ds.StudyInstanceUID == f_study]
 
     studies = [(b_files, b_ct, b_labels), (f_files, f_ct, f_labels)]
     first, second = [run(i + 1, *s) for i, s in enumerate(studies if order == "in-order" else studies[::-1])]
-    if order == "in-order":  # the baseline's own page, without a comparison: the registry's fractured side
+    if order == "in-order":  # the baseline's own page, without a comparison: the registry's facts
         from reporting.summary import build_summary
 
         (b_page,) = summaries[str(b_ct.header.study_instance_uid)]
         b_vols = VolumeRecord.load(settings.storage_dir / "results" / str(b_ct.header.series_instance_uid)
                                    / "volumes.json")
-        with_side = build_summary(b_ct, b_vols, MODEL, fractured_side="right")
-        assert b_page.SOPInstanceUID == with_side.SOPInstanceUID
+        facts = ClinicalTimePoint(fractured_side="right", fracture_type="ITF", surgery_date="20240115",
+                                  study_date="20240101")
+        with_facts = build_summary(b_ct, b_vols, MODEL, facts=facts)
+        assert b_page.SOPInstanceUID == with_facts.SOPInstanceUID
         assert b_page.SOPInstanceUID != build_summary(b_ct, b_vols, MODEL).SOPInstanceUID
+        side_only = ClinicalTimePoint(fractured_side="right")
+        assert b_page.SOPInstanceUID != build_summary(b_ct, b_vols, MODEL, facts=side_only).SOPInstanceUID
+    # each study's measurement SR says where the registry's surgery date places it (one reading per job)
+    time_points = {study: {str(i.TextValue) for i in _items(sr) if _code(i) == "C2348792"}
+                   for study, sr in measurement_srs.items()}
+    assert time_points == {str(b_ct.header.study_instance_uid): {"Pre-operative (surgery 2024-01-15)"},
+                           f_study: {"Post-operative day 138 (surgery 2024-01-15)"}}
     (sc,) = second  # the follow-up's page with the comparison, once
     if order == "late-baseline":  # its page alone first; then a new instance of that series, pre and post
         (alone,) = first
@@ -286,3 +299,14 @@ def test_page_without_comparison_marks_the_fractured_side(study):
     fig = key_images_figure(_key_studies(ct, labels, None, None), "left", mark="fractured")
     marks = [t.get_text() for ax in fig.axes for t in ax.texts if "▼" in t.get_text()]
     assert marks == ["▼ fractured (left)"] * len(KEY_LEVELS)
+
+
+def _items(ds):
+    """Every SR content item, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def _code(item) -> str:
+    return str(item.ConceptNameCodeSequence[0].CodeValue)

@@ -17,12 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicomnode.clinical import surgery_day
 from dicomnode.config import Settings
 from dicomnode.db import opened
 from seg.dates import da_date
 from seg.header import SeriesHeader
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
-from seg.records import FractureType, LeftRight, Reason, ReasonCode, Sex
+from seg.records import ClinicalTimePoint, FractureType, LeftRight, Reason, ReasonCode, Sex, VolumeQA
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,17 @@ class Resolved:
     surgery_date: str | None
     koval_grade: int | None
     notes: list[Reason] = field(default_factory=list)
+
+    def time_point(self, study_date: str | None, qa: VolumeQA | None) -> ClinicalTimePoint:
+        """The facts a page or measurement SR of a study dated ``study_date`` shows (fracture side and
+        type, surgery date and, with both dates, pre- or post-operative; on the surgery day as its QA's
+        metal places it, the rule pairing follows): built once per job."""
+        on_the_day = None
+        if self.surgery_date and study_date == self.surgery_date:
+            on_the_day = surgery_day.place(qa, self.surgery_date, self.fractured_side).time_point
+        return ClinicalTimePoint(fractured_side=self.fractured_side, fracture_type=self.fracture_type,
+                                 surgery_date=self.surgery_date, study_date=study_date or None,
+                                 surgery_day=on_the_day)
 
 
 @dataclass

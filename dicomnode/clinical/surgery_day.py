@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from seg.records import LeftRight, Reason, ReasonCode, VolumeQA, other_side
+from seg.records import LeftRight, Reason, ReasonCode, TimePoint, VolumeQA, other_side
 
 
 class Placement(StrEnum):
@@ -32,6 +32,12 @@ class SurgeryDayStudy:
 
     placement: Placement
     reason: Reason
+
+    @property
+    def time_point(self) -> TimePoint | None:
+        """The time point the outputs state for it (None: not placed)."""
+        return {Placement.PREOPERATIVE: TimePoint.PREOPERATIVE,
+                Placement.POSTOPERATIVE: TimePoint.POSTOPERATIVE}.get(self.placement)
 
 
 def place(qa: VolumeQA | None, surgery_date: str, fractured_side: LeftRight | None) -> SurgeryDayStudy:

@@ -27,7 +27,7 @@ from dicomnode.commands.common import (
 )
 from seg import recipe
 from seg.preprocess_config import ImageResampling
-from seg.records import CSV_COLUMNS, Evaluation, LeftRight, ModelInfo, VolumeRecord
+from seg.records import CSV_COLUMNS, ClinicalTimePoint, Evaluation, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
     from dicomnode.config import Settings
@@ -147,7 +147,7 @@ def _load(case: Case) -> Volume:
 
 def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: VolumeRecord,
                         model_info: ModelInfo, out: Path, results: Path | None = None,
-                        fractured_side: LeftRight | None = None) -> list[Path]:
+                        facts: ClinicalTimePoint = ClinicalTimePoint()) -> list[Path]:
     """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm.
 
     ``results``: the series' results folder in the node's storage: the series is recorded for pairing
@@ -165,7 +165,7 @@ def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: 
         raise ValueError("--dicom needs a DICOM series (a NIfTI CT has no study to attach to)")
     pair = _no_pairing if results is None else (
         lambda seg, sr: _record_for_pairing(settings, ct, results, seg, sr))
-    built = build_outputs(settings, ct, labels, record, model_info, pair=pair, fractured_side=fractured_side)
+    built = build_outputs(settings, ct, labels, record, model_info, pair=pair, facts=facts)
     paths = [_save(ds, out) for ds in built.datasets]
     if settings.output.followup_sr:
         seg_ds = built.datasets[0]  # the change SR outlines each muscle from this study's SEG
@@ -192,14 +192,14 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
         out = results_dir(settings, series_uid)
     labels = run_segment(ct, pkg, progress=progress)
     model_info = pkg.info
-    side: LeftRight | None = None
+    facts = ClinicalTimePoint()
     if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
         rec = measure_volumes(labels, ct, model=model_info)
     else:  # as the node: its clinical registry first, then PatientSize
-        facts = facts_for(settings, ct.header)
-        side = facts.fractured_side
-        rec = measure_volumes(labels, ct, height_m=facts.height_m, height_source=facts.height_source,
+        resolved = facts_for(settings, ct.header)
+        rec = measure_volumes(labels, ct, height_m=resolved.height_m, height_source=resolved.height_source,
                               model=model_info)
+        facts = resolved.time_point(ct.header.study_date, rec.qa)
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_nifti(labels, out / "labels.nii.gz")
@@ -210,7 +210,7 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
         dicom_out = out / ("outputs" if record else "dicom")
         try:
             write_dicom_outputs(settings, ct, labels, rec, model_info, dicom_out,
-                                results=out if record else None, fractured_side=side)
+                                results=out if record else None, facts=facts)
         except (OSError, ValueError, TypeError) as exc:
             raise CaseOutputError(f"volumes written to {out}, but not the SEG, SR and summary: "
                                   f"{type(exc).__name__}: {exc}") from exc

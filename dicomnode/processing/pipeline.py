@@ -27,7 +27,7 @@ from dicomnode.clinical.registry import facts_for
 from dicomnode.config import Settings
 from dicomnode.processing.forkwrite import BackgroundWrite
 from dicomnode.processing.phases import PhaseLog
-from seg.records import ChangeRecord, LeftRight, ModelInfo, VolumeRecord
+from seg.records import ChangeRecord, ClinicalTimePoint, ModelInfo, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -272,15 +272,16 @@ def _not_written(change: ChangeRecord | None) -> Path | None:
 
 def summary_page(ct: Any, labels: Any, record: VolumeRecord, model_info: ModelInfo,
                  change: ChangeRecord | None = None, baseline: tuple[Any, Any] | None = None,
-                 fractured_side: LeftRight | None = None) -> Any:
+                 facts: ClinicalTimePoint = ClinicalTimePoint()) -> Any:
     """The summary page of a series (with ``change``, and ``baseline``'s key images, for a follow-up;
-    ``fractured_side``: the registry's, :func:`~dicomnode.clinical.registry.facts_for`; a page
-    without a comparison says which hip broke too): one call for
-    :func:`build_outputs` and the node's :class:`SummaryDraft`, so the two are one page."""
+    ``facts``: the registry's, :meth:`~dicomnode.clinical.registry.Resolved.time_point`; a page
+    without a comparison says which hip broke, how, and when the study was taken relative to the
+    surgery too): one call for :func:`build_outputs` and the node's :class:`SummaryDraft`, so the two
+    are one page."""
     from reporting.summary import build_summary
 
     return build_summary(ct, record, model_info, change=change, labels=labels, baseline=baseline,
-                         fractured_side=fractured_side)
+                         facts=facts)
 
 
 SRBeside = Callable[[Callable[[], Any]], Callable[[], Any]]
@@ -291,7 +292,8 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
                   baseline: Callable[[ChangeRecord], tuple[Any, Any] | None] = _no_baseline,
                   phases: PhaseLog | None = None, seg_built: Callable[[Any], None] = _ignore,
                   summary_written: Callable[[ChangeRecord | None], Path | None] = _not_written,
-                  sr_beside: SRBeside | None = None, fractured_side: LeftRight | None = None) -> BuiltOutputs:
+                  sr_beside: SRBeside | None = None,
+                  facts: ClinicalTimePoint = ClinicalTimePoint()) -> BuiltOutputs:
     """The SEG, SR and summary of one series, built once here for the node and ``segment --dicom``.
 
     Why one function: offline outputs must equal what the node sends, UIDs included. ``pair`` records
@@ -302,7 +304,8 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
     ``sr_beside`` starts the SR's build (the function it gets) elsewhere and returns a function that
     waits for the SR: the node builds it in a forked child while the SEG's frames are encoded, from
     the SEG's header and frame index, all it needs of the SEG (:class:`reporting.seg.BuiltSeg`);
-    without it the SR is built here after the SEG. ``fractured_side``: the registry's, for the page.
+    without it the SR is built here after the SEG. ``facts``: the registry's, read once by the job,
+    for the SR and the page.
     ``summary_written`` is asked first for the summary
     with the comparison pairing found (None: none): the file when it is written already (the node's
     :class:`SummaryDraft`; it is then not in ``datasets``), else None and the summary is built here.
@@ -321,12 +324,13 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
                                      defer_frames=sr_beside is not None)
         if sr_beside is not None:
             sr_done = sr_beside(lambda: build_measurement_sr(ct, built_seg.header, record, model_info,
-                                                             frames=built_seg.frames))
+                                                             frames=built_seg.frames, facts=facts))
         seg_ds = built_seg.dataset  # the frames encoded (while the SR is built beside)
     seg_built(seg_ds)
     with phases.phase("SR encoding"):  # what the SEG's frames hold, known from its build: no read-back
         if sr_done is None:
-            sr_ds = build_measurement_sr(ct, seg_ds, record, model_info, frames=built_seg.frames)
+            sr_ds = build_measurement_sr(ct, seg_ds, record, model_info, frames=built_seg.frames,
+                                         facts=facts)
         else:  # what is left of it: the wait for the build beside
             sr_ds = sr_done()
     changes = pair(seg_ds, sr_ds)
@@ -337,7 +341,7 @@ def build_outputs(settings: Settings, ct: Any, labels: Any, record: VolumeRecord
             pre = baseline(baseline_change) if baseline_change is not None else None
             with phases.phase("summary encoding"):
                 datasets.append(summary_page(ct, labels, record, model_info, baseline_change, pre,
-                                             fractured_side))
+                                             facts))
     return BuiltOutputs(datasets=datasets, changes=changes)
 
 
@@ -388,9 +392,9 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
                                  model=model_info)
     out_dir = results_dir(settings, job.series_instance_uid)
     out_dir.mkdir(parents=True, exist_ok=True)
-    side = facts.fractured_side
+    clinical = facts.time_point(ct.header.study_date, record.qa)  # what the SR and the page show of it
     draft = SummaryDraft(out_dir / "summary-draft",
-                         lambda: summary_page(ct, labels, record, model_info, fractured_side=side),
+                         lambda: summary_page(ct, labels, record, model_info, facts=clinical),
                          phases) if settings.output.summary else None
     label_file = out_dir / "labels.nii.gz"  # a later study's summary shows it as "pre"
     labels_saved: BackgroundWrite | None = None
@@ -400,7 +404,7 @@ def report(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: 
             # compressed by a child while the SEG is built; on disk before pairing records the result
             labels_saved = BackgroundWrite(lambda: _save_labels(labels, label_file), label_file)
         return _report_outputs(job, settings, ct, labels, model_info, record, out_dir, phases, draft,
-                               labels_saved.wait, side)
+                               labels_saved.wait, clinical)
     finally:
         if labels_saved is not None:
             labels_saved.wait()  # complete either way: a later job may read it
@@ -507,7 +511,7 @@ class _OutputHandOff:
 
 def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, model_info: ModelInfo,
                     record: VolumeRecord, out_dir: Path, phases: PhaseLog, draft: SummaryDraft | None,
-                    results_saved: Callable[[], Any], fractured_side: LeftRight | None) -> JobOutput:
+                    results_saved: Callable[[], Any], facts: ClinicalTimePoint) -> JobOutput:
     """:func:`report` from the measured volumes on: the DICOM outputs, pairing and follow-up SRs
     (``results_saved`` returns once the results folder is complete: before pairing records it)."""
     from reporting.sr import measurement_sr_uid
@@ -532,8 +536,9 @@ def _report_outputs(job: JobInput, settings: Settings, ct: Any, labels: Any, mod
             settings, ct, labels, record, model_info, pair=pair, baseline=baseline, phases=phases,
             seg_built=hand_off.seg_built,
             summary_written=lambda change: hand_off.summary_written(draft, change),
-            sr_beside=lambda build: hand_off.sr_beside(measurement_sr_uid(ct, record, model_info), build),
-            fractured_side=fractured_side)
+            sr_beside=lambda build: hand_off.sr_beside(measurement_sr_uid(ct, record, model_info, facts),
+                                                       build),
+            facts=facts)
     finally:
         hand_off.cancel_pending()
     with phases.phase("outputs write"):
