@@ -22,6 +22,7 @@ from seg.records import (
     HEIGHT_CODES,
     SIDES,
     ChangeRecord,
+    ClinicalTimePoint,
     LeftRight,
     Reason,
     ReasonCode,
@@ -30,6 +31,7 @@ from seg.records import (
     SideTotalChange,
     StructureChange,
     StudyRef,
+    TimePoint,
     TotalChange,
     VolumeQA,
     VolumeRecord,
@@ -43,10 +45,12 @@ def _days(pre_date: str | None, post_date: str | None) -> int | None:
 
 
 def days_since_surgery(change: ChangeRecord) -> int | None:
-    """Days from the registry's surgery date to the follow-up CT; None when either is unknown or the
-    CT is dated before the surgery (then it is no post-operative study)."""
-    days = _days(change.surgery_date, change.followup.study_date)
-    return None if days is None or days < 0 else days
+    """Days from the registry's surgery date to the follow-up CT, by the time-point rule every output
+    follows (:class:`~seg.records.ClinicalTimePoint`; a compared study on the surgery day is
+    post-operative, pairing placed it there); None when either date is unknown or the CT is dated
+    before the surgery (then it is no post-operative study)."""
+    return ClinicalTimePoint(surgery_date=change.surgery_date, study_date=change.followup.study_date,
+                             surgery_day=TimePoint.POSTOPERATIVE).days_since_surgery
 
 
 def _loss_pct(pre: float | None, post: float | None) -> float | None:
