@@ -62,6 +62,10 @@ def _header_value(ds, key: str) -> HeaderValue | None:
             return None
     if key in ("StudyDate", "PatientBirthDate"):  # pairing orders and subtracts these: one form
         return da_date(v)
+    from pydicom.multival import MultiValue
+
+    if isinstance(v, MultiValue):  # a backslash in a one-valued text (a name): as written, not a list's repr
+        return "\\".join(str(x) for x in v)
     return str(v)
 
 

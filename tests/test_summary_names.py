@@ -24,6 +24,7 @@ from reporting.summary import build_summary, header_lines, page_figure, rasteris
 from seg.io import load_dicom_series, load_nifti
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.records import ClinicalTimePoint
 
 KOREAN = "Hong^Gildong=洪^吉洞=홍^길동"
 KOREAN_ONLY = "=洪^吉洞=홍^길동"  # no alphabetic group
@@ -83,7 +84,7 @@ def test_korean_name_is_drawn_or_said_not_shown(phantom, tmp_path, charset, name
     ct, vols = _named_series(phantom, tmp_path, charset, name)
     assert ct.header.patient_name == name  # decoded from the file's character set
     expected = "Hong, Gildong" if name == KOREAN else _expected(name)
-    who = header_lines(vols, MODEL, ct.header, None, None, 21, 1.0, None)[0][0]
+    who = header_lines(vols, MODEL, ct.header, None, ClinicalTimePoint(), 21, 1.0, None)[0][0]
     assert f"     Name: {expected}     " in who
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -130,3 +131,12 @@ def test_dollar_signs_in_a_name_are_drawn_as_written(phantom, tmp_path):
     who = next(t for t in fig.axes[0].texts if t.get_text().startswith("Patient ID: "))
     assert "Name: Smith${$, Jo$x_2$" in who.get_text()
     rasterise(fig)  # raised ValueError (mathtext) before the header lines were drawn as plain text
+
+
+def test_a_backslash_in_a_name_is_shown_as_written(phantom, tmp_path):
+    """A backslash (DICOM's value delimiter) in PatientName makes pydicom read a list: the header and
+    the page keep the text as written, not the list's Python repr "['Smith', 'Jones^Jo']"."""
+    ct, vols = _named_series(phantom, tmp_path, "ISO_IR 192", "Smith\\Jones^Jo")
+    assert ct.header.patient_name == "Smith\\Jones^Jo"
+    who = header_lines(vols, MODEL, ct.header, None, ClinicalTimePoint(), 21, 1.0, None)[0][0]
+    assert "     Name: Smith\\Jones, Jo     " in who
