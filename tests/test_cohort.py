@@ -46,12 +46,12 @@ def _ref(study: str, date: str) -> StudyRef:
     return StudyRef(study_instance_uid=study, series_instance_uid=f"{study}.1", study_date=date)
 
 
-def _cohort(seed: int = 7) -> tuple[list[CohortEntry], dict[str, dict]]:
+def _cohort(seed: int = 7, composition=COMPOSITION) -> tuple[list[CohortEntry], dict[str, dict]]:
     """Entries as pairing.cohort_entries returns them, plus the truth per patient."""
     rng = np.random.default_rng(seed)
     entries, truth = [], {}
     n = 0
-    for fracture, sex, count in COMPOSITION:
+    for fracture, sex, count in composition:
         for _ in range(count):
             n += 1
             pid = f"C{n:02d}"
@@ -458,8 +458,9 @@ def test_csvs_have_named_columns_and_integer_counts(written) -> None:
     patients = _csv_rows(written["patients"])
     grades = [r[patients[0].index("koval_grade")] for r in patients[1:]]
     assert "" in grades and any(g.isdigit() for g in grades)
-    for name in ("table2_total_loss", "table2_across_muscles"):
-        n_row = next(r for r in _csv_rows(written[name]) if r[0] == "n")
+    for name, label in (("table1_composition", "n"), ("table2_total_loss", "n"),
+                        ("table2_across_muscles", "n muscles"), ("table2_across_muscles", "n patients")):
+        n_row = next(r for r in _csv_rows(written[name]) if r[0] == label)
         assert all(v.isdigit() for v in n_row[1:]), (name, n_row)
 
 
@@ -701,8 +702,8 @@ def test_every_table_and_figure_lists_the_muscles_in_the_papers_order(cohort) ->
     from reporting.cohort.figures import figures
 
     report, _, _ = cohort
-    assert list(report.table1.index[:-1]) == PAPER_ORDER
-    assert list(report.table3.columns[:-1]) == PAPER_ORDER
+    assert list(report.table1.index[1:-1]) == PAPER_ORDER  # after the n row, before the sum
+    assert list(report.table3.columns[1:-1]) == PAPER_ORDER  # after the n column, before the total
     assert list(report.loss_ratio_by_fracture.index[:-1]) == PAPER_ORDER
     tests = (report.wilcoxon, report.mannwhitney, report.mannwhitney_sex, report.bootstrap, report.sides)
     for table in tests:
@@ -741,3 +742,152 @@ def test_a_less_comparable_pair_stays_in_the_tables_and_is_named() -> None:
     flagged = report.patients.set_index("patient_id")["comparability"]
     assert flagged["C03"] == "coverage-differs" and (flagged.drop("C03") == "").all()
     assert any(n.startswith("1 patient(s) with 'coverage-differs'") for n in report.notes)
+
+
+# ---------------------------------------------------------------- how many patients, how each p
+
+
+def _page_table(page: str, heading: str) -> list[list[str]]:
+    """The rows of the first table after ``heading`` on the page."""
+    parser = _Tables()
+    start = page.index(heading)
+    parser.feed(page[start : page.index("</table>", start) + len("</table>")])
+    return parser.tables[0]
+
+
+def _foot_after(page: str, heading: str) -> str:
+    """The footnote line under the first table after ``heading``."""
+    start = page.index("</table>", page.index(heading)) + len("</table>")
+    foot = re.search(r"<p class='foot'>(.*?)</p>", page[start:])
+    assert foot and foot.start() <= 1, page[start : start + 200]  # right under that table
+    return foot.group(1)
+
+
+def test_tables_1_and_3_show_the_patients_each_figure_rests_on(tmp_path) -> None:
+    """Table 1 has an n row per group; Table 3 an n per row, which is smaller for the adjusted row when
+    a height is missing; a muscle's cell resting on fewer patients than its row is named in a note."""
+    entries, truth = _cohort()
+    by_id = {e.patient_id: i for i, e in enumerate(entries)}
+    tall = entries[by_id["C07"]]  # Female ITF: no height, so no adjusted figure
+    no_height = tall.change.model_copy(update={"height_m": None})
+    entries[by_id["C07"]] = tall.model_copy(update={"change": no_height})
+    gone = entries[by_id["C08"]].change  # Female ITF: piriformis measured 0 cm³ on both CTs
+    gone = gone.model_copy(update={"structures": tuple(
+        s.model_copy(update={"pre_cm3": 0.0, "post_cm3": 0.0}) if s.name == "piriformis" else s
+        for s in gone.structures)})
+    entries[by_id["C08"]] = entries[by_id["C08"]].model_copy(update={"change": gone})
+    report = build_cohort(entries, n_boot=20)
+    assert report.table1.loc["n"].to_dict() == report.group_sizes
+    t3 = report.table3
+    assert t3.loc[("Raw loss (cm³)", "Female ITF"), "n"] == 10
+    assert t3.loc[("Adjusted loss (cm³/m²)", "Female ITF"), "n"] == 9
+    assert t3.loc[("Loss ratio (%)", "Female ITF"), "n"] == 10
+    assert t3.loc[("Adjusted loss (cm³/m²)", "Male ITF"), "n"] == 2
+    lab = LABEL_OF["vastus_lateralis"]
+    with_height = [p for p, t in truth.items() if t["group"] == "Female ITF" and p != "C07"]
+    assert t3.loc[("Adjusted loss (cm³/m²)", "Female ITF"), "Vastus lateralis"] == pytest.approx(np.mean(
+        [(sum(truth[p]["pre"][lab]) - sum(truth[p]["post"][lab])) / truth[p]["height"] ** 2
+         for p in with_height]))
+    assert "Table 3, Loss ratio (%), Female ITF: Piriformis rests on 9 of 10 patients" in report.notes
+    assert sum("rests on" in n for n in report.notes) == 1  # only that cell
+    written = write_report(report, tmp_path / "out")
+    rows = _csv_rows(written["table3_per_muscle"])
+    assert rows[0][:3] == ["measure", "group", "n"]
+    assert [r[2] for r in rows[1:]] == [str(int(v)) for v in t3["n"]] and "9" in [r[2] for r in rows[1:]]
+    assert _csv_rows(written["table1_composition"])[1] == ["n", "4", "2", "2", "10"]
+    page = written["html"].read_text()
+    n_row = next(r for r in _page_table(page, "Table 3. Per-muscle mean loss") if r[0] == "n")
+    assert n_row[1:] == [str(int(v)) for v in t3["n"]]
+    n_row = next(r for r in _page_table(page, "Table 1. Pre-operative composition") if r[0] == "n")
+    assert n_row[1:] == ["4", "2", "2", "10"]
+
+
+def test_paper_variant_of_table2_counts_muscles_not_patients(cohort, written) -> None:
+    """The paper variant describes 21 per-muscle means: its count reads "n muscles" (21), beside the
+    patients behind each mean, so no one takes 21 for the number of patients."""
+    report, _, _ = cohort
+    t = report.table2_across_muscles
+    assert "n" not in t.index and list(t.index[:2]) == ["n muscles", "n patients"]
+    assert (t.loc["n muscles"] == 21).all()
+    for kind in ("Raw (cm³)", "Adjusted (cm³/m²)"):
+        assert {g: t.loc["n patients", (kind, g)] for g in GROUPS} == report.group_sizes
+    labels = [r[0] for r in _csv_rows(written["table2_across_muscles"])]
+    assert "n" not in labels and {"n muscles", "n patients"} <= set(labels)
+    page = written["html"].read_text()
+    rows = _page_table(page, "Table 2 (paper variant)")
+    assert [r[0] for r in rows if r[0].startswith("n")] == ["n muscles", "n patients"]
+    assert "counts muscles, not patients" in _section(page, "Table 2 (paper variant)")
+
+
+def test_rank_tests_name_how_each_p_was_computed() -> None:
+    """Each p is scipy's default one, and its label says how scipy computes it: exact without ties
+    (signed-rank n ≤ 50; Mann–Whitney with a group of 8 or fewer), all sign flips counted with ties up
+    to 13 pairs (exact too), else the normal approximation."""
+    from reporting.cohort.ranktests import PMethod, rank_sum, signed_rank
+
+    rng = np.random.default_rng(1)
+    zeros = np.zeros
+    paired = [
+        (rng.normal(size=6), zeros(6), PMethod.EXACT),
+        (rng.normal(size=50), zeros(50), PMethod.EXACT),
+        (np.array([1.0, 2, 2, 3, -1, 4, 5, 0]), zeros(8), PMethod.EXACT),  # ties and a zero: enumerated
+        (np.r_[np.arange(1.0, 20), 3.0], zeros(20), PMethod.NORMAL),  # a tie, 20 pairs
+        (rng.normal(size=51), zeros(51), PMethod.NORMAL),
+    ]
+    for x, y, method in paired:
+        res = signed_rank(x, y)
+        assert res.method is method and res.p == pytest.approx(wilcoxon(x, y).pvalue, rel=1e-12)
+    groups = [
+        (rng.normal(size=2), rng.normal(size=10), PMethod.EXACT),
+        (rng.normal(size=8), rng.normal(size=30), PMethod.EXACT),
+        (rng.normal(size=9), rng.normal(size=9), PMethod.NORMAL),
+        (np.array([1.0, 2, 3]), np.array([3.0, 4, 5, 6]), PMethod.NORMAL),  # a tie
+    ]
+    for a, b, method in groups:
+        res = rank_sum(a, b)
+        assert res.method is method
+        assert res.p == pytest.approx(mannwhitneyu(a, b, alternative="two-sided").pvalue, rel=1e-12)
+        scipy_method = {PMethod.EXACT: "exact", PMethod.NORMAL: "asymptotic"}[method]
+        assert res.p == pytest.approx(mannwhitneyu(a, b, alternative="two-sided", method=scipy_method).pvalue)
+
+
+def test_method_line_counts_the_rows_of_each_method() -> None:
+    from reporting.cohort.ranktests import RANK_SUM, SIGNED_RANK, method_line
+
+    line = method_line(SIGNED_RANK, ["exact", "exact", "normal approximation"])
+    assert line.startswith("Test: two-sided Wilcoxon signed-rank test (zero differences dropped), scipy ")
+    assert line.endswith("p-values: exact in 2 rows, normal approximation (tie-corrected, no continuity "
+                         "correction) in 1 row (column p_method).")
+    assert method_line(RANK_SUM, ["exact"] * 3).endswith("p-values: exact in all 3 rows.")
+    assert method_line(RANK_SUM, []).endswith("p-values: none (too few patients).")
+
+
+def test_page_says_under_each_test_table_which_test_and_how_p_was_computed(tmp_path) -> None:
+    """9 FNF against 12 ITF patients: scipy's Mann–Whitney uses the normal approximation, within each
+    sex (5 vs 10, 4 vs 2) its exact distribution, the signed-rank test its exact one (n ≤ 21); each
+    table's footnote and p_method column say so, and the p-values are scipy's."""
+    composition = [("FNF", "F", 5), ("FNF", "M", 4), ("ITF", "F", 10), ("ITF", "M", 2)]
+    entries, truth = _cohort(composition=composition)
+    report = build_cohort(entries, n_boot=20)
+    assert set(report.mannwhitney["p_method"]) == {"normal approximation"}
+    assert set(report.mannwhitney_sex["p_method"]) == {"exact"}
+    assert set(report.wilcoxon["p_method"]) == set(report.sides["p_method"]) == {"exact"}
+    lab = LABEL_OF["gluteus_maximus"]
+    ratio = {p: (sum(t["pre"][lab]) - sum(t["post"][lab])) / sum(t["pre"][lab]) * 100
+             for p, t in truth.items()}
+    fnf = [ratio[p] for p, t in truth.items() if t["fracture"] == "FNF"]
+    itf = [ratio[p] for p, t in truth.items() if t["fracture"] == "ITF"]
+    row = report.mannwhitney.set_index(["muscle", "measure"]).loc[("Gluteus maximus", "loss_pct")]
+    assert row["p"] == pytest.approx(mannwhitneyu(fnf, itf, method="asymptotic").pvalue)
+    written = write_report(report, tmp_path / "out")
+    head = _csv_rows(written["stats_mannwhitney"])[0]
+    assert head[head.index("p") + 1] == "p_method"
+    page = written["html"].read_text()
+    signed = "Test: two-sided Wilcoxon signed-rank test (zero differences dropped), scipy"
+    assert _foot_after(page, "Wilcoxon signed-rank, pre vs post").startswith(signed)
+    assert _foot_after(page, "Wilcoxon signed-rank, pre vs post").endswith("exact in all 66 rows.")
+    assert _foot_after(page, "Mann–Whitney U, FNF vs ITF (").endswith(
+        "normal approximation (tie- and continuity-corrected) in all 66 rows.")
+    assert _foot_after(page, "Mann–Whitney U, FNF vs ITF within each sex").endswith("exact in all 132 rows.")
+    assert _foot_after(page, "Operated vs contralateral side").startswith(signed)
+    assert set(_html_columns(page, "p_method")) == {"exact", "normal approximation"}

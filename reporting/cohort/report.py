@@ -20,7 +20,9 @@ from reporting.cohort.baseline import baseline_table
 from reporting.cohort.collect import FRACTURES, GROUPS, collect
 from reporting.cohort.figures import FIGURE_NAMES, FLOW_FIGURE, figures, flow_png
 from reporting.cohort.flow import participant_flow
+from reporting.cohort.ranktests import RANK_SUM, SIGNED_RANK, TestKind, method_line
 from reporting.cohort.statistics import (
+    COUNT_ROWS,
     MIN_CI_N,
     SMALL_N,
     bootstrap_table,
@@ -34,6 +36,7 @@ from reporting.cohort.statistics import (
     table2,
     table2_across_muscles,
     table3,
+    table3_short_cells,
     wilcoxon_table,
 )
 from seg.records import CohortEntry
@@ -118,6 +121,7 @@ def build_cohort(
         notes.append(
             f"{no_height} patient(s) without a plausible height: left out of the adjusted (cm³/m²) figures"
         )
+    notes += table3_short_cells(long, patients)
     return CohortReport(
         patients=patients,
         long=long,
@@ -164,16 +168,18 @@ def _tidy(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     """``df`` as written to CSV/Excel, and whether its index is worth a column.
 
     Why: a RangeIndex is a row number nobody asked for; counts and grades read as ``2`` not ``2.0``
-    (nullable Int64 where a value can be missing, e.g. the Koval grade); Table 2's ``n`` row likewise.
+    (nullable Int64 where a value can be missing, e.g. the Koval grade); the count rows of Tables 1
+    and 2 (:data:`COUNT_ROWS`) and of Table 3 as the page shows it (transposed) likewise.
     """
     out = df.copy()
     for col in INTEGER_COLUMNS:
         if col in out.columns:
             out[col] = out[col].astype("Int64")
-    if "n" in out.index and "n" not in out.columns:
-        counts = [pd.NA if pd.isna(v) else int(v) for v in out.loc["n"]]
+    rows = [r for r in COUNT_ROWS if r in out.index and r not in out.columns]
+    if rows:
         out = out.astype(object)
-        out.loc["n"] = counts
+        for r in rows:
+            out.loc[r] = [pd.NA if pd.isna(v) else int(v) for v in df.loc[r]]
     return out, not isinstance(df.index, pd.RangeIndex)
 
 
@@ -197,6 +203,15 @@ def _html_table(df: pd.DataFrame, digits: int = 1) -> str:
         classes="t",
         index=not isinstance(df.index, pd.RangeIndex),
     )
+
+
+def _method_note(table: pd.DataFrame, kind: TestKind) -> str:
+    """The footnote line under a test table: the test, and whether its p-values are exact or a
+    normal approximation, as :mod:`.ranktests` computed them (the table's ``p_method``)."""
+    if table.empty:
+        return ""
+    text = method_line(kind, list(table["p_method"].dropna()))
+    return f"<p class='foot'>{html.escape(text)}</p>"
 
 
 def _signed_rank_note(table: pd.DataFrame) -> str:
@@ -294,7 +309,7 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table.t{border-collapse:collapse;"
         "font-size:12px}table.t td,table.t th{border:1px solid #ccc;padding:2px 5px;text-align:right}"
-        "img{max-width:100%}.note{color:#a40}</style></head><body>",
+        "img{max-width:100%}.note{color:#a40}.foot{font-size:12px;margin-top:2px}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p>Patients with a pre/post pair: {len(report.patients)} ({html.escape(sizes)}). "
         f"Filters: {html.escape(flt)}. Loss = pre − post (positive = volume lost); adjusted = loss / height² "
@@ -314,13 +329,18 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
             "also mean ± SD); age at the baseline CT from PatientAge, else PatientBirthDate and "
             "StudyDate; pre-operative volume of the 21 analysed muscles, both legs.</p>",
             _html_table(report.baseline),
-            "<h2>Table 1. Pre-operative composition (% of total muscle volume)</h2>",
+            "<h2>Table 1. Pre-operative composition (% of total muscle volume)</h2>"
+            "<p>n: the patients of each group.</p>",
             _html_table(report.table1),
-            "<h2>Table 2. Total loss of the 21 analysed muscles per patient</h2>",
+            "<h2>Table 2. Total loss of the 21 analysed muscles per patient</h2>"
+            "<p>n: the patients each column rests on (an adjusted figure needs a height).</p>",
             _html_table(report.table2),
-            "<h3>Table 2 (paper variant): spread of the 21 per-muscle mean losses</h3>",
+            "<h3>Table 2 (paper variant): spread of the 21 per-muscle mean losses</h3>"
+            "<p>Statistics over the 21 muscles' group means: n muscles counts muscles, not patients; "
+            "n patients, the patients behind each mean.</p>",
             _html_table(report.table2_across_muscles),
-            "<h2>Table 3. Per-muscle mean loss</h2>",
+            "<h2>Table 3. Per-muscle mean loss</h2><p>n: the patients each column rests on (an adjusted "
+            "column needs a height).</p>",
             _html_table(report.table3.T),
             "<h2>Figures</h2>",
             img("figure6_boxplots.png", "Figure 6. Per-muscle loss by fracture type (A FNF, B ITF) and sex"),
@@ -331,14 +351,17 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
             f"Groups with n &lt; {SMALL_N} are flagged small_group.</p>",
             _signed_rank_note(report.wilcoxon),
             _html_table(report.wilcoxon, 4),
+            _method_note(report.wilcoxon, SIGNED_RANK),
             "<p>Mann–Whitney U, FNF vs ITF (rank-biserial r, positive = FNF lost more).</p>",
             _mannwhitney_note(report.mannwhitney),
             _html_table(report.mannwhitney, 4),
+            _method_note(report.mannwhitney, RANK_SUM),
             "<p>Mann–Whitney U, FNF vs ITF within each sex (the paper compares the fracture types within "
             "women and within men; r positive = FNF lost more; q = Benjamini–Hochberg over the 21 muscles "
             f"of each sex and measure). Rows with a group below n = {SMALL_N} are flagged small_group.</p>",
             _mannwhitney_note(report.mannwhitney_sex),
             _html_table(report.mannwhitney_sex, 4),
+            _method_note(report.mannwhitney_sex, RANK_SUM),
             "<p>Bootstrap 95 % confidence intervals (percentile) of the mean loss ratio (%). "
             f"No interval (–) where a group has n &lt; {MIN_CI_N} (flagged small_group): "
             "with so few values the bootstrap percentiles are about the range of the data, not a CI.</p>",
@@ -348,6 +371,7 @@ def _html(report: CohortReport, images: dict[str, bytes], title: str) -> str:
             "(r &gt; 0: operated side lost more; q = Benjamini–Hochberg over the 21 muscles).</p>",
             _signed_rank_note(report.sides),
             _html_table(report.sides, 3),
+            _method_note(report.sides, SIGNED_RANK),
         ]
     parts += [
         "<h2>Patients not in the tables</h2>",

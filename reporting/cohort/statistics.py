@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from reporting.cohort.collect import FRACTURES, GROUPS, MUSCLE_ORDER, SEX_NAME, TABLE1_GROUPS, display
+from reporting.cohort.ranktests import rank_sum, signed_rank
 
 SMALL_N = 6  # below this an exact two-sided Wilcoxon p cannot fall below 0.05
 # No bootstrap interval below this n: a nominal 95 % percentile bootstrap of a mean covers the true
@@ -27,6 +28,17 @@ SMALL_N = 6  # below this an exact two-sided Wilcoxon p cannot fall below 0.05
 MIN_CI_N = SMALL_N
 DESCRIBE_ROWS = ("n", "Mean", "Std", "Max", "75%", "50%", "25%", "Min")  # the paper's Table 2 row order
 TOTAL = "Total (21 muscles)"
+# The paper variant of Table 2 describes 21 per-muscle means: its count is of muscles, and the
+# patients behind each mean are a second count, so neither reads as the other (nor as Table 2's n).
+N_MUSCLES = "n muscles"
+N_PATIENTS = "n patients"
+COUNT_ROWS = ("n", N_MUSCLES, N_PATIENTS)  # rows of counts: written as integers
+ACROSS_MUSCLES_ROWS = (N_MUSCLES, N_PATIENTS, *DESCRIBE_ROWS[1:])
+TABLE3_MEASURES = (
+    ("Raw loss (cm³)", "loss_cm3"),
+    ("Adjusted loss (cm³/m²)", "loss_index_cm3_m2"),
+    ("Loss ratio (%)", "loss_pct"),
+)
 
 
 # ---------------------------------------------------------------- tables
@@ -48,21 +60,29 @@ def _describe(values: pd.Series) -> dict[str, float]:
     }
 
 
-def _named_describe(t: pd.DataFrame) -> pd.DataFrame:
+def _patients_with(long: pd.DataFrame, col: str) -> pd.Series:
+    """Per group, how many patients have a value of ``col`` (an adjusted figure needs a height)."""
+    known = long.dropna(subset=[col]).drop_duplicates(["patient_id", "issuer_of_patient_id"])
+    return known.groupby("group").size()
+
+
+def _named_describe(t: pd.DataFrame, rows: tuple[str, ...] = DESCRIBE_ROWS) -> pd.DataFrame:
     """Table 2's layout with its axes named, so the CSV's index column has a header."""
-    t = t.reindex(list(DESCRIBE_ROWS))
+    t = t.reindex(list(rows))
     t.index.name = "statistic"
     t.columns = pd.MultiIndex.from_tuples(t.columns, names=["measure", "group"])
     return t
 
 
 def table1(long: pd.DataFrame) -> pd.DataFrame:
-    """Pre-operative composition: mean % of total muscle volume per muscle, by group, plus the sum."""
+    """Pre-operative composition: mean % of total muscle volume per muscle, by group, plus the sum;
+    the first row, ``n``, is the patients each group's means rest on."""
     t = long.pivot_table(index="muscle", columns="group", values="pre_share_pct", aggfunc="mean")
     t = t.reindex(index=list(MUSCLE_ORDER), columns=[g for g in TABLE1_GROUPS if g in t.columns])
     t.loc["Sum"] = t.sum()
     t.index = pd.Index([display(m) if m != "Sum" else m for m in t.index], name="muscle")
-    return t
+    n = _patients_with(long, "pre_share_pct").reindex(t.columns).fillna(0).rename("n").to_frame().T
+    return pd.concat([n, t]).rename_axis("muscle")
 
 
 def table2(patients: pd.DataFrame) -> pd.DataFrame:
@@ -75,34 +95,53 @@ def table2(patients: pd.DataFrame) -> pd.DataFrame:
 
 
 def table2_across_muscles(long: pd.DataFrame) -> pd.DataFrame:
-    """The paper's apparent Table 2: the spread of the 21 per-muscle mean losses within each group."""
+    """The paper's apparent Table 2: the spread of the 21 per-muscle mean losses within each group.
+
+    Its count is ``n muscles`` (21), not Table 2's ``n`` (patients); ``n patients`` says how many
+    patients each per-muscle mean rests on (an adjusted one needs a height).
+    """
     cols = {}
     for kind, col in (("Raw (cm³)", "loss_cm3"), ("Adjusted (cm³/m²)", "loss_index_cm3_m2")):
         means = long.groupby(["group", "muscle"])[col].mean()
+        patients = _patients_with(long, col)
         for g in GROUPS:
-            cols[(kind, g)] = _describe(means[g] if g in means.index.get_level_values(0) else pd.Series([]))
-    return _named_describe(pd.DataFrame(cols))
+            stats = _describe(means[g] if g in means.index.get_level_values(0) else pd.Series([]))
+            cols[(kind, g)] = {N_MUSCLES: stats.pop("n"), N_PATIENTS: int(patients.get(g, 0))} | stats
+    return _named_describe(pd.DataFrame(cols), ACROSS_MUSCLES_ROWS)
 
 
 def table3(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
-    """Per-muscle mean loss by group: raw, height²-adjusted and loss ratio (%); last column the total."""
+    """Per-muscle mean loss by group: raw, height²-adjusted and loss ratio (%); last column the total.
+
+    The first column, ``n``, is the patients a row rests on: fewer in an adjusted row than in its raw
+    row when a height is missing (:func:`table3_short_cells` names a muscle that rests on fewer).
+    """
     rows = {}
-    for kind, col in (
-        ("Raw loss (cm³)", "loss_cm3"),
-        ("Adjusted loss (cm³/m²)", "loss_index_cm3_m2"),
-        ("Loss ratio (%)", "loss_pct"),
-    ):
+    for kind, col in TABLE3_MEASURES:
         means = long.groupby(["group", "muscle"])[col].mean()
         tot = patients.groupby("group")[col].mean()
+        counts = patients.groupby("group")[col].count()
         for g in GROUPS:
             if g not in tot.index:
                 continue
-            row = {display(m): means.get((g, m), np.nan) for m in MUSCLE_ORDER}
+            row = {"n": counts[g]} | {display(m): means.get((g, m), np.nan) for m in MUSCLE_ORDER}
             row[TOTAL] = tot[g]
             rows[(kind, g)] = row
     t = pd.DataFrame(rows).T
     t.index = pd.MultiIndex.from_tuples(t.index, names=["measure", "group"])
     return t
+
+
+def table3_short_cells(long: pd.DataFrame, patients: pd.DataFrame) -> list[str]:
+    """Table 3's cells that rest on fewer patients than their row's ``n``, one line each (a muscle's
+    loss ratio needs a baseline volume above 0 cm³); usually none."""
+    lines = []
+    for kind, col in TABLE3_MEASURES:
+        row_n = patients.groupby("group")[col].count()
+        for (g, m), n in long.groupby(["group", "muscle"])[col].count().items():
+            if n < row_n.get(g, 0):
+                lines.append(f"Table 3, {kind}, {g}: {display(m)} rests on {n} of {row_n[g]} patients")
+    return lines
 
 
 def loss_ratio_by_fracture(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
@@ -170,8 +209,9 @@ def wilcoxon_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
     """Wilcoxon signed-rank of pre vs post per muscle, in all patients and per fracture type.
 
     Effect size: matched-pairs rank-biserial r = (W+ − W−) / (W+ + W−), positive = volume lost.
+    ``p_method`` says how each p was computed (:mod:`.ranktests`).
     """
-    from scipy.stats import rankdata, wilcoxon
+    from scipy.stats import rankdata
 
     rows = []
     for muscle, df in _per_muscle(long, patients):
@@ -189,14 +229,15 @@ def wilcoxon_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
             if nz.size >= 2:
                 ranks = rankdata(np.abs(nz))
                 w_plus, w_minus = ranks[nz > 0].sum(), ranks[nz < 0].sum()
-                res = wilcoxon(d["pre_cm3"], d["post_cm3"])
+                res = signed_rank(d["pre_cm3"].to_numpy(float), d["post_cm3"].to_numpy(float))
                 row.update(
-                    W=float(res.statistic),
-                    p=float(res.pvalue),
+                    W=res.statistic,
+                    p=res.p,
+                    p_method=res.method.value,
                     rank_biserial_r=float((w_plus - w_minus) / (w_plus + w_minus)),
                 )
             else:
-                row.update(W=np.nan, p=np.nan, rank_biserial_r=np.nan)
+                row.update(W=np.nan, p=np.nan, p_method=np.nan, rank_biserial_r=np.nan)
             row["small_group"] = n < SMALL_N
             rows.append(row)
     return _with_q(pd.DataFrame(rows), "patients")
@@ -204,8 +245,6 @@ def wilcoxon_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
 
 def _mannwhitney_rows(frames: list[tuple[str, pd.DataFrame]]) -> list[dict[str, object]]:
     """One Mann–Whitney FNF vs ITF row per (muscle, measure) of ``frames`` (see :func:`mannwhitney_table`)."""
-    from scipy.stats import mannwhitneyu
-
     rows: list[dict[str, object]] = []
     for muscle, df in frames:
         for measure in ("loss_pct", "loss_index_cm3_m2", "loss_cm3"):
@@ -220,14 +259,15 @@ def _mannwhitney_rows(frames: list[tuple[str, pd.DataFrame]]) -> list[dict[str, 
                 "median_ITF": np.median(b) if b.size else np.nan,
             }
             if a.size and b.size:
-                res = mannwhitneyu(a, b, alternative="two-sided")
+                res = rank_sum(a, b)
                 row.update(
-                    U_FNF=float(res.statistic),
-                    p=float(res.pvalue),
-                    rank_biserial_r=float(2 * res.statistic / (a.size * b.size) - 1),
+                    U_FNF=res.statistic,
+                    p=res.p,
+                    p_method=res.method.value,
+                    rank_biserial_r=2 * res.statistic / (a.size * b.size) - 1,
                 )
             else:
-                row.update(U_FNF=np.nan, p=np.nan, rank_biserial_r=np.nan)
+                row.update(U_FNF=np.nan, p=np.nan, p_method=np.nan, rank_biserial_r=np.nan)
             row["small_group"] = min(a.size, b.size) < SMALL_N
             rows.append(row)
     return rows
@@ -242,7 +282,7 @@ def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFram
 
 
 MANNWHITNEY_SEX_COLUMNS = ("sex", "muscle", "measure", "n_FNF", "n_ITF", "median_FNF", "median_ITF",
-                           "U_FNF", "p", "rank_biserial_r", "small_group", "q_bh")
+                           "U_FNF", "p", "p_method", "rank_biserial_r", "small_group", "q_bh")
 
 
 def mannwhitney_within_sex_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
@@ -271,7 +311,7 @@ def side_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
     q = Benjamini–Hochberg over the 21 muscles (the total left out), as in the other tests' tables:
     21 uncorrected p-values beside corrected ones would read as findings by chance.
     """
-    from scipy.stats import rankdata, wilcoxon
+    from scipy.stats import rankdata
 
     rows = []
     for muscle, df in _per_muscle(long, patients):
@@ -286,16 +326,18 @@ def side_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
             "difference_pct": diff.mean() if diff.size else np.nan,
             "W": np.nan,
             "p": np.nan,
+            "p_method": np.nan,
             "rank_biserial_r": np.nan,
             "small_group": diff.size < SMALL_N,
         }
         nz = diff[diff != 0]
         if nz.size >= 2:
             ranks = rankdata(np.abs(nz))
-            res = wilcoxon(op, co)
+            res = signed_rank(op, co)
             row.update(
-                W=float(res.statistic),
-                p=float(res.pvalue),
+                W=res.statistic,
+                p=res.p,
+                p_method=res.method.value,
                 rank_biserial_r=float((ranks[nz > 0].sum() - ranks[nz < 0].sum()) / ranks.sum()),
             )
         rows.append(row)
