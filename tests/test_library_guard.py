@@ -28,7 +28,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.timer import Timer
@@ -91,6 +91,15 @@ def test_security_internals_dimse_and_reject(assoc: Association) -> None:
     assert params(Association.kill) == ["self"]
     assert params(evt.trigger) == ["assoc", "event", "attrs"]
     assert evt.EVT_REJECTED and evt.EVT_REQUESTED and evt.EVT_CONN_OPEN
+    # scp._refuse_unserved_requests wraps the acceptor's _serve_request and answers as its SCPs do
+    assert params(Association._serve_request) == ["self", "msg", "context_id"]
+    assert "self._serve_request(msg, " in source(Association._run_reactor)
+    assert assoc._accepted_cx == {} and assoc._sent_release is False
+    assert params(DIMSEServiceProvider.send_msg) == ["self", "primitive", "context_id"]
+    find = C_FIND()
+    assert find.msg_type == "C-FIND" and find.is_valid_request is False
+    for name in ("MessageID", "MessageIDBeingRespondedTo", "Status", "AffectedSOPClassUID"):
+        assert hasattr(find, name), name
 
 
 def test_tuning_internals_time_and_poll_ticks(assoc: Association) -> None:

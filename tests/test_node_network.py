@@ -4,8 +4,11 @@ dcmtk storescp as the PACS that receives results. One node serves all tests of t
 from __future__ import annotations
 
 import json
+import queue
+import subprocess
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -13,12 +16,14 @@ import pytest
 from peers import (
     NodeProcess,
     StoreSCP,
+    dcmtk_env,
     echoscu,
     pynetdicom_send,
     requires_dcmtk,
     storescu,
     wait_for,
 )
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -26,13 +31,18 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from series_factory import write_ct_series, write_enhanced_ct
 
+from dicomnode.external import require_dcmtk_tool
 from dicomnode.harness.series import dataset_bytes
 
 pytestmark = requires_dcmtk
 
-ALLOWED = ["STORESCU", "PYSCU", "ECHOSCU"]
+ALLOWED = ["STORESCU", "PYSCU", "ECHOSCU", "FINDSCU"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +76,46 @@ def test_echo_command_reaches_the_pacs(peers: tuple[NodeProcess, StoreSCP]) -> N
     node, pacs = peers
     out = node.cli("echo")
     assert out.returncode == 0 and f"C-ECHO PACS@127.0.0.1:{pacs.port}: success" in out.stdout
+
+
+def test_a_query_the_node_does_not_serve_is_refused_cleanly(peers: tuple[NodeProcess, StoreSCP]) -> None:
+    """dcmtk findscu proposes the query SOP classes, which the node does not negotiate; a C-FIND sent on
+    the Verification context anyway is answered 0x0122 (SOP class not supported) with one WARNING, and
+    the association goes on to its release. pynetdicom logged it at ERROR with a traceback and aborted."""
+    node, _ = peers
+    seen = len(node.log())
+    found = subprocess.run([require_dcmtk_tool("findscu"), "-S", "-aet", "FINDSCU", "-aec", "THIGHNODE",
+                            "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=P1", "127.0.0.1",
+                            str(node.port)], capture_output=True, text=True, env=dcmtk_env(), timeout=30)
+    assert found.returncode != 0 and "No Acceptable Presentation Contexts" in found.stdout + found.stderr
+
+    received: queue.Queue[object] = queue.Queue()  # what the node answers, before the SCU's reactor
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="THIGHNODE", evt_handlers=[
+        (evt.EVT_DIMSE_RECV, lambda event: received.put(event.message.message_to_primitive()))])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel, query.PatientID = "STUDY", "P1"
+    request = C_FIND()
+    request.MessageID, request.Priority = 7, 2
+    request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+    request.Identifier = BytesIO(encode(query, True, True))
+    assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
+    answer = received.get(timeout=10)
+    assert isinstance(answer, C_FIND)
+    assert (answer.MessageIDBeingRespondedTo, answer.Status) == (7, 0x0122)
+    assoc.release()
+    assert assoc.is_released and not assoc.is_aborted
+    assert echoscu(node.port, aet="ECHOSCU").returncode == 0
+
+    log = wait_for(lambda: node.log()[seen:] if "request refused" in node.log()[seen:] else "", 5,
+                   what="the refusal in the node log")
+    assert "Traceback" not in log and " ERROR " not in log
+    refused = [line for line in log.splitlines() if "request refused" in line]
+    assert len(refused) == 1 and " WARNING " in refused[0]
+    assert "operation=C-FIND" in refused[0] and "status=0x0122" in refused[0]
+    assert "aborted" not in log
 
 
 def test_non_ct_sop_class_is_refused(peers: tuple[NodeProcess, StoreSCP], tmp_path: Path) -> None:

@@ -17,6 +17,9 @@ dropped; a C-STORE data set over ``max_instance_mb`` stops being buffered and is
 Disk back-pressure (:mod:`dicomnode.storage.diskspace`): while the storage volume has less than
 ``min_free_disk_mb`` free or more than ``max_disk_used_pct`` used, a new association is rejected as
 transient temporary congestion and a C-STORE is answered 0xA700 without writing anything.
+Any other request (C-FIND, C-MOVE, N-*: sent on a Verification or CT context anyway, the only ones
+negotiated) is answered 0x0122, SOP class not supported, with one WARNING (see
+:func:`_refuse_unserved_requests`).
 A connection counts against ``max_associations`` only once its A-ASSOCIATE-RQ has arrived and been
 accepted; until then it is pending, at most ``max_pending_connections`` in all and PENDING_PER_ADDRESS
 per source address, the oldest closed past either (see :meth:`StorageSCP._enter_pending`).
@@ -57,13 +60,21 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, uid_to_service_class
 
 from dicomnode.config import MB, Settings
 from dicomnode.logs import error_text, event
 from dicomnode.network.pynetdicom_tuning import attach_waiters, tune_pynetdicom
 from dicomnode.network.sop import CT_CLASSES
-from dicomnode.network.status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH, OUT_OF_RESOURCES, SUCCESS
+from dicomnode.network.status import (
+    CANNOT_UNDERSTAND,
+    DATA_SET_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+)
 from dicomnode.network.tls import describe, handshake, server_context
 from dicomnode.network.validate import quick_header, validate_instance
 from dicomnode.storage.diskspace import DiskGuard
@@ -320,6 +331,47 @@ def _forget_data_set(message: Any) -> None:
         message.data_set = BytesIO()
 
 
+def _serves(msg: Any) -> bool:
+    """A request the node serves: C-ECHO of Verification, or C-STORE of a storage SOP class (whose
+    handler answers a class its presentation context does not carry with 0xA900)."""
+    if isinstance(msg, C_ECHO):
+        return str(msg.AffectedSOPClassUID) == Verification
+    if isinstance(msg, C_STORE):
+        sop_class = str(msg.AffectedSOPClassUID)
+        return sop_class in CT_CLASSES or uid_to_service_class(sop_class) is StorageServiceClass
+    return False
+
+
+def _refuse_unserved_requests(assoc: Any) -> None:
+    """Answer any other DIMSE request (C-FIND, C-GET, C-MOVE, N-*) 0x0122, SOP class not supported.
+
+    Why: the node negotiates Verification and CT storage only, so such a request comes on one of those
+    contexts; pynetdicom hands it to the service class of its own SOP class, which raises on a context
+    of another, logs that at ERROR with a traceback and aborts. Answered here, with one WARNING, the
+    caller is told why and its association stays usable (a C-ECHO or C-STORE may follow, then release).
+    A request pynetdicom itself turns away (an unknown context ID, one during release) is left to it.
+    """
+    original = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        context = assoc._accepted_cx.get(context_id)
+        if context is None or assoc._sent_release or not msg.is_valid_request or _serves(msg):
+            original(msg, context_id)
+            return
+        sop_class = getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", "")
+        event(log, "request refused", logging.WARNING, operation=msg.msg_type, sop_class=str(sop_class),
+              context=str(context.abstract_syntax), status=f"0x{SOP_CLASS_NOT_SUPPORTED:04X}",
+              calling_aet=str(assoc.requestor.ae_title).strip())
+        rsp = type(msg)()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        rsp.Status = SOP_CLASS_NOT_SUPPORTED
+        with suppress(ValueError, TypeError):  # optional in every response; a malformed UID is left out
+            rsp.AffectedSOPClassUID = sop_class
+        assoc.dimse.send_msg(rsp, context_id)
+
+    assoc._serve_request = serve_request
+
+
 def harden_pynetdicom() -> None:
     """Process-wide security patch (idempotent, always on): bounded PDU reads (:func:`_read_pdu_data`)."""
     _require_patched_version()
@@ -514,6 +566,7 @@ class StorageSCP:
         if sock is not None:
             sock.settimeout(self.settings.network_timeout_seconds)
         _bound_dimse_messages(evt_.assoc, int(self.settings.max_instance_mb * MB))
+        _refuse_unserved_requests(evt_.assoc)
         wake = attach_waiters(evt_.assoc) if self.tuned else None
         if wake is not None:
             with self._count_lock:
