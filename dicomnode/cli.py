@@ -7,8 +7,10 @@ imports heavy libraries (torch, highdicom) inside the command bodies so ``--help
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import typer
+from typer.core import TyperOption
 
 from dicomnode.commands import demo, node, patients, phantom, report, segmentation
 
@@ -52,6 +54,22 @@ def flow_help(group: typer.Typer) -> None:
             flow_help(sub.typer_instance)
 
 
+def no_type_beside_flags() -> None:
+    """Show no value type beside a flag (``--help``, ``--dice-batch/--no-dice-batch``): it takes no
+    value, yet typer 0.29 printed ``<bool>`` there, which read as one to give and took the width the
+    option texts need at 80 columns. Value types (``<path>``, ``<int>``) stay."""
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "flags_untyped", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    display_type_rich.flags_untyped = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+no_type_beside_flags()
 for module in (node, phantom, segmentation, report, patients, demo):
     module.register(app)
 flow_help(app)

@@ -378,7 +378,7 @@ def train(
     checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Checkpoint + cache folder.")] = Path(
         "checkpoints/run"
     ),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from <checkpoints>/last.pt.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from last.pt in --checkpoints.")] = False,
     init_from: Annotated[
         Path | None,
         typer.Option("--init-from", help="Start from this package's weights (same architecture and spacing), "
@@ -412,17 +412,17 @@ def train(
     dice_batch: Annotated[bool, typer.Option(help="Dice over the whole batch (not per crop).")] = True,
     decay_start: Annotated[float, typer.Option(help="Fraction of the run after which the LR decays.")] = 0.7,
     crop: Annotated[
-        recipe.Crop, typer.Option(help="Crop centres: 'foreground' (any labelled voxel) or 'classes' (a "
-                                  "structure drawn uniformly, then one of its voxels).")
+        recipe.Crop, typer.Option(metavar="<mode>", help="Crop centres: 'foreground' (any labelled voxel) "
+                                  "or 'classes' (a structure drawn uniformly, then one of its voxels).")
     ] = "foreground",
     targets: Annotated[
-        recipe.Targets, typer.Option(help="Training targets: 'partial_volume' (class fractions of each model "
-                                     "voxel) or 'nearest' (one label per voxel).")
+        recipe.Targets, typer.Option(metavar="<kind>", help="Training targets: 'partial_volume' (class "
+                                     "fractions of each model voxel) or 'nearest' (one label per voxel).")
     ] = "partial_volume",
     image_resampling: Annotated[
-        ImageResampling, typer.Option(help="How the CT reaches the model grid: 'bilinear' (sampled at "
-                                      "each model voxel's centre) or 'box' (each model voxel's footprint "
-                                      "averaged).")
+        ImageResampling, typer.Option(metavar="<method>", help="How the CT reaches the model grid: "
+                                      "'bilinear' (sampled at each model voxel's centre) or 'box' (each "
+                                      "model voxel's footprint averaged).")
     ] = "bilinear",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 20,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
@@ -433,8 +433,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Training RNG seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", parser=device_option)] = "auto",
     precision: Annotated[
-        recipe.Precision, typer.Option(help="auto (bf16 autocast where the CPU or GPU runs bf16 natively), "
-                                       "fp32 or bf16.")
+        recipe.Precision, typer.Option(metavar="<mode>", help="auto (bf16 autocast where the CPU or GPU "
+                                       "runs bf16 natively), fp32 or bf16.")
     ] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     check: Annotated[
