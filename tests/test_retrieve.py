@@ -112,6 +112,31 @@ def test_choose_prior_prefers_preoperative_then_nearest_and_skips_known() -> Non
     assert choose_prior(studies, "20230101", set()) is None  # same day is not a prior
 
 
+def test_choose_prior_takes_the_surgery_day_only_without_an_earlier_ct() -> None:
+    """A study on the surgery day may be the check CT (implant in place): the CT before that day is
+    taken first; without one, the surgery day's earliest (the admission CT precedes the check CT)."""
+    surgery = "20240301"
+    before = StudyHit("before", "20240229", "100000", ["CT"])
+    morning = StudyHit("morning", surgery, "080000", ["CT"])
+    check = StudyHit("check", surgery, "160000", ["CT", "SR"])
+    follow = StudyHit("follow", "20240603", "100000", ["CT"])
+    studies = [follow, check, morning, before]
+
+    def chosen(before_date: str, known: set[str]) -> str | None:
+        hit = choose_prior(studies, before_date, known, surgery_date=surgery)
+        return hit.study_instance_uid if hit else None
+
+    assert chosen("20240603", {"follow"}) == "before"  # not the later check CT of the surgery day
+    assert chosen("20240603", {"follow", "before"}) == "morning"
+    assert chosen("20240603", {"follow", "before", "morning"}) == "check"  # its metal QA will place it
+    # the check CT's own request (placed post-operative): only a study before the surgery day
+    assert chosen(surgery, {"follow", "check"}) == "before"
+    assert chosen(surgery, {"follow", "check", "before"}) is None
+    undated_time = StudyHit("no-time", surgery, "", ["CT"])  # no StudyTime: sorts first on its day
+    hit = choose_prior([check, undated_time], "20240603", set(), surgery_date=surgery)
+    assert hit is not None and hit.study_instance_uid == "no-time"
+
+
 def test_choose_series_wants_a_volume() -> None:
     series = [SeriesHit("a", "CT", 2), SeriesHit("b", "CT", 140), SeriesHit("c", "SR", 1)]
     assert choose_series(series, 50).series_instance_uid == "b"

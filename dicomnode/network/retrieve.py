@@ -2,9 +2,10 @@
 
 Why: a follow-up is worthless without its baseline, and the baseline was often acquired before the
 node existed. C-FIND (study level, by PatientID) lists the patient's studies; the earlier study is
-chosen (the latest on or before the surgery date when one is known, else the most recent earlier
-one); a series-level C-FIND picks its CT series with the most instances (a whole-thigh scan has many
-slices); C-MOVE sends that series to this node's AE, where it is processed like any other arrival. Off with
+chosen (:func:`choose_prior`: with a surgery date the latest before the surgery day, else the
+earliest on it; without one the most recent earlier study); a series-level C-FIND picks its CT
+series with the most instances (a whole-thigh scan has many slices); C-MOVE sends that series to
+this node's AE, where it is processed like any other arrival. Off with
 ``pairing.retrieve_priors = false``.
 """
 
@@ -147,8 +148,14 @@ def choose_prior(
 ) -> StudyHit | None:
     """The earlier CT study to use as baseline (strictly before ``before_date``; none already held).
 
-    With a surgery date: the latest study on or before it (the pre-operative CT), else none. Without
-    one: the most recent earlier study (the usual "relevant prior"; an old unrelated CT is less likely).
+    With a surgery date the pre-operative CT is wanted: the latest study before the surgery day,
+    which is pre-operative by its date alone; only when there is none, the earliest on the surgery
+    day (the admission CT of the morning precedes the check CT of the afternoon), whose metal QA
+    then places it (a check CT asks again, :func:`dicomnode.clinical.pairing.needs_prior`); never
+    a later one. The latest on the surgery day is the check CT, most likely: taken first, it cost a
+    second retrieval, sent the follow-up's comparison with it before the right one, and a
+    same-morning pre-operative CT was never asked for (the check CT's own request looks before the
+    surgery day). Without a surgery date: the most recent earlier study (the usual "relevant prior").
     """
     cands = [
         s
@@ -161,9 +168,11 @@ def choose_prior(
         and (not issuer or not s.issuer or s.issuer == issuer)
     ]
     cands.sort(key=lambda s: (s.study_date, s.study_time))
-    if surgery_date:
-        cands = [s for s in cands if s.study_date <= surgery_date]
-    return cands[-1] if cands else None
+    if not surgery_date:
+        return cands[-1] if cands else None
+    before = [s for s in cands if s.study_date < surgery_date]
+    on_the_day = [s for s in cands if s.study_date == surgery_date]
+    return before[-1] if before else on_the_day[0] if on_the_day else None
 
 
 def choose_series(series: list[SeriesHit], min_slices: int) -> SeriesHit | None:
