@@ -1,0 +1,176 @@
+"""Prior retrieval when the PACS holds a surgery-day check CT, through a running node and a real Orthanc.
+
+Why end to end: which earlier CT the node asks for, whether the metal its own QA finds places a
+surgery-day CT after the operation, and whether that study then asks again, are decided in three
+places (``retrieve.choose_prior``, ``surgery_day.place``, ``pairing.needs_prior``); only the whole
+chain (C-FIND, C-MOVE, store, job, pairing, the next C-FIND) shows that the follow-up ends up
+compared with the pre-operative CT. The pipeline is the real one from the label map on
+(``node_pipeline:measure``: no model), so the metal QA is measured in the CT as the node does it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from orthanc import OrthancServer, requires_orthanc
+from peers import NodeProcess
+
+from dicomnode.clinical.pairing import RetrievalStatus, Role
+from dicomnode.harness.net import free_port, wait_for
+from dicomnode.harness.scu import send_series
+from seg.records import ChangeRecord, ReasonCode, reasons_from_json
+
+pytestmark = [pytest.mark.e2e, requires_orthanc]
+
+FINISHED = ("done", "failed", "rejected")
+SURGERY = "20240301"
+
+
+@dataclass(frozen=True)
+class Ct:
+    """One phantom CT study as the PACS holds it."""
+
+    study_uid: str
+    series_uid: str
+    dicom: Path
+
+
+@dataclass
+class Site:
+    """The PACS and the node of one test, and what the test reads back from the node's index."""
+
+    orthanc: OrthancServer
+    node: NodeProcess
+    tmp: Path
+
+    def ct(self, pid: str, name: str, date: str, time: str, **options: Any) -> Ct:
+        """A small whole-thigh phantom of patient ``pid`` (coarse voxels, hip to mid-thigh), in the PACS."""
+        from seg.phantom import PhantomOptions, make_phantom, write_phantom
+
+        ph = make_phantom(PhantomOptions(seed=5, spacing_mm=(4.0, 4.0, 5.0), z_range_mm=(-60.0, 30.0),
+                                         patient_id=pid, study_date=date, study_time=time, **options))
+        folder = Path(write_phantom(ph, self.tmp / "phantoms" / name)) / "dicom"
+        self.orthanc.upload_folder(folder)
+        return Ct(str(ph.header.study_instance_uid), str(ph.header.series_instance_uid), folder)
+
+    def send(self, ct: Ct) -> None:
+        """The PACS routes ``ct`` to the node (as its routing rule does with a new whole-thigh CT)."""
+        send_series(ct.dicom, self.node.port, self.node.ae_title, calling_aet="ORTHANC")
+
+    def done(self, ct: Ct, timeout: float = 60.0) -> None:
+        job = self.node.wait_job(ct.series_uid, FINISHED, timeout=timeout)
+        assert job["state"] == "done", (job, self.node.log()[-3000:])
+
+    def role(self, ct: Ct) -> Role:
+        (row,) = self.node.sql("SELECT role FROM pairing_status WHERE series_instance_uid=?",
+                               (ct.series_uid,))
+        return Role(row["role"])
+
+    def codes(self, ct: Ct) -> set[ReasonCode]:
+        (row,) = self.node.sql("SELECT reasons FROM pairing_status WHERE series_instance_uid=?",
+                               (ct.series_uid,))
+        return {r.code for r in reasons_from_json(row["reasons"])}
+
+    def compared(self, pid: str) -> dict[tuple[str, str], ChangeRecord]:
+        """(earlier series, later series) → the change pairing stored for the patient."""
+        rows = self.node.sql("SELECT baseline_series_uid, followup_series_uid, change_json"
+                             " FROM pairing_changes WHERE patient_id=?", (pid,))
+        return {(r[0], r[1]): ChangeRecord.from_json(r[2]) for r in rows}
+
+    def retrievals(self, pid: str) -> dict[str, RetrievalStatus]:
+        """Study asked for → the last status recorded for it (requested until the PACS has answered)."""
+        rows = self.node.sql("SELECT study_instance_uid, status FROM pairing_retrievals WHERE patient_id=?"
+                             " ORDER BY rowid", (pid,))
+        return {r[0]: RetrievalStatus(r[1]) for r in rows}
+
+    def settled(self, pid: str) -> dict[str, RetrievalStatus]:
+        """The retrievals once every one has its answer (none left at ``requested``)."""
+        def answered() -> dict[str, RetrievalStatus] | None:
+            found = self.retrievals(pid)
+            return found if found and RetrievalStatus.REQUESTED not in found.values() else None
+
+        return wait_for(answered, 30, what="the PACS's answer to every prior retrieval")
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    """Orthanc (no routing script: the test routes) and ``dicomnode serve`` pointed at each other, with
+    the registry's surgery date and fractured side (left) for the patients of these tests."""
+    pacs_port = free_port()
+    node = NodeProcess(tmp_path / "node", pipeline="node_pipeline:measure", output={"summary": False},
+                       pacs={"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
+                       pairing={"retrieve_priors": True})
+    orthanc = OrthancServer(tmp_path / "orthanc", node_port=node.port, dicom_port=pacs_port,
+                            lua_scripts=None, dicomweb=False)
+    registry = tmp_path / "registry.csv"
+    registry.write_text("patient_id,sex,fracture_type,fractured_side,surgery_date\n"
+                        + "".join(f"CHAIN-{n},F,FNF,left,{SURGERY}\n" for n in (1, 2, 3)))
+    with orthanc, node:
+        imported = node.cli("patients", "import", str(registry))
+        assert imported.returncode == 0, imported.stderr
+        yield Site(orthanc, node, tmp_path)
+
+
+def test_a_followup_first_gets_the_ct_before_the_surgery_day(site: Site) -> None:
+    """PACS: the CT the day before surgery, the check CT of the surgery day (implant on the fractured
+    side), the 3-month follow-up. The follow-up arrives alone: the node fetches the pre-operative CT,
+    not the check CT (one retrieval). The check CT, routed later, is placed post-operative by its
+    metal and compared with that baseline; it asks for nothing (a pre-operative CT is held)."""
+    pid = "CHAIN-1"
+    pre = site.ct(pid, "pre", "20240229", "100000")
+    day = site.ct(pid, "day", SURGERY, "160000", postop=True, implant_side="left")
+    follow = site.ct(pid, "follow", "20240603", "100000", postop=True, implant_side="left",
+                     atrophy={"vastus_lateralis": 0.8})
+    site.send(follow)
+    site.done(follow)
+    site.done(pre)  # arrived by C-MOVE
+    assert site.settled(pid) == {follow.study_uid: RetrievalStatus.RETRIEVED}
+    assert site.node.jobs(day.series_uid) == []  # the check CT was not fetched
+
+    site.send(day)
+    site.done(day)
+    assert (site.role(pre), site.role(day), site.role(follow)) == (Role.BASELINE, Role.FOLLOWUP,
+                                                                   Role.FOLLOWUP)
+    assert ReasonCode.SURGERY_DAY_POSTOPERATIVE in site.codes(day)  # by the implant its QA found
+    changes = site.compared(pid)
+    assert set(changes) == {(pre.series_uid, day.series_uid), (pre.series_uid, follow.series_uid),
+                            (day.series_uid, follow.series_uid)}
+    assert all(c.baseline_preoperative for c in changes.values())
+    assert site.retrievals(pid) == {follow.study_uid: RetrievalStatus.RETRIEVED}  # no second one
+
+
+def test_a_same_morning_preoperative_ct_is_fetched_not_the_check_ct(site: Site) -> None:
+    """No CT before the surgery day: the earliest of the surgery day is fetched (the admission CT
+    of the morning), placed pre-operative by its QA (no metal) and made the baseline."""
+    pid = "CHAIN-2"
+    pre = site.ct(pid, "pre", SURGERY, "080000")
+    day = site.ct(pid, "day", SURGERY, "160000", postop=True, implant_side="left")
+    follow = site.ct(pid, "follow", "20240603", "100000", postop=True, implant_side="left")
+    site.send(follow)
+    site.done(follow)
+    site.done(pre)
+    assert site.settled(pid) == {follow.study_uid: RetrievalStatus.RETRIEVED}
+    assert (site.role(pre), site.role(follow)) == (Role.BASELINE, Role.FOLLOWUP)
+    assert ReasonCode.SURGERY_DAY_PREOPERATIVE in site.codes(pre)
+    assert list(site.compared(pid)) == [(pre.series_uid, follow.series_uid)]
+    assert site.node.jobs(day.series_uid) == []
+
+
+def test_a_check_ct_placed_postoperative_asks_for_its_own_prior(site: Site) -> None:
+    """The check CT arrives first (routed on the surgery day): its metal makes it post-operative, a
+    study without a pre-operative baseline, so it asks the PACS, which gives the CT of the day before."""
+    pid = "CHAIN-3"
+    pre = site.ct(pid, "pre", "20240229", "100000")
+    day = site.ct(pid, "day", SURGERY, "160000", postop=True, implant_side="left")
+    site.send(day)
+    site.done(day)
+    site.done(pre)
+    assert site.settled(pid) == {day.study_uid: RetrievalStatus.RETRIEVED}
+    assert (site.role(pre), site.role(day)) == (Role.BASELINE, Role.FOLLOWUP)
+    assert ReasonCode.SURGERY_DAY_POSTOPERATIVE in site.codes(day)
+    (change,) = site.compared(pid).values()
+    assert change.baseline_preoperative is True
