@@ -37,6 +37,7 @@ from reporting.sr import (
     MM,
     PERCENT,
     coverage,
+    fracture_evaluations,
     group_header,
     key_sections,
     max_area,
@@ -59,7 +60,15 @@ from reporting.uids import (
 )
 from seg.dates import display_date
 from seg.labels import ANALYSED_MUSCLES
-from seg.records import ChangeFigures, ChangeRecord, ModelInfo, SideTotalChange, StructureChange, TotalChange
+from seg.records import (
+    ChangeFigures,
+    ChangeRecord,
+    ClinicalTimePoint,
+    ModelInfo,
+    SideTotalChange,
+    StructureChange,
+    TotalChange,
+)
 from seg.volume import Volume
 
 FOLLOWUP_SERIES_NUMBER = 9904
@@ -147,12 +156,8 @@ def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointCo
     else:
         evaluations += [hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_STATUS, codes.HEIGHT_MISSING),
                         hd.sr.QualitativeEvaluation(codes.QA_HEIGHT_SOURCE, codes.HEIGHT_SOURCE_NONE)]
-    side = codes.laterality_code(change.fractured_side or "")
-    if side is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(codes.QA_FRACTURED_SIDE, side))
-    fracture = codes.FRACTURE_TYPES.get(change.fracture_type or "")
-    if fracture is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(codes.FRACTURE_TYPE, fracture))
+    evaluations += fracture_evaluations(ClinicalTimePoint(fractured_side=change.fractured_side,
+                                                          fracture_type=change.fracture_type))
     if change.followup_qa is not None and change.followup_qa.metal is not None:
         evaluations.append(metal_evaluation(change.followup_qa))  # which side's changes it may spoil
     measurements = []
