@@ -100,7 +100,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # 9: the measurement SR's groups carry a TID 1502 time point context when the registry's surgery date
 # places the study (pre-operative, or post-operative with the days since surgery) and its QA group the
 # registry's fractured side and fracture type; a page without a comparison shows the fracture type and
-# the surgery date with the time point; the SR's and page's keys hold every registry fact they show.
+# the surgery date with the time point; the SR's and page's keys hold every registry fact they show;
+# a CT dated on the surgery day is placed by its metal QA, as pairing places it (in the keys too).
 OUTPUT_REVISION = 9
 
 
