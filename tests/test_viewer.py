@@ -25,6 +25,7 @@ import pydicom
 import pytest
 from browser import launched
 
+from dicomnode.clinical import registry
 from dicomnode.config import Settings
 from dicomnode.deploy.orthanc import dicomweb_plugin
 from dicomnode.harness.orthanc import OrthancServer, have_orthanc
@@ -96,6 +97,11 @@ def patient(tmp_path_factory) -> dict[str, Study]:
     root = tmp_path_factory.mktemp("viewer")
     settings = Settings(storage_dir=root / "node", pairing={"retrieve_priors": False},
                         worker={"device": "cpu"}, min_free_disk_mb=0, max_disk_used_pct=100)
+    # the registry's facts, so both measurement SRs carry their TID 1502 time point and fracture facts
+    registry_csv = root / "registry.csv"
+    registry_csv.write_text("patient_id,height_m,sex,fracture_type,fractured_side,surgery_date\n"
+                            f"{PATIENT['patient_id']},1.62,F,ITF,left,20240106\n")
+    assert registry.import_csv(settings, registry_csv).imported == 1
     variants = {"pre-op": PhantomOptions(**PATIENT, study_date="20240105"),
                 "follow-up": PhantomOptions(**PATIENT, study_date="20240504", postop=True,
                                             implant_side="left",
@@ -306,6 +312,10 @@ def test_sr_opens_without_error(browser, site, patient, tmp_path, description, n
     labelled with our numbers), the scan-level ones on the CT's frame of reference (SCOORD3D), and
     stepping through all of them in the SR viewport stays free of errors."""
     sr = pydicom.dcmread(patient["follow-up"].output(description))
+    if name == "sr":  # its TID 1502 time point (the registry's surgery date), opened with it
+        texts: set[str] = set()
+        sr.walk(lambda _, elem: texts.add(str(elem.value)) if elem.keyword == "TextValue" else None)
+        assert "Post-operative day 119 (surgery 2024-01-06)" in texts
     expected = _sr_measurements(sr)
     viewer = Viewer(browser, site, patient["follow-up"])
     state = None
