@@ -13,13 +13,14 @@ from dicomnode.harness.capture import CapturingSCP
 from dicomnode.harness.net import free_port, wait_for
 from dicomnode.harness.orthanc import OrthancServer, have_orthanc
 from dicomnode.harness.series import write_ct_series
+from dicomnode.network import retrieve
 from dicomnode.network.retrieve import (
     SeriesHit,
     StudyHit,
-    choose_prior,
     choose_series,
     find_studies,
     move_series,
+    prior_candidates,
     retrieve_prior,
 )
 from seg.records import ChangeRecord, StructureVolume, VolumeRecord
@@ -50,21 +51,24 @@ def _settings(tmp_path: Path, orthanc: OrthancServer) -> Settings:
 
 def test_prior_arrives_at_the_node_by_c_move(orthanc, tmp_path: Path) -> None:
     pid = "RETRIEVE-001"
-    base_study, follow_study = generate_uid(), generate_uid()
+    base_study, scouts_study, follow_study = generate_uid(), generate_uid(), generate_uid()
     base_series = _ct_series(tmp_path / "base", pid, "20230105", 8, base_study)
     _ct_series(tmp_path / "scout", pid, "20230105", 2, base_study)  # a short series in the same study
+    # a later study with a scout alone: preferred by its date, it gives way to the baseline
+    _ct_series(tmp_path / "scouts-only", pid, "20230301", 2, scouts_study)
     _ct_series(tmp_path / "follow", pid, "20230610", 8, follow_study)
     _ct_series(tmp_path / "other", "SOMEONE-ELSE", "20220101", 8, generate_uid())
-    for name in ("base", "scout", "follow", "other"):
+    for name in ("base", "scout", "scouts-only", "follow", "other"):
         orthanc.upload_folder(tmp_path / name)
     with CapturingSCP("THIGHNODE", orthanc.node_port) as node:
         received = node.received
         settings = _settings(tmp_path, orthanc)
         studies = find_studies(settings, pid)
-        assert {s.study_instance_uid for s in studies} == {base_study, follow_study}
+        assert {s.study_instance_uid for s in studies} == {base_study, scouts_study, follow_study}
 
         outcome = retrieve_prior(settings, pid, before_date="20230610", known_study_uids={follow_study})
         assert outcome.moved, outcome.reason
+        assert outcome.reason.endswith("; 2 earlier studies looked at")
         assert outcome.study_instance_uid == base_study
         assert outcome.series_instance_uid == base_series
         assert outcome.completed == 8 and outcome.failed == 0
@@ -96,7 +100,12 @@ def test_a_refused_move_and_a_pacs_that_is_down_are_errors(orthanc: OrthancServe
         find_studies(settings, "RETRIEVE-003")
 
 
-def test_choose_prior_prefers_preoperative_then_nearest_and_skips_known() -> None:
+def _order(studies: list[StudyHit], before_date: str, known: set[str],
+           surgery_date: str | None = None) -> list[str]:
+    return [s.study_instance_uid for s in prior_candidates(studies, before_date, known, surgery_date)]
+
+
+def test_prior_candidates_prefer_preoperative_then_nearest_and_skip_known() -> None:
     studies = [
         StudyHit("1", "20230101", modalities=["CT"]),
         StudyHit("2", "20230110", modalities=["CT"]),
@@ -104,37 +113,80 @@ def test_choose_prior_prefers_preoperative_then_nearest_and_skips_known() -> Non
         StudyHit("4", "20230301", modalities=["CT"]),
         StudyHit("5", "20230601", modalities=["CT"]),
     ]
-    assert choose_prior(studies, "20230601", {"5"}).study_instance_uid == "4"  # the nearest earlier CT
-    assert choose_prior(studies, "20230601", {"5"}, surgery_date="20230111").study_instance_uid == "2"
-    assert choose_prior(studies, "20230601", {"2", "5"}, surgery_date="20230111").study_instance_uid == "1"
-    assert choose_prior(studies, "20230601", {"1", "2"}, surgery_date="20230111") is None  # no pre-op CT left
-    assert choose_prior(studies, "20230601", {"1", "2", "4", "5"}) is None
-    assert choose_prior(studies, "20230101", set()) is None  # same day is not a prior
+    assert _order(studies, "20230601", {"5"}) == ["4", "2", "1"]  # the nearest earlier CT first
+    assert _order(studies, "20230601", {"5"}, surgery_date="20230111") == ["2", "1"]
+    assert _order(studies, "20230601", {"2", "5"}, surgery_date="20230111") == ["1"]
+    assert _order(studies, "20230601", {"1", "2"}, surgery_date="20230111") == []  # no pre-op CT left
+    assert _order(studies, "20230601", {"1", "2", "4", "5"}) == []
+    assert _order(studies, "20230101", set()) == []  # same day is not a prior
 
 
-def test_choose_prior_takes_the_surgery_day_only_without_an_earlier_ct() -> None:
-    """A study on the surgery day may be the check CT (implant in place): the CT before that day is
-    taken first; without one, the surgery day's earliest (the admission CT precedes the check CT)."""
+def test_prior_candidates_take_the_surgery_day_only_after_every_earlier_ct() -> None:
+    """A study on the surgery day may be the check CT (implant in place): the CTs before that day
+    come first, latest first; then the surgery day's, earliest first (the admission CT precedes the
+    check CT)."""
     surgery = "20240301"
+    older = StudyHit("older", "20231105", "100000", ["CT"])
     before = StudyHit("before", "20240229", "100000", ["CT"])
     morning = StudyHit("morning", surgery, "080000", ["CT"])
     check = StudyHit("check", surgery, "160000", ["CT", "SR"])
     follow = StudyHit("follow", "20240603", "100000", ["CT"])
-    studies = [follow, check, morning, before]
+    studies = [follow, check, morning, before, older]
 
-    def chosen(before_date: str, known: set[str]) -> str | None:
-        hit = choose_prior(studies, before_date, known, surgery_date=surgery)
-        return hit.study_instance_uid if hit else None
-
-    assert chosen("20240603", {"follow"}) == "before"  # not the later check CT of the surgery day
-    assert chosen("20240603", {"follow", "before"}) == "morning"
-    assert chosen("20240603", {"follow", "before", "morning"}) == "check"  # its metal QA will place it
-    # the check CT's own request (placed post-operative): only a study before the surgery day
-    assert chosen(surgery, {"follow", "check"}) == "before"
-    assert chosen(surgery, {"follow", "check", "before"}) is None
+    # not the later check CT of the surgery day before the admission CT
+    assert _order(studies, "20240603", {"follow"}, surgery) == [
+        "before", "older", "morning", "check"]
+    assert _order(studies, "20240603", {"follow", "before", "older"}, surgery) == ["morning", "check"]
+    assert _order(studies, "20240603", {"follow", "before", "older", "morning"}, surgery) == [
+        "check"]  # its metal QA will place it
+    # the check CT's own request (placed post-operative): only the studies before the surgery day
+    assert _order(studies, surgery, {"follow", "check"}, surgery) == ["before", "older"]
+    assert _order(studies, surgery, {"follow", "check", "before", "older"}, surgery) == []
     undated_time = StudyHit("no-time", surgery, "", ["CT"])  # no StudyTime: sorts first on its day
-    hit = choose_prior([check, undated_time], "20240603", set(), surgery_date=surgery)
-    assert hit is not None and hit.study_instance_uid == "no-time"
+    assert _order([check, undated_time], "20240603", set(), surgery) == ["no-time", "check"]
+
+
+def test_a_study_without_a_usable_series_gives_way_to_the_next_at_most_three(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preferred prior holds only scouts: the next candidate is queried and moved; the bound
+    stops the search after three studies, and the reason says how many were looked at."""
+    studies = [StudyHit(str(n), f"2023010{n}", modalities=["CT"]) for n in range(1, 6)]
+    queried: list[str] = []
+
+    def series_of(_settings: Settings, study_uid: str) -> list[SeriesHit]:
+        queried.append(study_uid)
+        n = 140 if study_uid in usable else 2
+        return [SeriesHit(study_uid + ".1", "CT", n), SeriesHit(study_uid + ".2", "SR", 1)]
+
+    moved: list[str] = []
+
+    def move(_settings: Settings, _study_uid: str, series_uid: str) -> tuple[int, int]:
+        moved.append(series_uid)
+        return 140, 0
+
+    monkeypatch.setattr(retrieve, "find_studies", lambda *_: studies)
+    monkeypatch.setattr(retrieve, "find_series", series_of)
+    monkeypatch.setattr(retrieve, "move_series", move)
+    settings = Settings(storage_dir=Path("var"), pairing={"retrieve_priors": True})
+
+    usable = {"3"}
+    outcome = retrieve_prior(settings, "PID", "20230110", set())
+    assert outcome.moved and outcome.series_instance_uid == "3.1" and moved == ["3.1"]
+    assert queried == ["5", "4", "3"]
+    assert outcome.reason == "moved 140 instance(s), 0 failed; 3 earlier studies looked at (of 5)"
+
+    queried.clear()
+    usable = {"2"}  # fourth in line: beyond the bound
+    outcome = retrieve_prior(settings, "PID", "20230110", set())
+    assert not outcome.moved and queried == ["5", "4", "3"] and moved == ["3.1"]
+    assert outcome.reason == ("no CT series with enough slices in the 3 earlier studies looked at"
+                              " (of 5)")
+
+    queried.clear()
+    usable = {"5"}
+    outcome = retrieve_prior(settings, "PID", "20230110", set())
+    assert outcome.moved and queried == ["5"]
+    assert outcome.reason.endswith("; 1 earlier study looked at (of 5)")
 
 
 def test_choose_series_wants_a_volume() -> None:

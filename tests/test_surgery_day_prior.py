@@ -2,7 +2,7 @@
 
 Why end to end: which earlier CT the node asks for, whether the metal its own QA finds places a
 surgery-day CT after the operation, and whether that study then asks again, are decided in three
-places (``retrieve.choose_prior``, ``surgery_day.place``, ``pairing.needs_prior``); only the whole
+places (``retrieve.prior_candidates``, ``surgery_day.place``, ``pairing.needs_prior``); only the whole
 chain (C-FIND, C-MOVE, store, job, pairing, the next C-FIND) shows that the follow-up ends up
 compared with the pre-operative CT. The pipeline is the real one from the label map on
 (``node_pipeline:measure``: no model), so the metal QA is measured in the CT as the node does it.

@@ -1,12 +1,13 @@
 """Prior retrieval: fetch a patient's earlier whole-thigh CT from the PACS when the node has no baseline.
 
 Why: a follow-up is worthless without its baseline, and the baseline was often acquired before the
-node existed. C-FIND (study level, by PatientID) lists the patient's studies; the earlier study is
-chosen (:func:`choose_prior`: with a surgery date the latest before the surgery day, else the
-earliest on it; without one the most recent earlier study); a series-level C-FIND picks its CT
-series with the most instances (a whole-thigh scan has many slices); C-MOVE sends that series to
-this node's AE, where it is processed like any other arrival. Off with
-``pairing.retrieve_priors = false``.
+node existed. C-FIND (study level, by PatientID) lists the patient's studies; the earlier studies
+are ordered by preference (:func:`prior_candidates`: with a surgery date those before the surgery
+day, latest first, then those on it, earliest first; without one the most recent first); a
+series-level C-FIND picks a study's CT series with the most instances (a whole-thigh scan has many
+slices), and a study without one (scouts, dose reports) gives way to the next, at most
+:data:`MAX_STUDIES_QUERIED` of them; C-MOVE sends that series to this node's AE, where it is
+processed like any other arrival. Off with ``pairing.retrieve_priors = false``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 _PENDING = (0xFF00, 0xFF01)
 _TIMEOUT_S = 30.0
+# studies whose series are queried per retrieval: a patient's history may hold many CT studies, and
+# one without a usable series (scouts only) should not end the search, nor make it unbounded
+MAX_STUDIES_QUERIED = 3
 
 
 @dataclass
@@ -139,23 +143,24 @@ def find_series(settings: Settings, study_uid: str) -> list[SeriesHit]:
     return [s for s in out if s.series_instance_uid]
 
 
-def choose_prior(
+def prior_candidates(
     studies: list[StudyHit],
     before_date: str,
     known_study_uids: set[str],
     surgery_date: str | None = None,
     issuer: str = "",
-) -> StudyHit | None:
-    """The earlier CT study to use as baseline (strictly before ``before_date``; none already held).
+) -> list[StudyHit]:
+    """The earlier CT studies to try as baseline, best first (strictly before ``before_date``; none
+    already held). A study may hold no usable series, so the caller goes down the list.
 
-    With a surgery date the pre-operative CT is wanted: the latest study before the surgery day,
-    which is pre-operative by its date alone; only when there is none, the earliest on the surgery
-    day (the admission CT of the morning precedes the check CT of the afternoon), whose metal QA
-    then places it (a check CT asks again, :func:`dicomnode.clinical.pairing.needs_prior`); never
-    a later one. The latest on the surgery day is the check CT, most likely: taken first, it cost a
-    second retrieval, sent the follow-up's comparison with it before the right one, and a
+    With a surgery date the pre-operative CT is wanted: the studies before the surgery day, latest
+    first, which are pre-operative by their date alone; after them those on the surgery day,
+    earliest first (the admission CT of the morning precedes the check CT of the afternoon), whose
+    metal QA then places them (a check CT asks again, :func:`dicomnode.clinical.pairing.needs_prior`);
+    never a later one. The latest on the surgery day is the check CT, most likely: taken first, it
+    cost a second retrieval, sent the follow-up's comparison with it before the right one, and a
     same-morning pre-operative CT was never asked for (the check CT's own request looks before the
-    surgery day). Without a surgery date: the most recent earlier study (the usual "relevant prior").
+    surgery day). Without a surgery date: the most recent first (the usual "relevant prior").
     """
     cands = [
         s
@@ -169,10 +174,10 @@ def choose_prior(
     ]
     cands.sort(key=lambda s: (s.study_date, s.study_time))
     if not surgery_date:
-        return cands[-1] if cands else None
+        return cands[::-1]
     before = [s for s in cands if s.study_date < surgery_date]
     on_the_day = [s for s in cands if s.study_date == surgery_date]
-    return before[-1] if before else on_the_day[0] if on_the_day else None
+    return before[::-1] + on_the_day
 
 
 def choose_series(series: list[SeriesHit], min_slices: int) -> SeriesHit | None:
@@ -219,16 +224,24 @@ def retrieve_prior(
     """Find and move the patient's earlier whole-thigh CT to this node; the outcome says why when not."""
     if not settings.pairing.retrieve_priors:
         return RetrieveOutcome(False, "prior retrieval is switched off (pairing.retrieve_priors)")
-    study = choose_prior(
+    candidates = prior_candidates(
         find_studies(settings, patient_id), before_date, known_study_uids, surgery_date, issuer
     )
-    if study is None:
+    if not candidates:
         return RetrieveOutcome(False, "the PACS holds no earlier CT study for this patient")
-    series = choose_series(find_series(settings, study.study_instance_uid), settings.selection.min_slices)
-    if series is None:
-        return RetrieveOutcome(
-            False, "the earlier study has no CT series with enough slices", study.study_instance_uid
-        )
+    looked = 0
+    chosen: tuple[StudyHit, SeriesHit] | None = None
+    for study in candidates[:MAX_STUDIES_QUERIED]:
+        looked += 1
+        series = choose_series(find_series(settings, study.study_instance_uid),
+                               settings.selection.min_slices)
+        if series is not None:
+            chosen = study, series
+            break
+    if chosen is None:
+        return RetrieveOutcome(False, "no CT series with enough slices in the "
+                                      + _studies_looked_at(looked, len(candidates)))
+    study, series = chosen
     completed, failed = move_series(settings, study.study_instance_uid, series.series_instance_uid)
     # the study by its UID: its date is the patient's (PHI), for DEBUG only
     log.info("prior retrieval: moved %d instances (%d failed) of study %s", completed, failed,
@@ -236,9 +249,17 @@ def retrieve_prior(
     log.debug("prior retrieval: study %s dated %s", study.study_instance_uid, study.study_date)
     return RetrieveOutcome(
         completed > 0,
-        f"moved {completed} instance(s), {failed} failed",
+        f"moved {completed} instance(s), {failed} failed; "
+        + _studies_looked_at(looked, len(candidates)),
         study.study_instance_uid,
         series.series_instance_uid,
         completed,
         failed,
     )
+
+
+def _studies_looked_at(looked: int, candidates: int) -> str:
+    """How far down the candidates a retrieval went, for its reason: "2 earlier studies looked at
+    (of 5)" (a study left unqueried by the bound is counted, so a site sees that it was there)."""
+    of = f" (of {candidates})" if candidates > looked else ""
+    return f"{looked} earlier {'study' if looked == 1 else 'studies'} looked at{of}"
