@@ -675,8 +675,8 @@ def test_concurrent_workers_keep_one_consistent_timeline(settings: Settings) -> 
     rows = pairing.timeline(settings, "P1")
     assert [r.study.study_date for r in rows] == [f"202301{i + 1:02d}" for i in range(8)]
     assert [len(r.changes) for r in rows] == [0, 1] + [2] * 6
-    con = sqlite3.connect(settings.db_path)
-    assert con.execute("SELECT COUNT(*) FROM pairing_changes").fetchone()[0] == 1 + 2 * 6
+    with opened(settings.db_path) as db:
+        assert db.one("SELECT COUNT(*) FROM pairing_changes")[0] == 1 + 2 * 6
 
 
 def test_synthetic_cohort_kept_for_the_command_line(tmp_path: Path, monkeypatch) -> None:
