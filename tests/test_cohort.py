@@ -789,7 +789,7 @@ def test_tables_1_and_3_show_the_patients_each_figure_rests_on(tmp_path) -> None
         [(sum(truth[p]["pre"][lab]) - sum(truth[p]["post"][lab])) / truth[p]["height"] ** 2
          for p in with_height]))
     assert "Table 3, Loss ratio (%), Female ITF: Piriformis rests on 9 of 10 patients" in report.notes
-    assert sum("rests on" in n for n in report.notes) == 1  # only that cell
+    assert sum(n.startswith("Table 3") and "rests on" in n for n in report.notes) == 1  # that cell
     written = write_report(report, tmp_path / "out")
     rows = _csv_rows(written["table3_per_muscle"])
     assert rows[0][:3] == ["measure", "group", "n"]
@@ -801,6 +801,34 @@ def test_tables_1_and_3_show_the_patients_each_figure_rests_on(tmp_path) -> None
     n_row = next(r for r in _page_table(page, "Table 1. Pre-operative composition") if r[0] == "n")
     assert n_row[1:] == ["4", "2", "2", "10"]
 
+
+
+def test_figure_8_gives_n_per_fracture_type_and_names_a_muscle_resting_on_fewer() -> None:
+    """A 0 cm³ baseline has no loss ratio: that patient drops out of the muscle's bar in Figure 8,
+    which says so (a starred tick, a legend line, a note) instead of shrinking the group silently."""
+    from reporting.cohort.figures import figure8
+
+    entries, _ = _cohort()
+    by_id = {e.patient_id: i for i, e in enumerate(entries)}
+    gone = entries[by_id["C08"]].change  # Female ITF: piriformis measured 0 cm³ on both CTs
+    gone = gone.model_copy(update={"structures": tuple(
+        s.model_copy(update={"pre_cm3": 0.0, "post_cm3": 0.0}) if s.name == "piriformis" else s
+        for s in gone.structures)})
+    entries[by_id["C08"]] = entries[by_id["C08"]].model_copy(update={"change": gone})
+    report = build_cohort(entries, n_boot=20)
+    assert "Figure 8, ITF: Piriformis rests on 11 of 12 patients" in report.notes
+    assert sum(n.startswith("Figure 8") for n in report.notes) == 1  # FNF's piriformis is whole
+    fig = figure8(report)
+    try:
+        ax = fig.axes[0]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == ["(A) FNF (n=6)", "(B) ITF (n=12)", "* Piriformis, ITF: n=11 of 12"]
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert [t for t in ticks if t.endswith(" *")] == ["Piriformis *"]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 def test_paper_variant_of_table2_counts_muscles_not_patients(cohort, written) -> None:
     """The paper variant describes 21 per-muscle means: its count reads "n muscles" (21), beside the

@@ -14,6 +14,7 @@ import numpy as np
 
 from reporting.cohort.collect import FRACTURES, MUSCLE_ORDER, SEX_NAME, display
 from reporting.cohort.flow import group_count
+from reporting.cohort.statistics import figure8_short_bars
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,6 +94,40 @@ def figure6(report: CohortReport) -> Figure:
     return fig
 
 
+def figure8(report: CohortReport) -> Figure:
+    """Figure 8: mean loss ratio per muscle, sexes merged, FNF vs ITF (with the total).
+
+    The legend gives each fracture type's n; a muscle whose bar rests on fewer patients (a 0 cm³
+    baseline has no ratio) is starred, and the legend says on how many, so no bar shrinks silently.
+    """
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    t = report.loss_ratio_by_fracture
+    short = figure8_short_bars(report.long, report.patients)
+    starred = {display(c.muscle) for c in short}
+    fig, ax = plt.subplots(figsize=(14, 5))
+    xx = np.arange(len(t.index))
+    for i, fracture in enumerate(t.columns):
+        n = int((report.patients["fracture_type"] == fracture).sum())
+        ax.bar(
+            xx + (i - 0.5) * 0.4,
+            t[fracture].to_numpy(),
+            width=0.4,
+            color=FRACTURE_COLOURS[fracture],
+            label=f"({'AB'[i]}) {fracture} (n={n})",
+        )
+    labels = [f"{m} *" if m in starred else m for m in t.index]
+    ax.set_xticks(xx, labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("mean loss ratio (pre − post) / pre (%)")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Patch(color="none", label=f"* {display(c.muscle)}, {c.group}: n={c.n} of {c.of}")
+                for c in short]
+    ax.legend(handles=handles, fontsize=8)
+    ax.set_title("Loss ratio by fracture type, sexes merged")
+    return fig
+
+
 def figures(report: CohortReport) -> dict[str, bytes]:
     """Figure 6 (box plots), 7 (mean loss by subgroup) and 8 (loss ratio by fracture type)."""
     plt = _pyplot()
@@ -132,24 +167,7 @@ def figures(report: CohortReport) -> dict[str, bytes]:
     ax.set_title("Mean muscle volume loss by subgroup")
     out["figure7_bars.png"] = png(fig)
 
-    # Figure 8: loss ratio, sexes merged, FNF vs ITF (with the total).
-    t = report.loss_ratio_by_fracture
-    fig, ax = plt.subplots(figsize=(14, 5))
-    xx = np.arange(len(t.index))
-    for i, fracture in enumerate(t.columns):
-        n = int((report.patients["fracture_type"] == fracture).sum())
-        ax.bar(
-            xx + (i - 0.5) * 0.4,
-            t[fracture].to_numpy(),
-            width=0.4,
-            color=FRACTURE_COLOURS[fracture],
-            label=f"({'AB'[i]}) {fracture} (n={n})",
-        )
-    ax.set_xticks(xx, list(t.index), rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("mean loss ratio (pre − post) / pre (%)")
-    ax.legend(fontsize=8)
-    ax.set_title("Loss ratio by fracture type, sexes merged")
-    out["figure8_loss_ratio.png"] = png(fig)
+    out["figure8_loss_ratio.png"] = png(figure8(report))
     return out
 
 

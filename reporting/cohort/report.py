@@ -26,11 +26,13 @@ from reporting.cohort.statistics import (
     MIN_CI_N,
     SMALL_N,
     bootstrap_table,
+    figure8_short_bars,
     loss_ratio_by_fracture,
     mannwhitney_table,
     mannwhitney_within_sex_table,
     min_p_mannwhitney,
     min_p_signed_rank,
+    short_note,
     side_table,
     table1,
     table2,
@@ -122,6 +124,7 @@ def build_cohort(
             f"{no_height} patient(s) without a plausible height: left out of the adjusted (cm³/m²) figures"
         )
     notes += table3_short_cells(long, patients)
+    notes += [short_note("Figure 8", c) for c in figure8_short_bars(long, patients)]
     return CohortReport(
         patients=patients,
         long=long,

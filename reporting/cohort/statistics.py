@@ -13,6 +13,7 @@ too (:func:`table2_across_muscles`). Input: the frames of :func:`reporting.cohor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import comb
 
 import numpy as np
@@ -132,16 +133,41 @@ def table3(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+@dataclass(frozen=True)
+class ShortCell:
+    """A muscle's figure in one group that rests on fewer patients than the group has (a loss ratio
+    needs a baseline volume above 0 cm³; an adjusted loss a height)."""
+
+    group: str
+    muscle: str  # the internal name; display() for people
+    n: int
+    of: int
+
+
+def short_cells(long: pd.DataFrame, patients: pd.DataFrame, by: str, col: str) -> list[ShortCell]:
+    """The muscles whose ``col`` rests on fewer patients, in a group of ``by`` ("group" or
+    "fracture_type"), than that group's patients with the total's ``col``; usually none."""
+    row_n = patients.groupby(by)[col].count()
+    return [ShortCell(str(g), str(m), int(n), int(row_n[g]))
+            for (g, m), n in long.groupby([by, "muscle"])[col].count().items()
+            if n < row_n.get(g, 0)]
+
+
+def short_note(where: str, cell: ShortCell) -> str:
+    """One note line for a short cell: "Figure 8, FNF: Piriformis rests on 11 of 12 patients"."""
+    return f"{where}, {cell.group}: {display(cell.muscle)} rests on {cell.n} of {cell.of} patients"
+
+
 def table3_short_cells(long: pd.DataFrame, patients: pd.DataFrame) -> list[str]:
-    """Table 3's cells that rest on fewer patients than their row's ``n``, one line each (a muscle's
-    loss ratio needs a baseline volume above 0 cm³); usually none."""
-    lines = []
-    for kind, col in TABLE3_MEASURES:
-        row_n = patients.groupby("group")[col].count()
-        for (g, m), n in long.groupby(["group", "muscle"])[col].count().items():
-            if n < row_n.get(g, 0):
-                lines.append(f"Table 3, {kind}, {g}: {display(m)} rests on {n} of {row_n[g]} patients")
-    return lines
+    """Table 3's cells that rest on fewer patients than their row's ``n``, one line each."""
+    return [short_note(f"Table 3, {kind}", c)
+            for kind, col in TABLE3_MEASURES for c in short_cells(long, patients, "group", col)]
+
+
+def figure8_short_bars(long: pd.DataFrame, patients: pd.DataFrame) -> list[ShortCell]:
+    """Figure 8's bars that rest on fewer patients than their fracture type's n (its legend's): a
+    muscle with a 0 cm³ baseline leaves that patient out of the muscle's mean loss ratio."""
+    return short_cells(long, patients, "fracture_type", "loss_pct")
 
 
 def loss_ratio_by_fracture(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
