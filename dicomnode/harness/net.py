@@ -6,22 +6,31 @@ import errno
 import os
 import socket
 import subprocess
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
+_HANDED_OUT: deque[int] = deque(maxlen=256)  # ports this process was given lately, maybe not bound yet
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(avoid: Collection[int] = ()) -> int:
-    """A TCP port free on the loopback interface right now (the OS picks it), none of ``avoid``
-    (ports chosen for servers not started yet, which the OS could hand out again)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in avoid:
-            return port
+    """A TCP port free on the loopback interface right now (the OS picks it), none of ``avoid`` and
+    none this process was handed lately: two calls before either server binds could otherwise get
+    the same port from the OS (a node then failed "Address already in use" beside its Orthanc)."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in avoid and port not in _HANDED_OUT:
+                _HANDED_OUT.append(port)
+                return port
 
 
 def port_problem(port: int, host: str = "127.0.0.1") -> str | None:
