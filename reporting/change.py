@@ -175,8 +175,10 @@ def compute_change(
             before, after = pre_s.side_volume(side), post_s.side_volume(side)
             if before is None and after is None:
                 continue
+            near = [f for f in (pre_s.near_metal(side), post_s.near_metal(side)) if f is not None]
             structures.append(StructureChange(label=post_s.label, name=post_s.name, group=post_s.group,
-                                              side=side, **_values(before, after, height_m)))
+                                              side=side, near_metal=any(near) if near else None,
+                                              **_values(before, after, height_m)))
 
     total = TotalChange(**_total(structures, "both", height_m))
     by_side = [SideTotalChange(side=side, **_total(structures, side, height_m)) for side in ("left", "right")]

@@ -19,6 +19,7 @@ from seg import labels as L
 from seg.age import age_at_study
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
 from seg.hu_refine import MUSCLE_HU
+from seg.metal_proximity import MetalBox, flagged, near_metal_counts, near_metal_share
 from seg.records import CSV_COLUMNS, MetalLocation, ModelInfo, StructureVolume, VolumeQA, VolumeRecord
 from seg.volume import Volume
 
@@ -195,6 +196,8 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
         mid, how = midline_x(labels, ct)
         n = L.NUM_CLASSES
         total, left = _side_counts(arr, labels.affine, mid, n)
+        figures = ct_figures.result() if ct_figures is not None else None
+    near = _near_metal(arr, labels.affine, mid, figures)
 
     h2 = float(height_m) ** 2 if height_m is not None else None
     structures = []
@@ -208,6 +211,7 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
             left_cm3=round(lv, 4),
             right_cm3=round(v - lv, 4),
             index_cm3_m2=round(v / h2, 4) if h2 else None,
+            **(_near_metal_fields(s.label, total, left, near) if near is not None and s.is_muscle else {}),
         ))
 
     nk = labels.shape[2]
@@ -219,8 +223,8 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
         "midline_x_mm": round(mid, 3),
         "midline_method": how,
     }
-    if ct is not None and ct_figures is not None:
-        qa |= _ct_qa(ct, mid, segmented, ct_figures.result())
+    if ct is not None and figures is not None:
+        qa |= _ct_qa(ct, mid, segmented, figures)
     age_years, age_source = age_at_study(header)
     return VolumeRecord(
         series_instance_uid=header.series_instance_uid,
@@ -232,6 +236,28 @@ def measure_volumes(labels: Volume, ct: Volume | None = None, height_m: float | 
         structures=tuple(structures),
         qa=VolumeQA(**qa),
     )
+
+
+def _near_metal(arr: np.ndarray, affine: np.ndarray, mid: float,
+                figures: _CtFigures | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Voxels per label next to metal (total, left); zeros without metal, None without the CT."""
+    if figures is None:
+        return None
+    if figures.metal_box is None:
+        return np.zeros(L.NUM_CLASSES, np.int64), np.zeros(L.NUM_CLASSES, np.int64)
+    return near_metal_counts(arr, figures.metal_box, affine, mid, L.NUM_CLASSES)
+
+
+def _near_metal_fields(label: int, total: np.ndarray, left: np.ndarray,
+                       near: tuple[np.ndarray, np.ndarray]) -> dict[str, object]:
+    """A muscle's near-metal share and flag per side (:mod:`seg.metal_proximity`)."""
+    out: dict[str, object] = {}
+    for side, voxels, close in (("left", left[label], near[1][label]),
+                                ("right", total[label] - left[label], near[0][label] - near[1][label])):
+        share = near_metal_share(int(close), int(voxels))
+        out[f"{side}_near_metal_share"] = round(share, 4)
+        out[f"{side}_near_metal"] = flagged(share)
+    return out
 
 
 def coverage_from_femoral_head(arr: np.ndarray, affine: np.ndarray) -> dict[str, float]:
@@ -258,6 +284,7 @@ class _CtFigures:
 
     hu_muscle_voxels: int
     metal_world: np.ndarray | None  # LPS mm of each metal voxel; None without metal
+    metal_box: MetalBox | None  # the metal mask, cropped (what the muscles' proximity is measured to)
 
 
 def _ct_figures(ct: Volume) -> _CtFigures:
@@ -279,8 +306,10 @@ def _ct_figures(ct: Volume) -> _CtFigures:
         h = hu[sl]
         muscle += int(np.count_nonzero(body & (h >= MUSCLE_HU[0]) & (h <= MUSCLE_HU[1])))
     metal = hu > METAL_HU
-    world = _world(ct.affine, np.nonzero(metal)) if np.count_nonzero(metal) else None
-    return _CtFigures(muscle, world)
+    if not np.count_nonzero(metal):
+        return _CtFigures(muscle, None, None)
+    where = np.nonzero(metal)
+    return _CtFigures(muscle, _world(ct.affine, where), MetalBox.of(metal, where))
 
 
 def _ct_qa(ct: Volume, mid: float, segmented_muscle_cm3: float, figures: _CtFigures) -> dict[str, object]:

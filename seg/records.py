@@ -228,10 +228,24 @@ class StructureVolume(Record):
     left_cm3: float | None = None
     right_cm3: float | None = None
     index_cm3_m2: float | None = None
+    # next to the implant (seg.metal_proximity): the share of each side's voxels within reach of metal
+    # in their slice, and whether that flags its volume as the least reliable. None: not measured
+    # (a bone, no CT, or a record written before); without metal, share 0 and not flagged.
+    left_near_metal_share: float | None = None
+    right_near_metal_share: float | None = None
+    left_near_metal: bool | None = None
+    right_near_metal: bool | None = None
 
     def side_volume(self, side: Side) -> float | None:
         """cm³ of one side ("both": the two together)."""
         return {"both": self.volume_cm3, "left": self.left_cm3, "right": self.right_cm3}[side]
+
+    def near_metal(self, side: Side) -> bool | None:
+        """Whether a side ("both": either) is flagged as lying next to the implant; None: not measured."""
+        flags = {"left": (self.left_near_metal,), "right": (self.right_near_metal,),
+                 "both": (self.left_near_metal, self.right_near_metal)}[side]
+        known = [f for f in flags if f is not None]
+        return any(known) if known else None
 
     @property
     def split(self) -> bool:
@@ -441,6 +455,10 @@ class _AnalysedCount(Record):
 
 class StructureChange(ChangeFigures, _StructureSide):
     """One structure side: follow-up minus baseline (see :mod:`reporting.change` for each figure)."""
+
+    # next to the implant in either study (StructureVolume.near_metal): its change is the least
+    # reliable; None: neither study measured it. Last, after the keys change records had before.
+    near_metal: bool | None = None
 
 
 class TotalChange(ChangeFigures, _AnalysedCount):

@@ -81,11 +81,12 @@ def test_legacy_change_record_notes_get_codes(tmp_path: Path) -> None:
 
 def test_change_entries_keep_their_json_layout() -> None:
     """Structure and total entries share their figures (one base) yet write the keys of the change
-    records stored before, in the same order: identity first, then the figures."""
+    records stored before, in the same order: identity first, then the figures; a structure's
+    near-metal flag, added since, after them (unknown for a record stored before)."""
     raw = _legacy_change()
     written = json.loads(ChangeRecord.from_json(raw).to_json())
-    assert [list(s) for s in written["structures"]] == [list(s) for s in raw["structures"]]
-    assert written["structures"] == raw["structures"]
+    assert [list(s) for s in written["structures"]] == [[*s, "near_metal"] for s in raw["structures"]]
+    assert written["structures"] == [s | {"near_metal": None} for s in raw["structures"]]
     assert list(written["total_analysed_muscles"]) == list(raw["total_analysed_muscles"])
     assert written["total_analysed_muscles"] == raw["total_analysed_muscles"]
 
