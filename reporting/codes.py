@@ -51,6 +51,8 @@ QA_Z_COVERAGE_BASELINE = _private("QAZCOVPRE", "Craniocaudal coverage of the bas
 MIN_SEGMENT_VOLUME = _private("QAMINSEG", "Minimum segment volume reported as found")
 QA_Z_COVERAGE_OK = _private("QAZOK", "Craniocaudal coverage sufficient")
 QA_METAL = _private("QAMETAL", "Metal artifact present")
+# a muscle side next to the implant (seg.metal_proximity), its volume (or change) the least reliable
+QA_NEAR_METAL = _private("QANEARMTL", "Next to metal implant")
 QA_HEIGHT_STATUS = _private("QAHGT", "Body height status")
 QA_HEIGHT_SOURCE = _private("QAHGTSRC", "Body height source")
 HEIGHT_PRESENT = _private("HGTOK", "Body height available and plausible")

@@ -43,6 +43,7 @@ from reporting.sr import (
     max_area,
     metal_evaluation,
     name_for_viewers,
+    near_metal_evaluations,
     observation_context,
     segments_of,
 )
@@ -113,7 +114,8 @@ def _measurements(entry: ChangeFigures, height_m: float | None, rules: Reporting
 def _group(subject: str, entry: StructureChange, height_m: float | None, time_point: hd.sr.TimePointContext,
            ct: Volume, section: Section | None, model_info: ModelInfo, rules: ReportingRules = RULES,
            ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
-    """TID 1501 group of one structure side; ``section``: its largest cross-section at follow-up."""
+    """TID 1501 group of one structure side; ``section``: its largest cross-section at follow-up;
+    flagged when the side lay next to the implant in either study."""
     measurements = _measurements(entry, height_m, rules)
     if not measurements:
         return None
@@ -122,6 +124,7 @@ def _group(subject: str, entry: StructureChange, height_m: float | None, time_po
         **group_header(subject, entry.name, entry.side, model_info),
         time_point_context=time_point,
         measurements=measurements,
+        qualitative_evaluations=near_metal_evaluations(entry.near_metal),
     ), tracking_label(entry.name, entry.side))
 
 

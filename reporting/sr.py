@@ -333,7 +333,8 @@ def volume_group(subject: str, seg: Dataset, series_uid: str, number: int, name:
                  entry: StructureVolume, height_m: float | None, model_info: ModelInfo,
                  rules: ReportingRules = RULES, time_point: hd.sr.TimePointContext | None = None,
                  ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
-    """TID 1411 group of one segment: volume (and height index), rounded per ``rules``."""
+    """TID 1411 group of one segment: volume (and height index), rounded per ``rules``; flagged when
+    the side lies next to the implant."""
     volume = entry.side_volume(side)
     if volume is None:
         return None
@@ -347,7 +348,14 @@ def volume_group(subject: str, seg: Dataset, series_uid: str, number: int, name:
         time_point_context=time_point,
         referenced_segment=_referenced_segment(seg, number, series_uid),
         measurements=measurements,
+        qualitative_evaluations=near_metal_evaluations(entry.near_metal(side)),
     )
+
+
+def near_metal_evaluations(near: bool | None) -> list[hd.sr.QualitativeEvaluation] | None:
+    """QANEARMTL = yes for a muscle side flagged next to the implant (:mod:`seg.metal_proximity`), in
+    both SRs' groups of that side; nothing otherwise, so a study without metal reads as before."""
+    return [hd.sr.QualitativeEvaluation(codes.QA_NEAR_METAL, codes.YES)] if near else None
 
 
 def section_group(subject: str, name: str, side: str, section: Section, model_info: ModelInfo,

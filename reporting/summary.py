@@ -79,7 +79,9 @@ def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelIn
         where = qa.metal_where.side if qa.metal_where else None
         side = {"left": "left side", "right": "right side", "both": "both sides"}.get(str(where),
                                                                                    "side not recorded")
-        out.append(f"Metal present ({side}): volumes near it are less reliable")
+        out.append(f"Metal present ({side}): "
+                   + (f"{NEAR_METAL_MARK} muscles next to it, their volumes less reliable"
+                      if any_near_metal(volumes, change) else "volumes near it are less reliable"))
     if qa.z_coverage_ok is False:
         out.append("Incomplete craniocaudal coverage")
     if change is not None:
@@ -91,6 +93,19 @@ def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelIn
         out.append(f"Segmented muscle is {float(ratio):.2f}x the HU-threshold muscle volume: "
                    "check the segmentation")
     return out
+
+
+NEAR_METAL_MARK = "†"  # a muscle side next to the implant (seg.metal_proximity); the metal warning says so
+
+
+def any_near_metal(volumes: VolumeRecord, change: ChangeRecord | None = None) -> bool:
+    """Whether the page marks any analysed muscle side next to the implant (its table or changes)."""
+    return (any(e.near_metal("both") for e in volumes.structures if e.name in PAPER_ORDER)
+            or (change is not None and any(e.near_metal for e in change.structures if e.name in PAPER_ORDER)))
+
+
+def _marked(text: str, near: bool | None) -> str:
+    return f"{text} {NEAR_METAL_MARK}" if near else text
 
 
 def _table_rows(volumes: VolumeRecord) -> tuple[list[list[str]], float, float | None]:
@@ -105,7 +120,8 @@ def _table_rows(volumes: VolumeRecord) -> tuple[list[list[str]], float, float | 
         if e.index_cm3_m2 is not None:
             total_idx += e.index_cm3_m2
         found = is_found(e.volume_cm3)
-        rows.append([s.display_name, _fmt_side(e.left_cm3), _fmt_side(e.right_cm3),
+        rows.append([s.display_name, _marked(_fmt_side(e.left_cm3), e.near_metal("left")),
+                     _marked(_fmt_side(e.right_cm3), e.near_metal("right")),
                      _fmt_side(e.volume_cm3), _fmt(e.index_cm3_m2) if found else "–"])
     return rows, total, (total_idx if h else None)
 
@@ -113,15 +129,19 @@ def _table_rows(volumes: VolumeRecord) -> tuple[list[list[str]], float, float | 
 def page_table(volumes: VolumeRecord, rows: list[list[str]],
                change: ChangeRecord | None) -> tuple[list[str], list[list[str]]]:
     """The table's heads and rows; a follow-up's also give each side's change in % of baseline, the
-    chart's numbers, so a reader need not measure a bar (or tell a 0 % bar from none)."""
+    chart's numbers, so a reader need not measure a bar (or tell a 0 % bar from none). A side next to
+    the implant is marked (:data:`NEAR_METAL_MARK`): its volume, and its change when it lay next to
+    it in either study."""
     heads = ["Muscle", "Left cm³", "Right cm³", "Total cm³", "Index cm³/m²"]
     if change is None:
         return heads, rows
     bars = change_bars(change)
     names = {structures()[e.label].display_name: e.name for e in volumes.structures}
     operated = shown_side(change, None)  # the operated side's column marked as on the key images
+    near = {(e.name, e.side) for e in change.structures if e.near_metal}
     return heads + [f"{side.title()} Δ %{' ▼' if side == operated else ''}" for side in ("left", "right")], [
-        r + [_signed(bars.get(names.get(r[0], ""), {}).get(side)) for side in ("left", "right")]
+        r + [_marked(_signed(bars.get(names.get(r[0], ""), {}).get(side)), (names.get(r[0]), side) in near)
+             for side in ("left", "right")]
         for r in rows]
 
 

@@ -102,7 +102,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # registry's fractured side and fracture type; a page without a comparison shows the fracture type and
 # the surgery date with the time point; the SR's and page's keys hold every registry fact they show;
 # a CT dated on the surgery day is placed by its metal QA, as pairing places it (in the keys too).
-OUTPUT_REVISION = 9
+# 10: muscle sides next to the implant flagged (QANEARMTL in both SRs' groups, † on the page).
+OUTPUT_REVISION = 10
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:

@@ -910,3 +910,34 @@ def test_measurement_sr_without_registry_facts_states_none(baseline):
     assert len(set(uids)) == len(variants)
     assert uids[0] == bare.SOPInstanceUID and uids[2] == with_facts.SOPInstanceUID
     assert bare.SeriesInstanceUID == with_facts.SeriesInstanceUID  # the same series, another instance
+
+
+
+def _near_metal_groups(sr: Dataset) -> set[tuple[str, str]]:
+    """(structure, side) of the groups flagged next to the implant (QANEARMTL = yes)."""
+    out = set()
+    for g in measurement_groups(sr):
+        flags = children(g, codes.QA_NEAR_METAL.value)
+        if flags:
+            assert [f.ConceptCodeSequence[0].CodeValue for f in flags] == [codes.YES.value]
+            out.add(parse_tracking_label(children(g, "112039")[0].TextValue))
+    return out
+
+
+def test_muscles_next_to_the_implant_are_flagged_in_both_srs(baseline, followup):
+    """Each muscle side the measurement flags next to the implant carries QANEARMTL = yes in its
+    volume group, and its change in the change SR; none without metal; dciodvfy accepts both."""
+    from seg.io import load_nifti
+
+    f_root, f_ct, change, fsr, _ = followup
+    labels = f_ct.with_array(np.asarray(load_nifti(f_root / "truth" / "labels.nii.gz").array, np.uint8))
+    f_vols = measure_volumes(labels, f_ct, model=MODEL)
+    flagged = {(s.name, side) for s in f_vols.structures for side in ("left", "right") if s.near_metal(side)}
+    assert flagged and {side for _, side in flagged} == {"left"}  # the implant is on the left
+    assert _near_metal_groups(dcmread(f_root / "sr.dcm")) == flagged
+    assert _near_metal_groups(baseline[5]) == set()  # no metal: no flag
+    # the change SR: the analysed muscles' sides flagged at follow-up (none at baseline), and their
+    # both-sides groups
+    analysed = {(n, side) for n, side in flagged if n in ANALYSED_MUSCLES}
+    assert _near_metal_groups(fsr) == analysed | {(n, "both") for n, _ in analysed}
+    assert dciodvfy_errors(f_root / "sr.dcm") == [] and dciodvfy_errors(f_root / "followup.dcm") == []

@@ -287,7 +287,8 @@ def test_follow_up_table_gives_each_sides_change_in_numbers(studies):
     assert change.fractured_side in operated  # the operated side's column is marked, as on the images
     bars = change_bars(change)
     row = next(r for r in rows if r[0] == "Gluteus maximus")
-    assert row[-2:] == [f"{bars['gluteus_maximus'][side]:+.1f}" for side in ("left", "right")]
+    shown = [cell.removesuffix(" †") for cell in row[-2:]]  # † marks a side next to the implant
+    assert shown == [f"{bars['gluteus_maximus'][side]:+.1f}" for side in ("left", "right")]
     assert page_table(f_vols, _table_rows(f_vols)[0], None)[0] == heads[:-2]
 
 
@@ -340,3 +341,28 @@ def test_page_is_rle_lossless(studies):
     assert page.file_meta.TransferSyntaxUID == RLELossless
     raw = page.Rows * page.Columns * page.SamplesPerPixel
     assert len(page.PixelData) < raw / 3
+
+
+def test_muscles_next_to_the_implant_are_marked_with_a_legend(studies):
+    """The follow-up page marks each muscle side flagged next to the implant (right) with †, in its
+    volume and its change, and the metal warning says what † means; the baseline page marks none."""
+    from reporting.summary import NEAR_METAL_MARK
+    from seg.labels import by_name
+
+    f_vols, change = studies["f"][2], studies["change"]
+    heads, rows = page_table(f_vols, _table_rows(f_vols)[0], change)
+    flagged = {by_name(s.name).display_name for s in f_vols.structures if s.near_metal("right")}
+    assert flagged and not any(s.near_metal("left") for s in f_vols.structures)
+    col = {h: i for i, h in enumerate(heads)}
+    right_change = next(h for h in heads if h.startswith("Right Δ"))
+    for row in rows:
+        marked = row[0] in flagged
+        assert row[col["Right cm³"]].endswith(f" {NEAR_METAL_MARK}") is marked, row
+        assert row[col[right_change]].endswith(f" {NEAR_METAL_MARK}") is marked, row
+        assert NEAR_METAL_MARK not in row[col["Left cm³"]] + row[col["Total cm³"]]
+    warnings = qa_warnings(f_vols, SeriesHeader(), MODEL, change)
+    assert f"Metal present (right side): {NEAR_METAL_MARK} muscles next to it, their volumes less reliable" \
+        in warnings
+    b_vols = studies["b"][2]
+    assert not any(NEAR_METAL_MARK in c for r in _table_rows(b_vols)[0] for c in r)
+    assert not any(NEAR_METAL_MARK in w for w in qa_warnings(b_vols, SeriesHeader(), MODEL))
