@@ -117,3 +117,21 @@ def test_whole_thigh_costs_little():
     t = time.perf_counter()
     total, _ = near_metal_counts(labels, box, big.ct.affine, 0.0, NUM_CLASSES)
     assert time.perf_counter() - t < 0.6 and total[LABEL_OF["vastus_intermedius"]] > 0
+
+
+def test_terminal_table_marks_the_sides_next_to_the_implant(post):
+    """`dicomnode volumes`/`segment` print † after a flagged side's volume, decimals still aligned,
+    with a line saying what it means, within 80 columns; a study without metal prints neither."""
+    from dicomnode.commands.common import volumes_table
+
+    text = volumes_table(measure_volumes(post.labels, post.ct, height_m=1.7))
+    lines = text.splitlines()
+    row = next(ln for ln in lines if ln.startswith("Vastus intermedius"))
+    far = next(ln for ln in lines if ln.startswith("Sartorius"))
+    assert row.count("†") == 1 and "†" not in far
+    assert len(row) == len(far) == len(lines[0])  # the mark takes its room in every row
+    assert row.index("†") == lines[0].index("left cm³") + len("left cm³") + 1  # after the number
+    assert "† next to the metal implant: the least reliable volumes" in lines
+    assert max(len(ln) for ln in lines) <= 80
+    twin = make_phantom(replace(POST, postop=False, implant_side=None, atrophy={}))
+    assert "†" not in volumes_table(measure_volumes(twin.labels, twin.ct, height_m=1.7))

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from dicomnode.config import Settings, load_settings
-from seg.records import ModelInfo, VolumeRecord
+from seg.records import LeftRight, ModelInfo, StructureVolume, VolumeRecord
 from seg.terminal import COLUMNS
 
 ConfigOption = Annotated[
@@ -130,14 +130,23 @@ def cell(v: float | None, fmt: str) -> str:
 def volumes_table(rec: VolumeRecord) -> str:
     """One series' volumes as a reader wants them on the terminal, within 80 columns: each structure
     by its display name, left, right and total cm³ and the height-normalised cm³/m², then the 21
-    analysed muscles together and the height used."""
+    analysed muscles together and the height used. A side next to the implant is marked † (the
+    summary page's mark), with a line saying what it means."""
     from seg.labels import ANALYSED_MUSCLES, by_name
 
-    head = f"{'structure':<24}{'left cm³':>11}{'right cm³':>11}{'total cm³':>11}{'cm³/m²':>10}"
+    marked = any(st.near_metal("both") for st in rec.structures)
+    pad = 2 if marked else 0  # the mark's room after each side's number, so the decimals align
+
+    def side(st: StructureVolume, which: LeftRight) -> str:
+        text = cell(st.side_volume(which), ".1f")
+        return f"{text} †" if st.near_metal(which) else text + " " * pad
+
+    gap = " " * pad
+    head = f"{'structure':<24}{'left cm³':>11}{gap}{'right cm³':>11}{gap}{'total cm³':>11}{'cm³/m²':>10}"
     lines = [head, "-" * len(head)]
     for st in sorted(rec.structures, key=lambda s: s.label):
-        lines.append(f"{by_name(st.name).display_name:<24}{cell(st.left_cm3, '.1f'):>11}"
-                     f"{cell(st.right_cm3, '.1f'):>11}{cell(st.volume_cm3, '.1f'):>11}"
+        lines.append(f"{by_name(st.name).display_name:<24}{side(st, 'left'):>{11 + pad}}"
+                     f"{side(st, 'right'):>{11 + pad}}{cell(st.volume_cm3, '.1f'):>11}"
                      f"{cell(st.index_cm3_m2, '.1f'):>10}")
     analysed = [st for st in rec.structures if st.name in ANALYSED_MUSCLES]
     if analysed:
@@ -145,10 +154,12 @@ def volumes_table(rec: VolumeRecord) -> str:
             return None if any(v is None for v in values) else sum(v for v in values if v is not None)
 
         lines.append(f"{f'the {len(analysed)} analysed muscles':<24}"
-                     f"{cell(total([s.left_cm3 for s in analysed]), '.1f'):>11}"
-                     f"{cell(total([s.right_cm3 for s in analysed]), '.1f'):>11}"
+                     f"{cell(total([s.left_cm3 for s in analysed]), '.1f'):>11}{gap}"
+                     f"{cell(total([s.right_cm3 for s in analysed]), '.1f'):>11}{gap}"
                      f"{cell(total([s.volume_cm3 for s in analysed]), '.1f'):>11}"
                      f"{cell(total([s.index_cm3_m2 for s in analysed]), '.1f'):>10}")
+    if marked:
+        lines.append("† next to the metal implant: the least reliable volumes")
     if rec.height_m:
         lines.append(f"height {rec.height_m:.2f} m ({rec.height_source})")
     elif (rec.height_source or "").startswith("implausible"):  # e.g. a PatientSize written in cm
