@@ -105,6 +105,9 @@ def test_demo_runs_and_prints_80_columns(tmp_path: Path, pacs: str) -> None:
     assert re.search(r"^total, 21 analysed muscles, both sides: -\d+\.\d % measured, -\d+\.\d % true$",
                      text, re.M), text
     assert demo.implant_caveat("left") in lines
+    # which muscles the caveat is about: the operated side's flagged ones, by name
+    named = re.search(r"^next to it, the least reliable: (.+(?:\n  .+)*)", text, re.M)
+    assert named and " left" in named.group(1) and " right" not in named.group(1), text
 
     dice = [float(x) for x in re.findall(r"mean Dice over the 21 muscles, both sides: ([0-9.]+)", text)]
     assert len(dice) == 2 and min(dice) >= 0.90, dice
@@ -200,6 +203,20 @@ def test_the_change_summary_states_the_error_against_the_truth() -> None:
         "total, 2 analysed muscles, both sides: +4.1 % measured, -2.5 % true",
     ]
     assert all(len(ln) <= 80 for ln in [*lines, demo.implant_caveat("right")])
+
+
+def test_the_caveat_names_the_muscles_next_to_the_implant() -> None:
+    """The flagged sides by name, wrapped to 80 columns; nothing when none is flagged (no metal)."""
+    names = ["vastus_intermedius", "quadratus_femoris", "vastus_lateralis", "adductor_brevis",
+             "adductor_magnus"]
+    flagged = VolumeRecord(structures=tuple(
+        StructureVolume(label=i + 1, name=n, volume_cm3=2.0, left_cm3=1.0, right_cm3=1.0,
+                        left_near_metal=True, right_near_metal=False) for i, n in enumerate(names)))
+    lines = demo.near_metal_lines(flagged)
+    assert lines[0].startswith("next to it, the least reliable: Vastus intermedius left, Quadratus")
+    assert len(lines) == 2 and lines[1].startswith("  ") and all(len(ln) <= 80 for ln in lines)
+    assert " right" not in " ".join(lines)
+    assert demo.near_metal_lines(_volumes({"sartorius": 1.0}, {"sartorius": 1.0})) == []
 
 
 def test_the_interval_is_between_the_cts_and_from_surgery() -> None:

@@ -412,6 +412,21 @@ def implant_caveat(side: str) -> str:
     return f"metal ({side}): volumes next to the implant are less reliable; see docs/models.md"
 
 
+def near_metal_lines(volumes: VolumeRecord, width: int = COLUMNS) -> list[str]:
+    """The analysed muscle sides the measurement flags next to the implant (the page's †), by name,
+    wrapped to ``width``: which volumes the caveat is about; none without metal."""
+    import textwrap
+
+    from seg.labels import ANALYSED_MUSCLES, by_name
+
+    names = [f"{by_name(s.name).display_name} {side}" for s in volumes.structures
+             if s.name in ANALYSED_MUSCLES for side in ("left", "right") if s.near_metal(side)]
+    if not names:
+        return []
+    return textwrap.wrap(f"next to it, the least reliable: {', '.join(names)}", width,
+                         subsequent_indent="  ")
+
+
 def interval_lines(change: ChangeRecord) -> list[str]:
     """The change's interval: the days between the two CTs, which is not the time since surgery (the
     pre-op CT is before it); that one from the registry's surgery date when pairing recorded it."""
@@ -462,6 +477,8 @@ def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) 
     if qa.metal or post.implant:
         console.print(implant_caveat(qa.metal_where.side if qa.metal_where else OPERATED), style="yellow",
                       highlight=False, markup=False)
+        for line in near_metal_lines(measured[post.label]):
+            console.print(line, style="yellow", highlight=False, markup=False)
 
 
 def print_outputs(console: Any, pacs: LocalPacs | OrthancPacs, studies: list[DemoStudy], out: Path,
