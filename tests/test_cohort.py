@@ -763,6 +763,15 @@ def _foot_after(page: str, heading: str) -> str:
     return foot.group(1)
 
 
+def _piriformis_gone(entries: list, i: int) -> None:
+    """Entry ``i``'s piriformis measured 0 cm³ on both CTs: no loss ratio for that patient."""
+    change = entries[i].change
+    change = change.model_copy(update={"structures": tuple(
+        s.model_copy(update={"pre_cm3": 0.0, "post_cm3": 0.0}) if s.name == "piriformis" else s
+        for s in change.structures)})
+    entries[i] = entries[i].model_copy(update={"change": change})
+
+
 def test_tables_1_and_3_show_the_patients_each_figure_rests_on(tmp_path) -> None:
     """Table 1 has an n row per group; Table 3 an n per row, which is smaller for the adjusted row when
     a height is missing; a muscle's cell resting on fewer patients than its row is named in a note."""
@@ -771,11 +780,7 @@ def test_tables_1_and_3_show_the_patients_each_figure_rests_on(tmp_path) -> None
     tall = entries[by_id["C07"]]  # Female ITF: no height, so no adjusted figure
     no_height = tall.change.model_copy(update={"height_m": None})
     entries[by_id["C07"]] = tall.model_copy(update={"change": no_height})
-    gone = entries[by_id["C08"]].change  # Female ITF: piriformis measured 0 cm³ on both CTs
-    gone = gone.model_copy(update={"structures": tuple(
-        s.model_copy(update={"pre_cm3": 0.0, "post_cm3": 0.0}) if s.name == "piriformis" else s
-        for s in gone.structures)})
-    entries[by_id["C08"]] = entries[by_id["C08"]].model_copy(update={"change": gone})
+    _piriformis_gone(entries, by_id["C08"])  # Female ITF: piriformis measured 0 cm³ on both CTs
     report = build_cohort(entries, n_boot=20)
     assert report.table1.loc["n"].to_dict() == report.group_sizes
     t3 = report.table3
@@ -802,7 +807,6 @@ def test_tables_1_and_3_show_the_patients_each_figure_rests_on(tmp_path) -> None
     assert n_row[1:] == ["4", "2", "2", "10"]
 
 
-
 def test_figure_8_gives_n_per_fracture_type_and_names_a_muscle_resting_on_fewer() -> None:
     """A 0 cm³ baseline has no loss ratio: that patient drops out of the muscle's bar in Figure 8,
     which says so (a starred tick, a legend line, a note) instead of shrinking the group silently."""
@@ -810,11 +814,7 @@ def test_figure_8_gives_n_per_fracture_type_and_names_a_muscle_resting_on_fewer(
 
     entries, _ = _cohort()
     by_id = {e.patient_id: i for i, e in enumerate(entries)}
-    gone = entries[by_id["C08"]].change  # Female ITF: piriformis measured 0 cm³ on both CTs
-    gone = gone.model_copy(update={"structures": tuple(
-        s.model_copy(update={"pre_cm3": 0.0, "post_cm3": 0.0}) if s.name == "piriformis" else s
-        for s in gone.structures)})
-    entries[by_id["C08"]] = entries[by_id["C08"]].model_copy(update={"change": gone})
+    _piriformis_gone(entries, by_id["C08"])  # Female ITF: piriformis measured 0 cm³ on both CTs
     report = build_cohort(entries, n_boot=20)
     assert "Figure 8, ITF: Piriformis rests on 11 of 12 patients" in report.notes
     assert sum(n.startswith("Figure 8") for n in report.notes) == 1  # FNF's piriformis is whole
