@@ -39,6 +39,7 @@ from seg.dates import display_date
 from seg.header import SeriesHeader
 from seg.height import height_state
 from seg.labels import PAPER_ORDER, by_name, reading_order, structures
+from seg.metal_proximity import NEAR_METAL_MARK
 from seg.records import (
     ChangeRecord,
     ClinicalTimePoint,
@@ -93,9 +94,6 @@ def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelIn
         out.append(f"Segmented muscle is {float(ratio):.2f}x the HU-threshold muscle volume: "
                    "check the segmentation")
     return out
-
-
-NEAR_METAL_MARK = "†"  # a muscle side next to the implant (seg.metal_proximity); the metal warning says so
 
 
 def any_near_metal(volumes: VolumeRecord, change: ChangeRecord | None = None) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 
 NEAR_METAL_MM = 30.0  # in-plane reach from metal (calibrated: benchmarks/metal_proximity.py)
 NEAR_METAL_SHARE = 0.2  # a muscle side with at least this share of its voxels in reach is flagged
+NEAR_METAL_MARK = "†"  # how the page and the terminal tables mark a flagged muscle side
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from dicomnode.config import Settings, load_settings
+from seg.metal_proximity import NEAR_METAL_MARK
 from seg.records import LeftRight, ModelInfo, StructureVolume, VolumeRecord
 from seg.terminal import COLUMNS
 
@@ -139,7 +140,7 @@ def volumes_table(rec: VolumeRecord) -> str:
 
     def side(st: StructureVolume, which: LeftRight) -> str:
         text = cell(st.side_volume(which), ".1f")
-        return f"{text} †" if st.near_metal(which) else text + " " * pad
+        return f"{text} {NEAR_METAL_MARK}" if st.near_metal(which) else text + " " * pad
 
     gap = " " * pad
     head = f"{'structure':<24}{'left cm³':>11}{gap}{'right cm³':>11}{gap}{'total cm³':>11}{'cm³/m²':>10}"
@@ -159,7 +160,7 @@ def volumes_table(rec: VolumeRecord) -> str:
                      f"{cell(total([s.volume_cm3 for s in analysed]), '.1f'):>11}"
                      f"{cell(total([s.index_cm3_m2 for s in analysed]), '.1f'):>10}")
     if marked:
-        lines.append("† next to the metal implant: the least reliable volumes")
+        lines.append(f"{NEAR_METAL_MARK} next to the metal implant: the least reliable volumes")
     if rec.height_m:
         lines.append(f"height {rec.height_m:.2f} m ({rec.height_source})")
     elif (rec.height_source or "").startswith("implausible"):  # e.g. a PatientSize written in cm
