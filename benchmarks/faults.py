@@ -361,7 +361,7 @@ def disk(workdir: Path, stores: int) -> DiskReport:
     try:
         for path in s.files:
             ae = AE(ae_title="DISKSCU")
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15  # a loaded machine answers late
             ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
             assoc = ae.associate("127.0.0.1", low.port, ae_title="THIGHNODE")
             if assoc.is_rejected:

@@ -9,7 +9,21 @@ import pytest
 
 from dicomnode.config import Settings
 from dicomnode.db import Database
+from dicomnode.harness import node as harness_node
 from dicomnode.harness.net import free_port
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report shows the end of each node log it made: a node runs in its own process,
+    so what it logged (a dropped connection, a refused instance) is otherwise gone with tmp_path."""
+    report = yield
+    if call.when == "setup":
+        harness_node.STARTED.clear()
+    elif report.failed:
+        for n, node in enumerate(harness_node.STARTED, 1):
+            report.sections.append((f"node {n} log (last 4000 characters)", node.log()[-4000:]))
+    return report
 
 
 @pytest.fixture

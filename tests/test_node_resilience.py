@@ -44,7 +44,8 @@ def test_kill_9_mid_series_then_resend_completes_once(tmp_path: Path) -> None:
             assert pydicom.dcmread(indexed[uid]).SOPInstanceUID == uid
         assert not list(node.storage_dir.rglob("*.tmp"))
 
-        assert storescu(node.port, s.files).returncode == 0  # the sender resends the whole series
+        resent = storescu(node.port, s.files)  # the sender resends the whole series
+        assert resent.returncode == 0, resent.stderr[-1500:]
         job = node.wait_job(s.series_uid, ("done", "failed", "rejected"), timeout=40)
         assert job["state"] == "done" and job["n_instances"] == 24
         assert [j["state"] for j in node.jobs(s.series_uid)] == ["done"]

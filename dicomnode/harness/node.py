@@ -25,6 +25,10 @@ def own_config_env(**extra: str) -> dict[str, str]:
     which override the file (an administrator's ``DICOMNODE_PORT`` would move the demo's node)."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}, **extra}
 
+# every node made in this process, for a failed test's report (tests/conftest.py)
+STARTED: list[NodeProcess] = []
+
+
 class NodeProcess:
     """``dicomnode serve`` on a free port with its own storage folder and config file.
 
@@ -44,6 +48,7 @@ class NodeProcess:
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        STARTED.append(self)
         self.port = free_port()
         self.ae_title = ae_title
         self.storage_dir = self.workdir / "var"
