@@ -25,6 +25,7 @@ def own_config_env(**extra: str) -> dict[str, str]:
     which override the file (an administrator's ``DICOMNODE_PORT`` would move the demo's node)."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}, **extra}
 
+
 # every node made in this process, for a failed test's report (tests/conftest.py)
 STARTED: list[NodeProcess] = []
 
