@@ -105,6 +105,47 @@ def test_commands_that_read_the_index_refuse_a_folder_without_one(command: list[
     assert not (tmp_path / "var").exists()
 
 
+_AS_ANOTHER_USER = """
+import os
+from typer.testing import CliRunner
+from dicomnode.cli import app
+import dicomnode.db, dicomnode.processing.jobs, dicomnode.storage.diskspace  # noqa: F401 (imported
+# before the user changes: the interpreter may lie where that user cannot read)
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+result = CliRunner().invoke(app, ["status"])
+print(result.exit_code)
+print(result.output)
+"""
+
+
+def test_commands_that_read_the_index_say_when_this_user_may_not(tmp_path: Path) -> None:
+    """An administrator's own account on the node's storage (folders 0750, index 0600, the service
+    user's): one line saying to run as that user, not a PermissionError traceback. Run in a child
+    that leaves root (user nobody) when the tests run as root, whom no mode stops."""
+    import os
+    import subprocess
+    import sys
+
+    locked = tmp_path / "locked"
+    (locked / "var").mkdir(parents=True)
+    (locked / "var" / "index.sqlite").write_bytes(b"")
+    locked.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    env = {**os.environ, "DICOMNODE_STORAGE_DIR": str(locked / "var"), "COLUMNS": "400"}
+    env.pop("DICOMNODE_CONFIG", None)
+    try:
+        run = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER], env=env, cwd="/",
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o700)
+    out = " ".join(run.stdout.split())
+    assert run.returncode == 0, run.stderr
+    assert out.startswith("2 "), out
+    assert f"cannot read the node index at {locked / 'var' / 'index.sqlite'}: permission denied" in out
+    assert "sudo -u dicomnode" in out and "Traceback" not in out
+
+
 @pytest.mark.parametrize("case", ["out-is-init", "resume-nothing", "new-run-over-old", "resume-other-net",
                                   "heads", "init-not-a-package", "init-other-net"])
 def test_train_refuses_what_would_lose_work_or_fail_late(case: str, tmp_path: Path) -> None:

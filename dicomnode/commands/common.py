@@ -50,12 +50,26 @@ def settings_from(config: Path | None) -> Settings:
 
 def node_settings(config: Path | None) -> Settings:
     """The settings of a node that has run: commands that read its index refuse a storage folder
-    without one instead of creating it empty, where a forgotten ``--config`` would show "no jobs"."""
+    without one instead of creating it empty, where a forgotten ``--config`` would show "no jobs".
+    An index this user may not read (the node's storage is its service user's: folders 0750, index
+    0600) is said to be so, with what to do; it was a PermissionError traceback."""
     settings = settings_from(config)
-    if not settings.db_path.is_file():
-        echo_problems(f"no node index at {settings.db_path} (storage_dir {settings.storage_dir}): name "
-                      "the node's configuration with --config FILE or DICOMNODE_CONFIG")
-        raise typer.Exit(2)
+    try:
+        with settings.db_path.open("rb"):
+            pass
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        echo_problems(f"no node index at {settings.db_path} (storage_dir {settings.storage_dir}): the "
+                      "node has not run on this storage_dir, or this is not its configuration: name "
+                      "it with --config FILE or DICOMNODE_CONFIG")
+        raise typer.Exit(2) from exc
+    except PermissionError as exc:
+        echo_problems(f"cannot read the node index at {settings.db_path}: permission denied. The "
+                      "node's storage is its service user's: run this command as that user, e.g. "
+                      "sudo -u dicomnode dicomnode ... --config /etc/dicomnode/node.toml")
+        raise typer.Exit(2) from exc
+    except OSError as exc:
+        echo_problems(f"cannot read the node index at {settings.db_path}: {exc.strerror or exc}")
+        raise typer.Exit(2) from exc
     return settings
 
 
