@@ -185,6 +185,27 @@ def test_a_taken_port_stops_serve_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("where", ["under-a-file", "a-file"])
+def test_a_storage_dir_that_cannot_be_a_folder_stops_serve_with_its_key(tmp_path: Path, where: str) -> None:
+    """A storage_dir the node cannot create or use: `serve` names the key and why (exit 2), and writes
+    nothing; it was a traceback from the index's mkdir."""
+    (tmp_path / "afile").write_text("")
+    storage = tmp_path / "afile" / "var" if where == "under-a-file" else tmp_path / "afile"
+    cfg = _write(tmp_path, f'storage_dir = "{storage.as_posix()}"\nhost = "127.0.0.1"\nport = 1\n')
+    umask = os.umask(0o022)  # serve restricts the process's umask before it checks the folder
+    try:
+        result = CliRunner().invoke(app, ["serve", "--no-worker", "--config", str(cfg)],
+                                    env={"COLUMNS": "400"})
+    finally:
+        os.umask(umask)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, (result.output, result.exception)
+    why = f"cannot create {storage}: {tmp_path / 'afile'} is a file" if where == "under-a-file" \
+        else f"{storage} is a file, not a folder"
+    assert f"cannot start: storage_dir: {why}" in out, out
+    assert (tmp_path / "afile").read_text() == ""
+
+
 def test_calling_titles_from_the_environment_as_a_comma_list_or_json(monkeypatch: pytest.MonkeyPatch) -> None:
     """A unit file's ``Environment=DICOMNODE_ALLOWED_CALLING_AETS=ORTHANC,PACS2`` is two titles; a title
     that DICOM would refuse is refused by name, as from the file."""

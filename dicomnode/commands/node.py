@@ -96,6 +96,23 @@ def worker_problems(settings: Settings, *, gpu: bool = False) -> list[str]:
     return problems
 
 
+def storage_problems(folder: Path) -> list[str]:
+    """Why the node could not keep its data in ``folder`` (or create it), as ``key: problem`` lines,
+    checked without writing anything. Why: a storage_dir under a file or in a folder the service
+    user may not write was a traceback from the index's mkdir instead of the key and the reason."""
+    existing = folder
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        return [f"storage_dir: {folder} is a file, not a folder" if existing == folder
+                else f"storage_dir: cannot create {folder}: {existing} is a file"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = f"{folder} is" if existing == folder else f"cannot create {folder}: {existing} is"
+        return [f"storage_dir: {where} not writable by this user (uid {os.geteuid()}): give it to the "
+                "node's user (chown), or choose another storage_dir"]
+    return []
+
+
 def serve(
     config: ConfigOption = None,
     pipeline: Annotated[
@@ -120,7 +137,7 @@ def serve(
 
     restrict_umask()  # PHI at rest: everything the node writes is closed to other local users
     settings = settings_from(config)
-    problems = worker_problems(settings, gpu=not no_worker)
+    problems = storage_problems(settings.storage_dir) + worker_problems(settings, gpu=not no_worker)
     if problems:  # every job would fail on it: say so now, not in each job's reason
         echo_problems("cannot start:\n" + "\n".join(f"  {p}" for p in problems))
         raise typer.Exit(2)
