@@ -502,13 +502,16 @@ def _validated(build: Any, source: str) -> Settings:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     """The file's TOML table; FileNotFoundError or a ConfigError that names the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
     try:
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except PermissionError as exc:  # node.toml may hold ops.token: root:dicomnode 0640 (pacs-admin §2)
+        raise ConfigError(f"cannot read {path}: permission denied (run as the node's user, or as a "
+                          "member of its group)") from exc
 
 
 def _file_values(path: Path) -> dict[str, Any]:

@@ -117,6 +117,7 @@ if os.geteuid() == 0:
 result = CliRunner().invoke(app, ["status"])
 print(result.exit_code)
 print(result.output)
+print(repr(result.exception))
 """
 
 
@@ -144,6 +145,29 @@ def test_commands_that_read_the_index_say_when_this_user_may_not(tmp_path: Path)
     assert out.startswith("2 "), out
     assert f"cannot read the node index at {locked / 'var' / 'index.sqlite'}: permission denied" in out
     assert "sudo -u dicomnode" in out and "Traceback" not in out
+
+
+def test_a_config_file_this_user_may_not_read_is_said_so(tmp_path: Path) -> None:
+    """node.toml is root:dicomnode 0640 (it may hold ops.token): another account gets one line, not a
+    PermissionError traceback. As root, the child leaves root (user nobody) to be refused."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('port = 11112\n')
+    cfg.chmod(0o000)
+    script = _AS_ANOTHER_USER.replace('["status"]', f'["config", "show", "--config", {str(cfg)!r}]')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    try:
+        run = subprocess.run([sys.executable, "-c", script], env={**env, "COLUMNS": "400"}, cwd="/",
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        cfg.chmod(0o600)
+    out = " ".join(run.stdout.split())
+    assert run.returncode == 0, run.stderr
+    assert out.startswith("2 ") and f"cannot read {cfg}: permission denied" in out, out
+    assert "Traceback" not in out
 
 
 @pytest.mark.parametrize("case", ["out-is-init", "resume-nothing", "new-run-over-old", "resume-other-net",
