@@ -175,11 +175,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _host_name(value: str) -> str:
+    """A host to call: an empty one was accepted and every send and `echo` failed on it
+    ("no association with ORTHANC@:4242") instead of the check naming the key."""
+    text = value.strip()
+    if not text:
+        raise ValueError("must not be empty: the PACS's DNS name or IP address")
+    return text
+
+
 class PacsSettings(Section):
     """Where results go (and where priors are queried)."""
 
     ae_title: AETitle = "ORTHANC"
-    host: str = "127.0.0.1"
+    host: Annotated[str, AfterValidator(_host_name)] = "127.0.0.1"
     port: Port = 4242
 
 

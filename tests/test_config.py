@@ -149,6 +149,7 @@ def test_config_check_bad_file_exits_2(tmp_path: Path, text: str, expected: str)
 @pytest.mark.parametrize(("text", "expected"), [
     ("port = 99999\n", "port: Input should be less than or equal to 65535"),
     ("[pacs]\nport = 0\n", "pacs.port: Input should be greater than or equal to 1"),
+    ('[pacs]\nhost = " "\n', "pacs.host: must not be empty"),
     ('ae_title = "BAD TITLE WITH SPACES"\n', "ae_title: at most 16 characters, not 21"),
     ('ae_title = "  "\n', "ae_title: must not be empty"),
     ('[pacs]\nae_title = "PACS\\\\A"\n', "pacs.ae_title: printable ASCII characters only, no backslash"),
