@@ -1,5 +1,6 @@
-"""One reader for calendar dates (seg.dates): pairing orders studies by comparing these strings, so a
-date in another form or a garbled one must never reach it as text."""
+"""One reader for calendar dates and one for times of day (seg.dates): pairing and prior retrieval
+order studies by comparing these strings, so a date or time in another form or a garbled one must
+never reach them as text."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pydicom
 import pytest
 
 from dicomnode.clinical.registry import parse_date
-from seg.dates import da_date
+from seg.dates import da_date, tm_time
 from seg.io import load_dicom_series
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
 
@@ -23,6 +24,24 @@ from seg.phantom import PhantomOptions, make_phantom, write_phantom
 ])
 def test_one_form_or_none(text, expected) -> None:
     assert da_date(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("080000", "080000.000000"), ("0800", "080000.000000"), ("08", "080000.000000"),
+    ("083015.5", "083015.500000"), ("083015.123456", "083015.123456"), ("08:30:15", "083015.000000"),
+    (" 160000 ", "160000.000000"), ("235960", "235960.000000"),
+    ("", None), (None, None), ("24", None), ("0860", None), ("083061", None), ("8", None),
+    ("08:3015", None), ("0830.5", None), ("083015.1234567", None), ("08h30", None),
+])
+def test_one_time_form_or_none(text, expected) -> None:
+    assert tm_time(text) == expected
+
+
+def test_times_compare_as_text_whatever_their_form() -> None:
+    """As written, "08:05" sorts after "0810" and "0800" before "080000" (one moment): read, they
+    compare as the times they are."""
+    assert "08:05" > "0810" and tm_time("08:05") < tm_time("0810")
+    assert "0800" < "080000" and tm_time("0800") == tm_time("080000")
 
 
 def test_the_registry_refuses_a_date_it_would_have_kept_short() -> None:
