@@ -15,6 +15,7 @@ from dicomnode.harness.orthanc import OrthancServer, have_orthanc
 from dicomnode.harness.series import write_ct_series
 from dicomnode.network import retrieve
 from dicomnode.network.retrieve import (
+    Candidates,
     SeriesHit,
     StudyHit,
     choose_series,
@@ -101,8 +102,9 @@ def test_a_refused_move_and_a_pacs_that_is_down_are_errors(orthanc: OrthancServe
 
 
 def _order(studies: list[StudyHit], before_date: str, known: set[str],
-           surgery_date: str | None = None) -> list[str]:
-    return [s.study_instance_uid for s in prior_candidates(studies, before_date, known, surgery_date)]
+           surgery_date: str | None = None, before_time: str = "") -> list[str]:
+    found = prior_candidates(studies, before_date, known, surgery_date, before_time=before_time)
+    return [s.study_instance_uid for s in found.studies]
 
 
 def test_prior_candidates_prefer_preoperative_then_nearest_and_skip_known() -> None:
@@ -118,7 +120,7 @@ def test_prior_candidates_prefer_preoperative_then_nearest_and_skip_known() -> N
     assert _order(studies, "20230601", {"2", "5"}, surgery_date="20230111") == ["1"]
     assert _order(studies, "20230601", {"1", "2"}, surgery_date="20230111") == []  # no pre-op CT left
     assert _order(studies, "20230601", {"1", "2", "4", "5"}) == []
-    assert _order(studies, "20230101", set()) == []  # same day is not a prior
+    assert _order(studies, "20230101", set()) == []  # same day, no StudyTime: not a prior
 
 
 def test_prior_candidates_take_the_surgery_day_only_after_every_earlier_ct() -> None:
@@ -139,11 +141,60 @@ def test_prior_candidates_take_the_surgery_day_only_after_every_earlier_ct() -> 
     assert _order(studies, "20240603", {"follow", "before", "older"}, surgery) == ["morning", "check"]
     assert _order(studies, "20240603", {"follow", "before", "older", "morning"}, surgery) == [
         "check"]  # its metal QA will place it
-    # the check CT's own request (placed post-operative): only the studies before the surgery day
-    assert _order(studies, surgery, {"follow", "check"}, surgery) == ["before", "older"]
-    assert _order(studies, surgery, {"follow", "check", "before", "older"}, surgery) == []
+    # the check CT's own request (placed post-operative): the studies before the surgery day, then
+    # the admission CT of its morning; never itself nor a later one
+    assert _order(studies, surgery, {"follow", "check"}, surgery, "160000") == [
+        "before", "older", "morning"]
+    assert _order(studies, surgery, {"follow", "check", "before", "older"}, surgery, "160000") == [
+        "morning"]
+    assert _order(studies, surgery, {"follow", "morning"}, surgery, "080000") == ["before", "older"]
     undated_time = StudyHit("no-time", surgery, "", ["CT"])  # no StudyTime: sorts first on its day
     assert _order([check, undated_time], "20240603", set(), surgery) == ["no-time", "check"]
+
+
+def test_a_same_day_study_is_a_prior_only_when_both_times_tell() -> None:
+    """On the asking study's own day the StudyTime decides: an earlier one is a candidate (with a
+    surgery date earliest first among the surgery day's, without one after every earlier day); an
+    equal or later one never is; a missing or unreadable StudyTime, the asking study's or the
+    other's, leaves that day's study out as its date alone would, and says how many."""
+    surgery = "20240301"
+    before = StudyHit("before", "20240229", "100000", ["CT"])
+    admission = StudyHit("admission", surgery, "0800", ["CT"])  # reduced precision: 08:00
+    noon = StudyHit("noon", surgery, "12:00:00", ["CT"])  # ACR-NEMA form
+    check = StudyHit("check", surgery, "160000", ["CT"])
+    twin = StudyHit("twin", surgery, "160000.0", ["CT"])  # the same moment: not earlier
+    later = StudyHit("later", surgery, "170000", ["CT"])
+    studies = [later, twin, check, noon, admission, before]
+
+    def candidates(surgery_date: str | None, at: str, hits: list[StudyHit] = studies) -> Candidates:
+        return prior_candidates(hits, surgery, {"check"}, surgery_date, before_time=at)
+
+    with_date = candidates(surgery, "160000")
+    assert [s.study_instance_uid for s in with_date.studies] == ["before", "admission", "noon"]
+    assert with_date.untimed_note() == ""
+    without = candidates(None, "16:00")
+    assert [s.study_instance_uid for s in without.studies] == ["before", "admission", "noon"]
+    assert [s.study_instance_uid for s in candidates(None, "160000", [noon, admission]).studies] == [
+        "admission", "noon"]  # the day's earliest first: it will be the baseline
+
+    untimed = StudyHit("untimed", surgery, "", ["CT"])
+    garbled = StudyHit("garbled", surgery, "25:00", ["CT"])
+    some = candidates(surgery, "160000", [before, admission, untimed, garbled])
+    assert [s.study_instance_uid for s in some.studies] == ["before", "admission"]
+    assert some.untimed == 2
+    assert some.untimed_note() == ("; 2 CT studies of the same day not considered: their StudyTime"
+                                   " is missing or unreadable")
+    for at in ("", "4 pm"):  # the asking study's own time unread: as by its date alone
+        own = candidates(surgery, at, [before, admission, noon])
+        assert [s.study_instance_uid for s in own.studies] == ["before"]
+        assert own.untimed_note() == ("; 2 CT studies of the same day not considered: this study's"
+                                      " StudyTime is missing or unreadable")
+    assert candidates(None, "160000", [untimed]).untimed_note().startswith(
+        "; 1 CT study of the same day not considered: its StudyTime")
+    # a follow-up of a later day: the surgery day's studies by their date alone, no note
+    after = prior_candidates([untimed, check], "20240603", set(), surgery, before_time="100000")
+    assert [s.study_instance_uid for s in after.studies] == ["untimed", "check"]
+    assert after.untimed == 0
 
 
 def test_a_study_without_a_usable_series_gives_way_to_the_next_at_most_three(

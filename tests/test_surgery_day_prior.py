@@ -87,6 +87,12 @@ class Site:
                              " ORDER BY rowid", (pid,))
         return {r[0]: RetrievalStatus(r[1]) for r in rows}
 
+    def detail(self, pid: str, ct: Ct) -> str:
+        """What the last answer to ``ct``'s prior retrieval said."""
+        rows = self.node.sql("SELECT detail FROM pairing_retrievals WHERE patient_id=?"
+                             " AND study_instance_uid=? ORDER BY rowid", (pid, ct.study_uid))
+        return str(rows[-1][0])
+
     def settled(self, pid: str) -> dict[str, RetrievalStatus]:
         """The retrievals once every one has its answer (none left at ``requested``)."""
         def answered() -> dict[str, RetrievalStatus] | None:
@@ -99,7 +105,8 @@ class Site:
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     """Orthanc (no routing script: the test routes) and ``dicomnode serve`` pointed at each other, with
-    the registry's surgery date and fractured side (left) for the patients of these tests."""
+    the registry's surgery date and fractured side (left) for the patients of these tests (CHAIN-5
+    is not in the registry: no surgery date)."""
     pacs_port = free_port()
     node = NodeProcess(tmp_path / "node", pipeline="node_pipeline:measure", output={"summary": False},
                        pacs={"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
@@ -108,7 +115,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
                             lua_scripts=None, dicomweb=False)
     registry = tmp_path / "registry.csv"
     registry.write_text("patient_id,sex,fracture_type,fractured_side,surgery_date\n"
-                        + "".join(f"CHAIN-{n},F,FNF,left,{SURGERY}\n" for n in (1, 2, 3)))
+                        + "".join(f"CHAIN-{n},F,FNF,left,{SURGERY}\n" for n in (1, 2, 3, 4, 6)))
     with orthanc, node:
         imported = node.cli("patients", "import", str(registry))
         assert imported.returncode == 0, imported.stderr
@@ -174,3 +181,62 @@ def test_a_check_ct_placed_postoperative_asks_for_its_own_prior(site: Site) -> N
     assert ReasonCode.SURGERY_DAY_POSTOPERATIVE in site.codes(day)
     (change,) = site.compared(pid).values()
     assert change.baseline_preoperative is True
+
+
+def test_a_check_ct_arriving_first_gets_the_admission_ct_of_its_morning(site: Site) -> None:
+    """No CT before the surgery day; the check CT of the afternoon arrives before the admission CT of
+    the morning. By its date alone it found no prior ("no earlier CT study") and stood as a
+    post-operative baseline until a later follow-up asked again; by StudyTime the morning CT is its
+    prior: fetched, placed pre-operative by its QA, the baseline. The check CT is not compared with
+    it (same day, no interval); the 3-month follow-up is, and asks for nothing."""
+    pid = "CHAIN-4"
+    admission = site.ct(pid, "admission", SURGERY, "080000")
+    check = site.ct(pid, "check", SURGERY, "160000", postop=True, implant_side="left")
+    follow = site.ct(pid, "follow", "20240603", "100000", postop=True, implant_side="left")
+    site.send(check)
+    site.done(check)
+    site.done(admission)  # arrived by C-MOVE
+    assert site.settled(pid) == {check.study_uid: RetrievalStatus.RETRIEVED}
+    assert (site.role(admission), site.role(check)) == (Role.BASELINE, Role.FOLLOWUP)
+    assert ReasonCode.SURGERY_DAY_PREOPERATIVE in site.codes(admission)
+    assert {ReasonCode.SURGERY_DAY_POSTOPERATIVE, ReasonCode.SAME_DAY_AS_BASELINE} <= site.codes(check)
+
+    site.send(follow)
+    site.done(follow)
+    (change,) = site.compared(pid).values()
+    assert set(site.compared(pid)) == {(admission.series_uid, follow.series_uid)}
+    assert change.baseline_preoperative is True
+    assert site.retrievals(pid) == {check.study_uid: RetrievalStatus.RETRIEVED}  # no second one
+
+
+def test_without_a_surgery_date_a_same_day_earlier_ct_is_the_prior(site: Site) -> None:
+    """No registry row: the patient's only study asks for the most recent earlier CT. The PACS holds
+    one from the same morning only: fetched by its StudyTime, it is the baseline (the earliest),
+    the later CT not compared with it (same day); a study of the afternoon is not fetched."""
+    pid = "CHAIN-5"
+    morning = site.ct(pid, "morning", SURGERY, "080000")
+    afternoon = site.ct(pid, "afternoon", SURGERY, "160000", postop=True, implant_side="left")
+    evening = site.ct(pid, "evening", SURGERY, "200000", postop=True, implant_side="left")
+    site.send(afternoon)
+    site.done(afternoon)
+    site.done(morning)
+    assert site.settled(pid) == {afternoon.study_uid: RetrievalStatus.RETRIEVED}
+    assert (site.role(morning), site.role(afternoon)) == (Role.BASELINE, Role.FOLLOWUP)
+    assert ReasonCode.SAME_DAY_AS_BASELINE in site.codes(afternoon)
+    assert site.node.jobs(evening.series_uid) == []
+
+
+def test_a_same_day_ct_without_studytime_is_stated_not_guessed(site: Site) -> None:
+    """The admission CT of the surgery day carries no StudyTime: whether it came before the check CT
+    is not known, so it is not fetched (as by its date alone) and the answer says why."""
+    pid = "CHAIN-6"
+    admission = site.ct(pid, "admission", SURGERY, "")
+    check = site.ct(pid, "check", SURGERY, "160000", postop=True, implant_side="left")
+    site.send(check)
+    site.done(check)
+    assert site.settled(pid) == {check.study_uid: RetrievalStatus.NONE}
+    assert site.detail(pid, check) == (
+        "the PACS holds no earlier CT study for this patient; 1 CT study of the same day not"
+        " considered: its StudyTime is missing or unreadable")
+    assert site.role(check) == Role.BASELINE
+    assert site.node.jobs(admission.series_uid) == []

@@ -724,6 +724,7 @@ def _maybe_retrieve(
                 known_study_uids=known,
                 surgery_date=surgery,
                 issuer=issuer,
+                before_time=result.study_time,
             )
             status = RetrievalStatus.RETRIEVED if outcome.moved else RetrievalStatus.NONE
             detail = outcome.reason

@@ -2,12 +2,13 @@
 
 Why: a follow-up is worthless without its baseline, and the baseline was often acquired before the
 node existed. C-FIND (study level, by PatientID) lists the patient's studies; the earlier studies
-are ordered by preference (:func:`prior_candidates`: with a surgery date those before the surgery
-day, latest first, then those on it, earliest first; without one the most recent first); a
-series-level C-FIND picks a study's CT series with the most instances (a whole-thigh scan has many
-slices), and a study without one (scouts, dose reports) gives way to the next, at most
-:data:`MAX_STUDIES_QUERIED` of them; C-MOVE sends that series to this node's AE, where it is
-processed like any other arrival. Off with ``pairing.retrieve_priors = false``.
+(by StudyDate, and on the asking study's own day by StudyTime) are ordered by preference
+(:func:`prior_candidates`: with a surgery date those before the surgery day, latest first, then
+those on it, earliest first; without one the most recent day first, then the asking study's own
+day, earliest first); a series-level C-FIND picks a study's CT series with the most instances (a
+whole-thigh scan has many slices), and a study without one (scouts, dose reports) gives way to the
+next, at most :data:`MAX_STUDIES_QUERIED` of them; C-MOVE sends that series to this node's AE,
+where it is processed like any other arrival. Off with ``pairing.retrieve_priors = false``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pynetdicom.sop_class import (
 
 from dicomnode.config import Settings
 from dicomnode.network.tls import client_tls_args
-from seg.dates import da_date
+from seg.dates import da_date, tm_time
 
 log = logging.getLogger(__name__)
 
@@ -143,41 +144,81 @@ def find_series(settings: Settings, study_uid: str) -> list[SeriesHit]:
     return [s for s in out if s.series_instance_uid]
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The earlier CT studies to try as baseline, best first, and the CT studies of the asking study's
+    own day that were left out because a StudyTime could not be read (stated, never guessed)."""
+
+    studies: list[StudyHit]
+    untimed: int = 0  # studies of the asking study's day left out: no StudyTime to order them by
+    own_time_read: bool = True  # False: the asking study's own StudyTime is missing or unreadable
+
+    def untimed_note(self) -> str:
+        """"" when nothing was left out, else what and why, for the outcome's reason (no dates: PHI)."""
+        if not self.untimed:
+            return ""
+        what = "study" if self.untimed == 1 else "studies"
+        whose = ("this study's" if not self.own_time_read
+                 else "its" if self.untimed == 1 else "their")
+        return (f"; {self.untimed} CT {what} of the same day not considered: {whose} StudyTime is "
+                "missing or unreadable")
+
+
 def prior_candidates(
     studies: list[StudyHit],
     before_date: str,
     known_study_uids: set[str],
     surgery_date: str | None = None,
     issuer: str = "",
-) -> list[StudyHit]:
-    """The earlier CT studies to try as baseline, best first (strictly before ``before_date``; none
-    already held). A study may hold no usable series, so the caller goes down the list.
+    before_time: str = "",
+) -> Candidates:
+    """The earlier CT studies to try as baseline, best first (none already held). A study may hold
+    no usable series, so the caller goes down the list.
+
+    Earlier is by StudyDate, and on the asking study's own day (``before_date``) by StudyTime: the
+    admission CT of the morning is a prior of the check CT of the afternoon. Where either StudyTime
+    cannot be read (:func:`seg.dates.tm_time`), a study of that day is left out, as by its date
+    alone, and counted in :attr:`Candidates.untimed`.
 
     With a surgery date the pre-operative CT is wanted: the studies before the surgery day, latest
     first, which are pre-operative by their date alone; after them those on the surgery day,
     earliest first (the admission CT of the morning precedes the check CT of the afternoon), whose
-    metal QA then places them (a check CT asks again, :func:`dicomnode.clinical.pairing.needs_prior`);
-    never a later one. The latest on the surgery day is the check CT, most likely: taken first, it
-    cost a second retrieval, sent the follow-up's comparison with it before the right one, and a
-    same-morning pre-operative CT was never asked for (the check CT's own request looks before the
-    surgery day). Without a surgery date: the most recent first (the usual "relevant prior").
+    metal QA then places them (a CT placed post-operative asks again,
+    :func:`dicomnode.clinical.pairing.needs_prior`); never a later one. The latest on the surgery
+    day is the check CT, most likely: taken first, it cost a second retrieval and sent the
+    follow-up's comparison with it before the right one. Without a surgery date: the most recent
+    earlier day first (the usual "relevant prior"), then the earlier studies of the asking study's
+    own day, earliest first: never compared with it (no interval), but the baseline of the
+    follow-ups to come (pairing's baseline is then the earliest study).
     """
-    cands = [
+    if not before_date:
+        return Candidates([])
+    at = tm_time(before_time)
+    pool = [
         s
         for s in studies
         if s.study_instance_uid not in known_study_uids
         and s.study_date
-        and before_date
-        and s.study_date < before_date
+        and s.study_date <= before_date
+        and (not surgery_date or s.study_date <= surgery_date)
         and (not s.modalities or "CT" in s.modalities)
         and (not issuer or not s.issuer or s.issuer == issuer)
     ]
-    cands.sort(key=lambda s: (s.study_date, s.study_time))
-    if not surgery_date:
-        return cands[::-1]
-    before = [s for s in cands if s.study_date < surgery_date]
-    on_the_day = [s for s in cands if s.study_date == surgery_date]
-    return before[::-1] + on_the_day
+    own_day = [(s, tm_time(s.study_time)) for s in pool if s.study_date == before_date]
+    untimed = sum(at is None or t is None for _, t in own_day)
+    same_day = [s for s, t in own_day if at is not None and t is not None and t < at]
+    earlier = [s for s in pool if s.study_date < before_date]
+
+    def moment(s: StudyHit) -> tuple[str, str]:
+        return s.study_date, tm_time(s.study_time) or ""  # no StudyTime: first on its day
+
+    if surgery_date:
+        ordered = sorted(earlier + same_day, key=moment)
+        before = [s for s in ordered if s.study_date < surgery_date]
+        on_the_day = [s for s in ordered if s.study_date == surgery_date]
+        return Candidates(before[::-1] + on_the_day, untimed, at is not None)
+    return Candidates(sorted(earlier, key=moment, reverse=True) + sorted(same_day, key=moment),
+                      untimed, at is not None)
 
 
 def choose_series(series: list[SeriesHit], min_slices: int) -> SeriesHit | None:
@@ -220,15 +261,17 @@ def retrieve_prior(
     known_study_uids: set[str],
     surgery_date: str | None = None,
     issuer: str = "",
+    before_time: str = "",
 ) -> RetrieveOutcome:
-    """Find and move the patient's earlier whole-thigh CT to this node; the outcome says why when not."""
+    """Find and move the patient's CT from before ``before_date`` (or earlier that day than
+    ``before_time``) to this node; the outcome says why when not."""
     if not settings.pairing.retrieve_priors:
         return RetrieveOutcome(False, "prior retrieval is switched off (pairing.retrieve_priors)")
-    candidates = prior_candidates(
-        find_studies(settings, patient_id), before_date, known_study_uids, surgery_date, issuer
-    )
+    found = prior_candidates(find_studies(settings, patient_id), before_date, known_study_uids,
+                             surgery_date, issuer, before_time)
+    candidates, note = found.studies, found.untimed_note()
     if not candidates:
-        return RetrieveOutcome(False, "the PACS holds no earlier CT study for this patient")
+        return RetrieveOutcome(False, "the PACS holds no earlier CT study for this patient" + note)
     looked = 0
     chosen: tuple[StudyHit, SeriesHit] | None = None
     for study in candidates[:MAX_STUDIES_QUERIED]:
@@ -240,7 +283,7 @@ def retrieve_prior(
             break
     if chosen is None:
         return RetrieveOutcome(False, "no CT series with enough slices in the "
-                                      + _studies_looked_at(looked, len(candidates)))
+                                      + _studies_looked_at(looked, len(candidates)) + note)
     study, series = chosen
     completed, failed = move_series(settings, study.study_instance_uid, series.series_instance_uid)
     # the study by its UID: its date is the patient's (PHI), for DEBUG only
@@ -250,7 +293,7 @@ def retrieve_prior(
     return RetrieveOutcome(
         completed > 0,
         f"moved {completed} instance(s), {failed} failed; "
-        + _studies_looked_at(looked, len(candidates)),
+        + _studies_looked_at(looked, len(candidates)) + note,
         study.study_instance_uid,
         series.series_instance_uid,
         completed,
