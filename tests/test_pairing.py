@@ -182,6 +182,10 @@ def test_same_day_studies_are_not_compared(settings: Settings) -> None:
     assert _record(settings, "P2", "2.2", "20230101", 0.9, time_="170000") == []
     assert _record(settings, "P2", "2.1", "20230101", 1.0, time_="080000") == []
     assert pairing.status_of(settings, "2.1.1").role == "baseline"
+    # ... read as the time it is: an archive's "08:05" sorted as written came after "0810"
+    assert _record(settings, "P3", "3.2", "20230101", 0.9, time_="0810") == []
+    assert _record(settings, "P3", "3.1", "20230101", 1.0, time_="08:05") == []
+    assert pairing.status_of(settings, "3.1.1").role == "baseline"
 
 
 def test_surgery_date_splits_pre_and_post(settings: Settings, tmp_path: Path) -> None:

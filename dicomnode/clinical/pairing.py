@@ -30,6 +30,7 @@ from dicomnode.clinical.surgery_day import Placement
 from dicomnode.config import Settings
 from dicomnode.db import opened
 from dicomnode.logs import error_text
+from seg.dates import tm_time
 from seg.records import (
     NOT_COMPARED,
     ChangeRecord,
@@ -125,9 +126,11 @@ class Study:
 
     @property
     def order_key(self) -> tuple[str, str, str]:
+        """Date, then time as prior retrieval compares them (:func:`seg.dates.tm_time`; unread:
+        first on its day), then the UID; undated last."""
         return (
             self.study_date or "99999999",
-            (self.study_time or "").ljust(6, "0")[:13],
+            tm_time(self.study_time) or "",
             self.study_instance_uid,
         )
 

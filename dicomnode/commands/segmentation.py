@@ -124,7 +124,7 @@ def _in_study_order(cases: list[Case]) -> list[Case]:
     received the studies as they were made."""
     import pydicom
 
-    from seg.dates import da_date
+    from seg.dates import da_date, tm_time
 
     def when(case: Case) -> tuple[str, str]:
         try:
@@ -132,7 +132,7 @@ def _in_study_order(cases: list[Case]) -> list[Case]:
                                  specific_tags=["StudyDate", "StudyTime"])
         except (pydicom.errors.InvalidDicomError, OSError):
             return ("99999999", "")
-        return (da_date(ds.get("StudyDate")) or "99999999", str(ds.get("StudyTime", "") or ""))
+        return (da_date(ds.get("StudyDate")) or "99999999", tm_time(ds.get("StudyTime")) or "")
 
     return sorted(cases, key=when)
 
