@@ -830,6 +830,24 @@ def test_figure_8_gives_n_per_fracture_type_and_names_a_muscle_resting_on_fewer(
 
         plt.close(fig)
 
+def test_a_zero_difference_among_18_pairs_keeps_the_wilcoxon_p_exact() -> None:
+    """A muscle measured 0 cm³ on both CTs is a zero difference: with 18 pairs scipy's default p would
+    be its normal approximation; the table's is the exact one conditional on the zero, and says so."""
+    from reporting.cohort.ranktests import signed_rank_exact_p
+
+    entries, truth = _cohort()
+    by_id = {e.patient_id: i for i, e in enumerate(entries)}
+    _piriformis_gone(entries, by_id["C08"])
+    report = build_cohort(entries, n_boot=20)
+    row = report.wilcoxon.set_index(["muscle", "patients"]).loc[("Piriformis", "all")]
+    lab = LABEL_OF["piriformis"]
+    diff = np.array([0.0 if p == "C08" else sum(t["pre"][lab]) - sum(t["post"][lab])
+                     for p, t in truth.items()])
+    assert row["n"] == 18 and row["p_method"] == "exact"
+    assert row["p"] == signed_rank_exact_p(diff) and row["W"] == wilcoxon(diff).statistic
+    assert row["p"] != pytest.approx(wilcoxon(diff).pvalue, rel=1e-3)  # scipy's: the normal one
+
+
 def test_paper_variant_of_table2_counts_muscles_not_patients(cohort, written) -> None:
     """The paper variant describes 21 per-muscle means: its count reads "n muscles" (21), beside the
     patients behind each mean, so no one takes 21 for the number of patients."""
@@ -848,23 +866,28 @@ def test_paper_variant_of_table2_counts_muscles_not_patients(cohort, written) ->
 
 
 def test_rank_tests_name_how_each_p_was_computed() -> None:
-    """Each p is scipy's default one, and its label says how scipy computes it: exact without ties
-    (signed-rank n ≤ 50; Mann–Whitney with a group of 8 or fewer), all sign flips counted with ties up
-    to 13 pairs (exact too), else the normal approximation."""
-    from reporting.cohort.ranktests import PMethod, rank_sum, signed_rank
+    """Each p's label says how it was computed: signed-rank exact up to 50 pairs (scipy's exact p
+    without ties; with ties or zeros the exact conditional one, tests/test_ranktests.py), else scipy's
+    normal approximation; Mann–Whitney as scipy's default (exact with a group of 8 or fewer and no
+    ties), else the normal approximation."""
+    from reporting.cohort.ranktests import PMethod, rank_sum, signed_rank, signed_rank_exact_p
 
     rng = np.random.default_rng(1)
     zeros = np.zeros
     paired = [
         (rng.normal(size=6), zeros(6), PMethod.EXACT),
         (rng.normal(size=50), zeros(50), PMethod.EXACT),
-        (np.array([1.0, 2, 2, 3, -1, 4, 5, 0]), zeros(8), PMethod.EXACT),  # ties and a zero: enumerated
-        (np.r_[np.arange(1.0, 20), 3.0], zeros(20), PMethod.NORMAL),  # a tie, 20 pairs
+        (np.array([1.0, 2, 2, 3, -1, 4, 5, 0]), zeros(8), PMethod.EXACT),  # ties and a zero
+        (np.r_[np.arange(1.0, 20), 3.0], zeros(20), PMethod.EXACT),  # a tie, 20 pairs
         (rng.normal(size=51), zeros(51), PMethod.NORMAL),
     ]
     for x, y, method in paired:
         res = signed_rank(x, y)
-        assert res.method is method and res.p == pytest.approx(wilcoxon(x, y).pvalue, rel=1e-12)
+        assert res.method is method and res.statistic == wilcoxon(x, y).statistic
+        if method is PMethod.EXACT:
+            assert res.p == signed_rank_exact_p(x - y)
+        else:
+            assert res.p == pytest.approx(wilcoxon(x, y).pvalue, rel=1e-12)
     groups = [
         (rng.normal(size=2), rng.normal(size=10), PMethod.EXACT),
         (rng.normal(size=8), rng.normal(size=30), PMethod.EXACT),
@@ -884,9 +907,10 @@ def test_method_line_counts_the_rows_of_each_method() -> None:
 
     line = method_line(SIGNED_RANK, ["exact", "exact", "normal approximation"])
     assert line.startswith("Test: two-sided Wilcoxon signed-rank test (zero differences dropped), scipy ")
-    assert line.endswith("p-values: exact in 2 rows, normal approximation (tie-corrected, no continuity "
+    assert line.endswith("p-values: exact (all 2ⁿ sign assignments, tied differences at their "
+                         "mid-ranks) in 2 rows, normal approximation (tie-corrected, no continuity "
                          "correction) in 1 row (column p_method).")
-    assert method_line(RANK_SUM, ["exact"] * 3).endswith("p-values: exact in all 3 rows.")
+    assert method_line(RANK_SUM, ["exact"] * 3).endswith("p-values: exact (no tied values) in all 3 rows.")
     assert method_line(RANK_SUM, []).endswith("p-values: none (too few patients).")
 
 
@@ -913,9 +937,11 @@ def test_page_says_under_each_test_table_which_test_and_how_p_was_computed(tmp_p
     page = written["html"].read_text()
     signed = "Test: two-sided Wilcoxon signed-rank test (zero differences dropped), scipy"
     assert _foot_after(page, "Wilcoxon signed-rank, pre vs post").startswith(signed)
-    assert _foot_after(page, "Wilcoxon signed-rank, pre vs post").endswith("exact in all 66 rows.")
+    assert _foot_after(page, "Wilcoxon signed-rank, pre vs post").endswith(
+        "exact (all 2ⁿ sign assignments, tied differences at their mid-ranks) in all 66 rows.")
     assert _foot_after(page, "Mann–Whitney U, FNF vs ITF (").endswith(
         "normal approximation (tie- and continuity-corrected) in all 66 rows.")
-    assert _foot_after(page, "Mann–Whitney U, FNF vs ITF within each sex").endswith("exact in all 132 rows.")
+    assert _foot_after(page, "Mann–Whitney U, FNF vs ITF within each sex").endswith(
+        "exact (no tied values) in all 132 rows.")
     assert _foot_after(page, "Operated vs contralateral side").startswith(signed)
     assert set(_html_columns(page, "p_method")) == {"exact", "normal approximation"}
