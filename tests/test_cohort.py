@@ -807,15 +807,26 @@ def test_tables_1_and_3_show_the_patients_each_figure_rests_on(tmp_path) -> None
     assert n_row[1:] == ["4", "2", "2", "10"]
 
 
-def test_figure_8_gives_n_per_fracture_type_and_names_a_muscle_resting_on_fewer() -> None:
+def test_figure_8_gives_n_per_fracture_type_and_names_a_muscle_resting_on_fewer(tmp_path) -> None:
     """A 0 cm³ baseline has no loss ratio: that patient drops out of the muscle's bar in Figure 8,
-    which says so (a starred tick, a legend line, a note) instead of shrinking the group silently."""
+    which says so (a starred tick, a legend line, a note) instead of shrinking the group silently,
+    and its CSV gives each bar's n (n_FNF, n_ITF) beside the mean."""
     from reporting.cohort.figures import figure8
 
-    entries, _ = _cohort()
+    entries, truth = _cohort()
     by_id = {e.patient_id: i for i, e in enumerate(entries)}
     _piriformis_gone(entries, by_id["C08"])  # Female ITF: piriformis measured 0 cm³ on both CTs
     report = build_cohort(entries, n_boot=20)
+    rows = _csv_rows(write_report(report, tmp_path / "out")["figure8_loss_ratio"])
+    assert rows[0] == ["muscle", "FNF", "ITF", "n_FNF", "n_ITF"]
+    n = {r[0]: r[3:] for r in rows[1:]}
+    assert n["Piriformis"] == ["6", "11"] and n["Total (21 muscles)"] == ["6", "12"]
+    assert {tuple(v) for m, v in n.items() if m != "Piriformis"} == {("6", "12")}
+    lab = LABEL_OF["piriformis"]
+    itf = [p for p, t in truth.items() if t["fracture"] == "ITF" and p != "C08"]
+    mean = np.mean([(sum(truth[p]["pre"][lab]) - sum(truth[p]["post"][lab])) / sum(truth[p]["pre"][lab])
+                    * 100 for p in itf])
+    assert float(next(r for r in rows if r[0] == "Piriformis")[2]) == pytest.approx(mean)
     assert "Figure 8, ITF: Piriformis rests on 11 of 12 patients" in report.notes
     assert sum(n.startswith("Figure 8") for n in report.notes) == 1  # FNF's piriformis is whole
     fig = figure8(report)

@@ -14,7 +14,7 @@ import numpy as np
 
 from reporting.cohort.collect import FRACTURES, MUSCLE_ORDER, SEX_NAME, display
 from reporting.cohort.flow import group_count
-from reporting.cohort.statistics import figure8_short_bars
+from reporting.cohort.statistics import TOTAL, figure8_short_bars
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -97,8 +97,9 @@ def figure6(report: CohortReport) -> Figure:
 def figure8(report: CohortReport) -> Figure:
     """Figure 8: mean loss ratio per muscle, sexes merged, FNF vs ITF (with the total).
 
-    The legend gives each fracture type's n; a muscle whose bar rests on fewer patients (a 0 cm³
-    baseline has no ratio) is starred, and the legend says on how many, so no bar shrinks silently.
+    The legend gives each fracture type's n (its total's ``n_FNF``/``n_ITF`` in the CSV); a muscle
+    whose bar rests on fewer patients (a 0 cm³ baseline has no ratio) is starred, and the legend
+    says on how many, so no bar shrinks silently.
     """
     from matplotlib.patches import Patch
 
@@ -108,8 +109,8 @@ def figure8(report: CohortReport) -> Figure:
     starred = {display(c.muscle) for c in short}
     fig, ax = plt.subplots(figsize=(14, 5))
     xx = np.arange(len(t.index))
-    for i, fracture in enumerate(t.columns):
-        n = int((report.patients["fracture_type"] == fracture).sum())
+    for i, fracture in enumerate(f for f in FRACTURES if f in t.columns):
+        n = int(t.loc[TOTAL, f"n_{fracture}"])
         ax.bar(
             xx + (i - 0.5) * 0.4,
             t[fracture].to_numpy(),

@@ -171,12 +171,18 @@ def figure8_short_bars(long: pd.DataFrame, patients: pd.DataFrame) -> list[Short
 
 
 def loss_ratio_by_fracture(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
-    """Figure 8's data: mean loss ratio (%) per muscle, sexes merged, FNF vs ITF."""
-    t = long.pivot_table(index="muscle", columns="fracture_type", values="loss_pct", aggfunc="mean")
-    t = t.reindex(index=list(MUSCLE_ORDER), columns=[f for f in FRACTURES if f in t.columns])
-    t.index = pd.Index([display(m) for m in t.index], name="muscle")
-    t.loc[TOTAL] = patients.groupby("fracture_type")["loss_pct"].mean().reindex(t.columns)
-    return t
+    """Figure 8's data: mean loss ratio (%) per muscle, sexes merged, FNF vs ITF, then the patients
+    each mean rests on (``n_FNF``, ``n_ITF``: fewer than the total's where a baseline is 0 cm³)."""
+    by = ["muscle", "fracture_type"]
+    t = long.groupby(by)["loss_pct"].agg(["mean", "count"]).unstack("fracture_type")
+    total = patients.groupby("fracture_type")["loss_pct"].agg(["mean", "count"]).unstack()
+    t.loc[TOTAL] = total.reindex(t.columns)
+    fractures = [f for f in FRACTURES if f in t["mean"].columns]
+    out = pd.concat([t["mean"][fractures], t["count"][fractures].add_prefix("n_")], axis=1)
+    out = out.reindex([*MUSCLE_ORDER, TOTAL])
+    out.index = pd.Index([display(m) if m != TOTAL else m for m in out.index], name="muscle")
+    out.columns.name = None
+    return out
 
 
 # ---------------------------------------------------------------- statistics
