@@ -859,6 +859,44 @@ def test_a_zero_difference_among_18_pairs_keeps_the_wilcoxon_p_exact() -> None:
     assert row["p"] != pytest.approx(wilcoxon(diff).pvalue, rel=1e-3)  # scipy's: the normal one
 
 
+# The paper's Table 3 loss ratios (%) by sex (F, M) and its text's Figure 8 values, sexes merged
+PAPER_RATIOS = {  # muscle: (FNF F, FNF M, ITF F, ITF M), (Figure 8 FNF, ITF)
+    "Vastus lateralis": ((23.0, 41.2, 43.4, 33.8), (35.1, 41.8)),
+    "Vastus intermedius": ((21.4, 37.0, 45.4, 39.8), (31.8, 44.4)),
+    "Vastus medialis": ((19.3, 29.6, 35.6, 30.4), (26.1, 34.7)),
+    "Adductor magnus": ((14.4, 31.2, 41.9, 26.9), (25.6, 39.4)),
+    "Gluteus maximus": ((15.4, 34.4, 37.7, 38.0), (28.0, 37.8)),
+    "Gluteus medius": ((11.8, 29.4, 39.0, 26.2), (23.5, 36.9)),
+    "Sartorius": ((16.8, 42.8, 44.8, 45.2), (34.2, 44.9)),
+    "Rectus femoris": ((3.3, 27.9, 37.8, 17.6), (19.7, 34.5)),
+    "Adductor longus": ((12.4, 28.3, 43.7, 44.3), (23.0, 43.8)),
+}
+
+
+def test_figure_8_pools_the_patients_as_the_paper_does() -> None:
+    """Figure 8 merges the sexes by pooling the patients (FNF 2 women + 4 men, ITF 10 + 2), not by
+    averaging the two sexes' means: from the paper's Table 3 ratios that reproduces every Figure 8
+    value its text gives, to the 0.1 of rounding (the sexes' plain mean misses by up to 6.8)."""
+    import pandas as pd
+
+    from reporting.cohort.statistics import loss_ratio_by_fracture
+
+    name = {by_name(m).display_name: m for m in ANALYSED_MUSCLES}
+    sizes = (("FNF", 2), ("FNF", 4), ("ITF", 10), ("ITF", 2))
+    rows, patients = [], []
+    for i, (fracture, n) in enumerate(sizes):
+        for k in range(n):
+            pid = f"{i}-{k}"
+            patients.append({"patient_id": pid, "fracture_type": fracture, "loss_pct": 30.0})
+            rows += [{"patient_id": pid, "fracture_type": fracture, "muscle": name[m], "loss_pct": r[i]}
+                     for m, (r, _) in PAPER_RATIOS.items()]
+    t = loss_ratio_by_fracture(pd.DataFrame(rows), pd.DataFrame(patients))
+    for muscle, (_, (fnf, itf)) in PAPER_RATIOS.items():
+        assert t.loc[muscle, "FNF"] == pytest.approx(fnf, abs=0.1), muscle
+        assert t.loc[muscle, "ITF"] == pytest.approx(itf, abs=0.1), muscle
+        assert (t.loc[muscle, "n_FNF"], t.loc[muscle, "n_ITF"]) == (6, 12)
+
+
 def test_paper_variant_of_table2_counts_muscles_not_patients(cohort, written) -> None:
     """The paper variant describes 21 per-muscle means: its count reads "n muscles" (21), beside the
     patients behind each mean, so no one takes 21 for the number of patients."""

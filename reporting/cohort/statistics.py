@@ -1,8 +1,8 @@
 """Cohort tables and statistics: the paper's Tables 1–3 and Figure 8's data, and the tests it lacked.
 
-Why: Kim et al. (PeerJ 2024) compared 18 patients by hand and could not run statistics; this module
-recomputes the same tables for any cohort and adds Wilcoxon signed-rank (pre vs post) and
-Mann–Whitney U (FNF vs ITF) per muscle with effect sizes, Benjamini–Hochberg q-values and
+Why: Kim et al. (PeerJ 2024) compared the group means of 18 patients and ran no test (too few, they
+wrote); this module recomputes the same tables for any cohort and adds Wilcoxon signed-rank (pre vs
+post) and Mann–Whitney U (FNF vs ITF) per muscle with effect sizes, Benjamini–Hochberg q-values and
 bootstrap confidence intervals, with small groups flagged.
 
 Table 1's denominator is all segmented muscle (labels 1–27, as the paper's sums of ~94 % imply).
