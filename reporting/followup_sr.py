@@ -16,7 +16,8 @@ Every group carries spatial coordinates, which OHIF 3.13 needs to open a TID 150
 cross-sectional area at follow-up, inferred from the outline on the CT slice where it is largest;
 otherwise (and for the comparison context) the follow-up's craniocaudal coverage, inferred from
 the scanned extent (as in :mod:`reporting.sr`). Every group names itself for viewers
-(:func:`reporting.sr.name_for_viewers`).
+(:func:`reporting.sr.name_for_viewers`), a flagged side with its near-metal flag in words
+(:func:`reporting.sr.viewer_name`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from reporting.sr import (
     near_metal_evaluations,
     observation_context,
     segments_of,
+    viewer_name,
 )
 from reporting.uids import (
     OUTPUT_REVISION,
@@ -125,7 +127,7 @@ def _group(subject: str, entry: StructureChange, height_m: float | None, time_po
         time_point_context=time_point,
         measurements=measurements,
         qualitative_evaluations=near_metal_evaluations(entry.near_metal),
-    ), tracking_label(entry.name, entry.side))
+    ), viewer_name(tracking_label(entry.name, entry.side), entry.near_metal))
 
 
 def _total_group(subject: str, total: TotalChange | SideTotalChange, height_m: float | None,

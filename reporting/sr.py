@@ -25,7 +25,8 @@ absent structures) state the craniocaudal coverage, inferred from the scanned ex
 Every group a viewer draws (those with coordinates) also names itself in a (121106, DCM, "Comment")
 TEXT row (TID 1501 is extensible): OHIF labels a drawn measurement with its NUMs and that comment
 only, never with the tracking identifier or finding site, so without it a reader sees
-"Volume: 24.5 cm3" beside an outline and must guess the muscle and side (:func:`name_for_viewers`).
+"Volume: 24.5 cm3" beside an outline and must guess the muscle and side (:func:`name_for_viewers`);
+a side flagged next to the implant says so in that row too (:func:`viewer_name`).
 """
 
 from __future__ import annotations
@@ -264,6 +265,18 @@ def name_for_viewers(group: hd.sr.Template, text: str) -> hd.sr.Template:
     return group
 
 
+def viewer_name(name: str, near_metal: bool | None) -> str:
+    """The Comment text of a structure side's drawn group: its tracking identifier, followed by
+    ", next to metal implant" when the side is flagged (QANEARMTL = yes, :func:`near_metal_evaluations`).
+
+    Why: OHIF (3.13) shows neither that qualitative evaluation nor any other beside an outline, only the
+    Comment rows and NUMs, five lines at most; in the name's own line the flag takes no line from the
+    numbers (a change group already fills five). The coded evaluation stays what the SR states; the
+    text repeats its meaning for viewers, as the name repeats the tracking identifier.
+    """
+    return f"{name}, {codes.QA_NEAR_METAL.meaning.lower()}" if near_metal else name
+
+
 def qa_group(ct: Volume, volumes: VolumeRecord, model_info: ModelInfo, rules: ReportingRules = RULES,
              facts: ClinicalTimePoint = ClinicalTimePoint(),
              time_point: hd.sr.TimePointContext | None = None,
@@ -360,15 +373,16 @@ def near_metal_evaluations(near: bool | None) -> list[hd.sr.QualitativeEvaluatio
 
 def section_group(subject: str, name: str, side: str, section: Section, model_info: ModelInfo,
                   rules: ReportingRules = RULES, time_point: hd.sr.TimePointContext | None = None,
-                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+                  near_metal: bool | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 companion of a volume group (same tracking identifier and UID, so readers that merge
     groups by UID, as OHIF does, show one muscle): its maximal cross-sectional area and outline,
-    named for viewers (the volume group has no coordinates, so viewers draw this one)."""
+    named for viewers (the volume group has no coordinates, so viewers draw this one), with the volume
+    group's near-metal flag in words (:func:`viewer_name`)."""
     return name_for_viewers(hd.sr.MeasurementsAndQualitativeEvaluations(
         **group_header(subject, name, side, model_info),
         time_point_context=time_point,
         measurements=[max_area(section, rules)],
-    ), tracking_label(name, side))
+    ), viewer_name(tracking_label(name, side), near_metal))
 
 
 def absent_group(subject: str, name: str, side: str, model_info: ModelInfo, ct: Volume,
@@ -460,7 +474,8 @@ def build_measurement_sr(ct: Volume, seg: Dataset, volumes: VolumeRecord, model_
                          when)
         if g is not None:
             groups.append(g)
-            groups.append(section_group(subject, name, side, sections[number], model_info, rules, when))
+            groups.append(section_group(subject, name, side, sections[number], model_info, rules, when,
+                                        entry.near_metal(side)))
             present.add((name, side))
     for entry in sorted(volumes.structures, key=lambda e: e.label):
         groups.extend(absent_group(subject, entry.name, side, model_info, ct, rules, when)

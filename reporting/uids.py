@@ -103,7 +103,9 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # the surgery date with the time point; the SR's and page's keys hold every registry fact they show;
 # a CT dated on the surgery day is placed by its metal QA, as pairing places it (in the keys too).
 # 10: muscle sides next to the implant flagged (QANEARMTL in both SRs' groups, † on the page).
-OUTPUT_REVISION = 10
+# 11: a flagged side's drawn group says so in its Comment row ("Vastus lateralis left, next to metal
+# implant"), which OHIF shows.
+OUTPUT_REVISION = 11
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:

@@ -481,9 +481,11 @@ def test_drawn_measurements_name_their_muscle_and_side(baseline, followup, tmp_p
     for report in (sr, fsr):
         identifiers = {children(g, "112040")[0].UID: str(children(g, "112039")[0].TextValue)
                        for g in measurement_groups(report)}
+        flagged = _near_metal_uids(report)
         for uid, lines in viewer_labels(report).items():
             name = identifiers[uid]
-            assert lines[0] in (name, f"{name} not found"), lines
+            named = f"{name}, next to metal implant" if uid in flagged else name
+            assert lines[0] in (named, f"{name} not found"), lines
             assert not any(line.startswith(name) for line in lines[1:]), lines  # named once
             assert not any(line.startswith("Time Point Order") for line in lines), lines
     absent = [lines for lines in viewer_labels(sr).values() if lines[0].endswith(" not found")]
@@ -913,6 +915,12 @@ def test_measurement_sr_without_registry_facts_states_none(baseline):
 
 
 
+def _near_metal_uids(sr: Dataset) -> set[str]:
+    """Tracking UIDs of the groups flagged next to the implant (QANEARMTL = yes)."""
+    return {children(g, "112040")[0].UID for g in measurement_groups(sr)
+            if children(g, codes.QA_NEAR_METAL.value)}
+
+
 def _near_metal_groups(sr: Dataset) -> set[tuple[str, str]]:
     """(structure, side) of the groups flagged next to the implant (QANEARMTL = yes)."""
     out = set()
@@ -924,7 +932,7 @@ def _near_metal_groups(sr: Dataset) -> set[tuple[str, str]]:
     return out
 
 
-def test_muscles_next_to_the_implant_are_flagged_in_both_srs(baseline, followup):
+def test_muscles_next_to_the_implant_are_flagged_in_both_srs(baseline, followup, tmp_path):
     """Each muscle side the measurement flags next to the implant carries QANEARMTL = yes in its
     volume group, and its change in the change SR; none without metal; dciodvfy accepts both."""
     from seg.io import load_nifti
@@ -941,3 +949,19 @@ def test_muscles_next_to_the_implant_are_flagged_in_both_srs(baseline, followup)
     analysed = {(n, side) for n, side in flagged if n in ANALYSED_MUSCLES}
     assert _near_metal_groups(fsr) == analysed | {(n, "both") for n, _ in analysed}
     assert dciodvfy_errors(f_root / "sr.dcm") == [] and dciodvfy_errors(f_root / "followup.dcm") == []
+    # OHIF shows no qualitative evaluation beside an outline: the first line it writes (the drawn
+    # group's Comment) says it, for exactly the flagged sides, in both SRs
+    for report in (dcmread(f_root / "sr.dcm"), fsr):
+        names = {children(g, "112040")[0].UID: str(children(g, "112039")[0].TextValue)
+                 for g in measurement_groups(report)}
+        said = {uid for uid, lines in viewer_labels(report).items()
+                if lines[0] == f"{names[uid]}, next to metal implant"}
+        assert said == _near_metal_uids(report) != set()
+        assert not any("next to metal" in line for lines in viewer_labels(report).values()
+                       for line in lines[1:])  # said once, the numbers' lines left as they were
+    # dcmqi reads the flag as before: among each flagged side's qualitative evaluations
+    meta = tid1500(f_root / "sr.dcm", tmp_path / "f.json")
+    read = {parse_tracking_label(g["TrackingIdentifier"]) for g in meta["Measurements"]
+            if any(q["conceptCode"]["CodeValue"] == codes.QA_NEAR_METAL.value
+                   for q in g.get("qualitativeEvaluations", []))}
+    assert read == flagged

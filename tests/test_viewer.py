@@ -148,8 +148,9 @@ def browser() -> Iterator[Browser]:
 class Viewer:
     """One OHIF page on a study, with the console's error-boundary lines and uncaught page errors."""
 
-    def __init__(self, browser: Browser, site: Site, study: Study) -> None:
-        self.page: Page = browser.new_page(viewport={"width": 1400, "height": 900})
+    def __init__(self, browser: Browser, site: Site, study: Study,
+                 size: tuple[int, int] = (1400, 900)) -> None:
+        self.page: Page = browser.new_page(viewport={"width": size[0], "height": size[1]})
         self.errors: list[str] = []
         self.page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
         self.page.on("console", lambda msg: self.errors.append(msg.text)
@@ -282,6 +283,31 @@ SR_STATE_JS = """uid => {
 }"""
 
 
+NEAR_METAL = ", next to metal implant"  # how a flagged side's first line ends (reporting.sr.viewer_name)
+# the lines of text drawn over the first viewport (cornerstone's SVG layer: one tspan per line), and
+# whether each lies wholly inside the viewport (OHIF puts a text box right of its outline, where the
+# viewport's edge can cut it)
+DRAWN_TEXT_JS = """() => {
+  const pane = document.querySelector('[data-cy="viewport-pane"]');
+  if (!pane) return [];
+  const box = pane.getBoundingClientRect();
+  return Array.from(pane.querySelectorAll('svg text tspan')).map(t => {
+    const r = t.getBoundingClientRect();
+    return {text: t.textContent, inside: r.width > 0 && r.left >= box.left && r.right <= box.right
+            && r.top >= box.top && r.bottom <= box.bottom};
+  });
+}"""
+
+
+def _near_metal_names(sr: pydicom.Dataset) -> set[str]:
+    """Tracking identifiers of the groups flagged next to the implant (QANEARMTL = yes)."""
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return {str(next(i.TextValue for i in g.ContentSequence
+                     if i.ConceptNameCodeSequence[0].CodeValue == "112039"))
+            for g in container.ContentSequence
+            if any(i.ConceptNameCodeSequence[0].CodeValue == "QANEARMTL" for i in g.ContentSequence)}
+
+
 def _sr_measurements(sr: pydicom.Dataset) -> dict[str, dict[str, Any]]:
     """What OHIF should make of our SR: per tracking UID (OHIF merges the groups that share one), the
     group's NUMs as (meaning, value, unit), and the CT image its SCOORD is on, or None (SCOORD3D)."""
@@ -317,7 +343,12 @@ def test_sr_opens_without_error(browser, site, patient, tmp_path, description, n
         sr.walk(lambda _, elem: texts.add(str(elem.value)) if elem.keyword == "TextValue" else None)
         assert "Post-operative day 119 (surgery 2024-01-06)" in texts
     expected = _sr_measurements(sr)
-    viewer = Viewer(browser, site, patient["follow-up"])
+    flagged = _near_metal_names(sr)
+    assert flagged  # the follow-up has its implant on the left
+    drawn: set[str] = set()  # every line of text the viewport drew while stepping
+    seen: set[str] = set()  # ... and those of them wholly inside the viewport
+    # a reading workstation's screen: OHIF's text boxes right of the left thigh's outlines fit
+    viewer = Viewer(browser, site, patient["follow-up"], size=(1920, 1080))
     state = None
     try:
         viewer.wait_for_ct()
@@ -338,6 +369,12 @@ def test_sr_opens_without_error(browser, site, patient, tmp_path, description, n
         for _ in range(len(state or [])):
             viewer.page.locator('[data-cy="viewport-action-arrows-right"]').click()
             viewer.page.wait_for_timeout(100)
+            lines = viewer.page.evaluate(DRAWN_TEXT_JS)
+            if (any(NEAR_METAL in x["text"] and x["inside"] for x in lines)
+                    and not any(NEAR_METAL in t for t in seen)):
+                viewer.shot(tmp_path / f"{name}-near-metal.png")  # the first flag in full view
+            drawn.update(x["text"] for x in lines)
+            seen.update(x["text"] for x in lines if x["inside"])
         viewer.page.wait_for_timeout(1000)
         assert not viewer.has_error_boundary(), viewer.errors
     finally:
@@ -350,8 +387,10 @@ def test_sr_opens_without_error(browser, site, patient, tmp_path, description, n
     for uid, want in expected.items():
         got = shown[uid]
         assert {label.split(": ")[0] for label in got["labels"]} >= {n for n, _, _ in want["nums"]}
-        # the first line beside the outline names the muscle and side (our Comment row), or says why not
-        assert got["labels"][0] in (f"{got['name']}: ", f"{got['name']} not found: "), got["labels"]
+        # the first line beside the outline names the muscle and side (our Comment row), or says why
+        # not; a side next to the implant says so there (OHIF shows no qualitative evaluation)
+        named = f"{got['name']}{NEAR_METAL if got['name'] in flagged else ''}: "
+        assert got["labels"][0] in (named, f"{got['name']} not found: "), got["labels"]
         assert not any(label.startswith("Time Point Order") for label in got["labels"]), got["labels"]
         if want["image"] is None:
             assert got["type"] == "SCOORD3D POLYLINE", got
@@ -361,7 +400,13 @@ def test_sr_opens_without_error(browser, site, patient, tmp_path, description, n
         for meaning, value, unit in want["nums"]:
             text = f"{value:.2f}" if value else ""  # OHIF 3.13 writes no number for a zero
             assert f"{meaning}: {text} {unit}" in got["labels"], (got["labels"], meaning, value)
-    print(f"{name}: {len(state)} measurements, {on_images} outlined on their CT slice")
+    # and the viewport drew it: the flagged sides' first lines, none of the others'
+    shown_flags = {line.removesuffix(f"{NEAR_METAL}: ") for line in drawn if line.endswith(f"{NEAR_METAL}: ")}
+    assert shown_flags and shown_flags <= flagged, (shown_flags, flagged)
+    assert not {f"{n}: " for n in flagged} & drawn
+    assert any(line.endswith(f"{NEAR_METAL}: ") for line in seen), "no flag drawn in full view"
+    print(f"{name}: {len(state)} measurements, {on_images} outlined on their CT slice, "
+          f"{len(shown_flags)} of {len(flagged)} flagged drawn next to metal")
 
 
 def test_summary_page_displays(browser, site, patient, tmp_path):
