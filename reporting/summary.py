@@ -256,7 +256,8 @@ _ROW_H = 22
 _NAME_W = 220  # "Tensor fasciae latae" at 10 pt, with padding
 _NUM_W = 120  # "Index cm³/m²" in bold at 10 pt, with padding; seven columns fit 1024 px
 _PAD = 8
-_CHART_H = 470  # the change chart: title, bars, the muscle names below it, the footnote
+_MARK_W = 12  # the near-metal mark and its gap, right of a marked column's numbers
+_CHART_H = 486  # the change chart: title, bars, the muscle names below it, the footnote's two lines
 
 
 def page_height(n_lines: int, n_warnings: int, n_rows: int, chart: bool) -> int:
@@ -265,20 +266,37 @@ def page_height(n_lines: int, n_warnings: int, n_rows: int, chart: bool) -> int:
             + (_CHART_H if chart else 0) + _MARGIN)
 
 
+def _split_mark(text: str) -> tuple[str, bool]:
+    """A cell's number and whether it carries the near-metal mark (:func:`_marked`)."""
+    number = text.removesuffix(f" {NEAR_METAL_MARK}")
+    return number, number != text
+
+
 def _draw_table(ax: Any, top: float, heads: list[str], rows: list[list[str]]) -> float:
     """The table in page pixels from ``top``: names left-aligned, numbers right-aligned on their
-    decimal places, rows shaded alternately so a row reads across; returns the table's bottom."""
+    decimal places, rows shaded alternately so a row reads across; returns the table's bottom.
+
+    A column with a marked cell keeps the mark's room right of all its numbers and its head, and the
+    mark is drawn in it: right-aligned with the number, "294.5 †" put the decimal point a mark's
+    width left of its neighbours'."""
     widths = [_NAME_W] + [_NUM_W] * (len(heads) - 1)
     lefts = np.cumsum([_MARGIN] + widths[:-1])
     right = _MARGIN + sum(widths)
+    room = [_MARK_W if any(_split_mark(r[c])[1] for r in rows if c < len(r)) else 0
+            for c in range(len(heads))]
     for r, cells in enumerate([heads, *rows]):
         y = top + r * _ROW_H
         if r % 2 == 0 and r:
             ax.add_patch(_rect(_MARGIN, y, right - _MARGIN, _ROW_H, "#1c1c1c"))
-        for c, text in enumerate(cells):
-            x, ha = (lefts[c] + _PAD, "left") if c == 0 else (lefts[c] + widths[c] - _PAD, "right")
+        for c, cell in enumerate(cells):
+            text, mark = _split_mark(cell) if r and c else (cell, False)
+            x, ha = ((lefts[c] + _PAD, "left") if c == 0
+                     else (lefts[c] + widths[c] - _PAD - room[c], "right"))
             ax.text(x, y + _ROW_H / 2, text, ha=ha, va="center", color="white", fontsize=10,
                     weight="bold" if r == 0 else "normal")
+            if mark:
+                ax.text(x + 3, y + _ROW_H / 2, NEAR_METAL_MARK, ha="left", va="center", color="white",
+                        fontsize=10)
     bottom = top + _ROW_H * (len(rows) + 1)
     ax.hlines([top, top + _ROW_H, bottom], _MARGIN, right, color="#888888", lw=1)
     return bottom
@@ -358,22 +376,31 @@ def change_bars(change: ChangeRecord) -> dict[str, dict[str, float]]:
     return data
 
 
+_CHART_LEFT = 100  # the plot's left edge in page pixels: room for the tick values and the y label
+
+
 def _change_chart(fig: Any, change: ChangeRecord, top_px: float, height_px: int) -> None:
     """Bar chart under the table (``top_px`` down a page ``height_px`` high): signed change % per
-    analysed muscle, left and right side by side."""
+    analysed muscle, left and right side by side; the operated side named in the legend, as its
+    table column is marked, and a muscle next to the implant marked after its name, as its change is
+    in the table (a bar says nothing of how far to trust it)."""
     names = list(PAPER_ORDER)
     disp = {s.name: s.display_name for s in structures()}
     data = change_bars(change)
+    near = {e.name for e in change.structures if e.near_metal and e.side in ("left", "right")}
+    operated = shown_side(change, None)
     plot_top, plot_h = top_px + 50, 250  # the title above, the muscle names below
-    ax = fig.add_axes((80 / _PAGE_W, 1 - (plot_top + plot_h) / height_px, (_PAGE_W - 110) / _PAGE_W,
-                       plot_h / height_px))
+    ax = fig.add_axes((_CHART_LEFT / _PAGE_W, 1 - (plot_top + plot_h) / height_px,
+                       (_PAGE_W - _CHART_LEFT - 30) / _PAGE_W, plot_h / height_px))
     ax.set_facecolor("black")
     shown = [n for n in names if n in data]
     x = np.arange(len(shown))
     for off, side, color in ((-0.2, "left", "#4aa3ff"), (0.2, "right", "#ff8c42")):
-        ax.bar(x + off, [data[n].get(side, np.nan) for n in shown], width=0.4, color=color, label=side)
+        ax.bar(x + off, [data[n].get(side, np.nan) for n in shown], width=0.4, color=color,
+               label=f"{side} ▼ operated" if side == operated else side)
     ax.axhline(0, color="white", lw=0.8)
-    ax.set_xticks(x, [disp[n] for n in shown], rotation=60, ha="right", fontsize=9, color="white")
+    ax.set_xticks(x, [_marked(disp[n], n in near) for n in shown], rotation=60, ha="right", fontsize=9,
+                  color="white")
     ax.tick_params(colors="white", labelsize=9)
     ax.set_ylabel("change since baseline (%)", color="white", fontsize=10)
     days = change.days_between
@@ -382,10 +409,12 @@ def _change_chart(fig: Any, change: ChangeRecord, top_px: float, height_px: int)
                  + (f" ({days} days)" if days is not None else "")
                  + (f", fractured side: {side}" if side else ""), color="white", fontsize=11)
     ax.legend(facecolor="black", labelcolor="white", fontsize=9)
-    fig.text(80 / _PAGE_W, 1 - (top_px + _CHART_H - 12) / height_px,
-             f"Follow-up minus baseline; negative = loss. No bar: baseline below "
-             f"{RULES.pct_baseline_floor_cm3:g} cm³ or follow-up not found.", color="#bbbbbb", fontsize=9,
-             va="bottom")
+    fig.text(_CHART_LEFT / _PAGE_W, 1 - (top_px + _CHART_H - 12) / height_px,
+             "Follow-up minus baseline; negative = loss. Each bar's figure is in the table, where "
+             "\"–\" means no bar:\n"
+             f"baseline below {RULES.pct_baseline_floor_cm3:g} cm³ or follow-up not found."
+             + (f"  {NEAR_METAL_MARK} next to the implant: the least reliable change." if near else ""),
+             color="#bbbbbb", fontsize=9, va="bottom", linespacing=1.5)
     for sp in ax.spines.values():
         sp.set_color("#888888")
 

@@ -104,7 +104,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # a CT dated on the surgery day is placed by its metal QA, as pairing places it (in the keys too).
 # 10: muscle sides next to the implant flagged (QANEARMTL in both SRs' groups, † on the page).
 # 11: a flagged side's drawn group says so in its Comment row ("Vastus lateralis left, next to metal
-# implant"), which OHIF shows.
+# implant"), which OHIF shows; on the page the † sits beside its column's aligned decimals, the
+# chart names the operated side and marks the flagged muscles.
 OUTPUT_REVISION = 11
 
 

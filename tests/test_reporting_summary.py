@@ -366,3 +366,49 @@ def test_muscles_next_to_the_implant_are_marked_with_a_legend(studies):
     b_vols = studies["b"][2]
     assert not any(NEAR_METAL_MARK in c for r in _table_rows(b_vols)[0] for c in r)
     assert not any(NEAR_METAL_MARK in w for w in qa_warnings(b_vols, SeriesHeader(), MODEL))
+
+
+def test_marked_numbers_keep_their_columns_decimal_alignment(studies):
+    """A number next to the implant ends where its column's other numbers end, the † drawn beside it
+    in the column's room (right-aligned with it, "58.6 †" put the decimal point a mark's width left of
+    its neighbours'); the column's head ends there too."""
+    from reporting.summary import NEAR_METAL_MARK
+
+    _, ct, f_vols, _, _ = studies["f"]
+    fig = page_figure(f_vols, MODEL, ct.header, studies["change"])
+    fig.canvas.draw()
+    table = fig.axes[0].texts
+    marks = [t for t in table if t.get_text() == NEAR_METAL_MARK]
+    assert marks and not [t for t in table if NEAR_METAL_MARK in t.get_text()
+                          and any(c.isdigit() for c in t.get_text())]  # each mark on its own
+    numbers = [t for t in table if t.get_horizontalalignment() == "right"]
+    edges = sorted({round(t.get_window_extent().x1) for t in numbers})
+    heads, rows = page_table(f_vols, _table_rows(f_vols)[0], studies["change"])
+    assert len(edges) == len(heads) - 1  # one right edge per column, marked numbers and heads too
+    for mark in marks:
+        box = mark.get_window_extent()
+        same_row = [t for t in numbers if abs(t.get_position()[1] - mark.get_position()[1]) < 1]
+        left_of = max((t.get_window_extent().x1 for t in same_row if t.get_window_extent().x1 <= box.x0),
+                      default=None)
+        assert left_of is not None and 0 < box.x0 - left_of < 6, (box, left_of)  # just after its number
+        assert not any(box.x1 > x > box.x0 for x in edges)  # clear of the next column's numbers
+
+
+def test_change_chart_names_the_operated_side_and_the_flagged_muscles(studies):
+    """The chart's legend says which side was operated on, as the table's column does; a muscle next
+    to the implant carries † after its name, explained under the chart; its y label is on the page."""
+    from reporting.summary import NEAR_METAL_MARK
+    from seg.labels import by_name
+
+    _, ct, f_vols, _, _ = studies["f"]
+    change = studies["change"]
+    fig = page_figure(f_vols, MODEL, ct.header, change)
+    fig.canvas.draw()
+    chart = fig.axes[1]
+    assert [t.get_text() for t in chart.get_legend().get_texts()] == ["left", "right ▼ operated"]
+    flagged = {by_name(e.name).display_name for e in change.structures if e.near_metal}
+    ticks = [t.get_text() for t in chart.get_xticklabels()]
+    assert flagged and {t.removesuffix(f" {NEAR_METAL_MARK}") for t in ticks if t.endswith(NEAR_METAL_MARK)} \
+        == flagged & {t.removesuffix(f" {NEAR_METAL_MARK}") for t in ticks}
+    assert any(f"{NEAR_METAL_MARK} next to the implant" in t.get_text() for t in fig.texts)
+    assert chart.yaxis.label.get_window_extent().x0 >= 0  # "change since baseline (%)" whole
