@@ -224,6 +224,18 @@ def half_requests(node: NodeProcess, count: int, source: str) -> list[socket.soc
     return socks
 
 
+def evictions(node: NodeProcess) -> list[dict[str, str]]:
+    """The fields of each ``connection dropped reason=pending-connections-full`` line in the node's
+    log (their values have no spaces, so no quotes)."""
+    found = []
+    for line in node.log().splitlines():
+        _, hit, rest = line.partition(" connection dropped ")
+        fields = dict(pair.split("=", 1) for pair in rest.split()) if hit else {}
+        if fields.get("reason") == "pending-connections-full":
+            found.append(fields)
+    return found
+
+
 def test_pending_connections_do_not_take_association_slots(node: NodeProcess) -> None:
     """Half-sent requests, far more than max_associations, from the caller's own address and from
     another: a real association made at once (no retry) is accepted, and past 4 pending per address
@@ -240,6 +252,14 @@ def test_pending_connections_do_not_take_association_slots(node: NodeProcess) ->
         early = sum(closed_by_peer(sock, max(ACSE_TIMEOUT / 2 - (time.monotonic() - started), 0.01))
                     for sock in other[:-4])
         assert early == len(other) - 4
+        # each one the pool closed is logged with the fields of docs/pacs-admin.md §9, whether one
+        # process closed it or a receive worker did (test_receive_processes runs this test too); how
+        # many the pool closed depends on how many were accepted before ARTIM closed the first
+        wait_for(lambda: any(f.get("from_address") == "127.0.0.2" for f in evictions(node)), 5.0,
+                 what="a log line for a closed connection")
+        for fields in evictions(node):
+            assert list(fields) == ["reason", "address", "from_address", "pending"], fields
+            assert fields["address"] in (fields["from_address"], "-") and 1 <= int(fields["pending"]) <= 32
     finally:
         for sock in [*other, *own]:
             sock.close()

@@ -296,6 +296,7 @@ def test_admission_counts_only_admitted_associations_node_wide() -> None:
 def test_channel_messages_round_trip() -> None:
     for message in (Message(Op.CONN, conn=7, address=("127.0.0.1", 40000)),
                     Message(Op.ANSWER, conn=7, ok=False),
+                    Message(Op.EVICT, conn=7, pending=31),
                     Message(Op.SETTINGS, settings=Settings(receive_processes=3).model_dump(mode="json"))):
         assert Message.decode(message.encode()) == message
     assert Settings.model_validate(Message.decode(Message(Op.SETTINGS, settings=Settings(

@@ -34,12 +34,14 @@ class Op(StrEnum):
 
 @dataclass(frozen=True)
 class Message:
-    """One message; ``conn`` is the parent's number for a connection, ``ok`` an admission answer."""
+    """One message; ``conn`` is the parent's number for a connection, ``ok`` an admission answer,
+    ``pending`` (EVICT) how many connections stay pending node-wide, for the worker's log line."""
 
     op: Op
     conn: int = 0
     address: tuple[str, int] | None = None
     ok: bool = True
+    pending: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
@@ -53,7 +55,8 @@ class Message:
         address = data.get("address")
         return cls(op=Op(data["op"]), conn=int(data.get("conn", 0)),
                    address=(str(address[0]), int(address[1])) if address else None,
-                   ok=bool(data.get("ok", True)), settings=dict(data.get("settings") or {}))
+                   ok=bool(data.get("ok", True)), pending=int(data.get("pending", 0)),
+                   settings=dict(data.get("settings") or {}))
 
 
 def pair() -> tuple[socket.socket, socket.socket]:

@@ -279,13 +279,11 @@ class ReceivePool:
                 self.table.close(conn)  # the worker just died: the caller sees the connection close
         finally:
             sock.close()  # the worker holds its own copy now
-        for key, entry in evicted:
+        pending = self.table.counts()[0] if evicted else 0
+        for key, entry in evicted:  # the worker closes it and logs it, as a single-process node does
             target = self.workers.get(entry.worker)
             if target is not None:
-                target.tell(Message(Op.EVICT, conn=key))
-        if evicted:
-            event(log, "connection dropped", logging.INFO, reason="pending-connections-full",
-                  evicted=len(evicted), pending=self.table.counts()[0])
+                target.tell(Message(Op.EVICT, conn=key, pending=pending))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:

@@ -29,7 +29,7 @@ from dicomnode.config import Settings
 from dicomnode.db import Database
 from dicomnode.logs import event, setup_logging
 from dicomnode.network.receive_channel import Message, Op, receive, send
-from dicomnode.network.scp import StorageSCP, _awaiting_request, _drop_connection, _ended
+from dicomnode.network.scp import StorageSCP, _awaiting_request, _close_pending, _ended
 from dicomnode.network.tls import server_context
 from dicomnode.storage.diskspace import DiskGuard
 from dicomnode.storage.store import Store, one_flush_setting, restrict_umask
@@ -62,7 +62,7 @@ class WorkerSCP(StorageSCP):
         self._state = threading.Lock()
         self._by_fd: dict[int, int] = {}  # fd of a handed connection → the parent's number, until opened
         self._conns: dict[int, Any] = {}  # parent's number → its association
-        self._evicted_early: set[int] = set()  # evicted before its association existed
+        self._evicted_early: dict[int, int] = {}  # evicted before its association existed → pending
         self._answers: dict[int, tuple[threading.Event, list[bool]]] = {}
         self._ssl = server_context(settings.tls)
 
@@ -81,10 +81,9 @@ class WorkerSCP(StorageSCP):
             assoc._dicomnode_conn = conn
             if conn:
                 self._conns[conn] = assoc
-            early = conn in self._evicted_early
-            self._evicted_early.discard(conn)
-        if early:
-            self._evict(assoc)
+            early = self._evicted_early.pop(conn, None)
+        if early is not None:
+            self._evict(assoc, early)
 
     def _leave_pending(self, assoc: Any) -> None:
         conn = getattr(assoc, "_dicomnode_conn", 0)
@@ -117,11 +116,12 @@ class WorkerSCP(StorageSCP):
         if known:
             self._tell(Message(Op.CLOSED, conn=conn))
 
-    def _evict(self, assoc: Any) -> None:
+    def _evict(self, assoc: Any, pending: int) -> None:
+        """Close a connection the parent evicted from the node-wide pending pool (``pending``: how
+        many stay pending there)."""
         if not _awaiting_request(assoc.dul):
             return  # its request arrived meanwhile: the parent counts it as admitted or refused
-        assoc._dicomnode_evicted = True
-        _drop_connection(assoc.dul, "pending-connections-full", abort=False, level=logging.INFO)
+        _close_pending(assoc, assoc.requestor.address, pending)
 
     def _sweep(self) -> None:
         """Report connections whose thread ended without EVT_CONN_CLOSE (see ``_forget_ended``)."""
@@ -166,7 +166,7 @@ class WorkerSCP(StorageSCP):
             if message.op is Op.CONN and fd is not None:
                 self._take(message, fd)
             elif message.op is Op.EVICT:
-                self._on_evict(message.conn)
+                self._on_evict(message.conn, message.pending)
             elif message.op is Op.ANSWER:
                 with self._state:
                     waiter = self._answers.get(message.conn)
@@ -178,13 +178,13 @@ class WorkerSCP(StorageSCP):
             elif fd is not None:
                 os.close(fd)
 
-    def _on_evict(self, conn: int) -> None:
+    def _on_evict(self, conn: int, pending: int) -> None:
         with self._state:
             assoc = self._conns.get(conn)
             if assoc is None and conn in self._by_fd.values():  # handed over, its thread not started yet
-                self._evicted_early.add(conn)
+                self._evicted_early[conn] = pending
         if assoc is not None:
-            self._evict(assoc)
+            self._evict(assoc, pending)
 
 
 def main(argv: list[str]) -> None:

@@ -219,6 +219,18 @@ def _drop_connection(dul: Any, reason: str, *, abort: bool, level: int = logging
         dul.to_user_queue.put(None)
 
 
+def _close_pending(assoc: Any, address: str, pending: int) -> None:
+    """Close a pending connection evicted from the pool (``pending``: how many stay pending).
+
+    Why one function: a single-process node and a receive worker
+    (:mod:`dicomnode.network.receive_worker`) both close evicted connections, and the administrator
+    greps one event with one set of fields (docs/pacs-admin.md §9) whatever ``receive_processes`` is.
+    """
+    assoc._dicomnode_evicted = True
+    _drop_connection(assoc.dul, "pending-connections-full", abort=False, level=logging.INFO,
+                     from_address=address, pending=pending)
+
+
 def _read_pdu_data(self: Any) -> None:
     """Drop-in for ``DULServiceProvider._read_pdu_data`` (the same FSM events), bounded in size and time.
 
@@ -606,9 +618,7 @@ class StorageSCP:
                 evicted.append(self._pending.pop(next(iter(self._pending))))
             pending = len(self._pending)
         for old, addr in evicted:
-            old._dicomnode_evicted = True
-            _drop_connection(old.dul, "pending-connections-full", abort=False, level=logging.INFO,
-                             from_address=addr, pending=pending)
+            _close_pending(old, addr, pending)
 
     def _forget_ended(self) -> None:
         """Drop bookkeeping of connections whose thread has ended (not every way out fires
