@@ -6,6 +6,7 @@ upgrade can break it at a hospital; a bound is widened only after the tests pass
 
 from __future__ import annotations
 
+import re
 import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,3 +34,16 @@ def test_pynetdicom_is_pinned_to_the_version_scp_patches() -> None:
     (pynetdicom,) = [r for r in RUNTIME if r.name == "pynetdicom"]
     for candidate in ("2.1.0", "2.9.9", "3.0.0", "3.0.9", "3.1.0", "4.0.0"):
         assert pynetdicom.specifier.contains(candidate) == candidate.startswith(PATCHED_PYNETDICOM), candidate
+
+
+def test_container_image_installs_what_make_node_installs() -> None:
+    """deploy/compose/Dockerfile and ``make node`` (scripts/setup.sh --node): the same extras (OpenVINO,
+    the CPU runtime) and the same torch. Why: the image was once built without OpenVINO, so a node in
+    a container ran the network several times slower than one set up with ``make node``."""
+    root = PYPROJECT.parent
+    setup = (root / "scripts" / "setup.sh").read_text()
+    dockerfile = (root / "deploy" / "compose" / "Dockerfile").read_text()
+    (node_extras,) = re.findall(r"^\s*--node\) virtual_environment (\S+) ;;", setup, re.M)
+    (setup_torch,) = re.findall(r"pip\" install -q torch==(\S+)", setup)
+    assert re.findall(r"pip install -q \"\.\[([^]]*)\]\"", dockerfile) == [node_extras]
+    assert re.findall(r"^ARG TORCH_VERSION=(\S+)", dockerfile, re.M) == [setup_torch]
