@@ -98,6 +98,8 @@ class ReasonCode(StrEnum):
     BASELINE_POSTOPERATIVE = "baseline-postoperative"  # no pre-operative study: earliest one instead
     BASELINE_EARLIEST = "baseline-earliest"  # no surgery date: the earliest study
     EARLIER_PREOPERATIVE = "earlier-preoperative"  # a pre-operative study before the baseline
+    # the latest pre-operative study, older than the admission period (dicomnode.clinical.admission)
+    BASELINE_BEFORE_ADMISSION = "baseline-before-admission"
     SAME_DAY_FOLLOWUP = "same-day-followup"  # compared, but not with a same-day previous study
     SUPERSEDED_SERIES = "superseded-series"  # a later series of the same study represents it
     SAME_DATE_AND_TIME = "same-date-and-time"  # another study of the patient at the very same moment

@@ -319,6 +319,76 @@ def test_a_surgery_day_ct_with_the_implant_asks_for_the_prior(settings: Settings
     assert len(_retrievals(settings)) == 2
 
 
+def test_the_admission_ct_is_the_baseline_not_a_ct_of_the_year_before(
+        settings: Settings, tmp_path: Path) -> None:
+    """A CT a year before the fracture and the admission CT of the surgery morning: the admission CT
+    (latest pre-operative, the paper's pre-operative CT) is the baseline, whatever arrived first;
+    the year-old CT is an earlier pre-operative one, and the follow-up's change carries no flag."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY)
+    _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
+    _record(settings, "P1", "1.1", "20220110", 1.1, qa=_metal(None))
+    _record(settings, "P1", "1.2", "20230110", 1.0, time_="070000", qa=_metal(None))
+    assert [pairing.status_of(settings, f"1.{n}.1").role for n in (1, 2, 3)] == [
+        "pre-operative", "baseline", "followup"]
+    (change,) = pairing.changes_for_earlier_series(settings, "1.2.1")
+    assert change.baseline_preoperative is True and not [
+        n for n in change.notes if n.code is ReasonCode.BASELINE_BEFORE_ADMISSION]
+
+
+def test_a_baseline_older_than_the_admission_period_is_used_and_flagged(
+        settings: Settings, tmp_path: Path) -> None:
+    """The only pre-operative CT held is a year old: it is the baseline (the latest pre-operative
+    one), but it is not the admission CT, so it and each comparison with it say so (the cohort
+    names it under comparability); one 14 days before surgery is the admission CT, unflagged."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY)
+    _record(settings, "P1", "1.1", "20220110", 1.1, qa=_metal(None))
+    changes = _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
+    _record(settings, "P1", "1.4", "20231201", 0.7, qa=_metal("left"))
+    why = {r.code: r.text for r in pairing.status_of(settings, "1.1.1").reasons}
+    assert why[ReasonCode.BASELINE_BEFORE_ADMISSION] == (
+        "baseline 365 days before surgery (20230110), more than 14: not the admission CT; the "
+        "change includes the time before the fracture")
+    flagged = {(c.comparison, c.followup.series_instance_uid): any(
+        n.code is ReasonCode.BASELINE_BEFORE_ADMISSION for n in c.notes)
+        for c in pairing.changes_for_earlier_series(settings, "1.1.1")
+        + pairing.changes_for_earlier_series(settings, "1.3.1")}
+    assert flagged == {("baseline", "1.3.1"): True, ("baseline", "1.4.1"): True,
+                       ("previous", "1.4.1"): False}  # follow-up to follow-up: no baseline in it
+    assert [c.baseline_preoperative for c in changes] == [True]
+    from reporting.cohort.collect import COMPARABILITY_CODES
+    assert ReasonCode.BASELINE_BEFORE_ADMISSION in COMPARABILITY_CODES
+
+    _record(settings, "P1", "1.2", "20221227", 1.0, qa=_metal(None))  # 14 days before surgery
+    assert pairing.status_of(settings, "1.2.1").role == "baseline"
+    assert ReasonCode.BASELINE_BEFORE_ADMISSION not in {
+        r.code for r in pairing.status_of(settings, "1.2.1").reasons}
+
+
+def test_a_followup_with_an_old_baseline_asks_for_the_admission_ct(
+        settings: Settings, tmp_path: Path) -> None:
+    """A pre-operative baseline older than the admission period does not end the search: a new
+    follow-up asks the PACS (for the admission period's CTs alone, tests/test_surgery_day_prior.py);
+    one whose admission CT is held asks for nothing."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY + "P2,1.60,F,ITF,left,20230110\n")
+    settings.pairing.retrieve_priors = True
+    settings.pacs.port = free_port()  # nobody listens: the request is recorded, then fails
+    _record(settings, "P2", "2.1", "20230109", 1.1, qa=_metal(None))
+    _record(settings, "P2", "2.3", "20230601", 0.8, qa=_metal("left"))
+    _record(settings, "P1", "1.1", "20220110", 1.1, qa=_metal(None))
+    _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
+    deadline = time.time() + 20
+    while len(_retrievals(settings)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    con = sqlite3.connect(settings.db_path)
+    try:
+        asked = con.execute("SELECT patient_id, study_instance_uid, status FROM pairing_retrievals"
+                            " ORDER BY rowid").fetchall()
+    finally:
+        con.close()
+    assert asked == [("P1", "1.3", "requested"), ("P1", "1.3", "failed")]
+
+
 def test_the_surgery_day_rule_and_its_texts() -> None:
     """Every branch of the rule, its texts within 80 columns (the widest date, side and wording)."""
     from dicomnode.clinical.surgery_day import Placement, place

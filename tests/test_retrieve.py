@@ -123,33 +123,46 @@ def test_prior_candidates_prefer_preoperative_then_nearest_and_skip_known() -> N
     assert _order(studies, "20230101", set()) == []  # same day, no StudyTime: not a prior
 
 
-def test_prior_candidates_take_the_surgery_day_only_after_every_earlier_ct() -> None:
-    """A study on the surgery day may be the check CT (implant in place): the CTs before that day
-    come first, latest first; then the surgery day's, earliest first (the admission CT precedes the
-    check CT)."""
+def test_prior_candidates_want_the_admission_ct_pairing_will_take() -> None:
+    """With a surgery date the admission CT is wanted, the one pairing takes as baseline (the
+    latest pre-operative): the CTs of the admission period before the surgery day come first,
+    latest first; then the surgery day's, earliest first (the admission CT of the morning precedes
+    the check CT); the CTs older than the admission period only after them, latest first."""
     surgery = "20240301"
-    older = StudyHit("older", "20231105", "100000", ["CT"])
-    before = StudyHit("before", "20240229", "100000", ["CT"])
+    older = StudyHit("older", "20231105", "100000", ["CT"])  # four months before
+    year = StudyHit("year", "20230301", "100000", ["CT"])  # a year before the fracture
+    before = StudyHit("before", "20240229", "100000", ["CT"])  # the day before
+    edge = StudyHit("edge", "20240216", "100000", ["CT"])  # 14 days before: still admission
     morning = StudyHit("morning", surgery, "080000", ["CT"])
     check = StudyHit("check", surgery, "160000", ["CT", "SR"])
     follow = StudyHit("follow", "20240603", "100000", ["CT"])
-    studies = [follow, check, morning, before, older]
+    studies = [follow, check, morning, before, edge, older, year]
 
     # not the later check CT of the surgery day before the admission CT
     assert _order(studies, "20240603", {"follow"}, surgery) == [
-        "before", "older", "morning", "check"]
-    assert _order(studies, "20240603", {"follow", "before", "older"}, surgery) == ["morning", "check"]
-    assert _order(studies, "20240603", {"follow", "before", "older", "morning"}, surgery) == [
-        "check"]  # its metal QA will place it
-    # the check CT's own request (placed post-operative): the studies before the surgery day, then
-    # the admission CT of its morning; never itself nor a later one
+        "before", "edge", "morning", "check", "older", "year"]
+    # a CT a year before and the admission CT of the surgery morning: the morning's first (it was
+    # fetched after the year-old one, which stood as the baseline)
+    assert _order(studies, "20240603", {"follow", "before", "edge"}, surgery) == [
+        "morning", "check", "older", "year"]
+    assert _order(studies, "20240603", {"follow", "before", "edge", "morning"}, surgery) == [
+        "check", "older", "year"]  # its metal QA will place it
+    # the check CT's own request (placed post-operative): the admission period, the admission CT of
+    # its morning, then the older CTs; never itself nor a later one
     assert _order(studies, surgery, {"follow", "check"}, surgery, "160000") == [
-        "before", "older", "morning"]
-    assert _order(studies, surgery, {"follow", "check", "before", "older"}, surgery, "160000") == [
-        "morning"]
-    assert _order(studies, surgery, {"follow", "morning"}, surgery, "080000") == ["before", "older"]
+        "before", "edge", "morning", "older", "year"]
+    assert _order(studies, surgery, {"follow", "check", "before", "edge"}, surgery, "160000") == [
+        "morning", "older", "year"]
+    assert _order(studies, surgery, {"follow", "morning"}, surgery, "080000") == [
+        "before", "edge", "older", "year"]
     undated_time = StudyHit("no-time", surgery, "", ["CT"])  # no StudyTime: sorts first on its day
     assert _order([check, undated_time], "20240603", set(), surgery) == ["no-time", "check"]
+    # pairing holds the year-old CT as its baseline and asks for the admission period's alone
+    only = prior_candidates(studies, "20240603", {"follow", "year"}, surgery, not_before="20240216")
+    assert [s.study_instance_uid for s in only.studies] == ["before", "edge", "morning", "check"]
+    # without a surgery date there is no admission period: the most recent earlier day first
+    assert _order(studies, "20240603", {"follow"}) == [
+        "check", "morning", "before", "edge", "older", "year"]
 
 
 def test_a_same_day_study_is_a_prior_only_when_both_times_tell() -> None:

@@ -115,7 +115,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
                             lua_scripts=None, dicomweb=False)
     registry = tmp_path / "registry.csv"
     registry.write_text("patient_id,sex,fracture_type,fractured_side,surgery_date\n"
-                        + "".join(f"CHAIN-{n},F,FNF,left,{SURGERY}\n" for n in (1, 2, 3, 4, 6)))
+                        + "".join(f"CHAIN-{n},F,FNF,left,{SURGERY}\n" for n in (1, 2, 3, 4, 6, 7, 8)))
     with orthanc, node:
         imported = node.cli("patients", "import", str(registry))
         assert imported.returncode == 0, imported.stderr
@@ -240,3 +240,59 @@ def test_a_same_day_ct_without_studytime_is_stated_not_guessed(site: Site) -> No
         " considered: its StudyTime is missing or unreadable")
     assert site.role(check) == Role.BASELINE
     assert site.node.jobs(admission.series_uid) == []
+
+
+def test_a_ct_of_the_year_before_gives_way_to_the_admission_ct_of_the_surgery_morning(
+        site: Site) -> None:
+    """PACS: a CT of the year before the fracture, the admission CT of the surgery morning, the check
+    CT of the afternoon, the 3-month follow-up. The follow-up arrives alone: the node fetches the
+    admission CT, the baseline pairing takes (the latest pre-operative); the year-old CT, first by
+    its date alone before, stood as the baseline. One C-MOVE: neither the year-old nor the check CT."""
+    pid = "CHAIN-7"
+    year = site.ct(pid, "year", "20230305", "100000")
+    admission = site.ct(pid, "admission", SURGERY, "080000")
+    check = site.ct(pid, "check", SURGERY, "160000", postop=True, implant_side="left")
+    follow = site.ct(pid, "follow", "20240603", "100000", postop=True, implant_side="left")
+    site.send(follow)
+    site.done(follow)
+    site.done(admission)  # arrived by C-MOVE
+    assert site.settled(pid) == {follow.study_uid: RetrievalStatus.RETRIEVED}
+    assert (site.role(admission), site.role(follow)) == (Role.BASELINE, Role.FOLLOWUP)
+    assert ReasonCode.SURGERY_DAY_PREOPERATIVE in site.codes(admission)
+    assert ReasonCode.BASELINE_BEFORE_ADMISSION not in site.codes(admission)
+    assert list(site.compared(pid)) == [(admission.series_uid, follow.series_uid)]
+    assert site.node.jobs(year.series_uid) == [] and site.node.jobs(check.series_uid) == []
+
+
+def test_a_held_year_old_baseline_asks_for_the_admission_period_alone(site: Site) -> None:
+    """The node holds a CT of the year before (routed), the only pre-operative one: the baseline,
+    flagged. A follow-up still asks the PACS, for the admission period alone: a CT two years before
+    is not fetched (it would not replace the baseline). Once the PACS holds the admission CT of the
+    surgery morning, the next follow-up fetches it and it becomes the baseline, unflagged."""
+    pid = "CHAIN-8"
+    two_years = site.ct(pid, "two-years", "20220305", "100000")
+    year = site.ct(pid, "year", "20230305", "100000")
+    follow = site.ct(pid, "follow", "20240603", "100000", postop=True, implant_side="left")
+    site.send(year)
+    site.done(year)
+    site.send(follow)
+    site.done(follow)
+    assert site.settled(pid) == {follow.study_uid: RetrievalStatus.NONE}
+    assert site.detail(pid, follow) == "the PACS holds no earlier CT study for this patient"
+    assert site.node.jobs(two_years.series_uid) == []
+    assert ReasonCode.BASELINE_BEFORE_ADMISSION in site.codes(year)
+    (change,) = site.compared(pid).values()
+    assert ReasonCode.BASELINE_BEFORE_ADMISSION in {n.code for n in change.notes}
+
+    admission = site.ct(pid, "admission", SURGERY, "080000")
+    later = site.ct(pid, "later", "20240903", "100000", postop=True, implant_side="left")
+    site.send(later)
+    site.done(later)
+    site.done(admission)  # arrived by C-MOVE
+    assert site.settled(pid) == {follow.study_uid: RetrievalStatus.NONE,
+                                 later.study_uid: RetrievalStatus.RETRIEVED}
+    assert [site.role(ct) for ct in (year, admission, follow, later)] == [
+        Role.PREOPERATIVE, Role.BASELINE, Role.FOLLOWUP, Role.FOLLOWUP]
+    assert ReasonCode.BASELINE_BEFORE_ADMISSION not in site.codes(admission)
+    assert (admission.series_uid, follow.series_uid) in site.compared(pid)
+    assert site.node.jobs(two_years.series_uid) == []

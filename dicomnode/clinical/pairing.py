@@ -2,11 +2,13 @@
 
 Why: the product's point is change over time. Results are grouped by PatientID (+ IssuerOfPatientID),
 ordered by StudyDate/StudyTime; with a registry surgery date, studies before it are pre-operative
-(the latest one is the baseline: closest to surgery) and later ones post-operative, and a study on
-the surgery day is placed by the metal its QA found (:mod:`dicomnode.clinical.surgery_day`); without
-one, the earliest study is the baseline. Each follow-up is compared with the baseline and with
-the previous study (a trajectory). Every study that yields no comparison gets a stated reason
-(single study, same day as baseline, pre-operative, ...). Re-recording a series replaces its row.
+(the latest one is the baseline: closest to surgery, the admission CT of the paper; one older than
+the admission period, :mod:`dicomnode.clinical.admission`, is used but flagged) and later ones
+post-operative, and a study on the surgery day is placed by the metal its QA found
+(:mod:`dicomnode.clinical.surgery_day`); without one, the earliest study is the baseline. Each
+follow-up is compared with the baseline and with the previous study (a trajectory). Every study
+that yields no comparison gets a stated reason (single study, same day as baseline,
+pre-operative, ...). Re-recording a series replaces its row.
 
 Tables live in the node's index (``settings.db_path``), opened through :mod:`dicomnode.db`, whose
 versioned migrations define them (with the registry's).
@@ -25,7 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dicomnode.clinical import registry, surgery_day
+from dicomnode.clinical import admission, registry, surgery_day
 from dicomnode.clinical.surgery_day import Placement
 from dicomnode.config import Settings
 from dicomnode.db import opened
@@ -155,6 +157,8 @@ class Plan:
     baseline: Study | None
     baseline_preoperative: bool | None  # None when no surgery date is known
     surgery_day: dict[str, Placement]  # series uid → placement, for the studies on the surgery day
+    # the pre-operative baseline is older than the admission period: every comparison with it says so
+    old_baseline: Reason | None = None
 
 
 def _studies(con: sqlite3.Connection, patient_id: str, issuer: str) -> tuple[list[Study], list[str]]:
@@ -204,6 +208,20 @@ def _name_twins(studies: list[Study], reasons: dict[str, list[Reason]]) -> None:
                 "sent under new UIDs; they are ordered by StudyInstanceUID, not by time"))
 
 
+def _before_admission(baseline: Study, surgery_date: str) -> Reason | None:
+    """The flag of a pre-operative baseline older than the admission period (None: it is the
+    admission CT, or its age cannot be told): used, as the latest pre-operative CT held, but a
+    change against it includes the time before the fracture, unlike the paper's."""
+    if not admission.before_admission(baseline.study_date, surgery_date):
+        return None
+    days = admission.days_before(baseline.study_date, surgery_date)
+    return Reason(
+        ReasonCode.BASELINE_BEFORE_ADMISSION,
+        f"baseline {days} days before surgery ({surgery_date}), more than "
+        f"{admission.ADMISSION_WINDOW_DAYS}: not the admission CT; the change includes the time "
+        "before the fracture")
+
+
 def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side: LeftRight | None = None,
                   qa: Mapping[str, VolumeQA | None] | None = None) -> Plan:
     """Roles, reasons and comparisons for one patient's ordered studies (pure; no database).
@@ -217,6 +235,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
     comparisons: list[tuple[Study, Study, Comparison]] = []
     baseline: Study | None = None
     baseline_pre: bool | None = None
+    old_baseline: Reason | None = None
     later: list[Study] = list(studies)
     undated = sum(not s.study_date for s in studies)  # sorted last, never placed or compared
     _name_twins(studies, reasons)
@@ -249,6 +268,9 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
                 ReasonCode.BASELINE_PREOPERATIVE,
                 f"baseline: latest pre-operative study (surgery {surgery_date})",
             ))
+            old_baseline = _before_admission(baseline, surgery_date)
+            if old_baseline is not None:
+                reasons[baseline.series_instance_uid].append(old_baseline)
         elif any(s.study_date for s in later):
             baseline, baseline_pre = later[0], False  # dated studies sort first
             later = later[1:]
@@ -305,7 +327,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
         if previous is not None and previous is not baseline:
             comparisons.append((previous, s, "previous"))
         compared.append(s)
-    return Plan(studies, roles, reasons, comparisons, baseline, baseline_pre, placed)
+    return Plan(studies, roles, reasons, comparisons, baseline, baseline_pre, placed, old_baseline)
 
 
 # ---------------------------------------------------------------- recording
@@ -393,14 +415,16 @@ def needs_prior(plan: Plan, surgery_date: str | None, result: ResultRecord) -> b
     """Whether this new result is a follow-up without a baseline in the node (then the PACS is asked).
 
     With a surgery date: a post-operative study (after the surgery day, or on it with an implant)
-    while no pre-operative one is held. Without one: the patient's only study (it may be a
-    follow-up; a pre-operative CT is better marked by the registry).
+    while no pre-operative one is held, or only one older than the admission period (the PACS is
+    then asked for the admission CT alone, :func:`_maybe_retrieve`). Without one: the patient's
+    only study (it may be a follow-up; a pre-operative CT is better marked by the registry).
     """
     if surgery_date:
         postoperative = bool(result.study_date) and (
             result.study_date > surgery_date
             or plan.surgery_day.get(result.series_instance_uid) is Placement.POSTOPERATIVE)
-        return postoperative and plan.baseline_preoperative is not True
+        return postoperative and (plan.baseline_preoperative is not True
+                                  or plan.old_baseline is not None)
     return len(plan.studies) == 1
 
 
@@ -443,7 +467,9 @@ def _refresh_patient(
     qa = _surgery_day_qa(studies, res.surgery_date)
     plan = plan_timeline(studies, res.surgery_date, res.fractured_side, qa)
     changes = [
-        _change(a, b, kind, pid, res, plan.baseline_preoperative, plan.reasons[b.series_instance_uid])
+        _change(a, b, kind, pid, res, plan.baseline_preoperative,
+                plan.reasons[b.series_instance_uid]
+                + ([plan.old_baseline] if plan.old_baseline and kind == "baseline" else []))
         for a, b, kind in plan.comparisons
     ]
     now = _now()
@@ -728,6 +754,8 @@ def _maybe_retrieve(
                 surgery_date=surgery,
                 issuer=issuer,
                 before_time=result.study_time,
+                # an older pre-operative CT is held: only an admission CT would replace it
+                not_before=admission.window_start(surgery) if surgery and plan.old_baseline else "",
             )
             status = RetrievalStatus.RETRIEVED if outcome.moved else RetrievalStatus.NONE
             detail = outcome.reason

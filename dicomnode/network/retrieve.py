@@ -3,12 +3,13 @@
 Why: a follow-up is worthless without its baseline, and the baseline was often acquired before the
 node existed. C-FIND (study level, by PatientID) lists the patient's studies; the earlier studies
 (by StudyDate, and on the asking study's own day by StudyTime) are ordered by preference
-(:func:`prior_candidates`: with a surgery date those before the surgery day, latest first, then
-those on it, earliest first; without one the most recent day first, then the asking study's own
-day, earliest first); a series-level C-FIND picks a study's CT series with the most instances (a
-whole-thigh scan has many slices), and a study without one (scouts, dose reports) gives way to the
-next, at most :data:`MAX_STUDIES_QUERIED` of them; C-MOVE sends that series to this node's AE,
-where it is processed like any other arrival. Off with ``pairing.retrieve_priors = false``.
+(:func:`prior_candidates`: with a surgery date those of the admission period before the surgery
+day, latest first, then those on it, earliest first, then the older ones, latest first; without
+one the most recent day first, then the asking study's own day, earliest first); a series-level
+C-FIND picks a study's CT series with the most instances (a whole-thigh scan has many slices), and
+a study without one (scouts, dose reports) gives way to the next, at most
+:data:`MAX_STUDIES_QUERIED` of them; C-MOVE sends that one series to this node's AE, where it is
+processed like any other arrival. Off with ``pairing.retrieve_priors = false``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicomnode.clinical import admission
 from dicomnode.config import Settings
 from dicomnode.network.tls import client_tls_args
 from seg.dates import da_date, tm_time
@@ -171,6 +173,7 @@ def prior_candidates(
     surgery_date: str | None = None,
     issuer: str = "",
     before_time: str = "",
+    not_before: str = "",
 ) -> Candidates:
     """The earlier CT studies to try as baseline, best first (none already held). A study may hold
     no usable series, so the caller goes down the list.
@@ -180,13 +183,18 @@ def prior_candidates(
     cannot be read (:func:`seg.dates.tm_time`), a study of that day is left out, as by its date
     alone, and counted in :attr:`Candidates.untimed`.
 
-    With a surgery date the pre-operative CT is wanted: the studies before the surgery day, latest
-    first, which are pre-operative by their date alone; after them those on the surgery day,
-    earliest first (the admission CT of the morning precedes the check CT of the afternoon), whose
-    metal QA then places them (a CT placed post-operative asks again,
-    :func:`dicomnode.clinical.pairing.needs_prior`); never a later one. The latest on the surgery
-    day is the check CT, most likely: taken first, it cost a second retrieval and sent the
-    follow-up's comparison with it before the right one. Without a surgery date: the most recent
+    With a surgery date the admission CT is wanted, the baseline pairing takes when it holds it
+    (the latest pre-operative CT): first the studies of the admission period before the surgery day
+    (:mod:`dicomnode.clinical.admission`), latest first, pre-operative by their date alone; then
+    those on the surgery day, earliest first (the admission CT of the morning precedes the check CT
+    of the afternoon), whose metal QA then places them (a CT placed post-operative asks again,
+    :func:`dicomnode.clinical.pairing.needs_prior`); last the older studies, latest first, which
+    pairing uses but flags; never a later one. A CT of a year before, fetched ahead of the surgery
+    morning's, stood as the baseline instead of the admission CT. The latest on the surgery day is
+    the check CT, most likely: taken first, it cost a second retrieval and sent the follow-up's
+    comparison with it before the right one. ``not_before``: the earliest StudyDate to consider
+    (pairing holds an older pre-operative CT and asks only for the admission period's). Without a
+    surgery date: the most recent
     earlier day first (the usual "relevant prior"), then the earlier studies of the asking study's
     own day, earliest first: never compared with it (no interval), but the baseline of the
     follow-ups to come (pairing's baseline is then the earliest study).
@@ -199,7 +207,7 @@ def prior_candidates(
         for s in studies
         if s.study_instance_uid not in known_study_uids
         and s.study_date
-        and s.study_date <= before_date
+        and not_before <= s.study_date <= before_date
         and (not surgery_date or s.study_date <= surgery_date)
         and (not s.modalities or "CT" in s.modalities)
         and (not issuer or not s.issuer or s.issuer == issuer)
@@ -214,9 +222,13 @@ def prior_candidates(
 
     if surgery_date:
         ordered = sorted(earlier + same_day, key=moment)
-        before = [s for s in ordered if s.study_date < surgery_date]
+        admitted: list[StudyHit] = []  # before the surgery day, in the admission period
+        older: list[StudyHit] = []  # ... before it: pre-operative, but not the admission CT
+        for s in ordered:
+            if s.study_date < surgery_date:
+                (older if admission.before_admission(s.study_date, surgery_date) else admitted).append(s)
         on_the_day = [s for s in ordered if s.study_date == surgery_date]
-        return Candidates(before[::-1] + on_the_day, untimed, at is not None)
+        return Candidates(admitted[::-1] + on_the_day + older[::-1], untimed, at is not None)
     return Candidates(sorted(earlier, key=moment, reverse=True) + sorted(same_day, key=moment),
                       untimed, at is not None)
 
@@ -262,13 +274,14 @@ def retrieve_prior(
     surgery_date: str | None = None,
     issuer: str = "",
     before_time: str = "",
+    not_before: str = "",
 ) -> RetrieveOutcome:
     """Find and move the patient's CT from before ``before_date`` (or earlier that day than
-    ``before_time``) to this node; the outcome says why when not."""
+    ``before_time``; none before ``not_before``) to this node; the outcome says why when not."""
     if not settings.pairing.retrieve_priors:
         return RetrieveOutcome(False, "prior retrieval is switched off (pairing.retrieve_priors)")
     found = prior_candidates(find_studies(settings, patient_id), before_date, known_study_uids,
-                             surgery_date, issuer, before_time)
+                             surgery_date, issuer, before_time, not_before)
     candidates, note = found.studies, found.untimed_note()
     if not candidates:
         return RetrieveOutcome(False, "the PACS holds no earlier CT study for this patient" + note)
