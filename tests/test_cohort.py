@@ -859,6 +859,30 @@ def test_a_zero_difference_among_18_pairs_keeps_the_wilcoxon_p_exact() -> None:
     assert row["p"] != pytest.approx(wilcoxon(diff).pvalue, rel=1e-3)  # scipy's: the normal one
 
 
+def test_a_tied_loss_ratio_keeps_the_mann_whitney_p_exact() -> None:
+    """An FNF and an ITF patient measured alike tie on the loss ratio: scipy's default p would be its
+    normal approximation; the table's is the exact one conditional on the tie, and says so."""
+    from reporting.cohort.ranktests import rank_sum_exact_p
+
+    entries, truth = _cohort()
+    by_id = {e.patient_id: i for i, e in enumerate(entries)}
+    fnf, itf = entries[by_id["C01"]].change, entries[by_id["C07"]].change
+    same = next(s for s in fnf.structures if s.name == "gluteus_maximus")
+    itf = itf.model_copy(update={"structures": tuple(
+        same if s.name == same.name else s for s in itf.structures)})
+    entries[by_id["C07"]] = entries[by_id["C07"]].model_copy(update={"change": itf})
+    report = build_cohort(entries, n_boot=20)
+    row = report.mannwhitney.set_index(["muscle", "measure"]).loc[("Gluteus maximus", "loss_pct")]
+    ratio = {e.patient_id: next(s.loss_pct for s in e.change.structures if s.name == same.name)
+             for e in entries}
+    a = np.array([ratio[p] for p, t in truth.items() if t["fracture"] == "FNF"])
+    b = np.array([ratio[p] for p, t in truth.items() if t["fracture"] == "ITF"])
+    assert ratio["C01"] == ratio["C07"] and (a.size, b.size) == (6, 12)
+    assert row["p_method"] == "exact" and row["p"] == rank_sum_exact_p(a, b)
+    assert row["U_FNF"] == mannwhitneyu(a, b).statistic
+    assert row["p"] != pytest.approx(mannwhitneyu(a, b).pvalue, rel=1e-3)  # scipy's: the normal one
+
+
 # The paper's Table 3 loss ratios (%) by sex (F, M) and its text's Figure 8 values, sexes merged
 PAPER_RATIOS = {  # muscle: (FNF F, FNF M, ITF F, ITF M), (Figure 8 FNF, ITF)
     "Vastus lateralis": ((23.0, 41.2, 43.4, 33.8), (35.1, 41.8)),
@@ -917,9 +941,16 @@ def test_paper_variant_of_table2_counts_muscles_not_patients(cohort, written) ->
 def test_rank_tests_name_how_each_p_was_computed() -> None:
     """Each p's label says how it was computed: signed-rank exact up to 50 pairs (scipy's exact p
     without ties; with ties or zeros the exact conditional one, tests/test_ranktests.py), else scipy's
-    normal approximation; Mann–Whitney as scipy's default (exact with a group of 8 or fewer and no
-    ties), else the normal approximation."""
-    from reporting.cohort.ranktests import PMethod, rank_sum, signed_rank, signed_rank_exact_p
+    normal approximation; Mann–Whitney exact up to 66 patients (scipy's exact p without ties; with
+    ties the exact conditional one), above that scipy's exact p without ties and a group of 8 or
+    fewer, else the normal approximation."""
+    from reporting.cohort.ranktests import (
+        PMethod,
+        rank_sum,
+        rank_sum_exact_p,
+        signed_rank,
+        signed_rank_exact_p,
+    )
 
     rng = np.random.default_rng(1)
     zeros = np.zeros
@@ -937,18 +968,23 @@ def test_rank_tests_name_how_each_p_was_computed() -> None:
             assert res.p == signed_rank_exact_p(x - y)
         else:
             assert res.p == pytest.approx(wilcoxon(x, y).pvalue, rel=1e-12)
-    groups = [
-        (rng.normal(size=2), rng.normal(size=10), PMethod.EXACT),
-        (rng.normal(size=8), rng.normal(size=30), PMethod.EXACT),
-        (rng.normal(size=9), rng.normal(size=9), PMethod.NORMAL),
-        (np.array([1.0, 2, 3]), np.array([3.0, 4, 5, 6]), PMethod.NORMAL),  # a tie
+    groups = [  # a, b, method, scipy's method giving the same p (None: only ours is exact)
+        (rng.normal(size=2), rng.normal(size=10), PMethod.EXACT, "exact"),
+        (rng.normal(size=9), rng.normal(size=9), PMethod.EXACT, "exact"),
+        (np.array([1.0, 2, 3]), np.array([3.0, 4, 5, 6]), PMethod.EXACT, None),  # a tie
+        (np.r_[np.arange(1.0, 33), 3.0], np.arange(20.0, 53), PMethod.EXACT, None),  # 66, ties
+        (rng.normal(size=8), rng.normal(size=59), PMethod.EXACT, "exact"),  # 67, no ties
+        (rng.normal(size=9), rng.normal(size=58), PMethod.NORMAL, "asymptotic"),
     ]
-    for a, b, method in groups:
+    for a, b, method, scipy_method in groups:
         res = rank_sum(a, b)
-        assert res.method is method
-        assert res.p == pytest.approx(mannwhitneyu(a, b, alternative="two-sided").pvalue, rel=1e-12)
-        scipy_method = {PMethod.EXACT: "exact", PMethod.NORMAL: "asymptotic"}[method]
-        assert res.p == pytest.approx(mannwhitneyu(a, b, alternative="two-sided", method=scipy_method).pvalue)
+        assert res.method is method and res.statistic == mannwhitneyu(a, b).statistic
+        if scipy_method is None:
+            assert res.p == rank_sum_exact_p(a, b)
+            assert res.p != pytest.approx(mannwhitneyu(a, b).pvalue, rel=1e-3)  # scipy's: normal
+        else:
+            scipys = mannwhitneyu(a, b, alternative="two-sided", method=scipy_method).pvalue
+            assert res.p == pytest.approx(scipys, rel=1e-12)
 
 
 def test_method_line_counts_the_rows_of_each_method() -> None:
@@ -959,20 +995,26 @@ def test_method_line_counts_the_rows_of_each_method() -> None:
     assert line.endswith("p-values: exact (all 2ⁿ sign assignments, tied differences at their "
                          "mid-ranks) in 2 rows, normal approximation (tie-corrected, no continuity "
                          "correction) in 1 row (column p_method).")
-    assert method_line(RANK_SUM, ["exact"] * 3).endswith("p-values: exact (no tied values) in all 3 rows.")
+    assert method_line(RANK_SUM, ["exact"] * 3).endswith(
+        "p-values: exact (all C(N, m) splits of the patients, tied values at their mid-ranks) in all"
+        " 3 rows.")
     assert method_line(RANK_SUM, []).endswith("p-values: none (too few patients).")
 
 
 def test_page_says_under_each_test_table_which_test_and_how_p_was_computed(tmp_path) -> None:
-    """9 FNF against 12 ITF patients: scipy's Mann–Whitney uses the normal approximation, within each
-    sex (5 vs 10, 4 vs 2) its exact distribution, the signed-rank test its exact one (n ≤ 21); each
-    table's footnote and p_method column say so, and the p-values are scipy's."""
-    composition = [("FNF", "F", 5), ("FNF", "M", 4), ("ITF", "F", 10), ("ITF", "M", 2)]
+    """34 FNF against 33 ITF patients: 67, above the exact Mann–Whitney's 66, so the pooled test is
+    the normal approximation, within each sex (20 vs 20, 14 vs 13) exact; the signed-rank test is
+    the normal approximation in all 67 patients and exact per fracture type (34, 33 pairs); each
+    table's footnote and p_method column say so, and the normal p-values are scipy's."""
+    composition = [("FNF", "F", 20), ("FNF", "M", 14), ("ITF", "F", 20), ("ITF", "M", 13)]
     entries, truth = _cohort(composition=composition)
     report = build_cohort(entries, n_boot=20)
     assert set(report.mannwhitney["p_method"]) == {"normal approximation"}
     assert set(report.mannwhitney_sex["p_method"]) == {"exact"}
-    assert set(report.wilcoxon["p_method"]) == set(report.sides["p_method"]) == {"exact"}
+    methods = report.wilcoxon.groupby("patients")["p_method"].unique().to_dict()
+    assert {k: list(v) for k, v in methods.items()} == {
+        "all": ["normal approximation"], "FNF": ["exact"], "ITF": ["exact"]}
+    assert set(report.sides["p_method"]) == {"normal approximation"}
     lab = LABEL_OF["gluteus_maximus"]
     ratio = {p: (sum(t["pre"][lab]) - sum(t["post"][lab])) / sum(t["pre"][lab]) * 100
              for p, t in truth.items()}
@@ -987,10 +1029,11 @@ def test_page_says_under_each_test_table_which_test_and_how_p_was_computed(tmp_p
     signed = "Test: two-sided Wilcoxon signed-rank test (zero differences dropped), scipy"
     assert _foot_after(page, "Wilcoxon signed-rank, pre vs post").startswith(signed)
     assert _foot_after(page, "Wilcoxon signed-rank, pre vs post").endswith(
-        "exact (all 2ⁿ sign assignments, tied differences at their mid-ranks) in all 66 rows.")
+        "exact (all 2ⁿ sign assignments, tied differences at their mid-ranks) in 44 rows, normal "
+        "approximation (tie-corrected, no continuity correction) in 22 rows (column p_method).")
     assert _foot_after(page, "Mann–Whitney U, FNF vs ITF (").endswith(
         "normal approximation (tie- and continuity-corrected) in all 66 rows.")
     assert _foot_after(page, "Mann–Whitney U, FNF vs ITF within each sex").endswith(
-        "exact (no tied values) in all 132 rows.")
+        "exact (all C(N, m) splits of the patients, tied values at their mid-ranks) in all 132 rows.")
     assert _foot_after(page, "Operated vs contralateral side").startswith(signed)
     assert set(_html_columns(page, "p_method")) == {"exact", "normal approximation"}

@@ -1,16 +1,24 @@
-"""The exact signed-rank p with ties and zeros: against counting every sign assignment, and against
-scipy wherever scipy's p is exact (no ties: its exact distribution; ties up to 13 pairs: its
-permutation test over all 2ⁿ assignments)."""
+"""The exact rank-test p-values with ties (signed-rank: and zeros): against counting every sign
+assignment or split, and against scipy wherever scipy's p is exact (no ties: its exact
+distribution; ties: its permutation test given as many resamples as there are permutations)."""
 
 from __future__ import annotations
 
 import itertools
+from math import comb
 
 import numpy as np
 import pytest
-from scipy.stats import PermutationMethod, rankdata, wilcoxon
+from scipy.stats import PermutationMethod, mannwhitneyu, rankdata, wilcoxon
 
-from reporting.cohort.ranktests import PMethod, signed_rank, signed_rank_exact_p
+from reporting.cohort.ranktests import (
+    EXACT_RANK_SUM_MAX_N,
+    PMethod,
+    rank_sum,
+    rank_sum_exact_p,
+    signed_rank,
+    signed_rank_exact_p,
+)
 
 
 def _enumerated_p(d: np.ndarray) -> float:
@@ -80,3 +88,90 @@ def test_more_than_50_pairs_use_scipys_normal_approximation() -> None:
     assert res.method is PMethod.NORMAL
     assert res.p == wilcoxon(x, y, method="asymptotic").pvalue == wilcoxon(x, y).pvalue
     assert res.statistic == wilcoxon(x, y).statistic
+
+
+def _enumerated_rank_sum_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Mann–Whitney p by brute force: ``a``'s rank sum (mid-ranks) for each of the C(N, m)
+    choices of which m = |a| pooled values are ``a``'s, counted against the observed one."""
+    ranks = rankdata(np.concatenate([a, b]))
+    observed = ranks[: a.size].sum()
+    sums = np.array([ranks[list(c)].sum() for c in itertools.combinations(range(ranks.size), a.size)])
+    return min(1.0, 2 * min(np.mean(sums <= observed), np.mean(sums >= observed)))
+
+
+def _tied_groups(rng: np.random.Generator, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two groups of a few integer values (many ties within and across them), the second shifted."""
+    return rng.integers(0, 6, size=m).astype(float), rng.integers(1, 8, size=n).astype(float)
+
+
+def test_rank_sum_exact_p_equals_counting_every_split() -> None:
+    """Either group the smaller (the DP counts the smaller group's subsets), ties or none."""
+    rng = np.random.default_rng(21)
+    cases = [_tied_groups(rng, int(rng.integers(1, 8)), int(rng.integers(1, 8))) for _ in range(150)]
+    cases += [(np.array([1.0, 1]), np.array([1.0, 1, 1])),  # every value tied: p = 1
+              (np.array([5.0, 5, 5, 6]), np.array([1.0, 2, 2])),
+              (rng.normal(size=6), rng.normal(size=12))]  # the paper's pooled sizes, no ties
+    for a, b in cases:
+        assert rank_sum_exact_p(a, b) == pytest.approx(_enumerated_rank_sum_p(a, b), rel=1e-12), (a, b)
+    assert rank_sum_exact_p(np.array([1.0, 1]), np.array([1.0, 1, 1])) == 1.0
+
+
+def test_rank_sum_exact_p_equals_scipys_where_scipys_is_exact() -> None:
+    """No ties: scipy's exact distribution, up to 33 against 33. Ties: scipy's permutation test,
+    which counts every split when it is given as many resamples as there are splits."""
+    rng = np.random.default_rng(22)
+    sizes = [(1, 1), (1, 12), (2, 10), (4, 2), (6, 12), (9, 12), (8, 30), (20, 17), (33, 33)]
+    sizes += [tuple(int(k) for k in rng.integers(1, 25, size=2)) for _ in range(20)]
+    for m, n in sizes:
+        a, b = rng.normal(size=m), rng.normal(0.8, 1.0, size=n)
+        scipys = mannwhitneyu(a, b, alternative="two-sided", method="exact").pvalue
+        assert rank_sum_exact_p(a, b) == pytest.approx(scipys, rel=1e-12), (m, n)
+    for m, n in [(6, 12), (2, 10), (4, 2), (9, 7)]:
+        a, b = _tied_groups(rng, m, n)
+        every = PermutationMethod(n_resamples=comb(m + n, m))
+        scipys = mannwhitneyu(a, b, alternative="two-sided", method=every).pvalue
+        assert rank_sum_exact_p(a, b) == pytest.approx(scipys, rel=1e-12), (a, b)
+
+
+def test_tied_groups_up_to_66_patients_get_the_exact_p_not_scipys_normal_approximation() -> None:
+    """scipy's default with a tie is its normal approximation at any size; here the p is the exact
+    one, labelled so, and U is still scipy's (``a``'s)."""
+    a = np.array([12.5, 30.1, 22.0, 30.1, 41.7, 18.3])  # the paper's FNF 6 against ITF 12, one tie
+    b = np.array([35.2, 44.0, 30.1, 51.9, 38.8, 27.4, 46.3, 40.0, 33.3, 49.5, 29.9, 42.1])
+    res = rank_sum(a, b)
+    assert res.method is PMethod.EXACT
+    assert res.p == pytest.approx(_enumerated_rank_sum_p(a, b), rel=1e-12)
+    default = mannwhitneyu(a, b, alternative="two-sided").pvalue
+    assert default == mannwhitneyu(a, b, alternative="two-sided", method="asymptotic").pvalue
+    assert abs(res.p - default) > 1e-4  # so the comparison above can tell them apart
+    assert res.statistic == mannwhitneyu(a, b).statistic
+    rng = np.random.default_rng(23)
+    for m, n in [(2, 10), (4, 2), (9, 12), (33, 33), (10, 56)]:
+        a, b = _tied_groups(rng, m, n)
+        res = rank_sum(a, b)
+        assert res.method is PMethod.EXACT and 0 < res.p <= 1
+        assert res.statistic == mannwhitneyu(a, b).statistic
+
+
+def test_above_66_patients_scipys_rule() -> None:
+    """Exact (scipy's) without ties and a smaller group of at most 8, else the normal approximation."""
+    rng = np.random.default_rng(24)
+    cases = [
+        (rng.normal(size=8), rng.normal(size=59), PMethod.EXACT, "exact"),
+        (rng.normal(size=9), rng.normal(size=58), PMethod.NORMAL, "asymptotic"),
+        (*_tied_groups(rng, 8, 59), PMethod.NORMAL, "asymptotic"),
+        (*_tied_groups(rng, 34, 33), PMethod.NORMAL, "asymptotic"),
+    ]
+    for a, b, method, scipy_method in cases:
+        res = rank_sum(a, b)
+        assert res.method is method
+        assert res.p == mannwhitneyu(a, b, alternative="two-sided", method=scipy_method).pvalue
+        assert res.statistic == mannwhitneyu(a, b).statistic
+
+
+def test_66_patients_is_where_the_counts_stop_fitting_an_int64() -> None:
+    assert EXACT_RANK_SUM_MAX_N == 66
+    assert comb(66, 33) < 2**63 <= comb(67, 33)
+    a, b = _tied_groups(np.random.default_rng(25), 34, 33)
+    with pytest.raises(ValueError, match="overflow"):
+        rank_sum_exact_p(a, b)

@@ -11,9 +11,13 @@ each test's rule is written out here and each row's label is true by constructio
   differences, conditional on their tied ranks (:func:`signed_rank_exact_p`). Without ties or zeros
   it is scipy's exact distribution; with them scipy 1.17 counts every sign assignment only up to 13
   pairs and uses the normal approximation from 14, whose p is off by up to 0.1 at 14–20 pairs.
-- Mann–Whitney U: exact null distribution when the smaller group has at most 8 patients and no
-  value ties; otherwise the normal approximation (tie- and continuity-corrected): scipy 1.17's
-  "auto", passed to scipy explicitly.
+- Mann–Whitney U: exact for up to 66 patients in the two groups together, ties or not; above that
+  exact only without ties and with at most 8 patients in the smaller group (scipy's exact
+  distribution, the same one); otherwise the normal approximation (tie- and continuity-corrected).
+  Exact is the permutation distribution of one group's rank sum over all C(N, m) ways to choose
+  which m of the N patients form it, conditional on their tied mid-ranks
+  (:func:`rank_sum_exact_p`). Without ties it is scipy's exact distribution; with them scipy 1.17's
+  default is the normal approximation at every group size.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
+from math import comb
 
 import numpy as np
 import scipy
@@ -28,7 +33,11 @@ from scipy.stats import mannwhitneyu, rankdata, wilcoxon
 
 # Exact up to 50 pairs, as scipy without ties; the counts of the 2⁵⁰ sign assignments fit an int64.
 EXACT_SIGNED_RANK_MAX_N = 50
-EXACT_RANK_SUM_MAX_SMALLER_N = 8  # scipy's limit for its exact Mann–Whitney distribution
+# Exact up to 66 patients: the largest N whose every split's count C(N, m) fits an int64 (C(67, 33)
+# does not); at 33 against 33 the DP takes about 10 ms (benchmarks/rank_sum_ties.py --timing).
+EXACT_RANK_SUM_MAX_N = 66
+# Above it, scipy's exact distribution without ties (its limit; the same distribution as ours)
+EXACT_RANK_SUM_MAX_SMALLER_N = 8
 
 
 class PMethod(StrEnum):
@@ -59,7 +68,8 @@ class TestKind:
 SIGNED_RANK = TestKind("two-sided Wilcoxon signed-rank test (zero differences dropped)",
                        "all 2ⁿ sign assignments, tied differences at their mid-ranks",
                        "tie-corrected, no continuity correction")
-RANK_SUM = TestKind("two-sided Mann–Whitney U test", "no tied values",
+RANK_SUM = TestKind("two-sided Mann–Whitney U test",
+                    "all C(N, m) splits of the patients, tied values at their mid-ranks",
                     "tie- and continuity-corrected")
 
 
@@ -102,8 +112,40 @@ def signed_rank(x: np.ndarray, y: np.ndarray) -> RankTest:
     return RankTest(float(w), signed_rank_exact_p(d), PMethod.EXACT)
 
 
+def rank_sum_exact_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided p of the Mann–Whitney test of ``a`` against ``b``, conditional on their ties:
+    over all C(N, m) ways to choose which m of the N pooled values form the smaller group, those
+    whose rank sum (tied values at their mid-ranks) is at least as extreme as the one observed.
+
+    Why a DP and not enumeration: doubled mid-ranks are integers, so the number of subsets of each
+    size k ≤ m giving each doubled rank sum is built one value at a time (about 10 ms at 33 against
+    33) instead of listing C(N, m) subsets. Counting the smaller group's subsets keeps every count
+    at most C(N, m), which must fit an int64. p = 2 · min(P(T ≤ t), P(T ≥ t)), at most 1: with ties
+    the distribution need not be symmetric, so both tails are counted, as in the signed-rank test.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    doubled = np.rint(2 * rankdata(np.concatenate([a, b]))).astype(np.int64)
+    small = doubled[: a.size] if a.size <= b.size else doubled[a.size:]
+    n, m = doubled.size, small.size
+    splits = comb(n, m)
+    if splits >= 2**63:
+        raise ValueError(f"C({n}, {m}) splits: the counts would overflow an int64")
+    top = int(np.sort(doubled)[n - m:].sum())  # the largest doubled rank sum of m values
+    counts = np.zeros((m + 1, top + 1), np.int64)  # counts[k, s]: subsets of k values summing to s
+    counts[0, 0] = 1  # the empty subset, before any value is placed
+    for r in doubled:
+        counts[1:, r:] = counts[1:, r:] + counts[:-1, :-r]  # this value left out, or taken (+r)
+    t = int(small.sum())
+    tail = min(int(counts[m, : t + 1].sum()), int(counts[m, t:].sum()))  # the smaller tail, t in
+    return min(1.0, 2 * tail / splits)
+
+
 def rank_sum(a: np.ndarray, b: np.ndarray) -> RankTest:
     """Mann–Whitney U of ``a`` against ``b`` (U is ``a``'s), two-sided."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.size + b.size <= EXACT_RANK_SUM_MAX_N:
+        u = rankdata(np.concatenate([a, b]))[: a.size].sum() - a.size * (a.size + 1) / 2
+        return RankTest(float(u), rank_sum_exact_p(a, b), PMethod.EXACT)
     exact = (min(a.size, b.size) <= EXACT_RANK_SUM_MAX_SMALLER_N
              and not _has_ties(np.concatenate([a, b])))
     res = mannwhitneyu(a, b, alternative="two-sided", method="exact" if exact else "asymptotic")
