@@ -15,6 +15,7 @@ baseline's CT and labels, the baseline row above the follow-up row and the opera
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,8 @@ def _fmt_side(v: float | None) -> str:
 def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelInfo,
                 change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> list[str]:
     """Plain-language QA warnings shown on the page (empty when nothing is wrong); with a comparison,
-    the notes that make it less comparable (the two CTs' coverage), and on any page metal on the side
+    the notes that make it less comparable (the two CTs' coverage, a baseline older than the
+    admission CT), and on any page metal on the side
     the registry does not call operated."""
     out = []
     qa = volumes.qa
@@ -86,7 +88,8 @@ def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelIn
     if qa.z_coverage_ok is False:
         out.append("Incomplete craniocaudal coverage")
     if change is not None:
-        out += [n.text for n in change.notes if n.code is ReasonCode.COVERAGE_DIFFERS]
+        out += [n.text for n in change.notes
+                if n.code in (ReasonCode.COVERAGE_DIFFERS, ReasonCode.BASELINE_BEFORE_ADMISSION)]
     if (conflict := laterality_conflict(qa, shown_side(change, fractured_side))) is not None:
         out.append(conflict.text)
     ratio = qa.segmented_vs_hu_muscle
@@ -260,6 +263,19 @@ _MARK_W = 12  # the near-metal mark and its gap, right of a marked column's numb
 _CHART_H = 486  # the change chart: title, bars, the muscle names below it, the footnote's two lines
 
 
+_WARNING_CHARS = 110  # a warning line at 11 pt that ends inside the page's right margin
+
+
+def warning_lines(warnings: list[str]) -> list[str]:
+    """The page's warning lines: each warning after "⚠ ", wrapped to the page's width (a long
+    comparability note ran off the right edge), its continuation lines indented under its text;
+    "QA: no warnings" when there is none."""
+    if not warnings:
+        return ["QA: no warnings"]
+    return [line for w in warnings
+            for line in textwrap.wrap(f"⚠ {w}", _WARNING_CHARS, subsequent_indent="    ")]
+
+
 def page_height(n_lines: int, n_warnings: int, n_rows: int, chart: bool) -> int:
     """Pixels the page needs: no empty band under the table whatever the number of rows."""
     return (_MARGIN + _TITLE_H + _LINE_H * (n_lines + n_warnings) + 12 + _ROW_H * (n_rows + 1)
@@ -334,7 +350,8 @@ def page_figure(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHead
     rows = rows or [["(no muscle found)"] + [""] * (len(heads) - 1)]
     lines = header_lines(volumes, model_info, header, change, facts, len(found), total, total_idx)
     warnings = qa_warnings(volumes, header, model_info, change, facts.fractured_side)
-    height = page_height(len(lines), max(len(warnings), 1), len(rows), change is not None)
+    shown = warning_lines(warnings)
+    height = page_height(len(lines), len(shown), len(rows), change is not None)
     fig = Figure(figsize=(_PAGE_W / _DPI, height / _DPI), dpi=_DPI)
     FigureCanvasAgg(fig)
     fig.patch.set_facecolor("black")
@@ -351,8 +368,8 @@ def page_figure(volumes: VolumeRecord, model_info: ModelInfo, header: SeriesHead
         # header values are text: a "$" pair in a name or accession is no matplotlib formula
         ax.text(_MARGIN, y, text, color=colour, fontsize=size, va="top", fontfamily=family, parse_math=False)
         y += _LINE_H
-    for w in warnings or ["QA: no warnings"]:
-        ax.text(_MARGIN, y, ("⚠ " if warnings else "") + w, color="#ffcc00" if warnings else "#88dd88",
+    for w in shown:
+        ax.text(_MARGIN, y, w, color="#ffcc00" if warnings else "#88dd88",
                 fontsize=11, va="top", parse_math=False)
         y += _LINE_H
     bottom = _draw_table(ax, y + 12, heads, rows)

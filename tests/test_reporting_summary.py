@@ -36,6 +36,8 @@ from seg.records import (
     ClinicalTimePoint,
     MetalLocation,
     ModelInfo,
+    Reason,
+    ReasonCode,
     StructureChange,
     StructureVolume,
     StudyRef,
@@ -366,6 +368,26 @@ def test_muscles_next_to_the_implant_are_marked_with_a_legend(studies):
     b_vols = studies["b"][2]
     assert not any(NEAR_METAL_MARK in c for r in _table_rows(b_vols)[0] for c in r)
     assert not any(NEAR_METAL_MARK in w for w in qa_warnings(b_vols, SeriesHeader(), MODEL))
+
+
+def test_page_warns_of_a_baseline_older_than_the_admission_ct(studies):
+    """A comparison whose baseline is not the admission CT says so on the page, as a coverage
+    difference does; the comparison's other notes (how it was paired) stay off the page."""
+    f_vols, change = studies["f"][2], studies["change"]
+    old = Reason(ReasonCode.BASELINE_BEFORE_ADMISSION,
+                 "baseline 365 days before surgery (20230110), more than 14: not the admission CT; "
+                 "the change includes the time before the fracture")
+    other = Reason(ReasonCode.SURGERY_DAY_PREOPERATIVE, "same day as surgery (20230110), no implant")
+    assert old.text not in qa_warnings(f_vols, SeriesHeader(), MODEL, change)
+    flagged = change.model_copy(update={"notes": (*change.notes, old, other)})
+    warnings = qa_warnings(f_vols, SeriesHeader(), MODEL, flagged)
+    assert old.text in warnings and other.text not in warnings
+    # drawn whole: wrapped inside the page's right margin, every word of it on the page
+    fig = page_figure(f_vols, MODEL, studies["f"][1].header, flagged)
+    fig.canvas.draw()
+    drawn = [t for t in fig.axes[0].texts if t.get_color() == "#ffcc00"]
+    assert " ".join(t.get_text().removeprefix("⚠ ").strip() for t in drawn).count(old.text) == 1
+    assert max(t.get_window_extent().x1 for t in drawn) <= fig.bbox.width - 20
 
 
 def test_marked_numbers_keep_their_columns_decimal_alignment(studies):
