@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -180,23 +181,34 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
 # pynetdicom's two ERROR lines for a connection that failed (a PACS down, a TLS certificate refused):
 # the node retries a send, and fails the job with an ERROR line of its own once it gives up
 _CONNECT_FAILED = ("Association request failed: unable to connect to remote", "TCP Initialisation Error")
+# pynetdicom's ERROR line when it aborts an association idle for network_timeout, no fields
+_IDLE_ABORT = "Network timeout reached"
 
 
 def library_info_as_debug(record: logging.LogRecord) -> bool:
     """pynetdicom's and highdicom's INFO lines labelled DEBUG (they reach the log only when DEBUG is
-    asked for), and pynetdicom's connection failures labelled WARNING.
+    asked for), pynetdicom's connection failures labelled WARNING, and its idle abort of an association
+    the node accepted labelled DEBUG and kept only when DEBUG is asked for.
 
     Why: at DEBUG pynetdicom logs each request's identifier element by element at INFO (a C-FIND's
     ``(0010,0020) LO [MRN-778899]``), so a log shipper that keeps INFO and above kept PHI that the
     node's own lines keep at DEBUG; highdicom narrates every object it builds. A send to a PACS that is
     down gave two pynetdicom ERROR lines per attempt for what the node retries: their text (the
-    socket's or TLS's error) stays, as a warning."""
+    socket's or TLS's error) stays, as a warning. An idle caller the listener aborts is the node's own
+    ``connection dropped reason=network-timeout`` WARNING, with address and AE title
+    (:mod:`dicomnode.network.scp`); pynetdicom's line for it said less, as an ERROR. It is logged in the
+    association's own thread, which tells an accepted association from one the node requested (a
+    send, whose idle abort stays an ERROR)."""
     library = record.name.partition(".")[0]
     if record.levelno == logging.INFO and library in ("pynetdicom", "highdicom"):
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
     elif (record.levelno == logging.ERROR and library == "pynetdicom"
           and str(record.msg).startswith(_CONNECT_FAILED)):
         record.levelno, record.levelname = logging.WARNING, "WARNING"
+    elif (record.levelno == logging.ERROR and library == "pynetdicom" and record.msg == _IDLE_ABORT
+          and getattr(threading.current_thread(), "is_acceptor", False) is True):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
     return True
 
 

@@ -185,8 +185,77 @@ def test_pdata_pdu_over_the_negotiated_maximum_is_not_read(node: NodeProcess, tm
     assert echo_ok(node)
 
 
-# -- 2. half-sent PDUs do not hold association slots --------------------------------------------------
+# -- 2. half-sent PDUs and idle associations do not hold association slots -----------------------------
+def drops(node: NodeProcess, reason: str) -> list[dict[str, str]]:
+    """The fields of each ``connection dropped reason=REASON`` line in the node's log (their values
+    have no spaces, so no quotes), in the order written."""
+    found = []
+    for line in node.log().splitlines():
+        _, hit, rest = line.partition(" connection dropped ")
+        fields = dict(pair.split("=", 1) for pair in rest.split()) if hit else {}
+        if fields.get("reason") == reason:
+            found.append(fields)
+    return found
+
+
+def evictions(node: NodeProcess) -> list[dict[str, str]]:
+    return drops(node, "pending-connections-full")
+
+
+def test_idle_association_is_aborted_with_the_nodes_own_event(node: NodeProcess) -> None:
+    """A caller that associates and then sends nothing is aborted at network_timeout_seconds, logged
+    as the node's ``connection dropped reason=network-timeout`` WARNING with its address, calling AE
+    title and idle time (docs/pacs-admin.md §9), not only as pynetdicom's field-less ERROR."""
+    before = len(drops(node, "network-timeout"))
+    assoc = associate(node)
+    assert assoc.is_established
+    started = time.monotonic()
+    try:
+        wait_for(lambda: assoc.is_aborted, NETWORK_TIMEOUT + 3.0, what="the idle association's abort")
+        assert time.monotonic() - started >= NETWORK_TIMEOUT - 0.1
+        wait_for(lambda: len(drops(node, "network-timeout")) > before, 5.0, what="the network-timeout line")
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+    (fields,) = drops(node, "network-timeout")[before:]
+    assert list(fields) == ["reason", "address", "calling_aet", "idle_s"], fields
+    assert fields["address"] == "127.0.0.1" and fields["calling_aet"] == "PYSCU"
+    assert NETWORK_TIMEOUT <= float(fields["idle_s"]) < NETWORK_TIMEOUT + 1.0
+    line = [line for line in node.log().splitlines() if "reason=network-timeout" in line][-1]
+    assert " WARNING dicomnode.network.scp connection dropped " in line
+    assert "Network timeout reached" not in node.log()  # pynetdicom's own line: DEBUG only
+    assert echo_ok(node)
+
+
+def test_idle_abort_while_a_pdu_arrives_is_logged_once_it_is_whole(node: NodeProcess) -> None:
+    """pynetdicom's idle timer counts from the last whole PDU, so a PDU that starts before it runs out
+    and arrives whole (within its own deadline) only after is still aborted for idleness: logged as
+    network-timeout once that PDU is whole, not left without a line."""
+    before = len(drops(node, "network-timeout"))
+    stalls = len(drops(node, "pdu-stalled"))
+    assoc = associate(node)
+    assert assoc.is_established
+    body = struct.pack(">LBB", 2 + 98, 1, 0x00) + bytes(98)  # one PDV: context 1, a data set fragment
+    pdu = struct.pack(">BBL", 0x04, 0, len(body)) + body
+    sock = assoc.dul.socket.socket
+    try:
+        time.sleep(NETWORK_TIMEOUT / 2)
+        sock.sendall(pdu[:8])  # its deadline: NETWORK_TIMEOUT from now
+        time.sleep(NETWORK_TIMEOUT * 3 / 4)  # the idle timer runs out meanwhile
+        sock.sendall(pdu[8:])
+        wait_for(lambda: len(drops(node, "network-timeout")) > before, 5.0, what="the network-timeout line")
+        wait_for(lambda: assoc.is_aborted, 5.0, what="the idle association's abort")
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+    (fields,) = drops(node, "network-timeout")[before:]
+    assert fields["calling_aet"] == "PYSCU"
+    assert NETWORK_TIMEOUT <= float(fields["idle_s"]) < NETWORK_TIMEOUT + 1.0
+    assert len(drops(node, "pdu-stalled")) == stalls
+
+
 def test_stalled_connections_are_closed_and_real_echoes_get_through(node: NodeProcess) -> None:
+    idle_drops = len(drops(node, "network-timeout"))
     assoc = associate(node)  # a real association that will send half a P-DATA-TF and stall
     assert assoc.is_established
     stalled: list[socket.socket] = []
@@ -204,6 +273,10 @@ def test_stalled_connections_are_closed_and_real_echoes_get_through(node: NodePr
         wait_for(lambda: assoc.is_aborted, bound, what="the node to drop the stalled association")
         wait_for(lambda: echo_ok(node), 5.0, interval=0.2, what="a real C-ECHO to be served")
         assert time.monotonic() - start < bound + 5.0
+        # the stalled association ran out pynetdicom's idle timer too: logged once, as pdu-stalled
+        wait_for(lambda: any(f.get("received") == "12" for f in drops(node, "pdu-stalled")), 5.0,
+                 what="the stalled association's pdu-stalled line")
+        assert len(drops(node, "network-timeout")) == idle_drops
     finally:
         for sock in [*stalled, silent]:
             sock.close()
@@ -222,18 +295,6 @@ def half_requests(node: NodeProcess, count: int, source: str) -> list[socket.soc
         sock.sendall(HALF_RQ)
         socks.append(sock)
     return socks
-
-
-def evictions(node: NodeProcess) -> list[dict[str, str]]:
-    """The fields of each ``connection dropped reason=pending-connections-full`` line in the node's
-    log (their values have no spaces, so no quotes)."""
-    found = []
-    for line in node.log().splitlines():
-        _, hit, rest = line.partition(" connection dropped ")
-        fields = dict(pair.split("=", 1) for pair in rest.split()) if hit else {}
-        if fields.get("reason") == "pending-connections-full":
-            found.append(fields)
-    return found
 
 
 def test_pending_connections_do_not_take_association_slots(node: NodeProcess) -> None:

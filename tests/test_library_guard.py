@@ -34,6 +34,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.timer import Timer
 from pynetdicom.transport import AssociationSocket
 
+from dicomnode import logs
 from dicomnode.config import ConfigError, Settings, load_settings
 from dicomnode.network import pynetdicom_tuning as tuning
 from dicomnode.network import scp
@@ -100,6 +101,27 @@ def test_security_internals_dimse_and_reject(assoc: Association) -> None:
     assert find.msg_type == "C-FIND" and find.is_valid_request is False
     for name in ("MessageID", "MessageIDBeingRespondedTo", "Status", "AffectedSOPClassUID"):
         assert hasattr(find, name), name
+
+
+def test_idle_abort_internals(assoc: Association) -> None:
+    """scp.StorageSCP._on_network_timeout (EVT_ABORTED) and logs.library_info_as_debug read
+    pynetdicom's idle abort: the acceptor's reactor, running in the Association thread, logs
+    logs._IDLE_ABORT and aborts once the DUL's idle timer (restarted after each PDU read, whose end
+    scp._read_pdu_data stamps) has run out; the abort fires EVT_ABORTED, which takes several
+    handlers."""
+    reactor = source(Association._run_reactor)
+    expired = reactor.index("if self.dul.idle_timer_expired():")
+    logged = reactor.index(f'LOGGER.error("{logs._IDLE_ABORT}")', expired)
+    assert logged < reactor.index("self.abort()", expired)
+    assert "return self._abort_blocking(block)" in source(Association.abort)
+    assert "evt.trigger(self, evt.EVT_ABORTED, {})" in source(Association._abort_blocking)
+    dul_loop = source(DULServiceProvider.run_reactor)
+    assert "elif self._is_transport_event():  # receive and decode PDU\n" in dul_loop
+    assert dul_loop.index("self._is_transport_event()") < dul_loop.index("self._idle_timer.restart()")
+    assert isinstance(assoc, threading.Thread) and assoc.is_acceptor is True
+    assert Association(AE(), mode="requestor").is_acceptor is False
+    assert isinstance(inspect.getattr_static(Association, "network_timeout"), property)
+    assert isinstance(evt.EVT_ABORTED, evt.NotificationEvent)
 
 
 def test_tuning_internals_time_and_poll_ticks(assoc: Association) -> None:

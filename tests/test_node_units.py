@@ -533,3 +533,56 @@ def test_pynetdicom_connection_failures_are_warnings(capsys: pytest.CaptureFixtu
     assert " WARNING pynetdicom.transport Association request failed" in err
     assert " WARNING pynetdicom.transport TCP Initialisation Error: [SSL: CERTIFICATE_VERIFY_FAILED]" in err
     assert " ERROR pynetdicom.assoc Received an invalid C-STORE response" in err
+
+
+def _idle_association(scp_timeout: float, scu_timeout: float) -> None:
+    """A real pynetdicom association over 127.0.0.1 that sends nothing until one side's network
+    timeout aborts it (the acceptor's with ``scp_timeout`` shorter, else the requestor's)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicomnode.harness.net import wait_for
+
+    scp_ae = AE(ae_title="IDLESCP")
+    scp_ae.network_timeout = scp_timeout
+    scp_ae.add_supported_context(Verification)
+    server = scp_ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        scu_ae = AE(ae_title="IDLESCU")
+        scu_ae.acse_timeout = 5
+        scu_ae.network_timeout = scu_timeout
+        scu_ae.add_requested_context(Verification)
+        assoc = scu_ae.associate("127.0.0.1", server.server_address[1], ae_title="IDLESCP")
+        assert assoc.is_established
+        wait_for(lambda: not assoc.is_alive(), min(scp_timeout, scu_timeout) + 5.0,
+                 what="the idle association to be aborted")
+        wait_for(lambda: not server.active_associations, 5.0, what="the acceptor to end")
+    finally:
+        server.shutdown()
+
+
+def test_pynetdicom_idle_abort_of_an_accepted_association_is_debug(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """pynetdicom's field-less "Network timeout reached" ERROR for an association the node accepted
+    (which the node logs itself, as ``connection dropped reason=network-timeout``): only at DEBUG,
+    labelled DEBUG. For an association the node requested (a send) it stays an ERROR."""
+    from dicomnode.logs import setup_logging
+
+    root, pynetdicom_log = logging.getLogger(), logging.getLogger("pynetdicom")
+    kept = (root.level, list(root.handlers), pynetdicom_log.level)
+    try:
+        setup_logging("INFO")
+        _idle_association(scp_timeout=0.5, scu_timeout=60)
+        info_accepted = capsys.readouterr().err
+        _idle_association(scp_timeout=60, scu_timeout=0.5)
+        info_requested = capsys.readouterr().err
+        setup_logging("DEBUG")
+        _idle_association(scp_timeout=0.5, scu_timeout=60)
+        debug_accepted = capsys.readouterr().err
+    finally:
+        root.handlers[:] = kept[1]
+        root.setLevel(kept[0])
+        pynetdicom_log.setLevel(kept[2])
+    assert "Network timeout reached" not in info_accepted
+    assert " ERROR pynetdicom.association Network timeout reached" in info_requested
+    assert " DEBUG pynetdicom.association Network timeout reached" in debug_accepted

@@ -53,6 +53,8 @@ from test_hardening_network import (  # noqa: F401
     NETWORK_TIMEOUT,
     test_called_ae_title_must_be_the_nodes,
     test_calling_ae_title_pinned_to_a_host,
+    test_idle_abort_while_a_pdu_arrives_is_logged_once_it_is_whole,
+    test_idle_association_is_aborted_with_the_nodes_own_event,
     test_max_associations_still_bounds_real_associations,
     test_newline_in_a_header_value_does_not_forge_a_log_line,
     test_pdata_pdu_over_the_negotiated_maximum_is_not_read,

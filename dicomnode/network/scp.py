@@ -13,7 +13,9 @@ Bounded before anyone is authenticated (the listener faces the network): a PDU m
 ASSOCIATION_PDU_CAP long before association and our maximum PDU length after it, and its buffer grows
 only as bytes arrive; a PDU must arrive whole within ARTIM (``acse_timeout_seconds``, counted from the
 connection) before association and within ``network_timeout_seconds`` after it, or the connection is
-dropped; a C-STORE data set over ``max_instance_mb`` stops being buffered and is refused with 0xA700.
+dropped; an association with no whole PDU for ``network_timeout_seconds`` is aborted by pynetdicom and
+logged here (:func:`_idle_abort`); a C-STORE data set over ``max_instance_mb`` stops being buffered
+and is refused with 0xA700.
 Disk back-pressure (:mod:`dicomnode.storage.diskspace`): while the storage volume has less than
 ``min_free_disk_mb`` free or more than ``max_disk_used_pct`` used, a new association is rejected as
 transient temporary congestion and a C-STORE is answered 0xA700 without writing anything.
@@ -250,6 +252,7 @@ def _read_pdu_data(self: Any) -> None:
     if buf is None:
         buf = self._dicomnode_pdu_buffer = bytearray(6)
     restore = sock.gettimeout()
+    self._dicomnode_reading = True  # a PDU has started: see _idle_abort
     try:
         deadline = _pdu_deadline(self)
         if _fill(sock, buf, 0, 6, deadline) < 6:
@@ -273,6 +276,7 @@ def _read_pdu_data(self: Any) -> None:
         self.event_queue.put("Evt17")
         return
     finally:
+        self._dicomnode_reading = False
         with suppress(OSError):
             sock.settimeout(restore)
     split = getattr(self, "_dicomnode_split_p_data", None) if pdu_type == 0x04 else None
@@ -287,8 +291,42 @@ def _read_pdu_data(self: Any) -> None:
                 event(log, "pdu undecodable", logging.WARNING, pdu_type=pdu_type, error=type(exc).__name__)
                 self.event_queue.put("Evt19")
                 return
+    self._dicomnode_pdu_done = time.monotonic()  # see _idle_abort
+    _log_idle_abort(self)  # an idle abort that came while this PDU was arriving
     self.event_queue.put(fsm_event)
     self._recv_pdu.put(pdu)
+
+
+def _idle_abort(dul: Any) -> None:
+    """Log pynetdicom's abort of an association idle for ``network_timeout`` (called with EVT_ABORTED,
+    which every abort fires) as ``connection dropped reason=network-timeout``; nothing for any other.
+
+    Idle is counted here from the end of the last whole PDU (stamped by :func:`_read_pdu_data`), not
+    read off the DUL's idle timer: pynetdicom restarts that when the peer closes after our A-ABORT,
+    which may come before this handler runs. The timer runs out also while a PDU is half-read (it
+    counts from the last whole one); pynetdicom's abort then waits for :func:`_read_pdu_data`: a PDU
+    that stalls is dropped at its own deadline and logged as ``pdu-stalled``, one that arrives whole
+    is logged here as network-timeout once it has (whoever takes the note first logs it).
+    """
+    done = getattr(dul, "_dicomnode_pdu_done", None)
+    timeout = dul.network_timeout
+    idle = None if done is None else time.monotonic() - done
+    if idle is None or timeout is None or idle < timeout:
+        return
+    dul._dicomnode_idle_abort = idle
+    if not getattr(dul, "_dicomnode_reading", False):
+        _log_idle_abort(dul)
+
+
+def _log_idle_abort(dul: Any) -> None:
+    """The network-timeout line of a noted idle abort, once (the note is taken atomically)."""
+    idle = dul.__dict__.pop("_dicomnode_idle_abort", None)
+    if idle is None:
+        return
+    assoc = dul.assoc
+    event(log, "connection dropped", logging.WARNING, reason="network-timeout",
+          address=assoc.requestor.address, calling_aet=str(assoc.requestor.ae_title).strip(),
+          idle_s=f"{idle:.1f}")
 
 
 def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
@@ -677,6 +715,15 @@ class StorageSCP:
         with self._count_lock:
             self._delivered.pop(id(evt_.assoc), None)
 
+    def _on_network_timeout(self, evt_: Any) -> None:
+        """Log an association aborted for being idle ``network_timeout_seconds`` (see
+        :func:`_idle_abort`).
+
+        Why: pynetdicom aborts it with only its own ERROR line, without address or AE title; every
+        other way the node drops a connection is a ``connection dropped reason=...`` event
+        (docs/pacs-admin.md §9)."""
+        _idle_abort(evt_.assoc.dul)
+
     def _on_assoc(self, evt_: Any) -> None:
         event(
             log,
@@ -732,6 +779,7 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_ABORTED, self._on_network_timeout),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_assoc),
             (evt.EVT_REJECTED, self._on_rejected),
