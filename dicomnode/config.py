@@ -94,6 +94,15 @@ def _switch(value: Any) -> Any:
 
 Switch = Annotated[bool, BeforeValidator(_switch)]
 
+
+def _not_a_switch(value: Any) -> Any:
+    """A number is not ``true``/``false``: pydantic reads ``true`` as 1, so a switch written on the
+    wrong key would silently set the number."""
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number, not true or false")
+    return value
+
+
 _AE_CHARACTERS = re.compile(r"[ -\[\]-~]+")  # printable ASCII but the backslash (DICOM's AE VR)
 
 
@@ -231,6 +240,10 @@ class OutputSettings(Section):
 class PairingSettings(Section):
     enabled: Switch = True
     retrieve_priors: Switch = True  # C-FIND/C-MOVE a missing baseline from the PACS
+    # a pre-operative CT at most this many days before the surgery day is the admission CT (the
+    # baseline, fetched first); an older baseline is flagged (dicomnode/clinical/admission.py). The
+    # registry has no admission day: a site with longer delays to surgery sets more; at most a year
+    admission_window_days: Annotated[int, BeforeValidator(_not_a_switch)] = Field(14, ge=1, le=365)
 
 
 class TlsSettings(Section):

@@ -134,6 +134,7 @@ def test_config_check_valid_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("[send]\natempts = 3\n", "send.atempts: unknown key"),
+    ("[pairing]\nadmission_window = 21\n", "pairing.admission_window: unknown key"),
     ('[output]\nseg_type = "binry"\n', "output.seg_type: must be 'FRACTIONAL', 'BINARY' or 'LABELMAP'"),
     ('[output]\nseg_type = "binry"\n', "(got 'binry')"),  # as written, not upper-cased
     ('log_level = "verbose"\n', "log_level: must be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL' "
@@ -157,6 +158,14 @@ def test_config_check_bad_file_exits_2(tmp_path: Path, text: str, expected: str)
      "allowed_calling_aets.1: at most 16 characters"),
     ("stable_seconds = -1\n", "stable_seconds: Input should be greater than or equal to 0"),
     ("[send]\nattempts = 0\n", "send.attempts: Input should be greater than or equal to 1"),
+    ("[pairing]\nadmission_window_days = 0\n",
+     "pairing.admission_window_days: Input should be greater than or equal to 1"),
+    ("[pairing]\nadmission_window_days = 366\n",
+     "pairing.admission_window_days: Input should be less than or equal to 365"),
+    ("[pairing]\nadmission_window_days = 14.5\n", "pairing.admission_window_days: Input should be a"
+                                                  " valid integer, got a number with a fractional part"),
+    ("[pairing]\nadmission_window_days = true\n",
+     "pairing.admission_window_days: must be a whole number, not true or false"),
     ('model_path = "/nonexistent/model"\n', "model_path: no model package at /nonexistent/model"),
 ])
 def test_config_check_refuses_what_serve_could_not_use(tmp_path: Path, text: str, expected: str) -> None:
@@ -164,6 +173,19 @@ def test_config_check_refuses_what_serve_could_not_use(tmp_path: Path, text: str
     every job failing on a missing model) is refused by the check, with the key's name."""
     result = CliRunner().invoke(app, ["config", "check", str(_write(tmp_path, text))])
     assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+
+
+def test_the_admission_period_is_set_in_days(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pairing.admission_window_days``: 14 unless a site sets it, from the file or the
+    environment (above the file), 1 to 365 both included."""
+    assert Settings().pairing.admission_window_days == 14
+    cfg = _write(tmp_path, "[pairing]\nadmission_window_days = 30\n")
+    assert load_settings(cfg).pairing.admission_window_days == 30
+    monkeypatch.setenv("DICOMNODE_PAIRING__ADMISSION_WINDOW_DAYS", "21")
+    assert load_settings(cfg).pairing.admission_window_days == 21
+    for days in ("1", "365"):
+        monkeypatch.setenv("DICOMNODE_PAIRING__ADMISSION_WINDOW_DAYS", days)
+        assert load_settings().pairing.admission_window_days == int(days)
 
 
 def test_an_ae_title_keeps_no_padding(tmp_path: Path) -> None:

@@ -364,6 +364,42 @@ def test_a_baseline_older_than_the_admission_period_is_used_and_flagged(
         r.code for r in pairing.status_of(settings, "1.2.1").reasons}
 
 
+def test_the_admission_period_is_the_sites_setting(settings: Settings, tmp_path: Path) -> None:
+    """``pairing.admission_window_days`` decides which baseline is flagged: a CT 10 days before
+    surgery is the admission CT by default (14) but not where a site sets 7; a CT a year before,
+    flagged by default, is not where a site sets 365. Stored flags follow the setting at the next
+    re-pairing (``patients import``), and the flag's text names the setting's value."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY + "P2,1.60,F,ITF,left,20230110\n")
+    _record(settings, "P1", "1.1", "20221231", 1.1, qa=_metal(None))  # 10 days before surgery
+    _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
+    _record(settings, "P2", "2.1", "20220110", 1.1, qa=_metal(None))  # 365 days before
+    _record(settings, "P2", "2.3", "20230601", 0.8, qa=_metal("left"))
+
+    def flags() -> dict[str, str | None]:
+        """The baseline-before-admission text of each baseline (None: unflagged), and whether
+        its comparison with the follow-up carries the flag too."""
+        out: dict[str, str | None] = {}
+        for uid in ("1.1.1", "2.1.1"):
+            assert pairing.status_of(settings, uid).role == "baseline"
+            why = {r.code: r.text for r in pairing.status_of(settings, uid).reasons}
+            out[uid] = why.get(ReasonCode.BASELINE_BEFORE_ADMISSION)
+            (change,) = pairing.changes_for_earlier_series(settings, uid)
+            noted = [n.text for n in change.notes if n.code is ReasonCode.BASELINE_BEFORE_ADMISSION]
+            assert noted == ([out[uid]] if out[uid] else [])
+        return out
+
+    assert settings.pairing.admission_window_days == 14
+    text = ("baseline {} days before surgery (20230110), more than {}: not the admission CT; the "
+            "change includes the time before the fracture")
+    assert flags() == {"1.1.1": None, "2.1.1": text.format(365, 14)}
+    settings.pairing.admission_window_days = 7
+    assert pairing.refresh_all(settings) == 2
+    assert flags() == {"1.1.1": text.format(10, 7), "2.1.1": text.format(365, 7)}
+    settings.pairing.admission_window_days = 365
+    pairing.refresh_all(settings)
+    assert flags() == {"1.1.1": None, "2.1.1": None}
+
+
 def test_a_followup_with_an_old_baseline_asks_for_the_admission_ct(
         settings: Settings, tmp_path: Path) -> None:
     """A pre-operative baseline older than the admission period does not end the search: a new

@@ -87,6 +87,24 @@ def test_prior_arrives_at_the_node_by_c_move(orthanc, tmp_path: Path) -> None:
         assert len(received) == 8
 
 
+def test_retrieval_fetches_the_admission_ct_of_the_sites_period(orthanc, tmp_path: Path) -> None:
+    """A CT 20 days before surgery and one on the surgery day: by default (14 days) the first is
+    older than the admission period and the surgery day's is fetched; a site that sets
+    ``pairing.admission_window_days = 30`` gets the one of 20 days before."""
+    pid = "RETRIEVE-004"
+    surgery, early_study, day_study = "20230210", generate_uid(), generate_uid()
+    early = _ct_series(tmp_path / "early", pid, "20230121", 6, early_study)  # 20 days before
+    on_day = _ct_series(tmp_path / "day", pid, surgery, 6, day_study)
+    for name in ("early", "day"):
+        orthanc.upload_folder(tmp_path / name)
+    settings = _settings(tmp_path, orthanc)
+    with CapturingSCP("THIGHNODE", orthanc.node_port):
+        moved = [retrieve_prior(settings, pid, "20230601", set(), surgery).series_instance_uid]
+        settings.pairing.admission_window_days = 30
+        moved.append(retrieve_prior(settings, pid, "20230601", set(), surgery).series_instance_uid)
+    assert moved == [on_day, early]
+
+
 def test_a_refused_move_and_a_pacs_that_is_down_are_errors(orthanc: OrthancServer, tmp_path: Path) -> None:
     """C-MOVE to an AE the PACS does not know ends in a failure status: an error naming it, not an empty
     success; a PACS that does not answer is a ConnectionError."""
@@ -101,9 +119,13 @@ def test_a_refused_move_and_a_pacs_that_is_down_are_errors(orthanc: OrthancServe
         find_studies(settings, "RETRIEVE-003")
 
 
+DAYS = 14  # pairing.admission_window_days as shipped: the tests below name their dates by it
+
+
 def _order(studies: list[StudyHit], before_date: str, known: set[str],
-           surgery_date: str | None = None, before_time: str = "") -> list[str]:
-    found = prior_candidates(studies, before_date, known, surgery_date, before_time=before_time)
+           surgery_date: str | None = None, before_time: str = "", days: int = DAYS) -> list[str]:
+    found = prior_candidates(studies, before_date, known, surgery_date, before_time=before_time,
+                             admission_window_days=days)
     return [s.study_instance_uid for s in found.studies]
 
 
@@ -158,11 +180,35 @@ def test_prior_candidates_want_the_admission_ct_pairing_will_take() -> None:
     undated_time = StudyHit("no-time", surgery, "", ["CT"])  # no StudyTime: sorts first on its day
     assert _order([check, undated_time], "20240603", set(), surgery) == ["no-time", "check"]
     # pairing holds the year-old CT as its baseline and asks for the admission period's alone
-    only = prior_candidates(studies, "20240603", {"follow", "year"}, surgery, not_before="20240216")
+    only = prior_candidates(studies, "20240603", {"follow", "year"}, surgery, not_before="20240216",
+                            admission_window_days=DAYS)
     assert [s.study_instance_uid for s in only.studies] == ["before", "edge", "morning", "check"]
     # without a surgery date there is no admission period: the most recent earlier day first
     assert _order(studies, "20240603", {"follow"}) == [
         "check", "morning", "before", "edge", "older", "year"]
+
+
+def test_the_admission_period_is_the_sites_setting() -> None:
+    """``pairing.admission_window_days`` moves the edge of the admission period: with 7 days a CT
+    14 days before surgery is an older one, fetched after the surgery day's; with 180 a CT four
+    months before is the admission period's, fetched before them."""
+    surgery = "20240301"
+    older = StudyHit("older", "20231105", "100000", ["CT"])  # 117 days before
+    year = StudyHit("year", "20230301", "100000", ["CT"])  # 366 days before
+    before = StudyHit("before", "20240229", "100000", ["CT"])
+    edge = StudyHit("edge", "20240216", "100000", ["CT"])  # 14 days before
+    morning = StudyHit("morning", surgery, "080000", ["CT"])
+    studies = [morning, before, edge, older, year]
+    assert _order(studies, "20240603", set(), surgery) == [
+        "before", "edge", "morning", "older", "year"]
+    assert _order(studies, "20240603", set(), surgery, days=7) == [
+        "before", "morning", "edge", "older", "year"]
+    assert _order(studies, "20240603", set(), surgery, days=13) == [
+        "before", "morning", "edge", "older", "year"]  # 14 > 13: just outside
+    assert _order(studies, "20240603", set(), surgery, days=180) == [
+        "before", "edge", "older", "morning", "year"]
+    assert _order(studies, "20240603", set(), surgery, days=365) == [
+        "before", "edge", "older", "morning", "year"]  # 366 > 365: a leap year before
 
 
 def test_a_same_day_study_is_a_prior_only_when_both_times_tell() -> None:
@@ -180,7 +226,8 @@ def test_a_same_day_study_is_a_prior_only_when_both_times_tell() -> None:
     studies = [later, twin, check, noon, admission, before]
 
     def candidates(surgery_date: str | None, at: str, hits: list[StudyHit] = studies) -> Candidates:
-        return prior_candidates(hits, surgery, {"check"}, surgery_date, before_time=at)
+        return prior_candidates(hits, surgery, {"check"}, surgery_date, before_time=at,
+                                admission_window_days=DAYS)
 
     with_date = candidates(surgery, "160000")
     assert [s.study_instance_uid for s in with_date.studies] == ["before", "admission", "noon"]
@@ -205,7 +252,8 @@ def test_a_same_day_study_is_a_prior_only_when_both_times_tell() -> None:
     assert candidates(None, "160000", [untimed]).untimed_note().startswith(
         "; 1 CT study of the same day not considered: its StudyTime")
     # a follow-up of a later day: the surgery day's studies by their date alone, no note
-    after = prior_candidates([untimed, check], "20240603", set(), surgery, before_time="100000")
+    after = prior_candidates([untimed, check], "20240603", set(), surgery, before_time="100000",
+                             admission_window_days=DAYS)
     assert [s.study_instance_uid for s in after.studies] == ["untimed", "check"]
     assert after.untimed == 0
 

@@ -4,12 +4,14 @@ Why: the paper's pre-operative CT (Kim et al., PeerJ 2024) is the CT of the frac
 taken days at most before the operation; a CT dated a year before it, pre-operative by its date
 alone, measures a thigh before the fracture, and a change against it includes that year. Pairing
 (the latest pre-operative CT is the baseline, flagged when it is older than this period) and prior
-retrieval (which earlier CT to fetch first) read the period here, so that they agree.
+retrieval (which earlier CT to fetch first) both ask here, with the same length, so that they agree.
 
-The registry gives the surgery day, not the day of admission. Most hip fractures are operated
-within two days of admission, a delayed one (anticoagulation, a medical condition to treat first)
-within about a week; :data:`ADMISSION_WINDOW_DAYS` leaves twice that, so an admission CT is never
-flagged and a CT flagged is almost surely from before the fracture.
+The registry gives the surgery day, not the day of admission, so the period is a number of days
+before the surgery day: ``pairing.admission_window_days`` (:mod:`dicomnode.config`, the one owner of
+its value), which each caller passes as ``days``. Its default, 14, is twice the delay of a hip
+fracture operated late (anticoagulation, a medical condition to treat first: about a week; most
+are operated within two days), so an admission CT is never flagged and a CT flagged is almost
+surely from before the fracture; a site whose delays are longer sets more.
 """
 
 from __future__ import annotations
@@ -18,15 +20,12 @@ from datetime import timedelta
 
 from seg.dates import as_date
 
-# a pre-operative CT at most this many days before the surgery day is an admission CT
-ADMISSION_WINDOW_DAYS = 14
 
-
-def window_start(surgery_date: str) -> str:
-    """The first day (YYYYMMDD) of the admission period before ``surgery_date``; "" when the
-    surgery date cannot be read (then no study is placed outside the period)."""
+def window_start(surgery_date: str, days: int) -> str:
+    """The first day (YYYYMMDD) of the admission period of ``days`` days before ``surgery_date``;
+    "" when the surgery date cannot be read (then no study is placed outside the period)."""
     day = as_date(surgery_date)
-    return "" if day is None else (day - timedelta(days=ADMISSION_WINDOW_DAYS)).strftime("%Y%m%d")
+    return "" if day is None else (day - timedelta(days=days)).strftime("%Y%m%d")
 
 
 def days_before(study_date: str, surgery_date: str) -> int | None:
@@ -36,8 +35,8 @@ def days_before(study_date: str, surgery_date: str) -> int | None:
     return None if study is None or surgery is None else (surgery - study).days
 
 
-def before_admission(study_date: str, surgery_date: str) -> bool:
-    """Whether a study lies before the admission period (older than :data:`ADMISSION_WINDOW_DAYS`
-    before the surgery day): not the admission CT."""
-    days = days_before(study_date, surgery_date)
-    return days is not None and days > ADMISSION_WINDOW_DAYS
+def before_admission(study_date: str, surgery_date: str, days: int) -> bool:
+    """Whether a study lies before the admission period (more than ``days`` days before the
+    surgery day): not the admission CT."""
+    before = days_before(study_date, surgery_date)
+    return before is not None and before > days

@@ -208,26 +208,29 @@ def _name_twins(studies: list[Study], reasons: dict[str, list[Reason]]) -> None:
                 "sent under new UIDs; they are ordered by StudyInstanceUID, not by time"))
 
 
-def _before_admission(baseline: Study, surgery_date: str) -> Reason | None:
-    """The flag of a pre-operative baseline older than the admission period (None: it is the
-    admission CT, or its age cannot be told): used, as the latest pre-operative CT held, but a
-    change against it includes the time before the fracture, unlike the paper's."""
-    if not admission.before_admission(baseline.study_date, surgery_date):
+def _before_admission(baseline: Study, surgery_date: str, window_days: int) -> Reason | None:
+    """The flag of a pre-operative baseline older than the admission period of ``window_days``
+    (None: it is the admission CT, or its age cannot be told): used, as the latest pre-operative
+    CT held, but a change against it includes the time before the fracture, unlike the paper's."""
+    if not admission.before_admission(baseline.study_date, surgery_date, window_days):
         return None
     days = admission.days_before(baseline.study_date, surgery_date)
     return Reason(
         ReasonCode.BASELINE_BEFORE_ADMISSION,
         f"baseline {days} days before surgery ({surgery_date}), more than "
-        f"{admission.ADMISSION_WINDOW_DAYS}: not the admission CT; the change includes the time "
+        f"{window_days}: not the admission CT; the change includes the time "
         "before the fracture")
 
 
 def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side: LeftRight | None = None,
-                  qa: Mapping[str, VolumeQA | None] | None = None) -> Plan:
+                  qa: Mapping[str, VolumeQA | None] | None = None, *,
+                  admission_window_days: int) -> Plan:
     """Roles, reasons and comparisons for one patient's ordered studies (pure; no database).
 
     ``qa``: series uid → the QA of its volumes.json, for the studies dated on the surgery day (the
     metal in it places them); one not given is a study whose QA is not known.
+    ``admission_window_days``: ``pairing.admission_window_days``, the admission period before the
+    surgery day; a pre-operative baseline older than it is flagged.
     """
     roles: dict[str, Role] = {}
     reasons: dict[str, list[Reason]] = {s.series_instance_uid: [] for s in studies}
@@ -268,7 +271,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
                 ReasonCode.BASELINE_PREOPERATIVE,
                 f"baseline: latest pre-operative study (surgery {surgery_date})",
             ))
-            old_baseline = _before_admission(baseline, surgery_date)
+            old_baseline = _before_admission(baseline, surgery_date, admission_window_days)
             if old_baseline is not None:
                 reasons[baseline.series_instance_uid].append(old_baseline)
         elif any(s.study_date for s in later):
@@ -465,7 +468,8 @@ def _refresh_patient(
     studies, superseded = _studies(con, pid, issuer)
     res = _resolve(settings, con, pid, issuer, studies)
     qa = _surgery_day_qa(studies, res.surgery_date)
-    plan = plan_timeline(studies, res.surgery_date, res.fractured_side, qa)
+    plan = plan_timeline(studies, res.surgery_date, res.fractured_side, qa,
+                         admission_window_days=settings.pairing.admission_window_days)
     changes = [
         _change(a, b, kind, pid, res, plan.baseline_preoperative,
                 plan.reasons[b.series_instance_uid]
@@ -755,7 +759,8 @@ def _maybe_retrieve(
                 issuer=issuer,
                 before_time=result.study_time,
                 # an older pre-operative CT is held: only an admission CT would replace it
-                not_before=admission.window_start(surgery) if surgery and plan.old_baseline else "",
+                not_before=(admission.window_start(surgery, settings.pairing.admission_window_days)
+                            if surgery and plan.old_baseline else ""),
             )
             status = RetrievalStatus.RETRIEVED if outcome.moved else RetrievalStatus.NONE
             detail = outcome.reason

@@ -174,6 +174,8 @@ def prior_candidates(
     issuer: str = "",
     before_time: str = "",
     not_before: str = "",
+    *,
+    admission_window_days: int,
 ) -> Candidates:
     """The earlier CT studies to try as baseline, best first (none already held). A study may hold
     no usable series, so the caller goes down the list.
@@ -185,7 +187,8 @@ def prior_candidates(
 
     With a surgery date the admission CT is wanted, the baseline pairing takes when it holds it
     (the latest pre-operative CT): first the studies of the admission period before the surgery day
-    (:mod:`dicomnode.clinical.admission`), latest first, pre-operative by their date alone; then
+    (its ``admission_window_days``, ``pairing.admission_window_days``:
+    :mod:`dicomnode.clinical.admission`), latest first, pre-operative by their date alone; then
     those on the surgery day, earliest first (the admission CT of the morning precedes the check CT
     of the afternoon), whose metal QA then places them (a CT placed post-operative asks again,
     :func:`dicomnode.clinical.pairing.needs_prior`); last the older studies, latest first, which
@@ -226,7 +229,8 @@ def prior_candidates(
         older: list[StudyHit] = []  # ... before it: pre-operative, but not the admission CT
         for s in ordered:
             if s.study_date < surgery_date:
-                (older if admission.before_admission(s.study_date, surgery_date) else admitted).append(s)
+                old = admission.before_admission(s.study_date, surgery_date, admission_window_days)
+                (older if old else admitted).append(s)
         on_the_day = [s for s in ordered if s.study_date == surgery_date]
         return Candidates(admitted[::-1] + on_the_day + older[::-1], untimed, at is not None)
     return Candidates(sorted(earlier, key=moment, reverse=True) + sorted(same_day, key=moment),
@@ -281,7 +285,8 @@ def retrieve_prior(
     if not settings.pairing.retrieve_priors:
         return RetrieveOutcome(False, "prior retrieval is switched off (pairing.retrieve_priors)")
     found = prior_candidates(find_studies(settings, patient_id), before_date, known_study_uids,
-                             surgery_date, issuer, before_time, not_before)
+                             surgery_date, issuer, before_time, not_before,
+                             admission_window_days=settings.pairing.admission_window_days)
     candidates, note = found.studies, found.untimed_note()
     if not candidates:
         return RetrieveOutcome(False, "the PACS holds no earlier CT study for this patient" + note)
