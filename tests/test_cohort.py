@@ -6,6 +6,7 @@ import csv
 import math
 import re
 from html.parser import HTMLParser
+from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,9 @@ from scipy.stats import mannwhitneyu, wilcoxon
 from reporting.change import compute_change
 from reporting.cohort.collect import GROUPS, parse_filters
 from reporting.cohort.figures import FIGURE_NAMES, FLOW_FIGURE, figure6
+from reporting.cohort.ranktests import smallest_p
 from reporting.cohort.report import build_cohort, write_report
-from reporting.cohort.statistics import MIN_CI_N, min_p_mannwhitney
+from reporting.cohort.statistics import MIN_CI_N
 from seg.labels import ANALYSED_MUSCLES, LABEL_OF, by_name, structures
 from seg.records import CohortEntry, Reason, ReasonCode, StructureVolume, StudyRef, VolumeRecord
 
@@ -398,9 +400,9 @@ def test_small_sample_warnings_only_where_true(tmp_path) -> None:
     """The signed-rank warning (n < 6: p ≥ 0.0625) belongs to the paired tests only: 2 vs 10 patients
     can reach p < 0.05 in Mann–Whitney (2/66), 2 vs 3 cannot (2/10), and the page says so."""
     entries, _ = _cohort()
-    assert min_p_mannwhitney(2, 10) == pytest.approx(2 / 66)
+    assert smallest_p(comb(12, 2)) == pytest.approx(2 / 66)
     exact = mannwhitneyu([1.0, 2.0], np.arange(3.0, 13.0), method="exact").pvalue
-    assert exact == pytest.approx(min_p_mannwhitney(2, 10)) and exact < 0.05
+    assert exact == pytest.approx(smallest_p(comb(12, 2))) and exact < 0.05
     women = build_cohort(entries, parse_filters(["sex=F"]), n_boot=50)  # FNF 2 vs ITF 10
     assert women.mannwhitney["small_group"].all()  # flagged small, yet p < 0.05 is attainable
     page = write_report(women, tmp_path / "women")["html"].read_text()
@@ -421,6 +423,68 @@ def test_no_signed_rank_warning_without_small_rows(written) -> None:
     assert "cannot reach" not in _section(page, "Wilcoxon signed-rank, pre vs post")
     claims = _unreachable_claims(page)
     assert len(claims) == 1 and "n_FNF = 4 and n_ITF = 2 (2/C(6, 4) = 0.133)" in claims[0], claims
+
+
+def _set_muscle(entries: list, pid: str, muscle: str, pre: float, post: float) -> None:
+    """Patient ``pid``'s ``muscle`` measured ``pre`` and ``post`` cm³ (both legs together)."""
+    i = next(i for i, e in enumerate(entries) if e.patient_id == pid)
+    change = entries[i].change
+    change = change.model_copy(update={"structures": tuple(
+        s.model_copy(update={"pre_cm3": pre, "post_cm3": post}) if s.name == muscle else s
+        for s in change.structures)})
+    entries[i] = entries[i].model_copy(update={"change": change})
+
+
+def test_a_zero_difference_that_leaves_5_pairs_is_warned_of(tmp_path) -> None:
+    """FNF has 6 pairs, so no row is small_group; one FNF patient's gluteus maximus unchanged
+    leaves 5 non-zero differences, whose smallest exact p is 2/2⁵ = 0.0625: the row's min_p says
+    so and the page warns of it (the size-only rule said nothing)."""
+    entries, _ = _cohort()
+    _set_muscle(entries, "C01", "gluteus_maximus", 300.0, 300.0)  # FNF, woman
+    report = build_cohort(entries, n_boot=20)
+    w = report.wilcoxon.set_index(["muscle", "patients"])
+    row = w.loc[("Gluteus maximus", "FNF")]
+    assert row["n"] == 6 and not row["small_group"] and row["p_method"] == "exact"
+    assert row["min_p"] == 2 / 2**5 and row["p"] == pytest.approx(2 / 2**5)  # all 5 lost volume
+    assert (w.drop(("Gluteus maximus", "FNF"))["min_p"].dropna() < 0.05).all()
+    written = write_report(report, tmp_path / "out")
+    note = _section(written["html"].read_text(), "Wilcoxon signed-rank, pre vs post")
+    assert "cannot reach 0.05" in note and "zero differences leave fewer than 6" in note
+    assert "Gluteus maximus, FNF (min_p 0.0625)" in note and "small_group (n" not in note
+    rows = _csv_rows(written["stats_wilcoxon"])
+    head = rows[0]
+    mins = {(r[0], r[1]): r[head.index("min_p")] for r in rows[1:]}
+    assert float(mins[("Gluteus maximus", "FNF")]) == 0.0625
+
+
+def test_tied_loss_ratios_that_put_005_out_of_reach_are_warned_of(tmp_path) -> None:
+    """Women, FNF 2 against ITF 10: without ties the smallest exact p is 2/66 = 0.03 and no warning
+    is due. Gluteus maximus loss ratios of 10 and 20 % (FNF) against 20, 30, 35 … 60, 60 and 70 %
+    (ITF) share both extremes (4 of the 66 splits reach them), so its smallest p is 4/66 = 0.06
+    (the raw loss's too; not the adjusted one's) and the within-sex note names those rows, while the
+    men's size-only claim (4 vs 2) stays."""
+    entries, _ = _cohort()
+    ratios = {"C01": 10, "C02": 20, "C07": 20, "C08": 30, "C09": 35, "C10": 40, "C11": 45,
+              "C12": 50, "C13": 55, "C14": 60, "C15": 60, "C16": 70}  # the women, FNF then ITF
+    for pid, r in ratios.items():
+        _set_muscle(entries, pid, "gluteus_maximus", 200.0, 200.0 - 2 * r)
+    report = build_cohort(entries, n_boot=20)
+    t = report.mannwhitney_sex.set_index(["sex", "muscle", "measure"])
+    row = t.loc[("Female", "Gluteus maximus", "loss_pct")]
+    assert (row["n_FNF"], row["n_ITF"]) == (2, 10) and row["p_method"] == "exact"
+    assert row["min_p"] == pytest.approx(4 / 66) and row["p"] == pytest.approx(4 / 66)
+    assert t.loc[("Female", "Gluteus maximus", "loss_cm3"), "min_p"] == pytest.approx(4 / 66)
+    # divided by each woman's height², the losses no longer tie: 2/66 is reachable again
+    assert t.loc[("Female", "Gluteus maximus", "loss_index_cm3_m2"), "min_p"] == pytest.approx(2 / 66)
+    written = write_report(report, tmp_path / "out")
+    claims = _unreachable_claims(_section(written["html"].read_text(), "FNF vs ITF within each sex"))
+    assert len(claims) == 1 and "n_FNF = 4 and n_ITF = 2 (2/C(6, 4) = 0.133)" in claims[0]
+    assert "tied values raise it" in claims[0]
+    assert "Female, Gluteus maximus, loss_pct (min_p 0.0606)" in claims[0]
+    assert "Female, Gluteus maximus, loss_cm3 (min_p 0.0606)" in claims[0]
+    assert claims[0].count("Female") == 2  # only those rows of the women's
+    rows = _csv_rows(written["stats_mannwhitney_within_sex"])
+    assert rows[0][rows[0].index("p_method") + 1] == "min_p"
 
 
 def test_rewrite_removes_own_stale_outputs_only(cohort, tmp_path) -> None:

@@ -18,6 +18,7 @@ from reporting.cohort.ranktests import (
     rank_sum_exact_p,
     signed_rank,
     signed_rank_exact_p,
+    smallest_p,
 )
 
 
@@ -175,3 +176,64 @@ def test_66_patients_is_where_the_counts_stop_fitting_an_int64() -> None:
     a, b = _tied_groups(np.random.default_rng(25), 34, 33)
     with pytest.raises(ValueError, match="overflow"):
         rank_sum_exact_p(a, b)
+
+
+def _smallest_by_counting(stats: np.ndarray) -> float:
+    """The smallest two-sided p over every outcome of ``stats`` (the statistic of each equally
+    likely sign assignment or split), each outcome's p counted as in the tests above."""
+    return min(min(1.0, 2 * min(np.mean(stats <= s), np.mean(stats >= s))) for s in np.unique(stats))
+
+
+def test_smallest_p_equals_the_smallest_of_every_outcomes_p() -> None:
+    """Brute force at small n, ties and zeros or none: the smallest p over every sign assignment's
+    W+, and over every split's rank sum, is the result's min_p, which the observed p never beats."""
+    rng = np.random.default_rng(31)
+    paired = [_tied(rng, int(rng.integers(2, 13))) for _ in range(80)]
+    paired += [rng.normal(size=7), np.array([1.0, 1, 1, 1, 1, 1]), np.array([2.0, -2, 0, 0, 0, 5, 5])]
+    for d in paired:
+        nonzero = d[d != 0]
+        if nonzero.size < 2:
+            continue
+        ranks = rankdata(np.abs(nonzero))
+        w = np.array(list(itertools.product((0.0, 1.0), repeat=nonzero.size))) @ ranks
+        res = signed_rank(d, np.zeros_like(d))
+        assert res.min_p == pytest.approx(_smallest_by_counting(w), rel=1e-12), d
+        assert res.p >= res.min_p
+    groups = [_tied_groups(rng, int(rng.integers(1, 7)), int(rng.integers(1, 8))) for _ in range(80)]
+    groups += [(np.array([10.0, 20]), np.array([20.0, 30, 35, 40, 45, 50, 55, 60, 60, 70])),
+               (np.array([1.0, 1]), np.array([1.0, 1, 1])), (rng.normal(size=4), rng.normal(size=2))]
+    for a, b in groups:
+        ranks = rankdata(np.concatenate([a, b]))
+        sums = np.array([ranks[list(c)].sum()
+                         for c in itertools.combinations(range(ranks.size), a.size)])
+        res = rank_sum(a, b)
+        assert res.min_p == pytest.approx(_smallest_by_counting(sums), rel=1e-12), (a, b)
+        assert res.p >= res.min_p
+
+
+def test_without_ties_smallest_p_is_the_size_rule() -> None:
+    """No ties or zeros: 2/2ⁿ (signed-rank, 1 to 51 pairs, exact and normal approximation) and
+    2/C(N, m) (Mann–Whitney, up to 66 patients exact, above scipy's exact or normal), the old
+    rule, which smallest_p without counts gives."""
+    rng = np.random.default_rng(32)
+    for n in range(1, 52):
+        res = signed_rank(rng.normal(size=n), np.zeros(n))
+        assert res.min_p == pytest.approx(min(1.0, 2 / 2**n), rel=1e-12) == smallest_p(2**n)
+    sizes = [(1, 1), (1, 3), (2, 3), (2, 10), (4, 2), (6, 12), (20, 17), (33, 33), (8, 59), (9, 58)]
+    for m, n in sizes:
+        res = rank_sum(rng.normal(size=m), rng.normal(size=n))
+        assert res.min_p == pytest.approx(min(1.0, 2 / comb(m + n, m)), rel=1e-12)
+        assert res.min_p == smallest_p(comb(m + n, m))
+
+
+def test_ties_raise_the_smallest_p_where_an_extreme_is_shared() -> None:
+    """Mann–Whitney, 2 against 10: 2/66 = 0.03 without ties; with the second-lowest and the
+    second-highest values tied with the next, each extreme is two splits' (4/66 = 0.06), and a p
+    below 0.05 is out of reach. Signed-rank: tied differences share no extreme (W+ = 0 and W+ = all
+    are one assignment each), so only zero differences raise it, by leaving fewer non-zero ones."""
+    a, b = np.array([10.0, 20]), np.array([20.0, 30, 35, 40, 45, 50, 55, 60, 60, 70])
+    assert rank_sum(a, b).min_p == pytest.approx(4 / 66) and rank_sum(a, b).p == pytest.approx(4 / 66)
+    assert rank_sum(a, b + np.arange(1, 11) * 1e-3).min_p == pytest.approx(2 / 66)  # untied
+    assert signed_rank(np.array([1.0, 1, 1, 2, 2, 3]), np.zeros(6)).min_p == 2 / 2**6
+    assert signed_rank(np.array([1.0, 1, 1, 2, 2, 0]), np.zeros(6)).min_p == 2 / 2**5
+    assert smallest_p(66, np.array([0, 2, 5, 0, 40, 17, 2, 0])) == pytest.approx(4 / 66)

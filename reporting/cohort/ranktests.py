@@ -18,6 +18,11 @@ each test's rule is written out here and each row's label is true by constructio
   which m of the N patients form it, conditional on their tied mid-ranks
   (:func:`rank_sum_exact_p`). Without ties it is scipy's exact distribution; with them scipy 1.17's
   default is the normal approximation at every group size.
+
+Each result also carries ``min_p``, the smallest p its test could give these data
+(:func:`smallest_p`), for the tables' "cannot reach 0.05" warnings: where the p is exact, that of
+the exact distribution conditional on the observed mid-ranks (zero differences dropped); where it
+is the normal approximation, the size-only bound 2/2ⁿ or 2/C(N, m), ties ignored.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class RankTest:
     statistic: float
     p: float
     method: PMethod
+    # The smallest p these data's test could give (:func:`smallest_p`): of the exact distribution
+    # conditional on the ties where the p is exact, else the size-only bound (ties ignored).
+    min_p: float
 
 
 @dataclass(frozen=True)
@@ -77,13 +85,47 @@ def _has_ties(values: np.ndarray) -> bool:
     return np.unique(values).size < values.size
 
 
-def signed_rank_exact_p(d: np.ndarray) -> float:
-    """Exact two-sided p of the Wilcoxon signed-rank test of the differences ``d``, conditional on
-    their ties: zeros dropped, mid-ranks for tied absolute values (up to 62 non-zero differences).
+@dataclass(frozen=True)
+class _ExactNull:
+    """An exact permutation distribution: ``counts[s]`` of the ``total`` equally likely sign
+    assignments or splits give the doubled statistic s; ``observed`` is the data's."""
+
+    counts: np.ndarray
+    observed: int
+    total: int
+
+    def p(self) -> float:
+        """2 · min(P(S ≤ observed), P(S ≥ observed)), at most 1: both tails are counted, since
+        with ties the distribution need not be symmetric."""
+        c, s = self.counts, self.observed
+        return min(1.0, 2 * min(int(c[: s + 1].sum()), int(c[s:].sum())) / self.total)
+
+
+def smallest_p(total: int, counts: np.ndarray | None = None) -> float:
+    """The smallest two-sided p an exact rank test can give, over every outcome of its null
+    distribution: ``total`` equally likely sign assignments or splits, ``counts[s]`` of which give
+    the statistic s (None: no ties, each extreme outcome reached by one of them).
+
+    Why one owner: the tables warn where a comparison cannot reach 0.05, and with tied mid-ranks
+    several assignments share an extreme outcome, so the size-only bound 2/total (2/2ⁿ, 2/C(N, m))
+    is too low. The tails are smallest at the two extremes: p = 2 · min(count at the lowest, count
+    at the highest) / total.
+    """
+    if counts is None:
+        low = high = 1
+    else:
+        reached = np.flatnonzero(counts)
+        low, high = int(counts[reached[0]]), int(counts[reached[-1]])
+    return min(1.0, 2 * min(low, high) / total)
+
+
+def _signed_rank_null(d: np.ndarray) -> _ExactNull:
+    """The exact distribution of the doubled W+ of the differences ``d``, conditional on their ties:
+    zeros dropped, mid-ranks for tied absolute values (up to 62 non-zero differences).
 
     Why a DP and not enumeration: doubled mid-ranks are integers, so the number of sign assignments
     giving each doubled W+ is built one rank at a time (O(n³), under a millisecond at n = 50)
-    instead of counting 2ⁿ assignments. p = 2 · min(P(W+ ≤ w), P(W+ ≥ w)), at most 1, as scipy's.
+    instead of counting 2ⁿ assignments.
     """
     d = np.asarray(d, float)
     nonzero = d[d != 0]
@@ -94,34 +136,38 @@ def signed_rank_exact_p(d: np.ndarray) -> float:
     counts[0] = 1  # the empty sum, before any rank is placed
     for r in doubled:
         counts[r:] = counts[r:] + counts[:-r]  # this rank negative (unchanged) or positive (+r)
-    w = int(doubled[nonzero > 0].sum())
-    tail = min(int(counts[: w + 1].sum()), int(counts[w:].sum()))  # the smaller tail, w included
-    return min(1.0, 2 * tail / 2**nonzero.size)
+    return _ExactNull(counts, int(doubled[nonzero > 0].sum()), 2**nonzero.size)
+
+
+def signed_rank_exact_p(d: np.ndarray) -> float:
+    """Exact two-sided p of the Wilcoxon signed-rank test of the differences ``d``, conditional on
+    their ties and zeros (:func:`_signed_rank_null`); as scipy's, at most 1."""
+    return _signed_rank_null(d).p()
 
 
 def signed_rank(x: np.ndarray, y: np.ndarray) -> RankTest:
     """Wilcoxon signed-rank of the pairs (x, y): W = min(W+, W−), as scipy's two-sided statistic;
     needs two non-zero differences for a p."""
     d = np.asarray(x, float) - np.asarray(y, float)
+    nonzero = d[d != 0]
     if d.size > EXACT_SIGNED_RANK_MAX_N:
         res = wilcoxon(x, y, method="asymptotic")
-        return RankTest(float(res.statistic), float(res.pvalue), PMethod.NORMAL)
-    nonzero = d[d != 0]
+        return RankTest(float(res.statistic), float(res.pvalue), PMethod.NORMAL,
+                        smallest_p(2**nonzero.size))
     ranks = rankdata(np.abs(nonzero))
     w = min(ranks[nonzero > 0].sum(), ranks[nonzero < 0].sum())
-    return RankTest(float(w), signed_rank_exact_p(d), PMethod.EXACT)
+    null = _signed_rank_null(d)
+    return RankTest(float(w), null.p(), PMethod.EXACT, smallest_p(null.total, null.counts))
 
 
-def rank_sum_exact_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact two-sided p of the Mann–Whitney test of ``a`` against ``b``, conditional on their ties:
-    over all C(N, m) ways to choose which m of the N pooled values form the smaller group, those
-    whose rank sum (tied values at their mid-ranks) is at least as extreme as the one observed.
+def _rank_sum_null(a: np.ndarray, b: np.ndarray) -> _ExactNull:
+    """The exact distribution of the smaller group's doubled rank sum over all C(N, m) ways to
+    choose which m of the N pooled values form it, conditional on their ties (mid-ranks).
 
     Why a DP and not enumeration: doubled mid-ranks are integers, so the number of subsets of each
     size k ≤ m giving each doubled rank sum is built one value at a time (about 10 ms at 33 against
     33) instead of listing C(N, m) subsets. Counting the smaller group's subsets keeps every count
-    at most C(N, m), which must fit an int64. p = 2 · min(P(T ≤ t), P(T ≥ t)), at most 1: with ties
-    the distribution need not be symmetric, so both tails are counted, as in the signed-rank test.
+    at most C(N, m), which must fit an int64.
     """
     a, b = np.asarray(a, float), np.asarray(b, float)
     doubled = np.rint(2 * rankdata(np.concatenate([a, b]))).astype(np.int64)
@@ -135,9 +181,13 @@ def rank_sum_exact_p(a: np.ndarray, b: np.ndarray) -> float:
     counts[0, 0] = 1  # the empty subset, before any value is placed
     for r in doubled:
         counts[1:, r:] = counts[1:, r:] + counts[:-1, :-r]  # this value left out, or taken (+r)
-    t = int(small.sum())
-    tail = min(int(counts[m, : t + 1].sum()), int(counts[m, t:].sum()))  # the smaller tail, t in
-    return min(1.0, 2 * tail / splits)
+    return _ExactNull(counts[m], int(small.sum()), splits)
+
+
+def rank_sum_exact_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided p of the Mann–Whitney test of ``a`` against ``b``, conditional on their ties
+    (:func:`_rank_sum_null`): the splits whose rank sum is at least as extreme as the one observed."""
+    return _rank_sum_null(a, b).p()
 
 
 def rank_sum(a: np.ndarray, b: np.ndarray) -> RankTest:
@@ -145,11 +195,13 @@ def rank_sum(a: np.ndarray, b: np.ndarray) -> RankTest:
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.size + b.size <= EXACT_RANK_SUM_MAX_N:
         u = rankdata(np.concatenate([a, b]))[: a.size].sum() - a.size * (a.size + 1) / 2
-        return RankTest(float(u), rank_sum_exact_p(a, b), PMethod.EXACT)
+        null = _rank_sum_null(a, b)
+        return RankTest(float(u), null.p(), PMethod.EXACT, smallest_p(null.total, null.counts))
     exact = (min(a.size, b.size) <= EXACT_RANK_SUM_MAX_SMALLER_N
              and not _has_ties(np.concatenate([a, b])))
     res = mannwhitneyu(a, b, alternative="two-sided", method="exact" if exact else "asymptotic")
-    return RankTest(float(res.statistic), float(res.pvalue), PMethod.EXACT if exact else PMethod.NORMAL)
+    return RankTest(float(res.statistic), float(res.pvalue), PMethod.EXACT if exact else PMethod.NORMAL,
+                    smallest_p(comb(a.size + b.size, a.size)))
 
 
 def method_line(kind: TestKind, methods: list[str]) -> str:

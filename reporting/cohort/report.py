@@ -12,6 +12,7 @@ import base64
 import html
 import math
 from dataclasses import dataclass, field
+from math import comb
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,7 @@ from reporting.cohort.baseline import baseline_table
 from reporting.cohort.collect import FRACTURES, GROUPS, collect
 from reporting.cohort.figures import FIGURE_NAMES, FLOW_FIGURE, figures, flow_png
 from reporting.cohort.flow import participant_flow
-from reporting.cohort.ranktests import RANK_SUM, SIGNED_RANK, TestKind, method_line
+from reporting.cohort.ranktests import RANK_SUM, SIGNED_RANK, TestKind, method_line, smallest_p
 from reporting.cohort.statistics import (
     COUNT_ROWS,
     MIN_CI_N,
@@ -30,8 +31,6 @@ from reporting.cohort.statistics import (
     loss_ratio_by_fracture,
     mannwhitney_table,
     mannwhitney_within_sex_table,
-    min_p_mannwhitney,
-    min_p_signed_rank,
     short_note,
     side_table,
     table1,
@@ -45,8 +44,9 @@ from seg.records import CohortEntry
 
 # counts, grades and whole years: never x.0
 INTEGER_COLUMNS = ("n", "n_FNF", "n_ITF", "koval_grade", "days_between", "age_years", "remaining")
-P_COLUMNS = ("p", "q_bh")  # the HTML prints these "<0.0001" below P_FLOOR; the CSVs keep every digit
+P_COLUMNS = ("p", "min_p", "q_bh")  # the HTML prints these "<0.0001" below P_FLOOR; the CSVs keep every digit
 P_FLOOR = 1e-4
+ALPHA = 0.05  # the level the "cannot reach 0.05" notes are about
 
 
 @dataclass
@@ -217,34 +217,64 @@ def _method_note(table: pd.DataFrame, kind: TestKind) -> str:
     return f"<p class='foot'>{html.escape(text)}</p>"
 
 
+def _unreachable(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a test table whose p cannot reach 0.05: ``min_p`` (:func:`.ranktests.smallest_p`,
+    conditional on the ties where the p is exact) is 0.05 or more."""
+    return table[table["min_p"] >= ALPHA]
+
+
+def _row_names(rows: pd.DataFrame) -> str:
+    """Each row as a reader finds it in its table (sex, muscle, patients or measure), with its min_p."""
+    keys = [c for c in ("sex", "muscle", "patients", "measure") if c in rows.columns]
+    return "; ".join(", ".join(str(r[k]) for k in keys) + f" (min_p {r['min_p']:.3g})"
+                     for _, r in rows.iterrows())
+
+
 def _signed_rank_note(table: pd.DataFrame) -> str:
-    """The paired tests' warning, only when a row is flagged: below :data:`SMALL_N` pairs the exact
-    two-sided signed-rank p is at least 2/2⁵ = 0.0625 (true of this test only, not of Mann–Whitney)."""
-    if table.empty or not table["small_group"].any():
+    """The paired tests' warning, only where a row cannot reach 0.05: the smallest exact two-sided
+    signed-rank p is 2/2ⁿ with n the non-zero differences (ties do not raise it, zero differences
+    do), so below :data:`SMALL_N` pairs and wherever zeros leave fewer than 6 non-zero ones."""
+    if table.empty:
         return ""
-    floor = min_p_signed_rank(SMALL_N - 1)
+    rows = _unreachable(table)
+    if rows.empty:
+        return ""
+    small, zeros = rows[rows["small_group"]], rows[~rows["small_group"]]
+    which = [f"the rows flagged small_group (n &lt; {SMALL_N} pairs)"] if not small.empty else []
+    if not zeros.empty:
+        which.append(f"where zero differences leave fewer than {SMALL_N} non-zero ones: "
+                     + html.escape(_row_names(zeros)))
     return (
-        f"<p class='note'>Rows flagged small_group have n &lt; {SMALL_N} pairs: the smallest exact "
-        f"two-sided signed-rank p is 2/2ⁿ ≥ {floor:g}, so their p-values cannot reach 0.05.</p>"
+        "<p class='note'>The smallest exact two-sided signed-rank p is 2/2ⁿ, n the non-zero "
+        f"differences (column min_p), so these p-values cannot reach 0.05: {' and, '.join(which)}.</p>"
     )
 
 
 def _mannwhitney_note(table: pd.DataFrame) -> str:
-    """Which FNF vs ITF group sizes cannot reach p < 0.05 (smallest exact two-sided p = 2/C(n1+n2, n1));
-    nothing when every row can."""
+    """Which FNF vs ITF rows cannot reach p < 0.05: by group size where even without ties the
+    smallest exact two-sided p, 2/C(n1+n2, n1), is 0.05 or more; by name where tied values raise
+    a smaller one to 0.05 or more (``min_p``); nothing when every row can."""
     if table.empty:
         return ""
-    sizes = sorted({(int(a), int(b)) for a, b in zip(table["n_FNF"], table["n_ITF"], strict=True) if a and b})
-    lines = [
-        f"n_FNF = {a} and n_ITF = {b} (2/C({a + b}, {a}) = {min_p_mannwhitney(a, b):.3g})"
-        for a, b in sizes
-        if min_p_mannwhitney(a, b) >= 0.05
-    ]
-    if not lines:
+    rows = _unreachable(table)
+    by_size = rows[pd.Series([smallest_p(comb(int(a + b), int(a))) >= ALPHA
+                              for a, b in zip(rows["n_FNF"], rows["n_ITF"], strict=True)],
+                             index=rows.index, dtype=bool)]
+    sizes = sorted({(int(a), int(b)) for a, b in zip(by_size["n_FNF"], by_size["n_ITF"], strict=True)})
+    tied = rows.drop(by_size.index)
+    parts = []
+    if sizes:
+        lines = [f"n_FNF = {a} and n_ITF = {b} (2/C({a + b}, {a}) = {smallest_p(comb(a + b, a)):.3g})"
+                 for a, b in sizes]
+        parts.append(f"rows with {'; '.join(lines)} have p-values that cannot reach 0.05")
+    if not tied.empty:
+        parts.append("tied values raise it to 0.05 or more, so these p-values cannot reach 0.05 "
+                     f"either: {_row_names(tied)}")
+    if not parts:
         return ""
     return (
-        "<p class='note'>The smallest exact two-sided Mann–Whitney p is 2/C(n_FNF + n_ITF, n_FNF), so rows "
-        f"with {html.escape('; '.join(lines))} have p-values that cannot reach 0.05.</p>"
+        "<p class='note'>The smallest exact two-sided Mann–Whitney p is 2/C(n_FNF + n_ITF, n_FNF) "
+        f"without tied values, more with them (column min_p), so {html.escape('; '.join(parts))}.</p>"
     )
 
 

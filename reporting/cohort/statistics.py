@@ -14,7 +14,6 @@ too (:func:`table2_across_muscles`). Input: the frames of :func:`reporting.cohor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import comb
 
 import numpy as np
 import pandas as pd
@@ -209,19 +208,6 @@ def _with_q(t: pd.DataFrame, family: str | list[str]) -> pd.DataFrame:
     return t
 
 
-def min_p_signed_rank(n: int) -> float:
-    """Smallest exact two-sided Wilcoxon signed-rank p with ``n`` non-zero differences: 2 / 2ⁿ."""
-    return min(1.0, 2.0 / 2**n)
-
-
-def min_p_mannwhitney(n1: int, n2: int) -> float:
-    """Smallest exact two-sided Mann–Whitney p for groups of ``n1`` and ``n2``: 2 / C(n1 + n2, n1).
-
-    Why: unlike the paired test this can reach 0.05 with a group of 2 (2 vs 10: 2/66 ≈ 0.03).
-    """
-    return min(1.0, 2.0 / comb(n1 + n2, n1))
-
-
 def _bootstrap_mean(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
     """Percentile 95 % interval of the mean; NaN below :data:`MIN_CI_N` values (no CI to speak of)."""
     if values.size < MIN_CI_N:
@@ -266,10 +252,11 @@ def wilcoxon_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
                     W=res.statistic,
                     p=res.p,
                     p_method=res.method.value,
+                    min_p=res.min_p,
                     rank_biserial_r=float((w_plus - w_minus) / (w_plus + w_minus)),
                 )
             else:
-                row.update(W=np.nan, p=np.nan, p_method=np.nan, rank_biserial_r=np.nan)
+                row.update(W=np.nan, p=np.nan, p_method=np.nan, min_p=np.nan, rank_biserial_r=np.nan)
             row["small_group"] = n < SMALL_N
             rows.append(row)
     return _with_q(pd.DataFrame(rows), "patients")
@@ -296,10 +283,12 @@ def _mannwhitney_rows(frames: list[tuple[str, pd.DataFrame]]) -> list[dict[str, 
                     U_FNF=res.statistic,
                     p=res.p,
                     p_method=res.method.value,
+                    min_p=res.min_p,
                     rank_biserial_r=2 * res.statistic / (a.size * b.size) - 1,
                 )
             else:
-                row.update(U_FNF=np.nan, p=np.nan, p_method=np.nan, rank_biserial_r=np.nan)
+                row.update(U_FNF=np.nan, p=np.nan, p_method=np.nan, min_p=np.nan,
+                           rank_biserial_r=np.nan)
             row["small_group"] = min(a.size, b.size) < SMALL_N
             rows.append(row)
     return rows
@@ -314,7 +303,7 @@ def mannwhitney_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFram
 
 
 MANNWHITNEY_SEX_COLUMNS = ("sex", "muscle", "measure", "n_FNF", "n_ITF", "median_FNF", "median_ITF",
-                           "U_FNF", "p", "p_method", "rank_biserial_r", "small_group", "q_bh")
+                           "U_FNF", "p", "p_method", "min_p", "rank_biserial_r", "small_group", "q_bh")
 
 
 def mannwhitney_within_sex_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
@@ -359,6 +348,7 @@ def side_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
             "W": np.nan,
             "p": np.nan,
             "p_method": np.nan,
+            "min_p": np.nan,
             "rank_biserial_r": np.nan,
             "small_group": diff.size < SMALL_N,
         }
@@ -370,6 +360,7 @@ def side_table(long: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
                 W=res.statistic,
                 p=res.p,
                 p_method=res.method.value,
+                min_p=res.min_p,
                 rank_biserial_r=float((ranks[nz > 0].sum() - ranks[nz < 0].sum()) / ranks.sum()),
             )
         rows.append(row)
