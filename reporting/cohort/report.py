@@ -240,13 +240,13 @@ def _signed_rank_note(table: pd.DataFrame) -> str:
     if rows.empty:
         return ""
     small, zeros = rows[rows["small_group"]], rows[~rows["small_group"]]
-    which = [f"the rows flagged small_group (n &lt; {SMALL_N} pairs)"] if not small.empty else []
+    which = [f"those flagged small_group (n &lt; {SMALL_N} pairs)"] if not small.empty else []
     if not zeros.empty:
-        which.append(f"where zero differences leave fewer than {SMALL_N} non-zero ones: "
+        which.append(f"those where zero differences leave fewer than {SMALL_N} non-zero ones: "
                      + html.escape(_row_names(zeros)))
     return (
         "<p class='note'>The smallest exact two-sided signed-rank p is 2/2ⁿ, n the non-zero "
-        f"differences (column min_p), so these p-values cannot reach 0.05: {' and, '.join(which)}.</p>"
+        f"differences (column min_p), so these rows' p-values cannot reach 0.05: {' and '.join(which)}.</p>"
     )
 
 
