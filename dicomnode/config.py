@@ -95,12 +95,18 @@ def _switch(value: Any) -> Any:
 Switch = Annotated[bool, BeforeValidator(_switch)]
 
 
-def _not_a_switch(value: Any) -> Any:
+def _not_a_switch(what: str) -> Any:
     """A number is not ``true``/``false``: pydantic reads ``true`` as 1, so a switch written on the
     wrong key would silently set the number."""
-    if isinstance(value, bool):
-        raise ValueError("must be a whole number, not true or false")
-    return value
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"must be {what}, not true or false")
+        return value
+    return BeforeValidator(check)
+
+
+Count = Annotated[int, _not_a_switch("a whole number")]  # every whole-number setting
+Number = Annotated[float, _not_a_switch("a number")]  # every other number setting
 
 
 _AE_CHARACTERS = re.compile(r"[ -\[\]-~]+")  # printable ASCII but the backslash (DICOM's AE VR)
@@ -152,8 +158,8 @@ def _host_map(value: Any) -> Any:
     return value
 
 
-Port = Annotated[int, Field(ge=1, le=65535)]
-Seconds = Annotated[float, Field(ge=0)]
+Port = Annotated[Count, Field(ge=1, le=65535)]
+Seconds = Annotated[Number, Field(ge=0)]
 
 
 def _absolute(value: Path | None) -> Path | None:
@@ -207,24 +213,24 @@ class WorkerSettings(Section):
     # who computes the windows: auto = OpenVINO on CPU when the [openvino] extra is installed (seg/runtime.py)
     runtime: Runtime = "auto"
     poll_seconds: Seconds = 1.0
-    max_attempts: int = Field(3, ge=1)  # processing attempts before a job is failed
+    max_attempts: Count = Field(3, ge=1)  # processing attempts before a job is failed
     # a job whose pipeline process runs longer is killed and failed ("pipeline-timeout"); not retried
-    timeout_seconds: float = Field(1800.0, gt=0)
+    timeout_seconds: Number = Field(1800.0, gt=0)
 
 
 class SendSettings(Section):
-    attempts: int = Field(5, ge=1)
+    attempts: Count = Field(5, ge=1)
     initial_backoff_seconds: Seconds = 20.0  # doubles after each failed attempt: 20+40+80+160 s ≈ 5 min
     max_backoff_seconds: Seconds = 320.0
-    timeout_seconds: float = Field(30.0, gt=0)
+    timeout_seconds: Number = Field(30.0, gt=0)
     # associations open to the PACS at once: an output handed on while another is being stored goes out
     # beside it (the SR need not wait for Orthanc to store a large SEG); 1 = one send after the other
-    max_associations: int = Field(2, ge=1)
+    max_associations: Count = Field(2, ge=1)
 
 
 class SelectionSettings(Section):
-    min_z_extent_mm: float = Field(250.0, ge=0)
-    min_slices: int = Field(50, ge=1)
+    min_z_extent_mm: Number = Field(250.0, ge=0)
+    min_slices: Count = Field(50, ge=1)
     incomplete_hold_seconds: Seconds = 300.0  # a quiet series with a gap waits this long, then "incomplete"
 
 
@@ -243,7 +249,7 @@ class PairingSettings(Section):
     # a pre-operative CT at most this many days before the surgery day is the admission CT (the
     # baseline, fetched first); an older baseline is flagged (dicomnode/clinical/admission.py). The
     # registry has no admission day: a site with longer delays to surgery sets more; at most a year
-    admission_window_days: Annotated[int, BeforeValidator(_not_a_switch)] = Field(14, ge=1, le=365)
+    admission_window_days: Count = Field(14, ge=1, le=365)
 
 
 class TlsSettings(Section):
@@ -356,29 +362,30 @@ class Settings(BaseSettings):
     # connection waits stable_seconds as before, and so does a series whose release is followed by a
     # new instance. Only with receive_processes = 1 (dicomnode/storage/series.py, StabilityWatcher)
     series_complete_on_release: Switch = False
-    max_associations: int = Field(8, ge=1)  # associations at a time; counted from an accepted A-ASSOCIATE-RQ
+    # associations at a time; counted from an accepted A-ASSOCIATE-RQ
+    max_associations: Count = Field(8, ge=1)
     # connections whose A-ASSOCIATE-RQ has not arrived yet (at most 4 of them per source address): when
     # full, the oldest is closed, so half-sent requests cannot keep callers out of max_associations
-    max_pending_connections: int = Field(32, ge=1)
+    max_pending_connections: Count = Field(32, ge=1)
     # each calling AE title listed here is accepted only from these addresses or networks
     # ("10.0.0.5", "10.0.0.0/24"), like Orthanc's DicomCheckModalityHost; unlisted titles are not pinned
     calling_aet_hosts: Annotated[dict[AETitle, list[str]], NoDecode, BeforeValidator(_host_map)] = Field(
         default_factory=dict)
-    acse_timeout_seconds: float = Field(10.0, gt=0)  # ARTIM: the whole association request, from connect
-    network_timeout_seconds: float = Field(30.0, gt=0)  # an idle association or a stalled PDU is dropped
+    acse_timeout_seconds: Number = Field(10.0, gt=0)  # ARTIM: the whole association request, from connect
+    network_timeout_seconds: Number = Field(30.0, gt=0)  # an idle association or a stalled PDU is dropped
     # larger C-STORE data sets are refused (0xA700); × max_associations bounds what callers buffer
-    max_instance_mb: float = Field(256.0, gt=0)
+    max_instance_mb: Number = Field(256.0, gt=0)
     # disk back-pressure: below min_free_disk_mb free (MB available to the node's user) or above
     # max_disk_used_pct used on the storage_dir volume, new associations get a transient reject
     # (temporary congestion) and C-STOREs 0xA700, until space returns; 0 and 100 switch each off
-    min_free_disk_mb: float = Field(2048.0, ge=0)
-    max_disk_used_pct: float = Field(90.0, gt=0, le=100)
+    min_free_disk_mb: Number = Field(2048.0, ge=0)
+    max_disk_used_pct: Number = Field(90.0, gt=0, le=100)
     # pynetdicom throughput patches (dicomnode/network/pynetdicom_tuning.py; applied only to the pynetdicom
     # versions they were checked against); false = plain pynetdicom. The security bounds stay on either way
     pynetdicom_tuning: Switch = True
     # processes that serve associations (dicomnode/network/receive_pool.py): 1 = the listener's own threads;
     # N > 1 = N worker processes fed by one accepting parent, which keeps the node-wide limits
-    receive_processes: int = Field(1, ge=1, le=64)
+    receive_processes: Count = Field(1, ge=1, le=64)
     # how a received instance is made durable before its success status (dicomnode/storage/store.py):
     # "syncfs" = rename, then one syncfs (Linux >= 5.8; one disk flush per instance, but it also flushes
     # other writers' dirty data on that filesystem, so one C-STORE may wait for them); "fsync" = fsync,
@@ -397,7 +404,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
     # delete received instances this many days after every result of their series was sent; None = keep
-    retention_days: float | None = Field(None, gt=0)
+    retention_days: Number | None = Field(None, gt=0)
 
     # where values come from, beside explicit ones: set on the throw-away subclass of :func:`_bound`
     file_values: ClassVar[dict[str, Any] | None] = None  # a TOML file's, its relative paths anchored

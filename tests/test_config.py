@@ -1,7 +1,9 @@
 import os
+import re
 import socket
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -173,6 +175,32 @@ def test_config_check_refuses_what_serve_could_not_use(tmp_path: Path, text: str
     every job failing on a missing model) is refused by the check, with the key's name."""
     result = CliRunner().invoke(app, ["config", "check", str(_write(tmp_path, text))])
     assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+
+
+def _numeric_keys(model: type, prefix: str = "") -> list[str]:
+    """Every number setting's dotted key (whole or not, optional or not), tables walked."""
+    keys = []
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            keys += _numeric_keys(kind, f"{prefix}{name}.")
+        elif {typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
+              for a in (typing.get_args(kind) or (kind,))} - {type(None)} <= {int, float}:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_no_number_setting_takes_true_or_false(tmp_path: Path) -> None:
+    """pydantic reads ``true`` as 1: ``attempts = true`` (a switch on the wrong key) would have set
+    one attempt without a word. Every number refuses a switch, by its key."""
+    keys = _numeric_keys(Settings)
+    assert {"port", "send.attempts", "stable_seconds", "pairing.admission_window_days",
+            "retention_days", "worker.timeout_seconds"} <= set(keys)
+    for key in keys:
+        table, _, name = key.rpartition(".")
+        text = (f"[{table}]\n" if table else "") + f"{name} = true\n"
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}: must be a (whole )?number, not true"):
+            load_settings(_write(tmp_path, text))
 
 
 def test_the_admission_period_is_set_in_days(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
