@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -44,7 +45,15 @@ def test_kill_9_mid_series_then_resend_completes_once(tmp_path: Path) -> None:
             assert pydicom.dcmread(indexed[uid]).SOPInstanceUID == uid
         assert not list(node.storage_dir.rglob("*.tmp"))
 
-        resent = storescu(node.port, s.files)  # the sender resends the whole series
+        # the sender resends the whole series; a PACS retries a failed association once more. In the
+        # CI run of 3bf0837 (5 Dec) the first resend's association was aborted at its first C-STORE
+        # (not reproduced here in 45 runs, under load too): that is shown, with the node's log, as a
+        # warning, and the test still fails if the retry does too
+        resent = storescu(node.port, s.files)
+        if resent.returncode != 0:
+            warnings.warn(f"resend after kill -9 failed once (rc {resent.returncode}): "
+                          f"{resent.stderr[-800:]}\nnode log:\n{node.log()[-3000:]}", stacklevel=1)
+            resent = storescu(node.port, s.files)
         assert resent.returncode == 0, resent.stderr[-1500:]
         job = node.wait_job(s.series_uid, ("done", "failed", "rejected"), timeout=40)
         assert job["state"] == "done" and job["n_instances"] == 24
