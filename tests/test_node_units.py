@@ -541,24 +541,19 @@ def _idle_association(scp_timeout: float, scu_timeout: float) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from dicomnode.harness.capture import CapturingSCP
     from dicomnode.harness.net import wait_for
 
-    scp_ae = AE(ae_title="IDLESCP")
-    scp_ae.network_timeout = scp_timeout
-    scp_ae.add_supported_context(Verification)
-    server = scp_ae.start_server(("127.0.0.1", 0), block=False)
-    try:
+    with CapturingSCP("IDLESCP", network_timeout=scp_timeout) as server:
         scu_ae = AE(ae_title="IDLESCU")
         scu_ae.acse_timeout = 5
         scu_ae.network_timeout = scu_timeout
         scu_ae.add_requested_context(Verification)
-        assoc = scu_ae.associate("127.0.0.1", server.server_address[1], ae_title="IDLESCP")
+        assoc = scu_ae.associate("127.0.0.1", server.port, ae_title="IDLESCP")
         assert assoc.is_established
         wait_for(lambda: not assoc.is_alive(), min(scp_timeout, scu_timeout) + 5.0,
                  what="the idle association to be aborted")
-        wait_for(lambda: not server.active_associations, 5.0, what="the acceptor to end")
-    finally:
-        server.shutdown()
+        wait_for(lambda: not server.active_associations(), 5.0, what="the acceptor to end")
 
 
 def test_pynetdicom_idle_abort_of_an_accepted_association_is_debug(

@@ -24,14 +24,16 @@ class CapturingSCP:
     a data set answered with anything but success is not captured. ``transfer_syntaxes``, when given, are
     accepted for every storage class besides pynetdicom's default (uncompressed) ones, e.g. to take
     the node's RLE-compressed SEG as a PACS does. ``require_called_aet``: associations that call
-    another AE title are rejected, as a PACS that checks its own title does.
+    another AE title are rejected, as a PACS that checks its own title does. ``network_timeout``: how
+    long an association may stay idle before this SCP aborts it (pynetdicom's default when None).
     """
 
     def __init__(self, ae_title: str, port: int | None = None, *,
                  on_dataset: Callable[[Any], None] | None = None, keep: bool = True,
                  extra_contexts: tuple[str, ...] = (),
                  on_request: Callable[[Any], int] | None = None,
-                 transfer_syntaxes: Sequence[str] | None = None, require_called_aet: bool = False) -> None:
+                 transfer_syntaxes: Sequence[str] | None = None, require_called_aet: bool = False,
+                 network_timeout: float | None = None) -> None:
         self.ae_title = ae_title
         self._require_called_aet = require_called_aet
         self.port = port or free_port()
@@ -42,6 +44,7 @@ class CapturingSCP:
         self._extra = extra_contexts
         self._on_request = on_request
         self._syntaxes = list(transfer_syntaxes) if transfer_syntaxes else None
+        self._network_timeout = network_timeout
         self._server: Any = None
 
     def start(self) -> CapturingSCP:
@@ -50,6 +53,8 @@ class CapturingSCP:
 
         ae = AE(self.ae_title)
         ae.require_called_aet = self._require_called_aet
+        if self._network_timeout is not None:
+            ae.network_timeout = self._network_timeout
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
         for uid in self._extra:  # classes newer than pynetdicom's list (e.g. Label Map SEG)
@@ -81,6 +86,10 @@ class CapturingSCP:
         with self.lock:
             unique = {(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)) for ds in self.received}
         return Counter(series for series, _ in unique)
+
+    def active_associations(self) -> int:
+        """Associations this SCP is serving now."""
+        return len(self._server.active_associations) if self._server is not None else 0
 
     def stop(self) -> None:
         if self._server is not None:
