@@ -364,40 +364,136 @@ def test_a_baseline_older_than_the_admission_period_is_used_and_flagged(
         r.code for r in pairing.status_of(settings, "1.2.1").reasons}
 
 
+def _baseline_flags(settings: Settings) -> dict[str, str | None]:
+    """The baseline-before-admission text of each baseline (1.1.1, 2.1.1; None: unflagged), which
+    its comparison with the follow-up carries too."""
+    out: dict[str, str | None] = {}
+    for uid in ("1.1.1", "2.1.1"):
+        assert pairing.status_of(settings, uid).role == "baseline"
+        why = {r.code: r.text for r in pairing.status_of(settings, uid).reasons}
+        out[uid] = why.get(ReasonCode.BASELINE_BEFORE_ADMISSION)
+        (change,) = pairing.changes_for_earlier_series(settings, uid)
+        noted = [n.text for n in change.notes if n.code is ReasonCode.BASELINE_BEFORE_ADMISSION]
+        assert noted == ([out[uid]] if out[uid] else [])
+    return out
+
+
 def test_the_admission_period_is_the_sites_setting(settings: Settings, tmp_path: Path) -> None:
     """``pairing.admission_window_days`` decides which baseline is flagged: a CT 10 days before
     surgery is the admission CT by default (14) but not where a site sets 7; a CT a year before,
     flagged by default, is not where a site sets 365. Stored flags follow the setting at the next
-    re-pairing (``patients import``), and the flag's text names the setting's value."""
+    re-pairing (``patients import`` or ``refresh``), and the flag's text names the setting's value."""
     _registry(settings, tmp_path, SURGERY_DAY_REGISTRY + "P2,1.60,F,ITF,left,20230110\n")
     _record(settings, "P1", "1.1", "20221231", 1.1, qa=_metal(None))  # 10 days before surgery
     _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
     _record(settings, "P2", "2.1", "20220110", 1.1, qa=_metal(None))  # 365 days before
     _record(settings, "P2", "2.3", "20230601", 0.8, qa=_metal("left"))
 
-    def flags() -> dict[str, str | None]:
-        """The baseline-before-admission text of each baseline (None: unflagged), and whether
-        its comparison with the follow-up carries the flag too."""
-        out: dict[str, str | None] = {}
-        for uid in ("1.1.1", "2.1.1"):
-            assert pairing.status_of(settings, uid).role == "baseline"
-            why = {r.code: r.text for r in pairing.status_of(settings, uid).reasons}
-            out[uid] = why.get(ReasonCode.BASELINE_BEFORE_ADMISSION)
-            (change,) = pairing.changes_for_earlier_series(settings, uid)
-            noted = [n.text for n in change.notes if n.code is ReasonCode.BASELINE_BEFORE_ADMISSION]
-            assert noted == ([out[uid]] if out[uid] else [])
-        return out
-
     assert settings.pairing.admission_window_days == 14
     text = ("baseline {} days before surgery (20230110), more than {}: not the admission CT; the "
             "change includes the time before the fracture")
-    assert flags() == {"1.1.1": None, "2.1.1": text.format(365, 14)}
+    assert _baseline_flags(settings) == {"1.1.1": None, "2.1.1": text.format(365, 14)}
     settings.pairing.admission_window_days = 7
-    assert pairing.refresh_all(settings) == 2
-    assert flags() == {"1.1.1": text.format(10, 7), "2.1.1": text.format(365, 7)}
+    assert pairing.refresh_all(settings).patients == 2
+    assert _baseline_flags(settings) == {"1.1.1": text.format(10, 7), "2.1.1": text.format(365, 7)}
     settings.pairing.admission_window_days = 365
     pairing.refresh_all(settings)
-    assert flags() == {"1.1.1": None, "2.1.1": None}
+    assert _baseline_flags(settings) == {"1.1.1": None, "2.1.1": None}
+
+
+def test_patients_refresh_applies_a_changed_admission_window(
+        settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    """A site sets ``admission_window_days = 7`` after two patients were paired with 14: the stored
+    flags stay as they were (listing or reading re-pairs nothing) until ``patients refresh``, which
+    pairs them with the file's value and says how much changed; run again, it changes nothing."""
+    _registry(settings, tmp_path, SURGERY_DAY_REGISTRY + "P2,1.60,F,ITF,left,20230110\n")
+    _record(settings, "P1", "1.1", "20221231", 1.1, qa=_metal(None))  # 10 days before surgery
+    _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
+    _record(settings, "P2", "2.1", "20220110", 1.1, qa=_metal(None))  # 365 days before
+    _record(settings, "P2", "2.3", "20230601", 0.8, qa=_metal("left"))
+    text = ("baseline {} days before surgery (20230110), more than {}: not the admission CT; the "
+            "change includes the time before the fracture")
+    config = tmp_path / "node.toml"
+    config.write_text(f"storage_dir = {str(settings.storage_dir)!r}\n\n"
+                      "[pairing]\nretrieve_priors = false\nadmission_window_days = 7\n")
+    for name in ("DICOMNODE_STORAGE_DIR", "DICOMNODE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    runner = CliRunner()
+    assert runner.invoke(app, ["patients", "list", "--config", str(config)]).exit_code == 0
+    assert _baseline_flags(settings) == {"1.1.1": None, "2.1.1": text.format(365, 14)}
+
+    res = runner.invoke(app, ["patients", "refresh", "--config", str(config)],
+                        env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        "re-paired 2 measured patient(s), 2 with a changed pairing",
+        "comparisons: 0 added, 0 removed, 2 changed, 0 unchanged"]
+    assert res.stderr == ""  # two patients: no progress lines
+    assert _baseline_flags(settings) == {"1.1.1": text.format(10, 7), "2.1.1": text.format(365, 7)}
+
+    res = runner.invoke(app, ["patients", "refresh", "--config", str(config)])
+    assert res.stdout.splitlines() == [
+        "re-paired 2 measured patient(s), 0 with a changed pairing",
+        "comparisons: 0 added, 0 removed, 0 changed, 2 unchanged"]
+
+
+def test_refresh_counts_the_comparisons_it_adds_and_removes(settings: Settings, tmp_path: Path) -> None:
+    """A surgery date arrives between a patient's second and third CT (written to the registry
+    without re-pairing): the baseline moves from the first CT to the second, so the three
+    comparisons of the earliest-baseline timeline go and one comes; another patient is untouched."""
+    for n, day in enumerate(("20230101", "20230201", "20230601"), start=1):
+        _record(settings, "P1", f"1.{n}", day, 1.0 - n / 10)
+    _record(settings, "P2", "2.1", "20230101")
+    _record(settings, "P2", "2.2", "20230301", 0.9)
+    _registry(settings, tmp_path, "patient_id,surgery_date\nP1,20230301\n")
+    seen: list[tuple[int, int]] = []
+    counts = pairing.refresh_all(settings, lambda done, total: seen.append((done, total)))
+    assert counts == pairing.RefreshCounts(patients=2, patients_changed=1, added=1, removed=3,
+                                           changed=0, unchanged=1)
+    assert seen == [(1, 2), (2, 2)]
+    assert [c.comparison for c in pairing.changes_for_earlier_series(settings, "1.2.1")] == ["baseline"]
+    assert pairing.changes_for_earlier_series(settings, "1.1.1") == []
+
+
+def test_patients_refresh_shows_its_progress_for_many_patients(
+        settings: Settings, monkeypatch) -> None:
+    """30 patients: a progress line on stderr every 25 and at the end; the summary on stdout."""
+    for n in range(30):
+        _record(settings, f"P{n:02d}", f"{n}.1", "20230101")
+    monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(settings.storage_dir))
+    monkeypatch.setenv("DICOMNODE_PAIRING__RETRIEVE_PRIORS", "false")
+    res = CliRunner().invoke(app, ["patients", "refresh"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines() == ["re-pairing: 25/30 patients", "re-pairing: 30/30 patients"]
+    assert res.stdout.splitlines()[0] == "re-paired 30 measured patient(s), 0 with a changed pairing"
+
+
+def test_refresh_waits_for_the_running_nodes_write(settings: Settings) -> None:
+    """Another process (the node's worker recording a result) holds the index's write lock: the
+    refresh waits for it instead of failing, and re-pairs once it is released."""
+    import threading
+
+    _record(settings, "P1", "1.1", "20230101")
+    _record(settings, "P1", "1.2", "20230301", 0.9)
+    holder = sqlite3.connect(settings.db_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    released: list[float] = []
+
+    def release() -> None:
+        time.sleep(1.0)
+        released.append(time.monotonic())
+        holder.execute("COMMIT")
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    try:
+        counts = pairing.refresh_all(settings)
+        finished = time.monotonic()
+    finally:
+        thread.join()
+        holder.close()
+    assert finished >= released[0]
+    assert counts.patients == 1 and counts.unchanged == 1
 
 
 def test_a_followup_with_an_old_baseline_asks_for_the_admission_ct(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -395,7 +395,7 @@ def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord
                 _now(),
             ),
         )
-        changes, plan = _refresh_patient(settings, con, pid, issuer, result)
+        changes, plan = _refresh_patient(settings, con, pid, issuer)
     mine = [c for c in changes if c.followup.series_instance_uid == result.series_instance_uid]
     reasons = plan.reasons.get(result.series_instance_uid, [])
     # the reasons' texts name study and surgery dates (the patient's): at INFO only their codes
@@ -462,7 +462,7 @@ def _surgery_day_qa(studies: list[Study], surgery_date: str | None) -> dict[str,
 
 
 def _refresh_patient(
-    settings: Settings, con: sqlite3.Connection, pid: str, issuer: str, result: ResultRecord | None = None
+    settings: Settings, con: sqlite3.Connection, pid: str, issuer: str
 ) -> tuple[list[ChangeRecord], Plan]:
     """Recompute roles, reasons and every comparison of one patient (the table mirrors the timeline)."""
     studies, superseded = _studies(con, pid, issuer)
@@ -477,7 +477,7 @@ def _refresh_patient(
         for a, b, kind in plan.comparisons
     ]
     now = _now()
-    # Writes join the caller's transaction (record_result / refresh_*).
+    # Writes join the caller's transaction (record_result / refresh_all).
     con.execute("DELETE FROM pairing_changes WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer))
     for (a, b, kind), change in zip(plan.comparisons, changes, strict=True):
         con.execute(
@@ -514,13 +514,81 @@ def _refresh_patient(
     return changes, plan
 
 
-def refresh_all(settings: Settings) -> int:
-    with reading(settings) as con:
-        keys = con.execute("SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results").fetchall()
-    for k in keys:
-        with writing(settings) as con:
-            _refresh_patient(settings, con, k[0], k[1])
-    return len(keys)
+@dataclass(frozen=True)
+class RefreshCounts:
+    """What re-pairing every measured patient did (``patients refresh`` and ``import`` print it).
+
+    A comparison is known by its two series and its kind (baseline / previous); ``changed`` ones are
+    stored again with other content (a flag, a note, the registry's facts), compared as records, so
+    an older release's wording of the same record is not counted."""
+
+    patients: int = 0
+    patients_changed: int = 0  # a role, a stated reason or a comparison is not what was stored
+    added: int = 0
+    removed: int = 0
+    changed: int = 0
+    unchanged: int = 0
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One patient's pairing as the index holds it, for telling what a re-pairing changed."""
+
+    statuses: dict[str, tuple[str, list[Reason]]]  # series uid → role, stated reasons
+    changes: dict[tuple[str, str, str], ChangeRecord | None]  # (earlier, later, kind) → None: unreadable
+
+    @classmethod
+    def read(cls, con: sqlite3.Connection, pid: str, issuer: str) -> _Stored:
+        key = (pid, issuer)
+        statuses = {r[0]: (r[1], reasons_from_json(r[2])) for r in con.execute(
+            "SELECT series_instance_uid, role, reasons FROM pairing_status"
+            " WHERE patient_id=? AND issuer_of_patient_id=?", key)}
+        changes: dict[tuple[str, str, str], ChangeRecord | None] = {}
+        for r in con.execute(
+                "SELECT baseline_series_uid, followup_series_uid, comparison, change_json"
+                " FROM pairing_changes WHERE patient_id=? AND issuer_of_patient_id=?", key):
+            try:
+                changes[(r[0], r[1], r[2])] = ChangeRecord.from_json(r[3])
+            except ValueError:  # an unreadable stored record: whatever replaces it is a change
+                changes[(r[0], r[1], r[2])] = None
+        return cls(statuses, changes)
+
+
+def refresh_all(settings: Settings, progress: Callable[[int, int], None] | None = None) -> RefreshCounts:
+    """Re-pair every measured patient with the current settings and registry, as a recorded study
+    does for its own patient; ``progress(done, total)`` after each one.
+
+    Only the index changes: nothing is sent and no PACS is asked for a prior. Each patient is one
+    short write transaction, so a running node's worker waits at most for one patient (and a new
+    result recorded meanwhile is paired by the node itself)."""
+    counts = RefreshCounts()
+    with opened(settings.db_path) as db:
+        keys = db.query("SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results"
+                        " ORDER BY patient_id, issuer_of_patient_id")
+        for done, (pid, issuer) in enumerate(keys, start=1):
+            with db.tx() as con:
+                before = _Stored.read(con, pid, issuer)
+                _refresh_patient(settings, con, pid, issuer)
+                after = _Stored.read(con, pid, issuer)
+            counts = _counted(counts, before, after)
+            if progress is not None:
+                progress(done, len(keys))
+    return counts
+
+
+def _counted(counts: RefreshCounts, before: _Stored, after: _Stored) -> RefreshCounts:
+    """``counts`` with one more patient, whose pairing was ``before`` and is ``after``."""
+    old, new = before.changes, after.changes
+    same = sum(1 for k in old.keys() & new.keys() if old[k] is not None and old[k] == new[k])
+    kept = len(old.keys() & new.keys())
+    return RefreshCounts(
+        patients=counts.patients + 1,
+        patients_changed=counts.patients_changed + (before != after),
+        added=counts.added + len(new.keys() - old.keys()),
+        removed=counts.removed + len(old.keys() - new.keys()),
+        changed=counts.changed + kept - same,
+        unchanged=counts.unchanged + same,
+    )
 
 
 # ---------------------------------------------------------------- queries

@@ -1,7 +1,9 @@
-"""Sub-commands: ``patients import FILE.csv``, ``patients list``, ``patients timeline PATIENT``.
+"""Sub-commands: ``patients import FILE.csv``, ``patients refresh``, ``patients list``,
+``patients timeline PATIENT``.
 
 The registry holds the clinical facts DICOM lacks (height, fracture type, surgery date); these commands
-fill it and show what pairing made of each patient's studies.
+fill it, pair the measured patients again (after the registry or a pairing setting changed) and show
+what pairing made of each patient's studies.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dicomnode.commands.common import ConfigOption, node_settings, settings_from
+from dicomnode.commands.common import ConfigOption, echo_problems, node_settings, settings_from
 from seg.terminal import COLUMNS
 
 if TYPE_CHECKING:
-    from dicomnode.clinical.pairing import PatientRow
+    from dicomnode.clinical.pairing import PatientRow, RefreshCounts
+    from dicomnode.config import Settings
 
 patients_app = typer.Typer(help="Clinical registry and per-patient timelines.", no_args_is_help=True)
 
@@ -42,7 +45,7 @@ def import_(
     New patients are added, known ones updated with the values the file gives (an absent column or
     an empty cell keeps the stored value). An unknown column refuses the whole file; a bad line is
     skipped with its reason. Measured patients are paired again (the surgery date may move)."""
-    from dicomnode.clinical import pairing, registry
+    from dicomnode.clinical import registry
 
     settings = settings_from(config)
     try:
@@ -51,14 +54,65 @@ def import_(
         raise typer.BadParameter(str(exc), param_hint="CSV_FILE") from exc
     for problem in result.problems:
         typer.echo(f"warning: {problem}", err=True)
-    refreshed = pairing.refresh_all(settings)
+    counts = _repair(settings)
     typer.echo(
         f"imported {result.imported} patient(s) ({result.imported - result.updated} new, "
         f"{result.updated} updated); {result.skipped} line(s) skipped\n"
-        f"{len(result.problems)} problem(s); re-paired {refreshed} measured patient(s)"
+        f"{len(result.problems)} problem(s); re-paired {counts.patients} measured patient(s)\n"
+        + _comparisons(counts)
     )
     if result.problems:  # the good lines are in; a script still learns that some were not
         raise typer.Exit(1)
+
+
+@patients_app.command("refresh")
+def refresh(config: ConfigOption = None) -> None:
+    """Pair every measured patient again with the current settings and registry, as import does.
+
+    After a pairing setting changed (pairing.admission_window_days) or an upgrade changed a pairing
+    rule: stored roles, reasons and comparisons otherwise follow it only when a study of the
+    patient is next recorded. Only the node's index changes (patients timeline, report patient,
+    report cohort): no SR or summary page is sent again and no PACS is asked for a prior.
+
+    Safe while the node runs (one short transaction per patient); but a node started before the
+    setting changed pairs what it records next with its old value: restart it first."""
+    settings = node_settings(config)
+    counts = _repair(settings)
+    typer.echo(f"re-paired {counts.patients} measured patient(s), "
+               f"{counts.patients_changed} with a changed pairing\n" + _comparisons(counts))
+
+
+PROGRESS_LINES = 10  # at most this many progress lines, however many patients
+PROGRESS_FROM = 25  # fewer patients are re-paired without one
+
+
+def _repair(settings: Settings) -> RefreshCounts:
+    """Re-pair every measured patient (:func:`pairing.refresh_all`), with progress on stderr when
+    there are many; an index another process keeps locked ends it with exit 1 (the patients done
+    are kept: run it again)."""
+    from dicomnode.clinical import pairing
+    from dicomnode.db import DatabaseBusy
+
+    done_of = [0, 0]  # patients re-paired, of how many
+
+    def progress(done: int, total: int) -> None:
+        done_of[:] = done, total
+        step = max(PROGRESS_FROM, -(-total // PROGRESS_LINES))
+        if total >= PROGRESS_FROM and (done % step == 0 or done == total):
+            typer.echo(f"re-pairing: {done}/{total} patients", err=True)
+
+    try:
+        return pairing.refresh_all(settings, progress)
+    except DatabaseBusy as exc:
+        echo_problems(f"the node's index stayed locked ({exc}): {done_of[0]} of {done_of[1] or '?'} "
+                      "patients re-paired, the others not; run `dicomnode patients refresh`")
+        raise typer.Exit(1) from exc
+
+
+def _comparisons(counts: RefreshCounts) -> str:
+    """The comparisons a re-pairing added, removed, changed and kept, within 80 columns."""
+    return (f"comparisons: {counts.added} added, {counts.removed} removed, {counts.changed} changed, "
+            f"{counts.unchanged} unchanged")
 
 
 @patients_app.command("list")
