@@ -106,7 +106,8 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # 11: a flagged side's drawn group says so in its Comment row ("Vastus lateralis left, next to metal
 # implant"), which OHIF shows; on the page the † sits beside its column's aligned decimals, the
 # chart names the operated side and marks the flagged muscles; the page warns of a baseline older
-# than the admission CT (pairing's baseline-before-admission) and wraps a warning to its width.
+# than the admission CT (pairing's baseline-before-admission, its surgery date as YYYY-MM-DD, as
+# every date a pairing reason names) and wraps a warning to its width.
 OUTPUT_REVISION = 11
 
 

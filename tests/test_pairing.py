@@ -20,6 +20,7 @@ from dicomnode.clinical import pairing, registry
 from dicomnode.clinical.pairing import ResultRecord, record_result
 from dicomnode.config import Settings
 from dicomnode.harness.net import free_port
+from seg.dates import display_date
 from seg.labels import ANALYSED_MUSCLES, LABEL_OF, structures
 from seg.records import (
     NOT_COMPARED,
@@ -236,7 +237,7 @@ def test_a_surgery_day_ct_with_the_implant_is_a_followup(settings: Settings, tmp
     assert changes[0].baseline_preoperative is True
     why = {r.code: r.text for r in pairing.status_of(settings, "1.2.1").reasons}
     assert why[ReasonCode.SURGERY_DAY_POSTOPERATIVE] == (
-        "same day as surgery (20230110) with an implant on the left: post-operative")
+        "same day as surgery (2023-01-10) with an implant on the left: post-operative")
     assert pairing.status_of(settings, "1.1.1").role == "baseline"
     # the later follow-up: against the pre-operative baseline, and the check CT as its previous
     later = _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
@@ -256,7 +257,7 @@ def test_a_surgery_day_ct_without_the_implant_is_the_baseline(settings: Settings
     st = pairing.status_of(settings, "1.2.1")
     assert st.role == "baseline" and pairing.status_of(settings, "1.1.1").role == "pre-operative"
     assert {r.code: r.text for r in st.reasons}[ReasonCode.SURGERY_DAY_PREOPERATIVE] == (
-        "same day as surgery (20230110), no implant: pre-operative")
+        "same day as surgery (2023-01-10), no implant: pre-operative")
     changes = _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
     assert [(c.comparison, c.baseline.series_instance_uid) for c in changes] == [("baseline", "1.2.1")]
     # an old hip implant on the right (the unfractured side) does not make it post-operative
@@ -346,7 +347,7 @@ def test_a_baseline_older_than_the_admission_period_is_used_and_flagged(
     _record(settings, "P1", "1.4", "20231201", 0.7, qa=_metal("left"))
     why = {r.code: r.text for r in pairing.status_of(settings, "1.1.1").reasons}
     assert why[ReasonCode.BASELINE_BEFORE_ADMISSION] == (
-        "baseline 365 days before surgery (20230110), more than 14: not the admission CT; the "
+        "baseline 365 days before surgery (2023-01-10), more than 14: not the admission CT; the "
         "change includes the time before the fracture")
     flagged = {(c.comparison, c.followup.series_instance_uid): any(
         n.code is ReasonCode.BASELINE_BEFORE_ADMISSION for n in c.notes)
@@ -390,7 +391,7 @@ def test_the_admission_period_is_the_sites_setting(settings: Settings, tmp_path:
     _record(settings, "P2", "2.3", "20230601", 0.8, qa=_metal("left"))
 
     assert settings.pairing.admission_window_days == 14
-    text = ("baseline {} days before surgery (20230110), more than {}: not the admission CT; the "
+    text = ("baseline {} days before surgery (2023-01-10), more than {}: not the admission CT; the "
             "change includes the time before the fracture")
     assert _baseline_flags(settings) == {"1.1.1": None, "2.1.1": text.format(365, 14)}
     settings.pairing.admission_window_days = 7
@@ -411,7 +412,7 @@ def test_patients_refresh_applies_a_changed_admission_window(
     _record(settings, "P1", "1.3", "20230601", 0.8, qa=_metal("left"))
     _record(settings, "P2", "2.1", "20220110", 1.1, qa=_metal(None))  # 365 days before
     _record(settings, "P2", "2.3", "20230601", 0.8, qa=_metal("left"))
-    text = ("baseline {} days before surgery (20230110), more than {}: not the admission CT; the "
+    text = ("baseline {} days before surgery (2023-01-10), more than {}: not the admission CT; the "
             "change includes the time before the fracture")
     config = tmp_path / "node.toml"
     config.write_text(f"storage_dir = {str(settings.storage_dir)!r}\n\n"
@@ -539,7 +540,7 @@ def test_the_surgery_day_rule_and_its_texts() -> None:
     for qa, fractured, expected in cases:
         got = place(qa, day, fractured)
         assert got.placement is expected, (qa, fractured)
-        assert got.reason.text.startswith(f"same day as surgery ({day})") and len(got.reason.text) <= 80
+        assert got.reason.text.startswith("same day as surgery (2023-01-10)") and len(got.reason.text) <= 80
         assert got.reason.text.endswith({Placement.UNKNOWN: "not compared",
                                          Placement.PREOPERATIVE: ": pre-operative",
                                          Placement.POSTOPERATIVE: ": post-operative"}[expected])
@@ -932,13 +933,13 @@ def test_one_scan_sent_twice_under_new_uids_is_named(settings: Settings, tmp_pat
     _record(settings, "P1", "1.3", "20230109", 1.0, time_="141500")  # same day, another scan
     for uid in ("1.1.1", "2.7.1"):
         why = [r for r in pairing.status_of(settings, uid).reasons if r.code is ReasonCode.SAME_DATE_AND_TIME]
-        assert len(why) == 1 and "2 studies share StudyDate 20230109 and StudyTime 101500" in why[0].text
+        assert len(why) == 1 and "2 studies share StudyDate 2023-01-09 and StudyTime 101500" in why[0].text
     assert ReasonCode.SAME_DATE_AND_TIME not in {r.code for r in pairing.status_of(settings, "1.3.1").reasons}
 
 
 def test_pairing_logs_no_dates_at_info(settings: Settings, tmp_path: Path) -> None:
     """A study or surgery date is the patient's (PHI): the reasons' texts name them ("surgery
-    20230110", "same day as the baseline (20230109)"), so INFO carries the reasons' codes only."""
+    2023-01-10", "same day as the baseline (2023-01-09)"), so INFO carries the reasons' codes only."""
     from log_capture import captured_info_log
 
     _registry(settings, tmp_path, "patient_id,fracture_type,surgery_date\nP1,FNF,20230110\n")
@@ -947,4 +948,7 @@ def test_pairing_logs_no_dates_at_info(settings: Settings, tmp_path: Path) -> No
         _record(settings, "P1", "1.2", "20230109", 1.0, time_="150000")
     log = stream.getvalue()
     assert "recorded as baseline" in log and ReasonCode.BASELINE_PREOPERATIVE.value in log
-    assert "20230109" not in log and "20230110" not in log
+    stated = " ".join(r.text for uid in ("1.1.1", "1.2.1") for r in pairing.status_of(settings, uid).reasons)
+    assert "(surgery 2023-01-10)" in stated  # the texts name the date as a reader reads it ...
+    for day in ("20230109", "20230110"):
+        assert day not in log and display_date(day) not in log  # ... and INFO in neither form

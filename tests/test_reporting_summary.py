@@ -375,9 +375,9 @@ def test_page_warns_of_a_baseline_older_than_the_admission_ct(studies):
     difference does; the comparison's other notes (how it was paired) stay off the page."""
     f_vols, change = studies["f"][2], studies["change"]
     old = Reason(ReasonCode.BASELINE_BEFORE_ADMISSION,
-                 "baseline 365 days before surgery (20230110), more than 14: not the admission CT; "
+                 "baseline 365 days before surgery (2023-01-10), more than 14: not the admission CT; "
                  "the change includes the time before the fracture")
-    other = Reason(ReasonCode.SURGERY_DAY_PREOPERATIVE, "same day as surgery (20230110), no implant")
+    other = Reason(ReasonCode.SURGERY_DAY_PREOPERATIVE, "same day as surgery (2023-01-10), no implant")
     assert old.text not in qa_warnings(f_vols, SeriesHeader(), MODEL, change)
     flagged = change.model_copy(update={"notes": (*change.notes, old, other)})
     warnings = qa_warnings(f_vols, SeriesHeader(), MODEL, flagged)

@@ -32,7 +32,7 @@ from dicomnode.clinical.surgery_day import Placement
 from dicomnode.config import Settings
 from dicomnode.db import opened
 from dicomnode.logs import error_text
-from seg.dates import tm_time
+from seg.dates import display_date, tm_time
 from seg.records import (
     NOT_COMPARED,
     ChangeRecord,
@@ -204,8 +204,8 @@ def _name_twins(studies: list[Study], reasons: dict[str, list[Reason]]) -> None:
         for s in twins:
             reasons[s.series_instance_uid].append(Reason(
                 ReasonCode.SAME_DATE_AND_TIME,
-                f"{len(twins)} studies share StudyDate {day} and StudyTime {time}: probably one scan "
-                "sent under new UIDs; they are ordered by StudyInstanceUID, not by time"))
+                f"{len(twins)} studies share StudyDate {display_date(day)} and StudyTime {time}: "
+                "probably one scan sent under new UIDs; they are ordered by StudyInstanceUID, not by time"))
 
 
 def _before_admission(baseline: Study, surgery_date: str, window_days: int) -> Reason | None:
@@ -217,7 +217,7 @@ def _before_admission(baseline: Study, surgery_date: str, window_days: int) -> R
     days = admission.days_before(baseline.study_date, surgery_date)
     return Reason(
         ReasonCode.BASELINE_BEFORE_ADMISSION,
-        f"baseline {days} days before surgery ({surgery_date}), more than "
+        f"baseline {days} days before surgery ({display_date(surgery_date)}), more than "
         f"{window_days}: not the admission CT; the change includes the time "
         "before the fracture")
 
@@ -265,11 +265,11 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
                 reasons[s.series_instance_uid].append(R(
                     ReasonCode.EARLIER_PREOPERATIVE,
                     "earlier pre-operative study; the baseline is the latest pre-operative one (surgery "
-                    f"{surgery_date})"
+                    f"{display_date(surgery_date)})"
                 ))
             reasons[baseline.series_instance_uid].append(R(
                 ReasonCode.BASELINE_PREOPERATIVE,
-                f"baseline: latest pre-operative study (surgery {surgery_date})",
+                f"baseline: latest pre-operative study (surgery {display_date(surgery_date)})",
             ))
             old_baseline = _before_admission(baseline, surgery_date, admission_window_days)
             if old_baseline is not None:
@@ -279,8 +279,9 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
             later = later[1:]
             reasons[baseline.series_instance_uid].append(R(
                 ReasonCode.BASELINE_POSTOPERATIVE,
-                f"no pre-operative study (surgery {surgery_date}): the earliest post-operative study is the "
-                "baseline, so changes are post-operative only" + unplaced("the pre-operative one")
+                f"no pre-operative study (surgery {display_date(surgery_date)}): the earliest "
+                "post-operative study is the baseline, so changes are post-operative only"
+                + unplaced("the pre-operative one")
                 + (f"; {len(undecided)} study on the surgery day without metal QA may be the "
                    "pre-operative one" if undecided else "")
             ))
@@ -315,8 +316,9 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
             continue
         roles[uid] = Role.FOLLOWUP
         if s.study_date == baseline.study_date:
-            reasons[uid].append(R(ReasonCode.SAME_DAY_AS_BASELINE,
-                                  f"same day as the baseline ({s.study_date}): no interval, not compared"))
+            reasons[uid].append(R(
+                ReasonCode.SAME_DAY_AS_BASELINE,
+                f"same day as the baseline ({display_date(s.study_date)}): no interval, not compared"))
             continue
         comparisons.append((baseline, s, "baseline"))
         previous = next((p for p in reversed(compared) if p.study_date != s.study_date), None)
@@ -324,8 +326,8 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
         if same_day_prev:
             reasons[uid].append(R(
                 ReasonCode.SAME_DAY_FOLLOWUP,
-                f"another follow-up on the same day ({s.study_date}): compared with the baseline "
-                "and the last study of an earlier day only"
+                f"another follow-up on the same day ({display_date(s.study_date)}): compared with the "
+                "baseline and the last study of an earlier day only"
             ))
         if previous is not None and previous is not baseline:
             comparisons.append((previous, s, "previous"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from seg.dates import display_date
 from seg.records import LeftRight, Reason, ReasonCode, TimePoint, VolumeQA, other_side
 
 
@@ -46,7 +47,7 @@ def place(qa: VolumeQA | None, surgery_date: str, fractured_side: LeftRight | No
     Metal whose side is not located, or with no fractured side in the registry, counts as the new
     implant: on the day of a hip operation that is by far the likelier metal.
     """
-    day = f"same day as surgery ({surgery_date})"
+    day = f"same day as surgery ({display_date(surgery_date)})"
     if qa is None or qa.metal is None:
         return SurgeryDayStudy(Placement.UNKNOWN, Reason(
             ReasonCode.SURGERY_DAY_QA_UNKNOWN,
@@ -59,6 +60,6 @@ def place(qa: VolumeQA | None, surgery_date: str, fractured_side: LeftRight | No
         return SurgeryDayStudy(Placement.PREOPERATIVE, Reason(
             ReasonCode.SURGERY_DAY_PREOPERATIVE,
             f"{day}, metal on the unfractured {side}: pre-operative"))
-    where = {None: ", side not located", "both": " on both sides"}.get(side, f" on the {side}")
+    where = {None: ", side unknown", "both": " on both sides"}.get(side, f" on the {side}")
     return SurgeryDayStudy(Placement.POSTOPERATIVE, Reason(
         ReasonCode.SURGERY_DAY_POSTOPERATIVE, f"{day} with an implant{where}: post-operative"))
