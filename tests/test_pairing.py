@@ -735,6 +735,8 @@ def test_cli_timeline_and_reports(settings: Settings, tmp_path: Path, monkeypatc
     res = runner.invoke(app, ["patients", "timeline", "P1"])
     assert res.exit_code == 0, res.output
     assert "baseline" in res.output and "vs baseline" in res.output and "loss 10.0 %" in res.output
+    # dates as the reasons and the page give them
+    assert res.output.startswith("2023-01-01") and "vs baseline of 2023-01-01 (90 days)" in res.output
     long_uid = "2.25." + "9" * 59  # a series UID of the full 64 characters
     _record(settings, "P1", "1.3", "20230701", 0.8, series=long_uid)
     res = runner.invoke(app, ["patients", "timeline", "P1"])
@@ -742,6 +744,7 @@ def test_cli_timeline_and_reports(settings: Settings, tmp_path: Path, monkeypatc
     res = runner.invoke(app, ["report", "patient", "P1", "--out", str(tmp_path / "p1")])
     assert res.exit_code == 0, res.output
     assert list((tmp_path / "p1").glob("change-baseline-*.json"))
+    assert "baseline: 2023-01-01 → 2023-04-01 (90 days)" in res.output
     # each structure per side, the fractured side first, display names, within 80 columns
     lines = res.output.splitlines()
     assert max(len(line) for line in lines) <= 80

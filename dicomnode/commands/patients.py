@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from dicomnode.commands.common import ConfigOption, echo_problems, node_settings, settings_from
+from seg.dates import display_date
 from seg.terminal import COLUMNS
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ def timeline(
             shown = r.issuer_of_patient_id
             typer.echo(f"IssuerOfPatientID {shown or '(none)'}: a patient of its own"
                        f" ({len(issuers)} issuers use this PatientID)")
-        typer.echo(f"{r.study.study_date or '????????'} {r.study.study_time[:6]:6}  {r.role}")
+        typer.echo(f"{display_date(r.study.study_date):10} {r.study.study_time[:6]:6}  {r.role}")
         typer.echo(f"    series {r.study.series_instance_uid}")
         for why in r.reasons:
             typer.echo(textwrap.fill(why.text, COLUMNS, initial_indent="    · ", subsequent_indent="      "))
@@ -217,7 +218,7 @@ def timeline(
             t = c.total_analysed_muscles
             idx = f", {t.delta_index_cm3_m2:+.1f} cm³/m²" if t.delta_index_cm3_m2 is not None else ""
             typer.echo(
-                f"    vs {c.comparison} of {c.baseline.study_date} ({c.days_between} days): "
+                f"    vs {c.comparison} of {display_date(c.baseline.study_date)} ({c.days_between} days): "
                 f"{t.structures} muscles {t.pre_cm3:.0f} → {t.post_cm3:.0f} cm³\n"
                 f"      {t.delta_cm3:+.1f} cm³, loss {t.loss_pct:.1f} %{idx}"
             )

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from dicomnode.commands.common import ConfigOption, cell, node_settings, wrapped
+from seg.dates import display_date
 from seg.records import ChangeRecord, Followup
 
 report_app = typer.Typer(help="Cohort and per-patient change reports.", no_args_is_help=True)
@@ -94,7 +95,8 @@ def patient(
         raise typer.Exit(0)
     for c in changes:
         typer.echo(
-            f"\n{c.comparison}: {c.baseline.study_date} → {c.followup.study_date} ({c.days_between} days)\n"
+            f"\n{c.comparison}: {display_date(c.baseline.study_date)} → "
+            f"{display_date(c.followup.study_date)} ({c.days_between} days)\n"
             f"  height {c.height_m or '–'} m ({c.height_source}); fracture {c.fracture_type or 'unknown'}, "
             f"side {c.fractured_side or 'unknown'}"
         )
