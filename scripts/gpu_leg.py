@@ -63,10 +63,12 @@ class GpuCases:
     """Training cases resident on the GPU, cropped as ``seg.train.CropPlanner`` draws them (the
     same crops, mirror and jitter as ``seg.train.CropSampler``; the noise comes from torch)."""
 
-    def __init__(self, roi: int, device, fg_prob: float, postop_weight: float, rng: np.random.Generator):
-        from seg.train import CropPlanner
+    def __init__(self, roi: int, device, fg_prob: float, postop_weight: float, rng: np.random.Generator,
+                 streak_prob: float = 0.0):
+        from seg.train import CropPlanner, TrainConfig, preprocess_config
 
-        self.planner = CropPlanner((roi,) * 3, fg_prob, True, rng, postop_weight)
+        self.planner = CropPlanner((roi,) * 3, fg_prob, True, rng, postop_weight, streak_prob, SPACING)
+        self.pre = preprocess_config(TrainConfig(spacing_mm=SPACING))
         self.roi, self.device = roi, device
         self.images: list = []
         self.fractions: list = []
@@ -95,6 +97,8 @@ class GpuCases:
     def batch(self, n: int):
         import torch
 
+        from seg.streaks import add_to_windowed, streak_field
+
         xs, ys = [], []
         for _ in range(n):
             p = self.planner.draw()
@@ -103,6 +107,9 @@ class GpuCases:
             y = self.fractions[p.case][(slice(None), *sl)].float() / 255.0
             if p.flip:
                 x, y = x.flip(0), y.flip(1)
+            if p.streaks is not None:
+                field = torch.from_numpy(streak_field(p.streaks, (self.roi,) * 3)).to(self.device)
+                x = add_to_windowed(x, field, self.pre)
             x = x * p.gain + p.offset + torch.randn_like(x) * p.noise_sd
             xs.append(x.clamp_(0.0, 1.0))
             ys.append(y)
@@ -176,6 +183,7 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     cfg = TrainConfig(
         out=str(to), checkpoint_dir=str(ck), phantoms=len(meta["train_seeds"]), seed_start=1000,
         val_phantoms=a["val_phantoms"], postop_share=0.5, postop_weight=a["postop_weight"],
+        streak_prob=a.get("streak_prob", 0.0),
         arch=dict(base.meta.architecture.args), spacing_mm=SPACING, batch_size=a["batch"],
         steps=meta["step"], max_minutes=round(meta["train_wall_s"] / 60, 2), lr=a["lr"],
         warmup_steps=a["warmup"], decay_start=a["decay_start"], val_every=0, threads=a["workers"],
@@ -219,6 +227,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--decay-start", type=float, default=0.4, help="fraction of the training window")
     ap.add_argument("--postop-weight", type=float, default=2.0)
+    ap.add_argument("--streak-prob", type=float, default=0.0,
+                    help="share of crops with metal streaks drawn over them (seg.streaks)")
     ap.add_argument("--val-phantoms", type=int, default=4, help="validation_plan(n, 1384)")
     ap.add_argument("--extra", type=int, default=1216, help="phantom_plan(n, S, 0.5) beside the 384")
     ap.add_argument("--extra-start", type=int, default=2000, help="S: its first seed")
@@ -273,7 +283,7 @@ def main() -> int:
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=False, softmax=True, include_background=True, batch=True)
     rng = np.random.default_rng(a.seed)
-    cases = GpuCases(roi, device, 0.85, a.postop_weight, rng)
+    cases = GpuCases(roi, device, 0.85, a.postop_weight, rng, a.streak_prob)
     valdir = Path(tempfile.mkdtemp(prefix="val"))
     val_cases: list[dict] = []
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU only"

@@ -33,6 +33,7 @@ from seg.phantom.options import PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
 from seg.preprocess_config import ImageResampling, PreprocessConfig
 from seg.recipe import POSTOP_SHARES, Crop, Device, Precision, Targets
+from seg.streaks import Streaks, add_to_windowed, draw_streaks, streak_field
 from seg.volume import Volume
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class TrainConfig:
     # (1: every case equally often). Post-operative thighs (implant streaks, atrophy, fat) are where
     # the network errs most; more of them per step, without new data.
     postop_weight: float = 1.0
+    # Share of crops that get metal streaks drawn over them (seg.streaks; 0: none, the old stream).
+    streak_prob: float = 0.0
     cache_workers: int = 1  # processes that render and cache phantoms before the first step
     phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
     arch: dict = field(default_factory=lambda: dict(recipe.DEMO_UNETR))
@@ -409,6 +412,7 @@ class CropPlan:
     gain: float
     offset: float
     noise_sd: float
+    streaks: Streaks | None = None  # metal-streak artefact to add (seg.streaks), if any
 
 
 class CropPlanner:
@@ -420,11 +424,14 @@ class CropPlanner:
     """
 
     def __init__(self, roi: tuple[int, int, int], fg_prob: float, flip_x: bool, rng: np.random.Generator,
-                 postop_weight: float = 1.0):
+                 postop_weight: float = 1.0, streak_prob: float = 0.0,
+                 spacing_mm: tuple[float, float, float] = (recipe.SPACING_MM,) * 3):
         if postop_weight <= 0:
             raise ValueError(f"postop_weight must be positive, not {postop_weight}")
+        if not 0.0 <= streak_prob <= 1.0:
+            raise ValueError(f"streak_prob must be within 0…1, not {streak_prob}")
         self.roi, self.fg_prob, self.flip_x, self.rng = np.array(roi), fg_prob, flip_x, rng
-        self.postop_weight = postop_weight
+        self.postop_weight, self.streak_prob, self.spacing_mm = postop_weight, streak_prob, spacing_mm
         self.shapes: list[np.ndarray] = []  # each case's shape, padded up to the ROI
         self.centres: list[dict[int, np.ndarray]] = []
         self.weights: list[float] = []
@@ -459,7 +466,11 @@ class CropPlanner:
         flip = bool(self.flip_x and self.rng.random() < 0.5)  # classes are not lateralised
         # Intensity jitter on the windowed image: contrast, brightness, noise.
         gain, offset = float(self.rng.uniform(0.9, 1.1)), float(self.rng.uniform(-0.05, 0.05))
-        return CropPlan(i, start, flip, gain, offset, float(self.rng.uniform(0.0, 0.03)))
+        noise_sd = float(self.rng.uniform(0.0, 0.03))
+        streaks = None  # drawn only when asked for, so the random stream without them stays as it was
+        if self.streak_prob > 0 and self.rng.random() < self.streak_prob:
+            streaks = draw_streaks(self.rng, tuple(int(r) for r in self.roi), self.spacing_mm)
+        return CropPlan(i, start, flip, gain, offset, noise_sd, streaks)
 
 
 class CropSampler:
@@ -479,10 +490,16 @@ class CropSampler:
         by_class: bool = False,
         fractions: bool = False,
         postop_weight: float = 1.0,
+        streak_prob: float = 0.0,
+        pre: PreprocessConfig | None = None,
     ):
         if not cases:
             raise ValueError("no training cases")
-        self.planner = CropPlanner(roi, fg_prob, flip_x, rng, postop_weight)
+        if streak_prob > 0 and pre is None:
+            raise ValueError("streaks are added in HU: give the preprocessing (pre)")
+        self.pre = pre
+        self.planner = CropPlanner(roi, fg_prob, flip_x, rng, postop_weight, streak_prob,
+                                   pre.spacing_mm if pre is not None else (recipe.SPACING_MM,) * 3)
         self.images = [np.load(c["image"]) for c in cases]
         self.labels = [np.load(c["labels"]) for c in cases]
         # Fractions are 30x the labels' size (about 31 MB a whole-thigh phantom at 4 mm): mapped, not
@@ -516,6 +533,8 @@ class CropSampler:
             y = self._crop(self.labels[p.case], p.start)[None]
         if p.flip:
             x, y = x[::-1], y[:, ::-1]
+        if p.streaks is not None and self.pre is not None:
+            x = add_to_windowed(x, streak_field(p.streaks, self.roi), self.pre).astype(np.float32)
         x = x * p.gain + p.offset
         x = x + self.rng.normal(0.0, p.noise_sd, x.shape).astype(np.float32)
         return np.clip(x, 0.0, 1.0), np.ascontiguousarray(y)
@@ -808,6 +827,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     sampler = CropSampler(
         train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng, by_class=cfg.crop == "classes",
         fractions=cfg.targets == "partial_volume", postop_weight=cfg.postop_weight,
+        streak_prob=cfg.streak_prob, pre=pre,
     )
     t0 = time.time() - state["elapsed_s"]
     t_ck = time.time()

@@ -102,17 +102,19 @@ def test_the_logged_loss_is_the_mean_of_those_read(gpu_leg) -> None:
 
 def test_gpu_crops_are_the_cpu_samplers_crops(gpu_leg, tmp_path: Path) -> None:
     """Same seed, same case: the first crop's target is the one seg.train.CropSampler cuts, and its
-    image differs by the jitter's noise alone."""
-    from seg.train import CropSampler
+    image differs by the jitter's noise alone, with metal streaks drawn over it or without."""
+    from seg.train import CropSampler, TrainConfig, preprocess_config
 
     image, labels, fractions = _case((30, 40, 50), 0.5)
     image = np.random.default_rng(2).random(image.shape).astype(np.float16) * 0.5 + 0.25
     for name, a in (("image", image), ("labels", labels), ("fractions", fractions)):
         np.save(tmp_path / f"c_{name}.npy", a)
     case = {k: str(tmp_path / f"c_{k}.npy") for k in ("image", "labels", "fractions")}
-    for seed in range(4):
-        cpu = CropSampler([case], (24, 24, 24), 0.85, True, np.random.default_rng(seed), fractions=True)
-        gpu = gpu_leg.GpuCases(24, torch.device("cpu"), 0.85, 1.0, np.random.default_rng(seed))
+    pre = preprocess_config(TrainConfig(spacing_mm=gpu_leg.SPACING))
+    for seed, streaks in ((0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)):
+        cpu = CropSampler([case], (24, 24, 24), 0.85, True, np.random.default_rng(seed), fractions=True,
+                          streak_prob=streaks, pre=pre)
+        gpu = gpu_leg.GpuCases(24, torch.device("cpu"), 0.85, 1.0, np.random.default_rng(seed), streaks)
         gpu.add(PhantomOptions(seed=1), image, labels, fractions)
         (xc, yc), (xg, yg) = cpu.batch(1), gpu.batch(1)
         assert torch.equal(yc, yg)

@@ -267,7 +267,7 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
             "--checkpoints", str(tmp_path / "ck"), "--steps", "2", "--val-every", "2", "--z-range", "-30,30",
             "--roi", "32", "--feature-size", "4", "--hidden-size", "48", "--mlp-dim", "96",
             "--batch-size", "1", "--lr", "2.5e-4", "--postop-share", "0.75", "--postop-weight", "2",
-            "--warmup-steps", "1",
+            "--streak-prob", "0.5", "--warmup-steps", "1",
             "--decay-start", "0.4", "--threads", "1", "--version", "0.0.2", "--demo", "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -275,10 +275,13 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
     config = pkg.meta.provenance["config"]
     assert (config["lr"], config["postop_share"], config["postop_weight"], config["batch_size"]) == (
         2.5e-4, 0.75, 2.0, 1)
+    assert config["streak_prob"] == 0.5
     assert (config["warmup_steps"], config["decay_start"], config["spacing_mm"]) == (1, 0.4, [4.0] * 3)
     assert pkg.meta.architecture.args["img_size"] == [32] * 3 and pkg.info.version == "0.0.2"
     refused = CliRunner().invoke(app, [*args, "--postop-share", "0.3"])
     assert refused.exit_code == 2 and "0.25, 0.5 or 0.75" in refused.output
+    refused = CliRunner().invoke(app, [*args, "--streak-prob", "1.5"])
+    assert refused.exit_code == 2 and "--streak-prob must be within 0…1" in refused.output
 
 
 def test_site_dataset_trains_with_label_maps_in_any_voxel_order(tmp_path: Path) -> None:

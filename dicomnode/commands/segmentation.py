@@ -375,6 +375,9 @@ def train(
     postop_weight: Annotated[
         float, typer.Option(help="How much more often crops come from post-operative phantoms (1: as often).")
     ] = 1.0,
+    streak_prob: Annotated[
+        float, typer.Option(help="Share of crops that get metal streaks drawn over them (0…1; 0: none).")
+    ] = 0.0,
     checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Checkpoint + cache folder.")] = Path(
         "checkpoints/run"
     ),
@@ -457,6 +460,8 @@ def train(
         raise typer.BadParameter(f"--postop-share must be {_POSTOP_SHARES}")
     if postop_weight <= 0:
         raise typer.BadParameter("--postop-weight must be positive")
+    if not 0.0 <= streak_prob <= 1.0:
+        raise typer.BadParameter("--streak-prob must be within 0…1")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
     if cache_workers < 1:
@@ -477,6 +482,7 @@ def train(
         val_phantoms=val_phantoms if data is None else 0,
         postop_share=postop_share,
         postop_weight=postop_weight,
+        streak_prob=streak_prob,
         cache_workers=cache_workers,
         phantom_z_range_mm=zr,
         arch=arch,
