@@ -32,9 +32,14 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import encode
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from series_factory import write_ct_series, write_enhanced_ct
 
 from dicomnode.external import require_dcmtk_tool
@@ -79,9 +84,10 @@ def test_echo_command_reaches_the_pacs(peers: tuple[NodeProcess, StoreSCP]) -> N
 
 
 def test_a_query_the_node_does_not_serve_is_refused_cleanly(peers: tuple[NodeProcess, StoreSCP]) -> None:
-    """dcmtk findscu proposes the query SOP classes, which the node does not negotiate; a C-FIND sent on
-    the Verification context anyway is answered 0x0122 (SOP class not supported) with one WARNING, and
-    the association goes on to its release. pynetdicom logged it at ERROR with a traceback and aborted."""
+    """dcmtk findscu proposes the query SOP classes, which the node does not negotiate; a C-FIND, C-MOVE
+    or C-GET sent on the Verification context anyway is answered 0x0122 (SOP class not supported) with
+    one WARNING each, and the association goes on to its release. pynetdicom logged each at ERROR with
+    a traceback and aborted."""
     node, _ = peers
     seen = len(node.log())
     found = subprocess.run([require_dcmtk_tool("findscu"), "-S", "-aet", "FINDSCU", "-aec", "THIGHNODE",
@@ -96,15 +102,20 @@ def test_a_query_the_node_does_not_serve_is_refused_cleanly(peers: tuple[NodePro
         (evt.EVT_DIMSE_RECV, lambda event: received.put(event.message.message_to_primitive()))])
     assert assoc.is_established
     query = Dataset()
-    query.QueryRetrieveLevel, query.PatientID = "STUDY", "P1"
-    request = C_FIND()
-    request.MessageID, request.Priority = 7, 2
-    request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
-    request.Identifier = BytesIO(encode(query, True, True))
-    assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
-    answer = received.get(timeout=10)
-    assert isinstance(answer, C_FIND)
-    assert (answer.MessageIDBeingRespondedTo, answer.Status) == (7, 0x0122)
+    query.QueryRetrieveLevel, query.PatientID = "STUDY", "PHI-7731"
+    requests = [(C_FIND(), StudyRootQueryRetrieveInformationModelFind),
+                (C_MOVE(), StudyRootQueryRetrieveInformationModelMove),
+                (C_GET(), StudyRootQueryRetrieveInformationModelGet)]
+    for message_id, (request, sop_class) in enumerate(requests, start=7):
+        request.MessageID, request.Priority = message_id, 2
+        request.AffectedSOPClassUID = sop_class
+        request.Identifier = BytesIO(encode(query, True, True))
+        if isinstance(request, C_MOVE):
+            request.MoveDestination = "FINDSCU"
+        assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
+        answer = received.get(timeout=10)
+        assert type(answer) is type(request)
+        assert (answer.MessageIDBeingRespondedTo, answer.Status) == (message_id, 0x0122)
     assoc.release()
     assert assoc.is_released and not assoc.is_aborted
     assert echoscu(node.port, aet="ECHOSCU").returncode == 0
@@ -113,8 +124,10 @@ def test_a_query_the_node_does_not_serve_is_refused_cleanly(peers: tuple[NodePro
                    what="the refusal in the node log")
     assert "Traceback" not in log and " ERROR " not in log
     refused = [line for line in log.splitlines() if "request refused" in line]
-    assert len(refused) == 1 and " WARNING " in refused[0]
-    assert "operation=C-FIND" in refused[0] and "status=0x0122" in refused[0]
+    assert len(refused) == 3 and all(" WARNING " in line for line in refused)
+    for line, operation in zip(refused, ("C-FIND", "C-MOVE", "C-GET"), strict=True):
+        assert f"operation={operation}" in line and "status=0x0122" in line
+    assert "PHI-7731" not in log  # the identifier's patient ID is not logged
     assert "aborted" not in log
 
 
