@@ -657,6 +657,30 @@ def test_prior_retrieval_is_attempted_once_and_can_be_off(settings: Settings, tm
     assert [r[0] for r in _retrievals(settings)][2:] == ["requested", "failed"]
 
 
+def test_a_recorded_follow_up_reads_the_registry_once_and_still_asks_for_the_prior(
+        settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    """Pairing a new result reads the patient's registry row once: the surgery date that decides
+    whether the PACS is asked for a prior is the one the timeline was planned with (it was read
+    again after the pairing transaction)."""
+    _registry(settings, tmp_path, "patient_id,surgery_date\nP3,20230110\n")
+    settings.pairing.retrieve_priors = True
+    settings.pacs.port = free_port()  # nobody listens: the request is recorded, then fails
+    reads: list[tuple[str, str]] = []
+    exact_row = registry._exact_row
+
+    def counted(con: sqlite3.Connection, patient_id: str, issuer: str) -> registry.ClinicalInfo | None:
+        reads.append((patient_id, issuer))
+        return exact_row(con, patient_id, issuer)
+
+    monkeypatch.setattr(registry, "_exact_row", counted)
+    _record(settings, "P3", "3.2", "20230601", 0.9)  # post-operative, no pre-operative CT held
+    assert reads == [("P3", "")]
+    deadline = time.time() + 20
+    while len(_retrievals(settings)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert [r[0] for r in _retrievals(settings)] == ["requested", "failed"]
+
+
 def test_patients_list_shows_a_registry_row_with_the_studies_it_applies_to(
         settings: Settings, tmp_path: Path, monkeypatch) -> None:
     """A registry row imported without an issuer applies to the measured patient whose studies carry
@@ -710,6 +734,36 @@ def test_patients_list_shows_the_height_and_sex_pairing_uses(
     assert any(line.startswith("PHANTOM0000000001 ") and "registry" in line and "20240105" in line
                for line in lines), lines
     assert any("pairs" in line for line in lines)
+
+
+def test_patients_list_reads_each_registry_row_once(
+        settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    """`patients list` reads a patient's registry row once: a measured patient outside the registry
+    was looked up a second time (its missing row read as "not read yet"). What it lists is the same."""
+    _registry(settings, tmp_path, "patient_id,height_m,sex,fracture_type,fractured_side,surgery_date\n"
+                                  "P5,1.70,M,FNF,right,20230105\nP6,1.55,F,ITF,left,\n")
+    _record(settings, "P5", "5.1", "20230101", issuer="HOSP_A")
+    _record(settings, "P5", "5.2", "20230401", 0.9, issuer="HOSP_A")
+    _record(settings, "P8", "8.1", "20230101", size=1.58)
+    _record(settings, "P8", "8.2", "20230301", 0.95, size=1.58)
+    reads: list[tuple[str, str]] = []
+    exact_row = registry._exact_row
+
+    def counted(con: sqlite3.Connection, patient_id: str, issuer: str) -> registry.ClinicalInfo | None:
+        reads.append((patient_id, issuer))
+        return exact_row(con, patient_id, issuer)
+
+    monkeypatch.setattr(registry, "_exact_row", counted)
+    rows = pairing.patients(settings)
+    # P5's row was imported without an issuer: HOSP_A is tried first, then ""; P6 is read with all rows
+    assert sorted(reads) == [("P5", ""), ("P5", "HOSP_A"), ("P8", "")]
+    facts = [(r.patient_id, r.issuer, r.in_registry, r.height_m, r.height_source, r.sex, r.sex_source,
+              r.fracture_type, r.fractured_side, r.surgery_date, r.studies, r.comparisons) for r in rows]
+    assert facts == [
+        ("P5", "HOSP_A", True, 1.70, "registry", "M", "registry", "FNF", "right", "20230105", 2, 1),
+        ("P6", "", True, 1.55, "registry", "F", "registry", "ITF", "left", None, 0, 0),
+        ("P8", "", False, 1.58, "PatientSize", "F", "PatientSex", None, None, None, 2, 1),
+    ]
 
 
 def _retrievals(settings: Settings) -> list[tuple]:

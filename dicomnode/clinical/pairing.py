@@ -157,6 +157,7 @@ class Plan:
     baseline: Study | None
     baseline_preoperative: bool | None  # None when no surgery date is known
     surgery_day: dict[str, Placement]  # series uid → placement, for the studies on the surgery day
+    surgery_date: str | None  # the registry's, as planned with (a prior is asked for by it too)
     # the pre-operative baseline is older than the admission period: every comparison with it says so
     old_baseline: Reason | None = None
 
@@ -301,7 +302,7 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
         elif s in undecided:
             roles[s.series_instance_uid] = Role.UNPLACED  # its reason says why: no metal QA
     if baseline is None:
-        return Plan(studies, roles, reasons, comparisons, None, baseline_pre, placed)
+        return Plan(studies, roles, reasons, comparisons, None, baseline_pre, placed, surgery_date)
     roles[baseline.series_instance_uid] = Role.BASELINE
     if not any(s.study_date for s in later):
         reasons[baseline.series_instance_uid].append(
@@ -332,7 +333,8 @@ def plan_timeline(studies: list[Study], surgery_date: str | None, fractured_side
         if previous is not None and previous is not baseline:
             comparisons.append((previous, s, "previous"))
         compared.append(s)
-    return Plan(studies, roles, reasons, comparisons, baseline, baseline_pre, placed, old_baseline)
+    return Plan(studies, roles, reasons, comparisons, baseline, baseline_pre, placed, surgery_date,
+                old_baseline)
 
 
 # ---------------------------------------------------------------- recording
@@ -408,22 +410,20 @@ def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord
         ("; " + ", ".join(r.code.value for r in reasons)) if reasons else "",
     )
     log.debug("pairing: %s", "; ".join(r.text for r in reasons))
-    if settings.pairing.retrieve_priors:
-        info = registry.get_patient(settings, pid, issuer)
-        surgery = info.surgery_date if info else None
-        if needs_prior(plan, surgery, result):
-            _maybe_retrieve(settings, pid, issuer, result, plan, surgery)
+    if settings.pairing.retrieve_priors and needs_prior(plan, result):
+        _maybe_retrieve(settings, pid, issuer, result, plan)
     return mine
 
 
-def needs_prior(plan: Plan, surgery_date: str | None, result: ResultRecord) -> bool:
+def needs_prior(plan: Plan, result: ResultRecord) -> bool:
     """Whether this new result is a follow-up without a baseline in the node (then the PACS is asked).
 
-    With a surgery date: a post-operative study (after the surgery day, or on it with an implant)
+    With a surgery date (the plan's): a post-operative study (after the surgery day, or on it with an implant)
     while no pre-operative one is held, or only one older than the admission period (the PACS is
     then asked for the admission CT alone, :func:`_maybe_retrieve`). Without one: the patient's
     only study (it may be a follow-up; a pre-operative CT is better marked by the registry).
     """
+    surgery_date = plan.surgery_date
     if surgery_date:
         postoperative = bool(result.study_date) and (
             result.study_date > surgery_date
@@ -433,21 +433,20 @@ def needs_prior(plan: Plan, surgery_date: str | None, result: ResultRecord) -> b
     return len(plan.studies) == 1
 
 
-def _resolve(settings: Settings, con: sqlite3.Connection, pid: str, issuer: str,
-             studies: list[Study], info: registry.ClinicalInfo | None = None) -> registry.Resolved:
-    """The patient's facts as pairing uses them: the registry (``info`` when read already), else the
-    latest study's header."""
+def _resolve(info: registry.ClinicalInfo | None, studies: list[Study]) -> registry.Resolved:
+    """The patient's facts as pairing uses them: its registry row ``info`` (None: it has none), else
+    the latest study's header."""
     latest_size = next((s.patient_size_m for s in reversed(studies) if s.patient_size_m), None)
     latest_sex = next((s.patient_sex for s in reversed(studies) if s.patient_sex), None)
-    return registry.resolve(settings, pid, issuer, latest_sex, latest_size, info=info, con=con)
+    return registry.resolve_row(info, latest_sex, latest_size)
 
 
-def resolved(settings: Settings, patient_id: str, issuer: str = "",
-             info: registry.ClinicalInfo | None = None) -> registry.Resolved:
+def resolved(settings: Settings, patient_id: str, issuer: str,
+             info: registry.ClinicalInfo | None) -> registry.Resolved:
     """What pairing knows of a measured patient (height and sex with their sources, registry facts);
-    ``info``: the patient's registry row when the caller has read it (it is not read again)."""
+    ``info``: the patient's registry row as the caller read it (None: it has none; not read again)."""
     with reading(settings) as con:
-        return _resolve(settings, con, patient_id, issuer, _studies(con, patient_id, issuer)[0], info)
+        return _resolve(info, _studies(con, patient_id, issuer)[0])
 
 
 def _surgery_day_qa(studies: list[Study], surgery_date: str | None) -> dict[str, VolumeQA | None]:
@@ -468,7 +467,7 @@ def _refresh_patient(
 ) -> tuple[list[ChangeRecord], Plan]:
     """Recompute roles, reasons and every comparison of one patient (the table mirrors the timeline)."""
     studies, superseded = _studies(con, pid, issuer)
-    res = _resolve(settings, con, pid, issuer, studies)
+    res = _resolve(registry.get_patient(settings, pid, issuer, con=con), studies)
     qa = _surgery_day_qa(studies, res.surgery_date)
     plan = plan_timeline(studies, res.surgery_date, res.fractured_side, qa,
                          admission_window_days=settings.pairing.admission_window_days)
@@ -669,8 +668,7 @@ def patients(settings: Settings) -> list[PatientRow]:
     rows = []
     for key in sorted(infos):
         info = infos[key]
-        res = (resolved(settings, *key, info=info) if key in measured
-               else registry.resolve(settings, key[0], key[1], info=info))
+        res = resolved(settings, *key, info) if key in measured else registry.resolve_row(info)
         studies, comparisons = measured.get(key, (0, 0))
         rows.append(PatientRow(
             patient_id=key[0],
@@ -798,10 +796,9 @@ def cohort_entries(settings: Settings, followup: Followup = Followup.LAST) -> li
 # ---------------------------------------------------------------- prior retrieval
 
 
-def _maybe_retrieve(
-    settings: Settings, pid: str, issuer: str, result: ResultRecord, plan: Plan, surgery: str | None
-) -> None:
+def _maybe_retrieve(settings: Settings, pid: str, issuer: str, result: ResultRecord, plan: Plan) -> None:
     """Ask the PACS for an earlier study in the background, once per patient and follow-up study."""
+    surgery = plan.surgery_date
     with writing(settings) as con:
         seen = con.execute(
             "SELECT 1 FROM pairing_retrievals WHERE patient_id=? AND issuer_of_patient_id=?"

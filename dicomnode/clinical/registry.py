@@ -390,12 +390,18 @@ def resolve(
     issuer: str = "",
     dicom_sex: Any = None,
     dicom_size: Any = None,
-    info: ClinicalInfo | None = None,
     con: sqlite3.Connection | None = None,
 ) -> Resolved:
-    """Registry first, DICOM header second; every value carries its provenance or the reason it is absent."""
-    if info is None:
-        info = get_patient(settings, patient_id, issuer, con=con)
+    """Registry first, DICOM header second (:func:`resolve_row` of the patient's row, read here)."""
+    return resolve_row(get_patient(settings, patient_id, issuer, con=con), dicom_sex, dicom_size)
+
+
+def resolve_row(info: ClinicalInfo | None, dicom_sex: Any = None, dicom_size: Any = None) -> Resolved:
+    """:func:`resolve` of a registry row the caller has read already (None: the patient has none).
+
+    Why apart: a caller listing many patients reads each row once; "no row" must not read as "not
+    read yet", or every patient outside the registry is looked up a second time.
+    Every value carries its provenance or the reason it is absent."""
     notes: list[Reason] = []
     height, height_source = None, "missing"
     if info is not None and info.height_m is not None and info.height_flag is None:
