@@ -146,11 +146,16 @@ def page_table(volumes: VolumeRecord, rows: list[list[str]],
         for r in rows]
 
 
+MINUS = "\u2212"  # the minus sign, as the header's "follow-up − baseline" and the chart's ticks
+
+
 def _signed(value: float | None) -> str:
-    """A change in % of baseline as the chart and the SR give it: signed, "–" where there is none."""
+    """A change (cm³, or % of baseline as the chart and the SR give it): signed, "–" where there is
+    none. A loss reads "−3.0" with the minus sign, as the chart's ticks do, not the shorter hyphen."""
     if value is None:
         return "–"
-    return f"{value if round(value, 1) else 0.0:+.1f}"  # -0.04 is "+0.0", never "-0.0"
+    text = f"{value if round(value, 1) else 0.0:+.1f}"  # -0.04 is "+0.0", never "-0.0"
+    return text.replace("-", MINUS)
 
 
 def shown_side(change: ChangeRecord | None, fractured_side: LeftRight | None) -> LeftRight | None:
@@ -207,7 +212,7 @@ def total_change_lines(change: ChangeRecord) -> list[str]:
     both = shown_change(t.pre_cm3, t.post_cm3, None)
     if both.delta_cm3 is None:
         return []
-    lines = [f"Change of the {t.structures} analysed muscles since then: {both.delta_cm3:+.1f} cm³"
+    lines = [f"Change of the {t.structures} analysed muscles since then: {_signed(both.delta_cm3)} cm³"
              + (f", {_signed(both.change_pct)} %" if both.change_pct is not None else "")
              + f" of {both.pre_cm3:.1f} cm³ (Δ = follow-up − baseline: negative is a loss)"]
     operated = shown_side(change, None)

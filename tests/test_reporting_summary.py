@@ -17,6 +17,7 @@ from reporting.sr import build_measurement_sr
 from reporting.summary import (
     _MARGIN,
     _PAD,
+    MINUS,
     _signed,
     _table_rows,
     build_summary,
@@ -290,7 +291,8 @@ def test_follow_up_table_gives_each_sides_change_in_numbers(studies):
     bars = change_bars(change)
     row = next(r for r in rows if r[0] == "Gluteus maximus")
     shown = [cell.removesuffix(" †") for cell in row[-2:]]  # † marks a side next to the implant
-    assert shown == [f"{bars['gluteus_maximus'][side]:+.1f}" for side in ("left", "right")]
+    assert shown == [f"{bars['gluteus_maximus'][side]:+.1f}".replace("-", MINUS)
+                     for side in ("left", "right")]
     assert page_table(f_vols, _table_rows(f_vols)[0], None)[0] == heads[:-2]
 
 
@@ -308,7 +310,26 @@ def test_table_lists_the_muscles_in_the_papers_order(studies):
 def test_change_numbers_never_read_minus_zero():
     """A change that rounds to zero is "+0.0" as on the other rows; "-0.0" reads as a loss."""
     assert [_signed(v) for v in (-0.04, 0.0, 0.04, -0.26, 1.0, None)] == [
-        "+0.0", "+0.0", "+0.0", "-0.3", "+1.0", "–"]
+        "+0.0", "+0.0", "+0.0", "\u22120.3", "+1.0", "–"]
+
+
+def test_a_loss_reads_with_the_minus_sign_everywhere_on_the_page(studies):
+    """Header, table and chart write a negative number with the minus sign (U+2212), as the header's
+    "follow-up − baseline" and the chart's ticks do; the table and the header had the hyphen."""
+    import re
+
+    _, ct, f_vols, _, _ = studies["f"]
+    fig = page_figure(f_vols, MODEL, ct.header, studies["change"])
+    fig.canvas.draw()
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+    ticks = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    header = next(t for t in texts if t.startswith("Change of the 21 analysed muscles"))
+    assert re.match(f"Change of the 21 analysed muscles since then: {MINUS}\\d", header)
+    table = [t for t in fig.axes[0].texts if t.get_horizontalalignment() == "right"]
+    assert any(t.get_text().startswith(MINUS) for t in table)  # a loss in the table (gluteus maximus)
+    assert any(t.startswith(MINUS) for t in ticks)
+    hyphened = [t for t in texts + ticks if re.search(r"(?<![\w.])-\d", t)]  # a date's "-" is not one
+    assert not hyphened, hyphened
 
 
 def test_page_states_no_single_patient_orientation(studies):
@@ -325,7 +346,7 @@ def test_header_gives_each_sides_total_change_the_operated_one_marked(studies):
     lines = total_change_lines(change)
     t = change.total_analysed_muscles
     assert lines[0].startswith(f"Change of the 21 analysed muscles since then: "
-                               f"{round(t.post_cm3, 1) - round(t.pre_cm3, 1):+.1f} cm³")
+                               f"{round(t.post_cm3, 1) - round(t.pre_cm3, 1):+.1f} cm³".replace("-", MINUS))
     by_side = {s.side: s for s in change.total_analysed_muscles_by_side}
     assert set(by_side) == {"left", "right"}
     assert by_side["left"].pre_cm3 + by_side["right"].pre_cm3 == pytest.approx(t.pre_cm3)
