@@ -260,13 +260,54 @@ def multi_frame_text(n: int) -> str:
 
 def load_dicom_series(paths: Path | list[Path]) -> Volume:
     """Read one DICOM image series into a Volume in HU (int16 when exact, else float32)."""
+    datasets, affine, shape0 = _series_stack(paths, _read)
+    slopes = [float(ds.get("RescaleSlope", 1) or 1) for _, ds in datasets]
+    inters = [float(ds.get("RescaleIntercept", 0) or 0) for _, ds in datasets]
+    exact = all(s == 1.0 for s in slopes) and all(float(i).is_integer() for i in inters)
+    arr = _hu_array(datasets, shape0, slopes, inters, exact)
+
+    return Volume(arr, affine, _series_header(datasets[0][1]), [f for f, _ in datasets],
+                  [str(ds.SOPInstanceUID) for _, ds in datasets])
+
+
+def _deferred_read(f: Path):
+    """The file as ``pydicom.dcmread`` reads it, with large values (the pixels) left on disk."""
+    import pydicom
+
+    return pydicom.dcmread(f, defer_size=1024)
+
+
+def image_grid(path: Path | str) -> Volume:
+    """The grid :func:`load_image` would give ``path`` (shape, affine), its pixels never read: the
+    array is a zero-stride placeholder. For checking that a label map fits a CT before the CT
+    itself is needed (``evaluate --data`` reads each CT once)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if p.is_dir() or not p.name.endswith((".nii", ".nii.gz")):
+        datasets, affine, shape0 = _series_stack(p if p.is_dir() else [p], _deferred_read)
+        shape = (shape0[1], shape0[0], len(datasets))
+    else:
+        import nibabel as nib
+
+        img = nib.load(str(p))
+        shape = tuple(img.shape[:3]) if len(img.shape) == 4 and img.shape[3] == 1 else tuple(img.shape)
+        if len(shape) != 3:
+            raise ValueError(f"{p}: expected a 3-D image, got shape {img.shape}")
+        affine = LPS_TO_RAS @ img.affine
+    return Volume(np.broadcast_to(np.int16(0), shape), affine)
+
+
+def _series_stack(paths: Path | list[Path], read) -> tuple[list, np.ndarray, tuple[int, int]]:
+    """The series' image files as (path, dataset) in slice order, its affine and its (rows, columns),
+    each file read by ``read``; what does not form one regular stack is a SeriesGeometryError."""
     import pydicom
 
     datasets = []
     multi_frame, no_geometry = [], []  # multi-frame images, images without a position: their series UIDs
     for f in _files(paths):
         try:
-            ds = _read(f)
+            ds = read(f)
         except (pydicom.errors.InvalidDicomError, OSError) as exc:
             ds = _raw_dataset(f)  # no preamble or file meta, as older archives keep them
             if ds is None:
@@ -315,14 +356,7 @@ def load_dicom_series(paths: Path | list[Path]) -> Volume:
     affine[:3, 1] = col_dir * ps0[0]  # j runs down a column: row spacing
     affine[:3, 2] = step
     affine[:3, 3] = pos[0]
-
-    slopes = [float(ds.get("RescaleSlope", 1) or 1) for _, ds in datasets]
-    inters = [float(ds.get("RescaleIntercept", 0) or 0) for _, ds in datasets]
-    exact = all(s == 1.0 for s in slopes) and all(float(i).is_integer() for i in inters)
-    arr = _hu_array(datasets, shape0, slopes, inters, exact)
-
-    return Volume(arr, affine, _series_header(datasets[0][1]), [f for f, _ in datasets],
-                  [str(ds.SOPInstanceUID) for _, ds in datasets])
+    return datasets, affine, shape0
 
 
 def save_nifti(vol: Volume, path: Path | str) -> Path:
