@@ -2,21 +2,21 @@
 
 Why: training stops on a bad case (a label value that is no class, a label map off its CT's grid)
 only when it reaches that case, after caching the ones before; a dry run reads every case through
-the same functions (:func:`seg.train.dataset_cases`, :func:`seg.train.load_case`), reports every bad
-case at once and shows what the good ones hold: voxels per class, classes no case labels.
+the same functions (:func:`seg.dataset.scan_dataset`, :func:`seg.dataset.load_case`), reports every
+bad case at once and shows what the good ones hold: voxels per class, classes no case labels, and
+the site's label table when the dataset has one.
 """
 
 from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from seg import labels as L
+from seg.dataset import TABLE_NAME, DatasetCase, DatasetError, LabelTable, load_case
 from seg.terminal import COLUMNS
-from seg.train import DatasetError, load_case
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,14 @@ class CaseCheck:
         return [label for label, n in enumerate(self.voxels) if label and not n]
 
 
-def check_case(case_id: str, ct_path: Path, labels_path: Path) -> CaseCheck:
+def check_case(case: DatasetCase) -> CaseCheck:
     """Read one case exactly as training does; a :class:`DatasetError` becomes its problem."""
     try:
-        ct, labels = load_case(case_id, ct_path, labels_path)
+        ct, labels = load_case(case)
     except DatasetError as exc:
-        return CaseCheck(case_id, problem=str(exc).removeprefix(f"case {case_id}: "))
+        return CaseCheck(case.case, problem=str(exc).removeprefix(f"case {case.case}: "))
     counts = np.bincount(labels.array.ravel(), minlength=L.NUM_CLASSES)
-    return CaseCheck(case_id, ct.shape, ct.spacing_mm, tuple(int(n) for n in counts))
+    return CaseCheck(case.case, ct.shape, ct.spacing_mm, tuple(int(n) for n in counts))
 
 
 def _name(case: str, width: int = 20) -> str:
@@ -56,7 +56,8 @@ def case_lines(checks: list[CaseCheck]) -> list[str]:
     lines = [f"{'case':<20}  {'CT voxels':<15}  {'spacing mm':<16}  {'labelled':>12}  {'missing':>7}"]
     for c in checks:
         if c.problem is not None or c.shape is None or c.spacing_mm is None:
-            lines += textwrap.wrap(f"{_name(c.case):<20}  {c.problem}", COLUMNS, subsequent_indent=" " * 22)
+            lines += textwrap.wrap(f"{_name(c.case):<20}  {c.problem}", COLUMNS, subsequent_indent=" " * 22,
+                                   break_on_hyphens=False)  # a path in the problem stays whole
             continue
         shape = "x".join(str(n) for n in c.shape)
         spacing = "x".join(f"{s:.2f}" for s in c.spacing_mm)
@@ -92,6 +93,21 @@ def verdict(checks: list[CaseCheck]) -> str:
     return "\n".join(textwrap.wrap(text + ". Nothing was written.", COLUMNS))
 
 
-def report(checks: list[CaseCheck]) -> str:
+def table_lines(table: LabelTable | None) -> list[str]:
+    """How the label values were read: our numbering, or the site's table, and which of our
+    structures no value of it maps to (none of them can be labelled in any case)."""
+    if table is None:
+        return [f"Label values read as our classes 0..29 (seg/structures.csv); no {TABLE_NAME}."]
+    mapped = {r.structure for r in table.rows} - {"background"}
+    background = sum(r.structure == "background" for r in table.rows)
+    text = (f"Label values read through the dataset's {TABLE_NAME}: {len(table.rows) - background} "
+            f"values onto {len(mapped)} of our {L.NUM_CLASSES - 1} structures, {background} to background.")
+    if unmapped := table.unmapped():
+        text += f" No value maps to: {', '.join(L.by_name(n).display_name for n in unmapped)}."
+    return textwrap.wrap(text, COLUMNS)
+
+
+def report(checks: list[CaseCheck], table: LabelTable | None) -> str:
     """The whole dry-run report, every line within 80 columns."""
-    return "\n".join([*case_lines(checks), "", *class_lines(checks), "", verdict(checks)])
+    return "\n".join([*table_lines(table), "", *case_lines(checks), "", *class_lines(checks), "",
+                      verdict(checks)])

@@ -227,12 +227,13 @@ def evaluate_model(
 
     cases = []
     if data is not None:
-        from seg.train import dataset_cases, load_case
+        from seg.dataset import check_labels, dataset_cases, load_case
 
-        found = dataset_cases(data)
-        for cid, c, lp in found:  # every case readable and on its CT's grid before the first inference:
-            load_case(cid, c, lp)  # a bad last case would otherwise end the run with nothing written
-        items = [(cid, lambda cid=cid, c=c, lp=lp: load_case(cid, c, lp), None) for cid, c, lp in found]
+        found = dataset_cases(data).cases
+        for case in found:  # every label map readable, on its CT's grid and of known values before the
+            check_labels(case)  # first inference (the CTs' pixels unread): a bad last case would end
+        # the run with nothing written; each CT is then read once, as its case is segmented
+        items = [(case.case, lambda case=case: load_case(case), None) for case in found]
     else:
         from seg.train import phantom_plan, plan_phantom
 

@@ -21,6 +21,7 @@ import torch
 
 from seg import labels as L
 from seg import recipe
+from seg.dataset import case_source, dataset_cases, load_case
 from seg.hu_refine import HURefinement
 from seg.model import (
     build_network,
@@ -173,76 +174,6 @@ def plan_phantom(opts: PhantomOptions, z_range_mm: tuple[float, float] | None) -
     return make_phantom(opts if z_range_mm is None else replace(opts, z_range_mm=z_range_mm))
 
 
-class DatasetError(ValueError):
-    """A site dataset that cannot be used as given (no cases, an unreadable image, a label map off the
-    CT's grid): the message names the case and what to fix, for the command line to show as it is."""
-
-
-def scan_dataset(root: Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
-    """The case folders under ``root``: (case id, CT path, labels path) for each complete one, and
-    (case id, what it lacks: "CT" or "label map") for each other.
-
-    A case folder holds the CT as ``ct.nii.gz`` / ``image.nii.gz`` or a ``dicom/`` folder, and the
-    label map (our 30-class order) as ``labels.nii.gz`` or ``truth/labels.nii.gz``.
-    """
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist")
-    out, incomplete = [], []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        ct = next((c for c in (d / name for name in CT_NAMES) if c.exists()), None)
-        lab = next((c for c in (d / name for name in LABEL_NAMES) if c.exists()), None)
-        if ct is None or lab is None:
-            incomplete.append((d.name, "CT" if ct is None else "label map"))
-            continue
-        out.append((d.name, ct, lab))
-    return out, incomplete
-
-
-def dataset_cases(root: Path) -> list[tuple[str, Path, Path]]:
-    """(case id, CT path, labels path) for each case folder under ``root`` (:func:`scan_dataset`); a
-    folder without a CT or a label map stops here, for a case left out unseen would change what was
-    trained or evaluated on."""
-    out, incomplete = scan_dataset(root)
-    if incomplete:
-        raise DatasetError(f"case folders without a CT or a label map under {root}: "
-                           f"{', '.join(f'{name} (no {what})' for name, what in incomplete)}; "
-                           f"each holds one of {', '.join(CT_NAMES)} and one of {', '.join(LABEL_NAMES)}")
-    if not out:
-        raise DatasetError(f"no cases under {root} (each case folder: ct.nii.gz or dicom/ + labels.nii.gz)")
-    return out
-
-
-CT_NAMES = ("ct.nii.gz", "image.nii.gz", "ct.nii", "dicom")
-LABEL_NAMES = ("labels.nii.gz", "truth/labels.nii.gz", "labels.nii")
-
-
-def label_map_uint8(case_id: str, array: np.ndarray) -> np.ndarray:
-    """A label map's values as our class labels (uint8), refused unless every value is a whole number
-    within 0..29: a cast first would wrap 256 to background and cut 3.4 to 3 without a word."""
-    values = np.unique(np.asarray(array))
-    bad = values[(values != np.round(values)) | (values < 0) | (values >= L.NUM_CLASSES)]
-    if bad.size:
-        shown = ", ".join(f"{v:g}" for v in bad[:5].tolist()) + (" ..." if bad.size > 5 else "")
-        raise DatasetError(f"case {case_id}: label values {shown} are not classes 0..{L.NUM_CLASSES - 1} "
-                           "(seg/structures.csv)")
-    return np.asarray(array).astype(np.uint8)
-
-
-def load_case(case_id: str, ct_path: Path, labels_path: Path) -> tuple[Volume, Volume]:
-    """A dataset case's CT and its label map in the CT's voxel order (uint8), as training and
-    evaluation both read it; any failure is a :class:`DatasetError` naming the case."""
-    from nibabel.filebasedimages import ImageFileError
-
-    from seg.io import load_image
-
-    try:
-        ct = load_image(ct_path)
-        labels = load_image(labels_path).aligned_to(ct)  # saved by any tool, on the CT's grid
-    except (OSError, ValueError, ImageFileError) as exc:
-        raise DatasetError(f"case {case_id}: {exc}") from exc
-    return ct, labels.with_array(label_map_uint8(case_id, labels.array))
-
-
 def _case_paths(cache: Path, case_id: str) -> dict:
     return {
         "id": case_id,
@@ -261,19 +192,12 @@ def _is_cached(paths: dict, fractions: bool, source: str | None = None) -> bool:
     return source is None or (record.is_file() and record.read_text() == source)
 
 
-def case_source(ct_path: Path, labels_path: Path) -> str:
-    """What a site case's cache entry was made from: each file's path, size and modification time.
-    A corrected label map (or a dataset with the same case names) then gets a new entry."""
-    files = sorted(p for p in ct_path.rglob("*") if p.is_file()) if ct_path.is_dir() else [ct_path]
-    return "\n".join(f"{p.resolve()} {p.stat().st_size} {p.stat().st_mtime_ns}"
-                     for p in [*files, labels_path])
-
-
 def cache_case(cache: Path, case_id: str, ct: Volume, labels: Volume, pre: PreprocessConfig,
                fractions: bool = True, source: str | None = None) -> dict:
     """Preprocess one case onto the model grid; store the image (float16), nearest labels (uint8) and,
     when asked, the partial-volume class fractions (uint8 x255, class first) as .npy. ``source``
-    (:func:`case_source`) is recorded beside them: an entry made from other files is made again."""
+    (:func:`seg.dataset.case_source`) is recorded beside them: an entry made from other files is made
+    again."""
     paths = _case_paths(cache, case_id)
     if not _is_cached(paths, fractions, source):
         mg = to_model_grid(ct, pre, labels)
@@ -316,16 +240,18 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     fractions = cfg.targets == "partial_volume"
     if cfg.data:
         found = dataset_cases(Path(cfg.data))
-        for n, (cid, ctp, labp) in enumerate(found, start=1):
-            source = case_source(ctp, labp)
-            if _is_cached(_case_paths(cache, cid), fractions, source):
-                cases.append(_case_paths(cache, cid))
+        for n, case in enumerate(found.cases, start=1):
+            source = case_source(case)
+            if _is_cached(_case_paths(cache, case.case), fractions, source):
+                cases.append(_case_paths(cache, case.case))
                 continue
-            ct, lab = load_case(cid, ctp, labp)
-            cases.append(cache_case(cache, cid, ct, lab, pre, fractions, source))
-            log.info("cached %s (%d of %d)", cid, n, len(found))
+            ct, lab = load_case(case)
+            cases.append(cache_case(cache, case.case, ct, lab, pre, fractions, source))
+            log.info("cached %s (%d of %d)", case.case, n, len(found.cases))
         nval = max(1, len(cases) // 10) if len(cases) > 1 else 0
         prov = {"source": "dataset", "data": str(cfg.data), "cases": [c["id"] for c in cases]}
+        if found.table is not None:  # the site's numbering, as the labels were read
+            prov["label_table"] = {str(r.value): r.structure for r in found.table.rows}
         return cases[nval:], cases[:nval], prov
     plan = phantom_plan(cfg.phantoms, cfg.seed_start, cfg.postop_share) + validation_plan(
         cfg.val_phantoms, cfg.seed_start + cfg.phantoms

@@ -283,9 +283,9 @@ def test_the_demo_models_banner_fits_80_columns(series, monkeypatch):
 
 
 def test_every_label_map_name_training_reads_is_skipped():
-    """The names `train`/`evaluate` read as label maps (seg.train.LABEL_NAMES) are never batch cases."""
+    """The names `train`/`evaluate` read as label maps (seg.dataset.LABEL_NAMES) are never batch cases."""
     from dicomnode.commands.segmentation import _is_label_map
-    from seg.train import CT_NAMES, LABEL_NAMES
+    from seg.dataset import CT_NAMES, LABEL_NAMES
 
     assert all(_is_label_map(Path("case001") / name) for name in LABEL_NAMES)
     assert not any(_is_label_map(Path("case001") / name) for name in CT_NAMES)

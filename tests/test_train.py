@@ -318,14 +318,18 @@ def test_site_labels_are_checked_before_any_cast_and_a_corrected_map_is_cached_a
     """A label value that is no class (256 would wrap to background, 3.4 would become 3) stops the run
     naming the case and the values; a case folder without its label map stops it too (not skipped);
     a label map corrected after caching is cached again, not trained on as it was."""
+    from seg.dataset import DatasetCase, label_map_uint8
     from seg.io import load_nifti, save_nifti
     from seg.phantom import PhantomOptions, make_phantom, write_phantom
-    from seg.train import build_cache, label_map_uint8, preprocess_config
+    from seg.train import build_cache, preprocess_config
     from seg.volume import Volume
 
-    with pytest.raises(ValueError, match=r"case c: label values 3.4, 256 are not classes 0..29"):
-        label_map_uint8("c", np.array([0, 1, 3.4, 256]))
-    assert label_map_uint8("c", np.array([0.0, 29.0])).dtype == np.uint8
+    case = DatasetCase("c", Path("c/ct.nii.gz"), Path("c/labels.nii.gz"))
+    with pytest.raises(ValueError, match=r"case c: label values 3.4 in c/labels.nii.gz are not whole"):
+        label_map_uint8(case, np.array([0, 1, 3.4, 256]))
+    with pytest.raises(ValueError, match=r"case c: label values -1, 256 are not classes 0..29"):
+        label_map_uint8(case, np.array([-1, 1, 256]))
+    assert label_map_uint8(case, np.array([0.0, 29.0])).dtype == np.uint8
     data = tmp_path / "data"
     write_phantom(make_phantom(PhantomOptions(seed=3, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-30, 30))),
                   data / "a")
@@ -383,7 +387,8 @@ def test_train_check_reads_every_case_and_trains_nothing(tmp_path: Path,
     lines = result.output.splitlines()
     assert max(len(line) for line in lines) <= 80, max(lines, key=len)
     text = " ".join(result.output.split())
-    assert "c_wrong_value label values 256 are not classes 0..29" in text
+    assert ("c_wrong_value label values 256 are not classes 0..29 (seg/structures.csv) in "
+            "c_wrong_value/labels.nii.gz; a dataset in its own numbering needs a labels.csv") in text
     assert "d_off_grid the label map is not on the CT's grid" in text
     assert "e_no_ct no CT (one of ct.nii.gz, image.nii.gz, ct.nii, dicom)" in text
     assert "5 cases checked, 3 would stop training: c_wrong_value, d_off_grid, e_no_ct" in text

@@ -40,7 +40,7 @@ BATCH_CSV = "volumes.csv"
 BATCH_COLUMNS = ("series", *CSV_COLUMNS)
 
 
-# A dataset's label maps (seg.train.LABEL_NAMES) and the folders that hold truth, not CTs:
+# A dataset's label maps (seg.dataset.LABEL_NAMES) and the folders that hold truth, not CTs:
 # `dicomnode phantom` writes truth/labels.nii.gz beside dicom/.
 LABEL_FILES = ("labels.nii.gz", "labels.nii")
 LABEL_FOLDERS = ("truth", "labels")
@@ -360,7 +360,8 @@ def train(
     data: Annotated[
         Path | None,
         typer.Option(
-            "--data", help="Dataset folder: one folder per case with ct.nii.gz or dicom/ and labels.nii.gz."
+            "--data", help="Dataset folder: one folder per case with ct.nii.gz or dicom/ and labels.nii.gz "
+            "(our classes 0..29, or the site's values with a labels.csv in DIR: docs/models.md)."
         ),
     ] = None,
     phantoms: Annotated[int, typer.Option("--phantoms", help="Train on N synthetic phantoms.")] = 0,
@@ -451,7 +452,8 @@ def train(
     The defaults are the recipe that trained the shipped demo model (seg/recipe.py): give
     --phantoms N (or --data DIR) and --out DIR. Check a site dataset first with --data DIR --check.
     """
-    from seg.train import DatasetError, InitFromError, TrainConfig
+    from seg.dataset import DatasetError
+    from seg.train import InitFromError, TrainConfig
     from seg.train import train as run_train
 
     case_source(data, phantoms)
@@ -522,24 +524,24 @@ def _check_dataset(data: Path | None, progress: bool) -> None:
     """``train --check``: every case read by training's own functions (:mod:`seg.datacheck`), the
     report on stdout, each case's progress on stderr; exit 2 when a case would stop the run."""
     from seg.datacheck import CaseCheck, check_case, report
-    from seg.train import CT_NAMES, LABEL_NAMES, DatasetError, scan_dataset
+    from seg.dataset import CT_NAMES, LABEL_NAMES, DatasetError, scan_dataset
 
     if data is None:
         raise typer.BadParameter("--check checks a site dataset: give --data DIR", param_hint="--check")
     try:
-        found, incomplete = scan_dataset(data)
+        found = scan_dataset(data)
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--data") from exc
-    if not found and not incomplete:
+    if not found.cases and not found.incomplete:
         raise typer.BadParameter(f"no case folders under {data}", param_hint="--data")
     names = {"CT": ", ".join(CT_NAMES), "label map": ", ".join(LABEL_NAMES)}
     # a folder without a CT or a label map is one bad case among the others, not the end of the check
-    checks = [CaseCheck(name, problem=f"no {what} (one of {names[what]})") for name, what in incomplete]
-    for n, (case_id, ct_path, labels_path) in enumerate(found, start=1):
+    checks = [CaseCheck(name, problem=f"no {what} (one of {names[what]})") for name, what in found.incomplete]
+    for n, case in enumerate(found.cases, start=1):
         if progress:
-            typer.echo(f"checking case {n}/{len(found)}: {case_id}", err=True)
-        checks.append(check_case(case_id, ct_path, labels_path))
-    typer.echo(report(sorted(checks, key=lambda c: c.case)))
+            typer.echo(f"checking case {n}/{len(found.cases)}: {case.case}", err=True)
+        checks.append(check_case(case))
+    typer.echo(report(sorted(checks, key=lambda c: c.case), found.table))
     if any(c.problem for c in checks):
         raise typer.Exit(2)
 
@@ -599,10 +601,10 @@ def evaluate(
     ] = False,
 ) -> None:
     """Per-class Dice, HD95 and volume error of a model on held-out labelled CTs."""
+    from seg.dataset import DatasetError
     from seg.evaluate import evaluate_model, format_table, write_evaluation
     from seg.model import load_model
     from seg.package import ModelPackageError
-    from seg.train import DatasetError
 
     case_source(data, phantoms)
     zr = z_range_option(z_range)
