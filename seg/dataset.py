@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,8 @@ class LabelTable(BaseModel):
 
     @pydantic.model_validator(mode="after")
     def _each_value_once(self) -> LabelTable:
-        seen: set[int] = set()
-        twice = sorted({r.value for r in self.rows if r.value in seen or seen.add(r.value)})
-        if twice:
+        counts = Counter(r.value for r in self.rows)
+        if twice := sorted(v for v, n in counts.items() if n > 1):
             raise ValueError(f"values given more than once: {', '.join(map(str, twice))}")
         return self
 

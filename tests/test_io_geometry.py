@@ -360,3 +360,20 @@ def test_loader_refuses_slices_without_a_position(tmp_path: Path) -> None:
         ds.save_as(f)
     with pytest.raises(SeriesGeometryError, match="missing ImagePosition.* in 2 slice"):
         load_dicom_series(folder)
+
+
+def test_image_grid_is_the_grid_load_image_gives_without_the_pixels(tmp_path: Path) -> None:
+    """`evaluate --data` checks label maps against `image_grid` and reads each CT once: the grid must be
+    the loaded CT's, for a DICOM series (feet-first, descending), a NIfTI file and a lone file."""
+    from seg.io import image_grid
+
+    ph = make_phantom(PhantomOptions(seed=4, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-20, 20),
+                                     position="FFS", slice_order="descending"))
+    write_phantom(ph, tmp_path / "ph")
+    for p in (tmp_path / "ph" / "dicom", tmp_path / "ph" / "truth" / "labels.nii.gz",
+              sorted((tmp_path / "ph" / "dicom").iterdir())[0]):
+        grid, loaded = image_grid(p), load_image(p)
+        assert grid.shape == loaded.shape and np.allclose(grid.affine, loaded.affine), p
+        assert grid.array.strides == (0, 0, 0)  # nothing of the pixels held
+    with pytest.raises(FileNotFoundError):
+        image_grid(tmp_path / "nowhere")
