@@ -30,6 +30,8 @@ from seg.preprocess_config import ImageResampling
 from seg.records import CSV_COLUMNS, ClinicalTimePoint, Evaluation, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from dicomnode.config import Settings
     from seg.model import ModelPackage
     from seg.train import TrainConfig
@@ -54,10 +56,11 @@ class CaseOutputError(Exception):
 @dataclass
 class Case:
     """One series of a batch: its name (the output folder: SeriesInstanceUID, or a NIfTI file's path
-    under the input folder) and its files."""
+    under the input folder), its files and, for DICOM, its SeriesInstanceUID."""
 
     name: str
     files: list[Path]
+    series_uid: str | None = None
 
 
 def _is_label_map(rel: Path) -> bool:
@@ -113,7 +116,7 @@ def find_cases(root: Path) -> list[Case]:
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if uid:
             groups.setdefault(uid, []).append(f)
-    cases += [Case(_folder_name(uid), files) for uid, files in sorted(groups.items())]
+    cases += [Case(_folder_name(uid), files, uid) for uid, files in sorted(groups.items())]
     _refuse_shared_folders(cases, root)
     return cases
 
@@ -146,52 +149,70 @@ def _load(case: Case) -> Volume:
 
 
 def write_dicom_outputs(settings: Settings, ct: Volume, labels: Volume, record: VolumeRecord,
-                        model_info: ModelInfo, out: Path, results: Path | None = None,
+                        model_info: ModelInfo, out: Path,
                         facts: ClinicalTimePoint = ClinicalTimePoint()) -> list[Path]:
-    """The SEG, SR and summary the node would send for this series, saved as <SOPInstanceUID>.dcm.
-
-    ``results``: the series' results folder in the node's storage: the series is recorded for pairing
-    there as the node records it; the summary then plots the change to an earlier study, and each
-    change gets its follow-up SR, as from the node's job."""
-    from dicomnode.processing.pipeline import (
-        _followup_sr,
-        _no_pairing,
-        _record_for_pairing,
-        _save,
-        build_outputs,
-    )
+    """The SEG, SR and summary the node would send for a first study, saved as <SOPInstanceUID>.dcm
+    (``--dicom``: nothing is recorded, so nothing is compared with an earlier study)."""
+    from dicomnode.processing.pipeline import _save, build_outputs
 
     if not ct.source_files:
         raise ValueError("--dicom needs a DICOM series (a NIfTI CT has no study to attach to)")
-    pair = _no_pairing if results is None else (
-        lambda seg, sr: _record_for_pairing(settings, ct, results, seg, sr))
-    built = build_outputs(settings, ct, labels, record, model_info, pair=pair, facts=facts)
-    paths = [_save(ds, out) for ds in built.datasets]
-    if settings.output.followup_sr:
-        seg_ds = built.datasets[0]  # the change SR outlines each muscle from this study's SEG
-        paths += [_followup_sr(settings, ct, change, seg_ds, model_info) for change in built.changes]
-    return paths
+    built = build_outputs(settings, ct, labels, record, model_info, facts=facts)
+    return [_save(ds, out) for ds in built.datasets]
+
+
+def record_case(settings: Settings, ct: Volume, labels: Volume, model_info: ModelInfo,
+                at_hand: Mapping[str, list[Path]]) -> VolumeRecord:
+    """``--record``: the node's own job path from the label map on
+    (:func:`dicomnode.processing.pipeline.report`: volumes, SEG, SR, summary, pairing, change SRs,
+    the pages that show a comparison, a later study's reports when this one is its late baseline),
+    into the node's storage, with nothing sent. ``at_hand``: the CTs of the other series of this run
+    (a baseline's key images, a later study's reports), by SeriesInstanceUID.
+
+    Why the node's function: what the store holds afterwards is then what the node leaves, UIDs
+    included. Objects already in the series' results (sent by the node, or recorded before) are
+    built again and must equal them, as in a retried job: no UID names two contents.
+    """
+    import tempfile
+
+    from dicomnode.processing.pipeline import JobInput, OutputChanged, report, results_dir
+    from dicomnode.processing.sources import OfflineSeriesFiles, remember_source
+
+    series_uid = ct.header.series_instance_uid
+    if not ct.source_files or series_uid is None:
+        raise ValueError("--record needs a DICOM series")
+    out = results_dir(settings, series_uid)
+    try:
+        remember_source(out, ct.source_files)
+        earlier = frozenset((out / "outputs").glob("*.dcm"))
+        with tempfile.TemporaryDirectory(prefix="dicomnode-record-") as work:
+            job = JobInput(job_id=0, series_instance_uid=series_uid, files=sorted(ct.source_files),
+                           work_dir=Path(work), outputs_in_outbox=earlier,
+                           series_files=OfflineSeriesFiles(settings.db_path, out.parent, at_hand))
+            result = report(job, settings, ct, labels, model_info)
+    except (OSError, ValueError, TypeError, OutputChanged) as exc:
+        raise CaseOutputError(f"not recorded in full in {out}: {type(exc).__name__}: {exc}") from exc
+    return VolumeRecord.load(result.volumes_json or out / "volumes.json")
 
 
 def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None,
-             progress: bool, record: bool = False) -> VolumeRecord:
+             progress: bool, record: bool = False,
+             at_hand: Mapping[str, list[Path]] | None = None) -> VolumeRecord:
     """Segment, measure and write one series; DICOM outputs too when ``settings`` is given.
 
-    ``record``: as the node after a job, the results go to the node's storage (``out`` is ignored)
-    and the series is recorded in its index for pairing and the cohort report."""
+    ``record``: as the node's job (:func:`record_case`), the results go to the node's storage
+    (``out`` is ignored); ``at_hand``: the other series of the run, for it."""
     from dicomnode.clinical.registry import facts_for
-    from dicomnode.processing.pipeline import results_dir
     from seg.infer import segment as run_segment
     from seg.io import save_nifti
     from seg.measure import measure_volumes, write_volumes
 
-    if record:
-        series_uid = ct.header.series_instance_uid
-        if settings is None or not ct.source_files or series_uid is None:
-            raise ValueError("--record needs a DICOM series and the node's configuration")
-        out = results_dir(settings, series_uid)
+    if record and (settings is None or not ct.source_files or ct.header.series_instance_uid is None):
+        raise ValueError("--record needs a DICOM series and the node's configuration")
     labels = run_segment(ct, pkg, progress=progress)
     model_info = pkg.info
+    if record and settings is not None:
+        return record_case(settings, ct, labels, model_info, at_hand or {})
     facts = ClinicalTimePoint()
     if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
         rec = measure_volumes(labels, ct, model=model_info)
@@ -207,10 +228,8 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
     except OSError as exc:
         raise CaseOutputError(f"cannot write the results to {out}: {exc}") from exc
     if settings is not None:
-        dicom_out = out / ("outputs" if record else "dicom")
         try:
-            write_dicom_outputs(settings, ct, labels, rec, model_info, dicom_out,
-                                results=out if record else None, facts=facts)
+            write_dicom_outputs(settings, ct, labels, rec, model_info, out / "dicom", facts=facts)
         except (OSError, ValueError, TypeError) as exc:
             raise CaseOutputError(f"volumes written to {out}, but not the SEG, SR and summary: "
                                   f"{type(exc).__name__}: {exc}") from exc
@@ -250,10 +269,13 @@ def _run_batch(cases: list[Case], pkg: ModelPackage, out: Path, settings: Settin
 
     rows: list[tuple[str, VolumeRecord]] = []
     failed = []
+    # --record: a follow-up's page shows its baseline's key images, read from the run's own series
+    at_hand = {c.series_uid: c.files for c in cases if c.series_uid is not None}
     for case in track(_in_study_order(cases) if record else cases, description="series", console=console,
                       disable=not progress):
         try:
-            rows.append((case.name, run_case(_load(case), pkg, out / case.name, settings, False, record)))
+            rows.append((case.name, run_case(_load(case), pkg, out / case.name, settings, False, record,
+                                              at_hand)))
         except ValueError as exc:  # geometry the loader cannot place, not a CT...
             failed.append(case.name)
             console.print(f"{case.name}: skipped: {exc}", style="red", markup=False)
@@ -263,8 +285,23 @@ def _run_batch(cases: list[Case], pkg: ModelPackage, out: Path, settings: Settin
     out.mkdir(parents=True, exist_ok=True)
     path = write_batch_csv(rows, out / BATCH_CSV)
     console.print(f"{len(rows)} series measured, {len(failed)} skipped -> {path}")
+    if record and settings is not None:
+        from dicomnode.processing.pipeline import results_dir
+
+        _say_recorded(console, results_dir(settings, "<SeriesInstanceUID>") / "outputs", each=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _say_recorded(console: Console, outputs: Path, each: bool = False) -> None:
+    """Where ``--record`` left the DICOM outputs (nothing is sent), the path on a line of its own.
+
+    A late baseline's change SR and comparison page belong to the later study: they are in that
+    study's folder beside this one."""
+    whose = "each series' " if each else ""
+    console.print(f"recorded in the node's storage (nothing sent); {whose}DICOM outputs in",
+                  highlight=False)
+    console.print(str(outputs), soft_wrap=True, highlight=False, markup=False)
 
 
 def _load_input(path: Path, dicom: bool) -> Volume:
@@ -315,10 +352,11 @@ def segment(
         "--batch", help="INPUT holds many series (sub-folders or mixed files, grouped by "
         "SeriesInstanceUID): one <out>/<series>/ each and one <out>/volumes.csv.")] = False,
     record: Annotated[bool, typer.Option(
-        "--record", help="Also record each series in the node's index (--config: its storage), as the "
-        "node does after a job, so `patients` and `report` pair and report them (archived studies), "
-        "with a change SR for each follow-up whose baseline is recorded (--batch records in study "
-        "order). Implies --dicom; the results are kept in the node's storage, not in --out.")] = False,
+        "--record", help="Also record each series in the node's index (--config: its storage) with "
+        "the node's own job path, so `patients` and `report` pair and report them (archived "
+        "studies): the change SR and comparison page of each follow-up whose baseline is recorded, "
+        "whichever is recorded first (--batch records in study order). Implies --dicom; the results "
+        "are kept in the node's storage, not in --out; nothing is sent.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Segment the 29 structures of a thigh CT and measure their volumes."""
@@ -345,9 +383,15 @@ def segment(
     except CaseOutputError as exc:
         console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc
-    where = f"recorded in {settings.storage_dir}" if record and settings else str(out)
     shape = " × ".join(str(n) for n in ct.shape)
-    console.print(f"segmented {shape} voxels in {time.perf_counter() - t:.1f} s -> {where}")
+    took = f"segmented {shape} voxels in {time.perf_counter() - t:.1f} s"
+    if record and settings is not None and ct.header.series_instance_uid is not None:
+        from dicomnode.processing.pipeline import results_dir
+
+        console.print(took)
+        _say_recorded(console, results_dir(settings, ct.header.series_instance_uid) / "outputs")
+    else:
+        console.print(f"{took} -> {out}")
     typer.echo(volumes_table(rec))
 
 

@@ -46,7 +46,7 @@ def _no_early_output(path: Path) -> None:
 
 @dataclass
 class JobInput:
-    job_id: int
+    job_id: int  # 0: `segment --record` (dicomnode.commands.segmentation.record_case), no job row
     series_instance_uid: str
     files: list[Path]  # every stored instance of the series
     work_dir: Path  # private folder for this job's intermediate and output files

@@ -1,0 +1,183 @@
+"""``dicomnode segment --record`` (offline, nothing sent) leaves in the node's storage what the node's
+own job path leaves there, follow-up included: the same files under ``results/`` (the SEG, SR and
+summary, the change SR, the comparison page, the change record), byte for byte but for the times
+of building, and the same pairing rows.
+
+The model is replaced by each phantom's true label map in both paths, so any difference comes from
+what follows the measurement.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.config import load_settings
+from dicomnode.processing.pipeline import JobInput, _without_build_times, run_pipeline
+from dicomnode.processing.sources import SOURCE_FILE
+from seg.phantom import PhantomOptions, make_phantom, write_phantom
+from seg.volume import Volume
+
+REGISTRY = ("patient_id,sex,fracture_type,fractured_side,surgery_date\n"
+            "REC1,F,FNF,left,20240301\n")
+STUDIES = (("pre", "20240101", {}), ("post", "20240601", {"sartorius": 0.7}))
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> dict[str, tuple[str, Path]]:
+    """A patient's pre- and post-operative phantom CTs: time point → (SeriesInstanceUID, folder)."""
+    root = tmp_path_factory.mktemp("segment_record")
+    out = {}
+    for when, date, atrophy in STUDIES:
+        ph = make_phantom(PhantomOptions(seed=7, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-45.0, 15.0),
+                                         patient_id="REC1", study_date=date, postop=bool(atrophy),
+                                         atrophy=atrophy, implant_side="left" if atrophy else None))
+        write_phantom(ph, root / when)
+        out[when] = (str(ph.header.series_instance_uid), root / when)
+    return out
+
+
+@pytest.fixture
+def truth_model(studies, monkeypatch):
+    """The model stand-in: each series' true label map."""
+    from seg.io import load_nifti
+
+    by_uid = {uid: folder for uid, folder in studies.values()}
+
+    def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
+        lab = load_nifti(by_uid[str(ct.header.series_instance_uid)] / "truth" / "labels.nii.gz")
+        return ct.with_array(np.asarray(lab.array, dtype=np.uint8))
+
+    monkeypatch.setattr("seg.infer.segment", segment)
+
+
+def _node(tmp_path: Path, name: str, key: bytes) -> Path:
+    """A node configuration with the registry imported and the given tracking secret."""
+    storage = tmp_path / name
+    storage.mkdir()
+    (storage / ".pseudonym-key").write_bytes(key)
+    (storage / ".pseudonym-key").chmod(0o600)
+    cfg = tmp_path / f"{name}.toml"
+    # offline, nothing asks a PACS for priors: neither does the node here
+    cfg.write_text(f'storage_dir = "{storage}"\n[pairing]\nretrieve_priors = false\n')
+    (tmp_path / "registry.csv").write_text(REGISTRY)
+    r = CliRunner().invoke(app, ["patients", "import", str(tmp_path / "registry.csv"), "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    return cfg
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted((folder / "dicom").glob("*"))
+
+
+def _held(storage: Path) -> dict[str, object]:
+    """What the storage holds of the results: each file under results/ (DICOM: its content without
+    the times of building; the label map: present) and the pairing rows without paths and times."""
+    held: dict[str, object] = {}
+    for f in sorted((storage / "results").rglob("*")):
+        if not f.is_file() or f.name == SOURCE_FILE:  # offline only: where its CT was read from
+            continue
+        rel = f.relative_to(storage / "results").as_posix()
+        held[rel] = (_without_build_times(pydicom.dcmread(f)) if f.suffix == ".dcm"
+                     else f.read_text() if f.suffix in (".json", ".csv") else "present")
+    con = sqlite3.connect(storage / "index.sqlite")
+    try:
+        held["pairing_results"] = con.execute(
+            "SELECT patient_id, study_instance_uid, series_instance_uid, seg_sop_instance_uid,"
+            " sr_sop_instance_uid FROM pairing_results ORDER BY series_instance_uid").fetchall()
+        held["pairing_status"] = con.execute(
+            "SELECT series_instance_uid, role, reasons FROM pairing_status ORDER BY 1").fetchall()
+        held["pairing_changes"] = con.execute(
+            "SELECT baseline_series_uid, followup_series_uid FROM pairing_changes ORDER BY 1, 2").fetchall()
+    finally:
+        con.close()
+    return held
+
+
+def _described(held: dict[str, object], other: dict[str, object]) -> list[str]:
+    """The entries of ``held`` that ``other`` lacks, each with what it is (modality, description)."""
+    return [f"{name} {getattr(ds, 'Modality', '')} {getattr(ds, 'SeriesDescription', '')}"
+            for name, ds in held.items() if name not in other]
+
+
+def _by_node(cfg: Path, studies: dict[str, tuple[str, Path]], order: list[str], work: Path) -> None:
+    """The node's job path for each study in ``order``, the CTs in its store."""
+    settings = load_settings(cfg)
+    files = {uid: _dicom_files(folder) for uid, folder in studies.values()}
+    for n, when in enumerate(order, start=1):
+        uid, folder = studies[when]
+        run_pipeline(JobInput(job_id=n, series_instance_uid=uid, files=files[uid], work_dir=work / str(n),
+                              series_files=lambda u: files.get(u, [])), settings)
+
+
+@pytest.mark.parametrize("order", [["pre", "post"], ["post", "pre"]], ids=["in-order", "late-baseline"])
+def test_record_one_series_at_a_time_leaves_what_the_node_leaves(studies, truth_model, tmp_path, order):
+    """`segment CT --record`, one study per run (the baseline first, or after its follow-up), leaves
+    the follow-up's change SR and comparison page (with the baseline's key images) where the node's
+    job path does, under the same UIDs."""
+    key = bytes(range(32))
+    node_cfg, offline_cfg = _node(tmp_path, "node", key), _node(tmp_path, "offline", key)
+    _by_node(node_cfg, studies, order, tmp_path / "work")
+    for when in order:
+        r = CliRunner().invoke(app, ["segment", str(studies[when][1] / "dicom"), "--out",
+                                     str(tmp_path / "unused"), "--record", "--no-progress",
+                                     "--config", str(offline_cfg)])
+        assert r.exit_code == 0, r.output
+    node, offline = _held(tmp_path / "node"), _held(tmp_path / "offline")
+    assert _described(offline, node) == _described(node, offline)
+    for name in node:
+        assert offline[name] == node[name], name
+    # the follow-up's results: SEG, SR, first page, change SR (+ the page with the comparison, which
+    # replaces the first when the baseline came later), and the change record
+    post = studies["post"][0]
+    outputs = [n for n in node if n.startswith(f"{post}/outputs/")]
+    assert len(outputs) == (4 if order[0] == "pre" else 5), outputs
+    assert f"{post}/change-{studies['pre'][0]}.json" in node
+    assert not (tmp_path / "unused").exists()  # --record keeps its results in the node's storage
+
+
+def test_batch_record_leaves_what_the_node_leaves(studies, truth_model, tmp_path):
+    """`segment ARCHIVE --batch --record` of a patient's two studies: the node's results, the
+    comparison page with the baseline's key images included."""
+    key = bytes(range(32))
+    node_cfg, offline_cfg = _node(tmp_path, "node", key), _node(tmp_path, "offline", key)
+    _by_node(node_cfg, studies, ["pre", "post"], tmp_path / "work")
+    archive = tmp_path / "archive"
+    for when, (_, folder) in studies.items():
+        shutil.copytree(folder / "dicom", archive / when)
+    r = CliRunner().invoke(app, ["segment", str(archive), "--out", str(tmp_path / "out"), "--batch",
+                                 "--record", "--no-progress", "--config", str(offline_cfg)])
+    assert r.exit_code == 0, r.output
+    node, offline = _held(tmp_path / "node"), _held(tmp_path / "offline")
+    assert _described(offline, node) == _described(node, offline)
+    for name in node:
+        assert offline[name] == node[name], name
+
+
+def test_record_says_where_the_outputs_are_and_keeps_what_a_uid_named(studies, truth_model, tmp_path):
+    """Offline nothing is sent: the command names the folder of the outputs. Recorded again, an
+    object whose file under its UID holds other content (as if the node had sent another build) is
+    not overwritten: the run fails with exit 1 and the file stays as it was."""
+    cfg = _node(tmp_path, "offline", bytes(range(32)))
+    uid, folder = studies["pre"]
+    args = ["segment", str(folder / "dicom"), "--out", str(tmp_path / "unused"), "--record",
+            "--no-progress", "--config", str(cfg)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    outputs = tmp_path / "offline" / "results" / uid / "outputs"
+    assert f"nothing sent); DICOM outputs in\n{outputs}\n" in first.output
+    seg = next(f for f in outputs.glob("*.dcm") if pydicom.dcmread(f).Modality == "SEG")
+    ds = pydicom.dcmread(seg)
+    ds.SeriesDescription = "another build"
+    ds.save_as(seg, enforce_file_format=True)
+    before = seg.read_bytes()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "OutputChanged" in again.output, again.output
+    assert seg.read_bytes() == before
