@@ -203,6 +203,26 @@ UPDATE jobs SET run_ended_at = finished_at WHERE started_at IS NOT NULL AND stat
     AND reason_code IN ('pipeline-rejected', 'pipeline-error', 'pipeline-crashed', 'pipeline-timeout');
 """
 
+# 7: one patient under two PatientIDs (dicomnode.clinical.aliases): the birth date each result was
+# measured with and its ID's comparison key (spaces around and leading zeros removed, ASCII letters in
+# lower case: aliases.id_key, which SQLite's trim/ltrim/lower reproduce for the rows kept before), so
+# look-alike IDs are found by an index; and the links an operator made (``patients link A B``): the
+# linked ID's results are paired under ``linked_to``, an ID of the same issuer.
+ALIASES_V7 = """
+ALTER TABLE pairing_results ADD COLUMN patient_birth_date TEXT;
+ALTER TABLE pairing_results ADD COLUMN id_key TEXT;
+UPDATE pairing_results SET id_key = lower(ltrim(trim(patient_id), '0'));
+CREATE INDEX IF NOT EXISTS pairing_results_id_key ON pairing_results (issuer_of_patient_id, id_key);
+CREATE TABLE IF NOT EXISTS patient_links (
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    linked_to TEXT NOT NULL,
+    forced INTEGER NOT NULL DEFAULT 0,
+    linked_at TEXT NOT NULL,
+    PRIMARY KEY (patient_id, issuer_of_patient_id)
+);
+"""
+
 # The schema's history, one entry per version (PRAGMA user_version); append, never edit. A file from
 # before versioning (user_version 0) replays version 1 harmlessly: it only creates what is missing.
 MIGRATIONS: tuple[str, ...] = (
@@ -213,6 +233,7 @@ MIGRATIONS: tuple[str, ...] = (
     PAIRING_V4,
     COUNTERS_V5,
     RUN_END_V6,
+    ALIASES_V7,
 )
 
 

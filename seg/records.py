@@ -112,6 +112,9 @@ class ReasonCode(StrEnum):
     NO_STUDY_DATE = "no-study-date"
     SAME_DAY_AS_BASELINE = "same-day-as-baseline"
     SURGERY_DAY_QA_UNKNOWN = "surgery-day-qa-unknown"  # on the surgery day, no metal QA: not placed
+    # another measured PatientID is probably this patient (dicomnode.clinical.aliases): never paired
+    # with it until an operator links the two, so the reader is told
+    POSSIBLY_SAME_PATIENT = "possibly-same-patient"
     # cohort: why a patient is not a pre vs post pair
     NO_PREOPERATIVE_BASELINE = "no-preoperative-baseline"
     NO_COMPARISON = "no-comparison"

@@ -10,6 +10,11 @@ follow-up is compared with the baseline and with the previous study (a trajector
 that yields no comparison gets a stated reason (single study, same day as baseline,
 pre-operative, ...). Re-recording a series replaces its row.
 
+One patient under two PatientIDs (``12345`` and ``012345``) is paired as one only once an operator
+linked the IDs (:mod:`dicomnode.clinical.aliases`): the linked IDs' results join the primary ID's
+timeline, stored under it. Until then, an ID without a pre-operative baseline or a comparison whose
+look-alike ID (same birth date and sex) is measured says so in its studies' reasons.
+
 Tables live in the node's index (``settings.db_path``), opened through :mod:`dicomnode.db`, whose
 versioned migrations define them (with the registry's).
 """
@@ -25,9 +30,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
-from dicomnode.clinical import admission, registry, surgery_day
+from dicomnode.clinical import admission, aliases, registry, surgery_day
 from dicomnode.clinical.surgery_day import Placement
 from dicomnode.config import Settings
 from dicomnode.db import opened
@@ -88,6 +94,7 @@ class ResultRecord:
     seg_sop_instance_uid: str
     sr_sop_instance_uid: str
     result_dir: Path
+    patient_birth_date: str = ""  # YYYYMMDD; "" unknown (then never a look-alike of another ID)
 
 
 @contextmanager
@@ -125,6 +132,7 @@ class Study:
     patient_sex: str | None
     patient_size_m: float | None
     recorded_at: str
+    patient_id: str = ""  # the study's own PatientID: a linked ID's, in a linked patient's timeline
 
     @property
     def order_key(self) -> tuple[str, str, str]:
@@ -163,9 +171,13 @@ class Plan:
 
 
 def _studies(con: sqlite3.Connection, patient_id: str, issuer: str) -> tuple[list[Study], list[str]]:
+    """The patient's studies in order, with the IDs linked to ``patient_id`` (its primary), and the
+    series that a later one of the same study superseded."""
+    ids = aliases.group(con, patient_id, issuer)
     rows = con.execute(
-        "SELECT * FROM pairing_results WHERE patient_id=? AND issuer_of_patient_id=? ORDER BY recorded_at",
-        (patient_id, issuer),
+        "SELECT * FROM pairing_results WHERE issuer_of_patient_id=?"
+        f" AND patient_id IN ({','.join('?' * len(ids))}) ORDER BY recorded_at",
+        (issuer, *ids),
     ).fetchall()
     latest: dict[str, sqlite3.Row] = {}
     superseded: list[str] = []
@@ -185,6 +197,7 @@ def _studies(con: sqlite3.Connection, patient_id: str, issuer: str) -> tuple[lis
             r["patient_sex"],
             r["patient_size_m"],
             r["recorded_at"],
+            r["patient_id"],
         )
         for r in latest.values()
     ]
@@ -382,7 +395,10 @@ def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord
     pid, issuer = result.patient_id, result.issuer_of_patient_id or ""
     with writing(settings) as con:
         con.execute(
-            "INSERT OR REPLACE INTO pairing_results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO pairing_results (series_instance_uid, patient_id,"
+            " issuer_of_patient_id, patient_sex, patient_size_m, study_instance_uid, study_date,"
+            " study_time, volumes_json, seg_sop_instance_uid, sr_sop_instance_uid, result_dir,"
+            " recorded_at, patient_birth_date, id_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 result.series_instance_uid,
                 pid,
@@ -397,9 +413,15 @@ def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord
                 result.sr_sop_instance_uid,
                 str(result.result_dir),
                 _now(),
+                result.patient_birth_date or None,
+                aliases.id_key(pid),
             ),
         )
-        changes, plan = _refresh_patient(settings, con, pid, issuer)
+        primary = aliases.primary_of(con, pid, issuer)
+        changes, plan = _refresh_patient(settings, con, primary, issuer)
+        # a look-alike ID's studies may now be told of this one
+        for other in sorted({a.paired_as for a in aliases.look_alikes(con, primary, issuer)}):
+            _refresh_patient(settings, con, other, issuer)
     mine = [c for c in changes if c.followup.series_instance_uid == result.series_instance_uid]
     reasons = plan.reasons.get(result.series_instance_uid, [])
     # the reasons' texts name study and surgery dates (the patient's): at INFO only their codes
@@ -433,9 +455,19 @@ def needs_prior(plan: Plan, result: ResultRecord) -> bool:
     return len(plan.studies) == 1
 
 
+def _registry_row(settings: Settings, con: sqlite3.Connection, primary: str,
+                  issuer: str) -> registry.ClinicalInfo | None:
+    """The registry row of a patient, read once: the primary ID's, else that of the first linked ID
+    with one (each ID's row is read once; None: none has one)."""
+    for pid in aliases.group(con, primary, issuer):
+        if (info := registry.get_patient(settings, pid, issuer, con=con)) is not None:
+            return info
+    return None
+
+
 def _resolve(info: registry.ClinicalInfo | None, studies: list[Study]) -> registry.Resolved:
-    """The patient's facts as pairing uses them: its registry row ``info`` (None: it has none), else
-    the latest study's header."""
+    """The patient's facts as pairing uses them: its registry row ``info`` (:func:`_registry_row`;
+    None: it has none), else the latest study's header."""
     latest_size = next((s.patient_size_m for s in reversed(studies) if s.patient_size_m), None)
     latest_sex = next((s.patient_sex for s in reversed(studies) if s.patient_sex), None)
     return registry.resolve_row(info, latest_sex, latest_size)
@@ -467,7 +499,7 @@ def _refresh_patient(
 ) -> tuple[list[ChangeRecord], Plan]:
     """Recompute roles, reasons and every comparison of one patient (the table mirrors the timeline)."""
     studies, superseded = _studies(con, pid, issuer)
-    res = _resolve(registry.get_patient(settings, pid, issuer, con=con), studies)
+    res = _resolve(_registry_row(settings, con, pid, issuer), studies)
     qa = _surgery_day_qa(studies, res.surgery_date)
     plan = plan_timeline(studies, res.surgery_date, res.fractured_side, qa,
                          admission_window_days=settings.pairing.admission_window_days)
@@ -477,17 +509,21 @@ def _refresh_patient(
                 + ([plan.old_baseline] if plan.old_baseline and kind == "baseline" else []))
         for a, b, kind in plan.comparisons
     ]
+    hint = _look_alike_hint(con, pid, issuer, plan)
     now = _now()
-    # Writes join the caller's transaction (record_result / refresh_all).
-    con.execute("DELETE FROM pairing_changes WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer))
+    # Writes join the caller's transaction (record_result / refresh_all); the rows a linked ID had
+    # when it was paired on its own go.
+    ids = aliases.group(con, pid, issuer)
+    of_ids = f"issuer_of_patient_id=? AND patient_id IN ({','.join('?' * len(ids))})"
+    con.execute(f"DELETE FROM pairing_changes WHERE {of_ids}", (issuer, *ids))
     for (a, b, kind), change in zip(plan.comparisons, changes, strict=True):
         con.execute(
             "INSERT OR REPLACE INTO pairing_changes VALUES (?,?,?,?,?,?,?)",
             (a.series_instance_uid, b.series_instance_uid, kind, pid, issuer, change.to_json(), now),
         )
-    con.execute("DELETE FROM pairing_status WHERE patient_id=? AND issuer_of_patient_id=?", (pid, issuer))
+    con.execute(f"DELETE FROM pairing_status WHERE {of_ids}", (issuer, *ids))
     for s in studies:
-        why = plan.reasons[s.series_instance_uid] + res.notes
+        why = plan.reasons[s.series_instance_uid] + hint + res.notes
         con.execute(
             "INSERT OR REPLACE INTO pairing_status VALUES (?,?,?,?,?,?)",
             (
@@ -513,6 +549,20 @@ def _refresh_patient(
             ),
         )
     return changes, plan
+
+
+def _look_alike_hint(con: sqlite3.Connection, pid: str, issuer: str, plan: Plan) -> list[Reason]:
+    """The reason every study of a patient states when it has no pre-operative baseline (a surgery
+    date is known) or no comparison, and another measured ID is probably the same patient
+    (:func:`aliases.look_alikes`). Only in the studies' stated reasons, never in a comparison's notes:
+    those reach the follow-up SR, and another ID is no part of this patient's record."""
+    if plan.comparisons and plan.baseline_preoperative is not False:
+        return []
+    return [Reason(ReasonCode.POSSIBLY_SAME_PATIENT,
+                   f"possibly the same patient as PatientID {quote(a.patient_id)} ({a.differs} differ;"
+                   " same birth date), not paired with it; if they are one, link them with "
+                   f"`dicomnode patients link {quote(pid)} {quote(a.paired_as)}`")
+            for a in aliases.look_alikes(con, pid, issuer)]
 
 
 @dataclass(frozen=True)
@@ -564,8 +614,8 @@ def refresh_all(settings: Settings, progress: Callable[[int, int], None] | None 
     result recorded meanwhile is paired by the node itself)."""
     counts = RefreshCounts()
     with opened(settings.db_path) as db:
-        keys = db.query("SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results"
-                        " ORDER BY patient_id, issuer_of_patient_id")
+        with db.lock:
+            keys = aliases.primaries(db.con)
         for done, (pid, issuer) in enumerate(keys, start=1):
             with db.tx() as con:
                 before = _Stored.read(con, pid, issuer)
@@ -641,27 +691,50 @@ class PatientRow:
     koval_grade: int | None
     studies: int
     comparisons: int
+    linked_ids: tuple[str, ...] = ()  # IDs linked to this one: their studies are counted here
+    look_alikes: tuple[aliases.LookAlike, ...] = ()  # IDs its studies' reasons name as possibly it
 
 
-def _counts(settings: Settings) -> dict[tuple[str, str], tuple[int, int]]:
-    """(PatientID, issuer) of each measured patient → its numbers of studies and comparisons."""
+@dataclass(frozen=True)
+class _Measured:
+    """A measured patient (primary ID) as ``patients list`` counts it."""
+
+    studies: int
+    comparisons: int
+    linked_ids: tuple[str, ...]
+    look_alikes: tuple[aliases.LookAlike, ...]
+    info: registry.ClinicalInfo | None
+
+
+def _measured(settings: Settings) -> dict[tuple[str, str], _Measured]:
+    """(primary PatientID, issuer) of each measured patient → its counts, links and look-alikes
+    (those its stored reasons name: the hint of the last pairing)."""
+    out = {}
     with reading(settings) as con:
-        rows = con.execute(
-            "SELECT r.patient_id, r.issuer_of_patient_id, COUNT(DISTINCT r.study_instance_uid) AS studies,"
-            " (SELECT COUNT(*) FROM pairing_changes c WHERE c.patient_id=r.patient_id"
-            "  AND c.issuer_of_patient_id=r.issuer_of_patient_id) AS comparisons"
-            " FROM pairing_results r GROUP BY r.patient_id, r.issuer_of_patient_id"
-        ).fetchall()
-    return {(r["patient_id"], r["issuer_of_patient_id"]): (r["studies"], r["comparisons"]) for r in rows}
+        for pid, iss in aliases.primaries(con):
+            ids = aliases.group(con, pid, iss)
+            of_ids = f"issuer_of_patient_id=? AND patient_id IN ({','.join('?' * len(ids))})"
+            studies = con.execute(f"SELECT COUNT(DISTINCT study_instance_uid) FROM pairing_results"
+                                  f" WHERE {of_ids}", (iss, *ids)).fetchone()[0]
+            comparisons = con.execute("SELECT COUNT(*) FROM pairing_changes WHERE patient_id=?"
+                                      " AND issuer_of_patient_id=?", (pid, iss)).fetchone()[0]
+            hinted = any(r.code is ReasonCode.POSSIBLY_SAME_PATIENT for row in con.execute(
+                f"SELECT reasons FROM pairing_status WHERE {of_ids}", (iss, *ids))
+                for r in reasons_from_json(row[0]))
+            alikes = tuple(aliases.look_alikes(con, pid, iss)) if hinted else ()
+            out[(pid, iss)] = _Measured(studies, comparisons, tuple(ids[1:]), alikes,
+                                        _registry_row(settings, con, pid, iss))
+    return out
 
 
 def patients(settings: Settings) -> list[PatientRow]:
     """Every measured patient and every registry row, one row per patient, ordered by (PatientID, issuer).
 
     A measured patient's registry row is the one pairing finds (the exact issuer, else a row imported
-    without one), so the two are one row; a registry row no measured patient uses is listed on its own."""
-    measured = _counts(settings)
-    infos = {key: registry.get_patient(settings, *key) for key in measured}
+    without one), so the two are one row; a registry row no measured patient uses is listed on its own.
+    IDs linked to another are counted in its row, the row of the ID they are paired under."""
+    measured = _measured(settings)
+    infos = {key: m.info for key, m in measured.items()}
     listed = set(measured) | {(i.patient_id, i.issuer_of_patient_id) for i in infos.values() if i is not None}
     infos |= {key: p for p in registry.all_patients(settings)
               if (key := (p.patient_id, p.issuer_of_patient_id)) not in listed}
@@ -669,7 +742,7 @@ def patients(settings: Settings) -> list[PatientRow]:
     for key in sorted(infos):
         info = infos[key]
         res = resolved(settings, *key, info) if key in measured else registry.resolve_row(info)
-        studies, comparisons = measured.get(key, (0, 0))
+        m = measured.get(key)
         rows.append(PatientRow(
             patient_id=key[0],
             issuer=key[1],
@@ -683,8 +756,10 @@ def patients(settings: Settings) -> list[PatientRow]:
             fractured_side=res.fractured_side,
             surgery_date=res.surgery_date,
             koval_grade=res.koval_grade,
-            studies=studies,
-            comparisons=comparisons,
+            studies=m.studies if m else 0,
+            comparisons=m.comparisons if m else 0,
+            linked_ids=m.linked_ids if m else (),
+            look_alikes=m.look_alikes if m else (),
         ))
     return rows
 
@@ -711,7 +786,9 @@ class TimelineRow:
 
 
 def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> list[TimelineRow]:
-    """The patient's studies in order with role, reasons and the comparisons each follow-up has."""
+    """The patient's studies in order with role, reasons and the comparisons each follow-up has;
+    for an ID linked to another, or one others are linked to, the studies of every linked ID (each
+    :class:`Study` says its own PatientID)."""
     with reading(settings) as con:
         issuers = (
             [issuer]
@@ -726,7 +803,7 @@ def timeline(settings: Settings, patient_id: str, issuer: str | None = None) -> 
         )
         out: list[TimelineRow] = []
         for iss in issuers:
-            studies, _ = _studies(con, patient_id, iss)
+            studies, _ = _studies(con, aliases.primary_of(con, patient_id, iss), iss)
             for s in studies:
                 st = con.execute(
                     "SELECT role, reasons FROM pairing_status WHERE series_instance_uid=?",
@@ -754,10 +831,7 @@ def cohort_entries(settings: Settings, followup: Followup = Followup.LAST) -> li
     Without a comparison, the reasons are the patient's "not compared" ones (by code, :data:`NOT_COMPARED`).
     """
     with reading(settings) as con:
-        keys = con.execute(
-            "SELECT DISTINCT patient_id, issuer_of_patient_id FROM pairing_results"
-            " ORDER BY patient_id, issuer_of_patient_id"
-        ).fetchall()
+        keys = aliases.primaries(con)
         out = []
         for pid, iss in keys:
             rows = con.execute(

@@ -1,14 +1,15 @@
 """Sub-commands: ``patients import FILE.csv``, ``patients refresh``, ``patients list``,
-``patients timeline PATIENT``.
+``patients timeline PATIENT``, ``patients link A B``, ``patients unlink ID``.
 
 The registry holds the clinical facts DICOM lacks (height, fracture type, surgery date); these commands
-fill it, pair the measured patients again (after the registry or a pairing setting changed) and show
-what pairing made of each patient's studies.
+fill it, pair the measured patients again (after the registry or a pairing setting changed), link
+two PatientIDs of one patient, and show what pairing made of each patient's studies.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
@@ -149,7 +150,7 @@ def _print_patients(rows: list[PatientRow]) -> None:
         # no vertical rules, one space between columns
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
         mine = [r for r in rows if r.issuer == issuer]
-        longest = max(len(r.patient_id) + (0 if r.in_registry else 2) for r in mine)  # " *"
+        longest = max(len(_shown_id(r)) for r in mine)  # with its marks
         # a patient ID is never cut across lines (`patients list | grep ID` found nothing); the others fold
         table.add_column("patient", no_wrap=True, min_width=longest)
         # values that grep finds whole (a date, a count) keep their width; only a flag folds
@@ -160,7 +161,7 @@ def _print_patients(rows: list[PatientRow]) -> None:
             table.add_column(head, no_wrap=True, min_width=width)
         for r in mine:
             table.add_row(  # Text: "[...]" in a flag or an ID is shown, not read as Rich markup
-                Text(r.patient_id + ("" if r.in_registry else " *")),
+                Text(_shown_id(r)),
                 f"{r.height_m:.2f} m" if r.height_m else "–",
                 Text(r.height_source + (f" [{r.height_flag}]" if r.height_flag else "")),
                 r.sex or "–",
@@ -183,6 +184,35 @@ def _print_patients(rows: list[PatientRow]) -> None:
         console.print(table)
     if not all(r.in_registry for r in rows):
         console.print("* not in the registry: height and sex from the DICOM header", highlight=False)
+    for line in _id_notes(rows):
+        console.print(line, markup=False, highlight=False)
+
+
+LOOK_ALIKE_MARK = "≈"  # possibly the same patient as another ID
+LINKED_MARK = "+"  # other IDs are linked to this one
+
+
+def _shown_id(row: PatientRow) -> str:
+    """The patient column: the ID and its marks (not in the registry, look-alike, linked IDs)."""
+    marks = ("" if row.in_registry else "*") + (LOOK_ALIKE_MARK if row.look_alikes else "") + (
+        LINKED_MARK if row.linked_ids else "")
+    return row.patient_id + (f" {marks}" if marks else "")
+
+
+def _id_notes(rows: list[PatientRow]) -> list[str]:
+    """The footnotes of the look-alike and linked IDs, each command on a line of its own."""
+    lines = []
+    for r in rows:
+        issuer = f" --issuer {shlex.quote(r.issuer)}" if r.issuer else ""
+        for other in r.look_alikes:
+            lines += [f"{LOOK_ALIKE_MARK} {r.patient_id}: possibly the same patient as "
+                      f"{other.patient_id!r} (same birth date); to pair them:",
+                      f"    dicomnode patients link {shlex.quote(r.patient_id)} "
+                      f"{shlex.quote(other.paired_as)}" + issuer]
+        if r.linked_ids:
+            lines.append(f"{LINKED_MARK} {r.patient_id}: paired as one patient with the linked "
+                         f"ID(s) {', '.join(map(repr, r.linked_ids))}")
+    return lines
 
 
 @patients_app.command("timeline")
@@ -210,10 +240,15 @@ def timeline(
             shown = r.issuer_of_patient_id
             typer.echo(f"IssuerOfPatientID {shown or '(none)'}: a patient of its own"
                        f" ({len(issuers)} issuers use this PatientID)")
-        typer.echo(f"{display_date(r.study.study_date):10} {r.study.study_time[:6]:6}  {r.role}")
+        ids = {x.study.patient_id for x in rows if x.issuer_of_patient_id == r.issuer_of_patient_id}
+        if len(ids) > 1 and r is next(x for x in rows if x.issuer_of_patient_id == r.issuer_of_patient_id):
+            typer.echo(textwrap.fill(f"linked PatientIDs {', '.join(sorted(map(repr, ids)))}: paired as "
+                                     "one patient", COLUMNS))
+        typer.echo(f"{display_date(r.study.study_date):10} {r.study.study_time[:6]:6}  {r.role}"
+                   + (f"  (PatientID {r.study.patient_id!r})" if len(ids) > 1 else ""))
         typer.echo(f"    series {r.study.series_instance_uid}")
         for why in r.reasons:
-            typer.echo(textwrap.fill(why.text, COLUMNS, initial_indent="    · ", subsequent_indent="      "))
+            typer.echo(_reason_lines(why.text))
         for c in r.changes:
             t = c.total_analysed_muscles
             idx = f", {t.delta_index_cm3_m2:+.1f} cm³/m²" if t.delta_index_cm3_m2 is not None else ""
@@ -222,6 +257,71 @@ def timeline(
                 f"{t.structures} muscles {t.pre_cm3:.0f} → {t.post_cm3:.0f} cm³\n"
                 f"      {t.delta_cm3:+.1f} cm³, loss {t.loss_pct:.1f} %{idx}"
             )
+
+
+def _reason_lines(text: str) -> str:
+    """A stated reason under its study, wrapped to 80 columns; a command it ends with (in
+    backquotes) on a line of its own, whole, to be copied."""
+    prose, tick, command = text.partition("`")
+    if not tick:
+        command = ""
+    out = textwrap.fill(prose.rstrip(), COLUMNS, initial_indent="    · ", subsequent_indent="      ")
+    return out + (f"\n        {command.rstrip('`')}" if command else "")
+
+
+@patients_app.command("link")
+def link(
+    patient_id: Annotated[str, typer.Argument(help="PatientID the patient is paired under")],
+    other_id: Annotated[str, typer.Argument(help="PatientID of the same patient, paired with it")],
+    issuer: Annotated[str, typer.Option(help="IssuerOfPatientID of both IDs")] = "",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Link IDs whose studies give other birth dates or sexes.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Pair a second PatientID's studies with the first's, as one patient, and re-pair.
+
+    For one patient measured under two IDs (12345 from the PACS, 012345 from the hospital system):
+    never done by itself, since pairing two patients would report one's muscle loss from the other's
+    CTs. Refused for IDs whose studies give other birth dates or sexes, unless --force. Undone by
+    `dicomnode patients unlink OTHER_ID`."""
+    from dicomnode.clinical import aliases
+    from dicomnode.db import opened
+
+    settings = node_settings(config)
+    try:
+        with opened(settings.db_path) as db, db.tx() as con:
+            done = aliases.link(con, patient_id, other_id, issuer, force=force)
+    except aliases.LinkRefused as exc:
+        echo_problems(str(exc))
+        raise typer.Exit(2) from exc
+    checked = " and ".join(done.checked) or "neither birth date nor sex"
+    typer.echo(f"linked {', '.join(map(repr, done.linked))} to {done.primary!r}: paired as one "
+               f"patient ({checked} compared"
+               + (f"; linked although {' and '.join(done.forced)})" if done.forced else ")"))
+    counts = _repair(settings)
+    typer.echo(f"re-paired {counts.patients} measured patient(s)\n" + _comparisons(counts))
+
+
+@patients_app.command("unlink")
+def unlink(
+    patient_id: Annotated[str, typer.Argument(help="a linked PatientID (the second of `link`)")],
+    issuer: Annotated[str, typer.Option(help="IssuerOfPatientID of the ID")] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Pair a linked PatientID's studies on their own again, and re-pair."""
+    from dicomnode.clinical import aliases
+    from dicomnode.db import opened
+
+    settings = node_settings(config)
+    try:
+        with opened(settings.db_path) as db, db.tx() as con:
+            done = aliases.unlink(con, patient_id, issuer)
+    except aliases.LinkRefused as exc:
+        echo_problems(str(exc))
+        raise typer.Exit(2) from exc
+    typer.echo(f"unlinked {done.patient_id!r} from {done.was_linked_to!r}: paired on its own")
+    counts = _repair(settings)
+    typer.echo(f"re-paired {counts.patients} measured patient(s)\n" + _comparisons(counts))
 
 
 def register(app: typer.Typer) -> None:

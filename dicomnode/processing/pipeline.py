@@ -720,6 +720,7 @@ def _record_for_pairing(settings: Settings, ct: Any, out_dir: Path, seg_ds: Any,
         seg_sop_instance_uid=str(seg_ds.SOPInstanceUID),
         sr_sop_instance_uid=str(sr_ds.SOPInstanceUID),
         result_dir=out_dir,
+        patient_birth_date=header.birth_date or "",
     )
     return record_result(settings, result)
 
