@@ -213,3 +213,38 @@ def test_ids_stay_out_of_the_log_above_debug(settings: Settings, caplog: pytest.
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert any("ID(s) linked" in m for m in logged) and any("ID unlinked" in m for m in logged)
     assert not [m for m in logged if "12345" in m or BORN in m]
+
+
+def _sr_with_birth_date(path: Path, born: str) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.PatientBirthDate = born
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_refresh_reads_the_birth_date_of_older_results_from_their_sr(settings: Settings) -> None:
+    """Results recorded before birth dates were kept (NULL) get theirs from the measurement SR the
+    node wrote, once; a missing SR leaves it unknown ("")."""
+    _record(settings, "12345", "1.1", "20230101", born="")
+    _record(settings, "012345", "1.2", "20230401", born="")
+    _record(settings, "0012345", "1.3", "20230501", born="")
+    with opened(settings.db_path) as db, db.tx() as con:
+        con.execute("UPDATE pairing_results SET patient_birth_date=NULL")
+    results = Path(settings.storage_dir) / "results"
+    for series in ("1.1.1", "1.2.1"):
+        _sr_with_birth_date(results / series / "outputs" / f"{series}.sr.dcm", BORN)
+    assert _hints(settings, "1.1.1") == []
+    code, out = _cli("refresh")
+    assert code == 0, out
+    with opened(settings.db_path) as db:
+        assert dict(db.query("SELECT series_instance_uid, patient_birth_date FROM pairing_results")) == {
+            "1.1.1": BORN, "1.2.1": BORN, "1.3.1": ""}
+    assert len(_hints(settings, "1.1.1")) == len(_hints(settings, "1.2.1")) == 1
+    assert _hints(settings, "1.3.1") == []

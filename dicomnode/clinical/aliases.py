@@ -19,8 +19,10 @@ import sqlite3
 import string
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from dicomnode.clinical.registry import parse_sex
+from seg.dates import da_date
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,26 @@ def look_alikes(con: sqlite3.Connection, primary: str, issuer: str) -> list[Look
         twin = next(i for i in ids if id_key(i) == id_key(other))
         out.append(LookAlike(other, paired_as, differences(twin, other)))
     return out
+
+
+def unread_birth_dates(con: sqlite3.Connection) -> list[tuple[str, Path]]:
+    """(series UID, its measurement SR) of the results recorded before birth dates were (index
+    schema 7): NULL, where a result recorded since keeps "" for a CT without one."""
+    return [(r[0], Path(r[1]) / "outputs" / f"{r[2]}.dcm") for r in con.execute(
+        "SELECT series_instance_uid, result_dir, sr_sop_instance_uid FROM pairing_results"
+        " WHERE patient_birth_date IS NULL AND result_dir IS NOT NULL")]
+
+
+def sr_birth_date(path: Path) -> str:
+    """The PatientBirthDate a measurement SR copied from its CT (YYYYMMDD); "" when the file is
+    gone, unreadable or has none (then the result is never a look-alike)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientBirthDate"])
+    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
+        return ""
+    return da_date(ds.get("PatientBirthDate", "")) or ""
 
 
 class LinkRefused(ValueError):

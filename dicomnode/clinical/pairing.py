@@ -413,7 +413,7 @@ def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord
                 result.sr_sop_instance_uid,
                 str(result.result_dir),
                 _now(),
-                result.patient_birth_date or None,
+                result.patient_birth_date or "",
                 aliases.id_key(pid),
             ),
         )
@@ -607,13 +607,21 @@ class _Stored:
 
 def refresh_all(settings: Settings, progress: Callable[[int, int], None] | None = None) -> RefreshCounts:
     """Re-pair every measured patient with the current settings and registry, as a recorded study
-    does for its own patient; ``progress(done, total)`` after each one.
+    does for its own patient; ``progress(done, total)`` after each one. The results recorded before
+    birth dates were kept get theirs from their measurement SR first (for :mod:`.aliases`).
 
     Only the index changes: nothing is sent and no PACS is asked for a prior. Each patient is one
     short write transaction, so a running node's worker waits at most for one patient (and a new
     result recorded meanwhile is paired by the node itself)."""
     counts = RefreshCounts()
     with opened(settings.db_path) as db:
+        with db.lock:
+            unread = aliases.unread_birth_dates(db.con)
+        read = [(aliases.sr_birth_date(sr), uid) for uid, sr in unread]  # no transaction spans file I/O
+        if read:
+            with db.tx() as con:
+                con.executemany("UPDATE pairing_results SET patient_birth_date=? WHERE series_instance_uid=?"
+                                " AND patient_birth_date IS NULL", read)
         with db.lock:
             keys = aliases.primaries(db.con)
         for done, (pid, issuer) in enumerate(keys, start=1):
