@@ -262,9 +262,9 @@ def timeline(
 def _reason_lines(text: str) -> str:
     """A stated reason under its study, wrapped to 80 columns; a command it ends with (in
     backquotes) on a line of its own, whole, to be copied."""
-    prose, tick, command = text.partition("`")
-    if not tick:
-        command = ""
+    prose, _, command = text.partition("`")
+    if not (text.endswith("`") and text.count("`") == 2):
+        prose, command = text, ""
     out = textwrap.fill(prose.rstrip(), COLUMNS, initial_indent="    · ", subsequent_indent="      ")
     return out + (f"\n        {command.rstrip('`')}" if command else "")
 
