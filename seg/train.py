@@ -355,7 +355,7 @@ class CropPlanner:
         if postop_weight <= 0:
             raise ValueError(f"postop_weight must be positive, not {postop_weight}")
         if not 0.0 <= streak_prob <= 1.0:
-            raise ValueError(f"streak_prob must be within 0…1, not {streak_prob}")
+            raise ValueError(f"streak_prob must be between 0 and 1, not {streak_prob}")
         self.roi, self.fg_prob, self.flip_x, self.rng = np.array(roi), fg_prob, flip_x, rng
         self.postop_weight, self.streak_prob, self.spacing_mm = postop_weight, streak_prob, spacing_mm
         self.shapes: list[np.ndarray] = []  # each case's shape, padded up to the ROI

@@ -281,7 +281,7 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
     refused = CliRunner().invoke(app, [*args, "--postop-share", "0.3"])
     assert refused.exit_code == 2 and "0.25, 0.5 or 0.75" in refused.output
     refused = CliRunner().invoke(app, [*args, "--streak-prob", "1.5"])
-    assert refused.exit_code == 2 and "--streak-prob must be within 0…1" in refused.output
+    assert refused.exit_code == 2 and "--streak-prob must be between 0 and 1" in refused.output
 
 
 def test_site_dataset_trains_with_label_maps_in_any_voxel_order(tmp_path: Path) -> None:

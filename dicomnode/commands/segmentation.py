@@ -421,7 +421,7 @@ def train(
         float, typer.Option(help="How much more often crops come from post-operative phantoms (1: as often).")
     ] = 1.0,
     streak_prob: Annotated[
-        float, typer.Option(help="Share of crops that get metal streaks drawn over them (0…1; 0: none).")
+        float, typer.Option(help="Share of crops that get metal streaks drawn over them (0 to 1; 0: none).")
     ] = 0.0,
     checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Checkpoint + cache folder.")] = Path(
         "checkpoints/run"
@@ -507,7 +507,7 @@ def train(
     if postop_weight <= 0:
         raise typer.BadParameter("--postop-weight must be positive")
     if not 0.0 <= streak_prob <= 1.0:
-        raise typer.BadParameter("--streak-prob must be within 0…1")
+        raise typer.BadParameter("--streak-prob must be between 0 and 1")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
     if cache_workers < 1:
