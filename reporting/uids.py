@@ -107,9 +107,10 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # implant"), which OHIF shows; on the page the † sits beside its column's aligned decimals, the
 # chart names the operated side and marks the flagged muscles; the page warns of a baseline older
 # than the admission CT (pairing's baseline-before-admission, its surgery date as YYYY-MM-DD, as
-# every date a pairing reason names) and wraps a warning to its width; the page's negative numbers
-# (header and table) have the minus sign "−", as its chart's ticks, not a hyphen.
-OUTPUT_REVISION = 11
+# every date a pairing reason names) and wraps a warning to its width.
+# 12: the page's negative numbers (header and table) have the minus sign "−", as its chart's ticks,
+# not a hyphen (revision 11 was released with the hyphen).
+OUTPUT_REVISION = 12
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:
