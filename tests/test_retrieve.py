@@ -351,3 +351,102 @@ def test_pairing_asks_for_the_prior_and_pairs_it_when_it_arrives(orthanc, tmp_pa
         assert record(base_study, base_series, "20230105", 1.0) == []
         late = pairing.changes_for_earlier_series(settings, base_series)
         assert len(late) == 1 and late[0].structures[0].loss_pct == pytest.approx(20.0)
+
+
+def test_a_linked_patients_prior_is_asked_for_under_each_of_its_ids(orthanc, tmp_path: Path) -> None:
+    """The pre-operative CT is in the PACS under the hospital system's ID (012345), the follow-ups
+    arrive under the PACS's (12345): asked under 12345 alone, the PACS holds no earlier CT; once an
+    operator has linked the two IDs, a new follow-up asks under both and the CT arrives. The answer
+    counts the IDs (the detail is logged at INFO), never names them."""
+    import sqlite3
+
+    from dicomnode.clinical import aliases, pairing, registry
+    from dicomnode.db import opened
+
+    pid, other = "12345", "012345"
+    base_study = generate_uid()
+    base_series = _ct_series(tmp_path / "base", other, "20230105", 8, base_study)
+    orthanc.upload_folder(tmp_path / "base")
+    settings = _settings(tmp_path, orthanc)
+    reg = tmp_path / "reg.csv"
+    reg.write_text("patient_id,height_m,sex,fracture_type,fractured_side,surgery_date\n"
+                   f"{pid},1.60,F,ITF,left,20230110\n")
+    registry.import_csv(settings, reg)
+
+    def record(patient_id: str, study: str, date: str) -> None:
+        series = study + ".1"
+        out = tmp_path / "var" / "results" / series
+        out.mkdir(parents=True, exist_ok=True)
+        sartorius = StructureVolume(label=1, name="sartorius", group="anterior", volume_cm3=160.0,
+                                    left_cm3=80.0, right_cm3=80.0)
+        VolumeRecord(series_instance_uid=series, structures=(sartorius,)).save(out / "volumes.json")
+        pairing.record_result(settings, pairing.ResultRecord(
+            patient_id=patient_id, issuer_of_patient_id="", patient_sex="F", patient_size_m=None,
+            study_instance_uid=study, study_date=date, study_time="090000",
+            series_instance_uid=series, volumes_json=out / "volumes.json",
+            seg_sop_instance_uid=series + ".9", sr_sop_instance_uid=series + ".8", result_dir=out,
+            patient_birth_date="19400312"))
+
+    def answer(study: str) -> tuple[str, str] | None:
+        con = sqlite3.connect(settings.db_path)
+        try:
+            row = con.execute("SELECT status, detail FROM pairing_retrievals WHERE study_instance_uid=?"
+                              " ORDER BY rowid DESC", (study,)).fetchone()
+        finally:
+            con.close()
+        return row if row and row[0] != pairing.RetrievalStatus.REQUESTED else None
+
+    with CapturingSCP("THIGHNODE", orthanc.node_port) as node:
+        first, second, third = "1.2.826.0.1.1", "1.2.826.0.1.2", "1.2.826.0.1.3"
+        record(pid, first, "20230301")
+        alone = wait_for(lambda: answer(first), 30, what="the first follow-up's retrieval")
+        assert alone == ("none", "the PACS holds no earlier CT study for this patient")
+        settings.pairing.retrieve_priors = False  # the other ID's follow-up, measured before the link
+        record(other, second, "20230401")
+        with opened(settings.db_path) as db, db.tx() as con:
+            aliases.link(con, pid, other)
+        pairing.refresh_all(settings)
+        assert not node.received
+
+        settings.pairing.retrieve_priors = True
+        record(pid, third, "20230601")
+        status, detail = wait_for(lambda: answer(third), 30, what="the linked patient's retrieval")
+        assert status == "retrieved", detail
+        assert detail == ("moved 8 instance(s), 0 failed; 1 earlier study looked at; asked under 2"
+                          " linked PatientIDs")
+        assert {ds.SeriesInstanceUID for ds in node.received} == {base_series}
+        assert {ds.PatientID for ds in node.received} == {other}
+
+
+def test_a_linked_patients_candidates_share_one_order_and_one_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ID's studies join one list of candidates: the admission period's CT under the second ID
+    comes before an older one under the first, and the three-study bound counts them together; a
+    study both IDs list is one candidate."""
+    by_id = {
+        "A": [StudyHit("old", "20220101", modalities=["CT"]), StudyHit("s1", "20230105", modalities=["CT"])],
+        "B": [StudyHit("adm", "20230108", modalities=["CT"]), StudyHit("s1", "20230105", modalities=["CT"]),
+              StudyHit("s2", "20230104", modalities=["CT"])],
+    }
+    asked: list[str] = []
+    queried: list[str] = []
+
+    def studies_of(_settings: Settings, patient_id: str) -> list[StudyHit]:
+        asked.append(patient_id)
+        return by_id[patient_id]
+
+    def series_of(_settings: Settings, study_uid: str) -> list[SeriesHit]:
+        queried.append(study_uid)
+        return [SeriesHit(study_uid + ".1", "CT", 2)]  # scouts only: every study gives way
+
+    monkeypatch.setattr(retrieve, "find_studies", studies_of)
+    monkeypatch.setattr(retrieve, "find_series", series_of)
+    settings = Settings(storage_dir=Path("var"), pairing={"retrieve_priors": True})
+    outcome = retrieve_prior(settings, "A", "20230601", set(), "20230110", linked_ids=("A", "B"))
+    assert asked == ["A", "B"]
+    assert queried == ["adm", "s1", "s2"]  # "old" is fourth: beyond the bound
+    assert outcome.reason == ("no CT series with enough slices in the 3 earlier studies looked at"
+                              " (of 4); asked under 2 linked PatientIDs")
+    asked.clear()
+    alone = retrieve_prior(settings, "A", "20230601", set(), "20230110")
+    assert asked == ["A"] and "linked" not in alone.reason

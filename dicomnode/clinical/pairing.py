@@ -879,9 +879,11 @@ def cohort_entries(settings: Settings, followup: Followup = Followup.LAST) -> li
 
 
 def _maybe_retrieve(settings: Settings, pid: str, issuer: str, result: ResultRecord, plan: Plan) -> None:
-    """Ask the PACS for an earlier study in the background, once per patient and follow-up study."""
+    """Ask the PACS for an earlier study in the background, once per patient and follow-up study;
+    under each of the patient's linked IDs (``patients link``), the asking study's own first."""
     surgery = plan.surgery_date
     with writing(settings) as con:
+        linked = tuple(aliases.group(con, aliases.primary_of(con, pid, issuer), issuer))
         seen = con.execute(
             "SELECT 1 FROM pairing_retrievals WHERE patient_id=? AND issuer_of_patient_id=?"
             " AND study_instance_uid=?",
@@ -910,6 +912,7 @@ def _maybe_retrieve(settings: Settings, pid: str, issuer: str, result: ResultRec
                 # an older pre-operative CT is held: only an admission CT would replace it
                 not_before=(admission.window_start(surgery, settings.pairing.admission_window_days)
                             if surgery and plan.old_baseline else ""),
+                linked_ids=linked,
             )
             status = RetrievalStatus.RETRIEVED if outcome.moved else RetrievalStatus.NONE
             detail = outcome.reason

@@ -1,7 +1,8 @@
 """Prior retrieval: fetch a patient's earlier whole-thigh CT from the PACS when the node has no baseline.
 
 Why: a follow-up is worthless without its baseline, and the baseline was often acquired before the
-node existed. C-FIND (study level, by PatientID) lists the patient's studies; the earlier studies
+node existed. C-FIND (study level, by PatientID; a patient linked under several IDs,
+``patients link``, by each of them) lists the patient's studies; the earlier studies
 (by StudyDate, and on the asking study's own day by StudyTime) are ordered by preference
 (:func:`prior_candidates`: with a surgery date those of the admission period before the surgery
 day, latest first, then those on it, earliest first, then the older ones, latest first; without
@@ -270,6 +271,16 @@ def move_series(
     return completed, failed
 
 
+def linked_studies(settings: Settings, patient_ids: tuple[str, ...]) -> list[StudyHit]:
+    """The studies of every ID of one patient (:mod:`dicomnode.clinical.aliases`), one C-FIND per
+    ID, each study once (by its UID, under the first ID that lists it)."""
+    out: dict[str, StudyHit] = {}
+    for pid in patient_ids:
+        for study in find_studies(settings, pid):
+            out.setdefault(study.study_instance_uid, study)
+    return list(out.values())
+
+
 def retrieve_prior(
     settings: Settings,
     patient_id: str,
@@ -279,15 +290,22 @@ def retrieve_prior(
     issuer: str = "",
     before_time: str = "",
     not_before: str = "",
+    linked_ids: tuple[str, ...] = (),
 ) -> RetrieveOutcome:
     """Find and move the patient's CT from before ``before_date`` (or earlier that day than
-    ``before_time``; none before ``not_before``) to this node; the outcome says why when not."""
+    ``before_time``; none before ``not_before``) to this node; the outcome says why when not.
+
+    ``linked_ids``: the patient's other IDs of the same issuer (``patients link``); the PACS is
+    asked under each, and the candidates of all of them share one order and one bound."""
     if not settings.pairing.retrieve_priors:
         return RetrieveOutcome(False, "prior retrieval is switched off (pairing.retrieve_priors)")
-    found = prior_candidates(find_studies(settings, patient_id), before_date, known_study_uids,
+    ids = (patient_id, *(i for i in dict.fromkeys(linked_ids) if i != patient_id))
+    found = prior_candidates(linked_studies(settings, ids), before_date, known_study_uids,
                              surgery_date, issuer, before_time, not_before,
                              admission_window_days=settings.pairing.admission_window_days)
-    candidates, note = found.studies, found.untimed_note()
+    # the IDs are PHI (the reason is logged at INFO): it counts them
+    asked = f"; asked under {len(ids)} linked PatientIDs" if len(ids) > 1 else ""
+    candidates, note = found.studies, found.untimed_note() + asked
     if not candidates:
         return RetrieveOutcome(False, "the PACS holds no earlier CT study for this patient" + note)
     looked = 0
