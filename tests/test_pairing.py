@@ -730,10 +730,14 @@ def test_patients_list_shows_the_height_and_sex_pairing_uses(
     _record(settings, "PHANTOM0000000001", "9.1", "20240101", size=1.7)
     lines = CliRunner().invoke(app, ["patients", "list"], env={"COLUMNS": "80"}).output.splitlines()
     assert max(len(line) for line in lines) > 80  # piped: one line per patient, as wide as needed
-    # the ID and the surgery date whole (the date was cut "2024010" / "5"), and no column dropped
-    assert any(line.startswith("PHANTOM0000000001 ") and "registry" in line and "20240105" in line
+    # the ID and the surgery date whole (the date was cut "2024010" / "5"), and no column dropped;
+    # the date as timeline and the reasons give it, --json keeps the registry's YYYYMMDD
+    assert any(line.startswith("PHANTOM0000000001 ") and "registry" in line and " 2024-01-05 " in line
                for line in lines), lines
     assert any("pairs" in line for line in lines)
+    rows = {r["patient_id"]: r for r in json.loads(
+        CliRunner().invoke(app, ["patients", "list", "--json"]).output)}
+    assert rows["PHANTOM0000000001"]["surgery_date"] == "20240105"
 
 
 def test_patients_list_reads_each_registry_row_once(

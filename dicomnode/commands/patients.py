@@ -136,9 +136,11 @@ def list_(
 
 
 def _print_patients(rows: list[PatientRow]) -> None:
-    """One table per issuer (its name above it): on a terminal within its width (80 columns hold IDs
-    of up to 11 characters; a height flag folds); piped, one line per patient however wide, so grep
-    finds an ID, a date or a flag whole (an ID and a surgery date were cut across lines)."""
+    """One table per issuer (its name above it): on a terminal within its width (80 columns hold an
+    ID with its marks in 13 characters, e.g. 11 and " *"; a height flag folds); piped, one line per
+    patient however wide, so grep finds an ID, a date or a flag whole (an ID and a surgery date were
+    cut across lines). The surgery date as YYYY-MM-DD, as timeline and the reasons give a date;
+    ``--json`` keeps the registry's YYYYMMDD."""
     from rich import box
     from rich.console import Console
     from rich.measure import Measurement
@@ -156,7 +158,7 @@ def _print_patients(rows: list[PatientRow]) -> None:
         # values that grep finds whole (a date, a count) keep their width; only a flag folds
         table.add_column("height", no_wrap=True, min_width=len("1.70 m"))
         table.add_column("from", overflow="fold", min_width=len("PatientSize"))
-        for head, width in (("sex", 3), ("type", 5), ("side", 5), ("surgery", 8), ("Koval", 5),
+        for head, width in (("sex", 3), ("type", 5), ("side", 5), ("surgery", 10), ("Koval", 5),
                             ("CTs", 3), ("pairs", 5)):
             table.add_column(head, no_wrap=True, min_width=width)
         for r in mine:
@@ -167,7 +169,7 @@ def _print_patients(rows: list[PatientRow]) -> None:
                 r.sex or "–",
                 r.fracture_type or "–",
                 r.fractured_side or "–",
-                r.surgery_date or "–",
+                display_date(r.surgery_date) if r.surgery_date else "–",
                 str(r.koval_grade or "–"),
                 str(r.studies),
                 str(r.comparisons),
