@@ -81,14 +81,18 @@ class LabelTable(BaseModel):
 
 def read_label_table(root: Path) -> LabelTable | None:
     """The dataset's ``labels.csv`` (columns value,structure), or None when it has none (its label
-    maps are then in our numbering). Refused, naming the file and line: another header, a value that
-    is no whole number >= 0, a structure we do not know, a value given twice."""
+    maps are then in our numbering). Refused, naming the file and line: another header (one
+    separated by semicolons told apart), a value that is no whole number >= 0, a structure we do
+    not know, a value given twice."""
     path = root / TABLE_NAME
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8-sig") as f:
         lines = [(n, [cell.strip() for cell in row]) for n, row in enumerate(csv.reader(f), start=1)]
     lines = [(n, row) for n, row in lines if any(row)]
+    if lines and _semicolons(lines[0][1]):
+        raise DatasetError(f"{path}: separated by ';' (as Excel saves CSV in some languages); "
+                           f"separate by commas: the first line must be {','.join(TABLE_COLUMNS)}")
     if not lines or tuple(lines[0][1]) != TABLE_COLUMNS:
         raise DatasetError(f"{path}: the first line must be {','.join(TABLE_COLUMNS)}")
     rows, line_of = [], {}
@@ -103,6 +107,12 @@ def read_label_table(root: Path) -> LabelTable | None:
         line_of[row.value] = n
         rows.append(row)
     return LabelTable(path=path, rows=tuple(rows))
+
+
+def _semicolons(header: list[str]) -> bool:
+    """Whether the header is ours separated by semicolons (Excel's CSV where the decimal separator
+    is a comma): named apart from another header, so the fix is plain. One format is read."""
+    return len(header) == 1 and tuple(c.strip() for c in header[0].split(";")) == TABLE_COLUMNS
 
 
 def _why(exc: ValueError, cells: list[str]) -> str:

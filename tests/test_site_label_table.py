@@ -112,11 +112,15 @@ def test_train_check_names_the_table_and_what_it_leaves_unmapped(phantom: Path, 
     (lambda t: t + "-4,background\n", "line 62: value '-4' is not a whole number >= 0"),
     (lambda t: t + "5\n", "line 62: 1 cell(s), not 2 (value,structure)"),
     (lambda t: t.replace("value,structure", "label,name"), "the first line must be value,structure"),
+    # Excel's CSV where the decimal separator is a comma: told apart, with the fix
+    (lambda t: t.replace(",", ";"), "separated by ';' (as Excel saves CSV in some languages); "
+     "separate by commas: the first line must be value,structure"),
 ])
 def test_a_table_that_does_not_say_what_a_value_is_stops_every_command(
         phantom: Path, tmp_path: Path, edit, why: str) -> None:
-    """Unknown structure names, a value given twice, a value that is no label, another header: the
-    dataset is refused before any case is read, naming the file and the line, by all three commands."""
+    """Unknown structure names, a value given twice, a value that is no label, another header (one
+    separated by semicolons named as such): the dataset is refused before any case is read, naming
+    the file and the line, by all three commands."""
     data = tmp_path / "data"
     site_case(phantom, data, "a")
     (data / "labels.csv").write_text(edit(table_text()))
