@@ -24,6 +24,7 @@ from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 
 from dicomnode.processing.pipeline import JobInput, JobOutput, SeriesRejected, report
 from seg.records import ModelInfo
+from seg.volume import Volume
 
 
 def derived_uid(*parts: str) -> str:
@@ -97,16 +98,21 @@ def faulty(job: JobInput, settings: object) -> JobOutput:
 THRESHOLD_MODEL = ModelInfo(name="node-test-threshold", version="1", demo=True)
 
 
-def measure(job: JobInput, settings: object) -> JobOutput:
-    """:func:`dicomnode.processing.pipeline.report` on a label map without a model: every voxel
-    above -500 HU is vastus lateralis (so a series' volume is its slice count × slice area)."""
-    from seg.io import load_dicom_series
+def threshold_labels(ct: Volume) -> Volume:
+    """The label map without a model: every voxel above -500 HU is vastus lateralis (so a series'
+    volume is its slice count × slice area)."""
     from seg.labels import LABEL_OF
+
+    return ct.with_array(np.where(ct.array > -500, LABEL_OF["vastus_lateralis"], 0).astype(np.uint8))
+
+
+def measure(job: JobInput, settings: object) -> JobOutput:
+    """:func:`dicomnode.processing.pipeline.report` on :func:`threshold_labels`."""
+    from seg.io import load_dicom_series
 
     _log_run(settings, job, "measure")
     ct = load_dicom_series(sorted(job.files))
-    labels = ct.with_array(np.where(ct.array > -500, LABEL_OF["vastus_lateralis"], 0).astype(np.uint8))
-    return report(job, settings, ct, labels, THRESHOLD_MODEL)  # type: ignore[arg-type]
+    return report(job, settings, ct, threshold_labels(ct), THRESHOLD_MODEL)  # type: ignore[arg-type]
 
 
 def _sent(settings: object, path: Path, timeout: float = 30.0) -> bool:

@@ -181,3 +181,31 @@ def test_record_says_where_the_outputs_are_and_keeps_what_a_uid_named(studies, t
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "OutputChanged" in again.output, again.output
     assert seg.read_bytes() == before
+
+
+def test_lookup_refuses_recorded_files_that_hold_another_series_now(studies, tmp_path, caplog):
+    """The files ``source.json`` names are the recorded series' CT only while they hold that series
+    (an archive folder rewritten since must not put another CT in its report); a source.json that
+    cannot be read gives none either. The warnings name no path (the archive's folders may carry the
+    patient's name); the series at hand in a run comes first."""
+    import logging
+
+    from dicomnode.processing.sources import SeriesLookup, remember_source
+
+    (pre_uid, pre), (_, post) = studies["pre"], studies["post"]
+    results = tmp_path / "results"
+    lookup = SeriesLookup(tmp_path / "no-index.sqlite", results)
+    remember_source(results / pre_uid, _dicom_files(pre))
+    assert lookup(pre_uid) == [f.resolve() for f in _dicom_files(pre)]
+    at_hand = SeriesLookup(tmp_path / "no-index.sqlite", results, {pre_uid: _dicom_files(post)})
+    assert at_hand(pre_uid) == _dicom_files(post)
+    caplog.set_level(logging.DEBUG, logger="dicomnode.processing.sources")
+    remember_source(results / pre_uid, _dicom_files(post))  # the folder now holds the other series
+    assert lookup(pre_uid) == []
+    (results / pre_uid / SOURCE_FILE).write_text('{"files": "' + str(pre) + '"}')
+    assert lookup(pre_uid) == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"series {pre_uid}: the files it was recorded from hold another series now",
+                        f"series {pre_uid}: its {SOURCE_FILE} cannot be read"]
+    # pydantic's text quotes the paths it refused: at DEBUG only
+    assert any(r.levelno == logging.DEBUG and "input_value=" in r.getMessage() for r in caplog.records)

@@ -176,7 +176,7 @@ def record_case(settings: Settings, ct: Volume, labels: Volume, model_info: Mode
     import tempfile
 
     from dicomnode.processing.pipeline import JobInput, OutputChanged, report, results_dir
-    from dicomnode.processing.sources import OfflineSeriesFiles, remember_source
+    from dicomnode.processing.sources import SeriesLookup, remember_source
 
     series_uid = ct.header.series_instance_uid
     if not ct.source_files or series_uid is None:
@@ -188,7 +188,7 @@ def record_case(settings: Settings, ct: Volume, labels: Volume, model_info: Mode
         with tempfile.TemporaryDirectory(prefix="dicomnode-record-") as work:
             job = JobInput(job_id=0, series_instance_uid=series_uid, files=sorted(ct.source_files),
                            work_dir=Path(work), outputs_in_outbox=earlier,
-                           series_files=OfflineSeriesFiles(settings.db_path, out.parent, at_hand))
+                           series_files=SeriesLookup.of(settings, at_hand))
             result = report(job, settings, ct, labels, model_info)
     except (OSError, ValueError, TypeError, OutputChanged) as exc:
         raise CaseOutputError(f"not recorded in full in {out}: {type(exc).__name__}: {exc}") from exc

@@ -103,29 +103,6 @@ class _Channel:
             self.conn.send(outcome)
 
 
-@dataclass(frozen=True)
-class IndexedSeriesFiles:
-    """``JobInput.series_files`` for the child: the stored instances of a series, read from the index.
-
-    The parent's :meth:`Store.series_files <dicomnode.storage.store.Store.series_files>` is bound to an open
-    connection, which cannot cross a process boundary; the child opens the file read-only instead.
-    """
-
-    db_path: Path
-
-    def __call__(self, series_uid: str) -> list[Path]:
-        import sqlite3
-
-        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = con.execute(
-                "SELECT path FROM instances WHERE series_uid=? ORDER BY path", (series_uid,)
-            ).fetchall()
-        finally:
-            con.close()
-        return [Path(r[0]) for r in rows]
-
-
 def _exit_when_orphaned(parent: int) -> None:
     """A kill -9 of the node must not leave a model running: the child ends when its parent is gone."""
     while True:

@@ -50,7 +50,8 @@ class JobInput:
     series_instance_uid: str
     files: list[Path]  # every stored instance of the series
     work_dir: Path  # private folder for this job's intermediate and output files
-    # the stored instances of another series (a later study this one turns out to be the baseline of)
+    # the CT files of another series (a baseline's key images, a later study this one turns out to be
+    # the baseline of): dicomnode.processing.sources.SeriesLookup, on the node and offline alike
     series_files: Callable[[str], list[Path]] = _no_stored_series
     # outputs an earlier attempt of this job put in the outbox (perhaps sent): never written again
     outputs_in_outbox: frozenset[Path] = frozenset()
@@ -602,8 +603,9 @@ def later_followups(settings: Settings, job: JobInput, earlier: tuple[Any, Any] 
     """The follow-up SRs (and summaries) of later studies that this series is now the earlier study of.
 
     Pairing stores these comparisons when a baseline arrives after its follow-up; without this
-    nothing would report them. The later study's CT comes from the store (its own job has finished);
-    when its instances are gone the change stays recorded and the report is skipped, with a warning.
+    nothing would report them. The later study's CT comes from ``job.series_files`` (the store, or
+    the files it was recorded offline from: :mod:`dicomnode.processing.sources`); when they are gone
+    or unreadable the change stays recorded and the report is skipped, with a warning.
     With ``earlier`` (this series' CT and label map) the later study's summary is built again with
     this study as its baseline: pre and post key images and the change chart, a new instance of the
     later study's summary series with the UID the in-order flow gives that page (the page sent
@@ -618,9 +620,9 @@ def later_followups(settings: Settings, job: JobInput, earlier: tuple[Any, Any] 
         files = job.series_files(later_uid)
         try:
             later = load_dicom_series(sorted(files))
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("job %s: no follow-up report for later series %s: %s", job.job_id, later_uid,
-                        exc if files else "its instances are no longer stored")
+                        _unread(exc) if files else "its instances are no longer stored")
             continue
         measured_by = _measured_by(settings, later_uid, job) if settings.output.followup_sr else None
         if measured_by is not None:
@@ -677,8 +679,20 @@ def _later_summary(settings: Settings, later: Any, change: ChangeRecord,
     return _save(sc, out_dir / "outputs")
 
 
+def _unread(exc: BaseException) -> str:
+    """Why another series' CT could not be read, as a log line above DEBUG may say it: a system
+    error's text names the file, which for a series recorded offline is a path in the site's
+    archive, perhaps under the patient's name (its text at DEBUG); else :func:`error_text`."""
+    from dicomnode.logs import error_text
+
+    log.debug("the other series' CT cannot be read: %s: %s", type(exc).__name__, exc)
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__} (its text is logged at DEBUG)"
+    return error_text(exc)
+
+
 def stored_study(settings: Settings, job: JobInput, series_uid: str) -> tuple[Any, Any] | None:
-    """An earlier series' CT (its stored instances) and label map (its results), on the CT's grid.
+    """An earlier series' CT (``job.series_files``) and label map (its results), on the CT's grid.
 
     None, with a warning, when either is gone (retention, or results of another node version):
     the summary then shows this study's key images alone.
@@ -692,7 +706,7 @@ def stored_study(settings: Settings, job: JobInput, series_uid: str) -> tuple[An
         labels = load_nifti(label_file)
     except (OSError, ValueError) as exc:
         log.warning("job %s: no baseline key images: %s", job.job_id,
-                    exc if files else "the baseline's instances are no longer stored")
+                    _unread(exc) if files else "the baseline's instances are no longer stored")
         return None
     if labels.shape != ct.shape:
         log.warning("job %s: no baseline key images: its label map does not match its stored CT", job.job_id)

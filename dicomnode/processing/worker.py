@@ -31,11 +31,12 @@ from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.logs import event
-from dicomnode.processing.isolation import Ending, IndexedSeriesFiles, Outcome, PipelineProcess
+from dicomnode.processing.isolation import Ending, Outcome, PipelineProcess
 from dicomnode.processing.jobs import Job, JobState, ReasonCode
 from dicomnode.processing.phases import PhaseLog
 from dicomnode.processing.pipeline import JobInput
 from dicomnode.processing.queue import JobQueue
+from dicomnode.processing.sources import SeriesLookup
 from dicomnode.processing.wakeups import JOB_QUEUED, OUTPUTS_READY
 from dicomnode.storage.store import Store
 
@@ -92,7 +93,7 @@ class Worker:
         started, wall = time.monotonic(), time.time()
         work_dir = self.store.job_dir(job.id)
         job_input = JobInput(job_id=job.id, series_instance_uid=job.series_uid, files=files,
-                             work_dir=work_dir, series_files=IndexedSeriesFiles(self.settings.db_path),
+                             work_dir=work_dir, series_files=SeriesLookup.of(self.settings),
                              outputs_in_outbox=self.queue.outputs_in_outbox(job.id))
         phases = PhaseLog(work_dir)
 
