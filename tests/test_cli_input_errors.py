@@ -79,9 +79,8 @@ def test_bad_input_is_a_usage_error_naming_the_option(case: str, phantom: Path, 
         "phantom-atrophy": (["phantom", "--out", str(t / "pkg"), "--atrophy", "sartorius=x"], "--atrophy",
                             "NAME=FACTOR"),
         "phantom-fov": (["phantom", "--out", str(t / "pkg"), "--fov", "400xwide"], "--fov", "400xwide"),
-        "segment-record-nifti": (["segment", str(phantom / "truth" / "labels.nii.gz"), "--out",
-                                  str(t / "seg"), "--record", "--no-progress"], "INPUT",
-                                 "--record need a DICOM series"),
+        "segment-record-nifti": (["segment", str(phantom / "truth" / "labels.nii.gz"), "--record",
+                                  "--no-progress"], "INPUT", "--record need a DICOM series"),
     }[case]
     res = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)

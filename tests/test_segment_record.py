@@ -126,9 +126,8 @@ def test_record_one_series_at_a_time_leaves_what_the_node_leaves(studies, truth_
     node_cfg, offline_cfg = _node(tmp_path, "node", key), _node(tmp_path, "offline", key)
     _by_node(node_cfg, studies, order, tmp_path / "work")
     for when in order:
-        r = CliRunner().invoke(app, ["segment", str(studies[when][1] / "dicom"), "--out",
-                                     str(tmp_path / "unused"), "--record", "--no-progress",
-                                     "--config", str(offline_cfg)])
+        r = CliRunner().invoke(app, ["segment", str(studies[when][1] / "dicom"), "--record",
+                                     "--no-progress", "--config", str(offline_cfg)])
         assert r.exit_code == 0, r.output
     node, offline = _held(tmp_path / "node"), _held(tmp_path / "offline")
     assert _described(offline, node) == _described(node, offline)
@@ -140,21 +139,21 @@ def test_record_one_series_at_a_time_leaves_what_the_node_leaves(studies, truth_
     outputs = [n for n in node if n.startswith(f"{post}/outputs/")]
     assert len(outputs) == (4 if order[0] == "pre" else 5), outputs
     assert f"{post}/change-{studies['pre'][0]}.json" in node
-    assert not (tmp_path / "unused").exists()  # --record keeps its results in the node's storage
 
 
 def test_batch_record_leaves_what_the_node_leaves(studies, truth_model, tmp_path):
     """`segment ARCHIVE --batch --record` of a patient's two studies: the node's results, the
-    comparison page with the baseline's key images included."""
+    comparison page with the baseline's key images included (no --out: no volumes.csv)."""
     key = bytes(range(32))
     node_cfg, offline_cfg = _node(tmp_path, "node", key), _node(tmp_path, "offline", key)
     _by_node(node_cfg, studies, ["pre", "post"], tmp_path / "work")
     archive = tmp_path / "archive"
     for when, (_, folder) in studies.items():
         shutil.copytree(folder / "dicom", archive / when)
-    r = CliRunner().invoke(app, ["segment", str(archive), "--out", str(tmp_path / "out"), "--batch",
-                                 "--record", "--no-progress", "--config", str(offline_cfg)])
+    r = CliRunner().invoke(app, ["segment", str(archive), "--batch", "--record", "--no-progress",
+                                 "--config", str(offline_cfg)])
     assert r.exit_code == 0, r.output
+    assert "2 series measured, 0 skipped\n" in r.output
     node, offline = _held(tmp_path / "node"), _held(tmp_path / "offline")
     assert _described(offline, node) == _described(node, offline)
     for name in node:
@@ -167,8 +166,7 @@ def test_record_says_where_the_outputs_are_and_keeps_what_a_uid_named(studies, t
     not overwritten: the run fails with exit 1 and the file stays as it was."""
     cfg = _node(tmp_path, "offline", bytes(range(32)))
     uid, folder = studies["pre"]
-    args = ["segment", str(folder / "dicom"), "--out", str(tmp_path / "unused"), "--record",
-            "--no-progress", "--config", str(cfg)]
+    args = ["segment", str(folder / "dicom"), "--record", "--no-progress", "--config", str(cfg)]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     outputs = tmp_path / "offline" / "results" / uid / "outputs"
@@ -181,6 +179,19 @@ def test_record_says_where_the_outputs_are_and_keeps_what_a_uid_named(studies, t
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "OutputChanged" in again.output, again.output
     assert seg.read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [["--record", "--out", "unused"], []], ids=["record-one-series", "neither"])
+def test_out_is_given_where_something_is_written_to_it(studies, tmp_path, monkeypatch, args):
+    """--record keeps one series' results in the node's storage: an --out beside it is refused
+    (taken and ignored, it would hide where they went); without --record --out is needed. Both
+    before anything is read or written."""
+    cfg = _node(tmp_path, "offline", bytes(range(32)))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["segment", str(studies["pre"][1] / "dicom"), *args, "--no-progress",
+                                 "--config", str(cfg)], env={"COLUMNS": "400"})
+    assert r.exit_code == 2 and "Invalid value for --out" in r.output, r.output
+    assert not (tmp_path / "unused").exists() and not (tmp_path / "offline" / "results").exists()
 
 
 def test_lookup_refuses_recorded_files_that_hold_another_series_now(studies, tmp_path, caplog):

@@ -195,13 +195,13 @@ def record_case(settings: Settings, ct: Volume, labels: Volume, model_info: Mode
     return VolumeRecord.load(result.volumes_json or out / "volumes.json")
 
 
-def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None,
+def run_case(ct: Volume, pkg: ModelPackage, out: Path | None, settings: Settings | None,
              progress: bool, record: bool = False,
              at_hand: Mapping[str, list[Path]] | None = None) -> VolumeRecord:
-    """Segment, measure and write one series; DICOM outputs too when ``settings`` is given.
+    """Segment, measure and write one series to ``out``; DICOM outputs too when ``settings`` is given.
 
-    ``record``: as the node's job (:func:`record_case`), the results go to the node's storage
-    (``out`` is ignored); ``at_hand``: the other series of the run, for it."""
+    ``record``: as the node's job (:func:`record_case`), the results go to the node's storage, none
+    to ``out``; ``at_hand``: the other series of the run, for it."""
     from dicomnode.clinical.registry import facts_for
     from seg.infer import segment as run_segment
     from seg.io import save_nifti
@@ -213,6 +213,8 @@ def run_case(ct: Volume, pkg: ModelPackage, out: Path, settings: Settings | None
     model_info = pkg.info
     if record and settings is not None:
         return record_case(settings, ct, labels, model_info, at_hand or {})
+    if out is None:
+        raise ValueError("the results need an output folder (--out) unless they are recorded")
     facts = ClinicalTimePoint()
     if settings is None or not settings.db_path.is_file():  # a plausible PatientSize, else none
         rec = measure_volumes(labels, ct, model=model_info)
@@ -262,9 +264,10 @@ def _batch_cases(root: Path) -> list[Case]:
     return cases
 
 
-def _run_batch(cases: list[Case], pkg: ModelPackage, out: Path, settings: Settings | None,
+def _run_batch(cases: list[Case], pkg: ModelPackage, out: Path | None, settings: Settings | None,
                progress: bool, console: Console, record: bool) -> None:
-    """Every series into ``out/<series>/``, then ``out/volumes.csv``."""
+    """Every series into ``out/<series>/`` (``record``: into the node's storage), then
+    ``out/volumes.csv`` (``record`` without ``out``: none)."""
     from rich.progress import track
 
     rows: list[tuple[str, VolumeRecord]] = []
@@ -274,17 +277,20 @@ def _run_batch(cases: list[Case], pkg: ModelPackage, out: Path, settings: Settin
     for case in track(_in_study_order(cases) if record else cases, description="series", console=console,
                       disable=not progress):
         try:
-            rows.append((case.name, run_case(_load(case), pkg, out / case.name, settings, False, record,
-                                              at_hand)))
+            folder = None if out is None else out / case.name
+            rows.append((case.name, run_case(_load(case), pkg, folder, settings, False, record, at_hand)))
         except ValueError as exc:  # geometry the loader cannot place, not a CT...
             failed.append(case.name)
             console.print(f"{case.name}: skipped: {exc}", style="red", markup=False)
         except CaseOutputError as exc:
             failed.append(case.name)
             console.print(f"{case.name}: {exc}", style="red", markup=False)
-    out.mkdir(parents=True, exist_ok=True)
-    path = write_batch_csv(rows, out / BATCH_CSV)
-    console.print(f"{len(rows)} series measured, {len(failed)} skipped -> {path}")
+    measured = f"{len(rows)} series measured, {len(failed)} skipped"
+    if out is None:
+        console.print(measured)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        console.print(f"{measured} -> {write_batch_csv(rows, out / BATCH_CSV)}")
     if record and settings is not None:
         from dicomnode.processing.pipeline import results_dir
 
@@ -333,12 +339,27 @@ def _load_package(path: Path | None, device: str, node: Settings, console: Conso
     return pkg
 
 
+def _check_out(out: Path | None, record: bool, batch: bool) -> None:
+    """``--out`` where something is written to it, and only there: ``--record`` keeps a series'
+    results in the node's storage, so one series recorded has nothing for it (an option taken and
+    ignored would hide where the results went); a recorded batch may still write its volumes.csv."""
+    if out is None and not record:
+        raise typer.BadParameter("give the folder for the results (--record keeps them in the "
+                                 "node's storage instead)", param_hint="--out")
+    if out is not None and record and not batch:
+        raise typer.BadParameter("--record keeps the series' results in the node's storage (it prints "
+                                 "where): leave out --out, which only --batch uses with --record, for "
+                                 "its volumes.csv", param_hint="--out")
+
+
 def segment(
     input: Annotated[Path, typer.Argument(help="DICOM series folder or NIfTI CT (--batch: a folder "
                                           "of series).")],
     out: Annotated[
-        Path, typer.Option("--out", help="Output folder (labels.nii.gz, volumes.json, volumes.csv).")
-    ],
+        Path | None, typer.Option("--out", help="Output folder (labels.nii.gz, volumes.json, "
+                                  "volumes.csv). Not with --record, which keeps the results in the "
+                                  "node's storage: there only --batch's volumes.csv, if given.")
+    ] = None,
     model: Annotated[
         Path | None, typer.Option("--model", help="Model package folder (default: the configuration's "
                                   "model_path, else the shipped demo model).")
@@ -363,6 +384,7 @@ def segment(
     import time
 
     console = Console(stderr=True)
+    _check_out(out, record, batch)
     node = settings_from(config)  # the node's model_path and runtime, as the node would segment
     # [output] decides the objects, as on the node
     settings = node if dicom or record else None
