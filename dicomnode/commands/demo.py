@@ -34,6 +34,7 @@ from dicomnode.harness.net import stop_process, wait_for
 from dicomnode.harness.node import own_config_env
 from dicomnode.harness.scu import echo, send_series
 from dicomnode.harness.tomlfile import write_toml
+from dicomnode.processing.pipeline import results_root
 from seg.dates import as_date
 from seg.records import ChangeRecord, EvaluationTargets, LeftRight, VolumeRecord, other_side
 from seg.terminal import COLUMNS
@@ -450,7 +451,7 @@ def _study_dice(study: DemoStudy, result_dir: Path) -> dict[tuple[str, str], flo
 
 
 def print_results(console: Any, pre: DemoStudy, post: DemoStudy, storage: Path) -> None:
-    pre_dir, post_dir = storage / "results" / pre.series_uid, storage / "results" / post.series_uid
+    pre_dir, post_dir = results_root(storage) / pre.series_uid, results_root(storage) / post.series_uid
     measured = {}
     for study, folder in ((pre, pre_dir), (post, post_dir)):
         measured[study.label] = VolumeRecord.load(folder / "volumes.json")
@@ -499,7 +500,7 @@ def print_outputs(console: Any, pacs: LocalPacs | OrthancPacs, studies: list[Dem
             where = pacs.fetch(obj, folder) if isinstance(pacs, OrthancPacs) else Path(obj.where)
             line(f"    {_kind(obj):8s} {where.name}")
         line("  at the node: outputs/ (as sent), volumes.json, volumes.csv, labels.nii.gz in")
-        line(f"    {shown(storage / 'results' / study.series_uid)}/")
+        line(f"    {shown(results_root(storage) / study.series_uid)}/")
     if isinstance(pacs, OrthancPacs):
         line(f"Orthanc's database: {shown(out / 'orthanc' / 'db')}")
         line(f"  to browse it later: Orthanc {shown(out / 'orthanc' / 'orthanc.json')}")

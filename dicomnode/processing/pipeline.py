@@ -157,8 +157,16 @@ def _load_highdicom_tables() -> None:
         log.debug("highdicom tables not preloaded: %s", exc)
 
 
+def results_root(storage_dir: Path | str) -> Path:
+    """The node's results folder, one sub-folder per measured series (:func:`results_dir`): the
+    layout is said here alone, for the node's jobs, ``segment --record``, the CT lookup of another
+    series (:mod:`dicomnode.processing.sources`) and the demo."""
+    return Path(storage_dir) / "results"
+
+
 def results_dir(settings: Settings, series_instance_uid: str) -> Path:
-    return Path(settings.storage_dir) / "results" / series_instance_uid
+    """``results/<SeriesInstanceUID>/``: the series' measurements and outputs."""
+    return results_root(settings.storage_dir) / series_instance_uid
 
 
 def _save(ds: Any, folder: Path) -> Path:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
+from dicomnode.processing.pipeline import results_root
+
 if TYPE_CHECKING:
     from dicomnode.config import Settings
 
@@ -111,7 +113,7 @@ class SeriesLookup:
     @classmethod
     def of(cls, settings: Settings, at_hand: Mapping[str, list[Path]] | None = None) -> SeriesLookup:
         """The lookup in the storage of the node ``settings`` configure."""
-        return cls(settings.db_path, Path(settings.storage_dir) / "results", dict(at_hand or {}))
+        return cls(settings.db_path, results_root(settings.storage_dir), dict(at_hand or {}))
 
     def __call__(self, series_uid: str) -> list[Path]:
         if series_uid in self.at_hand:
