@@ -35,6 +35,16 @@ class SeriesGeometryError(ValueError):
     """The files do not form one regular 3-D volume (mixed series, gaps, tilt changes, ...)."""
 
 
+class PixelDecodeError(SeriesGeometryError):
+    """A slice whose pixel data no installed decoder reads. Its text names the file; ``syntax`` says
+    what failed without it, for a log above DEBUG where the file's name may not go (an archive's
+    file names can carry the patient's name)."""
+
+    def __init__(self, file: Path, syntax: str, reason: str) -> None:
+        super().__init__(f"cannot decode the pixel data of {file.name} ({syntax}): {reason}")
+        self.syntax = syntax
+
+
 def _files(paths: Path | str | list[Path] | list[str]) -> list[Path]:
     if isinstance(paths, (str, Path)):
         p = Path(paths)
@@ -138,7 +148,7 @@ def _with_transfer_syntax(ds):
 
 def _pydicom_pixels(f: Path, ds) -> np.ndarray:
     """pydicom's ``pixel_array`` of the file, from the whole file as ``dcmread`` reads it; a pixel
-    encoding no installed decoder reads is the series' problem (SeriesGeometryError), not a crash."""
+    encoding no installed decoder reads is the series' problem (PixelDecodeError), not a crash."""
     import pydicom
     from pydicom.dataset import FileDataset
 
@@ -148,7 +158,7 @@ def _pydicom_pixels(f: Path, ds) -> np.ndarray:
     except (RuntimeError, NotImplementedError) as exc:
         syntax = full.file_meta.get("TransferSyntaxUID")
         name = getattr(syntax, "name", syntax)
-        raise SeriesGeometryError(f"cannot decode the pixel data of {f.name} ({name}): {exc}") from exc
+        raise PixelDecodeError(f, str(name), str(exc)) from exc
 
 
 def _hu_array(slices: list, shape0: tuple[int, int], slopes: list[float], inters: list[float],

@@ -220,3 +220,42 @@ def test_lookup_refuses_recorded_files_that_hold_another_series_now(studies, tmp
                         f"series {pre_uid}: its {SOURCE_FILE} cannot be read"]
     # pydantic's text quotes the paths it refused: at DEBUG only
     assert any(r.levelno == logging.DEBUG and "input_value=" in r.getMessage() for r in caplog.records)
+
+
+def test_a_recorded_ct_that_cannot_be_decoded_is_named_by_its_series_not_its_file(studies, tmp_path,
+                                                                                   caplog):
+    """An archive's file names can carry the patient's name: when a slice of a series recorded
+    offline cannot be decoded as the node reads it for another study's report, the warning names the
+    series and the transfer syntax, and the file's name is logged at DEBUG only."""
+    import logging
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    from dicomnode.config import Settings
+    from dicomnode.processing.pipeline import results_dir, stored_study
+    from dicomnode.processing.sources import SeriesLookup, remember_source
+
+    pre_uid, pre = studies["pre"]
+    (tmp_path / "archive").mkdir()
+    files = [Path(shutil.copy(f, tmp_path / "archive" / f"DOE_JANE_{n:04d}.dcm"))
+             for n, f in enumerate(_dicom_files(pre))]
+    ds = pydicom.dcmread(files[1])
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\0" * 64])  # no JPEG-LS stream: no decoder reads it
+    ds["PixelData"].VR = "OB"
+    ds.save_as(files[1])
+    settings = Settings(storage_dir=tmp_path / "node")
+    remember_source(results_dir(settings, pre_uid), files)
+    job = JobInput(job_id=5, series_instance_uid="1.2.3", files=[], work_dir=tmp_path / "work",
+                   series_files=SeriesLookup.of(settings))
+    caplog.set_level(logging.DEBUG, logger="dicomnode.processing.pipeline")
+    assert stored_study(settings, job, pre_uid) is None
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [m for m in shown if "DOE_JANE" in m], shown
+    assert [m for r in caplog.records if r.name == "dicomnode.processing.pipeline"
+            and r.levelno >= logging.INFO and (m := r.getMessage())] == [
+        f"job 5: no baseline key images of series {pre_uid}: PixelDecodeError: a slice's pixel"
+        " data (JPEG-LS Lossless Image Compression) cannot be decoded (its file is named at DEBUG)"]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(files[1].name in m for m in debug), debug

@@ -689,13 +689,18 @@ def _later_summary(settings: Settings, later: Any, change: ChangeRecord,
 
 def _unread(exc: BaseException) -> str:
     """Why another series' CT could not be read, as a log line above DEBUG may say it: a system
-    error's text names the file, which for a series recorded offline is a path in the site's
-    archive, perhaps under the patient's name (its text at DEBUG); else :func:`error_text`."""
+    error's text and an undecodable slice's name the file, which for a series recorded offline is
+    in the site's archive, perhaps under the patient's name (the text at DEBUG); else
+    :func:`error_text`."""
     from dicomnode.logs import error_text
+    from seg.io import PixelDecodeError
 
     log.debug("the other series' CT cannot be read: %s: %s", type(exc).__name__, exc)
     if isinstance(exc, OSError):
         return f"{type(exc).__name__} (its text is logged at DEBUG)"
+    if isinstance(exc, PixelDecodeError):
+        return (f"{type(exc).__name__}: a slice's pixel data ({exc.syntax}) cannot be decoded "
+                "(its file is named at DEBUG)")
     return error_text(exc)
 
 
@@ -713,7 +718,7 @@ def stored_study(settings: Settings, job: JobInput, series_uid: str) -> tuple[An
         ct = load_dicom_series(sorted(files))
         labels = load_nifti(label_file)
     except (OSError, ValueError) as exc:
-        log.warning("job %s: no baseline key images: %s", job.job_id,
+        log.warning("job %s: no baseline key images of series %s: %s", job.job_id, series_uid,
                     _unread(exc) if files else "the baseline's instances are no longer stored")
         return None
     if labels.shape != ct.shape:
