@@ -724,20 +724,26 @@ def test_patients_list_shows_the_height_and_sex_pairing_uses(
     assert "IssuerOfPatientID DICOMNODE-PHANTOM-ISSUER" in lines
     assert any(line.startswith("P7 ") and "1.71 m" in line and "PatientSize" in line for line in lines)
     assert any(line.startswith("P8 *") for line in lines) and lines[-1].startswith("* not in the registry")
-    # a long ID is never cut across lines, even piped (`patients list | grep` found "PHANTOM00" / "01")
+    # an ID of 18 characters fits 80 columns (one space between columns; two made it 88)
     _registry(settings, tmp_path, "patient_id,height_m,sex,fracture_type,fractured_side,surgery_date\n"
-                                  "PHANTOM0000000001,1.70,M,FNF,left,20240105\n")
-    _record(settings, "PHANTOM0000000001", "9.1", "20240101", size=1.7)
+                                  "PHANTOM00000000001,1.70,M,FNF,left,20240105\n")
+    _record(settings, "PHANTOM00000000001", "9.1", "20240101", size=1.7)
+    lines = CliRunner().invoke(app, ["patients", "list"], env={"COLUMNS": "80"}).output.splitlines()
+    assert max(len(line) for line in lines) == 80, lines
+    # a longer ID is never cut across lines, even piped (`patients list | grep` found "PHANTOM00" / "01")
+    _registry(settings, tmp_path, "patient_id,height_m,sex,fracture_type,fractured_side,surgery_date\n"
+                                  "PHANTOM0000000000000000001,1.70,M,FNF,left,20240105\n")
+    _record(settings, "PHANTOM0000000000000000001", "9.2", "20240101", size=1.7)
     lines = CliRunner().invoke(app, ["patients", "list"], env={"COLUMNS": "80"}).output.splitlines()
     assert max(len(line) for line in lines) > 80  # piped: one line per patient, as wide as needed
     # the ID and the surgery date whole (the date was cut "2024010" / "5"), and no column dropped;
     # the date as timeline and the reasons give it, --json keeps the registry's YYYYMMDD
-    assert any(line.startswith("PHANTOM0000000001 ") and "registry" in line and " 2024-01-05 " in line
-               for line in lines), lines
+    assert any(line.startswith("PHANTOM0000000000000000001 ") and "registry" in line
+               and " 2024-01-05 " in line for line in lines), lines
     assert any("pairs" in line for line in lines)
     rows = {r["patient_id"]: r for r in json.loads(
         CliRunner().invoke(app, ["patients", "list", "--json"]).output)}
-    assert rows["PHANTOM0000000001"]["surgery_date"] == "20240105"
+    assert rows["PHANTOM0000000000000000001"]["surgery_date"] == "20240105"
 
 
 def test_patients_list_reads_each_registry_row_once(

@@ -137,7 +137,7 @@ def list_(
 
 def _print_patients(rows: list[PatientRow]) -> None:
     """One table per issuer (its name above it): on a terminal within its width (80 columns hold an
-    ID with its marks in 13 characters, e.g. 11 and " *"; a height flag folds); piped, one line per
+    ID with its marks in 18 characters, e.g. 16 and " *"; a height flag folds); piped, one line per
     patient however wide, so grep finds an ID, a date or a flag whole (an ID and a surgery date were
     cut across lines). The surgery date as YYYY-MM-DD, as timeline and the reasons give a date;
     ``--json`` keeps the registry's YYYYMMDD."""
@@ -149,8 +149,8 @@ def _print_patients(rows: list[PatientRow]) -> None:
 
     tables = []
     for issuer in sorted({r.issuer for r in rows}):
-        # no vertical rules, one space between columns
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+        # no vertical rules, one space between columns: the box's blank divider (no cell padding)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0)
         mine = [r for r in rows if r.issuer == issuer]
         longest = max(len(_shown_id(r)) for r in mine)  # with its marks
         # a patient ID is never cut across lines (`patients list | grep ID` found nothing); the others fold
