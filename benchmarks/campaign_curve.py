@@ -7,7 +7,7 @@ from the committed ``seg/models/demo/model.json`` versions. A leg still in
 training (or not shipped) is added from its checkpoint folder's ``history.jsonl`` with ``--run``.
 
     .venv/bin/python benchmarks/campaign_curve.py --out docs/img/campaign_curve.png \\
-        [--run checkpoints/next="leg 6: ..."]
+        [--run checkpoints/next="leg 6: ..."] [--run docs/campaign/leg15.jsonl="leg 15: ..."]
 """
 
 from __future__ import annotations
@@ -86,8 +86,11 @@ def legs_from_packages(packages: list[dict]) -> list[Leg]:
 
 
 def run_leg(path: Path, label: str) -> Leg:
-    """A leg from a checkpoint folder's ``history.jsonl`` (a run not shipped, or still training)."""
-    lines = [json.loads(line) for line in (path / "history.jsonl").read_text().splitlines() if line.strip()]
+    """A leg from a checkpoint folder's ``history.jsonl``, or such a file itself (a run not shipped,
+    or still training; ``docs/campaign/`` keeps those of the legs not shipped, whose folders do not
+    outlive the training machine)."""
+    history = path if path.is_file() else path / "history.jsonl"
+    lines = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
     points = _points(lines)
     return Leg(label, max((int(h["step"]) for h in lines), default=0), points)
 
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("docs/img/campaign_curve.png"), help="PNG to write")
     ap.add_argument("--run", action="append", default=[], metavar="DIR=LABEL",
-                    help="add a checkpoint folder's history.jsonl as the next leg (repeatable)")
+                    help="add a checkpoint folder's history.jsonl (or such a file) as the next leg "
+                    "(repeatable)")
     args = ap.parse_args(argv)
     legs = shipped_legs()
     for spec in args.run:

@@ -37,6 +37,7 @@ def test_a_run_folder_becomes_the_next_leg(tmp_path: Path) -> None:
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     leg = run_leg(tmp_path, "leg 6")
     assert (leg.steps, leg.points) == (200, [(100, 0.91), (200, 0.92)])
+    assert run_leg(tmp_path / "history.jsonl", "leg 6") == leg  # the file itself, as docs/campaign keeps it
     plot([leg], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
