@@ -656,6 +656,18 @@ def test_prior_retrieval_is_attempted_once_and_can_be_off(settings: Settings, tm
         time.sleep(0.1)
     assert [r[0] for r in _retrievals(settings)][2:] == ["requested", "failed"]
 
+def _count_registry_reads(monkeypatch) -> list[tuple[str, str]]:
+    """The (patient ID, issuer) of every registry row read from now on (the real read still runs)."""
+    reads: list[tuple[str, str]] = []
+    exact_row = registry._exact_row
+
+    def counted(con: sqlite3.Connection, patient_id: str, issuer: str) -> registry.ClinicalInfo | None:
+        reads.append((patient_id, issuer))
+        return exact_row(con, patient_id, issuer)
+
+    monkeypatch.setattr(registry, "_exact_row", counted)
+    return reads
+
 
 def test_a_recorded_follow_up_reads_the_registry_once_and_still_asks_for_the_prior(
         settings: Settings, tmp_path: Path, monkeypatch) -> None:
@@ -665,14 +677,7 @@ def test_a_recorded_follow_up_reads_the_registry_once_and_still_asks_for_the_pri
     _registry(settings, tmp_path, "patient_id,surgery_date\nP3,20230110\n")
     settings.pairing.retrieve_priors = True
     settings.pacs.port = free_port()  # nobody listens: the request is recorded, then fails
-    reads: list[tuple[str, str]] = []
-    exact_row = registry._exact_row
-
-    def counted(con: sqlite3.Connection, patient_id: str, issuer: str) -> registry.ClinicalInfo | None:
-        reads.append((patient_id, issuer))
-        return exact_row(con, patient_id, issuer)
-
-    monkeypatch.setattr(registry, "_exact_row", counted)
+    reads = _count_registry_reads(monkeypatch)
     _record(settings, "P3", "3.2", "20230601", 0.9)  # post-operative, no pre-operative CT held
     assert reads == [("P3", "")]
     deadline = time.time() + 20
@@ -756,14 +761,7 @@ def test_patients_list_reads_each_registry_row_once(
     _record(settings, "P5", "5.2", "20230401", 0.9, issuer="HOSP_A")
     _record(settings, "P8", "8.1", "20230101", size=1.58)
     _record(settings, "P8", "8.2", "20230301", 0.95, size=1.58)
-    reads: list[tuple[str, str]] = []
-    exact_row = registry._exact_row
-
-    def counted(con: sqlite3.Connection, patient_id: str, issuer: str) -> registry.ClinicalInfo | None:
-        reads.append((patient_id, issuer))
-        return exact_row(con, patient_id, issuer)
-
-    monkeypatch.setattr(registry, "_exact_row", counted)
+    reads = _count_registry_reads(monkeypatch)
     rows = pairing.patients(settings)
     # P5's row was imported without an issuer: HOSP_A is tried first, then ""; P6 is read with all rows
     assert sorted(reads) == [("P5", ""), ("P5", "HOSP_A"), ("P8", "")]
