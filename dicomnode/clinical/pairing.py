@@ -473,14 +473,6 @@ def _resolve(info: registry.ClinicalInfo | None, studies: list[Study]) -> regist
     return registry.resolve_row(info, latest_sex, latest_size)
 
 
-def resolved(settings: Settings, patient_id: str, issuer: str,
-             info: registry.ClinicalInfo | None) -> registry.Resolved:
-    """What pairing knows of a measured patient (height and sex with their sources, registry facts);
-    ``info``: the patient's registry row as the caller read it (None: it has none; not read again)."""
-    with reading(settings) as con:
-        return _resolve(info, _studies(con, patient_id, issuer)[0])
-
-
 def _surgery_day_qa(studies: list[Study], surgery_date: str | None) -> dict[str, VolumeQA | None]:
     """The QA of each study dated on the surgery day (None: its volumes.json cannot be read), read
     again at every refresh, so a result measured again with its CT is placed anew."""
@@ -712,6 +704,7 @@ class _Measured:
     linked_ids: tuple[str, ...]
     look_alikes: tuple[aliases.LookAlike, ...]
     info: registry.ClinicalInfo | None
+    resolved: registry.Resolved  # what pairing knows of it: its registry row, else its latest header
 
 
 def _measured(settings: Settings) -> dict[tuple[str, str], _Measured]:
@@ -730,8 +723,9 @@ def _measured(settings: Settings) -> dict[tuple[str, str], _Measured]:
                 f"SELECT reasons FROM pairing_status WHERE {of_ids}", (iss, *ids))
                 for r in reasons_from_json(row[0]))
             alikes = tuple(aliases.look_alikes(con, pid, iss)) if hinted else ()
-            out[(pid, iss)] = _Measured(studies, comparisons, tuple(ids[1:]), alikes,
-                                        _registry_row(settings, con, pid, iss))
+            info = _registry_row(settings, con, pid, iss)
+            out[(pid, iss)] = _Measured(studies, comparisons, tuple(ids[1:]), alikes, info,
+                                        _resolve(info, _studies(con, pid, iss)[0]))
     return out
 
 
@@ -749,8 +743,8 @@ def patients(settings: Settings) -> list[PatientRow]:
     rows = []
     for key in sorted(infos):
         info = infos[key]
-        res = resolved(settings, *key, info) if key in measured else registry.resolve_row(info)
         m = measured.get(key)
+        res = m.resolved if m else registry.resolve_row(info)
         rows.append(PatientRow(
             patient_id=key[0],
             issuer=key[1],
