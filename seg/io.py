@@ -301,9 +301,7 @@ def image_grid(path: Path | str) -> Volume:
         import nibabel as nib
 
         img = nib.load(str(p))
-        shape = tuple(img.shape[:3]) if len(img.shape) == 4 and img.shape[3] == 1 else tuple(img.shape)
-        if len(shape) != 3:
-            raise ValueError(f"{p}: expected a 3-D image, got shape {img.shape}")
+        shape = _nifti_volume_shape(p, img.shape)
         affine = LPS_TO_RAS @ img.affine
     return Volume(np.broadcast_to(np.int16(0), shape), affine)
 
@@ -385,16 +383,21 @@ def save_nifti(vol: Volume, path: Path | str) -> Path:
     return path
 
 
+def _nifti_volume_shape(path: Path | str, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """A NIfTI image's volume shape: 3-D, or 4-D with one volume (its last axis dropped)."""
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise ValueError(f"{path}: expected a 3-D image, got shape {tuple(shape)}")
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
 def load_nifti(path: Path | str) -> Volume:
     """Read a NIfTI image into a Volume (LPS affine); integer data keeps its integer type."""
     import nibabel as nib
 
     img = nib.load(str(path))
-    arr = np.asanyarray(img.dataobj)
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise ValueError(f"{path}: expected a 3-D image, got shape {arr.shape}")
+    arr = np.asanyarray(img.dataobj).reshape(_nifti_volume_shape(path, img.shape))
     affine = LPS_TO_RAS @ img.affine
     return Volume(np.asarray(arr), affine)
 
