@@ -30,7 +30,7 @@ from seg.model import (
     save_package,
 )
 from seg.package import Architecture, InferenceOptions, ModelPackageError
-from seg.phantom.options import PhantomOptions
+from seg.phantom.options import PHANTOM_VERSION, PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
 from seg.preprocess_config import ImageResampling, PreprocessConfig
 from seg.recipe import POSTOP_SHARES, Crop, Device, Precision, Targets
@@ -256,7 +256,7 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
     plan = phantom_plan(cfg.phantoms, cfg.seed_start, cfg.postop_share) + validation_plan(
         cfg.val_phantoms, cfg.seed_start + cfg.phantoms
     )
-    ids = [f"ph{opts.seed}_" + hashlib_short(plan_record(opts), cfg.phantom_z_range_mm) for opts in plan]
+    ids = [phantom_case_id(opts, cfg.phantom_z_range_mm) for opts in plan]
     jobs = [_PhantomJob(str(cache), cid, opts, cfg.phantom_z_range_mm, pre, fractions)
             for cid, opts in zip(ids, plan, strict=True)
             if not _is_cached(_case_paths(cache, cid), fractions)]
@@ -271,13 +271,8 @@ def build_cache(cfg: TrainConfig, pre: PreprocessConfig) -> tuple[list[dict], li
         "val_seeds": [p.seed for p in plan[ntr:]],
         "phantom_options": [plan_record(p) for p in plan],
         "z_range_mm": cfg.phantom_z_range_mm,
+        "phantom_version": PHANTOM_VERSION,
     }
-    try:
-        from seg.phantom import PHANTOM_VERSION
-
-        prov["phantom_version"] = PHANTOM_VERSION
-    except ImportError:  # pragma: no cover
-        pass
     return cases[:ntr], cases[ntr:], prov
 
 
@@ -322,10 +317,17 @@ def _run_phantom_jobs(jobs: list[_PhantomJob], workers: int):
         yield from zip(jobs, ex.map(_cache_phantom, jobs), strict=True)
 
 
-def hashlib_short(opts: dict, z_range) -> str:
+def phantom_case_id(opts: PhantomOptions, z_range: tuple[float, float] | None) -> str:
+    """A cached phantom's name: its seed and a hash of its options, z range and the generator's
+    version (another phantom version renders other images from the same options, so a cache made
+    by the old generator is not fed to a run on the new one)."""
     import hashlib
 
-    return hashlib.sha1(json.dumps([opts, z_range], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    key = [plan_record(opts), z_range]
+    if PHANTOM_VERSION != "1.0":  # version 1.0's cases were named before the version joined the key
+        key.append(PHANTOM_VERSION)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return f"ph{opts.seed}_{digest[:8]}"
 
 
 @dataclass(frozen=True)

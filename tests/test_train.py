@@ -218,6 +218,20 @@ def test_phantom_plan_post_operative_share_and_validation_plan() -> None:
     assert val[0].atrophy and val[0].implant_side in ("left", "right")
 
 
+def test_a_cached_phantom_is_named_by_its_options_and_the_generator_version(monkeypatch) -> None:
+    """A new phantom version renders other images from the same options: its cache entries must be
+    new names, while version 1.0's names stay those of the caches made before the version counted."""
+    import seg.train
+
+    opts = phantom_plan(1, 7000)[0]
+    monkeypatch.setattr(seg.train, "PHANTOM_VERSION", "1.0")
+    v10 = seg.train.phantom_case_id(opts, None)
+    monkeypatch.setattr(seg.train, "PHANTOM_VERSION", "1.1")
+    v11 = seg.train.phantom_case_id(opts, None)
+    assert v10 == "ph7000_64ba4b7d" and v11.startswith("ph7000_") and v11 != v10
+    assert seg.train.phantom_case_id(opts, (0.0, 100.0)) != v11
+
+
 def test_phantoms_cached_in_parallel_are_the_ones_cached_serially(tmp_path: Path) -> None:
     """--cache-workers 2: the same files, case for case, as one process writes."""
     caches = {}
