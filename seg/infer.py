@@ -5,8 +5,10 @@ computed once (:mod:`seg.sliding`: windows visited along the last axis, blended 
 ROI-depth float logits, finished slices released; the whole model grid is held only as uint8
 probabilities), then linear resampling of the probabilities back onto the CT grid and argmax there;
 last, where the package asks for it, the labels' muscle and bone edges are re-decided by the CT
-number (:mod:`seg.hu_refine`). CUDA with autocast when present; on CPU fp32 unless bf16 autocast
-is asked for (see benchmarks/inference.py for the speed and agreement figures that decide it).
+number (:mod:`seg.hu_refine`). Where the package's preprocessing asks for it, the implant's streaks
+are reduced first (:mod:`seg.mar`), so every later step reads the corrected CT. CUDA with autocast
+when present; on CPU fp32 unless bf16 autocast is asked for (see benchmarks/inference.py for the
+speed and agreement figures that decide it).
 """
 
 from __future__ import annotations
@@ -278,14 +280,20 @@ def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: 
     """Label map (uint8, 30 classes) of ``ct`` on its own grid.
 
     ``hu_refinement=False`` gives the network's labels alone, even where the package asks for the
-    refinement (``dicomnode evaluate --network-only`` reports both).
+    refinement (``dicomnode evaluate --network-only`` reports both). The labels are on ``ct``'s
+    grid whether or not its metal artefacts were reduced first.
     """
-    mg = to_model_grid(ct, model.preprocess)
+    hu = ct
+    if model.preprocess.metal_artefact_reduction == "li":
+        from seg.mar import reduce_metal_artefacts
+
+        hu = reduce_metal_artefacts(ct)
+    mg = to_model_grid(hu, model.preprocess)
     probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
     rule = model.inference.hu_refinement if hu_refinement else None
     back = resample_prediction(probs, mg.affine, ct,
                                background=rule is not None and rule.claim_max_background is not None)
     labels = back.labels
     if rule is not None:
-        labels = refine_labels(ct.array, labels, ct.spacing_mm, rule, background=back.background)
+        labels = refine_labels(hu.array, labels, ct.spacing_mm, rule, background=back.background)
     return ct.with_array(labels)

@@ -66,6 +66,8 @@ class ModelPackage:
             architecture=m.architecture.name,
             statement=m.statement,
             licence=m.licence,
+            metal_artefact_reduction=(None if m.preprocessing.metal_artefact_reduction == "none"
+                                      else m.preprocessing.metal_artefact_reduction),
         )
 
 

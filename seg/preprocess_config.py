@@ -14,6 +14,8 @@ HU_WINDOW = (-57.0, 164.0)
 GAMMA = 2.0
 ImageResampling = Literal["bilinear", "box"]
 IMAGE_RESAMPLING: tuple[ImageResampling, ...] = get_args(ImageResampling)
+# "li": linear interpolation across the metal trace (seg.mar), before anything else reads the CT
+MetalArtefactReduction = Literal["none", "li"]
 
 
 class PreprocessConfig(BaseModel):
@@ -30,6 +32,9 @@ class PreprocessConfig(BaseModel):
     foreground_threshold: float = 0.0
     # "box": the CT's mean over each model voxel's footprint (seg.preprocess says why)
     image_resampling: ImageResampling = "bilinear"
+    # Applied by seg.infer.segment before the model grid and the HU refinement. Training does not
+    # apply it yet: a package that asks for it was trained on CTs without it.
+    metal_artefact_reduction: MetalArtefactReduction = "none"
 
     @model_validator(mode="before")
     @classmethod
@@ -43,8 +48,11 @@ class PreprocessConfig(BaseModel):
     @model_serializer(mode="wrap")
     def _as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """The record as model.json and the training cache's preprocessing.json have always had it:
-        ``foreground_crop`` still written (before ``image_resampling``), so a re-exported package and
-        an existing cache record read the same as before."""
+        ``foreground_crop`` still written (before ``image_resampling``), and
+        ``metal_artefact_reduction`` only when not "none", so a re-exported package and an existing
+        cache record read and compare the same as before."""
         d = handler(self)
         resampling = d.pop("image_resampling")
-        return d | {"foreground_crop": True, "image_resampling": resampling}
+        mar = d.pop("metal_artefact_reduction")
+        return d | {"foreground_crop": True, "image_resampling": resampling} | (
+            {} if mar == "none" else {"metal_artefact_reduction": mar})

@@ -21,10 +21,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, TypeAdapter, model_serializer
 from pydantic.dataclasses import dataclass
 
 from seg.dates import as_date, da_date
+from seg.preprocess_config import MetalArtefactReduction
 
 SCHEMA_VERSION = 2  # 1: the version-less JSON written before these records
 LEGACY_VERSION = 1
@@ -220,6 +221,16 @@ class ModelInfo(Record):
     architecture: str = ""
     statement: str = ""
     licence: str = ""
+    # the package's metal artefact reduction (seg.mar); None: none, and the key is not written, so
+    # every record written before reads and compares the same
+    metal_artefact_reduction: MetalArtefactReduction | None = None
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d = handler(self)
+        if d.get("metal_artefact_reduction") is None:
+            d.pop("metal_artefact_reduction", None)
+        return d
 
 
 class StructureVolume(Record):
