@@ -5,9 +5,12 @@ project runs on vary by more than 2x from day to day, so the time is printed nex
 ``torch.matmul`` measured in the same run. Phases are those of :func:`seg.infer.segment`: the
 model grid (preprocessing), the network (mirrored where the package asks for it), the resampling
 back onto the CT grid and the HU refinement of the label edges (with the network's background
-probability on the CT grid where the package's rule asks for it).
+probability on the CT grid where the package's rule asks for it). ``--mar`` renders the phantom
+post-operative (implant on the left) and times the metal artefact reduction (:mod:`seg.mar`) first,
+as ``segment`` runs it for a package that asks for it (issue #11: at most 3 s of the 15).
 
     .venv/bin/python benchmarks/segment_phases.py --repeats 2
+    .venv/bin/python benchmarks/segment_phases.py --repeats 2 --mar --spacing 1.0
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spacing", type=float, default=1.5, help="CT spacing, mm (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    ap.add_argument("--mar", action="store_true", help="post-operative phantom; time seg.mar first")
     args = ap.parse_args(argv)
 
     from seg.evaluate import evaluate_case
     from seg.hu_refine import refine_labels
     from seg.infer import predict_probabilities, resample_prediction
+    from seg.mar import reduce_metal_artefacts
+    from seg.measure import METAL_HU
     from seg.model import load_model
     from seg.phantom import PhantomOptions, make_phantom
     from seg.preprocess import to_model_grid
@@ -49,12 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pkg = load_model(args.model, device="cpu")
     rule = pkg.inference.hu_refinement
-    ph = make_phantom(PhantomOptions(seed=args.seed, spacing_mm=(args.spacing,) * 3))
-    ct = ph.ct
-    print(f"{pkg.info.name} {pkg.info.version}; CT {ct.shape} at {args.spacing} mm; "
+    post = {"postop": True, "implant_side": "left"} if args.mar else {}
+    ph = make_phantom(PhantomOptions(seed=args.seed, spacing_mm=(args.spacing,) * 3, **post))
+    metal = f", {int((ph.ct.array > METAL_HU).any(axis=(0, 1)).sum())} slices with metal" if args.mar else ""
+    print(f"{pkg.info.name} {pkg.info.version}; CT {ph.ct.shape} at {args.spacing} mm{metal}; "
           f"{args.threads} threads; fp32 matmul {matmul_gflops():.0f} GFLOP/s")
     for run in range(1, args.repeats + 1):
+        tm = time.perf_counter()
+        ct = reduce_metal_artefacts(ph.ct) if args.mar else ph.ct
         t0 = time.perf_counter()
+        mar = f"MAR {t0 - tm:.1f} s, " if args.mar else ""
         mg = to_model_grid(ct, pkg.preprocess)
         t1 = time.perf_counter()
         probs = predict_probabilities(pkg, mg.image, precision="fp32")
@@ -66,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if rule is not None:
             refined = refine_labels(ct.array, back.labels, ct.spacing_mm, rule, background=back.background)
         t4 = time.perf_counter()
-        print(f"run {run}: preprocess {t1 - t0:.1f} s, network {t2 - t1:.1f} s, back {t3 - t2:.1f} s, "
-              f"refine {t4 - t3:.1f} s, total {t4 - t0:.1f} s")
+        print(f"run {run}: {mar}preprocess {t1 - t0:.1f} s, network {t2 - t1:.1f} s, "
+              f"back {t3 - t2:.1f} s, refine {t4 - t3:.1f} s, total {t4 - tm:.1f} s")
     print(f"fp32 matmul after: {matmul_gflops():.0f} GFLOP/s")
     truth = ct.with_array(np.asarray(ph.labels.array).astype(np.uint8))
     dice = evaluate_case(ct.with_array(refined), truth, hd95=False).mean_dice_muscles

@@ -119,3 +119,12 @@ def test_segment_reduces_metal_artefacts_first_when_the_package_asks(tmp_path: P
     assert np.array_equal(got.array, segment(reduce_metal_artefacts(ct), off).array)
     assert not np.array_equal(got.array, segment(ct, off).array)
     assert np.array_equal(got.affine, ct.affine)
+
+
+def test_evaluate_names_the_reduction_only_when_the_package_asks() -> None:
+    from seg.evaluate import format_table
+    from seg.records import Evaluation
+
+    assert "metal artefact reduction: li" in format_table(
+        Evaluation(model=ModelInfo(metal_artefact_reduction="li")))
+    assert "metal artefact" not in format_table(Evaluation(model=ModelInfo()))
