@@ -20,6 +20,7 @@ package on the CPU machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -45,11 +46,13 @@ CHUNK_BYTES = 14 * 2**20  # the device tool returns files of at most 16 MiB
 RESERVED_SEEDS = (range(5000, 5100), range(6000, 6100))
 
 
-def make_case(opts: PhantomOptions) -> tuple[PhantomOptions, np.ndarray, np.ndarray, np.ndarray]:
-    """Render one phantom and preprocess it exactly as ``seg.train.cache_case`` does."""
+def make_case(opts: PhantomOptions,
+              mar: str = "none") -> tuple[PhantomOptions, np.ndarray, np.ndarray, np.ndarray]:
+    """Render one phantom and preprocess it exactly as ``seg.train.cache_case`` does (``mar``: the
+    metal artefact reduction the package will ask for, ``TrainConfig.metal_artefact_reduction``)."""
     from seg.train import TrainConfig, cache_case, plan_phantom, preprocess_config
 
-    pre = preprocess_config(TrainConfig(spacing_mm=SPACING))
+    pre = preprocess_config(TrainConfig(spacing_mm=SPACING, metal_artefact_reduction=mar))
     ph = plan_phantom(opts, None)
     d = Path(tempfile.mkdtemp(prefix="case"))
     try:
@@ -183,7 +186,7 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     cfg = TrainConfig(
         out=str(to), checkpoint_dir=str(ck), phantoms=len(meta["train_seeds"]), seed_start=1000,
         val_phantoms=a["val_phantoms"], postop_share=0.5, postop_weight=a["postop_weight"],
-        streak_prob=a.get("streak_prob", 0.0),
+        streak_prob=a.get("streak_prob", 0.0), metal_artefact_reduction=a.get("mar", "none"),
         arch=dict(base.meta.architecture.args), spacing_mm=SPACING, batch_size=a["batch"],
         steps=meta["step"], max_minutes=round(meta["train_wall_s"] / 60, 2), lr=a["lr"],
         warmup_steps=a["warmup"], decay_start=a["decay_start"], val_every=0, threads=a["workers"],
@@ -229,6 +232,8 @@ def main() -> int:
     ap.add_argument("--postop-weight", type=float, default=2.0)
     ap.add_argument("--streak-prob", type=float, default=0.0,
                     help="share of crops with metal streaks drawn over them (seg.streaks)")
+    ap.add_argument("--mar", default="none", choices=("none", "li"),
+                    help="metal artefact reduction of every phantom CT (seg.mar), as the package asks")
     ap.add_argument("--val-phantoms", type=int, default=4, help="validation_plan(n, 1384)")
     ap.add_argument("--extra", type=int, default=1216, help="phantom_plan(n, S, 0.5) beside the 384")
     ap.add_argument("--extra-start", type=int, default=2000, help="S: its first seed")
@@ -263,7 +268,7 @@ def main() -> int:
                                                                           a.extra_postop_share))
     val_seeds = {o.seed for o in val_plan}
     pool = mp.get_context("spawn").Pool(a.workers, initializer=one_thread)
-    results = pool.imap_unordered(make_case, val_plan + train_plan, chunksize=1)
+    results = pool.imap_unordered(functools.partial(make_case, mar=a.mar), val_plan + train_plan, chunksize=1)
 
     import torch
     from monai.losses import DiceCELoss

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from seg.hu_refine import refine_labels
+from seg.mar import as_configured
 from seg.model import ModelPackage
 from seg.preprocess import to_model_grid
 from seg.recipe import cpu_precision
@@ -283,11 +284,7 @@ def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: 
     refinement (``dicomnode evaluate --network-only`` reports both). The labels are on ``ct``'s
     grid whether or not its metal artefacts were reduced first.
     """
-    hu = ct
-    if model.preprocess.metal_artefact_reduction == "li":
-        from seg.mar import reduce_metal_artefacts
-
-        hu = reduce_metal_artefacts(ct)
+    hu = as_configured(ct, model.preprocess.metal_artefact_reduction)
     mg = to_model_grid(hu, model.preprocess)
     probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
     rule = model.inference.hu_refinement if hu_refinement else None

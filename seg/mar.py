@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from seg.measure import METAL_HU
+from seg.preprocess_config import MetalArtefactReduction
 from seg.tomo import ParallelBeam
 from seg.volume import Volume
 
@@ -39,6 +40,13 @@ class MarConfig:
     # interpolation leaves more error than those rays carry.
     trace_min: float = 0.3
     batch: int = 8  # slices projected together (memory ~ batch * n_angles * size^2 floats)
+
+
+def as_configured(ct: Volume, method: MetalArtefactReduction) -> Volume:
+    """``ct`` as a package's preprocessing wants it before anything reads it: the one place that
+    turns the configured method into the reduction, for inference and for the training cache alike
+    (a model trained on corrected CTs must see corrected CTs)."""
+    return ct if method == "none" else reduce_metal_artefacts(ct)
 
 
 def reduce_metal_artefacts(ct: Volume, config: MarConfig | None = None) -> Volume:

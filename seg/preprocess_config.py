@@ -32,8 +32,8 @@ class PreprocessConfig(BaseModel):
     foreground_threshold: float = 0.0
     # "box": the CT's mean over each model voxel's footprint (seg.preprocess says why)
     image_resampling: ImageResampling = "bilinear"
-    # Applied by seg.infer.segment before the model grid and the HU refinement. Training does not
-    # apply it yet: a package that asks for it was trained on CTs without it.
+    # Applied first (seg.mar.as_configured): by seg.infer.segment before the model grid and the HU
+    # refinement, and by training to every case it caches.
     metal_artefact_reduction: MetalArtefactReduction = "none"
 
     @model_validator(mode="before")

@@ -23,6 +23,7 @@ from seg import labels as L
 from seg import recipe
 from seg.dataset import case_source, dataset_cases, load_case
 from seg.hu_refine import HURefinement
+from seg.mar import as_configured
 from seg.model import (
     build_network,
     load_model,
@@ -32,7 +33,7 @@ from seg.model import (
 from seg.package import Architecture, InferenceOptions, ModelPackageError
 from seg.phantom.options import PHANTOM_VERSION, PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
-from seg.preprocess_config import ImageResampling, PreprocessConfig
+from seg.preprocess_config import ImageResampling, MetalArtefactReduction, PreprocessConfig
 from seg.recipe import POSTOP_SHARES, Crop, Device, Precision, Targets
 from seg.streaks import Streaks, add_to_windowed, draw_streaks, streak_field
 from seg.volume import Volume
@@ -71,6 +72,9 @@ class TrainConfig:
     # How the CT reaches the model grid (seg.preprocess): "bilinear" samples it at each model voxel's
     # centre; "box" averages each model voxel's footprint, as the partial-volume targets do.
     image_resampling: ImageResampling = "bilinear"
+    # Metal artefact reduction of every CT before the model grid (seg.mar): "li" trains on corrected
+    # CTs, and the package then asks inference for the same.
+    metal_artefact_reduction: MetalArtefactReduction = "none"
     batch_size: int = recipe.BATCH_SIZE
     steps: int = 1000
     max_minutes: float | None = None
@@ -200,7 +204,7 @@ def cache_case(cache: Path, case_id: str, ct: Volume, labels: Volume, pre: Prepr
     again."""
     paths = _case_paths(cache, case_id)
     if not _is_cached(paths, fractions, source):
-        mg = to_model_grid(ct, pre, labels)
+        mg = to_model_grid(as_configured(ct, pre.metal_artefact_reduction), pre, labels)
         if fractions:
             frac = labels_to_model_probs(labels, mg.affine, mg.image.shape, L.NUM_CLASSES)
             np.save(paths["fractions"], frac)
@@ -213,7 +217,8 @@ def cache_case(cache: Path, case_id: str, ct: Volume, labels: Volume, pre: Prepr
 
 def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
     """The preprocessing a run trains with and exports into its package."""
-    return PreprocessConfig(spacing_mm=cfg.spacing_mm, image_resampling=cfg.image_resampling)
+    return PreprocessConfig(spacing_mm=cfg.spacing_mm, image_resampling=cfg.image_resampling,
+                            metal_artefact_reduction=cfg.metal_artefact_reduction)
 
 
 def _claim_cache(cache: Path, pre: PreprocessConfig) -> None:

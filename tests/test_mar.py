@@ -128,3 +128,26 @@ def test_evaluate_names_the_reduction_only_when_the_package_asks() -> None:
     assert "metal artefact reduction: li" in format_table(
         Evaluation(model=ModelInfo(metal_artefact_reduction="li")))
     assert "metal artefact" not in format_table(Evaluation(model=ModelInfo()))
+
+
+def test_training_caches_the_ct_as_inference_will_read_it(tmp_path: Path) -> None:
+    """A run with ``metal_artefact_reduction="li"`` trains on corrected CTs and exports a package that
+    asks for them; its cache refuses to be shared with a run without the reduction."""
+    from seg.preprocess import to_model_grid
+    from seg.train import TrainConfig, _claim_cache, cache_case, preprocess_config
+
+    _, streaked, _, _ = _slices()
+    ct = _volume(*[streaked] * 6)
+    labels = ct.with_array((ct.array > 0).astype(np.uint8))
+    pre = preprocess_config(TrainConfig(spacing_mm=(3.0, 3.0, 3.0), metal_artefact_reduction="li"))
+    assert pre.metal_artefact_reduction == "li"
+    (tmp_path / "on").mkdir()
+    _claim_cache(tmp_path / "on", pre)
+    paths = cache_case(tmp_path / "on", "c", ct, labels, pre, fractions=False)
+    cached = np.load(paths["image"])
+    want = to_model_grid(reduce_metal_artefacts(ct), pre, labels).image.astype(np.float16)
+    assert np.array_equal(cached, want)
+    plain = to_model_grid(ct, pre, labels).image.astype(np.float16)
+    assert not np.array_equal(cached, plain)
+    with pytest.raises(ValueError, match="preprocessed as"):
+        _claim_cache(tmp_path / "on", preprocess_config(TrainConfig(spacing_mm=(3.0, 3.0, 3.0))))

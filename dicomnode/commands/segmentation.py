@@ -26,7 +26,7 @@ from dicomnode.commands.common import (
     z_range_option,
 )
 from seg import recipe
-from seg.preprocess_config import ImageResampling
+from seg.preprocess_config import ImageResampling, MetalArtefactReduction
 from seg.records import CSV_COLUMNS, ClinicalTimePoint, Evaluation, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
@@ -494,6 +494,12 @@ def train(
                                       "'bilinear' (sampled at each model voxel's centre) or 'box' (each "
                                       "model voxel's footprint averaged).")
     ] = "bilinear",
+    mar: Annotated[
+        MetalArtefactReduction, typer.Option(metavar="<method>", help="Metal artefact reduction of "
+                                             "every CT before the model grid: 'none' or 'li' (the "
+                                             "metal trace interpolated in each projection); the "
+                                             "package asks inference for the same.")
+    ] = "none",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 20,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
     cache_workers: Annotated[
@@ -556,6 +562,7 @@ def train(
         arch=arch,
         spacing_mm=spacing_option(spacing),
         image_resampling=image_resampling,
+        metal_artefact_reduction=mar,
         batch_size=batch_size,
         steps=steps,
         max_minutes=max_minutes,
