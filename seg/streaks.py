@@ -4,7 +4,8 @@ Why: after a hip fracture the operated femur holds an implant, and its streaks l
 atrophied muscle used to lie into the HU range of muscle. The held-out post-operative phantoms show
 that this alone keeps the measured pre→post loss of those muscles from the truth (docs/models.md,
 "The implant is all that is left of the loss target"). The phantoms carry one implant, on one side,
-with seven streaks each; this module puts streaks of any direction, strength and width over any
+whose streaks phantom 1.0 drew as seven lines (1.1 makes them by projection,
+seg/phantom/metal_ct.py); this module puts streaks of any direction, strength and width over any
 crop, pre-operative ones too, so thin bright or dark lines are seen as what they are everywhere.
 
 The crops hold the windowed, gamma-corrected image (:mod:`seg.preprocess`); a streak is added in HU
@@ -24,10 +25,10 @@ import numpy as np
 from seg.preprocess_config import PreprocessConfig
 
 FAT_HU = -100.0  # what a voxel below the window (0 after windowing) is taken to be
-AMPLITUDE_HU = (80.0, 700.0)  # the phantom's streaks: 80…350 HU, times up to 2 for a large implant
-WIDTH_SD_MM = (2.5, 5.0)  # the phantom's: 3.5 mm
-FADE_MM = (60.0, 120.0)  # e-folding distance from the implant; the phantom's: 90 mm
-MAX_STREAKS = 7  # the phantom's implant draws 7
+AMPLITUDE_HU = (80.0, 700.0)  # phantom 1.0's streaks: 80…350 HU, times up to 2 for a large implant
+WIDTH_SD_MM = (2.5, 5.0)  # phantom 1.0's: 3.5 mm
+FADE_MM = (60.0, 120.0)  # e-folding distance from the implant; phantom 1.0's: 90 mm
+MAX_STREAKS = 7  # phantom 1.0's implant drew 7
 
 Array = TypeVar("Array")  # numpy.ndarray or torch.Tensor
 

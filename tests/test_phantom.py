@@ -3,6 +3,7 @@ post-operative changes where asked, and a CT IOD that dciodvfy accepts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -97,6 +98,14 @@ def test_height_and_sex_randomised_in_plausible_ranges() -> None:
     assert (p.sex, p.height_m) == ("M", 1.9)
 
 
+def test_a_pre_operative_phantom_is_voxel_for_voxel_phantom_1_0s() -> None:
+    """Phantom 1.1 changed the implant's streaks alone: a phantom without an implant is 1.0's to the
+    bit (CT and labels; the digest was taken from the 1.0 renderer), its random draws unshifted."""
+    ph = make_phantom(PhantomOptions(seed=5, spacing_mm=(4.0, 4.0, 4.0), z_range_mm=(-40, 20)))
+    digest = hashlib.sha256(ph.ct.array.tobytes() + ph.labels.array.tobytes()).hexdigest()[:16]
+    assert digest == "7aa9c92b7cbab73f"
+
+
 def test_taller_patient_is_longer_and_has_more_muscle() -> None:
     kw = dict(seed=9, spacing_mm=(5.0, 5.0, 6.0), sex="M")
     short = make_phantom(PhantomOptions(height_m=1.62, **kw))
@@ -138,8 +147,10 @@ def test_postop_implant_atrophy_and_fat_infiltration() -> None:
     d_right = np.mean(pre.ct.array[right]) - np.mean(post.ct.array[right])
     d_left = np.mean(pre.ct.array[left]) - np.mean(post.ct.array[left])
     assert d_right > 20 and abs(d_left) < 5
-    # Labels do not move with the metal: the femur is still the femur.
+    # Labels do not move with the metal: the femur is still the femur, and every label is phantom
+    # 1.0's (digest from the 1.0 renderer; 1.1 changed the streaks alone).
     assert pre.side_voxels[L.LABEL_OF["femur"]] == post.side_voxels[L.LABEL_OF["femur"]]
+    assert hashlib.sha256(post.labels.array.tobytes()).hexdigest()[:16] == "7a25dcc0d5cd933f"
 
 
 def test_options_are_validated() -> None:

@@ -16,7 +16,10 @@ from seg.header import SeriesHeader
 from seg.records import LeftRight
 from seg.volume import Volume
 
-PHANTOM_VERSION = "1.0"
+# 1.1: the implant's streaks are made by projection (seg/phantom/metal_ct.py: hardened, photon-starved
+# rays through metal, the error reconstructed by FBP), no longer drawn as seven lines through it.
+# Pre-operative phantoms (no implant) are voxel for voxel those of 1.0.
+PHANTOM_VERSION = "1.1"
 Position = Literal["HFS", "FFS"]
 # "ascending": instance 1 at the lowest z (feet); "descending": head first
 SliceOrder = Literal["ascending", "descending"]

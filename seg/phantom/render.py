@@ -19,6 +19,7 @@ from scipy import ndimage
 from seg import labels as L
 from seg.header import SeriesHeader
 from seg.phantom import anatomy as A
+from seg.phantom import metal_ct
 from seg.phantom.options import Phantom, PhantomOptions, Position
 from seg.phantom.patient import SIDES, Item, Patient, build_items, draw_patient, implant_items
 from seg.phantom.uids import derived_uid
@@ -116,13 +117,11 @@ _MARGIN_MM = 12.0  # crop margin around each shape's ellipse when rasterising a 
 
 @dataclass(frozen=True)
 class _Appearance:
-    """The image's random draws (texture, metal streaks, noise, fat waves), separate from the anatomy."""
+    """The image's random draws (texture, noise, fat waves), separate from the anatomy."""
 
     muscle_hu_off: np.ndarray  # per muscle
     tex_waves: np.ndarray
-    streak_angles: np.ndarray
-    streak_amp: np.ndarray
-    noise_seed: int
+    noise_seed: int  # also seeds the implant's photon starvation (seg.phantom.metal_ct)
     fat_waves: np.ndarray  # subcutaneous fat thickness around the body
 
 
@@ -135,8 +134,9 @@ def _draw_appearance(rng: np.random.Generator, n_muscles: int) -> _Appearance:
         d = rng.normal(size=3)
         d /= np.linalg.norm(d)
         tex_waves[w, :5] = (1.0, *(2 * np.pi / lam * d), rng.uniform(0, 2 * np.pi))
-    streak_angles = rng.uniform(0, np.pi, 7)
-    streak_amp = rng.uniform(80, 350, 7) * np.where(rng.random(7) < 0.5, -1, 1)
+    # Phantom 1.0 drew seven streaks here (angles, amplitudes, signs); the draws stay, unused, so
+    # that the noise seed and the fat waves of every seed are what they were.
+    rng.random(3 * 7)
     noise_seed = int(rng.integers(2**31))
     # Subcutaneous fat varies around the body (drawn last: earlier draws, hence the anatomy, stay put).
     fat_waves = np.zeros((2, 6))
@@ -144,8 +144,8 @@ def _draw_appearance(rng: np.random.Generator, n_muscles: int) -> _Appearance:
         lam, ang = rng.uniform(120, 300), rng.uniform(0, 2 * np.pi)
         fat_waves[w, :5] = (0.15, 2 * np.pi / lam * np.cos(ang), 2 * np.pi / lam * np.sin(ang),
                             rng.uniform(-0.01, 0.01), rng.uniform(0, 2 * np.pi))
-    return _Appearance(muscle_hu_off=muscle_hu_off, tex_waves=tex_waves, streak_angles=streak_angles,
-                       streak_amp=streak_amp, noise_seed=noise_seed, fat_waves=fat_waves)
+    return _Appearance(muscle_hu_off=muscle_hu_off, tex_waves=tex_waves, noise_seed=noise_seed,
+                       fat_waves=fat_waves)
 
 
 class _Scene:
@@ -247,7 +247,7 @@ def _rasterise(sc: _Scene) -> tuple[np.ndarray, np.ndarray]:
         labels[:, :, k] = t.lab
         h = _slice_hu(sc, sl, t)
         if sc.implant:
-            _metal_streaks(sc, sl, t, h)
+            _implant(sc, sl, t, h, k)
         hu[:, :, k] = h
     return labels, hu
 
@@ -432,9 +432,22 @@ def _muscle_hu(sc: _Scene, t: _Tissue, tex: np.ndarray) -> np.ndarray:
     return mh
 
 
-def _metal_streaks(sc: _Scene, sl: _Slice, t: _Tissue, h: np.ndarray) -> None:
-    """The implant in the operated femur at 3071 HU, plus its streak artefacts over the body (in place)."""
-    xx, yy, grid = sc.xx, sc.yy, sc.grid
+def _implant(sc: _Scene, sl: _Slice, t: _Tissue, h: np.ndarray, k: int) -> None:
+    """The implant in the operated femur at 3071 HU, plus its streaks over the body (in place).
+
+    The streaks are the projection errors its metal causes (:mod:`seg.phantom.metal_ct`), seeded
+    per slice ``k`` from the appearance's noise seed."""
+    metal = _implant_metal(sc, sl, t)
+    if metal is None:
+        return
+    h[metal] = 3071.0
+    err = metal_ct.streak_error(h, metal, sc.grid.spacing[0], _slice_seed(sc.app, k))
+    tissue = t.body & ~metal
+    h[tissue] += err[tissue]
+
+
+def _implant_metal(sc: _Scene, sl: _Slice, t: _Tissue) -> np.ndarray | None:
+    """The implant's pixels on this slice (inside the operated femur), or None where it has none."""
     metal = np.zeros(sc.plane, bool)
     for it in sc.implant:
         r = sl.sd(it)
@@ -442,18 +455,12 @@ def _metal_streaks(sc: _Scene, sl: _Slice, t: _Tissue, h: np.ndarray) -> None:
             c, sd = r
             metal[c] |= sd < 0
     metal &= (t.lab == FEMUR) & (sc.left if sc.opts.implant_side == "left" else ~sc.left)
-    if not metal.any():
-        return
-    h[metal] = 3071.0
-    cx, cy = xx[metal].mean(), yy[metal].mean()
-    rad = np.hypot(xx - cx, yy - cy)
-    amp_scale = min(2.0, math.sqrt(metal.sum() * grid.spacing[0] * grid.spacing[1] / 80.0))
-    st = np.zeros(sc.plane, np.float32)
-    angles = sc.app.streak_angles + 0.03 * math.sin(sl.z / 17.0)
-    for th, amp in zip(angles, sc.app.streak_amp, strict=True):
-        perp = np.abs(-math.sin(th) * (xx - cx) + math.cos(th) * (yy - cy))
-        st += amp * amp_scale * np.exp(-(perp / 3.5) ** 2) * np.exp(-rad / 90.0)
-    h[t.body & ~metal] += st[t.body & ~metal]
+    return metal if metal.any() else None
+
+
+def _slice_seed(app: _Appearance, k: int) -> int:
+    """Slice ``k``'s photon-starvation seed: its own, and fixed by the phantom's seed."""
+    return (app.noise_seed + 7919 * k) % 2**32
 
 
 def _acquisition_blur(hu: np.ndarray, spacing: tuple[float, float, float],
