@@ -696,12 +696,10 @@ def test_phantom_patient_volumes_match_truth_within_the_model_tolerance(patient_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 11: the demo model mis-measures post-operative studies "
-                   "next to the implant (0.9.0: held-out post-operative Dice 0.924-0.946; here tensor "
-                   "fasciae latae on the operated side -33.3 % against a bound of 33 %); strict, so it "
-                   "fails here once a better model passes it")
 def test_followup_volumes_match_truth_within_the_model_tolerance(patient_run: PatientRun) -> None:
-    """Post-operative study (implant, atrophy): the same check as the pre-operative one."""
+    """Post-operative study (implant, atrophy): the same check as the pre-operative one. (A strict
+    xfail until 0.9.1 on phantom 1.1, with the metal artefact reduction, passed it; 0.9.0 missed by
+    tensor fasciae latae on the operated side, -33.3 % against a bound of 33 %.)"""
     problems = study_volume_problems(patient_run, "post")
     assert not problems, problems
 
@@ -721,7 +719,7 @@ def test_bones_match_truth_within_their_held_out_error(
     geometry, preprocessing or inverse resampling fails here whatever the model's muscles. (0.4.0:
     iliac bone held-out mean absolute error 5.0 %, this study +12.1 %.)
     The pre-operative study only: the follow-up's implant is metal the phantom's truth does not count
-    as bone, and the follow-up's volumes are the strict xfail above (issue 11)."""
+    as bone, and the follow-up's volumes are checked above."""
     ev = held_out()
     if ev is None or not ev.per_class:
         pytest.skip("the model package has no held-out evaluation.json with per-class figures")
