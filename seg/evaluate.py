@@ -337,7 +337,7 @@ def format_table(res: Evaluation) -> str:
         return "-" if v is None else format(v, fmt)
 
     mn, tg = res.min_dice_muscle, res.targets
-    if res.model.metal_artefact_reduction is not None:  # a preprocessing step the reader should know
+    if res.model.metal_artefact_reduction != "none":  # a preprocessing step the reader should know
         lines.append(f"metal artefact reduction: {res.model.metal_artefact_reduction}")
     lines += [
         f"cases: {res.cases}",

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from seg.measure import METAL_HU
+from seg.metal_proximity import widen_in_plane
 from seg.preprocess_config import MetalArtefactReduction
 from seg.tomo import ParallelBeam
 from seg.volume import Volume
@@ -60,9 +61,8 @@ def reduce_metal_artefacts(ct: Volume, config: MarConfig | None = None) -> Volum
     metal = sub > METAL_HU
     ii, jj = np.nonzero(metal.any(axis=2))
     di, dj = ct.spacing_mm[:2]
-    pi, pj = int(np.ceil(cfg.reach_mm / di)), int(np.ceil(cfg.reach_mm / dj))
-    box = (slice(max(int(ii.min()) - pi, 0), min(int(ii.max()) + 1 + pi, hu.shape[0])),
-           slice(max(int(jj.min()) - pj, 0), min(int(jj.max()) + 1 + pj, hu.shape[1])))
+    box = widen_in_plane((slice(int(ii.min()), int(ii.max()) + 1), slice(int(jj.min()), int(jj.max()) + 1)),
+                         cfg.reach_mm, (di, dj), hu.shape[:2])
     crop_hu, crop_metal = sub[box], metal[box]
     fine = crop_hu.shape[:2]
     work = (max(2, round(fine[0] * di / cfg.work_mm)), max(2, round(fine[1] * dj / cfg.work_mm)))

@@ -22,6 +22,14 @@ NEAR_METAL_SHARE = 0.2  # a muscle side with at least this share of its voxels i
 NEAR_METAL_MARK = "†"  # how the page and the terminal tables mark a flagged muscle side
 
 
+def widen_in_plane(box: tuple[slice, slice], reach_mm: float, spacing_mm: tuple[float, float],
+                   shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The in-plane ``box`` widened by ``reach_mm`` on every side and clipped to ``shape``: the crop
+    that holds everything within reach of the metal (this module's count and :mod:`seg.mar`)."""
+    return tuple(slice(max(b.start - math.ceil(reach_mm / d), 0), min(b.stop + math.ceil(reach_mm / d), n))
+                 for b, d, n in zip(box, spacing_mm, shape, strict=True))  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class MetalBox:
     """The metal of a CT, cropped: ``mask`` is ``hu > METAL_HU`` inside ``box`` (index slices)."""
@@ -47,10 +55,9 @@ def near_metal_counts(labels: np.ndarray, metal: MetalBox, affine: np.ndarray, m
     from scipy import ndimage
 
     di, dj = (float(np.linalg.norm(affine[:3, d])) for d in (0, 1))
-    pad_i, pad_j = (math.ceil(reach_mm / d) for d in (di, dj))
     (bi, bj, bk) = metal.box
-    i0, i1 = max(bi.start - pad_i, 0), min(bi.stop + pad_i, labels.shape[0])
-    j0, j1 = max(bj.start - pad_j, 0), min(bj.stop + pad_j, labels.shape[1])
+    wide_i, wide_j = widen_in_plane((bi, bj), reach_mm, (di, dj), labels.shape[:2])
+    (i0, i1), (j0, j1) = (wide_i.start, wide_i.stop), (wide_j.start, wide_j.stop)
     inner = (slice(bi.start - i0, bi.stop - i0), slice(bj.start - j0, bj.stop - j0))
     ii, jj = np.meshgrid(np.arange(i0, i1, dtype=np.float64), np.arange(j0, j1, dtype=np.float64),
                          indexing="ij")

@@ -66,8 +66,7 @@ class ModelPackage:
             architecture=m.architecture.name,
             statement=m.statement,
             licence=m.licence,
-            metal_artefact_reduction=(None if m.preprocessing.metal_artefact_reduction == "none"
-                                      else m.preprocessing.metal_artefact_reduction),
+            metal_artefact_reduction=m.preprocessing.metal_artefact_reduction,
         )
 
 

@@ -221,15 +221,15 @@ class ModelInfo(Record):
     architecture: str = ""
     statement: str = ""
     licence: str = ""
-    # the package's metal artefact reduction (seg.mar); None: none, and the key is not written, so
-    # every record written before reads and compares the same
-    metal_artefact_reduction: MetalArtefactReduction | None = None
+    # the package's metal artefact reduction (seg.mar), spelt as its preprocessing does; "none" is
+    # not written, so every record written before reads and compares the same
+    metal_artefact_reduction: MetalArtefactReduction = "none"
 
     @model_serializer(mode="wrap")
     def _as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         d = handler(self)
-        if d.get("metal_artefact_reduction") is None:
-            d.pop("metal_artefact_reduction", None)
+        if d.get("metal_artefact_reduction") == "none":
+            d.pop("metal_artefact_reduction")
         return d
 
 

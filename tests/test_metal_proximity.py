@@ -12,7 +12,7 @@ import pytest
 from reporting.change import compute_change
 from seg.labels import LABEL_OF, NUM_CLASSES
 from seg.measure import METAL_HU, measure_volumes, write_volumes
-from seg.metal_proximity import NEAR_METAL_MM, NEAR_METAL_SHARE, MetalBox, near_metal_counts
+from seg.metal_proximity import NEAR_METAL_MM, NEAR_METAL_SHARE, MetalBox, near_metal_counts, widen_in_plane
 from seg.phantom import PhantomOptions, make_phantom
 from seg.records import StructureVolume, StudyRef
 
@@ -94,6 +94,13 @@ def test_change_is_flagged_when_either_study_was(post):
     assert by[("femur", "left")].near_metal is None
     backwards = compute_change(after, pre, 1.7, StudyRef(), StudyRef())  # flagged in the baseline only
     assert {(s.name, s.side): s.near_metal for s in backwards.structures}[("vastus_intermedius", "left")]
+
+
+def test_the_crop_widens_by_whole_voxels_per_axis_and_stays_in_the_volume():
+    # 10 mm at 3 mm voxels is 4 voxels (rounded up: nothing within reach is cut); at 0.8 mm, 13;
+    # the low side is clipped at 0, the high side at the volume's size.
+    box = widen_in_plane((slice(2, 5), slice(20, 30)), 10.0, (3.0, 0.8), (50, 40))
+    assert box == (slice(0, 9), slice(7, 40))
 
 
 def test_near_metal_of_a_record():
