@@ -62,8 +62,8 @@ def _segment_cached(opts, model, cache: Path | None) -> np.ndarray:
 def _case(opts, model, cache: Path | None) -> list[MuscleSide]:
     from seg.evaluate import preop_twin_options, side_volumes
     from seg.labels import ANALYSED_MUSCLES, LABEL_OF, NUM_CLASSES
-    from seg.measure import METAL_HU, midline_x
-    from seg.metal_proximity import MetalBox, near_metal_counts
+    from seg.measure import midline_x
+    from seg.metal_proximity import METAL_HU, MetalBox, near_metal_counts
     from seg.phantom import make_phantom
 
     twin_opts = preop_twin_options(opts)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from seg.hu_refine import refine_labels
     from seg.infer import predict_probabilities, resample_prediction
     from seg.mar import reduce_metal_artefacts
-    from seg.measure import METAL_HU
+    from seg.metal_proximity import METAL_HU
     from seg.model import load_model
     from seg.phantom import PhantomOptions, make_phantom
     from seg.preprocess import to_model_grid

@@ -120,7 +120,7 @@ def resample_prediction(probs: np.ndarray, model_affine: np.ndarray, ct: Volume,
                         slab: int = 16) -> CTGridPrediction:
     """uint8 probabilities on the model grid → uint8 labels on the CT grid (linear + argmax), and with
     ``background`` the background channel on the CT grid, interpolated in the same pass (what the HU
-    refinement's claim gate reads, :attr:`HURefinement.claim_max_background`).
+    refinement's gates read, :attr:`HURefinement.reads_background`).
 
     Grids whose axes are parallel (the usual axial CT: the model grid is the CT grid reoriented and
     resampled) are interpolated separably, one axis at a time; any other orientation goes through
@@ -289,7 +289,7 @@ def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: 
     probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
     rule = model.inference.hu_refinement if hu_refinement else None
     back = resample_prediction(probs, mg.affine, ct,
-                               background=rule is not None and rule.claim_max_background is not None)
+                               background=rule is not None and rule.reads_background)
     labels = back.labels
     if rule is not None:
         labels = refine_labels(hu.array, labels, ct.spacing_mm, rule, background=back.background)

@@ -10,7 +10,7 @@ difference is reconstructed. That difference (original - corrected) is computed 
 in-plane work grid cropped around the metal, resampled to the CT's grid and subtracted from the
 non-metal voxels; metal voxels, and slices without metal, are left as they were.
 
-Metal is the QA's rule (CT number above :data:`seg.measure.METAL_HU`); axis 2 is the slice axis
+Metal is the QA's rule (CT number above :data:`seg.metal_proximity.METAL_HU`); axis 2 is the slice axis
 (the node reads axial series, as :mod:`seg.metal_proximity`).
 """
 
@@ -22,8 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seg.measure import METAL_HU
-from seg.metal_proximity import widen_in_plane
+from seg.metal_proximity import METAL_HU, widen_in_plane
 from seg.preprocess_config import MetalArtefactReduction
 from seg.tomo import ParallelBeam
 from seg.volume import Volume

@@ -19,14 +19,13 @@ from seg import labels as L
 from seg.age import age_at_study
 from seg.height import PLAUSIBLE_RANGE_TEXT, height_from_patient_size, plausible_height
 from seg.hu_refine import MUSCLE_HU
-from seg.metal_proximity import MetalBox, flagged, near_metal_counts, near_metal_share
+from seg.metal_proximity import METAL_HU, MetalBox, flagged, near_metal_counts, near_metal_share
 from seg.records import CSV_COLUMNS, MetalLocation, ModelInfo, StructureVolume, VolumeQA, VolumeRecord
 from seg.volume import Volume
 
 log = logging.getLogger(__name__)
 
 BODY_HU = -500  # a voxel above this CT number is body (or couch, clothing), not air
-METAL_HU = 2500.0
 FEMUR = L.LABEL_OF["femur"]
 
 

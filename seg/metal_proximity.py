@@ -2,7 +2,7 @@
 
 Why: the implant's streaks and the atrophy around it make the volumes of the muscles beside it the
 least reliable (docs/models.md, "Which muscles the outputs flag"); one "metal (left)" warning for the
-whole study does not say which. Metal is the QA's rule (CT number above ``seg.measure.METAL_HU``);
+whole study does not say which. Metal is the QA's rule (CT number above :data:`METAL_HU`);
 the distance is in-plane (within the axial slice), as the streaks run, so a muscle far below the
 implant's tip is not flagged however close it lies along z.
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+METAL_HU = 2500.0  # a CT number above this is metal: the QA's rule, and every module's that looks for it
 NEAR_METAL_MM = 30.0  # in-plane reach from metal (calibrated: benchmarks/metal_proximity.py)
 NEAR_METAL_SHARE = 0.2  # a muscle side with at least this share of its voxels in reach is flagged
 NEAR_METAL_MARK = "†"  # how the page and the terminal tables mark a flagged muscle side

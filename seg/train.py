@@ -845,7 +845,7 @@ def export(cfg: TrainConfig, data_prov: dict | None = None, checkpoint: str = "b
     return out
 
 
-EXPORTED_HU_REFINEMENT = HURefinement(claim_max_background=0.8)
+EXPORTED_HU_REFINEMENT = HURefinement(claim_max_background=0.8, metal_slice_cut_min_background=0.1)
 
 
 def _inference_requests(cfg: TrainConfig) -> InferenceOptions:
@@ -855,7 +855,9 @@ def _inference_requests(cfg: TrainConfig) -> InferenceOptions:
     targets are the project's labels (fat is background, as in the paper): the label edges are
     re-decided by the CT number at full resolution (:mod:`seg.hu_refine`, +0.04 on phantoms), and a
     muscle claims a voxel the network called background only where the network's background
-    probability is below 0.8 (vessels and bowel beside a muscle stay out; docs/models.md, 0.8.1).
+    probability is below 0.8 (vessels and bowel beside a muscle stay out; docs/models.md, 0.8.1); in
+    the slices holding metal a muscle voxel is cut as fat only where that probability is at least 0.1
+    (the streaks left there are not fat; docs/models.md, 0.9.2).
     """
     return InferenceOptions(hu_refinement=EXPORTED_HU_REFINEMENT, mirror_x=cfg.flip_x)
 

@@ -76,7 +76,7 @@ def test_demo_model_refines_its_edges_by_hu(phantom, network_labels) -> None:
     rule = pkg.inference.hu_refinement
     assert rule is not None
     bg = None
-    if rule.claim_max_background is not None:  # the claim gate reads the network's probabilities
+    if rule.reads_background:  # the claim and cut gates read the network's probabilities
         mg = to_model_grid(phantom.ct, pkg.preprocess)
         probs = predict_probabilities(pkg, mg.image)
         back = resample_prediction(probs, mg.affine, phantom.ct, background=True)

@@ -99,6 +99,33 @@ def test_claims_need_a_low_background_probability_when_the_rule_asks() -> None:
         refine_labels(hu, pred, ISO, gated)
 
 
+def test_in_slices_with_metal_only_a_doubtful_muscle_voxel_is_cut_as_fat() -> None:
+    """A streak darkens a muscle's edge below the muscle window in every slice. Without the gate
+    the edge is cut everywhere; with ``metal_slice_cut_min_background`` it is kept in the slices
+    holding metal where the network is sure of the muscle (background probability below the
+    gate), and still cut where the network doubts it or the slice holds no metal."""
+    hu = _fat()
+    hu[10:30, 10:30, :] = MUSCLE_HU
+    hu[10:30, 28:30, :] = -60  # streak-dark muscle along the edge at y=28..29
+    hu[2, 2, 5:10] = 3071  # metal in slices 5..9
+    pred = np.where(hu[..., :1] >= -60, SART, 0).repeat(hu.shape[2], axis=2).astype(np.uint8)
+    pred[2, 2, :] = 0
+    bg = np.full(hu.shape, 10, np.uint8)  # the network is sure of the muscle...
+    bg[10:20, 28:30, :] = 200  # ...except on half of the dark edge
+    gated = HURefinement(metal_slice_cut_min_background=0.25)
+    assert gated.reads_background and not RULE.reads_background
+    cut = refine_labels(hu, pred, ISO, RULE)
+    assert (cut[10:30, 28:30] == 0).all()
+    out = refine_labels(hu, pred, ISO, gated, background=bg)
+    assert (out[20:30, 28:30, 5:10] == SART).all()  # metal slices, network sure: kept
+    assert (out[10:20, 28:30, 5:10] == 0).all()  # metal slices, network doubtful: cut
+    assert (out[10:30, 28:30, :5] == 0).all() and (out[10:30, 28:30, 10:] == 0).all()  # no metal: cut
+    np.testing.assert_array_equal(np.delete(out, [28, 29], axis=1), np.delete(cut, [28, 29], axis=1))
+    np.testing.assert_array_equal(refine_labels(hu, pred, ISO, gated, slab=4, background=bg), out)
+    with pytest.raises(ValueError, match="metal_slice_cut_min_background needs the background"):
+        refine_labels(hu, pred, ISO, gated)
+
+
 def test_slabs_give_the_whole_volume_result() -> None:
     """The halo is wide enough: any slab size gives the whole-volume answer (anisotropic spacing)."""
     rng = np.random.default_rng(7)

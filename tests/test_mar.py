@@ -10,7 +10,7 @@ import torch
 
 from seg.infer import segment
 from seg.mar import MarConfig, reduce_metal_artefacts
-from seg.measure import METAL_HU
+from seg.metal_proximity import METAL_HU
 from seg.model import build_network, load_model, save_package
 from seg.package import Architecture, read_meta
 from seg.preprocess_config import PreprocessConfig

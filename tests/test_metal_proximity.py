@@ -11,8 +11,15 @@ import pytest
 
 from reporting.change import compute_change
 from seg.labels import LABEL_OF, NUM_CLASSES
-from seg.measure import METAL_HU, measure_volumes, write_volumes
-from seg.metal_proximity import NEAR_METAL_MM, NEAR_METAL_SHARE, MetalBox, near_metal_counts, widen_in_plane
+from seg.measure import measure_volumes, write_volumes
+from seg.metal_proximity import (
+    METAL_HU,
+    NEAR_METAL_MM,
+    NEAR_METAL_SHARE,
+    MetalBox,
+    near_metal_counts,
+    widen_in_plane,
+)
 from seg.phantom import PhantomOptions, make_phantom
 from seg.records import StructureVolume, StudyRef
 

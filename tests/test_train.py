@@ -43,9 +43,11 @@ def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
     assert prov["steps"] in (2, 3) and prov["trained_on"]["train_seeds"] == [70000, 70001]
     assert prov["trained_on"]["val_seeds"] == [70002] and prov["train_wall_s"] > 0
     assert pkg.info.demo is True
-    # the exported package asks for the project's HU refinement of its label edges, claims gated
+    # the exported package asks for the project's HU refinement of its label edges, claims gated,
+    # and cuts in the slices with metal gated
     assert pkg.inference.hu_refinement == EXPORTED_HU_REFINEMENT != HURefinement()
     assert EXPORTED_HU_REFINEMENT.claim_max_background == 0.8
+    assert EXPORTED_HU_REFINEMENT.metal_slice_cut_min_background == 0.1
     ck = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
     assert ck["step"] == 3
     before = {k: v.clone() for k, v in ck["model"].items()}
