@@ -23,17 +23,11 @@ TARGET_PP = 5.0  # the issue's bound on a loss error (docs/models.md targets)
 
 
 def _label_maps(ct, model, rules):  # noqa: ANN001, ANN202
-    """One label map per rule, from one network pass (as :func:`seg.infer.segment` makes each)."""
-    from seg.hu_refine import refine_labels
-    from seg.infer import predict_probabilities, resample_prediction
-    from seg.mar import as_configured
-    from seg.preprocess import to_model_grid
+    """One label map per rule, from one network pass."""
+    from seg.infer import network_pass
 
-    hu = as_configured(ct, model.preprocess.metal_artefact_reduction)
-    mg = to_model_grid(hu, model.preprocess)
-    back = resample_prediction(predict_probabilities(model, mg.image), mg.affine, ct, background=True)
-    return [ct.with_array(refine_labels(hu.array, back.labels, ct.spacing_mm, r, background=back.background))
-            for r in rules]
+    done = network_pass(ct, model, background=True)
+    return [done.labels(r) for r in rules]
 
 
 def main(argv: list[str] | None = None) -> int:

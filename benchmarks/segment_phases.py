@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         probs = predict_probabilities(pkg, mg.image, precision="fp32")
         t2 = time.perf_counter()
         back = resample_prediction(probs, mg.affine, ct,
-                                   background=rule is not None and rule.claim_max_background is not None)
+                                   background=rule is not None and rule.reads_background)
         t3 = time.perf_counter()
         refined = back.labels
         if rule is not None:

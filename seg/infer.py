@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seg.hu_refine import refine_labels
+from seg.hu_refine import HURefinement, refine_labels
 from seg.mar import as_configured
 from seg.model import ModelPackage
 from seg.preprocess import to_model_grid
@@ -276,6 +276,39 @@ def _sampled(probs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], slab: int
     return CTGridPrediction(out, bg)
 
 
+@dataclass(frozen=True)
+class NetworkPass:
+    """One network pass over a CT, taken back onto the CT's grid: what every HU refinement rule
+    starts from, so that several rules can be compared on one (costly) pass."""
+
+    ct: Volume  # the CT as the network read it (the package's metal artefact reduction applied)
+    prediction: CTGridPrediction
+
+    def labels(self, rule: HURefinement | None) -> Volume:
+        """The label map on the CT grid under ``rule`` (None: the network's labels alone)."""
+        labels = self.prediction.labels
+        if rule is not None:
+            labels = refine_labels(self.ct.array, labels, self.ct.spacing_mm, rule,
+                                   background=self.prediction.background)
+        return self.ct.with_array(labels)
+
+
+def network_pass(ct: Volume, model: ModelPackage, progress: bool = False, precision: str | None = None,
+                 background: bool | None = None) -> NetworkPass:
+    """The package's preprocessing, sliding-window network and resampling back onto ``ct``'s grid.
+
+    ``background``: keep the background probability on the CT grid (default: when the package's own
+    HU refinement reads it, :attr:`HURefinement.reads_background`).
+    """
+    if background is None:
+        rule = model.inference.hu_refinement
+        background = rule is not None and rule.reads_background
+    hu = as_configured(ct, model.preprocess.metal_artefact_reduction)
+    mg = to_model_grid(hu, model.preprocess)
+    probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
+    return NetworkPass(hu, resample_prediction(probs, mg.affine, ct, background=background))
+
+
 def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: str | None = None,
             hu_refinement: bool = True) -> Volume:
     """Label map (uint8, 30 classes) of ``ct`` on its own grid.
@@ -284,13 +317,7 @@ def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: 
     refinement (``dicomnode evaluate --network-only`` reports both). The labels are on ``ct``'s
     grid whether or not its metal artefacts were reduced first.
     """
-    hu = as_configured(ct, model.preprocess.metal_artefact_reduction)
-    mg = to_model_grid(hu, model.preprocess)
-    probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
     rule = model.inference.hu_refinement if hu_refinement else None
-    back = resample_prediction(probs, mg.affine, ct,
-                               background=rule is not None and rule.reads_background)
-    labels = back.labels
-    if rule is not None:
-        labels = refine_labels(hu.array, labels, ct.spacing_mm, rule, background=back.background)
-    return ct.with_array(labels)
+    done = network_pass(ct, model, progress=progress, precision=precision,
+                        background=rule is not None and rule.reads_background)
+    return done.labels(rule)

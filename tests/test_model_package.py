@@ -212,3 +212,26 @@ def test_shipped_model_json_reads_and_writes_back_unchanged(tmp_path: Path) -> N
 
     write_meta(tmp_path, read_meta(DEMO_DIR))
     assert (tmp_path / "model.json").read_bytes() == (DEMO_DIR / "model.json").read_bytes()
+
+
+def test_one_network_pass_serves_every_refinement_rule(tmp_path: Path) -> None:
+    """network_pass() then labels(rule) is segment() for the package's rule and for none, so a
+    benchmark can compare rules on one pass; a rule whose gates read the background probability
+    is refused on a pass that did not keep it."""
+    from seg.infer import network_pass
+    from seg.train import EXPORTED_HU_REFINEMENT
+
+    pkg = load_model(_package(tmp_path / "m", inference=InferenceOptions(hu_refinement=EXPORTED_HU_REFINEMENT)),
+                     device="cpu")
+    ct = _ct()
+    done = network_pass(ct, pkg)
+    assert done.prediction.background is not None  # the package's rule reads it
+    refined, plain = done.labels(EXPORTED_HU_REFINEMENT), done.labels(None)
+    np.testing.assert_array_equal(refined.array, segment(ct, pkg).array)
+    np.testing.assert_array_equal(plain.array, segment(ct, pkg, hu_refinement=False).array)
+    assert not np.array_equal(refined.array, plain.array)  # the rule changed something here
+    assert np.allclose(refined.affine, ct.affine)
+    bare = network_pass(ct, pkg, background=False)
+    np.testing.assert_array_equal(bare.labels(None).array, plain.array)
+    with pytest.raises(ValueError, match="background probability"):
+        bare.labels(EXPORTED_HU_REFINEMENT)
