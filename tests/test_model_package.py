@@ -221,8 +221,8 @@ def test_one_network_pass_serves_every_refinement_rule(tmp_path: Path) -> None:
     from seg.infer import network_pass
     from seg.train import EXPORTED_HU_REFINEMENT
 
-    pkg = load_model(_package(tmp_path / "m", inference=InferenceOptions(hu_refinement=EXPORTED_HU_REFINEMENT)),
-                     device="cpu")
+    asks = InferenceOptions(hu_refinement=EXPORTED_HU_REFINEMENT)
+    pkg = load_model(_package(tmp_path / "m", inference=asks), device="cpu")
     ct = _ct()
     done = network_pass(ct, pkg)
     assert done.prediction.background is not None  # the package's rule reads it
