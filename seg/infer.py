@@ -317,7 +317,6 @@ def segment(ct: Volume, model: ModelPackage, progress: bool = False, precision: 
     refinement (``dicomnode evaluate --network-only`` reports both). The labels are on ``ct``'s
     grid whether or not its metal artefacts were reduced first.
     """
-    rule = model.inference.hu_refinement if hu_refinement else None
     done = network_pass(ct, model, progress=progress, precision=precision,
-                        background=rule is not None and rule.reads_background)
-    return done.labels(rule)
+                        background=None if hu_refinement else False)
+    return done.labels(model.inference.hu_refinement if hu_refinement else None)

@@ -203,6 +203,46 @@ def test_closed_training_choices_are_checked_when_configured() -> None:
     assert result.exit_code == 2 and "must be auto, cpu, cuda or cuda:N" in result.output
 
 
+def test_class_weights_reach_the_loss_and_a_misspelt_class_is_refused() -> None:
+    """A class weighted 3 costs the loss more when its own voxels are mislabelled than the mirror
+    error costs (the unweighted loss cannot tell the two apart); a misspelt class or a weight that
+    is not positive is refused when the run is configured, and on the command line before any work."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+    from seg.labels import LABEL_OF
+    from seg.train import _setup, loss_class_weights
+
+    weighted, other = LABEL_OF["obturator_externus"], LABEL_OF["sartorius"]
+    truth = torch.zeros(1, 30, 30, 2, 2)
+    truth[0, torch.arange(30), torch.arange(30)] = 1.0  # class c fills the slab x = c
+
+    def wrong(true_class: int, said: int) -> torch.Tensor:
+        logits = truth.argmax(1)
+        logits[:, true_class] = said
+        return torch.nn.functional.one_hot(logits, 30).permute(0, 4, 1, 2, 3).float() * 8
+
+    def losses(class_weights: dict[str, float]) -> tuple[float, float]:
+        cfg = TrainConfig(arch=dict(ARCH), device="cpu", precision="fp32", class_weights=class_weights)
+        loss_fn = _setup(cfg).loss_fn
+        return (float(loss_fn(wrong(weighted, other), truth)), float(loss_fn(wrong(other, weighted), truth)))
+
+    plain_a, plain_b = losses({})
+    assert plain_a == pytest.approx(plain_b, rel=1e-6)
+    weighted_a, weighted_b = losses({"obturator_externus": 3.0})
+    assert weighted_a > weighted_b * 1.2 and weighted_b > plain_b
+    assert loss_class_weights({}) is None
+    assert loss_class_weights({"femur": 0.5})[LABEL_OF["femur"]] == 0.5
+    with pytest.raises(ValueError, match="did you mean 'obturator_externus'"):
+        TrainConfig(class_weights={"obturator_extrenus": 3.0})
+    with pytest.raises(ValueError, match="must be positive"):
+        TrainConfig(class_weights={"femur": 0.0})
+    for value, said in (("obturator_extrenus=3", "did you mean 'obturator_externus'"),
+                        ("femur", "give NAME=W"), ("femur=-1", "must be positive")):
+        result = CliRunner().invoke(app, ["train", "--phantoms", "1", "--out", "x", "--class-weight", value])
+        assert result.exit_code == 2 and said in " ".join(result.output.replace("│", " ").split()), value
+
+
 def test_phantom_plan_post_operative_share_and_validation_plan() -> None:
     base = phantom_plan(16, 1000)
     assert [i for i, p in enumerate(base) if p.postop] == [3, 7, 11, 15]  # the held-out plan
@@ -283,7 +323,7 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
             "--checkpoints", str(tmp_path / "ck"), "--steps", "2", "--val-every", "2", "--z-range", "-30,30",
             "--roi", "32", "--feature-size", "4", "--hidden-size", "48", "--mlp-dim", "96",
             "--batch-size", "1", "--lr", "2.5e-4", "--postop-share", "0.75", "--postop-weight", "2",
-            "--streak-prob", "0.5", "--warmup-steps", "1",
+            "--streak-prob", "0.5", "--warmup-steps", "1", "--class-weight", "quadratus_femoris=2",
             "--decay-start", "0.4", "--threads", "1", "--version", "0.0.2", "--demo", "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -291,7 +331,7 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
     config = pkg.meta.provenance["config"]
     assert (config["lr"], config["postop_share"], config["postop_weight"], config["batch_size"]) == (
         2.5e-4, 0.75, 2.0, 1)
-    assert config["streak_prob"] == 0.5
+    assert config["streak_prob"] == 0.5 and config["class_weights"] == {"quadratus_femoris": 2.0}
     assert (config["warmup_steps"], config["decay_start"], config["spacing_mm"]) == (1, 0.4, [4.0] * 3)
     assert pkg.meta.architecture.args["img_size"] == [32] * 3 and pkg.info.version == "0.0.2"
     refused = CliRunner().invoke(app, [*args, "--postop-share", "0.3"])

@@ -501,6 +501,11 @@ def train(
                                              "package asks inference for the same.")
     ] = "none",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 20,
+    class_weight: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=W", help="Loss weight of one class (Dice and "
+                                       "cross-entropy; repeat the option for more; every other class 1), "
+                                       "e.g. obturator_externus=3.")
+    ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
     cache_workers: Annotated[
         int, typer.Option(help="Processes that render and cache the phantoms before the first step "
@@ -540,6 +545,7 @@ def train(
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
     if cache_workers < 1:
         raise typer.BadParameter("--cache-workers must be at least 1")
+    class_weights = _class_weights(class_weight or [])
     if check:
         _check_dataset(data, progress)
         return
@@ -581,6 +587,7 @@ def train(
         device=device,
         precision=precision,
         init_from=str(init_from) if init_from else None,
+        class_weights=class_weights,
     )
     _check_run_folders(cfg, resume)
     _show_progress()
@@ -591,6 +598,31 @@ def train(
     except InitFromError as exc:  # found before anything is cached
         raise typer.BadParameter(str(exc), param_hint="--init-from") from exc
     Console(stderr=True).print(f"model package written to {path}")
+
+
+def _class_weights(items: list[str]) -> dict[str, float]:
+    """``--class-weight NAME=W`` values as a mapping, checked as training checks it (known class
+    names, positive weights), so a typo is a usage error before anything is rendered."""
+    from seg.train import loss_class_weights
+
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise typer.BadParameter(f"give NAME=W, e.g. obturator_externus=3 (got {item!r})",
+                                     param_hint="--class-weight")
+        if name.strip() in out:
+            raise typer.BadParameter(f"{name.strip()} is given twice", param_hint="--class-weight")
+        out[name.strip()] = weight
+    try:
+        loss_class_weights(out)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--class-weight") from exc
+    return out
 
 
 def _check_dataset(data: Path | None, progress: bool) -> None:
