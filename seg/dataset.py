@@ -9,7 +9,6 @@ once per dataset and applied here, in :func:`label_map_uint8`, for all three.
 from __future__ import annotations
 
 import csv
-import difflib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,8 @@ class LabelRow(BaseModel):
     @classmethod
     def _ours(cls, name: str) -> str:
         if name not in L.LABEL_OF:
-            near = difflib.get_close_matches(name, L.CLASS_NAMES, n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
+            near = L.closest_name(name)
+            hint = f"; did you mean {near}?" if near else ""
             raise ValueError(f"unknown structure {name!r} (the name column of seg/structures.csv, or "
                              f"background){hint}")
         return name

@@ -7,6 +7,7 @@ concept (with the source that vouches for the code) used by the DICOM outputs.
 from __future__ import annotations
 
 import csv
+import difflib
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -80,3 +81,10 @@ def reading_order(name: str) -> int:
 
 def by_name(name: str) -> Structure:
     return structures()[LABEL_OF[name]]
+
+
+def closest_name(name: str) -> str | None:
+    """The class name a misspelt ``name`` most likely meant (None when nothing is close), for the
+    "did you mean" of an error message; each caller words its own message."""
+    near = difflib.get_close_matches(name, CLASS_NAMES, n=1)
+    return near[0] if near else None

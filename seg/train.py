@@ -7,7 +7,6 @@ validation) are written every few minutes; ``resume=True`` continues from the la
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import time
@@ -122,8 +121,8 @@ def loss_class_weights(named: dict[str, float]) -> torch.Tensor | None:
     an unknown class name or a weight that is not positive raises ValueError."""
     for name, w in named.items():
         if name not in L.LABEL_OF:
-            near = difflib.get_close_matches(name, L.CLASS_NAMES, n=1)
-            raise ValueError(f"unknown class {name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+            near = L.closest_name(name)
+            raise ValueError(f"unknown class {name!r}" + (f" (did you mean {near!r}?)" if near else ""))
         if not w > 0:
             raise ValueError(f"the loss weight of {name} must be positive, not {w}")
     if not named:

@@ -607,14 +607,12 @@ def _class_weights(items: list[str]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         try:
-            weight = float(value)
+            weight = float(value)  # also refuses an item without "=" (value is then "")
         except ValueError:
-            sep = ""
-        if not sep:
             raise typer.BadParameter(f"give NAME=W, e.g. obturator_externus=3 (got {item!r})",
-                                     param_hint="--class-weight")
+                                     param_hint="--class-weight") from None
         if name.strip() in out:
             raise typer.BadParameter(f"{name.strip()} is given twice", param_hint="--class-weight")
         out[name.strip()] = weight
