@@ -8,11 +8,15 @@ muscle outlined in red. ``--breakdown`` says what the wrongly claimed voxels are
 pre-operative twin, the same patient without surgery on the same grid): the shell the atrophy
 emptied, a neighbouring structure, or other background (and how much of that the implant's streaks
 lit), with the share whose CT number lies in the muscle range, which no rule by CT number can take
-back. The default seeds (6000 on, every 4th post-operative) are neither training
-(1000-1385) nor held-out (5000-5023) seeds, so looking at them tunes nothing that is reported.
+back. ``--ablate`` segments each case again three times, each time without one of the three things
+surgery adds (the implant with its streaks, the fat infiltration, the atrophy), so the table says
+which of them the error comes with. The default seeds (6000 on, every 4th post-operative) are
+neither training (1000-4257, 7000-7399) nor held-out (5000-5099) seeds, so looking at them tunes
+nothing that is reported.
 
     .venv/bin/python benchmarks/postop_errors.py --pairs 2 --show 3 --out docs/img/postop_errors.png
     .venv/bin/python benchmarks/postop_errors.py --pairs 4 --show 0 --breakdown
+    .venv/bin/python benchmarks/postop_errors.py --pairs 4 --show 0 --ablate
 """
 
 from __future__ import annotations
@@ -59,6 +63,26 @@ class WrongVoxels:
 
 
 STREAK_HU = 60.0
+
+
+def ablation_variants(opts: PhantomOptions) -> dict[str, PhantomOptions]:
+    """The post-operative case and, for each thing surgery adds, the same case without it. Without
+    the implant the atrophy and the fat stay on the same (``implant_side``) leg."""
+    from dataclasses import replace
+
+    return {"full": opts, "no implant": replace(opts, postop=False),
+            "no fat": replace(opts, fat_infiltration=0.0), "no atrophy": replace(opts, atrophy={})}
+
+
+def _print_ablation(rows: dict[tuple[int, str], dict[str, float]]) -> None:
+    """Volume error (%) of each atrophied muscle in each variant, 80 columns wide, with medians."""
+    tags = list(next(iter(rows.values())))
+    print("\nvolume error on the operated side, %, without one part of surgery at a time")
+    print(f"{'seed':>5} {'muscle':24}" + "".join(f" {t:>10}" for t in tags))
+    for (seed, name), errs in rows.items():
+        print(f"{seed:>5} {name.replace('_', ' '):24}" + "".join(f" {errs[t]:+10.1f}" for t in tags))
+    med = {t: float(np.median([abs(e[t]) for e in rows.values()])) for t in tags}
+    print(f"{'':>5} {'median abs':24}" + "".join(f" {med[t]:10.1f}" for t in tags))
 
 
 def _breakdown(seed: int, name: str, ct, truth: np.ndarray, pred: np.ndarray, operated: np.ndarray,
@@ -158,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="PNG to write (none: the table only)")
     ap.add_argument("--breakdown", action="store_true",
                     help="what the wrongly claimed voxels are (renders each case's pre-operative twin)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="segment each case again without its implant, its fat, its atrophy (one at a time)")
     args = ap.parse_args(argv)
 
     from seg.evaluate import preop_twin_options
@@ -168,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = load_model(args.model, device="cpu")
     post = [o for o in phantom_plan(4 * args.pairs, args.seed_start) if o.postop]
-    cases, errors, wrong = {}, [], []
+    cases, errors, wrong, ablation = {}, [], [], {}
     for opts in post:
         ph = make_phantom(opts)
         truth = np.asarray(ph.labels.array).astype(np.uint8)
@@ -181,6 +207,16 @@ def main(argv: list[str] | None = None) -> None:
             twin_truth = np.asarray(twin.labels.array).astype(np.uint8)
             wrong += [_breakdown(opts.seed, name, ph.ct, truth, pred, cases[opts.seed][3], twin_hu,
                                  twin_truth) for name in opts.atrophy]
+        if args.ablate:
+            for tag, variant in ablation_variants(opts).items():
+                if tag != "full":
+                    v = make_phantom(variant)
+                    v_truth = np.asarray(v.labels.array).astype(np.uint8)
+                    v_pred = np.asarray(segment(v.ct, model, hu_refinement=not args.network_only).array)
+                else:
+                    v, v_truth, v_pred = ph, truth, pred
+                for e in _errors(opts, v.ct, v_truth, v_pred):
+                    ablation.setdefault((e.seed, e.muscle), {})[tag] = e.error_pct
     print(f"{model.info.name} {model.info.version}"
           f"{' (network only)' if args.network_only else ''}: atrophied muscles, operated side")
     print(f"{'seed':>5} {'muscle':24} {'truth cm³':>10} {'measured':>9} {'error':>7}")
@@ -192,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{int((err <= 5).sum())} of {len(err)} within 5 %")
     if wrong:
         _print_breakdown(wrong)
+    if ablation:
+        _print_ablation(ablation)
     if args.out and args.show > 0:
         import matplotlib
 

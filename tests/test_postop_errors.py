@@ -76,3 +76,24 @@ def test_breakdown_tells_the_emptied_shell_from_a_neighbour_and_background() -> 
     w = wrong(pred)
     assert w.background_cm3 == bg.sum() * cm3
     assert 0 < w.streak_lit_cm3 < w.background_cm3  # the implant's streaks light some of it
+
+
+def test_each_ablation_variant_lacks_exactly_one_part_of_surgery() -> None:
+    """--ablate's variants: without the implant no voxel holds metal but the operated leg keeps its
+    atrophy; without the fat the atrophied volumes are unchanged and the muscle is denser; without
+    the atrophy the muscle has its pre-operative volume."""
+    from benchmarks.postop_errors import ablation_variants
+    from seg.evaluate import side_volumes
+    from seg.metal_proximity import METAL_HU
+
+    variants = ablation_variants(OPTS)
+    assert list(variants) == ["full", "no implant", "no fat", "no atrophy"] and variants["full"] is OPTS
+    ph = {tag: make_phantom(v) for tag, v in variants.items()}
+    vl = ("vastus_lateralis", "left")
+    vol = {tag: side_volumes(p.labels.with_array(np.asarray(p.labels.array).astype(np.uint8)))[vl]
+           for tag, p in ph.items()}
+    hu = {tag: np.asarray(p.ct.array, np.float32) for tag, p in ph.items()}
+    assert (hu["full"] > METAL_HU).any() and not (hu["no implant"] > METAL_HU).any()
+    assert vol["no implant"] == vol["full"] == vol["no fat"] < 0.8 * vol["no atrophy"]
+    muscle = np.asarray(ph["full"].labels.array) == LABEL_OF["vastus_lateralis"]
+    assert hu["no fat"][muscle].mean() > hu["full"][muscle].mean() + 5.0
