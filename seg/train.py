@@ -24,6 +24,7 @@ from seg import recipe
 from seg.dataset import case_source, dataset_cases, load_case
 from seg.hu_refine import HURefinement
 from seg.mar import as_configured
+from seg.metal_proximity import METAL_HU
 from seg.model import (
     build_network,
     load_model,
@@ -65,6 +66,10 @@ class TrainConfig:
     postop_weight: float = 1.0
     # Share of crops that get metal streaks drawn over them (seg.streaks; 0: none, the old stream).
     streak_prob: float = 0.0
+    # Share of the crops from a case with metal that centre on its metal (0: none, the old stream).
+    # Post-operative errors live where the implant's streaks cross small hip muscles (docs/models.md,
+    # postop_errors --ablate); a foreground crop covers them only now and then.
+    implant_crop_prob: float = 0.0
     cache_workers: int = 1  # processes that render and cache phantoms before the first step
     phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
     arch: dict = field(default_factory=lambda: dict(recipe.DEMO_UNETR))
@@ -207,12 +212,13 @@ def _case_paths(cache: Path, case_id: str) -> dict:
         "image": str(cache / f"{case_id}_image.npy"),
         "labels": str(cache / f"{case_id}_labels.npy"),
         "fractions": str(cache / f"{case_id}_fractions.npy"),
+        "metal": str(cache / f"{case_id}_metal.npy"),
     }
 
 
 def _is_cached(paths: dict, fractions: bool, source: str | None = None) -> bool:
     """Every file there, and, for a site case, made from the files it has now (``source``)."""
-    keys = ("image", "labels", "fractions") if fractions else ("image", "labels")
+    keys = ("image", "labels", "metal", "fractions") if fractions else ("image", "labels", "metal")
     if not all(Path(paths[k]).exists() for k in keys):
         return False
     record = Path(paths["image"]).with_name(f"{paths['id']}_source.txt")
@@ -221,8 +227,9 @@ def _is_cached(paths: dict, fractions: bool, source: str | None = None) -> bool:
 
 def cache_case(cache: Path, case_id: str, ct: Volume, labels: Volume, pre: PreprocessConfig,
                fractions: bool = True, source: str | None = None) -> dict:
-    """Preprocess one case onto the model grid; store the image (float16), nearest labels (uint8) and,
-    when asked, the partial-volume class fractions (uint8 x255, class first) as .npy. ``source``
+    """Preprocess one case onto the model grid; store the image (float16), nearest labels (uint8), the
+    model-grid voxels holding metal (:func:`metal_voxels`) and, when asked, the partial-volume class
+    fractions (uint8 x255, class first) as .npy. ``source``
     (:func:`seg.dataset.case_source`) is recorded beside them: an entry made from other files is made
     again."""
     paths = _case_paths(cache, case_id)
@@ -233,9 +240,23 @@ def cache_case(cache: Path, case_id: str, ct: Volume, labels: Volume, pre: Prepr
             np.save(paths["fractions"], frac)
         np.save(paths["image"], mg.image.astype(np.float16))
         np.save(paths["labels"], mg.labels)
+        np.save(paths["metal"], metal_voxels(ct, mg.affine, mg.image.shape))
         if source is not None:
             Path(paths["image"]).with_name(f"{case_id}_source.txt").write_text(source)
     return paths
+
+
+def metal_voxels(ct: Volume, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Model-grid voxels (N x 3, int16) whose centre is nearest a metal voxel of the CT (the QA's rule,
+    :data:`seg.metal_proximity.METAL_HU`), read before any metal artefact reduction: where implant
+    crops centre. ``affine`` maps model-grid indices to RAS mm, as :func:`to_model_grid` returns it."""
+    idx = np.argwhere(ct.array > METAL_HU)
+    if not len(idx):
+        return np.zeros((0, 3), np.int16)
+    ras = ct.ras_affine() @ np.c_[idx, np.ones(len(idx))].T
+    vox = np.rint((np.linalg.inv(affine) @ ras)[:3].T).astype(np.int64)
+    inside = np.all((vox >= 0) & (vox < np.array(shape[:3])), axis=1)
+    return np.unique(vox[inside], axis=0).astype(np.int16)
 
 
 def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
@@ -381,21 +402,27 @@ class CropPlanner:
 
     def __init__(self, roi: tuple[int, int, int], fg_prob: float, flip_x: bool, rng: np.random.Generator,
                  postop_weight: float = 1.0, streak_prob: float = 0.0,
-                 spacing_mm: tuple[float, float, float] = (recipe.SPACING_MM,) * 3):
+                 spacing_mm: tuple[float, float, float] = (recipe.SPACING_MM,) * 3,
+                 implant_prob: float = 0.0):
         if postop_weight <= 0:
             raise ValueError(f"postop_weight must be positive, not {postop_weight}")
-        if not 0.0 <= streak_prob <= 1.0:
-            raise ValueError(f"streak_prob must be between 0 and 1, not {streak_prob}")
+        for name, share in (("streak_prob", streak_prob), ("implant_prob", implant_prob)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, not {share}")
         self.roi, self.fg_prob, self.flip_x, self.rng = np.array(roi), fg_prob, flip_x, rng
         self.postop_weight, self.streak_prob, self.spacing_mm = postop_weight, streak_prob, spacing_mm
+        self.implant_prob = implant_prob
         self.shapes: list[np.ndarray] = []  # each case's shape, padded up to the ROI
         self.centres: list[dict[int, np.ndarray]] = []
+        self.metal: list[np.ndarray] = []  # each case's metal voxels (N x 3; none without an implant)
         self.weights: list[float] = []
         self.case_p: np.ndarray | None = None  # None: uniform (the old random stream)
 
-    def add(self, shape: tuple[int, ...], centres: dict[int, np.ndarray], postop: bool) -> None:
+    def add(self, shape: tuple[int, ...], centres: dict[int, np.ndarray], postop: bool,
+            metal: np.ndarray | None = None) -> None:
         self.shapes.append(np.maximum(np.array(shape), self.roi))
         self.centres.append(centres)
+        self.metal.append(np.zeros((0, 3), np.int64) if metal is None else np.asarray(metal, np.int64))
         self.weights.append(self.postop_weight if postop else 1.0)
         w = np.array(self.weights)
         self.case_p = None if np.all(w == w[0]) else w / w.sum()
@@ -414,7 +441,13 @@ class CropPlanner:
         else:
             i = int(self.rng.choice(len(self.shapes), p=self.case_p))
         shape, roi = self.shapes[i], self.roi
-        c = self._centre(i) if self.rng.random() < self.fg_prob else None
+        metal = self.metal[i]
+        # The implant test draws from the stream only when implant crops are asked for and the case
+        # has metal, so runs without them keep the old stream.
+        if self.implant_prob > 0 and len(metal) and self.rng.random() < self.implant_prob:
+            c = metal[int(self.rng.integers(len(metal)))]
+        else:
+            c = self._centre(i) if self.rng.random() < self.fg_prob else None
         if c is not None:
             start = np.clip(c - roi // 2 + self.rng.integers(-roi // 4, roi // 4 + 1), 0, shape - roi)
         else:
@@ -448,6 +481,7 @@ class CropSampler:
         postop_weight: float = 1.0,
         streak_prob: float = 0.0,
         pre: PreprocessConfig | None = None,
+        implant_prob: float = 0.0,
     ):
         if not cases:
             raise ValueError("no training cases")
@@ -455,7 +489,8 @@ class CropSampler:
             raise ValueError("streaks are added in HU: give the preprocessing (pre)")
         self.pre = pre
         self.planner = CropPlanner(roi, fg_prob, flip_x, rng, postop_weight, streak_prob,
-                                   pre.spacing_mm if pre is not None else (recipe.SPACING_MM,) * 3)
+                                   pre.spacing_mm if pre is not None else (recipe.SPACING_MM,) * 3,
+                                   implant_prob)
         self.images = [np.load(c["image"]) for c in cases]
         self.labels = [np.load(c["labels"]) for c in cases]
         # Fractions are 30x the labels' size (about 31 MB a whole-thigh phantom at 4 mm): mapped, not
@@ -463,7 +498,8 @@ class CropSampler:
         self.fractions = [np.load(c["fractions"], mmap_mode="r") for c in cases] if fractions else None
         # Centre candidates per case and class (every 7th voxel of a class keeps memory small).
         for c, img, lab in zip(cases, self.images, self.labels, strict=True):
-            self.planner.add(img.shape, voxels_by_class(lab, by_class), bool(c.get("postop")))
+            metal = np.load(c["metal"]) if implant_prob > 0 else None
+            self.planner.add(img.shape, voxels_by_class(lab, by_class), bool(c.get("postop")), metal)
         self.roi, self.rng = roi, rng
 
     def _crop(self, a: np.ndarray, start: np.ndarray, fill: float | np.ndarray = 0) -> np.ndarray:
@@ -784,7 +820,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     sampler = CropSampler(
         train_cases, roi, cfg.fg_crop_prob, cfg.flip_x, rng, by_class=cfg.crop == "classes",
         fractions=cfg.targets == "partial_volume", postop_weight=cfg.postop_weight,
-        streak_prob=cfg.streak_prob, pre=pre,
+        streak_prob=cfg.streak_prob, pre=pre, implant_prob=cfg.implant_crop_prob,
     )
     t0 = time.time() - state["elapsed_s"]
     t_ck = time.time()

@@ -445,6 +445,10 @@ def train(
     streak_prob: Annotated[
         float, typer.Option(help="Share of crops that get metal streaks drawn over them (0 to 1; 0: none).")
     ] = 0.0,
+    implant_crop_prob: Annotated[
+        float, typer.Option(help="Share of the crops from a case with an implant that centre on its metal "
+                            "(0 to 1; 0: none).")
+    ] = 0.0,
     checkpoints: Annotated[Path, typer.Option("--checkpoints", help="Checkpoint + cache folder.")] = Path(
         "checkpoints/run"
     ),
@@ -541,6 +545,8 @@ def train(
         raise typer.BadParameter("--postop-weight must be positive")
     if not 0.0 <= streak_prob <= 1.0:
         raise typer.BadParameter("--streak-prob must be between 0 and 1")
+    if not 0.0 <= implant_crop_prob <= 1.0:
+        raise typer.BadParameter("--implant-crop-prob must be between 0 and 1")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
     if cache_workers < 1:
@@ -563,6 +569,7 @@ def train(
         postop_share=postop_share,
         postop_weight=postop_weight,
         streak_prob=streak_prob,
+        implant_crop_prob=implant_crop_prob,
         cache_workers=cache_workers,
         phantom_z_range_mm=zr,
         arch=arch,
