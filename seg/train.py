@@ -123,13 +123,13 @@ class TrainConfig:
 
 def loss_class_weights(named: dict[str, float]) -> torch.Tensor | None:
     """One weight per class in label order for :class:`monai.losses.DiceCELoss` (None: all 1);
-    an unknown class name or a weight that is not positive raises ValueError."""
+    an unknown class name or a weight that is not a positive finite number raises ValueError."""
     for name, w in named.items():
         if name not in L.LABEL_OF:
             near = L.closest_name(name)
             raise ValueError(f"unknown class {name!r}" + (f" (did you mean {near!r}?)" if near else ""))
-        if not w > 0:
-            raise ValueError(f"the loss weight of {name} must be positive, not {w}")
+        if not (w > 0 and np.isfinite(w)):
+            raise ValueError(f"the loss weight of {name} must be positive and finite, not {w}")
     if not named:
         return None
     weights = torch.ones(L.NUM_CLASSES)

@@ -239,7 +239,8 @@ def test_class_weights_reach_the_loss_and_a_misspelt_class_is_refused() -> None:
         TrainConfig(class_weights={"femur": 0.0})
     for value, said in (("obturator_extrenus=3", "did you mean 'obturator_externus'"),
                         ("femur", "give NAME=W"), ("femur=two", "give NAME=W"),
-                        ("femur=-1", "must be positive")):
+                        ("femur=-1", "must be positive"), ("femur=inf", "must be positive and finite"),
+                        ("femur=nan", "must be positive and finite")):
         result = CliRunner().invoke(app, ["train", "--phantoms", "1", "--out", "x", "--class-weight", value])
         assert result.exit_code == 2 and said in " ".join(result.output.replace("│", " ").split()), value
 

@@ -609,7 +609,7 @@ def train(
 
 def _class_weights(items: list[str]) -> dict[str, float]:
     """``--class-weight NAME=W`` values as a mapping, checked as training checks it (known class
-    names, positive weights), so a typo is a usage error before anything is rendered."""
+    names, positive finite weights), so a typo is a usage error before anything is rendered."""
     from seg.train import loss_class_weights
 
     out: dict[str, float] = {}
