@@ -22,6 +22,8 @@ nothing that is reported.
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model, device="cpu")
     post = [o for o in phantom_plan(4 * args.pairs, args.seed_start) if o.postop]
     cases, errors, wrong, ablation = {}, [], [], {}
-    for opts in post:
+    for n, opts in enumerate(post, start=1):
+        t0 = time.time()
         ph = make_phantom(opts)
         truth = np.asarray(ph.labels.array).astype(np.uint8)
         pred = np.asarray(segment(ph.ct, model, hu_refinement=not args.network_only).array)
@@ -217,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
                     v, v_truth, v_pred = ph, truth, pred
                 for e in _errors(opts, v.ct, v_truth, v_pred):
                     ablation.setdefault((e.seed, e.muscle), {})[tag] = e.error_pct
+        # A case takes minutes (--ablate: three more segmentations): say so on stderr as each ends.
+        print(f"case {n} of {len(post)} (seed {opts.seed}) done in {time.time() - t0:.0f} s",
+              file=sys.stderr, flush=True)
     print(f"{model.info.name} {model.info.version}"
           f"{' (network only)' if args.network_only else ''}: atrophied muscles, operated side")
     print(f"{'seed':>5} {'muscle':24} {'truth cm³':>10} {'measured':>9} {'error':>7}")
