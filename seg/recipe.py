@@ -40,6 +40,7 @@ LR = 1e-3  # AdamW peak learning rate from scratch (the campaign's later legs, w
 # Training choices (seg.train.TrainConfig, ``dicomnode train``): crop centres, targets.
 Crop = Literal["foreground", "classes"]
 Targets = Literal["partial_volume", "nearest"]
+Loss = Literal["dicece", "dicefocal"]  # seg.loss
 # Shares of post-operative training phantoms a plan can have (seg.train.phantom_plan: a post-operative
 # place in every four, or two, or three)
 POSTOP_SHARES = (0.25, 0.5, 0.75)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ from seg import labels as L
 from seg import recipe
 from seg.dataset import case_source, dataset_cases, load_case
 from seg.hu_refine import HURefinement
+from seg.loss import LossFn, build_loss, loss_class_weights
 from seg.mar import as_configured
 from seg.metal_proximity import METAL_HU
 from seg.model import (
@@ -35,7 +35,7 @@ from seg.package import Architecture, InferenceOptions, ModelPackageError
 from seg.phantom.options import PHANTOM_VERSION, PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
 from seg.preprocess_config import ImageResampling, MetalArtefactReduction, PreprocessConfig
-from seg.recipe import POSTOP_SHARES, Crop, Device, Precision, Targets
+from seg.recipe import POSTOP_SHARES, Crop, Device, Loss, Precision, Targets
 from seg.streaks import Streaks, add_to_windowed, draw_streaks, streak_field
 from seg.volume import Volume
 
@@ -43,9 +43,6 @@ if TYPE_CHECKING:
     from seg.phantom import Phantom
 
 log = logging.getLogger(__name__)
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> loss
-
 
 @pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(validate_assignment=True))
 class TrainConfig:
@@ -116,26 +113,12 @@ class TrainConfig:
     # Loss weight of named classes (both the Dice and the cross-entropy term), 1 for every other one:
     # the small hip muscles beside the implant are where post-operative volumes still err.
     class_weights: dict[str, float] = field(default_factory=dict)
+    # "dicece": soft Dice + cross-entropy (every shipped leg); "dicefocal": the cross-entropy term
+    # replaced by the softmax focal loss, which lets hard voxels carry more of the gradient (seg.loss).
+    loss: Loss = "dicece"
 
     def __post_init__(self) -> None:
         loss_class_weights(self.class_weights)  # a misspelt class or a weight <= 0 stops the run here
-
-
-def loss_class_weights(named: dict[str, float]) -> torch.Tensor | None:
-    """One weight per class in label order for :class:`monai.losses.DiceCELoss` (None: all 1);
-    an unknown class name or a weight that is not a positive finite number raises ValueError."""
-    for name, w in named.items():
-        if name not in L.LABEL_OF:
-            near = L.closest_name(name)
-            raise ValueError(f"unknown class {name!r}" + (f" (did you mean {near!r}?)" if near else ""))
-        if not (w > 0 and np.isfinite(w)):
-            raise ValueError(f"the loss weight of {name} must be positive and finite, not {w}")
-    if not named:
-        return None
-    weights = torch.ones(L.NUM_CLASSES)
-    for name, w in named.items():
-        weights[L.LABEL_OF[name]] = w
-    return weights
 
 
 # ---------------------------------------------------------------- data
@@ -253,8 +236,8 @@ def metal_voxels(ct: Volume, affine: np.ndarray, shape: tuple[int, ...]) -> np.n
     idx = np.argwhere(ct.array > METAL_HU)
     if not len(idx):
         return np.zeros((0, 3), np.int16)
-    ras = ct.ras_affine() @ np.c_[idx, np.ones(len(idx))].T
-    vox = np.rint((np.linalg.inv(affine) @ ras)[:3].T).astype(np.int64)
+    m = np.linalg.inv(affine) @ ct.ras_affine()  # CT index -> model-grid index
+    vox = np.rint(idx @ m[:3, :3].T + m[:3, 3]).astype(np.int64)
     inside = np.all((vox >= 0) & (vox < np.array(shape[:3])), axis=1)
     return np.unique(vox[inside], axis=0).astype(np.int16)
 
@@ -718,22 +701,19 @@ class _Run:
     device: torch.device
     net: torch.nn.Module
     opt: torch.optim.Optimizer
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss_fn: LossFn
     bf16: bool  # forward pass under bf16 autocast
 
 
 def _setup(cfg: TrainConfig) -> _Run:
-    """Device, network (drawn from the torch seed), AdamW and the Dice + cross-entropy loss."""
-    from monai.losses import DiceCELoss
-
+    """Device, network (drawn from the torch seed), AdamW and the configured loss."""
     device = resolve_device(cfg.device)
     net = build_network(Architecture(args=cfg.arch)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bf16 = training_uses_bf16(cfg.precision, device)
     log.info("training precision: %s", "bf16 autocast" if bf16 else "fp32")
-    weight = loss_class_weights(cfg.class_weights)
-    loss_fn = DiceCELoss(to_onehot_y=cfg.targets != "partial_volume", softmax=True, include_background=True,
-                         batch=cfg.dice_batch, weight=None if weight is None else weight.to(device))
+    loss_fn = build_loss(cfg.loss, one_hot_labels=cfg.targets != "partial_volume", dice_batch=cfg.dice_batch,
+                         class_weights=cfg.class_weights, device=device)
     return _Run(device=device, net=net, opt=opt, loss_fn=loss_fn, bf16=bf16)
 
 

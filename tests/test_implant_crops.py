@@ -76,8 +76,8 @@ def test_the_cache_holds_the_metal_and_needs_it(tmp_path: Path) -> None:
     assert not _is_cached(paths, fractions=False)
 
 
-def _planner(prob: float, seed: int = 3) -> CropPlanner:
-    p = CropPlanner(ROI, 0.85, True, np.random.default_rng(seed), implant_prob=prob)
+def _planner(prob: float) -> CropPlanner:
+    p = CropPlanner(ROI, 0.85, True, np.random.default_rng(3), implant_prob=prob)
     p.add((60, 60, 60), {0: np.array([[10, 10, 10]])}, True, metal=np.array([[45, 45, 45]]))
     p.add((60, 60, 60), {0: np.array([[10, 10, 10]])}, False)  # no metal: never an implant crop
     return p

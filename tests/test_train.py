@@ -211,7 +211,8 @@ def test_class_weights_reach_the_loss_and_a_misspelt_class_is_refused() -> None:
 
     from dicomnode.cli import app
     from seg.labels import LABEL_OF
-    from seg.train import _setup, loss_class_weights
+    from seg.loss import loss_class_weights
+    from seg.train import _setup
 
     weighted, other = LABEL_OF["obturator_externus"], LABEL_OF["sartorius"]
     truth = torch.zeros(1, 30, 30, 2, 2)

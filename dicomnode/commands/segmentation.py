@@ -505,9 +505,14 @@ def train(
                                              "package asks inference for the same.")
     ] = "none",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps.")] = 20,
+    loss: Annotated[
+        recipe.Loss, typer.Option(metavar="<name>", help="'dicece' (soft Dice + cross-entropy) or "
+                               "'dicefocal' (soft Dice + softmax focal loss, gamma 2: voxels the "
+                               "network already gets right count less).")
+    ] = "dicece",
     class_weight: Annotated[
-        list[str] | None, typer.Option(metavar="NAME=W", help="Loss weight of one class (Dice and "
-                                       "cross-entropy; repeat the option for more; every other class 1), "
+        list[str] | None, typer.Option(metavar="NAME=W", help="Loss weight of one class (both "
+                                       "loss terms; repeat the option for more; every other class 1), "
                                        "e.g. obturator_externus=3.")
     ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
@@ -528,7 +533,8 @@ def train(
                            "nothing, write nothing (exit 2 if a case would stop training).")
     ] = False,
 ) -> None:
-    """Train a MONAI UNETR (paper preprocessing, DiceCE) and write a model package.
+    """Train a MONAI UNETR (paper preprocessing, Dice + cross-entropy or focal loss) and write a model
+    package.
 
     The defaults are the recipe that trained the shipped demo model (seg/recipe.py): give
     --phantoms N (or --data DIR) and --out DIR. Check a site dataset first with --data DIR --check.
@@ -595,6 +601,7 @@ def train(
         precision=precision,
         init_from=str(init_from) if init_from else None,
         class_weights=class_weights,
+        loss=loss,
     )
     _check_run_folders(cfg, resume)
     _show_progress()
@@ -610,7 +617,7 @@ def train(
 def _class_weights(items: list[str]) -> dict[str, float]:
     """``--class-weight NAME=W`` values as a mapping, checked as training checks it (known class
     names, positive finite weights), so a typo is a usage error before anything is rendered."""
-    from seg.train import loss_class_weights
+    from seg.loss import loss_class_weights
 
     out: dict[str, float] = {}
     for item in items:
