@@ -64,7 +64,8 @@ def test_a_leg_exports_as_a_package(gpu_leg, tmp_path: Path) -> None:
     gpu_leg.save_split(base.network.state_dict(), leg, "best", torch.float32)
     assert len(list(leg.glob("best_*.safetensors"))) > 1  # chunks under the device tool's file limit
     args = {"batch": 16, "lr": 5e-4, "warmup": 150, "decay_start": 0.4, "postop_weight": 2.0,
-            "val_phantoms": 4, "extra": 8, "extra_start": 2000, "workers": 14, "seed": 0, "mar": "li"}
+            "val_phantoms": 4, "extra": 8, "extra_start": 2000, "workers": 14, "seed": 0, "mar": "li",
+            "loss": "dicefocal"}
     meta = {"args": args, "hardware": "NVIDIA H200, test", "torch": "2.11.0", "step": 120,
             "train_wall_s": 30.0, "best": 0.9, "best_step": 100, "val": None,
             "history": [{"step": 100, "elapsed_s": 25.0, "val_mean_dice_muscles": 0.9}],
@@ -80,6 +81,7 @@ def test_a_leg_exports_as_a_package(gpu_leg, tmp_path: Path) -> None:
                                            "init_from": str(DEMO_DIR), "name": "leg 99 (H200)",
                                            "history": meta["history"]}
     assert prov["trained_on"]["train_seeds"] == [1000, 2000] and prov["config"]["batch_size"] == 16
+    assert prov["config"]["loss"] == "dicefocal"
     assert pkg.preprocess.metal_artefact_reduction == "li"  # trained on corrected CTs: inference too
     for k, v in base.network.state_dict().items():
         assert torch.equal(pkg.network.state_dict()[k], v), k
