@@ -217,6 +217,10 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
 
 
 def main() -> int:
+    from typing import get_args
+
+    from seg.recipe import Loss
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="leg output folder (with --export-from: the package)")
     ap.add_argument("--export-from", help="write the package of this leg folder to --out, no training")
@@ -232,7 +236,7 @@ def main() -> int:
     ap.add_argument("--postop-weight", type=float, default=2.0)
     ap.add_argument("--streak-prob", type=float, default=0.0,
                     help="share of crops with metal streaks drawn over them (seg.streaks)")
-    ap.add_argument("--loss", default="dicece", choices=("dicece", "dicefocal"),
+    ap.add_argument("--loss", default="dicece", choices=get_args(Loss),
                     help="as dicomnode train --loss (seg.loss)")
     ap.add_argument("--mar", default="none", choices=("none", "li"),
                     help="metal artefact reduction of every phantom CT (seg.mar), as the package asks")

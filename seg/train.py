@@ -110,7 +110,7 @@ class TrainConfig:
     precision: Precision = "auto"
     # warm start from a model package's weights (same architecture and spacing), e.g. the shipped demo
     init_from: str | None = None
-    # Loss weight of named classes (both the Dice and the cross-entropy term), 1 for every other one:
+    # Loss weight of named classes (both terms of the loss), 1 for every other one:
     # the small hip muscles beside the implant are where post-operative volumes still err.
     class_weights: dict[str, float] = field(default_factory=dict)
     # "dicece": soft Dice + cross-entropy (every shipped leg); "dicefocal": the cross-entropy term
