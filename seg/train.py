@@ -774,8 +774,19 @@ def _validate_and_checkpoint(run: _Run, state: dict, run_loss: list[float], val_
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) training; export the best checkpoint as a package to ``cfg.out``."""
+    """Run (or resume) training; export the best checkpoint as a package to ``cfg.out``.
+
+    The run uses ``cfg.threads`` torch threads; the caller's thread count is put back afterwards
+    (a process that trains and then segments would otherwise segment on the training's count)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, resume, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     ckdir = Path(cfg.checkpoint_dir)
     last = ckdir / "last.pt"

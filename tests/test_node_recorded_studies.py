@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from node_pipeline import threshold_labels
 from peers import node_factory, pacs, requires_dcmtk, storescu  # noqa: F401 - fixtures
+from stand_in_model import use_label_function
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
@@ -27,7 +28,6 @@ from reporting.summary import SUMMARY_SERIES_NUMBER, key_images_size, render_pag
 from seg.io import load_dicom_series
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
 from seg.records import ChangeRecord, VolumeRecord
-from seg.volume import Volume
 
 pytestmark = requires_dcmtk
 
@@ -53,10 +53,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, s
 @pytest.fixture
 def threshold_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """The offline run's model stand-in: the node's test pipeline's label map."""
-    def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
-        return threshold_labels(ct)
-
-    monkeypatch.setattr("seg.infer.segment", segment)
+    use_label_function(monkeypatch, threshold_labels)
 
 
 def _node(node_factory: Any, pacs: Any) -> Any:  # noqa: F811

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from stand_in_model import use_label_function
 from test_reporting_seg import dciodvfy_errors
 from typer.testing import CliRunner
 
@@ -47,11 +48,8 @@ def truth_model(series, monkeypatch):
     """The model stand-in: each series' true label map."""
     from seg.io import load_nifti
 
-    def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
-        lab = load_nifti(series[str(ct.header.series_instance_uid)] / "truth" / "labels.nii.gz")
-        return ct.with_array(np.asarray(lab.array, dtype=np.uint8))
-
-    monkeypatch.setattr("seg.infer.segment", segment)
+    use_label_function(monkeypatch, lambda ct: load_nifti(
+        series[str(ct.header.series_instance_uid)] / "truth" / "labels.nii.gz"))
 
 
 def _config(tmp_path: Path) -> Path:

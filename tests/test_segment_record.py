@@ -13,9 +13,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
+from stand_in_model import use_label_function
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
@@ -23,7 +23,6 @@ from dicomnode.config import load_settings
 from dicomnode.processing.pipeline import JobInput, _without_build_times, run_pipeline
 from dicomnode.processing.sources import SOURCE_FILE
 from seg.phantom import PhantomOptions, make_phantom, write_phantom
-from seg.volume import Volume
 
 REGISTRY = ("patient_id,sex,fracture_type,fractured_side,surgery_date\n"
             "REC1,F,FNF,left,20240301\n")
@@ -50,12 +49,8 @@ def truth_model(studies, monkeypatch):
     from seg.io import load_nifti
 
     by_uid = {uid: folder for uid, folder in studies.values()}
-
-    def segment(ct: Volume, model: object, progress: bool = False, precision: str | None = None) -> Volume:
-        lab = load_nifti(by_uid[str(ct.header.series_instance_uid)] / "truth" / "labels.nii.gz")
-        return ct.with_array(np.asarray(lab.array, dtype=np.uint8))
-
-    monkeypatch.setattr("seg.infer.segment", segment)
+    use_label_function(monkeypatch, lambda ct: load_nifti(
+        by_uid[str(ct.header.series_instance_uid)] / "truth" / "labels.nii.gz"))
 
 
 def _node(tmp_path: Path, name: str, key: bytes) -> Path:

@@ -37,7 +37,13 @@ def _cfg(tmp: Path, steps: int) -> TrainConfig:
 
 @pytest.mark.slow
 def test_short_training_run_exports_and_resumes(tmp_path: Path) -> None:
-    pkg_dir = train(_cfg(tmp_path, 3), progress=False)
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pkg_dir = train(_cfg(tmp_path, 3), progress=False)  # on 1 thread
+        assert torch.get_num_threads() == 2  # the caller's count is back (later tests segment on it)
+    finally:
+        torch.set_num_threads(callers_threads)
     pkg = load_model(pkg_dir, device="cpu")
     prov = pkg.meta.provenance
     assert prov["steps"] in (2, 3) and prov["trained_on"]["train_seeds"] == [70000, 70001]
