@@ -852,16 +852,31 @@ def _bench():
     return mod
 
 
+@pytest.fixture(scope="module")
+def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`benchmarks/cohort.py --storage DIR --spacing 5` run once for the tests below: its module,
+    the storage it kept, the node settings it recorded with and its run (labels kept)."""
+    bench = _bench()
+    kept: dict = {"bench": bench, "storage": tmp_path_factory.mktemp("cohort") / "storage"}
+    run_cohort = bench.run_cohort
+
+    def run_keeping_labels(settings: Settings, work_dir: Path, spacing_mm: float = 5.0) -> dict:
+        kept["settings"] = settings
+        kept["run"] = run_cohort(settings, work_dir, spacing_mm=spacing_mm, keep_labels=True)
+        return kept["run"]
+
+    bench.run_cohort = run_keeping_labels  # this module object is the fixture's own (_bench)
+    t0 = time.perf_counter()
+    assert bench.main(["--storage", str(kept["storage"]), "--spacing", "5"]) == 0
+    kept["elapsed_s"] = time.perf_counter() - t0
+    return kept
+
+
 @pytest.mark.slow
-def test_synthetic_cohort_pairs_and_changes_equal_truth(settings: Settings, tmp_path: Path) -> None:
-    pytest.importorskip("seg.phantom")
-    pytest.importorskip("seg.measure")
+def test_synthetic_cohort_pairs_and_changes_equal_truth(synthetic_cohort: dict, tmp_path: Path) -> None:
     from reporting.cohort.report import build_cohort, write_report
 
-    bench = _bench()
-    t0 = time.perf_counter()
-    run = bench.run_cohort(settings, tmp_path / "work", spacing_mm=5.0, keep_labels=True)
-    elapsed = time.perf_counter() - t0
+    run, settings = synthetic_cohort["run"], synthetic_cohort["settings"]
     results = run["results"]
     assert len(results) == 18
     for pid, r in results.items():
@@ -920,7 +935,8 @@ def test_synthetic_cohort_pairs_and_changes_equal_truth(settings: Settings, tmp_
         assert report.table2.loc["Max", ("Raw (cm³)", g)] == pytest.approx(np.max(truth), abs=0.01)
     written = write_report(report, tmp_path / "report")
     assert written["html"].stat().st_size > 50_000
-    print(f"synthetic cohort: 36 phantoms measured and paired in {elapsed:.1f} s")
+    print(f"synthetic cohort: 36 phantoms measured, paired and reported in "
+          f"{synthetic_cohort['elapsed_s']:.1f} s")
 
 
 def test_concurrent_workers_keep_one_consistent_timeline(settings: Settings) -> None:
@@ -951,13 +967,12 @@ def test_concurrent_workers_keep_one_consistent_timeline(settings: Settings) -> 
         assert db.one("SELECT COUNT(*) FROM pairing_changes")[0] == 1 + 2 * 6
 
 
-def test_synthetic_cohort_kept_for_the_command_line(tmp_path: Path, monkeypatch) -> None:
+def test_synthetic_cohort_kept_for_the_command_line(synthetic_cohort: dict, tmp_path: Path,
+                                                    monkeypatch) -> None:
     """`benchmarks/cohort.py --storage DIR` keeps the node's index, registry and results, so a
     researcher can query the cohort with `dicomnode report cohort` as the docs show; a folder that
     already holds something is refused rather than mixed."""
-    bench = _bench()
-    storage = tmp_path / "cohort-storage"
-    assert bench.main(["--storage", str(storage), "--spacing", "8"]) == 0
+    bench, storage = synthetic_cohort["bench"], synthetic_cohort["storage"]
     monkeypatch.setenv("DICOMNODE_STORAGE_DIR", str(storage))
     res = CliRunner().invoke(app, ["report", "cohort", "--out", str(tmp_path / "report"),
                                    "--bootstrap", "20"])
