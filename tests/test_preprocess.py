@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 
@@ -20,9 +23,15 @@ DEMO = PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0))
 MUSCLES = [L.LABEL_OF[m] for m in L.ANALYSED_MUSCLES]
 
 
-def _ph(spacing, position="HFS", order="ascending", seed=11):
+@functools.cache
+def _rendered(spacing, position, order, seed):
     return make_phantom(PhantomOptions(seed=seed, spacing_mm=spacing, position=position, slice_order=order,
                                        z_range_mm=(-50.0, 40.0)))
+
+
+def _ph(spacing, position="HFS", order="ascending", seed=11):
+    """A phantom rendered once per set of options (rendering is deterministic); each test its own copy."""
+    return copy.deepcopy(_rendered(tuple(spacing), position, order, seed))
 
 
 def test_window_and_gamma_values() -> None:
