@@ -41,7 +41,8 @@ class Ct:
 
 @dataclass
 class Site:
-    """The PACS and the node of one test, and what the test reads back from the node's index."""
+    """The PACS and the node the tests share (each test has a patient of its own), and what a test
+    reads back from the node's index, by its patient or its series."""
 
     orthanc: OrthancServer
     node: NodeProcess
@@ -53,7 +54,7 @@ class Site:
 
         ph = make_phantom(PhantomOptions(seed=5, spacing_mm=(4.0, 4.0, 5.0), z_range_mm=(-60.0, 30.0),
                                          patient_id=pid, study_date=date, study_time=time, **options))
-        folder = Path(write_phantom(ph, self.tmp / "phantoms" / name)) / "dicom"
+        folder = Path(write_phantom(ph, self.tmp / "phantoms" / pid / name)) / "dicom"
         self.orthanc.upload_folder(folder)
         return Ct(str(ph.header.study_instance_uid), str(ph.header.series_instance_uid), folder)
 
@@ -102,11 +103,13 @@ class Site:
         return wait_for(answered, 30, what="the PACS's answer to every prior retrieval")
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """Orthanc (no routing script: the test routes) and ``dicomnode serve`` pointed at each other, with
     the registry's surgery date and fractured side (left) for the patients of these tests (CHAIN-5
-    is not in the registry: no surgery date)."""
+    is not in the registry: no surgery date). One pair for the module: every test waits until its
+    own jobs are done and its retrievals answered, so none leaves work for the next."""
+    tmp_path = tmp_path_factory.mktemp("surgery_day")
     pacs_port = free_port()
     node = NodeProcess(tmp_path / "node", pipeline="node_pipeline:measure", output={"summary": False},
                        pacs={"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
