@@ -50,7 +50,7 @@ def phantom_windows() -> torch.Tensor:
     from seg.preprocess import to_model_grid
 
     pkg = load_model(None, device="cpu")
-    ph = make_phantom(PhantomOptions(seed=7, spacing_mm=(1.5, 1.5, 3.0), z_range_mm=(-150.0, 60.0)))
+    ph = make_phantom(PhantomOptions(seed=7, spacing_mm=(3.0, 3.0, 3.0), z_range_mm=(-150.0, 60.0)))
     img = to_model_grid(ph.ct, pkg.preprocess).image
     r = pkg.roi_size[0]
     img = np.pad(img, [(0, max(0, r - s)) for s in img.shape])
