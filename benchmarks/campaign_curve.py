@@ -104,7 +104,7 @@ def plot(legs: list[Leg], out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.6, 3.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(9.0, 4.0), dpi=100)
     offset = 0
     for leg, marker in zip(legs, itertools.cycle("osd^vP*X"), strict=False):
         if leg.points:
@@ -116,10 +116,10 @@ def plot(legs: list[Leg], out: Path):
            ylabel="validation mean muscle Dice", ylim=(0, 1),
            title="Demo model campaign (2 CPU cores, unless a leg names a GPU)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
-    fig.tight_layout()
+    # below the axes: with twenty-odd legs a legend inside covers the curves and the title
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     return fig
 
 
