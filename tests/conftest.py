@@ -11,6 +11,12 @@ from dicomnode.config import Settings
 from dicomnode.db import Database
 from dicomnode.harness import node as harness_node
 from dicomnode.harness.net import free_port
+from dicomnode.network.reactor_handshake import guard_reactor_handshake
+
+# The tests' own pynetdicom senders (AE() made here, not through application_entity) keep their
+# answers too: without it a busy machine sometimes failed a test at its DIMSE timeout
+# (dicomnode/network/reactor_handshake.py).
+guard_reactor_handshake()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,7 +1,9 @@
 """Guard on the library internals the node patches, and the node with its pynetdicom tuning off.
 
-Why: dicomnode/network/scp.py (security bounds, always on) and
-dicomnode/network/pynetdicom_tuning.py (throughput, switchable) replace or wrap private pynetdicom code.
+Why: dicomnode/network/scp.py (security bounds, always on),
+dicomnode/network/pynetdicom_tuning.py (throughput, switchable) and
+dicomnode/network/reactor_handshake.py (a lost-answer race, always on) replace or wrap private
+pynetdicom code.
 A pynetdicom release that renames, re-signs or
 restructures any of it must fail here, loudly and by name, not at a hospital. Each check names what
 relies on it; widen PATCHED_PYNETDICOM / TUNED_PYNETDICOM only after re-reading that code.
@@ -122,6 +124,30 @@ def test_idle_abort_internals(assoc: Association) -> None:
     assert Association(AE(), mode="requestor").is_acceptor is False
     assert isinstance(inspect.getattr_static(Association, "network_timeout"), property)
     assert isinstance(evt.EVT_ABORTED, evt.NotificationEvent)
+
+
+def test_reactor_handshake_internals() -> None:
+    """reactor_handshake.ReactorCheckpoint replaces ``Association._reactor_checkpoint`` (a
+    threading.Event made in ``__init__``): the reactor marks itself paused, waits on it, marks
+    itself running and only then reads the DIMSE queue; every ``send_*`` and ``release`` clears it
+    and spins until the reactor says paused; serving a request marks it paused (a handler may
+    send); on its network timeout the reactor may release the association itself."""
+    assoc = Association(AE(), mode="requestor")
+    assert isinstance(assoc._reactor_checkpoint, threading.Event) and assoc._reactor_checkpoint.is_set()
+    assert "self._reactor_checkpoint: threading.Event = threading.Event()" in source(Association.__init__)
+    reactor = source(Association._run_reactor)
+    paused = reactor.index("self._is_paused = True\n")
+    waited = reactor.index("self._reactor_checkpoint.wait()\n", paused)
+    running = reactor.index("self._is_paused = False\n", waited)
+    assert running < reactor.index("self.dimse.get_msg(block=False)", running)
+    end = reactor.index('if self.network_timeout_response == "A-RELEASE":')
+    assert reactor.index("self._reactor_checkpoint.wait()", end) < reactor.index("self.release()", end)
+    for method in (Association.send_c_store, Association.send_c_echo, Association.release):
+        text = source(method)
+        assert "self._reactor_checkpoint.clear()\n" in text, method.__name__
+        assert text.index("self._reactor_checkpoint.clear()") < text.index("while not self._is_paused:")
+    serve = source(Association._serve_request)
+    assert serve.index("self._is_paused = True") < serve.index("service_class.SCP(msg, context)")
 
 
 def test_tuning_internals_time_and_poll_ticks(assoc: Association) -> None:

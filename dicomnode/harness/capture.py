@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dicomnode.harness.net import free_port
+from dicomnode.network.reactor_handshake import application_entity
 
 
 class CapturingSCP:
@@ -48,10 +49,10 @@ class CapturingSCP:
         self._server: Any = None
 
     def start(self) -> CapturingSCP:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom import AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        ae = AE(self.ae_title)
+        ae = application_entity(self.ae_title)
         ae.require_called_aet = self._require_called_aet
         if self._network_timeout is not None:
             ae.network_timeout = self._network_timeout

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dicomnode.network.reactor_handshake import application_entity
+
 
 def nodelay(assoc: Any) -> None:
     """Switch Nagle off on an established pynetdicom association.
@@ -26,10 +28,9 @@ def echo(host: str, port: int, aet: str, calling: str = "DEMO", patience: float 
 
     A refused association is tried again for ``patience`` s (a peer's slots may still be ending).
     """
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    ae = AE(calling)
+    ae = application_entity(calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
     ae.add_requested_context(Verification)
     deadline = time.monotonic() + patience
@@ -59,11 +60,10 @@ def send_series(folder: Path, port: int, called_aet: str, calling_aet: str = "CT
     """
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
     files = sorted(Path(folder).glob("*.dcm"))
-    ae = AE(calling_aet)
+    ae = application_entity(calling_aet)
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(host, port, ae_title=called_aet)
     if not assoc.is_established:
@@ -92,9 +92,9 @@ def store_statuses(port: int, items: list[Any], *, aet: str = "PYSCU", called: s
     """
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE, _config
+    from pynetdicom import _config
 
-    ae = AE(ae_title=aet)
+    ae = application_entity(aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     pairs: set[tuple[str, str]] = set()
     for item in items:

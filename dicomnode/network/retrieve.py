@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
 
 from dicomnode.clinical import admission
 from dicomnode.config import Settings
+from dicomnode.network.reactor_handshake import application_entity
 from dicomnode.network.tls import client_tls_args
 from seg.dates import da_date, tm_time
 
@@ -69,7 +70,7 @@ class RetrieveOutcome:
 
 
 def _ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.ae_title)
+    ae = application_entity(settings.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = _TIMEOUT_S
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)

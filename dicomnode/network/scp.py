@@ -61,7 +61,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
@@ -69,6 +69,7 @@ from pynetdicom.sop_class import Verification, uid_to_service_class
 from dicomnode.config import MB, Settings
 from dicomnode.logs import error_text, event
 from dicomnode.network.pynetdicom_tuning import attach_waiters, tune_pynetdicom
+from dicomnode.network.reactor_handshake import application_entity
 from dicomnode.network.sop import CT_CLASSES
 from dicomnode.network.status import (
     CANNOT_UNDERSTAND,
@@ -525,7 +526,7 @@ class StorageSCP:
                       for aet, hosts in settings.calling_aet_hosts.items()}
         harden_pynetdicom()  # always: the listener faces the network
         self.tuned = settings.pynetdicom_tuning and tune_pynetdicom()
-        ae = AE(ae_title=settings.ae_title)
+        ae = application_entity(settings.ae_title)
         ae.maximum_pdu_size = MAX_PDU
         # max_associations is enforced in _on_requested, counting only admitted associations; pynetdicom's
         # own count (every acceptor thread alive, pending and closing ones too) is a loose backstop

@@ -35,6 +35,7 @@ from typing import Any
 from dicomnode.config import Settings
 from dicomnode.db import Database, now
 from dicomnode.logs import event
+from dicomnode.network.reactor_handshake import application_entity
 from dicomnode.network.tls import client_tls_args
 from dicomnode.processing import jobs, outbox
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
@@ -47,9 +48,8 @@ SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 def _ae(settings: Settings) -> Any:
-    from pynetdicom import AE
 
-    ae = AE(ae_title=settings.ae_title)
+    ae = application_entity(settings.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.send.timeout_seconds
     ae.connection_timeout = min(settings.send.timeout_seconds, 10.0)
     return ae
