@@ -136,3 +136,20 @@ def test_free_port_hands_out_no_port_twice_before_it_is_bound():
 
     ports = [free_port() for _ in range(256)]
     assert len(set(ports)) == len(ports)
+
+
+def test_parallel_test_workers_hand_out_disjoint_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under pytest-xdist each worker (and what it starts) takes its own share of the ports, so two
+    workers never hand one port to two servers (split by pairs: bind(0) hands out odd ports)."""
+    from dicomnode.harness import net
+
+    shares = []
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+        monkeypatch.setattr(net, "_HANDED_OUT", net.deque(maxlen=256))
+        shares.append({net.free_port() for _ in range(64)})
+    assert not shares[0] & shares[1]
+    assert {p // 2 % 2 for p in shares[0]} == {0} and {p // 2 % 2 for p in shares[1]} == {1}
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert net._port_share() == (0, 1)

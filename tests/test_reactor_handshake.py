@@ -4,7 +4,7 @@ The race needs two threads descheduled at the wrong moments (two busy cores do t
 the reactor right after its checkpoint wait returned, and the sender between sending its request
 and reading the answer. Here both moments are stretched on purpose (50 and 150 ms), so plain
 pynetdicom loses an answer in nearly every C-STORE, and the fix is shown to keep every answer under
-the same stretches. The peer is a pynetdicom Storage SCP in this process.
+the same stretches. The peer is the harness's pynetdicom Storage SCP, in this process.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from dicomnode.harness.net import free_port
+from dicomnode.harness.capture import CapturingSCP
 from dicomnode.network.reactor_handshake import ReactorCheckpoint, application_entity, guard_reactor_handshake
 from tests.series_factory import CT_IMAGE, write_ct_series
 
@@ -47,14 +46,9 @@ class _StretchedFixed(ReactorCheckpoint):
 
 @pytest.fixture(scope="module")
 def store_scp() -> Iterator[int]:
-    """A pynetdicom Storage SCP that answers Success at once (its port)."""
-    ae = AE(ae_title="STORESCP")
-    ae.add_supported_context(CT_IMAGE, ExplicitVRLittleEndian)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
-    yield port
-    server.shutdown()
+    """The harness's pynetdicom Storage SCP, answering Success at once, keeping nothing (its port)."""
+    with CapturingSCP("STORESCP", keep=False) as scp:
+        yield scp.port
 
 
 @pytest.fixture(scope="module")
@@ -123,25 +117,18 @@ def test_the_fixed_checkpoint_keeps_every_answer_under_the_same_stretch(
     assert _answered(assoc, instances) == [True] * len(instances)
 
 
-def test_the_reactor_can_still_send_its_own_release() -> None:
+def test_the_reactor_can_still_send_its_own_release(store_scp: int) -> None:
     """pynetdicom's reactor releases the association itself when its network timeout expires (with
     ``network_timeout_response = "A-RELEASE"``): it clears the checkpoint and waits for its own pause,
     which the fixed checkpoint gives it instead of a spin for ever."""
-    ae = AE(ae_title="IDLESCP")
-    ae.add_supported_context(CT_IMAGE, ExplicitVRLittleEndian)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False)
-    try:
-        scu = application_entity("IDLESCU")
-        scu.network_timeout = 0.5
-        scu.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
-        assoc = scu.associate("127.0.0.1", port, ae_title="IDLESCP")
-        assert assoc.is_established
-        assoc.network_timeout_response = "A-RELEASE"
-        assoc.join(timeout=10)
-        assert not assoc.is_alive() and assoc.is_released
-    finally:
-        server.shutdown()
+    scu = application_entity("IDLESCU")
+    scu.network_timeout = 0.5
+    scu.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", store_scp, ae_title="STORESCP")
+    assert assoc.is_established
+    assoc.network_timeout_response = "A-RELEASE"
+    assoc.join(timeout=10)
+    assert not assoc.is_alive() and assoc.is_released
 
 
 def test_the_fix_applies_only_to_the_pynetdicom_it_was_written_for(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,16 +19,34 @@ _HANDED_OUT: deque[int] = deque(maxlen=256)  # ports this process was given late
 _HANDED_OUT_LOCK = threading.Lock()
 
 
+def _port_share() -> tuple[int, int]:
+    """(k, n): this process hands out only ports whose pair number (port // 2) is k modulo n.
+
+    Why: the memory of handed-out ports is per process, and pytest-xdist runs the tests in n worker
+    processes side by side, which could hand one port to two servers between "bind 0, close" and the
+    server's own bind. xdist names each worker in PYTEST_XDIST_WORKER ("gw0", "gw1", ...) beside
+    PYTEST_XDIST_WORKER_COUNT, and the nodes, Orthancs and demos a test starts inherit both. Pairs
+    rather than single ports: Linux hands bind(0) odd ports (even ones only when the odd run out), so
+    a split by parity would leave one worker none. (One share of one outside xdist.)
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1:
+        return int(worker[2:]) % int(count), int(count)
+    return 0, 1
+
+
 def free_port(avoid: Collection[int] = ()) -> int:
-    """A TCP port free on the loopback interface right now (the OS picks it), none of ``avoid`` and
-    none this process was handed lately: two calls before either server binds could otherwise get
-    the same port from the OS (a node then failed "Address already in use" beside its Orthanc)."""
+    """A TCP port free on the loopback interface right now (the OS picks it), none of ``avoid``,
+    none this process was handed lately (two calls before either server binds could otherwise get
+    the same port from the OS: a node once failed "Address already in use" beside its Orthanc), and
+    in this process's share when tests run in parallel workers (:func:`_port_share`)."""
+    share, shares = _port_share()
     with _HANDED_OUT_LOCK:
         while True:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            if port not in avoid and port not in _HANDED_OUT:
+            if (port // 2) % shares == share and port not in avoid and port not in _HANDED_OUT:
                 _HANDED_OUT.append(port)
                 return port
 
