@@ -17,7 +17,7 @@ demo: setup
 	$(VENV)/bin/dicomnode demo
 
 # Two pytest workers (pytest-xdist), each module on one worker so its shared fixtures (an Orthanc, a
-# segmented patient, a browser) are made once: 25 min in one process on the 2-core VM, 20 in two.
+# segmented patient, a browser) are made once: 25 min in one process on the 2-core VM, 14 in two.
 # TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 test: setup
