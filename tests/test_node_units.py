@@ -316,6 +316,31 @@ def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path
     assert writers == ["parent"] and fallback.read_bytes() == path.read_bytes()
 
 
+def test_a_hung_background_write_says_where_it_hung_and_the_parent_writes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A child still running at the deadline is asked for its stack, killed, and the parent writes
+    the file; the warning names the child's innermost frame (what a hang on a lock shows)."""
+    import os
+    import time
+
+    from dicomnode.processing.forkwrite import BackgroundWrite
+
+    parent = os.getpid()
+
+    def waits_for_a_lock_for_ever(path: Path) -> Path:
+        if os.getpid() != parent:
+            time.sleep(600)
+        path.write_text("written")
+        return path
+
+    target = tmp_path / "out.txt"
+    t0 = time.monotonic()
+    assert BackgroundWrite(lambda: waits_for_a_lock_for_ever(target), target).wait(deadline_s=0.5) == target
+    assert target.read_text() == "written" and time.monotonic() - t0 < 5
+    warning = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert len(warning) == 1 and "in waits_for_a_lock_for_ever" in warning[0], warning
+
+
 def test_a_rebuilt_output_must_equal_the_one_handed_on_but_for_build_times(tmp_path: Path) -> None:
     """A re-run keeps a SEG an earlier attempt handed to the sender; its rebuild may differ only in the
     times of building, never in content (a UID must never name two contents)."""
