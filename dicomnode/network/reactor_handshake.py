@@ -9,17 +9,18 @@ queue. When the sender clears the checkpoint just after the reactor's wait retur
 still sees ``_is_paused`` true, sends, and the reactor, once it runs again, takes the answer off
 the queue ("Received unexpected C-STORE service message"). The sender then waits for the DIMSE
 timeout and aborts the association. On an idle machine the window is a few instructions; on two
-busy cores the reactor thread is often descheduled inside it (measured here: a demo's C-STORE to
-Orthanc and a node's refusal under the disk check were both lost, 2 of 3 full test runs with two
-workers).
+busy cores the reactor thread is often descheduled inside it (seen here: a demo's C-STORE to
+Orthanc and a node's refusal under the disk check were lost, in 2 of 2 full test runs with two
+workers before the fix).
 
 The fix: the checkpoint's ``wait`` (called only by the reactor) returns only when the checkpoint is
 still set *after* the reactor has marked itself running again; if a sender cleared it in between,
 the reactor marks itself paused again and goes back to waiting, before it reads the queue. A sender
 that saw ``_is_paused`` true has therefore either a reactor blocked in ``wait`` or one that will
 check the cleared checkpoint before touching the queue. Written against pynetdicom 3.0.x
-(``tests/test_library_guard.py`` checks the reactor and ``send_c_store`` code it relies on and
-reproduces the loss without the fix); the upstream change is proposed in ``docs/upstream.md`` §14.
+(``tests/test_library_guard.py`` checks the reactor and ``send_*`` code it relies on;
+``tests/test_reactor_handshake.py`` reproduces the loss without the fix); the upstream change is
+proposed in ``docs/upstream.md`` §14.
 """
 
 from __future__ import annotations

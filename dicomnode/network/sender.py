@@ -48,7 +48,6 @@ SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 def _ae(settings: Settings) -> Any:
-
     ae = application_entity(settings.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.send.timeout_seconds
     ae.connection_timeout = min(settings.send.timeout_seconds, 10.0)
