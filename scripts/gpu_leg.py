@@ -152,6 +152,14 @@ def interleave(a: list, b: list) -> list:
     return out
 
 
+def steps_between_validations(history: list[dict]) -> int:
+    """The leg validates by wall time (--val-every-s); the package's record (TrainConfig.val_every)
+    counts steps: the median number of steps between two validations."""
+    steps = [int(h["step"]) for h in history]
+    gaps = np.diff(steps) if len(steps) > 1 else np.asarray(steps[:1])
+    return max(1, int(np.median(gaps))) if len(gaps) else 1
+
+
 def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = None) -> Path:
     """Write the package of a GPU leg's best checkpoint with ``seg.train.export`` (on any machine).
 
@@ -189,7 +197,8 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
         streak_prob=a.get("streak_prob", 0.0), metal_artefact_reduction=a.get("mar", "none"),
         arch=dict(base.meta.architecture.args), spacing_mm=SPACING, batch_size=a["batch"],
         steps=meta["step"], max_minutes=round(meta["train_wall_s"] / 60, 2), lr=a["lr"],
-        warmup_steps=a["warmup"], decay_start=a["decay_start"], val_every=0, threads=a["workers"],
+        warmup_steps=a["warmup"], decay_start=a["decay_start"],
+        val_every=steps_between_validations(meta["history"]), threads=a["workers"],
         name=base.meta.name, version=version, demo=base.meta.demo, seed=a["seed"],
         device="cuda", init_from=init, loss=a.get("loss", "dicece"),
     )

@@ -8,6 +8,7 @@ and a site that runs ``dicomnode train --phantoms N --out DIR`` gets the recipe 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -44,6 +45,47 @@ Loss = Literal["dicece", "dicefocal"]  # seg.loss
 # Shares of post-operative training phantoms a plan can have (seg.train.phantom_plan: a post-operative
 # place in every four, or two, or three)
 POSTOP_SHARES = (0.25, 0.5, 0.75)
+POSTOP_SHARES_TEXT = ", ".join(f"{v:g}" for v in POSTOP_SHARES[:-1]) + f" or {POSTOP_SHARES[-1]:g}"
+
+
+# Numeric training settings are checked when a run is configured (seg.train.TrainConfig), so that a
+# negative learning rate, a share of 1.5 or a batch of 0 is a usage error, not a silent or late failure.
+def _postop_share(value: float) -> float:
+    if value not in POSTOP_SHARES:
+        raise ValueError(f"must be {POSTOP_SHARES_TEXT}")
+    return value
+
+
+def _share(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return value
+
+
+def _positive(value: float) -> float:
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError("must be positive and finite")
+    return value
+
+
+def _not_negative(value: float) -> float:
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError("must be zero or more")
+    return value
+
+
+def _at_least_one(value: int) -> int:
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+PostopShare = Annotated[float, AfterValidator(_postop_share)]
+Share = Annotated[float, AfterValidator(_share)]  # a probability, or a fraction of the run
+Positive = Annotated[float, AfterValidator(_positive)]
+NotNegative = Annotated[float, AfterValidator(_not_negative)]
+Count = Annotated[int, AfterValidator(_at_least_one)]
+NotNegativeCount = Annotated[int, AfterValidator(_not_negative)]
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -35,7 +35,20 @@ from seg.package import Architecture, InferenceOptions, ModelPackageError
 from seg.phantom.options import PHANTOM_VERSION, PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
 from seg.preprocess_config import ImageResampling, MetalArtefactReduction, PreprocessConfig
-from seg.recipe import POSTOP_SHARES, Crop, Device, Loss, Precision, Targets
+from seg.recipe import (
+    POSTOP_SHARES,
+    Count,
+    Crop,
+    Device,
+    Loss,
+    NotNegative,
+    NotNegativeCount,
+    Positive,
+    PostopShare,
+    Precision,
+    Share,
+    Targets,
+)
 from seg.streaks import Streaks, add_to_windowed, draw_streaks, streak_field
 from seg.volume import Volume
 
@@ -53,21 +66,21 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints/run"
     cache_dir: str | None = None  # default: <checkpoint_dir>/cache
     data: str | None = None  # dataset folder (site CTs); None = phantoms
-    phantoms: int = 0
+    phantoms: NotNegativeCount = 0
     seed_start: int = 1000
-    val_phantoms: int = 1  # post-operative first (validation_plan)
-    postop_share: float = 0.25  # of the training phantoms (phantom_plan)
+    val_phantoms: NotNegativeCount = 1  # post-operative first (validation_plan)
+    postop_share: PostopShare = 0.25  # of the training phantoms (phantom_plan)
     # How much more often a crop comes from a post-operative training phantom than from another one
     # (1: every case equally often). Post-operative thighs (implant streaks, atrophy, fat) are where
     # the network errs most; more of them per step, without new data.
-    postop_weight: float = 1.0
+    postop_weight: Positive = 1.0
     # Share of crops that get metal streaks drawn over them (seg.streaks; 0: none, the old stream).
-    streak_prob: float = 0.0
+    streak_prob: Share = 0.0
     # Share of the crops from a case with metal that centre on its metal (0: none, the old stream).
     # Post-operative errors live where the implant's streaks cross small hip muscles (docs/models.md,
     # postop_errors --ablate); a foreground crop covers them only now and then.
-    implant_crop_prob: float = 0.0
-    cache_workers: int = 1  # processes that render and cache phantoms before the first step
+    implant_crop_prob: Share = 0.0
+    cache_workers: Count = 1  # processes that render and cache phantoms before the first step
     phantom_z_range_mm: tuple[float, float] | None = None  # small phantoms for tests
     arch: dict = field(default_factory=lambda: dict(recipe.DEMO_UNETR))
     spacing_mm: tuple[float, float, float] = (recipe.SPACING_MM,) * 3
@@ -77,17 +90,17 @@ class TrainConfig:
     # Metal artefact reduction of every CT before the model grid (seg.mar): "li" trains on corrected
     # CTs, and the package then asks inference for the same.
     metal_artefact_reduction: MetalArtefactReduction = "none"
-    batch_size: int = recipe.BATCH_SIZE
-    steps: int = 1000
-    max_minutes: float | None = None
-    lr: float = recipe.LR
-    weight_decay: float = 1e-5
-    warmup_steps: int = 20
+    batch_size: Count = recipe.BATCH_SIZE
+    steps: NotNegativeCount = 1000  # 0: the warm start exported as it is (tests)
+    max_minutes: Positive | None = None
+    lr: Positive = recipe.LR
+    weight_decay: NotNegative = 1e-5
+    warmup_steps: NotNegativeCount = 20
     # Linear decay to 5 % over the last (1 - decay_start) of the run (by wall time when max_minutes is set).
-    decay_start: float = 0.7
+    decay_start: Share = 0.7
     # Dice over the whole batch: classes absent from one crop do not push every prediction to zero.
     dice_batch: bool = True
-    fg_crop_prob: float = 0.85
+    fg_crop_prob: Share = 0.85
     # "foreground": crops centred on any labelled voxel (large muscles dominate);
     # "classes": a structure drawn uniformly first, then one of its voxels (as MONAI's
     # RandCropByLabelClasses with equal ratios), so every structure is seen every few steps.
@@ -97,9 +110,9 @@ class TrainConfig:
     # 0.92 CT-grid Dice and -3 % volume, docs/models.md); "nearest": one label per voxel.
     targets: Targets = "partial_volume"
     flip_x: bool = True
-    val_every: int = 100
-    checkpoint_minutes: float = 5.0
-    threads: int = 2
+    val_every: Count = 100
+    checkpoint_minutes: Positive = 5.0
+    threads: Count = 2
     name: str = "thigh-unetr-site"
     version: str = "0.1.0"
     demo: bool = False

@@ -82,6 +82,9 @@ def test_a_leg_exports_as_a_package(gpu_leg, tmp_path: Path) -> None:
                                            "history": meta["history"]}
     assert prov["trained_on"]["train_seeds"] == [1000, 2000] and prov["config"]["batch_size"] == 16
     assert prov["config"]["loss"] == "dicefocal"
+    # the leg validates by wall time; the record counts the steps between validations
+    assert prov["config"]["val_every"] == 100
+    assert gpu_leg.steps_between_validations([{"step": s} for s in (100, 180, 260, 300)]) == 80
     assert pkg.preprocess.metal_artefact_reduction == "li"  # trained on corrected CTs: inference too
     for k, v in base.network.state_dict().items():
         assert torch.equal(pkg.network.state_dict()[k], v), k

@@ -349,6 +349,31 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "--streak-prob must be between 0 and 1" in refused.output
 
 
+def test_numeric_training_settings_are_checked_when_configured() -> None:
+    """A share outside 0..1, a count below 1 or a learning rate that is not a positive finite number
+    is refused by TrainConfig itself (so scripts/gpu_leg.py and the command line get one rule), and
+    the command line names each option it refuses, before anything is rendered."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    for field, value in (("lr", 0.0), ("lr", float("inf")), ("batch_size", 0), ("decay_start", 1.5),
+                         ("implant_crop_prob", -0.1), ("postop_weight", float("nan")), ("threads", 0),
+                         ("max_minutes", -5.0), ("warmup_steps", -1), ("postop_share", 0.3)):
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(**{field: value})
+        cfg = TrainConfig()
+        with pytest.raises(ValueError, match=field):
+            setattr(cfg, field, value)
+    assert TrainConfig(decay_start=1.0, warmup_steps=0, max_minutes=None).decay_start == 1.0
+    result = CliRunner().invoke(app, ["train", "--phantoms", "1", "--out", "x", "--batch-size", "0",
+                                      "--lr", "-1e-3", "--checkpoints", "/nonexistent/never-made"])
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, said
+    assert "--batch-size must be at least 1; --lr must be positive and finite" in said
+    assert not Path("/nonexistent/never-made").exists()
+
+
 def test_site_dataset_trains_with_label_maps_in_any_voxel_order(tmp_path: Path) -> None:
     """`dicomnode train --data`: a case folder of DICOM and a label map that another tool saved in
     another voxel order trains on the same targets as one saved in the CT's order; a label map on

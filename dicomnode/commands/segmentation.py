@@ -417,7 +417,6 @@ def segment(
     typer.echo(volumes_table(rec))
 
 
-_POSTOP_SHARES = ", ".join(f"{v:g}" for v in recipe.POSTOP_SHARES[:-1]) + f" or {recipe.POSTOP_SHARES[-1]:g}"
 
 
 def train(
@@ -437,7 +436,7 @@ def train(
         typer.Option(help="Extra phantoms (next seeds) for validation, post-operative first."),
     ] = 1,
     postop_share: Annotated[
-        float, typer.Option(help=f"Share of post-operative training phantoms: {_POSTOP_SHARES}.")
+        float, typer.Option(help=f"Share of post-operative training phantoms: {recipe.POSTOP_SHARES_TEXT}.")
     ] = 0.25,
     postop_weight: Annotated[
         float, typer.Option(help="How much more often crops come from post-operative phantoms (1: as often).")
@@ -540,33 +539,17 @@ def train(
     --phantoms N (or --data DIR) and --out DIR. Check a site dataset first with --data DIR --check.
     """
     from seg.dataset import DatasetError
-    from seg.train import InitFromError, TrainConfig
+    from seg.train import InitFromError
     from seg.train import train as run_train
 
     case_source(data, phantoms)
     zr = z_range_option(z_range)
-    if postop_share not in recipe.POSTOP_SHARES:
-        raise typer.BadParameter(f"--postop-share must be {_POSTOP_SHARES}")
-    if postop_weight <= 0:
-        raise typer.BadParameter("--postop-weight must be positive")
-    if not 0.0 <= streak_prob <= 1.0:
-        raise typer.BadParameter("--streak-prob must be between 0 and 1")
-    if not 0.0 <= implant_crop_prob <= 1.0:
-        raise typer.BadParameter("--implant-crop-prob must be between 0 and 1")
     if roi % 16:
         raise typer.BadParameter("--roi must be a multiple of the patch size 16")
-    if cache_workers < 1:
-        raise typer.BadParameter("--cache-workers must be at least 1")
     class_weights = _class_weights(class_weight or [])
-    if check:
-        _check_dataset(data, progress)
-        return
-    if out is None:
-        raise typer.BadParameter("give the model package folder to write", param_hint="--out")
     arch = {**recipe.DEMO_UNETR, "img_size": [roi] * 3, "feature_size": feature_size,
             "hidden_size": hidden_size, "mlp_dim": mlp_dim, "num_heads": num_heads}
-    cfg = TrainConfig(
-        out=str(out),
+    cfg = _train_config(
         checkpoint_dir=str(checkpoints),
         data=str(data) if data else None,
         phantoms=phantoms,
@@ -602,7 +585,13 @@ def train(
         init_from=str(init_from) if init_from else None,
         class_weights=class_weights,
         loss=loss,
+        **({"out": str(out)} if out is not None else {}),
     )
+    if check:
+        _check_dataset(data, progress)
+        return
+    if out is None:
+        raise typer.BadParameter("give the model package folder to write", param_hint="--out")
     _check_run_folders(cfg, resume)
     _show_progress()
     try:
@@ -612,6 +601,30 @@ def train(
     except InitFromError as exc:  # found before anything is cached
         raise typer.BadParameter(str(exc), param_hint="--init-from") from exc
     Console(stderr=True).print(f"model package written to {path}")
+
+
+# TrainConfig fields whose option is not the field's name with dashes
+_TRAIN_OPTIONS = {"checkpoint_dir": "--checkpoints", "metal_artefact_reduction": "--mar",
+                  "spacing_mm": "--spacing", "phantom_z_range_mm": "--z-range",
+                  "class_weights": "--class-weight"}
+
+
+def _train_config(**settings: object) -> TrainConfig:
+    """The run's TrainConfig; a value it refuses (a share above 1, a batch of 0, a negative learning
+    rate) is a usage error that names the option, before anything is rendered or trained."""
+    import pydantic
+
+    from seg.train import TrainConfig
+
+    try:
+        return TrainConfig(**settings)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            option = _TRAIN_OPTIONS.get(field, "--" + field.replace("_", "-"))
+            problems.append(f"{option} {err['msg'].removeprefix('Value error, ')}")
+        raise typer.BadParameter("; ".join(problems)) from None
 
 
 def _class_weights(items: list[str]) -> dict[str, float]:
