@@ -24,14 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder to write the new package to")
     ap.add_argument("--version", required=True, help="version of the new package, e.g. 0.9.3")
     args = ap.parse_args(argv)
-    if len(args.packages) < 2:
-        ap.error("give at least two packages to average")
     from seg.average import average_packages
     from seg.package import ModelPackageError
 
     try:
         out = average_packages(args.packages, args.out, version=args.version)
-    except ModelPackageError as e:
+    except (ModelPackageError, ValueError) as e:  # unlike packages; fewer than two
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"averaged package written to {out}")
