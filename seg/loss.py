@@ -42,21 +42,32 @@ def loss_class_weights(named: dict[str, float]) -> torch.Tensor | None:
 
 
 class DiceFocal(torch.nn.Module):
-    """Soft Dice (softmax) + softmax focal loss summed over classes, averaged over voxels."""
+    """Soft Dice (softmax) + softmax focal loss summed over classes, averaged over voxels.
+
+    One log-softmax serves both terms (MONAI's DiceLoss and FocalLoss would each take their own
+    softmax of the logits, and FocalLoss one-hot encodes the labels again); the value equals theirs
+    (``tests/test_loss.py``)."""
 
     def __init__(self, *, one_hot_labels: bool, dice_batch: bool, weight: torch.Tensor | None,
                  gamma: float = FOCAL_GAMMA) -> None:
-        from monai.losses import DiceLoss, FocalLoss
+        from monai.losses import DiceLoss
 
         super().__init__()
-        self.dice = DiceLoss(to_onehot_y=one_hot_labels, softmax=True, include_background=True,
-                             batch=dice_batch, weight=weight)
-        self.focal = FocalLoss(to_onehot_y=one_hot_labels, use_softmax=True, include_background=True,
-                               gamma=gamma, weight=weight)
+        self.dice = DiceLoss(include_background=True, batch=dice_batch, weight=weight)  # on probabilities
+        self.one_hot_labels, self.gamma, self.weight = one_hot_labels, gamma, weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # FocalLoss averages over classes too; times the class count it is a sum over classes.
-        return self.dice(logits, target) + self.focal(logits, target) * logits.shape[1]
+        from monai.networks.utils import one_hot
+
+        log_p = torch.log_softmax(logits.float(), 1)
+        p = log_p.exp()
+        if self.one_hot_labels:
+            target = one_hot(target, num_classes=logits.shape[1])
+        target = target.float()
+        per_class = (1.0 - p).pow(self.gamma) * log_p * target
+        if self.weight is not None:
+            per_class = per_class * self.weight.view(1, -1, *[1] * (logits.ndim - 2))
+        return self.dice(p, target) - per_class.sum(1).mean()
 
 
 def build_loss(name: Loss, *, one_hot_labels: bool, dice_batch: bool,

@@ -35,6 +35,23 @@ def test_dicefocal_at_gamma_zero_is_dicece_in_scale_and_value() -> None:
             assert float(focal0(logits, target)) == pytest.approx(float(dicece(logits, target)), rel=1e-5)
 
 
+def test_dicefocal_equals_monais_dice_and_softmax_focal_terms() -> None:
+    """One shared log-softmax gives the value of MONAI's DiceLoss plus its softmax FocalLoss summed
+    over classes (gamma 2), for class fractions and label maps, with class weights."""
+    from monai.losses import DiceLoss, FocalLoss
+
+    logits, fractions, labels = _case()
+    weight = torch.ones(CLASSES)
+    weight[7] = 3.0
+    for target, one_hot in ((fractions, False), (labels, True)):
+        for w in (None, weight):
+            dice = DiceLoss(to_onehot_y=one_hot, softmax=True, batch=True, weight=w)
+            focal = FocalLoss(to_onehot_y=one_hot, use_softmax=True, gamma=2.0, weight=w)
+            want = float(dice(logits, target) + focal(logits, target) * CLASSES)
+            got = DiceFocal(one_hot_labels=one_hot, dice_batch=True, weight=w)(logits, target)
+            assert float(got) == pytest.approx(want, rel=1e-5)
+
+
 def test_dicefocal_lets_hard_voxels_carry_the_gradient() -> None:
     """Against cross-entropy, the focal term all but ignores voxels already right with confidence and
     keeps nearly all of a badly wrong voxel's cost."""
@@ -47,8 +64,9 @@ def test_dicefocal_lets_hard_voxels_carry_the_gradient() -> None:
     def voxel_term(name: str, logits: torch.Tensor) -> float:
         loss = build_loss(name, one_hot_labels=True, dice_batch=True, class_weights={},
                           device=torch.device("cpu"))
-        dice_only = build_loss("dicefocal", one_hot_labels=True, dice_batch=True, class_weights={},
-                               device=torch.device("cpu")).dice
+        from monai.losses import DiceLoss
+
+        dice_only = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
         return float(loss(logits, labels) - dice_only(logits, labels))
 
     assert voxel_term("dicefocal", right) < 1e-3 * voxel_term("dicece", right)
@@ -70,7 +88,7 @@ def test_the_loss_is_chosen_by_config_and_a_misspelt_one_is_refused() -> None:
     focal = _setup(TrainConfig(arch=arch, device="cpu", precision="fp32", loss="dicefocal",
                                class_weights={"femur": 2.0})).loss_fn
     assert isinstance(focal, DiceFocal)
-    assert focal.focal.class_weight[LABEL_OF["femur"]] == 2.0
+    assert focal.weight[LABEL_OF["femur"]] == 2.0 and focal.dice.class_weight[LABEL_OF["femur"]] == 2.0
     default = TrainConfig(arch=arch, device="cpu", precision="fp32")
     assert default.loss == "dicece" and not isinstance(_setup(default).loss_fn, DiceFocal)
     with pytest.raises(ValueError, match="dicefocal"):
