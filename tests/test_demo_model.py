@@ -45,19 +45,25 @@ def test_demo_package_is_small_and_marked() -> None:
 
 
 @pytest.fixture(scope="module")
-def network_labels(phantom):
-    """The network's own labels of the phantom (no HU refinement)."""
-    from seg.infer import segment
-
-    return segment(phantom.ct, load_model(device="cpu"), hu_refinement=False)
+def demo():
+    """The shipped package, loaded once for the module's tests."""
+    return load_model(device="cpu")
 
 
 @pytest.fixture(scope="module")
-def segmented(phantom):
+def network(phantom, demo):
+    """One network pass over the phantom, with the background probability the refinement reads."""
+    from seg.infer import network_pass
+
+    return network_pass(phantom.ct, demo, background=True)
+
+
+@pytest.fixture(scope="module")
+def segmented(phantom, demo):
     """``segment`` as the node calls it: the network's labels, HU-refined as the package asks."""
     from seg.infer import segment
 
-    return segment(phantom.ct, load_model(device="cpu"))
+    return segment(phantom.ct, demo)
 
 
 @pytest.mark.slow
@@ -70,25 +76,16 @@ def test_demo_model_segments_fresh_phantom(phantom, segmented) -> None:
 
 
 @pytest.mark.slow
-def test_demo_model_refines_its_edges_by_hu(phantom, network_labels, segmented) -> None:
+def test_demo_model_refines_its_edges_by_hu(phantom, demo, network, segmented) -> None:
     """The demo package asks for the HU refinement, segment() applies it to the network's labels, and
     it is worth something on a fresh phantom (held-out: +0.04 mean muscle Dice, docs/models.md)."""
     from seg.hu_refine import refine_labels
-    from seg.infer import predict_probabilities, resample_prediction
-    from seg.preprocess import to_model_grid
 
-    pkg = load_model(device="cpu")
-    rule = pkg.inference.hu_refinement
-    assert rule is not None
-    bg = None
-    if rule.reads_background:  # the claim and cut gates read the network's probabilities
-        mg = to_model_grid(phantom.ct, pkg.preprocess)
-        probs = predict_probabilities(pkg, mg.image)
-        back = resample_prediction(probs, mg.affine, phantom.ct, background=True)
-        np.testing.assert_array_equal(back.labels, np.asarray(network_labels.array))
-        bg = back.background
-    refined = refine_labels(phantom.ct.array, np.asarray(network_labels.array), phantom.ct.spacing_mm, rule,
-                            background=bg)
+    rule = demo.inference.hu_refinement
+    assert rule is not None and rule.reads_background  # the claim and cut gates read the network
+    network_labels = network.labels(None)
+    refined = refine_labels(network.ct.array, np.asarray(network_labels.array), phantom.ct.spacing_mm, rule,
+                            background=network.prediction.background)
     np.testing.assert_array_equal(np.asarray(segmented.array), refined)
     before = evaluate_case(network_labels, phantom.labels, hd95=False).mean_dice_muscles
     after = evaluate_case(phantom.ct.with_array(refined), phantom.labels, hd95=False).mean_dice_muscles
@@ -105,7 +102,8 @@ def test_segment_command_writes_labels_and_volumes(phantom, tmp_path: Path) -> N
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     rec = VolumeRecord.load(out / "volumes.json")
-    assert rec.model.demo is True and rec.model.name == load_model().info.name
+    shipped = json.loads((DEMO_DIR / "model.json").read_text())
+    assert rec.model.demo is True and rec.model.name == shipped["name"]
     assert (out / "labels.nii.gz").exists() and (out / "volumes.csv").exists()
     assert rec.height_m == pytest.approx(phantom.height_m, abs=0.01)
     assert sum(s.volume_cm3 for s in rec.structures) > 100.0
