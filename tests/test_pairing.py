@@ -726,6 +726,7 @@ def test_patients_list_shows_the_height_and_sex_pairing_uses(
     table = CliRunner().invoke(app, ["patients", "list"], env={"COLUMNS": "80"})
     lines = table.output.splitlines()
     assert max(len(line) for line in lines) <= 80
+    assert all(line == line.rstrip() for line in lines), lines  # no padding after a row's last value
     assert "IssuerOfPatientID DICOMNODE-PHANTOM-ISSUER" in lines
     assert any(line.startswith("P7 ") and "1.71 m" in line and "PatientSize" in line for line in lines)
     assert any(line.startswith("P8 *") for line in lines) and lines[-1].startswith("* not in the registry")

@@ -22,6 +22,9 @@ from seg.dates import display_date
 from seg.terminal import COLUMNS
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
     from dicomnode.clinical.pairing import PatientRow, RefreshCounts
     from dicomnode.config import Settings
 
@@ -183,11 +186,19 @@ def _print_patients(rows: list[PatientRow]) -> None:
     for issuer, table in tables:
         if issuer:
             console.print(f"IssuerOfPatientID {issuer}", markup=False, highlight=False)
-        console.print(table)
+        _print_trimmed(console, table)
     if not all(r.in_registry for r in rows):
         console.print("* not in the registry: height and sex from the DICOM header", highlight=False)
     for line in _id_notes(rows):
         console.print(line, markup=False, highlight=False)
+
+
+def _print_trimmed(console: Console, table: Table) -> None:
+    """The table without the spaces Rich pads each row with to the table's width, so that a line
+    ends with its last value (``patients list | grep ' 2$'`` or a diff sees no padding)."""
+    with console.capture() as captured:
+        _print_trimmed(console, table)
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
 LOOK_ALIKE_MARK = "≈"  # possibly the same patient as another ID
