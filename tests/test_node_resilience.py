@@ -78,8 +78,8 @@ def test_pacs_down_then_up_and_never_up_then_retry(tmp_path: Path) -> None:
         failed = node.wait_job(never.series_uid, ("failed", "done", "rejected"), timeout=30)
         assert failed["state"] == "failed"
         assert failed["reason"] == (f"send to PACS@127.0.0.1:{pacs_port} failed after 5 attempts: "
-                                    f"no association with PACS@127.0.0.1:{pacs_port}: no connection, or "
-                                    "dropped (host or port wrong, the PACS down, or a firewall)")
+                                    f"no association with PACS@127.0.0.1:{pacs_port}: no connection "
+                                    "(host or port wrong, the PACS down, or a firewall)")
 
         later = write_ct_series(tmp_path / "b", name="later", n=8, size=16)
         assert storescu(node.port, later.files).returncode == 0

@@ -332,4 +332,64 @@ def test_echo_says_why_there_is_no_association(tmp_path) -> None:  # noqa: ANN00
     finally:
         pacs.stop()
     ok, why = echo(Settings(storage_dir=tmp_path, pacs={"host": "127.0.0.1", "port": pacs.port}))
-    assert not ok and "no connection, or dropped" in why
+    assert not ok and "no connection (host or port wrong, the PACS down, or a firewall)" in why
+
+
+class _NotAPacs:
+    """A TCP server on 127.0.0.1 that takes every connection and then ``closes`` it, ``hangs`` (never
+    answers) or ``aborts`` (an A-ABORT PDU for the association request)."""
+
+    def __init__(self, mode: str) -> None:
+        import socket
+
+        self.mode, self.held = mode, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            if self.mode == "closes":
+                conn.close()
+            elif self.mode == "aborts":
+                conn.recv(65536)
+                conn.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-ABORT-RQ, service-user
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize(("mode", "said"), [
+    ("closes", "the PACS closed the connection without an answer"),
+    ("hangs", "connected, but the PACS did not answer the association request within 1 s"),
+    ("aborts", "the PACS aborted the association request: does it accept the node (THIGHNODE)"),
+])
+def test_a_pacs_that_connects_but_gives_no_association_is_told_apart(tmp_path, mode: str, said: str) -> None:  # noqa: ANN001
+    """A connection that opens and then closes, hangs or is aborted said "no connection, or dropped
+    (host or port wrong, ...)" as a closed port does, and the prior retrieval said only "no
+    association": the administrator looked at the firewall for a PACS that was up. Each case now
+    has its own reason, in the echo, the send and the retrieval alike."""
+    from dicomnode.network.pacs_association import NoAssociation
+    from dicomnode.network.retrieve import find_studies
+    from dicomnode.network.sender import echo, send_files
+
+    peer = _NotAPacs(mode)
+    try:
+        settings = Settings(storage_dir=tmp_path, ae_title="THIGHNODE", send={"timeout_seconds": 1.0},
+                            pacs={"host": "127.0.0.1", "port": peer.port})
+        ok, why = echo(settings)
+        assert not ok and said in why, why
+        out = write_ct_series(tmp_path / "ct", n=1, size=8).files[0]
+        assert said in (send_files(settings, [out])[out] or ""), mode
+        if mode != "hangs":  # the retrieval's own timeout is longer; its reason is the same function's
+            with pytest.raises(NoAssociation, match=said.split(":")[0]):
+                find_studies(settings, "P1")
+    finally:
+        peer.close()

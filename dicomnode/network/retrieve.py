@@ -30,8 +30,8 @@ from pynetdicom.sop_class import (
 
 from dicomnode.clinical import admission
 from dicomnode.config import Settings
+from dicomnode.network.pacs_association import associate
 from dicomnode.network.reactor_handshake import application_entity
-from dicomnode.network.tls import client_tls_args
 from seg.dates import da_date, tm_time
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,7 @@ def _responses(settings: Settings, what: str, request: Callable[[Association], I
                done: tuple[int, ...] = (0x0000,)) -> Iterator[tuple[Dataset, Any]]:
     """Each (status, identifier) the PACS answers to one C-FIND or C-MOVE ``request``, over its own
     association; raises on a lost association or a status that is neither pending nor in ``done``."""
-    assoc = _ae(settings).associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
-                                    tls_args=client_tls_args(settings))
-    if not assoc.is_established:
-        raise ConnectionError(
-            f"no association with {settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}"
-        )
+    assoc = associate(_ae(settings), settings)  # NoAssociation (a ConnectionError) says why not
     try:
         for status, ident in request(assoc):
             if not status:

@@ -35,8 +35,8 @@ from typing import Any
 from dicomnode.config import Settings
 from dicomnode.db import Database, now
 from dicomnode.logs import event
+from dicomnode.network.pacs_association import NoAssociation, associate, pacs_peer
 from dicomnode.network.reactor_handshake import application_entity
-from dicomnode.network.tls import client_tls_args
 from dicomnode.processing import jobs, outbox
 from dicomnode.processing.jobs import JobState, Reason, ReasonCode
 from dicomnode.processing.outbox import OutboxState
@@ -54,41 +54,23 @@ def _ae(settings: Settings) -> Any:
     return ae
 
 
-def _peer(settings: Settings) -> str:
-    return f"{settings.pacs.ae_title}@{settings.pacs.host}:{settings.pacs.port}"
-
-
-def _why_not(assoc: Any, settings: Settings) -> str:
-    """Why an association was not established, in the admin's terms (the node's log has pynetdicom's)."""
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive  # the A-ASSOCIATE-RJ
-        reason = getattr(rsp, "reason_str", None) or "no reason given"
-        why = (f"rejected by the PACS ({reason}): does it know the node as {settings.ae_title}, and is "
-               f"{settings.pacs.ae_title} its own AE title?")
-    else:  # refused, dropped or never answered: pynetdicom tells these apart only in its log
-        why = "no connection, or dropped (host or port wrong, the PACS down, or a firewall)"
-    if settings.tls.enabled:
-        why += "; TLS is on ([tls] enabled): the PACS must speak DICOM TLS on this port"
-    return why
-
-
 def echo(settings: Settings) -> tuple[bool, str]:
     """C-ECHO the configured PACS; (ok, message)."""
     from pynetdicom.sop_class import Verification
 
     ae = _ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
-                         tls_args=client_tls_args(settings))
-    if not assoc.is_established:
-        return False, f"no association with {_peer(settings)}: {_why_not(assoc, settings)}"
+    try:
+        assoc = associate(ae, settings)
+    except NoAssociation as exc:
+        return False, str(exc)
     try:
         status = assoc.send_c_echo()
     finally:
         assoc.release()
     if status and status.Status == 0:
-        return True, f"C-ECHO {_peer(settings)}: success"
-    return False, f"C-ECHO {_peer(settings)}: status {getattr(status, 'Status', 'none')}"
+        return True, f"C-ECHO {pacs_peer(settings)}: success"
+    return False, f"C-ECHO {pacs_peer(settings)}: status {getattr(status, 'Status', 'none')}"
 
 
 def _streamable(assoc: Any, sop_class: str, syntax: str) -> bool:
@@ -140,16 +122,15 @@ def send_files(settings: Settings, paths: list[Path]) -> dict[Path, str | None]:
                 {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
-    assoc = ae.associate(settings.pacs.host, settings.pacs.port, ae_title=settings.pacs.ae_title,
-                         tls_args=client_tls_args(settings))
-    if not assoc.is_established:
-        error = f"no association with {_peer(settings)}: {_why_not(assoc, settings)}"
-        results.update({p: error for p in metas})
+    try:
+        assoc = associate(ae, settings)
+    except NoAssociation as exc:
+        results.update({p: str(exc) for p in metas})
         return results
     try:
         for path, meta in metas.items():
             if not assoc.is_established:
-                results[path] = f"association with {_peer(settings)} lost"
+                results[path] = f"association with {pacs_peer(settings)} lost"
                 continue
             try:
                 status = _store(assoc, path, meta)
@@ -160,9 +141,9 @@ def send_files(settings: Settings, paths: list[Path]) -> dict[Path, str | None]:
             if code in SUCCESS_STATUSES:
                 results[path] = None
             elif code is None:
-                results[path] = f"no C-STORE response from {_peer(settings)}"
+                results[path] = f"no C-STORE response from {pacs_peer(settings)}"
             else:
-                results[path] = f"C-STORE status 0x{int(code):04X} from {_peer(settings)}"
+                results[path] = f"C-STORE status 0x{int(code):04X} from {pacs_peer(settings)}"
     finally:
         if assoc.is_established:
             assoc.release()
@@ -306,9 +287,9 @@ class Sender:
                     " ORDER BY id LIMIT 1",
                     (job_id, OutboxState.FAILED.value),
                 ).fetchone()
-                reason = Reason(ReasonCode.SEND_FAILED,
-                                f"send to {_peer(self.settings)} failed after {error['attempts']} attempts: "
-                                f"{error['last_error']}")
+                peer = pacs_peer(self.settings)
+                reason = Reason(ReasonCode.SEND_FAILED, f"send to {peer} failed after {error['attempts']} "
+                                f"attempts: {error['last_error']}")
                 state = JobState.FAILED
             else:
                 state = JobState.DONE
