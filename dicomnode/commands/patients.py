@@ -197,7 +197,7 @@ def _print_trimmed(console: Console, table: Table) -> None:
     """The table without the spaces Rich pads each row with to the table's width, so that a line
     ends with its last value (``patients list | grep ' 2$'`` or a diff sees no padding)."""
     with console.capture() as captured:
-        _print_trimmed(console, table)
+        console.print(table)
     console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
