@@ -87,6 +87,10 @@ class Node:
             loops.append(("worker", self.worker.run))
         if self.settings.retention_days is not None:
             loops.append(("retention", self.retention.run))
+        if self.settings.pairing.retrieve_priors:  # a follow-up's baseline the PACS could not give yet
+            from dicomnode.clinical.prior_retries import PriorRequestRetries
+
+            loops.append(("prior-requests", PriorRequestRetries(self.settings).run))
         for name, target in loops:
             thread = threading.Thread(
                 target=target, args=(self.stop_event,), name=f"dicomnode-{name}", daemon=True

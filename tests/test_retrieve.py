@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -351,6 +352,133 @@ def test_pairing_asks_for_the_prior_and_pairs_it_when_it_arrives(orthanc, tmp_pa
         assert record(base_study, base_series, "20230105", 1.0) == []
         late = pairing.changes_for_earlier_series(settings, base_series)
         assert len(late) == 1 and late[0].structures[0].loss_pct == pytest.approx(20.0)
+
+
+def test_a_prior_the_pacs_could_not_give_is_asked_for_again_when_it_is_back(tmp_path: Path) -> None:
+    """The PACS was down when the follow-up was measured: the request was made once per follow-up,
+    so the baseline never came, though the job's sends were retried. Now the attempt is recorded as
+    failed, the node's retry loop asks again after the send backoff, and once the PACS is back the
+    baseline arrives; a request left "requested" by a stopped node is asked again at the next start,
+    one that has run out of attempts is not."""
+    import sqlite3
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from dicomnode.clinical import pairing
+    from dicomnode.clinical.prior_retries import PriorRequestRetries
+
+    if not have_orthanc():
+        pytest.skip("Orthanc not installed")
+    pid = "RETRIEVE-DOWN"
+    base_study, follow_study = generate_uid(), generate_uid()
+    base_series = _ct_series(tmp_path / "base", pid, "20230105", 8, base_study)
+    pacs = OrthancServer(tmp_path / "orthanc", lua_scripts=None, dicomweb=False)  # not started: down
+    settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE",
+                        send={"attempts": 30, "initial_backoff_seconds": 0.2, "max_backoff_seconds": 0.5})
+    settings.pacs.port = pacs.dicom_port
+    settings.selection.min_slices = 5
+
+    def statuses() -> list[tuple[str, str | None]]:
+        con = sqlite3.connect(settings.db_path)
+        try:
+            return con.execute("SELECT status, detail FROM pairing_retrievals WHERE study_instance_uid=?"
+                               " ORDER BY rowid", (follow_study,)).fetchall()
+        finally:
+            con.close()
+
+    out = tmp_path / "var" / "results" / "follow"
+    out.mkdir(parents=True)
+    sartorius = StructureVolume(label=1, name="sartorius", group="anterior", volume_cm3=160.0,
+                                left_cm3=80.0, right_cm3=80.0)
+    VolumeRecord(series_instance_uid="1.2.826.0.1.77", structures=(sartorius,)).save(out / "volumes.json")
+    pairing.record_result(settings, pairing.ResultRecord(
+        patient_id=pid, issuer_of_patient_id="", patient_sex="F", patient_size_m=None,
+        study_instance_uid=follow_study, study_date="20230610", study_time="090000",
+        series_instance_uid="1.2.826.0.1.77", volumes_json=out / "volumes.json",
+        seg_sop_instance_uid="1.2.826.0.1.77.9", sr_sop_instance_uid="1.2.826.0.1.77.8", result_dir=out))
+    wait_for(lambda: len(statuses()) >= 2, 30, what="the first attempt's outcome")
+    first = statuses()[1]
+    assert first[0] == "failed" and first[1] is not None
+    assert first[1].startswith("attempt 1 of 30: NoAssociation: no association with ")
+    assert "no connection" in first[1]
+    # once its backoff is over, the failed request is due, with one failed attempt
+    soon = datetime.now(UTC) + timedelta(seconds=60)
+    assert [(r.study_instance_uid, n) for r, n in pairing.due_prior_requests(settings, soon)] == [
+        (follow_study, 1)]
+
+    stop = threading.Event()
+    retries = PriorRequestRetries(settings)
+    loop = threading.Thread(target=retries.run, args=(stop,), daemon=True)
+    with CapturingSCP("THIGHNODE", pacs.node_port) as node:
+        loop.start()
+        try:
+            wait_for(lambda: len(statuses()) >= 4, 30, what="a retry while the PACS is down")
+            assert [s for s, _ in statuses()[1:]] == ["failed"] * (len(statuses()) - 1)
+            with pacs:
+                pacs.upload_folder(tmp_path / "base")
+                wait_for(lambda: len(node.received) >= 8, 60,
+                         what=f"the baseline once the PACS is back ({len(node.received)} instances)")
+                wait_for(lambda: statuses()[-1][0] == "retrieved", 30, what="the retrieval's outcome")
+        finally:
+            stop.set()
+            loop.join(10)
+        assert {ds.SeriesInstanceUID for ds in node.received} == {base_series}
+    failed = sum(s == "failed" for s, _ in statuses())
+    assert statuses()[-1][1] is not None and f"attempt {failed} of 30" in statuses()[-2][1]
+    # answered: nothing is due any more, at any time
+    assert pairing.due_prior_requests(settings, soon + timedelta(days=1)) == []
+
+
+def test_a_prior_request_out_of_attempts_or_answered_is_not_due(tmp_path: Path) -> None:
+    """The index decides what the retry loop asks: a failed request is due only once its backoff is
+    over and while attempts are left; a "requested" one only when it was left by an earlier run."""
+    from datetime import UTC, datetime, timedelta
+
+    from dicomnode.clinical import pairing
+    from dicomnode.clinical.prior_requests import RetrievalStatus
+
+    settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE",
+                        send={"attempts": 3, "initial_backoff_seconds": 10, "max_backoff_seconds": 15})
+    settings.pacs.port = free_port()  # nobody listens: every attempt fails
+    out = tmp_path / "var" / "results" / "f"
+    out.mkdir(parents=True)
+    VolumeRecord(series_instance_uid="1.2.826.0.2.1", structures=()).save(out / "volumes.json")
+    result = pairing.ResultRecord(
+        patient_id="P-DUE", issuer_of_patient_id="", patient_sex="M", patient_size_m=None,
+        study_instance_uid="1.2.826.0.2", study_date="20230610", study_time="090000",
+        series_instance_uid="1.2.826.0.2.1", volumes_json=out / "volumes.json",
+        seg_sop_instance_uid="1.2.826.0.2.1.9", sr_sop_instance_uid="1.2.826.0.2.1.8", result_dir=out)
+    pairing.record_result(settings, result)
+
+    def last() -> str:
+        with pairing.reading(settings) as con:
+            return con.execute("SELECT status FROM pairing_retrievals ORDER BY rowid DESC").fetchone()[0]
+
+    wait_for(lambda: last() == RetrievalStatus.FAILED, 30, what="the first attempt failing")
+    now = datetime.now(UTC)
+    assert pairing.due_prior_requests(settings, now) == []  # backoff: 10 s after attempt 1
+    assert pairing.due_prior_requests(settings, now, unanswered_before=now) == []  # failed, not requested
+    due = pairing.due_prior_requests(settings, now + timedelta(seconds=11))
+    assert [(r.study_instance_uid, r.before_date, n) for r, n in due] == [("1.2.826.0.2", "20230610", 1)]
+    from dicomnode.clinical.prior_requests import ask
+
+    assert ask(settings, due[0][0], failed_before=1) == RetrievalStatus.FAILED  # attempt 2: 20 s backoff
+    assert pairing.due_prior_requests(settings, datetime.now(UTC) + timedelta(seconds=12)) == []
+    assert len(pairing.due_prior_requests(settings, datetime.now(UTC) + timedelta(seconds=16))) == 1
+    assert ask(settings, due[0][0], failed_before=2) == RetrievalStatus.FAILED  # attempt 3 of 3: the last
+    assert pairing.due_prior_requests(settings, datetime.now(UTC) + timedelta(days=1)) == []
+    # another patient's request whose first attempt never recorded an outcome (its process stopped)
+    settings.pairing.retrieve_priors = False  # recorded without asking; the row is written by hand
+    pairing.record_result(settings, replace(result, patient_id="P-ORPHAN", study_instance_uid="1.2.826.0.3",
+                                            series_instance_uid="1.2.826.0.3.1"))
+    with pairing.writing(settings) as con:
+        con.execute("INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
+                    ("P-ORPHAN", "", "1.2.826.0.3", datetime.now(UTC).isoformat(), RetrievalStatus.REQUESTED,
+                     None))
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert pairing.due_prior_requests(settings, later) == []  # it may still be asking
+    orphans = pairing.due_prior_requests(settings, later, unanswered_before=later)
+    assert [(r.patient_id, n) for r, n in orphans] == [("P-ORPHAN", 0)]  # the node started after it
 
 
 def test_a_linked_patients_prior_is_asked_for_under_each_of_its_ids(orthanc, tmp_path: Path) -> None:

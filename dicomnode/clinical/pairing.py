@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -34,10 +33,10 @@ from shlex import quote
 from typing import Any
 
 from dicomnode.clinical import admission, aliases, registry, surgery_day
+from dicomnode.clinical.prior_requests import PriorRequest, RetrievalStatus, ask_in_background
 from dicomnode.clinical.surgery_day import Placement
 from dicomnode.config import Settings
 from dicomnode.db import opened
-from dicomnode.logs import error_text
 from seg.dates import display_date, tm_time
 from seg.records import (
     NOT_COMPARED,
@@ -67,15 +66,6 @@ class Role(StrEnum):
     PREOPERATIVE = "pre-operative"  # an earlier pre-operative study than the baseline
     SUPERSEDED = "superseded"  # a later series of the same study represents it
     UNPLACED = "unplaced"  # no StudyDate, or on the surgery day without metal QA: never compared
-
-
-class RetrievalStatus(StrEnum):
-    """A prior retrieval's rows in the index: asked for, then what the PACS gave (stored as its value)."""
-
-    REQUESTED = "requested"
-    RETRIEVED = "retrieved"  # an earlier study was moved to the node
-    NONE = "none"  # the PACS holds no usable earlier study
-    FAILED = "failed"  # the PACS could not be asked (unreachable, refused)
 
 
 @dataclass
@@ -437,7 +427,7 @@ def record_result(settings: Settings, result: ResultRecord) -> list[ChangeRecord
     return mine
 
 
-def needs_prior(plan: Plan, result: ResultRecord) -> bool:
+def needs_prior(plan: Plan, result: ResultRecord | Study) -> bool:
     """Whether this new result is a follow-up without a baseline in the node (then the PACS is asked).
 
     With a surgery date (the plan's): a post-operative study (after the surgery day, or on it with an implant)
@@ -486,15 +476,26 @@ def _surgery_day_qa(studies: list[Study], surgery_date: str | None) -> dict[str,
     return out
 
 
+def _plan(settings: Settings, studies: list[Study], res: registry.Resolved) -> Plan:
+    """The timeline of a patient's ``studies`` with its resolved facts ``res``."""
+    qa = _surgery_day_qa(studies, res.surgery_date)
+    return plan_timeline(studies, res.surgery_date, res.fractured_side, qa,
+                         admission_window_days=settings.pairing.admission_window_days)
+
+
+def _plan_of(settings: Settings, con: sqlite3.Connection, pid: str, issuer: str) -> Plan:
+    """The timeline of patient ``pid`` (its primary ID) as the index holds it, written nowhere."""
+    studies, _ = _studies(con, pid, issuer)
+    return _plan(settings, studies, _resolve(_registry_row(settings, con, pid, issuer), studies))
+
+
 def _refresh_patient(
     settings: Settings, con: sqlite3.Connection, pid: str, issuer: str
 ) -> tuple[list[ChangeRecord], Plan]:
     """Recompute roles, reasons and every comparison of one patient (the table mirrors the timeline)."""
     studies, superseded = _studies(con, pid, issuer)
     res = _resolve(_registry_row(settings, con, pid, issuer), studies)
-    qa = _surgery_day_qa(studies, res.surgery_date)
-    plan = plan_timeline(studies, res.surgery_date, res.fractured_side, qa,
-                         admission_window_days=settings.pairing.admission_window_days)
+    plan = _plan(settings, studies, res)
     changes = [
         _change(a, b, kind, pid, res, plan.baseline_preoperative,
                 plan.reasons[b.series_instance_uid]
@@ -873,9 +874,9 @@ def cohort_entries(settings: Settings, followup: Followup = Followup.LAST) -> li
 
 
 def _maybe_retrieve(settings: Settings, pid: str, issuer: str, result: ResultRecord, plan: Plan) -> None:
-    """Ask the PACS for an earlier study in the background, once per patient and follow-up study;
-    under each of the patient's linked IDs (``patients link``), the asking study's own first."""
-    surgery = plan.surgery_date
+    """Ask the PACS for an earlier study in the background, once per patient and follow-up study
+    (retried while the PACS cannot be asked, :mod:`dicomnode.clinical.prior_requests`); under each of
+    the patient's linked IDs (``patients link``), the asking study's own first."""
     with writing(settings) as con:
         linked = tuple(aliases.group(con, aliases.primary_of(con, pid, issuer), issuer))
         seen = con.execute(
@@ -889,40 +890,54 @@ def _maybe_retrieve(settings: Settings, pid: str, issuer: str, result: ResultRec
             "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
             (pid, issuer, result.study_instance_uid, _now(), RetrievalStatus.REQUESTED, None),
         )
-    known = {s.study_instance_uid for s in plan.studies}
+    ask_in_background(settings, _prior_request(settings, pid, issuer, result, plan, linked))
 
-    def work() -> None:
-        from dicomnode.network.retrieve import retrieve_prior
 
-        try:
-            outcome = retrieve_prior(
-                settings,
-                pid,
-                before_date=result.study_date,
-                known_study_uids=known,
-                surgery_date=surgery,
-                issuer=issuer,
-                before_time=result.study_time,
-                # an older pre-operative CT is held: only an admission CT would replace it
-                not_before=(admission.window_start(surgery, settings.pairing.admission_window_days)
-                            if surgery and plan.old_baseline else ""),
-                linked_ids=linked,
-            )
-            status = RetrievalStatus.RETRIEVED if outcome.moved else RetrievalStatus.NONE
-            detail = outcome.reason
-        except Exception as exc:  # the node keeps running when the PACS is unreachable
-            status, detail = RetrievalStatus.FAILED, f"{type(exc).__name__}: {exc}"  # whole, in the index
-            log.warning("prior retrieval failed: %s", error_text(exc))
-            log.debug("prior retrieval failed", exc_info=True)
-        else:
-            log.info("prior retrieval: %s (%s)", status, detail)
-        try:
-            with writing(settings) as c:
-                c.execute(
-                    "INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
-                    (pid, issuer, result.study_instance_uid, _now(), status, detail),
-                )
-        except sqlite3.Error:
-            log.debug("could not record the retrieval outcome", exc_info=True)
+def _prior_request(settings: Settings, pid: str, issuer: str, asking: ResultRecord | Study, plan: Plan,
+                   linked: tuple[str, ...]) -> PriorRequest:
+    """What ``asking`` (a follow-up of ``pid``) asks the PACS for, from its patient's ``plan``."""
+    surgery = plan.surgery_date
+    return PriorRequest(
+        patient_id=pid, issuer=issuer, study_instance_uid=asking.study_instance_uid,
+        before_date=asking.study_date or "", before_time=asking.study_time or "", surgery_date=surgery,
+        not_before=(admission.window_start(surgery, settings.pairing.admission_window_days)
+                    if surgery and plan.old_baseline else ""),
+        known_study_uids=frozenset(s.study_instance_uid for s in plan.studies), linked_ids=linked,
+    )
 
-    threading.Thread(target=work, name="prior-retrieval", daemon=True).start()
+
+def due_prior_requests(settings: Settings, now: datetime,
+                       unanswered_before: datetime | None = None) -> list[tuple[PriorRequest, int]]:
+    """The prior requests to ask again now, each with its failed attempts so far: the last row
+    ``failed``, attempts left and its backoff over by ``now``; with ``unanswered_before`` (the node's
+    start) also those whose last row is ``requested`` from before it, which no process is asking any
+    more. A follow-up that has a baseline since, or that is no longer in the index, is left alone."""
+    from dicomnode.clinical.prior_requests import backoff_seconds
+
+    due: list[tuple[PriorRequest, int]] = []
+    with reading(settings) as con:
+        rows = con.execute(
+            "SELECT patient_id, issuer_of_patient_id, study_instance_uid, status, requested_at,"
+            " SUM(status = ?) OVER w AS failed, ROW_NUMBER() OVER (w ORDER BY rowid DESC) AS newest"
+            " FROM pairing_retrievals"
+            " WINDOW w AS (PARTITION BY patient_id, issuer_of_patient_id, study_instance_uid)",
+            (RetrievalStatus.FAILED,),
+        ).fetchall()
+        for pid, issuer, study_uid, status, at, failed, newest in rows:
+            if newest != 1:
+                continue
+            if status == RetrievalStatus.FAILED:
+                waited = (now - datetime.fromisoformat(at)).total_seconds()
+                if failed >= settings.send.attempts or waited < backoff_seconds(settings, failed):
+                    continue
+            elif not (status == RetrievalStatus.REQUESTED and unanswered_before is not None
+                      and datetime.fromisoformat(at) < unanswered_before):
+                continue
+            primary = aliases.primary_of(con, pid, issuer)
+            plan = _plan_of(settings, con, primary, issuer)
+            asking = next((s for s in plan.studies if s.study_instance_uid == study_uid), None)
+            if asking is None or not needs_prior(plan, asking):
+                continue
+            linked = tuple(aliases.group(con, primary, issuer))
+            due.append((_prior_request(settings, pid, issuer, asking, plan, linked), int(failed)))
+    return due

@@ -1,0 +1,109 @@
+"""A follow-up's missing baseline asked of the PACS in the background, until the PACS answers.
+
+Why retried: the request was made once per follow-up study, so a PACS that was down, restarting or
+refusing when the follow-up was measured left it without its baseline for good, while the same
+job's results were sent again and again until the PACS took them. A request is now retried as a
+send is (``send.attempts`` in all, the wait doubling from ``send.initial_backoff_seconds`` up to
+``send.max_backoff_seconds``) for as long as the PACS cannot be asked; an answer ends it, "no
+earlier study" included. Every attempt's outcome is a row of ``pairing_retrievals``, from which
+the node's retry loop (:mod:`dicomnode.clinical.prior_retries`) finds what is due, so the retries
+survive a restart; a request the node stopped in the middle of (its last row ``requested``) is
+asked again when the node starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from dicomnode.config import Settings
+from dicomnode.db import opened
+from dicomnode.logs import error_text
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalStatus(StrEnum):
+    """A prior retrieval's rows in the index: asked for, then what the PACS gave (stored as its value)."""
+
+    REQUESTED = "requested"
+    RETRIEVED = "retrieved"  # an earlier study was moved to the node
+    NONE = "none"  # the PACS holds no usable earlier study
+    FAILED = "failed"  # the PACS could not be asked (unreachable, refused); asked again while attempts last
+
+
+@dataclass(frozen=True)
+class PriorRequest:
+    """What one follow-up study asks the PACS for (:func:`dicomnode.network.retrieve.retrieve_prior`)."""
+
+    patient_id: str
+    issuer: str
+    study_instance_uid: str  # the asking follow-up's study: the request's key in the index
+    before_date: str
+    before_time: str
+    surgery_date: str | None
+    not_before: str  # an older pre-operative CT is held: only an admission CT would replace it
+    known_study_uids: frozenset[str]
+    linked_ids: tuple[str, ...]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def record(settings: Settings, request: PriorRequest, status: RetrievalStatus, detail: str | None) -> None:
+    """One row of the request's history in ``pairing_retrievals``."""
+    with opened(settings.db_path) as db, db.tx() as con:
+        con.execute("INSERT INTO pairing_retrievals VALUES (?,?,?,?,?,?)",
+                    (request.patient_id, request.issuer, request.study_instance_uid, _now(), status, detail))
+
+
+def backoff_seconds(settings: Settings, failed: int) -> float:
+    """The wait after the ``failed``-th failed attempt (1 on), as the sender waits between sends."""
+    return min(settings.send.initial_backoff_seconds * 2 ** (failed - 1), settings.send.max_backoff_seconds)
+
+
+def ask(settings: Settings, request: PriorRequest, failed_before: int = 0) -> RetrievalStatus:
+    """One attempt: ask the PACS and record what came of it (``failed_before``: the request's failed
+    attempts so far). The status recorded."""
+    from dicomnode.network.retrieve import retrieve_prior
+
+    try:
+        outcome = retrieve_prior(
+            settings, request.patient_id, before_date=request.before_date,
+            known_study_uids=set(request.known_study_uids), surgery_date=request.surgery_date,
+            issuer=request.issuer, before_time=request.before_time, not_before=request.not_before,
+            linked_ids=request.linked_ids,
+        )
+    except Exception as exc:  # the node keeps running when the PACS is unreachable
+        failed, attempts = failed_before + 1, settings.send.attempts
+        again = f", again in {backoff_seconds(settings, failed):g} s" if failed < attempts else ", the last"
+        log.warning("prior retrieval failed (attempt %d of %d%s): %s", failed, attempts, again,
+                    error_text(exc))
+        log.debug("prior retrieval failed", exc_info=True)
+        _record_quietly(settings, request, RetrievalStatus.FAILED,
+                        f"attempt {failed} of {attempts}: {type(exc).__name__}: {exc}")
+        return RetrievalStatus.FAILED
+    status = RetrievalStatus.RETRIEVED if outcome.moved else RetrievalStatus.NONE
+    log.info("prior retrieval: %s (%s)", status, outcome.reason)
+    _record_quietly(settings, request, status, outcome.reason)
+    return status
+
+
+def _record_quietly(settings: Settings, request: PriorRequest, status: RetrievalStatus, detail: str) -> None:
+    try:
+        record(settings, request, status, detail)
+    except sqlite3.Error:
+        log.debug("could not record the retrieval outcome", exc_info=True)
+
+
+def ask_in_background(settings: Settings, request: PriorRequest) -> threading.Thread:
+    """The first attempt, in a daemon thread of the pipeline's process (the job does not wait for
+    the PACS); the node's own loop makes the later ones (:mod:`dicomnode.clinical.prior_retries`)."""
+    thread = threading.Thread(target=ask, args=(settings, request), name="prior-retrieval", daemon=True)
+    thread.start()
+    return thread
