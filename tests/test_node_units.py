@@ -316,6 +316,7 @@ def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path
     assert writers == ["parent"] and fallback.read_bytes() == path.read_bytes()
 
 
+@pytest.mark.hung_write_expected
 def test_a_hung_background_write_says_where_it_hung_and_the_parent_writes(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A child still running at the deadline is asked for its stack, killed, and the parent writes
