@@ -479,6 +479,8 @@ def test_a_prior_request_out_of_attempts_or_answered_is_not_due(tmp_path: Path) 
     assert pairing.due_prior_requests(settings, later) == []  # it may still be asking
     orphans = pairing.due_prior_requests(settings, later, unanswered_before=later)
     assert [(r.patient_id, n) for r, n in orphans] == [("P-ORPHAN", 0)]  # the node started after it
+    hour = later + timedelta(seconds=pairing.UNANSWERED_AFTER_SECONDS)
+    assert [(r.patient_id, n) for r, n in pairing.due_prior_requests(settings, hour)] == [("P-ORPHAN", 0)]
 
 
 def test_a_linked_patients_prior_is_asked_for_under_each_of_its_ids(orthanc, tmp_path: Path) -> None:

@@ -906,12 +906,18 @@ def _prior_request(settings: Settings, pid: str, issuer: str, asking: ResultReco
     )
 
 
+# A request still "requested" after this long is no longer being asked: one attempt is bounded by
+# the retrieval's timeouts (30 s a message, a few C-FINDs and one C-MOVE), far below an hour.
+UNANSWERED_AFTER_SECONDS = 3600.0
+
+
 def due_prior_requests(settings: Settings, now: datetime,
                        unanswered_before: datetime | None = None) -> list[tuple[PriorRequest, int]]:
     """The prior requests to ask again now, each with its failed attempts so far: the last row
-    ``failed``, attempts left and its backoff over by ``now``; with ``unanswered_before`` (the node's
-    start) also those whose last row is ``requested`` from before it, which no process is asking any
-    more. A follow-up that has a baseline since, or that is no longer in the index, is left alone."""
+    ``failed``, attempts left and its backoff over by ``now``; also those whose last row is
+    ``requested`` from before ``unanswered_before`` (the node's start: no process is asking any more)
+    or older than :data:`UNANSWERED_AFTER_SECONDS` (the pipeline's process that was asking was
+    replaced). A follow-up that has a baseline since, or that is no longer in the index, is left alone."""
     from dicomnode.clinical.prior_requests import backoff_seconds
 
     due: list[tuple[PriorRequest, int]] = []
@@ -930,8 +936,9 @@ def due_prior_requests(settings: Settings, now: datetime,
                 waited = (now - datetime.fromisoformat(at)).total_seconds()
                 if failed >= settings.send.attempts or waited < backoff_seconds(settings, failed):
                     continue
-            elif not (status == RetrievalStatus.REQUESTED and unanswered_before is not None
-                      and datetime.fromisoformat(at) < unanswered_before):
+            elif status != RetrievalStatus.REQUESTED or not (
+                    (unanswered_before is not None and datetime.fromisoformat(at) < unanswered_before)
+                    or (now - datetime.fromisoformat(at)).total_seconds() > UNANSWERED_AFTER_SECONDS):
                 continue
             primary = aliases.primary_of(con, pid, issuer)
             plan = _plan_of(settings, con, primary, issuer)

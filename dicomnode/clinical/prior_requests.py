@@ -8,7 +8,7 @@ send is (``send.attempts`` in all, the wait doubling from ``send.initial_backoff
 earlier study" included. Every attempt's outcome is a row of ``pairing_retrievals``, from which
 the node's retry loop (:mod:`dicomnode.clinical.prior_retries`) finds what is due, so the retries
 survive a restart; a request the node stopped in the middle of (its last row ``requested``) is
-asked again when the node starts.
+asked again when the node starts, or an hour later (the pipeline process asking it was replaced).
 """
 
 from __future__ import annotations
