@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -479,6 +480,15 @@ def test_a_prior_request_out_of_attempts_or_answered_is_not_due(tmp_path: Path) 
     assert pairing.due_prior_requests(settings, later) == []  # it may still be asking
     orphans = pairing.due_prior_requests(settings, later, unanswered_before=later)
     assert [(r.patient_id, n) for r, n in orphans] == [("P-ORPHAN", 0)]  # the node started after it
+    # what `dicomnode status` tells the administrator of them
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    env = {"DICOMNODE_STORAGE_DIR": str(settings.storage_dir), "DICOMNODE_SEND__ATTEMPTS": "3"}
+    shown = CliRunner().invoke(app, ["status", "--json"], env=env)
+    assert json.loads(shown.output)["prior_requests"] == {"asking": 1, "given up": 1}, shown.output
+    assert "prior requests: asking 1, given up 1" in CliRunner().invoke(app, ["status"], env=env).output
     hour = later + timedelta(seconds=pairing.UNANSWERED_AFTER_SECONDS)
     assert [(r.patient_id, n) for r, n in pairing.due_prior_requests(settings, hour)] == [("P-ORPHAN", 0)]
 

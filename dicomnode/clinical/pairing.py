@@ -918,33 +918,26 @@ def due_prior_requests(settings: Settings, now: datetime,
     ``requested`` from before ``unanswered_before`` (the node's start: no process is asking any more)
     or older than :data:`UNANSWERED_AFTER_SECONDS` (the pipeline's process that was asking was
     replaced). A follow-up that has a baseline since, or that is no longer in the index, is left alone."""
-    from dicomnode.clinical.prior_requests import backoff_seconds
+    from dicomnode.clinical.prior_requests import backoff_seconds, request_states
 
     due: list[tuple[PriorRequest, int]] = []
     with reading(settings) as con:
-        rows = con.execute(
-            "SELECT patient_id, issuer_of_patient_id, study_instance_uid, status, requested_at,"
-            " SUM(status = ?) OVER w AS failed, ROW_NUMBER() OVER (w ORDER BY rowid DESC) AS newest"
-            " FROM pairing_retrievals"
-            " WINDOW w AS (PARTITION BY patient_id, issuer_of_patient_id, study_instance_uid)",
-            (RetrievalStatus.FAILED,),
-        ).fetchall()
-        for pid, issuer, study_uid, status, at, failed, newest in rows:
-            if newest != 1:
-                continue
-            if status == RetrievalStatus.FAILED:
-                waited = (now - datetime.fromisoformat(at)).total_seconds()
-                if failed >= settings.send.attempts or waited < backoff_seconds(settings, failed):
+        for state in request_states(con):
+            standing = state.standing(settings.send.attempts)
+            waited = (now - state.at).total_seconds()
+            if standing == "waiting to ask again":
+                if waited < backoff_seconds(settings, state.failed):
                     continue
-            elif status != RetrievalStatus.REQUESTED or not (
-                    (unanswered_before is not None and datetime.fromisoformat(at) < unanswered_before)
-                    or (now - datetime.fromisoformat(at)).total_seconds() > UNANSWERED_AFTER_SECONDS):
+            elif standing != "asking" or not (
+                    (unanswered_before is not None and state.at < unanswered_before)
+                    or waited > UNANSWERED_AFTER_SECONDS):
                 continue
+            pid, issuer = state.patient_id, state.issuer
             primary = aliases.primary_of(con, pid, issuer)
             plan = _plan_of(settings, con, primary, issuer)
-            asking = next((s for s in plan.studies if s.study_instance_uid == study_uid), None)
+            asking = next((s for s in plan.studies if s.study_instance_uid == state.study_instance_uid), None)
             if asking is None or not needs_prior(plan, asking):
                 continue
             linked = tuple(aliases.group(con, primary, issuer))
-            due.append((_prior_request(settings, pid, issuer, asking, plan, linked), int(failed)))
+            due.append((_prior_request(settings, pid, issuer, asking, plan, linked), state.failed))
     return due

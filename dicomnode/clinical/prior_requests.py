@@ -51,6 +51,40 @@ class PriorRequest:
     linked_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class RequestState:
+    """Where one follow-up's request stands: its newest row, and how many attempts failed."""
+
+    patient_id: str
+    issuer: str
+    study_instance_uid: str
+    status: RetrievalStatus  # the newest row's
+    at: datetime  # the newest row's time
+    failed: int
+
+    def standing(self, attempts: int) -> str:
+        """"asking", "waiting to ask again", "given up" or "answered" (``attempts``: send.attempts)."""
+        if self.status == RetrievalStatus.REQUESTED:
+            return "asking"
+        if self.status == RetrievalStatus.FAILED:
+            return "waiting to ask again" if self.failed < attempts else "given up"
+        return "answered"
+
+
+def request_states(con: sqlite3.Connection) -> list[RequestState]:
+    """Every follow-up's request as its newest row in ``pairing_retrievals`` leaves it."""
+    rows = con.execute(
+        "SELECT patient_id, issuer_of_patient_id, study_instance_uid, status, requested_at, failed FROM ("
+        " SELECT *, SUM(status = ?) OVER w AS failed, ROW_NUMBER() OVER (w ORDER BY rowid DESC) AS newest"
+        " FROM pairing_retrievals"
+        " WINDOW w AS (PARTITION BY patient_id, issuer_of_patient_id, study_instance_uid))"
+        " WHERE newest = 1 ORDER BY requested_at",
+        (RetrievalStatus.FAILED,),
+    ).fetchall()
+    return [RequestState(r[0], r[1], r[2], RetrievalStatus(r[3]), datetime.fromisoformat(r[4]), int(r[5]))
+            for r in rows]
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
