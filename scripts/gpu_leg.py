@@ -268,6 +268,15 @@ def main() -> int:
         if extra.start < r.stop and r.start < extra.stop:
             ap.error(f"--extra-start {a.extra_start} --extra {a.extra} overlaps seeds "
                      f"{r.start}-{r.stop - 1}, which training must not see")
+    import pydantic
+
+    from seg.train import TrainConfig, refused_settings
+
+    try:  # the training settings TrainConfig checks, refused now rather than after the phantoms
+        TrainConfig(lr=a.lr, warmup_steps=a.warmup, decay_start=a.decay_start, batch_size=a.batch,
+                    postop_weight=a.postop_weight)
+    except pydantic.ValidationError as exc:
+        ap.error(refused_settings(exc, {"warmup_steps": "--warmup", "batch_size": "--batch"}))
     t_start = time.time()
     deadline = t_start + a.deadline_s
     out = Path(a.out)
@@ -289,7 +298,7 @@ def main() -> int:
 
     from seg.loss import build_loss
     from seg.model import build_network, load_model, resolve_device
-    from seg.train import TrainConfig, learning_rate, train_step, validate
+    from seg.train import learning_rate, train_step, validate
 
     torch.manual_seed(a.seed)
     torch.backends.cudnn.benchmark = True
@@ -354,8 +363,8 @@ def main() -> int:
         t_train0 = time.time()
         t_end = deadline - a.final_reserve_s
         # seg.train's schedule (warm-up, then linear decay by wall time) over the training window
-        schedule = TrainConfig(lr=a.lr, warmup_steps=a.warmup, decay_start=a.decay_start,
-                               max_minutes=(t_end - t_train0) / 60)
+        schedule = TrainConfig(lr=a.lr, warmup_steps=a.warmup, decay_start=a.decay_start,  # a deadline
+                               max_minutes=max((t_end - t_train0) / 60, 0.01))  # already past: 0.6 s
         t_val = t_train0
         # Where the wall time goes between two validations (seconds): new phantoms moved to the GPU,
         # crops assembled, the network's step (the GPU catches up at each loss read), validation.

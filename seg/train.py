@@ -134,6 +134,17 @@ class TrainConfig:
         loss_class_weights(self.class_weights)  # a misspelt class or a weight <= 0 stops the run here
 
 
+def refused_settings(exc: pydantic.ValidationError, options: dict[str, str]) -> str:
+    """What :class:`TrainConfig` refused, one clause a setting, each named by the option that gave it
+    (``options``: field -> option where it is not the field's name with dashes), e.g.
+    ``--batch-size must be at least 1; --lr must be positive and finite``."""
+    def option(field: str) -> str:
+        return options.get(field, "--" + field.replace("_", "-"))
+
+    return "; ".join(f"{option(str(err['loc'][0]) if err['loc'] else '')} "
+                     f"{err['msg'].removeprefix('Value error, ')}" for err in exc.errors())
+
+
 # ---------------------------------------------------------------- data
 
 

@@ -98,6 +98,12 @@ def test_a_leg_refuses_seeds_kept_out_of_training(tmp_path: Path) -> None:
                         "--extra", "1200", "--extra-start", "4300"], capture_output=True, text=True)
     assert r.returncode == 2 and "overlaps seeds 5000-5099" in r.stderr
     assert not list(tmp_path.iterdir())
+    # a training setting TrainConfig refuses stops the leg before a phantom is made, not after
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_leg.py"), "--out", str(tmp_path),
+                        "--lr=-5e-4", "--decay-start", "1.4"], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "--lr must be positive and finite; --decay-start must be between 0 and 1" in r.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_logged_loss_is_the_mean_of_those_read(gpu_leg) -> None:

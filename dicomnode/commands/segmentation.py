@@ -614,17 +614,12 @@ def _train_config(**settings: object) -> TrainConfig:
     rate) is a usage error that names the option, before anything is rendered or trained."""
     import pydantic
 
-    from seg.train import TrainConfig
+    from seg.train import TrainConfig, refused_settings
 
     try:
         return TrainConfig(**settings)
     except pydantic.ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else ""
-            option = _TRAIN_OPTIONS.get(field, "--" + field.replace("_", "-"))
-            problems.append(f"{option} {err['msg'].removeprefix('Value error, ')}")
-        raise typer.BadParameter("; ".join(problems)) from None
+        raise typer.BadParameter(refused_settings(exc, _TRAIN_OPTIONS)) from None
 
 
 def _class_weights(items: list[str]) -> dict[str, float]:
