@@ -196,7 +196,7 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
         val_phantoms=a["val_phantoms"], postop_share=0.5, postop_weight=a["postop_weight"],
         streak_prob=a.get("streak_prob", 0.0), metal_artefact_reduction=a.get("mar", "none"),
         arch=dict(base.meta.architecture.args), spacing_mm=SPACING, batch_size=a["batch"],
-        steps=meta["step"], max_minutes=round(meta["train_wall_s"] / 60, 2), lr=a["lr"],
+        steps=meta["step"], max_minutes=max(round(meta["train_wall_s"] / 60, 2), 0.01), lr=a["lr"],
         warmup_steps=a["warmup"], decay_start=a["decay_start"],
         val_every=steps_between_validations(meta["history"]), threads=a["workers"],
         name=base.meta.name, version=version, demo=base.meta.demo, seed=a["seed"],
