@@ -104,6 +104,8 @@ def test_metrics_count_what_the_node_did(processed: Processed) -> None:
     assert delta(p, 'dicomnode_jobs{state="done"}') == 1
     assert delta(p, 'dicomnode_jobs{state="rejected"}') == 1
     assert p.after["dicomnode_queue_depth"] == 0 and p.after["dicomnode_outbox_pending"] == 0
+    assert p.after['dicomnode_prior_requests{standing="given up"}'] == 0  # every standing is a series
+    assert p.after['dicomnode_prior_requests{standing="waiting to ask again"}'] == 0
     assert p.after["dicomnode_send_failures_total"] == 0 and p.after["dicomnode_jobs_failed_total"] == 0
     assert p.after["dicomnode_disk_free_bytes"] > 0 and 0 < p.after["dicomnode_disk_used_ratio"] < 1
 

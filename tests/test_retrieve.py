@@ -489,6 +489,19 @@ def test_a_prior_request_out_of_attempts_or_answered_is_not_due(tmp_path: Path) 
     shown = CliRunner().invoke(app, ["status", "--json"], env=env)
     assert json.loads(shown.output)["prior_requests"] == {"asking": 1, "given up": 1}, shown.output
     assert "prior requests: asking 1, given up 1" in CliRunner().invoke(app, ["status"], env=env).output
+    # and Prometheus, from the operations page's registry
+    from prometheus_client import generate_latest
+
+    from dicomnode.db import Database
+    from dicomnode.ops.metrics import node_registry
+
+    db = Database(settings.db_path)
+    try:
+        scraped = generate_latest(node_registry(db, settings.storage_dir, 3)).decode()
+    finally:
+        db.close()
+    for standing, count in (("asking", 1), ("waiting to ask again", 0), ("given up", 1), ("answered", 0)):
+        assert f'dicomnode_prior_requests{{standing="{standing}"}} {count:.1f}' in scraped, standing
     hour = later + timedelta(seconds=pairing.UNANSWERED_AFTER_SECONDS)
     assert [(r.patient_id, n) for r, n in pairing.due_prior_requests(settings, hour)] == [("P-ORPHAN", 0)]
 

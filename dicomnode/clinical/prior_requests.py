@@ -63,12 +63,16 @@ class RequestState:
     failed: int
 
     def standing(self, attempts: int) -> str:
-        """"asking", "waiting to ask again", "given up" or "answered" (``attempts``: send.attempts)."""
+        """One of :data:`STANDINGS` (``attempts``: send.attempts)."""
         if self.status == RetrievalStatus.REQUESTED:
             return "asking"
         if self.status == RetrievalStatus.FAILED:
             return "waiting to ask again" if self.failed < attempts else "given up"
         return "answered"
+
+
+# Where a request can stand, as `dicomnode status` and the metrics name it
+STANDINGS = ("asking", "waiting to ask again", "given up", "answered")
 
 
 def request_states(con: sqlite3.Connection) -> list[RequestState]:

@@ -215,7 +215,7 @@ def status(
     volume's space."""
     from collections import Counter
 
-    from dicomnode.clinical.prior_requests import request_states
+    from dicomnode.clinical.prior_requests import STANDINGS, request_states
     from dicomnode.db import opened
     from dicomnode.processing import jobs as lifecycle
     from dicomnode.storage.diskspace import describe, judge, read_space
@@ -223,7 +223,8 @@ def status(
     settings = node_settings(config)
     with opened(settings.db_path) as db:
         counts = lifecycle.overview(db)
-        requests = Counter(r.standing(settings.send.attempts) for r in request_states(db.con))
+        standing = Counter(r.standing(settings.send.attempts) for r in request_states(db.con))
+    requests = {name: standing[name] for name in STANDINGS if standing[name]}
     states = counts.jobs
     space = read_space(os.statvfs(settings.storage_dir))
     limits = settings.min_free_disk_mb, settings.max_disk_used_pct
@@ -235,7 +236,7 @@ def status(
         "instances": counts.instances,
         "jobs": states,
         "outbox": counts.outbox,
-        "prior_requests": dict(sorted(requests.items())),
+        "prior_requests": requests,
         "disk": {"free_bytes": space.free_bytes, "used_pct": round(space.used_pct, 1),
                  "low": judge(space, *limits) is not None},
     }
@@ -248,7 +249,7 @@ def status(
     console.print(f"disk: {describe(space, *limits)}", highlight=False)
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"))
     console.print("outbox: " + (", ".join(f"{k} {v}" for k, v in sorted(data["outbox"].items())) or "empty"))
-    console.print("prior requests: " + (", ".join(f"{k} {v}" for k, v in sorted(requests.items())) or "none"),
+    console.print("prior requests: " + (", ".join(f"{k} {v}" for k, v in requests.items()) or "none"),
                   highlight=False)
 
 

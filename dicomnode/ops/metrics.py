@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicomnode.clinical.prior_requests import STANDINGS, request_states
 from dicomnode.db import Database
 from dicomnode.processing import jobs
 from dicomnode.processing.outbox import OutboxState
@@ -23,14 +24,18 @@ from dicomnode.storage.diskspace import read_space
 
 QUEUE_HELP = "Jobs queued for the worker (due now or at a retry time)."
 OUTBOX_HELP = "Result objects waiting to be sent to the PACS."
+PRIOR_HELP = ("Follow-ups' requests for a missing baseline by where they stand (waiting to ask again: "
+              "the PACS could not answer yet; given up: send.attempts failed).")
 
 
 class NodeCollector(Collector):
-    """Job counts by state, queue depth, receive/send totals and disk space, one index read per scrape."""
+    """Job counts by state, queue depth, prior requests, receive/send totals and disk space, read from
+    the index at each scrape."""
 
-    def __init__(self, db: Database, storage_dir: Path) -> None:
+    def __init__(self, db: Database, storage_dir: Path, send_attempts: int) -> None:
         self.db = db
         self.storage_dir = Path(storage_dir)
+        self.send_attempts = send_attempts  # after that many failures a prior request is given up
 
     def collect(self) -> Iterator[Metric]:
         overview = jobs.overview(self.db)
@@ -43,6 +48,12 @@ class NodeCollector(Collector):
         pending = overview.outbox.get(OutboxState.PENDING, 0)
         yield GaugeMetricFamily("dicomnode_queue_depth", QUEUE_HELP, value=queued)
         yield GaugeMetricFamily("dicomnode_outbox_pending", OUTBOX_HELP, value=pending)
+        with self.db.lock:
+            standing = [r.standing(self.send_attempts) for r in request_states(self.db.con)]
+        priors = GaugeMetricFamily("dicomnode_prior_requests", PRIOR_HELP, labels=["standing"])
+        for name in STANDINGS:
+            priors.add_metric([name], standing.count(name))
+        yield priors
         for name, help_text, value in (
             ("instances_received", "New instances written to the store.", totals.instances_received),
             ("received_bytes", "Bytes of the new instances written to the store.", totals.bytes_received),
@@ -61,9 +72,9 @@ class NodeCollector(Collector):
                                 value=space.used_pct / 100.0)
 
 
-def node_registry(db: Database, storage_dir: Path) -> CollectorRegistry:
+def node_registry(db: Database, storage_dir: Path, send_attempts: int) -> CollectorRegistry:
     """A registry of its own (not prometheus_client's global one): the node's metrics and this process."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(db, storage_dir))
+    registry.register(NodeCollector(db, storage_dir, send_attempts))
     ProcessCollector(registry=registry)
     return registry

@@ -257,7 +257,7 @@ def bounded_http() -> Callable[..., BoundedConnection]:
 def create_app(settings: Settings, db: Database) -> Gate:
     """The page and ``/metrics`` over ``db`` (GET/HEAD only: any other method gets 405)."""
     env = templates()
-    registry = node_registry(db, settings.storage_dir)
+    registry = node_registry(db, settings.storage_dir, settings.send.attempts)
 
     def page(_request: Request) -> Response:
         html = env.get_template("ops.html").render(d=page_data(settings, db), states=jobs.JobState)
