@@ -316,6 +316,47 @@ def test_background_write_is_the_same_file_and_falls_back_to_the_parent(tmp_path
     assert writers == ["parent"] and fallback.read_bytes() == path.read_bytes()
 
 
+def test_a_background_write_never_runs_the_finalizers_of_the_parents_garbage(tmp_path: Path) -> None:
+    """The parent's uncollected cycles stay out of the child's garbage collector: here one whose
+    finalizer takes a lock the parent holds at the fork, which a collection in the child would
+    wait on for ever (the child then missed its deadline and the parent wrote the file itself)."""
+    import gc
+    import os
+    import threading
+
+    from dicomnode.processing.forkwrite import BackgroundWrite
+
+    held = threading.Lock()
+
+    class TakesTheLock:
+        def __del__(self) -> None:
+            with held:
+                pass
+
+    parent = os.getpid()
+
+    def child_writes(path: Path) -> Path:
+        if os.getpid() != parent:  # (the parent's own fallback must not wait on its own lock)
+            gc.collect()  # what any allocation in the child may start
+        path.write_text(str(os.getpid()))
+        return path
+
+    collecting = gc.isenabled()
+    gc.disable()  # the cycle stays uncollected in the parent until the fork
+    try:
+        garbage = TakesTheLock()
+        garbage.me = garbage  # type: ignore[attr-defined]
+        del garbage
+        target = tmp_path / "out.txt"
+        with held:
+            written = BackgroundWrite(lambda: child_writes(target), target).wait(deadline_s=5.0)
+        assert written == target and target.read_text() != str(parent)  # the child wrote it
+    finally:
+        gc.collect()  # the cycle's finalizer, here, with the lock free
+        if collecting:
+            gc.enable()
+
+
 @pytest.mark.hung_write_expected
 def test_a_hung_background_write_says_where_it_hung_and_the_parent_writes(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -10,13 +10,16 @@ Whatever goes wrong in the child (an exit code, no exit within the deadline, no 
 parent runs the same ``make`` itself: the result is the same file either way. A child still running
 at the deadline is first asked for its Python stack (faulthandler on SIGUSR1, through a pipe), which
 the warning names: a child that hangs (on a lock another thread of the parent held at the fork)
-says where.
+says where. The parent's objects are frozen out of the child's garbage collector
+(``gc.freeze``): a collection in the child could run the finalizers of the parent's garbage (a
+child once hung 120 s at an allocation in pure Python, where a collection may start).
 :meth:`BackgroundWrite.cancel` stops a child whose file is not wanted after all.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import gc
 import logging
 import os
 import select
@@ -45,13 +48,22 @@ class BackgroundWrite:
         except OSError as exc:
             log.debug("no pipe for a background write (%s): writing in the pipeline process", exc)
             return
+        # The child's garbage collector must never visit what the parent holds: a collection there
+        # can run the finalizers of the parent's uncollected cycles (a database connection or a
+        # socket closing, on a lock another thread of the parent held at the fork: a hung child) and
+        # copies every page it touches. Frozen objects stay out of the child's collections; the
+        # parent unfreezes them at once.
+        gc.freeze()
         try:
             pid = os.fork()
         except OSError as exc:
+            gc.unfreeze()
             os.close(stack_r)
             os.close(stack_w)
             log.debug("no fork for a background write (%s): writing in the pipeline process", exc)
             return
+        if pid != 0:
+            gc.unfreeze()
         if pid == 0:  # the child: write, then leave without running the parent's exit handlers
             code = 1
             try:
