@@ -89,6 +89,12 @@ def request_states(con: sqlite3.Connection) -> list[RequestState]:
             for r in rows]
 
 
+def standing_counts(con: sqlite3.Connection, attempts: int) -> dict[str, int]:
+    """How many follow-ups' requests stand where, for each of :data:`STANDINGS` in its order (zeros kept)."""
+    standings = [state.standing(attempts) for state in request_states(con)]
+    return {name: standings.count(name) for name in STANDINGS}
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 

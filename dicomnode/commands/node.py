@@ -213,9 +213,7 @@ def status(
     """Counts of jobs by state, stored series/instances, pending sends, the prior requests (a missing
     baseline asked of the PACS: asking, waiting to ask again, given up, answered) and the storage
     volume's space."""
-    from collections import Counter
-
-    from dicomnode.clinical.prior_requests import STANDINGS, request_states
+    from dicomnode.clinical.prior_requests import standing_counts
     from dicomnode.db import opened
     from dicomnode.processing import jobs as lifecycle
     from dicomnode.storage.diskspace import describe, judge, read_space
@@ -223,8 +221,8 @@ def status(
     settings = node_settings(config)
     with opened(settings.db_path) as db:
         counts = lifecycle.overview(db)
-        standing = Counter(r.standing(settings.send.attempts) for r in request_states(db.con))
-    requests = {name: standing[name] for name in STANDINGS if standing[name]}
+        standing = standing_counts(db.con, settings.send.attempts)
+    requests = {name: count for name, count in standing.items() if count}
     states = counts.jobs
     space = read_space(os.statvfs(settings.storage_dir))
     limits = settings.min_free_disk_mb, settings.max_disk_used_pct

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dicomnode.clinical.prior_requests import STANDINGS, request_states
+from dicomnode.clinical.prior_requests import standing_counts
 from dicomnode.db import Database
 from dicomnode.processing import jobs
 from dicomnode.processing.outbox import OutboxState
@@ -49,10 +49,10 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("dicomnode_queue_depth", QUEUE_HELP, value=queued)
         yield GaugeMetricFamily("dicomnode_outbox_pending", OUTBOX_HELP, value=pending)
         with self.db.lock:
-            standing = [r.standing(self.send_attempts) for r in request_states(self.db.con)]
+            standing = standing_counts(self.db.con, self.send_attempts)
         priors = GaugeMetricFamily("dicomnode_prior_requests", PRIOR_HELP, labels=["standing"])
-        for name in STANDINGS:
-            priors.add_metric([name], standing.count(name))
+        for name, count in standing.items():
+            priors.add_metric([name], count)
         yield priors
         for name, help_text, value in (
             ("instances_received", "New instances written to the store.", totals.instances_received),
