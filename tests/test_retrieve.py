@@ -11,6 +11,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicomnode.config import Settings
+from dicomnode.db import opened
+from dicomnode.external import have_dcmtk
 from dicomnode.harness.capture import CapturingSCP
 from dicomnode.harness.net import free_port, wait_for
 from dicomnode.harness.orthanc import OrthancServer, have_orthanc
@@ -18,6 +20,7 @@ from dicomnode.harness.series import write_ct_series
 from dicomnode.network import retrieve
 from dicomnode.network.retrieve import (
     Candidates,
+    PacsRefusal,
     SeriesHit,
     StudyHit,
     choose_series,
@@ -114,11 +117,49 @@ def test_a_refused_move_and_a_pacs_that_is_down_are_errors(orthanc: OrthancServe
     series = _ct_series(tmp_path / "s", "RETRIEVE-003", "20230105", 6, study)
     orthanc.upload_folder(tmp_path / "s")
     settings = _settings(tmp_path, orthanc)
-    with pytest.raises(RuntimeError, match=r"C-MOVE failed with status 0x"):
+    # Orthanc says no more than 0xC000 for an unknown destination: the error says what to check
+    with pytest.raises(PacsRefusal, match=r"C-MOVE failed with status 0xC000 \(Unable to Process\): check "
+                       r"the PACS's entry for the node \(AE title NOSUCHAE, this node's host, port 11112\)"):
         move_series(settings, study, series, destination="NOSUCHAE")
     settings.pacs.port = free_port()  # nobody listens there
     with pytest.raises(ConnectionError, match="no association"):
         find_studies(settings, "RETRIEVE-003")
+
+
+def test_a_query_retrieve_pacs_says_which_destination_is_wrong(tmp_path: Path) -> None:
+    """dcmtk's dcmqrscp, a PACS that tells its failures apart: an unknown destination (0xA801) and one it
+    cannot store at (0xA702) are each named with what to check, and a prior request whose move failed
+    is a failed attempt (asked again) with that reason; a destination it knows gets the series."""
+    from dicomnode.clinical.prior_requests import PriorRequest, RetrievalStatus, ask, request_states
+    from dicomnode.harness.dcmtk import QueryRetrieveSCP
+
+    if not have_dcmtk("dcmqrscp", "dcmqridx"):
+        pytest.skip("dcmtk's dcmqrscp not installed")
+    study = generate_uid()
+    series = _ct_series(tmp_path / "s", "RETRIEVE-QR", "20230105", 6, study)
+    node_port = free_port()
+    with QueryRetrieveSCP(tmp_path / "qr", {"THIGHNODE": node_port}) as qr:
+        qr.index(sorted((tmp_path / "s").iterdir()))
+        settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE", port=node_port)
+        settings.pacs.port, settings.pacs.ae_title = qr.port, qr.ae_title
+        settings.selection.min_slices = 5
+        with pytest.raises(PacsRefusal, match=r"status 0xA801 \(Move destination unknown\): the PACS has no "
+                           r"destination of that name: add the node to its DICOM nodes \(AE title ELSEWHERE"):
+            move_series(settings, study, series, destination="ELSEWHERE")
+        request = PriorRequest("RETRIEVE-QR", "", "1.2.826.0.3", before_date="20230610", before_time="",
+                               surgery_date=None, not_before="", known_study_uids=frozenset(), linked_ids=())
+        assert ask(settings, request) == RetrievalStatus.FAILED  # nobody listens at the node's port
+        with opened(settings.db_path) as db:
+            [state] = request_states(db.con)
+            detail = db.con.execute("SELECT detail FROM pairing_retrievals").fetchone()[0]
+        assert (state.status, state.failed) == (RetrievalStatus.FAILED, 1)
+        assert detail.startswith(
+            "attempt 1 of 5: PacsRefusal: C-MOVE failed with status 0xA702 (Refused: Out of resources, "
+            "unable to perform sub-operations): check the PACS's entry for the node (AE title THIGHNODE, "
+            f"this node's host, port {node_port})"), detail
+        with CapturingSCP("THIGHNODE", node_port) as node:
+            assert ask(settings, request, failed_before=1) == RetrievalStatus.RETRIEVED
+            assert len(node.received) == 6
 
 
 DAYS = 14  # pairing.admission_window_days as shipped: the tests below name their dates by it

@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
+from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS_STATUS
 
 from dicomnode.clinical import admission
 from dicomnode.config import Settings
@@ -59,6 +60,35 @@ class SeriesHit:
     instances: int | None
 
 
+class PacsRefusal(RuntimeError):
+    """The PACS answered a C-FIND or C-MOVE with a failure status (the attempt counts as failed and is
+    made again, as an unreachable PACS's): the code, its meaning in PS3.4 and what to check."""
+
+
+_MEANINGS = {"C-FIND": QR_FIND_SERVICE_CLASS_STATUS, "C-MOVE": QR_MOVE_SERVICE_CLASS_STATUS}
+_MOVE_DESTINATION_UNKNOWN = 0xA801
+
+
+def _move_hint(settings: Settings, destination: str, code: int) -> str:
+    """What a PACS administrator checks when a C-MOVE to this node failed with ``code``."""
+    entry = f"AE title {destination}, this node's host, port {settings.port}"
+    if code == _MOVE_DESTINATION_UNKNOWN:
+        return f"the PACS has no destination of that name: add the node to its DICOM nodes ({entry})"
+    return (f"check the PACS's entry for the node ({entry}), that the PACS can reach the node (firewall) "
+            "and the node's log for instances it refused (disk low); Orthanc answers 0xC000 for each")
+
+
+def refusal(what: str, status: Dataset, hint: str = "") -> PacsRefusal:
+    """The error of a failure ``status`` of ``what`` ("C-FIND" or "C-MOVE"), with the PACS's own
+    ErrorComment when it sent one."""
+    code = int(status.Status)
+    meaning = _MEANINGS[what].get(code, ("", ""))[1] or "not a status PS3.4 defines for it"
+    comment = str(status.get("ErrorComment", "") or "").strip()
+    said = f'; the PACS says "{comment}"' if comment else ""
+    return PacsRefusal(f"{what} failed with status 0x{code:04X} ({meaning}){said}"
+                       + (f": {hint}" if hint else ""))
+
+
 @dataclass
 class RetrieveOutcome:
     moved: bool
@@ -78,16 +108,18 @@ def _ae(settings: Settings) -> AE:
 
 
 def _responses(settings: Settings, what: str, request: Callable[[Association], Iterator[tuple[Dataset, Any]]],
-               done: tuple[int, ...] = (0x0000,)) -> Iterator[tuple[Dataset, Any]]:
+               done: tuple[int, ...] = (0x0000,),
+               hint: Callable[[int], str] = lambda code: "") -> Iterator[tuple[Dataset, Any]]:
     """Each (status, identifier) the PACS answers to one C-FIND or C-MOVE ``request``, over its own
-    association; raises on a lost association or a status that is neither pending nor in ``done``."""
+    association; raises on a lost association, or :class:`PacsRefusal` on a status that is neither
+    pending nor in ``done`` (``hint``: what to check, by the status code)."""
     assoc = associate(_ae(settings), settings)  # NoAssociation (a ConnectionError) says why not
     try:
         for status, ident in request(assoc):
             if not status:
                 raise ConnectionError(f"{what}: connection lost or timed out")
             if status.Status not in _PENDING and status.Status not in done:
-                raise RuntimeError(f"{what} failed with status 0x{status.Status:04X}")
+                raise refusal(what, status, hint(int(status.Status)))
             yield status, ident
     finally:
         assoc.release()
@@ -249,19 +281,23 @@ def choose_series(series: list[SeriesHit], min_slices: int) -> SeriesHit | None:
 def move_series(
     settings: Settings, study_uid: str, series_uid: str, destination: str | None = None
 ) -> tuple[int, int]:
-    """C-MOVE one series to ``destination`` (default: this node's AE). Returns (completed, failed)."""
+    """C-MOVE one series to ``destination`` (default: this node's AE). Returns (completed, failed);
+    :class:`PacsRefusal` when the PACS answers with a failure status (Orthanc, dcmqrscp and
+    pynetdicom all do when not one instance could be stored at the destination)."""
     q = Dataset()
     q.QueryRetrieveLevel = "SERIES"
     q.StudyInstanceUID = study_uid
     q.SeriesInstanceUID = series_uid
 
+    to = destination or settings.ae_title
+
     def request(assoc: Association) -> Iterator[tuple[Dataset, Any]]:
-        to = destination or settings.ae_title
         return assoc.send_c_move(q, to, StudyRootQueryRetrieveInformationModelMove)
 
     completed = failed = 0
     # 0xB000: some sub-operations failed; the counts say how many
-    for status, _ in _responses(settings, "C-MOVE", request, done=(0x0000, 0xB000)):
+    for status, _ in _responses(settings, "C-MOVE", request, done=(0x0000, 0xB000),
+                                hint=lambda code: _move_hint(settings, to, code)):
         completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
         failed = int(status.get("NumberOfFailedSuboperations", failed) or failed)
     return completed, failed
