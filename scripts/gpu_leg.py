@@ -174,6 +174,7 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     from seg.model import load_model
     from seg.package import read_meta, write_meta
     from seg.phantom import PHANTOM_VERSION
+    from seg.recipe import ATROPHY_KEPT_MIN
     from seg.train import TrainConfig, campaign_legs, export
 
     meta = json.loads((src / "meta.json").read_text())
@@ -205,7 +206,8 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
     data = {"source": "phantoms", "train_seeds": meta["train_seeds"], "val_seeds": meta["val_seeds"],
             "plans": ["phantom_plan(384, 1000, 0.5)",
                       f"phantom_plan({a['extra']}, {a.get('extra_start', 2000)}, "
-                      f"{a.get('extra_postop_share', 0.5)})",
+                      f"{a.get('extra_postop_share', 0.5)}, "
+                      f"atrophy_kept_min={a.get('extra_atrophy_kept_min', ATROPHY_KEPT_MIN)})",
                       f"validation_plan({a['val_phantoms']}, 1384)"],
             "z_range_mm": None, "phantom_version": PHANTOM_VERSION}
     export(cfg, data)
@@ -228,7 +230,7 @@ def export_leg(src: Path, to: Path, init: str, version: str, name: str | None = 
 def main() -> int:
     from typing import get_args
 
-    from seg.recipe import Loss
+    from seg.recipe import ATROPHY_KEPT_MIN, Loss
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="leg output folder (with --export-from: the package)")
@@ -254,6 +256,9 @@ def main() -> int:
     ap.add_argument("--extra-start", type=int, default=2000, help="S: its first seed")
     ap.add_argument("--extra-postop-share", type=float, default=0.5, choices=(0.25, 0.5, 0.75),
                     help="post-operative share of the extra phantoms (the 384 keep 0.5)")
+    ap.add_argument("--extra-atrophy-kept-min", type=float, default=ATROPHY_KEPT_MIN,
+                    help="least volume share an atrophied muscle of the extra phantoms keeps, as dicomnode "
+                         "train --atrophy-kept-min (the 384 keep the held-out plan's)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--min-cases", type=int, default=32)
     ap.add_argument("--val-every-s", type=float, default=40)
@@ -274,9 +279,10 @@ def main() -> int:
 
     try:  # the training settings TrainConfig checks, refused now rather than after the phantoms
         TrainConfig(lr=a.lr, warmup_steps=a.warmup, decay_start=a.decay_start, batch_size=a.batch,
-                    postop_weight=a.postop_weight)
+                    postop_weight=a.postop_weight, atrophy_kept_min=a.extra_atrophy_kept_min)
     except pydantic.ValidationError as exc:
-        ap.error(refused_settings(exc, {"warmup_steps": "--warmup", "batch_size": "--batch"}))
+        ap.error(refused_settings(exc, {"warmup_steps": "--warmup", "batch_size": "--batch",
+                                        "atrophy_kept_min": "--extra-atrophy-kept-min"}))
     t_start = time.time()
     deadline = t_start + a.deadline_s
     out = Path(a.out)
@@ -288,8 +294,8 @@ def main() -> int:
     from seg.train import one_thread, phantom_plan, validation_plan
 
     val_plan = validation_plan(a.val_phantoms, 1384)
-    train_plan = interleave(phantom_plan(384, 1000, 0.5), phantom_plan(a.extra, a.extra_start,
-                                                                          a.extra_postop_share))
+    train_plan = interleave(phantom_plan(384, 1000, 0.5), phantom_plan(
+        a.extra, a.extra_start, a.extra_postop_share, a.extra_atrophy_kept_min))
     val_seeds = {o.seed for o in val_plan}
     pool = mp.get_context("spawn").Pool(a.workers, initializer=one_thread)
     results = pool.imap_unordered(functools.partial(make_case, mar=a.mar), val_plan + train_plan, chunksize=1)

@@ -46,6 +46,10 @@ Loss = Literal["dicece", "dicefocal"]  # seg.loss
 # place in every four, or two, or three)
 POSTOP_SHARES = (0.25, 0.5, 0.75)
 POSTOP_SHARES_TEXT = ", ".join(f"{v:g}" for v in POSTOP_SHARES[:-1]) + f" or {POSTOP_SHARES[-1]:g}"
+# The volume share an atrophied muscle of a post-operative phantom keeps is drawn from
+# [ATROPHY_KEPT_MIN, ATROPHY_KEPT_MAX) (seg.train.phantom_options); the held-out and validation plans
+# always use these, a training plan may reach lower (TrainConfig.atrophy_kept_min).
+ATROPHY_KEPT_MIN, ATROPHY_KEPT_MAX = 0.6, 0.95
 
 
 # Numeric training settings are checked when a run is configured (seg.train.TrainConfig), so that a
@@ -59,6 +63,12 @@ def _postop_share(value: float) -> float:
 def _share(value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError("must be between 0 and 1")
+    return value
+
+
+def _atrophy_kept(value: float) -> float:
+    if not 0.0 < value <= ATROPHY_KEPT_MIN:
+        raise ValueError(f"must be above 0 and at most {ATROPHY_KEPT_MIN:g} (the held-out plan's)")
     return value
 
 
@@ -81,6 +91,7 @@ def _at_least_one(value: int) -> int:
 
 
 PostopShare = Annotated[float, AfterValidator(_postop_share)]
+AtrophyKept = Annotated[float, AfterValidator(_atrophy_kept)]
 Share = Annotated[float, AfterValidator(_share)]  # a probability, or a fraction of the run
 Positive = Annotated[float, AfterValidator(_positive)]
 NotNegative = Annotated[float, AfterValidator(_not_negative)]

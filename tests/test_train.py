@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from seg import recipe
 from seg.hu_refine import HURefinement
 from seg.model import load_model
 from seg.train import (
@@ -267,6 +268,14 @@ def test_phantom_plan_post_operative_share_and_validation_plan() -> None:
     val = validation_plan(3, 2000)
     assert [p.postop for p in val] == [True, False, True]
     assert val[0].atrophy and val[0].implant_side in ("left", "right")
+    # a training plan may atrophy further; the default stays the held-out plan's, phantom for phantom
+    assert phantom_plan(16, 1000, atrophy_kept_min=recipe.ATROPHY_KEPT_MIN) == base
+    kept = [f for i in (3, 7, 11, 15) for f in base[i].atrophy.values()]
+    assert min(kept) >= 0.6 and max(kept) < 0.95
+    deeper = phantom_plan(16, 1000, atrophy_kept_min=0.3)
+    assert [p.atrophy.keys() for p in deeper] == [p.atrophy.keys() for p in base]  # the same muscles
+    assert all(0.3 <= f < 0.95 for p in deeper for f in p.atrophy.values())
+    assert min(f for p in deeper for f in p.atrophy.values()) < 0.6
 
 
 def test_a_cached_phantom_is_named_by_its_options_and_the_generator_version(monkeypatch) -> None:
@@ -332,6 +341,7 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
             "--checkpoints", str(tmp_path / "ck"), "--steps", "2", "--val-every", "2", "--z-range", "-30,30",
             "--roi", "32", "--feature-size", "4", "--hidden-size", "48", "--mlp-dim", "96",
             "--batch-size", "1", "--lr", "2.5e-4", "--postop-share", "0.75", "--postop-weight", "2",
+            "--atrophy-kept-min", "0.4",
             "--streak-prob", "0.5", "--warmup-steps", "1", "--class-weight", "quadratus_femoris=2",
             "--decay-start", "0.4", "--threads", "1", "--version", "0.0.2", "--demo", "--no-progress"]
     result = CliRunner().invoke(app, args)
@@ -341,12 +351,15 @@ def test_train_command_passes_its_options_to_the_run(tmp_path: Path) -> None:
     assert (config["lr"], config["postop_share"], config["postop_weight"], config["batch_size"]) == (
         2.5e-4, 0.75, 2.0, 1)
     assert config["streak_prob"] == 0.5 and config["class_weights"] == {"quadratus_femoris": 2.0}
+    assert config["atrophy_kept_min"] == 0.4
     assert (config["warmup_steps"], config["decay_start"], config["spacing_mm"]) == (1, 0.4, [4.0] * 3)
     assert pkg.meta.architecture.args["img_size"] == [32] * 3 and pkg.info.version == "0.0.2"
     refused = CliRunner().invoke(app, [*args, "--postop-share", "0.3"])
     assert refused.exit_code == 2 and "0.25, 0.5 or 0.75" in refused.output
     refused = CliRunner().invoke(app, [*args, "--streak-prob", "1.5"])
     assert refused.exit_code == 2 and "--streak-prob must be between 0 and 1" in refused.output
+    refused = CliRunner().invoke(app, [*args, "--atrophy-kept-min", "0.7"])
+    assert refused.exit_code == 2 and "--atrophy-kept-min must be above 0 and at most 0.6" in refused.output
 
 
 def test_numeric_training_settings_are_checked_when_configured() -> None:
@@ -359,7 +372,8 @@ def test_numeric_training_settings_are_checked_when_configured() -> None:
 
     for field, value in (("lr", 0.0), ("lr", float("inf")), ("batch_size", 0), ("decay_start", 1.5),
                          ("implant_crop_prob", -0.1), ("postop_weight", float("nan")), ("threads", 0),
-                         ("max_minutes", -5.0), ("warmup_steps", -1), ("postop_share", 0.3)):
+                         ("max_minutes", -5.0), ("warmup_steps", -1), ("postop_share", 0.3),
+                         ("atrophy_kept_min", 0.0), ("atrophy_kept_min", 0.7)):
         with pytest.raises(ValueError, match=field):
             TrainConfig(**{field: value})
         cfg = TrainConfig()

@@ -438,6 +438,11 @@ def train(
     postop_share: Annotated[
         float, typer.Option(help=f"Share of post-operative training phantoms: {recipe.POSTOP_SHARES_TEXT}.")
     ] = 0.25,
+    atrophy_kept_min: Annotated[
+        float, typer.Option(help="Least volume share an atrophied muscle of a post-operative training "
+                            f"phantom keeps (above 0, at most {recipe.ATROPHY_KEPT_MIN:g}, the held-out "
+                            "plan's).")
+    ] = recipe.ATROPHY_KEPT_MIN,
     postop_weight: Annotated[
         float, typer.Option(help="How much more often crops come from post-operative phantoms (1: as often).")
     ] = 1.0,
@@ -556,6 +561,7 @@ def train(
         seed_start=seed_start,
         val_phantoms=val_phantoms if data is None else 0,
         postop_share=postop_share,
+        atrophy_kept_min=atrophy_kept_min,
         postop_weight=postop_weight,
         streak_prob=streak_prob,
         implant_crop_prob=implant_crop_prob,
