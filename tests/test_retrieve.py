@@ -547,15 +547,19 @@ def test_a_prior_request_out_of_attempts_or_answered_is_not_due(tmp_path: Path) 
     assert [(r.patient_id, n) for r, n in pairing.due_prior_requests(settings, hour)] == [("P-ORPHAN", 0)]
 
 
-def test_a_linked_patients_prior_is_asked_for_under_each_of_its_ids(orthanc, tmp_path: Path) -> None:
+def test_a_linked_patients_prior_is_asked_for_under_each_of_its_ids(orthanc, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The pre-operative CT is in the PACS under the hospital system's ID (012345), the follow-ups
-    arrive under the PACS's (12345): asked under 12345 alone, the PACS holds no earlier CT; once an
-    operator has linked the two IDs, a new follow-up asks under both and the CT arrives. The answer
-    counts the IDs (the detail is logged at INFO), never names them."""
+    arrive under the PACS's (12345): asked under 12345 alone, the PACS holds no earlier CT; when an
+    operator links the two IDs (`patients link`), that follow-up is asked for again under both and
+    the CT arrives, and so does a new follow-up's. The answer counts the IDs (the detail is logged at
+    INFO), never names them."""
     import sqlite3
 
-    from dicomnode.clinical import aliases, pairing, registry
-    from dicomnode.db import opened
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+    from dicomnode.clinical import pairing, registry
 
     pid, other = "12345", "012345"
     base_study = generate_uid()
@@ -597,19 +601,26 @@ def test_a_linked_patients_prior_is_asked_for_under_each_of_its_ids(orthanc, tmp
         assert alone == ("none", "the PACS holds no earlier CT study for this patient")
         settings.pairing.retrieve_priors = False  # the other ID's follow-up, measured before the link
         record(other, second, "20230401")
-        with opened(settings.db_path) as db, db.tx() as con:
-            aliases.link(con, pid, other)
-        pairing.refresh_all(settings)
-        assert not node.received
-
         settings.pairing.retrieve_priors = True
+        assert not node.received
+        for name, value in (("STORAGE_DIR", settings.storage_dir), ("AE_TITLE", "THIGHNODE"),
+                            ("PACS__PORT", orthanc.dicom_port), ("SELECTION__MIN_SLICES", 5)):
+            monkeypatch.setenv(f"DICOMNODE_{name}", str(value))
+        linked = CliRunner().invoke(app, ["patients", "link", pid, other], env={"COLUMNS": "80"})
+        assert linked.exit_code == 0, linked.output
+        assert ("asking the PACS again for 1 follow-up(s) without a baseline, now under 2 linked "
+                "PatientIDs\n  1: baseline moved to the node") in linked.output, linked.output
+        assert answer(first) == ("retrieved", "moved 8 instance(s), 0 failed; 1 earlier study looked at;"
+                                 " asked under 2 linked PatientIDs")
+        assert len(node.received) == 8
+
         record(pid, third, "20230601")
         status, detail = wait_for(lambda: answer(third), 30, what="the linked patient's retrieval")
         assert status == "retrieved", detail
         assert detail == ("moved 8 instance(s), 0 failed; 1 earlier study looked at; asked under 2"
                           " linked PatientIDs")
         assert {ds.SeriesInstanceUID for ds in node.received} == {base_series}
-        assert {ds.PatientID for ds in node.received} == {other}
+        assert {ds.PatientID for ds in node.received} == {other} and len(node.received) == 16
 
 
 def test_a_linked_patients_candidates_share_one_order_and_one_bound(

@@ -33,7 +33,7 @@ from shlex import quote
 from typing import Any
 
 from dicomnode.clinical import admission, aliases, registry, surgery_day
-from dicomnode.clinical.prior_requests import PriorRequest, RetrievalStatus, ask_in_background
+from dicomnode.clinical.prior_requests import PriorRequest, RequestState, RetrievalStatus, ask_in_background
 from dicomnode.clinical.surgery_day import Placement
 from dicomnode.config import Settings
 from dicomnode.db import opened
@@ -932,12 +932,33 @@ def due_prior_requests(settings: Settings, now: datetime,
                     (unanswered_before is not None and state.at < unanswered_before)
                     or waited > UNANSWERED_AFTER_SECONDS):
                 continue
-            pid, issuer = state.patient_id, state.issuer
-            primary = aliases.primary_of(con, pid, issuer)
-            plan = _plan_of(settings, con, primary, issuer)
-            asking = next((s for s in plan.studies if s.study_instance_uid == state.study_instance_uid), None)
-            if asking is None or not needs_prior(plan, asking):
-                continue
-            linked = tuple(aliases.group(con, primary, issuer))
-            due.append((_prior_request(settings, pid, issuer, asking, plan, linked), state.failed))
+            request = _still_wanted(settings, con, state)
+            if request is not None:
+                due.append((request, state.failed))
     return due
+
+
+def _still_wanted(settings: Settings, con: sqlite3.Connection, state: RequestState) -> PriorRequest | None:
+    """The request of ``state``'s follow-up as it would be asked now (under every ID linked to it), or
+    None when the follow-up has a baseline since or is no longer in the index."""
+    pid, issuer = state.patient_id, state.issuer
+    primary = aliases.primary_of(con, pid, issuer)
+    plan = _plan_of(settings, con, primary, issuer)
+    asking = next((s for s in plan.studies if s.study_instance_uid == state.study_instance_uid), None)
+    if asking is None or not needs_prior(plan, asking):
+        return None
+    return _prior_request(settings, pid, issuer, asking, plan, tuple(aliases.group(con, primary, issuer)))
+
+
+def answered_none_before_link(settings: Settings, patient_id: str, issuer: str) -> list[PriorRequest]:
+    """The follow-ups of ``patient_id``'s linked group still without a baseline whose request the PACS
+    answered with no earlier study: asked under fewer IDs than the group has since ``patients link``,
+    the PACS may hold their baseline under another of them."""
+    from dicomnode.clinical.prior_requests import request_states
+
+    with reading(settings) as con:
+        ids = set(aliases.group(con, aliases.primary_of(con, patient_id, issuer), issuer))
+        states = [s for s in request_states(con) if s.issuer == issuer and s.patient_id in ids
+                  and s.status == RetrievalStatus.NONE]
+        wanted = [_still_wanted(settings, con, s) for s in states]
+    return [w for w in wanted if w is not None]

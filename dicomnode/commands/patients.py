@@ -296,7 +296,8 @@ def link(
     For one patient measured under two IDs (12345 from the PACS, 012345 from the hospital system):
     never done by itself, since pairing two patients would report one's muscle loss from the other's
     CTs. Refused for IDs whose studies give other birth dates or sexes, unless --force. Undone by
-    `dicomnode patients unlink OTHER_ID`."""
+    `dicomnode patients unlink OTHER_ID`. A follow-up whose baseline the PACS did not hold under its
+    own ID is asked for again under all of them (pairing.retrieve_priors)."""
     from dicomnode.clinical import aliases
     from dicomnode.db import opened
 
@@ -313,6 +314,32 @@ def link(
                + (f"; linked although {' and '.join(done.forced)})" if done.forced else ")"))
     counts = _repair(settings)
     typer.echo(f"re-paired {counts.patients} measured patient(s)\n" + _comparisons(counts))
+    if settings.pairing.retrieve_priors:
+        _ask_again(settings, done.primary, issuer)
+
+
+# What came of asking the PACS again, in the words `patients link` prints
+_ASKED_AGAIN = {"retrieved": "baseline moved to the node (measured and paired as it arrives)",
+                "none": "no earlier CT under any of the IDs",
+                "failed": "the PACS could not be asked (the node asks again: dicomnode status)"}
+
+
+def _ask_again(settings: Settings, primary: str, issuer: str) -> None:
+    """Ask the PACS again, under every linked ID, for each follow-up whose baseline it had not found
+    under fewer of them, and print what came of it."""
+    from collections import Counter
+
+    from dicomnode.clinical import pairing
+    from dicomnode.clinical.prior_requests import ask
+
+    requests = pairing.answered_none_before_link(settings, primary, issuer)
+    if not requests:
+        return
+    typer.echo(f"asking the PACS again for {len(requests)} follow-up(s) without a baseline, now under "
+               f"{len(requests[0].linked_ids)} linked PatientIDs")
+    outcomes = Counter(str(ask(settings, request)) for request in requests)
+    for status, count in outcomes.items():
+        typer.echo(f"  {count}: {_ASKED_AGAIN[status]}")
 
 
 @patients_app.command("unlink")
