@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperOption
 
-from dicomnode.commands import demo, node, patients, phantom, report, segmentation
+from dicomnode.commands import demo, node, patients, phantom, priors, report, segmentation
 
 app = typer.Typer(
     name="dicomnode",
@@ -70,7 +70,7 @@ def no_type_beside_flags() -> None:
 
 
 no_type_beside_flags()
-for module in (node, phantom, segmentation, report, patients, demo):
+for module in (node, phantom, segmentation, report, patients, priors, demo):
     module.register(app)
 flow_help(app)
 

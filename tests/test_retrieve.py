@@ -126,11 +126,31 @@ def test_a_refused_move_and_a_pacs_that_is_down_are_errors(orthanc: OrthancServe
         find_studies(settings, "RETRIEVE-003")
 
 
-def test_a_query_retrieve_pacs_says_which_destination_is_wrong(tmp_path: Path) -> None:
+def _measured_followup(settings: Settings, patient_id: str, study: str, date: str) -> None:
+    """A follow-up as the pipeline records it (one structure's volumes): pairing asks for its prior."""
+    out = settings.storage_dir / "results" / f"{study}.1"
+    out.mkdir(parents=True)
+    VolumeRecord(series_instance_uid=f"{study}.1", structures=()).save(out / "volumes.json")
+    from dicomnode.clinical import pairing
+
+    pairing.record_result(settings, pairing.ResultRecord(
+        patient_id=patient_id, issuer_of_patient_id="", patient_sex="F", patient_size_m=None,
+        study_instance_uid=study, study_date=date, study_time="090000", series_instance_uid=f"{study}.1",
+        volumes_json=out / "volumes.json", seg_sop_instance_uid=f"{study}.1.9",
+        sr_sop_instance_uid=f"{study}.1.8", result_dir=out))
+
+
+def test_a_query_retrieve_pacs_says_which_destination_is_wrong(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """dcmtk's dcmqrscp, a PACS that tells its failures apart: an unknown destination (0xA801) and one it
-    cannot store at (0xA702) are each named with what to check, and a prior request whose move failed
-    is a failed attempt (asked again) with that reason; a destination it knows gets the series."""
-    from dicomnode.clinical.prior_requests import PriorRequest, RetrievalStatus, ask, request_states
+    cannot store at (0xA702) are each named with what to check. A follow-up's request fails with that
+    reason until the node gives up; `priors list` shows it, and once the node listens `priors retry`
+    asks again (its attempts counted from one) and the series arrives."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+    from dicomnode.clinical import pairing
+    from dicomnode.clinical.prior_requests import RetrievalStatus, ask, request_states
     from dicomnode.harness.dcmtk import QueryRetrieveSCP
 
     if not have_dcmtk("dcmqrscp", "dcmqridx"):
@@ -140,26 +160,51 @@ def test_a_query_retrieve_pacs_says_which_destination_is_wrong(tmp_path: Path) -
     node_port = free_port()
     with QueryRetrieveSCP(tmp_path / "qr", {"THIGHNODE": node_port}) as qr:
         qr.index(sorted((tmp_path / "s").iterdir()))
-        settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE", port=node_port)
-        settings.pacs.port, settings.pacs.ae_title = qr.port, qr.ae_title
-        settings.selection.min_slices = 5
+        env = {"STORAGE_DIR": tmp_path / "var", "AE_TITLE": "THIGHNODE", "PORT": node_port,
+               "PACS__PORT": qr.port, "PACS__AE_TITLE": qr.ae_title, "SELECTION__MIN_SLICES": 5,
+               "SEND__ATTEMPTS": 2}
+        for name, value in env.items():
+            monkeypatch.setenv(f"DICOMNODE_{name}", str(value))
+        settings = Settings()
         with pytest.raises(PacsRefusal, match=r"status 0xA801 \(Move destination unknown\): the PACS has no "
                            r"destination of that name: add the node to its DICOM nodes \(AE title ELSEWHERE"):
             move_series(settings, study, series, destination="ELSEWHERE")
-        request = PriorRequest("RETRIEVE-QR", "", "1.2.826.0.3", before_date="20230610", before_time="",
-                               surgery_date=None, not_before="", known_study_uids=frozenset(), linked_ids=())
-        assert ask(settings, request) == RetrievalStatus.FAILED  # nobody listens at the node's port
-        with opened(settings.db_path) as db:
-            [state] = request_states(db.con)
-            detail = db.con.execute("SELECT detail FROM pairing_retrievals").fetchone()[0]
-        assert (state.status, state.failed) == (RetrievalStatus.FAILED, 1)
-        assert detail.startswith(
-            "attempt 1 of 5: PacsRefusal: C-MOVE failed with status 0xA702 (Refused: Out of resources, "
+
+        def states() -> list:
+            with opened(settings.db_path) as db:
+                return request_states(db.con)
+
+        _measured_followup(settings, "RETRIEVE-QR", "1.2.826.0.3", "20230610")  # asked at once: fails
+        wait_for(lambda: states() and states()[0].status == RetrievalStatus.FAILED, 30, what="attempt 1")
+        [request] = pairing.still_wanted(settings, lambda s: True)
+        assert ask(settings, request, failed_before=1) == RetrievalStatus.FAILED  # the second and last
+        [state] = states()
+        assert (state.standing(2), state.failed) == ("given up", 2)
+        assert state.detail.startswith(
+            "attempt 2 of 2: PacsRefusal: C-MOVE failed with status 0xA702 (Refused: Out of resources, "
             "unable to perform sub-operations): check the PACS's entry for the node (AE title THIGHNODE, "
-            f"this node's host, port {node_port})"), detail
+            f"this node's host, port {node_port})"), state.detail
+
+        cli = CliRunner()
+        shown = cli.invoke(app, ["priors", "list"], env={"COLUMNS": "80"})
+        assert shown.exit_code == 0, shown.output
+        lines = shown.output.splitlines()
+        assert lines[1].split()[2:5] == ["given", "up", "2/2"] and max(map(len, lines)) <= 80
+        assert "attempt 2 of 2: PacsRefusal: C-MOVE failed with status 0xA702" in shown.output
+
         with CapturingSCP("THIGHNODE", node_port) as node:
-            assert ask(settings, request, failed_before=1) == RetrievalStatus.RETRIEVED
+            asked = cli.invoke(app, ["priors", "retry"])
+            assert asked.exit_code == 0, asked.output
+            assert asked.output == ("asking the PACS again for 1 follow-up(s) without a baseline\n"
+                                    "  1: baseline moved to the node (measured and paired as it arrives)\n")
             assert len(node.received) == 6
+        [state] = states()
+        assert (state.status, state.failed) == (RetrievalStatus.RETRIEVED, 0)  # counted anew from the retry
+        assert cli.invoke(app, ["priors", "list"]).output.startswith("no prior requests waiting")
+        [answered] = json.loads(cli.invoke(app, ["priors", "list", "--all", "--json"]).output)
+        assert answered["standing"] == "answered"
+        assert answered["detail"].startswith("moved 6 instance(s), 0 failed"), answered
+        assert cli.invoke(app, ["priors", "retry"]).output.startswith("no prior request is waiting")
 
 
 DAYS = 14  # pairing.admission_window_days as shipped: the tests below name their dates by it

@@ -950,15 +950,21 @@ def _still_wanted(settings: Settings, con: sqlite3.Connection, state: RequestSta
     return _prior_request(settings, pid, issuer, asking, plan, tuple(aliases.group(con, primary, issuer)))
 
 
+def still_wanted(settings: Settings, which: Callable[[RequestState], bool]) -> list[PriorRequest]:
+    """The requests ``which`` picks whose follow-up still has no baseline, each as it would be asked
+    now (under every ID linked to its patient)."""
+    from dicomnode.clinical.prior_requests import request_states
+
+    with reading(settings) as con:
+        wanted = [_still_wanted(settings, con, s) for s in request_states(con) if which(s)]
+    return [w for w in wanted if w is not None]
+
+
 def answered_none_before_link(settings: Settings, patient_id: str, issuer: str) -> list[PriorRequest]:
     """The follow-ups of ``patient_id``'s linked group still without a baseline whose request the PACS
     answered with no earlier study: asked under fewer IDs than the group has since ``patients link``,
     the PACS may hold their baseline under another of them."""
-    from dicomnode.clinical.prior_requests import request_states
-
     with reading(settings) as con:
         ids = set(aliases.group(con, aliases.primary_of(con, patient_id, issuer), issuer))
-        states = [s for s in request_states(con) if s.issuer == issuer and s.patient_id in ids
-                  and s.status == RetrievalStatus.NONE]
-        wanted = [_still_wanted(settings, con, s) for s in states]
-    return [w for w in wanted if w is not None]
+    return still_wanted(settings, lambda s: s.issuer == issuer and s.patient_id in ids
+                        and s.status == RetrievalStatus.NONE)

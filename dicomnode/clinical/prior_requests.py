@@ -61,6 +61,7 @@ class RequestState:
     status: RetrievalStatus  # the newest row's
     at: datetime  # the newest row's time
     failed: int
+    detail: str | None = None  # the newest row's: what the PACS answered, or why it could not be asked
 
     def standing(self, attempts: int) -> str:
         """One of :data:`STANDINGS` (``attempts``: send.attempts)."""
@@ -76,17 +77,23 @@ STANDINGS = ("asking", "waiting to ask again", "given up", "answered")
 
 
 def request_states(con: sqlite3.Connection) -> list[RequestState]:
-    """Every follow-up's request as its newest row in ``pairing_retrievals`` leaves it."""
+    """Every follow-up's request as its newest row in ``pairing_retrievals`` leaves it, its failed
+    attempts counted since it was last asked for anew (its newest ``requested`` row: the follow-up's
+    first, :func:`ask_anew`'s)."""
     rows = con.execute(
-        "SELECT patient_id, issuer_of_patient_id, study_instance_uid, status, requested_at, failed FROM ("
-        " SELECT *, SUM(status = ?) OVER w AS failed, ROW_NUMBER() OVER (w ORDER BY rowid DESC) AS newest"
-        " FROM pairing_retrievals"
+        "SELECT patient_id, issuer_of_patient_id, study_instance_uid, status, requested_at, failed, detail"
+        " FROM ("
+        " SELECT *, SUM(status = ? AND n > asked) OVER w AS failed,"
+        " ROW_NUMBER() OVER (w ORDER BY n DESC) AS newest FROM ("
+        "  SELECT rowid AS n, *, COALESCE(MAX(CASE WHEN status = ? THEN rowid END) OVER w, 0) AS asked"
+        "  FROM pairing_retrievals"
+        "  WINDOW w AS (PARTITION BY patient_id, issuer_of_patient_id, study_instance_uid))"
         " WINDOW w AS (PARTITION BY patient_id, issuer_of_patient_id, study_instance_uid))"
         " WHERE newest = 1 ORDER BY requested_at",
-        (RetrievalStatus.FAILED,),
+        (RetrievalStatus.FAILED, RetrievalStatus.REQUESTED),
     ).fetchall()
-    return [RequestState(r[0], r[1], r[2], RetrievalStatus(r[3]), datetime.fromisoformat(r[4]), int(r[5]))
-            for r in rows]
+    return [RequestState(r[0], r[1], r[2], RetrievalStatus(r[3]), datetime.fromisoformat(r[4]), int(r[5]),
+                         r[6]) for r in rows]
 
 
 def standing_counts(con: sqlite3.Connection, attempts: int) -> dict[str, int]:
@@ -136,6 +143,13 @@ def ask(settings: Settings, request: PriorRequest, failed_before: int = 0) -> Re
     log.info("prior retrieval: %s (%s)", status, outcome.reason)
     _record_quietly(settings, request, status, outcome.reason)
     return status
+
+
+def ask_anew(settings: Settings, request: PriorRequest, why: str) -> RetrievalStatus:
+    """Ask again a request the PACS answered or gave up on, its attempts counted from one again
+    (``why``: the new ``requested`` row's detail, e.g. "asked again: PatientIDs linked")."""
+    record(settings, request, RetrievalStatus.REQUESTED, why)
+    return ask(settings, request)
 
 
 def _record_quietly(settings: Settings, request: PriorRequest, status: RetrievalStatus, detail: str) -> None:

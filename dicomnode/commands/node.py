@@ -211,8 +211,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Counts of jobs by state, stored series/instances, pending sends, the prior requests (a missing
-    baseline asked of the PACS: asking, waiting to ask again, given up, answered) and the storage
-    volume's space."""
+    baseline asked of the PACS: asking, waiting to ask again, given up, answered; each one: `dicomnode
+    priors list`) and the storage volume's space."""
     from dicomnode.clinical.prior_requests import standing_counts
     from dicomnode.db import opened
     from dicomnode.processing import jobs as lifecycle

@@ -318,28 +318,17 @@ def link(
         _ask_again(settings, done.primary, issuer)
 
 
-# What came of asking the PACS again, in the words `patients link` prints
-_ASKED_AGAIN = {"retrieved": "baseline moved to the node (measured and paired as it arrives)",
-                "none": "no earlier CT under any of the IDs",
-                "failed": "the PACS could not be asked (the node asks again: dicomnode status)"}
-
-
 def _ask_again(settings: Settings, primary: str, issuer: str) -> None:
     """Ask the PACS again, under every linked ID, for each follow-up whose baseline it had not found
     under fewer of them, and print what came of it."""
-    from collections import Counter
-
     from dicomnode.clinical import pairing
-    from dicomnode.clinical.prior_requests import ask
+    from dicomnode.commands.priors import ask_again
 
     requests = pairing.answered_none_before_link(settings, primary, issuer)
-    if not requests:
-        return
-    typer.echo(f"asking the PACS again for {len(requests)} follow-up(s) without a baseline, now under "
-               f"{len(requests[0].linked_ids)} linked PatientIDs")
-    outcomes = Counter(str(ask(settings, request)) for request in requests)
-    for status, count in outcomes.items():
-        typer.echo(f"  {count}: {_ASKED_AGAIN[status]}")
+    if requests:
+        ask_again(settings, requests, "asked again: PatientIDs linked",
+                  f"{len(requests)} follow-up(s) without a baseline, now under "
+                  f"{len(requests[0].linked_ids)} linked PatientIDs")
 
 
 @patients_app.command("unlink")
