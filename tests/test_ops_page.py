@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from series_factory import write_ct_series
 
 from dicomnode.config import ConfigError, Settings, load_settings
-from dicomnode.db import MIGRATIONS, Database, _statements
+from dicomnode.db import MIGRATIONS, Database, _statements, opened
 from dicomnode.ops import page
 from dicomnode.ops.page import OpsPageError, OpsServer
 from dicomnode.processing.jobs import counters
@@ -213,6 +213,48 @@ def test_browser_gets_the_page_with_the_token_as_basic_password(tmp_path: Path, 
         response = context.new_page().goto(server.url)
         assert response is not None and response.status == 401
         context.close()
+    finally:
+        server.stop()
+
+
+def test_page_lists_the_baselines_not_got_with_their_reason(tmp_path: Path, browser: Any) -> None:
+    """A follow-up's baseline the PACS could not give (given up after the attempts) and one still
+    being asked for stand in the page's table by pseudonym, with the reason; an answered one does not."""
+    from dicomnode.clinical.prior_requests import PriorRequest, RetrievalStatus, record
+
+    settings = page_settings(tmp_path, port=free_port())
+    settings.send.attempts = 2
+    with opened(settings.db_path) as db, db.tx() as con:
+        con.execute("INSERT INTO patients (patient_id, issuer, pseudonym) VALUES (?, '', 'P-0a1b2c3d')",
+                    (PATIENT_ID,))
+
+    def request(study: str) -> PriorRequest:
+        return PriorRequest(PATIENT_ID, "", study, "20230610", "", None, "", frozenset(), ())
+
+    refused = "C-MOVE failed with status 0xA801 (Move destination unknown): the PACS has no destination"
+    asked, failed = RetrievalStatus.REQUESTED, RetrievalStatus.FAILED
+    given_up = [(asked, None), *((failed, f"attempt {n} of 2: PacsRefusal: {refused}") for n in (1, 2))]
+    answered = [(asked, None), (RetrievalStatus.NONE, "the PACS holds no earlier CT study")]
+    for study, rows in (("1.2.826.0.9.1", given_up), ("1.2.826.0.9.2", [(asked, None)]),
+                        ("1.2.826.0.9.3", answered)):
+        for status, detail in rows:
+            record(settings, request(study), status, detail)
+    server = OpsServer(settings)
+    server.start()
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        response = page.goto(server.url)
+        assert response is not None and response.status == 200
+        rows = page.locator("#priors tbody tr")
+        assert rows.count() == 2  # newest first; the answered one left out
+        asking, gave_up = rows.nth(0), rows.nth(1)
+        assert asking.get_attribute("data-standing") == "asking"
+        assert gave_up.locator("td.standing").inner_text() == "given up"
+        assert gave_up.locator("td.num").inner_text() == "2/2"
+        assert gave_up.locator("td.patient").inner_text() == "P-0a1b2c3d"
+        assert refused in gave_up.locator("td.reason").inner_text()
+        assert PATIENT_ID not in page.content()
+        page.close()
     finally:
         server.stop()
 

@@ -96,6 +96,24 @@ def request_states(con: sqlite3.Connection) -> list[RequestState]:
                          r[6]) for r in rows]
 
 
+@dataclass(frozen=True)
+class RequestView:
+    """One request as `dicomnode priors list` and the operations page show it: the patient by the
+    pseudonym `dicomnode jobs` shows ("-" for one the node never received), never by PatientID."""
+
+    patient: str
+    standing: str  # one of STANDINGS
+    state: RequestState
+
+
+def request_views(con: sqlite3.Connection, attempts: int, answered: bool = False) -> list[RequestView]:
+    """The requests not answered (``answered``: every one), oldest first (``attempts``: send.attempts)."""
+    names = {(r[0], r[1]): r[2] for r in con.execute("SELECT patient_id, issuer, pseudonym FROM patients")}
+    views = [RequestView(names.get((s.patient_id, s.issuer), "-"), s.standing(attempts), s)
+             for s in request_states(con)]
+    return [v for v in views if answered or v.standing != "answered"]
+
+
 def standing_counts(con: sqlite3.Connection, attempts: int) -> dict[str, int]:
     """How many follow-ups' requests stand where, for each of :data:`STANDINGS` in its order (zeros kept)."""
     standings = [state.standing(attempts) for state in request_states(con)]

@@ -19,7 +19,7 @@ from dicomnode.commands.common import ConfigOption, node_settings
 from seg.terminal import COLUMNS
 
 if TYPE_CHECKING:
-    from dicomnode.clinical.prior_requests import PriorRequest, RequestState
+    from dicomnode.clinical.prior_requests import PriorRequest, RequestView
     from dicomnode.config import Settings
 
 priors_app = typer.Typer(help="Baselines asked of the PACS: where each request stands, asking again.",
@@ -44,24 +44,16 @@ def ask_again(settings: Settings, requests: list[PriorRequest], why: str, what: 
         typer.echo(f"  {count}: {_ASKED_AGAIN[status]}")
 
 
-def _pseudonyms(settings: Settings) -> dict[tuple[str, str], str]:
-    """Each received patient's pseudonym (what `dicomnode jobs` shows), by (PatientID, issuer)."""
-    from dicomnode.db import opened
-
-    with opened(settings.db_path) as db:
-        return {(r[0], r[1]): r[2] for r in db.query("SELECT patient_id, issuer, pseudonym FROM patients")}
-
-
-def _lines(states: list[RequestState], attempts: int, names: dict[tuple[str, str], str]) -> list[str]:
+def _lines(views: list[RequestView], attempts: int) -> list[str]:
     """Two lines or more a request, within 80 columns: patient, follow-up study, standing, failed
     attempts, time of the newest row; below, what the PACS answered or why it could not be asked."""
     from dicomnode.timefmt import short_uid
 
     lines = [f"{'patient':<10}  {'follow-up':<15}  {'standing':<20}  {'failed':>6}  {'last (UTC)':<16}"]
-    for s in states:
+    for v in views:
+        s = v.state
         failed = f"{s.failed}/{attempts}" if s.failed else ""
-        patient = names.get((s.patient_id, s.issuer), "-")
-        lines.append(f"{patient:<10}  {short_uid(s.study_instance_uid):<15}  {s.standing(attempts):<20}  "
+        lines.append(f"{v.patient:<10}  {short_uid(s.study_instance_uid):<15}  {v.standing:<20}  "
                      f"{failed:>6}  {s.at:%Y-%m-%d %H:%M}")
         lines += textwrap.wrap(s.detail or "", COLUMNS, initial_indent=" " * 4, subsequent_indent=" " * 4)
     return lines
@@ -77,24 +69,23 @@ def list_(
     oldest first: the patient's pseudonym (as `dicomnode jobs` shows it), the follow-up study, where
     the request stands (asking, waiting to ask again, given up, answered), its failed attempts, and
     what the PACS answered or why it could not be asked."""
-    from dicomnode.clinical.prior_requests import request_states
+    from dicomnode.clinical.prior_requests import request_views
     from dicomnode.db import opened
 
     settings = node_settings(config)
     attempts = settings.send.attempts
     with opened(settings.db_path) as db:
-        states = [s for s in request_states(db.con) if every or s.standing(attempts) != "answered"]
-    names = _pseudonyms(settings)
+        views = request_views(db.con, attempts, answered=every)
     if as_json:
         typer.echo(json.dumps([
-            {"patient": names.get((s.patient_id, s.issuer)), "study_instance_uid": s.study_instance_uid,
-             "standing": s.standing(attempts), "status": str(s.status), "failed": s.failed,
-             "attempts": attempts, "at": s.at.isoformat(), "detail": s.detail} for s in states], indent=2))
+            {"patient": v.patient, "study_instance_uid": v.state.study_instance_uid, "standing": v.standing,
+             "status": str(v.state.status), "failed": v.state.failed, "attempts": attempts,
+             "at": v.state.at.isoformat(), "detail": v.state.detail} for v in views], indent=2))
         return
-    if not states:
+    if not views:
         typer.echo("no prior requests" + ("" if every else " waiting for an answer (--all: answered too)"))
         return
-    for line in _lines(states, attempts, names):
+    for line in _lines(views, attempts):
         typer.echo(line)
 
 

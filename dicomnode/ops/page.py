@@ -44,6 +44,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from dicomnode.clinical.prior_requests import RequestView, request_views
 from dicomnode.config import MIN_TOKEN_CHARS, Settings, loopback_host
 from dicomnode.db import Database
 from dicomnode.logs import event
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 JOBS_SHOWN = 100
 PROBLEMS_SHOWN = 10
+PRIORS_SHOWN = 20
 HOUR = 3600.0
 REFRESH_SECONDS = 15
 MAX_CONNECTIONS = 32  # open connections to the page at once; past it the oldest is closed
@@ -106,6 +108,8 @@ class PageData:
     jobs: list[jobs.JobView]
     links: dict[int, str]  # job id → its study in the viewer
     problems: list[jobs.Problem]
+    priors: list[RequestView]  # baselines asked of the PACS and not got, newest first
+    send_attempts: int
 
 
 def viewer_link(template: str | None, job: jobs.JobView) -> str | None:
@@ -127,11 +131,13 @@ def page_data(settings: Settings, db: Database, t: float | None = None) -> PageD
     except OSError:
         disk = None
     links = {j.id: link for j in listing if (link := viewer_link(settings.ops.viewer_url, j)) is not None}
+    with db.lock:
+        priors = request_views(db.con, settings.send.attempts)[::-1][:PRIORS_SHOWN]
     return PageData(
         ae_title=settings.ae_title, dicom_port=settings.port, generated_at=t,
         counts={s.value: overview.jobs.get(s.value, 0) for s in jobs.JobState},
         last_hour=jobs.throughput(db, t - HOUR, t), disk=disk, jobs=listing, links=links,
-        problems=jobs.problems(db, PROBLEMS_SHOWN))
+        problems=jobs.problems(db, PROBLEMS_SHOWN), priors=priors, send_attempts=settings.send.attempts)
 
 
 def templates() -> Environment:
