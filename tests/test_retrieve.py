@@ -574,7 +574,8 @@ def test_a_prior_request_out_of_attempts_or_answered_is_not_due(tmp_path: Path) 
     env = {"DICOMNODE_STORAGE_DIR": str(settings.storage_dir), "DICOMNODE_SEND__ATTEMPTS": "3"}
     shown = CliRunner().invoke(app, ["status", "--json"], env=env)
     assert json.loads(shown.output)["prior_requests"] == {"asking": 1, "given up": 1}, shown.output
-    assert "prior requests: asking 1, given up 1" in CliRunner().invoke(app, ["status"], env=env).output
+    said = CliRunner().invoke(app, ["status"], env=env).output
+    assert "prior requests: asking 1, given up 1 (each: dicomnode priors list)" in said
     # and Prometheus, from the operations page's registry
     from prometheus_client import generate_latest
 

@@ -247,8 +247,9 @@ def status(
     console.print(f"disk: {describe(space, *limits)}", highlight=False)
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"))
     console.print("outbox: " + (", ".join(f"{k} {v}" for k, v in sorted(data["outbox"].items())) or "empty"))
-    console.print("prior requests: " + (", ".join(f"{k} {v}" for k, v in requests.items()) or "none"),
-                  highlight=False)
+    waiting = any(name != "answered" for name in requests)
+    console.print("prior requests: " + (", ".join(f"{k} {v}" for k, v in requests.items()) or "none")
+                  + (" (each: dicomnode priors list)" if waiting else ""), highlight=False)
 
 
 def echo(config: ConfigOption = None) -> None:
