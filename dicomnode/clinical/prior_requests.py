@@ -150,7 +150,8 @@ def ask(settings: Settings, request: PriorRequest, failed_before: int = 0) -> Re
         )
     except Exception as exc:  # the node keeps running when the PACS is unreachable
         failed, attempts = failed_before + 1, settings.send.attempts
-        again = f", again in {backoff_seconds(settings, failed):g} s" if failed < attempts else ", the last"
+        again = f", again in {backoff_seconds(settings, failed):g} s" if failed < attempts else (
+            ", the last: `dicomnode priors retry` asks again once the cause is mended")
         log.warning("prior retrieval failed (attempt %d of %d%s): %s", failed, attempts, again,
                     error_text(exc))
         log.debug("prior retrieval failed", exc_info=True)
