@@ -191,6 +191,10 @@ def test_a_query_retrieve_pacs_says_which_destination_is_wrong(tmp_path: Path,
         lines = shown.output.splitlines()
         assert lines[1].split()[2:5] == ["given", "up", "2/2"] and max(map(len, lines)) <= 80
         assert "attempt 2 of 2: PacsRefusal: C-MOVE failed with status 0xA702" in shown.output
+        told = cli.invoke(app, ["patients", "timeline", "RETRIEVE-QR"], env={"COLUMNS": "80"}).output
+        stated = ("· baseline asked of the PACS (given up, 2 of 2 attempts failed): attempt 2 of 2: "
+                  "PacsRefusal: C-MOVE failed with status 0xA702")
+        assert " ".join(told.split()).count(stated) == 1 and max(map(len, told.splitlines())) <= 80, told
 
         with CapturingSCP("THIGHNODE", node_port) as node:
             asked = cli.invoke(app, ["priors", "retry"])
@@ -201,6 +205,8 @@ def test_a_query_retrieve_pacs_says_which_destination_is_wrong(tmp_path: Path,
         [state] = states()
         assert (state.status, state.failed) == (RetrievalStatus.RETRIEVED, 0)  # counted anew from the retry
         assert cli.invoke(app, ["priors", "list"]).output.startswith("no prior requests waiting")
+        [row] = json.loads(cli.invoke(app, ["patients", "timeline", "RETRIEVE-QR", "--json"]).output)
+        assert row["prior_request"]["standing"] == "answered", row
         [answered] = json.loads(cli.invoke(app, ["priors", "list", "--all", "--json"]).output)
         assert answered["standing"] == "answered"
         assert answered["detail"].startswith("moved 6 instance(s), 0 failed"), answered

@@ -13,7 +13,7 @@ import shlex
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from dicomnode.clinical.pairing import PatientRow, RefreshCounts
+    from dicomnode.clinical.pairing import PatientRow, RefreshCounts, TimelineRow
+    from dicomnode.clinical.prior_requests import RequestState
     from dicomnode.config import Settings
 
 patients_app = typer.Typer(help="Clinical registry and per-patient timelines.", no_args_is_help=True)
@@ -237,14 +238,23 @@ def timeline(
 ) -> None:
     """The patient's studies in order: role (baseline / follow-up / ...), reasons, and total change."""
     from dicomnode.clinical import pairing
+    from dicomnode.clinical.prior_requests import request_states
+    from dicomnode.db import opened
 
     settings = node_settings(config)
     rows = pairing.timeline(settings, patient_id, issuer)
     if not rows:
         typer.echo(f"no measured studies for patient {patient_id}", err=True)
         raise typer.Exit(1)
+    with opened(settings.db_path) as db:
+        asked = {(s.patient_id, s.issuer, s.study_instance_uid): s for s in request_states(db.con)}
+
+    def request_of(r: TimelineRow) -> RequestState | None:
+        return asked.get((r.study.patient_id, r.issuer_of_patient_id, r.study.study_instance_uid))
+
     if as_json:
-        typer.echo(json.dumps([r.as_json() for r in rows], indent=2, default=str))
+        typer.echo(json.dumps([r.as_json() | {"prior_request": _request_json(request_of(r), settings)}
+                               for r in rows], indent=2, default=str))
         return
     issuers, shown = {r.issuer_of_patient_id for r in rows}, None
     for r in rows:
@@ -262,6 +272,8 @@ def timeline(
         typer.echo(f"    series {r.study.series_instance_uid}")
         for why in r.reasons:
             typer.echo(_reason_lines(why.text))
+        if (request := request_of(r)) is not None:
+            typer.echo(_reason_lines(_request_text(request, settings.send.attempts)))
         for c in r.changes:
             t = c.total_analysed_muscles
             idx = f", {t.delta_index_cm3_m2:+.1f} cm³/m²" if t.delta_index_cm3_m2 is not None else ""
@@ -270,6 +282,21 @@ def timeline(
                 f"{t.structures} muscles {t.pre_cm3:.0f} → {t.post_cm3:.0f} cm³\n"
                 f"      {t.delta_cm3:+.1f} cm³, loss {t.loss_pct:.1f} %{idx}"
             )
+
+
+def _request_text(request: RequestState, attempts: int) -> str:
+    """A follow-up's baseline request as `timeline` states it under the study."""
+    standing = request.standing(attempts)
+    failed = f", {request.failed} of {attempts} attempts failed" if request.failed else ""
+    said = f": {request.detail}" if request.detail else ""
+    return f"baseline asked of the PACS ({standing}{failed}){said}"
+
+
+def _request_json(request: RequestState | None, settings: Settings) -> dict[str, Any] | None:
+    if request is None:
+        return None
+    return {"standing": request.standing(settings.send.attempts), "status": str(request.status),
+            "failed": request.failed, "at": request.at.isoformat(), "detail": request.detail}
 
 
 def _reason_lines(text: str) -> str:
