@@ -78,15 +78,12 @@ def _move_hint(settings: Settings, destination: str, code: int) -> str:
             "and the node's log for instances it refused (disk low); Orthanc answers 0xC000 for each")
 
 
-def refusal(what: str, status: Dataset, hint: str = "") -> PacsRefusal:
-    """The error of a failure ``status`` of ``what`` ("C-FIND" or "C-MOVE"), with the PACS's own
-    ErrorComment when it sent one."""
+def _refusal(what: str, status: Dataset, hint: str = "") -> PacsRefusal:
+    """The error of a failure ``status`` of ``what`` ("C-FIND" or "C-MOVE"). A PACS's ErrorComment is
+    left out: it is free text that may name the patient, and the error is logged above DEBUG."""
     code = int(status.Status)
     meaning = _MEANINGS[what].get(code, ("", ""))[1] or "not a status PS3.4 defines for it"
-    comment = str(status.get("ErrorComment", "") or "").strip()
-    said = f'; the PACS says "{comment}"' if comment else ""
-    return PacsRefusal(f"{what} failed with status 0x{code:04X} ({meaning}){said}"
-                       + (f": {hint}" if hint else ""))
+    return PacsRefusal(f"{what} failed with status 0x{code:04X} ({meaning})" + (f": {hint}" if hint else ""))
 
 
 @dataclass
@@ -119,7 +116,7 @@ def _responses(settings: Settings, what: str, request: Callable[[Association], I
             if not status:
                 raise ConnectionError(f"{what}: connection lost or timed out")
             if status.Status not in _PENDING and status.Status not in done:
-                raise refusal(what, status, hint(int(status.Status)))
+                raise _refusal(what, status, hint(int(status.Status)))
             yield status, ident
     finally:
         assoc.release()
