@@ -208,7 +208,8 @@ def test_a_query_retrieve_pacs_says_which_destination_is_wrong(tmp_path: Path,
         [row] = json.loads(cli.invoke(app, ["patients", "timeline", "RETRIEVE-QR", "--json"]).output)
         assert row["prior_request"]["standing"] == "answered", row
         [answered] = json.loads(cli.invoke(app, ["priors", "list", "--all", "--json"]).output)
-        assert answered["standing"] == "answered"
+        assert answered["standing"] == "answered" and answered["attempts"] == 2
+        assert {key: answered[key] for key in row["prior_request"]} == row["prior_request"]
         assert answered["detail"].startswith("moved 6 instance(s), 0 failed"), answered
         assert cli.invoke(app, ["priors", "retry"]).output.startswith("no prior request is waiting")
 

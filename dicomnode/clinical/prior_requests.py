@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.db import opened
@@ -70,6 +71,11 @@ class RequestState:
         if self.status == RetrievalStatus.FAILED:
             return "waiting to ask again" if self.failed < attempts else "given up"
         return "answered"
+
+    def as_json(self, attempts: int) -> dict[str, Any]:
+        """Its standing and newest row, as the commands' ``--json`` write it (``attempts``: send.attempts)."""
+        return {"standing": self.standing(attempts), "status": str(self.status), "failed": self.failed,
+                "at": self.at.isoformat(), "detail": self.detail}
 
 
 # Where a request can stand, as `dicomnode status` and the metrics name it

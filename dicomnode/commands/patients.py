@@ -253,8 +253,12 @@ def timeline(
         return asked.get((r.study.patient_id, r.issuer_of_patient_id, r.study.study_instance_uid))
 
     if as_json:
-        typer.echo(json.dumps([r.as_json() | {"prior_request": _request_json(request_of(r), settings)}
-                               for r in rows], indent=2, default=str))
+        def request_json(r: TimelineRow) -> dict[str, Any] | None:
+            request = request_of(r)
+            return None if request is None else request.as_json(settings.send.attempts)
+
+        typer.echo(json.dumps([r.as_json() | {"prior_request": request_json(r)} for r in rows],
+                              indent=2, default=str))
         return
     issuers, shown = {r.issuer_of_patient_id for r in rows}, None
     for r in rows:
@@ -290,13 +294,6 @@ def _request_text(request: RequestState, attempts: int) -> str:
     failed = f", {request.failed} of {attempts} attempts failed" if request.failed else ""
     said = f": {request.detail}" if request.detail else ""
     return f"baseline asked of the PACS ({standing}{failed}){said}"
-
-
-def _request_json(request: RequestState | None, settings: Settings) -> dict[str, Any] | None:
-    if request is None:
-        return None
-    return {"standing": request.standing(settings.send.attempts), "status": str(request.status),
-            "failed": request.failed, "at": request.at.isoformat(), "detail": request.detail}
 
 
 def _reason_lines(text: str) -> str:

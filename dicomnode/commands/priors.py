@@ -78,9 +78,8 @@ def list_(
         views = request_views(db.con, attempts, answered=every)
     if as_json:
         typer.echo(json.dumps([
-            {"patient": v.patient, "study_instance_uid": v.state.study_instance_uid, "standing": v.standing,
-             "status": str(v.state.status), "failed": v.state.failed, "attempts": attempts,
-             "at": v.state.at.isoformat(), "detail": v.state.detail} for v in views], indent=2))
+            {"patient": v.patient, "study_instance_uid": v.state.study_instance_uid}
+            | v.state.as_json(attempts) | {"attempts": attempts} for v in views], indent=2))
         return
     if not views:
         typer.echo("no prior requests" + ("" if every else " waiting for an answer (--all: answered too)"))
