@@ -600,6 +600,47 @@ def test_a_prior_request_out_of_attempts_or_answered_is_not_due(tmp_path: Path) 
     assert [(r.patient_id, n) for r, n in pairing.due_prior_requests(settings, hour)] == [("P-ORPHAN", 0)]
 
 
+def test_priors_retry_names_each_request_while_it_asks(tmp_path: Path) -> None:
+    """Several requests are asked one after the other, each up to the network timeout where the PACS
+    hangs: stderr names the one being asked, stdout keeps the counts. Here the PACS is still down:
+    each is asked once more, and each failure is counted from one again."""
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+    from dicomnode.clinical import pairing
+    from dicomnode.clinical.prior_requests import request_states
+
+    port = free_port()  # nobody listens: every attempt fails
+    settings = Settings(storage_dir=tmp_path / "var", ae_title="THIGHNODE", send={"attempts": 1})
+    settings.pacs.port = port
+    follow_ups = ["1.2.826.0.4.1", "1.2.826.0.4.2"]
+    for n, study in enumerate(follow_ups):
+        out = tmp_path / "var" / "results" / str(n)
+        out.mkdir(parents=True)
+        VolumeRecord(series_instance_uid=f"{study}.1", structures=()).save(out / "volumes.json")
+        pairing.record_result(settings, pairing.ResultRecord(
+            patient_id=f"P-RETRY-{n}", issuer_of_patient_id="", patient_sex="F", patient_size_m=None,
+            study_instance_uid=study, study_date="20230610", study_time="090000",
+            series_instance_uid=f"{study}.1", volumes_json=out / "volumes.json",
+            seg_sop_instance_uid=f"{study}.1.9", sr_sop_instance_uid=f"{study}.1.8", result_dir=out))
+
+    def states() -> list:
+        with pairing.reading(settings) as con:
+            return request_states(con)
+
+    wait_for(lambda: [s.standing(1) for s in states()] == ["given up"] * 2, 30,
+             what="both first attempts failing")
+    env = {"DICOMNODE_STORAGE_DIR": str(settings.storage_dir), "DICOMNODE_SEND__ATTEMPTS": "1",
+           "DICOMNODE_PACS__PORT": str(port)}
+    asked = CliRunner().invoke(app, ["priors", "retry"], env=env)
+    assert asked.exit_code == 0, asked.output
+    named = [f"  asking {n} of 2: follow-up {uid}" for n, uid in enumerate(follow_ups, 1)]
+    assert asked.stderr.splitlines() == named
+    assert asked.stdout == ("asking the PACS again for 2 follow-up(s) without a baseline\n"
+                            "  2: the PACS could not be asked (the node asks again: dicomnode priors list)\n")
+    assert [(s.study_instance_uid, s.failed) for s in states()] == [(uid, 1) for uid in follow_ups]
+
+
 def test_a_linked_patients_prior_is_asked_for_under_each_of_its_ids(orthanc, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The pre-operative CT is in the PACS under the hospital system's ID (012345), the follow-ups

@@ -33,13 +33,20 @@ _ASKED_AGAIN = {"retrieved": "baseline moved to the node (measured and paired as
 
 def ask_again(settings: Settings, requests: list[PriorRequest], why: str, what: str) -> None:
     """Ask the PACS anew for each of ``requests`` (``why``: the index's note), printing ``what`` is
-    asked and then how many came out which way."""
+    asked and then how many came out which way. One after the other, each up to the network
+    timeout where the PACS hangs: with several, stderr names the one being asked."""
     from collections import Counter
 
     from dicomnode.clinical.prior_requests import ask_anew
+    from dicomnode.timefmt import short_uid
 
     typer.echo(f"asking the PACS again for {what}")
-    outcomes = Counter(str(ask_anew(settings, request, why)) for request in requests)
+    outcomes: Counter[str] = Counter()
+    for n, request in enumerate(requests, 1):
+        if len(requests) > 1:
+            typer.echo(f"  asking {n} of {len(requests)}: follow-up {short_uid(request.study_instance_uid)}",
+                       err=True)
+        outcomes[str(ask_anew(settings, request, why))] += 1
     for status, count in outcomes.items():
         typer.echo(f"  {count}: {_ASKED_AGAIN[status]}")
 
