@@ -18,13 +18,13 @@ import numpy as np
 
 from seg import labels as L
 from seg.records import (
-    AtrophyLoss,
     CaseClassScore,
     CaseEvaluation,
     ClassEvaluation,
     Evaluation,
     EvaluationTargets,
     ModelInfo,
+    MuscleLoss,
     NamedDice,
 )
 from seg.volume import Volume
@@ -144,7 +144,8 @@ def _mean(vals: list) -> float | None:
 
 
 def aggregate(cases: list[CaseEvaluation], model_info: ModelInfo,
-              atrophy_loss: list[AtrophyLoss] | None = None) -> Evaluation:
+              atrophy_loss: list[MuscleLoss] | None = None,
+              unshrunk_loss: list[MuscleLoss] | None = None) -> Evaluation:
     """Average per-class figures over cases into the evaluation.json record."""
     per_class: dict[str, ClassEvaluation] = {}
     for name in L.CLASS_NAMES[1:]:
@@ -189,6 +190,7 @@ def aggregate(cases: list[CaseEvaluation], model_info: ModelInfo,
         per_case=tuple(c.summary() for c in cases),
         atrophy_loss=tuple(loss),
         max_atrophy_loss_error_pp=max(abs(a.error_pp) for a in loss) if loss else None,
+        unshrunk_loss=tuple(unshrunk_loss or ()),
         targets=TARGETS,
     )
 
@@ -249,7 +251,8 @@ def evaluate_model(
             cid = (f"seed{o.seed}_{o.position}_{'x'.join(f'{s:g}' for s in o.spacing_mm)}"
                    + ("_postop" if o.postop else "") + (f"_{syntax}" if syntax else ""))
             items.append((cid, lambda o=o, syntax=syntax: _mk(o, syntax), o))
-    loss: list[AtrophyLoss] = []
+    loss: list[MuscleLoss] = []
+    unshrunk: list[MuscleLoss] = []
     for n, (cid, load, opts) in enumerate(items, 1):
         ct, truth = load()
         truth = ct.with_array(np.asarray(truth.array).astype(np.uint8))
@@ -265,8 +268,10 @@ def evaluate_model(
                  rec.mean_dice_muscles or 0.0, dt)
         cases.append(rec)
         if opts is not None and opts.postop and opts.atrophy and opts.implant_side:
-            loss += _atrophy_loss(model, opts, z_range_mm, sides, hu_refinement)
-    return aggregate(cases, model.info, loss)
+            atrophied, others = _pair_losses(model, opts, z_range_mm, sides, hu_refinement)
+            loss += atrophied
+            unshrunk += others
+    return aggregate(cases, model.info, loss, unshrunk)
 
 
 def side_volumes(labels: Volume) -> dict[tuple[str, str], float]:
@@ -284,33 +289,50 @@ def preop_twin_options(post_opts: PhantomOptions) -> PhantomOptions:
 
 
 def atrophy_loss_records(post_opts: PhantomOptions, pre: tuple[Sides, Sides],
-                         post: tuple[Sides, Sides]) -> list[AtrophyLoss]:
+                         post: tuple[Sides, Sides]) -> list[MuscleLoss]:
     """Pre->post loss (%) of each atrophied muscle on the operated side, measured against truth.
 
     ``pre`` and ``post``: (measured, true) side volumes of the pre-operative twin and of the
     post-operative case.
     """
-    (mp, tp), (mq, tq) = pre, post
     side = post_opts.implant_side
-    out = []
-    for name in post_opts.atrophy:
-        key = (name, side)
-        if not tp.get(key):
-            continue
-        true_loss = (tp[key] - tq[key]) / tp[key] * 100.0
-        meas_loss = (mp[key] - mq[key]) / mp[key] * 100.0 if mp.get(key) else None
-        out.append(AtrophyLoss(
-            case=f"seed{post_opts.seed}", muscle=name, side=side,
-            truth_loss_pct=round(true_loss, 2),
-            measured_loss_pct=None if meas_loss is None else round(meas_loss, 2),
-            error_pp=100.0 if meas_loss is None else round(meas_loss - true_loss, 2),
-        ))
-    return out
+    found = (_loss_record(post_opts, name, side, pre, post) for name in post_opts.atrophy if side)
+    return [r for r in found if r is not None]
 
 
-def _atrophy_loss(model, post_opts: PhantomOptions, z_range_mm: tuple[float, float] | None,
-                  post: tuple[Sides, Sides], hu_refinement: bool = True) -> list[AtrophyLoss]:
-    """:func:`atrophy_loss_records` of a post-operative case, its twin segmented here by ``model``."""
+def unshrunk_loss_records(post_opts: PhantomOptions, pre: tuple[Sides, Sides],
+                          post: tuple[Sides, Sides]) -> list[MuscleLoss]:
+    """The same for every analysed muscle the phantom does not shrink (the other side's, and the
+    operated side's not atrophied): the loss a reader would wrongly take for atrophy."""
+    shrunk = {(name, post_opts.implant_side) for name in post_opts.atrophy}
+    found = (_loss_record(post_opts, name, side, pre, post)
+             for name in L.ANALYSED_MUSCLES for side in ("left", "right") if (name, side) not in shrunk)
+    return [r for r in found if r is not None]
+
+
+def _loss_record(post_opts: PhantomOptions, name: str, side: str, pre: tuple[Sides, Sides],
+                 post: tuple[Sides, Sides]) -> MuscleLoss | None:
+    """One muscle's measured and true loss; None where the truth lacks it. A muscle the network
+    lost before surgery counts as a 100-point error."""
+    (mp, tp), (mq, tq) = pre, post
+    key = (name, side)
+    if not tp.get(key):
+        return None
+    true_loss = (tp[key] - tq.get(key, 0.0)) / tp[key] * 100.0
+    meas_loss = (mp[key] - mq.get(key, 0.0)) / mp[key] * 100.0 if mp.get(key) else None
+    return MuscleLoss(
+        case=f"seed{post_opts.seed}", muscle=name, side=side,
+        truth_loss_pct=round(true_loss, 2),
+        measured_loss_pct=None if meas_loss is None else round(meas_loss, 2),
+        error_pp=100.0 if meas_loss is None else round(meas_loss - true_loss, 2),
+    )
+
+
+def _pair_losses(model, post_opts: PhantomOptions, z_range_mm: tuple[float, float] | None,
+                 post: tuple[Sides, Sides], hu_refinement: bool = True
+                 ) -> tuple[list[MuscleLoss], list[MuscleLoss]]:
+    """:func:`atrophy_loss_records` and :func:`unshrunk_loss_records` of a post-operative case, its
+    twin segmented here by ``model``."""
     from seg.infer import segment
     from seg.train import plan_phantom
 
@@ -321,7 +343,7 @@ def _atrophy_loss(model, post_opts: PhantomOptions, z_range_mm: tuple[float, flo
     for r in out:
         log.info("%s %s %s: loss %s %% (truth %.1f %%)", r.case, r.muscle, r.side,
                  "-" if r.measured_loss_pct is None else f"{r.measured_loss_pct:.1f}", r.truth_loss_pct)
-    return out
+    return out, unshrunk_loss_records(post_opts, pre, post)
 
 
 def format_table(res: Evaluation) -> str:
@@ -360,6 +382,16 @@ def format_table(res: Evaluation) -> str:
             f"atrophied muscles, pre->post loss: {len(errors)}, error median "
             f"{f(float(np.median(errors)), '.1f')}, max {f(res.max_atrophy_loss_error_pp, '.1f')} points",
             f"  within {tg.atrophy_loss_error_pp:g} points: {within} of {len(errors)} (target: all)",
+        ]
+    if res.unshrunk_loss:  # no target of its own: what a false loss looks like on the same pairs
+        errors = [abs(a.error_pp) for a in res.unshrunk_loss]
+        within = sum(e <= tg.atrophy_loss_error_pp for e in errors)
+        worst = max(res.unshrunk_loss, key=lambda a: abs(a.error_pp))
+        lines += [
+            f"muscles not shrunk, pre->post loss: {len(errors)}, error median "
+            f"{float(np.median(errors)):.1f}, max {abs(worst.error_pp):.1f} points",
+            f"  within {tg.atrophy_loss_error_pp:g} points: {within} of {len(errors)}; worst: "
+            f"{_display(worst.muscle)} {worst.side}, {worst.case}",
         ]
     return "\n".join(lines)
 

@@ -638,8 +638,9 @@ class NamedDice(Record):
     dice: float
 
 
-class AtrophyLoss(Record):
-    """One atrophied muscle of a post-operative case: measured against true pre->post loss."""
+class MuscleLoss(Record):
+    """One muscle of a post-operative case on one side: its measured pre->post loss against the
+    truth's (an atrophied muscle's, or a false loss where the phantom left the muscle as it was)."""
 
     case: str
     muscle: str
@@ -663,6 +664,8 @@ class Evaluation(_Document):
     median_abs_muscle_volume_error_pct: float | None = None
     per_class: dict[str, ClassEvaluation] = {}
     per_case: tuple[CaseSummary, ...] = ()
-    atrophy_loss: tuple[AtrophyLoss, ...] = ()
+    atrophy_loss: tuple[MuscleLoss, ...] = ()
     max_atrophy_loss_error_pp: float | None = None
+    # every other analysed muscle of the same cases, both sides: a loss measured where there is none
+    unshrunk_loss: tuple[MuscleLoss, ...] = ()
     targets: EvaluationTargets = EvaluationTargets()

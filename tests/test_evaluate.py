@@ -164,7 +164,7 @@ def test_demo_tables_fit_80_columns() -> None:
 def test_atrophy_loss_records_measure_loss_against_truth() -> None:
     """Loss = (pre - post) / pre on the operated side; error = measured - true loss, in points; a muscle the
     network lost before surgery counts as a 100-point error, one absent from the truth is left out."""
-    from seg.evaluate import atrophy_loss_records
+    from seg.evaluate import atrophy_loss_records, unshrunk_loss_records
     from seg.phantom import PhantomOptions
 
     opts = PhantomOptions(seed=7, postop=True, implant_side="left",
@@ -183,13 +183,19 @@ def test_atrophy_loss_records_measure_loss_against_truth() -> None:
     assert recs["gracilis"].measured_loss_pct is None and recs["gracilis"].error_pp == 100.0
     assert recs["pectineus"].error_pp == pytest.approx(-5.0)
 
+    others = {(r.muscle, r.side): r for r in unshrunk_loss_records(opts, (meas_pre, true_pre),
+                                                                   (meas_post, true_post))}
+    assert list(others) == [("sartorius", "right")]  # the operated side's atrophied ones are not here
+    right = others["sartorius", "right"]  # not measured before surgery: a 100-point error
+    assert (right.truth_loss_pct, right.error_pp) == (0.0, 100.0)
+
 
 def test_preoperative_twin_is_the_same_patient_before_surgery() -> None:
     """The twin that the held-out loss is measured against differs from the post-operative phantom only
     by the surgery: the other side is identical, and each atrophied muscle's true loss is its factor's."""
     from dataclasses import replace
 
-    from seg.evaluate import atrophy_loss_records, preop_twin_options, side_volumes
+    from seg.evaluate import atrophy_loss_records, preop_twin_options, side_volumes, unshrunk_loss_records
     from seg.phantom import PhantomOptions, make_phantom
     from seg.train import phantom_plan
 
@@ -210,6 +216,10 @@ def test_preoperative_twin_is_the_same_patient_before_surgery() -> None:
     for r in recs:
         assert r.error_pp == 0.0
         assert r.truth_loss_pct == pytest.approx(100 * (1 - post.atrophy[r.muscle]), abs=3.0), r.muscle
+    others = unshrunk_loss_records(post, (tp, tp), (tq, tq))
+    assert {(r.muscle, r.side) for r in others}.isdisjoint((r.muscle, r.side) for r in recs)
+    assert sum(r.side == other for r in others) >= 15 and all(r.error_pp == 0.0 for r in others)
+    assert all(r.truth_loss_pct == 0.0 for r in others if r.side == other)
 
 
 def test_evaluation_table_reads_at_80_columns_with_the_atrophy_summary() -> None:
@@ -225,6 +235,10 @@ def test_evaluation_table_reads_at_80_columns_with_the_atrophy_summary() -> None
     within = sum(e <= res.targets.atrophy_loss_error_pp for e in errors)
     assert f"error median {np.median(errors):.1f}, max {max(errors):.1f} points" in text
     assert f"within {res.targets.atrophy_loss_error_pp:g} points: {within} of {len(errors)}" in text
+    others = sorted(abs(a.error_pp) for a in res.unshrunk_loss)
+    assert len(others) > 3 * len(errors)  # the same pairs' other muscles, both sides
+    assert (f"muscles not shrunk, pre->post loss: {len(others)}, error median {np.median(others):.1f}, "
+            f"max {max(others):.1f} points") in text
 
 
 def test_evaluate_without_out_ends_with_a_readable_line(monkeypatch: pytest.MonkeyPatch) -> None:
