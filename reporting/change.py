@@ -24,6 +24,7 @@ from seg.records import (
     ChangeRecord,
     ClinicalTimePoint,
     LeftRight,
+    ModelInfo,
     Reason,
     ReasonCode,
     Side,
@@ -128,6 +129,18 @@ def coverage_notes(pre: VolumeQA, post: VolumeQA) -> list[Reason]:
             for d in coverage_differences(pre, post)]
 
 
+def model_note(pre: ModelInfo, post: ModelInfo) -> Reason | None:
+    """The two studies measured by different models (a site's upgrade between them): the change then
+    holds the models' difference too, which no figure can take out; re-measuring the baseline with
+    the follow-up's model removes it. None where both are the same or either is not recorded."""
+    if "none" in (pre.name, post.name) or (pre.name, pre.version) == (post.name, post.version):
+        return None
+    later = post.version if post.name == pre.name else f"{post.name} {post.version}"
+    return Reason(ReasonCode.MODELS_DIFFER,
+                  f"Baseline measured by model {pre.name} {pre.version}, follow-up by {later}: part of "
+                  "the change may be the models' difference; re-measure the baseline with the follow-up's")
+
+
 def laterality_conflict(qa: VolumeQA, fractured_side: LeftRight | None) -> Reason | None:
     """Metal on one side only, and the registry's fractured side the other: a wrong row or a wrong
     side, which marks the other thigh as the operated one (the page drew "fractured" over the thigh
@@ -158,6 +171,8 @@ def compute_change(
     from the volumes record); ``notes`` are reasons stated by pairing and the registry, copied in.
     """
     notes = list(notes) + coverage_notes(pre.qa, post.qa)
+    if (models := model_note(pre.model, post.model)) is not None:
+        notes.append(models)
     if (conflict := laterality_conflict(post.qa, fractured_side)) is not None:
         notes.append(conflict)
     if not height_m:

@@ -69,7 +69,7 @@ def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelIn
                 change: ChangeRecord | None = None, fractured_side: LeftRight | None = None) -> list[str]:
     """Plain-language QA warnings shown on the page (empty when nothing is wrong); with a comparison,
     the notes that make it less comparable (the two CTs' coverage, a baseline older than the
-    admission CT), and on any page metal on the side
+    admission CT, two models), and on any page metal on the side
     the registry does not call operated."""
     out = []
     qa = volumes.qa
@@ -89,7 +89,8 @@ def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelIn
         out.append("Incomplete craniocaudal coverage")
     if change is not None:
         out += [n.text for n in change.notes
-                if n.code in (ReasonCode.COVERAGE_DIFFERS, ReasonCode.BASELINE_BEFORE_ADMISSION)]
+                if n.code in (ReasonCode.COVERAGE_DIFFERS, ReasonCode.BASELINE_BEFORE_ADMISSION,
+                              ReasonCode.MODELS_DIFFER)]
     if (conflict := laterality_conflict(qa, shown_side(change, fractured_side))) is not None:
         out.append(conflict.text)
     ratio = qa.segmented_vs_hu_muscle

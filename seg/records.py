@@ -128,6 +128,7 @@ class ReasonCode(StrEnum):
     # the two CTs of a comparison (reporting.change)
     COVERAGE_DIFFERS = "coverage-differs"  # one covers more thigh (from the femoral head) than the other
     LATERALITY_CONFLICT = "laterality-conflict"  # metal on the side the registry does not say is operated
+    MODELS_DIFFER = "models-differ"  # the two studies were measured by different models (or versions)
 
     UNCLASSIFIED = "unclassified"  # a legacy note whose cause cannot be told
 

@@ -795,17 +795,20 @@ def test_one_patient_id_at_two_hospitals_is_two_rows_of_excluded() -> None:
     assert sorted(excluded["issuer_of_patient_id"]) == ["HOSP_A", "HOSP_B"]
 
 
-def test_a_less_comparable_pair_stays_in_the_tables_and_is_named() -> None:
-    """A pair whose CTs cover other lengths of thigh entered the tables unseen: it stays (the reader
-    decides) and the report and patients.csv name it."""
+@pytest.mark.parametrize("note", [
+    Reason(ReasonCode.COVERAGE_DIFFERS, "Follow-up covers 96 mm less below the femoral head"),
+    Reason(ReasonCode.MODELS_DIFFER, "Baseline measured by model m 0.9.1, follow-up by 0.9.2"),
+], ids=str)
+def test_a_less_comparable_pair_stays_in_the_tables_and_is_named(note: Reason) -> None:
+    """A pair whose CTs cover other lengths of thigh, or that two models measured, entered the tables
+    unseen: it stays (the reader decides) and the report and patients.csv name it."""
     entries, _ = _cohort()
-    note = Reason(ReasonCode.COVERAGE_DIFFERS, "Follow-up covers 96 mm less below the femoral head")
     change = entries[2].change
     entries[2] = entries[2].model_copy(update={"change": change.model_copy(update={"notes": (note,)})})
     report = build_cohort(entries, n_boot=50)
     flagged = report.patients.set_index("patient_id")["comparability"]
-    assert flagged["C03"] == "coverage-differs" and (flagged.drop("C03") == "").all()
-    assert any(n.startswith("1 patient(s) with 'coverage-differs'") for n in report.notes)
+    assert flagged["C03"] == str(note.code) and (flagged.drop("C03") == "").all()
+    assert any(n.startswith(f"1 patient(s) with '{note.code}'") for n in report.notes)
 
 
 # ---------------------------------------------------------------- how many patients, how each p

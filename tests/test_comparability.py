@@ -1,13 +1,13 @@
 """What makes a pre/post comparison less comparable, told where it is read: two CTs covering other
-lengths of thigh (measured from the femoral head, as scanner z differs between scans), and metal on
-the side the registry does not call operated (reporting.change)."""
+lengths of thigh (measured from the femoral head, as scanner z differs between scans), metal on
+the side the registry does not call operated, and two models (reporting.change)."""
 
 from __future__ import annotations
 
 import pytest
 
-from reporting.change import compute_change, laterality_conflict
-from reporting.summary import qa_warnings
+from reporting.change import compute_change, laterality_conflict, model_note
+from reporting.summary import qa_warnings, warning_lines
 from seg.header import SeriesHeader
 from seg.measure import measure_volumes
 from seg.phantom import PhantomOptions, make_phantom
@@ -57,3 +57,27 @@ def test_metal_on_the_side_the_registry_does_not_call_operated_is_named() -> Non
 
     page = qa_warnings(VolumeRecord(qa=qa), SeriesHeader(), ModelInfo(), fractured_side="left")
     assert "Metal on the right side, but the registry's fractured side is left: check the registry" in page
+
+
+def test_a_baseline_measured_by_another_model_is_named_on_the_change_and_the_page(records) -> None:
+    """A site upgraded its model between the two studies: the change holds the models' difference too
+    (each model's volume errors are its own), so the change record and the page say so and what
+    removes it; one model, or a record of a release that wrote no model, says nothing."""
+    pre, post, *_ = records
+    old, new = ModelInfo(name="thigh-unetr", version="0.9.1"), ModelInfo(name="thigh-unetr", version="0.9.2")
+
+    def notes(a: ModelInfo, b: ModelInfo) -> list:
+        change = compute_change(pre.model_copy(update={"model": a}), pre.model_copy(update={"model": b}), 1.6,
+                                StudyRef(study_date="20240101"), StudyRef(study_date="20240501"))
+        return [n for n in change.notes if n.code is ReasonCode.MODELS_DIFFER]
+
+    (note,) = notes(old, new)
+    assert note.text.startswith("Baseline measured by model thigh-unetr 0.9.1, follow-up by 0.9.2: ")
+    assert note.text.endswith("re-measure the baseline with the follow-up's")
+    (other,) = notes(old, ModelInfo(name="site-model", version="1"))
+    assert "follow-up by site-model 1:" in other.text
+    assert notes(new, new) == [] and notes(ModelInfo(), new) == [] and model_note(new, ModelInfo()) is None
+    change = compute_change(pre.model_copy(update={"model": old}), post.model_copy(update={"model": new}),
+                            1.6, StudyRef(study_date="20240101"), StudyRef(study_date="20240501"))
+    page = " ".join(line.strip() for line in warning_lines(qa_warnings(post, SeriesHeader(), new, change)))
+    assert note.text in page

@@ -116,7 +116,7 @@ def parse_filters(items: list[str] | None,
 
 # notes of a comparison that the tables keep but the reader should know of (reporting.change)
 COMPARABILITY_CODES = frozenset({ReasonCode.COVERAGE_DIFFERS, ReasonCode.LATERALITY_CONFLICT,
-                                 ReasonCode.BASELINE_BEFORE_ADMISSION})
+                                 ReasonCode.BASELINE_BEFORE_ADMISSION, ReasonCode.MODELS_DIFFER})
 
 
 def exclusion(entry: CohortEntry, filters: dict[str, list[str]] | None = None) -> Exclusion | None:
