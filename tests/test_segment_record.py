@@ -176,6 +176,42 @@ def test_record_says_where_the_outputs_are_and_keeps_what_a_uid_named(studies, t
     assert seg.read_bytes() == before
 
 
+def test_a_baseline_measured_by_an_earlier_model_is_named_until_it_is_measured_again(studies, truth_model,
+                                                                                   tmp_path):
+    """After a change of model (a site's model, or a new release of the shipped one) the follow-up's
+    comparison says that its baseline was measured by another model; `segment --record` of the
+    baseline with the node's model (pacs-admin.md §6) measures it again and the note goes."""
+    import json
+
+    from seg.package import DEMO_DIR
+
+    cfg = _node(tmp_path, "offline", bytes(range(32)))
+    newer = tmp_path / "site-model"
+    shutil.copytree(DEMO_DIR, newer)
+    meta = json.loads((newer / "model.json").read_text())
+    old_version, meta["version"] = meta["version"], meta["version"] + "-site"
+    (newer / "model.json").write_text(json.dumps(meta))
+
+    def record(when: str, *model: str) -> None:
+        r = CliRunner().invoke(app, ["segment", str(studies[when][1] / "dicom"), "--record", "--no-progress",
+                                     "--config", str(cfg), *model])
+        assert r.exit_code == 0, r.output
+
+    def report() -> str:
+        r = CliRunner().invoke(app, ["report", "patient", "REC1", "--config", str(cfg)])
+        assert r.exit_code == 0, r.output
+        return " ".join(r.output.split())
+
+    record("pre")
+    record("post", "--model", str(newer))
+    said = (f"Baseline measured by model {meta['name']} {old_version}, follow-up by {meta['version']}: part "
+            "of the change may be the models' difference")
+    assert said in report()
+    record("pre", "--model", str(newer))
+    again = report()
+    assert "measured by model" not in again and "the 21 analysed muscles, both sides" in again
+
+
 @pytest.mark.parametrize("args", [["--record", "--out", "unused"], []], ids=["record-one-series", "neither"])
 def test_out_is_given_where_something_is_written_to_it(studies, tmp_path, monkeypatch, args):
     """--record keeps one series' results in the node's storage: an --out beside it is refused
