@@ -195,6 +195,10 @@ def test_a_query_retrieve_pacs_says_which_destination_is_wrong(tmp_path: Path,
         stated = ("· baseline asked of the PACS (given up, 2 of 2 attempts failed): attempt 2 of 2: "
                   "PacsRefusal: C-MOVE failed with status 0xA702")
         assert " ".join(told.split()).count(stated) == 1 and max(map(len, told.splitlines())) <= 80, told
+        reported = cli.invoke(app, ["report", "patient", "RETRIEVE-QR"], env={"COLUMNS": "80"})
+        assert reported.exit_code == 0 and reported.output.startswith("no comparison: "), reported.output
+        assert " ".join(reported.output.split()).count(stated) == 1, reported.output
+        assert max(map(len, reported.output.splitlines())) <= 80, reported.output
 
         with CapturingSCP("THIGHNODE", node_port) as node:
             asked = cli.invoke(app, ["priors", "retry"])

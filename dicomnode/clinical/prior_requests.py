@@ -72,6 +72,13 @@ class RequestState:
             return "waiting to ask again" if self.failed < attempts else "given up"
         return "answered"
 
+    def text(self, attempts: int) -> str:
+        """Where it stands and what came of it, as a line under its study (`patients timeline`,
+        `report patient`)."""
+        failed = f", {self.failed} of {attempts} attempts failed" if self.failed else ""
+        said = f": {self.detail}" if self.detail else ""
+        return f"baseline asked of the PACS ({self.standing(attempts)}{failed}){said}"
+
     def as_json(self, attempts: int) -> dict[str, Any]:
         """Its standing and newest row, as the commands' ``--json`` write it (``attempts``: send.attempts)."""
         return {"standing": self.standing(attempts), "status": str(self.status), "failed": self.failed,
@@ -110,6 +117,11 @@ class RequestView:
     patient: str
     standing: str  # one of STANDINGS
     state: RequestState
+
+
+def requests_by_study(con: sqlite3.Connection) -> dict[tuple[str, str, str], RequestState]:
+    """Each request by its follow-up: (patient_id, issuer, study_instance_uid)."""
+    return {(s.patient_id, s.issuer, s.study_instance_uid): s for s in request_states(con)}
 
 
 def request_views(con: sqlite3.Connection, attempts: int, answered: bool = False) -> list[RequestView]:

@@ -238,7 +238,7 @@ def timeline(
 ) -> None:
     """The patient's studies in order: role (baseline / follow-up / ...), reasons, and total change."""
     from dicomnode.clinical import pairing
-    from dicomnode.clinical.prior_requests import request_states
+    from dicomnode.clinical.prior_requests import requests_by_study
     from dicomnode.db import opened
 
     settings = node_settings(config)
@@ -247,7 +247,7 @@ def timeline(
         typer.echo(f"no measured studies for patient {patient_id}", err=True)
         raise typer.Exit(1)
     with opened(settings.db_path) as db:
-        asked = {(s.patient_id, s.issuer, s.study_instance_uid): s for s in request_states(db.con)}
+        asked = requests_by_study(db.con)
 
     def request_of(r: TimelineRow) -> RequestState | None:
         return asked.get((r.study.patient_id, r.issuer_of_patient_id, r.study.study_instance_uid))
@@ -277,7 +277,7 @@ def timeline(
         for why in r.reasons:
             typer.echo(_reason_lines(why.text))
         if (request := request_of(r)) is not None:
-            typer.echo(_reason_lines(_request_text(request, settings.send.attempts)))
+            typer.echo(_reason_lines(request.text(settings.send.attempts)))
         for c in r.changes:
             t = c.total_analysed_muscles
             idx = f", {t.delta_index_cm3_m2:+.1f} cm³/m²" if t.delta_index_cm3_m2 is not None else ""
@@ -286,14 +286,6 @@ def timeline(
                 f"{t.structures} muscles {t.pre_cm3:.0f} → {t.post_cm3:.0f} cm³\n"
                 f"      {t.delta_cm3:+.1f} cm³, loss {t.loss_pct:.1f} %{idx}"
             )
-
-
-def _request_text(request: RequestState, attempts: int) -> str:
-    """A follow-up's baseline request as `timeline` states it under the study."""
-    standing = request.standing(attempts)
-    failed = f", {request.failed} of {attempts} attempts failed" if request.failed else ""
-    said = f": {request.detail}" if request.detail else ""
-    return f"baseline asked of the PACS ({standing}{failed}){said}"
 
 
 def _reason_lines(text: str) -> str:

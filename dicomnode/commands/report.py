@@ -7,13 +7,17 @@ not run) from everything the node has measured; the patient report shows one pat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dicomnode.commands.common import ConfigOption, cell, node_settings, wrapped
 from seg.dates import display_date
 from seg.records import ChangeRecord, Followup
+
+if TYPE_CHECKING:
+    from dicomnode.clinical.pairing import TimelineRow
+    from dicomnode.config import Settings
 
 report_app = typer.Typer(help="Cohort and per-patient change reports.", no_args_is_help=True)
 
@@ -91,7 +95,9 @@ def patient(
                                  " patient of its own: choose one", param_hint="--issuer")
     if not changes:
         reasons = sorted({w.text for r in rows for w in r.reasons})
-        typer.echo("no comparison: " + ("; ".join(reasons) or "no reason recorded"))
+        typer.echo(wrapped("no comparison: " + ("; ".join(reasons) or "no reason recorded"), "", "  "))
+        for line in _requests(settings, rows):  # a baseline the node asked the PACS for
+            typer.echo(wrapped(line, "  · ", " " * 4))
         raise typer.Exit(0)
     for c in changes:
         typer.echo(
@@ -108,6 +114,17 @@ def patient(
             stem = f"change-{c.comparison}-{c.followup.series_instance_uid}"
             c.save(out / f"{stem}.json", indent=2)
             pd.DataFrame([s.model_dump() for s in c.structures]).to_csv(out / f"{stem}.csv", index=False)
+
+
+def _requests(settings: Settings, rows: list[TimelineRow]) -> list[str]:
+    """Where each of these studies' baseline requests to the PACS stands (none: never asked)."""
+    from dicomnode.clinical.prior_requests import requests_by_study
+    from dicomnode.db import opened
+
+    with opened(settings.db_path) as db:
+        asked = requests_by_study(db.con)
+    keys = [(r.study.patient_id, r.issuer_of_patient_id, r.study.study_instance_uid) for r in rows]
+    return [asked[k].text(settings.send.attempts) for k in keys if k in asked]
 
 
 def side_table(change: ChangeRecord) -> str:
