@@ -22,7 +22,7 @@ from seg.metal_proximity import METAL_HU
 
 
 @dataclass(frozen=True)
-class MissedVoxels:
+class MissedMuscle:
     """One case's missed muscle (cm³), by source and by whether its slice holds metal."""
 
     network_metal: float  # the network's own miss, in a slice with metal
@@ -42,15 +42,15 @@ def metal_slices(hu: np.ndarray) -> np.ndarray:
     return np.broadcast_to(holds[None, None, :], hu.shape)
 
 
-def missed_voxels(muscle: np.ndarray, truth: np.ndarray, network: np.ndarray, refined: np.ndarray,
+def missed_muscle(muscle: np.ndarray, truth: np.ndarray, network: np.ndarray, refined: np.ndarray,
                   in_metal_slice: np.ndarray, background: np.ndarray, hu: np.ndarray,
-                  voxel_cm3: float) -> MissedVoxels:
+                  voxel_cm3: float) -> MissedMuscle:
     """One case's missed muscle by source. ``muscle``: a lookup, label -> analysed muscle;
     ``background``: the network's background probability (0..1) on the CT grid."""
     missed = muscle[truth] & (refined == 0)
     cut = missed & muscle[network]
     own = missed & ~cut
-    return MissedVoxels(
+    return MissedMuscle(
         network_metal=float((own & in_metal_slice).sum() * voxel_cm3),
         network_other=float((own & ~in_metal_slice).sum() * voxel_cm3),
         cut_metal=float((cut & in_metal_slice).sum() * voxel_cm3),
@@ -73,7 +73,7 @@ def _row(first: object, cm3: list[float]) -> str:
     return f"{first!s:>5}" + "".join(f"{c:>15.1f}" for c in cm3)
 
 
-def _report(cases: list[tuple[int, MissedVoxels]]) -> str:
+def _report(cases: list[tuple[int, MissedMuscle]]) -> str:
     """The table of missed muscle, within 80 columns."""
     lines = ["missed muscle, cm³: the network's own, or cut by the refinement",
              f"{'seed':>5}" + "".join(f"{h:>15}" for h in ("network, metal", "network, other", "cut, metal",
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         network = np.asarray(done.labels(None).array)
         refined = np.asarray(done.labels(model.inference.hu_refinement).array)
         hu = np.asarray(done.ct.array)  # as the refinement read it
-        cases.append((opts.seed, missed_voxels(
+        cases.append((opts.seed, missed_muscle(
             muscle, np.asarray(ph.labels.array).astype(np.uint8), network, refined,
             metal_slices(hu), done.prediction.background / 255.0, hu,
             float(np.prod(ph.ct.spacing_mm)) / 1000.0)))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.missed_muscle import _report, metal_slices, missed_voxels
+from benchmarks.missed_muscle import _report, metal_slices, missed_muscle
 
 
-def test_missed_voxels_are_the_networks_or_the_refinements_by_slice() -> None:
+def test_missed_muscle_is_the_networks_or_the_refinements_by_slice() -> None:
     muscle = np.zeros(256, bool)
     muscle[[3, 4]] = True  # two muscles; label 9 a bone
     truth = np.zeros((2, 2, 4), np.uint8)
@@ -25,7 +25,7 @@ def test_missed_voxels_are_the_networks_or_the_refinements_by_slice() -> None:
     assert in_metal[:, :, 2].all() and not in_metal[:, :, [0, 1, 3]].any()
     background = np.full(truth.shape, 0.25)
     hu = np.full(truth.shape, -50.0)
-    m = missed_voxels(muscle, truth, network, refined, in_metal, background, hu, voxel_cm3=0.5)
+    m = missed_muscle(muscle, truth, network, refined, in_metal, background, hu, voxel_cm3=0.5)
     assert (m.network_metal, m.network_other, m.cut_metal, m.cut_other) == (0.5, 1.0, 0.5, 1.5)
     assert m.network_background.tolist() == [0.25] and m.cut_hu.tolist() == [-50.0]
     text = _report([(1, m)])
