@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seg.metal_proximity import METAL_HU
+from seg.metal_proximity import slices_with_metal
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class MissedMuscle:
 
 def metal_slices(hu: np.ndarray) -> np.ndarray:
     """Mask of the voxels in a slice (axis 2, as :class:`seg.volume.Volume` orders them) holding
-    metal, by the refinement's own test (:data:`seg.metal_proximity.METAL_HU`)."""
-    holds = (hu > METAL_HU).any(axis=(0, 1))
+    metal, by the refinement's own test (:func:`seg.metal_proximity.slices_with_metal`)."""
+    holds = slices_with_metal(hu)
     return np.broadcast_to(holds[None, None, :], hu.shape)
 
 

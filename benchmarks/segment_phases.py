@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from seg.hu_refine import refine_labels
     from seg.infer import predict_probabilities, resample_prediction
     from seg.mar import reduce_metal_artefacts
-    from seg.metal_proximity import METAL_HU
+    from seg.metal_proximity import slices_with_metal
     from seg.model import load_model
     from seg.phantom import PhantomOptions, make_phantom
     from seg.preprocess import to_model_grid
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     rule = pkg.inference.hu_refinement
     post = {"postop": True, "implant_side": "left"} if args.mar else {}
     ph = make_phantom(PhantomOptions(seed=args.seed, spacing_mm=(args.spacing,) * 3, **post))
-    metal = f", {int((ph.ct.array > METAL_HU).any(axis=(0, 1)).sum())} slices with metal" if args.mar else ""
+    metal = f", {int(slices_with_metal(ph.ct.array).sum())} slices with metal" if args.mar else ""
     print(f"{pkg.info.name} {pkg.info.version}; CT {ph.ct.shape} at {args.spacing} mm{metal}; "
           f"{args.threads} threads; fp32 matmul {matmul_gflops():.0f} GFLOP/s")
     for run in range(1, args.repeats + 1):

@@ -36,7 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from seg import labels as L
-from seg.metal_proximity import METAL_HU
+from seg.metal_proximity import slices_with_metal
 
 
 def _label_range(names: list[str]) -> tuple[int, int]:
@@ -210,7 +210,7 @@ def _keep_confident_muscle(hu: np.ndarray, net: np.ndarray, out: np.ndarray, bac
                            limit: np.uint8) -> None:
     """In the slices holding metal, give back to the network's muscle label, in place, the voxels the
     refinement cut as fat where the network's background probability is below ``limit``."""
-    metal = (hu > METAL_HU).any(axis=(0, 1))
+    metal = slices_with_metal(hu)
     if not metal.any():
         return
     keep = (out == 0) & _member(net, _MUSCLE) & (background < limit)

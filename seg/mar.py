@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seg.metal_proximity import METAL_HU, widen_in_plane
+from seg.metal_proximity import METAL_HU, slices_with_metal, widen_in_plane
 from seg.preprocess_config import MetalArtefactReduction
 from seg.tomo import ParallelBeam
 from seg.volume import Volume
@@ -53,7 +53,7 @@ def reduce_metal_artefacts(ct: Volume, config: MarConfig | None = None) -> Volum
     """``ct`` with its metal streaks reduced; the same object when no voxel holds metal."""
     cfg = config or MarConfig()
     hu = ct.array
-    metal_k = np.flatnonzero((hu > METAL_HU).any(axis=(0, 1)))
+    metal_k = np.flatnonzero(slices_with_metal(hu))
     if metal_k.size == 0:
         return ct
     sub = hu[:, :, metal_k]

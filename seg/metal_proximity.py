@@ -23,6 +23,12 @@ NEAR_METAL_SHARE = 0.2  # a muscle side with at least this share of its voxels i
 NEAR_METAL_MARK = "†"  # how the page and the terminal tables mark a flagged muscle side
 
 
+def slices_with_metal(hu: np.ndarray) -> np.ndarray:
+    """Which slices (axis 2, as :class:`seg.volume.Volume` orders them) hold metal: one bool each.
+    The one test the artefact reduction, the refinement and the benchmarks share."""
+    return (np.asarray(hu) > METAL_HU).any(axis=(0, 1))
+
+
 def widen_in_plane(box: tuple[slice, slice], reach_mm: float, spacing_mm: tuple[float, float],
                    shape: tuple[int, int]) -> tuple[slice, slice]:
     """The in-plane ``box`` widened by ``reach_mm`` on every side and clipped to ``shape``: the crop

@@ -18,6 +18,7 @@ from seg.metal_proximity import (
     NEAR_METAL_SHARE,
     MetalBox,
     near_metal_counts,
+    slices_with_metal,
     widen_in_plane,
 )
 from seg.phantom import PhantomOptions, make_phantom
@@ -163,3 +164,11 @@ def test_terminal_table_marks_the_sides_next_to_the_implant(post, twin):
     assert "† next to the metal implant: the least reliable volumes" in lines
     assert max(len(ln) for ln in lines) <= 80
     assert "†" not in volumes_table(measure_volumes(twin.labels, twin.ct, height_m=1.7))
+
+
+def test_slices_with_metal_marks_exactly_the_slices_above_the_metal_threshold():
+    hu = np.zeros((4, 5, 6), np.int16)
+    hu[1, 2, 1] = METAL_HU + 1  # metal
+    hu[3, 0, 4] = METAL_HU  # at the threshold: not metal
+    hu[0, 4, 5] = 3000
+    assert slices_with_metal(hu).tolist() == [False, True, False, False, False, True]
