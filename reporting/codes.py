@@ -12,6 +12,7 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 
 from seg.labels import Structure, by_name
+from seg.records import ReasonCode
 
 PRIVATE_SCHEME = "99THIGH"
 PRIVATE_SCHEME_NAME = "Thigh muscle volumetry node private codes"
@@ -70,6 +71,15 @@ FRACTURE_TYPES = {"FNF": _private("FNF", "Femoral neck fracture"),
                   "ITF": _private("ITF", "Intertrochanteric fracture"),
                   "other": _private("FXOTHER", "Other hip fracture")}
 DAYS_SINCE_SURGERY = _private("DAYSPOSTOP", "Days since surgery")
+# why a comparison is less comparable (reporting.change.COMPARABILITY_CODES): the change SR states each
+# note the page warns of, so a program reading the SR learns what a reader of the page does
+QA_COMPARABILITY = _private("QACMP", "Comparability of baseline and follow-up")
+COMPARABILITY = {
+    ReasonCode.COVERAGE_DIFFERS: _private("CMPCOV", "Coverage of the two CTs differs"),
+    ReasonCode.LATERALITY_CONFLICT: _private("CMPLAT", "Metal side is not the registry's fractured side"),
+    ReasonCode.BASELINE_BEFORE_ADMISSION: _private("CMPADM", "Baseline older than the admission period"),
+    ReasonCode.MODELS_DIFFER: _private("CMPMODEL", "Baseline and follow-up measured by different models"),
+}
 PROCEDURE = _private("THIGHVOL", "CT thigh muscle volumetry")
 
 

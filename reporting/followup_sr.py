@@ -64,10 +64,12 @@ from reporting.uids import (
 from seg.dates import display_date
 from seg.labels import ANALYSED_MUSCLES
 from seg.records import (
+    COMPARABILITY_CODES,
     ChangeFigures,
     ChangeRecord,
     ClinicalTimePoint,
     ModelInfo,
+    ReasonCode,
     SideTotalChange,
     StructureChange,
     TotalChange,
@@ -149,6 +151,22 @@ def _total_group(subject: str, total: TotalChange | SideTotalChange, height_m: f
     ), tracking_label(TOTAL, side))
 
 
+def comparability_evaluations(change: ChangeRecord) -> list[hd.sr.QualitativeEvaluation]:
+    """QACMP, once for each note that makes the two studies less comparable (the page's warnings:
+    coverage, a baseline older than the admission period, two models, metal on the side the registry
+    does not call fractured), in the order the change states them.
+
+    Why: a program reading the change SR (a registry, a viewer) took a loss measured across two models
+    or over two lengths of thigh for a plain loss; the page said so, the SR did not."""
+    return [hd.sr.QualitativeEvaluation(codes.QA_COMPARABILITY, codes.COMPARABILITY[code])
+            for code in comparable_codes(change)]
+
+
+def comparable_codes(change: ChangeRecord) -> list[ReasonCode]:
+    """The codes of ``change``'s comparability notes, each once, in the order it states them."""
+    return list(dict.fromkeys(n.code for n in change.notes if n.code in COMPARABILITY_CODES))
+
+
 def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointContext, ct: Volume,
                    rules: ReportingRules = RULES) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     evaluations = []
@@ -165,6 +183,7 @@ def _context_group(change: ChangeRecord, uid: str, time_point: hd.sr.TimePointCo
                                                           fracture_type=change.fracture_type))
     if change.followup_qa is not None and change.followup_qa.metal is not None:
         evaluations.append(metal_evaluation(change.followup_qa))  # which side's changes it may spoil
+    evaluations += comparability_evaluations(change)
     measurements = []
     if change.height_m:
         measurements.append(hd.sr.Measurement(name=codes.BODY_HEIGHT, unit=METER,
@@ -206,7 +225,9 @@ def build_followup_sr(ct: Volume, change: ChangeRecord, evidence: list[Dataset],
                *([f"seg:{seg.SOPInstanceUID}"] if seg is not None else []),  # outlines from it: other content
                model_info.name, model_info.version, f"revision-{OUTPUT_REVISION}",
                registry_facts(change.height_m, change.height_source, change.fractured_side),  # shown
-               f"fracture-{change.fracture_type}/surgery-{change.surgery_date}")
+               f"fracture-{change.fracture_type}/surgery-{change.surgery_date}",
+               # stated too; most follow from the content above, the admission period from the config
+               "comparability-" + ",".join(comparable_codes(change)))
     time_point = _time_point(change)
     sections: dict[tuple[str, str], Section] = {}
     if seg is not None:

@@ -42,6 +42,7 @@ from seg.height import height_state
 from seg.labels import PAPER_ORDER, by_name, reading_order, structures
 from seg.metal_proximity import NEAR_METAL_MARK
 from seg.records import (
+    COMPARABILITY_CODES,
     ChangeRecord,
     ClinicalTimePoint,
     LeftRight,
@@ -88,9 +89,9 @@ def qa_warnings(volumes: VolumeRecord, header: SeriesHeader, model_info: ModelIn
     if qa.z_coverage_ok is False:
         out.append("Incomplete craniocaudal coverage")
     if change is not None:
+        # the laterality conflict below, for every page
         out += [n.text for n in change.notes
-                if n.code in (ReasonCode.COVERAGE_DIFFERS, ReasonCode.BASELINE_BEFORE_ADMISSION,
-                              ReasonCode.MODELS_DIFFER)]
+                if n.code in COMPARABILITY_CODES and n.code != ReasonCode.LATERALITY_CONFLICT]
     if (conflict := laterality_conflict(qa, shown_side(change, fractured_side))) is not None:
         out.append(conflict.text)
     ratio = qa.segmented_vs_hu_muscle

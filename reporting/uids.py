@@ -110,7 +110,9 @@ def source_content(series_uid: str, sop_uids: Iterable[str]) -> str:
 # every date a pairing reason names) and wraps a warning to its width.
 # 12: the page's negative numbers (header and table) have the minus sign "−", as its chart's ticks,
 # not a hyphen (revision 11 was released with the hyphen).
-OUTPUT_REVISION = 12
+# 13: the change SR's comparison context codes each note that makes the two studies less comparable
+# (QACMP: coverage, baseline before admission, two models, metal on the other side than the registry's).
+OUTPUT_REVISION = 13
 
 
 def output_uid(source: str, model_info: ModelInfo, kind: str) -> str:

@@ -136,6 +136,10 @@ class ReasonCode(StrEnum):
 NOT_COMPARED = frozenset({ReasonCode.SINGLE_STUDY, ReasonCode.NO_LATER_STUDY, ReasonCode.NO_STUDY_DATE,
                           ReasonCode.SAME_DAY_AS_BASELINE, ReasonCode.SURGERY_DAY_QA_UNKNOWN})
 HEIGHT_CODES = frozenset({ReasonCode.HEIGHT_NOT_USED, ReasonCode.NO_HEIGHT})
+# notes of a comparison that its figures keep but a reader must know of (reporting.change): the page
+# warns of them, the change SR codes them, the cohort report lists them
+COMPARABILITY_CODES = frozenset({ReasonCode.COVERAGE_DIFFERS, ReasonCode.LATERALITY_CONFLICT,
+                                 ReasonCode.BASELINE_BEFORE_ADMISSION, ReasonCode.MODELS_DIFFER})
 # a series not (yet) whole, whatever the cause; and one whose headers rule it out
 INCOMPLETE_CODES = frozenset({ReasonCode.SLICE_GAP, ReasonCode.ACQUISITION_SHORT, ReasonCode.SERIES_SHORT,
                               ReasonCode.INSTANCE_NUMBERS_MISSING, ReasonCode.HELD_INCOMPLETE,

@@ -356,7 +356,7 @@ def test_a_baseline_older_than_the_admission_period_is_used_and_flagged(
     assert flagged == {("baseline", "1.3.1"): True, ("baseline", "1.4.1"): True,
                        ("previous", "1.4.1"): False}  # follow-up to follow-up: no baseline in it
     assert [c.baseline_preoperative for c in changes] == [True]
-    from reporting.cohort.collect import COMPARABILITY_CODES
+    from seg.records import COMPARABILITY_CODES
     assert ReasonCode.BASELINE_BEFORE_ADMISSION in COMPARABILITY_CODES
 
     _record(settings, "P1", "1.2", "20221227", 1.0, qa=_metal(None))  # 14 days before surgery

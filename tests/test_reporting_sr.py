@@ -34,7 +34,15 @@ from reporting.uids import derived_uid, parse_tracking_label
 from seg.header import SeriesHeader
 from seg.labels import ANALYSED_MUSCLES, by_name
 from seg.measure import measure_volumes
-from seg.records import ClinicalTimePoint, StructureVolume, StudyRef, VolumeRecord
+from seg.records import (
+    COMPARABILITY_CODES,
+    ClinicalTimePoint,
+    Reason,
+    ReasonCode,
+    StructureVolume,
+    StudyRef,
+    VolumeRecord,
+)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PATIENT = {"patient_id": "RPT0001", "patient_name": "Report^Test", "sex": "F", "height_m": 1.62}
@@ -858,6 +866,31 @@ def test_change_sr_states_the_total_change_fracture_type_and_days_since_surgery(
     assert other.SOPInstanceUID != again.SOPInstanceUID
     again.save_as(tmp_path / "again.dcm", enforce_file_format=True)
     assert dciodvfy_errors(tmp_path / "again.dcm") == []
+
+
+def test_change_sr_codes_each_note_that_makes_the_comparison_less_comparable(followup, baseline, tmp_path):
+    """The page's comparability warnings (two models, two lengths of thigh, ...) are coded in the change
+    SR's context group, once per kind in the order the change states them; other notes (height) are
+    not; the report with them is other content (a new UID) and still valid."""
+    root, ct, change, fsr, _ = followup
+    assert not children(_group_named(fsr, "Comparison context"), "QACMP")  # one model, one coverage
+    notes = (Reason(ReasonCode.MODELS_DIFFER, "Baseline measured by model m 1.0, follow-up by 1.1"),
+             Reason(ReasonCode.NO_HEIGHT, "no plausible height"),
+             Reason(ReasonCode.COVERAGE_DIFFERS, "The follow-up covers 40 mm less thigh at the knee end"),
+             Reason(ReasonCode.COVERAGE_DIFFERS, "The follow-up covers 30 mm less at the femoral head end"))
+    with_notes = change.with_facts(notes=[*change.notes, *notes])
+    noted = build_followup_sr(ct, with_notes, [baseline[4], baseline[5]], model_info=MODEL)
+    stated = children(_group_named(noted, "Comparison context"), "QACMP")
+    assert [i.ConceptCodeSequence[0].CodeValue for i in stated] == ["CMPMODEL", "CMPCOV"]
+    assert noted.SOPInstanceUID != fsr.SOPInstanceUID
+    noted.save_as(tmp_path / "noted.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "noted.dcm") == []
+
+
+def test_every_comparability_note_has_its_code():
+    assert set(codes.COMPARABILITY) == COMPARABILITY_CODES
+    assert len({c.value for c in codes.COMPARABILITY.values()}) == len(COMPARABILITY_CODES)
+    assert all(len(c.meaning) <= 64 for c in codes.COMPARABILITY.values())  # LO
 
 
 def _time_points(sr: Dataset) -> set[tuple[str, str, str]]:

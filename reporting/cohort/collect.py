@@ -20,7 +20,15 @@ import numpy as np
 import pandas as pd
 
 from seg.labels import PAPER_ORDER, by_name
-from seg.records import ChangeRecord, CohortEntry, FractureType, LeftRight, ReasonCode, Sex
+from seg.records import (
+    COMPARABILITY_CODES,
+    ChangeRecord,
+    CohortEntry,
+    FractureType,
+    LeftRight,
+    ReasonCode,
+    Sex,
+)
 
 GROUPS = ("Female FNF", "Female ITF", "Male FNF", "Male ITF")  # the paper's Table 2/3 column order
 TABLE1_GROUPS = ("Male FNF", "Male ITF", "Female FNF", "Female ITF")  # the paper's Table 1 column order
@@ -112,11 +120,6 @@ def parse_filters(items: list[str] | None,
             values = [read(v) for v in values]  # type: ignore[misc]
         out.setdefault(key, []).extend(values)
     return out
-
-
-# notes of a comparison that the tables keep but the reader should know of (reporting.change)
-COMPARABILITY_CODES = frozenset({ReasonCode.COVERAGE_DIFFERS, ReasonCode.LATERALITY_CONFLICT,
-                                 ReasonCode.BASELINE_BEFORE_ADMISSION, ReasonCode.MODELS_DIFFER})
 
 
 def exclusion(entry: CohortEntry, filters: dict[str, list[str]] | None = None) -> Exclusion | None:
