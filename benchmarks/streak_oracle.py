@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="model package folder (default: the shipped demo model)")
     ap.add_argument("--phantoms", type=int, default=24, help="cases in the plan (default: %(default)s)")
     ap.add_argument("--seed-start", type=int, default=6000, help="first seed (default: %(default)s)")
+    ap.add_argument("--streak-net", default=None, help="safetensors of scripts/train_streak_net.py: also "
+                    "the rendered CT after LI and the learned streak correction (seg.streak_net)")
     args = ap.parse_args(argv)
 
     from seg.evaluate import atrophy_loss_records, evaluate_case, preop_twin_options, side_volumes
@@ -106,17 +108,28 @@ def main(argv: list[str] | None = None) -> None:
     variants = {key: Variant(name, [], []) for key, name in (
         ("rendered", f"as rendered, {own}"), ("free", "streak-free, none (perfect)"),
         ("free+own", f"streak-free, {own}"), ("rendered+none", "as rendered, none"))}
+    learned = None
+    if args.streak_net:
+        from seg.streak_net import load_streak_net
+
+        learned = load_streak_net(args.streak_net)
+        variants["learned"] = Variant("as rendered, li + learned", [], [])
     for o in phantom_plan(args.phantoms, args.seed_start):
         if not (o.postop and o.atrophy and o.implant_side):
             continue
         twin = plan_phantom(preop_twin_options(o), None)
         pre = (side_volumes(segment(twin.ct, model)), side_volumes(_truth(twin)))
         post, free = plan_phantom(o, None), streak_free(o)
-        runs = {"rendered": (post, model), "free": (free, plain), "free+own": (free, model),
-                "rendered+none": (post, plain)}
-        for key, (ph, package) in runs.items():
+        runs = {"rendered": (post, post.ct, model), "free": (free, free.ct, plain),
+                "free+own": (free, free.ct, model), "rendered+none": (post, post.ct, plain)}
+        if learned is not None:
+            from seg.mar import reduce_metal_artefacts
+            from seg.streak_net import correct_streaks
+
+            runs["learned"] = (post, correct_streaks(reduce_metal_artefacts(post.ct), learned), plain)
+        for key, (ph, ct, package) in runs.items():
             truth = _truth(ph)
-            labels = segment(ph.ct, package)
+            labels = segment(ct, package)
             records = atrophy_loss_records(o, pre, (side_volumes(labels), side_volumes(truth)))
             variants[key].errors_pp += [r.error_pp for r in records]
             variants[key].dice.append(evaluate_case(labels, truth, hd95=False).mean_dice_muscles or 0.0)
