@@ -6,7 +6,7 @@ post-operative) is rendered as it is and with its streak error switched off
 streak-free, are area-averaged onto the work grid and cached (one ``.npz`` per seed in ``--cache``,
 reused). The network learns the difference (the streak LI left) on random 96² crops, loss on the body
 outside the metal, AdamW with a cosine decay over ``--minutes``; the weights go to ``--out``
-(safetensors). Use seeds no held-out or analysis figure uses (8500 on here):
+(safetensors, float16). Use seeds no held-out or analysis figure uses (8500 on here):
 
     PYTHONPATH=$PWD .venv/bin/python scripts/train_streak_net.py --phantoms 96 --seed-start 8500 \\
         --cache checkpoints/streak/cache --minutes 30 --out checkpoints/streak/streak.safetensors
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, required=True, help="folder of the cached pairs")
     ap.add_argument("--minutes", type=float, default=30.0, help="training time (default: %(default)s)")
     ap.add_argument("--out", type=Path, required=True, help="safetensors file to write")
+    ap.add_argument("--package", type=Path, default=None, help="a model package (trained with --mar li) "
+                    "to give the correction to: its preprocessing then asks for 'li+learned'")
     args = ap.parse_args(argv)
     from safetensors.torch import save_file
 
@@ -139,9 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     net, steps = train(data, args.minutes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     made = {"steps": steps, "phantoms": args.phantoms, "seed_start": args.seed_start}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.out),
+    # float16, as the package's network: half the size, and the correction is a few HU either way
+    save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(args.out),
               metadata={k: str(v) for k, v in made.items()})
     print(f"{steps} steps -> {args.out}")
+    if args.package is not None:
+        from seg.package import attach_streak_correction
+
+        attach_streak_correction(args.package, args.out)
+        print(f"{args.package}: preprocessing li+learned")
 
 
 if __name__ == "__main__":

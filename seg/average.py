@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from seg.model import ModelPackage, load_model, save_package
-from seg.package import ModelPackageError
+from seg.package import ModelPackageError, attach_streak_correction
 
 
 def _refuse_unlike(packages: Sequence[ModelPackage], paths: Sequence[Path]) -> None:
@@ -28,6 +28,7 @@ def _refuse_unlike(packages: Sequence[ModelPackage], paths: Sequence[Path]) -> N
             ("preprocessing", first.preprocessing, meta.preprocessing),
             ("inference options", first.inference_options, meta.inference_options),
             ("ROI", first.roi_size, meta.roi_size),
+            ("streak correction", first.streak_correction, meta.streak_correction),
         ):
             if a != b:
                 raise ModelPackageError(
@@ -64,9 +65,16 @@ def average_packages(parts: Sequence[Path | str], out: Path | str, *, version: s
         {"path": str(p), "version": pkg.meta.version, "sha256": pkg.meta.weights.sha256}
         for p, pkg in zip(paths, packages, strict=True)
     ]
-    return save_package(
+    learned = meta.streak_correction is not None  # the same in every part: written after the mean
+    pre = meta.preprocessing
+    if learned:  # saved as LI first; attaching the correction asks for it again
+        pre = pre.model_copy(update={"metal_artefact_reduction": "li"})
+    written = save_package(
         out, network, name=meta.name, version=version, arch_args=dict(meta.architecture.args),
-        preprocess=meta.preprocessing, roi_size=meta.roi_size, demo=meta.demo,
+        preprocess=pre, roi_size=meta.roi_size, demo=meta.demo,
         provenance=provenance, statement=meta.statement, licence=meta.licence,
         inference=meta.inference,
     )
+    if learned:
+        attach_streak_correction(written, paths[-1] / meta.streak_correction.file)
+    return written

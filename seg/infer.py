@@ -303,7 +303,7 @@ def network_pass(ct: Volume, model: ModelPackage, progress: bool = False, precis
     if background is None:
         rule = model.inference.hu_refinement
         background = rule is not None and rule.reads_background
-    hu = as_configured(ct, model.preprocess.metal_artefact_reduction)
+    hu = as_configured(ct, model.preprocess.metal_artefact_reduction, model.streak_net)
     mg = to_model_grid(hu, model.preprocess)
     probs = predict_probabilities(model, mg.image, precision=precision, progress=progress)
     return NetworkPass(hu, resample_prediction(probs, mg.affine, ct, background=background))

@@ -42,11 +42,22 @@ class MarConfig:
     batch: int = 8  # slices projected together (memory ~ batch * n_angles * size^2 floats)
 
 
-def as_configured(ct: Volume, method: MetalArtefactReduction) -> Volume:
+def as_configured(ct: Volume, method: MetalArtefactReduction, streak_net: torch.nn.Module | None = None,
+                  ) -> Volume:
     """``ct`` as a package's preprocessing wants it before anything reads it: the one place that
     turns the configured method into the reduction, for inference and for the training cache alike
-    (a model trained on corrected CTs must see corrected CTs)."""
-    return ct if method == "none" else reduce_metal_artefacts(ct)
+    (a model trained on corrected CTs must see corrected CTs). "li+learned" needs the package's
+    ``streak_net`` (:mod:`seg.streak_net`)."""
+    if method == "none":
+        return ct
+    reduced = reduce_metal_artefacts(ct)
+    if method == "li":
+        return reduced
+    if streak_net is None:
+        raise ValueError("metal artefact reduction 'li+learned' needs the package's streak correction")
+    from seg.streak_net import correct_streaks
+
+    return correct_streaks(reduced, streak_net)
 
 
 def reduce_metal_artefacts(ct: Volume, config: MarConfig | None = None) -> Volume:

@@ -41,6 +41,8 @@ class ModelPackage:
     meta: PackageMeta
     network: torch.nn.Module
     device: torch.device
+    # the learned streak correction (preprocessing "li+learned", seg.streak_net); on the CPU
+    streak_net: torch.nn.Module | None = None
 
     @property
     def roi_size(self) -> tuple[int, int, int]:
@@ -192,4 +194,17 @@ def load_model(path: Path | str | None = None, device: str = "auto") -> ModelPac
     if meta.roi_size != tuple(int(v) for v in arch.args["img_size"]):
         raise ModelPackageError(
             f"{p}: roi_size {list(meta.roi_size)} != UNETR img_size {arch.args['img_size']}")
-    return ModelPackage(path=p, meta=meta, network=net, device=dev)
+    return ModelPackage(path=p, meta=meta, network=net, device=dev, streak_net=_streak_net(p, meta))
+
+
+def _streak_net(p: Path, meta: PackageMeta) -> torch.nn.Module | None:
+    """The package's learned streak correction, when it has one (verified by :func:`verify_package`)."""
+    if meta.streak_correction is None:
+        return None
+    from seg.streak_net import load_streak_net
+
+    spath = p / meta.streak_correction.file
+    try:
+        return load_streak_net(str(spath))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelPackageError(f"{spath}: not the streak correction's weights: {e}") from e

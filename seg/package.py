@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from seg import labels as L
 from seg.hu_refine import HURefinement
@@ -22,6 +22,7 @@ from seg.preprocess_config import PreprocessConfig
 
 FORMAT = "dicomnode-model/1"
 WEIGHTS_FILE = "model.safetensors"
+STREAK_FILE = "streak.safetensors"  # the learned streak correction's weights (seg.streak_net)
 DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
 DEMO_STATEMENT = "phantom-trained demonstration model, not for clinical measurement"
 # the paper's UNETR (92 M parameters) is 0.2 GiB in float16, 0.4 GiB in float32: a weights file over
@@ -70,6 +71,16 @@ class Weights(BaseModel):
     tensors: dict[str, list[int]]  # name -> shape
 
 
+class StreakCorrection(BaseModel):
+    """The learned streak correction's weights (model.json "streak_correction"), which preprocessing
+    "li+learned" applies after LI (:mod:`seg.streak_net`): its file and checksum."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = STREAK_FILE
+    sha256: str
+
+
 class PackageMeta(BaseModel):
     """model.json: what the network is and expects, read once and checked when a package is read.
 
@@ -89,6 +100,7 @@ class PackageMeta(BaseModel):
     inference: InferenceOptions | None = Field(None, exclude_if=lambda v: v is None)
     classes: list[str]
     weights: Weights
+    streak_correction: StreakCorrection | None = Field(None, exclude_if=lambda v: v is None)
     # How the package was made, free-form: training writes its run, data, validation and campaign
     # legs (seg.train.export, scripts/gpu_leg.py); a site may add its own (volume_tolerance_pct).
     # Nothing decides inference from it.
@@ -97,6 +109,14 @@ class PackageMeta(BaseModel):
     @property
     def inference_options(self) -> InferenceOptions:
         return self.inference or InferenceOptions()
+
+    @model_validator(mode="after")
+    def _streak_correction_when_asked(self) -> PackageMeta:
+        asked = self.preprocessing.metal_artefact_reduction == "li+learned"
+        if asked != (self.streak_correction is not None):
+            raise ValueError("preprocessing metal_artefact_reduction 'li+learned' and streak_correction "
+                             "go together: the one asks for the correction, the other holds it")
+        return self
 
 
 def sha256_file(path: Path) -> str:
@@ -187,11 +207,43 @@ def verify_package(path: Path) -> PackageMeta:
         raise ModelPackageError(f"{p}: weights file {wpath.name} is missing")
     check_weights_size(wpath)  # before hashing: an absurd file is refused at once
     check_shapes(p, arch, weights_header(wpath))
-    want, got = meta.weights.sha256, sha256_file(wpath)
-    if want != got:
-        raise ModelPackageError(f"{wpath} checksum mismatch (model.json sha256 {want}, file {got}): "
-                                "the weights are corrupt or belong to another package")
+    _check_sha256(wpath, meta.weights.sha256)
+    if meta.streak_correction is not None:
+        spath = p / meta.streak_correction.file
+        if not spath.is_file():
+            raise ModelPackageError(f"{p}: streak correction file {spath.name} is missing")
+        check_weights_size(spath)
+        _check_sha256(spath, meta.streak_correction.sha256)
     return meta
+
+
+def _check_sha256(path: Path, want: str) -> None:
+    got = sha256_file(path)
+    if want != got:
+        raise ModelPackageError(f"{path} checksum mismatch (model.json sha256 {want}, file {got}): "
+                                "the weights are corrupt or belong to another package")
+
+
+def attach_streak_correction(path: Path, streak_file: Path) -> PackageMeta:
+    """Give package ``path`` the learned streak correction in ``streak_file`` (copied in as
+    :data:`STREAK_FILE`): its preprocessing then asks for "li+learned", after LI as before. The
+    package's network must have been trained on LI-corrected CTs (preprocessing "li" or
+    "li+learned"): the correction only takes away more of the streak LI leaves."""
+    import shutil
+
+    meta = verify_package(path)
+    if meta.preprocessing.metal_artefact_reduction == "none":
+        raise ModelPackageError(f"{path}: its network was trained without metal artefact reduction; "
+                                "the streak correction follows LI")
+    target = path / STREAK_FILE
+    if streak_file.resolve() != target.resolve():
+        shutil.copyfile(streak_file, target)
+    target.chmod((path / "model.json").stat().st_mode & 0o777)
+    pre = meta.preprocessing.model_copy(update={"metal_artefact_reduction": "li+learned"})
+    updated = PackageMeta.model_validate(meta.model_dump() | {
+        "preprocessing": pre.model_dump(), "streak_correction": {"sha256": sha256_file(target)}})
+    write_meta(path, updated)
+    return updated
 
 
 def check_weights_size(wpath: Path) -> None:

@@ -14,8 +14,12 @@ HU_WINDOW = (-57.0, 164.0)
 GAMMA = 2.0
 ImageResampling = Literal["bilinear", "box"]
 IMAGE_RESAMPLING: tuple[ImageResampling, ...] = get_args(ImageResampling)
-# "li": linear interpolation across the metal trace (seg.mar), before anything else reads the CT
-MetalArtefactReduction = Literal["none", "li"]
+# "li": linear interpolation across the metal trace (seg.mar), before anything else reads the CT;
+# "li+learned": then the package's learned correction of the streak LI leaves (seg.streak_net)
+MetalArtefactReduction = Literal["none", "li", "li+learned"]
+# what a training run can cache its CTs with: the learned correction comes with a package
+# (scripts/train_streak_net.py --package), not with a run
+TrainingMetalArtefactReduction = Literal["none", "li"]
 
 
 class PreprocessConfig(BaseModel):

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.metal_proximity import METAL_HU, slices_with_metal
+from seg.metal_proximity import METAL_HU, slices_with_metal, widen_in_plane
 from seg.volume import Volume
 
 WORK_MM = 2.5  # in-plane pixel the correction is predicted on (seg.mar's work grid)
 HU_SCALE = 100.0  # the network's output unit: the streak in hundreds of HU
 AIR_HU = -900.0  # at or below this a voxel is outside the body: never corrected
+REACH_MM = 90.0  # corrected within this in-plane distance of the metal's box, as seg.mar reaches
 CHANNELS = (16, 32, 64, 96)  # encoder widths, finest first; the decoder mirrors them
 DEPTH = len(CHANNELS) - 1  # poolings: a work-grid slice is padded to a multiple of 2**DEPTH
 
@@ -92,7 +93,9 @@ def predict_streak(net: StreakResidualNet, hu: np.ndarray, spacing_mm: float) ->
 
 def correct_streaks(ct: Volume, net: StreakResidualNet, batch: int = 16) -> Volume:
     """``ct`` (after LI) with the predicted streak subtracted in the slices holding metal, outside the
-    metal and the air; the same object when no slice holds metal. In-plane pixels must be square."""
+    metal and the air, within :data:`REACH_MM` of the metal's in-plane box (where LI corrects too,
+    and the muscles beside the implant lie); the same object when no slice holds metal. In-plane
+    pixels must be square."""
     hu = np.asarray(ct.array)
     ks = np.flatnonzero(slices_with_metal(hu))
     if ks.size == 0:
@@ -100,14 +103,17 @@ def correct_streaks(ct: Volume, net: StreakResidualNet, batch: int = 16) -> Volu
     di, dj = ct.spacing_mm[:2]
     if abs(di - dj) > 1e-3 * max(di, dj):
         raise ValueError(f"in-plane pixels {di:g} x {dj:g} mm are not square")
+    ii, jj = np.nonzero((hu[:, :, ks] > METAL_HU).any(axis=2))
+    box = widen_in_plane((slice(int(ii.min()), int(ii.max()) + 1), slice(int(jj.min()), int(jj.max()) + 1)),
+                         REACH_MM, (di, dj), hu.shape[:2])
     out = hu.copy()
     for b0 in range(0, ks.size, batch):
         k = ks[b0:b0 + batch]
-        s = hu[:, :, k].astype(np.float32)
+        s = hu[box[0], box[1], k].astype(np.float32)
         fixed = np.where((s > METAL_HU) | (s <= AIR_HU), s, s - predict_streak(net, s, di))
         if np.issubdtype(out.dtype, np.integer):
             fixed = np.clip(np.rint(fixed), np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
-        out[:, :, k] = fixed.astype(out.dtype)
+        out[box[0], box[1], k] = fixed.astype(out.dtype)
     return ct.with_array(out)
 
 

@@ -34,7 +34,7 @@ from seg.model import (
 from seg.package import Architecture, InferenceOptions, ModelPackageError
 from seg.phantom.options import PHANTOM_VERSION, PhantomOptions
 from seg.preprocess import labels_to_model_probs, to_model_grid
-from seg.preprocess_config import ImageResampling, MetalArtefactReduction, PreprocessConfig
+from seg.preprocess_config import ImageResampling, PreprocessConfig, TrainingMetalArtefactReduction
 from seg.recipe import (
     POSTOP_SHARES,
     AtrophyKept,
@@ -94,7 +94,7 @@ class TrainConfig:
     image_resampling: ImageResampling = "bilinear"
     # Metal artefact reduction of every CT before the model grid (seg.mar): "li" trains on corrected
     # CTs, and the package then asks inference for the same.
-    metal_artefact_reduction: MetalArtefactReduction = "none"
+    metal_artefact_reduction: TrainingMetalArtefactReduction = "none"
     batch_size: Count = recipe.BATCH_SIZE
     steps: NotNegativeCount = 1000  # 0: the warm start exported as it is (tests)
     max_minutes: Positive | None = None

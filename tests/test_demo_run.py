@@ -94,7 +94,7 @@ def test_demo_runs_and_prints_80_columns(tmp_path: Path, pacs: str) -> None:
     assert re.search(r"^ +demo-output/registry\.csv$|imported .* demo-output/registry\.csv$", text, re.M)
 
     # the model by name and version, phantom-trained, in the console and not only on the image
-    assert (m := MODEL_LINE.search(text)) and m.groups() == ("thigh-unetr-demo", "0.9.2"), text[:3000]
+    assert (m := MODEL_LINE.search(text)) and m.groups() == ("thigh-unetr-demo", "0.9.3"), text[:3000]
     # the interval is the CTs' (the pre-op CT is two days before surgery)
     assert "Change between the CTs: 120 days apart" in text and "after surgery:" not in text
     assert "surgery on 2024-01-07, 118 days before the follow-up CT" in text

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from seg.metal_proximity import METAL_HU
 from seg.streak_net import (
     HU_SCALE,
+    REACH_MM,
     StreakResidualNet,
     correct_streaks,
     load_streak_net,
@@ -60,6 +61,16 @@ def test_the_predicted_streak_is_subtracted_from_the_body_outside_the_metal_only
     assert np.array_equal(out[body & with_metal], hu[body & with_metal] - 25)
     assert np.array_equal(out[~(body & with_metal)], hu[~(body & with_metal)])  # metal, air, other slices
     assert out.dtype == hu.dtype
+
+
+def test_only_the_metals_reach_is_corrected() -> None:
+    """A voxel further than REACH_MM in-plane from the metal's box keeps its CT number."""
+    hu = np.full((200, 30, 2), 40, np.int16)
+    hu[20:23, 14:16, 0] = 3071
+    out = np.asarray(correct_streaks(Volume(hu, np.diag([1.5, 1.5, 3.0, 1.0])), _constant_net(25.0)).array)
+    reach = int(np.ceil(REACH_MM / 1.5))
+    assert (out[:23 + reach, :, 0][hu[:23 + reach, :, 0] == 40] == 15).all()
+    assert (out[23 + reach:, :, 0] == 40).all() and (out[:, :, 1] == 40).all()
 
 
 def test_a_network_that_sees_no_streak_changes_nothing_and_no_metal_no_call() -> None:

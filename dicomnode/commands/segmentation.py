@@ -26,7 +26,7 @@ from dicomnode.commands.common import (
     z_range_option,
 )
 from seg import recipe
-from seg.preprocess_config import ImageResampling, MetalArtefactReduction
+from seg.preprocess_config import ImageResampling, TrainingMetalArtefactReduction
 from seg.records import CSV_COLUMNS, ClinicalTimePoint, Evaluation, ModelInfo, VolumeRecord
 
 if TYPE_CHECKING:
@@ -503,7 +503,7 @@ def train(
                                       "model voxel's footprint averaged).")
     ] = "bilinear",
     mar: Annotated[
-        MetalArtefactReduction, typer.Option(metavar="<method>", help="Metal artefact reduction of "
+        TrainingMetalArtefactReduction, typer.Option(metavar="<method>", help="Metal artefact reduction of "
                                              "every CT before the model grid: 'none' or 'li' (the "
                                              "metal trace interpolated in each projection); the "
                                              "package asks inference for the same.")
