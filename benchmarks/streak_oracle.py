@@ -60,9 +60,11 @@ def streak_free(opts: PhantomOptions) -> Phantom:
 
 
 def without_reduction(model: ModelPackage) -> ModelPackage:
-    """``model`` with its metal artefact reduction switched off (weights and all else its own)."""
+    """``model`` with its metal artefact reduction (and learned streak correction) switched off
+    (the network and all else its own)."""
     pre = model.preprocess.model_copy(update={"metal_artefact_reduction": "none"})
-    return replace(model, meta=model.meta.model_copy(update={"preprocessing": pre}))
+    meta = model.meta.model_copy(update={"preprocessing": pre, "streak_correction": None})
+    return replace(model, meta=meta, streak_net=None)
 
 
 @dataclass

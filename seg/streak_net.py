@@ -59,12 +59,14 @@ class StreakResidualNet(nn.Module):
         return self.out(x)
 
 
-def work_size(shape: tuple[int, int], spacing_mm: float) -> tuple[int, int]:
-    """The work grid's in-plane size for a slice of ``shape`` square pixels of ``spacing_mm``."""
-    return (max(2, round(shape[0] * spacing_mm / WORK_MM)), max(2, round(shape[1] * spacing_mm / WORK_MM)))
+def work_size(shape: tuple[int, int], spacing_mm: float | tuple[float, float]) -> tuple[int, int]:
+    """The work grid's in-plane size for a slice of ``shape`` pixels of ``spacing_mm`` (one value:
+    square pixels)."""
+    di, dj = (spacing_mm, spacing_mm) if isinstance(spacing_mm, float | int) else spacing_mm
+    return (max(2, round(shape[0] * di / WORK_MM)), max(2, round(shape[1] * dj / WORK_MM)))
 
 
-def to_work(slices: np.ndarray, spacing_mm: float) -> torch.Tensor:
+def to_work(slices: np.ndarray, spacing_mm: float | tuple[float, float]) -> torch.Tensor:
     """Axial slices [h, w, C] (float) area-averaged onto the work grid: [C, 1, h', w']."""
     t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(slices, 2, 0), np.float32))[:, None]
     return F.interpolate(t, size=work_size(slices.shape[:2], spacing_mm), mode="area")
@@ -81,7 +83,8 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_streak(net: StreakResidualNet, hu: np.ndarray, spacing_mm: float) -> np.ndarray:
+def predict_streak(net: StreakResidualNet, hu: np.ndarray, spacing_mm: float | tuple[float, float],
+                   ) -> np.ndarray:
     """The streak (HU) the network sees in slices ``hu`` [h, w, C], on their own grid (float32)."""
     metal = (hu > METAL_HU).astype(np.float32)
     size = work_size(hu.shape[:2], spacing_mm)
@@ -94,15 +97,12 @@ def predict_streak(net: StreakResidualNet, hu: np.ndarray, spacing_mm: float) ->
 def correct_streaks(ct: Volume, net: StreakResidualNet, batch: int = 16) -> Volume:
     """``ct`` (after LI) with the predicted streak subtracted in the slices holding metal, outside the
     metal and the air, within :data:`REACH_MM` of the metal's in-plane box (where LI corrects too,
-    and the muscles beside the implant lie); the same object when no slice holds metal. In-plane
-    pixels must be square."""
+    and the muscles beside the implant lie); the same object when no slice holds metal."""
     hu = np.asarray(ct.array)
     ks = np.flatnonzero(slices_with_metal(hu))
     if ks.size == 0:
         return ct
     di, dj = ct.spacing_mm[:2]
-    if abs(di - dj) > 1e-3 * max(di, dj):
-        raise ValueError(f"in-plane pixels {di:g} x {dj:g} mm are not square")
     ii, jj = np.nonzero((hu[:, :, ks] > METAL_HU).any(axis=2))
     box = widen_in_plane((slice(int(ii.min()), int(ii.max()) + 1), slice(int(jj.min()), int(jj.max()) + 1)),
                          REACH_MM, (di, dj), hu.shape[:2])
@@ -110,7 +110,7 @@ def correct_streaks(ct: Volume, net: StreakResidualNet, batch: int = 16) -> Volu
     for b0 in range(0, ks.size, batch):
         k = ks[b0:b0 + batch]
         s = hu[box[0], box[1], k].astype(np.float32)
-        fixed = np.where((s > METAL_HU) | (s <= AIR_HU), s, s - predict_streak(net, s, di))
+        fixed = np.where((s > METAL_HU) | (s <= AIR_HU), s, s - predict_streak(net, s, (di, dj)))
         if np.issubdtype(out.dtype, np.integer):
             fixed = np.clip(np.rint(fixed), np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
         out[box[0], box[1], k] = fixed.astype(out.dtype)

@@ -80,9 +80,13 @@ def test_a_network_that_sees_no_streak_changes_nothing_and_no_metal_no_call() ->
     assert correct_streaks(clean, _constant_net(25.0)) is clean
 
 
-def test_non_square_pixels_are_refused() -> None:
-    with pytest.raises(ValueError, match="not square"):
-        correct_streaks(_ct((1.5, 1.0, 3.0)), _constant_net(1.0))
+def test_non_square_pixels_are_corrected_on_their_own_work_grid() -> None:
+    ct = _ct((1.5, 1.0, 3.0))
+    out = np.asarray(correct_streaks(ct, _constant_net(25.0)).array)
+    hu = np.asarray(ct.array)
+    body = (hu > -900) & (hu <= METAL_HU)
+    assert np.array_equal(out[:, :, 1][body[:, :, 1]], hu[:, :, 1][body[:, :, 1]] - 25)
+    assert to_work(np.zeros((40, 30, 1), np.float32), (1.5, 1.0)).shape == (1, 1, 24, 12)
 
 
 def test_the_work_grid_is_the_area_average_at_2_5_mm() -> None:
