@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from seg.model import ModelPackage, load_model, save_package
-from seg.package import ModelPackageError, attach_streak_correction
+from seg.package import ModelPackageError
 
 
 def _refuse_unlike(packages: Sequence[ModelPackage], paths: Sequence[Path]) -> None:
@@ -65,16 +65,10 @@ def average_packages(parts: Sequence[Path | str], out: Path | str, *, version: s
         {"path": str(p), "version": pkg.meta.version, "sha256": pkg.meta.weights.sha256}
         for p, pkg in zip(paths, packages, strict=True)
     ]
-    learned = meta.streak_correction is not None  # the same in every part: written after the mean
-    pre = meta.preprocessing
-    if learned:  # saved as LI first; attaching the correction asks for it again
-        pre = pre.model_copy(update={"metal_artefact_reduction": "li"})
-    written = save_package(
+    streak = meta.streak_correction  # the same in every part (refused otherwise): carried over
+    return save_package(
         out, network, name=meta.name, version=version, arch_args=dict(meta.architecture.args),
-        preprocess=pre, roi_size=meta.roi_size, demo=meta.demo,
+        preprocess=meta.preprocessing, roi_size=meta.roi_size, demo=meta.demo,
         provenance=provenance, statement=meta.statement, licence=meta.licence,
-        inference=meta.inference,
+        inference=meta.inference, streak_file=paths[-1] / streak.file if streak is not None else None,
     )
-    if learned:
-        attach_streak_correction(written, paths[-1] / meta.streak_correction.file)
-    return written

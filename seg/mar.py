@@ -69,10 +69,8 @@ def reduce_metal_artefacts(ct: Volume, config: MarConfig | None = None) -> Volum
         return ct
     sub = hu[:, :, metal_k]
     metal = sub > METAL_HU
-    ii, jj = np.nonzero(metal.any(axis=2))
     di, dj = ct.spacing_mm[:2]
-    box = widen_in_plane((slice(int(ii.min()), int(ii.max()) + 1), slice(int(jj.min()), int(jj.max()) + 1)),
-                         cfg.reach_mm, (di, dj), hu.shape[:2])
+    box = metal_reach_box(metal, cfg.reach_mm, (di, dj))
     crop_hu, crop_metal = sub[box], metal[box]
     fine = crop_hu.shape[:2]
     work = (max(2, round(fine[0] * di / cfg.work_mm)), max(2, round(fine[1] * dj / cfg.work_mm)))
@@ -83,10 +81,26 @@ def reduce_metal_artefacts(ct: Volume, config: MarConfig | None = None) -> Volum
         corr = _correction(crop_hu[:, :, b], crop_metal[:, :, b], work, beam, cfg.trace_min)
         m = crop_metal[:, :, b]
         fixed = np.where(m, crop_hu[:, :, b], crop_hu[:, :, b] - corr)
-        if np.issubdtype(out.dtype, np.integer):
-            fixed = np.clip(np.rint(fixed), np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
-        out[box[0], box[1], metal_k[b]] = fixed.astype(out.dtype)
+        out[box[0], box[1], metal_k[b]] = stored_as(fixed, out.dtype)
     return ct.with_array(out)
+
+
+def metal_reach_box(metal: np.ndarray, reach_mm: float, spacing_mm: tuple[float, float],
+                    ) -> tuple[slice, slice]:
+    """The in-plane box of the metal in ``metal`` [h, w, C] (in any of its slices) widened by
+    ``reach_mm``: where a correction of the slices holding metal is computed (this reduction and
+    the learned one after it, :mod:`seg.streak_net`)."""
+    ii, jj = np.nonzero(metal.any(axis=2))
+    box = (slice(int(ii.min()), int(ii.max()) + 1), slice(int(jj.min()), int(jj.max()) + 1))
+    return widen_in_plane(box, reach_mm, spacing_mm, metal.shape[:2])
+
+
+def stored_as(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Corrected CT numbers ``values`` in the CT's ``dtype``: rounded and clipped to its range when
+    that is an integer type, as a stored CT is."""
+    if np.issubdtype(dtype, np.integer):
+        values = np.clip(np.rint(values), np.iinfo(dtype).min, np.iinfo(dtype).max)
+    return values.astype(dtype)
 
 
 def _correction(hu: np.ndarray, metal: np.ndarray, work: tuple[int, int], beam: ParallelBeam,

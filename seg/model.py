@@ -18,12 +18,14 @@ from seg.package import (
     DEMO_DIR,
     DEMO_STATEMENT,
     FORMAT,
+    STREAK_FILE,
     WEIGHTS_FILE,
     Architecture,
     InferenceOptions,
     ModelPackageError,
     PackageMeta,
     Weights,
+    install_streak_file,
     sha256_file,
     verify_package,
     write_meta,
@@ -102,12 +104,15 @@ def save_package(
     statement: str | None = None,
     dtype: torch.dtype = torch.float16,
     inference: InferenceOptions | None = None,
+    streak_file: Path | None = None,
 ) -> Path:
     """Write a package folder: model.safetensors (weights, ``dtype``) and model.json.
 
     ``inference`` holds what the model itself asks of inference, e.g. ``mirror_x`` for a model
     trained on left-right mirrored crops (:func:`seg.infer.predict_probabilities`) and
     ``hu_refinement`` for the HU refinement of its label edges (:mod:`seg.hu_refine`).
+    ``streak_file``: the learned streak correction's weights, for a ``preprocess`` that asks for
+    "li+learned" (:mod:`seg.streak_net`).
     """
     from safetensors.torch import save_file
 
@@ -135,11 +140,13 @@ def save_package(
             dtype=str(dtype).split(".")[-1],
             tensors={k: list(v.shape) for k, v in state.items()},
         ),
+        streak_correction=install_streak_file(out, streak_file) if streak_file is not None else None,
         provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance},
     )
     write_meta(out, meta)
     # safetensors writes its file 0600: a node running as another user could not read the package
-    wpath.chmod((out / "model.json").stat().st_mode & 0o777)
+    for written in (wpath, *([out / STREAK_FILE] if streak_file is not None else [])):
+        written.chmod((out / "model.json").stat().st_mode & 0o777)
     return out
 
 

@@ -229,21 +229,28 @@ def attach_streak_correction(path: Path, streak_file: Path) -> PackageMeta:
     :data:`STREAK_FILE`): its preprocessing then asks for "li+learned", after LI as before. The
     package's network must have been trained on LI-corrected CTs (preprocessing "li" or
     "li+learned"): the correction only takes away more of the streak LI leaves."""
-    import shutil
-
     meta = verify_package(path)
     if meta.preprocessing.metal_artefact_reduction == "none":
         raise ModelPackageError(f"{path}: its network was trained without metal artefact reduction; "
                                 "the streak correction follows LI")
+    pre = meta.preprocessing.model_copy(update={"metal_artefact_reduction": "li+learned"})
+    updated = PackageMeta.model_validate(meta.model_dump() | {
+        "preprocessing": pre.model_dump(),
+        "streak_correction": install_streak_file(path, streak_file).model_dump()})
+    write_meta(path, updated)
+    (path / STREAK_FILE).chmod((path / "model.json").stat().st_mode & 0o777)
+    return updated
+
+
+def install_streak_file(path: Path, streak_file: Path) -> StreakCorrection:
+    """``streak_file`` copied into package folder ``path`` as :data:`STREAK_FILE`; its entry for
+    model.json. The caller makes it as readable as model.json (:func:`write_meta` writes that)."""
+    import shutil
+
     target = path / STREAK_FILE
     if streak_file.resolve() != target.resolve():
         shutil.copyfile(streak_file, target)
-    target.chmod((path / "model.json").stat().st_mode & 0o777)
-    pre = meta.preprocessing.model_copy(update={"metal_artefact_reduction": "li+learned"})
-    updated = PackageMeta.model_validate(meta.model_dump() | {
-        "preprocessing": pre.model_dump(), "streak_correction": {"sha256": sha256_file(target)}})
-    write_meta(path, updated)
-    return updated
+    return StreakCorrection(sha256=sha256_file(target))
 
 
 def check_weights_size(wpath: Path) -> None:

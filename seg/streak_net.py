@@ -1,4 +1,4 @@
-"""A learned correction of the streaks the LI reduction leaves (a probe, not yet in any package).
+"""A learned correction of the streaks the LI reduction leaves (preprocessing "li+learned").
 
 Why: on streak-free twins of the analysis phantoms the shipped network measures 35 of 36 atrophied
 muscles within 5 pp, against 29 after LI (``benchmarks/streak_oracle.py``); LI leaves about half of
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.metal_proximity import METAL_HU, slices_with_metal, widen_in_plane
+from seg.mar import metal_reach_box, stored_as
+from seg.metal_proximity import METAL_HU, slices_with_metal
 from seg.volume import Volume
 
 WORK_MM = 2.5  # in-plane pixel the correction is predicted on (seg.mar's work grid)
@@ -103,17 +104,13 @@ def correct_streaks(ct: Volume, net: StreakResidualNet, batch: int = 16) -> Volu
     if ks.size == 0:
         return ct
     di, dj = ct.spacing_mm[:2]
-    ii, jj = np.nonzero((hu[:, :, ks] > METAL_HU).any(axis=2))
-    box = widen_in_plane((slice(int(ii.min()), int(ii.max()) + 1), slice(int(jj.min()), int(jj.max()) + 1)),
-                         REACH_MM, (di, dj), hu.shape[:2])
+    box = metal_reach_box(hu[:, :, ks] > METAL_HU, REACH_MM, (di, dj))
     out = hu.copy()
     for b0 in range(0, ks.size, batch):
         k = ks[b0:b0 + batch]
         s = hu[box[0], box[1], k].astype(np.float32)
         fixed = np.where((s > METAL_HU) | (s <= AIR_HU), s, s - predict_streak(net, s, (di, dj)))
-        if np.issubdtype(out.dtype, np.integer):
-            fixed = np.clip(np.rint(fixed), np.iinfo(out.dtype).min, np.iinfo(out.dtype).max)
-        out[box[0], box[1], k] = fixed.astype(out.dtype)
+        out[box[0], box[1], k] = stored_as(fixed, out.dtype)
     return ct.with_array(out)
 
 
